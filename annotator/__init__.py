@@ -1,0 +1,1 @@
+"""Turn raw frames into model inputs: gray, colour spaces, frame similarity."""

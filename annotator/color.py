@@ -1,0 +1,80 @@
+"""Colour-space helpers shared by the dataset, inference and evaluation.
+
+Gray is BT.601 luma (Y' = 0.299 R + 0.587 G + 0.114 B) on gamma-encoded RGB: the same
+definition everywhere in the repo, so "the input's lightness" has one meaning.
+All functions take HWC (or ...HWC) float arrays in [0, 1] unless stated otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# BT.601 YCbCr (analogue form, Cb/Cr in [-0.5, 0.5]).
+_KB, _KR = 0.114, 0.299
+
+
+def to_float(img: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 / float image -> float32 in [0, 1]."""
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    return img.astype(np.float32, copy=False)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an RGB image (...HW3) -> (...HW), float32."""
+    return to_float(rgb) @ LUMA_WEIGHTS
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    rgb = to_float(rgb)
+    y = rgb @ LUMA_WEIGHTS
+    cb = (rgb[..., 2] - y) / (2.0 * (1.0 - _KB))
+    cr = (rgb[..., 0] - y) / (2.0 * (1.0 - _KR))
+    return np.stack([y, cb, cr], axis=-1)
+
+
+def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    y, cb, cr = ycc[..., 0], ycc[..., 1], ycc[..., 2]
+    r = y + 2.0 * (1.0 - _KR) * cr
+    b = y + 2.0 * (1.0 - _KB) * cb
+    g = (y - _KR * r - _KB * b) / (1.0 - _KR - _KB)
+    return np.stack([r, g, b], axis=-1).astype(np.float32)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0,1] -> CIE Lab (L in [0,100]) via OpenCV's float path."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(to_float(rgb)), cv2.COLOR_RGB2Lab)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return np.clip(cv2.cvtColor(np.ascontiguousarray(lab, dtype=np.float32), cv2.COLOR_Lab2RGB), 0, 1)
+
+
+def transfer_luma(color: np.ndarray, gray: np.ndarray) -> np.ndarray:
+    """Keep the chroma of `color` (HW3) and take the luma from `gray` (HW), both in [0,1].
+
+    Works in BT.601 YCbCr, which is linear in RGB, so the result's luma equals `gray`
+    exactly. Where luma + chroma would leave the RGB cube, the chroma is scaled down per
+    pixel (towards gray) instead of clipping each channel, because channel clipping would
+    change the luma again.
+    """
+    color, gray = to_float(color), to_float(gray)
+    if color.shape[:-1] != gray.shape:
+        raise ValueError(f"colour {color.shape[:-1]} and gray {gray.shape} differ in size")
+    offset = color - (color @ LUMA_WEIGHTS)[..., None]  # chroma as an RGB offset with zero luma
+    y = np.clip(gray, 0.0, 1.0)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(offset > 0, (1.0 - y) / offset, np.inf)
+        down = np.where(offset < 0, -y / offset, np.inf)
+    scale = np.clip(np.minimum(up, down).min(axis=-1, keepdims=True), 0.0, 1.0)
+    return np.clip(y + scale * offset, 0.0, 1.0).astype(np.float32)
