@@ -1,0 +1,147 @@
+"""ControlLDM: the locked SD2.1 parts, the trainable ControlNet and the colour conditioning.
+
+Per sample, `prepare_condition` does all the work that does not depend on the noise (prompt
+embedding, hint-block features, reference/gray latents); per denoising step, `apply_model`
+runs only ControlNet + UNet. Sampling and the training loss are thin layers on top.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cldm.color import ColorCondition, build_concat, split_hint
+from cldm.controlnet import ControlledUnetModel, ControlNet
+from ldm import sampler, schedule
+from ldm.modules.autoencoder import AutoencoderKL
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` so names read `model.diffusion_model.*` as in SD."""
+
+    def __init__(self, diffusion_model: ControlledUnetModel):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+
+class ControlLDM(nn.Module):
+    def __init__(self, unet: ControlledUnetModel, control_model: ControlNet, first_stage_model: AutoencoderKL,
+                 cond_stage_model: nn.Module | None, *, color_variant: str = "v2", concat_to_unet: bool = True,
+                 scale_factor: float = 0.18215, parameterization: str = "eps", timesteps: int = 1000,
+                 linear_start: float = 0.00085, linear_end: float = 0.012, only_mid_control: bool = False,
+                 control_scales: Sequence[float] | None = None):
+        super().__init__()
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        self.model = DiffusionWrapper(unet)
+        self.control_model = control_model
+        self.first_stage_model = first_stage_model
+        self.cond_stage_model = cond_stage_model
+        self.color_variant = color_variant
+        self.concat_to_unet = concat_to_unet
+        self.scale_factor = scale_factor
+        self.parameterization = parameterization
+        self.only_mid_control = only_mid_control
+        self.control_scales = list(control_scales) if control_scales is not None else None
+        for name, value in schedule.schedule_buffers("linear", timesteps, linear_start, linear_end).items():
+            self.register_buffer(name, value)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    # ---- frozen encoders -------------------------------------------------------------
+    @torch.no_grad()
+    def encode_first_stage(self, image: torch.Tensor, sample: bool = False,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent (posterior mean, or a sample for training targets)."""
+        posterior = self.first_stage_model.encode(image)
+        z = posterior.sample(generator=generator) if sample else posterior.mean
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompt embeddings; each distinct prompt is encoded once and then reused.
+
+        The text tower is frozen, so the cache is exact; with the default blank prompt a whole
+        training run encodes one string.
+        """
+        if self.cond_stage_model is None:
+            raise RuntimeError("this model has no text encoder; pass `context` explicitly")
+        rows = []
+        for p in prompts:
+            cached = self._prompt_cache.get(p)
+            if cached is None:
+                cached = self.cond_stage_model.encode([p])[0]
+                if len(self._prompt_cache) < 64:
+                    self._prompt_cache[p] = cached
+            rows.append(cached)
+        return torch.stack(rows)
+
+    # ---- conditioning and one denoising step ----------------------------------------------
+    def prepare_condition(self, hint: torch.Tensor, prompts: Sequence[str] | None = None, *,
+                          context: torch.Tensor | None = None, ref_latent: torch.Tensor | None = None,
+                          gray_latent: torch.Tensor | None = None) -> ColorCondition:
+        """Everything per sample that stays fixed across denoising steps.
+
+        `hint` (B, 4, H, W) in [0, 1]. `ref_latent`/`gray_latent` (scaled) come from the latent
+        cache when training with it, so no VAE encode happens here. The hint block trains, so
+        this runs with gradients; the frozen encoders inside run without.
+        """
+        ref, gray = split_hint(hint)
+        if context is None:
+            context = self.get_learned_conditioning(prompts if prompts is not None else [""] * hint.shape[0])
+        latent_hw = (hint.shape[2] // 8, hint.shape[3] // 8)
+        concat = build_concat(self.color_variant, ref, gray, self.encode_first_stage, latent_hw,
+                              ref_latent=ref_latent, gray_latent=gray_latent)
+        return ColorCondition(context=context, guided_hint=self.control_model.encode_hint(hint), concat=concat)
+
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: ColorCondition,
+                    control_scale: float = 1.0) -> torch.Tensor:
+        """Model output (eps or v) for noisy latents `x_t` at integer timesteps `t`."""
+        x_in = x_t if cond.concat is None else torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)
+        control = self.control_model(x_in, cond.guided_hint, t, cond.context)
+        scales = self.control_scales or [1.0] * len(control)
+        control = [c * (s * control_scale) for c, s in zip(control, scales)]
+        return self.model.diffusion_model(x_in if self.concat_to_unet else x_t, t, cond.context,
+                                          control=control, only_mid_control=self.only_mid_control)
+
+    # ---- sampling and training ----------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, cond: ColorCondition, x_T: torch.Tensor | None = None, steps: int = 20, eta: float = 0.0,
+               guidance_scale: float = 1.0, uncond: ColorCondition | None = None,
+               generator: torch.Generator | None = None, progress: bool = False,
+               callback: Callable | None = None) -> torch.Tensor:
+        """DDIM sampling of latents; classifier-free guidance only when `guidance_scale != 1`."""
+        if x_T is None:
+            h, w = cond.guided_hint.shape[-2:]
+            x_T = torch.randn((len(cond), 4, h, w), generator=generator, device=cond.guided_hint.device,
+                              dtype=cond.guided_hint.dtype)
+        uncond_fn = None
+        if guidance_scale != 1.0:
+            if uncond is None:
+                raise ValueError("guidance_scale != 1 needs an unconditional ColorCondition")
+            uncond_fn = lambda x, t: self.apply_model(x, t, uncond)
+        return sampler.ddim_sample(lambda x, t: self.apply_model(x, t, cond), x_T, self.alphas_cumprod,
+                                   steps=steps, eta=eta, parameterization=self.parameterization,
+                                   guidance_scale=guidance_scale, uncond_fn=uncond_fn, generator=generator,
+                                   callback=callback, progress=progress)
+
+    def training_loss(self, z0: torch.Tensor, cond: ColorCondition, noise: torch.Tensor | None = None,
+                      t: torch.Tensor | None = None) -> torch.Tensor:
+        """Simple diffusion loss (MSE on eps or v) of scaled target latents `z0`."""
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device)
+        if noise is None:
+            noise = torch.randn_like(z0)
+        x_t = schedule.q_sample(z0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        target = noise if self.parameterization == "eps" else schedule.get_v(
+            z0, noise, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        return F.mse_loss(self.apply_model(x_t, t, cond).float(), target.float())

@@ -1,0 +1,89 @@
+"""Initial trainable checkpoint from a Stable Diffusion checkpoint.
+
+SD tensors are copied as they are; the ControlNet encoder starts as a copy of the UNet
+encoder; new input channels (v2/v3) start at zero, so the fresh model's prediction equals
+plain SD's; the hint block keeps its random init and the zero convs their zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cldm.checkpoint import CheckpointError
+from cldm.cldm import ControlLDM
+
+UNET, CONTROL = "model.diffusion_model.", "control_model."
+INPUT_CONV = "input_blocks.0.0.weight"
+
+
+@dataclass
+class InitReport:
+    copied: list[str] = field(default_factory=list)         # taken from the SD file as is
+    control_from_unet: list[str] = field(default_factory=list)
+    widened: list[str] = field(default_factory=list)        # SD kernel + zero extra input channels
+    new: list[str] = field(default_factory=list)            # fresh init (hint block, zero convs)
+    ignored: list[str] = field(default_factory=list)        # in the SD file, not in the model
+
+    def summary(self) -> str:
+        def groups(keys):
+            counts: dict[str, int] = {}
+            for k in keys:
+                head = ".".join(k.split(".")[:2])
+                counts[head] = counts.get(head, 0) + 1
+            return ", ".join(f"{h}.* ({n})" for h, n in sorted(counts.items())) or "-"
+        return "\n".join([
+            f"copied from SD:            {len(self.copied)} tensors: {groups(self.copied)}",
+            f"ControlNet from SD UNet:   {len(self.control_from_unet)} tensors",
+            f"widened (zero new inputs): {', '.join(self.widened) or '-'}",
+            f"new (fresh init):          {len(self.new)} tensors: {groups(self.new)}",
+            f"ignored from the file:     {len(self.ignored)} tensors: {groups(self.ignored)}",
+        ])
+
+
+def _widen(src: torch.Tensor, target_shape: torch.Size, key: str) -> torch.Tensor:
+    """Pretrained kernel in the first input channels, zeros in the new ones."""
+    if src.ndim != 4 or src.shape[0] != target_shape[0] or src.shape[2:] != target_shape[2:] \
+            or src.shape[1] > target_shape[1]:
+        raise CheckpointError(f"{key}: cannot widen shape {tuple(src.shape)} to {tuple(target_shape)}")
+    out = torch.zeros(target_shape, dtype=src.dtype)
+    out[:, : src.shape[1]] = src
+    return out
+
+
+def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], InitReport]:
+    """State dict for `model` built from an SD checkpoint's tensors `sd`.
+
+    Raises CheckpointError when the file is not the SD the config describes (a UNet, VAE or
+    text-encoder tensor missing or of another shape), listing what differs.
+    """
+    report, out, problems = InitReport(), {}, []
+    target = model.state_dict()
+    for key, fresh in target.items():
+        if key.startswith(CONTROL):
+            src_key = UNET + key[len(CONTROL):]
+            bucket = report.control_from_unet
+        else:
+            src_key, bucket = key, report.copied
+        src = sd.get(src_key)
+        if src is None:
+            if key.startswith(CONTROL):
+                out[key] = fresh
+                report.new.append(key)
+            else:
+                problems.append(f"missing {key}")
+            continue
+        if src.shape != fresh.shape:
+            if key.endswith(INPUT_CONV):
+                out[key] = _widen(src, fresh.shape, key).to(fresh.dtype)
+                report.widened.append(key)
+                continue
+            problems.append(f"{key}: file {tuple(src.shape)} vs model {tuple(fresh.shape)}")
+            continue
+        out[key] = src.to(fresh.dtype)
+        bucket.append(key)
+    report.ignored = sorted(k for k in sd if k not in target)
+    if problems:
+        head = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise CheckpointError(f"checkpoint does not match the model config: {head}")
+    return out, report

@@ -1,0 +1,49 @@
+"""Colour-variant inputs: channel counts and the exact maps concatenated to the latent."""
+import pytest
+import torch
+
+from cldm.color import ColorCondition, build_concat, extra_channels, gray_to_latent_size
+
+
+def test_extra_channels_per_variant():
+    assert [extra_channels(v) for v in ("v1", "v2", "v3")] == [0, 5, 8]
+
+
+def test_gray_is_area_averaged_and_scaled_to_minus_one_one():
+    gray = torch.zeros(1, 1, 16, 16)
+    gray[..., :8, :8] = 1.0  # top-left latent cell white, rest black
+    gray[..., 8:, 8:12] = 1.0  # half of the bottom-right cell white
+    small = gray_to_latent_size(gray, (2, 2))
+    torch.testing.assert_close(small, torch.tensor([[[[1.0, -1.0], [-1.0, 0.0]]]]))
+
+
+def test_v2_concat_is_ref_latent_then_gray_and_v3_uses_gray_latent():
+    ref, gray = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    seen = []
+
+    def encode(img):  # stand-in VAE: records its input, returns a recognisable latent
+        seen.append(img)
+        return img[:, :1, ::8, ::8].repeat(1, 4, 1, 1) + len(seen) * 10
+
+    assert build_concat("v1", ref, gray, encode, (2, 2)) is None and seen == []
+    c2 = build_concat("v2", ref, gray, encode, (2, 2))
+    torch.testing.assert_close(seen[0], ref * 2 - 1)
+    assert c2.shape == (2, 5, 2, 2)
+    torch.testing.assert_close(c2[:, 4:], gray_to_latent_size(gray, (2, 2)))
+    seen.clear()
+    c3 = build_concat("v3", ref, gray, encode, (2, 2))
+    torch.testing.assert_close(seen[1], gray.repeat(1, 3, 1, 1) * 2 - 1)
+    assert c3.shape == (2, 8, 2, 2) and torch.all(c3[:, 4:] >= 19)  # second encode = gray
+    cached = torch.full((2, 4, 2, 2), 7.0)
+    seen.clear()
+    c = build_concat("v3", ref, gray, encode, (2, 2), ref_latent=cached, gray_latent=cached)
+    assert seen == [] and torch.all(c == 7)  # latent cache: no encodes
+
+
+def test_condition_select_and_cat_round_trip():
+    cond = ColorCondition(torch.randn(4, 77, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 5, 2, 2))
+    back = ColorCondition.cat([cond.select(slice(0, 1)), cond.select(slice(1, 4))])
+    for a, b in zip((cond.context, cond.guided_hint, cond.concat), (back.context, back.guided_hint, back.concat)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        extra_channels("v9")

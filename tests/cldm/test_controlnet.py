@@ -1,0 +1,45 @@
+"""ControlNet and the controlled UNet against the reference implementation's golden outputs."""
+import torch
+
+from cldm.controlnet import ControlledUnetModel, ControlNet
+from tests.helpers import COMPONENT_TOL, sub_state
+
+
+def _nets(tiny_arch, tiny_weights):
+    unet = ControlledUnetModel(**tiny_arch["unet"])
+    control = ControlNet(hint_channels=tiny_arch["control_extra"]["hint_channels"], **tiny_arch["unet"])
+    unet.load_state_dict(sub_state(tiny_weights, "model.diffusion_model."), strict=True)
+    control.load_state_dict(sub_state(tiny_weights, "control_model."), strict=True)
+    return unet, control
+
+
+@torch.no_grad()
+def test_control_outputs_and_controlled_eps_match_reference(tiny_arch, tiny_weights, tiny_io):
+    unet, control = _nets(tiny_arch, tiny_weights)
+    x, t, ctx = tiny_io["x"], tiny_io["t"], tiny_io["context"]
+    outs = control(x, control.encode_hint(tiny_io["hint"]), t, ctx)
+    names = sorted(k for k in tiny_io if k.startswith("control_"))
+    assert len(outs) == len(names) == len(control.input_blocks) + 1
+    for out, name in zip(outs, names):
+        torch.testing.assert_close(out, tiny_io[name], **COMPONENT_TOL, msg=name)
+    torch.testing.assert_close(unet(x, t, ctx, control=outs), tiny_io["eps_controlled"], **COMPONENT_TOL)
+
+
+def test_hint_block_downsamples_by_8_and_starts_at_zero(tiny_arch):
+    control = ControlNet(hint_channels=4, **tiny_arch["unet"])
+    feats = control.encode_hint(torch.rand(2, 4, 64, 48))
+    assert feats.shape == (2, tiny_arch["unet"]["model_channels"], 8, 6)
+    assert torch.count_nonzero(feats) == 0  # last conv is zero-initialised
+    outs = control(torch.randn(2, 4, 8, 6), feats, torch.tensor([5, 500]), torch.randn(2, 77, 32))
+    assert all(torch.count_nonzero(o) == 0 for o in outs)  # zero convs
+
+
+def test_only_mid_control_uses_only_the_last_residual(tiny_arch, tiny_weights, tiny_io):
+    unet, control = _nets(tiny_arch, tiny_weights)
+    x, t, ctx = tiny_io["x"], tiny_io["t"], tiny_io["context"]
+    with torch.no_grad():
+        outs = control(x, control.encode_hint(tiny_io["hint"]), t, ctx)
+        mid_only = unet(x, t, ctx, control=outs, only_mid_control=True)
+        zeros_but_mid = [torch.zeros_like(o) for o in outs[:-1]] + [outs[-1]]
+        torch.testing.assert_close(mid_only, unet(x, t, ctx, control=zeros_but_mid), rtol=0, atol=1e-6)
+        assert not torch.allclose(mid_only, tiny_io["eps_controlled"])

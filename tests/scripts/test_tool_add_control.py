@@ -1,0 +1,113 @@
+"""tool_add_control_sd21.py on tiny SD-format checkpoints written by the tests."""
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tool_add_control_sd21 as tool
+from cldm.model import TINY_CONFIG, create_model, load_config
+from ldm.modules.unet import UNetModel
+from tests.helpers import sub_state
+
+
+def tiny_sd_state(seed: int = 0, overrides=()) -> dict:
+    """A plain-SD-format state dict (no control_model.*) whose UNet is fully random."""
+    torch.manual_seed(seed)
+    model = create_model(load_config(TINY_CONFIG, ["model.color_variant=v1", *overrides]))
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.normal_(0, 0.05)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+
+
+@pytest.fixture(scope="module")
+def sd_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd")
+    sd = tiny_sd_state()
+    from safetensors.torch import save_file
+    save_file(sd, d / "sd.safetensors")
+    torch.save({"state_dict": sd, "global_step": 7}, d / "sd.ckpt")
+    return sd, d
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_initial_model_predicts_exactly_what_plain_sd_predicts(sd_files, tmp_path, fmt, variant, capsys):
+    sd, d = sd_files
+    out = tmp_path / f"init_{variant}.safetensors"
+    assert tool.main([str(d / f"sd.{fmt}"), str(out), "--config", str(TINY_CONFIG), "--variant", variant]) == 0
+    printed = capsys.readouterr().out
+    assert "widened (zero new inputs): model.diffusion_model.input_blocks.0.0.weight, control_model." in printed
+    state = load_file(out)
+    model = create_model(load_config(TINY_CONFIG, [f"model.color_variant={variant}"])).eval()
+    model.load_state_dict(state, strict=True)
+    # SD tensors are copied bit for bit; the ControlNet encoder starts as the UNet encoder.
+    for k, v in sd.items():
+        if not k.endswith("input_blocks.0.0.weight"):
+            assert torch.equal(state[k], v), k
+    w = state["model.diffusion_model.input_blocks.0.0.weight"]
+    assert torch.equal(w[:, :4], sd["model.diffusion_model.input_blocks.0.0.weight"])
+    assert torch.count_nonzero(w[:, 4:]) == 0
+    assert torch.equal(state["control_model.input_blocks.1.0.in_layers.2.weight"],
+                       sd["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"])
+
+    plain = UNetModel(**{k: v for k, v in load_config(TINY_CONFIG).model.unet.items()}, in_channels=4,
+                      out_channels=4).eval()
+    plain.load_state_dict(sub_state(sd, "model.diffusion_model."))
+    torch.manual_seed(1)
+    x_t, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([999, 37]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        cond = model.prepare_condition(torch.rand(2, 4, 64, 64), context=ctx)
+        assert cond.concat is not None and cond.concat.abs().sum() > 0
+        ours, reference = model.apply_model(x_t, t, cond), plain(x_t, t, ctx)
+    assert ours.abs().max() > 0.1  # a non-trivial prediction
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)  # float32 round-off only
+
+
+def test_existing_output_is_kept_without_overwrite(sd_files, tmp_path, capsys):
+    _, d = sd_files
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+
+
+def test_wrong_architecture_is_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+    other = tiny_sd_state(overrides=["model.unet.context_dim=16"])  # like SD1.x vs SD2.x: other context width
+    save_file(other, tmp_path / "other.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert tool.main([str(tmp_path / "other.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match" in err and "attn2.to_k.weight" in err
+    assert not out.exists()
+
+
+def test_truncated_file_is_refused(sd_files, tmp_path, capsys):
+    _, d = sd_files
+    data = (d / "sd.safetensors").read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    assert tool.main([str(bad), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert "cut.safetensors" in err and err.count("\n") == 1
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_malicious_pickle_is_not_executed(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": {"x": _Evil(str(marker))}}, f)
+    assert tool.main([str(bad), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]) == 2
+    assert not marker.exists()
+    assert "evil.ckpt" in capsys.readouterr().err
