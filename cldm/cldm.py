@@ -122,7 +122,8 @@ class ControlLDM(nn.Module):
         """DDIM sampling of latents; classifier-free guidance only when `guidance_scale != 1`."""
         if x_T is None:
             h, w = cond.guided_hint.shape[-2:]
-            x_T = torch.randn((len(cond), 4, h, w), generator=generator, device=cond.guided_hint.device,
+            c = self.model.diffusion_model.out[-1].out_channels
+            x_T = torch.randn((len(cond), c, h, w), generator=generator, device=cond.guided_hint.device,
                               dtype=cond.guided_hint.dtype)
         uncond_fn = None
         if guidance_scale != 1.0:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.norm import GroupNorm32
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -25,13 +26,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 so half-precision weights stay stable."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

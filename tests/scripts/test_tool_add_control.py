@@ -62,7 +62,7 @@ def test_initial_model_predicts_exactly_what_plain_sd_predicts(sd_files, tmp_pat
         cond = model.prepare_condition(torch.rand(2, 4, 64, 64), context=ctx)
         assert cond.concat is not None and cond.concat.abs().sum() > 0
         ours, reference = model.apply_model(x_t, t, cond), plain(x_t, t, ctx)
-    assert ours.abs().max() > 0.1  # a non-trivial prediction
+    assert ours.abs().max() > 0.02  # a non-trivial prediction (typical max ~0.1)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)  # float32 round-off only
 
 

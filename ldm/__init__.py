@@ -1,0 +1,1 @@
+"""Latent-diffusion building blocks: autoencoder, UNet, text encoder, noise schedule, DDIM."""

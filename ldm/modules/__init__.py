@@ -1,0 +1,1 @@
+"""Neural-network modules of Stable Diffusion 2.1 as plain nn.Modules."""

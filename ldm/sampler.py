@@ -1,0 +1,101 @@
+"""DDIM sampling (Song et al., 2021), step for step as in the reference latent-diffusion sampler.
+
+The model is a plain function `model_fn(x, t) -> eps or v`, so the sampler knows nothing about
+UNets, ControlNets or conditioning; callers close over those.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_timesteps(num_steps: int, num_train: int = 1000) -> torch.Tensor:
+    """Uniform DDIM timesteps arange(0, num_train, num_train // num_steps) + 1 (int64, ascending).
+
+    The +1 and the integer stride come from the reference; when num_steps does not divide
+    num_train this yields more than num_steps timesteps (31 for 30), as there.
+    """
+    if not 1 <= num_steps <= num_train // 2:
+        # stride 1 would make the last timestep num_train, past the end of the schedule.
+        raise ValueError(f"DDIM steps must be between 1 and {num_train // 2}, got {num_steps}")
+    return torch.arange(0, num_train, num_train // num_steps, dtype=torch.int64) + 1
+
+
+def ddim_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
+                  eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alphas, alphas_prev, sigmas) for each DDIM step, float32, in ascending timestep order.
+
+    As in the reference, the step from the first timestep goes to alphas_cumprod[0] rather than
+    1, so the returned sample still carries a trace (sqrt(1 - a_0) ~ 0.03) of the last eps.
+    """
+    ac = alphas_cumprod.detach().float().cpu()
+    t = timesteps.long().cpu()
+    alphas = ac[t]
+    alphas_prev = torch.cat([ac[:1], ac[t[:-1]]])
+    a, a_prev = alphas.double(), alphas_prev.double()
+    sigmas = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    return alphas, alphas_prev, sigmas.float()
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: float | torch.Tensor, a_prev: float | torch.Tensor,
+              sigma: float | torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update x_t -> x_prev; returns (x_prev, pred_x0). `noise` is needed only if sigma > 0.
+
+    Arithmetic is float32 whatever x's dtype, so half-precision latents do not drift.
+    """
+    a, a_prev, sigma = (torch.as_tensor(v, dtype=torch.float32, device=x.device) for v in (a, a_prev, sigma))
+    xf, eps = x.float(), eps.float()
+    pred_x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt()
+    dir_xt = (1 - a_prev - sigma ** 2).sqrt() * eps
+    x_prev = a_prev.sqrt() * pred_x0 + dir_xt
+    if noise is not None:
+        x_prev = x_prev + sigma * noise.float()
+    return x_prev.to(x.dtype), pred_x0.to(x.dtype)
+
+
+@torch.no_grad()
+def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 20,
+                eta: float = 0.0, parameterization: str = "eps", guidance_scale: float = 1.0,
+                uncond_fn: ModelFn | None = None, generator: torch.Generator | None = None,
+                callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Run DDIM from x_T (pure noise at the last timestep) down to the final latent.
+
+    model_fn(x, t) and uncond_fn(x, t) take x (B, ...) and t (B,) int64 and return eps or v
+    (`parameterization`). Classifier-free guidance mixes the raw outputs,
+    out = uncond + guidance_scale * (cond - uncond); with guidance_scale == 1 uncond_fn is never
+    called. The two branches are separate calls; a caller wanting one batched forward can do the
+    batching and mixing inside model_fn and leave guidance_scale at 1.
+    `generator` draws the eta > 0 noise (on x_T's device). `callback(i, t, x_prev, pred_x0)` runs
+    after step i (0 = the noisiest step), e.g. for previews.
+    """
+    if parameterization not in ("eps", "v"):
+        raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+    if guidance_scale != 1.0 and uncond_fn is None:
+        raise ValueError("guidance_scale != 1 needs an uncond_fn")
+    timesteps = ddim_timesteps(steps, num_train=alphas_cumprod.shape[0])
+    alphas, alphas_prev, sigmas = ddim_schedule(alphas_cumprod, timesteps, eta)
+    x = x_T
+    order = list(reversed(range(len(timesteps))))
+    for i, index in enumerate(tqdm(order, desc="DDIM", disable=not progress)):
+        t = torch.full((x.shape[0],), int(timesteps[index]), dtype=torch.long, device=x.device)
+        out = model_fn(x, t)
+        if guidance_scale != 1.0:
+            out_uncond = uncond_fn(x, t)
+            out = out_uncond + guidance_scale * (out - out_uncond)
+        a = alphas[index].item()
+        if parameterization == "v":
+            eps = a ** 0.5 * out.float() + (1 - a) ** 0.5 * x.float()
+        else:
+            eps = out
+        noise = None
+        if sigmas[index] > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x, pred_x0 = ddim_step(x, eps, alphas[index], alphas_prev[index], sigmas[index], noise)
+        if callback is not None:
+            callback(i, int(timesteps[index]), x, pred_x0)
+    return x

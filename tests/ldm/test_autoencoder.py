@@ -1,0 +1,89 @@
+"""AutoencoderKL against the reference outputs of the tiny fixture, and SD2.1 key names."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.modules.autoencoder import AutoencoderKL
+from tests.helpers import COMPONENT_TOL as TOL, sub_state
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_arch, tiny_weights) -> AutoencoderKL:
+    model = AutoencoderKL(**tiny_arch["vae"]).eval()
+    model.load_state_dict(sub_state(tiny_weights, "first_stage_model."), strict=True)
+    return model
+
+
+@torch.no_grad()
+def test_posterior_matches_reference(vae, tiny_io):
+    posterior = vae.encode(tiny_io["image"])
+    torch.testing.assert_close(posterior.mean, tiny_io["vae_mean"], **TOL)
+    torch.testing.assert_close(posterior.logvar, tiny_io["vae_logvar"], **TOL)
+    torch.testing.assert_close(posterior.mode(), posterior.mean)
+    torch.testing.assert_close(posterior.var, posterior.std ** 2)
+
+
+@torch.no_grad()
+def test_decode_matches_reference(vae, tiny_io, tiny_arch):
+    torch.testing.assert_close(vae.decode(tiny_io["z"]), tiny_io["vae_decoded"], **TOL)
+    z = tiny_io["z"] / tiny_arch["diffusion"]["scale_factor"]  # what decode_first_stage feeds the VAE
+    torch.testing.assert_close(vae.decode(z), tiny_io["decode_first_stage"], **TOL)
+
+
+@torch.no_grad()
+def test_sample_is_seeded_and_uses_std(vae, tiny_io):
+    posterior = vae.encode(tiny_io["image"])
+    a = posterior.sample(torch.Generator().manual_seed(0))
+    b = posterior.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, posterior.mean + posterior.std * noise)
+
+
+@torch.no_grad()
+def test_half_precision_runs_close_to_float32(vae, tiny_io, tiny_arch):
+    """GroupNorm runs in float32, so a bfloat16 model stays near the float32 one."""
+    half = AutoencoderKL(**tiny_arch["vae"])
+    half.load_state_dict(vae.state_dict())
+    half = half.to(torch.bfloat16).eval()
+    out = half.decode(tiny_io["z"].to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - tiny_io["vae_decoded"]).abs().max().item()
+    assert err < 0.15  # observed 0.06 on outputs up to 3.3: bfloat16 round-off, no blow-up
+
+
+def test_sd21_state_dict_names_and_shapes():
+    """A model built from SD2.1's first-stage config has exactly the checkpoint's keys and shapes."""
+    manifest = json.loads((FIXTURES / "sd21_controlnet_keys.json").read_text())["keys"]
+    expected = {k: list(shape) for k, shape in sub_state(manifest, "first_stage_model.").items()}
+    ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = AutoencoderKL(ddconfig, embed_dim=4)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected
+
+
+def test_attention_levels_follow_attn_resolutions():
+    ddconfig = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+    model = AutoencoderKL(ddconfig, embed_dim=4)
+    keys = model.state_dict().keys()
+    assert "encoder.down.1.attn.0.q.weight" in keys and not any(k.startswith("encoder.down.0.attn") for k in keys)
+    assert "decoder.up.1.attn.1.q.weight" in keys and not any(k.startswith("decoder.up.0.attn") for k in keys)
+    assert "encoder.down.0.downsample.conv.weight" in keys and "encoder.down.1.downsample.conv.weight" not in keys
+    assert "decoder.up.1.upsample.conv.weight" in keys and "decoder.up.0.upsample.conv.weight" not in keys
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        posterior = model.encode(x)
+        assert posterior.mean.shape == (1, 4, 16, 16)
+        assert model.decode(posterior.mode()).shape == x.shape
+
+
+def test_double_z_false_is_rejected():
+    with pytest.raises(ValueError, match="double_z"):
+        AutoencoderKL(dict(double_z=False, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
+                           ch_mult=[1], num_res_blocks=1, attn_resolutions=[]), 4)

@@ -1,0 +1,123 @@
+"""DDIM: schedule against the reference fixture, and the sampler checked by construction.
+
+An "oracle" model returns the exact eps (or v) pointing at a known x0. With eta = 0 DDIM
+then keeps eps fixed along the whole trajectory, so every pred_x0 equals x0 and the result is
+sqrt(a_0) x0 + sqrt(1 - a_0) eps (the reference's last step goes to alphas_cumprod[0], not 1).
+"""
+import pytest
+import torch
+
+from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps
+from ldm.schedule import schedule_buffers
+from tests.helpers import COMPONENT_TOL as TOL
+
+AC = schedule_buffers()["alphas_cumprod"]
+
+
+def oracle(x0: torch.Tensor, parameterization: str = "eps", calls: list | None = None):
+    """model_fn whose output is exactly right for target x0 at any (x, t)."""
+    def model_fn(x, t):
+        if calls is not None:
+            calls.append(t.clone())
+        a = AC[t].reshape(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    return model_fn
+
+
+def data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+
+
+def test_schedule_matches_reference(tiny_io):
+    ts = ddim_timesteps(20)
+    assert ts.dtype == torch.int64 and torch.equal(ts, tiny_io["ddim20_timesteps"])
+    assert ts[0] == 1 and ts[-1] == 951
+    alphas, alphas_prev, sigmas = ddim_schedule(tiny_io["alphas_cumprod"], ts, eta=0.0)
+    assert torch.equal(alphas, tiny_io["ddim20_alphas"])
+    assert torch.equal(alphas_prev, tiny_io["ddim20_alphas_prev"])
+    assert torch.equal(sigmas, torch.zeros(20))
+
+
+def test_timesteps_edge_cases():
+    assert ddim_timesteps(1).tolist() == [1]
+    assert len(ddim_timesteps(30)) == 31  # 1000 // 30 = 33, as in the reference
+    assert ddim_timesteps(500)[-1] == 999
+    for bad in (0, 501):
+        with pytest.raises(ValueError, match="DDIM steps"):
+            ddim_timesteps(bad)
+
+
+def test_sigmas_follow_eta():
+    ts = ddim_timesteps(10)
+    a, a_prev, s1 = ddim_schedule(AC, ts, eta=1.0)
+    _, _, s_half = ddim_schedule(AC, ts, eta=0.5)
+    expected = ((1 - a_prev.double()) / (1 - a.double()) * (1 - a.double() / a_prev.double())).sqrt()
+    torch.testing.assert_close(s1, expected.float())
+    torch.testing.assert_close(s_half, 0.5 * s1)
+
+
+def test_step_with_exact_eps_keeps_x0():
+    x0, eps = data()
+    a, a_prev = 0.3, 0.6
+    x = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+    x_prev, pred_x0 = ddim_step(x, eps, a, a_prev, 0.0)
+    torch.testing.assert_close(pred_x0, x0, **TOL)
+    torch.testing.assert_close(x_prev, a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps, **TOL)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_oracle_sampling_recovers_x0(parameterization):
+    x0, eps = data()
+    a_T = AC[951]
+    x_T = a_T.sqrt() * x0 + (1 - a_T).sqrt() * eps
+    calls, seen = [], []
+    out = ddim_sample(oracle(x0, parameterization, calls), x_T, AC, steps=20, parameterization=parameterization,
+                      callback=lambda i, t, x, pred_x0: seen.append((i, t, pred_x0)))
+    assert [int(t[0]) for t in calls] == ddim_timesteps(20).flip(0).tolist()
+    assert all(t.shape == (2,) and t.dtype == torch.long for t in calls)
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(ddim_timesteps(20).flip(0).tolist()))
+    for _, _, pred_x0 in seen:
+        torch.testing.assert_close(pred_x0, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * eps, **TOL)
+
+
+def test_guidance_scale_one_never_calls_uncond():
+    x0, x_T = data()
+
+    def uncond_fn(x, t):
+        raise AssertionError("uncond_fn called with guidance_scale == 1")
+    ddim_sample(oracle(x0), x_T, AC, steps=5, guidance_scale=1.0, uncond_fn=uncond_fn)
+
+
+def test_guidance_mixes_outputs_and_calls_uncond_once_per_step():
+    """Eps is affine in x0, so guiding two oracles equals the oracle of the mixed target."""
+    (x0_c, x0_u), (_, x_T) = data(1), data(2)
+    scale, calls = 7.5, []
+    guided = ddim_sample(oracle(x0_c), x_T, AC, steps=10, guidance_scale=scale, uncond_fn=oracle(x0_u, calls=calls))
+    assert len(calls) == 10
+    mixed = ddim_sample(oracle(x0_u + scale * (x0_c - x0_u)), x_T, AC, steps=10)
+    torch.testing.assert_close(guided, mixed, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="uncond_fn"):
+        ddim_sample(oracle(x0_c), x_T, AC, steps=10, guidance_scale=scale)
+
+
+def test_eta_noise_is_seeded():
+    x0, x_T = data()
+
+    def run(seed):
+        return ddim_sample(oracle(x0), x_T, AC, steps=10, eta=1.0, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, ddim_sample(oracle(x0), x_T, AC, steps=10, eta=0.0))
+
+
+def test_half_precision_latents_keep_dtype():
+    x0, eps = data()
+    a_T = AC[951]
+    x_T = (a_T.sqrt() * x0 + (1 - a_T).sqrt() * eps).to(torch.bfloat16)
+    out = ddim_sample(lambda x, t: oracle(x0)(x.float(), t).to(x.dtype), x_T, AC, steps=10)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * eps, rtol=0.05, atol=0.05)

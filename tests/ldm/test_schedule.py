@@ -1,0 +1,62 @@
+"""Schedule buffers and forward-diffusion formulas against the reference fixture."""
+import pytest
+import torch
+
+from ldm.schedule import (BUFFER_NAMES, extract, get_v, make_beta_schedule, predict_eps_from_v,
+                          predict_x0_from_eps, predict_x0_from_v, q_sample, schedule_buffers)
+from tests.helpers import COMPONENT_TOL
+
+
+@pytest.fixture(scope="module")
+def buffers(tiny_arch) -> dict:
+    d = tiny_arch["diffusion"]
+    return schedule_buffers("linear", d["timesteps"], d["linear_start"], d["linear_end"])
+
+
+def test_beta_schedule_is_linear_in_sqrt_beta():
+    betas = make_beta_schedule("linear", 1000, 0.00085, 0.012)
+    assert betas.dtype == torch.float64 and betas.shape == (1000,)
+    torch.testing.assert_close(betas[[0, -1]], torch.tensor([0.00085, 0.012], dtype=torch.float64))
+    steps = betas.sqrt().diff()
+    torch.testing.assert_close(steps, steps[:1].expand_as(steps))
+    with pytest.raises(ValueError, match="cosine"):
+        make_beta_schedule("cosine")
+
+
+def test_buffers_match_checkpoint(buffers, tiny_weights):
+    """Every schedule buffer stored with the weights is reproduced (float32 round-off)."""
+    assert set(buffers) == set(BUFFER_NAMES) and set(BUFFER_NAMES) <= set(tiny_weights)
+    for name in BUFFER_NAMES:
+        assert buffers[name].dtype == torch.float32 and buffers[name].shape == (1000,)
+        torch.testing.assert_close(buffers[name], tiny_weights[name], rtol=1e-6, atol=0, msg=name)
+
+
+def test_alphas_cumprod_matches_reference(buffers, tiny_io):
+    torch.testing.assert_close(buffers["alphas_cumprod"], tiny_io["alphas_cumprod"], rtol=1e-6, atol=0)
+
+
+def test_q_sample_matches_reference(buffers, tiny_io):
+    x_t = q_sample(tiny_io["z"], tiny_io["t"], tiny_io["q_noise"], buffers["sqrt_alphas_cumprod"],
+                   buffers["sqrt_one_minus_alphas_cumprod"])
+    torch.testing.assert_close(x_t, tiny_io["q_sample"], **COMPONENT_TOL)
+
+
+def test_extract_broadcasts_per_sample():
+    coef = torch.arange(10.0)
+    out = extract(coef, torch.tensor([3, 7]), torch.zeros(2, 4, 5, 5))
+    assert out.shape == (2, 1, 1, 1) and out.flatten().tolist() == [3.0, 7.0]
+
+
+def test_parameterisations_invert_each_other(buffers):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    sa, s1ma = buffers["sqrt_alphas_cumprod"], buffers["sqrt_one_minus_alphas_cumprod"]
+    x_t = q_sample(x0, t, noise, sa, s1ma)
+    v = get_v(x0, noise, t, sa, s1ma)
+    torch.testing.assert_close(predict_eps_from_v(x_t, t, v, sa, s1ma), noise, **COMPONENT_TOL)
+    torch.testing.assert_close(predict_x0_from_v(x_t, t, v, sa, s1ma), x0, **COMPONENT_TOL)
+    # Solving for x0 divides by sqrt(a_t) ~ 0.068 at t=999, so allow float32 round-off times ~15.
+    x0_hat = predict_x0_from_eps(x_t, t, noise, buffers["sqrt_recip_alphas_cumprod"],
+                                 buffers["sqrt_recipm1_alphas_cumprod"])
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Train the embedded toy model from scratch on CPU, on the bundled sample clip.
+
+There is no pretrained tiny Stable Diffusion, so the recipe trains everything the tiny
+architecture (models/cldm_tiny_color.yaml, colour variant v2) needs, unlocked:
+  1. the tiny KL autoencoder (L1 + 1e-6 KL, as SD's first stage minus its GAN/LPIPS terms);
+     its latent scale factor is then set to 1 / std of the training latents, as SD did;
+  2. UNet + ControlNet together on (reference, target) pairs of training frames 3..19 apart,
+     with the autoencoder and the (random, frozen) tiny text tower locked; latents are
+     encoded once up front (the latent-cache idea), so a step never runs the VAE encoder.
+The held-out frames (100..131 of the clip) are never seen. The result is a toy: it shows the
+pipeline end to end on a laptop, not what SD2.1 can do.
+
+  python tools/make_toy_model.py                   # writes models/toy/ (about 15 min on 2 cores)
+  python tools/make_toy_model.py --out /tmp/toy --check models/toy/toy_color_v2.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from annotator.color import LUMA_WEIGHTS  # noqa: E402
+from annotator.video import iter_frames  # noqa: E402
+from cldm.checkpoint import load_state_dict, save_state_dict  # noqa: E402
+from cldm.convert import init_from_sd  # noqa: E402
+from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
+
+CLIP = REPO / "data" / "sample" / "bigbuckbunny.mp4"
+NAME = "toy_color_v2"
+LOSS_TOLERANCE = 0.10  # relative; the reproduction must land within 10 % of the shipped losses
+
+
+def load_clip(path: Path, first: int, last: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Frames [first, last) resized (area) to hw, as (N, 3, H, W) float in [0, 1]."""
+    frames = []
+    for i, _, rgb in iter_frames(path):
+        if first <= i < last:
+            frames.append(cv2.resize(rgb, (hw[1], hw[0]), interpolation=cv2.INTER_AREA))
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, frames: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> list[float]:
+    """Reconstruction training on random 64x64 crops (with flips) of the training frames."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    n, _, h, w = frames.shape
+    losses = []
+    for step in tqdm(range(steps), desc="autoencoder", mininterval=2):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        y0 = torch.randint(0, h - 64 + 1, (1,), generator=gen).item()
+        x0 = torch.randint(0, w - 64 + 1, (1,), generator=gen).item()
+        x = frames[idx, :, y0:y0 + 64, x0:x0 + 64] * 2 - 1
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        post = vae.encode(x)
+        recon = vae.decode(post.sample(generator=gen))
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        loss = (recon - x).abs().mean() + 1e-6 * kl
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def gray_of(rgb: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma, (N, 3, H, W) -> (N, 1, H, W)."""
+    return torch.einsum("nchw,c->nhw", rgb, torch.from_numpy(LUMA_WEIGHTS))[:, None]
+
+
+def train_diffusion(model, frames: torch.Tensor, steps: int, batch: int, lr: float, min_gap: int,
+                    max_gap: int, gen: torch.Generator) -> list[float]:
+    vae = model.first_stage_model.eval().requires_grad_(False)
+    with torch.no_grad():  # latent cache: both orientations, posterior mean and std
+        posts = [vae.encode(f * 2 - 1) for f in (frames, frames.flip(-1))]
+        mean, std = torch.stack([p.mean for p in posts]), torch.stack([p.std for p in posts])
+    images = torch.stack([frames, frames.flip(-1)])
+    context = model.get_learned_conditioning([""])
+    params = [p for n, p in model.named_parameters() if n.startswith(("model.", "control_model."))]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.model.train()
+    model.control_model.train()
+    n, s = frames.shape[0], model.scale_factor
+    losses = []
+    for step in tqdm(range(steps), desc="unet+controlnet", mininterval=2):
+        tgt = torch.randint(0, n, (batch,), generator=gen)
+        gap = torch.randint(min_gap, max_gap + 1, (batch,), generator=gen)
+        sign = torch.where(torch.rand(batch, generator=gen) < 0.5, -1, 1)
+        ref = tgt + sign * gap
+        ref = torch.where((ref < 0) | (ref >= n), tgt - sign * gap, ref).clamp(0, n - 1)
+        flip = torch.randint(0, 2, (batch,), generator=gen)
+        z0 = (mean[flip, tgt] + std[flip, tgt] * torch.randn(mean[flip, tgt].shape, generator=gen)) * s
+        hint = torch.cat([images[flip, ref], gray_of(images[flip, tgt])], dim=1)
+        cond = model.prepare_condition(hint, context=context.expand(batch, -1, -1), ref_latent=mean[flip, ref] * s)
+        t = torch.randint(0, model.num_timesteps, (batch,), generator=gen)
+        loss = model.training_loss(z0, cond, noise=torch.randn(z0.shape, generator=gen), t=t)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def tail_mean(losses: list[float], frac: float = 0.1) -> float:
+    k = max(1, int(len(losses) * frac))
+    return float(np.mean(losses[-k:]))
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: int = 3000, height: int = 64,
+                   width: int = 128, train_frames: int = 100, threads: int | None = None) -> dict:
+    """Train both stages and write OUT/toy_color_v2.{safetensors,yaml}; returns the provenance."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    frames = load_clip(CLIP, 0, train_frames, (height, width))
+    cfg = load_config(TINY_CONFIG, ["model.color_variant=v2"])
+    model = create_model(cfg)
+    vae_losses = train_vae(model.first_stage_model, frames, vae_steps, 8, 1e-3, gen)
+    with torch.no_grad():
+        z = model.first_stage_model.encode(frames * 2 - 1).mean
+    scale = round(1.0 / z.std().item(), 5)
+    cfg.model.scale_factor = scale
+    model.scale_factor = scale
+    # ControlNet encoder starts as a copy of the (random) UNet encoder, as for SD2.1.
+    state, _ = init_from_sd(model, {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")})
+    model.load_state_dict(state)
+    diff_losses = train_diffusion(model, frames, diff_steps, 16, 2e-4, 3, 19, gen)
+    prov = {
+        "name": NAME, "data": f"{CLIP.name} frames 0-{train_frames - 1} (held out: {train_frames}-131)",
+        "data_sha256": hashlib.sha256(CLIP.read_bytes()).hexdigest(), "resolution": f"{height}x{width}",
+        "seed": seed, "vae_steps": vae_steps, "diffusion_steps": diff_steps, "scale_factor": scale,
+        "vae_loss": round(tail_mean(vae_losses), 5), "diffusion_loss": round(tail_mean(diff_losses), 5),
+        "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.half() if v.is_floating_point() and not k.startswith(tuple(model._buffers)) else v
+          for k, v in model.state_dict().items()}
+    save_state_dict(sd, out / f"{NAME}.safetensors",
+                    metadata={"provenance": json.dumps(prov), "config": OmegaConf.to_yaml(cfg)})
+    tmp = out / f".{NAME}.yaml.tmp"
+    tmp.write_text(f"# Toy model config written by tools/make_toy_model.py (scale factor fitted to its VAE).\n"
+                   + OmegaConf.to_yaml(cfg))
+    os.replace(tmp, out / f"{NAME}.yaml")
+    return prov
+
+
+def check_against(prov: dict, shipped: Path) -> list[str]:
+    """Stage losses that differ from the shipped model's recorded ones by more than the tolerance."""
+    from safetensors import safe_open
+
+    with safe_open(str(shipped), "pt") as f:
+        ref = json.loads(f.metadata()["provenance"])
+    return [f"{k}: {prov[k]:.5f} vs shipped {ref[k]:.5f}" for k in ("vae_loss", "diffusion_loss")
+            if abs(prov[k] - ref[k]) > LOSS_TOLERANCE * ref[k]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "models" / "toy", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and noise")
+    p.add_argument("--vae-steps", type=int, default=1500, help="autoencoder training steps (batch 8, 64x64 crops)")
+    p.add_argument("--diffusion-steps", type=int, default=3000, help="UNet+ControlNet steps (batch 16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--check", type=Path, default=None,
+                   help=f"compare the final losses with this shipped model's (fails beyond {LOSS_TOLERANCE:.0%})")
+    args = p.parse_args(argv)
+    prov = make_toy_model(args.out, args.seed, args.vae_steps, args.diffusion_steps, threads=args.threads)
+    print(json.dumps(prov, indent=1))
+    if args.check is not None:
+        bad = check_against(prov, args.check)
+        if bad:
+            print("error: reproduction differs from the shipped model: " + "; ".join(bad), file=sys.stderr)
+            return 1
+        print(f"reproduction within {LOSS_TOLERANCE:.0%} of {args.check}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
