@@ -1,0 +1,108 @@
+"""FrozenOpenCLIPEmbedder: SD2.1 checkpoint names, offline tokenizer, and the block math."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import Transformer
+
+from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+SOT, EOT = 49406, 49407
+
+
+def tiny(layer="penultimate", layers=3):
+    torch.manual_seed(0)
+    enc = FrozenOpenCLIPEmbedder(layer=layer, width=32, heads=2, layers=layers)
+    with torch.no_grad():  # non-trivial biases and LN affines, so every term is exercised
+        for p in enc.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return enc
+
+
+def reference_context(enc, tokens, n_blocks):
+    """Independent re-implementation of OpenCLIP's text transformer with plain torch ops."""
+    sd = {k.removeprefix("model."): v.double() for k, v in enc.state_dict().items()}
+    width, heads = sd["positional_embedding"].shape[1], 2
+    B, L = tokens.shape
+    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
+    causal = torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(n_blocks):
+        p = {k.removeprefix(f"transformer.resblocks.{i}."): v for k, v in sd.items()
+             if k.startswith(f"transformer.resblocks.{i}.")}
+        h = F.layer_norm(x, (width,), p["ln_1.weight"], p["ln_1.bias"], eps=1e-5)
+        q, k, v = (h @ p["attn.in_proj_weight"].T + p["attn.in_proj_bias"]).chunk(3, dim=-1)
+        q, k, v = (t.view(B, L, heads, -1).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + causal, dim=-1)
+        o = (att @ v).transpose(1, 2).reshape(B, L, width)
+        x = x + o @ p["attn.out_proj.weight"].T + p["attn.out_proj.bias"]
+        h = F.layer_norm(x, (width,), p["ln_2.weight"], p["ln_2.bias"], eps=1e-5)
+        h = F.gelu(h @ p["mlp.c_fc.weight"].T + p["mlp.c_fc.bias"])  # exact (erf) GELU
+        x = x + h @ p["mlp.c_proj.weight"].T + p["mlp.c_proj.bias"]
+    return F.layer_norm(x, (width,), sd["ln_final.weight"], sd["ln_final.bias"], eps=1e-5)
+
+
+def test_vit_h_state_dict_matches_sd21_checkpoint_names_and_shapes():
+    keys = json.loads((FIXTURES / "sd21_controlnet_keys.json").read_text())["keys"]
+    expected = {k.removeprefix("cond_stage_model."): tuple(s) for k, s in keys.items()
+                if k.startswith("cond_stage_model.")}
+    enc = FrozenOpenCLIPEmbedder(device="meta")  # ViT-H-14 text tower, no memory, no download
+    got = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert got == expected
+    assert len(got) == 294
+    assert "attn_mask" in dict(enc.model.named_buffers())  # present, but not persistent
+
+
+def test_blank_prompt_tokenizes_to_sot_eot_then_padding():
+    enc = FrozenOpenCLIPEmbedder(width=32, heads=2, layers=1, device="meta")
+    tokens = enc.tokenize([" ", "a red car"])
+    assert tokens.shape == (2, 77) and tokens.dtype == torch.long
+    assert tokens[0, :2].tolist() == [SOT, EOT] and tokens[0, 2:].eq(0).all()
+    n = int(tokens[1].ne(0).sum())
+    assert tokens[1, 0] == SOT and tokens[1, n - 1] == EOT and n == 5  # a, red, car
+    long = enc.tokenize(["word " * 200])[0]
+    assert long[0] == SOT and long[-1] == EOT and long.ne(0).all()  # truncated, EOT kept
+
+
+@pytest.mark.parametrize("layer,n_blocks", [("penultimate", 2), ("last", 3)])
+def test_context_equals_independent_reimplementation(layer, n_blocks):
+    enc = tiny(layer, layers=3).double()
+    tokens = enc.tokenize(["a black and white film", " "])
+    got = enc.encode(["a black and white film", " "])
+    assert got.shape == (2, 77, 32) and got.dtype == torch.float64
+    torch.testing.assert_close(got, reference_context(enc, tokens, n_blocks), rtol=0, atol=1e-10)
+
+
+def test_penultimate_differs_from_last_and_is_deterministic():
+    pen, last = tiny("penultimate"), tiny("last")
+    a, b = pen(["a cat"]), last(["a cat"])
+    assert (a - b).abs().max() > 1e-2
+    torch.testing.assert_close(pen(["a cat"]), a, rtol=0, atol=0)
+
+
+def test_sequence_first_layout_gives_the_same_context():
+    """Older open_clip builds (L, B, D) resblocks; the encoder must follow the block's layout."""
+    enc = tiny()
+    expected = enc(["a gray street", "a dog"])
+    lnd = Transformer(width=32, layers=3, heads=2, batch_first=False)
+    lnd.load_state_dict(enc.model.transformer.state_dict())
+    enc.model.transformer = lnd
+    assert enc.model.batch_first is False
+    torch.testing.assert_close(enc(["a gray street", "a dog"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_by_default_and_stays_in_eval():
+    enc = FrozenOpenCLIPEmbedder(width=32, heads=2, layers=1)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not enc.model.training
+    trainable = FrozenOpenCLIPEmbedder(width=32, heads=2, layers=1, freeze=False).train()
+    assert trainable.training and all(p.requires_grad for p in trainable.parameters())
+
+
+def test_rejects_unknown_layer():
+    with pytest.raises(ValueError, match="layer"):
+        FrozenOpenCLIPEmbedder(layer="middle", width=32, heads=2, layers=1, device="meta")
