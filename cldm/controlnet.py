@@ -40,10 +40,9 @@ class ControlNet(UNetConfigMixin, nn.Module):
                  context_dim: int, transformer_depth: int = 1, dropout: float = 0.0,
                  use_checkpoint: bool = False, **_ignored):
         super().__init__()
-        chans, ch, _ = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
+        chans, ch, *_ = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
                                          channel_mult, num_head_channels, context_dim, transformer_depth,
                                          dropout, use_checkpoint)
-        del self._res, self._attn
         self.zero_convs = nn.ModuleList(nn.Sequential(zero_module(nn.Conv2d(c, c, 1))) for c in chans)
         layers: list[nn.Module] = []
         widths = (hint_channels,) + HINT_WIDTHS

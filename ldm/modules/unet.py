@@ -92,7 +92,10 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetConfigMixin:
-    """Shared constructor pieces of the UNet and the ControlNet (its trainable encoder copy)."""
+    """Shared constructor pieces of the UNet and the ControlNet (its trainable encoder copy).
+
+    `_init_common` builds time embedding, encoder and middle block, and returns the encoder's
+    skip widths plus the block builders, so the UNet can build a decoder that mirrors it."""
 
     def _init_common(self, in_channels: int, model_channels: int, num_res_blocks: int,
                      attention_resolutions: Sequence[int], channel_mult: Sequence[int],
@@ -109,7 +112,6 @@ class UNetConfigMixin:
             return SpatialTransformer(ch, ch // num_head_channels, num_head_channels, transformer_depth,
                                       context_dim, use_checkpoint)
 
-        self._res, self._attn = res, attn
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -125,7 +127,7 @@ class UNetConfigMixin:
                 chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
-        return chans, ch, ds
+        return chans, ch, ds, res, attn
 
     def embed_time(self, timesteps: torch.Tensor) -> torch.Tensor:
         t_emb = timestep_embedding(timesteps, self.model_channels)
@@ -138,23 +140,22 @@ class UNetModel(UNetConfigMixin, nn.Module):
                  context_dim: int, transformer_depth: int = 1, dropout: float = 0.0,
                  use_checkpoint: bool = False, **_ignored):
         super().__init__()
-        chans, ch, ds = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
+        chans, ch, ds, res, attn = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
                                           channel_mult, num_head_channels, context_dim, transformer_depth,
                                           dropout, use_checkpoint)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers: list[nn.Module] = [self._res(ch + chans.pop(), model_channels * mult)]
+                layers: list[nn.Module] = [res(ch + chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(self._attn(ch))
+                    layers.append(attn(ch))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(),
                                  zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
-        del self._res, self._attn
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor):
         skips, h = [], x
