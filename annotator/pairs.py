@@ -1,0 +1,483 @@
+"""Frame store and training-pair building (the library behind build_pairs.py).
+
+On disk, one folder per movie under DATA_ROOT:
+
+    DATA_ROOT/<movie_id>/frames/000000.jpg ...   frames resized for training, in order
+    DATA_ROOT/<movie_id>/similarity.npy          float32 (N, 2*window+1): [i, window+d] = sim(i, i+d),
+                                                 1 on d = 0, NaN outside the movie
+    DATA_ROOT/<movie_id>/meta.json               source, fps, frame count, sizes, metric, window, ...
+    DATA_ROOT/.partial/<movie_id>/               a movie being built (never read as a movie)
+
+A movie is written under .partial and renamed into place only when complete, so a folder
+DATA_ROOT/<movie_id> always holds a finished movie: that is what makes runs resumable, and a
+killed run leaves at most a .partial folder that the next run deletes and rebuilds.
+
+The raw similarities are stored, not the accepted pairs: the band (low < sim < high, at
+least min_gap frames apart) is applied at load time by `pair_mask`, so changing it needs
+no rebuild.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import queue
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from annotator.similarity import (
+    METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
+)
+from annotator.video import FrameSourceError, iter_frames, probe
+
+FORMAT_VERSION = 1
+PARTIAL_DIR = ".partial"
+DEFAULT_WINDOW = 19
+DEFAULT_LOW, DEFAULT_HIGH, DEFAULT_MIN_GAP = 0.94, 0.97, 3
+IMAGE_FORMATS = ("jpg", "png")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def frame_path(movie_dir: str | os.PathLike, index: int, fmt: str = "jpg") -> Path:
+    return Path(movie_dir) / "frames" / f"{index:06d}.{fmt}"
+
+
+def is_finished(movie_dir: str | os.PathLike) -> bool:
+    return (Path(movie_dir) / "meta.json").is_file()
+
+
+def list_movies(data_root: str | os.PathLike) -> list[str]:
+    """Ids of the finished movies under DATA_ROOT, sorted."""
+    root = Path(data_root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and is_finished(p))
+
+
+def load_meta(movie_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(movie_dir) / "meta.json").read_text())
+
+
+def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:
+    return np.load(Path(movie_dir) / "similarity.npy")
+
+
+def pair_mask(sim: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH,
+              min_gap: int = DEFAULT_MIN_GAP) -> np.ndarray:
+    """Boolean (N, 2W+1): entry [i, W+d] is True iff (i, i+d) is a training pair.
+
+    A pair is valid iff low < sim < high (strictly) and |d| >= min_gap; NaN (outside the
+    movie) is never valid. The mask is symmetric: [i, W+d] == [i+d, W-d].
+    """
+    if not low < high:
+        raise ValueError(f"band is empty: low={low} must be < high={high}")
+    if min_gap < 1:
+        raise ValueError(f"min_gap must be >= 1 (got {min_gap})")
+    w = (sim.shape[1] - 1) // 2
+    gap_ok = np.abs(np.arange(-w, w + 1)) >= min_gap
+    with np.errstate(invalid="ignore"):
+        return (sim > low) & (sim < high) & gap_ok
+
+
+def count_pairs(sim: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH,
+                min_gap: int = DEFAULT_MIN_GAP) -> int:
+    """Number of unordered pairs {i, j} in the band."""
+    return int(pair_mask(sim, low, high, min_gap).sum()) // 2
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    size: int = 512  # short side of the stored frames (multiple of 8); 0 keeps the source size
+    window: int = DEFAULT_WINDOW
+    metric: str = "ssim"
+    sim_size: int = SIM_SIZE
+    image_format: str = "jpg"
+    quality: int = 95  # JPEG quality; PNG uses compression level 1
+    threads: int = 0  # resize/encode/write threads inside one movie; 0 = cpu_count // workers
+    # FFmpeg decoder threads; 0 = auto: 1 when the movie has <= 2 threads (one decoder thread
+    # costs the least CPU per frame), else FFmpeg's default (faster on many cores)
+    decode_threads: int = 0
+
+    def validate(self) -> None:
+        if self.size < 0 or self.size % 8:
+            raise ValueError(f"--size must be 0 or a positive multiple of 8 (got {self.size})")
+        if self.threads < 0 or self.decode_threads < 0:
+            raise ValueError(f"--threads and --decode-threads must be >= 0 "
+                             f"(got {self.threads}, {self.decode_threads})")
+        if self.window < 1:
+            raise ValueError(f"--window must be >= 1 (got {self.window})")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)} (got {self.metric!r})")
+        if self.sim_size < 2 * SSIM_RADIUS + 2:
+            raise ValueError(f"--sim-size must be >= {2 * SSIM_RADIUS + 2} (got {self.sim_size})")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(IMAGE_FORMATS)}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be in 1..100 (got {self.quality})")
+
+
+def movie_id_for(source: str | os.PathLike) -> str:
+    """Folder name under DATA_ROOT: the file stem or folder name, with odd characters -> '_'."""
+    p = Path(source)
+    name = (p.name if p.is_dir() else p.stem) or p.resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "movie"
+
+
+def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) of the stored frames: short side = short_side, long side rounded to a
+    multiple of 8 (so the VAE's 8x downsampling lines up); 0 keeps the source size."""
+    if short_side == 0:
+        return width, height
+    short, long_ = sorted((width, height))
+    new_long = max(8, int(round(long_ * short_side / short / 8)) * 8)
+    return (new_long, short_side) if width >= height else (short_side, new_long)
+
+
+def build_movie(
+    source: str | os.PathLike,
+    data_root: str | os.PathLike,
+    movie_id: str | None = None,
+    options: BuildOptions = BuildOptions(),
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Decode one movie, store its frames and similarity table; return its meta.
+
+    Streams the source: frames are resized/encoded/written by `options.threads` threads
+    while the main thread decodes and scores each frame against its earlier neighbours.
+    Raises FrameSourceError for bad input; nothing is left under DATA_ROOT/<movie_id> then.
+    """
+    options.validate()
+    source = Path(source)
+    movie_id = movie_id or movie_id_for(source)
+    root = Path(data_root)
+    tmp, final = root / PARTIAL_DIR / movie_id, root / movie_id
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    info = probe(source)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    (tmp / "frames").mkdir(parents=True)
+    t0 = time.perf_counter()
+    ext = "." + options.image_format
+    params = ([cv2.IMWRITE_JPEG_QUALITY, options.quality] if options.image_format == "jpg"
+              else [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    table = NeighbourTable(options.window, options.metric)
+    decode_threads = options.decode_threads or (1 if options.threads <= 2 else 0)
+    dims: dict = {}
+
+    def store(i: int, frame: np.ndarray) -> np.ndarray:
+        w, h = dims["out"]
+        img = frame if (frame.shape[1], frame.shape[0]) == (w, h) else fast_resize(frame, w, h)
+        ok, buf = cv2.imencode(ext, img, params)
+        if not ok:
+            raise OSError(f"cannot encode frame {i} as {options.image_format}")
+        buf.tofile(tmp / "frames" / f"{i:06d}{ext}")
+        return small_gray(img, options.sim_size, bgr=True)
+
+    try:
+        with cf.ThreadPoolExecutor(max(1, options.threads)) as pool:
+            pending: deque[cf.Future] = deque()
+            try:
+                for i, _name, frame in iter_frames(source, bgr=True, decode_threads=decode_threads):
+                    if not dims:
+                        dims["src"] = (frame.shape[1], frame.shape[0])
+                        dims["out"] = stored_size(*dims["src"], options.size)
+                    pending.append(pool.submit(store, i, frame))
+                    while len(pending) > 2 * max(1, options.threads):
+                        table.push(pending.popleft().result())
+                        if progress:
+                            progress(1)
+                while pending:
+                    table.push(pending.popleft().result())
+                    if progress:
+                        progress(1)
+            finally:
+                for f in pending:
+                    f.cancel()
+        sim = table.table()
+        np.save(tmp / "similarity.npy", sim)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "movie_id": movie_id,
+            "source": str(source.resolve()),
+            "kind": info.kind,
+            "fps": info.fps,
+            "frame_count": len(sim),
+            "source_size": list(dims["src"]),
+            "size": list(dims["out"]),
+            "short_side": options.size,
+            "image_format": options.image_format,
+            "quality": options.quality if options.image_format == "jpg" else None,
+            "window": options.window,
+            "metric": options.metric,
+            "metric_params": _metric_params(options),
+            "default_band": {"low": DEFAULT_LOW, "high": DEFAULT_HIGH, "min_gap": DEFAULT_MIN_GAP,
+                             "pairs": count_pairs(sim)},
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, final)  # the atomic "finished" marker
+        return meta
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _metric_params(options: BuildOptions) -> dict:
+    p = {"input": "BT.601 gray of the stored frame, area-downscaled", "sim_size": [options.sim_size] * 2}
+    if options.metric == "ssim":
+        p.update(gaussian_sigma=SSIM_SIGMA, window=2 * SSIM_RADIUS + 1, c1=SSIM_C1, c2=SSIM_C2,
+                 data_range=1.0, border="valid")
+    return p
+
+
+# ----------------------------------------------------------------------------- many movies
+
+
+@dataclass
+class Summary:
+    built: list[dict] = field(default_factory=list)  # meta of each movie built in this run
+    existing: list[str] = field(default_factory=list)  # ids already finished before this run
+    skipped: list[str] = field(default_factory=list)  # one line per skipped input
+    not_in_shard: int = 0
+    seconds: float = 0.0
+    stopped: bool = False  # --strict stopped the run
+
+    @property
+    def frames(self) -> int:
+        return sum(m["frame_count"] for m in self.built)
+
+    @property
+    def pairs(self) -> int:
+        return sum(m["default_band"]["pairs"] for m in self.built)
+
+    def text(self) -> str:
+        fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"built {len(self.built)} movie(s): {self.frames} frames, {self.pairs} pairs in the default band "
+            f"({DEFAULT_LOW} < sim < {DEFAULT_HIGH}, gap >= {DEFAULT_MIN_GAP}), "
+            f"{self.seconds:.1f} s, {fps:.1f} frames/s",
+            f"already built (skipped): {len(self.existing)}",
+            f"bad input (skipped): {len(self.skipped)}",
+        ]
+        lines += [f"  {line}" for line in self.skipped]
+        if self.not_in_shard:
+            lines.append(f"left to other shards: {self.not_in_shard}")
+        if self.stopped:
+            lines.append("stopped early because of --strict")
+        return "\n".join(lines)
+
+
+def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int] = (0, 1),
+         options: BuildOptions | None = None):
+    """Split the inputs into (to_build [(id, path, frame estimate)], existing ids, skipped lines,
+    notes, number left to other shards). Shards take every n-th movie id in sorted order, so
+    all machines must be given the same inputs. A finished movie built with other options
+    is kept (and noted): delete its folder to rebuild it."""
+    root = Path(data_root)
+    by_id: dict[str, Path] = {}
+    skipped: list[str] = []
+    for s in sources:
+        p = Path(s)
+        mid = movie_id_for(p)
+        if mid in by_id:
+            skipped.append(f"{p}: movie id '{mid}' is also used by {by_id[mid]}; rename one of them")
+            continue
+        by_id[mid] = p
+    ids = sorted(by_id)
+    index, count = shard
+    mine = ids[index::count]
+    todo, existing, notes = [], [], []
+    for mid in mine:
+        p = by_id[mid]
+        if is_finished(root / mid):
+            meta = load_meta(root / mid)
+            old = meta.get("source")
+            if old and Path(old) != p.resolve():
+                skipped.append(f"{p}: movie id '{mid}' was already built from {old}; rename this input "
+                               f"or delete {root / mid}")
+                continue
+            existing.append(mid)
+            if options is not None:
+                diff = [f"{k} {meta.get(k)} (now {v})" for k, v in _recorded(options).items() if meta.get(k) != v]
+                if diff:
+                    notes.append(f"{root / mid}: kept, but it was built with {', '.join(diff)}; "
+                                 f"delete it to rebuild")
+            continue
+        try:
+            info = probe(p)
+        except FrameSourceError as e:
+            skipped.append(str(e))
+            continue
+        todo.append((mid, p, info.frame_count or 0))
+    return todo, existing, skipped, notes, len(ids) - len(mine)
+
+
+def _recorded(options: BuildOptions) -> dict:
+    """The options as meta.json records them."""
+    return {"short_side": options.size, "window": options.window, "metric": options.metric,
+            "image_format": options.image_format}
+
+
+def build_all(
+    sources: Sequence[str | os.PathLike],
+    data_root: str | os.PathLike,
+    options: BuildOptions = BuildOptions(),
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    strict: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Summary:
+    """Build every input (one movie each) that is not finished yet; see build_pairs.py --help.
+
+    Bad input is reported through `log` (one line naming the file) and skipped, or with
+    `strict` stops the run after the first one. `workers` processes build movies in parallel;
+    each movie also gets cpu_count // workers encoder threads unless options.threads is set.
+    """
+    from tqdm import tqdm
+
+    options.validate()
+    t0 = time.perf_counter()
+    Path(data_root).mkdir(parents=True, exist_ok=True)
+    say = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    todo, existing, skipped, notes, others = plan(sources, data_root, shard, options)
+    summary = Summary(existing=existing, skipped=list(skipped), not_in_shard=others)
+    for line in notes:
+        say(f"note: {line}")
+    for line in skipped:
+        say(f"skipped: {line}")
+    if strict and skipped:
+        summary.stopped, summary.seconds = True, time.perf_counter() - t0
+        return summary
+    workers = max(1, min(workers, len(todo)))
+    if options.threads == 0:
+        options = replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
+
+    overall = tqdm(total=sum(n for _, _, n in todo), unit="frame", desc="all movies", disable=not progress,
+                   position=0, dynamic_ncols=True)
+    bars: dict[str, tqdm] = {}
+    estimate = {mid: n for mid, _, n in todo}
+
+    def advance(mid: str, n: int) -> None:
+        if mid not in bars:
+            used = {bar.pos for bar in bars.values()}
+            slot = next(k for k in range(1, len(bars) + 2) if k not in used and -k not in used)
+            bars[mid] = tqdm(unit="frame", desc=mid, disable=not progress, leave=False,
+                             total=estimate.get(mid) or None, position=slot, dynamic_ncols=True)
+        bars[mid].update(n)
+        overall.update(n)
+
+    def finish(mid: str, path: Path, result) -> bool:
+        bar = bars.pop(mid, None)
+        if bar is not None:
+            bar.close()
+        if isinstance(result, dict):
+            overall.total += result["frame_count"] - estimate.get(mid, 0)  # the container's count is a claim
+            summary.built.append(result)
+            return True
+        summary.skipped.append(result)
+        say(f"skipped: {result}")
+        return False
+
+    try:
+        if workers == 1:
+            for mid, path, _ in todo:
+                result = _build_one(mid, path, data_root, options, lambda n, m=mid: advance(m, n))
+                if not finish(mid, path, result) and strict:
+                    summary.stopped = True
+                    break
+        else:
+            _build_parallel(todo, data_root, options, workers, strict, advance, finish, summary)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        overall.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _build_one(mid, path, data_root, options, progress) -> dict | str:
+    """Build one movie; return its meta, or the one-line reason it was skipped."""
+    try:
+        return build_movie(path, data_root, mid, options, progress)
+    except FrameSourceError as e:
+        return str(e)
+    except (OSError, ValueError, cv2.error) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        return f"{path}: {type(e).__name__}: {msg}"
+
+
+_QUEUE = None  # the progress queue, set in each worker process by _init_worker
+
+
+def _init_worker(q) -> None:
+    global _QUEUE
+    _QUEUE = q
+    cv2.setNumThreads(1)  # parallelism comes from the processes and the encoder threads
+
+
+def _worker(mid, path, data_root, options) -> dict | str:
+    pending = [0]
+
+    def report(n: int) -> None:
+        pending[0] += n
+        if pending[0] >= 8:
+            _QUEUE.put((mid, pending[0]))
+            pending[0] = 0
+
+    result = _build_one(mid, path, data_root, options, report)
+    if pending[0]:
+        _QUEUE.put((mid, pending[0]))
+    return result
+
+
+def _build_parallel(todo, data_root, options, workers, strict, advance, finish, summary) -> None:
+    """Movies in `workers` spawned processes; the main process owns the progress bars.
+
+    Under `strict`, the first skipped movie stops new movies from starting; the ones already
+    running are finished (and count as built)."""
+    ctx = mp.get_context("spawn")  # fork after threads (OpenCV, ffmpeg) is unsafe
+    q = ctx.Queue()
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+        futures = {pool.submit(_worker, mid, path, str(data_root), options): (mid, path) for mid, path, _ in todo}
+        remaining = set(futures)
+        while remaining:
+            done, remaining = cf.wait(remaining, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+            _drain(q, advance)
+            for fut in done:
+                if fut.cancelled():
+                    continue
+                mid, path = futures[fut]
+                try:
+                    result = fut.result()
+                except cf.process.BrokenProcessPool:
+                    result = f"{path}: the worker process died (crashed or was killed) while building it"
+                if not finish(mid, path, result) and strict and not summary.stopped:
+                    summary.stopped = True
+                    for other in remaining:
+                        other.cancel()
+        _drain(q, advance)
+
+
+def _drain(q, advance) -> None:
+    while True:
+        try:
+            mid, n = q.get_nowait()
+        except queue.Empty:
+            return
+        advance(mid, n)

@@ -1,0 +1,214 @@
+"""Streaming frames out of video files and folders of frames.
+
+One interface for both kinds of source so that dataset building and inference never hold
+a whole film in memory: `probe(path)` says what a source is, `iter_frames(path)` yields its
+frames one at a time as RGB uint8 HWC arrays. Anything wrong with a source (unreadable,
+truncated, empty folder, a non-image file, frames of mixed sizes) raises `FrameSourceError`
+with a one-line message that names the file, so a CLI can print it and move on.
+
+Frame folders: the images directly inside the folder, sorted naturally ("f2" < "f10");
+hidden files (".*") and sub-folders are ignored, any other non-image file is an error.
+8/16-bit, gray, gray+alpha, RGB and RGBA images all come out as RGB uint8 (16-bit is
+rounded to 8-bit, alpha is dropped, float images are taken as [0, 1]).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+VIDEO_EXTS = frozenset(
+    {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mts"}
+)
+IMAGE_EXTS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2"}
+)
+
+
+class FrameSourceError(Exception):
+    """A video file or frame folder that cannot be read; str(e) is one line naming the file."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    kind: str  # "video" | "folder"
+    fps: float | None  # None for folders and videos that do not say
+    frame_count: int | None  # exact for folders; the container's claim for videos (None if unknown)
+    width: int
+    height: int
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers by value: frame2 < frame10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_frame_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a frame folder in natural order; raises on non-image files or none."""
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise FrameSourceError(folder, f"cannot list folder ({e.strerror or e})") from None
+    images, videos = [], 0
+    for entry in entries:
+        if entry.name.startswith(".") or entry.is_dir():
+            continue
+        ext = os.path.splitext(entry.name)[1].lower()
+        if ext in IMAGE_EXTS:
+            images.append(Path(entry.path))
+        elif ext in VIDEO_EXTS:
+            videos += 1
+        else:
+            raise FrameSourceError(entry.path, "not an image file (inside a frame folder)")
+    if not images:
+        hint = f" (it holds {videos} video file(s): pass those instead)" if videos else ""
+        raise FrameSourceError(folder, f"folder contains no image frames{hint}")
+    if videos:
+        raise FrameSourceError(folder, f"frame folder also holds {videos} video file(s); keep them apart")
+    images.sort(key=lambda p: natural_key(p.name))
+    return images
+
+
+def read_image(path: str | os.PathLike, *, bgr: bool = False) -> np.ndarray:
+    """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise FrameSourceError(path, f"cannot read file ({e.strerror or e})") from None
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise FrameSourceError(path, "not a readable image")
+    return _to_rgb8(img, path, bgr_source=True, want_bgr=bgr)
+
+
+def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False) -> np.ndarray:
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = (np.clip(np.nan_to_num(img), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise FrameSourceError(path, f"unsupported pixel type {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+    if img.ndim != 3 or img.shape[2] not in (2, 3, 4):
+        raise FrameSourceError(path, f"unsupported image shape {img.shape}")
+    if img.shape[2] == 2:  # gray + alpha
+        return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))
+    img = img[:, :, :3]
+    if bgr_source != want_bgr:
+        img = img[:, :, ::-1]
+    return np.ascontiguousarray(img)
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    if not path.exists():
+        raise FrameSourceError(path, "no such file or folder")
+    if path.suffix.lower() in VIDEO_EXTS:
+        return "video"
+    raise FrameSourceError(
+        path, f"not a video file ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"
+    )
+
+
+def _open_video(path: Path, threads: int = 0) -> cv2.VideoCapture:
+    if not os.access(path, os.R_OK):
+        raise FrameSourceError(path, "file is not readable (permission denied)")
+    params = [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else []
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
+    if not cap.isOpened():
+        cap.release()
+        raise FrameSourceError(path, "cannot open video (unreadable, truncated or not a video)")
+    return cap
+
+
+def probe(path: str | os.PathLike) -> SourceInfo:
+    """What a source is, without decoding it all: kind, fps, frame count, frame size.
+
+    Decodes the first frame (videos) or reads the first image (folders) so a source that
+    cannot deliver a single frame fails here, before any work is done on it.
+    """
+    path = Path(path)
+    if _kind(path) == "folder":
+        files = list_frame_files(path)
+        first = read_image(files[0])
+        return SourceInfo(str(path), "folder", None, len(files), first.shape[1], first.shape[0])
+    cap = _open_video(path)
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        count = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        ok, frame = cap.read()
+    finally:
+        cap.release()
+    if not ok or frame is None:
+        raise FrameSourceError(path, "video has no decodable frame")
+    return SourceInfo(
+        str(path), "video", fps if fps and fps > 0 else None, count if count > 0 else None,
+        frame.shape[1], frame.shape[0],
+    )
+
+
+def iter_frames(
+    path: str | os.PathLike, *, bgr: bool = False, check_count: bool = True, decode_threads: int = 0
+) -> Iterator[tuple[int, str, np.ndarray]]:
+    """Yield (index, name, frame) in order; frame is HWC uint8, RGB (BGR with bgr=True).
+
+    `decode_threads` > 0 caps the video decoder's threads (0: FFmpeg's default); one thread
+    costs the least CPU per frame, which pays when other work runs alongside.
+    `name` is the image file name for folders and the zero-padded index for videos.
+    Raises FrameSourceError when a frame cannot be read or differs in size from the first,
+    and - with `check_count` - when a video ends clearly before the frame count its
+    container claims (a truncated file), after the frames it did decode were yielded.
+    """
+    path = Path(path)
+    if _kind(path) == "folder":
+        size = None
+        for i, f in enumerate(list_frame_files(path)):
+            img = read_image(f, bgr=bgr)
+            size = size or img.shape[:2]
+            if img.shape[:2] != size:
+                raise FrameSourceError(
+                    f, f"frame is {img.shape[1]}x{img.shape[0]}, earlier frames are {size[1]}x{size[0]}"
+                )
+            yield i, f.name, img
+        return
+
+    cap = _open_video(path, decode_threads)
+    try:
+        claimed = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        size, i = None, 0
+        while True:
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                break
+            if frame.ndim != 3 or frame.shape[2] != 3:
+                frame = _to_rgb8(frame, path, bgr_source=True, want_bgr=True)
+            size = size or frame.shape[:2]
+            if frame.shape[:2] != size:
+                raise FrameSourceError(
+                    path, f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, earlier frames are {size[1]}x{size[0]}"
+                )
+            yield i, f"{i:06d}", (frame if bgr else np.ascontiguousarray(frame[:, :, ::-1]))
+            i += 1
+    finally:
+        cap.release()
+    if i == 0:
+        raise FrameSourceError(path, "video has no decodable frame")
+    # Container frame counts can be estimates (duration x fps), so allow a small shortfall.
+    if check_count and claimed > 0 and claimed - i > max(1, claimed // 200):
+        raise FrameSourceError(path, f"truncated or corrupt: decoded {i} of {claimed} frames")

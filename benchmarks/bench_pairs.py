@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Speed of build_pairs.py against its two yardsticks, in one run on one machine.
+
+1. decode-only: OpenCV reading every frame of the video with its default settings and doing
+   nothing else - the physical limit (goal: build_pairs >= 70 % of it);
+2. naive: decode + for every frame a full-resolution SSIM with each of its `window` later
+   neighbours (each pair once), i.e. what scoring pairs costs without the small-gray,
+   batched scheme (goal: build_pairs >= 10x faster). Measured on a few frames and
+   extrapolated; the naive pipeline writes no frames, so it is flattered.
+
+build_pairs is timed as the library call the CLI makes (annotator.pairs.build_movie, default
+options: 512 short side, JPEG 95, window 19, SSIM at 64x64, encoder threads = CPU cores),
+writing to a temporary folder. Decode and build runs alternate and the median is reported,
+so background load hits both alike.
+
+  python benchmarks/bench_pairs.py                       # the sample clip
+  python benchmarks/bench_pairs.py --video film.mkv --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from annotator.color import rgb_to_gray  # noqa: E402
+from annotator.pairs import BuildOptions, build_movie  # noqa: E402
+from annotator.similarity import ssim  # noqa: E402
+from annotator.video import iter_frames  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
+
+
+def decode_only(video: Path) -> tuple[float, float]:
+    """(frames/s, CPU ms per frame summed over all threads)."""
+    cap = cv2.VideoCapture(str(video))
+    t, c = time.perf_counter(), time.process_time()
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    cap.release()
+    return n / dt, dc / n * 1000
+
+
+def build(video: Path, options: BuildOptions) -> tuple[float, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pairs_"))
+    try:
+        t, c = time.perf_counter(), time.process_time()
+        n = build_movie(video, tmp, options=options)["frame_count"]
+        return n / (time.perf_counter() - t), (time.process_time() - c) / n * 1000
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def naive(video: Path, window: int, frames: int) -> tuple[float, float]:
+    """(frames/s of decode + `window` full-res SSIMs per frame, seconds per pair)."""
+    grays = []
+    for i, _, f in iter_frames(video):
+        grays.append(rgb_to_gray(f))
+        if i + 1 >= frames + window:
+            break
+    t = time.perf_counter()
+    pairs = 0
+    for i in range(frames):
+        for d in range(1, window + 1):
+            ssim(grays[i], grays[i + d])
+            pairs += 1
+    per_pair = (time.perf_counter() - t) / pairs
+    t, n = time.perf_counter(), 0
+    for _, _, f in iter_frames(video):
+        rgb_to_gray(f)
+        n += 1
+    decode_gray = (time.perf_counter() - t) / n
+    return 1.0 / (decode_gray + window * per_pair), per_pair
+
+
+def make_1080p(src: Path, dst: Path) -> Path:
+    """The sample upscaled to 1920x1080 and re-encoded (MPEG-4 Part 2, the encoder OpenCV
+    ships): closer to a film's decode cost per frame than the small 720p clip."""
+    out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), 25, (1920, 1080))
+    for _, _, f in iter_frames(src, bgr=True):
+        out.write(cv2.resize(f, (1920, 1080), interpolation=cv2.INTER_CUBIC))
+    out.release()
+    return dst
+
+
+def measure(video: Path, opts: BuildOptions, repeat: int, naive_frames: int) -> list[str]:
+    decode, builds = [], []
+    build(video, opts)  # warm-up: imports, file cache
+    for _ in range(repeat):
+        decode.append(decode_only(video))
+        builds.append(build(video, opts))
+    decode_fps, build_fps = [d[0] for d in decode], [b[0] for b in builds]
+    dec, bld = statistics.median(decode_fps), statistics.median(build_fps)
+    dec_cpu, bld_cpu = statistics.median(d[1] for d in decode), statistics.median(b[1] for b in builds)
+    naive_fps, per_pair = naive(video, opts.window, naive_frames)
+    cap = cv2.VideoCapture(str(video))
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    return [
+        f"| {video.name} {w}x{h} | decode only (OpenCV defaults) | {dec:.0f} | CPU {dec_cpu:.1f} ms/frame |",
+        f"| | build_pairs (library call) | {bld:.0f} | {bld / dec:.0%} of decode-only (goal >= 70 %); "
+        f"CPU {bld_cpu:.1f} ms/frame |",
+        f"| | naive per-pair full-res SSIM ({per_pair * 1000:.0f} ms/pair) | {naive_fps:.2f} | "
+        f"build_pairs {bld / naive_fps:.0f}x faster (goal >= 10x) |",
+        f"<!-- {video.name} runs (decode, build): "
+        + ", ".join(f"({d:.0f}, {b:.0f})" for d, b in zip(decode_fps, build_fps)) + " -->",
+    ]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--video", type=Path, default=SAMPLE, help="video to measure on (default: the sample clip)")
+    p.add_argument("--no-1080p", action="store_true",
+                   help="skip the second measurement on the video upscaled to 1080p")
+    p.add_argument("--repeat", type=int, default=5, help="alternating decode/build runs; the median is reported")
+    p.add_argument("--naive-frames", type=int, default=3, help="frames the naive SSIM is timed on")
+    p.add_argument("--size", type=int, default=512, help="build_pairs --size")
+    p.add_argument("--threads", type=int, default=0, help="build_pairs --threads (0 = CPU cores)")
+    p.add_argument("--decode-threads", type=int, default=None, help="decoder threads in build (default: library's)")
+    args = p.parse_args(argv)
+
+    opts = BuildOptions(size=args.size, threads=args.threads or (os.cpu_count() or 1))
+    if args.decode_threads is not None:
+        opts = BuildOptions(**{**opts.__dict__, "decode_threads": args.decode_threads})
+    load_before = os.getloadavg()[0]
+    rows = measure(args.video, opts, args.repeat, args.naive_frames)
+    if not args.no_1080p:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += measure(make_1080p(args.video, Path(tmp) / f"{args.video.stem}_1080p.mp4"), opts,
+                            args.repeat, args.naive_frames)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {datetime.date.today()}; "
+          f"1-min load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}")
+    print(f"build: --size {opts.size}, JPEG {opts.quality}, window {opts.window}, SSIM on "
+          f"{opts.sim_size}x{opts.sim_size}, {opts.threads} encoder threads, decoder threads "
+          f"{opts.decode_threads or 'auto'}; medians of {args.repeat} alternating runs")
+    print()
+    print("| video | pipeline | frames/s | |")
+    print("|---|---|---:|---|")
+    print("\n".join(r for r in rows if not r.startswith("<!--")))
+    print()
+    print("\n".join(r[5:-4] for r in rows if r.startswith("<!--")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

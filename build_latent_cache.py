@@ -1,0 +1,111 @@
+"""Encode every frame under DATA_ROOT once with the frozen VAE (see annotator/latent_cache.py).
+
+    python build_latent_cache.py data/films --ckpt models/control_sd21_color.safetensors
+
+Training then takes the posteriors from the cache (tutorial_dataset.PairDataset with
+vae_fingerprint=...) instead of running the VAE twice per sample. The cache records which
+weights made it and is refused when they differ.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FIRST_STAGE_PREFIX = "first_stage_model."
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "models" / "cldm_v21_color.yaml"
+PRECISIONS = {"32": None, "16": "float16", "bf16": "bfloat16"}
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (what and where), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("data_root", metavar="DATA_ROOT", help="folder written by build_pairs.py")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "
+                        "first_stage_model.*) or a bare VAE state dict (.safetensors or .ckpt)")
+    p.add_argument("--config", default=None,
+                   help="model YAML whose model.first_stage gives the VAE architecture "
+                        "(default: models/cldm_v21_color.yaml of this repo)")
+    p.add_argument("--movies", nargs="*", default=None, help="only these movie ids (default: all finished movies)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
+                   help="autocast precision of the encoder (16/bf16 on GPUs); the cache is float16 either way")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-encode movies that are already cached (also those made by other weights)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="trust a pickled .ckpt enough to unpickle it fully (only if weights-only loading fails)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
+    """AutoencoderKL from the model config's first_stage section, weights from a checkpoint.
+
+    Reads the YAML directly (not through cldm.model) so that only the VAE gets imported."""
+    from omegaconf import OmegaConf
+
+    from cldm.checkpoint import load_state_dict
+    from ldm.modules.autoencoder import AutoencoderKL
+
+    cfg = OmegaConf.load(config_path or DEFAULT_CONFIG)
+    fs = (cfg.model if "model" in cfg else cfg).get("first_stage")
+    if fs is None:
+        raise ValueError(f"{config_path or DEFAULT_CONFIG}: no model.first_stage section (the VAE architecture)")
+    vae = AutoencoderKL(OmegaConf.to_container(fs.ddconfig, resolve=True), fs.embed_dim)
+    sd = load_state_dict(ckpt_path, allow_pickle=allow_pickle)
+    if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd):
+        sd = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise ValueError(f"{ckpt_path}: VAE weights do not fit the config "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {', '.join(names)})")
+    return vae
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    import torch
+
+    from annotator.latent_cache import LatentCacheError, build_latent_cache
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
+        dtype = PRECISIONS[args.precision]
+        result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,
+                                    getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
+                                    log=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt:
+        print("build_latent_cache.py: interrupted; finished movies are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except (LatentCacheError, ValueError, OSError, RuntimeError) as e:
+        print(f"build_latent_cache.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    except Exception as e:  # e.g. cldm.checkpoint.CheckpointError, omegaconf errors
+        print(f"build_latent_cache.py: error: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"VAE fingerprint {result['fingerprint']} (pass it to tutorial_dataset as vae_fingerprint)")
+    print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
+          f"refused (other weights): {len(result['refused'])}")
+    return 1 if result["refused"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

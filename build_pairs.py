@@ -1,0 +1,116 @@
+"""Cut films into training frames and score every frame against its neighbours.
+
+    python build_pairs.py film1.mkv film2.mp4 frames_of_film3/ --out data/films
+
+Each input (a video file or a folder of frames) is one movie, stored under
+DATA_ROOT/<movie id>/ (layout: annotator/pairs.py). Finished movies are skipped, so the
+same command resumes a killed run. Pairs are chosen at load time (tutorial_dataset.py)
+from the stored similarities, so the band can change without a rebuild.
+
+Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
+summary), 2 bad arguments or a --strict stop.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Bad input is reported by us in one line; silence FFmpeg's and OpenCV's own console noise.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions, build_all
+from annotator.similarity import METRICS, SIM_SIZE
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return i, n
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (what and where), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        description=__doc__.split("\n\n")[0] + " Each input file or folder is one movie.",
+        epilog="Layout: DATA_ROOT/<movie id>/{frames/000000.jpg..., similarity.npy, meta.json}. Finished "
+               "movies are skipped, so rerunning resumes. Exit status: 0 all built or already built, "
+               "1 some input skipped, 2 bad arguments or a --strict stop.",
+        formatter_class=DefaultsFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="video files (mp4, mkv, avi, mov, ...) and/or folders of frame images; each is one movie")
+    p.add_argument("--out", required=True, metavar="DATA_ROOT", help="output folder (created if missing)")
+    p.add_argument("--size", type=int, default=512,
+                   help="short side of the stored frames in pixels, multiple of 8 (aspect kept, long side "
+                        "rounded to a multiple of 8); 0 keeps the source size")
+    p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="jpg",
+                   help="stored frame format")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help="neighbours scored on each side of every frame")
+    p.add_argument("--metric", choices=METRICS, default="ssim",
+                   help="similarity: SSIM, correlation (ncc) or 1 - mean abs diff (l1) of the small gray frame")
+    p.add_argument("--sim-size", type=int, default=SIM_SIZE,
+                   help="the similarity is computed on the gray frame area-downscaled to this square size")
+    p.add_argument("--workers", type=int, default=1, help="movies built in parallel (processes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="resize/encode threads per movie; 0 = CPU cores divided by workers")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="video decoder threads per movie; 0 = 1 when a movie has <= 2 threads (least CPU "
+                        "per frame), else FFmpeg's default")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                   help="build only shard I of N (0-based; every N-th movie id in sorted order) so N "
+                        "machines can split one collection; give all machines the same inputs "
+                        "(default: everything)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad input instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    options = BuildOptions(size=args.size, window=args.window, metric=args.metric, sim_size=args.sim_size,
+                           image_format=args.image_format, quality=args.quality, threads=args.threads,
+                           decode_threads=args.decode_threads)
+    try:
+        options.validate()
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1 (got {args.workers})")
+    except ValueError as e:
+        print(f"build_pairs.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
+                            strict=args.strict, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("build_pairs.py: interrupted; finished movies are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"build_pairs.py: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    if summary.stopped:
+        return 2
+    return 1 if summary.skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

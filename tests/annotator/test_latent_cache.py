@@ -1,0 +1,142 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from annotator.latent_cache import (
+    LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, load_latents, read_frame, vae_fingerprint,
+)
+from annotator.pairs import BuildOptions, build_all, frame_path
+from tests.annotator.clips import panning_clip, write_folder
+
+autoencoder = pytest.importorskip("ldm.modules.autoencoder", reason="ldm/modules/autoencoder.py not available")
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
+                                     "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1,
+                                     "attn_resolutions": [], "dropout": 0.0}}
+
+
+def tiny_vae(seed: int):
+    torch.manual_seed(seed)
+    return autoencoder.AutoencoderKL(**TINY).eval()
+
+
+N = 8  # frames
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A built movie, and a copy of it with latents cached by tiny_vae(0) (encoded once)."""
+    tmp = tmp_path_factory.mktemp("latents")
+    src = write_folder(panning_clip(N, 64, 160), tmp / "src" / "pan")
+    build_all([src], tmp / "plain", BuildOptions(size=64, window=4), progress=False)
+    shutil.copytree(tmp / "plain", tmp / "cached")
+    result = build_latent_cache(tmp / "cached", tiny_vae(0), batch_size=5, progress=False)
+    return tmp / "plain", tmp / "cached", result
+
+
+@pytest.fixture
+def root(built, tmp_path):
+    shutil.copytree(built[0], tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def cached_root(built, tmp_path):
+    shutil.copytree(built[1], tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_fingerprint_tracks_weights():
+    a, b = tiny_vae(0), tiny_vae(0)
+    assert vae_fingerprint(a) == vae_fingerprint(b) and len(vae_fingerprint(a)) == 64
+    with torch.no_grad():
+        b.encoder.conv_in.bias[0] += 1e-6
+    assert vae_fingerprint(a) != vae_fingerprint(b)
+    assert vae_fingerprint(tiny_vae(1)) != vae_fingerprint(a)
+
+
+def test_cache_holds_the_posteriors(built, cached_root):
+    root = cached_root
+    vae = tiny_vae(0)
+    assert built[2]["built"] == ["pan"]
+    lat = load_latents(root / "pan", vae_fingerprint(vae))
+    assert lat.shape == (N, 2, 4, 8, 20) and lat.dtype == np.float16
+    frames = np.stack([read_frame(frame_path(root / "pan", i)) for i in range(N)])
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        post = vae.encode(x)
+    # float16 storage: relative error ~1e-3
+    np.testing.assert_allclose(lat[:, 0], post.mean.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(lat[:, 1], post.std.numpy(), rtol=2e-3, atol=1e-4)
+    info = json.loads((root / "pan" / LATENTS_META).read_text())
+    assert info["vae_fingerprint"] == vae_fingerprint(vae) and info["frame_size"] == [160, 64]
+    assert build_latent_cache(root, vae, progress=False)["existing"] == ["pan"]  # resumable
+
+
+def test_foreign_or_unfinished_cache_is_refused(cached_root):
+    root = cached_root
+    other = tiny_vae(1)
+    lines = []
+    assert build_latent_cache(root, other, progress=False, log=lines.append)["refused"] == ["pan"]
+    assert "other VAE weights" in lines[0]
+    with pytest.raises(LatentCacheError, match="other VAE weights"):
+        load_latents(root / "pan", vae_fingerprint(other))
+    assert build_latent_cache(root, other, overwrite=True, progress=False)["built"] == ["pan"]
+    load_latents(root / "pan", vae_fingerprint(other))
+    (root / "pan" / LATENTS_META).unlink()  # as if killed before the cache was finished
+    with pytest.raises(LatentCacheError, match="no latent cache"):
+        load_latents(root / "pan", vae_fingerprint(other))
+
+
+def test_dataset_latent_mode(built):
+    from tutorial_dataset import PairDataset
+
+    fp = vae_fingerprint(tiny_vae(0))
+    band = dict(low=0.0, high=0.999, min_gap=1, size=64)
+    with pytest.raises(LatentCacheError, match="no latent cache"):
+        PairDataset(built[0], vae_fingerprint=fp, **band)
+    root = built[1]
+    ds = PairDataset(root, vae_fingerprint=fp, **band)
+    lat = load_latents(root / "pan", fp).astype(np.float32)
+    for n in range(10):
+        item = ds.sample(n % len(ds), np.random.default_rng(n))
+        i, j = item["ref_index"], item["target_index"]
+        assert item["jpg_latent_mean"].shape == (4, 8, 8) and item["jpg_latent_mean"].dtype == np.float32
+        # the crop is on the 8-pixel grid, never flipped: find it in the target frame
+        tgt = np.round((item["jpg"] + 1) * 127.5).astype(np.uint8)
+        full = read_frame(frame_path(root / "pan", j))
+        x0 = next(x for x in range(0, 160 - 64 + 1) if np.array_equal(full[:, x : x + 64], tgt))
+        assert x0 % 8 == 0
+        np.testing.assert_array_equal(item["jpg_latent_mean"], lat[j, 0][:, :, x0 // 8 : x0 // 8 + 8])
+        np.testing.assert_array_equal(item["jpg_latent_std"], lat[j, 1][:, :, x0 // 8 : x0 // 8 + 8])
+        np.testing.assert_array_equal(item["ref_latent_mean"], lat[i, 0][:, :, x0 // 8 : x0 // 8 + 8])
+    with pytest.raises(ValueError, match="latent mode needs"):
+        PairDataset(root, vae_fingerprint=fp, **{**band, "size": 128})
+    with pytest.raises(LatentCacheError, match="other VAE weights"):
+        PairDataset(root, vae_fingerprint=vae_fingerprint(tiny_vae(1)), **band)
+
+
+def test_cli(root, tmp_path):
+    from safetensors.torch import save_file
+
+    vae = tiny_vae(0)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}, ckpt)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps({"model": {"first_stage": TINY}}))  # JSON is YAML
+    cmd = [sys.executable, str(REPO / "build_latent_cache.py"), str(root), "--ckpt", str(ckpt), "--config", str(cfg),
+           "--device", "cpu", "--no-progress"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"VAE fingerprint {vae_fingerprint(vae)}" in p.stdout and "latents built: 1" in p.stdout
+    assert (root / "pan" / LATENTS).is_file()
+    p = subprocess.run(cmd[:4] + [str(tmp_path / "missing.safetensors")] + cmd[5:], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "missing.safetensors" in p.stderr

@@ -1,0 +1,144 @@
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from annotator.pairs import (
+    BuildOptions, build_all, build_movie, count_pairs, frame_path, list_movies, load_meta, load_similarity,
+    movie_id_for, pair_mask, stored_size,
+)
+from annotator.similarity import similarity_table, small_gray
+from annotator.video import FrameSourceError
+from tests.annotator.clips import panning_clip, table_from_pairs, write_folder, write_video
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+OPTS = BuildOptions(size=64, window=5, threads=1)
+
+
+def test_band_semantics_exact():
+    w = 4
+    sim = table_from_pairs(12, w, {
+        (0, 3): 0.95,     # in band, gap 3 -> pair
+        (1, 2): 0.95,     # in band but gap 1 < min_gap
+        (2, 6): 0.94,     # == low: excluded (strict)
+        (3, 7): 0.97,     # == high: excluded (strict)
+        (4, 8): 0.9400001,  # just inside
+        (5, 9): 0.9699999,  # just inside
+        (6, 9): 0.99,     # above band
+        (8, 11): 0.96,    # pair at the end of the movie
+    })
+    mask = pair_mask(sim, 0.94, 0.97, 3)
+    got = {(i, i + d - w) for i, d in zip(*np.nonzero(mask))}
+    want = {(0, 3), (4, 8), (5, 9), (8, 11)}
+    assert got == want | {(j, i) for i, j in want}  # symmetric
+    assert count_pairs(sim, 0.94, 0.97, 3) == 4
+    assert count_pairs(sim, 0.94, 0.97, 1) == 5  # (1, 2) joins when the gap allows it
+    assert count_pairs(sim, 0.9, 0.999, 3) == 7
+    assert not pair_mask(np.full((3, 9), np.nan, np.float32)).any()  # NaN (outside the movie) never pairs
+    with pytest.raises(ValueError):
+        pair_mask(sim, 0.97, 0.94)
+    with pytest.raises(ValueError):
+        pair_mask(sim, 0.94, 0.97, 0)
+
+
+def test_stored_size_and_ids(tmp_path):
+    assert stored_size(1280, 720, 512) == (912, 512)
+    assert stored_size(720, 1280, 512) == (512, 912)  # portrait
+    assert stored_size(1920, 800, 512) == (1232, 512)  # scope 2.4:1, long side on the 8-grid
+    assert stored_size(1280, 720, 0) == (1280, 720)
+    assert stored_size(96, 64, 64) == (96, 64)
+    assert movie_id_for("films/My Film (1950).mkv") == "My_Film__1950_"
+    (tmp_path / "frames.v2").mkdir()
+    assert movie_id_for(tmp_path / "frames.v2") == "frames.v2"
+
+
+def test_build_movie_layout_and_exact_similarity(tmp_path):
+    frames = panning_clip(20, 64, 96, cuts=(12,))
+    src = write_folder(frames, tmp_path / "clip")
+    opts = BuildOptions(size=64, window=5, image_format="png", threads=2)
+    meta = build_movie(src, tmp_path / "data", options=opts)
+    d = tmp_path / "data" / "clip"
+    assert list_movies(tmp_path / "data") == ["clip"]
+    assert sorted(p.name for p in d.iterdir()) == ["frames", "meta.json", "similarity.npy"]
+    assert sorted(p.name for p in (d / "frames").iterdir()) == [f"{i:06d}.png" for i in range(20)]
+    assert meta == load_meta(d)
+    assert {k: meta[k] for k in ("kind", "fps", "frame_count", "source_size", "size", "window", "metric")} == {
+        "kind": "folder", "fps": None, "frame_count": 20, "source_size": [96, 64], "size": [96, 64],
+        "window": 5, "metric": "ssim"}
+    assert meta["source"] == str(src.resolve()) and meta["metric_params"]["sim_size"] == [64, 64]
+    # lossless frames: stored frames equal the source, and the table is their similarity
+    stored = [cv2.imread(str(frame_path(d, i, "png")))[:, :, ::-1] for i in range(20)]
+    for a, b in zip(stored, frames):
+        np.testing.assert_array_equal(a, b)
+    sim = load_similarity(d)
+    np.testing.assert_array_equal(sim, similarity_table([small_gray(f) for f in frames], 5))
+    assert meta["default_band"]["pairs"] == count_pairs(sim)
+    assert not (tmp_path / "data" / ".partial" / "clip").exists()
+
+
+def test_build_is_deterministic_and_resizes(tmp_path):
+    src = write_video(panning_clip(15, 72, 128), tmp_path / "clip.avi")
+    a = build_movie(src, tmp_path / "a", options=OPTS)
+    b = build_movie(src, tmp_path / "b", options=BuildOptions(size=64, window=5, threads=3))
+    assert a["size"] == [112, 64] and a["source_size"] == [128, 72]
+    for i in range(15):
+        a_i, b_i = frame_path(tmp_path / "a" / "clip", i), frame_path(tmp_path / "b" / "clip", i)
+        assert a_i.read_bytes() == b_i.read_bytes()
+    np.testing.assert_array_equal(load_similarity(tmp_path / "a" / "clip"), load_similarity(tmp_path / "b" / "clip"))
+
+
+def test_failed_movie_leaves_nothing(tmp_path):
+    src = write_folder(panning_clip(8, 16, 24), tmp_path / "clip")
+    cv2.imwrite(str(src / "frame5.png"), np.zeros((16, 20, 3), np.uint8))
+    with pytest.raises(FrameSourceError, match="frame5.png"):
+        build_movie(src, tmp_path / "data", options=OPTS)
+    assert list_movies(tmp_path / "data") == []
+    assert not (tmp_path / "data" / "clip").exists() and not (tmp_path / "data" / ".partial" / "clip").exists()
+
+
+def test_sample_clip(tmp_path):
+    """The real clip: 132 frames at 25 fps; its duplicated frames score exactly 1 and the
+    default band finds pairs."""
+    s = build_all([SAMPLE], tmp_path, BuildOptions(size=64), progress=False)
+    assert not s.skipped and len(s.built) == 1
+    meta = load_meta(tmp_path / "bigbuckbunny")
+    assert (meta["frame_count"], meta["fps"], meta["source_size"], meta["size"]) == (132, 25.0, [1280, 720], [112, 64])
+    sim = load_similarity(tmp_path / "bigbuckbunny")
+    assert sim.shape == (132, 39)
+    nxt = sim[:-1, 20]  # sim(i, i + 1)
+    assert 0.85 < nxt.min() and (nxt > 0.9999).sum() >= 5  # the clip repeats a frame every 25
+    assert meta["default_band"]["pairs"] == count_pairs(sim) > 50
+
+
+def test_sample_clip_with_cuts(tmp_path):
+    """Scenes spliced from the real clip: the two splices show up as the lowest next-frame
+    similarities, far below any within-shot value."""
+    from annotator.video import iter_frames
+
+    frames = [f for _, _, f in iter_frames(SAMPLE)]
+    order = list(range(0, 30)) + list(range(100, 132)) + list(range(30, 60))
+    clip = write_folder([frames[i][::10, ::10] for i in order], tmp_path / "spliced", ext="jpg")
+    build_movie(clip, tmp_path / "data", options=BuildOptions(size=64, window=3))
+    nxt = load_similarity(tmp_path / "data" / "spliced")[:-1, 3 + 1]
+    assert set(np.argsort(nxt)[:2]) == {29, 61}
+    assert nxt[[29, 61]].max() < 0.3 and np.delete(nxt, [29, 61]).min() > 0.85
+
+
+def test_build_all_skips_bad_and_existing(tmp_path):
+    good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    lines = []
+    s = build_all([good, tmp_path / "empty"], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert [m["movie_id"] for m in s.built] == ["good"] and s.frames == 6
+    assert lines == [f"skipped: {tmp_path / 'empty'}: folder contains no image frames"]
+    s2 = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s2.built == [] and s2.existing == ["good"] and len(lines) == 1
+    build_all([good], tmp_path / "data", BuildOptions(size=64, window=7), progress=False, log=lines.append)
+    assert lines[1] == (f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with window 5 (now 7); "
+                        "delete it to rebuild")
+    other = write_folder(panning_clip(6, 16, 24, seed=3), tmp_path / "elsewhere" / "good")
+    s3 = build_all([other], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s3.built == [] and "already built from" in s3.skipped[0]
+    assert json.loads((tmp_path / "data" / "good" / "meta.json").read_text())["source"] == str(good.resolve())

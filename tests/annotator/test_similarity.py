@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from annotator.similarity import METRICS, NeighbourTable, fast_resize, similarity_table, small_gray, ssim
+from tests.annotator.clips import panning_clip
+
+
+def reference_ssim(a, b):
+    """Independent SSIM: scipy Gaussian (sigma 1.5, radius 5), valid area, K1/K2 = 0.01/0.03."""
+    f = lambda x: gaussian_filter(x, 1.5, truncate=5 / 1.5)[5:-5, 5:-5]  # noqa: E731
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    ma, mb = f(a), f(b)
+    va, vb, cov = f(a * a) - ma**2, f(b * b) - mb**2, f(a * b) - ma * mb
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))).mean()
+
+
+def reference(metric, a, b):
+    if metric == "ssim":
+        return reference_ssim(a, b)
+    if metric == "ncc":
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    return 1 - np.abs(a.astype(np.float64) - b).mean()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_table_matches_brute_force(metric):
+    smalls = [small_gray(f) for f in panning_clip(24, cuts=(15,))]
+    w = 6
+    table = similarity_table(smalls, w, metric)
+    assert table.shape == (24, 2 * w + 1) and table.dtype == np.float32
+    for i in range(24):
+        for d in range(-w, w + 1):
+            j = i + d
+            if not 0 <= j < 24:
+                assert np.isnan(table[i, w + d])
+            elif d == 0:
+                assert table[i, w] == 1.0
+            else:
+                assert table[i, w + d] == pytest.approx(reference(metric, smalls[i], smalls[j]), abs=2e-5)
+                assert table[i, w + d] == table[j, w - d]  # each pair computed once, stored twice
+
+
+def test_streaming_equals_batch_and_window_longer_than_clip():
+    smalls = [small_gray(f) for f in panning_clip(5)]
+    t = NeighbourTable(8)
+    for s in smalls:
+        t.push(s)
+    np.testing.assert_array_equal(t.table(), similarity_table(smalls, 8))
+    assert np.isnan(t.table()[0, :8]).all() and np.isnan(t.table()[4, 8 + 1 :]).all()
+    assert NeighbourTable(3).table().shape == (0, 7)
+
+
+def test_known_motion_and_cut():
+    """Panning 1 px/frame with a cut at 20: similarity falls with distance inside a scene and
+    is low across the cut (the cut 'falls out' without a detector)."""
+    frames = panning_clip(40, cuts=(20,))
+    table = similarity_table([small_gray(f) for f in frames], 5)
+    inside = table[5:15, 5 + 1 : 5 + 6]  # d = 1..5 within scene 0
+    assert (np.diff(inside, axis=1) < 0).all()
+    assert inside[:, 0].min() > 0.8
+    across = [table[i, 5 + d] for i in range(15, 20) for d in range(1, 6) if i + d >= 20]
+    assert max(across) < 0.3
+
+
+def test_ssim_identity_and_plain_function():
+    rng = np.random.default_rng(0)
+    a = rng.random((40, 50))
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    assert ssim(a, b) == pytest.approx(reference_ssim(a, b), abs=1e-9)
+
+
+def test_small_gray_is_bt601_and_fixed_size():
+    frame = np.zeros((90, 160, 3), np.uint8)
+    frame[..., 0] = 255  # pure red
+    g = small_gray(frame)
+    assert g.shape == (64, 64) and g.dtype == np.float32
+    np.testing.assert_allclose(g, 0.299, atol=1e-6)
+    np.testing.assert_allclose(small_gray(frame[:, :, ::-1], bgr=True), 0.299, atol=1e-6)
+
+
+def test_fast_resize_sizes_and_smoothness():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    for w, h in [(912, 512), (112, 64), (64, 64), (1280, 720), (2000, 1125)]:
+        assert fast_resize(img, w, h).shape == (h, w, 3)
+    # anti-aliased: white noise averages out instead of aliasing through
+    assert fast_resize(img, 64, 36).std() < 10

@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from annotator.video import FrameSourceError, iter_frames, natural_key, probe, read_image
+from tests.annotator.clips import panning_clip, write_folder, write_video
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+
+
+def test_sample_clip_probe_and_frames():
+    info = probe(SAMPLE)
+    assert (info.kind, info.fps, info.frame_count, info.width, info.height) == ("video", 25.0, 132, 1280, 720)
+    frames = list(iter_frames(SAMPLE))
+    assert [i for i, _, _ in frames] == list(range(132))
+    assert frames[5][1] == "000005"
+    rgb = frames[0][2]
+    assert rgb.shape == (720, 1280, 3) and rgb.dtype == np.uint8
+    ok, bgr = cv2.VideoCapture(str(SAMPLE)).read()
+    np.testing.assert_array_equal(rgb, bgr[:, :, ::-1])  # RGB order by default
+    _, _, first_bgr = next(iter_frames(SAMPLE, bgr=True))
+    np.testing.assert_array_equal(first_bgr, bgr)
+
+
+def test_natural_sort_and_names(tmp_path):
+    frames = panning_clip(12, 16, 24)
+    write_folder(frames, tmp_path / "clip", pattern="f{:d}")
+    got = list(iter_frames(tmp_path / "clip"))
+    assert [n for _, n, _ in got] == [f"f{i}.png" for i in range(12)]  # f2 before f10
+    for (_, _, a), b in zip(got, frames):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(["b10", "b9", "a1"], key=natural_key) == ["a1", "b9", "b10"]
+    info = probe(tmp_path / "clip")
+    assert (info.kind, info.frame_count, info.width, info.height, info.fps) == ("folder", 12, 24, 16, None)
+
+
+def test_bit_depths_and_channels(tmp_path):
+    rgb16 = np.zeros((4, 5, 3), np.uint16)
+    rgb16[..., 0], rgb16[..., 1], rgb16[..., 2] = 65535, 257 * 100, 0  # R=255, G=100, B=0 in 8 bit
+    cv2.imwrite(str(tmp_path / "a16.png"), rgb16[:, :, ::-1])
+    np.testing.assert_array_equal(read_image(tmp_path / "a16.png")[0, 0], [255, 100, 0])
+
+    cv2.imwrite(str(tmp_path / "gray.png"), np.full((4, 5), 77, np.uint8))
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.png")[0, 0], [77, 77, 77])
+
+    cv2.imwrite(str(tmp_path / "gray16.png"), np.full((4, 5), 257 * 30, np.uint16))
+    np.testing.assert_array_equal(read_image(tmp_path / "gray16.png")[0, 0], [30, 30, 30])
+
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[...] = (10, 20, 30, 0)  # BGRA on disk; alpha dropped
+    cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png")[0, 0], [30, 20, 10])
+    assert read_image(tmp_path / "rgba.png", bgr=True)[0, 0].tolist() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("ext", [".avi", ".mp4", ".mov", ".mkv"])
+def test_video_containers(tmp_path, ext):
+    frames = panning_clip(10, 32, 48)
+    p = write_video(frames, tmp_path / f"clip{ext}")
+    info = probe(p)
+    assert (info.kind, info.frame_count, info.width, info.height) == ("video", 10, 48, 32)
+    got = [f for _, _, f in iter_frames(p)]
+    assert len(got) == 10
+    # lossy codecs: decoded frames are close to the originals (mean abs error in 8-bit levels;
+    # unrelated frames of this texture differ by ~40)
+    assert np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(got, frames)]) < 10
+
+
+def test_bad_sources(tmp_path):
+    def error(path) -> str:
+        with pytest.raises(FrameSourceError) as e:
+            probe(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    (tmp_path / "empty").mkdir()
+    assert "no image frames" in error(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "not a video file" in error(tmp_path / "notes.txt")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 1000)
+    assert "cannot open video" in error(tmp_path / "junk.mp4")
+    assert "no such file" in error(tmp_path / "missing.mkv")
+
+    vids = tmp_path / "films"
+    vids.mkdir()
+    write_video(panning_clip(3, 16, 16), vids / "a.avi")
+    assert "pass those instead" in error(vids)
+
+    mixed = write_folder(panning_clip(3, 16, 16), tmp_path / "mixed")
+    (mixed / "readme.md").write_text("x")
+    with pytest.raises(FrameSourceError, match="readme.md: not an image file"):
+        probe(mixed)
+
+
+def test_errors_while_streaming(tmp_path):
+    sizes = write_folder(panning_clip(4, 16, 24), tmp_path / "sizes")
+    cv2.imwrite(str(sizes / "frame2.png"), np.zeros((16, 20, 3), np.uint8))
+    with pytest.raises(FrameSourceError, match=r"frame2.png: frame is 20x16, earlier frames are 24x16"):
+        list(iter_frames(sizes))
+
+    broken = write_folder(panning_clip(4, 16, 24), tmp_path / "broken")
+    (broken / "frame3.png").write_bytes(b"not a png")
+    with pytest.raises(FrameSourceError, match=r"frame3.png: not a readable image"):
+        list(iter_frames(broken))
+
+    full = write_video(panning_clip(30, 48, 64), tmp_path / "full.avi")
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert probe(cut).frame_count == 30  # the header still claims all frames
+    with pytest.raises(FrameSourceError, match=r"cut.avi: truncated or corrupt: decoded \d+ of 30 frames"):
+        list(iter_frames(cut))

@@ -1,0 +1,139 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from annotator.color import rgb_to_gray
+from annotator.pairs import BuildOptions, build_all
+from tests.annotator.clips import index_color, panning_clip, table_from_pairs, write_fake_movie, write_folder
+from tutorial_dataset import PairDataModule, PairDataset
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "bigbuckbunny.mp4"
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """Two movies with hand-made similarities, so the pairs are known exactly."""
+    w = 4
+    write_fake_movie(tmp_path, "film_a", table_from_pairs(10, w, {
+        (0, 3): 0.95, (0, 4): 0.96, (2, 3): 0.95, (5, 8): 0.97, (6, 9): 0.941}), size=(96, 64))
+    write_fake_movie(tmp_path, "film_b", table_from_pairs(6, w, {(1, 5): 0.955}), size=(64, 128))
+    return tmp_path
+
+
+def test_pairs_exact(fake_root):
+    ds = PairDataset(fake_root, size=64)
+    got = {(m, i): sorted(p.tolist()) for m, i, p in (ds.partners(k) for k in range(len(ds)))}
+    assert got == {("film_a", 0): [3, 4], ("film_a", 3): [0], ("film_a", 4): [0], ("film_a", 6): [9],
+                   ("film_a", 9): [6], ("film_b", 1): [5], ("film_b", 5): [1]}
+    # the band is applied at load time: a wider one needs no rebuild
+    wide = PairDataset(fake_root, size=64, low=0.9, high=0.99, min_gap=1)
+    assert len(wide) == len(ds) + 3  # + (2, 3) both ways and frame 5 (5, 8)
+
+
+def test_item_convention_and_partner_frames(fake_root):
+    ds = PairDataset(fake_root, ["film_a"], size=64, prompt="a film still", seed=0)
+    for k in range(len(ds)):
+        item = ds[k]
+        movie, i, partners = ds.partners(k)
+        j = item["target_index"]
+        assert item["ref_index"] == i and j in partners and item["movie"] == "film_a"
+        assert item["txt"] == "a film still"
+        jpg, hint = item["jpg"], item["hint"]
+        assert jpg.shape == (64, 64, 3) and jpg.dtype == np.float32 and -1 <= jpg.min() and jpg.max() <= 1
+        assert hint.shape == (64, 64, 4) and hint.dtype == np.float32 and 0 <= hint.min() and hint.max() <= 1
+        target_rgb = np.array(index_color(j), np.float32)
+        np.testing.assert_allclose(jpg[0, 0], target_rgb / 127.5 - 1, atol=1e-6)
+        np.testing.assert_allclose(hint[0, 0, :3], np.array(index_color(i)) / 255, atol=1e-6)
+        # BT.601 luma of the target: 0.299 R + 0.587 G + 0.114 B (not the BGR-swapped weights)
+        np.testing.assert_allclose(hint[0, 0, 3], target_rgb @ [0.299, 0.587, 0.114] / 255, atol=1e-6)
+
+
+def test_random_partner_and_determinism(fake_root):
+    ds = PairDataset(fake_root, ["film_a"], size=64)
+    k = next(k for k in range(len(ds)) if len(ds.partners(k)[2]) == 2)
+    torch.manual_seed(0)
+    draws = [ds[k]["target_index"] for _ in range(40)]
+    assert set(draws) == {3, 4}  # a new partner is drawn on every access
+    torch.manual_seed(0)
+    assert [ds[k]["target_index"] for _ in range(40)] == draws  # reproducible from torch's seed
+    fixed = PairDataset(fake_root, ["film_a"], size=64, seed=7)
+    assert len({fixed[k]["target_index"] for _ in range(10)}) == 1  # seeded: item k is fixed
+    again = PairDataset(fake_root, ["film_a"], size=64, seed=7)
+    for a, b in zip((fixed[n] for n in range(len(fixed))), (again[n] for n in range(len(again)))):
+        np.testing.assert_array_equal(a["jpg"], b["jpg"])
+        np.testing.assert_array_equal(a["hint"], b["hint"])
+
+
+@pytest.fixture(scope="module")
+def clip_root(tmp_path_factory):
+    """A real built movie: panning texture (so crops and flips are visible), wide frames."""
+    root = tmp_path_factory.mktemp("clips")
+    src = write_folder(panning_clip(40, 64, 160, speed=1), root / "src" / "pan")
+    build_all([src], root / "data", BuildOptions(size=64, window=6, image_format="png"), progress=False)
+    return root / "data"
+
+
+def test_same_crop_and_flip_for_reference_and_target(clip_root):
+    ds = PairDataset(clip_root, size=64, low=0.0, high=0.999, min_gap=1)
+    rng = np.random.default_rng(0)
+    flips = 0
+    for _ in range(20):
+        k = int(rng.integers(len(ds)))
+        item = ds.sample(k, np.random.default_rng(int(rng.integers(1 << 30))))
+        i, j = item["ref_index"], item["target_index"]
+        ref = item["hint"][..., :3]
+        tgt = (item["jpg"] + 1) / 2
+        # the texture pans 1 px/frame to the right: target = reference shifted by (j - i) px,
+        # in the flipped direction if the pair was flipped
+        d = j - i
+        plain = np.abs(ref[:, d:] - tgt[:, :-d]).max() if d > 0 else np.abs(ref[:, :d] - tgt[:, -d:]).max()
+        mirrored = np.abs(ref[:, :-d] - tgt[:, d:]).max() if d > 0 else np.abs(ref[:, -d:] - tgt[:, :d]).max()
+        assert min(plain, mirrored) < 1e-6
+        flips += mirrored < 1e-6
+        np.testing.assert_allclose(item["hint"][..., 3], rgb_to_gray(tgt), atol=1e-5)
+    assert 0 < flips < 20
+
+
+def test_crop_sizes_and_no_augment(clip_root):
+    band = dict(low=0.0, high=0.999, min_gap=1)
+    ds = PairDataset(clip_root, size=(64, 128), seed=1, **band)
+    assert ds[0]["jpg"].shape == (64, 128, 3) and ds[0]["hint"].shape == (64, 128, 4)
+    up = PairDataset(clip_root, size=128, seed=1, **band)  # frames upscaled to cover 128x128
+    assert up[0]["jpg"].shape == (128, 128, 3)
+    centre = PairDataset(clip_root, size=64, augment=False, seed=1, **band)
+    a, b = centre[3], centre[3]
+    np.testing.assert_array_equal(a["jpg"], b["jpg"])
+    src = panning_clip(40, 64, 160, speed=1)  # what clip_root was built from (lossless PNG)
+    np.testing.assert_allclose(a["hint"][..., :3], src[a["ref_index"]][:, 48:112] / 255, atol=1e-6)
+    np.testing.assert_allclose(a["jpg"], src[a["target_index"]][:, 48:112] / 127.5 - 1, atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        PairDataset(clip_root, size=100, **band)
+    with pytest.raises(ValueError, match="no pairs"):
+        PairDataset(clip_root, size=64, low=0.9999, high=0.99999)
+
+
+def test_sample_clip_batches(tmp_path):
+    build_all([SAMPLE], tmp_path, BuildOptions(size=64), progress=False)
+    ds = PairDataset(tmp_path, size=64)
+    assert len(ds) > 50
+    batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True, num_workers=0)))
+    assert batch["jpg"].shape == (4, 64, 64, 3) and batch["hint"].shape == (4, 64, 64, 4)
+    assert batch["txt"] == [" "] * 4
+    assert ((batch["target_index"] - batch["ref_index"]).abs() >= 3).all()
+
+
+def test_datamodule_splits_by_movie(fake_root):
+    dm = PairDataModule(fake_root, batch_size=2, num_workers=0, size=64)
+    dm.setup("fit")
+    assert dm.train.movies == ["film_a"] and dm.val.movies == ["film_b"] and dm.test is None
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["jpg"].shape == (2, 64, 64, 3) and set(batch["movie"]) == {"film_a"}
+    assert len(list(dm.val_dataloader())) == 1
+    dm = PairDataModule(fake_root, num_workers=0, size=64, val_movies=[], test_movies=["film_a"])
+    dm.setup()
+    assert dm.train.movies == ["film_b"] and dm.val is None and dm.test.movies == ["film_a"]
+    with pytest.raises(ValueError, match="no finished movie named nope"):
+        PairDataModule(fake_root, val_movies=["nope"]).setup()

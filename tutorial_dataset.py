@@ -1,0 +1,223 @@
+"""Training pairs from a DATA_ROOT built by build_pairs.py, in the ControlNet convention.
+
+Each item starts from a reference frame i that has at least one partner j in the band
+(low < sim(i, j) < high, |i - j| >= min_gap, same movie) and draws one partner at random on
+every access:
+
+    jpg   target (= the partner) RGB frame, HWC float32 in [-1, 1]
+    txt   the prompt (default blank " ")
+    hint  HWC float32 in [0, 1]: reference RGB (3 channels) + BT.601 gray of the target (1)
+    movie, ref_index, target_index   where the pair came from
+
+Reference and target get the same crop and the same horizontal flip. Frames are resized to
+cover the crop size (kept aspect), then cropped, so non-square films work at any training
+size (multiples of 64). The band is applied here, at load time, so it can change without
+rebuilding DATA_ROOT. Splits are by movie: validate/test on films the model never saw.
+
+Latent mode (vae_fingerprint=...): items also carry the cached VAE posteriors (CHW float32,
+unscaled) `jpg_latent_mean`, `jpg_latent_std` (target) and `ref_latent_mean`,
+`ref_latent_std` (reference), cropped to the same window; crops are then on the 8-pixel grid,
+frames are not flipped, and the stored frames must already have the training size
+(build_pairs.py --size equal to the crop's short side).
+
+Randomness: with seed=None every access draws from torch's RNG (so torch.manual_seed /
+DataLoader worker seeding make a run reproducible); with an integer seed item k is always
+the same (for validation and tests).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from annotator.color import rgb_to_gray
+from annotator.latent_cache import load_latents, read_frame
+from annotator.pairs import (
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, list_movies, load_meta, load_similarity, pair_mask,
+)
+
+
+def _crop_size(size: int | Sequence[int]) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h <= 0 or w <= 0 or h % 64 or w % 64:
+        raise ValueError(f"training size must be positive multiples of 64, got {h}x{w}")
+    return h, w
+
+
+class PairDataset(Dataset):
+    def __init__(
+        self,
+        data_root: str | Path,
+        movies: Sequence[str] | None = None,
+        *,
+        low: float = DEFAULT_LOW,
+        high: float = DEFAULT_HIGH,
+        min_gap: int = DEFAULT_MIN_GAP,
+        size: int | Sequence[int] = 512,
+        augment: bool = True,
+        prompt: str = " ",
+        seed: int | None = None,
+        vae_fingerprint: str | None = None,
+    ):
+        self.root = Path(data_root)
+        self.movies = list(movies) if movies is not None else list_movies(self.root)
+        if not self.movies:
+            raise ValueError(f"{self.root}: no finished movies (run build_pairs.py)")
+        self.low, self.high, self.min_gap = low, high, min_gap
+        self.crop = _crop_size(size)
+        self.augment, self.prompt, self.seed = augment, prompt, seed
+        self.latent_mode = vae_fingerprint is not None
+        self.meta, self.masks, self.latents = [], [], []
+        refs, movie_of = [], []
+        for k, mid in enumerate(self.movies):
+            d = self.root / mid
+            if not (d / "meta.json").is_file():
+                raise ValueError(f"{d}: not a finished movie")
+            meta = load_meta(d)
+            mask = pair_mask(load_similarity(d), low, high, min_gap)
+            self.meta.append(meta)
+            self.masks.append(mask)
+            r = np.flatnonzero(mask.any(axis=1))
+            refs.append(r)
+            movie_of.append(np.full(len(r), k, dtype=np.int32))
+            if self.latent_mode:
+                w, h = meta["size"]
+                if max(self.crop[0] / h, self.crop[1] / w) != 1.0:
+                    raise ValueError(f"{d}: frames are {w}x{h}; latent mode needs them to cover the training "
+                                     f"size {self.crop[1]}x{self.crop[0]} exactly in one side "
+                                     f"(rebuild with build_pairs.py --size)")
+                self.latents.append(load_latents(d, vae_fingerprint))
+        self._refs = np.concatenate(refs).astype(np.int64)
+        self._movie_of = np.concatenate(movie_of)
+        if len(self._refs) == 0:
+            raise ValueError(f"{self.root}: no pairs with {low} < sim < {high} and gap >= {min_gap} "
+                             f"in movies {', '.join(self.movies)}")
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def partners(self, index: int) -> tuple[str, int, np.ndarray]:
+        """(movie id, reference frame, all frames that may be drawn as its target)."""
+        k, i = int(self._movie_of[index]), int(self._refs[index])
+        w = (self.masks[k].shape[1] - 1) // 2
+        return self.movies[k], i, i + np.flatnonzero(self.masks[k][i]) - w
+
+    def __getitem__(self, index: int) -> dict:
+        if self.seed is not None:
+            rng = np.random.default_rng([self.seed, index])
+        else:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        return self.sample(index, rng)
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict:
+        """Item `index` with all randomness (partner, crop, flip) from `rng`."""
+        mid, i, choices = self.partners(index)
+        j = int(choices[rng.integers(len(choices))])
+        k = int(self._movie_of[index])
+        d, fmt = self.root / mid, self.meta[k]["image_format"]
+        ref, tgt = read_frame(frame_path(d, i, fmt)), read_frame(frame_path(d, j, fmt))
+
+        ch, cw = self.crop
+        h, w = ref.shape[:2]
+        scale = max(ch / h, cw / w)
+        if scale != 1.0:
+            size = (max(cw, math.ceil(w * scale - 1e-6)), max(ch, math.ceil(h * scale - 1e-6)))
+            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+            ref, tgt = (cv2.resize(a, size, interpolation=interp) for a in (ref, tgt))
+            h, w = ref.shape[:2]
+        grid = 8 if self.latent_mode else 1
+        if self.augment:
+            y0 = grid * int(rng.integers((h - ch) // grid + 1))
+            x0 = grid * int(rng.integers((w - cw) // grid + 1))
+            flip = bool(rng.random() < 0.5) and not self.latent_mode
+        else:
+            y0, x0, flip = (h - ch) // 2 // grid * grid, (w - cw) // 2 // grid * grid, False
+        ref, tgt = ref[y0 : y0 + ch, x0 : x0 + cw], tgt[y0 : y0 + ch, x0 : x0 + cw]
+        if flip:
+            ref, tgt = ref[:, ::-1], tgt[:, ::-1]
+
+        item = {
+            "jpg": (tgt.astype(np.float32) / 127.5 - 1.0),
+            "txt": self.prompt,
+            "hint": np.concatenate([ref.astype(np.float32) / 255.0, rgb_to_gray(tgt)[..., None]], axis=-1),
+            "movie": mid,
+            "ref_index": i,
+            "target_index": j,
+        }
+        if self.latent_mode:
+            lat = self.latents[k]
+            win = (slice(None), slice(None), slice(y0 // 8, (y0 + ch) // 8), slice(x0 // 8, (x0 + cw) // 8))
+            t, r = np.asarray(lat[j][win], np.float32), np.asarray(lat[i][win], np.float32)
+            item.update(jpg_latent_mean=t[0], jpg_latent_std=t[1], ref_latent_mean=r[0], ref_latent_std=r[1])
+        return item
+
+
+class PairDataModule(L.LightningDataModule):
+    """Train / validation / test PairDatasets split by movie.
+
+    val_movies=None holds out the last movie (sorted id) when there are at least two; [] means
+    no validation. Validation and test use centre crops and a fixed partner per item.
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        val_movies: Sequence[str] | None = None,
+        test_movies: Sequence[str] = (),
+        size: int | Sequence[int] = 512,
+        low: float = DEFAULT_LOW,
+        high: float = DEFAULT_HIGH,
+        min_gap: int = DEFAULT_MIN_GAP,
+        prompt: str = " ",
+        vae_fingerprint: str | None = None,
+        eval_seed: int = 0,
+    ):
+        super().__init__()
+        self.data_root, self.batch_size, self.num_workers = Path(data_root), batch_size, num_workers
+        self.val_movies, self.test_movies = val_movies, list(test_movies)
+        self.kw = dict(low=low, high=high, min_gap=min_gap, size=size, prompt=prompt, vae_fingerprint=vae_fingerprint)
+        self.eval_seed = eval_seed
+        self.train = self.val = self.test = None
+
+    def split(self) -> tuple[list[str], list[str], list[str]]:
+        movies = list_movies(self.data_root)
+        test = self.test_movies
+        if self.val_movies is not None:
+            val = list(self.val_movies)
+        else:
+            rest = [m for m in movies if m not in test]
+            val = rest[-1:] if len(rest) >= 2 else []
+        unknown = [m for m in val + test if m not in movies]
+        if unknown:
+            raise ValueError(f"{self.data_root}: no finished movie named {', '.join(unknown)}")
+        train = [m for m in movies if m not in val and m not in test]
+        if not train:
+            raise ValueError(f"{self.data_root}: no movies left for training")
+        return train, val, test
+
+    def setup(self, stage: str | None = None) -> None:
+        train, val, test = self.split()
+        self.train = PairDataset(self.data_root, train, augment=True, **self.kw)
+        self.val = PairDataset(self.data_root, val, augment=False, seed=self.eval_seed, **self.kw) if val else None
+        self.test = PairDataset(self.data_root, test, augment=False, seed=self.eval_seed, **self.kw) if test else None
+
+    def _loader(self, ds, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val, shuffle=False) if self.val is not None else []
+
+    def test_dataloader(self):
+        return self._loader(self.test, shuffle=False) if self.test is not None else []
