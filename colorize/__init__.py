@@ -1,0 +1,1 @@
+"""Colourise grayscale clips: inference pipeline, CPU baselines, metrics, frame I/O and reports."""

@@ -1,0 +1,172 @@
+"""Frame I/O for the colourisation CLIs: read ground-truth folders, write outputs safely.
+
+Outputs are encoded to a temporary file in the destination folder and renamed over the
+final name (os.replace, atomic on one file system), so an interrupted run never leaves a
+half-written PNG or MP4 under a name that looks finished. Reading goes through
+annotator/video.py, so folders are listed, ordered (natural sort) and decoded one way in
+the whole repo.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from annotator.color import to_uint8
+from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image
+
+__all__ = [
+    "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
+    "read_frame_folder", "prefetch", "write_bytes_atomic", "write_image_atomic", "write_video_atomic",
+]
+
+
+def iter_frame_folder(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """(file name, RGB uint8 HWC) for each image of a folder in natural order."""
+    for _, name, frame in iter_frames(folder):
+        yield name, frame
+
+
+def read_frame_folder(folder: str | os.PathLike) -> tuple[list[str], list[np.ndarray]]:
+    """All frames of a folder at once: (file names, RGB uint8 frames), natural order."""
+    names, frames = [], []
+    for name, frame in iter_frame_folder(folder):
+        names.append(name)
+        frames.append(frame)
+    return names, frames
+
+
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Yield `items` in order while a background thread produces up to `depth` ahead.
+
+    For decoding frames while the caller computes (image decoders release the GIL). An
+    exception in the producer is re-raised here, at the item where it happened; closing the
+    generator early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer
+            put((done, e))
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+def _as_uint8_rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        if not np.issubdtype(img.dtype, np.floating):
+            raise TypeError(f"expected uint8 or float [0, 1] pixels, got {img.dtype}")
+        img = to_uint8(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        return img
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HW or HW3 image, got shape {img.shape}")
+    return img
+
+
+def _temp_beside(path: Path) -> Path:
+    """A new, unique file next to `path` with the same extension (encoders go by extension)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_image_atomic(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write an RGB (or gray) image, uint8 or float in [0, 1], format from the extension.
+
+    The file appears under `path` complete or not at all; an existing file is replaced.
+    """
+    path = Path(path)
+    img = _as_uint8_rgb(rgb)
+    ok, data = cv2.imencode(path.suffix or ".png", img if img.ndim == 2 else img[..., ::-1])
+    if not ok:
+        raise OSError(f"{path}: cannot encode image as {path.suffix or '?'}")
+    return write_bytes_atomic(path, data.tobytes())
+
+
+def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float) -> int:
+    """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
+
+    Streams: frames may be a generator. Returns the number of frames written. The video
+    appears under `path` only once it is complete.
+    """
+    path = Path(path)
+    if not fps or fps <= 0:
+        raise ValueError(f"{path}: fps must be positive, got {fps}")
+    tmp = _temp_beside(path)
+    writer, size, n = None, None, 0
+    try:
+        for frame in frames:
+            img = _as_uint8_rgb(frame)
+            bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else np.ascontiguousarray(img[..., ::-1])
+            if writer is None:
+                size = (bgr.shape[1], bgr.shape[0])
+                writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), size)
+                if not writer.isOpened():
+                    raise OSError(f"{path}: cannot open an mp4v video writer")
+            elif (bgr.shape[1], bgr.shape[0]) != size:
+                raise ValueError(f"{path}: frame {n} is {bgr.shape[1]}x{bgr.shape[0]}, earlier frames {size[0]}x{size[1]}")
+            writer.write(bgr)
+            n += 1
+        if writer is None:
+            raise ValueError(f"{path}: no frames to write")
+        writer.release()
+        writer = None
+        os.replace(tmp, path)
+    except BaseException:
+        if writer is not None:
+            writer.release()
+        tmp.unlink(missing_ok=True)
+        raise
+    return n

@@ -1,0 +1,244 @@
+"""Write an evaluation report: numbers (JSON, CSV) and pictures (metric plots, a frame strip).
+
+Files written to `out_dir` (each to a temporary name, then renamed):
+  metrics.json    definitions, frame names, per-frame values and means per method, and the
+                  ground truth's own temporal metrics (the floor a method is compared with)
+  per_frame.csv   method,frame,psnr,ssim,colourfulness,warp_error
+  summary.csv     method,psnr,ssim,colourfulness,warp_error,cdc (means; a ground_truth row)
+  psnr.png        PSNR over time, one line per method
+  warp_error.png  warp error over time (flicker, drift), one line per method
+  strip.png       gray | reference | each method | ground truth, for a few frames (optional)
+Undefined values (warp error of the first frame, NaN) are null in JSON and empty in CSV.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from annotator.color import to_uint8  # noqa: E402
+from colorize import metrics as M  # noqa: E402
+from colorize.frames_io import write_bytes_atomic  # noqa: E402
+
+SUMMARY_KEYS = ("psnr", "ssim", "colourfulness", "warp_error", "cdc")
+DEFINITIONS = {
+    "psnr": f"dB over RGB, data range 255, capped at {M.PSNR_CAP_DB:g}",
+    "ssim": f"Wang et al. 2004, Gaussian {M.SSIM_WINDOW}x{M.SSIM_WINDOW} sigma {M.SSIM_SIGMA}, "
+    f"K1={M.SSIM_K1}, K2={M.SSIM_K2}, per RGB channel then averaged",
+    "colourfulness": "Hasler & Suesstrunk 2003 on 0..255 RGB",
+    "warp_error": "mean |pred(t) - warp(pred(t-1))| in 0..255 levels, DIS flow of the ground truth, "
+    "forward-backward occlusion mask; per frame t>=1",
+    "cdc": f"Jensen-Shannon divergence (nats) of {M.HIST_BINS}-bin RGB channel histograms, "
+    f"frames t and t+s, s in {list(M.CDC_STRIDES)}, averaged",
+}
+TILE_HEIGHT = 216  # px of one image in the strip
+FONT = 12
+
+
+@dataclass
+class Strip:
+    """The images of the side-by-side strip: one row per chosen frame.
+
+    `indices` are positions in the evaluated frame list (they pick each method's PSNR for
+    the captions); each list below has one image per row. `reference` may be None.
+    """
+
+    indices: list[int]
+    gray: list[np.ndarray]
+    gt: list[np.ndarray]
+    methods: dict[str, list[np.ndarray]]
+    reference: np.ndarray | None = None
+    labels: list[str] = field(default_factory=list)  # row labels, default frame names
+
+
+def strip_indices(n_frames: int, count: int = 3) -> list[int]:
+    """`count` frames spread evenly from first to last (first, middle, last for 3)."""
+    if n_frames <= 0:
+        return []
+    return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, min(count, n_frames))})
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, numpy -> Python."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _cell(x: float) -> str:
+    return f"{x:.6g}" if x is not None and math.isfinite(x) else ""
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, facecolor="white")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_over_time(results: Mapping[str, M.MethodMetrics], key: str, path: Path, frames: Sequence[str],
+                   ylabel: str, title: str) -> None:
+    """One line per method of a per-frame metric against the frame index."""
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120, layout="constrained")
+    # A frame reproduced exactly (the reference frame, say) sits at the PSNR cap and would
+    # squash every other line; draw such points as triangles on the top edge instead.
+    ys = {name: np.asarray(res.per_frame[key], dtype=float) for name, res in results.items()}
+    capped = key == "psnr" and any((y >= M.PSNR_CAP_DB).any() for y in ys.values())
+    if capped:
+        rest = np.concatenate([y[np.isfinite(y) & (y < M.PSNR_CAP_DB)] for y in ys.values()])
+        top = (rest.max() if rest.size else 50.0) + 3.0
+        bottom = (rest.min() if rest.size else 0.0) - 3.0
+    for name, y in ys.items():
+        mean = float(np.mean(y[np.isfinite(y)])) if np.isfinite(y).any() else float("nan")
+        line, = ax.plot(np.arange(len(y)), np.where(capped & (y >= M.PSNR_CAP_DB), np.nan, y),
+                        marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6, label=f"{name} (mean {mean:.3g})")
+        if capped and (y >= M.PSNR_CAP_DB).any():
+            at = np.flatnonzero(y >= M.PSNR_CAP_DB)
+            ax.plot(at, np.full(at.shape, top), "^", color=line.get_color(), ms=8, clip_on=False)
+    if capped:
+        ax.set_ylim(bottom, top)
+        ax.plot([], [], "^", color="#666666", ms=8, label=f"identical to the ground truth ({M.PSNR_CAP_DB:g} dB)")
+    ax.set_xlabel(f"frame index ({frames[0]} \u2026 {frames[-1]})" if frames else "frame index", fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.set_title(title, fontsize=FONT + 1)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=FONT - 1)
+    ax.legend(fontsize=FONT - 1, loc="best", frameon=False)
+    _save_fig(fig, path)
+
+
+def _fit_tile(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Resize to fit (w, h) keeping the aspect ratio, centred on white."""
+    img = to_uint8(img) if img.dtype != np.uint8 else img
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    s = min(w / img.shape[1], h / img.shape[0])
+    nw, nh = max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+    small = cv2.resize(np.ascontiguousarray(img[..., :3]), (nw, nh), interpolation=interp)
+    tile = np.full((h, w, 3), 255, np.uint8)
+    y0, x0 = (h - nh) // 2, (w - nw) // 2
+    tile[y0:y0 + nh, x0:x0 + nw] = small
+    return tile
+
+
+def write_strip(path: str | os.PathLike, strip: Strip, results: Mapping[str, M.MethodMetrics] | None = None,
+                frames: Sequence[str] | None = None) -> Path:
+    """Render the strip: a header row of column names, then per frame a row of tiles with a
+    caption under each (frame name; per-method PSNR/SSIM when `results` are given)."""
+    path = Path(path)
+    h0, w0 = strip.gt[0].shape[:2]
+    th = TILE_HEIGHT
+    tw = max(64, round(th * w0 / h0))
+    columns = [("input (gray)", strip.gray)]
+    if strip.reference is not None:
+        columns.append(("reference", [strip.reference] * len(strip.indices)))
+    columns += [(name, imgs) for name, imgs in strip.methods.items()]
+    columns.append(("ground truth", strip.gt))
+    pad, head, cap = 8, 34, 26
+    rows = len(strip.indices)
+    width = pad + len(columns) * (tw + pad)
+    height = head + rows * (th + cap + pad)
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    labels = strip.labels or [frames[i] if frames else f"frame {i}" for i in strip.indices]
+    for c, (title, imgs) in enumerate(columns):
+        x = pad + c * (tw + pad)
+        fig.text((x + tw / 2) / width, 1 - (head / 2) / height, title, ha="center", va="center",
+                 fontsize=FONT + 1, fontweight="bold")
+        for r, idx in enumerate(strip.indices):
+            y = head + r * (th + cap + pad)  # from the top
+            ax = fig.add_axes((x / width, 1 - (y + th) / height, tw / width, th / height))
+            ax.imshow(_fit_tile(imgs[r], tw, th), interpolation="nearest")
+            ax.set_axis_off()
+            caption = ""
+            if c == 0:
+                caption = labels[r]
+            elif results is not None and title in results:
+                pf = results[title].per_frame
+                caption = (f"PSNR {pf['psnr'][idx]:.2f} dB   SSIM {pf['ssim'][idx]:.3f}"
+                           if pf["psnr"][idx] < M.PSNR_CAP_DB else "identical to the ground truth")
+            if caption:
+                fig.text((x + tw / 2) / width, 1 - (y + th + cap / 2 + 1) / height, caption,
+                         ha="center", va="center", fontsize=FONT - 1, color="#222222")
+    _save_fig(fig, path)
+    return path
+
+
+def write_report(
+    results: Mapping[str, M.MethodMetrics],
+    out_dir: str | os.PathLike,
+    *,
+    frames: Sequence[str] | None = None,
+    ground_truth: Mapping[str, float] | None = None,
+    strip: Strip | None = None,
+) -> dict[str, Path]:
+    """Write the files listed in the module docstring; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not results:
+        raise ValueError("no results to report")
+    n = len(next(iter(results.values())).per_frame["psnr"])
+    frames = list(frames) if frames is not None else [str(i) for i in range(n)]
+    for name, res in results.items():
+        if any(len(v) != len(frames) for v in res.per_frame.values()):
+            raise ValueError(f"{name}: per-frame metrics do not match the {len(frames)} frames")
+    keys = list(M.PER_FRAME_KEYS)
+    means = {name: res.means() for name, res in results.items()}
+    doc = {
+        "definitions": DEFINITIONS,
+        "frames": frames,
+        "methods": {
+            name: {"mean": means[name], "per_frame": {k: res.per_frame[k] for k in keys}}
+            for name, res in results.items()
+        },
+        "ground_truth": dict(ground_truth or {}),
+    }
+    paths = {"json": out / "metrics.json", "per_frame_csv": out / "per_frame.csv",
+             "summary_csv": out / "summary.csv", "psnr_plot": out / "psnr.png",
+             "warp_plot": out / "warp_error.png"}
+    _write_text(paths["json"], json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+    rows = [["method", "frame", *keys]]
+    for name, res in results.items():
+        for t, frame in enumerate(frames):
+            rows.append([name, frame, *(_cell(float(res.per_frame[k][t])) for k in keys)])
+    _write_text(paths["per_frame_csv"], _csv(rows))
+    rows = [["method", *SUMMARY_KEYS]]
+    rows += [[name, *(_cell(m[k]) for k in SUMMARY_KEYS)] for name, m in means.items()]
+    if ground_truth:
+        rows.append(["ground_truth", *(_cell(ground_truth[k]) if k in ground_truth else "" for k in SUMMARY_KEYS)])
+    _write_text(paths["summary_csv"], _csv(rows))
+    plot_over_time(results, "psnr", paths["psnr_plot"], frames, "PSNR (dB)", "PSNR against the ground truth")
+    plot_over_time(results, "warp_error", paths["warp_plot"], frames, "warp error (0..255 levels)",
+                   "Temporal warp error (lower = steadier colours)")
+    if strip is not None:
+        paths["strip"] = write_strip(out / "strip.png", strip, results, frames)
+    return paths

@@ -1,0 +1,208 @@
+"""Score colourised clips against the colour ground truth and write a report.
+
+    python evaluate.py --pred fixed=out/fixed --pred flow=out/flow --gt frames/ --out report/
+
+Frames are matched by file name without extension (pred 0001.png <-> gt 0001.jpg), in the
+ground truth's natural order; ground-truth frames missing from any prediction are left
+out (with a note). Per frame: PSNR, SSIM, colourfulness, warp error; per clip: CDC
+(definitions: colorize/metrics.py). Prints a table of means; with --out also writes
+metrics.json, per_frame.csv, summary.csv, psnr.png, warp_error.png and strip.png.
+
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
+from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, read_image  # noqa: E402
+from colorize.metrics import ClipEvaluation, evaluate_stream  # noqa: E402
+from colorize.report import Strip, strip_indices, write_report  # noqa: E402
+
+PROG = "evaluate.py"
+
+
+class UsageError(Exception):
+    """Bad input; str(e) is the one line printed after 'evaluate.py: error: '."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    p = OneLineParser(prog=PROG, description="\n\n".join([doc[0], doc[2]]), epilog=doc[3],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", action="append", required=True, metavar="[NAME=]DIR",
+                   help="folder of predicted frames; repeat for several methods. NAME labels the method "
+                        "(default: the folder's name)")
+    p.add_argument("--gt", required=True, metavar="DIR", help="folder of colour ground-truth frames")
+    p.add_argument("--out", metavar="REPORT_DIR",
+                   help="write the report (JSON, CSV, plots, strip) into this folder (created if missing)")
+    p.add_argument("--reference", metavar="IMAGE",
+                   help="the colour reference the methods used, shown as a column of the strip")
+    p.add_argument("--strip-frames", type=int, default=3, metavar="N",
+                   help="frames shown in strip.png, spread evenly over the clip (default: 3; 0: no strip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_preds(specs: list[str]) -> dict[str, Path]:
+    """'NAME=DIR' or 'DIR' -> {name: dir}. An existing folder wins over a NAME= reading."""
+    preds: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or Path(spec).is_dir():
+            folder, name = spec, Path(spec.rstrip("/\\")).name or spec
+        if name in preds:
+            raise UsageError(f"two predictions are named {name!r}; label them with NAME=DIR")
+        preds[name] = Path(folder)
+    return preds
+
+
+def _frames_by_stem(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder}: no such folder")
+    try:
+        files = list_frame_files(folder)
+    except FrameSourceError as e:
+        raise UsageError(f"{what} {e}") from None
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_stem:
+            raise UsageError(f"{what} {folder}: {by_stem[f.stem].name} and {f.name} have the same name")
+        by_stem[f.stem] = f
+    return by_stem
+
+
+def match_frames(gt_dir: Path, preds: dict[str, Path]) -> tuple[list[Path], dict[str, list[Path]], list[str]]:
+    """The ground-truth frames every prediction has, each prediction's files for them, notes."""
+    gt = _frames_by_stem(gt_dir, "--gt")
+    pred_files = {m: _frames_by_stem(d, f"--pred {m}:") for m, d in preds.items()}
+    stems = list(gt)  # natural order of the ground truth
+    notes = []
+    for m, files in pred_files.items():
+        have = [s for s in stems if s in files]
+        if not have:
+            raise UsageError(
+                f"no matching frames: --pred {m} ({preds[m]}) has none of the {len(stems)} ground-truth "
+                f"frame names (e.g. gt {gt[stems[0]].name}, pred {next(iter(files.values())).name})")
+        if len(have) < len(stems):
+            notes.append(f"--pred {m} lacks {len(stems) - len(have)} of {len(stems)} ground-truth frames "
+                         f"(e.g. {next(s for s in stems if s not in files)})")
+    common = [s for s in stems if all(s in f for f in pred_files.values())]
+    if not common:
+        raise UsageError("no matching frames: no ground-truth frame name is in every --pred folder")
+    if len(common) < len(stems):
+        notes.append(f"evaluating the {len(common)} of {len(stems)} ground-truth frames that every prediction has")
+    return [gt[s] for s in common], {m: [f[s] for s in common] for m, f in pred_files.items()}, notes
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        return read_image(path)
+    except FrameSourceError as e:
+        raise UsageError(str(e)) from None
+
+
+def _size_error(pred: Path, img: np.ndarray, gt: Path, ref: np.ndarray) -> UsageError:
+    return UsageError(f"size mismatch: {pred} is {img.shape[1]}x{img.shape[0]}, ground truth {gt.name} "
+                      f"is {ref.shape[1]}x{ref.shape[0]}")
+
+
+def load_steps(gt_files: list[Path], pred_files: dict[str, list[Path]]):
+    """(gt, {method: pred}) per frame, read lazily, every size checked against the truth."""
+    for t, gt_path in enumerate(gt_files):
+        gt = _read(gt_path)
+        cur = {}
+        for m, files in pred_files.items():
+            img = _read(files[t])
+            if img.shape != gt.shape:
+                raise _size_error(files[t], img, gt_path, gt)
+            cur[m] = img
+        yield gt, cur
+
+
+def format_table(ev: ClipEvaluation) -> str:
+    head = ["method", "PSNR dB", "SSIM", "colourful.", "warp err", "CDC"]
+    keys = ["psnr", "ssim", "colourfulness", "warp_error", "cdc"]
+    fmt = ["{:.2f}", "{:.4f}", "{:.1f}", "{:.3f}", "{:.5f}"]
+
+    def cells(values: dict) -> list[str]:
+        return [f.format(values[k]) if k in values and math.isfinite(values[k]) else "-" for k, f in zip(keys, fmt)]
+
+    rows = [[name, *cells(res.means())] for name, res in ev.methods.items()]
+    rows.append(["(ground truth)", *cells(ev.ground_truth)])
+    width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))  # noqa: E731
+    return "\n".join([line(head), *map(line, rows)])
+
+
+def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, list[Path]],
+                reference: np.ndarray | None, count: int) -> Strip | None:
+    idx = strip_indices(len(gt_files), count)
+    if not idx:
+        return None
+    gt = [_read(gt_files[i]) for i in idx]
+    gray = [to_uint8(rgb_to_gray(g)) for g in gt]
+    methods = {m: [_read(files[i]) for i in idx] for m, files in pred_files.items()}
+    return Strip(idx, gray, gt, methods, reference, [ev.frames[i] for i in idx])
+
+
+def run(args: argparse.Namespace) -> int:
+    preds = parse_preds(args.pred)
+    if args.strip_frames < 0:
+        raise UsageError(f"--strip-frames must be >= 0 (got {args.strip_frames})")
+    reference = None
+    if args.reference:
+        if not Path(args.reference).is_file():
+            raise UsageError(f"--reference {args.reference}: no such file")
+        reference = _read(Path(args.reference))
+    gt_files, pred_files, notes = match_frames(Path(args.gt), preds)
+    for note in notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    first = _read(gt_files[0])
+    for m, files in pred_files.items():  # fail before the long loop on a wholesale size mismatch
+        img = _read(files[0])
+        if img.shape != first.shape:
+            raise _size_error(files[0], img, gt_files[0], first)
+    names = [p.stem for p in gt_files]
+    steps = tqdm(prefetch(load_steps(gt_files, pred_files)), total=len(gt_files), desc="evaluating", unit="frame",
+                 disable=args.no_progress, file=sys.stderr)
+    ev = evaluate_stream(steps, list(preds), names)
+    print(format_table(ev))
+    if args.out:
+        strip = build_strip(ev, gt_files, pred_files, reference, args.strip_frames)
+        paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip)
+        print(f"report: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Metrics against values worked out by hand on tiny arrays."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from colorize import metrics as M
+
+
+def smooth_rgb(h, w, seed=0, lo=20, hi=200):
+    """Smooth random colour texture in [lo, hi] (uint8), textured enough for optical flow."""
+    rng = np.random.default_rng(seed)
+    x = cv2.GaussianBlur(rng.random((h, w, 3)).astype(np.float32), (0, 0), 2.0)
+    x = (x - x.min()) / (x.max() - x.min())
+    return (lo + x * (hi - lo) + 0.5).astype(np.uint8)
+
+
+# ---- PSNR ----------------------------------------------------------------------------
+
+def test_psnr_constant_offset_of_10():
+    gt = smooth_rgb(20, 30)
+    assert M.psnr(gt + np.uint8(10), gt) == pytest.approx(20 * math.log10(255 / 10), abs=1e-9)
+
+
+def test_psnr_one_wrong_pixel_and_float_input():
+    gt = np.zeros((4, 5, 3), np.uint8)
+    pred = gt.copy()
+    pred[1, 2, 0] = 60  # MSE = 60^2 / 60 values = 60
+    assert M.psnr(pred, gt) == pytest.approx(10 * math.log10(255**2 / 60), abs=1e-9)
+    assert M.psnr(pred / 255.0, gt.astype(np.float32)) == pytest.approx(M.psnr(pred, gt), abs=1e-6)
+
+
+def test_psnr_identical_is_capped_and_shape_checked():
+    gt = smooth_rgb(8, 8)
+    assert M.psnr(gt, gt) == M.PSNR_CAP_DB
+    with pytest.raises(ValueError, match="shape"):
+        M.psnr(gt, gt[:, :7])
+
+
+# ---- SSIM ----------------------------------------------------------------------------
+
+def test_ssim_identical_is_one():
+    x = smooth_rgb(24, 40)
+    assert M.ssim(x, x) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # sigma = 0 everywhere, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) at every pixel.
+    a, b = 100.0, 130.0
+    c1 = (0.01 * 255) ** 2
+    x = np.full((16, 16, 3), a, np.uint8)
+    y = np.full((16, 16, 3), b, np.uint8)
+    assert M.ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-6)
+
+
+def brute_force_ssim(x, y):
+    """Wang et al. 2004 by its definition: explicit 11x11 Gaussian window, valid windows only."""
+    g = cv2.getGaussianKernel(11, 1.5)
+    w = (g @ g.T).astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for c in range(x.shape[2]):
+        for i in range(x.shape[0] - 10):
+            for j in range(x.shape[1] - 10):
+                px = x[i:i + 11, j:j + 11, c].astype(np.float64)
+                py = y[i:i + 11, j:j + 11, c].astype(np.float64)
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cxy = (w * (px - mx) * (py - my)).sum()
+                vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return np.mean(vals)
+
+
+def test_ssim_matches_the_definition_on_a_noisy_pair():
+    x = smooth_rgb(18, 23, seed=1, lo=0, hi=255)
+    rng = np.random.default_rng(2)
+    y = np.clip(x.astype(int) * 0.7 + 30 + rng.normal(0, 12, x.shape), 0, 255).astype(np.uint8)
+    got = M.ssim(x, y)
+    assert got == pytest.approx(brute_force_ssim(x, y), abs=1e-5)
+    assert 0.2 < got < 0.95
+    assert M.ssim(y, x) == pytest.approx(got, abs=1e-6)
+
+
+# ---- colourfulness -------------------------------------------------------------------
+
+def test_colourfulness_of_gray_is_zero():
+    g = smooth_rgb(10, 12)[..., :1].repeat(3, axis=-1)
+    assert M.colourfulness(g) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_colourfulness_by_hand():
+    img = np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8)  # a red and a blue pixel
+    # rg = [255, 0]: mean 127.5, std 127.5;  yb = [127.5, -255]: mean -63.75, std 191.25
+    expected = math.hypot(127.5, 191.25) + 0.3 * math.hypot(127.5, -63.75)
+    assert M.colourfulness(img) == pytest.approx(expected, abs=1e-9)
+    assert M.colourfulness(img / 255.0) == pytest.approx(expected, abs=1e-6)
+
+
+# ---- CDC -----------------------------------------------------------------------------
+
+def test_js_divergence_by_hand():
+    p, q = np.array([1.0, 0.0]), np.array([0.5, 0.5])
+    m = np.array([0.75, 0.25])
+    expected = 0.5 * math.log(1 / 0.75) + 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert M.js_divergence(p, q) == pytest.approx(expected, abs=1e-12)
+    assert M.js_divergence(p, p) == 0.0
+    assert m.sum() == 1.0
+
+
+def test_channel_histograms_one_bin_per_level():
+    img = np.array([[[0, 10, 255], [0, 11, 255]]], np.uint8)
+    h = M.channel_histograms(img)
+    assert h.shape == (3, 256)
+    np.testing.assert_allclose(h.sum(1), 1.0)
+    assert h[0, 0] == 1.0 and h[1, 10] == 0.5 and h[1, 11] == 0.5 and h[2, 255] == 1.0
+
+
+def test_cdc_zero_for_identical_frames_positive_for_different():
+    f = smooth_rgb(12, 16)
+    assert M.cdc([f] * 5) == 0.0
+    assert M.cdc([f, f, smooth_rgb(12, 16, seed=3)]) > 0.01
+
+
+def test_cdc_strides_by_hand():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = np.full((4, 4, 3), 255, np.uint8)
+    # Disjoint histograms: JS = ln 2 on every channel.
+    assert M.cdc([a, b]) == pytest.approx(math.log(2))  # only stride 1 fits in 2 frames
+    # a b a b a: stride 1 -> ln 2, stride 2 -> 0, stride 4 -> 0
+    assert M.cdc([a, b, a, b, a]) == pytest.approx(math.log(2) / 3)
+    assert math.isnan(M.cdc([a]))
+
+
+# ---- warp error ----------------------------------------------------------------------
+
+def test_warp_error_zero_for_a_static_clip():
+    gt = smooth_rgb(48, 64)
+    pred = smooth_rgb(48, 64, seed=5)  # any colouring, as long as it does not change
+    errs = M.warp_errors([pred] * 4, [gt] * 4)
+    assert errs.shape == (3,)
+    np.testing.assert_allclose(errs, 0.0, atol=1e-6)
+
+
+def shifted_clip(n, dx, dy, h=64, w=80, seed=0):
+    """Content moving right by dx and down by dy px per frame (dx, dy >= 0)."""
+    big = smooth_rgb(h + n * dy, w + n * dx, seed=seed)
+    return [np.ascontiguousarray(big[(n - i) * dy:(n - i) * dy + h, (n - i) * dx:(n - i) * dx + w]) for i in range(n)]
+
+
+def test_warp_error_follows_motion_and_measures_flicker():
+    gt = shifted_clip(4, 2, 1)
+    flow = M.gt_flow(gt[0], gt[1])
+    assert flow.valid.mean() > 0.9
+    inner = np.s_[8:-8, 8:-8]
+    np.testing.assert_allclose(flow.map_x[inner] - np.arange(80)[8:-8], -2, atol=0.25)
+    np.testing.assert_allclose(flow.map_y[inner] - np.arange(64)[8:-8, None], -1, atol=0.25)
+    assert np.nanmax(M.warp_errors(gt, gt)) < 1.0  # colours that move with the content
+    flicker = [np.clip(f.astype(int) + (20 if i % 2 else 0), 0, 255).astype(np.uint8) for i, f in enumerate(gt)]
+    np.testing.assert_allclose(M.warp_errors(flicker, gt), 20, atol=1.0)
+
+
+# ---- whole clip ----------------------------------------------------------------------
+
+def test_evaluate_clips_shares_flow_and_reports_everything():
+    gt = shifted_clip(5, 1, 0)
+    off = [f + np.uint8(10) for f in gt]
+    ev = M.evaluate_clips(gt, {"same": gt, "offset": off}, [f"f{i}" for i in range(5)])
+    assert ev.frames == ["f0", "f1", "f2", "f3", "f4"]
+    same, offset = ev.methods["same"], ev.methods["offset"]
+    np.testing.assert_allclose(offset.per_frame["psnr"], 20 * math.log10(25.5), atol=1e-9)
+    np.testing.assert_allclose(same.per_frame["ssim"], 1.0, atol=1e-6)
+    assert math.isnan(same.per_frame["warp_error"][0])
+    np.testing.assert_allclose(same.per_frame["warp_error"][1:], offset.per_frame["warp_error"][1:], atol=1e-4)
+    assert same.cdc == pytest.approx(ev.ground_truth["cdc"])
+    assert same.means()["warp_error"] == pytest.approx(ev.ground_truth["warp_error"])
+    assert set(same.means()) == {"psnr", "ssim", "colourfulness", "warp_error", "cdc"}
+    with pytest.raises(ValueError, match="offset: f1 has shape"):
+        M.evaluate_clips(gt, {"offset": [off[0], off[1][:, :-1]] + off[2:]}, [f"f{i}" for i in range(5)])
+    with pytest.raises(ValueError, match="short: no prediction for frame 2"):
+        M.evaluate_clips(gt, {"short": gt[:2]})

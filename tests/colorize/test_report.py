@@ -1,0 +1,63 @@
+"""Report files: numbers that round-trip, pictures of the expected size."""
+import csv
+import json
+
+import cv2
+import numpy as np
+
+from colorize.metrics import PSNR_CAP_DB, MethodMetrics
+from colorize.report import TILE_HEIGHT, Strip, strip_indices, write_report
+
+
+def results():
+    nan = float("nan")
+    return {
+        "a": MethodMetrics({"psnr": np.array([PSNR_CAP_DB, 30.0, 28.0]), "ssim": np.array([1.0, 0.9, 0.8]),
+                            "colourfulness": np.array([10.0, 20.0, 30.0]),
+                            "warp_error": np.array([nan, 1.0, 3.0])}, cdc=0.002),
+        "b": MethodMetrics({"psnr": np.array([20.0, 21.0, 22.0]), "ssim": np.array([0.5, 0.6, 0.7]),
+                            "colourfulness": np.array([1.0, 2.0, 3.0]),
+                            "warp_error": np.array([nan, 0.5, 0.5])}, cdc=0.001),
+    }
+
+
+def test_strip_indices():
+    assert strip_indices(132, 3) == [0, 66, 131]
+    assert strip_indices(2, 3) == [0, 1]
+    assert strip_indices(0, 3) == [] and strip_indices(5, 0) == []
+
+
+def test_write_report_numbers(tmp_path):
+    paths = write_report(results(), tmp_path / "rep", frames=["f0", "f1", "f2"],
+                         ground_truth={"colourfulness": 25.0, "warp_error": 0.9, "cdc": 0.0015})
+    doc = json.loads(paths["json"].read_text())
+    assert doc["frames"] == ["f0", "f1", "f2"]
+    a = doc["methods"]["a"]
+    assert a["per_frame"]["warp_error"] == [None, 1.0, 3.0]  # NaN -> null, strict JSON
+    assert a["mean"] == {"psnr": (PSNR_CAP_DB + 58) / 3, "ssim": 0.9, "colourfulness": 20.0,
+                         "warp_error": 2.0, "cdc": 0.002}
+    assert doc["ground_truth"]["cdc"] == 0.0015 and "psnr" in doc["definitions"]
+    rows = list(csv.DictReader(paths["per_frame_csv"].open()))
+    assert len(rows) == 6 and rows[0] == {"method": "a", "frame": "f0", "psnr": "100", "ssim": "1",
+                                          "colourfulness": "10", "warp_error": ""}
+    summary = {r["method"]: r for r in csv.DictReader(paths["summary_csv"].open())}
+    assert float(summary["b"]["psnr"]) == 21.0 and float(summary["b"]["cdc"]) == 0.001
+    assert summary["ground_truth"]["psnr"] == "" and float(summary["ground_truth"]["warp_error"]) == 0.9
+    for key in ("psnr_plot", "warp_plot"):
+        img = cv2.imread(str(paths[key]))
+        assert img is not None and img.shape[1] >= 1000
+    assert "strip" not in paths
+    assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_write_report_strip(tmp_path):
+    rng = np.random.default_rng(0)
+    gt = [rng.integers(0, 256, (45, 80, 3), dtype=np.uint8) for _ in range(2)]
+    gray = [g.mean(-1).astype(np.uint8) for g in gt]
+    strip = Strip([0, 2], gray, gt, {"a": gt, "b": [g // 2 for g in gt]}, reference=gt[0][:40, :40])
+    paths = write_report(results(), tmp_path, frames=["f0", "f1", "f2"], strip=strip)
+    img = cv2.imread(str(paths["strip"]))
+    # 5 columns (gray, reference, a, b, ground truth) of 16:9 tiles; 2 rows plus a header.
+    tile_w = round(TILE_HEIGHT * 80 / 45)
+    assert img.shape[1] == 8 + 5 * (tile_w + 8)
+    assert img.shape[0] == 34 + 2 * (TILE_HEIGHT + 26 + 8)

@@ -1,0 +1,106 @@
+"""evaluate.py main(argv) on tiny synthetic frame folders."""
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+import evaluate
+
+
+def frames(n=5, h=36, w=52, seed=0):
+    """Smooth colour frames in [20, 200] moving 1 px right per frame (room for +10)."""
+    rng = np.random.default_rng(seed)
+    big = cv2.GaussianBlur(rng.random((h, w + n, 3)).astype(np.float32), (0, 0), 2.0)
+    big = (20 + 180 * (big - big.min()) / (big.max() - big.min()) + 0.5).astype(np.uint8)
+    return [np.ascontiguousarray(big[:, n - i:n - i + w]) for i in range(n)]
+
+
+def write(folder, imgs, ext="png", names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    names = names or [f"frame_{i}" for i in range(len(imgs))]
+    for name, img in zip(names, imgs):
+        cv2.imwrite(str(folder / f"{name}.{ext}"), img[..., ::-1])
+    return folder
+
+
+@pytest.fixture
+def clip(tmp_path):
+    gt = frames()
+    write(tmp_path / "gt", gt)
+    write(tmp_path / "offset", [f + np.uint8(10) for f in gt])
+    write(tmp_path / "copy", gt, ext="bmp")  # other extension, same names
+    return tmp_path, gt
+
+
+def test_evaluate_writes_report_with_known_numbers(clip, capsys):
+    root, gt = clip
+    write(root / "ref", gt[:1], names=["reference"])
+    out = root / "report"
+    rc = evaluate.main(["--pred", f"plus10={root / 'offset'}", "--pred", str(root / "copy"), "--gt", str(root / "gt"),
+                        "--out", str(out), "--reference", str(root / "ref" / "reference.png"), "--no-progress"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "plus10" in table and "copy" in table and "(ground truth)" in table and "28.13" in table
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json", "per_frame.csv", "psnr.png", "strip.png", "summary.csv", "warp_error.png"]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["frames"] == [f"frame_{i}" for i in range(5)]
+    plus10, copy = doc["methods"]["plus10"], doc["methods"]["copy"]
+    assert plus10["per_frame"]["psnr"] == pytest.approx([20 * math.log10(25.5)] * 5, abs=1e-9)
+    assert copy["mean"]["psnr"] == 100.0 and copy["mean"]["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert copy["per_frame"]["warp_error"][0] is None
+    assert copy["mean"]["warp_error"] == pytest.approx(doc["ground_truth"]["warp_error"])
+    assert copy["mean"]["cdc"] == pytest.approx(doc["ground_truth"]["cdc"])
+    assert plus10["mean"]["cdc"] == pytest.approx(copy["mean"]["cdc"], abs=1e-12)  # a shift moves no mass between frames
+    strip = cv2.imread(str(out / "strip.png"))
+    assert strip.shape[0] > 3 * 200  # three rows of frames
+
+
+def test_evaluate_uses_common_frames_and_notes_missing(clip, capsys):
+    root, gt = clip
+    write(root / "short", gt[:3])
+    rc = evaluate.main(["--pred", str(root / "short"), "--gt", str(root / "gt"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "lacks 2 of 5" in err and "evaluating the 3 of 5" in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_gt", "--gt {root}/nope: no such folder"),
+    ("missing_pred", "--pred nope: {root}/nope: no such folder"),
+    ("no_match", "no matching frames: --pred other"),
+    ("size", "size mismatch: {root}/small/frame_0.png is 26x18, ground truth frame_0.png is 52x36"),
+    ("late_size", "size mismatch: {root}/late/frame_3.png is 26x18"),
+    ("unreadable", "{root}/broken/frame_2.png: not a readable image"),
+    ("same_name", "two predictions are named 'offset'"),
+    ("bad_reference", "--reference {root}/missing.png: no such file"),
+])
+def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
+    root, gt = clip
+    pred = {"missing_gt": "offset", "missing_pred": "nope", "no_match": "other", "size": "small",
+            "late_size": "late", "unreadable": "broken", "same_name": "offset", "bad_reference": "offset"}[case]
+    gt_dir = root / ("nope" if case == "missing_gt" else "gt")
+    write(root / "other", gt, names=[f"x{i}" for i in range(5)])
+    write(root / "small", [f[::2, ::2] for f in gt])
+    write(root / "late", gt[:3] + [f[::2, ::2] for f in gt[3:]])
+    write(root / "broken", gt)
+    (root / "broken" / "frame_2.png").write_bytes(b"not a png")
+    argv = ["--pred", str(root / pred), "--gt", str(gt_dir), "--no-progress", "--out", str(root / "rep")]
+    if case == "same_name":
+        argv += ["--pred", str(root / "offset")]
+    if case == "bad_reference":
+        argv += ["--reference", str(root / "missing.png")]
+    assert evaluate.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: "), captured.err
+    assert message.format(root=root) in lines[0]
+    assert not (root / "rep").exists()
+
+
+def test_evaluate_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--gt", "x"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
