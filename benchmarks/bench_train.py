@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Training throughput: samples/s, peak memory and model FLOPs utilisation (MFU).
+
+Times the real training step (ColorControlModule.compute_loss, backward, AdamW step) on
+synthetic batches, without Lightning or data loading, so it measures the model's speed
+alone. MFU = (model FLOPs per sample, counted on the meta device without recompute, see
+train_flops.py) x samples/s / the device's peak; the peak comes from the table below or
+--peak-tflops.
+
+  python benchmarks/bench_train.py --batch-size 16                          # GPU, real config, 512
+  python benchmarks/bench_train.py --config models/cldm_tiny_color.yaml --size 64 --device cpu \\
+      --precision 32 --batch-size 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.train_flops import build_module, synthetic_batch, training_flops  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, load_config  # noqa: E402
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, which
+# print the 2:4-sparsity figure (twice these) as the headline. Matched by substring of
+# torch.cuda.get_device_name(), most specific first.
+PEAK_BF16_TFLOPS = [
+    ("h200 nvl", 835.0),   # H200 NVL
+    ("h200", 989.4),       # H200 SXM
+    ("h100 nvl", 835.0),   # H100 NVL
+    ("h100 pcie", 756.0),  # H100 PCIe
+    ("h100", 989.4),       # H100 SXM5
+    ("a100", 312.0),       # A100 SXM4 and PCIe
+    ("a6000", 154.8),      # RTX A6000 (FP32 accumulate)
+]
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense bf16 peak, or None (CPU, unknown GPU, or fp32 where TF32/FP32 peaks differ)."""
+    if device.type != "cuda" or precision == "32":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, precision="bf16-mixed",
+          latent_cache=True, checkpointing=None, compile=False, device=None, overrides=(),
+          peak=None) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(config, overrides)
+    ckpt = cfg.model.unet.use_checkpoint if checkpointing is None else checkpointing
+    module = build_module(config, overrides, ckpt, device).to(device)
+    if compile:
+        module.model.control_model.compile()
+        module.model.model.diffusion_model.compile()
+    opt = module.configure_optimizers()["optimizer"]
+    batch = synthetic_batch(batch_size, size, latent_cache, device)
+    module.context([""])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with autocast:
+            loss = module.compute_loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    flops = training_flops(config, size, latent_cache, checkpointing=False, overrides=overrides)["total"]
+    sps = batch_size / dt
+    peak = peak or peak_tflops(device, precision)
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2**30
+        mem_kind = "peak allocated GPU memory"
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        mem_kind = "peak process RSS"
+    return {"device": device_name(device), "date": datetime.date.today().isoformat(),
+            "config": Path(config).name, "size": size, "batch_size": batch_size, "precision": precision,
+            "latent_cache": latent_cache, "checkpointing": bool(ckpt), "compile": compile,
+            "step_s": dt, "samples_per_s": sps, "model_tflop_per_sample": flops / 1e12,
+            "achieved_tflops": flops * sps / 1e12, "peak_tflops": peak,
+            "mfu": flops * sps / (peak * 1e12) if peak else None, "memory_gib": mem, "memory_kind": mem_kind}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML")
+    p.add_argument("--size", type=int, default=512, help="training crop (pixels)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--precision", choices=["32", "bf16-mixed"], default="bf16-mixed")
+    p.add_argument("--latent-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="latents from the cache (default) or the VAE encode inside the step")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default: the config's unet.use_checkpoint)")
+    p.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet")
+    p.add_argument("--device", default=None, help="cuda (default if present) or cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids stalls")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    r = bench(a.config, a.size, a.batch_size, a.steps, a.warmup, a.precision, a.latent_cache, a.checkpointing,
+              a.compile, a.device, a.overrides, a.peak_tflops)
+    mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no known peak)"
+    print(f"{r['device']}, {r['date']}: {r['config']} {r['size']}px, batch {r['batch_size']}, {r['precision']}, "
+          f"latent cache {r['latent_cache']}, checkpointing {r['checkpointing']}, compile {r['compile']}\n"
+          f"  {r['samples_per_s']:.2f} samples/s ({1000 * r['step_s']:.0f} ms/step), "
+          f"{r['memory_gib']:.2f} GiB {r['memory_kind']}\n"
+          f"  {r['model_tflop_per_sample']:.4f} TFLOP/sample -> {r['achieved_tflops']:.4f} TFLOP/s, MFU {mfu}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

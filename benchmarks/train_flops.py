@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""FLOPs of one training sample (forward + backward), counted by torch's FlopCounterMode.
+
+Runs the real training step (cldm.lightning.ColorControlModule.compute_loss, then
+loss.backward()) on the `meta` device, so the SD2.1 config needs no memory and no GPU. On
+meta, attention decomposes into counted matmuls (on CPU, SDPA's fused kernel is not counted
+at all). The blank-prompt embedding is computed once per run, so it is not per-sample work.
+
+"Model FLOPs" (for MFU) are counted without gradient checkpointing; with it on, the
+recomputed forward adds hardware FLOPs that do no new work.
+
+  python benchmarks/train_flops.py                       # real config, 512, latent cache
+  python benchmarks/train_flops.py --no-latent-cache     # + the two VAE encodes per sample
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cldm.lightning import ColorControlModule  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, create_model, load_config  # noqa: E402
+
+# Forward FLOPs by the module the step calls directly (FlopCounterMode names them by class;
+# its attribution of backward ops to modules is unreliable, so parts are forward only).
+PARTS = {"ControlledUnetModel": "fwd UNet", "ControlNet": "fwd ControlNet", "Sequential": "fwd hint block",
+         "Encoder": "fwd VAE encode"}
+
+
+def synthetic_batch(b: int, size: int, latent_cache: bool, device="meta") -> dict:
+    """A dataset batch of the right shapes (values don't matter for counting)."""
+    with torch.device(device):
+        batch = {"hint": torch.rand(b, size, size, 4), "jpg": torch.rand(b, size, size, 3) * 2 - 1,
+                 "txt": [""] * b}
+        if latent_cache:
+            lat = (b, 4, size // 8, size // 8)
+            batch.update(jpg_latent_mean=torch.randn(lat), jpg_latent_std=torch.rand(lat),
+                         ref_latent_mean=torch.randn(lat), ref_latent_std=torch.rand(lat))
+            del batch["jpg"]  # the step must not need the image
+    return batch
+
+
+def build_module(config=DEFAULT_CONFIG, overrides=(), checkpointing: bool = False, device="meta"):
+    cfg = load_config(config, [*overrides, f"model.unet.use_checkpoint={str(checkpointing).lower()}"])
+    with torch.device(device):
+        model = create_model(cfg)
+    module = ColorControlModule(model, sd_locked=cfg.model.sd_locked,
+                                train_unet_input=cfg.model.get("train_unet_input", True))
+    return module.train()
+
+
+def training_flops(config=DEFAULT_CONFIG, size: int = 512, latent_cache: bool = True,
+                   checkpointing: bool = False, overrides=()) -> dict[str, int]:
+    """FLOPs per sample: 'total', 'forward', 'backward', and the forward by part (see PARTS)."""
+    module = build_module(config, overrides, checkpointing)
+    batch = synthetic_batch(1, size, latent_cache)
+    module.context([""])  # the blank prompt: once per run, not per sample
+
+    with FlopCounterMode(display=False) as fwd:
+        module.compute_loss(batch)
+    with FlopCounterMode(display=False) as both:
+        module.compute_loss(batch).backward()
+    out = {"total": both.get_total_flops(), "forward": fwd.get_total_flops()}
+    out["backward"] = out["total"] - out["forward"]
+    counts = fwd.get_flop_counts()
+    for cls, name in PARTS.items():
+        out[name] = sum(counts.get(cls, {}).values())
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML")
+    p.add_argument("--size", type=int, default=512, help="training crop (pixels)")
+    p.add_argument("--latent-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="targets/reference latents from the cache (default) or VAE-encoded in the step")
+    p.add_argument("--checkpointing", action="store_true", help="count gradient checkpointing's recompute too")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    a = p.parse_args(argv)
+    f = training_flops(a.config, a.size, a.latent_cache, a.checkpointing, a.overrides)
+    print(f"{Path(a.config).name} {a.size}px, latent cache {'on' if a.latent_cache else 'off'}, "
+          f"checkpointing {'on' if a.checkpointing else 'off'}: FLOPs per training sample")
+    for k, v in f.items():
+        print(f"  {k:14s} {v / 1e9:11.3f} GFLOP")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Lightning wrapper for training the colour ControlNet (the only model file that imports Lightning).
+
+What trains is decided by `cldm.trainable`; this file adds the step (dataset batch -> loss),
+the optimiser, crash-safe checkpoints that resume, and the image/replica callbacks.
+
+The locked UNet stays in train mode on purpose: gradients flow through it back to the
+ControlNet, and its `training` flag is what turns gradient checkpointing on (dropout is 0, so
+nothing else changes). The VAE and the text encoder take no gradient at all and stay in eval.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from cldm.checkpoint import CheckpointError
+from cldm.cldm import ControlLDM
+from cldm.trainable import (INPUT_CONV, config_hash, configure_trainable, export_keys,
+                            locked_input_channels, param_groups)
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class ColorControlModule(L.LightningModule):
+    """Trains `model` (a ControlLDM with its init weights loaded) on PairDataset batches.
+
+    Batches hold HWC tensors `hint` (B, H, W, 4) in [0, 1] and `jpg` (B, H, W, 3) in [-1, 1]
+    and a list `txt`; with the latent cache also the unscaled VAE posteriors
+    `jpg_latent_mean/std` and `ref_latent_mean` (B, 4, H/8, W/8), so no VAE runs in the step.
+    Checkpoints hold only the trainable tensors (plus optimiser/loop state): the locked SD
+    weights come from the init file, which every run loads first.
+    """
+
+    def __init__(self, model: ControlLDM, *, lr: float = 1e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), optimizer: str = "adamw", warmup_steps: int = 0,
+                 sd_locked: bool = True, train_unet_input: bool = True, seed: int = 0,
+                 compile: bool = False, config: dict | None = None):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        configure_trainable(model, sd_locked, train_unet_input)
+        self.strict_loading = False  # checkpoints leave out the locked weights; on_load_checkpoint checks the rest
+        self._config_hash = config_hash(config) if config is not None else None
+        self._locked_snapshot: torch.Tensor | None = None
+        self._locked_fp: float | None = None
+        if compile:
+            model.control_model.compile()
+            model.model.diffusion_model.compile()
+
+    # ---- modes ------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Lightning calls .train() every epoch; the frozen encoders must stay in eval."""
+        super().train(mode)
+        self.model.first_stage_model.eval()
+        if self.model.cond_stage_model is not None:
+            self.model.cond_stage_model.eval()
+        return self
+
+    # ---- the step ---------------------------------------------------------------------
+    def context(self, prompts) -> torch.Tensor:
+        """Prompt embeddings; computed once per distinct prompt (cached by the model), in fp32."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.model.get_learned_conditioning(list(prompts))
+
+    def inputs(self, batch: dict, generator: torch.Generator | None = None):
+        """(z0 target latent, hint BCHW, ref_latent or None, context) from a dataset batch."""
+        m = self.model
+        hint = _hwc_to_bchw(batch["hint"])
+        if "jpg_latent_mean" in batch:  # latent cache: the same draw as posterior.sample(), without the VAE
+            mean, std = batch["jpg_latent_mean"].float(), batch["jpg_latent_std"].float()
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z0 = (mean + std * eps) * m.scale_factor
+            ref_latent = batch["ref_latent_mean"].float() * m.scale_factor
+        else:
+            z0 = m.encode_first_stage(_hwc_to_bchw(batch["jpg"]), sample=True, generator=generator)
+            ref_latent = None
+        return z0, hint, ref_latent, self.context(batch["txt"])
+
+    def compute_loss(self, batch: dict, noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        z0, hint, ref_latent, context = self.inputs(batch, generator)
+        cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
+        return self.model.training_loss(z0, cond, noise=noise, t=t)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=batch["hint"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss with noise and timesteps fixed per batch, so values are comparable across evaluations."""
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 100_003 + batch_idx)
+        b = batch["hint"].shape[0]
+        t = torch.randint(0, self.model.num_timesteps, (b,), generator=g, device=self.device)
+        z0, hint, ref_latent, context = self.inputs(batch, g)
+        noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=z0.dtype)
+        cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
+        loss = self.model.training_loss(z0, cond, noise=noise, t=t)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=b)
+
+    # ---- optimiser ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self.model, hp.weight_decay)
+        if hp.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise RuntimeError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+            opt = bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=tuple(hp.betas))
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warmup, warmup_steps=hp.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- per-rank noise, locked-weight guard, checkpoint contents --------------------------
+    def on_train_start(self) -> None:
+        # Same seed everywhere builds identical replicas; the noise must differ per rank, and a
+        # resumed run must not replay the noise of the steps it already did.
+        torch.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank + self.global_step)
+        w = self.model.model.diffusion_model.input_blocks[0][0].weight
+        if w.requires_grad:
+            self._locked_snapshot = w[:, :locked_input_channels(self.model)].detach().clone()
+
+    def check_locked(self) -> None:
+        """Raise if the SD channels of the partly trainable input conv moved (optimiser misuse)."""
+        if self._locked_snapshot is None:
+            return
+        w = self.model.model.diffusion_model.input_blocks[0][0].weight
+        if not torch.equal(w[:, :self._locked_snapshot.shape[1]], self._locked_snapshot):
+            raise RuntimeError(f"{INPUT_CONV}: the locked SD channels changed during training; use "
+                               "weight decay 0 on it and an optimiser that keeps zero-gradient weights")
+
+    def locked_fingerprint(self) -> float:
+        """Sum of squares (float64) of the weights the checkpoints leave out; computed once.
+
+        They come from --init on every start, so a resume on top of other SD weights would go
+        unnoticed without it.
+        """
+        if self._locked_fp is None:
+            keep = set(export_keys(self.model))
+            with torch.no_grad():
+                self._locked_fp = float(sum(p.detach().double().square().sum() for n, p in
+                                            self.model.named_parameters() if n not in keep))
+        return self._locked_fp
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_locked()
+        keep = {"model." + k for k in export_keys(self.model)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["cldm"] = {"config_hash": self._config_hash, "color_variant": self.model.color_variant,
+                              "locked_fingerprint": self.locked_fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("cldm", {})
+        if self._config_hash and info.get("config_hash") and info["config_hash"] != self._config_hash:
+            raise CheckpointError(f"checkpoint was trained with another model config (hash "
+                                  f"{info['config_hash']}, this run {self._config_hash})")
+        fp = info.get("locked_fingerprint")
+        if fp is not None and abs(fp - self.locked_fingerprint()) > 1e-7 * abs(fp):
+            raise CheckpointError("checkpoint was trained on other locked SD weights than this run's --init "
+                                  f"(fingerprint {fp:.9g} vs {self.locked_fingerprint():.9g})")
+        missing = sorted({"model." + k for k in export_keys(self.model)} - set(checkpoint["state_dict"]))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
+                                  "is it from this training setup?")
+
+    # ---- images ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_grid(self, batch: dict, n: int = 4, steps: int = 20, seed: int = 0) -> torch.Tensor:
+        """(3, H', W') grid in [0, 1], one row per sample: reference | gray | DDIM sample | ground truth."""
+        was_training = self.training
+        self.eval()
+        try:
+            b = {k: v[:n] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
+            _, hint, ref_latent, context = self.inputs(b)
+            cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            sample = self.model.decode_first_stage(self.model.sample(cond, steps=steps, generator=g))
+            if "jpg" in b:
+                truth = _hwc_to_bchw(b["jpg"])
+            else:
+                truth = self.model.decode_first_stage(b["jpg_latent_mean"].float() * self.model.scale_factor)
+        finally:
+            self.train(was_training)
+        ref, gray = hint[:, :3], hint[:, 3:].expand(-1, 3, -1, -1)
+        cols = [ref, gray, (sample.float() + 1) / 2, (truth.float() + 1) / 2]
+        import torchvision
+        tiles = torch.stack([c.clamp(0, 1).float().cpu() for c in cols], dim=1).flatten(0, 1)
+        return torchvision.utils.make_grid(tiles, nrow=4, padding=2)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temp file in the same folder, fsync, then rename over the final name.
+
+    A kill at any moment leaves either the previous file or the complete new one, never a
+    truncated checkpoint under a `.ckpt` name (temp names start with '.' and end in '.tmp').
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Keep the newest `keep` checkpoints, one every `every_n_steps`, plus one at the final step."""
+
+    def __init__(self, dirpath, every_n_steps: int, keep: int):
+        super().__init__(dirpath=dirpath, filename="step={step:08d}", auto_insert_metric_name=False,
+                         monitor="step", mode="max", save_top_k=keep, every_n_train_steps=every_n_steps,
+                         save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        # Private ModelCheckpoint API (tested in tests/cldm/test_lightning.py): a run that ends
+        # between two save points still leaves its final state resumable.
+        if not self._should_skip_saving_checkpoint(trainer) and self.save_top_k != 0:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+STEP_RE = re.compile(r"step=(\d+)")
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Cheap completeness test: torch.save writes a zip whose directory is at the very end."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
+    """The complete checkpoint of the highest step under `dirpath`, or None."""
+    found = []
+    for p in Path(dirpath).glob("*.ckpt") if Path(dirpath).is_dir() else []:
+        m = STEP_RE.search(p.name)
+        if m and is_complete_checkpoint(p):
+            found.append((int(m.group(1)), p.stat().st_mtime, p))
+    return max(found)[2] if found else None
+
+
+def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
+    """Delete temp files that a killed save left behind."""
+    gone = []
+    for p in Path(dirpath).glob(".*.tmp") if Path(dirpath).is_dir() else []:
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+# ------------------------------------------------------------------------------------------
+# callbacks
+
+
+class ImageLogger(Callback):
+    """Every `every_n_steps` optimiser steps, rank 0 writes a reference | gray | sample | truth grid.
+
+    PNG to `out_dir/step-XXXXXXXX.png` and the image to TensorBoard. Sampling is DDIM with a
+    fixed seed, under the run's precision.
+    """
+
+    def __init__(self, out_dir, every_n_steps: int = 500, n: int = 4, ddim_steps: int = 20, seed: int = 0):
+        self.out_dir, self.every, self.n, self.ddim_steps, self.seed = Path(out_dir), every_n_steps, n, ddim_steps, seed
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == 0 or step % self.every or step == self._last or not trainer.is_global_zero:
+            return
+        self._last = step  # with gradient accumulation several batches end at one step
+        with trainer.precision_plugin.forward_context():
+            grid = pl_module.image_grid(batch, self.n, self.ddim_steps, self.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step-{step:08d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        import torchvision
+        torchvision.utils.save_image(grid, tmp, format="PNG")
+        os.replace(tmp, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, step)  # columns: ref, gray, sample, truth
+
+
+def weights_digest(module: ColorControlModule) -> str:
+    """SHA-256 over the trainable tensors' bytes: equal iff the weights are bitwise equal."""
+    h = hashlib.sha256()
+    sd = module.model.state_dict()
+    for k in export_keys(module.model):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ReplicaCheck(Callback):
+    """At the end of training, compare every process's trainable weights; write `path` (JSON).
+
+    DDP keeps replicas identical only if every step's all-reduce and update agree; this makes
+    that an observable fact of each run rather than an assumption. Raises if they differ.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        digest = weights_digest(pl_module)
+        digests = [digest]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            digests = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(digests, digest)
+        same = len(set(digests)) == 1
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps({"step": trainer.global_step, "world_size": len(digests),
+                                       "identical": same, "digests": digests}, indent=1))
+            os.replace(tmp, self.path)
+        if not same:
+            raise RuntimeError(f"DDP replicas hold different weights at step {trainer.global_step}: {digests}")

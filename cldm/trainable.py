@@ -1,0 +1,163 @@
+"""What trains, and how the trained part is saved and put back on top of Stable Diffusion.
+
+The training policy lives here, free of Lightning, so the trainer, the benchmarks and the
+tests share one definition of it:
+
+- The ControlNet trains; Stable Diffusion (UNet, VAE, text encoder) is locked, except
+  - with `sd_locked=False` the UNet decoder (`output_blocks`, `out`) trains too, as in ControlNet;
+  - with `train_unet_input` (v2/v3 with the extra channels fed to the UNet) the UNet's input
+    conv trains, but only its new channels: that one tensor also holds the locked SD kernel
+    (input channels 0-3), whose gradient a tensor hook zeroes. With weight decay 0, Adam(W)
+    then leaves those channels bitwise unchanged (zero gradient -> zero moments -> zero update).
+- The export (`control.safetensors`) holds every `control_model.*` tensor plus the trainable
+  tensors outside it: about a quarter of the full model, loaded on top of an SD2.1 file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from torch import nn
+
+from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from cldm.cldm import ControlLDM
+from cldm.convert import init_from_sd
+
+INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+CONTROL = "control_model."
+EXPORT_FORMAT = "cldm-color-control-v1"
+
+
+def _input_conv(model: ControlLDM) -> nn.Conv2d:
+    return model.model.diffusion_model.input_blocks[0][0]
+
+
+def locked_input_channels(model: ControlLDM) -> int:
+    """Input channels of the UNet's first conv that belong to SD (the noisy latent)."""
+    return model.model.diffusion_model.out[-1].out_channels
+
+
+def configure_trainable(model: ControlLDM, sd_locked: bool = True, train_unet_input: bool = True,
+                        only_mid_control: bool | None = None) -> list[nn.Parameter]:
+    """Set `requires_grad` by the policy above and return the trainable parameters.
+
+    Safe to call again (e.g. with another policy): the gradient mask is installed once. With
+    `only_mid_control` the ControlNet's per-skip zero convs feed nothing, so they are frozen
+    (DDP refuses parameters that never get a gradient).
+    """
+    only_mid_control = model.only_mid_control if only_mid_control is None else only_mid_control
+    model.requires_grad_(False)
+    model.control_model.requires_grad_(True)
+    if only_mid_control:
+        model.control_model.zero_convs.requires_grad_(False)
+    unet = model.model.diffusion_model
+    if not sd_locked:
+        unet.output_blocks.requires_grad_(True)
+        unet.out.requires_grad_(True)
+    conv = _input_conv(model)
+    n_locked = locked_input_channels(model)
+    if train_unet_input and conv.in_channels > n_locked:
+        conv.weight.requires_grad_(True)
+        if not getattr(conv, "_locked_grad_hook", None):
+            conv._locked_grad_hook = conv.weight.register_hook(functools.partial(_zero_locked, n_locked=n_locked))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _zero_locked(grad: torch.Tensor, n_locked: int) -> torch.Tensor:
+    grad = grad.clone()
+    grad[:, :n_locked] = 0
+    return grad
+
+
+def param_groups(model: ControlLDM, weight_decay: float = 0.0) -> list[dict]:
+    """Optimiser groups: the partly-locked input conv always without weight decay.
+
+    Decoupled weight decay would shrink its locked channels even with a zero gradient.
+    """
+    conv_w = _input_conv(model).weight
+    rest = [p for p in model.parameters() if p.requires_grad and p is not conv_w]
+    groups = [{"params": rest, "weight_decay": weight_decay, "name": "trainable"}]
+    if conv_w.requires_grad:
+        groups.append({"params": [conv_w], "weight_decay": 0.0, "name": "unet_input"})
+    return groups
+
+
+def export_keys(model: ControlLDM) -> list[str]:
+    """Names in the export: all of control_model.* plus every trainable tensor outside it."""
+    keys = [k for k in model.state_dict() if k.startswith(CONTROL)]
+    keys += [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(CONTROL)]
+    return keys
+
+
+def trainable_state_dict(model: ControlLDM) -> dict[str, torch.Tensor]:
+    """The tensors `export_keys` names (detached, on their device)."""
+    sd = model.state_dict()
+    return {k: sd[k].detach() for k in export_keys(model)}
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """Short SHA-256 of the `model:` section: which architecture and training policy weights belong to.
+
+    Gradient checkpointing is left out: it changes memory and speed, not the weights.
+    """
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    m = OmegaConf.to_container(cfg.model if "model" in cfg else cfg, resolve=True)
+    m.get("unet", {}).pop("use_checkpoint", None)
+    text = OmegaConf.to_yaml(OmegaConf.create(m), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: DictConfig | None = None,
+                   extra: dict | None = None) -> Path:
+    """Write the trainable weights to a safetensors file (atomically), with what they fit."""
+    meta = {"format": EXPORT_FORMAT, "color_variant": model.color_variant, "step": step,
+            "concat_to_unet": model.concat_to_unet, "only_mid_control": model.only_mid_control}
+    if cfg is not None:
+        meta["config_hash"] = config_hash(cfg)
+    meta.update(extra or {})
+    save_state_dict(trainable_state_dict(model), path, metadata=meta)
+    return Path(path)
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,
+                         allow_pickle: bool = False) -> dict[str, str]:
+    """Load an SD2.1 checkpoint plus a `control.safetensors` export into `model`; returns its metadata.
+
+    The SD file gives the locked parts (as `tool_add_control_sd21.py` would: new input
+    channels zero, ControlNet from the UNet); the export then overwrites everything it holds.
+    It must hold every `control_model.*` tensor of the model, so a ControlNet is never left
+    half random. Raises CheckpointError naming the problem when the files don't fit the model.
+    """
+    meta = read_export_metadata(control_path)
+    variant = meta.get("color_variant")
+    if variant is not None and variant != model.color_variant:
+        raise CheckpointError(f"{control_path}: trained for colour variant {variant}, "
+                              f"the model is {model.color_variant} (set model.color_variant={variant})")
+    state, _ = init_from_sd(model, load_state_dict(sd_path, allow_pickle=allow_pickle))
+    control = load_state_dict(control_path, allow_pickle=allow_pickle)
+    unknown = sorted(k for k in control if k not in state)
+    missing = sorted(k for k in state if k.startswith(CONTROL) and k not in control)
+    bad = sorted(k for k in control if k in state and control[k].shape != state[k].shape)
+    if unknown or missing or bad:
+        parts = [f"{len(v)} {w} (e.g. {v[0]})" for v, w in
+                 ((unknown, "unknown"), (missing, "missing control"), (bad, "reshaped")) if v]
+        raise CheckpointError(f"{control_path}: does not fit the model: {', '.join(parts)}")
+    for k, v in control.items():
+        state[k] = v.to(state[k].dtype)
+    model.load_state_dict(state, strict=True)
+    return meta

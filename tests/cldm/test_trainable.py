@@ -1,0 +1,142 @@
+"""Training policy: what trains, the locked SD channels of the UNet input conv, export and reload."""
+import pytest
+import torch
+
+from cldm.checkpoint import CheckpointError, save_state_dict
+from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
+from cldm.trainable import (INPUT_CONV, config_hash, configure_trainable, export_control, export_keys, load_sd_plus_control,
+                            param_groups, read_export_metadata, trainable_state_dict)
+from tests.train_helpers import one_thread, tiny_batch, tiny_model, tiny_sd_state  # noqa: F401 (autouse fixture)
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_default_policy_trains_controlnet_and_unet_input_only():
+    model = tiny_model("v2")
+    params = configure_trainable(model)
+    names = trainable_names(model)
+    control = {n for n, _ in model.named_parameters() if n.startswith("control_model.")}
+    assert names == control | {INPUT_CONV}
+    assert len(params) == len(names)
+    assert not any(p.requires_grad for p in model.first_stage_model.parameters())
+    assert not any(p.requires_grad for p in model.cond_stage_model.parameters())
+
+
+def test_sd_unlocked_also_trains_the_unet_decoder_as_in_controlnet():
+    model = tiny_model("v2")
+    configure_trainable(model, sd_locked=False)
+    extra = trainable_names(model) - {n for n in trainable_names(model) if n.startswith("control_model.")}
+    unet = "model.diffusion_model."
+    assert extra - {INPUT_CONV} == {n for n, _ in model.named_parameters()
+                                    if n.startswith((unet + "output_blocks.", unet + "out."))}
+
+
+def test_v1_and_flags_leave_the_unet_input_locked():
+    assert INPUT_CONV not in trainable_names(_configured(tiny_model("v1")))
+    assert INPUT_CONV not in trainable_names(_configured(tiny_model("v2"), train_unet_input=False))
+    model = tiny_model("v2", overrides=["model.concat_to_unet=false"])
+    assert INPUT_CONV not in trainable_names(_configured(model))
+
+
+def test_only_mid_control_freezes_the_unused_zero_convs():
+    names = trainable_names(_configured(tiny_model("v2"), only_mid_control=True))
+    assert not any(n.startswith("control_model.zero_convs.") for n in names)
+    assert "control_model.middle_block_out.0.weight" in names
+
+
+def _configured(model, **kw):
+    configure_trainable(model, **kw)
+    return model
+
+
+def test_locked_sd_channels_get_zero_gradient_and_stay_bitwise_under_adamw():
+    model = tiny_model("v2")
+    configure_trainable(model)
+    configure_trainable(model)  # idempotent: one hook, not two
+    w = model.model.diffusion_model.input_blocks[0][0].weight
+    before = w.detach().clone()
+    # weight decay 0.01 on the rest must not reach the partly locked conv
+    groups = param_groups(model, weight_decay=0.01)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and groups[1]["params"] == [w]
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    b = tiny_batch(2)
+    hint = b["hint"].permute(0, 3, 1, 2)
+    z0 = torch.randn(2, 4, 8, 8)
+    model.train()
+    for step in range(3):
+        cond = model.prepare_condition(hint, context=torch.randn(2, 77, 32))
+        loss = model.training_loss(z0, cond)
+        opt.zero_grad()
+        loss.backward()
+        assert torch.count_nonzero(w.grad[:, :4]) == 0
+        assert torch.count_nonzero(w.grad[:, 4:]) > 0
+        opt.step()
+    assert torch.equal(w[:, :4], before[:, :4])          # SD kernel bitwise unchanged
+    assert (w[:, 4:] - before[:, 4:]).abs().max() > 1e-4  # new channels trained
+
+
+def test_weight_decay_alone_would_move_the_locked_channels():
+    """Why the input conv's group has decay 0: AdamW decays weights even with zero gradient."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.01)
+    w.grad = torch.zeros(3)
+    opt.step()
+    assert not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_export_reloads_on_top_of_sd(tmp_path):
+    sd = tiny_sd_state(seed=3)
+    model = tiny_model("v2", sd=sd)
+    configure_trainable(model)
+    exported = set(export_keys(model))
+    with torch.no_grad():  # stand-in for training: perturb everything the export holds
+        for n, p in model.named_parameters():
+            if n in exported:
+                p.add_(torch.randn_like(p) * 0.01)
+        model.model.diffusion_model.input_blocks[0][0].weight[:, :4] = \
+            sd[INPUT_CONV]  # training never moves the SD channels
+    save_state_dict(sd, tmp_path / "sd.safetensors")
+    path = export_control(model, tmp_path / "control.safetensors", step=7,
+                          cfg=load_config(TINY_CONFIG))
+    meta = read_export_metadata(path)
+    assert meta["color_variant"] == "v2" and meta["step"] == "7" and len(meta["config_hash"]) == 16
+
+    fresh = create_model(load_config(TINY_CONFIG))
+    load_sd_plus_control(fresh, tmp_path / "sd.safetensors", path)
+    want, got = model.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
+    sd = tiny_sd_state()
+    save_state_dict(sd, tmp_path / "sd.safetensors")
+    model = tiny_model("v2", sd=sd)
+    configure_trainable(model)
+    export_control(model, tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="variant v2.*model is v3"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.color_variant=v3"])),
+                             tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
+    part = {k: v for k, v in trainable_state_dict(model).items() if "hint_block" not in k}
+    save_state_dict(part, tmp_path / "part.safetensors")
+    with pytest.raises(CheckpointError, match="missing control"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                             tmp_path / "part.safetensors")
+
+
+def test_config_hash_ignores_checkpointing_but_not_what_trains():
+    base = config_hash(load_config(TINY_CONFIG))
+    assert config_hash(load_config(TINY_CONFIG, ["model.unet.use_checkpoint=true", "train.lr=1"])) == base
+    assert config_hash(load_config(TINY_CONFIG, ["model.sd_locked=false"])) != base
+
+
+def test_real_config_export_is_about_a_quarter_of_the_model():
+    with torch.device("meta"):
+        model = create_model(load_config(DEFAULT_CONFIG))
+    configure_trainable(model)
+    sd = model.state_dict()
+    n_export = sum(sd[k].numel() for k in export_keys(model))
+    n_all = sum(v.numel() for v in sd.values())
+    assert 0.2 < n_export / n_all < 0.3, n_export / n_all  # ~364M of ~1.3G

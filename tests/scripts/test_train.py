@@ -1,0 +1,181 @@
+"""tutorial_train_sd21_color_v2.py end to end on the tiny config: runs, errors, SIGKILL + resume, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tutorial_train_sd21_color_v2 as train
+from annotator.latent_cache import build_latent_cache
+from annotator.pairs import BuildOptions, build_movie
+from cldm.checkpoint import load_state_dict, save_state_dict
+from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.trainable import INPUT_CONV, load_sd_plus_control, read_export_metadata
+from tests.annotator.clips import panning_clip, write_folder
+from tests.train_helpers import one_thread, tiny_model  # noqa: F401 (autouse fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """DATA_ROOT with two short panning clips (64 px, latent cache built) and an init checkpoint."""
+    d = tmp_path_factory.mktemp("train")
+    for k in range(2):
+        src = write_folder(panning_clip(8, 64, 96, speed=2, seed=k), d / f"src{k}")
+        build_movie(src, d / "data", f"m{k}", BuildOptions(size=64, window=3, threads=1))
+    model = tiny_model("v2")
+    save_state_dict(model.state_dict(), d / "init.safetensors")
+    build_latent_cache(d / "data", model.first_stage_model, progress=False, log=lambda s: None)
+    return d
+
+
+def args(ws, out, *extra):
+    return ["--config", str(TINY_CONFIG), "--init", str(ws / "init.safetensors"), "--data", str(ws / "data"),
+            "--out", str(out), "--low", "0", "--high", "1", "--min-gap", "1", "--accelerator", "cpu",
+            *map(str, extra)]
+
+
+def clean_env(**extra):
+    """A child run's environment: one thread (see one_thread), without the rendezvous
+    variables that in-process runs may have set."""
+    drop = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1", **extra}
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
+    cases = [
+        (["--data", str(tmp_path / "nope")], "--data .*nope: no such folder"),
+        (["--init", str(tmp_path / "nope.safetensors")], "--init .*: no such file"),
+        (["model.colour_variant=v3"], "bad override.*colour_variant"),
+        (["--resume", str(tmp_path / "x.ckpt")], "--resume .*: no such file"),
+        (["model.color_variant=v3"], r"does not fit ControlLDM"),  # v2 init, v3 config
+    ]
+    for i, (extra, pattern) in enumerate(cases):  # a repeated flag wins over the one in args()
+        assert train.main(args(ws, tmp_path / f"out{i}") + extra) == 2, pattern
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert re.search(pattern, err), (pattern, err)
+        assert not (tmp_path / f"out{i}" / "config.yaml").exists()  # a failed start records nothing
+
+
+def run_and_kill(ws, out, max_steps, when, seed):
+    """Start a training process and SIGKILL it at `when`: 'save' = while a checkpoint after the
+    first is being written (its temp file exists), or a random delay up to `when` seconds after
+    its first checkpoint. Returns the names left in the checkpoint folder."""
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", max_steps, "--ckpt-every", 1,
+                                            "--ckpt-keep", 2, "--warmup-steps", 1000)]
+    log = open(out.parent / f"{out.name}.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    ckpt_dir, deadline = out / "checkpoints", time.monotonic() + 120
+    rng = random.Random(seed)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
+            if when == "save" and any(n.endswith(".tmp") for n in names) and any(n.endswith(".ckpt") for n in names):
+                break
+            if when != "save" and any(n.endswith(".ckpt") for n in names):
+                time.sleep(when * rng.random())
+                break
+            time.sleep(0.001)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed:\n" + output[-2000:]
+    return sorted(os.listdir(ckpt_dir))
+
+
+def check_resumes(ws, out, more_steps=3, *extra):
+    """Every checkpoint loads; `--resume auto` then trains to `more_steps` past the newest.
+
+    The resumed run saves no periodic checkpoint (--ckpt-every 1000): the final one must come
+    from the save at the end of training. Returns the final checkpoint.
+    """
+    steps = [load_ckpt(p)["global_step"] for p in (out / "checkpoints").glob("*.ckpt")]  # none corrupt
+    max_steps = max(steps, default=0) + more_steps
+    assert train.main(args(ws, out, "--max-steps", max_steps, "--ckpt-every", 1000, "--ckpt-keep", 2,
+                           "--warmup-steps", 1000, *extra)) == 0
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    final = load_ckpt(out / "checkpoints" / f"step={max_steps:08d}.ckpt")
+    assert final["global_step"] == max_steps
+    # optimiser and scheduler continued rather than restarted: Adam has taken max_steps steps
+    # in total, and the warm-up LR (lr * k / 1000 at step k) is at step max_steps
+    assert {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()} == {max_steps}
+    assert final["lr_schedulers"][0]["last_epoch"] == max_steps
+    assert final["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-5 * (max_steps + 1) / 1000)
+    return final
+
+
+def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_path):
+    out = tmp_path / "run"
+    run_and_kill(ws, out, max_steps=40, when=1.5, seed=0)
+    # resumed on the latent cache: the data path may change between runs, the model may not
+    final = check_resumes(ws, out, 3, "--use-latent-cache", "--image-every", 1)
+    step = final["global_step"]
+    assert (out / "images" / f"step-{step:08d}.png").stat().st_size > 0
+    csv = sorted((out / "csv").glob("version_*/metrics.csv"))[-1].read_text()
+    assert "train/loss" in csv and "lr-AdamW/trainable" in csv and "lr-AdamW/unet_input" in csv
+    assert json.loads((out / "replicas.json").read_text())["identical"]
+
+    export = load_state_dict(out / "control.safetensors")  # exactly the checkpoint's trainable tensors
+    assert export.keys() == {k[len("model."):] for k in final["state_dict"]}
+    assert all(torch.equal(export[k], final["state_dict"]["model." + k]) for k in export)
+    meta = read_export_metadata(out / "control.safetensors")
+    assert (meta["step"], meta["color_variant"], meta["init"]) == (str(step), "v2", "init.safetensors")
+    init = load_state_dict(ws / "init.safetensors")
+    assert torch.equal(export[INPUT_CONV][:, :4], init[INPUT_CONV][:, :4])  # SD channels never moved
+    # the inference side loads SD + export with the config found next to it
+    sd = {k: v for k, v in init.items() if not k.startswith("control_model.")}
+    save_state_dict(sd, tmp_path / "sd.safetensors")
+    model = create_model(load_config(out / "control.yaml"))
+    load_sd_plus_control(model, tmp_path / "sd.safetensors", out / "control.safetensors")
+    assert torch.equal(model.state_dict()["control_model.input_hint_block.0.weight"],
+                       export["control_model.input_hint_block.0.weight"])
+    # --export rewrites the export from the newest checkpoint, without training
+    (out / "control.safetensors").unlink()
+    assert train.main(args(ws, out, "--export")) == 0
+    again = load_state_dict(out / "control.safetensors")
+    assert again.keys() == export.keys() and all(torch.equal(again[k], export[k]) for k in export)
+    # checkpoints of another model config in the same OUT are refused
+    assert train.main(args(ws, out, "model.color_variant=v3")) == 2
+
+
+@pytest.mark.parametrize("when", ["save", pytest.param(0.5, marks=pytest.mark.slow),
+                                  pytest.param(3.0, marks=pytest.mark.slow)])
+def test_sigkill_at_various_moments_then_resume(ws, tmp_path, when):
+    out = tmp_path / "run"
+    left = run_and_kill(ws, out, max_steps=60, when=when, seed=1)
+    print("left after SIGKILL:", left)  # with 'save', usually a .tmp next to the complete checkpoints
+    check_resumes(ws, out)
+
+
+def test_ddp_two_cpu_processes_keep_identical_replicas(ws, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 3, "--ckpt-every", 3,
+                                            "--use-latent-cache")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "replicas.json").read_text())
+    assert rep["world_size"] == 2 and rep["step"] == 3
+    assert rep["identical"] and len(set(rep["digests"])) == 1
+    assert load_ckpt(out / "checkpoints" / "step=00000003.ckpt")["global_step"] == 3
+    trained, init = load_state_dict(out / "control.safetensors"), load_state_dict(ws / "init.safetensors")
+    assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
+                           init["control_model.middle_block_out.0.weight"])  # it did train

@@ -1,0 +1,66 @@
+"""Tiny models and batches for the training tests (importable, unlike conftest)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from cldm.convert import init_from_sd
+from cldm.model import TINY_CONFIG, create_model, load_config
+
+
+def tiny_sd_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    return dict(_tiny_sd_state(seed))  # callers may add or drop keys, never write into tensors
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_sd_state(seed: int) -> dict[str, torch.Tensor]:
+    """A plain-SD-format tiny state dict standing in for trained SD weights.
+
+    A fresh UNet's zero-initialised output layers make it predict 0 and block every gradient,
+    so those layers get small random weights; the rest keeps PyTorch's default init.
+    """
+    torch.manual_seed(seed)
+    model = create_model(load_config(TINY_CONFIG, ["model.color_variant=v1"]))
+    with torch.no_grad():
+        for p in model.model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.02)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+
+
+def tiny_model(variant: str = "v2", seed: int = 0, overrides=(), sd: dict | None = None):
+    """A tiny ControlLDM initialised from `tiny_sd_state` the way tool_add_control_sd21.py does."""
+    cfg = load_config(TINY_CONFIG, [f"model.color_variant={variant}", *overrides])
+    sd = tiny_sd_state(seed) if sd is None else sd
+    torch.manual_seed(seed + 1)
+    model = create_model(cfg)
+    state, _ = init_from_sd(model, sd)
+    model.load_state_dict(state)
+    return model
+
+
+def tiny_batch(b: int = 2, size: int = 64, seed: int = 0, latents: bool = False) -> dict:
+    """A dataset-style batch: HWC `hint` in [0, 1], `jpg` in [-1, 1], blank prompts."""
+    g = torch.Generator().manual_seed(seed)
+    # smooth images: a few random colours upsampled, so the VAE sees image-like inputs
+    rgb = torch.nn.functional.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    ref = torch.nn.functional.interpolate(torch.rand(b, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    gray = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
+    batch = {"hint": torch.cat([ref, gray], 1).permute(0, 2, 3, 1).contiguous(),
+             "jpg": (rgb * 2 - 1).permute(0, 2, 3, 1).contiguous(), "txt": [""] * b}
+    return batch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each training test with one intra-op thread, then restore the setting.
+
+    On a shared 2-core machine two OpenMP threads that lose their core to another process
+    make these small steps 10-100x slower (measured 0.05 s -> 3-6 s); one thread does not.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

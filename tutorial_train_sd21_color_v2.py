@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Train the colour ControlNet on SD2.1 (PyTorch Lightning 2.x, DDP across GPUs and nodes).
+
+    python tutorial_train_sd21_color_v2.py --init models/control_sd21_color_v2.safetensors \\
+        --data data/films --out runs/color_v2 --devices 8 --use-latent-cache
+
+Starts from the checkpoint made by tool_add_control_sd21.py, on pairs from build_pairs.py.
+Every flag defaults to the config's `train:` section; `key=value` arguments override the
+YAML. Rerunning the same command resumes from the newest complete checkpoint in OUT
+(`--resume auto`, the default). At the end OUT/control.safetensors holds the trained
+weights alone (load them on top of SD2.1 with cldm.trainable.load_sd_plus_control).
+Multi-GPU / multi-node recipes (torchrun, SLURM): docs/TRAINING.md.
+
+Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+PROG = "tutorial_train_sd21_color_v2.py"
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line, exit status 2."""
+
+
+def parser() -> argparse.ArgumentParser:
+    from cldm.model import DEFAULT_CONFIG
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="Flags left out take the config's train: values (see models/*.yaml).")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model + training YAML (default: %(default)s)")
+    p.add_argument("--init", required=True, metavar="CKPT",
+                   help="initial full checkpoint from tool_add_control_sd21.py; also needed when resuming, "
+                        "since checkpoints hold only the trainable weights")
+    p.add_argument("--data", required=True, metavar="DATA_ROOT", help="folder written by build_pairs.py")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, logs, images, export")
+    g = p.add_argument_group("data")
+    g.add_argument("--size", type=int, help="training crop size in pixels (multiple of 64)")
+    g.add_argument("--low", type=float, help="pair band: similarity above this")
+    g.add_argument("--high", type=float, help="pair band: similarity below this")
+    g.add_argument("--min-gap", type=int, help="pair band: at least this many frames apart")
+    g.add_argument("--num-workers", type=int, help="data loader processes per device")
+    g.add_argument("--use-latent-cache", action="store_true",
+                   help="take target/reference latents from build_latent_cache.py's cache: no VAE encode in the step")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, help="samples per device per step")
+    g.add_argument("--accumulate", type=int, help="batches accumulated per optimiser step")
+    g.add_argument("--lr", type=float, help="learning rate (config default 1e-5)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as the original's Adam)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], help="adamw8bit needs bitsandbytes")
+    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    g.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"],
+                   help="32 = fp32 (TF32 matmuls on GPU); bf16-mixed = bf16 autocast (fast path on A100/H100)")
+    g.add_argument("--max-steps", type=int, help="stop at this optimiser step (-1: no limit)")
+    g.add_argument("--max-epochs", type=int, help="stop after this many epochs (-1: no limit)")
+    g.add_argument("--seed", type=int, help="seed for initialisation, data order and noise")
+    g.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep SD locked (default); --no-sd-locked also trains the UNet decoder, as in ControlNet")
+    g.add_argument("--only-mid-control", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the ControlNet only to the UNet's middle block, as in ControlNet")
+    g.add_argument("--train-unet-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="v2/v3: train the new input channels of the UNet's first conv (default on)")
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing in UNet and ControlNet (less memory, ~30%% more compute)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the ControlNet and UNet (slow first steps, faster after)")
+    g = p.add_argument_group("devices")
+    g.add_argument("--accelerator", default="auto", help="auto, gpu or cpu")
+    g.add_argument("--devices", default="auto", help="devices per node: a count, 'auto', or a list like 0,1")
+    g.add_argument("--num-nodes", type=int, default=1, help="machines (with torchrun or SLURM: docs/TRAINING.md)")
+    g.add_argument("--strategy", default="ddp", help="ddp (default), or any Lightning strategy name")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto: continue from the newest complete checkpoint in OUT, if any (default); "
+                        "never: start fresh (refused if OUT has checkpoints); PATH: this checkpoint")
+    g.add_argument("--ckpt-every", type=int, help="steps between resumable checkpoints")
+    g.add_argument("--ckpt-keep", type=int, help="how many of the newest checkpoints to keep")
+    g.add_argument("--image-every", type=int, help="steps between sample grids (0 = off)")
+    g.add_argument("--log-every", type=int, help="steps between logged losses")
+    g.add_argument("--val-every", type=int, help="validation loss every N training batches (0 = off)")
+    g.add_argument("--export", action="store_true",
+                   help="only write OUT/control.safetensors from the resume checkpoint, then exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.color_variant=v3 train.image_ddim_steps=50")
+    return p
+
+
+# flag -> config key (None values are left to the config)
+FLAG_KEYS = {
+    "size": "train.size", "low": "train.low", "high": "train.high", "min_gap": "train.min_gap",
+    "num_workers": "train.num_workers", "batch_size": "train.batch_size", "accumulate": "train.accumulate",
+    "lr": "train.lr", "weight_decay": "train.weight_decay", "optimizer": "train.optimizer",
+    "warmup_steps": "train.warmup_steps", "grad_clip": "train.grad_clip", "precision": "train.precision",
+    "max_steps": "train.max_steps", "max_epochs": "train.max_epochs", "seed": "train.seed",
+    "compile": "train.compile", "ckpt_every": "train.ckpt_every", "ckpt_keep": "train.ckpt_keep",
+    "image_every": "train.image_every", "log_every": "train.log_every", "val_every": "train.val_every",
+    "sd_locked": "model.sd_locked", "only_mid_control": "model.only_mid_control",
+    "train_unet_input": "model.train_unet_input", "grad_checkpoint": "model.unet.use_checkpoint",
+}
+
+
+def resolve_config(args):
+    from cldm.model import load_config
+
+    flags = [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
+    cfg = load_config(args.config, list(args.overrides) + flags)
+    if "train" not in cfg:
+        raise UsageError(f"{args.config}: no train: section (see models/cldm_v21_color.yaml)")
+    return cfg
+
+
+def is_launch_rank_zero() -> bool:
+    """True in the one process that should touch OUT before the process group exists."""
+    env = os.environ
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key]) == 0
+    return int(env.get("NODE_RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
+
+
+def resolve_resume(args, ckpt_dir: Path) -> Path | None:
+    from cldm.lightning import find_resume_checkpoint, is_complete_checkpoint
+
+    if args.resume == "auto":
+        return find_resume_checkpoint(ckpt_dir)
+    if args.resume == "never":
+        if find_resume_checkpoint(ckpt_dir) is not None:
+            raise UsageError(f"{ckpt_dir} already holds checkpoints; use --resume auto or another --out")
+        return None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise UsageError(f"--resume {path}: no such file")
+    if not is_complete_checkpoint(path):
+        raise UsageError(f"--resume {path}: truncated or not a Lightning checkpoint")
+    return path
+
+
+def check_run_dir(out: Path, cfg) -> None:
+    """Refuse to continue checkpoints of another model setup in the same OUT."""
+    from omegaconf import OmegaConf
+
+    from cldm.lightning import find_resume_checkpoint
+    from cldm.trainable import config_hash
+
+    saved = out / "config.yaml"
+    if saved.is_file() and find_resume_checkpoint(out / "checkpoints") is not None \
+            and config_hash(OmegaConf.load(saved)) != config_hash(cfg):
+        raise UsageError(f"{out} holds checkpoints of another model config ({saved}); use another --out")
+
+
+def record_config(out: Path, cfg) -> None:
+    """OUT/config.yaml: the resolved config of the run (written once the run is known to start)."""
+    from omegaconf import OmegaConf
+
+    if is_launch_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(cfg))
+        os.replace(tmp, out / "config.yaml")
+
+
+def build_model(cfg, init: Path):
+    """ControlLDM with the init checkpoint loaded; every tensor must match (else CheckpointError)."""
+    from cldm.checkpoint import load_into, load_state_dict
+    from cldm.model import create_model
+
+    model = create_model(cfg)
+    load_into(model, load_state_dict(init), strict_prefixes=("",))
+    return model
+
+
+def build_datamodule(cfg, args, model):
+    from tutorial_dataset import PairDataModule
+
+    t = cfg.train
+    band = {k: t[k] for k in ("low", "high", "min_gap") if t[k] is not None}
+    fingerprint = None
+    if args.use_latent_cache:
+        from annotator.latent_cache import vae_fingerprint
+        fingerprint = vae_fingerprint(model.first_stage_model)
+    dm = PairDataModule(args.data, batch_size=t.batch_size, num_workers=t.num_workers, size=t.size,
+                        val_movies=None if t.val_every else [], vae_fingerprint=fingerprint, **band)
+    dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache
+    return dm
+
+
+def count_devices(accelerator: str, devices) -> int:
+    """Processes per node that `devices` means, as Lightning will resolve it."""
+    import torch
+
+    if isinstance(devices, int):
+        return devices
+    if devices.strip() in ("auto", "-1"):
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpu else 1
+    return len([d for d in devices.split(",") if d.strip()])
+
+
+def make_trainer(cfg, args, out: Path):
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from cldm.lightning import AtomicCheckpointIO, ImageLogger, ReplicaCheck, StepCheckpoint
+
+    t = cfg.train
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    strategy = args.strategy
+    if strategy == "ddp":
+        if count_devices(args.accelerator, devices) * args.num_nodes == 1:
+            strategy = "auto"  # one process: no process group, no DDP wrapper, no all-reduce
+        else:
+            # buffers are constants (the noise schedule): no need to broadcast them every step
+            strategy = DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True,
+                                   broadcast_buffers=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 runs, as on the original A6000s
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # one resume mechanism: --resume auto
+    callbacks = [
+        StepCheckpoint(out / "checkpoints", every_n_steps=t.ckpt_every, keep=t.ckpt_keep),
+        LearningRateMonitor(logging_interval="step"),
+        ImageLogger(out / "images", t.image_every, t.image_count, t.image_ddim_steps, seed=t.seed),
+        ReplicaCheck(out / "replicas.json"),
+        TQDMProgressBar(refresh_rate=max(1, t.log_every)),
+    ]
+    val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every else \
+        dict(limit_val_batches=0)
+    return L.Trainer(
+        accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
+        precision=str(t.precision), max_steps=t.max_steps, max_epochs=t.max_epochs,
+        accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
+        log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
+        logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
+        num_sanity_val_steps=0, benchmark=True, enable_model_summary=False, **val)
+
+
+def export(module, out: Path, cfg, step: int, init: Path) -> Path:
+    """OUT/control.safetensors, plus OUT/control.yaml (its config, found by colorize_inference.py)."""
+    from omegaconf import OmegaConf
+
+    from cldm.trainable import export_control
+
+    tmp = out / ".control.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    os.replace(tmp, out / "control.yaml")
+    return export_control(module.model, out / "control.safetensors", step=step, cfg=cfg,
+                          extra={"init": init.name})
+
+
+def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Path:
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"], strict=False)
+    return export(module, out, cfg, int(state.get("global_step", 0)), init)
+
+
+def prepare(args):
+    """Everything that can fail on bad input, before any training: (trainer, module, data, resume)."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from cldm.lightning import ColorControlModule, remove_partial_checkpoints
+
+    cfg = resolve_config(args)
+    data, init, out = Path(args.data), Path(args.init), Path(args.out)
+    if not data.is_dir():
+        raise UsageError(f"--data {data}: no such folder (make it with build_pairs.py)")
+    if not init.is_file():
+        raise UsageError(f"--init {init}: no such file (make it with tool_add_control_sd21.py)")
+    ckpt_dir = out / "checkpoints"
+    check_run_dir(out, cfg)
+    if is_launch_rank_zero():
+        remove_partial_checkpoints(ckpt_dir)
+    resume = resolve_resume(args, ckpt_dir)
+    if args.export and resume is None:
+        raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
+
+    t = cfg.train
+    if t.optimizer == "adamw8bit":
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
+    # The frozen VAE and text encoder are in eval mode on purpose (ColorControlModule.train).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    model = build_model(cfg, init)
+    module = ColorControlModule(
+        model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,
+        sd_locked=cfg.model.sd_locked, train_unet_input=cfg.model.get("train_unet_input", True), seed=t.seed,
+        compile=t.compile, config=OmegaConf.to_container(cfg, resolve=True))
+    if args.export:
+        return cfg, None, module, None, resume
+    dm = build_datamodule(cfg, args, model)
+    trainer = make_trainer(cfg, args, out)
+    record_config(out, cfg)
+    return cfg, trainer, module, dm, resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from annotator.latent_cache import LatentCacheError
+    from cldm.checkpoint import CheckpointError
+    from cldm.model import ConfigError
+
+    def fail(e: Exception) -> int:
+        print(f"{PROG}: error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        return 2
+
+    out, init = Path(args.out), Path(args.init)
+    try:
+        cfg, trainer, module, dm, resume = prepare(args)
+        if args.export:
+            path = export_from_checkpoint(module, resume, out, cfg, init)
+            print(f"exported {resume.name} -> {path}")
+            return 0
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, ConfigError, CheckpointError, LatentCacheError, MisconfigurationException, ValueError,
+            OSError) as e:
+        return fail(e)
+    if resume is not None and trainer.is_global_zero:
+        print(f"resuming from {resume}", file=sys.stderr)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    except CheckpointError as e:  # a resume checkpoint of another setup (on_load_checkpoint)
+        return fail(e)
+    if trainer.interrupted:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if trainer.is_global_zero:
+        path = export(module, out, cfg, trainer.global_step, init)
+        print(f"step {trainer.global_step}: trained weights -> {path}")
+    return 0
+
+
+if __name__ == "__main__":  # required: DDP re-runs this file in every process it starts
+    sys.exit(main())
