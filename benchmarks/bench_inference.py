@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Frames per second of the inference modes (colorize.pipeline), on one machine in one run.
+
+Times the library call colorize_inference.py makes, end to end per frame: resize, the
+reference and hint work, DDIM, VAE decode, resize back and the luminance-true recombination
+at the input size (no file writing). The model is the tiny config with random weights -
+speed does not depend on the weights - so the numbers compare the modes, not the real model:
+fixed mode batches frames and encodes the reference once; recursive and anchored modes run
+one frame at a time and encode the previous output as the next reference.
+Runs of the modes alternate and the median of --repeat runs is reported, so background load
+hits all modes alike.
+
+With --flops it instead counts the FLOPs per frame of the pipeline's path for a config (the
+real SD2.1 one by default) on the meta device - no memory, no GPU - as benchmarks/flops.py
+does for its parts: fixed mode (reference latent and prompt once per clip), recursive/anchored
+(plus a VAE encode of the previous output) and reference guidance.
+
+  python benchmarks/bench_inference.py --threads 1              # tiny config, CPU, 1280x720 frames
+  python benchmarks/bench_inference.py --frames 32 --scale 0.25 --size 64 --steps 20
+  python benchmarks/bench_inference.py --flops --height 512 --width 896
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from annotator.color import rgb_to_gray, transfer_luma  # noqa: E402
+from annotator.video import iter_frames  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config  # noqa: E402
+from colorize import pipeline as P  # noqa: E402
+from ldm import schedule  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
+RUNS = {  # label -> (mode, batch)
+    "fixed, batch 1": ("fixed", 1),
+    "fixed, batch 4": ("fixed", 4),
+    "fixed, batch 8": ("fixed", 8),
+    "recursive": ("recursive", 1),
+    "anchored": ("anchored", 1),
+}
+
+
+def load_frames(n: int, scale: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """n gray frames of the sample clip (from frame 1) and colour frame 0 as the reference."""
+    grays, ref = [], None
+    for i, _, rgb in iter_frames(SAMPLE, check_count=False):
+        if scale != 1:
+            rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        if i == 0:
+            ref = rgb
+        else:
+            grays.append(rgb_to_gray(rgb))
+        if len(grays) == n:
+            break
+    return grays, ref
+
+
+def fps(model, grays, ref, mode: str, batch: int, **options) -> tuple[float, float]:
+    """(frames per second of wall time, CPU seconds per frame over all threads)."""
+    t, c = time.perf_counter(), time.process_time()
+    n = sum(1 for _ in P.colorize(model, grays, ref, mode, batch=batch, **options))
+    return n / (time.perf_counter() - t), (time.process_time() - c) / n
+
+
+@torch.no_grad()
+def pipeline_flops(config=DEFAULT_CONFIG, height: int = 512, width: int = 512, steps: int = 20) -> dict[str, int]:
+    """FLOPs per frame of colorize.pipeline's model path (batch 1), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    cfg = load_config(config)
+    with torch.device("meta"):
+        model = create_model(cfg).eval()
+    s = cfg.model.schedule  # DDIM reads the schedule's values, which meta tensors do not have
+    for name, value in schedule.schedule_buffers("linear", s.timesteps, s.linear_start, s.linear_end).items():
+        model.register_buffer(name, value)
+    hint = torch.rand(1, 4, height, width, device="meta")
+    context = model.get_learned_conditioning([""])
+    ref_latent = model.encode_first_stage(hint[:, :3] * 2 - 1)
+    gens = [P.frame_generator(0, 0)]
+
+    def frame(guided: bool = False):
+        cond = model.prepare_condition(hint, context=context, ref_latent=ref_latent)
+        uncond = model.prepare_condition(hint, context=context, ref_latent=ref_latent) if guided else None
+        z = P.sample_latents(model, cond, gens, steps, uncond=uncond, ref_guidance=2.0 if guided else 1.0)
+        return model.decode_first_stage(z)
+
+    tokens = model.cond_stage_model.tokenize([""]).to("meta")
+    out = {"text encoder (once per clip)": count(lambda: model.cond_stage_model.encode_tokens(tokens)),
+           "VAE encode of a reference": count(lambda: model.encode_first_stage(hint[:, :3] * 2 - 1)),
+           "hint block": count(lambda: model.control_model.encode_hint(hint)),
+           "one DDIM step (ControlNet + UNet)": count(lambda: P.sample_latents(
+               model, model.prepare_condition(hint, context=context, ref_latent=ref_latent), gens, 1)),
+           "VAE decode": count(lambda: model.decode_first_stage(torch.zeros(1, 4, height // 8, width // 8,
+                                                                             device="meta")))}
+    out["one DDIM step (ControlNet + UNet)"] -= out["hint block"]
+    out["fixed, per frame"] = count(frame)
+    out["recursive / anchored, per frame"] = out["fixed, per frame"] + out["VAE encode of a reference"]
+    out["fixed with --ref-guidance, per frame"] = count(lambda: frame(guided=True))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="model YAML (default: the tiny config; with --flops the real SD2.1 one)")
+    p.add_argument("--frames", type=int, default=16, help="frames per run (default: 16)")
+    p.add_argument("--scale", type=float, default=1.0, help="input frame scale, 1 = 1280x720 (default: 1)")
+    p.add_argument("--size", type=int, default=64, help="model short side (default: 64 -> 64x128)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported (default: 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (default: auto)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--flops", action="store_true", help="count FLOPs per frame on meta instead of timing")
+    p.add_argument("--height", type=int, default=512, help="--flops: model frame height (default: 512)")
+    p.add_argument("--width", type=int, default=512, help="--flops: model frame width (default: 512)")
+    args = p.parse_args(argv)
+    if args.flops:
+        config = args.config or DEFAULT_CONFIG
+        print(f"# FLOPs per frame, {Path(config).name}, {args.width}x{args.height}, {args.steps} DDIM steps")
+        for k, v in pipeline_flops(config, args.height, args.width, args.steps).items():
+            print(f"{k:40s} {v / 1e12:8.3f} TFLOP")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
+    grays, ref = load_frames(args.frames, args.scale)
+    opts = dict(size=args.size, steps=args.steps, precision=args.precision)
+    fps(model, grays[:2], ref, "fixed", 2, **opts)  # warm-up
+    results = {label: [] for label in RUNS}
+    for _ in range(args.repeat):
+        for label, (mode, batch) in RUNS.items():
+            results[label].append(fps(model, grays, ref, mode, batch, **opts))
+    h, w = grays[0].shape
+    mh, mw = P.model_size(h, w, args.size)
+    t = time.perf_counter()
+    for g in grays:
+        transfer_luma(P.resize(np.full((mh, mw, 3), 0.5, np.float32), (h, w)), g)
+    post = (time.perf_counter() - t) / len(grays)
+    print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}, "
+          f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
+          f"{args.frames} frames, median of {args.repeat}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")
+    print("| mode | frames/s | s/frame | CPU s/frame |\n|---|---:|---:|---:|")
+    for label, values in results.items():
+        f = statistics.median(v[0] for v in values)
+        cpu = statistics.median(v[1] for v in values)
+        print(f"| {label} | {f:.2f} | {1 / f:.3f} | {cpu:.3f} |")
+    print(f"resize back + luminance-true recombination alone: {post * 1000:.1f} ms/frame")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

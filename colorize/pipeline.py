@@ -1,0 +1,511 @@
+"""Colourise a grayscale clip with the colour ControlNet from one or more colour references.
+
+Three modes, one sampler:
+- fixed: every frame is conditioned on the (most similar) original reference. Frames are
+  independent, so they run in batches.
+- recursive: each frame is conditioned on the previous *output*, so colours follow motion,
+  but a mistake is copied forward (the original project saw a red spot spread over frames).
+- anchored: recursive, but the propagated output first has its chroma statistics pulled
+  back to the original reference's (`anchor_strength`), and every `anchor_every` frames the
+  original reference is used again, so drift is bounded. anchor_every=1 is fixed mode;
+  anchor_every=0 with anchor_strength=0 is recursive mode.
+With several references each frame takes the most similar one (SSIM of 64x64 gray
+thumbnails, annotator/similarity.py); in the sequential modes a change of reference (a
+scene cut) restarts the chain from that reference.
+
+Per clip, once: the blank-prompt embedding, and each reference resized to the model frame
+size with its VAE latent (v2/v3). Per frame: the hint-block features (the hint is reference
+RGB + *target gray*, so they depend on the frame) and, for v3, the gray latent.
+
+Noise is drawn per frame from its own generator seeded from (seed, frame index), on the CPU,
+so a frame gets the same noise whatever the batch size, mode or device.
+
+Output (luminance-true unless `raw`): the decoded image, resized back to the input size,
+keeps only its chroma; the luma is the full-resolution input gray (BT.601,
+annotator.color.transfer_luma). Edges and faces are the input's; only colour is the model's.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
+from annotator.similarity import SIM_SIZE, fast_resize, ssim
+from annotator.video import FrameSourceError, iter_frames, list_frame_files, probe
+from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
+from cldm.cldm import ControlLDM
+from cldm.color import ColorCondition
+from cldm.model import DEFAULT_CONFIG, create_model, load_config
+from cldm.trainable import load_sd_plus_control
+from ldm import sampler
+
+MODES = ("fixed", "recursive", "anchored")
+MULTIPLE = 64  # model frame sides: VAE /8 times the UNet's 3 (tiny) or 4 (SD) levels, /2 each
+COLOUR_TOL = 2.0 / 255  # mean channel spread above which a 3-channel frame counts as colour
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class InferenceError(ValueError):
+    """Bad input or settings for inference; str(e) is one line saying what and where."""
+
+
+# ---- sizes and frames ---------------------------------------------------------------------
+
+
+def model_size(height: int, width: int, size: int = 512) -> tuple[int, int]:
+    """(H, W) the model runs at: short side ~`size`, aspect kept, both sides multiples of 64.
+
+    Each side is scaled by size / short side and rounded to the nearest multiple of 64
+    (at least 64), so the short side is `size` rounded the same way and the aspect ratio
+    changes by at most 32 px on either side (1280x720 at 512 -> 896x512, at 64 -> 128x64).
+    """
+    scale = size / min(height, width)
+    side = lambda v: max(MULTIPLE, int(math.floor(v * scale / MULTIPLE + 0.5)) * MULTIPLE)
+    return side(height), side(width)
+
+
+def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Anti-aliased resize of an HW or HWC float image to (H, W), clipped to [0, 1]."""
+    out = fast_resize(np.ascontiguousarray(img, dtype=np.float32), hw[1], hw[0])
+    return np.clip(out, 0.0, 1.0)
+
+
+def to_gray(frame: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Any frame (HW, HW1, HW2 gray+alpha, HW3 RGB, HW4 RGBA; uint8/uint16/float) -> (gray, colour).
+
+    gray is float32 HW in [0, 1] at the input's precision; 3/4-channel frames become their
+    BT.601 luma, and `colour` says whether they were really colour (mean channel spread
+    above COLOUR_TOL), so the caller can say so once.
+    """
+    f = to_float(np.asarray(frame))
+    if f.ndim == 3 and f.shape[2] in (1, 2):
+        f = f[..., 0]
+    if f.ndim == 2:
+        return np.ascontiguousarray(f, dtype=np.float32), False
+    if f.ndim != 3 or f.shape[2] not in (3, 4):
+        raise ValueError(f"unsupported frame shape {f.shape}")
+    rgb = f[..., :3]
+    colour = float((rgb.max(-1) - rgb.min(-1)).mean()) > COLOUR_TOL
+    return rgb_to_gray(rgb), colour
+
+
+@dataclass
+class Frame:
+    index: int
+    name: str  # output file name: the input's stem (folders) or the zero-padded index (videos) + .png
+    gray: np.ndarray  # float32 HW in [0, 1]
+    depth: int  # 8 or 16: bits per channel of the input, used for the output PNG
+    colour: bool  # the input frame was colour (we colourise its luma)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Image file -> RGB(A)/gray array at its own bit depth (annotator.video's reader rounds 16-bit to 8)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise FrameSourceError(path, f"cannot read file ({e.strerror or e})") from None
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise FrameSourceError(path, "not a readable image")
+    if img.ndim == 3 and img.shape[2] >= 3:
+        img = np.ascontiguousarray(img[..., [2, 1, 0, 3][: img.shape[2]]])  # BGR(A) -> RGB(A)
+    return img
+
+
+def _depth(img: np.ndarray) -> int:
+    return 16 if img.dtype == np.uint16 else 8
+
+
+def iter_gray_frames(path: str | os.PathLike) -> Iterator[Frame]:
+    """Frames of a video file or frame folder as gray `Frame`s, streamed in order.
+
+    Folder frames keep 16-bit precision; every problem (empty folder, unreadable or
+    odd-sized frame, truncated video) raises FrameSourceError naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        size = None
+        for i, f in enumerate(list_frame_files(path)):
+            img = read_image(f)
+            try:
+                gray, colour = to_gray(img)
+            except (ValueError, TypeError) as e:
+                raise FrameSourceError(f, str(e)) from None
+            size = size or gray.shape
+            if gray.shape != size:
+                raise FrameSourceError(f, f"frame is {gray.shape[1]}x{gray.shape[0]}, "
+                                          f"earlier frames are {size[1]}x{size[0]}")
+            yield Frame(i, f.stem + ".png", gray, _depth(img), colour)
+        return
+    for i, name, rgb in iter_frames(path):
+        gray, colour = to_gray(rgb)
+        yield Frame(i, name + ".png", gray, 8, colour)
+
+
+def output_names(path: str | os.PathLike) -> list[str] | None:
+    """The output file names for a source, known before decoding (None: video of unknown length)."""
+    path = Path(path)
+    if path.is_dir():
+        names = [f.stem + ".png" for f in list_frame_files(path)]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise FrameSourceError(path, f"two frames would both be written as {sorted(dup)[0]} "
+                                         "(same name, different extensions)")
+        return names
+    n = probe(path).frame_count
+    return None if n is None else [f"{i:06d}.png" for i in range(n)]
+
+
+def read_reference(path: str | os.PathLike) -> np.ndarray:
+    """Reference image file -> float32 RGB HW3 in [0, 1]."""
+    if not Path(path).is_file():
+        raise InferenceError(f"{path}: reference image not found")
+    try:
+        img = to_float(read_image(path))
+    except FrameSourceError as e:
+        raise InferenceError(f"{path}: reference {e.problem}") from None
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[2] in (1, 2):
+        img = np.repeat(img[..., :1], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3], dtype=np.float32)
+
+
+def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:
+    """Frame `index` of a colour ground-truth folder or video as float32 RGB."""
+    for i, _, rgb in iter_frames(source, check_count=False):
+        if i == index:
+            return to_float(rgb)
+    raise InferenceError(f"{source}: has no frame {index} (counting from 0)")
+
+
+# ---- model loading ------------------------------------------------------------------------
+
+
+def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
+                   control: str | os.PathLike | None = None) -> Path:
+    """--config if given, else a YAML next to the weights with the same stem, else SD2.1's."""
+    if config is not None:
+        return Path(config)
+    for weights in (control, ckpt):
+        if weights is not None and Path(weights).with_suffix(".yaml").is_file():
+            return Path(weights).with_suffix(".yaml")
+    return DEFAULT_CONFIG
+
+
+def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
+               config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+               device: str | torch.device = "cpu", allow_pickle: bool = False) -> ControlLDM:
+    """A ControlLDM in eval mode on `device`, from a full checkpoint or SD2.1 + a ControlNet export.
+
+    The checkpoint is checked against the config's shapes on the meta device first, so a wrong
+    file fails in a second with one CheckpointError instead of after building the model.
+    """
+    cfg = load_config(resolve_config(ckpt, config, control), overrides)
+    if control is not None:
+        with torch.device(device):
+            model = create_model(cfg)
+        load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
+    else:
+        sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
+        with torch.device("meta"):
+            shapes = create_model(cfg).state_dict()
+        report = compare_state_dict(shapes, sd)
+        reason = misfit(report)
+        lacking = [k for k in report.missing if k.startswith(("control_model.", "model.", "first_stage_model.",
+                                                              "cond_stage_model."))]
+        if reason is None and lacking:
+            reason = (f"it lacks {len(lacking)} model tensors (e.g. {lacking[0]}); for SD2.1 weights "
+                      "plus a trained ControlNet pass the ControlNet with --control")
+        if reason is not None:
+            raise CheckpointError(f"{ckpt} ({guess_kind(sd)}) does not fit the config: {reason}")
+        with torch.device(device):
+            model = create_model(cfg)
+        load_into(model, sd)
+    return model.eval().requires_grad_(False)
+
+
+# ---- sampling -----------------------------------------------------------------------------
+
+
+def frame_generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator for one frame: distinct for every (seed, frame index) pair."""
+    return torch.Generator().manual_seed((seed % 2**31) * 2**32 + index)
+
+
+@torch.no_grad()
+def sample_latents(model: ControlLDM, cond: ColorCondition, generators: Sequence[torch.Generator],
+                   steps: int = 20, eta: float = 0.0, uncond: ColorCondition | None = None,
+                   ref_guidance: float = 1.0) -> torch.Tensor:
+    """DDIM as ControlLDM.sample, but row i draws all its noise from `generators[i]`.
+
+    That makes a frame's result independent of the batch it is in (ldm.sampler draws one
+    noise tensor for the whole batch). Reference guidance runs cond and uncond as one
+    batch: out = uncond + ref_guidance * (cond - uncond).
+    """
+    if len(generators) != len(cond):
+        raise ValueError(f"{len(generators)} generators for {len(cond)} frames")
+    guided = ref_guidance != 1.0
+    if guided and uncond is None:
+        raise ValueError("ref_guidance != 1 needs an unconditional ColorCondition")
+    h, w = cond.guided_hint.shape[-2:]
+    c = model.model.diffusion_model.out[-1].out_channels
+    dev = cond.guided_hint.device
+    draw = lambda: torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(dev)
+    both = ColorCondition.cat([cond, uncond]) if guided else cond
+    timesteps = sampler.ddim_timesteps(steps, model.num_timesteps)
+    alphas, alphas_prev, sigmas = sampler.ddim_schedule(model.alphas_cumprod, timesteps, eta)
+    x = draw()
+    for index in reversed(range(len(timesteps))):
+        t = torch.full((x.shape[0],), int(timesteps[index]), dtype=torch.long, device=dev)
+        if guided:
+            out, out_uncond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            out = out_uncond + ref_guidance * (out - out_uncond)
+        else:
+            out = model.apply_model(x, t, cond)
+        a = alphas[index].item()
+        eps = out if model.parameterization == "eps" else a ** 0.5 * out.float() + (1 - a) ** 0.5 * x.float()
+        noise = draw() if sigmas[index] > 0 else None
+        x, _ = sampler.ddim_step(x, eps, alphas[index], alphas_prev[index], sigmas[index], noise)
+    return x
+
+
+def check_steps(model: ControlLDM, steps: int) -> None:
+    """Refuse step counts whose uniform DDIM spacing (as in ldm) overruns the schedule (3 of 1000)."""
+    try:
+        last = sampler.ddim_timesteps(steps, model.num_timesteps)[-1]
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    if last >= model.num_timesteps:
+        raise InferenceError(f"{steps} DDIM steps would step past the {model.num_timesteps}-step schedule; "
+                             f"use {steps + 1}")
+
+
+@dataclass
+class Options:
+    """Sampling and output settings shared by all modes."""
+
+    size: int = 512  # short side of the model frame (see model_size)
+    steps: int = 20
+    eta: float = 0.0
+    seed: int = 0
+    ref_guidance: float = 1.0  # 1 = off; >1 pushes away from the no-reference prediction
+    raw: bool = False  # True: the decoded image as is, no luminance-true recombination
+    precision: str = "auto"  # auto (fp16 on CUDA, else fp32) | fp32 | fp16 | bf16
+    anchor_every: int = 8  # anchored: the original reference again every N frames (0 = never)
+    anchor_strength: float = 1.0  # anchored: 0..1, how far chroma statistics are pulled back
+
+    def __post_init__(self):
+        if self.size < 1 or self.steps < 1 or self.anchor_every < 0 or not 0 <= self.anchor_strength <= 1:
+            raise InferenceError("size and steps must be >= 1, anchor_every >= 0, anchor_strength in [0, 1]")
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise InferenceError(f"precision must be auto or one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class Reference:
+    """A reference at the model frame size, with its latent (None for v1)."""
+
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    latent: torch.Tensor | None
+
+
+class Colorizer:
+    """One clip's sampler: the model, the frame sizes and what is computed once per clip."""
+
+    def __init__(self, model: ControlLDM, frame_hw: tuple[int, int], options: Options):
+        self.model, self.opt = model, options
+        self.frame_hw = tuple(frame_hw)
+        self.hw = model_size(*frame_hw, options.size)
+        self.device = model.betas.device
+        name = options.precision
+        if name == "auto":
+            name = "fp16" if self.device.type == "cuda" else "fp32"
+        self.dtype = PRECISIONS[name]
+        check_steps(model, options.steps)
+        self.context = model.get_learned_conditioning([""])  # fp32: the model caches it across runs
+        self._no_reference: Reference | None = None
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def reference(self, rgb: np.ndarray) -> Reference:
+        """Resize a reference (any size: stretched to the frame) and encode it, once."""
+        img = resize(to_float(rgb)[..., :3], self.hw)
+        image = torch.from_numpy(img).permute(2, 0, 1)[None].to(self.device)
+        latent = None
+        if self.model.color_variant != "v1":
+            with self._autocast():
+                latent = self.model.encode_first_stage(image * 2 - 1)
+        return Reference(image, latent)
+
+    def no_reference(self) -> Reference:
+        """The unconditional branch of reference guidance: a black reference, in the hint and in
+        the latent (the VAE latent of a black image, not zeros), as if the reference was dropped."""
+        if self._no_reference is None:
+            self._no_reference = self.reference(np.zeros((*self.hw, 3), np.float32))
+        return self._no_reference
+
+    def _condition(self, gray: torch.Tensor, refs: Sequence[Reference]) -> ColorCondition:
+        b = gray.shape[0]
+        hint = torch.cat([torch.cat([r.image for r in refs]), gray], dim=1)
+        latent = None if refs[0].latent is None else torch.cat([r.latent for r in refs])
+        return self.model.prepare_condition(hint, context=self.context.expand(b, -1, -1), ref_latent=latent)
+
+    @torch.no_grad()
+    def run(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference]) -> list[np.ndarray]:
+        """Colourise full-size gray frames (frame `indices[i]` with `refs[i]`) in one batch.
+
+        Returns float32 HW3 RGB in [0, 1] at the input size (luminance-true unless raw).
+        """
+        for g in grays:
+            if g.shape != self.frame_hw:
+                raise InferenceError(f"frame is {g.shape[1]}x{g.shape[0]}, the clip's first was "
+                                     f"{self.frame_hw[1]}x{self.frame_hw[0]}")
+        small = torch.from_numpy(np.stack([resize(g, self.hw) for g in grays]))[:, None].to(self.device)
+        gens = [frame_generator(self.opt.seed, i) for i in indices]
+        with self._autocast():
+            cond = self._condition(small, refs)
+            uncond = None
+            if self.opt.ref_guidance != 1.0:
+                uncond = self._condition(small, [self.no_reference()] * len(grays))
+            z = sample_latents(self.model, cond, gens, self.opt.steps, self.opt.eta, uncond, self.opt.ref_guidance)
+            decoded = self.model.decode_first_stage(z)
+        rgb = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return [self._finish(c, g) for c, g in zip(rgb, grays)]
+
+    def _finish(self, color: np.ndarray, gray: np.ndarray) -> np.ndarray:
+        color = resize(color, self.frame_hw)
+        return color if self.opt.raw else transfer_luma(color, gray)
+
+
+# ---- references ---------------------------------------------------------------------------
+
+
+def _thumb(gray: np.ndarray) -> np.ndarray:
+    return fast_resize(np.ascontiguousarray(gray, dtype=np.float32), SIM_SIZE, SIM_SIZE)
+
+
+class ReferenceChooser:
+    """Most similar reference for a gray frame: SSIM of 64x64 gray thumbnails (as pair mining)."""
+
+    def __init__(self, references: Sequence[np.ndarray]):
+        self.thumbs = [_thumb(rgb_to_gray(to_float(r)[..., :3])) for r in references]
+
+    def scores(self, gray: np.ndarray) -> list[float]:
+        t = _thumb(gray)
+        return [ssim(t, r) for r in self.thumbs]
+
+    def __call__(self, gray: np.ndarray) -> int:
+        return 0 if len(self.thumbs) == 1 else int(np.argmax(self.scores(gray)))
+
+
+def chroma_stats(rgb: np.ndarray) -> np.ndarray:
+    """(2, 2): mean and std of Lab a and b."""
+    ab = rgb_to_lab(rgb)[..., 1:].reshape(-1, 2)
+    return np.stack([ab.mean(0), ab.std(0)])
+
+
+def anchor_colours(image: np.ndarray, stats: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """Pull `image`'s Lab a/b mean and std towards `stats` (a reference's), luma unchanged.
+
+    Recursive drift shows up first as a shift of these statistics (a tint spreading, colour
+    fading or saturating); matching them before an output becomes the next reference keeps
+    the chain's palette on the original reference's. strength 0 = unchanged, 1 = matched.
+    """
+    if strength == 0:
+        return image
+    lab = rgb_to_lab(image)
+    ab = lab[..., 1:]
+    mean, std = ab.reshape(-1, 2).mean(0), ab.reshape(-1, 2).std(0)
+    matched = (ab - mean) * (stats[1] / np.maximum(std, 1.0)) + stats[0]
+    lab[..., 1:] = ab + strength * (matched - ab)
+    return transfer_luma(lab_to_rgb(lab), rgb_to_gray(image))
+
+
+# ---- modes --------------------------------------------------------------------------------
+
+
+def _gray_of(frame) -> np.ndarray:
+    if isinstance(frame, Frame):
+        return frame.gray
+    return to_gray(frame)[0]
+
+
+def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Sequence[np.ndarray],
+             mode: str = "fixed", *, batch: int = 4, start: int = 0, **options) -> Iterator[np.ndarray]:
+    """Colourised frames (float32 HW3 RGB in [0, 1], input size), in input order, streamed.
+
+    `frames`: gray frames (anything `to_gray` takes, or `Frame`s), all of one size.
+    `references`: one RGB image or several (each frame then uses the most similar).
+    `start`: index of the first frame, which seeds its noise (for running a clip in parts).
+    `batch`: frames per model call in fixed mode; the sequential modes run one at a time.
+    `options`: fields of `Options`.
+    """
+    opt = Options(**options)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    refs = [references] if isinstance(references, np.ndarray) else list(references)
+    if not refs:
+        raise ValueError("no reference image given")
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        return
+    first_gray = _gray_of(first)
+    grays = chain([first_gray], map(_gray_of, frames))
+    col = Colorizer(model, first_gray.shape, opt)
+    entries = [col.reference(r) for r in refs]
+    choose = ReferenceChooser(refs)
+    index = start
+    if mode == "fixed":
+        while chunk := list(islice(grays, batch)):
+            picks = [entries[choose(g)] for g in chunk]
+            yield from col.run(chunk, range(index, index + len(chunk)), picks)
+            index += len(chunk)
+        return
+    stats = [chroma_stats(r) for r in refs] if mode == "anchored" else None
+    prev, prev_k, since = None, None, 0
+    for g in grays:
+        k = choose(g)
+        anchor_due = mode == "anchored" and opt.anchor_every > 0 and since >= opt.anchor_every
+        if prev is None or k != prev_k or anchor_due:
+            ref, since = entries[k], 0
+        else:  # the previous output, at the model frame size
+            small = resize(prev, col.hw)
+            ref = col.reference(anchor_colours(small, stats[k], opt.anchor_strength) if mode == "anchored" else small)
+        prev, prev_k = col.run([g], [index], [ref])[0], k
+        since += 1
+        index += 1
+        yield prev
+
+
+def colorize_fixed(model, frames, reference, batch: int = 4, **kw) -> Iterator[np.ndarray]:
+    """Every frame conditioned on the original reference; batched."""
+    return colorize(model, frames, reference, "fixed", batch=batch, **kw)
+
+
+def colorize_recursive(model, frames, reference, **kw) -> Iterator[np.ndarray]:
+    """Each frame conditioned on the previous output (the first on the reference)."""
+    return colorize(model, frames, reference, "recursive", **kw)
+
+
+def colorize_anchored(model, frames, reference, anchor_every: int = 8, anchor_strength: float = 1.0,
+                      **kw) -> Iterator[np.ndarray]:
+    """Recursive with chroma statistics pulled back to the reference and periodic re-anchoring."""
+    return colorize(model, frames, reference, "anchored", anchor_every=anchor_every,
+                    anchor_strength=anchor_strength, **kw)

@@ -1,0 +1,313 @@
+"""Colourise a grayscale clip (frame folder or video) from one or more colour references.
+
+    python colorize_inference.py --input frames/ --reference ref.png --ckpt model.safetensors --out out/
+    python colorize_inference.py --input clip.mp4 --reference-frame 0 --gt colour/ --ckpt v2-1_512.safetensors \\
+        --control control.safetensors --mode anchored --out out/ --video out.mp4
+    python colorize_inference.py --input frames/ --reference ref.png --method flow --out out/   # no model
+
+Writes one PNG per input frame (same name stem; 16-bit where the input frame is 16-bit),
+at the input's size. Luminance-true by default: only the colour comes from the model, the
+lightness is the input's exactly. Modes and when to use which: docs/INFERENCE.md.
+
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import deque
+from pathlib import Path
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from annotator.color import to_uint8  # noqa: E402
+from annotator.video import FrameSourceError, probe  # noqa: E402
+from cldm.checkpoint import CheckpointError  # noqa: E402
+from cldm.model import ConfigError  # noqa: E402
+from colorize import pipeline as P  # noqa: E402
+from colorize.baselines import run_baseline  # noqa: E402
+from colorize.frames_io import write_bytes_atomic, write_video_atomic  # noqa: E402
+
+PROG = "colorize_inference.py"
+METHODS = ("model", "reinhard", "flow")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
+DEFAULT_FOLDER_FPS = 25.0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      epilog="Exit status: 0 done, 2 bad arguments or unusable input. See docs/INFERENCE.md.")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", required=True, metavar="DIR|VIDEO",
+                    help="grayscale frames: a folder of images (natural order; 8/16-bit, 1/3/4 channels; "
+                         "colour frames are reduced to their BT.601 luma, with a note) or a video file")
+    io.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+                    help="colour reference image; repeat for several (each frame then uses the most "
+                         "similar one, e.g. one per scene)")
+    io.add_argument("--reference-frame", action="append", type=int, default=[], metavar="N",
+                    help="use frame N (from 0) of the colour ground truth (--gt) as a reference; repeatable")
+    io.add_argument("--gt", metavar="DIR|VIDEO",
+                    help="colour version of the clip that --reference-frame reads from (default: --input, "
+                         "which then must be colour)")
+    io.add_argument("--frames", metavar="A:B",
+                    help="only frames A..B-1 (python slice, e.g. 0:16, 100:); indices keep counting from "
+                         "the clip start, so seeds and names are the same as in a full run")
+    io.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder (created), one PNG per input frame with the input's name stem")
+    io.add_argument("--video", metavar="OUT.mp4", help="also write the result as an MPEG-4 video at the input fps")
+    io.add_argument("--fps", type=float, metavar="F",
+                    help=f"frame rate of --video for frame-folder input (default: {DEFAULT_FOLDER_FPS:g}; "
+                         "video input keeps its own)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace existing outputs (default: refuse to start if any output exists)")
+    io.add_argument("--raw", action="store_true",
+                    help="write the model's decoded image as is, instead of its colour on the input's lightness")
+
+    m = p.add_argument_group("method and model")
+    m.add_argument("--method", choices=METHODS, default="model",
+                   help="model: the diffusion model (needs --ckpt); reinhard: luma-conditioned colour statistics; "
+                        "flow: reference colours warped along optical flow (the last two need no checkpoint)")
+    m.add_argument("--ckpt", metavar="FILE",
+                   help="full checkpoint (.safetensors or .ckpt), or the SD2.1 file when --control is given")
+    m.add_argument("--control", metavar="FILE",
+                   help="trained ControlNet export (control.safetensors) to load on top of --ckpt")
+    m.add_argument("--config", metavar="YAML",
+                   help="model config (default: a .yaml beside --control or --ckpt with the same stem, "
+                        "else models/cldm_v21_color.yaml)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. model.color_variant=v3; repeatable")
+    m.add_argument("--allow-pickle", action="store_true",
+                   help="fully unpickle a .ckpt that needs it (runs code from the file: trusted files only)")
+    m.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    m.add_argument("--precision", default="auto", choices=["auto", *P.PRECISIONS],
+                   help="autocast precision: auto = fp16 on CUDA, fp32 on CPU")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--mode", choices=P.MODES, default="fixed",
+                   help="fixed: every frame from the reference (batched); recursive: each frame from the previous "
+                        "output; anchored: recursive with drift control (see --anchor-*)")
+    s.add_argument("--anchor-every", type=int, default=8, metavar="N",
+                   help="anchored: use the original reference again every N frames (0: never) (default: 8)")
+    s.add_argument("--anchor-strength", type=float, default=1.0, metavar="S",
+                   help="anchored: pull the propagated frame's colour mean/std back to the reference's, "
+                        "0 (not at all) to 1 (fully) (default: 1)")
+    s.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="noise seed; frame i always gets the noise of (seed, i) (default: 0)")
+    s.add_argument("--size", type=int, default=512,
+                   help="short side of the frames the model sees; both sides are rounded to multiples of 64 "
+                        "and the output is resized back to the input size (default: 512)")
+    s.add_argument("--batch", type=int, default=4, help="frames per model call in fixed mode (default: 4)")
+    s.add_argument("--ref-guidance", type=float, default=1.0, metavar="S",
+                   help="reference guidance scale: >1 pushes away from the prediction with a black reference; "
+                        "1 = off, no extra cost (default: 1)")
+    return p
+
+
+class UsageError(Exception):
+    """Bad arguments; str(e) is one line."""
+
+
+def parse_range(spec: str | None) -> slice:
+    if spec is None:
+        return slice(0, None)
+    try:
+        a, _, b = spec.partition(":")
+        start, stop = int(a) if a else 0, int(b) if b else None
+    except ValueError:
+        raise UsageError(f"--frames {spec}: expected A:B with whole numbers, e.g. 0:16") from None
+    if ":" not in spec or start < 0 or (stop is not None and stop <= start):
+        raise UsageError(f"--frames {spec}: expected A:B with 0 <= A < B, e.g. 0:16 or 100:")
+    return slice(start, stop)
+
+
+def check_args(args) -> None:
+    for name, value, low in (("--steps", args.steps, 1), ("--size", args.size, 1), ("--batch", args.batch, 1),
+                             ("--anchor-every", args.anchor_every, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low} (got {value})")
+    if args.eta < 0 or not 0 <= args.anchor_strength <= 1:
+        raise UsageError("--eta must be >= 0 and --anchor-strength in [0, 1]")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError(f"--fps must be positive (got {args.fps})")
+    if not args.reference and not args.reference_frame:
+        raise UsageError("no reference: give --reference IMAGE or --reference-frame N")
+    if args.method == "model" and not args.ckpt:
+        raise UsageError("--method model needs --ckpt (or use --method reinhard|flow)")
+    if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
+
+
+def planned_outputs(args, frames: slice) -> tuple[Path, list[str] | None]:
+    """The output folder and file names; refuses to start where outputs exist (unless --overwrite)."""
+    out = Path(args.out)
+    source = Path(args.input)
+    if source.is_dir() and out.resolve() == source.resolve():
+        raise UsageError(f"--out {out} is the input folder; write the outputs elsewhere")
+    names = P.output_names(source)
+    if names is not None:
+        names = names[frames]
+        if not names:
+            raise UsageError(f"--frames {args.frames}: the input has only {len(P.output_names(source))} frames")
+    if not args.overwrite:
+        taken = [out / n for n in names or [] if (out / n).exists()]
+        if args.video and Path(args.video).exists():
+            taken.append(Path(args.video))
+        if taken:
+            raise UsageError(f"{taken[0]} exists ({len(taken)} output(s) already there); "
+                             "pass --overwrite to replace them")
+    return out, names
+
+
+def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
+    """Reference images and, for --reference-frame ones, their frame index in the clip."""
+    refs, indices = [], []
+    for path in args.reference:
+        refs.append(P.read_reference(path))
+        indices.append(None)
+    source = args.gt or args.input
+    for n in args.reference_frame:
+        if n < 0:
+            raise UsageError(f"--reference-frame {n}: frame numbers start at 0")
+        ref = P.reference_frame(source, n)
+        if not P.to_gray(ref)[1]:
+            what = "--gt" if args.gt else "--input (no --gt given)"
+            raise UsageError(f"--reference-frame {n}: frame {n} of {source} ({what}) is gray, not colour")
+        refs.append(ref)
+        indices.append(n)
+    return refs, indices
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def encode_png(rgb: np.ndarray, depth: int) -> bytes:
+    img = to_uint8(rgb) if depth == 8 else (np.clip(rgb, 0, 1) * 65535 + 0.5).astype(np.uint16)
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]))
+    if not ok:
+        raise OSError("cannot encode PNG")
+    return data.tobytes()
+
+
+def colourised(args, model, refs, ref_indices, frames: slice, note):
+    """(Frame, RGB float output) pairs in clip order, for the chosen method (model None: a baseline)."""
+    seen = deque()
+
+    def selected():
+        for f in P.iter_gray_frames(args.input):
+            if frames.stop is not None and f.index >= frames.stop:
+                return
+            if f.index < frames.start:
+                continue
+            if f.colour:
+                note(f"{args.input}: frames are colour; colourising their BT.601 luma")
+            seen.append(f)
+            yield f
+
+    if model is not None:
+        outputs = P.colorize(model, selected(), refs, args.mode, batch=args.batch, start=frames.start,
+                             size=args.size, steps=args.steps, eta=args.eta, seed=args.seed,
+                             ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,
+                             anchor_every=args.anchor_every, anchor_strength=args.anchor_strength)
+        for out in outputs:
+            yield seen.popleft(), out
+        return
+    clip = list(selected())  # the baselines need the whole clip
+    if not clip:
+        return
+    grays = [f.gray for f in clip]
+    indices = None
+    if args.method == "flow" or any(i is not None for i in ref_indices):
+        choose = P.ReferenceChooser(refs)
+        indices = []
+        for k, i in enumerate(ref_indices):
+            if i is None:  # an image: anchor it at its most similar frame
+                i = clip[int(np.argmax([choose.scores(g)[k] for g in grays]))].index
+            if args.method == "flow" and not clip[0].index <= i <= clip[-1].index:
+                raise UsageError(f"--reference-frame {i} lies outside the frames being colourised "
+                                 "(flow starts from it)")
+            indices.append(i - clip[0].index)
+    try:
+        outputs = run_baseline(args.method, grays, refs, indices)
+    except ValueError as e:
+        raise UsageError(f"--method {args.method}: {e}") from None
+    yield from zip(clip, outputs)
+
+
+def run(args) -> int:
+    check_args(args)
+    frames = parse_range(args.frames)
+    info = probe(args.input)  # fails early on a missing, empty or unreadable source
+    out, names = planned_outputs(args, frames)
+    refs, ref_indices = load_references(args)
+    fps = args.fps or info.fps or DEFAULT_FOLDER_FPS
+    model = None
+    if args.method == "model":
+        model = P.load_model(args.ckpt, args.control, args.config, args.set, resolve_device(args.device),
+                             args.allow_pickle)
+        P.check_steps(model, args.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = set()
+    bar = tqdm(total=len(names) if names else None, unit="frame", desc=args.mode if args.method == "model"
+               else args.method, file=sys.stderr, dynamic_ncols=True)
+
+    def note(msg):
+        if msg not in notes:
+            notes.add(msg)
+            bar.write(f"{PROG}: note: {msg}", file=sys.stderr)
+
+    def written():
+        for frame, rgb in colourised(args, model, refs, ref_indices, frames, note):
+            target = out / frame.name
+            if target.exists() and not args.overwrite:  # a video whose length was unknown up front
+                raise UsageError(f"{target} exists; pass --overwrite to replace it")
+            write_bytes_atomic(target, encode_png(rgb, frame.depth))
+            bar.update(1)
+            yield rgb
+
+    try:
+        if args.video:
+            n = write_video_atomic(args.video, written(), fps)
+        else:
+            n = sum(1 for _ in written())
+    finally:
+        bar.close()
+    print(f"wrote {n} frames to {out}" + (f" and {args.video} ({fps:g} fps)" if args.video else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError) as e:
+        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""colorize.pipeline with a random tiny model on frames of the sample clip (64 px model frames)."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from annotator.color import rgb_to_gray, rgb_to_lab
+from annotator.video import FrameSourceError, iter_frames
+from cldm.checkpoint import CheckpointError
+from cldm.model import TINY_CONFIG
+from cldm.trainable import configure_trainable, export_control
+from colorize import pipeline as P
+from tests.colorize.tiny_model import save_tiny, tiny_model
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+FAST = dict(size=64, steps=2)  # 64x128 model frames, 2 DDIM steps
+LUMA_TOL = 1e-5  # float32 rounding of the YCbCr recombination
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """Colour frames 0-5 and 120-125 of the sample clip at 1/9 size: 80x143, an odd size."""
+    keep = set(range(6)) | set(range(120, 126))
+    frames = {}
+    for i, _, rgb in iter_frames(SAMPLE, check_count=False):
+        if i in keep:
+            frames[i] = np.ascontiguousarray(rgb[::9, ::9])
+        if i >= 125:
+            break
+    return frames
+
+
+def grays_of(clip, idx):
+    return [rgb_to_gray(clip[i]) for i in idx]
+
+
+def max_diff(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_model_size_rounds_to_64_keeping_aspect():
+    assert P.model_size(720, 1280, 512) == (512, 896)
+    assert P.model_size(1280, 720, 512) == (896, 512)
+    assert P.model_size(720, 1280, 64) == (64, 128)
+    assert P.model_size(80, 143, 64) == (64, 128)
+    assert P.model_size(45, 67, 64) == (64, 64)  # 95 rounds to 64
+    assert P.model_size(1080, 1920, 500) == (512, 896)  # 500 itself rounds to 512
+    for h, w in [(33, 1000), (999, 17), (64, 64)]:
+        assert all(s % 64 == 0 and s >= 64 for s in P.model_size(h, w, 256))
+
+
+def test_to_gray_depths_channels_and_colour_flag():
+    g8 = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    gray, colour = P.to_gray(g8)
+    assert not colour and np.allclose(gray, g8 / 255.0, atol=1e-7)
+    gray, colour = P.to_gray(np.repeat(g8[..., None], 3, axis=2))  # gray stored as RGB
+    assert not colour and np.allclose(gray, g8 / 255.0, atol=1e-6)
+    g16 = np.full((3, 4), 1000, np.uint16)  # 1000/65535 is not an 8-bit level: precision kept
+    assert np.allclose(P.to_gray(g16)[0], 1000 / 65535, atol=1e-7)
+    assert np.allclose(P.to_gray(np.dstack([g16, g16]))[0], 1000 / 65535, atol=1e-7)  # gray + alpha
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 7
+    gray, colour = P.to_gray(rgba)
+    assert colour and np.allclose(gray, 0.299, atol=1e-6)
+
+
+def test_both_modes_keep_size_count_and_exact_lightness(model, clip):
+    grays = grays_of(clip, range(3))
+    for mode in ("fixed", "recursive"):
+        out = list(P.colorize(model, grays, clip[3], mode, batch=2, **FAST))
+        assert len(out) == 3
+        for o, g in zip(out, grays):
+            assert o.shape == (80, 143, 3) and o.dtype == np.float32
+            assert np.abs(rgb_to_gray(o) - g).max() < LUMA_TOL
+            assert np.ptp(rgb_to_lab(o)[..., 1:]) > 1.0  # it is coloured, not gray
+    raw = list(P.colorize_fixed(model, grays[:1], clip[3], raw=True, **FAST))[0]
+    assert raw.shape == (80, 143, 3) and np.abs(rgb_to_gray(raw) - grays[0]).max() > 0.05
+
+
+def test_colour_and_uint8_frames_are_taken_as_their_luma(model, clip):
+    a = list(P.colorize_fixed(model, [clip[0]], clip[3], **FAST))[0]
+    b = list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], **FAST))[0]
+    assert np.abs(a - b).max() < 1e-6
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_fixed_batched_equals_frame_by_frame(model, clip, eta):
+    grays = grays_of(clip, range(5))
+    batched = list(P.colorize_fixed(model, grays, clip[3], batch=3, eta=eta, **FAST))
+    single = list(P.colorize_fixed(model, grays, clip[3], batch=1, eta=eta, **FAST))
+    assert max_diff(batched, single) < 1e-5
+    # frame index seeds the noise: frame 2 alone, started at index 2, is the same frame
+    alone = list(P.colorize_fixed(model, grays[2:3], clip[3], start=2, eta=eta, **FAST))
+    assert max_diff(alone, batched[2:3]) < 1e-5
+    # ... and another index gives other noise, so another result
+    assert max_diff(list(P.colorize_fixed(model, grays[2:3], clip[3], start=7, eta=eta, **FAST)), alone) > 1e-3
+
+
+def test_steps_past_the_schedule_are_refused(model, clip):
+    with pytest.raises(ValueError, match="use 4"):  # uniform spacing 333 would reach t = 1000
+        list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], size=64, steps=3))
+
+
+def test_sample_latents_equals_core_ddim(model):
+    hint = torch.rand(2, 4, 64, 128, generator=torch.Generator().manual_seed(1))
+    cond = model.prepare_condition(hint, [""] * 2)
+    gens = [P.frame_generator(0, i) for i in (0, 1)]
+    x_T = torch.stack([torch.randn(4, 8, 16, generator=P.frame_generator(0, i)) for i in (0, 1)])
+    ours = P.sample_latents(model, cond, gens, steps=2)
+    core = model.sample(cond, x_T=x_T, steps=2)
+    torch.testing.assert_close(ours, core, rtol=0, atol=1e-5)
+
+
+def test_recursive_conditions_each_frame_on_the_previous_output(model, clip):
+    grays = grays_of(clip, range(4))
+    rec = list(P.colorize_recursive(model, grays, clip[3], **FAST))
+    fixed = list(P.colorize_fixed(model, grays, clip[3], **FAST))
+    assert np.abs(rec[0] - fixed[0]).max() < 1e-5  # frame 0 uses the reference itself (batch 1 vs 4)
+    for t in range(1, 4):  # by construction: frame t == fixed mode with reference = output t-1
+        again = list(P.colorize_fixed(model, [grays[t]], rec[t - 1], start=t, **FAST))[0]
+        assert np.abs(again - rec[t]).max() < 1e-5
+        assert np.abs(rec[t] - fixed[t]).max() > 1e-3  # and that is not the fixed result
+
+
+def test_anchored_pulls_back_and_reanchors(model, clip):
+    grays = grays_of(clip, range(4))
+    ref = clip[3]
+    out = list(P.colorize_anchored(model, grays, ref, anchor_every=2, anchor_strength=0.5, **FAST))
+    fixed = list(P.colorize_fixed(model, grays, ref, **FAST))
+    stats = P.chroma_stats(ref)
+    assert np.abs(out[0] - fixed[0]).max() < 1e-5
+    assert np.abs(out[2] - fixed[2]).max() < 1e-5  # every 2nd frame: the original reference again
+    for t in (1, 3):  # otherwise: the previous output at model size, its chroma statistics pulled back
+        prev = P.anchor_colours(P.resize(out[t - 1], (64, 128)), stats, 0.5)
+        again = list(P.colorize_fixed(model, [grays[t]], prev, start=t, **FAST))[0]
+        assert np.abs(again - out[t]).max() < 1e-5
+
+
+def test_anchor_colours_matches_statistics_and_keeps_luma(clip):
+    img = clip[0].astype(np.float32) / 255 * 0.6 + 0.2  # mid-tones: no gamut clipping
+    ref = clip[125].astype(np.float32) / 255 * 0.6 + 0.2
+    stats = P.chroma_stats(ref)
+    matched = P.anchor_colours(img, stats, 1.0)
+    assert np.abs(P.chroma_stats(matched) - stats).max() < 0.5  # Lab units
+    assert np.abs(rgb_to_gray(matched) - rgb_to_gray(img)).max() < LUMA_TOL
+    assert np.array_equal(P.anchor_colours(img, stats, 0.0), img)
+    half = P.anchor_colours(img, stats, 0.5)
+    assert 0.3 < np.abs(half - img).mean() / np.abs(matched - img).mean() < 0.7
+
+
+def test_several_references_switch_at_a_cut(model, clip):
+    """Frames 0-2 and 120-122 (a cut between); references: colour frames 3 and 125."""
+    idx = [0, 1, 2, 120, 121, 122]
+    grays = grays_of(clip, idx)
+    refs = [clip[3], clip[125]]
+    choose = P.ReferenceChooser(refs)
+    assert [choose(g) for g in grays] == [0, 0, 0, 1, 1, 1]
+    both = list(P.colorize_fixed(model, grays, refs, batch=4, **FAST))
+    only_a = list(P.colorize_fixed(model, grays[:3], refs[0], **FAST))
+    only_b = list(P.colorize_fixed(model, grays[3:], refs[1], start=3, **FAST))
+    assert max_diff(both, only_a + only_b) < 1e-5
+    rec = list(P.colorize_recursive(model, grays, refs, **FAST))
+    assert np.abs(rec[3] - both[3]).max() < 1e-5  # the chain restarts from reference b at the cut
+
+
+def test_reference_guidance_uses_a_black_reference_as_uncond(model, clip):
+    grays = grays_of(clip, range(2))
+    off = list(P.colorize_fixed(model, grays, clip[3], **FAST))
+    on = list(P.colorize_fixed(model, grays, clip[3], ref_guidance=3.0, batch=2, **FAST))
+    single = list(P.colorize_fixed(model, grays, clip[3], ref_guidance=3.0, batch=1, **FAST))
+    assert max_diff(on, single) < 1e-5 and max_diff(on, off) > 1e-3
+    black = list(P.colorize_fixed(model, grays, np.zeros_like(clip[3]), **FAST))
+    # with the reference black, cond == uncond, so any guidance scale changes nothing
+    black_g = list(P.colorize_fixed(model, grays, np.zeros_like(clip[3]), ref_guidance=3.0, **FAST))
+    assert max_diff(black, black_g) < 1e-5
+
+
+def test_reduced_precision_runs_close_to_fp32(model, clip):
+    grays = grays_of(clip, range(2))
+    fp32 = list(P.colorize_fixed(model, grays, clip[3], **FAST))
+    bf16 = list(P.colorize_fixed(model, grays, clip[3], precision="bf16", **FAST))
+    fp16 = list(P.colorize_fixed(model, grays, clip[3], precision="fp16", **FAST))
+    assert max_diff(fp32, bf16) < 0.1  # bf16 keeps 8 bits of mantissa
+    assert max_diff(fp32, fp16) < 0.02  # fp16 11 bits
+
+
+def test_frame_folders_keep_depth_and_names(tmp_path):
+    d = tmp_path / "clip"
+    d.mkdir()
+    cv2.imwrite(str(d / "f2.png"), np.full((5, 7), 1000, np.uint16))
+    cv2.imwrite(str(d / "f10.tif"), np.full((5, 7, 3), 40000, np.uint16))
+    cv2.imwrite(str(d / "f1.jpg"), np.full((5, 7, 3), (10, 200, 30), np.uint8))  # colour (BGR)
+    frames = list(P.iter_gray_frames(d))
+    assert [f.name for f in frames] == ["f1.png", "f2.png", "f10.png"]
+    assert [f.depth for f in frames] == [8, 16, 16]
+    assert [f.colour for f in frames] == [True, False, False]
+    assert np.allclose(frames[1].gray, 1000 / 65535, atol=1e-7)
+    assert np.allclose(frames[2].gray, 40000 / 65535, atol=1e-6)
+    assert P.output_names(d) == ["f1.png", "f2.png", "f10.png"]
+    cv2.imwrite(str(d / "f1.png"), np.zeros((5, 7), np.uint8))
+    with pytest.raises(FrameSourceError, match="f1.png"):
+        P.output_names(d)
+    (d / "f1.png").unlink()
+    cv2.imwrite(str(d / "f3.png"), np.zeros((6, 7), np.uint8))
+    with pytest.raises(FrameSourceError, match="f3.png: frame is 7x6"):
+        list(P.iter_gray_frames(d))
+
+
+def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
+    model = tiny_model(seed=1)
+    full = save_tiny(model, tmp_path / "full.safetensors")
+    expected = model.state_dict()
+    loaded = P.load_model(full, config=TINY_CONFIG).state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
+    # SD weights (no ControlNet) + an export of the trained part
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    save_tiny_sd = tmp_path / "sd.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(save_tiny_sd))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors")
+    model.requires_grad_(False)
+    both = P.load_model(save_tiny_sd, control=export, config=TINY_CONFIG).state_dict()
+    assert all(torch.equal(both[k], v) for k, v in expected.items())
+    # the SD file alone is not a full checkpoint: the message says what to do
+    with pytest.raises(CheckpointError, match="--control"):
+        P.load_model(save_tiny_sd, config=TINY_CONFIG)
+    # another architecture: refused before anything is built
+    with pytest.raises(CheckpointError, match="does not fit"):
+        P.load_model(full, config=TINY_CONFIG, overrides=["model.color_variant=v3"])
+    # a YAML next to the checkpoint is its config
+    (tmp_path / "full.yaml").write_text(TINY_CONFIG.read_text())
+    assert P.resolve_config(full) == tmp_path / "full.yaml"

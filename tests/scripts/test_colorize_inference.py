@@ -1,0 +1,210 @@
+"""colorize_inference.py end to end with a random tiny checkpoint on frames of the sample clip."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import colorize_inference as cli
+from annotator.color import rgb_to_gray, to_uint8
+from annotator.video import iter_frames, probe
+from cldm.model import TINY_CONFIG
+from colorize import pipeline as P
+from tests.colorize.tiny_model import save_tiny, tiny_model
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+FAST = ["--size", "64", "--steps", "2", "--config", str(TINY_CONFIG)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny checkpoint, a gray folder with a cut (frames 0-1 | 120-121 at 1/9 size) and references."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model()
+    ckpt = save_tiny(model, root / "tiny.safetensors")
+    colour = {}
+    for i, _, rgb in iter_frames(SAMPLE, check_count=False):
+        if i in (0, 1, 3, 120, 121, 125):
+            colour[i] = np.ascontiguousarray(rgb[::9, ::9])  # 80x143
+        if i >= 125:
+            break
+    gray = root / "gray"
+    gray.mkdir()
+    for n, i in enumerate((0, 1, 120, 121)):
+        cv2.imwrite(str(gray / f"f{n}.png"), to_uint8(rgb_to_gray(colour[i])))
+    refs = []
+    for i in (3, 125):
+        refs.append(root / f"ref{i}.png")
+        cv2.imwrite(str(refs[-1]), colour[i][..., ::-1])
+    return dict(root=root, model=model, ckpt=ckpt, gray=gray, refs=refs, colour=colour)
+
+
+def run(args, capsys):
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_rgb(path):
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+@pytest.mark.parametrize("mode", ["fixed", "recursive", "anchored"])
+def test_folder_gives_same_names_sizes_and_lightness(env, tmp_path, capsys, mode):
+    out = tmp_path / "out"
+    rc, stdout, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"],
+                           "--mode", mode, "--batch", "3", "--out", out, *FAST], capsys)
+    assert rc == 0, err
+    assert "wrote 4 frames" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+    for n in range(4):
+        gray = cv2.imread(str(env["gray"] / f"f{n}.png"), cv2.IMREAD_UNCHANGED)
+        rgb = read_rgb(out / f"f{n}.png")
+        assert rgb.shape == (80, 143, 3) and rgb.dtype == np.uint8
+        # 8-bit rounding of each channel moves BT.601 luma by at most 0.5 levels
+        assert np.abs(rgb_to_gray(rgb) * 255 - gray).max() <= 0.5 + 1e-3
+
+
+def test_cli_output_is_the_library_output(env, tmp_path, capsys):
+    """Same seeds and references as the library, including --frames and two references (a cut)."""
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--reference", env["refs"][1],
+                      "--frames", "1:4", "--seed", "5", "--ckpt", env["ckpt"], "--out", out, *FAST], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["f1.png", "f2.png", "f3.png"]
+    grays = [f.gray for f in P.iter_gray_frames(env["gray"])][1:]
+    refs = [P.read_reference(r) for r in env["refs"]]
+    lib = P.colorize_fixed(env["model"], grays, refs, start=1, seed=5, size=64, steps=2)
+    for n, expected in zip((1, 2, 3), lib):
+        np.testing.assert_array_equal(read_rgb(out / f"f{n}.png"), to_uint8(expected))
+
+
+def test_sixteen_bit_and_colour_frames(env, tmp_path, capsys):
+    src = tmp_path / "in16"
+    src.mkdir()
+    g16 = (rgb_to_gray(env["colour"][0]) * 65535 + 0.5).astype(np.uint16)
+    g16[0, 0] = 1000  # not an 8-bit level
+    cv2.imwrite(str(src / "a.png"), g16)
+    cv2.imwrite(str(src / "b.png"), env["colour"][1][..., ::-1])  # a colour frame, 8-bit
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--out", out, *FAST],
+                     capsys)
+    assert rc == 0, err
+    assert "frames are colour; colourising their BT.601 luma" in err
+    a = read_rgb(out / "a.png")
+    assert a.dtype == np.uint16 and a.shape == (80, 143, 3)
+    assert np.abs(rgb_to_gray(a.astype(np.float64)) - g16).max() <= 0.5 + 1e-2  # 16-bit levels
+    b = read_rgb(out / "b.png")
+    assert b.dtype == np.uint8
+    assert np.abs(rgb_to_gray(b) - rgb_to_gray(env["colour"][1])).max() * 255 <= 0.5 + 1e-3
+
+
+def test_video_input_reference_frame_and_video_output(env, tmp_path, capsys):
+    out, mp4 = tmp_path / "out", tmp_path / "clip.mp4"
+    rc, stdout, err = run(["--input", SAMPLE, "--reference-frame", "3", "--frames", "0:2", "--ckpt", env["ckpt"],
+                           "--out", out, "--video", mp4, *FAST], capsys)
+    assert rc == 0, err
+    assert "wrote 2 frames" in stdout and "25 fps" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert read_rgb(out / "000000.png").shape == (720, 1280, 3)
+    info = probe(mp4)
+    assert (info.frame_count, info.width, info.height, info.fps) == (2, 1280, 720, 25.0)
+
+
+@pytest.mark.parametrize("method", ["reinhard", "flow"])
+def test_baselines_run_without_a_checkpoint(env, tmp_path, capsys, method):
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", method,
+                      "--frames", "0:2", "--out", out], capsys)
+    assert rc == 0, err
+    for n in range(2):
+        gray = cv2.imread(str(env["gray"] / f"f{n}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.abs(rgb_to_gray(read_rgb(out / f"f{n}.png")) * 255 - gray).max() <= 0.5 + 1e-3
+
+
+def _bad_cases(env, tmp):
+    empty = tmp / "empty"
+    empty.mkdir()
+    broken = tmp / "broken"
+    broken.mkdir()
+    for n in range(3):
+        (broken / f"f{n}.png").write_bytes((env["gray"] / f"f{n}.png").read_bytes())
+    (broken / "f1.png").write_bytes(b"not a png")
+    junk = tmp / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    other = tmp / "other.safetensors"
+    save_file({"foo.weight": torch.zeros(3)}, str(other))
+    ref, ck, g = env["refs"][0], env["ckpt"], env["gray"]
+    base = ["--reference", ref, "--ckpt", ck, *FAST]
+    return {
+        "empty folder": (["--input", empty, *base], "contains no image frames"),
+        "unreadable frame": (["--input", broken, *base], "f1.png: not a readable image"),
+        "missing input": (["--input", tmp / "nope", *base], "no such file or folder"),
+        "missing reference": (["--input", g, "--reference", tmp / "nope.png", "--ckpt", ck, *FAST],
+                              "nope.png: reference image not found"),
+        "no reference": (["--input", g, "--ckpt", ck, *FAST], "no reference"),
+        "no checkpoint": (["--input", g, "--reference", ref, *FAST], "needs --ckpt"),
+        "missing checkpoint": (["--input", g, "--reference", ref, "--ckpt", tmp / "nope.safetensors", *FAST],
+                               "no such file"),
+        "corrupt checkpoint": (["--input", g, "--reference", ref, "--ckpt", junk, *FAST], "not a safetensors file"),
+        "wrong checkpoint": (["--input", g, "--reference", ref, "--ckpt", other, *FAST], "does not fit the config"),
+        "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST], "is gray"),
+        "steps past schedule": (["--input", g, *base, "--steps", "3"], "use 4"),
+        "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
+        "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames 3:1"),
+    }
+
+
+def test_bad_input_gives_one_line_and_loses_nothing(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"earlier work")
+    for name, (args, message) in _bad_cases(env, tmp_path).items():
+        before = snapshot(out), snapshot(env["gray"])
+        if "--out" not in args:
+            args = [*args, "--out", out]
+        rc, _, err = run(args, capsys)
+        lines = [ln for ln in err.replace("\r", "\n").splitlines() if "error" in ln]
+        assert rc == 2, (name, err)
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith("colorize_inference.py: error:"), \
+            (name, err)
+        assert "Traceback" not in err, name
+        assert (snapshot(out), snapshot(env["gray"])) == before, name  # nothing lost, no temp files left
+
+
+def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f2.png").write_bytes(b"earlier work")
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--out", out, *FAST]
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and "f2.png exists" in err and "--overwrite" in err
+    assert snapshot(out) == {"f2.png": b"earlier work"}
+    rc, _, err = run([*args, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert sorted(snapshot(out)) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+    assert read_rgb(out / "f2.png").shape == (80, 143, 3)
+
+
+def test_help_explains_every_flag(capsys):
+    p = cli.parser()
+    for action in p._actions:
+        assert action.help, action.dest
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--input", "--reference", "--reference-frame", "--ckpt", "--control", "--config", "--mode",
+                 "--steps", "--eta", "--seed", "--size", "--batch", "--precision", "--device", "--out",
+                 "--video", "--raw", "--ref-guidance", "--method", "--overwrite", "--anchor-every"):
+        assert flag in text
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--input", "x"])  # missing --out: argparse, one line, exit 2
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
