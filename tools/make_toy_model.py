@@ -8,6 +8,11 @@ architecture (models/cldm_tiny_color.yaml, colour variant v2) needs, unlocked:
   2. UNet + ControlNet together on (reference, target) pairs of training frames 3..19 apart,
      with the autoencoder and the (random, frozen) tiny text tower locked; latents are
      encoded once up front (the latent-cache idea), so a step never runs the VAE encoder.
+     Each pair has its chroma rotated by one random angle (the same for reference and
+     target, in the BT.601 Cb/Cr plane, so the gray input is unchanged): one clip's gray
+     frames would otherwise tell a small model their colours by heart, and it would learn
+     to ignore the reference. With the hue unknowable from the gray, it must read it from
+     the reference.
 The held-out frames (100..131 of the clip) are never seen. The result is a toy: it shows the
 pipeline end to end on a laptop, not what SD2.1 can do.
 
@@ -34,7 +39,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from annotator.color import LUMA_WEIGHTS  # noqa: E402
+from annotator.color import LUMA_WEIGHTS, rgb_to_ycbcr, transfer_luma, ycbcr_to_rgb  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
 from cldm.checkpoint import load_state_dict, save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
@@ -43,6 +48,7 @@ from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
 CLIP = REPO / "data" / "sample" / "bigbuckbunny.mp4"
 NAME = "toy_color_v2"
 LOSS_TOLERANCE = 0.10  # relative; the reproduction must land within 10 % of the shipped losses
+HUES = 8  # chroma rotations of the training frames: 0, 45, ..., 315 degrees
 
 
 def load_clip(path: Path, first: int, last: int, hw: tuple[int, int]) -> torch.Tensor:
@@ -61,17 +67,19 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: floa
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(vae, frames: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> list[float]:
-    """Reconstruction training on random 64x64 crops (with flips) of the training frames."""
+def train_vae(vae, hued: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> list[float]:
+    """Reconstruction training on random 64x64 crops (with flips) of the training frames in
+    every chroma rotation (`hued`: (hues, N, 3, H, W)), so that rotated colours decode too."""
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    n, _, h, w = frames.shape
+    hues, n, _, h, w = hued.shape
     losses = []
     for step in tqdm(range(steps), desc="autoencoder", mininterval=2):
         idx = torch.randint(0, n, (batch,), generator=gen)
+        hue = torch.randint(0, hues, (batch,), generator=gen)
         y0 = torch.randint(0, h - 64 + 1, (1,), generator=gen).item()
         x0 = torch.randint(0, w - 64 + 1, (1,), generator=gen).item()
-        x = frames[idx, :, y0:y0 + 64, x0:x0 + 64] * 2 - 1
+        x = hued[hue, idx, :, y0:y0 + 64, x0:x0 + 64] * 2 - 1
         if torch.rand((), generator=gen) < 0.5:
             x = x.flip(-1)
         post = vae.encode(x)
@@ -87,24 +95,39 @@ def train_vae(vae, frames: torch.Tensor, steps: int, batch: int, lr: float, gen:
     return losses
 
 
+def rotate_chroma(frames: torch.Tensor, angle: float) -> torch.Tensor:
+    """Frames (N, 3, H, W) in [0, 1] with their Cb/Cr plane rotated by `angle` radians.
+
+    The luma stays exactly the frame's (out-of-gamut chroma is shrunk towards gray, as in
+    inference's luminance-true output), so the model's gray input does not change.
+    """
+    rgb = frames.permute(0, 2, 3, 1).numpy()
+    ycc = rgb_to_ycbcr(rgb)
+    c, s = math.cos(angle), math.sin(angle)
+    cb, cr = ycc[..., 1].copy(), ycc[..., 2].copy()
+    ycc[..., 1], ycc[..., 2] = c * cb - s * cr, s * cb + c * cr
+    out = transfer_luma(ycbcr_to_rgb(ycc), ycc[..., 0])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
 def gray_of(rgb: torch.Tensor) -> torch.Tensor:
     """BT.601 luma, (N, 3, H, W) -> (N, 1, H, W)."""
     return torch.einsum("nchw,c->nhw", rgb, torch.from_numpy(LUMA_WEIGHTS))[:, None]
 
 
-def train_diffusion(model, frames: torch.Tensor, steps: int, batch: int, lr: float, min_gap: int,
+def train_diffusion(model, hued: torch.Tensor, steps: int, batch: int, lr: float, min_gap: int,
                     max_gap: int, gen: torch.Generator) -> list[float]:
     vae = model.first_stage_model.eval().requires_grad_(False)
-    with torch.no_grad():  # latent cache: both orientations, posterior mean and std
-        posts = [vae.encode(f * 2 - 1) for f in (frames, frames.flip(-1))]
+    images = torch.cat([hued, hued.flip(-1)])  # (2 * hues, N, 3, H, W): every hue, both orientations
+    with torch.no_grad():  # latent cache: posterior mean and std of every variant
+        posts = [vae.encode(f * 2 - 1) for f in images]
         mean, std = torch.stack([p.mean for p in posts]), torch.stack([p.std for p in posts])
-    images = torch.stack([frames, frames.flip(-1)])
     context = model.get_learned_conditioning([""])
     params = [p for n, p in model.named_parameters() if n.startswith(("model.", "control_model."))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.model.train()
     model.control_model.train()
-    n, s = frames.shape[0], model.scale_factor
+    n, s = hued.shape[1], model.scale_factor
     losses = []
     for step in tqdm(range(steps), desc="unet+controlnet", mininterval=2):
         tgt = torch.randint(0, n, (batch,), generator=gen)
@@ -112,10 +135,10 @@ def train_diffusion(model, frames: torch.Tensor, steps: int, batch: int, lr: flo
         sign = torch.where(torch.rand(batch, generator=gen) < 0.5, -1, 1)
         ref = tgt + sign * gap
         ref = torch.where((ref < 0) | (ref >= n), tgt - sign * gap, ref).clamp(0, n - 1)
-        flip = torch.randint(0, 2, (batch,), generator=gen)
-        z0 = (mean[flip, tgt] + std[flip, tgt] * torch.randn(mean[flip, tgt].shape, generator=gen)) * s
-        hint = torch.cat([images[flip, ref], gray_of(images[flip, tgt])], dim=1)
-        cond = model.prepare_condition(hint, context=context.expand(batch, -1, -1), ref_latent=mean[flip, ref] * s)
+        v = torch.randint(0, images.shape[0], (batch,), generator=gen)  # hue x orientation, one per pair
+        z0 = (mean[v, tgt] + std[v, tgt] * torch.randn(mean[v, tgt].shape, generator=gen)) * s
+        hint = torch.cat([images[v, ref], gray_of(images[v, tgt])], dim=1)
+        cond = model.prepare_condition(hint, context=context.expand(batch, -1, -1), ref_latent=mean[v, ref] * s)
         t = torch.randint(0, model.num_timesteps, (batch,), generator=gen)
         loss = model.training_loss(z0, cond, noise=torch.randn(z0.shape, generator=gen), t=t)
         for g in opt.param_groups:
@@ -152,9 +175,10 @@ def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: 
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     frames = load_clip(CLIP, 0, train_frames, (height, width))
+    hued = torch.stack([rotate_chroma(frames, 2 * math.pi * k / HUES) for k in range(HUES)])
     cfg = load_config(TINY_CONFIG, ["model.color_variant=v2"])
     model = create_model(cfg)
-    vae_losses = train_vae(model.first_stage_model, frames, vae_steps, 8, 1e-3, gen)
+    vae_losses = train_vae(model.first_stage_model, hued, vae_steps, 8, 1e-3, gen)
     with torch.no_grad():
         z = model.first_stage_model.encode(frames * 2 - 1).mean
     scale = round(1.0 / z.std().item(), 5)
@@ -163,11 +187,12 @@ def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: 
     # ControlNet encoder starts as a copy of the (random) UNet encoder, as for SD2.1.
     state, _ = init_from_sd(model, {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")})
     model.load_state_dict(state)
-    diff_losses = train_diffusion(model, frames, diff_steps, 16, 2e-4, 3, 19, gen)
+    diff_losses = train_diffusion(model, hued, diff_steps, 16, 2e-4, 3, 19, gen)
     prov = {
         "name": NAME, "data": f"{CLIP.name} frames 0-{train_frames - 1} (held out: {train_frames}-131)",
         "data_sha256": hashlib.sha256(CLIP.read_bytes()).hexdigest(), "resolution": f"{height}x{width}",
-        "seed": seed, "vae_steps": vae_steps, "diffusion_steps": diff_steps, "scale_factor": scale,
+        "seed": seed, "vae_steps": vae_steps, "diffusion_steps": diff_steps, "hue_rotations": HUES,
+        "scale_factor": scale,
         "vae_loss": round(tail_mean(vae_losses), 5), "diffusion_loss": round(tail_mean(diff_losses), 5),
         "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "train_seconds": round(time.time() - t0, 1),
