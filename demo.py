@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The main job on an embedded default: colourise the sample clip's held-out frames and score them.
+
+    python demo.py                       # about 2 minutes on 2 CPU cores, nothing downloaded
+
+Takes the frames the toy model never saw in training (100-131 of data/sample/bigbuckbunny.mp4),
+gives every method the colour of the first of them (frame 100) as the only reference, and
+colourises the grayscale version of all of them with colorize_inference.py: the toy model in
+fixed, recursive and anchored mode, and the two baselines that need no model (reinhard, flow).
+Then evaluate.py scores frames 101-131 against the ground truth, with the gray input itself
+as a floor. Everything goes under --out: the frames per method, an mp4 per method, the report
+(metrics.json, summary.csv, per_frame.csv, psnr.png, warp_error.png) and strip.png, a
+side-by-side picture.
+
+The toy model is tiny and trained on 100 frames of one clip (models/toy/, recipe in
+tools/make_toy_model.py): it shows the pipeline end to end, not what SD2.1 can do.
+
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+
+import colorize_inference  # noqa: E402
+import evaluate  # noqa: E402
+from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
+from annotator.video import FrameSourceError, iter_frames  # noqa: E402
+from colorize.frames_io import write_image_atomic  # noqa: E402
+
+PROG = "demo.py"
+REPO = Path(__file__).resolve().parent
+SAMPLE = REPO / "data" / "sample" / "bigbuckbunny.mp4"
+TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+MODEL_MODES = ("fixed", "recursive", "anchored")
+BASELINES = ("reinhard", "flow")
+GRAY_LABEL = "gray input"
+
+
+class DemoError(Exception):
+    """A step of the demo failed; str(e) is one line."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="Exit status: 0 done, 2 bad arguments or unusable input.")
+    p.add_argument("--out", default=str(REPO / "demo_out"), metavar="DIR",
+                   help="folder for everything the demo writes (default: %(default)s)")
+    p.add_argument("--clip", default=str(SAMPLE), metavar="VIDEO|DIR",
+                   help="colour clip whose frames are held out (default: the bundled sample)")
+    p.add_argument("--frames", default="100:132", metavar="A:B",
+                   help="frames A..B-1 of --clip to colourise; frame A is the reference, A+1..B-1 are scored "
+                        "(default: %(default)s, the frames the toy model never saw)")
+    p.add_argument("--ckpt", default=str(TOY), metavar="FILE",
+                   help="model checkpoint, its config a .yaml of the same stem beside it (default: the toy model)")
+    p.add_argument("--size", type=int, default=64,
+                   help="short side the model works at; the toy model was trained at 64 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(MODEL_MODES + BASELINES), metavar="LIST",
+                   help="comma-separated subset of %(default)s")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run in --out")
+    return p
+
+
+def parse_frames(spec: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise DemoError(f"--frames {spec}: expected A:B with whole numbers, e.g. 100:132") from None
+    if not 0 <= a or b < a + 2:
+        raise DemoError(f"--frames {spec}: need 0 <= A and at least two frames (the reference and one to score)")
+    return a, b
+
+
+def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -> Path:
+    """Write the clip's frames first..stop-1 as the demo's inputs; returns the reference image.
+
+    data/gray: every frame's BT.601 luma (the input, reference frame included so that the
+    flow baseline and the recursive modes start from it); data/colour: frames first+1.. in
+    colour (the ground truth that is scored); data/reference.png: frame `first` in colour.
+    """
+    gray_dir, colour_dir = data / "gray", data / "colour"
+    gray_dir.mkdir(parents=True, exist_ok=True)
+    colour_dir.mkdir(parents=True, exist_ok=True)
+    reference, n = data / "reference.png", 0
+    for i, _, rgb in iter_frames(clip):
+        if i >= stop:
+            break
+        if i < first:
+            continue
+        name = f"frame_{i:04d}.png"
+        write_image_atomic(gray_dir / name, to_uint8(rgb_to_gray(rgb)))
+        write_image_atomic(reference if i == first else colour_dir / name, rgb)
+        n += 1
+    if n < stop - first:
+        raise DemoError(f"{clip}: has only {first + n} frames, --frames asks for frames {first}..{stop - 1}")
+    return reference
+
+
+def _call(main, argv: list[str], what: str) -> None:
+    rc = main(argv)
+    if rc != 0:
+        raise DemoError(f"{what} failed (exit status {rc}; its message is above)")
+
+
+def colourise(method: str, data: Path, reference: Path, out: Path, args) -> None:
+    """One method through colorize_inference.py's own entry point: frames and an mp4."""
+    argv = ["--input", str(data / "gray"), "--reference", str(reference), "--out", str(out / method),
+            "--video", str(out / f"{method}.mp4"), "--fps", "25"]
+    if method in MODEL_MODES:
+        argv += ["--method", "model", "--mode", method, "--ckpt", args.ckpt, "--size", str(args.size),
+                 "--steps", str(args.steps), "--device", args.device]
+    else:
+        argv += ["--method", method]
+    if args.overwrite:
+        argv.append("--overwrite")
+    _call(colorize_inference.main, argv, f"colorize_inference.py --method {method}")
+
+
+def run(args) -> dict:
+    """The whole demo; returns the paths it wrote, by kind."""
+    first, stop = parse_frames(args.frames)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in MODEL_MODES + BASELINES]
+    if unknown or not methods:
+        raise DemoError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'}; "
+                        f"choose from {','.join(MODEL_MODES + BASELINES)}")
+    if any(m in MODEL_MODES for m in methods) and not Path(args.ckpt).is_file():
+        raise DemoError(f"--ckpt {args.ckpt}: no such file")
+    out = Path(args.out)
+    report = out / "report"
+    if report.exists() and not args.overwrite:
+        raise DemoError(f"{report} exists from an earlier run; pass --overwrite or another --out")
+    t0 = time.time()
+    print(f"[1/3] held-out frames {first}-{stop - 1} of {args.clip}: reference = frame {first} in colour")
+    reference = prepare_frames(args.clip, first, stop, out / "data")
+    for k, method in enumerate(methods, 1):
+        print(f"[2/3] colourising with {method} ({k}/{len(methods)})", flush=True)
+        colourise(method, out / "data", reference, out, args)
+    print(f"[3/3] scoring frames {first + 1}-{stop - 1} against the ground truth", flush=True)
+    preds = [f"{m}={out / m}" for m in methods] + [f"{GRAY_LABEL}={out / 'data' / 'gray'}"]
+    _call(evaluate.main, [a for p in preds for a in ("--pred", p)] + [
+        "--gt", str(out / "data" / "colour"), "--reference", str(reference), "--out", str(report),
+        "--no-progress"], "evaluate.py")
+    return {"seconds": time.time() - t0, "frames": [out / m for m in methods],
+            "videos": [out / f"{m}.mp4" for m in methods], "report": report,
+            "strip": report / "strip.png", "plot": report / "psnr.png"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        paths = run(args)
+    except (DemoError, FrameSourceError, OSError) as e:
+        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    out = Path(args.out)
+    rel = lambda p: os.path.relpath(p) if Path(p).resolve().is_relative_to(Path.cwd()) else str(p)  # noqa: E731
+    print(f"\ndemo done in {paths['seconds']:.0f} s; everything is under {rel(out)}/")
+    print(f"  frames:        {', '.join(rel(p) + '/' for p in paths['frames'])}")
+    print(f"  videos:        {', '.join(rel(p) for p in paths['videos'])}")
+    print(f"  report:        {rel(paths['report'])}/ (summary.csv, metrics.json, per_frame.csv, psnr.png)")
+    print(f"  side by side:  {rel(paths['strip'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
