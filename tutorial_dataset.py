@@ -16,9 +16,13 @@ rebuilding DATA_ROOT. Splits are by movie: validate/test on films the model neve
 
 Latent mode (vae_fingerprint=...): items also carry the cached VAE posteriors (CHW float32,
 unscaled) `jpg_latent_mean`, `jpg_latent_std` (target) and `ref_latent_mean`,
-`ref_latent_std` (reference), cropped to the same window; crops are then on the 8-pixel grid,
-frames are not flipped, and the stored frames must already have the training size
-(build_pairs.py --size equal to the crop's short side).
+`ref_latent_std` (reference), cut to the crop's window of the whole frame's latents; crops
+are then on the 8-pixel grid, frames are never flipped (a flipped latent is not the latent
+of the flipped image), and the stored frames must already have the training size in one
+side (build_pairs.py --size equal to the crop's short side). A window equals VAE(crop) (to
+fp16) only when the frame is exactly the crop; in a larger frame it also carries context
+from outside the crop (convolutions, the VAE's mid-block attention), an approximation
+measured in docs/TRAINING.md.
 
 Randomness: with seed=None every access draws from torch's RNG (so torch.manual_seed /
 DataLoader worker seeding make a run reproducible); with an integer seed item k is always
@@ -163,6 +167,11 @@ class PairDataModule(L.LightningDataModule):
 
     val_movies=None holds out the last movie (sorted id) when there are at least two; [] means
     no validation. Validation and test use centre crops and a fixed partner per item.
+
+    Loaders keep the accelerator fed: `num_workers` persistent worker processes, each with
+    `prefetch_factor` batches in flight (default: 2, more with fewer than 2 workers, so at
+    least 4 batches are queued), and pinned (page-locked) batches when `pin_memory` (default:
+    when CUDA is available), which lets Lightning's host-to-GPU copy run asynchronously.
     """
 
     def __init__(
@@ -179,9 +188,16 @@ class PairDataModule(L.LightningDataModule):
         prompt: str = " ",
         vae_fingerprint: str | None = None,
         eval_seed: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int | None = None,
     ):
         super().__init__()
         self.data_root, self.batch_size, self.num_workers = Path(data_root), batch_size, num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if num_workers > 0:
+            self.prefetch_factor = prefetch_factor or max(2, math.ceil(4 / num_workers))
+        else:
+            self.prefetch_factor = None  # no workers: batches are made on demand (DataLoader refuses a factor)
         self.val_movies, self.test_movies = val_movies, list(test_movies)
         self.kw = dict(low=low, high=high, min_gap=min_gap, size=size, prompt=prompt, vae_fingerprint=vae_fingerprint)
         self.eval_seed = eval_seed
@@ -211,7 +227,8 @@ class PairDataModule(L.LightningDataModule):
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)

@@ -125,6 +125,11 @@ def is_launch_rank_zero() -> bool:
 
 
 def resolve_resume(args, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from, by this process's own listing of `ckpt_dir`.
+
+    Every process runs this before the process group exists; ResumeAgreement then stops the
+    run, on all of them, unless they all chose what global rank 0 chose.
+    """
     from cldm.lightning import find_resume_checkpoint, is_complete_checkpoint
 
     if args.resume == "auto":
@@ -176,6 +181,8 @@ def build_model(cfg, init: Path):
 
 
 def build_datamodule(cfg, args, model):
+    import torch
+
     from tutorial_dataset import PairDataModule
 
     t = cfg.train
@@ -184,8 +191,10 @@ def build_datamodule(cfg, args, model):
     if args.use_latent_cache:
         from annotator.latent_cache import vae_fingerprint
         fingerprint = vae_fingerprint(model.first_stage_model)
+    pin = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()  # async host-to-GPU copies
     dm = PairDataModule(args.data, batch_size=t.batch_size, num_workers=t.num_workers, size=t.size,
-                        val_movies=None if t.val_every else [], vae_fingerprint=fingerprint, **band)
+                        val_movies=None if t.val_every else [], vae_fingerprint=fingerprint, pin_memory=pin,
+                        **band)
     dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache
     return dm
 
@@ -202,7 +211,7 @@ def count_devices(accelerator: str, devices) -> int:
     return len([d for d in devices.split(",") if d.strip()])
 
 
-def make_trainer(cfg, args, out: Path):
+def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
@@ -210,7 +219,7 @@ def make_trainer(cfg, args, out: Path):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.strategies import DDPStrategy
 
-    from cldm.lightning import AtomicCheckpointIO, ImageLogger, ReplicaCheck, StepCheckpoint
+    from cldm.lightning import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
 
     t = cfg.train
     devices = int(args.devices) if args.devices.isdigit() else args.devices
@@ -228,6 +237,7 @@ def make_trainer(cfg, args, out: Path):
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))  # one resume mechanism: --resume auto
     callbacks = [
+        ResumeAgreement(resume),  # every process must resume from global rank 0's choice
         StepCheckpoint(out / "checkpoints", every_n_steps=t.ckpt_every, keep=t.ckpt_keep),
         LearningRateMonitor(logging_interval="step"),
         ImageLogger(out / "images", t.image_every, t.image_count, t.image_ddim_steps, seed=t.seed),
@@ -304,7 +314,7 @@ def prepare(args):
     if args.export:
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)
-    trainer = make_trainer(cfg, args, out)
+    trainer = make_trainer(cfg, args, out, resume)
     record_config(out, cfg)
     return cfg, trainer, module, dm, resume
 

@@ -3,9 +3,10 @@
 What trains is decided by `cldm.trainable`; this file adds the step (dataset batch -> loss),
 the optimiser, crash-safe checkpoints that resume, and the image/replica callbacks.
 
-The locked UNet stays in train mode on purpose: gradients flow through it back to the
-ControlNet, and its `training` flag is what turns gradient checkpointing on (dropout is 0, so
-nothing else changes). The VAE and the text encoder take no gradient at all and stay in eval.
+Only what trains is in train mode: the ControlNet (and, with sd_locked false, the UNet
+decoder). The VAE, the text encoder and the locked UNet stay in eval mode. Gradients still
+flow through the locked UNet back to the ControlNet, and gradient checkpointing does not
+depend on the train flag (it is on whenever autograd records), so eval costs nothing there.
 """
 from __future__ import annotations
 
@@ -68,14 +69,26 @@ class ColorControlModule(L.LightningModule):
         if compile:
             model.control_model.compile()
             model.model.diffusion_model.compile()
+        self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
 
     # ---- modes ------------------------------------------------------------------------
     def train(self, mode: bool = True):
-        """Lightning calls .train() every epoch; the frozen encoders must stay in eval."""
+        """Train mode only for the trainable parts; every locked module stays in eval.
+
+        Covers the VAE, the text encoder and the locked UNet (all of it with sd_locked, else
+        all but the decoder that trains). Eval changes no numbers there (dropout 0, no batch
+        norm), and gradient checkpointing is gated on autograd, not on the flag.
+        """
         super().train(mode)
-        self.model.first_stage_model.eval()
-        if self.model.cond_stage_model is not None:
-            self.model.cond_stage_model.eval()
+        m = self.model
+        m.first_stage_model.eval()
+        if m.cond_stage_model is not None:
+            m.cond_stage_model.eval()
+        unet = m.model.diffusion_model
+        unet.eval()
+        if not self.hparams.sd_locked:
+            unet.output_blocks.train(mode)
+            unet.out.train(mode)
         return self
 
     # ---- the step ---------------------------------------------------------------------
@@ -216,6 +229,20 @@ class ColorControlModule(L.LightningModule):
 # checkpoints
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask() is a write)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temp file in the same folder, fsync, then rename over the final name.
 
@@ -234,6 +261,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give what open() would
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -283,6 +311,36 @@ def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
         if m and is_complete_checkpoint(p):
             found.append((int(m.group(1)), p.stat().st_mtime, p))
     return max(found)[2] if found else None
+
+
+class ResumeMismatchError(CheckpointError):
+    """Processes of one run picked different checkpoints to resume from."""
+
+
+def check_same_resume(path: str | Path | None) -> None:
+    """Raise ResumeMismatchError on every process unless all resume from global rank 0's choice.
+
+    Each process picks its resume checkpoint by listing OUT/checkpoints itself, before the
+    process group exists (torchrun and SLURM start them all at once, on several nodes). On a
+    shared filesystem whose view lags on some node, a process could see an older newest
+    checkpoint, resume from it, and train on different weights than the others. Called once
+    the group exists and before anything is restored; all processes reach the same verdict,
+    so none is left waiting in a collective. A no-op without a process group.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = None if path is None else str(path)
+    chosen = [None] * dist.get_world_size()
+    dist.all_gather_object(chosen, mine)
+    odd = [r for r, c in enumerate(chosen) if c != chosen[0]]
+    if odd:
+        def name(c):
+            return c or "none (fresh start)"
+        raise ResumeMismatchError(
+            f"processes chose different checkpoints to resume from: global rank 0 {name(chosen[0])}, rank "
+            f"{odd[0]} {name(chosen[odd[0]])} ({len(odd)} rank(s) differ); is --out on a shared filesystem that "
+            "every node sees up to date? Rerun, or pass --resume with rank 0's file")
 
 
 def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
@@ -335,6 +393,18 @@ def weights_digest(module: ColorControlModule) -> str:
         h.update(k.encode())
         h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+class ResumeAgreement(Callback):
+    """Before Lightning restores a checkpoint, check that every process resumes from the one
+    global rank 0 chose (`check_same_resume`); `ckpt_path` is what this process passes to fit."""
+
+    def __init__(self, ckpt_path: str | Path | None):
+        self.ckpt_path = ckpt_path
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Trainer._run: setup_environment (process group) -> setup hooks -> restore
+        check_same_resume(self.ckpt_path)
 
 
 class ReplicaCheck(Callback):

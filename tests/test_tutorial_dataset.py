@@ -1,3 +1,5 @@
+import contextlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,51 @@ def test_datamodule_splits_by_movie(fake_root):
     assert dm.train.movies == ["film_b"] and dm.val is None and dm.test.movies == ["film_a"]
     with pytest.raises(ValueError, match="no finished movie named nope"):
         PairDataModule(fake_root, val_movies=["nope"]).setup()
+
+
+def test_loaders_pin_memory_for_cuda_and_prefetch_with_workers(fake_root):
+    dm = PairDataModule(fake_root, batch_size=2, num_workers=0, size=64)  # defaults: pin iff CUDA
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.pin_memory == torch.cuda.is_available() and loader.prefetch_factor is None
+    assert not loader.persistent_workers
+    for workers, factor in ((1, 4), (2, 2), (3, 2)):  # >= 4 batches queued, at least 2 per worker
+        dm = PairDataModule(fake_root, batch_size=2, num_workers=workers, size=64, pin_memory=False)
+        dm.setup("fit")
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (workers, factor, True)
+            assert loader.pin_memory is False
+    dm = PairDataModule(fake_root, batch_size=2, num_workers=1, size=64, pin_memory=True, prefetch_factor=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.pin_memory and loader.prefetch_factor == 3
+    with pytest.warns(UserWarning, match="pin_memory") if not torch.cuda.is_available() else contextlib.nullcontext():
+        batch = next(iter(loader))  # CPU-only: DataLoader warns and hands out unpinned batches
+    assert batch["jpg"].shape == (2, 64, 64, 3) and batch["jpg"].is_pinned() == torch.cuda.is_available()
+
+
+def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(clip_root, tmp_path):
+    from annotator.latent_cache import build_latent_cache, load_latents
+    from tests.train_helpers import tiny_model
+
+    root = Path(shutil.copytree(clip_root, tmp_path / "data"))
+    fp = build_latent_cache(root, tiny_model("v2").first_stage_model, progress=False)["fingerprint"]
+    ds = PairDataset(root, size=64, low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp)
+    cache = load_latents(root / ds.movies[0], fp)
+    src = panning_clip(40, 64, 160, speed=1)  # what clip_root was built from (lossless PNG)
+    offsets = set()
+    for seed in range(20):
+        item = ds.sample(seed % len(ds), np.random.default_rng(seed))
+        i, j = item["ref_index"], item["target_index"]
+        # where the crop sits: the (unflipped) reference crop is src[i][:, x0:x0+64] for one x0
+        ref = item["hint"][..., :3]
+        x0s = [x for x in range(160 - 64 + 1) if np.abs(ref - src[i][:, x : x + 64] / 255).max() < 1e-6]
+        assert len(x0s) == 1 and x0s[0] % 8 == 0, x0s
+        x0 = x0s[0]
+        offsets.add(x0)
+        np.testing.assert_allclose(item["jpg"], src[j][:, x0 : x0 + 64] / 127.5 - 1, atol=1e-6)  # not flipped
+        win = np.s_[:, :, x0 // 8 : x0 // 8 + 8]
+        np.testing.assert_array_equal(item["jpg_latent_mean"], cache[j, 0][win].astype(np.float32))
+        np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
+        np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
+    assert len(offsets) > 3  # the crops do move

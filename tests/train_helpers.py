@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 
+from annotator.pairs import BuildOptions, build_movie
 from cldm.convert import init_from_sd
 from cldm.model import TINY_CONFIG, create_model, load_config
+from tests.annotator.clips import panning_clip, write_folder
 
 
 def tiny_sd_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -41,7 +44,7 @@ def tiny_model(variant: str = "v2", seed: int = 0, overrides=(), sd: dict | None
     return model
 
 
-def tiny_batch(b: int = 2, size: int = 64, seed: int = 0, latents: bool = False) -> dict:
+def tiny_batch(b: int = 2, size: int = 64, seed: int = 0) -> dict:
     """A dataset-style batch: HWC `hint` in [0, 1], `jpg` in [-1, 1], blank prompts."""
     g = torch.Generator().manual_seed(seed)
     # smooth images: a few random colours upsampled, so the VAE sees image-like inputs
@@ -51,6 +54,20 @@ def tiny_batch(b: int = 2, size: int = 64, seed: int = 0, latents: bool = False)
     batch = {"hint": torch.cat([ref, gray], 1).permute(0, 2, 3, 1).contiguous(),
              "jpg": (rgb * 2 - 1).permute(0, 2, 3, 1).contiguous(), "txt": [""] * b}
     return batch
+
+
+def tiny_data_root(root: Path, movies: int = 2, frames: int = 8, height: int = 64, width: int = 96,
+                   image_format: str = "jpg") -> Path:
+    """A DATA_ROOT (`root/data`) built by build_pairs' library code from short panning clips.
+
+    Movie k (`m0`, `m1`, ...) pans 2 px per frame over its own texture; frames are stored at
+    `height` x `width` (the short side is the build size), so adjacent frames pair up.
+    """
+    for k in range(movies):
+        src = write_folder(panning_clip(frames, height, width, speed=2, seed=k), root / "src" / f"m{k}")
+        build_movie(src, root / "data", f"m{k}",
+                    BuildOptions(size=min(height, width), window=3, threads=1, image_format=image_format))
+    return root / "data"
 
 
 @pytest.fixture(autouse=True)

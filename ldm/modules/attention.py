@@ -62,7 +62,7 @@ class BasicTransformerBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # pointless without autograd; eval mode is fine
             return checkpoint(self._forward, x, context, use_reentrant=False)
         return self._forward(x, context)
 

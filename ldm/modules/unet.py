@@ -49,7 +49,7 @@ class ResBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.use_checkpoint and torch.is_grad_enabled():  # pointless without autograd; eval mode is fine
             return checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
 

@@ -1,17 +1,31 @@
-"""Lightning wrapper: overfitting a fixed batch, the latent cache, modes, atomic checkpoints."""
+"""Lightning wrapper: overfitting a fixed batch, the latent cache, modes, checkpointing, precision,
+logs, atomic checkpoints and the resume agreement of DDP processes."""
+import math
+import multiprocessing
 import os
 
+import cv2
 import lightning as L
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, default_collate
 
+import ldm.modules.attention
+import ldm.modules.unet
+from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError
-from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, find_resume_checkpoint,
-                            is_complete_checkpoint, remove_partial_checkpoints)
+from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ResumeMismatchError,
+                            check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
+                            remove_partial_checkpoints)
 from cldm.model import TINY_CONFIG, load_config
-from cldm.trainable import export_keys
-from tests.train_helpers import one_thread, tiny_batch, tiny_model  # noqa: F401 (autouse fixture)
+from cldm.trainable import INPUT_CONV, export_keys
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.unet import ResBlock
+from tests.train_helpers import one_thread, tiny_batch, tiny_data_root, tiny_model  # noqa: F401 (autouse fixture)
+from tutorial_dataset import PairDataset
 
 
 def with_latents(module, batch):
@@ -60,6 +74,9 @@ def test_overfit_fixed_batch_moves_only_trainable_weights():
 
 
 def test_latent_cache_loss_equals_vae_loss():
+    """The step's latent branch: z0 drawn from a posterior's mean/std equals the VAE branch's
+    posterior.sample() with the same generator, and no VAE encoder runs. The posteriors here
+    are VAE(exact crop) in fp32; the cache as built and cut by the dataset is the next test."""
     module = ColorControlModule(tiny_model("v2"))
     batch = tiny_batch(2, seed=5)
     cached = with_latents(module, batch)
@@ -76,14 +93,102 @@ def test_latent_cache_loss_equals_vae_loss():
     assert abs(l_vae.item() - module.compute_loss(batch, noise=noise, t=t).item()) > 1e-6  # the draw matters
 
 
-def test_frozen_encoders_stay_in_eval_when_lightning_calls_train():
+def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path):
+    """The real path: annotator.latent_cache encodes whole stored frames (batched, stored as fp16
+    mean/std) and PairDataset cuts the crop's latent window. With frames exactly the crop size
+    (64x64) the window is the whole frame, so the only difference to VAE(crop) is fp16 storage:
+    each latent value rounds by at most 2**-11 relative. Loss tolerance rtol 5e-4, the same
+    bound; measured max 1.5e-5 relative over 40 (item, timestep) draws on this model.
+    Frames larger than the crop only approximate VAE(crop): see docs/TRAINING.md."""
     module = ColorControlModule(tiny_model("v2"))
-    module.train()
-    assert not module.model.first_stage_model.training and not module.model.cond_stage_model.training
-    # the locked UNet stays in train mode: its flag turns gradient checkpointing on
-    assert module.model.model.diffusion_model.training and module.model.control_model.training
+    root = tiny_data_root(tmp_path, movies=1, frames=6, height=64, width=64, image_format="png")
+    fp = build_latent_cache(root, module.model.first_stage_model, batch_size=4, progress=False)["fingerprint"]
+    band = dict(size=64, low=0.0, high=1.0, min_gap=1, augment=False, seed=3)
+    lat_ds, img_ds = PairDataset(root, vae_fingerprint=fp, **band), PairDataset(root, **band)
+    idx = [0, 2, 4]
+    lat = default_collate([lat_ds[i] for i in idx])
+    img = default_collate([img_ds[i] for i in idx])
+    assert "jpg_latent_mean" not in img
+    assert torch.equal(lat["target_index"], img["target_index"]) and torch.equal(lat["hint"], img["hint"])
+    assert torch.equal(lat["jpg"], img["jpg"])  # same partner, same crop, no flip
+    del lat["jpg"]  # the latent step must not need the image
+    vae = module.model.first_stage_model
+    with torch.no_grad():
+        post = vae.encode(img["jpg"].permute(0, 3, 1, 2))
+        torch.testing.assert_close(lat["jpg_latent_mean"], post.mean, rtol=2**-11, atol=1e-5)
+        torch.testing.assert_close(lat["jpg_latent_std"], post.std, rtol=2**-11, atol=1e-5)
+        g = torch.Generator().manual_seed(11)
+        noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([20, 400, 950])
+        l_img = module.compute_loss(img, noise=noise, t=t, generator=torch.Generator().manual_seed(7))
+        l_lat = module.compute_loss(lat, noise=noise, t=t, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(l_lat, l_img, rtol=5e-4, atol=0)
+
+
+def train_mode_names(module):
+    """Submodules of the ControlLDM in train mode (containers that hold other parts left out)."""
+    return {n for n, m in module.model.named_modules() if m.training and n not in ("", "model")}
+
+
+def test_only_trainable_parts_are_in_train_mode():
+    module = ColorControlModule(tiny_model("v2"))  # set at construction: Lightning 2.x keeps the modes it finds
+    for _ in range(2):  # and again after Lightning's (or anyone's) .train()
+        names = train_mode_names(module)
+        assert names and all(n.startswith("control_model") for n in names), sorted(names)[:5]
+        assert {n for n, _ in module.model.control_model.named_modules(prefix="control_model")} <= names
+        module.train()
     module.eval()
-    assert not module.model.control_model.training
+    assert train_mode_names(module) == set()
+
+    unlocked = ColorControlModule(tiny_model("v2"), sd_locked=False)  # the UNet decoder trains too
+    names = train_mode_names(unlocked)
+    decoder = ("model.diffusion_model.output_blocks", "model.diffusion_model.out")
+    assert {n for n in names if not n.startswith("control_model")} == \
+        {n for n, _ in unlocked.model.named_modules() if n.startswith(decoder)}
+    unet = unlocked.model.model.diffusion_model
+    assert not unet.training and not unet.input_blocks.training and not unet.middle_block.training
+
+
+def test_checkpointing_runs_in_training_but_not_when_sampling(monkeypatch):
+    """Gradient checkpointing is gated on autograd, not on train mode: it runs in the locked
+    (eval-mode) UNet during the training step, recomputing its blocks in backward, gives the
+    same gradients as without it, and never runs under torch.no_grad (sampling)."""
+    calls = []
+
+    def counting(real):
+        return lambda fn, *a, **kw: calls.append(fn.__self__) or real(fn, *a, **kw)
+
+    for mod in (ldm.modules.unet, ldm.modules.attention):
+        monkeypatch.setattr(mod, "checkpoint", counting(mod.checkpoint))
+    module = ColorControlModule(tiny_model("v2", overrides=["model.unet.use_checkpoint=true"]))
+    plain = ColorControlModule(tiny_model("v2"))
+    unet = module.model.model.diffusion_model
+    assert not unet.training  # locked: eval mode
+    blocks = [m for part in (unet, module.model.control_model) for m in part.modules()
+              if isinstance(m, (ResBlock, BasicTransformerBlock))]
+    runs = {"res": 0, "attn": 0}
+    unet.input_blocks[1][0].in_layers.register_forward_hook(lambda *a: runs.__setitem__("res", runs["res"] + 1))
+    unet.input_blocks[1][1].transformer_blocks[0].attn1.register_forward_hook(
+        lambda *a: runs.__setitem__("attn", runs["attn"] + 1))
+
+    batch = tiny_batch(2, seed=1)
+    noise, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
+    losses = []
+    for m in (module, plain):
+        loss = m.compute_loss(batch, noise=noise, t=t, generator=torch.Generator().manual_seed(3))
+        if m is module:  # every UNet and ControlNet block went through checkpoint once in forward
+            assert len(calls) == len(blocks) and {id(b) for b in calls} == {id(b) for b in blocks}
+        loss.backward()
+        losses.append(loss.detach())
+    assert runs == {"res": 2, "attn": 2}  # forward + recompute in backward: checkpointing really ran
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    for (n, p), q in zip(module.model.named_parameters(), plain.model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+    calls.clear()
+    runs.update(res=0, attn=0)
+    module.image_grid(batch, n=2, steps=2)  # DDIM sampling under torch.no_grad
+    assert calls == [] and runs == {"res": 2, "attn": 2}  # one forward per DDIM step, no checkpoint
 
 
 def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
@@ -112,12 +217,98 @@ def test_moved_locked_channels_are_caught_at_checkpoint_time():
         module.on_save_checkpoint({"state_dict": module.state_dict()})
 
 
+def tile(grid, row, col, size=64, pad=2):
+    y, x = pad + row * (size + pad), pad + col * (size + pad)
+    return grid[:, y : y + size, x : x + size]
+
+
 def test_image_grid_is_reference_gray_sample_truth():
     module = ColorControlModule(tiny_model("v2"))
-    grid = module.image_grid(tiny_batch(2), n=2, steps=2)
+    batch = tiny_batch(3, seed=4)
+    grid = module.image_grid(batch, n=2, steps=2, seed=5)
     assert grid.shape == (3, 2 * 64 + 3 * 2, 4 * 64 + 5 * 2)
-    assert 0 <= grid.min() and grid.max() <= 1
-    assert module.training  # restored
+    assert module.training and not module.model.model.diffusion_model.training  # modes restored
+    # the sample column: DDIM with the grid's seed, decoded, computed here independently
+    m = module.model
+    with torch.no_grad():
+        hint = batch["hint"][:2].permute(0, 3, 1, 2)
+        cond = m.prepare_condition(hint, context=m.get_learned_conditioning(batch["txt"][:2]))
+        sample = m.decode_first_stage(m.sample(cond, steps=2, generator=torch.Generator().manual_seed(5)))
+    for r in range(2):
+        ref, gray = batch["hint"][r, ..., :3].permute(2, 0, 1), batch["hint"][r, ..., 3]
+        truth = (batch["jpg"][r].permute(2, 0, 1) + 1) / 2
+        assert torch.equal(tile(grid, r, 0), ref)
+        assert all(torch.equal(tile(grid, r, 1)[c], gray) for c in range(3))
+        torch.testing.assert_close(tile(grid, r, 2), ((sample[r] + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(tile(grid, r, 3), truth, rtol=0, atol=1e-6)
+        assert (tile(grid, r, 2) - tile(grid, r, 3)).abs().max() > 0.05  # the sample is not the truth
+    assert not torch.equal(tile(grid, 0, 0), tile(grid, 1, 0))  # rows are samples, in order
+    # latent-cache batches have no image: the truth column is the decoded cached mean
+    cached = with_latents(module, tiny_batch(2, seed=4))
+    del cached["jpg"]
+    grid = module.image_grid(cached, n=2, steps=2, seed=5)
+    with torch.no_grad():
+        truth = (m.decode_first_stage(cached["jpg_latent_mean"] * m.scale_factor) + 1) / 2
+    torch.testing.assert_close(tile(grid, 1, 3), truth[1].clamp(0, 1), rtol=0, atol=1e-6)
+
+
+class Record(Callback):
+    """Losses of the steps and the modules in train mode while training."""
+
+    def __init__(self):
+        self.losses, self.train_modes = [], set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+        self.train_modes |= train_mode_names(pl_module)
+
+
+def test_bf16_mixed_lightning_run_trains_only_the_trainable_weights():
+    torch.manual_seed(0)
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3)
+    batch = tiny_batch(2, seed=2)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    rec = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[rec])
+    trainer.fit(module, DataLoader([batch] * 3, batch_size=None))
+    # 3 steps: the hint block ends in a zero conv that feeds the zero convs, so its first
+    # layers get a gradient only from the third step on
+    assert trainer.global_step == 3 and len(rec.losses) == 3
+    assert all(math.isfinite(v) and 0 < v < 10 for v in rec.losses), rec.losses
+    assert rec.train_modes and all(n.startswith("control_model") for n in rec.train_modes)
+    after = module.model.state_dict()
+    trainable = set(export_keys(module.model))
+    assert all(after[k].dtype == torch.float32 for k in trainable)  # bf16 only inside autocast
+    assert [k for k in after if k not in trainable and not torch.equal(after[k], before[k])] == []
+    assert torch.equal(after[INPUT_CONV][:, :4], before[INPUT_CONV][:, :4])
+    moved = {k for k in trainable if not torch.equal(after[k], before[k])}
+    assert moved == trainable, sorted(trainable - moved)[:5]
+
+
+def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3)
+    rec = Record()
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, log_every_n_steps=1, logger=tb,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[rec, ImageLogger(tmp_path / "images", every_n_steps=2, n=2, ddim_steps=2)])
+    trainer.fit(module, DataLoader([tiny_batch(2, seed=k) for k in range(4)], batch_size=None))
+    ea = EventAccumulator(str(tb.log_dir), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    loss = ea.Scalars("train/loss")
+    assert [e.step for e in loss] == [0, 1, 2, 3]
+    np.testing.assert_allclose([e.value for e in loss], rec.losses, rtol=1e-6)
+    images = ea.Images("samples")
+    assert [e.step for e in images] == [2, 4]
+    for e in images:
+        assert (e.height, e.width) == (2 * 64 + 3 * 2, 4 * 64 + 5 * 2)
+        png = cv2.imread(str(tmp_path / "images" / f"step-{e.step:08d}.png"), cv2.IMREAD_COLOR)
+        logged = cv2.imdecode(np.frombuffer(e.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+        assert logged.shape == png.shape and np.abs(logged.astype(int) - png).max() <= 1  # same grid
 
 
 def test_atomic_save_leaves_old_file_on_failure_and_no_temp(tmp_path, monkeypatch):
@@ -134,6 +325,61 @@ def test_atomic_save_leaves_old_file_on_failure_and_no_temp(tmp_path, monkeypatc
         io.save_checkpoint({"global_step": 6}, path)
     assert os.listdir(tmp_path) == [path.name]
     assert torch.load(path, weights_only=True)["global_step"] == 5
+
+
+def test_atomic_save_gives_the_mode_of_an_ordinary_file(tmp_path):
+    """mkstemp makes 0600 files; a checkpoint gets 0666 & ~umask, as open() would create it."""
+    io = AtomicCheckpointIO()
+    old = os.umask(0o027)
+    try:
+        for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
+            os.umask(umask)
+            path = tmp_path / f"step={umask:08d}.ckpt"
+            io.save_checkpoint({"global_step": 1}, path)
+            assert os.stat(path).st_mode & 0o777 == mode, oct(os.stat(path).st_mode)
+            plain = tmp_path / f"plain{umask}"
+            plain.write_bytes(b"")
+            assert os.stat(plain).st_mode & 0o777 == mode
+    finally:
+        os.umask(old)
+
+
+def _resume_worker(rank, store, paths, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        check_same_resume(paths[rank])
+        results.put((rank, "ok"))
+    except ResumeMismatchError as e:
+        results.put((rank, str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def resume_verdicts(tmp_path, name, paths):
+    """check_same_resume in 2 gloo processes, process k passing paths[k]: {rank: 'ok' or error}."""
+    ctx = multiprocessing.get_context("fork")  # fast; the children only pickle and talk gloo
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_resume_worker, args=(r, tmp_path / name, paths, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return out
+
+
+def test_all_processes_must_resume_from_rank_zeros_checkpoint(tmp_path):
+    a, b = "out/checkpoints/step=00000010.ckpt", "out/checkpoints/step=00000008.ckpt"
+    assert resume_verdicts(tmp_path, "same", [a, a]) == {0: "ok", 1: "ok"}
+    assert resume_verdicts(tmp_path, "fresh", [None, None]) == {0: "ok", 1: "ok"}
+    # e.g. rank 1's node lists the shared folder late and sees an older newest checkpoint
+    for name, paths in (("older", [a, b]), ("none", [a, None])):
+        verdicts = resume_verdicts(tmp_path, name, paths)
+        assert verdicts[0] == verdicts[1]  # both stop, with the same one-line reason
+        msg = verdicts[0]
+        assert "\n" not in msg and f"global rank 0 {a}" in msg and f"rank 1 {paths[1] or 'none'}" in msg, msg
+    check_same_resume(a)  # one process (no group): nothing to agree on
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):

@@ -16,12 +16,10 @@ import torch
 
 import tutorial_train_sd21_color_v2 as train
 from annotator.latent_cache import build_latent_cache
-from annotator.pairs import BuildOptions, build_movie
 from cldm.checkpoint import load_state_dict, save_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.trainable import INPUT_CONV, load_sd_plus_control, read_export_metadata
-from tests.annotator.clips import panning_clip, write_folder
-from tests.train_helpers import one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from tests.train_helpers import one_thread, tiny_data_root, tiny_model  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
@@ -31,9 +29,7 @@ SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
 def ws(tmp_path_factory):
     """DATA_ROOT with two short panning clips (64 px, latent cache built) and an init checkpoint."""
     d = tmp_path_factory.mktemp("train")
-    for k in range(2):
-        src = write_folder(panning_clip(8, 64, 96, speed=2, seed=k), d / f"src{k}")
-        build_movie(src, d / "data", f"m{k}", BuildOptions(size=64, window=3, threads=1))
+    tiny_data_root(d, movies=2, frames=8, height=64, width=96)
     model = tiny_model("v2")
     save_state_dict(model.state_dict(), d / "init.safetensors")
     build_latent_cache(d / "data", model.first_stage_model, progress=False, log=lambda s: None)
@@ -179,3 +175,29 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(ws, tmp_path):
     trained, init = load_state_dict(out / "control.safetensors"), load_state_dict(ws / "init.safetensors")
     assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
                            init["control_model.middle_block_out.0.weight"])  # it did train
+
+
+@pytest.mark.slow  # two DDP runs, ~2 min on 2 cores
+def test_ddp_resume_all_processes_continue_from_the_same_checkpoint(ws, tmp_path):
+    """Every process lists the checkpoints itself; ResumeAgreement checks, once the process group
+    exists, that all of them resume from global rank 0's choice (here they agree)."""
+    out = tmp_path / "ddp"
+    common = ("--devices", 2, "--ckpt-every", 2, "--use-latent-cache", "--warmup-steps", 1000)
+    for steps in (2, 4):
+        res = subprocess.run([sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", steps, *common)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr and "step=00000002.ckpt" in res.stderr
+    final = load_ckpt(out / "checkpoints" / "step=00000004.ckpt")
+    assert {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()} == {4}  # continued, not restarted
+    rep = json.loads((out / "replicas.json").read_text())
+    assert rep["world_size"] == 2 and rep["step"] == 4 and rep["identical"]
+
+
+def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
+    model = tiny_model("v2")
+    for accelerator, cuda, pinned in (("cpu", True, False), ("auto", True, True), ("auto", False, False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        ns = train.parser().parse_args(args(ws, ws / "unused") + ["--accelerator", accelerator])
+        dm = train.build_datamodule(train.resolve_config(ns), ns, model)
+        assert dm.train_dataloader().pin_memory is pinned, (accelerator, cuda)
