@@ -3,9 +3,16 @@
 
 The ControlNet encoder is copied from the SD UNet, new input channels (v2/v3) start at zero so
 the model initially predicts exactly what SD2.1 does, and the hint block and zero convs are
-freshly initialised. Prints what was copied and what is new.
+freshly initialised. Prints what was copied and what is new. The output format follows its
+suffix: .safetensors (recommended) or .ckpt. With --dtype float16/bfloat16 the weights are
+cast, but the 13 diffusion-schedule buffers (betas, alphas_cumprod, ...) stay float32.
 
   python tool_add_control_sd21.py v2-1_512-ema-pruned.safetensors models/control_sd21_color_v2.safetensors
+
+SD2.1-768-v (v2-1_768-ema-pruned) has exactly the same tensor names and shapes as 512-base,
+so nothing in the file tells them apart and this tool accepts both. The 768 model predicts v,
+not eps: use it only with a config that sets `parameterization: v` and trains/samples at 768
+(a copy of models/cldm_v21_color.yaml with those changes); the default config is 512-base.
 """
 from __future__ import annotations
 
@@ -18,8 +25,10 @@ import torch
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.convert import init_from_sd
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config
+from ldm.schedule import BUFFER_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OUT_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = DEFAULT_CONFIG,
@@ -27,6 +36,8 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
                 dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> str:
     """Write the initial checkpoint; returns the human-readable report."""
     out_path = Path(out_path)
+    if out_path.suffix not in OUT_SUFFIXES:  # checked before the (slow) load of a multi-GB file
+        raise ValueError(f"{out_path}: output must end in .safetensors (recommended) or .ckpt")
     if out_path.exists() and not overwrite:
         raise CheckpointError(f"{out_path} exists (use --overwrite to replace it)")
     overrides = list(overrides) + ([f"model.color_variant={variant}"] if variant else [])
@@ -36,7 +47,10 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     model = create_model(cfg)
     state, report = init_from_sd(model, sd)
     del model, sd
-    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    # The schedule stays float32 in every SD checkpoint: in half precision alphas_cumprod near 1
+    # rounds, and the sampler's sqrt(1 - a) of the smallest timesteps changes a lot.
+    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k not in BUFFER_NAMES else v
+             for k, v in state.items()}
     save_state_dict(state, out_path, metadata={"color_variant": cfg.model.color_variant,
                                                "source": Path(sd_path).name, "made_by": "tool_add_control_sd21.py"})
     return f"colour variant {cfg.model.color_variant}, {len(state)} tensors -> {out_path}\n" + report.summary()
@@ -44,11 +58,12 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sd_ckpt", help="Stable Diffusion 2.1 512-base checkpoint (.safetensors or .ckpt)")
-    p.add_argument("out_ckpt", help="output checkpoint; .safetensors (default) or .ckpt by extension")
+    p.add_argument("sd_ckpt", help="Stable Diffusion 2.1 512-base checkpoint (.safetensors or .ckpt); "
+                                   "768-v has the same keys and needs a v/768 config (see above)")
+    p.add_argument("out_ckpt", help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: %(default)s)")
     p.add_argument("--variant", choices=["v1", "v2", "v3"], help="colour variant (default: the config's)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written tensors")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights (schedule buffers stay float32; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for the hint block's random initialisation")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling of a .ckpt that holds more than tensors (only for files you trust)")

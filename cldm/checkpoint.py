@@ -5,14 +5,18 @@ load them with `weights_only=True` and only unpickle fully when the caller says 
 file. Writing defaults to safetensors (no code, memory-mappable) and is atomic so an
 interrupted save never leaves a half-written checkpoint under the final name.
 
-CLI: `python -m cldm.checkpoint inspect FILE` and `python -m cldm.checkpoint convert IN OUT`.
+CLI: `python -m cldm.checkpoint inspect FILE [--config YAML]` (what it is; how it fits a model) and
+`python -m cldm.checkpoint convert IN OUT`.
 """
 import argparse
 import logging
 import os
 import pickle
+import pickletools
 import sys
 import tempfile
+import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +25,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cldm.color import VARIANTS
+
 log = logging.getLogger(__name__)
 
 TORCH_EXTS = (".ckpt", ".pt", ".pth")
 # The locked Stable Diffusion parts: a checkpoint that has any of one must have all of it.
 STRICT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 MIN_MATCHED = 0.5  # below this fraction of the model's tensors found, it's the wrong file
+LATENT_CHANNELS = 4  # SD's latent; the colour variants add VARIANTS[v] input channels to it
+INPUT_CONV = "input_blocks.0.0.weight"
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be read safely, or that does not fit the model."""
+    """A checkpoint that cannot be read safely, or that does not fit the model.
+
+    The message is one line; `report` (a LoadReport, when there is one) has the full comparison.
+    """
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,36 +79,116 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
 
 def _torch_load(path, map_location, allow_pickle):
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        needs = _pickled_globals(path, e)
-        if needs is None:
-            raise CheckpointError(f"{path}: truncated or corrupt ({_first_line(e)})") from None
-        if not allow_pickle:
-            what = f" ({', '.join(needs[:3])}{', ...' if len(needs) > 3 else ''})" if needs else ""
-            raise CheckpointError(
-                f"{path}: holds pickled Python objects{what}, not just tensors, and unpickling "
-                f"could run code; only if you trust the file, re-save it with `python -m "
-                f"cldm.checkpoint convert {path} OUT.safetensors --allow-pickle`") from None
-    except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... on damaged files
-        raise CheckpointError(f"{path}: truncated or corrupt ({_first_line(e)})") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read; we explain below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError/... on damaged files
+        err = e
+    needs = _pickled_globals(path)
+    if needs is None:
+        raise CheckpointError(f"{path}: truncated or corrupt ({_first_line(err)})") from None
+    if not allow_pickle:
+        what = ", ".join(needs[:3]) + (", ..." if len(needs) > 3 else "")
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects ({what}), not just tensors, and unpickling could "
+            f"run code; convert it with `python -m cldm.checkpoint convert {path} OUT.safetensors "
+            f"--allow-pickle`, or pass --allow-pickle, only if you trust the file") from None
     log.warning("%s: fully unpickling (allow_pickle=True): trusting this file", path)
     try:
+        if _is_plain_pickle(path):  # pickle.dump output: torch.load would run it, then reject the header
+            with open(path, "rb") as f:
+                return pickle.load(f)
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{path}: could not be unpickled ({_first_line(e)})") from None
 
 
-def _pickled_globals(path, err):
-    """Python callables the pickle would import (read without running it); None if it's damaged.
+# Newest torch.save format is a zip with the pickle in */data.pkl; the legacy format is a few
+# pickles in a row (magic number, protocol, sys info, the object, storage keys) then raw bytes.
+_LEGACY_PICKLES = 4
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+               "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
-    An empty list means "needs unpickling, names unknown" (legacy non-zip files can't be listed).
+
+def _pickled_globals(path):
+    """Names of the callables the file's pickle would import but `weights_only` refuses.
+
+    Read with `pickletools.genops` (and torch's zip-file scanner), which parse opcodes and never
+    run them. None when there are none, i.e. the load failed because the file is damaged.
     """
     try:
         names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:
-        return [] if "GLOBAL" in str(err) else None
+    except Exception:  # not a zip checkpoint: a legacy torch.save file or a plain pickle
+        scanned = _scan_globals(path)
+        if scanned is None:
+            return None
+        allowed = _weights_only_allowed()
+        names = [n for n in dict.fromkeys(scanned) if n not in allowed]
     return names or None
+
+
+def _weights_only_allowed():
+    """'module.name' of what `weights_only` unpickles: torch's built-in list plus add_safe_globals."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # private API moved: report every global rather than none
+        allowed = set()
+    return allowed | {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals()
+                      if hasattr(g, "__qualname__")}
+
+
+def _scan_globals(path):
+    """'module.name' of every GLOBAL / STACK_GLOBAL in the leading pickles of `path`, or None.
+
+    Each pickle must parse up to its STOP opcode, so damaged or random bytes yield None.
+    """
+    names = []
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for _ in range(_LEGACY_PICKLES):
+                if f.tell() >= size:
+                    break
+                names += _globals_of_one_pickle(f)
+    except Exception:
+        return None
+    return names
+
+
+def _globals_of_one_pickle(f):
+    """Globals of the pickle starting at f's position; leaves f after its STOP."""
+    names, memo, pushed = [], {}, []
+    for op, arg, _ in pickletools.genops(f):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            names.append(arg.replace(" ", "."))
+        elif name == "STACK_GLOBAL":
+            mod, attr = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+            names.append(f"{mod}.{attr}" if isinstance(mod, str) and isinstance(attr, str) else "?")
+        if name in _STRING_OPS:
+            pushed.append(arg)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.stack_after:
+            pushed.append(None)
+    return names
+
+
+def _is_plain_pickle(path):
+    """True for a pickle.dump file: not a zip, and its first pickle is not torch's magic number."""
+    if zipfile.is_zipfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return _TORCH_MAGIC not in [arg for _, arg, _ in pickletools.genops(f)]
+    except Exception:
+        return False
 
 
 def _first_line(e):
@@ -145,6 +240,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)  # in the checkpoint, not in the model
     mismatched: dict = field(default_factory=dict)  # name -> (model shape, checkpoint shape)
     ignored: list = field(default_factory=list)  # checkpoint keys skipped by prefix (EMA, ...)
+    kind: str = ""  # what the checkpoint looks like (guess_kind)
 
     @property
     def ok(self):
@@ -214,51 +310,91 @@ def compare_state_dict(model_or_expected_shapes, sd):
         else:
             report.matched.append(k)
     report.unexpected = [k for k in got if k not in exp]
+    report.kind = guess_kind(got)
     return report
 
 
 def misfit(report, strict_prefixes=STRICT_PREFIXES, min_matched=MIN_MATCHED):
-    """Why a checkpoint is clearly not this model (None if it fits well enough to load).
+    """Why a checkpoint is clearly not this model, in one line (None if it fits well enough to load).
 
-    The rule: (1) every strict part (prefix) the checkpoint has any tensor of must match the
-    model key for key, names and shapes; a locked SD part loaded halfway, or with other shapes
-    (e.g. SD1.x's 768-wide cross-attention instead of SD2.x's 1024), is a different model.
-    (2) At least `min_matched` of the model's tensors must be found, else it's another file
-    (e.g. a bare UNet without the `model.diffusion_model.` prefix). Missing or reshaped tensors
-    outside the strict parts (a new ControlNet, say) are only reported, and keep their values.
+    The rule: (1) no tensor of the file may have another shape than the model's tensor of that
+    name, anywhere: it could not be loaded, and leaving it at its random init silently would
+    be a different model (e.g. a file of another colour variant). (2) Every strict part
+    (prefix) the checkpoint has any tensor of must match the model key for key; a locked SD part
+    loaded halfway is a different model. (3) At least `min_matched` of the model's tensors must
+    be found, else it's another file (e.g. a bare UNet without the `model.diffusion_model.`
+    prefix). Tensors missing outside the strict parts (a new ControlNet, say) are only reported,
+    and keep their values. Widening SD's 4-channel input conv for v2/v3 is not loading but
+    initialising: `cldm.convert.init_from_sd` (tool_add_control_sd21.py) does it.
     """
-    present = {k for k in report.matched + report.unexpected + list(report.mismatched)}
+    if report.mismatched:
+        return _mismatch_reason(report)
+    present = {k for k in report.matched + report.unexpected}
     for p in strict_prefixes:
         if not any(k.startswith(p) for k in present):
             continue
-        bad = ([k for k in report.missing if k.startswith(p)],
-               [k for k in report.unexpected if k.startswith(p)],
-               [k for k in report.mismatched if k.startswith(p)])
+        bad = ([k for k in report.missing if k.startswith(p)], [k for k in report.unexpected if k.startswith(p)])
         if any(bad):
-            counts = ", ".join(f"{len(b)} {w}" for b, w in zip(bad, ("missing", "unexpected", "reshaped")) if b)
-            return f"the checkpoint's {p or '(all)'}* does not match the model ({counts})"
+            counts = ", ".join(f"{len(b)} {w}" for b, w in zip(bad, ("missing", "unexpected")) if b)
+            first = next(b[0] for b in bad if b)
+            return f"the checkpoint's {p or '(all)'}* does not match the model ({counts}, e.g. {first})"
     if report.expected and len(report.matched) < min_matched * report.expected:
         return f"only {len(report.matched)} of {report.expected} model tensors found in the checkpoint"
     return None
 
 
+def _mismatch_reason(report):
+    """'KEY is [file shape] in the checkpoint but [model shape] in the model (...); likely CAUSE'.
+
+    Names an input conv first when one differs (its channel count tells the colour variant),
+    then the ControlNet's and the UNet's tensors (e.g. cross-attention width tells SD1.x).
+    """
+    parts = ("control_model.", "model.diffusion_model.")
+    keys = sorted(report.mismatched, key=lambda k: (not k.endswith(INPUT_CONV),
+                                                    next((i for i, p in enumerate(parts) if k.startswith(p)), 2), k))
+    key = keys[0]
+    model_shape, file_shape = (list(s) for s in report.mismatched[key])
+    n = len(keys) - 1
+    more = f" (and {n} more tensor{'s' if n > 1 else ''} of another shape)" if n else ""
+    return (f"{key} is {file_shape} in the checkpoint but {model_shape} in the model{more}; "
+            f"likely {_likely_cause(key, model_shape, file_shape, report.kind)}")
+
+
+def _likely_cause(key, model_shape, file_shape, kind):
+    if key.endswith(INPUT_CONV) and len(model_shape) == len(file_shape) == 4 and model_shape[1] != file_shape[1]:
+        variant = {LATENT_CHANNELS + extra: v for v, extra in VARIANTS.items()}
+        f_in, m_in = file_shape[1], model_shape[1]
+        if key.startswith("control_model."):
+            fv, mv = variant.get(f_in, "unknown"), variant.get(m_in, "unknown")
+            fix = f"; set model.color_variant={fv}" if fv != "unknown" else ""
+            return (f"another colour variant: the file's ControlNet takes {f_in} input channels "
+                    f"(colour variant {fv}), this config's {m_in} ({mv}){fix}")
+        if f_in == LATENT_CHANNELS and not kind.startswith(("ours", "ControlNet")):
+            return (f"plain Stable Diffusion weights ({kind}, {f_in} input channels): make the initial "
+                    f"checkpoint with tool_add_control_sd21.py, which widens the input conv")
+        return (f"another colour variant or concat_to_unet setting: the file's UNet takes {f_in} input "
+                f"channels, this config's {m_in} (model.color_variant, model.concat_to_unet)")
+    return f"another model config (the file looks like: {kind})"
+
+
 def load_into(model, sd, *, strict_prefixes=STRICT_PREFIXES, ignore_prefixes=("model_ema.",)):
     """Copy the matching tensors of `sd` into `model` (casting dtype), refusing a misfit first.
 
-    Raises CheckpointError (reason + summary) under the rule in `misfit`, before touching the
-    model. Keys starting with `ignore_prefixes` (EMA copies) are skipped; pass
-    `strict_prefixes=("",)` to require an exact match of everything.
+    Raises CheckpointError (one line; the comparison in `.report`) under the rule in `misfit`,
+    before touching the model. Keys starting with `ignore_prefixes` (EMA copies) are skipped;
+    pass `strict_prefixes=("",)` to require an exact match of everything. Returns the
+    LoadReport; a partial load (tensors left at their init) is also logged as a WARNING, so
+    it is visible even where the caller does not print `report.summary()`.
     """
     ignored = [k for k in sd if k.startswith(tuple(ignore_prefixes))]
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(ignore_prefixes))}
     report = compare_state_dict(model, sd)
     report.ignored = ignored
     if reason := misfit(report, strict_prefixes):
-        raise CheckpointError(f"checkpoint ({guess_kind(sd)}) does not fit {type(model).__name__}: "
-                              f"{reason}\n{report.summary()}")
+        raise CheckpointError(f"checkpoint ({report.kind}) does not fit {type(model).__name__}: {reason}", report)
     model.load_state_dict({k: sd[k] for k in report.matched}, strict=False)
     if not report.ok:
-        log.info("partial load into %s:\n%s", type(model).__name__, report.summary())
+        log.warning("partial load into %s:\n%s", type(model).__name__, report.summary())
     return report
 
 
@@ -294,6 +430,10 @@ def main(argv=None):
     p.add_argument("file", help=".safetensors, .ckpt, .pt or .pth file")
     p.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle a .ckpt that needs it (runs its code: trusted files only)")
+    p.add_argument("--config", help="also compare the file with the model of this YAML: the load summary "
+                                    "(found / missing / unexpected / reshaped) and whether it would load")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for --config, e.g. --set model.color_variant=v3 (repeatable)")
     p = sub.add_parser("convert", help="re-save a checkpoint's tensors (format from OUT's extension)")
     p.add_argument("input", help="checkpoint to read")
     p.add_argument("output", help="file to write: .safetensors (recommended) or .ckpt/.pt/.pth")
@@ -310,6 +450,14 @@ def main(argv=None):
             print("dtypes: " + ", ".join(f"{d} {c}" for d, c in dtypes.most_common()))
             print("top-level: " + ", ".join(f"{t}.* {c}" if c > 1 else t for t, c in tops.most_common(8)))
             print(f"looks like: {guess_kind(sd)}")
+            if args.config:
+                from cldm.model import create_model, load_config  # cldm.model imports this module
+                cfg = load_config(args.config, args.overrides)
+                with torch.device("meta"):
+                    report = compare_state_dict(create_model(cfg), sd)
+                print(f"against {args.config}:\n{report.summary()}")
+                reason = misfit(report)
+                print(f"would not load: {reason}" if reason else "would load" + ("" if report.ok else " (partially)"))
         else:
             sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
             save_state_dict(sd, args.output, metadata={"converted_from": Path(args.input).name})

@@ -15,6 +15,7 @@ from torch import nn
 from cldm.color import ColorCondition, build_concat, split_hint
 from cldm.controlnet import ControlledUnetModel, ControlNet
 from ldm import sampler, schedule
+from ldm.modules import autoencoder, unet as unet_modules
 from ldm.modules.autoencoder import AutoencoderKL
 
 
@@ -47,7 +48,17 @@ class ControlLDM(nn.Module):
         self.control_scales = list(control_scales) if control_scales is not None else None
         for name, value in schedule.schedule_buffers("linear", timesteps, linear_start, linear_end).items():
             self.register_buffer(name, value)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        # Image sides must divide by this: the VAE (and hint block) downsample by `latent_factor`,
+        # then every UNet Downsample halves the latent, and its Upsample must land on the skip size.
+        self.latent_factor = 2 ** sum(isinstance(m, autoencoder.Downsample) for m in first_stage_model.modules())
+        self.size_multiple = self.latent_factor * 2 ** sum(isinstance(m, unet_modules.Downsample)
+                                                           for m in unet.modules())
+        # Prompt embeddings of the frozen text encoder, valid only for the weights, device and dtype
+        # they were computed with: cleared when the encoder's weights are loaded or moved/cast.
+        self._prompt_cache: dict[tuple[str, torch.dtype | None], torch.Tensor] = {}
+        self._prompt_cache_for: tuple[torch.device, torch.dtype] | None = None
+        if cond_stage_model is not None:
+            cond_stage_model.register_load_state_dict_post_hook(self._clear_prompt_cache)
 
     @property
     def num_timesteps(self) -> int:
@@ -75,15 +86,24 @@ class ControlLDM(nn.Module):
         """
         if self.cond_stage_model is None:
             raise RuntimeError("this model has no text encoder; pass `context` explicitly")
+        weight = next(self.cond_stage_model.parameters())
+        if self._prompt_cache_for != (weight.device, weight.dtype):  # moved or cast since: recompute
+            self._prompt_cache.clear()
+            self._prompt_cache_for = (weight.device, weight.dtype)
+        amp = _autocast_dtype(weight.device)  # the same weights give other values under autocast
         rows = []
         for p in prompts:
-            cached = self._prompt_cache.get(p)
+            cached = self._prompt_cache.get((p, amp))
             if cached is None:
                 cached = self.cond_stage_model.encode([p])[0]
                 if len(self._prompt_cache) < 64:
-                    self._prompt_cache[p] = cached
+                    self._prompt_cache[(p, amp)] = cached
             rows.append(cached)
         return torch.stack(rows)
+
+    def _clear_prompt_cache(self, module: nn.Module, incompatible_keys) -> None:
+        """load_state_dict post-hook of the text encoder: new weights, new embeddings."""
+        self._prompt_cache.clear()
 
     # ---- conditioning and one denoising step ----------------------------------------------
     def prepare_condition(self, hint: torch.Tensor, prompts: Sequence[str] | None = None, *,
@@ -96,9 +116,15 @@ class ControlLDM(nn.Module):
         this runs with gradients; the frozen encoders inside run without.
         """
         ref, gray = split_hint(hint)
+        h, w = hint.shape[2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            downs = (self.size_multiple // self.latent_factor).bit_length() - 1
+            raise ValueError(f"hint height and width must be multiples of {self.size_multiple} (the VAE and "
+                             f"hint block downsample by {self.latent_factor}, then the UNet's {downs} "
+                             f"downsamples by 2 each), got {h}x{w}")
         if context is None:
             context = self.get_learned_conditioning(prompts if prompts is not None else [""] * hint.shape[0])
-        latent_hw = (hint.shape[2] // 8, hint.shape[3] // 8)
+        latent_hw = (h // self.latent_factor, w // self.latent_factor)
         concat = build_concat(self.color_variant, ref, gray, self.encode_first_stage, latent_hw,
                               ref_latent=ref_latent, gray_latent=gray_latent)
         return ColorCondition(context=context, guided_hint=self.control_model.encode_hint(hint), concat=concat)
@@ -146,3 +172,13 @@ class ControlLDM(nn.Module):
         target = noise if self.parameterization == "eps" else schedule.get_v(
             z0, noise, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
         return F.mse_loss(self.apply_model(x_t, t, cond).float(), target.float())
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for `device`'s type, or None."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # device types without autocast support (meta)
+        pass
+    return None

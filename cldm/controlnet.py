@@ -35,14 +35,16 @@ class ControlledUnetModel(UNetModel):
 
 
 class ControlNet(UNetConfigMixin, nn.Module):
+    """The UNet's keyword arguments (minus out_channels) plus `hint_channels`; nothing else."""
+
     def __init__(self, in_channels: int, hint_channels: int, model_channels: int, num_res_blocks: int,
                  attention_resolutions: Sequence[int], channel_mult: Sequence[int], num_head_channels: int,
                  context_dim: int, transformer_depth: int = 1, dropout: float = 0.0,
-                 use_checkpoint: bool = False, **_ignored):
+                 use_checkpoint: bool = False, use_linear_in_transformer: bool = True):
         super().__init__()
         chans, ch, *_ = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
                                          channel_mult, num_head_channels, context_dim, transformer_depth,
-                                         dropout, use_checkpoint)
+                                         dropout, use_checkpoint, use_linear_in_transformer)
         self.zero_convs = nn.ModuleList(nn.Sequential(zero_module(nn.Conv2d(c, c, 1))) for c in chans)
         layers: list[nn.Module] = []
         widths = (hint_channels,) + HINT_WIDTHS

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cldm.checkpoint import CheckpointError
+from cldm.checkpoint import CheckpointError, guess_kind
 from cldm.cldm import ControlLDM
 
 UNET, CONTROL = "model.diffusion_model.", "control_model."
@@ -55,7 +55,9 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[s
     """State dict for `model` built from an SD checkpoint's tensors `sd`.
 
     Raises CheckpointError when the file is not the SD the config describes (a UNet, VAE or
-    text-encoder tensor missing or of another shape), listing what differs.
+    text-encoder tensor missing or of another shape), saying what the file looks like (e.g.
+    SD1.x) and listing what differs. The one shape change allowed is widening the 4-channel
+    input conv (`_widen`): that is the point of this function, not a mismatch.
     """
     report, out, problems = InitReport(), {}, []
     target = model.state_dict()
@@ -85,5 +87,8 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[s
     report.ignored = sorted(k for k in sd if k not in target)
     if problems:
         head = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise CheckpointError(f"checkpoint does not match the model config: {head}")
+        kind = guess_kind(sd)
+        hint = (" (an SD1.x file: 768-wide cross-attention and a CLIP ViT-L text encoder; this needs "
+                "Stable Diffusion 2.x weights such as v2-1_512-ema-pruned)") if kind.startswith("SD1.x") else ""
+        raise CheckpointError(f"checkpoint ({kind}) does not match the model config{hint}: {head}")
     return out, report

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +19,7 @@ from cldm.color import extra_channels
 from cldm.controlnet import ControlledUnetModel, ControlNet
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder
+from ldm.modules.unet import UNetModel
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "models" / "cldm_v21_color.yaml"
@@ -51,6 +54,26 @@ def model_config(cfg: DictConfig | dict) -> DictConfig:
     return cfg.model if "model" in cfg else cfg
 
 
+# Input/output channels follow from latent_channels and color_variant; never set by hand.
+DERIVED_UNET_KEYS = ("in_channels", "out_channels")
+
+
+def check_unet_keys(unet_kw: dict) -> None:
+    """Refuse `model.unet` keys the UNet does not take, naming the key (and the likely intended one).
+
+    The UNet and ControlNet accept exactly their arguments, so this only turns Python's
+    TypeError into a config error that says where the key is.
+    """
+    known = set(inspect.signature(UNetModel.__init__).parameters) - {"self", *DERIVED_UNET_KEYS}
+    for key in unet_kw:
+        if key in DERIVED_UNET_KEYS:
+            raise ConfigError(f"model.unet.{key}: set from latent_channels and color_variant, remove it")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"model.unet.{key}: unknown key{hint}")
+
+
 def create_model(config: DictConfig | dict | str | Path) -> ControlLDM:
     """ControlLDM with freshly initialised weights (load a checkpoint on top).
 
@@ -61,11 +84,18 @@ def create_model(config: DictConfig | dict | str | Path) -> ControlLDM:
     m = model_config(config)
     extra = extra_channels(m.color_variant)
     unet_kw = OmegaConf.to_container(m.unet, resolve=True)
+    check_unet_keys(unet_kw)
     latent = m.latent_channels
-    unet = ControlledUnetModel(in_channels=latent + (extra if m.concat_to_unet else 0),
-                               out_channels=latent, **unet_kw)
-    control = ControlNet(in_channels=latent + extra, hint_channels=m.control.hint_channels, **unet_kw)
-    vae = AutoencoderKL(OmegaConf.to_container(m.first_stage.ddconfig, resolve=True), m.first_stage.embed_dim)
+    try:
+        unet = ControlledUnetModel(in_channels=latent + (extra if m.concat_to_unet else 0),
+                                   out_channels=latent, **unet_kw)
+        control = ControlNet(in_channels=latent + extra, hint_channels=m.control.hint_channels, **unet_kw)
+    except ValueError as e:
+        raise ConfigError(f"model.unet: {e}") from None
+    try:
+        vae = AutoencoderKL(OmegaConf.to_container(m.first_stage.ddconfig, resolve=True), m.first_stage.embed_dim)
+    except ValueError as e:
+        raise ConfigError(f"model.first_stage: {e}") from None
     text = None
     if m.get("cond_stage") is not None:
         text = FrozenOpenCLIPEmbedder(**OmegaConf.to_container(m.cond_stage, resolve=True))

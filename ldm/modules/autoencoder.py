@@ -8,6 +8,7 @@ resolution, not by execution order.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -140,7 +141,7 @@ class Encoder(nn.Module):
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 dropout: float = 0.0, **ignored):
+                 dropout: float = 0.0):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         levels, block_in, res = [], ch, resolution
@@ -173,7 +174,7 @@ class Decoder(nn.Module):
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], resolution: int, z_channels: int,
-                 dropout: float = 0.0, **ignored):
+                 dropout: float = 0.0):
         super().__init__()
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
@@ -218,6 +219,10 @@ class DiagonalGaussian:
         return self.mean
 
 
+def _keyword_names(cls: type) -> set[str]:
+    return {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+
+
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder; the latent diffusion model works on `sample()`/`mode()` of `encode`.
 
@@ -231,8 +236,14 @@ class AutoencoderKL(nn.Module):
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z=true (the encoder must output mean and logvar)")
         z_channels = ddconfig["z_channels"]
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
+        # One ddconfig serves both halves; each takes its own keys, and a key neither knows (a
+        # typo, or a reference option such as attn_type that is not implemented) is an error.
+        enc_keys, dec_keys = _keyword_names(Encoder), _keyword_names(Decoder)
+        unknown = sorted(set(ddconfig) - enc_keys - dec_keys)
+        if unknown:
+            raise ValueError(f"unknown ddconfig key(s) {unknown}; known: {sorted(enc_keys | dec_keys)}")
+        self.encoder = Encoder(**{k: v for k, v in ddconfig.items() if k in enc_keys})
+        self.decoder = Decoder(**{k: v for k, v in ddconfig.items() if k in dec_keys})
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.embed_dim = embed_dim

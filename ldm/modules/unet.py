@@ -100,7 +100,11 @@ class UNetConfigMixin:
     def _init_common(self, in_channels: int, model_channels: int, num_res_blocks: int,
                      attention_resolutions: Sequence[int], channel_mult: Sequence[int],
                      num_head_channels: int, context_dim: int, transformer_depth: int,
-                     dropout: float, use_checkpoint: bool):
+                     dropout: float, use_checkpoint: bool, use_linear_in_transformer: bool = True):
+        if not use_linear_in_transformer:
+            # SD1.x's 1x1-conv projections have other weight shapes; only SD2.x's Linear is built.
+            raise ValueError("use_linear_in_transformer=false (1x1-conv projections, SD1.x) is not supported: "
+                             "this UNet implements SD2.x's linear projections only")
         self.model_channels = model_channels
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -135,14 +139,16 @@ class UNetConfigMixin:
 
 
 class UNetModel(UNetConfigMixin, nn.Module):
+    """Takes exactly these keyword arguments, so a misspelt config key is an error, not a no-op."""
+
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
                  attention_resolutions: Sequence[int], channel_mult: Sequence[int], num_head_channels: int,
                  context_dim: int, transformer_depth: int = 1, dropout: float = 0.0,
-                 use_checkpoint: bool = False, **_ignored):
+                 use_checkpoint: bool = False, use_linear_in_transformer: bool = True):
         super().__init__()
         chans, ch, ds, res, attn = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
                                           channel_mult, num_head_channels, context_dim, transformer_depth,
-                                          dropout, use_checkpoint)
+                                          dropout, use_checkpoint, use_linear_in_transformer)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):

@@ -141,7 +141,10 @@ def test_sd15_like_checkpoint_is_clearly_not_this_model():
     sd15.update({f"cond_stage_model.transformer.text_model.encoder.layers.{i}.w": (4,) for i in range(12)})
     report = compare_state_dict(model, sd15)
     assert len(report.mismatched) == 32
-    assert misfit(report) == "the checkpoint's model.diffusion_model.* does not match the model (32 reshaped)"
+    assert misfit(report) == (
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight is [320, 768] in the "
+        "checkpoint but [320, 1024] in the model (and 31 more tensors of another shape); likely another model "
+        "config (the file looks like: SD1.x weights)")
     summary = report.summary()
     assert "model.diffusion_model.* (32 tensors), e.g." in summary and "[320, 1024] vs [320, 768]" in summary
     assert len(summary.splitlines()) < 10
@@ -165,19 +168,87 @@ def test_load_into_refuses_a_different_context_width_and_leaves_model_untouched(
     with pytest.raises(CheckpointError) as err:
         load_into(model, TinyLDM(ctx=12).state_dict())
     msg = str(err.value)
-    assert msg.splitlines()[0] == ("checkpoint (unknown SD variant (context dim 12) weights) does not fit "
-                                   "TinyLDM: the checkpoint's model.diffusion_model.* does not match the "
-                                   "model (1 reshaped)")
-    assert "  model.diffusion_model.attn2.to_k.weight: [8, 16] vs [8, 12]" in msg.splitlines()
+    assert msg == ("checkpoint (unknown SD variant (context dim 12) weights) does not fit TinyLDM: "
+                   "model.diffusion_model.attn2.to_k.weight is [8, 12] in the checkpoint but [8, 16] in the "
+                   "model (and 2 more tensors of another shape); likely another model config (the file looks "
+                   "like: unknown SD variant (context dim 12) weights)")
+    assert "  model.diffusion_model.attn2.to_k.weight: [8, 16] vs [8, 12]" in err.value.report.summary().splitlines()
     assert_same(model.state_dict(), before)
 
 
-def test_load_into_partial_load_casts_dtype_and_reports():
+def test_load_into_refuses_a_reshaped_tensor_outside_the_locked_parts():
+    """A new part (ControlNet) of another shape can't be loaded: an error, not a tensor left random."""
+    model = TinyLDM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = TinyLDM().state_dict()
+    sd["control_model.zero.weight"] = torch.ones(8, 6)
+    with pytest.raises(CheckpointError) as err:
+        load_into(model, sd)
+    assert str(err.value) == ("checkpoint (unknown SD variant (context dim 16) weights) does not fit TinyLDM: "
+                              "control_model.zero.weight is [8, 6] in the checkpoint but [8, 8] in the model; "
+                              "likely another model config (the file looks like: unknown SD variant (context "
+                              "dim 16) weights)")
+    assert err.value.report.mismatched == {"control_model.zero.weight": ((8, 8), (8, 6))}
+    assert_same(model.state_dict(), before)
+
+
+def tiny_colour_model(*overrides):
+    from cldm.model import TINY_CONFIG, create_model, load_config
+    torch.manual_seed(0)
+    return create_model(load_config(TINY_CONFIG, list(overrides)))
+
+
+def test_checkpoint_of_another_colour_variant_names_the_key_shapes_and_cause(tmp_path):
+    """v1 without concat_to_unet shares every shape with v2 without it except the ControlNet input conv."""
+    path = tmp_path / "v1.safetensors"
+    save_state_dict(tiny_colour_model("model.color_variant=v1", "model.concat_to_unet=false").state_dict(), path)
+    model = tiny_colour_model("model.color_variant=v2", "model.concat_to_unet=false")
+    conv_before = model.control_model.input_blocks[0][0].weight.clone()
+    with pytest.raises(CheckpointError) as err:
+        load_into(model, load_state_dict(path))
+    assert str(err.value) == (
+        "checkpoint (ours: colour ControlNet v1 on unknown SD variant (context dim 32)) does not fit ControlLDM: "
+        "control_model.input_blocks.0.0.weight is [32, 4, 3, 3] in the checkpoint but [32, 9, 3, 3] in the "
+        "model; likely another colour variant: the file's ControlNet takes 4 input channels (colour variant "
+        "v1), this config's 9 (v2); set model.color_variant=v1")
+    assert torch.equal(model.control_model.input_blocks[0][0].weight, conv_before)
+
+    # Every loader that checks with misfit gets the same one line, e.g. the inference pipeline.
+    from cldm.model import TINY_CONFIG
+    from colorize.pipeline import load_model
+    with pytest.raises(CheckpointError, match=r"does not fit the config: control_model\.input_blocks\.0\.0\.weight "
+                                              r"is \[32, 4, 3, 3\] in the checkpoint but \[32, 9, 3, 3\].*"
+                                              r"another colour variant") as err:
+        load_model(path, config=TINY_CONFIG, overrides=["model.color_variant=v2", "model.concat_to_unet=false"])
+    assert "\n" not in str(err.value)
+
+    # The UNet's input conv differing too (default concat_to_unet=true) still leads with the ControlNet's.
+    with pytest.raises(CheckpointError, match=r"control_model\.input_blocks\.0\.0\.weight .* \(and 1 more tensor "
+                                              r"of another shape\); likely another colour variant"):
+        load_into(tiny_colour_model("model.color_variant=v2"), load_state_dict(path))
+
+
+def test_plain_sd_weights_point_to_the_init_tool():
+    sd = {k: v for k, v in tiny_colour_model("model.color_variant=v1").state_dict().items()
+          if not k.startswith("control_model.")}
+    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.input_blocks\.0\.0\.weight is \[32, 4, 3, 3\] "
+                                              r"in the checkpoint but \[32, 9, 3, 3\] in the model; likely plain Stable "
+                                              r"Diffusion weights .* tool_add_control_sd21\.py"):
+        load_into(tiny_colour_model("model.color_variant=v2"), sd)
+
+
+def test_load_into_partial_load_casts_dtype_and_reports(caplog):
     src, model = TinyLDM(), TinyLDM()
     sd = {k: v.half() for k, v in src.state_dict().items() if not k.startswith("control_model.")}
     sd["model_ema.decay"] = torch.tensor(0.999)
     ctrl_before = model.control_model.hint.weight.clone()
-    report = load_into(model, sd)
+    with caplog.at_level("WARNING", logger="cldm.checkpoint"):
+        report = load_into(model, sd)
+    # visible at the default log level, not only at INFO
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert caplog.records[0].getMessage() == ("partial load into TinyLDM:\n7 of 11 model tensors found in the "
+                                              "checkpoint\nmissing 4:\n  control_model.* (4 tensors)\n"
+                                              "ignored 1:\n  model_ema.decay")
     assert sorted(report.missing) == sorted(k for k in model.state_dict() if k.startswith("control_model."))
     assert report.ignored == ["model_ema.decay"] and not report.unexpected and not report.mismatched
     w = model.model.diffusion_model.attn2.to_k.weight
@@ -189,14 +260,16 @@ def test_load_into_partial_load_casts_dtype_and_reports():
 def test_load_into_refuses_half_a_strict_part_or_mostly_missing():
     sd = TinyLDM().state_dict()
     del sd["model.diffusion_model.out.bias"]
-    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.\* does not match the model \(1 missing\)"):
+    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.\* does not match the model \(1 missing, "
+                                              r"e\.g\. model\.diffusion_model\.out\.bias\)$"):
         load_into(TinyLDM(), sd)
     bare_unet = {k.removeprefix("model.diffusion_model."): v for k, v in TinyLDM().state_dict().items()}
     with pytest.raises(CheckpointError, match=r"only 5 of 11 model tensors found"):
         load_into(TinyLDM(), {k: v for k, v in bare_unet.items() if not k.startswith("cond_stage")})
     # everything strict: even the new ControlNet must be there
     sd = {k: v for k, v in TinyLDM().state_dict().items() if not k.startswith("control_model.zero")}
-    with pytest.raises(CheckpointError, match=r"\(all\)\* does not match the model \(2 missing\)"):
+    with pytest.raises(CheckpointError, match=r"\(all\)\* does not match the model \(2 missing, e\.g\. "
+                                              r"control_model\.zero\.weight\)$"):
         load_into(TinyLDM(), sd, strict_prefixes=("",))
 
 
@@ -217,3 +290,54 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+class System:
+    """Unpickling this runs a shell command (os.system): the classic malicious .ckpt."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("writer", ["pickle-4", "pickle-2", "torch-legacy", "torch-zip"])
+def test_every_pickle_flavour_names_its_globals_without_running_them(tmp_path, writer):
+    import pickle
+    marker, path = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    obj = {"state_dict": {"a": torch.ones(2), "payload": System(marker)}}
+    if writer.startswith("pickle"):
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=int(writer[-1]))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=writer == "torch-zip")
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(path)
+    assert not marker.exists()
+    # os.system lives in posix (or nt); pickle.dump of tensors also needs torch.storage._load_from_bytes
+    system = f"{os.system.__module__}.system"
+    expected = {"pickle-4": f"torch.storage._load_from_bytes, {system}", "pickle-2": f"torch.storage._load_from_bytes, {system}",
+                "torch-legacy": system, "torch-zip": system}[writer]
+    assert str(err.value) == (
+        f"{path}: holds pickled Python objects ({expected}), not just tensors, and unpickling could run code; "
+        f"convert it with `python -m cldm.checkpoint convert {path} OUT.safetensors --allow-pickle`, or pass "
+        f"--allow-pickle, only if you trust the file")
+    # Trusted on request, whatever the flavour (torch.load can't read plain pickles: pickle.load does).
+    assert_same(load_state_dict(path, allow_pickle=True), {"a": torch.ones(2)})
+    assert marker.exists()
+
+
+def test_cli_inspect_compares_with_a_config(tmp_path, capsys):
+    path = tmp_path / "v1.safetensors"
+    save_state_dict(tiny_colour_model("model.color_variant=v1").state_dict(), path)
+    from cldm.model import TINY_CONFIG
+    assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v2"]) == 0
+    out = capsys.readouterr().out
+    assert (f"against {TINY_CONFIG}:\n715 of 717 model tensors found in the checkpoint\n"
+            "shape mismatch 2 (model vs checkpoint):\n"
+            "  control_model.input_blocks.0.0.weight: [32, 9, 3, 3] vs [32, 4, 3, 3]\n"
+            "  model.diffusion_model.input_blocks.0.0.weight: [32, 9, 3, 3] vs [32, 4, 3, 3]\n"
+            "would not load: control_model.input_blocks.0.0.weight is [32, 4, 3, 3]") in out
+    assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v1"]) == 0
+    assert capsys.readouterr().out.endswith("717 of 717 model tensors found in the checkpoint\nwould load\n")

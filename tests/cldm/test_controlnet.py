@@ -1,13 +1,16 @@
 """ControlNet and the controlled UNet against the reference implementation's golden outputs."""
+import pytest
 import torch
 
 from cldm.controlnet import ControlledUnetModel, ControlNet
 from tests.helpers import COMPONENT_TOL, sub_state
+from tests.ldm.reference_arch import unet_kwargs
 
 
 def _nets(tiny_arch, tiny_weights):
-    unet = ControlledUnetModel(**tiny_arch["unet"])
-    control = ControlNet(hint_channels=tiny_arch["control_extra"]["hint_channels"], **tiny_arch["unet"])
+    unet = ControlledUnetModel(**unet_kwargs(tiny_arch))
+    control = ControlNet(hint_channels=tiny_arch["control_extra"]["hint_channels"],
+                         **unet_kwargs(tiny_arch, controlnet=True))
     unet.load_state_dict(sub_state(tiny_weights, "model.diffusion_model."), strict=True)
     control.load_state_dict(sub_state(tiny_weights, "control_model."), strict=True)
     return unet, control
@@ -26,7 +29,7 @@ def test_control_outputs_and_controlled_eps_match_reference(tiny_arch, tiny_weig
 
 
 def test_hint_block_downsamples_by_8_and_starts_at_zero(tiny_arch):
-    control = ControlNet(hint_channels=4, **tiny_arch["unet"])
+    control = ControlNet(hint_channels=4, **unet_kwargs(tiny_arch, controlnet=True))
     feats = control.encode_hint(torch.rand(2, 4, 64, 48))
     assert feats.shape == (2, tiny_arch["unet"]["model_channels"], 8, 6)
     assert torch.count_nonzero(feats) == 0  # last conv is zero-initialised
@@ -43,3 +46,13 @@ def test_only_mid_control_uses_only_the_last_residual(tiny_arch, tiny_weights, t
         zeros_but_mid = [torch.zeros_like(o) for o in outs[:-1]] + [outs[-1]]
         torch.testing.assert_close(mid_only, unet(x, t, ctx, control=zeros_but_mid), rtol=0, atol=1e-6)
         assert not torch.allclose(mid_only, tiny_io["eps_controlled"])
+
+
+def test_controlnet_takes_only_its_own_arguments(tiny_arch):
+    kw = unet_kwargs(tiny_arch, controlnet=True)
+    with pytest.raises(TypeError, match="out_channels"):
+        ControlNet(hint_channels=4, out_channels=4, **kw)  # it has no output conv
+    with pytest.raises(TypeError, match="use_checkpint"):
+        ControlNet(hint_channels=4, use_checkpint=True, **kw)
+    with pytest.raises(ValueError, match="use_linear_in_transformer=false"):
+        ControlNet(hint_channels=4, **{**kw, "use_linear_in_transformer": False})

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
 from tests.conftest import FIXTURES
@@ -61,12 +62,18 @@ def test_vae_encodes_once_per_sample_not_per_step():
     model.first_stage_model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     text_calls = []
     model.cond_stage_model.model.register_forward_pre_hook(lambda m, a: text_calls.append(1))
+    hint_calls = []
+    model.control_model.input_hint_block.register_forward_hook(lambda m, i, o: hint_calls.append(i[0].shape))
+    steps = []
+    model.control_model.register_forward_pre_hook(lambda m, a: steps.append(1))
     hint = torch.rand(3, 4, 64, 64)
     model.get_learned_conditioning([""])  # warm the blank-prompt cache
     text_calls.clear()
     cond = model.prepare_condition(hint)
     model.sample(cond, steps=20, generator=torch.Generator().manual_seed(0))
-    assert calls == [3]       # one batched reference encode for 3 samples, none during 20 steps
+    assert len(steps) == 20   # the ControlNet did run every step ...
+    assert calls == [3]       # ... but one batched reference encode for 3 samples, none during 20 steps
+    assert hint_calls == [(3, 4, 64, 64)]  # ... and one hint-block pass, at image size
     assert text_calls == []   # blank prompt embedding reused
 
 
@@ -78,3 +85,80 @@ def test_v3_encodes_reference_and_gray_once_each():
     cond = model.prepare_condition(torch.rand(2, 4, 64, 64))
     model.sample(cond, steps=5)
     assert len(calls) == 2 and cond.concat.shape == (2, 8, 8, 8)
+
+
+def test_prompt_cache_is_dropped_when_text_weights_are_loaded():
+    torch.manual_seed(0)
+    model = create_model(TINY_CONFIG).eval()
+    torch.manual_seed(1)
+    other = create_model(TINY_CONFIG).eval()
+    with torch.no_grad():
+        first = model.get_learned_conditioning(["", "a red car"])
+        expected = other.cond_stage_model.encode(["", "a red car"])
+    assert (first - expected).abs().max() > 0.1  # the two text towers really differ
+    model.load_state_dict(other.state_dict())  # e.g. load_into after construction
+    torch.testing.assert_close(model.get_learned_conditioning(["", "a red car"]), expected, rtol=1e-5, atol=1e-5)
+    # loading the text encoder alone invalidates as well
+    torch.manual_seed(2)
+    third = create_model(TINY_CONFIG).cond_stage_model.eval()
+    model.cond_stage_model.load_state_dict(third.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_learned_conditioning([""]), third.encode([""]), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_prompt_cache_follows_dtype_and_device():
+    model = create_model(TINY_CONFIG).eval()
+    f32 = model.get_learned_conditioning(["a red car"])
+    model.to(torch.float64)
+    f64 = model.get_learned_conditioning(["a red car"])
+    assert f64.dtype == torch.float64
+    torch.testing.assert_close(f64, model.cond_stage_model.encode(["a red car"]), rtol=0, atol=0)
+    torch.testing.assert_close(f64.float(), f32, rtol=1e-5, atol=1e-6)  # same weights, more precision
+    model.to(torch.float32)  # the weights went through float64 and back: recomputed, equal to fresh
+    torch.testing.assert_close(model.get_learned_conditioning(["a red car"]),
+                               model.cond_stage_model.encode(["a red car"]), rtol=0, atol=0)
+    model.to("meta")
+    assert model.get_learned_conditioning(["a red car"]).device.type == "meta"
+
+
+def test_image_size_must_suit_the_vae_and_the_unet_downsamples():
+    model = create_model(TINY_CONFIG).eval()  # VAE /8, UNet channel_mult [1, 2, 2]: 2 downsamples
+    assert model.size_multiple == 32
+    with pytest.raises(ValueError, match=r"^hint height and width must be multiples of 32 \(the VAE and hint "
+                                         r"block downsample by 8, then the UNet's 2 downsamples by 2 each\), "
+                                         r"got 72x64$"):
+        model.prepare_condition(torch.rand(1, 4, 72, 64))
+    with pytest.raises(ValueError, match="multiples of 32.*got 64x40"):
+        model.prepare_condition(torch.rand(1, 4, 64, 40))  # 40 = 5 latent cells: /8 works, the UNet doesn't
+    with torch.no_grad():
+        cond = model.prepare_condition(torch.rand(1, 4, 96, 32), context=torch.zeros(1, 77, 32))
+        assert model.sample(cond, steps=2).shape == (1, 4, 12, 4)
+    with torch.device("meta"):
+        sd21 = create_model(DEFAULT_CONFIG)  # 3 UNet downsamples: multiples of 64
+    with pytest.raises(ValueError, match="multiples of 64 .*3 downsamples.*got 544x512"):
+        sd21.prepare_condition(torch.rand(1, 4, 544, 512, device="meta"), context=torch.zeros(1, 77, 1024))
+
+
+def _write_config(tmp_path, edit):
+    cfg = yaml.safe_load(TINY_CONFIG.read_text())
+    edit(cfg["model"])
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["unet"].update(use_checkpint=True), r"model\.unet\.use_checkpint: unknown key; did you mean use_checkpoint\?"),
+    (lambda m: m["unet"].update(in_channels=9), r"model\.unet\.in_channels: set from latent_channels and color_variant"),
+    (lambda m: m["unet"].update(use_linear_in_transformer=False), r"model\.unet: use_linear_in_transformer=false"),
+    (lambda m: m["first_stage"]["ddconfig"].update(tanh_out=True), r"model\.first_stage: unknown ddconfig key"),
+])
+def test_unknown_or_unsupported_yaml_keys_are_config_errors(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model(load_config(_write_config(tmp_path, edit)))
+
+
+def test_use_linear_in_transformer_true_is_accepted(tmp_path):
+    model = create_model(load_config(_write_config(tmp_path, lambda m: m["unet"].update(use_linear_in_transformer=True))))
+    assert model.size_multiple == 32

@@ -87,3 +87,9 @@ def test_double_z_false_is_rejected():
     with pytest.raises(ValueError, match="double_z"):
         AutoencoderKL(dict(double_z=False, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
                            ch_mult=[1], num_res_blocks=1, attn_resolutions=[]), 4)
+
+
+def test_unknown_ddconfig_key_is_an_error(tiny_arch):
+    ddconfig = {**tiny_arch["vae"]["ddconfig"], "attn_typ": "vanilla"}
+    with pytest.raises(ValueError, match=r"unknown ddconfig key\(s\) \['attn_typ'\]"):
+        AutoencoderKL(ddconfig, tiny_arch["vae"]["embed_dim"])

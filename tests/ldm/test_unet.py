@@ -1,11 +1,21 @@
 """UNet building blocks against the reference implementation's tiny golden outputs."""
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from cldm.controlnet import ControlledUnetModel
-from ldm.modules.unet import UNetModel, timestep_embedding
+from ldm.modules import attention, unet as unet_module
+from ldm.modules.attention import BasicTransformerBlock, CrossAttention
+from ldm.modules.unet import ResBlock, UNetModel, timestep_embedding
 from tests.helpers import COMPONENT_TOL, sub_state
+from tests.ldm.reference_arch import unet_kwargs
+
+# The tiny UNet (channel_mult [1, 2, 2], 1 res block per level, attention at 1x and 2x):
+# ResBlocks 3 encoder + 2 middle + 6 decoder; transformer blocks 2 + 1 + 4.
+TINY_RESBLOCKS, TINY_TRANSFORMERS = 11, 7
 
 
 def test_timestep_embedding_is_cos_then_sin():
@@ -15,17 +25,44 @@ def test_timestep_embedding_is_cos_then_sin():
     torch.testing.assert_close(emb, expected.float(), rtol=1e-6, atol=1e-6)
 
 
-def test_plain_unet_matches_reference(tiny_arch, tiny_weights, tiny_io):
-    unet = UNetModel(**tiny_arch["unet"])
+def _tiny_unet(tiny_arch, tiny_weights, **overrides):
+    unet = UNetModel(**{**unet_kwargs(tiny_arch), **overrides})
     unet.load_state_dict(sub_state(tiny_weights, "model.diffusion_model."), strict=True)
-    with torch.no_grad():
+    return unet
+
+
+class CountSDPA(TorchFunctionMode):
+    """Records (query, key) shapes of every F.scaled_dot_product_attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((tuple(args[0].shape), tuple(args[1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_unet_matches_reference_with_all_attention_through_sdpa(tiny_arch, tiny_weights, tiny_io):
+    unet = _tiny_unet(tiny_arch, tiny_weights)
+    assert sum(isinstance(m, BasicTransformerBlock) for m in unet.modules()) == TINY_TRANSFORMERS
+    with torch.no_grad(), CountSDPA() as sdpa:
         eps = unet(tiny_io["x"], tiny_io["t"], tiny_io["context"])
     torch.testing.assert_close(eps, tiny_io["eps_plain"], **COMPONENT_TOL)
+    # Every CrossAttention (self and cross, 2 per transformer block) is one SDPA call.
+    assert len(sdpa.calls) == 2 * TINY_TRANSFORMERS == sum(isinstance(m, CrossAttention) for m in unet.modules())
+    b, ctx_len = tiny_io["x"].shape[0], tiny_io["context"].shape[1]
+    self_attn, cross_attn = sdpa.calls[0::2], sdpa.calls[1::2]
+    assert all(q[0] == b and q[2] == k[2] for q, k in self_attn)   # tokens attend to tokens
+    assert all(q[0] == b and k[2] == ctx_len for q, k in cross_attn)  # ... then to the 77 context tokens
+    # heads x 16 channels: 32 channels at full latent size (8x8 = 64 tokens), 64 at 4x4
+    assert self_attn[0] == ((b, 2, 64, 16), (b, 2, 64, 16)) and self_attn[1] == ((b, 4, 16, 16), (b, 4, 16, 16))
 
 
 def test_controlled_unet_without_control_equals_plain(tiny_arch, tiny_weights, tiny_io):
     sd = sub_state(tiny_weights, "model.diffusion_model.")
-    plain, controlled = UNetModel(**tiny_arch["unet"]), ControlledUnetModel(**tiny_arch["unet"])
+    plain, controlled = UNetModel(**unet_kwargs(tiny_arch)), ControlledUnetModel(**unet_kwargs(tiny_arch))
     plain.load_state_dict(sd)
     controlled.load_state_dict(sd)
     with torch.no_grad():
@@ -33,11 +70,39 @@ def test_controlled_unet_without_control_equals_plain(tiny_arch, tiny_weights, t
         assert torch.equal(plain(*args), controlled(*args))
 
 
-def test_gradient_checkpointing_gives_same_gradients(tiny_arch, tiny_weights, tiny_io):
-    grads = []
+def test_gradient_checkpointing_recomputes_blocks_and_gives_same_gradients(tiny_arch, tiny_weights, tiny_io,
+                                                                           monkeypatch):
+    checkpointed = []
+    for module in (unet_module, attention):  # count calls of the checkpoint function the blocks use
+        real = module.checkpoint
+        monkeypatch.setattr(module, "checkpoint",
+                            lambda fn, *a, _real=real, **kw: checkpointed.append(fn.__self__) or _real(fn, *a, **kw))
+    grads, counts = [], []
     for use_checkpoint in (False, True):
-        unet = UNetModel(**{**tiny_arch["unet"], "use_checkpoint": use_checkpoint}).train()
-        unet.load_state_dict(sub_state(tiny_weights, "model.diffusion_model."))
+        checkpointed.clear()
+        unet = _tiny_unet(tiny_arch, tiny_weights, use_checkpoint=use_checkpoint).train()
+        runs = {"res": 0, "attn": 0}  # forwards of each block's first layer, recomputes included
+        for m in unet.modules():
+            if isinstance(m, ResBlock):
+                m.in_layers.register_forward_pre_hook(lambda *_: runs.__setitem__("res", runs["res"] + 1))
+            elif isinstance(m, BasicTransformerBlock):
+                m.attn1.register_forward_pre_hook(lambda *_: runs.__setitem__("attn", runs["attn"] + 1))
         unet(tiny_io["x"], tiny_io["t"], tiny_io["context"]).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+        counts.append((len(checkpointed), runs["res"], runs["attn"]))
+        if use_checkpoint:
+            assert {type(m) for m in checkpointed} == {ResBlock, BasicTransformerBlock}
+    # Off: no checkpoint calls, each block runs once. On: every block is checkpointed and runs
+    # again during backward.
+    assert counts == [(0, TINY_RESBLOCKS, TINY_TRANSFORMERS),
+                      (TINY_RESBLOCKS + TINY_TRANSFORMERS, 2 * TINY_RESBLOCKS, 2 * TINY_TRANSFORMERS)]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_or_unsupported_arguments_are_errors(tiny_arch):
+    with pytest.raises(TypeError, match="use_checkpint"):
+        UNetModel(**unet_kwargs(tiny_arch), use_checkpint=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument .image_size"):
+        UNetModel(**tiny_arch["unet"])  # the reference-only keys, unstripped
+    with pytest.raises(ValueError, match="use_linear_in_transformer=false .* not supported"):
+        UNetModel(**{**unet_kwargs(tiny_arch), "use_linear_in_transformer": False})

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import tool_add_control_sd21 as tool
+from cldm.checkpoint import load_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
+from ldm.schedule import BUFFER_NAMES
 from ldm.modules.unet import UNetModel
 from tests.helpers import sub_state
 
@@ -95,19 +97,80 @@ def test_truncated_file_is_refused(sd_files, tmp_path, capsys):
     assert "cut.safetensors" in err and err.count("\n") == 1
 
 
-class _Evil:
+class _System:
+    """Unpickling this runs a shell command through os.system."""
+
     def __init__(self, marker):
         self.marker = marker
 
     def __reduce__(self):
-        return (os.mkdir, (self.marker,))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
-def test_malicious_pickle_is_not_executed(tmp_path, capsys):
+def test_malicious_pickle_is_not_executed_and_named(tmp_path, capsys):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.ckpt"
-    with open(bad, "wb") as f:
-        pickle.dump({"state_dict": {"x": _Evil(str(marker))}}, f)
+    with open(bad, "wb") as f:  # a plain pickle (not torch.save), protocol 4, as a hand-made exploit would be
+        pickle.dump({"state_dict": {"x": _System(str(marker))}}, f, protocol=4)
     assert tool.main([str(bad), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]) == 2
     assert not marker.exists()
-    assert "evil.ckpt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == (f"error: {bad}: holds pickled Python objects ({os.system.__module__}.system), not just tensors, "
+                   f"and unpickling could run code; convert it with `python -m cldm.checkpoint convert {bad} "
+                   f"OUT.safetensors --allow-pickle`, or pass --allow-pickle, only if you trust the file\n")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["o.bin", "o.pt", "o"])
+def test_output_suffix_is_checked_before_loading(tmp_path, capsys, name):
+    missing = tmp_path / "not_there.safetensors"  # never opened: the suffix error comes first
+    assert tool.main([str(missing), str(tmp_path / name), "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / name}: output must end in .safetensors (recommended) or .ckpt\n"
+
+
+def test_sd1x_file_is_named_as_such(tmp_path, capsys):
+    from safetensors.torch import save_file
+    sd1 = tiny_sd_state(overrides=["model.unet.context_dim=768"])  # SD1.x's cross-attention width
+    sd1 = {k: v for k, v in sd1.items() if not k.startswith("cond_stage_model.")}
+    sd1["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(8, 4)  # CLIP ViT-L
+    save_file(sd1, tmp_path / "sd15.safetensors")
+    assert tool.main([str(tmp_path / "sd15.safetensors"), str(tmp_path / "o.safetensors"),
+                      "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("error: checkpoint (SD1.x weights) does not match the model config (an SD1.x file: "
+                          "768-wide cross-attention and a CLIP ViT-L text encoder; this needs Stable Diffusion "
+                          "2.x weights such as v2-1_512-ema-pruned): ")
+    assert "attn2.to_k.weight: file (32, 768) vs model (32, 32)" in err
+
+
+def test_ckpt_output_round_trip_and_half_precision_keeps_the_schedule_float32(sd_files, tmp_path):
+    _, d = sd_files
+    args = ["--config", str(TINY_CONFIG), "--variant", "v2"]
+    assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "init.safetensors"), *args]) == 0
+    assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "init.ckpt"), *args]) == 0
+    st, ck = load_file(tmp_path / "init.safetensors"), load_state_dict(tmp_path / "init.ckpt")
+    raw = torch.load(tmp_path / "init.ckpt", weights_only=True)  # weights only: no pickled objects in it
+    assert raw["metadata"] == {"color_variant": "v2", "source": "sd.safetensors", "made_by": "tool_add_control_sd21.py"}
+    assert st.keys() == ck.keys() and all(torch.equal(st[k], ck[k]) for k in st)  # same seed, same tensors
+    model = create_model(load_config(TINY_CONFIG, ["model.color_variant=v2"]))
+    model.load_state_dict(ck, strict=True)
+
+    assert tool.main([str(d / "sd.ckpt"), str(tmp_path / "half.ckpt"), *args, "--dtype", "float16"]) == 0
+    half = load_state_dict(tmp_path / "half.ckpt")
+    schedule = {k for k in half if k in BUFFER_NAMES}
+    assert len(schedule) == 13
+    assert {half[k].dtype for k in schedule} == {torch.float32}
+    assert all(torch.equal(half[k], st[k]) for k in schedule)  # bit for bit the float32 schedule
+    assert {v.dtype for k, v in half.items() if k not in schedule} == {torch.float16}
+    torch.testing.assert_close(half["control_model.input_blocks.1.0.in_layers.2.weight"].float(),
+                               st["control_model.input_blocks.1.0.in_layers.2.weight"], rtol=1e-3, atol=1e-4)
+
+
+def test_help_explains_768_v(capsys):
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "SD2.1-768-v (v2-1_768-ema-pruned) has exactly the same tensor names and shapes as 512-base" in text
+    assert "`parameterization: v`" in text

@@ -1,0 +1,63 @@
+"""benchmarks/flops.py: the FLOP count of one sampled frame adds up, attention included."""
+import torch
+import torch.nn.functional as F
+
+from benchmarks import flops
+from cldm.model import TINY_CONFIG
+from ldm.modules.attention import CrossAttention
+
+
+def test_tiny_config_measured_total_is_the_sum_of_its_parts():
+    steps, size = 2, 64
+    p = flops.sampling_flops(TINY_CONFIG, size=size, steps=steps)  # meta device, like the real benchmark
+    # The measured end-to-end run (prompt, reference encode, hint block, DDIM, decode) ...
+    assert p["ours_measured"] == (p["text_encoder"] + p["vae_encode_reference"] + p["hint_block"]
+                                  + steps * (p["controlnet_step"] + p["unet_step"]) + p["vae_decode"])
+    assert p["ours_measured"] == p["ours_total"] == 1_272_769_664
+    assert all(p[k] > 0 for k in ("text_encoder", "vae_encode_reference", "hint_block", "controlnet_step",
+                                  "unet_step", "vae_decode"))
+
+    # The hint block by hand: 3x3 convs, 2 FLOPs per multiply-add, output size after each stride.
+    hint_convs = [m for m in flops.meta_model(TINY_CONFIG).control_model.input_hint_block if hasattr(m, "weight")]
+    side, expected = size, 0
+    for conv in hint_convs:
+        side //= conv.stride[0]
+        expected += 2 * conv.in_channels * conv.out_channels * 9 * side * side
+    assert p["hint_block"] == expected
+
+    # Attention by hand: per SDPA call, QK^T and AV each cost 2 * B * Lq * Lk * inner FLOPs.
+    model = flops.meta_model(TINY_CONFIG, device="cpu")
+    calls = []
+
+    def record(module, args, kwargs, out):
+        x, context = args[0], (args[1] if len(args) > 1 else kwargs.get("context"))
+        lk = x.shape[1] if context is None else context.shape[1]
+        calls.append(4 * x.shape[0] * x.shape[1] * lk * module.to_q.out_features)
+
+    for m in model.modules():
+        if isinstance(m, CrossAttention):
+            m.register_forward_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        hint = torch.rand(1, 4, size, size)
+        cond = model.prepare_condition(hint, context=torch.zeros(1, 77, 32))
+        x = torch.zeros(1, 4, size // 8, size // 8)
+        control = model.control_model(torch.cat([x, cond.concat], 1), cond.guided_hint, torch.tensor([5]), cond.context)
+        n_control = len(calls)
+        model.model.diffusion_model(torch.cat([x, cond.concat], 1), torch.tensor([5]), cond.context, control=control)
+    assert n_control == 6 and len(calls) == 20  # ControlNet: 3 transformer blocks; UNet: 7; 2 attentions each
+    assert p["controlnet_step_attention"] == sum(calls[:n_control]) == 1_618_944
+    assert p["unet_step_attention"] == sum(calls[n_control:]) == 4_690_944
+
+
+def test_cpu_count_includes_attention_like_meta():
+    """On CPU tensors SDPA runs a fused kernel torch has no FLOP formula for; flops.py adds one."""
+    q = torch.randn(1, 2, 64, 16)
+    total, attention = flops._flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert total == attention == 4 * 2 * 64 * 64 * 16
+    counts = {}
+    for device in ("meta", "cpu"):
+        unet = flops.meta_model(TINY_CONFIG, device=device).model.diffusion_model
+        with torch.device(device), torch.no_grad():
+            args = torch.zeros(1, 9, 8, 8), torch.tensor([5]), torch.zeros(1, 77, 32)
+            counts[device] = flops._flops(lambda: unet(*args))
+    assert counts["cpu"] == counts["meta"] == (55_432_192, 4_690_944)
