@@ -52,6 +52,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_data_root(data_root, movies) -> None:
+    """Refuse, before any model is loaded, a DATA_ROOT that is not there or holds nothing to encode."""
+    from annotator.pairs import list_movies
+
+    root = Path(data_root)
+    if not root.exists():
+        raise ValueError(f"DATA_ROOT {root} does not exist (build it with build_pairs.py --out {root})")
+    if not root.is_dir():
+        raise ValueError(f"DATA_ROOT {root} is a file, not a folder")
+    if movies is None and not list_movies(root):
+        raise ValueError(f"{root}: no finished movies to encode (build them with build_pairs.py --out {root})")
+
+
 def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     """AutoencoderKL from the model config's first_stage section, weights from a checkpoint.
 
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+        check_data_root(args.data_root, args.movies)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
         dtype = PRECISIONS[args.precision]

@@ -8,13 +8,17 @@ same command resumes a killed run. Pairs are chosen at load time (tutorial_datas
 from the stored similarities, so the band can change without a rebuild.
 
 Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
-summary), 2 bad arguments or a --strict stop.
+summary), 2 bad arguments or a --strict stop, 130 / 143 stopped by Ctrl-C / SIGTERM (the
+movies being built are dropped, finished ones kept; rerun to resume).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 
 # Bad input is reported by us in one line; silence FFmpeg's and OpenCV's own console noise.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -51,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Each input file or folder is one movie.",
         epilog="Layout: DATA_ROOT/<movie id>/{frames/000000.jpg..., similarity.npy, meta.json}. Finished "
                "movies are skipped, so rerunning resumes. Exit status: 0 all built or already built, "
-               "1 some input skipped, 2 bad arguments or a --strict stop.",
+               "1 some input skipped, 2 bad arguments or a --strict stop, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -68,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, default="ssim",
                    help="similarity: SSIM, correlation (ncc) or 1 - mean abs diff (l1) of the small gray frame")
     p.add_argument("--sim-size", type=int, default=SIM_SIZE,
-                   help="the similarity is computed on the gray frame area-downscaled to this square size")
+                   help="the similarity is computed on the 8-bit BT.601 gray of the frame downscaled to this "
+                        "square size (exact 2x pixel-averaging halvings, then one bilinear step)")
     p.add_argument("--workers", type=int, default=1, help="movies built in parallel (processes)")
     p.add_argument("--threads", type=int, default=0,
                    help="resize/encode threads per movie; 0 = CPU cores divided by workers")
@@ -94,18 +99,32 @@ def main(argv: list[str] | None = None) -> int:
         options.validate()
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1 (got {args.workers})")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
     except ValueError as e:
         print(f"build_pairs.py: error: {e}", file=sys.stderr)
         return 2
+    received = []
+
+    def on_sigterm(signum, _frame):  # stop like Ctrl-C: workers stopped, partial output removed
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
                             strict=args.strict, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print("build_pairs.py: interrupted; finished movies are kept, rerun to resume", file=sys.stderr)
-        return 130
+        name = "terminated (SIGTERM)" if received else "interrupted"
+        print(f"build_pairs.py: {name}; finished movies are kept, rerun to resume", file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
     except OSError as e:
         print(f"build_pairs.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(summary.text())
     if summary.stopped:
         return 2

@@ -10,7 +10,9 @@ On disk, one folder per movie under DATA_ROOT:
 
 A movie is written under .partial and renamed into place only when complete, so a folder
 DATA_ROOT/<movie_id> always holds a finished movie: that is what makes runs resumable, and a
-killed run leaves at most a .partial folder that the next run deletes and rebuilds.
+killed run leaves at most a .partial folder that the next run deletes and rebuilds. An
+interrupted or --strict-stopped run removes the .partial folders of the movies it stopped,
+and a run that ends removes .partial itself when it is empty.
 
 The raw similarities are stored, not the accepted pairs: the band (low < sim < high, at
 least min_gap frames apart) is applied at load time by `pair_mask`, so changing it needs
@@ -19,16 +21,20 @@ no rebuild.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import json
 import multiprocessing as mp
 import os
-import queue
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -154,12 +160,14 @@ def build_movie(
     movie_id: str | None = None,
     options: BuildOptions = BuildOptions(),
     progress: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Decode one movie, store its frames and similarity table; return its meta.
 
     Streams the source: frames are resized/encoded/written by `options.threads` threads
     while the main thread decodes and scores each frame against its earlier neighbours.
     Raises FrameSourceError for bad input; nothing is left under DATA_ROOT/<movie_id> then.
+    `warn` gets one line for a video that decoded a few frames fewer than it claims.
     """
     options.validate()
     source = Path(source)
@@ -170,7 +178,13 @@ def build_movie(
         raise FileExistsError(f"{final} already exists")
     info = probe(source)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    (tmp / "frames").mkdir(parents=True)
+    for attempt in range(3):  # another run on this root may remove an empty .partial meanwhile
+        try:
+            (tmp / "frames").mkdir(parents=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     t0 = time.perf_counter()
     ext = "." + options.image_format
     params = ([cv2.IMWRITE_JPEG_QUALITY, options.quality] if options.image_format == "jpg"
@@ -192,7 +206,7 @@ def build_movie(
         with cf.ThreadPoolExecutor(max(1, options.threads)) as pool:
             pending: deque[cf.Future] = deque()
             try:
-                for i, _name, frame in iter_frames(source, bgr=True, decode_threads=decode_threads):
+                for i, _name, frame in iter_frames(source, bgr=True, decode_threads=decode_threads, warn=warn):
                     if not dims:
                         dims["src"] = (frame.shape[1], frame.shape[0])
                         dims["out"] = stored_size(*dims["src"], options.size)
@@ -238,7 +252,8 @@ def build_movie(
 
 
 def _metric_params(options: BuildOptions) -> dict:
-    p = {"input": "BT.601 gray of the stored frame, area-downscaled", "sim_size": [options.sim_size] * 2}
+    p = {"input": "8-bit BT.601 gray of the stored frame, downscaled by exact 2x pixel-averaging halvings "
+                  "then one bilinear step", "sim_size": [options.sim_size] * 2}
     if options.metric == "ssim":
         p.update(gaussian_sigma=SSIM_SIGMA, window=2 * SSIM_RADIUS + 1, c1=SSIM_C1, c2=SSIM_C2,
                  data_range=1.0, border="valid")
@@ -253,6 +268,8 @@ class Summary:
     built: list[dict] = field(default_factory=list)  # meta of each movie built in this run
     existing: list[str] = field(default_factory=list)  # ids already finished before this run
     skipped: list[str] = field(default_factory=list)  # one line per skipped input
+    warnings: list[str] = field(default_factory=list)  # one line per movie kept despite a problem
+    not_built: list[str] = field(default_factory=list)  # ids left unbuilt because --strict stopped the run
     not_in_shard: int = 0
     seconds: float = 0.0
     stopped: bool = False  # --strict stopped the run
@@ -275,10 +292,14 @@ class Summary:
             f"bad input (skipped): {len(self.skipped)}",
         ]
         lines += [f"  {line}" for line in self.skipped]
+        if self.warnings:
+            lines.append(f"built with a warning: {len(self.warnings)}")
+            lines += [f"  {line}" for line in self.warnings]
         if self.not_in_shard:
             lines.append(f"left to other shards: {self.not_in_shard}")
         if self.stopped:
-            lines.append("stopped early because of --strict")
+            lines.append("stopped early because of --strict"
+                         + (f"; not built: {', '.join(self.not_built)}" if self.not_built else ""))
         return "\n".join(lines)
 
 
@@ -348,46 +369,42 @@ def build_all(
     Bad input is reported through `log` (one line naming the file) and skipped, or with
     `strict` stops the run after the first one. `workers` processes build movies in parallel;
     each movie also gets cpu_count // workers encoder threads unless options.threads is set.
+    A KeyboardInterrupt stops the movies being built (their partial output is removed) and
+    propagates; finished movies are kept.
     """
     from tqdm import tqdm
 
     options.validate()
     t0 = time.perf_counter()
-    Path(data_root).mkdir(parents=True, exist_ok=True)
+    root = Path(data_root)
+    root.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    todo, existing, skipped, notes, others = plan(sources, data_root, shard, options)
+    todo, existing, skipped, notes, others = plan(sources, root, shard, options)
     summary = Summary(existing=existing, skipped=list(skipped), not_in_shard=others)
     for line in notes:
         say(f"note: {line}")
     for line in skipped:
         say(f"skipped: {line}")
     if strict and skipped:
-        summary.stopped, summary.seconds = True, time.perf_counter() - t0
+        summary.stopped, summary.not_built = True, [mid for mid, _, _ in todo]
+        summary.seconds = time.perf_counter() - t0
         return summary
     workers = max(1, min(workers, len(todo)))
     if options.threads == 0:
         options = replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
 
-    overall = tqdm(total=sum(n for _, _, n in todo), unit="frame", desc="all movies", disable=not progress,
-                   position=0, dynamic_ncols=True)
-    bars: dict[str, tqdm] = {}
-    estimate = {mid: n for mid, _, n in todo}
+    bars = _Bars(todo, progress)
+    ended: set[str] = set()
 
-    def advance(mid: str, n: int) -> None:
-        if mid not in bars:
-            used = {bar.pos for bar in bars.values()}
-            slot = next(k for k in range(1, len(bars) + 2) if k not in used and -k not in used)
-            bars[mid] = tqdm(unit="frame", desc=mid, disable=not progress, leave=False,
-                             total=estimate.get(mid) or None, position=slot, dynamic_ncols=True)
-        bars[mid].update(n)
-        overall.update(n)
+    def warn(line: str) -> None:
+        summary.warnings.append(line)
+        say(f"warning: {line}")
 
-    def finish(mid: str, path: Path, result) -> bool:
-        bar = bars.pop(mid, None)
-        if bar is not None:
-            bar.close()
+    def finish(mid: str, result: dict | str) -> bool:
+        """Record a movie's outcome; False if it was skipped."""
+        ended.add(mid)
+        bars.finish(mid)
         if isinstance(result, dict):
-            overall.total += result["frame_count"] - estimate.get(mid, 0)  # the container's count is a claim
             summary.built.append(result)
             return True
         summary.skipped.append(result)
@@ -397,87 +414,250 @@ def build_all(
     try:
         if workers == 1:
             for mid, path, _ in todo:
-                result = _build_one(mid, path, data_root, options, lambda n, m=mid: advance(m, n))
-                if not finish(mid, path, result) and strict:
+                result = _build_one(mid, path, root, options, lambda n, m=mid: bars.advance(m, n), warn)
+                if not finish(mid, result) and strict:
                     summary.stopped = True
                     break
         else:
-            _build_parallel(todo, data_root, options, workers, strict, advance, finish, summary)
+            _build_parallel(todo, root, options, workers, strict, bars, warn, finish, summary)
+        summary.not_built = [mid for mid, _, _ in todo if mid not in ended]
+        for mid in summary.not_built:
+            bars.finish(mid)  # so the overall bar ends at 100 %
     finally:
-        for bar in bars.values():
-            bar.close()
-        overall.close()
+        bars.close()
+        try:
+            (root / PARTIAL_DIR).rmdir()  # only if empty: another run may be using it
+        except OSError:
+            pass
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _build_one(mid, path, data_root, options, progress) -> dict | str:
+class _Bars:
+    """The overall progress bar and one bar per movie being built.
+
+    Totals start from the frame counts the sources claim and are corrected when a movie ends
+    (built: its real count; skipped or not started: what it had done), so the overall bar
+    ends at 100 %.
+    """
+
+    def __init__(self, todo, enabled: bool):
+        from tqdm import tqdm
+
+        self._tqdm, self.enabled = tqdm, enabled
+        self.estimate = {mid: n for mid, _, n in todo}
+        self.done: dict[str, int] = {}
+        self.bars: dict[str, object] = {}
+        self.overall = tqdm(total=sum(self.estimate.values()), unit="frame", desc="all movies",
+                            disable=not enabled, position=0, dynamic_ncols=True)
+
+    def advance(self, mid: str, n: int) -> None:
+        if mid not in self.bars:
+            used = {bar.pos for bar in self.bars.values()}
+            slot = next(k for k in range(1, len(self.bars) + 2) if k not in used and -k not in used)
+            self.bars[mid] = self._tqdm(unit="frame", desc=mid, disable=not self.enabled, leave=False,
+                                        total=self.estimate.get(mid) or None, position=slot, dynamic_ncols=True)
+        self.bars[mid].update(n)
+        self.done[mid] = self.done.get(mid, 0) + n
+        self.overall.update(n)
+
+    def finish(self, mid: str) -> None:
+        bar = self.bars.pop(mid, None)
+        if bar is not None:
+            bar.close()
+        self.overall.total += self.done.get(mid, 0) - self.estimate.pop(mid, 0)
+        self.overall.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.overall.close()
+
+
+def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str:
     """Build one movie; return its meta, or the one-line reason it was skipped."""
     try:
-        return build_movie(path, data_root, mid, options, progress)
+        return build_movie(path, data_root, mid, options, progress, warn)
     except FrameSourceError as e:
         return str(e)
     except (OSError, ValueError, cv2.error) as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        return f"{path}: {type(e).__name__}: {msg}"
+        return f"{path}: {type(e).__name__}: {_one_line(e)}"
 
 
-_QUEUE = None  # the progress queue, set in each worker process by _init_worker
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else repr(e)
 
 
-def _init_worker(q) -> None:
-    global _QUEUE
-    _QUEUE = q
+# ----------------------------------------------------------------------------- worker processes
+
+
+@dataclass
+class _Worker:
+    mid: str
+    path: Path
+    proc: mp.process.BaseProcess
+    conn: object  # read end of the pipe the worker reports on
+    result: dict | str | None = None
+    ended: bool = False  # sent its result, or closed the pipe (exited or died)
+
+
+def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, finish, summary) -> None:
+    """Movies in up to `workers` spawned processes (one per movie, started as slots free up);
+    the main process owns the progress bars and the summary.
+
+    Under `strict` the first skipped movie stops the run: nothing new starts, and the movies
+    still running are stopped and their partial output removed. A KeyboardInterrupt (Ctrl-C,
+    or SIGTERM as build_pairs.py maps it) does the same, then propagates. Workers ignore
+    SIGINT and die with the parent, so they never outlive the run.
+    """
+    ctx = mp.get_context("spawn")  # fork after threads (OpenCV, ffmpeg) is unsafe
+    waiting = deque(todo)
+    running: list[_Worker] = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers and not summary.stopped:
+                mid, path, _ = waiting.popleft()
+                with _signals_deferred(ignore_sigint=True):
+                    running.append(_start_worker(ctx, mid, path, root, options))
+            if not running:
+                break
+            wait_for_any([w.conn for w in running], timeout=0.5)
+            for w in list(running):
+                _read_messages(w, bars, warn)
+                if not w.ended:
+                    continue
+                running.remove(w)
+                w.proc.join(10)
+                if w.proc.is_alive():
+                    w.proc.kill()
+                    w.proc.join()
+                w.conn.close()
+                result = w.result if w.result is not None else (
+                    f"{w.path}: the worker process died (exit code {w.proc.exitcode}) while building it")
+                if not finish(w.mid, result) and strict:
+                    summary.stopped = True
+            if summary.stopped:
+                break
+    finally:
+        with _signals_deferred():
+            _stop_workers(running, root)
+            for w in running:  # one that finished just before it was stopped counts as built
+                if is_finished(root / w.mid) and w.result is None:
+                    w.result = load_meta(root / w.mid)
+    for w in running:
+        if isinstance(w.result, dict):
+            finish(w.mid, w.result)
+
+
+def _start_worker(ctx, mid: str, path, root: Path, options: BuildOptions) -> _Worker:
+    read, write = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker_main, args=(write, mid, str(path), str(root), options, os.getpid()),
+                       name=f"build_pairs[{mid}]", daemon=True)
+    proc.start()
+    write.close()  # the worker holds the only write end, so its exit shows as EOF here
+    return _Worker(mid, Path(path), proc, read)
+
+
+def _read_messages(w: _Worker, bars, warn) -> None:
+    while not w.ended:
+        try:
+            if not w.conn.poll():
+                return
+            kind, value = w.conn.recv()
+        except (EOFError, OSError):
+            w.ended = True  # the worker exited without a result: it died
+            return
+        if kind == "progress":
+            bars.advance(w.mid, value)
+        elif kind == "warning":
+            warn(value)
+        else:
+            w.result, w.ended = value, True
+
+
+def _stop_workers(running: list[_Worker], root: Path) -> None:
+    """Kill the workers still running, reap them and remove their partial output."""
+    for w in running:
+        if w.proc.is_alive():
+            w.proc.kill()  # nothing to clean up inside: the worker only writes below .partial
+    for w in running:
+        w.proc.join()
+        w.conn.close()
+        shutil.rmtree(root / PARTIAL_DIR / w.mid, ignore_errors=True)
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _signals_deferred(ignore_sigint: bool = False):
+    """Hold SIGINT and SIGTERM for the duration (they are delivered afterwards, not lost).
+
+    Used while starting a worker - with `ignore_sigint`, so the worker starts with Ctrl-C
+    ignored and blocked until it has set itself up (no traceback from a half-started
+    worker; the parent alone stops the run) - and while stopping the workers, so a second
+    Ctrl-C cannot cut the clean-up short.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore_sigint and main else None
+    try:
+        yield
+    finally:
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:
+    """A worker process: build one movie, sending ("progress", frames), ("warning", line) and
+    finally ("result", meta or the one-line reason it was skipped) through `conn`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    _exit_with_parent(parent_pid)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # blocked by the parent around start()
     cv2.setNumThreads(1)  # parallelism comes from the processes and the encoder threads
-
-
-def _worker(mid, path, data_root, options) -> dict | str:
     pending = [0]
 
     def report(n: int) -> None:
         pending[0] += n
         if pending[0] >= 8:
-            _QUEUE.put((mid, pending[0]))
+            conn.send(("progress", pending[0]))
             pending[0] = 0
 
-    result = _build_one(mid, path, data_root, options, report)
+    try:
+        result = _build_one(mid, path, data_root, options, report, lambda line: conn.send(("warning", line)))
+    except Exception as e:  # a bug, not bad input: still one line, and the run goes on
+        result = f"{path}: {type(e).__name__}: {_one_line(e)}"
     if pending[0]:
-        _QUEUE.put((mid, pending[0]))
-    return result
+        conn.send(("progress", pending[0]))
+    conn.send(("result", result))
+    conn.close()
 
 
-def _build_parallel(todo, data_root, options, workers, strict, advance, finish, summary) -> None:
-    """Movies in `workers` spawned processes; the main process owns the progress bars.
-
-    Under `strict`, the first skipped movie stops new movies from starting; the ones already
-    running are finished (and count as built)."""
-    ctx = mp.get_context("spawn")  # fork after threads (OpenCV, ffmpeg) is unsafe
-    q = ctx.Queue()
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
-        futures = {pool.submit(_worker, mid, path, str(data_root), options): (mid, path) for mid, path, _ in todo}
-        remaining = set(futures)
-        while remaining:
-            done, remaining = cf.wait(remaining, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            _drain(q, advance)
-            for fut in done:
-                if fut.cancelled():
-                    continue
-                mid, path = futures[fut]
-                try:
-                    result = fut.result()
-                except cf.process.BrokenProcessPool:
-                    result = f"{path}: the worker process died (crashed or was killed) while building it"
-                if not finish(mid, path, result) and strict and not summary.stopped:
-                    summary.stopped = True
-                    for other in remaining:
-                        other.cancel()
-        _drain(q, advance)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _drain(q, advance) -> None:
-    while True:
+def _exit_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
+    """Make this worker die with its parent, even a parent killed by SIGKILL, so no orphan
+    keeps writing into .partial. Linux: the kernel sends SIGKILL when the parent dies (prctl
+    PR_SET_PDEATHSIG); everywhere, and as a backstop, a daemon thread exits the process once
+    getppid() no longer names the parent (checked every 0.2 s)."""
+    if use_prctl and sys.platform.startswith("linux"):
         try:
-            mid, n = q.get_nowait()
-        except queue.Empty:
-            return
-        advance(mid, n)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the request above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

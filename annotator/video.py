@@ -6,6 +6,11 @@ frames one at a time as RGB uint8 HWC arrays. Anything wrong with a source (unre
 truncated, empty folder, a non-image file, frames of mixed sizes) raises `FrameSourceError`
 with a one-line message that names the file, so a CLI can print it and move on.
 
+Videos that decode fewer frames than their container claims: container counts are often
+off by one or two, so up to COUNT_SLACK missing frames pass silently; more, up to one second
+of frames (or a tenth of the claimed count for clips shorter than ten seconds), give one
+warning line naming the file and the frames are kept; more than that is a truncated file.
+
 Frame folders: the images directly inside the folder, sorted naturally ("f2" < "f10");
 hidden files (".*") and sub-folders are ignored, any other non-image file is an error.
 8/16-bit, gray, gray+alpha, RGB and RGBA images all come out as RGB uint8 (16-bit is
@@ -15,9 +20,10 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -28,6 +34,8 @@ VIDEO_EXTS = frozenset(
 IMAGE_EXTS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2"}
 )
+COUNT_SLACK = 2  # missing frames (vs the container's claim) that pass without a word
+FALLBACK_FPS = 25.0  # for "one second of frames" when a video does not state its rate
 
 
 class FrameSourceError(Exception):
@@ -163,8 +171,26 @@ def probe(path: str | os.PathLike) -> SourceInfo:
     )
 
 
+def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: float | None) -> str | None:
+    """Judge a video that decoded `decoded` of the `claimed` frames (see the module doc).
+
+    Returns None (fine), or a warning line naming the file; raises FrameSourceError for a
+    truncated file.
+    """
+    missing = claimed - decoded
+    if claimed <= 0 or missing <= COUNT_SLACK:
+        return None
+    per_second = int(round(fps)) if fps and fps > 0 else int(FALLBACK_FPS)
+    limit = max(COUNT_SLACK, min(per_second, claimed // 10))
+    if missing > limit:
+        raise FrameSourceError(path, f"truncated or corrupt: decoded {decoded} of {claimed} frames")
+    return (f"{path}: decoded {decoded} of the {claimed} frames its container claims ({missing} missing "
+            f"at the end, up to {limit} tolerated); the decoded frames are kept")
+
+
 def iter_frames(
-    path: str | os.PathLike, *, bgr: bool = False, check_count: bool = True, decode_threads: int = 0
+    path: str | os.PathLike, *, bgr: bool = False, check_count: bool = True, decode_threads: int = 0,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[int, str, np.ndarray]]:
     """Yield (index, name, frame) in order; frame is HWC uint8, RGB (BGR with bgr=True).
 
@@ -173,7 +199,9 @@ def iter_frames(
     `name` is the image file name for folders and the zero-padded index for videos.
     Raises FrameSourceError when a frame cannot be read or differs in size from the first,
     and - with `check_count` - when a video ends clearly before the frame count its
-    container claims (a truncated file), after the frames it did decode were yielded.
+    container claims (a truncated file), after the frames it did decode were yielded. A
+    smaller shortfall (see shortfall_verdict) is reported as one line through `warn`
+    (default: warnings.warn).
     """
     path = Path(path)
     if _kind(path) == "folder":
@@ -191,6 +219,7 @@ def iter_frames(
     cap = _open_video(path, decode_threads)
     try:
         claimed = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        fps = cap.get(cv2.CAP_PROP_FPS)
         size, i = None, 0
         while True:
             ok, frame = cap.read()
@@ -209,6 +238,10 @@ def iter_frames(
         cap.release()
     if i == 0:
         raise FrameSourceError(path, "video has no decodable frame")
-    # Container frame counts can be estimates (duration x fps), so allow a small shortfall.
-    if check_count and claimed > 0 and claimed - i > max(1, claimed // 200):
-        raise FrameSourceError(path, f"truncated or corrupt: decoded {i} of {claimed} frames")
+    if check_count:
+        line = shortfall_verdict(path, i, claimed, fps)
+        if line is not None:
+            if warn is None:
+                warnings.warn(line, stacklevel=2)
+            else:
+                warn(line)

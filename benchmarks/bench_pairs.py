@@ -13,6 +13,10 @@ options: 512 short side, JPEG 95, window 19, SSIM at 64x64, encoder threads = CP
 writing to a temporary folder. Decode and build runs alternate and the median is reported,
 so background load hits both alike.
 
+3. stages (--stages): the CPU time of each step of the build on one thread (best of several
+   passes over the clip's frames), with the alternatives that were considered for the slow
+   ones: where a frame's time goes, and why the goal is or is not reachable on this machine.
+
   python benchmarks/bench_pairs.py                       # the sample clip
   python benchmarks/bench_pairs.py --video film.mkv --repeat 3
 """
@@ -84,6 +88,71 @@ def naive(video: Path, window: int, frames: int) -> tuple[float, float]:
     return 1.0 / (decode_gray + window * per_pair), per_pair
 
 
+def stage_costs(video: Path, opts: BuildOptions, passes: int = 5) -> list[str]:
+    """CPU ms per frame of each build step on one thread (OpenCV single-threaded), best of `passes`."""
+    import numpy as np
+
+    from annotator.pairs import stored_size
+    from annotator.similarity import NeighbourTable, fast_resize, small_gray
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        def cpu(fn, items) -> float:
+            best = float("inf")
+            for _ in range(passes):
+                t = time.process_time()
+                for x in items:
+                    fn(x)
+                best = min(best, (time.process_time() - t) / len(items))
+            return best * 1000
+
+        def decode(_):
+            cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+            while cap.read()[0]:
+                pass
+
+        frames = [f for _, _, f in iter_frames(video, bgr=True)]
+        w, h = stored_size(frames[0].shape[1], frames[0].shape[0], opts.size)
+        stored = [fast_resize(f, w, h) for f in frames]
+        q = [cv2.IMWRITE_JPEG_QUALITY, opts.quality]
+        jpgs = [cv2.imencode(".jpg", f, q)[1] for f in stored]
+        smalls = [small_gray(f, opts.sim_size, bgr=True) for f in stored]
+        tmp = Path(tempfile.mkdtemp(prefix="bench_stages_"))
+        names = iter(range(10**9))
+
+        def push_all(_):
+            table = NeighbourTable(opts.window, opts.metric)
+            for s in smalls:
+                table.push(s)
+
+        def old_small_gray(f):  # colour downscale first, then gray (the version before 2026-11-25)
+            small = fast_resize(f, opts.sim_size, opts.sim_size)[:, :, ::-1]
+            return small.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]) / 255
+
+        n = len(frames)
+        rows = [
+            ("decode, 1 decoder thread", cpu(decode, [0]) / n),
+            (f"resize to {w}x{h}: halvings + bilinear (used)", cpu(lambda f: fast_resize(f, w, h), frames)),
+            (f"resize to {w}x{h}: INTER_AREA (rejected)", cpu(
+                lambda f: cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA), frames)),
+            (f"JPEG {opts.quality} encode (used; OpenCV default: no Huffman optimisation)",
+             cpu(lambda f: cv2.imencode(".jpg", f, q), stored)),
+            (f"JPEG {opts.quality} encode with IMWRITE_JPEG_OPTIMIZE=1 (rejected)",
+             cpu(lambda f: cv2.imencode(".jpg", f, q + [cv2.IMWRITE_JPEG_OPTIMIZE, 1]), stored)),
+            ("write the file", cpu(lambda b: b.tofile(tmp / f"{next(names)}.jpg"), jpgs)),
+            (f"{opts.sim_size}x{opts.sim_size} gray: gray first, then downscale (used)",
+             cpu(lambda f: small_gray(f, opts.sim_size, bgr=True), stored)),
+            (f"{opts.sim_size}x{opts.sim_size} gray: downscale colour, then gray (before)",
+             cpu(old_small_gray, stored)),
+            (f"{opts.metric.upper()} against {opts.window} earlier neighbours", cpu(push_all, [0]) / n),
+        ]
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        cv2.setNumThreads(threads)
+    return [f"| {name} | {ms:.2f} |" for name, ms in rows]
+
+
 def make_1080p(src: Path, dst: Path) -> Path:
     """The sample upscaled to 1920x1080 and re-encoded (MPEG-4 Part 2, the encoder OpenCV
     ships): closer to a film's decode cost per frame than the small 720p clip."""
@@ -127,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512, help="build_pairs --size")
     p.add_argument("--threads", type=int, default=0, help="build_pairs --threads (0 = CPU cores)")
     p.add_argument("--decode-threads", type=int, default=None, help="decoder threads in build (default: library's)")
+    p.add_argument("--stages", action="store_true",
+                   help="also time each build step on one thread (CPU ms per frame), with the rejected alternatives")
     args = p.parse_args(argv)
 
     opts = BuildOptions(size=args.size, threads=args.threads or (os.cpu_count() or 1))
@@ -138,6 +209,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rows += measure(make_1080p(args.video, Path(tmp) / f"{args.video.stem}_1080p.mp4"), opts,
                             args.repeat, args.naive_frames)
+    stage_rows = stage_costs(args.video, opts) if args.stages else []
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {datetime.date.today()}; "
           f"1-min load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}")
     print(f"build: --size {opts.size}, JPEG {opts.quality}, window {opts.window}, SSIM on "
@@ -149,6 +221,11 @@ def main(argv=None) -> int:
     print("\n".join(r for r in rows if not r.startswith("<!--")))
     print()
     print("\n".join(r[5:-4] for r in rows if r.startswith("<!--")))
+    if stage_rows:
+        print()
+        print(f"| {args.video.name}: build step, one thread | CPU ms/frame |")
+        print("|---|---:|")
+        print("\n".join(stage_rows))
     return 0
 
 

@@ -120,7 +120,7 @@ def test_crop_sizes_and_no_augment(clip_root):
 def test_sample_clip_batches(tmp_path):
     build_all([SAMPLE], tmp_path, BuildOptions(size=64), progress=False)
     ds = PairDataset(tmp_path, size=64)
-    assert len(ds) > 50
+    assert abs(len(ds) - 75) <= 2  # measured: 75 frames with a partner (~1e-3 shifts may flip a few)
     batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True, num_workers=0)))
     assert batch["jpg"].shape == (4, 64, 64, 3) and batch["hint"].shape == (4, 64, 64, 4)
     assert batch["txt"] == [" "] * 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import cv2
@@ -17,21 +18,28 @@ def texture(h: int, w: int, seed: int, blur: float = 2.0) -> np.ndarray:
     return (smooth * 255 + 0.5).astype(np.uint8)
 
 
-def panning_clip(n: int, h: int = 64, w: int = 96, speed: int = 1, cuts: tuple[int, ...] = (), seed: int = 0):
+def panning_clip(n: int, h: int = 64, w: int = 96, speed: int = 1, cuts: tuple[int, ...] = (), seed: int = 0,
+                 blur: float = 2.0):
     """n RGB frames panning right by `speed` px per frame; a new scene starts at each cut.
 
     Within a scene frames i and j show the same texture shifted by (j - i) * speed, so their
-    similarity falls with |i - j|; across a cut they show unrelated textures.
+    similarity falls with |i - j| (more slowly for a larger texture `blur`); across a cut
+    they show unrelated textures.
     """
-    frames, scene, start = [], -1, 0
+    return list(iter_panning_clip(n, h, w, speed, cuts, seed, blur))
+
+
+def iter_panning_clip(n: int, h: int = 64, w: int = 96, speed: int = 1, cuts: tuple[int, ...] = (), seed: int = 0,
+                      blur: float = 2.0):
+    """panning_clip one frame at a time (for long clips)."""
+    scene, start = -1, 0
     for i in range(n):
         if i == 0 or i in cuts:
             scene += 1
             start = i
-            tex = texture(h, w + n * speed, seed * 100 + scene)
+            tex = texture(h, w + n * speed, seed * 100 + scene, blur)
         x = (i - start) * speed
-        frames.append(np.ascontiguousarray(tex[:, x : x + w]))
-    return frames
+        yield np.ascontiguousarray(tex[:, x : x + w])
 
 
 def write_folder(frames, folder: Path, ext: str = "png", pattern: str = "frame{:d}") -> Path:
@@ -42,14 +50,30 @@ def write_folder(frames, folder: Path, ext: str = "png", pattern: str = "frame{:
 
 
 def write_video(frames, path: Path, fps: float = 25.0) -> Path:
+    """RGB frames (any iterable) -> a video file (MJPG for .avi, MPEG-4 Part 2 otherwise)."""
     fourcc = {".avi": "MJPG", ".mp4": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}[path.suffix]
-    h, w = frames[0].shape[:2]
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
-    assert out.isOpened(), path
+    out = None
     for f in frames:
+        if out is None:
+            h, w = f.shape[:2]
+            out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+            assert out.isOpened(), path
         out.write(np.ascontiguousarray(f[:, :, ::-1]))
     out.release()
     return path
+
+
+def truncate_avi(src: Path, dst: Path, keep: int) -> Path:
+    """Copy of an AVI cut right after its first `keep` frames, as a transfer that broke off
+    would leave it: the header still claims every frame, the index at the end is gone."""
+    data = Path(src).read_bytes()
+    pos, n = data.index(b"movi") + 4, 0
+    while n < keep:
+        chunk, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        pos += 8 + size + (size & 1)
+        n += chunk[2:] in (b"dc", b"db")
+    Path(dst).write_bytes(data[:pos])
+    return Path(dst)
 
 
 def index_color(k: int) -> tuple[int, int, int]:

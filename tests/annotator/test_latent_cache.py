@@ -140,3 +140,18 @@ def test_cli(root, tmp_path):
     p = subprocess.run(cmd[:4] + [str(tmp_path / "missing.safetensors")] + cmd[5:], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "missing.safetensors" in p.stderr
+
+
+def test_cli_refuses_a_missing_or_empty_data_root(tmp_path, capsys):
+    """One line and exit 2, before any checkpoint is read (the one given does not exist)."""
+    import build_latent_cache
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".partial" / "half").mkdir(parents=True)  # only an unfinished movie
+    (tmp_path / "a_file").write_text("x")
+    for root, problem in [(tmp_path / "missing", f"DATA_ROOT {tmp_path / 'missing'} does not exist"),
+                          (tmp_path / "a_file", f"DATA_ROOT {tmp_path / 'a_file'} is a file, not a folder"),
+                          (tmp_path / "empty", f"{tmp_path / 'empty'}: no finished movies to encode")]:
+        rc = build_latent_cache.main([str(root), "--ckpt", str(tmp_path / "none.safetensors"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"build_latent_cache.py: error: {problem}") and len(err.splitlines()) == 1

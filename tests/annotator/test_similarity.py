@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
@@ -77,8 +78,17 @@ def test_small_gray_is_bt601_and_fixed_size():
     frame[..., 0] = 255  # pure red
     g = small_gray(frame)
     assert g.shape == (64, 64) and g.dtype == np.float32
-    np.testing.assert_allclose(g, 0.299, atol=1e-6)
-    np.testing.assert_allclose(small_gray(frame[:, :, ::-1], bgr=True), 0.299, atol=1e-6)
+    # BT.601 weights, gray rounded to 8 bits: 0.299 * 255 = 76.2 -> 76
+    np.testing.assert_allclose(g, 76 / 255, atol=1e-6)
+    np.testing.assert_allclose(small_gray(frame[:, :, ::-1], bgr=True), 76 / 255, atol=1e-6)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (128, 192, 3), dtype=np.uint8)
+    exact = cv2.resize(img.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]) / 255, (96, 64),
+                       interpolation=cv2.INTER_AREA)  # exact halving: a plain 2x2 mean
+    exact = cv2.resize(exact, (64, 64), interpolation=cv2.INTER_LINEAR)
+    # three 8-bit roundings (gray, halving, bilinear step), each at most half a level
+    np.testing.assert_allclose(small_gray(img), exact, atol=1.5 / 255)
+    assert np.abs(small_gray(img) - exact).mean() < 0.5 / 255
 
 
 def test_fast_resize_sizes_and_smoothness():

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from annotator.video import FrameSourceError, iter_frames, natural_key, probe, read_image
-from tests.annotator.clips import panning_clip, write_folder, write_video
+from annotator.video import FrameSourceError, iter_frames, natural_key, probe, read_image, shortfall_verdict
+from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -111,3 +111,48 @@ def test_errors_while_streaming(tmp_path):
     assert probe(cut).frame_count == 30  # the header still claims all frames
     with pytest.raises(FrameSourceError, match=r"cut.avi: truncated or corrupt: decoded \d+ of 30 frames"):
         list(iter_frames(cut))
+
+
+def test_shortfall_rule():
+    """Missing frames at the end (container claim - decoded): <= 2 silent; up to one second of
+    frames (a tenth of the claim for short clips) a warning; more is a truncated file."""
+    film = 2 * 3600 * 24  # a 2-hour film at 24 fps claims 172800 frames
+    assert shortfall_verdict("f.mkv", film, film, 24.0) is None
+    assert shortfall_verdict("f.mkv", film + 5, film, 24.0) is None  # more than claimed: fine
+    assert shortfall_verdict("f.mkv", film - 2, film, 24.0) is None
+    assert shortfall_verdict("f.mkv", film - 3, film, 24.0).startswith(
+        f"f.mkv: decoded {film - 3} of the {film} frames its container claims (3 missing at the end, up to 24 "
+        f"tolerated)")
+    assert shortfall_verdict("f.mkv", film - 24, film, 24.0) is not None
+    for missing in (25, 864):  # 864 = the old 0.5 % slack, which passed silently
+        with pytest.raises(FrameSourceError, match=rf"f.mkv: truncated or corrupt: decoded {film - missing} of"):
+            shortfall_verdict("f.mkv", film - missing, film, 24.0)
+    assert "up to 60 tolerated" in shortfall_verdict("f.mkv", film - 60, film, 59.94)
+    assert "up to 25 tolerated" in shortfall_verdict("f.mkv", film - 25, film, None)  # rate unknown: 25 fps
+    assert "up to 4 tolerated" in shortfall_verdict("c.avi", 36, 40, 25.0)  # short clip: a tenth of 40
+    with pytest.raises(FrameSourceError):
+        shortfall_verdict("c.avi", 35, 40, 25.0)
+    assert shortfall_verdict("c.avi", 8, 10, 25.0) is None  # the two-frame slack holds for tiny clips
+    with pytest.raises(FrameSourceError):
+        shortfall_verdict("c.avi", 7, 10, 25.0)
+    assert shortfall_verdict("x.avi", 5, 0, 25.0) is None  # no claim, nothing to compare
+
+
+def test_video_shorter_than_its_claim(tmp_path):
+    """Real files cut after k of 600 frames (the header still claims 600, 25 fps): 599 decode
+    silently, 597 with one warning line naming the file (the old 0.5 % slack passed that
+    silently), 574 is truncated."""
+    full = write_video(panning_clip(600, 16, 16), tmp_path / "full.avi", fps=25)
+    lines = []
+    got = list(iter_frames(truncate_avi(full, tmp_path / "k599.avi", 599), warn=lines.append))
+    assert len(got) == 599 and lines == []
+    got = list(iter_frames(truncate_avi(full, tmp_path / "k597.avi", 597), warn=lines.append))
+    assert len(got) == 597 and lines == [
+        f"{tmp_path / 'k597.avi'}: decoded 597 of the 600 frames its container claims (3 missing at the end, "
+        f"up to 25 tolerated); the decoded frames are kept"]
+    with pytest.warns(UserWarning, match="k597.avi: decoded 597 of the 600"):  # no callback: a Python warning
+        list(iter_frames(tmp_path / "k597.avi"))
+    cut = truncate_avi(full, tmp_path / "k574.avi", 574)
+    with pytest.raises(FrameSourceError, match=r"k574.avi: truncated or corrupt: decoded 574 of 600 frames"):
+        list(iter_frames(cut, warn=lines.append))
+    assert len(lines) == 1

@@ -1,4 +1,5 @@
 """build_pairs.py end to end, as a user runs it (subprocesses, real files)."""
+import argparse
 import json
 import os
 import signal
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
-from annotator.pairs import list_movies, load_similarity
-from tests.annotator.clips import panning_clip, write_folder, write_video
+import build_pairs
+from annotator.pairs import list_movies, load_meta, load_similarity
+from tests.annotator.clips import iter_panning_clip, panning_clip, write_folder, write_video
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "build_pairs.py"
+LINUX = sys.platform.startswith("linux")
 
 
 def run(*args, check_rc=None):
@@ -23,6 +27,83 @@ def run(*args, check_rc=None):
     if check_rc is not None:
         assert p.returncode == check_rc, p.stderr
     return p
+
+
+@pytest.fixture
+def start():
+    """Launch build_pairs.py in its own process group, as a shell runs a job (so Ctrl-C hits
+    the group); whatever is left of the group is killed after the test."""
+    procs = []
+
+    def launch(*args) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield launch
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+def wait_until(condition, timeout=60.0, what="condition"):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def partial_frames(root: Path) -> dict[str, int]:
+    """Frames written so far under DATA_ROOT/.partial, per movie."""
+    try:
+        return {d.name: len(os.listdir(d / "frames")) for d in (root / ".partial").iterdir()}
+    except FileNotFoundError:  # not there yet, or removed meanwhile
+        return {}
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def child_pids(pid: int, workers_only: bool = True) -> set[int]:
+    """Live (not zombie) processes whose parent is `pid` (Linux /proc): the build workers, or
+    with workers_only=False also multiprocessing's resource tracker."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z" and (b"spawn_main" in cmdline or not workers_only):
+                out.add(int(d.name))
+    return out
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def long_clips(tmp_path_factory):
+    """Three videos that each take a few seconds to build, so a run can be stopped mid-movie."""
+    tmp = tmp_path_factory.mktemp("long")
+    return [write_video(iter_panning_clip(2000, 96, 144, seed=k), tmp / f"film{k}.avi") for k in range(3)]
 
 
 def snapshot(root: Path) -> dict:
@@ -39,11 +120,36 @@ def snapshot(root: Path) -> dict:
     return out
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """The argument list of --help output: {invocation (e.g. '--size SIZE'): its help text}."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):  # "  --flag ARG   help ..."
+            invocation, _, rest = line.strip().partition("  ")
+            current = invocation
+            entries[current] = rest.strip()
+        elif line.startswith("   ") and current is not None:  # continuation of the help text
+            entries[current] = (entries[current] + " " + line.strip()).strip()
+        else:
+            current = None
+    return entries
+
+
 def test_help_explains_every_flag():
     out = run("--help", check_rc=0).stdout
-    for flag in ["--out", "--size", "--format", "--quality", "--window", "--metric", "--sim-size", "--workers",
-                 "--threads", "--decode-threads", "--shard", "--strict", "--no-progress"]:
-        assert flag in out
+    entries = help_entries(out)
+    actions = [a for a in build_pairs.parser()._actions if not isinstance(a, argparse._HelpAction)]
+    assert {s for a in actions for s in a.option_strings} == {
+        "--out", "--size", "--format", "--quality", "--window", "--metric", "--sim-size", "--workers",
+        "--threads", "--decode-threads", "--shard", "--strict", "--no-progress"}
+    for a in actions:
+        name = a.option_strings[0] if a.option_strings else a.metavar
+        entry = [text for invocation, text in entries.items() if invocation.split()[0].rstrip(",") == name]
+        assert len(entry) == 1, (name, entries)
+        # its own explanation, shown next to it: several words, beginning with the parser's help
+        assert a.help and len(a.help.split()) >= 3, name
+        assert entry[0].startswith(" ".join(a.help.split()[:3])), (name, entry[0])
+    assert len({a.help for a in actions}) == len(actions)  # no copy-pasted help
 
 
 def test_bad_arguments_one_line(tmp_path):
@@ -83,7 +189,7 @@ def test_every_bad_input_is_reported_and_nothing_is_lost(tmp_path):
     assert load_similarity(tmp_path / "d" / "good_video").shape == (12, 9)
     assert "built 2 movie(s): 22 frames" in p.stdout and "bad input (skipped): 6" in p.stdout
     assert "frames/s" in p.stdout and "pairs in the default band" in p.stdout
-    assert not any((tmp_path / "d" / ".partial").iterdir())
+    assert not (tmp_path / "d" / ".partial").exists()  # a finished run leaves no empty .partial
 
 
 def test_strict_stops(tmp_path):
@@ -131,3 +237,153 @@ def test_shards_and_workers(tmp_path):
     assert first == ["m0", "m2"] and list_movies(tmp_path / "d") == ["m0", "m1", "m2"]
     run(*clips, "--out", tmp_path / "p", "--size", "32", "--workers", "2", check_rc=0)
     assert snapshot(tmp_path / "p") == snapshot(tmp_path / "d")
+
+
+def test_out_is_a_file(tmp_path):
+    clip = write_folder(panning_clip(3, 16, 24), tmp_path / "clip")
+    (tmp_path / "taken").write_text("x")
+    p = run(clip, "--out", tmp_path / "taken", check_rc=2)
+    assert p.stderr.strip() == f"build_pairs.py: error: --out {tmp_path / 'taken'} is a file, not a folder"
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_ctrl_c_stops_the_run(long_clips, tmp_path, start, workers):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while movies are
+    being built: one line, exit 130, the remaining movie never starts, nothing half-written
+    is left and nothing keeps writing afterwards."""
+    out = tmp_path / "d"
+    proc = start(*long_clips, "--out", out, "--workers", workers)
+    wait_until(lambda: len(partial_frames(out)) == workers and min(partial_frames(out).values()) >= 20,
+               what=f"{workers} movie(s) in progress")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip() == "build_pairs.py: interrupted; finished movies are kept, rerun to resume"
+    assert list_movies(out) == [] and not (out / "film2").exists()
+    assert not (out / ".partial").exists()  # the stopped movies' partial output is removed
+    before = files_under(out)
+    time.sleep(1.0)
+    assert files_under(out) == before == []
+
+
+@pytest.mark.skipif(not LINUX, reason="finds the worker processes through /proc")
+def test_ctrl_c_while_workers_start(long_clips, tmp_path, start):
+    """Ctrl-C while a worker is still importing its modules: no traceback from it."""
+    out = tmp_path / "d"
+    proc = start(*long_clips, "--out", out, "--workers", "2")
+
+    def importing() -> bool:  # numpy is mapped: Python is up and loading the worker's imports
+        return any(b"numpy" in _read(f"/proc/{pid}/maps") for pid in child_pids(proc.pid))
+
+    wait_until(importing, what="a worker importing numpy")
+    workers = child_pids(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "build_pairs.py: interrupted; finished movies are kept, rerun to resume"
+    wait_until(lambda: not any(alive(pid) for pid in workers), timeout=5, what="the workers to end")
+    assert list_movies(out) == [] and not (out / ".partial").exists()
+
+
+def test_sigterm_stops_like_ctrl_c(long_clips, tmp_path, start):
+    out = tmp_path / "d"
+    proc = start(*long_clips[:2], "--out", out, "--workers", "2")
+    wait_until(lambda: len(partial_frames(out)) == 2, what="two movies in progress")
+    proc.terminate()  # the parent only, as `kill PID` or a job scheduler does
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert err.strip() == "build_pairs.py: terminated (SIGTERM); finished movies are kept, rerun to resume"
+    time.sleep(0.5)
+    assert files_under(out) == []
+
+
+def test_strict_with_workers_stops_at_the_first_bad_movie(long_clips, tmp_path):
+    """The bad movie fails while film0 is being built by the other worker: film0 is stopped
+    (its partial output removed), film1 and film2 never start, exit 2."""
+    bad = write_folder(panning_clip(40, 96, 144), tmp_path / "a_bad")
+    cv2.imwrite(str(bad / "frame5.png"), np.zeros((90, 144, 3), np.uint8))
+    out = tmp_path / "d"
+    t0 = time.perf_counter()
+    p = run(bad, *long_clips, "--out", out, "--workers", "2", "--strict", check_rc=2)
+    assert p.stderr.strip() == f"skipped: {bad / 'frame5.png'}: frame is 144x90, earlier frames are 144x96"
+    assert "stopped early because of --strict; not built: film0, film1, film2" in p.stdout
+    assert "built 0 movie(s)" in p.stdout
+    assert list_movies(out) == [] and files_under(out) == []
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.skipif(not LINUX, reason="finds the worker processes through /proc")
+def test_killed_parent_leaves_no_orphan_workers(long_clips, tmp_path, start):
+    """SIGKILL of the parent (nothing in it can react): the workers die with it instead of
+    writing on into .partial; the next run rebuilds from scratch."""
+    out = tmp_path / "d"
+    proc = start(*long_clips[:2], "--out", out, "--workers", "2")
+    wait_until(lambda: len(partial_frames(out)) == 2 and min(partial_frames(out).values()) >= 10,
+               what="two movies in progress")
+    workers = child_pids(proc.pid)
+    assert len(workers) == 2
+    children = child_pids(proc.pid, workers_only=False)  # + multiprocessing's resource tracker
+    proc.kill()
+    proc.communicate(timeout=30)
+    wait_until(lambda: not any(alive(pid) for pid in children), timeout=5, what="the orphaned workers to die")
+    before = files_under(out)
+    time.sleep(1.0)
+    assert files_under(out) == before  # nobody writes any more
+    assert list_movies(out) == []  # the half-written movies do not count as finished
+
+
+def test_truncated_video_warns_or_skips(tmp_path):
+    """A video a few frames short of its claim is kept with one warning line; one a second
+    or more short is skipped as truncated."""
+    from tests.annotator.clips import truncate_avi
+
+    full = write_video(panning_clip(300, 16, 24), tmp_path / "full.avi", fps=25)
+    short = truncate_avi(full, tmp_path / "short.avi", 290)
+    cut = truncate_avi(full, tmp_path / "cut.avi", 270)
+    p = run(short, cut, "--out", tmp_path / "d", "--size", "16", "--window", "3", check_rc=1)
+    assert p.stderr.strip().splitlines() == [  # movies are built in sorted id order
+        f"skipped: {cut}: truncated or corrupt: decoded 270 of 300 frames",
+        f"warning: {short}: decoded 290 of the 300 frames its container claims (10 missing at the end, "
+        f"up to 25 tolerated); the decoded frames are kept"]
+    assert list_movies(tmp_path / "d") == ["short"] and load_meta(tmp_path / "d" / "short")["frame_count"] == 290
+    assert "built with a warning: 1" in p.stdout and f"  {short}: decoded 290" in p.stdout
+
+
+def test_known_cut_gives_exact_dataset_pairs(tmp_path):
+    """A panning clip with a cut at frame 25, built by the CLI; the pairs PairDataset draws
+    from are exactly the same-shot pairs whose distance the band admits.
+
+    Within a shot the similarity depends on the distance d only (measured on this clip, all
+    frames: d=1 0.981-0.985, d=2 0.947-0.954, d=3 0.897-0.909, d=4 0.834-0.851, d=5 0.763-0.788,
+    d=6 < 0.73); across the cut it is < 0.56. So the band 0.80 < sim < 0.97 with min_gap 3
+    admits d = 3 and 4 (d = 2 is in the band but too close; d = 1 is above it, d >= 5 below),
+    and min_gap 2 adds d = 2. The margins are checked first, so a change in the similarity
+    shows up as such.
+    """
+    from tutorial_dataset import PairDataset
+
+    n, cut, window = 60, 25, 6
+    src = write_video(panning_clip(n, 64, 96, cuts=(cut,), blur=6), tmp_path / "cut.avi")
+    run(src, "--out", tmp_path / "d", "--size", "64", "--window", window, check_rc=0)
+    sim = load_similarity(tmp_path / "d" / "cut")
+    assert sim.shape == (n, 2 * window + 1)
+    shot = np.arange(n) >= cut
+    for d in range(1, window + 1):
+        col = sim[: n - d, window + d]
+        same, across = col[shot[: n - d] == shot[d:]], col[shot[: n - d] != shot[d:]]
+        lo, hi = {1: (0.975, 1), 2: (0.94, 0.96), 3: (0.88, 0.92), 4: (0.82, 0.86), 5: (0, 0.795), 6: (0, 0.75)}[d]
+        assert lo < same.min() and same.max() < hi, (d, same.min(), same.max())
+        assert across.max() < 0.6, (d, across.max())
+
+    def pairs(**band):
+        ds = PairDataset(tmp_path / "d", size=64, **band)
+        return {(i, int(j)) for m, i, js in (ds.partners(k) for k in range(len(ds))) for j in js}
+
+    def expected(gaps):
+        return {(i, j) for i in range(n) for j in range(n) if abs(i - j) in gaps and (i < cut) == (j < cut)}
+
+    got = pairs(low=0.80, high=0.97, min_gap=3)
+    assert got == expected({3, 4})
+    assert not any((i < cut) != (j < cut) for i, j in got)  # nothing crosses the cut
+    assert pairs(low=0.80, high=0.97, min_gap=2) == expected({2, 3, 4})
+    assert pairs(low=0.80, high=0.88, min_gap=1) == expected({4})  # d <= 3 is above 0.88
