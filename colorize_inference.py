@@ -9,6 +9,12 @@ Writes one PNG per input frame (same name stem; 16-bit where the input frame is 
 at the input's size. Luminance-true by default: only the colour comes from the model, the
 lightness is the input's exactly. Modes and when to use which: docs/INFERENCE.md.
 
+If a run stops at a bad frame, every output written before it is complete (each is written
+under a temporary name and renamed). Rerun from that frame with --frames N: to continue
+(fixed mode and the reinhard baselines then give exactly the result of an uninterrupted
+run; recursive/anchored restart their chain and flow its walk at frame N), or rerun the
+whole range with --overwrite (needed for --video, which only a whole run writes).
+
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
 """
 from __future__ import annotations
@@ -24,18 +30,17 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
 from annotator.video import FrameSourceError, probe  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import pipeline as P  # noqa: E402
-from colorize.baselines import run_baseline  # noqa: E402
-from colorize.frames_io import write_bytes_atomic, write_video_atomic  # noqa: E402
+from colorize.baselines import iter_baseline  # noqa: E402
+from colorize.frames_io import even_size, progress_bar, write_bytes_atomic, write_video_atomic  # noqa: E402
 
 PROG = "colorize_inference.py"
-METHODS = ("model", "reinhard", "flow")
+METHODS = ("model", "reinhard", "reinhard-bands", "flow")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 DEFAULT_FOLDER_FPS = 25.0
 
@@ -46,8 +51,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                      epilog="Exit status: 0 done, 2 bad arguments or unusable input. See docs/INFERENCE.md.")
+    doc = __doc__.split("\n\n")
+    p = OneLineParser(prog=PROG, description="\n\n".join([doc[0], doc[3]]),
+                      epilog="Exit status: 0 done, 2 bad arguments or unusable input. See docs/INFERENCE.md.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--input", required=True, metavar="DIR|VIDEO",
                     help="grayscale frames: a folder of images (natural order; 8/16-bit, 1/3/4 channels; "
@@ -61,23 +68,30 @@ def parser() -> argparse.ArgumentParser:
                     help="colour version of the clip that --reference-frame reads from (default: --input, "
                          "which then must be colour)")
     io.add_argument("--frames", metavar="A:B",
-                    help="only frames A..B-1 (python slice, e.g. 0:16, 100:); indices keep counting from "
-                         "the clip start, so seeds and names are the same as in a full run")
+                    help="only frames A..B-1 (python slice, e.g. 0:16, 100:); frames outside are not read. "
+                         "Indices keep counting from the clip start, so names and per-frame seeds are those of "
+                         "a full run (and resuming after an error is --frames N:)")
     io.add_argument("--out", required=True, metavar="DIR",
                     help="output folder (created), one PNG per input frame with the input's name stem")
-    io.add_argument("--video", metavar="OUT.mp4", help="also write the result as an MPEG-4 video at the input fps")
+    io.add_argument("--video", metavar="OUT.mp4",
+                    help="also write the result as an MPEG-4 video at the input fps (an odd width or height is "
+                         "padded to even by repeating the last column/row; the PNGs keep the input size)")
     io.add_argument("--fps", type=float, metavar="F",
                     help=f"frame rate of --video for frame-folder input (default: {DEFAULT_FOLDER_FPS:g}; "
                          "video input keeps its own)")
     io.add_argument("--overwrite", action="store_true",
-                    help="replace existing outputs (default: refuse to start if any output exists)")
+                    help="replace existing outputs (default: refuse to start if any output exists); "
+                         "also the way to redo a range after an error")
     io.add_argument("--raw", action="store_true",
                     help="write the model's decoded image as is, instead of its colour on the input's lightness")
 
     m = p.add_argument_group("method and model")
     m.add_argument("--method", choices=METHODS, default="model",
-                   help="model: the diffusion model (needs --ckpt); reinhard: luma-conditioned colour statistics; "
-                        "flow: reference colours warped along optical flow (the last two need no checkpoint)")
+                   help="model: the diffusion model (needs --ckpt). Baselines, no checkpoint needed: reinhard: "
+                        "Reinhard et al. 2001 global Lab mean/std transfer (on gray input: the reference's mean "
+                        "colour over the input's lightness); reinhard-bands: the reference's mean colour per "
+                        "lightness band (shadows and highlights keep their own tints); flow: reference colours "
+                        "warped along optical flow")
     m.add_argument("--ckpt", metavar="FILE",
                    help="full checkpoint (.safetensors or .ckpt), or the SD2.1 file when --control is given")
     m.add_argument("--control", metavar="FILE",
@@ -104,15 +118,22 @@ def parser() -> argparse.ArgumentParser:
                         "0 (not at all) to 1 (fully) (default: 1)")
     s.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
-    s.add_argument("--seed", type=int, default=0,
-                   help="noise seed; frame i always gets the noise of (seed, i) (default: 0)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    s.add_argument("--noise", choices=P.NOISES, default="shared",
+                   help="shared: every frame starts from the same noise (and, with --eta > 0, gets the same "
+                        "noise at every step), drawn from --seed alone, so colours do not flicker from noise; "
+                        "per-frame: frame i's noise is drawn from (seed, i). Either way a frame's result does "
+                        "not depend on --batch or --frames (default: shared)")
     s.add_argument("--size", type=int, default=512,
                    help="short side of the frames the model sees; both sides are rounded to multiples of 64 "
                         "and the output is resized back to the input size (default: 512)")
     s.add_argument("--batch", type=int, default=4, help="frames per model call in fixed mode (default: 4)")
     s.add_argument("--ref-guidance", type=float, default=1.0, metavar="S",
-                   help="reference guidance scale: >1 pushes away from the prediction with a black reference; "
-                        "1 = off, no extra cost (default: 1)")
+                   help="EXPERIMENTAL: reference guidance scale, >1 pushes away from the prediction with a black "
+                        "reference. Only meaningful for a model trained with the reference sometimes dropped "
+                        "(blacked out); this project's training has no such reference dropout, so its models "
+                        "never saw a black reference and the result is not validated. 1 = off, no extra cost "
+                        "(default: 1)")
     return p
 
 
@@ -210,58 +231,82 @@ def encode_png(rgb: np.ndarray, depth: int) -> bytes:
     return data.tobytes()
 
 
-def colourised(args, model, refs, ref_indices, frames: slice, note):
-    """(Frame, RGB float output) pairs in clip order, for the chosen method (model None: a baseline)."""
-    seen = deque()
+def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, note) -> list[int] | None:
+    """Positions (in the range being colourised) of the frames the references are colour
+    versions of, for the baselines that use them; None where not needed.
+
+    A --reference image is anchored at its most similar frame (SSIM of gray thumbnails),
+    which takes one extra pass over the range; that pass keeps nothing but scores.
+    """
+    if args.method != "flow" and all(i is None for i in ref_indices):
+        return None
+    images = [k for k, i in enumerate(ref_indices) if i is None]
+    found = {}
+    if images:
+        scan = progress_bar(total, "finding the reference images' frames", leave=False)
+
+        def grays():
+            for f in P.iter_gray_frames(args.input, frames.start, frames.stop, note):
+                scan.update(1)
+                yield f.gray
+
+        try:
+            found = dict(zip(images, P.most_similar_frames(grays(), [refs[k] for k in images])))
+        finally:
+            scan.close()
+    indices = []
+    for k, i in enumerate(ref_indices):
+        if i is None:
+            indices.append(found[k])
+            continue
+        end = None if total is None else frames.start + total
+        if args.method == "flow" and (i < frames.start or (end is not None and i >= end)):
+            raise UsageError(f"--reference-frame {i} lies outside the frames being colourised "
+                             "(flow starts from it)")
+        indices.append(i - frames.start)
+    return indices
+
+
+def colourised(args, model, refs, ref_indices, frames: slice, total: int | None, note, progress):
+    """(output name, bit depth, RGB float output) in clip order, for the chosen method (model None:
+    a baseline). Streams: the frames are read once (plus a scan for reference images with
+    flow) and, but for frames waiting for a flow reference, only the current one is held.
+    `progress(1)` is called as each frame is colourised."""
+    seen = deque()  # (name, depth) of frames read but not yet output
 
     def selected():
-        for f in P.iter_gray_frames(args.input):
-            if frames.stop is not None and f.index >= frames.stop:
-                return
-            if f.index < frames.start:
-                continue
+        for f in P.iter_gray_frames(args.input, frames.start, frames.stop, note):
             if f.colour:
                 note(f"{args.input}: frames are colour; colourising their BT.601 luma")
-            seen.append(f)
+            seen.append((f.name, f.depth))
             yield f
 
     if model is not None:
         outputs = P.colorize(model, selected(), refs, args.mode, batch=args.batch, start=frames.start,
-                             size=args.size, steps=args.steps, eta=args.eta, seed=args.seed,
+                             size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
                              ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,
                              anchor_every=args.anchor_every, anchor_strength=args.anchor_strength)
         for out in outputs:
-            yield seen.popleft(), out
+            progress(1)
+            yield (*seen.popleft(), out)
         return
-    clip = list(selected())  # the baselines need the whole clip
-    if not clip:
-        return
-    grays = [f.gray for f in clip]
-    indices = None
-    if args.method == "flow" or any(i is not None for i in ref_indices):
-        choose = P.ReferenceChooser(refs)
-        indices = []
-        for k, i in enumerate(ref_indices):
-            if i is None:  # an image: anchor it at its most similar frame
-                i = clip[int(np.argmax([choose.scores(g)[k] for g in grays]))].index
-            if args.method == "flow" and not clip[0].index <= i <= clip[-1].index:
-                raise UsageError(f"--reference-frame {i} lies outside the frames being colourised "
-                                 "(flow starts from it)")
-            indices.append(i - clip[0].index)
+    indices = baseline_indices(args, refs, ref_indices, frames, total, note)
     try:
-        outputs = run_baseline(args.method, grays, refs, indices)
+        for out in iter_baseline(args.method, (f.gray for f in selected()), refs, indices, progress):
+            yield (*seen.popleft(), out)
     except ValueError as e:
         raise UsageError(f"--method {args.method}: {e}") from None
-    yield from zip(clip, outputs)
 
 
 def run(args) -> int:
     check_args(args)
     frames = parse_range(args.frames)
-    info = probe(args.input)  # fails early on a missing, empty or unreadable source
+    # A folder is checked by listing it (reading any frame could hit one outside --frames);
+    # a video by decoding its first frame.
+    info = None if Path(args.input).is_dir() else probe(args.input)
     out, names = planned_outputs(args, frames)
     refs, ref_indices = load_references(args)
-    fps = args.fps or info.fps or DEFAULT_FOLDER_FPS
+    fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     model = None
     if args.method == "model":
         model = P.load_model(args.ckpt, args.control, args.config, args.set, resolve_device(args.device),
@@ -269,8 +314,9 @@ def run(args) -> int:
         P.check_steps(model, args.steps)
     out.mkdir(parents=True, exist_ok=True)
     notes = set()
-    bar = tqdm(total=len(names) if names else None, unit="frame", desc=args.mode if args.method == "model"
-               else args.method, file=sys.stderr, dynamic_ncols=True)
+    total = len(names) if names else None
+    bar = progress_bar(total, args.mode if args.method == "model" else args.method)
+    done = {"n": 0, "next": frames.start}
 
     def note(msg):
         if msg not in notes:
@@ -278,12 +324,17 @@ def run(args) -> int:
             bar.write(f"{PROG}: note: {msg}", file=sys.stderr)
 
     def written():
-        for frame, rgb in colourised(args, model, refs, ref_indices, frames, note):
-            target = out / frame.name
+        for name, depth, rgb in colourised(args, model, refs, ref_indices, frames, total, note, bar.update):
+            target = out / name
             if target.exists() and not args.overwrite:  # a video whose length was unknown up front
                 raise UsageError(f"{target} exists; pass --overwrite to replace it")
-            write_bytes_atomic(target, encode_png(rgb, frame.depth))
-            bar.update(1)
+            if args.video and done["n"] == 0 and (rgb.shape[1], rgb.shape[0]) != even_size(rgb.shape[1], rgb.shape[0]):
+                w, h = even_size(rgb.shape[1], rgb.shape[0])
+                note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, so the video "
+                     f"is {w}x{h} (last column/row repeated); the PNGs keep the input size")
+            write_bytes_atomic(target, encode_png(rgb, depth))
+            done["n"] += 1
+            done["next"] += 1
             yield rgb
 
     try:
@@ -291,6 +342,13 @@ def run(args) -> int:
             n = write_video_atomic(args.video, written(), fps)
         else:
             n = sum(1 for _ in written())
+    except (UsageError, P.InferenceError, FrameSourceError, OSError) as e:
+        if done["n"] == 0:
+            raise
+        video = "; --video needs a whole run, with --overwrite" if args.video else ""
+        raise UsageError(f"{str(e).splitlines()[0]} (the {done['n']} outputs before it are written and complete; "
+                         f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues{video})"
+                         ) from None
     finally:
         bar.close()
     print(f"wrote {n} frames to {out}" + (f" and {args.video} ({fps:g} fps)" if args.video else ""))

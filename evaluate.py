@@ -4,9 +4,13 @@
 
 Frames are matched by file name without extension (pred 0001.png <-> gt 0001.jpg), in the
 ground truth's natural order; ground-truth frames missing from any prediction are left
-out (with a note). Per frame: PSNR, SSIM, colourfulness, warp error; per clip: CDC
-(definitions: colorize/metrics.py). Prints a table of means; with --out also writes
-metrics.json, per_frame.csv, summary.csv, psnr.png, warp_error.png and strip.png.
+out (with a note), as are frames named with --exclude. Per frame: PSNR, SSIM,
+colourfulness, warp error; per clip: CDC (definitions: colorize/metrics.py; warp error is
+a mean L1 error, CDC is in nats). Temporal metrics never pair frames across a frame left
+out. Prints a table of means, and a note where a frame is identical to the ground truth
+(it scores the 100 dB PSNR cap and inflates the mean: the reference frame itself, say);
+with --out also writes metrics.json, per_frame.csv, summary.csv, psnr.png,
+warp_error.png and strip.png.
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
 """
@@ -16,16 +20,16 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
-from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, read_image  # noqa: E402
-from colorize.metrics import ClipEvaluation, evaluate_stream  # noqa: E402
+from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
+from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, evaluate_stream  # noqa: E402
 from colorize.report import Strip, strip_indices, write_report  # noqa: E402
 
 PROG = "evaluate.py"
@@ -54,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the colour reference the methods used, shown as a column of the strip")
     p.add_argument("--strip-frames", type=int, default=3, metavar="N",
                    help="frames shown in strip.png, spread evenly over the clip (default: 3; 0: no strip)")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                   help="leave the frame NAME (file name with or without extension, e.g. frame_0100) out of "
+                        "the scoring, e.g. the reference frame, which a method may reproduce exactly; frame "
+                        "pairs that include it count for no temporal metric either. Repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -86,11 +94,32 @@ def _frames_by_stem(folder: Path, what: str) -> dict[str, Path]:
     return by_stem
 
 
-def match_frames(gt_dir: Path, preds: dict[str, Path]) -> tuple[list[Path], dict[str, list[Path]], list[str]]:
-    """The ground-truth frames every prediction has, each prediction's files for them, notes."""
+@dataclass
+class Matched:
+    gt_files: list[Path]  # the frames to score, in the ground truth's order
+    pred_files: dict[str, list[Path]]  # each prediction's files for them
+    notes: list[str]
+    positions: list[int]  # each frame's position in the whole ground truth (gaps: frames left out)
+    excluded: list[str]  # stems left out by --exclude
+
+
+def match_frames(gt_dir: Path, preds: dict[str, Path], exclude: list[str] = ()) -> Matched:
+    """The ground-truth frames every prediction has, less `exclude` (stems or file names)."""
     gt = _frames_by_stem(gt_dir, "--gt")
     pred_files = {m: _frames_by_stem(d, f"--pred {m}:") for m, d in preds.items()}
     stems = list(gt)  # natural order of the ground truth
+    position = {s: i for i, s in enumerate(stems)}
+    dropped = {}
+    for name in exclude:
+        stem = name if name in gt else Path(name).stem
+        if stem not in gt:
+            raise UsageError(f"--exclude {name}: no ground-truth frame has that name (they are like "
+                             f"{gt[stems[0]].stem})")
+        dropped[stem] = None
+    if dropped:
+        stems = [s for s in stems if s not in dropped]
+        if not stems:
+            raise UsageError("--exclude leaves no frame to score")
     notes = []
     for m, files in pred_files.items():
         have = [s for s in stems if s in files]
@@ -106,7 +135,8 @@ def match_frames(gt_dir: Path, preds: dict[str, Path]) -> tuple[list[Path], dict
         raise UsageError("no matching frames: no ground-truth frame name is in every --pred folder")
     if len(common) < len(stems):
         notes.append(f"evaluating the {len(common)} of {len(stems)} ground-truth frames that every prediction has")
-    return [gt[s] for s in common], {m: [f[s] for s in common] for m, f in pred_files.items()}, notes
+    return Matched([gt[s] for s in common], {m: [f[s] for s in common] for m, f in pred_files.items()}, notes,
+                   [position[s] for s in common], list(dropped))
 
 
 def _read(path: Path) -> np.ndarray:
@@ -134,6 +164,13 @@ def load_steps(gt_files: list[Path], pred_files: dict[str, list[Path]]):
         yield gt, cur
 
 
+def counted(items, bar):
+    """`items`, advancing `bar` as each one has been dealt with."""
+    for item in items:
+        yield item
+        bar.update(1)
+
+
 def format_table(ev: ClipEvaluation) -> str:
     head = ["method", "PSNR dB", "SSIM", "colourful.", "warp err", "CDC"]
     keys = ["psnr", "ssim", "colourfulness", "warp_error", "cdc"]
@@ -147,6 +184,18 @@ def format_table(ev: ClipEvaluation) -> str:
     width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))  # noqa: E731
     return "\n".join([line(head), *map(line, rows)])
+
+
+def capped_notes(ev: ClipEvaluation) -> list[str]:
+    """One note per method with frames identical to the ground truth (PSNR at the cap)."""
+    notes = []
+    for m, res in ev.methods.items():
+        capped = [ev.frames[t] for t in np.flatnonzero(res.per_frame["psnr"] >= PSNR_CAP_DB)]
+        if capped:
+            notes.append(f"--pred {m}: {len(capped)} frame(s) identical to the ground truth (e.g. {capped[0]}) score "
+                         f"the {PSNR_CAP_DB:g} dB PSNR cap and inflate its mean PSNR; if they are not predictions "
+                         f"(the reference frame, say) leave them out with --exclude {capped[0]}")
+    return notes
 
 
 def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, list[Path]],
@@ -169,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.reference).is_file():
             raise UsageError(f"--reference {args.reference}: no such file")
         reference = _read(Path(args.reference))
-    gt_files, pred_files, notes = match_frames(Path(args.gt), preds)
-    for note in notes:
+    matched = match_frames(Path(args.gt), preds, args.exclude)
+    gt_files, pred_files = matched.gt_files, matched.pred_files
+    for note in matched.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     first = _read(gt_files[0])
     for m, files in pred_files.items():  # fail before the long loop on a wholesale size mismatch
@@ -178,13 +228,19 @@ def run(args: argparse.Namespace) -> int:
         if img.shape != first.shape:
             raise _size_error(files[0], img, gt_files[0], first)
     names = [p.stem for p in gt_files]
-    steps = tqdm(prefetch(load_steps(gt_files, pred_files)), total=len(gt_files), desc="evaluating", unit="frame",
-                 disable=args.no_progress, file=sys.stderr)
-    ev = evaluate_stream(steps, list(preds), names)
+    bar = progress_bar(len(gt_files), "evaluating", disable=args.no_progress)
+    try:
+        ev = evaluate_stream(counted(prefetch(load_steps(gt_files, pred_files)), bar), list(preds), names,
+                             matched.positions)
+    finally:
+        bar.close()
     print(format_table(ev))
+    for note in capped_notes(ev):
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if args.out:
         strip = build_strip(ev, gt_files, pred_files, reference, args.strip_frames)
-        paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip)
+        paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip,
+                             excluded=matched.excluded)
         print(f"report: {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -92,7 +92,7 @@ def pipeline_flops(config=DEFAULT_CONFIG, height: int = 512, width: int = 512, s
     hint = torch.rand(1, 4, height, width, device="meta")
     context = model.get_learned_conditioning([""])
     ref_latent = model.encode_first_stage(hint[:, :3] * 2 - 1)
-    gens = [P.frame_generator(0, 0)]
+    gens = P.clip_generator(0)  # shared noise, the default (the FLOPs are the same either way)
 
     def frame(guided: bool = False):
         cond = model.prepare_condition(hint, context=context, ref_latent=ref_latent)
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported (default: 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (default: auto)")
+    p.add_argument("--noise", default="shared", choices=P.NOISES, help="noise option (default: shared)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--flops", action="store_true", help="count FLOPs per frame on meta instead of timing")
     p.add_argument("--height", type=int, default=512, help="--flops: model frame height (default: 512)")
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     with torch.device(args.device):
         model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
     grays, ref = load_frames(args.frames, args.scale)
-    opts = dict(size=args.size, steps=args.steps, precision=args.precision)
+    opts = dict(size=args.size, steps=args.steps, precision=args.precision, noise=args.noise)
     fps(model, grays[:2], ref, "fixed", 2, **opts)  # warm-up
     results = {label: [] for label in RUNS}
     for _ in range(args.repeat):
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}, "
           f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
+          f"{args.noise} noise, "
           f"{args.frames} frames, median of {args.repeat}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")

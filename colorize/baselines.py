@@ -9,7 +9,7 @@ Any aspect ratio; a reference of another size is resized to the frame size.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -18,7 +18,7 @@ from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, trans
 
 LUMA_BANDS = 32
 LUT_NODES = 1024  # gray levels tabulated by reinhard (4x the 8-bit levels)
-METHODS = ("reinhard", "flow")
+METHODS = ("reinhard", "reinhard-bands", "flow")
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
@@ -54,22 +54,67 @@ def luma_band_chroma(reference_rgb: np.ndarray, bands: int = LUMA_BANDS) -> tupl
     return pos.astype(np.float32), (mean_ab / count[keep, None]).astype(np.float32)
 
 
-def reinhard(gray_frames: Sequence[np.ndarray], reference_rgb: np.ndarray, bands: int = LUMA_BANDS) -> list[np.ndarray]:
-    """Reinhard et al. 2001 statistics transfer, in the form that means something for gray.
+def reinhard(gray_frames: Iterable[np.ndarray], reference_rgb: np.ndarray) -> list[np.ndarray]:
+    """Reinhard et al. 2001: global colour statistics transfer from the reference (method `reinhard`).
+
+    Each Lab channel of the target is mapped by (x - mean_t) * std_r / std_t + mean_r (CIELab
+    rather than the paper's l-alpha-beta). Lightness is the input's exactly (luminance-true),
+    so only a and b are transferred; a gray target has a = b = 0 with zero spread, so they
+    become the reference's mean a and b: one global tint over the input's lightness. That is
+    all a global statistics transfer can do for gray input; `reinhard_bands` keeps more.
+    """
+    return list(iter_reinhard(gray_frames, [reference_rgb], bands=1))
+
+
+def reinhard_bands(gray_frames: Iterable[np.ndarray], reference_rgb: np.ndarray,
+                   bands: int = LUMA_BANDS) -> list[np.ndarray]:
+    """Reinhard-style statistics transfer conditioned on lightness (method `reinhard-bands`).
 
     Classic Reinhard maps each target Lab channel by (x - mean_t) * std_r / std_t + mean_r.
     A gray target has a = b = 0 with zero spread, so that formula degenerates to painting the
-    reference's mean chroma everywhere. Instead we transfer the statistic that survives: the
-    reference's mean chroma *conditioned on lightness* (per luma band, `bands` bands over
-    [0, 1], linearly interpolated between bands), so a frame whose lightness histogram is the
-    reference's receives the reference's mean chroma, and dark and bright regions keep their
-    own tints (shadows blue, highlights warm, ...). The within-band chroma spread is not
-    reproduced: without spatial correspondence it could only be noise. Lightness is the
-    input's exactly. The output is a function of the gray level only, so it is tabulated
-    once per reference (`LUT_NODES` levels) and interpolated per pixel.
+    reference's mean chroma everywhere (`reinhard`). Instead we transfer the statistic that
+    survives: the reference's mean chroma *conditioned on lightness* (per luma band, `bands`
+    bands over [0, 1], linearly interpolated between bands), so a frame whose lightness
+    histogram is the reference's receives the reference's mean chroma, and dark and bright
+    regions keep their own tints (shadows blue, highlights warm, ...). The within-band chroma
+    spread is not reproduced: without spatial correspondence it could only be noise.
+    Lightness is the input's exactly. The output is a function of the gray level only, so it
+    is tabulated once per reference (`LUT_NODES` levels) and interpolated per pixel.
+    `bands=1` is `reinhard`.
     """
-    lut = _reinhard_lut(luma_band_chroma(reference_rgb, bands))
-    return [_apply_lut(_gray(frame), lut) for frame in gray_frames]
+    return list(iter_reinhard(gray_frames, [reference_rgb], bands=bands))
+
+
+def iter_reinhard(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray],
+                  reference_indices: Sequence[int] | None = None, bands: int = 1,
+                  progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
+    """`reinhard` (bands=1) or `reinhard_bands`, streamed frame by frame.
+
+    With several references each frame uses the one with the nearest index if indices are
+    given (positions in `gray_frames`), else the one whose luma histogram is closest.
+    `progress(1)` is called as each frame is done.
+    """
+    refs = list(references)
+    if not refs:
+        raise ValueError("no reference image given")
+    if reference_indices is not None and len(refs) > 1 and len(reference_indices) != len(refs):
+        raise ValueError(f"{len(refs)} references but {len(reference_indices)} reference indices")
+    luts = [_reinhard_lut(luma_band_chroma(r, bands)) for r in refs]
+    ref_hists = None
+    if len(refs) > 1 and reference_indices is None:
+        ref_hists = [_luma_hist(rgb_to_gray(to_float(np.asarray(r))[..., :3])) for r in refs]
+    for t, frame in enumerate(gray_frames):
+        g = _gray(frame)
+        k = 0
+        if len(refs) > 1:
+            if ref_hists is None:
+                k = int(np.argmin([abs(t - i) for i in reference_indices]))
+            else:
+                k = int(np.argmin([np.abs(_luma_hist(g) - rh).sum() for rh in ref_hists]))
+        out = _apply_lut(g, luts[k])
+        if progress is not None:
+            progress(1)
+        yield out
 
 
 def _reinhard_lut(table: tuple[np.ndarray, np.ndarray], nodes: int = LUT_NODES) -> np.ndarray:
@@ -103,37 +148,52 @@ def _u8(g: np.ndarray) -> np.ndarray:
     return (np.clip(g, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _propagate(grays, order, ref, ref_u8, out, dis, skip_first: bool = False) -> None:
-    """Fill out[t] for t in `order` (walking away from the reference, order[0] = its index,
-    whose displacement is taken as zero; `skip_first` when it is already written).
+def _pack(g: np.ndarray) -> np.ndarray:
+    """The smallest array `_gray` turns back into exactly `g`: uint8 for 8-bit input (a quarter
+    of float32), uint16 for 16-bit, else g itself (e.g. the luma of a colour frame)."""
+    for dtype, top in ((np.uint8, 255.0), (np.uint16, 65535.0)):
+        q = (np.clip(g, 0.0, 1.0) * top + 0.5).astype(dtype)
+        if np.array_equal(to_float(q), g):
+            return q
+    return g
+
+
+class _Walk:
+    """Propagation away from one reference frame (its displacement taken as zero).
 
     Each frame's map into the reference starts from the previous frame's map composed with
     the frame-to-frame flow (robust to large accumulated motion), and is then refined by DIS
     directly against the reference (removes the drift that pure chaining accumulates).
+    Holds only the reference, the current map and the previous frame's 8-bit gray.
     """
-    h, w = ref.shape[:2]
-    gx = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
-    gy = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
-    disp = np.zeros((h, w, 2), np.float32)  # frame pixel -> reference position, minus grid
-    prev_u8 = None
-    for n, t in enumerate(order):
-        cur_u8 = _u8(grays[t])
-        if n == 0 and skip_first:
-            prev_u8 = cur_u8
-            continue
-        if prev_u8 is not None:
-            step = dis[0].calc(cur_u8, prev_u8, None)
-            mx, my = gx + step[..., 0], gy + step[..., 1]
-            chained = cv2.remap(disp, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) + step
-            disp = dis[1].calc(cur_u8, ref_u8, np.ascontiguousarray(chained))
-        warped = cv2.remap(ref, gx + disp[..., 0], gy + disp[..., 1], cv2.INTER_LINEAR,
+
+    def __init__(self, ref: np.ndarray, ref_u8: np.ndarray, start_gray: np.ndarray, dis):
+        h, w = ref.shape[:2]
+        self.ref, self.ref_u8, self.dis = ref, ref_u8, dis
+        self.gx = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
+        self.gy = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
+        self.disp = np.zeros((h, w, 2), np.float32)  # frame pixel -> reference position, minus grid
+        self.prev_u8 = _u8(start_gray)
+
+    def colour(self, gray: np.ndarray) -> np.ndarray:
+        """The frame at the current map (the reference frame itself: zero displacement)."""
+        warped = cv2.remap(self.ref, self.gx + self.disp[..., 0], self.gy + self.disp[..., 1], cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
-        out[t] = transfer_luma(warped, grays[t])
-        prev_u8 = cur_u8
+        return transfer_luma(warped, gray)
+
+    def step(self, gray: np.ndarray) -> np.ndarray:
+        """Move one frame further from the reference and colour that frame."""
+        cur_u8 = _u8(gray)
+        step = self.dis[0].calc(cur_u8, self.prev_u8, None)
+        mx, my = self.gx + step[..., 0], self.gy + step[..., 1]
+        chained = cv2.remap(self.disp, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) + step
+        self.disp = self.dis[1].calc(cur_u8, self.ref_u8, np.ascontiguousarray(chained))
+        self.prev_u8 = cur_u8
+        return self.colour(gray)
 
 
 def flow_propagate(
-    gray_frames: Sequence[np.ndarray],
+    gray_frames: Iterable[np.ndarray],
     reference_rgb: np.ndarray | Sequence[np.ndarray],
     reference_index: int | Sequence[int] = 0,
 ) -> list[np.ndarray]:
@@ -148,48 +208,85 @@ def flow_propagate(
     The reference is the colour version of frame `reference_index`: that frame's flow is zero.
     Several references (with their frame indices) split the clip: each frame is coloured
     from the nearest reference index. Pixels mapped outside the reference take the colour of
-    its nearest border pixel; nothing else marks occlusions.
+    its nearest border pixel; nothing else marks occlusions. All in memory: `iter_flow`
+    streams.
     """
-    grays = [_gray(f) for f in gray_frames]
-    if not grays:
-        return []
     refs = [reference_rgb] if isinstance(reference_rgb, np.ndarray) else list(reference_rgb)
     idxs = [reference_index] if np.ndim(reference_index) == 0 else list(reference_index)
+    return list(iter_flow(gray_frames, refs, idxs))
+
+
+def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray], reference_indices: Sequence[int],
+              progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
+    """`flow_propagate`, streamed in frame order with bounded memory.
+
+    From a reference frame on, frames are coloured as they arrive (walking forward). Frames
+    *before* a reference frame (before the first one, or past the midpoint to the next) can
+    only be coloured once it arrives, walking backward: until then only their gray is kept,
+    packed (uint8 for 8-bit input), and their outputs are then yielded together. With the
+    reference at the first frame nothing waits. `reference_indices` are positions in
+    `gray_frames`; `progress(1)` is called as each frame is coloured.
+    """
+    refs, idxs = list(references), [int(i) for i in reference_indices]
     if len(refs) != len(idxs):
         raise ValueError(f"{len(refs)} references but {len(idxs)} reference indices")
-    n = len(grays)
-    for i in idxs:
-        if not 0 <= i < n:
-            raise ValueError(f"reference index {i} outside the clip (0..{n - 1})")
+    if any(i < 0 for i in idxs):
+        raise ValueError(f"reference index {min(idxs)} outside the clip (indices start at 0)")
+    if len(set(idxs)) != len(idxs):
+        dup = next(i for i in idxs if idxs.count(i) > 1)
+        raise ValueError(f"two references for frame {dup}; give one reference per frame")
     order = sorted(range(len(idxs)), key=lambda k: idxs[k])
-    dis, out = _make_dis(), [None] * n
-    for j, k in enumerate(order):
-        i = idxs[k]
-        lo = 0 if j == 0 else (idxs[order[j - 1]] + i) // 2 + 1
-        hi = n - 1 if j == len(order) - 1 else (i + idxs[order[j + 1]]) // 2
-        shape = grays[i].shape
-        ref = _fit(refs[k], shape)
+    at = [idxs[k] for k in order]  # reference frame of each segment, ascending
+    # segment j: frames from (at[j-1] + at[j]) // 2 + 1 to (at[j] + at[j+1]) // 2
+    last = [(a + b) // 2 for a, b in zip(at, at[1:])] + [None]
+    dis, shape, j, walk, waiting, n = _make_dis(), None, 0, None, [], 0
+    done = progress or (lambda k: None)
+    for t, frame in enumerate(gray_frames):
+        g = _gray(frame)
+        n = t + 1
+        shape = shape or g.shape
+        if g.shape != shape:
+            raise ValueError(f"frame {t} is {g.shape}, frame 0 is {shape}")
+        if last[j] is not None and t > last[j]:
+            j, walk = j + 1, None
+        if t < at[j]:  # before this segment's reference: wait for it
+            waiting.append(_pack(g))
+            continue
+        if t > at[j]:
+            out = walk.step(g)
+            done(1)
+            yield out
+            continue
+        ref = _fit(refs[order[j]], shape)
         ref_u8 = _u8(rgb_to_gray(ref))
-        for t in range(lo, hi + 1):
-            if grays[t].shape != shape:
-                raise ValueError(f"frame {t} is {grays[t].shape}, frame {i} is {shape}")
-        _propagate(grays, range(i, hi + 1), ref, ref_u8, out, dis)
-        _propagate(grays, range(i, lo - 1, -1), ref, ref_u8, out, dis, skip_first=True)
-    return out
+        walk, back = _Walk(ref, ref_u8, g, dis), []
+        for w in reversed(waiting):
+            back.append(walk.step(_gray(w)))
+            done(1)
+        waiting.clear()
+        walk = _Walk(ref, ref_u8, g, dis)
+        done(1)
+        while back:  # nearest the reference last; each dropped once yielded
+            yield back.pop()
+        yield walk.colour(g)
+    if n and at[-1] >= n:
+        raise ValueError(f"reference index {at[-1]} outside the clip (0..{n - 1})")
 
 
-def run_baseline(
+def iter_baseline(
     method: str,
-    gray_frames: Sequence[np.ndarray],
+    gray_frames: Iterable[np.ndarray],
     references: np.ndarray | Sequence[np.ndarray],
     reference_indices: int | Sequence[int] | None = None,
-) -> list[np.ndarray]:
-    """Dispatch for `colorize_inference.py --method reinhard|flow`.
+    progress: Callable[[int], object] | None = None,
+) -> Iterator[np.ndarray]:
+    """Dispatch for `colorize_inference.py --method reinhard|reinhard-bands|flow`, streamed.
 
-    `references`: one RGB image or a list. `reference_indices`: the clip frame each reference
-    is the colour version of; needed by `flow` for several references (default frame 0 for a
-    single one). `reinhard` with several references gives each frame the reference with the
-    nearest index if indices are given, else the one whose luma histogram is closest.
+    `references`: one RGB image or a list. `reference_indices`: the position in the clip of
+    the frame each reference is the colour version of; needed by `flow` for several
+    references (default frame 0 for a single one). `reinhard`/`reinhard-bands` with several
+    references give each frame the reference with the nearest index if indices are given,
+    else the one whose luma histogram is closest. `progress(1)` is called per frame done.
     """
     refs = [references] if isinstance(references, np.ndarray) else list(references)
     if not refs:
@@ -201,24 +298,21 @@ def run_baseline(
             if len(refs) > 1:
                 raise ValueError("flow with several references needs their frame indices")
             reference_indices = [0]
-        return flow_propagate(gray_frames, refs, reference_indices)
-    if method == "reinhard":
-        if len(refs) == 1:
-            return reinhard(gray_frames, refs[0])
-        if reference_indices is not None and len(reference_indices) != len(refs):
-            raise ValueError(f"{len(refs)} references but {len(reference_indices)} reference indices")
-        luts = [_reinhard_lut(luma_band_chroma(r)) for r in refs]
-        ref_hists = [_luma_hist(rgb_to_gray(to_float(np.asarray(r))[..., :3])) for r in refs]
-        out = []
-        for t, frame in enumerate(gray_frames):
-            g = _gray(frame)
-            if reference_indices is not None:
-                k = int(np.argmin([abs(t - i) for i in reference_indices]))
-            else:
-                k = int(np.argmin([np.abs(_luma_hist(g) - rh).sum() for rh in ref_hists]))
-            out.append(_apply_lut(g, luts[k]))
-        return out
+        return iter_flow(gray_frames, refs, reference_indices, progress)
+    if method in ("reinhard", "reinhard-bands"):
+        bands = 1 if method == "reinhard" else LUMA_BANDS
+        return iter_reinhard(gray_frames, refs, reference_indices, bands, progress)
     raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
+
+
+def run_baseline(
+    method: str,
+    gray_frames: Iterable[np.ndarray],
+    references: np.ndarray | Sequence[np.ndarray],
+    reference_indices: int | Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """`iter_baseline` as a list (the whole clip in memory: for tests and small clips)."""
+    return list(iter_baseline(method, gray_frames, references, reference_indices))
 
 
 def _luma_hist(g: np.ndarray, bins: int = 64) -> np.ndarray:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import queue
-import tempfile
+import secrets
+import sys
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from annotator.color import to_uint8
 from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image
@@ -24,7 +26,11 @@ from annotator.video import FrameSourceError, iter_frames, list_frame_files, nat
 __all__ = [
     "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
     "read_frame_folder", "prefetch", "write_bytes_atomic", "write_image_atomic", "write_video_atomic",
+    "even_size", "progress_bar",
 ]
+# frames/s always (tqdm's default {rate_fmt} flips to s/frame below 1 frame/s)
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+BAR_FORMAT_OPEN = "{desc}: {n_fmt} [{elapsed}, {rate_noinv_fmt}{postfix}]"  # total unknown
 
 
 def iter_frame_folder(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
@@ -86,6 +92,14 @@ def prefetch(items: Iterable, depth: int = 2) -> Iterator:
         worker.join(timeout=5)
 
 
+def progress_bar(total: int | None, desc: str, **kw) -> tqdm:
+    """A tqdm bar over frames on stderr that always shows frames/s (e.g. "0.31 frame/s")."""
+    kw.setdefault("file", sys.stderr)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(total=total, desc=desc, unit=" frame", unit_scale=False,
+                bar_format=BAR_FORMAT if total else BAR_FORMAT_OPEN, **kw)
+
+
 def _as_uint8_rgb(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     if img.dtype != np.uint8:
@@ -102,10 +116,21 @@ def _as_uint8_rgb(img: np.ndarray) -> np.ndarray:
 
 
 def _temp_beside(path: Path) -> Path:
-    """A new, unique file next to `path` with the same extension (encoders go by extension)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A new, unique, empty file next to `path` with the same extension (encoders go by extension).
+
+    Created with mode 0o666 like any file `open(path, "w")` makes, so the kernel applies the
+    umask (and a default ACL) and the renamed output gets the usual permissions, e.g. 0644.
+    tempfile.mkstemp would make it 0600: outputs only their owner could read.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -135,11 +160,19 @@ def write_image_atomic(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     return write_bytes_atomic(path, data.tobytes())
 
 
+def even_size(width: int, height: int) -> tuple[int, int]:
+    """The (width, height) write_video_atomic writes: odd sides padded up by one pixel."""
+    return width + width % 2, height + height % 2
+
+
 def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float) -> int:
     """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
 
     Streams: frames may be a generator. Returns the number of frames written. The video
-    appears under `path` only once it is complete.
+    appears under `path` only once it is complete. MPEG-4 (4:2:0 chroma) needs even sides
+    and the encoder would silently crop an odd one, so an odd-sized frame gets one more
+    column and/or row, a copy of its last (edge replication, see `even_size`): nothing of
+    the image is lost.
     """
     path = Path(path)
     if not fps or fps <= 0:
@@ -150,6 +183,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
         for frame in frames:
             img = _as_uint8_rgb(frame)
             bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else np.ascontiguousarray(img[..., ::-1])
+            if bgr.shape[0] % 2 or bgr.shape[1] % 2:
+                bgr = cv2.copyMakeBorder(bgr, 0, bgr.shape[0] % 2, 0, bgr.shape[1] % 2, cv2.BORDER_REPLICATE)
             if writer is None:
                 size = (bgr.shape[1], bgr.shape[0])
                 writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), size)

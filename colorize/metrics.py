@@ -6,7 +6,8 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
   where that is exact or harmless, with double-precision sums).
 - PSNR: over all pixels and the three RGB channels, data range 255. Identical images
   would be +inf; PSNR is capped at `PSNR_CAP_DB` so a clip mean stays finite when one
-  frame is reproduced exactly (typically the reference frame itself).
+  frame is reproduced exactly (typically the reference frame itself). Such a frame still
+  inflates the mean: evaluate.py notes it, and `--exclude` leaves it out.
 - SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03,
   L = 255, population (not sample) statistics, computed on each RGB channel and averaged.
   Not on luma: luminance-true outputs copy the input's luma, so luma SSIM would be ~1 for
@@ -19,7 +20,11 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
   divergence, natural log (so in [0, ln 2]), between per-channel RGB histograms with
   `HIST_BINS` = 256 bins (one per 8-bit level, range 0..255, normalised to sum 1) of
   frames t and t+s; mean over channels and frames, then mean over s in `CDC_STRIDES`
-  (strides with no frame pair in a short clip are left out).
+  (strides with no frame pair in a short clip are left out). Units: nats. Implementations
+  with log2 (bits; TCVC's published evaluation script may be one) give values 1/ln 2 =
+  1.4427 times larger: multiply ours by 1.4427 to compare with them. Ones that report the
+  Jensen-Shannon *distance* (the square root, e.g. scipy's `jensenshannon`) are not
+  comparable directly.
 - Warp error: flow from ground-truth frame t+1 to t (OpenCV DIS, medium preset, on the
   8-bit BT.601 gray), used to warp the *prediction* of frame t onto frame t+1 (bilinear);
   mean absolute difference with the prediction of t+1, in 0..255 levels, averaged over
@@ -29,6 +34,12 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
   Flow comes from the ground truth, so all methods are judged along the same motion. It is
   a per-frame value for frames 1..T-1 (NaN for frame 0). Real footage is not zero here
   (lighting, flow errors), so evaluate_stream also reports the ground truth's own value.
+  Note: this is a mean *L1* error in 0..255 levels, not the warping error of Lai et al.
+  2018 ("Learning blind video temporal consistency"), which is a mean *squared* (L2)
+  difference on [0, 1] images; the two are not convertible into each other.
+- Frames left out (evaluate.py --exclude, or missing from a prediction) leave a gap: the
+  temporal metrics only pair frames that are really t and t+1 (t+s for CDC) in the clip,
+  given by `positions`.
 """
 from __future__ import annotations
 
@@ -183,9 +194,23 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * rel_entr(p, m).sum(-1) + 0.5 * rel_entr(q, m).sum(-1)
 
 
-def cdc_from_histograms(hists: np.ndarray, strides: Iterable[int] = CDC_STRIDES) -> float:
-    """CDC of a clip given its (T, 3, bins) histograms; NaN for fewer than two frames."""
-    per_stride = [js_divergence(hists[:-s], hists[s:]).mean() for s in strides if s < len(hists)]
+def cdc_from_histograms(hists: np.ndarray, strides: Iterable[int] = CDC_STRIDES,
+                        positions: Iterable[int] | None = None) -> float:
+    """CDC of a clip given its (T, 3, bins) histograms; NaN without any frame pair.
+
+    `positions`: each row's frame number in the clip (default 0..T-1); only rows s apart
+    in the clip are paired, so a gap (a frame left out) pairs nothing across it.
+    """
+    if positions is None:
+        per_stride = [js_divergence(hists[:-s], hists[s:]).mean() for s in strides if s < len(hists)]
+    else:
+        row = {int(p): r for r, p in enumerate(positions)}
+        per_stride = []
+        for s in strides:
+            pairs = [(r, row[p + s]) for p, r in row.items() if p + s in row]
+            if pairs:
+                a, b = np.array(pairs).T
+                per_stride.append(js_divergence(hists[a], hists[b]).mean())
     return float(np.mean(per_stride)) if per_stride else float("nan")
 
 
@@ -317,12 +342,18 @@ def evaluate_stream(
     steps: Iterable[tuple[np.ndarray, Mapping[str, np.ndarray]]],
     methods: Iterable[str],
     frame_names: list[str] | None = None,
+    positions: list[int] | None = None,
 ) -> ClipEvaluation:
     """Stream over the clip once: `steps` yields (ground truth, {method: prediction}) per frame.
 
     Only the previous frame of each method is held, and each ground-truth flow is computed
     once and shared by all methods. `frame_names` labels the result and error messages.
+    `positions` (increasing): each step's frame number in the clip, when frames were left
+    out; a frame whose predecessor is missing gets no warp error (NaN) and CDC pairs no
+    frames across the gap.
     """
+    if positions is not None and any(b <= a for a, b in zip(positions, positions[1:])):
+        raise ValueError("positions must increase")
     names = list(methods)
     dis = make_dis()
     rows = {m: {k: [] for k in PER_FRAME_KEYS} for m in names}
@@ -336,7 +367,8 @@ def evaluate_stream(
             for m in names:
                 if cur[m].shape != gt.shape:
                     raise ValueError(f"{m}: {_label(frame_names, t)} has shape {cur[m].shape}, ground truth {gt.shape}")
-            job = pool.submit(gt_flow, prev_gt, gt, dis) if prev_gt is not None else None
+            follows = prev_gt is not None and (positions is None or positions[t] == positions[t - 1] + 1)
+            job = pool.submit(gt_flow, prev_gt, gt, dis) if follows else None
             gt_colour.append(colourfulness(gt))
             gt_hists.append(channel_histograms(gt))
             stats = _gt_stats(gt)
@@ -357,14 +389,14 @@ def evaluate_stream(
     n = len(gt_colour)
     results = {
         m: MethodMetrics({k: np.array(v, dtype=np.float64) for k, v in rows[m].items()},
-                         cdc_from_histograms(np.stack(hists[m])))
+                         cdc_from_histograms(np.stack(hists[m]), positions=positions))
         for m in names
     }
     finite_warp = [w for w in gt_warp if np.isfinite(w)]
     ground_truth = {
         "colourfulness": float(np.mean(gt_colour)),
         "warp_error": float(np.mean(finite_warp)) if finite_warp else float("nan"),
-        "cdc": cdc_from_histograms(np.stack(gt_hists)),
+        "cdc": cdc_from_histograms(np.stack(gt_hists), positions=positions),
     }
     labels = list(frame_names)[:n] if frame_names else [f"{i:05d}" for i in range(n)]
     return ClipEvaluation(labels, results, ground_truth)

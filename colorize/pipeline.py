@@ -17,8 +17,13 @@ Per clip, once: the blank-prompt embedding, and each reference resized to the mo
 size with its VAE latent (v2/v3). Per frame: the hint-block features (the hint is reference
 RGB + *target gray*, so they depend on the frame) and, for v3, the gray latent.
 
-Noise is drawn per frame from its own generator seeded from (seed, frame index), on the CPU,
-so a frame gets the same noise whatever the batch size, mode or device.
+Noise (`noise`): "shared" (default) draws x_T - and with eta > 0 every DDIM step's noise -
+from one generator seeded from the seed alone, so every frame of a clip starts from the
+same noise and frames differ only where their conditioning (gray frame, reference) does;
+independent noise per frame is what made every frame's colours flicker. "per-frame" draws
+each frame's noise from its own generator seeded from (seed, frame index). Either way the
+generators are on the CPU and fresh for every model call, so a frame's result does not
+depend on the batch size, the device or which part of the clip (`start`) is being run.
 
 Output (luminance-true unless `raw`): the decoded image, resized back to the input size,
 keeps only its chroma; the luma is the full-resolution input gray (BT.601,
@@ -29,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -40,7 +46,8 @@ import torch
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
 from annotator.similarity import SIM_SIZE, fast_resize, ssim
-from annotator.video import FrameSourceError, iter_frames, list_frame_files, probe
+from annotator.video import VIDEO_EXTS, FrameSourceError, list_frame_files, probe, shortfall_verdict
+from annotator.video import read_image as read_rgb8
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.color import ColorCondition
@@ -49,6 +56,7 @@ from cldm.trainable import load_sd_plus_control
 from ldm import sampler
 
 MODES = ("fixed", "recursive", "anchored")
+NOISES = ("shared", "per-frame")
 MULTIPLE = 64  # model frame sides: VAE /8 times the UNet's 3 (tiny) or 4 (SD) levels, /2 each
 COLOUR_TOL = 2.0 / 255  # mean channel spread above which a 3-channel frame counts as colour
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -125,30 +133,96 @@ def _depth(img: np.ndarray) -> int:
     return 16 if img.dtype == np.uint16 else 8
 
 
-def iter_gray_frames(path: str | os.PathLike) -> Iterator[Frame]:
-    """Frames of a video file or frame folder as gray `Frame`s, streamed in order.
+def iter_gray_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None,
+                     warn: Callable[[str], None] | None = None) -> Iterator[Frame]:
+    """Frames start..stop-1 (stop None: to the end) of a video file or frame folder as gray
+    `Frame`s, streamed in order; `Frame.index` counts from the clip's first frame.
 
-    Folder frames keep 16-bit precision; every problem (empty folder, unreadable or
-    odd-sized frame, truncated video) raises FrameSourceError naming the file.
+    Nothing outside the range is decoded: folder files outside it are never read (a broken
+    one there does no harm), video frames before `start` are skipped with grab() and reading
+    stops at `stop`. Folder frames keep 16-bit precision; every problem (empty folder,
+    unreadable frame, a frame of another size than the range's first, truncated video)
+    raises FrameSourceError naming the file. A video that ends a little before the frame
+    count its container claims is judged as annotator.video does (shortfall_verdict): its
+    one-line warning goes to `warn` (default: warnings.warn).
     """
+    if start < 0 or (stop is not None and stop < start):
+        raise ValueError(f"bad frame range {start}:{stop}")
     path = Path(path)
-    if path.is_dir():
-        size = None
-        for i, f in enumerate(list_frame_files(path)):
-            img = read_image(f)
-            try:
-                gray, colour = to_gray(img)
-            except (ValueError, TypeError) as e:
-                raise FrameSourceError(f, str(e)) from None
+    if not path.is_dir():
+        yield from _iter_video_gray(path, start, stop, warn)
+        return
+    files = list_frame_files(path)
+    size = None
+    for i in range(start, len(files) if stop is None else min(stop, len(files))):
+        f = files[i]
+        img = read_image(f)
+        try:
+            gray, colour = to_gray(img)
+        except (ValueError, TypeError) as e:
+            raise FrameSourceError(f, str(e)) from None
+        size = size or gray.shape
+        if gray.shape != size:
+            raise FrameSourceError(f, f"frame is {gray.shape[1]}x{gray.shape[0]}, "
+                                      f"earlier frames are {size[1]}x{size[0]}")
+        yield Frame(i, f.stem + ".png", gray, _depth(img), colour)
+
+
+def _open_video(path: Path) -> cv2.VideoCapture:
+    if not path.exists():
+        raise FrameSourceError(path, "no such file or folder")
+    if path.suffix.lower() not in VIDEO_EXTS:
+        raise FrameSourceError(path, f"not a video file ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames")
+    if not os.access(path, os.R_OK):
+        raise FrameSourceError(path, "file is not readable (permission denied)")
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        cap.release()
+        raise FrameSourceError(path, "cannot open video (unreadable, truncated or not a video)")
+    return cap
+
+
+def _skip(cap: cv2.VideoCapture, path: Path, count: int) -> None:
+    """Skip `count` frames without converting them (grab(); inter-frame codecs still decode)."""
+    for i in range(count):
+        if not cap.grab():
+            raise FrameSourceError(path, f"video has only {i} frames (counting from 0, frame {count} was asked for)")
+
+
+def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
+    if frame.ndim == 3 and frame.shape[2] >= 3:
+        return np.ascontiguousarray(frame[..., [2, 1, 0, 3][: frame.shape[2]]])
+    return frame
+
+
+def _iter_video_gray(path: Path, start: int, stop: int | None, warn) -> Iterator[Frame]:
+    cap = _open_video(path)
+    try:
+        claimed = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        _skip(cap, path, start)
+        size, i = None, start
+        while stop is None or i < stop:
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                break
+            gray, colour = to_gray(_bgr_to_rgb(frame))
             size = size or gray.shape
             if gray.shape != size:
-                raise FrameSourceError(f, f"frame is {gray.shape[1]}x{gray.shape[0]}, "
-                                          f"earlier frames are {size[1]}x{size[0]}")
-            yield Frame(i, f.stem + ".png", gray, _depth(img), colour)
+                raise FrameSourceError(path, f"frame {i} is {gray.shape[1]}x{gray.shape[0]}, "
+                                             f"earlier frames are {size[1]}x{size[0]}")
+            yield Frame(i, f"{i:06d}.png", gray, 8, colour)
+            i += 1
+    finally:
+        cap.release()
+    if i == 0:
+        raise FrameSourceError(path, "video has no decodable frame")
+    if stop is not None and i == stop:
         return
-    for i, name, rgb in iter_frames(path):
-        gray, colour = to_gray(rgb)
-        yield Frame(i, name + ".png", gray, 8, colour)
+    # It ran out, so it has i frames in all: judge that against the container's claim.
+    line = shortfall_verdict(path, i, claimed, fps)
+    if line is not None:
+        (warn or (lambda msg: warnings.warn(msg, stacklevel=3)))(line)
 
 
 def output_names(path: str | os.PathLike) -> list[str] | None:
@@ -181,11 +255,31 @@ def read_reference(path: str | os.PathLike) -> np.ndarray:
 
 
 def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:
-    """Frame `index` of a colour ground-truth folder or video as float32 RGB."""
-    for i, _, rgb in iter_frames(source, check_count=False):
-        if i == index:
-            return to_float(rgb)
-    raise InferenceError(f"{source}: has no frame {index} (counting from 0)")
+    """Frame `index` of a colour ground-truth folder or video as float32 RGB (8-bit precision).
+
+    Only that frame is read (folders) or converted (videos: earlier frames are grab()bed).
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = list_frame_files(source)
+        if index >= len(files):
+            raise InferenceError(f"{source}: has no frame {index} (counting from 0; it has {len(files)})")
+        return to_float(read_rgb8(files[index]))
+    cap = _open_video(source)
+    try:
+        try:
+            _skip(cap, source, index)
+        except FrameSourceError:
+            raise InferenceError(f"{source}: has no frame {index} (counting from 0)") from None
+        ok, frame = cap.read()
+    finally:
+        cap.release()
+    if not ok or frame is None:
+        raise InferenceError(f"{source}: has no frame {index} (counting from 0)")
+    rgb = _bgr_to_rgb(frame)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    return to_float(rgb[..., :3])
 
 
 # ---- model loading ------------------------------------------------------------------------
@@ -202,6 +296,31 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     return DEFAULT_CONFIG
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse a file that is no checkpoint at all (a video, an image, ...) with a plain message,
+    before torch.load would call it "truncated or corrupt (UnpicklingError ...)".
+
+    .safetensors files are left to the loader (its message is already clear), as are missing
+    files. Torch checkpoints are zip archives (torch >= 1.6) or start with a pickle
+    protocol >= 2 opcode (the legacy format).
+    """
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        raise CheckpointError(f"{path}: looks like a safetensors file with a {path.suffix or 'missing'} "
+                              "extension; rename it to .safetensors")
+    raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
+                          ".ckpt/.pt/.pth zip or pickle)")
+
+
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                device: str | torch.device = "cpu", allow_pickle: bool = False) -> ControlLDM:
@@ -210,6 +329,9 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     The checkpoint is checked against the config's shapes on the meta device first, so a wrong
     file fails in a second with one CheckpointError instead of after building the model.
     """
+    for weights in (ckpt, control):
+        if weights is not None:
+            check_checkpoint_file(weights)
     cfg = load_config(resolve_config(ckpt, config, control), overrides)
     if control is not None:
         with torch.device(device):
@@ -237,22 +359,46 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
 # ---- sampling -----------------------------------------------------------------------------
 
 
+def _torch_seed(sequence: np.random.SeedSequence) -> int:
+    """A torch seed from a SeedSequence. torch's CPU generator (mt19937) keeps only the low
+    32 bits of its seed, so the 32 bits it keeps must already mix every input number."""
+    return int(sequence.generate_state(1, np.uint32)[0])
+
+
 def frame_generator(seed: int, index: int) -> torch.Generator:
-    """CPU generator for one frame: distinct for every (seed, frame index) pair."""
-    return torch.Generator().manual_seed((seed % 2**31) * 2**32 + index)
+    """CPU generator of frame `index` ("per-frame" noise): distinct for every (seed, index) pair."""
+    return torch.Generator().manual_seed(_torch_seed(np.random.SeedSequence(seed % 2**64, spawn_key=(index,))))
+
+
+def clip_generator(seed: int) -> torch.Generator:
+    """CPU generator of the clip's shared noise (x_T and DDIM step noise of every frame)."""
+    return torch.Generator().manual_seed(_torch_seed(np.random.SeedSequence(seed % 2**64)))
+
+
+def noise_generators(noise: str, seed: int, indices: Sequence[int]) -> torch.Generator | list[torch.Generator]:
+    """What sample_latents draws from for frames `indices`: one fresh clip generator (shared)
+    or one generator per frame (per-frame)."""
+    if noise == "shared":
+        return clip_generator(seed)
+    if noise == "per-frame":
+        return [frame_generator(seed, i) for i in indices]
+    raise ValueError(f"unknown noise {noise!r}; choose from {', '.join(NOISES)}")
 
 
 @torch.no_grad()
-def sample_latents(model: ControlLDM, cond: ColorCondition, generators: Sequence[torch.Generator],
+def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Generator | Sequence[torch.Generator],
                    steps: int = 20, eta: float = 0.0, uncond: ColorCondition | None = None,
                    ref_guidance: float = 1.0) -> torch.Tensor:
-    """DDIM as ControlLDM.sample, but row i draws all its noise from `generators[i]`.
+    """DDIM as ControlLDM.sample, with the noise drawn on the CPU from `generators`.
 
-    That makes a frame's result independent of the batch it is in (ldm.sampler draws one
-    noise tensor for the whole batch). Reference guidance runs cond and uncond as one
-    batch: out = uncond + ref_guidance * (cond - uncond).
+    One generator: shared noise, one draw used by every row (x_T and each step's noise are the
+    same for every frame of the batch). A sequence: row i draws all its noise from
+    `generators[i]`. Either way a frame's result does not depend on the batch it is in
+    (ldm.sampler draws one noise tensor for the whole batch). Reference guidance runs cond
+    and uncond as one batch: out = uncond + ref_guidance * (cond - uncond).
     """
-    if len(generators) != len(cond):
+    shared = isinstance(generators, torch.Generator)
+    if not shared and len(generators) != len(cond):
         raise ValueError(f"{len(generators)} generators for {len(cond)} frames")
     guided = ref_guidance != 1.0
     if guided and uncond is None:
@@ -260,7 +406,10 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: Sequence
     h, w = cond.guided_hint.shape[-2:]
     c = model.model.diffusion_model.out[-1].out_channels
     dev = cond.guided_hint.device
-    draw = lambda: torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(dev)
+    if shared:
+        draw = lambda: torch.randn((1, c, h, w), generator=generators).to(dev).repeat(len(cond), 1, 1, 1)
+    else:
+        draw = lambda: torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(dev)
     both = ColorCondition.cat([cond, uncond]) if guided else cond
     timesteps = sampler.ddim_timesteps(steps, model.num_timesteps)
     alphas, alphas_prev, sigmas = sampler.ddim_schedule(model.alphas_cumprod, timesteps, eta)
@@ -298,7 +447,8 @@ class Options:
     steps: int = 20
     eta: float = 0.0
     seed: int = 0
-    ref_guidance: float = 1.0  # 1 = off; >1 pushes away from the no-reference prediction
+    noise: str = "shared"  # shared: one x_T (and step noise) for every frame; per-frame: seeded by (seed, index)
+    ref_guidance: float = 1.0  # 1 = off; >1 pushes away from the no-reference prediction (experimental)
     raw: bool = False  # True: the decoded image as is, no luminance-true recombination
     precision: str = "auto"  # auto (fp16 on CUDA, else fp32) | fp32 | fp16 | bf16
     anchor_every: int = 8  # anchored: the original reference again every N frames (0 = never)
@@ -309,6 +459,8 @@ class Options:
             raise InferenceError("size and steps must be >= 1, anchor_every >= 0, anchor_strength in [0, 1]")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise InferenceError(f"precision must be auto or one of {', '.join(PRECISIONS)}")
+        if self.noise not in NOISES:
+            raise InferenceError(f"noise must be one of {', '.join(NOISES)}")
 
 
 @dataclass
@@ -375,7 +527,7 @@ class Colorizer:
                 raise InferenceError(f"frame is {g.shape[1]}x{g.shape[0]}, the clip's first was "
                                      f"{self.frame_hw[1]}x{self.frame_hw[0]}")
         small = torch.from_numpy(np.stack([resize(g, self.hw) for g in grays]))[:, None].to(self.device)
-        gens = [frame_generator(self.opt.seed, i) for i in indices]
+        gens = noise_generators(self.opt.noise, self.opt.seed, indices)
         with self._autocast():
             cond = self._condition(small, refs)
             uncond = None
@@ -410,6 +562,20 @@ class ReferenceChooser:
 
     def __call__(self, gray: np.ndarray) -> int:
         return 0 if len(self.thumbs) == 1 else int(np.argmax(self.scores(gray)))
+
+
+def most_similar_frames(grays: Iterable[np.ndarray], references: Sequence[np.ndarray]) -> list[int]:
+    """For each reference, the position in `grays` of the frame most like it (the first on a tie).
+
+    Streams: one pass, thumbnails only. Used to anchor a reference image in the clip.
+    """
+    choose = ReferenceChooser(references)
+    best = [(-math.inf, 0)] * len(references)
+    for t, gray in enumerate(grays):
+        for k, score in enumerate(choose.scores(gray)):
+            if score > best[k][0]:
+                best[k] = (score, t)
+    return [t for _, t in best]
 
 
 def chroma_stats(rgb: np.ndarray) -> np.ndarray:
@@ -450,7 +616,7 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
 
     `frames`: gray frames (anything `to_gray` takes, or `Frame`s), all of one size.
     `references`: one RGB image or several (each frame then uses the most similar).
-    `start`: index of the first frame, which seeds its noise (for running a clip in parts).
+    `start`: index of the first frame, which seeds its per-frame noise (for running a clip in parts).
     `batch`: frames per model call in fixed mode; the sequential modes run one at a time.
     `options`: fields of `Options`.
     """

@@ -1,8 +1,9 @@
 """Write an evaluation report: numbers (JSON, CSV) and pictures (metric plots, a frame strip).
 
 Files written to `out_dir` (each to a temporary name, then renamed):
-  metrics.json    definitions, frame names, per-frame values and means per method, and the
+  metrics.json    definitions, frame names, per-frame values and means per method, the
                   ground truth's own temporal metrics (the floor a method is compared with)
+                  and the frames left out of scoring (evaluate.py --exclude)
   per_frame.csv   method,frame,psnr,ssim,colourfulness,warp_error
   summary.csv     method,psnr,ssim,colourfulness,warp_error,cdc (means; a ground_truth row)
   psnr.png        PSNR over time, one line per method
@@ -38,10 +39,12 @@ DEFINITIONS = {
     "ssim": f"Wang et al. 2004, Gaussian {M.SSIM_WINDOW}x{M.SSIM_WINDOW} sigma {M.SSIM_SIGMA}, "
     f"K1={M.SSIM_K1}, K2={M.SSIM_K2}, per RGB channel then averaged",
     "colourfulness": "Hasler & Suesstrunk 2003 on 0..255 RGB",
-    "warp_error": "mean |pred(t) - warp(pred(t-1))| in 0..255 levels, DIS flow of the ground truth, "
-    "forward-backward occlusion mask; per frame t>=1",
-    "cdc": f"Jensen-Shannon divergence (nats) of {M.HIST_BINS}-bin RGB channel histograms, "
-    f"frames t and t+s, s in {list(M.CDC_STRIDES)}, averaged",
+    "warp_error": "mean |pred(t) - warp(pred(t-1))| in 0..255 levels (an L1 error, not the mean squared "
+    "warping error of Lai et al. 2018), DIS flow of the ground truth, forward-backward occlusion mask; "
+    "per frame t>=1",
+    "cdc": f"Jensen-Shannon divergence in nats (natural log; x 1/ln 2 = 1.4427 for log2/bits as some "
+    f"published scripts use) of {M.HIST_BINS}-bin RGB channel histograms, frames t and t+s, "
+    f"s in {list(M.CDC_STRIDES)}, averaged",
 }
 TILE_HEIGHT = 216  # px of one image in the strip
 FONT = 12
@@ -200,6 +203,7 @@ def write_report(
     frames: Sequence[str] | None = None,
     ground_truth: Mapping[str, float] | None = None,
     strip: Strip | None = None,
+    excluded: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the files listed in the module docstring; returns {kind: path}."""
     out = Path(out_dir)
@@ -221,6 +225,7 @@ def write_report(
             for name, res in results.items()
         },
         "ground_truth": dict(ground_truth or {}),
+        "excluded_frames": list(excluded),
     }
     paths = {"json": out / "metrics.json", "per_frame_csv": out / "per_frame.csv",
              "summary_csv": out / "summary.csv", "psnr_plot": out / "psnr.png",

@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 
 from annotator.color import rgb_to_gray, rgb_to_lab, to_uint8
-from colorize.baselines import flow_propagate, luma_band_chroma, reinhard, run_baseline
+from colorize.baselines import (
+    _pack, flow_propagate, iter_baseline, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
+)
 from colorize.metrics import psnr
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+# Outputs of the baselines as they were before they streamed (commit 065e2c6, when `reinhard`
+# was today's `reinhard-bands`), on frames 0-5 of the sample clip at 71x40 (inputs included):
+# float outputs as round(x * 65535), CLI outputs as the 8-bit PNGs it wrote.
+EXPECTED = Path(__file__).resolve().parent / "baselines_expected.npz"
 
 
 def colour_texture(h, w, seed=0):
@@ -25,10 +31,11 @@ def moving_clip(n, dx, dy, h=96, w=128, seed=0):
     return [np.ascontiguousarray(big[(n - i) * dy:(n - i) * dy + h, (n - i) * dx:(n - i) * dx + w]) for i in range(n)]
 
 
-def test_reinhard_keeps_luma_and_follows_reference_chroma():
+@pytest.mark.parametrize("method", [reinhard, reinhard_bands])
+def test_reinhard_keeps_luma_and_follows_reference_chroma(method):
     ref = colour_texture(40, 70, seed=1) * 0.6 + np.array([0.3, 0.15, 0.05], np.float32)  # warm, in gamut
     gray = rgb_to_gray(ref)
-    out = reinhard([gray, to_uint8(gray)], ref)
+    out = method([gray, to_uint8(gray)], ref)
     assert len(out) == 2 and out[0].shape == (40, 70, 3) and out[0].dtype == np.float32
     np.testing.assert_allclose(rgb_to_gray(out[0]), gray, atol=2e-6)
     np.testing.assert_allclose(rgb_to_gray(out[1]), to_uint8(gray) / 255.0, atol=2e-6)
@@ -49,11 +56,26 @@ def test_reinhard_transfers_chroma_per_lightness_band():
     pos, ab = luma_band_chroma(ref)
     assert len(pos) == 2 and ab[0, 1] < -20 and ab[1, 1] > 20  # Lab b: blue, then yellow
     target = np.tile(np.linspace(0.0, 1.0, 30, dtype=np.float32), (17, 1))
-    out = reinhard([target], ref)[0]
+    out = reinhard_bands([target], ref)[0]
     b = rgb_to_lab(out)[..., 2]
     dark, bright = target < 0.15, target > 0.8
     assert (b[dark & (target > 0.02)] < -5).all() and (b[bright & (target < 0.98)] > 5).all()
     np.testing.assert_allclose(rgb_to_gray(out), target, atol=2e-6)
+
+
+def test_reinhard_is_the_global_lab_statistics_transfer():
+    """Reinhard et al. 2001 on a gray target: a and b have zero spread, so (x - mean_t) * std_r / std_t
+    + mean_r leaves the reference's global mean a, b on every pixel; the lightness is the input's."""
+    ref = np.zeros((10, 40, 3), np.float32)  # the blue/yellow reference above
+    ref[:, :20] = (0.1, 0.15, 0.45)
+    ref[:, 20:] = (0.85, 0.8, 0.3)
+    mean_ab = rgb_to_lab(ref)[..., 1:].reshape(-1, 2).mean(0)
+    target = np.tile(np.linspace(0.3, 0.7, 30, dtype=np.float32), (17, 1))  # mid-tones: no gamut clipping
+    out = reinhard([target], ref)[0]
+    ab = rgb_to_lab(out)[..., 1:].reshape(-1, 2)
+    np.testing.assert_allclose(ab, np.broadcast_to(mean_ab, ab.shape), atol=0.3)  # one tint everywhere
+    np.testing.assert_allclose(rgb_to_gray(out), target, atol=2e-6)
+    assert np.abs(mean_ab).max() > 5  # a real tint, the same in shadows and highlights (unlike the bands)
 
 
 def test_flow_reproduces_a_translated_pattern():
@@ -94,18 +116,21 @@ def test_run_baseline_dispatch_and_errors():
     gt = moving_clip(3, 1, 0)
     gray = [rgb_to_gray(f) for f in gt]
     np.testing.assert_array_equal(run_baseline("reinhard", gray, gt[0])[1], reinhard(gray, gt[0])[1])
+    np.testing.assert_array_equal(run_baseline("reinhard-bands", gray, gt[0])[1], reinhard_bands(gray, gt[0])[1])
     np.testing.assert_array_equal(run_baseline("flow", gray, gt[0])[2], flow_propagate(gray, gt[0])[2])
     # Several references, no indices: reinhard takes the one whose luma histogram is closest.
     dark = (gt[0] * 0.3).astype(np.uint8)
     tinted = np.clip(gt[0].astype(int) + (40, 0, -40), 0, 255).astype(np.uint8)
-    picked = run_baseline("reinhard", gray, [dark, tinted])
-    np.testing.assert_array_equal(picked[0], reinhard(gray[:1], tinted)[0])
-    with pytest.raises(ValueError, match="unknown baseline 'nope'; choose from reinhard, flow"):
+    picked = run_baseline("reinhard-bands", gray, [dark, tinted])
+    np.testing.assert_array_equal(picked[0], reinhard_bands(gray[:1], tinted)[0])
+    with pytest.raises(ValueError, match="unknown baseline 'nope'; choose from reinhard, reinhard-bands, flow"):
         run_baseline("nope", gray, gt[0])
     with pytest.raises(ValueError, match="needs their frame indices"):
         run_baseline("flow", gray, [gt[0], gt[1]])
     with pytest.raises(ValueError, match="outside the clip"):
         flow_propagate(gray, gt[0], reference_index=3)
+    with pytest.raises(ValueError, match="two references for frame 1"):
+        run_baseline("flow", gray, [gt[0], gt[1]], [1, 1])
     assert flow_propagate([], gt[0]) == []
 
 
@@ -120,6 +145,70 @@ def test_baselines_on_the_sample_clip():
     cap.release()
     gray = [rgb_to_gray(f) for f in gt]
     score = {m: np.mean([psnr(to_uint8(o), g) for o, g in zip(run_baseline(m, gray, gt[0])[1:], gt[1:])])
-             for m in ("reinhard", "flow")}
+             for m in ("reinhard", "reinhard-bands", "flow")}
     score["gray"] = np.mean([psnr(to_uint8(np.repeat(g[..., None], 3, -1)), f) for g, f in zip(gray[1:], gt[1:])])
-    assert score["flow"] > 30 and score["flow"] > score["reinhard"] > score["gray"], score
+    assert score["flow"] > 30 and score["flow"] > score["reinhard-bands"] > score["gray"], score
+    assert score["reinhard"] > score["gray"], score
+
+
+# ---- streaming: same outputs as before, bounded memory ---------------------------------------
+
+def _q(outs):
+    return np.stack([(np.clip(o, 0, 1) * 65535 + 0.5).astype(np.uint16) for o in outs])
+
+
+def test_streamed_baselines_give_the_outputs_of_the_in_memory_ones():
+    e = np.load(EXPECTED)
+    gray, col, ref_b = list(e["gray"]), e["colour"], e["ref_b"]
+    cases = {
+        "reinhard_single": ("reinhard-bands", col[0], None),
+        "reinhard_multi_hist": ("reinhard-bands", [col[0], ref_b], None),
+        "reinhard_multi_idx": ("reinhard-bands", [col[0], ref_b], [0, 4]),
+        "flow_mid": ("flow", col[3], 3),
+        "flow_two": ("flow", [col[1], np.ascontiguousarray(col[4][..., ::-1])], [1, 4]),
+    }
+    for key, (method, refs, idx) in cases.items():
+        got = _q(iter_baseline(method, iter(gray), refs, idx))  # a one-pass iterator
+        assert np.abs(got.astype(int) - e[key]).max() == 0, key
+
+
+class Feed:
+    """Frames that count how many have been taken."""
+
+    def __init__(self, frames):
+        self.frames, self.taken = frames, 0
+
+    def __iter__(self):
+        for f in self.frames:
+            self.taken += 1
+            yield f
+
+
+@pytest.mark.parametrize("method", ["reinhard", "reinhard-bands", "flow"])
+def test_baselines_stream_frame_by_frame(method):
+    gray = [to_uint8(rgb_to_gray(f)) for f in moving_clip(6, 2, 1, h=48, w=64)]
+    ref = moving_clip(6, 2, 1, h=48, w=64)[0]
+    feed, done = Feed(gray), []
+    taken = []
+    for out in iter_baseline(method, feed, ref, 0, progress=done.append):
+        taken.append(feed.taken)
+        assert out.shape == (48, 64, 3)
+    assert taken == [1, 2, 3, 4, 5, 6]  # output t comes as soon as frame t is read
+    assert done == [1] * 6  # progress counts processing
+
+
+def test_flow_frames_before_the_reference_wait_packed():
+    gray = [to_uint8(rgb_to_gray(f)) for f in moving_clip(6, 2, 1, h=48, w=64)]
+    ref = moving_clip(6, 2, 1, h=48, w=64)[3]
+    feed, done, taken = Feed(gray), [], []
+    for _ in iter_baseline("flow", feed, ref, 3, progress=done.append):
+        taken.append((feed.taken, len(done)))
+    # frames 0-2 wait for frame 3 (all four processed when the first comes out), then it streams
+    assert taken == [(4, 4), (4, 4), (4, 4), (4, 4), (5, 5), (6, 6)]
+    g = gray[0] / np.float32(255)
+    assert _pack(g).dtype == np.uint8 and np.array_equal(_pack(g) / np.float32(255), g)
+    g16 = np.full((4, 4), 1000 / 65535, np.float32)
+    assert _pack(g16).dtype == np.uint16
+    luma = rgb_to_gray(moving_clip(1, 0, 0, h=8, w=8)[0] / 255)  # the luma of a colour frame: kept as is
+    assert _pack(luma) is luma
+

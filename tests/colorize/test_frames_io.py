@@ -6,8 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
+from tqdm import tqdm
+
 from colorize.frames_io import (
-    FrameSourceError, prefetch, read_frame_folder, write_bytes_atomic, write_image_atomic, write_video_atomic,
+    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, even_size, prefetch, read_frame_folder, write_bytes_atomic,
+    write_image_atomic, write_video_atomic,
 )
 
 
@@ -109,3 +112,49 @@ def test_prefetch_keeps_order_raises_in_place_and_stops_early():
     assert n <= 3 + 2 + 1
     time.sleep(0.3)
     assert len(produced) == n
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_outputs_get_the_permissions_of_a_normal_file(tmp_path, umask, mode):
+    """Not mkstemp's 0600: 0666 less the umask, as open() would create them."""
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "a.json", b"{}")
+        write_image_atomic(tmp_path / "b.png", rgb())
+        write_video_atomic(tmp_path / "c.mp4", [rgb()] * 2, 25)
+        (tmp_path / "d.png").write_bytes(b"old")
+        os.chmod(tmp_path / "d.png", 0o600)
+        write_image_atomic(tmp_path / "d.png", rgb())  # a replaced file too
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["a.json", "b.png", "c.mp4", "d.png"], mode)
+
+
+def test_odd_sized_video_is_padded_not_cropped(tmp_path):
+    """MPEG-4 needs even sides; 53x37 becomes 54x38 with the last column and row repeated."""
+    frame = rgb(37, 53, seed=3)
+    frame = cv2.GaussianBlur(frame, (0, 0), 2.0)  # smooth, so the lossy codec keeps it close
+    frame[:, -1] = (250, 20, 20)  # a red last column and a blue last row, which cropping would lose
+    frame[-1, :] = (20, 20, 250)
+    assert even_size(53, 37) == (54, 38) and even_size(54, 38) == (54, 38)
+    write_video_atomic(tmp_path / "odd.mp4", [frame] * 3, 25)
+    cap = cv2.VideoCapture(str(tmp_path / "odd.mp4"))
+    ok, got = cap.read()
+    cap.release()
+    assert ok and got.shape == (38, 54, 3)
+    got = got[..., ::-1].astype(int)
+    assert np.abs(got[:37, :53] - frame).mean() < 6
+    for col in (52, 53):  # the last column and its copy are red (codec: roughly)
+        assert got[5:30, col, 0].mean() > 180 and got[5:30, col, 2].mean() < 90, col
+    for row in (36, 37):
+        assert got[row, 5:45, 2].mean() > 180 and got[row, 5:45, 0].mean() < 90, row
+
+
+@pytest.mark.parametrize("elapsed", [0.5, 5.0, 500.0])
+def test_progress_bar_always_shows_frames_per_second(elapsed):
+    """tqdm's default switches to s/frame below 1 frame/s; ours keeps frames/s."""
+    for fmt, total in ((BAR_FORMAT, 10), (BAR_FORMAT_OPEN, None)):
+        line = tqdm.format_meter(n=2, total=total, elapsed=elapsed, prefix="fixed", unit=" frame", bar_format=fmt)
+        assert f"{2 / elapsed:.2f} frame/s" in line, line
+        assert "s/" not in line.replace("frame/s", ""), line

@@ -179,3 +179,33 @@ def test_evaluate_clips_shares_flow_and_reports_everything():
         M.evaluate_clips(gt, {"offset": [off[0], off[1][:, :-1]] + off[2:]}, [f"f{i}" for i in range(5)])
     with pytest.raises(ValueError, match="short: no prediction for frame 2"):
         M.evaluate_clips(gt, {"short": gt[:2]})
+
+
+def test_cdc_pairs_no_frames_across_a_gap():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = np.full((4, 4, 3), 255, np.uint8)
+    hists = np.stack([M.channel_histograms(f) for f in (a, b, a, b)])
+    assert M.cdc_from_histograms(hists, positions=[0, 1, 2, 3]) == M.cdc_from_histograms(hists)
+    # frames 0, 1, 3, 4 of a clip (frame 2 left out): stride 1 pairs (0,1) and (3,4), both
+    # a->b: ln 2; stride 2 pairs (1,3) b->a: ln 2; stride 4 pairs (0,4) a->b: ln 2. Read as
+    # consecutive frames a b a b, stride 2 would be 0 and the mean ln 2 / 2.
+    assert M.cdc_from_histograms(hists, positions=[0, 1, 3, 4]) == pytest.approx(math.log(2))
+    assert M.cdc_from_histograms(hists) == pytest.approx(math.log(2) / 2)
+    assert math.isnan(M.cdc_from_histograms(hists[:2], positions=[0, 9]))  # no pair at 1, 2 or 4 apart
+
+
+def test_evaluate_stream_leaves_gaps_out_of_the_warp_error():
+    gt = shifted_clip(5, 1, 0)
+    off = [f + np.uint8(10) for f in gt]
+    keep = [0, 1, 3, 4]  # frame 2 left out
+    steps = [(gt[i], {"offset": off[i]}) for i in keep]
+    ev = M.evaluate_stream(steps, ["offset"], [f"f{i}" for i in keep], positions=keep)
+    full = M.evaluate_clips(gt, {"offset": off})
+    w, w_full = ev.methods["offset"].per_frame["warp_error"], full.methods["offset"].per_frame["warp_error"]
+    assert np.isnan(w[0]) and np.isnan(w[2])  # frame 3 follows no scored frame
+    np.testing.assert_allclose(w[[1, 3]], w_full[[1, 4]], rtol=0, atol=1e-9)  # the same pairs as in the full clip
+    np.testing.assert_allclose(ev.methods["offset"].per_frame["psnr"], 20 * math.log10(25.5), atol=1e-9)
+    gt_pairs = [M.warp_errors(gt[i - 1:i + 1], gt[i - 1:i + 1])[0] for i in (1, 4)]  # the truth's own
+    assert ev.ground_truth["warp_error"] == pytest.approx(np.mean(gt_pairs), abs=1e-9)
+    with pytest.raises(ValueError, match="positions must increase"):
+        M.evaluate_stream(steps, ["offset"], positions=[0, 2, 1, 3])

@@ -91,17 +91,63 @@ def test_colour_and_uint8_frames_are_taken_as_their_luma(model, clip):
     assert np.abs(a - b).max() < 1e-6
 
 
+def test_seeds_are_distinct_and_reproducible():
+    """torch's CPU generator keeps the low 32 bits of a seed: (seed % 2**31) * 2**32 + index made
+    every seed give the noise of seed 0. Every (seed, index) must now give its own noise."""
+    draw = lambda g: torch.randn(16, generator=g)  # noqa: E731
+    frame = {(s, i): draw(P.frame_generator(s, i)) for s in (0, 1, 2**31, -1) for i in (0, 1, 5)}
+    clip = {s: draw(P.clip_generator(s)) for s in (0, 1, 2**31, -1)}
+    values = list(frame.values()) + list(clip.values())
+    for a in range(len(values)):
+        for b in range(a):
+            assert (values[a] - values[b]).abs().max() > 0.1, (a, b)
+    assert torch.equal(draw(P.frame_generator(1, 5)), frame[1, 5])  # the same seed reproduces
+    assert torch.equal(draw(P.clip_generator(1)), clip[1])
+    assert torch.equal(draw(P.frame_generator(2**64 + 1, 5)), frame[1, 5])  # seeds are taken mod 2**64
+
+
+@pytest.mark.parametrize("noise", P.NOISES)
+def test_seed_changes_the_result_and_reproduces(model, clip, noise):
+    grays = grays_of(clip, range(2))
+    run = lambda seed: list(P.colorize_fixed(model, grays, clip[3], seed=seed, noise=noise, **FAST))  # noqa: E731
+    a = run(0)
+    assert max_diff(run(0), a) == 0.0
+    assert max_diff(run(1), a) > 1e-3
+    assert max_diff(run(2**31), a) > 1e-3
+
+
+@pytest.mark.parametrize("noise", P.NOISES)
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_fixed_batched_equals_frame_by_frame(model, clip, eta):
+def test_fixed_batched_equals_frame_by_frame(model, clip, eta, noise):
     grays = grays_of(clip, range(5))
-    batched = list(P.colorize_fixed(model, grays, clip[3], batch=3, eta=eta, **FAST))
-    single = list(P.colorize_fixed(model, grays, clip[3], batch=1, eta=eta, **FAST))
+    kw = dict(eta=eta, noise=noise, **FAST)
+    batched = list(P.colorize_fixed(model, grays, clip[3], batch=3, **kw))
+    single = list(P.colorize_fixed(model, grays, clip[3], batch=1, **kw))
     assert max_diff(batched, single) < 1e-5
-    # frame index seeds the noise: frame 2 alone, started at index 2, is the same frame
-    alone = list(P.colorize_fixed(model, grays[2:3], clip[3], start=2, eta=eta, **FAST))
+    # a clip in parts (--frames): frame 2 alone, started at index 2, is the same frame
+    alone = list(P.colorize_fixed(model, grays[2:3], clip[3], start=2, **kw))
     assert max_diff(alone, batched[2:3]) < 1e-5
-    # ... and another index gives other noise, so another result
-    assert max_diff(list(P.colorize_fixed(model, grays[2:3], clip[3], start=7, eta=eta, **FAST)), alone) > 1e-3
+    parts = list(P.colorize_fixed(model, grays[:2], clip[3], batch=2, **kw))
+    parts += list(P.colorize_fixed(model, grays[2:], clip[3], start=2, batch=2, **kw))
+    assert max_diff(parts, batched) < 1e-5
+    # per-frame noise depends on the index, shared noise does not
+    elsewhere = list(P.colorize_fixed(model, grays[2:3], clip[3], start=7, **kw))
+    if noise == "per-frame":
+        assert max_diff(elsewhere, alone) > 1e-3
+    else:
+        assert max_diff(elsewhere, alone) < 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_shared_noise_is_the_same_for_every_frame_at_every_step(model, eta):
+    """Two rows with the same conditioning: equal with shared noise, different with per-frame noise.
+    With eta > 0 equal rows also show that each step's noise is shared, not just x_T."""
+    hint = torch.rand(1, 4, 64, 128, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1)
+    cond = model.prepare_condition(hint, [""] * 2)
+    shared = P.sample_latents(model, cond, P.clip_generator(3), steps=2, eta=eta)
+    torch.testing.assert_close(shared[0], shared[1], rtol=0, atol=1e-6)
+    own = P.sample_latents(model, cond, [P.frame_generator(3, i) for i in (0, 1)], steps=2, eta=eta)
+    assert (own[0] - own[1]).abs().max() > 0.1
 
 
 def test_steps_past_the_schedule_are_refused(model, clip):
@@ -117,6 +163,10 @@ def test_sample_latents_equals_core_ddim(model):
     ours = P.sample_latents(model, cond, gens, steps=2)
     core = model.sample(cond, x_T=x_T, steps=2)
     torch.testing.assert_close(ours, core, rtol=0, atol=1e-5)
+    # shared noise: one x_T for both rows
+    x_T = torch.randn(1, 4, 8, 16, generator=P.clip_generator(0)).repeat(2, 1, 1, 1)
+    ours = P.sample_latents(model, cond, P.clip_generator(0), steps=2)
+    torch.testing.assert_close(ours, model.sample(cond, x_T=x_T, steps=2), rtol=0, atol=1e-5)
 
 
 def test_recursive_conditions_each_frame_on_the_previous_output(model, clip):
@@ -212,6 +262,56 @@ def test_frame_folders_keep_depth_and_names(tmp_path):
     cv2.imwrite(str(d / "f3.png"), np.zeros((6, 7), np.uint8))
     with pytest.raises(FrameSourceError, match="f3.png: frame is 7x6"):
         list(P.iter_gray_frames(d))
+
+
+def test_frame_range_reads_nothing_outside_it(tmp_path):
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(d / f"f{i}.png"), np.full((5, 7), 10 * i, np.uint8))
+    (d / "f0.png").write_bytes(b"broken")  # before the range
+    (d / "f4.png").write_bytes(b"broken")  # after it
+    frames = list(P.iter_gray_frames(d, 1, 4))
+    assert [(f.index, f.name) for f in frames] == [(1, "f1.png"), (2, "f2.png"), (3, "f3.png")]
+    assert [float(f.gray[0, 0]) * 255 for f in frames] == pytest.approx([10, 20, 30], abs=1e-4)
+    assert [f.index for f in P.iter_gray_frames(d, 5)] == [5]
+    assert list(P.iter_gray_frames(d, 6)) == []
+    with pytest.raises(FrameSourceError, match="f4.png: not a readable image"):
+        list(P.iter_gray_frames(d, 3))
+    with pytest.raises(FrameSourceError, match="f0.png"):
+        list(P.iter_gray_frames(d))
+    # a reference frame is read alone too
+    cv2.imwrite(str(d / "f2.png"), np.full((5, 7, 3), (10, 20, 30), np.uint8))  # BGR
+    np.testing.assert_allclose(P.reference_frame(d, 2)[0, 0], np.array([30, 20, 10]) / 255, atol=1e-7)
+    with pytest.raises(P.InferenceError, match="has no frame 6"):
+        P.reference_frame(d, 6)
+
+
+def test_video_range_skips_to_the_start_and_stops(clip):
+    frames = list(P.iter_gray_frames(SAMPLE, 3, 5))
+    assert [(f.index, f.name, f.depth) for f in frames] == [(3, "000003.png", 8), (4, "000004.png", 8)]
+    for f in frames:  # the frames a full decode gives
+        assert np.abs(f.gray[::9, ::9] - rgb_to_gray(clip[f.index])).max() < 1e-6
+    np.testing.assert_allclose(P.reference_frame(SAMPLE, 4)[::9, ::9], clip[4] / 255.0, atol=1e-6)
+    with pytest.raises(FrameSourceError, match="video has only 132 frames"):
+        list(P.iter_gray_frames(SAMPLE, 140))
+    with pytest.raises(P.InferenceError, match="has no frame 200"):
+        P.reference_frame(SAMPLE, 200)
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(SAMPLE.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match="clip.mp4: not a checkpoint file"):
+        P.load_model(video, config=TINY_CONFIG)
+    named = tmp_path / "weights.ckpt"  # safetensors content under a torch name
+    save_file({"a": torch.zeros(2)}, str(named))
+    with pytest.raises(CheckpointError, match="weights.ckpt: looks like a safetensors file.*rename it"):
+        P.check_checkpoint_file(named)
+    for name, legacy in (("zip.pt", False), ("legacy.pt", True)):  # both torch.save formats pass
+        torch.save({"a": torch.zeros(2)}, tmp_path / name, _use_new_zipfile_serialization=not legacy)
+        P.check_checkpoint_file(tmp_path / name)
+    P.check_checkpoint_file(tmp_path / "missing.ckpt")  # left to the loader's "no such file"
 
 
 def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):

@@ -1,9 +1,11 @@
 """Report files: numbers that round-trip, pictures of the expected size."""
 import csv
 import json
+import math
 
 import cv2
 import numpy as np
+import pytest
 
 from colorize.metrics import PSNR_CAP_DB, MethodMetrics
 from colorize.report import TILE_HEIGHT, Strip, strip_indices, write_report
@@ -37,6 +39,13 @@ def test_write_report_numbers(tmp_path):
     assert a["mean"] == {"psnr": (PSNR_CAP_DB + 58) / 3, "ssim": 0.9, "colourfulness": 20.0,
                          "warp_error": 2.0, "cdc": 0.002}
     assert doc["ground_truth"]["cdc"] == 0.0015 and "psnr" in doc["definitions"]
+    assert doc["excluded_frames"] == []
+    assert "L1" in doc["definitions"]["warp_error"] and "Lai et al. 2018" in doc["definitions"]["warp_error"]
+    assert "nats" in doc["definitions"]["cdc"] and "1.4427" in doc["definitions"]["cdc"]
+    assert 1 / math.log(2) == pytest.approx(1.4427, abs=5e-5)  # the factor the definition states
+    doc = json.loads(write_report(results(), tmp_path / "rep2", frames=["f0", "f1", "f2"],
+                                  excluded=["f9"])["json"].read_text())
+    assert doc["excluded_frames"] == ["f9"]
     rows = list(csv.DictReader(paths["per_frame_csv"].open()))
     assert len(rows) == 6 and rows[0] == {"method": "a", "frame": "f0", "psnr": "100", "ssim": "1",
                                           "colourfulness": "10", "warp_error": ""}

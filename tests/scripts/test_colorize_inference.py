@@ -15,6 +15,7 @@ from colorize import pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
 FAST = ["--size", "64", "--steps", "2", "--config", str(TINY_CONFIG)]
 
 
@@ -72,18 +73,97 @@ def test_folder_gives_same_names_sizes_and_lightness(env, tmp_path, capsys, mode
         assert np.abs(rgb_to_gray(rgb) * 255 - gray).max() <= 0.5 + 1e-3
 
 
-def test_cli_output_is_the_library_output(env, tmp_path, capsys):
+@pytest.mark.parametrize("noise", P.NOISES)
+def test_cli_output_is_the_library_output(env, tmp_path, capsys, noise):
     """Same seeds and references as the library, including --frames and two references (a cut)."""
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--reference", env["refs"][1],
-                      "--frames", "1:4", "--seed", "5", "--ckpt", env["ckpt"], "--out", out, *FAST], capsys)
+                      "--frames", "1:4", "--seed", "5", "--noise", noise, "--ckpt", env["ckpt"], "--out", out, *FAST],
+                     capsys)
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["f1.png", "f2.png", "f3.png"]
     grays = [f.gray for f in P.iter_gray_frames(env["gray"])][1:]
     refs = [P.read_reference(r) for r in env["refs"]]
-    lib = P.colorize_fixed(env["model"], grays, refs, start=1, seed=5, size=64, steps=2)
+    lib = P.colorize_fixed(env["model"], grays, refs, start=1, seed=5, noise=noise, size=64, steps=2)
     for n, expected in zip((1, 2, 3), lib):
         np.testing.assert_array_equal(read_rgb(out / f"f{n}.png"), to_uint8(expected))
+    assert all((out / f"f{n}.png").stat().st_mode & 0o777 == 0o666 & ~_umask() for n in (1, 2, 3))
+
+
+def _umask() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+
+
+@pytest.mark.parametrize("noise", P.NOISES)
+def test_a_clip_in_parts_equals_one_run(env, tmp_path, capsys, noise):
+    """--frames parts, with eta > 0: byte-identical to one run over the clip when the batches are
+    the same; with other batches equal up to float rounding (batched == frame by frame to 1e-5,
+    so an 8-bit level can round the other way)."""
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--noise", noise,
+            "--eta", "0.5", "--batch", "2", *FAST]
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    for part in ("0:2", "2:"):
+        assert run([*args, "--frames", part, "--out", tmp_path / "parts"], capsys)[0] == 0
+    assert snapshot(tmp_path / "parts") == snapshot(tmp_path / "whole")
+    assert len(snapshot(tmp_path / "whole")) == 4
+    for part in ("0:1", "1:3", "3:"):
+        assert run([*args, "--frames", part, "--batch", "3", "--out", tmp_path / "other"], capsys)[0] == 0
+    for n in range(4):
+        a, b = (read_rgb(tmp_path / d / f"f{n}.png").astype(int) for d in ("whole", "other"))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+
+
+def test_frames_outside_the_range_are_not_read(env, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in range(4):
+        (src / f"f{n}.png").write_bytes((env["gray"] / f"f{n}.png").read_bytes())
+    (src / "f0.png").write_bytes(b"broken")
+    (src / "f3.png").write_bytes(b"broken")
+    for method in (["--ckpt", env["ckpt"], *FAST], ["--method", "reinhard"], ["--method", "flow"]):
+        out = tmp_path / f"out{method[1]}"
+        rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--frames", "1:3", "--out", out, *method],
+                         capsys)
+        assert rc == 0, err
+        assert sorted(p.name for p in out.iterdir()) == ["f1.png", "f2.png"]
+
+
+def test_a_bad_frame_mid_clip_keeps_what_was_written_and_says_how_to_resume(env, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in range(4):
+        (src / f"f{n}.png").write_bytes((env["gray"] / f"f{n}.png").read_bytes())
+    (src / "f2.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    args = ["--input", src, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--batch", "1", *FAST]
+    rc, _, err = run([*args, "--out", out], capsys)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if "error" in ln]
+    assert rc == 2 and len(lines) == 1
+    assert lines[0].endswith("f2.png: not a readable image (the 2 outputs before it are written and complete; "
+                             "--frames 2: continues)")
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]  # complete, no temporary files
+    (src / "f2.png").write_bytes((env["gray"] / "f2.png").read_bytes())
+    assert run([*args, "--out", out, "--frames", "2:"], capsys)[0] == 0
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    assert snapshot(out) == snapshot(tmp_path / "whole")
+
+
+def test_odd_sized_video_is_padded(env, tmp_path, capsys):
+    out, mp4 = tmp_path / "out", tmp_path / "clip.mp4"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out,
+                      "--video", mp4], capsys)
+    assert rc == 0, err
+    assert "frames are 143x80 and MPEG-4 needs even sides, so the video is 144x80" in err
+    info = probe(mp4)
+    assert (info.width, info.height, info.frame_count) == (144, 80, 4)
+    assert read_rgb(out / "f0.png").shape == (80, 143, 3)
+
+
+def test_progress_bar_shows_frames_per_second(env, tmp_path, capsys):
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"],
+                      "--out", tmp_path / "out", *FAST], capsys)
+    assert rc == 0 and "4/4" in err and " frame/s]" in err and "s/ frame" not in err and "s/frame" not in err
 
 
 def test_sixteen_bit_and_colour_frames(env, tmp_path, capsys):
@@ -118,7 +198,7 @@ def test_video_input_reference_frame_and_video_output(env, tmp_path, capsys):
     assert (info.frame_count, info.width, info.height, info.fps) == (2, 1280, 720, 25.0)
 
 
-@pytest.mark.parametrize("method", ["reinhard", "flow"])
+@pytest.mark.parametrize("method", ["reinhard", "reinhard-bands", "flow"])
 def test_baselines_run_without_a_checkpoint(env, tmp_path, capsys, method):
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", method,
@@ -127,6 +207,27 @@ def test_baselines_run_without_a_checkpoint(env, tmp_path, capsys, method):
     for n in range(2):
         gray = cv2.imread(str(env["gray"] / f"f{n}.png"), cv2.IMREAD_UNCHANGED)
         assert np.abs(rgb_to_gray(read_rgb(out / f"f{n}.png")) * 255 - gray).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("method", ["flow", "reinhard-bands"])
+def test_streamed_baselines_write_what_they_wrote_before(tmp_path, capsys, method):
+    """The PNGs of the in-memory implementation (see test_baselines.py), for an image reference
+    (flow anchors it at its most similar frame) and for an image plus a ground-truth frame."""
+    e = np.load(EXPECTED)
+    for sub, images in (("gray", e["gray"]), ("colour", e["colour"][..., ::-1])):
+        (tmp_path / sub).mkdir()
+        for i, img in enumerate(images):
+            cv2.imwrite(str(tmp_path / sub / f"f{i}.png"), img)
+    cv2.imwrite(str(tmp_path / "ref3.png"), e["colour"][3][..., ::-1])
+    old = method.split("-")[0]
+    base = ["--input", tmp_path / "gray", "--reference", tmp_path / "ref3.png", "--method", method]
+    assert run([*base, "--frames", "1:6", "--out", tmp_path / "img"], capsys)[0] == 0
+    got = np.stack([read_rgb(tmp_path / "img" / f"f{i}.png") for i in range(1, 6)])
+    np.testing.assert_array_equal(got, e[f"cli_{old}_img"])
+    assert run([*base, "--reference-frame", "1", "--gt", tmp_path / "colour", "--out", tmp_path / "mixed"],
+               capsys)[0] == 0
+    got = np.stack([read_rgb(tmp_path / "mixed" / f"f{i}.png") for i in range(6)])
+    np.testing.assert_array_equal(got, e[f"cli_{old}_mixed"])
 
 
 def _bad_cases(env, tmp):
@@ -141,6 +242,8 @@ def _bad_cases(env, tmp):
     junk.write_bytes(b"\x00" * 64)
     other = tmp / "other.safetensors"
     save_file({"foo.weight": torch.zeros(3)}, str(other))
+    video = tmp / "clip.mp4"
+    video.write_bytes(SAMPLE.read_bytes()[:2048])
     ref, ck, g = env["refs"][0], env["ckpt"], env["gray"]
     base = ["--reference", ref, "--ckpt", ck, *FAST]
     return {
@@ -155,6 +258,10 @@ def _bad_cases(env, tmp):
                                "no such file"),
         "corrupt checkpoint": (["--input", g, "--reference", ref, "--ckpt", junk, *FAST], "not a safetensors file"),
         "wrong checkpoint": (["--input", g, "--reference", ref, "--ckpt", other, *FAST], "does not fit the config"),
+        "video as checkpoint": (["--input", g, "--reference", ref, "--ckpt", video, *FAST],
+                                "clip.mp4: not a checkpoint file"),
+        "flow reference outside": (["--input", g, "--reference-frame", "3", "--gt", SAMPLE,
+                                    "--method", "flow", "--frames", "0:2"], "lies outside the frames"),
         "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST], "is gray"),
         "steps past schedule": (["--input", g, *base, "--steps", "3"], "use 4"),
         "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
@@ -203,8 +310,12 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--reference", "--reference-frame", "--ckpt", "--control", "--config", "--mode",
                  "--steps", "--eta", "--seed", "--size", "--batch", "--precision", "--device", "--out",
-                 "--video", "--raw", "--ref-guidance", "--method", "--overwrite", "--anchor-every"):
+                 "--video", "--raw", "--ref-guidance", "--method", "--overwrite", "--anchor-every", "--noise"):
         assert flag in text
+    flat = " ".join(text.split())
+    assert "EXPERIMENTAL: reference guidance" in flat and "reference dropout" in flat
+    assert "reinhard-bands" in flat and "Reinhard et al. 2001 global Lab mean/std transfer" in flat
+    assert "--frames N: to continue" in flat
     with pytest.raises(SystemExit) as e:
         cli.main(["--input", "x"])  # missing --out: argparse, one line, exit 2
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1

@@ -50,12 +50,53 @@ def test_evaluate_writes_report_with_known_numbers(clip, capsys):
     plus10, copy = doc["methods"]["plus10"], doc["methods"]["copy"]
     assert plus10["per_frame"]["psnr"] == pytest.approx([20 * math.log10(25.5)] * 5, abs=1e-9)
     assert copy["mean"]["psnr"] == 100.0 and copy["mean"]["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert doc["excluded_frames"] == []
     assert copy["per_frame"]["warp_error"][0] is None
     assert copy["mean"]["warp_error"] == pytest.approx(doc["ground_truth"]["warp_error"])
     assert copy["mean"]["cdc"] == pytest.approx(doc["ground_truth"]["cdc"])
     assert plus10["mean"]["cdc"] == pytest.approx(copy["mean"]["cdc"], abs=1e-12)  # a shift moves no mass between frames
     strip = cv2.imread(str(out / "strip.png"))
     assert strip.shape[0] > 3 * 200  # three rows of frames
+
+
+def test_exclude_leaves_a_frame_out_and_the_cap_is_noted(clip, capsys):
+    """A method that reproduces the reference frame (frame 0) exactly and is 10 levels off elsewhere."""
+    root, gt = clip
+    write(root / "refcopy", gt[:1] + [f + np.uint8(10) for f in gt[1:]])
+    off = 20 * math.log10(25.5)  # 28.13 dB
+    base = ["--pred", str(root / "refcopy"), "--gt", str(root / "gt"), "--no-progress"]
+    assert evaluate.main([*base, "--out", str(root / "all")]) == 0
+    captured = capsys.readouterr()
+    assert ("note: --pred refcopy: 1 frame(s) identical to the ground truth (e.g. frame_0) score the 100 dB PSNR "
+            "cap" in captured.err and "--exclude frame_0" in captured.err)
+    doc = json.loads((root / "all" / "metrics.json").read_text())
+    assert doc["methods"]["refcopy"]["mean"]["psnr"] == pytest.approx((100 + 4 * off) / 5, abs=1e-9)  # 42.5
+
+    assert evaluate.main([*base, "--exclude", "frame_0", "--out", str(root / "ex")]) == 0
+    captured = capsys.readouterr()
+    assert "note" not in captured.err
+    doc = json.loads((root / "ex" / "metrics.json").read_text())
+    assert doc["frames"] == ["frame_1", "frame_2", "frame_3", "frame_4"] and doc["excluded_frames"] == ["frame_0"]
+    m = doc["methods"]["refcopy"]
+    assert m["mean"]["psnr"] == pytest.approx(off, abs=1e-9) and f"{off:.2f}" in captured.out
+    assert m["per_frame"]["warp_error"][0] is None  # no pair with the frame left out
+
+    # a frame in the middle (with its extension): no warp error across the gap either
+    mid = ["--pred", str(root / "copy"), "--exclude", "frame_2.png", "--out", str(root / "mid")]
+    assert evaluate.main([*base, *mid]) == 0
+    doc = json.loads((root / "mid" / "metrics.json").read_text())
+    assert doc["frames"] == ["frame_0", "frame_1", "frame_3", "frame_4"] and doc["excluded_frames"] == ["frame_2"]
+    warp = doc["methods"]["copy"]["per_frame"]["warp_error"]
+    assert warp[0] is None and warp[2] is None and warp[1] is not None and warp[3] is not None
+    err = capsys.readouterr().err
+    assert "--pred copy: 4 frame(s) identical to the ground truth (e.g. frame_0)" in err
+    assert "--pred refcopy: 1 frame(s)" in err
+    assert evaluate.main([*base, "--exclude", "frame_9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["evaluate.py: error: --exclude frame_9: no ground-truth frame has that name (they are like "
+                   "frame_0)"]
+    assert evaluate.main([*base, *[a for i in range(5) for a in ("--exclude", f"frame_{i}")]]) == 2
+    assert "leaves no frame to score" in capsys.readouterr().err
 
 
 def test_evaluate_uses_common_frames_and_notes_missing(clip, capsys):
