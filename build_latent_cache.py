@@ -12,26 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from cliutil import DefaultsFormatter, OneLineParser
+
 FIRST_STAGE_PREFIX = "first_stage_model."
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "models" / "cldm_v21_color.yaml"
 PRECISIONS = {"32": None, "16": "float16", "bf16": "bfloat16"}
 
 
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (what and where), not the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("data_root", metavar="DATA_ROOT", help="folder written by build_pairs.py")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "

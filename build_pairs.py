@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
+from cliutil import DefaultsFormatter, OneLineParser
 from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions, build_all
 from annotator.similarity import METRICS, SIM_SIZE
 
@@ -36,18 +37,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
     return i, n
-
-
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (what and where), not the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
 from annotator.video import FrameSourceError, probe  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
@@ -43,11 +44,6 @@ PROG = "colorize_inference.py"
 METHODS = ("model", "reinhard", "reinhard-bands", "flow")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 DEFAULT_FOLDER_FPS = 25.0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -356,15 +352,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError) as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(PROG, run, parser().parse_args(argv),
+                   (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError))
 
 
 if __name__ == "__main__":

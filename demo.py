@@ -6,7 +6,8 @@
 Takes the frames the toy model never saw in training (100-131 of data/sample/bigbuckbunny.mp4),
 gives every method the colour of the first of them (frame 100) as the only reference, and
 colourises the grayscale version of all of them with colorize_inference.py: the toy model in
-fixed, recursive and anchored mode, and the two baselines that need no model (reinhard, flow).
+fixed, recursive and anchored mode, and the baselines that need no model (reinhard,
+reinhard-bands, flow).
 Then evaluate.py scores frames 101-131 against the ground truth, with the gray input itself
 as a floor. Everything goes under --out: the frames per method, an mp4 per method, the report
 (metrics.json, summary.csv, per_frame.csv, psnr.png, warp_error.png) and strip.png, a
@@ -30,6 +31,7 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import FrameSourceError, iter_frames  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
@@ -39,7 +41,7 @@ REPO = Path(__file__).resolve().parent
 SAMPLE = REPO / "data" / "sample" / "bigbuckbunny.mp4"
 TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"
 MODEL_MODES = ("fixed", "recursive", "anchored")
-BASELINES = ("reinhard", "flow")
+BASELINES = ("reinhard", "reinhard-bands", "flow")
 GRAY_LABEL = "gray input"
 
 
@@ -48,7 +50,7 @@ class DemoError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog="Exit status: 0 done, 2 bad arguments or unusable input.")
     p.add_argument("--out", default=str(REPO / "demo_out"), metavar="DIR",
                    help="folder for everything the demo writes (default: %(default)s)")
@@ -124,7 +126,7 @@ def colourise(method: str, data: Path, reference: Path, out: Path, args) -> None
     _call(colorize_inference.main, argv, f"colorize_inference.py --method {method}")
 
 
-def run(args) -> dict:
+def run_demo(args) -> dict:
     """The whole demo; returns the paths it wrote, by kind."""
     first, stop = parse_frames(args.frames)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -154,16 +156,9 @@ def run(args) -> dict:
             "strip": report / "strip.png", "plot": report / "psnr.png"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        paths = run(args)
-    except (DemoError, FrameSourceError, OSError) as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+def run(args) -> int:
+    """The demo, then where its results are."""
+    paths = run_demo(args)
     out = Path(args.out)
     rel = lambda p: os.path.relpath(p) if Path(p).resolve().is_relative_to(Path.cwd()) else str(p)  # noqa: E731
     print(f"\ndemo done in {paths['seconds']:.0f} s; everything is under {rel(out)}/")
@@ -172,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  report:        {rel(paths['report'])}/ (summary.csv, metrics.json, per_frame.csv, psnr.png)")
     print(f"  side by side:  {rel(paths['strip'])}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, parser().parse_args(argv), (DemoError, FrameSourceError, OSError))
 
 
 if __name__ == "__main__":

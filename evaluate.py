@@ -28,6 +28,7 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 import numpy as np  # noqa: E402
 
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
 from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, evaluate_stream  # noqa: E402
 from colorize.report import Strip, strip_indices, write_report  # noqa: E402
@@ -37,11 +38,6 @@ PROG = "evaluate.py"
 
 class UsageError(Exception):
     """Bad input; str(e) is the one line printed after 'evaluate.py: error: '."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,18 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(PROG, run, parser().parse_args(argv), (UsageError, OSError))
 
 
 if __name__ == "__main__":

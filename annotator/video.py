@@ -89,8 +89,8 @@ def list_frame_files(folder: str | os.PathLike) -> list[Path]:
     return images
 
 
-def read_image(path: str | os.PathLike, *, bgr: bool = False) -> np.ndarray:
-    """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC."""
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as OpenCV decodes it: its own depth and channels (BGR(A) order), unconverted."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -98,7 +98,12 @@ def read_image(path: str | os.PathLike, *, bgr: bool = False) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise FrameSourceError(path, "not a readable image")
-    return _to_rgb8(img, path, bgr_source=True, want_bgr=bgr)
+    return img
+
+
+def read_image(path: str | os.PathLike, *, bgr: bool = False) -> np.ndarray:
+    """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC."""
+    return _to_rgb8(decode_image(path), path, bgr_source=True, want_bgr=bgr)
 
 
 def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False) -> np.ndarray:

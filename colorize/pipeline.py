@@ -46,7 +46,7 @@ import torch
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
 from annotator.similarity import SIM_SIZE, fast_resize, ssim
-from annotator.video import VIDEO_EXTS, FrameSourceError, list_frame_files, probe, shortfall_verdict
+from annotator.video import VIDEO_EXTS, FrameSourceError, decode_image, list_frame_files, probe, shortfall_verdict
 from annotator.video import read_image as read_rgb8
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
@@ -117,13 +117,7 @@ class Frame:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Image file -> RGB(A)/gray array at its own bit depth (annotator.video's reader rounds 16-bit to 8)."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise FrameSourceError(path, f"cannot read file ({e.strerror or e})") from None
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise FrameSourceError(path, "not a readable image")
+    img = decode_image(path)
     if img.ndim == 3 and img.shape[2] >= 3:
         img = np.ascontiguousarray(img[..., [2, 1, 0, 3][: img.shape[2]]])  # BGR(A) -> RGB(A)
     return img

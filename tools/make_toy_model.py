@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from annotator.color import LUMA_WEIGHTS, rgb_to_ycbcr, transfer_luma, ycbcr_to_rgb  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
-from cldm.checkpoint import load_state_dict, save_state_dict  # noqa: E402
+from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
 
@@ -203,7 +203,7 @@ def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: 
     save_state_dict(sd, out / f"{NAME}.safetensors",
                     metadata={"provenance": json.dumps(prov), "config": OmegaConf.to_yaml(cfg)})
     tmp = out / f".{NAME}.yaml.tmp"
-    tmp.write_text(f"# Toy model config written by tools/make_toy_model.py (scale factor fitted to its VAE).\n"
+    tmp.write_text("# Toy model config written by tools/make_toy_model.py (scale factor fitted to its VAE).\n"
                    + OmegaConf.to_yaml(cfg))
     os.replace(tmp, out / f"{NAME}.yaml")
     return prov

@@ -87,7 +87,7 @@ def test_build_movie_layout_and_exact_similarity(tmp_path):
 def test_build_is_deterministic_and_resizes(tmp_path):
     src = write_video(panning_clip(15, 72, 128), tmp_path / "clip.avi")
     a = build_movie(src, tmp_path / "a", options=OPTS)
-    b = build_movie(src, tmp_path / "b", options=BuildOptions(size=64, window=5, threads=3))
+    build_movie(src, tmp_path / "b", options=BuildOptions(size=64, window=5, threads=3))
     assert a["size"] == [112, 64] and a["source_size"] == [128, 72]
     for i in range(15):
         a_i, b_i = frame_path(tmp_path / "a" / "clip", i), frame_path(tmp_path / "b" / "clip", i)

@@ -7,7 +7,7 @@ import yaml
 
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
 from tests.conftest import FIXTURES
-from tests.helpers import DDIM_TOL, sub_state
+from tests.helpers import DDIM_TOL
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
