@@ -1,0 +1,82 @@
+"""tools/make_toy_model.py: the recipe of the embedded toy model, and the shipped model itself."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cldm.checkpoint import load_state_dict
+from colorize import pipeline as P
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("make_toy_model", REPO / "tools" / "make_toy_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = load_recipe()
+
+
+def provenance(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["provenance"])
+
+
+def test_chroma_rotation_keeps_the_gray_and_turns_the_hue():
+    frames = torch.rand(2, 3, 8, 16, generator=torch.Generator().manual_seed(0))
+    gray = recipe.gray_of(frames)
+    torch.testing.assert_close(recipe.rotate_chroma(frames, 0.0), frames, rtol=0, atol=1e-6)
+    turned = recipe.rotate_chroma(frames, math.pi / 2)
+    torch.testing.assert_close(recipe.gray_of(turned), gray, rtol=0, atol=1e-6)
+    assert (turned - frames).abs().mean() > 0.05
+    assert turned.min() >= 0 and turned.max() <= 1
+    # pure red (Cr only) turned by 180 degrees has negative Cr: more green/blue than red
+    red = torch.tensor([0.8, 0.2, 0.2]).view(1, 3, 1, 1)
+    flipped = recipe.rotate_chroma(red, math.pi).flatten()
+    assert flipped[0] < flipped[1] and flipped[0] < flipped[2]
+
+
+def test_short_run_writes_a_loadable_model_with_its_provenance(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        prov = recipe.make_toy_model(tmp_path, vae_steps=2, diff_steps=2, train_frames=24, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path / "toy_color_v2.safetensors"
+    assert provenance(path) == prov
+    assert prov["vae_steps"] == 2 and prov["diffusion_steps"] == 2 and prov["hue_rotations"] == recipe.HUES
+    assert math.isfinite(prov["vae_loss"]) and math.isfinite(prov["diffusion_loss"])
+    assert (tmp_path / "toy_color_v2.yaml").is_file()
+    model = P.load_model(path, device=torch.device("cpu"))  # config found beside it
+    assert model.scale_factor == pytest.approx(prov["scale_factor"])
+    # the check against a shipped model compares both recorded losses with the tolerance
+    assert recipe.check_against(prov, path) == []
+    worse = dict(prov, diffusion_loss=prov["diffusion_loss"] * (1 + 2 * recipe.LOSS_TOLERANCE))
+    assert [m.split(":")[0] for m in recipe.check_against(worse, path)] == ["diffusion_loss"]
+
+
+def test_shipped_toy_model_is_small_complete_and_documented():
+    assert SHIPPED.stat().st_size < 16 * 2**20
+    prov = provenance(SHIPPED)
+    for key in ("data", "data_sha256", "seed", "vae_steps", "diffusion_steps", "hue_rotations", "vae_loss",
+                "diffusion_loss", "commit", "torch", "train_seconds"):
+        assert key in prov, key
+    assert prov["vae_steps"] == 1500 and prov["diffusion_steps"] == 3000  # the recipe's defaults
+    sd = load_state_dict(SHIPPED)
+    model = P.load_model(SHIPPED, device=torch.device("cpu"))
+    assert set(sd) == set(model.state_dict())
+
+
+@pytest.mark.slow
+def test_reproduction_with_defaults_matches_the_shipped_losses(tmp_path):
+    """The full recipe (40-60 min on 2 cores): its losses land within LOSS_TOLERANCE of the shipped ones."""
+    prov = recipe.make_toy_model(tmp_path)
+    assert recipe.check_against(prov, SHIPPED) == []
