@@ -16,7 +16,7 @@ architecture (models/cldm_tiny_color.yaml, colour variant v2) needs, unlocked:
 The held-out frames (100..131 of the clip) are never seen. The result is a toy: it shows the
 pipeline end to end on a laptop, not what SD2.1 can do.
 
-  python tools/make_toy_model.py                   # writes models/toy/ (about 15 min on 2 cores)
+  python tools/make_toy_model.py                   # writes models/toy/ (about 40 min on 2 idle cores)
   python tools/make_toy_model.py --out /tmp/toy --check models/toy/toy_color_v2.safetensors
 """
 from __future__ import annotations
