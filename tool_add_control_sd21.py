@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from cliutil import OneLineParser
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.convert import init_from_sd
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config
@@ -57,7 +58,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sd_ckpt", help="Stable Diffusion 2.1 512-base checkpoint (.safetensors or .ckpt); "
                                    "768-v has the same keys and needs a v/768 config (see above)")
     p.add_argument("out_ckpt", help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling of a .ckpt that holds more than tensors (only for files you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_CKPT if it exists")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.concat_to_unet=false")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. model.concat_to_unet=false")
     args = p.parse_args(argv)
     try:
         print(add_control(args.sd_ckpt, args.out_ckpt, args.config, args.variant, args.overrides,

@@ -21,6 +21,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from cliutil import OneLineParser
+
 PROG = "tutorial_train_sd21_color_v2.py"
 
 
@@ -31,7 +33,7 @@ class UsageError(ValueError):
 def parser() -> argparse.ArgumentParser:
     from cldm.model import DEFAULT_CONFIG
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog="Flags left out take the config's train: values (see models/*.yaml).")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model + training YAML (default: %(default)s)")
     p.add_argument("--init", required=True, metavar="CKPT",
