@@ -12,15 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser
+from cliutil import DefaultsFormatter, OneLineParser, run_cli
 
+PROG = "build_latent_cache.py"
 FIRST_STAGE_PREFIX = "first_stage_model."
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "models" / "cldm_v21_color.yaml"
 PRECISIONS = {"32": None, "16": "float16", "bf16": "bfloat16"}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("data_root", metavar="DATA_ROOT", help="folder written by build_pairs.py")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "
@@ -79,35 +80,32 @@ def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     return vae
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from annotator.latent_cache import LatentCacheError, build_latent_cache
+    from annotator.latent_cache import build_latent_cache
 
-    try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
-        check_data_root(args.data_root, args.movies)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
-        dtype = PRECISIONS[args.precision]
-        result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,
-                                    getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
-                                    log=lambda line: print(line, file=sys.stderr))
-    except KeyboardInterrupt:
-        print("build_latent_cache.py: interrupted; finished movies are kept, rerun to resume", file=sys.stderr)
-        return 130
-    except (LatentCacheError, ValueError, OSError, RuntimeError) as e:
-        print(f"build_latent_cache.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    except Exception as e:  # e.g. cldm.checkpoint.CheckpointError, omegaconf errors
-        print(f"build_latent_cache.py: error: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    check_data_root(args.data_root, args.movies)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
+    dtype = PRECISIONS[args.precision]
+    result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,
+                                getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
+                                log=lambda line: print(line, file=sys.stderr))
     print(f"VAE fingerprint {result['fingerprint']} (pass it to tutorial_dataset as vae_fingerprint)")
     print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
           f"refused (other weights): {len(result['refused'])}")
     return 1 if result["refused"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from annotator.latent_cache import LatentCacheError
+
+    # Anything else (cldm.checkpoint.CheckpointError, omegaconf errors, ...) is reported with its type name.
+    return run_cli(PROG, run, parser().parse_args(argv), (LatentCacheError, ValueError, OSError, RuntimeError),
+                   interrupted="interrupted; finished movies are kept, rerun to resume", named=(Exception,))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,31 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+def one_line(e: BaseException, with_type: bool = False) -> str:
+    """The first non-empty line of str(e), after "TypeName: " with `with_type`; for an exception
+    without a message, such as a bare OSError(), its type name alone, so an error line never
+    ends empty (or in an IndexError)."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return f"{type(e).__name__}: {line.strip()}" if with_type else line.strip()
+    return type(e).__name__
+
+
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-            errors: tuple[type[BaseException], ...], interrupted: str = "interrupted") -> int:
-    """`run(args)`, with `errors` printed as "PROG: error: <first line>" (exit 2) and Ctrl-C as exit 130."""
+            errors: tuple[type[BaseException], ...], interrupted: str = "interrupted",
+            named: tuple[type[BaseException], ...] = ()) -> int:
+    """`run(args)`, with `errors` printed as "PROG: error: <first line>" (exit 2) and Ctrl-C as exit 130.
+
+    `named`: further errors reported the same way but after their type name ("PROG: error:
+    ConfigKeyError: ..."), for libraries whose messages do not say what kind of problem they are.
+    """
     try:
         return run(args)
     except errors as e:
-        print(f"{prog}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except named as e:
+        print(f"{prog}: error: {one_line(e, with_type=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -20,6 +20,7 @@ Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections import deque
@@ -32,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from cliutil import OneLineParser, run_cli  # noqa: E402
-from annotator.video import FrameSourceError, probe  # noqa: E402
+from cliutil import OneLineParser, one_line, run_cli  # noqa: E402
+from annotator.video import FrameSourceError, SourceInfo, probe  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import pipeline as P  # noqa: E402
@@ -102,6 +103,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     m.add_argument("--precision", default="auto", choices=["auto", *P.PRECISIONS],
                    help="autocast precision: auto = fp16 on CUDA, fp32 on CPU")
+    m.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay each denoising step from a captured CUDA graph: same result, "
+                        "several times faster at small batches, where launching kernels from Python "
+                        "is the bottleneck (default: on; ignored on CPU)")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--mode", choices=P.MODES, default="fixed",
@@ -150,13 +155,19 @@ def parse_range(spec: str | None) -> slice:
     return slice(start, stop)
 
 
-def check_args(args) -> None:
-    for name, value, low in (("--steps", args.steps, 1), ("--size", args.size, 1), ("--batch", args.batch, 1),
-                             ("--anchor-every", args.anchor_every, 0)):
-        if value < low:
-            raise UsageError(f"{name} must be >= {low} (got {value})")
-    if args.eta < 0 or not 0 <= args.anchor_strength <= 1:
-        raise UsageError("--eta must be >= 0 and --anchor-strength in [0, 1]")
+def check_args(args) -> P.Options:
+    """Refuse bad arguments before any work; returns the sampling settings.
+
+    The sampling values are checked where the library checks them (pipeline.Options), each
+    message naming its flag.
+    """
+    try:
+        options = P.Options(size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
+                            ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,
+                            anchor_every=args.anchor_every, anchor_strength=args.anchor_strength, batch=args.batch,
+                            cuda_graph=args.cuda_graph)
+    except P.OptionError as e:
+        raise UsageError(f"--{e.field.replace('_', '-')} {e.problem}") from None
     if args.fps is not None and args.fps <= 0:
         raise UsageError(f"--fps must be positive (got {args.fps})")
     if not args.reference and not args.reference_frame:
@@ -165,19 +176,21 @@ def check_args(args) -> None:
         raise UsageError("--method model needs --ckpt (or use --method reinhard|flow)")
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
+    return options
 
 
-def planned_outputs(args, frames: slice) -> tuple[Path, list[str] | None]:
-    """The output folder and file names; refuses to start where outputs exist (unless --overwrite)."""
+def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tuple[Path, list[str] | None]:
+    """The output folder and file names; refuses to start where outputs exist (unless --overwrite).
+    `info`: the input video's probe(), if already made."""
     out = Path(args.out)
     source = Path(args.input)
     if source.is_dir() and out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the input folder; write the outputs elsewhere")
-    names = P.output_names(source)
+    names = P.output_names(source, info)
     if names is not None:
+        if not names[frames]:
+            raise UsageError(f"--frames {args.frames}: the input has only {len(names)} frames")
         names = names[frames]
-        if not names:
-            raise UsageError(f"--frames {args.frames}: the input has only {len(P.output_names(source))} frames")
     if not args.overwrite:
         taken = [out / n for n in names or [] if (out / n).exists()]
         if args.video and Path(args.video).exists():
@@ -239,15 +252,10 @@ def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, 
     images = [k for k, i in enumerate(ref_indices) if i is None]
     found = {}
     if images:
-        scan = progress_bar(total, "finding the reference images' frames", leave=False)
-
-        def grays():
-            for f in P.iter_gray_frames(args.input, frames.start, frames.stop, note):
-                scan.update(1)
-                yield f.gray
-
+        scan = progress_bar(total, "finding the reference images' frames", leave=False,
+                            iterable=P.iter_gray_frames(args.input, frames.start, frames.stop, note))
         try:
-            found = dict(zip(images, P.most_similar_frames(grays(), [refs[k] for k in images])))
+            found = dict(zip(images, P.most_similar_frames((f.gray for f in scan), [refs[k] for k in images])))
         finally:
             scan.close()
     indices = []
@@ -263,7 +271,8 @@ def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, 
     return indices
 
 
-def colourised(args, model, refs, ref_indices, frames: slice, total: int | None, note, progress):
+def colourised(args, options: P.Options, model, refs, ref_indices, frames: slice, total: int | None, note,
+               progress):
     """(output name, bit depth, RGB float output) in clip order, for the chosen method (model None:
     a baseline). Streams: the frames are read once (plus a scan for reference images with
     flow) and, but for frames waiting for a flow reference, only the current one is held.
@@ -278,10 +287,9 @@ def colourised(args, model, refs, ref_indices, frames: slice, total: int | None,
             yield f
 
     if model is not None:
-        outputs = P.colorize(model, selected(), refs, args.mode, batch=args.batch, start=frames.start,
-                             size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
-                             ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,
-                             anchor_every=args.anchor_every, anchor_strength=args.anchor_strength)
+        settings = dataclasses.asdict(options)
+        batch = settings.pop("batch")
+        outputs = P.colorize(model, selected(), refs, args.mode, batch=batch, start=frames.start, **settings)
         for out in outputs:
             progress(1)
             yield (*seen.popleft(), out)
@@ -295,20 +303,18 @@ def colourised(args, model, refs, ref_indices, frames: slice, total: int | None,
 
 
 def run(args) -> int:
-    check_args(args)
+    options = check_args(args)
     frames = parse_range(args.frames)
     # A folder is checked by listing it (reading any frame could hit one outside --frames);
     # a video by decoding its first frame.
     info = None if Path(args.input).is_dir() else probe(args.input)
-    out, names = planned_outputs(args, frames)
+    out, names = planned_outputs(args, frames, info)
     refs, ref_indices = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     model = None
-    if args.method == "model":
+    if args.method == "model":  # the step count is checked against its schedule at the first frame
         model = P.load_model(args.ckpt, args.control, args.config, args.set, resolve_device(args.device),
                              args.allow_pickle)
-        P.check_steps(model, args.steps)
-    out.mkdir(parents=True, exist_ok=True)
     notes = set()
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method)
@@ -320,7 +326,10 @@ def run(args) -> int:
             bar.write(f"{PROG}: note: {msg}", file=sys.stderr)
 
     def written():
-        for name, depth, rgb in colourised(args, model, refs, ref_indices, frames, total, note, bar.update):
+        for name, depth, rgb in colourised(args, options, model, refs, ref_indices, frames, total, note,
+                                           bar.update):
+            if done["n"] == 0:  # only now: a run refused at its first frame leaves no folder behind
+                out.mkdir(parents=True, exist_ok=True)
             target = out / name
             if target.exists() and not args.overwrite:  # a video whose length was unknown up front
                 raise UsageError(f"{target} exists; pass --overwrite to replace it")
@@ -342,7 +351,7 @@ def run(args) -> int:
         if done["n"] == 0:
             raise
         video = "; --video needs a whole run, with --overwrite" if args.video else ""
-        raise UsageError(f"{str(e).splitlines()[0]} (the {done['n']} outputs before it are written and complete; "
+        raise UsageError(f"{one_line(e)} (the {done['n']} outputs before it are written and complete; "
                          f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues{video})"
                          ) from None
     finally:

@@ -33,7 +33,7 @@ import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
 from cliutil import OneLineParser, run_cli  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
-from annotator.video import FrameSourceError, iter_frames  # noqa: E402
+from annotator.video import FrameRangeError, FrameSourceError, iter_frames  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
 
 PROG = "demo.py"
@@ -92,15 +92,14 @@ def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -
     gray_dir.mkdir(parents=True, exist_ok=True)
     colour_dir.mkdir(parents=True, exist_ok=True)
     reference, n = data / "reference.png", 0
-    for i, _, rgb in iter_frames(clip):
-        if i >= stop:
-            break
-        if i < first:
-            continue
-        name = f"frame_{i:04d}.png"
-        write_image_atomic(gray_dir / name, to_uint8(rgb_to_gray(rgb)))
-        write_image_atomic(reference if i == first else colour_dir / name, rgb)
-        n += 1
+    try:
+        for i, _, rgb in iter_frames(clip, start=first, stop=stop):
+            name = f"frame_{i:04d}.png"
+            write_image_atomic(gray_dir / name, to_uint8(rgb_to_gray(rgb)))
+            write_image_atomic(reference if i == first else colour_dir / name, rgb)
+            n += 1
+    except FrameRangeError as e:
+        n = e.frames - first
     if n < stop - first:
         raise DemoError(f"{clip}: has only {first + n} frames, --frames asks for frames {first}..{stop - 1}")
     return reference

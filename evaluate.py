@@ -160,13 +160,6 @@ def load_steps(gt_files: list[Path], pred_files: dict[str, list[Path]]):
         yield gt, cur
 
 
-def counted(items, bar):
-    """`items`, advancing `bar` as each one has been dealt with."""
-    for item in items:
-        yield item
-        bar.update(1)
-
-
 def format_table(ev: ClipEvaluation) -> str:
     head = ["method", "PSNR dB", "SSIM", "colourful.", "warp err", "CDC"]
     keys = ["psnr", "ssim", "colourfulness", "warp_error", "cdc"]
@@ -224,10 +217,11 @@ def run(args: argparse.Namespace) -> int:
         if img.shape != first.shape:
             raise _size_error(files[0], img, gt_files[0], first)
     names = [p.stem for p in gt_files]
-    bar = progress_bar(len(gt_files), "evaluating", disable=args.no_progress)
+    # tqdm advances as each frame has been dealt with (when the next one is asked for)
+    bar = progress_bar(len(gt_files), "evaluating", disable=args.no_progress,
+                       iterable=prefetch(load_steps(gt_files, pred_files)))
     try:
-        ev = evaluate_stream(counted(prefetch(load_steps(gt_files, pred_files)), bar), list(preds), names,
-                             matched.positions)
+        ev = evaluate_stream(bar, list(preds), names, matched.positions)
     finally:
         bar.close()
     print(format_table(ev))

@@ -13,6 +13,8 @@ SD2.1-768-v (v2-1_768-ema-pruned) has exactly the same tensor names and shapes a
 so nothing in the file tells them apart and this tool accepts both. The 768 model predicts v,
 not eps: use it only with a config that sets `parameterization: v` and trains/samples at 768
 (a copy of models/cldm_v21_color.yaml with those changes); the default config is 512-base.
+
+Exit status: 0 done, 2 bad input (arguments, config, checkpoint; one line on stderr), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from cliutil import OneLineParser
+from cliutil import OneLineParser, run_cli
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.convert import init_from_sd
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config
 from ldm.schedule import BUFFER_NAMES
 
+PROG = "tool_add_control_sd21.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -58,7 +61,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sd_ckpt", help="Stable Diffusion 2.1 512-base checkpoint (.safetensors or .ckpt); "
                                    "768-v has the same keys and needs a v/768 config (see above)")
     p.add_argument("out_ckpt", help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
@@ -71,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_CKPT if it exists")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. model.concat_to_unet=false")
     args = p.parse_args(argv)
-    try:
+
+    def run(args) -> int:
         print(add_control(args.sd_ckpt, args.out_ckpt, args.config, args.variant, args.overrides,
                           args.allow_pickle, args.dtype, args.seed, args.overwrite))
-    except (CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(PROG, run, args, (CheckpointError, ConfigError, ValueError, OSError))
 
 
 if __name__ == "__main__":

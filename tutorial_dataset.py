@@ -14,10 +14,12 @@ cover the crop size (kept aspect), then cropped, so non-square films work at any
 size (multiples of 64). The band is applied here, at load time, so it can change without
 rebuilding DATA_ROOT. Splits are by movie: validate/test on films the model never saw.
 
-Latent mode (vae_fingerprint=...): items also carry the cached VAE posteriors (CHW float32,
-unscaled) `jpg_latent_mean`, `jpg_latent_std` (target) and `ref_latent_mean`,
-`ref_latent_std` (reference), cut to the crop's window of the whole frame's latents; crops
-are then on the 8-pixel grid, frames are never flipped (a flipped latent is not the latent
+Latent mode (vae_fingerprint=...): instead of `jpg`, items carry the cached VAE posteriors
+(CHW float32, unscaled) `jpg_latent_mean`, `jpg_latent_std` (target) and `ref_latent_mean`
+(reference), cut to the crop's window of the whole frame's latents: what the training step
+uses, and nothing it does not (the target image, 3 MB at 512x512, and the reference's std
+would only be copied to the GPU). The target still gives `hint` its gray. Crops are then on
+the 8-pixel grid, frames are never flipped (a flipped latent is not the latent
 of the flipped image), and the stored frames must already have the training size in one
 side (build_pairs.py --size equal to the crop's short side). A window equals VAE(crop) (to
 fp16) only when the frame is exactly the crop; in a larger frame it also carries context
@@ -147,7 +149,6 @@ class PairDataset(Dataset):
             ref, tgt = ref[:, ::-1], tgt[:, ::-1]
 
         item = {
-            "jpg": (tgt.astype(np.float32) / 127.5 - 1.0),
             "txt": self.prompt,
             "hint": np.concatenate([ref.astype(np.float32) / 255.0, rgb_to_gray(tgt)[..., None]], axis=-1),
             "movie": mid,
@@ -156,10 +157,22 @@ class PairDataset(Dataset):
         }
         if self.latent_mode:
             lat = self.latents[k]
-            win = (slice(None), slice(None), slice(y0 // 8, (y0 + ch) // 8), slice(x0 // 8, (x0 + cw) // 8))
-            t, r = np.asarray(lat[j][win], np.float32), np.asarray(lat[i][win], np.float32)
-            item.update(jpg_latent_mean=t[0], jpg_latent_std=t[1], ref_latent_mean=r[0], ref_latent_std=r[1])
+            win = (slice(y0 // 8, (y0 + ch) // 8), slice(x0 // 8, (x0 + cw) // 8))
+            t = np.asarray(lat[j][(slice(None), slice(None), *win)], np.float32)  # (mean, std) of the target
+            item.update(jpg_latent_mean=t[0], jpg_latent_std=t[1],
+                        ref_latent_mean=np.asarray(lat[i][(0, slice(None), *win)], np.float32))
+        else:
+            item["jpg"] = tgt.astype(np.float32) / 127.5 - 1.0
         return item
+
+
+def pin_memory_default(accelerator: str = "auto") -> bool:
+    """Pin batches iff they go to a CUDA GPU: Lightning's host-to-GPU copy then runs asynchronously."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+# Which datasets a Lightning stage uses (None: all of them).
+_STAGE_PARTS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 
 
 class PairDataModule(L.LightningDataModule):
@@ -167,11 +180,13 @@ class PairDataModule(L.LightningDataModule):
 
     val_movies=None holds out the last movie (sorted id) when there are at least two; [] means
     no validation. Validation and test use centre crops and a fixed partner per item.
+    `setup(stage)` builds the datasets of that stage once: calling it again (the training
+    script does, before Lightning) reuses them.
 
     Loaders keep the accelerator fed: `num_workers` persistent worker processes, each with
     `prefetch_factor` batches in flight (default: 2, more with fewer than 2 workers, so at
     least 4 batches are queued), and pinned (page-locked) batches when `pin_memory` (default:
-    when CUDA is available), which lets Lightning's host-to-GPU copy run asynchronously.
+    `pin_memory_default(accelerator)`, i.e. when training on a CUDA GPU).
     """
 
     def __init__(
@@ -190,10 +205,11 @@ class PairDataModule(L.LightningDataModule):
         eval_seed: int = 0,
         pin_memory: bool | None = None,
         prefetch_factor: int | None = None,
+        accelerator: str = "auto",
     ):
         super().__init__()
         self.data_root, self.batch_size, self.num_workers = Path(data_root), batch_size, num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = pin_memory_default(accelerator) if pin_memory is None else pin_memory
         if num_workers > 0:
             self.prefetch_factor = prefetch_factor or max(2, math.ceil(4 / num_workers))
         else:
@@ -202,6 +218,7 @@ class PairDataModule(L.LightningDataModule):
         self.kw = dict(low=low, high=high, min_gap=min_gap, size=size, prompt=prompt, vae_fingerprint=vae_fingerprint)
         self.eval_seed = eval_seed
         self.train = self.val = self.test = None
+        self._built: set[str] = set()  # parts set up (a part may be None: no movies for it)
 
     def split(self) -> tuple[list[str], list[str], list[str]]:
         movies = list_movies(self.data_root)
@@ -220,10 +237,18 @@ class PairDataModule(L.LightningDataModule):
         return train, val, test
 
     def setup(self, stage: str | None = None) -> None:
-        train, val, test = self.split()
-        self.train = PairDataset(self.data_root, train, augment=True, **self.kw)
-        self.val = PairDataset(self.data_root, val, augment=False, seed=self.eval_seed, **self.kw) if val else None
-        self.test = PairDataset(self.data_root, test, augment=False, seed=self.eval_seed, **self.kw) if test else None
+        todo = [p for p in _STAGE_PARTS.get(stage, ("train", "val", "test")) if p not in self._built]
+        if not todo:
+            return
+        movies = dict(zip(("train", "val", "test"), self.split()))
+        for part in todo:
+            if part == "train":
+                ds = PairDataset(self.data_root, movies[part], augment=True, **self.kw)
+            else:
+                ds = PairDataset(self.data_root, movies[part], augment=False, seed=self.eval_seed,
+                                 **self.kw) if movies[part] else None
+            setattr(self, part, ds)
+            self._built.add(part)
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,

@@ -21,17 +21,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser
+from cliutil import OneLineParser, run_cli
 
 PROG = "tutorial_train_sd21_color_v2.py"
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 class UsageError(ValueError):
-    """Bad command-line input; reported as one line, exit status 2."""
+    """Bad command-line input found after parsing (a missing folder, say); one line, exit status 2."""
 
 
 def parser() -> argparse.ArgumentParser:
     from cldm.model import DEFAULT_CONFIG
+    from cldm.trainable import OPTIMIZERS
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog="Flags left out take the config's train: values (see models/*.yaml).")
@@ -54,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--accumulate", type=int, help="batches accumulated per optimiser step")
     g.add_argument("--lr", type=float, help="learning rate (config default 1e-5)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as the original's Adam)")
-    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], help="adamw8bit needs bitsandbytes")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
     g.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"],
@@ -132,7 +134,7 @@ def resolve_resume(args, ckpt_dir: Path) -> Path | None:
     Every process runs this before the process group exists; ResumeAgreement then stops the
     run, on all of them, unless they all chose what global rank 0 chose.
     """
-    from cldm.lightning import find_resume_checkpoint, is_complete_checkpoint
+    from cldm.lightning import find_resume_checkpoint, resume_problem
 
     if args.resume == "auto":
         return find_resume_checkpoint(ckpt_dir)
@@ -143,8 +145,8 @@ def resolve_resume(args, ckpt_dir: Path) -> Path | None:
     path = Path(args.resume)
     if not path.is_file():
         raise UsageError(f"--resume {path}: no such file")
-    if not is_complete_checkpoint(path):
-        raise UsageError(f"--resume {path}: truncated or not a Lightning checkpoint")
+    if problem := resume_problem(path):
+        raise UsageError(f"--resume {path}: {problem}")
     return path
 
 
@@ -165,11 +167,11 @@ def record_config(out: Path, cfg) -> None:
     """OUT/config.yaml: the resolved config of the run (written once the run is known to start)."""
     from omegaconf import OmegaConf
 
+    from atomicio import write_bytes_atomic
+
     if is_launch_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".config.yaml.tmp"
-        tmp.write_text(OmegaConf.to_yaml(cfg))
-        os.replace(tmp, out / "config.yaml")
+        write_bytes_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
 
 
 def build_model(cfg, init: Path):
@@ -183,8 +185,6 @@ def build_model(cfg, init: Path):
 
 
 def build_datamodule(cfg, args, model):
-    import torch
-
     from tutorial_dataset import PairDataModule
 
     t = cfg.train
@@ -193,11 +193,10 @@ def build_datamodule(cfg, args, model):
     if args.use_latent_cache:
         from annotator.latent_cache import vae_fingerprint
         fingerprint = vae_fingerprint(model.first_stage_model)
-    pin = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()  # async host-to-GPU copies
     dm = PairDataModule(args.data, batch_size=t.batch_size, num_workers=t.num_workers, size=t.size,
-                        val_movies=None if t.val_every else [], vae_fingerprint=fingerprint, pin_memory=pin,
-                        **band)
-    dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache
+                        val_movies=None if t.val_every else [], vae_fingerprint=fingerprint,
+                        accelerator=args.accelerator, **band)
+    dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
     return dm
 
 
@@ -261,11 +260,10 @@ def export(module, out: Path, cfg, step: int, init: Path) -> Path:
     """OUT/control.safetensors, plus OUT/control.yaml (its config, found by colorize_inference.py)."""
     from omegaconf import OmegaConf
 
+    from atomicio import write_bytes_atomic
     from cldm.trainable import export_control
 
-    tmp = out / ".control.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, out / "control.yaml")
+    write_bytes_atomic(out / "control.yaml", OmegaConf.to_yaml(cfg).encode())
     return export_control(module.model, out / "control.safetensors", step=step, cfg=cfg,
                           extra={"init": init.name})
 
@@ -280,11 +278,12 @@ def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Pa
 
 
 def prepare(args):
-    """Everything that can fail on bad input, before any training: (trainer, module, data, resume)."""
+    """Everything that can fail on bad input, before any training: (cfg, trainer, module, data, resume)."""
     import lightning as L
     from omegaconf import OmegaConf
 
     from cldm.lightning import ColorControlModule, remove_partial_checkpoints
+    from cldm.trainable import check_optimizer
 
     cfg = resolve_config(args)
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
@@ -301,10 +300,7 @@ def prepare(args):
         raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
 
     t = cfg.train
-    if t.optimizer == "adamw8bit":
-        import importlib.util
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UsageError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
+    check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again
     # The frozen VAE and text encoder are in eval mode on purpose (ColorControlModule.train).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     L.seed_everything(t.seed, workers=True, verbose=False)
@@ -321,43 +317,48 @@ def prepare(args):
     return cfg, trainer, module, dm, resume
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def input_errors() -> tuple[type[BaseException], ...]:
+    """What bad input (config, data root, checkpoint) raises while the run is prepared."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from annotator.latent_cache import LatentCacheError
     from cldm.checkpoint import CheckpointError
-    from cldm.model import ConfigError
 
-    def fail(e: Exception) -> int:
-        print(f"{PROG}: error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
-        return 2
+    return UsageError, CheckpointError, LatentCacheError, MisconfigurationException, ValueError, OSError
 
-    out, init = Path(args.out), Path(args.init)
-    try:
-        cfg, trainer, module, dm, resume = prepare(args)
-        if args.export:
-            path = export_from_checkpoint(module, resume, out, cfg, init)
-            print(f"exported {resume.name} -> {path}")
-            return 0
-    except KeyboardInterrupt:
-        return 130
-    except (UsageError, ConfigError, CheckpointError, LatentCacheError, MisconfigurationException, ValueError,
-            OSError) as e:
-        return fail(e)
+
+def train(args, cfg, trainer, module, dm, resume) -> int:
     if resume is not None and trainer.is_global_zero:
         print(f"resuming from {resume}", file=sys.stderr)
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    except CheckpointError as e:  # a resume checkpoint of another setup (on_load_checkpoint)
-        return fail(e)
-    if trainer.interrupted:
-        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if trainer.interrupted:  # Lightning catches the first Ctrl-C and stops cleanly
+        print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
         return 130
     if trainer.is_global_zero:
-        path = export(module, out, cfg, trainer.global_step, init)
+        path = export(module, Path(args.out), cfg, trainer.global_step, Path(args.init))
         print(f"step {trainer.global_step}: trained weights -> {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    run = []
+
+    def start(args) -> int:  # everything bad input can break: exit 2 with one line
+        run.extend(prepare(args))
+        if args.export:
+            cfg, _, module, _, resume = run
+            path = export_from_checkpoint(module, resume, Path(args.out), cfg, Path(args.init))
+            print(f"exported {resume.name} -> {path}")
+        return 0
+
+    status = run_cli(PROG, start, args, input_errors())
+    if status or args.export:
+        return status
+    # While training, only a resume checkpoint of another setup (on_load_checkpoint) is bad
+    # input; any other error is a bug and keeps its traceback.
+    from cldm.checkpoint import CheckpointError
+    return run_cli(PROG, lambda args: train(args, *run), args, (CheckpointError,), interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":  # required: DDP re-runs this file in every process it starts

@@ -45,6 +45,7 @@ from annotator.similarity import (
     METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
 )
 from annotator.video import FrameSourceError, iter_frames, probe
+from cliutil import one_line
 
 FORMAT_VERSION = 1
 PARTIAL_DIR = ".partial"
@@ -178,7 +179,12 @@ def build_movie(
         raise FileExistsError(f"{final} already exists")
     info = probe(source)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    for attempt in range(3):  # another run on this root may remove an empty .partial meanwhile
+    # Not race-free without a retry: a run on this root that ends removes .partial when it is
+    # empty (os.rmdir, which fails harmlessly once a movie folder is in it), and that can land
+    # between mkdir creating .partial and creating .partial/<movie_id> in it. Each retry
+    # recreates .partial; losing the race three times running would take three runs ending
+    # exactly then.
+    for attempt in range(3):
         try:
             (tmp / "frames").mkdir(parents=True)
             break
@@ -425,8 +431,8 @@ def build_all(
             bars.finish(mid)  # so the overall bar ends at 100 %
     finally:
         bars.close()
-        try:
-            (root / PARTIAL_DIR).rmdir()  # only if empty: another run may be using it
+        try:  # os.rmdir: only if empty, so a movie another run is building there is never touched
+            (root / PARTIAL_DIR).rmdir()
         except OSError:
             pass
     summary.seconds = time.perf_counter() - t0
@@ -481,12 +487,7 @@ def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str
     except FrameSourceError as e:
         return str(e)
     except (OSError, ValueError, cv2.error) as e:
-        return f"{path}: {type(e).__name__}: {_one_line(e)}"
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else repr(e)
+        return f"{path}: {one_line(e, with_type=True)}"
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -632,7 +633,7 @@ def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOption
     try:
         result = _build_one(mid, path, data_root, options, report, lambda line: conn.send(("warning", line)))
     except Exception as e:  # a bug, not bad input: still one line, and the run goes on
-        result = f"{path}: {type(e).__name__}: {_one_line(e)}"
+        result = f"{path}: {one_line(e, with_type=True)}"
     if pending[0]:
         conn.send(("progress", pending[0]))
     conn.send(("result", result))

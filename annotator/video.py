@@ -14,7 +14,13 @@ warning line naming the file and the frames are kept; more than that is a trunca
 Frame folders: the images directly inside the folder, sorted naturally ("f2" < "f10");
 hidden files (".*") and sub-folders are ignored, any other non-image file is an error.
 8/16-bit, gray, gray+alpha, RGB and RGBA images all come out as RGB uint8 (16-bit is
-rounded to 8-bit, alpha is dropped, float images are taken as [0, 1]).
+rounded to 8-bit, alpha is dropped, float images are taken as [0, 1]) unless asked for at
+their own depth (`read_image_native`, `iter_frames(keep_depth=True)`).
+
+A range of frames (`iter_frames(start=, stop=)`) costs nothing outside it that can be
+avoided: folder files outside it are never read, video frames before it are skipped with
+grab() (no colour conversion; inter-frame codecs still decode them) and reading stops at
+its end.
 """
 from __future__ import annotations
 
@@ -45,6 +51,15 @@ class FrameSourceError(Exception):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class FrameRangeError(FrameSourceError):
+    """A range starts past the end of its source; `frames` is how many frames the source has."""
+
+    def __init__(self, path: str | os.PathLike, frames: int, start: int):
+        self.frames = frames
+        kind = "folder" if Path(path).is_dir() else "video"
+        super().__init__(path, f"{kind} has only {frames} frames (counting from 0, frame {start} was asked for)")
 
 
 @dataclass(frozen=True)
@@ -101,9 +116,23 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     return img
 
 
+def bgr_to_rgb(img: np.ndarray) -> np.ndarray:
+    """OpenCV's BGR(A) channel order -> RGB(A); gray (HW, HW1) and gray+alpha (HW2) as they are."""
+    if img.ndim == 3 and img.shape[2] >= 3:
+        return np.ascontiguousarray(img[..., [2, 1, 0, 3][: img.shape[2]]])
+    return img
+
+
 def read_image(path: str | os.PathLike, *, bgr: bool = False) -> np.ndarray:
     """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC."""
     return _to_rgb8(decode_image(path), path, bgr_source=True, want_bgr=bgr)
+
+
+def read_image_native(path: str | os.PathLike) -> np.ndarray:
+    """An image file at its own depth and channels, RGB(A) order: gray HW, gray+alpha HW2,
+    RGB HW3 or RGBA HW4; uint8, uint16 or float. For callers that keep 16-bit precision
+    (`read_image` rounds to 8-bit RGB)."""
+    return bgr_to_rgb(decode_image(path))
 
 
 def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False) -> np.ndarray:
@@ -194,25 +223,40 @@ def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: 
 
 
 def iter_frames(
-    path: str | os.PathLike, *, bgr: bool = False, check_count: bool = True, decode_threads: int = 0,
+    path: str | os.PathLike, *, start: int = 0, stop: int | None = None, bgr: bool = False,
+    keep_depth: bool = False, check_count: bool = True, decode_threads: int = 0,
     warn: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[int, str, np.ndarray]]:
-    """Yield (index, name, frame) in order; frame is HWC uint8, RGB (BGR with bgr=True).
+    """Yield (index, name, frame) for frames start..stop-1 (stop None: to the end) in order;
+    frame is HWC uint8, RGB (BGR with bgr=True).
 
+    `index` counts from the source's first frame. Nothing outside the range is read (folders)
+    or converted (videos: earlier frames are grab()bed). A range starting past the last frame
+    raises FrameRangeError; one starting just after it yields nothing.
+    `keep_depth`: folder frames as `read_image_native` gives them (own bit depth and
+    channels, RGB(A) order) instead of RGB uint8; video frames are 8-bit RGB either way.
     `decode_threads` > 0 caps the video decoder's threads (0: FFmpeg's default); one thread
     costs the least CPU per frame, which pays when other work runs alongside.
     `name` is the image file name for folders and the zero-padded index for videos.
-    Raises FrameSourceError when a frame cannot be read or differs in size from the first,
-    and - with `check_count` - when a video ends clearly before the frame count its
-    container claims (a truncated file), after the frames it did decode were yielded. A
-    smaller shortfall (see shortfall_verdict) is reported as one line through `warn`
-    (default: warnings.warn).
+    Raises FrameSourceError when a frame cannot be read or differs in size from the range's
+    first, and - with `check_count`, for a video read to its end - when it ends clearly before
+    the frame count its container claims (a truncated file), after the frames it did decode
+    were yielded. A smaller shortfall (see shortfall_verdict) is reported as one line through
+    `warn` (default: warnings.warn).
     """
+    if start < 0 or (stop is not None and stop < start):
+        raise ValueError(f"bad frame range {start}:{stop}")
+    if keep_depth and bgr:
+        raise ValueError("keep_depth frames are RGB(A); bgr=True is for 8-bit frames")
     path = Path(path)
     if _kind(path) == "folder":
+        files = list_frame_files(path)
+        if start > len(files):
+            raise FrameRangeError(path, len(files), start)
         size = None
-        for i, f in enumerate(list_frame_files(path)):
-            img = read_image(f, bgr=bgr)
+        for i in range(start, len(files) if stop is None else min(stop, len(files))):
+            f = files[i]
+            img = read_image_native(f) if keep_depth else read_image(f, bgr=bgr)
             size = size or img.shape[:2]
             if img.shape[:2] != size:
                 raise FrameSourceError(
@@ -225,8 +269,11 @@ def iter_frames(
     try:
         claimed = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
         fps = cap.get(cv2.CAP_PROP_FPS)
-        size, i = None, 0
-        while True:
+        for i in range(start):
+            if not cap.grab():
+                raise FrameRangeError(path, i, start)
+        size, i = None, start
+        while stop is None or i < stop:
             ok, frame = cap.read()
             if not ok or frame is None:
                 break
@@ -241,9 +288,9 @@ def iter_frames(
             i += 1
     finally:
         cap.release()
-    if i == 0:
+    if i == 0 and stop != 0:
         raise FrameSourceError(path, "video has no decodable frame")
-    if check_count:
+    if check_count and (stop is None or i < stop):  # it ran out, so it has i frames in all
         line = shortfall_verdict(path, i, claimed, fps)
         if line is not None:
             if warn is None:

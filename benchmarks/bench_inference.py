@@ -17,6 +17,7 @@ does for its parts: fixed mode (reference latent and prompt once per clip), recu
 
   python benchmarks/bench_inference.py --threads 1              # tiny config, CPU, 1280x720 frames
   python benchmarks/bench_inference.py --frames 32 --scale 0.25 --size 64 --steps 20
+  python benchmarks/bench_inference.py --config models/cldm_v21_color.yaml --device cuda --size 512 --square
   python benchmarks/bench_inference.py --flops --height 512 --width 896
 """
 from __future__ import annotations
@@ -42,27 +43,37 @@ from colorize import pipeline as P  # noqa: E402
 from ldm import schedule  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
-RUNS = {  # label -> (mode, batch)
-    "fixed, batch 1": ("fixed", 1),
-    "fixed, batch 4": ("fixed", 4),
-    "fixed, batch 8": ("fixed", 8),
+RUNS = {  # name (for --modes) -> (mode, batch)
+    "fixed1": ("fixed", 1),
+    "fixed4": ("fixed", 4),
+    "fixed8": ("fixed", 8),
     "recursive": ("recursive", 1),
     "anchored": ("anchored", 1),
 }
 
 
-def load_frames(n: int, scale: float) -> tuple[list[np.ndarray], np.ndarray]:
-    """n gray frames of the sample clip (from frame 1) and colour frame 0 as the reference."""
+def label(name: str) -> str:
+    mode, batch = RUNS[name]
+    return f"{mode}, batch {batch}" if mode == "fixed" else mode
+
+
+def load_frames(n: int, scale: float, square: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """n gray frames of the sample clip (from frame 1) and colour frame 0 as the reference.
+
+    `square`: the centre square of each frame (720x720 before scaling), for 512x512 model frames.
+    """
     grays, ref = [], None
-    for i, _, rgb in iter_frames(SAMPLE, check_count=False):
+    for i, _, rgb in iter_frames(SAMPLE, stop=n + 1, check_count=False):
+        if square:
+            h, w = rgb.shape[:2]
+            s = min(h, w)
+            rgb = np.ascontiguousarray(rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s])
         if scale != 1:
             rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         if i == 0:
             ref = rgb
         else:
             grays.append(rgb_to_gray(rgb))
-        if len(grays) == n:
-            break
     return grays, ref
 
 
@@ -121,12 +132,17 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=16, help="frames per run (default: 16)")
     p.add_argument("--scale", type=float, default=1.0, help="input frame scale, 1 = 1280x720 (default: 1)")
     p.add_argument("--size", type=int, default=64, help="model short side (default: 64 -> 64x128)")
+    p.add_argument("--square", action="store_true", help="centre-crop the frames to squares (720x720)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
     p.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported (default: 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (default: auto)")
     p.add_argument("--noise", default="shared", choices=P.NOISES, help="noise option (default: shared)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: replay denoising steps from CUDA graphs (default: on)")
+    p.add_argument("--modes", default=",".join(RUNS), help="comma-separated rows of the table to run "
+                   f"(default: all: {','.join(RUNS)})")
     p.add_argument("--flops", action="store_true", help="count FLOPs per frame on meta instead of timing")
     p.add_argument("--height", type=int, default=512, help="--flops: model frame height (default: 512)")
     p.add_argument("--width", type=int, default=512, help="--flops: model frame width (default: 512)")
@@ -144,13 +160,17 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device(args.device):
         model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
-    grays, ref = load_frames(args.frames, args.scale)
-    opts = dict(size=args.size, steps=args.steps, precision=args.precision, noise=args.noise)
+    grays, ref = load_frames(args.frames, args.scale, args.square)
+    opts = dict(size=args.size, steps=args.steps, precision=args.precision, noise=args.noise,
+                cuda_graph=args.cuda_graph)
+    runs = [m.strip() for m in args.modes.split(",")]
+    if not runs or any(m not in RUNS for m in runs):
+        p.error(f"--modes {args.modes}: choose from {','.join(RUNS)}")
     fps(model, grays[:2], ref, "fixed", 2, **opts)  # warm-up
-    results = {label: [] for label in RUNS}
+    results = {name: [] for name in runs}
     for _ in range(args.repeat):
-        for label, (mode, batch) in RUNS.items():
-            results[label].append(fps(model, grays, ref, mode, batch, **opts))
+        for name in runs:
+            results[name].append(fps(model, grays, ref, *RUNS[name], **opts))
     h, w = grays[0].shape
     mh, mw = P.model_size(h, w, args.size)
     t = time.perf_counter()
@@ -158,17 +178,18 @@ def main(argv=None) -> int:
         transfer_luma(P.resize(np.full((mh, mw, 3), 0.5, np.float32), (h, w)), g)
     post = (time.perf_counter() - t) / len(grays)
     print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
           f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
-          f"{args.noise} noise, "
+          f"{args.noise} noise, CUDA graphs {'on' if args.cuda_graph else 'off'}, "
           f"{args.frames} frames, median of {args.repeat}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")
     print("| mode | frames/s | s/frame | CPU s/frame |\n|---|---:|---:|---:|")
-    for label, values in results.items():
+    for name, values in results.items():
         f = statistics.median(v[0] for v in values)
         cpu = statistics.median(v[1] for v in values)
-        print(f"| {label} | {f:.2f} | {1 / f:.3f} | {cpu:.3f} |")
+        print(f"| {label(name)} | {f:.2f} | {1 / f:.3f} | {cpu:.3f} |")
     print(f"resize back + luminance-true recombination alone: {post * 1000:.1f} ms/frame")
     return 0
 

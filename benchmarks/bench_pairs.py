@@ -68,11 +68,7 @@ def build(video: Path, options: BuildOptions) -> tuple[float, float]:
 
 def naive(video: Path, window: int, frames: int) -> tuple[float, float]:
     """(frames/s of decode + `window` full-res SSIMs per frame, seconds per pair)."""
-    grays = []
-    for i, _, f in iter_frames(video):
-        grays.append(rgb_to_gray(f))
-        if i + 1 >= frames + window:
-            break
+    grays = [rgb_to_gray(f) for _, _, f in iter_frames(video, stop=frames + window)]
     t = time.perf_counter()
     pairs = 0
     for i in range(frames):
@@ -97,6 +93,7 @@ def stage_costs(video: Path, opts: BuildOptions, passes: int = 5) -> list[str]:
 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_stages_"))
     try:
         def cpu(fn, items) -> float:
             best = float("inf")
@@ -118,7 +115,6 @@ def stage_costs(video: Path, opts: BuildOptions, passes: int = 5) -> list[str]:
         q = [cv2.IMWRITE_JPEG_QUALITY, opts.quality]
         jpgs = [cv2.imencode(".jpg", f, q)[1] for f in stored]
         smalls = [small_gray(f, opts.sim_size, bgr=True) for f in stored]
-        tmp = Path(tempfile.mkdtemp(prefix="bench_stages_"))
         names = iter(range(10**9))
 
         def push_all(_):
@@ -147,8 +143,8 @@ def stage_costs(video: Path, opts: BuildOptions, passes: int = 5) -> list[str]:
              cpu(old_small_gray, stored)),
             (f"{opts.metric.upper()} against {opts.window} earlier neighbours", cpu(push_all, [0]) / n),
         ]
-        shutil.rmtree(tmp, ignore_errors=True)
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
         cv2.setNumThreads(threads)
     return [f"| {name} | {ms:.2f} |" for name, ms in rows]
 

@@ -62,12 +62,9 @@ def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, pre
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(config, overrides)
     ckpt = cfg.model.unet.use_checkpoint if checkpointing is None else checkpointing
-    module = build_module(config, overrides, ckpt, device).to(device)
-    if compile:
-        module.model.control_model.compile()
-        module.model.model.diffusion_model.compile()
+    module = build_module(config, overrides, ckpt, device, compile=compile).to(device)
     opt = module.configure_optimizers()["optimizer"]
-    batch = synthetic_batch(batch_size, size, latent_cache, device)
+    batch = synthetic_batch(module.model, batch_size, size, latent_cache, device)
     module.context([""])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -31,25 +31,29 @@ PARTS = {"ControlledUnetModel": "fwd UNet", "ControlNet": "fwd ControlNet", "Seq
          "Encoder": "fwd VAE encode"}
 
 
-def synthetic_batch(b: int, size: int, latent_cache: bool, device="meta") -> dict:
-    """A dataset batch of the right shapes (values don't matter for counting)."""
+def synthetic_batch(model, b: int, size: int, latent_cache: bool, device="meta") -> dict:
+    """A dataset batch for `model` (a ControlLDM) of the right shapes (values don't matter for counting).
+
+    With the latent cache it holds what PairDataset's latent mode yields: no image `jpg`.
+    """
     with torch.device(device):
-        batch = {"hint": torch.rand(b, size, size, 4), "jpg": torch.rand(b, size, size, 3) * 2 - 1,
-                 "txt": [""] * b}
+        batch = {"hint": torch.rand(b, size, size, 4), "txt": [""] * b}
         if latent_cache:
-            lat = (b, 4, size // 8, size // 8)
+            lat = (b, model.latent_channels, size // model.latent_factor, size // model.latent_factor)
             batch.update(jpg_latent_mean=torch.randn(lat), jpg_latent_std=torch.rand(lat),
-                         ref_latent_mean=torch.randn(lat), ref_latent_std=torch.rand(lat))
-            del batch["jpg"]  # the step must not need the image
+                         ref_latent_mean=torch.randn(lat))
+        else:
+            batch["jpg"] = torch.rand(b, size, size, 3) * 2 - 1
     return batch
 
 
-def build_module(config=DEFAULT_CONFIG, overrides=(), checkpointing: bool = False, device="meta"):
+def build_module(config=DEFAULT_CONFIG, overrides=(), checkpointing: bool = False, device="meta",
+                 compile: bool = False):
     cfg = load_config(config, [*overrides, f"model.unet.use_checkpoint={str(checkpointing).lower()}"])
     with torch.device(device):
         model = create_model(cfg)
     module = ColorControlModule(model, sd_locked=cfg.model.sd_locked,
-                                train_unet_input=cfg.model.get("train_unet_input", True))
+                                train_unet_input=cfg.model.get("train_unet_input", True), compile=compile)
     return module.train()
 
 
@@ -57,16 +61,16 @@ def training_flops(config=DEFAULT_CONFIG, size: int = 512, latent_cache: bool = 
                    checkpointing: bool = False, overrides=()) -> dict[str, int]:
     """FLOPs per sample: 'total', 'forward', 'backward', and the forward by part (see PARTS)."""
     module = build_module(config, overrides, checkpointing)
-    batch = synthetic_batch(1, size, latent_cache)
+    batch = synthetic_batch(module.model, 1, size, latent_cache)
     module.context([""])  # the blank prompt: once per run, not per sample
 
-    with FlopCounterMode(display=False) as fwd:
-        module.compute_loss(batch)
-    with FlopCounterMode(display=False) as both:
-        module.compute_loss(batch).backward()
-    out = {"total": both.get_total_flops(), "forward": fwd.get_total_flops()}
-    out["backward"] = out["total"] - out["forward"]
-    counts = fwd.get_flop_counts()
+    with FlopCounterMode(display=False) as counter:
+        loss = module.compute_loss(batch)
+        forward = counter.get_total_flops()
+        counts = counter.get_flop_counts()  # a copy: the forward's counts by module
+        loss.backward()
+        total = counter.get_total_flops()
+    out = {"total": total, "forward": forward, "backward": total - forward}
     for cls, name in PARTS.items():
         out[name] = sum(counts.get(cls, {}).values())
     return out

@@ -6,15 +6,14 @@ file. Writing defaults to safetensors (no code, memory-mappable) and is atomic s
 interrupted save never leaves a half-written checkpoint under the final name.
 
 CLI: `python -m cldm.checkpoint inspect FILE [--config YAML]` (what it is; how it fits a model) and
-`python -m cldm.checkpoint convert IN OUT`.
+`python -m cldm.checkpoint convert IN OUT`; exit status 0, or 2 with one line on bad input.
 """
-import argparse
+import itertools
 import logging
 import os
 import pickle
 import pickletools
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections import Counter
@@ -25,16 +24,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atomicio import atomic_path
 from cldm.color import VARIANTS
+from cliutil import OneLineParser, run_cli
 
 log = logging.getLogger(__name__)
 
 TORCH_EXTS = (".ckpt", ".pt", ".pth")
+UNET, CONTROL = "model.diffusion_model.", "control_model."
 # The locked Stable Diffusion parts: a checkpoint that has any of one must have all of it.
-STRICT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+STRICT_PREFIXES = (UNET, "first_stage_model.", "cond_stage_model.")
 MIN_MATCHED = 0.5  # below this fraction of the model's tensors found, it's the wrong file
-LATENT_CHANNELS = 4  # SD's latent; the colour variants add VARIANTS[v] input channels to it
-INPUT_CONV = "input_blocks.0.0.weight"
+# SD's latent channels, for reading a file without a model at hand (a model has .latent_channels);
+# the colour variants add VARIANTS[v] input channels to it.
+LATENT_CHANNELS = 4
+INPUT_CONV = "input_blocks.0.0.weight"  # of the UNet (UNET + ...) and of the ControlNet (CONTROL + ...)
+VARIANT_OF_INPUT = {LATENT_CHANNELS + extra: v for v, extra in VARIANTS.items()}  # input conv channels -> variant
 
 
 class CheckpointError(Exception):
@@ -181,12 +186,16 @@ def _globals_of_one_pickle(f):
 
 
 def _is_plain_pickle(path):
-    """True for a pickle.dump file: not a zip, and its first pickle is not torch's magic number."""
+    """True for a pickle.dump file: not a zip, and it does not start with torch's magic number.
+
+    A legacy torch.save file starts with the pickle PROTO, LONG1 magic, STOP; only those first
+    opcodes are read, never the arguments of a whole pickle (a pickle.dump's tensor bytes).
+    """
     if zipfile.is_zipfile(path):
         return False
     try:
         with open(path, "rb") as f:
-            return _TORCH_MAGIC not in [arg for _, arg, _ in pickletools.genops(f)]
+            return _TORCH_MAGIC not in [arg for _, arg, _ in itertools.islice(pickletools.genops(f), 3)]
     except Exception:
         return False
 
@@ -201,7 +210,8 @@ def save_state_dict(sd, path, metadata=None):
     """Write `sd` atomically: safetensors for `.safetensors`, {"state_dict": sd} for `.ckpt/.pt/.pth`.
 
     Tensors are moved to CPU, made contiguous and un-aliased (safetensors refuses tensors that
-    share storage), so the file loads the same on any device.
+    share storage), so the file loads the same on any device. The file gets the permissions of
+    an ordinary new file (0666 less the umask; see atomicio).
     """
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix not in TORCH_EXTS:
@@ -212,18 +222,11 @@ def save_state_dict(sd, path, metadata=None):
         ptr = t.untyped_storage().data_ptr()
         tensors[k] = t.clone() if ptr in seen and t.numel() else t
         seen.add(ptr)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, keep_suffix=False) as tmp:
         if path.suffix == ".safetensors":
             save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
         else:
             torch.save({"state_dict": tensors, **({"metadata": dict(metadata)} if metadata else {})}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +352,7 @@ def _mismatch_reason(report):
     Names an input conv first when one differs (its channel count tells the colour variant),
     then the ControlNet's and the UNet's tensors (e.g. cross-attention width tells SD1.x).
     """
-    parts = ("control_model.", "model.diffusion_model.")
+    parts = (CONTROL, UNET)
     keys = sorted(report.mismatched, key=lambda k: (not k.endswith(INPUT_CONV),
                                                     next((i for i, p in enumerate(parts) if k.startswith(p)), 2), k))
     key = keys[0]
@@ -362,10 +365,9 @@ def _mismatch_reason(report):
 
 def _likely_cause(key, model_shape, file_shape, kind):
     if key.endswith(INPUT_CONV) and len(model_shape) == len(file_shape) == 4 and model_shape[1] != file_shape[1]:
-        variant = {LATENT_CHANNELS + extra: v for v, extra in VARIANTS.items()}
         f_in, m_in = file_shape[1], model_shape[1]
-        if key.startswith("control_model."):
-            fv, mv = variant.get(f_in, "unknown"), variant.get(m_in, "unknown")
+        if key.startswith(CONTROL):
+            fv, mv = VARIANT_OF_INPUT.get(f_in, "unknown"), VARIANT_OF_INPUT.get(m_in, "unknown")
             fix = f"; set model.color_variant={fv}" if fv != "unknown" else ""
             return (f"another colour variant: the file's ControlNet takes {f_in} input channels "
                     f"(colour variant {fv}), this config's {m_in} ({mv}){fix}")
@@ -408,12 +410,12 @@ def guess_kind(shapes):
     ctx = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and len(s) == 2), None)
     base = {1024: "SD2.x", 768: "SD1.x", 2048: "SDXL"}.get(ctx, f"unknown SD variant (context dim {ctx})") \
         if ctx else "unknown SD variant"
-    has_unet = any(k.startswith("model.diffusion_model.") for k in shapes)
-    hint = shapes.get("control_model.input_hint_block.0.weight")
+    has_unet = any(k.startswith(UNET) for k in shapes)
+    hint = shapes.get(CONTROL + "input_hint_block.0.weight")
     if hint is not None:
         if hint[1] == 4:  # reference RGB + target gray
-            in_ch = shapes.get("control_model.input_blocks.0.0.weight", (0, 0))[1]
-            kind = f"ours: colour ControlNet {({4: 'v1', 9: 'v2', 12: 'v3'}).get(in_ch, '?')}"
+            in_ch = shapes.get(CONTROL + INPUT_CONV, (0, 0))[1]
+            kind = f"ours: colour ControlNet {VARIANT_OF_INPUT.get(in_ch, '?')}"
         else:
             kind = f"ControlNet ({hint[1]}-channel hint)"
         return f"{kind} on {base}" + ("" if has_unet else ", ControlNet weights only")
@@ -423,8 +425,12 @@ def guess_kind(shapes):
     return "unknown (no model.diffusion_model.* or control_model.* tensors)"
 
 
+PROG = "python -m cldm.checkpoint"
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m cldm.checkpoint", description=__doc__.split("\n")[0])
+    """Exit status: 0 done, 2 bad input (arguments, unreadable or misfit file), 130 interrupted."""
+    ap = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="print tensor count, parameters, dtypes and what the file looks like")
     p.add_argument("file", help=".safetensors, .ckpt, .pt or .pth file")
@@ -440,31 +446,34 @@ def main(argv=None):
     p.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle INPUT if it needs it (runs its code: trusted files only)")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "inspect":
-            sd = load_state_dict(args.file, allow_pickle=args.allow_pickle)
-            n = sum(v.numel() for v in sd.values())
-            dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values())
-            tops = Counter(k.split(".")[0] for k in sd)
-            print(f"file: {args.file}\ntensors: {len(sd)}\nparameters: {n:,} ({n / 1e6:.1f} M)")
-            print("dtypes: " + ", ".join(f"{d} {c}" for d, c in dtypes.most_common()))
-            print("top-level: " + ", ".join(f"{t}.* {c}" if c > 1 else t for t, c in tops.most_common(8)))
-            print(f"looks like: {guess_kind(sd)}")
-            if args.config:
-                from cldm.model import create_model, load_config  # cldm.model imports this module
-                cfg = load_config(args.config, args.overrides)
-                with torch.device("meta"):
-                    report = compare_state_dict(create_model(cfg), sd)
-                print(f"against {args.config}:\n{report.summary()}")
-                reason = misfit(report)
-                print(f"would not load: {reason}" if reason else "would load" + ("" if report.ok else " (partially)"))
-        else:
-            sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
-            save_state_dict(sd, args.output, metadata={"converted_from": Path(args.input).name})
-            print(f"wrote {len(sd)} tensors to {args.output}")
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(PROG, _inspect if args.cmd == "inspect" else _convert, args,
+                   (CheckpointError, ValueError, OSError))
+
+
+def _inspect(args):
+    sd = load_state_dict(args.file, allow_pickle=args.allow_pickle)
+    n = sum(v.numel() for v in sd.values())
+    dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values())
+    tops = Counter(k.split(".")[0] for k in sd)
+    print(f"file: {args.file}\ntensors: {len(sd)}\nparameters: {n:,} ({n / 1e6:.1f} M)")
+    print("dtypes: " + ", ".join(f"{d} {c}" for d, c in dtypes.most_common()))
+    print("top-level: " + ", ".join(f"{t}.* {c}" if c > 1 else t for t, c in tops.most_common(8)))
+    print(f"looks like: {guess_kind(sd)}")
+    if args.config:
+        from cldm.model import create_model, load_config  # cldm.model imports this module
+        cfg = load_config(args.config, args.overrides)
+        with torch.device("meta"):
+            report = compare_state_dict(create_model(cfg), sd)
+        print(f"against {args.config}:\n{report.summary()}")
+        reason = misfit(report)
+        print(f"would not load: {reason}" if reason else "would load" + ("" if report.ok else " (partially)"))
+    return 0
+
+
+def _convert(args):
+    sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
+    save_state_dict(sd, args.output, metadata={"converted_from": Path(args.input).name})
+    print(f"wrote {len(sd)} tensors to {args.output}")
     return 0
 
 

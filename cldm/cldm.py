@@ -48,6 +48,9 @@ class ControlLDM(nn.Module):
         self.control_scales = list(control_scales) if control_scales is not None else None
         for name, value in schedule.schedule_buffers("linear", timesteps, linear_start, linear_end).items():
             self.register_buffer(name, value)
+        # The noisy latent's channels (SD: 4): what the UNet predicts, and the first input channels
+        # of UNet and ControlNet (the colour variants' extra channels come after them).
+        self.latent_channels = unet.out[-1].out_channels
         # Image sides must divide by this: the VAE (and hint block) downsample by `latent_factor`,
         # then every UNet Downsample halves the latent, and its Upsample must land on the skip size.
         self.latent_factor = 2 ** sum(isinstance(m, autoencoder.Downsample) for m in first_stage_model.modules())
@@ -148,8 +151,7 @@ class ControlLDM(nn.Module):
         """DDIM sampling of latents; classifier-free guidance only when `guidance_scale != 1`."""
         if x_T is None:
             h, w = cond.guided_hint.shape[-2:]
-            c = self.model.diffusion_model.out[-1].out_channels
-            x_T = torch.randn((len(cond), c, h, w), generator=generator, device=cond.guided_hint.device,
+            x_T = torch.randn((len(cond), self.latent_channels, h, w), generator=generator, device=cond.guided_hint.device,
                               dtype=cond.guided_hint.dtype)
         uncond_fn = None
         if guidance_scale != 1.0:
@@ -162,12 +164,15 @@ class ControlLDM(nn.Module):
                                    callback=callback, progress=progress)
 
     def training_loss(self, z0: torch.Tensor, cond: ColorCondition, noise: torch.Tensor | None = None,
-                      t: torch.Tensor | None = None) -> torch.Tensor:
-        """Simple diffusion loss (MSE on eps or v) of scaled target latents `z0`."""
+                      t: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Simple diffusion loss (MSE on eps or v) of scaled target latents `z0`.
+
+        `t` and `noise` not given are drawn, in that order, from `generator` (default: torch's RNG).
+        """
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device)
+            t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
         if noise is None:
-            noise = torch.randn_like(z0)
+            noise = torch.empty_like(z0).normal_(generator=generator)  # = randn_like (z0's memory layout)
         x_t = schedule.q_sample(z0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
         target = noise if self.parameterization == "eps" else schedule.get_v(
             z0, noise, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)

@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cldm.checkpoint import CheckpointError, guess_kind
+from cldm.checkpoint import CONTROL, INPUT_CONV, UNET, CheckpointError, guess_kind
 from cldm.cldm import ControlLDM
-
-UNET, CONTROL = "model.diffusion_model.", "control_model."
-INPUT_CONV = "input_blocks.0.0.weight"
 
 
 @dataclass

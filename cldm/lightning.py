@@ -13,9 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
-import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from atomicio import atomic_path, write_bytes_atomic
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
-from cldm.trainable import (INPUT_CONV, config_hash, configure_trainable, export_keys,
-                            locked_input_channels, param_groups)
-
-OPTIMIZERS = ("adamw", "adamw8bit")
+from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_keys,
+                            param_groups, unet_input_conv)
 
 
 def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +43,8 @@ def _warmup(step: int, warmup_steps: int) -> float:
 class ColorControlModule(L.LightningModule):
     """Trains `model` (a ControlLDM with its init weights loaded) on PairDataset batches.
 
-    Batches hold HWC tensors `hint` (B, H, W, 4) in [0, 1] and `jpg` (B, H, W, 3) in [-1, 1]
-    and a list `txt`; with the latent cache also the unscaled VAE posteriors
+    Batches hold an HWC tensor `hint` (B, H, W, 4) in [0, 1], a list `txt`, and the target:
+    `jpg` (B, H, W, 3) in [-1, 1], or with the latent cache instead the unscaled VAE posteriors
     `jpg_latent_mean/std` and `ref_latent_mean` (B, 4, H/8, W/8), so no VAE runs in the step.
     Checkpoints hold only the trainable tensors (plus optimiser/loop state): the locked SD
     weights come from the init file, which every run loads first.
@@ -57,8 +55,7 @@ class ColorControlModule(L.LightningModule):
                  sd_locked: bool = True, train_unet_input: bool = True, seed: int = 0,
                  compile: bool = False, config: dict | None = None):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         configure_trainable(model, sd_locked, train_unet_input)
@@ -97,25 +94,30 @@ class ColorControlModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return self.model.get_learned_conditioning(list(prompts))
 
-    def inputs(self, batch: dict, generator: torch.Generator | None = None):
-        """(z0 target latent, hint BCHW, ref_latent or None, context) from a dataset batch."""
+    def condition_inputs(self, batch: dict):
+        """(hint BCHW, ref_latent (scaled, from the latent cache) or None, context) from a dataset batch."""
+        ref_latent = None
+        if "ref_latent_mean" in batch:
+            ref_latent = batch["ref_latent_mean"].float() * self.model.scale_factor
+        return _hwc_to_bchw(batch["hint"]), ref_latent, self.context(batch["txt"])
+
+    def target_latent(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z0, the scaled target latent: a posterior draw, from the cache's mean/std or by the VAE."""
         m = self.model
-        hint = _hwc_to_bchw(batch["hint"])
         if "jpg_latent_mean" in batch:  # latent cache: the same draw as posterior.sample(), without the VAE
             mean, std = batch["jpg_latent_mean"].float(), batch["jpg_latent_std"].float()
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z0 = (mean + std * eps) * m.scale_factor
-            ref_latent = batch["ref_latent_mean"].float() * m.scale_factor
-        else:
-            z0 = m.encode_first_stage(_hwc_to_bchw(batch["jpg"]), sample=True, generator=generator)
-            ref_latent = None
-        return z0, hint, ref_latent, self.context(batch["txt"])
+            return (mean + std * eps) * m.scale_factor
+        return m.encode_first_stage(_hwc_to_bchw(batch["jpg"]), sample=True, generator=generator)
 
     def compute_loss(self, batch: dict, noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        z0, hint, ref_latent, context = self.inputs(batch, generator)
+        """The training loss; what is random (z0's posterior draw, then t, then the noise, unless
+        given) comes from `generator`, default torch's RNG."""
+        z0 = self.target_latent(batch, generator)
+        hint, ref_latent, context = self.condition_inputs(batch)
         cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
-        return self.model.training_loss(z0, cond, noise=noise, t=t)
+        return self.model.training_loss(z0, cond, noise=noise, t=t, generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
@@ -125,23 +127,15 @@ class ColorControlModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss with noise and timesteps fixed per batch, so values are comparable across evaluations."""
         g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 100_003 + batch_idx)
-        b = batch["hint"].shape[0]
-        t = torch.randint(0, self.model.num_timesteps, (b,), generator=g, device=self.device)
-        z0, hint, ref_latent, context = self.inputs(batch, g)
-        noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=z0.dtype)
-        cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
-        loss = self.model.training_loss(z0, cond, noise=noise, t=t)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=b)
+        loss = self.compute_loss(batch, generator=g)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["hint"].shape[0])
 
     # ---- optimiser ----------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)
         if hp.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise RuntimeError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+            import bitsandbytes as bnb  # installed: check_optimizer ran at construction
             opt = bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=tuple(hp.betas))
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda")
@@ -153,17 +147,17 @@ class ColorControlModule(L.LightningModule):
         # Same seed everywhere builds identical replicas; the noise must differ per rank, and a
         # resumed run must not replay the noise of the steps it already did.
         torch.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank + self.global_step)
-        w = self.model.model.diffusion_model.input_blocks[0][0].weight
+        w = unet_input_conv(self.model).weight
         if w.requires_grad:
-            self._locked_snapshot = w[:, :locked_input_channels(self.model)].detach().clone()
+            self._locked_snapshot = w[:, :self.model.latent_channels].detach().clone()
 
     def check_locked(self) -> None:
         """Raise if the SD channels of the partly trainable input conv moved (optimiser misuse)."""
         if self._locked_snapshot is None:
             return
-        w = self.model.model.diffusion_model.input_blocks[0][0].weight
+        w = unet_input_conv(self.model).weight
         if not torch.equal(w[:, :self._locked_snapshot.shape[1]], self._locked_snapshot):
-            raise RuntimeError(f"{INPUT_CONV}: the locked SD channels changed during training; use "
+            raise RuntimeError(f"{UNET_INPUT_CONV}: the locked SD channels changed during training; use "
                                "weight decay 0 on it and an optimiser that keeps zero-gradient weights")
 
     def locked_fingerprint(self) -> float:
@@ -208,7 +202,7 @@ class ColorControlModule(L.LightningModule):
         self.eval()
         try:
             b = {k: v[:n] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
-            _, hint, ref_latent, context = self.inputs(b)
+            hint, ref_latent, context = self.condition_inputs(b)
             cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
             g = torch.Generator(device=self.device).manual_seed(seed)
             sample = self.model.decode_first_stage(self.model.sample(cond, steps=steps, generator=g))
@@ -229,25 +223,12 @@ class ColorControlModule(L.LightningModule):
 # checkpoints
 
 
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask() is a write)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore at once
-    os.umask(mask)
-    return mask
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temp file in the same folder, fsync, then rename over the final name.
 
     A kill at any moment leaves either the previous file or the complete new one, never a
     truncated checkpoint under a `.ckpt` name (temp names start with '.' and end in '.tmp').
+    Checkpoints get the permissions of an ordinary new file (0666 less the umask).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -255,25 +236,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give what open() would
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:  # make the rename itself durable
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
+        with atomic_path(path, fsync=True, keep_suffix=False) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -301,6 +265,36 @@ def is_complete_checkpoint(path: str | Path) -> bool:
         return zipfile.is_zipfile(path)
     except OSError:
         return False
+
+
+# What Lightning reads to resume a run, and what ColorControlModule.on_save_checkpoint adds.
+LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "state_dict", "optimizer_states", "lr_schedulers",
+                  "loops")
+TRAINING_KEY = "cldm"
+
+
+def resume_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be resumed from (one line), or None for a training checkpoint of this project.
+
+    Reads only the checkpoint's pickle, with weights_only (no code runs) and the tensors
+    memory-mapped, so a multi-GB file costs little. Catches what a zip check lets through,
+    such as the --init file saved as .ckpt, before Lightning fails on it with a traceback.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
+    if not isinstance(ckpt, dict):
+        return f"holds a {type(ckpt).__name__}, not a training checkpoint"
+    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+    if missing:
+        return (f"not a Lightning training checkpoint (no {missing[0]!r}; an --init or exported file holds "
+                "weights only); resume from a file in OUT/checkpoints")
+    if TRAINING_KEY not in ckpt:
+        return f"a Lightning checkpoint, but not of this training (no {TRAINING_KEY!r} entry)"
+    return None
 
 
 def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
@@ -375,11 +369,9 @@ class ImageLogger(Callback):
         with trainer.precision_plugin.forward_context():
             grid = pl_module.image_grid(batch, self.n, self.ddim_steps, self.seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"step-{step:08d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
         import torchvision
-        torchvision.utils.save_image(grid, tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(self.out_dir / f"step-{step:08d}.png") as tmp:
+            torchvision.utils.save_image(grid, tmp, format="PNG")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, step)  # columns: ref, gray, sample, truth
@@ -426,9 +418,7 @@ class ReplicaCheck(Callback):
         same = len(set(digests)) == 1
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps({"step": trainer.global_step, "world_size": len(digests),
-                                       "identical": same, "digests": digests}, indent=1))
-            os.replace(tmp, self.path)
+            write_bytes_atomic(self.path, json.dumps({"step": trainer.global_step, "world_size": len(digests),
+                                                      "identical": same, "digests": digests}, indent=1).encode())
         if not same:
             raise RuntimeError(f"DDP replicas hold different weights at step {trainer.global_step}: {digests}")

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,7 @@ from cldm.checkpoint import load_state_dict  # noqa: F401  (public API: cldm.mod
 from cldm.cldm import ControlLDM
 from cldm.color import extra_channels
 from cldm.controlnet import ControlledUnetModel, ControlNet
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder import AutoencoderKL, keyword_names
 from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder
 from ldm.modules.unet import UNetModel
 
@@ -64,7 +63,7 @@ def check_unet_keys(unet_kw: dict) -> None:
     The UNet and ControlNet accept exactly their arguments, so this only turns Python's
     TypeError into a config error that says where the key is.
     """
-    known = set(inspect.signature(UNetModel.__init__).parameters) - {"self", *DERIVED_UNET_KEYS}
+    known = keyword_names(UNetModel) - set(DERIVED_UNET_KEYS)
     for key in unet_kw:
         if key in DERIVED_UNET_KEYS:
             raise ConfigError(f"model.unet.{key}: set from latent_channels and color_variant, remove it")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -23,22 +24,27 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch import nn
 
-from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, compare_state_dict, load_state_dict,
+                             misfit, save_state_dict)
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
 
-INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
-CONTROL = "control_model."
+UNET_INPUT_CONV = UNET + INPUT_CONV  # the partly trainable tensor
 EXPORT_FORMAT = "cldm-color-control-v1"
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
-def _input_conv(model: ControlLDM) -> nn.Conv2d:
+def check_optimizer(name: str) -> None:
+    """Raise ValueError (one line) if optimiser `name` is unknown or cannot run here."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
+
+
+def unet_input_conv(model: ControlLDM) -> nn.Conv2d:
+    """The UNet's first conv: SD's kernel in the first `model.latent_channels` inputs, the variant's after."""
     return model.model.diffusion_model.input_blocks[0][0]
-
-
-def locked_input_channels(model: ControlLDM) -> int:
-    """Input channels of the UNet's first conv that belong to SD (the noisy latent)."""
-    return model.model.diffusion_model.out[-1].out_channels
 
 
 def configure_trainable(model: ControlLDM, sd_locked: bool = True, train_unet_input: bool = True,
@@ -58,8 +64,8 @@ def configure_trainable(model: ControlLDM, sd_locked: bool = True, train_unet_in
     if not sd_locked:
         unet.output_blocks.requires_grad_(True)
         unet.out.requires_grad_(True)
-    conv = _input_conv(model)
-    n_locked = locked_input_channels(model)
+    conv = unet_input_conv(model)
+    n_locked = model.latent_channels
     if train_unet_input and conv.in_channels > n_locked:
         conv.weight.requires_grad_(True)
         if not getattr(conv, "_locked_grad_hook", None):
@@ -78,7 +84,7 @@ def param_groups(model: ControlLDM, weight_decay: float = 0.0) -> list[dict]:
 
     Decoupled weight decay would shrink its locked channels even with a zero gradient.
     """
-    conv_w = _input_conv(model).weight
+    conv_w = unet_input_conv(model).weight
     rest = [p for p in model.parameters() if p.requires_grad and p is not conv_w]
     groups = [{"params": rest, "weight_decay": weight_decay, "name": "trainable"}]
     if conv_w.requires_grad:
@@ -148,15 +154,18 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     if variant is not None and variant != model.color_variant:
         raise CheckpointError(f"{control_path}: trained for colour variant {variant}, "
                               f"the model is {model.color_variant} (set model.color_variant={variant})")
-    state, _ = init_from_sd(model, load_state_dict(sd_path, allow_pickle=allow_pickle))
     control = load_state_dict(control_path, allow_pickle=allow_pickle)
-    unknown = sorted(k for k in control if k not in state)
-    missing = sorted(k for k in state if k.startswith(CONTROL) and k not in control)
-    bad = sorted(k for k in control if k in state and control[k].shape != state[k].shape)
-    if unknown or missing or bad:
-        parts = [f"{len(v)} {w} (e.g. {v[0]})" for v, w in
-                 ((unknown, "unknown"), (missing, "missing control"), (bad, "reshaped")) if v]
-        raise CheckpointError(f"{control_path}: does not fit the model: {', '.join(parts)}")
+    report = compare_state_dict(model, control)
+    # No tensor of another shape, all of control_model.* or none (then it is no export at all);
+    # the rest of the model comes from the SD file, so no share of it has to be present here.
+    reason = misfit(report, strict_prefixes=(CONTROL,), min_matched=0)
+    if reason is None and not any(k.startswith(CONTROL) for k in control):
+        reason = f"no {CONTROL}* tensors (is it a control.safetensors export?)"
+    if reason is None and report.unexpected:
+        reason = f"{len(report.unexpected)} tensors the model does not have (e.g. {report.unexpected[0]})"
+    if reason is not None:
+        raise CheckpointError(f"{control_path}: does not fit the model: {reason}", report)
+    state, _ = init_from_sd(model, load_state_dict(sd_path, allow_pickle=allow_pickle))
     for k, v in control.items():
         state[k] = v.to(state[k].dtype)
     model.load_state_dict(state, strict=True)

@@ -1,8 +1,8 @@
 """CPU baselines that colourise a gray clip from colour reference(s), without any model.
 
 They put the diffusion model's numbers in context and make the tool useful without a GPU.
-Convention for every function here: gray frames are HW (or HW1, or HW3 taken to BT.601
-luma), references HW3 RGB; both uint8, uint16 or float in [0, 1]. Outputs are float32 HW3
+Convention for every function here: gray frames are anything colorize.gray.to_gray takes
+(HW, HW1, gray+alpha, or RGB(A) taken to its BT.601 luma), references HW3 RGB; both uint8, uint16 or float in [0, 1]. Outputs are float32 HW3
 in [0, 1] at the frame's size, luminance-true: `rgb_to_gray(out) == gray` up to float
 rounding (annotator.color.transfer_luma), so only colour comes from the reference.
 Any aspect ratio; a reference of another size is resized to the frame size.
@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
+from colorize.gray import to_gray
 
 LUMA_BANDS = 32
 LUT_NODES = 1024  # gray levels tabulated by reinhard (4x the 8-bit levels)
@@ -22,10 +23,7 @@ METHODS = ("reinhard", "reinhard-bands", "flow")
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
-    f = to_float(np.asarray(frame))
-    if f.ndim == 3:
-        f = f[..., 0] if f.shape[-1] == 1 else rgb_to_gray(f)
-    return np.ascontiguousarray(f, dtype=np.float32)
+    return to_gray(frame)[0]
 
 
 def _fit(reference: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import queue
-import secrets
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from annotator.color import to_uint8
 from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image
+from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
 
 __all__ = [
     "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
@@ -113,38 +113,6 @@ def _as_uint8_rgb(img: np.ndarray) -> np.ndarray:
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an HW or HW3 image, got shape {img.shape}")
     return img
-
-
-def _temp_beside(path: Path) -> Path:
-    """A new, unique, empty file next to `path` with the same extension (encoders go by extension).
-
-    Created with mode 0o666 like any file `open(path, "w")` makes, so the kernel applies the
-    umask (and a default ACL) and the renamed output gets the usual permissions, e.g. 0644.
-    tempfile.mkstemp would make it 0600: outputs only their owner could read.
-    """
-    for _ in range(100):
-        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_image_atomic(path: str | os.PathLike, rgb: np.ndarray) -> Path:

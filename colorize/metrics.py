@@ -201,16 +201,13 @@ def cdc_from_histograms(hists: np.ndarray, strides: Iterable[int] = CDC_STRIDES,
     `positions`: each row's frame number in the clip (default 0..T-1); only rows s apart
     in the clip are paired, so a gap (a frame left out) pairs nothing across it.
     """
-    if positions is None:
-        per_stride = [js_divergence(hists[:-s], hists[s:]).mean() for s in strides if s < len(hists)]
-    else:
-        row = {int(p): r for r, p in enumerate(positions)}
-        per_stride = []
-        for s in strides:
-            pairs = [(r, row[p + s]) for p, r in row.items() if p + s in row]
-            if pairs:
-                a, b = np.array(pairs).T
-                per_stride.append(js_divergence(hists[a], hists[b]).mean())
+    row = {int(p): r for r, p in enumerate(range(len(hists)) if positions is None else positions)}
+    per_stride = []
+    for s in strides:
+        pairs = [(r, row[p + s]) for p, r in row.items() if p + s in row]
+        if pairs:
+            a, b = np.array(pairs).T
+            per_stride.append(js_divergence(hists[a], hists[b]).mean())
     return float(np.mean(per_stride)) if per_stride else float("nan")
 
 

@@ -34,36 +34,44 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
 from annotator.similarity import SIM_SIZE, fast_resize, ssim
-from annotator.video import VIDEO_EXTS, FrameSourceError, decode_image, list_frame_files, probe, shortfall_verdict
-from annotator.video import read_image as read_rgb8
+from annotator.video import (
+    FrameRangeError, FrameSourceError, SourceInfo, iter_frames, list_frame_files, probe, read_image_native,
+)
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.color import ColorCondition
 from cldm.model import DEFAULT_CONFIG, create_model, load_config
 from cldm.trainable import load_sd_plus_control
+from colorize.cuda_graph import GraphCache
+from colorize.gray import to_gray
 from ldm import sampler
 
 MODES = ("fixed", "recursive", "anchored")
 NOISES = ("shared", "per-frame")
 MULTIPLE = 64  # model frame sides: VAE /8 times the UNet's 3 (tiny) or 4 (SD) levels, /2 each
-COLOUR_TOL = 2.0 / 255  # mean channel spread above which a 3-channel frame counts as colour
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class InferenceError(ValueError):
     """Bad input or settings for inference; str(e) is one line saying what and where."""
+
+
+class OptionError(InferenceError):
+    """A bad `Options` value: str(e) is "<field> <problem>", e.g. "steps must be >= 1 (got 0)"."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field} {problem}")
 
 
 # ---- sizes and frames ---------------------------------------------------------------------
@@ -87,25 +95,6 @@ def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def to_gray(frame: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Any frame (HW, HW1, HW2 gray+alpha, HW3 RGB, HW4 RGBA; uint8/uint16/float) -> (gray, colour).
-
-    gray is float32 HW in [0, 1] at the input's precision; 3/4-channel frames become their
-    BT.601 luma, and `colour` says whether they were really colour (mean channel spread
-    above COLOUR_TOL), so the caller can say so once.
-    """
-    f = to_float(np.asarray(frame))
-    if f.ndim == 3 and f.shape[2] in (1, 2):
-        f = f[..., 0]
-    if f.ndim == 2:
-        return np.ascontiguousarray(f, dtype=np.float32), False
-    if f.ndim != 3 or f.shape[2] not in (3, 4):
-        raise ValueError(f"unsupported frame shape {f.shape}")
-    rgb = f[..., :3]
-    colour = float((rgb.max(-1) - rgb.min(-1)).mean()) > COLOUR_TOL
-    return rgb_to_gray(rgb), colour
-
-
 @dataclass
 class Frame:
     index: int
@@ -113,14 +102,6 @@ class Frame:
     gray: np.ndarray  # float32 HW in [0, 1]
     depth: int  # 8 or 16: bits per channel of the input, used for the output PNG
     colour: bool  # the input frame was colour (we colourise its luma)
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Image file -> RGB(A)/gray array at its own bit depth (annotator.video's reader rounds 16-bit to 8)."""
-    img = decode_image(path)
-    if img.ndim == 3 and img.shape[2] >= 3:
-        img = np.ascontiguousarray(img[..., [2, 1, 0, 3][: img.shape[2]]])  # BGR(A) -> RGB(A)
-    return img
 
 
 def _depth(img: np.ndarray) -> int:
@@ -132,95 +113,28 @@ def iter_gray_frames(path: str | os.PathLike, start: int = 0, stop: int | None =
     """Frames start..stop-1 (stop None: to the end) of a video file or frame folder as gray
     `Frame`s, streamed in order; `Frame.index` counts from the clip's first frame.
 
-    Nothing outside the range is decoded: folder files outside it are never read (a broken
-    one there does no harm), video frames before `start` are skipped with grab() and reading
-    stops at `stop`. Folder frames keep 16-bit precision; every problem (empty folder,
-    unreadable frame, a frame of another size than the range's first, truncated video)
-    raises FrameSourceError naming the file. A video that ends a little before the frame
-    count its container claims is judged as annotator.video does (shortfall_verdict): its
-    one-line warning goes to `warn` (default: warnings.warn).
+    annotator.video.iter_frames reads them: nothing outside the range is decoded (folder files
+    outside it are never read, so a broken one there does no harm; video frames before
+    `start` are grab()bed), every problem (empty folder, unreadable frame, a frame of another
+    size than the range's first, a range past the end, truncated video) raises
+    FrameSourceError naming the file, and a video that ends a little before the frame count
+    its container claims gives one warning line through `warn` (default: warnings.warn).
+    Folder frames keep their 16-bit precision (keep_depth).
     """
-    if start < 0 or (stop is not None and stop < start):
-        raise ValueError(f"bad frame range {start}:{stop}")
     path = Path(path)
-    if not path.is_dir():
-        yield from _iter_video_gray(path, start, stop, warn)
-        return
-    files = list_frame_files(path)
-    size = None
-    for i in range(start, len(files) if stop is None else min(stop, len(files))):
-        f = files[i]
-        img = read_image(f)
+    for i, name, img in iter_frames(path, start=start, stop=stop, keep_depth=True, warn=warn):
         try:
             gray, colour = to_gray(img)
         except (ValueError, TypeError) as e:
-            raise FrameSourceError(f, str(e)) from None
-        size = size or gray.shape
-        if gray.shape != size:
-            raise FrameSourceError(f, f"frame is {gray.shape[1]}x{gray.shape[0]}, "
-                                      f"earlier frames are {size[1]}x{size[0]}")
-        yield Frame(i, f.stem + ".png", gray, _depth(img), colour)
+            raise FrameSourceError(path / name if path.is_dir() else path, str(e)) from None
+        yield Frame(i, Path(name).stem + ".png", gray, _depth(img), colour)
 
 
-def _open_video(path: Path) -> cv2.VideoCapture:
-    if not path.exists():
-        raise FrameSourceError(path, "no such file or folder")
-    if path.suffix.lower() not in VIDEO_EXTS:
-        raise FrameSourceError(path, f"not a video file ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames")
-    if not os.access(path, os.R_OK):
-        raise FrameSourceError(path, "file is not readable (permission denied)")
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    if not cap.isOpened():
-        cap.release()
-        raise FrameSourceError(path, "cannot open video (unreadable, truncated or not a video)")
-    return cap
+def output_names(path: str | os.PathLike, info: SourceInfo | None = None) -> list[str] | None:
+    """The output file names for a source, known before decoding (None: video of unknown length).
 
-
-def _skip(cap: cv2.VideoCapture, path: Path, count: int) -> None:
-    """Skip `count` frames without converting them (grab(); inter-frame codecs still decode)."""
-    for i in range(count):
-        if not cap.grab():
-            raise FrameSourceError(path, f"video has only {i} frames (counting from 0, frame {count} was asked for)")
-
-
-def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
-    if frame.ndim == 3 and frame.shape[2] >= 3:
-        return np.ascontiguousarray(frame[..., [2, 1, 0, 3][: frame.shape[2]]])
-    return frame
-
-
-def _iter_video_gray(path: Path, start: int, stop: int | None, warn) -> Iterator[Frame]:
-    cap = _open_video(path)
-    try:
-        claimed = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        _skip(cap, path, start)
-        size, i = None, start
-        while stop is None or i < stop:
-            ok, frame = cap.read()
-            if not ok or frame is None:
-                break
-            gray, colour = to_gray(_bgr_to_rgb(frame))
-            size = size or gray.shape
-            if gray.shape != size:
-                raise FrameSourceError(path, f"frame {i} is {gray.shape[1]}x{gray.shape[0]}, "
-                                             f"earlier frames are {size[1]}x{size[0]}")
-            yield Frame(i, f"{i:06d}.png", gray, 8, colour)
-            i += 1
-    finally:
-        cap.release()
-    if i == 0:
-        raise FrameSourceError(path, "video has no decodable frame")
-    if stop is not None and i == stop:
-        return
-    # It ran out, so it has i frames in all: judge that against the container's claim.
-    line = shortfall_verdict(path, i, claimed, fps)
-    if line is not None:
-        (warn or (lambda msg: warnings.warn(msg, stacklevel=3)))(line)
-
-
-def output_names(path: str | os.PathLike) -> list[str] | None:
-    """The output file names for a source, known before decoding (None: video of unknown length)."""
+    `info`: the video's probe() if the caller has it already (saves opening the file again).
+    """
     path = Path(path)
     if path.is_dir():
         names = [f.stem + ".png" for f in list_frame_files(path)]
@@ -229,7 +143,7 @@ def output_names(path: str | os.PathLike) -> list[str] | None:
             raise FrameSourceError(path, f"two frames would both be written as {sorted(dup)[0]} "
                                          "(same name, different extensions)")
         return names
-    n = probe(path).frame_count
+    n = (info or probe(path)).frame_count
     return None if n is None else [f"{i:06d}.png" for i in range(n)]
 
 
@@ -238,7 +152,7 @@ def read_reference(path: str | os.PathLike) -> np.ndarray:
     if not Path(path).is_file():
         raise InferenceError(f"{path}: reference image not found")
     try:
-        img = to_float(read_image(path))
+        img = to_float(read_image_native(path))
     except FrameSourceError as e:
         raise InferenceError(f"{path}: reference {e.problem}") from None
     if img.ndim == 2:
@@ -253,27 +167,17 @@ def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:
 
     Only that frame is read (folders) or converted (videos: earlier frames are grab()bed).
     """
-    source = Path(source)
-    if source.is_dir():
-        files = list_frame_files(source)
-        if index >= len(files):
-            raise InferenceError(f"{source}: has no frame {index} (counting from 0; it has {len(files)})")
-        return to_float(read_rgb8(files[index]))
-    cap = _open_video(source)
+    frames = iter_frames(source, start=index, stop=index + 1, check_count=False)
     try:
-        try:
-            _skip(cap, source, index)
-        except FrameSourceError:
-            raise InferenceError(f"{source}: has no frame {index} (counting from 0)") from None
-        ok, frame = cap.read()
+        _, _, rgb = next(frames, (None, None, None))
+        count = index
+    except FrameRangeError as e:
+        rgb, count = None, e.frames
     finally:
-        cap.release()
-    if not ok or frame is None:
-        raise InferenceError(f"{source}: has no frame {index} (counting from 0)")
-    rgb = _bgr_to_rgb(frame)
-    if rgb.ndim == 2:
-        rgb = np.repeat(rgb[..., None], 3, axis=2)
-    return to_float(rgb[..., :3])
+        frames.close()
+    if rgb is None:
+        raise InferenceError(f"{source}: has no frame {index} (counting from 0; it has {count})")
+    return to_float(rgb)
 
 
 # ---- model loading ------------------------------------------------------------------------
@@ -382,14 +286,16 @@ def noise_generators(noise: str, seed: int, indices: Sequence[int]) -> torch.Gen
 @torch.no_grad()
 def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Generator | Sequence[torch.Generator],
                    steps: int = 20, eta: float = 0.0, uncond: ColorCondition | None = None,
-                   ref_guidance: float = 1.0) -> torch.Tensor:
-    """DDIM as ControlLDM.sample, with the noise drawn on the CPU from `generators`.
+                   ref_guidance: float = 1.0, graphs: GraphCache | None = None) -> torch.Tensor:
+    """DDIM as ControlLDM.sample (ldm.sampler.ddim_sample), with the noise drawn on the CPU from
+    `generators`.
 
     One generator: shared noise, one draw used by every row (x_T and each step's noise are the
     same for every frame of the batch). A sequence: row i draws all its noise from
     `generators[i]`. Either way a frame's result does not depend on the batch it is in
-    (ldm.sampler draws one noise tensor for the whole batch). Reference guidance runs cond
-    and uncond as one batch: out = uncond + ref_guidance * (cond - uncond).
+    (ddim_sample's own generator draws one noise tensor for the whole batch). Reference
+    guidance runs cond and uncond as one batch: out = uncond + ref_guidance * (cond - uncond).
+    `graphs` (CUDA only): replay each step from a CUDA graph kept there (colorize.cuda_graph).
     """
     shared = isinstance(generators, torch.Generator)
     if not shared and len(generators) != len(cond):
@@ -398,28 +304,27 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
     if guided and uncond is None:
         raise ValueError("ref_guidance != 1 needs an unconditional ColorCondition")
     h, w = cond.guided_hint.shape[-2:]
-    c = model.model.diffusion_model.out[-1].out_channels
+    c = model.latent_channels
     dev = cond.guided_hint.device
     if shared:
-        draw = lambda: torch.randn((1, c, h, w), generator=generators).to(dev).repeat(len(cond), 1, 1, 1)
+        draw = lambda *_: torch.randn((1, c, h, w), generator=generators).to(dev).repeat(len(cond), 1, 1, 1)
     else:
-        draw = lambda: torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(dev)
-    both = ColorCondition.cat([cond, uncond]) if guided else cond
-    timesteps = sampler.ddim_timesteps(steps, model.num_timesteps)
-    alphas, alphas_prev, sigmas = sampler.ddim_schedule(model.alphas_cumprod, timesteps, eta)
-    x = draw()
-    for index in reversed(range(len(timesteps))):
-        t = torch.full((x.shape[0],), int(timesteps[index]), dtype=torch.long, device=dev)
-        if guided:
-            out, out_uncond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            out = out_uncond + ref_guidance * (out - out_uncond)
-        else:
-            out = model.apply_model(x, t, cond)
-        a = alphas[index].item()
-        eps = out if model.parameterization == "eps" else a ** 0.5 * out.float() + (1 - a) ** 0.5 * x.float()
-        noise = draw() if sigmas[index] > 0 else None
-        x, _ = sampler.ddim_step(x, eps, alphas[index], alphas_prev[index], sigmas[index], noise)
-    return x
+        draw = lambda *_: torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(dev)
+
+    def step(x, t, cond_):  # cond_: cond, or cond and uncond as one batch when guided
+        if not guided:
+            return model.apply_model(x, t, cond_)
+        out, out_uncond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), cond_).chunk(2)
+        return out_uncond + ref_guidance * (out - out_uncond)
+
+    step_cond = ColorCondition.cat([cond, uncond]) if guided else cond
+    x_T = draw()
+    if graphs is not None and dev.type == "cuda":
+        model_fn = graphs.step_fn(step, x_T, step_cond)
+    else:
+        model_fn = lambda x, t: step(x, t, step_cond)  # noqa: E731
+    return sampler.ddim_sample(model_fn, x_T, model.alphas_cumprod, steps, eta, model.parameterization,
+                               noise_fn=draw)
 
 
 def check_steps(model: ControlLDM, steps: int) -> None:
@@ -435,7 +340,8 @@ def check_steps(model: ControlLDM, steps: int) -> None:
 
 @dataclass
 class Options:
-    """Sampling and output settings shared by all modes."""
+    """Sampling and output settings shared by all modes; every value is checked here (OptionError),
+    the CLI included, except the step count's fit to the model's schedule (check_steps)."""
 
     size: int = 512  # short side of the model frame (see model_size)
     steps: int = 20
@@ -447,14 +353,19 @@ class Options:
     precision: str = "auto"  # auto (fp16 on CUDA, else fp32) | fp32 | fp16 | bf16
     anchor_every: int = 8  # anchored: the original reference again every N frames (0 = never)
     anchor_strength: float = 1.0  # anchored: 0..1, how far chroma statistics are pulled back
+    batch: int = 4  # fixed mode: frames per model call (the sequential modes run one at a time)
+    cuda_graph: bool = True  # on CUDA: replay each denoising step from a CUDA graph (colorize.cuda_graph)
 
     def __post_init__(self):
-        if self.size < 1 or self.steps < 1 or self.anchor_every < 0 or not 0 <= self.anchor_strength <= 1:
-            raise InferenceError("size and steps must be >= 1, anchor_every >= 0, anchor_strength in [0, 1]")
+        for name, low in (("size", 1), ("steps", 1), ("batch", 1), ("anchor_every", 0), ("eta", 0)):
+            if getattr(self, name) < low:
+                raise OptionError(name, f"must be >= {low} (got {getattr(self, name)})")
+        if not 0 <= self.anchor_strength <= 1:
+            raise OptionError("anchor_strength", f"must be in [0, 1] (got {self.anchor_strength})")
         if self.precision != "auto" and self.precision not in PRECISIONS:
-            raise InferenceError(f"precision must be auto or one of {', '.join(PRECISIONS)}")
+            raise OptionError("precision", f"must be auto or one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.noise not in NOISES:
-            raise InferenceError(f"noise must be one of {', '.join(NOISES)}")
+            raise OptionError("noise", f"must be one of {', '.join(NOISES)} (got {self.noise!r})")
 
 
 @dataclass
@@ -480,11 +391,13 @@ class Colorizer:
         check_steps(model, options.steps)
         self.context = model.get_learned_conditioning([""])  # fp32: the model caches it across runs
         self._no_reference: Reference | None = None
+        self.graphs = GraphCache() if options.cuda_graph and self.device.type == "cuda" else None
 
     def _autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # no cast cache: a CUDA graph must not capture casts that autocast would reuse outside it
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     @torch.no_grad()
     def reference(self, rgb: np.ndarray) -> Reference:
@@ -527,7 +440,8 @@ class Colorizer:
             uncond = None
             if self.opt.ref_guidance != 1.0:
                 uncond = self._condition(small, [self.no_reference()] * len(grays))
-            z = sample_latents(self.model, cond, gens, self.opt.steps, self.opt.eta, uncond, self.opt.ref_guidance)
+            z = sample_latents(self.model, cond, gens, self.opt.steps, self.opt.eta, uncond, self.opt.ref_guidance,
+                               self.graphs)
             decoded = self.model.decode_first_stage(z)
         rgb = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [self._finish(c, g) for c, g in zip(rgb, grays)]
@@ -612,16 +526,14 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
     `references`: one RGB image or several (each frame then uses the most similar).
     `start`: index of the first frame, which seeds its per-frame noise (for running a clip in parts).
     `batch`: frames per model call in fixed mode; the sequential modes run one at a time.
-    `options`: fields of `Options`.
+    `options`: the other fields of `Options`.
     """
-    opt = Options(**options)
+    opt = Options(batch=batch, **options)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     refs = [references] if isinstance(references, np.ndarray) else list(references)
     if not refs:
         raise ValueError("no reference image given")
-    if batch < 1:
-        raise ValueError("batch must be >= 1")
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -633,7 +545,7 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
     choose = ReferenceChooser(refs)
     index = start
     if mode == "fixed":
-        while chunk := list(islice(grays, batch)):
+        while chunk := list(islice(grays, opt.batch)):
             picks = [entries[choose(g)] for g in chunk]
             yield from col.run(chunk, range(index, index + len(chunk)), picks)
             index += len(chunk)

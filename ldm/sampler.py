@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Size], torch.Tensor]
 
 
 def ddim_timesteps(num_steps: int, num_train: int = 1000) -> torch.Tensor:
@@ -62,7 +63,7 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
                 eta: float = 0.0, parameterization: str = "eps", guidance_scale: float = 1.0,
                 uncond_fn: ModelFn | None = None, generator: torch.Generator | None = None,
                 callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, noise_fn: NoiseFn | None = None) -> torch.Tensor:
     """Run DDIM from x_T (pure noise at the last timestep) down to the final latent.
 
     model_fn(x, t) and uncond_fn(x, t) take x (B, ...) and t (B,) int64 and return eps or v
@@ -70,13 +71,17 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
     out = uncond + guidance_scale * (cond - uncond); with guidance_scale == 1 uncond_fn is never
     called. The two branches are separate calls; a caller wanting one batched forward can do the
     batching and mixing inside model_fn and leave guidance_scale at 1.
-    `generator` draws the eta > 0 noise (on x_T's device). `callback(i, t, x_prev, pred_x0)` runs
-    after step i (0 = the noisiest step), e.g. for previews.
+    `generator` draws the eta > 0 noise (on x_T's device), or `noise_fn(shape)` does, returning
+    a tensor of that shape (moved to x_T's device), for callers that decide how each row's noise
+    is drawn (e.g. per-frame CPU generators). `callback(i, t, x_prev, pred_x0)` runs after step i
+    (0 = the noisiest step), e.g. for previews.
     """
     if parameterization not in ("eps", "v"):
         raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
     if guidance_scale != 1.0 and uncond_fn is None:
         raise ValueError("guidance_scale != 1 needs an uncond_fn")
+    if generator is not None and noise_fn is not None:
+        raise ValueError("give a generator or a noise_fn, not both")
     timesteps = ddim_timesteps(steps, num_train=alphas_cumprod.shape[0])
     alphas, alphas_prev, sigmas = ddim_schedule(alphas_cumprod, timesteps, eta)
     x = x_T
@@ -94,7 +99,10 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
             eps = out
         noise = None
         if sigmas[index] > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            if noise_fn is not None:
+                noise = noise_fn(x.shape).to(x.device)
+            else:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         x, pred_x0 = ddim_step(x, eps, alphas[index], alphas_prev[index], sigmas[index], noise)
         if callback is not None:
             callback(i, int(timesteps[index]), x, pred_x0)

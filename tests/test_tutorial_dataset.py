@@ -141,12 +141,45 @@ def test_datamodule_splits_by_movie(fake_root):
         PairDataModule(fake_root, val_movies=["nope"]).setup()
 
 
-def test_loaders_pin_memory_for_cuda_and_prefetch_with_workers(fake_root):
+def test_datamodule_setup_builds_each_stages_datasets_once(fake_root, monkeypatch):
+    """The training script calls setup("fit") to fail early, then Lightning calls it again (on
+    every rank): the datasets are built once; other stages build only theirs."""
+    import tutorial_dataset
+    built = []
+
+    class Counting(PairDataset):
+        def __init__(self, root, movies, **kw):
+            built.append(tuple(movies))
+            super().__init__(root, movies, **kw)
+    monkeypatch.setattr(tutorial_dataset, "PairDataset", Counting)
+    dm = PairDataModule(fake_root, num_workers=0, size=64, test_movies=["film_b"], val_movies=[])
+    dm.setup("fit")
+    train = dm.train
+    dm.setup("fit")
+    dm.setup("validate")
+    assert built == [("film_a",)] and dm.train is train and dm.val is None and dm.test is None
+    dm.setup("test")
+    dm.setup("test")
+    dm.setup()
+    assert built == [("film_a",), ("film_b",)] and dm.test.movies == ["film_b"] and dm.train is train
+    dm = PairDataModule(fake_root, num_workers=0, size=64)
+    dm.setup("test")  # no test movies: nothing to build
+    dm.setup("validate")
+    assert dm.train is None and dm.test is None and dm.val.movies == ["film_b"]
+    assert built[2:] == [("film_b",)]
+
+
+def test_loaders_pin_memory_for_cuda_and_prefetch_with_workers(fake_root, monkeypatch):
     dm = PairDataModule(fake_root, batch_size=2, num_workers=0, size=64)  # defaults: pin iff CUDA
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.pin_memory == torch.cuda.is_available() and loader.prefetch_factor is None
     assert not loader.persistent_workers
+    for accelerator, cuda, pinned in (("cpu", True, False), ("auto", True, True), ("gpu", True, True),
+                                      ("auto", False, False)):  # only batches bound for a CUDA GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert PairDataModule(fake_root, accelerator=accelerator).pin_memory is pinned, (accelerator, cuda)
+    monkeypatch.undo()
     for workers, factor in ((1, 4), (2, 2), (3, 2)):  # >= 4 batches queued, at least 2 per worker
         dm = PairDataModule(fake_root, batch_size=2, num_workers=workers, size=64, pin_memory=False)
         dm.setup("fit")
@@ -181,7 +214,11 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         assert len(x0s) == 1 and x0s[0] % 8 == 0, x0s
         x0 = x0s[0]
         offsets.add(x0)
-        np.testing.assert_allclose(item["jpg"], src[j][:, x0 : x0 + 64] / 127.5 - 1, atol=1e-6)  # not flipped
+        # the target gives the hint its gray, from the same (unflipped) crop
+        np.testing.assert_allclose(item["hint"][..., 3], rgb_to_gray(src[j][:, x0 : x0 + 64]), atol=1e-6)
+        # only what the latent step uses: no target image (3 MB at 512x512), no reference std
+        assert set(item) == {"txt", "hint", "movie", "ref_index", "target_index",
+                             "jpg_latent_mean", "jpg_latent_std", "ref_latent_mean"}
         win = np.s_[:, :, x0 // 8 : x0 // 8 + 8]
         np.testing.assert_array_equal(item["jpg_latent_mean"], cache[j, 0][win].astype(np.float32))
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))

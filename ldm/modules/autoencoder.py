@@ -219,8 +219,10 @@ class DiagonalGaussian:
         return self.mean
 
 
-def _keyword_names(cls: type) -> set[str]:
-    return {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+def keyword_names(cls: type) -> set[str]:
+    """The keyword arguments `cls(...)` takes, by its signature: for refusing unknown config keys by name."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n, prm in inspect.signature(cls).parameters.items() if prm.kind in kinds}
 
 
 class AutoencoderKL(nn.Module):
@@ -238,7 +240,7 @@ class AutoencoderKL(nn.Module):
         z_channels = ddconfig["z_channels"]
         # One ddconfig serves both halves; each takes its own keys, and a key neither knows (a
         # typo, or a reference option such as attn_type that is not implemented) is an error.
-        enc_keys, dec_keys = _keyword_names(Encoder), _keyword_names(Decoder)
+        enc_keys, dec_keys = keyword_names(Encoder), keyword_names(Decoder)
         unknown = sorted(set(ddconfig) - enc_keys - dec_keys)
         if unknown:
             raise ValueError(f"unknown ddconfig key(s) {unknown}; known: {sorted(enc_keys | dec_keys)}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from annotator.color import rgb_to_gray
 from annotator.latent_cache import (
     LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, load_latents, read_frame, vae_fingerprint,
 )
@@ -109,11 +110,15 @@ def test_dataset_latent_mode(built):
         item = ds.sample(n % len(ds), np.random.default_rng(n))
         i, j = item["ref_index"], item["target_index"]
         assert item["jpg_latent_mean"].shape == (4, 8, 8) and item["jpg_latent_mean"].dtype == np.float32
-        # the crop is on the 8-pixel grid, never flipped: find it in the target frame
-        tgt = np.round((item["jpg"] + 1) * 127.5).astype(np.uint8)
-        full = read_frame(frame_path(root / "pan", j))
-        x0 = next(x for x in range(0, 160 - 64 + 1) if np.array_equal(full[:, x : x + 64], tgt))
+        # the crop is on the 8-pixel grid, never flipped: find it in the reference frame; the
+        # target (no image in latent mode) gives the hint's gray, from the same crop
+        assert "jpg" not in item
+        ref = np.round(item["hint"][..., :3] * 255).astype(np.uint8)
+        full = read_frame(frame_path(root / "pan", i))
+        x0 = next(x for x in range(0, 160 - 64 + 1) if np.array_equal(full[:, x : x + 64], ref))
         assert x0 % 8 == 0
+        tgt = read_frame(frame_path(root / "pan", j))[:, x0 : x0 + 64]
+        np.testing.assert_allclose(item["hint"][..., 3], rgb_to_gray(tgt), atol=1e-6)
         np.testing.assert_array_equal(item["jpg_latent_mean"], lat[j, 0][:, :, x0 // 8 : x0 // 8 + 8])
         np.testing.assert_array_equal(item["jpg_latent_std"], lat[j, 1][:, :, x0 // 8 : x0 // 8 + 8])
         np.testing.assert_array_equal(item["ref_latent_mean"], lat[i, 0][:, :, x0 // 8 : x0 // 8 + 8])

@@ -160,6 +160,23 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     assert json.loads((tmp_path / "data" / "good" / "meta.json").read_text())["source"] == str(good.resolve())
 
 
+def test_a_run_leaves_partial_alone_while_another_run_builds_there(tmp_path):
+    """A run that ends removes DATA_ROOT/.partial only when it is empty (os.rmdir): a movie
+    another run is building there is never touched; the last run to end removes it."""
+    good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
+    busy = tmp_path / "data" / ".partial" / "other_run" / "frames"
+    busy.mkdir(parents=True)
+    (busy / "000000.jpg").write_bytes(b"another run's frame")
+    s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    assert [m["movie_id"] for m in s.built] == ["good"]
+    assert (busy / "000000.jpg").read_bytes() == b"another run's frame"
+    (busy / "000000.jpg").unlink()
+    busy.rmdir()
+    busy.parent.rmdir()  # the other run is done with its movie
+    build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    assert not (tmp_path / "data" / ".partial").exists()
+
+
 def test_overall_progress_ends_at_100_percent_when_a_movie_is_skipped(tmp_path, capsys):
     """The overall bar starts from the claimed frame counts (6 + 8); the movie that fails at
     its fifth frame gives back what it did not build, so the bar ends full."""

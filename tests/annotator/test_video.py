@@ -4,7 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from annotator.video import FrameSourceError, iter_frames, natural_key, probe, read_image, shortfall_verdict
+from annotator.video import (
+    FrameRangeError, FrameSourceError, iter_frames, natural_key, probe, read_image, read_image_native, shortfall_verdict,
+)
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
@@ -156,3 +158,65 @@ def test_video_shorter_than_its_claim(tmp_path):
     with pytest.raises(FrameSourceError, match=r"k574.avi: truncated or corrupt: decoded 574 of 600 frames"):
         list(iter_frames(cut, warn=lines.append))
     assert len(lines) == 1
+
+
+def test_read_image_native_keeps_depth_channels_and_alpha(tmp_path):
+    rgba16 = np.zeros((4, 5, 4), np.uint16)
+    rgba16[...] = (1000, 2000, 3000, 65535)  # BGRA on disk
+    cv2.imwrite(str(tmp_path / "a.png"), rgba16)
+    img = read_image_native(tmp_path / "a.png")
+    assert img.dtype == np.uint16 and img[0, 0].tolist() == [3000, 2000, 1000, 65535]  # RGBA
+    cv2.imwrite(str(tmp_path / "g.png"), np.full((4, 5), 1000, np.uint16))
+    assert read_image_native(tmp_path / "g.png").shape == (4, 5)  # gray stays 2-D
+
+
+def test_folder_range_reads_nothing_outside_it(tmp_path):
+    frames = panning_clip(6, 16, 24)
+    d = write_folder(frames, tmp_path / "clip")
+    (d / "frame0.png").write_bytes(b"broken")  # before the range
+    (d / "frame4.png").write_bytes(b"broken")  # after it
+    got = list(iter_frames(d, start=1, stop=4))
+    assert [(i, n) for i, n, _ in got] == [(1, "frame1.png"), (2, "frame2.png"), (3, "frame3.png")]
+    for i, _, f in got:
+        np.testing.assert_array_equal(f, frames[i])
+    assert [i for i, _, _ in iter_frames(d, start=5)] == [5]
+    assert list(iter_frames(d, start=6)) == []  # just past the last frame: nothing
+    with pytest.raises(FrameRangeError, match="clip: folder has only 6 frames") as e:
+        list(iter_frames(d, start=7))
+    assert e.value.frames == 6
+    with pytest.raises(FrameSourceError, match="frame4.png: not a readable image"):
+        list(iter_frames(d, start=3))
+    with pytest.raises(ValueError, match="bad frame range"):
+        list(iter_frames(d, start=3, stop=2))
+    # the size check starts at the range's first frame
+    cv2.imwrite(str(d / "frame0.png"), np.zeros((8, 8, 3), np.uint8))
+    assert len(list(iter_frames(d, start=1, stop=4))) == 3
+    # 16-bit frames keep their depth with keep_depth
+    cv2.imwrite(str(d / "frame5.png"), np.full((16, 24), 1000, np.uint16))
+    (_, _, f16), = iter_frames(d, start=5, keep_depth=True)
+    assert f16.dtype == np.uint16 and f16.shape == (16, 24) and int(f16[0, 0]) == 1000
+
+
+def test_video_range_grabs_to_the_start_and_stops(tmp_path):
+    full = list(iter_frames(SAMPLE, stop=8))
+    assert [i for i, _, _ in full] == list(range(8))
+    part = list(iter_frames(SAMPLE, start=5, stop=8))
+    assert [(i, n) for i, n, _ in part] == [(5, "000005"), (6, "000006"), (7, "000007")]
+    for (_, _, a), (_, _, b) in zip(part, full[5:], strict=True):
+        np.testing.assert_array_equal(a, b)  # the frames a full decode gives
+    assert [i for i, _, _ in iter_frames(SAMPLE, start=130)] == [130, 131]
+    assert list(iter_frames(SAMPLE, start=132)) == []
+    with pytest.raises(FrameRangeError, match="video has only 132 frames") as e:
+        list(iter_frames(SAMPLE, start=140))
+    assert e.value.frames == 132
+
+
+def test_truncation_is_judged_only_when_the_video_is_read_to_its_end(tmp_path):
+    full = write_video(panning_clip(600, 16, 16), tmp_path / "full.avi", fps=25)
+    cut = truncate_avi(full, tmp_path / "k574.avi", 574)  # claims 600: truncated if read to the end
+    assert len(list(iter_frames(cut, stop=100))) == 100  # stopped before: nothing to judge
+    assert [i for i, _, _ in iter_frames(cut, start=570, stop=574)] == [570, 571, 572, 573]
+    with pytest.raises(FrameSourceError, match="truncated or corrupt: decoded 574 of 600"):
+        list(iter_frames(cut, start=570))
+    with pytest.raises(FrameSourceError, match="truncated or corrupt: decoded 574 of 600"):
+        list(iter_frames(cut, start=570, stop=580))  # asked for more than it has: it ran out

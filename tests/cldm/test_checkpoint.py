@@ -87,6 +87,21 @@ def test_failed_save_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
         save_state_dict({"a": torch.ones(2)}, tmp_path / "m.bin")
 
 
+@pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])
+def test_saved_files_get_the_mode_of_an_ordinary_file(tmp_path, ext):
+    """0666 less the umask, as open() would create it: not mkstemp's 0600, nor a fixed 0644."""
+    old = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):
+            os.umask(umask)
+            path = tmp_path / f"m{umask:03o}{ext}"
+            save_state_dict({"a": torch.ones(2)}, path)
+            assert path.stat().st_mode & 0o777 == mode, (oct(umask), oct(path.stat().st_mode))
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == [f"m{u}{ext}" for u in ("002", "022", "027")]  # no temp files
+
+
 def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
@@ -286,10 +301,50 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"x": Evil(tmp_path / "pwned")}, evil)
-    assert main(["convert", str(evil), str(tmp_path / "o.safetensors")]) == 1
+    assert main(["convert", str(evil), str(tmp_path / "o.safetensors")]) == 2  # bad input: the project's 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"python -m cldm.checkpoint: error: {evil}: holds pickled Python objects")
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_usage_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["inspect"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: the following arguments are required: file (see --help)" in err
+    assert main(["inspect", str(tmp_path / "nope.ckpt")]) == 2
+    assert capsys.readouterr().err == f"python -m cldm.checkpoint: error: {tmp_path / 'nope.ckpt'}: no such file\n"
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "load_state_dict", interrupted)
+    assert main(["inspect", str(tmp_path / "nope.ckpt")]) == 130
+    assert capsys.readouterr().err == "python -m cldm.checkpoint: interrupted\n"
+
+
+def test_plain_pickle_check_reads_only_the_first_opcodes(tmp_path, monkeypatch):
+    """Telling pickle.dump output from a legacy torch.save file needs the first pickle's first
+    opcodes (PROTO, LONG1 magic, ...), not every argument of a pickle of tensors."""
+    import pickle
+    import pickletools
+    plain, legacy = tmp_path / "plain.ckpt", tmp_path / "legacy.ckpt"
+    with open(plain, "wb") as f:
+        pickle.dump({"state_dict": {f"w{i}": torch.ones(2) for i in range(50)}}, f, protocol=4)
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.ckpt")
+    seen, genops = [], pickletools.genops
+
+    def counting(f):
+        for op in genops(f):
+            seen.append(op[0].name)
+            yield op
+    monkeypatch.setattr(checkpoint.pickletools, "genops", counting)
+    assert checkpoint._is_plain_pickle(plain) and len(seen) <= 3, seen
+    seen.clear()
+    assert not checkpoint._is_plain_pickle(legacy) and seen[:2] == ["PROTO", "LONG1"] and len(seen) <= 3
+    assert not checkpoint._is_plain_pickle(tmp_path / "zip.ckpt")
 
 
 class System:

@@ -1,5 +1,6 @@
 """Lightning wrapper: overfitting a fixed batch, the latent cache, modes, checkpointing, precision,
 logs, atomic checkpoints and the resume agreement of DDP processes."""
+import contextlib
 import math
 import multiprocessing
 import os
@@ -16,12 +17,12 @@ from torch.utils.data import DataLoader, default_collate
 import ldm.modules.attention
 import ldm.modules.unet
 from annotator.latent_cache import build_latent_cache
-from cldm.checkpoint import CheckpointError
-from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ResumeMismatchError,
+from cldm.checkpoint import CheckpointError, save_state_dict
+from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ReplicaCheck, ResumeMismatchError,
                             check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
-                            remove_partial_checkpoints)
+                            remove_partial_checkpoints, resume_problem)
 from cldm.model import TINY_CONFIG, load_config
-from cldm.trainable import INPUT_CONV, export_keys
+from cldm.trainable import UNET_INPUT_CONV, export_keys
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.unet import ResBlock
 from tests.train_helpers import one_thread, tiny_batch, tiny_data_root, tiny_model  # noqa: F401 (autouse fixture)
@@ -29,13 +30,13 @@ from tutorial_dataset import PairDataset
 
 
 def with_latents(module, batch):
-    """Add what the latent cache stores (unscaled posterior mean/std) to a dataset batch."""
+    """Add what a latent-mode PairDataset item holds (unscaled posterior mean/std of the target,
+    mean of the reference) to a dataset batch."""
     vae = module.model.first_stage_model
     with torch.no_grad():
         jpg = vae.encode(batch["jpg"].permute(0, 3, 1, 2))
         ref = vae.encode(batch["hint"][..., :3].permute(0, 3, 1, 2) * 2 - 1)
-    return {**batch, "jpg_latent_mean": jpg.mean, "jpg_latent_std": jpg.std,
-            "ref_latent_mean": ref.mean, "ref_latent_std": ref.std}
+    return {**batch, "jpg_latent_mean": jpg.mean, "jpg_latent_std": jpg.std, "ref_latent_mean": ref.mean}
 
 
 def fixed_loss(module, batch):
@@ -109,9 +110,11 @@ def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path):
     lat = default_collate([lat_ds[i] for i in idx])
     img = default_collate([img_ds[i] for i in idx])
     assert "jpg_latent_mean" not in img
+    # latent items carry what the step uses and no image (nor the reference's std)
+    assert set(lat) == {"txt", "hint", "movie", "ref_index", "target_index",
+                        "jpg_latent_mean", "jpg_latent_std", "ref_latent_mean"}
+    # same partner, same crop, no flip: the hint holds the reference crop and the target's gray
     assert torch.equal(lat["target_index"], img["target_index"]) and torch.equal(lat["hint"], img["hint"])
-    assert torch.equal(lat["jpg"], img["jpg"])  # same partner, same crop, no flip
-    del lat["jpg"]  # the latent step must not need the image
     vae = module.model.first_stage_model
     with torch.no_grad():
         post = vae.encode(img["jpg"].permute(0, 3, 1, 2))
@@ -282,7 +285,7 @@ def test_bf16_mixed_lightning_run_trains_only_the_trainable_weights():
     trainable = set(export_keys(module.model))
     assert all(after[k].dtype == torch.float32 for k in trainable)  # bf16 only inside autocast
     assert [k for k in after if k not in trainable and not torch.equal(after[k], before[k])] == []
-    assert torch.equal(after[INPUT_CONV][:, :4], before[INPUT_CONV][:, :4])
+    assert torch.equal(after[UNET_INPUT_CONV][:, :4], before[UNET_INPUT_CONV][:, :4])
     moved = {k for k in trainable if not torch.equal(after[k], before[k])}
     assert moved == trainable, sorted(trainable - moved)[:5]
 
@@ -328,20 +331,37 @@ def test_atomic_save_leaves_old_file_on_failure_and_no_temp(tmp_path, monkeypatc
 
 
 def test_atomic_save_gives_the_mode_of_an_ordinary_file(tmp_path):
-    """mkstemp makes 0600 files; a checkpoint gets 0666 & ~umask, as open() would create it."""
+    """Checkpoints, sample grids and the replica report get 0666 & ~umask, as open() would create
+    them (not mkstemp's 0600), and no temporary file is left."""
     io = AtomicCheckpointIO()
+    module = ColorControlModule(tiny_model("v2"))
     old = os.umask(0o027)
     try:
         for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
             os.umask(umask)
-            path = tmp_path / f"step={umask:08d}.ckpt"
-            io.save_checkpoint({"global_step": 1}, path)
-            assert os.stat(path).st_mode & 0o777 == mode, oct(os.stat(path).st_mode)
-            plain = tmp_path / f"plain{umask}"
+            d = tmp_path / f"u{umask:03o}"
+            io.save_checkpoint({"global_step": 1}, d / "step=00000001.ckpt")
+            ReplicaCheck(d / "replicas.json").on_train_end(FakeTrainer(), module)
+            ImageLogger(d / "images", every_n_steps=1, n=1, ddim_steps=1).on_train_batch_end(
+                FakeTrainer(), module, None, tiny_batch(1), 0)
+            plain = d / "plain"
             plain.write_bytes(b"")
-            assert os.stat(plain).st_mode & 0o777 == mode
+            files = [d / "step=00000001.ckpt", d / "replicas.json", d / "images" / "step-00000001.png", plain]
+            assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: mode for p in files}
+            assert sorted(p.name for p in d.rglob("*")) == sorted(["images", *(p.name for p in files)])
     finally:
         os.umask(old)
+
+
+class FakeTrainer:
+    """What ReplicaCheck and ImageLogger read of a Trainer: one process at step 1, no loggers."""
+
+    global_step, is_global_zero, loggers = 1, True, []
+
+    class precision_plugin:
+        @staticmethod
+        def forward_context():
+            return contextlib.nullcontext()
 
 
 def _resume_worker(rank, store, paths, results):
@@ -391,3 +411,75 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
     assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".step=00000030.ckpt.abc.tmp"]
     assert find_resume_checkpoint(tmp_path / "missing") is None
+
+
+def test_validation_loss_draws_everything_from_its_per_batch_generator():
+    """validation_step = compute_loss(batch, generator=g): the posterior draw, then t, then the noise
+    come from g (seeded by run seed and batch index), never from torch's RNG."""
+    module = ColorControlModule(tiny_model("v2"), seed=3)
+    batch = tiny_batch(2, seed=6)
+    logged = []
+    module.log = lambda name, value, **kw: logged.append((name, value.item()))
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        module.validation_step(batch, 4)
+        module.validation_step(batch, 4)
+        module.validation_step(batch, 5)
+    assert torch.equal(torch.get_rng_state(), rng)  # torch's RNG untouched
+    (n0, v0), (_, v1), (_, v2) = logged
+    assert n0 == "val/loss" and v0 == v1 and v0 != v2  # fixed per batch index, differs across
+    g = torch.Generator().manual_seed(3 * 100_003 + 4)
+    with torch.no_grad():  # the same draws, made here step by step
+        z0 = module.target_latent(batch, g)
+        t = torch.randint(0, module.model.num_timesteps, (2,), generator=g)
+        noise = torch.empty_like(z0).normal_(generator=g)  # randn_like: in z0's memory layout
+        hint, ref_latent, context = module.condition_inputs(batch)
+        cond = module.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
+        expected = module.model.training_loss(z0, cond, noise=noise, t=t).item()
+    assert v0 == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_image_grid_encodes_only_the_reference():
+    """The grid conditions like the step but needs no target latent: with images the VAE encodes
+    the reference only (v2's concat), with latent-cache batches nothing."""
+    module = ColorControlModule(tiny_model("v2"))
+    calls = []
+    module.model.first_stage_model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    batch = tiny_batch(2, seed=4)
+    module.image_grid(batch, n=2, steps=1)
+    assert calls == [2]  # one encode of the 2 references, none of the targets
+    calls.clear()
+    cached = with_latents(module, batch)
+    calls.clear()
+    del cached["jpg"]
+    module.image_grid(cached, n=2, steps=1)
+    assert calls == []
+
+
+def test_resume_problem_accepts_training_checkpoints_only(tmp_path):
+    """An explicit --resume file must be a Lightning checkpoint written by this training: an init
+    .ckpt is a zip too (it passes is_complete_checkpoint) but holds weights only."""
+    module = ColorControlModule(tiny_model("v2"))
+    init = tmp_path / "init.ckpt"  # as tool_add_control_sd21.py writes it with a .ckpt name
+    save_state_dict(module.model.state_dict(), init)
+    assert is_complete_checkpoint(init)
+    assert resume_problem(init) == ("not a Lightning training checkpoint (no 'pytorch-lightning_version'; an "
+                                    "--init or exported file holds weights only); resume from a file in "
+                                    "OUT/checkpoints")
+    ckpt = {"pytorch-lightning_version": L.__version__, "global_step": 2, "epoch": 0, "loops": {},
+            "optimizer_states": [], "lr_schedulers": [], "state_dict": {}}
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    assert resume_problem(other) == "a Lightning checkpoint, but not of this training (no 'cldm' entry)"
+    module.on_save_checkpoint(ckpt)  # adds what this training stores
+    good = tmp_path / "step=00000002.ckpt"
+    AtomicCheckpointIO().save_checkpoint(ckpt, good)
+    assert resume_problem(good) is None
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[:200])
+    assert resume_problem(cut).startswith("truncated, or not a checkpoint written by this training (")
+    legacy = tmp_path / "legacy.ckpt"  # an old torch.save format cannot be memory-mapped or resumed
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    assert resume_problem(legacy).startswith("truncated, or not a checkpoint written by this training (")
+    torch.save([1, 2], other)
+    assert resume_problem(other) == "holds a list, not a training checkpoint"

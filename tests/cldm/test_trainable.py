@@ -4,8 +4,8 @@ import torch
 
 from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
-from cldm.trainable import (INPUT_CONV, config_hash, configure_trainable, export_control, export_keys, load_sd_plus_control,
-                            param_groups, read_export_metadata, trainable_state_dict)
+from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_control,
+                            export_keys, load_sd_plus_control, param_groups, read_export_metadata, trainable_state_dict)
 from tests.train_helpers import one_thread, tiny_batch, tiny_model, tiny_sd_state  # noqa: F401 (autouse fixture)
 
 
@@ -18,7 +18,7 @@ def test_default_policy_trains_controlnet_and_unet_input_only():
     params = configure_trainable(model)
     names = trainable_names(model)
     control = {n for n, _ in model.named_parameters() if n.startswith("control_model.")}
-    assert names == control | {INPUT_CONV}
+    assert names == control | {UNET_INPUT_CONV}
     assert len(params) == len(names)
     assert not any(p.requires_grad for p in model.first_stage_model.parameters())
     assert not any(p.requires_grad for p in model.cond_stage_model.parameters())
@@ -29,15 +29,15 @@ def test_sd_unlocked_also_trains_the_unet_decoder_as_in_controlnet():
     configure_trainable(model, sd_locked=False)
     extra = trainable_names(model) - {n for n in trainable_names(model) if n.startswith("control_model.")}
     unet = "model.diffusion_model."
-    assert extra - {INPUT_CONV} == {n for n, _ in model.named_parameters()
+    assert extra - {UNET_INPUT_CONV} == {n for n, _ in model.named_parameters()
                                     if n.startswith((unet + "output_blocks.", unet + "out."))}
 
 
 def test_v1_and_flags_leave_the_unet_input_locked():
-    assert INPUT_CONV not in trainable_names(_configured(tiny_model("v1")))
-    assert INPUT_CONV not in trainable_names(_configured(tiny_model("v2"), train_unet_input=False))
+    assert UNET_INPUT_CONV not in trainable_names(_configured(tiny_model("v1")))
+    assert UNET_INPUT_CONV not in trainable_names(_configured(tiny_model("v2"), train_unet_input=False))
     model = tiny_model("v2", overrides=["model.concat_to_unet=false"])
-    assert INPUT_CONV not in trainable_names(_configured(model))
+    assert UNET_INPUT_CONV not in trainable_names(_configured(model))
 
 
 def test_only_mid_control_freezes_the_unused_zero_convs():
@@ -96,7 +96,7 @@ def test_export_reloads_on_top_of_sd(tmp_path):
             if n in exported:
                 p.add_(torch.randn_like(p) * 0.01)
         model.model.diffusion_model.input_blocks[0][0].weight[:, :4] = \
-            sd[INPUT_CONV]  # training never moves the SD channels
+            sd[UNET_INPUT_CONV]  # training never moves the SD channels
     save_state_dict(sd, tmp_path / "sd.safetensors")
     path = export_control(model, tmp_path / "control.safetensors", step=7,
                           cfg=load_config(TINY_CONFIG))
@@ -121,9 +121,59 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
                              tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
     part = {k: v for k, v in trainable_state_dict(model).items() if "hint_block" not in k}
     save_state_dict(part, tmp_path / "part.safetensors")
-    with pytest.raises(CheckpointError, match="missing control"):
+    with pytest.raises(CheckpointError, match=r"part\.safetensors: does not fit the model: the checkpoint's "
+                                              r"control_model\.\* does not match the model \(\d+ missing, e\.g\. "
+                                              r"control_model\.input_hint_block\.0\.weight\)$"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
                              tmp_path / "part.safetensors")
+    none = {k: v for k, v in trainable_state_dict(model).items() if not k.startswith("control_model.")}
+    save_state_dict(none, tmp_path / "none.safetensors")
+    with pytest.raises(CheckpointError, match=r"none\.safetensors: does not fit the model: no control_model\.\* "
+                                              r"tensors \(is it a control\.safetensors export\?\)$"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                             tmp_path / "none.safetensors")
+
+
+def test_export_without_metadata_gets_the_colour_variant_diagnosis_and_extra_keys_are_refused(tmp_path):
+    """A bare state dict (no metadata to compare variants by) of another variant is named as such,
+    by cldm.checkpoint.misfit, the rule every loader shares; keys the model lacks are refused."""
+    sd = tiny_sd_state()
+    save_state_dict(sd, tmp_path / "sd.safetensors")
+    v1 = tiny_model("v1", sd=sd)
+    configure_trainable(v1)
+    save_state_dict(trainable_state_dict(v1), tmp_path / "v1.safetensors")  # no metadata
+    with pytest.raises(CheckpointError) as err:
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                             tmp_path / "v1.safetensors")
+    assert str(err.value) == (
+        f"{tmp_path / 'v1.safetensors'}: does not fit the model: control_model.input_blocks.0.0.weight is "
+        "[32, 4, 3, 3] in the checkpoint but [32, 9, 3, 3] in the model; likely another colour variant: the "
+        "file's ControlNet takes 4 input channels (colour variant v1), this config's 9 (v2); set "
+        "model.color_variant=v1")
+    assert err.value.report.mismatched  # the full comparison comes along
+
+    v2 = tiny_model("v2", sd=sd)
+    configure_trainable(v2)
+    extra = {**trainable_state_dict(v2), "model_ema.decay": torch.tensor(0.999)}
+    save_state_dict(extra, tmp_path / "extra.safetensors")
+    with pytest.raises(CheckpointError, match=r"extra\.safetensors: does not fit the model: 1 tensors the model "
+                                              r"does not have \(e\.g\. model_ema\.decay\)$"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                             tmp_path / "extra.safetensors")
+
+
+def test_optimizer_names_and_bitsandbytes_are_checked_in_one_place(monkeypatch):
+    check_optimizer("adamw")
+    with pytest.raises(ValueError, match=r"^optimizer must be one of adamw, adamw8bit, got 'adam'$"):
+        check_optimizer("adam")
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r"adamw8bit needs bitsandbytes \(pip install bitsandbytes\)"):
+        check_optimizer("adamw8bit")
+    from cldm.lightning import ColorControlModule
+    with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes"):
+        ColorControlModule(tiny_model("v2"), optimizer="adamw8bit")
 
 
 def test_config_hash_ignores_checkpointing_but_not_what_trains():

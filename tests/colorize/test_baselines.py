@@ -169,7 +169,11 @@ def test_streamed_baselines_give_the_outputs_of_the_in_memory_ones():
     }
     for key, (method, refs, idx) in cases.items():
         got = _q(iter_baseline(method, iter(gray), refs, idx))  # a one-pass iterator
-        assert np.abs(got.astype(int) - e[key]).max() == 0, key
+        # Bit-identical on the machine that wrote EXPECTED; other CPUs take other SIMD paths in
+        # OpenCV's resize/DIS and round a few float32 values the other way: 1/65535 allowed,
+        # on at most 0.2 % of the values (seen: 35 of 51,120 on a second x86_64 machine).
+        diff = np.abs(got.astype(int) - e[key])
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.002, (key, diff.max(), (diff > 0).sum())
 
 
 class Feed:
@@ -212,3 +216,19 @@ def test_flow_frames_before_the_reference_wait_packed():
     luma = rgb_to_gray(moving_clip(1, 0, 0, h=8, w=8)[0] / 255)  # the luma of a colour frame: kept as is
     assert _pack(luma) is luma
 
+
+
+@pytest.mark.parametrize("method", ["reinhard", "flow"])
+def test_colour_frames_are_taken_as_their_luma(method):
+    """The baselines reduce frames as the pipeline does (colorize.gray.to_gray): RGB and RGBA
+    frames give exactly the outputs of their BT.601 luma."""
+    clip = moving_clip(3, 2, 1, h=48, w=64)
+    ref = clip[0]
+    rgba = [np.dstack([f, np.full(f.shape[:2], 255, np.uint8)]) for f in clip]
+    gray = run_baseline(method, [rgb_to_gray(f) for f in clip], ref)
+    for frames in (clip, rgba):
+        assert max_abs(run_baseline(method, frames, ref), gray) == 0.0
+
+
+def max_abs(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))

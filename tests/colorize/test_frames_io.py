@@ -116,7 +116,7 @@ def test_prefetch_keeps_order_raises_in_place_and_stops_early():
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_outputs_get_the_permissions_of_a_normal_file(tmp_path, umask, mode):
-    """Not mkstemp's 0600: 0666 less the umask, as open() would create them."""
+    """Not mkstemp's 0600: 0666 less the umask, as open() would create them (atomicio)."""
     old = os.umask(umask)
     try:
         write_bytes_atomic(tmp_path / "a.json", b"{}")

@@ -150,6 +150,19 @@ def test_shared_noise_is_the_same_for_every_frame_at_every_step(model, eta):
     assert (own[0] - own[1]).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("field, value, problem", [
+    ("size", 0, "must be >= 1 (got 0)"), ("steps", 0, "must be >= 1 (got 0)"), ("batch", 0, "must be >= 1 (got 0)"),
+    ("eta", -0.1, "must be >= 0 (got -0.1)"), ("anchor_every", -1, "must be >= 0 (got -1)"),
+    ("anchor_strength", 1.5, "must be in [0, 1] (got 1.5)"), ("noise", "none", "must be one of shared, per-frame"),
+    ("precision", "fp8", "must be auto or one of fp32, fp16, bf16"),
+])
+def test_options_name_the_bad_field(field, value, problem):
+    with pytest.raises(P.OptionError) as e:
+        P.Options(**{field: value})
+    assert (e.value.field, str(e.value).startswith(f"{field} {problem}")) == (field, True)
+    assert isinstance(e.value, P.InferenceError)
+
+
 def test_steps_past_the_schedule_are_refused(model, clip):
     with pytest.raises(ValueError, match="use 4"):  # uniform spacing 333 would reach t = 1000
         list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], size=64, steps=3))

@@ -121,3 +121,23 @@ def test_half_precision_latents_keep_dtype():
     out = ddim_sample(lambda x, t: oracle(x0)(x.float(), t).to(x.dtype), x_T, AC, steps=10)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * eps, rtol=0.05, atol=0.05)
+
+
+def test_noise_fn_replaces_the_generator():
+    """noise_fn(shape) is asked once per step with sigma > 0, for x's shape, and its draws are
+    exactly what the generator would have drawn in its place."""
+    x0, x_T = data()
+    shapes = []
+
+    def noise_fn(shape, g=torch.Generator().manual_seed(5)):
+        shapes.append(tuple(shape))
+        return torch.randn(shape, generator=g)
+    out = ddim_sample(oracle(x0), x_T, AC, steps=10, eta=1.0, noise_fn=noise_fn)
+    assert shapes == [tuple(x_T.shape)] * 10  # every step has sigma > 0 with eta = 1
+    ref = ddim_sample(oracle(x0), x_T, AC, steps=10, eta=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, ref)
+    shapes.clear()
+    ddim_sample(oracle(x0), x_T, AC, steps=10, eta=0.0, noise_fn=noise_fn)
+    assert shapes == []  # eta = 0: no noise drawn
+    with pytest.raises(ValueError, match="not both"):
+        ddim_sample(oracle(x0), x_T, AC, steps=10, eta=1.0, noise_fn=noise_fn, generator=torch.Generator())

@@ -266,6 +266,11 @@ def _bad_cases(env, tmp):
         "steps past schedule": (["--input", g, *base, "--steps", "3"], "use 4"),
         "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
         "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames 3:1"),
+        "negative eta": (["--input", g, *base, "--eta", "-0.5"], "--eta must be >= 0 (got -0.5)"),
+        "anchor strength": (["--input", g, *base, "--anchor-strength", "2"],
+                            "--anchor-strength must be in [0, 1] (got 2.0)"),
+        "batch": (["--input", g, *base, "--batch", "0"], "--batch must be >= 1 (got 0)"),
+        "anchor every": (["--input", g, *base, "--anchor-every", "-1"], "--anchor-every must be >= 0 (got -1)"),
     }
 
 
@@ -319,3 +324,29 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--input", "x"])  # missing --out: argparse, one line, exit 2
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_run_refused_at_its_first_frame_leaves_no_output_folder(env, tmp_path, capsys):
+    """The step count is checked once, against the model's schedule, when sampling starts."""
+    out = tmp_path / "new"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--out", out,
+                      *FAST, "--steps", "3"], capsys)
+    assert rc == 2 and "use 4" in err and not out.exists()
+
+
+def test_a_video_input_is_probed_once(env, tmp_path, capsys, monkeypatch):
+    probed = []
+
+    def counting_probe(path):
+        probed.append(Path(path).name)
+        return probe(path)
+    monkeypatch.setattr(cli, "probe", counting_probe)
+    monkeypatch.setattr(P, "probe", counting_probe)
+    rc, _, err = run(["--input", SAMPLE, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "0:1",
+                      "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert probed == [SAMPLE.name]
+    probed.clear()
+    rc, _, err = run(["--input", SAMPLE, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "140:",
+                      "--out", tmp_path / "out"], capsys)
+    assert rc == 2 and "the input has only 132 frames" in err and probed == [SAMPLE.name]

@@ -59,6 +59,7 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--methods", "fixed,magic"], "unknown method magic"),
     (["--frames", "130:140"], "has only 132 frames"),
+    (["--frames", "140:150"], "has only 132 frames"),  # starts past the end: nothing decoded
     (["--frames", "5:6"], "at least two frames"),
     (["--frames", "a:b"], "expected A:B"),
     (["--ckpt", "missing.safetensors"], "no such file"),

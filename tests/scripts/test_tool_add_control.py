@@ -115,7 +115,7 @@ def test_malicious_pickle_is_not_executed_and_named(tmp_path, capsys):
     assert tool.main([str(bad), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]) == 2
     assert not marker.exists()
     err = capsys.readouterr().err
-    assert err == (f"error: {bad}: holds pickled Python objects ({os.system.__module__}.system), not just tensors, "
+    assert err == (f"tool_add_control_sd21.py: error: {bad}: holds pickled Python objects ({os.system.__module__}.system), not just tensors, "
                    f"and unpickling could run code; convert it with `python -m cldm.checkpoint convert {bad} "
                    f"OUT.safetensors --allow-pickle`, or pass --allow-pickle, only if you trust the file\n")
     assert not (tmp_path / "o.safetensors").exists()
@@ -126,7 +126,7 @@ def test_output_suffix_is_checked_before_loading(tmp_path, capsys, name):
     missing = tmp_path / "not_there.safetensors"  # never opened: the suffix error comes first
     assert tool.main([str(missing), str(tmp_path / name), "--config", str(TINY_CONFIG)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {tmp_path / name}: output must end in .safetensors (recommended) or .ckpt\n"
+    assert err == f"tool_add_control_sd21.py: error: {tmp_path / name}: output must end in .safetensors (recommended) or .ckpt\n"
 
 
 def test_sd1x_file_is_named_as_such(tmp_path, capsys):
@@ -139,7 +139,7 @@ def test_sd1x_file_is_named_as_such(tmp_path, capsys):
                       "--config", str(TINY_CONFIG)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("error: checkpoint (SD1.x weights) does not match the model config (an SD1.x file: "
+    assert err.startswith("tool_add_control_sd21.py: error: checkpoint (SD1.x weights) does not match the model config (an SD1.x file: "
                           "768-wide cross-attention and a CLIP ViT-L text encoder; this needs Stable Diffusion "
                           "2.x weights such as v2-1_512-ema-pruned): ")
     assert "attn2.to_k.weight: file (32, 768) vs model (32, 32)" in err
@@ -166,6 +166,27 @@ def test_ckpt_output_round_trip_and_half_precision_keeps_the_schedule_float32(sd
     assert {v.dtype for k, v in half.items() if k not in schedule} == {torch.float16}
     torch.testing.assert_close(half["control_model.input_blocks.1.0.in_layers.2.weight"].float(),
                                st["control_model.input_blocks.1.0.in_layers.2.weight"], rtol=1e-3, atol=1e-4)
+
+
+def test_usage_errors_and_ctrl_c_are_one_line(sd_files, tmp_path, capsys, monkeypatch):
+    _, d = sd_files
+    with pytest.raises(SystemExit) as e:
+        tool.main([str(d / "sd.safetensors"), str(tmp_path / "o.safetensors"), "--variant", "v4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tool_add_control_sd21.py: error: argument --variant: invalid choice: 'v4'")
+    assert err.count("\n") == 1
+    out = tmp_path / "no" / "such" / "folder" / "o.safetensors"  # an OSError from the write
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tool_add_control_sd21.py: error: ") and err.count("\n") == 1 and "folder" in err
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tool, "load_state_dict", interrupted)
+    assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]) == 130
+    assert capsys.readouterr().err == "tool_add_control_sd21.py: interrupted\n"
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_help_explains_768_v(capsys):

@@ -18,7 +18,7 @@ import tutorial_train_sd21_color_v2 as train
 from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import load_state_dict, save_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
-from cldm.trainable import INPUT_CONV, load_sd_plus_control, read_export_metadata
+from cldm.trainable import UNET_INPUT_CONV, load_sd_plus_control, read_export_metadata
 from tests.train_helpers import one_thread, tiny_data_root, tiny_model  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,11 +54,17 @@ def load_ckpt(path):
 
 
 def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
+    init_ckpt = tmp_path / "init.ckpt"  # the init file as a .ckpt: a zip, but weights only
+    save_state_dict(load_state_dict(ws / "init.safetensors"), init_ckpt)
     cases = [
         (["--data", str(tmp_path / "nope")], "--data .*nope: no such folder"),
         (["--init", str(tmp_path / "nope.safetensors")], "--init .*: no such file"),
         (["model.colour_variant=v3"], "bad override.*colour_variant"),
         (["--resume", str(tmp_path / "x.ckpt")], "--resume .*: no such file"),
+        (["--resume", str(init_ckpt)], r"^tutorial_train_sd21_color_v2\.py: error: --resume .*init\.ckpt: not a "
+                                       r"Lightning training checkpoint \(no 'pytorch-lightning_version'"),
+        (["--resume", str(ws / "init.safetensors")], "--resume .*init.safetensors: not a Lightning training checkpoint"),
+        (["train.optimizer=adam"], "optimizer must be one of adamw, adamw8bit, got 'adam'"),
         (["model.color_variant=v3"], r"does not fit ControlLDM"),  # v2 init, v3 config
     ]
     for i, (extra, pattern) in enumerate(cases):  # a repeated flag wins over the one in args()
@@ -67,6 +73,14 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(pattern, err), (pattern, err)
         assert not (tmp_path / f"out{i}" / "config.yaml").exists()  # a failed start records nothing
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(ws, tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "prepare", interrupted)
+    assert train.main(args(ws, tmp_path / "out")) == 130
+    assert capsys.readouterr().err == "tutorial_train_sd21_color_v2.py: interrupted\n"
 
 
 def run_and_kill(ws, out, max_steps, when, seed):
@@ -136,7 +150,7 @@ def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_p
     meta = read_export_metadata(out / "control.safetensors")
     assert (meta["step"], meta["color_variant"], meta["init"]) == (str(step), "v2", "init.safetensors")
     init = load_state_dict(ws / "init.safetensors")
-    assert torch.equal(export[INPUT_CONV][:, :4], init[INPUT_CONV][:, :4])  # SD channels never moved
+    assert torch.equal(export[UNET_INPUT_CONV][:, :4], init[UNET_INPUT_CONV][:, :4])  # SD channels never moved
     # the inference side loads SD + export with the config found next to it
     sd = {k: v for k, v in init.items() if not k.startswith("control_model.")}
     save_state_dict(sd, tmp_path / "sd.safetensors")

@@ -1,0 +1,85 @@
+"""Files that appear whole or not at all: written to a temporary file beside the target, then renamed.
+
+os.replace within one folder is atomic, so a reader (or a run killed half-way through a
+write) only ever sees the previous file or the complete new one under the final name.
+Temporary names start with '.' and contain '.tmp'. They are created like any file that
+`open(path, "w")` makes (mode 0o666, less the umask and any default ACL), so the renamed file
+gets the usual permissions, e.g. 0644; tempfile.mkstemp would make it 0600.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["temp_beside", "atomic_path", "write_bytes_atomic"]
+
+
+def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
+    """A new, unique, empty file next to `path`.
+
+    With `keep_suffix` it ends in path's extension (`.NAME.1a2b3c4d.tmp.png`), for writers that
+    pick the format by extension; else in '.tmp' (`.NAME.png.1a2b3c4d.tmp`), for folders where
+    anything ending in the real extension would count as finished (checkpoints).
+    """
+    path = Path(path)
+    for _ in range(100):
+        token = secrets.token_hex(4)
+        name = f".{path.stem}.{token}.tmp{path.suffix}" if keep_suffix else f".{path.name}.{token}.tmp"
+        tmp = path.parent / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success rename it over `path`.
+
+    For writers that take a file name (torch.save, safetensors' save_file, an encoder). A
+    writer that replaces the file instead of writing into it (safetensors does, with mode
+    0600) gets the temporary file's original mode back. Any exception (Ctrl-C included)
+    deletes the temporary file and leaves `path` as it was. With
+    `fsync` the data reach the disk before the rename and the rename itself is made durable,
+    so even a power cut leaves the old or the new file (for checkpoints worth the wait).
+    """
+    path = Path(path)
+    tmp = temp_beside(path, keep_suffix)
+    try:
+        mode = tmp.stat().st_mode & 0o7777  # what the umask (and a default ACL) made of 0o666
+        yield tmp
+        if tmp.stat().st_mode & 0o7777 != mode:
+            os.chmod(tmp, mode)
+        if fsync:
+            _fsync(tmp, os.O_RDWR)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        try:
+            _fsync(path.parent, os.O_RDONLY)
+        except OSError:  # file systems (and platforms) that cannot sync a folder
+            pass
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path

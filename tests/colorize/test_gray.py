@@ -1,0 +1,43 @@
+"""colorize.gray: the gray of any frame and the (subsampled) colour test, against the full-frame definition."""
+from pathlib import Path
+
+import numpy as np
+
+from annotator.color import rgb_to_gray, to_float
+from annotator.video import iter_frames
+from colorize.gray import COLOUR_TOL, colour_spread, to_gray
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+
+
+def full_spread(rgb: np.ndarray) -> float:
+    """The definition, on every pixel: mean of max(R, G, B) - min(R, G, B)."""
+    f = to_float(rgb)[..., :3].astype(np.float64)
+    return float((f.max(-1) - f.min(-1)).mean())
+
+
+def test_the_subsampled_spread_is_the_full_frame_spread_on_real_frames():
+    for i, _, rgb in iter_frames(SAMPLE, stop=132, check_count=False):
+        if i % 30:
+            continue
+        full = full_spread(rgb)  # 720p: looked at on every 4th row and column
+        assert abs(colour_spread(to_float(rgb)) - full) < 0.02 * full + 1e-4, i
+        gray, colour = to_gray(rgb)
+        assert colour == (full > COLOUR_TOL)
+        np.testing.assert_array_equal(gray, rgb_to_gray(to_float(rgb)))  # the gray itself is untouched
+
+
+def test_small_frames_are_looked_at_whole():
+    rgb = np.zeros((300, 300, 3), np.float32)
+    rgb[7, 13] = (1.0, 0.0, 0.0)  # one coloured pixel, off every stride grid but k = 1
+    assert colour_spread(rgb) == np.float32(1.0) / np.float32(300 * 300)
+
+
+def test_the_threshold_on_a_720p_frame():
+    """A uniform channel offset of d levels: colour above COLOUR_TOL (2 levels; exactly 2 is float rounding)."""
+    base = np.random.default_rng(0).integers(0, 250, (720, 1280), dtype=np.uint8)
+    for d, colour in ((1, False), (3, True)):
+        rgb = np.dstack([base + d, base, base])
+        assert to_gray(rgb)[1] is colour, d
+        assert to_gray(np.dstack([rgb, np.full_like(base, 255)]))[1] is colour, d  # RGBA
+    assert to_gray(np.dstack([base, base, base]))[1] is False

@@ -1,0 +1,70 @@
+"""atomicio: temp file beside the target, then rename; permissions of an ordinary new file."""
+import os
+import re
+
+import pytest
+
+import atomicio
+from atomicio import atomic_path, temp_beside, write_bytes_atomic
+
+
+@pytest.fixture
+def umask():
+    """Set the umask for one test, then restore it."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_temp_names_keep_the_extension_or_end_in_tmp(tmp_path):
+    a, b = temp_beside(tmp_path / "clip.mp4"), temp_beside(tmp_path / "clip.mp4")
+    assert a != b and a.parent == tmp_path and a.stat().st_size == 0
+    assert re.fullmatch(r"\.clip\.[0-9a-f]{8}\.tmp\.mp4", a.name)  # encoders pick the format by extension
+    c = temp_beside(tmp_path / "step=00000005.ckpt", keep_suffix=False)
+    assert re.fullmatch(r"\.step=00000005\.ckpt\.[0-9a-f]{8}\.tmp", c.name)  # never looks like a .ckpt
+
+
+def test_atomic_path_renames_on_success_and_cleans_up_on_any_exception(tmp_path):
+    path = tmp_path / "out.bin"
+    with atomic_path(path) as tmp:
+        assert not path.exists()
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    for exc in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(b"half")
+                raise exc
+        assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_fsync_syncs_the_file_then_the_folder_only_when_asked(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(atomicio.os, "fsync", lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}"))
+                        or real(fd))
+    write_bytes_atomic(tmp_path / "a", b"x")
+    assert synced == []
+    write_bytes_atomic(tmp_path / "b", b"x", fsync=True)
+    assert synced == [False, True]  # the data before the rename, then the folder's entry
+    assert (tmp_path / "b").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_files_get_0666_less_the_umask(tmp_path, umask, mask, mode):
+    """Not mkstemp's 0600; also when the writer replaces the temp file with its own 0600 file
+    (safetensors' save_file does), and when an existing file of another mode is replaced."""
+    umask(mask)
+    write_bytes_atomic(tmp_path / "a.json", b"{}")
+    with atomic_path(tmp_path / "b.safetensors") as tmp:
+        replacement = tmp.with_name("writer's own temp")
+        fd = os.open(replacement, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.replace(replacement, tmp)
+    (tmp_path / "c.png").write_bytes(b"old")
+    os.chmod(tmp_path / "c.png", 0o600)
+    write_bytes_atomic(tmp_path / "c.png", b"new")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # what open() makes, for comparison
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["a.json", "b.safetensors", "c.png", "plain"], mode)

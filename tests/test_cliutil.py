@@ -1,0 +1,47 @@
+"""cliutil: one line per error, whatever the exception's message looks like."""
+import argparse
+
+import cv2
+import numpy as np
+import pytest
+
+from cliutil import one_line, run_cli
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError(), "OSError"),  # no message at all: its type name, not an IndexError
+    (ValueError(""), "ValueError"),
+    (ValueError("  \n\n"), "ValueError"),
+    (ValueError("\n  first  \nsecond"), "first"),
+    (FileNotFoundError(2, "No such file or directory", "x.png"), "[Errno 2] No such file or directory: 'x.png'"),
+])
+def test_one_line(exc, line):
+    assert one_line(exc) == line
+    assert one_line(exc, with_type=True) == (line if line == type(exc).__name__ else f"{type(exc).__name__}: {line}")
+
+
+def test_one_line_of_a_multi_line_opencv_error():
+    try:
+        cv2.resize(np.zeros((4, 4), np.uint8), "x")
+    except cv2.error as e:
+        assert "\n" in str(e).strip()
+        assert one_line(e).startswith("OpenCV") and "in function 'resize'" in one_line(e)
+
+
+def test_run_cli_reports_an_empty_message_in_one_line(capsys):
+    def fail(exc):
+        def run(_):
+            raise exc
+        return run
+    args = argparse.Namespace()
+    assert run_cli("p.py", fail(OSError()), args, (OSError,)) == 2
+    assert capsys.readouterr().err == "p.py: error: OSError\n"
+    assert run_cli("p.py", fail(KeyError()), args, (OSError,), named=(Exception,)) == 2
+    assert capsys.readouterr().err == "p.py: error: KeyError\n"
+    assert run_cli("p.py", fail(KeyError("k")), args, (OSError,), named=(Exception,)) == 2
+    assert capsys.readouterr().err == "p.py: error: KeyError: 'k'\n"
+    assert run_cli("p.py", fail(KeyboardInterrupt()), args, (OSError,), "stopped") == 130
+    assert capsys.readouterr().err == "p.py: stopped\n"
+    assert run_cli("p.py", lambda _: 0, args, (OSError,)) == 0
+    with pytest.raises(TypeError):  # not listed: a bug keeps its traceback
+        run_cli("p.py", fail(TypeError("bug")), args, (OSError,))
