@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -444,7 +445,12 @@ class Colorizer:
                                self.graphs)
             decoded = self.model.decode_first_stage(z)
         rgb = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return [self._finish(c, g) for c, g in zip(rgb, grays)]
+        if len(grays) == 1:
+            return [self._finish(rgb[0], grays[0])]
+        # Resizing back and recombining is CPU work on full-size frames (tens of ms each, serial
+        # with the sampling); numpy and OpenCV release the GIL, so a batch's frames run in parallel.
+        with ThreadPoolExecutor(min(len(grays), os.cpu_count() or 1)) as pool:
+            return list(pool.map(self._finish, rgb, grays))
 
     def _finish(self, color: np.ndarray, gray: np.ndarray) -> np.ndarray:
         color = resize(color, self.frame_hw)
