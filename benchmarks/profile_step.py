@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Where the time of a training step or a sampling step goes, by kind of kernel.
+
+Runs a few steps of the real config (or --config) under torch.profiler and prints, per
+step: wall time, the time the device was busy (the sum of its kernels' own times) and that
+time split into kinds (matmul/conv, attention, normalisation, element-wise, copies/casts,
+other), with the top kernels. Busy time well below wall time means the step waits for the
+host (Python, kernel launches), as eager sampling at batch 1 does; the kinds say which
+kernels to work on otherwise. On the CPU the same table is of CPU operator time.
+
+  python benchmarks/profile_step.py train --batch-size 16 --no-checkpointing      # GPU, real config
+  python benchmarks/profile_step.py sample --batch-size 1 [--no-cuda-graph]
+  python benchmarks/profile_step.py train --config models/cldm_tiny_color.yaml --size 64 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.train_flops import build_module, synthetic_batch  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, create_model, load_config  # noqa: E402
+
+# First match wins; kernel names (CUDA) and operator names (CPU) both.
+KINDS = [
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("normalisation", r"norm"),
+    ("matmul/conv", r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|xmma|wgmma|conv|cudnn|linear"),
+    ("copies/casts", r"copy|cast|to_copy|\bto\b|contiguous|cat|memcpy|memset"),
+    ("element-wise/reduce", r"elementwise|vectorized|reduce|unrolled|add|mul|silu|gelu|sum|mean|div|sub|sqrt|exp|pow|foreach|adam"),
+]
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, pattern in KINDS if re.search(pattern, low)), "other")
+
+
+def train_step(config, size: int, batch_size: int, checkpointing: bool, device, overrides=()):
+    module = build_module(config, overrides, checkpointing, device).to(device)
+    opt = module.configure_optimizers()["optimizer"]
+    batch = synthetic_batch(module.model, batch_size, size, True, device)
+    module.context([""])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step():
+        with autocast:
+            loss = module.compute_loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sample_step(config, size: int, batch_size: int, cuda_graph: bool, device, overrides=()):
+    """One DDIM step of colorize.pipeline (ControlNet + UNet), fp16 autocast on CUDA, bf16 on CPU."""
+    from colorize import pipeline as P
+    from colorize.cuda_graph import GraphCache
+
+    with torch.device(device):
+        model = create_model(load_config(config, overrides)).eval().requires_grad_(False)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    hint = torch.rand(batch_size, 4, size, size, device=device)
+    graphs = GraphCache() if cuda_graph and device.type == "cuda" else None
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, cache_enabled=False):
+        cond = model.prepare_condition(hint, context=model.get_learned_conditioning([""]).expand(batch_size, -1, -1),
+                                       ref_latent=model.encode_first_stage(hint[:, :3] * 2 - 1))
+
+    def step():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, cache_enabled=False):
+            P.sample_latents(model, cond, P.clip_generator(0), 1, graphs=graphs)
+
+    return step
+
+
+def profile_steps(step, steps: int, warmup: int, device) -> dict:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+    by_name, by_kind = defaultdict(float), defaultdict(float)
+    if device.type == "cuda":  # kernels: every device event is one, with its own time
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                by_name[e.name] += e.device_time_total
+    else:  # operators' own CPU time (nested calls excluded)
+        for e in prof.key_averages():
+            by_name[e.key] += e.self_cpu_time_total
+    for name, t in by_name.items():
+        by_kind[kind(name)] += t
+    busy = sum(by_name.values()) / 1e6 / steps  # profiler times are in microseconds
+    return {"wall_s": wall, "busy_s": busy,
+            "kinds": {k: v / 1e6 / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [(n, v / 1e6 / steps) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["train", "sample"], help="a training step or one DDIM sampling step")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: the real SD2.1 config)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step (default: 8)")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before profiling (default: 3)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="train: gradient checkpointing (default: off)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample: replay the step from a CUDA graph (default: on; CUDA only)")
+    p.add_argument("--device", default=None, help="cuda (default if present) or cpu")
+    p.add_argument("--top", type=int, default=15, help="kernels listed (default: 15)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.what == "train":
+        step = train_step(a.config, a.size, a.batch_size, a.checkpointing, device, a.overrides)
+    else:
+        step = sample_step(a.config, a.size, a.batch_size, a.cuda_graph, device, a.overrides)
+    r = profile_steps(step, a.steps, a.warmup, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    unit = "device" if device.type == "cuda" else "CPU operator"
+    print(f"# {a.what}, {Path(a.config).name}, {a.size}px, batch {a.batch_size}, {where}, torch {torch.__version__}")
+    print(f"wall {1000 * r['wall_s']:.1f} ms/step; {unit} time {1000 * r['busy_s']:.1f} ms/step "
+          f"({100 * r['busy_s'] / r['wall_s']:.0f} % of wall)")
+    print(f"| kind | ms/step | share of {unit} time |\n|---|---:|---:|")
+    for k, v in r["kinds"].items():
+        print(f"| {k} | {1000 * v:.2f} | {100 * v / r['busy_s']:.1f} % |")
+    print(f"\ntop {a.top}:")
+    for name, v in r["top"][:a.top]:
+        print(f"  {1000 * v:8.2f} ms  {kind(name):20s} {name[:100]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
