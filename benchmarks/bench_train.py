@@ -56,18 +56,15 @@ def device_name(device: torch.device) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, precision="bf16-mixed",
-          latent_cache=True, checkpointing=None, compile=False, device=None, overrides=(),
-          peak=None) -> dict:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = load_config(config, overrides)
-    ckpt = cfg.model.unet.use_checkpoint if checkpointing is None else checkpointing
-    module = build_module(config, overrides, ckpt, device, compile=compile).to(device)
+def train_step_fn(config, size: int, batch_size: int, precision: str, latent_cache: bool, checkpointing: bool,
+                  device: torch.device, compile: bool = False, overrides=()):
+    """The measured training step, as a function: loss under autocast, backward, AdamW step, on a
+    synthetic batch already on `device` (the blank-prompt embedding computed beforehand)."""
+    module = build_module(config, overrides, checkpointing, device, compile=compile).to(device)
     opt = module.configure_optimizers()["optimizer"]
     batch = synthetic_batch(module.model, batch_size, size, latent_cache, device)
     module.context([""])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         with autocast:
@@ -75,6 +72,18 @@ def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, pre
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, precision="bf16-mixed",
+          latent_cache=True, checkpointing=None, compile=False, device=None, overrides=(),
+          peak=None) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(config, overrides)
+    ckpt = cfg.model.unet.use_checkpoint if checkpointing is None else checkpointing
+    step = train_step_fn(config, size, batch_size, precision, latent_cache, ckpt, device, compile, overrides)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     for _ in range(warmup):
         step()

@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.train_flops import build_module, synthetic_batch  # noqa: E402
+from benchmarks.bench_train import train_step_fn  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, create_model, load_config  # noqa: E402
 
 # First match wins; kernel names (CUDA) and operator names (CPU) both.
@@ -44,20 +44,8 @@ def kind(name: str) -> str:
 
 
 def train_step(config, size: int, batch_size: int, checkpointing: bool, device, overrides=()):
-    module = build_module(config, overrides, checkpointing, device).to(device)
-    opt = module.configure_optimizers()["optimizer"]
-    batch = synthetic_batch(module.model, batch_size, size, True, device)
-    module.context([""])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-
-    def step():
-        with autocast:
-            loss = module.compute_loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    """bench_train.py's step: bf16 autocast, latent cache."""
+    return train_step_fn(config, size, batch_size, "bf16-mixed", True, checkpointing, device, overrides=overrides)
 
 
 def sample_step(config, size: int, batch_size: int, cuda_graph: bool, device, overrides=()):
