@@ -34,7 +34,7 @@ class GraphedStep:
     def __init__(self, step: StepFn, x: torch.Tensor, t: torch.Tensor, cond: ColorCondition):
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got {x.device}")
-        self.key = signature(x, cond)
+        self.signature = signature(x, cond)
         self.x, self.t = x.clone(), t.clone()
         self.cond = ColorCondition(*(None if f is None else f.clone() for f in _fields(cond)))
         side = torch.cuda.Stream(x.device)
@@ -49,7 +49,7 @@ class GraphedStep:
 
     def set_condition(self, cond: ColorCondition) -> None:
         """Copy a new batch's condition (same shapes) into the graph's inputs."""
-        if signature(self.x, cond) != self.key:
+        if signature(self.x, cond) != self.signature:
             raise ValueError("condition shapes differ from the captured graph's")
         for static, new in zip(_fields(self.cond), _fields(cond)):
             if static is not None and static.data_ptr() != new.data_ptr():
@@ -69,10 +69,14 @@ class GraphCache:
     def __init__(self):
         self.graphs: dict[tuple, GraphedStep] = {}
 
-    def step_fn(self, step: StepFn, x: torch.Tensor, cond: ColorCondition) -> Callable:
+    def step_fn(self, step: StepFn, x: torch.Tensor, cond: ColorCondition, tag: tuple = ()) -> Callable:
         """A (x, t) -> out function for sampling `cond` from latents shaped like `x`, replaying a
-        graph made on first use (the condition is copied in once, at the first step)."""
-        key = signature(x, cond)
+        graph made on first use (the condition is copied in once, at the first step).
+
+        `tag`: what else the captured step depends on (the model, the guidance scale), so that
+        a cache shared by different steps never replays the wrong one.
+        """
+        key = (signature(x, cond), tag)
         graph = None
 
         def run(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -321,7 +321,7 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
     step_cond = ColorCondition.cat([cond, uncond]) if guided else cond
     x_T = draw()
     if graphs is not None and dev.type == "cuda":
-        model_fn = graphs.step_fn(step, x_T, step_cond)
+        model_fn = graphs.step_fn(step, x_T, step_cond, tag=(id(model), ref_guidance))
     else:
         model_fn = lambda x, t: step(x, t, step_cond)  # noqa: E731
     return sampler.ddim_sample(model_fn, x_T, model.alphas_cumprod, steps, eta, model.parameterization,
