@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: replay denoising steps from CUDA graphs (default: on)")
+    p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     p.add_argument("--modes", default=",".join(RUNS), help="comma-separated rows of the table to run "
                    f"(default: all: {','.join(RUNS)})")
     p.add_argument("--flops", action="store_true", help="count FLOPs per frame on meta instead of timing")
@@ -158,8 +161,11 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     with torch.device(args.device):
         model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     grays, ref = load_frames(args.frames, args.scale, args.square)
     opts = dict(size=args.size, steps=args.steps, precision=args.precision, noise=args.noise,
                 cuda_graph=args.cuda_graph)
@@ -182,6 +188,7 @@ def main(argv=None) -> int:
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
           f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
           f"{args.noise} noise, CUDA graphs {'on' if args.cuda_graph else 'off'}, "
+          f"channels_last {args.channels_last}, cudnn.benchmark {args.cudnn_benchmark}, "
           f"{args.frames} frames, median of {args.repeat}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")

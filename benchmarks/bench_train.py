@@ -57,10 +57,13 @@ def device_name(device: torch.device) -> str:
 
 
 def train_step_fn(config, size: int, batch_size: int, precision: str, latent_cache: bool, checkpointing: bool,
-                  device: torch.device, compile: bool = False, overrides=()):
+                  device: torch.device, compile: bool = False, overrides=(), channels_last: bool = False):
     """The measured training step, as a function: loss under autocast, backward, AdamW step, on a
-    synthetic batch already on `device` (the blank-prompt embedding computed beforehand)."""
+    synthetic batch already on `device` (the blank-prompt embedding computed beforehand).
+    `channels_last`: the model's 4-D weights in NHWC order (an experiment: not used in training)."""
     module = build_module(config, overrides, checkpointing, device, compile=compile).to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
     opt = module.configure_optimizers()["optimizer"]
     batch = synthetic_batch(module.model, batch_size, size, latent_cache, device)
     module.context([""])
@@ -78,11 +81,12 @@ def train_step_fn(config, size: int, batch_size: int, precision: str, latent_cac
 
 def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, precision="bf16-mixed",
           latent_cache=True, checkpointing=None, compile=False, device=None, overrides=(),
-          peak=None) -> dict:
+          peak=None, channels_last=False) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(config, overrides)
     ckpt = cfg.model.unet.use_checkpoint if checkpointing is None else checkpointing
-    step = train_step_fn(config, size, batch_size, precision, latent_cache, ckpt, device, compile, overrides)
+    step = train_step_fn(config, size, batch_size, precision, latent_cache, ckpt, device, compile, overrides,
+                         channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     for _ in range(warmup):
@@ -107,6 +111,7 @@ def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, pre
     return {"device": device_name(device), "date": datetime.date.today().isoformat(),
             "config": Path(config).name, "size": size, "batch_size": batch_size, "precision": precision,
             "latent_cache": latent_cache, "checkpointing": bool(ckpt), "compile": compile,
+            "channels_last": channels_last, "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "step_s": dt, "samples_per_s": sps, "model_tflop_per_sample": flops / 1e12,
             "achieved_tflops": flops * sps / 1e12, "peak_tflops": peak,
             "mfu": flops * sps / (peak * 1e12) if peak else None, "memory_gib": mem, "memory_kind": mem_kind}
@@ -125,6 +130,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing (default: the config's unet.use_checkpoint)")
     p.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet")
+    p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     p.add_argument("--device", default=None, help="cuda (default if present) or cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids stalls")
@@ -134,11 +142,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     r = bench(a.config, a.size, a.batch_size, a.steps, a.warmup, a.precision, a.latent_cache, a.checkpointing,
-              a.compile, a.device, a.overrides, a.peak_tflops)
+              a.compile, a.device, a.overrides, a.peak_tflops, a.channels_last)
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no known peak)"
     print(f"{r['device']}, {r['date']}: {r['config']} {r['size']}px, batch {r['batch_size']}, {r['precision']}, "
-          f"latent cache {r['latent_cache']}, checkpointing {r['checkpointing']}, compile {r['compile']}\n"
+          f"latent cache {r['latent_cache']}, checkpointing {r['checkpointing']}, compile {r['compile']}, "
+          f"channels_last {r['channels_last']}, cudnn.benchmark {r['cudnn_benchmark']}\n"
           f"  {r['samples_per_s']:.2f} samples/s ({1000 * r['step_s']:.0f} ms/step), "
           f"{r['memory_gib']:.2f} GiB {r['memory_kind']}\n"
           f"  {r['model_tflop_per_sample']:.4f} TFLOP/sample -> {r['achieved_tflops']:.4f} TFLOP/s, MFU {mfu}")

@@ -6,6 +6,7 @@
 #   train    (~1.5 min) benchmarks/bench_train.py, real SD2.1 config at 512, bf16, latent cache
 #   infer    (~1.5 min) benchmarks/bench_inference.py, real config at 512x512, CUDA graphs on and off
 #   profile  (~2 min) benchmarks/profile_step.py: where a training and a sampling step spend time
+#   variants (~2 min, unmeasured) channels_last and cudnn.benchmark, training and inference
 #   compile  (minutes, unmeasured) bench_train.py --compile
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [SECTION ...]   (default: checks train infer)
 # Each command's log goes to OUT_DIR/NAME.log, JSON results beside them; exit 1 if any failed.
@@ -66,6 +67,15 @@ if has profile; then
     step profile_sample_b1 $py benchmarks/profile_step.py sample --batch-size 1
     step profile_sample_b1_eager $py benchmarks/profile_step.py sample --batch-size 1 --no-cuda-graph
     step profile_sample_b8 $py benchmarks/profile_step.py sample --batch-size 8
+fi
+if has variants; then
+    for v in "--cudnn-benchmark" "--channels-last --cudnn-benchmark"; do
+        tag=$(echo "$v" | tr -d ' -')
+        step "bench_train_b16_$tag" $py benchmarks/bench_train.py --batch-size 16 --no-checkpointing $v \
+            --json "$out/train_b16_$tag.json"
+        step "bench_inference_$tag" $py benchmarks/bench_inference.py --config models/cldm_v21_color.yaml \
+            --device cuda --size 512 --square --frames 16 --repeat 1 --modes fixed1,fixed8 $v
+    done
 fi
 if has compile; then
     step bench_train_compile timeout 480 $py benchmarks/bench_train.py --batch-size 16 --no-checkpointing --compile \
