@@ -110,6 +110,12 @@ def test_export_reloads_on_top_of_sd(tmp_path):
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
+def load_into_tiny_v2(tmp_path, control_name):
+    """load_sd_plus_control into a fresh tiny v2 model, from tmp_path's sd.safetensors and `control_name`."""
+    return load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                                tmp_path / control_name)
+
+
 def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     sd = tiny_sd_state()
     save_state_dict(sd, tmp_path / "sd.safetensors")
@@ -124,14 +130,12 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     with pytest.raises(CheckpointError, match=r"part\.safetensors: does not fit the model: the checkpoint's "
                                               r"control_model\.\* does not match the model \(\d+ missing, e\.g\. "
                                               r"control_model\.input_hint_block\.0\.weight\)$"):
-        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
-                             tmp_path / "part.safetensors")
+        load_into_tiny_v2(tmp_path, "part.safetensors")
     none = {k: v for k, v in trainable_state_dict(model).items() if not k.startswith("control_model.")}
     save_state_dict(none, tmp_path / "none.safetensors")
     with pytest.raises(CheckpointError, match=r"none\.safetensors: does not fit the model: no control_model\.\* "
                                               r"tensors \(is it a control\.safetensors export\?\)$"):
-        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
-                             tmp_path / "none.safetensors")
+        load_into_tiny_v2(tmp_path, "none.safetensors")
 
 
 def test_export_without_metadata_gets_the_colour_variant_diagnosis_and_extra_keys_are_refused(tmp_path):
@@ -143,8 +147,7 @@ def test_export_without_metadata_gets_the_colour_variant_diagnosis_and_extra_key
     configure_trainable(v1)
     save_state_dict(trainable_state_dict(v1), tmp_path / "v1.safetensors")  # no metadata
     with pytest.raises(CheckpointError) as err:
-        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
-                             tmp_path / "v1.safetensors")
+        load_into_tiny_v2(tmp_path, "v1.safetensors")
     assert str(err.value) == (
         f"{tmp_path / 'v1.safetensors'}: does not fit the model: control_model.input_blocks.0.0.weight is "
         "[32, 4, 3, 3] in the checkpoint but [32, 9, 3, 3] in the model; likely another colour variant: the "
@@ -158,8 +161,7 @@ def test_export_without_metadata_gets_the_colour_variant_diagnosis_and_extra_key
     save_state_dict(extra, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match=r"extra\.safetensors: does not fit the model: 1 tensors the model "
                                               r"does not have \(e\.g\. model_ema\.decay\)$"):
-        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
-                             tmp_path / "extra.safetensors")
+        load_into_tiny_v2(tmp_path, "extra.safetensors")
 
 
 def test_optimizer_names_and_bitsandbytes_are_checked_in_one_place(monkeypatch):
