@@ -72,7 +72,7 @@ def transfer_luma(color: np.ndarray, gray: np.ndarray) -> np.ndarray:
     and -y / offset (offset < 0); division being monotonic, that is (1 - y) / max(offset) and
     -y / min(offset), so only two HW divisions are needed. Max and min over the channels are
     taken plane by plane: numpy's reduction over a length-3 last axis is ~20x slower (this
-    function went from 45 to 10 ms on a 720x720 frame, with identical results).
+    function went from 43.7 to 11.4 ms on a 720x720 frame, with identical results).
     """
     color, gray = to_float(color), to_float(gray)
     if color.shape[:-1] != gray.shape:

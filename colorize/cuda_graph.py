@@ -52,7 +52,7 @@ class GraphedStep:
         if signature(self.x, cond) != self.signature:
             raise ValueError("condition shapes differ from the captured graph's")
         for static, new in zip(_fields(self.cond), _fields(cond)):
-            if static is not None and static.data_ptr() != new.data_ptr():
+            if static is not None:
                 static.copy_(new)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

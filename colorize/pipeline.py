@@ -296,7 +296,7 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
     `generators[i]`. Either way a frame's result does not depend on the batch it is in
     (ddim_sample's own generator draws one noise tensor for the whole batch). Reference
     guidance runs cond and uncond as one batch: out = uncond + ref_guidance * (cond - uncond).
-    `graphs` (CUDA only): replay each step from a CUDA graph kept there (colorize.cuda_graph).
+    `graphs` (CUDA tensors only): replay each step from a CUDA graph kept there (colorize.cuda_graph).
     """
     shared = isinstance(generators, torch.Generator)
     if not shared and len(generators) != len(cond):
@@ -320,7 +320,7 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
 
     step_cond = ColorCondition.cat([cond, uncond]) if guided else cond
     x_T = draw()
-    if graphs is not None and dev.type == "cuda":
+    if graphs is not None:
         model_fn = graphs.step_fn(step, x_T, step_cond, tag=(id(model), ref_guidance))
     else:
         model_fn = lambda x, t: step(x, t, step_cond)  # noqa: E731

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from annotator.color import rgb_to_gray
 from cldm.lightning import ColorControlModule
 from cldm.trainable import export_keys
 from colorize import pipeline as P
@@ -112,8 +113,7 @@ def _clip(n=4, h=72, w=104):
     rng = np.random.default_rng(0)
     base = rng.random((h // 8, w // 8, 3)).astype(np.float32)
     frames = [cv2.resize(np.roll(base, k, axis=1), (w, h), interpolation=cv2.INTER_LINEAR) for k in range(n + 1)]
-    gray = [0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2] for f in frames[1:]]
-    return gray, frames[0]
+    return [rgb_to_gray(f) for f in frames[1:]], frames[0]
 
 
 def test_pipeline_on_cuda_matches_cpu():
