@@ -108,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
                         "several times faster at small batches, where launching kernels from Python "
                         "is the bottleneck (default: on; ignored on CPU)")
 
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile ControlNet, UNet and VAE decoder before the first frame: inductor "
+                        "fuses the many small memory-bound kernels of eager mode. Each batch shape compiles "
+                        "once (minutes for SD2.1), so it pays off for long clips only; results differ from "
+                        "eager by float rounding (default: off)")
+
     s = p.add_argument_group("sampling")
     s.add_argument("--mode", choices=P.MODES, default="fixed",
                    help="fixed: every frame from the reference (batched); recursive: each frame from the previous "
@@ -315,6 +321,8 @@ def run(args) -> int:
     if args.method == "model":  # the step count is checked against its schedule at the first frame
         model = P.load_model(args.ckpt, args.control, args.config, args.set, resolve_device(args.device),
                              args.allow_pickle)
+        if args.compile:
+            model.compile_denoiser(vae_decoder=True, dynamic=False)
     notes = set()
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method)

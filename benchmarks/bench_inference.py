@@ -6,7 +6,9 @@ reference and hint work, DDIM, VAE decode, resize back and the luminance-true re
 at the input size (no file writing). The model is the tiny config with random weights -
 speed does not depend on the weights - so the numbers compare the modes, not the real model:
 fixed mode batches frames and encodes the reference once; recursive and anchored modes run
-one frame at a time and encode the previous output as the next reference.
+one frame at a time and encode the previous output as the next reference. The row
+"fixed8serial" is fixed mode at batch 8 without the pipeline's overlap of one batch's CPU
+finishing with the next batch's GPU work (the same outputs): the baseline for that overlap.
 Runs of the modes alternate and the median of --repeat runs is reported, so background load
 hits all modes alike.
 
@@ -29,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -47,6 +50,7 @@ RUNS = {  # name (for --modes) -> (mode, batch)
     "fixed1": ("fixed", 1),
     "fixed4": ("fixed", 4),
     "fixed8": ("fixed", 8),
+    "fixed8serial": ("fixed-serial", 8),
     "recursive": ("recursive", 1),
     "anchored": ("anchored", 1),
 }
@@ -54,6 +58,8 @@ RUNS = {  # name (for --modes) -> (mode, batch)
 
 def label(name: str) -> str:
     mode, batch = RUNS[name]
+    if mode == "fixed-serial":
+        return f"fixed, batch {batch}, serial (no overlap)"
     return f"{mode}, batch {batch}" if mode == "fixed" else mode
 
 
@@ -77,10 +83,26 @@ def load_frames(n: int, scale: float, square: bool = False) -> tuple[list[np.nda
     return grays, ref
 
 
+def fixed_serial(model, grays, ref, batch: int, **options):
+    """Fixed mode without the pipeline's overlap: each batch is sampled, decoded and finished
+    before the next starts (Colorizer.run), the way colorize.pipeline worked before 2026-11-27.
+    The same work and outputs as fixed mode: the baseline the overlap is measured against."""
+    col = P.Colorizer(model, grays[0].shape, P.Options(batch=batch, **options))
+    r = col.reference(ref)
+    with ThreadPoolExecutor(min(batch, os.cpu_count() or 1)) as pool:
+        for i in range(0, len(grays), batch):
+            chunk = grays[i:i + batch]
+            yield from col.run(chunk, range(i, i + len(chunk)), [r] * len(chunk), pool)
+
+
 def fps(model, grays, ref, mode: str, batch: int, **options) -> tuple[float, float]:
     """(frames per second of wall time, CPU seconds per frame over all threads)."""
     t, c = time.perf_counter(), time.process_time()
-    n = sum(1 for _ in P.colorize(model, grays, ref, mode, batch=batch, **options))
+    if mode == "fixed-serial":
+        frames = fixed_serial(model, grays, ref, batch, **options)
+    else:
+        frames = P.colorize(model, grays, ref, mode, batch=batch, **options)
+    n = sum(1 for _ in frames)
     return n / (time.perf_counter() - t), (time.process_time() - c) / n
 
 
@@ -144,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile ControlNet, UNet and VAE decoder (ControlLDM.compile_denoiser); the "
+                        "warm-up compiles each batch shape and reports the largest difference from eager")
     p.add_argument("--modes", default=",".join(RUNS), help="comma-separated rows of the table to run "
                    f"(default: all: {','.join(RUNS)})")
     p.add_argument("--flops", action="store_true", help="count FLOPs per frame on meta instead of timing")
@@ -172,7 +197,20 @@ def main(argv=None) -> int:
     runs = [m.strip() for m in args.modes.split(",")]
     if not runs or any(m not in RUNS for m in runs):
         p.error(f"--modes {args.modes}: choose from {','.join(RUNS)}")
-    fps(model, grays[:2], ref, "fixed", 2, **opts)  # warm-up
+    # Warm-up: every batch shape of the runs once (CUDA graph capture, cuDNN autotuning, compiling).
+    warm = {(RUNS[n][0] not in ("recursive", "anchored"), RUNS[n][1]) for n in runs}
+    warm_up = lambda: {b: list(P.colorize(model, grays[:max(b, 2)], ref, "fixed" if f else "recursive", batch=b,
+                                          **opts)) for f, b in sorted(warm)}
+    if args.compile:
+        eager = warm_up()
+        t = time.perf_counter()
+        model.compile_denoiser(vae_decoder=True, dynamic=False)
+        compiled = warm_up()
+        diff = max(float(np.abs(x - y).max()) for b in eager for x, y in zip(eager[b], compiled[b]))
+        print(f"compile + warm-up: {time.perf_counter() - t:.0f} s; largest |compiled - eager| over "
+              f"{sum(map(len, eager.values()))} warm-up frames: {diff:.2e}")
+    else:
+        warm_up()
     results = {name: [] for name in runs}
     for _ in range(args.repeat):
         for name in runs:
@@ -188,7 +226,7 @@ def main(argv=None) -> int:
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
           f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
           f"{args.noise} noise, CUDA graphs {'on' if args.cuda_graph else 'off'}, "
-          f"channels_last {args.channels_last}, cudnn.benchmark {args.cudnn_benchmark}, "
+          f"channels_last {args.channels_last}, cudnn.benchmark {args.cudnn_benchmark}, compile {args.compile}, "
           f"{args.frames} frames, median of {args.repeat}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")

@@ -142,6 +142,21 @@ class ControlLDM(nn.Module):
         return self.model.diffusion_model(x_in if self.concat_to_unet else x_t, t, cond.context,
                                           control=control, only_mid_control=self.only_mid_control)
 
+    def compile_denoiser(self, vae_decoder: bool = False, **options) -> None:
+        """torch.compile, in place, what runs at every denoising step (ControlNet and UNet) and
+        optionally the VAE decoder.
+
+        Eager mode runs each GroupNorm, activation, cast and residual add as its own memory-bound
+        kernel; inductor fuses them into their neighbours. In place (nn.Module.compile), so the
+        state_dict names stay SD's. The first call of each new input shape compiles (minutes for
+        SD2.1). `options` go to torch.compile: `dynamic=False` keeps every shape's kernels static.
+        """
+        parts = [self.control_model, self.model.diffusion_model]
+        if vae_decoder:
+            parts.append(self.first_stage_model.decoder)
+        for part in parts:
+            part.compile(**options)
+
     # ---- sampling and training ----------------------------------------------------------
     @torch.no_grad()
     def sample(self, cond: ColorCondition, x_T: torch.Tensor | None = None, steps: int = 20, eta: float = 0.0,

@@ -64,8 +64,7 @@ class ColorControlModule(L.LightningModule):
         self._locked_snapshot: torch.Tensor | None = None
         self._locked_fp: float | None = None
         if compile:
-            model.control_model.compile()
-            model.model.diffusion_model.compile()
+            model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
 
     # ---- modes ------------------------------------------------------------------------

@@ -425,10 +425,11 @@ class Colorizer:
         return self.model.prepare_condition(hint, context=self.context.expand(b, -1, -1), ref_latent=latent)
 
     @torch.no_grad()
-    def run(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference]) -> list[np.ndarray]:
-        """Colourise full-size gray frames (frame `indices[i]` with `refs[i]`) in one batch.
+    def launch(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference]) -> Pending:
+        """Start colourising full-size gray frames (frame `indices[i]` with `refs[i]`) as one batch.
 
-        Returns float32 HW3 RGB in [0, 1] at the input size (luminance-true unless raw).
+        On CUDA this returns once the work is queued (the decoded batch lands in pinned memory
+        when the GPU gets there), so the caller can finish the previous batch meanwhile.
         """
         for g in grays:
             if g.shape != self.frame_hw:
@@ -444,17 +445,44 @@ class Colorizer:
             z = sample_latents(self.model, cond, gens, self.opt.steps, self.opt.eta, uncond, self.opt.ref_guidance,
                                self.graphs)
             decoded = self.model.decode_first_stage(z)
-        rgb = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        if len(grays) == 1:
-            return [self._finish(rgb[0], grays[0])]
-        # Resizing back and recombining is CPU work on full-size frames (tens of ms each, serial
-        # with the sampling); numpy and OpenCV release the GIL, so a batch's frames run in parallel.
-        with ThreadPoolExecutor(min(len(grays), os.cpu_count() or 1)) as pool:
-            return list(pool.map(self._finish, rgb, grays))
+        rgb = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        if rgb.device.type != "cuda":
+            return Pending(rgb.cpu(), None, list(grays))
+        host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
+        host.copy_(rgb, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(rgb.device))
+        return Pending(host, done, list(grays))
+
+    def finish(self, pending: Pending, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+        """Wait for a launched batch and return float32 HW3 RGB in [0, 1] at the input size
+        (luminance-true unless raw). `pool`: threads to finish the frames in parallel (numpy and
+        OpenCV release the GIL; resizing back and recombining is tens of ms per full-size frame)."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        rgb = pending.rgb.numpy()
+        if pool is None or len(rgb) == 1:
+            return [self._finish(c, g) for c, g in zip(rgb, pending.grays)]
+        return list(pool.map(self._finish, rgb, pending.grays))
+
+    def run(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference],
+            pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+        """launch, then finish: one batch, synchronously."""
+        return self.finish(self.launch(grays, indices, refs), pool)
 
     def _finish(self, color: np.ndarray, gray: np.ndarray) -> np.ndarray:
         color = resize(color, self.frame_hw)
         return color if self.opt.raw else transfer_luma(color, gray)
+
+
+@dataclass
+class Pending:
+    """A launched batch: its decoded RGB (B, H, W, 3) on the host once `done` (a CUDA event, or
+    None when already there) has passed, and the full-size gray frames to finish it with."""
+
+    rgb: torch.Tensor
+    done: torch.cuda.Event | None
+    grays: list[np.ndarray]
 
 
 # ---- references ---------------------------------------------------------------------------
@@ -551,11 +579,25 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
     choose = ReferenceChooser(refs)
     index = start
     if mode == "fixed":
-        while chunk := list(islice(grays, opt.batch)):
-            picks = [entries[choose(g)] for g in chunk]
-            yield from col.run(chunk, range(index, index + len(chunk)), picks)
-            index += len(chunk)
-        return
+        # One batch in flight: batch k+1 is queued on the GPU before batch k is finished on the
+        # CPU, so the two overlap (on the CPU, the same work in the same order).
+        with ThreadPoolExecutor(min(opt.batch, os.cpu_count() or 1)) as pool:
+            pending = None
+            while True:
+                try:
+                    chunk = list(islice(grays, opt.batch))
+                    launched = chunk and col.launch(chunk, range(index, index + len(chunk)),
+                                                    [entries[choose(g)] for g in chunk])
+                except Exception:  # a bad next frame: deliver the frames already sampled first
+                    if pending is not None:
+                        yield from col.finish(pending, pool)
+                    raise
+                if pending is not None:
+                    yield from col.finish(pending, pool)
+                if not chunk:
+                    return
+                pending = launched
+                index += len(chunk)
     stats = [chroma_stats(r) for r in refs] if mode == "anchored" else None
     prev, prev_k, since = None, None, 0
     for g in grays:

@@ -168,3 +168,21 @@ def test_cuda_graphs_are_captured_once_per_shape(monkeypatch):
     monkeypatch.setattr(cuda_graph.GraphedStep, "__init__", counting)
     list(P.colorize(model, grays, ref, "fixed", batch=2, size=64, steps=4))
     assert len(made) == 2
+
+
+def test_overlapped_fixed_mode_equals_serial_batches():
+    """Fixed mode queues batch k+1 on the GPU before copying batch k out of pinned memory: the
+    frames must be exactly those of launching and finishing each batch in turn (a copy read
+    before its event passed would show here as other values)."""
+    grays, ref = _clip(n=5)
+    model = tiny_pipeline_model().to(CUDA)
+    for graphs in (False, True):
+        opts = dict(size=64, steps=20, seed=5, precision="fp16", cuda_graph=graphs)
+        overlapped = np.stack(list(P.colorize(model, grays, ref, "fixed", batch=2, **opts)))
+        col = P.Colorizer(model, grays[0].shape, P.Options(batch=2, **opts))
+        r = col.reference(ref)
+        serial = []
+        for i in range(0, len(grays), 2):
+            chunk = grays[i:i + 2]
+            serial += col.run(chunk, range(i, i + len(chunk)), [r] * len(chunk))
+        assert np.abs(overlapped - np.stack(serial)).max() == 0.0, graphs

@@ -162,3 +162,52 @@ def test_unknown_or_unsupported_yaml_keys_are_config_errors(tmp_path, edit, mess
 def test_use_linear_in_transformer_true_is_accepted(tmp_path):
     model = create_model(load_config(_write_config(tmp_path, lambda m: m["unet"].update(use_linear_in_transformer=True))))
     assert model.size_multiple == 32
+
+
+def _randomised_tiny_model():
+    model = create_model(TINY_CONFIG).eval()
+    for p in model.parameters():  # zero-initialised convs would make the outputs zeros
+        p.data.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _denoise_and_decode(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hint = torch.rand(2, 4, 64, 64, generator=g)
+    cond = model.prepare_condition(hint, context=torch.randn(2, 77, 32, generator=g))
+    x = torch.randn(2, model.latent_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        eps = model.apply_model(x, torch.tensor([10, 900]), cond)
+        return eps, model.decode_first_stage(x)
+
+
+def test_compile_denoiser_in_place_traces_whole_and_keeps_names():
+    """compile_denoiser compiles ControlNet, UNet and VAE decoder in place: the state_dict keeps SD's
+    names, each part traces as one graph (fullgraph: no graph breaks), and the traced model
+    computes what the eager one does (the 'eager' backend runs the captured ops unchanged)."""
+    torch._dynamo.reset()
+    model = _randomised_tiny_model()
+    keys = list(model.state_dict())
+    before = _denoise_and_decode(model)
+    model.compile_denoiser(vae_decoder=True, backend="eager", fullgraph=True, dynamic=False)
+    assert list(model.state_dict()) == keys
+    after = _denoise_and_decode(model)
+    for a, b in zip(before, after):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_denoiser_with_inductor_matches_eager():
+    """The real thing (inductor, C++ kernels on the CPU; minutes here): fused kernels reorder float
+    sums, so equal to 1e-4, not bitwise."""
+    torch._dynamo.reset()
+    model = _randomised_tiny_model()
+    before = _denoise_and_decode(model)
+    model.compile_denoiser(vae_decoder=True, dynamic=False)
+    after = _denoise_and_decode(model)
+    for a, b in zip(before, after):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

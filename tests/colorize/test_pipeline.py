@@ -138,6 +138,36 @@ def test_fixed_batched_equals_frame_by_frame(model, clip, eta, noise):
         assert max_diff(elsewhere, alone) < 1e-5
 
 
+def test_fixed_mode_queues_the_next_batch_before_finishing_one(model, clip, monkeypatch):
+    """Batch k+1 is launched before batch k is finished (so GPU sampling overlaps CPU finishing),
+    and the frames come out in order and equal to launching and finishing each batch in turn."""
+    grays = grays_of(clip, range(5))
+    calls = []
+    launch, finish = P.Colorizer.launch, P.Colorizer.finish
+
+    def logged_launch(self, chunk, indices, refs):
+        calls.append(("launch", list(indices)))
+        return launch(self, chunk, indices, refs)
+
+    def logged_finish(self, pending, pool=None):
+        calls.append(("finish", len(pending.grays)))
+        return finish(self, pending, pool)
+
+    monkeypatch.setattr(P.Colorizer, "launch", logged_launch)
+    monkeypatch.setattr(P.Colorizer, "finish", logged_finish)
+    out = list(P.colorize_fixed(model, grays, clip[3], batch=2, **FAST))
+    assert calls == [("launch", [0, 1]), ("launch", [2, 3]), ("finish", 2), ("launch", [4]), ("finish", 2),
+                     ("finish", 1)]
+    monkeypatch.undo()
+    col = P.Colorizer(model, grays[0].shape, P.Options(batch=2, **FAST))
+    ref = col.reference(clip[3])
+    serial = []
+    for i in range(0, 5, 2):
+        chunk = grays[i:i + 2]
+        serial += col.run(chunk, range(i, i + len(chunk)), [ref] * len(chunk))
+    assert len(out) == 5 and max_diff(out, serial) == 0.0
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_shared_noise_is_the_same_for_every_frame_at_every_step(model, eta):
     """Two rows with the same conditioning: equal with shared noise, different with per-frame noise.
