@@ -76,8 +76,8 @@ eager() {
     step bench_inference_eager "${bench[@]}" --no-cuda-graph --modes fixed1,fixed8,recursive
 }
 compile() {
-    step bench_train_b16_compile "${train_b16[@]}" --compile --json "$out/train_b16_compile.json"
     step bench_inference_compile "${bench[@]}" --compile --modes fixed8
+    step bench_train_b16_compile "${train_b16[@]}" --compile --json "$out/train_b16_compile.json"
 }
 profile() {
     step profile_train_b16 $py benchmarks/profile_step.py train --batch-size 16
