@@ -356,6 +356,7 @@ class Options:
     anchor_strength: float = 1.0  # anchored: 0..1, how far chroma statistics are pulled back
     batch: int = 4  # fixed mode: frames per model call (the sequential modes run one at a time)
     cuda_graph: bool = True  # on CUDA: replay each denoising step from a CUDA graph (colorize.cuda_graph)
+    pad_batches: bool = False  # fixed mode: run a short last batch at full size (a compiled model sees one shape)
 
     def __post_init__(self):
         for name, low in (("size", 1), ("steps", 1), ("batch", 1), ("anchor_every", 0), ("eta", 0)):
@@ -425,34 +426,42 @@ class Colorizer:
         return self.model.prepare_condition(hint, context=self.context.expand(b, -1, -1), ref_latent=latent)
 
     @torch.no_grad()
-    def launch(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference]) -> Pending:
+    def launch(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference],
+               pad_to: int = 0) -> Pending:
         """Start colourising full-size gray frames (frame `indices[i]` with `refs[i]`) as one batch.
 
         On CUDA this returns once the work is queued (the decoded batch lands in pinned memory
         when the GPU gets there), so the caller can finish the previous batch meanwhile.
+        `pad_to`: run fewer frames than this as a batch of this size, the last frame repeated (its
+        copies are dropped): a compiled model then never meets a new shape, which would mean
+        minutes of compiling for the last few frames of a clip. Frames are independent, so the
+        real frames' results are the same either way (up to float rounding).
         """
         for g in grays:
             if g.shape != self.frame_hw:
                 raise InferenceError(f"frame is {g.shape[1]}x{g.shape[0]}, the clip's first was "
                                      f"{self.frame_hw[1]}x{self.frame_hw[0]}")
-        small = torch.from_numpy(np.stack([resize(g, self.hw) for g in grays]))[:, None].to(self.device)
+        grays, pad = list(grays), max(0, pad_to - len(grays))
+        indices, refs = [*indices, *[indices[-1]] * pad], [*refs, *[refs[-1]] * pad]
+        small = torch.from_numpy(np.stack([resize(g, self.hw) for g in grays + grays[-1:] * pad]))
+        small = small[:, None].to(self.device)
         gens = noise_generators(self.opt.noise, self.opt.seed, indices)
         with self._autocast():
             cond = self._condition(small, refs)
             uncond = None
             if self.opt.ref_guidance != 1.0:
-                uncond = self._condition(small, [self.no_reference()] * len(grays))
+                uncond = self._condition(small, [self.no_reference()] * len(small))
             z = sample_latents(self.model, cond, gens, self.opt.steps, self.opt.eta, uncond, self.opt.ref_guidance,
                                self.graphs)
             decoded = self.model.decode_first_stage(z)
-        rgb = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        rgb = ((decoded[:len(grays)].float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         if rgb.device.type != "cuda":
-            return Pending(rgb.cpu(), None, list(grays))
+            return Pending(rgb.cpu(), None, grays)
         host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
         host.copy_(rgb, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(rgb.device))
-        return Pending(host, done, list(grays))
+        return Pending(host, done, grays)
 
     def finish(self, pending: Pending, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
         """Wait for a launched batch and return float32 HW3 RGB in [0, 1] at the input size
@@ -587,7 +596,8 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
                 try:
                     chunk = list(islice(grays, opt.batch))
                     launched = chunk and col.launch(chunk, range(index, index + len(chunk)),
-                                                    [entries[choose(g)] for g in chunk])
+                                                    [entries[choose(g)] for g in chunk],
+                                                    pad_to=opt.batch if opt.pad_batches else 0)
                 except Exception:  # a bad next frame: deliver the frames already sampled first
                     if pending is not None:
                         yield from col.finish(pending, pool)

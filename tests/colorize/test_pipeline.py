@@ -145,9 +145,9 @@ def test_fixed_mode_queues_the_next_batch_before_finishing_one(model, clip, monk
     calls = []
     launch, finish = P.Colorizer.launch, P.Colorizer.finish
 
-    def logged_launch(self, chunk, indices, refs):
+    def logged_launch(self, chunk, indices, refs, **kw):
         calls.append(("launch", list(indices)))
-        return launch(self, chunk, indices, refs)
+        return launch(self, chunk, indices, refs, **kw)
 
     def logged_finish(self, pending, pool=None):
         calls.append(("finish", len(pending.grays)))
@@ -166,6 +166,19 @@ def test_fixed_mode_queues_the_next_batch_before_finishing_one(model, clip, monk
         chunk = grays[i:i + 2]
         serial += col.run(chunk, range(i, i + len(chunk)), [ref] * len(chunk))
     assert len(out) == 5 and max_diff(out, serial) == 0.0
+
+
+@pytest.mark.parametrize("noise", P.NOISES)
+def test_padded_last_batch_keeps_one_shape_and_the_same_frames(model, clip, noise, monkeypatch):
+    """pad_batches (set by --compile) runs a short last batch at full size: the model sees one batch
+    shape only, the padding frames are dropped, and the real frames are what they are unpadded."""
+    grays = grays_of(clip, range(5))
+    plain = list(P.colorize_fixed(model, grays, clip[3], batch=3, noise=noise, **FAST))
+    sizes, sample = [], P.sample_latents
+    monkeypatch.setattr(P, "sample_latents", lambda m, cond, *a: sizes.append(len(cond)) or sample(m, cond, *a))
+    padded = list(P.colorize_fixed(model, grays, clip[3], batch=3, noise=noise, pad_batches=True, **FAST))
+    assert sizes == [3, 3] and len(padded) == 5
+    assert max_diff(padded, plain) < 1e-5
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])

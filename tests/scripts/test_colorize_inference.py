@@ -350,3 +350,22 @@ def test_a_video_input_is_probed_once(env, tmp_path, capsys, monkeypatch):
     rc, _, err = run(["--input", SAMPLE, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "140:",
                       "--out", tmp_path / "out"], capsys)
     assert rc == 2 and "the input has only 132 frames" in err and probed == [SAMPLE.name]
+
+
+def test_compile_flag_compiles_the_denoiser_and_pads_batches(env, tmp_path, capsys, monkeypatch):
+    """--compile compiles ControlNet, UNet and VAE decoder with static shapes (compiling itself is
+    tested in tests/cldm/test_model.py; here it is recorded, not run: minutes on a CPU) and pads the
+    short last batch, so 3 frames in batches of 2 reach the model as two batches of 2."""
+    compiled, sizes = [], []
+    monkeypatch.setattr(P.ControlLDM, "compile_denoiser", lambda self, **kw: compiled.append(kw))
+    sample = P.sample_latents
+    monkeypatch.setattr(P, "sample_latents", lambda m, cond, *a: sizes.append(len(cond)) or sample(m, cond, *a))
+    args = ["--input", env["gray"], "--frames", "0:3", "--reference", env["refs"][0], "--ckpt", env["ckpt"],
+            "--batch", "2", *FAST]
+    rc, _, err = run([*args, "--out", tmp_path / "c", "--compile"], capsys)
+    assert rc == 0, err
+    assert compiled == [dict(vae_decoder=True, dynamic=False)] and sizes == [2, 2]
+    assert run([*args, "--out", tmp_path / "e"], capsys)[0] == 0
+    assert sizes == [2, 2, 2, 1]  # without --compile the last batch is its own size
+    for name in ("f0.png", "f1.png", "f2.png"):
+        assert np.abs(read_rgb(tmp_path / "c" / name).astype(int) - read_rgb(tmp_path / "e" / name)).max() <= 1
