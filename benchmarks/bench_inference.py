@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
+    p.add_argument("--cast-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold the weights in the autocast dtype, as colorize_inference.py does "
+                        "(colorize.pipeline.cast_weights; default: on; off: autocast casts them every step)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile ControlNet, UNet and VAE decoder (ControlLDM.compile_denoiser); the "
                         "warm-up compiles each batch shape and reports the largest difference from eager")
@@ -189,6 +192,9 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     with torch.device(args.device):
         model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
+    dtype = P.compute_dtype(args.precision, args.device)
+    if args.cast_weights and dtype != torch.float32:
+        P.cast_weights(model, dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     grays, ref = load_frames(args.frames, args.scale, args.square)
@@ -226,7 +232,8 @@ def main(argv=None) -> int:
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
           f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
           f"{args.noise} noise, CUDA graphs {'on' if args.cuda_graph else 'off'}, "
-          f"channels_last {args.channels_last}, cudnn.benchmark {args.cudnn_benchmark}, compile {args.compile}, "
+          f"weights in {dtype if args.cast_weights else torch.float32}, channels_last {args.channels_last}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}, compile {args.compile}, "
           f"{args.frames} frames, median of {args.repeat}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")

@@ -4,8 +4,9 @@
 #            graphs) and the scripts on the GPU with the embedded toy model: build_pairs ->
 #            build_latent_cache -> tutorial_train (bf16, latent cache, resumed, exported) -> demo.py
 #   train    (~1.5 min) benchmarks/bench_train.py, real SD2.1 config at 512, bf16, latent cache
-#   infer    (~1 min) benchmarks/bench_inference.py, real config at 512x512 with CUDA graphs: fixed
-#            batch 1 and 8, batch 8 without the CPU/GPU overlap (fixed8serial), recursive
+#   infer    (~1.5 min) benchmarks/bench_inference.py, real config at 512x512 with CUDA graphs: fixed
+#            batch 1 and 8, batch 8 without the CPU/GPU overlap (fixed8serial), recursive; then
+#            fixed 1 and 8 with float32 weights cast by autocast every step (--no-cast-weights)
 #   eager    (~1 min) the same without CUDA graphs
 #   compile  (minutes) torch.compile: bench_train.py --compile, bench_inference.py --compile
 #   profile  (~1 min) benchmarks/profile_step.py: where a training and a sampling step spend time
@@ -71,6 +72,7 @@ train() {
 }
 infer() {
     step bench_inference "${bench[@]}" --modes fixed1,fixed8serial,fixed8,recursive
+    step bench_inference_fp32_weights "${bench[@]}" --no-cast-weights --modes fixed1,fixed8
 }
 eager() {
     step bench_inference_eager "${bench[@]}" --no-cuda-graph --modes fixed1,fixed8,recursive

@@ -186,3 +186,20 @@ def test_overlapped_fixed_mode_equals_serial_batches():
             chunk = grays[i:i + 2]
             serial += col.run(chunk, range(i, i + len(chunk)), [r] * len(chunk))
         assert np.abs(overlapped - np.stack(serial)).max() == 0.0, graphs
+
+
+def test_fp16_weights_equal_fp16_autocast_of_fp32_weights():
+    """cast_weights (colorize_inference.py's, at fp16) only removes autocast's per-step casts:
+    the same frames as float32 weights under fp16 autocast, with CUDA graphs and without."""
+    grays, ref = _clip(n=3)
+    model = tiny_pipeline_model().to(CUDA)
+    outs = {}
+    for graphs in (False, True):
+        opts = dict(size=64, steps=20, seed=5, precision="fp16", cuda_graph=graphs, batch=3)
+        outs[graphs] = np.stack(list(P.colorize(model, grays, ref, "fixed", **opts)))
+    P.cast_weights(model, torch.float16)
+    for graphs in (False, True):
+        opts = dict(size=64, steps=20, seed=5, precision="fp16", cuda_graph=graphs, batch=3)
+        got = np.stack(list(P.colorize(model, grays, ref, "fixed", **opts)))
+        print(f"CUDA graphs {graphs}: max |fp16 weights - autocast| {np.abs(got - outs[graphs]).max():.2e}")
+        assert np.abs(got - outs[graphs]).max() < 1e-3  # cuBLAS may pick other kernels: not bitwise

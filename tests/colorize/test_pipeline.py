@@ -298,6 +298,28 @@ def test_reduced_precision_runs_close_to_fp32(model, clip):
     assert max_diff(fp32, fp16) < 0.02  # fp16 11 bits
 
 
+def test_weights_held_in_half_precision_give_the_autocast_result(clip):
+    """cast_weights (the CLI's, for fp16/bf16) leaves out exactly the casts autocast made: the
+    frames equal those of float32 weights under the same autocast, bit for bit. Norms, schedule
+    buffers and text encoder stay float32."""
+    from tests.colorize.tiny_model import tiny_model
+    grays = grays_of(clip, range(3))
+    kw = dict(batch=3, precision="bf16", **FAST)
+    model = tiny_model()
+    want = list(P.colorize_fixed(model, grays, clip[3], **kw))
+    P.cast_weights(model, torch.bfloat16)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for part in (model.control_model, model.model, model.first_stage_model):
+        for module in part.modules():
+            for p in module.parameters(recurse=False):
+                assert p.dtype == (torch.float32 if isinstance(module, norms) else torch.bfloat16)
+    assert sum(p.dtype == torch.bfloat16 for p in model.parameters()) > 100
+    assert model.alphas_cumprod.dtype == torch.float32
+    assert {p.dtype for p in model.cond_stage_model.parameters()} == {torch.float32}
+    got = list(P.colorize_fixed(model, grays, clip[3], **kw))
+    assert max_diff(got, want) == 0.0
+
+
 def test_frame_folders_keep_depth_and_names(tmp_path):
     d = tmp_path / "clip"
     d.mkdir()

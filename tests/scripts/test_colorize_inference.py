@@ -369,3 +369,16 @@ def test_compile_flag_compiles_the_denoiser_and_pads_batches(env, tmp_path, caps
     assert sizes == [2, 2, 2, 1]  # without --compile the last batch is its own size
     for name in ("f0.png", "f1.png", "f2.png"):
         assert np.abs(read_rgb(tmp_path / "c" / name).astype(int) - read_rgb(tmp_path / "e" / name)).max() <= 1
+
+
+@pytest.mark.parametrize("precision, cast", [("bf16", torch.bfloat16), ("fp32", None), ("auto", None)])
+def test_reduced_precision_holds_the_weights_in_it(env, tmp_path, capsys, monkeypatch, precision, cast):
+    """--precision fp16/bf16 (auto: fp16 on CUDA, here the CPU: fp32) casts the weights once
+    instead of autocast casting them every step (same frames: tests/colorize/test_pipeline.py)."""
+    casts = []
+    real = P.cast_weights
+    monkeypatch.setattr(P, "cast_weights", lambda m, dtype: casts.append(dtype) or real(m, dtype))
+    rc, _, err = run(["--input", env["gray"], "--frames", "0:1", "--reference", env["refs"][0], "--ckpt",
+                      env["ckpt"], "--precision", precision, "--out", tmp_path / "o", *FAST], capsys)
+    assert rc == 0, err
+    assert casts == ([cast] if cast else [])

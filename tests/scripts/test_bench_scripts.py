@@ -1,0 +1,26 @@
+"""benchmarks/bench_inference.py and bench_train.py on the tiny config (CPU): every row runs."""
+import re
+
+import pytest
+
+from benchmarks import bench_inference, bench_train
+from cldm.model import TINY_CONFIG
+
+
+def test_bench_inference_runs_every_mode_and_the_serial_baseline(capsys):
+    rc = bench_inference.main(["--frames", "4", "--scale", "0.25", "--steps", "4", "--repeat", "1", "--threads", "1",
+                               "--precision", "bf16", "--modes", "fixed1,fixed4,fixed8serial,recursive,anchored"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "weights in torch.bfloat16" in out  # cast as colorize_inference.py casts them
+    rows = dict(re.findall(r"^\| ([a-z][^|]*?) \| ([0-9.]+) \|", out, re.M))
+    assert set(rows) == {"fixed, batch 1", "fixed, batch 4", "fixed, batch 8, serial (no overlap)", "recursive",
+                         "anchored"}
+    assert all(float(v) > 0 for v in rows.values())
+
+
+def test_bench_train_reports_speed_and_memory():
+    r = bench_train.bench(TINY_CONFIG, size=64, batch_size=2, steps=1, warmup=1, precision="32", device="cpu")
+    assert r["samples_per_s"] > 0 and r["memory_gib"] > 0
+    assert r["model_tflop_per_sample"] == pytest.approx(0.591e-3, rel=0.01)  # BENCHMARKS.md: 0.591 GFLOP
+    assert r["mfu"] is None  # no known peak for a CPU
