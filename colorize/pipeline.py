@@ -622,9 +622,9 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
             while True:
                 try:
                     chunk = list(islice(grays, opt.batch))
-                    launched = chunk and col.launch(chunk, range(index, index + len(chunk)),
-                                                    [entries[choose(g)] for g in chunk],
-                                                    pad_to=opt.batch if opt.pad_batches else 0)
+                    launched = col.launch(chunk, range(index, index + len(chunk)),
+                                          [entries[choose(g)] for g in chunk],
+                                          pad_to=opt.batch if opt.pad_batches else 0) if chunk else None
                 except Exception:  # a bad next frame: deliver the frames already sampled first
                     if pending is not None:
                         yield from col.finish(pending, pool)
