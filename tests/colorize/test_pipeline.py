@@ -302,7 +302,6 @@ def test_weights_held_in_half_precision_give_the_autocast_result(clip):
     """cast_weights (the CLI's, for fp16/bf16) leaves out exactly the casts autocast made: the
     frames equal those of float32 weights under the same autocast, bit for bit. Norms, schedule
     buffers and text encoder stay float32."""
-    from tests.colorize.tiny_model import tiny_model
     grays = grays_of(clip, range(3))
     kw = dict(batch=3, precision="bf16", **FAST)
     model = tiny_model()
