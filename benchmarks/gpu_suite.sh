@@ -5,7 +5,7 @@
 #            build_latent_cache -> tutorial_train (bf16, latent cache, resumed, exported) -> demo.py
 #   train    (~1.5 min) benchmarks/bench_train.py, real SD2.1 config at 512, bf16, latent cache
 #   infer    (~1.5 min) benchmarks/bench_inference.py, real config at 512x512 with CUDA graphs: fixed
-#            batch 1 and 8, batch 8 without the CPU/GPU overlap (fixed8serial), recursive; then
+#            batch 1, 8 and 16, batch 8 without the CPU/GPU overlap (fixed8serial), recursive; then
 #            fixed 1 and 8 with float32 weights cast by autocast every step (--no-cast-weights)
 #   eager    (~1 min) the same without CUDA graphs
 #   compile  (minutes) torch.compile: bench_train.py --compile, bench_inference.py --compile
@@ -71,7 +71,7 @@ train() {
     step bench_train_b32 $py benchmarks/bench_train.py --batch-size 32 --no-checkpointing --json "$out/train_b32.json"
 }
 infer() {
-    step bench_inference "${bench[@]}" --modes fixed1,fixed8serial,fixed8,recursive
+    step bench_inference "${bench[@]}" --modes fixed1,fixed8serial,fixed8,fixed16,recursive
     step bench_inference_fp32_weights "${bench[@]}" --no-cast-weights --modes fixed1,fixed8
 }
 eager() {
