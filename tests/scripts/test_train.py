@@ -191,6 +191,22 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(ws, tmp_path):
                            init["control_model.middle_block_out.0.weight"])  # it did train
 
 
+@pytest.mark.slow  # inductor compiles forward and backward in both processes: minutes on 2 cores
+def test_ddp_with_compile_keeps_identical_replicas(ws, tmp_path):
+    """--compile under DDP (inductor on the CPU, gloo): the compiled ControlNet and UNet train, and
+    the replicas stay identical (DDP's graph splitting at its gradient buckets must not change that)."""
+    out = tmp_path / "ddp_compile"
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 3, "--ckpt-every", 3,
+                                            "--use-latent-cache", "--compile")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "replicas.json").read_text())
+    assert rep["world_size"] == 2 and rep["step"] == 3 and rep["identical"]
+    trained, init = load_state_dict(out / "control.safetensors"), load_state_dict(ws / "init.safetensors")
+    assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
+                           init["control_model.middle_block_out.0.weight"])
+
+
 @pytest.mark.slow  # two DDP runs, ~2 min on 2 cores
 def test_ddp_resume_all_processes_continue_from_the_same_checkpoint(ws, tmp_path):
     """Every process lists the checkpoints itself; ResumeAgreement checks, once the process group
