@@ -88,7 +88,8 @@ def load_frames(n: int, scale: float, square: bool = False) -> tuple[list[np.nda
 def fixed_serial(model, grays, ref, batch: int, **options):
     """Fixed mode without the pipeline's overlap: each batch is sampled, decoded and finished
     before the next starts (Colorizer.run), the way colorize.pipeline worked before 2026-11-27.
-    The same work and outputs as fixed mode: the baseline the overlap is measured against."""
+    The same work and outputs as fixed mode: the baseline the overlap is measured against, and
+    the reference the overlap tests compare with (tests/colorize/test_pipeline.py, tests/test_cuda.py)."""
     col = P.Colorizer(model, grays[0].shape, P.Options(batch=batch, **options))
     r = col.reference(ref)
     with ThreadPoolExecutor(min(batch, os.cpu_count() or 1)) as pool:

@@ -174,18 +174,15 @@ def test_overlapped_fixed_mode_equals_serial_batches():
     """Fixed mode queues batch k+1 on the GPU before copying batch k out of pinned memory: the
     frames must be exactly those of launching and finishing each batch in turn (a copy read
     before its event passed would show here as other values)."""
+    from benchmarks.bench_inference import fixed_serial
+
     grays, ref = _clip(n=5)
     model = tiny_pipeline_model().to(CUDA)
     for graphs in (False, True):
         opts = dict(size=64, steps=20, seed=5, precision="fp16", cuda_graph=graphs)
         overlapped = np.stack(list(P.colorize(model, grays, ref, "fixed", batch=2, **opts)))
-        col = P.Colorizer(model, grays[0].shape, P.Options(batch=2, **opts))
-        r = col.reference(ref)
-        serial = []
-        for i in range(0, len(grays), 2):
-            chunk = grays[i:i + 2]
-            serial += col.run(chunk, range(i, i + len(chunk)), [r] * len(chunk))
-        assert np.abs(overlapped - np.stack(serial)).max() == 0.0, graphs
+        serial = np.stack(list(fixed_serial(model, grays, ref, 2, **opts)))
+        assert np.abs(overlapped - serial).max() == 0.0, graphs
 
 
 def test_fp16_weights_equal_fp16_autocast_of_fp32_weights():
@@ -193,13 +190,11 @@ def test_fp16_weights_equal_fp16_autocast_of_fp32_weights():
     the same frames as float32 weights under fp16 autocast, with CUDA graphs and without."""
     grays, ref = _clip(n=3)
     model = tiny_pipeline_model().to(CUDA)
-    outs = {}
-    for graphs in (False, True):
-        opts = dict(size=64, steps=20, seed=5, precision="fp16", cuda_graph=graphs, batch=3)
-        outs[graphs] = np.stack(list(P.colorize(model, grays, ref, "fixed", **opts)))
+    run = lambda graphs: np.stack(list(P.colorize(model, grays, ref, "fixed", size=64, steps=20, seed=5, batch=3,
+                                                  precision="fp16", cuda_graph=graphs)))
+    outs = {graphs: run(graphs) for graphs in (False, True)}
     P.cast_weights(model, torch.float16)
     for graphs in (False, True):
-        opts = dict(size=64, steps=20, seed=5, precision="fp16", cuda_graph=graphs, batch=3)
-        got = np.stack(list(P.colorize(model, grays, ref, "fixed", **opts)))
+        got = run(graphs)
         print(f"CUDA graphs {graphs}: max |fp16 weights - autocast| {np.abs(got - outs[graphs]).max():.2e}")
         assert np.abs(got - outs[graphs]).max() < 1e-3  # cuBLAS may pick other kernels: not bitwise

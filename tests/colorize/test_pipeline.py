@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from annotator.color import rgb_to_gray, rgb_to_lab
 from annotator.video import FrameSourceError, iter_frames
+from benchmarks.bench_inference import fixed_serial
 from cldm.checkpoint import CheckpointError
 from cldm.model import TINY_CONFIG
 from cldm.trainable import configure_trainable, export_control
@@ -159,12 +160,7 @@ def test_fixed_mode_queues_the_next_batch_before_finishing_one(model, clip, monk
     assert calls == [("launch", [0, 1]), ("launch", [2, 3]), ("finish", 2), ("launch", [4]), ("finish", 2),
                      ("finish", 1)]
     monkeypatch.undo()
-    col = P.Colorizer(model, grays[0].shape, P.Options(batch=2, **FAST))
-    ref = col.reference(clip[3])
-    serial = []
-    for i in range(0, 5, 2):
-        chunk = grays[i:i + 2]
-        serial += col.run(chunk, range(i, i + len(chunk)), [ref] * len(chunk))
+    serial = list(fixed_serial(model, grays, clip[3], 2, **FAST))
     assert len(out) == 5 and max_diff(out, serial) == 0.0
 
 
