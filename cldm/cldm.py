@@ -31,8 +31,7 @@ class ControlLDM(nn.Module):
     def __init__(self, unet: ControlledUnetModel, control_model: ControlNet, first_stage_model: AutoencoderKL,
                  cond_stage_model: nn.Module | None, *, color_variant: str = "v2", concat_to_unet: bool = True,
                  scale_factor: float = 0.18215, parameterization: str = "eps", timesteps: int = 1000,
-                 linear_start: float = 0.00085, linear_end: float = 0.012, only_mid_control: bool = False,
-                 control_scales: Sequence[float] | None = None):
+                 linear_start: float = 0.00085, linear_end: float = 0.012, only_mid_control: bool = False):
         super().__init__()
         if parameterization not in ("eps", "v"):
             raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
@@ -45,7 +44,6 @@ class ControlLDM(nn.Module):
         self.scale_factor = scale_factor
         self.parameterization = parameterization
         self.only_mid_control = only_mid_control
-        self.control_scales = list(control_scales) if control_scales is not None else None
         for name, value in schedule.schedule_buffers("linear", timesteps, linear_start, linear_end).items():
             self.register_buffer(name, value)
         # The noisy latent's channels (SD: 4): what the UNet predicts, and the first input channels
@@ -132,13 +130,10 @@ class ControlLDM(nn.Module):
                               ref_latent=ref_latent, gray_latent=gray_latent)
         return ColorCondition(context=context, guided_hint=self.control_model.encode_hint(hint), concat=concat)
 
-    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: ColorCondition,
-                    control_scale: float = 1.0) -> torch.Tensor:
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: ColorCondition) -> torch.Tensor:
         """Model output (eps or v) for noisy latents `x_t` at integer timesteps `t`."""
         x_in = x_t if cond.concat is None else torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)
         control = self.control_model(x_in, cond.guided_hint, t, cond.context)
-        scales = self.control_scales or [1.0] * len(control)
-        control = [c * (s * control_scale) for c, s in zip(control, scales)]
         return self.model.diffusion_model(x_in if self.concat_to_unet else x_t, t, cond.context,
                                           control=control, only_mid_control=self.only_mid_control)
 
@@ -164,10 +159,10 @@ class ControlLDM(nn.Module):
                generator: torch.Generator | None = None, progress: bool = False,
                callback: Callable | None = None) -> torch.Tensor:
         """DDIM sampling of latents; classifier-free guidance only when `guidance_scale != 1`."""
-        if x_T is None:
+        if x_T is None:  # float32 even under autocast: DDIM would round a half-precision x at every step
             h, w = cond.guided_hint.shape[-2:]
-            x_T = torch.randn((len(cond), self.latent_channels, h, w), generator=generator, device=cond.guided_hint.device,
-                              dtype=cond.guided_hint.dtype)
+            x_T = torch.randn((len(cond), self.latent_channels, h, w), generator=generator,
+                              device=cond.guided_hint.device)
         uncond_fn = None
         if guidance_scale != 1.0:
             if uncond is None:

@@ -154,6 +154,10 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     if variant is not None and variant != model.color_variant:
         raise CheckpointError(f"{control_path}: trained for colour variant {variant}, "
                               f"the model is {model.color_variant} (set model.color_variant={variant})")
+    mid = meta.get("only_mid_control")  # a mismatch loads fine, then silently drops or adds 12 controls
+    if mid is not None and mid != str(model.only_mid_control):
+        raise CheckpointError(f"{control_path}: trained with only_mid_control={mid.lower()}, the model has "
+                              f"{str(model.only_mid_control).lower()} (set model.only_mid_control={mid.lower()})")
     control = load_state_dict(control_path, allow_pickle=allow_pickle)
     report = compare_state_dict(model, control)
     # No tensor of another shape, all of control_model.* or none (then it is no export at all);

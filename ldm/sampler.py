@@ -18,12 +18,14 @@ def ddim_timesteps(num_steps: int, num_train: int = 1000) -> torch.Tensor:
     """Uniform DDIM timesteps arange(0, num_train, num_train // num_steps) + 1 (int64, ascending).
 
     The +1 and the integer stride come from the reference; when num_steps does not divide
-    num_train this yields more than num_steps timesteps (31 for 30), as there.
+    num_train this yields more than num_steps timesteps (31 for 30), as there. Where the stride
+    divides num_train - 1 (3, 9, 27, 37 steps, ...) the last one would be num_train, past the end
+    of the schedule (the reference fails there with an index error): it is dropped.
     """
     if not 1 <= num_steps <= num_train // 2:
-        # stride 1 would make the last timestep num_train, past the end of the schedule.
         raise ValueError(f"DDIM steps must be between 1 and {num_train // 2}, got {num_steps}")
-    return torch.arange(0, num_train, num_train // num_steps, dtype=torch.int64) + 1
+    t = torch.arange(0, num_train, num_train // num_steps, dtype=torch.int64) + 1
+    return t[t < num_train]
 
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
@@ -46,7 +48,8 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: float | torch.Tensor, a_pre
               sigma: float | torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update x_t -> x_prev; returns (x_prev, pred_x0). `noise` is needed only if sigma > 0.
 
-    Arithmetic is float32 whatever x's dtype, so half-precision latents do not drift.
+    Arithmetic is float32 whatever x's dtype; the results come back in x's dtype, so keep x
+    float32 (a half-precision x would be rounded at every step).
     """
     a, a_prev, sigma = (torch.as_tensor(v, dtype=torch.float32, device=x.device) for v in (a, a_prev, sigma))
     xf, eps = x.float(), eps.float()

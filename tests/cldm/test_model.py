@@ -87,6 +87,20 @@ def test_v3_encodes_reference_and_gray_once_each():
     assert len(calls) == 2 and cond.concat.shape == (2, 8, 8, 8)
 
 
+@torch.no_grad()
+def test_sample_under_autocast_keeps_the_latent_in_float32():
+    """Under bf16 autocast the model's outputs are bf16, but the DDIM trajectory (drawn here by
+    `sample` itself) stays float32: a bf16 x would be rounded at every step."""
+    model = create_model(TINY_CONFIG).eval()
+    xs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = model.prepare_condition(torch.rand(1, 4, 64, 64))
+        assert cond.guided_hint.dtype == torch.bfloat16
+        z = model.sample(cond, steps=3, generator=torch.Generator().manual_seed(0),
+                         callback=lambda i, t, x, x0: xs.append(x.dtype))
+    assert z.dtype == torch.float32 and xs == [torch.float32] * 3
+
+
 def test_prompt_cache_is_dropped_when_text_weights_are_loaded():
     torch.manual_seed(0)
     model = create_model(TINY_CONFIG).eval()

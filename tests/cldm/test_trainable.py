@@ -125,6 +125,9 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     with pytest.raises(CheckpointError, match="variant v2.*model is v3"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.color_variant=v3"])),
                              tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="only_mid_control=false, the model has true"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.only_mid_control=true"])),
+                             tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
     part = {k: v for k, v in trainable_state_dict(model).items() if "hint_block" not in k}
     save_state_dict(part, tmp_path / "part.safetensors")
     with pytest.raises(CheckpointError, match=r"part\.safetensors: does not fit the model: the checkpoint's "

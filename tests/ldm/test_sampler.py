@@ -44,6 +44,13 @@ def test_timesteps_edge_cases():
     assert ddim_timesteps(1).tolist() == [1]
     assert len(ddim_timesteps(30)) == 31  # 1000 // 30 = 33, as in the reference
     assert ddim_timesteps(500)[-1] == 999
+    # where the stride divides 999 the reference's last timestep would be 1000: dropped
+    assert ddim_timesteps(3).tolist() == [1, 334, 667]
+    assert len(ddim_timesteps(9)) == 9 and ddim_timesteps(9)[-1] == 889
+    for n in range(1, 501):  # every allowed count: inside the schedule, at least n steps, ascending
+        ts = ddim_timesteps(n)
+        assert 1 <= ts[0] and ts[-1] <= 999 and len(ts) >= n and bool((ts.diff() > 0).all())
+        ddim_schedule(AC, ts)  # indexes the schedule without error
     for bad in (0, 501):
         with pytest.raises(ValueError, match="DDIM steps"):
             ddim_timesteps(bad)
