@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from cliutil import OneLineParser, run_cli  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
-from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, evaluate_stream  # noqa: E402
+from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, check_flow_size, evaluate_stream  # noqa: E402
 from colorize.report import Strip, strip_indices, write_report  # noqa: E402
 
 PROG = "evaluate.py"
@@ -126,6 +126,10 @@ def match_frames(gt_dir: Path, preds: dict[str, Path], exclude: list[str] = ()) 
         if len(have) < len(stems):
             notes.append(f"--pred {m} lacks {len(stems) - len(have)} of {len(stems)} ground-truth frames "
                          f"(e.g. {next(s for s in stems if s not in files)})")
+        extra = [s for s in files if s not in gt]
+        if extra:
+            notes.append(f"--pred {m} has {len(extra)} frame(s) the ground truth lacks, not scored "
+                         f"(e.g. {files[extra[0]].name})")
     common = [s for s in stems if all(s in f for f in pred_files.values())]
     if not common:
         raise UsageError("no matching frames: no ground-truth frame name is in every --pred folder")
@@ -135,9 +139,10 @@ def match_frames(gt_dir: Path, preds: dict[str, Path], exclude: list[str] = ()) 
                    [position[s] for s in common], list(dropped))
 
 
-def _read(path: Path) -> np.ndarray:
+def _read(path: Path, keep_16bit: bool = True) -> np.ndarray:
+    """RGB at the file's own depth (8 or 16 bits: the metrics take both on the 0..255 scale)."""
     try:
-        return read_image(path)
+        return read_image(path, keep_16bit=keep_16bit)
     except FrameSourceError as e:
         raise UsageError(str(e)) from None
 
@@ -148,9 +153,14 @@ def _size_error(pred: Path, img: np.ndarray, gt: Path, ref: np.ndarray) -> Usage
 
 
 def load_steps(gt_files: list[Path], pred_files: dict[str, list[Path]]):
-    """(gt, {method: pred}) per frame, read lazily, every size checked against the truth."""
+    """(gt, {method: pred}) per frame, read lazily, every size checked against the truth's first."""
+    first = None
     for t, gt_path in enumerate(gt_files):
         gt = _read(gt_path)
+        first = first or (gt_path, gt.shape)
+        if gt.shape[:2] != first[1][:2]:
+            raise UsageError(f"ground-truth frames differ in size: {gt_path} is {gt.shape[1]}x{gt.shape[0]}, "
+                             f"{first[0].name} is {first[1][1]}x{first[1][0]} (a clip's frames share one size)")
         cur = {}
         for m, files in pred_files.items():
             img = _read(files[t])
@@ -176,13 +186,15 @@ def format_table(ev: ClipEvaluation) -> str:
 
 
 def capped_notes(ev: ClipEvaluation) -> list[str]:
-    """One note per method with frames identical to the ground truth (PSNR at the cap)."""
+    """One note per method with frames at the PSNR cap: identical to the ground truth, or within
+    rounding of it (a few levels off in a few pixels of a large frame also reach the cap)."""
     notes = []
     for m, res in ev.methods.items():
         capped = [ev.frames[t] for t in np.flatnonzero(res.per_frame["psnr"] >= PSNR_CAP_DB)]
         if capped:
-            notes.append(f"--pred {m}: {len(capped)} frame(s) identical to the ground truth (e.g. {capped[0]}) score "
-                         f"the {PSNR_CAP_DB:g} dB PSNR cap and inflate its mean PSNR; if they are not predictions "
+            notes.append(f"--pred {m}: {len(capped)} frame(s) identical or nearly identical to the ground truth "
+                         f"(e.g. {capped[0]}) score the {PSNR_CAP_DB:g} dB PSNR cap and inflate its mean PSNR; if "
+                         f"they are not predictions "
                          f"(the reference frame, say) leave them out with --exclude {capped[0]}")
     return notes
 
@@ -192,9 +204,9 @@ def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, 
     idx = strip_indices(len(gt_files), count)
     if not idx:
         return None
-    gt = [_read(gt_files[i]) for i in idx]
+    gt = [_read(gt_files[i], keep_16bit=False) for i in idx]  # pictures: 8 bits
     gray = [to_uint8(rgb_to_gray(g)) for g in gt]
-    methods = {m: [_read(files[i]) for i in idx] for m, files in pred_files.items()}
+    methods = {m: [_read(files[i], keep_16bit=False) for i in idx] for m, files in pred_files.items()}
     return Strip(idx, gray, gt, methods, reference, [ev.frames[i] for i in idx])
 
 
@@ -206,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         if not Path(args.reference).is_file():
             raise UsageError(f"--reference {args.reference}: no such file")
-        reference = _read(Path(args.reference))
+        reference = _read(Path(args.reference), keep_16bit=False)
     matched = match_frames(Path(args.gt), preds, args.exclude)
     gt_files, pred_files = matched.gt_files, matched.pred_files
     for note in matched.notes:
@@ -216,6 +228,11 @@ def run(args: argparse.Namespace) -> int:
         img = _read(files[0])
         if img.shape != first.shape:
             raise _size_error(files[0], img, gt_files[0], first)
+    if len(gt_files) > 1:  # the warp error's optical flow
+        try:
+            check_flow_size(first.shape)
+        except ValueError as e:
+            raise UsageError(f"{gt_files[0]}: {e}") from None
     names = [p.stem for p in gt_files]
     # tqdm advances as each frame has been dealt with (when the next one is asked for)
     bar = progress_bar(len(gt_files), "evaluating", disable=args.no_progress,

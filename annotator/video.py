@@ -123,9 +123,10 @@ def bgr_to_rgb(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def read_image(path: str | os.PathLike, *, bgr: bool = False) -> np.ndarray:
-    """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC."""
-    return _to_rgb8(decode_image(path), path, bgr_source=True, want_bgr=bgr)
+def read_image(path: str | os.PathLike, *, bgr: bool = False, keep_16bit: bool = False) -> np.ndarray:
+    """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC
+    (uint16 for a 16-bit file with `keep_16bit`)."""
+    return _to_rgb8(decode_image(path), path, bgr_source=True, want_bgr=bgr, keep_16bit=keep_16bit)
 
 
 def read_image_native(path: str | os.PathLike) -> np.ndarray:
@@ -135,12 +136,12 @@ def read_image_native(path: str | os.PathLike) -> np.ndarray:
     return bgr_to_rgb(decode_image(path))
 
 
-def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False) -> np.ndarray:
-    if img.dtype == np.uint16:
+def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False, keep_16bit: bool = False) -> np.ndarray:
+    if img.dtype == np.uint16 and not keep_16bit:
         img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         img = (np.clip(np.nan_to_num(img), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif img.dtype != np.uint8:
+    elif img.dtype not in (np.uint8, np.uint16):
         raise FrameSourceError(path, f"unsupported pixel type {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]

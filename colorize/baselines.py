@@ -16,6 +16,7 @@ import numpy as np
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
 from colorize.gray import to_gray
+from colorize.metrics import check_flow_size
 
 LUMA_BANDS = 32
 LUT_NODES = 1024  # gray levels tabulated by reinhard (4x the 8-bit levels)
@@ -242,7 +243,9 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
     for t, frame in enumerate(gray_frames):
         g = _gray(frame)
         n = t + 1
-        shape = shape or g.shape
+        if shape is None:
+            check_flow_size(g.shape)
+            shape = g.shape
         if g.shape != shape:
             raise ValueError(f"frame {t} is {g.shape}, frame 0 is {shape}")
         if last[j] is not None and t > last[j]:

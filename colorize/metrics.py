@@ -237,12 +237,25 @@ def gray_u8(img: np.ndarray) -> np.ndarray:
     return (g.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
 
 
+# OpenCV's DIS flow fails on frames under 12 pixels a side, and crashes the process (segfault,
+# opencv-python 4.x) on some 12-15 pixel high frames (12x200); 16 and up ran at every size tried.
+MIN_FLOW_SIDE = 16
+
+
+def check_flow_size(shape: tuple[int, ...]) -> None:
+    """Raise ValueError for frames too small for DIS optical flow (see MIN_FLOW_SIDE)."""
+    if min(shape[:2]) < MIN_FLOW_SIDE:
+        raise ValueError(f"frames of {shape[1]}x{shape[0]} pixels are too small for optical flow "
+                         f"(at least {MIN_FLOW_SIDE} pixels a side)")
+
+
 def make_dis() -> cv2.DISOpticalFlow:
     return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
 
 
 def gt_flow(gt_prev: np.ndarray, gt_next: np.ndarray, dis: cv2.DISOpticalFlow | None = None) -> FlowField:
     """Backward flow (t+1 -> t) of the ground truth with a forward-backward occlusion mask."""
+    check_flow_size(gt_prev.shape)
     dis = dis or make_dis()
     g0, g1 = gray_u8(gt_prev), gray_u8(gt_next)
     back = dis.calc(g1, g0, None)  # g1(x) ~ g0(x + back(x))
@@ -300,7 +313,8 @@ class MethodMetrics:
 @dataclass
 class ClipEvaluation:
     """Everything evaluate.py reports: methods' metrics and the ground truth's own temporal
-    metrics, the floor a method should be compared with (real footage flickers a little too)."""
+    metrics: the level a method should be compared with (real footage changes a little too;
+    washed-out outputs can score below it)."""
 
     frames: list[str]
     methods: dict[str, MethodMetrics]

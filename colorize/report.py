@@ -2,7 +2,7 @@
 
 Files written to `out_dir` (each to a temporary name, then renamed):
   metrics.json    definitions, frame names, per-frame values and means per method, the
-                  ground truth's own temporal metrics (the floor a method is compared with)
+                  ground truth's own temporal metrics (the level a method is compared with)
                   and the frames left out of scoring (evaluate.py --exclude)
   per_frame.csv   method,frame,psnr,ssim,colourfulness,warp_error
   summary.csv     method,psnr,ssim,colourfulness,warp_error,cdc (means; a ground_truth row)
@@ -188,7 +188,7 @@ def write_strip(path: str | os.PathLike, strip: Strip, results: Mapping[str, M.M
             elif results is not None and title in results:
                 pf = results[title].per_frame
                 caption = (f"PSNR {pf['psnr'][idx]:.2f} dB   SSIM {pf['ssim'][idx]:.3f}"
-                           if pf["psnr"][idx] < M.PSNR_CAP_DB else "identical to the ground truth")
+                           if pf["psnr"][idx] < M.PSNR_CAP_DB else "(nearly) identical to the ground truth")
             if caption:
                 fig.text((x + tw / 2) / width, 1 - (y + th + cap / 2 + 1) / height, caption,
                          ha="center", va="center", fontsize=FONT - 1, color="#222222")
@@ -246,4 +246,6 @@ def write_report(
                    "Temporal warp error (lower = steadier colours)")
     if strip is not None:
         paths["strip"] = write_strip(out / "strip.png", strip, results, frames)
+    elif (out / "strip.png").is_file():  # an earlier run's, of other frames or methods: not this report's
+        (out / "strip.png").unlink()
     return paths

@@ -89,6 +89,13 @@ def test_flow_reproduces_a_translated_pattern():
     assert psnr(to_uint8(out[0]), gt[0]) > 45  # the reference frame itself
 
 
+def test_flow_refuses_frames_too_small_for_optical_flow():
+    """OpenCV's DIS flow crashes the process on some 12-15 pixel high frames (14x200 here)."""
+    gt = [np.random.default_rng(i).integers(0, 255, (14, 200, 3), dtype=np.uint8) for i in range(2)]
+    with pytest.raises(ValueError, match="frames of 200x14 pixels are too small for optical flow"):
+        flow_propagate([rgb_to_gray(f) for f in gt], gt[0])
+
+
 def test_flow_from_a_middle_reference_and_from_several():
     gt = moving_clip(7, 2, 1, seed=3)
     gray = [to_uint8(rgb_to_gray(f)) for f in gt]  # uint8 input works too

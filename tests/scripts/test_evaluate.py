@@ -67,7 +67,7 @@ def test_exclude_leaves_a_frame_out_and_the_cap_is_noted(clip, capsys):
     base = ["--pred", str(root / "refcopy"), "--gt", str(root / "gt"), "--no-progress"]
     assert evaluate.main([*base, "--out", str(root / "all")]) == 0
     captured = capsys.readouterr()
-    assert ("note: --pred refcopy: 1 frame(s) identical to the ground truth (e.g. frame_0) score the 100 dB PSNR "
+    assert ("note: --pred refcopy: 1 frame(s) identical or nearly identical to the ground truth (e.g. frame_0) score the 100 dB PSNR "
             "cap" in captured.err and "--exclude frame_0" in captured.err)
     doc = json.loads((root / "all" / "metrics.json").read_text())
     assert doc["methods"]["refcopy"]["mean"]["psnr"] == pytest.approx((100 + 4 * off) / 5, abs=1e-9)  # 42.5
@@ -89,7 +89,7 @@ def test_exclude_leaves_a_frame_out_and_the_cap_is_noted(clip, capsys):
     warp = doc["methods"]["copy"]["per_frame"]["warp_error"]
     assert warp[0] is None and warp[2] is None and warp[1] is not None and warp[3] is not None
     err = capsys.readouterr().err
-    assert "--pred copy: 4 frame(s) identical to the ground truth (e.g. frame_0)" in err
+    assert "--pred copy: 4 frame(s) identical or nearly identical to the ground truth (e.g. frame_0)" in err
     assert "--pred refcopy: 1 frame(s)" in err
     assert evaluate.main([*base, "--exclude", "frame_9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -105,6 +105,52 @@ def test_evaluate_uses_common_frames_and_notes_missing(clip, capsys):
     rc = evaluate.main(["--pred", str(root / "short"), "--gt", str(root / "gt"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0 and "lacks 2 of 5" in err and "evaluating the 3 of 5" in err
+    write(root / "long", gt + gt[:2], names=[f"frame_{i}" for i in range(7)])
+    assert evaluate.main(["--pred", str(root / "long"), "--gt", str(root / "gt"), "--no-progress"]) == 0
+    assert "--pred long has 2 frame(s) the ground truth lacks, not scored (e.g. frame_5.png)" in capsys.readouterr().err
+
+
+def one_line_error(argv, capsys) -> str:
+    assert evaluate.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: "), lines
+    return lines[0]
+
+
+def test_ground_truth_of_changing_size_and_frames_too_small_for_flow(tmp_path, capsys):
+    gt = frames()
+    mixed = gt[:2] + [cv2.resize(gt[2], (60, 40))] + gt[3:]
+    write(tmp_path / "gt", mixed)
+    write(tmp_path / "pred", mixed)
+    err = one_line_error(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-progress"], capsys)
+    assert f"ground-truth frames differ in size: {tmp_path}/gt/frame_2.png is 60x40, frame_0.png is 52x36" in err
+    tiny = [f[:14, :30] for f in gt]  # OpenCV's flow fails (or crashes) on frames this small
+    write(tmp_path / "tiny", tiny)
+    err = one_line_error(["--pred", str(tmp_path / "tiny"), "--gt", str(tmp_path / "tiny"), "--no-progress"], capsys)
+    assert "frame_0.png: frames of 30x14 pixels are too small for optical flow (at least 16 pixels a side)" in err
+    write(tmp_path / "one", tiny[:1])  # a single frame has no flow to compute
+    assert evaluate.main(["--pred", str(tmp_path / "one"), "--gt", str(tmp_path / "one"), "--no-progress"]) == 0
+
+
+def test_16_bit_frames_are_scored_at_their_depth(tmp_path, capsys):
+    gt = [f.astype(np.uint16) * 257 for f in frames(n=2)]
+    pred = [g.copy() for g in gt]
+    pred[0][0, 0, 0] += 60  # 60/65535 off: 60/257 levels on the 0..255 scale, lost if rounded to 8 bits
+    write(tmp_path / "gt", gt)
+    write(tmp_path / "pred", pred)
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-progress",
+                          "--out", str(tmp_path / "rep")]) == 0
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    mse = (60 / 257) ** 2 / gt[0].size
+    assert doc["methods"]["pred"]["per_frame"]["psnr"][0] == pytest.approx(10 * math.log10(255 ** 2 / mse), abs=1e-9)
+
+
+def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
+    root, _ = clip
+    argv = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress", "--out", str(root / "rep")]
+    assert evaluate.main(argv) == 0 and (root / "rep" / "strip.png").is_file()
+    assert evaluate.main(argv + ["--strip-frames", "0"]) == 0
+    assert not (root / "rep" / "strip.png").exists() and (root / "rep" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("case, message", [
