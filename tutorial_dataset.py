@@ -33,6 +33,7 @@ the same (for validation and tests).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +41,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from annotator.color import rgb_to_gray
 from annotator.latent_cache import load_latents, read_frame
@@ -54,6 +55,10 @@ def _crop_size(size: int | Sequence[int]) -> tuple[int, int]:
     if h <= 0 or w <= 0 or h % 64 or w % 64:
         raise ValueError(f"training size must be positive multiples of 64, got {h}x{w}")
     return h, w
+
+
+class NoPairsError(ValueError):
+    """The band leaves no pair in the movies given."""
 
 
 class PairDataset(Dataset):
@@ -102,7 +107,7 @@ class PairDataset(Dataset):
         self._refs = np.concatenate(refs).astype(np.int64)
         self._movie_of = np.concatenate(movie_of)
         if len(self._refs) == 0:
-            raise ValueError(f"{self.root}: no pairs with {low} < sim < {high} and gap >= {min_gap} "
+            raise NoPairsError(f"{self.root}: no pairs with {low} < sim < {high} and gap >= {min_gap} "
                              f"in movies {', '.join(self.movies)}")
 
     def __len__(self) -> int:
@@ -203,6 +208,7 @@ class PairDataModule(L.LightningDataModule):
         prompt: str = " ",
         vae_fingerprint: str | None = None,
         eval_seed: int = 0,
+        seed: int = 0,
         pin_memory: bool | None = None,
         prefetch_factor: int | None = None,
         accelerator: str = "auto",
@@ -216,7 +222,7 @@ class PairDataModule(L.LightningDataModule):
             self.prefetch_factor = None  # no workers: batches are made on demand (DataLoader refuses a factor)
         self.val_movies, self.test_movies = val_movies, list(test_movies)
         self.kw = dict(low=low, high=high, min_gap=min_gap, size=size, prompt=prompt, vae_fingerprint=vae_fingerprint)
-        self.eval_seed = eval_seed
+        self.eval_seed, self.seed = eval_seed, seed
         self.train = self.val = self.test = None
         self._built: set[str] = set()  # parts set up (a part may be None: no movies for it)
 
@@ -245,18 +251,33 @@ class PairDataModule(L.LightningDataModule):
             if part == "train":
                 ds = PairDataset(self.data_root, movies[part], augment=True, **self.kw)
             else:
-                ds = PairDataset(self.data_root, movies[part], augment=False, seed=self.eval_seed,
-                                 **self.kw) if movies[part] else None
+                try:
+                    ds = PairDataset(self.data_root, movies[part], augment=False, seed=self.eval_seed,
+                                     **self.kw) if movies[part] else None
+                except NoPairsError as e:
+                    if part != "val" or self.val_movies is not None:  # a movie asked for by name
+                        raise
+                    warnings.warn(f"no validation: the held-out movie has no pairs in the band ({e})")
+                    ds = None
             setattr(self, part, ds)
             self._built.add(part)
 
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory)
+    def _loader(self, ds, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle if sampler is None else None,
+                          sampler=sampler, drop_last=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, prefetch_factor=self.prefetch_factor,
+                          pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader(self.train, shuffle=True)  # order from torch's RNG, reseeded per resume
+        # Lightning's own DistributedSampler orders an epoch by (seed, epoch) alone: a run resumed
+        # mid-epoch would replay the batches it had already trained on. The step it resumes at
+        # changes the order, as ColorControlModule.on_train_start's reseeding does on one device.
+        sampler = DistributedSampler(self.train, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=True, seed=self.seed + 1_000_003 * trainer.global_step)
+        return self._loader(self.train, shuffle=True, sampler=sampler)
 
     def val_dataloader(self):
         return self._loader(self.val, shuffle=False) if self.val is not None else []

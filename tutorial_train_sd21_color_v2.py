@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the ControlNet and UNet (slow first steps, faster after)")
     g = p.add_argument_group("devices")
-    g.add_argument("--accelerator", default="auto", help="auto, gpu or cpu")
+    g.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cuda", "cpu", "mps"],
+                   help="where to train (default: auto, a GPU if there is one)")
     g.add_argument("--devices", default="auto", help="devices per node: a count, 'auto', or a list like 0,1")
     g.add_argument("--num-nodes", type=int, default=1, help="machines (with torchrun or SLURM: docs/TRAINING.md)")
     g.add_argument("--strategy", default="ddp", help="ddp (default), or any Lightning strategy name")
@@ -109,13 +110,45 @@ FLAG_KEYS = {
 }
 
 
+# train: key -> (type, lowest allowed value, what it is); checked before the model loads
+TRAIN_NUMBERS = {
+    "size": (int, 64, "training crop in pixels"), "batch_size": (int, 1, "samples per device"),
+    "accumulate": (int, 1, "batches per optimiser step"), "num_workers": (int, 0, "loader processes"),
+    "lr": (float, 0.0, "learning rate"), "weight_decay": (float, 0.0, "weight decay"),
+    "warmup_steps": (int, 0, "warm-up steps"), "grad_clip": (float, 0.0, "max gradient norm"),
+    "max_steps": (int, -1, "last step"), "max_epochs": (int, -1, "epochs"), "seed": (int, 0, "seed"),
+    "val_every": (int, 0, "validation interval"), "log_every": (int, 1, "logging interval"),
+    "ckpt_every": (int, 1, "checkpoint interval"), "ckpt_keep": (int, 1, "checkpoints kept"),
+    "image_every": (int, 0, "image interval"), "image_count": (int, 1, "images per grid"),
+    "image_ddim_steps": (int, 1, "DDIM steps of the image grids"),
+}
+
+
+def check_train_numbers(t) -> None:
+    """One-line UsageError for a train: value of the wrong type or out of range (else Lightning,
+    the loader or the optimiser would fail on it with a traceback once the model has loaded)."""
+    for key, (kind, low, what) in TRAIN_NUMBERS.items():
+        if key not in t:
+            continue
+        v = t[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        flag = "--" + key.replace("_", "-")
+        if not ok:
+            raise UsageError(f"train.{key} ({flag}, {what}) must be {'an integer' if kind is int else 'a number'}, "
+                             f"got {v!r}")
+        if v < low or (key == "lr" and v == 0):
+            bound = "> 0" if key == "lr" else f">= {low}"
+            raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}")
+
+
 def resolve_config(args):
     from cldm.model import load_config
 
+    if "train" not in load_config(args.config, list(args.overrides)):  # before the flags, which set train.*
+        raise UsageError(f"{args.config}: no train: section (see models/cldm_v21_color.yaml)")
     flags = [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
     cfg = load_config(args.config, list(args.overrides) + flags)
-    if "train" not in cfg:
-        raise UsageError(f"{args.config}: no train: section (see models/cldm_v21_color.yaml)")
+    check_train_numbers(cfg.train)
     return cfg
 
 
@@ -195,7 +228,7 @@ def build_datamodule(cfg, args, model):
         fingerprint = vae_fingerprint(model.first_stage_model)
     dm = PairDataModule(args.data, batch_size=t.batch_size, num_workers=t.num_workers, size=t.size,
                         val_movies=None if t.val_every else [], vae_fingerprint=fingerprint,
-                        accelerator=args.accelerator, **band)
+                        accelerator=args.accelerator, seed=t.seed, **band)
     dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
     return dm
 
@@ -247,13 +280,17 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     ]
     val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every else \
         dict(limit_val_batches=0)
-    return L.Trainer(
-        accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
-        precision=str(t.precision), max_steps=t.max_steps, max_epochs=t.max_epochs,
-        accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
-        log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
-        logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
-        num_sanity_val_steps=0, benchmark=True, enable_model_summary=False, **val)
+    try:
+        return L.Trainer(
+            accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
+            precision=str(t.precision), max_steps=t.max_steps, max_epochs=t.max_epochs,
+            accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
+            log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
+            logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
+            num_sanity_val_steps=0, benchmark=True, enable_model_summary=False, **val)
+    except (TypeError, ValueError, RuntimeError) as e:  # Lightning's checks of the devices against the machine
+        raise UsageError(f"--accelerator {args.accelerator} --devices {args.devices}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
 
 
 def export(module, out: Path, cfg, step: int, init: Path) -> Path:
@@ -312,6 +349,12 @@ def prepare(args):
     if args.export:
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    per_device = -(-len(dm.train) // (count_devices(args.accelerator, devices) * args.num_nodes))  # DDP's share
+    if per_device < t.batch_size:  # the loader drops incomplete batches: not one step would run
+        raise UsageError(f"{args.data}: the band gives {len(dm.train)} training frames with a partner, "
+                         f"{per_device} per device, fewer than --batch-size {t.batch_size}; lower it or widen "
+                         "the band (--low/--high/--min-gap)")
     trainer = make_trainer(cfg, args, out, resume)
     record_config(out, cfg)
     return cfg, trainer, module, dm, resume

@@ -10,7 +10,8 @@ On disk, one folder per movie under DATA_ROOT:
 
 A movie is written under .partial and renamed into place only when complete, so a folder
 DATA_ROOT/<movie_id> always holds a finished movie: that is what makes runs resumable, and a
-killed run leaves at most a .partial folder that the next run deletes and rebuilds. An
+killed run leaves at most a .partial folder that the next run given that movie deletes and
+rebuilds (a lock per movie keeps two runs on one DATA_ROOT from building the same one). An
 interrupted or --strict-stopped run removes the .partial folders of the movies it stopped,
 and a run that ends removes .partial itself when it is empty.
 
@@ -21,7 +22,9 @@ no rebuild.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -139,10 +142,11 @@ class BuildOptions:
 
 
 def movie_id_for(source: str | os.PathLike) -> str:
-    """Folder name under DATA_ROOT: the file stem or folder name, with odd characters -> '_'."""
+    """Folder name under DATA_ROOT: the file stem or folder name; letters and digits of any
+    script are kept, other characters (spaces, punctuation) become '_'."""
     p = Path(source)
     name = (p.name if p.is_dir() else p.stem) or p.resolve().name
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "movie"
+    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "movie"
 
 
 def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -174,23 +178,53 @@ def build_movie(
     source = Path(source)
     movie_id = movie_id or movie_id_for(source)
     root = Path(data_root)
-    tmp, final = root / PARTIAL_DIR / movie_id, root / movie_id
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    info = probe(source)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    # Not race-free without a retry: a run on this root that ends removes .partial when it is
-    # empty (os.rmdir, which fails harmlessly once a movie folder is in it), and that can land
-    # between mkdir creating .partial and creating .partial/<movie_id> in it. Each retry
-    # recreates .partial; losing the race three times running would take three runs ending
-    # exactly then.
+    with _locked_partial(root / PARTIAL_DIR / movie_id, source):
+        return _build_movie(source, root, movie_id, options, progress, warn)
+
+
+@contextlib.contextmanager
+def _locked_partial(tmp: Path, source: Path):
+    """Create DATA_ROOT/.partial/<id> and hold an exclusive lock on the folder while one movie
+    is built in it.
+
+    Two runs on one DATA_ROOT (or two machines on a shared one) must not build the same movie:
+    the second would empty the first one's folder as "left by a killed run", and the first would
+    then publish a movie with frames missing. A lock dies with its process, so what a killed
+    run left is taken over. The folder is checked to still be the one locked (a run may have
+    published or removed it between our open and our lock).
+    """
     for attempt in range(3):
         try:
-            (tmp / "frames").mkdir(parents=True)
-            break
+            tmp.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # .partial removed by a run ending in between (see build_all): again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileExistsError(f"{source}: another run is building this movie in {tmp}") from None
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                break
         except FileNotFoundError:
-            if attempt == 2:
-                raise
+            pass
+        os.close(fd)
+    else:
+        raise FileExistsError(f"{source}: {tmp} keeps changing under this run; is another run building it?")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions, progress, warn) -> dict:
+    tmp, final = root / PARTIAL_DIR / movie_id, root / movie_id
+    if final.exists():
+        tmp.rmdir()  # ours, locked and still empty
+        raise FileExistsError(f"{final} already exists")
+    for left in tmp.iterdir():  # by a killed run (a running one would hold the lock)
+        shutil.rmtree(left) if left.is_dir() else left.unlink()
     t0 = time.perf_counter()
     ext = "." + options.image_format
     params = ([cv2.IMWRITE_JPEG_QUALITY, options.quality] if options.image_format == "jpg"
@@ -209,6 +243,8 @@ def build_movie(
         return small_gray(img, options.sim_size, bgr=True)
 
     try:
+        info = probe(source)
+        (tmp / "frames").mkdir()
         with cf.ThreadPoolExecutor(max(1, options.threads)) as pool:
             pending: deque[cf.Future] = deque()
             try:
@@ -249,7 +285,10 @@ def build_movie(
                              "pairs": count_pairs(sim)},
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        with open(tmp / "meta.json", "w") as f:  # on disk before the rename publishes the movie
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.rename(tmp, final)  # the atomic "finished" marker
         return meta
     except BaseException:
@@ -332,7 +371,12 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
     for mid in mine:
         p = by_id[mid]
         if is_finished(root / mid):
-            meta = load_meta(root / mid)
+            try:
+                meta = load_meta(root / mid)
+            except (OSError, ValueError) as e:
+                skipped.append(f"{root / mid / 'meta.json'}: unreadable ({one_line(e, with_type=True)}); delete "
+                               f"{root / mid} to rebuild it")
+                continue
             old = meta.get("source")
             if old and Path(old) != p.resolve():
                 skipped.append(f"{p}: movie id '{mid}' was already built from {old}; rename this input "
@@ -340,7 +384,7 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
                 continue
             existing.append(mid)
             if options is not None:
-                diff = [f"{k} {meta.get(k)} (now {v})" for k, v in _recorded(options).items() if meta.get(k) != v]
+                diff = option_changes(meta, options)
                 if diff:
                     notes.append(f"{root / mid}: kept, but it was built with {', '.join(diff)}; "
                                  f"delete it to rebuild")
@@ -354,10 +398,13 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
     return todo, existing, skipped, notes, len(ids) - len(mine)
 
 
-def _recorded(options: BuildOptions) -> dict:
-    """The options as meta.json records them."""
-    return {"short_side": options.size, "window": options.window, "metric": options.metric,
-            "image_format": options.image_format}
+def option_changes(meta: dict, options: BuildOptions) -> list[str]:
+    """'name recorded (now new)' for each build option that differs from a movie's meta.json."""
+    was = {**meta, "sim_size": (meta.get("metric_params") or {}).get("sim_size", [None])[0]}
+    now = {"short_side": options.size, "window": options.window, "metric": options.metric,
+           "image_format": options.image_format, "sim_size": options.sim_size,
+           "quality": options.quality if options.image_format == "jpg" else None}
+    return [f"{k} {was.get(k)} (now {v})" for k, v in now.items() if was.get(k) != v]
 
 
 def build_all(
@@ -484,7 +531,7 @@ def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str
     """Build one movie; return its meta, or the one-line reason it was skipped."""
     try:
         return build_movie(path, data_root, mid, options, progress, warn)
-    except FrameSourceError as e:
+    except (FrameSourceError, FileExistsError) as e:  # their messages name the input or folder
         return str(e)
     except (OSError, ValueError, cv2.error) as e:
         return f"{path}: {one_line(e, with_type=True)}"

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -146,9 +147,36 @@ class ColorControlModule(L.LightningModule):
         # Same seed everywhere builds identical replicas; the noise must differ per rank, and a
         # resumed run must not replay the noise of the steps it already did.
         torch.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank + self.global_step)
+        self.snapshot_locked()
+        self.apply_optimizer_settings()
+
+    def snapshot_locked(self) -> None:
+        """Remember the SD channels of the partly trainable input conv, for check_locked."""
         w = unet_input_conv(self.model).weight
         if w.requires_grad:
             self._locked_snapshot = w[:, :self.model.latent_channels].detach().clone()
+
+    def apply_optimizer_settings(self) -> None:
+        """Make this run's lr, weight decay and warm-up hold after a resume.
+
+        Lightning restores the optimiser and scheduler as saved, their learning rate and weight
+        decay included, so a resume with another --lr or --weight-decay would silently keep the
+        old ones. A no-op on a fresh run. The partly locked input conv keeps weight decay 0.
+        """
+        hp = self.hparams
+        opt = self.trainer.optimizers[0]
+        sched = self.trainer.lr_scheduler_configs[0].scheduler
+        old_lr = sched.base_lrs[0]
+        old_wd = next(g["weight_decay"] for g in opt.param_groups if g.get("name") == "trainable")
+        sched.base_lrs = [hp.lr] * len(opt.param_groups)
+        sched.lr_lambdas = [functools.partial(_warmup, warmup_steps=hp.warmup_steps)] * len(opt.param_groups)
+        for g in opt.param_groups:
+            g["initial_lr"], g["lr"] = hp.lr, hp.lr * _warmup(sched.last_epoch, hp.warmup_steps)
+            if g.get("name") == "trainable":
+                g["weight_decay"] = hp.weight_decay
+        if self.trainer.is_global_zero and (old_lr, old_wd) != (hp.lr, hp.weight_decay):
+            print(f"note: resumed with learning rate {hp.lr:g} and weight decay {hp.weight_decay:g} (the checkpoint "
+                  f"had {old_lr:g} and {old_wd:g})", file=sys.stderr)
 
     def check_locked(self) -> None:
         """Raise if the SD channels of the partly trainable input conv moved (optimiser misuse)."""
@@ -240,19 +268,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Keep the newest `keep` checkpoints, one every `every_n_steps`, plus one at the final step."""
+    """Keep the newest `keep` checkpoints, one every `every_n_steps`, plus one at the final step.
+
+    Lightning saves them all (save_top_k=-1); pruning is ours, by the step in the file names of
+    the whole folder: ModelCheckpoint forgets files of earlier runs (the one resumed from, or
+    all of them when --ckpt-every changed), which would pile up, a few GB each.
+    """
 
     def __init__(self, dirpath, every_n_steps: int, keep: int):
         super().__init__(dirpath=dirpath, filename="step={step:08d}", auto_insert_metric_name=False,
-                         monitor="step", mode="max", save_top_k=keep, every_n_train_steps=every_n_steps,
+                         monitor="step", mode="max", save_top_k=-1, every_n_train_steps=every_n_steps,
                          save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
+        self.keep = keep
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        self.prune(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         # Private ModelCheckpoint API (tested in tests/cldm/test_lightning.py): a run that ends
         # between two save points still leaves its final state resumable.
-        if not self._should_skip_saving_checkpoint(trainer) and self.save_top_k != 0:
+        if not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.prune(trainer)
+
+    def prune(self, trainer) -> None:
+        if trainer.is_global_zero:
+            for _, _, path in list_checkpoints(self.dirpath)[:-self.keep]:
+                path.unlink(missing_ok=True)
 
 
 STEP_RE = re.compile(r"step=(\d+)")
@@ -296,14 +340,20 @@ def resume_problem(path: str | Path) -> str | None:
     return None
 
 
-def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
-    """The complete checkpoint of the highest step under `dirpath`, or None."""
+def list_checkpoints(dirpath: str | Path) -> list[tuple[int, float, Path]]:
+    """(step, mtime, path) of the complete step checkpoints under `dirpath`, oldest step first."""
     found = []
     for p in Path(dirpath).glob("*.ckpt") if Path(dirpath).is_dir() else []:
         m = STEP_RE.search(p.name)
         if m and is_complete_checkpoint(p):
             found.append((int(m.group(1)), p.stat().st_mtime, p))
-    return max(found)[2] if found else None
+    return sorted(found)
+
+
+def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
+    """The complete checkpoint of the highest step under `dirpath`, or None."""
+    found = list_checkpoints(dirpath)
+    return found[-1][2] if found else None
 
 
 class ResumeMismatchError(CheckpointError):

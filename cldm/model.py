@@ -37,7 +37,12 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = ()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config not found: {path}")
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's parser and scanner errors, omegaconf's own
+        raise ConfigError(f"{path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config must be a YAML mapping (model:, train:), not a list")
     OmegaConf.set_struct(cfg, True)
     bad = [o for o in overrides if "=" not in o]
     if bad:

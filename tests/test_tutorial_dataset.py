@@ -139,6 +139,33 @@ def test_datamodule_splits_by_movie(fake_root):
     assert dm.train.movies == ["film_b"] and dm.val is None and dm.test.movies == ["film_a"]
     with pytest.raises(ValueError, match="no finished movie named nope"):
         PairDataModule(fake_root, val_movies=["nope"]).setup()
+    # film_b's only pair is 0.955 apart: a band without it leaves the held-out movie empty
+    dm = PairDataModule(fake_root, num_workers=0, size=64, low=0.956)
+    with pytest.warns(UserWarning, match="no validation: the held-out movie has no pairs"):
+        dm.setup("fit")
+    assert dm.train.movies == ["film_a"] and dm.val is None
+    with pytest.raises(ValueError, match="no pairs"):  # asked for by name: an error
+        PairDataModule(fake_root, num_workers=0, size=64, low=0.956, val_movies=["film_b"]).setup("fit")
+
+
+def test_distributed_order_shards_the_data_and_changes_with_the_resume_step(fake_root):
+    """Under DDP each process gets its own share, and a run resumed at step k does not replay
+    the order of the run that started at step 0 (Lightning's sampler would: seed and epoch only)."""
+    from types import SimpleNamespace
+
+    dm = PairDataModule(fake_root, batch_size=1, num_workers=0, size=64, val_movies=[], seed=7)
+    dm.setup("fit")
+
+    def order(rank, step):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, global_step=step)
+        return list(dm.train_dataloader().sampler)
+
+    a, b, n = order(0, 0), order(1, 0), len(dm.train)
+    assert set(a + b) == set(range(n)) and len(a) == len(b) == -(-n // 2)  # all covered (padded to equal shares)
+    assert len(set(a) & set(b)) == len(a) + len(b) - n  # overlapping only by the padding
+    assert order(0, 0) == order(0, 0) and order(0, 40) != order(0, 0)
+    dm.trainer = None  # one process: torch's RNG orders the data (see ColorControlModule.on_train_start)
+    assert not isinstance(dm.train_dataloader().sampler, torch.utils.data.DistributedSampler)
 
 
 def test_datamodule_setup_builds_each_stages_datasets_once(fake_root, monkeypatch):

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -56,6 +57,8 @@ def test_stored_size_and_ids(tmp_path):
     assert stored_size(1280, 720, 0) == (1280, 720)
     assert stored_size(96, 64, 64) == (96, 64)
     assert movie_id_for("films/My Film (1950).mkv") == "My_Film__1950_"
+    assert movie_id_for("films/фильм.mp4") != movie_id_for("films/кадры.mp4")  # other scripts keep their letters
+    assert movie_id_for("films/日本.mp4") == "日本"
     (tmp_path / "frames.v2").mkdir()
     assert movie_id_for(tmp_path / "frames.v2") == "frames.v2"
 
@@ -154,6 +157,16 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     build_all([good], tmp_path / "data", BuildOptions(size=64, window=7), progress=False, log=lines.append)
     assert lines[1] == (f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with window 5 (now 7); "
                         "delete it to rebuild")
+    build_all([good], tmp_path / "data", replace(OPTS, sim_size=32, quality=80), progress=False, log=lines.append)
+    assert lines[2] == (f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with sim_size {OPTS.sim_size} "
+                        f"(now 32), quality {OPTS.quality} (now 80); delete it to rebuild")
+    meta = tmp_path / "data" / "good" / "meta.json"
+    kept = meta.read_bytes()
+    meta.write_text("")  # e.g. a copy cut short
+    s4 = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s4.built == [] and s4.skipped == [f"{meta}: unreadable (JSONDecodeError: Expecting value: line 1 "
+                                             f"column 1 (char 0)); delete {meta.parent} to rebuild it"]
+    meta.write_bytes(kept)
     other = write_folder(panning_clip(6, 16, 24, seed=3), tmp_path / "elsewhere" / "good")
     s3 = build_all([other], tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert s3.built == [] and "already built from" in s3.skipped[0]
@@ -175,6 +188,29 @@ def test_a_run_leaves_partial_alone_while_another_run_builds_there(tmp_path):
     busy.parent.rmdir()  # the other run is done with its movie
     build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
     assert not (tmp_path / "data" / ".partial").exists()
+
+
+def test_a_movie_another_run_is_building_is_skipped_untouched(tmp_path):
+    """Two runs given the same movie: the second must not delete the first one's .partial
+    folder (as if a killed run had left it), or the first would publish missing frames."""
+    import fcntl
+
+    good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
+    theirs = tmp_path / "data" / ".partial" / "good" / "frames"
+    theirs.mkdir(parents=True)
+    (theirs / "000000.jpg").write_bytes(b"the other run's frame")
+    held = os.open(theirs.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what the other run's build_movie holds
+        lines = []
+        s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
+        assert s.built == [] and lines == [f"skipped: {good}: another run is building this movie in {theirs.parent}"]
+        assert (theirs / "000000.jpg").read_bytes() == b"the other run's frame"
+    finally:
+        os.close(held)
+    # its lock released (that run was killed): the next run rebuilds the movie
+    s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    assert [m["movie_id"] for m in s.built] == ["good"] and not (tmp_path / "data" / ".partial").exists()
 
 
 def test_overall_progress_ends_at_100_percent_when_a_movie_is_skipped(tmp_path, capsys):

@@ -19,7 +19,7 @@ import ldm.modules.unet
 from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ReplicaCheck, ResumeMismatchError,
-                            check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
+                            StepCheckpoint, check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
                             remove_partial_checkpoints, resume_problem)
 from cldm.model import TINY_CONFIG, load_config
 from cldm.trainable import UNET_INPUT_CONV, export_keys
@@ -213,7 +213,7 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
 
 def test_moved_locked_channels_are_caught_at_checkpoint_time():
     module = ColorControlModule(tiny_model("v2"))
-    module.on_train_start()
+    module.snapshot_locked()  # as on_train_start does
     with torch.no_grad():
         module.model.model.diffusion_model.input_blocks[0][0].weight[0, 0] += 1e-3
     with pytest.raises(RuntimeError, match="locked SD channels changed"):
@@ -288,6 +288,37 @@ def test_bf16_mixed_lightning_run_trains_only_the_trainable_weights():
     assert torch.equal(after[UNET_INPUT_CONV][:, :4], before[UNET_INPUT_CONV][:, :4])
     moved = {k for k in trainable if not torch.equal(after[k], before[k])}
     assert moved == trainable, sorted(trainable - moved)[:5]
+
+
+class LRs(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.lrs.append({g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups})
+
+
+def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, capsys):
+    """Lightning restores the optimiser's and scheduler's saved settings; this run's must win."""
+    batch = tiny_batch(2, seed=2)
+
+    def fit(steps, ckpt=None, **hp):
+        torch.manual_seed(0)
+        module, rec = ColorControlModule(tiny_model("v2"), **hp), LRs()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[rec])
+        trainer.fit(module, DataLoader([batch] * steps, batch_size=None), ckpt_path=ckpt)
+        return trainer, rec.lrs
+
+    first, lrs = fit(2, lr=1e-5, warmup_steps=4)
+    assert [r["trainable"] for r in lrs] == [(pytest.approx(1e-5 / 4), 0.0), (pytest.approx(1e-5 / 2), 0.0)]
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    capsys.readouterr()
+    _, lrs = fit(4, tmp_path / "a.ckpt", lr=1e-3, weight_decay=0.5, warmup_steps=8)
+    # steps 3 and 4 of a linear warm-up over 8 steps, at the new rate; the new decay, not on the input conv
+    assert [r["trainable"] for r in lrs] == [(pytest.approx(1e-3 * 3 / 8), 0.5), (pytest.approx(1e-3 * 4 / 8), 0.5)]
+    assert [r["unet_input"] for r in lrs] == [(pytest.approx(1e-3 * 3 / 8), 0.0), (pytest.approx(1e-3 * 4 / 8), 0.0)]
+    assert "resumed with learning rate 0.001 and weight decay 0.5 (the checkpoint had 1e-05 and 0)" in capsys.readouterr().err
 
 
 def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
@@ -411,6 +442,18 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
     assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".step=00000030.ckpt.abc.tmp"]
     assert find_resume_checkpoint(tmp_path / "missing") is None
+
+
+def test_step_checkpoint_keeps_the_newest_of_the_whole_folder(tmp_path):
+    """Files of earlier runs (a resume) count too; other files are left alone."""
+    io = AtomicCheckpointIO()
+    for step in (2, 10, 4, 9):
+        io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
+    (tmp_path / "notes.txt").write_text("mine")
+    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(FakeTrainer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step=00000009.ckpt", "step=00000010.ckpt"]
+    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(type("Rank1", (FakeTrainer,), {"is_global_zero": False}))
+    assert len(list(tmp_path.iterdir())) == 3  # only global rank 0 deletes
 
 
 def test_validation_loss_draws_everything_from_its_per_batch_generator():

@@ -56,6 +56,9 @@ def load_ckpt(path):
 def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
     init_ckpt = tmp_path / "init.ckpt"  # the init file as a .ckpt: a zip, but weights only
     save_state_dict(load_state_dict(ws / "init.safetensors"), init_ckpt)
+    broken, no_train = tmp_path / "broken.yaml", tmp_path / "no_train.yaml"
+    broken.write_text("model: [\n")
+    no_train.write_text(TINY_CONFIG.read_text().split("\ntrain:")[0])
     cases = [
         (["--data", str(tmp_path / "nope")], "--data .*nope: no such folder"),
         (["--init", str(tmp_path / "nope.safetensors")], "--init .*: no such file"),
@@ -66,6 +69,16 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         (["--resume", str(ws / "init.safetensors")], "--resume .*init.safetensors: not a Lightning training checkpoint"),
         (["train.optimizer=adam"], "optimizer must be one of adamw, adamw8bit, got 'adam'"),
         (["model.color_variant=v3"], r"does not fit ControlLDM"),  # v2 init, v3 config
+        (["--accumulate", "0"], r"train\.accumulate \(--accumulate, batches per optimiser step\) must be >= 1, got 0"),
+        (["--lr", "-1"], r"train\.lr \(--lr, learning rate\) must be > 0, got -1"),
+        (["--num-workers", "-1"], r"train\.num_workers .* must be >= 0"),
+        (["train.batch_size=abc"], r"train\.batch_size \(--batch-size, samples per device\) must be an integer, got 'abc'"),
+        (["train.lr=abc"], r"train\.lr .* must be a number, got 'abc'"),
+        (["--batch-size", "1000"], r"the band gives \d+ training frames with a partner, \d+ per device, fewer than "
+                                   r"--batch-size 1000"),
+        (["--config", str(broken)], r"broken\.yaml: not a readable YAML config"),
+        (["--config", str(no_train), "--lr", "1e-4"], r"no_train\.yaml: no train: section"),
+        (["--devices", "0,1"], r"--accelerator cpu --devices 0,1: "),
     ]
     for i, (extra, pattern) in enumerate(cases):  # a repeated flag wins over the one in args()
         assert train.main(args(ws, tmp_path / f"out{i}") + extra) == 2, pattern
@@ -123,6 +136,8 @@ def check_resumes(ws, out, more_steps=3, *extra):
     assert train.main(args(ws, out, "--max-steps", max_steps, "--ckpt-every", 1000, "--ckpt-keep", 2,
                            "--warmup-steps", 1000, *extra)) == 0
     assert not list((out / "checkpoints").glob(".*.tmp"))
+    kept = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))  # --ckpt-keep 2, the resumed-from one counted
+    assert len(kept) == 2 and kept[-1] == f"step={max_steps:08d}.ckpt", kept
     final = load_ckpt(out / "checkpoints" / f"step={max_steps:08d}.ckpt")
     assert final["global_step"] == max_steps
     # optimiser and scheduler continued rather than restarted: Adam has taken max_steps steps
