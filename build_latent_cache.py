@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                    help="autocast precision of the encoder (16/bf16 on GPUs); the cache is float16 either way")
+    p.add_argument("--gray", action="store_true",
+                   help="also cache the latent of each frame's gray (colour variant v3 feeds it to the UNet; "
+                        "without it v3 training refuses the cache); a cache without them is rebuilt")
     p.add_argument("--overwrite", action="store_true",
                    help="re-encode movies that are already cached (also those made by other weights)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = PRECISIONS[args.precision]
     result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,
                                 getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
-                                log=lambda line: print(line, file=sys.stderr))
+                                log=lambda line: print(line, file=sys.stderr), gray=args.gray)
     print(f"VAE fingerprint {result['fingerprint']} (pass it to tutorial_dataset as vae_fingerprint)")
     print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
           f"refused (other weights): {len(result['refused'])}")

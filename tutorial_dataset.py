@@ -75,6 +75,7 @@ class PairDataset(Dataset):
         prompt: str = " ",
         seed: int | None = None,
         vae_fingerprint: str | None = None,
+        gray_latents: bool = False,
     ):
         self.root = Path(data_root)
         self.movies = list(movies) if movies is not None else list_movies(self.root)
@@ -84,6 +85,7 @@ class PairDataset(Dataset):
         self.crop = _crop_size(size)
         self.augment, self.prompt, self.seed = augment, prompt, seed
         self.latent_mode = vae_fingerprint is not None
+        self.gray_latents = gray_latents and self.latent_mode
         self.meta, self.masks, self.latents = [], [], []
         refs, movie_of = [], []
         for k, mid in enumerate(self.movies):
@@ -103,7 +105,7 @@ class PairDataset(Dataset):
                     raise ValueError(f"{d}: frames are {w}x{h}; latent mode needs them to cover the training "
                                      f"size {self.crop[1]}x{self.crop[0]} exactly in one side "
                                      f"(rebuild with build_pairs.py --size)")
-                self.latents.append(load_latents(d, vae_fingerprint))
+                self.latents.append(load_latents(d, vae_fingerprint, gray=self.gray_latents))
         self._refs = np.concatenate(refs).astype(np.int64)
         self._movie_of = np.concatenate(movie_of)
         if len(self._refs) == 0:
@@ -166,6 +168,8 @@ class PairDataset(Dataset):
             t = np.asarray(lat[j][(slice(None), slice(None), *win)], np.float32)  # (mean, std) of the target
             item.update(jpg_latent_mean=t[0], jpg_latent_std=t[1],
                         ref_latent_mean=np.asarray(lat[i][(0, slice(None), *win)], np.float32))
+            if self.gray_latents:  # v3: the target's gray, as its latent
+                item["gray_latent_mean"] = np.asarray(lat[j][(2, slice(None), *win)], np.float32)
         else:
             item["jpg"] = tgt.astype(np.float32) / 127.5 - 1.0
         return item
@@ -207,6 +211,7 @@ class PairDataModule(L.LightningDataModule):
         min_gap: int = DEFAULT_MIN_GAP,
         prompt: str = " ",
         vae_fingerprint: str | None = None,
+        gray_latents: bool = False,
         eval_seed: int = 0,
         seed: int = 0,
         pin_memory: bool | None = None,
@@ -221,7 +226,8 @@ class PairDataModule(L.LightningDataModule):
         else:
             self.prefetch_factor = None  # no workers: batches are made on demand (DataLoader refuses a factor)
         self.val_movies, self.test_movies = val_movies, list(test_movies)
-        self.kw = dict(low=low, high=high, min_gap=min_gap, size=size, prompt=prompt, vae_fingerprint=vae_fingerprint)
+        self.kw = dict(low=low, high=high, min_gap=min_gap, size=size, prompt=prompt, vae_fingerprint=vae_fingerprint,
+                       gray_latents=gray_latents)
         self.eval_seed, self.seed = eval_seed, seed
         self.train = self.val = self.test = None
         self._built: set[str] = set()  # parts set up (a part may be None: no movies for it)

@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--min-gap", type=int, help="pair band: at least this many frames apart")
     g.add_argument("--num-workers", type=int, help="data loader processes per device")
     g.add_argument("--use-latent-cache", action="store_true",
-                   help="take target/reference latents from build_latent_cache.py's cache: no VAE encode in the step")
+                   help="take target/reference latents (v3: and the gray's, build_latent_cache.py --gray) from "
+                        "build_latent_cache.py's cache: no VAE encode in the step")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per device per step")
     g.add_argument("--accumulate", type=int, help="batches accumulated per optimiser step")
@@ -228,6 +229,7 @@ def build_datamodule(cfg, args, model):
         fingerprint = vae_fingerprint(model.first_stage_model)
     dm = PairDataModule(args.data, batch_size=t.batch_size, num_workers=t.num_workers, size=t.size,
                         val_movies=None if t.val_every else [], vae_fingerprint=fingerprint,
+                        gray_latents=model.color_variant == "v3",
                         accelerator=args.accelerator, seed=t.seed, **band)
     dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
     return dm

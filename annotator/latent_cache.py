@@ -5,7 +5,9 @@ of a step at 512 - although the VAE never changes. Encoding each frame once and 
 posterior lets the dataset hand out latents instead. Per movie, next to the frames:
 
     latents.npy    float16 (N, 2, C, H/8, W/8): [:, 0] posterior mean, [:, 1] posterior std,
-                   *unscaled* (the diffusion model multiplies by its scale_factor)
+                   *unscaled* (the diffusion model multiplies by its scale_factor); with `gray`
+                   (N, 3, ...): [:, 2] the posterior mean of the frame's BT.601 gray as RGB,
+                   which colour variant v3 feeds the UNet
     latents.json   the VAE fingerprint, frame size, shape, precision; written last, so a cache
                    without it is unfinished and gets rebuilt
 
@@ -35,6 +37,7 @@ import cv2
 import numpy as np
 import torch
 
+from annotator.color import rgb_to_gray
 from annotator.pairs import frame_path, is_finished, list_movies, load_meta
 
 LATENTS, LATENTS_META = "latents.npy", "latents.json"
@@ -68,8 +71,9 @@ def cache_info(movie_dir: str | os.PathLike) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def load_latents(movie_dir: str | os.PathLike, fingerprint: str) -> np.ndarray:
-    """The movie's cached posteriors (memory-mapped), or LatentCacheError if absent/foreign."""
+def load_latents(movie_dir: str | os.PathLike, fingerprint: str, gray: bool = False) -> np.ndarray:
+    """The movie's cached posteriors (memory-mapped), or LatentCacheError if absent/foreign
+    (or, with `gray`, without the gray latents)."""
     movie_dir = Path(movie_dir)
     info = cache_info(movie_dir)
     if info is None:
@@ -79,6 +83,9 @@ def load_latents(movie_dir: str | os.PathLike, fingerprint: str) -> np.ndarray:
             f"{movie_dir}: latent cache was made by other VAE weights "
             f"({info['vae_fingerprint'][:12]}..., expected {fingerprint[:12]}...); rebuild it with --overwrite"
         )
+    if gray and not info.get("gray"):
+        raise LatentCacheError(f"{movie_dir}: latent cache has no gray latents, which colour variant v3 needs "
+                               "(rebuild it with build_latent_cache.py --gray --overwrite)")
     meta = load_meta(movie_dir)
     lat = np.load(movie_dir / LATENTS, mmap_mode="r")
     if lat.shape[0] != meta["frame_count"] or info["frame_size"] != meta["size"]:
@@ -94,8 +101,10 @@ def encode_movie(
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
+    gray: bool = False,
 ) -> dict:
-    """Encode every frame of one finished movie; write latents.npy + latents.json atomically."""
+    """Encode every frame (with `gray`, also its gray) of one finished movie; write latents.npy
+    + latents.json atomically."""
     movie_dir = Path(movie_dir)
     meta = load_meta(movie_dir)
     n, (w, h) = meta["frame_count"], meta["size"]
@@ -118,7 +127,11 @@ def encode_movie(
                 x = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).contiguous().to(dtype) / 127.5 - 1.0
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     post = vae.encode(x)
-                moments = torch.stack([post.mean, post.std], dim=1).float().cpu().numpy().astype(np.float16)
+                    parts = [post.mean, post.std]
+                    if gray:  # as cldm.color.build_concat encodes the hint's gray: [0, 1] -> [-1, 1], 3 channels
+                        g = torch.from_numpy(rgb_to_gray(imgs)).to(device, dtype)
+                        parts.append(vae.encode((g * 2 - 1)[:, None].expand(-1, 3, -1, -1)).mean)
+                moments = torch.stack(parts, dim=1).float().cpu().numpy().astype(np.float16)
                 if out is None:
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, *moments.shape[1:]))
                 out[b.start : b.stop] = moments
@@ -135,7 +148,9 @@ def encode_movie(
             "frame_size": [w, h],
             "shape": shape,
             "dtype": "float16",
-            "layout": "[frame, (posterior mean, posterior std), channel, H/8, W/8], unscaled",
+            "gray": gray,
+            "layout": f"[frame, (posterior mean, posterior std{', gray posterior mean' if gray else ''}), "
+                      "channel, H/8, W/8], unscaled",
             "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
         }
         tmp_json = movie_dir / (LATENTS_META + ".partial")
@@ -156,11 +171,13 @@ def build_latent_cache(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    gray: bool = False,
 ) -> dict:
     """Cache latents for every finished movie (or `movies`) under DATA_ROOT.
 
-    Movies already cached with the same weights are skipped; a cache made with other weights
-    is refused (reported, left alone) unless `overwrite`. Returns {"built", "existing",
+    Movies already cached with the same weights (and gray latents if `gray`) are skipped; a
+    cache made with other weights is refused (reported, left alone) unless `overwrite`. One
+    without the gray latents that `gray` asks for is rebuilt. Returns {"built", "existing",
     "refused"}: lists of movie ids, and "fingerprint": the VAE's.
     """
     from tqdm import tqdm
@@ -176,7 +193,7 @@ def build_latent_cache(
     todo = []
     for mid in ids:
         info = cache_info(root / mid)
-        if info is not None and not overwrite:
+        if info is not None and not overwrite and not (gray and info["vae_fingerprint"] == fp and not info.get("gray")):
             if info["vae_fingerprint"] == fp:
                 result["existing"].append(mid)
             else:
@@ -189,6 +206,6 @@ def build_latent_cache(
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
         for mid in todo:
             (root / mid / LATENTS_META).unlink(missing_ok=True)  # unfinished until rewritten
-            encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update)
+            encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
             result["built"].append(mid)
     return result

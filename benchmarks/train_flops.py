@@ -42,6 +42,8 @@ def synthetic_batch(model, b: int, size: int, latent_cache: bool, device="meta")
             lat = (b, model.latent_channels, size // model.latent_factor, size // model.latent_factor)
             batch.update(jpg_latent_mean=torch.randn(lat), jpg_latent_std=torch.rand(lat),
                          ref_latent_mean=torch.randn(lat))
+            if model.color_variant == "v3":
+                batch["gray_latent_mean"] = torch.randn(lat)
         else:
             batch["jpg"] = torch.rand(b, size, size, 3) * 2 - 1
     return batch

@@ -46,7 +46,8 @@ class ColorControlModule(L.LightningModule):
 
     Batches hold an HWC tensor `hint` (B, H, W, 4) in [0, 1], a list `txt`, and the target:
     `jpg` (B, H, W, 3) in [-1, 1], or with the latent cache instead the unscaled VAE posteriors
-    `jpg_latent_mean/std` and `ref_latent_mean` (B, 4, H/8, W/8), so no VAE runs in the step.
+    `jpg_latent_mean/std` and `ref_latent_mean` (B, 4, H/8, W/8) (for v3 also `gray_latent_mean`),
+    so no VAE runs in the step.
     Checkpoints hold only the trainable tensors (plus optimiser/loop state): the locked SD
     weights come from the init file, which every run loads first.
     """
@@ -94,12 +95,14 @@ class ColorControlModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return self.model.get_learned_conditioning(list(prompts))
 
-    def condition_inputs(self, batch: dict):
-        """(hint BCHW, ref_latent (scaled, from the latent cache) or None, context) from a dataset batch."""
-        ref_latent = None
-        if "ref_latent_mean" in batch:
-            ref_latent = batch["ref_latent_mean"].float() * self.model.scale_factor
-        return _hwc_to_bchw(batch["hint"]), ref_latent, self.context(batch["txt"])
+    def condition(self, batch: dict):
+        """The ColorCondition of a dataset batch; latents from the cache (scaled here) where it has them."""
+        latents = {}
+        for key, name in (("ref_latent_mean", "ref_latent"), ("gray_latent_mean", "gray_latent")):
+            if key in batch:
+                latents[name] = batch[key].float() * self.model.scale_factor
+        return self.model.prepare_condition(_hwc_to_bchw(batch["hint"]), context=self.context(batch["txt"]),
+                                            **latents)
 
     def target_latent(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """z0, the scaled target latent: a posterior draw, from the cache's mean/std or by the VAE."""
@@ -115,9 +118,7 @@ class ColorControlModule(L.LightningModule):
         """The training loss; what is random (z0's posterior draw, then t, then the noise, unless
         given) comes from `generator`, default torch's RNG."""
         z0 = self.target_latent(batch, generator)
-        hint, ref_latent, context = self.condition_inputs(batch)
-        cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
-        return self.model.training_loss(z0, cond, noise=noise, t=t, generator=generator)
+        return self.model.training_loss(z0, self.condition(batch), noise=noise, t=t, generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
@@ -229,8 +230,8 @@ class ColorControlModule(L.LightningModule):
         self.eval()
         try:
             b = {k: v[:n] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
-            hint, ref_latent, context = self.condition_inputs(b)
-            cond = self.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
+            cond = self.condition(b)
+            hint = _hwc_to_bchw(b["hint"])
             g = torch.Generator(device=self.device).manual_seed(seed)
             sample = self.model.decode_first_stage(self.model.sample(cond, steps=steps, generator=g))
             if "jpg" in b:

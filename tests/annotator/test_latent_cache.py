@@ -142,6 +142,9 @@ def test_cli(root, tmp_path):
     assert p.returncode == 0, p.stderr
     assert f"VAE fingerprint {vae_fingerprint(vae)}" in p.stdout and "latents built: 1" in p.stdout
     assert (root / "pan" / LATENTS).is_file()
+    p = subprocess.run(cmd + ["--gray"], cwd=REPO, capture_output=True, text=True, timeout=120)  # v3's gray too
+    assert p.returncode == 0 and "latents built: 1" in p.stdout, p.stderr
+    assert np.load(root / "pan" / LATENTS, mmap_mode="r").shape[1] == 3
     p = subprocess.run(cmd[:4] + [str(tmp_path / "missing.safetensors")] + cmd[5:], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "missing.safetensors" in p.stderr

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import ldm.modules.attention
 import ldm.modules.unet
-from annotator.latent_cache import build_latent_cache
+from annotator.latent_cache import LatentCacheError, build_latent_cache
 from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ReplicaCheck, ResumeMismatchError,
                             StepCheckpoint, check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
@@ -94,25 +94,30 @@ def test_latent_cache_loss_equals_vae_loss():
     assert abs(l_vae.item() - module.compute_loss(batch, noise=noise, t=t).item()) > 1e-6  # the draw matters
 
 
-def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path):
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path, variant):
     """The real path: annotator.latent_cache encodes whole stored frames (batched, stored as fp16
     mean/std) and PairDataset cuts the crop's latent window. With frames exactly the crop size
     (64x64) the window is the whole frame, so the only difference to VAE(crop) is fp16 storage:
     each latent value rounds by at most 2**-11 relative. Loss tolerance rtol 5e-4, the same
     bound; measured max 1.5e-5 relative over 40 (item, timestep) draws on this model.
-    Frames larger than the crop only approximate VAE(crop): see docs/TRAINING.md."""
-    module = ColorControlModule(tiny_model("v2"))
+    Frames larger than the crop only approximate VAE(crop): see docs/TRAINING.md.
+    v3 also takes the target gray's latent from the cache: then no VAE runs in the step at all."""
+    module = ColorControlModule(tiny_model(variant))
+    v3 = variant == "v3"
     root = tiny_data_root(tmp_path, movies=1, frames=6, height=64, width=64, image_format="png")
-    fp = build_latent_cache(root, module.model.first_stage_model, batch_size=4, progress=False)["fingerprint"]
+    fp = build_latent_cache(root, module.model.first_stage_model, batch_size=4, progress=False, gray=v3)["fingerprint"]
     band = dict(size=64, low=0.0, high=1.0, min_gap=1, augment=False, seed=3)
-    lat_ds, img_ds = PairDataset(root, vae_fingerprint=fp, **band), PairDataset(root, **band)
+    lat_ds, img_ds = PairDataset(root, vae_fingerprint=fp, gray_latents=v3, **band), PairDataset(root, **band)
     idx = [0, 2, 4]
     lat = default_collate([lat_ds[i] for i in idx])
     img = default_collate([img_ds[i] for i in idx])
     assert "jpg_latent_mean" not in img
     # latent items carry what the step uses and no image (nor the reference's std)
     assert set(lat) == {"txt", "hint", "movie", "ref_index", "target_index",
-                        "jpg_latent_mean", "jpg_latent_std", "ref_latent_mean"}
+                        "jpg_latent_mean", "jpg_latent_std", "ref_latent_mean"} | ({"gray_latent_mean"} if v3 else set())
+    encodes = []
+    module.model.first_stage_model.encoder.register_forward_hook(lambda m, i, o: encodes.append(i[0].shape[0]))
     # same partner, same crop, no flip: the hint holds the reference crop and the target's gray
     assert torch.equal(lat["target_index"], img["target_index"]) and torch.equal(lat["hint"], img["hint"])
     vae = module.model.first_stage_model
@@ -122,9 +127,20 @@ def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path):
         torch.testing.assert_close(lat["jpg_latent_std"], post.std, rtol=2**-11, atol=1e-5)
         g = torch.Generator().manual_seed(11)
         noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([20, 400, 950])
+        encodes.clear()
         l_img = module.compute_loss(img, noise=noise, t=t, generator=torch.Generator().manual_seed(7))
+        assert encodes == ([3, 3, 3] if v3 else [3, 3])  # the target, the reference (and v3: the gray)
+        encodes.clear()
         l_lat = module.compute_loss(lat, noise=noise, t=t, generator=torch.Generator().manual_seed(7))
+        assert encodes == []
     torch.testing.assert_close(l_lat, l_img, rtol=5e-4, atol=0)
+    if v3:  # a cache made without the gray latents is refused for v3, naming the fix
+        root2 = tiny_data_root(tmp_path / "plain", movies=1, frames=6, height=64, width=64, image_format="png")
+        build_latent_cache(root2, module.model.first_stage_model, progress=False)
+        with pytest.raises(LatentCacheError, match="no gray latents.*build_latent_cache.py --gray --overwrite"):
+            PairDataset(root2, vae_fingerprint=fp, gray_latents=True, **band)
+        # asked for them, build_latent_cache rebuilds such a cache instead of keeping it
+        assert build_latent_cache(root2, module.model.first_stage_model, progress=False, gray=True)["built"] == ["m0"]
 
 
 def train_mode_names(module):
@@ -476,9 +492,7 @@ def test_validation_loss_draws_everything_from_its_per_batch_generator():
         z0 = module.target_latent(batch, g)
         t = torch.randint(0, module.model.num_timesteps, (2,), generator=g)
         noise = torch.empty_like(z0).normal_(generator=g)  # randn_like: in z0's memory layout
-        hint, ref_latent, context = module.condition_inputs(batch)
-        cond = module.model.prepare_condition(hint, context=context, ref_latent=ref_latent)
-        expected = module.model.training_loss(z0, cond, noise=noise, t=t).item()
+        expected = module.model.training_loss(z0, module.condition(batch), noise=noise, t=t).item()
     assert v0 == pytest.approx(expected, rel=1e-6, abs=0)
 
 
