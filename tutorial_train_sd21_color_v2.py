@@ -232,6 +232,9 @@ def build_datamodule(cfg, args, model):
                         gray_latents=model.color_variant == "v3",
                         accelerator=args.accelerator, seed=t.seed, **band)
     dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
+    if t.val_every and dm.val is None and is_launch_rank_zero():
+        print(f"{PROG}: note: no validation: it holds out a whole movie, and {args.data} has no second movie "
+              "with pairs in the band", file=sys.stderr)
     return dm
 
 

@@ -88,6 +88,18 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         assert not (tmp_path / f"out{i}" / "config.yaml").exists()  # a failed start records nothing
 
 
+def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    root = tiny_data_root(tmp_path, movies=1, frames=8, height=64, width=96)
+    cfg = load_config(TINY_CONFIG, ["train.val_every=10", "train.low=0", "train.high=1", "train.min_gap=1",
+                                    "train.num_workers=0"])
+    a = SimpleNamespace(data=str(root), use_latent_cache=False, accelerator="cpu")
+    dm = train.build_datamodule(cfg, a, tiny_model("v2"))
+    assert dm.val is None
+    assert "note: no validation: it holds out a whole movie" in capsys.readouterr().err
+
+
 def test_ctrl_c_before_training_is_one_line_and_exit_130(ws, tmp_path, capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
