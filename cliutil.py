@@ -6,7 +6,9 @@ the errors a script expects into the same one line and exit 2, and Ctrl-C into e
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable
 
 
@@ -36,12 +38,22 @@ def one_line(e: BaseException, with_type: bool = False) -> str:
 
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             errors: tuple[type[BaseException], ...], interrupted: str = "interrupted",
-            named: tuple[type[BaseException], ...] = ()) -> int:
+            named: tuple[type[BaseException], ...] = (), sigterm: bool = False) -> int:
     """`run(args)`, with `errors` printed as "PROG: error: <first line>" (exit 2) and Ctrl-C as exit 130.
 
     `named`: further errors reported the same way but after their type name ("PROG: error:
     ConfigKeyError: ..."), for libraries whose messages do not say what kind of problem they are.
+    `sigterm`: stop on SIGTERM (kill, a job scheduler) as on Ctrl-C, so the same clean-up runs
+    (temporary files removed), with exit status 143.
     """
+    received = []
+
+    def on_sigterm(signum, _frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    hook = sigterm and threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
     try:
         return run(args)
     except errors as e:
@@ -51,5 +63,9 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         print(f"{prog}: error: {one_line(e, with_type=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
-        return 130
+        message = "terminated (SIGTERM)" + interrupted.removeprefix("interrupted") if received else interrupted
+        print(f"{prog}: {message}", file=sys.stderr)
+        return 128 + int(signal.SIGTERM) if received else 130
+    finally:
+        if hook:
+            signal.signal(signal.SIGTERM, previous)

@@ -176,8 +176,11 @@ def check_args(args) -> P.Options:
                             cuda_graph=args.cuda_graph, pad_batches=args.compile)
     except P.OptionError as e:
         raise UsageError(f"--{e.field.replace('_', '-')} {e.problem}") from None
-    if args.fps is not None and args.fps <= 0:
-        raise UsageError(f"--fps must be positive (got {args.fps})")
+    if args.fps is not None and not 0.01 <= args.fps <= 1000:  # also NaN and inf, which hang OpenCV's writer
+        raise UsageError(f"--fps must be between 0.01 and 1000 (got {args.fps})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     if not args.reference and not args.reference_frame:
         raise UsageError("no reference: give --reference IMAGE or --reference-frame N")
     if args.method == "model" and not args.ckpt:
@@ -235,8 +238,12 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -375,7 +382,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, run, parser().parse_args(argv),
-                   (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError))
+                   (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError), sigterm=True)
 
 
 if __name__ == "__main__":

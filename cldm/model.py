@@ -29,18 +29,22 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> DictConfig:
-    """YAML plus `key=value` overrides (dotted keys, e.g. `model.color_variant=v3`).
+def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> DictConfig:
+    """YAML (or a config already loaded) plus `key=value` overrides (dotted keys, e.g.
+    `model.color_variant=v3`).
 
     The config is in struct mode, so a misspelt override key is an error, not a silent no-op.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config not found: {path}")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml's parser and scanner errors, omegaconf's own
-        raise ConfigError(f"{path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
+    if isinstance(path, DictConfig):
+        cfg, path = path.copy(), Path("the checkpoint's config")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config not found: {path}")
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml's parser and scanner errors, omegaconf's own
+            raise ConfigError(f"{path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a YAML mapping (model:, train:), not a list")
     OmegaConf.set_struct(cfg, True)

@@ -169,7 +169,11 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
         reason = f"{len(report.unexpected)} tensors the model does not have (e.g. {report.unexpected[0]})"
     if reason is not None:
         raise CheckpointError(f"{control_path}: does not fit the model: {reason}", report)
-    state, _ = init_from_sd(model, load_state_dict(sd_path, allow_pickle=allow_pickle))
+    sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
+    try:
+        state, _ = init_from_sd(model, sd)
+    except CheckpointError as e:  # name the SD file: the message alone says "checkpoint"
+        raise CheckpointError(f"{sd_path}: {e}") from None
     for k, v in control.items():
         state[k] = v.to(state[k].dtype)
     model.load_state_dict(state, strict=True)

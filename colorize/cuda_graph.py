@@ -35,17 +35,20 @@ class GraphedStep:
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got {x.device}")
         self.signature = signature(x, cond)
+        self.device = x.device
         self.x, self.t = x.clone(), t.clone()
         self.cond = ColorCondition(*(None if f is None else f.clone() for f in _fields(cond)))
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP):
-                step(self.x, self.t, self.cond)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = step(self.x, self.t, self.cond)
+        # torch.cuda.graph captures on a stream of the *current* device: make it x's (cuda:1, say)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP):
+                    step(self.x, self.t, self.cond)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = step(self.x, self.t, self.cond)
 
     def set_condition(self, cond: ColorCondition) -> None:
         """Copy a new batch's condition (same shapes) into the graph's inputs."""
@@ -58,7 +61,8 @@ class GraphedStep:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
         self.t.copy_(t)
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # replays on the current device's current stream
+            self.graph.replay()
         return self.out.clone()  # the next replay overwrites self.out
 
 

@@ -8,6 +8,7 @@ the whole repo.
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import sys
@@ -143,8 +144,9 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     the image is lost.
     """
     path = Path(path)
-    if not fps or fps <= 0:
-        raise ValueError(f"{path}: fps must be positive, got {fps}")
+    if not (fps and 0 < fps < math.inf):  # NaN fails the test too; OpenCV hangs on inf
+        raise ValueError(f"{path}: fps must be a positive finite number, got {fps}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     writer, size, n = None, None, 0
     try:

@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
@@ -55,8 +56,8 @@ from annotator.video import (
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.color import ColorCondition
-from cldm.model import DEFAULT_CONFIG, create_model, load_config
-from cldm.trainable import load_sd_plus_control
+from cldm.model import DEFAULT_CONFIG, create_model, load_config, model_config
+from cldm.trainable import load_sd_plus_control, read_export_metadata
 from colorize.cuda_graph import GraphCache
 from colorize.gray import to_gray
 from ldm import sampler
@@ -189,14 +190,55 @@ def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:
 
 
 def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
-                   control: str | os.PathLike | None = None) -> Path:
-    """--config if given, else a YAML next to the weights with the same stem, else SD2.1's."""
+                   control: str | os.PathLike | None = None) -> Path | DictConfig:
+    """--config if given, else a YAML next to the weights with the same stem, else the config
+    the checkpoint file carries (safetensors metadata 'config'), else SD2.1's."""
     if config is not None:
         return Path(config)
     for weights in (control, ckpt):
         if weights is not None and Path(weights).with_suffix(".yaml").is_file():
             return Path(weights).with_suffix(".yaml")
-    return DEFAULT_CONFIG
+    saved = saved_config(ckpt)
+    return saved if saved is not None else DEFAULT_CONFIG
+
+
+def saved_config(weights: str | os.PathLike) -> DictConfig | None:
+    """The model config a checkpoint records in its metadata (the toy model does), or None
+    (also for unreadable files: the loader says what is wrong with them)."""
+    try:
+        text = read_export_metadata(weights).get("config") if Path(weights).is_file() else None
+        return OmegaConf.create(text) if text else None
+    except Exception:  # not a safetensors file, or its 'config' is not YAML: as if there were none
+        return None
+
+
+# Keys that only say how a model is trained: they may differ between a checkpoint and the config.
+TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
+
+
+def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source) -> None:
+    """Refuse a config that contradicts the one the checkpoint records: a scale factor, schedule
+    or parameterisation of another model loads without a shape error and just colours worse."""
+    saved = saved_config(weights)
+    if saved is None:
+        return
+    flat = lambda c: {k: v for k, v in _leaves(OmegaConf.to_container(model_config(c), resolve=True))
+                      if k not in TRAINING_ONLY}  # noqa: E731
+    ours, theirs = flat(cfg), flat(saved)
+    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"{weights} was saved with another model config than {source}: model.{k} is "
+                              f"{theirs.get(k)} there, {ours.get(k)} here ({len(diff)} key(s) differ); leave out "
+                              "--config to use the one saved with it")
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix + str(k), v
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
@@ -235,7 +277,9 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     for weights in (ckpt, control):
         if weights is not None:
             check_checkpoint_file(weights)
-    cfg = load_config(resolve_config(ckpt, config, control), overrides)
+    source = resolve_config(ckpt, config, control)
+    cfg = load_config(source, overrides)
+    check_saved_config(control if control is not None else ckpt, cfg, source)
     if control is not None:
         with torch.device(device):
             model = create_model(cfg)
@@ -333,14 +377,11 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
 
 
 def check_steps(model: ControlLDM, steps: int) -> None:
-    """Refuse step counts whose uniform DDIM spacing (as in ldm) overruns the schedule (3 of 1000)."""
+    """Refuse step counts the model's schedule cannot space uniformly (more than half its length)."""
     try:
-        last = sampler.ddim_timesteps(steps, model.num_timesteps)[-1]
+        sampler.ddim_timesteps(steps, model.num_timesteps)
     except ValueError as e:
         raise InferenceError(str(e)) from None
-    if last >= model.num_timesteps:
-        raise InferenceError(f"{steps} DDIM steps would step past the {model.num_timesteps}-step schedule; "
-                             f"use {steps + 1}")
 
 
 def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
@@ -389,6 +430,9 @@ class Options:
     pad_batches: bool = False  # fixed mode: run a short last batch at full size (a compiled model sees one shape)
 
     def __post_init__(self):
+        for name in ("eta", "ref_guidance", "anchor_strength"):  # NaN passes every comparison below
+            if not math.isfinite(getattr(self, name)):
+                raise OptionError(name, f"must be a finite number (got {getattr(self, name)})")
         for name, low in (("size", 1), ("steps", 1), ("batch", 1), ("anchor_every", 0), ("eta", 0)):
             if getattr(self, name) < low:
                 raise OptionError(name, f"must be >= {low} (got {getattr(self, name)})")

@@ -45,3 +45,27 @@ def test_run_cli_reports_an_empty_message_in_one_line(capsys):
     assert run_cli("p.py", lambda _: 0, args, (OSError,)) == 0
     with pytest.raises(TypeError):  # not listed: a bug keeps its traceback
         run_cli("p.py", fail(TypeError("bug")), args, (OSError,))
+
+
+def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
+    """With sigterm=True a SIGTERM unwinds the run as Ctrl-C does (its clean-up runs), exit 143;
+    the previous handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    tmp = tmp_path / "out.tmp"
+
+    def run(_):
+        tmp.write_bytes(b"half")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        finally:
+            tmp.unlink()
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun", sigterm=True) == 143
+    assert capsys.readouterr().err == "p.py: terminated (SIGTERM); rerun\n"
+    assert not tmp.exists() and signal.getsignal(signal.SIGTERM) == before

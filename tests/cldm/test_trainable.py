@@ -125,6 +125,10 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     with pytest.raises(CheckpointError, match="variant v2.*model is v3"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.color_variant=v3"])),
                              tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
+    save_state_dict({"foo.weight": torch.zeros(3)}, tmp_path / "notsd.safetensors")
+    with pytest.raises(CheckpointError, match=r"notsd\.safetensors: checkpoint \(.*\) does not match the model config"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "notsd.safetensors",
+                             tmp_path / "c.safetensors")
     with pytest.raises(CheckpointError, match="only_mid_control=false, the model has true"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.only_mid_control=true"])),
                              tmp_path / "sd.safetensors", tmp_path / "c.safetensors")

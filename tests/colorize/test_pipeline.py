@@ -202,9 +202,16 @@ def test_options_name_the_bad_field(field, value, problem):
     assert isinstance(e.value, P.InferenceError)
 
 
-def test_steps_past_the_schedule_are_refused(model, clip):
-    with pytest.raises(ValueError, match="use 4"):  # uniform spacing 333 would reach t = 1000
+def test_step_counts_the_schedule_cannot_hold_are_refused(model, clip):
+    with pytest.raises(ValueError, match="DDIM steps must be between 1 and 500, got 501"):
+        list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], size=64, steps=501))
+    calls = []  # 3 steps: spacing 333 would reach t = 1000 (the reference fails there); that one is dropped
+    hook = model.control_model.register_forward_pre_hook(lambda m, a: calls.append(int(a[2][0])))
+    try:
         list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], size=64, steps=3))
+    finally:
+        hook.remove()
+    assert calls == [667, 334, 1]
 
 
 def test_sample_latents_equals_core_ddim(model):
@@ -411,3 +418,17 @@ def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
     # a YAML next to the checkpoint is its config
     (tmp_path / "full.yaml").write_text(TINY_CONFIG.read_text())
     assert P.resolve_config(full) == tmp_path / "full.yaml"
+
+
+def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
+    """The toy records its config (scale factor 0.57326); the tiny YAML's architecture fits its
+    shapes but not its scale factor, which would only colour worse, silently."""
+    import shutil
+
+    toy = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
+    with pytest.raises(CheckpointError, match=r"saved with another model config than .*cldm_tiny_color\.yaml: "
+                                              r"model\.scale_factor is 0\.57326 there, 0\.18215 here \(1 key"):
+        P.load_model(toy, config=TINY_CONFIG)
+    alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
+    shutil.copy(toy, alone)
+    assert P.load_model(alone).scale_factor == 0.57326

@@ -16,6 +16,7 @@ from tests.colorize.tiny_model import save_tiny, tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
+TOY = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
 FAST = ["--size", "64", "--steps", "2", "--config", str(TINY_CONFIG)]
 
 
@@ -263,7 +264,15 @@ def _bad_cases(env, tmp):
         "flow reference outside": (["--input", g, "--reference-frame", "3", "--gt", SAMPLE,
                                     "--method", "flow", "--frames", "0:2"], "lies outside the frames"),
         "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST], "is gray"),
-        "steps past schedule": (["--input", g, *base, "--steps", "3"], "use 4"),
+        "steps past schedule": (["--input", g, *base, "--steps", "501"], "DDIM steps must be between 1 and 500"),
+        "config not the checkpoint's": (["--input", g, "--reference", ref, "--ckpt", TOY, *FAST],  # FAST: tiny YAML
+                                        "toy_color_v2.safetensors was saved with another model config"),
+        "infinite fps": (["--input", g, *base, "--video", tmp / "v.mp4", "--fps", "inf"],
+                         "--fps must be between 0.01 and 1000 (got inf)"),
+        "nan eta": (["--input", g, *base, "--eta", "nan"], "--eta must be a finite number (got nan)"),
+        "infinite guidance": (["--input", g, *base, "--ref-guidance", "inf"], "--ref-guidance must be a finite number"),
+        "out is a file": (["--input", g, *base, "--out", ref], "is a file, not a folder"),
+        "unsupported device": (["--input", g, *base, "--device", "meta"], "only cpu and cuda devices are supported"),
         "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
         "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames 3:1"),
         "negative eta": (["--input", g, *base, "--eta", "-0.5"], "--eta must be >= 0 (got -0.5)"),
@@ -330,8 +339,16 @@ def test_a_run_refused_at_its_first_frame_leaves_no_output_folder(env, tmp_path,
     """The step count is checked once, against the model's schedule, when sampling starts."""
     out = tmp_path / "new"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--out", out,
-                      *FAST, "--steps", "3"], capsys)
-    assert rc == 2 and "use 4" in err and not out.exists()
+                      *FAST, "--steps", "501"], capsys)
+    assert rc == 2 and "DDIM steps must be between 1 and 500" in err and not out.exists()
+
+
+def test_a_video_in_an_output_folder_not_made_yet(env, tmp_path, capsys):
+    out = tmp_path / "new"
+    rc, _, err = run(["--input", env["gray"], "--frames", "0:2", "--reference", env["refs"][0], "--method", "reinhard",
+                      "--out", out, "--video", out / "clip.mp4"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "f0.png", "f1.png"]
 
 
 def test_a_video_input_is_probed_once(env, tmp_path, capsys, monkeypatch):
