@@ -15,7 +15,8 @@ under a temporary name and renamed). Rerun from that frame with --frames N: to c
 run; recursive/anchored restart their chain and flow its walk at frame N), or rerun the
 whole range with --overwrite (needed for --video, which only a whole run writes).
 
-Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143
+stopped by Ctrl-C / SIGTERM (the frames written so far are kept; continue as above).
 """
 from __future__ import annotations
 
@@ -380,9 +381,14 @@ def run(args) -> int:
     return 0
 
 
+INTERRUPTED = ("interrupted; the frames written so far are complete: rerun with --frames N: from the first "
+               "missing one to continue")
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, run, parser().parse_args(argv),
-                   (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError), sigterm=True)
+                   (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError),
+                   interrupted=INTERRUPTED, sigterm=True)
 
 
 if __name__ == "__main__":
