@@ -85,8 +85,9 @@ def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -
     """Write the clip's frames first..stop-1 as the demo's inputs; returns the reference image.
 
     data/gray: every frame's BT.601 luma (the input, reference frame included so that the
-    flow baseline and the recursive modes start from it); data/colour: frames first+1.. in
-    colour (the ground truth that is scored); data/reference.png: frame `first` in colour.
+    flow baseline and the recursive modes start from it); data/colour: every frame in colour
+    (the ground truth; the reference frame is left out of scoring with evaluate.py --exclude);
+    data/reference.png: frame `first` in colour.
     """
     gray_dir, colour_dir = data / "gray", data / "colour"
     gray_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,9 @@ def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -
         for i, _, rgb in iter_frames(clip, start=first, stop=stop):
             name = f"frame_{i:04d}.png"
             write_image_atomic(gray_dir / name, to_uint8(rgb_to_gray(rgb)))
-            write_image_atomic(reference if i == first else colour_dir / name, rgb)
+            write_image_atomic(colour_dir / name, rgb)
+            if i == first:
+                write_image_atomic(reference, rgb)
             n += 1
     except FrameRangeError as e:
         n = e.frames - first
@@ -148,8 +151,8 @@ def run_demo(args) -> dict:
     print(f"[3/3] scoring frames {first + 1}-{stop - 1} against the ground truth", flush=True)
     preds = [f"{m}={out / m}" for m in methods] + [f"{GRAY_LABEL}={out / 'data' / 'gray'}"]
     _call(evaluate.main, [a for p in preds for a in ("--pred", p)] + [
-        "--gt", str(out / "data" / "colour"), "--reference", str(reference), "--out", str(report),
-        "--no-progress"], "evaluate.py")
+        "--gt", str(out / "data" / "colour"), "--exclude", f"frame_{first:04d}", "--reference", str(reference),
+        "--out", str(report), "--no-progress"], "evaluate.py")
     return {"seconds": time.time() - t0, "frames": [out / m for m in methods],
             "videos": [out / f"{m}.mp4" for m in methods], "report": report,
             "strip": report / "strip.png", "plot": report / "psnr.png"}
