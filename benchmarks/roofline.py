@@ -140,7 +140,8 @@ class OpTrace(TorchDispatchMode):
         return out
 
 
-def trace(what: str, config=DEFAULT_CONFIG, size: int = 512, batch_size: int = 16, overrides=()) -> tuple[list[Op], int]:
+def trace(what: str, config=DEFAULT_CONFIG, size: int = 512, batch_size: int = 16,
+          overrides=()) -> tuple[list[Op], int]:
     """(operators, trainable parameters) of one `what` on fake CPU tensors under bf16 autocast.
 
     train: loss (latent cache) and backward, as bench_train.py's step without the optimiser.
@@ -204,7 +205,8 @@ def floors(ops: list[Op], trainable: int, tflops: float, tbps: float) -> dict:
 
 
 def print_rows(title: str, f: dict) -> None:
-    print(f"\n{title}\n| kind | ops | GFLOP | GB moved | floor ms | share of eager floor |\n|---|---:|---:|---:|---:|---:|")
+    print(f"\n{title}\n| kind | ops | GFLOP | GB moved | floor ms | share of eager floor |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k, r in f["rows"].items():
         print(f"| {k} | {r['ops']} | {r['flops'] / 1e9:.0f} | {r['bytes'] / 1e9:.2f} | {1e3 * r['floor_s']:.2f} | "
               f"{100 * r['floor_s'] / f['eager_floor_s']:.1f} % |")
@@ -213,7 +215,8 @@ def print_rows(title: str, f: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "sample"], help="a training step (loss, backward, AdamW), or sampling: one DDIM step and the VAE decode")
+    p.add_argument("what", choices=["train", "sample"],
+                   help="a training step (loss, backward, AdamW), or sampling: one DDIM step and the VAE decode")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: the real SD2.1 config)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per step (default: 16)")

@@ -1,5 +1,6 @@
 """demo.py end to end: the embedded toy model and the baselines on held-out frames of the sample clip."""
 import csv
+import json
 import math
 
 import cv2
@@ -32,8 +33,11 @@ def test_quick_demo_writes_frames_videos_report_and_strip(tmp_path, capsys):
         cap = cv2.VideoCapture(str(out / f"{method}.mp4"))
         assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
         cap.release()
-    # the reference frame (100) is an input but not scored: the ground truth holds 101..103
-    assert sorted(p.name for p in (out / "data" / "colour").iterdir()) == names[1:]
+    # the reference frame (100) is in the ground truth but left out of scoring
+    assert sorted(p.name for p in (out / "data" / "colour").iterdir()) == names
+    doc = json.loads((out / "report" / "metrics.json").read_text())
+    assert doc["frames"] == [n[:-4] for n in names[1:]] and doc["excluded_frames"] == ["frame_0100"]
+    assert "lacks" not in err  # no notes about frames the ground truth or a prediction lacks
     rows = summary(out / "report")
     assert set(rows) == {"fixed", "reinhard", "flow", demo.GRAY_LABEL, "ground_truth"}
     for method in ("fixed", "reinhard", "flow", demo.GRAY_LABEL):
