@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 # Bad input is reported by us in one line; silence FFmpeg's and OpenCV's own console noise.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
-from cliutil import DefaultsFormatter, OneLineParser
+from cliutil import DefaultsFormatter, OneLineParser, run_cli
 from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions, build_all
 from annotator.similarity import METRICS, SIM_SIZE
 
@@ -79,45 +77,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     options = BuildOptions(size=args.size, window=args.window, metric=args.metric, sim_size=args.sim_size,
                            image_format=args.image_format, quality=args.quality, threads=args.threads,
                            decode_threads=args.decode_threads)
-    try:
-        options.validate()
-        if args.workers < 1:
-            raise ValueError(f"--workers must be >= 1 (got {args.workers})")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out} is a file, not a folder")
-    except ValueError as e:
-        print(f"build_pairs.py: error: {e}", file=sys.stderr)
-        return 2
-    received = []
-
-    def on_sigterm(signum, _frame):  # stop like Ctrl-C: workers stopped, partial output removed
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
-    try:
-        summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
-                            strict=args.strict, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        name = "terminated (SIGTERM)" if received else "interrupted"
-        print(f"build_pairs.py: {name}; finished movies are kept, rerun to resume", file=sys.stderr)
-        return 128 + (received[0] if received else signal.SIGINT)
-    except OSError as e:
-        print(f"build_pairs.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    options.validate()
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {args.workers})")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder")
+    # Ctrl-C or SIGTERM stops the workers and removes the partial output of unfinished movies
+    summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
+                        strict=args.strict, progress=not args.no_progress)
     print(summary.text())
     if summary.stopped:
         return 2
     return 1 if summary.skipped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("build_pairs.py", run, parser().parse_args(argv), (ValueError, OSError),
+                   interrupted="interrupted; finished movies are kept, rerun to resume", sigterm=True)
 
 
 if __name__ == "__main__":
