@@ -75,11 +75,14 @@ def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_full_demo_toy_model_beats_gray_input(tmp_path, capsys):
-    """The README's demo with its defaults: every method scored, the toy above the gray floor."""
+    """The README's demo with its defaults: every method scored, and what the README says of it:
+    the toy beats the gray input clearly in fixed and anchored mode (README: by 7.1 and 5.3 dB),
+    recursive mode drifts (still above gray: 1.9 dB) and anchoring holds the drift back."""
     rc, _, err = run(["--out", tmp_path / "demo"], capsys)
     assert rc == 0, err
     rows = summary(tmp_path / "demo" / "report")
     assert set(rows) == set(demo.MODEL_MODES + demo.BASELINES) | {demo.GRAY_LABEL, "ground_truth"}
-    gray = float(rows[demo.GRAY_LABEL]["psnr"])
-    for mode in demo.MODEL_MODES:
-        assert float(rows[mode]["psnr"]) > gray + 3.0, (mode, rows[mode]["psnr"], gray)
+    psnr = {m: float(rows[m]["psnr"]) for m in (*demo.MODEL_MODES, demo.GRAY_LABEL)}
+    gray = psnr[demo.GRAY_LABEL]
+    assert psnr["fixed"] > gray + 3.0 and psnr["anchored"] > gray + 3.0, psnr
+    assert gray < psnr["recursive"] < psnr["anchored"] < psnr["fixed"], psnr
