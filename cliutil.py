@@ -63,7 +63,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         print(f"{prog}: error: {one_line(e, with_type=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        message = "terminated (SIGTERM)" + interrupted.removeprefix("interrupted") if received else interrupted
+        message = interrupted
+        if received:
+            rest = interrupted.removeprefix("interrupted")
+            message = "terminated (SIGTERM)" + (rest if rest != interrupted else f"; {interrupted}")
         print(f"{prog}: {message}", file=sys.stderr)
         return 128 + int(signal.SIGTERM) if received else 130
     finally:

@@ -16,6 +16,7 @@ Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupte
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -125,18 +126,22 @@ TRAIN_NUMBERS = {
 }
 
 
+NULL_OK = ("max_epochs", "grad_clip", "val_every", "image_every")  # null: no limit / off
+
+
 def check_train_numbers(t) -> None:
     """One-line UsageError for a train: value of the wrong type or out of range (else Lightning,
     the loader or the optimiser would fail on it with a traceback once the model has loaded)."""
     for key, (kind, low, what) in TRAIN_NUMBERS.items():
-        if key not in t:
+        if key not in t or (t[key] is None and key in NULL_OK):
             continue
         v = t[key]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        ok = (isinstance(v, int) or (kind is float and isinstance(v, float) and math.isfinite(v))) \
+            and not isinstance(v, bool)
         flag = "--" + key.replace("_", "-")
         if not ok:
-            raise UsageError(f"train.{key} ({flag}, {what}) must be {'an integer' if kind is int else 'a number'}, "
-                             f"got {v!r}")
+            kind_name = "an integer" if kind is int else "a finite number"
+            raise UsageError(f"train.{key} ({flag}, {what}) must be {kind_name}, got {v!r}")
         if v < low or (key == "lr" and v == 0):
             bound = "> 0" if key == "lr" else f">= {low}"
             raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}")
@@ -168,7 +173,7 @@ def resolve_resume(args, ckpt_dir: Path) -> Path | None:
     Every process runs this before the process group exists; ResumeAgreement then stops the
     run, on all of them, unless they all chose what global rank 0 chose.
     """
-    from cldm.lightning import find_resume_checkpoint, resume_problem
+    from cldm.lightning import checkpoint_step, find_resume_checkpoint, resume_problem
 
     if args.resume == "auto":
         return find_resume_checkpoint(ckpt_dir)
@@ -181,6 +186,12 @@ def resolve_resume(args, ckpt_dir: Path) -> Path | None:
         raise UsageError(f"--resume {path}: no such file")
     if problem := resume_problem(path):
         raise UsageError(f"--resume {path}: {problem}")
+    newest = find_resume_checkpoint(ckpt_dir)
+    if newest is not None and checkpoint_step(newest) > checkpoint_step(path):
+        # the folder would then hold two histories: --ckpt-keep pruning and a later --resume auto
+        # go by the highest step, i.e. by the abandoned one
+        raise UsageError(f"--resume {path}: {ckpt_dir} already holds a later checkpoint ({newest.name}); "
+                         "move the later ones away, or resume into another --out")
     return path
 
 
@@ -293,9 +304,10 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
             log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
             logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
             num_sanity_val_steps=0, benchmark=True, enable_model_summary=False, **val)
-    except (TypeError, ValueError, RuntimeError) as e:  # Lightning's checks of the devices against the machine
-        raise UsageError(f"--accelerator {args.accelerator} --devices {args.devices}: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # Lightning's checks of devices, strategy, precision
+        raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "
+                         f"--strategy {args.strategy} --precision {t.precision}: {str(e).strip().splitlines()[0]}") \
+            from None
 
 
 def export(module, out: Path, cfg, step: int, init: Path) -> Path:
@@ -355,7 +367,10 @@ def prepare(args):
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
-    per_device = -(-len(dm.train) // (count_devices(args.accelerator, devices) * args.num_nodes))  # DDP's share
+    world = count_devices(args.accelerator, devices) * args.num_nodes
+    if world < 1:
+        raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
+    per_device = -(-len(dm.train) // world)  # DistributedSampler's share of each process
     if per_device < t.batch_size:  # the loader drops incomplete batches: not one step would run
         raise UsageError(f"{args.data}: the band gives {len(dm.train)} training frames with a partner, "
                          f"{per_device} per device, fewer than --batch-size {t.batch_size}; lower it or widen "

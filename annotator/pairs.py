@@ -7,6 +7,7 @@ On disk, one folder per movie under DATA_ROOT:
                                                  1 on d = 0, NaN outside the movie
     DATA_ROOT/<movie_id>/meta.json               source, fps, frame count, sizes, metric, window, ...
     DATA_ROOT/.partial/<movie_id>/               a movie being built (never read as a movie)
+    DATA_ROOT/.partial/<movie_id>.lock           locked by the run building it (see _movie_lock)
 
 A movie is written under .partial and renamed into place only when complete, so a folder
 DATA_ROOT/<movie_id> always holds a finished movie: that is what makes runs resumable, and a
@@ -24,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
-import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -49,6 +49,11 @@ from annotator.similarity import (
 )
 from annotator.video import FrameSourceError, iter_frames, probe
 from cliutil import one_line
+
+try:
+    import fcntl  # POSIX: the per-movie build lock
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 FORMAT_VERSION = 1
 PARTIAL_DIR = ".partial"
@@ -142,11 +147,11 @@ class BuildOptions:
 
 
 def movie_id_for(source: str | os.PathLike) -> str:
-    """Folder name under DATA_ROOT: the file stem or folder name; letters and digits of any
-    script are kept, other characters (spaces, punctuation) become '_'."""
+    """Folder name under DATA_ROOT: the file stem or folder name, with odd characters -> '_'
+    (non-ASCII ones included: names in other scripts may collide, which plan() reports)."""
     p = Path(source)
     name = (p.name if p.is_dir() else p.stem) or p.resolve().name
-    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "movie"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "movie"
 
 
 def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -178,53 +183,62 @@ def build_movie(
     source = Path(source)
     movie_id = movie_id or movie_id_for(source)
     root = Path(data_root)
-    with _locked_partial(root / PARTIAL_DIR / movie_id, source):
+    with _movie_lock(root, movie_id) as locked:
+        if not locked:
+            raise FileExistsError(f"{source}: another run is building this movie in {root / PARTIAL_DIR / movie_id}")
         return _build_movie(source, root, movie_id, options, progress, warn)
 
 
 @contextlib.contextmanager
-def _locked_partial(tmp: Path, source: Path):
-    """Create DATA_ROOT/.partial/<id> and hold an exclusive lock on the folder while one movie
-    is built in it.
+def _movie_lock(root: Path, movie_id: str):
+    """Try to lock DATA_ROOT/.partial/<id>.lock for the building of one movie; yields whether
+    this process got it (never waits).
 
     Two runs on one DATA_ROOT (or two machines on a shared one) must not build the same movie:
-    the second would empty the first one's folder as "left by a killed run", and the first would
-    then publish a movie with frames missing. A lock dies with its process, so what a killed
-    run left is taken over. The folder is checked to still be the one locked (a run may have
-    published or removed it between our open and our lock).
+    the second would empty the first one's .partial folder as "left by a killed run", and the
+    first would then publish a movie with frames missing. A lock dies with its process, so a
+    killed run's leftovers are taken over. The lock file is removed on the way out, while still
+    held; whoever locked it meanwhile sees that it is gone (another inode, or none, at the path)
+    and tries again. A regular file opened for writing, because NFS maps flock to POSIX locks,
+    which need that. Without fcntl (not POSIX) nothing is locked.
     """
-    for attempt in range(3):
+    if fcntl is None:
+        yield True
+        return
+    path = root / PARTIAL_DIR / f"{movie_id}.lock"
+    for _ in range(5):
         try:
-            tmp.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
         except FileNotFoundError:  # .partial removed by a run ending in between (see build_all): again
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise FileExistsError(f"{source}: another run is building this movie in {tmp}") from None
+            yield False
+            return
         try:
-            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
-                break
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
-            pass
-        os.close(fd)
+            same = False
+        if same:
+            break
+        os.close(fd)  # unlinked by its previous holder after we opened it: again
     else:
-        raise FileExistsError(f"{source}: {tmp} keeps changing under this run; is another run building it?")
+        raise OSError(f"{path}: keeps changing; is another run building {movie_id}?")
     try:
-        yield
+        yield True
     finally:
+        path.unlink(missing_ok=True)
         os.close(fd)
 
 
 def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions, progress, warn) -> dict:
     tmp, final = root / PARTIAL_DIR / movie_id, root / movie_id
     if final.exists():
-        tmp.rmdir()  # ours, locked and still empty
         raise FileExistsError(f"{final} already exists")
-    for left in tmp.iterdir():  # by a killed run (a running one would hold the lock)
-        shutil.rmtree(left) if left.is_dir() else left.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run (a running one would hold the lock)
     t0 = time.perf_counter()
     ext = "." + options.image_format
     params = ([cv2.IMWRITE_JPEG_QUALITY, options.quality] if options.image_format == "jpg"
@@ -244,7 +258,7 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
 
     try:
         info = probe(source)
-        (tmp / "frames").mkdir()
+        (tmp / "frames").mkdir(parents=True)
         with cf.ThreadPoolExecutor(max(1, options.threads)) as pool:
             pending: deque[cf.Future] = deque()
             try:
@@ -632,7 +646,9 @@ def _stop_workers(running: list[_Worker], root: Path) -> None:
     for w in running:
         w.proc.join()
         w.conn.close()
-        shutil.rmtree(root / PARTIAL_DIR / w.mid, ignore_errors=True)
+        with _movie_lock(root, w.mid) as locked:  # not if another run has taken the movie over since
+            if locked:
+                shutil.rmtree(root / PARTIAL_DIR / w.mid, ignore_errors=True)
 
 
 _HELD = (signal.SIGINT, signal.SIGTERM)

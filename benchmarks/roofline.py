@@ -2,7 +2,8 @@
 """Roofline floor of a training step or a sampling step, from an operator trace, without a GPU.
 
 Traces the step that bench_train.py / bench_inference.py time (real config, bf16 autocast,
-latent cache; or one DDIM step with fp16 weights) on fake tensors, so the SD2.1 config at
+latent cache; or one DDIM step and the VAE decode with half-precision weights: bf16 here, as
+fp16 moves the same bytes) on fake tensors, so the SD2.1 config at
 512 costs no memory, and records every aten operator with its FLOPs (torch's own formulas)
 and the bytes it must move at the least (each tensor argument read once, each output or
 mutated argument written once; views move nothing). Each operator's floor is then

@@ -351,6 +351,14 @@ def list_checkpoints(dirpath: str | Path) -> list[tuple[int, float, Path]]:
     return sorted(found)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimiser step a checkpoint was saved at: from its name (step=N), else its contents."""
+    m = STEP_RE.search(Path(path).name)
+    if m:
+        return int(m.group(1))
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
 def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
     """The complete checkpoint of the highest step under `dirpath`, or None."""
     found = list_checkpoints(dirpath)

@@ -38,7 +38,8 @@ class GraphedStep:
         self.device = x.device
         self.x, self.t = x.clone(), t.clone()
         self.cond = ColorCondition(*(None if f is None else f.clone() for f in _fields(cond)))
-        # torch.cuda.graph captures on a stream of the *current* device: make it x's (cuda:1, say)
+        # On x's device (cuda:1, say), with our own capture stream: torch.cuda.graph's default one
+        # is made once per process, on whichever device was current then.
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -47,7 +48,7 @@ class GraphedStep:
                     step(self.x, self.t, self.cond)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):
                 self.out = step(self.x, self.t, self.cond)
 
     def set_condition(self, cond: ColorCondition) -> None:

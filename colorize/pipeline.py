@@ -212,25 +212,36 @@ def saved_config(weights: str | os.PathLike) -> DictConfig | None:
         return None
 
 
-# Keys that only say how a model is trained: they may differ between a checkpoint and the config.
+# Keys that only say how a model is trained: they may differ between a checkpoint and the config
+# (so may dropout rates: inference runs in eval mode).
 TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
 
 
-def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source) -> None:
+def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, overrides: Sequence[str] = ()) -> None:
     """Refuse a config that contradicts the one the checkpoint records: a scale factor, schedule
-    or parameterisation of another model loads without a shape error and just colours worse."""
+    or parameterisation of another model loads without a shape error and just colours worse.
+    `source` and `overrides`: where `cfg` came from (a YAML path or the checkpoint's own config)."""
     saved = saved_config(weights)
     if saved is None:
         return
-    flat = lambda c: {k: v for k, v in _leaves(OmegaConf.to_container(model_config(c), resolve=True))
-                      if k not in TRAINING_ONLY}  # noqa: E731
-    ours, theirs = flat(cfg), flat(saved)
+    try:
+        ours, theirs = _inference_leaves(cfg), _inference_leaves(saved)
+    except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
+        return
     diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
     if diff:
         k = diff[0]
-        raise CheckpointError(f"{weights} was saved with another model config than {source}: model.{k} is "
-                              f"{theirs.get(k)} there, {ours.get(k)} here ({len(diff)} key(s) differ); leave out "
-                              "--config to use the one saved with it")
+        here = (str(source) if isinstance(source, Path) else "its own config") + \
+            (" with the --set overrides" if overrides else "")
+        raise CheckpointError(f"{weights} was saved with another model config: model.{k} is {theirs.get(k)} there, "
+                              f"{ours.get(k)} in {here} ({len(diff)} key(s) differ); leave out --config and --set "
+                              "to use the one saved with it")
+
+
+def _inference_leaves(cfg: DictConfig) -> dict:
+    """The model config as {dotted key: value}, less what does not change inference."""
+    return {k: v for k, v in _leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
+            if k not in TRAINING_ONLY and not k.endswith("dropout")}
 
 
 def _leaves(d: dict, prefix: str = ""):
@@ -279,7 +290,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
             check_checkpoint_file(weights)
     source = resolve_config(ckpt, config, control)
     cfg = load_config(source, overrides)
-    check_saved_config(control if control is not None else ckpt, cfg, source)
+    check_saved_config(control if control is not None else ckpt, cfg, source, overrides)
     if control is not None:
         with torch.device(device):
             model = create_model(cfg)

@@ -69,3 +69,5 @@ def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun", sigterm=True) == 143
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM); rerun\n"
     assert not tmp.exists() and signal.getsignal(signal.SIGTERM) == before
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "stopped early", sigterm=True) == 143
+    assert capsys.readouterr().err == "p.py: terminated (SIGTERM); stopped early\n"

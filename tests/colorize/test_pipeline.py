@@ -426,9 +426,12 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
     import shutil
 
     toy = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
-    with pytest.raises(CheckpointError, match=r"saved with another model config than .*cldm_tiny_color\.yaml: "
-                                              r"model\.scale_factor is 0\.57326 there, 0\.18215 here \(1 key"):
+    with pytest.raises(CheckpointError, match=r"saved with another model config: model\.scale_factor is 0\.57326 "
+                                              r"there, 0\.18215 in .*cldm_tiny_color\.yaml \(1 key"):
         P.load_model(toy, config=TINY_CONFIG)
+    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the --set overrides"):
+        P.load_model(toy, overrides=["model.scale_factor=0.2"])
+    P.load_model(toy, overrides=["model.first_stage.ddconfig.dropout=0.1"])  # eval mode: no contradiction
     alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
     shutil.copy(toy, alone)
     assert P.load_model(alone).scale_factor == 0.57326

@@ -60,7 +60,8 @@ def wait_until(condition, timeout=60.0, what="condition"):
 def partial_frames(root: Path) -> dict[str, int]:
     """Frames written so far under DATA_ROOT/.partial, per movie."""
     try:
-        return {d.name: len(os.listdir(d / "frames")) for d in (root / ".partial").iterdir()}
+        return {d.name: len(os.listdir(d / "frames")) for d in (root / ".partial").iterdir()
+                if d.is_dir()}  # not the movies' .lock files
     except FileNotFoundError:  # not there yet, or removed meanwhile
         return {}
 

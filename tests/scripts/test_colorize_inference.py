@@ -266,7 +266,7 @@ def _bad_cases(env, tmp):
         "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST], "is gray"),
         "steps past schedule": (["--input", g, *base, "--steps", "501"], "DDIM steps must be between 1 and 500"),
         "config not the checkpoint's": (["--input", g, "--reference", ref, "--ckpt", TOY, *FAST],  # FAST: tiny YAML
-                                        "toy_color_v2.safetensors was saved with another model config"),
+                                        "toy_color_v2.safetensors was saved with another model config: model.scale_factor"),
         "infinite fps": (["--input", g, *base, "--video", tmp / "v.mp4", "--fps", "inf"],
                          "--fps must be between 0.01 and 1000 (got inf)"),
         "nan eta": (["--input", g, *base, "--eta", "nan"], "--eta must be a finite number (got nan)"),

@@ -73,12 +73,16 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         (["--lr", "-1"], r"train\.lr \(--lr, learning rate\) must be > 0, got -1"),
         (["--num-workers", "-1"], r"train\.num_workers .* must be >= 0"),
         (["train.batch_size=abc"], r"train\.batch_size \(--batch-size, samples per device\) must be an integer, got 'abc'"),
-        (["train.lr=abc"], r"train\.lr .* must be a number, got 'abc'"),
+        (["train.lr=abc"], r"train\.lr .* must be a finite number, got 'abc'"),
+        (["--lr", "nan"], r"train\.lr .* must be a finite number, got '?nan"),
+        (["train.batch_size=8.0"], r"train\.batch_size .* must be an integer, got 8\.0"),
+        (["--devices", "0"], r"--devices 0 --num-nodes 1: training needs at least one device"),
+        (["train.precision=bogus"], r"cannot set up training with .* --precision bogus: "),
         (["--batch-size", "1000"], r"the band gives \d+ training frames with a partner, \d+ per device, fewer than "
                                    r"--batch-size 1000"),
         (["--config", str(broken)], r"broken\.yaml: not a readable YAML config"),
         (["--config", str(no_train), "--lr", "1e-4"], r"no_train\.yaml: no train: section"),
-        (["--devices", "0,1"], r"--accelerator cpu --devices 0,1: "),
+        (["--devices", "0,1"], r"cannot set up training with --accelerator cpu --devices 0,1 "),
     ]
     for i, (extra, pattern) in enumerate(cases):  # a repeated flag wins over the one in args()
         assert train.main(args(ws, tmp_path / f"out{i}") + extra) == 2, pattern
@@ -86,6 +90,28 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(pattern, err), (pattern, err)
         assert not (tmp_path / f"out{i}" / "config.yaml").exists()  # a failed start records nothing
+
+
+def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(ws, tmp_path, capsys):
+    """Two histories in one folder: pruning to --ckpt-keep and a later --resume auto would follow
+    the higher steps of the abandoned one and delete the new run's checkpoints."""
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 3, "--ckpt-every", 1, "--ckpt-keep", 3)) == 0
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == [f"step={k:08d}.ckpt" for k in (1, 2, 3)]
+    capsys.readouterr()
+    assert train.main(args(ws, out, "--max-steps", 5, "--resume", ckpts / "step=00000001.ckpt")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a later checkpoint (step=00000003.ckpt)" in err, err
+    assert train.main(args(ws, out, "--max-steps", 4, "--resume", ckpts / "step=00000003.ckpt")) == 0  # the newest: fine
+
+
+def test_null_means_off_where_the_config_allows_it():
+    cfg = load_config(TINY_CONFIG, ["train.max_epochs=null", "train.grad_clip=null", "train.val_every=null",
+                                    "train.image_every=null"])
+    train.check_train_numbers(cfg.train)  # no error: no epoch limit, no clipping, no validation, no images
+    with pytest.raises(train.UsageError, match="train.batch_size .* must be an integer, got None"):
+        train.check_train_numbers(load_config(TINY_CONFIG, ["train.batch_size=null"]).train)
 
 
 def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys):
