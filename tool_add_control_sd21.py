@@ -49,7 +49,10 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
     torch.manual_seed(seed)  # the hint block's random init is reproducible
     model = create_model(cfg)
-    state, report = init_from_sd(model, sd)
+    try:
+        state, report = init_from_sd(model, sd)
+    except CheckpointError as e:  # its message says "checkpoint": name the file
+        raise CheckpointError(f"{sd_path}: {e}") from None
     del model, sd
     # The schedule stays float32 in every SD checkpoint: in half precision alphas_cumprod near 1
     # rounds, and the sampler's sqrt(1 - a) of the smallest timesteps changes a lot.

@@ -221,11 +221,14 @@ def record_config(out: Path, cfg) -> None:
 
 def build_model(cfg, init: Path):
     """ControlLDM with the init checkpoint loaded; every tensor must match (else CheckpointError)."""
-    from cldm.checkpoint import load_into, load_state_dict
+    from cldm.checkpoint import CheckpointError, load_into, load_state_dict
     from cldm.model import create_model
 
     model = create_model(cfg)
-    load_into(model, load_state_dict(init), strict_prefixes=("",))
+    try:
+        load_into(model, load_state_dict(init), strict_prefixes=("",))
+    except CheckpointError as e:
+        raise CheckpointError(f"--init {init}: {e}") from None
     return model
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from atomicio import atomic_path
 from cldm.color import VARIANTS
 from cliutil import OneLineParser, run_cli
+from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def _torch_load(path, map_location, allow_pickle):
         raise CheckpointError(
             f"{path}: holds pickled Python objects ({what}), not just tensors, and unpickling could "
             f"run code; convert it with `python -m cldm.checkpoint convert {path} OUT.safetensors "
-            f"--allow-pickle`, or pass --allow-pickle, only if you trust the file") from None
+            f"--allow-pickle` (or pass --allow-pickle where the script offers it), only if you trust the "
+            "file") from None
     log.warning("%s: fully unpickling (allow_pickle=True): trusting this file", path)
     try:
         if _is_plain_pickle(path):  # pickle.dump output: torch.load would run it, then reject the header
@@ -394,7 +396,12 @@ def load_into(model, sd, *, strict_prefixes=STRICT_PREFIXES, ignore_prefixes=("m
     report.ignored = ignored
     if reason := misfit(report, strict_prefixes):
         raise CheckpointError(f"checkpoint ({report.kind}) does not fit {type(model).__name__}: {reason}", report)
-    model.load_state_dict({k: sd[k] for k in report.matched}, strict=False)
+    own = model.state_dict()
+    if name := schedule_mismatch(sd, own):
+        raise CheckpointError(f"checkpoint ({report.kind}): its noise schedule ({name}) is not the config's "
+                              "(timesteps, linear_start, linear_end)", report)
+    # the schedule stays the model's own, computed from the config: the file's may be rounded
+    model.load_state_dict({k: sd[k] for k in report.matched if k not in BUFFER_NAMES}, strict=False)
     if not report.ok:
         log.warning("partial load into %s:\n%s", type(model).__name__, report.summary())
     return report

@@ -12,6 +12,7 @@ import torch
 
 from cldm.checkpoint import CONTROL, INPUT_CONV, UNET, CheckpointError, guess_kind
 from cldm.cldm import ControlLDM
+from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
 
 @dataclass
@@ -58,7 +59,13 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[s
     """
     report, out, problems = InitReport(), {}, []
     target = model.state_dict()
+    if name := schedule_mismatch(sd, target):
+        problems.append(f"its noise schedule ({name}) is not the config's")
     for key, fresh in target.items():
+        if key in BUFFER_NAMES:  # from the config (see schedule_mismatch); the file's may be rounded or absent
+            out[key] = fresh
+            report.copied.append(key)
+            continue
         if key.startswith(CONTROL):
             src_key = UNET + key[len(CONTROL):]
             bucket = report.control_from_unet

@@ -16,6 +16,24 @@ BUFFER_NAMES = (
 )
 
 
+def schedule_mismatch(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first schedule buffer of a checkpoint `sd` that is not the `expected` one (a model's,
+    computed from its config) up to the rounding of the file's dtype, or None.
+
+    Loaders take the schedule from the config, never from the file: an fp16/bf16 file rounds
+    it (bf16 makes alphas_cumprod[0] exactly 1, which breaks the last DDIM step). A file whose
+    schedule really differs belongs to another model (or the config to another file).
+    """
+    for name in BUFFER_NAMES:
+        src, want = sd.get(name), expected.get(name)
+        if src is None or want is None:
+            continue
+        rounded = want.detach().cpu().to(src.dtype).float()
+        if src.shape != want.shape or not torch.allclose(src.float().cpu(), rounded, rtol=1e-3, atol=1e-7):
+            return name
+    return None
+
+
 def make_beta_schedule(schedule: str = "linear", n_timestep: int = 1000, linear_start: float = 0.00085,
                        linear_end: float = 0.012) -> torch.Tensor:
     """float64 betas. SD's "linear" is linear in sqrt(beta), not in beta."""

@@ -396,3 +396,26 @@ def test_cli_inspect_compares_with_a_config(tmp_path, capsys):
             "would not load: control_model.input_blocks.0.0.weight is [32, 4, 3, 3]") in out
     assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v1"]) == 0
     assert capsys.readouterr().out.endswith("717 of 717 model tensors found in the checkpoint\nwould load\n")
+
+
+def test_schedule_comes_from_the_config_not_from_a_rounded_file():
+    """An fp16/bf16 file holds a rounded schedule (bf16 makes alphas_cumprod[0] exactly 1): both
+    loaders keep the config's float32 one; a file without it loads too; another schedule is refused."""
+    from cldm.convert import init_from_sd
+    from ldm.schedule import BUFFER_NAMES, schedule_buffers
+
+    exact = schedule_buffers()
+    sd = tiny_colour_model().state_dict()
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    assert bf16["alphas_cumprod"][0].item() == 1.0  # what rounding does to it
+    for state in (bf16, {k: v for k, v in sd.items() if k not in BUFFER_NAMES}):
+        model = tiny_colour_model()
+        load_into(model, state)
+        out, _ = init_from_sd(tiny_colour_model(), {k: v for k, v in state.items() if not k.startswith("control_")})
+        for name in BUFFER_NAMES:
+            assert torch.equal(model.state_dict()[name], exact[name]) and torch.equal(out[name], exact[name]), name
+    other = {**sd, "betas": sd["betas"] * 1.5}
+    with pytest.raises(CheckpointError, match=r"noise schedule \(betas\) is not the config's"):
+        load_into(tiny_colour_model(), other)
+    with pytest.raises(CheckpointError, match=r"noise schedule \(betas\) is not the config's"):
+        init_from_sd(tiny_colour_model(), other)

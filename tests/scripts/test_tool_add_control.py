@@ -139,7 +139,8 @@ def test_sd1x_file_is_named_as_such(tmp_path, capsys):
                       "--config", str(TINY_CONFIG)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("tool_add_control_sd21.py: error: checkpoint (SD1.x weights) does not match the model config (an SD1.x file: "
+    assert err.startswith(f"tool_add_control_sd21.py: error: {tmp_path / 'sd15.safetensors'}: checkpoint (SD1.x "
+                          "weights) does not match the model config (an SD1.x file: "
                           "768-wide cross-attention and a CLIP ViT-L text encoder; this needs Stable Diffusion "
                           "2.x weights such as v2-1_512-ema-pruned): ")
     assert "attn2.to_k.weight: file (32, 768) vs model (32, 32)" in err

@@ -68,7 +68,7 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
                                        r"Lightning training checkpoint \(no 'pytorch-lightning_version'"),
         (["--resume", str(ws / "init.safetensors")], "--resume .*init.safetensors: not a Lightning training checkpoint"),
         (["train.optimizer=adam"], "optimizer must be one of adamw, adamw8bit, got 'adam'"),
-        (["model.color_variant=v3"], r"does not fit ControlLDM"),  # v2 init, v3 config
+        (["model.color_variant=v3"], r"--init .*init\.safetensors: checkpoint .* does not fit ControlLDM"),  # v2 init
         (["--accumulate", "0"], r"train\.accumulate \(--accumulate, batches per optimiser step\) must be >= 1, got 0"),
         (["--lr", "-1"], r"train\.lr \(--lr, learning rate\) must be > 0, got -1"),
         (["--num-workers", "-1"], r"train\.num_workers .* must be >= 0"),
