@@ -51,7 +51,8 @@ DEFAULT_FOLDER_FPS = 25.0
 def parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     p = OneLineParser(prog=PROG, description="\n\n".join([doc[0], doc[3]]),
-                      epilog="Exit status: 0 done, 2 bad arguments or unusable input. See docs/INFERENCE.md.",
+                      epilog="Exit status: 0 done, 2 bad arguments or unusable input, 130 / 143 stopped by "
+                             "Ctrl-C / SIGTERM (frames written so far are kept). See docs/INFERENCE.md.",
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--input", required=True, metavar="DIR|VIDEO",

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--train-unet-input", action=argparse.BooleanOptionalAction, default=None,
                    help="v2/v3: train the new input channels of the UNet's first conv (default on)")
     g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing in UNet and ControlNet (less memory, ~30%% more compute)")
+                   help="gradient checkpointing in UNet and ControlNet (less memory, ~27%% more compute)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the ControlNet and UNet (slow first steps, faster after)")
     g = p.add_argument_group("devices")

@@ -16,8 +16,9 @@ Two bounds for the measured step to be read against:
 The matrix floor bounds what torch.compile or hand-fused kernels can reach; the gap between
 the two is memory traffic of element-wise work (norms, activations, casts, adds).
 
-Ceilings default to what was measured on this workplace's lent GPUs (device/KINDS.md: an
-8192^3 bf16 matmul on random data, and a device-to-device copy counting read + write):
+Ceilings default to what was measured on this workplace's lent GPUs (the lending service's
+notes, KINDS.md, not in this repo: an 8192^3 bf16 matmul on random data, and a
+device-to-device copy counting read + write):
 H100 798 TFLOP/s and 3.0 TB/s, H200 788 TFLOP/s and 4.3 TB/s. MFU uses the datasheet peak
 (989.4 TFLOP/s dense bf16 on both), as bench_train.py does. The optimiser is added by
 formula as one fused AdamW pass (float32 weight, grad and two moments read, three written).
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import PEAK_BF16_TFLOPS  # noqa: E402
 from cldm.model import DEFAULT_CONFIG  # noqa: E402
 
-# Measured ceilings (TFLOP/s bf16 matmul, TB/s copy) from device/KINDS.md, dated there.
+# Measured ceilings (TFLOP/s bf16 matmul, TB/s copy) from the lending service's KINDS.md, dated there.
 CEILINGS = {"h100": (798.0, 3.0), "h200": (788.0, 4.3)}
 ADAMW_BYTES_PER_PARAM = 7 * 4  # fused AdamW: read weight, grad, exp_avg, exp_avg_sq; write three
 

@@ -376,8 +376,8 @@ def test_every_pickle_flavour_names_its_globals_without_running_them(tmp_path, w
                 "torch-legacy": system, "torch-zip": system}[writer]
     assert str(err.value) == (
         f"{path}: holds pickled Python objects ({expected}), not just tensors, and unpickling could run code; "
-        f"convert it with `python -m cldm.checkpoint convert {path} OUT.safetensors --allow-pickle`, or pass "
-        f"--allow-pickle, only if you trust the file")
+        f"convert it with `python -m cldm.checkpoint convert {path} OUT.safetensors --allow-pickle` (or pass "
+        f"--allow-pickle where the script offers it), only if you trust the file")
     # Trusted on request, whatever the flavour (torch.load can't read plain pickles: pickle.load does).
     assert_same(load_state_dict(path, allow_pickle=True), {"a": torch.ones(2)})
     assert marker.exists()

@@ -117,7 +117,8 @@ def test_malicious_pickle_is_not_executed_and_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"tool_add_control_sd21.py: error: {bad}: holds pickled Python objects ({os.system.__module__}.system), not just tensors, "
                    f"and unpickling could run code; convert it with `python -m cldm.checkpoint convert {bad} "
-                   f"OUT.safetensors --allow-pickle`, or pass --allow-pickle, only if you trust the file\n")
+                   f"OUT.safetensors --allow-pickle` (or pass --allow-pickle where the script offers it), only if you "
+                   "trust the file\n")
     assert not (tmp_path / "o.safetensors").exists()
 
 
