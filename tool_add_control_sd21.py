@@ -44,6 +44,8 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         raise ValueError(f"{out_path}: output must end in .safetensors (recommended) or .ckpt")
     if out_path.exists() and not overwrite:
         raise CheckpointError(f"{out_path} exists (use --overwrite to replace it)")
+    if not out_path.parent.is_dir():
+        raise ValueError(f"{out_path}: the folder {out_path.parent} does not exist")
     overrides = list(overrides) + ([f"model.color_variant={variant}"] if variant else [])
     cfg = load_config(config, overrides)
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="allow full unpickling of a .ckpt that holds more than tensors (only for files you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_CKPT if it exists")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. model.concat_to_unet=false")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the options
 
     def run(args) -> int:
         print(add_control(args.sd_ckpt, args.out_ckpt, args.config, args.variant, args.overrides,

@@ -62,9 +62,13 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
     """Load `{name: tensor}` from `.safetensors` or `.ckpt/.pt/.pth` (weights only by default).
 
     SD/Lightning checkpoints wrap the weights in a top-level "state_dict" next to bookkeeping
-    such as "global_step"; we unwrap it and drop every non-tensor entry (logged at INFO).
+    such as "global_step"; other trainers in a single "model"/"module"-like entry, and DDP
+    prefixes every name with "module.". We unwrap those and drop every non-tensor entry
+    (logged at INFO); a file with no tensors left is an error, not an empty state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -72,15 +76,49 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
             return load_file(path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from None
+    check_checkpoint_file(path)
     obj = _torch_load(path, map_location, allow_pickle)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    nested = [v for v in obj.values() if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())]
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()) and len(nested) == 1:
+        obj = nested[0]  # e.g. {"model": {...}, "epoch": 3}
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if dropped := [str(k) for k in obj if k not in sd]:
         log.info("%s: ignored %d non-tensor entries (%s)", path, len(dropped), ", ".join(dropped[:5]))
+    if not sd:
+        keys = ", ".join(map(str, list(obj)[:5])) or "none"
+        raise CheckpointError(f"{path}: holds no tensors where weights are expected (top-level keys: {keys})")
+    if all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse a file that is no checkpoint at all (a video, an image, ...) with a plain message,
+    before torch.load would call it "truncated or corrupt (UnpicklingError ...)".
+
+    .safetensors files are left to the loader (its message is already clear), as are missing
+    files. Torch checkpoints are zip archives (torch >= 1.6) or start with a pickle
+    protocol >= 2 opcode (the legacy format).
+    """
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        raise CheckpointError(f"{path}: looks like a safetensors file with a {path.suffix or 'missing'} "
+                              "extension; rename it to .safetensors")
+    raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
+                          ".ckpt/.pt/.pth zip or pickle)")
 
 
 def _torch_load(path, map_location, allow_pickle):

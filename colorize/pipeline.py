@@ -252,31 +252,6 @@ def _leaves(d: dict, prefix: str = ""):
             yield prefix + str(k), v
 
 
-def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Refuse a file that is no checkpoint at all (a video, an image, ...) with a plain message,
-    before torch.load would call it "truncated or corrupt (UnpicklingError ...)".
-
-    .safetensors files are left to the loader (its message is already clear), as are missing
-    files. Torch checkpoints are zip archives (torch >= 1.6) or start with a pickle
-    protocol >= 2 opcode (the legacy format).
-    """
-    path = Path(path)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
-    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        return
-    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
-        raise CheckpointError(f"{path}: looks like a safetensors file with a {path.suffix or 'missing'} "
-                              "extension; rename it to .safetensors")
-    raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
-                          ".ckpt/.pt/.pth zip or pickle)")
-
-
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                device: str | torch.device = "cpu", allow_pickle: bool = False) -> ControlLDM:
@@ -285,9 +260,6 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     The checkpoint is checked against the config's shapes on the meta device first, so a wrong
     file fails in a second with one CheckpointError instead of after building the model.
     """
-    for weights in (ckpt, control):
-        if weights is not None:
-            check_checkpoint_file(weights)
     source = resolve_config(ckpt, config, control)
     cfg = load_config(source, overrides)
     check_saved_config(control if control is not None else ckpt, cfg, source, overrides)

@@ -419,3 +419,21 @@ def test_schedule_comes_from_the_config_not_from_a_rounded_file():
         load_into(tiny_colour_model(), other)
     with pytest.raises(CheckpointError, match=r"noise schedule \(betas\) is not the config's"):
         init_from_sd(tiny_colour_model(), other)
+
+
+def test_other_trainers_wrappings_are_unwrapped_and_empty_files_refused(tmp_path):
+    """{"model": sd} (plus bookkeeping) and DDP's "module." prefix load as the plain state dict;
+    a folder, or a file without tensors, is named as such instead of loading as nothing."""
+    sd = sample_sd()
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "nested.ckpt")
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    for name in ("nested.ckpt", "ddp.pt"):
+        assert_same(checkpoint.load_state_dict(tmp_path / name), sd)
+    torch.save({"epoch": 3, "lr": 1e-5}, tmp_path / "none.ckpt")
+    with pytest.raises(CheckpointError, match=r"none\.ckpt: holds no tensors where weights are expected "
+                                              r"\(top-level keys: epoch, lr\)"):
+        checkpoint.load_state_dict(tmp_path / "none.ckpt")
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        checkpoint.load_state_dict(tmp_path)
+    assert checkpoint.main(["convert", str(tmp_path / "none.ckpt"), str(tmp_path / "out.safetensors")]) == 2
+    assert not (tmp_path / "out.safetensors").exists()

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from annotator.color import rgb_to_gray, rgb_to_lab
 from annotator.video import FrameSourceError, iter_frames
 from benchmarks.bench_inference import fixed_serial
-from cldm.checkpoint import CheckpointError
+from cldm.checkpoint import CheckpointError, check_checkpoint_file
 from cldm.model import TINY_CONFIG
 from cldm.trainable import configure_trainable, export_control
 from colorize import pipeline as P
@@ -387,11 +387,11 @@ def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
     named = tmp_path / "weights.ckpt"  # safetensors content under a torch name
     save_file({"a": torch.zeros(2)}, str(named))
     with pytest.raises(CheckpointError, match="weights.ckpt: looks like a safetensors file.*rename it"):
-        P.check_checkpoint_file(named)
+        check_checkpoint_file(named)
     for name, legacy in (("zip.pt", False), ("legacy.pt", True)):  # both torch.save formats pass
         torch.save({"a": torch.zeros(2)}, tmp_path / name, _use_new_zipfile_serialization=not legacy)
-        P.check_checkpoint_file(tmp_path / name)
-    P.check_checkpoint_file(tmp_path / "missing.ckpt")  # left to the loader's "no such file"
+        check_checkpoint_file(tmp_path / name)
+    check_checkpoint_file(tmp_path / "missing.ckpt")  # left to the loader's "no such file"
 
 
 def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
