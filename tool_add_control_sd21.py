@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from cliutil import OneLineParser, run_cli
-from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from cldm.checkpoint import CONTROL, CheckpointError, load_state_dict, save_state_dict
 from cldm.convert import init_from_sd
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config
-from ldm.schedule import BUFFER_NAMES
+from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config
+from ldm.schedule import schedule_buffers
 
 PROG = "tool_add_control_sd21.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,17 +49,21 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     overrides = list(overrides) + ([f"model.color_variant={variant}"] if variant else [])
     cfg = load_config(config, overrides)
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
+    # Only the shapes of the whole model are needed (meta: no memory); real values only for what
+    # the SD file cannot give: the ControlNet's new layers and the schedule (from the config).
+    with torch.device("meta"):
+        model = create_model(cfg)
     torch.manual_seed(seed)  # the hint block's random init is reproducible
-    model = create_model(cfg)
+    fresh = {CONTROL + k: v for k, v in create_control_net(cfg).state_dict().items()}
+    s = cfg.model.schedule
+    fresh.update(schedule_buffers("linear", s.timesteps, s.linear_start, s.linear_end))
     try:
-        state, report = init_from_sd(model, sd)
+        # The schedule stays float32 in every SD checkpoint: in half precision alphas_cumprod near
+        # 1 rounds, and the sampler's sqrt(1 - a) of the smallest timesteps changes a lot.
+        state, report = init_from_sd(model, sd, fresh=fresh, dtype=DTYPES[dtype])
     except CheckpointError as e:  # its message says "checkpoint": name the file
         raise CheckpointError(f"{sd_path}: {e}") from None
-    del model, sd
-    # The schedule stays float32 in every SD checkpoint: in half precision alphas_cumprod near 1
-    # rounds, and the sampler's sqrt(1 - a) of the smallest timesteps changes a lot.
-    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k not in BUFFER_NAMES else v
-             for k, v in state.items()}
+    del sd, fresh
     save_state_dict(state, out_path, metadata={"color_variant": cfg.model.color_variant,
                                                "source": Path(sd_path).name, "made_by": "tool_add_control_sd21.py"})
     return f"colour variant {cfg.model.color_variant}, {len(state)} tensors -> {out_path}\n" + report.summary()

@@ -49,8 +49,14 @@ def _widen(src: torch.Tensor, target_shape: torch.Size, key: str) -> torch.Tenso
     return out
 
 
-def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], InitReport]:
+def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], InitReport]:
     """State dict for `model` built from an SD checkpoint's tensors `sd`.
+
+    What the file cannot give (the ControlNet's new layers, the schedule) comes from `fresh`
+    (default: `model`'s own state); so `model` may live on the meta device, which saves its
+    memory when the values come from elsewhere. `dtype`: the copied weights' dtype (default:
+    the model's), cast once; the schedule stays float32.
 
     Raises CheckpointError when the file is not the SD the config describes (a UNet, VAE or
     text-encoder tensor missing or of another shape), saying what the file looks like (e.g.
@@ -59,11 +65,13 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[s
     """
     report, out, problems = InitReport(), {}, []
     target = model.state_dict()
-    if name := schedule_mismatch(sd, target):
+    own = target if fresh is None else fresh
+    if name := schedule_mismatch(sd, own):
         problems.append(f"its noise schedule ({name}) is not the config's")
-    for key, fresh in target.items():
+    for key, shape_of in target.items():
+        want = dtype if dtype is not None and shape_of.is_floating_point() else shape_of.dtype
         if key in BUFFER_NAMES:  # from the config (see schedule_mismatch); the file's may be rounded or absent
-            out[key] = fresh
+            out[key] = own[key]
             report.copied.append(key)
             continue
         if key.startswith(CONTROL):
@@ -74,19 +82,19 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor]) -> tuple[dict[s
         src = sd.get(src_key)
         if src is None:
             if key.startswith(CONTROL):
-                out[key] = fresh
+                out[key] = own[key].to(want)
                 report.new.append(key)
             else:
                 problems.append(f"missing {key}")
             continue
-        if src.shape != fresh.shape:
+        if src.shape != shape_of.shape:
             if key.endswith(INPUT_CONV):
-                out[key] = _widen(src, fresh.shape, key).to(fresh.dtype)
+                out[key] = _widen(src, shape_of.shape, key).to(want)
                 report.widened.append(key)
                 continue
-            problems.append(f"{key}: file {tuple(src.shape)} vs model {tuple(fresh.shape)}")
+            problems.append(f"{key}: file {tuple(src.shape)} vs model {tuple(shape_of.shape)}")
             continue
-        out[key] = src.to(fresh.dtype)
+        out[key] = src.to(want)
         bucket.append(key)
     report.ignored = sorted(k for k in sd if k not in target)
     if problems:

@@ -82,6 +82,17 @@ def check_unet_keys(unet_kw: dict) -> None:
             raise ConfigError(f"model.unet.{key}: unknown key{hint}")
 
 
+def create_control_net(config: DictConfig | dict) -> ControlNet:
+    """The config's ControlNet alone (freshly initialised): ControlLDM.control_model."""
+    m = model_config(config)
+    unet_kw = OmegaConf.to_container(m.unet, resolve=True)
+    try:
+        return ControlNet(in_channels=m.latent_channels + extra_channels(m.color_variant),
+                          hint_channels=m.control.hint_channels, **unet_kw)
+    except ValueError as e:
+        raise ConfigError(f"model.unet: {e}") from None
+
+
 def create_model(config: DictConfig | dict | str | Path) -> ControlLDM:
     """ControlLDM with freshly initialised weights (load a checkpoint on top).
 
@@ -97,9 +108,9 @@ def create_model(config: DictConfig | dict | str | Path) -> ControlLDM:
     try:
         unet = ControlledUnetModel(in_channels=latent + (extra if m.concat_to_unet else 0),
                                    out_channels=latent, **unet_kw)
-        control = ControlNet(in_channels=latent + extra, hint_channels=m.control.hint_channels, **unet_kw)
     except ValueError as e:
         raise ConfigError(f"model.unet: {e}") from None
+    control = create_control_net(config)
     try:
         vae = AutoencoderKL(OmegaConf.to_container(m.first_stage.ddconfig, resolve=True), m.first_stage.embed_dim)
     except ValueError as e:
