@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from collections import deque
@@ -300,6 +301,11 @@ def colourised(args, options: P.Options, model, refs, ref_indices, frames: slice
         for f in P.iter_gray_frames(args.input, frames.start, frames.stop, note):
             if f.colour:
                 note(f"{args.input}: frames are colour; colourising their BT.601 luma")
+            for ref in refs if args.method in ("model", "flow") else ():  # resized to the frames' shape
+                (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
+                if abs(math.log((rw / rh) / (w / h))) > 0.02:
+                    note(f"a reference of {rw}x{rh} is stretched to the frames' {w}x{h} shape; crop it to their "
+                         "aspect ratio for undistorted colours")
             seen.append((f.name, f.depth))
             yield f
 

@@ -399,3 +399,13 @@ def test_reduced_precision_holds_the_weights_in_it(env, tmp_path, capsys, monkey
                       env["ckpt"], "--precision", precision, "--out", tmp_path / "o", *FAST], capsys)
     assert rc == 0, err
     assert casts == ([cast] if cast else [])
+
+
+def test_a_reference_of_another_aspect_ratio_is_noted(env, tmp_path, capsys):
+    ref = np.ascontiguousarray(env["colour"][3][:, :80])  # 80x80: square, the frames are 143x80
+    cv2.imwrite(str(tmp_path / "square.png"), ref[..., ::-1])
+    base = ["--input", env["gray"], "--frames", "0:2", "--method", "flow"]  # reinhard uses statistics only
+    rc, _, err = run([*base, "--reference", tmp_path / "square.png", "--out", tmp_path / "a"], capsys)
+    assert rc == 0 and err.count("a reference of 80x80 is stretched to the frames' 143x80 shape") == 1, err
+    rc, _, err = run([*base, "--reference", env["refs"][0], "--out", tmp_path / "b"], capsys)
+    assert rc == 0 and "stretched" not in err
