@@ -267,7 +267,7 @@ def count_devices(accelerator: str, devices) -> int:
 def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.strategies import DDPStrategy
@@ -292,7 +292,6 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     callbacks = [
         ResumeAgreement(resume),  # every process must resume from global rank 0's choice
         StepCheckpoint(out / "checkpoints", every_n_steps=t.ckpt_every, keep=t.ckpt_keep),
-        LearningRateMonitor(logging_interval="step"),
         ImageLogger(out / "images", t.image_every, t.image_count, t.image_ddim_steps, seed=t.seed),
         ReplicaCheck(out / "replicas.json"),
         TQDMProgressBar(refresh_rate=max(1, t.log_every)),

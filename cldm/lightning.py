@@ -125,6 +125,13 @@ class ColorControlModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=batch["hint"].shape[0])
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Learning rate per parameter group, once per optimiser step (Lightning's
+        LearningRateMonitor logs it once per micro-batch under --accumulate)."""
+        opt = getattr(optimizer, "optimizer", optimizer)
+        for g in opt.param_groups:
+            self.log(f"lr-{type(opt).__name__}/{g.get('name', 'group')}", g["lr"], on_step=True, on_epoch=False)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss with noise and timesteps fixed per batch, so values are comparable across evaluations."""
         g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 100_003 + batch_idx)

@@ -337,6 +337,23 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
     assert "resumed with learning rate 0.001 and weight decay 0.5 (the checkpoint had 1e-05 and 0)" in capsys.readouterr().err
 
 
+def test_learning_rate_is_logged_once_per_optimiser_step_under_accumulation(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    batch = tiny_batch(2, seed=2)
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3, warmup_steps=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DataLoader([batch] * 6, batch_size=None))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    lrs = [(r["step"], float(r["lr-AdamW/trainable"])) for r in rows if r.get("lr-AdamW/trainable")]
+    assert lrs == [(str(k), pytest.approx(1e-3 * (k + 1) / 4)) for k in range(3)]  # 3 steps, 3 rows
+    assert all(r.get("lr-AdamW/unet_input") for r in rows if r.get("lr-AdamW/trainable"))
+
+
 def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
