@@ -93,6 +93,9 @@ class PairDataset(Dataset):
             if not (d / "meta.json").is_file():
                 raise ValueError(f"{d}: not a finished movie")
             meta = load_meta(d)
+            if meta.get("metric", "ssim") != "ssim" and (low, high) == (DEFAULT_LOW, DEFAULT_HIGH):
+                warnings.warn(f"{d}: similarities are {meta['metric']}, but the default band {low}-{high} was "
+                              "chosen for SSIM; pass low/high that suit that metric")
             mask = pair_mask(load_similarity(d), low, high, min_gap)
             self.meta.append(meta)
             self.masks.append(mask)

@@ -1,5 +1,6 @@
 import contextlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,17 @@ def test_pairs_exact(fake_root):
     # the band is applied at load time: a wider one needs no rebuild
     wide = PairDataset(fake_root, size=64, low=0.9, high=0.99, min_gap=1)
     assert len(wide) == len(ds) + 3  # + (2, 3) both ways and frame 5 (5, 8)
+
+
+def test_default_band_on_another_metric_is_warned(fake_root):
+    meta = fake_root / "film_b" / "meta.json"
+    meta.write_text(meta.read_text().replace('"metric": "ssim"', '"metric": "ncc"'))
+    with pytest.warns(UserWarning, match="film_b: similarities are ncc, but the default band 0.94-0.97 was chosen "
+                                         "for SSIM"):
+        PairDataset(fake_root, size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a band chosen for the metric: no warning
+        PairDataset(fake_root, size=64, low=0.9, high=0.99)
 
 
 def test_item_convention_and_partner_frames(fake_root):
