@@ -298,14 +298,15 @@ def colourised(args, options: P.Options, model, refs, ref_indices, frames: slice
     seen = deque()  # (name, depth) of frames read but not yet output
 
     def selected():
-        for f in P.iter_gray_frames(args.input, frames.start, frames.stop, note):
+        for k, f in enumerate(P.iter_gray_frames(args.input, frames.start, frames.stop, note)):
             if f.colour:
                 note(f"{args.input}: frames are colour; colourising their BT.601 luma")
-            for ref in refs if args.method in ("model", "flow") else ():  # resized to the frames' shape
-                (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
-                if abs(math.log((rw / rh) / (w / h))) > 0.02:
-                    note(f"a reference of {rw}x{rh} is stretched to the frames' {w}x{h} shape; crop it to their "
-                         "aspect ratio for undistorted colours")
+            if k == 0 and args.method in ("model", "flow"):  # a clip's frames share one size
+                for ref in refs:  # resized to the frames' shape, whatever its own
+                    (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
+                    if abs(math.log((rw / rh) / (w / h))) > 0.02:
+                        note(f"a reference of {rw}x{rh} is stretched to the frames' {w}x{h} shape; crop it to "
+                             "their aspect ratio for undistorted colours")
             seen.append((f.name, f.depth))
             yield f
 

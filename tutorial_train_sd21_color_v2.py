@@ -252,6 +252,11 @@ def build_datamodule(cfg, args, model):
     return dm
 
 
+def devices_arg(devices: str) -> int | str:
+    """--devices as Lightning takes it: a count as an int, 'auto' or a list like '0,1' as is."""
+    return int(devices) if devices.isdigit() else devices
+
+
 def count_devices(accelerator: str, devices) -> int:
     """Processes per node that `devices` means, as Lightning will resolve it."""
     import torch
@@ -275,7 +280,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     from cldm.lightning import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
 
     t = cfg.train
-    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    devices = devices_arg(args.devices)
     strategy = args.strategy
     if strategy == "ddp":
         if count_devices(args.accelerator, devices) * args.num_nodes == 1:
@@ -368,8 +373,7 @@ def prepare(args):
     if args.export:
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)
-    devices = int(args.devices) if args.devices.isdigit() else args.devices
-    world = count_devices(args.accelerator, devices) * args.num_nodes
+    world = count_devices(args.accelerator, devices_arg(args.devices)) * args.num_nodes
     if world < 1:
         raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
     per_device = -(-len(dm.train) // world)  # DistributedSampler's share of each process
