@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         strip = build_strip(ev, gt_files, pred_files, reference, args.strip_frames)
         paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip,
-                             excluded=matched.excluded)
+                             excluded=matched.excluded, positions=matched.positions)
         print(f"report: {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -15,7 +15,8 @@ Frame folders: the images directly inside the folder, sorted naturally ("f2" < "
 hidden files (".*") and sub-folders are ignored, any other non-image file is an error.
 8/16-bit, gray, gray+alpha, RGB and RGBA images all come out as RGB uint8 (16-bit is
 rounded to 8-bit, alpha is dropped, float images are taken as [0, 1]) unless asked for at
-their own depth (`read_image_native`, `iter_frames(keep_depth=True)`).
+their own depth (`read_image_native`, `iter_frames(keep_depth=True)`). An EXIF orientation
+tag is applied, as photo viewers do: a phone photo used as a reference comes out upright.
 
 A range of frames (`iter_frames(start=, stop=)`) costs nothing outside it that can be
 avoided: folder files outside it are never read, video frames before it are skipped with
@@ -105,12 +106,14 @@ def list_frame_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as OpenCV decodes it: its own depth and channels (BGR(A) order), unconverted."""
+    """An image file as OpenCV decodes it: its own depth, gray HW or colour BGR HW3, turned
+    upright by its EXIF orientation. Alpha is dropped here: nothing uses it, and OpenCV
+    ignores the orientation of any decode that keeps it (IMREAD_UNCHANGED)."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise FrameSourceError(path, f"cannot read file ({e.strerror or e})") from None
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     if img is None:
         raise FrameSourceError(path, "not a readable image")
     return img
@@ -130,9 +133,9 @@ def read_image(path: str | os.PathLike, *, bgr: bool = False, keep_16bit: bool =
 
 
 def read_image_native(path: str | os.PathLike) -> np.ndarray:
-    """An image file at its own depth and channels, RGB(A) order: gray HW, gray+alpha HW2,
-    RGB HW3 or RGBA HW4; uint8, uint16 or float. For callers that keep 16-bit precision
-    (`read_image` rounds to 8-bit RGB)."""
+    """An image file at its own depth: gray HW or RGB HW3 (alpha dropped; gray+alpha files
+    come out as HW3 with equal channels), uint8, uint16 or float. For callers that keep
+    16-bit precision (`read_image` rounds to 8-bit RGB)."""
     return bgr_to_rgb(decode_image(path))
 
 

@@ -107,24 +107,37 @@ def _save_fig(fig, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def line_with_gaps(positions: Sequence[int], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) to plot a per-frame series at its frames' positions, with a NaN (a break in the
+    line) wherever frames were left out between two scored ones: a line joining them would
+    draw values that were never measured."""
+    x = np.asarray(positions, dtype=float)
+    y = np.asarray(y, dtype=float)
+    gaps = np.flatnonzero(np.diff(x) > 1) + 1
+    return np.insert(x, gaps, x[gaps - 1] + 1), np.insert(y, gaps, np.nan)
+
+
 def plot_over_time(results: Mapping[str, M.MethodMetrics], key: str, path: Path, frames: Sequence[str],
-                   ylabel: str, title: str) -> None:
-    """One line per method of a per-frame metric against the frame index."""
+                   ylabel: str, title: str, positions: Sequence[int] | None = None) -> None:
+    """One line per method of a per-frame metric against the frame's position in the clip
+    (`positions`, default 0..n-1), broken where frames were left out."""
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120, layout="constrained")
     # A frame reproduced exactly (the reference frame, say) sits at the PSNR cap and would
     # squash every other line; draw such points as triangles on the top edge instead.
     ys = {name: np.asarray(res.per_frame[key], dtype=float) for name, res in results.items()}
     capped = key == "psnr" and any((y >= M.PSNR_CAP_DB).any() for y in ys.values())
+    pos = np.arange(len(frames)) if positions is None else np.asarray(positions)
     if capped:
         rest = np.concatenate([y[np.isfinite(y) & (y < M.PSNR_CAP_DB)] for y in ys.values()])
         top = (rest.max() if rest.size else 50.0) + 3.0
         bottom = (rest.min() if rest.size else 0.0) - 3.0
     for name, y in ys.items():
         mean = float(np.mean(y[np.isfinite(y)])) if np.isfinite(y).any() else float("nan")
-        line, = ax.plot(np.arange(len(y)), np.where(capped & (y >= M.PSNR_CAP_DB), np.nan, y),
+        at_cap = capped & (y >= M.PSNR_CAP_DB)
+        line, = ax.plot(*line_with_gaps(pos, np.where(at_cap, np.nan, y)),
                         marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6, label=f"{name} (mean {mean:.3g})")
-        if capped and (y >= M.PSNR_CAP_DB).any():
-            at = np.flatnonzero(y >= M.PSNR_CAP_DB)
+        if at_cap.any():
+            at = pos[at_cap]
             ax.plot(at, np.full(at.shape, top), "^", color=line.get_color(), ms=8, clip_on=False)
     if capped:
         ax.set_ylim(bottom, top)
@@ -204,8 +217,11 @@ def write_report(
     ground_truth: Mapping[str, float] | None = None,
     strip: Strip | None = None,
     excluded: Sequence[str] = (),
+    positions: Sequence[int] | None = None,
 ) -> dict[str, Path]:
-    """Write the files listed in the module docstring; returns {kind: path}."""
+    """Write the files listed in the module docstring; returns {kind: path}. `positions`:
+    each frame's index in the whole clip, increasing, when some were left out (the plots
+    leave a gap there)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not results:
@@ -215,6 +231,8 @@ def write_report(
     for name, res in results.items():
         if any(len(v) != len(frames) for v in res.per_frame.values()):
             raise ValueError(f"{name}: per-frame metrics do not match the {len(frames)} frames")
+    if positions is not None and (len(positions) != len(frames) or any(b <= a for a, b in zip(positions, positions[1:]))):
+        raise ValueError(f"positions must be {len(frames)} increasing frame indices")
     keys = list(M.PER_FRAME_KEYS)
     means = {name: res.means() for name, res in results.items()}
     doc = {
@@ -241,9 +259,10 @@ def write_report(
     if ground_truth:
         rows.append(["ground_truth", *(_cell(ground_truth[k]) if k in ground_truth else "" for k in SUMMARY_KEYS)])
     _write_text(paths["summary_csv"], _csv(rows))
-    plot_over_time(results, "psnr", paths["psnr_plot"], frames, "PSNR (dB)", "PSNR against the ground truth")
+    plot_over_time(results, "psnr", paths["psnr_plot"], frames, "PSNR (dB)", "PSNR against the ground truth",
+                   positions)
     plot_over_time(results, "warp_error", paths["warp_plot"], frames, "warp error (0..255 levels)",
-                   "Temporal warp error (lower = steadier colours)")
+                   "Temporal warp error (lower = steadier colours)", positions)
     if strip is not None:
         paths["strip"] = write_strip(out / "strip.png", strip, results, frames)
     elif (out / "strip.png").is_file():  # an earlier run's, of other frames or methods: not this report's

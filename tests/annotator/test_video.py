@@ -160,14 +160,33 @@ def test_video_shorter_than_its_claim(tmp_path):
     assert len(lines) == 1
 
 
-def test_read_image_native_keeps_depth_channels_and_alpha(tmp_path):
+def test_read_image_native_keeps_depth_and_drops_alpha(tmp_path):
     rgba16 = np.zeros((4, 5, 4), np.uint16)
     rgba16[...] = (1000, 2000, 3000, 65535)  # BGRA on disk
     cv2.imwrite(str(tmp_path / "a.png"), rgba16)
     img = read_image_native(tmp_path / "a.png")
-    assert img.dtype == np.uint16 and img[0, 0].tolist() == [3000, 2000, 1000, 65535]  # RGBA
+    assert img.dtype == np.uint16 and img.shape == (4, 5, 3) and img[0, 0].tolist() == [3000, 2000, 1000]
     cv2.imwrite(str(tmp_path / "g.png"), np.full((4, 5), 1000, np.uint16))
     assert read_image_native(tmp_path / "g.png").shape == (4, 5)  # gray stays 2-D
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp"])
+def test_exif_orientation_is_applied(tmp_path, ext):
+    """A phone photo stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to
+    view") reads upright, as photo viewers show it."""
+    from PIL import Image
+
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :16] = (255, 0, 0)  # left half red as stored
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / f"r{ext}", exif=exif, quality=100, lossless=True)
+    for img in (read_image(tmp_path / f"r{ext}"), read_image_native(tmp_path / f"r{ext}")):
+        assert img.shape == (32, 16, 3)
+        top, bottom = img[:16].astype(int), img[16:].astype(int)
+        assert (top[..., 0] > 200).all() and (top[..., 1:] < 60).all()  # stored left -> shown top
+        assert (bottom < 60).all()
 
 
 def test_folder_range_reads_nothing_outside_it(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from colorize.metrics import PSNR_CAP_DB, MethodMetrics
-from colorize.report import TILE_HEIGHT, Strip, strip_indices, write_report
+from colorize.report import TILE_HEIGHT, Strip, line_with_gaps, strip_indices, write_report
 
 
 def results():
@@ -27,6 +27,21 @@ def test_strip_indices():
     assert strip_indices(132, 3) == [0, 66, 131]
     assert strip_indices(2, 3) == [0, 1]
     assert strip_indices(0, 3) == [] and strip_indices(5, 0) == []
+
+
+def test_line_with_gaps_breaks_at_left_out_frames():
+    x, y = line_with_gaps([0, 1, 4, 5, 9], np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert x.tolist() == [0, 1, 2, 4, 5, 6, 9]
+    assert np.array_equal(y, [1, 2, np.nan, 3, 4, np.nan, 5], equal_nan=True)
+    x, y = line_with_gaps([3, 4, 5], np.array([1.0, 2.0, 3.0]))  # no gap: unchanged
+    assert x.tolist() == [3, 4, 5] and y.tolist() == [1, 2, 3]
+
+
+def test_write_report_positions_checked(tmp_path):
+    write_report(results(), tmp_path / "ok", frames=["f0", "f2", "f3"], positions=[0, 2, 3])
+    for bad in ([0, 1], [0, 2, 2]):
+        with pytest.raises(ValueError, match="3 increasing frame indices"):
+            write_report(results(), tmp_path / "bad", frames=["f0", "f2", "f3"], positions=bad)
 
 
 def test_write_report_numbers(tmp_path):
