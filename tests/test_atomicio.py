@@ -5,7 +5,7 @@ import re
 import pytest
 
 import atomicio
-from atomicio import atomic_path, temp_beside, write_bytes_atomic
+from atomicio import atomic_path, sync_tree, temp_beside, write_bytes_atomic
 
 
 @pytest.fixture
@@ -48,6 +48,27 @@ def test_fsync_syncs_the_file_then_the_folder_only_when_asked(tmp_path, monkeypa
     write_bytes_atomic(tmp_path / "b", b"x", fsync=True)
     assert synced == [False, True]  # the data before the rename, then the folder's entry
     assert (tmp_path / "b").read_bytes() == b"x"
+
+
+def synced_paths(monkeypatch) -> list[str]:
+    """The paths atomicio fsyncs, in order (Linux: named through /proc/self/fd)."""
+    synced, real = [], os.fsync
+    monkeypatch.setattr(atomicio.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real(fd))
+    return synced
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sync_tree_syncs_every_file_then_the_folders_deepest_first(tmp_path, monkeypatch, threads):
+    (tmp_path / "m" / "frames").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "m" / "frames" / f"{i}.jpg").write_bytes(b"x")
+    (tmp_path / "m" / "meta.json").write_text("{}")
+    synced = synced_paths(monkeypatch)
+    sync_tree(tmp_path / "m", threads)
+    files = {str(tmp_path / "m" / "frames" / f"{i}.jpg") for i in range(5)} | {str(tmp_path / "m" / "meta.json")}
+    assert set(synced[:6]) == files and len(synced) == 8
+    assert synced[6:] == [str(tmp_path / "m" / "frames"), str(tmp_path / "m")]
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])

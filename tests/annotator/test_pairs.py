@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from annotator.pairs import (
-    BuildOptions, build_all, build_movie, count_pairs, frame_path, list_movies, load_meta, load_similarity,
+    BuildOptions, Summary, build_all, build_movie, count_pairs, frame_path, list_movies, load_meta, load_similarity,
     movie_id_for, pair_mask, stored_size,
 )
 from annotator.similarity import similarity_table, small_gray
@@ -83,6 +83,18 @@ def test_build_movie_layout_and_exact_similarity(tmp_path):
     np.testing.assert_array_equal(sim, similarity_table([small_gray(f) for f in frames], 5))
     assert meta["default_band"]["pairs"] == count_pairs(sim)
     assert not (tmp_path / "data" / ".partial" / "clip").exists()
+
+
+def test_every_file_is_on_disk_before_the_movie_is_published(tmp_path, monkeypatch):
+    from tests.test_atomicio import synced_paths
+
+    synced = synced_paths(monkeypatch)
+    build_movie(write_folder(panning_clip(6, 16, 24), tmp_path / "clip"), tmp_path / "data", options=OPTS)
+    tmp = tmp_path / "data" / ".partial" / "clip"
+    published = sorted(p.relative_to(tmp_path / "data" / "clip") for p in (tmp_path / "data" / "clip").rglob("*"))
+    assert len(published) == 9  # frames/, 6 frames, similarity.npy, meta.json
+    assert set(synced[:-1]) == {str(tmp / p) for p in published} | {str(tmp)}  # under .partial: before the rename
+    assert synced[-1] == str(tmp_path / "data")  # then the rename itself
 
 
 def test_build_is_deterministic_and_resizes(tmp_path):
@@ -169,6 +181,15 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     s3 = build_all([other], tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert s3.built == [] and "already built from" in s3.skipped[0]
     assert json.loads((tmp_path / "data" / "good" / "meta.json").read_text())["source"] == str(good.resolve())
+
+
+def test_summary_notes_that_the_default_band_is_for_ssim():
+    meta = {"frame_count": 10, "metric": "ssim", "default_band": {"pairs": 4}}
+    assert "note:" not in Summary(built=[meta]).text()
+    text = Summary(built=[meta, {**meta, "metric": "ncc"}, {**meta, "metric": "l1"}]).text()
+    assert "12 pairs in the default band" in text
+    assert ("note: the default band was chosen for SSIM; for l1, ncc similarities its pair count means little: "
+            "choose --low/--high for training") in text
 
 
 def test_a_run_leaves_partial_alone_while_another_run_builds_there(tmp_path):
