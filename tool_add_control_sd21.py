@@ -65,6 +65,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         raise CheckpointError(f"{sd_path}: {e}") from None
     del sd, fresh
     save_state_dict(state, out_path, metadata={"color_variant": cfg.model.color_variant,
+                                               "parameterization": cfg.model.parameterization,
                                                "source": Path(sd_path).name, "made_by": "tool_add_control_sd21.py"})
     return f"colour variant {cfg.model.color_variant}, {len(state)} tensors -> {out_path}\n" + report.summary()
 

@@ -223,8 +223,10 @@ def build_model(cfg, init: Path):
     """ControlLDM with the init checkpoint loaded; every tensor must match (else CheckpointError)."""
     from cldm.checkpoint import CheckpointError, load_into, load_state_dict
     from cldm.model import create_model
+    from cldm.trainable import check_recorded, read_export_metadata
 
     model = create_model(cfg)
+    check_recorded(read_export_metadata(init), model, f"--init {init}")  # what tool_add_control_sd21.py was told
     try:
         load_into(model, load_state_dict(init), strict_prefixes=("",))
     except CheckpointError as e:

@@ -404,6 +404,8 @@ def _mismatch_reason(report):
 
 
 def _likely_cause(key, model_shape, file_shape, kind):
+    if kind.startswith(("SD1.x", "SDXL")):  # tool_add_control_sd21.py refuses these too: no pointer to it
+        return f"{kind}, not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned"
     if key.endswith(INPUT_CONV) and len(model_shape) == len(file_shape) == 4 and model_shape[1] != file_shape[1]:
         f_in, m_in = file_shape[1], model_shape[1]
         if key.startswith(CONTROL):

@@ -121,7 +121,8 @@ def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: D
                    extra: dict | None = None) -> Path:
     """Write the trainable weights to a safetensors file (atomically), with what they fit."""
     meta = {"format": EXPORT_FORMAT, "color_variant": model.color_variant, "step": step,
-            "concat_to_unet": model.concat_to_unet, "only_mid_control": model.only_mid_control}
+            "concat_to_unet": model.concat_to_unet, "only_mid_control": model.only_mid_control,
+            "parameterization": model.parameterization}
     if cfg is not None:
         meta["config_hash"] = config_hash(cfg)
     meta.update(extra or {})
@@ -140,6 +141,24 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def check_recorded(meta: dict[str, str], model: ControlLDM, path: str | Path) -> None:
+    """Refuse a file whose metadata says it was made for another model: these mismatches load
+    without a shape error and then colour wrongly (a v1 init under a v2 config does not load,
+    but eps under v, or 12 controls for 1, would)."""
+    variant = meta.get("color_variant")
+    if variant is not None and variant != model.color_variant:
+        raise CheckpointError(f"{path}: made for colour variant {variant}, "
+                              f"the model is {model.color_variant} (set model.color_variant={variant})")
+    mid = meta.get("only_mid_control")  # a mismatch loads fine, then silently drops or adds 12 controls
+    if mid is not None and mid != str(model.only_mid_control):
+        raise CheckpointError(f"{path}: trained with only_mid_control={mid.lower()}, the model has "
+                              f"{str(model.only_mid_control).lower()} (set model.only_mid_control={mid.lower()})")
+    param = meta.get("parameterization")
+    if param is not None and param != model.parameterization:
+        raise CheckpointError(f"{path}: made for a model that predicts {param}, this config's predicts "
+                              f"{model.parameterization} (set model.parameterization={param})")
+
+
 def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,
                          allow_pickle: bool = False) -> dict[str, str]:
     """Load an SD2.1 checkpoint plus a `control.safetensors` export into `model`; returns its metadata.
@@ -150,14 +169,7 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     half random. Raises CheckpointError naming the problem when the files don't fit the model.
     """
     meta = read_export_metadata(control_path)
-    variant = meta.get("color_variant")
-    if variant is not None and variant != model.color_variant:
-        raise CheckpointError(f"{control_path}: trained for colour variant {variant}, "
-                              f"the model is {model.color_variant} (set model.color_variant={variant})")
-    mid = meta.get("only_mid_control")  # a mismatch loads fine, then silently drops or adds 12 controls
-    if mid is not None and mid != str(model.only_mid_control):
-        raise CheckpointError(f"{control_path}: trained with only_mid_control={mid.lower()}, the model has "
-                              f"{str(model.only_mid_control).lower()} (set model.only_mid_control={mid.lower()})")
+    check_recorded(meta, model, control_path)
     control = load_state_dict(control_path, allow_pickle=allow_pickle)
     report = compare_state_dict(model, control)
     # No tensor of another shape, all of control_model.* or none (then it is no export at all);

@@ -132,6 +132,10 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     with pytest.raises(CheckpointError, match="only_mid_control=false, the model has true"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.only_mid_control=true"])),
                              tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match=r"c\.safetensors: made for a model that predicts eps, this "
+                                              r"config's predicts v \(set model\.parameterization=eps\)"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.parameterization=v"])),
+                             tmp_path / "sd.safetensors", tmp_path / "c.safetensors")
     part = {k: v for k, v in trainable_state_dict(model).items() if "hint_block" not in k}
     save_state_dict(part, tmp_path / "part.safetensors")
     with pytest.raises(CheckpointError, match=r"part\.safetensors: does not fit the model: the checkpoint's "

@@ -154,7 +154,8 @@ def test_ckpt_output_round_trip_and_half_precision_keeps_the_schedule_float32(sd
     assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "init.ckpt"), *args]) == 0
     st, ck = load_file(tmp_path / "init.safetensors"), load_state_dict(tmp_path / "init.ckpt")
     raw = torch.load(tmp_path / "init.ckpt", weights_only=True)  # weights only: no pickled objects in it
-    assert raw["metadata"] == {"color_variant": "v2", "source": "sd.safetensors", "made_by": "tool_add_control_sd21.py"}
+    assert raw["metadata"] == {"color_variant": "v2", "parameterization": "eps", "source": "sd.safetensors",
+                               "made_by": "tool_add_control_sd21.py"}
     assert st.keys() == ck.keys() and all(torch.equal(st[k], ck[k]) for k in st)  # same seed, same tensors
     model = create_model(load_config(TINY_CONFIG, ["model.color_variant=v2"]))
     model.load_state_dict(ck, strict=True)

@@ -56,6 +56,9 @@ def load_ckpt(path):
 def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
     init_ckpt = tmp_path / "init.ckpt"  # the init file as a .ckpt: a zip, but weights only
     save_state_dict(load_state_dict(ws / "init.safetensors"), init_ckpt)
+    init_v = tmp_path / "init_v.safetensors"  # as tool_add_control_sd21.py writes it from a v config
+    save_state_dict(load_state_dict(ws / "init.safetensors"), init_v,
+                    metadata={"color_variant": "v2", "parameterization": "v"})
     broken, no_train = tmp_path / "broken.yaml", tmp_path / "no_train.yaml"
     broken.write_text("model: [\n")
     no_train.write_text(TINY_CONFIG.read_text().split("\ntrain:")[0])
@@ -69,6 +72,8 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         (["--resume", str(ws / "init.safetensors")], "--resume .*init.safetensors: not a Lightning training checkpoint"),
         (["train.optimizer=adam"], "optimizer must be one of adamw, adamw8bit, got 'adam'"),
         (["model.color_variant=v3"], r"--init .*init\.safetensors: checkpoint .* does not fit ControlLDM"),  # v2 init
+        (["--init", str(init_v)], r"--init .*init_v\.safetensors: made for a model that predicts v, this config's "
+                                  r"predicts eps \(set model\.parameterization=v\)$"),
         (["--accumulate", "0"], r"train\.accumulate \(--accumulate, batches per optimiser step\) must be >= 1, got 0"),
         (["--lr", "-1"], r"train\.lr \(--lr, learning rate\) must be > 0, got -1"),
         (["--num-workers", "-1"], r"train\.num_workers .* must be >= 0"),
