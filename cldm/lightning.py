@@ -30,7 +30,7 @@ from atomicio import atomic_path, write_bytes_atomic
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
 from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_keys,
-                            param_groups, unet_input_conv)
+                            make_optimizer, param_groups, unet_input_conv)
 
 
 def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +142,7 @@ class ColorControlModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)
-        if hp.optimizer == "adamw8bit":
-            import bitsandbytes as bnb  # installed: check_optimizer ran at construction
-            opt = bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=tuple(hp.betas))
-        else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda")
+        opt = make_optimizer(hp.optimizer, groups, hp.lr, tuple(hp.betas), fused=self.device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warmup, warmup_steps=hp.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -9,6 +9,9 @@ tests share one definition of it:
     conv trains, but only its new channels: that one tensor also holds the locked SD kernel
     (input channels 0-3), whose gradient a tensor hook zeroes. With weight decay 0, Adam(W)
     then leaves those channels bitwise unchanged (zero gradient -> zero moments -> zero update).
+    bitsandbytes' 8-bit AdamW does not (its moments are quantised in blocks of 256 that share
+    a scale, and zero does not come back as zero), so `make_optimizer` keeps that one tensor's
+    moments in 32 bits.
 - The export (`control.safetensors`) holds every `control_model.*` tensor plus the trainable
   tensors outside it: about a quarter of the full model, loaded on top of an SD2.1 file.
 """
@@ -40,6 +43,27 @@ def check_optimizer(name: str) -> None:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' AdamW8bit with 32-bit moments for the `unet_input` group (see
+    the module doc). `groups` as `param_groups` makes them."""
+    check_optimizer(name)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    import bitsandbytes as bnb
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        """Honours a per-group 'optim_bits' (bitsandbytes reads it per optimiser only)."""
+
+        def get_config(self, gindex, pindex, group):
+            config = super().get_config(gindex, pindex, group)
+            config["optim_bits"] = group.get("optim_bits", config["optim_bits"])
+            return config
+
+    groups = [{**g, "optim_bits": 32} if g.get("name") == "unet_input" else g for g in groups]
+    return AdamW8bit(groups, lr=lr, betas=betas)
 
 
 def unet_input_conv(model: ControlLDM) -> nn.Conv2d:

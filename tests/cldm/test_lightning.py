@@ -557,3 +557,78 @@ def test_resume_problem_accepts_training_checkpoints_only(tmp_path):
     assert resume_problem(legacy).startswith("truncated, or not a checkpoint written by this training (")
     torch.save([1, 2], other)
     assert resume_problem(other) == "holds a list, not a training checkpoint"
+
+
+def test_adamw8bit_keeps_the_locked_channels_of_a_real_size_input_conv():
+    """bitsandbytes' 8-bit AdamW quantises its moments in blocks of 256 sharing one scale; with
+    SD2.1 v2's input conv (320 x 9 x 3 x 3, above its 4096-element threshold for 8 bits) the
+    locked channels moved although their gradient and weight decay were zero. make_optimizer
+    keeps that group's moments in 32 bits: they stay bitwise equal."""
+    from cldm.trainable import _zero_locked, make_optimizer
+
+    def run(optim_bits_override: bool):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(320, 9, 3, 3) * 0.05)
+        other = torch.nn.Parameter(torch.randn(320, 320, 3, 3) * 0.05)
+        w.register_hook(lambda g: _zero_locked(g, n_locked=4))
+        groups = [{"params": [other], "weight_decay": 0.01, "name": "trainable"},
+                  {"params": [w], "weight_decay": 0.0, "name": "unet_input" if optim_bits_override else "x"}]
+        before = w.detach().clone()
+        opt = make_optimizer("adamw8bit", groups, lr=1e-2, betas=(0.9, 0.999))
+        for _ in range(5):
+            opt.zero_grad()
+            ((w * torch.randn_like(w)).sum() + (other * torch.randn_like(other)).sum()).backward()
+            opt.step()
+        return opt, w, other, before
+
+    opt, w, other, before = run(optim_bits_override=False)  # bitsandbytes as it comes
+    assert opt.state[w]["state1"].dtype == torch.uint8 and not torch.equal(w[:, :4], before[:, :4])
+    opt, w, other, before = run(optim_bits_override=True)
+    assert opt.state[w]["state1"].dtype == torch.float32 and opt.state[other]["state1"].dtype == torch.uint8
+    assert torch.equal(w[:, :4], before[:, :4])
+    assert (w[:, 4:] != before[:, 4:]).float().mean() > 0.99
+
+
+def test_adamw8bit_trains_saves_and_resumes(tmp_path):
+    """--optimizer adamw8bit through Lightning: the loss falls on a fixed batch (same threshold as
+    test_overfit_fixed_batch_moves_only_trainable_weights), locked weights stay bitwise equal,
+    and a checkpoint restores the 8-bit optimiser state exactly."""
+    torch.manual_seed(0)
+    module = ColorControlModule(tiny_model("v2"), lr=1e-2, optimizer="adamw8bit")
+    batch = with_latents(module, tiny_batch(2))
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    loss0 = fixed_loss(module, batch)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=20, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader([batch] * 20, batch_size=None))
+    assert type(trainer.optimizers[0]).__name__ == "AdamW8bit"
+    loss1 = fixed_loss(module, batch)
+    assert loss1 < 0.8 * loss0, (loss0, loss1)
+    after = module.model.state_dict()
+    trainable = set(export_keys(module.model))
+    assert [k for k in after if k not in trainable and not torch.equal(after[k], before[k])] == []
+    assert torch.equal(after[UNET_INPUT_CONV][:, :4], before[UNET_INPUT_CONV][:, :4])
+
+    def states(opt):  # each parameter's state, in the optimiser's order (copies)
+        return [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                for g in opt.param_groups for p in g["params"]]
+
+    saved = states(trainer.optimizers[0])
+    assert any(s["state1"].dtype == torch.uint8 for s in saved)  # tiny tensors above 4096 elements: 8-bit
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    torch.manual_seed(0)
+    module2 = ColorControlModule(tiny_model("v2"), lr=1e-2, optimizer="adamw8bit")
+    restored = []
+
+    class Grab(Callback):
+        def on_train_start(self, trainer, module):
+            restored.extend(states(trainer.optimizers[0]))
+
+    trainer2 = L.Trainer(accelerator="cpu", devices=1, max_steps=21, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Grab()])
+    trainer2.fit(module2, DataLoader([batch] * 21, batch_size=None), ckpt_path=tmp_path / "a.ckpt")
+    assert trainer2.global_step == 21 and len(restored) == len(saved)
+    for i, (a, b) in enumerate(zip(saved, restored)):
+        assert a.keys() == b.keys(), i
+        for k in a:
+            assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), (i, k)
