@@ -473,7 +473,10 @@ class Colorizer:
             self._no_reference = self.reference(np.zeros((*self.hw, 3), np.float32))
         return self._no_reference
 
-    def _condition(self, gray: torch.Tensor, refs: Sequence[Reference]) -> ColorCondition:
+    def condition(self, gray: torch.Tensor, refs: Sequence[Reference]) -> ColorCondition:
+        """The model's condition for gray frames at model size ((B, 1, H, W) in [0, 1]) and their
+        references: the hint as training builds it (reference RGB + gray in [0, 1]), the
+        reference latents encoded once per clip, the blank prompt's embedding."""
         b = gray.shape[0]
         hint = torch.cat([torch.cat([r.image for r in refs]), gray], dim=1)
         latent = None if refs[0].latent is None else torch.cat([r.latent for r in refs])
@@ -501,10 +504,10 @@ class Colorizer:
         small = small[:, None].to(self.device)
         gens = noise_generators(self.opt.noise, self.opt.seed, indices)
         with self._autocast():
-            cond = self._condition(small, refs)
+            cond = self.condition(small, refs)
             uncond = None
             if self.opt.ref_guidance != 1.0:
-                uncond = self._condition(small, [self.no_reference()] * len(small))
+                uncond = self.condition(small, [self.no_reference()] * len(small))
             z = sample_latents(self.model, cond, gens, self.opt.steps, self.opt.eta, uncond, self.opt.ref_guidance,
                                self.graphs)
             decoded = self.model.decode_first_stage(z)

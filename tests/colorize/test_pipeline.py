@@ -14,6 +14,7 @@ from cldm.checkpoint import CheckpointError, check_checkpoint_file
 from cldm.model import TINY_CONFIG
 from cldm.trainable import configure_trainable, export_control
 from colorize import pipeline as P
+from ldm import sampler
 from tests.colorize.tiny_model import save_tiny, tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
@@ -226,6 +227,61 @@ def test_sample_latents_equals_core_ddim(model):
     x_T = torch.randn(1, 4, 8, 16, generator=P.clip_generator(0)).repeat(2, 1, 1, 1)
     ours = P.sample_latents(model, cond, P.clip_generator(0), steps=2)
     torch.testing.assert_close(ours, model.sample(cond, x_T=x_T, steps=2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+def test_inference_conditions_the_model_as_training_does(tmp_path, variant):
+    """The pipeline feeds the model what it was trained on: for a pair of stored frames, the
+    ColorCondition built from the reference frame and the target's gray (Colorizer.reference,
+    .condition) equals the one training builds from the dataset's item of that pair
+    (PairDataset -> ColorControlModule.condition): hint channels and ranges, reference and
+    gray latents, prompt. float32 throughout; tolerance 1e-6 for summation order."""
+    from torch.utils.data import default_collate
+
+    from annotator.latent_cache import read_frame
+    from annotator.pairs import frame_path
+    from cldm.lightning import ColorControlModule
+    from tests.train_helpers import tiny_data_root
+    from tutorial_dataset import PairDataset
+
+    data = tiny_data_root(tmp_path, movies=1, frames=6, height=64, width=128, image_format="png")
+    item = PairDataset(data, low=0, high=1, min_gap=1, size=(64, 128), augment=False).sample(0, np.random.default_rng(0))
+    batch = default_collate([{k: item[k] for k in ("hint", "jpg", "txt")}])
+    model = tiny_model(variant=variant)
+    want = ColorControlModule(model).condition(batch)
+
+    movie = data / item["movie"]
+    ref, tgt = (read_frame(frame_path(movie, item[k], "png")) for k in ("ref_index", "target_index"))
+    assert ref.shape == (64, 128, 3) and (ref != tgt).any()
+    c = P.Colorizer(model, tgt.shape[:2], P.Options(size=64, precision="fp32"))
+    assert c.hw == (64, 128)  # no resize: the frames are at model size
+    gray = torch.from_numpy(P.resize(P.to_gray(tgt)[0], c.hw))[None, None]
+    got = c.condition(gray, [c.reference(ref)])
+    for field in ("context", "guided_hint", "concat"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None) == (b is None) == (field == "concat" and variant == "v1"), field
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=field)
+
+
+def test_reference_guidance_is_uncond_plus_scale_times_the_difference(model):
+    """sample_latents with ref_guidance g: each step's output is u + g (c - u), with c and u the
+    model's outputs for the condition and the unconditional one, run separately here."""
+    g = torch.Generator().manual_seed(3)
+    hint = torch.rand(2, 4, 64, 128, generator=g)
+    cond = model.prepare_condition(hint, [""] * 2)
+    uncond = model.prepare_condition(torch.cat([torch.zeros(2, 3, 64, 128), hint[:, 3:]], 1), [""] * 2)
+    ours = P.sample_latents(model, cond, P.clip_generator(0), steps=2, uncond=uncond, ref_guidance=2.5)
+    x_T = torch.randn(1, 4, 8, 16, generator=P.clip_generator(0)).repeat(2, 1, 1, 1)
+
+    def guided(x, t):
+        c, u = model.apply_model(x, t, cond), model.apply_model(x, t, uncond)
+        return u + 2.5 * (c - u)
+
+    want = sampler.ddim_sample(guided, x_T, model.alphas_cumprod, 2, 0.0, model.parameterization)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
+    plain = P.sample_latents(model, cond, P.clip_generator(0), steps=2)
+    assert (ours - plain).abs().max() > 1e-3  # guidance changed something
 
 
 def test_recursive_conditions_each_frame_on_the_previous_output(model, clip):

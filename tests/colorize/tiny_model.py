@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cldm.model import TINY_CONFIG, create_model
+from cldm.model import TINY_CONFIG, create_model, load_config
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, variant: str | None = None):
     torch.manual_seed(seed)
-    model = create_model(TINY_CONFIG).eval().requires_grad_(False)
+    cfg = load_config(TINY_CONFIG, [f"model.color_variant={variant}"] if variant else [])
+    model = create_model(cfg).eval().requires_grad_(False)
     for name, p in model.named_parameters():
         if not p.any():
             p.normal_(0.0, 0.05)
