@@ -473,6 +473,10 @@ class Colorizer:
             self._no_reference = self.reference(np.zeros((*self.hw, 3), np.float32))
         return self._no_reference
 
+    def model_grays(self, grays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Full-size gray frames (HW float in [0, 1]) -> (B, 1, H, W) at model size on the device."""
+        return torch.from_numpy(np.stack([resize(g, self.hw) for g in grays]))[:, None].to(self.device)
+
     def condition(self, gray: torch.Tensor, refs: Sequence[Reference]) -> ColorCondition:
         """The model's condition for gray frames at model size ((B, 1, H, W) in [0, 1]) and their
         references: the hint as training builds it (reference RGB + gray in [0, 1]), the
@@ -500,8 +504,7 @@ class Colorizer:
                                      f"{self.frame_hw[1]}x{self.frame_hw[0]}")
         grays, pad = list(grays), max(0, pad_to - len(grays))
         indices, refs = [*indices, *[indices[-1]] * pad], [*refs, *[refs[-1]] * pad]
-        small = torch.from_numpy(np.stack([resize(g, self.hw) for g in grays + grays[-1:] * pad]))
-        small = small[:, None].to(self.device)
+        small = self.model_grays(grays + grays[-1:] * pad)
         gens = noise_generators(self.opt.noise, self.opt.seed, indices)
         with self._autocast():
             cond = self.condition(small, refs)

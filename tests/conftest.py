@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference implementation's tiny golden weights and outputs."""
+"""Shared fixtures: one torch thread per test; the reference implementation's tiny golden
+weights and outputs."""
 import json
 from pathlib import Path
 
@@ -22,3 +23,17 @@ def tiny_weights() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def tiny_io() -> dict[str, torch.Tensor]:
     return load_file(FIXTURES / "tiny_v1_io.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run every test with one intra-op thread, then restore the setting.
+
+    On a shared 2-core machine two OpenMP threads that lose their core to another process
+    make small steps 10-100x slower (measured 0.05 s -> 3-6 s); one thread does not. Tests
+    that need more threads set them (and this puts the count back).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import pytest
 import torch
 
 from annotator.pairs import BuildOptions, build_movie
@@ -68,16 +67,3 @@ def tiny_data_root(root: Path, movies: int = 2, frames: int = 8, height: int = 6
         build_movie(src, root / "data", f"m{k}",
                     BuildOptions(size=min(height, width), window=3, threads=1, image_format=image_format))
     return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each training test with one intra-op thread, then restore the setting.
-
-    On a shared 2-core machine two OpenMP threads that lose their core to another process
-    make these small steps 10-100x slower (measured 0.05 s -> 3-6 s); one thread does not.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from annotator.color import LUMA_WEIGHTS, lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
+from annotator.color import (LUMA_WEIGHTS, lab_to_rgb, rgb_to_gray, rgb_to_lab, rgb_to_ycbcr, to_float, transfer_luma,
+                             ycbcr_to_rgb)
 
 
 def transfer_luma_per_channel(color, gray):
@@ -63,3 +64,14 @@ def test_lab_round_trip():
     (measured max error 1.9e-3 on random colours); bound 3e-3, 1/255 being 3.9e-3."""
     rgb = np.random.default_rng(2).random((8, 8, 3), dtype=np.float32)
     np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(rgb)), rgb, rtol=0, atol=3e-3)
+
+
+def test_ycbcr_by_hand_and_round_trip():
+    """BT.601 YCbCr with Cb, Cr in [-0.5, 0.5]: pure red is (0.299, -0.1687, 0.5), pure blue
+    (0.114, 0.5, -0.0813); back to RGB within float32 rounding (used by tools/make_toy_model.py)."""
+    ycc = rgb_to_ycbcr(np.array([[1.0, 0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]], np.float32))
+    np.testing.assert_allclose(ycc, [[0.299, -0.168736, 0.5], [0.114, 0.5, -0.081312], [0.5, 0, 0]], atol=1e-6)
+    rgb = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+    ycc = rgb_to_ycbcr(rgb)
+    assert np.array_equal(ycc[..., 0], rgb_to_gray(rgb))
+    np.testing.assert_allclose(ycbcr_to_rgb(ycc), rgb, atol=2e-6)

@@ -25,7 +25,7 @@ from cldm.model import TINY_CONFIG, load_config
 from cldm.trainable import UNET_INPUT_CONV, export_keys
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.unet import ResBlock
-from tests.train_helpers import one_thread, tiny_batch, tiny_data_root, tiny_model  # noqa: F401 (autouse fixture)
+from tests.train_helpers import tiny_batch, tiny_data_root, tiny_model
 from tutorial_dataset import PairDataset
 
 

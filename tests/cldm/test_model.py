@@ -225,3 +225,23 @@ def test_compile_denoiser_with_inductor_matches_eager():
         assert a.abs().max() > 1e-3
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_training_loss_targets_by_hand(parameterization):
+    """The loss is the MSE between the model output at x_t = sqrt(a) z0 + sqrt(1 - a) eps and
+    its target: eps, or v = sqrt(a) eps - sqrt(1 - a) z0 (Salimans & Ho 2022), with a =
+    alphas_cumprod[t], written out here from the schedule."""
+    torch.manual_seed(0)
+    model = create_model(load_config(TINY_CONFIG, [f"model.parameterization={parameterization}"])).eval()
+    g = torch.Generator().manual_seed(1)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    cond = model.prepare_condition(torch.rand(2, 4, 64, 64, generator=g), context=torch.randn(2, 77, 32, generator=g))
+    a = model.alphas_cumprod.double()[t][:, None, None, None]
+    x_t = (a.sqrt() * z0 + (1 - a).sqrt() * eps).float()
+    target = eps if parameterization == "eps" else (a.sqrt() * eps - (1 - a).sqrt() * z0).float()
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(model.apply_model(x_t, t, cond), target)
+        got = model.training_loss(z0, cond, noise=eps, t=t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

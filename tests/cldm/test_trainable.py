@@ -6,7 +6,7 @@ from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_control,
                             export_keys, load_sd_plus_control, param_groups, read_export_metadata, trainable_state_dict)
-from tests.train_helpers import one_thread, tiny_batch, tiny_model, tiny_sd_state  # noqa: F401 (autouse fixture)
+from tests.train_helpers import tiny_batch, tiny_model, tiny_sd_state
 
 
 def trainable_names(model):

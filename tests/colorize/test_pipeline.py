@@ -255,8 +255,7 @@ def test_inference_conditions_the_model_as_training_does(tmp_path, variant):
     assert ref.shape == (64, 128, 3) and (ref != tgt).any()
     c = P.Colorizer(model, tgt.shape[:2], P.Options(size=64, precision="fp32"))
     assert c.hw == (64, 128)  # no resize: the frames are at model size
-    gray = torch.from_numpy(P.resize(P.to_gray(tgt)[0], c.hw))[None, None]
-    got = c.condition(gray, [c.reference(ref)])
+    got = c.condition(c.model_grays([P.to_gray(tgt)[0]]), [c.reference(ref)])
     for field in ("context", "guided_hint", "concat"):
         a, b = getattr(got, field), getattr(want, field)
         assert (a is None) == (b is None) == (field == "concat" and variant == "v1"), field
@@ -279,7 +278,7 @@ def test_reference_guidance_is_uncond_plus_scale_times_the_difference(model):
         return u + 2.5 * (c - u)
 
     want = sampler.ddim_sample(guided, x_T, model.alphas_cumprod, 2, 0.0, model.parameterization)
-    torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-4)  # one batch of 4 vs two of 2: summation order
     plain = P.sample_latents(model, cond, P.clip_generator(0), steps=2)
     assert (ours - plain).abs().max() > 1e-3  # guidance changed something
 
@@ -353,8 +352,8 @@ def test_reduced_precision_runs_close_to_fp32(model, clip):
     fp32 = list(P.colorize_fixed(model, grays, clip[3], **FAST))
     bf16 = list(P.colorize_fixed(model, grays, clip[3], precision="bf16", **FAST))
     fp16 = list(P.colorize_fixed(model, grays, clip[3], precision="fp16", **FAST))
-    assert max_diff(fp32, bf16) < 0.1  # bf16 keeps 8 bits of mantissa
-    assert max_diff(fp32, fp16) < 0.02  # fp16 11 bits
+    assert max_diff(fp32, bf16) < 0.04  # bf16 keeps 8 bits of mantissa (measured 0.018)
+    assert max_diff(fp32, fp16) < 0.005  # fp16 11 bits (measured 0.0018)
 
 
 def test_weights_held_in_half_precision_give_the_autocast_result(clip):

@@ -127,7 +127,7 @@ def test_half_precision_latents_keep_dtype():
     x_T = (a_T.sqrt() * x0 + (1 - a_T).sqrt() * eps).to(torch.bfloat16)
     out = ddim_sample(lambda x, t: oracle(x0)(x.float(), t).to(x.dtype), x_T, AC, steps=10)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * eps, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out.float(), AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * eps, rtol=0, atol=0.025)  # measured 0.0123
 
 
 def test_noise_fn_replaces_the_generator():

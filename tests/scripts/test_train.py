@@ -19,7 +19,7 @@ from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import load_state_dict, save_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.trainable import UNET_INPUT_CONV, load_sd_plus_control, read_export_metadata
-from tests.train_helpers import one_thread, tiny_data_root, tiny_model  # noqa: F401 (autouse fixture)
+from tests.train_helpers import tiny_data_root, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
@@ -43,7 +43,7 @@ def args(ws, out, *extra):
 
 
 def clean_env(**extra):
-    """A child run's environment: one thread (see one_thread), without the rendezvous
+    """A child run's environment: one thread (see tests/conftest.py one_thread), without the rendezvous
     variables that in-process runs may have set."""
     drop = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1", **extra}
