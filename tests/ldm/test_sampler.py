@@ -74,6 +74,19 @@ def test_step_with_exact_eps_keeps_x0():
     torch.testing.assert_close(x_prev, a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps, **TOL)
 
 
+def test_stochastic_step_by_hand():
+    """eta > 0 (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2)
+    eps + sigma z, with the given noise z added, not subtracted (same in distribution, but a
+    seeded run would not reproduce the reference's)."""
+    x0, eps = data()
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    a, a_prev, sigma = 0.3, 0.6, 0.2
+    x = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+    x_prev, _ = ddim_step(x, eps, a, a_prev, sigma, noise=z)
+    want = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * z
+    torch.testing.assert_close(x_prev, want, **TOL)
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_oracle_sampling_recovers_x0(parameterization):
     x0, eps = data()
