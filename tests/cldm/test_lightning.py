@@ -39,6 +39,18 @@ def with_latents(module, batch):
     return {**batch, "jpg_latent_mean": jpg.mean, "jpg_latent_std": jpg.std, "ref_latent_mean": ref.mean}
 
 
+def live_concat(model):
+    """Give the input convs' extra (concat) channels small random weights: from init they are
+    zero, so the reference and gray latents would not change the loss and a wrongly scaled
+    cached latent would go unnoticed."""
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for conv in (model.model.diffusion_model.input_blocks[0][0], model.control_model.input_blocks[0][0]):
+            w = conv.weight[:, model.latent_channels:]
+            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    return model
+
+
 def fixed_loss(module, batch):
     g = torch.Generator().manual_seed(123)
     t = torch.tensor([100, 700])
@@ -78,7 +90,7 @@ def test_latent_cache_loss_equals_vae_loss():
     """The step's latent branch: z0 drawn from a posterior's mean/std equals the VAE branch's
     posterior.sample() with the same generator, and no VAE encoder runs. The posteriors here
     are VAE(exact crop) in fp32; the cache as built and cut by the dataset is the next test."""
-    module = ColorControlModule(tiny_model("v2"))
+    module = ColorControlModule(live_concat(tiny_model("v2")))
     batch = tiny_batch(2, seed=5)
     cached = with_latents(module, batch)
     del cached["jpg"]  # the step must not need the image: no VAE encode
@@ -103,7 +115,7 @@ def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path, varian
     bound; measured max 1.5e-5 relative over 40 (item, timestep) draws on this model.
     Frames larger than the crop only approximate VAE(crop): see docs/TRAINING.md.
     v3 also takes the target gray's latent from the cache: then no VAE runs in the step at all."""
-    module = ColorControlModule(tiny_model(variant))
+    module = ColorControlModule(live_concat(tiny_model(variant)))
     v3 = variant == "v3"
     root = tiny_data_root(tmp_path, movies=1, frames=6, height=64, width=64, image_format="png")
     fp = build_latent_cache(root, module.model.first_stage_model, batch_size=4, progress=False, gray=v3)["fingerprint"]
