@@ -11,7 +11,8 @@ YAML. Rerunning the same command resumes from the newest complete checkpoint in 
 weights alone (load them on top of SD2.1 with cldm.trainable.load_sd_plus_control).
 Multi-GPU / multi-node recipes (torchrun, SLURM): docs/TRAINING.md.
 
-Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupted.
+Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupted (Ctrl-C),
+143 stopped by SIGTERM (both resumable).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pathlib import Path
 from cliutil import OneLineParser, run_cli
 
 PROG = "tutorial_train_sd21_color_v2.py"
-INTERRUPTED = "interrupted; rerun the same command to resume"
+RESUME = "rerun the same command to resume from the newest checkpoint"
+INTERRUPTED = f"interrupted; {RESUME}"
 
 
 class UsageError(ValueError):
@@ -401,8 +403,20 @@ def input_errors() -> tuple[type[BaseException], ...]:
 def train(args, cfg, trainer, module, dm, resume) -> int:
     if resume is not None and trainer.is_global_zero:
         print(f"resuming from {resume}", file=sys.stderr)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    if trainer.interrupted:  # Lightning catches the first Ctrl-C and stops cleanly
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    # Lightning ends a run it stopped itself with SystemExit: 1 after the first Ctrl-C, 0 (a
+    # SIGTERMException) after SIGTERM, which a scheduler or `&&` would take for success.
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    except SIGTERMException:
+        bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
+        print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {RESUME}", file=sys.stderr)
+        return 143
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    if trainer.interrupted:
         print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
         return 130
     if trainer.is_global_zero:

@@ -139,10 +139,11 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(ws, tmp_path, capsys, m
     assert capsys.readouterr().err == "tutorial_train_sd21_color_v2.py: interrupted\n"
 
 
-def run_and_kill(ws, out, max_steps, when, seed):
-    """Start a training process and SIGKILL it at `when`: 'save' = while a checkpoint after the
+def run_and_kill(ws, out, max_steps, when, seed, sig=signal.SIGKILL):
+    """Start a training process and send it `sig` at `when`: 'save' = while a checkpoint after the
     first is being written (its temp file exists), or a random delay up to `when` seconds after
-    its first checkpoint. Returns the names left in the checkpoint folder."""
+    its first checkpoint. Returns the names left in the checkpoint folder (and, for signals the
+    run handles, its exit status and output)."""
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", max_steps, "--ckpt-every", 1,
                                             "--ckpt-keep", 2, "--warmup-steps", 1000)]
     log = open(out.parent / f"{out.name}.log", "w+")
@@ -159,13 +160,33 @@ def run_and_kill(ws, out, max_steps, when, seed):
                 break
             time.sleep(0.001)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
         log.seek(0)
         output = log.read()
         log.close()
+    if sig != signal.SIGKILL:
+        return sorted(os.listdir(ckpt_dir)), proc.returncode, output
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed:\n" + output[-2000:]
     return sorted(os.listdir(ckpt_dir))
+
+
+@pytest.mark.parametrize("sig, status, message", [
+    (signal.SIGINT, 130, "interrupted; rerun the same command to resume from the newest checkpoint"),
+    (signal.SIGTERM, 143, r"stopped by SIGTERM at step \d+; rerun the same command to resume from the newest checkpoint"),
+])
+def test_ctrl_c_and_sigterm_while_training_exit_as_interrupted(ws, tmp_path, sig, status, message):
+    """Lightning ends the run itself (sys.exit(1) after Ctrl-C; SystemExit(0) after SIGTERM,
+    which would read as success): the script says so in one line and exits 130 / 143."""
+    out = tmp_path / "run"
+    left, rc, output = run_and_kill(ws, out, max_steps=10_000, when=0.2, seed=2, sig=sig)
+    assert rc == status, output[-2000:]
+    assert re.search(f"^tutorial_train_sd21_color_v2\\.py: {message}$", output, re.M), output[-2000:]
+    assert "Traceback" not in output and not (out / "control.safetensors").exists()  # no export: not finished
+    assert all(load_ckpt(out / "checkpoints" / n)["global_step"] > 0 for n in left if n.endswith(".ckpt"))
 
 
 def check_resumes(ws, out, more_steps=3, *extra):
