@@ -17,6 +17,7 @@ Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupte
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -366,8 +367,7 @@ def prepare(args):
 
     t = cfg.train
     check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again
-    # The frozen VAE and text encoder are in eval mode on purpose (ColorControlModule.train).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    quiet_lightning()
     L.seed_everything(t.seed, workers=True, verbose=False)
     model = build_model(cfg, init)
     module = ColorControlModule(
@@ -388,6 +388,27 @@ def prepare(args):
     trainer = make_trainer(cfg, args, out, resume)
     record_config(out, cfg)
     return cfg, trainer, module, dm, resume
+
+
+# Lightning messages that say nothing true about this run (checked against Lightning 2.6):
+QUIET = (
+    r"Found \d+ module\(s\) in eval mode",  # the frozen VAE and text encoder, on purpose
+    r"Checkpoint directory .* exists and is not empty",  # a resume writes beside its own checkpoints
+    r"You're resuming from a checkpoint that ended before the epoch ended",  # the loaders reseed by step
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
+)
+
+
+def _no_litlogger_tip(record) -> bool:
+    return not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")  # an advert, on every start
+
+
+def quiet_lightning() -> None:
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_litlogger_tip not in log.filters:
+        log.addFilter(_no_litlogger_tip)
 
 
 def input_errors() -> tuple[type[BaseException], ...]:

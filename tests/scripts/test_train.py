@@ -310,3 +310,27 @@ def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
         ns = train.parser().parse_args(args(ws, ws / "unused") + ["--accelerator", accelerator])
         dm = train.build_datamodule(train.resolve_config(ns), ns, model)
         assert dm.train_dataloader().pin_memory is pinned, (accelerator, cuda)
+
+
+def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
+    """The texts as Lightning 2.6 prints them on a resumed run; anything else still shows."""
+    import logging
+    import warnings
+
+    noise = ["Found 3 module(s) in eval mode at the start of training. This may lead to unexpected behavior.",
+             "Checkpoint directory /x/run/checkpoints exists and is not empty.",
+             "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+             "resumable. This can cause unreliable results if further training is done.",
+             "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+             "treespec.is_leaf()` instead."]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train.quiet_lightning()
+        for text in noise + ["something that matters"]:
+            warnings.warn(text, UserWarning)
+    assert [str(w.message) for w in seen] == ["something that matters"]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging and experiment tracking, try litlogger")
+        log.info("Restored all states from the checkpoint")
+    assert [r.getMessage() for r in caplog.records] == ["Restored all states from the checkpoint"]
