@@ -510,13 +510,16 @@ class _Bars:
 
     Totals start from the frame counts the sources claim and are corrected when a movie ends
     (built: its real count; skipped or not started: what it had done), so the overall bar
-    ends at 100 %.
+    ends at 100 %. No bar when nothing is to be built; the per-movie bars only on a terminal
+    (elsewhere, in a log file, their cursor moves are stray escape codes).
     """
 
     def __init__(self, todo, enabled: bool):
         from tqdm import tqdm
 
+        enabled = enabled and bool(todo)
         self._tqdm, self.enabled = tqdm, enabled
+        self.per_movie = enabled and sys.stderr.isatty()
         self.estimate = {mid: n for mid, _, n in todo}
         self.done: dict[str, int] = {}
         self.bars: dict[str, object] = {}
@@ -527,7 +530,7 @@ class _Bars:
         if mid not in self.bars:
             used = {bar.pos for bar in self.bars.values()}
             slot = next(k for k in range(1, len(self.bars) + 2) if k not in used and -k not in used)
-            self.bars[mid] = self._tqdm(unit="frame", desc=mid, disable=not self.enabled, leave=False,
+            self.bars[mid] = self._tqdm(unit="frame", desc=mid, disable=not self.per_movie, leave=False,
                                         total=self.estimate.get(mid) or None, position=slot, dynamic_ncols=True)
         self.bars[mid].update(n)
         self.done[mid] = self.done.get(mid, 0) + n

@@ -246,6 +246,17 @@ def test_overall_progress_ends_at_100_percent_when_a_movie_is_skipped(tmp_path, 
     assert (pct, n) == (100, total) and 6 <= total < 14
 
 
+def test_progress_off_a_terminal_is_one_bar_and_none_when_all_is_built(tmp_path, capsys):
+    """stderr here is not a terminal: no per-movie bars (their cursor moves would be stray
+    escape codes in a log); a rerun with nothing to build prints no bar at all."""
+    good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
+    build_all([good], tmp_path / "data", OPTS, progress=True, log=lambda line: None)
+    err = capsys.readouterr().err
+    assert "all movies" in err and "good:" not in err and "\x1b[A" not in err
+    build_all([good], tmp_path / "data", OPTS, progress=True, log=lambda line: None)
+    assert capsys.readouterr().err == ""
+
+
 def test_worker_watchdog_ends_an_orphaned_worker(tmp_path):
     """The portable half of the workers' parent-death watchdog (getppid polling, no prctl):
     a process whose parent exits ends within a second instead of running on."""
