@@ -16,7 +16,6 @@ from cliutil import DefaultsFormatter, OneLineParser, run_cli
 
 PROG = "build_latent_cache.py"
 FIRST_STAGE_PREFIX = "first_stage_model."
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "models" / "cldm_v21_color.yaml"
 PRECISIONS = {"32": None, "16": "float16", "bf16": "bfloat16"}
 
 
@@ -27,8 +26,9 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "
                         "first_stage_model.*) or a bare VAE state dict (.safetensors or .ckpt)")
     p.add_argument("--config", default=None,
-                   help="model YAML whose model.first_stage gives the VAE architecture "
-                        "(default: models/cldm_v21_color.yaml of this repo)")
+                   help="model YAML whose model.first_stage gives the VAE architecture (default, as in "
+                        "colorize_inference.py: the .yaml of the same stem beside --ckpt, else the config "
+                        "the checkpoint records, else models/cldm_v21_color.yaml of this repo)")
     p.add_argument("--movies", nargs="*", default=None, help="only these movie ids (default: all finished movies)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
@@ -61,25 +61,32 @@ def check_data_root(data_root, movies) -> None:
 def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     """AutoencoderKL from the model config's first_stage section, weights from a checkpoint.
 
-    Reads the YAML directly (not through cldm.model) so that only the VAE gets imported."""
-    from omegaconf import OmegaConf
+    The config is chosen as colorize_inference.py chooses it (colorize.pipeline.resolve_config):
+    --config, else the .yaml beside the checkpoint, else the config it records, else SD2.1's;
+    so the toy model needs no --config. A checkpoint that does not fit is refused in one line
+    naming a tensor (and both shapes where they differ), before anything is loaded into the VAE."""
+    from omegaconf import DictConfig, OmegaConf
 
-    from cldm.checkpoint import load_state_dict
+    from cldm.checkpoint import compare_state_dict, guess_kind, load_state_dict, misfit
+    from colorize.pipeline import resolve_config
     from ldm.modules.autoencoder import AutoencoderKL
 
-    cfg = OmegaConf.load(config_path or DEFAULT_CONFIG)
+    source = resolve_config(ckpt_path, config_path)
+    where = f"the config saved in {ckpt_path}" if isinstance(source, DictConfig) else str(source)
+    cfg = source if isinstance(source, DictConfig) else OmegaConf.load(source)
     fs = (cfg.model if "model" in cfg else cfg).get("first_stage")
     if fs is None:
-        raise ValueError(f"{config_path or DEFAULT_CONFIG}: no model.first_stage section (the VAE architecture)")
+        raise ValueError(f"{where}: no model.first_stage section (the VAE architecture)")
     vae = AutoencoderKL(OmegaConf.to_container(fs.ddconfig, resolve=True), fs.embed_dim)
     sd = load_state_dict(ckpt_path, allow_pickle=allow_pickle)
-    if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd):
-        sd = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        names = (missing or unexpected)[:3]
-        raise ValueError(f"{ckpt_path}: VAE weights do not fit the config "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {', '.join(names)})")
+    prefix = FIRST_STAGE_PREFIX if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd) else ""
+    vae_sd = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    # compared under the file's own names, so the message names a tensor as it is in the file
+    report = compare_state_dict({prefix + k: v for k, v in vae.state_dict().items()}, vae_sd)
+    report.kind = guess_kind(sd)
+    if reason := misfit(report, strict_prefixes=("",)):  # every VAE tensor, of the same shape
+        raise ValueError(f"{ckpt_path}: VAE weights do not fit {where}: {reason}")
+    vae.load_state_dict({k[len(prefix):]: v for k, v in vae_sd.items()})
     return vae
 
 

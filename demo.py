@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The main job on an embedded default: colourise the sample clip's held-out frames and score them.
 
-    python demo.py                       # about 2 minutes on 2 CPU cores, nothing downloaded
+    python demo.py                       # about 2 minutes on 2 idle CPU cores, nothing downloaded
+    OMP_NUM_THREADS=1 python demo.py     # on a busy machine: competing OpenMP threads make it 10x+ slower
 
 Takes the frames the toy model never saw in training (100-131 of data/sample/bigbuckbunny.mp4),
 gives every method the colour of the first of them (frame 100) as the only reference, and
@@ -33,7 +34,8 @@ import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
 from cliutil import OneLineParser, run_cli  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
-from annotator.video import FrameRangeError, FrameSourceError, iter_frames  # noqa: E402
+from annotator.video import FrameRangeError, FrameSourceError, iter_frames, probe  # noqa: E402
+from colorize.pipeline import OptionError, Options  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
 
 PROG = "demo.py"
@@ -128,6 +130,37 @@ def colourise(method: str, data: Path, reference: Path, out: Path, args) -> None
     _call(colorize_inference.main, argv, f"colorize_inference.py --method {method}")
 
 
+def planned_outputs(out: Path, methods: list[str]) -> list[Path]:
+    """Everything the demo writes under --out: the frames it extracts, per method a folder and
+    an mp4, and the report (strip.png inside)."""
+    return [out / "data", *(out / m for m in methods), *(out / f"{m}.mp4" for m in methods), out / "report"]
+
+
+def check_args(args, first: int, stop: int, methods: list[str]) -> None:
+    """Refuse, before anything is written, what a sub-tool would only refuse after the frames are
+    extracted (its message then follows a half-made --out): sampling settings, device, clip
+    and its length, and outputs of an earlier run."""
+    if any(m in MODEL_MODES for m in methods) and not Path(args.ckpt).is_file():
+        raise DemoError(f"--ckpt {args.ckpt}: no such file")
+    try:  # checked as colorize_inference.py checks them
+        Options(size=args.size, steps=args.steps)
+        colorize_inference.resolve_device(args.device)
+    except OptionError as e:
+        raise DemoError(f"--{e.field} {e.problem}") from None
+    except colorize_inference.UsageError as e:
+        raise DemoError(str(e)) from None
+    count = probe(args.clip).frame_count  # FrameSourceError (one line) for a missing or unreadable clip
+    if count is not None and stop > count:  # a video's claimed count; prepare_frames checks what decodes
+        raise DemoError(f"{args.clip}: has only {count} frames, --frames asks for frames {first}..{stop - 1}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file, not a folder")
+    taken = [p for p in planned_outputs(out, methods) if p.exists()]
+    if taken and not args.overwrite:
+        raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "
+                        "pass --overwrite or another --out")
+
+
 def run_demo(args) -> dict:
     """The whole demo; returns the paths it wrote, by kind."""
     first, stop = parse_frames(args.frames)
@@ -136,12 +169,9 @@ def run_demo(args) -> dict:
     if unknown or not methods:
         raise DemoError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'}; "
                         f"choose from {','.join(MODEL_MODES + BASELINES)}")
-    if any(m in MODEL_MODES for m in methods) and not Path(args.ckpt).is_file():
-        raise DemoError(f"--ckpt {args.ckpt}: no such file")
+    check_args(args, first, stop, methods)
     out = Path(args.out)
     report = out / "report"
-    if report.exists() and not args.overwrite:
-        raise DemoError(f"{report} exists from an earlier run; pass --overwrite or another --out")
     t0 = time.time()
     print(f"[1/3] held-out frames {first}-{stop - 1} of {args.clip}: reference = frame {first} in colour")
     reference = prepare_frames(args.clip, first, stop, out / "data")

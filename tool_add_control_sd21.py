@@ -5,7 +5,8 @@ The ControlNet encoder is copied from the SD UNet, new input channels (v2/v3) st
 the model initially predicts exactly what SD2.1 does, and the hint block and zero convs are
 freshly initialised. Prints what was copied and what is new. The output format follows its
 suffix: .safetensors (recommended) or .ckpt. With --dtype float16/bfloat16 the weights are
-cast, but the 13 diffusion-schedule buffers (betas, alphas_cumprod, ...) stay float32.
+cast, but the 13 diffusion-schedule buffers (betas, alphas_cumprod, ...) stay float32. A file
+that already holds a ControlNet (control_model.*: made by this tool, or trained) is refused.
 
   python tool_add_control_sd21.py v2-1_512-ema-pruned.safetensors models/control_sd21_color_v2.safetensors
 
@@ -23,9 +24,10 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from cliutil import OneLineParser, run_cli
-from cldm.checkpoint import CONTROL, CheckpointError, load_state_dict, save_state_dict
+from cldm.checkpoint import CONTROL, CheckpointError, guess_kind, load_state_dict, save_state_dict
 from cldm.convert import init_from_sd
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config
 from ldm.schedule import schedule_buffers
@@ -33,6 +35,27 @@ from ldm.schedule import schedule_buffers
 PROG = "tool_add_control_sd21.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def header_shapes(path: str | Path) -> dict[str, list[int]]:
+    """{name: shape} from a .safetensors header alone (no tensor is read); {} for other files and
+    for headers that cannot be read (the loader then says what is wrong with the file)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception:
+        return {}
+
+
+def check_plain_sd(path: str | Path, shapes) -> None:
+    """Refuse a file that already holds a ControlNet: converting it would replace its (trained)
+    control_model.* tensors with a fresh copy of the UNet encoder."""
+    if any(k.startswith(CONTROL) for k in shapes):
+        raise CheckpointError(f"{path}: already a ControlNet/colour checkpoint ({guess_kind(shapes)}), "
+                              "whose control_model.* weights this tool would replace; it takes a plain "
+                              "Stable Diffusion 2.1 file such as v2-1_512-ema-pruned.safetensors")
 
 
 def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = DEFAULT_CONFIG,
@@ -48,7 +71,9 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         raise ValueError(f"{out_path}: the folder {out_path.parent} does not exist")
     overrides = list(overrides) + ([f"model.color_variant={variant}"] if variant else [])
     cfg = load_config(config, overrides)
+    check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
+    check_plain_sd(sd_path, sd)  # .ckpt: its names are only known once loaded
     # Only the shapes of the whole model are needed (meta: no memory); real values only for what
     # the SD file cannot give: the ControlNet's new layers and the schedule (from the config).
     with torch.device("meta"):

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,40 @@ def test_cli_refuses_a_missing_or_empty_data_root(tmp_path, capsys):
         rc = build_latent_cache.main([str(root), "--ckpt", str(tmp_path / "none.safetensors"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"build_latent_cache.py: error: {problem}") and len(err.splitlines()) == 1
+
+
+def test_cli_toy_model_needs_no_config(root, capsys):
+    """Its config is the .yaml beside it, as colorize_inference.py finds it (not SD2.1's: another VAE)."""
+    import build_latent_cache
+
+    toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+    rc = build_latent_cache.main([str(root), "--ckpt", str(toy), "--device", "cpu", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "latents built: 1" in out and (root / "pan" / LATENTS_META).is_file()
+
+
+def test_vae_config_is_chosen_like_colorize_inference_and_misfits_are_named(tmp_path, capsys):
+    """--config, else the .yaml beside the checkpoint, else the config it records; a VAE of another
+    shape is refused in one line naming a tensor and both shapes."""
+    import build_latent_cache
+    from safetensors.torch import save_file
+
+    vae = tiny_vae(0)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}, ckpt,
+              metadata={"config": json.dumps({"model": {"first_stage": TINY}})})
+    assert vae_fingerprint(build_latent_cache.load_vae(None, ckpt)) == vae_fingerprint(vae)  # the recorded config
+    wider = {**TINY, "ddconfig": {**TINY["ddconfig"], "ch": 64}}
+    beside = tmp_path / "model.yaml"
+    beside.write_text(json.dumps({"model": {"first_stage": wider}}))  # preferred to the recorded one
+    rc = build_latent_cache.main([str(tmp_path), "--ckpt", str(ckpt), "--movies", "pan", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert re.fullmatch(
+        rf"build_latent_cache\.py: error: {re.escape(str(ckpt))}: VAE weights do not fit {re.escape(str(beside))}: "
+        r"first_stage_model\.[\w.]+ is \[\d+(, \d+)*\] in the checkpoint but \[\d+(, \d+)*\] in the model "
+        r"\(and \d+ more tensors of another shape\); likely another model config \(the file looks like: .*\)\n", err)
+    other = tmp_path / "tiny.yaml"
+    other.write_text(json.dumps({"model": {"first_stage": TINY}}))
+    assert vae_fingerprint(build_latent_cache.load_vae(other, ckpt)) == vae_fingerprint(vae)  # --config first

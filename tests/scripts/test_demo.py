@@ -2,6 +2,8 @@
 import csv
 import json
 import math
+import re
+import shutil
 
 import cv2
 import pytest
@@ -59,20 +61,31 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
     rc, _, err = run(args, capsys)
     assert rc == 2 and err.count("\n") == 1 and "--overwrite" in err
     assert (out / "reinhard" / "frame_0100.png").read_bytes() == before
+    # an interrupted run (no report yet) is refused by demo.py itself, in one line, not by a sub-tool
+    shutil.rmtree(out / "report")
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and re.fullmatch(rf"demo\.py: error: {re.escape(str(out / 'data'))} exists from an earlier run "
+                                    r"\(3 output\(s\) already there\); pass --overwrite or another --out\n", err), err
+    assert (out / "reinhard" / "frame_0100.png").read_bytes() == before
     assert run(args + ["--overwrite"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "fixed,magic"], "unknown method magic"),
-    (["--frames", "130:140"], "has only 132 frames"),
-    (["--frames", "140:150"], "has only 132 frames"),  # starts past the end: nothing decoded
-    (["--frames", "5:6"], "at least two frames"),
-    (["--frames", "a:b"], "expected A:B"),
-    (["--ckpt", "missing.safetensors"], "no such file"),
+    (["--methods", "fixed,magic"], "--methods: unknown method magic; choose from "
+                                   "fixed,recursive,anchored,reinhard,reinhard-bands,flow"),
+    (["--frames", "130:140"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 130..139"),
+    (["--frames", "140:150"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 140..149"),
+    (["--frames", "5:6"], r"--frames 5:6: need 0 <= A and at least two frames \(the reference and one to score\)"),
+    (["--frames", "a:b"], "--frames a:b: expected A:B with whole numbers, e.g. 100:132"),
+    (["--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: no such file"),
+    (["--steps", "0"], r"--steps must be >= 1 \(got 0\)"),
+    (["--device", "cuda:99"], r"--device cuda:99: (CUDA is not available here|this machine has \d+ CUDA device\(s\))"),
+    (["--clip", "nope.mp4"], "nope.mp4: no such file or folder"),
 ])
-def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
+def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys, args, message):
     rc, _, err = run(args + ["--out", tmp_path / "demo"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert rc == 2 and re.fullmatch(f"demo\\.py: error: {message}\n", err), err
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.slow

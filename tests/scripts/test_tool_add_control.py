@@ -202,3 +202,24 @@ def test_help_explains_768_v(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "SD2.1-768-v (v2-1_768-ema-pruned) has exactly the same tensor names and shapes as 512-base" in text
     assert "`parameterization: v`" in text
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_a_controlnet_checkpoint_is_refused_not_reinitialised(tmp_path, capsys, monkeypatch, fmt):
+    """The toy model's trained control_model.* would be replaced by a copy of its UNet encoder."""
+    from cldm.model import REPO
+
+    toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+    src = toy
+    if fmt == "ckpt":
+        src = tmp_path / "toy.ckpt"
+        torch.save({"state_dict": load_file(toy)}, src)
+    else:  # the header tells: refused before the tensors are read
+        monkeypatch.setattr(tool, "load_state_dict", lambda *a, **kw: pytest.fail("loaded the file"))
+    out = tmp_path / "o.safetensors"
+    assert tool.main([str(src), str(out), "--config", str(TINY_CONFIG)]) == 2
+    assert capsys.readouterr().err == (
+        f"tool_add_control_sd21.py: error: {src}: already a ControlNet/colour checkpoint (ours: colour ControlNet "
+        "v2 on unknown SD variant (context dim 32)), whose control_model.* weights this tool would replace; it "
+        "takes a plain Stable Diffusion 2.1 file such as v2-1_512-ema-pruned.safetensors\n")
+    assert not out.exists()
