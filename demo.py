@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(MODEL_MODES + BASELINES), metavar="LIST",
                    help="comma-separated subset of %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run in --out")
+    p.add_argument("--overwrite", action="store_true", help="remove the outputs of an earlier demo run in --out (data/, each method's folder and "
+                        "mp4, report/) before this one writes its own")
     return p
 
 
@@ -172,6 +174,12 @@ def run_demo(args) -> dict:
     check_args(args, first, stop, methods)
     out = Path(args.out)
     report = out / "report"
+    if args.overwrite:  # an earlier run's frames outside this --frames range would be scored too
+        for p in planned_outputs(out, methods):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
     t0 = time.time()
     print(f"[1/3] held-out frames {first}-{stop - 1} of {args.clip}: reference = frame {first} in colour")
     reference = prepare_frames(args.clip, first, stop, out / "data")

@@ -101,3 +101,14 @@ def test_full_demo_toy_model_beats_gray_input(tmp_path, capsys):
     gray = psnr[demo.GRAY_LABEL]
     assert psnr["fixed"] > gray + 3.0 and psnr["anchored"] > gray + 3.0, psnr
     assert gray < psnr["recursive"] < psnr["anchored"] < psnr["fixed"], psnr
+
+
+def test_overwrite_leaves_no_frames_of_the_earlier_run(tmp_path, capsys):
+    """A narrower --frames range with --overwrite scores only its own frames: the earlier run's
+    extracted frames and outputs are removed first (they used to be scored again)."""
+    out = tmp_path / "demo"
+    assert run(["--frames", "100:104", "--methods", "reinhard", "--out", out], capsys)[0] == 0
+    assert run(["--frames", "100:102", "--methods", "reinhard", "--out", out, "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in (out / "data" / "colour").iterdir()) == ["frame_0100.png", "frame_0101.png"]
+    assert sorted(p.name for p in (out / "reinhard").iterdir()) == ["frame_0100.png", "frame_0101.png"]
+    assert json.loads((out / "report" / "metrics.json").read_text())["frames"] == ["frame_0101"]
