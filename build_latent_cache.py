@@ -112,9 +112,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from annotator.latent_cache import LatentCacheError
+    from cldm.checkpoint import CheckpointError
 
-    # Anything else (cldm.checkpoint.CheckpointError, omegaconf errors, ...) is reported with its type name.
-    return run_cli(PROG, run, parser().parse_args(argv), (LatentCacheError, ValueError, OSError, RuntimeError),
+    # Anything else (omegaconf errors, ...) is reported with its type name.
+    return run_cli(PROG, run, parser().parse_args(argv),
+                   (LatentCacheError, CheckpointError, ValueError, OSError, RuntimeError),
                    interrupted="interrupted; finished movies are kept, rerun to resume", named=(Exception,))
 
 

@@ -43,6 +43,8 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
 
     `named`: further errors reported the same way but after their type name ("PROG: error:
     ConfigKeyError: ..."), for libraries whose messages do not say what kind of problem they are.
+    `interrupted`: the message on Ctrl-C, unless the KeyboardInterrupt carries its own (a run that
+    knows where it stopped re-raises one saying so).
     `sigterm`: stop on SIGTERM (kill, a job scheduler) as on Ctrl-C, so the same clean-up runs
     (temporary files removed), with exit status 143.
     """
@@ -62,11 +64,11 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     except named as e:
         print(f"{prog}: error: {one_line(e, with_type=True)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        message = interrupted
+    except KeyboardInterrupt as e:
+        message = one_line(e) if str(e).strip() else interrupted
         if received:
-            rest = interrupted.removeprefix("interrupted")
-            message = "terminated (SIGTERM)" + (rest if rest != interrupted else f"; {interrupted}")
+            rest = message.removeprefix("interrupted")
+            message = "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
         print(f"{prog}: {message}", file=sys.stderr)
         return 128 + int(signal.SIGTERM) if received else 130
     finally:

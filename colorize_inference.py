@@ -57,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--input", required=True, metavar="DIR|VIDEO",
-                    help="grayscale frames: a folder of images (natural order; 8/16-bit, 1/3/4 channels; "
-                         "colour frames are reduced to their BT.601 luma, with a note) or a video file")
+                    help="grayscale frames: a folder of images (natural order; 8/16-bit gray, gray+alpha, RGB or "
+                         "RGBA: alpha is ignored, EXIF orientation applied, colour frames are reduced to their "
+                         "BT.601 luma, with a note) or a video file")
     io.add_argument("--reference", action="append", default=[], metavar="IMAGE",
                     help="colour reference image; repeat for several (each frame then uses the most "
                          "similar one, e.g. one per scene)")
@@ -97,13 +98,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--control", metavar="FILE",
                    help="trained ControlNet export (control.safetensors) to load on top of --ckpt")
     m.add_argument("--config", metavar="YAML",
-                   help="model config (default: a .yaml beside --control or --ckpt with the same stem, "
-                        "else models/cldm_v21_color.yaml)")
+                   help="model config (default: a .yaml beside --control or --ckpt with the same stem, else "
+                        "the config the checkpoint file records, else models/cldm_v21_color.yaml)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. model.color_variant=v3; repeatable")
     m.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle a .ckpt that needs it (runs code from the file: trusted files only)")
-    m.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    m.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda, or cuda:N for the N-th GPU (from 0)")
     m.add_argument("--precision", default="auto", choices=["auto", *P.PRECISIONS],
                    help="autocast precision: auto = fp16 on CUDA, fp32 on CPU; with fp16/bf16 the weights "
                         "are held in it too (norms in fp32): the same result, half the memory")
@@ -128,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--anchor-strength", type=float, default=1.0, metavar="S",
                    help="anchored: pull the propagated frame's colour mean/std back to the reference's, "
                         "0 (not at all) to 1 (fully) (default: 1)")
-    s.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    s.add_argument("--steps", type=int, default=20,
+                   help="DDIM steps, at most half the model's noise schedule (500 for SD2.1's 1000) (default: 20)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     s.add_argument("--noise", choices=P.NOISES, default="shared",
@@ -190,7 +193,16 @@ def check_args(args) -> P.Options:
         raise UsageError("--method model needs --ckpt (or use --method reinhard|flow)")
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
+    if args.method == "model":  # the schedule is the config's: known before the weights are loaded
+        steps_option(options.steps, P.schedule_length(args.ckpt, args.control, args.config, args.set))
     return options
+
+
+def steps_option(steps: int, num_timesteps: int) -> None:
+    try:
+        P.check_steps(num_timesteps, steps)
+    except P.OptionError as e:
+        raise UsageError(f"--steps {e.problem}") from None
 
 
 def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tuple[Path, list[str] | None]:
@@ -235,14 +247,16 @@ def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch device; anything but auto, cpu, cuda or cuda:N is refused in one line
+    (torch's own message lists every device type it knows)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N (N from 0)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -329,6 +343,7 @@ def colourised(args, options: P.Options, model, refs, ref_indices, frames: slice
 def run(args) -> int:
     options = check_args(args)
     frames = parse_range(args.frames)
+    device = resolve_device(args.device) if args.method == "model" else None
     # A folder is checked by listing it (reading any frame could hit one outside --frames);
     # a video by decoding its first frame.
     info = None if Path(args.input).is_dir() else probe(args.input)
@@ -336,9 +351,8 @@ def run(args) -> int:
     refs, ref_indices = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     model = None
-    if args.method == "model":  # the step count is checked against its schedule at the first frame
-        model = P.load_model(args.ckpt, args.control, args.config, args.set, resolve_device(args.device),
-                             args.allow_pickle)
+    if args.method == "model":
+        model = P.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle)
         dtype = P.compute_dtype(args.precision, model.betas.device)
         if dtype != torch.float32:  # autocast would cast every weight at every step
             P.cast_weights(model, dtype)
@@ -371,6 +385,10 @@ def run(args) -> int:
             done["next"] += 1
             yield rgb
 
+    def resume() -> str:
+        video = "; --video needs a whole run, with --overwrite" if args.video else ""
+        return f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues{video}"
+
     try:
         if args.video:
             n = write_video_atomic(args.video, written(), fps)
@@ -379,18 +397,18 @@ def run(args) -> int:
     except (UsageError, P.InferenceError, FrameSourceError, OSError) as e:
         if done["n"] == 0:
             raise
-        video = "; --video needs a whole run, with --overwrite" if args.video else ""
-        raise UsageError(f"{one_line(e)} (the {done['n']} outputs before it are written and complete; "
-                         f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues{video})"
+        raise UsageError(f"{one_line(e)} (the {done['n']} outputs before it are written and complete; {resume()})"
                          ) from None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli): say where to continue
+        raise KeyboardInterrupt(f"interrupted; the {done['n']} outputs written so far are complete: {resume()}"
+                                ) from None
     finally:
         bar.close()
     print(f"wrote {n} frames to {out}" + (f" and {args.video} ({fps:g} fps)" if args.video else ""))
     return 0
 
 
-INTERRUPTED = ("interrupted; the frames written so far are complete: rerun with --frames N: from the first "
-               "missing one to continue")
+INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ a mean L1 error, CDC is in nats). Temporal metrics never pair frames across a fr
 out. Prints a table of means, and a note where a frame is identical to the ground truth
 (it scores the 100 dB PSNR cap and inflates the mean: the reference frame itself, say);
 with --out also writes metrics.json, per_frame.csv, summary.csv, psnr.png,
-warp_error.png and strip.png.
+warp_error.png and strip.png; a report already there is kept unless --overwrite.
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
 """
@@ -31,9 +31,10 @@ from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from cliutil import OneLineParser, run_cli  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
 from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, check_flow_size, evaluate_stream  # noqa: E402
-from colorize.report import Strip, strip_indices, write_report  # noqa: E402
+from colorize.report import REPORT_FILES, Strip, strip_indices, write_report  # noqa: E402
 
 PROG = "evaluate.py"
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
 
 
 class UsageError(Exception):
@@ -45,11 +46,16 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="\n\n".join([doc[0], doc[2]]), epilog=doc[3],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", action="append", required=True, metavar="[NAME=]DIR",
-                   help="folder of predicted frames; repeat for several methods. NAME labels the method "
-                        "(default: the folder's name)")
-    p.add_argument("--gt", required=True, metavar="DIR", help="folder of colour ground-truth frames")
+                   help="folder of predicted frames (e.g. colorize_inference.py's --out); repeat for several "
+                        "methods. NAME labels the method (default: the folder's name)")
+    p.add_argument("--gt", required=True, metavar="DIR",
+                   help="folder of colour ground-truth frames (image files, matched to the predictions' by name; "
+                        "not a video file)")
     p.add_argument("--out", metavar="REPORT_DIR",
-                   help="write the report (JSON, CSV, plots, strip) into this folder (created if missing)")
+                   help="write the report (JSON, CSV, plots, strip) into this folder (created if missing); "
+                        "checked before scoring")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report already in --out (default: refuse before scoring)")
     p.add_argument("--reference", metavar="IMAGE",
                    help="the colour reference the methods used, shown as a column of the strip")
     p.add_argument("--strip-frames", type=int, default=3, metavar="N",
@@ -75,9 +81,18 @@ def parse_preds(specs: list[str]) -> dict[str, Path]:
     return preds
 
 
+def _not_a_folder(folder: Path, what: str) -> UsageError:
+    if not folder.exists():
+        return UsageError(f"{what} {folder}: no such folder")
+    video = folder.suffix.lower() in VIDEO_SUFFIXES
+    return UsageError(f"{what} {folder} is a {'video ' if video else ''}file; --gt and --pred take folders of frames "
+                      "(one image per frame, matched by name, as colorize_inference.py's --out)"
+                      + (": extract its frames into a folder first" if video else ""))
+
+
 def _frames_by_stem(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise UsageError(f"{what} {folder}: no such folder")
+        raise _not_a_folder(folder, what)
     try:
         files = list_frame_files(folder)
     except FrameSourceError as e:
@@ -210,10 +225,27 @@ def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, 
     return Strip(idx, gray, gt, methods, reference, [ev.frames[i] for i in idx])
 
 
+def check_out(out: Path, keep_report: bool) -> None:
+    """Refuse an --out the report cannot go to, or (with `keep_report`) one holding a report
+    already, before the scoring rather than after it."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
+    report = [out / f for f in REPORT_FILES if (out / f).exists()] if out.is_dir() else []
+    if report and keep_report:
+        raise UsageError(f"--out {out} holds a report already ({report[0].name}); pass --overwrite to replace it, "
+                         "or choose another folder")
+
+
 def run(args: argparse.Namespace) -> int:
+    """The evaluation; a report already in --out is refused unless --overwrite."""
     preds = parse_preds(args.pred)
     if args.strip_frames < 0:
         raise UsageError(f"--strip-frames must be >= 0 (got {args.strip_frames})")
+    if args.out:
+        check_out(Path(args.out), not args.overwrite)
     reference = None
     if args.reference:
         if not Path(args.reference).is_file():

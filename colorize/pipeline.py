@@ -359,12 +359,21 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
                                noise_fn=draw)
 
 
-def check_steps(model: ControlLDM, steps: int) -> None:
-    """Refuse step counts the model's schedule cannot space uniformly (more than half its length)."""
+def schedule_length(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
+                    config: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> int:
+    """The noise schedule length (timesteps) of the config `load_model` would use, read without
+    the weights: a step count can be checked (check_steps) before the long load."""
+    return int(model_config(load_config(resolve_config(ckpt, config, control), overrides)).schedule.timesteps)
+
+
+def check_steps(num_timesteps: int, steps: int) -> None:
+    """Refuse step counts a schedule of `num_timesteps` cannot space uniformly (more than half its
+    length), as an OptionError of field "steps"."""
     try:
-        sampler.ddim_timesteps(steps, model.num_timesteps)
-    except ValueError as e:
-        raise InferenceError(str(e)) from None
+        sampler.ddim_timesteps(steps, num_timesteps)
+    except ValueError:
+        raise OptionError("steps", f"must be between 1 and {num_timesteps // 2} for the model's {num_timesteps}-step "
+                                   f"noise schedule (got {steps})") from None
 
 
 def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
@@ -444,7 +453,7 @@ class Colorizer:
         self.hw = model_size(*frame_hw, options.size)
         self.device = model.betas.device
         self.dtype = compute_dtype(options.precision, self.device)
-        check_steps(model, options.steps)
+        check_steps(model.num_timesteps, options.steps)
         self.context = model.get_learned_conditioning([""])  # fp32: the model caches it across runs
         self._no_reference: Reference | None = None
         self.graphs = GraphCache() if options.cuda_graph and self.device.type == "cuda" else None

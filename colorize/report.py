@@ -46,6 +46,7 @@ DEFINITIONS = {
     f"published scripts use) of {M.HIST_BINS}-bin RGB channel histograms, frames t and t+s, "
     f"s in {list(M.CDC_STRIDES)}, averaged",
 }
+REPORT_FILES = ("metrics.json", "per_frame.csv", "summary.csv", "psnr.png", "warp_error.png", "strip.png")
 TILE_HEIGHT = 216  # px of one image in the strip
 FONT = 12
 

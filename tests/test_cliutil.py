@@ -71,3 +71,12 @@ def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     assert not tmp.exists() and signal.getsignal(signal.SIGTERM) == before
     assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "stopped early", sigterm=True) == 143
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM); stopped early\n"
+
+
+def test_run_cli_prints_the_interrupts_own_message(capsys):
+    """A run that knows where it stopped re-raises KeyboardInterrupt with that; the generic
+    `interrupted` is for one without a message."""
+    def run(_):
+        raise KeyboardInterrupt("interrupted; 2 written: --frames 2: continues")
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted early") == 130
+    assert capsys.readouterr().err == "p.py: interrupted; 2 written: --frames 2: continues\n"

@@ -166,6 +166,13 @@ def test_cli_refuses_a_missing_or_empty_data_root(tmp_path, capsys):
         assert rc == 2 and err.startswith(f"build_latent_cache.py: error: {problem}") and len(err.splitlines()) == 1
 
 
+def test_cli_missing_checkpoint_is_one_plain_line(root, tmp_path, capsys):
+    import build_latent_cache
+
+    assert build_latent_cache.main([str(root), "--ckpt", str(tmp_path / "nope.safetensors"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"build_latent_cache.py: error: {tmp_path / 'nope.safetensors'}: no such file\n"
+
+
 def test_cli_toy_model_needs_no_config(root, capsys):
     """Its config is the .yaml beside it, as colorize_inference.py finds it (not SD2.1's: another VAE)."""
     import build_latent_cache

@@ -204,8 +204,10 @@ def test_options_name_the_bad_field(field, value, problem):
 
 
 def test_step_counts_the_schedule_cannot_hold_are_refused(model, clip):
-    with pytest.raises(ValueError, match="DDIM steps must be between 1 and 500, got 501"):
+    with pytest.raises(P.OptionError, match=r"^steps must be between 1 and 500 for the model's 1000-step noise "
+                                            r"schedule \(got 501\)$") as e:
         list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], size=64, steps=501))
+    assert e.value.field == "steps"
     calls = []  # 3 steps: spacing 333 would reach t = 1000 (the reference fails there); that one is dropped
     hook = model.control_model.register_forward_pre_hook(lambda m, a: calls.append(int(a[2][0])))
     try:
@@ -490,3 +492,14 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
     alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
     shutil.copy(toy, alone)
     assert P.load_model(alone).scale_factor == 0.57326
+
+
+def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
+    """Read without the weights, so a step count is checked before the long load."""
+    toy = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
+    assert P.schedule_length(toy) == 1000  # the .yaml beside it
+    assert P.schedule_length(toy, config=TINY_CONFIG, overrides=["model.schedule.timesteps=40"]) == 40
+    assert P.schedule_length(tmp_path / "missing.safetensors") == 1000  # SD2.1's; the loader reports the file
+    P.check_steps(40, 20)
+    with pytest.raises(P.OptionError, match=r"^steps must be between 1 and 20 for the model's 40-step"):
+        P.check_steps(40, 21)

@@ -1,4 +1,7 @@
 """colorize_inference.py end to end with a random tiny checkpoint on frames of the sample clip."""
+import os
+import re
+import signal
 from pathlib import Path
 
 import cv2
@@ -264,7 +267,8 @@ def _bad_cases(env, tmp):
         "flow reference outside": (["--input", g, "--reference-frame", "3", "--gt", SAMPLE,
                                     "--method", "flow", "--frames", "0:2"], "lies outside the frames"),
         "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST], "is gray"),
-        "steps past schedule": (["--input", g, *base, "--steps", "501"], "DDIM steps must be between 1 and 500"),
+        "steps past schedule": (["--input", g, *base, "--steps", "501"],
+                                "--steps must be between 1 and 500 for the model's 1000-step noise schedule (got 501)"),
         "config not the checkpoint's": (["--input", g, "--reference", ref, "--ckpt", TOY, *FAST],  # FAST: tiny YAML
                                         "toy_color_v2.safetensors was saved with another model config: model.scale_factor"),
         "infinite fps": (["--input", g, *base, "--video", tmp / "v.mp4", "--fps", "inf"],
@@ -272,7 +276,8 @@ def _bad_cases(env, tmp):
         "nan eta": (["--input", g, *base, "--eta", "nan"], "--eta must be a finite number (got nan)"),
         "infinite guidance": (["--input", g, *base, "--ref-guidance", "inf"], "--ref-guidance must be a finite number"),
         "out is a file": (["--input", g, *base, "--out", ref], "is a file, not a folder"),
-        "unsupported device": (["--input", g, *base, "--device", "meta"], "only cpu and cuda devices are supported"),
+        "unsupported device": (["--input", g, *base, "--device", "meta"],
+                               "--device meta: expected auto, cpu, cuda or cuda:N (N from 0)"),
         "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
         "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames 3:1"),
         "negative eta": (["--input", g, *base, "--eta", "-0.5"], "--eta must be >= 0 (got -0.5)"),
@@ -330,17 +335,73 @@ def test_help_explains_every_flag(capsys):
     assert "EXPERIMENTAL: reference guidance" in flat and "reference dropout" in flat
     assert "reinhard-bands" in flat and "Reinhard et al. 2001 global Lab mean/std transfer" in flat
     assert "--frames N: to continue" in flat
+    assert re.search(r"--input DIR\|VIDEO grayscale frames: .*8/16-bit gray, gray\+alpha, RGB or RGBA: alpha is ignored, "
+                     r"EXIF orientation applied", flat) and "1/3/4 channels" not in flat
+    assert "--device DEVICE auto (cuda if available, else cpu), cpu, cuda, or cuda:N" in flat
     with pytest.raises(SystemExit) as e:
         cli.main(["--input", "x"])  # missing --out: argparse, one line, exit 2
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
-def test_a_run_refused_at_its_first_frame_leaves_no_output_folder(env, tmp_path, capsys):
-    """The step count is checked once, against the model's schedule, when sampling starts."""
-    out = tmp_path / "new"
-    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--out", out,
-                      *FAST, "--steps", "501"], capsys)
-    assert rc == 2 and "DDIM steps must be between 1 and 500" in err and not out.exists()
+def test_steps_and_device_are_refused_before_the_input_or_the_model_is_read(env, tmp_path, capsys, monkeypatch):
+    """The step count against the schedule of the config the run would use (--config, --set, the
+    .yaml beside the checkpoint), known before the weights are loaded; the device in one line
+    (torch's own message lists every device type it knows)."""
+    monkeypatch.setattr(P, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "probe", lambda *a, **k: pytest.fail("the input was read"))
+    base = ["--input", SAMPLE, "--reference", env["refs"][0], "--out", tmp_path / "new"]
+    for args, message in [
+        (["--ckpt", TOY, "--steps", "5000"], "--steps must be between 1 and 500 for the model's 1000-step noise "
+                                             "schedule (got 5000)"),
+        (["--ckpt", env["ckpt"], *FAST, "--set", "model.schedule.timesteps=100", "--steps", "51"],
+         "--steps must be between 1 and 50 for the model's 100-step noise schedule (got 51)"),
+        (["--ckpt", TOY, "--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N (N from 0)"),
+        (["--ckpt", TOY, "--device", "cuda:x"], "--device cuda:x: expected auto, cpu, cuda or cuda:N (N from 0)"),
+        (["--ckpt", TOY, "--device", "mps"], "--device mps: expected auto, cpu, cuda or cuda:N (N from 0)"),
+    ]:
+        rc, _, err = run([*base, *args], capsys)
+        assert rc == 2 and err == f"colorize_inference.py: error: {message}\n", err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("how, status, said", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")])
+@pytest.mark.parametrize("video", [False, True])
+def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, monkeypatch, how, status, said, video):
+    """Stopped while the third output is made: the two before it are kept, the message names
+    --frames 2: (not a placeholder), and that range completes the run."""
+    encode = cli.encode_png
+    calls = []
+
+    def stop_at_the_third(rgb, depth):
+        calls.append(1)
+        if len(calls) == 3:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # run_cli's handler raises KeyboardInterrupt
+            raise KeyboardInterrupt
+        return encode(rgb, depth)
+    monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
+    out = tmp_path / "out"
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out]
+    if video:
+        args += ["--video", tmp_path / "v.mp4"]
+    rc, _, err = run(args, capsys)
+    tail = "; --video needs a whole run, with --overwrite" if video else ""
+    assert rc == status and err.splitlines()[-1] == (f"colorize_inference.py: {said}; the 2 outputs written so far "
+                                                     f"are complete: --frames 2: continues{tail}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no video, no temporary files
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]
+    monkeypatch.setattr(cli, "encode_png", encode)
+    if not video:
+        assert run([*args, "--frames", "2:"], capsys)[0] == 0
+        assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+        assert snapshot(out) == snapshot(tmp_path / "whole")
+
+
+def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(P, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST,
+                      "--out", tmp_path / "out"], capsys)
+    assert rc == 130 and err == "colorize_inference.py: interrupted before any output was written\n"
 
 
 def test_a_video_in_an_output_folder_not_made_yet(env, tmp_path, capsys):

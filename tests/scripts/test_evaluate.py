@@ -1,12 +1,19 @@
 """evaluate.py main(argv) on tiny synthetic frame folders."""
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 import evaluate
+from colorize.report import REPORT_FILES
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def frames(n=5, h=36, w=52, seed=0):
@@ -44,7 +51,7 @@ def test_evaluate_writes_report_with_known_numbers(clip, capsys):
     table = capsys.readouterr().out
     assert "plus10" in table and "copy" in table and "(ground truth)" in table and "28.13" in table
     assert sorted(p.name for p in out.iterdir()) == [
-        "metrics.json", "per_frame.csv", "psnr.png", "strip.png", "summary.csv", "warp_error.png"]
+        "metrics.json", "per_frame.csv", "psnr.png", "strip.png", "summary.csv", "warp_error.png"] == sorted(REPORT_FILES)
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["frames"] == [f"frame_{i}" for i in range(5)]
     plus10, copy = doc["methods"]["plus10"], doc["methods"]["copy"]
@@ -149,7 +156,7 @@ def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
     root, _ = clip
     argv = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress", "--out", str(root / "rep")]
     assert evaluate.main(argv) == 0 and (root / "rep" / "strip.png").is_file()
-    assert evaluate.main(argv + ["--strip-frames", "0"]) == 0
+    assert evaluate.main(argv + ["--strip-frames", "0", "--overwrite"]) == 0
     assert not (root / "rep" / "strip.png").exists() and (root / "rep" / "metrics.json").is_file()
 
 
@@ -162,12 +169,21 @@ def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
     ("unreadable", "{root}/broken/frame_2.png: not a readable image"),
     ("same_name", "two predictions are named 'offset'"),
     ("bad_reference", "--reference {root}/missing.png: no such file"),
+    ("video_gt", "--gt {root}/clip.mp4 is a video file; --gt and --pred take folders of frames (one image per frame, "
+                 "matched by name, as colorize_inference.py's --out): extract its frames into a folder first"),
+    ("video_pred", "--pred clip.mp4: {root}/clip.mp4 is a video file; --gt and --pred take folders of frames (one "
+                   "image per frame, matched by name, as colorize_inference.py's --out): extract its frames into a "
+                   "folder first"),
+    ("file_gt", "--gt {root}/gt/frame_0.png is a file; --gt and --pred take folders of frames (one image per frame, "
+                "matched by name, as colorize_inference.py's --out)"),
 ])
 def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     root, gt = clip
     pred = {"missing_gt": "offset", "missing_pred": "nope", "no_match": "other", "size": "small",
-            "late_size": "late", "unreadable": "broken", "same_name": "offset", "bad_reference": "offset"}[case]
-    gt_dir = root / ("nope" if case == "missing_gt" else "gt")
+            "late_size": "late", "unreadable": "broken", "same_name": "offset", "bad_reference": "offset",
+            "video_gt": "offset", "video_pred": "clip.mp4", "file_gt": "offset"}[case]
+    gt_dir = root / {"missing_gt": "nope", "video_gt": "clip.mp4", "file_gt": "gt/frame_0.png"}.get(case, "gt")
+    (root / "clip.mp4").write_bytes(b"a video")
     write(root / "other", gt, names=[f"x{i}" for i in range(5)])
     write(root / "small", [f[::2, ::2] for f in gt])
     write(root / "late", gt[:3] + [f[::2, ::2] for f in gt[3:]])
@@ -183,7 +199,63 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: "), captured.err
     assert message.format(root=root) in lines[0]
+    if case.startswith(("video", "file")):  # the whole line
+        assert lines[0] == "evaluate.py: error: " + message.format(root=root)
     assert not (root / "rep").exists()
+
+
+def test_out_is_checked_before_scoring(clip, capsys, monkeypatch):
+    """A file as --out (or inside its path), or a report already there without --overwrite, is
+    refused before any frame is scored, in one line, the file untouched."""
+    root, _ = clip
+    monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    note = root / "notes.md"
+    note.write_text("mine")
+    base = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress"]
+    for out, message in [(note, f"--out {note} is a file, not a folder"),
+                         (note / "rep", f"--out {note / 'rep'}: {note} is a file, not a folder")]:
+        assert evaluate.main([*base, "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"evaluate.py: error: {message}\n"
+    assert note.read_text() == "mine"
+
+
+def test_an_existing_report_is_kept_unless_overwrite(clip, capsys, monkeypatch):
+    root, gt = clip
+    rep = root / "rep"
+    base = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress", "--out", str(rep)]
+    assert evaluate.main(base) == 0  # a new folder
+    before = {p.name: p.read_bytes() for p in rep.iterdir()}
+    write(root / "other", [f + np.uint8(20) for f in gt])
+    again = ["--pred", str(root / "other"), *base[2:]]
+    scored = []
+    stream = evaluate.evaluate_stream
+    monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: scored.append(1) or stream(*a, **k))
+    assert evaluate.main(again) == 2
+    assert capsys.readouterr().err == (f"evaluate.py: error: --out {rep} holds a report already (metrics.json); "
+                                       "pass --overwrite to replace it, or choose another folder\n")
+    assert not scored and {p.name: p.read_bytes() for p in rep.iterdir()} == before
+    assert evaluate.main([*again, "--overwrite"]) == 0
+    assert list(json.loads((rep / "metrics.json").read_text())["methods"]) == ["other"]
+    # a folder without a report is written into; any one report file counts as a report
+    (root / "mine").mkdir()
+    (root / "mine" / "keep.txt").write_text("mine")
+    assert evaluate.main([*base[:-1], str(root / "mine")]) == 0
+    (root / "part").mkdir()
+    (root / "part" / "strip.png").write_bytes(b"")
+    assert evaluate.main([*base[:-1], str(root / "part")]) == 2
+    assert "holds a report already (strip.png)" in capsys.readouterr().err
+
+
+def test_the_command_line_keeps_an_existing_report(clip):
+    """The same from the command line, in another process."""
+    root, _ = clip
+    (root / "rep").mkdir()
+    (root / "rep" / "summary.csv").write_text("earlier")
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--pred", str(root / "offset"), "--gt",
+                           str(root / "gt"), "--out", str(root / "rep")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and re.fullmatch(r"evaluate\.py: error: --out .*rep holds a report already "
+                                                 r"\(summary\.csv\); pass --overwrite .*\n", proc.stderr), proc.stderr
+    assert (root / "rep" / "summary.csv").read_text() == "earlier"
 
 
 def test_evaluate_usage_errors(capsys):
