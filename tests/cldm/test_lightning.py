@@ -59,20 +59,23 @@ def fixed_loss(module, batch):
         return module.compute_loss(batch, noise=noise, t=t, generator=g).item()
 
 
-def test_overfit_fixed_batch_moves_only_trainable_weights():
-    """20 Lightning steps (random noise and timesteps, lr 1e-2) on one batch of 2.
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_overfit_fixed_batch_moves_only_trainable_weights(optimizer):
+    """20 Lightning steps (random noise and timesteps, lr 1e-2) on one batch of 2, with AdamW and
+    with bitsandbytes' 8-bit AdamW (--optimizer adamw8bit).
 
     Threshold: the loss at fixed noise/timesteps falls by at least 20 % (measured 1.054 -> 0.76,
     -28 %, on the 2-core CPU); locked tensors stay bitwise equal, all trainable ones move.
     """
     torch.manual_seed(0)
-    module = ColorControlModule(tiny_model("v2"), lr=1e-2)
+    module = ColorControlModule(tiny_model("v2"), lr=1e-2, optimizer=optimizer)
     batch = with_latents(module, tiny_batch(2))
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     loss0 = fixed_loss(module, batch)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=20, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader([batch] * 20, batch_size=None))
+    assert type(trainer.optimizers[0]).__name__ == {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}[optimizer]
     loss1 = fixed_loss(module, batch)
     assert loss1 < 0.8 * loss0, (loss0, loss1)
 
@@ -601,25 +604,14 @@ def test_adamw8bit_keeps_the_locked_channels_of_a_real_size_input_conv():
     assert (w[:, 4:] != before[:, 4:]).float().mean() > 0.99
 
 
-def test_adamw8bit_trains_saves_and_resumes(tmp_path):
-    """--optimizer adamw8bit through Lightning: the loss falls on a fixed batch (same threshold as
-    test_overfit_fixed_batch_moves_only_trainable_weights), locked weights stay bitwise equal,
-    and a checkpoint restores the 8-bit optimiser state exactly."""
+def test_adamw8bit_checkpoint_restores_its_state(tmp_path):
+    """A checkpoint restores the 8-bit optimiser state exactly (quantised moments, their scales)."""
     torch.manual_seed(0)
     module = ColorControlModule(tiny_model("v2"), lr=1e-2, optimizer="adamw8bit")
     batch = with_latents(module, tiny_batch(2))
-    before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    loss0 = fixed_loss(module, batch)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=20, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader([batch] * 20, batch_size=None))
-    assert type(trainer.optimizers[0]).__name__ == "AdamW8bit"
-    loss1 = fixed_loss(module, batch)
-    assert loss1 < 0.8 * loss0, (loss0, loss1)
-    after = module.model.state_dict()
-    trainable = set(export_keys(module.model))
-    assert [k for k in after if k not in trainable and not torch.equal(after[k], before[k])] == []
-    assert torch.equal(after[UNET_INPUT_CONV][:, :4], before[UNET_INPUT_CONV][:, :4])
+    trainer.fit(module, DataLoader([batch] * 3, batch_size=None))
 
     def states(opt):  # each parameter's state, in the optimiser's order (copies)
         return [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
@@ -636,10 +628,10 @@ def test_adamw8bit_trains_saves_and_resumes(tmp_path):
         def on_train_start(self, trainer, module):
             restored.extend(states(trainer.optimizers[0]))
 
-    trainer2 = L.Trainer(accelerator="cpu", devices=1, max_steps=21, logger=False, enable_checkpointing=False,
+    trainer2 = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Grab()])
-    trainer2.fit(module2, DataLoader([batch] * 21, batch_size=None), ckpt_path=tmp_path / "a.ckpt")
-    assert trainer2.global_step == 21 and len(restored) == len(saved)
+    trainer2.fit(module2, DataLoader([batch] * 4, batch_size=None), ckpt_path=tmp_path / "a.ckpt")
+    assert trainer2.global_step == 4 and len(restored) == len(saved)
     for i, (a, b) in enumerate(zip(saved, restored)):
         assert a.keys() == b.keys(), i
         for k in a:
