@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
                         "colorize_inference.py: the .yaml of the same stem beside --ckpt, else the config "
                         "the checkpoint records, else models/cldm_v21_color.yaml of this repo)")
     p.add_argument("--movies", nargs="*", default=None, help="only these movie ids (default: all finished movies)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                    help="autocast precision of the encoder (16/bf16 on GPUs); the cache is float16 either way")
@@ -94,11 +94,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from annotator.latent_cache import build_latent_cache
+    from colorize.pipeline import resolve_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    device = resolve_device(args.device)  # before the data root and the checkpoint are read
     check_data_root(args.data_root, args.movies)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
     dtype = PRECISIONS[args.precision]
     result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,

@@ -247,21 +247,10 @@ def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device as a torch device; anything but auto, cpu, cuda or cuda:N is refused in one line
-    (torch's own message lists every device type it knows)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N (N from 0)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        return P.resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def encode_png(rgb: np.ndarray, depth: int) -> bytes:

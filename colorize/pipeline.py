@@ -189,6 +189,24 @@ def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:
 # ---- model loading ------------------------------------------------------------------------
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch device; anything but auto, cpu, cuda or cuda:N is refused in one line
+    (torch's own message lists every device type it knows)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N (N from 0)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
                    control: str | os.PathLike | None = None) -> Path | DictConfig:
     """--config if given, else a YAML next to the weights with the same stem, else the config

@@ -173,6 +173,14 @@ def test_cli_missing_checkpoint_is_one_plain_line(root, tmp_path, capsys):
     assert capsys.readouterr().err == f"build_latent_cache.py: error: {tmp_path / 'nope.safetensors'}: no such file\n"
 
 
+def test_cli_device_is_one_line(root, tmp_path, capsys):
+    import build_latent_cache
+
+    assert build_latent_cache.main([str(root), "--ckpt", str(tmp_path / "x.safetensors"), "--device", "foo"]) == 2
+    assert capsys.readouterr().err == ("build_latent_cache.py: error: --device foo: expected auto, cpu, cuda or "
+                                       "cuda:N (N from 0)\n")
+
+
 def test_cli_toy_model_needs_no_config(root, capsys):
     """Its config is the .yaml beside it, as colorize_inference.py finds it (not SD2.1's: another VAE)."""
     import build_latent_cache
