@@ -9,8 +9,8 @@ import pytest
 from tqdm import tqdm
 
 from colorize.frames_io import (
-    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, even_size, prefetch, read_frame_folder, write_bytes_atomic,
-    write_image_atomic, write_video_atomic,
+    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, even_size, prefetch, progress_bar, read_frame_folder,
+    write_bytes_atomic, write_image_atomic, write_video_atomic,
 )
 
 
@@ -158,3 +158,14 @@ def test_progress_bar_always_shows_frames_per_second(elapsed):
         line = tqdm.format_meter(n=2, total=total, elapsed=elapsed, prefix="fixed", unit=" frame", bar_format=fmt)
         assert f"{2 / elapsed:.2f} frame/s" in line, line
         assert "s/" not in line.replace("frame/s", ""), line
+
+
+def test_progress_bar_rate_is_the_average_since_the_start():
+    """Frames arrive in batches; with tqdm's default smoothing (0.3) the rate shown weighs the
+    latest burst (after a slow first batch, several times the real speed). Smoothing 0 makes it
+    frames done / time elapsed."""
+    import io
+
+    bar = progress_bar(8, "fixed", file=io.StringIO())
+    assert bar.smoothing == 0
+    bar.close()
