@@ -273,7 +273,10 @@ def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, 
     images = [k for k, i in enumerate(ref_indices) if i is None]
     found = {}
     if images:
+        # a second bar below the main one: on a terminal only (in a log, its cursor moves are
+        # stray escape codes)
         scan = progress_bar(total, "finding the reference images' frames", leave=False,
+                            disable=not sys.stderr.isatty(),
                             iterable=P.iter_gray_frames(args.input, frames.start, frames.stop, note))
         try:
             found = dict(zip(images, P.most_similar_frames((f.gray for f in scan), [refs[k] for k in images])))

@@ -170,6 +170,14 @@ def test_progress_bar_shows_frames_per_second(env, tmp_path, capsys):
     assert rc == 0 and "4/4" in err and " frame/s]" in err and "s/ frame" not in err and "s/frame" not in err
 
 
+def test_no_cursor_escapes_off_a_terminal(env, tmp_path, capsys):
+    """The flow baseline scans for the reference's frame with a second bar; in a log (stderr is
+    not a terminal here) it would leave cursor-up escapes, so it is shown on terminals only."""
+    rc, _, err = run(["--method", "flow", "--input", env["gray"], "--reference", env["refs"][0],
+                      "--out", tmp_path / "out"], capsys)
+    assert rc == 0 and "flow: 100%" in err and "\x1b" not in err, err
+
+
 def test_sixteen_bit_and_colour_frames(env, tmp_path, capsys):
     src = tmp_path / "in16"
     src.mkdir()
