@@ -82,6 +82,26 @@ def test_cache_holds_the_posteriors(built, cached_root):
     assert build_latent_cache(root, vae, progress=False)["existing"] == ["pan"]  # resumable
 
 
+def test_gray_latents_are_the_vae_latents_of_the_gray_in_minus_one_to_one(root):
+    """v3's cached gray latent: the VAE mean of the frame's BT.601 gray mapped to [-1, 1] and
+    repeated on 3 channels, as cldm.color.build_concat encodes the hint's gray (fp16 storage)."""
+    vae = tiny_vae(0)
+    build_latent_cache(root, vae, batch_size=5, progress=False, gray=True)
+    lat = load_latents(root / "pan", vae_fingerprint(vae), gray=True)
+    gray = torch.from_numpy(np.stack([rgb_to_gray(read_frame(frame_path(root / "pan", i))) for i in range(N)]))
+    with torch.no_grad():
+        want = vae.encode((gray * 2 - 1)[:, None].expand(-1, 3, -1, -1)).mean
+    np.testing.assert_allclose(lat[:, 2], want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_cache_of_frames_at_another_size_is_refused(cached_root):
+    """A movie rebuilt at another --size keeps its frame count: the recorded frame size tells."""
+    info = json.loads((cached_root / "pan" / LATENTS_META).read_text())
+    (cached_root / "pan" / LATENTS_META).write_text(json.dumps({**info, "frame_size": [320, 128]}))
+    with pytest.raises(LatentCacheError, match="does not match the frames"):
+        load_latents(cached_root / "pan", info["vae_fingerprint"])
+
+
 def test_foreign_or_unfinished_cache_is_refused(cached_root):
     root = cached_root
     other = tiny_vae(1)
