@@ -145,7 +145,11 @@ def test_datamodule_splits_by_movie(fake_root):
     assert dm.train.movies == ["film_a"] and dm.val.movies == ["film_b"] and dm.test is None
     batch = next(iter(dm.train_dataloader()))
     assert batch["jpg"].shape == (2, 64, 64, 3) and set(batch["movie"]) == {"film_a"}
+    assert batch["txt"] == [" ", " "]  # the default blank prompt
     assert len(list(dm.val_dataloader())) == 1
+    dm = PairDataModule(fake_root, num_workers=0, size=64, prompt="a colour film still")
+    dm.setup("fit")
+    assert dm.train[0]["txt"] == dm.val[0]["txt"] == "a colour film still"
     dm = PairDataModule(fake_root, num_workers=0, size=64, val_movies=[], test_movies=["film_a"])
     dm.setup()
     assert dm.train.movies == ["film_b"] and dm.val is None and dm.test.movies == ["film_a"]

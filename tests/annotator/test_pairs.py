@@ -59,6 +59,8 @@ def test_stored_size_and_ids(tmp_path):
     assert movie_id_for("films/My Film (1950).mkv") == "My_Film__1950_"
     (tmp_path / "frames.v2").mkdir()
     assert movie_id_for(tmp_path / "frames.v2") == "frames.v2"
+    # a leading dot would make it a hidden folder, which list_movies skips
+    assert movie_id_for("clips/.hidden take.mkv") == "hidden_take" and movie_id_for("...") == "movie"
 
 
 def test_build_movie_layout_and_exact_similarity(tmp_path):

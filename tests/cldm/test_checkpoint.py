@@ -432,6 +432,9 @@ def test_other_trainers_wrappings_are_unwrapped_and_empty_files_refused(tmp_path
     torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
     for name in ("nested.ckpt", "ddp.pt"):
         assert_same(checkpoint.load_state_dict(tmp_path / name), sd)
+    some = {("module." if i % 2 else "") + k: v for i, (k, v) in enumerate(sd.items())}
+    torch.save(some, tmp_path / "some.pt")  # not all keys prefixed: not a DDP save, names kept
+    assert_same(checkpoint.load_state_dict(tmp_path / "some.pt"), some)
     torch.save({"epoch": 3, "lr": 1e-5}, tmp_path / "none.ckpt")
     with pytest.raises(CheckpointError, match=r"none\.ckpt: holds no tensors where weights are expected "
                                               r"\(top-level keys: epoch, lr\)"):

@@ -60,3 +60,15 @@ def test_parameterisations_invert_each_other(buffers):
     x0_hat = predict_x0_from_eps(x_t, t, noise, buffers["sqrt_recip_alphas_cumprod"],
                                  buffers["sqrt_recipm1_alphas_cumprod"])
     torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_mismatch_tells_rounding_from_another_schedule():
+    """A half-precision copy of the schedule is the same schedule; linear_end 0.012 -> 0.01201
+    (buffers differ by at most 0.38 % relative, above the 0.1 % tolerance) is another one."""
+    from ldm.schedule import schedule_buffers, schedule_mismatch
+
+    ours = schedule_buffers()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert schedule_mismatch({k: v.to(dtype) for k, v in ours.items()}, ours) is None, dtype
+    other = schedule_buffers("linear", 1000, 0.00085, 0.01201)
+    assert schedule_mismatch(other, ours) is not None
