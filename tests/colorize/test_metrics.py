@@ -209,3 +209,26 @@ def test_evaluate_stream_leaves_gaps_out_of_the_warp_error():
     assert ev.ground_truth["warp_error"] == pytest.approx(np.mean(gt_pairs), abs=1e-9)
     with pytest.raises(ValueError, match="positions must increase"):
         M.evaluate_stream(steps, ["offset"], positions=[0, 2, 1, 3])
+
+
+def test_warp_error_counts_only_the_valid_pixels():
+    """Identity flow trusted on the left half only: a change confined to the right half (an
+    occlusion, say) costs nothing; the same change on the left costs its size."""
+    h, w = 16, 32
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    valid = np.zeros((h, w), bool)
+    valid[:, : w // 2] = True
+    flow = M.FlowField(xs, ys, valid)
+    prev = np.full((h, w, 3), 0.5, np.float32)
+    right, left = prev.copy(), prev.copy()
+    right[:, w // 2 :] = 1.0
+    left[:, : w // 2] += 10 / 255
+    assert M.warp_error_pair(prev, right, flow) == 0.0
+    assert M.warp_error_pair(prev, left, flow) == pytest.approx(10.0, abs=1e-4)
+
+
+def test_histograms_round_float_images_to_the_nearest_level():
+    """A float frame is binned at its nearest 8-bit level (as to_uint8 writes it), not truncated."""
+    img = np.full((4, 4, 3), (37 - 0.001) / 255, np.float32)
+    h = M.channel_histograms(img)
+    assert h[:, 37].tolist() == [1.0, 1.0, 1.0]

@@ -33,6 +33,8 @@ def test_line_with_gaps_breaks_at_left_out_frames():
     x, y = line_with_gaps([0, 1, 4, 5, 9], np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
     assert x.tolist() == [0, 1, 2, 4, 5, 6, 9]
     assert np.array_equal(y, [1, 2, np.nan, 3, 4, np.nan, 5], equal_nan=True)
+    x, y = line_with_gaps([0, 1, 3], np.array([1.0, 2.0, 3.0]))  # one frame left out is a gap too
+    assert x.tolist() == [0, 1, 2, 3] and np.array_equal(y, [1, 2, np.nan, 3], equal_nan=True)
     x, y = line_with_gaps([3, 4, 5], np.array([1.0, 2.0, 3.0]))  # no gap: unchanged
     assert x.tolist() == [3, 4, 5] and y.tolist() == [1, 2, 3]
 
