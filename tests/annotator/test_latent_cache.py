@@ -82,6 +82,24 @@ def test_cache_holds_the_posteriors(built, cached_root):
     assert build_latent_cache(root, vae, progress=False)["existing"] == ["pan"]  # resumable
 
 
+def test_a_centred_crop_in_latent_mode_is_on_the_8_pixel_grid(tmp_path):
+    """Without augmentation the crop is centred, then put on the grid its latent window needs:
+    frames 168 wide, crop 64: (168 - 64) / 2 = 52 -> 48, latent columns 6..13."""
+    from tutorial_dataset import PairDataset
+
+    src = write_folder(panning_clip(4, 64, 168), tmp_path / "src" / "wide")
+    build_all([src], tmp_path / "data", BuildOptions(size=64, window=2), progress=False)
+    vae = tiny_vae(0)
+    build_latent_cache(tmp_path / "data", vae, progress=False)
+    fp = vae_fingerprint(vae)
+    item = PairDataset(tmp_path / "data", vae_fingerprint=fp, low=0.0, high=0.999, min_gap=1, size=64,
+                       augment=False).sample(0, np.random.default_rng(0))
+    full = read_frame(frame_path(tmp_path / "data" / "wide", item["ref_index"]))
+    np.testing.assert_array_equal(np.round(item["hint"][..., :3] * 255).astype(np.uint8), full[:, 48:112])
+    lat = load_latents(tmp_path / "data" / "wide", fp)
+    np.testing.assert_array_equal(item["ref_latent_mean"], lat[item["ref_index"], 0][:, :, 6:14].astype(np.float32))
+
+
 def test_gray_latents_are_the_vae_latents_of_the_gray_in_minus_one_to_one(root):
     """v3's cached gray latent: the VAE mean of the frame's BT.601 gray mapped to [-1, 1] and
     repeated on 3 channels, as cldm.color.build_concat encodes the hint's gray (fp16 storage)."""
