@@ -37,6 +37,13 @@ def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed a process trains from. The same seed everywhere builds identical replicas;
+    the noise must differ per rank, and a resumed run must not replay the noise of the steps it
+    already did."""
+    return seed + 1_000_003 * rank + step
+
+
 def _warmup(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
@@ -148,9 +155,7 @@ class ColorControlModule(L.LightningModule):
 
     # ---- per-rank noise, locked-weight guard, checkpoint contents --------------------------
     def on_train_start(self) -> None:
-        # Same seed everywhere builds identical replicas; the noise must differ per rank, and a
-        # resumed run must not replay the noise of the steps it already did.
-        torch.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank + self.global_step)
+        torch.manual_seed(noise_seed(self.hparams.seed, self.global_rank, self.global_step))
         self.snapshot_locked()
         self.apply_optimizer_settings()
 

@@ -239,3 +239,10 @@ def test_truncation_is_judged_only_when_the_video_is_read_to_its_end(tmp_path):
         list(iter_frames(cut, start=570))
     with pytest.raises(FrameSourceError, match="truncated or corrupt: decoded 574 of 600"):
         list(iter_frames(cut, start=570, stop=580))  # asked for more than it has: it ran out
+
+
+def test_natural_order_ignores_case():
+    from annotator.video import natural_key
+
+    assert sorted(["Frame10.png", "frame2.png", "FRAME1.png"], key=natural_key) == ["FRAME1.png", "frame2.png",
+                                                                                   "Frame10.png"]

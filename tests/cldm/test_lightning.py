@@ -19,6 +19,7 @@ import ldm.modules.unet
 from annotator.latent_cache import LatentCacheError, build_latent_cache
 from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ReplicaCheck, ResumeMismatchError,
+                            noise_seed,
                             StepCheckpoint, check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
                             remove_partial_checkpoints, resume_problem)
 from cldm.model import TINY_CONFIG, load_config
@@ -352,6 +353,31 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
     assert "resumed with learning rate 0.001 and weight decay 0.5 (the checkpoint had 1e-05 and 0)" in capsys.readouterr().err
 
 
+def test_noise_differs_per_rank_and_after_a_resume(tmp_path):
+    """Seeds differ for every (rank, step) a run can reach, and a run seeds torch from its own
+    rank and step at the start: a resumed run does not replay a fresh run's noise."""
+    steps = range(0, 20_000, 7)
+    assert len({noise_seed(7, r, s) for r in range(8) for s in steps}) == 8 * len(steps)
+    batch, seeds = tiny_batch(2, seed=2), []
+
+    class Seed(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if not seeds or seeds[-1][0] != trainer.global_step:
+                seeds.append((trainer.global_step, torch.initial_seed()))
+
+    def fit(steps, ckpt=None):
+        torch.manual_seed(0)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[Seed()])
+        trainer.fit(ColorControlModule(tiny_model("v2"), seed=7), DataLoader([batch] * steps, batch_size=None),
+                    ckpt_path=ckpt)
+        return trainer
+
+    fit(2).save_checkpoint(tmp_path / "a.ckpt")
+    fit(3, tmp_path / "a.ckpt")
+    assert seeds[0] == (0, noise_seed(7, 0, 0)) and seeds[-1] == (2, noise_seed(7, 0, 2))
+
+
 def test_learning_rate_is_logged_once_per_optimiser_step_under_accumulation(tmp_path):
     import csv
 
@@ -487,6 +513,8 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
     (tmp_path / "step=00000020.ckpt").write_bytes(b"PK\x03\x04 truncated")  # e.g. a copy cut short
     (tmp_path / ".step=00000030.ckpt.abc.tmp").write_bytes(b"partial")       # a killed save
+    assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
+    os.utime(tmp_path / "step=00000003.ckpt", (2e9, 2e9))  # touched later (a copy, say): the step decides
     assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
     assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".step=00000030.ckpt.abc.tmp"]
     assert find_resume_checkpoint(tmp_path / "missing") is None

@@ -503,3 +503,16 @@ def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
     P.check_steps(40, 20)
     with pytest.raises(P.OptionError, match=r"^steps must be between 1 and 20 for the model's 40-step"):
         P.check_steps(40, 21)
+
+
+def test_most_similar_frames_takes_the_first_of_equals(clip):
+    gray = P.to_gray(clip[3])[0]
+    other = P.to_gray(clip[120])[0]
+    assert P.most_similar_frames([other, gray, gray, other], [clip[3]]) == [1]
+
+
+def test_video_outputs_are_numbered_from_zero(tmp_path):
+    from tests.annotator.clips import panning_clip, write_video
+
+    video = write_video(panning_clip(3, 32, 48), tmp_path / "v.avi")
+    assert P.output_names(video) == ["000000.png", "000001.png", "000002.png"]

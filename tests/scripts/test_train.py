@@ -76,6 +76,9 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
                                   r"predicts eps \(set model\.parameterization=v\)$"),
         (["--accumulate", "0"], r"train\.accumulate \(--accumulate, batches per optimiser step\) must be >= 1, got 0"),
         (["--lr", "-1"], r"train\.lr \(--lr, learning rate\) must be > 0, got -1"),
+        (["--lr", "0"], r"train\.lr \(--lr, learning rate\) must be > 0, got 0"),
+        (["train.batch_size=true"], r"train\.batch_size .* must be an integer, got True"),
+        (["--ckpt-keep", "0"], r"train\.ckpt_keep .* must be >= 1, got 0"),
         (["--num-workers", "-1"], r"train\.num_workers .* must be >= 0"),
         (["train.batch_size=abc"], r"train\.batch_size \(--batch-size, samples per device\) must be an integer, got 'abc'"),
         (["train.lr=abc"], r"train\.lr .* must be a finite number, got 'abc'"),
@@ -95,6 +98,36 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(pattern, err), (pattern, err)
         assert not (tmp_path / f"out{i}" / "config.yaml").exists()  # a failed start records nothing
+
+
+def test_a_run_records_its_config_and_its_folder_guards_resumes_and_exports(ws, tmp_path, capsys):
+    """OUT/config.yaml is the resolved config; --resume never on an OUT with checkpoints, and a
+    model config the init still fits (only_mid_control) but the checkpoints do not, are refused;
+    --export writes the checkpoint's own step."""
+    from omegaconf import OmegaConf
+
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 2, "--ckpt-every", 1)) == 0
+    recorded = OmegaConf.load(out / "config.yaml")
+    assert recorded.train.max_steps == 2 and recorded.model.color_variant == "v2"
+    capsys.readouterr()
+    assert train.main(args(ws, out, "--max-steps", 3, "--resume", "never")) == 2
+    assert re.search(r"run/checkpoints already holds checkpoints; use --resume auto", capsys.readouterr().err)
+    assert train.main(args(ws, out, "--max-steps", 3, "model.only_mid_control=true")) == 2
+    assert "holds checkpoints of another model config" in capsys.readouterr().err
+    (out / "control.safetensors").unlink()
+    assert train.main(args(ws, out, "--export")) == 0
+    assert read_export_metadata(out / "control.safetensors")["step"] == "2"
+
+
+def test_only_the_first_process_of_the_first_node_prepares_out(monkeypatch):
+    for env, first in [({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False), ({"SLURM_PROCID": "1"}, False),
+                       ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False)]:
+        for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert train.is_launch_rank_zero() is first, env
 
 
 def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(ws, tmp_path, capsys):
