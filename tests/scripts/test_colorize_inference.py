@@ -288,6 +288,7 @@ def _bad_cases(env, tmp):
                                "--device meta: expected auto, cpu, cuda or cuda:N (N from 0)"),
         "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
         "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames 3:1"),
+        "empty frames": (["--input", g, *base, "--frames", "3:3"], "--frames 3:3: expected A:B with 0 <= A < B"),
         "negative eta": (["--input", g, *base, "--eta", "-0.5"], "--eta must be >= 0 (got -0.5)"),
         "anchor strength": (["--input", g, *base, "--anchor-strength", "2"],
                             "--anchor-strength must be in [0, 1] (got 2.0)"),
@@ -403,6 +404,11 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
         assert run([*args, "--frames", "2:"], capsys)[0] == 0
         assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
         assert snapshot(out) == snapshot(tmp_path / "whole")
+        # a run that starts later counts from its own start: stopped at its third, it goes on at 3
+        calls.clear()
+        monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
+        rc, _, err = run([*args, "--frames", "1:", "--out", tmp_path / "later"], capsys)
+        assert rc == status and err.splitlines()[-1].endswith("--frames 3: continues"), err
 
 
 def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypatch):
