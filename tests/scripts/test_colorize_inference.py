@@ -326,6 +326,11 @@ def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
     assert rc == 0, err
     assert sorted(snapshot(out)) == ["f0.png", "f1.png", "f2.png", "f3.png"]
     assert read_rgb(out / "f2.png").shape == (80, 143, 3)
+    video = tmp_path / "clip.mp4"  # an existing --video is an output too
+    video.write_bytes(b"earlier film")
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                      "--out", tmp_path / "other", "--video", video], capsys)
+    assert rc == 2 and f"{video} exists" in err and video.read_bytes() == b"earlier film"
 
 
 def test_help_explains_every_flag(capsys):
