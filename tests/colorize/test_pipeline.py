@@ -335,6 +335,11 @@ def test_several_references_switch_at_a_cut(model, clip):
     assert max_diff(both, only_a + only_b) < 1e-5
     rec = list(P.colorize_recursive(model, grays, refs, **FAST))
     assert np.abs(rec[3] - both[3]).max() < 1e-5  # the chain restarts from reference b at the cut
+    # anchored: after the cut, outputs are pulled towards reference b's colour statistics
+    anc = list(P.colorize_anchored(model, grays, refs, anchor_every=0, anchor_strength=1.0, **FAST))
+    prev = P.anchor_colours(P.resize(anc[3], (64, 128)), P.chroma_stats(refs[1]), 1.0)
+    again = list(P.colorize_fixed(model, [grays[4]], prev, start=4, **FAST))[0]
+    assert np.abs(again - anc[4]).max() < 1e-5
 
 
 def test_reference_guidance_uses_a_black_reference_as_uncond(model, clip):
