@@ -353,6 +353,21 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
     assert "resumed with learning rate 0.001 and weight decay 0.5 (the checkpoint had 1e-05 and 0)" in capsys.readouterr().err
 
 
+def test_one_sample_grid_per_step_under_accumulation(tmp_path):
+    """With --accumulate 2 two batches end at each optimiser step: one grid each, not two."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2, logger=tb,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ImageLogger(tmp_path / "images", every_n_steps=1, n=1, ddim_steps=1)])
+    trainer.fit(ColorControlModule(tiny_model("v2"), lr=1e-3), DataLoader([tiny_batch(2, seed=k) for k in range(4)],
+                                                                          batch_size=None))
+    ea = EventAccumulator(str(tb.log_dir), size_guidance={"images": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Images("samples")] == [1, 2]
+
+
 def test_noise_differs_per_rank_and_after_a_resume(tmp_path):
     """Seeds differ for every (rank, step) a run can reach, and a run seeds torch from its own
     rank and step at the start: a resumed run does not replay a fresh run's noise."""
