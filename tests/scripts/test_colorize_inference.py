@@ -416,6 +416,21 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
         assert rc == status and err.splitlines()[-1].endswith("--frames 3: continues"), err
 
 
+def test_a_video_of_unknown_length_keeps_existing_outputs(env, tmp_path, capsys, monkeypatch):
+    """A container that does not say how many frames it has: outputs cannot be checked up front,
+    so each is checked before it is written; an existing one stops the run, unchanged."""
+    from tests.annotator.clips import panning_clip, write_video
+
+    video = write_video(panning_clip(3, 64, 96), tmp_path / "v.avi")
+    monkeypatch.setattr(P, "output_names", lambda *a, **k: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000001.png").write_bytes(b"earlier work")
+    rc, _, err = run(["--input", video, "--reference", env["refs"][0], "--method", "reinhard", "--out", out], capsys)
+    assert rc == 2 and f"{out / '000001.png'} exists; pass --overwrite" in err, err
+    assert (out / "000001.png").read_bytes() == b"earlier work"
+
+
 def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(P, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST,
