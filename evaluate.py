@@ -28,13 +28,13 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 import numpy as np  # noqa: E402
 
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
+from annotator.video import VIDEO_EXTS  # noqa: E402
 from cliutil import OneLineParser, run_cli  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
 from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, check_flow_size, evaluate_stream  # noqa: E402
 from colorize.report import REPORT_FILES, Strip, strip_indices, write_report  # noqa: E402
 
 PROG = "evaluate.py"
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
 
 
 class UsageError(Exception):
@@ -84,7 +84,7 @@ def parse_preds(specs: list[str]) -> dict[str, Path]:
 def _not_a_folder(folder: Path, what: str) -> UsageError:
     if not folder.exists():
         return UsageError(f"{what} {folder}: no such folder")
-    video = folder.suffix.lower() in VIDEO_SUFFIXES
+    video = folder.suffix.lower() in VIDEO_EXTS
     return UsageError(f"{what} {folder} is a {'video ' if video else ''}file; --gt and --pred take folders of frames "
                       "(one image per frame, matched by name, as colorize_inference.py's --out)"
                       + (": extract its frames into a folder first" if video else ""))
@@ -233,7 +233,7 @@ def check_out(out: Path, keep_report: bool) -> None:
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
-    report = [out / f for f in REPORT_FILES if (out / f).exists()] if out.is_dir() else []
+    report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []
     if report and keep_report:
         raise UsageError(f"--out {out} holds a report already ({report[0].name}); pass --overwrite to replace it, "
                          "or choose another folder")

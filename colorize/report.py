@@ -46,7 +46,9 @@ DEFINITIONS = {
     f"published scripts use) of {M.HIST_BINS}-bin RGB channel histograms, frames t and t+s, "
     f"s in {list(M.CDC_STRIDES)}, averaged",
 }
-REPORT_FILES = ("metrics.json", "per_frame.csv", "summary.csv", "psnr.png", "warp_error.png", "strip.png")
+# {kind: file name} of what write_report writes (the strip only when asked for)
+REPORT_FILES = {"json": "metrics.json", "per_frame_csv": "per_frame.csv", "summary_csv": "summary.csv",
+                "psnr_plot": "psnr.png", "warp_plot": "warp_error.png", "strip": "strip.png"}
 TILE_HEIGHT = 216  # px of one image in the strip
 FONT = 12
 
@@ -246,9 +248,7 @@ def write_report(
         "ground_truth": dict(ground_truth or {}),
         "excluded_frames": list(excluded),
     }
-    paths = {"json": out / "metrics.json", "per_frame_csv": out / "per_frame.csv",
-             "summary_csv": out / "summary.csv", "psnr_plot": out / "psnr.png",
-             "warp_plot": out / "warp_error.png"}
+    paths = {kind: out / name for kind, name in REPORT_FILES.items() if kind != "strip"}
     _write_text(paths["json"], json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
     rows = [["method", "frame", *keys]]
     for name, res in results.items():
@@ -265,7 +265,7 @@ def write_report(
     plot_over_time(results, "warp_error", paths["warp_plot"], frames, "warp error (0..255 levels)",
                    "Temporal warp error (lower = steadier colours)", positions)
     if strip is not None:
-        paths["strip"] = write_strip(out / "strip.png", strip, results, frames)
-    elif (out / "strip.png").is_file():  # an earlier run's, of other frames or methods: not this report's
-        (out / "strip.png").unlink()
+        paths["strip"] = write_strip(out / REPORT_FILES["strip"], strip, results, frames)
+    elif (out / REPORT_FILES["strip"]).is_file():  # an earlier run's, of other frames or methods: not this report's
+        (out / REPORT_FILES["strip"]).unlink()
     return paths

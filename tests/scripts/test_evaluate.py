@@ -51,7 +51,7 @@ def test_evaluate_writes_report_with_known_numbers(clip, capsys):
     table = capsys.readouterr().out
     assert "plus10" in table and "copy" in table and "(ground truth)" in table and "28.13" in table
     assert sorted(p.name for p in out.iterdir()) == [
-        "metrics.json", "per_frame.csv", "psnr.png", "strip.png", "summary.csv", "warp_error.png"] == sorted(REPORT_FILES)
+        "metrics.json", "per_frame.csv", "psnr.png", "strip.png", "summary.csv", "warp_error.png"] == sorted(REPORT_FILES.values())
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["frames"] == [f"frame_{i}" for i in range(5)]
     plus10, copy = doc["methods"]["plus10"], doc["methods"]["copy"]
