@@ -17,6 +17,8 @@ hidden files (".*") and sub-folders are ignored, any other non-image file is an 
 rounded to 8-bit, alpha is dropped, float images are taken as [0, 1]) unless asked for at
 their own depth (`read_image_native`, `iter_frames(keep_depth=True)`). An EXIF orientation
 tag is applied, as photo viewers do: a phone photo used as a reference comes out upright.
+So is a video's rotation (the display matrix of a portrait phone video: OpenCV's FFmpeg
+backend applies it by default, CAP_PROP_ORIENTATION_AUTO, which a test pins).
 
 A range of frames (`iter_frames(start=, stop=)`) costs nothing outside it that can be
 avoided: folder files outside it are never read, video frames before it are skipped with

@@ -76,6 +76,20 @@ def truncate_avi(src: Path, dst: Path, keep: int) -> Path:
     return Path(dst)
 
 
+def rotate_mp4(src: Path, dst: Path, degrees: int) -> Path:
+    """Copy of an MP4 whose video track carries a display rotation, as a phone records
+    portrait video: the frames stay stored as they are, the track header's matrix says to
+    turn them `degrees` (90, 180, 270) clockwise for display."""
+    data = bytearray(Path(src).read_bytes())
+    tkhd = data.index(b"tkhd")
+    assert data[tkhd + 4] == 0, "version 0 track header expected"
+    matrix = tkhd + 4 + 4 + 5 * 4 + 8 + 8  # version/flags, times/id/duration, reserved, layer..volume
+    a, b = {90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees]  # cos, sin in the 16.16 matrix
+    data[matrix : matrix + 36] = struct.pack(">9i", a << 16, b << 16, 0, -b << 16, a << 16, 0, 0, 0, 1 << 30)
+    Path(dst).write_bytes(data)
+    return Path(dst)
+
+
 def index_color(k: int) -> tuple[int, int, int]:
     """A solid colour that encodes frame index k (k < 256) in its red channel."""
     return k, 255 - k, 60

@@ -7,7 +7,7 @@ import pytest
 from annotator.video import (
     FrameRangeError, FrameSourceError, iter_frames, natural_key, probe, read_image, read_image_native, shortfall_verdict,
 )
-from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
+from tests.annotator.clips import panning_clip, rotate_mp4, truncate_avi, write_folder, write_video
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -187,6 +187,22 @@ def test_exif_orientation_is_applied(tmp_path, ext):
         top, bottom = img[:16].astype(int), img[16:].astype(int)
         assert (top[..., 0] > 200).all() and (top[..., 1:] < 60).all()  # stored left -> shown top
         assert (bottom < 60).all()
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_video_rotation_tag_is_applied(tmp_path, degrees):
+    """A portrait phone video (frames stored sideways, a rotation in the track header) reads
+    upright, as players show it: probe's size and every frame, also inside a range."""
+    stored = write_video(panning_clip(6, h=32, w=48, speed=2), tmp_path / "v.mp4")
+    rotated = rotate_mp4(stored, tmp_path / "r.mp4", degrees)
+    upright = [np.rot90(f, -degrees // 90) for _, _, f in iter_frames(stored)]  # clockwise
+    info = probe(rotated)
+    assert (info.width, info.height) == (upright[0].shape[1], upright[0].shape[0])
+    for start in (0, 3):
+        got = list(iter_frames(rotated, start=start))
+        assert [i for i, _, _ in got] == list(range(start, 6))
+        for i, _, img in got:
+            np.testing.assert_array_equal(img, upright[i])  # the same decode, turned
 
 
 def test_folder_range_reads_nothing_outside_it(tmp_path):
