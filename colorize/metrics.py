@@ -258,9 +258,13 @@ def gt_flow(gt_prev: np.ndarray, gt_next: np.ndarray, dis: cv2.DISOpticalFlow | 
     check_flow_size(gt_prev.shape)
     dis = dis or make_dis()
     g0, g1 = gray_u8(gt_prev), gray_u8(gt_next)
-    back = dis.calc(g1, g0, None)  # g1(x) ~ g0(x + back(x))
-    fwd = dis.calc(g0, g1, None)
-    h, w = g0.shape
+    return checked_flow(back=dis.calc(g1, g0, None), fwd=dis.calc(g0, g1, None))
+
+
+def checked_flow(back: np.ndarray, fwd: np.ndarray) -> FlowField:
+    """The backward flow (g1(x) ~ g0(x + back(x))) as a sampling map, trusted where it lands
+    inside the frame and agrees with the forward flow (the module doc's check)."""
+    h, w = back.shape[:2]
     map_x = np.arange(w, dtype=np.float32)[None, :] + back[..., 0]
     map_y = np.arange(h, dtype=np.float32)[:, None] + back[..., 1]
     fwd_at = cv2.remap(fwd, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

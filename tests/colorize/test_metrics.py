@@ -227,6 +227,43 @@ def test_warp_error_counts_only_the_valid_pixels():
     assert M.warp_error_pair(prev, left, flow) == pytest.approx(10.0, abs=1e-4)
 
 
+def _uniform(h, w, dx, dy):
+    return np.broadcast_to(np.array([dx, dy], np.float32), (h, w, 2)).copy()
+
+
+def test_flow_is_trusted_where_it_lands_inside_the_frame():
+    """Content moving 2 px left and 1 px up: pixel (x, y) of frame t+1 comes from (x + 2,
+    y + 1), which is outside frame t for the last 2 columns and the last row; landing
+    exactly on the last column or row counts as inside."""
+    h, w = 16, 24
+    f = M.checked_flow(back=_uniform(h, w, 2, 1), fwd=_uniform(h, w, -2, -1))
+    np.testing.assert_array_equal(f.map_x[0], np.arange(w) + 2)
+    np.testing.assert_array_equal(f.map_y[:, 0], np.arange(h) + 1)
+    expected = np.zeros((h, w), bool)
+    expected[: h - 1, : w - 2] = True
+    np.testing.assert_array_equal(f.valid, expected)
+    left_up = M.checked_flow(back=_uniform(h, w, -3, -2), fwd=_uniform(h, w, 3, 2))
+    expected = np.zeros((h, w), bool)
+    expected[2:, 3:] = True
+    np.testing.assert_array_equal(left_up.valid, expected)
+
+
+@pytest.mark.parametrize("motion, error, trusted", [  # each side of the bound, by hand:
+    (2.0, 0.74, True),  # 0.5476 <= 0.01 * (4 + 1.5876) + 0.5 = 0.5559
+    (2.0, 0.75, False),  # 0.5625 > 0.01 * (4 + 1.5625) + 0.5 = 0.5556
+    (20.0, 2.72, True),  # 7.3984 <= 0.01 * (400 + 298.60) + 0.5 = 7.4860: the relative term counts
+    (20.0, 2.75, False),  # 7.5625 > 0.01 * (400 + 297.56) + 0.5 = 7.4756
+])
+def test_forward_backward_check_threshold(motion, error, trusted):
+    """Forward flow that undoes the backward flow up to `error` px: trusted exactly when
+    |b + f|^2 <= 0.01 (|b|^2 + |f|^2) + 0.5 (Sundaram et al. 2010), worked out by hand."""
+    h, w = 16, 64
+    f = M.checked_flow(back=_uniform(h, w, motion, 0), fwd=_uniform(h, w, -motion + error, 0))
+    inside = np.arange(w) + motion <= w - 1
+    assert f.valid[:, inside].all() == trusted
+    assert not f.valid[:, ~inside].any()
+
+
 def test_histograms_round_float_images_to_the_nearest_level():
     """A float frame is binned at its nearest 8-bit level (as to_uint8 writes it), not truncated."""
     img = np.full((4, 4, 3), (37 - 0.001) / 255, np.float32)
