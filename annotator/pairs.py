@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -149,11 +150,12 @@ class BuildOptions:
 
 
 def movie_id_for(source: str | os.PathLike) -> str:
-    """Folder name under DATA_ROOT: the file stem or folder name, with odd characters -> '_'
-    (non-ASCII ones included: names in other scripts may collide, which plan() reports)."""
+    """Folder name under DATA_ROOT: the file stem or folder name, letters and digits of any
+    script kept, other characters -> '_'. NFC first, so that a name typed on one machine and
+    read from a macOS disk (decomposed accents) on another gives the same id, as shards need."""
     p = Path(source)
-    name = (p.name if p.is_dir() else p.stem) or p.resolve().name
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "movie"
+    name = unicodedata.normalize("NFC", (p.name if p.is_dir() else p.stem) or p.resolve().name)
+    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "movie"
 
 
 def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -240,6 +240,22 @@ def test_shards_and_workers(tmp_path):
     assert snapshot(tmp_path / "p") == snapshot(tmp_path / "d")
 
 
+def test_titles_in_other_scripts_keep_their_names(tmp_path):
+    """Two Japanese titles of the same length would both have been '____' (one skipped as a
+    clash); each keeps its own name, also under the C locale, and a rerun finds them done."""
+    clips = [write_folder(panning_clip(6, 32, 48, seed=k), tmp_path / name)
+             for k, name in enumerate(["東京物語", "麦秋物語"])]
+    clips.append(write_video(panning_clip(6, 32, 48, seed=2), tmp_path / "Amélie.avi"))
+    env = {**os.environ, "LC_ALL": "C"}
+    args = [sys.executable, str(SCRIPT), *map(str, clips), "--out", str(tmp_path / "d"), "--size", "32",
+            "--no-progress"]
+    p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert list_movies(tmp_path / "d") == ["Amélie", "東京物語", "麦秋物語"]
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "already built (skipped): 3" in again.stdout, again.stdout
+
+
 def test_out_is_a_file(tmp_path):
     clip = write_folder(panning_clip(3, 16, 24), tmp_path / "clip")
     (tmp_path / "taken").write_text("x")
