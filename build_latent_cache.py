@@ -61,14 +61,14 @@ def check_data_root(data_root, movies) -> None:
 def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     """AutoencoderKL from the model config's first_stage section, weights from a checkpoint.
 
-    The config is chosen as colorize_inference.py chooses it (colorize.pipeline.resolve_config):
+    The config is chosen as colorize_inference.py chooses it (colorize.loading.resolve_config):
     --config, else the .yaml beside the checkpoint, else the config it records, else SD2.1's;
     so the toy model needs no --config. A checkpoint that does not fit is refused in one line
     naming a tensor (and both shapes where they differ), before anything is loaded into the VAE."""
     from omegaconf import DictConfig, OmegaConf
 
     from cldm.checkpoint import compare_state_dict, guess_kind, load_state_dict, misfit
-    from colorize.pipeline import resolve_config
+    from colorize.loading import resolve_config
     from ldm.modules.autoencoder import AutoencoderKL
 
     source = resolve_config(ckpt_path, config_path)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from annotator.latent_cache import build_latent_cache
-    from colorize.pipeline import resolve_device
+    from colorize.loading import resolve_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")

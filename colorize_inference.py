@@ -39,7 +39,7 @@ from cliutil import OneLineParser, one_line, run_cli  # noqa: E402
 from annotator.video import FrameSourceError, SourceInfo, probe  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
-from colorize import pipeline as P  # noqa: E402
+from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
 from colorize.frames_io import even_size, progress_bar, write_bytes_atomic, write_video_atomic  # noqa: E402
 
@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
                    help="fully unpickle a .ckpt that needs it (runs code from the file: trusted files only)")
     m.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda, or cuda:N for the N-th GPU (from 0)")
-    m.add_argument("--precision", default="auto", choices=["auto", *P.PRECISIONS],
+    m.add_argument("--precision", default="auto", choices=["auto", *L.PRECISIONS],
                    help="autocast precision: auto = fp16 on CUDA, fp32 on CPU; with fp16/bf16 the weights "
                         "are held in it too (norms in fp32): the same result, half the memory")
     m.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -194,7 +194,7 @@ def check_args(args) -> P.Options:
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
     if args.method == "model":  # the schedule is the config's: known before the weights are loaded
-        steps_option(options.steps, P.schedule_length(args.ckpt, args.control, args.config, args.set))
+        steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set))
     return options
 
 
@@ -248,7 +248,7 @@ def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
 
 def resolve_device(name: str) -> torch.device:
     try:
-        return P.resolve_device(name)
+        return L.resolve_device(name)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -344,10 +344,10 @@ def run(args) -> int:
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     model = None
     if args.method == "model":
-        model = P.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle)
-        dtype = P.compute_dtype(args.precision, model.betas.device)
+        model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle)
+        dtype = L.compute_dtype(args.precision, model.betas.device)
         if dtype != torch.float32:  # autocast would cast every weight at every step
-            P.cast_weights(model, dtype)
+            L.cast_weights(model, dtype)
         if args.compile:
             model.compile_denoiser(vae_decoder=True, dynamic=False)
     notes = set()

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from annotator.color import rgb_to_gray, transfer_luma  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config  # noqa: E402
-from colorize import pipeline as P  # noqa: E402
+from colorize import loading as L, pipeline as P  # noqa: E402
 from ldm import schedule  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     p.add_argument("--cast-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="hold the weights in the autocast dtype, as colorize_inference.py does "
-                        "(colorize.pipeline.cast_weights; default: on; off: autocast casts them every step)")
+                        "(colorize.loading.cast_weights; default: on; off: autocast casts them every step)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile ControlNet, UNet and VAE decoder (ControlLDM.compile_denoiser); the "
                         "warm-up compiles each batch shape and reports the largest difference from eager")
@@ -195,9 +195,9 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     with torch.device(args.device):
         model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
-    dtype = P.compute_dtype(args.precision, args.device)
+    dtype = L.compute_dtype(args.precision, args.device)
     if args.cast_weights and dtype != torch.float32:
-        P.cast_weights(model, dtype)
+        L.cast_weights(model, dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     grays, ref = load_frames(args.frames, args.scale, args.square)

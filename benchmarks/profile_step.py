@@ -53,11 +53,12 @@ def sample_step(config, size: int, batch_size: int, cuda_graph: bool, device, ov
     with the weights held in that dtype as colorize_inference.py holds them."""
     from colorize import pipeline as P
     from colorize.cuda_graph import GraphCache
+    from colorize.loading import cast_weights
 
     with torch.device(device):
         model = create_model(load_config(config, overrides)).eval().requires_grad_(False)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    P.cast_weights(model, dtype)
+    cast_weights(model, dtype)
     hint = torch.rand(batch_size, 4, size, size, device=device)
     graphs = GraphCache() if cuda_graph and device.type == "cuda" else None
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, cache_enabled=False):

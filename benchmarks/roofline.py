@@ -153,7 +153,7 @@ def trace(what: str, config=DEFAULT_CONFIG, size: int = 512, batch_size: int = 1
     """
     from benchmarks.train_flops import build_module, synthetic_batch
     from cldm.model import create_model, load_config
-    from colorize.pipeline import cast_weights
+    from colorize.loading import cast_weights
 
     cpu = torch.device("cpu")
     rec = OpTrace()

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from annotator.color import rgb_to_gray
 from cldm.lightning import ColorControlModule
 from cldm.trainable import export_keys
-from colorize import pipeline as P
+from colorize import loading as L, pipeline as P
 from tests.cldm.test_lightning import fixed_loss
 from tests.cldm.test_model import tiny_v1
 from tests.colorize.tiny_model import tiny_model as tiny_pipeline_model
@@ -193,7 +193,7 @@ def test_fp16_weights_equal_fp16_autocast_of_fp32_weights():
     run = lambda graphs: np.stack(list(P.colorize(model, grays, ref, "fixed", size=64, steps=20, seed=5, batch=3,
                                                   precision="fp16", cuda_graph=graphs)))
     outs = {graphs: run(graphs) for graphs in (False, True)}
-    P.cast_weights(model, torch.float16)
+    L.cast_weights(model, torch.float16)
     for graphs in (False, True):
         got = run(graphs)
         print(f"CUDA graphs {graphs}: max |fp16 weights - autocast| {np.abs(got - outs[graphs]).max():.2e}")

@@ -5,17 +5,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from annotator.color import rgb_to_gray, rgb_to_lab
 from annotator.video import FrameSourceError, iter_frames
 from benchmarks.bench_inference import fixed_serial
-from cldm.checkpoint import CheckpointError, check_checkpoint_file
-from cldm.model import TINY_CONFIG
-from cldm.trainable import configure_trainable, export_control
-from colorize import pipeline as P
+from colorize import loading as L, pipeline as P
 from ldm import sampler
-from tests.colorize.tiny_model import save_tiny, tiny_model
+from tests.colorize.tiny_model import tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 FAST = dict(size=64, steps=2)  # 64x128 model frames, 2 DDIM steps
@@ -371,7 +367,7 @@ def test_weights_held_in_half_precision_give_the_autocast_result(clip):
     kw = dict(batch=3, precision="bf16", **FAST)
     model = tiny_model()
     want = list(P.colorize_fixed(model, grays, clip[3], **kw))
-    P.cast_weights(model, torch.bfloat16)
+    L.cast_weights(model, torch.bfloat16)
     norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     for part in (model.control_model, model.model, model.first_stage_model):
         for module in part.modules():
@@ -439,75 +435,6 @@ def test_video_range_skips_to_the_start_and_stops(clip):
         list(P.iter_gray_frames(SAMPLE, 140))
     with pytest.raises(P.InferenceError, match="has no frame 200"):
         P.reference_frame(SAMPLE, 200)
-
-
-def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(SAMPLE.read_bytes()[:4096])
-    with pytest.raises(CheckpointError, match="clip.mp4: not a checkpoint file"):
-        P.load_model(video, config=TINY_CONFIG)
-    named = tmp_path / "weights.ckpt"  # safetensors content under a torch name
-    save_file({"a": torch.zeros(2)}, str(named))
-    with pytest.raises(CheckpointError, match="weights.ckpt: looks like a safetensors file.*rename it"):
-        check_checkpoint_file(named)
-    for name, legacy in (("zip.pt", False), ("legacy.pt", True)):  # both torch.save formats pass
-        torch.save({"a": torch.zeros(2)}, tmp_path / name, _use_new_zipfile_serialization=not legacy)
-        check_checkpoint_file(tmp_path / name)
-    check_checkpoint_file(tmp_path / "missing.ckpt")  # left to the loader's "no such file"
-
-
-def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
-    model = tiny_model(seed=1)
-    full = save_tiny(model, tmp_path / "full.safetensors")
-    expected = model.state_dict()
-    loaded = P.load_model(full, config=TINY_CONFIG).state_dict()
-    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
-    # SD weights (no ControlNet) + an export of the trained part
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
-    save_tiny_sd = tmp_path / "sd.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(save_tiny_sd))
-    configure_trainable(model)
-    export = export_control(model, tmp_path / "control.safetensors")
-    model.requires_grad_(False)
-    both = P.load_model(save_tiny_sd, control=export, config=TINY_CONFIG).state_dict()
-    assert all(torch.equal(both[k], v) for k, v in expected.items())
-    # the SD file alone is not a full checkpoint: the message says what to do
-    with pytest.raises(CheckpointError, match="--control"):
-        P.load_model(save_tiny_sd, config=TINY_CONFIG)
-    # another architecture: refused before anything is built
-    with pytest.raises(CheckpointError, match="does not fit"):
-        P.load_model(full, config=TINY_CONFIG, overrides=["model.color_variant=v3"])
-    # a YAML next to the checkpoint is its config
-    (tmp_path / "full.yaml").write_text(TINY_CONFIG.read_text())
-    assert P.resolve_config(full) == tmp_path / "full.yaml"
-
-
-def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
-    """The toy records its config (scale factor 0.57326); the tiny YAML's architecture fits its
-    shapes but not its scale factor, which would only colour worse, silently."""
-    import shutil
-
-    toy = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
-    with pytest.raises(CheckpointError, match=r"saved with another model config: model\.scale_factor is 0\.57326 "
-                                              r"there, 0\.18215 in .*cldm_tiny_color\.yaml \(1 key"):
-        P.load_model(toy, config=TINY_CONFIG)
-    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the --set overrides"):
-        P.load_model(toy, overrides=["model.scale_factor=0.2"])
-    P.load_model(toy, overrides=["model.first_stage.ddconfig.dropout=0.1"])  # eval mode: no contradiction
-    alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
-    shutil.copy(toy, alone)
-    assert P.load_model(alone).scale_factor == 0.57326
-
-
-def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
-    """Read without the weights, so a step count is checked before the long load."""
-    toy = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
-    assert P.schedule_length(toy) == 1000  # the .yaml beside it
-    assert P.schedule_length(toy, config=TINY_CONFIG, overrides=["model.schedule.timesteps=40"]) == 40
-    assert P.schedule_length(tmp_path / "missing.safetensors") == 1000  # SD2.1's; the loader reports the file
-    P.check_steps(40, 20)
-    with pytest.raises(P.OptionError, match=r"^steps must be between 1 and 20 for the model's 40-step"):
-        P.check_steps(40, 21)
 
 
 def test_most_similar_frames_takes_the_first_of_equals(clip):

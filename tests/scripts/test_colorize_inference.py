@@ -14,7 +14,7 @@ import colorize_inference as cli
 from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm.model import TINY_CONFIG
-from colorize import pipeline as P
+from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
@@ -361,7 +361,7 @@ def test_steps_and_device_are_refused_before_the_input_or_the_model_is_read(env,
     """The step count against the schedule of the config the run would use (--config, --set, the
     .yaml beside the checkpoint), known before the weights are loaded; the device in one line
     (torch's own message lists every device type it knows)."""
-    monkeypatch.setattr(P, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(cli, "probe", lambda *a, **k: pytest.fail("the input was read"))
     base = ["--input", SAMPLE, "--reference", env["refs"][0], "--out", tmp_path / "new"]
     for args, message in [
@@ -432,7 +432,7 @@ def test_a_video_of_unknown_length_keeps_existing_outputs(env, tmp_path, capsys,
 
 
 def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(P, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST,
                       "--out", tmp_path / "out"], capsys)
     assert rc == 130 and err == "colorize_inference.py: interrupted before any output was written\n"
@@ -488,8 +488,8 @@ def test_reduced_precision_holds_the_weights_in_it(env, tmp_path, capsys, monkey
     """--precision fp16/bf16 (auto: fp16 on CUDA, here the CPU: fp32) casts the weights once
     instead of autocast casting them every step (same frames: tests/colorize/test_pipeline.py)."""
     casts = []
-    real = P.cast_weights
-    monkeypatch.setattr(P, "cast_weights", lambda m, dtype: casts.append(dtype) or real(m, dtype))
+    real = L.cast_weights
+    monkeypatch.setattr(L, "cast_weights", lambda m, dtype: casts.append(dtype) or real(m, dtype))
     rc, _, err = run(["--input", env["gray"], "--frames", "0:1", "--reference", env["refs"][0], "--ckpt",
                       env["ckpt"], "--precision", precision, "--out", tmp_path / "o", *FAST], capsys)
     assert rc == 0, err

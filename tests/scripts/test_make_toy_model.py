@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from cldm.checkpoint import load_state_dict
-from colorize import pipeline as P
+from colorize import loading as L
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "toy" / "toy_color_v2.safetensors"
@@ -55,7 +55,7 @@ def test_short_run_writes_a_loadable_model_with_its_provenance(tmp_path):
     assert prov["vae_steps"] == 2 and prov["diffusion_steps"] == 2 and prov["hue_rotations"] == recipe.HUES
     assert math.isfinite(prov["vae_loss"]) and math.isfinite(prov["diffusion_loss"])
     assert (tmp_path / "toy_color_v2.yaml").is_file()
-    model = P.load_model(path, device=torch.device("cpu"))  # config found beside it
+    model = L.load_model(path, device=torch.device("cpu"))  # config found beside it
     assert model.scale_factor == pytest.approx(prov["scale_factor"])
     # the check against a shipped model compares both recorded losses with the tolerance
     assert recipe.check_against(prov, path) == []
@@ -71,7 +71,7 @@ def test_shipped_toy_model_is_small_complete_and_documented():
         assert key in prov, key
     assert prov["vae_steps"] == 1500 and prov["diffusion_steps"] == 3000  # the recipe's defaults
     sd = load_state_dict(SHIPPED)
-    model = P.load_model(SHIPPED, device=torch.device("cpu"))
+    model = L.load_model(SHIPPED, device=torch.device("cpu"))
     assert set(sd) == set(model.state_dict())
 
 

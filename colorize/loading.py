@@ -1,0 +1,173 @@
+"""A model ready for inference: which device, which config, which weights, which dtype.
+
+The config is chosen without the weights (`resolve_config`: --config, a YAML beside the
+weights, the config the file records, SD2.1's), so a CLI can check its options against it
+before the long load. The weights are checked against the config's shapes on the meta device
+first (`load_model`), and against the config the file records, so a wrong file or config
+fails in a second with one line instead of colouring worse. `cast_weights` then holds the
+sampling weights in the compute dtype.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
+from cldm.cldm import ControlLDM
+from cldm.model import DEFAULT_CONFIG, create_model, load_config, model_config
+from cldm.trainable import load_sd_plus_control, read_export_metadata
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch device; anything but auto, cpu, cuda or cuda:N is refused in one line
+    (torch's own message lists every device type it knows)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N (N from 0)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
+                   control: str | os.PathLike | None = None) -> Path | DictConfig:
+    """--config if given, else a YAML next to the weights with the same stem, else the config
+    the checkpoint file carries (safetensors metadata 'config'), else SD2.1's."""
+    if config is not None:
+        return Path(config)
+    for weights in (control, ckpt):
+        if weights is not None and Path(weights).with_suffix(".yaml").is_file():
+            return Path(weights).with_suffix(".yaml")
+    saved = saved_config(ckpt)
+    return saved if saved is not None else DEFAULT_CONFIG
+
+
+def saved_config(weights: str | os.PathLike) -> DictConfig | None:
+    """The model config a checkpoint records in its metadata (the toy model does), or None
+    (also for unreadable files: the loader says what is wrong with them)."""
+    try:
+        text = read_export_metadata(weights).get("config") if Path(weights).is_file() else None
+        return OmegaConf.create(text) if text else None
+    except Exception:  # not a safetensors file, or its 'config' is not YAML: as if there were none
+        return None
+
+
+# Keys that only say how a model is trained: they may differ between a checkpoint and the config
+# (so may dropout rates: inference runs in eval mode).
+TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
+
+
+def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, overrides: Sequence[str] = ()) -> None:
+    """Refuse a config that contradicts the one the checkpoint records: a scale factor, schedule
+    or parameterisation of another model loads without a shape error and just colours worse.
+    `source` and `overrides`: where `cfg` came from (a YAML path or the checkpoint's own config)."""
+    saved = saved_config(weights)
+    if saved is None:
+        return
+    try:
+        ours, theirs = _inference_leaves(cfg), _inference_leaves(saved)
+    except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
+        return
+    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    if diff:
+        k = diff[0]
+        here = (str(source) if isinstance(source, Path) else "its own config") + \
+            (" with the --set overrides" if overrides else "")
+        raise CheckpointError(f"{weights} was saved with another model config: model.{k} is {theirs.get(k)} there, "
+                              f"{ours.get(k)} in {here} ({len(diff)} key(s) differ); leave out --config and --set "
+                              "to use the one saved with it")
+
+
+def _inference_leaves(cfg: DictConfig) -> dict:
+    """The model config as {dotted key: value}, less what does not change inference."""
+    return {k: v for k, v in _leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
+            if k not in TRAINING_ONLY and not k.endswith("dropout")}
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix + str(k), v
+
+
+def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
+               config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+               device: str | torch.device = "cpu", allow_pickle: bool = False) -> ControlLDM:
+    """A ControlLDM in eval mode on `device`, from a full checkpoint or SD2.1 + a ControlNet export.
+
+    The checkpoint is checked against the config's shapes on the meta device first, so a wrong
+    file fails in a second with one CheckpointError instead of after building the model.
+    """
+    source = resolve_config(ckpt, config, control)
+    cfg = load_config(source, overrides)
+    check_saved_config(control if control is not None else ckpt, cfg, source, overrides)
+    if control is not None:
+        with torch.device(device):
+            model = create_model(cfg)
+        load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
+    else:
+        sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
+        with torch.device("meta"):
+            shapes = create_model(cfg).state_dict()
+        report = compare_state_dict(shapes, sd)
+        reason = misfit(report)
+        lacking = [k for k in report.missing if k.startswith(("control_model.", "model.", "first_stage_model.",
+                                                              "cond_stage_model."))]
+        if reason is None and lacking:
+            reason = (f"it lacks {len(lacking)} model tensors (e.g. {lacking[0]}); for SD2.1 weights "
+                      "plus a trained ControlNet pass the ControlNet with --control")
+        if reason is not None:
+            raise CheckpointError(f"{ckpt} ({guess_kind(sd)}) does not fit the config: {reason}")
+        with torch.device(device):
+            model = create_model(cfg)
+        load_into(model, sd)
+    return model.eval().requires_grad_(False)
+
+
+def schedule_length(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
+                    config: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> int:
+    """The noise schedule length (timesteps) of the config `load_model` would use, read without
+    the weights: a step count can be checked (check_steps) before the long load."""
+    return int(model_config(load_config(resolve_config(ckpt, config, control), overrides)).schedule.timesteps)
+
+
+def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The autocast dtype for an Options.precision: auto is fp16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "fp16" if torch.device(device).type == "cuda" else "fp32"
+    return PRECISIONS[precision]
+
+
+def cast_weights(model: ControlLDM, dtype: torch.dtype) -> ControlLDM:
+    """Hold the weights of ControlNet, UNet and VAE in `dtype` (in place): for inference only.
+
+    Under autocast their convolutions and matmuls run in `dtype` anyway, each float32 weight
+    cast at every call; without autocast's cast cache (off: CUDA graphs) that is every
+    denoising step, 1.2 G parameters read and written again (~7 GB of memory traffic per step
+    for SD2.1). Held in `dtype`, nothing is cast and the weights take half the memory. The
+    norms keep float32 parameters: autocast runs them in float32, so the result is the same
+    as with float32 weights. The noise schedule (buffers of the ControlLDM itself) and the
+    text encoder (once per clip) stay float32 too. A model being trained must keep float32
+    weights.
+    """
+    for part in (model.control_model, model.model, model.first_stage_model):
+        for module in part.modules():  # the layers: parameters live only in leaf modules here
+            if not any(module.children()) and not isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                module.to(dtype)
+    return model

@@ -1,0 +1,105 @@
+"""colorize.loading: the config chosen, the weights checked and loaded, the device and dtype."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cldm.checkpoint import CheckpointError, check_checkpoint_file
+from cldm.model import TINY_CONFIG
+from cldm.trainable import configure_trainable, export_control
+from colorize import loading as L, pipeline as P
+from tests.colorize.tiny_model import save_tiny, tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample" / "bigbuckbunny.mp4"
+TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+
+
+def test_devices_are_checked_in_one_line():
+    assert L.resolve_device("cpu") == torch.device("cpu")
+    assert L.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "mps", "cuda:x", "cuda:-1"):
+        with pytest.raises(ValueError, match=rf"^--device {bad}: expected auto, cpu, cuda or cuda:N \(N from 0\)$"):
+            L.resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device cuda:1: CUDA is not available here$"):
+            L.resolve_device("cuda:1")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=rf"^--device cuda:{n}: this machine has {n} CUDA device"):
+            L.resolve_device(f"cuda:{n}")
+
+
+def test_compute_dtype_is_fp16_on_cuda_only_when_auto():
+    assert L.compute_dtype("auto", "cpu") == torch.float32
+    assert L.compute_dtype("auto", torch.device("cuda", 0)) == torch.float16
+    assert L.compute_dtype("bf16", "cuda") == torch.bfloat16 and L.compute_dtype("fp16", "cpu") == torch.float16
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(SAMPLE.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match="clip.mp4: not a checkpoint file"):
+        L.load_model(video, config=TINY_CONFIG)
+    named = tmp_path / "weights.ckpt"  # safetensors content under a torch name
+    save_file({"a": torch.zeros(2)}, str(named))
+    with pytest.raises(CheckpointError, match="weights.ckpt: looks like a safetensors file.*rename it"):
+        check_checkpoint_file(named)
+    for name, legacy in (("zip.pt", False), ("legacy.pt", True)):  # both torch.save formats pass
+        torch.save({"a": torch.zeros(2)}, tmp_path / name, _use_new_zipfile_serialization=not legacy)
+        check_checkpoint_file(tmp_path / name)
+    check_checkpoint_file(tmp_path / "missing.ckpt")  # left to the loader's "no such file"
+
+
+def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
+    model = tiny_model(seed=1)
+    full = save_tiny(model, tmp_path / "full.safetensors")
+    expected = model.state_dict()
+    loaded = L.load_model(full, config=TINY_CONFIG).state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
+    # SD weights (no ControlNet) + an export of the trained part
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    save_tiny_sd = tmp_path / "sd.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(save_tiny_sd))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors")
+    model.requires_grad_(False)
+    both = L.load_model(save_tiny_sd, control=export, config=TINY_CONFIG).state_dict()
+    assert all(torch.equal(both[k], v) for k, v in expected.items())
+    # the SD file alone is not a full checkpoint: the message says what to do
+    with pytest.raises(CheckpointError, match="--control"):
+        L.load_model(save_tiny_sd, config=TINY_CONFIG)
+    # another architecture: refused before anything is built
+    with pytest.raises(CheckpointError, match="does not fit"):
+        L.load_model(full, config=TINY_CONFIG, overrides=["model.color_variant=v3"])
+    # a YAML next to the checkpoint is its config
+    (tmp_path / "full.yaml").write_text(TINY_CONFIG.read_text())
+    assert L.resolve_config(full) == tmp_path / "full.yaml"
+
+
+def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
+    """The toy records its config (scale factor 0.57326); the tiny YAML's architecture fits its
+    shapes but not its scale factor, which would only colour worse, silently."""
+    toy = TOY
+    with pytest.raises(CheckpointError, match=r"saved with another model config: model\.scale_factor is 0\.57326 "
+                                              r"there, 0\.18215 in .*cldm_tiny_color\.yaml \(1 key"):
+        L.load_model(toy, config=TINY_CONFIG)
+    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the --set overrides"):
+        L.load_model(toy, overrides=["model.scale_factor=0.2"])
+    L.load_model(toy, overrides=["model.first_stage.ddconfig.dropout=0.1"])  # eval mode: no contradiction
+    alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
+    shutil.copy(toy, alone)
+    assert L.load_model(alone).scale_factor == 0.57326
+
+
+def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
+    """Read without the weights, so a step count is checked before the long load."""
+    toy = TOY
+    assert L.schedule_length(toy) == 1000  # the .yaml beside it
+    assert L.schedule_length(toy, config=TINY_CONFIG, overrides=["model.schedule.timesteps=40"]) == 40
+    assert L.schedule_length(tmp_path / "missing.safetensors") == 1000  # SD2.1's; the loader reports the file
+    P.check_steps(40, 20)
+    with pytest.raises(P.OptionError, match=r"^steps must be between 1 and 20 for the model's 40-step"):
+        P.check_steps(40, 21)
