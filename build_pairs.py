@@ -23,7 +23,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 from cliutil import DefaultsFormatter, OneLineParser, run_cli
-from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions, build_all
+from annotator.build_many import build_all
+from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions
 from annotator.similarity import METRICS, SIM_SIZE
 
 

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from annotator.color import rgb_to_gray
-from annotator.pairs import BuildOptions, build_all
+from annotator.build_many import build_all
+from annotator.pairs import BuildOptions
 from tests.annotator.clips import index_color, panning_clip, table_from_pairs, write_fake_movie, write_folder
 from tutorial_dataset import PairDataModule, PairDataset
 

@@ -13,7 +13,8 @@ from annotator.color import rgb_to_gray
 from annotator.latent_cache import (
     LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, load_latents, read_frame, vae_fingerprint,
 )
-from annotator.pairs import BuildOptions, build_all, frame_path
+from annotator.build_many import build_all
+from annotator.pairs import BuildOptions, frame_path
 from tests.annotator.clips import panning_clip, write_folder
 
 autoencoder = pytest.importorskip("ldm.modules.autoencoder", reason="ldm/modules/autoencoder.py not available")
