@@ -1,9 +1,13 @@
-"""benchmarks/bench_inference.py and bench_train.py on the tiny config (CPU): every row runs."""
+"""benchmarks/bench_inference.py, bench_train.py (tiny config) and bench_loader.py on the CPU: every row runs."""
 import re
 
 import pytest
 
-from benchmarks import bench_inference, bench_train
+import json
+
+import numpy as np
+
+from benchmarks import bench_inference, bench_loader, bench_train
 from cldm.model import TINY_CONFIG
 
 
@@ -24,3 +28,15 @@ def test_bench_train_reports_speed_and_memory():
     assert r["samples_per_s"] > 0 and r["memory_gib"] > 0
     assert r["model_tflop_per_sample"] == pytest.approx(0.591e-3, rel=0.01)  # BENCHMARKS.md: 0.591 GFLOP
     assert r["mfu"] is None  # no known peak for a CPU
+
+
+def test_bench_loader_times_items_and_loaders_on_a_cache_of_sd_shapes(tmp_path, capsys):
+    r = bench_loader.main(["--size", "64", "--items", "4", "--batch-size", "2", "--batches", "2", "--workers", "0",
+                           "--data-root", str(tmp_path / "d"), "--target", "100", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == r
+    for key in ("read_frame_ms", "hint_ms", "latent_item_ms", "pixels_item_ms", "loader_latent_w0_samples_per_s"):
+        assert r[key] > 0, key
+    assert r["workers_per_gpu"] == {"100 samples/s": -(-100 // r["latent_items_per_s"])}
+    lat = np.load(tmp_path / "d" / "bigbuckbunny" / "latents.npy", mmap_mode="r")
+    assert lat.shape == (132, 2, 4, 8, 112 // 8)  # SD2.1's latent channels and /8, for 112x64 frames
+    assert "workers per GPU for 100 samples/s" in capsys.readouterr().out
