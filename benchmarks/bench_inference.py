@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from annotator.color import rgb_to_gray, transfer_luma  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
+from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from ldm import schedule  # noqa: E402
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
+    p.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
+                   help="experiment: one attention backend for every scaled_dot_product_attention (default: "
+                        "torch's choice)")
     p.add_argument("--cast-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="hold the weights in the autocast dtype, as colorize_inference.py does "
                         "(colorize.loading.cast_weights; default: on; off: autocast casts them every step)")
@@ -206,24 +210,25 @@ def main(argv=None) -> int:
     runs = [m.strip() for m in args.modes.split(",")]
     if not runs or any(m not in RUNS for m in runs):
         p.error(f"--modes {args.modes}: choose from {','.join(RUNS)}")
-    # Warm-up: every batch shape of the runs once (CUDA graph capture, cuDNN autotuning, compiling).
-    warm = {(RUNS[n][0] not in ("recursive", "anchored"), RUNS[n][1]) for n in runs}
-    warm_up = lambda: {b: list(P.colorize(model, grays[:max(b, 2)], ref, "fixed" if f else "recursive", batch=b,
-                                          **opts)) for f, b in sorted(warm)}
-    if args.compile:
-        eager = warm_up()
-        t = time.perf_counter()
-        model.compile_denoiser(vae_decoder=True, dynamic=False)
-        compiled = warm_up()
-        diff = max(float(np.abs(x - y).max()) for b in eager for x, y in zip(eager[b], compiled[b]))
-        print(f"compile + warm-up: {time.perf_counter() - t:.0f} s; largest |compiled - eager| over "
-              f"{sum(map(len, eager.values()))} warm-up frames: {diff:.2e}")
-    else:
-        warm_up()
-    results = {name: [] for name in runs}
-    for _ in range(args.repeat):
-        for name in runs:
-            results[name].append(fps(model, grays, ref, *RUNS[name], **opts))
+    with sdpa_backend(args.sdpa):  # warm-up (CUDA graphs, compiling) and timed runs alike
+        # Warm-up: every batch shape of the runs once (CUDA graph capture, cuDNN autotuning, compiling).
+        warm = {(RUNS[n][0] not in ("recursive", "anchored"), RUNS[n][1]) for n in runs}
+        warm_up = lambda: {b: list(P.colorize(model, grays[:max(b, 2)], ref, "fixed" if f else "recursive", batch=b,
+                                              **opts)) for f, b in sorted(warm)}
+        if args.compile:
+            eager = warm_up()
+            t = time.perf_counter()
+            model.compile_denoiser(vae_decoder=True, dynamic=False)
+            compiled = warm_up()
+            diff = max(float(np.abs(x - y).max()) for b in eager for x, y in zip(eager[b], compiled[b]))
+            print(f"compile + warm-up: {time.perf_counter() - t:.0f} s; largest |compiled - eager| over "
+                  f"{sum(map(len, eager.values()))} warm-up frames: {diff:.2e}")
+        else:
+            warm_up()
+        results = {name: [] for name in runs}
+        for _ in range(args.repeat):
+            for name in runs:
+                results[name].append(fps(model, grays, ref, *RUNS[name], **opts))
     h, w = grays[0].shape
     mh, mw = P.model_size(h, w, args.size)
     t = time.perf_counter()
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
           f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
           f"{args.noise} noise, CUDA graphs {'on' if args.cuda_graph else 'off'}, "
           f"weights in {dtype if args.cast_weights else torch.float32}, channels_last {args.channels_last}, "
-          f"cudnn.benchmark {args.cudnn_benchmark}, compile {args.compile}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}, SDPA {args.sdpa}, compile {args.compile}, "
           f"{args.frames} frames, median of {args.repeat}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# 1-min load average: {load_before:.1f} before, {load:.1f} after (other jobs on the machine)")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from benchmarks.train_flops import build_module, synthetic_batch, training_flops  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, load_config  # noqa: E402
 
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
+    p.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
+                   help="experiment: one attention backend for every scaled_dot_product_attention (default: "
+                        "torch's choice); a backend that cannot run the shapes fails")
     p.add_argument("--device", default=None, help="cuda (default if present) or cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids stalls")
@@ -143,12 +147,14 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
-    r = bench(a.config, a.size, a.batch_size, a.steps, a.warmup, a.precision, a.latent_cache, a.checkpointing,
-              a.compile, a.device, a.overrides, a.peak_tflops, a.channels_last)
+    with sdpa_backend(a.sdpa):
+        r = bench(a.config, a.size, a.batch_size, a.steps, a.warmup, a.precision, a.latent_cache, a.checkpointing,
+                  a.compile, a.device, a.overrides, a.peak_tflops, a.channels_last)
+    r["sdpa"] = a.sdpa
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no known peak)"
     print(f"{r['device']}, {r['date']}: {r['config']} {r['size']}px, batch {r['batch_size']}, {r['precision']}, "
           f"latent cache {r['latent_cache']}, checkpointing {r['checkpointing']}, compile {r['compile']}, "
-          f"channels_last {r['channels_last']}, cudnn.benchmark {r['cudnn_benchmark']}\n"
+          f"channels_last {r['channels_last']}, cudnn.benchmark {r['cudnn_benchmark']}, SDPA {r['sdpa']}\n"
           f"  {r['samples_per_s']:.2f} samples/s ({1000 * r['step_s']:.0f} ms/step), "
           f"{r['memory_gib']:.2f} GiB {r['memory_kind']}\n"
           f"  {r['model_tflop_per_sample']:.4f} TFLOP/sample -> {r['achieved_tflops']:.4f} TFLOP/s, MFU {mfu}")

@@ -11,6 +11,8 @@
 #   compile  (minutes) torch.compile: bench_train.py --compile, bench_inference.py --compile
 #   profile  (~1 min) benchmarks/profile_step.py: where a training and a sampling step spend time
 #   variants (~2 min) channels_last and cudnn.benchmark, training and inference
+#   attention (~3 min) each scaled_dot_product_attention backend forced in turn (flash, efficient,
+#            cudnn), training batch 16 and inference batch 8
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [SECTION ...]   (default: checks train infer)
 # Sections run in the order given. With BUDGET_S=N in the environment every command is cut
 # off (and later ones skipped) so that the whole script ends within N seconds of its start.
@@ -89,10 +91,16 @@ variants() {
     step bench_train_b16_cudnnbenchmark "${train_b16[@]}" --cudnn-benchmark --json "$out/train_b16_cudnn.json"
     step bench_inference_channelslast_cudnnbenchmark "${bench[@]}" --channels-last --cudnn-benchmark --modes fixed8
 }
+attention() {  # which scaled_dot_product_attention kernel suits head size 64 (eager steps)
+    for b in flash efficient cudnn; do
+        step bench_train_b16_sdpa_$b "${train_b16[@]}" --steps 6 --warmup 2 --sdpa $b --json "$out/train_b16_sdpa_$b.json"
+        step bench_inference_sdpa_$b "${bench[@]}" --sdpa $b --modes fixed8
+    done
+}
 
 for s in $sections; do
     case $s in
-        checks|train|infer|eager|compile|profile|variants) $s ;;
+        checks|train|infer|eager|compile|profile|variants|attention) $s ;;
         *) echo "unknown section $s"; status=1 ;;
     esac
 done

@@ -6,8 +6,11 @@ import pytest
 import json
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from benchmarks import bench_inference, bench_loader, bench_train
+from benchmarks.experiments import sdpa_backend
 from cldm.model import TINY_CONFIG
 
 
@@ -40,3 +43,24 @@ def test_bench_loader_times_items_and_loaders_on_a_cache_of_sd_shapes(tmp_path, 
     lat = np.load(tmp_path / "d" / "bigbuckbunny" / "latents.npy", mmap_mode="r")
     assert lat.shape == (132, 2, 4, 8, 112 // 8)  # SD2.1's latent channels and /8, for 112x64 frames
     assert "workers per GPU for 100 samples/s" in capsys.readouterr().out
+
+
+def test_sdpa_backend_forces_one_attention_kernel():
+    """The CPU has math and flash kernels but no memory-efficient one: forcing that one must
+    fail, so the switch is in effect; auto leaves torch's choice."""
+    q = torch.randn(1, 2, 8, 4)
+    want = F.scaled_dot_product_attention(q, q, q)
+    for name in ("auto", "math", "flash"):
+        with sdpa_backend(name):
+            torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q), want)
+    with sdpa_backend("efficient"), pytest.raises(RuntimeError, match="No viable backend"):
+        F.scaled_dot_product_attention(q, q, q)
+    F.scaled_dot_product_attention(q, q, q)  # restored on exit
+
+
+def test_bench_train_records_the_attention_backend(tmp_path, capsys):
+    assert bench_train.main(["--config", str(TINY_CONFIG), "--size", "64", "--batch-size", "1", "--steps", "1",
+                             "--warmup", "0", "--precision", "32", "--device", "cpu", "--sdpa", "math",
+                             "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["sdpa"] == "math"
+    assert "SDPA math" in capsys.readouterr().out
