@@ -255,8 +255,3 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
-
-    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction, for sanity checks; the diffusion model calls `encode`/`decode` directly."""
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample else posterior.mode())

@@ -45,6 +45,15 @@ def test_band_semantics_exact():
         pair_mask(sim, 0.94, 0.97, 0)
 
 
+def test_sim_size_must_leave_ssim_a_valid_area():
+    """SSIM's 11x11 window ("valid" border) needs 12 pixels for a 2x2 area; at 11 (1x1) or less
+    every similarity would be NaN and the movie would build "fine" with no pairs."""
+    BuildOptions(sim_size=12).validate()
+    for bad in (11, 10):
+        with pytest.raises(ValueError, match=rf"--sim-size must be >= 12 \(got {bad}\)"):
+            BuildOptions(sim_size=bad).validate()
+
+
 def test_stored_size_and_ids(tmp_path):
     assert stored_size(1280, 720, 512) == (912, 512)
     assert stored_size(720, 1280, 512) == (512, 912)  # portrait

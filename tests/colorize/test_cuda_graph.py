@@ -68,6 +68,8 @@ def test_signature_covers_shapes_dtypes_and_missing_fields():
     assert cuda_graph.signature(x, cond(2)) != cuda_graph.signature(x.half(), cond(2))
     with_concat = ColorCondition(cond(2).context, cond(2).guided_hint, torch.zeros(2, 5, 8, 8))
     assert cuda_graph.signature(x, cond(2)) != cuda_graph.signature(x, with_concat)
+    # a graph replays on the device it was captured on: inputs elsewhere need their own
+    assert cuda_graph.signature(x, cond(2)) != cuda_graph.signature(x.to("meta"), cond(2))
 
 
 def test_graphs_need_cuda_tensors():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.modules.autoencoder import AutoencoderKL
+from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from tests.helpers import COMPONENT_TOL as TOL, sub_state
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -93,3 +93,12 @@ def test_unknown_ddconfig_key_is_an_error(tiny_arch):
     ddconfig = {**tiny_arch["vae"]["ddconfig"], "attn_typ": "vanilla"}
     with pytest.raises(ValueError, match=r"unknown ddconfig key\(s\) \['attn_typ'\]"):
         AutoencoderKL(ddconfig, tiny_arch["vae"]["embed_dim"])
+
+
+def test_posterior_logvar_is_clamped_to_minus_30_and_20():
+    """As the reference: logvar outside [-30, 20] is clamped before std and var are taken."""
+    logvar = torch.tensor([-35.0, -25.0, 10.0, 25.0])
+    p = DiagonalGaussian(torch.cat([torch.zeros(4), logvar]).view(1, 8, 1, 1))
+    assert p.logvar.flatten().tolist() == [-30.0, -25.0, 10.0, 20.0]
+    torch.testing.assert_close(p.std.flatten(), torch.exp(0.5 * torch.tensor([-30.0, -25.0, 10.0, 20.0])))
+    torch.testing.assert_close(p.var, p.std**2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import Transformer
 
-from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder
+from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder, text_config
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 SOT, EOT = 49406, 49407
@@ -54,6 +54,15 @@ def test_vit_h_state_dict_matches_sd21_checkpoint_names_and_shapes():
     assert got == expected
     assert len(got) == 294
     assert "attn_mask" in dict(enc.model.named_buffers())  # present, but not persistent
+
+
+def test_a_narrower_tower_gets_a_projection_of_its_own_width():
+    """ViT-H's embed_dim (1024) was sized for its width; a tiny width override takes the
+    projection along (unless embed_dim is given too)."""
+    enc = FrozenOpenCLIPEmbedder(width=32, heads=2, layers=1, device="meta")
+    assert tuple(enc.model.text_projection.shape) == (32, 32)
+    assert text_config(width=32)["embed_dim"] == 32 and text_config(width=32, embed_dim=8)["embed_dim"] == 8
+    assert text_config()["embed_dim"] == text_config()["width"] == 1024
 
 
 def test_blank_prompt_tokenizes_to_sot_eot_then_padding():

@@ -106,3 +106,23 @@ def test_unknown_or_unsupported_arguments_are_errors(tiny_arch):
         UNetModel(**tiny_arch["unet"])  # the reference-only keys, unstripped
     with pytest.raises(ValueError, match="use_linear_in_transformer=false .* not supported"):
         UNetModel(**{**unet_kwargs(tiny_arch), "use_linear_in_transformer": False})
+
+
+def test_half_weights_without_autocast_and_float32_ending_under_autocast(tiny_arch, tiny_weights, tiny_io):
+    """Two dtype rules of the reference UNet. Under autocast with float32 input, the decoder's
+    last norm and SiLU run in float32 (h is cast back to the input's dtype first): the output
+    conv receives float32. A UNet held in bfloat16 runs without autocast (the float32 time
+    embedding is cast to the weights' dtype) and stays near the float32 result."""
+    unet = _tiny_unet(tiny_arch, tiny_weights)
+    seen = []
+    unet.out[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x, t, ctx = tiny_io["x"], tiny_io["t"], tiny_io["context"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unet(x, t, ctx).dtype == torch.bfloat16
+    assert seen == [torch.float32]
+    half = unet.to(torch.bfloat16)
+    with torch.no_grad():
+        eps = half(x.bfloat16(), t, ctx.bfloat16())
+    assert eps.dtype == torch.bfloat16
+    err = (eps.float() - tiny_io["eps_plain"]).abs().max().item() / tiny_io["eps_plain"].abs().max().item()
+    assert err < 0.05, err  # bfloat16 round-off (8 bits of mantissa)
