@@ -1,4 +1,5 @@
 """Constants and small helpers shared by tests (importable, unlike conftest)."""
+import signal
 
 # Tolerances the reference implementation itself meets between runs (tests/fixtures/README.md).
 COMPONENT_TOL = dict(rtol=1e-4, atol=1e-5)
@@ -8,3 +9,10 @@ DDIM_TOL = dict(rtol=1e-3, atol=1e-4)
 def sub_state(sd: dict, prefix: str) -> dict:
     """Keys under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn for a child that a test interrupts with SIGINT: a test run started as a
+    background job has SIGINT ignored, children inherit that, and Python then installs no
+    Ctrl-C handler; a terminal's Ctrl-C reaches a foreground job, which this restores."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

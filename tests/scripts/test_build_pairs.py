@@ -15,6 +15,7 @@ import pytest
 import build_pairs
 from annotator.pairs import list_movies, load_meta, load_similarity
 from tests.annotator.clips import iter_panning_clip, panning_clip, write_folder, write_video
+from tests.helpers import default_sigint
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "build_pairs.py"
@@ -37,7 +38,8 @@ def start():
 
     def launch(*args) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=default_sigint)
         procs.append(proc)
         return proc
 

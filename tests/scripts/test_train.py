@@ -19,6 +19,7 @@ from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import load_state_dict, save_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.trainable import UNET_INPUT_CONV, load_sd_plus_control, read_export_metadata
+from tests.helpers import default_sigint
 from tests.train_helpers import tiny_data_root, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,7 +181,8 @@ def run_and_kill(ws, out, max_steps, when, seed, sig=signal.SIGKILL):
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", max_steps, "--ckpt-every", 1,
                                             "--ckpt-keep", 2, "--warmup-steps", 1000)]
     log = open(out.parent / f"{out.name}.log", "w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
+                            preexec_fn=default_sigint)
     ckpt_dir, deadline = out / "checkpoints", time.monotonic() + 120
     rng = random.Random(seed)
     try:
