@@ -58,13 +58,8 @@ def _crop_size(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def make_hint(ref: np.ndarray, tgt: np.ndarray) -> np.ndarray:
-    """The ControlNet hint of a pair of RGB uint8 crops: reference RGB + target gray, HWC float32
-    in [0, 1]. Written into one array: a temporary per step (cast, divide, concatenate) cost
-    more in page faults than the arithmetic (bench_loader.py)."""
-    hint = np.empty((*ref.shape[:2], 4), np.float32)
-    np.divide(ref, np.float32(255.0), out=hint[..., :3])
-    hint[..., 3] = rgb_to_gray(tgt)
-    return hint
+    """The ControlNet hint of a pair of RGB uint8 crops: reference RGB + target gray, HWC float32 in [0, 1]."""
+    return np.concatenate([ref.astype(np.float32) / 255.0, rgb_to_gray(tgt)[..., None]], axis=-1)
 
 
 class NoPairsError(ValueError):
@@ -184,8 +179,7 @@ class PairDataset(Dataset):
             if self.gray_latents:  # v3: the target's gray, as its latent
                 item["gray_latent_mean"] = np.asarray(lat[j][(2, slice(None), *win)], np.float32)
         else:
-            item["jpg"] = np.subtract(np.divide(tgt, np.float32(127.5), dtype=np.float32), np.float32(1.0),
-                                      dtype=np.float32)
+            item["jpg"] = tgt.astype(np.float32) / 127.5 - 1.0
         return item
 
 

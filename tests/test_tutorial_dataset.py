@@ -12,7 +12,7 @@ from annotator.color import rgb_to_gray
 from annotator.build_many import build_all
 from annotator.pairs import BuildOptions
 from tests.annotator.clips import index_color, panning_clip, table_from_pairs, write_fake_movie, write_folder
-from tutorial_dataset import PairDataModule, PairDataset, make_hint
+from tutorial_dataset import PairDataModule, PairDataset
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -268,14 +268,3 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
         np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
     assert len(offsets) > 3  # the crops do move
-
-
-def test_make_hint_is_reference_over_255_and_the_target_gray_exactly():
-    """Filled in place (one array instead of three temporaries), it must equal the plain
-    formula bit for bit, also for crops that are views into wider frames."""
-    rng = np.random.default_rng(0)
-    ref, tgt = (rng.integers(0, 256, (24, 40, 3), np.uint8)[2:18, 5:37] for _ in range(2))
-    want = np.concatenate([ref.astype(np.float32) / 255.0, rgb_to_gray(tgt)[..., None]], axis=-1)
-    got = make_hint(ref, tgt)
-    assert got.dtype == np.float32 and got.shape == (16, 32, 4) and got.flags.c_contiguous
-    np.testing.assert_array_equal(got, want)
