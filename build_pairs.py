@@ -42,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description=__doc__.split("\n\n")[0] + " Each input file or folder is one movie.",
         epilog="Layout: DATA_ROOT/<movie id>/{frames/000000.jpg..., similarity.npy, meta.json}; the movie id "
-               "is the file stem or folder name, letters and digits of any script kept, other characters -> '_'. Finished "
-               "movies are skipped, so rerunning resumes. Exit status: 0 all built or already built, "
+               "is the file stem or folder name, letters and digits of any script kept, other characters -> '_'. "
+               "Finished movies are skipped, so rerunning resumes. Exit status: 0 all built or already built, "
                "1 some input skipped, 2 bad arguments or a --strict stop, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )

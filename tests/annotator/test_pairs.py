@@ -67,7 +67,8 @@ def test_stored_size_and_ids(tmp_path):
     assert movie_id_for("clips/.hidden take.mkv") == "hidden_take" and movie_id_for("...") == "movie"
     # other scripts keep their letters (two Japanese titles must not both become '____'),
     # and a decomposed accent (macOS file names) gives the id of the composed one
-    assert movie_id_for("films/東京物語.mp4") == "東京物語" and movie_id_for("films/麦秋物語.mp4") == "麦秋物語"
+    assert movie_id_for("films/東京物語.mp4") == "東京物語"
+    assert movie_id_for("films/麦秋物語.mp4") == "麦秋物語"
     assert movie_id_for("Ame\u0301lie: 2001.mkv") == movie_id_for("Am\u00e9lie: 2001.mkv") == "Am\u00e9lie__2001"
 
 

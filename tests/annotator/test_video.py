@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from annotator.video import (
-    FrameRangeError, FrameSourceError, iter_frames, natural_key, probe, read_image, read_image_native, shortfall_verdict,
+    FrameRangeError, FrameSourceError, iter_frames, natural_key, probe, read_image, read_image_native,
+    shortfall_verdict,
 )
 from tests.annotator.clips import panning_clip, rotate_mp4, truncate_avi, write_folder, write_video
 

@@ -287,7 +287,8 @@ def test_load_into_refuses_half_a_strict_part_or_mostly_missing():
     # min_matched is "at least": exactly that share fits, one tensor fewer does not
     report = compare_state_dict(TinyLDM(), {k: v for k, v in bare_unet.items() if not k.startswith("cond_stage")})
     assert len(report.matched) == 5 and misfit(report, strict_prefixes=(), min_matched=5 / 11) is None
-    assert misfit(report, strict_prefixes=(), min_matched=6 / 11) == "only 5 of 11 model tensors found in the checkpoint"
+    assert misfit(report, strict_prefixes=(), min_matched=6 / 11) == \
+        "only 5 of 11 model tensors found in the checkpoint"
     # everything strict: even the new ControlNet must be there
     sd = {k: v for k, v in TinyLDM().state_dict().items() if not k.startswith("control_model.zero")}
     with pytest.raises(CheckpointError, match=r"\(all\)\* does not match the model \(2 missing, e\.g\. "
