@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from annotator.color import (LUMA_WEIGHTS, lab_to_rgb, rgb_to_gray, rgb_to_lab, rgb_to_ycbcr, to_float, transfer_luma,
-                             ycbcr_to_rgb)
+from annotator.color import (LUMA_WEIGHTS, lab_to_rgb, rgb_to_gray, rgb_to_lab, rgb_to_ycbcr, to_float, to_uint8,
+                             transfer_luma, ycbcr_to_rgb)
 
 
 def transfer_luma_per_channel(color, gray):
@@ -75,3 +75,12 @@ def test_ycbcr_by_hand_and_round_trip():
     ycc = rgb_to_ycbcr(rgb)
     assert np.array_equal(ycc[..., 0], rgb_to_gray(rgb))
     np.testing.assert_allclose(ycbcr_to_rgb(ycc), rgb, atol=2e-6)
+
+
+def test_to_float_and_to_uint8_scale_by_the_top_level_and_round():
+    assert to_float(np.array([0, 65535], np.uint16)).tolist() == [0.0, 1.0]  # 16-bit white is 1.0
+    assert to_float(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
+    levels = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(to_uint8(to_float(levels)), levels)  # round trip
+    # rounded, not truncated: 0.5 / 255 -> 1, just under -> 0; clipped outside [0, 1]
+    assert to_uint8(np.array([0.5 / 255 + 1e-6, 0.5 / 255 - 1e-6, -0.2, 1.3], np.float32)).tolist() == [1, 0, 0, 255]

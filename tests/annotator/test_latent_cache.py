@@ -5,15 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
+from annotator.build_many import build_all
 from annotator.color import rgb_to_gray
 from annotator.latent_cache import (
     LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, load_latents, read_frame, vae_fingerprint,
 )
-from annotator.build_many import build_all
 from annotator.pairs import BuildOptions, frame_path
 from tests.annotator.clips import panning_clip, write_folder
 
@@ -255,3 +256,39 @@ def test_vae_config_is_chosen_like_colorize_inference_and_misfits_are_named(tmp_
     other = tmp_path / "tiny.yaml"
     other.write_text(json.dumps({"model": {"first_stage": TINY}}))
     assert vae_fingerprint(build_latent_cache.load_vae(other, ckpt)) == vae_fingerprint(vae)  # --config first
+
+
+def test_read_frame_gives_rgb(tmp_path):
+    """Stored frames are decoded to RGB (OpenCV reads BGR): a red pixel stays red in the latents' input."""
+    bgr = np.zeros((2, 3, 3), np.uint8)
+    bgr[..., 2] = 200  # red, in OpenCV's order
+    cv2.imwrite(str(tmp_path / "f.png"), bgr)
+    rgb = read_frame(tmp_path / "f.png")
+    assert rgb.flags.c_contiguous and rgb[..., 0].min() == 200 and rgb[..., 1:].max() == 0
+
+
+def test_a_cache_with_fewer_latents_than_frames_is_refused(cached_root):
+    lat = np.load(cached_root / "pan" / LATENTS)
+    np.save(cached_root / "pan" / LATENTS, lat[:-1])  # a movie rebuilt with one frame more, say
+    info = json.loads((cached_root / "pan" / LATENTS_META).read_text())
+    with pytest.raises(LatentCacheError, match="does not match the frames"):
+        load_latents(cached_root / "pan", info["vae_fingerprint"])
+
+
+def test_cli_precision_and_exit_status(cached_root, tmp_path, capsys):
+    """--precision 16 / bf16 encode under float16 / bfloat16 autocast (recorded in latents.json);
+    a movie refused because its cache was made by other VAE weights makes the exit status 1."""
+    import build_latent_cache as cli
+    from safetensors.torch import save_file
+
+    other = tiny_vae(1)
+    ckpt = tmp_path / "other.safetensors"
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in other.state_dict().items()}, ckpt)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps({"model": {"first_stage": TINY}}))
+    args = [str(cached_root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu", "--no-progress"]
+    assert cli.main(args) == 1
+    assert "refused (other weights): 1" in capsys.readouterr().out
+    for flag, dtype in (("16", "float16"), ("bf16", "bfloat16"), ("32", None)):
+        assert cli.main(args + ["--overwrite", "--precision", flag]) == 0
+        assert json.loads((cached_root / "pan" / LATENTS_META).read_text())["autocast"] == dtype

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cldm.color import ColorCondition, build_concat, extra_channels, gray_to_latent_size
+from cldm.color import ColorCondition, build_concat, extra_channels, gray_to_latent_size, split_hint
 
 
 def test_extra_channels_per_variant():
@@ -47,3 +47,12 @@ def test_condition_select_and_cat_round_trip():
         assert torch.equal(a, b)
     with pytest.raises(ValueError):
         extra_channels("v9")
+
+
+def test_split_hint_is_reference_rgb_then_target_gray():
+    hint = torch.arange(4.0).view(1, 4, 1, 1).expand(2, 4, 3, 5)
+    ref, gray = split_hint(hint)
+    assert ref.shape == (2, 3, 3, 5) and gray.shape == (2, 1, 3, 5)
+    assert ref[0, :, 0, 0].tolist() == [0.0, 1.0, 2.0] and torch.all(gray == 3.0)
+    with pytest.raises(ValueError, match=r"hint must be \(B, 4, H, W\)"):
+        split_hint(hint[:, :3])

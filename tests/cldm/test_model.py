@@ -6,6 +6,7 @@ import torch
 import yaml
 
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
+from ldm import schedule
 from tests.conftest import FIXTURES
 from tests.helpers import DDIM_TOL
 
@@ -245,3 +246,60 @@ def test_training_loss_targets_by_hand(parameterization):
         want = torch.nn.functional.mse_loss(model.apply_model(x_t, t, cond), target)
         got = model.training_loss(z0, cond, noise=eps, t=t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_schedule_and_only_mid_control_come_from_the_config():
+    """The constructor's own schedule (used when a checkpoint brings none): SD's linear-in-sqrt
+    betas from linear_start up to linear_end; only_mid_control reaches the UNet call."""
+    cfg = load_config(TINY_CONFIG, ["model.only_mid_control=true", "model.schedule.timesteps=50"])
+    model = create_model(cfg).eval()
+    sch = cfg.model.schedule
+    want = schedule.schedule_buffers("linear", 50, sch.linear_start, sch.linear_end)
+    torch.testing.assert_close(model.betas, want["betas"], rtol=0, atol=0)
+    assert model.num_timesteps == 50 and bool((model.betas.diff() > 0).all())
+    torch.testing.assert_close(model.betas[[0, -1]].double(), torch.tensor([sch.linear_start, sch.linear_end],
+                                                                            dtype=torch.float64), rtol=1e-6, atol=0)
+    seen = []
+    model.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["only_mid_control"]), with_kwargs=True)
+    cond = model.prepare_condition(torch.rand(1, 4, 64, 64), context=torch.randn(1, 77, 32))
+    with torch.no_grad():
+        model.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond)
+    assert seen == [True] and create_model(TINY_CONFIG).only_mid_control is False  # the YAML's default
+
+
+@torch.no_grad()
+def test_encode_first_stage_scales_the_posterior():
+    torch.manual_seed(0)
+    model = create_model(TINY_CONFIG).eval()
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    post = model.first_stage_model.encode(img)
+    torch.testing.assert_close(model.encode_first_stage(img), post.mean * model.scale_factor, rtol=0, atol=0)
+    noise = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(3))
+    got = model.encode_first_stage(img, sample=True, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, (post.mean + post.std * noise) * model.scale_factor)
+    torch.testing.assert_close(model.decode_first_stage(got), model.first_stage_model.decode(got / model.scale_factor))
+
+
+@torch.no_grad()
+def test_prompt_cache_keeps_autocast_and_float32_embeddings_apart():
+    torch.manual_seed(0)
+    model = create_model(TINY_CONFIG).eval()
+    f32 = model.get_learned_conditioning(["a red car"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = model.get_learned_conditioning(["a red car"])
+        want = model.cond_stage_model.encode(["a red car"])
+    torch.testing.assert_close(amp, want, rtol=0, atol=0)
+    assert not torch.equal(amp.float(), f32)  # bf16 matmuls: another embedding
+    torch.testing.assert_close(model.get_learned_conditioning(["a red car"]), f32, rtol=0, atol=0)
+
+
+def test_training_draws_every_timestep_from_zero():
+    model = create_model(load_config(TINY_CONFIG, ["model.schedule.timesteps=4"])).eval()
+    drawn = []
+    step = model.apply_model
+    model.apply_model = lambda x, t, cond: drawn.extend(t.tolist()) or step(x, t, cond)
+    cond = model.prepare_condition(torch.rand(64, 4, 64, 64), context=torch.zeros(64, 77, 32))
+    with torch.no_grad():
+        model.training_loss(torch.randn(64, 4, 8, 8), cond, generator=torch.Generator().manual_seed(0))
+    assert sorted(set(drawn)) == [0, 1, 2, 3]

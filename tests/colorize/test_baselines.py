@@ -7,7 +7,7 @@ import pytest
 
 from annotator.color import rgb_to_gray, rgb_to_lab, to_uint8
 from colorize.baselines import (
-    _pack, flow_propagate, iter_baseline, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
+    _fit, _luma_hist, _pack, flow_propagate, iter_baseline, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
 )
 from colorize.metrics import psnr
 
@@ -239,3 +239,17 @@ def test_colour_frames_are_taken_as_their_luma(method):
 
 def max_abs(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_a_reference_of_another_size_is_area_averaged_down_and_bilinear_up():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (40, 60, 3), np.uint8)
+    f = ref.astype(np.float32) / 255
+    np.testing.assert_array_equal(_fit(ref, (20, 30)), cv2.resize(f, (30, 20), interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(_fit(ref, (80, 120)), cv2.resize(f, (120, 80), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(_fit(ref, (40, 60)), f)
+
+
+def test_luma_histogram_puts_white_in_the_last_bin():
+    h = _luma_hist(np.array([0.0, 0.2, 0.5, 1.0, 1.0], np.float32), bins=4)
+    np.testing.assert_array_equal(h, [0.4, 0.0, 0.2, 0.4])  # 0 and 0.2 -> bin 0, 0.5 -> bin 2, 1.0 -> bin 3

@@ -41,3 +41,10 @@ def test_the_threshold_on_a_720p_frame():
         assert to_gray(rgb)[1] is colour, d
         assert to_gray(np.dstack([rgb, np.full_like(base, 255)]))[1] is colour, d  # RGBA
     assert to_gray(np.dstack([base, base, base]))[1] is False
+
+
+def test_gray_plus_alpha_takes_the_gray_channel():
+    ga = np.stack([np.full((4, 5), 100, np.uint8), np.full((4, 5), 255, np.uint8)], axis=-1)  # gray 100, opaque
+    gray, colour = to_gray(ga)
+    assert not colour and gray.shape == (4, 5)
+    np.testing.assert_array_equal(gray, np.float32(100 / 255))

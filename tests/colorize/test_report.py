@@ -76,6 +76,23 @@ def test_write_report_numbers(tmp_path):
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]  # no temp files
 
 
+def test_strip_captions_give_each_rows_frame_scores(tmp_path, monkeypatch):
+    """Rows show frames 0 and 2: their captions carry those frames' PSNR and SSIM (not rows 0, 1)."""
+    import matplotlib.figure
+
+    texts = []
+    real = matplotlib.figure.Figure.text
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, x, y, s, **kw: texts.append(s) or real(
+        self, x, y, s, **kw))
+    gt = [np.full((45, 80, 3), 100, np.uint8)] * 2
+    strip = Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt, "b": gt})
+    write_report(results(), tmp_path, frames=["f0", "f1", "f2"], strip=strip)
+    assert ["f0", "f2"] == [t for t in texts if t in ("f0", "f1", "f2")]
+    assert "(nearly) identical to the ground truth" in texts  # a's frame 0 is at the PSNR cap
+    assert [t for t in texts if t.startswith("PSNR")] == [  # a: frame 2; b: frames 0 and 2
+        "PSNR 28.00 dB   SSIM 0.800", "PSNR 20.00 dB   SSIM 0.500", "PSNR 22.00 dB   SSIM 0.700"]
+
+
 def test_write_report_strip(tmp_path):
     rng = np.random.default_rng(0)
     gt = [rng.integers(0, 256, (45, 80, 3), dtype=np.uint8) for _ in range(2)]

@@ -223,3 +223,19 @@ def test_a_controlnet_checkpoint_is_refused_not_reinitialised(tmp_path, capsys, 
         "v2 on unknown SD variant (context dim 32)), whose control_model.* weights this tool would replace; it "
         "takes a plain Stable Diffusion 2.1 file such as v2-1_512-ema-pruned.safetensors\n")
     assert not out.exists()
+
+
+def test_seed_draws_the_hint_blocks_init(sd_files, tmp_path):
+    """--seed decides the new layers' random init: equal seeds give equal files, another seed
+    another hint block (the SD part is the file's either way)."""
+    _, d = sd_files
+    out = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert tool.main([str(d / "sd.safetensors"), str(tmp_path / f"{name}.safetensors"), "--config",
+                          str(TINY_CONFIG), "--variant", "v2", "--seed", str(seed)]) == 0
+        out[name] = load_file(tmp_path / f"{name}.safetensors")
+    drawn = [k for k in out["a"] if k.startswith("control_model.input_hint_block.") and out["a"][k].any()]
+    assert len(drawn) == 14  # 7 convs, weight and bias (the 8th, zero-initialised, is left out)
+    assert all(torch.equal(out["a"][k], out["b"][k]) for k in out["a"])
+    assert not any(torch.equal(out["a"][k], out["c"][k]) for k in drawn)
+    assert all(torch.equal(out["a"][k], out["c"][k]) for k in out["a"] if k.startswith("model."))
