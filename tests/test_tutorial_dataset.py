@@ -268,3 +268,19 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
         np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
     assert len(offsets) > 3  # the crops do move
+
+
+def test_frames_larger_than_the_crop_are_area_averaged_down(tmp_path):
+    """A 192x128 film at crop 64: scaled by 1/2 with area averaging (no aliasing), centre-cropped."""
+    import cv2
+
+    from annotator.latent_cache import read_frame
+    from annotator.pairs import frame_path
+
+    src = write_folder(panning_clip(8, 128, 192, blur=0.7), tmp_path / "src")
+    build_all([src], tmp_path / "d", BuildOptions(size=0, window=3, threads=1, image_format="png"), progress=False)
+    ds = PairDataset(tmp_path / "d", size=64, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
+    item = ds[2]
+    frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
+    want = cv2.resize(frame, (96, 64), interpolation=cv2.INTER_AREA)[:, 16:80]
+    np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)

@@ -145,3 +145,28 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")  # an orphan reaped late shows as a zombie: it has ended
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_workers_share_the_cores_between_them(tmp_path, monkeypatch):
+    """Each of `workers` movie builds gets cpu_count // workers encoder threads (one process
+    here: the workers=1 path with a stand-in core count)."""
+    import annotator.build_many as bm
+
+    seen = []
+    monkeypatch.setattr(bm.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(bm, "_build_parallel", lambda todo, root, options, *a: seen.append(options.threads))
+    clips = [write_folder(panning_clip(4, 16, 24, seed=k), tmp_path / f"m{k}") for k in range(3)]
+    build_all(clips, tmp_path / "d", replace(OPTS, threads=0), workers=2, progress=False, log=lambda line: None)
+    assert seen == [4]
+
+
+def test_a_png_movie_rebuilt_with_the_same_options_gets_no_note():
+    """PNG movies record no JPEG quality: the same options must not read as a change."""
+    from annotator.build_many import option_changes
+
+    png = replace(OPTS, image_format="png")
+    meta = {"short_side": png.size, "window": png.window, "metric": png.metric, "image_format": "png",
+            "quality": None, "metric_params": {"sim_size": [png.sim_size, png.sim_size]}}
+    assert option_changes(meta, png) == []
+    assert option_changes({**meta, "image_format": "jpg", "quality": 95}, replace(OPTS, quality=95)) == []
+    assert option_changes(meta, replace(png, window=png.window + 1)) == [f"window {png.window} (now {png.window + 1})"]

@@ -50,6 +50,10 @@ def test_bit_depths_and_channels(tmp_path):
 
     cv2.imwrite(str(tmp_path / "gray16.png"), np.full((4, 5), 257 * 30, np.uint16))
     np.testing.assert_array_equal(read_image(tmp_path / "gray16.png")[0, 0], [30, 30, 30])
+    # 16 -> 8 bit rounds to the nearest level (x / 257): 257k + 128 -> k, 257k + 129 -> k + 1
+    levels = np.array([[0, 128, 129, 257 * 30 + 128, 257 * 30 + 129, 65535]], np.uint16)
+    cv2.imwrite(str(tmp_path / "round16.png"), levels)
+    np.testing.assert_array_equal(read_image(tmp_path / "round16.png")[0, :, 0], [0, 0, 1, 30, 31, 255])
 
     rgba = np.zeros((4, 5, 4), np.uint8)
     rgba[...] = (10, 20, 30, 0)  # BGRA on disk; alpha dropped

@@ -103,3 +103,27 @@ def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
     P.check_steps(40, 20)
     with pytest.raises(P.OptionError, match=r"^steps must be between 1 and 20 for the model's 40-step"):
         P.check_steps(40, 21)
+
+
+def test_cast_weights_keeps_every_norm_in_float32():
+    """GroupNorm and LayerNorm (the transformer blocks') keep float32 parameters; the other layers
+    of ControlNet, UNet and VAE take the dtype."""
+    model = L.cast_weights(tiny_model(), torch.float16)
+    norms = [m for part in (model.control_model, model.model, model.first_stage_model) for m in part.modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in norms)
+    assert {p.dtype for m in norms for p in m.parameters()} == {torch.float32}
+    assert model.model.diffusion_model.out[-1].weight.dtype == torch.float16
+
+
+def test_the_control_exports_yaml_wins_over_the_sd_files(tmp_path):
+    """SD2.1 file + export, each with a YAML beside it: the export's is the trained model's."""
+    for name in ("sd", "control"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+        (tmp_path / f"{name}.yaml").write_text("model: {}\n")
+    got = L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors")
+    assert got == tmp_path / "control.yaml"
+    (tmp_path / "control.yaml").unlink()
+    assert L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors") == \
+        tmp_path / "sd.yaml"
+    assert L.resolve_config(tmp_path / "sd.safetensors", config=tmp_path / "x.yaml") == tmp_path / "x.yaml"

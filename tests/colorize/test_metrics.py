@@ -269,3 +269,16 @@ def test_histograms_round_float_images_to_the_nearest_level():
     img = np.full((4, 4, 3), (37 - 0.001) / 255, np.float32)
     h = M.channel_histograms(img)
     assert h[:, 37].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_16_bit_images_are_on_the_8_bit_scale():
+    """65535 is 255, as 255 is: a 16-bit prediction scores like its 8-bit twin; optical flow's
+    8-bit gray keeps 16-bit white white."""
+    assert M.to_255(np.array([0, 257, 65535], np.uint16)).tolist() == [0.0, 1.0, 255.0]
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 256, (16, 16, 3), np.uint8)
+    pred8 = np.clip(gt.astype(int) + rng.integers(-9, 10, gt.shape), 0, 255).astype(np.uint8)
+    pred16 = pred8.astype(np.uint16) * 257
+    assert M.psnr(pred16, gt) == pytest.approx(M.psnr(pred8, gt), abs=1e-9)
+    g16 = np.array([[0, 128, 129, 65535]], np.uint16)
+    assert M.gray_u8(g16).tolist() == [[0, 0, 1, 255]]

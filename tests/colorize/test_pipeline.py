@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from annotator.color import rgb_to_gray, rgb_to_lab
+from annotator.similarity import fast_resize
 from annotator.video import FrameSourceError, iter_frames
 from benchmarks.bench_inference import fixed_serial
 from colorize import loading as L, pipeline as P
@@ -42,6 +43,18 @@ def grays_of(clip, idx):
 
 def max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_resize_stays_in_range_where_bicubic_overshoots():
+    """Upscaling uses bicubic (annotator.similarity.fast_resize), which rings past a hard edge:
+    model inputs and output frames are clipped back to [0, 1]."""
+    step = np.zeros((8, 8), np.float32)
+    step[:, 4:] = 1.0
+    up = P.resize(step, (32, 32))
+    assert up.shape == (32, 32) and up.min() == 0.0 and up.max() == 1.0
+    raw = fast_resize(step, 32, 32)
+    assert raw.min() < 0 and raw.max() > 1  # the overshoot that is clipped
+    np.testing.assert_array_equal(up, np.clip(raw, 0, 1))
 
 
 def test_model_size_rounds_to_64_keeping_aspect():
