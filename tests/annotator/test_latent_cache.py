@@ -169,14 +169,19 @@ def test_dataset_latent_mode(built):
         PairDataset(root, vae_fingerprint=vae_fingerprint(tiny_vae(1)), **band)
 
 
-def test_cli(root, tmp_path):
+def vae_checkpoint(vae, folder: Path) -> tuple[Path, Path]:
+    """A checkpoint holding only `vae` (as first_stage_model.*) and a config for it."""
     from safetensors.torch import save_file
 
-    vae = tiny_vae(0)
-    ckpt = tmp_path / "model.safetensors"
+    ckpt, cfg = folder / "vae.safetensors", folder / "tiny.yaml"
     save_file({f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}, ckpt)
-    cfg = tmp_path / "tiny.yaml"
     cfg.write_text(json.dumps({"model": {"first_stage": TINY}}))  # JSON is YAML
+    return ckpt, cfg
+
+
+def test_cli(root, tmp_path):
+    vae = tiny_vae(0)
+    ckpt, cfg = vae_checkpoint(vae, tmp_path)
     cmd = [sys.executable, str(REPO / "build_latent_cache.py"), str(root), "--ckpt", str(ckpt), "--config", str(cfg),
            "--device", "cpu", "--no-progress"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -279,13 +284,8 @@ def test_cli_precision_and_exit_status(cached_root, tmp_path, capsys):
     """--precision 16 / bf16 encode under float16 / bfloat16 autocast (recorded in latents.json);
     a movie refused because its cache was made by other VAE weights makes the exit status 1."""
     import build_latent_cache as cli
-    from safetensors.torch import save_file
 
-    other = tiny_vae(1)
-    ckpt = tmp_path / "other.safetensors"
-    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in other.state_dict().items()}, ckpt)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(json.dumps({"model": {"first_stage": TINY}}))
+    ckpt, cfg = vae_checkpoint(tiny_vae(1), tmp_path)  # other weights than the cache's
     args = [str(cached_root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu", "--no-progress"]
     assert cli.main(args) == 1
     assert "refused (other weights): 1" in capsys.readouterr().out

@@ -22,9 +22,9 @@ SCRIPT = REPO / "build_pairs.py"
 LINUX = sys.platform.startswith("linux")
 
 
-def run(*args, check_rc=None):
+def run(*args, check_rc=None, env=None):
     p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=env)
     if check_rc is not None:
         assert p.returncode == check_rc, p.stderr
     return p
@@ -249,13 +249,10 @@ def test_titles_in_other_scripts_keep_their_names(tmp_path):
              for k, name in enumerate(["東京物語", "麦秋物語"])]
     clips.append(write_video(panning_clip(6, 32, 48, seed=2), tmp_path / "Amélie.avi"))
     env = {**os.environ, "LC_ALL": "C"}
-    args = [sys.executable, str(SCRIPT), *map(str, clips), "--out", str(tmp_path / "d"), "--size", "32",
-            "--no-progress"]
-    p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stderr
+    run(*clips, "--out", tmp_path / "d", "--size", "32", check_rc=0, env=env)
     assert list_movies(tmp_path / "d") == ["Amélie", "東京物語", "麦秋物語"]
-    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert again.returncode == 0 and "already built (skipped): 3" in again.stdout, again.stdout
+    again = run(*clips, "--out", tmp_path / "d", "--size", "32", check_rc=0, env=env)
+    assert "already built (skipped): 3" in again.stdout, again.stdout
 
 
 def test_out_is_a_file(tmp_path):
