@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(MODEL_MODES + BASELINES), metavar="LIST",
                    help="comma-separated subset of %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="remove the outputs of an earlier demo run in --out (data/, each method's folder and "
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the outputs of an earlier demo run in --out (data/, each method's folder and "
                         "mp4, report/) before this one writes its own")
     return p
 

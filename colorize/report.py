@@ -264,8 +264,9 @@ def write_report(
                    positions)
     plot_over_time(results, "warp_error", paths["warp_plot"], frames, "warp error (0..255 levels)",
                    "Temporal warp error (lower = steadier colours)", positions)
+    strip_path = out / REPORT_FILES["strip"]
     if strip is not None:
-        paths["strip"] = write_strip(out / REPORT_FILES["strip"], strip, results, frames)
-    elif (out / REPORT_FILES["strip"]).is_file():  # an earlier run's, of other frames or methods: not this report's
-        (out / REPORT_FILES["strip"]).unlink()
+        paths["strip"] = write_strip(strip_path, strip, results, frames)
+    elif strip_path.is_file():  # an earlier run's, of other frames or methods: not this report's
+        strip_path.unlink()
     return paths
