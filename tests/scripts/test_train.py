@@ -6,6 +6,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -303,6 +304,78 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(ws, tmp_path):
     trained, init = load_state_dict(out / "control.safetensors"), load_state_dict(ws / "init.safetensors")
     assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
                            init["control_model.middle_block_out.0.weight"])  # it did train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_as_two_nodes(cmds_envs, timeout=300):
+    """Start the two "nodes" at once (as a cluster does) and wait for both; one that fails stops the other."""
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in cmds_envs]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    return outs
+
+
+def check_two_node_run(ws, out):
+    rep = json.loads((out / "replicas.json").read_text())
+    assert rep["world_size"] == 2 and rep["step"] == 3 and rep["identical"] and len(set(rep["digests"])) == 1
+    assert load_ckpt(out / "checkpoints" / "step=00000003.ckpt")["global_step"] == 3
+    trained, init = load_state_dict(out / "control.safetensors"), load_state_dict(ws / "init.safetensors")
+    assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
+                           init["control_model.middle_block_out.0.weight"])
+
+
+def test_torchrun_recipe_two_nodes_on_one_machine(ws, tmp_path):
+    """docs/TRAINING.md's torchrun recipe, with two one-process "nodes" on localhost sharing OUT (as
+    nodes share a filesystem): Lightning must take the ranks from torchrun and start nothing itself."""
+    out, port = tmp_path / "torchrun", free_port()
+    script = args(ws, out, "--devices", 1, "--num-nodes", 2, "--max-steps", 3, "--ckpt-every", 3,
+                  "--use-latent-cache")
+    cmds = [([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+              str(SCRIPT), *script], clean_env()) for rank in (0, 1)]
+    run_as_two_nodes(cmds)
+    check_two_node_run(ws, out)
+
+
+def test_slurm_recipe_two_nodes_on_one_machine(ws, tmp_path):
+    """docs/TRAINING.md's SLURM recipe, with srun's variables for 2 nodes x 1 task set by hand on
+    localhost: ranks come from SLURM, and Lightning's own requeue stays off."""
+    out, port = tmp_path / "slurm", free_port()
+    script = [sys.executable, str(SCRIPT), *args(ws, out, "--devices", 1, "--num-nodes", 2, "--max-steps", 3,
+                                                 "--ckpt-every", 3, "--use-latent-cache")]
+    slurm = dict(SLURM_JOB_NAME="color-controlnet", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_NNODES="2",
+                 SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port))
+    run_as_two_nodes([(script, clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID="0", SLURM_NODEID=str(r)))
+                      for r in (0, 1)])
+    check_two_node_run(ws, out)
+
+
+def test_under_slurm_lightnings_own_requeue_is_off(ws, monkeypatch):
+    """One resume mechanism (--resume auto): Lightning would otherwise detect SLURM itself and
+    requeue the job on its own signal."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    for key, value in dict(SLURM_JOB_NAME="color-controlnet", SLURM_JOB_ID="4242", SLURM_NTASKS="2",
+                           SLURM_NTASKS_PER_NODE="2", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # undone after the test
+        monkeypatch.setenv(key, value)
+    ns = train.parser().parse_args(args(ws, ws / "unused", "--devices", 2))
+    env = train.make_trainer(train.resolve_config(ns), ns, ws / "unused").strategy.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
 
 
 @pytest.mark.slow  # inductor compiles forward and backward in both processes: minutes on 2 cores
