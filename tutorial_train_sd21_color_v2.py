@@ -396,6 +396,9 @@ QUIET = (
     r"Checkpoint directory .* exists and is not empty",  # a resume writes beside its own checkpoints
     r"You're resuming from a checkpoint that ended before the epoch ended",  # the loaders reseed by step
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
+    # a resume with another --ckpt-every: StepCheckpoint keeps no state worth restoring (it
+    # prunes by the files in the folder)
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
 )
 
 

@@ -430,7 +430,10 @@ def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
              "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
              "resumable. This can cause unreliable results if further training is done.",
              "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
-             "treespec.is_leaf()` instead."]
+             "treespec.is_leaf()` instead.",
+             "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided "
+             "during `Trainer` instantiation. Please add the following callbacks: [\"StepCheckpoint{'monitor': "
+             "'step', 'mode': 'max', 'every_n_train_steps': 1, 'every_n_epochs': 0, 'train_time_interval': None}\"]."]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         train.quiet_lightning()
