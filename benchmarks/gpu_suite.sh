@@ -11,6 +11,8 @@
 #   compile  (minutes) torch.compile: bench_train.py --compile, bench_inference.py --compile
 #   profile  (~1 min) benchmarks/profile_step.py: where a training and a sampling step spend time
 #   variants (~2 min) channels_last and cudnn.benchmark, training and inference
+#   trainx   (~6 min) compiled training variants: batch 32, and batch 16 with channels_last (NHWC
+#            convolutions, which cuDNN runs without layout transposes)
 #   attention (~3 min) each scaled_dot_product_attention backend forced in turn (flash, efficient,
 #            cudnn), training batch 16 and inference batch 8
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [SECTION ...]   (default: checks train infer)
@@ -91,6 +93,12 @@ variants() {
     step bench_train_b16_cudnnbenchmark "${train_b16[@]}" --cudnn-benchmark --json "$out/train_b16_cudnn.json"
     step bench_inference_channelslast_cudnnbenchmark "${bench[@]}" --channels-last --cudnn-benchmark --modes fixed8
 }
+trainx() {  # compiled training beyond batch 16 NCHW (each run compiles for ~2.5 min first)
+    step bench_train_b32_compile $py benchmarks/bench_train.py --batch-size 32 --no-checkpointing --compile \
+        --steps 6 --warmup 2 --json "$out/train_b32_compile.json"
+    step bench_train_b16_compile_channelslast "${train_b16[@]}" --compile --channels-last --steps 6 --warmup 2 \
+        --json "$out/train_b16_compile_cl.json"
+}
 attention() {  # which scaled_dot_product_attention kernel suits head size 64 (eager steps)
     for b in flash efficient cudnn; do
         step bench_train_b16_sdpa_$b "${train_b16[@]}" --steps 6 --warmup 2 --sdpa $b --json "$out/train_b16_sdpa_$b.json"
@@ -100,7 +108,7 @@ attention() {  # which scaled_dot_product_attention kernel suits head size 64 (e
 
 for s in $sections; do
     case $s in
-        checks|train|infer|eager|compile|profile|variants|attention) $s ;;
+        checks|train|infer|eager|compile|profile|variants|trainx|attention) $s ;;
         *) echo "unknown section $s"; status=1 ;;
     esac
 done

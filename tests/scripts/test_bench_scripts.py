@@ -1,11 +1,11 @@
 """benchmarks/bench_inference.py, bench_train.py (tiny config) and bench_loader.py on the CPU: every row runs."""
-import re
-
-import pytest
-
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +64,23 @@ def test_bench_train_records_the_attention_backend(tmp_path, capsys):
                              "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["sdpa"] == "math"
     assert "SDPA math" in capsys.readouterr().out
+
+
+def test_gpu_suite_runs_the_sections_asked_for_in_order(tmp_path):
+    """The script's wiring, with a stand-in python that records its arguments: each section's
+    commands run in the order asked for, each logged; an unknown section fails the run."""
+    repo = Path(__file__).resolve().parents[2]
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    run = subprocess.run(["bash", str(repo / "benchmarks/gpu_suite.sh"), str(tmp_path / "out"), "trainx", "profile",
+                          "nonsense"], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}, capture_output=True, text=True)
+    assert run.returncode == 1 and "unknown section nonsense" in run.stdout
+    lines = calls.read_text().splitlines()[1:]  # after the version check
+    assert [line.split()[0] for line in lines] == ["benchmarks/bench_train.py"] * 2 + ["benchmarks/profile_step.py"] * 2
+    assert "--batch-size 32" in lines[0] and "--compile" in lines[0]
+    assert "--compile --channels-last" in lines[1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.log")) == sorted(
+        ["bench_train_b32_compile.log", "bench_train_b16_compile_channelslast.log", "profile_train_b16.log",
+         "profile_sample_b8.log"])
