@@ -14,15 +14,12 @@ movies being built are dropped, finished ones kept; rerun to resume).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-# Bad input is reported by us in one line; silence FFmpeg's and OpenCV's own console noise.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, run_cli
 
-from cliutil import DefaultsFormatter, OneLineParser, run_cli
+quiet_opencv()
 from annotator.build_many import build_all
 from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions
 from annotator.similarity import METRICS, SIM_SIZE

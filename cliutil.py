@@ -6,10 +6,19 @@ the errors a script expects into the same one line and exit 2, and Ctrl-C into e
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from typing import Callable
+
+
+def quiet_opencv() -> None:
+    """Bad input is reported by us in one line: silence OpenCV's and FFmpeg's own console noise
+    (FFmpeg's "moov atom not found" before our message). Call before cv2 is imported; an
+    explicit setting in the environment wins."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
 class OneLineParser(argparse.ArgumentParser):

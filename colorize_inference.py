@@ -23,19 +23,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from collections import deque
 from pathlib import Path
 
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+from cliutil import OneLineParser, one_line, quiet_opencv, run_cli
+
+quiet_opencv()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from cliutil import OneLineParser, one_line, run_cli  # noqa: E402
 from annotator.video import FrameSourceError, SourceInfo, probe  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
@@ -185,8 +185,15 @@ def check_args(args) -> P.Options:
     if args.fps is not None and not 0.01 <= args.fps <= 1000:  # also NaN and inf, which hang OpenCV's writer
         raise UsageError(f"--fps must be between 0.01 and 1000 (got {args.fps})")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    check_folder("--out", out)
+    if args.video:
+        video = Path(args.video)
+        if video.is_dir():
+            raise UsageError(f"--video {video} is a folder")
+        check_folder("--video", video.parent)
+        if out.resolve() in video.resolve().parents:  # PNG folders hold frames only (evaluate.py, --input)
+            raise UsageError(f"--video {video} is inside --out {out}; write it elsewhere, as a frame folder "
+                             "holds frames only")
     if not args.reference and not args.reference_frame:
         raise UsageError("no reference: give --reference IMAGE or --reference-frame N")
     if args.method == "model" and not args.ckpt:
@@ -196,6 +203,22 @@ def check_args(args) -> P.Options:
     if args.method == "model":  # the schedule is the config's: known before the weights are loaded
         steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set))
     return options
+
+
+def check_folder(flag: str, folder: Path) -> None:
+    """Refuse a folder path that is a file, or lies below one, before any work."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{flag} {folder}: {p} is a file, not a folder")
+            return
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """torch's (CUDA, or the CPU allocator's plain RuntimeError), numpy's and OpenCV's way of saying it."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)) or \
+        (isinstance(e, cv2.error) and "Insufficient memory" in str(e))
 
 
 def steps_option(steps: int, num_timesteps: int) -> None:
@@ -232,6 +255,8 @@ def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
     refs, indices = [], []
     for path in args.reference:
         refs.append(P.read_reference(path))
+        if not P.to_gray(refs[-1])[1]:
+            raise UsageError(f"--reference {path} is gray: it has no colours to give")
         indices.append(None)
     source = args.gt or args.input
     for n in args.reference_frame:
@@ -378,6 +403,8 @@ def run(args) -> int:
             yield rgb
 
     def resume() -> str:
+        if total is not None and done["n"] == total:  # the video's writing failed, after the last frame
+            return "only --video is missing: rerun with --overwrite"
         video = "; --video needs a whole run, with --overwrite" if args.video else ""
         return f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues{video}"
 
@@ -386,12 +413,20 @@ def run(args) -> int:
             n = write_video_atomic(args.video, written(), fps)
         else:
             n = sum(1 for _ in written())
-    except (UsageError, P.InferenceError, FrameSourceError, OSError) as e:
-        if done["n"] == 0:
+    except (UsageError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError, cv2.error) as e:
+        if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
             raise
-        raise UsageError(f"{one_line(e)} (the {done['n']} outputs before it are written and complete; {resume()})"
+        message = one_line(e)
+        if out_of_memory(e):
+            message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
+                       "lower them")
+        if done["n"] == 0:
+            raise UsageError(message) from None
+        raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume()})"
                          ) from None
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli): say where to continue
+        if done["n"] == 0:
+            raise
         raise KeyboardInterrupt(f"interrupted; the {done['n']} outputs written so far are complete: {resume()}"
                                 ) from None
     finally:

@@ -8,7 +8,8 @@ import numpy as np
 
 from annotator.color import rgb_to_gray, to_float
 
-COLOUR_TOL = 2.0 / 255  # mean channel spread above which a 3-channel frame counts as colour
+COLOUR_TOL = 2.0 / 255  # mean channel spread above which a 3-channel frame counts as colour...
+TINT_TOL = 8.0 / 255  # ...unless it is this small and the same everywhere: a gray video's decoding cast
 COLOUR_SAMPLE = 1 << 16  # pixels the colour test looks at, at most about (a strided grid)
 
 
@@ -17,7 +18,10 @@ def to_gray(frame: np.ndarray) -> tuple[np.ndarray, bool]:
 
     gray is float32 HW in [0, 1] at the input's precision; 3/4-channel frames become their
     BT.601 luma, and `colour` says whether they were really colour: the mean spread
-    max(R, G, B) - min(R, G, B) is above COLOUR_TOL. The spread is averaged over every k-th
+    max(R, G, B) - min(R, G, B) is above COLOUR_TOL, and either above TINT_TOL or varying over
+    the frame (its mean absolute deviation above COLOUR_TOL). A gray clip written by OpenCV's
+    MPEG-4 writer decodes with G 3 levels above B everywhere: a uniform cast, not colour.
+    The spread is averaged over every k-th
     row and column, k = round(sqrt(pixels / COLOUR_SAMPLE)) (frames up to ~150k pixels are
     looked at whole; 720p at k = 4), with element-wise maxima of the channel planes: the
     full-frame reduction over the length-3 channel axis took ~80 ms on a 720p frame, about
@@ -33,11 +37,15 @@ def to_gray(frame: np.ndarray) -> tuple[np.ndarray, bool]:
     # RGBA: a contiguous copy, so the luma comes out of the same matmul kernel as for RGB (a
     # strided view takes another summation path on some CPUs and differs by an ulp)
     rgb = f if f.shape[2] == 3 else np.ascontiguousarray(f[..., :3])
-    return rgb_to_gray(rgb), colour_spread(rgb) > COLOUR_TOL
+    spread = pixel_spread(rgb)
+    mean = float(spread.mean())
+    colour = mean > COLOUR_TOL and (mean > TINT_TOL or float(np.abs(spread - mean).mean()) > COLOUR_TOL)
+    return rgb_to_gray(rgb), colour
 
 
-def colour_spread(rgb: np.ndarray) -> float:
-    """Mean max(R, G, B) - min(R, G, B) of a float HW3 image, on a strided grid of ~COLOUR_SAMPLE pixels."""
+def pixel_spread(rgb: np.ndarray) -> np.ndarray:
+    """max(R, G, B) - min(R, G, B) of a float HW3 image, on a strided grid of ~COLOUR_SAMPLE pixels."""
     k = max(1, round(math.sqrt(rgb.shape[0] * rgb.shape[1] / COLOUR_SAMPLE)))
     r, g, b = (rgb[::k, ::k, c] for c in range(3))
-    return float((np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).mean())
+    return np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+

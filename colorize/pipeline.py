@@ -61,6 +61,7 @@ from ldm import sampler
 MODES = ("fixed", "recursive", "anchored")
 NOISES = ("shared", "per-frame")
 MULTIPLE = 64  # model frame sides: VAE /8 times the UNet's 3 (tiny) or 4 (SD) levels, /2 each
+MAX_MODEL_SIDE = 4096  # 8x SD2.1's training size; beyond it memory runs out long before any use
 
 
 class InferenceError(ValueError):
@@ -151,7 +152,7 @@ def output_names(path: str | os.PathLike, info: SourceInfo | None = None) -> lis
 def read_reference(path: str | os.PathLike) -> np.ndarray:
     """Reference image file -> float32 RGB HW3 in [0, 1]."""
     if not Path(path).is_file():
-        raise InferenceError(f"{path}: reference image not found")
+        raise InferenceError(f"{path}: reference image {'is a folder' if Path(path).is_dir() else 'not found'}")
     try:
         img = to_float(read_image_native(path))
     except FrameSourceError as e:
@@ -290,6 +291,8 @@ class Options:
         for name, low in (("size", 1), ("steps", 1), ("batch", 1), ("anchor_every", 0), ("eta", 0)):
             if getattr(self, name) < low:
                 raise OptionError(name, f"must be >= {low} (got {getattr(self, name)})")
+        if self.eta > 1:  # DDIM's noise would exceed the step's whole variance: NaN frames
+            raise OptionError("eta", f"must be <= 1 (got {self.eta})")
         if not 0 <= self.anchor_strength <= 1:
             raise OptionError("anchor_strength", f"must be in [0, 1] (got {self.anchor_strength})")
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -313,6 +316,10 @@ class Colorizer:
         self.model, self.opt = model, options
         self.frame_hw = tuple(frame_hw)
         self.hw = model_size(*frame_hw, options.size)
+        if max(self.hw) > MAX_MODEL_SIDE:
+            raise InferenceError(f"frames of {frame_hw[1]}x{frame_hw[0]} at size {options.size} mean model frames of "
+                                 f"{self.hw[1]}x{self.hw[0]}; sides above {MAX_MODEL_SIDE} are refused (lower the "
+                                 "size, or crop very narrow frames)")
         self.device = model.betas.device
         self.dtype = compute_dtype(options.precision, self.device)
         check_steps(model.num_timesteps, options.steps)
@@ -386,13 +393,14 @@ class Colorizer:
                                self.graphs)
             decoded = self.model.decode_first_stage(z)
         rgb = ((decoded[:len(grays)].float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        indices = list(indices[:len(grays)])
         if rgb.device.type != "cuda":
-            return Pending(rgb.cpu(), None, grays)
+            return Pending(rgb.cpu(), None, grays, indices)
         host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
         host.copy_(rgb, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(rgb.device))
-        return Pending(host, done, grays)
+        return Pending(host, done, grays, indices)
 
     def finish(self, pending: Pending, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
         """Wait for a launched batch and return float32 HW3 RGB in [0, 1] at the input size
@@ -401,6 +409,11 @@ class Colorizer:
         if pending.done is not None:
             pending.done.synchronize()
         rgb = pending.rgb.numpy()
+        broken = ~np.isfinite(rgb).all(axis=(1, 2, 3))
+        if broken.any():  # clamp keeps NaN, and NaN would be written as black
+            raise InferenceError(f"the model's output for frame {pending.indices[int(broken.argmax())]} is NaN or "
+                                 "infinite: the weights or settings overflow (a --ref-guidance far from 1, fp16 "
+                                 "with weights it cannot hold: try --precision fp32)")
         if pool is None or len(rgb) == 1:
             return [self._finish(c, g) for c, g in zip(rgb, pending.grays)]
         return list(pool.map(self._finish, rgb, pending.grays))
@@ -418,11 +431,13 @@ class Colorizer:
 @dataclass
 class Pending:
     """A launched batch: its decoded RGB (B, H, W, 3) on the host once `done` (a CUDA event, or
-    None when already there) has passed, and the full-size gray frames to finish it with."""
+    None when already there) has passed, the full-size gray frames to finish it with, and
+    their frame indices."""
 
     rgb: torch.Tensor
     done: torch.cuda.Event | None
     grays: list[np.ndarray]
+    indices: list[int]
 
 
 # ---- references ---------------------------------------------------------------------------

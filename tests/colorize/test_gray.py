@@ -5,7 +5,8 @@ import numpy as np
 
 from annotator.color import rgb_to_gray, to_float
 from annotator.video import iter_frames
-from colorize.gray import COLOUR_TOL, colour_spread, to_gray
+from colorize.frames_io import write_video_atomic
+from colorize.gray import COLOUR_TOL, TINT_TOL, pixel_spread, to_gray
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -21,26 +22,42 @@ def test_the_subsampled_spread_is_the_full_frame_spread_on_real_frames():
         if i % 30:
             continue
         full = full_spread(rgb)  # 720p: looked at on every 4th row and column
-        assert abs(colour_spread(to_float(rgb)) - full) < 0.02 * full + 1e-4, i
+        assert abs(pixel_spread(to_float(rgb)).mean() - full) < 0.02 * full + 1e-4, i
         gray, colour = to_gray(rgb)
-        assert colour == (full > COLOUR_TOL)
+        assert colour and full > TINT_TOL, i
         np.testing.assert_array_equal(gray, rgb_to_gray(to_float(rgb)))  # the gray itself is untouched
 
 
 def test_small_frames_are_looked_at_whole():
     rgb = np.zeros((300, 300, 3), np.float32)
     rgb[7, 13] = (1.0, 0.0, 0.0)  # one coloured pixel, off every stride grid but k = 1
-    assert colour_spread(rgb) == np.float32(1.0) / np.float32(300 * 300)
+    assert pixel_spread(rgb).mean() == np.float32(1.0) / np.float32(300 * 300)
 
 
-def test_the_threshold_on_a_720p_frame():
-    """A uniform channel offset of d levels: colour above COLOUR_TOL (2 levels; exactly 2 is float rounding)."""
-    base = np.random.default_rng(0).integers(0, 250, (720, 1280), dtype=np.uint8)
-    for d, colour in ((1, False), (3, True)):
-        rgb = np.dstack([base + d, base, base])
-        assert to_gray(rgb)[1] is colour, d
+def test_the_thresholds_on_a_720p_frame():
+    """A channel offset of d levels: colour above COLOUR_TOL (2 levels; exactly 2 is float rounding)
+    where it varies over the frame; a uniform one only above TINT_TOL (8 levels)."""
+    base = np.random.default_rng(0).integers(0, 245, (720, 1280), dtype=np.uint8)
+    half = np.zeros_like(base)
+    half[:, :640] = 1  # the offset on the left half only: spread d or 0, mean and deviation d / 2
+    for d, offset, colour in ((1, 1, False), (3, 1, False), (7, 1, False), (9, 1, True),
+                              (3, half, False), (6, half, True)):
+        rgb = np.dstack([base + d * offset, base, base])
+        assert to_gray(rgb)[1] is colour, (d, np.ndim(offset))
         assert to_gray(np.dstack([rgb, np.full_like(base, 255)]))[1] is colour, d  # RGBA
     assert to_gray(np.dstack([base, base, base]))[1] is False
+
+
+def test_a_gray_clip_through_the_mpeg4_writer_stays_gray(tmp_path):
+    """OpenCV's MPEG-4 round trip casts gray frames (G 3 levels above B, the same everywhere)."""
+    frames = [to_float(rgb) for _, _, rgb in iter_frames(SAMPLE, stop=3, check_count=False)]
+    grays = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in frames]
+    write_video_atomic(tmp_path / "gray.mp4", iter(grays), 24)
+    write_video_atomic(tmp_path / "colour.mp4", iter(frames), 24)
+    decoded = [rgb for _, _, rgb in iter_frames(tmp_path / "gray.mp4", check_count=False)]
+    assert len(decoded) == 3 and max(pixel_spread(to_float(f)).mean() for f in decoded) > COLOUR_TOL  # the cast
+    assert not any(to_gray(f)[1] for f in decoded)
+    assert all(to_gray(f)[1] for _, _, f in iter_frames(tmp_path / "colour.mp4", check_count=False))
 
 
 def test_gray_plus_alpha_takes_the_gray_channel():

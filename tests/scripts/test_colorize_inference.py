@@ -2,6 +2,8 @@
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -257,8 +259,25 @@ def _bad_cases(env, tmp):
     video = tmp / "clip.mp4"
     video.write_bytes(SAMPLE.read_bytes()[:2048])
     ref, ck, g = env["refs"][0], env["ckpt"], env["gray"]
+    gray_ref = tmp / "gray_ref.png"
+    gray_ref.write_bytes((g / "f0.png").read_bytes())
+    (tmp / "folder.mp4").mkdir()
     base = ["--reference", ref, "--ckpt", ck, *FAST]
     return {
+        "eta above one": (["--input", g, *base, "--eta", "1.5"], "--eta must be <= 1 (got 1.5)"),
+        "gray reference image": (["--input", g, "--reference", gray_ref, "--ckpt", ck, *FAST],
+                                 f"--reference {gray_ref} is gray: it has no colours to give"),
+        "reference is a folder": (["--input", g, "--reference", g, "--ckpt", ck, *FAST],
+                                  f"{g}: reference image is a folder"),
+        "out below a file": (["--input", g, *base, "--out", ref / "sub"], f"--out {ref / 'sub'}: {ref} is a file"),
+        "video is a folder": (["--input", g, *base, "--video", tmp / "folder.mp4"], "folder.mp4 is a folder"),
+        "video below a file": (["--input", g, *base, "--video", ref / "v.mp4"], f"--video {ref}: {ref} is a file"),
+        "video inside out": (["--input", g, *base, "--out", tmp / "o", "--video", tmp / "o" / "v.mp4"],
+                             "is inside --out"),
+        "model frame too large": (["--input", g, *base, "--size", "5000"],
+                                  "frames of 143x80 at size 5000 mean model frames of 8960x4992; sides above 4096"),
+        "model output not finite": (["--input", g, *base, "--ref-guidance", "1e30"],
+                                    "the model's output for frame 0 is NaN or infinite"),
         "empty folder": (["--input", empty, *base], "contains no image frames"),
         "unreadable frame": (["--input", broken, *base], "f1.png: not a readable image"),
         "missing input": (["--input", tmp / "nope", *base], "no such file or folder"),
@@ -438,12 +457,31 @@ def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypat
     assert rc == 130 and err == "colorize_inference.py: interrupted before any output was written\n"
 
 
-def test_a_video_in_an_output_folder_not_made_yet(env, tmp_path, capsys):
-    out = tmp_path / "new"
+def test_a_video_in_a_folder_not_made_yet(env, tmp_path, capsys):
+    out, video = tmp_path / "new", tmp_path / "films" / "clip.mp4"
     rc, _, err = run(["--input", env["gray"], "--frames", "0:2", "--reference", env["refs"][0], "--method", "reinhard",
-                      "--out", out, "--video", out / "clip.mp4"], capsys)
+                      "--out", out, "--video", video], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "f0.png", "f1.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"] and video.is_file()
+
+
+def test_out_of_memory_is_one_line_and_other_runtime_errors_are_not_hidden(env, tmp_path, capsys, monkeypatch):
+    def fail(message):
+        def colorize(*a, **k):
+            raise RuntimeError(message)
+            yield
+        monkeypatch.setattr(P, "colorize", colorize)
+
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST, "--out", tmp_path]
+    fail("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+         "allocate 249328451584 bytes. Error code 12 (Cannot allocate memory)")
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and err.splitlines()[-1] == ("colorize_inference.py: error: out of memory on cpu at --size 64, "
+                                                "--batch 4: lower them")
+    assert "Traceback" not in err
+    fail("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([str(a) for a in args])
 
 
 def test_a_video_input_is_probed_once(env, tmp_path, capsys, monkeypatch):
@@ -504,3 +542,16 @@ def test_a_reference_of_another_aspect_ratio_is_noted(env, tmp_path, capsys):
     assert rc == 0 and err.count("a reference of 80x80 is stretched to the frames' 143x80 shape") == 1, err
     rc, _, err = run([*base, "--reference", env["refs"][0], "--out", tmp_path / "b"], capsys)
     assert rc == 0 and "stretched" not in err
+
+
+def test_a_broken_video_is_one_line_without_ffmpegs_own(env, tmp_path):
+    """FFmpeg prints "moov atom not found" itself unless told not to (cliutil.quiet_opencv, which
+    must run before cv2 is imported: hence a fresh process)."""
+    bad = tmp_path / "text.mp4"
+    bad.write_text("not a video")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    res = subprocess.run([sys.executable, str(Path(cli.__file__)), "--input", str(bad), "--reference",
+                          str(env["refs"][0]), "--method", "reinhard", "--out", str(tmp_path / "out")],
+                         env=clean, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"colorize_inference.py: error: {bad}: cannot open video"), res.stderr
