@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
                         "Reinhard et al. 2001 global Lab mean/std transfer (on gray input: the reference's mean "
                         "colour over the input's lightness); reinhard-bands: the reference's mean colour per "
                         "lightness band (shadows and highlights keep their own tints); flow: reference colours "
-                        "warped along optical flow")
+                        "warped along optical flow (default: model)")
     m.add_argument("--ckpt", metavar="FILE",
                    help="full checkpoint (.safetensors or .ckpt), or the SD2.1 file when --control is given")
     m.add_argument("--control", metavar="FILE",
@@ -105,10 +105,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle a .ckpt that needs it (runs code from the file: trusted files only)")
     m.add_argument("--device", default="auto",
-                   help="auto (cuda if available, else cpu), cpu, cuda, or cuda:N for the N-th GPU (from 0)")
+                   help="auto (cuda if available, else cpu), cpu, cuda, or cuda:N for the N-th GPU (from 0) "
+                        "(default: auto)")
     m.add_argument("--precision", default="auto", choices=["auto", *L.PRECISIONS],
                    help="autocast precision: auto = fp16 on CUDA, fp32 on CPU; with fp16/bf16 the weights "
-                        "are held in it too (norms in fp32): the same result, half the memory")
+                        "are held in it too (norms in fp32): the same result, half the memory (default: auto)")
     m.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each denoising step from a captured CUDA graph: same result, "
                         "several times faster at small batches, where launching kernels from Python "
@@ -124,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("sampling")
     s.add_argument("--mode", choices=P.MODES, default="fixed",
                    help="fixed: every frame from the reference (batched); recursive: each frame from the previous "
-                        "output; anchored: recursive with drift control (see --anchor-*)")
+                        "output; anchored: recursive with drift control (see --anchor-*) (default: fixed)")
     s.add_argument("--anchor-every", type=int, default=8, metavar="N",
                    help="anchored: use the original reference again every N frames (0: never) (default: 8)")
     s.add_argument("--anchor-strength", type=float, default=1.0, metavar="S",
@@ -198,6 +199,9 @@ def check_args(args) -> P.Options:
         raise UsageError("no reference: give --reference IMAGE or --reference-frame N")
     if args.method == "model" and not args.ckpt:
         raise UsageError("--method model needs --ckpt (or use --method reinhard|flow)")
+    if args.control and not Path(args.control).is_file():
+        raise UsageError(f"--control {args.control}: " + ("is a folder" if Path(args.control).is_dir() else
+                                                            "no such file"))
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
     if args.method == "model":  # the schedule is the config's: known before the weights are loaded
@@ -238,7 +242,7 @@ def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tupl
     names = P.output_names(source, info)
     if names is not None:
         if not names[frames]:
-            raise UsageError(f"--frames {args.frames}: the input has only {len(names)} frames")
+            raise UsageError(f"--frames {args.frames} starts past the input's {len(names)} frames")
         names = names[frames]
     if not args.overwrite:
         taken = [out / n for n in names or [] if (out / n).exists()]

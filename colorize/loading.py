@@ -133,7 +133,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
             reason = (f"it lacks {len(lacking)} model tensors (e.g. {lacking[0]}); for SD2.1 weights "
                       "plus a trained ControlNet pass the ControlNet with --control")
         if reason is not None:
-            raise CheckpointError(f"{ckpt} ({guess_kind(sd)}) does not fit the config: {reason}")
+            raise CheckpointError(f"{ckpt} does not fit the config: {reason}; the file holds: {guess_kind(sd)}")
         with torch.device(device):
             model = create_model(cfg)
         load_into(model, sd)

@@ -264,6 +264,8 @@ def _bad_cases(env, tmp):
     (tmp / "folder.mp4").mkdir()
     base = ["--reference", ref, "--ckpt", ck, *FAST]
     return {
+        "missing control": (["--input", g, *base, "--control", tmp / "nope.safetensors"],
+                            f"--control {tmp / 'nope.safetensors'}: no such file"),
         "eta above one": (["--input", g, *base, "--eta", "1.5"], "--eta must be <= 1 (got 1.5)"),
         "gray reference image": (["--input", g, "--reference", gray_ref, "--ckpt", ck, *FAST],
                                  f"--reference {gray_ref} is gray: it has no colours to give"),
@@ -288,7 +290,8 @@ def _bad_cases(env, tmp):
         "missing checkpoint": (["--input", g, "--reference", ref, "--ckpt", tmp / "nope.safetensors", *FAST],
                                "no such file"),
         "corrupt checkpoint": (["--input", g, "--reference", ref, "--ckpt", junk, *FAST], "not a safetensors file"),
-        "wrong checkpoint": (["--input", g, "--reference", ref, "--ckpt", other, *FAST], "does not fit the config"),
+        "wrong checkpoint": (["--input", g, "--reference", ref, "--ckpt", other, *FAST],
+                             "model tensors found in the checkpoint; the file holds: unknown (no "),
         "video as checkpoint": (["--input", g, "--reference", ref, "--ckpt", video, *FAST],
                                 "clip.mp4: not a checkpoint file"),
         "flow reference outside": (["--input", g, "--reference-frame", "3", "--gt", SAMPLE,
@@ -499,7 +502,7 @@ def test_a_video_input_is_probed_once(env, tmp_path, capsys, monkeypatch):
     probed.clear()
     rc, _, err = run(["--input", SAMPLE, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "140:",
                       "--out", tmp_path / "out"], capsys)
-    assert rc == 2 and "the input has only 132 frames" in err and probed == [SAMPLE.name]
+    assert rc == 2 and "--frames 140: starts past the input's 132 frames" in err and probed == [SAMPLE.name]
 
 
 def test_compile_flag_compiles_the_denoiser_and_pads_batches(env, tmp_path, capsys, monkeypatch):
