@@ -8,8 +8,9 @@ same command resumes a killed run. Pairs are chosen at load time (tutorial_datas
 from the stored similarities, so the band can change without a rebuild.
 
 Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
-summary), 2 bad arguments or a --strict stop, 130 / 143 stopped by Ctrl-C / SIGTERM (the
-movies being built are dropped, finished ones kept; rerun to resume).
+summary), 2 bad arguments, a --strict stop or a DATA_ROOT that is full or read-only (one
+line; a full disk is not the movie's fault, so the run stops), 130 / 143 stopped by Ctrl-C /
+SIGTERM (the movies being built are dropped, finished ones kept; rerun to resume).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Layout: DATA_ROOT/<movie id>/{frames/000000.jpg..., similarity.npy, meta.json}; the movie id "
                "is the file stem or folder name, letters and digits of any script kept, other characters -> '_'. "
                "Finished movies are skipped, so rerunning resumes. Exit status: 0 all built or already built, "
-               "1 some input skipped, 2 bad arguments or a --strict stop, 130/143 stopped by Ctrl-C/SIGTERM.",
+               "1 some input skipped, 2 bad arguments, a --strict stop or a full/read-only DATA_ROOT, "
+               "130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",

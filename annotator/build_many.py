@@ -4,13 +4,16 @@ annotator.pairs.build_movie).
 `plan` turns the inputs into movie ids, drops clashes and finished movies, and takes this
 machine's shard; `build_all` builds the rest, in this process or in one spawned worker
 process per movie (`workers`), with an overall progress bar and one per movie, and returns
-a `Summary`. Bad input is one line and a skip (or the end of the run under `strict`).
+a `Summary`. Bad input is one line and a skip (or the end of the run under `strict`); a
+full, over-quota or read-only DATA_ROOT is no fault of the movie and stops the run
+(`OutputError`), as every later movie would fail the same way.
 Ctrl-C and SIGTERM stop the movies being built and remove their partial output; workers die
 with the parent, even a parent killed by SIGKILL, so none writes on into .partial.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing as mp
 import os
 import shutil
@@ -33,6 +36,28 @@ from annotator.pairs import (
 )
 from annotator.video import FrameSourceError, probe
 from cliutil import one_line
+
+
+# Writes that fail with these say nothing about the movie being built, only about DATA_ROOT
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class OutputError(OSError):
+    """DATA_ROOT takes no more data (disk full, quota, read-only): the run stops, after the
+    usual clean-up, instead of skipping every remaining movie as bad input."""
+
+    def __init__(self, code: int, data_root: str | os.PathLike):
+        reason = os.strerror(code)
+        super().__init__(code, f"{reason[:1].lower()}{reason[1:]} ({data_root}); finished movies are kept, "
+                               f"rerun to resume")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def raise_if_output_error(e: OSError, data_root) -> None:
+    if e.errno in OUTPUT_ERRNOS:
+        raise OutputError(e.errno, data_root) from e
 
 
 @dataclass
@@ -154,14 +179,18 @@ def build_all(
     `strict` stops the run after the first one. `workers` processes build movies in parallel;
     each movie also gets cpu_count // workers encoder threads unless options.threads is set.
     A KeyboardInterrupt stops the movies being built (their partial output is removed) and
-    propagates; finished movies are kept.
+    propagates; finished movies are kept. So does an OutputError (DATA_ROOT full or read-only).
     """
     from tqdm import tqdm
 
     options.validate()
     t0 = time.perf_counter()
     root = Path(data_root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise_if_output_error(e, root)
+        raise
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     todo, existing, skipped, notes, others = plan(sources, root, shard, options)
     summary = Summary(existing=existing, skipped=list(skipped), not_in_shard=others)
@@ -267,7 +296,10 @@ def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str
         return build_movie(path, data_root, mid, options, progress, warn)
     except (FrameSourceError, FileExistsError) as e:  # their messages name the input or folder
         return str(e)
-    except (OSError, ValueError, cv2.error) as e:
+    except OSError as e:
+        raise_if_output_error(e, data_root)
+        return f"{path}: {one_line(e, with_type=True)}"
+    except (ValueError, cv2.error) as e:
         return f"{path}: {one_line(e, with_type=True)}"
 
 
@@ -280,7 +312,7 @@ class _Worker:
     path: Path
     proc: mp.process.BaseProcess
     conn: object  # read end of the pipe the worker reports on
-    result: dict | str | None = None
+    result: dict | str | OutputError | None = None
     ended: bool = False  # sent its result, or closed the pipe (exited or died)
 
 
@@ -315,6 +347,8 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
                     w.proc.kill()
                     w.proc.join()
                 w.conn.close()
+                if isinstance(w.result, OutputError):
+                    raise w.result  # the finally below stops the other workers and removes their output
                 result = w.result if w.result is not None else (
                     f"{w.path}: the worker process died (exit code {w.proc.exitcode}) while building it")
                 if not finish(w.mid, result) and strict:
@@ -354,6 +388,8 @@ def _read_messages(w: _Worker, bars, warn) -> None:
             bars.advance(w.mid, value)
         elif kind == "warning":
             warn(value)
+        elif kind == "output-error":
+            w.result, w.ended = OutputError(*value), True
         else:
             w.result, w.ended = value, True
 
@@ -399,7 +435,8 @@ def _signals_deferred(ignore_sigint: bool = False):
 
 def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:
     """A worker process: build one movie, sending ("progress", frames), ("warning", line) and
-    finally ("result", meta or the one-line reason it was skipped) through `conn`."""
+    finally ("result", meta or the one-line reason it was skipped), or ("output-error", (errno,
+    DATA_ROOT)) when DATA_ROOT is full or read-only, through `conn`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     _exit_with_parent(parent_pid)
     if hasattr(signal, "pthread_sigmask"):
@@ -415,6 +452,10 @@ def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOption
 
     try:
         result = _build_one(mid, path, data_root, options, report, lambda line: conn.send(("warning", line)))
+    except OutputError as e:
+        conn.send(("output-error", (e.errno, data_root)))
+        conn.close()
+        return
     except Exception as e:  # a bug, not bad input: still one line, and the run goes on
         result = f"{path}: {one_line(e, with_type=True)}"
     if pending[0]:

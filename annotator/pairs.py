@@ -251,7 +251,7 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
         ok, buf = cv2.imencode(ext, img, params)
         if not ok:
             raise OSError(f"cannot encode frame {i} as {options.image_format}")
-        buf.tofile(tmp / "frames" / f"{i:06d}{ext}")
+        write_file(tmp / "frames" / f"{i:06d}{ext}", buf)
         return small_gray(img, options.sim_size, bgr=True)
 
     try:
@@ -305,6 +305,13 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_file(path: Path, data) -> None:
+    """Write a buffer through a Python file, not ndarray.tofile: its OSError carries the errno
+    (tofile's "N requested and 0 written" does not), which tells a full disk from a bad movie."""
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _metric_params(options: BuildOptions) -> dict:

@@ -1,5 +1,6 @@
 """build_pairs.py end to end, as a user runs it (subprocesses, real files)."""
 import argparse
+import errno
 import json
 import os
 import signal
@@ -403,3 +404,30 @@ def test_known_cut_gives_exact_dataset_pairs(tmp_path):
     assert not any((i < cut) != (j < cut) for i, j in got)  # nothing crosses the cut
     assert pairs(low=0.80, high=0.97, min_gap=2) == expected({2, 3, 4})
     assert pairs(low=0.80, high=0.88, min_gap=1) == expected({4})  # d <= 3 is above 0.88
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_full_disk_stops_the_run_instead_of_skipping_every_movie(tmp_path, monkeypatch, capsys, code):
+    """A write failing with ENOSPC (or EDQUOT, EROFS) says nothing about the movie: one line,
+    exit 2, the movie being built removed, the finished one kept, the rest never started."""
+    import annotator.pairs
+
+    clips = [write_folder(panning_clip(6, 16, 24, seed=k), tmp_path / name) for k, name in enumerate("abc")]
+    real, written = annotator.pairs.write_file, []
+
+    def fills_up(path, data):
+        if len(written) == 8:  # the 3rd frame of movie b
+            raise OSError(code, os.strerror(code))
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(annotator.pairs, "write_file", fills_up)
+    out = tmp_path / "d"
+    assert build_pairs.main([*map(str, clips), "--out", str(out), "--size", "16", "--window", "2",
+                             "--no-progress", "--threads", "1"]) == 2
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system"}[code]
+    captured = capsys.readouterr()
+    assert captured.err == f"build_pairs.py: error: {reason} ({out}); finished movies are kept, rerun to resume\n"
+    assert captured.out == ""
+    assert list_movies(out) == ["a"] and os.listdir(out) == ["a"]  # no .partial, no b, no c
