@@ -22,7 +22,7 @@ from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, run_cli
 
 quiet_opencv()
 from annotator.build_many import build_all
-from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, BuildOptions
+from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, MAX_SIM_SIZE, MAX_SIZE, MIN_SIM_SIZE, BuildOptions
 from annotator.similarity import METRICS, SIM_SIZE
 
 
@@ -50,18 +50,21 @@ def parser() -> argparse.ArgumentParser:
                    help="video files (mp4, mkv, avi, mov, ...) and/or folders of frame images; each is one movie")
     p.add_argument("--out", required=True, metavar="DATA_ROOT", help="output folder (created if missing)")
     p.add_argument("--size", type=int, default=512,
-                   help="short side of the stored frames in pixels, multiple of 8 (aspect kept, long side "
-                        "rounded to a multiple of 8); 0 keeps the source size")
+                   help=f"short side of the stored frames in pixels: a multiple of 8 up to {MAX_SIZE} (an 8K "
+                        "film's short side; training uses 512-768), aspect kept, long side rounded to a multiple "
+                        "of 8; 0 keeps the source's short side, rounded down to a multiple of 8")
     p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="jpg",
                    help="stored frame format")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                   help="neighbours scored on each side of every frame")
+                   help="neighbours scored on each side of every frame (capped at a movie's frame count - 1)")
     p.add_argument("--metric", choices=METRICS, default="ssim",
                    help="similarity: SSIM, correlation (ncc) or 1 - mean abs diff (l1) of the small gray frame")
     p.add_argument("--sim-size", type=int, default=SIM_SIZE,
                    help="the similarity is computed on the 8-bit BT.601 gray of the frame downscaled to this "
-                        "square size (exact 2x pixel-averaging halvings, then one bilinear step)")
+                        "square size (exact 2x pixel-averaging halvings, then one bilinear step); "
+                        f"{MIN_SIM_SIZE} to {MAX_SIM_SIZE} (SSIM's 11x11 window needs {MIN_SIM_SIZE}; the last "
+                        "--window frames are held at this size, 4 MB each at 512 for SSIM)")
     p.add_argument("--workers", type=int, default=1, help="movies built in parallel (processes)")
     p.add_argument("--threads", type=int, default=0,
                    help="resize/encode threads per movie; 0 = CPU cores divided by workers")

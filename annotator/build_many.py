@@ -155,9 +155,11 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
 
 
 def option_changes(meta: dict, options: BuildOptions) -> list[str]:
-    """'name recorded (now new)' for each build option that differs from a movie's meta.json."""
+    """'name recorded (now new)' for each build option that differs from a movie's meta.json.
+    The window is compared as stored: capped at the movie's frame count - 1."""
     was = {**meta, "sim_size": (meta.get("metric_params") or {}).get("sim_size", [None])[0]}
-    now = {"short_side": options.size, "window": options.window, "metric": options.metric,
+    window = min(options.window, max(1, meta.get("frame_count", options.window + 1) - 1))
+    now = {"short_side": options.size, "window": window, "metric": options.metric,
            "image_format": options.image_format, "sim_size": options.sim_size,
            "quality": options.quality if options.image_format == "jpg" else None}
     return [f"{k} {was.get(k)} (now {v})" for k, v in now.items() if was.get(k) != v]

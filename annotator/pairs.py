@@ -5,7 +5,8 @@ On disk, one folder per movie under DATA_ROOT:
 
     DATA_ROOT/<movie_id>/frames/000000.jpg ...   frames resized for training, in order
     DATA_ROOT/<movie_id>/similarity.npy          float32 (N, 2*window+1): [i, window+d] = sim(i, i+d),
-                                                 1 on d = 0, NaN outside the movie
+                                                 1 on d = 0, NaN outside the movie; window is
+                                                 capped at N - 1 (meta.json has the one stored)
     DATA_ROOT/<movie_id>/meta.json               source, fps, frame count, sizes, metric, window, ...
     DATA_ROOT/.partial/<movie_id>/               a movie being built (never read as a movie)
     DATA_ROOT/.partial/<movie_id>.lock           locked by the run building it (see movie_lock)
@@ -57,6 +58,11 @@ PARTIAL_DIR = ".partial"
 DEFAULT_WINDOW = 19
 DEFAULT_LOW, DEFAULT_HIGH, DEFAULT_MIN_GAP = 0.94, 0.97, 3
 IMAGE_FORMATS = ("jpg", "png")
+# Upper bounds, so that a typo is refused before any work rather than failing on every movie:
+# stored frames are for training at 512-768 (an 8K film's short side is 4320), and the
+# similarity's ring of `window` frames grows with sim_size squared (SSIM at 512: 4 MB a frame).
+MAX_SIZE, MAX_SIM_SIZE = 4320, 512
+MIN_SIM_SIZE = 2 * SSIM_RADIUS + 2  # SSIM's 11x11 "valid" window leaves a 2x2 area
 
 
 # ----------------------------------------------------------------------------- reading
@@ -114,7 +120,7 @@ def count_pairs(sim: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAULT
 
 @dataclass(frozen=True)
 class BuildOptions:
-    size: int = 512  # short side of the stored frames (multiple of 8); 0 keeps the source size
+    size: int = 512  # short side of the stored frames (multiple of 8); 0: the source's, rounded down to one
     window: int = DEFAULT_WINDOW
     metric: str = "ssim"
     sim_size: int = SIM_SIZE
@@ -126,8 +132,8 @@ class BuildOptions:
     decode_threads: int = 0
 
     def validate(self) -> None:
-        if self.size < 0 or self.size % 8:
-            raise ValueError(f"--size must be 0 or a positive multiple of 8 (got {self.size})")
+        if not 0 <= self.size <= MAX_SIZE or self.size % 8:
+            raise ValueError(f"--size must be 0 or a multiple of 8 up to {MAX_SIZE} (got {self.size})")
         if self.threads < 0 or self.decode_threads < 0:
             raise ValueError(f"--threads and --decode-threads must be >= 0 "
                              f"(got {self.threads}, {self.decode_threads})")
@@ -135,8 +141,8 @@ class BuildOptions:
             raise ValueError(f"--window must be >= 1 (got {self.window})")
         if self.metric not in METRICS:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)} (got {self.metric!r})")
-        if self.sim_size < 2 * SSIM_RADIUS + 2:
-            raise ValueError(f"--sim-size must be >= {2 * SSIM_RADIUS + 2} (got {self.sim_size})")
+        if not MIN_SIM_SIZE <= self.sim_size <= MAX_SIM_SIZE:
+            raise ValueError(f"--sim-size must be in {MIN_SIM_SIZE}..{MAX_SIM_SIZE} (got {self.sim_size})")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(IMAGE_FORMATS)}")
         if not 1 <= self.quality <= 100:
@@ -154,10 +160,10 @@ def movie_id_for(source: str | os.PathLike) -> str:
 
 def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     """(width, height) of the stored frames: short side = short_side, long side rounded to a
-    multiple of 8 (so the VAE's 8x downsampling lines up); 0 keeps the source size."""
-    if short_side == 0:
-        return width, height
+    multiple of 8 (so the VAE's 8x downsampling lines up); 0: the source's short side rounded
+    down to a multiple of 8 (a source already on the 8-grid is kept as it is)."""
     short, long_ = sorted((width, height))
+    short_side = short_side or max(8, short // 8 * 8)
     new_long = max(8, int(round(long_ * short_side / short / 8)) * 8)
     return (new_long, short_side) if width >= height else (short_side, new_long)
 
@@ -276,7 +282,7 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
             finally:
                 for f in pending:
                     f.cancel()
-        sim = table.table()
+        sim = table.table(trim=True)  # no NaN columns beyond the movie's last frame
         np.save(tmp / "similarity.npy", sim)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -290,7 +296,7 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
             "short_side": options.size,
             "image_format": options.image_format,
             "quality": options.quality if options.image_format == "jpg" else None,
-            "window": options.window,
+            "window": (sim.shape[1] - 1) // 2,  # options.window, capped at frame_count - 1
             "metric": options.metric,
             "metric_params": _metric_params(options),
             "default_band": {"low": DEFAULT_LOW, "high": DEFAULT_HIGH, "min_gap": DEFAULT_MIN_GAP,

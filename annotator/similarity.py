@@ -80,7 +80,9 @@ class NeighbourTable:
 
     push() the small gray frames in order. Only the last `window` frames are kept (in ring
     buffers, with their partner-independent SSIM terms precomputed), so a feature film
-    needs a few MB; each pair is computed once and written to both rows.
+    needs a few MB; each pair is computed once. Per frame only its similarities to earlier
+    frames are kept (both rows are laid out by table()), and the ring grows as frames come,
+    so a window far longer than the clip costs no more than one as long as the clip.
     """
 
     def __init__(self, window: int, metric: str = "ssim"):
@@ -89,7 +91,7 @@ class NeighbourTable:
         if metric not in METRICS:
             raise ValueError(f"unknown similarity metric {metric!r}; choose from {', '.join(METRICS)}")
         self.window, self.metric = window, metric
-        self._rows: list[np.ndarray] = []
+        self._back: list[np.ndarray] = []  # [k][d - 1] = sim(k, k - d), d = 1..min(k, window)
         self._ring: dict[str, np.ndarray] = {}  # per-frame arrays, slot = frame index % window
 
     def _features(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,30 +125,47 @@ class NeighbourTable:
         return 1.0 - np.abs(xs - f["x"]).mean(axis=(1, 2), dtype=np.float64)
 
     def push(self, small: np.ndarray) -> None:
-        w, k = self.window, len(self._rows)
-        row = np.full(2 * w + 1, np.nan, dtype=np.float32)
-        row[w] = 1.0
+        w, k = self.window, len(self._back)
         feats = self._features(np.asarray(small, dtype=np.float32))
         n = min(k, w)
+        back = np.empty(n, dtype=np.float32)
         if n:
-            sims = self._compare(feats, n)
-            for slot, s in enumerate(sims):
-                back = (k - slot) % w or w  # slot holds frame k - back
-                row[w - back] = s
-                self._rows[k - back][w + back] = s
-        if not self._ring:
-            self._ring = {name: np.empty((w, *a.shape), np.float32) for name, a in feats.items()}
+            distance = (k - np.arange(n)) % w  # slot s holds frame k - distance[s]
+            distance[distance == 0] = w
+            back[distance - 1] = self._compare(feats, n)
+        self._grow_ring(feats, k)
         for name, a in feats.items():
             self._ring[name][k % w] = a
-        self._rows.append(row)
+        self._back.append(back)
+
+    def _grow_ring(self, feats: dict[str, np.ndarray], k: int) -> None:
+        """Room for slot k % window: the ring doubles up to `window` slots while the clip is
+        shorter than the window (until then slot k is k, so the copy keeps every slot)."""
+        size = len(next(iter(self._ring.values()))) if self._ring else 0
+        if k % self.window < size:
+            return
+        size = min(self.window, max(64, 2 * size))
+        for name, a in feats.items():
+            ring = np.empty((size, *a.shape), np.float32)
+            if name in self._ring:
+                ring[: k] = self._ring[name][: k]
+            self._ring[name] = ring
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._back)
 
-    def table(self) -> np.ndarray:
-        if not self._rows:
-            return np.zeros((0, 2 * self.window + 1), dtype=np.float32)
-        return np.stack(self._rows)
+    def table(self, trim: bool = False) -> np.ndarray:
+        """The (N, 2*window+1) table; with `trim` the window is cut to N - 1 (at least 1), the
+        farthest neighbour there is, so a window longer than the clip stores no NaN columns."""
+        n = len(self._back)
+        w = max(1, min(self.window, n - 1)) if trim else self.window
+        out = np.full((n, 2 * w + 1), np.nan, dtype=np.float32)
+        out[:, w] = 1.0
+        for k, back in enumerate(self._back):
+            d = np.arange(1, min(len(back), w) + 1)
+            out[k, w - d] = back[d - 1]  # sim(k, k - d)
+            out[k - d, w + d] = back[d - 1]  # the same pair in the earlier frame's row
+        return out
 
 
 def similarity_table(smalls, window: int, metric: str = "ssim") -> np.ndarray:

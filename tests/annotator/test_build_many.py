@@ -29,8 +29,8 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     assert lines == [f"skipped: {tmp_path / 'empty'}: folder contains no image frames"]
     s2 = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert s2.built == [] and s2.existing == ["good"] and len(lines) == 1
-    build_all([good], tmp_path / "data", BuildOptions(size=64, window=7), progress=False, log=lines.append)
-    assert lines[1] == (f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with window 5 (now 7); "
+    build_all([good], tmp_path / "data", BuildOptions(size=64, window=3), progress=False, log=lines.append)
+    assert lines[1] == (f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with window 5 (now 3); "
                         "delete it to rebuild")
     build_all([good], tmp_path / "data", replace(OPTS, sim_size=32, quality=80), progress=False, log=lines.append)
     assert lines[2] == (f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with sim_size {OPTS.sim_size} "
@@ -46,6 +46,19 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     s3 = build_all([other], tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert s3.built == [] and "already built from" in s3.skipped[0]
     assert json.loads((tmp_path / "data" / "good" / "meta.json").read_text())["source"] == str(good.resolve())
+
+
+def test_a_window_capped_at_the_movie_length_is_no_option_change(tmp_path):
+    """A 6-frame movie built with window 50 stores window 5; a rerun with 50 (or 5) is no change, 4 is."""
+    good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
+    lines = []
+    build_all([good], tmp_path / "data", replace(OPTS, window=50), progress=False, log=lines.append)
+    for window in (50, 5):
+        s = build_all([good], tmp_path / "data", replace(OPTS, window=window), progress=False, log=lines.append)
+        assert s.existing == ["good"] and lines == []
+    build_all([good], tmp_path / "data", replace(OPTS, window=4), progress=False, log=lines.append)
+    assert lines == [f"note: {tmp_path / 'data' / 'good'}: kept, but it was built with window 5 (now 4); "
+                     "delete it to rebuild"]
 
 
 def test_summary_notes_that_the_default_band_is_for_ssim():

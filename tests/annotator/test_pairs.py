@@ -50,8 +50,33 @@ def test_sim_size_must_leave_ssim_a_valid_area():
     every similarity would be NaN and the movie would build "fine" with no pairs."""
     BuildOptions(sim_size=12).validate()
     for bad in (11, 10):
-        with pytest.raises(ValueError, match=rf"--sim-size must be >= 12 \(got {bad}\)"):
+        with pytest.raises(ValueError, match=rf"--sim-size must be in 12..512 \(got {bad}\)"):
             BuildOptions(sim_size=bad).validate()
+
+
+def test_sizes_have_upper_bounds():
+    """Typos such as 100000 are refused up front, not met as a 37 GiB allocation per movie."""
+    BuildOptions(size=4320, sim_size=512).validate()
+    with pytest.raises(ValueError, match=r"^--size must be 0 or a multiple of 8 up to 4320 \(got 4328\)$"):
+        BuildOptions(size=4328).validate()
+    with pytest.raises(ValueError, match=r"^--sim-size must be in 12..512 \(got 513\)$"):
+        BuildOptions(sim_size=513).validate()
+
+
+def test_window_longer_than_the_movie_is_capped_at_its_frame_count(tmp_path):
+    """--window 100 on 7 frames stores (7, 13), not (7, 201) columns of NaN: the farthest
+    neighbour is 6 frames away. The readers take the window from the array's width."""
+    frames = panning_clip(7, 32, 48)
+    src = write_folder(frames, tmp_path / "clip")
+    meta = build_movie(src, tmp_path / "data", options=BuildOptions(size=32, window=100, threads=1))
+    sim = load_similarity(tmp_path / "data" / "clip")
+    assert sim.shape == (7, 13) and meta["window"] == 6
+    np.testing.assert_array_equal(sim, similarity_table([small_gray(f) for f in frames], 6))
+    assert not np.isnan(sim[0, 6:]).any() and not np.isnan(sim[6, :7]).any()  # every column is used
+    one = build_movie(write_folder(frames[:1], tmp_path / "one"), tmp_path / "data",
+                      options=BuildOptions(size=32, window=100, threads=1))
+    assert one["window"] == 1  # at least 1, as the band code needs
+    np.testing.assert_array_equal(load_similarity(tmp_path / "data" / "one"), [[np.nan, 1, np.nan]])
 
 
 def test_stored_size_and_ids(tmp_path):
@@ -59,6 +84,9 @@ def test_stored_size_and_ids(tmp_path):
     assert stored_size(720, 1280, 512) == (512, 912)  # portrait
     assert stored_size(1920, 800, 512) == (1232, 512)  # scope 2.4:1, long side on the 8-grid
     assert stored_size(1280, 720, 0) == (1280, 720)
+    # 0 keeps the source's short side on the 8-grid, as the VAE (build_latent_cache) needs
+    assert stored_size(160, 90, 0) == (160, 88) and stored_size(90, 160, 0) == (88, 160)
+    assert stored_size(6, 5, 0) == (8, 8)
     assert stored_size(96, 64, 64) == (96, 64)
     assert movie_id_for("films/My Film (1950).mkv") == "My_Film__1950_"
     (tmp_path / "frames.v2").mkdir()

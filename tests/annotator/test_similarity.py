@@ -103,3 +103,16 @@ def test_fast_resize_sizes_and_smoothness():
     cubic = cv2.resize(small, (228, 128), interpolation=cv2.INTER_CUBIC)
     np.testing.assert_array_equal(fast_resize(small, 228, 128), cubic)
     np.testing.assert_array_equal(fast_resize(img, 912, 512), cv2.resize(img, (912, 512), interpolation=cv2.INTER_LINEAR))
+
+
+def test_window_far_longer_than_the_clip_costs_what_the_clip_needs():
+    """The ring grows with the frames pushed (not 10**7 slots up front, 160 GB), and trim
+    cuts the table to the farthest neighbour there is."""
+    smalls = [small_gray(f) for f in panning_clip(4)]
+    t = NeighbourTable(10**7)
+    for s in smalls:
+        t.push(s)
+    trimmed = t.table(trim=True)
+    assert trimmed.shape == (4, 7)
+    np.testing.assert_array_equal(trimmed, similarity_table(smalls, 3))
+    assert NeighbourTable(5).table(trim=True).shape == (0, 3)

@@ -162,6 +162,16 @@ def test_bad_arguments_one_line(tmp_path):
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 
+def test_huge_sizes_are_refused_in_one_line(tmp_path):
+    """Were a 37 GiB numpy traceback (--sim-size) and an OpenCV error on every movie (--size)."""
+    clip = write_folder(panning_clip(3, 16, 24), tmp_path / "clip")
+    for flag, message in (("--size", "--size must be 0 or a multiple of 8 up to 4320 (got 100000)"),
+                          ("--sim-size", "--sim-size must be in 12..512 (got 100000)")):
+        p = run(clip, "--out", tmp_path / "d", flag, "100000", check_rc=2)
+        assert p.stderr == f"build_pairs.py: error: {message}\n" and p.stdout == ""
+    assert not (tmp_path / "d").exists()
+
+
 def test_every_bad_input_is_reported_and_nothing_is_lost(tmp_path):
     good_video = write_video(panning_clip(12, 32, 48), tmp_path / "good_video.mov")
     good_folder = write_folder(panning_clip(10, 32, 48), tmp_path / "good_folder")
