@@ -15,18 +15,22 @@ so nothing in the file tells them apart and this tool accepts both. The 768 mode
 not eps: use it only with a config that sets `parameterization: v` and trains/samples at 768
 (a copy of models/cldm_v21_color.yaml with those changes); the default config is 512-base.
 
-Exit status: 0 done, 2 bad input (arguments, config, checkpoint; one line on stderr), 130 interrupted.
+Exit status: 0 done, 2 bad input (arguments, config, checkpoint) or a full disk (one line on stderr;
+nothing is left behind), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from cliutil import OneLineParser, run_cli
+from cliutil import OneLineParser, one_line, run_cli
 from cldm.checkpoint import CONTROL, CheckpointError, guess_kind, load_state_dict, save_state_dict
 from cldm.convert import init_from_sd
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config
@@ -35,6 +39,8 @@ from ldm.schedule import schedule_buffers
 PROG = "tool_add_control_sd21.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUT_SUFFIXES = (".safetensors", ".ckpt")
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+VARIANT_KEY = "model.color_variant"
 
 
 def header_shapes(path: str | Path) -> dict[str, list[int]]:
@@ -58,19 +64,75 @@ def check_plain_sd(path: str | Path, shapes) -> None:
                               "Stable Diffusion 2.1 file such as v2-1_512-ema-pruned.safetensors")
 
 
+def seed_arg(text: str) -> int:
+    """--seed as torch.manual_seed takes it, checked before the (slow) load."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED} (got {text})")
+    return seed
+
+
+def check_output(sd_path: str | Path, out_path: Path, overwrite: bool) -> None:
+    """Everything about the output that can be wrong, checked before the (slow) load of a
+    multi-GB file: suffix, an existing file or folder, the folder it goes in, and the SD
+    file itself (through a symlink too), which --overwrite would replace."""
+    if out_path.suffix not in OUT_SUFFIXES:
+        raise ValueError(f"{out_path}: output must end in .safetensors (recommended) or .ckpt")
+    if out_path.is_dir():
+        raise ValueError(f"{out_path}: is a folder; give a file name for the output")
+    if out_path.exists() and Path(sd_path).exists() and os.path.samefile(sd_path, out_path):
+        raise ValueError(f"{out_path}: is the input checkpoint {sd_path} itself; write to another file")
+    if out_path.exists() and not overwrite:
+        raise CheckpointError(f"{out_path} exists (use --overwrite to replace it)")
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise ValueError(f"{out_path}: {out_path.parent} is a file, not a folder")
+    if not out_path.parent.is_dir():
+        raise ValueError(f"{out_path}: the folder {out_path.parent} does not exist")
+
+
+def variant_overrides(variant: str | None, overrides: list[str]) -> list[str]:
+    """`overrides` plus --variant as model.color_variant; the two disagreeing is refused
+    rather than one silently winning."""
+    given = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == VARIANT_KEY]
+    if variant and any(v != variant for v in given):
+        raise ValueError(f"--variant {variant} contradicts the override {VARIANT_KEY}={given[-1]}; give one of them")
+    return list(overrides) + ([f"{VARIANT_KEY}={variant}"] if variant else [])
+
+
+def save_checkpoint(state: dict, out_path: Path, metadata: dict) -> None:
+    """save_state_dict, with a full disk (or quota) as one line instead of the writers' own
+    errors (safetensors' SafetensorError, torch's "unexpected pos" RuntimeError, which says
+    nothing of the cause): checked up front, and again if the write fails. A failed write
+    leaves nothing behind (atomicio)."""
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    free = shutil.disk_usage(out_path.parent).free
+    if free < need:
+        raise OSError(f"{out_path}: no space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
+                      f"{free / 2**20:.1f} MiB are free)")
+    try:
+        save_state_dict(state, out_path, metadata=metadata)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        text = str(e)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
+                or "quota" in text.lower() or shutil.disk_usage(out_path.parent).free < need:
+            reason = "no space left on device (or disk quota exceeded)"
+        else:
+            reason = one_line(e, with_type=True)
+        raise OSError(f"{out_path}: cannot write the checkpoint: {reason}; nothing was written") from None
+
+
 def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = DEFAULT_CONFIG,
                 variant: str | None = None, overrides: list[str] = (), allow_pickle: bool = False,
                 dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> str:
     """Write the initial checkpoint; returns the human-readable report."""
     out_path = Path(out_path)
-    if out_path.suffix not in OUT_SUFFIXES:  # checked before the (slow) load of a multi-GB file
-        raise ValueError(f"{out_path}: output must end in .safetensors (recommended) or .ckpt")
-    if out_path.exists() and not overwrite:
-        raise CheckpointError(f"{out_path} exists (use --overwrite to replace it)")
-    if not out_path.parent.is_dir():
-        raise ValueError(f"{out_path}: the folder {out_path.parent} does not exist")
-    overrides = list(overrides) + ([f"model.color_variant={variant}"] if variant else [])
-    cfg = load_config(config, overrides)
+    check_output(sd_path, out_path, overwrite)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in 0..{MAX_SEED} (got {seed})")
+    cfg = load_config(config, variant_overrides(variant, list(overrides)))
     check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
     check_plain_sd(sd_path, sd)  # .ckpt: its names are only known once loaded
@@ -89,7 +151,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     except CheckpointError as e:  # its message says "checkpoint": name the file
         raise CheckpointError(f"{sd_path}: {e}") from None
     del sd, fresh
-    save_state_dict(state, out_path, metadata={"color_variant": cfg.model.color_variant,
+    save_checkpoint(state, out_path, metadata={"color_variant": cfg.model.color_variant,
                                                "parameterization": cfg.model.parameterization,
                                                "source": Path(sd_path).name, "made_by": "tool_add_control_sd21.py"})
     return f"colour variant {cfg.model.color_variant}, {len(state)} tensors -> {out_path}\n" + report.summary()
@@ -101,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "768-v has the same keys and needs a v/768 config (see above)")
     p.add_argument("out_ckpt", help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: %(default)s)")
-    p.add_argument("--variant", choices=["v1", "v2", "v3"], help="colour variant (default: the config's)")
+    p.add_argument("--variant", choices=["v1", "v2", "v3"],
+                   help="colour variant (default: the config's); refused if an override sets another")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights (schedule buffers stay float32; default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the hint block's random initialisation")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help=f"seed for the hint block's random initialisation, 0..{MAX_SEED} (default: %(default)s)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling of a .ckpt that holds more than tensors (only for files you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_CKPT if it exists")

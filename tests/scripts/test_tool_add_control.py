@@ -1,9 +1,12 @@
 """tool_add_control_sd21.py on tiny SD-format checkpoints written by the tests."""
 import os
+import re
+import shutil
 import pickle
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import tool_add_control_sd21 as tool
@@ -239,3 +242,97 @@ def test_seed_draws_the_hint_blocks_init(sd_files, tmp_path):
     assert all(torch.equal(out["a"][k], out["b"][k]) for k in out["a"])
     assert not any(torch.equal(out["a"][k], out["c"][k]) for k in drawn)
     assert all(torch.equal(out["a"][k], out["c"][k]) for k in out["a"] if k.startswith("model."))
+
+
+def _disk(free: int):
+    return lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+
+
+@pytest.mark.parametrize("fmt, error", [
+    ("safetensors", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    ("ckpt", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0"))])
+def test_a_disk_filling_during_the_write_is_one_line(sd_files, tmp_path, capsys, monkeypatch, fmt, error):
+    """What safetensors and torch.save raise when the disk fills mid-write (torch's says nothing
+    of the cause: the free space, checked again, does)."""
+    _, d = sd_files
+    out = tmp_path / f"o.{fmt}"
+    calls = []
+
+    def full(*a, **kw):
+        calls.append(1)
+        monkeypatch.setattr(tool.shutil, "disk_usage", _disk(1000))  # filled up by the write
+        raise error
+
+    monkeypatch.setattr(tool, "save_state_dict", full)
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    assert calls == [1] and capsys.readouterr().err == (
+        f"tool_add_control_sd21.py: error: {out}: cannot write the checkpoint: no space left on device "
+        "(or disk quota exceeded); nothing was written\n")
+
+
+def test_too_little_free_space_is_refused_before_writing(sd_files, tmp_path, capsys, monkeypatch):
+    _, d = sd_files
+    out = tmp_path / "o.safetensors"
+    monkeypatch.setattr(tool.shutil, "disk_usage", _disk(2 * 2**20))
+    monkeypatch.setattr(tool, "save_state_dict", lambda *a, **kw: pytest.fail("started writing"))
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"tool_add_control_sd21.py: error: {re.escape(str(out))}: no space left on device \(the "
+                        r"checkpoint needs \d+\.\d MiB, 2\.0 MiB are free\)\n", err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["same", "symlink"])
+def test_output_that_is_the_input_is_refused_even_with_overwrite(sd_files, tmp_path, capsys, how):
+    _, d = sd_files
+    src = tmp_path / "sd.safetensors"
+    src.write_bytes((d / "sd.safetensors").read_bytes())
+    before = src.read_bytes()
+    out = src if how == "same" else tmp_path / "link.safetensors"
+    if how == "symlink":
+        out.symlink_to(src)
+    assert tool.main([str(src), str(out), "--config", str(TINY_CONFIG), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {out}: is the input checkpoint {src} "
+                                       "itself; write to another file\n")
+    assert src.read_bytes() == before
+
+
+def test_output_checks_before_the_load(sd_files, tmp_path, capsys, monkeypatch):
+    """Each was met only after the (slow) load of a multi-GB file, or named wrongly."""
+    _, d = sd_files
+    monkeypatch.setattr(tool, "load_state_dict", lambda *a, **kw: pytest.fail("loaded the file"))
+    sd, cfg = str(d / "sd.safetensors"), ["--config", str(TINY_CONFIG)]
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    assert tool.main([sd, str(folder), *cfg, "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {folder}: is a folder; give a file "
+                                       "name for the output\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("x")
+    assert tool.main([sd, str(readme / "o.safetensors"), *cfg]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {readme / 'o.safetensors'}: {readme} "
+                                       "is a file, not a folder\n")
+    out = str(tmp_path / "o.safetensors")
+    assert tool.main([sd, out, *cfg, "--variant", "v3", "model.color_variant=v1"]) == 2
+    assert capsys.readouterr().err == ("tool_add_control_sd21.py: error: --variant v3 contradicts the override "
+                                       "model.color_variant=v1; give one of them\n")
+    for seed in ("99999999999999999999", "-1"):
+        with pytest.raises(SystemExit) as e:
+            tool.main([sd, out, *cfg, "--seed", seed])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: argument --seed: must be in "
+                                           f"0..18446744073709551615 (got {seed}) (see --help)\n")
+
+
+def test_agreeing_variant_and_override_and_the_largest_seed_work(sd_files, tmp_path):
+    _, d = sd_files
+    out = tmp_path / "o.safetensors"
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG), "--variant", "v2",
+                      "model.color_variant=v2", "--seed", str(2**64 - 1)]) == 0
+    assert load_file(out)["model.diffusion_model.input_blocks.0.0.weight"].shape[1] > 4  # v2 widens the input
+
+
+def test_help_shows_the_seed_default(capsys):
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    assert "0..18446744073709551615 (default: 0)" in " ".join(capsys.readouterr().out.split())
