@@ -10,6 +10,8 @@ Videos that decode fewer frames than their container claims: container counts ar
 off by one or two, so up to COUNT_SLACK missing frames pass silently; more, up to one second
 of frames (or a tenth of the claimed count for clips shorter than ten seconds), give one
 warning line naming the file and the frames are kept; more than that is a truncated file.
+Where the frames are missing is not known (OpenCV's position counts delivered frames), so
+the warning does not claim they are at the end.
 
 Frame folders: the images directly inside the folder, sorted naturally ("f2" < "f10");
 hidden files (".*") and sub-folders are ignored, any other non-image file is an error.
@@ -224,8 +226,12 @@ def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: 
     limit = max(COUNT_SLACK, min(per_second, claimed // 10))
     if missing > limit:
         raise FrameSourceError(path, f"truncated or corrupt: decoded {decoded} of {claimed} frames")
-    return (f"{path}: decoded {decoded} of the {claimed} frames its container claims ({missing} missing "
-            f"at the end, up to {limit} tolerated); the decoded frames are kept")
+    # Not "at the end": frames the demuxer drops mid-video (a corrupt chunk) leave no trace in
+    # OpenCV's CAP_PROP_POS_FRAMES or POS_MSEC, which count the frames delivered, so where they
+    # are missing cannot be told, and the frames after such a gap come out numbered early.
+    return (f"{path}: decoded {decoded} of the {claimed} frames its container claims ({missing} missing, up to "
+            f"{limit} tolerated; where is unknown, so frames after a gap may be numbered early); the decoded "
+            f"frames are kept")
 
 
 def iter_frames(
