@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
                    help="short side the model works at; the toy model was trained at 64 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--methods", default=",".join(MODEL_MODES + BASELINES), metavar="LIST",
-                   help="comma-separated subset of %(default)s")
+                   help="comma-separated methods to run, from %(default)s (default: all six)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the outputs of an earlier demo run in --out (data/, each method's folder and "

@@ -112,3 +112,11 @@ def test_overwrite_leaves_no_frames_of_the_earlier_run(tmp_path, capsys):
     assert sorted(p.name for p in (out / "data" / "colour").iterdir()) == ["frame_0100.png", "frame_0101.png"]
     assert sorted(p.name for p in (out / "reinhard").iterdir()) == ["frame_0100.png", "frame_0101.png"]
     assert json.loads((out / "report" / "metrics.json").read_text())["frames"] == ["frame_0101"]
+
+
+def test_help_says_methods_default_to_all_six(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "(default: all six)" in text and "fixed,recursive,anchored,reinhard,reinhard-bands,flow" in text
