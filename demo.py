@@ -17,7 +17,8 @@ side-by-side picture.
 The toy model is tiny and trained on 100 frames of one clip (models/toy/, recipe in
 tools/make_toy_model.py): it shows the pipeline end to end, not what SD2.1 can do.
 
-Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 stopped by
+Ctrl-C (what was written is kept; rerun with --overwrite).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class DemoError(Exception):
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="Exit status: 0 done, 2 bad arguments or unusable input.")
+                                epilog="Exit status: 0 done, 2 bad arguments or unusable input, 130 stopped by Ctrl-C.")
     p.add_argument("--out", default=str(REPO / "demo_out"), metavar="DIR",
                    help="folder for everything the demo writes (default: %(default)s)")
     p.add_argument("--clip", default=str(SAMPLE), metavar="VIDEO|DIR",
@@ -113,8 +114,17 @@ def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -
     return reference
 
 
+INTERRUPTED = "interrupted; what was written so far is kept: rerun with --overwrite to start again"
+STOPPED = (130, 143)  # the exit status of a sub-tool stopped by Ctrl-C or SIGTERM (cliutil.run_cli)
+
+
 def _call(main, argv: list[str], what: str) -> None:
+    """A sub-tool's entry point; a failure is a DemoError, and a sub-tool stopped by Ctrl-C
+    stops the demo as an interrupt (exit 130), not as a failure."""
     rc = main(argv)
+    if rc in STOPPED:
+        raise KeyboardInterrupt(f"interrupted during {what}; what was written so far is kept: rerun with "
+                                "--overwrite to start again")
     if rc != 0:
         raise DemoError(f"{what} failed (exit status {rc}; its message is above)")
 
@@ -211,7 +221,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(PROG, run, parser().parse_args(argv), (DemoError, FrameSourceError, OSError))
+    return run_cli(PROG, run, parser().parse_args(argv), (DemoError, FrameSourceError, OSError),
+                   interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

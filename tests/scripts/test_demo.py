@@ -120,3 +120,15 @@ def test_help_says_methods_default_to_all_six(capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
     assert "(default: all six)" in text and "fixed,recursive,anchored,reinhard,reinhard-bands,flow" in text
+
+
+def test_ctrl_c_in_a_step_exits_130_saying_interrupted(tmp_path, capsys, monkeypatch):
+    """A sub-tool stopped by Ctrl-C returns 130; the demo stops as interrupted (130), not as failed (2)."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", interrupt)
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
+    assert rc == 130, err
+    assert "error" not in err
+    assert err.splitlines()[-1] == ("demo.py: interrupted during colorize_inference.py --method reinhard; what was "
+                                    "written so far is kept: rerun with --overwrite to start again")
