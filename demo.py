@@ -34,9 +34,12 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
-from cliutil import OneLineParser, run_cli  # noqa: E402
+from cliutil import OneLineParser, one_line, run_cli  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import FrameRangeError, FrameSourceError, iter_frames, probe  # noqa: E402
+from cldm.checkpoint import CheckpointError  # noqa: E402
+from cldm.model import ConfigError  # noqa: E402
+from colorize import loading  # noqa: E402
 from colorize.pipeline import OptionError, Options  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
 
@@ -152,8 +155,9 @@ def planned_outputs(out: Path, methods: list[str]) -> list[Path]:
 def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     """Refuse, before anything is written, what a sub-tool would only refuse after the frames are
     extracted (its message then follows a half-made --out): sampling settings, device, clip
-    and its length, and outputs of an earlier run."""
-    if any(m in MODEL_MODES for m in methods) and not Path(args.ckpt).is_file():
+    and its length, the checkpoint and outputs of an earlier run."""
+    model = any(m in MODEL_MODES for m in methods)
+    if model and not Path(args.ckpt).is_file():
         raise DemoError(f"--ckpt {args.ckpt}: no such file")
     try:  # checked as colorize_inference.py checks them
         Options(size=args.size, steps=args.steps)
@@ -162,6 +166,8 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
         raise DemoError(f"--{e.field} {e.problem}") from None
     except colorize_inference.UsageError as e:
         raise DemoError(str(e)) from None
+    if model:
+        check_model(args.ckpt, args.steps)
     count = probe(args.clip).frame_count  # FrameSourceError (one line) for a missing or unreadable clip
     if count is not None and stop > count:  # a video's claimed count; prepare_frames checks what decodes
         raise DemoError(f"{args.clip}: has only {count} frames, --frames asks for frames {first}..{stop - 1}")
@@ -172,6 +178,18 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     if taken and not args.overwrite:
         raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "
                         "pass --overwrite or another --out")
+
+
+def check_model(ckpt: str, steps: int) -> None:
+    """The step count against the model's noise schedule, and the checkpoint against its config,
+    as colorize_inference.py checks them (by loading the weights once: 0.2 s for the toy model)."""
+    try:
+        colorize_inference.steps_option(steps, loading.schedule_length(ckpt))
+        loading.load_model(ckpt)
+    except colorize_inference.UsageError as e:
+        raise DemoError(str(e)) from None
+    except (CheckpointError, ConfigError) as e:
+        raise DemoError(f"--ckpt {one_line(e)}") from None
 
 
 def run_demo(args) -> dict:

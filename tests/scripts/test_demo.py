@@ -4,12 +4,14 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import cv2
 import pytest
 
 import demo
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 QUICK = ["--frames", "100:104", "--steps", "2", "--methods", "fixed,reinhard,flow"]
 
 
@@ -79,6 +81,10 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
     (["--frames", "a:b"], "--frames a:b: expected A:B with whole numbers, e.g. 100:132"),
     (["--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: no such file"),
     (["--steps", "0"], r"--steps must be >= 1 \(got 0\)"),
+    # the model's schedule and the checkpoint's fit to its config, checked before data/ is written
+    (["--steps", "999"], r"--steps must be between 1 and 500 for the model's 1000-step noise schedule \(got 999\)"),
+    (["--ckpt", str(FIXTURES / "tiny_v1_weights.safetensors")],
+     rf"--ckpt {re.escape(str(FIXTURES / 'tiny_v1_weights.safetensors'))} \(.*\) does not fit the config: .*"),
     (["--device", "cuda:99"], r"--device cuda:99: (CUDA is not available here|this machine has \d+ CUDA device\(s\))"),
     (["--clip", "nope.mp4"], "nope.mp4: no such file or folder"),
 ])
