@@ -168,7 +168,10 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
         raise DemoError(str(e)) from None
     if model:
         check_model(args.ckpt, args.steps)
-    count = probe(args.clip).frame_count  # FrameSourceError (one line) for a missing or unreadable clip
+    try:
+        count = probe(args.clip).frame_count
+    except FrameSourceError as e:  # a missing or unreadable clip
+        raise DemoError(f"--clip {e}") from None
     if count is not None and stop > count:  # a video's claimed count; prepare_frames checks what decodes
         raise DemoError(f"{args.clip}: has only {count} frames, --frames asks for frames {first}..{stop - 1}")
     out = Path(args.out)

@@ -154,12 +154,13 @@ def match_frames(gt_dir: Path, preds: dict[str, Path], exclude: list[str] = ()) 
                    [position[s] for s in common], list(dropped))
 
 
-def _read(path: Path, keep_16bit: bool = True) -> np.ndarray:
-    """RGB at the file's own depth (8 or 16 bits: the metrics take both on the 0..255 scale)."""
+def _read(path: Path, what: str, keep_16bit: bool = True) -> np.ndarray:
+    """RGB at the file's own depth (8 or 16 bits: the metrics take both on the 0..255 scale).
+    `what`: the flag the file came from ("--gt", "--pred NAME:"), named in an error."""
     try:
         return read_image(path, keep_16bit=keep_16bit)
     except FrameSourceError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"{what} {e}") from None
 
 
 def _size_error(pred: Path, img: np.ndarray, gt: Path, ref: np.ndarray) -> UsageError:
@@ -171,14 +172,14 @@ def load_steps(gt_files: list[Path], pred_files: dict[str, list[Path]]):
     """(gt, {method: pred}) per frame, read lazily, every size checked against the truth's first."""
     first = None
     for t, gt_path in enumerate(gt_files):
-        gt = _read(gt_path)
+        gt = _read(gt_path, "--gt")
         first = first or (gt_path, gt.shape)
         if gt.shape[:2] != first[1][:2]:
             raise UsageError(f"ground-truth frames differ in size: {gt_path} is {gt.shape[1]}x{gt.shape[0]}, "
                              f"{first[0].name} is {first[1][1]}x{first[1][0]} (a clip's frames share one size)")
         cur = {}
         for m, files in pred_files.items():
-            img = _read(files[t])
+            img = _read(files[t], f"--pred {m}:")
             if img.shape != gt.shape:
                 raise _size_error(files[t], img, gt_path, gt)
             cur[m] = img
@@ -219,9 +220,9 @@ def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, 
     idx = strip_indices(len(gt_files), count)
     if not idx:
         return None
-    gt = [_read(gt_files[i], keep_16bit=False) for i in idx]  # pictures: 8 bits
+    gt = [_read(gt_files[i], "--gt", keep_16bit=False) for i in idx]  # pictures: 8 bits
     gray = [to_uint8(rgb_to_gray(g)) for g in gt]
-    methods = {m: [_read(files[i], keep_16bit=False) for i in idx] for m, files in pred_files.items()}
+    methods = {m: [_read(files[i], f"--pred {m}:", keep_16bit=False) for i in idx] for m, files in pred_files.items()}
     return Strip(idx, gray, gt, methods, reference, [ev.frames[i] for i in idx])
 
 
@@ -250,14 +251,14 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         if not Path(args.reference).is_file():
             raise UsageError(f"--reference {args.reference}: no such file")
-        reference = _read(Path(args.reference), keep_16bit=False)
+        reference = _read(Path(args.reference), "--reference", keep_16bit=False)
     matched = match_frames(Path(args.gt), preds, args.exclude)
     gt_files, pred_files = matched.gt_files, matched.pred_files
     for note in matched.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
-    first = _read(gt_files[0])
+    first = _read(gt_files[0], "--gt")
     for m, files in pred_files.items():  # fail before the long loop on a wholesale size mismatch
-        img = _read(files[0])
+        img = _read(files[0], f"--pred {m}:")
         if img.shape != first.shape:
             raise _size_error(files[0], img, gt_files[0], first)
     if len(gt_files) > 1:  # the warp error's optical flow

@@ -86,7 +86,7 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
     (["--ckpt", str(FIXTURES / "tiny_v1_weights.safetensors")],
      rf"--ckpt {re.escape(str(FIXTURES / 'tiny_v1_weights.safetensors'))} \(.*\) does not fit the config: .*"),
     (["--device", "cuda:99"], r"--device cuda:99: (CUDA is not available here|this machine has \d+ CUDA device\(s\))"),
-    (["--clip", "nope.mp4"], "nope.mp4: no such file or folder"),
+    (["--clip", "nope.mp4"], "--clip nope.mp4: no such file or folder"),
 ])
 def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys, args, message):
     rc, _, err = run(args + ["--out", tmp_path / "demo"], capsys)

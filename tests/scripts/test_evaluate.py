@@ -166,7 +166,9 @@ def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
     ("no_match", "no matching frames: --pred other"),
     ("size", "size mismatch: {root}/small/frame_0.png is 26x18, ground truth frame_0.png is 52x36"),
     ("late_size", "size mismatch: {root}/late/frame_3.png is 26x18"),
-    ("unreadable", "{root}/broken/frame_2.png: not a readable image"),
+    ("unreadable", "--pred broken: {root}/broken/frame_2.png: not a readable image"),
+    ("unreadable_gt", "--gt {root}/broken/frame_2.png: not a readable image"),
+    ("unreadable_reference", "--reference {root}/broken/frame_2.png: not a readable image"),
     ("same_name", "two predictions are named 'offset'"),
     ("bad_reference", "--reference {root}/missing.png: no such file"),
     ("video_gt", "--gt {root}/clip.mp4 is a video file; --gt and --pred take folders of frames (one image per frame, "
@@ -180,9 +182,11 @@ def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
 def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     root, gt = clip
     pred = {"missing_gt": "offset", "missing_pred": "nope", "no_match": "other", "size": "small",
-            "late_size": "late", "unreadable": "broken", "same_name": "offset", "bad_reference": "offset",
+            "late_size": "late", "unreadable": "broken",
+            "unreadable_gt": "broken", "unreadable_reference": "offset", "same_name": "offset", "bad_reference": "offset",
             "video_gt": "offset", "video_pred": "clip.mp4", "file_gt": "offset"}[case]
-    gt_dir = root / {"missing_gt": "nope", "video_gt": "clip.mp4", "file_gt": "gt/frame_0.png"}.get(case, "gt")
+    gt_dir = root / {"missing_gt": "nope", "video_gt": "clip.mp4", "file_gt": "gt/frame_0.png",
+                     "unreadable_gt": "broken"}.get(case, "gt")
     (root / "clip.mp4").write_bytes(b"a video")
     write(root / "other", gt, names=[f"x{i}" for i in range(5)])
     write(root / "small", [f[::2, ::2] for f in gt])
@@ -194,12 +198,14 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
         argv += ["--pred", str(root / "offset")]
     if case == "bad_reference":
         argv += ["--reference", str(root / "missing.png")]
+    if case == "unreadable_reference":
+        argv += ["--reference", str(root / "broken" / "frame_2.png")]
     assert evaluate.main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: "), captured.err
     assert message.format(root=root) in lines[0]
-    if case.startswith(("video", "file")):  # the whole line
+    if case.startswith(("video", "file", "unreadable", "missing")):  # the whole line, naming the flag
         assert lines[0] == "evaluate.py: error: " + message.format(root=root)
     assert not (root / "rep").exists()
 
