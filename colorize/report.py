@@ -6,7 +6,7 @@ Files written to `out_dir` (each to a temporary name, then renamed):
                   and the frames left out of scoring (evaluate.py --exclude)
   per_frame.csv   method,frame,psnr,ssim,colourfulness,warp_error
   summary.csv     method,psnr,ssim,colourfulness,warp_error,cdc (means; a ground_truth row)
-  psnr.png        PSNR over time, one line per method
+  psnr.png        PSNR over time (x: frame number), one line per method
   warp_error.png  warp error over time (flicker, drift), one line per method
   strip.png       gray | reference | each method | ground truth, for a few frames (optional)
 Undefined values (warp error of the first frame, NaN) are null in JSON and empty in CSV.
@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
@@ -120,16 +122,38 @@ def line_with_gaps(positions: Sequence[int], y: np.ndarray) -> tuple[np.ndarray,
     return np.insert(x, gaps, x[gaps - 1] + 1), np.insert(y, gaps, np.nan)
 
 
+def frame_numbers(frames: Sequence[str], positions: Sequence[int] | None = None) -> tuple[np.ndarray, bool]:
+    """(x of each frame in the plots, whether it is the number in the frames' names).
+
+    Where every name ends in a number and the numbers step as the positions do (a clip numbered
+    frame by frame: frame_0101, frame_0102, ...), x is that number, so the plot reads as the
+    file names do; otherwise it is the position (`positions`, default 0..n-1).
+    """
+    pos = np.arange(len(frames)) if positions is None else np.asarray(positions, dtype=int)
+    found = [re.search(r"(\d+)$", f) for f in frames]
+    if frames and all(found):
+        numbers = np.array([int(m.group(1)) for m in found])
+        if np.all(numbers - pos == numbers[0] - pos[0]):
+            return numbers, True
+    return pos, False
+
+
 def plot_over_time(results: Mapping[str, M.MethodMetrics], key: str, path: Path, frames: Sequence[str],
                    ylabel: str, title: str, positions: Sequence[int] | None = None) -> None:
-    """One line per method of a per-frame metric against the frame's position in the clip
-    (`positions`, default 0..n-1), broken where frames were left out."""
+    """`over_time_figure`, saved to `path`."""
+    _save_fig(over_time_figure(results, key, frames, ylabel, title, positions), path)
+
+
+def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: Sequence[str], ylabel: str,
+                     title: str, positions: Sequence[int] | None = None):
+    """One line per method of a per-frame metric against the frame number (`frame_numbers`), on
+    whole-number ticks, broken where frames were left out."""
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120, layout="constrained")
     # A frame reproduced exactly (the reference frame, say) sits at the PSNR cap and would
     # squash every other line; draw such points as triangles on the top edge instead.
     ys = {name: np.asarray(res.per_frame[key], dtype=float) for name, res in results.items()}
     capped = key == "psnr" and any((y >= M.PSNR_CAP_DB).any() for y in ys.values())
-    pos = np.arange(len(frames)) if positions is None else np.asarray(positions)
+    pos, numbered = frame_numbers(frames, positions)
     if capped:
         rest = np.concatenate([y[np.isfinite(y) & (y < M.PSNR_CAP_DB)] for y in ys.values()])
         top = (rest.max() if rest.size else 50.0) + 3.0
@@ -145,13 +169,15 @@ def plot_over_time(results: Mapping[str, M.MethodMetrics], key: str, path: Path,
     if capped:
         ax.set_ylim(bottom, top)
         ax.plot([], [], "^", color="#666666", ms=8, label=f"identical to the ground truth ({M.PSNR_CAP_DB:g} dB)")
-    ax.set_xlabel(f"frame index ({frames[0]} \u2026 {frames[-1]})" if frames else "frame index", fontsize=FONT)
+    what = "frame number" if numbered else "frame index"
+    ax.set_xlabel(f"{what} ({frames[0]} \u2026 {frames[-1]})" if frames else what, fontsize=FONT)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel, fontsize=FONT)
     ax.set_title(title, fontsize=FONT + 1)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=FONT - 1)
     ax.legend(fontsize=FONT - 1, loc="best", frameon=False)
-    _save_fig(fig, path)
+    return fig
 
 
 def _fit_tile(img: np.ndarray, w: int, h: int) -> np.ndarray:

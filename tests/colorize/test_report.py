@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from colorize.metrics import PSNR_CAP_DB, MethodMetrics
-from colorize.report import TILE_HEIGHT, Strip, line_with_gaps, strip_indices, write_report
+from colorize.report import (
+    TILE_HEIGHT, Strip, frame_numbers, line_with_gaps, over_time_figure, strip_indices, write_report,
+)
 
 
 def results():
@@ -37,6 +39,32 @@ def test_line_with_gaps_breaks_at_left_out_frames():
     assert x.tolist() == [0, 1, 2, 3] and np.array_equal(y, [1, 2, np.nan, 3], equal_nan=True)
     x, y = line_with_gaps([3, 4, 5], np.array([1.0, 2.0, 3.0]))  # no gap: unchanged
     assert x.tolist() == [3, 4, 5] and y.tolist() == [1, 2, 3]
+
+
+def test_plots_put_frames_at_their_numbers_on_whole_number_ticks():
+    """demo.py's report: frames 101-103 of a clip whose frame 100 was left out (position 0)."""
+    import matplotlib.pyplot as plt
+
+    frames = ["frame_0101", "frame_0102", "frame_0103"]
+    fig = over_time_figure(results(), "psnr", frames, "PSNR (dB)", "t", positions=[1, 2, 3])
+    ax = fig.axes[0]
+    assert ax.lines[0].get_xdata().tolist() == [101, 102, 103]  # b's line (a's first frame is at the cap)
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 2 and all(t == int(t) for t in ticks), ticks  # not 101.5
+    assert ax.get_xlabel() == "frame number (frame_0101 \u2026 frame_0103)"
+    plt.close(fig)
+
+
+def test_frame_numbers_come_from_names_that_count_like_the_positions():
+    def numbers(*args):
+        x, numbered = frame_numbers(*args)
+        return x.tolist(), numbered
+
+    assert numbers(["frame_0101", "frame_0103"], [1, 3]) == ([101, 103], True)
+    assert numbers(["a", "b"], [4, 5]) == ([4, 5], False)  # no numbers: positions
+    assert numbers(["x10", "x20"], [0, 1]) == ([0, 1], False)  # every 10th frame: not frame numbers
+    assert numbers(["f7", "g"]) == ([0, 1], False)
 
 
 def test_write_report_positions_checked(tmp_path):
