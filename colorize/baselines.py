@@ -6,6 +6,8 @@ Convention for every function here: gray frames are anything colorize.gray.to_gr
 in [0, 1] at the frame's size, luminance-true: `rgb_to_gray(out) == gray` up to float
 rounding (annotator.color.transfer_luma), so only colour comes from the reference.
 Any aspect ratio; a reference of another size is resized to the frame size.
+With several references each frame uses the most similar one, chosen as the model modes
+choose it (colorize.pipeline.ReferenceChooser: SSIM of 64x64 gray thumbnails).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
 from colorize.gray import to_gray
 from colorize.metrics import check_flow_size
+from colorize.pipeline import ReferenceChooser
 
 LUMA_BANDS = 32
 LUT_NODES = 1024  # gray levels tabulated by reinhard (4x the 8-bit levels)
@@ -89,28 +92,18 @@ def iter_reinhard(gray_frames: Iterable[np.ndarray], references: Sequence[np.nda
                   progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
     """`reinhard` (bands=1) or `reinhard_bands`, streamed frame by frame.
 
-    With several references each frame uses the one with the nearest index if indices are
-    given (positions in `gray_frames`), else the one whose luma histogram is closest.
-    `progress(1)` is called as each frame is done.
+    With several references each frame uses the most similar one (ReferenceChooser), wherever
+    they lie in the clip: the nearest one in time may be across a cut. `reference_indices` are
+    accepted for callers that have them and not used. `progress(1)` is called as each frame is done.
     """
     refs = list(references)
     if not refs:
         raise ValueError("no reference image given")
-    if reference_indices is not None and len(refs) > 1 and len(reference_indices) != len(refs):
-        raise ValueError(f"{len(refs)} references but {len(reference_indices)} reference indices")
     luts = [_reinhard_lut(luma_band_chroma(r, bands)) for r in refs]
-    ref_hists = None
-    if len(refs) > 1 and reference_indices is None:
-        ref_hists = [_luma_hist(rgb_to_gray(to_float(np.asarray(r))[..., :3])) for r in refs]
-    for t, frame in enumerate(gray_frames):
+    choose = ReferenceChooser(refs)
+    for frame in gray_frames:
         g = _gray(frame)
-        k = 0
-        if len(refs) > 1:
-            if ref_hists is None:
-                k = int(np.argmin([abs(t - i) for i in reference_indices]))
-            else:
-                k = int(np.argmin([np.abs(_luma_hist(g) - rh).sum() for rh in ref_hists]))
-        out = _apply_lut(g, luts[k])
+        out = _apply_lut(g, luts[choose(g)])
         if progress is not None:
             progress(1)
         yield out
@@ -158,7 +151,8 @@ def _pack(g: np.ndarray) -> np.ndarray:
 
 
 class _Walk:
-    """Propagation away from one reference frame (its displacement taken as zero).
+    """Propagation away from one frame: the reference frame (its displacement taken as zero),
+    or with `direct` any frame, its map into the reference then DIS flow straight to it.
 
     Each frame's map into the reference starts from the previous frame's map composed with
     the frame-to-frame flow (robust to large accumulated motion), and is then refined by DIS
@@ -166,13 +160,14 @@ class _Walk:
     Holds only the reference, the current map and the previous frame's 8-bit gray.
     """
 
-    def __init__(self, ref: np.ndarray, ref_u8: np.ndarray, start_gray: np.ndarray, dis):
+    def __init__(self, ref: np.ndarray, ref_u8: np.ndarray, start_gray: np.ndarray, dis, direct: bool = False):
         h, w = ref.shape[:2]
         self.ref, self.ref_u8, self.dis = ref, ref_u8, dis
         self.gx = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
         self.gy = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
-        self.disp = np.zeros((h, w, 2), np.float32)  # frame pixel -> reference position, minus grid
         self.prev_u8 = _u8(start_gray)
+        # frame pixel -> reference position, minus grid
+        self.disp = dis[1].calc(self.prev_u8, ref_u8, None) if direct else np.zeros((h, w, 2), np.float32)
 
     def colour(self, gray: np.ndarray) -> np.ndarray:
         """The frame at the current map (the reference frame itself: zero displacement)."""
@@ -205,10 +200,10 @@ def flow_propagate(
     clip at 640x360 (132 frames from frame 0) this gives 31.8 dB mean PSNR against 30.5 for
     direct flow and 29.6 for chained flow; at 1280x720 about 0.1-0.2 s a frame on 2 cores.
     The reference is the colour version of frame `reference_index`: that frame's flow is zero.
-    Several references (with their frame indices) split the clip: each frame is coloured
-    from the nearest reference index. Pixels mapped outside the reference take the colour of
-    its nearest border pixel; nothing else marks occlusions. All in memory: `iter_flow`
-    streams.
+    Several references (with their frame indices): each frame is coloured from the most
+    similar one (`iter_flow` says how it walks there). Pixels mapped outside the reference take
+    the colour of its nearest border pixel; nothing else marks occlusions. All in memory:
+    `iter_flow` streams.
     """
     refs = [reference_rgb] if isinstance(reference_rgb, np.ndarray) else list(reference_rgb)
     idxs = [reference_index] if np.ndim(reference_index) == 0 else list(reference_index)
@@ -219,12 +214,16 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
               progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
     """`flow_propagate`, streamed in frame order with bounded memory.
 
-    From a reference frame on, frames are coloured as they arrive (walking forward). Frames
-    *before* a reference frame (before the first one, or past the midpoint to the next) can
-    only be coloured once it arrives, walking backward: until then only their gray is kept,
-    packed (uint8 for 8-bit input), and their outputs are then yielded together. With the
-    reference at the first frame nothing waits. `reference_indices` are positions in
-    `gray_frames`; `progress(1)` is called as each frame is coloured.
+    Each frame takes its colours from the most similar reference (ReferenceChooser, as the
+    model modes), so a run of consecutive frames choosing the same reference is one shot, and
+    flow never walks across a cut. A run that holds its reference's frame (`reference_indices`:
+    positions in `gray_frames`) walks from it both ways: frames before it wait until it
+    arrives, only their gray kept, packed (uint8 for 8-bit input), and their outputs are then
+    yielded together; frames after it are coloured as they arrive. A run without its
+    reference's frame (the reference's shot seen again after a cut, or a reference frame
+    whose own frame is more like another reference) walks forward from its first frame, that
+    frame's map into the reference being DIS flow straight to it. With one reference the whole
+    clip is one run. `progress(1)` is called as each frame is coloured.
     """
     refs, idxs = list(references), [int(i) for i in reference_indices]
     if len(refs) != len(idxs):
@@ -234,12 +233,29 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
     if len(set(idxs)) != len(idxs):
         dup = next(i for i in idxs if idxs.count(i) > 1)
         raise ValueError(f"two references for frame {dup}; give one reference per frame")
-    order = sorted(range(len(idxs)), key=lambda k: idxs[k])
-    at = [idxs[k] for k in order]  # reference frame of each segment, ascending
-    # segment j: frames from (at[j-1] + at[j]) // 2 + 1 to (at[j] + at[j+1]) // 2
-    last = [(a + b) // 2 for a, b in zip(at, at[1:])] + [None]
-    dis, shape, j, walk, waiting, n = _make_dis(), None, 0, None, [], 0
+    choose = ReferenceChooser(refs)
+    dis, shape, fitted, n = _make_dis(), None, {}, 0
+    run, walk, waiting = None, None, []  # the run's reference, its walk (None: not started), frames waiting
     done = progress or (lambda k: None)
+
+    def reference(k):  # (RGB at the frame size, its 8-bit gray), once per reference
+        if k not in fitted:
+            ref = _fit(refs[k], shape)
+            fitted[k] = ref, _u8(rgb_to_gray(ref))
+        return fitted[k]
+
+    def direct(packed):  # a run whose reference frame never came: forward from its first frame
+        w = None
+        for p in packed:
+            g = _gray(p)
+            if w is None:
+                w = _Walk(*reference(run), g, dis, direct=True)
+                out = w.colour(g)
+            else:
+                out = w.step(g)
+            done(1)
+            yield out
+
     for t, frame in enumerate(gray_frames):
         g = _gray(frame)
         n = t + 1
@@ -248,30 +264,34 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
             shape = g.shape
         if g.shape != shape:
             raise ValueError(f"frame {t} is {g.shape}, frame 0 is {shape}")
-        if last[j] is not None and t > last[j]:
-            j, walk = j + 1, None
-        if t < at[j]:  # before this segment's reference: wait for it
-            waiting.append(_pack(g))
-            continue
-        if t > at[j]:
+        k = choose(g)
+        if k != run:  # a new run (a cut): what waited for the last run's reference frame goes now
+            yield from direct(waiting)
+            run, walk, waiting = k, None, []
+        if walk is not None:
             out = walk.step(g)
             done(1)
             yield out
-            continue
-        ref = _fit(refs[order[j]], shape)
-        ref_u8 = _u8(rgb_to_gray(ref))
-        walk, back = _Walk(ref, ref_u8, g, dis), []
-        for w in reversed(waiting):
-            back.append(walk.step(_gray(w)))
+        elif t < idxs[k]:  # this run's reference frame may still come: wait for it
+            waiting.append(_pack(g))
+        elif t > idxs[k]:
+            walk = _Walk(*reference(k), g, dis, direct=True)
             done(1)
-        waiting.clear()
-        walk = _Walk(ref, ref_u8, g, dis)
-        done(1)
-        while back:  # nearest the reference last; each dropped once yielded
-            yield back.pop()
-        yield walk.colour(g)
-    if n and at[-1] >= n:
-        raise ValueError(f"reference index {at[-1]} outside the clip (0..{n - 1})")
+            yield walk.colour(g)
+        else:
+            walk, back = _Walk(*reference(k), g, dis), []
+            for w in reversed(waiting):
+                back.append(walk.step(_gray(w)))
+                done(1)
+            waiting.clear()
+            walk = _Walk(*reference(k), g, dis)
+            done(1)
+            while back:  # nearest the reference last; each dropped once yielded
+                yield back.pop()
+            yield walk.colour(g)
+    if n and max(idxs) >= n:
+        raise ValueError(f"reference index {max(idxs)} outside the clip (0..{n - 1})")
+    yield from direct(waiting)
 
 
 def iter_baseline(
@@ -285,9 +305,10 @@ def iter_baseline(
 
     `references`: one RGB image or a list. `reference_indices`: the position in the clip of
     the frame each reference is the colour version of; needed by `flow` for several
-    references (default frame 0 for a single one). `reinhard`/`reinhard-bands` with several
-    references give each frame the reference with the nearest index if indices are given,
-    else the one whose luma histogram is closest. `progress(1)` is called per frame done.
+    references (default frame 0 for a single one), where a walk along the clip starts;
+    `reinhard`/`reinhard-bands` do not use them. With several references every method gives
+    each frame the most similar one (ReferenceChooser, as the model modes), never the nearest
+    in time, which may be across a cut. `progress(1)` is called per frame done.
     """
     refs = [references] if isinstance(references, np.ndarray) else list(references)
     if not refs:
@@ -315,7 +336,3 @@ def run_baseline(
     """`iter_baseline` as a list (the whole clip in memory: for tests and small clips)."""
     return list(iter_baseline(method, gray_frames, references, reference_indices))
 
-
-def _luma_hist(g: np.ndarray, bins: int = 64) -> np.ndarray:
-    h = np.bincount(np.minimum((g.ravel() * bins).astype(np.int64), bins - 1), minlength=bins)
-    return h / max(h.sum(), 1)

@@ -7,7 +7,7 @@ import pytest
 
 from annotator.color import rgb_to_gray, rgb_to_lab, to_uint8
 from colorize.baselines import (
-    _fit, _luma_hist, _pack, flow_propagate, iter_baseline, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
+    _fit, _pack, flow_propagate, iter_baseline, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
 )
 from colorize.metrics import psnr
 
@@ -111,6 +111,43 @@ def test_flow_from_a_middle_reference_and_from_several():
         assert psnr(to_uint8(o)[inner][..., [0, 2]], want[inner][..., [0, 2]]) > 25, t
 
 
+def cut_clip():
+    """RGB uint8 frames of two shots (each moving 1 px right and down per frame), cut 0-2 | 3-5 | 6-7:
+    the second is another texture upside down with R and B swapped; 6-7 are the first shot's
+    frames 1-2 again (shot, reverse shot, shot)."""
+    a = moving_clip(3, 1, 1, h=48, w=64, seed=0)
+    b = [np.ascontiguousarray(f[::-1, :, ::-1]) for f in moving_clip(3, 1, 1, h=48, w=64, seed=5)]
+    return a + b + a[1:]
+
+
+@pytest.mark.parametrize("method", ["reinhard", "reinhard-bands"])
+def test_reinhard_takes_the_most_similar_reference_not_the_nearest(method):
+    """Frame 2 is nearer frame 3 (the other shot's reference) than frame 0: it still takes frame
+    0's colours, with or without the references' indices, as frames 6-7 do."""
+    clip = cut_clip()
+    gray = [rgb_to_gray(f) for f in clip]
+    refs = [clip[0], clip[3]]
+    alone = [run_baseline(method, gray, r) for r in refs]
+    for idx in (None, [0, 3]):
+        for t, out in enumerate(run_baseline(method, gray, refs, idx)):
+            np.testing.assert_array_equal(out, alone[1 if 3 <= t <= 5 else 0][t], err_msg=f"frame {t}, {idx}")
+
+
+@pytest.mark.parametrize("refs, idx", [
+    ((0, 3), [0, 3]),  # frame 2 is nearer frame 3; frames 6-7 walk from flow straight to frame 0's colours
+    ((6, 4), [6, 4]),  # frames 0-2 wait for frame 6, but the cut comes first: they start from straight flow
+])
+def test_flow_takes_the_most_similar_reference_and_never_walks_across_a_cut(refs, idx):
+    clip = cut_clip()
+    gray = [rgb_to_gray(f) for f in clip]
+    out = run_baseline("flow", gray, [clip[r] for r in refs], idx)
+    inner = np.s_[8:-8, 10:-10]  # away from the strip that enters the frame
+    score = [psnr(to_uint8(o)[inner], f[inner]) for o, f in zip(out, clip, strict=True)]
+    assert min(score) > 30, np.round(score, 1)  # ~10-15 dB from the other shot's reference
+    for t in idx:
+        assert score[t] > 45, (t, score[t])  # a reference frame itself
+
+
 def test_reference_of_another_size_is_resized():
     gt = moving_clip(3, 1, 1)
     big_ref = cv2.resize(gt[0], (256, 192), interpolation=cv2.INTER_CUBIC)
@@ -125,7 +162,7 @@ def test_run_baseline_dispatch_and_errors():
     np.testing.assert_array_equal(run_baseline("reinhard", gray, gt[0])[1], reinhard(gray, gt[0])[1])
     np.testing.assert_array_equal(run_baseline("reinhard-bands", gray, gt[0])[1], reinhard_bands(gray, gt[0])[1])
     np.testing.assert_array_equal(run_baseline("flow", gray, gt[0])[2], flow_propagate(gray, gt[0])[2])
-    # Several references, no indices: reinhard takes the one whose luma histogram is closest.
+    # Several references: reinhard takes the most similar (SSIM of gray thumbnails), not the darkened copy.
     dark = (gt[0] * 0.3).astype(np.uint8)
     tinted = np.clip(gt[0].astype(int) + (40, 0, -40), 0, 255).astype(np.uint8)
     picked = run_baseline("reinhard-bands", gray, [dark, tinted])
@@ -170,12 +207,15 @@ def test_streamed_baselines_give_the_outputs_of_the_in_memory_ones():
     cases = {
         "reinhard_single": ("reinhard-bands", col[0], None),
         "reinhard_multi_hist": ("reinhard-bands", [col[0], ref_b], None),
-        "reinhard_multi_idx": ("reinhard-bands", [col[0], ref_b], [0, 4]),
+        # indices are not used by reinhard: each frame takes the most similar reference (here
+        # always col[0]; the in-memory version took ref_b, the nearest, for frames 3-5)
+        "reinhard_multi_hist@idx": ("reinhard-bands", [col[0], ref_b], [0, 4]),
         "flow_mid": ("flow", col[3], 3),
         "flow_two": ("flow", [col[1], np.ascontiguousarray(col[4][..., ::-1])], [1, 4]),
     }
     for key, (method, refs, idx) in cases.items():
         got = _q(iter_baseline(method, iter(gray), refs, idx))  # a one-pass iterator
+        key = key.split("@")[0]
         # Bit-identical on the machine that wrote EXPECTED; other CPUs take other SIMD paths in
         # OpenCV's resize/DIS and round a few float32 values the other way: 1/65535 allowed,
         # on at most 0.2 % of the values (seen: 35 of 51,120 on a second x86_64 machine).
@@ -249,7 +289,3 @@ def test_a_reference_of_another_size_is_area_averaged_down_and_bilinear_up():
     np.testing.assert_array_equal(_fit(ref, (80, 120)), cv2.resize(f, (120, 80), interpolation=cv2.INTER_LINEAR))
     np.testing.assert_array_equal(_fit(ref, (40, 60)), f)
 
-
-def test_luma_histogram_puts_white_in_the_last_bin():
-    h = _luma_hist(np.array([0.0, 0.2, 0.5, 1.0, 1.0], np.float32), bins=4)
-    np.testing.assert_array_equal(h, [0.4, 0.0, 0.2, 0.4])  # 0 and 0.2 -> bin 0, 0.5 -> bin 2, 1.0 -> bin 3
