@@ -292,12 +292,12 @@ def encode_png(rgb: np.ndarray, depth: int) -> bytes:
 
 def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, note) -> list[int] | None:
     """Positions (in the range being colourised) of the frames the references are colour
-    versions of, for the baselines that use them; None where not needed.
+    versions of, for flow (where its walks start); None for the other methods.
 
     A --reference image is anchored at its most similar frame (SSIM of gray thumbnails),
     which takes one extra pass over the range; that pass keeps nothing but scores.
     """
-    if args.method != "flow" and all(i is None for i in ref_indices):
+    if args.method != "flow":
         return None
     images = [k for k, i in enumerate(ref_indices) if i is None]
     found = {}
