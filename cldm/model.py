@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -14,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cldm.checkpoint import load_state_dict  # noqa: F401  (public API: cldm.model.load_state_dict)
 from cldm.cldm import ControlLDM
-from cldm.color import extra_channels
+from cldm.color import VARIANTS, extra_channels
 from cldm.controlnet import ControlledUnetModel, ControlNet
 from ldm.modules.autoencoder import AutoencoderKL, keyword_names
-from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder
+from ldm.modules.text_encoder import LAYERS, FrozenOpenCLIPEmbedder
 from ldm.modules.unet import UNetModel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,9 +33,11 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> DictConfig:
     """YAML (or a config already loaded) plus `key=value` overrides (dotted keys, e.g.
-    `model.color_variant=v3`).
+    `model.color_variant=v3`), checked against the reference config (`config_problem`).
 
     The config is in struct mode, so a misspelt override key is an error, not a silent no-op.
+    A bad value is a ConfigError naming the file, the override that set it, if one did, and
+    the key: else it would surface as a traceback deep in torch, or only once training runs.
     """
     if isinstance(path, DictConfig):
         cfg, path = path.copy(), Path("the checkpoint's config")
@@ -47,14 +51,108 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
             raise ConfigError(f"{path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a YAML mapping (model:, train:), not a list")
+    check_config(cfg, str(path))  # the file alone first: a key it lacks is not "not in struct"
     OmegaConf.set_struct(cfg, True)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override must look like key=value, got {bad[0]!r}")
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # omegaconf raises several types; all mean "bad override"
         raise ConfigError(f"bad override for {path.name}: {str(e).splitlines()[0]}") from None
+    check_config(cfg, str(path), overrides)
+    return cfg
+
+
+# The reference config gives every key's type, and the keys a config must have, except these
+# (absent: not a training config / train_unet_input true / no text encoder).
+REFERENCE = DEFAULT_CONFIG
+OPTIONAL = ("train", "model.train_unet_input", "model.cond_stage")
+# Keys that may be null, with a value of the type they take otherwise where the reference is null.
+NULL_OK = {"model.cond_stage": None, "train.low": 0.5, "train.high": 0.5, "train.min_gap": 1}
+CHOICES = {"model.color_variant": tuple(VARIANTS), "model.parameterization": ("eps", "v"),
+           "model.cond_stage.layer": tuple(LAYERS)}
+
+
+@functools.cache
+def _reference() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(REFERENCE))
+
+
+def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> None:
+    """ConfigError for the first problem `config_problem` finds, saying where it came from: the
+    last override that set the key (or a section above it), else the file."""
+    try:
+        found = config_problem(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as e:  # an interpolation that does not resolve
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    if found:
+        key, problem = found
+        setters = [o for o in overrides if f"{key}.".startswith(o.split("=", 1)[0].strip() + ".")]
+        raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
+
+
+def config_problem(cfg, ref: dict | None = None, prefix: str = "") -> tuple[str, str] | None:
+    """The first (key, problem) where `cfg` (plain containers) departs from the reference config.
+
+    A reference bool must be a bool, an int a positive int (every integer of model: is a size or
+    a count), a float a number (positive in model:, dropout in [0, 1)), a list one of positive
+    integers. A model: section may be just first_stage: a VAE config (build_latent_cache.py).
+    The train: numbers and strings are the training script's to check (it names their flags).
+    """
+    ref = {"model": _reference()["model"], "train": _reference()["train"]} if ref is None else ref
+    if prefix == "" and "model" not in cfg:
+        return "model", f"missing; expected a mapping (as in {REFERENCE.name})"
+    vae_only = prefix == "model." and set(cfg) == {"first_stage"}
+    for name, r in ref.items():
+        key = prefix + name
+        r = NULL_OK.get(key) if r is None else r
+        if r is None:  # null in the reference, type unknown
+            continue
+        test, what = _expect(key, r)
+        if name not in cfg:
+            if key in OPTIONAL or vae_only:
+                continue
+            return key, f"missing; expected {what}"
+        v = cfg[name]
+        if (v is None and key in NULL_OK) or test is None:
+            continue
+        if not test(v):
+            return key, f"expected {what}{' or null' if key in NULL_OK else ''}, got {v!r}"
+        if isinstance(r, dict) and (found := config_problem(v, r, key + ".")):
+            return found
+    return None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _expect(key: str, ref) -> tuple:
+    """(test, or None where it is not checked here; what it expects) for `key`, by its reference value."""
+    if key in CHOICES:
+        return (lambda v: v in CHOICES[key]), f"one of {', '.join(CHOICES[key])}"
+    if isinstance(ref, bool):
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if isinstance(ref, dict):
+        return (lambda v: isinstance(v, dict)), "a mapping"
+    if isinstance(ref, list):
+        return (lambda v: isinstance(v, list) and all(map(_positive_int, v))), "a list of positive integers"
+    if key.startswith("train.") and key not in NULL_OK:
+        return None, "a number" if isinstance(ref, (int, float)) else "a string"
+    if isinstance(ref, int):
+        return _positive_int, "a positive integer"
+    if isinstance(ref, float) and key.endswith("dropout"):
+        return (lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"
+    if isinstance(ref, float) and key.startswith("model."):
+        return (lambda v: _number(v) and v > 0), "a positive number"
+    if isinstance(ref, float):
+        return _number, "a number"
+    return (lambda v: isinstance(v, str)), "a string"
 
 
 def model_config(cfg: DictConfig | dict) -> DictConfig:

@@ -1,11 +1,12 @@
 """The assembled ControlLDM: key manifest, reference conformance, zero-init, per-sample caching."""
 import json
+import re
 
 import pytest
 import torch
 import yaml
 
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
+from cldm.model import DEFAULT_CONFIG, REPO, TINY_CONFIG, ConfigError, create_model, load_config
 from ldm import schedule
 from tests.conftest import FIXTURES
 from tests.helpers import DDIM_TOL
@@ -52,8 +53,100 @@ def test_bad_override_is_a_one_line_error():
         load_config(TINY_CONFIG, ["model.colour_variant=v3"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(TINY_CONFIG, ["model.color_variant"])
-    with pytest.raises(ValueError, match="color_variant must be one of"):
-        create_model(load_config(TINY_CONFIG, ["model.color_variant=v4"]))
+    with pytest.raises(ConfigError, match=r"model\.color_variant: expected one of v1, v2, v3, got 'v4'$"):
+        load_config(TINY_CONFIG, ["model.color_variant=v4"])  # refused before a model is built
+    with pytest.raises(ConfigError, match=r"cldm_tiny_color\.yaml: Interpolation key 'nope' not found$"):
+        load_config(TINY_CONFIG, ["model.scale_factor=${nope}"])  # resolved when loaded, not deep in create_model
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.low=abc", "train.low: expected a number or null, got 'abc'"),
+    ("train.min_gap=2.5", "train.min_gap: expected a positive integer or null, got 2.5"),
+    ("train.compile=1", "train.compile: expected true or false, got 1"),
+    ("model.scale_factor=abc", "model.scale_factor: expected a positive number, got 'abc'"),
+    ("model.scale_factor=.nan", "model.scale_factor: expected a positive number, got nan"),
+    ("model.unet.model_channels=abc", "model.unet.model_channels: expected a positive integer, got 'abc'"),
+    ("model.unet.model_channels=-3", "model.unet.model_channels: expected a positive integer, got -3"),
+    ("model.unet.model_channels=true", "model.unet.model_channels: expected a positive integer, got True"),
+    ("model.unet.channel_mult=[1,0]", "model.unet.channel_mult: expected a list of positive integers, got [1, 0]"),
+    ("model.schedule.timesteps=abc", "model.schedule.timesteps: expected a positive integer, got 'abc'"),
+    ("model.sd_locked=maybe", "model.sd_locked: expected true or false, got 'maybe'"),
+    ("model.concat_to_unet=maybe", "model.concat_to_unet: expected true or false, got 'maybe'"),
+    ("model.unet.use_checkpoint=abc", "model.unet.use_checkpoint: expected true or false, got 'abc'"),
+    ("model.first_stage.ddconfig.dropout=1", "model.first_stage.ddconfig.dropout: expected a number in [0, 1), got 1"),
+    ("model.parameterization=x0", "model.parameterization: expected one of eps, v, got 'x0'"),
+    ("model.unet=5", "model.unet: expected a mapping, got 5"),
+])
+def test_an_override_of_the_wrong_type_is_a_config_error_naming_file_override_and_key(override, expected):
+    """Types come from the reference config (bool is not an int; an int is fine for a float);
+    sizes and counts must be positive. Else: a torch traceback, or a run that fails after writing OUT."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_CONFIG, ["model.color_variant=v3", override, "train.num_workers=0"])
+    assert str(e.value) == f"{TINY_CONFIG} with {override}: {expected}"
+
+
+def test_legitimate_values_and_nulls_pass():
+    cfg = load_config(TINY_CONFIG, ["model.color_variant=v3", "model.concat_to_unet=false", "model.parameterization=v",
+                                    "model.scale_factor=1", "model.cond_stage=null", "model.unet.use_checkpoint=true",
+                                    "model.first_stage.ddconfig.dropout=0.1", "train.low=-0.5", "train.high=1",
+                                    "train.min_gap=null", "train.precision=32", "train.max_epochs=null",
+                                    "train.batch_size=null"])  # train: numbers are the training script's to check
+    assert (cfg.model.scale_factor, cfg.model.cond_stage, cfg.train.low, cfg.train.min_gap) == (1, None, -0.5, None)
+    assert (cfg.train.precision, cfg.train.batch_size) == (32, None)
+    assert [load_config(p).model.color_variant for p in sorted(REPO.glob("models/**/*.yaml"))] == ["v2"] * 3
+
+
+def _write_text(tmp_path, text):
+    path = tmp_path / "edited.yaml"
+    path.write_text(text)
+    return path
+
+
+def _without(text, *keys):
+    return "".join(line for line in text.splitlines(keepends=True) if line.split(":")[0].strip() not in keys)
+
+
+TINY_TEXT = TINY_CONFIG.read_text()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "model: missing; expected a mapping (as in cldm_v21_color.yaml)"),
+    ("model: 3\n", "model: expected a mapping, got 3"),
+    (TINY_TEXT.replace("  unet:\n", "  unet: 5\n  old_unet:\n"), "model.unet: expected a mapping, got 5"),
+    (_without(TINY_TEXT, "color_variant"), "model.color_variant: missing; expected one of v1, v2, v3"),
+    (_without(TINY_TEXT, "scale_factor"), "model.scale_factor: missing; expected a positive number"),
+    (_without(TINY_TEXT, "num_head_channels"), "model.unet.num_head_channels: missing; expected a positive integer"),
+    (_without(TINY_TEXT, "seed"), "train.seed: missing; expected a number"),
+    (TINY_TEXT.replace("train:\n", "train: 3\n").split("\n  size:")[0], "train: expected a mapping, got 3"),
+    (TINY_TEXT.replace("compile: false", "compile: 'no'"), "train.compile: expected true or false, got 'no'"),
+])
+def test_a_yaml_lacking_a_key_or_with_a_value_of_another_type_is_a_config_error(tmp_path, text, expected):
+    path = _write_text(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {expected}"
+
+
+def test_optional_keys_and_a_vae_only_config_load(tmp_path):
+    """train:, model.train_unet_input and model.cond_stage may be absent; a model: of first_stage
+    alone is a VAE config (build_latent_cache.py), checked as far as it goes."""
+    cfg = load_config(_write_text(tmp_path, _without(TINY_TEXT.split("\ntrain:")[0], "train_unet_input")
+                                  .split("  cond_stage:")[0]))
+    assert "train" not in cfg and "cond_stage" not in cfg.model and cfg.model.unet.model_channels == 32
+    vae = TINY_TEXT.split("  first_stage:")[1].split("  cond_stage:")[0]
+    assert load_config(_write_text(tmp_path, "model:\n  first_stage:" + vae)).model.first_stage.embed_dim == 4
+    with pytest.raises(ConfigError, match=r"model\.first_stage\.ddconfig\.ch: expected a positive integer, got 0$"):
+        load_config(_write_text(tmp_path, "model:\n  first_stage:" + vae.replace("ch: 32", "ch: 0")))
+
+
+def test_a_checkpoints_config_is_checked_too():
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(TINY_CONFIG)
+    saved.model.unet.model_channels = "abc"
+    with pytest.raises(ConfigError, match=re.escape("the checkpoint's config: model.unet.model_channels: expected a "
+                                                    "positive integer, got 'abc'")):
+        load_config(saved)
 
 
 @torch.no_grad()
