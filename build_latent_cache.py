@@ -1,10 +1,11 @@
-"""Encode every frame under DATA_ROOT once with the frozen VAE (see annotator/latent_cache.py).
+"""Encode every frame under DATA_ROOT once with the frozen VAE (see annotator/latent_cache.py);
+train on it with tutorial_train_sd21_color_v2.py --use-latent-cache and the same checkpoint as
+--init.
 
     python build_latent_cache.py data/films --ckpt models/control_sd21_color.safetensors
 
-Training then takes the posteriors from the cache (tutorial_dataset.PairDataset with
-vae_fingerprint=...) instead of running the VAE twice per sample. The cache records which
-weights made it and is refused when they differ.
+Training then takes the posteriors from the cache instead of running the VAE twice per
+sample. The cache records which weights made it and is refused when they differ.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, run_cli
+from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, run_cli
+
+quiet_opencv()  # a missing frame is our one-line error, without OpenCV's warning before it
 
 PROG = "build_latent_cache.py"
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -29,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
                    help="model YAML whose model.first_stage gives the VAE architecture (default, as in "
                         "colorize_inference.py: the .yaml of the same stem beside --ckpt, else the config "
                         "the checkpoint records, else models/cldm_v21_color.yaml of this repo)")
-    p.add_argument("--movies", nargs="*", default=None, help="only these movie ids (default: all finished movies)")
+    p.add_argument("--movies", nargs="+", default=None,
+                   help="only these movie ids: folder names in DATA_ROOT (default: all finished movies)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
@@ -46,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_data_root(data_root, movies) -> None:
-    """Refuse, before any model is loaded, a DATA_ROOT that is not there or holds nothing to encode."""
+    """Refuse, before any model is loaded, a DATA_ROOT that is not there or holds nothing to encode,
+    and --movies that are not its finished movies."""
+    from annotator.latent_cache import check_movies
     from annotator.pairs import list_movies
 
     root = Path(data_root)
@@ -56,6 +62,8 @@ def check_data_root(data_root, movies) -> None:
         raise ValueError(f"DATA_ROOT {root} is a file, not a folder")
     if movies is None and not list_movies(root):
         raise ValueError(f"{root}: no finished movies to encode (build them with build_pairs.py --out {root})")
+    if movies is not None:
+        check_movies(root, movies)
 
 
 def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
@@ -105,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,
                                 getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
                                 log=lambda line: print(line, file=sys.stderr), gray=args.gray)
-    print(f"VAE fingerprint {result['fingerprint']} (pass it to tutorial_dataset as vae_fingerprint)")
+    print(f"VAE fingerprint {result['fingerprint']} (tutorial_train_sd21_color_v2.py --use-latent-cache "
+          "takes the cache when the VAE of its --init has these weights)")
     print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
           f"refused (other weights): {len(result['refused'])}")
     return 1 if result["refused"] else 0

@@ -8,8 +8,14 @@ posterior lets the dataset hand out latents instead. Per movie, next to the fram
                    *unscaled* (the diffusion model multiplies by its scale_factor); with `gray`
                    (N, 3, ...): [:, 2] the posterior mean of the frame's BT.601 gray as RGB,
                    which colour variant v3 feeds the UNet
-    latents.json   the VAE fingerprint, frame size, shape, precision; written last, so a cache
-                   without it is unfinished and gets rebuilt
+    latents.json   the VAE fingerprint, frame size, shape, precision; removed before a new
+                   latents.npy is renamed into place and written last, so a cache without it
+                   is unfinished and gets rebuilt (never new latents with old metadata)
+
+latents.npy is written with plain file writes, not through a memory map: on a full disk a
+write into a memory map kills the process with SIGBUS, a plain write raises an OSError that
+is reported. A latents.npy whose size or shape does not fit the frames (cut short by a full
+disk or a copy) counts as not built.
 
 The fingerprint is a SHA-256 over the VAE's state_dict (names, shapes, float32 values): a
 cache made with other weights is refused instead of silently feeding wrong latents.
@@ -27,8 +33,11 @@ the training loss by a median 4-5 %; measurements and the SD2.1 caveat in docs/T
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,7 +47,7 @@ import numpy as np
 import torch
 
 from annotator.color import rgb_to_gray
-from annotator.pairs import frame_path, is_finished, list_movies, load_meta
+from annotator.pairs import frame_path, is_finished, list_movies
 
 LATENTS, LATENTS_META = "latents.npy", "latents.json"
 CACHE_VERSION = 1
@@ -66,9 +75,54 @@ def read_frame(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's contents; ValueError naming the file if it is not JSON (empty, cut short),
+    where json's own message ("Expecting value: line 1 column 1") names none."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+
+
 def cache_info(movie_dir: str | os.PathLike) -> dict | None:
     p = Path(movie_dir) / LATENTS_META
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p) if p.is_file() else None
+
+
+def _npy_header(f) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, data offset) of an open .npy file; ValueError if it has no whole header."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f".npy version {version}")
+    shape, _, dtype = read(f)
+    return shape, dtype, f.tell()
+
+
+def cache_problem(movie_dir: str | os.PathLike, info: dict, meta: dict) -> str | None:
+    """Why latents.npy is not the cache `info` describes for the movie's frames, or None.
+
+    From the header and the file size, without reading the latents: a file cut short would
+    otherwise count as built and fail only in training, in numpy's "mmap length is greater
+    than file size"."""
+    path = Path(movie_dir) / LATENTS
+    n, (w, h) = meta["frame_count"], meta["size"]
+    if info.get("frame_size") != [w, h]:
+        return f"made from frames of {info.get('frame_size')}, the movie's are {w}x{h}"
+    try:
+        with open(path, "rb") as f:
+            shape, dtype, offset = _npy_header(f)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{LATENTS} is missing"
+    except ValueError:
+        return "not a whole .npy file"
+    want = [n, 3 if info.get("gray") else 2, "C", h // 8, w // 8]
+    if dtype != np.float16 or len(shape) != 5 or [*shape[:2], *shape[3:]] != want[:2] + want[3:]:
+        return f"shape {list(shape)} {dtype}, but {n} frames of {w}x{h} need {want} float16"
+    if size != offset + math.prod(shape) * 2:
+        return f"{size} bytes, but its shape needs {offset + math.prod(shape) * 2} (cut short?)"
+    return None
 
 
 def load_latents(movie_dir: str | os.PathLike, fingerprint: str, gray: bool = False) -> np.ndarray:
@@ -86,11 +140,35 @@ def load_latents(movie_dir: str | os.PathLike, fingerprint: str, gray: bool = Fa
     if gray and not info.get("gray"):
         raise LatentCacheError(f"{movie_dir}: latent cache has no gray latents, which colour variant v3 needs "
                                "(rebuild it with build_latent_cache.py --gray --overwrite)")
-    meta = load_meta(movie_dir)
-    lat = np.load(movie_dir / LATENTS, mmap_mode="r")
-    if lat.shape[0] != meta["frame_count"] or info["frame_size"] != meta["size"]:
-        raise LatentCacheError(f"{movie_dir}: latent cache does not match the frames (rebuild with --overwrite)")
-    return lat
+    if problem := cache_problem(movie_dir, info, read_meta(movie_dir)):
+        raise LatentCacheError(f"{movie_dir / LATENTS}: latent cache does not match the frames ({problem}); "
+                               "rerun build_latent_cache.py")
+    return np.load(movie_dir / LATENTS, mmap_mode="r")
+
+
+def read_meta(movie_dir: str | os.PathLike) -> dict:
+    """annotator.pairs.load_meta, but a broken meta.json is named in the error."""
+    return read_json(Path(movie_dir) / "meta.json")
+
+
+@contextlib.contextmanager
+def _writing(dest: Path, size: int):
+    """An OSError of the writes inside as one line naming the cache file and, on a full disk,
+    the space it needs (the bare error says only "[Errno 28] No space left on device")."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        need = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{math.ceil(size / 2**10)} KiB"
+        hint = f"; it needs {need}: free some space and rerun" if full else ""
+        raise OSError(f"{dest}: cannot write the latent cache ({e.strerror or e}){hint}") from e
+
+
+def _write_npy_header(f, shape: Sequence[int]) -> None:
+    """The header of a float16 .npy of `shape`; the data are appended batch by batch."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+              "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(f, header)
 
 
 @torch.no_grad()
@@ -106,15 +184,16 @@ def encode_movie(
     """Encode every frame (with `gray`, also its gray) of one finished movie; write latents.npy
     + latents.json atomically."""
     movie_dir = Path(movie_dir)
-    meta = load_meta(movie_dir)
+    meta = read_meta(movie_dir)
     n, (w, h) = meta["frame_count"], meta["size"]
     if w % 8 or h % 8:
         raise LatentCacheError(f"{movie_dir}: frames are {w}x{h}; the VAE needs multiples of 8 (rebuild with --size)")
     fingerprint = fingerprint or vae_fingerprint(vae)
     param = next(vae.parameters())
     device, dtype = param.device, param.dtype
-    tmp = movie_dir / (LATENTS + ".partial")
-    out = None
+    dest = movie_dir / LATENTS
+    tmp, tmp_json = movie_dir / (LATENTS + ".partial"), movie_dir / (LATENTS_META + ".partial")
+    f = shape = size = None
     fmt = meta["image_format"]
     try:
         with cf.ThreadPoolExecutor(4) as pool:
@@ -132,15 +211,17 @@ def encode_movie(
                         g = torch.from_numpy(rgb_to_gray(imgs)).to(device, dtype)
                         parts.append(vae.encode((g * 2 - 1)[:, None].expand(-1, 3, -1, -1)).mean)
                 moments = torch.stack(parts, dim=1).float().cpu().numpy().astype(np.float16)
-                if out is None:
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, *moments.shape[1:]))
-                out[b.start : b.stop] = moments
+                if f is None:
+                    shape, size = [n, *moments.shape[1:]], 128 + n * moments[0].nbytes  # header: ~128 bytes
+                    with _writing(dest, size):
+                        f = open(tmp, "wb")
+                        _write_npy_header(f, shape)
+                with _writing(dest, size):
+                    f.write(moments.tobytes())
                 if progress:
                     progress(len(b))
-        shape = list(out.shape)
-        out.flush()
-        del out
-        os.replace(tmp, movie_dir / LATENTS)
+        with _writing(dest, size):
+            f.close()
         info = {
             "version": CACHE_VERSION,
             "vae_fingerprint": fingerprint,
@@ -153,13 +234,32 @@ def encode_movie(
                       "channel, H/8, W/8], unscaled",
             "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
         }
-        tmp_json = movie_dir / (LATENTS_META + ".partial")
-        tmp_json.write_text(json.dumps(info, indent=1))
+        # the old metadata goes first: an interruption from here leaves a cache that reads as unbuilt
+        (movie_dir / LATENTS_META).unlink(missing_ok=True)
+        os.replace(tmp, dest)
+        with _writing(movie_dir / LATENTS_META, size):
+            tmp_json.write_text(json.dumps(info, indent=1))
         os.replace(tmp_json, movie_dir / LATENTS_META)  # the cache counts as finished from here
         return info
     except BaseException:
+        if f is not None:
+            with contextlib.suppress(OSError):  # its flush fails again on a full disk
+                f.close()
         tmp.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
         raise
+
+
+def check_movies(data_root: str | os.PathLike, movies: Sequence[str]) -> None:
+    """Refuse ids that are not finished movies directly under DATA_ROOT: an id with a path in it
+    ('../other_root/movie') would write a cache into another data root."""
+    root = Path(data_root)
+    for mid in movies:
+        if mid.startswith(".") or Path(mid).name != mid:
+            raise LatentCacheError(f"{mid!r}: not a movie id of {root} (the name of a movie folder in it, "
+                                   "without a path)")
+        if not is_finished(root / mid):
+            raise LatentCacheError(f"{root / mid}: not a finished movie (run build_pairs.py first)")
 
 
 def build_latent_cache(
@@ -177,8 +277,9 @@ def build_latent_cache(
 
     Movies already cached with the same weights (and gray latents if `gray`) are skipped; a
     cache made with other weights is refused (reported, left alone) unless `overwrite`. One
-    without the gray latents that `gray` asks for is rebuilt. Returns {"built", "existing",
-    "refused"}: lists of movie ids, and "fingerprint": the VAE's.
+    without the gray latents that `gray` asks for, or whose latents.npy does not fit the
+    frames (cut short, say; logged), is rebuilt. Returns {"built", "existing", "refused"}:
+    lists of movie ids, and "fingerprint": the VAE's.
     """
     from tqdm import tqdm
 
@@ -187,25 +288,25 @@ def build_latent_cache(
     fp = vae_fingerprint(vae)
     ids = list(movies) if movies is not None else list_movies(root)
     result = {"built": [], "existing": [], "refused": [], "fingerprint": fp}
-    for mid in ids:
-        if not is_finished(root / mid):
-            raise LatentCacheError(f"{root / mid}: not a finished movie (run build_pairs.py first)")
+    check_movies(root, ids)
     todo = []
     for mid in ids:
-        info = cache_info(root / mid)
-        if info is not None and not overwrite and not (gray and info["vae_fingerprint"] == fp and not info.get("gray")):
-            if info["vae_fingerprint"] == fp:
-                result["existing"].append(mid)
-            else:
-                result["refused"].append(mid)
-                log(f"refused: {root / mid}: cached with other VAE weights ({info['vae_fingerprint'][:12]}...); "
-                    f"use --overwrite to replace it")
-            continue
-        todo.append(mid)
-    total = sum(load_meta(root / m)["frame_count"] for m in todo)
+        if overwrite or (info := cache_info(root / mid)) is None:
+            todo.append(mid)
+        elif info["vae_fingerprint"] != fp:
+            result["refused"].append(mid)
+            log(f"refused: {root / mid}: cached with other VAE weights ({info['vae_fingerprint'][:12]}...); "
+                f"use --overwrite to replace it")
+        elif problem := cache_problem(root / mid, info, read_meta(root / mid)):
+            log(f"rebuilding: {root / mid / LATENTS}: does not match the frames ({problem})")
+            todo.append(mid)
+        elif gray and not info.get("gray"):
+            todo.append(mid)
+        else:
+            result["existing"].append(mid)
+    total = sum(read_meta(root / m)["frame_count"] for m in todo)
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
-        for mid in todo:
-            (root / mid / LATENTS_META).unlink(missing_ok=True)  # unfinished until rewritten
+        for mid in todo:  # an interrupted rebuild keeps the old cache: encode_movie replaces it at the end
             encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
             result["built"].append(mid)
     return result

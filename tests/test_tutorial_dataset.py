@@ -48,6 +48,14 @@ def test_default_band_on_another_metric_is_warned(fake_root):
         PairDataset(fake_root, size=64, low=0.9, high=0.99)
 
 
+def test_a_broken_meta_json_is_named(fake_root):
+    """json's own message ("Expecting value: line 1 column 1 (char 0)") says nothing of which file."""
+    meta = fake_root / "film_b" / "meta.json"
+    meta.write_text("")  # a disk that filled up while it was written, say
+    with pytest.raises(ValueError, match=f"^{meta}: not valid JSON \\(Expecting value: line 1 column 1\\)$"):
+        PairDataset(fake_root, size=64)
+
+
 def test_item_convention_and_partner_frames(fake_root):
     ds = PairDataset(fake_root, ["film_a"], size=64, prompt="a film still", seed=0)
     for k in range(len(ds)):

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,8 +14,10 @@ import torch
 
 from annotator.build_many import build_all
 from annotator.color import rgb_to_gray
+import annotator.latent_cache
 from annotator.latent_cache import (
-    LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, load_latents, read_frame, vae_fingerprint,
+    LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, encode_movie, load_latents, read_frame,
+    vae_fingerprint,
 )
 from annotator.pairs import BuildOptions, frame_path
 from tests.annotator.clips import panning_clip, write_folder
@@ -237,7 +241,7 @@ def test_cli_toy_model_needs_no_config(root, capsys):
     assert "latents built: 1" in out and (root / "pan" / LATENTS_META).is_file()
 
 
-def test_vae_config_is_chosen_like_colorize_inference_and_misfits_are_named(tmp_path, capsys):
+def test_vae_config_is_chosen_like_colorize_inference_and_misfits_are_named(root, tmp_path, capsys):
     """--config, else the .yaml beside the checkpoint, else the config it records; a VAE of another
     shape is refused in one line naming a tensor and both shapes."""
     import build_latent_cache
@@ -251,7 +255,7 @@ def test_vae_config_is_chosen_like_colorize_inference_and_misfits_are_named(tmp_
     wider = {**TINY, "ddconfig": {**TINY["ddconfig"], "ch": 64}}
     beside = tmp_path / "model.yaml"
     beside.write_text(json.dumps({"model": {"first_stage": wider}}))  # preferred to the recorded one
-    rc = build_latent_cache.main([str(tmp_path), "--ckpt", str(ckpt), "--movies", "pan", "--no-progress"])
+    rc = build_latent_cache.main([str(root), "--ckpt", str(ckpt), "--movies", "pan", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert re.fullmatch(
@@ -292,3 +296,141 @@ def test_cli_precision_and_exit_status(cached_root, tmp_path, capsys):
     for flag, dtype in (("16", "float16"), ("bf16", "bfloat16"), ("32", None)):
         assert cli.main(args + ["--overwrite", "--precision", flag]) == 0
         assert json.loads((cached_root / "pan" / LATENTS_META).read_text())["autocast"] == dtype
+
+
+class FullDisk:
+    """A file opened for writing on a disk with `room` bytes left: a write past it raises ENOSPC,
+    as a real full disk does under plain writes (under a memory map it is a SIGBUS instead)."""
+
+    def __init__(self, path, mode="r", room=0):
+        self.f, self.room = open(path, mode), room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_cli_a_full_disk_is_one_line_and_leaves_no_partial_file(root, tmp_path, capsys, monkeypatch):
+    """Room for the .npy header and one batch of 5 frames (8 frames: 2 batches), then ENOSPC."""
+    import build_latent_cache as cli
+
+    ckpt, cfg = vae_checkpoint(tiny_vae(0), tmp_path)
+    batch = 5 * 2 * 4 * 8 * 20 * 2  # frames x (mean, std) x C x H/8 x W/8 x fp16
+    monkeypatch.setattr(annotator.latent_cache, "open", lambda p, mode="r": FullDisk(p, mode, 128 + batch),
+                        raising=False)
+    args = [str(root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu", "--no-progress",
+            "--batch-size", "5"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == (f"build_latent_cache.py: error: {root / 'pan' / LATENTS}: cannot write the "
+                                       "latent cache (No space left on device); it needs 21 KiB: free some space "
+                                       "and rerun\n")
+    assert sorted(p.name for p in (root / "pan").iterdir()) == ["frames", "meta.json", "similarity.npy"]
+
+
+def test_broken_json_files_are_named(cached_root):
+    """json's message alone ("Expecting property name enclosed in double quotes: ...") names no file."""
+    vae = tiny_vae(0)
+    info = cached_root / "pan" / LATENTS_META
+    info.write_text("{'vae_fingerprint': 1}")
+    for call in (lambda: build_latent_cache(cached_root, vae, progress=False),
+                 lambda: load_latents(cached_root / "pan", vae_fingerprint(vae))):
+        with pytest.raises(ValueError, match=f"^{info}: not valid JSON \\(Expecting property name enclosed in "
+                                             "double quotes: line 1 column 2\\)$"):
+            call()
+    assert build_latent_cache(cached_root, vae, overwrite=True, progress=False)["built"] == ["pan"]  # not read
+    meta = cached_root / "pan" / "meta.json"
+    meta.write_text("")
+    with pytest.raises(ValueError, match=f"^{meta}: not valid JSON"):
+        build_latent_cache(cached_root, vae, progress=False)
+
+
+@pytest.mark.parametrize("keep, problem", [
+    (1000, "1000 bytes, but its shape needs 20608 (cut short?)"),
+    (50, "not a whole .npy file"),
+])
+def test_a_cut_short_cache_is_rebuilt_and_refused_by_training(cached_root, keep, problem):
+    """A latents.npy cut short (a full disk, an interrupted copy) with a finished latents.json: the
+    builder rebuilds it, saying why; training refuses it in one line, not numpy's "mmap length is
+    greater than file size"."""
+    from tutorial_dataset import PairDataset
+
+    vae = tiny_vae(0)
+    fp, path = vae_fingerprint(vae), cached_root / "pan" / LATENTS
+    whole = np.load(path)
+    path.write_bytes(path.read_bytes()[:keep])
+    refused = f"{path}: latent cache does not match the frames ({problem}); rerun build_latent_cache.py"
+    with pytest.raises(LatentCacheError) as e:
+        PairDataset(cached_root, vae_fingerprint=fp, low=0.0, high=0.999, min_gap=1, size=64)
+    assert str(e.value) == refused
+    lines = []
+    assert build_latent_cache(cached_root, vae, progress=False, log=lines.append)["built"] == ["pan"]
+    assert lines == [f"rebuilding: {path}: does not match the frames ({problem})"]
+    np.testing.assert_array_equal(load_latents(cached_root / "pan", fp), whole)
+
+
+def test_a_replacement_interrupted_before_its_metadata_reads_as_not_built(cached_root, monkeypatch):
+    """Killed between the renames of latents.npy and latents.json: the new latents must not pass
+    for the old cache (its fingerprint, its gray flag)."""
+    old, new = tiny_vae(0), tiny_vae(1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)  # the latents.json it writes last
+    with pytest.raises(KeyboardInterrupt):
+        encode_movie(cached_root / "pan", new)
+    monkeypatch.undo()
+    for vae in (old, new):
+        with pytest.raises(LatentCacheError, match="no latent cache"):
+            load_latents(cached_root / "pan", vae_fingerprint(vae))
+    assert not list((cached_root / "pan").glob("*.partial"))
+    assert build_latent_cache(cached_root, new, progress=False)["built"] == ["pan"]
+
+
+def test_cli_refuses_movie_ids_with_a_path_or_none(root, tmp_path, capsys):
+    """'../other_root/movie' would write into another data root: refused in one line, before the
+    checkpoint is read (the one given does not exist); so is --movies without an id."""
+    import build_latent_cache as cli
+
+    other = Path(shutil.copytree(root, tmp_path / "other"))
+    for mid in ("../other/pan", str(other / "pan"), "..", ".partial", "pan/"):
+        rc = cli.main([str(root), "--ckpt", str(tmp_path / "none.safetensors"), "--movies", mid])
+        assert rc == 2 and capsys.readouterr().err == (
+            f"build_latent_cache.py: error: {mid!r}: not a movie id of {root} (the name of a movie folder in it, "
+            "without a path)\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(root), "--ckpt", str(tmp_path / "none.safetensors"), "--movies"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("build_latent_cache.py: error: argument --movies: expected at least one "
+                                       "argument (see --help)\n")
+    assert not (other / "pan" / LATENTS).exists()
+
+
+def test_cli_a_missing_frame_is_one_line_without_opencv_warnings(root, tmp_path):
+    """OpenCV's own "[ WARN:0@3.5] global loadsave.cpp:278 findDecoder ..." before our line is
+    silenced as build_pairs.py silences it (cliutil.quiet_opencv)."""
+    ckpt, cfg = vae_checkpoint(tiny_vae(0), tmp_path)
+    frame = frame_path(root / "pan", 3)
+    frame.unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    p = subprocess.run([sys.executable, str(REPO / "build_latent_cache.py"), str(root), "--ckpt", str(ckpt),
+                        "--config", str(cfg), "--device", "cpu", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and p.stderr == f"build_latent_cache.py: error: {frame}: cannot read frame\n"
+
+
+def test_cli_tells_how_to_train_on_the_cache(root, capsys):
+    """A CLI user is pointed at the training script's flag, not at a library argument."""
+    import build_latent_cache as cli
+
+    toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+    assert cli.main([str(root), "--ckpt", str(toy), "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for text in (out, cli.parser().format_help()):
+        assert "tutorial_train_sd21_color_v2.py --use-latent-cache" in " ".join(text.split())
+        assert "tutorial_dataset" not in text and "vae_fingerprint" not in text
