@@ -18,9 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, run_cli
+from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, quiet_startup_ctrl_c, run_cli
 
 quiet_opencv()
+if __name__ == "__main__":
+    quiet_startup_ctrl_c()
+
 from annotator.build_many import build_all
 from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, MAX_SIM_SIZE, MAX_SIZE, MIN_SIM_SIZE, BuildOptions
 from annotator.similarity import METRICS, SIM_SIZE

@@ -21,6 +21,22 @@ def quiet_opencv() -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
+def quiet_startup_ctrl_c() -> None:
+    """Ctrl-C before run_cli takes over - while torch, OpenCV or Lightning load, seconds - ends
+    the script with "PROG: interrupted" and exit 130, not an import traceback. For scripts, at
+    the top, when run as __main__; nothing is written yet, so there is nothing to clean up."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored: a background job
+        return
+    prog = os.path.basename(sys.argv[0])
+
+    def startup(signum, frame):
+        os.write(2, f"{prog}: interrupted\n".encode())
+        os._exit(130)
+
+    startup.quiet_startup = True
+    signal.signal(signal.SIGINT, startup)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (what and where), not the whole usage block."""
 
@@ -64,6 +80,9 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         raise KeyboardInterrupt
 
     hook = sigterm and threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    if threading.current_thread() is threading.main_thread() and \
+            getattr(signal.getsignal(signal.SIGINT), "quiet_startup", False):  # from here on Ctrl-C cleans up
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
     try:
         return run(args)

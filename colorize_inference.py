@@ -27,9 +27,11 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import OneLineParser, one_line, quiet_opencv, run_cli
+from cliutil import OneLineParser, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
 
 quiet_opencv()
+if __name__ == "__main__":
+    quiet_startup_ctrl_c()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -29,12 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+from cliutil import OneLineParser, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
 
+quiet_opencv()
+if __name__ == "__main__":
+    quiet_startup_ctrl_c()
 
 import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
-from cliutil import OneLineParser, one_line, run_cli  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import FrameRangeError, FrameSourceError, iter_frames, probe  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402

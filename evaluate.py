@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+from cliutil import OneLineParser, quiet_opencv, quiet_startup_ctrl_c, run_cli
+
+quiet_opencv()
+if __name__ == "__main__":
+    quiet_startup_ctrl_c()
 
 import numpy as np  # noqa: E402
 
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import VIDEO_EXTS  # noqa: E402
-from cliutil import OneLineParser, run_cli  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
 from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, check_flow_size, evaluate_stream  # noqa: E402
 from colorize.report import REPORT_FILES, Strip, strip_indices, write_report  # noqa: E402

@@ -27,14 +27,18 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
+from cliutil import OneLineParser, one_line, quiet_startup_ctrl_c, run_cli
 
-from cliutil import OneLineParser, one_line, run_cli
-from cldm.checkpoint import CONTROL, CheckpointError, guess_kind, load_state_dict, save_state_dict
-from cldm.convert import init_from_sd
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config
-from ldm.schedule import schedule_buffers
+if __name__ == "__main__":
+    quiet_startup_ctrl_c()
+
+import torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+
+from cldm.checkpoint import CONTROL, CheckpointError, guess_kind, load_state_dict, save_state_dict  # noqa: E402
+from cldm.convert import init_from_sd  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config  # noqa: E402
+from ldm.schedule import schedule_buffers  # noqa: E402
 
 PROG = "tool_add_control_sd21.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

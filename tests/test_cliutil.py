@@ -1,11 +1,15 @@
 """cliutil: one line per error, whatever the exception's message looks like."""
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from cliutil import one_line, run_cli
+from tests.helpers import default_sigint
 
 
 @pytest.mark.parametrize("exc, line", [
@@ -80,3 +84,29 @@ def test_run_cli_prints_the_interrupts_own_message(capsys):
         raise KeyboardInterrupt("interrupted; 2 written: --frames 2: continues")
     assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted early") == 130
     assert capsys.readouterr().err == "p.py: interrupted; 2 written: --frames 2: continues\n"
+
+
+STARTUP_INTERRUPT = """
+import builtins, os, runpy, signal, sys
+real = builtins.__import__
+def interrupting(name, *args, **kwargs):  # Ctrl-C as the first heavy library starts loading
+    if name.partition(".")[0] in ("numpy", "torch", "cv2", "lightning"):
+        builtins.__import__ = real
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args, **kwargs)
+builtins.__import__ = interrupting
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["build_pairs.py", "build_latent_cache.py", "tool_add_control_sd21.py",
+                                    "tutorial_train_sd21_color_v2.py", "colorize_inference.py", "evaluate.py",
+                                    "demo.py"])
+def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(script):
+    """Before run_cli takes over, Ctrl-C (here: during the first import of numpy, torch, OpenCV or
+    Lightning) is "SCRIPT: interrupted", exit 130, not an import traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", STARTUP_INTERRUPT, str(repo / script)], cwd=repo,
+                         capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
+    assert (res.returncode, res.stderr) == (130, f"{script}: interrupted\n")
