@@ -370,7 +370,8 @@ def test_a_cut_short_cache_is_rebuilt_and_refused_by_training(cached_root, keep,
     lines = []
     assert build_latent_cache(cached_root, vae, progress=False, log=lines.append)["built"] == ["pan"]
     assert lines == [f"rebuilding: {path}: does not match the frames ({problem})"]
-    np.testing.assert_array_equal(load_latents(cached_root / "pan", fp), whole)
+    # the same encoding; float16 sums may round differently with another thread count: 1 ulp (~1e-3)
+    np.testing.assert_allclose(load_latents(cached_root / "pan", fp), whole, rtol=2e-3, atol=1e-6)
 
 
 def test_a_replacement_interrupted_before_its_metadata_reads_as_not_built(cached_root, monkeypatch):
