@@ -176,23 +176,53 @@ def resolve_resume(args, ckpt_dir: Path) -> Path | None:
     Every process runs this before the process group exists; ResumeAgreement then stops the
     run, on all of them, unless they all chose what global rank 0 chose.
     """
-    from cldm.lightning import checkpoint_step, find_resume_checkpoint, resume_problem
+    from cldm.lightning import find_resume_checkpoint
 
     if args.resume == "auto":
-        return find_resume_checkpoint(ckpt_dir)
+        return auto_resume(ckpt_dir)
     if args.resume == "never":
         if find_resume_checkpoint(ckpt_dir) is not None:
             raise UsageError(f"{ckpt_dir} already holds checkpoints; use --resume auto or another --out")
         return None
-    path = Path(args.resume)
+    return checked_resume_path(Path(args.resume), ckpt_dir)
+
+
+def auto_resume(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint, if it can be resumed from; a note names incomplete ones.
+
+    A bad newest file is refused rather than skipped: every rerun (a SLURM requeue too) would
+    otherwise meet it again, or silently train on from an older step.
+    """
+    from cldm.lightning import find_resume_checkpoint, incomplete_checkpoints, resume_problem
+
+    if is_launch_rank_zero():
+        for path in incomplete_checkpoints(ckpt_dir):
+            print(f"{PROG}: note: skipped {path}: incomplete (cut short?), not resumed from nor counted toward "
+                  "--ckpt-keep; move it away", file=sys.stderr)
+    path = find_resume_checkpoint(ckpt_dir)
+    if path is not None and (problem := resume_problem(path)):
+        raise UsageError(f"{path}: {problem}; move it out of {ckpt_dir}, or pass --resume PATH")
+    return path
+
+
+def checked_resume_path(path: Path, ckpt_dir: Path) -> Path:
+    """--resume PATH, refused where it would leave two histories in `ckpt_dir`: pruning to
+    --ckpt-keep and a later --resume auto go by the highest step, i.e. maybe by the abandoned one."""
+    from cldm.lightning import checkpoint_step, find_resume_checkpoint, resume_problem
+
+    if path.is_dir():
+        raise UsageError(f"--resume {path}: a folder, not a checkpoint file")
     if not path.is_file():
         raise UsageError(f"--resume {path}: no such file")
     if problem := resume_problem(path):
         raise UsageError(f"--resume {path}: {problem}")
     newest = find_resume_checkpoint(ckpt_dir)
-    if newest is not None and checkpoint_step(newest) > checkpoint_step(path):
-        # the folder would then hold two histories: --ckpt-keep pruning and a later --resume auto
-        # go by the highest step, i.e. by the abandoned one
+    if newest is None:
+        return path  # a new or empty OUT: starting from any run's checkpoint forks it
+    if path.resolve().parent != ckpt_dir.resolve():
+        raise UsageError(f"--resume {path}: from outside {ckpt_dir}, which holds this run's own checkpoints "
+                         f"(newest {newest.name}); fork into another --out, or move them away")
+    if checkpoint_step(newest) > checkpoint_step(path):
         raise UsageError(f"--resume {path}: {ckpt_dir} already holds a later checkpoint ({newest.name}); "
                          "move the later ones away, or resume into another --out")
     return path
@@ -343,6 +373,18 @@ def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Pa
     return export(module, out, cfg, int(state.get("global_step", 0)), init)
 
 
+def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:
+    """Say so when the resume checkpoint already reached --max-steps: Lightning stops at once, silently."""
+    from cldm.lightning import checkpoint_step
+
+    if resume is None or max_steps < 0 or not is_launch_rank_zero():
+        return
+    step = checkpoint_step(resume)
+    if step >= max_steps:
+        print(f"{PROG}: note: {resume.name} is at step {step}, --max-steps is {max_steps}: nothing to train; "
+              "its weights are exported as they are", file=sys.stderr)
+
+
 def prepare(args):
     """Everything that can fail on bad input, before any training: (cfg, trainer, module, data, resume)."""
     import lightning as L
@@ -364,6 +406,8 @@ def prepare(args):
     resume = resolve_resume(args, ckpt_dir)
     if args.export and resume is None:
         raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
+    if not args.export:
+        note_nothing_to_train(resume, cfg.train.max_steps)
 
     t = cfg.train
     check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again

@@ -349,14 +349,28 @@ def resume_problem(path: str | Path) -> str | None:
     return None
 
 
-def list_checkpoints(dirpath: str | Path) -> list[tuple[int, float, Path]]:
-    """(step, mtime, path) of the complete step checkpoints under `dirpath`, oldest step first."""
+def _step_files(dirpath: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step=N .ckpt under `dirpath`, complete or not, oldest step first."""
     found = []
     for p in Path(dirpath).glob("*.ckpt") if Path(dirpath).is_dir() else []:
-        m = STEP_RE.search(p.name)
-        if m and is_complete_checkpoint(p):
-            found.append((int(m.group(1)), p.stat().st_mtime, p))
+        if m := STEP_RE.search(p.name):
+            found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def list_checkpoints(dirpath: str | Path) -> list[tuple[int, float, Path]]:
+    """(step, mtime, path) of the complete step checkpoints under `dirpath`, oldest step first."""
+    return [(step, p.stat().st_mtime, p) for step, p in _step_files(dirpath) if is_complete_checkpoint(p)]
+
+
+def incomplete_checkpoints(dirpath: str | Path) -> list[Path]:
+    """Step checkpoints under `dirpath` that are not whole files (a copy cut short, say).
+
+    Never a save in progress: AtomicCheckpointIO writes under a temp name and renames. Still,
+    a final name may belong to someone else's copy in progress, so these are neither resumed
+    from, nor counted toward keep, nor deleted.
+    """
+    return [p for _, p in _step_files(dirpath) if not is_complete_checkpoint(p)]
 
 
 def checkpoint_step(path: str | Path) -> int:

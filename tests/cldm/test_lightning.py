@@ -20,8 +20,8 @@ from annotator.latent_cache import LatentCacheError, build_latent_cache
 from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ReplicaCheck, ResumeMismatchError,
                             noise_seed,
-                            StepCheckpoint, check_same_resume, find_resume_checkpoint, is_complete_checkpoint,
-                            remove_partial_checkpoints, resume_problem)
+                            StepCheckpoint, check_same_resume, find_resume_checkpoint, incomplete_checkpoints,
+                            is_complete_checkpoint, remove_partial_checkpoints, resume_problem)
 from cldm.model import TINY_CONFIG, load_config
 from cldm.trainable import UNET_INPUT_CONV, export_keys
 from ldm.modules.attention import BasicTransformerBlock
@@ -545,6 +545,23 @@ def test_step_checkpoint_keeps_the_newest_of_the_whole_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step=00000009.ckpt", "step=00000010.ckpt"]
     StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(type("Rank1", (FakeTrainer,), {"is_global_zero": False}))
     assert len(list(tmp_path.iterdir())) == 3  # only global rank 0 deletes
+
+
+def test_incomplete_checkpoints_are_listed_apart_and_neither_kept_nor_deleted(tmp_path):
+    """A step file cut short is no resume candidate and takes no --ckpt-keep slot; it is left for
+    the user to move (a final name might be someone's copy in progress)."""
+    io = AtomicCheckpointIO()
+    for step in (274, 275, 276):
+        io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
+    cut = tmp_path / "step=00000277.ckpt"
+    cut.write_bytes((tmp_path / "step=00000276.ckpt").read_bytes()[:-30])  # the zip's directory is lost
+    (tmp_path / "notes.ckpt").write_bytes(b"no step in the name")
+    assert incomplete_checkpoints(tmp_path) == [cut]
+    assert find_resume_checkpoint(tmp_path).name == "step=00000276.ckpt"
+    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(FakeTrainer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.ckpt", "step=00000275.ckpt", "step=00000276.ckpt",
+                                                           "step=00000277.ckpt"]
+    assert incomplete_checkpoints(tmp_path / "missing") == []
 
 
 def test_validation_loss_draws_everything_from_its_per_batch_generator():

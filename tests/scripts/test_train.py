@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,6 +145,84 @@ def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "already holds a later checkpoint (step=00000003.ckpt)" in err, err
     assert train.main(args(ws, out, "--max-steps", 4, "--resume", ckpts / "step=00000003.ckpt")) == 0  # the newest: fine
+
+
+def training_ckpt(path, step):
+    """A file resume_problem accepts: the keys Lightning and on_save_checkpoint write, no tensors."""
+    from cldm.lightning import LIGHTNING_KEYS, TRAINING_KEY, AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": step, TRAINING_KEY: {}},
+                                         path)
+    return path
+
+
+class RunsAShell:
+    """Pickles as GLOBAL posix.system, which a weights_only load refuses (and never runs)."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def first_process(monkeypatch):
+    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_resume_auto_refuses_a_bad_newest_checkpoint_in_one_line(ws, tmp_path, capsys):
+    """A zip that is no training checkpoint (here a pickle that would run a shell) is named, not
+    handed to Lightning: its traceback would come back on every rerun and SLURM requeue."""
+    out = tmp_path / "run"
+    training_ckpt(out / "checkpoints" / "step=00000098.ckpt", 98)
+    torch.save({"state_dict": RunsAShell()}, out / "checkpoints" / "step=00000099.ckpt")
+    assert train.main(args(ws, out, "--max-steps", 100)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"tutorial_train_sd21_color_v2\.py: error: \S*run/checkpoints/step=00000099\.ckpt: truncated, "
+                        r"or not a checkpoint written by this training \(UnpicklingError\); move it out of "
+                        r"\S*run/checkpoints, or pass --resume PATH", err), err
+
+
+def test_resume_auto_names_the_incomplete_checkpoints_it_skips(tmp_path, capsys, monkeypatch):
+    first_process(monkeypatch)
+    ckpts = tmp_path / "checkpoints"
+    training_ckpt(ckpts / "step=00000276.ckpt", 276)
+    cut = ckpts / "step=00000277.ckpt"
+    cut.write_bytes(training_ckpt(tmp_path / "whole.ckpt", 277).read_bytes()[:100])
+    assert train.resolve_resume(SimpleNamespace(resume="auto"), ckpts) == ckpts / "step=00000276.ckpt"
+    assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: note: skipped {cut}: incomplete (cut "
+                                       "short?), not resumed from nor counted toward --ckpt-keep; move it away\n")
+    monkeypatch.setenv("RANK", "1")  # one note per run, not per process
+    train.resolve_resume(SimpleNamespace(resume="auto"), ckpts)
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_path_from_another_run_only_into_an_out_without_checkpoints(tmp_path):
+    """Forking a run into a new OUT is fine; into an OUT with its own checkpoints it would mix two
+    histories (and overwrite OUT/control.safetensors with the other run's weights)."""
+    other = training_ckpt(tmp_path / "other" / "checkpoints" / "step=00000500.ckpt", 500)
+    new = tmp_path / "new" / "checkpoints"
+    assert train.resolve_resume(SimpleNamespace(resume=str(other)), new) == other
+    mine = tmp_path / "mine" / "checkpoints"
+    training_ckpt(mine / "step=00000010.ckpt", 10)
+    with pytest.raises(train.UsageError, match=r"^--resume \S*other/checkpoints/step=00000500\.ckpt: from outside "
+                                               r"\S*mine/checkpoints, which holds this run's own checkpoints \(newest "
+                                               r"step=00000010\.ckpt\); fork into another --out"):
+        train.resolve_resume(SimpleNamespace(resume=str(other)), mine)
+    # its own newest, named by a path with another spelling, is not foreign
+    assert train.resolve_resume(SimpleNamespace(resume=str(mine / ".." / "checkpoints" / "step=00000010.ckpt")),
+                                mine).name == "step=00000010.ckpt"
+
+
+def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path, capsys, monkeypatch):
+    first_process(monkeypatch)
+    ckpt = training_ckpt(tmp_path / "step=00000300.ckpt", 300)
+    for max_steps, noted in ((301, False), (-1, False), (300, True), (200, True)):
+        train.note_nothing_to_train(ckpt, max_steps)
+        err = capsys.readouterr().err
+        assert (err == f"tutorial_train_sd21_color_v2.py: note: step=00000300.ckpt is at step 300, --max-steps is "
+                       f"{max_steps}: nothing to train; its weights are exported as they are\n") is noted, err
+    train.note_nothing_to_train(None, 0)
+    assert capsys.readouterr().err == ""
 
 
 def test_null_means_off_where_the_config_allows_it():
