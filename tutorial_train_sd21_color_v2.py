@@ -130,6 +130,7 @@ TRAIN_NUMBERS = {
 
 
 NULL_OK = ("max_epochs", "grad_clip", "val_every", "image_every")  # null: no limit / off
+NO_LIMIT = ("max_steps", "max_epochs")  # -1: no limit; 0 would export the init weights as trained ones
 
 
 def check_train_numbers(t) -> None:
@@ -145,8 +146,8 @@ def check_train_numbers(t) -> None:
         if not ok:
             kind_name = "an integer" if kind is int else "a finite number"
             raise UsageError(f"train.{key} ({flag}, {what}) must be {kind_name}, got {v!r}")
-        if v < low or (key == "lr" and v == 0):
-            bound = "> 0" if key == "lr" else f">= {low}"
+        if v < low or (key in ("lr", *NO_LIMIT) and v == 0):
+            bound = "> 0" if key == "lr" else "-1 (no limit) or >= 1" if key in NO_LIMIT else f">= {low}"
             raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}")
 
 
@@ -259,11 +260,12 @@ def build_model(cfg, init: Path):
     from cldm.trainable import check_recorded, read_export_metadata
 
     model = create_model(cfg)
-    check_recorded(read_export_metadata(init), model, f"--init {init}")  # what tool_add_control_sd21.py was told
     try:
+        check_recorded(read_export_metadata(init), model, init)  # what tool_add_control_sd21.py was told
         load_into(model, load_state_dict(init), strict_prefixes=("",))
-    except CheckpointError as e:
-        raise CheckpointError(f"--init {init}: {e}") from None
+    except CheckpointError as e:  # the file readers' messages start with the path already
+        where = "--init " if str(e).startswith(f"{init}: ") else f"--init {init}: "
+        raise CheckpointError(where + str(e)) from None
     return model
 
 
@@ -373,6 +375,40 @@ def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Pa
     return export(module, out, cfg, int(state.get("global_step", 0)), init)
 
 
+def check_paths(data: Path, init: Path, out: Path) -> None:
+    """One line for a path that is missing or of the wrong kind, before the (slow) model load."""
+    if not data.is_dir():
+        what = "a file, not a folder" if data.exists() else "no such folder"
+        raise UsageError(f"--data {data}: {what} (make it with build_pairs.py)")
+    if not init.is_file():
+        what = "a folder, not a checkpoint file" if init.is_dir() else "no such file"
+        raise UsageError(f"--init {init}: {what} (make it with tool_add_control_sd21.py)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a folder")
+
+
+def launched_processes() -> tuple[int, str] | None:
+    """(processes, what says so) when SLURM or torchrun started this run's processes (looked for in
+    Lightning's order), else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE"
+    return None
+
+
+def check_launcher(world: int, args) -> None:
+    """Refuse a launcher that started another number of processes than --devices x --num-nodes:
+    with one process per run each would train alone (no DDP), all into the same OUT."""
+    launched = launched_processes()
+    if launched is not None and launched[0] != world:
+        count, source = launched
+        raise UsageError(f"{source} is {count}, but --devices {args.devices} x --num-nodes {args.num_nodes} is "
+                         f"{world} processes; make them equal (docs/TRAINING.md)")
+
+
 def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:
     """Say so when the resume checkpoint already reached --max-steps: Lightning stops at once, silently."""
     from cldm.lightning import checkpoint_step
@@ -395,10 +431,11 @@ def prepare(args):
 
     cfg = resolve_config(args)
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
-    if not data.is_dir():
-        raise UsageError(f"--data {data}: no such folder (make it with build_pairs.py)")
-    if not init.is_file():
-        raise UsageError(f"--init {init}: no such file (make it with tool_add_control_sd21.py)")
+    check_paths(data, init, out)
+    world = count_devices(args.accelerator, devices_arg(args.devices)) * args.num_nodes
+    if world < 1:
+        raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
+    check_launcher(world, args)
     ckpt_dir = out / "checkpoints"
     check_run_dir(out, cfg)
     if is_launch_rank_zero():
@@ -421,9 +458,6 @@ def prepare(args):
     if args.export:
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)
-    world = count_devices(args.accelerator, devices_arg(args.devices)) * args.num_nodes
-    if world < 1:
-        raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
     per_device = -(-len(dm.train) // world)  # DistributedSampler's share of each process
     if per_device < t.batch_size:  # the loader drops incomplete batches: not one step would run
         raise UsageError(f"{args.data}: the band gives {len(dm.train)} training frames with a partner, "

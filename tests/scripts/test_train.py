@@ -62,6 +62,8 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
     init_v = tmp_path / "init_v.safetensors"  # as tool_add_control_sd21.py writes it from a v config
     save_state_dict(load_state_dict(ws / "init.safetensors"), init_v,
                     metadata={"color_variant": "v2", "parameterization": "v"})
+    garbage = tmp_path / "garbage.ckpt"  # named once in the message, not twice
+    garbage.write_text("garbage")
     broken, no_train = tmp_path / "broken.yaml", tmp_path / "no_train.yaml"
     broken.write_text("model: [\n")
     no_train.write_text(TINY_CONFIG.read_text().split("\ntrain:")[0])
@@ -94,6 +96,10 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         (["--config", str(broken)], r"broken\.yaml: not a readable YAML config"),
         (["--config", str(no_train), "--lr", "1e-4"], r"no_train\.yaml: no train: section"),
         (["--devices", "0,1"], r"cannot set up training with --accelerator cpu --devices 0,1 "),
+        (["--max-steps", "0"], r"train\.max_steps \(--max-steps, last step\) must be -1 \(no limit\) or >= 1, got 0$"),
+        (["--max-epochs", "0"], r"train\.max_epochs \(--max-epochs, epochs\) must be -1 \(no limit\) or >= 1, got 0$"),
+        (["--max-steps", "-2"], r"train\.max_steps .* must be -1 \(no limit\) or >= 1, got -2$"),
+        (["--init", str(garbage)], rf"error: --init {re.escape(str(garbage))}: not a checkpoint file \(expected "),
     ]
     for i, (extra, pattern) in enumerate(cases):  # a repeated flag wins over the one in args()
         assert train.main(args(ws, tmp_path / f"out{i}") + extra) == 2, pattern
@@ -225,10 +231,53 @@ def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path,
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("env, devices, nodes, refused", [
+    ({}, "1", 1, None),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "2", 1, None),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 1, "torchrun's WORLD_SIZE is 2, but --devices 1 x "
+                                                           "--num-nodes 1 is 1 processes"),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 2, None),
+    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 1, "SLURM_NTASKS is 4, but --devices 2 x --num-nodes 1 "
+                                                          "is 2 processes"),
+    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 2, None),
+    (dict(SLURM_JOB_NAME="interactive", SLURM_NTASKS="4"), "1", 1, None),  # Lightning ignores SLURM here too
+])
+def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypatch, env, devices, nodes, refused):
+    """torchrun --nproc-per-node 2 with --devices 1 would run two lone trainings into one OUT."""
+    for key in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_JOB_NAME", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    a = SimpleNamespace(devices=devices, num_nodes=nodes)
+    world = train.count_devices("cpu", train.devices_arg(devices)) * nodes
+    if refused is None:
+        train.check_launcher(world, a)
+    else:
+        with pytest.raises(train.UsageError, match=re.escape(refused)):
+            train.check_launcher(world, a)
+
+
+def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, capsys, monkeypatch):
+    def no_load(*a):
+        raise AssertionError("the model loaded before the paths were checked")
+    monkeypatch.setattr(train, "build_model", no_load)
+    a_file = tmp_path / "README.md"
+    a_file.write_text("not a folder")
+    cases = [(["--out", a_file], rf"--out {a_file}: a file, not a folder$"),
+             (["--data", a_file], rf"--data {a_file}: a file, not a folder \(make it with build_pairs\.py\)$"),
+             (["--init", tmp_path], rf"--init {tmp_path}: a folder, not a checkpoint file \(make it with "),
+             (["--resume", tmp_path], rf"--resume {tmp_path}: a folder, not a checkpoint file$")]
+    for extra, pattern in cases:
+        assert train.main(args(ws, tmp_path / "out", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(pattern, err), (pattern, err)
+
+
 def test_null_means_off_where_the_config_allows_it():
     cfg = load_config(TINY_CONFIG, ["train.max_epochs=null", "train.grad_clip=null", "train.val_every=null",
                                     "train.image_every=null"])
     train.check_train_numbers(cfg.train)  # no error: no epoch limit, no clipping, no validation, no images
+    train.check_train_numbers(load_config(TINY_CONFIG, ["train.max_steps=-1", "train.max_epochs=-1"]).train)
     with pytest.raises(train.UsageError, match="train.batch_size .* must be an integer, got None"):
         train.check_train_numbers(load_config(TINY_CONFIG, ["train.batch_size=null"]).train)
 
