@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     from cldm.trainable import OPTIMIZERS
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="Flags left out take the config's train: values (see models/*.yaml).")
+                      epilog=f"Flags left out take --config's values; the defaults shown are {DEFAULT_CONFIG.name}'s.")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model + training YAML (default: %(default)s)")
     p.add_argument("--init", required=True, metavar="CKPT",
                    help="initial full checkpoint from tool_add_control_sd21.py; also needed when resuming, "
@@ -59,8 +59,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per device per step")
     g.add_argument("--accumulate", type=int, help="batches accumulated per optimiser step")
-    g.add_argument("--lr", type=float, help="learning rate (config default 1e-5)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as the original's Adam)")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (the original's Adam had none)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
@@ -70,11 +70,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-epochs", type=int, help="stop after this many epochs (-1: no limit)")
     g.add_argument("--seed", type=int, help="seed for initialisation, data order and noise")
     g.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep SD locked (default); --no-sd-locked also trains the UNet decoder, as in ControlNet")
+                   help="keep SD locked; --no-sd-locked also trains the UNet decoder, as in ControlNet")
     g.add_argument("--only-mid-control", action=argparse.BooleanOptionalAction, default=None,
                    help="add the ControlNet only to the UNet's middle block, as in ControlNet")
     g.add_argument("--train-unet-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="v2/v3: train the new input channels of the UNet's first conv (default on)")
+                   help="v2/v3: train the new input channels of the UNet's first conv")
     g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing in UNet and ControlNet (less memory, ~27%% more compute)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -82,8 +82,10 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("devices")
     g.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cuda", "cpu", "mps"],
                    help="where to train (default: auto, a GPU if there is one)")
-    g.add_argument("--devices", default="auto", help="devices per node: a count, 'auto', or a list like 0,1")
-    g.add_argument("--num-nodes", type=int, default=1, help="machines (with torchrun or SLURM: docs/TRAINING.md)")
+    g.add_argument("--devices", default="auto",
+                   help="devices per node: a count, 'auto', or a list like 0,1 (default: %(default)s)")
+    g.add_argument("--num-nodes", type=int, default=1,
+                   help="machines (with torchrun or SLURM: docs/TRAINING.md) (default: %(default)s)")
     g.add_argument("--strategy", default="ddp", help="ddp (default), or any Lightning strategy name")
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--resume", default="auto", metavar="auto|never|PATH",
@@ -98,7 +100,27 @@ def parser() -> argparse.ArgumentParser:
                    help="only write OUT/control.safetensors from the resume checkpoint, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.color_variant=v3 train.image_ddim_steps=50")
+    show_config_defaults(p, DEFAULT_CONFIG)
     return p
+
+
+def show_config_defaults(p: argparse.ArgumentParser, config: Path) -> None:
+    """Add `config`'s value to the help of every flag that falls back to it (a null pair band:
+    the dataset's own default)."""
+    from omegaconf import OmegaConf
+
+    from annotator.pairs import DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP
+
+    cfg = OmegaConf.load(config)
+    band = {"train.low": DEFAULT_LOW, "train.high": DEFAULT_HIGH, "train.min_gap": DEFAULT_MIN_GAP}
+    for action in p._actions:
+        key = FLAG_KEYS.get(action.dest)
+        if key is None or action.help is None:
+            continue
+        value = OmegaConf.select(cfg, key)
+        value = band.get(key) if value is None else value
+        shown = ("on" if value else "off") if isinstance(value, bool) else value
+        action.help += f" (default: {shown})".replace("%", "%%")
 
 
 # flag -> config key (None values are left to the config)

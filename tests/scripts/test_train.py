@@ -273,6 +273,27 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (pattern, err)
 
 
+def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
+    """Read from the YAML (here a stand-in with its own values), not written into the help; a null
+    pair band shows the dataset's own default."""
+    import cldm.model
+    from annotator.pairs import DEFAULT_HIGH
+
+    text = cldm.model.DEFAULT_CONFIG.read_text()
+    config = tmp_path / "default.yaml"
+    config.write_text(text.replace("lr: 1.0e-5", "lr: 3.0e-4").replace("min_gap: null", "min_gap: 7")
+                      .replace("sd_locked: true", "sd_locked: false"))
+    monkeypatch.setattr(cldm.model, "DEFAULT_CONFIG", config)
+    p = train.parser()
+    helps = {a.dest: a.help for a in p._actions}
+    assert helps["lr"] == "learning rate (default: 0.0003)"
+    assert helps["min_gap"].endswith("(default: 7)") and helps["high"].endswith(f"(default: {DEFAULT_HIGH})")
+    assert helps["sd_locked"].endswith("(default: off)")
+    assert all(re.search(r"\(default: [^)]+\)$", helps[name]) for name in train.FLAG_KEYS), helps
+    text = " ".join(p.format_help().split())
+    assert "a list like 0,1 (default: auto)" in text and "docs/TRAINING.md) (default: 1)" in text
+
+
 def test_null_means_off_where_the_config_allows_it():
     cfg = load_config(TINY_CONFIG, ["train.max_epochs=null", "train.grad_clip=null", "train.val_every=null",
                                     "train.image_every=null"])
