@@ -328,6 +328,11 @@ def count_devices(accelerator: str, devices) -> int:
     return len([d for d in devices.split(",") if d.strip()])
 
 
+# buffers are constants (the noise schedule): broadcast once when DDP wraps the model, not every
+# step (torch >= 2.13 deprecates broadcast_buffers=False, which also skipped that first one)
+DDP_KWARGS = dict(find_unused_parameters=False, gradient_as_bucket_view=True, forward_sync_buffers=False)
+
+
 def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     import lightning as L
     import torch
@@ -345,9 +350,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
         if count_devices(args.accelerator, devices) * args.num_nodes == 1:
             strategy = "auto"  # one process: no process group, no DDP wrapper, no all-reduce
         else:
-            # buffers are constants (the noise schedule): no need to broadcast them every step
-            strategy = DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True,
-                                   broadcast_buffers=False)
+            strategy = DDPStrategy(**DDP_KWARGS)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 runs, as on the original A6000s
     plugins = [AtomicCheckpointIO()]

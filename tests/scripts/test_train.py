@@ -294,6 +294,26 @@ def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
     assert "a list like 0,1 (default: auto)" in text and "docs/TRAINING.md) (default: 1)" in text
 
 
+def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
+    """broadcast_buffers=False is deprecated in torch 2.13 (a warning on every rank); what the
+    strategy hands DDP keeps buffers out of every forward and warns about nothing."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    ns = train.parser().parse_args(args(ws, ws / "unused", "--devices", 2))
+    ddp_kwargs = train.make_trainer(train.resolve_config(ns), ns, ws / "unused").strategy._ddp_kwargs
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ddp = DistributedDataParallel(torch.nn.BatchNorm1d(2), **ddp_kwargs)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert [str(w.message) for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert ddp.forward_sync_buffers is False and ddp.find_unused_parameters is False
+
+
 def test_null_means_off_where_the_config_allows_it():
     cfg = load_config(TINY_CONFIG, ["train.max_epochs=null", "train.grad_clip=null", "train.val_every=null",
                                     "train.image_every=null"])
