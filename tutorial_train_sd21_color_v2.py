@@ -24,7 +24,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser, run_cli
+from cliutil import OneLineParser, quiet_startup_ctrl_c, run_cli
+
+if __name__ == "__main__":  # also in every DDP process Lightning starts
+    quiet_startup_ctrl_c()
 
 PROG = "tutorial_train_sd21_color_v2.py"
 RESUME = "rerun the same command to resume from the newest checkpoint"
@@ -328,9 +331,18 @@ def count_devices(accelerator: str, devices) -> int:
     return len([d for d in devices.split(",") if d.strip()])
 
 
-# buffers are constants (the noise schedule): broadcast once when DDP wraps the model, not every
-# step (torch >= 2.13 deprecates broadcast_buffers=False, which also skipped that first one)
-DDP_KWARGS = dict(find_unused_parameters=False, gradient_as_bucket_view=True, forward_sync_buffers=False)
+def ddp_kwargs() -> dict:
+    """Buffers are constants (the noise schedule): broadcast once when DDP wraps the model, not
+    every step. torch >= 2.13 says so with forward_sync_buffers=False and deprecates
+    broadcast_buffers=False (which also skipped the first broadcast); older torch (a GPU image's
+    own, say) knows only the latter."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return dict(find_unused_parameters=False, gradient_as_bucket_view=True,
+                **({"forward_sync_buffers": False} if new else {"broadcast_buffers": False}))
 
 
 def make_trainer(cfg, args, out: Path, resume: Path | None = None):
@@ -350,7 +362,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
         if count_devices(args.accelerator, devices) * args.num_nodes == 1:
             strategy = "auto"  # one process: no process group, no DDP wrapper, no all-reduce
         else:
-            strategy = DDPStrategy(**DDP_KWARGS)
+            strategy = DDPStrategy(**ddp_kwargs())
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 runs, as on the original A6000s
     plugins = [AtomicCheckpointIO()]

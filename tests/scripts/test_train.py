@@ -314,6 +314,19 @@ def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
     assert ddp.forward_sync_buffers is False and ddp.find_unused_parameters is False
 
 
+def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(monkeypatch):
+    """torch before 2.13 (e.g. a GPU image's own) has no forward_sync_buffers argument."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def old_init(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
+                 find_unused_parameters=False, gradient_as_bucket_view=False):
+        pass
+
+    monkeypatch.setattr(DistributedDataParallel, "__init__", old_init)
+    assert train.ddp_kwargs() == dict(find_unused_parameters=False, gradient_as_bucket_view=True,
+                                      broadcast_buffers=False)
+
+
 def test_null_means_off_where_the_config_allows_it():
     cfg = load_config(TINY_CONFIG, ["train.max_epochs=null", "train.grad_clip=null", "train.val_every=null",
                                     "train.image_every=null"])
