@@ -280,14 +280,20 @@ def record_config(out: Path, cfg) -> None:
 
 def build_model(cfg, init: Path):
     """ControlLDM with the init checkpoint loaded; every tensor must match (else CheckpointError)."""
-    from cldm.checkpoint import CheckpointError, load_into, load_state_dict
+    import torch
+
+    from cldm.checkpoint import CheckpointError, check_fit, load_into, load_state_dict
     from cldm.model import create_model
     from cldm.trainable import check_recorded, read_export_metadata
 
-    model = create_model(cfg)
     try:
-        check_recorded(read_export_metadata(init), model, init)  # what tool_add_control_sd21.py was told
-        load_into(model, load_state_dict(init), strict_prefixes=("",))
+        sd = load_state_dict(init)
+        with torch.device("meta"):  # the checks first: building SD2.1 for real takes tens of seconds
+            shapes = create_model(cfg)
+        check_recorded(read_export_metadata(init), shapes, init)  # what tool_add_control_sd21.py was told
+        check_fit(shapes, sd, strict_prefixes=("",))
+        model = create_model(cfg)
+        load_into(model, sd, strict_prefixes=("",))
     except CheckpointError as e:  # the file readers' messages start with the path already
         where = "--init " if str(e).startswith(f"{init}: ") else f"--init {init}: "
         raise CheckpointError(where + str(e)) from None

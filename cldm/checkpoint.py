@@ -421,6 +421,16 @@ def _likely_cause(key, model_shape, file_shape, kind):
     return f"another model config (the file looks like: {kind})"
 
 
+def check_fit(model, sd, strict_prefixes=STRICT_PREFIXES):
+    """The LoadReport of `sd` against `model`, or CheckpointError (one line) under the rule in
+    `misfit`. Names and shapes only, so `model` may live on the meta device: a misfit is found
+    before a large model is built for real."""
+    report = compare_state_dict(model, sd)
+    if reason := misfit(report, strict_prefixes):
+        raise CheckpointError(f"checkpoint ({report.kind}) does not fit {type(model).__name__}: {reason}", report)
+    return report
+
+
 def load_into(model, sd, *, strict_prefixes=STRICT_PREFIXES, ignore_prefixes=("model_ema.",)):
     """Copy the matching tensors of `sd` into `model` (casting dtype), refusing a misfit first.
 
@@ -432,10 +442,8 @@ def load_into(model, sd, *, strict_prefixes=STRICT_PREFIXES, ignore_prefixes=("m
     """
     ignored = [k for k in sd if k.startswith(tuple(ignore_prefixes))]
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(ignore_prefixes))}
-    report = compare_state_dict(model, sd)
+    report = check_fit(model, sd, strict_prefixes)
     report.ignored = ignored
-    if reason := misfit(report, strict_prefixes):
-        raise CheckpointError(f"checkpoint ({report.kind}) does not fit {type(model).__name__}: {reason}", report)
     own = model.state_dict()
     if name := schedule_mismatch(sd, own):
         raise CheckpointError(f"checkpoint ({report.kind}): its noise schedule ({name}) is not the config's "

@@ -18,7 +18,7 @@ import torch
 
 import tutorial_train_sd21_color_v2 as train
 from annotator.latent_cache import build_latent_cache
-from cldm.checkpoint import load_state_dict, save_state_dict
+from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.trainable import UNET_INPUT_CONV, load_sd_plus_control, read_export_metadata
 from tests.helpers import default_sigint
@@ -591,6 +591,19 @@ def test_ddp_resume_all_processes_continue_from_the_same_checkpoint(ws, tmp_path
     assert {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()} == {4}  # continued, not restarted
     rep = json.loads((out / "replicas.json").read_text())
     assert rep["world_size"] == 2 and rep["step"] == 4 and rep["identical"]
+
+
+def test_an_init_that_does_not_fit_is_refused_before_the_model_is_built(ws, monkeypatch):
+    """The checks run on the meta device: building SD2.1 on the CPU first took ~20 s before the refusal."""
+    import cldm.model
+
+    built, real = [], cldm.model.create_model
+    monkeypatch.setattr(cldm.model, "create_model", lambda cfg: built.append(torch.empty(0).device.type) or real(cfg))
+    with pytest.raises(CheckpointError, match=r"--init .*init\.safetensors: .*does not fit"):
+        train.build_model(load_config(TINY_CONFIG, ["model.color_variant=v3"]), ws / "init.safetensors")
+    assert built == ["meta"]
+    assert train.build_model(load_config(TINY_CONFIG), ws / "init.safetensors") is not None and \
+        built == ["meta", "meta", "cpu"]
 
 
 def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
