@@ -13,6 +13,18 @@ import threading
 from typing import Callable
 
 
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file; else None.
+    Checked before any work, so the error is not a raw "[Errno 20] Not a directory" minutes in."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else f"{path} is a file, not a folder"
+
+
 def quiet_opencv() -> None:
     """Bad input is reported by us in one line: silence OpenCV's and FFmpeg's own console noise
     (FFmpeg's "moov atom not found" before our message). Call before cv2 is imported; an

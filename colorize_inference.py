@@ -27,7 +27,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import OneLineParser, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -188,12 +188,14 @@ def check_args(args) -> P.Options:
     if args.fps is not None and not 0.01 <= args.fps <= 1000:  # also NaN and inf, which hang OpenCV's writer
         raise UsageError(f"--fps must be between 0.01 and 1000 (got {args.fps})")
     out = Path(args.out)
-    check_folder("--out", out)
+    if problem := folder_problem(out):
+        raise UsageError(f"--out {out}: {problem}")
     if args.video:
         video = Path(args.video)
         if video.is_dir():
             raise UsageError(f"--video {video} is a folder")
-        check_folder("--video", video.parent)
+        if problem := folder_problem(video.parent):
+            raise UsageError(f"--video {video}: {problem}")
         if out.resolve() in video.resolve().parents:  # PNG folders hold frames only (evaluate.py, --input)
             raise UsageError(f"--video {video} is inside --out {out}; write it elsewhere, as a frame folder "
                              "holds frames only")
@@ -209,15 +211,6 @@ def check_args(args) -> P.Options:
     if args.method == "model":  # the schedule is the config's: known before the weights are loaded
         steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set))
     return options
-
-
-def check_folder(flag: str, folder: Path) -> None:
-    """Refuse a folder path that is a file, or lies below one, before any work."""
-    for p in (folder, *folder.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(f"{flag} {folder}: {p} is a file, not a folder")
-            return
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -24,7 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, folder_problem, quiet_startup_ctrl_c, run_cli
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     quiet_startup_ctrl_c()
@@ -426,8 +426,8 @@ def check_paths(data: Path, init: Path, out: Path) -> None:
     if not init.is_file():
         what = "a folder, not a checkpoint file" if init.is_dir() else "no such file"
         raise UsageError(f"--init {init}: {what} (make it with tool_add_control_sd21.py)")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: a file, not a folder")
+    if problem := folder_problem(out):
+        raise UsageError(f"--out {out}: {problem}")
 
 
 def launched_processes() -> tuple[int, str] | None:

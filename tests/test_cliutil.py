@@ -110,3 +110,13 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(script):
     res = subprocess.run([sys.executable, "-c", STARTUP_INTERRUPT, str(repo / script)], cwd=repo,
                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert (res.returncode, res.stderr) == (130, f"{script}: interrupted\n")
+
+
+def test_folder_problem_names_the_file_in_the_way(tmp_path):
+    from cliutil import folder_problem
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert folder_problem(a_file) == f"{a_file} is a file, not a folder"
+    assert folder_problem(a_file / "sub" / "deeper") == f"{a_file} is a file, not a folder"
+    assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None

@@ -263,7 +263,8 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
     monkeypatch.setattr(train, "build_model", no_load)
     a_file = tmp_path / "README.md"
     a_file.write_text("not a folder")
-    cases = [(["--out", a_file], rf"--out {a_file}: a file, not a folder$"),
+    cases = [(["--out", a_file], rf"--out {a_file}: {a_file} is a file, not a folder$"),
+             (["--out", a_file / "sub"], rf"--out {a_file / 'sub'}: {a_file} is a file, not a folder$"),
              (["--data", a_file], rf"--data {a_file}: a file, not a folder \(make it with build_pairs\.py\)$"),
              (["--init", tmp_path], rf"--init {tmp_path}: a folder, not a checkpoint file \(make it with "),
              (["--resume", tmp_path], rf"--resume {tmp_path}: a folder, not a checkpoint file$")]
