@@ -263,7 +263,7 @@ def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
             raise UsageError(f"--reference-frame {n}: frame numbers start at 0")
         ref = P.reference_frame(source, n)
         if not P.to_gray(ref)[1]:
-            what = "--gt" if args.gt else "--input (no --gt given)"
+            what = "--gt" if args.gt else "--input, as no --gt is given"
             raise UsageError(f"--reference-frame {n}: frame {n} of {source} ({what}) is gray, not colour")
         refs.append(ref)
         indices.append(n)
@@ -396,7 +396,10 @@ def run(args) -> int:
                 w, h = even_size(rgb.shape[1], rgb.shape[0])
                 note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, so the video "
                      f"is {w}x{h} (last column/row repeated); the PNGs keep the input size")
-            write_bytes_atomic(target, encode_png(rgb, depth))
+            try:
+                write_bytes_atomic(target, encode_png(rgb, depth))
+            except OSError as e:  # a full disk's error names no file
+                raise OSError(f"cannot write {target}: {e.strerror or one_line(e)}") from None
             done["n"] += 1
             done["next"] += 1
             yield rgb

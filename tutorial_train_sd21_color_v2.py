@@ -223,8 +223,8 @@ def auto_resume(ckpt_dir: Path) -> Path | None:
 
     if is_launch_rank_zero():
         for path in incomplete_checkpoints(ckpt_dir):
-            print(f"{PROG}: note: skipped {path}: incomplete (cut short?), not resumed from nor counted toward "
-                  "--ckpt-keep; move it away", file=sys.stderr)
+            print(f"{PROG}: note: skipped {path}: not a whole checkpoint file (cut short?); not resumed from nor "
+                  "counted toward --ckpt-keep; move it away", file=sys.stderr)
     path = find_resume_checkpoint(ckpt_dir)
     if path is not None and (problem := resume_problem(path)):
         raise UsageError(f"{path}: {problem}; move it out of {ckpt_dir}, or pass --resume PATH")
@@ -449,7 +449,7 @@ def check_launcher(world: int, args) -> None:
     if launched is not None and launched[0] != world:
         count, source = launched
         raise UsageError(f"{source} is {count}, but --devices {args.devices} x --num-nodes {args.num_nodes} is "
-                         f"{world} processes; make them equal (docs/TRAINING.md)")
+                         f"{world}; make them equal (docs/TRAINING.md)")
 
 
 def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:

@@ -121,7 +121,7 @@ def cache_problem(movie_dir: str | os.PathLike, info: dict, meta: dict) -> str |
     if dtype != np.float16 or len(shape) != 5 or [*shape[:2], *shape[3:]] != want[:2] + want[3:]:
         return f"shape {list(shape)} {dtype}, but {n} frames of {w}x{h} need {want} float16"
     if size != offset + math.prod(shape) * 2:
-        return f"{size} bytes, but its shape needs {offset + math.prod(shape) * 2} (cut short?)"
+        return f"{size} bytes, but its shape needs {offset + math.prod(shape) * 2}: cut short?"
     return None
 
 

@@ -137,6 +137,18 @@ def even_size(width: int, height: int) -> tuple[int, int]:
     return width + width % 2, height + height % 2
 
 
+def check_video(tmp: Path, frames: int, path: Path) -> None:
+    """OpenCV's writer reports no write errors: a disk that fills leaves a video without its
+    index (the moov atom, written last), which nothing can play. So read the header back."""
+    cap = cv2.VideoCapture(str(tmp))
+    try:
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    if count != frames:
+        raise OSError(f"{path}: the video was not written completely (is the disk full?)")
+
+
 def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float) -> int:
     """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
 
@@ -162,7 +174,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
                 size = (bgr.shape[1], bgr.shape[0])
                 writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), size)
                 if not writer.isOpened():
-                    raise OSError(f"{path}: cannot open an mp4v video writer")
+                    raise OSError(f"{path}: cannot open an mp4v video writer (is the folder writable, the disk "
+                                  "not full?)")
             elif (bgr.shape[1], bgr.shape[0]) != size:
                 raise ValueError(f"{path}: frame {n} is {bgr.shape[1]}x{bgr.shape[0]}, earlier frames {size[0]}x{size[1]}")
             writer.write(bgr)
@@ -171,6 +184,7 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
             raise ValueError(f"{path}: no frames to write")
         writer.release()
         writer = None
+        check_video(tmp, n, path)
         os.replace(tmp, path)
     except BaseException:
         if writer is not None:

@@ -350,7 +350,7 @@ def test_broken_json_files_are_named(cached_root):
 
 
 @pytest.mark.parametrize("keep, problem", [
-    (1000, "1000 bytes, but its shape needs 20608 (cut short?)"),
+    (1000, "1000 bytes, but its shape needs 20608: cut short?"),
     (50, "not a whole .npy file"),
 ])
 def test_a_cut_short_cache_is_rebuilt_and_refused_by_training(cached_root, keep, problem):

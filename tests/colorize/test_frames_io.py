@@ -72,6 +72,33 @@ def test_write_video_atomic_errors_leave_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_video_cut_short_by_a_full_disk_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """OpenCV's writer says nothing when the disk fills: the file just ends early, without the
+    index a player needs. Here its release() leaves the first 4 kB, as a full disk did."""
+    real = cv2.VideoWriter
+
+    class FullDisk:
+        def __init__(self, name, *args):
+            self.name, self.writer = name, real(name, *args)
+
+        def __getattr__(self, attr):
+            return getattr(self.writer, attr)
+
+        def release(self):
+            self.writer.release()
+            with open(self.name, "r+b") as f:
+                f.truncate(4096)
+
+    frames = [rgb(64, 64, seed) for seed in range(12)]
+    monkeypatch.setattr(cv2, "VideoWriter", FullDisk)
+    with pytest.raises(OSError, match="clip.mp4: the video was not written completely"):
+        write_video_atomic(tmp_path / "clip.mp4", frames, 25)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(cv2, "VideoWriter", real)
+    assert write_video_atomic(tmp_path / "clip.mp4", frames, 25) == 12  # the check passes a whole video
+    assert (tmp_path / "clip.mp4").stat().st_size > 4096
+
+
 def test_read_frame_folder_natural_order(tmp_path):
     for i in (10, 2, 1):
         cv2.imwrite(str(tmp_path / f"frame{i}.png"), np.full((6, 8, 3), i, np.uint8))

@@ -565,3 +565,24 @@ def test_a_broken_video_is_one_line_without_ffmpegs_own(env, tmp_path):
                          env=clean, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith(f"colorize_inference.py: error: {bad}: cannot open video"), res.stderr
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real, written = cli.write_bytes_atomic, []
+
+    def filling(path, data):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(cli, "write_bytes_atomic", filling)
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out],
+                     capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: cannot write {out / 'f1.png'}: No space left on device (the 1 outputs "
+        "before it are written and complete; --frames 1: continues)")
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png"]

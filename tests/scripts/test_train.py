@@ -195,8 +195,9 @@ def test_resume_auto_names_the_incomplete_checkpoints_it_skips(tmp_path, capsys,
     cut = ckpts / "step=00000277.ckpt"
     cut.write_bytes(training_ckpt(tmp_path / "whole.ckpt", 277).read_bytes()[:100])
     assert train.resolve_resume(SimpleNamespace(resume="auto"), ckpts) == ckpts / "step=00000276.ckpt"
-    assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: note: skipped {cut}: incomplete (cut "
-                                       "short?), not resumed from nor counted toward --ckpt-keep; move it away\n")
+    assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: note: skipped {cut}: not a whole "
+                                       "checkpoint file (cut short?); not resumed from nor counted toward "
+                                       "--ckpt-keep; move it away\n")
     monkeypatch.setenv("RANK", "1")  # one note per run, not per process
     train.resolve_resume(SimpleNamespace(resume="auto"), ckpts)
     assert capsys.readouterr().err == ""
@@ -235,10 +236,10 @@ def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path,
     ({}, "1", 1, None),
     (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "2", 1, None),
     (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 1, "torchrun's WORLD_SIZE is 2, but --devices 1 x "
-                                                           "--num-nodes 1 is 1 processes"),
+                                                           "--num-nodes 1 is 1;"),
     (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 2, None),
     (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 1, "SLURM_NTASKS is 4, but --devices 2 x --num-nodes 1 "
-                                                          "is 2 processes"),
+                                                          "is 2;"),
     (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 2, None),
     (dict(SLURM_JOB_NAME="interactive", SLURM_NTASKS="4"), "1", 1, None),  # Lightning ignores SLURM here too
 ])
