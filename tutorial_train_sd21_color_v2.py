@@ -471,6 +471,7 @@ def prepare(args):
 
     from cldm.lightning import ColorControlModule, remove_partial_checkpoints
     from cldm.trainable import check_optimizer
+    from colorize.loading import check_saved_config
 
     cfg = resolve_config(args)
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
@@ -493,6 +494,8 @@ def prepare(args):
     check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again
     quiet_lightning()
     L.seed_everything(t.seed, workers=True, verbose=False)
+    check_saved_config(init, cfg, Path(args.config), args.overrides,
+                       remedy="pass --config with the YAML it was made with")  # cheap: the file's header
     model = build_model(cfg, init)
     module = ColorControlModule(
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,

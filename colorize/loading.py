@@ -71,10 +71,12 @@ def saved_config(weights: str | os.PathLike) -> DictConfig | None:
 TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
 
 
-def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, overrides: Sequence[str] = ()) -> None:
+def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, overrides: Sequence[str] = (),
+                       remedy: str = "leave out --config and --set to use the one saved with it") -> None:
     """Refuse a config that contradicts the one the checkpoint records: a scale factor, schedule
-    or parameterisation of another model loads without a shape error and just colours worse.
-    `source` and `overrides`: where `cfg` came from (a YAML path or the checkpoint's own config)."""
+    or parameterisation of another model loads without a shape error and just colours (or
+    trains) worse. `source` and `overrides`: where `cfg` came from (a YAML path or the
+    checkpoint's own config); `remedy`: what the caller's user can do about it."""
     saved = saved_config(weights)
     if saved is None:
         return
@@ -86,10 +88,9 @@ def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, over
     if diff:
         k = diff[0]
         here = (str(source) if isinstance(source, Path) else "its own config") + \
-            (" with the --set overrides" if overrides else "")
+            (" with the overrides" if overrides else "")
         raise CheckpointError(f"{weights} was saved with another model config: model.{k} is {theirs.get(k)} there, "
-                              f"{ours.get(k)} in {here} ({len(diff)} key(s) differ); leave out --config and --set "
-                              "to use the one saved with it")
+                              f"{ours.get(k)} in {here} ({len(diff)} key(s) differ); {remedy}")
 
 
 def _inference_leaves(cfg: DictConfig) -> dict:
@@ -116,7 +117,9 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     """
     source = resolve_config(ckpt, config, control)
     cfg = load_config(source, overrides)
-    check_saved_config(control if control is not None else ckpt, cfg, source, overrides)
+    beside = config is None and isinstance(source, Path) and not overrides  # the YAML found next to the weights
+    check_saved_config(control if control is not None else ckpt, cfg, source, overrides,
+                       *([f"fix or remove {source}, or pass --config"] if beside else []))
     if control is not None:
         with torch.device(device):
             model = create_model(cfg)

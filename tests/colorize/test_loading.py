@@ -86,12 +86,18 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"saved with another model config: model\.scale_factor is 0\.57326 "
                                               r"there, 0\.18215 in .*cldm_tiny_color\.yaml \(1 key"):
         L.load_model(toy, config=TINY_CONFIG)
-    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the --set overrides"):
+    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the overrides"):
         L.load_model(toy, overrides=["model.scale_factor=0.2"])
     L.load_model(toy, overrides=["model.first_stage.ddconfig.dropout=0.1"])  # eval mode: no contradiction
     alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
     shutil.copy(toy, alone)
     assert L.load_model(alone).scale_factor == 0.57326
+    (tmp_path / "toy.yaml").write_text(TINY_CONFIG.read_text())  # a YAML beside it that disagrees
+    with pytest.raises(CheckpointError, match=rf"1 key\(s\) differ\); fix or remove {tmp_path / 'toy.yaml'}, or pass "
+                                              r"--config$"):
+        L.load_model(alone)
+    with pytest.raises(CheckpointError, match=r"differ\); leave out --config and --set to use the one saved with it$"):
+        L.load_model(alone, config=TINY_CONFIG)
 
 
 def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):

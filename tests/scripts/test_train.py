@@ -608,6 +608,18 @@ def test_an_init_that_does_not_fit_is_refused_before_the_model_is_built(ws, monk
         built == ["meta", "meta", "cpu"]
 
 
+def test_an_init_saved_with_another_config_is_refused(ws, tmp_path, capsys):
+    """The toy records its config: the tiny YAML fits its shapes but not its latent scale factor,
+    so training would go on at the wrong scale, silently."""
+    toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+    argv = args(ws, tmp_path / "out")
+    argv[argv.index("--init") + 1] = str(toy)
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tutorial_train_sd21_color_v2.py: error: {toy} was saved with another model config: model.scale_factor is "
+        f"0.57326 there, 0.18215 in {TINY_CONFIG} (1 key(s) differ); pass --config with the YAML it was made with")
+
+
 def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
     model = tiny_model("v2")
     for accelerator, cuda, pinned in (("cpu", True, False), ("auto", True, True), ("auto", False, False)):
