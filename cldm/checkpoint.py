@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from atomicio import atomic_path
@@ -94,6 +94,19 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
     if all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def read_metadata(path, *, allow_pickle=False) -> dict[str, str]:
+    """The string metadata a checkpoint carries, as save_state_dict writes it (the safetensors
+    header, or a .ckpt's "metadata" entry): provenance, the model config, what an export was
+    trained for. {} for a file without any."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    obj = _torch_load(path, "cpu", allow_pickle)
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
@@ -527,7 +540,8 @@ def _inspect(args):
 
 def _convert(args):
     sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
-    save_state_dict(sd, args.output, metadata={"converted_from": Path(args.input).name})
+    meta = read_metadata(args.input, allow_pickle=args.allow_pickle)  # the config and provenance travel along
+    save_state_dict(sd, args.output, metadata={**meta, "converted_from": Path(args.input).name})
     print(f"wrote {len(sd)} tensors to {args.output}")
     return 0
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from cldm import checkpoint
 from cldm.checkpoint import (CheckpointError, compare_state_dict, guess_kind, load_into,
-                             load_state_dict, main, misfit, save_state_dict)
+                             load_state_dict, main, misfit, read_metadata, save_state_dict)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -314,6 +314,19 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
     assert err.startswith(f"python -m cldm.checkpoint: error: {evil}: holds pickled Python objects")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_keeps_the_files_metadata(tmp_path):
+    """The toy's recorded config and an export's color_variant, init, step... are what later
+    checks refuse mismatches by: a format change must not drop them."""
+    meta = {"config": "model: {}", "color_variant": "v2", "step": "7"}
+    src = tmp_path / "in.safetensors"
+    save_state_dict(TinyLDM().state_dict(), src, metadata=meta)
+    as_ckpt, back = tmp_path / "mid.ckpt", tmp_path / "back.safetensors"
+    assert main(["convert", str(src), str(as_ckpt)]) == 0 and main(["convert", str(as_ckpt), str(back)]) == 0
+    assert read_metadata(as_ckpt) == {**meta, "converted_from": "in.safetensors"}
+    assert read_metadata(back) == {**meta, "converted_from": "mid.ckpt"}
+    assert_same(load_state_dict(back), load_state_dict(src))
 
 
 def test_cli_usage_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
