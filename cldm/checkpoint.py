@@ -497,8 +497,11 @@ PROG = "python -m cldm.checkpoint"
 
 
 def main(argv=None):
-    """Exit status: 0 done, 2 bad input (arguments, unreadable or misfit file), 130 interrupted."""
-    ap = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
+    """Exit status: 0 done, 1 inspect --config found that the file would not load, 2 bad input
+    (arguments, unreadable or misfit file), 130 interrupted."""
+    ap = OneLineParser(prog=PROG, description=__doc__.split("\n")[0],
+                       epilog="Exit status: 0 done, 1 the file would not load under --config, 2 bad input, "
+                              "130 interrupted.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="print tensor count, parameters, dtypes and what the file looks like")
     p.add_argument("file", help=".safetensors, .ckpt, .pt or .pth file")
@@ -519,7 +522,14 @@ def main(argv=None):
 
 
 def _inspect(args):
+    if args.overrides and not args.config:
+        raise ValueError("--set needs --config (the overrides apply to its model)")
+    cfg = None
+    if args.config:  # before any output: a bad config is the whole answer
+        from cldm.model import load_config  # cldm.model imports this module
+        cfg = load_config(args.config, args.overrides)
     sd = load_state_dict(args.file, allow_pickle=args.allow_pickle)
+    meta = read_metadata(args.file, allow_pickle=args.allow_pickle)
     n = sum(v.numel() for v in sd.values())
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values())
     tops = Counter(k.split(".")[0] for k in sd)
@@ -527,18 +537,21 @@ def _inspect(args):
     print("dtypes: " + ", ".join(f"{d} {c}" for d, c in dtypes.most_common()))
     print("top-level: " + ", ".join(f"{t}.* {c}" if c > 1 else t for t, c in tops.most_common(8)))
     print(f"looks like: {guess_kind(sd)}")
-    if args.config:
-        from cldm.model import create_model, load_config  # cldm.model imports this module
-        cfg = load_config(args.config, args.overrides)
-        with torch.device("meta"):
-            report = compare_state_dict(create_model(cfg), sd)
-        print(f"against {args.config}:\n{report.summary()}")
-        reason = misfit(report)
-        print(f"would not load: {reason}" if reason else "would load" + ("" if report.ok else " (partially)"))
-    return 0
+    print("metadata: " + (", ".join(sorted(meta)) or "none"))
+    if cfg is None:
+        return 0
+    from cldm.model import create_model
+    with torch.device("meta"):
+        report = compare_state_dict(create_model(cfg), sd)
+    print(f"against {args.config}:\n{report.summary()}")
+    reason = misfit(report)
+    print(f"would not load: {reason}" if reason else "would load" + ("" if report.ok else " (partially)"))
+    return 1 if reason else 0
 
 
 def _convert(args):
+    if not Path(args.output).parent.is_dir():  # else the error names the temporary file beside it
+        raise ValueError(f"{args.output}: no folder {Path(args.output).parent} to write it in")
     sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
     meta = read_metadata(args.input, allow_pickle=args.allow_pickle)  # the config and provenance travel along
     save_state_dict(sd, args.output, metadata={**meta, "converted_from": Path(args.input).name})

@@ -327,6 +327,7 @@ def test_convert_keeps_the_files_metadata(tmp_path):
     assert read_metadata(as_ckpt) == {**meta, "converted_from": "in.safetensors"}
     assert read_metadata(back) == {**meta, "converted_from": "mid.ckpt"}
     assert_same(load_state_dict(back), load_state_dict(src))
+    assert main(["convert", str(src), str(tmp_path / "nodir" / "x.safetensors")]) == 2
 
 
 def test_cli_usage_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
@@ -409,7 +410,7 @@ def test_cli_inspect_compares_with_a_config(tmp_path, capsys):
     path = tmp_path / "v1.safetensors"
     save_state_dict(tiny_colour_model("model.color_variant=v1").state_dict(), path)
     from cldm.model import TINY_CONFIG
-    assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v2"]) == 0
+    assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v2"]) == 1
     out = capsys.readouterr().out
     assert (f"against {TINY_CONFIG}:\n715 of 717 model tensors found in the checkpoint\n"
             "shape mismatch 2 (model vs checkpoint):\n"
@@ -418,6 +419,14 @@ def test_cli_inspect_compares_with_a_config(tmp_path, capsys):
             "would not load: control_model.input_blocks.0.0.weight is [32, 4, 3, 3]") in out
     assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v1"]) == 0
     assert capsys.readouterr().out.endswith("717 of 717 model tensors found in the checkpoint\nwould load\n")
+    # the config is checked before anything is printed; --set without it is no silent no-op
+    assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.unet.model_channels=abc"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "model.unet.model_channels: expected a positive integer" in err
+    assert main(["inspect", str(path), "--set", "model.color_variant=v1"]) == 2
+    assert capsys.readouterr().err == "python -m cldm.checkpoint: error: --set needs --config (the overrides apply to its model)\n"
+    save_state_dict({"a": torch.ones(1)}, path, metadata={"config": "x", "step": "3"})
+    assert main(["inspect", str(path)]) == 0 and "metadata: config, step\n" in capsys.readouterr().out
 
 
 def test_schedule_comes_from_the_config_not_from_a_rounded_file():
