@@ -10,7 +10,8 @@ a mean L1 error, CDC is in nats). Temporal metrics never pair frames across a fr
 out. Prints a table of means, and a note where a frame is identical to the ground truth
 (it scores the 100 dB PSNR cap and inflates the mean: the reference frame itself, say);
 with --out also writes metrics.json, per_frame.csv, summary.csv, psnr.png,
-warp_error.png and strip.png; a report already there is kept unless --overwrite.
+warp_error.png and strip.png, all or none (a write failing on a full disk leaves no half
+report, and an earlier one as it was); a report already there is kept unless --overwrite.
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
 """

@@ -1,6 +1,7 @@
 """Write an evaluation report: numbers (JSON, CSV) and pictures (metric plots, a frame strip).
 
-Files written to `out_dir` (each to a temporary name, then renamed):
+Files written to `out_dir` (all to temporary names first, renamed once every one is written,
+so a failed write leaves no half report and an earlier one as it was):
   metrics.json    definitions, frame names, per-frame values and means per method, the
                   ground truth's own temporal metrics (the level a method is compared with)
                   and the frames left out of scoring (evaluate.py --exclude)
@@ -32,6 +33,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
+from atomicio import temp_beside  # noqa: E402
 from colorize import metrics as M  # noqa: E402
 from colorize.frames_io import write_bytes_atomic  # noqa: E402
 
@@ -95,21 +97,21 @@ def _cell(x: float) -> str:
     return f"{x:.6g}" if x is not None and math.isfinite(x) else ""
 
 
-def _write_text(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
 def _csv(rows: list[list]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
 
 
-def _save_fig(fig, path: Path) -> None:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, facecolor="white")
     plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _save_fig(fig, path: Path) -> None:
+    write_bytes_atomic(path, _png(fig))
 
 
 def line_with_gaps(positions: Sequence[int], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,9 +199,16 @@ def _fit_tile(img: np.ndarray, w: int, h: int) -> np.ndarray:
 
 def write_strip(path: str | os.PathLike, strip: Strip, results: Mapping[str, M.MethodMetrics] | None = None,
                 frames: Sequence[str] | None = None) -> Path:
-    """Render the strip: a header row of column names, then per frame a row of tiles with a
-    caption under each (frame name; per-method PSNR/SSIM when `results` are given)."""
+    """`strip_figure`, saved to `path`."""
     path = Path(path)
+    _save_fig(strip_figure(strip, results, frames), path)
+    return path
+
+
+def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = None,
+                 frames: Sequence[str] | None = None):
+    """The strip: a header row of column names, then per frame a row of tiles with a caption
+    under each (frame name; per-method PSNR/SSIM when `results` are given)."""
     h0, w0 = strip.gt[0].shape[:2]
     th = TILE_HEIGHT
     tw = max(64, round(th * w0 / h0))
@@ -234,8 +243,44 @@ def write_strip(path: str | os.PathLike, strip: Strip, results: Mapping[str, M.M
             if caption:
                 fig.text((x + tw / 2) / width, 1 - (y + th + cap / 2 + 1) / height, caption,
                          ha="center", va="center", fontsize=FONT - 1, color="#222222")
-    _save_fig(fig, path)
-    return path
+    return fig
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _publish(out: Path, files: Mapping[Path, bytes]) -> None:
+    """Write `files` (all in `out`) whole or not at all: each to a temporary name, renamed only
+    once every one is written. A failed write (a full disk) removes the temporary files and any
+    folder made here, so an earlier report stays as it was and no half report is left for the
+    next run to refuse as "a report already"; its OSError names the file (or folder) that
+    could not be written, which the bare "[Errno 28] No space left on device" does not."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    temps: list[Path] = []
+    target = out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for target, data in files.items():
+            temps.append(temp_beside(target))
+            _write_file(temps[-1], data)
+        for tmp, target in zip(temps, files):
+            os.replace(tmp, target)
+    except BaseException as e:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not made after all, or not empty
+                break
+        if not isinstance(e, OSError):
+            raise
+        reason = e.strerror or str(e) or type(e).__name__
+        error = OSError(f"{target}: cannot write the report ({reason}); nothing of it was written")
+        error.errno = e.errno
+        raise error from e
 
 
 def write_report(
@@ -252,7 +297,6 @@ def write_report(
     each frame's index in the whole clip, increasing, when some were left out (the plots
     leave a gap there)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not results:
         raise ValueError("no results to report")
     n = len(next(iter(results.values())).per_frame["psnr"])
@@ -275,24 +319,26 @@ def write_report(
         "excluded_frames": list(excluded),
     }
     paths = {kind: out / name for kind, name in REPORT_FILES.items() if kind != "strip"}
-    _write_text(paths["json"], json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+    files = {paths["json"]: (json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n").encode("utf-8")}
     rows = [["method", "frame", *keys]]
     for name, res in results.items():
         for t, frame in enumerate(frames):
             rows.append([name, frame, *(_cell(float(res.per_frame[k][t])) for k in keys)])
-    _write_text(paths["per_frame_csv"], _csv(rows))
+    files[paths["per_frame_csv"]] = _csv(rows).encode("utf-8")
     rows = [["method", *SUMMARY_KEYS]]
     rows += [[name, *(_cell(m[k]) for k in SUMMARY_KEYS)] for name, m in means.items()]
     if ground_truth:
         rows.append(["ground_truth", *(_cell(ground_truth[k]) if k in ground_truth else "" for k in SUMMARY_KEYS)])
-    _write_text(paths["summary_csv"], _csv(rows))
-    plot_over_time(results, "psnr", paths["psnr_plot"], frames, "PSNR (dB)", "PSNR against the ground truth",
-                   positions)
-    plot_over_time(results, "warp_error", paths["warp_plot"], frames, "warp error (0..255 levels)",
-                   "Temporal warp error (lower = steadier colours)", positions)
+    files[paths["summary_csv"]] = _csv(rows).encode("utf-8")
+    files[paths["psnr_plot"]] = _png(over_time_figure(results, "psnr", frames, "PSNR (dB)",
+                                                      "PSNR against the ground truth", positions))
+    files[paths["warp_plot"]] = _png(over_time_figure(results, "warp_error", frames, "warp error (0..255 levels)",
+                                                      "Temporal warp error (lower = steadier colours)", positions))
     strip_path = out / REPORT_FILES["strip"]
     if strip is not None:
-        paths["strip"] = write_strip(strip_path, strip, results, frames)
-    elif strip_path.is_file():  # an earlier run's, of other frames or methods: not this report's
+        paths["strip"] = strip_path
+        files[strip_path] = _png(strip_figure(strip, results, frames))
+    _publish(out, files)
+    if strip is None and strip_path.is_file():  # an earlier run's, of other frames or methods: not this report's
         strip_path.unlink()
     return paths

@@ -1,7 +1,11 @@
 """Report files: numbers that round-trip, pictures of the expected size."""
+import builtins
 import csv
+import errno
 import json
 import math
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 
 from colorize.metrics import PSNR_CAP_DB, MethodMetrics
 from colorize.report import (
-    TILE_HEIGHT, Strip, frame_numbers, line_with_gaps, over_time_figure, strip_indices, write_report,
+    REPORT_FILES, TILE_HEIGHT, Strip, frame_numbers, line_with_gaps, over_time_figure, strip_indices, write_report,
 )
 
 
@@ -132,3 +136,41 @@ def test_write_report_strip(tmp_path):
     tile_w = round(TILE_HEIGHT * 80 / 45)
     assert img.shape[1] == 8 + 5 * (tile_w + 8)
     assert img.shape[0] == 34 + 2 * (TILE_HEIGHT + 26 + 8)
+
+
+def disk_full_at(monkeypatch, name):
+    """Make the disk fill when `name` (or a temporary file for it, .STEM.*) is written: the file
+    is created, empty, and the write fails with ENOSPC, as on a real full disk."""
+    real = builtins.open
+    stem = Path(name).stem
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        base = os.path.basename(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
+        if "w" in mode and (base == name or base.startswith(f".{stem}.")):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_a_full_disk_leaves_no_half_report_and_keeps_an_earlier_one(tmp_path, monkeypatch):
+    """A write failing with ENOSPC half-way through the report (the PSNR plot, after the JSON and
+    CSVs): an OSError naming that file, no report file or temporary file left, a folder made for
+    the report removed, and an earlier report in the folder byte for byte as it was."""
+    gt = [np.full((45, 80, 3), 100, np.uint8)] * 2
+    strip = Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt, "b": gt})
+    old = tmp_path / "old"
+    write_report(results(), old, frames=["f0", "f1", "f2"], strip=strip)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert sorted(before) == sorted(REPORT_FILES.values())
+    disk_full_at(monkeypatch, "psnr.png")
+    for out in (tmp_path / "new" / "rep", old):
+        with pytest.raises(OSError) as e:
+            write_report(results(), out, frames=["g0", "g1", "g2"])
+        assert str(e.value) == (f"{out / 'psnr.png'}: cannot write the report (No space left on device); "
+                                "nothing of it was written")
+        assert e.value.errno == errno.ENOSPC
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the strip too: not this run's to drop

@@ -1,6 +1,9 @@
 """evaluate.py main(argv) on tiny synthetic frame folders."""
+import builtins
+import errno
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -250,6 +253,38 @@ def test_an_existing_report_is_kept_unless_overwrite(clip, capsys, monkeypatch):
     (root / "part" / "strip.png").write_bytes(b"")
     assert evaluate.main([*base[:-1], str(root / "part")]) == 2
     assert "holds a report already (strip.png)" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_half_report(clip, capsys, monkeypatch):
+    """ENOSPC while the report is written (at psnr.png, after the JSON and CSVs): one line naming
+    the file, exit 2, no report file left (so the rerun is not refused as "a report already"),
+    and with --overwrite the earlier report kept whole."""
+    root, _ = clip
+    rep = root / "rep"
+    base = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress", "--out", str(rep)]
+    real = builtins.open
+
+    def fills_up(file, mode="r", *args, **kwargs):  # the plot's file is made, its write fails
+        f = real(file, mode, *args, **kwargs)
+        if "w" in mode and os.path.basename(os.fspath(file)).startswith((".psnr.", "psnr.png")):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", fills_up)
+        assert evaluate.main(base) == 2
+    message = (f"evaluate.py: error: {rep / 'psnr.png'}: cannot write the report (No space left on device); "
+               "nothing of it was written\n")
+    assert capsys.readouterr().err == message
+    assert not rep.exists()
+    assert evaluate.main(base) == 0  # space freed: the rerun writes the report
+    before = {p.name: p.read_bytes() for p in rep.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", fills_up)
+        assert evaluate.main([*base, "--strip-frames", "0", "--overwrite"]) == 2
+    assert capsys.readouterr().err == message
+    assert {p.name: p.read_bytes() for p in rep.iterdir()} == before
 
 
 def test_the_command_line_keeps_an_existing_report(clip):
