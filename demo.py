@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from cliutil import OneLineParser, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -179,6 +179,8 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out} is a file, not a folder")
+    if problem := folder_problem(out):  # a file above it: a raw "[Errno 20] Not a directory" otherwise
+        raise DemoError(f"--out {out}: {problem}")
     taken = [p for p in planned_outputs(out, methods) if p.exists()]
     if taken and not args.overwrite:
         raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "

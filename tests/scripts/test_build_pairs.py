@@ -271,6 +271,11 @@ def test_out_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("x")
     p = run(clip, "--out", tmp_path / "taken", check_rc=2)
     assert p.stderr.strip() == f"build_pairs.py: error: --out {tmp_path / 'taken'} is a file, not a folder"
+    # below a file: named, usage-error status, nothing written (was a raw "[Errno 20] Not a directory")
+    p = run(clip, "--out", tmp_path / "taken" / "sub", check_rc=2)
+    assert p.stderr == (f"build_pairs.py: error: --out {tmp_path / 'taken' / 'sub'}: {tmp_path / 'taken'} is a file, "
+                        "not a folder\n") and p.stdout == ""
+    assert (tmp_path / "taken").read_text() == "x"
 
 
 @pytest.mark.parametrize("workers", [2, 1])

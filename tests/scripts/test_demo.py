@@ -94,6 +94,15 @@ def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys
     assert not (tmp_path / "demo").exists()
 
 
+def test_out_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Was a raw "[Errno 20] Not a directory" after the first stage had been announced."""
+    note = tmp_path / "README.md"
+    note.write_text("mine")
+    rc, out, err = run(["--methods", "reinhard", "--out", note / "sub"], capsys)
+    assert rc == 2 and err == f"demo.py: error: --out {note / 'sub'}: {note} is a file, not a folder\n", err
+    assert out == "" and note.read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_full_demo_toy_model_beats_gray_input(tmp_path, capsys):
     """The README's demo with its defaults: every method scored, and what the README says of it:
