@@ -42,7 +42,8 @@ from annotator.video import FrameRangeError, FrameSourceError, iter_frames, prob
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading  # noqa: E402
-from colorize.pipeline import OptionError, Options  # noqa: E402
+from colorize.gray import to_gray  # noqa: E402
+from colorize.pipeline import InferenceError, OptionError, Options, reference_frame  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
 
 PROG = "demo.py"
@@ -176,6 +177,7 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
         raise DemoError(f"--clip {e}") from None
     if count is not None and stop > count:  # a video's claimed count; prepare_frames checks what decodes
         raise DemoError(f"{args.clip}: has only {count} frames, --frames asks for frames {first}..{stop - 1}")
+    check_reference(args.clip, first)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out} is a file, not a folder")
@@ -185,6 +187,19 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     if taken and not args.overwrite:
         raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "
                         "pass --overwrite or another --out")
+
+
+def check_reference(clip: str, first: int) -> None:
+    """Frame `first`, every method's reference, has colours to give: colorize_inference.py
+    would refuse a gray one only after the frames are extracted (one frame read, milliseconds)."""
+    try:
+        colour = to_gray(reference_frame(clip, first))[1]
+    except FrameSourceError as e:
+        raise DemoError(f"--clip {e}") from None
+    except InferenceError as e:  # fewer frames than the video claims
+        raise DemoError(str(e)) from None
+    if not colour:
+        raise DemoError(f"--clip {clip}: frame {first} (the reference frame) is gray, not colour")
 
 
 def check_model(ckpt: str, steps: int) -> None:

@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 import demo
+from tests.annotator.clips import panning_clip, write_video
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 QUICK = ["--frames", "100:104", "--steps", "2", "--methods", "fixed,reinhard,flow"]
@@ -92,6 +94,20 @@ def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys
     rc, _, err = run(args + ["--out", tmp_path / "demo"], capsys)
     assert rc == 2 and re.fullmatch(f"demo\\.py: error: {message}\n", err), err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_gray_clip_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Its reference frame has no colours to give: was refused by colorize_inference.py only
+    after data/ had been written, as "--reference .../data/reference.png is gray" and a failed step."""
+    clip = write_video((np.repeat(f.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+                        for f in panning_clip(4, 48, 64)), tmp_path / "gray.mp4")
+    rc, out, err = run(["--clip", clip, "--frames", "1:4", "--methods", "reinhard", "--out", tmp_path / "demo"],
+                       capsys)
+    assert rc == 2 and err == f"demo.py: error: --clip {clip}: frame 1 (the reference frame) is gray, not colour\n"
+    assert out == "" and not (tmp_path / "demo").exists()
+    colour = write_video(panning_clip(4, 48, 64), tmp_path / "colour.mp4")  # the same clip in colour runs
+    assert run(["--clip", colour, "--frames", "1:4", "--methods", "reinhard", "--out", tmp_path / "demo"],
+               capsys)[0] == 0
 
 
 def test_out_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
