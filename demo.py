@@ -44,6 +44,7 @@ from cldm.model import ConfigError  # noqa: E402
 from colorize import loading  # noqa: E402
 from colorize.gray import to_gray  # noqa: E402
 from colorize.pipeline import InferenceError, OptionError, Options, reference_frame  # noqa: E402
+from colorize.report import REPORT_FILES  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
 
 PROG = "demo.py"
@@ -244,7 +245,8 @@ def run_demo(args) -> dict:
         "--out", str(report), "--no-progress"], "evaluate.py")
     return {"seconds": time.time() - t0, "frames": [out / m for m in methods],
             "videos": [out / f"{m}.mp4" for m in methods], "report": report,
-            "strip": report / "strip.png", "plot": report / "psnr.png"}
+            "report_files": [report / f for kind, f in REPORT_FILES.items() if kind != "strip"],
+            "strip": report / REPORT_FILES["strip"], "plot": report / REPORT_FILES["psnr_plot"]}
 
 
 def run(args) -> int:
@@ -255,7 +257,7 @@ def run(args) -> int:
     print(f"\ndemo done in {paths['seconds']:.0f} s; everything is under {rel(out)}/")
     print(f"  frames:        {', '.join(rel(p) + '/' for p in paths['frames'])}")
     print(f"  videos:        {', '.join(rel(p) for p in paths['videos'])}")
-    print(f"  report:        {rel(paths['report'])}/ (summary.csv, metrics.json, per_frame.csv, psnr.png)")
+    print(f"  report:        {rel(paths['report'])}/ ({', '.join(p.name for p in paths['report_files'])})")
     print(f"  side by side:  {rel(paths['strip'])}")
     return 0
 

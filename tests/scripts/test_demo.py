@@ -55,6 +55,9 @@ def test_quick_demo_writes_frames_videos_report_and_strip(tmp_path, capsys):
     tail = stdout.strip().splitlines()[-5:]
     assert tail[0].startswith("demo done in") and str(out) in tail[0]
     assert "strip.png" in tail[-1]
+    # the summary lists every file the report holds (it lacked warp_error.png), the strip on its own line
+    listed = re.fullmatch(r"  report: +\S+/ \((.*)\)", tail[-2]).group(1).split(", ")
+    assert sorted(listed) == sorted(p.name for p in (out / "report").iterdir() if p.name != "strip.png")
 
 
 def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
