@@ -41,11 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from annotator.color import rgb_to_gray, transfer_luma  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
+from benchmarks.cliargs import check_sides, positive_float, positive_int  # noqa: E402
 from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from ldm import schedule  # noqa: E402
 
+PROG = "bench_inference.py"
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
 RUNS = {  # name (for --modes) -> (mode, batch)
     "fixed1": ("fixed", 1),
@@ -153,20 +156,23 @@ def pipeline_flops(config=DEFAULT_CONFIG, height: int = 512, width: int = 512, s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="model YAML (default: the tiny config; with --flops the real SD2.1 one)")
-    p.add_argument("--frames", type=int, default=16, help="frames per run (default: 16)")
-    p.add_argument("--scale", type=float, default=1.0, help="input frame scale, 1 = 1280x720 (default: 1)")
-    p.add_argument("--size", type=int, default=64, help="model short side (default: 64 -> 64x128)")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per run (default: 16)")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="input frame scale, 1 = 1280x720 (default: 1)")
+    p.add_argument("--size", type=positive_int, default=64, help="model short side (default: 64 -> 64x128)")
     p.add_argument("--square", action="store_true", help="centre-crop the frames to squares (720x720)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported (default: 3)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (default: auto)")
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="DDIM steps, at most half the model's schedule (default: 20)")
+    p.add_argument("--repeat", type=positive_int, default=3,
+                   help="runs per mode; the median is reported (default: 3)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--precision", default="auto", choices=["auto", *L.PRECISIONS],
+                   help="autocast dtype; auto: fp16 on CUDA, fp32 on the CPU (default: auto)")
     p.add_argument("--noise", default="shared", choices=P.NOISES, help="noise option (default: shared)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA: replay denoising steps from CUDA graphs (default: on)")
+                   help="CUDA: replay denoising steps from CUDA graphs (default: on; off on the CPU)")
     p.add_argument("--channels-last", action="store_true", help="experiment: NHWC weights and activations")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
@@ -182,34 +188,46 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=DEFAULT_RUNS, help=f"comma-separated rows of the table to run, of "
                    f"{','.join(RUNS)} (default: {DEFAULT_RUNS})")
     p.add_argument("--flops", action="store_true", help="count FLOPs per frame on meta instead of timing")
-    p.add_argument("--height", type=int, default=512, help="--flops: model frame height (default: 512)")
-    p.add_argument("--width", type=int, default=512, help="--flops: model frame width (default: 512)")
+    p.add_argument("--height", type=positive_int, default=512,
+                   help="--flops: model frame height, a multiple of the model's (64 for SD2.1) (default: 512)")
+    p.add_argument("--width", type=positive_int, default=512, help="--flops: model frame width (default: 512)")
     args = p.parse_args(argv)
-    if args.flops:
-        config = args.config or DEFAULT_CONFIG
+    runs = [m.strip() for m in args.modes.split(",")]
+    if not runs or any(m not in RUNS for m in runs):
+        p.error(f"--modes {args.modes}: choose from {','.join(RUNS)}")
+    return run_cli(PROG, lambda a: run(a, runs), args, errors=(ConfigError, ValueError))
+
+
+def run(args: argparse.Namespace, runs: list[str]) -> int:
+    config = args.config or (DEFAULT_CONFIG if args.flops else TINY_CONFIG)
+    if args.flops:  # the model's own checks, before minutes of counting
+        check_sides(config, height=args.height, width=args.width)
+        P.check_steps(load_config(config).model.schedule.timesteps, args.steps)
         print(f"# FLOPs per frame, {Path(config).name}, {args.width}x{args.height}, {args.steps} DDIM steps")
         for k, v in pipeline_flops(config, args.height, args.width, args.steps).items():
             print(f"{k:40s} {v / 1e12:8.3f} TFLOP")
         return 0
+    device = L.resolve_device(args.device)
+    cfg = load_config(config)
+    P.check_steps(cfg.model.schedule.timesteps, args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda_graph = args.cuda_graph and device.type == "cuda"  # the pipeline uses them on CUDA only
+    graphs = ("on" if args.cuda_graph else "off") if device.type == "cuda" else "n/a (CPU)"
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    with torch.device(args.device):
-        model = create_model(load_config(args.config or TINY_CONFIG)).eval().requires_grad_(False)
-    dtype = L.compute_dtype(args.precision, args.device)
+    with torch.device(device):
+        model = create_model(cfg).eval().requires_grad_(False)
+    dtype = L.compute_dtype(args.precision, device)
     if args.cast_weights and dtype != torch.float32:
         L.cast_weights(model, dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     grays, ref = load_frames(args.frames, args.scale, args.square)
     opts = dict(size=args.size, steps=args.steps, precision=args.precision, noise=args.noise,
-                cuda_graph=args.cuda_graph)
-    runs = [m.strip() for m in args.modes.split(",")]
-    if not runs or any(m not in RUNS for m in runs):
-        p.error(f"--modes {args.modes}: choose from {','.join(RUNS)}")
+                cuda_graph=cuda_graph)
     with sdpa_backend(args.sdpa):  # warm-up (CUDA graphs, compiling) and timed runs alike
         # Warm-up: every batch shape of the runs once (CUDA graph capture, cuDNN autotuning, compiling).
         warm = {(RUNS[n][0] not in ("recursive", "anchored"), RUNS[n][1]) for n in runs}
@@ -236,10 +254,10 @@ def main(argv=None) -> int:
         transfer_luma(P.resize(np.full((mh, mw, 3), 0.5, np.float32), (h, w)), g)
     post = (time.perf_counter() - t) / len(grays)
     print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
-          f"config {Path(args.config or TINY_CONFIG).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
-          f"{args.noise} noise, CUDA graphs {'on' if args.cuda_graph else 'off'}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"config {Path(config).name}, input {w}x{h} -> model {mw}x{mh}, {args.steps} steps, "
+          f"{args.noise} noise, CUDA graphs {graphs}, "
           f"weights in {dtype if args.cast_weights else torch.float32}, channels_last {args.channels_last}, "
           f"cudnn.benchmark {args.cudnn_benchmark}, SDPA {args.sdpa}, compile {args.compile}, "
           f"{args.frames} frames, median of {args.repeat}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import resource
 import sys
@@ -25,9 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.cliargs import (HelpFormatter, check_sides, json_problem, non_negative_int, positive_float,  # noqa: E402
+                                positive_int, write_json)
 from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from benchmarks.train_flops import build_module, synthetic_batch, training_flops  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, load_config  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
+from colorize.loading import resolve_device  # noqa: E402
+
+PROG = "bench_train.py"
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, which
 # print the 2:4-sparsity figure (twice these) as the headline. Matched by substring of
@@ -119,15 +124,17 @@ def bench(config=DEFAULT_CONFIG, size=512, batch_size=8, steps=10, warmup=3, pre
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML")
-    p.add_argument("--size", type=int, default=512, help="training crop (pixels)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per step")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--precision", choices=["32", "bf16-mixed"], default="bf16-mixed")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="training crop (pixels; a multiple of the model's, 64 for SD2.1)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per step")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
+    p.add_argument("--precision", choices=["32", "bf16-mixed"], default="bf16-mixed",
+                   help="float32, or bf16 autocast as training runs")
     p.add_argument("--latent-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="latents from the cache (default) or the VAE encode inside the step")
+                   help="latents from the cache or the VAE encode inside the step")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing (default: the config's unet.use_checkpoint)")
     p.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet")
@@ -135,21 +142,31 @@ def main(argv=None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     p.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
-                   help="experiment: one attention backend for every scaled_dot_product_attention (default: "
+                   help="experiment: one attention backend for every scaled_dot_product_attention (auto: "
                         "torch's choice); a backend that cannot run the shapes fails")
-    p.add_argument("--device", default=None, help="cuda (default if present) or cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids stalls")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+    p.add_argument("--peak-tflops", type=positive_float, default=None,
+                   help="device peak (TFLOP/s) for MFU if not in the table")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     a = p.parse_args(argv)
+    problem = json_problem(a.json)
+    if problem:
+        p.error(problem)
+    return run_cli(PROG, run, a, errors=(ConfigError, ValueError))
+
+
+def run(a: argparse.Namespace) -> int:
+    device = resolve_device(a.device)
+    check_sides(a.config, a.overrides, size=a.size)  # and the config: before minutes of building and timing
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
     with sdpa_backend(a.sdpa):
         r = bench(a.config, a.size, a.batch_size, a.steps, a.warmup, a.precision, a.latent_cache, a.checkpointing,
-                  a.compile, a.device, a.overrides, a.peak_tflops, a.channels_last)
+                  a.compile, device, a.overrides, a.peak_tflops, a.channels_last)
     r["sdpa"] = a.sdpa
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no known peak)"
     print(f"{r['device']}, {r['date']}: {r['config']} {r['size']}px, batch {r['batch_size']}, {r['precision']}, "
@@ -159,9 +176,8 @@ def main(argv=None) -> int:
           f"{r['memory_gib']:.2f} GiB {r['memory_kind']}\n"
           f"  {r['model_tflop_per_sample']:.4f} TFLOP/sample -> {r['achieved_tflops']:.4f} TFLOP/s, MFU {mfu}")
     if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
+        write_json(a.json, r)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

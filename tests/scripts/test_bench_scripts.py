@@ -13,6 +13,22 @@ from benchmarks import bench_inference, bench_loader, bench_train
 from benchmarks.experiments import sdpa_backend
 from cldm.model import TINY_CONFIG
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
+
+
+def refused(main, argv, capsys) -> str:
+    """The one stderr line of a run that must stop before any work with exit 2 (argparse's
+    usage errors exit, run_cli's return)."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 
 def test_bench_inference_runs_every_mode_and_the_serial_baseline(capsys):
     rc = bench_inference.main(["--frames", "4", "--scale", "0.25", "--steps", "4", "--repeat", "1", "--threads", "1",
@@ -20,6 +36,7 @@ def test_bench_inference_runs_every_mode_and_the_serial_baseline(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "weights in torch.bfloat16" in out  # cast as colorize_inference.py casts them
+    assert "CUDA graphs n/a (CPU)" in out  # a GPU-only feature is not reported "on" for a CPU run
     rows = dict(re.findall(r"^\| ([a-z][^|]*?) \| ([0-9.]+) \|", out, re.M))
     assert set(rows) == {"fixed, batch 1", "fixed, batch 4", "fixed, batch 8, serial (no overlap)", "recursive",
                          "anchored"}
@@ -84,3 +101,42 @@ def test_gpu_suite_runs_the_sections_asked_for_in_order(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.log")) == sorted(
         ["bench_train_b32_compile.log", "bench_train_b16_compile_channelslast.log", "profile_train_b16.log",
          "profile_sample_b8.log"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--batch-size", "-1"], "argument --batch-size: expected an integer >= 1"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1"),
+    (["--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    (["--peak-tflops", "-1"], "argument --peak-tflops: expected a number > 0"),
+    (["--size", "0"], "argument --size: expected an integer >= 1"),
+    (["--size", "60"], "--size 60: must be a positive multiple of 64 for cldm_v21_color.yaml"),
+    (["--config", str(TINY_CONFIG), "--size", "48"], "--size 48: must be a positive multiple of 32"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available", marks=NO_CUDA),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda"),
+    (["--config", "nope.yaml"], "config not found: nope.yaml"),
+    (["nope"], "override must look like key=value"),
+    (["model.nope=1"], "bad override"),
+    (["--json", "/nonexistent/dir/x.json"], "--json /nonexistent/dir/x.json: no folder /nonexistent/dir"),
+])
+def test_bench_train_refuses_bad_arguments_before_the_run(argv, says, capsys):
+    assert says in refused(bench_train.main, ["--device", "cpu", *argv], capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--frames", "0"], "argument --frames: expected an integer >= 1"),
+    (["--repeat", "0"], "argument --repeat: expected an integer >= 1"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1"),
+    (["--steps", "600"], "steps must be between 1 and 500"),
+    (["--scale", "0"], "argument --scale: expected a number > 0"),
+    (["--scale", "-1"], "argument --scale: expected a number > 0"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available", marks=NO_CUDA),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda"),
+    (["--config", "nope.yaml"], "config not found: nope.yaml"),
+    (["--flops", "--height", "100"], "--height 100: must be a positive multiple of 64"),
+    (["--flops", "--steps", "600"], "steps must be between 1 and 500"),
+])
+def test_bench_inference_refuses_bad_arguments_before_the_run(argv, says, capsys):
+    assert says in refused(bench_inference.main, argv, capsys)
