@@ -18,8 +18,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cldm.model import DEFAULT_CONFIG, create_model, load_config  # noqa: E402
+from benchmarks.cliargs import HelpFormatter, check_sides, positive_int  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
+from colorize.pipeline import check_steps  # noqa: E402
 from ldm import schedule  # noqa: E402
+
+PROG = "flops.py"
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -110,13 +115,19 @@ def sampling_flops(config=DEFAULT_CONFIG, size: int = 512, steps: int = 20, devi
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML")
-    p.add_argument("--size", type=int, default=512, help="frame size in pixels (square)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--device", default="meta", help="meta (no memory) or cpu")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="frame size in pixels (square; a multiple of the model's, 64 for SD2.1)")
+    p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
+    p.add_argument("--device", choices=["meta", "cpu"], default="meta", help="meta (no memory) or cpu")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = p.parse_args(argv)
+    return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
+
+
+def run(args: argparse.Namespace) -> int:
+    check_sides(args.config, args.overrides, size=args.size)  # and the config, before minutes of counting
+    check_steps(load_config(args.config, args.overrides).model.schedule.timesteps, args.steps)
     parts = sampling_flops(args.config, args.size, args.steps, args.device, args.overrides)
     print(f"# {Path(args.config).name}, {args.size}x{args.size}, {args.steps} DDIM steps, batch 1, "
           f"device {args.device}, torch {torch.__version__}")

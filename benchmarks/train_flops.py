@@ -23,7 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cldm.lightning import ColorControlModule  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, create_model, load_config  # noqa: E402
+from benchmarks.cliargs import HelpFormatter, check_sides, positive_int  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
+
+PROG = "train_flops.py"
 
 # Forward FLOPs by the module the step calls directly (FlopCounterMode names them by class;
 # its attribution of backward ops to modules is unreliable, so parts are forward only).
@@ -79,14 +83,19 @@ def training_flops(config=DEFAULT_CONFIG, size: int = 512, latent_cache: bool = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML")
-    p.add_argument("--size", type=int, default=512, help="training crop (pixels)")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="training crop (pixels; a multiple of the model's, 64 for SD2.1)")
     p.add_argument("--latent-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="targets/reference latents from the cache (default) or VAE-encoded in the step")
+                   help="targets/reference latents from the cache or VAE-encoded in the step")
     p.add_argument("--checkpointing", action="store_true", help="count gradient checkpointing's recompute too")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    a = p.parse_args(argv)
+    return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
+
+
+def run(a: argparse.Namespace) -> int:
+    check_sides(a.config, a.overrides, size=a.size)  # and the config, before the count
     f = training_flops(a.config, a.size, a.latent_cache, a.checkpointing, a.overrides)
     print(f"{Path(a.config).name} {a.size}px, latent cache {'on' if a.latent_cache else 'off'}, "
           f"checkpointing {'on' if a.checkpointing else 'off'}: FLOPs per training sample")

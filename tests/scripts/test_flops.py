@@ -1,8 +1,9 @@
 """benchmarks/flops.py: the FLOP count of one sampled frame adds up, attention included."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import flops
+from benchmarks import flops, train_flops
 from cldm.model import TINY_CONFIG
 from ldm.modules.attention import CrossAttention
 
@@ -61,3 +62,44 @@ def test_cpu_count_includes_attention_like_meta():
             args = torch.zeros(1, 9, 8, 8), torch.tensor([5]), torch.zeros(1, 77, 32)
             counts[device] = flops._flops(lambda: unet(*args))
     assert counts["cpu"] == counts["meta"] == (55_432_192, 4_690_944)
+
+
+def refused(main, argv, capsys) -> str:
+    """The one stderr line of a run stopped before any counting, with exit 2."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+BAD_MODEL_ARGUMENTS = [
+    (["--size", "0"], "argument --size: expected an integer >= 1"),
+    (["--size", "60"], "--size 60: must be a positive multiple of 64 for cldm_v21_color.yaml"),
+    (["--size", "48"], "--size 48: must be a positive multiple of 64"),
+    (["--config", str(TINY_CONFIG), "--size", "48"], "--size 48: must be a positive multiple of 32"),
+    (["--config", "nope.yaml"], "config not found: nope.yaml"),
+    (["nope"], "override must look like key=value"),
+    (["model.nope=1"], "bad override"),
+]
+
+
+@pytest.mark.parametrize("argv, says", BAD_MODEL_ARGUMENTS + [
+    (["--steps", "0"], "argument --steps: expected an integer >= 1"),
+    (["--steps", "600"], "steps must be between 1 and 500"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_flops_refuses_bad_arguments_in_one_line(argv, says, capsys):
+    assert says in refused(flops.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, says", BAD_MODEL_ARGUMENTS)
+def test_train_flops_refuses_bad_arguments_in_one_line(argv, says, capsys):
+    assert says in refused(train_flops.main, argv, capsys)
+
+
+def test_flops_cli_counts_the_tiny_config(capsys):
+    assert flops.main(["--config", str(TINY_CONFIG), "--size", "64", "--steps", "2"]) == 0
+    assert "ours_total" in capsys.readouterr().out
