@@ -26,7 +26,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import train_step_fn  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, create_model, load_config  # noqa: E402
+from benchmarks.cliargs import check_sides, non_negative_int, positive_int  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
+from colorize.loading import resolve_device  # noqa: E402
+
+PROG = "profile_step.py"
 
 # First match wins; kernel names (CUDA) and operator names (CPU) both.
 KINDS = [
@@ -101,22 +106,29 @@ def profile_steps(step, steps: int, warmup: int, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["train", "sample"], help="a training step or one DDIM sampling step")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: the real SD2.1 config)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per step (default: 8)")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
-    p.add_argument("--warmup", type=int, default=3, help="steps before profiling (default: 3)")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="image side in pixels, a multiple of the model's (64 for SD2.1) (default: 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per step (default: 8)")
+    p.add_argument("--steps", type=positive_int, default=5, help="profiled steps (default: 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="steps before profiling (default: 3)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="train: gradient checkpointing (default: off)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="sample: replay the step from a CUDA graph (default: on; CUDA only)")
-    p.add_argument("--device", default=None, help="cuda (default if present) or cpu")
-    p.add_argument("--top", type=int, default=15, help="kernels listed (default: 15)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if present, else cpu), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--top", type=non_negative_int, default=15, help="kernels listed (default: 15)")
+    # default=[]: else argparse lists the optional overrides as required when `what` is missing
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
+
+
+def run(a: argparse.Namespace) -> int:
+    device = resolve_device(a.device)
+    check_sides(a.config, a.overrides, size=a.size)  # and the config, before building the model
     if a.what == "train":
         step = train_step(a.config, a.size, a.batch_size, a.checkpointing, device, a.overrides)
     else:

@@ -44,7 +44,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import PEAK_BF16_TFLOPS  # noqa: E402
-from cldm.model import DEFAULT_CONFIG  # noqa: E402
+from benchmarks.cliargs import check_sides, positive_float, positive_int  # noqa: E402
+from cldm.model import DEFAULT_CONFIG, ConfigError  # noqa: E402
+from cliutil import OneLineParser, run_cli  # noqa: E402
+
+PROG = "roofline.py"
 
 # Measured ceilings (TFLOP/s bf16 matmul, TB/s copy) from the lending service's KINDS.md, dated there.
 CEILINGS = {"h100": (798.0, 3.0), "h200": (788.0, 4.3)}
@@ -216,18 +220,25 @@ def print_rows(title: str, f: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["train", "sample"],
                    help="a training step (loss, backward, AdamW), or sampling: one DDIM step and the VAE decode")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: the real SD2.1 config)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per step (default: 16)")
-    p.add_argument("--steps", type=int, default=20, help="sample: DDIM steps per frame, for frames/s (default: 20)")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="image side in pixels, a multiple of the model's (64 for SD2.1) (default: 512)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="samples per step (default: 16)")
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="sample: DDIM steps per frame, for frames/s (default: 20)")
     p.add_argument("--gpu", choices=sorted(CEILINGS), default="h100", help="whose measured ceilings (default: h100)")
-    p.add_argument("--tflops", type=float, default=None, help="matrix rate in TFLOP/s instead of --gpu's")
-    p.add_argument("--tbps", type=float, default=None, help="memory bandwidth in TB/s instead of --gpu's")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    a = p.parse_args(argv)
+    p.add_argument("--tflops", type=positive_float, default=None, help="matrix rate in TFLOP/s instead of --gpu's")
+    p.add_argument("--tbps", type=positive_float, default=None, help="memory bandwidth in TB/s instead of --gpu's")
+    # default=[]: else argparse lists the optional overrides as required when `what` is missing
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
+
+
+def run(a: argparse.Namespace) -> int:
+    check_sides(a.config, a.overrides, size=a.size)  # and the config, before the trace
     tflops, tbps = CEILINGS[a.gpu]
     tflops, tbps = a.tflops or tflops, a.tbps or tbps
     peak = dict(PEAK_BF16_TFLOPS)[a.gpu]

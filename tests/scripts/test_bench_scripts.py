@@ -1,4 +1,5 @@
-"""benchmarks/bench_inference.py, bench_train.py (tiny config) and bench_loader.py on the CPU: every row runs."""
+"""benchmarks/bench_inference.py, bench_train.py (tiny config) and bench_loader.py on the CPU: every row runs;
+and every benchmark script refuses bad arguments in one line before any work."""
 import json
 import re
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import bench_inference, bench_loader, bench_train
+from benchmarks import bench_inference, bench_loader, bench_train, profile_step, roofline
 from benchmarks.experiments import sdpa_backend
 from cldm.model import TINY_CONFIG
 
@@ -140,3 +141,33 @@ def test_bench_train_refuses_bad_arguments_before_the_run(argv, says, capsys):
 ])
 def test_bench_inference_refuses_bad_arguments_before_the_run(argv, says, capsys):
     assert says in refused(bench_inference.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "the following arguments are required: what (see --help)"),  # not "what, key=value"
+    (["train", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    (["train", "--size", "50"], "--size 50: must be a positive multiple of 64"),
+    (["train", "--config", "nope.yaml"], "config not found: nope.yaml"),
+    (["train", "nope"], "override must look like key=value"),
+    (["train", "--tbps", "-1"], "argument --tbps: expected a number > 0"),
+    (["train", "--tflops", "0"], "argument --tflops: expected a number > 0"),
+    (["sample", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+])
+def test_roofline_refuses_bad_arguments_in_one_line(argv, says, capsys):
+    assert says in refused(roofline.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "the following arguments are required: what (see --help)"),
+    (["train", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+    (["train", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["sample", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    (["train", "--top", "-1"], "argument --top: expected an integer >= 0, got '-1' (see --help)"),
+    (["train", "--size", "50"], "--size 50: must be a positive multiple of 64 for cldm_v21_color.yaml "
+                                "(the VAE and the UNet's downsampling)"),
+    (["train", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N (N from 0)"),
+    (["train", "--config", "nope.yaml"], "config not found: nope.yaml"),
+    (["train", "model.nope=1"], "Key 'nope' is not in struct"),
+])
+def test_profile_step_refuses_bad_arguments_in_one_line(argv, says, capsys):
+    assert says in refused(profile_step.main, argv, capsys)
