@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -37,9 +36,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from annotator.latent_cache import build_latent_cache, read_frame, vae_fingerprint  # noqa: E402
-from annotator.pairs import BuildOptions, build_movie, frame_path, is_finished, list_movies  # noqa: E402
+from annotator.latent_cache import LatentCacheError, build_latent_cache, read_frame, vae_fingerprint  # noqa: E402
+from annotator.pairs import BuildOptions, build_movie, frame_path, is_finished, list_movies, load_meta  # noqa: E402
+from benchmarks.cliargs import json_problem, non_negative_int, positive_float, positive_int, write_json  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, folder_problem, run_cli  # noqa: E402
 from tutorial_dataset import PairDataModule, PairDataset, make_hint  # noqa: E402
+
+PROG = "bench_loader.py"
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
 # Samples/s per GPU the loaders must keep up with: measured (bench_train.py --compile, batch 16,
@@ -58,6 +61,15 @@ class PoolEncoder(nn.Module):
         m = nn.functional.avg_pool2d(x, 8) * self.gain
         mean = torch.cat([m, m[:, :1]], dim=1)
         return SimpleNamespace(mean=mean, std=torch.ones_like(mean))
+
+
+def built_at(root: Path) -> int | None:
+    """The --size an earlier run built DATA_ROOT's sample at (None: nothing built yet): another
+    size's frames do not fit this run's crops, and prepare() would reuse them."""
+    for movie in list_movies(root) if root.is_dir() else []:
+        if is_finished(root / movie):
+            return load_meta(root / movie).get("short_side")
+    return None
 
 
 def prepare(root: Path, size: int) -> str:
@@ -112,27 +124,38 @@ def parts(root: Path, size: int, n: int) -> dict:
     return {"read_frame_ms": read * 1e3, "hint_ms": (time.perf_counter() - t0) / n * 1e3}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", type=int, default=512, help="stored frames' short side and training crop")
-    p.add_argument("--items", type=int, default=100, help="items timed one by one per mode")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size of the DataLoader runs")
-    p.add_argument("--batches", type=int, default=12, help="batches timed per DataLoader run")
-    p.add_argument("--workers", type=int, default=2, help="worker processes of the second DataLoader run")
-    p.add_argument("--data-root", type=Path, help="keep the built data here (default: a temporary folder)")
-    p.add_argument("--target", type=float, action="append",
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="stored frames' short side and training crop (a multiple of 64)")
+    p.add_argument("--items", type=positive_int, default=100, help="items timed one by one per mode")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the DataLoader runs")
+    p.add_argument("--batches", type=positive_int, default=12, help="batches timed per DataLoader run")
+    p.add_argument("--workers", type=non_negative_int, default=2,
+                   help="worker processes of the second DataLoader run")
+    p.add_argument("--data-root", type=Path,
+                   help="keep the built data here, for reuse at the same --size (default: a temporary folder)")
+    p.add_argument("--target", type=positive_float, action="append",
                    help="samples/s per GPU to size the workers for (repeatable; default: the TARGETS table)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    for name in ("size", "items", "batch_size", "batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.size % 64:
-        p.error("--size must be a multiple of 64 (a training crop)")
-    if args.workers < 0:
-        p.error("--workers must be >= 0")
+        p.error(f"--size {args.size}: must be a multiple of 64 (a training crop)")
+    if args.data_root is not None:
+        problem = folder_problem(args.data_root)
+        if problem:
+            p.error(f"--data-root {args.data_root}: {problem}")
+        built = built_at(args.data_root)
+        if built is not None and built != args.size:
+            p.error(f"--data-root {args.data_root} holds the sample built at --size {built}: use --size {built} "
+                    "or another folder")
+    problem = json_problem(args.json)
+    if problem:
+        p.error(problem)
+    return run_cli(PROG, run, args, errors=(ValueError, LatentCacheError))
 
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,9 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, n in results["workers_per_gpu"].items():
         print(f"workers per GPU for {targets[name]:g} samples/s ({name}): {n} (at {per_worker:.0f} per worker here)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    return results
+        write_json(args.json, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -33,14 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, run_cli  # noqa: E402
+
+quiet_opencv()  # before cv2 loads: a bad --video is our one line, not OpenCV's warnings too
+import cv2  # noqa: E402
+
 from annotator.color import rgb_to_gray  # noqa: E402
 from annotator.pairs import BuildOptions, build_movie  # noqa: E402
 from annotator.similarity import ssim  # noqa: E402
-from annotator.video import iter_frames  # noqa: E402
+from annotator.video import FrameSourceError, iter_frames, probe  # noqa: E402
+from benchmarks.cliargs import non_negative_int, positive_int  # noqa: E402
 
+PROG = "bench_pairs.py"
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
 
 
@@ -183,22 +188,33 @@ def measure(video: Path, opts: BuildOptions, repeat: int, naive_frames: int) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--video", type=Path, default=SAMPLE, help="video to measure on (default: the sample clip)")
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p.add_argument("--video", type=Path, default=SAMPLE, help="video file to measure on")
     p.add_argument("--no-1080p", action="store_true",
                    help="skip the second measurement on the video upscaled to 1080p")
-    p.add_argument("--repeat", type=int, default=5, help="alternating decode/build runs; the median is reported")
-    p.add_argument("--naive-frames", type=int, default=3, help="frames the naive SSIM is timed on")
-    p.add_argument("--size", type=int, default=512, help="build_pairs --size")
-    p.add_argument("--threads", type=int, default=0, help="build_pairs --threads (0 = CPU cores)")
-    p.add_argument("--decode-threads", type=int, default=None, help="decoder threads in build (default: library's)")
+    p.add_argument("--repeat", type=positive_int, default=5,
+                   help="alternating decode/build runs; the median is reported")
+    p.add_argument("--naive-frames", type=positive_int, default=3, help="frames the naive SSIM is timed on")
+    p.add_argument("--size", type=int, default=512, help="build_pairs --size (0 or a multiple of 8)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="build_pairs --threads, 0 = CPU cores (default: %(default)s)")
+    p.add_argument("--decode-threads", type=non_negative_int, default=None,
+                   help="decoder threads in build (default: library's)")
     p.add_argument("--stages", action="store_true",
                    help="also time each build step on one thread (CPU ms per frame), with the rejected alternatives")
-    args = p.parse_args(argv)
+    return run_cli(PROG, run, p.parse_args(argv), errors=(FrameSourceError, ValueError))
 
+
+def run(args: argparse.Namespace) -> int:
     opts = BuildOptions(size=args.size, threads=args.threads or (os.cpu_count() or 1))
     if args.decode_threads is not None:
         opts = BuildOptions(**{**opts.__dict__, "decode_threads": args.decode_threads})
+    opts.validate()
+    info = probe(args.video)  # a missing or unreadable file fails here, not in the middle of the timings
+    if info.kind != "video":
+        raise ValueError(f"--video {args.video}: a folder; the yardsticks decode a video file")
+    if info.frame_count is not None and args.naive_frames + opts.window > info.frame_count:
+        raise ValueError(f"--naive-frames {args.naive_frames}: the naive SSIM needs {opts.window} frames after "
+                         f"each, and {args.video.name} has {info.frame_count} frames")
     load_before = os.getloadavg()[0]
     rows = measure(args.video, opts, args.repeat, args.naive_frames)
     if not args.no_1080p:

@@ -5,12 +5,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import bench_inference, bench_loader, bench_train, profile_step, roofline
+from benchmarks import bench_inference, bench_loader, bench_pairs, bench_train, profile_step, roofline
 from benchmarks.experiments import sdpa_backend
 from cldm.model import TINY_CONFIG
 
@@ -52,15 +53,19 @@ def test_bench_train_reports_speed_and_memory():
 
 
 def test_bench_loader_times_items_and_loaders_on_a_cache_of_sd_shapes(tmp_path, capsys):
-    r = bench_loader.main(["--size", "64", "--items", "4", "--batch-size", "2", "--batches", "2", "--workers", "0",
-                           "--data-root", str(tmp_path / "d"), "--target", "100", "--json", str(tmp_path / "r.json")])
-    assert json.loads((tmp_path / "r.json").read_text()) == r
+    argv = ["--size", "64", "--items", "4", "--batch-size", "2", "--batches", "2", "--workers", "0",
+            "--data-root", str(tmp_path / "d"), "--target", "100", "--json", str(tmp_path / "r.json")]
+    assert bench_loader.main(argv) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
     for key in ("read_frame_ms", "hint_ms", "latent_item_ms", "pixels_item_ms", "loader_latent_w0_samples_per_s"):
         assert r[key] > 0, key
     assert r["workers_per_gpu"] == {"100 samples/s": -(-100 // r["latent_items_per_s"])}
     lat = np.load(tmp_path / "d" / "bigbuckbunny" / "latents.npy", mmap_mode="r")
     assert lat.shape == (132, 2, 4, 8, 112 // 8)  # SD2.1's latent channels and /8, for 112x64 frames
     assert "workers per GPU for 100 samples/s" in capsys.readouterr().out
+    # the data kept for reuse fit only their own --size: another is refused, not a traceback
+    assert "holds the sample built at --size 64: use --size 64 or another folder" in refused(
+        bench_loader.main, argv[:1] + ["128"] + argv[2:], capsys)
 
 
 def test_sdpa_backend_forces_one_attention_kernel():
@@ -171,3 +176,48 @@ def test_roofline_refuses_bad_arguments_in_one_line(argv, says, capsys):
 ])
 def test_profile_step_refuses_bad_arguments_in_one_line(argv, says, capsys):
     assert says in refused(profile_step.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--repeat", "0"], "argument --repeat: expected an integer >= 1"),
+    (["--naive-frames", "0"], "argument --naive-frames: expected an integer >= 1"),
+    (["--naive-frames", "200"], "--naive-frames 200: the naive SSIM needs 19 frames after each"),
+    (["--size", "-5"], "--size must be 0 or a multiple of 8"),
+    (["--threads", "-1"], "argument --threads: expected an integer >= 0"),
+    (["--decode-threads", "-2"], "argument --decode-threads: expected an integer >= 0"),
+    (["--video", "/nonexistent/film.mp4"], "/nonexistent/film.mp4: no such file or folder"),
+    (["--video", "README.md"], "README.md: not a video file"),
+    (["--video", "TEXT.mp4"], "TEXT.mp4: cannot open video"),
+    (["--video", "FOLDER"], "FOLDER: a folder; the yardsticks decode a video file"),
+])
+def test_bench_pairs_refuses_bad_arguments_before_the_timings(argv, says, tmp_path, capsys):
+    (tmp_path / "TEXT.mp4").write_text("not a video")
+    (tmp_path / "FOLDER").mkdir()
+    cv2.imwrite(str(tmp_path / "FOLDER" / "0.png"), np.zeros((8, 8, 3), np.uint8))  # a folder of frames
+    argv = [str(tmp_path / a) if a in ("TEXT.mp4", "FOLDER") else a for a in argv]
+    assert says in refused(bench_pairs.main, ["--no-1080p", *argv], capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--target", "-5"], "argument --target: expected a number > 0"),
+    (["--workers", "-1"], "argument --workers: expected an integer >= 0"),
+    (["--items", "0"], "argument --items: expected an integer >= 1"),
+    (["--size", "60"], "--size 60: must be a multiple of 64"),
+    (["--data-root", "README.md"], "README.md is a file, not a folder"),
+    (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json: no folder /nonexistent/dir"),
+])
+def test_bench_loader_refuses_bad_arguments_before_the_run(argv, says, capsys):
+    assert says in refused(bench_loader.main, argv, capsys)
+
+
+def test_help_shows_each_default_once(capsys):
+    """DefaultsFormatter: a default is shown, once, where there is one (none for None)."""
+    for main, shown in ((bench_train.main, ["(default: 8)", "(default: 10)", "(default: 3)", "(default: 512)",
+                                             "(default: bf16-mixed)"]),
+                        (bench_pairs.main, ["(default: 5)", "(default: 3)", "(default: 512)", "(default: 0)"]),
+                        (bench_loader.main, ["(default: 512)", "(default: 100)"])):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert all(s in out for s in shown), out
+        assert "(default: None)" not in out and "folder) (default" not in out
