@@ -41,9 +41,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from annotator.color import LUMA_WEIGHTS, rgb_to_ycbcr, transfer_luma, ycbcr_to_rgb  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
+from benchmarks.cliargs import non_negative_int, positive_int  # noqa: E402
 from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
+from cliutil import OneLineParser, folder_problem, one_line, run_cli  # noqa: E402
+
+PROG = "make_toy_model.py"
 
 CLIP = REPO / "data" / "sample" / "bigbuckbunny.mp4"
 NAME = "toy_color_v2"
@@ -209,26 +213,53 @@ def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: 
     return prov
 
 
-def check_against(prov: dict, shipped: Path) -> list[str]:
-    """Stage losses that differ from the shipped model's recorded ones by more than the tolerance."""
+def shipped_provenance(shipped: Path) -> dict:
+    """The provenance a model made by this recipe carries; ValueError (one line) if `shipped`
+    is missing or not such a model, checked before training so a typo costs no 40 minutes."""
     from safetensors import safe_open
 
-    with safe_open(str(shipped), "pt") as f:
-        ref = json.loads(f.metadata()["provenance"])
+    try:
+        with safe_open(str(shipped), "pt") as f:
+            return json.loads((f.metadata() or {})["provenance"])
+    except FileNotFoundError:
+        raise ValueError(f"--check {shipped}: no such file") from None
+    except KeyError:
+        raise ValueError(f"--check {shipped}: no provenance recorded (not made by this recipe)") from None
+    except Exception as e:  # safetensors' own errors for a file that is not one, unreadable JSON
+        raise ValueError(f"--check {shipped}: not a readable safetensors model ({one_line(e)})") from None
+
+
+def check_against(prov: dict, shipped: Path) -> list[str]:
+    """Stage losses that differ from the shipped model's recorded ones by more than the tolerance."""
+    ref = shipped_provenance(shipped)
     return [f"{k}: {prov[k]:.5f} vs shipped {ref[k]:.5f}" for k in ("vae_loss", "diffusion_loss")
             if abs(prov[k] - ref[k]) > LOSS_TOLERANCE * ref[k]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "models" / "toy", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and noise")
-    p.add_argument("--vae-steps", type=int, default=1500, help="autoencoder training steps (batch 8, 64x64 crops)")
-    p.add_argument("--diffusion-steps", type=int, default=3000, help="UNet+ControlNet steps (batch 16)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and noise (default: 0)")
+    p.add_argument("--vae-steps", type=positive_int, default=1500,
+                   help="autoencoder training steps (batch 8, 64x64 crops) (default: 1500)")
+    p.add_argument("--diffusion-steps", type=positive_int, default=3000,
+                   help="UNet+ControlNet steps (batch 16) (default: 3000)")
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="torch CPU threads; by default (or 0) one per core, os.cpu_count(), whatever "
+                        "OMP_NUM_THREADS says: the shipped model was trained so")
     p.add_argument("--check", type=Path, default=None,
-                   help=f"compare the final losses with this shipped model's (fails beyond {LOSS_TOLERANCE:.0%})")
+                   help=f"compare the final losses with this shipped model's (fails beyond "
+                        f"{100 * LOSS_TOLERANCE:.0f} %%); checked before training")
     args = p.parse_args(argv)
+    problem = folder_problem(args.out)
+    if problem:
+        p.error(f"--out {args.out}: {problem}")
+    return run_cli(PROG, run, args, errors=(ValueError,))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        shipped_provenance(args.check)
     prov = make_toy_model(args.out, args.seed, args.vae_steps, args.diffusion_steps, threads=args.threads)
     print(json.dumps(prov, indent=1))
     if args.check is not None:

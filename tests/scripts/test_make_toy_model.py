@@ -80,3 +80,36 @@ def test_reproduction_with_defaults_matches_the_shipped_losses(tmp_path):
     """The full recipe (40-60 min on 2 cores): its losses land within LOSS_TOLERANCE of the shipped ones."""
     prov = recipe.make_toy_model(tmp_path)
     assert recipe.check_against(prov, SHIPPED) == []
+
+
+def test_help_prints(capsys):
+    """The --check help's percent sign once crashed argparse's formatting ('%' starts a code)."""
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(fails beyond 10 %)" in out and "by default (or 0) one per core" in out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--check", "/nonexistent/toy.safetensors"], "--check /nonexistent/toy.safetensors: no such file"),
+    (["--check", "README.md"], "--check README.md: not a readable safetensors model"),
+    (["--vae-steps", "0"], "argument --vae-steps: expected an integer >= 1"),
+    (["--diffusion-steps", "-1"], "argument --diffusion-steps: expected an integer >= 1"),
+    (["--threads", "-1"], "argument --threads: expected an integer >= 0"),
+    (["--out", "README.md"], "README.md is a file, not a folder"),
+])
+def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(recipe, "make_toy_model", lambda *a, **k: pytest.fail("trained despite a bad argument"))
+    try:
+        rc = recipe.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert says in err
+
+
+def test_check_reads_the_shipped_provenance_up_front():
+    assert recipe.shipped_provenance(SHIPPED) == provenance(SHIPPED)
