@@ -196,7 +196,8 @@ def main(argv=None) -> int:
                    help="alternating decode/build runs; the median is reported")
     p.add_argument("--naive-frames", type=positive_int, default=3, help="frames the naive SSIM is timed on")
     p.add_argument("--size", type=int, default=512, help="build_pairs --size (0 or a multiple of 8)")
-    p.add_argument("--threads", type=non_negative_int, default=0, help="build_pairs --threads, 0 = CPU cores (default: %(default)s)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="build_pairs --threads, 0 = CPU cores (default: %(default)s)")  # DefaultsFormatter hides 0
     p.add_argument("--decode-threads", type=non_negative_int, default=None,
                    help="decoder threads in build (default: library's)")
     p.add_argument("--stages", action="store_true",
