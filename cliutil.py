@@ -6,11 +6,32 @@ the errors a script expects into the same one line and exit 2, and Ctrl-C into e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import threading
 from typing import Callable
+
+
+# argparse types for counts and rates: a bad value is argparse's one line, not a traceback later
+def _number(kind: type, low: float, strict: bool, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type by it
+    return parse
+
+
+positive_int = _number(int, 0, True, "an integer >= 1")
+non_negative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0, True, "a number > 0")
 
 
 def folder_problem(path: str | os.PathLike) -> str | None:
@@ -60,7 +81,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" only where there is a default worth showing."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        # `is`: a default of 0 is worth showing, though 0 == False
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def one_line(e: BaseException, with_type: bool = False) -> str:

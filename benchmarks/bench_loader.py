@@ -38,8 +38,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from annotator.latent_cache import LatentCacheError, build_latent_cache, read_frame, vae_fingerprint  # noqa: E402
 from annotator.pairs import BuildOptions, build_movie, frame_path, is_finished, list_movies, load_meta  # noqa: E402
-from benchmarks.cliargs import json_problem, non_negative_int, positive_float, positive_int, write_json  # noqa: E402
-from cliutil import DefaultsFormatter, OneLineParser, folder_problem, run_cli  # noqa: E402
+from benchmarks.cliargs import json_problem, write_json  # noqa: E402
+from cliutil import (DefaultsFormatter, OneLineParser, folder_problem, non_negative_int, positive_float,  # noqa: E402
+                     positive_int, run_cli)
 from tutorial_dataset import PairDataModule, PairDataset, make_hint  # noqa: E402
 
 PROG = "bench_loader.py"

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, run_cli  # noqa: E402
+from cliutil import (DefaultsFormatter, OneLineParser, non_negative_int, positive_int, quiet_opencv,  # noqa: E402
+                     run_cli)
 
 quiet_opencv()  # before cv2 loads: a bad --video is our one line, not OpenCV's warnings too
 import cv2  # noqa: E402
@@ -43,7 +44,6 @@ from annotator.color import rgb_to_gray  # noqa: E402
 from annotator.pairs import BuildOptions, build_movie  # noqa: E402
 from annotator.similarity import ssim  # noqa: E402
 from annotator.video import FrameSourceError, iter_frames, probe  # noqa: E402
-from benchmarks.cliargs import non_negative_int, positive_int  # noqa: E402
 
 PROG = "bench_pairs.py"
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--naive-frames", type=positive_int, default=3, help="frames the naive SSIM is timed on")
     p.add_argument("--size", type=int, default=512, help="build_pairs --size (0 or a multiple of 8)")
     p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="build_pairs --threads, 0 = CPU cores (default: %(default)s)")  # DefaultsFormatter hides 0
+                   help="build_pairs --threads, 0 = CPU cores")
     p.add_argument("--decode-threads", type=non_negative_int, default=None,
                    help="decoder threads in build (default: library's)")
     p.add_argument("--stages", action="store_true",

@@ -17,25 +17,6 @@ class HelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring's examples kept as written, and each flag's default shown."""
 
 
-def _number(kind: type, low: float, strict: bool, what: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    parse.__name__ = what  # argparse names the type by it
-    return parse
-
-
-positive_int = _number(int, 0, True, "an integer >= 1")
-non_negative_int = _number(int, 0, False, "an integer >= 0")
-positive_float = _number(float, 0, True, "a number > 0")
-
-
 def check_sides(config, overrides=(), **sides: int) -> None:
     """Refuse image sides the model cannot take (ValueError naming the flag); also loads the
     config, so a missing file or bad override (ConfigError) is refused before the run, not after.

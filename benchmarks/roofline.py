@@ -44,9 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import PEAK_BF16_TFLOPS  # noqa: E402
-from benchmarks.cliargs import check_sides, positive_float, positive_int  # noqa: E402
+from benchmarks.cliargs import check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError  # noqa: E402
-from cliutil import OneLineParser, run_cli  # noqa: E402
+from cliutil import OneLineParser, positive_float, positive_int, run_cli  # noqa: E402
 
 PROG = "roofline.py"
 

@@ -23,9 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cldm.lightning import ColorControlModule  # noqa: E402
-from benchmarks.cliargs import HelpFormatter, check_sides, positive_int  # noqa: E402
+from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
-from cliutil import OneLineParser, run_cli  # noqa: E402
+from cliutil import OneLineParser, positive_int, run_cli  # noqa: E402
 
 PROG = "train_flops.py"
 

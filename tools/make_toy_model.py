@@ -41,11 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from annotator.color import LUMA_WEIGHTS, rgb_to_ycbcr, transfer_luma, ycbcr_to_rgb  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
-from benchmarks.cliargs import non_negative_int, positive_int  # noqa: E402
 from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
-from cliutil import OneLineParser, folder_problem, one_line, run_cli  # noqa: E402
+from cliutil import OneLineParser, folder_problem, non_negative_int, one_line, positive_int, run_cli  # noqa: E402
 
 PROG = "make_toy_model.py"
 
