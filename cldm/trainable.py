@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from torch import nn
 
 from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, compare_state_dict, load_state_dict,
-                             misfit, save_state_dict)
+                             misfit, read_metadata, save_state_dict)
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
 
@@ -159,8 +158,7 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     if path.suffix != ".safetensors":
         return {}
     try:
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
+        return read_metadata(path)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 

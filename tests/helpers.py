@@ -11,6 +11,18 @@ def sub_state(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def refused(main, argv, capsys) -> str:
+    """The one stderr line of a CLI run that must stop before any work with exit 2 (argparse's
+    usage errors exit, run_cli's return), without a traceback."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def default_sigint() -> None:
     """Popen preexec_fn for a child that a test interrupts with SIGINT: a test run started as a
     background job has SIGINT ignored, children inherit that, and Python then installs no

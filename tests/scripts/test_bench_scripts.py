@@ -14,21 +14,9 @@ import torch.nn.functional as F
 from benchmarks import bench_inference, bench_loader, bench_pairs, bench_train, profile_step, roofline
 from benchmarks.experiments import sdpa_backend
 from cldm.model import TINY_CONFIG
+from tests.helpers import refused
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
-
-
-def refused(main, argv, capsys) -> str:
-    """The one stderr line of a run that must stop before any work with exit 2 (argparse's
-    usage errors exit, run_cli's return)."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from benchmarks import flops, train_flops
 from cldm.model import TINY_CONFIG
 from ldm.modules.attention import CrossAttention
+from tests.helpers import refused
 
 
 def test_tiny_config_measured_total_is_the_sum_of_its_parts():
@@ -62,17 +63,6 @@ def test_cpu_count_includes_attention_like_meta():
             args = torch.zeros(1, 9, 8, 8), torch.tensor([5]), torch.zeros(1, 77, 32)
             counts[device] = flops._flops(lambda: unet(*args))
     assert counts["cpu"] == counts["meta"] == (55_432_192, 4_690_944)
-
-
-def refused(main, argv, capsys) -> str:
-    """The one stderr line of a run stopped before any counting, with exit 2."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 BAD_MODEL_ARGUMENTS = [

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from cldm.checkpoint import load_state_dict
 from colorize import loading as L
+from tests.helpers import refused
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "toy" / "toy_color_v2.safetensors"
@@ -102,13 +103,7 @@ def test_help_prints(capsys):
 def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(recipe, "make_toy_model", lambda *a, **k: pytest.fail("trained despite a bad argument"))
-    try:
-        rc = recipe.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert says in err
+    assert says in refused(recipe.main, argv, capsys)
 
 
 def test_check_reads_the_shipped_provenance_up_front():
