@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 from annotator.color import to_uint8  # noqa: E402
 from atomicio import temp_beside  # noqa: E402
 from colorize import metrics as M  # noqa: E402
-from colorize.frames_io import write_bytes_atomic  # noqa: E402
 
 SUMMARY_KEYS = ("psnr", "ssim", "colourfulness", "warp_error", "cdc")
 DEFINITIONS = {
@@ -110,10 +109,6 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _save_fig(fig, path: Path) -> None:
-    write_bytes_atomic(path, _png(fig))
-
-
 def line_with_gaps(positions: Sequence[int], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) to plot a per-frame series at its frames' positions, with a NaN (a break in the
     line) wherever frames were left out between two scored ones: a line joining them would
@@ -138,12 +133,6 @@ def frame_numbers(frames: Sequence[str], positions: Sequence[int] | None = None)
         if np.all(numbers - pos == numbers[0] - pos[0]):
             return numbers, True
     return pos, False
-
-
-def plot_over_time(results: Mapping[str, M.MethodMetrics], key: str, path: Path, frames: Sequence[str],
-                   ylabel: str, title: str, positions: Sequence[int] | None = None) -> None:
-    """`over_time_figure`, saved to `path`."""
-    _save_fig(over_time_figure(results, key, frames, ylabel, title, positions), path)
 
 
 def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: Sequence[str], ylabel: str,
@@ -195,14 +184,6 @@ def _fit_tile(img: np.ndarray, w: int, h: int) -> np.ndarray:
     y0, x0 = (h - nh) // 2, (w - nw) // 2
     tile[y0:y0 + nh, x0:x0 + nw] = small
     return tile
-
-
-def write_strip(path: str | os.PathLike, strip: Strip, results: Mapping[str, M.MethodMetrics] | None = None,
-                frames: Sequence[str] | None = None) -> Path:
-    """`strip_figure`, saved to `path`."""
-    path = Path(path)
-    _save_fig(strip_figure(strip, results, frames), path)
-    return path
 
 
 def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = None,
