@@ -95,6 +95,11 @@ def one_line(e: BaseException, with_type: bool = False) -> str:
     return type(e).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (run_cli's `sigterm`), so the same clean-up runs; a
+    caller that sees a sub-tool's exit status 143 raises it to stop as terminated too."""
+
+
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             errors: tuple[type[BaseException], ...], interrupted: str = "interrupted",
             named: tuple[type[BaseException], ...] = (), sigterm: bool = False) -> int:
@@ -111,7 +116,7 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
 
     def on_sigterm(signum, _frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        raise Terminated
 
     hook = sigterm and threading.current_thread() is threading.main_thread()  # signals are the main thread's
     if threading.current_thread() is threading.main_thread() and \
@@ -128,11 +133,12 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         return 2
     except KeyboardInterrupt as e:
         message = one_line(e) if str(e).strip() else interrupted
-        if received:
+        terminated = received or isinstance(e, Terminated)
+        if terminated:
             rest = message.removeprefix("interrupted")
             message = "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
         print(f"{prog}: {message}", file=sys.stderr)
-        return 128 + int(signal.SIGTERM) if received else 130
+        return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
         if hook:
             signal.signal(signal.SIGTERM, previous)

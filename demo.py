@@ -17,8 +17,8 @@ side-by-side picture.
 The toy model is tiny and trained on 100 frames of one clip (models/toy/, recipe in
 tools/make_toy_model.py): it shows the pipeline end to end, not what SD2.1 can do.
 
-Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 stopped by
-Ctrl-C (what was written is kept; rerun with --overwrite).
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143 stopped
+by Ctrl-C / SIGTERM (what was written is kept; rerun with --overwrite).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from cliutil import OneLineParser, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, Terminated, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -62,7 +62,8 @@ class DemoError(Exception):
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="Exit status: 0 done, 2 bad arguments or unusable input, 130 stopped by Ctrl-C.")
+                      epilog="Exit status: 0 done, 2 bad arguments or unusable input, 130 / 143 stopped by "
+                             "Ctrl-C / SIGTERM.")
     p.add_argument("--out", default=str(REPO / "demo_out"), metavar="DIR",
                    help="folder for everything the demo writes (default: %(default)s)")
     p.add_argument("--clip", default=str(SAMPLE), metavar="VIDEO|DIR",
@@ -122,16 +123,17 @@ def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -
 
 
 INTERRUPTED = "interrupted; what was written so far is kept: rerun with --overwrite to start again"
-STOPPED = (130, 143)  # the exit status of a sub-tool stopped by Ctrl-C or SIGTERM (cliutil.run_cli)
+CTRL_C, SIGTERM = 130, 143  # the exit status of a sub-tool stopped so (cliutil.run_cli)
 
 
 def _call(main, argv: list[str], what: str) -> None:
-    """A sub-tool's entry point; a failure is a DemoError, and a sub-tool stopped by Ctrl-C
-    stops the demo as an interrupt (exit 130), not as a failure."""
+    """A sub-tool's entry point; a failure is a DemoError, and a sub-tool stopped by Ctrl-C or
+    SIGTERM stops the demo the same way (exit 130 or 143), not as a failure."""
     rc = main(argv)
-    if rc in STOPPED:
-        raise KeyboardInterrupt(f"interrupted during {what}; what was written so far is kept: rerun with "
-                                "--overwrite to start again")
+    if rc in (CTRL_C, SIGTERM):
+        stop = Terminated if rc == SIGTERM else KeyboardInterrupt
+        raise stop(f"interrupted during {what}; what was written so far is kept: rerun with "
+                   "--overwrite to start again")
     if rc != 0:
         raise DemoError(f"{what} failed (exit status {rc}; its message is above)")
 
@@ -264,7 +266,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, run, parser().parse_args(argv), (DemoError, FrameSourceError, OSError),
-                   interrupted=INTERRUPTED)
+                   interrupted=INTERRUPTED, sigterm=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cliutil import one_line, run_cli
+from cliutil import Terminated, one_line, run_cli
 from tests.helpers import default_sigint
 
 
@@ -75,6 +75,14 @@ def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     assert not tmp.exists() and signal.getsignal(signal.SIGTERM) == before
     assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "stopped early", sigterm=True) == 143
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM); stopped early\n"
+
+
+def test_run_cli_reports_a_raised_terminated_as_sigterm(capsys):
+    """A caller that saw a sub-tool end by SIGTERM (exit 143) raises Terminated: 143 again, said so."""
+    def run(_):
+        raise Terminated("interrupted during step 2")
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 143
+    assert capsys.readouterr().err == "p.py: terminated (SIGTERM) during step 2\n"
 
 
 def test_run_cli_prints_the_interrupts_own_message(capsys):

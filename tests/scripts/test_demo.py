@@ -2,8 +2,11 @@
 import csv
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import cv2
@@ -166,3 +169,29 @@ def test_ctrl_c_in_a_step_exits_130_saying_interrupted(tmp_path, capsys, monkeyp
     assert "error" not in err
     assert err.splitlines()[-1] == ("demo.py: interrupted during colorize_inference.py --method reinhard; what was "
                                     "written so far is kept: rerun with --overwrite to start again")
+
+
+def test_sigterm_in_a_step_exits_143_saying_terminated(tmp_path, capsys, monkeypatch):
+    """A sub-tool stopped by SIGTERM (a job scheduler) returns 143; the demo stops so too, not with
+    Ctrl-C's 130 (a scheduler or script reads the status)."""
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", send_sigterm)
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
+    assert rc == 143, err
+    assert err.splitlines()[-1] == ("demo.py: terminated (SIGTERM) during colorize_inference.py --method reinhard; "
+                                    "what was written so far is kept: rerun with --overwrite to start again")
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_between_steps_exits_143(tmp_path, capsys, monkeypatch):
+    """SIGTERM outside any sub-tool (here while the frames are extracted) is 143 as well."""
+    monkeypatch.setattr(demo, "prepare_frames", send_sigterm)
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
+    assert rc == 143, err
+    assert err.splitlines()[-1] == ("demo.py: terminated (SIGTERM); what was written so far is kept: "
+                                    "rerun with --overwrite to start again")
+
+
+def send_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler interrupts this
