@@ -202,7 +202,7 @@ def resolve_resume(args, ckpt_dir: Path) -> Path | None:
     Every process runs this before the process group exists; ResumeAgreement then stops the
     run, on all of them, unless they all chose what global rank 0 chose.
     """
-    from cldm.lightning import find_resume_checkpoint
+    from cldm.resume import find_resume_checkpoint
 
     if args.resume == "auto":
         return auto_resume(ckpt_dir)
@@ -219,7 +219,7 @@ def auto_resume(ckpt_dir: Path) -> Path | None:
     A bad newest file is refused rather than skipped: every rerun (a SLURM requeue too) would
     otherwise meet it again, or silently train on from an older step.
     """
-    from cldm.lightning import find_resume_checkpoint, incomplete_checkpoints, resume_problem
+    from cldm.resume import find_resume_checkpoint, incomplete_checkpoints, resume_problem
 
     if is_launch_rank_zero():
         for path in incomplete_checkpoints(ckpt_dir):
@@ -234,7 +234,7 @@ def auto_resume(ckpt_dir: Path) -> Path | None:
 def checked_resume_path(path: Path, ckpt_dir: Path) -> Path:
     """--resume PATH, refused where it would leave two histories in `ckpt_dir`: pruning to
     --ckpt-keep and a later --resume auto go by the highest step, i.e. maybe by the abandoned one."""
-    from cldm.lightning import checkpoint_step, find_resume_checkpoint, resume_problem
+    from cldm.resume import checkpoint_step, find_resume_checkpoint, resume_problem
 
     if path.is_dir():
         raise UsageError(f"--resume {path}: a folder, not a checkpoint file")
@@ -258,7 +258,7 @@ def check_run_dir(out: Path, cfg) -> None:
     """Refuse to continue checkpoints of another model setup in the same OUT."""
     from omegaconf import OmegaConf
 
-    from cldm.lightning import find_resume_checkpoint
+    from cldm.resume import find_resume_checkpoint
     from cldm.trainable import config_hash
 
     saved = out / "config.yaml"
@@ -359,7 +359,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.strategies import DDPStrategy
 
-    from cldm.lightning import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
+    from cldm.callbacks import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
 
     t = cfg.train
     devices = devices_arg(args.devices)
@@ -454,7 +454,7 @@ def check_launcher(world: int, args) -> None:
 
 def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:
     """Say so when the resume checkpoint already reached --max-steps: Lightning stops at once, silently."""
-    from cldm.lightning import checkpoint_step
+    from cldm.resume import checkpoint_step
 
     if resume is None or max_steps < 0 or not is_launch_rank_zero():
         return
@@ -469,7 +469,8 @@ def prepare(args):
     import lightning as L
     from omegaconf import OmegaConf
 
-    from cldm.lightning import ColorControlModule, remove_partial_checkpoints
+    from cldm.lightning import ColorControlModule
+    from cldm.resume import remove_partial_checkpoints
     from cldm.trainable import check_optimizer
     from colorize.loading import check_saved_config
 

@@ -1,7 +1,9 @@
-"""Lightning wrapper for training the colour ControlNet (the only model file that imports Lightning).
+"""Lightning wrapper for training the colour ControlNet (with cldm/callbacks.py, the only model
+files that import Lightning).
 
 What trains is decided by `cldm.trainable`; this file adds the step (dataset batch -> loss),
-the optimiser, crash-safe checkpoints that resume, and the image/replica callbacks.
+the optimiser and what a checkpoint holds. Checkpoint files and resuming: cldm/resume.py;
+writing them, the image logger and the replica check: cldm/callbacks.py.
 
 Only what trains is in train mode: the ControlNet (and, with sd_locked false, the UNet
 decoder). The VAE, the text encoder and the locked UNet stay in eval mode. Gradients still
@@ -11,24 +13,15 @@ depend on the train flag (it is on whenever autograd records), so eval costs not
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import re
 import sys
-import warnings
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from atomicio import atomic_path, write_bytes_atomic
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
+from cldm.resume import TRAINING_KEY
 from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_keys,
                             make_optimizer, param_groups, unet_input_conv)
 
@@ -213,11 +206,11 @@ class ColorControlModule(L.LightningModule):
         self.check_locked()
         keep = {"model." + k for k in export_keys(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["cldm"] = {"config_hash": self._config_hash, "color_variant": self.model.color_variant,
+        checkpoint[TRAINING_KEY] = {"config_hash": self._config_hash, "color_variant": self.model.color_variant,
                               "locked_fingerprint": self.locked_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = checkpoint.get("cldm", {})
+        info = checkpoint.get(TRAINING_KEY, {})
         if self._config_hash and info.get("config_hash") and info["config_hash"] != self._config_hash:
             raise CheckpointError(f"checkpoint was trained with another model config (hash "
                                   f"{info['config_hash']}, this run {self._config_hash})")
@@ -253,252 +246,3 @@ class ColorControlModule(L.LightningModule):
         import torchvision
         tiles = torch.stack([c.clamp(0, 1).float().cpu() for c in cols], dim=1).flatten(0, 1)
         return torchvision.utils.make_grid(tiles, nrow=4, padding=2)
-
-
-# ------------------------------------------------------------------------------------------
-# checkpoints
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp file in the same folder, fsync, then rename over the final name.
-
-    A kill at any moment leaves either the previous file or the complete new one, never a
-    truncated checkpoint under a `.ckpt` name (temp names start with '.' and end in '.tmp').
-    Checkpoints get the permissions of an ordinary new file (0666 less the umask).
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        if "://" in str(path):  # remote storage: Lightning's own writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, fsync=True, keep_suffix=False) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-
-
-class StepCheckpoint(ModelCheckpoint):
-    """Keep the newest `keep` checkpoints, one every `every_n_steps`, plus one at the final step.
-
-    Lightning saves them all (save_top_k=-1); pruning is ours, by the step in the file names of
-    the whole folder: ModelCheckpoint forgets files of earlier runs (the one resumed from, or
-    all of them when --ckpt-every changed), which would pile up, a few GB each.
-    """
-
-    def __init__(self, dirpath, every_n_steps: int, keep: int):
-        super().__init__(dirpath=dirpath, filename="step={step:08d}", auto_insert_metric_name=False,
-                         monitor="step", mode="max", save_top_k=-1, every_n_train_steps=every_n_steps,
-                         save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
-        self.keep = keep
-
-    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-        super().on_train_batch_end(trainer, *args, **kwargs)
-        self.prune(trainer)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
-        # Private ModelCheckpoint API (tested in tests/cldm/test_lightning.py): a run that ends
-        # between two save points still leaves its final state resumable.
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-        self.prune(trainer)
-
-    def prune(self, trainer) -> None:
-        if trainer.is_global_zero:
-            for _, _, path in list_checkpoints(self.dirpath)[:-self.keep]:
-                path.unlink(missing_ok=True)
-
-
-STEP_RE = re.compile(r"step=(\d+)")
-
-
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """Cheap completeness test: torch.save writes a zip whose directory is at the very end."""
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
-# What Lightning reads to resume a run, and what ColorControlModule.on_save_checkpoint adds.
-LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "state_dict", "optimizer_states", "lr_schedulers",
-                  "loops")
-TRAINING_KEY = "cldm"
-
-
-def resume_problem(path: str | Path) -> str | None:
-    """Why `path` cannot be resumed from (one line), or None for a training checkpoint of this project.
-
-    Reads only the checkpoint's pickle, with weights_only (no code runs) and the tensors
-    memory-mapped, so a multi-GB file costs little. Catches what a zip check lets through,
-    such as the --init file saved as .ckpt, before Lightning fails on it with a traceback.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        return f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
-    if not isinstance(ckpt, dict):
-        return f"holds a {type(ckpt).__name__}, not a training checkpoint"
-    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
-    if missing:
-        return (f"not a Lightning training checkpoint (no {missing[0]!r}; an --init or exported file holds "
-                "weights only); resume from a file in OUT/checkpoints")
-    if TRAINING_KEY not in ckpt:
-        return f"a Lightning checkpoint, but not of this training (no {TRAINING_KEY!r} entry)"
-    return None
-
-
-def _step_files(dirpath: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every step=N .ckpt under `dirpath`, complete or not, oldest step first."""
-    found = []
-    for p in Path(dirpath).glob("*.ckpt") if Path(dirpath).is_dir() else []:
-        if m := STEP_RE.search(p.name):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def list_checkpoints(dirpath: str | Path) -> list[tuple[int, float, Path]]:
-    """(step, mtime, path) of the complete step checkpoints under `dirpath`, oldest step first."""
-    return [(step, p.stat().st_mtime, p) for step, p in _step_files(dirpath) if is_complete_checkpoint(p)]
-
-
-def incomplete_checkpoints(dirpath: str | Path) -> list[Path]:
-    """Step checkpoints under `dirpath` that are not whole files (a copy cut short, say).
-
-    Never a save in progress: AtomicCheckpointIO writes under a temp name and renames. Still,
-    a final name may belong to someone else's copy in progress, so these are neither resumed
-    from, nor counted toward keep, nor deleted.
-    """
-    return [p for _, p in _step_files(dirpath) if not is_complete_checkpoint(p)]
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The optimiser step a checkpoint was saved at: from its name (step=N), else its contents."""
-    m = STEP_RE.search(Path(path).name)
-    if m:
-        return int(m.group(1))
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
-
-
-def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
-    """The complete checkpoint of the highest step under `dirpath`, or None."""
-    found = list_checkpoints(dirpath)
-    return found[-1][2] if found else None
-
-
-class ResumeMismatchError(CheckpointError):
-    """Processes of one run picked different checkpoints to resume from."""
-
-
-def check_same_resume(path: str | Path | None) -> None:
-    """Raise ResumeMismatchError on every process unless all resume from global rank 0's choice.
-
-    Each process picks its resume checkpoint by listing OUT/checkpoints itself, before the
-    process group exists (torchrun and SLURM start them all at once, on several nodes). On a
-    shared filesystem whose view lags on some node, a process could see an older newest
-    checkpoint, resume from it, and train on different weights than the others. Called once
-    the group exists and before anything is restored; all processes reach the same verdict,
-    so none is left waiting in a collective. A no-op without a process group.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    mine = None if path is None else str(path)
-    chosen = [None] * dist.get_world_size()
-    dist.all_gather_object(chosen, mine)
-    odd = [r for r, c in enumerate(chosen) if c != chosen[0]]
-    if odd:
-        def name(c):
-            return c or "none (fresh start)"
-        raise ResumeMismatchError(
-            f"processes chose different checkpoints to resume from: global rank 0 {name(chosen[0])}, rank "
-            f"{odd[0]} {name(chosen[odd[0]])} ({len(odd)} rank(s) differ); is --out on a shared filesystem that "
-            "every node sees up to date? Rerun, or pass --resume with rank 0's file")
-
-
-def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
-    """Delete temp files that a killed save left behind."""
-    gone = []
-    for p in Path(dirpath).glob(".*.tmp") if Path(dirpath).is_dir() else []:
-        p.unlink(missing_ok=True)
-        gone.append(p)
-    return gone
-
-
-# ------------------------------------------------------------------------------------------
-# callbacks
-
-
-class ImageLogger(Callback):
-    """Every `every_n_steps` optimiser steps, rank 0 writes a reference | gray | sample | truth grid.
-
-    PNG to `out_dir/step-XXXXXXXX.png` and the image to TensorBoard. Sampling is DDIM with a
-    fixed seed, under the run's precision.
-    """
-
-    def __init__(self, out_dir, every_n_steps: int = 500, n: int = 4, ddim_steps: int = 20, seed: int = 0):
-        self.out_dir, self.every, self.n, self.ddim_steps, self.seed = Path(out_dir), every_n_steps, n, ddim_steps, seed
-        self._last = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every <= 0 or step == 0 or step % self.every or step == self._last or not trainer.is_global_zero:
-            return
-        self._last = step  # with gradient accumulation several batches end at one step
-        with trainer.precision_plugin.forward_context():
-            grid = pl_module.image_grid(batch, self.n, self.ddim_steps, self.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        import torchvision
-        with atomic_path(self.out_dir / f"step-{step:08d}.png") as tmp:
-            torchvision.utils.save_image(grid, tmp, format="PNG")
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, step)  # columns: ref, gray, sample, truth
-
-
-def weights_digest(module: ColorControlModule) -> str:
-    """SHA-256 over the trainable tensors' bytes: equal iff the weights are bitwise equal."""
-    h = hashlib.sha256()
-    sd = module.model.state_dict()
-    for k in export_keys(module.model):
-        h.update(k.encode())
-        h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class ResumeAgreement(Callback):
-    """Before Lightning restores a checkpoint, check that every process resumes from the one
-    global rank 0 chose (`check_same_resume`); `ckpt_path` is what this process passes to fit."""
-
-    def __init__(self, ckpt_path: str | Path | None):
-        self.ckpt_path = ckpt_path
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        # Trainer._run: setup_environment (process group) -> setup hooks -> restore
-        check_same_resume(self.ckpt_path)
-
-
-class ReplicaCheck(Callback):
-    """At the end of training, compare every process's trainable weights; write `path` (JSON).
-
-    DDP keeps replicas identical only if every step's all-reduce and update agree; this makes
-    that an observable fact of each run rather than an assumption. Raises if they differ.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        digest = weights_digest(pl_module)
-        digests = [digest]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            digests = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(digests, digest)
-        same = len(set(digests)) == 1
-        if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.path, json.dumps({"step": trainer.global_step, "world_size": len(digests),
-                                                      "identical": same, "digests": digests}, indent=1).encode())
-        if not same:
-            raise RuntimeError(f"DDP replicas hold different weights at step {trainer.global_step}: {digests}")

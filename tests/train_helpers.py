@@ -1,6 +1,7 @@
 """Tiny models and batches for the training tests (importable, unlike conftest)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -67,3 +68,14 @@ def tiny_data_root(root: Path, movies: int = 2, frames: int = 8, height: int = 6
         build_movie(src, root / "data", f"m{k}",
                     BuildOptions(size=min(height, width), window=3, threads=1, image_format=image_format))
     return root / "data"
+
+
+class FakeTrainer:
+    """What ReplicaCheck and ImageLogger read of a Trainer: one process at step 1, no loggers."""
+
+    global_step, is_global_zero, loggers = 1, True, []
+
+    class precision_plugin:
+        @staticmethod
+        def forward_context():
+            return contextlib.nullcontext()

@@ -1,9 +1,6 @@
 """Lightning wrapper: overfitting a fixed batch, the latent cache, modes, checkpointing, precision,
-logs, atomic checkpoints and the resume agreement of DDP processes."""
-import contextlib
+logs and what a checkpoint holds (checkpoint files: test_resume.py, test_callbacks.py)."""
 import math
-import multiprocessing
-import os
 
 import cv2
 import lightning as L
@@ -17,11 +14,9 @@ from torch.utils.data import DataLoader, default_collate
 import ldm.modules.attention
 import ldm.modules.unet
 from annotator.latent_cache import LatentCacheError, build_latent_cache
-from cldm.checkpoint import CheckpointError, save_state_dict
-from cldm.lightning import (AtomicCheckpointIO, ColorControlModule, ImageLogger, ReplicaCheck, ResumeMismatchError,
-                            noise_seed,
-                            StepCheckpoint, check_same_resume, find_resume_checkpoint, incomplete_checkpoints,
-                            is_complete_checkpoint, remove_partial_checkpoints, resume_problem)
+from cldm.callbacks import ImageLogger
+from cldm.checkpoint import CheckpointError
+from cldm.lightning import ColorControlModule, noise_seed
 from cldm.model import TINY_CONFIG, load_config
 from cldm.trainable import UNET_INPUT_CONV, export_keys
 from ldm.modules.attention import BasicTransformerBlock
@@ -434,136 +429,6 @@ def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
         assert logged.shape == png.shape and np.abs(logged.astype(int) - png).max() <= 1  # same grid
 
 
-def test_atomic_save_leaves_old_file_on_failure_and_no_temp(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "step=00000005.ckpt"
-    io.save_checkpoint({"global_step": 5, "w": torch.ones(3)}, path)
-    assert is_complete_checkpoint(path) and os.listdir(tmp_path) == [path.name]
-
-    def dies_half_way(obj, f, *a, **kw):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"global_step": 6}, path)
-    assert os.listdir(tmp_path) == [path.name]
-    assert torch.load(path, weights_only=True)["global_step"] == 5
-
-
-def test_atomic_save_gives_the_mode_of_an_ordinary_file(tmp_path):
-    """Checkpoints, sample grids and the replica report get 0666 & ~umask, as open() would create
-    them (not mkstemp's 0600), and no temporary file is left."""
-    io = AtomicCheckpointIO()
-    module = ColorControlModule(tiny_model("v2"))
-    old = os.umask(0o027)
-    try:
-        for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
-            os.umask(umask)
-            d = tmp_path / f"u{umask:03o}"
-            io.save_checkpoint({"global_step": 1}, d / "step=00000001.ckpt")
-            ReplicaCheck(d / "replicas.json").on_train_end(FakeTrainer(), module)
-            ImageLogger(d / "images", every_n_steps=1, n=1, ddim_steps=1).on_train_batch_end(
-                FakeTrainer(), module, None, tiny_batch(1), 0)
-            plain = d / "plain"
-            plain.write_bytes(b"")
-            files = [d / "step=00000001.ckpt", d / "replicas.json", d / "images" / "step-00000001.png", plain]
-            assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: mode for p in files}
-            assert sorted(p.name for p in d.rglob("*")) == sorted(["images", *(p.name for p in files)])
-    finally:
-        os.umask(old)
-
-
-class FakeTrainer:
-    """What ReplicaCheck and ImageLogger read of a Trainer: one process at step 1, no loggers."""
-
-    global_step, is_global_zero, loggers = 1, True, []
-
-    class precision_plugin:
-        @staticmethod
-        def forward_context():
-            return contextlib.nullcontext()
-
-
-def _resume_worker(rank, store, paths, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        check_same_resume(paths[rank])
-        results.put((rank, "ok"))
-    except ResumeMismatchError as e:
-        results.put((rank, str(e)))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def resume_verdicts(tmp_path, name, paths):
-    """check_same_resume in 2 gloo processes, process k passing paths[k]: {rank: 'ok' or error}."""
-    ctx = multiprocessing.get_context("fork")  # fast; the children only pickle and talk gloo
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_resume_worker, args=(r, tmp_path / name, paths, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = dict(results.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    return out
-
-
-def test_all_processes_must_resume_from_rank_zeros_checkpoint(tmp_path):
-    a, b = "out/checkpoints/step=00000010.ckpt", "out/checkpoints/step=00000008.ckpt"
-    assert resume_verdicts(tmp_path, "same", [a, a]) == {0: "ok", 1: "ok"}
-    assert resume_verdicts(tmp_path, "fresh", [None, None]) == {0: "ok", 1: "ok"}
-    # e.g. rank 1's node lists the shared folder late and sees an older newest checkpoint
-    for name, paths in (("older", [a, b]), ("none", [a, None])):
-        verdicts = resume_verdicts(tmp_path, name, paths)
-        assert verdicts[0] == verdicts[1]  # both stop, with the same one-line reason
-        msg = verdicts[0]
-        assert "\n" not in msg and f"global rank 0 {a}" in msg and f"rank 1 {paths[1] or 'none'}" in msg, msg
-    check_same_resume(a)  # one process (no group): nothing to agree on
-
-
-def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
-    io = AtomicCheckpointIO()
-    for step in (3, 10):
-        io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
-    (tmp_path / "step=00000020.ckpt").write_bytes(b"PK\x03\x04 truncated")  # e.g. a copy cut short
-    (tmp_path / ".step=00000030.ckpt.abc.tmp").write_bytes(b"partial")       # a killed save
-    assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
-    os.utime(tmp_path / "step=00000003.ckpt", (2e9, 2e9))  # touched later (a copy, say): the step decides
-    assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
-    assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".step=00000030.ckpt.abc.tmp"]
-    assert find_resume_checkpoint(tmp_path / "missing") is None
-
-
-def test_step_checkpoint_keeps_the_newest_of_the_whole_folder(tmp_path):
-    """Files of earlier runs (a resume) count too; other files are left alone."""
-    io = AtomicCheckpointIO()
-    for step in (2, 10, 4, 9):
-        io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
-    (tmp_path / "notes.txt").write_text("mine")
-    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(FakeTrainer())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step=00000009.ckpt", "step=00000010.ckpt"]
-    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(type("Rank1", (FakeTrainer,), {"is_global_zero": False}))
-    assert len(list(tmp_path.iterdir())) == 3  # only global rank 0 deletes
-
-
-def test_incomplete_checkpoints_are_listed_apart_and_neither_kept_nor_deleted(tmp_path):
-    """A step file cut short is no resume candidate and takes no --ckpt-keep slot; it is left for
-    the user to move (a final name might be someone's copy in progress)."""
-    io = AtomicCheckpointIO()
-    for step in (274, 275, 276):
-        io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
-    cut = tmp_path / "step=00000277.ckpt"
-    cut.write_bytes((tmp_path / "step=00000276.ckpt").read_bytes()[:-30])  # the zip's directory is lost
-    (tmp_path / "notes.ckpt").write_bytes(b"no step in the name")
-    assert incomplete_checkpoints(tmp_path) == [cut]
-    assert find_resume_checkpoint(tmp_path).name == "step=00000276.ckpt"
-    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(FakeTrainer())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.ckpt", "step=00000275.ckpt", "step=00000276.ckpt",
-                                                           "step=00000277.ckpt"]
-    assert incomplete_checkpoints(tmp_path / "missing") == []
-
-
 def test_validation_loss_draws_everything_from_its_per_batch_generator():
     """validation_step = compute_loss(batch, generator=g): the posterior draw, then t, then the noise
     come from g (seeded by run seed and batch index), never from torch's RNG."""
@@ -603,35 +468,6 @@ def test_image_grid_encodes_only_the_reference():
     del cached["jpg"]
     module.image_grid(cached, n=2, steps=1)
     assert calls == []
-
-
-def test_resume_problem_accepts_training_checkpoints_only(tmp_path):
-    """An explicit --resume file must be a Lightning checkpoint written by this training: an init
-    .ckpt is a zip too (it passes is_complete_checkpoint) but holds weights only."""
-    module = ColorControlModule(tiny_model("v2"))
-    init = tmp_path / "init.ckpt"  # as tool_add_control_sd21.py writes it with a .ckpt name
-    save_state_dict(module.model.state_dict(), init)
-    assert is_complete_checkpoint(init)
-    assert resume_problem(init) == ("not a Lightning training checkpoint (no 'pytorch-lightning_version'; an "
-                                    "--init or exported file holds weights only); resume from a file in "
-                                    "OUT/checkpoints")
-    ckpt = {"pytorch-lightning_version": L.__version__, "global_step": 2, "epoch": 0, "loops": {},
-            "optimizer_states": [], "lr_schedulers": [], "state_dict": {}}
-    other = tmp_path / "other.ckpt"
-    torch.save(ckpt, other)
-    assert resume_problem(other) == "a Lightning checkpoint, but not of this training (no 'cldm' entry)"
-    module.on_save_checkpoint(ckpt)  # adds what this training stores
-    good = tmp_path / "step=00000002.ckpt"
-    AtomicCheckpointIO().save_checkpoint(ckpt, good)
-    assert resume_problem(good) is None
-    cut = tmp_path / "cut.ckpt"
-    cut.write_bytes(good.read_bytes()[:200])
-    assert resume_problem(cut).startswith("truncated, or not a checkpoint written by this training (")
-    legacy = tmp_path / "legacy.ckpt"  # an old torch.save format cannot be memory-mapped or resumed
-    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
-    assert resume_problem(legacy).startswith("truncated, or not a checkpoint written by this training (")
-    torch.save([1, 2], other)
-    assert resume_problem(other) == "holds a list, not a training checkpoint"
 
 
 def test_adamw8bit_keeps_the_locked_channels_of_a_real_size_input_conv():

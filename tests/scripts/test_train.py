@@ -155,7 +155,8 @@ def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(
 
 def training_ckpt(path, step):
     """A file resume_problem accepts: the keys Lightning and on_save_checkpoint write, no tensors."""
-    from cldm.lightning import LIGHTNING_KEYS, TRAINING_KEY, AtomicCheckpointIO
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
 
     AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": step, TRAINING_KEY: {}},
                                          path)

@@ -1,0 +1,141 @@
+"""Lightning plug-ins around ColorControlModule: crash-safe checkpoint writing and pruning,
+the resume agreement between processes, the image logger and the DDP replica check.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from atomicio import atomic_path, write_bytes_atomic
+from cldm.resume import check_same_resume, list_checkpoints
+from cldm.trainable import export_keys
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temp file in the same folder, fsync, then rename over the final name.
+
+    A kill at any moment leaves either the previous file or the complete new one, never a
+    truncated checkpoint under a `.ckpt` name (temp names start with '.' and end in '.tmp').
+    Checkpoints get the permissions of an ordinary new file (0666 less the umask).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, fsync=True, keep_suffix=False) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Keep the newest `keep` checkpoints, one every `every_n_steps`, plus one at the final step.
+
+    Lightning saves them all (save_top_k=-1); pruning is ours, by the step in the file names of
+    the whole folder: ModelCheckpoint forgets files of earlier runs (the one resumed from, or
+    all of them when --ckpt-every changed), which would pile up, a few GB each.
+    """
+
+    def __init__(self, dirpath, every_n_steps: int, keep: int):
+        super().__init__(dirpath=dirpath, filename="step={step:08d}", auto_insert_metric_name=False,
+                         monitor="step", mode="max", save_top_k=-1, every_n_train_steps=every_n_steps,
+                         save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
+        self.keep = keep
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        self.prune(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        # Private ModelCheckpoint API (tested by tests/scripts/test_train.py's resume without a periodic checkpoint): a run that ends
+        # between two save points still leaves its final state resumable.
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.prune(trainer)
+
+    def prune(self, trainer) -> None:
+        if trainer.is_global_zero:
+            for _, _, path in list_checkpoints(self.dirpath)[:-self.keep]:
+                path.unlink(missing_ok=True)
+
+
+class ResumeAgreement(Callback):
+    """Before Lightning restores a checkpoint, check that every process resumes from the one
+    global rank 0 chose (`check_same_resume`); `ckpt_path` is what this process passes to fit."""
+
+    def __init__(self, ckpt_path: str | Path | None):
+        self.ckpt_path = ckpt_path
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Trainer._run: setup_environment (process group) -> setup hooks -> restore
+        check_same_resume(self.ckpt_path)
+
+
+class ImageLogger(Callback):
+    """Every `every_n_steps` optimiser steps, rank 0 writes a reference | gray | sample | truth grid.
+
+    PNG to `out_dir/step-XXXXXXXX.png` and the image to TensorBoard. Sampling is DDIM with a
+    fixed seed, under the run's precision.
+    """
+
+    def __init__(self, out_dir, every_n_steps: int = 500, n: int = 4, ddim_steps: int = 20, seed: int = 0):
+        self.out_dir, self.every, self.n, self.ddim_steps, self.seed = Path(out_dir), every_n_steps, n, ddim_steps, seed
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == 0 or step % self.every or step == self._last or not trainer.is_global_zero:
+            return
+        self._last = step  # with gradient accumulation several batches end at one step
+        with trainer.precision_plugin.forward_context():
+            grid = pl_module.image_grid(batch, self.n, self.ddim_steps, self.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        import torchvision
+        with atomic_path(self.out_dir / f"step-{step:08d}.png") as tmp:
+            torchvision.utils.save_image(grid, tmp, format="PNG")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, step)  # columns: ref, gray, sample, truth
+
+
+def weights_digest(module) -> str:
+    """SHA-256 over the trainable tensors' bytes: equal iff the weights are bitwise equal."""
+    h = hashlib.sha256()
+    sd = module.model.state_dict()
+    for k in export_keys(module.model):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ReplicaCheck(Callback):
+    """At the end of training, compare every process's trainable weights; write `path` (JSON).
+
+    DDP keeps replicas identical only if every step's all-reduce and update agree; this makes
+    that an observable fact of each run rather than an assumption. Raises if they differ.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        digest = weights_digest(pl_module)
+        digests = [digest]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            digests = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(digests, digest)
+        same = len(set(digests)) == 1
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path, json.dumps({"step": trainer.global_step, "world_size": len(digests),
+                                                      "identical": same, "digests": digests}, indent=1).encode())
+        if not same:
+            raise RuntimeError(f"DDP replicas hold different weights at step {trainer.global_step}: {digests}")

@@ -1,0 +1,133 @@
+"""Training checkpoints on disk: which are complete, which one to resume from, and whether
+every process of a run agrees on it.
+
+Lightning-free (torch only), so checks such as `resume_problem` cost no Lightning import; the
+writers and callbacks that produce these files are in cldm/callbacks.py.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from cldm.checkpoint import CheckpointError
+
+STEP_RE = re.compile(r"step=(\d+)")
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Cheap completeness test: torch.save writes a zip whose directory is at the very end."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+# What Lightning reads to resume a run, and what ColorControlModule.on_save_checkpoint adds.
+LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "state_dict", "optimizer_states", "lr_schedulers",
+                  "loops")
+TRAINING_KEY = "cldm"
+
+
+def resume_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be resumed from (one line), or None for a training checkpoint of this project.
+
+    Reads only the checkpoint's pickle, with weights_only (no code runs) and the tensors
+    memory-mapped, so a multi-GB file costs little. Catches what a zip check lets through,
+    such as the --init file saved as .ckpt, before Lightning fails on it with a traceback.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
+    if not isinstance(ckpt, dict):
+        return f"holds a {type(ckpt).__name__}, not a training checkpoint"
+    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+    if missing:
+        return (f"not a Lightning training checkpoint (no {missing[0]!r}; an --init or exported file holds "
+                "weights only); resume from a file in OUT/checkpoints")
+    if TRAINING_KEY not in ckpt:
+        return f"a Lightning checkpoint, but not of this training (no {TRAINING_KEY!r} entry)"
+    return None
+
+
+def _step_files(dirpath: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step=N .ckpt under `dirpath`, complete or not, oldest step first."""
+    found = []
+    for p in Path(dirpath).glob("*.ckpt") if Path(dirpath).is_dir() else []:
+        if m := STEP_RE.search(p.name):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def list_checkpoints(dirpath: str | Path) -> list[tuple[int, float, Path]]:
+    """(step, mtime, path) of the complete step checkpoints under `dirpath`, oldest step first."""
+    return [(step, p.stat().st_mtime, p) for step, p in _step_files(dirpath) if is_complete_checkpoint(p)]
+
+
+def incomplete_checkpoints(dirpath: str | Path) -> list[Path]:
+    """Step checkpoints under `dirpath` that are not whole files (a copy cut short, say).
+
+    Never a save in progress: AtomicCheckpointIO writes under a temp name and renames. Still,
+    a final name may belong to someone else's copy in progress, so these are neither resumed
+    from, nor counted toward keep, nor deleted.
+    """
+    return [p for _, p in _step_files(dirpath) if not is_complete_checkpoint(p)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimiser step a checkpoint was saved at: from its name (step=N), else its contents."""
+    m = STEP_RE.search(Path(path).name)
+    if m:
+        return int(m.group(1))
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
+def find_resume_checkpoint(dirpath: str | Path) -> Path | None:
+    """The complete checkpoint of the highest step under `dirpath`, or None."""
+    found = list_checkpoints(dirpath)
+    return found[-1][2] if found else None
+
+
+class ResumeMismatchError(CheckpointError):
+    """Processes of one run picked different checkpoints to resume from."""
+
+
+def check_same_resume(path: str | Path | None) -> None:
+    """Raise ResumeMismatchError on every process unless all resume from global rank 0's choice.
+
+    Each process picks its resume checkpoint by listing OUT/checkpoints itself, before the
+    process group exists (torchrun and SLURM start them all at once, on several nodes). On a
+    shared filesystem whose view lags on some node, a process could see an older newest
+    checkpoint, resume from it, and train on different weights than the others. Called once
+    the group exists and before anything is restored; all processes reach the same verdict,
+    so none is left waiting in a collective. A no-op without a process group.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = None if path is None else str(path)
+    chosen = [None] * dist.get_world_size()
+    dist.all_gather_object(chosen, mine)
+    odd = [r for r, c in enumerate(chosen) if c != chosen[0]]
+    if odd:
+        def name(c):
+            return c or "none (fresh start)"
+        raise ResumeMismatchError(
+            f"processes chose different checkpoints to resume from: global rank 0 {name(chosen[0])}, rank "
+            f"{odd[0]} {name(chosen[odd[0]])} ({len(odd)} rank(s) differ); is --out on a shared filesystem that "
+            "every node sees up to date? Rerun, or pass --resume with rank 0's file")
+
+
+def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
+    """Delete temp files that a killed save left behind."""
+    gone = []
+    for p in Path(dirpath).glob(".*.tmp") if Path(dirpath).is_dir() else []:
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
