@@ -55,8 +55,8 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
-        # Private ModelCheckpoint API (tested by tests/scripts/test_train.py's resume without a periodic checkpoint): a run that ends
-        # between two save points still leaves its final state resumable.
+        # Private ModelCheckpoint API (tested by a resume without periodic checkpoints in
+        # tests/scripts/test_train.py): a run that ends between two save points stays resumable.
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         self.prune(trainer)
