@@ -5,7 +5,8 @@ load them with `weights_only=True` and only unpickle fully when the caller says 
 file. Writing defaults to safetensors (no code, memory-mappable) and is atomic so an
 interrupted save never leaves a half-written checkpoint under the final name.
 
-CLI: `python -m cldm.checkpoint inspect FILE [--config YAML]` (what it is; how it fits a model) and
+CLI: `python -m cldm.checkpoint inspect FILE [--config YAML]` (what it is; how it fits a model, or
+for this project's training checkpoints and exports, what they are used for) and
 `python -m cldm.checkpoint convert IN OUT`; exit status 0, or 2 with one line on bad input.
 """
 import itertools
@@ -503,12 +504,16 @@ def main(argv=None):
                        epilog="Exit status: 0 done, 1 the file would not load under --config, 2 bad input, "
                               "130 interrupted.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="print tensor count, parameters, dtypes and what the file looks like")
+    p = sub.add_parser("inspect", help="print tensor count, parameters, dtypes and what the file looks like "
+                                       "(SD weights, a full model, a training checkpoint, a --control export)")
     p.add_argument("file", help=".safetensors, .ckpt, .pt or .pth file")
     p.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle a .ckpt that needs it (runs its code: trusted files only)")
     p.add_argument("--config", help="also compare the file with the model of this YAML: the load summary "
-                                    "(found / missing / unexpected / reshaped) and whether it would load")
+                                    "(found / missing / unexpected / reshaped) and whether it would load; a "
+                                    "training checkpoint (OUT/checkpoints/*.ckpt) against the tensors that train "
+                                    "under it, as a resume loads them, an export (control.safetensors) on top of "
+                                    "SD weights, as --control loads it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for --config, e.g. --set model.color_variant=v3 (repeatable)")
     p = sub.add_parser("convert", help="re-save a checkpoint's tensors (format from OUT's extension)")
@@ -536,16 +541,42 @@ def _inspect(args):
     print(f"file: {args.file}\ntensors: {len(sd)}\nparameters: {n:,} ({n / 1e6:.1f} M)")
     print("dtypes: " + ", ".join(f"{d} {c}" for d, c in dtypes.most_common()))
     print("top-level: " + ", ".join(f"{t}.* {c}" if c > 1 else t for t, c in tops.most_common(8)))
-    print(f"looks like: {guess_kind(sd)}")
+    from cldm import trainable  # imports this module
+    training = trainable.read_training_checkpoint(args.file)
+    export = training is None and trainable.is_export(sd, meta)
+    if training is not None:  # OUT/checkpoints/*.ckpt: the trainable tensors, under the LightningModule's name
+        sd = {k.removeprefix(trainable.MODULE_PREFIX): v for k, v in sd.items()}
+        kind = (f"Lightning training checkpoint of this project: {len(sd)} trainable tensors, step "
+                f"{training.get('global_step', '?')}, to resume or --export ({guess_kind(sd)})")
+    elif export:
+        step = f", step {meta['step']}" if "step" in meta else ""
+        kind = f"ControlNet export (trainable weights only{step}), for --control on top of SD weights " \
+               f"({guess_kind(sd)})"
+    else:
+        kind = guess_kind(sd)
+    print(f"looks like: {kind}")
     print("metadata: " + (", ".join(sorted(meta)) or "none"))
     if cfg is None:
         return 0
     from cldm.model import create_model
     with torch.device("meta"):
-        report = compare_state_dict(create_model(cfg), sd)
-    print(f"against {args.config}:\n{report.summary()}")
-    reason = misfit(report)
-    print(f"would not load: {reason}" if reason else "would load" + ("" if report.ok else " (partially)"))
+        model = create_model(cfg)
+    if training is not None:  # what a resume (or --export) of a run under this config would load
+        trainable.configure_trainable(model, cfg.model.sd_locked, cfg.model.get("train_unet_input", True))
+        report, reason = trainable.resume_misfit(model, cfg, sd, training[trainable.TRAINING_KEY])
+        print(f"against {args.config}, the tensors that train under it:\n{report.summary()}")
+        verdict = "would load to resume training (on the run's --init weights)"
+    elif export:  # what colorize_inference.py --ckpt SD --control FILE would load
+        report, reason = trainable.export_misfit(model, sd)
+        reason = trainable.recorded_mismatch(meta, model) or reason
+        print(f"against {args.config}, on top of SD weights that give the rest:\n{report.summary()}")
+        verdict = "would load as --control"
+    else:
+        report = compare_state_dict(model, sd)
+        reason = misfit(report)
+        print(f"against {args.config}:\n{report.summary()}")
+        verdict = "would load" + ("" if report.ok else " (partially)")
+    print(f"would not load: {reason}" if reason else verdict)
     return 1 if reason else 0
 
 

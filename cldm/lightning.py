@@ -21,9 +21,8 @@ import torch
 
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
-from cldm.resume import TRAINING_KEY
-from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_keys,
-                            make_optimizer, param_groups, unet_input_conv)
+from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer, config_hash,
+                            configure_trainable, export_keys, make_optimizer, param_groups, unet_input_conv)
 
 
 def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
@@ -204,10 +203,10 @@ class ColorControlModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_locked()
-        keep = {"model." + k for k in export_keys(self.model)}
+        keep = {MODULE_PREFIX + k for k in export_keys(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[TRAINING_KEY] = {"config_hash": self._config_hash, "color_variant": self.model.color_variant,
-                              "locked_fingerprint": self.locked_fingerprint()}
+                                    "locked_fingerprint": self.locked_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get(TRAINING_KEY, {})
@@ -218,7 +217,7 @@ class ColorControlModule(L.LightningModule):
         if fp is not None and abs(fp - self.locked_fingerprint()) > 1e-7 * abs(fp):
             raise CheckpointError("checkpoint was trained on other locked SD weights than this run's --init "
                                   f"(fingerprint {fp:.9g} vs {self.locked_fingerprint():.9g})")
-        missing = sorted({"model." + k for k in export_keys(self.model)} - set(checkpoint["state_dict"]))
+        missing = sorted({MODULE_PREFIX + k for k in export_keys(self.model)} - set(checkpoint["state_dict"]))
         if missing:
             raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
                                   "is it from this training setup?")

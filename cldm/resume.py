@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cldm.checkpoint import CheckpointError
+from cldm.trainable import TRAINING_KEY
 
 STEP_RE = re.compile(r"step=(\d+)")
 
@@ -26,10 +27,9 @@ def is_complete_checkpoint(path: str | Path) -> bool:
         return False
 
 
-# What Lightning reads to resume a run, and what ColorControlModule.on_save_checkpoint adds.
+# What Lightning reads to resume a run (ColorControlModule.on_save_checkpoint adds TRAINING_KEY).
 LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "state_dict", "optimizer_states", "lr_schedulers",
                   "loops")
-TRAINING_KEY = "cldm"
 
 
 def resume_problem(path: str | Path) -> str | None:

@@ -20,20 +20,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, compare_state_dict, load_state_dict,
-                             misfit, read_metadata, save_state_dict)
+from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, LoadReport, compare_state_dict,
+                             load_state_dict, misfit, read_metadata, save_state_dict)
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
 
 UNET_INPUT_CONV = UNET + INPUT_CONV  # the partly trainable tensor
 EXPORT_FORMAT = "cldm-color-control-v1"
 OPTIMIZERS = ("adamw", "adamw8bit")
+# Lightning training checkpoints (cldm/lightning.py) hold the trainable tensors under the LightningModule's
+# name for the ControlLDM, and what they were trained for under TRAINING_KEY.
+MODULE_PREFIX, TRAINING_KEY = "model.", "cldm"
 
 
 def check_optimizer(name: str) -> None:
@@ -164,21 +168,89 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
 
 
 def check_recorded(meta: dict[str, str], model: ControlLDM, path: str | Path) -> None:
-    """Refuse a file whose metadata says it was made for another model: these mismatches load
-    without a shape error and then colour wrongly (a v1 init under a v2 config does not load,
-    but eps under v, or 12 controls for 1, would)."""
+    """Refuse a file whose metadata says it was made for another model (`recorded_mismatch`)."""
+    if reason := recorded_mismatch(meta, model):
+        raise CheckpointError(f"{path}: {reason}")
+
+
+def recorded_mismatch(meta: dict[str, str], model: ControlLDM) -> str | None:
+    """Why metadata `meta` says its file was made for another model, or None. These mismatches
+    load without a shape error and then colour wrongly (a v1 init under a v2 config does not
+    load, but eps under v, or 12 controls for 1, would)."""
     variant = meta.get("color_variant")
     if variant is not None and variant != model.color_variant:
-        raise CheckpointError(f"{path}: made for colour variant {variant}, "
-                              f"the model is {model.color_variant} (set model.color_variant={variant})")
+        return (f"made for colour variant {variant}, the model is {model.color_variant} "
+                f"(set model.color_variant={variant})")
     mid = meta.get("only_mid_control")  # a mismatch loads fine, then silently drops or adds 12 controls
     if mid is not None and mid != str(model.only_mid_control):
-        raise CheckpointError(f"{path}: trained with only_mid_control={mid.lower()}, the model has "
-                              f"{str(model.only_mid_control).lower()} (set model.only_mid_control={mid.lower()})")
+        return (f"trained with only_mid_control={mid.lower()}, the model has "
+                f"{str(model.only_mid_control).lower()} (set model.only_mid_control={mid.lower()})")
     param = meta.get("parameterization")
     if param is not None and param != model.parameterization:
-        raise CheckpointError(f"{path}: made for a model that predicts {param}, this config's predicts "
-                              f"{model.parameterization} (set model.parameterization={param})")
+        return (f"made for a model that predicts {param}, this config's predicts "
+                f"{model.parameterization} (set model.parameterization={param})")
+    return None
+
+
+def export_misfit(model: ControlLDM, control: dict) -> tuple[LoadReport, str | None]:
+    """How an export's tensors line up with `model`, and why they would not load on top of SD
+    weights (None: they would). No tensor of another shape, all of control_model.* or none (then
+    it is no export at all), nothing the model lacks; the rest of the model comes from the SD
+    file, so no share of it has to be present here."""
+    report = compare_state_dict(model, control)
+    reason = misfit(report, strict_prefixes=(CONTROL,), min_matched=0)
+    if reason is None and not any(k.startswith(CONTROL) for k in control):
+        reason = f"no {CONTROL}* tensors (is it a control.safetensors export?)"
+    if reason is None and report.unexpected:
+        reason = f"{len(report.unexpected)} tensors the model does not have (e.g. {report.unexpected[0]})"
+    return report, reason
+
+
+def is_export(sd: dict, meta: dict[str, str]) -> bool:
+    """An export by its metadata, or by its tensors: ControlNet weights and at most UNet tensors
+    besides (no VAE, text encoder or schedule), which load_sd_plus_control takes as one too."""
+    return meta.get("format") == EXPORT_FORMAT or (any(k.startswith(CONTROL) for k in sd) and
+                                                   all(k.startswith((CONTROL, UNET)) for k in sd))
+
+
+def read_training_checkpoint(path: str | Path) -> dict | None:
+    """The top level of a Lightning training checkpoint of this project (OUT/checkpoints/*.ckpt),
+    or None for any other file. Weights only (no code runs) and memory-mapped, as
+    cldm.lightning.resume_problem reads it: the step and what it was trained for cost little."""
+    if Path(path).suffix == ".safetensors":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # needs pickle, legacy format, damaged: none of ours (load_state_dict says what it is)
+        return None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get(TRAINING_KEY), dict)
+            and isinstance(ckpt.get("state_dict"), dict)):
+        return None
+    return ckpt if all(str(k).startswith(MODULE_PREFIX) for k in ckpt["state_dict"]) else None
+
+
+def resume_misfit(model: ControlLDM, cfg: DictConfig, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
+    """How a training checkpoint fits resuming `model` (set up by configure_trainable) under
+    `cfg`, and why it would not (None: it would). `trained`: its tensors under the model's names,
+    `info`: its TRAINING_KEY entry. It must hold exactly the tensors that train (export_keys) in
+    their shapes, for the same model config; ColorControlModule.on_load_checkpoint also checks
+    the locked weights, which only the --init file has."""
+    own = model.state_dict()
+    report = compare_state_dict({k: own[k] for k in export_keys(model)}, trained)
+    if report.mismatched:
+        return report, misfit(report)
+    policy = "model.sd_locked and model.train_unet_input say which train"
+    if n := len(report.missing):
+        return report, f"lacks {n} tensor{'s' * (n > 1)} that this config trains (e.g. {report.missing[0]}; {policy})"
+    if n := len(report.unexpected):
+        return report, (f"holds {n} tensor{'s' * (n > 1)} that this config does not train (e.g. "
+                        f"{report.unexpected[0]}; {policy})")
+    recorded, ours = info.get("config_hash"), config_hash(cfg)
+    if recorded and recorded != ours:
+        return report, f"trained with another model config (hash {recorded}, this config's {ours})"
+    return report, None
 
 
 def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,
@@ -193,14 +265,7 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     meta = read_export_metadata(control_path)
     check_recorded(meta, model, control_path)
     control = load_state_dict(control_path, allow_pickle=allow_pickle)
-    report = compare_state_dict(model, control)
-    # No tensor of another shape, all of control_model.* or none (then it is no export at all);
-    # the rest of the model comes from the SD file, so no share of it has to be present here.
-    reason = misfit(report, strict_prefixes=(CONTROL,), min_matched=0)
-    if reason is None and not any(k.startswith(CONTROL) for k in control):
-        reason = f"no {CONTROL}* tensors (is it a control.safetensors export?)"
-    if reason is None and report.unexpected:
-        reason = f"{len(report.unexpected)} tensors the model does not have (e.g. {report.unexpected[0]})"
+    report, reason = export_misfit(model, control)
     if reason is not None:
         raise CheckpointError(f"{control_path}: does not fit the model: {reason}", report)
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)

@@ -1,6 +1,7 @@
 """Checkpoint I/O: safe loading, atomic saving, and refusing checkpoints of another model."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -471,3 +472,104 @@ def test_other_trainers_wrappings_are_unwrapped_and_empty_files_refused(tmp_path
         checkpoint.load_state_dict(tmp_path)
     assert checkpoint.main(["convert", str(tmp_path / "none.ckpt"), str(tmp_path / "out.safetensors")]) == 2
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def inspect_run(capsys, *argv):
+    """(exit status, stdout) of `inspect ARGV...`, which must say nothing on stderr."""
+    rc = main(["inspect", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert err == "", err
+    return rc, out
+
+
+def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_path, capsys):
+    """OUT/checkpoints/*.ckpt holds only the trainable tensors, under the LightningModule's
+    `model.` prefix: not a broken full model, but what a resume under the config loads."""
+    from omegaconf import OmegaConf
+
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.lightning import ColorControlModule
+    from cldm.model import TINY_CONFIG, load_config
+    from tests.train_helpers import tiny_model
+    cfg = load_config(TINY_CONFIG)
+    module = ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(cfg, resolve=True))
+    ckpt = {"state_dict": module.state_dict(), "global_step": 7, "epoch": 0, "pytorch-lightning_version": "2.x"}
+    module.on_save_checkpoint(ckpt)  # what the training's checkpoints hold
+    path = tmp_path / "step=00000007.ckpt"
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
+
+    tiny = ("--config", TINY_CONFIG)
+    rc, out = inspect_run(capsys, path)
+    assert rc == 0 and ("top-level: model.* 171\nlooks like: Lightning training checkpoint of this project: 171 "
+                        "trainable tensors, step 7, to resume or --export (ours: colour ControlNet v2 on unknown SD "
+                        "variant (context dim 32))\nmetadata: none\n") in out
+    rc, out = inspect_run(capsys, path, *tiny)
+    assert rc == 0 and out.endswith(f"against {TINY_CONFIG}, the tensors that train under it:\n171 of 171 model "
+                                    "tensors found in the checkpoint\nwould load to resume training (on the run's "
+                                    "--init weights)\n")
+    for override, reason in [
+            ("model.color_variant=v3", "control_model.input_blocks.0.0.weight is [32, 9, 3, 3] in the checkpoint but "
+                                       "[32, 12, 3, 3] in the model (and 1 more tensor of another shape); likely "
+                                       "another colour variant"),
+            ("model.sd_locked=false", "lacks 184 tensors that this config trains (e.g. model.diffusion_model."
+                                      "output_blocks.0.0.in_layers.0.weight; model.sd_locked and "
+                                      "model.train_unet_input say which train)"),
+            ("model.train_unet_input=false", "holds 1 tensor that this config does not train (e.g. "
+                                             "model.diffusion_model.input_blocks.0.0.weight; "),
+            ("model.only_mid_control=true", "trained with another model config (hash ")]:  # same tensors
+        rc, out = inspect_run(capsys, path, *tiny, "--set", override)
+        assert rc == 1 and f"\nwould not load: {reason}" in out, (override, out)
+
+    # a checkpoint that needs unpickling is still refused in one line, its code not run
+    torch.save({**ckpt, "payload": Evil(tmp_path / "pwned")}, path)
+    assert main(["inspect", str(path), *map(str, tiny)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{path}: holds pickled Python objects ({os.mkdir.__module__}.mkdir" in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_inspect_tells_an_export_and_checks_it_as_control(tmp_path, capsys):
+    """OUT/control.safetensors holds only trainable weights: checked as --control loads it on top
+    of SD weights (load_sd_plus_control), by its tensors and by what its metadata says."""
+    from cldm.model import TINY_CONFIG, load_config
+    from cldm.trainable import configure_trainable, export_control, load_sd_plus_control
+    from tests.train_helpers import tiny_model
+    model = tiny_model("v2")
+    configure_trainable(model)  # as training leaves it
+    path = export_control(model, tmp_path / "control.safetensors", step=5, cfg=load_config(TINY_CONFIG))
+
+    tiny = ("--config", TINY_CONFIG)
+    rc, out = inspect_run(capsys, path)
+    assert rc == 0 and ("\nlooks like: ControlNet export (trainable weights only, step 5), for --control on top of "
+                        "SD weights (ours: colour ControlNet v2 on unknown SD variant (context dim 32))\n") in out
+    rc, out = inspect_run(capsys, path, *tiny)
+    assert rc == 0 and f"against {TINY_CONFIG}, on top of SD weights that give the rest:\n171 of 717 model " \
+        "tensors found in the checkpoint\nmissing 546:\n" in out and out.endswith("\nwould load as --control\n")
+    rc, out = inspect_run(capsys, path, *tiny, "--set", "model.sd_locked=false")  # how it trained: no matter
+    assert rc == 0 and out.endswith("\nwould load as --control\n")
+    for override, reason in [("model.color_variant=v3", "made for colour variant v2, the model is v3 (set "
+                                                        "model.color_variant=v2)"),
+                             ("model.parameterization=v", "made for a model that predicts eps, this config's "
+                                                          "predicts v (set model.parameterization=eps)")]:
+        rc, out = inspect_run(capsys, path, *tiny, "--set", override)
+        assert rc == 1 and out.endswith(f"\nwould not load: {reason}\n"), (override, out)
+
+    # without metadata, by its tensors alone; the reasons are load_sd_plus_control's
+    from cldm.model import create_model
+    sd = load_state_dict(path)
+    bare = tmp_path / "bare.safetensors"
+    save_state_dict(sd, bare)
+    rc, out = inspect_run(capsys, bare)
+    assert rc == 0 and "\nlooks like: ControlNet export (trainable weights only), for --control" in out
+    v3 = ("control_model.input_blocks.0.0.weight is [32, 9, 3, 3] in the checkpoint but [32, 12, 3, 3] in the model "
+          "(and 1 more tensor of another shape); likely another colour variant")
+    half = ("the checkpoint's control_model.* does not match the model (1 missing, e.g. "
+            "control_model.middle_block_out.0.bias)")
+    for override, drop, reason in [("model.color_variant=v3", None, v3),
+                                   ("model.color_variant=v2", "control_model.middle_block_out.0.bias", half)]:
+        save_state_dict({k: v for k, v in sd.items() if k != drop}, bare)
+        rc, out = inspect_run(capsys, bare, *tiny, "--set", override)
+        assert rc == 1 and f"\nwould not load: {reason}" in out, (override, out)
+        with pytest.raises(CheckpointError, match=f"does not fit the model: {re.escape(reason)}"):
+            load_sd_plus_control(create_model(load_config(TINY_CONFIG, [override])), tmp_path / "unused", bare)
