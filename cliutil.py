@@ -34,6 +34,14 @@ non_negative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0, True, "a number > 0")
 
 
+def config_override(text: str) -> str:
+    """argparse type of a `key=value` config override: one without '=' is refused while parsing,
+    so the message names the flag or argument it came to (load_config's own could not)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"override must look like key=value, got {text!r}")
+    return text
+
+
 def folder_problem(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file; else None.
     Checked before any work, so the error is not a raw "[Errno 20] Not a directory" minutes in."""

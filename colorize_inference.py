@@ -27,7 +27,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import OneLineParser, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import (OneLineParser, config_override, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c,
+                     run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -102,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--config", metavar="YAML",
                    help="model config (default: a .yaml beside --control or --ckpt with the same stem, else "
                         "the config the checkpoint file records, else models/cldm_v21_color.yaml)")
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    m.add_argument("--set", action="append", type=config_override, default=[], metavar="KEY=VALUE",
                    help="config override, e.g. model.color_variant=v3; repeatable")
     m.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle a .ckpt that needs it (runs code from the file: trusted files only)")

@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from cliutil import OneLineParser, one_line, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, config_override, one_line, quiet_startup_ctrl_c, run_cli
 
 if __name__ == "__main__":
     quiet_startup_ctrl_c()
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling of a .ckpt that holds more than tensors (only for files you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_CKPT if it exists")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. model.concat_to_unet=false")
+    p.add_argument("overrides", nargs="*", type=config_override, default=[], metavar="key=value",
+                   help="config overrides, e.g. model.concat_to_unet=false")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the options
 
     def run(args) -> int:

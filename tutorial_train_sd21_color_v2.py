@@ -24,7 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser, folder_problem, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, config_override, folder_problem, quiet_startup_ctrl_c, run_cli
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     quiet_startup_ctrl_c()
@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=int, help="validation loss every N training batches (0 = off)")
     g.add_argument("--export", action="store_true",
                    help="only write OUT/control.safetensors from the resume checkpoint, then exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
+    p.add_argument("overrides", nargs="*", type=config_override, metavar="key=value",
                    help="config overrides, e.g. model.color_variant=v3 train.image_ddim_steps=50")
     show_config_defaults(p, DEFAULT_CONFIG)
     return p

@@ -28,7 +28,8 @@ from benchmarks.cliargs import HelpFormatter, check_sides, json_problem, write_j
 from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from benchmarks.train_flops import build_module, synthetic_batch, training_flops  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
-from cliutil import OneLineParser, non_negative_int, positive_float, positive_int, run_cli  # noqa: E402
+from cliutil import (OneLineParser, config_override, non_negative_int, positive_float, positive_int,  # noqa: E402
+                     run_cli)
 from colorize.loading import resolve_device  # noqa: E402
 
 PROG = "bench_train.py"
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=positive_float, default=None,
                    help="device peak (TFLOP/s) for MFU if not in the table")
     p.add_argument("--json", default=None, help="also write the result here")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", type=config_override, metavar="key=value", help="config overrides")
     a = p.parse_args(argv)
     problem = json_problem(a.json)
     if problem:

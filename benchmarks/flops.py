@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
-from cliutil import OneLineParser, positive_int, run_cli  # noqa: E402
+from cliutil import OneLineParser, config_override, positive_int, run_cli  # noqa: E402
 from colorize.pipeline import check_steps  # noqa: E402
 from ldm import schedule  # noqa: E402
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                    help="frame size in pixels (square; a multiple of the model's, 64 for SD2.1)")
     p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
     p.add_argument("--device", choices=["meta", "cpu"], default="meta", help="meta (no memory) or cpu")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", type=config_override, metavar="key=value", help="config overrides")
     return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
 
 

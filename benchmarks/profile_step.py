@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import train_step_fn  # noqa: E402
 from benchmarks.cliargs import check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
-from cliutil import OneLineParser, non_negative_int, positive_int, run_cli  # noqa: E402
+from cliutil import OneLineParser, config_override, non_negative_int, positive_int, run_cli  # noqa: E402
 from colorize.loading import resolve_device  # noqa: E402
 
 PROG = "profile_step.py"
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
                    help="auto (cuda if present, else cpu), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--top", type=non_negative_int, default=15, help="kernels listed (default: 15)")
     # default=[]: else argparse lists the optional overrides as required when `what` is missing
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", type=config_override, default=[], metavar="key=value",
+                   help="config overrides")
     return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
 
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import PEAK_BF16_TFLOPS  # noqa: E402
 from benchmarks.cliargs import check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError  # noqa: E402
-from cliutil import OneLineParser, positive_float, positive_int, run_cli  # noqa: E402
+from cliutil import OneLineParser, config_override, positive_float, positive_int, run_cli  # noqa: E402
 
 PROG = "roofline.py"
 
@@ -233,7 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--tflops", type=positive_float, default=None, help="matrix rate in TFLOP/s instead of --gpu's")
     p.add_argument("--tbps", type=positive_float, default=None, help="memory bandwidth in TB/s instead of --gpu's")
     # default=[]: else argparse lists the optional overrides as required when `what` is missing
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", type=config_override, default=[], metavar="key=value",
+                   help="config overrides")
     return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cldm.lightning import ColorControlModule  # noqa: E402
 from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
-from cliutil import OneLineParser, positive_int, run_cli  # noqa: E402
+from cliutil import OneLineParser, config_override, positive_int, run_cli  # noqa: E402
 
 PROG = "train_flops.py"
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--latent-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="targets/reference latents from the cache or VAE-encoded in the step")
     p.add_argument("--checkpointing", action="store_true", help="count gradient checkpointing's recompute too")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", type=config_override, metavar="key=value", help="config overrides")
     return run_cli(PROG, run, p.parse_args(argv), errors=(ConfigError, ValueError))
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from atomicio import atomic_path
 from cldm.color import VARIANTS
-from cliutil import OneLineParser, run_cli
+from cliutil import OneLineParser, config_override, run_cli
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
 log = logging.getLogger(__name__)
@@ -514,7 +514,7 @@ def main(argv=None):
                                     "training checkpoint (OUT/checkpoints/*.ckpt) against the tensors that train "
                                     "under it, as a resume loads them, an export (control.safetensors) on top of "
                                     "SD weights, as --control loads it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", type=config_override, default=[], metavar="KEY=VALUE",
                    help="config override for --config, e.g. --set model.color_variant=v3 (repeatable)")
     p = sub.add_parser("convert", help="re-save a checkpoint's tensors (format from OUT's extension)")
     p.add_argument("input", help="checkpoint to read")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cliutil import Terminated, one_line, run_cli
-from tests.helpers import default_sigint
+from tests.helpers import default_sigint, refused
 
 
 @pytest.mark.parametrize("exc, line", [
@@ -128,3 +128,23 @@ def test_folder_problem_names_the_file_in_the_way(tmp_path):
     assert folder_problem(a_file) == f"{a_file} is a file, not a folder"
     assert folder_problem(a_file / "sub" / "deeper") == f"{a_file} is a file, not a folder"
     assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None
+
+
+@pytest.mark.parametrize("module, argv, name", [
+    ("colorize_inference", ["--set", "nope"], "--set"),
+    ("cldm.checkpoint", ["inspect", "x.safetensors", "--config", "c.yaml", "--set", "nope"], "--set"),
+    ("tool_add_control_sd21", ["sd.safetensors", "out.safetensors", "nope"], "key=value"),
+    ("tutorial_train_sd21_color_v2", ["--init", "i", "--data", "d", "--out", "o", "nope"], "key=value"),
+    ("benchmarks.bench_train", ["nope"], "key=value"),
+    ("benchmarks.flops", ["nope"], "key=value"),
+    ("benchmarks.train_flops", ["nope"], "key=value"),
+    ("benchmarks.profile_step", ["train", "nope"], "key=value"),
+    ("benchmarks.roofline", ["train", "nope"], "key=value"),
+])
+def test_an_override_without_equals_sign_names_the_argument_it_came_to(module, argv, name, capsys):
+    """Every CLI that takes `key=value` overrides parses them with config_override: a bad one is
+    refused while parsing, naming the flag (or the positional argument), before anything loads."""
+    import importlib
+
+    err = refused(importlib.import_module(module).main, argv, capsys)
+    assert err.endswith(f": error: argument {name}: override must look like key=value, got 'nope' (see --help)\n"), err
