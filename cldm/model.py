@@ -38,6 +38,7 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     The config is in struct mode, so a misspelt override key is an error, not a silent no-op.
     A bad value is a ConfigError naming the file, the override that set it, if one did, and
     the key: else it would surface as a traceback deep in torch, or only once training runs.
+    The check is of the merged result, so an override can mend a bad value of the file.
     """
     if isinstance(path, DictConfig):
         cfg, path = path.copy(), Path("the checkpoint's config")
@@ -51,17 +52,17 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
             raise ConfigError(f"{path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a YAML mapping (model:, train:), not a list")
-    check_config(cfg, str(path))  # the file alone first: a key it lacks is not "not in struct"
     OmegaConf.set_struct(cfg, True)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override must look like key=value, got {bad[0]!r}")
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # omegaconf raises several types; all mean "bad override"
+        check_config(cfg, str(path))  # a key the file lacks: say so, not "not in struct"
         raise ConfigError(f"bad override for {path.name}: {str(e).splitlines()[0]}") from None
-    check_config(cfg, str(path), overrides)
-    return cfg
+    check_config(merged, str(path), overrides)  # the merged result: an override may fix the file
+    return merged
 
 
 # The reference config gives every key's type, and the keys a config must have, except these

@@ -127,6 +127,25 @@ def test_a_yaml_lacking_a_key_or_with_a_value_of_another_type_is_a_config_error(
     assert str(e.value) == f"{path}: {expected}"
 
 
+def test_an_override_can_mend_a_bad_value_of_the_file(tmp_path):
+    """The merged result is checked: the file is named for its own bad values, the override for its;
+    an override cannot add a key the file lacks (struct mode), and the file's lack is what is named."""
+    path = _write_text(tmp_path, TINY_TEXT.replace("compile: false", "compile: 'no'"))
+    assert load_config(path, ["train.compile=false"]).train.compile is False
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.lr=1"])
+    assert str(e.value) == f"{path}: train.compile: expected true or false, got 'no'"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.compile=maybe"])
+    assert str(e.value) == f"{path} with train.compile=maybe: train.compile: expected true or false, got 'maybe'"
+    path = _write_text(tmp_path, TINY_TEXT.replace("scale_factor: 0.18215", "scale_factor: ${nope}"))
+    assert load_config(path, ["model.scale_factor=0.2"]).model.scale_factor == 0.2
+    path = _write_text(tmp_path, _without(TINY_TEXT, "scale_factor"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["model.scale_factor=0.2"])
+    assert str(e.value) == f"{path}: model.scale_factor: missing; expected a positive number"
+
+
 def test_optional_keys_and_a_vae_only_config_load(tmp_path):
     """train:, model.train_unet_input and model.cond_stage may be absent; a model: of first_stage
     alone is a VAE config (build_latent_cache.py), checked as far as it goes."""
