@@ -6,9 +6,11 @@
 
 Starts from the checkpoint made by tool_add_control_sd21.py, on pairs from build_pairs.py.
 Every flag defaults to the config's `train:` section; `key=value` arguments override the
-YAML. Rerunning the same command resumes from the newest complete checkpoint in OUT
-(`--resume auto`, the default). At the end OUT/control.safetensors holds the trained
-weights alone (load them on top of SD2.1 with cldm.trainable.load_sd_plus_control).
+YAML. Without --config the config is the run's own (OUT/config.yaml) on a resume, else the one
+found for --init as colorize_inference.py finds it (so the toy model needs none). Rerunning
+the same command resumes from the newest complete checkpoint in OUT (`--resume auto`, the
+default). At the end OUT/control.safetensors holds the trained weights alone (load them on
+top of SD2.1 with cldm.trainable.load_sd_plus_control).
 Multi-GPU / multi-node recipes (torchrun, SLURM): docs/TRAINING.md.
 
 Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupted (Ctrl-C),
@@ -43,8 +45,12 @@ def parser() -> argparse.ArgumentParser:
     from cldm.trainable import OPTIMIZERS
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                      epilog=f"Flags left out take --config's values; the defaults shown are {DEFAULT_CONFIG.name}'s.")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model + training YAML (default: %(default)s)")
+                      epilog=f"Flags left out take the config's values (see --config); the defaults shown are "
+                             f"{DEFAULT_CONFIG.name}'s.")
+    p.add_argument("--config", metavar="YAML",
+                   help="model + training YAML (default: when resuming, the run's own OUT/config.yaml; else a .yaml "
+                        "beside --init with the same stem, else the config --init records, else "
+                        f"models/{DEFAULT_CONFIG.name})")
     p.add_argument("--init", required=True, metavar="CKPT",
                    help="initial full checkpoint from tool_add_control_sd21.py; also needed when resuming, "
                         "since checkpoints hold only the trainable weights")
@@ -176,15 +182,41 @@ def check_train_numbers(t) -> None:
             raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}")
 
 
-def resolve_config(args):
+def config_source(args):
+    """--config; else, resuming, the run's own config (OUT/config.yaml: with its train: values, which
+    the flags given now override); else the config inference would take for --init (a YAML beside
+    it, the config it records, SD2.1's). So a run of the toy model needs no --config, nor its resume."""
+    from colorize.loading import resolve_config as inference_config
+
+    recorded = Path(args.out) / "config.yaml"
+    if args.config is None and args.resume != "never" and recorded.is_file():
+        return recorded
+    return inference_config(args.init, args.config)
+
+
+def resolve_config(args, source=None):
+    """The run's config from `source` (default: config_source), the overrides and the flags, checked."""
     from cldm.model import load_config
 
-    if "train" not in load_config(args.config, list(args.overrides)):  # before the flags, which set train.*
-        raise UsageError(f"{args.config}: no train: section (see models/cldm_v21_color.yaml)")
+    source = config_source(args) if source is None else source
+    if "train" not in load_config(source, list(args.overrides)):  # before the flags, which set train.*
+        where = source if isinstance(source, Path) else f"the config {args.init} records"
+        raise UsageError(f"{where}: no train: section (see models/cldm_v21_color.yaml)")
     flags = [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
-    cfg = load_config(args.config, list(args.overrides) + flags)
+    cfg = load_config(source, list(args.overrides) + flags)
     check_train_numbers(cfg.train)
     return cfg
+
+
+def saved_config_remedy(args, source) -> str:
+    """What to do when --init records another model config than the run's (check_saved_config)."""
+    if args.config is not None:
+        return f"leave out --config{' and the model overrides' if args.overrides else ''} to use the one it records"
+    if not isinstance(source, Path):  # its own config, changed by an override or flag
+        return "leave out the overrides of model keys to use the one it records"
+    if source == Path(args.out) / "config.yaml":
+        return f"resume with the --init {args.out} was started with, or use another --out"
+    return f"fix or remove {source}, or pass --config"  # the YAML beside --init
 
 
 def is_launch_rank_zero() -> bool:
@@ -474,9 +506,10 @@ def prepare(args):
     from cldm.trainable import check_optimizer
     from colorize.loading import check_saved_config
 
-    cfg = resolve_config(args)
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
-    check_paths(data, init, out)
+    check_paths(data, init, out)  # first: the config may come from --init or OUT
+    source = config_source(args)
+    cfg = resolve_config(args, source)
     world = count_devices(args.accelerator, devices_arg(args.devices)) * args.num_nodes
     if world < 1:
         raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
@@ -495,8 +528,7 @@ def prepare(args):
     check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again
     quiet_lightning()
     L.seed_everything(t.seed, workers=True, verbose=False)
-    check_saved_config(init, cfg, Path(args.config), args.overrides,
-                       remedy="pass --config with the YAML it was made with")  # cheap: the file's header
+    check_saved_config(init, cfg, source, args.overrides, remedy=saved_config_remedy(args, source))  # cheap
     model = build_model(cfg, init)
     module = ColorControlModule(
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,

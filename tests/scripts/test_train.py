@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,13 +20,14 @@ import torch
 import tutorial_train_sd21_color_v2 as train
 from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.trainable import UNET_INPUT_CONV, load_sd_plus_control, read_export_metadata
 from tests.helpers import default_sigint
 from tests.train_helpers import tiny_data_root, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
+TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"  # records its config; its YAML lies beside it
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +295,9 @@ def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
     assert helps["min_gap"].endswith("(default: 7)") and helps["high"].endswith(f"(default: {DEFAULT_HIGH})")
     assert helps["sd_locked"].endswith("(default: off)")
     assert all(re.search(r"\(default: [^)]+\)$", helps[name]) for name in train.FLAG_KEYS), helps
+    assert helps["config"].endswith("(default: when resuming, the run's own OUT/config.yaml; else a .yaml beside "
+                                    "--init with the same stem, else the config --init records, else "
+                                    "models/default.yaml)")
     text = " ".join(p.format_help().split())
     assert "a list like 0,1 (default: auto)" in text and "docs/TRAINING.md) (default: 1)" in text
 
@@ -612,13 +617,92 @@ def test_an_init_that_does_not_fit_is_refused_before_the_model_is_built(ws, monk
 def test_an_init_saved_with_another_config_is_refused(ws, tmp_path, capsys):
     """The toy records its config: the tiny YAML fits its shapes but not its latent scale factor,
     so training would go on at the wrong scale, silently."""
-    toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
     argv = args(ws, tmp_path / "out")
-    argv[argv.index("--init") + 1] = str(toy)
+    argv[argv.index("--init") + 1] = str(TOY)
     assert train.main(argv) == 2
     assert capsys.readouterr().err.strip() == (
-        f"tutorial_train_sd21_color_v2.py: error: {toy} was saved with another model config: model.scale_factor is "
-        f"0.57326 there, 0.18215 in {TINY_CONFIG} (1 key(s) differ); pass --config with the YAML it was made with")
+        f"tutorial_train_sd21_color_v2.py: error: {TOY} was saved with another model config: model.scale_factor is "
+        f"0.57326 there, 0.18215 in {TINY_CONFIG} (1 key(s) differ); leave out --config to use the one it records")
+
+
+def without_config(argv):
+    assert argv[0] == "--config"
+    return argv[2:]
+
+
+def stop_before_the_model_loads(monkeypatch) -> list:
+    """build_model, the step after the last config check, records the config and stops the run."""
+    configs = []
+
+    def stop(cfg, init):
+        configs.append(cfg)
+        raise train.UsageError("stopped before the model load")
+    monkeypatch.setattr(train, "build_model", stop)
+    return configs
+
+
+def test_without_config_the_init_gives_it_as_at_inference(ws, tmp_path):
+    """No --config: a YAML beside --init, else the config it records, else SD2.1's (what
+    colorize_inference.py would take); flags and overrides apply on top."""
+    toy = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, toy)  # without the toy's YAML beside it
+
+    def config(init, *extra):
+        ns = train.parser().parse_args(without_config(args(ws, tmp_path / "out", *extra)))
+        ns.init = str(init)
+        return train.config_source(ns), train.resolve_config(ns)
+
+    source, cfg = config(toy, "--lr", "3e-4", "train.image_count=3")
+    assert not isinstance(source, Path) and cfg.model.scale_factor == 0.57326
+    assert (cfg.train.lr, cfg.train.image_count, cfg.train.min_gap) == (3e-4, 3, 1)
+    beside = toy.with_suffix(".yaml")
+    beside.write_text(TOY.with_suffix(".yaml").read_text().replace("lr: 1.0e-05", "lr: 2.0e-05"))
+    source, cfg = config(toy)
+    assert source == beside and cfg.train.lr == 2e-5
+    assert config(ws / "init.safetensors")[0] == DEFAULT_CONFIG  # it records none
+    assert config(toy, "--config", TINY_CONFIG)[0] == TINY_CONFIG
+
+
+def test_an_init_is_checked_against_the_config_found_for_it(ws, tmp_path, capsys, monkeypatch):
+    """The toy's own config passes the check against it; a YAML beside it or an override that
+    contradicts it is refused, with what to do."""
+    toy = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, toy)
+    argv = without_config(args(ws, tmp_path / "out"))
+    argv[argv.index("--init") + 1] = str(toy)
+    configs = stop_before_the_model_loads(monkeypatch)
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+    assert configs[0].model.scale_factor == 0.57326
+    assert train.main(argv + ["model.scale_factor=0.2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "0.57326 there, 0.2 in its own config with the overrides (1 key(s) differ); leave out the overrides of "
+        "model keys to use the one it records")
+    beside = toy.with_suffix(".yaml")
+    beside.write_text(TINY_CONFIG.read_text())
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"0.57326 there, 0.18215 in {beside} (1 key(s) differ); fix or remove {beside}, or pass --config")
+
+
+def test_a_resume_without_config_takes_the_runs_own_and_the_flags_given_now(ws, tmp_path, capsys, monkeypatch):
+    """OUT/config.yaml is the base of a resume: the run started with --config (not the default)
+    resumes without it, with its train: values, except those of the flags given now; a model
+    override is still refused, and --resume never takes the config as a new run would."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    first = train.parser().parse_args(args(ws, out, "--lr", "3e-4", "--max-steps", 5, "train.image_count=3"))
+    train.record_config(out, train.resolve_config(first))  # what the first start records
+    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
+    configs = stop_before_the_model_loads(monkeypatch)
+    argv = without_config(args(ws, out, "--max-steps", 7))
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+    cfg = configs[0]
+    assert (cfg.model.scale_factor, cfg.train.lr, cfg.train.image_count, cfg.train.max_steps) == (0.18215, 3e-4, 3, 7)
+    assert train.main(argv + ["model.only_mid_control=true"]) == 2
+    assert "holds checkpoints of another model config" in capsys.readouterr().err
+    assert train.config_source(train.parser().parse_args(argv + ["--resume", "never"])) == DEFAULT_CONFIG
 
 
 def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
