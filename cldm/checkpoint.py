@@ -105,7 +105,12 @@ def read_metadata(path, *, allow_pickle=False) -> dict[str, str]:
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:
             return dict(f.metadata() or {})
-    obj = _torch_load(path, "cpu", allow_pickle)
+    try:  # memory-mapped: the tensors of a multi-GB file are not read
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a legacy-format or pickled file: the loader's own rules and messages
+        obj = _torch_load(path, "cpu", allow_pickle)
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 

@@ -157,14 +157,17 @@ def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: D
     return Path(path)
 
 
-def read_export_metadata(path: str | Path) -> dict[str, str]:
+def read_export_metadata(path: str | Path, *, allow_pickle: bool = False) -> dict[str, str]:
+    """The metadata of an init file or export (what it was made for), in either format: a file
+    converted to .ckpt (`python -m cldm.checkpoint convert` keeps it) is checked as strictly."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        return {}
     try:
-        return read_metadata(path)
+        return read_metadata(path, allow_pickle=allow_pickle)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        kind = "safetensors" if path.suffix == ".safetensors" else "checkpoint"
+        raise CheckpointError(f"{path}: not a readable {kind} file ({e})") from None
 
 
 def check_recorded(meta: dict[str, str], model: ControlLDM, path: str | Path) -> None:
@@ -262,9 +265,9 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     It must hold every `control_model.*` tensor of the model, so a ControlNet is never left
     half random. Raises CheckpointError naming the problem when the files don't fit the model.
     """
-    meta = read_export_metadata(control_path)
+    control = load_state_dict(control_path, allow_pickle=allow_pickle)  # first: it names a missing or broken file
+    meta = read_export_metadata(control_path, allow_pickle=allow_pickle)
     check_recorded(meta, model, control_path)
-    control = load_state_dict(control_path, allow_pickle=allow_pickle)
     report, reason = export_misfit(model, control)
     if reason is not None:
         raise CheckpointError(f"{control_path}: does not fit the model: {reason}", report)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cldm.checkpoint import CheckpointError, save_state_dict
+from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_control,
                             export_keys, load_sd_plus_control, param_groups, read_export_metadata, trainable_state_dict)
@@ -147,6 +147,29 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     with pytest.raises(CheckpointError, match=r"none\.safetensors: does not fit the model: no control_model\.\* "
                                               r"tensors \(is it a control\.safetensors export\?\)$"):
         load_into_tiny_v2(tmp_path, "none.safetensors")
+
+
+def test_an_export_converted_to_ckpt_is_checked_by_its_metadata_too(tmp_path):
+    """`python -m cldm.checkpoint convert` keeps the metadata; --control must read it from a .ckpt
+    as from a .safetensors (it read none, so a parameterisation mismatch, which no shape shows,
+    loaded and coloured wrongly)."""
+    sd = tiny_sd_state()
+    save_state_dict(sd, tmp_path / "sd.safetensors")
+    model = tiny_model("v2", sd=sd)
+    configure_trainable(model)
+    export_control(model, tmp_path / "c.safetensors")
+    meta = read_export_metadata(tmp_path / "c.safetensors")
+    save_state_dict(load_state_dict(tmp_path / "c.safetensors"), tmp_path / "c.ckpt", metadata=meta)
+    assert read_export_metadata(tmp_path / "c.ckpt") == meta
+    with pytest.raises(CheckpointError, match=r"c\.ckpt: made for a model that predicts eps, this "
+                                              r"config's predicts v \(set model\.parameterization=eps\)"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.parameterization=v"])),
+                             tmp_path / "sd.safetensors", tmp_path / "c.ckpt")
+    assert load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                                tmp_path / "c.ckpt") == meta
+    with pytest.raises(CheckpointError, match=r"missing\.ckpt: no such file"):
+        load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                             tmp_path / "missing.ckpt")
 
 
 def test_export_without_metadata_gets_the_colour_variant_diagnosis_and_extra_keys_are_refused(tmp_path):

@@ -98,6 +98,12 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
         L.load_model(alone)
     with pytest.raises(CheckpointError, match=r"differ\); leave out --config and --set to use the one saved with it$"):
         L.load_model(alone, config=TINY_CONFIG)
+    from cldm.checkpoint import load_state_dict, read_metadata, save_state_dict
+    ckpt = tmp_path / "converted.ckpt"  # as `python -m cldm.checkpoint convert` writes it: metadata kept
+    save_state_dict(load_state_dict(toy), ckpt, metadata=read_metadata(toy))
+    assert L.load_model(ckpt).scale_factor == 0.57326  # its own config, read from the .ckpt
+    with pytest.raises(CheckpointError, match=r"converted\.ckpt was saved with another model config"):
+        L.load_model(ckpt, config=TINY_CONFIG)
 
 
 def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
