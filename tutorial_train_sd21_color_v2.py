@@ -528,7 +528,8 @@ def prepare(args):
     check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again
     quiet_lightning()
     L.seed_everything(t.seed, workers=True, verbose=False)
-    check_saved_config(init, cfg, source, args.overrides, remedy=saved_config_remedy(args, source))  # cheap
+    check_saved_config(init, cfg, source, args.overrides, remedy=saved_config_remedy(args, source),
+                       free=("only_mid_control",))  # cheap; an init may be trained either way
     model = build_model(cfg, init)
     module = ColorControlModule(
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,

@@ -72,11 +72,13 @@ TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
 
 
 def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, overrides: Sequence[str] = (),
-                       remedy: str = "leave out --config and --set to use the one saved with it") -> None:
+                       remedy: str = "leave out --config and --set to use the one saved with it",
+                       free: Sequence[str] = ()) -> None:
     """Refuse a config that contradicts the one the checkpoint records: a scale factor, schedule
     or parameterisation of another model loads without a shape error and just colours (or
     trains) worse. `source` and `overrides`: where `cfg` came from (a YAML path or the
-    checkpoint's own config); `remedy`: what the caller's user can do about it."""
+    checkpoint's own config); `remedy`: what the caller's user can do about it; `free`: model
+    keys the caller may choose anew (training from an init may change only_mid_control)."""
     saved = saved_config(weights)
     if saved is None:
         return
@@ -84,7 +86,7 @@ def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, over
         ours, theirs = _inference_leaves(cfg), _inference_leaves(saved)
     except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
         return
-    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k) and k not in free]
     if diff:
         k = diff[0]
         here = (str(source) if isinstance(source, Path) else "its own config") + \

@@ -664,8 +664,8 @@ def test_without_config_the_init_gives_it_as_at_inference(ws, tmp_path):
 
 
 def test_an_init_is_checked_against_the_config_found_for_it(ws, tmp_path, capsys, monkeypatch):
-    """The toy's own config passes the check against it; a YAML beside it or an override that
-    contradicts it is refused, with what to do."""
+    """The toy's own config passes the check against it, also with --only-mid-control; a YAML
+    beside it or an override that contradicts it is refused, with what to do."""
     toy = tmp_path / "toy.safetensors"
     shutil.copy(TOY, toy)
     argv = without_config(args(ws, tmp_path / "out"))
@@ -674,6 +674,9 @@ def test_an_init_is_checked_against_the_config_found_for_it(ws, tmp_path, capsys
     assert train.main(argv) == 2
     assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
     assert configs[0].model.scale_factor == 0.57326
+    assert train.main(argv + ["--only-mid-control"]) == 2  # a training choice: an init may be trained either way
+    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+    assert configs[1].model.only_mid_control is True
     assert train.main(argv + ["model.scale_factor=0.2"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "0.57326 there, 0.2 in its own config with the overrides (1 key(s) differ); leave out the overrides of "
