@@ -219,7 +219,7 @@ def is_export(sd: dict, meta: dict[str, str]) -> bool:
 def read_training_checkpoint(path: str | Path) -> dict | None:
     """The top level of a Lightning training checkpoint of this project (OUT/checkpoints/*.ckpt),
     or None for any other file. Weights only (no code runs) and memory-mapped, as
-    cldm.lightning.resume_problem reads it: the step and what it was trained for cost little."""
+    cldm.resume.resume_problem reads it: the step and what it was trained for cost little."""
     if Path(path).suffix == ".safetensors":
         return None
     try:
