@@ -33,6 +33,7 @@ if __name__ == "__main__":
     quiet_startup_ctrl_c()
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 
 from cldm.checkpoint import CONTROL, CheckpointError, guess_kind, load_state_dict, save_state_dict  # noqa: E402
@@ -155,8 +156,10 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     except CheckpointError as e:  # its message says "checkpoint": name the file
         raise CheckpointError(f"{sd_path}: {e}") from None
     del sd, fresh
+    # The config recorded in the file: later tools (latent cache, training) find it without --config.
     save_checkpoint(state, out_path, metadata={"color_variant": cfg.model.color_variant,
                                                "parameterization": cfg.model.parameterization,
+                                               "config": OmegaConf.to_yaml(cfg, resolve=True),
                                                "source": Path(sd_path).name, "made_by": "tool_add_control_sd21.py"})
     return f"colour variant {cfg.model.color_variant}, {len(state)} tensors -> {out_path}\n" + report.summary()
 

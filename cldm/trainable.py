@@ -150,8 +150,9 @@ def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: D
     meta = {"format": EXPORT_FORMAT, "color_variant": model.color_variant, "step": step,
             "concat_to_unet": model.concat_to_unet, "only_mid_control": model.only_mid_control,
             "parameterization": model.parameterization}
-    if cfg is not None:
+    if cfg is not None:  # the whole config, so the export alone says what model it belongs to
         meta["config_hash"] = config_hash(cfg)
+        meta["config"] = OmegaConf.to_yaml(cfg, resolve=True)
     meta.update(extra or {})
     save_state_dict(trainable_state_dict(model), path, metadata=meta)
     return Path(path)

@@ -45,15 +45,19 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
                    control: str | os.PathLike | None = None) -> Path | DictConfig:
-    """--config if given, else a YAML next to the weights with the same stem, else the config
-    the checkpoint file carries (safetensors metadata 'config'), else SD2.1's."""
+    """--config if given, else what the weights say about themselves, the ControlNet export first
+    (it describes the trained model, the SD file only the base): a YAML next to them with the same
+    stem, else the config the file records (metadata 'config'); else SD2.1's."""
     if config is not None:
         return Path(config)
     for weights in (control, ckpt):
-        if weights is not None and Path(weights).with_suffix(".yaml").is_file():
+        if weights is None:
+            continue
+        if Path(weights).with_suffix(".yaml").is_file():
             return Path(weights).with_suffix(".yaml")
-    saved = saved_config(ckpt)
-    return saved if saved is not None else DEFAULT_CONFIG
+        if (saved := saved_config(weights)) is not None:
+            return saved
+    return DEFAULT_CONFIG
 
 
 def saved_config(weights: str | os.PathLike) -> DictConfig | None:

@@ -1,6 +1,7 @@
 """Training policy: what trains, the locked SD channels of the UNet input conv, export and reload."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
@@ -102,6 +103,7 @@ def test_export_reloads_on_top_of_sd(tmp_path):
                           cfg=load_config(TINY_CONFIG))
     meta = read_export_metadata(path)
     assert meta["color_variant"] == "v2" and meta["step"] == "7" and len(meta["config_hash"]) == 16
+    assert OmegaConf.create(meta["config"]) == load_config(TINY_CONFIG)  # the export alone names its model
 
     fresh = create_model(load_config(TINY_CONFIG))
     load_sd_plus_control(fresh, tmp_path / "sd.safetensors", path)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError, check_checkpoint_file
-from cldm.model import TINY_CONFIG
+from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.trainable import configure_trainable, export_control
 from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
@@ -139,3 +139,14 @@ def test_the_control_exports_yaml_wins_over_the_sd_files(tmp_path):
     assert L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors") == \
         tmp_path / "sd.yaml"
     assert L.resolve_config(tmp_path / "sd.safetensors", config=tmp_path / "x.yaml") == tmp_path / "x.yaml"
+
+
+def test_a_config_recorded_in_the_export_wins_over_the_sd_files_yaml(tmp_path):
+    """An export without its control.yaml still names its model (training records the whole config
+    in it); the SD file's YAML or record describes only the base, so it comes second."""
+    v3 = load_config(TINY_CONFIG, ["model.color_variant=v3"])
+    export_control(create_model(v3), tmp_path / "control.safetensors", cfg=v3)
+    (tmp_path / "sd.yaml").write_text(TINY_CONFIG.read_text())
+    got = L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors")
+    assert got == v3 and got.model.color_variant == "v3"
+    assert L.resolve_config(tmp_path / "sd.safetensors") == tmp_path / "sd.yaml"

@@ -7,11 +7,13 @@ import pickle
 import pytest
 import torch
 from safetensors import SafetensorError
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import tool_add_control_sd21 as tool
 from cldm.checkpoint import load_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
+from colorize.loading import resolve_config
 from ldm.schedule import BUFFER_NAMES
 from ldm.modules.unet import UNetModel
 from tests.helpers import sub_state
@@ -157,8 +159,13 @@ def test_ckpt_output_round_trip_and_half_precision_keeps_the_schedule_float32(sd
     assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "init.ckpt"), *args]) == 0
     st, ck = load_file(tmp_path / "init.safetensors"), load_state_dict(tmp_path / "init.ckpt")
     raw = torch.load(tmp_path / "init.ckpt", weights_only=True)  # weights only: no pickled objects in it
-    assert raw["metadata"] == {"color_variant": "v2", "parameterization": "eps", "source": "sd.safetensors",
-                               "made_by": "tool_add_control_sd21.py"}
+    meta = dict(raw["metadata"])
+    recorded = OmegaConf.create(meta.pop("config"))
+    assert meta == {"color_variant": "v2", "parameterization": "eps", "source": "sd.safetensors",
+                    "made_by": "tool_add_control_sd21.py"}
+    # the whole config it was made with: later tools (latent cache, training) take it without --config
+    assert recorded == load_config(TINY_CONFIG, ["model.color_variant=v2"])
+    assert resolve_config(tmp_path / "init.ckpt") == recorded == resolve_config(tmp_path / "init.safetensors")
     assert st.keys() == ck.keys() and all(torch.equal(st[k], ck[k]) for k in st)  # same seed, same tensors
     model = create_model(load_config(TINY_CONFIG, ["model.color_variant=v2"]))
     model.load_state_dict(ck, strict=True)
