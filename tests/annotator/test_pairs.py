@@ -41,6 +41,8 @@ def test_band_semantics_exact():
     assert not pair_mask(np.full((3, 9), np.nan, np.float32)).any()  # NaN (outside the movie) never pairs
     with pytest.raises(ValueError):
         pair_mask(sim, 0.97, 0.94)
+    with pytest.raises(ValueError, match="band is empty"):  # low == high: no value is strictly between
+        pair_mask(sim, 0.95, 0.95)
     with pytest.raises(ValueError):
         pair_mask(sim, 0.94, 0.97, 0)
 
@@ -122,6 +124,15 @@ def test_build_movie_layout_and_exact_similarity(tmp_path):
     np.testing.assert_array_equal(sim, similarity_table([small_gray(f) for f in frames], 5))
     assert meta["default_band"]["pairs"] == count_pairs(sim)
     assert not (tmp_path / "data" / ".partial" / "clip").exists()
+
+
+def test_sim_size_is_the_size_the_similarity_is_computed_at(tmp_path):
+    frames = panning_clip(6, 32, 48)
+    opts = BuildOptions(size=32, window=2, sim_size=24, image_format="png", threads=1)
+    meta = build_movie(write_folder(frames, tmp_path / "clip"), tmp_path / "data", options=opts)
+    assert meta["metric_params"]["sim_size"] == [24, 24]
+    sim = load_similarity(tmp_path / "data" / "clip")  # lossless frames at the source size: exact
+    np.testing.assert_array_equal(sim, similarity_table([small_gray(f, 24) for f in frames], 2))
 
 
 def test_every_file_is_on_disk_before_the_movie_is_published(tmp_path, monkeypatch):

@@ -103,6 +103,16 @@ def test_fast_resize_sizes_and_smoothness():
     cubic = cv2.resize(small, (228, 128), interpolation=cv2.INTER_CUBIC)
     np.testing.assert_array_equal(fast_resize(small, 228, 128), cubic)
     np.testing.assert_array_equal(fast_resize(img, 912, 512), cv2.resize(img, (912, 512), interpolation=cv2.INTER_LINEAR))
+    # 720p -> 64x64: halvings while both sides are at least twice the target (160x90), then bilinear
+    halved = img
+    for _ in range(3):
+        halved = cv2.resize(halved, (halved.shape[1] // 2, halved.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    assert halved.shape == (90, 160, 3)
+    bilinear = cv2.resize(halved, (64, 64), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(fast_resize(img, 64, 64), bilinear)
+    # one side up, the other down: bicubic (any upscaling)
+    tall = img[:90, :40]
+    np.testing.assert_array_equal(fast_resize(tall, 64, 64), cv2.resize(tall, (64, 64), interpolation=cv2.INTER_CUBIC))
 
 
 def test_window_far_longer_than_the_clip_costs_what_the_clip_needs():
@@ -116,3 +126,13 @@ def test_window_far_longer_than_the_clip_costs_what_the_clip_needs():
     assert trimmed.shape == (4, 7)
     np.testing.assert_array_equal(trimmed, similarity_table(smalls, 3))
     assert NeighbourTable(5).table(trim=True).shape == (0, 3)
+
+
+def test_the_ring_keeps_every_frame_when_it_grows():
+    """Past 64 frames the ring doubles (here to the window, 100): the frames already in it are
+    copied over, so frame 69 still sees frame 1. l1 against brute force (float32 sums: 1e-6)."""
+    smalls = np.random.default_rng(0).random((70, 16, 16), dtype=np.float32)
+    table = similarity_table(smalls, 100, "l1")
+    for i, j in [(69, 1), (64, 0), (65, 63), (40, 2)]:
+        want = 1 - np.abs(smalls[i].astype(np.float64) - smalls[j]).mean()
+        assert table[i, 100 + j - i] == pytest.approx(want, abs=1e-6), (i, j)

@@ -65,6 +65,10 @@ def test_bad_override_is_a_one_line_error():
     ("train.compile=1", "train.compile: expected true or false, got 1"),
     ("model.scale_factor=abc", "model.scale_factor: expected a positive number, got 'abc'"),
     ("model.scale_factor=.nan", "model.scale_factor: expected a positive number, got nan"),
+    ("model.scale_factor=.inf", "model.scale_factor: expected a positive number, got inf"),
+    ("model.scale_factor=0", "model.scale_factor: expected a positive number, got 0"),
+    ("model.scale_factor=null", "model.scale_factor: expected a positive number, got None"),  # null only in NULL_OK
+    ("train.low=.nan", "train.low: expected a number or null, got nan"),
     ("model.unet.model_channels=abc", "model.unet.model_channels: expected a positive integer, got 'abc'"),
     ("model.unet.model_channels=-3", "model.unet.model_channels: expected a positive integer, got -3"),
     ("model.unet.model_channels=true", "model.unet.model_channels: expected a positive integer, got True"),
@@ -74,6 +78,8 @@ def test_bad_override_is_a_one_line_error():
     ("model.concat_to_unet=maybe", "model.concat_to_unet: expected true or false, got 'maybe'"),
     ("model.unet.use_checkpoint=abc", "model.unet.use_checkpoint: expected true or false, got 'abc'"),
     ("model.first_stage.ddconfig.dropout=1", "model.first_stage.ddconfig.dropout: expected a number in [0, 1), got 1"),
+    ("model.first_stage.ddconfig.dropout=-0.1",
+     "model.first_stage.ddconfig.dropout: expected a number in [0, 1), got -0.1"),
     ("model.parameterization=x0", "model.parameterization: expected one of eps, v, got 'x0'"),
     ("model.unet=5", "model.unet: expected a mapping, got 5"),
 ])
@@ -83,6 +89,13 @@ def test_an_override_of_the_wrong_type_is_a_config_error_naming_file_override_an
     with pytest.raises(ConfigError) as e:
         load_config(TINY_CONFIG, ["model.color_variant=v3", override, "train.num_workers=0"])
     assert str(e.value) == f"{TINY_CONFIG} with {override}: {expected}"
+
+
+def test_the_error_names_the_last_override_that_set_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_CONFIG, ["model.unet.model_channels=8", "train.seed=1", "model.unet.model_channels=-1"])
+    assert str(e.value) == (f"{TINY_CONFIG} with model.unet.model_channels=-1: model.unet.model_channels: "
+                            "expected a positive integer, got -1")
 
 
 def test_legitimate_values_and_nulls_pass():

@@ -63,6 +63,16 @@ def test_reinhard_transfers_chroma_per_lightness_band():
     np.testing.assert_allclose(rgb_to_gray(out), target, atol=2e-6)
 
 
+def test_white_falls_in_the_top_band():
+    """32 bands over [0, 1], the last closed: white (luma 1) shares band 31 with a pale yellow
+    (luma 0.977), one node at their mean luma, not a 33rd band of its own."""
+    ref = np.ones((4, 4, 3), np.float32)
+    ref[2:] = (1.0, 1.0, 0.8)
+    pos, ab = luma_band_chroma(ref)
+    assert pos.shape == (1,) and pos[0] == pytest.approx((1.0 + 0.9772) / 2, abs=1e-4)
+    assert ab[0, 1] == pytest.approx(rgb_to_lab(ref)[..., 2].mean(), abs=1e-3)  # half the yellow's Lab b
+
+
 def test_reinhard_is_the_global_lab_statistics_transfer():
     """Reinhard et al. 2001 on a gray target: a and b have zero spread, so (x - mean_t) * std_r / std_t
     + mean_r leaves the reference's global mean a, b on every pixel; the lightness is the input's."""

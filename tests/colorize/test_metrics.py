@@ -34,6 +34,8 @@ def test_psnr_one_wrong_pixel_and_float_input():
 def test_psnr_identical_is_capped_and_shape_checked():
     gt = smooth_rgb(8, 8)
     assert M.psnr(gt, gt) == M.PSNR_CAP_DB
+    near = gt / 255.0  # float64, 1e-7 off: an MSE of ~6.5e-10 levels^2 would be ~140 dB uncapped
+    assert M.psnr(near + 1e-7, near) == M.PSNR_CAP_DB
     with pytest.raises(ValueError, match="shape"):
         M.psnr(gt, gt[:, :7])
 
@@ -52,6 +54,16 @@ def test_ssim_of_constant_images_is_the_luminance_term():
     x = np.full((16, 16, 3), a, np.uint8)
     y = np.full((16, 16, 3), b, np.uint8)
     assert M.ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-6)
+
+
+def test_ssim_of_images_under_11_px_a_side_is_the_whole_map():
+    """No valid interior under 11 px on a side (either side): the whole reflect-padded map is averaged."""
+    for h, w in [(10, 10), (8, 40), (40, 8)]:
+        x, y = smooth_rgb(h, w, seed=1), smooth_rgb(h, w, seed=2)
+        m = M.ssim_map(x, y)
+        assert M.ssim(x, y) == pytest.approx(m.astype(np.float64).mean(), abs=1e-6), (h, w)
+    x, y = smooth_rgb(11, 12, seed=1), smooth_rgb(11, 12, seed=2)  # 11 px: the 1x2 valid interior
+    assert M.ssim(x, y) == pytest.approx(M.ssim_map(x, y)[5:6, 5:7].astype(np.float64).mean(), abs=1e-6)
 
 
 def brute_force_ssim(x, y):
@@ -133,6 +145,13 @@ def test_cdc_strides_by_hand():
 
 
 # ---- warp error ----------------------------------------------------------------------
+
+def test_frames_of_16_pixels_a_side_are_enough_for_flow():
+    M.check_flow_size((16, 16, 3))
+    for shape in [(15, 200), (200, 15)]:
+        with pytest.raises(ValueError, match="at least 16 pixels a side"):
+            M.check_flow_size(shape)
+
 
 def test_warp_error_zero_for_a_static_clip():
     gt = smooth_rgb(48, 64)
@@ -253,6 +272,8 @@ def test_flow_is_trusted_where_it_lands_inside_the_frame():
     (2.0, 0.75, False),  # 0.5625 > 0.01 * (4 + 1.5625) + 0.5 = 0.5556
     (20.0, 2.72, True),  # 7.3984 <= 0.01 * (400 + 298.60) + 0.5 = 7.4860: the relative term counts
     (20.0, 2.75, False),  # 7.5625 > 0.01 * (400 + 297.56) + 0.5 = 7.4756
+    (0.0, 0.71066904, True),  # e^2 == 0.01 e^2 + 0.5 exactly in float32: on the bound is trusted
+    (0.0, 0.7106691, False),  # the next float32 up
 ])
 def test_forward_backward_check_threshold(motion, error, trusted):
     """Forward flow that undoes the backward flow up to `error` px: trusted exactly when

@@ -66,6 +66,7 @@ def test_model_size_rounds_to_64_keeping_aspect():
     assert P.model_size(1080, 1920, 500) == (512, 896)  # 500 itself rounds to 512
     for h, w in [(33, 1000), (999, 17), (64, 64)]:
         assert all(s % 64 == 0 and s >= 64 for s in P.model_size(h, w, 256))
+    assert P.model_size(100, 100, 16) == (64, 64)  # a size that rounds to 0: still one multiple
 
 
 def test_to_gray_depths_channels_and_colour_flag():
@@ -331,6 +332,16 @@ def test_anchor_colours_matches_statistics_and_keeps_luma(clip):
     assert 0.3 < np.abs(half - img).mean() / np.abs(matched - img).mean() < 0.7
 
 
+def test_anchor_colours_does_not_blow_up_a_nearly_gray_image():
+    """The a/b std is divided by at least 1 Lab unit: a nearly gray output (std ~0.2) gets its
+    chroma noise scaled by 10 for a reference std of 10, not by 50 to the reference's whole std."""
+    img = 0.5 + np.random.default_rng(0).normal(0, 0.001, (16, 16, 3)).astype(np.float32)
+    stats = np.array([[5.0, -5.0], [10.0, 10.0]])
+    got = P.chroma_stats(P.anchor_colours(img, stats, 1.0))
+    assert np.abs(got[0] - stats[0]).max() < 0.1  # means matched
+    assert np.abs(got[1] - 10 * P.chroma_stats(img)[1]).max() < 0.1  # measured 2.15, 2.01 vs 2.12, 2.00
+
+
 def test_several_references_switch_at_a_cut(model, clip):
     """Frames 0-2 and 120-122 (a cut between); references: colour frames 3 and 125."""
     idx = [0, 1, 2, 120, 121, 122]
@@ -338,6 +349,8 @@ def test_several_references_switch_at_a_cut(model, clip):
     refs = [clip[3], clip[125]]
     choose = P.ReferenceChooser(refs)
     assert [choose(g) for g in grays] == [0, 0, 0, 1, 1, 1]
+    for k, r in enumerate(refs):  # references are compared by their luma: a reference's own gray scores 1
+        assert choose.scores(rgb_to_gray(r))[k] == pytest.approx(1.0, abs=1e-6)
     both = list(P.colorize_fixed(model, grays, refs, batch=4, **FAST))
     only_a = list(P.colorize_fixed(model, grays[:3], refs[0], **FAST))
     only_b = list(P.colorize_fixed(model, grays[3:], refs[1], start=3, **FAST))
@@ -454,6 +467,19 @@ def test_most_similar_frames_takes_the_first_of_equals(clip):
     gray = P.to_gray(clip[3])[0]
     other = P.to_gray(clip[120])[0]
     assert P.most_similar_frames([other, gray, gray, other], [clip[3]]) == [1]
+    # negative SSIM is still a score: of two inverted frames (-0.62, -0.58) the second is nearer
+    assert P.most_similar_frames([1 - gray, 1 - P.to_gray(clip[0])[0]], [clip[3]]) == [1]
+
+
+def test_finish_refuses_nan_naming_the_frame(model):
+    """clamp keeps NaN, which would be written as black: finish raises, naming the clip frame."""
+    col = P.Colorizer(model, (8, 8), P.Options(size=64))
+    grays = [np.full((8, 8), 0.5, np.float32)] * 3
+    rgb = torch.full((3, 64, 64, 3), 0.5)
+    assert len(col.finish(P.Pending(rgb.clone(), None, grays, [4, 5, 6]))) == 3
+    rgb[1, 7, 9, 2] = float("nan")
+    with pytest.raises(P.InferenceError, match="output for frame 5 is NaN"):
+        col.finish(P.Pending(rgb, None, grays, [4, 5, 6]))
 
 
 def test_video_outputs_are_numbered_from_zero(tmp_path):
