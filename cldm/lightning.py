@@ -22,7 +22,8 @@ import torch
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer, config_hash,
-                            configure_trainable, export_keys, make_optimizer, param_groups, unet_input_conv)
+                            configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
+                            unet_input_conv)
 
 
 def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class ColorControlModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the locked weights; on_load_checkpoint checks the rest
         self._config_hash = config_hash(config) if config is not None else None
         self._locked_snapshot: torch.Tensor | None = None
-        self._locked_fp: float | None = None
+        self._locked_digest: str | None = None
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -188,35 +189,29 @@ class ColorControlModule(L.LightningModule):
             raise RuntimeError(f"{UNET_INPUT_CONV}: the locked SD channels changed during training; use "
                                "weight decay 0 on it and an optimiser that keeps zero-gradient weights")
 
-    def locked_fingerprint(self) -> float:
-        """Sum of squares (float64) of the weights the checkpoints leave out; computed once.
-
-        They come from --init on every start, so a resume on top of other SD weights would go
-        unnoticed without it.
-        """
-        if self._locked_fp is None:
-            keep = set(export_keys(self.model))
+    def locked_digest(self) -> str:
+        """cldm.trainable.locked_digest of the model, computed once (the locked weights do not change)."""
+        if self._locked_digest is None:
             with torch.no_grad():
-                self._locked_fp = float(sum(p.detach().double().square().sum() for n, p in
-                                            self.model.named_parameters() if n not in keep))
-        return self._locked_fp
+                self._locked_digest = locked_digest(self.model)
+        return self._locked_digest
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_locked()
         keep = {MODULE_PREFIX + k for k in export_keys(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[TRAINING_KEY] = {"config_hash": self._config_hash, "color_variant": self.model.color_variant,
-                                    "locked_fingerprint": self.locked_fingerprint()}
+                                    "locked_digest": self.locked_digest()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get(TRAINING_KEY, {})
         if self._config_hash and info.get("config_hash") and info["config_hash"] != self._config_hash:
             raise CheckpointError(f"checkpoint was trained with another model config (hash "
                                   f"{info['config_hash']}, this run {self._config_hash})")
-        fp = info.get("locked_fingerprint")
-        if fp is not None and abs(fp - self.locked_fingerprint()) > 1e-7 * abs(fp):
+        digest = info.get("locked_digest")  # checkpoints before 2026-11-28 have none: not checked
+        if digest is not None and digest != self.locked_digest():
             raise CheckpointError("checkpoint was trained on other locked SD weights than this run's --init "
-                                  f"(fingerprint {fp:.9g} vs {self.locked_fingerprint():.9g})")
+                                  f"(digest {digest[:12]}... vs {self.locked_digest()[:12]}...)")
         missing = sorted({MODULE_PREFIX + k for k in export_keys(self.model)} - set(checkpoint["state_dict"]))
         if missing:
             raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "

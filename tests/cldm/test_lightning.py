@@ -233,6 +233,12 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
         other.on_load_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="other locked SD weights"):  # resumed on another --init
         ColorControlModule(tiny_model("v2", seed=1), config=cfg).on_load_checkpoint(ckpt)
+    nudged = tiny_model("v2")  # the same init but for one locked value one float32 step away
+    with torch.no_grad():
+        bias = nudged.model.diffusion_model.out[2].bias
+        bias[0] = torch.nextafter(bias[0], torch.tensor(math.inf))
+    with pytest.raises(CheckpointError, match=r"other locked SD weights than this run's --init \(digest "):
+        ColorControlModule(nudged, config=cfg).on_load_checkpoint(ckpt)
     ckpt["state_dict"].pop("model.control_model.input_hint_block.0.weight")
     with pytest.raises(CheckpointError, match="lacks 1 trainable"):
         module.on_load_checkpoint(ckpt)

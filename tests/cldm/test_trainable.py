@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_control,
-                            export_keys, load_sd_plus_control, param_groups, read_export_metadata, trainable_state_dict)
+                            export_keys, load_sd_plus_control, locked_digest, param_groups, read_export_metadata,
+                            tensor_checksum, trainable_state_dict)
 from tests.train_helpers import tiny_batch, tiny_model, tiny_sd_state
 
 
@@ -228,3 +229,31 @@ def test_real_config_export_is_about_a_quarter_of_the_model():
     n_export = sum(sd[k].numel() for k in export_keys(model))
     n_all = sum(v.numel() for v in sd.values())
     assert 0.2 < n_export / n_all < 0.3, n_export / n_all  # ~364M of ~1.3G
+
+
+def test_tensor_checksum_is_exact_and_position_sensitive():
+    """sum_i bits_i * (i + 1) mod 2^31 - 1, worked by hand; any changed or moved element changes it."""
+    assert tensor_checksum(torch.tensor([1, 2, 3], dtype=torch.int32)) == 1 * 1 + 2 * 2 + 3 * 3
+    assert tensor_checksum(torch.tensor([1.0])) == 0x3F800000  # float32 bits of 1.0, below the modulus
+    assert tensor_checksum(torch.tensor([-1], dtype=torch.int32)) == 2**31 - 2  # -1 mod 2^31 - 1
+    assert tensor_checksum(torch.tensor([1.0, 2.0], dtype=torch.bfloat16)) == 0x3F80 + 2 * 0x4000
+    x = torch.randn(5, 7)
+    assert tensor_checksum(x, chunk=3) == tensor_checksum(x) == tensor_checksum(x.t().contiguous().t())
+    y = x.clone()
+    y[2, 3] = torch.nextafter(y[2, 3], torch.tensor(1e9))  # one float32 step
+    z = x.clone()
+    z[0, 0], z[0, 1] = x[0, 1], x[0, 0]
+    assert len({tensor_checksum(x), tensor_checksum(y), tensor_checksum(z)}) == 3
+
+
+def test_locked_digest_covers_the_locked_weights_only():
+    model = tiny_model("v2")
+    configure_trainable(model)
+    before = locked_digest(model)
+    with torch.no_grad():
+        model.control_model.input_hint_block[0].weight.add_(1.0)  # trainable: not in the digest
+    assert locked_digest(model) == before
+    with torch.no_grad():
+        model.first_stage_model.decoder.conv_out.bias[0] += 1e-6  # locked (the VAE)
+    assert locked_digest(model) != before
+
