@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from annotator.color import rgb_to_gray
 from cldm.lightning import ColorControlModule
-from cldm.trainable import export_keys
+from cldm.trainable import configure_trainable, export_keys, locked_digest, tensor_checksum
 from colorize import loading as L, pipeline as P
 from tests.cldm.test_lightning import fixed_loss
 from tests.cldm.test_model import tiny_v1
@@ -198,3 +198,13 @@ def test_fp16_weights_equal_fp16_autocast_of_fp32_weights():
         got = run(graphs)
         print(f"CUDA graphs {graphs}: max |fp16 weights - autocast| {np.abs(got - outs[graphs]).max():.2e}")
         assert np.abs(got - outs[graphs]).max() < 1e-3  # cuBLAS may pick other kernels: not bitwise
+
+
+def test_locked_digest_is_the_same_on_cuda_as_on_cpu():
+    """A run's checkpoints record the digest on the GPU; a resume (or inspect) may compute it on the CPU."""
+    model = tiny_model("v2")
+    configure_trainable(model)
+    on_cpu = locked_digest(model)
+    assert locked_digest(model.to(CUDA)) == on_cpu
+    x = torch.randn(3, 1 << 20)
+    assert tensor_checksum(x.to(CUDA)) == tensor_checksum(x)
