@@ -1,5 +1,5 @@
-"""Training checkpoints on disk: which are complete, which one to resume from, and whether
-every process of a run agrees on it.
+"""Training checkpoints on disk: which are complete, which one to resume from, whether one fits
+a config (`resume_misfit`, also for `inspect`), and whether every process of a run agrees.
 
 Lightning-free (torch only), so checks such as `resume_problem` cost no Lightning import; the
 writers and callbacks that produce these files are in cldm/callbacks.py.
@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
-from cldm.checkpoint import CheckpointError
-from cldm.trainable import TRAINING_KEY
+from omegaconf import DictConfig
+
+from cldm.checkpoint import CheckpointError, LoadReport, compare_state_dict, misfit
+from cldm.cldm import ControlLDM
+from cldm.trainable import MODULE_PREFIX, TRAINING_KEY, config_hash, export_keys
 
 STEP_RE = re.compile(r"step=(\d+)")
 
@@ -40,9 +43,7 @@ def resume_problem(path: str | Path) -> str | None:
     such as the --init file saved as .ckpt, before Lightning fails on it with a traceback.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = _load_top_level(path)
     except Exception as e:
         return f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
     if not isinstance(ckpt, dict):
@@ -54,6 +55,46 @@ def resume_problem(path: str | Path) -> str | None:
     if TRAINING_KEY not in ckpt:
         return f"a Lightning checkpoint, but not of this training (no {TRAINING_KEY!r} entry)"
     return None
+
+
+def _load_top_level(path: str | Path):
+    """torch.load with weights_only (no code runs) and the tensors memory-mapped (not read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_training_checkpoint(path: str | Path) -> dict | None:
+    """The top level of a Lightning training checkpoint of this project (OUT/checkpoints/*.ckpt),
+    or None for any other file (`resume_problem` says why)."""
+    if Path(path).suffix == ".safetensors" or resume_problem(path) is not None:
+        return None
+    ckpt = _load_top_level(path)
+    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(ckpt[TRAINING_KEY], dict):
+        return None
+    return ckpt if all(str(k).startswith(MODULE_PREFIX) for k in ckpt["state_dict"]) else None
+
+
+def resume_misfit(model: ControlLDM, cfg: DictConfig, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
+    """How a training checkpoint fits resuming `model` (set up by configure_trainable) under
+    `cfg`, and why it would not (None: it would). `trained`: its tensors under the model's names,
+    `info`: its TRAINING_KEY entry. It must hold exactly the tensors that train (export_keys) in
+    their shapes, for the same model config; ColorControlModule.on_load_checkpoint also checks
+    the locked weights, which only the --init file has."""
+    own = model.state_dict()
+    report = compare_state_dict({k: own[k] for k in export_keys(model)}, trained)
+    if report.mismatched:
+        return report, misfit(report)
+    policy = "model.sd_locked and model.train_unet_input say which train"
+    if n := len(report.missing):
+        return report, f"lacks {n} tensor{'s' * (n > 1)} that this config trains (e.g. {report.missing[0]}; {policy})"
+    if n := len(report.unexpected):
+        return report, (f"holds {n} tensor{'s' * (n > 1)} that this config does not train (e.g. "
+                        f"{report.unexpected[0]}; {policy})")
+    recorded, ours = info.get("config_hash"), config_hash(cfg)
+    if recorded and recorded != ours:
+        return report, f"trained with another model config (hash {recorded}, this config's {ours})"
+    return report, None
 
 
 def _step_files(dirpath: str | Path) -> list[tuple[int, Path]]:

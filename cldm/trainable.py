@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import warnings
 from pathlib import Path
 
 import torch
@@ -245,46 +244,6 @@ def is_export(sd: dict, meta: dict[str, str]) -> bool:
     besides (no VAE, text encoder or schedule), which load_sd_plus_control takes as one too."""
     return meta.get("format") == EXPORT_FORMAT or (any(k.startswith(CONTROL) for k in sd) and
                                                    all(k.startswith((CONTROL, UNET)) for k in sd))
-
-
-def read_training_checkpoint(path: str | Path) -> dict | None:
-    """The top level of a Lightning training checkpoint of this project (OUT/checkpoints/*.ckpt),
-    or None for any other file. Weights only (no code runs) and memory-mapped, as
-    cldm.resume.resume_problem reads it: the step and what it was trained for cost little."""
-    if Path(path).suffix == ".safetensors":
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # needs pickle, legacy format, damaged: none of ours (load_state_dict says what it is)
-        return None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get(TRAINING_KEY), dict)
-            and isinstance(ckpt.get("state_dict"), dict)):
-        return None
-    return ckpt if all(str(k).startswith(MODULE_PREFIX) for k in ckpt["state_dict"]) else None
-
-
-def resume_misfit(model: ControlLDM, cfg: DictConfig, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
-    """How a training checkpoint fits resuming `model` (set up by configure_trainable) under
-    `cfg`, and why it would not (None: it would). `trained`: its tensors under the model's names,
-    `info`: its TRAINING_KEY entry. It must hold exactly the tensors that train (export_keys) in
-    their shapes, for the same model config; ColorControlModule.on_load_checkpoint also checks
-    the locked weights, which only the --init file has."""
-    own = model.state_dict()
-    report = compare_state_dict({k: own[k] for k in export_keys(model)}, trained)
-    if report.mismatched:
-        return report, misfit(report)
-    policy = "model.sd_locked and model.train_unet_input say which train"
-    if n := len(report.missing):
-        return report, f"lacks {n} tensor{'s' * (n > 1)} that this config trains (e.g. {report.missing[0]}; {policy})"
-    if n := len(report.unexpected):
-        return report, (f"holds {n} tensor{'s' * (n > 1)} that this config does not train (e.g. "
-                        f"{report.unexpected[0]}; {policy})")
-    recorded, ours = info.get("config_hash"), config_hash(cfg)
-    if recorded and recorded != ours:
-        return report, f"trained with another model config (hash {recorded}, this config's {ours})"
-    return report, None
 
 
 def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,
