@@ -493,7 +493,8 @@ def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_p
     from tests.train_helpers import tiny_model
     cfg = load_config(TINY_CONFIG)
     module = ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(cfg, resolve=True))
-    ckpt = {"state_dict": module.state_dict(), "global_step": 7, "epoch": 0, "pytorch-lightning_version": "2.x"}
+    ckpt = {"state_dict": module.state_dict(), "global_step": 7, "epoch": 0, "pytorch-lightning_version": "2.x",
+            "optimizer_states": [], "lr_schedulers": [], "loops": {}}
     module.on_save_checkpoint(ckpt)  # what the training's checkpoints hold
     path = tmp_path / "step=00000007.ckpt"
     AtomicCheckpointIO().save_checkpoint(ckpt, path)
