@@ -16,8 +16,8 @@ architecture (models/cldm_tiny_color.yaml, colour variant v2) needs, unlocked:
 The held-out frames (100..131 of the clip) are never seen. The result is a toy: it shows the
 pipeline end to end on a laptop, not what SD2.1 can do.
 
-  python tools/make_toy_model.py                   # writes models/toy/ (about 40 min on 2 idle cores)
-  python tools/make_toy_model.py --out /tmp/toy --check models/toy/toy_color_v2.safetensors
+  python tools/make_toy_model.py --out /tmp/toy_repro --check models/toy/toy_color_v2.safetensors
+  python tools/make_toy_model.py --overwrite       # replaces the shipped models/toy/ (about 40 min on 2 idle cores)
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from annotator.color import LUMA_WEIGHTS, rgb_to_ycbcr, transfer_luma, ycbcr_to_rgb  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
+from atomicio import write_bytes_atomic  # noqa: E402
 from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
@@ -205,11 +206,15 @@ def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: 
           for k, v in model.state_dict().items()}
     save_state_dict(sd, out / f"{NAME}.safetensors",
                     metadata={"provenance": json.dumps(prov), "config": OmegaConf.to_yaml(cfg)})
-    tmp = out / f".{NAME}.yaml.tmp"
-    tmp.write_text("# Toy model config written by tools/make_toy_model.py (scale factor fitted to its VAE).\n"
-                   + OmegaConf.to_yaml(cfg))
-    os.replace(tmp, out / f"{NAME}.yaml")
+    write_bytes_atomic(out / f"{NAME}.yaml", ("# Toy model config written by tools/make_toy_model.py "
+                                              "(scale factor fitted to its VAE).\n" + OmegaConf.to_yaml(cfg)).encode())
     return prov
+
+
+def existing_outputs(out: Path) -> list[str]:
+    """The model files already in `out` (a run would replace them): by default `out` is the
+    shipped models/toy/, which a slip of a reproduction run must not overwrite 40 minutes later."""
+    return [name for name in (f"{NAME}.safetensors", f"{NAME}.yaml") if (out / name).exists()]
 
 
 def shipped_provenance(shipped: Path) -> dict:
@@ -237,7 +242,8 @@ def check_against(prov: dict, shipped: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "models" / "toy", help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=REPO / "models" / "toy",
+                   help="output folder; one that already holds the model needs --overwrite (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and noise (default: 0)")
     p.add_argument("--vae-steps", type=positive_int, default=1500,
                    help="autoencoder training steps (batch 8, 64x64 crops) (default: 1500)")
@@ -245,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="UNet+ControlNet steps (batch 16) (default: 3000)")
     p.add_argument("--threads", type=non_negative_int, default=None,
                    help="torch CPU threads; by default (or 0) one per core, os.cpu_count(), whatever "
-                        "OMP_NUM_THREADS says: the shipped model was trained so")
+                        "OMP_NUM_THREADS says (the shipped model was trained with 1, on a loaded machine)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model files already in --out (refused otherwise, before training)")
     p.add_argument("--check", type=Path, default=None,
                    help=f"compare the final losses with this shipped model's (fails beyond "
                         f"{100 * LOSS_TOLERANCE:.0f} %%); checked before training")
@@ -253,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = folder_problem(args.out)
     if problem:
         p.error(f"--out {args.out}: {problem}")
+    there = existing_outputs(args.out)
+    if there and not args.overwrite:
+        p.error(f"--out {args.out} already holds {' and '.join(there)}: give another --out "
+                f"(e.g. /tmp/toy_repro) or --overwrite to replace them")
     return run_cli(PROG, run, args, errors=(ValueError,))
 
 

@@ -56,6 +56,7 @@ def test_short_run_writes_a_loadable_model_with_its_provenance(tmp_path):
     assert prov["vae_steps"] == 2 and prov["diffusion_steps"] == 2 and prov["hue_rotations"] == recipe.HUES
     assert math.isfinite(prov["vae_loss"]) and math.isfinite(prov["diffusion_loss"])
     assert (tmp_path / "toy_color_v2.yaml").is_file()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["toy_color_v2.safetensors", "toy_color_v2.yaml"]  # no temp left
     model = L.load_model(path, device=torch.device("cpu"))  # config found beside it
     assert model.scale_factor == pytest.approx(prov["scale_factor"])
     # the check against a shipped model compares both recorded losses with the tolerance
@@ -90,6 +91,7 @@ def test_help_prints(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(fails beyond 10 %)" in out and "by default (or 0) one per core" in out
+    assert "the shipped model was trained with 1" in out and "--overwrite" in out
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -100,10 +102,51 @@ def test_help_prints(capsys):
     (["--threads", "-1"], "argument --threads: expected an integer >= 0"),
     (["--out", "README.md"], "README.md is a file, not a folder"),
 ])
-def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypatch):
+def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(recipe, "make_toy_model", lambda *a, **k: pytest.fail("trained despite a bad argument"))
-    assert says in refused(recipe.main, argv, capsys)
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "new")]
+    assert says in refused(recipe.main, argv + out, capsys)
+
+
+def no_training(monkeypatch) -> list:
+    """Stand-ins for the training stages that record that they ran (a refusal must come first)."""
+    ran = []
+    monkeypatch.setattr(recipe, "load_clip", lambda *a, **k: ran.append("load_clip") or pytest.fail("loaded"))
+    monkeypatch.setattr(recipe, "train_vae", lambda *a, **k: ran.append("train_vae") or pytest.fail("trained"))
+    monkeypatch.setattr(recipe, "train_diffusion", lambda *a, **k: ran.append("train_diffusion") or pytest.fail("trained"))
+    return ran
+
+
+@pytest.mark.parametrize("present", [["toy_color_v2.safetensors"], ["toy_color_v2.yaml"],
+                                     ["toy_color_v2.safetensors", "toy_color_v2.yaml"]])
+def test_an_out_that_holds_the_model_is_refused_before_training(present, capsys, monkeypatch, tmp_path):
+    """The default --out is the shipped models/toy/: a run without --out must not overwrite it."""
+    ran = no_training(monkeypatch)
+    for name in present:
+        (tmp_path / name).write_bytes(b"shipped")
+    err = refused(recipe.main, ["--out", str(tmp_path)], capsys)
+    assert f"--out {tmp_path} already holds {' and '.join(present)}" in err and "--overwrite" in err
+    assert ran == [] and all((tmp_path / n).read_bytes() == b"shipped" for n in present)
+
+
+def test_the_default_out_is_the_shipped_model_and_is_refused(capsys, monkeypatch):
+    ran = no_training(monkeypatch)
+    before = SHIPPED.stat().st_mtime_ns
+    err = refused(recipe.main, [], capsys)
+    assert "toy_color_v2.safetensors and toy_color_v2.yaml" in err and "--overwrite" in err
+    assert ran == [] and SHIPPED.stat().st_mtime_ns == before
+
+
+def test_overwrite_lets_a_run_replace_the_model(monkeypatch, tmp_path):
+    (tmp_path / "toy_color_v2.safetensors").write_bytes(b"old")
+    calls = []
+    monkeypatch.setattr(recipe, "make_toy_model", lambda out, *a, **k: calls.append(out) or {"name": "x"})
+    assert recipe.main(["--out", str(tmp_path), "--overwrite"]) == 0
+    assert calls == [tmp_path]
+    # an empty or new folder needs no --overwrite
+    assert recipe.main(["--out", str(tmp_path / "new")]) == 0
+    assert calls == [tmp_path, tmp_path / "new"]
 
 
 def test_check_reads_the_shipped_provenance_up_front():
