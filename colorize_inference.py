@@ -13,7 +13,9 @@ If a run stops at a bad frame, every output written before it is complete (each 
 under a temporary name and renamed). Rerun from that frame with --frames N: to continue
 (fixed mode and the reinhard baselines then give exactly the result of an uninterrupted
 run; recursive/anchored restart their chain and flow its walk at frame N), or rerun the
-whole range with --overwrite (needed for --video, which only a whole run writes).
+whole range with --overwrite. With --video, a --frames range that is only part of the clip
+still gives the whole clip's video: the frames outside the range are taken from --out
+(refused up front if any is missing there).
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143
 stopped by Ctrl-C / SIGTERM (the frames written so far are kept; continue as above).
@@ -39,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from annotator.video import FrameSourceError, SourceInfo, probe  # noqa: E402
+from annotator.video import FrameSourceError, SourceInfo, probe, read_image  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
@@ -79,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
                     help="output folder (created), one PNG per input frame with the input's name stem")
     io.add_argument("--video", metavar="OUT.mp4",
                     help="also write the result as an MPEG-4 video at the input fps (an odd width or height is "
-                         "padded to even by repeating the last column/row; the PNGs keep the input size)")
+                         "padded to even by repeating the last column/row; the PNGs keep the input size). Always "
+                         "of the whole clip: with a --frames range that is only part of it, the other frames are "
+                         "read from --out (to finish an interrupted run), which must hold them all")
     io.add_argument("--fps", type=float, metavar="F",
                     help=f"frame rate of --video for frame-folder input (default: {DEFAULT_FOLDER_FPS:g}; "
                          "video input keeps its own)")
@@ -158,6 +162,10 @@ def parser() -> argparse.ArgumentParser:
 
 class UsageError(Exception):
     """Bad arguments; str(e) is one line."""
+
+
+class EarlierOutputError(UsageError):
+    """A frame of --out outside --frames that --video cannot use (unreadable, another size)."""
 
 
 def parse_range(spec: str | None) -> slice:
@@ -248,6 +256,32 @@ def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tupl
             raise UsageError(f"{taken[0]} exists ({len(taken)} output(s) already there); "
                              "pass --overwrite to replace them")
     return out, names
+
+
+def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path) -> tuple[list[str], list[str]]:
+    """The output names before and after a --frames range that is only part of the clip, which
+    --video takes from --out (a stopped run is continued with --frames N: and still gives the
+    whole clip's video); refused up front if any of them is not there. ([], []) without --video
+    or for a whole-clip range."""
+    if not args.video or (frames.start == 0 and frames.stop is None):
+        return [], []
+    every = P.output_names(Path(args.input), info)
+    if every is None:  # a video that does not say how long it is
+        if frames.stop is not None:
+            raise UsageError(f"--video with --frames {args.frames}: {args.input} does not say how many frames it "
+                             f"has, so the frames after {frames.stop - 1} cannot be checked in --out; use "
+                             f"--frames {frames.start}: or make the video without --frames")
+        every = [f"{i:06d}.png" for i in range(frames.start)]
+    stop = len(every) if frames.stop is None else min(frames.stop, len(every))
+    before, after = every[:frames.start], every[stop:]
+    missing = [(i, n) for i, n in [*enumerate(before), *enumerate(after, stop)] if not (out / n).is_file()]
+    if missing:
+        i, name = missing[0]
+        raise UsageError(f"--video with --frames {args.frames} makes the whole clip's video, taking the other "
+                         f"frames from --out, but {out / name} (frame {i}) is missing ({len(missing)} of the "
+                         f"{len(before) + len(after)} outside the range): colourise them first, or run without "
+                         "--frames, or without --video")
+    return before, after
 
 
 def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
@@ -365,6 +399,7 @@ def run(args) -> int:
     # a video by decoding its first frame.
     info = None if Path(args.input).is_dir() else probe(args.input)
     out, names = planned_outputs(args, frames, info)
+    before, after = frames_outside(args, frames, info, out)
     refs, ref_indices = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     model = None
@@ -393,6 +428,8 @@ def run(args) -> int:
             target = out / name
             if target.exists() and not args.overwrite:  # a video whose length was unknown up front
                 raise UsageError(f"{target} exists; pass --overwrite to replace it")
+            if args.video:  # checked before the PNG is written: a frame of --out before the range set it
+                same_size(rgb, None)
             if args.video and done["n"] == 0 and (rgb.shape[1], rgb.shape[0]) != even_size(rgb.shape[1], rgb.shape[0]):
                 w, h = even_size(rgb.shape[1], rgb.shape[0])
                 note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, so the video "
@@ -405,15 +442,38 @@ def run(args) -> int:
             done["next"] += 1
             yield rgb
 
+    video_size = {}  # the video's frame size and the file of --out that set it (None: a new frame)
+
+    def same_size(rgb, path: Path | None):
+        (h, w), first = video_size.setdefault("hw", (rgb.shape[:2], path))
+        if (h, w) != rgb.shape[:2]:
+            raise EarlierOutputError(f"--video: {path or 'the new frames'} {'is' if path else 'are'} "
+                                     f"{rgb.shape[1]}x{rgb.shape[0]}, {first or 'the new frames'} {w}x{h}: --out "
+                                     "holds frames of another clip or size")
+
+    def video_frames():
+        """The whole clip for --video: frames outside the range from --out, the new ones as made."""
+        def earlier(names):
+            for name in names:
+                try:
+                    rgb = read_image(out / name)
+                except FrameSourceError as e:
+                    raise EarlierOutputError(f"--video: {e}") from None
+                same_size(rgb, out / name)
+                yield rgb
+
+        yield from earlier(before)
+        yield from written()
+        yield from earlier(after)
+
     def resume() -> str:
         if total is not None and done["n"] == total:  # the video's writing failed, after the last frame
             return "only --video is missing: rerun with --overwrite"
-        video = "; --video needs a whole run, with --overwrite" if args.video else ""
-        return f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues{video}"
+        return f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues"
 
     try:
         if args.video:
-            n = write_video_atomic(args.video, written(), fps)
+            n = write_video_atomic(args.video, video_frames(), fps)
         else:
             n = sum(1 for _ in written())
     except (UsageError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError, cv2.error) as e:
@@ -425,6 +485,9 @@ def run(args) -> int:
                        "lower them")
         if done["n"] == 0:
             raise UsageError(message) from None
+        if isinstance(e, EarlierOutputError):  # a frame outside the range, read after the new ones
+            raise UsageError(f"{message} (the {done['n']} new outputs are written and complete; only --video is "
+                             "missing)") from None
         raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume()})"
                          ) from None
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli): say where to continue
@@ -434,7 +497,8 @@ def run(args) -> int:
                                 ) from None
     finally:
         bar.close()
-    print(f"wrote {n} frames to {out}" + (f" and {args.video} ({fps:g} fps)" if args.video else ""))
+    earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
+    print(f"wrote {done['n']} frames to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
     return 0
 
 

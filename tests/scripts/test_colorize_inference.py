@@ -201,15 +201,19 @@ def test_sixteen_bit_and_colour_frames(env, tmp_path, capsys):
 
 
 def test_video_input_reference_frame_and_video_output(env, tmp_path, capsys):
+    from tests.annotator.clips import write_video
+
+    clip = write_video((rgb for i, _, rgb in iter_frames(SAMPLE, check_count=False) if i < 3), tmp_path / "in.mp4",
+                       fps=24.0)  # the sample's first frames (1280x720), at another rate than --fps's default
     out, mp4 = tmp_path / "out", tmp_path / "clip.mp4"
-    rc, stdout, err = run(["--input", SAMPLE, "--reference-frame", "3", "--frames", "0:2", "--ckpt", env["ckpt"],
+    rc, stdout, err = run(["--input", clip, "--reference-frame", "1", "--ckpt", env["ckpt"],
                            "--out", out, "--video", mp4, *FAST], capsys)
     assert rc == 0, err
-    assert "wrote 2 frames" in stdout and "25 fps" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert "wrote 3 frames" in stdout and "24 fps" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert read_rgb(out / "000000.png").shape == (720, 1280, 3)
     info = probe(mp4)
-    assert (info.frame_count, info.width, info.height, info.fps) == (2, 1280, 720, 25.0)
+    assert (info.frame_count, info.width, info.height, info.fps) == (3, 1280, 720, 24.0)
 
 
 @pytest.mark.parametrize("method", ["reinhard", "reinhard-bands", "flow"])
@@ -428,13 +432,16 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
     if video:
         args += ["--video", tmp_path / "v.mp4"]
     rc, _, err = run(args, capsys)
-    tail = "; --video needs a whole run, with --overwrite" if video else ""
     assert rc == status and err.splitlines()[-1] == (f"colorize_inference.py: {said}; the 2 outputs written so far "
-                                                     f"are complete: --frames 2: continues{tail}"), err
+                                                     f"are complete: --frames 2: continues"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no video, no temporary files
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]
     monkeypatch.setattr(cli, "encode_png", encode)
-    if not video:
+    if video:  # the continuation with the same --video gives the whole clip's video
+        rc, stdout, err = run([*args, "--frames", "2:"], capsys)
+        assert rc == 0 and "wrote 2 frames" in stdout and "(4 frames, 2 of them already in" in stdout, err
+        assert probe(tmp_path / "v.mp4").frame_count == 4
+    else:
         assert run([*args, "--frames", "2:"], capsys)[0] == 0
         assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
         assert snapshot(out) == snapshot(tmp_path / "whole")
@@ -469,10 +476,102 @@ def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypat
 
 def test_a_video_in_a_folder_not_made_yet(env, tmp_path, capsys):
     out, video = tmp_path / "new", tmp_path / "films" / "clip.mp4"
-    rc, _, err = run(["--input", env["gray"], "--frames", "0:2", "--reference", env["refs"][0], "--method", "reinhard",
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
                       "--out", out, "--video", video], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"] and video.is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"] and video.is_file()
+
+
+def video_frames(path: Path) -> list:
+    return [rgb for _, _, rgb in iter_frames(path)]
+
+
+@pytest.mark.parametrize("first, then", [("0:2", "2:"), ("2:", "0:2"), ("0:1", "1:3"), ("1:3", "0:1")])
+def test_a_partial_range_with_video_makes_the_whole_clips_video(env, tmp_path, capsys, first, then):
+    """Continuing a stopped run (--frames N: --video V) gives the video an uninterrupted run gives:
+    the frames outside the range come from --out, in clip order."""
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard"]
+    assert run([*args, "--out", tmp_path / "whole", "--video", tmp_path / "whole.mp4"], capsys)[0] == 0
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    assert run([*args, "--out", out, "--frames", first], capsys)[0] == 0
+    if then == "1:3":  # the last frame, outside both ranges, from a third run
+        assert run([*args, "--out", out, "--frames", "3:"], capsys)[0] == 0
+    if then == "0:1":
+        assert run([*args, "--out", out, "--frames", "3:"], capsys)[0] == 0
+    rc, stdout, err = run([*args, "--out", out, "--frames", then, "--video", video], capsys)
+    assert rc == 0, err
+    new = {"2:": 2, "0:2": 2, "1:3": 2, "0:1": 1}[then]
+    assert stdout.startswith(f"wrote {new} frames to {out} and {video} (4 frames, {4 - new} of them already in {out}")
+    assert snapshot(out) == snapshot(tmp_path / "whole")
+    got, want = video_frames(video), video_frames(tmp_path / "whole.mp4")
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    # the video takes what --out holds, in clip order: another frame there (a cut apart) shows
+    k = 3 if then.startswith("0:") else 0  # a frame outside the range
+    (out / f"f{k}.png").write_bytes(snapshot(tmp_path / "whole")[f"f{3 - k}.png"])
+    assert run([*args, "--out", out, "--frames", then, "--video", video, "--overwrite"], capsys)[0] == 0
+    got = video_frames(video)
+
+    def diff(a, b):
+        return np.abs(a.astype(int) - b).mean()
+    assert 5 * diff(got[k], want[3 - k]) < diff(got[k], want[k])  # lossy, so not bit for bit
+
+
+@pytest.mark.parametrize("present, frames, missing", [
+    ([], "2:", "f0.png (frame 0) is missing (2 of the 2 outside the range)"),
+    (["f0.png"], "2:", "f1.png (frame 1) is missing (1 of the 2 outside the range)"),
+    (["f0.png", "f1.png"], "2:3", "f3.png (frame 3) is missing (1 of the 3 outside the range)"),
+])
+def test_a_partial_range_with_video_is_refused_up_front_when_frames_are_missing(env, tmp_path, capsys, present,
+                                                                              frames, missing):
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    out.mkdir()
+    for name in present:
+        (out / name).write_bytes(b"earlier work")  # not read: the check is for presence, before any work
+    before = snapshot(out)
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out,
+                      "--frames", frames, "--video", video], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err == (f"colorize_inference.py: error: --video with --frames {frames} makes the whole clip's video, "
+                   f"taking the other frames from --out, but {out / missing}: colourise them first, or run without "
+                   "--frames, or without --video\n")
+    assert snapshot(out) == before and not video.exists()
+
+
+def test_a_partial_range_with_video_and_a_bad_earlier_frame(env, tmp_path, capsys):
+    """An unreadable frame, or one of another size, in --out outside the range: one line; the new
+    frames are kept and only the video is missing."""
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "out"]
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    assert run(args, capsys)[0] == 0
+    (out / "f3.png").write_bytes(b"broken")
+    rc, _, err = run([*args, "--frames", "1:3", "--video", video, "--overwrite"], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: --video: {out / 'f3.png'}: not a readable image (the 2 new outputs are "
+        "written and complete; only --video is missing)"), err
+    cv2.imwrite(str(out / "f0.png"), np.zeros((8, 8, 3), np.uint8))
+    rc, _, err = run([*args, "--frames", "1:3", "--video", video, "--overwrite"], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: --video: the new frames are 143x80, {out / 'f0.png'} 8x8: --out holds "
+        "frames of another clip or size"), err  # found before the first new frame was written
+    assert not video.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    cv2.imwrite(str(out / "f3.png"), np.zeros((8, 8, 3), np.uint8))
+    rc, _, err = run([*args, "--frames", "0:3", "--video", video, "--overwrite"], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: --video: {out / 'f3.png'} is 8x8, the new frames 143x80: --out holds "
+        "frames of another clip or size (the 3 new outputs are written and complete; only --video is missing)"), err
+
+
+def test_a_partial_range_with_video_of_a_clip_of_unknown_length(env, tmp_path, capsys, monkeypatch):
+    from tests.annotator.clips import panning_clip, write_video
+
+    clip = write_video(panning_clip(3, 64, 96), tmp_path / "v.avi")
+    monkeypatch.setattr(P, "output_names", lambda *a, **k: None)
+    args = ["--input", clip, "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "out"]
+    rc, _, err = run([*args, "--frames", "1:2", "--video", tmp_path / "o.mp4"], capsys)
+    assert rc == 2 and "does not say how many frames it has, so the frames after 1 cannot be checked" in err, err
+    assert run([*args, "--frames", "0:1"], capsys)[0] == 0
+    rc, stdout, err = run([*args, "--frames", "1:", "--video", tmp_path / "o.mp4"], capsys)
+    assert rc == 0 and probe(tmp_path / "o.mp4").frame_count == 3, err
 
 
 def test_out_of_memory_is_one_line_and_other_runtime_errors_are_not_hidden(env, tmp_path, capsys, monkeypatch):
