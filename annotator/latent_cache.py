@@ -139,7 +139,7 @@ def load_latents(movie_dir: str | os.PathLike, fingerprint: str, gray: bool = Fa
         )
     if gray and not info.get("gray"):
         raise LatentCacheError(f"{movie_dir}: latent cache has no gray latents, which colour variant v3 needs "
-                               "(rebuild it with build_latent_cache.py --gray --overwrite)")
+                               "(rerun build_latent_cache.py with --gray added: it rebuilds such a cache)")
     if problem := cache_problem(movie_dir, info, read_meta(movie_dir)):
         raise LatentCacheError(f"{movie_dir / LATENTS}: latent cache does not match the frames ({problem}); "
                                "rerun build_latent_cache.py")

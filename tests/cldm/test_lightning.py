@@ -148,7 +148,8 @@ def test_latent_cache_through_build_and_dataset_equals_vae_loss(tmp_path, varian
     if v3:  # a cache made without the gray latents is refused for v3, naming the fix
         root2 = tiny_data_root(tmp_path / "plain", movies=1, frames=6, height=64, width=64, image_format="png")
         build_latent_cache(root2, module.model.first_stage_model, progress=False)
-        with pytest.raises(LatentCacheError, match="no gray latents.*build_latent_cache.py --gray --overwrite"):
+        with pytest.raises(LatentCacheError, match=r"no gray latents.*\(rerun build_latent_cache.py with --gray "
+                                                   r"added: it rebuilds such a cache\)$"):  # no --overwrite
             PairDataset(root2, vae_fingerprint=fp, gray_latents=True, **band)
         # asked for them, build_latent_cache rebuilds such a cache instead of keeping it
         assert build_latent_cache(root2, module.model.first_stage_model, progress=False, gray=True)["built"] == ["m0"]
