@@ -56,7 +56,8 @@ def test_short_run_writes_a_loadable_model_with_its_provenance(tmp_path):
     assert prov["vae_steps"] == 2 and prov["diffusion_steps"] == 2 and prov["hue_rotations"] == recipe.HUES
     assert math.isfinite(prov["vae_loss"]) and math.isfinite(prov["diffusion_loss"])
     assert (tmp_path / "toy_color_v2.yaml").is_file()
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["toy_color_v2.safetensors", "toy_color_v2.yaml"]  # no temp left
+    # both written under temporary names and renamed: nothing else left
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["toy_color_v2.safetensors", "toy_color_v2.yaml"]
     model = L.load_model(path, device=torch.device("cpu"))  # config found beside it
     assert model.scale_factor == pytest.approx(prov["scale_factor"])
     # the check against a shipped model compares both recorded losses with the tolerance
@@ -112,9 +113,8 @@ def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypat
 def no_training(monkeypatch) -> list:
     """Stand-ins for the training stages that record that they ran (a refusal must come first)."""
     ran = []
-    monkeypatch.setattr(recipe, "load_clip", lambda *a, **k: ran.append("load_clip") or pytest.fail("loaded"))
-    monkeypatch.setattr(recipe, "train_vae", lambda *a, **k: ran.append("train_vae") or pytest.fail("trained"))
-    monkeypatch.setattr(recipe, "train_diffusion", lambda *a, **k: ran.append("train_diffusion") or pytest.fail("trained"))
+    for name in ("load_clip", "train_vae", "train_diffusion"):
+        monkeypatch.setattr(recipe, name, lambda *a, name=name, **k: ran.append(name) or pytest.fail(f"{name} ran"))
     return ran
 
 
