@@ -21,6 +21,7 @@ import torch
 
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
+from cldm.resume import resume_misfit
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer, config_hash,
                             configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
                             unet_input_conv)
@@ -204,18 +205,17 @@ class ColorControlModule(L.LightningModule):
                                     "locked_digest": self.locked_digest()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before Lightning restores anything, a checkpoint that is not of this setup: the
+        rules `inspect` applies too (resume_misfit), then the locked weights' digest."""
         info = checkpoint.get(TRAINING_KEY, {})
-        if self._config_hash and info.get("config_hash") and info["config_hash"] != self._config_hash:
-            raise CheckpointError(f"checkpoint was trained with another model config (hash "
-                                  f"{info['config_hash']}, this run {self._config_hash})")
+        trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
+        _, reason = resume_misfit(self.model, self._config_hash, trained, info)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {reason}")
         digest = info.get("locked_digest")  # checkpoints before 2026-11-28 have none: not checked
         if digest is not None and digest != self.locked_digest():
             raise CheckpointError("checkpoint was trained on other locked SD weights than this run's --init "
                                   f"(digest {digest[:12]}... vs {self.locked_digest()[:12]}...)")
-        missing = sorted({MODULE_PREFIX + k for k in export_keys(self.model)} - set(checkpoint["state_dict"]))
-        if missing:
-            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
-                                  "is it from this training setup?")
 
     # ---- images ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-from omegaconf import DictConfig
-
 from cldm.checkpoint import CheckpointError, LoadReport, compare_state_dict, misfit
 from cldm.cldm import ControlLDM
-from cldm.trainable import MODULE_PREFIX, TRAINING_KEY, config_hash, export_keys
+from cldm.trainable import MODULE_PREFIX, TRAINING_KEY, export_keys
 
 STEP_RE = re.compile(r"step=(\d+)")
 
@@ -75,12 +73,13 @@ def read_training_checkpoint(path: str | Path) -> dict | None:
     return ckpt if all(str(k).startswith(MODULE_PREFIX) for k in ckpt["state_dict"]) else None
 
 
-def resume_misfit(model: ControlLDM, cfg: DictConfig, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
-    """How a training checkpoint fits resuming `model` (set up by configure_trainable) under
-    `cfg`, and why it would not (None: it would). `trained`: its tensors under the model's names,
-    `info`: its TRAINING_KEY entry. It must hold exactly the tensors that train (export_keys) in
-    their shapes, for the same model config; ColorControlModule.on_load_checkpoint also checks
-    the locked weights, which only the --init file has."""
+def resume_misfit(model: ControlLDM, ours: str, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
+    """How a training checkpoint fits resuming `model` (set up by configure_trainable) under the
+    config of hash `ours` (config_hash), and why it would not (None: it would). `trained`: its
+    tensors under the model's names, `info`: its TRAINING_KEY entry. It must hold exactly the
+    tensors that train (export_keys) in their shapes, for the same model config; a resume
+    (ColorControlModule.on_load_checkpoint) also checks the locked weights, which only the
+    --init file has."""
     own = model.state_dict()
     report = compare_state_dict({k: own[k] for k in export_keys(model)}, trained)
     if report.mismatched:
@@ -91,8 +90,8 @@ def resume_misfit(model: ControlLDM, cfg: DictConfig, trained: dict, info: dict)
     if n := len(report.unexpected):
         return report, (f"holds {n} tensor{'s' * (n > 1)} that this config does not train (e.g. "
                         f"{report.unexpected[0]}; {policy})")
-    recorded, ours = info.get("config_hash"), config_hash(cfg)
-    if recorded and recorded != ours:
+    recorded = info.get("config_hash")
+    if recorded and ours and recorded != ours:
         return report, f"trained with another model config (hash {recorded}, this config's {ours})"
     return report, None
 

@@ -240,8 +240,13 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
         bias[0] = torch.nextafter(bias[0], torch.tensor(math.inf))
     with pytest.raises(CheckpointError, match=r"other locked SD weights than this run's --init \(digest "):
         ColorControlModule(nudged, config=cfg).on_load_checkpoint(ckpt)
+    extra = {**ckpt, "state_dict": {**ckpt["state_dict"], "model.model.diffusion_model.out.2.bias": torch.zeros(4)}}
+    with pytest.raises(CheckpointError, match=r"^checkpoint holds 1 tensor that this config does not train \(e\.g\. "
+                                              r"model\.diffusion_model\.out\.2\.bias; "):  # e.g. sd_locked false
+        module.on_load_checkpoint(extra)
     ckpt["state_dict"].pop("model.control_model.input_hint_block.0.weight")
-    with pytest.raises(CheckpointError, match="lacks 1 trainable"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint lacks 1 tensor that this config trains \(e\.g\. "
+                                              r"control_model\."):
         module.on_load_checkpoint(ckpt)
 
 
