@@ -233,9 +233,9 @@ def shipped_provenance(shipped: Path) -> dict:
         raise ValueError(f"--check {shipped}: not a readable safetensors model ({one_line(e)})") from None
 
 
-def check_against(prov: dict, shipped: Path) -> list[str]:
-    """Stage losses that differ from the shipped model's recorded ones by more than the tolerance."""
-    ref = shipped_provenance(shipped)
+def check_against(prov: dict, ref: dict) -> list[str]:
+    """Stage losses that differ from the shipped model's recorded ones (`ref`, its provenance) by
+    more than the tolerance."""
     return [f"{k}: {prov[k]:.5f} vs shipped {ref[k]:.5f}" for k in ("vae_loss", "diffusion_loss")
             if abs(prov[k] - ref[k]) > LOSS_TOLERANCE * ref[k]]
 
@@ -269,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.check is not None:
-        shipped_provenance(args.check)
+    # Read before training: with --overwrite the run may replace the very file it is checked against.
+    ref = shipped_provenance(args.check) if args.check is not None else None
     prov = make_toy_model(args.out, args.seed, args.vae_steps, args.diffusion_steps, threads=args.threads)
     print(json.dumps(prov, indent=1))
-    if args.check is not None:
-        bad = check_against(prov, args.check)
+    if ref is not None:
+        bad = check_against(prov, ref)
         if bad:
             print("error: reproduction differs from the shipped model: " + "; ".join(bad), file=sys.stderr)
             return 1

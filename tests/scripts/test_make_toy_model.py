@@ -61,9 +61,9 @@ def test_short_run_writes_a_loadable_model_with_its_provenance(tmp_path):
     model = L.load_model(path, device=torch.device("cpu"))  # config found beside it
     assert model.scale_factor == pytest.approx(prov["scale_factor"])
     # the check against a shipped model compares both recorded losses with the tolerance
-    assert recipe.check_against(prov, path) == []
+    assert recipe.check_against(prov, recipe.shipped_provenance(path)) == []
     worse = dict(prov, diffusion_loss=prov["diffusion_loss"] * (1 + 2 * recipe.LOSS_TOLERANCE))
-    assert [m.split(":")[0] for m in recipe.check_against(worse, path)] == ["diffusion_loss"]
+    assert [m.split(":")[0] for m in recipe.check_against(worse, recipe.shipped_provenance(path))] == ["diffusion_loss"]
 
 
 def test_shipped_toy_model_is_small_complete_and_documented():
@@ -82,7 +82,7 @@ def test_shipped_toy_model_is_small_complete_and_documented():
 def test_reproduction_with_defaults_matches_the_shipped_losses(tmp_path):
     """The full recipe (40-60 min on 2 cores): its losses land within LOSS_TOLERANCE of the shipped ones."""
     prov = recipe.make_toy_model(tmp_path)
-    assert recipe.check_against(prov, SHIPPED) == []
+    assert recipe.check_against(prov, recipe.shipped_provenance(SHIPPED)) == []
 
 
 def test_help_prints(capsys):
@@ -151,3 +151,24 @@ def test_overwrite_lets_a_run_replace_the_model(monkeypatch, tmp_path):
 
 def test_check_reads_the_shipped_provenance_up_front():
     assert recipe.shipped_provenance(SHIPPED) == provenance(SHIPPED)
+
+
+def test_check_compares_with_the_model_as_it_was_before_an_overwrite(monkeypatch, tmp_path, capsys):
+    """--overwrite --check OUT/toy_color_v2.safetensors: the run replaces the file it is checked
+    against, so its provenance is read before training (read after, the run passed against itself)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    target = tmp_path / "toy_color_v2.safetensors"
+    shutil.copy(SHIPPED, target)
+    poor = {"name": "toy_color_v2", "vae_loss": 0.5, "diffusion_loss": 0.9}
+
+    def replaces_it(out, *args, **kwargs):
+        save_file({"w": torch.zeros(1)}, out / target.name, metadata={"provenance": json.dumps(poor)})
+        return poor
+    monkeypatch.setattr(recipe, "make_toy_model", replaces_it)
+    assert recipe.main(["--out", str(tmp_path), "--overwrite", "--check", str(target)]) == 1
+    shipped = provenance(SHIPPED)
+    assert capsys.readouterr().err.strip() == (
+        f"error: reproduction differs from the shipped model: vae_loss: 0.50000 vs shipped {shipped['vae_loss']:.5f}; "
+        f"diffusion_loss: 0.90000 vs shipped {shipped['diffusion_loss']:.5f}")
