@@ -504,7 +504,7 @@ def prepare(args):
     from cldm.lightning import ColorControlModule
     from cldm.resume import remove_partial_checkpoints
     from cldm.trainable import check_optimizer
-    from colorize.loading import check_saved_config
+    from cldm.trainable import check_saved_config
 
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
     check_paths(data, init, out)  # first: the config may come from --init or OUT

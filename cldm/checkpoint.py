@@ -581,6 +581,10 @@ def _inspect(args):
         reason = misfit(report)
         print(f"against {args.config}:\n{report.summary()}")
         verdict = "would load" + ("" if report.ok else " (partially)")
+    if reason is None and training is None:  # as colorize_inference.py and training compare it
+        here = str(args.config) + (" with the overrides" if args.overrides else "")
+        if mismatch := trainable.saved_config_mismatch(args.file, cfg, here=here):
+            reason = f"it was saved with another model config: {mismatch}"
     print(f"would not load: {reason}" if reason else verdict)
     return 1 if reason else 0
 

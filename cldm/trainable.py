@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.util
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +31,7 @@ from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, LoadRep
                              load_state_dict, misfit, read_metadata, save_state_dict)
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
+from cldm.model import model_config
 
 UNET_INPUT_CONV = UNET + INPUT_CONV  # the partly trainable tensor
 EXPORT_FORMAT = "cldm-color-control-v1"
@@ -198,6 +200,68 @@ def read_export_metadata(path: str | Path, *, allow_pickle: bool = False) -> dic
     except Exception as e:
         kind = "safetensors" if path.suffix == ".safetensors" else "checkpoint"
         raise CheckpointError(f"{path}: not a readable {kind} file ({e})") from None
+
+
+def saved_config(weights: str | Path) -> DictConfig | None:
+    """The config a checkpoint records in its metadata (tool_add_control_sd21.py, training exports
+    and the toy model do), or None (also for unreadable files: the loader says what is wrong)."""
+    try:
+        text = read_export_metadata(weights).get("config") if Path(weights).is_file() else None
+        return OmegaConf.create(text) if text else None
+    except Exception:  # unreadable, or its 'config' is not YAML: as if there were none
+        return None
+
+
+# Keys that only say how a model is trained: they may differ between a checkpoint and the config
+# (so may dropout rates: inference runs in eval mode).
+TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
+
+
+def saved_config_mismatch(weights: str | Path, cfg: DictConfig, free: Sequence[str] = (),
+                          here: str = "this config") -> str | None:
+    """How `cfg` (from `here`) contradicts the config `weights` records ("model.k is A there, B in
+    HERE (n key(s) differ)"), or None. A scale factor, schedule or parameterisation of another model
+    loads without a shape error and just colours (or trains) worse. `free`: model keys the
+    caller may choose anew (training from an init may change only_mid_control)."""
+    saved = saved_config(weights)
+    if saved is None:
+        return None
+    try:
+        ours, theirs = inference_leaves(cfg), inference_leaves(saved)
+    except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
+        return None
+    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k) and k not in free]
+    if not diff:
+        return None
+    k = diff[0]
+    return f"model.{k} is {theirs.get(k)} there, {ours.get(k)} in {here} ({len(diff)} key(s) differ)"
+
+
+def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: Sequence[str] = (),
+                       remedy: str = "leave out --config and --set to use the one saved with it",
+                       free: Sequence[str] = ()) -> None:
+    """Refuse a config that contradicts the one the checkpoint records (saved_config_mismatch).
+    `source` and `overrides`: where `cfg` came from (a YAML path or the checkpoint's own config);
+    `remedy`: what the caller's user can do about it."""
+    here = (str(source) if isinstance(source, Path) else "its own config") + \
+        (" with the overrides" if overrides else "")
+    if reason := saved_config_mismatch(weights, cfg, free, here):
+        raise CheckpointError(f"{weights} was saved with another model config: {reason}; {remedy}")
+
+
+def inference_leaves(cfg: DictConfig) -> dict:
+    """The model config as {dotted key: value}, less what does not change inference."""
+    return {k: v for k, v in config_leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
+            if k not in TRAINING_ONLY and not k.endswith("dropout")}
+
+
+def config_leaves(d: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from config_leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix + str(k), v
 
 
 def check_recorded(meta: dict[str, str], model: ControlLDM, path: str | Path) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.model import DEFAULT_CONFIG, create_model, load_config, model_config
-from cldm.trainable import load_sd_plus_control, read_export_metadata
+from cldm.trainable import check_saved_config, load_sd_plus_control, saved_config  # noqa: F401 (API)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,59 +58,6 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
         if (saved := saved_config(weights)) is not None:
             return saved
     return DEFAULT_CONFIG
-
-
-def saved_config(weights: str | os.PathLike) -> DictConfig | None:
-    """The model config a checkpoint records in its metadata (the toy model does), or None
-    (also for unreadable files: the loader says what is wrong with them)."""
-    try:
-        text = read_export_metadata(weights).get("config") if Path(weights).is_file() else None
-        return OmegaConf.create(text) if text else None
-    except Exception:  # not a safetensors file, or its 'config' is not YAML: as if there were none
-        return None
-
-
-# Keys that only say how a model is trained: they may differ between a checkpoint and the config
-# (so may dropout rates: inference runs in eval mode).
-TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
-
-
-def check_saved_config(weights: str | os.PathLike, cfg: DictConfig, source, overrides: Sequence[str] = (),
-                       remedy: str = "leave out --config and --set to use the one saved with it",
-                       free: Sequence[str] = ()) -> None:
-    """Refuse a config that contradicts the one the checkpoint records: a scale factor, schedule
-    or parameterisation of another model loads without a shape error and just colours (or
-    trains) worse. `source` and `overrides`: where `cfg` came from (a YAML path or the
-    checkpoint's own config); `remedy`: what the caller's user can do about it; `free`: model
-    keys the caller may choose anew (training from an init may change only_mid_control)."""
-    saved = saved_config(weights)
-    if saved is None:
-        return
-    try:
-        ours, theirs = _inference_leaves(cfg), _inference_leaves(saved)
-    except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
-        return
-    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k) and k not in free]
-    if diff:
-        k = diff[0]
-        here = (str(source) if isinstance(source, Path) else "its own config") + \
-            (" with the overrides" if overrides else "")
-        raise CheckpointError(f"{weights} was saved with another model config: model.{k} is {theirs.get(k)} there, "
-                              f"{ours.get(k)} in {here} ({len(diff)} key(s) differ); {remedy}")
-
-
-def _inference_leaves(cfg: DictConfig) -> dict:
-    """The model config as {dotted key: value}, less what does not change inference."""
-    return {k: v for k, v in _leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
-            if k not in TRAINING_ONLY and not k.endswith("dropout")}
-
-
-def _leaves(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield prefix + str(k), v
 
 
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,

@@ -574,3 +574,27 @@ def test_cli_inspect_tells_an_export_and_checks_it_as_control(tmp_path, capsys):
         assert rc == 1 and f"\nwould not load: {reason}" in out, (override, out)
         with pytest.raises(CheckpointError, match=f"does not fit the model: {re.escape(reason)}"):
             load_sd_plus_control(create_model(load_config(TINY_CONFIG, [override])), tmp_path / "unused", bare)
+
+
+def test_cli_inspect_compares_the_config_a_file_records_as_the_tools_do(capsys, tmp_path):
+    """The toy records its config (scale factor 0.57326), an export its run's: the tiny YAML fits
+    their shapes but not that, which inference and training refuse: inspect must not say "would load"."""
+    from cldm.model import REPO, TINY_CONFIG, create_model, load_config
+    from cldm.trainable import configure_trainable, export_control
+    toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
+    rc, out = inspect_run(capsys, toy, "--config", TINY_CONFIG)
+    assert rc == 1
+    assert out.splitlines()[-1] == (f"would not load: it was saved with another model config: model.scale_factor is "
+                                    f"0.57326 there, 0.18215 in {TINY_CONFIG} (1 key(s) differ)")
+    rc, out = inspect_run(capsys, toy, "--config", TINY_CONFIG, "--set", "model.scale_factor=0.57326")
+    assert rc == 0 and out.splitlines()[-1] == "would load"
+    made = load_config(TINY_CONFIG, ["model.scale_factor=0.5"])
+    model = create_model(made)
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors", cfg=made)
+    rc, out = inspect_run(capsys, export, "--config", TINY_CONFIG)
+    assert rc == 1 and out.splitlines()[-1] == (
+        f"would not load: it was saved with another model config: model.scale_factor is 0.5 there, 0.18215 in "
+        f"{TINY_CONFIG} (1 key(s) differ)")
+    rc, out = inspect_run(capsys, export, "--config", TINY_CONFIG, "--set", "model.scale_factor=0.5")
+    assert rc == 0 and out.splitlines()[-1] == "would load as --control"
