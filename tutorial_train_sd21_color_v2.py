@@ -33,7 +33,14 @@ if __name__ == "__main__":  # also in every DDP process Lightning starts
 
 PROG = "tutorial_train_sd21_color_v2.py"
 RESUME = "rerun the same command to resume from the newest checkpoint"
-INTERRUPTED = f"interrupted; {RESUME}"
+NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
+
+
+def rerun_hint(out: Path) -> str:
+    """What rerunning the command does after a stop: resume, or start over when OUT has no checkpoint."""
+    from cldm.resume import find_resume_checkpoint
+
+    return RESUME if find_resume_checkpoint(out / "checkpoints") is not None else NO_CHECKPOINT
 
 
 class UsageError(ValueError):
@@ -183,13 +190,18 @@ def check_train_numbers(t) -> None:
 
 
 def config_source(args):
-    """--config; else, resuming, the run's own config (OUT/config.yaml: with its train: values, which
-    the flags given now override); else the config inference would take for --init (a YAML beside
-    it, the config it records, SD2.1's). So a run of the toy model needs no --config, nor its resume."""
+    """--config; else, resuming (OUT/checkpoints holds a checkpoint), the run's own config
+    (OUT/config.yaml: with its train: values, which the flags given now override); else the
+    config inference would take for --init (a YAML beside it, the config it records, SD2.1's).
+    So a run of the toy model needs no --config, nor its resume."""
+    from cldm.resume import find_resume_checkpoint
     from colorize.loading import resolve_config as inference_config
 
-    recorded = Path(args.out) / "config.yaml"
-    if args.config is None and args.resume != "never" and recorded.is_file():
+    out = Path(args.out)
+    recorded = out / "config.yaml"
+    # a run stopped before its first checkpoint leaves config.yaml but nothing to resume: a new start
+    if args.config is None and args.resume != "never" and recorded.is_file() \
+            and find_resume_checkpoint(out / "checkpoints") is not None:
         return recorded
     return inference_config(args.init, args.config)
 
@@ -286,17 +298,50 @@ def checked_resume_path(path: Path, ckpt_dir: Path) -> Path:
     return path
 
 
-def check_run_dir(out: Path, cfg) -> None:
-    """Refuse to continue checkpoints of another model setup in the same OUT."""
+MODEL_FLAGS = {name: key for name, key in FLAG_KEYS.items() if key.startswith("model.")}
+
+
+def check_run_dir(out: Path, cfg, args=None) -> None:
+    """Refuse to continue checkpoints of another model setup in the same OUT, naming the first
+    model key that differs (as config_hash counts them) and, where --config or a model override
+    or flag gave it, saying to leave them out."""
     from omegaconf import OmegaConf
 
     from cldm.resume import find_resume_checkpoint
     from cldm.trainable import config_hash
 
     saved = out / "config.yaml"
-    if saved.is_file() and find_resume_checkpoint(out / "checkpoints") is not None \
-            and config_hash(OmegaConf.load(saved)) != config_hash(cfg):
-        raise UsageError(f"{out} holds checkpoints of another model config ({saved}); use another --out")
+    if not saved.is_file() or find_resume_checkpoint(out / "checkpoints") is None:
+        return
+    recorded = OmegaConf.load(saved)
+    if config_hash(recorded) == config_hash(cfg):
+        return
+    theirs, ours = model_leaves(recorded), model_leaves(cfg)
+    diff = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k, "absent") != ours.get(k, "absent")]
+
+    def sets_a_diff(key):  # `key` (model.x.y) is one of the differing keys or a section above one
+        return any(f"model.{k}.".startswith(key + ".") for k in diff)
+
+    given = [] if args is None else [
+        *(["--config"] if args.config is not None else []),
+        *[o for o in args.overrides if sets_a_diff(o.split("=", 1)[0].strip())],
+        *["--" + ("" if getattr(args, n) else "no-") + n.replace("_", "-") for n, key in MODEL_FLAGS.items()
+          if getattr(args, n) is not None and sets_a_diff(key)]]
+    what = f"model.{diff[0]} is {theirs.get(diff[0], 'absent')} there, {ours.get(diff[0], 'absent')} in this " \
+        f"command's ({len(diff)} key(s) differ)" if diff else "another model config"
+    remedy = (f"leave out {' and '.join(given)} to continue the run (it has its own config.yaml), or use another "
+              "--out for a new run") if given else "use another --out for a new run"
+    raise UsageError(f"{out} holds checkpoints of another model config ({saved}): {what}; {remedy}")
+
+
+def model_leaves(cfg) -> dict:
+    """The model: section as {dotted key: value}, less gradient checkpointing (as config_hash)."""
+    from omegaconf import OmegaConf
+
+    from colorize.loading import _leaves
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return {k: v for k, v in _leaves(model) if k != "unet.use_checkpoint"}
 
 
 def record_config(out: Path, cfg) -> None:
@@ -444,8 +489,13 @@ def export(module, out: Path, cfg, step: int, init: Path) -> Path:
 def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Path:
     import torch
 
+    from cldm.lightning import ResumeRefusedError
+
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    module.on_load_checkpoint(state)
+    try:
+        module.on_load_checkpoint(state)
+    except ResumeRefusedError as e:
+        raise refused_resume(e, ckpt, init, "export") from None
     module.load_state_dict(state["state_dict"], strict=False)
     return export(module, out, cfg, int(state.get("global_step", 0)), init)
 
@@ -515,7 +565,7 @@ def prepare(args):
         raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
     check_launcher(world, args)
     ckpt_dir = out / "checkpoints"
-    check_run_dir(out, cfg)
+    check_run_dir(out, cfg, args)
     if is_launch_rank_zero():
         remove_partial_checkpoints(ckpt_dir)
     resume = resolve_resume(args, ckpt_dir)
@@ -582,24 +632,46 @@ def input_errors() -> tuple[type[BaseException], ...]:
     return UsageError, CheckpointError, LatentCacheError, MisconfigurationException, ValueError, OSError
 
 
+def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
+    """The one line for a checkpoint on_load_checkpoint refused (ResumeRefusedError), naming the
+    file and, for other locked weights, the --init and what to do."""
+    from cldm.checkpoint import CheckpointError
+
+    if not e.locked:
+        return CheckpointError(f"{ckpt}: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
+    other_out = ", or use another --out" if doing == "resume" else ""
+    return CheckpointError(f"{ckpt} was trained on other locked SD weights than --init {init} ({e.detail}); {doing} "
+                           f"with the --init the run started with{other_out}")
+
+
 def train(args, cfg, trainer, module, dm, resume) -> int:
     if resume is not None and trainer.is_global_zero:
         print(f"resuming from {resume}", file=sys.stderr)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from cldm.lightning import ResumeRefusedError
+
     # Lightning ends a run it stopped itself with SystemExit: 1 after the first Ctrl-C, 0 (a
     # SIGTERMException) after SIGTERM, which a scheduler or `&&` would take for success.
+    out = Path(args.out)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
     except SIGTERMException:
         bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
-        print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {RESUME}", file=sys.stderr)
+        print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
+              file=sys.stderr)
         return 143
     except SystemExit:
         if not trainer.interrupted:
             raise
+    except ResumeRefusedError as e:
+        raise refused_resume(e, resume, Path(args.init)) from None
+    except KeyboardInterrupt as e:  # one Lightning did not handle: run_cli says it, with what is true
+        if str(e).strip():
+            raise
+        raise type(e)(f"interrupted; {rerun_hint(out)}") from None
     if trainer.interrupted:
-        print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
+        print(f"{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
         return 130
     if trainer.is_global_zero:
         path = export(module, Path(args.out), cfg, trainer.global_step, Path(args.init))
@@ -625,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
     # While training, only a resume checkpoint of another setup (on_load_checkpoint) is bad
     # input; any other error is a bug and keeps its traceback.
     from cldm.checkpoint import CheckpointError
-    return run_cli(PROG, lambda args: train(args, *run), args, (CheckpointError,), interrupted=INTERRUPTED)
+    return run_cli(PROG, lambda args: train(args, *run), args, (CheckpointError,),
+                   interrupted=f"interrupted; {rerun_hint(Path(args.out))}")
 
 
 if __name__ == "__main__":  # required: DDP re-runs this file in every process it starts

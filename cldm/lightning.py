@@ -42,6 +42,16 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+class ResumeRefusedError(CheckpointError):
+    """A checkpoint that does not fit the run resuming from it (on_load_checkpoint). The message
+    says "checkpoint ..."; `reason`, `detail` and `locked` (other locked SD weights) let a caller
+    that knows the file's path and the --init name them instead (the training script does)."""
+
+    def __init__(self, reason: str, detail: str = "", locked: bool = False):
+        super().__init__(f"checkpoint {reason}" + (f" ({detail})" if detail else ""))
+        self.reason, self.detail, self.locked = reason, detail, locked
+
+
 class ColorControlModule(L.LightningModule):
     """Trains `model` (a ControlLDM with its init weights loaded) on PairDataset batches.
 
@@ -211,11 +221,11 @@ class ColorControlModule(L.LightningModule):
         trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
         _, reason = resume_misfit(self.model, self._config_hash, trained, info)
         if reason is not None:
-            raise CheckpointError(f"checkpoint {reason}")
+            raise ResumeRefusedError(reason)
         digest = info.get("locked_digest")  # checkpoints before 2026-11-28 have none: not checked
         if digest is not None and digest != self.locked_digest():
-            raise CheckpointError("checkpoint was trained on other locked SD weights than this run's --init "
-                                  f"(digest {digest[:12]}... vs {self.locked_digest()[:12]}...)")
+            raise ResumeRefusedError("was trained on other locked SD weights than this run's --init",
+                                     f"digest {digest[:12]}... vs {self.locked_digest()[:12]}...", locked=True)
 
     # ---- images ---------------------------------------------------------------------------
     @torch.no_grad()

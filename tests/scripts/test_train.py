@@ -742,3 +742,96 @@ def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
         log.info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging and experiment tracking, try litlogger")
         log.info("Restored all states from the checkpoint")
     assert [r.getMessage() for r in caplog.records] == ["Restored all states from the checkpoint"]
+
+
+def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_init(ws, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """OUT/config.yaml without a checkpoint (a run stopped before its first) is nothing to resume:
+    a new start with another --init takes the config found for that init, not the left-over one
+    (which the init's recorded config would contradict)."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    train.record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
+    toy = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, toy)  # records its own config, scale factor 0.57326
+    argv = without_config(args(ws, out))
+    argv[argv.index("--init") + 1] = str(toy)
+    configs = stop_before_the_model_loads(monkeypatch)
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+    assert configs[0].model.scale_factor == 0.57326
+    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)  # now there is a run to resume: its own config
+    assert train.config_source(train.parser().parse_args(argv)) == out / "config.yaml"
+
+
+@pytest.mark.parametrize("sigterm", [False, True])
+def test_a_stop_says_whether_a_rerun_resumes_or_starts_over(tmp_path, capsys, sigterm):
+    """Before the first checkpoint there is nothing to resume from: the line says a rerun starts over."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class Stopped:  # a trainer whose fit was stopped: Lightning sets `interrupted` on Ctrl-C
+        interrupted, is_global_zero, progress_bar_callback, global_step = False, True, None, 0
+
+        def fit(self, *a, **kw):
+            if sigterm:
+                raise SIGTERMException
+            self.interrupted = True
+
+    out = tmp_path / "run"
+    a = SimpleNamespace(out=str(out), init="init.safetensors")
+    stopped = "stopped by SIGTERM at step 0" if sigterm else "interrupted"
+    status = 143 if sigterm else 130
+    assert train.train(a, None, Stopped(), None, None, None) == status
+    assert capsys.readouterr().err == (f"{train.PROG}: {stopped}; no checkpoint saved yet (see --ckpt-every); rerun "
+                                       "the same command to start over\n")
+    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
+    assert train.train(a, None, Stopped(), None, None, None) == status
+    assert capsys.readouterr().err == (f"{train.PROG}: {stopped}; rerun the same command to resume from the newest "
+                                       "checkpoint\n")
+
+
+def test_a_config_that_contradicts_the_runs_own_names_the_key_and_what_to_leave_out(ws, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--config, a model override or a model flag that contradicts OUT/config.yaml: the first key
+    that differs, both values, and that leaving them out continues the run."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    train.record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
+    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
+    stop_before_the_model_loads(monkeypatch)
+    head = f"{train.PROG}: error: {out} holds checkpoints of another model config ({out / 'config.yaml'}): model."
+    tail = "to continue the run (it has its own config.yaml), or use another --out for a new run\n"
+    cases = [
+        (args(ws, out, "--export", "--config", TOY.with_suffix(".yaml")),
+         "scale_factor is 0.18215 there, 0.57326 in this command's (1 key(s) differ); leave out --config "),
+        (without_config(args(ws, out, "model.scale_factor=0.2", "train.image_count=2")),
+         "scale_factor is 0.18215 there, 0.2 in this command's (1 key(s) differ); leave out model.scale_factor=0.2 "),
+        (without_config(args(ws, out, "--only-mid-control", "--grad-checkpoint")),
+         "only_mid_control is False there, True in this command's (1 key(s) differ); leave out --only-mid-control "),
+    ]
+    for argv, message in cases:
+        assert train.main(argv) == 2
+        assert capsys.readouterr().err == head + message + tail
+    assert train.main(without_config(args(ws, out, "--grad-checkpoint"))) == 2  # memory, not weights: the same run
+    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+
+
+def test_a_resume_on_other_locked_weights_names_the_checkpoint_and_the_init(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1, "--image-every", 0)) == 0
+    sd = load_state_dict(ws / "init.safetensors")
+    sd["model.diffusion_model.out.2.bias"] = sd["model.diffusion_model.out.2.bias"] + 1e-3  # a locked UNet weight
+    other = tmp_path / "other_init.safetensors"
+    save_state_dict(sd, other)
+    argv = args(ws, out, "--max-steps", 2, "--image-every", 0)
+    argv[argv.index("--init") + 1] = str(other)
+    capsys.readouterr()
+    ckpt = out / "checkpoints" / "step=00000001.ckpt"
+    head = rf"^{train.PROG}: error: {re.escape(str(ckpt))} was trained on other locked SD weights than --init " \
+           rf"{re.escape(str(other))} \(digest \w+\.\.\. vs \w+\.\.\.\); "
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(head + "resume with the --init the run started with, or use another --out$", err, re.M), err
+    assert train.main(argv + ["--export"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(head + "export with the --init the run started with\n", err), err
