@@ -78,13 +78,13 @@ def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     from omegaconf import DictConfig, OmegaConf
 
     from cldm.checkpoint import compare_state_dict, guess_kind, load_state_dict, misfit
-    from cldm.model import load_config, model_config
-    from colorize.loading import resolve_config
+    from cldm.model import model_config
+    from colorize.loading import load_resolved_config, resolve_config
     from ldm.modules.autoencoder import AutoencoderKL
 
     source = resolve_config(ckpt_path, config_path)
     where = f"the config saved in {ckpt_path}" if isinstance(source, DictConfig) else str(source)
-    fs = model_config(load_config(source)).get("first_stage")
+    fs = model_config(load_resolved_config(source, (), [("--ckpt", ckpt_path)], config_path)).get("first_stage")
     if fs is None:
         raise ValueError(f"{where}: no model.first_stage section (the VAE architecture)")
     vae = AutoencoderKL(OmegaConf.to_container(fs.ddconfig, resolve=True), fs.embed_dim)

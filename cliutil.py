@@ -35,10 +35,17 @@ positive_float = _number(float, 0, True, "a number > 0")
 
 
 def config_override(text: str) -> str:
-    """argparse type of a `key=value` config override: one without '=' is refused while parsing,
-    so the message names the flag or argument it came to (load_config's own could not)."""
+    """argparse type of a `key=value` config override: one without '=', or without a key (or with
+    a space in it), is refused while parsing, so the message names the flag or argument it came to
+    (load_config's own could not)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"override must look like key=value, got {text!r}")
+    key = text.split("=", 1)[0]
+    if not key.strip():  # else omegaconf's "Key '' is not in struct", once the config loads
+        raise argparse.ArgumentTypeError(f"override {text!r} has no key before '=' (e.g. model.color_variant=v3)")
+    if any(c.isspace() for c in key):
+        raise argparse.ArgumentTypeError(f"override {text!r}: the key has a space; write key=value with a dotted key "
+                                         "and no spaces before '='")
     return text
 
 

@@ -208,14 +208,21 @@ def config_source(args):
 
 def resolve_config(args, source=None):
     """The run's config from `source` (default: config_source), the overrides and the flags, checked."""
-    from cldm.model import load_config
+    from colorize.loading import config_origin, found_note, load_resolved_config
 
     source = config_source(args) if source is None else source
-    if "train" not in load_config(source, list(args.overrides)):  # before the flags, which set train.*
+    weights = [("--init", args.init)]
+
+    def load(overrides):  # a config found beside --init, or recorded in it, is named as such when bad
+        return load_resolved_config(source, overrides, weights, args.config)
+
+    if "train" not in load(list(args.overrides)):  # before the flags, which set train.*
         where = source if isinstance(source, Path) else f"the config {args.init} records"
-        raise UsageError(f"{where}: no train: section (see models/cldm_v21_color.yaml)")
+        found = config_origin(source, args.config, weights) if isinstance(source, Path) else None
+        raise UsageError(f"{where}: no train: section (see models/cldm_v21_color.yaml)"
+                         + (f" {found_note(found[0])}" if found else ""))
     flags = [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
-    cfg = load_config(source, list(args.overrides) + flags)
+    cfg = load(list(args.overrides) + flags)
     check_train_numbers(cfg.train)
     return cfg
 
@@ -338,10 +345,10 @@ def model_leaves(cfg) -> dict:
     """The model: section as {dotted key: value}, less gradient checkpointing (as config_hash)."""
     from omegaconf import OmegaConf
 
-    from colorize.loading import _leaves
+    from cldm.trainable import config_leaves
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    return {k: v for k, v in _leaves(model) if k != "unet.use_checkpoint"}
+    return {k: v for k, v in config_leaves(model) if k != "unet.use_checkpoint"}
 
 
 def record_config(out: Path, cfg) -> None:

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Sequence[str] = (),
+                name: str | None = None) -> DictConfig:
     """YAML (or a config already loaded) plus `key=value` overrides (dotted keys, e.g.
     `model.color_variant=v3`), checked against the reference config (`config_problem`).
 
@@ -39,11 +40,14 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     A bad value is a ConfigError naming the file, the override that set it, if one did, and
     the key: else it would surface as a traceback deep in torch, or only once training runs.
     The check is of the merged result, so an override can mend a bad value of the file.
+    `name`: what the messages call a config given loaded (e.g. "the config X.safetensors records").
     """
     if isinstance(path, DictConfig):
-        cfg, path = path.copy(), Path("the checkpoint's config")
+        cfg, where = path.copy(), name or "the checkpoint's config"
+        short = where
     else:
         path = Path(path)
+        where, short = str(path), path.name
         if not path.is_file():
             raise ConfigError(f"config not found: {path}")
         try:
@@ -51,7 +55,7 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
         except Exception as e:  # yaml's parser and scanner errors, omegaconf's own
             raise ConfigError(f"{path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{path}: a config must be a YAML mapping (model:, train:), not a list")
+        raise ConfigError(f"{where}: a config must be a YAML mapping (model:, train:), not a list")
     OmegaConf.set_struct(cfg, True)
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -59,9 +63,9 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # omegaconf raises several types; all mean "bad override"
-        check_config(cfg, str(path))  # a key the file lacks: say so, not "not in struct"
-        raise ConfigError(f"bad override for {path.name}: {str(e).splitlines()[0]}") from None
-    check_config(merged, str(path), overrides)  # the merged result: an override may fix the file
+        check_config(cfg, where)  # a key the file lacks: say so, not "not in struct"
+        raise ConfigError(f"bad override for {short}: {str(e).splitlines()[0]}") from None
+    check_config(merged, where, overrides)  # the merged result: an override may fix the file
     return merged
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
-from cldm.model import DEFAULT_CONFIG, create_model, load_config, model_config
+from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config, model_config
 from cldm.trainable import check_saved_config, load_sd_plus_control, saved_config  # noqa: F401 (API)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,6 +60,41 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     return DEFAULT_CONFIG
 
 
+def config_origin(source, config, weights: Sequence[tuple[str, str | os.PathLike | None]]) -> tuple[str, Path] | None:
+    """(flag, file) of the weights that `source` (resolve_config's choice) came from without the
+    user naming it: a YAML found beside them, or the config they record; None for --config or
+    SD2.1's default. `weights`: (flag, path or None) in the order resolve_config looks (an export first)."""
+    if config is not None:
+        return None
+    for flag, w in weights:
+        if w is None:
+            continue
+        if Path(w).with_suffix(".yaml").is_file():
+            return (flag, Path(w)) if source == Path(w).with_suffix(".yaml") else None
+        if saved_config(w) is not None:
+            return (flag, Path(w)) if isinstance(source, DictConfig) else None
+    return None
+
+
+def found_note(flag: str) -> str:
+    return f"(found beside {flag}: fix or remove it, or pass --config)"
+
+
+def load_resolved_config(source, overrides: Sequence[str] = (), weights=(), config=None) -> DictConfig:
+    """load_config for a `source` resolve_config chose: a bad config the user never named (a YAML
+    found beside the weights: an A1111-style sd.yaml, say) says so, and a bad recorded one names
+    the file that records it. `weights` and `config`: as for config_origin."""
+    origin = config_origin(source, config, weights)
+    if origin is not None and isinstance(source, DictConfig):
+        return load_config(source, overrides, name=f"the config {origin[1]} records")
+    try:
+        return load_config(source, overrides)
+    except ConfigError as e:
+        if origin is None:
+            raise
+        raise ConfigError(f"{e} {found_note(origin[0])}") from None
+
+
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                device: str | torch.device = "cpu", allow_pickle: bool = False) -> ControlLDM:
@@ -69,7 +104,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     file fails in a second with one CheckpointError instead of after building the model.
     """
     source = resolve_config(ckpt, config, control)
-    cfg = load_config(source, overrides)
+    cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
     beside = config is None and isinstance(source, Path) and not overrides  # the YAML found next to the weights
     check_saved_config(control if control is not None else ckpt, cfg, source, overrides,
                        *([f"fix or remove {source}, or pass --config"] if beside else []))
@@ -100,7 +135,9 @@ def schedule_length(ckpt: str | os.PathLike, control: str | os.PathLike | None =
                     config: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> int:
     """The noise schedule length (timesteps) of the config `load_model` would use, read without
     the weights: a step count can be checked (check_steps) before the long load."""
-    return int(model_config(load_config(resolve_config(ckpt, config, control), overrides)).schedule.timesteps)
+    cfg = load_resolved_config(resolve_config(ckpt, config, control), overrides,
+                               (("--control", control), ("--ckpt", ckpt)), config)
+    return int(model_config(cfg).schedule.timesteps)
 
 
 def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:

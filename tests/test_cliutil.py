@@ -1,5 +1,6 @@
 """cliutil: one line per error, whatever the exception's message looks like."""
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,21 @@ def test_an_override_without_equals_sign_names_the_argument_it_came_to(module, a
 
     err = refused(importlib.import_module(module).main, argv, capsys)
     assert err.endswith(f": error: argument {name}: override must look like key=value, got 'nope' (see --help)\n"), err
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("=v3", "override '=v3' has no key before '=' (e.g. model.color_variant=v3)"),
+    (" =v3", "override ' =v3' has no key before '=' (e.g. model.color_variant=v3)"),
+    ("model.color_variant =v3", "override 'model.color_variant =v3': the key has a space; write key=value with a "
+                                "dotted key and no spaces before '='"),
+])
+def test_an_override_without_a_key_or_with_a_space_in_it_names_the_argument(text, problem, capsys):
+    """Refused while parsing, as a missing '=' is: load_config would say only "Key '' is not in struct"."""
+    from cliutil import config_override
+
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(problem)):
+        config_override(text)
+    assert config_override("train.note=a b=c") == "train.note=a b=c"  # the value may hold spaces and '='
+    import tutorial_train_sd21_color_v2 as train
+    err = refused(train.main, ["--init", "i", "--data", "d", "--out", "o", text], capsys)
+    assert err.endswith(f": error: argument key=value: {problem} (see --help)\n"), err

@@ -435,3 +435,18 @@ def test_cli_tells_how_to_train_on_the_cache(root, capsys):
     for text in (out, cli.parser().format_help()):
         assert "tutorial_train_sd21_color_v2.py --use-latent-cache" in " ".join(text.split())
         assert "tutorial_dataset" not in text and "vae_fingerprint" not in text
+
+
+def test_cli_a_bad_yaml_found_beside_the_checkpoint_says_it_was_found_there(root, tmp_path, capsys):
+    """An A1111-style sd.yaml beside the SD file is not a config of this project; the user never named it."""
+    import build_latent_cache
+
+    ckpt = tmp_path / "sd.safetensors"
+    shutil.copy(REPO / "models" / "toy" / "toy_color_v2.safetensors", ckpt)
+    beside = tmp_path / "sd.yaml"
+    beside.write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params: {}\n")
+    for extra, note in (([], " (found beside --ckpt: fix or remove it, or pass --config)"),
+                        (["--config", str(beside)], "")):
+        assert build_latent_cache.main([str(root), "--ckpt", str(ckpt), "--no-progress", *extra]) == 2
+        assert capsys.readouterr().err == (f"build_latent_cache.py: error: {beside}: model.color_variant: missing; "
+                                           f"expected one of v1, v2, v3{note}\n")

@@ -1,4 +1,5 @@
 """colorize.loading: the config chosen, the weights checked and loaded, the device and dtype."""
+import re
 import shutil
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError, check_checkpoint_file
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.model import TINY_CONFIG, ConfigError, create_model, load_config
 from cldm.trainable import configure_trainable, export_control
 from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
@@ -150,3 +151,34 @@ def test_a_config_recorded_in_the_export_wins_over_the_sd_files_yaml(tmp_path):
     got = L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors")
     assert got == v3 and got.model.color_variant == "v3"
     assert L.resolve_config(tmp_path / "sd.safetensors") == tmp_path / "sd.yaml"
+
+
+A1111_YAML = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
+
+
+def test_a_bad_yaml_found_beside_the_weights_says_the_user_never_named_it(tmp_path):
+    """An A1111-style sd.yaml beside the SD file (or a broken YAML beside the export) is taken as
+    the config: its error says where it was found and what to do; one passed as --config does not."""
+    sd, control = tmp_path / "sd.safetensors", tmp_path / "control.safetensors"
+    shutil.copy(TOY, sd)  # records a config, but the YAML beside it comes first
+    (tmp_path / "sd.yaml").write_text(A1111_YAML)
+    found = re.escape(f"{tmp_path / 'sd.yaml'}: model.color_variant: missing; expected one of v1, v2, v3")
+    for load in (L.schedule_length, L.load_model):
+        with pytest.raises(ConfigError, match=rf"^{found} \(found beside --ckpt: fix or remove it, or pass --config\)$"):
+            load(sd)
+    with pytest.raises(ConfigError, match=rf"^{found}$"):  # named by the user: no note
+        L.schedule_length(sd, config=tmp_path / "sd.yaml")
+    control.write_bytes(b"")
+    (tmp_path / "control.yaml").write_text("model: [\n")
+    with pytest.raises(ConfigError, match=r"control\.yaml: not a readable YAML config .* \(found beside --control: "):
+        L.schedule_length(sd, control)
+
+
+def test_a_recorded_config_that_an_override_breaks_names_the_file_that_records_it(tmp_path):
+    toy = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, toy)  # without the YAML beside it: the config it records is the one
+    with pytest.raises(ConfigError, match=rf"^the config {toy} records with model\.scale_factor=-1: "
+                                          r"model\.scale_factor: expected a positive number, got -1$"):
+        L.schedule_length(toy, overrides=["model.scale_factor=-1"])
+    with pytest.raises(ConfigError, match=rf"^bad override for the config {toy} records: Key 'nope' is not in "):
+        L.load_model(toy, overrides=["model.nope=1"])

@@ -835,3 +835,25 @@ def test_a_resume_on_other_locked_weights_names_the_checkpoint_and_the_init(ws, 
     assert train.main(argv + ["--export"]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(head + "export with the --init the run started with\n", err), err
+
+
+def test_a_bad_yaml_found_beside_the_init_says_the_user_never_named_it(ws, tmp_path, capsys, monkeypatch):
+    """An A1111-style sd.yaml (or a model-only YAML) beside --init is taken as the config: the
+    line says it was found there, and what to do."""
+    init = tmp_path / "sd.safetensors"
+    shutil.copy(ws / "init.safetensors", init)
+    beside = init.with_suffix(".yaml")
+    argv = without_config(args(ws, tmp_path / "out"))
+    argv[argv.index("--init") + 1] = str(init)
+    note = " (found beside --init: fix or remove it, or pass --config)\n"
+    stop_before_the_model_loads(monkeypatch)
+    for text, problem in (
+            ("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params: {}\n",
+             "model.color_variant: missing; expected one of v1, v2, v3"),
+            (TINY_CONFIG.read_text().split("\ntrain:")[0], "no train: section (see models/cldm_v21_color.yaml)")):
+        beside.write_text(text)
+        assert train.main(argv) == 2
+        assert capsys.readouterr().err == f"{train.PROG}: error: {beside}: {problem}{note}"
+    assert train.main(argv + ["--config", str(beside)]) == 2  # named by the user: no note
+    assert capsys.readouterr().err == f"{train.PROG}: error: {beside}: no train: section (see " \
+                                      "models/cldm_v21_color.yaml)\n"
