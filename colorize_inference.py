@@ -215,6 +215,11 @@ def check_args(args) -> P.Options:
     if args.control and not Path(args.control).is_file():
         raise UsageError(f"--control {args.control}: " + ("is a folder" if Path(args.control).is_dir() else
                                                             "no such file"))
+    if args.control:
+        from cldm.resume import read_training_checkpoint
+        if read_training_checkpoint(args.control) is not None:  # "no control_model.* tensors" would follow
+            raise UsageError(f"--control {args.control}: a training checkpoint, not an export; make one with "
+                             "tutorial_train_sd21_color_v2.py ... --export, or pass the run's OUT/control.safetensors")
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
     if args.method == "model":  # the schedule is the config's: known before the weights are loaded

@@ -368,10 +368,14 @@ def build_model(cfg, init: Path):
 
     from cldm.checkpoint import CheckpointError, check_fit, load_into, load_state_dict
     from cldm.model import create_model
-    from cldm.trainable import check_recorded, read_export_metadata
+    from cldm.trainable import check_recorded, is_export, read_export_metadata
 
     try:
         sd = load_state_dict(init)
+        if is_export(sd, read_export_metadata(init)):  # else "lacks N tensors": true, but no help
+            raise CheckpointError(f"{init}: an export of trained weights (control.safetensors), not a full "
+                                  "checkpoint; --init needs the file tool_add_control_sd21.py writes (a resume too: "
+                                  "the run's own --init)")
         with torch.device("meta"):  # the checks first: building SD2.1 for real takes tens of seconds
             shapes = create_model(cfg)
         check_recorded(read_export_metadata(init), shapes, init)  # what tool_add_control_sd21.py was told

@@ -272,10 +272,17 @@ def _bad_cases(env, tmp):
     gray_ref = tmp / "gray_ref.png"
     gray_ref.write_bytes((g / "f0.png").read_bytes())
     (tmp / "folder.mp4").mkdir()
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
+    step_ckpt = tmp / "step=00000005.ckpt"  # the keys a training checkpoint has, no tensors
+    torch.save({**{k: {} for k in LIGHTNING_KEYS}, "global_step": 5, TRAINING_KEY: {}}, step_ckpt)
     base = ["--reference", ref, "--ckpt", ck, *FAST]
     return {
         "missing control": (["--input", g, *base, "--control", tmp / "nope.safetensors"],
                             f"--control {tmp / 'nope.safetensors'}: no such file"),
+        "training checkpoint as control": (["--input", g, *base, "--control", step_ckpt],
+                                           f"--control {step_ckpt}: a training checkpoint, not an export; make one "
+                                           "with tutorial_train_sd21_color_v2.py ... --export, or pass the run's "
+                                           "OUT/control.safetensors"),
         "eta above one": (["--input", g, *base, "--eta", "1.5"], "--eta must be <= 1 (got 1.5)"),
         "gray reference image": (["--input", g, "--reference", gray_ref, "--ckpt", ck, *FAST],
                                  f"--reference {gray_ref} is gray: it has no colours to give"),

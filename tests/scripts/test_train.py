@@ -21,7 +21,7 @@ import tutorial_train_sd21_color_v2 as train
 from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
-from cldm.trainable import UNET_INPUT_CONV, load_sd_plus_control, read_export_metadata
+from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control, read_export_metadata
 from tests.helpers import default_sigint
 from tests.train_helpers import tiny_data_root, tiny_model
 
@@ -66,6 +66,8 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
                     metadata={"color_variant": "v2", "parameterization": "v"})
     garbage = tmp_path / "garbage.ckpt"  # named once in the message, not twice
     garbage.write_text("garbage")
+    export = tmp_path / "control.safetensors"  # what a finished run writes: not an --init
+    export_control(tiny_model("v2"), export)
     broken, no_train = tmp_path / "broken.yaml", tmp_path / "no_train.yaml"
     broken.write_text("model: [\n")
     no_train.write_text(TINY_CONFIG.read_text().split("\ntrain:")[0])
@@ -101,6 +103,9 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         (["--max-steps", "0"], r"train\.max_steps \(--max-steps, last step\) must be -1 \(no limit\) or >= 1, got 0$"),
         (["--max-epochs", "0"], r"train\.max_epochs \(--max-epochs, epochs\) must be -1 \(no limit\) or >= 1, got 0$"),
         (["--max-steps", "-2"], r"train\.max_steps .* must be -1 \(no limit\) or >= 1, got -2$"),
+        (["--init", str(export)], rf"error: --init {re.escape(str(export))}: an export of trained weights "
+                                  r"\(control\.safetensors\), not a full checkpoint; --init needs the file "
+                                  r"tool_add_control_sd21\.py writes"),
         (["--init", str(garbage)], rf"error: --init {re.escape(str(garbage))}: not a checkpoint file \(expected "),
     ]
     for i, (extra, pattern) in enumerate(cases):  # a repeated flag wins over the one in args()
