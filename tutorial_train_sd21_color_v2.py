@@ -564,8 +564,7 @@ def prepare(args):
 
     from cldm.lightning import ColorControlModule
     from cldm.resume import remove_partial_checkpoints
-    from cldm.trainable import check_optimizer
-    from cldm.trainable import check_saved_config
+    from cldm.trainable import check_optimizer, check_saved_config
 
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
     check_paths(data, init, out)  # first: the config may come from --init or OUT
@@ -591,6 +590,8 @@ def prepare(args):
     L.seed_everything(t.seed, workers=True, verbose=False)
     check_saved_config(init, cfg, source, args.overrides, remedy=saved_config_remedy(args, source),
                        free=("only_mid_control",))  # cheap; an init may be trained either way
+    if args.config is None and is_launch_rank_zero():  # say which one it found
+        print(f"config: {source if isinstance(source, Path) else f'the one {init} records'}")
     model = build_model(cfg, init)
     module = ColorControlModule(
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,

@@ -677,7 +677,9 @@ def test_an_init_is_checked_against_the_config_found_for_it(ws, tmp_path, capsys
     argv[argv.index("--init") + 1] = str(toy)
     configs = stop_before_the_model_loads(monkeypatch)
     assert train.main(argv) == 2
-    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+    out, err = capsys.readouterr()
+    assert err == f"{train.PROG}: error: stopped before the model load\n"
+    assert out == f"config: the one {toy} records\n"  # found, not named: said
     assert configs[0].model.scale_factor == 0.57326
     assert train.main(argv + ["--only-mid-control"]) == 2  # a training choice: an init may be trained either way
     assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
@@ -763,7 +765,9 @@ def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_
     argv[argv.index("--init") + 1] = str(toy)
     configs = stop_before_the_model_loads(monkeypatch)
     assert train.main(argv) == 2
-    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
+    out, err = capsys.readouterr()
+    assert err == f"{train.PROG}: error: stopped before the model load\n"
+    assert out == f"config: the one {toy} records\n"  # found, not named: said
     assert configs[0].model.scale_factor == 0.57326
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)  # now there is a run to resume: its own config
     assert train.config_source(train.parser().parse_args(argv)) == out / "config.yaml"
