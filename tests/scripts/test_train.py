@@ -635,6 +635,16 @@ def without_config(argv):
     return argv[2:]
 
 
+def toy_init_without_config(ws, tmp_path, out) -> tuple[Path, list[str]]:
+    """A copy of the toy model (no YAML beside it) and a training command line with it as --init
+    and no --config."""
+    toy = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, toy)
+    argv = without_config(args(ws, out))
+    argv[argv.index("--init") + 1] = str(toy)
+    return toy, argv
+
+
 def stop_before_the_model_loads(monkeypatch) -> list:
     """build_model, the step after the last config check, records the config and stops the run."""
     configs = []
@@ -671,10 +681,7 @@ def test_without_config_the_init_gives_it_as_at_inference(ws, tmp_path):
 def test_an_init_is_checked_against_the_config_found_for_it(ws, tmp_path, capsys, monkeypatch):
     """The toy's own config passes the check against it, also with --only-mid-control; a YAML
     beside it or an override that contradicts it is refused, with what to do."""
-    toy = tmp_path / "toy.safetensors"
-    shutil.copy(TOY, toy)
-    argv = without_config(args(ws, tmp_path / "out"))
-    argv[argv.index("--init") + 1] = str(toy)
+    toy, argv = toy_init_without_config(ws, tmp_path, tmp_path / "out")
     configs = stop_before_the_model_loads(monkeypatch)
     assert train.main(argv) == 2
     out, err = capsys.readouterr()
@@ -759,15 +766,10 @@ def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_
     first_process(monkeypatch)
     out = tmp_path / "run"
     train.record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
-    toy = tmp_path / "toy.safetensors"
-    shutil.copy(TOY, toy)  # records its own config, scale factor 0.57326
-    argv = without_config(args(ws, out))
-    argv[argv.index("--init") + 1] = str(toy)
+    toy, argv = toy_init_without_config(ws, tmp_path, out)  # the toy records its scale factor 0.57326
     configs = stop_before_the_model_loads(monkeypatch)
     assert train.main(argv) == 2
-    out, err = capsys.readouterr()
-    assert err == f"{train.PROG}: error: stopped before the model load\n"
-    assert out == f"config: the one {toy} records\n"  # found, not named: said
+    assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
     assert configs[0].model.scale_factor == 0.57326
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)  # now there is a run to resume: its own config
     assert train.config_source(train.parser().parse_args(argv)) == out / "config.yaml"
