@@ -50,30 +50,35 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     stem, else the config the file records (metadata 'config'); else SD2.1's."""
     if config is not None:
         return Path(config)
-    for weights in (control, ckpt):
-        if weights is None:
+    found = _found_config((control, ckpt))
+    return found[0] if found is not None else DEFAULT_CONFIG
+
+
+def _found_config(weights) -> tuple[Path | DictConfig, Path] | None:
+    """(config, the weights it belongs to) for the first of `weights` (paths, or None) with a YAML
+    beside it or a config it records; None if none has either."""
+    for w in weights:
+        if w is None:
             continue
-        if Path(weights).with_suffix(".yaml").is_file():
-            return Path(weights).with_suffix(".yaml")
-        if (saved := saved_config(weights)) is not None:
-            return saved
-    return DEFAULT_CONFIG
+        if Path(w).with_suffix(".yaml").is_file():
+            return Path(w).with_suffix(".yaml"), Path(w)
+        if (saved := saved_config(w)) is not None:
+            return saved, Path(w)
+    return None
 
 
 def config_origin(source, config, weights: Sequence[tuple[str, str | os.PathLike | None]]) -> tuple[str, Path] | None:
     """(flag, file) of the weights that `source` (resolve_config's choice) came from without the
-    user naming it: a YAML found beside them, or the config they record; None for --config or
-    SD2.1's default. `weights`: (flag, path or None) in the order resolve_config looks (an export first)."""
-    if config is not None:
+    user naming it: a YAML found beside them, or the config they record; None for --config, SD2.1's
+    default or another source (a run's own config.yaml). `weights`: (flag, path or None) in the
+    order resolve_config looks (an export first)."""
+    found = None if config is not None else _found_config([w for _, w in weights])
+    if found is None:
         return None
-    for flag, w in weights:
-        if w is None:
-            continue
-        if Path(w).with_suffix(".yaml").is_file():
-            return (flag, Path(w)) if source == Path(w).with_suffix(".yaml") else None
-        if saved_config(w) is not None:
-            return (flag, Path(w)) if isinstance(source, DictConfig) else None
-    return None
+    chosen, path = found
+    if (chosen != source) if isinstance(chosen, Path) else not isinstance(source, DictConfig):
+        return None
+    return next(flag for flag, w in weights if w is not None and Path(w) == path), path
 
 
 def found_note(flag: str) -> str:
