@@ -409,6 +409,9 @@ def run(args) -> int:
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     model = None
     if args.method == "model":
+        if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
+            found = L.resolve_config(args.ckpt, None, args.control)
+            print(f"config: {found if isinstance(found, Path) else f'the one {args.control or args.ckpt} records'}")
         model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle)
         dtype = L.compute_dtype(args.precision, model.betas.device)
         if dtype != torch.float32:  # autocast would cast every weight at every step

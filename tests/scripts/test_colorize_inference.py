@@ -1,6 +1,7 @@
 """colorize_inference.py end to end with a random tiny checkpoint on frames of the sample clip."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -692,3 +693,19 @@ def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, mo
         f"colorize_inference.py: error: cannot write {out / 'f1.png'}: No space left on device (the 1 outputs "
         "before it are written and complete; --frames 1: continues)")
     assert sorted(p.name for p in out.iterdir()) == ["f0.png"]
+
+
+def test_the_config_found_for_the_weights_is_named(env, tmp_path, capsys):
+    """Without --config the run says which config it took (recorded in the file here, as the toy
+    records its own); with --config it says nothing about it."""
+    toy = tmp_path / "toy.safetensors"  # without the YAML beside it
+    shutil.copy(TOY, toy)
+    common = ["--input", env["gray"], "--reference", env["refs"][0], "--size", "64", "--steps", "1", "--frames", "0:1"]
+    rc, out, err = run([*common, "--ckpt", toy, "--out", tmp_path / "a"], capsys)
+    assert rc == 0, err
+    assert out.splitlines()[0] == f"config: the one {toy} records"
+    shutil.copy(TOY.with_suffix(".yaml"), toy.with_suffix(".yaml"))
+    rc, out, err = run([*common, "--ckpt", toy, "--out", tmp_path / "b"], capsys)
+    assert rc == 0 and out.splitlines()[0] == f"config: {toy.with_suffix('.yaml')}", err
+    rc, out, err = run([*common, "--ckpt", toy, "--config", toy.with_suffix(".yaml"), "--out", tmp_path / "c"], capsys)
+    assert rc == 0 and "config:" not in out, err
