@@ -40,37 +40,39 @@ def resume_problem(path: str | Path) -> str | None:
     memory-mapped, so a multi-GB file costs little. Catches what a zip check lets through,
     such as the --init file saved as .ckpt, before Lightning fails on it with a traceback.
     """
-    try:
-        ckpt = _load_top_level(path)
-    except Exception as e:
-        return f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
-    if not isinstance(ckpt, dict):
-        return f"holds a {type(ckpt).__name__}, not a training checkpoint"
-    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
-    if missing:
-        return (f"not a Lightning training checkpoint (no {missing[0]!r}; an --init or exported file holds "
-                "weights only); resume from a file in OUT/checkpoints")
-    if TRAINING_KEY not in ckpt:
-        return f"a Lightning checkpoint, but not of this training (no {TRAINING_KEY!r} entry)"
-    return None
-
-
-def _load_top_level(path: str | Path):
-    """torch.load with weights_only (no code runs) and the tensors memory-mapped (not read)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return _read_training(path)[1]
 
 
 def read_training_checkpoint(path: str | Path) -> dict | None:
     """The top level of a Lightning training checkpoint of this project (OUT/checkpoints/*.ckpt),
     or None for any other file (`resume_problem` says why)."""
-    if Path(path).suffix == ".safetensors" or resume_problem(path) is not None:
+    if Path(path).suffix == ".safetensors":
         return None
-    ckpt = _load_top_level(path)
+    ckpt, problem = _read_training(path)
+    if problem is not None:
+        return None
     if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(ckpt[TRAINING_KEY], dict):
         return None
     return ckpt if all(str(k).startswith(MODULE_PREFIX) for k in ckpt["state_dict"]) else None
+
+
+def _read_training(path: str | Path) -> tuple[dict | None, str | None]:
+    """(top level, None) of a training checkpoint of this project, else (None, why not); read once."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no code runs
+    except Exception as e:
+        return None, f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
+    if not isinstance(ckpt, dict):
+        return None, f"holds a {type(ckpt).__name__}, not a training checkpoint"
+    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+    if missing:
+        return None, (f"not a Lightning training checkpoint (no {missing[0]!r}; an --init or exported file holds "
+                      "weights only); resume from a file in OUT/checkpoints")
+    if TRAINING_KEY not in ckpt:
+        return None, f"a Lightning checkpoint, but not of this training (no {TRAINING_KEY!r} entry)"
+    return ckpt, None
 
 
 def resume_misfit(model: ControlLDM, ours: str, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
