@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,15 +31,6 @@ if __name__ == "__main__":  # also in every DDP process Lightning starts
     quiet_startup_ctrl_c()
 
 PROG = "tutorial_train_sd21_color_v2.py"
-RESUME = "rerun the same command to resume from the newest checkpoint"
-NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
-
-
-def rerun_hint(out: Path) -> str:
-    """What rerunning the command does after a stop: resume, or start over when OUT has no checkpoint."""
-    from cldm.resume import find_resume_checkpoint
-
-    return RESUME if find_resume_checkpoint(out / "checkpoints") is not None else NO_CHECKPOINT
 
 
 class UsageError(ValueError):
@@ -189,28 +179,13 @@ def check_train_numbers(t) -> None:
             raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}")
 
 
-def config_source(args):
-    """--config; else, resuming (OUT/checkpoints holds a checkpoint), the run's own config
-    (OUT/config.yaml: with its train: values, which the flags given now override); else the
-    config inference would take for --init (a YAML beside it, the config it records, SD2.1's).
-    So a run of the toy model needs no --config, nor its resume."""
-    from cldm.resume import find_resume_checkpoint
-    from colorize.loading import resolve_config as inference_config
-
-    out = Path(args.out)
-    recorded = out / "config.yaml"
-    # a run stopped before its first checkpoint leaves config.yaml but nothing to resume: a new start
-    if args.config is None and args.resume != "never" and recorded.is_file() \
-            and find_resume_checkpoint(out / "checkpoints") is not None:
-        return recorded
-    return inference_config(args.init, args.config)
-
-
 def resolve_config(args, source=None):
-    """The run's config from `source` (default: config_source), the overrides and the flags, checked."""
+    """The run's config from `source` (default: cldm.run_dir.config_source), the overrides and the
+    flags, checked."""
+    from cldm.run_dir import config_source
     from colorize.loading import config_origin, found_note, load_resolved_config
 
-    source = config_source(args) if source is None else source
+    source = config_source(args.out, args.init, args.config, args.resume) if source is None else source
     weights = [("--init", args.init)]
 
     def load(overrides):  # a config found beside --init, or recorded in it, is named as such when bad
@@ -238,128 +213,16 @@ def saved_config_remedy(args, source) -> str:
     return f"fix or remove {source}, or pass --config"  # the YAML beside --init
 
 
-def is_launch_rank_zero() -> bool:
-    """True in the one process that should touch OUT before the process group exists."""
-    env = os.environ
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in env:
-            return int(env[key]) == 0
-    return int(env.get("NODE_RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
-
-
-def resolve_resume(args, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to resume from, by this process's own listing of `ckpt_dir`.
-
-    Every process runs this before the process group exists; ResumeAgreement then stops the
-    run, on all of them, unless they all chose what global rank 0 chose.
-    """
-    from cldm.resume import find_resume_checkpoint
-
-    if args.resume == "auto":
-        return auto_resume(ckpt_dir)
-    if args.resume == "never":
-        if find_resume_checkpoint(ckpt_dir) is not None:
-            raise UsageError(f"{ckpt_dir} already holds checkpoints; use --resume auto or another --out")
-        return None
-    return checked_resume_path(Path(args.resume), ckpt_dir)
-
-
-def auto_resume(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint, if it can be resumed from; a note names incomplete ones.
-
-    A bad newest file is refused rather than skipped: every rerun (a SLURM requeue too) would
-    otherwise meet it again, or silently train on from an older step.
-    """
-    from cldm.resume import find_resume_checkpoint, incomplete_checkpoints, resume_problem
-
-    if is_launch_rank_zero():
-        for path in incomplete_checkpoints(ckpt_dir):
-            print(f"{PROG}: note: skipped {path}: not a whole checkpoint file (cut short?); not resumed from nor "
-                  "counted toward --ckpt-keep; move it away", file=sys.stderr)
-    path = find_resume_checkpoint(ckpt_dir)
-    if path is not None and (problem := resume_problem(path)):
-        raise UsageError(f"{path}: {problem}; move it out of {ckpt_dir}, or pass --resume PATH")
-    return path
-
-
-def checked_resume_path(path: Path, ckpt_dir: Path) -> Path:
-    """--resume PATH, refused where it would leave two histories in `ckpt_dir`: pruning to
-    --ckpt-keep and a later --resume auto go by the highest step, i.e. maybe by the abandoned one."""
-    from cldm.resume import checkpoint_step, find_resume_checkpoint, resume_problem
-
-    if path.is_dir():
-        raise UsageError(f"--resume {path}: a folder, not a checkpoint file")
-    if not path.is_file():
-        raise UsageError(f"--resume {path}: no such file")
-    if problem := resume_problem(path):
-        raise UsageError(f"--resume {path}: {problem}")
-    newest = find_resume_checkpoint(ckpt_dir)
-    if newest is None:
-        return path  # a new or empty OUT: starting from any run's checkpoint forks it
-    if path.resolve().parent != ckpt_dir.resolve():
-        raise UsageError(f"--resume {path}: from outside {ckpt_dir}, which holds this run's own checkpoints "
-                         f"(newest {newest.name}); fork into another --out, or move them away")
-    if checkpoint_step(newest) > checkpoint_step(path):
-        raise UsageError(f"--resume {path}: {ckpt_dir} already holds a later checkpoint ({newest.name}); "
-                         "move the later ones away, or resume into another --out")
-    return path
-
-
 MODEL_FLAGS = {name: key for name, key in FLAG_KEYS.items() if key.startswith("model.")}
 
 
-def check_run_dir(out: Path, cfg, args=None) -> None:
-    """Refuse to continue checkpoints of another model setup in the same OUT, naming the first
-    model key that differs (as config_hash counts them) and, where --config or a model override
-    or flag gave it, saying to leave them out."""
-    from omegaconf import OmegaConf
-
-    from cldm.resume import find_resume_checkpoint
-    from cldm.trainable import config_hash
-
-    saved = out / "config.yaml"
-    if not saved.is_file() or find_resume_checkpoint(out / "checkpoints") is None:
-        return
-    recorded = OmegaConf.load(saved)
-    if config_hash(recorded) == config_hash(cfg):
-        return
-    theirs, ours = model_leaves(recorded), model_leaves(cfg)
-    diff = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k, "absent") != ours.get(k, "absent")]
-
-    def sets_a_diff(key):  # `key` (model.x.y) is one of the differing keys or a section above one
-        return any(f"model.{k}.".startswith(key + ".") for k in diff)
-
-    given = [] if args is None else [
-        *(["--config"] if args.config is not None else []),
-        *[o for o in args.overrides if sets_a_diff(o.split("=", 1)[0].strip())],
-        *["--" + ("" if getattr(args, n) else "no-") + n.replace("_", "-") for n, key in MODEL_FLAGS.items()
-          if getattr(args, n) is not None and sets_a_diff(key)]]
-    what = f"model.{diff[0]} is {theirs.get(diff[0], 'absent')} there, {ours.get(diff[0], 'absent')} in this " \
-        f"command's ({len(diff)} key(s) differ)" if diff else "another model config"
-    remedy = (f"leave out {' and '.join(given)} to continue the run (it has its own config.yaml), or use another "
-              "--out for a new run") if given else "use another --out for a new run"
-    raise UsageError(f"{out} holds checkpoints of another model config ({saved}): {what}; {remedy}")
-
-
-def model_leaves(cfg) -> dict:
-    """The model: section as {dotted key: value}, less gradient checkpointing (as config_hash)."""
-    from omegaconf import OmegaConf
-
-    from cldm.trainable import config_leaves
-
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    return {k: v for k, v in config_leaves(model) if k != "unet.use_checkpoint"}
-
-
-def record_config(out: Path, cfg) -> None:
-    """OUT/config.yaml: the resolved config of the run (written once the run is known to start)."""
-    from omegaconf import OmegaConf
-
-    from atomicio import write_bytes_atomic
-
-    if is_launch_rank_zero():
-        out.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+def model_settings(args) -> list[tuple[str, str]]:
+    """(what the command said, the config key it sets) for --config, the overrides and the model
+    flags: what check_run_dir names as the cause of a config that differs from the run's."""
+    flags = [("--" + ("" if getattr(args, n) else "no-") + n.replace("_", "-"), key)
+             for n, key in MODEL_FLAGS.items() if getattr(args, n) is not None]
+    return [*([("--config", "model")] if args.config is not None else []),
+            *[(o, o.split("=", 1)[0].strip()) for o in args.overrides], *flags]
 
 
 def build_model(cfg, init: Path):
@@ -389,6 +252,7 @@ def build_model(cfg, init: Path):
 
 
 def build_datamodule(cfg, args, model):
+    from cldm.launch import is_launch_rank_zero
     from tutorial_dataset import PairDataModule
 
     t = cfg.train
@@ -408,37 +272,6 @@ def build_datamodule(cfg, args, model):
     return dm
 
 
-def devices_arg(devices: str) -> int | str:
-    """--devices as Lightning takes it: a count as an int, 'auto' or a list like '0,1' as is."""
-    return int(devices) if devices.isdigit() else devices
-
-
-def count_devices(accelerator: str, devices) -> int:
-    """Processes per node that `devices` means, as Lightning will resolve it."""
-    import torch
-
-    if isinstance(devices, int):
-        return devices
-    if devices.strip() in ("auto", "-1"):
-        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        return torch.cuda.device_count() if gpu else 1
-    return len([d for d in devices.split(",") if d.strip()])
-
-
-def ddp_kwargs() -> dict:
-    """Buffers are constants (the noise schedule): broadcast once when DDP wraps the model, not
-    every step. torch >= 2.13 says so with forward_sync_buffers=False and deprecates
-    broadcast_buffers=False (which also skipped the first broadcast); older torch (a GPU image's
-    own, say) knows only the latter."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    return dict(find_unused_parameters=False, gradient_as_bucket_view=True,
-                **({"forward_sync_buffers": False} if new else {"broadcast_buffers": False}))
-
-
 def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     import lightning as L
     import torch
@@ -448,6 +281,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
     from lightning.pytorch.strategies import DDPStrategy
 
     from cldm.callbacks import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
+    from cldm.launch import count_devices, ddp_kwargs, devices_arg
 
     t = cfg.train
     devices = devices_arg(args.devices)
@@ -523,30 +357,9 @@ def check_paths(data: Path, init: Path, out: Path) -> None:
         raise UsageError(f"--out {out}: {problem}")
 
 
-def launched_processes() -> tuple[int, str] | None:
-    """(processes, what says so) when SLURM or torchrun started this run's processes (looked for in
-    Lightning's order), else None."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    if SLURMEnvironment.detect():
-        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
-    if TorchElasticEnvironment.detect():
-        return int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE"
-    return None
-
-
-def check_launcher(world: int, args) -> None:
-    """Refuse a launcher that started another number of processes than --devices x --num-nodes:
-    with one process per run each would train alone (no DDP), all into the same OUT."""
-    launched = launched_processes()
-    if launched is not None and launched[0] != world:
-        count, source = launched
-        raise UsageError(f"{source} is {count}, but --devices {args.devices} x --num-nodes {args.num_nodes} is "
-                         f"{world}; make them equal (docs/TRAINING.md)")
-
-
 def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:
     """Say so when the resume checkpoint already reached --max-steps: Lightning stops at once, silently."""
+    from cldm.launch import is_launch_rank_zero
     from cldm.resume import checkpoint_step
 
     if resume is None or max_steps < 0 or not is_launch_rank_zero():
@@ -557,28 +370,40 @@ def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:
               "its weights are exported as they are", file=sys.stderr)
 
 
+def note_skipped(ckpt_dir: Path) -> None:
+    """Name the incomplete checkpoints --resume auto skips (once per run, not per process)."""
+    from cldm.launch import is_launch_rank_zero
+    from cldm.resume import incomplete_checkpoints
+
+    if is_launch_rank_zero():
+        for path in incomplete_checkpoints(ckpt_dir):
+            print(f"{PROG}: note: skipped {path}: not a whole checkpoint file (cut short?); not resumed from nor "
+                  "counted toward --ckpt-keep; move it away", file=sys.stderr)
+
+
 def prepare(args):
     """Everything that can fail on bad input, before any training: (cfg, trainer, module, data, resume)."""
     import lightning as L
     from omegaconf import OmegaConf
 
+    from cldm.launch import check_launcher, is_launch_rank_zero
     from cldm.lightning import ColorControlModule
     from cldm.resume import remove_partial_checkpoints
+    from cldm.run_dir import check_run_dir, config_source, record_config, resolve_resume
     from cldm.trainable import check_optimizer, check_saved_config
 
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
     check_paths(data, init, out)  # first: the config may come from --init or OUT
-    source = config_source(args)
+    source = config_source(out, init, args.config, args.resume)
     cfg = resolve_config(args, source)
-    world = count_devices(args.accelerator, devices_arg(args.devices)) * args.num_nodes
-    if world < 1:
-        raise UsageError(f"--devices {args.devices} --num-nodes {args.num_nodes}: training needs at least one device")
-    check_launcher(world, args)
+    world = check_launcher(args.devices, args.num_nodes, args.accelerator)
     ckpt_dir = out / "checkpoints"
-    check_run_dir(out, cfg, args)
     if is_launch_rank_zero():
         remove_partial_checkpoints(ckpt_dir)
-    resume = resolve_resume(args, ckpt_dir)
+    if args.resume == "auto":
+        note_skipped(ckpt_dir)
+    resume = resolve_resume(args.resume, ckpt_dir)  # before check_run_dir: --resume never says what it means
+    check_run_dir(out, cfg, model_settings(args))
     if args.export and resume is None:
         raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
     if not args.export:
@@ -657,6 +482,8 @@ def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
 
 
 def train(args, cfg, trainer, module, dm, resume) -> int:
+    from cldm.run_dir import rerun_hint
+
     if resume is not None and trainer.is_global_zero:
         print(f"resuming from {resume}", file=sys.stderr)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -709,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     # While training, only a resume checkpoint of another setup (on_load_checkpoint) is bad
     # input; any other error is a bug and keeps its traceback.
     from cldm.checkpoint import CheckpointError
+    from cldm.run_dir import rerun_hint
     return run_cli(PROG, lambda args: train(args, *run), args, (CheckpointError,),
                    interrupted=f"interrupted; {rerun_hint(Path(args.out))}")
 

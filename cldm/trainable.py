@@ -215,6 +215,8 @@ def saved_config(weights: str | Path) -> DictConfig | None:
 # Keys that only say how a model is trained: they may differ between a checkpoint and the config
 # (so may dropout rates: inference runs in eval mode).
 TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
+NOT_HASHED = ("unet.use_checkpoint",)  # memory and speed, not the weights: config_hash leaves it out
+ABSENT = "absent"  # how a key one config lacks is shown
 
 
 def saved_config_mismatch(weights: str | Path, cfg: DictConfig, free: Sequence[str] = (),
@@ -230,11 +232,8 @@ def saved_config_mismatch(weights: str | Path, cfg: DictConfig, free: Sequence[s
         ours, theirs = inference_leaves(cfg), inference_leaves(saved)
     except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
         return None
-    diff = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k) and k not in free]
-    if not diff:
-        return None
-    k = diff[0]
-    return f"model.{k} is {theirs.get(k)} there, {ours.get(k)} in {here} ({len(diff)} key(s) differ)"
+    diff = differing_keys(theirs, ours, free, missing=None)  # an optional key left out is null
+    return config_difference(theirs, ours, diff, here) if diff else None
 
 
 def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: Sequence[str] = (),
@@ -249,10 +248,29 @@ def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: 
         raise CheckpointError(f"{weights} was saved with another model config: {reason}; {remedy}")
 
 
+def model_leaves(cfg: DictConfig, leave_out: Sequence[str] = NOT_HASHED) -> dict:
+    """The model config as {dotted key: value}, less the keys in `leave_out` (by default, as
+    config_hash counts it)."""
+    return {k: v for k, v in config_leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
+            if k not in leave_out}
+
+
 def inference_leaves(cfg: DictConfig) -> dict:
     """The model config as {dotted key: value}, less what does not change inference."""
-    return {k: v for k, v in config_leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
-            if k not in TRAINING_ONLY and not k.endswith("dropout")}
+    return {k: v for k, v in model_leaves(cfg, TRAINING_ONLY).items() if not k.endswith("dropout")}
+
+
+def differing_keys(theirs: dict, ours: dict, free: Sequence[str] = (), missing=ABSENT) -> list[str]:
+    """The keys of two model_leaves dicts whose values differ, less `free`; a key one side lacks
+    differs unless the other holds `missing` (None: absent counts as null)."""
+    return [k for k in sorted(theirs.keys() | ours.keys())
+            if theirs.get(k, missing) != ours.get(k, missing) and k not in free]
+
+
+def config_difference(theirs: dict, ours: dict, diff: Sequence[str], here: str) -> str:
+    """'model.k is A there, B in HERE (n key(s) differ)' for the first of `diff` (differing_keys)."""
+    k = diff[0]
+    return f"model.{k} is {theirs.get(k, ABSENT)} there, {ours.get(k, ABSENT)} in {here} ({len(diff)} key(s) differ)"
 
 
 def config_leaves(d: dict, prefix: str = ""):

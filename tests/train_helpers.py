@@ -79,3 +79,13 @@ class FakeTrainer:
         @staticmethod
         def forward_context():
             return contextlib.nullcontext()
+
+
+def training_ckpt(path, step):
+    """A file resume_problem accepts: the keys Lightning and on_save_checkpoint write, no tensors."""
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
+
+    AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": step, TRAINING_KEY: {}},
+                                         path)
+    return path

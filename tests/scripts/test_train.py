@@ -21,9 +21,10 @@ import tutorial_train_sd21_color_v2 as train
 from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
+from cldm.run_dir import config_source, record_config, resolve_resume
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control, read_export_metadata
 from tests.helpers import default_sigint
-from tests.train_helpers import tiny_data_root, tiny_model
+from tests.train_helpers import tiny_data_root, tiny_model, training_ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
@@ -131,19 +132,11 @@ def test_a_run_records_its_config_and_its_folder_guards_resumes_and_exports(ws, 
     assert re.search(r"run/checkpoints already holds checkpoints; use --resume auto", capsys.readouterr().err)
     assert train.main(args(ws, out, "--max-steps", 3, "model.only_mid_control=true")) == 2
     assert "holds checkpoints of another model config" in capsys.readouterr().err
+    assert train.main(args(ws, out, "--resume", "never", "model.only_mid_control=true")) == 2  # a new run: no config
+    assert re.search(r"run/checkpoints already holds checkpoints; use --resume auto", capsys.readouterr().err)
     (out / "control.safetensors").unlink()
     assert train.main(args(ws, out, "--export")) == 0
     assert read_export_metadata(out / "control.safetensors")["step"] == "2"
-
-
-def test_only_the_first_process_of_the_first_node_prepares_out(monkeypatch):
-    for env, first in [({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False), ({"SLURM_PROCID": "1"}, False),
-                       ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False)]:
-        for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        assert train.is_launch_rank_zero() is first, env
 
 
 def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(ws, tmp_path, capsys):
@@ -158,16 +151,6 @@ def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "already holds a later checkpoint (step=00000003.ckpt)" in err, err
     assert train.main(args(ws, out, "--max-steps", 4, "--resume", ckpts / "step=00000003.ckpt")) == 0  # the newest: fine
-
-
-def training_ckpt(path, step):
-    """A file resume_problem accepts: the keys Lightning and on_save_checkpoint write, no tensors."""
-    from cldm.callbacks import AtomicCheckpointIO
-    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
-
-    AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": step, TRAINING_KEY: {}},
-                                         path)
-    return path
 
 
 class RunsAShell:
@@ -202,30 +185,14 @@ def test_resume_auto_names_the_incomplete_checkpoints_it_skips(tmp_path, capsys,
     training_ckpt(ckpts / "step=00000276.ckpt", 276)
     cut = ckpts / "step=00000277.ckpt"
     cut.write_bytes(training_ckpt(tmp_path / "whole.ckpt", 277).read_bytes()[:100])
-    assert train.resolve_resume(SimpleNamespace(resume="auto"), ckpts) == ckpts / "step=00000276.ckpt"
+    assert resolve_resume("auto", ckpts) == ckpts / "step=00000276.ckpt"
+    train.note_skipped(ckpts)
     assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: note: skipped {cut}: not a whole "
                                        "checkpoint file (cut short?); not resumed from nor counted toward "
                                        "--ckpt-keep; move it away\n")
     monkeypatch.setenv("RANK", "1")  # one note per run, not per process
-    train.resolve_resume(SimpleNamespace(resume="auto"), ckpts)
+    train.note_skipped(ckpts)
     assert capsys.readouterr().err == ""
-
-
-def test_resume_path_from_another_run_only_into_an_out_without_checkpoints(tmp_path):
-    """Forking a run into a new OUT is fine; into an OUT with its own checkpoints it would mix two
-    histories (and overwrite OUT/control.safetensors with the other run's weights)."""
-    other = training_ckpt(tmp_path / "other" / "checkpoints" / "step=00000500.ckpt", 500)
-    new = tmp_path / "new" / "checkpoints"
-    assert train.resolve_resume(SimpleNamespace(resume=str(other)), new) == other
-    mine = tmp_path / "mine" / "checkpoints"
-    training_ckpt(mine / "step=00000010.ckpt", 10)
-    with pytest.raises(train.UsageError, match=r"^--resume \S*other/checkpoints/step=00000500\.ckpt: from outside "
-                                               r"\S*mine/checkpoints, which holds this run's own checkpoints \(newest "
-                                               r"step=00000010\.ckpt\); fork into another --out"):
-        train.resolve_resume(SimpleNamespace(resume=str(other)), mine)
-    # its own newest, named by a path with another spelling, is not foreign
-    assert train.resolve_resume(SimpleNamespace(resume=str(mine / ".." / "checkpoints" / "step=00000010.ckpt")),
-                                mine).name == "step=00000010.ckpt"
 
 
 def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path, capsys, monkeypatch):
@@ -238,32 +205,6 @@ def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path,
                        f"{max_steps}: nothing to train; its weights are exported as they are\n") is noted, err
     train.note_nothing_to_train(None, 0)
     assert capsys.readouterr().err == ""
-
-
-@pytest.mark.parametrize("env, devices, nodes, refused", [
-    ({}, "1", 1, None),
-    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "2", 1, None),
-    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 1, "torchrun's WORLD_SIZE is 2, but --devices 1 x "
-                                                           "--num-nodes 1 is 1;"),
-    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 2, None),
-    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 1, "SLURM_NTASKS is 4, but --devices 2 x --num-nodes 1 "
-                                                          "is 2;"),
-    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 2, None),
-    (dict(SLURM_JOB_NAME="interactive", SLURM_NTASKS="4"), "1", 1, None),  # Lightning ignores SLURM here too
-])
-def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypatch, env, devices, nodes, refused):
-    """torchrun --nproc-per-node 2 with --devices 1 would run two lone trainings into one OUT."""
-    for key in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_JOB_NAME", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    a = SimpleNamespace(devices=devices, num_nodes=nodes)
-    world = train.count_devices("cpu", train.devices_arg(devices)) * nodes
-    if refused is None:
-        train.check_launcher(world, a)
-    else:
-        with pytest.raises(train.UsageError, match=re.escape(refused)):
-            train.check_launcher(world, a)
 
 
 def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, capsys, monkeypatch):
@@ -325,19 +266,6 @@ def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
         torch.distributed.destroy_process_group()
     assert [str(w.message) for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
     assert ddp.forward_sync_buffers is False and ddp.find_unused_parameters is False
-
-
-def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(monkeypatch):
-    """torch before 2.13 (e.g. a GPU image's own) has no forward_sync_buffers argument."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    def old_init(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
-                 find_unused_parameters=False, gradient_as_bucket_view=False):
-        pass
-
-    monkeypatch.setattr(DistributedDataParallel, "__init__", old_init)
-    assert train.ddp_kwargs() == dict(find_unused_parameters=False, gradient_as_bucket_view=True,
-                                      broadcast_buffers=False)
 
 
 def test_null_means_off_where_the_config_allows_it():
@@ -645,6 +573,11 @@ def toy_init_without_config(ws, tmp_path, out) -> tuple[Path, list[str]]:
     return toy, argv
 
 
+def source_of(ns):
+    """The config source the script takes for parsed arguments `ns`."""
+    return config_source(ns.out, ns.init, ns.config, ns.resume)
+
+
 def stop_before_the_model_loads(monkeypatch) -> list:
     """build_model, the step after the last config check, records the config and stops the run."""
     configs = []
@@ -665,7 +598,7 @@ def test_without_config_the_init_gives_it_as_at_inference(ws, tmp_path):
     def config(init, *extra):
         ns = train.parser().parse_args(without_config(args(ws, tmp_path / "out", *extra)))
         ns.init = str(init)
-        return train.config_source(ns), train.resolve_config(ns)
+        return source_of(ns), train.resolve_config(ns)
 
     source, cfg = config(toy, "--lr", "3e-4", "train.image_count=3")
     assert not isinstance(source, Path) and cfg.model.scale_factor == 0.57326
@@ -709,7 +642,7 @@ def test_a_resume_without_config_takes_the_runs_own_and_the_flags_given_now(ws, 
     first_process(monkeypatch)
     out = tmp_path / "run"
     first = train.parser().parse_args(args(ws, out, "--lr", "3e-4", "--max-steps", 5, "train.image_count=3"))
-    train.record_config(out, train.resolve_config(first))  # what the first start records
+    record_config(out, train.resolve_config(first))  # what the first start records
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
     configs = stop_before_the_model_loads(monkeypatch)
     argv = without_config(args(ws, out, "--max-steps", 7))
@@ -719,7 +652,7 @@ def test_a_resume_without_config_takes_the_runs_own_and_the_flags_given_now(ws, 
     assert (cfg.model.scale_factor, cfg.train.lr, cfg.train.image_count, cfg.train.max_steps) == (0.18215, 3e-4, 3, 7)
     assert train.main(argv + ["model.only_mid_control=true"]) == 2
     assert "holds checkpoints of another model config" in capsys.readouterr().err
-    assert train.config_source(train.parser().parse_args(argv + ["--resume", "never"])) == DEFAULT_CONFIG
+    assert source_of(train.parser().parse_args(argv + ["--resume", "never"])) == DEFAULT_CONFIG
 
 
 def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
@@ -765,14 +698,14 @@ def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_
     (which the init's recorded config would contradict)."""
     first_process(monkeypatch)
     out = tmp_path / "run"
-    train.record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
+    record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
     toy, argv = toy_init_without_config(ws, tmp_path, out)  # the toy records its scale factor 0.57326
     configs = stop_before_the_model_loads(monkeypatch)
     assert train.main(argv) == 2
     assert capsys.readouterr().err == f"{train.PROG}: error: stopped before the model load\n"
     assert configs[0].model.scale_factor == 0.57326
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)  # now there is a run to resume: its own config
-    assert train.config_source(train.parser().parse_args(argv)) == out / "config.yaml"
+    assert source_of(train.parser().parse_args(argv)) == out / "config.yaml"
 
 
 @pytest.mark.parametrize("sigterm", [False, True])
@@ -807,7 +740,7 @@ def test_a_config_that_contradicts_the_runs_own_names_the_key_and_what_to_leave_
     that differs, both values, and that leaving them out continues the run."""
     first_process(monkeypatch)
     out = tmp_path / "run"
-    train.record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
+    record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
     stop_before_the_model_loads(monkeypatch)
     head = f"{train.PROG}: error: {out} holds checkpoints of another model config ({out / 'config.yaml'}): model."

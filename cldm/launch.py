@@ -1,0 +1,77 @@
+"""How many processes a training run has, who started them, and which one may touch the run folder.
+
+Every process of a DDP run calls these before the process group exists, so they read the
+environment the launcher (torchrun, SLURM, Lightning itself) set, not torch.distributed.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+
+class LaunchError(ValueError):
+    """Devices, nodes and the launcher's process count disagree (one line, bad input)."""
+
+
+def is_launch_rank_zero() -> bool:
+    """True in the one process that should write to OUT before the process group exists."""
+    env = os.environ
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key]) == 0
+    return int(env.get("NODE_RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
+
+
+def devices_arg(devices: str) -> int | str:
+    """--devices as Lightning takes it: a count as an int, 'auto' or a list like '0,1' as is."""
+    return int(devices) if devices.isdigit() else devices
+
+
+def count_devices(accelerator: str, devices: int | str) -> int:
+    """Processes per node that `devices` means, as Lightning will resolve it."""
+    if isinstance(devices, int):
+        return devices
+    if devices.strip() in ("auto", "-1"):
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpu else 1
+    return len([d for d in devices.split(",") if d.strip()])
+
+
+def launched_processes() -> tuple[int, str] | None:
+    """(processes, what says so) when SLURM or torchrun started this run's processes (looked for in
+    Lightning's order), else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE"
+    return None
+
+
+def check_launcher(devices: str, num_nodes: int, accelerator: str = "auto") -> int:
+    """The run's world size, --devices x --num-nodes; refused (LaunchError) when it is below one or a
+    launcher started another number of processes: with one process per run each would train alone
+    (no DDP), all into the same OUT."""
+    world = count_devices(accelerator, devices_arg(devices)) * num_nodes
+    if world < 1:
+        raise LaunchError(f"--devices {devices} --num-nodes {num_nodes}: training needs at least one device")
+    launched = launched_processes()
+    if launched is not None and launched[0] != world:
+        count, source = launched
+        raise LaunchError(f"{source} is {count}, but --devices {devices} x --num-nodes {num_nodes} is {world}; "
+                          "make them equal (docs/TRAINING.md)")
+    return world
+
+
+def ddp_kwargs() -> dict:
+    """Buffers are constants (the noise schedule): broadcast once when DDP wraps the model, not
+    every step. torch >= 2.13 says so with forward_sync_buffers=False and deprecates
+    broadcast_buffers=False (which also skipped the first broadcast); older torch (a GPU image's
+    own, say) knows only the latter."""
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return dict(find_unused_parameters=False, gradient_as_bucket_view=True,
+                **({"forward_sync_buffers": False} if new else {"broadcast_buffers": False}))

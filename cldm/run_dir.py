@@ -1,0 +1,119 @@
+"""A training run's folder (OUT): which config and checkpoint a run continues from, and what it refuses.
+
+OUT/config.yaml is the resolved config a run started with (written once it is known to start);
+OUT/checkpoints/ holds its Lightning checkpoints, named by step. Rerunning the same command
+continues the run, so OUT decides the config and the step, and a command that would mix two
+runs' histories in one OUT is refused before anything is written.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from atomicio import write_bytes_atomic
+from cldm.launch import is_launch_rank_zero
+from cldm.resume import checkpoint_step, find_resume_checkpoint, resume_problem
+from cldm.trainable import config_difference, config_hash, differing_keys, model_leaves
+
+RESUME = "rerun the same command to resume from the newest checkpoint"
+NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
+
+
+class RunDirError(ValueError):
+    """OUT, or the checkpoint asked for, cannot continue this command's run (one line, bad input)."""
+
+
+def rerun_hint(out: str | os.PathLike) -> str:
+    """What rerunning the command does after a stop: resume, or start over when OUT has no checkpoint."""
+    return RESUME if find_resume_checkpoint(Path(out) / "checkpoints") is not None else NO_CHECKPOINT
+
+
+def config_source(out: str | os.PathLike, init: str | os.PathLike, config: str | os.PathLike | None = None,
+                  resume: str = "auto") -> Path | DictConfig:
+    """`config` if given; else, resuming (OUT/checkpoints holds a checkpoint), the run's own
+    OUT/config.yaml (with its train: values, which flags given now override); else the config
+    inference takes for `init` (a YAML beside it, the config it records, SD2.1's). So neither a
+    run of the toy model nor its resume needs --config."""
+    from colorize.loading import resolve_config as inference_config
+
+    recorded = Path(out) / "config.yaml"
+    # a run stopped before its first checkpoint leaves config.yaml but nothing to resume: a new start
+    if config is None and resume != "never" and recorded.is_file() \
+            and find_resume_checkpoint(Path(out) / "checkpoints") is not None:
+        return recorded
+    return inference_config(init, config)
+
+
+def check_run_dir(out: str | os.PathLike, cfg: DictConfig, given: Sequence[tuple[str, str]] = ()) -> None:
+    """Refuse to continue OUT's checkpoints with another model config (as config_hash counts it),
+    naming the first model key that differs. `given`: (what the command said, the config key it
+    sets) for --config, overrides and flags; those that set a differing key are named as what to
+    leave out."""
+    saved = Path(out) / "config.yaml"
+    if not saved.is_file() or find_resume_checkpoint(Path(out) / "checkpoints") is None:
+        return
+    recorded = OmegaConf.load(saved)
+    if config_hash(recorded) == config_hash(cfg):
+        return
+    theirs, ours = model_leaves(recorded), model_leaves(cfg)
+    diff = differing_keys(theirs, ours)
+    # `key` sets a differing key itself or a section above one ("model" for --config)
+    culprits = [said for said, key in given if any(f"model.{k}.".startswith(key + ".") for k in diff)]
+    what = config_difference(theirs, ours, diff, "this command's") if diff else "another model config"
+    remedy = (f"leave out {' and '.join(culprits)} to continue the run (it has its own config.yaml), or use another "
+              "--out for a new run") if culprits else "use another --out for a new run"
+    raise RunDirError(f"{out} holds checkpoints of another model config ({saved}): {what}; {remedy}")
+
+
+def record_config(out: str | os.PathLike, cfg: DictConfig) -> None:
+    """OUT/config.yaml: the resolved config of the run (written once the run is known to start)."""
+    if is_launch_rank_zero():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(Path(out) / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    """The checkpoint --resume (auto, never or a path) means, by this process's own listing of
+    `ckpt_dir`. Every process runs this before the process group exists; ResumeAgreement then
+    stops the run, on all of them, unless they all chose what global rank 0 chose."""
+    if resume == "auto":
+        return auto_resume(ckpt_dir)
+    if resume == "never":
+        if find_resume_checkpoint(ckpt_dir) is not None:
+            raise RunDirError(f"{ckpt_dir} already holds checkpoints; use --resume auto or another --out")
+        return None
+    return checked_resume_path(Path(resume), ckpt_dir)
+
+
+def auto_resume(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint, if it can be resumed from. A bad newest file is refused
+    rather than skipped: every rerun (a SLURM requeue too) would otherwise meet it again, or
+    silently train on from an older step."""
+    path = find_resume_checkpoint(ckpt_dir)
+    if path is not None and (problem := resume_problem(path)):
+        raise RunDirError(f"{path}: {problem}; move it out of {ckpt_dir}, or pass --resume PATH")
+    return path
+
+
+def checked_resume_path(path: Path, ckpt_dir: Path) -> Path:
+    """--resume PATH, refused where it would leave two histories in `ckpt_dir`: pruning to
+    --ckpt-keep and a later --resume auto go by the highest step, i.e. maybe by the abandoned one."""
+    if path.is_dir():
+        raise RunDirError(f"--resume {path}: a folder, not a checkpoint file")
+    if not path.is_file():
+        raise RunDirError(f"--resume {path}: no such file")
+    if problem := resume_problem(path):
+        raise RunDirError(f"--resume {path}: {problem}")
+    newest = find_resume_checkpoint(ckpt_dir)
+    if newest is None:
+        return path  # a new or empty OUT: starting from any run's checkpoint forks it
+    if path.resolve().parent != ckpt_dir.resolve():
+        raise RunDirError(f"--resume {path}: from outside {ckpt_dir}, which holds this run's own checkpoints "
+                          f"(newest {newest.name}); fork into another --out, or move them away")
+    if checkpoint_step(newest) > checkpoint_step(path):
+        raise RunDirError(f"--resume {path}: {ckpt_dir} already holds a later checkpoint ({newest.name}); "
+                          "move the later ones away, or resume into another --out")
+    return path

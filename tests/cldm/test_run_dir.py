@@ -1,0 +1,100 @@
+"""A run folder: the config a rerun takes, the checkpoint --resume means, and the refusals that
+keep two runs' histories out of one OUT."""
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, load_config
+from cldm.run_dir import (NO_CHECKPOINT, RESUME, RunDirError, check_run_dir, config_source, record_config,
+                          rerun_hint, resolve_resume)
+from tests.train_helpers import training_ckpt
+
+
+@pytest.fixture(autouse=True)
+def first_process(monkeypatch):
+    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_a_rerun_resumes_only_once_out_holds_a_checkpoint(tmp_path):
+    assert rerun_hint(tmp_path) == NO_CHECKPOINT
+    training_ckpt(tmp_path / "checkpoints" / "step=00000001.ckpt", 1)
+    assert rerun_hint(tmp_path) == RESUME
+
+
+def test_the_runs_own_config_only_when_there_is_a_checkpoint_to_resume(tmp_path):
+    out, init = tmp_path / "run", tmp_path / "init.safetensors"  # records no config, has no YAML beside it
+    record_config(out, load_config(TINY_CONFIG))
+    assert config_source(out, init) == DEFAULT_CONFIG  # a run stopped before its first checkpoint: a new start
+    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
+    assert config_source(out, init) == out / "config.yaml"
+    assert config_source(out, init, resume="never") == DEFAULT_CONFIG
+    assert config_source(out, init, config=TINY_CONFIG) == TINY_CONFIG
+
+
+def test_record_config_is_written_by_the_first_process_only(tmp_path, monkeypatch):
+    cfg = load_config(TINY_CONFIG)
+    monkeypatch.setenv("RANK", "1")
+    record_config(tmp_path / "a", cfg)
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setenv("RANK", "0")
+    record_config(tmp_path / "a", cfg)
+    assert OmegaConf.load(tmp_path / "a" / "config.yaml") == cfg
+
+
+def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_one(tmp_path):
+    out = tmp_path / "run"
+    record_config(out, load_config(TINY_CONFIG))
+    other = load_config(TINY_CONFIG, ["model.scale_factor=0.2", "model.unet.use_checkpoint=true",
+                                      "train.lr=0.5"])
+    check_run_dir(out, other)  # no checkpoint yet: nothing to continue
+    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
+    check_run_dir(out, load_config(TINY_CONFIG, ["model.unet.use_checkpoint=true", "train.lr=0.5"]))  # same run
+    given = [("model.scale_factor=0.2", "model.scale_factor"), ("--grad-checkpoint", "model.unet.use_checkpoint"),
+             ("train.lr=0.5", "train.lr")]
+    with pytest.raises(RunDirError) as e:
+        check_run_dir(out, other, given)
+    assert str(e.value) == (f"{out} holds checkpoints of another model config ({out / 'config.yaml'}): "
+                            "model.scale_factor is 0.18215 there, 0.2 in this command's (1 key(s) differ); leave out "
+                            "model.scale_factor=0.2 to continue the run (it has its own config.yaml), or use another "
+                            "--out for a new run")
+    with pytest.raises(RunDirError, match=r"leave out --config to continue"):  # --config sets the whole model
+        check_run_dir(out, other, [("--config", "model")])
+    with pytest.raises(RunDirError, match=r"in this command's \(2 key\(s\) differ\); use another --out for a new run$"):
+        check_run_dir(out, load_config(TINY_CONFIG, ["model.scale_factor=0.2", "model.unet.model_channels=16"]))
+    with pytest.raises(RunDirError, match=r"model.unet.new_key is absent there, 3 in this command's"):
+        cfg = OmegaConf.to_container(load_config(TINY_CONFIG))
+        cfg["model"]["unet"]["new_key"] = 3  # one side lacks it
+        check_run_dir(out, OmegaConf.create(cfg))
+
+
+def test_resume_never_refuses_an_out_with_checkpoints(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    assert resolve_resume("never", ckpts) is None
+    training_ckpt(ckpts / "step=00000001.ckpt", 1)
+    with pytest.raises(RunDirError, match=f"^{re.escape(str(ckpts))} already holds checkpoints; use --resume auto"):
+        resolve_resume("never", ckpts)
+
+
+def test_resume_path_of_the_wrong_kind_is_named(tmp_path):
+    with pytest.raises(RunDirError, match=r"^--resume \S+: a folder, not a checkpoint file$"):
+        resolve_resume(str(tmp_path), tmp_path / "checkpoints")
+    with pytest.raises(RunDirError, match=r"^--resume \S+missing\.ckpt: no such file$"):
+        resolve_resume(str(tmp_path / "missing.ckpt"), tmp_path / "checkpoints")
+
+
+def test_resume_path_from_another_run_only_into_an_out_without_checkpoints(tmp_path):
+    """Forking a run into a new OUT is fine; into an OUT with its own checkpoints it would mix two
+    histories (and overwrite OUT/control.safetensors with the other run's weights)."""
+    other = training_ckpt(tmp_path / "other" / "checkpoints" / "step=00000500.ckpt", 500)
+    new = tmp_path / "new" / "checkpoints"
+    assert resolve_resume(str(other), new) == other
+    mine = tmp_path / "mine" / "checkpoints"
+    training_ckpt(mine / "step=00000010.ckpt", 10)
+    with pytest.raises(RunDirError, match=r"^--resume \S*other/checkpoints/step=00000500\.ckpt: from outside "
+                                          r"\S*mine/checkpoints, which holds this run's own checkpoints \(newest "
+                                          r"step=00000010\.ckpt\); fork into another --out"):
+        resolve_resume(str(other), mine)
+    # its own newest, named by a path with another spelling, is not foreign
+    assert resolve_resume(str(mine / ".." / "checkpoints" / "step=00000010.ckpt"), mine).name == "step=00000010.ckpt"
