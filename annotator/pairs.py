@@ -34,7 +34,6 @@ import shutil
 import time
 import unicodedata
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +44,7 @@ import numpy as np
 from annotator.similarity import (
     METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
 )
-from annotator.video import FrameSourceError, iter_frames, probe
+from annotator.video import iter_frames, probe
 from atomicio import sync_folder, sync_tree
 
 try:

@@ -31,7 +31,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
-import numpy as np
 import torch
 from torch import nn
 
