@@ -44,9 +44,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from annotator.color import rgb_to_gray
-from annotator.latent_cache import load_latents, read_frame, read_meta
+from annotator.latent_cache import load_latents, read_frame
 from annotator.pairs import (
-    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, list_movies, load_similarity, pair_mask,
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, list_movies, load_meta, load_similarity, pair_mask,
 )
 
 
@@ -97,7 +97,7 @@ class PairDataset(Dataset):
             d = self.root / mid
             if not (d / "meta.json").is_file():
                 raise ValueError(f"{d}: not a finished movie")
-            meta = read_meta(d)  # a broken meta.json is named
+            meta = load_meta(d)  # a broken meta.json is named
             if meta.get("metric", "ssim") != "ssim" and (low, high) == (DEFAULT_LOW, DEFAULT_HIGH):
                 warnings.warn(f"{d}: similarities are {meta['metric']}, but the default band {low}-{high} was "
                               "chosen for SSIM; pass low/high that suit that metric")

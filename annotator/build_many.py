@@ -129,9 +129,10 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
         if is_finished(root / mid):
             try:
                 meta = load_meta(root / mid)
-            except (OSError, ValueError) as e:
-                skipped.append(f"{root / mid / 'meta.json'}: unreadable ({one_line(e, with_type=True)}); delete "
-                               f"{root / mid} to rebuild it")
+            except (OSError, ValueError) as e:  # the ValueError names the file, as "F: not valid JSON (...)"
+                what = str(e) if isinstance(e, ValueError) else \
+                    f"{root / mid / 'meta.json'}: unreadable ({one_line(e, with_type=True)})"
+                skipped.append(f"{what}; delete {root / mid} to rebuild it")
                 continue
             old = meta.get("source")
             if old and Path(old) != p.resolve():

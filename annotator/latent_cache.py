@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from annotator.color import rgb_to_gray
-from annotator.pairs import frame_path, is_finished, list_movies
+from annotator.pairs import frame_path, is_finished, list_movies, load_meta, read_json
 
 LATENTS, LATENTS_META = "latents.npy", "latents.json"
 CACHE_VERSION = 1
@@ -73,15 +73,6 @@ def read_frame(path: Path) -> np.ndarray:
     if img is None:
         raise OSError(f"{path}: cannot read frame")
     return np.ascontiguousarray(img[:, :, ::-1])
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file's contents; ValueError naming the file if it is not JSON (empty, cut short),
-    where json's own message ("Expecting value: line 1 column 1") names none."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
 
 
 def cache_info(movie_dir: str | os.PathLike) -> dict | None:
@@ -140,15 +131,10 @@ def load_latents(movie_dir: str | os.PathLike, fingerprint: str, gray: bool = Fa
     if gray and not info.get("gray"):
         raise LatentCacheError(f"{movie_dir}: latent cache has no gray latents, which colour variant v3 needs "
                                "(rerun build_latent_cache.py with --gray added: it rebuilds such a cache)")
-    if problem := cache_problem(movie_dir, info, read_meta(movie_dir)):
+    if problem := cache_problem(movie_dir, info, load_meta(movie_dir)):
         raise LatentCacheError(f"{movie_dir / LATENTS}: latent cache does not match the frames ({problem}); "
                                "rerun build_latent_cache.py")
     return np.load(movie_dir / LATENTS, mmap_mode="r")
-
-
-def read_meta(movie_dir: str | os.PathLike) -> dict:
-    """annotator.pairs.load_meta, but a broken meta.json is named in the error."""
-    return read_json(Path(movie_dir) / "meta.json")
 
 
 @contextlib.contextmanager
@@ -184,7 +170,7 @@ def encode_movie(
     """Encode every frame (with `gray`, also its gray) of one finished movie; write latents.npy
     + latents.json atomically."""
     movie_dir = Path(movie_dir)
-    meta = read_meta(movie_dir)
+    meta = load_meta(movie_dir)
     n, (w, h) = meta["frame_count"], meta["size"]
     if w % 8 or h % 8:
         raise LatentCacheError(f"{movie_dir}: frames are {w}x{h}; the VAE needs multiples of 8 (rebuild with --size)")
@@ -297,14 +283,14 @@ def build_latent_cache(
             result["refused"].append(mid)
             log(f"refused: {root / mid}: cached with other VAE weights ({info['vae_fingerprint'][:12]}...); "
                 f"use --overwrite to replace it")
-        elif problem := cache_problem(root / mid, info, read_meta(root / mid)):
+        elif problem := cache_problem(root / mid, info, load_meta(root / mid)):
             log(f"rebuilding: {root / mid / LATENTS}: does not match the frames ({problem})")
             todo.append(mid)
         elif gray and not info.get("gray"):
             todo.append(mid)
         else:
             result["existing"].append(mid)
-    total = sum(read_meta(root / m)["frame_count"] for m in todo)
+    total = sum(load_meta(root / m)["frame_count"] for m in todo)
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
         for mid in todo:  # an interrupted rebuild keeps the old cache: encode_movie replaces it at the end
             encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)

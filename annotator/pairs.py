@@ -83,8 +83,17 @@ def list_movies(data_root: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and is_finished(p))
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's contents; ValueError naming the file if it is not JSON (empty, cut short),
+    where json's own message ("Expecting value: line 1 column 1") names none."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+
+
 def load_meta(movie_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(movie_dir) / "meta.json").read_text())
+    return read_json(Path(movie_dir) / "meta.json")
 
 
 def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:

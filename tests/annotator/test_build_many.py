@@ -11,7 +11,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
+from annotator import build_many
 from annotator.build_many import Summary, build_all
 from annotator.pairs import BuildOptions
 from tests.annotator.clips import panning_clip, write_folder
@@ -39,8 +41,13 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     kept = meta.read_bytes()
     meta.write_text("")  # e.g. a copy cut short
     s4 = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
-    assert s4.built == [] and s4.skipped == [f"{meta}: unreadable (JSONDecodeError: Expecting value: line 1 "
-                                             f"column 1 (char 0)); delete {meta.parent} to rebuild it"]
+    assert s4.built == [] and s4.skipped == [f"{meta}: not valid JSON (Expecting value: line 1 column 1); delete "
+                                             f"{meta.parent} to rebuild it"]
+    with pytest.MonkeyPatch.context() as m:  # a read error names the file too
+        m.setattr(build_many, "load_meta", lambda d: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+        s5 = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s5.skipped == [f"{meta}: unreadable (PermissionError: [Errno 13] Permission denied); delete {meta.parent} to "
+                          "rebuild it"]
     meta.write_bytes(kept)
     other = write_folder(panning_clip(6, 16, 24, seed=3), tmp_path / "elsewhere" / "good")
     s3 = build_all([other], tmp_path / "data", OPTS, progress=False, log=lines.append)
