@@ -60,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
                    help="stored frame format")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                   help="neighbours scored on each side of every frame (capped at a movie's frame count - 1)")
+                   help="neighbours scored on each side of every frame (capped at a movie's frame count - 1); "
+                        "time and similarity.npy grow linearly with it: frames x (2 x window + 1) scores, 4 bytes "
+                        "each")
     p.add_argument("--metric", choices=METRICS, default="ssim",
                    help="similarity: SSIM, correlation (ncc) or 1 - mean abs diff (l1) of the small gray frame")
     p.add_argument("--sim-size", type=int, default=SIM_SIZE,
