@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from annotator.video import FrameSourceError, SourceInfo, probe, read_image  # noqa: E402
+from annotator.video import (FrameSourceError, SourceInfo, decode_image, list_frame_files, probe,  # noqa: E402
+                             read_image)
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
@@ -289,6 +290,14 @@ def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path) -> t
     return before, after
 
 
+def input_size(source, info: SourceInfo | None, start: int) -> tuple[int, int]:
+    """(height, width) of the input's frames from `start` on, which the outputs have: a video's
+    (`info`, its probe()), or a folder's frame `start` (the range's frames share its size)."""
+    if info is not None:
+        return info.height, info.width
+    return decode_image(list_frame_files(source)[start]).shape[:2]
+
+
 def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
     """Reference images and, for --reference-frame ones, their frame index in the clip."""
     refs, indices = [], []
@@ -436,8 +445,6 @@ def run(args) -> int:
             target = out / name
             if target.exists() and not args.overwrite:  # a video whose length was unknown up front
                 raise UsageError(f"{target} exists; pass --overwrite to replace it")
-            if args.video:  # checked before the PNG is written: a frame of --out before the range set it
-                same_size(rgb, None)
             if args.video and done["n"] == 0 and (rgb.shape[1], rgb.shape[0]) != even_size(rgb.shape[1], rgb.shape[0]):
                 w, h = even_size(rgb.shape[1], rgb.shape[0])
                 note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, so the video "
@@ -450,24 +457,21 @@ def run(args) -> int:
             done["next"] += 1
             yield rgb
 
-    video_size = {}  # the video's frame size and the file of --out that set it (None: a new frame)
-
-    def same_size(rgb, path: Path | None):
-        (h, w), first = video_size.setdefault("hw", (rgb.shape[:2], path))
-        if (h, w) != rgb.shape[:2]:
-            raise EarlierOutputError(f"--video: {path or 'the new frames'} {'is' if path else 'are'} "
-                                     f"{rgb.shape[1]}x{rgb.shape[0]}, {first or 'the new frames'} {w}x{h}: --out "
-                                     "holds frames of another clip or size")
-
     def video_frames():
-        """The whole clip for --video: frames outside the range from --out, the new ones as made."""
+        """The whole clip for --video: frames outside the range from --out, the new ones as made.
+        Those from --out must have the input's size (the new frames' size), known before the
+        first is read: the frame of --out that differs is named, whichever comes first."""
+        size = input_size(args.input, info, frames.start) if before or after else None
+
         def earlier(names):
             for name in names:
                 try:
                     rgb = read_image(out / name)
                 except FrameSourceError as e:
                     raise EarlierOutputError(f"--video: {e}") from None
-                same_size(rgb, out / name)
+                if rgb.shape[:2] != size:
+                    raise EarlierOutputError(f"--video: {out / name} is {rgb.shape[1]}x{rgb.shape[0]}, the input's "
+                                             f"frames {size[1]}x{size[0]}: --out holds frames of another clip or size")
                 yield rgb
 
         yield from earlier(before)

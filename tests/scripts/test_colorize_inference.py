@@ -559,14 +559,36 @@ def test_a_partial_range_with_video_and_a_bad_earlier_frame(env, tmp_path, capsy
     cv2.imwrite(str(out / "f0.png"), np.zeros((8, 8, 3), np.uint8))
     rc, _, err = run([*args, "--frames", "1:3", "--video", video, "--overwrite"], capsys)
     assert rc == 2 and err.splitlines()[-1] == (
-        f"colorize_inference.py: error: --video: the new frames are 143x80, {out / 'f0.png'} 8x8: --out holds "
+        f"colorize_inference.py: error: --video: {out / 'f0.png'} is 8x8, the input's frames 143x80: --out holds "
         "frames of another clip or size"), err  # found before the first new frame was written
     assert not video.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     cv2.imwrite(str(out / "f3.png"), np.zeros((8, 8, 3), np.uint8))
     rc, _, err = run([*args, "--frames", "0:3", "--video", video, "--overwrite"], capsys)
     assert rc == 2 and err.splitlines()[-1] == (
-        f"colorize_inference.py: error: --video: {out / 'f3.png'} is 8x8, the new frames 143x80: --out holds "
+        f"colorize_inference.py: error: --video: {out / 'f3.png'} is 8x8, the input's frames 143x80: --out holds "
         "frames of another clip or size (the 3 new outputs are written and complete; only --video is missing)"), err
+
+
+@pytest.mark.parametrize("odd", [0, 1])
+@pytest.mark.parametrize("kind", ["folder", "video"])
+def test_video_names_the_frame_of_out_whose_size_is_not_the_inputs(env, tmp_path, capsys, kind, odd):
+    """A frame of --out of another size is the one named, with both sizes, also where it is the
+    first frame of the clip (the input's frames, not the first one read, set the video's size)."""
+    from tests.annotator.clips import panning_clip, write_video
+
+    source = env["gray"] if kind == "folder" else write_video(panning_clip(3, 80, 144), tmp_path / "v.avi")
+    out = tmp_path / "out"
+    args = ["--input", source, "--reference", env["refs"][0], "--method", "reinhard", "--out", out]
+    assert run(args, capsys)[0] == 0
+    names = sorted(p.name for p in out.iterdir())
+    cv2.imwrite(str(out / names[odd]), np.zeros((8, 8, 3), np.uint8))
+    before = snapshot(out)
+    rc, _, err = run([*args, "--frames", "2:", "--video", tmp_path / "o.mp4", "--overwrite"], capsys)
+    size = "143x80" if kind == "folder" else "144x80"
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: --video: {out / names[odd]} is 8x8, the input's frames {size}: --out holds "
+        "frames of another clip or size"), err
+    assert snapshot(out) == before and not (tmp_path / "o.mp4").exists()  # refused before any new frame
 
 
 def test_a_partial_range_with_video_of_a_clip_of_unknown_length(env, tmp_path, capsys, monkeypatch):
