@@ -1,13 +1,15 @@
 """What every command-line script here shares: bad input reported as one line, never a traceback.
 
 Usage errors name what is wrong and where, end with "(see --help)" and exit 2; `run_cli` turns
-the errors a script expects into the same one line and exit 2, and Ctrl-C into exit 130.
+the errors a script expects into the same one line and exit 2, Ctrl-C into exit 130, and a
+reader of stdout that stops early (`| head`) into a quiet exit 141.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import select
 import signal
 import sys
 import threading
@@ -110,6 +112,17 @@ def one_line(e: BaseException, with_type: bool = False) -> str:
     return type(e).__name__
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`| head` that read enough): poll() reports
+    an error on it. Any other broken pipe is a real error."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no such stdout (pytest's capture), or no poll()
+        return False
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be (run_cli's `sigterm`), so the same clean-up runs; a
     caller that sees a sub-tool's exit status 143 raises it to stop as terminated too."""
@@ -126,6 +139,7 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     knows where it stopped re-raises one saying so).
     `sigterm`: stop on SIGTERM (kill, a job scheduler) as on Ctrl-C, so the same clean-up runs
     (temporary files removed), with exit status 143.
+    A reader of stdout that goes (`| head`) ends the process quietly, status 141, as SIGPIPE does.
     """
     received = []
 
@@ -139,7 +153,21 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
     try:
-        return run(args)
+        try:
+            status = run(args)
+            if sys.stdout is not None:  # None: started with stdout closed
+                sys.stdout.flush()  # where buffered output meets a reader that has gone
+            return status
+        except BrokenPipeError:
+            if not _stdout_closed():
+                raise
+            # Python ignores SIGPIPE, so `| head` that has read enough ends us here: end as a
+            # Unix tool does by that signal, quietly with 141 - whether the run was done (a
+            # buffered report meets the pipe at the end) or not (a flushed print, mid-run) - and
+            # the process too, so a tool calling another's main() stops with it. What is written
+            # stays written; the unwinding run cleaned up what it had not finished.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit
+            raise SystemExit(128 + int(signal.SIGPIPE)) from None
     except errors as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2

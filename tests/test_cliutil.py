@@ -1,5 +1,6 @@
 """cliutil: one line per error, whatever the exception's message looks like."""
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 
 from cliutil import Terminated, one_line, run_cli
 from tests.helpers import default_sigint, refused
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("exc, line", [
@@ -119,6 +122,56 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(script):
     res = subprocess.run([sys.executable, "-c", STARTUP_INTERRUPT, str(repo / script)], cwd=repo,
                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert (res.returncode, res.stderr) == (130, f"{script}: interrupted\n")
+
+
+PIPED = """
+import os, sys
+from cliutil import run_cli
+
+def run(_):
+    out, flush = sys.argv[1], sys.argv[2] == "flush"
+    with open(out + ".tmp", "w") as f:
+        f.write("work")
+    try:
+        print("report", flush=flush)  # flushed: the reader's going shows here, mid-run
+        os.replace(out + ".tmp", out)
+    finally:
+        if os.path.exists(out + ".tmp"):
+            os.unlink(out + ".tmp")
+    print("more")
+    if sys.argv[3:] == ["own"]:  # a pipe of the run's own breaks
+        raise BrokenPipeError(32, "Broken pipe")
+    return 0
+
+sys.exit(run_cli("p.py", run, None, (OSError,)))
+"""
+
+
+def piped(tmp_path, *argv, read: bool) -> tuple[int, str]:
+    """PIPED with stdout a pipe, whose reader goes before the first line unless `read`; stdout
+    block-buffered, as Python makes it for a pipe without PYTHONUNBUFFERED."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-c", PIPED, str(tmp_path / "out"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not read:
+        proc.stdout.close()  # `| head` that has read all it wants
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_reader_of_stdout_that_goes_ends_the_run_quietly_with_141(tmp_path, flush):
+    """`SCRIPT | head`: no "Broken pipe" error or "Exception ignored" at exit, status 141 as for a
+    Unix tool ended by SIGPIPE. Met mid-run (a flushed print), the run unwinds and cleans up;
+    met at the end (buffered output), what the run wrote stays written."""
+    rc, err = piped(tmp_path, "flush" if flush else "buffered", read=False)
+    assert (rc, err) == (141, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if flush else ["out"])
+
+
+def test_a_broken_pipe_of_the_runs_own_is_an_error(tmp_path):
+    """Only a stdout whose reader has gone ends quietly: another broken pipe is reported."""
+    assert piped(tmp_path, "flush", "own", read=True) == (2, "p.py: error: [Errno 32] Broken pipe\n")
 
 
 def test_folder_problem_names_the_file_in_the_way(tmp_path):

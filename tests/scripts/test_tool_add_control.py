@@ -3,6 +3,8 @@ import os
 import re
 import shutil
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,6 +206,22 @@ def test_usage_errors_and_ctrl_c_are_one_line(sd_files, tmp_path, capsys, monkey
     assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]) == 130
     assert capsys.readouterr().err == "tool_add_control_sd21.py: interrupted\n"
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_piped_into_a_reader_that_has_gone_it_ends_quietly_and_the_file_stays(sd_files, tmp_path):
+    """`tool_add_control_sd21.py SD OUT | head`, the reader gone before the report: exit 141 as a
+    Unix tool ended by SIGPIPE, no "Exception ignored ... BrokenPipeError" at exit, and OUT,
+    written before the report, stays. (With stdout unbuffered the report's print meets the closed
+    pipe, and ends the same way: tests/test_cliutil.py.)"""
+    _, d = sd_files
+    out = tmp_path / "init.safetensors"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered, Python's default
+    proc = subprocess.Popen([sys.executable, tool.__file__, str(d / "sd.safetensors"), str(out), "--config",
+                             str(TINY_CONFIG)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert (proc.returncode, err) == (141, "")
+    assert any(k.startswith("control_model.") for k in load_file(out)) and sorted(os.listdir(tmp_path)) == [out.name]
 
 
 def test_help_explains_768_v(capsys):
