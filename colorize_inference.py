@@ -39,6 +39,7 @@ if __name__ == "__main__":
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
 from annotator.video import (FrameSourceError, SourceInfo, decode_image, list_frame_files, probe,  # noqa: E402
@@ -182,8 +183,10 @@ def parse_range(spec: str | None) -> slice:
     return slice(start, stop)
 
 
-def check_args(args) -> P.Options:
-    """Refuse bad arguments before any work; returns the sampling settings.
+def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
+    """Refuse bad arguments before any work; returns the sampling settings and, for --method
+    model, the model config's source (loading.resolve_config's choice: found once, for the step
+    check, the "config: ..." line and the load).
 
     The sampling values are checked where the library checks them (pipeline.Options), each
     message naming its flag.
@@ -223,9 +226,12 @@ def check_args(args) -> P.Options:
                              "tutorial_train_sd21_color_v2.py ... --export, or pass the run's OUT/control.safetensors")
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
-    if args.method == "model":  # the schedule is the config's: known before the weights are loaded
-        steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set))
-    return options
+    if args.method != "model":
+        return options, None
+    source = L.resolve_config(args.ckpt, args.config, args.control)
+    # the schedule is the config's: known before the weights are loaded
+    steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set, source))
+    return options, source
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -406,7 +412,7 @@ def colourised(args, options: P.Options, model, refs, ref_indices, frames: slice
 
 
 def run(args) -> int:
-    options = check_args(args)
+    options, source = check_args(args)
     frames = parse_range(args.frames)
     device = resolve_device(args.device) if args.method == "model" else None
     # A folder is checked by listing it (reading any frame could hit one outside --frames);
@@ -419,9 +425,8 @@ def run(args) -> int:
     model = None
     if args.method == "model":
         if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
-            found = L.resolve_config(args.ckpt, None, args.control)
-            print(f"config: {found if isinstance(found, Path) else f'the one {args.control or args.ckpt} records'}")
-        model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle)
+            print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
+        model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source)
         dtype = L.compute_dtype(args.precision, model.betas.device)
         if dtype != torch.float32:  # autocast would cast every weight at every step
             L.cast_weights(model, dtype)

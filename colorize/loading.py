@@ -102,13 +102,16 @@ def load_resolved_config(source, overrides: Sequence[str] = (), weights=(), conf
 
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-               device: str | torch.device = "cpu", allow_pickle: bool = False) -> ControlLDM:
+               device: str | torch.device = "cpu", allow_pickle: bool = False,
+               source: Path | DictConfig | None = None) -> ControlLDM:
     """A ControlLDM in eval mode on `device`, from a full checkpoint or SD2.1 + a ControlNet export.
 
     The checkpoint is checked against the config's shapes on the meta device first, so a wrong
     file fails in a second with one CheckpointError instead of after building the model.
+    `source`: resolve_config(ckpt, config, control), where the caller has it already (to say
+    which config it uses): the weights' metadata is then not read for it again.
     """
-    source = resolve_config(ckpt, config, control)
+    source = resolve_config(ckpt, config, control) if source is None else source
     cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
     beside = config is None and isinstance(source, Path) and not overrides  # the YAML found next to the weights
     check_saved_config(control if control is not None else ckpt, cfg, source, overrides,
@@ -137,11 +140,13 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
 
 
 def schedule_length(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
-                    config: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> int:
+                    config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                    source: Path | DictConfig | None = None) -> int:
     """The noise schedule length (timesteps) of the config `load_model` would use, read without
-    the weights: a step count can be checked (check_steps) before the long load."""
-    cfg = load_resolved_config(resolve_config(ckpt, config, control), overrides,
-                               (("--control", control), ("--ckpt", ckpt)), config)
+    the weights: a step count can be checked (check_steps) before the long load. `source`: as
+    for load_model."""
+    source = resolve_config(ckpt, config, control) if source is None else source
+    cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
     return int(model_config(cfg).schedule.timesteps)
 
 

@@ -107,6 +107,20 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
         L.load_model(ckpt, config=TINY_CONFIG)
 
 
+def test_a_config_source_the_caller_found_is_not_looked_for_again(tmp_path, monkeypatch):
+    """colorize_inference.py resolves the config once, to name it, and hands it to
+    schedule_length and load_model (a .ckpt's recorded config can take a load of the file)."""
+    alone = tmp_path / "toy.safetensors"  # the config it records
+    shutil.copy(TOY, alone)
+    source = L.resolve_config(alone)
+
+    def again(*args, **kwargs):
+        raise AssertionError("resolved again")
+    monkeypatch.setattr(L, "resolve_config", again)
+    assert L.schedule_length(alone, source=source) == 1000
+    assert L.load_model(alone, source=source).scale_factor == 0.57326
+
+
 def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
     """Read without the weights, so a step count is checked before the long load."""
     toy = TOY

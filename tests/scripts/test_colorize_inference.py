@@ -731,3 +731,17 @@ def test_the_config_found_for_the_weights_is_named(env, tmp_path, capsys):
     assert rc == 0 and out.splitlines()[0] == f"config: {toy.with_suffix('.yaml')}", err
     rc, out, err = run([*common, "--ckpt", toy, "--config", toy.with_suffix(".yaml"), "--out", tmp_path / "c"], capsys)
     assert rc == 0 and "config:" not in out, err
+
+
+def test_the_config_is_resolved_once(env, tmp_path, capsys, monkeypatch):
+    """The step check, the "config: ..." line and the load take the one config found."""
+    calls = []
+
+    def counted(*args, resolve=L.resolve_config):
+        calls.append(args)
+        return resolve(*args)
+    monkeypatch.setattr(L, "resolve_config", counted)
+    rc, out, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--size", "64", "--steps", "1",
+                        "--frames", "0:1", "--ckpt", TOY, "--out", tmp_path], capsys)
+    assert rc == 0 and out.splitlines()[0] == f"config: {TOY.with_suffix('.yaml')}", err
+    assert calls == [(str(TOY), None, None)]
