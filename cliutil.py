@@ -72,19 +72,25 @@ def quiet_opencv() -> None:
 
 
 def quiet_startup_ctrl_c() -> None:
-    """Ctrl-C before run_cli takes over - while torch, OpenCV or Lightning load, seconds - ends
-    the script with "PROG: interrupted" and exit 130, not an import traceback. For scripts, at
-    the top, when run as __main__; nothing is written yet, so there is nothing to clean up."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored: a background job
-        return
+    """Ctrl-C or SIGTERM before run_cli takes over - while torch, OpenCV or Lightning load,
+    seconds - ends the script with "PROG: interrupted" and exit 130, or "PROG: terminated
+    (SIGTERM)" and exit 143 as run_cli reports them later, not an import traceback or a silent
+    end by the signal. For scripts, at the top, when run as __main__; nothing is written yet, so
+    there is nothing to clean up. run_cli puts the usual handlers back."""
     prog = os.path.basename(sys.argv[0])
 
-    def startup(signum, frame):
-        os.write(2, f"{prog}: interrupted\n".encode())
-        os._exit(130)
+    def startup(message: str, status: int):
+        def handler(signum, frame):
+            os.write(2, f"{prog}: {message}\n".encode())
+            os._exit(status)
 
-    startup.quiet_startup = True
-    signal.signal(signal.SIGINT, startup)
+        handler.quiet_startup = True
+        return handler
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # else ignored: a background job
+        signal.signal(signal.SIGINT, startup("interrupted", 130))
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # else ignored, or a handler of the caller's
+        signal.signal(signal.SIGTERM, startup("terminated (SIGTERM)", 128 + int(signal.SIGTERM)))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -147,10 +153,14 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         received.append(signum)
         raise Terminated
 
-    hook = sigterm and threading.current_thread() is threading.main_thread()  # signals are the main thread's
-    if threading.current_thread() is threading.main_thread() and \
-            getattr(signal.getsignal(signal.SIGINT), "quiet_startup", False):  # from here on Ctrl-C cleans up
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    hook = sigterm and main
+    # From here on Ctrl-C cleans up, and SIGTERM is the default again unless `sigterm`: a startup
+    # handler left in place would end a run without its clean-up, and inside Lightning's own
+    # SIGTERM handler (which calls the one it finds) before the training stops at a checkpoint.
+    for signum, usual in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if main and getattr(signal.getsignal(signum), "quiet_startup", False):
+            signal.signal(signum, usual)
     previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
     try:
         try:

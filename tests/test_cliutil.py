@@ -2,6 +2,7 @@
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,6 @@ def test_run_cli_reports_an_empty_message_in_one_line(capsys):
 def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     """With sigterm=True a SIGTERM unwinds the run as Ctrl-C does (its clean-up runs), exit 143;
     the previous handler is back afterwards."""
-    import os
-    import signal
     import time
 
     tmp = tmp_path / "out.tmp"
@@ -100,11 +99,11 @@ def test_run_cli_prints_the_interrupts_own_message(capsys):
 
 STARTUP_INTERRUPT = """
 import builtins, os, runpy, signal, sys
-real = builtins.__import__
-def interrupting(name, *args, **kwargs):  # Ctrl-C as the first heavy library starts loading
+real, sig = builtins.__import__, getattr(signal, sys.argv[2])
+def interrupting(name, *args, **kwargs):  # the signal as the first heavy library starts loading
     if name.partition(".")[0] in ("numpy", "torch", "cv2", "lightning"):
         builtins.__import__ = real
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
     return real(name, *args, **kwargs)
 builtins.__import__ = interrupting
 sys.argv = [sys.argv[1], "--help"]
@@ -112,16 +111,47 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.parametrize("sig, status, message", [("SIGINT", 130, "interrupted"),
+                                                  ("SIGTERM", 143, "terminated (SIGTERM)")])
 @pytest.mark.parametrize("script", ["build_pairs.py", "build_latent_cache.py", "tool_add_control_sd21.py",
                                     "tutorial_train_sd21_color_v2.py", "colorize_inference.py", "evaluate.py",
                                     "demo.py"])
-def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(script):
-    """Before run_cli takes over, Ctrl-C (here: during the first import of numpy, torch, OpenCV or
-    Lightning) is "SCRIPT: interrupted", exit 130, not an import traceback."""
-    repo = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", STARTUP_INTERRUPT, str(repo / script)], cwd=repo,
+def test_ctrl_c_or_sigterm_while_the_libraries_load_is_one_line(script, sig, status, message):
+    """Before run_cli takes over, Ctrl-C or SIGTERM (here: during the first import of numpy,
+    torch, OpenCV or Lightning) is "SCRIPT: interrupted", exit 130, or "SCRIPT: terminated
+    (SIGTERM)", exit 143, as run_cli says them later; not an import traceback, or a silent end."""
+    res = subprocess.run([sys.executable, "-c", STARTUP_INTERRUPT, str(REPO / script), sig], cwd=REPO,
                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
-    assert (res.returncode, res.stderr) == (130, f"{script}: interrupted\n")
+    assert (res.returncode, res.stderr) == (status, f"{script}: {message}\n")
+
+
+def test_run_cli_takes_the_startup_handlers_down():
+    """Once run_cli runs, SIGTERM is the default again (or run_cli's own with `sigterm`), not the
+    startup handler's os._exit, which would skip the run's clean-up; and Lightning, when fit
+    starts, would call it after its own handler, ending a training before it stops cleanly."""
+    from cliutil import quiet_startup_ctrl_c
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def run(_):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return 0
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sigterm in (False, True):
+            quiet_startup_ctrl_c()
+            assert all(getattr(signal.getsignal(s), "quiet_startup", False) for s in (signal.SIGINT, signal.SIGTERM))
+            assert run_cli("p.py", run, argparse.Namespace(), (OSError,), sigterm=sigterm) == 0
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        (ctrl_c, term), (_, own) = seen
+        assert ctrl_c is signal.default_int_handler and term is signal.SIG_DFL
+        assert callable(own) and not getattr(own, "quiet_startup", False)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
 
 
 PIPED = """
