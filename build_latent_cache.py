@@ -13,11 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()  # a missing frame is our one-line error, without OpenCV's warning before it
 if __name__ == "__main__":
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 PROG = "build_latent_cache.py"
 FIRST_STAGE_PREFIX = "first_stage_model."

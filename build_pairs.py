@@ -18,11 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, folder_problem, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import DefaultsFormatter, OneLineParser, folder_problem, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 from annotator.build_many import build_all
 from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, MAX_SIM_SIZE, MAX_SIZE, MIN_SIM_SIZE, BuildOptions
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli("build_pairs.py", run, parser().parse_args(argv), (ValueError, OSError),
-                   interrupted="interrupted; finished movies are kept, rerun to resume", sigterm=True)
+                   interrupted="interrupted; finished movies are kept, rerun to resume")
 
 
 if __name__ == "__main__":

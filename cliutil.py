@@ -71,7 +71,7 @@ def quiet_opencv() -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
-def quiet_startup_ctrl_c() -> None:
+def quiet_startup_signals() -> None:
     """Ctrl-C or SIGTERM before run_cli takes over - while torch, OpenCV or Lightning load,
     seconds - ends the script with "PROG: interrupted" and exit 130, or "PROG: terminated
     (SIGTERM)" and exit 143 as run_cli reports them later, not an import traceback or a silent
@@ -136,7 +136,7 @@ class Terminated(KeyboardInterrupt):
 
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             errors: tuple[type[BaseException], ...], interrupted: str = "interrupted",
-            named: tuple[type[BaseException], ...] = (), sigterm: bool = False) -> int:
+            named: tuple[type[BaseException], ...] = (), sigterm: bool = True) -> int:
     """`run(args)`, with `errors` printed as "PROG: error: <first line>" (exit 2) and Ctrl-C as exit 130.
 
     `named`: further errors reported the same way but after their type name ("PROG: error:
@@ -144,7 +144,8 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     `interrupted`: the message on Ctrl-C, unless the KeyboardInterrupt carries its own (a run that
     knows where it stopped re-raises one saying so).
     `sigterm`: stop on SIGTERM (kill, a job scheduler) as on Ctrl-C, so the same clean-up runs
-    (temporary files removed), with exit status 143.
+    (temporary files removed), with exit status 143; False leaves SIGTERM to the run (Lightning's
+    own handling while it trains).
     A reader of stdout that goes (`| head`) ends the process quietly, status 141, as SIGPIPE does.
     """
     received = []

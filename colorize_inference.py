@@ -29,12 +29,12 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c,
+from cliutil import (OneLineParser, config_override, folder_problem, one_line, quiet_opencv, quiet_startup_signals,
                      run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -525,7 +525,7 @@ INTERRUPTED = "interrupted before any output was written"  # once frames are wri
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, run, parser().parse_args(argv),
                    (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError),
-                   interrupted=INTERRUPTED, sigterm=True)
+                   interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

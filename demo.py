@@ -29,11 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-from cliutil import OneLineParser, Terminated, folder_problem, one_line, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, Terminated, folder_problem, one_line, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
@@ -266,7 +266,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, run, parser().parse_args(argv), (DemoError, FrameSourceError, OSError),
-                   interrupted=INTERRUPTED, sigterm=True)
+                   interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

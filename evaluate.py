@@ -13,7 +13,8 @@ with --out also writes metrics.json, per_frame.csv, summary.csv, psnr.png,
 warp_error.png and strip.png, all or none (a write failing on a full disk leaves no half
 report, and an earlier one as it was); a report already there is kept unless --overwrite.
 
-Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr).
+Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143 stopped by
+Ctrl-C / SIGTERM.
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import OneLineParser, quiet_opencv, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 import numpy as np  # noqa: E402
 

@@ -16,7 +16,7 @@ not eps: use it only with a config that sets `parameterization: v` and trains/sa
 (a copy of models/cldm_v21_color.yaml with those changes); the default config is 512-base.
 
 Exit status: 0 done, 2 bad input (arguments, config, checkpoint) or a full disk (one line on stderr;
-nothing is left behind), 130 interrupted.
+nothing is left behind), 130 / 143 stopped by Ctrl-C / SIGTERM (nothing left behind either).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from cliutil import OneLineParser, config_override, one_line, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, config_override, one_line, quiet_startup_signals, run_cli
 
 if __name__ == "__main__":
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

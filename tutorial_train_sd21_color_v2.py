@@ -25,10 +25,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser, config_override, folder_problem, quiet_startup_ctrl_c, run_cli
+from cliutil import OneLineParser, config_override, folder_problem, quiet_startup_signals, run_cli
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
-    quiet_startup_ctrl_c()
+    quiet_startup_signals()
 
 PROG = "tutorial_train_sd21_color_v2.py"
 
@@ -534,11 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     if status or args.export:
         return status
     # While training, only a resume checkpoint of another setup (on_load_checkpoint) is bad
-    # input; any other error is a bug and keeps its traceback.
+    # input; any other error is a bug and keeps its traceback. SIGTERM is Lightning's: it stops
+    # the run at the end of a step (train() says so).
     from cldm.checkpoint import CheckpointError
     from cldm.run_dir import rerun_hint
     return run_cli(PROG, lambda args: train(args, *run), args, (CheckpointError,),
-                   interrupted=f"interrupted; {rerun_hint(Path(args.out))}")
+                   interrupted=f"interrupted; {rerun_hint(Path(args.out))}", sigterm=False)
 
 
 if __name__ == "__main__":  # required: DDP re-runs this file in every process it starts

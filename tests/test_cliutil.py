@@ -57,8 +57,8 @@ def test_run_cli_reports_an_empty_message_in_one_line(capsys):
 
 
 def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
-    """With sigterm=True a SIGTERM unwinds the run as Ctrl-C does (its clean-up runs), exit 143;
-    the previous handler is back afterwards."""
+    """By default a SIGTERM unwinds the run as Ctrl-C does (its clean-up runs), exit 143; the
+    previous handler is back afterwards. sigterm=False leaves SIGTERM to the run (Lightning's)."""
     import time
 
     tmp = tmp_path / "out.tmp"
@@ -73,11 +73,15 @@ def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
         return 0
 
     before = signal.getsignal(signal.SIGTERM)
-    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun", sigterm=True) == 143
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun") == 143
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM); rerun\n"
     assert not tmp.exists() and signal.getsignal(signal.SIGTERM) == before
-    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "stopped early", sigterm=True) == 143
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "stopped early") == 143
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM); stopped early\n"
+    seen = []
+    assert run_cli("p.py", lambda _: seen.append(signal.getsignal(signal.SIGTERM)) or 0, argparse.Namespace(),
+                   (OSError,), sigterm=False) == 0
+    assert seen == [before]
 
 
 def test_run_cli_reports_a_raised_terminated_as_sigterm(capsys):
@@ -129,7 +133,7 @@ def test_run_cli_takes_the_startup_handlers_down():
     """Once run_cli runs, SIGTERM is the default again (or run_cli's own with `sigterm`), not the
     startup handler's os._exit, which would skip the run's clean-up; and Lightning, when fit
     starts, would call it after its own handler, ending a training before it stops cleanly."""
-    from cliutil import quiet_startup_ctrl_c
+    from cliutil import quiet_startup_signals
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     seen = []
@@ -141,7 +145,7 @@ def test_run_cli_takes_the_startup_handlers_down():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for sigterm in (False, True):
-            quiet_startup_ctrl_c()
+            quiet_startup_signals()
             assert all(getattr(signal.getsignal(s), "quiet_startup", False) for s in (signal.SIGINT, signal.SIGTERM))
             assert run_cli("p.py", run, argparse.Namespace(), (OSError,), sigterm=sigterm) == 0
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
