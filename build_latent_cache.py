@@ -71,7 +71,7 @@ def check_data_root(data_root, movies) -> None:
 def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     """AutoencoderKL from the model config's first_stage section, weights from a checkpoint.
 
-    The config is chosen as colorize_inference.py chooses it (colorize.loading.resolve_config):
+    The config is chosen as colorize_inference.py chooses it (cldm.weights_config.resolve_config):
     --config, else the .yaml beside the checkpoint, else the config it records, else SD2.1's;
     so the toy model needs no --config. A checkpoint that does not fit is refused in one line
     naming a tensor (and both shapes where they differ), before anything is loaded into the VAE."""
@@ -79,7 +79,7 @@ def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
 
     from cldm.checkpoint import compare_state_dict, guess_kind, load_state_dict, misfit
     from cldm.model import model_config
-    from colorize.loading import load_resolved_config, resolve_config
+    from cldm.weights_config import load_resolved_config, resolve_config
     from ldm.modules.autoencoder import AutoencoderKL
 
     source = resolve_config(ckpt_path, config_path)

@@ -45,6 +45,7 @@ from annotator.color import to_uint8  # noqa: E402
 from annotator.video import (FrameSourceError, SourceInfo, decode_image, list_frame_files, probe,  # noqa: E402
                              read_image)
 from cldm.checkpoint import CheckpointError  # noqa: E402
+from cldm import weights_config  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
@@ -185,7 +186,7 @@ def parse_range(spec: str | None) -> slice:
 
 def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     """Refuse bad arguments before any work; returns the sampling settings and, for --method
-    model, the model config's source (loading.resolve_config's choice: found once, for the step
+    model, the model config's source (weights_config.resolve_config's choice: found once, for the step
     check, the "config: ..." line and the load).
 
     The sampling values are checked where the library checks them (pipeline.Options), each
@@ -228,7 +229,7 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
     if args.method != "model":
         return options, None
-    source = L.resolve_config(args.ckpt, args.config, args.control)
+    source = weights_config.resolve_config(args.ckpt, args.config, args.control)
     # the schedule is the config's: known before the weights are loaded
     steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set, source))
     return options, source

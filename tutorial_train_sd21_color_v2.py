@@ -183,7 +183,7 @@ def resolve_config(args, source=None):
     """The run's config from `source` (default: cldm.run_dir.config_source), the overrides and the
     flags, checked."""
     from cldm.run_dir import config_source
-    from colorize.loading import config_origin, found_note, load_resolved_config
+    from cldm.weights_config import config_origin, found_note, load_resolved_config
 
     source = config_source(args.out, args.init, args.config, args.resume) if source is None else source
     weights = [("--init", args.init)]
@@ -231,7 +231,8 @@ def build_model(cfg, init: Path):
 
     from cldm.checkpoint import CheckpointError, check_fit, load_into, load_state_dict
     from cldm.model import create_model
-    from cldm.trainable import check_recorded, is_export, read_export_metadata
+    from cldm.trainable import check_recorded, is_export
+    from cldm.weights_config import read_export_metadata
 
     try:
         sd = load_state_dict(init)
@@ -390,7 +391,8 @@ def prepare(args):
     from cldm.lightning import ColorControlModule
     from cldm.resume import remove_partial_checkpoints
     from cldm.run_dir import check_run_dir, config_source, record_config, resolve_resume
-    from cldm.trainable import check_optimizer, check_saved_config
+    from cldm.trainable import check_optimizer
+    from cldm.weights_config import check_saved_config
 
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
     check_paths(data, init, out)  # first: the config may come from --init or OUT

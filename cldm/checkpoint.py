@@ -546,7 +546,7 @@ def _inspect(args):
     print(f"file: {args.file}\ntensors: {len(sd)}\nparameters: {n:,} ({n / 1e6:.1f} M)")
     print("dtypes: " + ", ".join(f"{d} {c}" for d, c in dtypes.most_common()))
     print("top-level: " + ", ".join(f"{t}.* {c}" if c > 1 else t for t, c in tops.most_common(8)))
-    from cldm import resume, trainable  # they import this module
+    from cldm import resume, trainable, weights_config  # they import this module
     training = resume.read_training_checkpoint(args.file)
     export = training is None and trainable.is_export(sd, meta)
     if training is not None:  # OUT/checkpoints/*.ckpt: the trainable tensors, under the LightningModule's name
@@ -568,7 +568,7 @@ def _inspect(args):
         model = create_model(cfg)
     if training is not None:  # what a resume (or --export) of a run under this config would load
         trainable.configure_trainable(model, cfg.model.sd_locked, cfg.model.get("train_unet_input", True))
-        report, reason = resume.resume_misfit(model, trainable.config_hash(cfg), sd, training[trainable.TRAINING_KEY])
+        report, reason = resume.resume_misfit(model, weights_config.config_hash(cfg), sd, training[trainable.TRAINING_KEY])
         print(f"against {args.config}, the tensors that train under it:\n{report.summary()}")
         verdict = "would load to resume training (on the run's --init weights)"
     elif export:  # what colorize_inference.py --ckpt SD --control FILE would load
@@ -583,7 +583,7 @@ def _inspect(args):
         verdict = "would load" + ("" if report.ok else " (partially)")
     if reason is None and training is None:  # as colorize_inference.py and training compare it
         here = str(args.config) + (" with the overrides" if args.overrides else "")
-        if mismatch := trainable.saved_config_mismatch(args.file, cfg, here=here):
+        if mismatch := weights_config.saved_config_mismatch(args.file, cfg, here=here):
             reason = f"it was saved with another model config: {mismatch}"
     print(f"would not load: {reason}" if reason else verdict)
     return 1 if reason else 0

@@ -22,9 +22,10 @@ import torch
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
 from cldm.resume import resume_misfit
-from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer, config_hash,
+from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer,
                             configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
                             unet_input_conv)
+from cldm.weights_config import config_hash
 
 
 def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:

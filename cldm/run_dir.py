@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from atomicio import write_bytes_atomic
 from cldm.launch import is_launch_rank_zero
 from cldm.resume import checkpoint_step, find_resume_checkpoint, resume_problem
-from cldm.trainable import config_difference, config_hash, differing_keys, model_leaves
+from cldm.weights_config import config_difference, config_hash, differing_keys, model_leaves, resolve_config
 
 RESUME = "rerun the same command to resume from the newest checkpoint"
 NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
@@ -37,14 +37,12 @@ def config_source(out: str | os.PathLike, init: str | os.PathLike, config: str |
     OUT/config.yaml (with its train: values, which flags given now override); else the config
     inference takes for `init` (a YAML beside it, the config it records, SD2.1's). So neither a
     run of the toy model nor its resume needs --config."""
-    from colorize.loading import resolve_config as inference_config
-
     recorded = Path(out) / "config.yaml"
     # a run stopped before its first checkpoint leaves config.yaml but nothing to resume: a new start
     if config is None and resume != "never" and recorded.is_file() \
             and find_resume_checkpoint(Path(out) / "checkpoints") is not None:
         return recorded
-    return inference_config(init, config)
+    return resolve_config(init, config)
 
 
 def check_run_dir(out: str | os.PathLike, cfg: DictConfig, given: Sequence[tuple[str, str]] = ()) -> None:

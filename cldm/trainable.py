@@ -21,17 +21,16 @@ import functools
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, LoadReport, compare_state_dict,
-                             load_state_dict, misfit, read_metadata, save_state_dict)
+                             load_state_dict, misfit, save_state_dict)
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
-from cldm.model import model_config
+from cldm.weights_config import config_hash, read_export_metadata
 
 UNET_INPUT_CONV = UNET + INPUT_CONV  # the partly trainable tensor
 EXPORT_FORMAT = "cldm-color-control-v1"
@@ -163,18 +162,6 @@ def locked_digest(model: ControlLDM) -> str:
     return h.hexdigest()[:32]
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """Short SHA-256 of the `model:` section: which architecture and training policy weights belong to.
-
-    Gradient checkpointing is left out: it changes memory and speed, not the weights.
-    """
-    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    m = OmegaConf.to_container(cfg.model if "model" in cfg else cfg, resolve=True)
-    m.get("unet", {}).pop("use_checkpoint", None)
-    text = OmegaConf.to_yaml(OmegaConf.create(m), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: DictConfig | None = None,
                    extra: dict | None = None) -> Path:
     """Write the trainable weights to a safetensors file (atomically), with what they fit."""
@@ -187,99 +174,6 @@ def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: D
     meta.update(extra or {})
     save_state_dict(trainable_state_dict(model), path, metadata=meta)
     return Path(path)
-
-
-def read_export_metadata(path: str | Path, *, allow_pickle: bool = False) -> dict[str, str]:
-    """The metadata of an init file or export (what it was made for), in either format: a file
-    converted to .ckpt (`python -m cldm.checkpoint convert` keeps it) is checked as strictly."""
-    path = Path(path)
-    try:
-        return read_metadata(path, allow_pickle=allow_pickle)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        kind = "safetensors" if path.suffix == ".safetensors" else "checkpoint"
-        raise CheckpointError(f"{path}: not a readable {kind} file ({e})") from None
-
-
-def saved_config(weights: str | Path) -> DictConfig | None:
-    """The config a checkpoint records in its metadata (tool_add_control_sd21.py, training exports
-    and the toy model do), or None (also for unreadable files: the loader says what is wrong)."""
-    try:
-        text = read_export_metadata(weights).get("config") if Path(weights).is_file() else None
-        return OmegaConf.create(text) if text else None
-    except Exception:  # unreadable, or its 'config' is not YAML: as if there were none
-        return None
-
-
-# Keys that only say how a model is trained: they may differ between a checkpoint and the config
-# (so may dropout rates: inference runs in eval mode).
-TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")
-NOT_HASHED = ("unet.use_checkpoint",)  # memory and speed, not the weights: config_hash leaves it out
-ABSENT = "absent"  # how a key one config lacks is shown
-
-
-def saved_config_mismatch(weights: str | Path, cfg: DictConfig, free: Sequence[str] = (),
-                          here: str = "this config") -> str | None:
-    """How `cfg` (from `here`) contradicts the config `weights` records ("model.k is A there, B in
-    HERE (n key(s) differ)"), or None. A scale factor, schedule or parameterisation of another model
-    loads without a shape error and just colours (or trains) worse. `free`: model keys the
-    caller may choose anew (training from an init may change only_mid_control)."""
-    saved = saved_config(weights)
-    if saved is None:
-        return None
-    try:
-        ours, theirs = inference_leaves(cfg), inference_leaves(saved)
-    except Exception:  # e.g. an interpolation only the training side could resolve: nothing to compare
-        return None
-    diff = differing_keys(theirs, ours, free, missing=None)  # an optional key left out is null
-    return config_difference(theirs, ours, diff, here) if diff else None
-
-
-def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: Sequence[str] = (),
-                       remedy: str = "leave out --config and --set to use the one saved with it",
-                       free: Sequence[str] = ()) -> None:
-    """Refuse a config that contradicts the one the checkpoint records (saved_config_mismatch).
-    `source` and `overrides`: where `cfg` came from (a YAML path or the checkpoint's own config);
-    `remedy`: what the caller's user can do about it."""
-    here = (str(source) if isinstance(source, Path) else "its own config") + \
-        (" with the overrides" if overrides else "")
-    if reason := saved_config_mismatch(weights, cfg, free, here):
-        raise CheckpointError(f"{weights} was saved with another model config: {reason}; {remedy}")
-
-
-def model_leaves(cfg: DictConfig, leave_out: Sequence[str] = NOT_HASHED) -> dict:
-    """The model config as {dotted key: value}, less the keys in `leave_out` (by default, as
-    config_hash counts it)."""
-    return {k: v for k, v in config_leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
-            if k not in leave_out}
-
-
-def inference_leaves(cfg: DictConfig) -> dict:
-    """The model config as {dotted key: value}, less what does not change inference."""
-    return {k: v for k, v in model_leaves(cfg, TRAINING_ONLY).items() if not k.endswith("dropout")}
-
-
-def differing_keys(theirs: dict, ours: dict, free: Sequence[str] = (), missing=ABSENT) -> list[str]:
-    """The keys of two model_leaves dicts whose values differ, less `free`; a key one side lacks
-    differs unless the other holds `missing` (None: absent counts as null)."""
-    return [k for k in sorted(theirs.keys() | ours.keys())
-            if theirs.get(k, missing) != ours.get(k, missing) and k not in free]
-
-
-def config_difference(theirs: dict, ours: dict, diff: Sequence[str], here: str) -> str:
-    """'model.k is A there, B in HERE (n key(s) differ)' for the first of `diff` (differing_keys)."""
-    k = diff[0]
-    return f"model.{k} is {theirs.get(k, ABSENT)} there, {ours.get(k, ABSENT)} in {here} ({len(diff)} key(s) differ)"
-
-
-def config_leaves(d: dict, prefix: str = ""):
-    """(dotted key, value) of every leaf of a nested dict."""
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from config_leaves(v, f"{prefix}{k}.")
-        else:
-            yield prefix + str(k), v
 
 
 def check_recorded(meta: dict[str, str], model: ControlLDM, path: str | Path) -> None:

@@ -1,6 +1,6 @@
 """A model ready for inference: which device, which config, which weights, which dtype.
 
-The config is chosen without the weights (`resolve_config`: --config, a YAML beside the
+The config is chosen without the weights (`cldm.weights_config.resolve_config`: --config, a YAML beside the
 weights, the config the file records, SD2.1's), so a CLI can check its options against it
 before the long load. The weights are checked against the config's shapes on the meta device
 first (`load_model`), and against the config the file records, so a wrong file or config
@@ -19,8 +19,9 @@ from torch import nn
 
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config, model_config
-from cldm.trainable import check_saved_config, load_sd_plus_control, saved_config  # noqa: F401 (API)
+from cldm.model import create_model, model_config
+from cldm.trainable import load_sd_plus_control
+from cldm.weights_config import check_saved_config, load_resolved_config, resolve_config
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,63 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
-                   control: str | os.PathLike | None = None) -> Path | DictConfig:
-    """--config if given, else what the weights say about themselves, the ControlNet export first
-    (it describes the trained model, the SD file only the base): a YAML next to them with the same
-    stem, else the config the file records (metadata 'config'); else SD2.1's."""
-    if config is not None:
-        return Path(config)
-    found = _found_config((control, ckpt))
-    return found[0] if found is not None else DEFAULT_CONFIG
-
-
-def _found_config(weights) -> tuple[Path | DictConfig, Path] | None:
-    """(config, the weights it belongs to) for the first of `weights` (paths, or None) with a YAML
-    beside it or a config it records; None if none has either."""
-    for w in weights:
-        if w is None:
-            continue
-        if Path(w).with_suffix(".yaml").is_file():
-            return Path(w).with_suffix(".yaml"), Path(w)
-        if (saved := saved_config(w)) is not None:
-            return saved, Path(w)
-    return None
-
-
-def config_origin(source, config, weights: Sequence[tuple[str, str | os.PathLike | None]]) -> tuple[str, Path] | None:
-    """(flag, file) of the weights that `source` (resolve_config's choice) came from without the
-    user naming it: a YAML found beside them, or the config they record; None for --config, SD2.1's
-    default or another source (a run's own config.yaml). `weights`: (flag, path or None) in the
-    order resolve_config looks (an export first)."""
-    found = None if config is not None else _found_config([w for _, w in weights])
-    if found is None:
-        return None
-    chosen, path = found
-    if (chosen != source) if isinstance(chosen, Path) else not isinstance(source, DictConfig):
-        return None
-    return next(flag for flag, w in weights if w is not None and Path(w) == path), path
-
-
-def found_note(flag: str) -> str:
-    return f"(found beside {flag}: fix or remove it, or pass --config)"
-
-
-def load_resolved_config(source, overrides: Sequence[str] = (), weights=(), config=None) -> DictConfig:
-    """load_config for a `source` resolve_config chose: a bad config the user never named (a YAML
-    found beside the weights: an A1111-style sd.yaml, say) says so, and a bad recorded one names
-    the file that records it. `weights` and `config`: as for config_origin."""
-    origin = config_origin(source, config, weights)
-    if origin is not None and isinstance(source, DictConfig):
-        return load_config(source, overrides, name=f"the config {origin[1]} records")
-    try:
-        return load_config(source, overrides)
-    except ConfigError as e:
-        if origin is None:
-            raise
-        raise ConfigError(f"{e} {found_note(origin[0])}") from None
 
 
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
-from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, config_hash, configure_trainable, export_control,
+from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, configure_trainable, export_control,
                             export_keys, load_sd_plus_control, locked_digest, param_groups, read_export_metadata,
                             tensor_checksum, trainable_state_dict)
 from tests.train_helpers import tiny_batch, tiny_model, tiny_sd_state
@@ -213,12 +213,6 @@ def test_optimizer_names_and_bitsandbytes_are_checked_in_one_place(monkeypatch):
     from cldm.lightning import ColorControlModule
     with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes"):
         ColorControlModule(tiny_model("v2"), optimizer="adamw8bit")
-
-
-def test_config_hash_ignores_checkpointing_but_not_what_trains():
-    base = config_hash(load_config(TINY_CONFIG))
-    assert config_hash(load_config(TINY_CONFIG, ["model.unet.use_checkpoint=true", "train.lr=1"])) == base
-    assert config_hash(load_config(TINY_CONFIG, ["model.sd_locked=false"])) != base
 
 
 def test_real_config_export_is_about_a_quarter_of_the_model():

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError, check_checkpoint_file
-from cldm.model import TINY_CONFIG, ConfigError, create_model, load_config
+from cldm.model import TINY_CONFIG, ConfigError
 from cldm.trainable import configure_trainable, export_control
+from cldm.weights_config import resolve_config
 from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
 
@@ -77,7 +78,7 @@ def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
         L.load_model(full, config=TINY_CONFIG, overrides=["model.color_variant=v3"])
     # a YAML next to the checkpoint is its config
     (tmp_path / "full.yaml").write_text(TINY_CONFIG.read_text())
-    assert L.resolve_config(full) == tmp_path / "full.yaml"
+    assert resolve_config(full) == tmp_path / "full.yaml"
 
 
 def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
@@ -112,7 +113,7 @@ def test_a_config_source_the_caller_found_is_not_looked_for_again(tmp_path, monk
     schedule_length and load_model (a .ckpt's recorded config can take a load of the file)."""
     alone = tmp_path / "toy.safetensors"  # the config it records
     shutil.copy(TOY, alone)
-    source = L.resolve_config(alone)
+    source = resolve_config(alone)
 
     def again(*args, **kwargs):
         raise AssertionError("resolved again")
@@ -141,30 +142,6 @@ def test_cast_weights_keeps_every_norm_in_float32():
     assert any(isinstance(m, torch.nn.LayerNorm) for m in norms)
     assert {p.dtype for m in norms for p in m.parameters()} == {torch.float32}
     assert model.model.diffusion_model.out[-1].weight.dtype == torch.float16
-
-
-def test_the_control_exports_yaml_wins_over_the_sd_files(tmp_path):
-    """SD2.1 file + export, each with a YAML beside it: the export's is the trained model's."""
-    for name in ("sd", "control"):
-        (tmp_path / f"{name}.safetensors").write_bytes(b"")
-        (tmp_path / f"{name}.yaml").write_text("model: {}\n")
-    got = L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors")
-    assert got == tmp_path / "control.yaml"
-    (tmp_path / "control.yaml").unlink()
-    assert L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors") == \
-        tmp_path / "sd.yaml"
-    assert L.resolve_config(tmp_path / "sd.safetensors", config=tmp_path / "x.yaml") == tmp_path / "x.yaml"
-
-
-def test_a_config_recorded_in_the_export_wins_over_the_sd_files_yaml(tmp_path):
-    """An export without its control.yaml still names its model (training records the whole config
-    in it); the SD file's YAML or record describes only the base, so it comes second."""
-    v3 = load_config(TINY_CONFIG, ["model.color_variant=v3"])
-    export_control(create_model(v3), tmp_path / "control.safetensors", cfg=v3)
-    (tmp_path / "sd.yaml").write_text(TINY_CONFIG.read_text())
-    got = L.resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors")
-    assert got == v3 and got.model.color_variant == "v3"
-    assert L.resolve_config(tmp_path / "sd.safetensors") == tmp_path / "sd.yaml"
 
 
 A1111_YAML = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import colorize_inference as cli
 from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
+from cldm import weights_config
 from cldm.model import TINY_CONFIG
 from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
@@ -737,10 +738,10 @@ def test_the_config_is_resolved_once(env, tmp_path, capsys, monkeypatch):
     """The step check, the "config: ..." line and the load take the one config found."""
     calls = []
 
-    def counted(*args, resolve=L.resolve_config):
+    def counted(*args, resolve=weights_config.resolve_config):
         calls.append(args)
         return resolve(*args)
-    monkeypatch.setattr(L, "resolve_config", counted)
+    monkeypatch.setattr(weights_config, "resolve_config", counted)
     rc, out, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--size", "64", "--steps", "1",
                         "--frames", "0:1", "--ckpt", TOY, "--out", tmp_path], capsys)
     assert rc == 0 and out.splitlines()[0] == f"config: {TOY.with_suffix('.yaml')}", err

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import tool_add_control_sd21 as tool
 from cldm.checkpoint import load_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
-from colorize.loading import resolve_config
+from cldm.weights_config import resolve_config
 from ldm.schedule import BUFFER_NAMES
 from ldm.modules.unet import UNetModel
 from tests.helpers import sub_state

@@ -22,7 +22,8 @@ from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.run_dir import config_source, record_config, resolve_resume
-from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control, read_export_metadata
+from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
+from cldm.weights_config import read_export_metadata
 from tests.helpers import default_sigint
 from tests.train_helpers import tiny_data_root, tiny_model, training_ckpt
 
