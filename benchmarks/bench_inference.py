@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     p.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
-                   help="experiment: one attention backend for every scaled_dot_product_attention (default: "
-                        "torch's choice)")
+                   help="experiment: one scaled_dot_product_attention backend for the attention of ControlNet "
+                        "and UNet (the text encoder and VAE keep torch's choice) (default: torch's choice)")
     p.add_argument("--cast-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="hold the weights in the autocast dtype, as colorize_inference.py does "
                         "(colorize.loading.cast_weights; default: on; off: autocast casts them every step)")

@@ -142,8 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="experiment: let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     p.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
-                   help="experiment: one attention backend for every scaled_dot_product_attention (auto: "
-                        "torch's choice); a backend that cannot run the shapes fails")
+                   help="experiment: one scaled_dot_product_attention backend for the attention of ControlNet "
+                        "and UNet (auto: torch's choice; the text encoder and VAE keep torch's choice); a backend "
+                        "that cannot run their shapes fails")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids stalls")

@@ -14,7 +14,7 @@
 #   trainx   (~6 min) compiled training variants: batch 32, and batch 16 with channels_last (NHWC
 #            convolutions, which cuDNN runs without layout transposes)
 #   attention (~3 min) each scaled_dot_product_attention backend forced in turn (flash, efficient,
-#            cudnn), training batch 16 and inference batch 8
+#            cudnn) in ControlNet's and UNet's attention, training batch 16 and inference batch 8
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [SECTION ...]   (default: checks train infer)
 # Sections run in the order given. With BUDGET_S=N in the environment every command is cut
 # off (and later ones skipped) so that the whole script ends within N seconds of its start.

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from benchmarks import bench_inference, bench_loader, bench_pairs, bench_train, profile_step, roofline
 from benchmarks.experiments import sdpa_backend
-from cldm.model import TINY_CONFIG
+from cldm.model import TINY_CONFIG, create_model, load_config
+from ldm.modules.attention import CrossAttention
 from tests.helpers import refused
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
@@ -56,17 +57,36 @@ def test_bench_loader_times_items_and_loaders_on_a_cache_of_sd_shapes(tmp_path, 
         bench_loader.main, argv[:1] + ["128"] + argv[2:], capsys)
 
 
-def test_sdpa_backend_forces_one_attention_kernel():
-    """The CPU has math and flash kernels but no memory-efficient one: forcing that one must
-    fail, so the switch is in effect; auto leaves torch's choice."""
-    q = torch.randn(1, 2, 8, 4)
-    want = F.scaled_dot_product_attention(q, q, q)
-    for name in ("auto", "math", "flash"):
-        with sdpa_backend(name):
-            torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q), want)
-    with sdpa_backend("efficient"), pytest.raises(RuntimeError, match="No viable backend"):
-        F.scaled_dot_product_attention(q, q, q)
-    F.scaled_dot_product_attention(q, q, q)  # restored on exit
+def test_sdpa_backend_forces_one_kernel_in_the_denoisers_attention_only():
+    """The forced backend applies to ControlNet's and UNet's attention (CrossAttention), what the
+    experiment measures; the text encoder (fp32, causal mask) and the VAE (SD2.1: one head of 512)
+    keep torch's choice, as flash and cuDNN attention cannot run them on a GPU. The CPU has math
+    and flash kernels but no memory-efficient one: forcing that one must fail in CrossAttention,
+    and only there."""
+    torch.manual_seed(0)
+    attn = CrossAttention(16, heads=2, dim_head=8).eval()
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        want = attn(x)
+        for name in ("auto", "math", "flash"):
+            with sdpa_backend(name):
+                torch.testing.assert_close(attn(x), want)
+        model = create_model(load_config(TINY_CONFIG)).eval()
+        with sdpa_backend("efficient"):
+            with pytest.raises(RuntimeError, match="No viable backend"):
+                attn(x)
+            assert model.get_learned_conditioning([""]).shape[0] == 1  # text encoder
+            z = model.encode_first_stage(torch.rand(1, 3, 64, 64))  # the VAE's attention, both ways
+            assert model.decode_first_stage(z).shape == (1, 3, 64, 64)
+        torch.testing.assert_close(attn(x), want)  # restored on exit
+
+
+def test_bench_inference_forces_the_attention_backend_in_the_denoiser_only(capsys):
+    """--sdpa flash ran every SDPA call on flash, and the VAE's strided q/k/v have no flash kernel
+    (on a GPU neither do its 512-wide head nor the text encoder's fp32 masked attention)."""
+    assert bench_inference.main(["--frames", "2", "--scale", "0.25", "--steps", "2", "--repeat", "1",
+                                 "--threads", "1", "--sdpa", "flash", "--modes", "fixed1"]) == 0
+    assert "SDPA flash" in capsys.readouterr().out
 
 
 def test_bench_train_records_the_attention_backend(tmp_path, capsys):
