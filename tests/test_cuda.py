@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from annotator.color import rgb_to_gray
 from cldm.lightning import ColorControlModule
 from cldm.trainable import configure_trainable, export_keys, locked_digest, tensor_checksum
-from colorize import loading as L, pipeline as P
+from colorize import loading, pipeline as P
 from tests.cldm.test_lightning import fixed_loss
 from tests.cldm.test_model import tiny_v1
 from tests.colorize.tiny_model import tiny_model as tiny_pipeline_model
@@ -24,7 +24,7 @@ from tests.helpers import COMPONENT_TOL, DDIM_TOL
 from tests.train_helpers import tiny_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda")  # tests/test_cuda_on_cpu.py runs some tests with it set to the CPU
 
 
 @contextlib.contextmanager
@@ -69,7 +69,7 @@ def test_autocast_sampling_stays_close_to_float32(tiny_weights, tiny_io, dtype):
     """
     model = tiny_v1(tiny_weights).to(CUDA)
     io = {k: v.to(CUDA) for k, v in tiny_io.items()}
-    with torch.autocast("cuda", dtype=dtype):
+    with torch.autocast(CUDA.type, dtype=dtype):
         cond = model.prepare_condition(io["hint"][:1], context=io["context"][:1])
         x0 = model.sample(cond, x_T=io["ddim_xT"], steps=20)
     err = rel_l2(x0, io["ddim20_x0"])
@@ -193,7 +193,7 @@ def test_fp16_weights_equal_fp16_autocast_of_fp32_weights():
     run = lambda graphs: np.stack(list(P.colorize(model, grays, ref, "fixed", size=64, steps=20, seed=5, batch=3,
                                                   precision="fp16", cuda_graph=graphs)))
     outs = {graphs: run(graphs) for graphs in (False, True)}
-    L.cast_weights(model, torch.float16)
+    loading.cast_weights(model, torch.float16)
     for graphs in (False, True):
         got = run(graphs)
         print(f"CUDA graphs {graphs}: max |fp16 weights - autocast| {np.abs(got - outs[graphs]).max():.2e}")
