@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from benchmarks import bench_inference, bench_loader, bench_pairs, bench_train, profile_step, roofline
 from benchmarks.experiments import sdpa_backend
