@@ -89,3 +89,38 @@ def test_files_get_0666_less_the_umask(tmp_path, umask, mask, mode):
     plain.write_bytes(b"")  # what open() makes, for comparison
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(
         ["a.json", "b.safetensors", "c.png", "plain"], mode)
+
+
+def test_temp_beside_skips_a_taken_name_and_never_reuses_it(tmp_path, monkeypatch):
+    taken = tmp_path / ".clip.aaaaaaaa.tmp.mp4"
+    taken.write_bytes(b"another writer's")
+    tokens = iter(["aaaaaaaa", "aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(atomicio.secrets, "token_hex", lambda n: next(tokens))
+    assert temp_beside(tmp_path / "clip.mp4").name == ".clip.bbbbbbbb.tmp.mp4"
+    assert taken.read_bytes() == b"another writer's"  # O_EXCL: an existing file is not opened
+    monkeypatch.setattr(atomicio.secrets, "token_hex", lambda n: "aaaaaaaa")
+    with pytest.raises(FileExistsError, match="no free temporary name for clip.mp4"):
+        temp_beside(tmp_path / "clip.mp4")
+
+
+def test_temp_beside_and_atomic_path_leave_no_descriptor_open(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        write_bytes_atomic(tmp_path / f"{i}.bin", b"x", fsync=True)
+        temp_beside(tmp_path / f"{i}.png")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_folder_that_cannot_be_synced_is_not_an_error(tmp_path, monkeypatch):
+    """Some file systems refuse fsync on a folder (EINVAL); the write itself still happened."""
+    real = atomicio._fsync
+
+    def no_folder_sync(path, flags):
+        if os.path.isdir(path):
+            raise OSError(22, "Invalid argument")
+        real(path, flags)
+    monkeypatch.setattr(atomicio, "_fsync", no_folder_sync)
+    write_bytes_atomic(tmp_path / "a", b"x", fsync=True)
+    atomicio.sync_folder(tmp_path)
+    sync_tree(tmp_path)
+    assert (tmp_path / "a").read_bytes() == b"x"
