@@ -32,7 +32,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, fsync=True, keep_suffix=False) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            try:
+                torch.save(checkpoint, f)
+            except Exception as e:
+                interrupt = _interruption(e)
+                if interrupt is None:
+                    raise
+                raise interrupt from None  # Lightning ends an interrupted run cleanly
+
+
+def _interruption(e: BaseException) -> BaseException | None:
+    """The Ctrl-C (or exit) under `e`, if any: torch.save's zip writer, closed after a write that a
+    KeyboardInterrupt cut short, raises its own RuntimeError ('unexpected pos') over it, which
+    would turn an interrupted run into a crash."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if not isinstance(e, Exception):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
 
 
 class StepCheckpoint(ModelCheckpoint):

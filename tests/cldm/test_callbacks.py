@@ -60,3 +60,34 @@ def test_step_checkpoint_keeps_the_newest_of_the_whole_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step=00000009.ckpt", "step=00000010.ckpt"]
     StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(type("Rank1", (FakeTrainer,), {"is_global_zero": False}))
     assert len(list(tmp_path.iterdir())) == 3  # only global rank 0 deletes
+
+
+def test_ctrl_c_during_a_checkpoint_write_stays_a_ctrl_c(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside one of torch.save's writes leaves its zip writer at the wrong
+    position; closing it then raises RuntimeError ('unexpected pos') over the interrupt, which
+    Lightning would treat as a crash (exit 1, a traceback) instead of ending the run."""
+    io = AtomicCheckpointIO()
+    path = tmp_path / "step=00000005.ckpt"
+    io.save_checkpoint({"global_step": 5}, path)
+    real_save = torch.save
+
+    class CutOnThirdWrite:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, CutOnThirdWrite(f)))
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 6, "w": torch.ones(100)}, path)
+    assert os.listdir(tmp_path) == [path.name]
+    assert torch.load(path, weights_only=True)["global_step"] == 5
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, f) if obj else 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # other errors stay what they are
+        io.save_checkpoint({}, path)
