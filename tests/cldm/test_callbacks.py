@@ -1,13 +1,24 @@
 """Lightning plug-ins: atomic checkpoint writes, pruning of step checkpoints, and the files
 the callbacks write."""
+import contextlib
+import json
 import os
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from cldm.callbacks import AtomicCheckpointIO, ImageLogger, ReplicaCheck, StepCheckpoint
+import atomicio
+from cldm.callbacks import (AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint,
+                            weights_digest)
 from cldm.lightning import ColorControlModule
-from cldm.resume import is_complete_checkpoint
+from cldm.resume import ResumeMismatchError, is_complete_checkpoint
+from cldm.trainable import export_keys
 from tests.train_helpers import FakeTrainer, tiny_batch, tiny_model
 
 
@@ -56,10 +67,10 @@ def test_step_checkpoint_keeps_the_newest_of_the_whole_folder(tmp_path):
     for step in (2, 10, 4, 9):
         io.save_checkpoint({"global_step": step}, tmp_path / f"step={step:08d}.ckpt")
     (tmp_path / "notes.txt").write_text("mine")
+    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(type("Rank1", (FakeTrainer,), {"is_global_zero": False}))
+    assert len(list(tmp_path.iterdir())) == 5  # only global rank 0 deletes
     StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(FakeTrainer())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step=00000009.ckpt", "step=00000010.ckpt"]
-    StepCheckpoint(tmp_path, every_n_steps=1, keep=2).prune(type("Rank1", (FakeTrainer,), {"is_global_zero": False}))
-    assert len(list(tmp_path.iterdir())) == 3  # only global rank 0 deletes
 
 
 def test_ctrl_c_during_a_checkpoint_write_stays_a_ctrl_c(tmp_path, monkeypatch):
@@ -91,3 +102,144 @@ def test_ctrl_c_during_a_checkpoint_write_stays_a_ctrl_c(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, f) if obj else 1 / 0)
     with pytest.raises(ZeroDivisionError):  # other errors stay what they are
         io.save_checkpoint({}, path)
+
+
+def test_atomic_save_syncs_and_never_shows_a_ckpt_name_before_it_is_whole(tmp_path, monkeypatch):
+    """The temporary name ends in .tmp (a listing never counts it as a checkpoint), the file and then
+    the folder's entry are synced; a local folder with ':' in its name is no remote URL."""
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(atomicio.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    path = tmp_path / "run:2" / "step=00000001.ckpt"
+    during, real_save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: during.extend(os.listdir(path.parent)) or real_save(obj, f))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+    [tmp] = during
+    assert tmp.startswith(".step=00000001.ckpt.") and tmp.endswith(".tmp")
+    assert synced == [str(path.parent / tmp), str(path.parent)]
+    assert os.listdir(path.parent) == [path.name] and torch.load(path, weights_only=True) == {"global_step": 1}
+
+
+def test_atomic_save_leaves_remote_storage_to_lightning(monkeypatch):
+    seen = []
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", lambda self, ckpt, path, opts=None: seen.append(path))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, "s3://bucket/run/step=00000001.ckpt")
+    assert seen == ["s3://bucket/run/step=00000001.ckpt"]
+
+
+class Listing(Callback):
+    """The checkpoint folder as each batch starts and after training (Lightning runs checkpoint
+    callbacks last, so at a batch's end they have not saved yet)."""
+
+    def __init__(self, folder):
+        self.folder, self.seen = folder, []
+
+    def names(self):
+        return sorted(p.name for p in self.folder.glob("*.ckpt"))
+
+    def on_train_batch_start(self, trainer, *args):
+        self.seen.append((trainer.global_step, self.names()))
+
+
+def test_step_checkpoint_prunes_after_each_save_and_saves_the_final_step(tmp_path):
+    """keep=1, every 2 steps, 5 steps: pruned as soon as step 4 is saved, and the run's end saves
+    step 5 (not a save point) and prunes step 4."""
+    folder = tmp_path / "checkpoints"
+    listing = Listing(folder)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, default_root_dir=tmp_path,
+                        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[StepCheckpoint(folder, every_n_steps=2, keep=1), listing])
+    trainer.fit(ColorControlModule(tiny_model("v2"), lr=1e-3), DataLoader([tiny_batch(1)] * 5, batch_size=None))
+    assert listing.seen == [(0, []), (1, []), (2, ["step=00000002.ckpt"]), (3, ["step=00000002.ckpt"]),
+                            (4, ["step=00000004.ckpt"])]
+    assert listing.names() == ["step=00000005.ckpt"]
+    assert torch.load(folder / "step=00000005.ckpt", weights_only=True)["global_step"] == 5
+
+
+def fake_group(monkeypatch, others):
+    """Make this process global rank 0 of a process group whose other ranks gather `others`."""
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 1 + len(others))
+
+    def all_gather_object(out, obj, *a):
+        out[:] = [obj, *others]
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+
+
+def test_resume_agreement_stops_a_process_that_resumes_from_another_checkpoint(monkeypatch):
+    fake_group(monkeypatch, ["out/checkpoints/step=00000008.ckpt"])
+    with pytest.raises(ResumeMismatchError, match=r"global rank 0 out/checkpoints/step=00000010\.ckpt, rank 1 "
+                                                  r"out/checkpoints/step=00000008\.ckpt"):
+        ResumeAgreement("out/checkpoints/step=00000010.ckpt").setup(FakeTrainer(), None, "fit")
+    ResumeAgreement("out/checkpoints/step=00000008.ckpt").setup(FakeTrainer(), None, "fit")
+
+
+def test_replica_check_reports_and_raises_when_replicas_differ(tmp_path, monkeypatch):
+    module = ColorControlModule(tiny_model("v2"))
+    mine = weights_digest(module)
+    fake_group(monkeypatch, [mine, "f" * 64])
+    with pytest.raises(RuntimeError, match="DDP replicas hold different weights at step 1"):
+        ReplicaCheck(tmp_path / "r" / "replicas.json").on_train_end(FakeTrainer(), module)
+    assert json.loads((tmp_path / "r" / "replicas.json").read_text()) == {
+        "step": 1, "world_size": 3, "identical": False, "digests": [mine, mine, "f" * 64]}
+    fake_group(monkeypatch, [mine])
+    ReplicaCheck(tmp_path / "r" / "replicas.json").on_train_end(FakeTrainer(), module)
+    assert json.loads((tmp_path / "r" / "replicas.json").read_text()) == {
+        "step": 1, "world_size": 2, "identical": True, "digests": [mine, mine]}
+    rank1 = type("Rank1", (FakeTrainer,), {"is_global_zero": False})
+    ReplicaCheck(tmp_path / "rank1.json").on_train_end(rank1, module)
+    assert not (tmp_path / "rank1.json").exists()  # only global rank 0 writes
+
+
+def test_weights_digest_sees_every_trainable_tensor_and_no_locked_one():
+    module = ColorControlModule(tiny_model("v2"))
+    sd, trainable = module.model.state_dict(), list(export_keys(module.model))
+    before = weights_digest(module)
+    with torch.no_grad():
+        sd[next(k for k in sd if k not in set(trainable))].view(-1)[0] += 1
+    assert weights_digest(module) == before  # a locked tensor is no replica's business
+    with torch.no_grad():
+        sd[trainable[-1]].view(-1)[0] += 1
+    assert weights_digest(module) != before
+
+
+def test_image_logger_samples_on_rank_zero_at_its_steps_under_the_precision_context(tmp_path):
+    """Once per step that is a multiple of every_n_steps (not step 0), with n, ddim_steps and the
+    seed it was given, inside the precision plugin's forward context; every_n_steps=0 is off."""
+    inside, calls = [], []
+
+    class Trainer(FakeTrainer):
+        class precision_plugin:
+            @staticmethod
+            @contextlib.contextmanager
+            def forward_context():
+                inside.append(True)
+                yield
+                inside.pop()
+
+    grid = torch.rand(3, 6, 10, generator=torch.Generator().manual_seed(0))
+
+    class Module:
+        def image_grid(self, *args):
+            calls.append((*args, bool(inside)))
+            return grid
+
+    batch = {"hint": None}
+
+    def run(logger, step, trainer=Trainer):
+        t = trainer()
+        t.global_step = step
+        logger.on_train_batch_end(t, Module(), None, batch, 0)
+
+    log = ImageLogger(tmp_path / "a", every_n_steps=2, n=3, ddim_steps=5, seed=7)
+    for step in (0, 1, 2, 3, 4, 4):
+        run(log, step)
+    assert calls == [(batch, 3, 5, 7, True)] * 2
+    assert sorted(os.listdir(tmp_path / "a")) == ["step-00000002.png", "step-00000004.png"]
+    png = np.asarray(Image.open(tmp_path / "a" / "step-00000004.png"))
+    assert np.array_equal(png, grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    run(ImageLogger(tmp_path / "rank1", every_n_steps=2), 2, type("Rank1", (Trainer,), {"is_global_zero": False}))
+    run(ImageLogger(tmp_path / "off", every_n_steps=0), 2)
+    assert len(calls) == 2 and not (tmp_path / "rank1").exists() and not (tmp_path / "off").exists()
