@@ -598,3 +598,106 @@ def test_cli_inspect_compares_the_config_a_file_records_as_the_tools_do(capsys, 
         f"{TINY_CONFIG} (1 key(s) differ)")
     rc, out = inspect_run(capsys, export, "--config", TINY_CONFIG, "--set", "model.scale_factor=0.5")
     assert rc == 0 and out.splitlines()[-1] == "would load as --control"
+
+
+def test_a_nested_state_dict_is_unwrapped_only_as_the_one_source_of_tensors(tmp_path):
+    """Top-level tensors win over a nested dict; two nested state dicts are ambiguous, not the
+    first one; names that are not strings are dropped like any other non-weight entry."""
+    a, b = torch.ones(2), torch.zeros(3)
+    torch.save({"a": a, "sub": {"b": b}}, tmp_path / "top.ckpt")
+    assert_same(load_state_dict(tmp_path / "top.ckpt"), {"a": a})
+    torch.save({"model": {"a": a}, "ema": {"a": b}, "epoch": 3}, tmp_path / "two.ckpt")
+    with pytest.raises(CheckpointError, match=r"two\.ckpt: holds no tensors where weights are expected \(top-level "
+                                              r"keys: model, ema, epoch\)$"):
+        load_state_dict(tmp_path / "two.ckpt")
+    torch.save({0: b, "module.a": a}, tmp_path / "int.ckpt")
+    assert_same(load_state_dict(tmp_path / "int.ckpt"), {"a": a})
+
+
+def test_safetensors_load_where_asked(tmp_path, monkeypatch):
+    save_state_dict({"a": torch.ones(2)}, tmp_path / "m.safetensors")
+    devices, real = [], checkpoint.load_file
+    monkeypatch.setattr(checkpoint, "load_file", lambda path, device: devices.append(device) or real(path, "cpu"))
+    load_state_dict(tmp_path / "m.safetensors", map_location=torch.device("cuda", 1))
+    assert devices == ["cuda:1"]
+
+
+def test_read_metadata_gives_strings_and_nothing_for_a_file_without_any(tmp_path):
+    from safetensors.torch import save_file
+    torch.save({"state_dict": {"a": torch.ones(1)}, "metadata": {"step": 3, 4: True}}, tmp_path / "m.ckpt")
+    assert read_metadata(tmp_path / "m.ckpt") == {"step": "3", "4": "True"}
+    save_file({"a": torch.ones(1)}, tmp_path / "bare.safetensors")  # no metadata header at all
+    assert read_metadata(tmp_path / "bare.safetensors") == {}
+    torch.save({"a": torch.ones(1)}, tmp_path / "bare.ckpt")
+    assert read_metadata(tmp_path / "bare.ckpt") == {}
+
+
+class Calls:
+    """Unpickling this calls `fn` (never done here: the load refuses it)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __reduce__(self):
+        return self.fn, ("x",)
+
+
+def test_more_than_three_pickled_globals_are_named_three_and_an_ellipsis(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "x": [Calls(f) for f in (os.mkdir, os.rmdir, os.remove,
+                                                                          os.system)]}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: holds pickled Python objects \([\w.]+, [\w.]+, [\w.]+, "
+                                              r"\.\.\.\), not just tensors"):
+        load_state_dict(path)
+
+
+def test_first_line_of_an_error_is_its_first_sentence():
+    assert checkpoint._first_line(RuntimeError("PytorchStreamReader failed. See the docs\nmore")) == \
+        "RuntimeError: PytorchStreamReader failed"
+    assert checkpoint._first_line(EOFError()) == "EOFError"
+    assert checkpoint._first_line(ValueError("x" * 300)) == "ValueError: " + "x" * 160
+
+
+def test_unexpected_tensors_make_a_partial_load_and_keys_group_by_prefix():
+    model = {"u.a": (2,), "u.b": (2,), "u.c": (2,)}
+    report = compare_state_dict(model, {**model, "ema.x": (1,), "ema.y": (1,), "ema.z": (1,), "step": ()})
+    assert not report.ok and misfit(report) is None
+    assert report.summary() == "3 of 3 model tensors found in the checkpoint\nunexpected 4:\n  ema.* (3 tensors)\n  step"
+    # groups of up to two names are loose names, on one line with the others
+    assert checkpoint.group_keys(["c.x.1", "c.x.2", "c.y", "a.b.1", "a.b.2", "z"]) == [
+        ("c.* (3 tensors)", "c.x.1"), ("a.b.1, a.b.2, z", "a.b.1")]
+    assert checkpoint.group_keys([f"k{i}" for i in range(8)], max_names=6) == [("k0, k1, k2, k3, k4, k5, ... (+2 more)",
+                                                                               "k0")]
+
+
+def test_a_unet_input_conv_of_another_concat_setting_is_not_called_plain_sd():
+    """Our own file (not plain SD) whose UNet takes 4 channels: saved with concat_to_unet=false."""
+    sd = tiny_colour_model("model.color_variant=v2", "model.concat_to_unet=false").state_dict()
+    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.input_blocks\.0\.0\.weight is \[32, 4, 3, 3\] "
+                                              r"in the checkpoint but \[32, 9, 3, 3\] in the model; likely another colour "
+                                              r"variant or concat_to_unet setting: the file's UNet takes 4 input channels, "
+                                              r"this config's 9 \(model\.color_variant, model\.concat_to_unet\)$"):
+        load_into(tiny_colour_model("model.color_variant=v2"), sd)
+
+
+def test_guess_kind_of_unusual_files():
+    unet = "model.diffusion_model.x."
+    assert guess_kind({unet + "attn2.to_k.weight": (4, 1024)}) == "SD2.x weights, no text encoder"
+    assert guess_kind({unet + "attn2.to_k.weight": (4,)}) == "unknown SD variant weights, no text encoder"
+    assert guess_kind({"control_model.input_hint_block.0.weight": (16, 6, 3, 3)}) == \
+        "ControlNet (6-channel hint) on unknown SD variant, ControlNet weights only"
+
+
+def test_check_checkpoint_file_leaves_real_checkpoints_alone(tmp_path):
+    for name in ("m.safetensors", "m.ckpt"):
+        save_state_dict({"a": torch.ones(2)}, tmp_path / name)
+        assert checkpoint.check_checkpoint_file(tmp_path / name) is None
+
+
+def test_convert_into_a_missing_folder_names_the_folder(tmp_path, capsys):
+    src = tmp_path / "in.safetensors"
+    save_state_dict({"a": torch.ones(2)}, src)
+    out = tmp_path / "nodir" / "x.safetensors"
+    assert main(["convert", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == (f"python -m cldm.checkpoint: error: {out}: no folder {out.parent} to write "
+                                       "it in\n")
