@@ -87,9 +87,14 @@ def read_json(path: Path) -> dict:
     """A JSON file's contents; ValueError naming the file if it is not JSON (empty, cut short),
     where json's own message ("Expecting value: line 1 column 1") names none."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:  # a ValueError too, but one that names no file
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: byte {e.start})") from None
+    if not isinstance(data, dict):  # callers read keys: "'list' object has no attribute 'get'" names nothing
+        raise ValueError(f"{path}: not a JSON object (it holds a {type(data).__name__})")
+    return data
 
 
 def load_meta(movie_dir: str | os.PathLike) -> dict:

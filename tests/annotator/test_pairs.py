@@ -202,3 +202,17 @@ def test_sample_clip_with_cuts(tmp_path):
     # measured 0.221 and 0.239 at the splices, 0.870 the lowest within a shot (tolerance 0.01)
     np.testing.assert_allclose(nxt[[29, 61]], [0.221, 0.239], atol=0.01)
     assert np.delete(nxt, [29, 61]).min() == pytest.approx(0.870, abs=0.01)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"\xff\xfe{}", "not valid JSON (not UTF-8 text: byte 0)"),  # UnicodeDecodeError: a ValueError naming no file
+    (b"[1, 2]", "not a JSON object (it holds a list)"),  # was AttributeError ('list' object has no attribute 'get')
+    (b"null", "not a JSON object (it holds a NoneType)"),
+])
+def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
+    from annotator.pairs import load_meta
+
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        load_meta(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'meta.json'}: {why}"
