@@ -278,13 +278,15 @@ def run(args: argparse.Namespace) -> int:
         ev = evaluate_stream(bar, list(preds), names, matched.positions)
     finally:
         bar.close()
-    print(format_table(ev))
-    for note in capped_notes(ev):
-        print(f"{PROG}: note: {note}", file=sys.stderr)
-    if args.out:
+    paths = None
+    if args.out:  # before the table: a reader of stdout that goes after it (`| head -1`) must not cost the report
         strip = build_strip(ev, gt_files, pred_files, reference, args.strip_frames)
         paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip,
                              excluded=matched.excluded, positions=matched.positions)
+    print(format_table(ev))
+    for note in capped_notes(ev):
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    if paths is not None:
         print(f"report: {', '.join(str(p) for p in paths.values())}")
     return 0
 

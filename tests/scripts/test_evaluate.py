@@ -304,3 +304,19 @@ def test_evaluate_usage_errors(capsys):
         evaluate.main(["--gt", "x"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_reader_of_stdout_that_has_gone_does_not_cost_the_report(clip):
+    """`evaluate.py ... --out R | head -1` with stdout unbuffered (PYTHONUNBUFFERED=1, common in
+    containers) met the closed pipe at the table, printed before the report, which was then never
+    written (or only at random). The reader here goes before the first line: exit 141, quietly,
+    and the report is there."""
+    root, _ = clip
+    proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), "--pred", str(root / "offset"), "--gt",
+                             str(root / "gt"), "--out", str(root / "rep"), "--no-progress"], cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "error" not in err, err
+    assert sorted(p.name for p in (root / "rep").iterdir()) == sorted(REPORT_FILES.values())
