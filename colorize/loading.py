@@ -21,7 +21,7 @@ from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, loa
 from cldm.cldm import ControlLDM
 from cldm.model import create_model, model_config
 from cldm.trainable import load_sd_plus_control
-from cldm.weights_config import check_saved_config, load_resolved_config, resolve_config
+from cldm.weights_config import check_saved_config, load_resolved_config, resolve_config, saved_config_mismatch
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,6 +61,13 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     check_saved_config(control if control is not None else ckpt, cfg, source, overrides,
                        *([f"fix or remove {source}, or pass --config"] if beside else []))
     if control is not None:
+        # the SD file (or an init) under the export may record a config too: its VAE and schedule
+        # are what it was made with, so a scale factor (say) of another model would colour worse,
+        # silently; an init may have been trained with or without only_mid_control
+        if reason := saved_config_mismatch(ckpt, cfg, free=("only_mid_control",), here="the config in use"):
+            raise CheckpointError(f"--ckpt {ckpt} was saved with another model config than the one --control "
+                                  f"{control} is used with: {reason}; pass the SD weights it was trained on (its "
+                                  "run's --init)")
         with torch.device(device):
             model = create_model(cfg)
         load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)

@@ -173,3 +173,30 @@ def test_a_recorded_config_that_an_override_breaks_names_the_file_that_records_i
         L.schedule_length(toy, overrides=["model.scale_factor=-1"])
     with pytest.raises(ConfigError, match=rf"^bad override for the config {toy} records: Key 'nope' is not in "):
         L.load_model(toy, overrides=["model.nope=1"])
+
+
+def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_path):
+    """--ckpt under --control may record a config (an init made by tool_add_control_sd21.py, the
+    toy): one contradicting the config in use (the export's) was loaded silently, its VAE then
+    scaled by another model's factor. Refused like a contradicting --config; an SD file that
+    records nothing, or a config that agrees, loads."""
+    from safetensors.torch import load_file
+
+    from cldm.model import load_config
+
+    model = L.load_model(TOY)  # records scale factor 0.57326
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors", cfg=load_config(TOY.with_suffix(".yaml")))
+    model.requires_grad_(False)
+    assert L.load_model(TOY, control=export).scale_factor == 0.57326  # the run's own init: agrees
+    tiny = tmp_path / "tiny_init.safetensors"  # SD weights recording the tiny config (scale factor 0.18215)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")},
+              str(tiny), metadata={"config": TINY_CONFIG.read_text()})
+    with pytest.raises(CheckpointError, match=rf"^--ckpt {tiny} was saved with another model config than the one "
+                                              r"--control .* is used with: model\.scale_factor is 0\.18215 there, "
+                                              r"0\.57326 in the config in use \(1 key\(s\) differ\); pass the SD "
+                                              r"weights it was trained on"):
+        L.load_model(tiny, control=export)
+    bare = tmp_path / "bare.safetensors"  # plain SD weights record nothing: nothing to contradict
+    save_file(load_file(tiny), str(bare))
+    assert L.load_model(bare, control=export).scale_factor == 0.57326
