@@ -390,7 +390,7 @@ def prepare(args):
     from cldm.launch import check_launcher, is_launch_rank_zero
     from cldm.lightning import ColorControlModule
     from cldm.resume import remove_partial_checkpoints
-    from cldm.run_dir import check_run_dir, config_source, record_config, resolve_resume
+    from cldm.run_dir import check_resume_config, check_run_dir, config_source, record_config, resolve_resume
     from cldm.trainable import check_optimizer
     from cldm.weights_config import check_saved_config
 
@@ -406,6 +406,7 @@ def prepare(args):
         note_skipped(ckpt_dir)
     resume = resolve_resume(args.resume, ckpt_dir)  # before check_run_dir: --resume never says what it means
     check_run_dir(out, cfg, model_settings(args))
+    check_resume_config(resume, cfg, model_settings(args))  # before OUT/config.yaml is written
     if args.export and resume is None:
         raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
     if not args.export:

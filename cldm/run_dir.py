@@ -56,14 +56,47 @@ def check_run_dir(out: str | os.PathLike, cfg: DictConfig, given: Sequence[tuple
     recorded = OmegaConf.load(saved)
     if config_hash(recorded) == config_hash(cfg):
         return
+    what, culprits = _difference(recorded, cfg, given)
+    remedy = (f"leave out {' and '.join(culprits)} to continue the run (it has its own config.yaml), or use another "
+              "--out for a new run") if culprits else "use another --out for a new run"
+    raise RunDirError(f"{out} holds checkpoints of another model config ({saved}): {what}; {remedy}")
+
+
+def _difference(recorded: DictConfig, cfg: DictConfig, given: Sequence[tuple[str, str]]) -> tuple[str, list[str]]:
+    """('model.k is A there, B in this command's (n key(s) differ)', what in `given` sets a differing key)."""
     theirs, ours = model_leaves(recorded), model_leaves(cfg)
     diff = differing_keys(theirs, ours)
     # `key` sets a differing key itself or a section above one ("model" for --config)
     culprits = [said for said, key in given if any(f"model.{k}.".startswith(key + ".") for k in diff)]
     what = config_difference(theirs, ours, diff, "this command's") if diff else "another model config"
-    remedy = (f"leave out {' and '.join(culprits)} to continue the run (it has its own config.yaml), or use another "
-              "--out for a new run") if culprits else "use another --out for a new run"
-    raise RunDirError(f"{out} holds checkpoints of another model config ({saved}): {what}; {remedy}")
+    return what, culprits
+
+
+def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tuple[str, str]] = ()) -> None:
+    """Refuse, before anything is written to OUT, a checkpoint to resume from that was trained under
+    another model config (the hash it records): a fork (--resume PATH into a new OUT) with other
+    model settings, or an OUT whose config.yaml is gone. Lightning's restore refused it only after
+    OUT/config.yaml had been rewritten with the refused config, which the next plain rerun then
+    took. Names the first differing key when the checkpoint's run folder still has its config.yaml."""
+    from cldm.resume import read_training_checkpoint
+    from cldm.trainable import TRAINING_KEY
+
+    ckpt = read_training_checkpoint(resume) if resume is not None else None
+    recorded = ckpt[TRAINING_KEY].get("config_hash") if ckpt is not None else None
+    ours = config_hash(cfg)
+    if not recorded or recorded == ours:
+        return
+    saved = Path(resume).parent.parent / "config.yaml"
+    try:
+        run_cfg = OmegaConf.load(saved) if saved.is_file() else None
+    except Exception:  # unreadable: fall back to the hashes
+        run_cfg = None
+    if run_cfg is not None and config_hash(run_cfg) == recorded:
+        what, culprits = _difference(run_cfg, cfg, given)
+        remedy = f"; leave out {' and '.join(culprits)} to continue it" if culprits else ""
+        raise RunDirError(f"{resume}: trained with another model config ({saved}): {what}{remedy}")
+    raise RunDirError(f"{resume}: trained with another model config (hash {recorded}, this config's {ours}); "
+                      "pass the --config and model settings it was trained with")
 
 
 def record_config(out: str | os.PathLike, cfg: DictConfig) -> None:

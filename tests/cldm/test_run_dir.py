@@ -98,3 +98,32 @@ def test_resume_path_from_another_run_only_into_an_out_without_checkpoints(tmp_p
         resolve_resume(str(other), mine)
     # its own newest, named by a path with another spelling, is not foreign
     assert resolve_resume(str(mine / ".." / "checkpoints" / "step=00000010.ckpt"), mine).name == "step=00000010.ckpt"
+
+
+def test_a_checkpoint_of_another_model_config_is_refused_before_out_is_written(tmp_path):
+    """--resume PATH from another run with other model settings (a fork), or an OUT whose
+    config.yaml is gone: Lightning's restore refused it only after OUT/config.yaml had been
+    written with the refused config, which the next plain rerun then took (and failed on)."""
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
+    from cldm.run_dir import check_resume_config
+    from cldm.weights_config import config_hash
+
+    tiny = load_config(TINY_CONFIG)
+    other = load_config(TINY_CONFIG, ["model.only_mid_control=true"])
+    run = tmp_path / "run"
+    record_config(run, tiny)
+    ckpt = run / "checkpoints" / "step=00000005.ckpt"
+    AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": 5,
+                                          TRAINING_KEY: {"config_hash": config_hash(tiny)}}, ckpt)
+    check_resume_config(ckpt, tiny)  # its own config
+    check_resume_config(None, other)  # nothing to resume
+    with pytest.raises(RunDirError, match=re.escape(
+            f"{ckpt}: trained with another model config ({run / 'config.yaml'}): model.only_mid_control is False "
+            "there, True in this command's (1 key(s) differ); leave out model.only_mid_control=true to continue it")):
+        check_resume_config(ckpt, other, [("model.only_mid_control=true", "model.only_mid_control")])
+    (run / "config.yaml").unlink()  # no run config to name the key by: the hashes
+    with pytest.raises(RunDirError, match=re.escape(
+            f"{ckpt}: trained with another model config (hash {config_hash(tiny)}, this config's "
+            f"{config_hash(other)}); pass the --config and model settings it was trained with")):
+        check_resume_config(ckpt, other)
