@@ -516,7 +516,8 @@ def run(args) -> int:
     finally:
         bar.close()
     earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
-    print(f"wrote {done['n']} frames to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
+    frames = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
+    print(f"wrote {frames} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
     return 0
 
 

@@ -454,12 +454,18 @@ def _no_litlogger_tip(record) -> bool:
     return not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")  # an advert, on every start
 
 
+def _no_sigterm_notice(record) -> bool:
+    return not record.getMessage().endswith("Received SIGTERM: 15")  # train() says it, with what to do
+
+
 def quiet_lightning() -> None:
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
-    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _no_litlogger_tip not in log.filters:
-        log.addFilter(_no_litlogger_tip)
+    for name, quiet in (("lightning.pytorch.utilities.rank_zero", _no_litlogger_tip),
+                        ("lightning.pytorch.trainer.connectors.signal_connector", _no_sigterm_notice)):
+        log = logging.getLogger(name)
+        if quiet not in log.filters:
+            log.addFilter(quiet)
 
 
 def input_errors() -> tuple[type[BaseException], ...]:

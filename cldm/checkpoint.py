@@ -526,6 +526,7 @@ def main(argv=None):
     p.add_argument("output", help="file to write: .safetensors (recommended) or .ckpt/.pt/.pth")
     p.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle INPUT if it needs it (runs its code: trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (else refused)")
     args = ap.parse_args(argv)
     return run_cli(PROG, _inspect if args.cmd == "inspect" else _convert, args,
                    (CheckpointError, ValueError, OSError))
@@ -592,6 +593,10 @@ def _inspect(args):
 def _convert(args):
     if not Path(args.output).parent.is_dir():  # else the error names the temporary file beside it
         raise ValueError(f"{args.output}: no folder {Path(args.output).parent} to write it in")
+    if Path(args.output).exists() and not args.overwrite:
+        raise ValueError(f"{args.output}: exists; pass --overwrite to replace it")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError(f"{args.output}: the same file as the input; write to another name")
     sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
     meta = read_metadata(args.input, allow_pickle=args.allow_pickle)  # the config and provenance travel along
     save_state_dict(sd, args.output, metadata={**meta, "converted_from": Path(args.input).name})

@@ -46,10 +46,17 @@ def launched_processes() -> tuple[int, str] | None:
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if SLURMEnvironment.detect():
-        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
+        return _count("SLURM_NTASKS"), "SLURM_NTASKS"
     if TorchElasticEnvironment.detect():
-        return int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE"
+        return _count("WORLD_SIZE"), "torchrun's WORLD_SIZE"
     return None
+
+
+def _count(name: str) -> int:
+    value = os.environ[name]
+    if not value.strip().isdigit():
+        raise LaunchError(f"the environment variable {name} is {value!r}, not a process count")
+    return int(value)
 
 
 def check_launcher(devices: str, num_nodes: int, accelerator: str = "auto") -> int:

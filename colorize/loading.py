@@ -20,8 +20,9 @@ from torch import nn
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.model import create_model, model_config
-from cldm.trainable import load_sd_plus_control
-from cldm.weights_config import check_saved_config, load_resolved_config, resolve_config, saved_config_mismatch
+from cldm.trainable import is_export, load_sd_plus_control
+from cldm.weights_config import (check_saved_config, load_resolved_config, read_export_metadata, resolve_config,
+                                 saved_config_mismatch)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -73,6 +74,10 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
         load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
     else:
         sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
+        if is_export(sd, read_export_metadata(ckpt, allow_pickle=allow_pickle)):  # else "lacks N tensors": no help
+            raise CheckpointError(f"{ckpt}: an export of trained weights (control.safetensors), not a full "
+                                  "checkpoint; pass it as --control, with the SD2.1 file its run started from "
+                                  "as --ckpt")
         with torch.device("meta"):
             shapes = create_model(cfg).state_dict()
         report = compare_state_dict(shapes, sd)

@@ -331,6 +331,18 @@ def test_convert_keeps_the_files_metadata(tmp_path):
     assert main(["convert", str(src), str(tmp_path / "nodir" / "x.safetensors")]) == 2
 
 
+def test_convert_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.ckpt"
+    save_state_dict({"a": torch.ones(2)}, src)
+    out.write_bytes(b"keep")
+    assert main(["convert", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == f"python -m cldm.checkpoint: error: {out}: exists; pass --overwrite to replace it\n"
+    assert out.read_bytes() == b"keep"
+    assert main(["convert", str(src), str(out), "--overwrite"]) == 0 and load_state_dict(out)["a"].sum() == 2
+    assert main(["convert", str(src), str(src), "--overwrite"]) == 2  # would read and replace one file
+    assert "the same file as the input" in capsys.readouterr().err and load_state_dict(src)["a"].sum() == 2
+
+
 def test_cli_usage_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["inspect"])

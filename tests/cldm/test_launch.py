@@ -60,3 +60,11 @@ def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(monkey
 
     monkeypatch.setattr(DistributedDataParallel, "__init__", old_init)
     assert ddp_kwargs() == dict(find_unused_parameters=False, gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
+@pytest.mark.parametrize("env, name", [(dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="abc"), "WORLD_SIZE"),
+                                       (dict(SLURM_JOB_NAME="job", SLURM_NTASKS=""), "SLURM_NTASKS")])
+def test_a_launcher_count_that_is_no_number_is_named(monkeypatch, env, name):
+    set_env(monkeypatch, LAUNCHER_KEYS, env)
+    with pytest.raises(LaunchError, match=f"^the environment variable {name} is '{env[name]}', not a process count$"):
+        check_launcher("1", 1, "cpu")

@@ -73,6 +73,10 @@ def test_load_model_full_checkpoint_and_sd_plus_control(tmp_path):
     # the SD file alone is not a full checkpoint: the message says what to do
     with pytest.raises(CheckpointError, match="--control"):
         L.load_model(save_tiny_sd, config=TINY_CONFIG)
+    # nor is the export alone: named as one, with what to pass (not "lacks N tensors")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(export))}: an export of trained weights "
+                                              r"\(control\.safetensors\), not a full checkpoint; pass it as --control"):
+        L.load_model(export, config=TINY_CONFIG)
     # another architecture: refused before anything is built
     with pytest.raises(CheckpointError, match="does not fit"):
         L.load_model(full, config=TINY_CONFIG, overrides=["model.color_variant=v3"])

@@ -746,3 +746,4 @@ def test_the_config_is_resolved_once(env, tmp_path, capsys, monkeypatch):
                         "--frames", "0:1", "--ckpt", TOY, "--out", tmp_path], capsys)
     assert rc == 0 and out.splitlines()[0] == f"config: {TOY.with_suffix('.yaml')}", err
     assert calls == [(str(TOY), None, None)]
+    assert out.splitlines()[-1] == f"wrote 1 frame to {tmp_path}"  # not "1 frames"
