@@ -1,5 +1,6 @@
 """Which config goes with a weights file: found beside it or recorded in it, and the checks of
 a command's config against it."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.trainable import export_control
 from cldm.weights_config import (check_saved_config, config_difference, config_hash, config_origin, differing_keys,
                                  inference_leaves, model_leaves, resolve_config, saved_config_mismatch)
+
+TOY = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
 
 
 def test_config_hash_ignores_checkpointing_but_not_what_trains():
@@ -88,3 +91,17 @@ def test_config_origin_names_the_weights_a_found_config_came_from(tmp_path):
     assert config_origin(tmp_path / "sd.yaml", None, [("--ckpt", sd)]) == ("--ckpt", sd)
     assert config_origin(TINY_CONFIG, TINY_CONFIG, weights) is None  # named by --config
     assert config_origin(tmp_path / "run" / "config.yaml", None, [("--init", sd)]) is None  # another source
+
+
+def test_config_origin_names_the_weights_only_for_the_config_found_with_them(tmp_path):
+    sd, toy = tmp_path / "sd.safetensors", tmp_path / "toy.safetensors"
+    sd.write_bytes(b"")
+    (tmp_path / "sd.yaml").write_text("model: {}\n")
+    shutil.copy(TOY, toy)  # records its config, no YAML beside it
+    weights = [("--control", None), ("--ckpt", sd)]
+    assert config_origin(tmp_path / "sd.yaml", None, weights) == ("--ckpt", sd)
+    assert config_origin(tmp_path / "run" / "config.yaml", None, weights) is None  # e.g. a run's own config
+    assert config_origin(tmp_path / "sd.yaml", tmp_path / "sd.yaml", weights) is None  # named with --config
+    recorded = resolve_config(toy)
+    assert config_origin(recorded, None, [("--ckpt", toy)]) == ("--ckpt", toy)
+    assert config_origin(TINY_CONFIG, None, [("--ckpt", toy)]) is None

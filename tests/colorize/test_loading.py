@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError, check_checkpoint_file
-from cldm.model import TINY_CONFIG, ConfigError
+from cldm.model import TINY_CONFIG, ConfigError, load_config
 from cldm.trainable import configure_trainable, export_control
 from cldm.weights_config import resolve_config
 from colorize import loading as L, pipeline as P
@@ -146,6 +146,9 @@ def test_cast_weights_keeps_every_norm_in_float32():
     assert any(isinstance(m, torch.nn.LayerNorm) for m in norms)
     assert {p.dtype for m in norms for p in m.parameters()} == {torch.float32}
     assert model.model.diffusion_model.out[-1].weight.dtype == torch.float16
+    assert model.control_model.input_blocks[0][0].weight.dtype == torch.float16
+    assert model.first_stage_model.decoder.conv_out.weight.dtype == torch.float16
+    assert model.alphas_cumprod.dtype == torch.float32  # the schedule stays float32
 
 
 A1111_YAML = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
@@ -186,8 +189,6 @@ def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_pat
     records nothing, or a config that agrees, loads."""
     from safetensors.torch import load_file
 
-    from cldm.model import load_config
-
     model = L.load_model(TOY)  # records scale factor 0.57326
     configure_trainable(model)
     export = export_control(model, tmp_path / "control.safetensors", cfg=load_config(TOY.with_suffix(".yaml")))
@@ -204,3 +205,73 @@ def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_pat
     bare = tmp_path / "bare.safetensors"  # plain SD weights record nothing: nothing to contradict
     save_file(load_file(tiny), str(bare))
     assert L.load_model(bare, control=export).scale_factor == 0.57326
+
+
+def test_cuda_devices_are_checked_against_what_the_machine_has(monkeypatch):
+    """As on a machine with one GPU: auto picks it, cuda and cuda:0 are fine, cuda:1 is not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert L.resolve_device("auto") == torch.device("cuda")
+    assert L.resolve_device("cuda") == torch.device("cuda") and L.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"^--device cuda:1: this machine has 1 CUDA device\(s\)$"):
+        L.resolve_device("cuda:1")
+
+
+def test_a_loaded_model_is_in_eval_mode_without_gradients_and_on_its_schedule(tmp_path):
+    """A bf16 file holds a rounded noise schedule: the config's float32 one is kept (load_into)."""
+    from ldm.schedule import BUFFER_NAMES, schedule_buffers
+    full = tmp_path / "full.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tiny_model(seed=1).state_dict().items()}, str(full))
+    model = L.load_model(full, config=TINY_CONFIG)
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    exact = schedule_buffers()
+    assert all(torch.equal(model.state_dict()[name], exact[name]) for name in BUFFER_NAMES)
+
+
+def test_a_full_checkpoint_lacking_any_model_tensor_is_refused(tmp_path):
+    """One ControlNet tensor missing, or the whole VAE (a strict part is only checked when present)."""
+    sd = tiny_model(seed=1).state_dict()
+    for name, drop in (("one.safetensors", lambda k: k == "control_model.middle_block_out.0.bias"),
+                       ("novae.safetensors", lambda k: k.startswith("first_stage_model."))):
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in sd.items() if not drop(k)}, str(path))
+        n = sum(map(drop, sd))
+        with pytest.raises(CheckpointError, match=rf"{name} does not fit the config: it lacks {n} model tensors "
+                                                  r"\(e\.g\. (control_model\.middle_block_out\.0\.bias|first_stage_model\.)"
+                                                  r".*pass the ControlNet with --control; the file holds: "):
+            L.load_model(path, config=TINY_CONFIG)
+
+
+def test_sd_plus_control_checks_the_config_the_export_records_and_builds_on_the_device(tmp_path, monkeypatch):
+    model = tiny_model(seed=1)
+    sd = tmp_path / "sd.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")}, str(sd))
+    made = load_config(TINY_CONFIG, ["model.scale_factor=0.5"])
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors", cfg=made)
+    with pytest.raises(CheckpointError, match=r"control\.safetensors was saved with another model config: "
+                                              r"model\.scale_factor is 0\.5 there"):
+        L.load_model(sd, control=export, config=TINY_CONFIG)
+
+    class Built(Exception):
+        pass
+    devices = []
+
+    def create_model(cfg):
+        devices.append(torch.get_default_device())
+        raise Built
+    monkeypatch.setattr(L, "create_model", create_model)
+    with pytest.raises(Built):
+        L.load_model(sd, control=export, device="meta")
+    assert devices == [torch.device("meta")]
+
+
+def test_a_yaml_beside_the_weights_and_overrides_get_the_remedy_of_a_config_given(tmp_path):
+    """With --set the config is no longer the YAML found alone: leave out --set (and --config)."""
+    alone = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, alone)
+    (tmp_path / "toy.yaml").write_text(TINY_CONFIG.read_text())
+    with pytest.raises(CheckpointError, match=rf"in {tmp_path / 'toy.yaml'} with the overrides \(1 key\(s\) differ\); "
+                                              r"leave out --config and --set to use the one saved with it$"):
+        L.load_model(alone, overrides=["model.first_stage.ddconfig.dropout=0.1"])
