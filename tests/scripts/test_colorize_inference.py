@@ -510,7 +510,8 @@ def test_a_partial_range_with_video_makes_the_whole_clips_video(env, tmp_path, c
     rc, stdout, err = run([*args, "--out", out, "--frames", then, "--video", video], capsys)
     assert rc == 0, err
     new = {"2:": 2, "0:2": 2, "1:3": 2, "0:1": 1}[then]
-    assert stdout.startswith(f"wrote {new} frames to {out} and {video} (4 frames, {4 - new} of them already in {out}")
+    frames = f"{new} frame" + ("s" if new > 1 else "")
+    assert stdout.startswith(f"wrote {frames} to {out} and {video} (4 frames, {4 - new} of them already in {out}")
     assert snapshot(out) == snapshot(tmp_path / "whole")
     got, want = video_frames(video), video_frames(tmp_path / "whole.mp4")
     assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
