@@ -450,3 +450,106 @@ def test_cli_a_bad_yaml_found_beside_the_checkpoint_says_it_was_found_there(root
         assert build_latent_cache.main([str(root), "--ckpt", str(ckpt), "--no-progress", *extra]) == 2
         assert capsys.readouterr().err == (f"build_latent_cache.py: error: {beside}: model.color_variant: missing; "
                                            f"expected one of v1, v2, v3{note}\n")
+
+
+def test_fingerprint_covers_names_shapes_and_every_tensor():
+    class One(torch.nn.Module):
+        def __init__(self, shape, name="w"):
+            super().__init__()
+            self.register_parameter(name, torch.nn.Parameter(torch.arange(6.0).reshape(shape)))
+    assert vae_fingerprint(One((2, 3))) != vae_fingerprint(One((3, 2)))  # the same bytes
+    assert vae_fingerprint(One((2, 3))) != vae_fingerprint(One((2, 3), "v"))
+    a, b = tiny_vae(0), tiny_vae(0)
+    last = sorted(b.state_dict())[-1]
+    with torch.no_grad():
+        b.state_dict()[last].view(-1)[0] += 1
+    assert vae_fingerprint(a) != vae_fingerprint(b)
+
+
+def test_load_latents_memory_maps_and_refuses_what_does_not_fit(cached_root):
+    """Memory-mapped; a missing latents.npy, one in float32, one with bytes past its data, or of a
+    .npy version it cannot read, is named; gray latents asked of a cache without them are refused."""
+    movie, vae = cached_root / "pan", tiny_vae(0)
+    fp, path = vae_fingerprint(vae), cached_root / "pan" / LATENTS
+    lat = load_latents(movie, fp)
+    assert isinstance(lat, np.memmap)
+    whole = np.array(lat)
+    del lat
+    with pytest.raises(LatentCacheError, match=r"^.*pan: latent cache has no gray latents, which colour variant v3 "
+                                                r"needs \(rerun build_latent_cache\.py with --gray added"):
+        load_latents(movie, fp, gray=True)
+
+    def refused(problem):
+        with pytest.raises(LatentCacheError) as e:
+            load_latents(movie, fp)
+        assert str(e.value) == f"{path}: latent cache does not match the frames ({problem}); rerun build_latent_cache.py"
+    np.save(path, whole.astype(np.float32))
+    refused(f"shape [{N}, 2, 4, 8, 20] float32, but {N} frames of 160x64 need [{N}, 2, 'C', 8, 20] float16")
+    np.save(path, whole)
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"\0" * 16)
+    refused(f"{size + 16} bytes, but its shape needs {size}: cut short?")
+    data = bytearray(path.read_bytes()[:size])
+    data[6] = 3  # the .npy format's major version
+    path.write_bytes(bytes(data))
+    refused("not a whole .npy file")
+    path.unlink()
+    refused(f"{LATENTS} is missing")
+    lines = []
+    assert build_latent_cache(cached_root, vae, progress=False, log=lines.append)["built"] == ["pan"]
+    assert lines == [f"rebuilding: {path}: does not match the frames ({LATENTS} is missing)"]
+
+
+def test_encode_movie_reports_progress_per_batch_and_runs_under_autocast(root, built, tmp_path):
+    vae, done = tiny_vae(0), []
+    info = encode_movie(root / "pan", vae, batch_size=5, autocast_dtype=torch.bfloat16, progress=done.append)
+    assert done == [5, 3] and info["autocast"] == "bfloat16"
+    other = Path(shutil.copytree(built[0], tmp_path / "fp32"))
+    encode_movie(other / "pan", vae, batch_size=5)  # float32, with this test's thread count
+    fp = vae_fingerprint(vae)
+    bf16, fp32 = load_latents(root / "pan", fp), load_latents(other / "pan", fp)
+    assert not np.array_equal(bf16, fp32)  # the VAE ran in bfloat16 ...
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1, atol=0.05)  # ... on the same frames
+
+
+@pytest.mark.parametrize("size", [[160, 60], [156, 64]])
+def test_frames_off_the_8_pixel_grid_are_refused(root, size):
+    meta = json.loads((root / "pan" / "meta.json").read_text())
+    (root / "pan" / "meta.json").write_text(json.dumps({**meta, "size": size}))
+    with pytest.raises(LatentCacheError, match=rf"pan: frames are {size[0]}x{size[1]}; the VAE needs multiples of 8"):
+        encode_movie(root / "pan", tiny_vae(0))
+
+
+def test_build_latent_cache_checks_the_movie_ids_and_freezes_the_vae(root, tmp_path):
+    vae = tiny_vae(0).train()
+    with pytest.raises(LatentCacheError, match=r"'\.\./x': not a movie id of "):
+        build_latent_cache(root, vae, movies=["../x"], progress=False)
+    (root / "half").mkdir()
+    with pytest.raises(LatentCacheError, match=rf"^{root / 'half'}: not a finished movie \(run build_pairs\.py first\)$"):
+        build_latent_cache(root, vae, movies=["half"], progress=False)
+    assert build_latent_cache(root, vae, movies=["pan"], progress=False)["built"] == ["pan"]
+    assert not vae.training
+
+
+def test_write_errors_name_the_cache_and_on_a_full_disk_the_space_it_needs(tmp_path):
+    from annotator.latent_cache import _writing
+
+    dest = tmp_path / LATENTS
+    for size, err, hint in [(3 * 2**20, errno.ENOSPC, "; it needs 3.0 MiB: free some space and rerun"),
+                            (1500, errno.EDQUOT, "; it needs 2 KiB: free some space and rerun"),
+                            (1500, errno.EIO, "")]:
+        with pytest.raises(OSError) as e:
+            with _writing(dest, size):
+                raise OSError(err, os.strerror(err))
+        assert str(e.value) == f"{dest}: cannot write the latent cache ({os.strerror(err)}){hint}"
+
+
+def test_a_failed_write_closes_the_partial_file(root, monkeypatch):
+    monkeypatch.setattr(annotator.latent_cache, "open", lambda p, mode="r": FullDisk(p, mode, 200), raising=False)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        encode_movie(root / "pan", tiny_vae(0), batch_size=5)
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [p for p in open_files if LATENTS in p], open_files  # not even while the traceback lives
+    assert e.value is not None and not list((root / "pan").glob("*.partial"))
