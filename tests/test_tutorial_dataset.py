@@ -293,3 +293,126 @@ def test_frames_larger_than_the_crop_are_area_averaged_down(tmp_path):
     frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
     want = cv2.resize(frame, (96, 64), interpolation=cv2.INTER_AREA)[:, 16:80]
     np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
+
+
+def test_training_sizes_and_movies_that_cannot_be_used_are_refused(fake_root, tmp_path):
+    for size in ((64, 100), (100, 64), 0, -64):
+        with pytest.raises(ValueError, match="training size must be positive multiples of 64"):
+            PairDataset(fake_root, size=size)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'empty'}: no finished movies \(run build_pairs\.py\)$"):
+        PairDataset(tmp_path / "empty", size=64)
+    with pytest.raises(ValueError, match=rf"^{fake_root / 'nope'}: not a finished movie$"):
+        PairDataset(fake_root, ["film_a", "nope"], size=64)
+    write_fake_movie(tmp_path / "big", "film_c", table_from_pairs(6, 4, {(1, 5): 0.955}), size=(192, 128))
+    with pytest.raises(ValueError, match=r"film_c: frames are 192x128; latent mode needs them to cover the training "
+                                         r"size 64x64 exactly in one side"):  # refused before any cache is read
+        PairDataset(tmp_path / "big", size=64, vae_fingerprint="any")
+
+
+class Extreme:
+    """A generator stub that always draws the last (or the first) choice, and never flips."""
+
+    def __init__(self, last: bool):
+        self.last = last
+
+    def integers(self, n):
+        return n - 1 if self.last else 0
+
+    def random(self):
+        return 0.9
+
+
+def test_random_crops_reach_both_edges_of_the_frame(clip_root):
+    ds = PairDataset(clip_root, size=64, low=0.0, high=0.999, min_gap=1)
+    src = panning_clip(40, 64, 160, speed=1)  # what clip_root was built from (lossless PNG)
+    for last, x0 in ((False, 0), (True, 160 - 64)):
+        item = ds.sample(5, Extreme(last))
+        assert item["target_index"] == ds.partners(5)[2][-1 if last else 0]
+        np.testing.assert_allclose(item["hint"][..., :3], src[item["ref_index"]][:, x0 : x0 + 64] / 255, atol=1e-6)
+
+
+def test_seeded_items_draw_independently_of_each_other(clip_root):
+    """Item k is fixed by (seed, k); different items do not repeat one another's draws."""
+    ds = PairDataset(clip_root, size=64, low=0.0, high=0.999, min_gap=1, seed=7)
+    src = panning_clip(40, 64, 160, speed=1)
+    offsets = set()
+    for k in range(12):
+        item = ds[k]
+        ref = item["hint"][..., :3]
+        i = item["ref_index"]
+        found = [x for x in range(160 - 64 + 1) if np.abs(ref - src[i][:, x : x + 64] / 255).max() < 1e-6 or
+                 np.abs(ref[:, ::-1] - src[i][:, x : x + 64] / 255).max() < 1e-6]
+        offsets.update(found)
+    assert len(offsets) > 3
+
+
+def test_upscaled_frames_cover_the_crop_with_bicubic_resizing(tmp_path):
+    """A 160x96 film at crop 128: scaled by 4/3 to 214x128 (rounded up so the crop is covered), centre-cropped."""
+    import cv2
+
+    from annotator.latent_cache import read_frame
+    from annotator.pairs import frame_path
+
+    src = write_folder(panning_clip(8, 96, 160, blur=0.7), tmp_path / "src")
+    build_all([src], tmp_path / "d", BuildOptions(size=0, window=3, threads=1, image_format="png"), progress=False)
+    ds = PairDataset(tmp_path / "d", size=128, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
+    item = ds[2]
+    frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
+    want = cv2.resize(frame, (214, 128), interpolation=cv2.INTER_CUBIC)[:, 43:171]
+    np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
+
+
+def test_datamodule_split_edge_cases(fake_root, tmp_path):
+    """One movie trains (no validation); test movies are never held out for validation; a split
+    that leaves nothing to train on, or test movies without pairs, are errors."""
+    dm = PairDataModule(fake_root, num_workers=0, size=64, test_movies=["film_b"])
+    dm.setup()
+    assert dm.train.movies == ["film_a"] and dm.val is None and dm.test.movies == ["film_b"]
+    assert dm.train.augment and not dm.test.augment
+    assert sum(len(batch["movie"]) for batch in dm.test_dataloader()) == len(dm.test) == 2
+    one = tmp_path / "one"
+    shutil.copytree(fake_root / "film_a", one / "film_a")
+    dm = PairDataModule(one, num_workers=0, size=64)
+    dm.setup("fit")
+    assert dm.train.movies == ["film_a"] and dm.val is None and dm.val_dataloader() == []
+    with pytest.raises(ValueError, match="no movies left for training"):
+        PairDataModule(fake_root, val_movies=["film_a"], test_movies=["film_b"]).setup()
+    with pytest.raises(ValueError, match="no pairs"):
+        PairDataModule(fake_root, num_workers=0, size=64, low=0.956, test_movies=["film_b"]).setup("test")
+
+
+def test_loaders_drop_only_a_short_training_batch_and_one_process_keeps_torchs_order(fake_root, monkeypatch):
+    from types import SimpleNamespace
+
+    dm = PairDataModule(fake_root, batch_size=2, num_workers=0, size=64, accelerator="cuda")
+    dm.setup("fit")
+    assert dm.train_dataloader().drop_last and not dm.val_dataloader().drop_last
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=5)
+    assert not isinstance(dm.train_dataloader().sampler, torch.utils.data.DistributedSampler)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert PairDataModule(fake_root, accelerator="cuda").pin_memory
+
+
+def test_latent_mode_windows_of_a_wide_crop_a_tall_frame_and_the_gray_latent(clip_root, tmp_path):
+    """Crop 64x128 of 64x160 frames: a latent window 16 wide; 168-high frames centre-cropped at
+    y0 = 48 (on the grid), not 52; v3's gray latent is the target's."""
+    from annotator.latent_cache import build_latent_cache, load_latents
+    from tests.train_helpers import tiny_model
+
+    root = Path(shutil.copytree(clip_root, tmp_path / "data"))
+    tall = panning_clip(4, 168, 64, speed=1)
+    build_all([write_folder(tall, tmp_path / "src" / "tall")], root, BuildOptions(size=64, window=2, image_format="png"),
+              progress=False)
+    fp = build_latent_cache(root, tiny_model("v2").first_stage_model, progress=False, gray=True)["fingerprint"]
+    band = dict(low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp, gray_latents=True)
+    wide = PairDataset(root, ["pan"], size=(64, 128), augment=False, seed=0, **band)
+    cache = load_latents(root / "pan", fp, gray=True)
+    item = wide[3]
+    j = item["target_index"]
+    win = np.s_[:, :, 2:18]  # x0 = (160 - 128) // 2 = 16: latent columns 2 to 17
+    assert item["jpg_latent_mean"].shape == (4, 8, 16)
+    np.testing.assert_array_equal(item["jpg_latent_mean"], cache[j, 0][win].astype(np.float32))
+    np.testing.assert_array_equal(item["gray_latent_mean"], cache[j, 2][win].astype(np.float32))
+    item = PairDataset(root, ["tall"], size=64, augment=False, seed=0, **band)[1]
+    np.testing.assert_allclose(item["hint"][..., :3], tall[item["ref_index"]][48:112] / 255, atol=1e-6)
