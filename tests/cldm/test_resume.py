@@ -2,15 +2,19 @@
 training, and the agreement of DDP processes on the one to resume from."""
 import multiprocessing
 import os
+from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from cldm.callbacks import AtomicCheckpointIO, StepCheckpoint
 from cldm.checkpoint import save_state_dict
 from cldm.lightning import ColorControlModule
-from cldm.resume import (ResumeMismatchError, check_same_resume, find_resume_checkpoint, incomplete_checkpoints,
-                         is_complete_checkpoint, remove_partial_checkpoints, resume_problem)
+from cldm.resume import (LIGHTNING_KEYS, ResumeMismatchError, check_same_resume, checkpoint_step,
+                         find_resume_checkpoint, incomplete_checkpoints, is_complete_checkpoint,
+                         read_training_checkpoint, remove_partial_checkpoints, resume_misfit, resume_problem)
+from cldm.trainable import TRAINING_KEY, export_keys
 from tests.train_helpers import FakeTrainer, tiny_model
 
 
@@ -109,3 +113,87 @@ def test_resume_problem_accepts_training_checkpoints_only(tmp_path):
     assert resume_problem(legacy).startswith("truncated, or not a checkpoint written by this training (")
     torch.save([1, 2], other)
     assert resume_problem(other) == "holds a list, not a training checkpoint"
+
+
+def training_file(path, step=3, **changes):
+    """What a training checkpoint holds at the top level (no optimiser tensors), with `changes`."""
+    ckpt = {**{k: {} for k in LIGHTNING_KEYS}, "global_step": step, "state_dict": {"model.w": torch.ones(2)},
+            TRAINING_KEY: {"config_hash": "abc"}, **changes}
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    return path
+
+
+class Evil:
+    """Unpickling this creates a folder: stands in for arbitrary code in a .ckpt."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_only_this_trainings_checkpoints_are_read_and_none_runs_code(tmp_path):
+    assert read_training_checkpoint(training_file(tmp_path / "good.ckpt"))["global_step"] == 3
+    for name, changes in [("foreign.ckpt", {"state_dict": {"model.w": torch.ones(2), "w": torch.ones(2)}}),
+                          ("entry.ckpt", {TRAINING_KEY: "v2"}), ("list.ckpt", {"state_dict": [torch.ones(2)]})]:
+        assert read_training_checkpoint(training_file(tmp_path / name, **changes)) is None, name
+    no_loops = training_file(tmp_path / "no_loops.ckpt")
+    ckpt = torch.load(no_loops, weights_only=True)
+    del ckpt["loops"]
+    torch.save(ckpt, no_loops)
+    assert resume_problem(no_loops).startswith("not a Lightning training checkpoint (no 'loops'; ")
+    marker = tmp_path / "pwned"
+    evil = training_file(tmp_path / "evil.ckpt", payload=Evil(marker))
+    assert resume_problem(evil) == "truncated, or not a checkpoint written by this training (UnpicklingError)"
+    assert read_training_checkpoint(evil) is None and not marker.exists()
+
+
+def test_resume_misfit_names_one_tensor_and_tolerates_an_unrecorded_config():
+    model = ColorControlModule(tiny_model("v2")).model
+    own = model.state_dict()
+    trained = {k: own[k] for k in export_keys(model)}
+    first = sorted(trained)[0]
+    _, reason = resume_misfit(model, "abc", {k: v for k, v in trained.items() if k != first}, {})
+    assert reason.startswith(f"lacks 1 tensor that this config trains (e.g. {first}; ")
+    assert resume_misfit(model, "abc", trained, {})[1] is None  # a checkpoint that records no config hash
+    assert resume_misfit(model, "", trained, {"config_hash": "abc"})[1] is None  # a caller that has none
+    assert resume_misfit(model, "def", trained, {"config_hash": "abc"})[1] == \
+        "trained with another model config (hash abc, this config's def)"
+
+
+def test_the_step_comes_from_the_name_else_the_contents(tmp_path):
+    assert checkpoint_step(tmp_path / "step=00000300.ckpt") == 300  # not even read
+    assert checkpoint_step(training_file(tmp_path / "last.ckpt", step=7)) == 7
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    assert checkpoint_step(tmp_path / "other.ckpt") == 0
+    for step in (9, 10):  # names without zero padding: the number decides, not the text
+        training_file(tmp_path / "run" / f"step={step}.ckpt", step)
+    assert find_resume_checkpoint(tmp_path / "run").name == "step=10.ckpt"
+
+
+def test_only_ckpt_files_are_checkpoints_and_only_dot_tmp_files_partial(tmp_path):
+    training_file(tmp_path / "step=00000010.ckpt", 10)
+    training_file(tmp_path / "step=00000040.ckpt.bak", 40)  # a whole copy, put aside
+    (tmp_path / ".step=00000050.ckpt.1a2b3c4d.tmp").write_bytes(b"partial")
+    (tmp_path / "notes.tmp").write_text("mine")
+    assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
+    assert incomplete_checkpoints(tmp_path) == []
+    assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".step=00000050.ckpt.1a2b3c4d.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp", "step=00000010.ckpt", "step=00000040.ckpt.bak"]
+
+
+def test_a_path_and_its_string_are_the_same_choice(tmp_path):
+    a = "out/checkpoints/step=00000010.ckpt"
+    assert resume_verdicts(tmp_path, "mixed", [Path(a), a]) == {0: "ok", 1: "ok"}
+
+
+def test_the_mismatch_counts_every_rank_that_differs(monkeypatch):
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 4)
+    monkeypatch.setattr(dist, "all_gather_object",
+                        lambda out, obj, *a: out.__setitem__(slice(None), [obj, "b", obj, None]))
+    with pytest.raises(ResumeMismatchError, match=r"global rank 0 a, rank 1 b \(2 rank\(s\) differ\)"):
+        check_same_resume("a")
