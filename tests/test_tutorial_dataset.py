@@ -402,8 +402,8 @@ def test_latent_mode_windows_of_a_wide_crop_a_tall_frame_and_the_gray_latent(cli
 
     root = Path(shutil.copytree(clip_root, tmp_path / "data"))
     tall = panning_clip(4, 168, 64, speed=1)
-    build_all([write_folder(tall, tmp_path / "src" / "tall")], root, BuildOptions(size=64, window=2, image_format="png"),
-              progress=False)
+    build_all([write_folder(tall, tmp_path / "src" / "tall")], root,
+              BuildOptions(size=64, window=2, image_format="png"), progress=False)
     fp = build_latent_cache(root, tiny_model("v2").first_stage_model, progress=False, gray=True)["fingerprint"]
     band = dict(low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp, gray_latents=True)
     wide = PairDataset(root, ["pan"], size=(64, 128), augment=False, seed=0, **band)

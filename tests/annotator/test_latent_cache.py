@@ -482,7 +482,8 @@ def test_load_latents_memory_maps_and_refuses_what_does_not_fit(cached_root):
     def refused(problem):
         with pytest.raises(LatentCacheError) as e:
             load_latents(movie, fp)
-        assert str(e.value) == f"{path}: latent cache does not match the frames ({problem}); rerun build_latent_cache.py"
+        assert str(e.value) == (f"{path}: latent cache does not match the frames ({problem}); "
+                                "rerun build_latent_cache.py")
     np.save(path, whole.astype(np.float32))
     refused(f"shape [{N}, 2, 4, 8, 20] float32, but {N} frames of 160x64 need [{N}, 2, 'C', 8, 20] float16")
     np.save(path, whole)
@@ -526,7 +527,8 @@ def test_build_latent_cache_checks_the_movie_ids_and_freezes_the_vae(root, tmp_p
     with pytest.raises(LatentCacheError, match=r"'\.\./x': not a movie id of "):
         build_latent_cache(root, vae, movies=["../x"], progress=False)
     (root / "half").mkdir()
-    with pytest.raises(LatentCacheError, match=rf"^{root / 'half'}: not a finished movie \(run build_pairs\.py first\)$"):
+    with pytest.raises(LatentCacheError,
+                       match=rf"^{root / 'half'}: not a finished movie \(run build_pairs\.py first\)$"):
         build_latent_cache(root, vae, movies=["half"], progress=False)
     assert build_latent_cache(root, vae, movies=["pan"], progress=False)["built"] == ["pan"]
     assert not vae.training

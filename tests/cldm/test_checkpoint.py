@@ -674,7 +674,8 @@ def test_unexpected_tensors_make_a_partial_load_and_keys_group_by_prefix():
     model = {"u.a": (2,), "u.b": (2,), "u.c": (2,)}
     report = compare_state_dict(model, {**model, "ema.x": (1,), "ema.y": (1,), "ema.z": (1,), "step": ()})
     assert not report.ok and misfit(report) is None
-    assert report.summary() == "3 of 3 model tensors found in the checkpoint\nunexpected 4:\n  ema.* (3 tensors)\n  step"
+    assert report.summary() == ("3 of 3 model tensors found in the checkpoint\nunexpected 4:\n  ema.* (3 tensors)\n"
+                                "  step")
     # groups of up to two names are loose names, on one line with the others
     assert checkpoint.group_keys(["c.x.1", "c.x.2", "c.y", "a.b.1", "a.b.2", "z"]) == [
         ("c.* (3 tensors)", "c.x.1"), ("a.b.1, a.b.2, z", "a.b.1")]
@@ -686,9 +687,10 @@ def test_a_unet_input_conv_of_another_concat_setting_is_not_called_plain_sd():
     """Our own file (not plain SD) whose UNet takes 4 channels: saved with concat_to_unet=false."""
     sd = tiny_colour_model("model.color_variant=v2", "model.concat_to_unet=false").state_dict()
     with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.input_blocks\.0\.0\.weight is \[32, 4, 3, 3\] "
-                                              r"in the checkpoint but \[32, 9, 3, 3\] in the model; likely another colour "
-                                              r"variant or concat_to_unet setting: the file's UNet takes 4 input channels, "
-                                              r"this config's 9 \(model\.color_variant, model\.concat_to_unet\)$"):
+                                              r"in the checkpoint but \[32, 9, 3, 3\] in the model; likely another "
+                                              r"colour variant or concat_to_unet setting: the file's UNet takes 4 "
+                                              r"input channels, this config's 9 \(model\.color_variant, "
+                                              r"model\.concat_to_unet\)$"):
         load_into(tiny_colour_model("model.color_variant=v2"), sd)
 
 

@@ -238,8 +238,9 @@ def test_a_full_checkpoint_lacking_any_model_tensor_is_refused(tmp_path):
         save_file({k: v.contiguous() for k, v in sd.items() if not drop(k)}, str(path))
         n = sum(map(drop, sd))
         with pytest.raises(CheckpointError, match=rf"{name} does not fit the config: it lacks {n} model tensors "
-                                                  r"\(e\.g\. (control_model\.middle_block_out\.0\.bias|first_stage_model\.)"
-                                                  r".*pass the ControlNet with --control; the file holds: "):
+                                                  r"\(e\.g\. (control_model\.middle_block_out\.0\.bias|"
+                                                  r"first_stage_model\.).*pass the ControlNet with --control; "
+                                                  r"the file holds: "):
             L.load_model(path, config=TINY_CONFIG)
 
 
