@@ -279,22 +279,6 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
     assert len(offsets) > 3  # the crops do move
 
 
-def test_frames_larger_than_the_crop_are_area_averaged_down(tmp_path):
-    """A 192x128 film at crop 64: scaled by 1/2 with area averaging (no aliasing), centre-cropped."""
-    import cv2
-
-    from annotator.latent_cache import read_frame
-    from annotator.pairs import frame_path
-
-    src = write_folder(panning_clip(8, 128, 192, blur=0.7), tmp_path / "src")
-    build_all([src], tmp_path / "d", BuildOptions(size=0, window=3, threads=1, image_format="png"), progress=False)
-    ds = PairDataset(tmp_path / "d", size=64, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
-    item = ds[2]
-    frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
-    want = cv2.resize(frame, (96, 64), interpolation=cv2.INTER_AREA)[:, 16:80]
-    np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
-
-
 def test_training_sizes_and_movies_that_cannot_be_used_are_refused(fake_root, tmp_path):
     for size in ((64, 100), (100, 64), 0, -64):
         with pytest.raises(ValueError, match="training size must be positive multiples of 64"):
@@ -347,19 +331,24 @@ def test_seeded_items_draw_independently_of_each_other(clip_root):
     assert len(offsets) > 3
 
 
-def test_upscaled_frames_cover_the_crop_with_bicubic_resizing(tmp_path):
-    """A 160x96 film at crop 128: scaled by 4/3 to 214x128 (rounded up so the crop is covered), centre-cropped."""
+@pytest.mark.parametrize("height, width, size, resized, interpolation, x0", [
+    (128, 192, 64, (96, 64), "INTER_AREA", 16),  # scaled by 1/2, area averaging (no aliasing)
+    (96, 160, 128, (214, 128), "INTER_CUBIC", 43),  # by 4/3 to 214x128, rounded up so the crop is covered
+])
+def test_frames_are_resized_to_the_crop_then_centre_cropped(tmp_path, height, width, size, resized, interpolation,
+                                                            x0):
+    """Larger frames are area-averaged down, smaller ones bicubic-upscaled; then centre-cropped."""
     import cv2
 
     from annotator.latent_cache import read_frame
     from annotator.pairs import frame_path
 
-    src = write_folder(panning_clip(8, 96, 160, blur=0.7), tmp_path / "src")
+    src = write_folder(panning_clip(8, height, width, blur=0.7), tmp_path / "src")
     build_all([src], tmp_path / "d", BuildOptions(size=0, window=3, threads=1, image_format="png"), progress=False)
-    ds = PairDataset(tmp_path / "d", size=128, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
+    ds = PairDataset(tmp_path / "d", size=size, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
     item = ds[2]
     frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
-    want = cv2.resize(frame, (214, 128), interpolation=cv2.INTER_CUBIC)[:, 43:171]
+    want = cv2.resize(frame, resized, interpolation=getattr(cv2, interpolation))[:, x0 : x0 + size]
     np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
 
 
