@@ -44,8 +44,8 @@ from omegaconf import DictConfig  # noqa: E402
 from annotator.color import to_uint8  # noqa: E402
 from annotator.video import (FrameSourceError, SourceInfo, decode_image, list_frame_files, probe,  # noqa: E402
                              read_image)
-from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm import weights_config  # noqa: E402
+from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
@@ -186,8 +186,8 @@ def parse_range(spec: str | None) -> slice:
 
 def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     """Refuse bad arguments before any work; returns the sampling settings and, for --method
-    model, the model config's source (weights_config.resolve_config's choice: found once, for the step
-    check, the "config: ..." line and the load).
+    model, the model config's source (weights_config.resolve_config's choice: found once, for the
+    step check, the "config: ..." line and the load).
 
     The sampling values are checked where the library checks them (pipeline.Options), each
     message naming its flag.
@@ -516,8 +516,8 @@ def run(args) -> int:
     finally:
         bar.close()
     earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
-    frames = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
-    print(f"wrote {frames} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
+    count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
+    print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
     return 0
 
 

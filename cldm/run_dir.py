@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from atomicio import write_bytes_atomic
 from cldm.launch import is_launch_rank_zero
-from cldm.resume import checkpoint_step, find_resume_checkpoint, resume_problem
+from cldm.resume import checkpoint_step, find_resume_checkpoint, read_training_checkpoint, resume_problem
+from cldm.trainable import TRAINING_KEY
 from cldm.weights_config import config_difference, config_hash, differing_keys, model_leaves, resolve_config
 
 RESUME = "rerun the same command to resume from the newest checkpoint"
@@ -78,9 +79,6 @@ def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tu
     model settings, or an OUT whose config.yaml is gone. Lightning's restore refused it only after
     OUT/config.yaml had been rewritten with the refused config, which the next plain rerun then
     took. Names the first differing key when the checkpoint's run folder still has its config.yaml."""
-    from cldm.resume import read_training_checkpoint
-    from cldm.trainable import TRAINING_KEY
-
     ckpt = read_training_checkpoint(resume) if resume is not None else None
     recorded = ckpt[TRAINING_KEY].get("config_hash") if ckpt is not None else None
     ours = config_hash(cfg)

@@ -1,11 +1,11 @@
 """A model ready for inference: which device, which config, which weights, which dtype.
 
-The config is chosen without the weights (`cldm.weights_config.resolve_config`: --config, a YAML beside the
-weights, the config the file records, SD2.1's), so a CLI can check its options against it
-before the long load. The weights are checked against the config's shapes on the meta device
-first (`load_model`), and against the config the file records, so a wrong file or config
-fails in a second with one line instead of colouring worse. `cast_weights` then holds the
-sampling weights in the compute dtype.
+The config is chosen without the weights (`cldm.weights_config.resolve_config`: --config, a
+YAML beside the weights, the config the file records, SD2.1's), so a CLI can check its options
+against it before the long load. The weights are checked against the config's shapes on the
+meta device first (`load_model`), and against the config the file records, so a wrong file or
+config fails in a second with one line instead of colouring worse. `cast_weights` then holds
+the sampling weights in the compute dtype.
 """
 from __future__ import annotations
 
