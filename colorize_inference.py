@@ -93,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--overwrite", action="store_true",
                     help="replace existing outputs (default: refuse to start if any output exists); "
                          "also the way to redo a range after an error")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     io.add_argument("--raw", action="store_true",
                     help="write the model's decoded image as is, instead of its colour on the input's lightness")
 
@@ -356,7 +357,7 @@ def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, 
         # a second bar below the main one: on a terminal only (in a log, its cursor moves are
         # stray escape codes)
         scan = progress_bar(total, "finding the reference images' frames", leave=False,
-                            disable=not sys.stderr.isatty(),
+                            disable=args.no_progress or not sys.stderr.isatty(),
                             iterable=P.iter_gray_frames(args.input, frames.start, frames.stop, note))
         try:
             found = dict(zip(images, P.most_similar_frames((f.gray for f in scan), [refs[k] for k in images])))
@@ -435,7 +436,7 @@ def run(args) -> int:
             model.compile_denoiser(vae_decoder=True, dynamic=False)
     notes = set()
     total = len(names) if names else None
-    bar = progress_bar(total, args.mode if args.method == "model" else args.method)
+    bar = progress_bar(total, args.mode if args.method == "model" else args.method, disable=args.no_progress)
     done = {"n": 0, "next": frames.start}
 
     def note(msg):

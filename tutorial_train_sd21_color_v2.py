@@ -102,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--image-every", type=int, help="steps between sample grids (0 = off)")
     g.add_argument("--log-every", type=int, help="steps between logged losses")
     g.add_argument("--val-every", type=int, help="validation loss every N training batches (0 = off)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs: the losses go to OUT/csv "
+                                                               "and OUT/tb either way)")
     g.add_argument("--export", action="store_true",
                    help="only write OUT/control.safetensors from the resume checkpoint, then exit")
     p.add_argument("overrides", nargs="*", type=config_override, metavar="key=value",
@@ -302,7 +304,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
         StepCheckpoint(out / "checkpoints", every_n_steps=t.ckpt_every, keep=t.ckpt_keep),
         ImageLogger(out / "images", t.image_every, t.image_count, t.image_ddim_steps, seed=t.seed),
         ReplicaCheck(out / "replicas.json"),
-        TQDMProgressBar(refresh_rate=max(1, t.log_every)),
+        *([] if args.no_progress else [TQDMProgressBar(refresh_rate=max(1, t.log_every))]),
     ]
     val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every else \
         dict(limit_val_batches=0)
@@ -313,7 +315,8 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
             accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
             log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
             logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
-            num_sanity_val_steps=0, benchmark=True, enable_model_summary=False, **val)
+            num_sanity_val_steps=0, benchmark=True, enable_model_summary=False,
+            enable_progress_bar=not args.no_progress, **val)
     except (TypeError, ValueError, RuntimeError) as e:  # Lightning's checks of devices, strategy, precision
         raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "
                          f"--strategy {args.strategy} --precision {t.precision}: {str(e).strip().splitlines()[0]}") \

@@ -748,3 +748,12 @@ def test_the_config_is_resolved_once(env, tmp_path, capsys, monkeypatch):
     assert rc == 0 and out.splitlines()[0] == f"config: {TOY.with_suffix('.yaml')}", err
     assert calls == [(str(TOY), None, None)]
     assert out.splitlines()[-1] == f"wrote 1 frame to {tmp_path}"  # not "1 frames"
+
+
+
+def test_no_progress_leaves_stderr_to_messages(env, tmp_path, capsys):
+    common = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--frames", "0:2"]
+    rc, _, err = run([*common, "--out", tmp_path / "a"], capsys)
+    assert rc == 0 and "frame/s" in err, err
+    rc, out, err = run([*common, "--out", tmp_path / "b", "--no-progress"], capsys)
+    assert (rc, err) == (0, "") and out == f"wrote 2 frames to {tmp_path / 'b'}\n"

@@ -803,3 +803,10 @@ def test_a_bad_yaml_found_beside_the_init_says_the_user_never_named_it(ws, tmp_p
     assert train.main(argv + ["--config", str(beside)]) == 2  # named by the user: no note
     assert capsys.readouterr().err == f"{train.PROG}: error: {beside}: no train: section (see " \
                                       "models/cldm_v21_color.yaml)\n"
+
+
+def test_no_progress_makes_a_trainer_without_a_bar(ws):
+    for extra, bar in (([], True), (["--no-progress"], False)):
+        ns = train.parser().parse_args(args(ws, ws / "unused", *extra))
+        trainer = train.make_trainer(train.resolve_config(ns), ns, ws / "unused")
+        assert (trainer.progress_bar_callback is not None) is bar, extra
