@@ -97,8 +97,16 @@ def read_json(path: Path) -> dict:
     return data
 
 
+META_KEYS = ("frame_count", "size", "image_format")  # what the dataset and the latent cache read
+
+
 def load_meta(movie_dir: str | os.PathLike) -> dict:
-    return read_json(Path(movie_dir) / "meta.json")
+    """A movie's meta.json; ValueError naming it if it lacks what readers need (KeyError names no file)."""
+    path = Path(movie_dir) / "meta.json"
+    meta = read_json(path)
+    if missing := [k for k in META_KEYS if k not in meta]:
+        raise ValueError(f"{path}: no {missing[0]!r} entry (not a meta.json written by build_pairs.py)")
+    return meta
 
 
 def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:

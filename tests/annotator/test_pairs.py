@@ -208,6 +208,8 @@ def test_sample_clip_with_cuts(tmp_path):
     (b"\xff\xfe{}", "not valid JSON (not UTF-8 text: byte 0)"),  # UnicodeDecodeError: a ValueError naming no file
     (b"[1, 2]", "not a JSON object (it holds a list)"),  # was AttributeError ('list' object has no attribute 'get')
     (b"null", "not a JSON object (it holds a NoneType)"),
+    (b"{}", "no 'frame_count' entry (not a meta.json written by build_pairs.py)"),  # was a KeyError later
+    (b'{"frame_count": 3, "size": [8, 8]}', "no 'image_format' entry (not a meta.json written by build_pairs.py)"),
 ])
 def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     from annotator.pairs import load_meta
