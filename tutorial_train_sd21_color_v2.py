@@ -408,8 +408,9 @@ def prepare(args):
     if args.resume == "auto":
         note_skipped(ckpt_dir)
     resume = resolve_resume(args.resume, ckpt_dir)  # before check_run_dir: --resume never says what it means
-    check_run_dir(out, cfg, model_settings(args))
-    check_resume_config(resume, cfg, model_settings(args))  # before OUT/config.yaml is written
+    settings = model_settings(args)
+    check_run_dir(out, cfg, settings)
+    check_resume_config(resume, cfg, settings)  # before OUT/config.yaml is written
     if args.export and resume is None:
         raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
     if not args.export:
