@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser, config_override, folder_problem, quiet_startup_signals, run_cli
+from cliutil import OneLineParser, Terminated, config_override, folder_problem, quiet_startup_signals, run_cli
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     quiet_startup_signals()
@@ -495,40 +497,63 @@ def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
 
 
 def train(args, cfg, trainer, module, dm, resume) -> int:
-    from cldm.run_dir import rerun_hint
-
-    if resume is not None and trainer.is_global_zero:
-        print(f"resuming from {resume}", file=sys.stderr)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cldm.lightning import ResumeRefusedError
+    from cldm.run_dir import rerun_hint
 
-    # Lightning ends a run it stopped itself with SystemExit: 1 after the first Ctrl-C, 0 (a
-    # SIGTERMException) after SIGTERM, which a scheduler or `&&` would take for success.
     out = Path(args.out)
+    received = []
+
+    def before_lightning(signum, _frame):
+        # SIGTERM while Lightning sets up (the checkpoint restore, seconds) would end the run
+        # unseen: stop as on Ctrl-C. Once Lightning's handler holds SIGTERM it calls this one
+        # too, and stops the run itself at the end of a step: then step aside.
+        if signal.getsignal(signal.SIGTERM) is before_lightning:
+            received.append(signum)
+            raise Terminated
+
+    def no_ctrl_c_notice(record) -> bool:  # Lightning's "Detected KeyboardInterrupt", untrue after SIGTERM
+        return not (received and "KeyboardInterrupt" in record.getMessage())
+
+    hook = threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    previous = signal.signal(signal.SIGTERM, before_lightning) if hook else None
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    notices.addFilter(no_ctrl_c_notice)
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    except SIGTERMException:
-        bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
-        print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
-              file=sys.stderr)
-        return 143
-    except SystemExit:
-        if not trainer.interrupted:
-            raise
-    except ResumeRefusedError as e:
-        raise refused_resume(e, resume, Path(args.init)) from None
-    except KeyboardInterrupt as e:  # one Lightning did not handle: run_cli says it, with what is true
-        if str(e).strip():
-            raise
-        raise type(e)(f"interrupted; {rerun_hint(out)}") from None
-    if trainer.interrupted:
-        print(f"{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
-        return 130
-    if trainer.is_global_zero:
-        path = export(module, Path(args.out), cfg, trainer.global_step, Path(args.init))
-        print(f"step {trainer.global_step}: trained weights -> {path}")
-    return 0
+        if resume is not None and trainer.is_global_zero:
+            print(f"resuming from {resume}", file=sys.stderr)
+        # Lightning ends a run it stopped itself with SystemExit: 1 after the first Ctrl-C, 0 (a
+        # SIGTERMException) after SIGTERM, which a scheduler or `&&` would take for success.
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        except SIGTERMException:
+            received.append(signal.SIGTERM)
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+        except ResumeRefusedError as e:
+            raise refused_resume(e, resume, Path(args.init)) from None
+        except KeyboardInterrupt as e:  # one Lightning did not handle: run_cli says it, with what is true
+            if str(e).strip():
+                raise
+            raise type(e)(f"interrupted; {rerun_hint(out)}") from None
+        if received:
+            bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
+            print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
+                  file=sys.stderr)
+            return 143
+        if trainer.interrupted:
+            print(f"{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
+            return 130
+        if trainer.is_global_zero:
+            path = export(module, out, cfg, trainer.global_step, Path(args.init))
+            print(f"step {trainer.global_step}: trained weights -> {path}")
+        return 0
+    finally:
+        notices.removeFilter(no_ctrl_c_notice)
+        if hook:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

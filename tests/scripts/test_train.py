@@ -350,6 +350,72 @@ def test_ctrl_c_and_sigterm_while_training_exit_as_interrupted(ws, tmp_path, sig
     assert all(load_ckpt(out / "checkpoints" / n)["global_step"] > 0 for n in left if n.endswith(".ckpt"))
 
 
+def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, tmp_path, capsys, monkeypatch):
+    """Before Lightning installs its own SIGTERM handler (its setup, the checkpoint restore) the
+    signal would end the run unseen, by its default action: it stops as after Ctrl-C, said as a
+    SIGTERM (not Lightning's "Detected KeyboardInterrupt"), 143, checkpoints kept."""
+    import lightning as L
+
+    class TermOnRestore(L.Callback):
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    make_trainer = train.make_trainer
+
+    def with_term(cfg, a, out, resume=None):
+        trainer = make_trainer(cfg, a, out, resume)
+        trainer.callbacks.append(TermOnRestore())
+        return trainer
+
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1, "--no-progress")) == 0
+    monkeypatch.setattr(train, "make_trainer", with_term)
+    unheard = []
+
+    def unheard_here(signum, frame):  # the test's own: without the script's, the signal would end pytest
+        unheard.append(signum)
+
+    before = signal.signal(signal.SIGTERM, unheard_here)
+    try:
+        capsys.readouterr()
+        status = train.main(args(ws, out, "--max-steps", 3, "--no-progress"))
+        assert signal.getsignal(signal.SIGTERM) is unheard_here  # the script's handler is gone with the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 143 and not unheard
+    err = capsys.readouterr().err
+    assert err.endswith(f"{train.PROG}: stopped by SIGTERM at step 0; rerun the same command to resume from the "
+                        "newest checkpoint\n"), err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=00000001.ckpt"]
+
+
+def test_sigterm_once_lightning_holds_it_is_left_to_lightning(tmp_path, capsys):
+    """Lightning's handler calls the one it found (the script's) too: that one must then not
+    raise, or the run would stop mid-step instead of at the end of the step, as Lightning does."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class LightningLike:  # installs a handler that calls the previous one, as Lightning's does
+        interrupted, is_global_zero, progress_bar_callback, global_step = False, True, None, 4
+
+        def fit(self, *a, **kw):
+            found = signal.getsignal(signal.SIGTERM)
+            calls = []
+            signal.signal(signal.SIGTERM, lambda n, f: (calls.append(n), found(n, f)))
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert calls == [signal.SIGTERM]
+            except KeyboardInterrupt:
+                pytest.fail("the script's handler raised inside Lightning's")
+            finally:
+                signal.signal(signal.SIGTERM, found)
+            raise SIGTERMException  # Lightning's, at the end of the step
+
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    assert train.train(a, None, LightningLike(), None, None, None) == 143
+    assert capsys.readouterr().err.startswith(f"{train.PROG}: stopped by SIGTERM at step 4; ")
+
+
 def check_resumes(ws, out, more_steps=3, *extra):
     """Every checkpoint loads; `--resume auto` then trains to `more_steps` past the newest.
 
