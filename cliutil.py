@@ -135,14 +135,15 @@ class Terminated(KeyboardInterrupt):
 
 
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-            errors: tuple[type[BaseException], ...], interrupted: str = "interrupted",
+            errors: tuple[type[BaseException], ...], interrupted: str | None = "interrupted",
             named: tuple[type[BaseException], ...] = (), sigterm: bool = True) -> int:
     """`run(args)`, with `errors` printed as "PROG: error: <first line>" (exit 2) and Ctrl-C as exit 130.
 
     `named`: further errors reported the same way but after their type name ("PROG: error:
     ConfigKeyError: ..."), for libraries whose messages do not say what kind of problem they are.
     `interrupted`: the message on Ctrl-C, unless the KeyboardInterrupt carries its own (a run that
-    knows where it stopped re-raises one saying so).
+    knows where it stopped re-raises one saying so); None re-raises it, for a tool run inside another
+    (demo.py) that says itself how the stop ends.
     `sigterm`: stop on SIGTERM (kill, a job scheduler) as on Ctrl-C, so the same clean-up runs
     (temporary files removed), with exit status 143; False leaves SIGTERM to the run (Lightning's
     own handling while it trains).
@@ -186,6 +187,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         print(f"{prog}: error: {one_line(e, with_type=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        if interrupted is None:
+            if received and not isinstance(e, Terminated):  # a run re-raised it with where it stopped
+                raise Terminated(*e.args) from None
+            raise
         message = one_line(e) if str(e).strip() else interrupted
         terminated = received or isinstance(e, Terminated)
         if terminated:

@@ -509,11 +509,10 @@ def run(args) -> int:
                              "missing)") from None
         raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume()})"
                          ) from None
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli): say where to continue
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
         if done["n"] == 0:
             raise
-        raise KeyboardInterrupt(f"interrupted; the {done['n']} outputs written so far are complete: {resume()}"
-                                ) from None
+        raise type(e)(f"interrupted; the {done['n']} outputs written so far are complete: {resume()}") from None
     finally:
         bar.close()
     earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
@@ -525,10 +524,12 @@ def run(args) -> int:
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
+    """`stop_line=False`: Ctrl-C and SIGTERM propagate to the calling tool, which says how its
+    own run continues (this script's `--frames N:` advice would not apply there)."""
     return run_cli(PROG, run, parser().parse_args(argv),
                    (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError),
-                   interrupted=INTERRUPTED)
+                   interrupted=INTERRUPTED if stop_line else None)
 
 
 if __name__ == "__main__":

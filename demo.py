@@ -123,17 +123,18 @@ def prepare_frames(clip: str | os.PathLike, first: int, stop: int, data: Path) -
 
 
 INTERRUPTED = "interrupted; what was written so far is kept: rerun with --overwrite to start again"
-CTRL_C, SIGTERM = 130, 143  # the exit status of a sub-tool stopped so (cliutil.run_cli)
 
 
 def _call(main, argv: list[str], what: str) -> None:
     """A sub-tool's entry point; a failure is a DemoError, and a sub-tool stopped by Ctrl-C or
-    SIGTERM stops the demo the same way (exit 130 or 143), not as a failure."""
-    rc = main(argv)
-    if rc in (CTRL_C, SIGTERM):
-        stop = Terminated if rc == SIGTERM else KeyboardInterrupt
+    SIGTERM stops the demo the same way (exit 130 or 143), not as a failure, in one line: the
+    sub-tool's own (how to continue it alone) would not apply to the demo."""
+    try:
+        rc = main(argv, stop_line=False)
+    except KeyboardInterrupt as e:
+        stop = Terminated if isinstance(e, Terminated) else KeyboardInterrupt
         raise stop(f"interrupted during {what}; what was written so far is kept: rerun with "
-                   "--overwrite to start again")
+                   "--overwrite to start again") from None
     if rc != 0:
         raise DemoError(f"{what} failed (exit status {rc}; its message is above)")
 

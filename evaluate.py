@@ -291,8 +291,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(PROG, run, parser().parse_args(argv), (UsageError, OSError))
+def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
+    """`stop_line=False`: Ctrl-C and SIGTERM propagate to the calling tool (demo.py), which says them."""
+    return run_cli(PROG, run, parser().parse_args(argv), (UsageError, OSError),
+                   interrupted="interrupted" if stop_line else None)
 
 
 if __name__ == "__main__":

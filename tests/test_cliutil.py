@@ -92,6 +92,32 @@ def test_run_cli_reports_a_raised_terminated_as_sigterm(capsys):
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM) during step 2\n"
 
 
+def test_run_cli_without_a_stop_line_leaves_the_stop_to_its_caller(capsys):
+    """interrupted=None (a tool run inside another): Ctrl-C and SIGTERM propagate, unsaid, as
+    KeyboardInterrupt and Terminated; a SIGTERM stays a Terminated even when the run re-raised
+    it as a plain KeyboardInterrupt saying where it stopped."""
+    import time
+
+    def ctrl_c(_):
+        raise KeyboardInterrupt("interrupted; 2 written")
+
+    def sigterm_rewrapped(_):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted; 3 written") from None
+        return 0
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        run_cli("p.py", ctrl_c, argparse.Namespace(), (OSError,), interrupted=None)
+    assert type(e.value) is KeyboardInterrupt and str(e.value) == "interrupted; 2 written"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match="^interrupted; 3 written$"):
+        run_cli("p.py", sigterm_rewrapped, argparse.Namespace(), (OSError,), interrupted=None)
+    assert capsys.readouterr().err == "" and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_run_cli_prints_the_interrupts_own_message(capsys):
     """A run that knows where it stopped re-raises KeyboardInterrupt with that; the generic
     `interrupted` is for one without a message."""

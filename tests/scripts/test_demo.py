@@ -160,20 +160,21 @@ def test_help_says_methods_default_to_all_six(capsys):
 
 
 def test_ctrl_c_in_a_step_exits_130_saying_interrupted(tmp_path, capsys, monkeypatch):
-    """A sub-tool stopped by Ctrl-C returns 130; the demo stops as interrupted (130), not as failed (2)."""
+    """A sub-tool stopped by Ctrl-C stops the demo as interrupted (130), not as failed (2), in the
+    demo's one line (the sub-tool's own is not printed)."""
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(demo.colorize_inference, "iter_baseline", interrupt)
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
     assert rc == 130, err
-    assert "error" not in err
+    assert "error" not in err and "colorize_inference.py: interrupted" not in err  # its --frames advice: not the demo's
     assert err.splitlines()[-1] == ("demo.py: interrupted during colorize_inference.py --method reinhard; what was "
                                     "written so far is kept: rerun with --overwrite to start again")
 
 
 def test_sigterm_in_a_step_exits_143_saying_terminated(tmp_path, capsys, monkeypatch):
-    """A sub-tool stopped by SIGTERM (a job scheduler) returns 143; the demo stops so too, not with
-    Ctrl-C's 130 (a scheduler or script reads the status)."""
+    """A sub-tool stopped by SIGTERM (a job scheduler) stops the demo with 143, not with Ctrl-C's
+    130 (a scheduler or script reads the status)."""
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(demo.colorize_inference, "iter_baseline", send_sigterm)
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
@@ -181,6 +182,25 @@ def test_sigterm_in_a_step_exits_143_saying_terminated(tmp_path, capsys, monkeyp
     assert err.splitlines()[-1] == ("demo.py: terminated (SIGTERM) during colorize_inference.py --method reinhard; "
                                     "what was written so far is kept: rerun with --overwrite to start again")
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_after_a_steps_first_frame_is_one_line_and_143(tmp_path, capsys, monkeypatch):
+    """Once a sub-tool has written frames it re-raises the stop saying where to continue it alone
+    (--frames N:); inside the demo that line is not printed and the stop stays a SIGTERM (143)."""
+    from colorize.baselines import iter_baseline
+
+    def first_then_sigterm(*args, **kwargs):
+        frames = iter_baseline(*args, **kwargs)
+        yield next(frames)
+        send_sigterm()
+
+    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", first_then_sigterm)
+    rc, _, err = run(["--frames", "100:103", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
+    assert rc == 143, err
+    assert "colorize_inference.py:" not in err and "--frames" not in err, err
+    assert err.splitlines()[-1] == ("demo.py: terminated (SIGTERM) during colorize_inference.py --method reinhard; "
+                                    "what was written so far is kept: rerun with --overwrite to start again")
+    assert len(list((tmp_path / "demo" / "reinhard").glob("*.png"))) == 1
 
 
 def test_sigterm_between_steps_exits_143(tmp_path, capsys, monkeypatch):
