@@ -201,7 +201,9 @@ def format_table(ev: ClipEvaluation) -> str:
     rows = [[name, *cells(res.means())] for name, res in ev.methods.items()]
     rows.append(["(ground truth)", *cells(ev.ground_truth)])
     width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))  # noqa: E731
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))
     return "\n".join([line(head), *map(line, rows)])
 
 

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: %(default)s)")
     p.add_argument("--variant", choices=["v1", "v2", "v3"],
                    help="colour variant (default: the config's); refused if an override sets another")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights (schedule buffers stay float32; default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the written weights (schedule buffers stay float32; default: %(default)s)")
     p.add_argument("--seed", type=seed_arg, default=0,
                    help=f"seed for the hint block's random initialisation, 0..{MAX_SEED} (default: %(default)s)")
     p.add_argument("--allow-pickle", action="store_true",

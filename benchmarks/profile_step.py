@@ -39,7 +39,8 @@ KINDS = [
     ("normalisation", r"norm"),
     ("matmul/conv", r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|xmma|wgmma|conv|cudnn|linear"),
     ("copies/casts", r"copy|cast|to_copy|\bto\b|contiguous|cat|memcpy|memset"),
-    ("element-wise/reduce", r"elementwise|vectorized|reduce|unrolled|add|mul|silu|gelu|sum|mean|div|sub|sqrt|exp|pow|foreach|adam"),
+    ("element-wise/reduce", r"elementwise|vectorized|reduce|unrolled|add|mul|silu|gelu|sum|mean|div|sub|sqrt"
+                            r"|exp|pow|foreach|adam"),
 ]
 
 

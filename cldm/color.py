@@ -60,7 +60,8 @@ class ColorCondition:
 
 def build_concat(variant: str, ref: torch.Tensor, gray: torch.Tensor,
                  encode: Callable[[torch.Tensor], torch.Tensor], latent_hw: tuple[int, int],
-                 ref_latent: torch.Tensor | None = None, gray_latent: torch.Tensor | None = None) -> torch.Tensor | None:
+                 ref_latent: torch.Tensor | None = None,
+                 gray_latent: torch.Tensor | None = None) -> torch.Tensor | None:
     """Extra latent-size input channels of a variant.
 
     `encode` maps an image in [-1, 1] to its scaled latent (posterior mean x scale factor);

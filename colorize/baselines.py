@@ -2,9 +2,10 @@
 
 They put the diffusion model's numbers in context and make the tool useful without a GPU.
 Convention for every function here: gray frames are anything colorize.gray.to_gray takes
-(HW, HW1, gray+alpha, or RGB(A) taken to its BT.601 luma), references HW3 RGB; both uint8, uint16 or float in [0, 1]. Outputs are float32 HW3
-in [0, 1] at the frame's size, luminance-true: `rgb_to_gray(out) == gray` up to float
-rounding (annotator.color.transfer_luma), so only colour comes from the reference.
+(HW, HW1, gray+alpha, or RGB(A) taken to its BT.601 luma), references HW3 RGB; both uint8,
+uint16 or float in [0, 1]. Outputs are float32 HW3 in [0, 1] at the frame's size,
+luminance-true: `rgb_to_gray(out) == gray` up to float rounding (annotator.color.transfer_luma),
+so only colour comes from the reference.
 Any aspect ratio; a reference of another size is resized to the frame size.
 With several references each frame uses the most similar one, chosen as the model modes
 choose it (colorize.pipeline.ReferenceChooser: SSIM of 64x64 gray thumbnails).

@@ -177,7 +177,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
                     raise OSError(f"{path}: cannot open an mp4v video writer (is the folder writable, the disk "
                                   "not full?)")
             elif (bgr.shape[1], bgr.shape[0]) != size:
-                raise ValueError(f"{path}: frame {n} is {bgr.shape[1]}x{bgr.shape[0]}, earlier frames {size[0]}x{size[1]}")
+                raise ValueError(f"{path}: frame {n} is {bgr.shape[1]}x{bgr.shape[0]}, "
+                                 f"earlier frames {size[0]}x{size[1]}")
             writer.write(bgr)
             n += 1
         if writer is None:

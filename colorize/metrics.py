@@ -397,7 +397,8 @@ def evaluate_stream(
             if flow is not None:
                 gt_warp.append(warp_error_pair(prev_gt, gt, flow))
             for m in names:
-                rows[m]["warp_error"].append(warp_error_pair(prev[m], cur[m], flow) if flow is not None else float("nan"))
+                error = warp_error_pair(prev[m], cur[m], flow) if flow is not None else float("nan")
+                rows[m]["warp_error"].append(error)
             prev_gt, prev = gt, cur
     if prev_gt is None:
         raise ValueError("the ground truth has no frames")

@@ -285,7 +285,8 @@ def write_report(
     for name, res in results.items():
         if any(len(v) != len(frames) for v in res.per_frame.values()):
             raise ValueError(f"{name}: per-frame metrics do not match the {len(frames)} frames")
-    if positions is not None and (len(positions) != len(frames) or any(b <= a for a, b in zip(positions, positions[1:]))):
+    if positions is not None and (len(positions) != len(frames)
+                                  or any(b <= a for a, b in zip(positions, positions[1:]))):
         raise ValueError(f"positions must be {len(frames)} increasing frame indices")
     keys = list(M.PER_FRAME_KEYS)
     means = {name: res.means() for name, res in results.items()}

@@ -50,7 +50,8 @@ def main(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
         ax.axis("off")
     ax = fig.add_axes([0, 0, 1, 0.5])
     ax.axis("off")
-    ax.text(0.5, 0.93, "hint = reference RGB (3) + target gray (1), image size  ->  ControlNet hint block (all variants)",
+    ax.text(0.5, 0.93,
+            "hint = reference RGB (3) + target gray (1), image size  ->  ControlNet hint block (all variants)",
             ha="center", fontsize=10, transform=ax.transAxes)
     rows = [("v1", [("noisy latent\n4", "#dde8f5")], "4 ch"),
             ("v2 (default)", [("noisy latent\n4", "#dde8f5"), ("VAE latent of\nreference 4", "#f5e3c8"),

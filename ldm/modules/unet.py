@@ -39,7 +39,8 @@ class ResBlock(nn.Module):
                  dropout: float = 0.0, use_checkpoint: bool = False):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
@@ -116,7 +117,8 @@ class UNetConfigMixin:
             return SpatialTransformer(ch, ch // num_head_channels, num_head_channels, transformer_depth,
                                       context_dim, use_checkpoint)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
