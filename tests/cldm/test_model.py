@@ -357,9 +357,12 @@ def test_compile_denoiser_with_inductor_matches_eager():
 def test_training_loss_targets_by_hand(parameterization):
     """The loss is the MSE between the model output at x_t = sqrt(a) z0 + sqrt(1 - a) eps and
     its target: eps, or v = sqrt(a) eps - sqrt(1 - a) z0 (Salimans & Ho 2022), with a =
-    alphas_cumprod[t], written out here from the schedule."""
+    alphas_cumprod[t], written out here from the schedule. The weights get small random offsets: a
+    fresh model's zero output conv predicts 0 whatever x_t is, and would hide a wrong x_t."""
     torch.manual_seed(0)
     model = create_model(load_config(TINY_CONFIG, [f"model.parameterization={parameterization}"])).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
     g = torch.Generator().manual_seed(1)
     z0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([10, 900])
@@ -370,7 +373,9 @@ def test_training_loss_targets_by_hand(parameterization):
     with torch.no_grad():
         want = torch.nn.functional.mse_loss(model.apply_model(x_t, t, cond), target)
         got = model.training_loss(z0, cond, noise=eps, t=t)
+        blind = torch.nn.functional.mse_loss(torch.zeros_like(target), target)  # what a zero output gives
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert abs(got.item() - blind.item()) > 1e-3 * blind.item()  # the output at x_t counts
 
 
 def test_schedule_and_only_mid_control_come_from_the_config():
