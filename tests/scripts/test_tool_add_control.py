@@ -59,8 +59,22 @@ def test_initial_model_predicts_exactly_what_plain_sd_predicts(sd_files, tmp_pat
     w = state["model.diffusion_model.input_blocks.0.0.weight"]
     assert torch.equal(w[:, :4], sd["model.diffusion_model.input_blocks.0.0.weight"])
     assert torch.count_nonzero(w[:, 4:]) == 0
-    assert torch.equal(state["control_model.input_blocks.1.0.in_layers.2.weight"],
-                       sd["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"])
+    # every ControlNet tensor with a UNet twin is that twin (the input conv widened like the
+    # UNet's); only the hint block, the zero convs and the middle block's zero conv are new
+    copied, new = [], []
+    for k, v in state.items():
+        if not k.startswith("control_model."):
+            continue
+        twin = "model.diffusion_model." + k[len("control_model."):]
+        if twin not in sd:
+            new.append(k)
+        elif k.endswith("input_blocks.0.0.weight"):
+            assert torch.equal(v, w), k
+        else:
+            assert torch.equal(v, sd[twin]), k
+            copied.append(k)
+    assert {k.split(".")[1] for k in copied} == {"input_blocks", "middle_block", "time_embed"}
+    assert {k.split(".")[1] for k in new} == {"input_hint_block", "zero_convs", "middle_block_out"}
 
     plain = UNetModel(**{k: v for k, v in load_config(TINY_CONFIG).model.unet.items()}, in_channels=4,
                       out_channels=4).eval()
