@@ -29,11 +29,15 @@ def test_v2_concat_is_ref_latent_then_gray_and_v3_uses_gray_latent():
     c2 = build_concat("v2", ref, gray, encode, (2, 2))
     torch.testing.assert_close(seen[0], ref * 2 - 1)
     assert c2.shape == (2, 5, 2, 2)
+    ref_latent = (ref * 2 - 1)[:, :1, ::8, ::8].repeat(1, 4, 1, 1) + 10  # encode's output for the reference
+    torch.testing.assert_close(c2[:, :4], ref_latent, rtol=0, atol=0)
     torch.testing.assert_close(c2[:, 4:], gray_to_latent_size(gray, (2, 2)))
     seen.clear()
     c3 = build_concat("v3", ref, gray, encode, (2, 2))
     torch.testing.assert_close(seen[1], gray.repeat(1, 3, 1, 1) * 2 - 1)
-    assert c3.shape == (2, 8, 2, 2) and torch.all(c3[:, 4:] >= 19)  # second encode = gray
+    assert c3.shape == (2, 8, 2, 2)
+    torch.testing.assert_close(c3[:, :4], ref_latent, rtol=0, atol=0)  # first encode = reference
+    torch.testing.assert_close(c3[:, 4:], (gray * 2 - 1)[:, :1, ::8, ::8].repeat(1, 4, 1, 1) + 20, rtol=0, atol=0)
     cached = torch.full((2, 4, 2, 2), 7.0)
     seen.clear()
     c = build_concat("v3", ref, gray, encode, (2, 2), ref_latent=cached, gray_latent=cached)
