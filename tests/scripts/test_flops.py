@@ -91,5 +91,10 @@ def test_train_flops_refuses_bad_arguments_in_one_line(argv, says, capsys):
 
 
 def test_flops_cli_counts_the_tiny_config(capsys):
+    """The count the library gives for these flags (1_272_769_664, test above), in GFLOP to 3 places."""
     assert flops.main(["--config", str(TINY_CONFIG), "--size", "64", "--steps", "2"]) == 0
-    assert "ours_total" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# cldm_tiny_color.yaml, 64x64, 2 DDIM steps, batch 1, ")
+    rows = dict(line.split(None, 1) for line in lines[1:] if not line.startswith("original /"))
+    assert rows["ours_total"] == rows["ours_measured"] == "1.273 GFLOP"
+    assert rows["controlnet_step"] == "0.017 GFLOP" and rows["unet_step"] == "0.055 GFLOP"
