@@ -83,9 +83,12 @@ def test_sdpa_backend_forces_one_kernel_in_the_denoisers_attention_only():
 def test_bench_inference_forces_the_attention_backend_in_the_denoiser_only(capsys):
     """--sdpa flash ran every SDPA call on flash, and the VAE's strided q/k/v have no flash kernel
     (on a GPU neither do its 512-wide head nor the text encoder's fp32 masked attention)."""
-    assert bench_inference.main(["--frames", "2", "--scale", "0.25", "--steps", "2", "--repeat", "1",
-                                 "--threads", "1", "--sdpa", "flash", "--modes", "fixed1"]) == 0
+    argv = ["--frames", "2", "--scale", "0.25", "--steps", "2", "--repeat", "1", "--threads", "1", "--modes", "fixed1"]
+    assert bench_inference.main([*argv, "--sdpa", "flash"]) == 0
     assert "SDPA flash" in capsys.readouterr().out
+    # the run really is under the forced backend: the CPU has no memory-efficient kernel
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        bench_inference.main([*argv, "--sdpa", "efficient"])
 
 
 def test_bench_train_records_the_attention_backend(tmp_path, capsys):
