@@ -79,6 +79,11 @@ def test_folder_gives_same_names_sizes_and_lightness(env, tmp_path, capsys, mode
         assert rgb.shape == (80, 143, 3) and rgb.dtype == np.uint8
         # 8-bit rounding of each channel moves BT.601 luma by at most 0.5 levels
         assert np.abs(rgb_to_gray(rgb) * 255 - gray).max() <= 0.5 + 1e-3
+    # and the frames are the library's for that mode (with the CLI's defaults), not another mode's
+    grays = [f.gray for f in P.iter_gray_frames(env["gray"])]
+    lib = P.colorize(env["model"], grays, [P.read_reference(env["refs"][0])], mode, batch=3, size=64, steps=2)
+    for n, expected in enumerate(lib):
+        np.testing.assert_array_equal(read_rgb(out / f"f{n}.png"), to_uint8(expected))
 
 
 @pytest.mark.parametrize("noise", P.NOISES)
