@@ -173,6 +173,18 @@ def test_odd_sized_video_is_padded(env, tmp_path, capsys):
     assert read_rgb(out / "f0.png").shape == (80, 143, 3)
 
 
+def test_raw_writes_the_models_decoded_colours_without_the_input_lightness(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--frames", "0:1",
+                      "--raw", "--out", out, *FAST], capsys)
+    assert rc == 0, err
+    gray = [f.gray for f in P.iter_gray_frames(env["gray"])][0]
+    [want] = P.colorize_fixed(env["model"], [gray], P.read_reference(env["refs"][0]), raw=True, size=64, steps=2)
+    got = read_rgb(out / "f0.png")
+    np.testing.assert_array_equal(got, to_uint8(want))
+    assert np.abs(rgb_to_gray(got) - gray).max() > 0.05  # not luma-true: the lightness is the model's
+
+
 def test_progress_bar_shows_frames_per_second(env, tmp_path, capsys):
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"],
                       "--out", tmp_path / "out", *FAST], capsys)
