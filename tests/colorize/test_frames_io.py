@@ -24,13 +24,16 @@ def test_write_image_atomic_round_trip_and_replace(tmp_path):
     np.testing.assert_array_equal(cv2.imread(str(path))[..., ::-1], a)
     write_image_atomic(tmp_path / "f.png", b / 255.0)  # float [0, 1] input, existing file replaced
     np.testing.assert_array_equal(cv2.imread(str(path))[..., ::-1], b)
-    write_image_atomic(tmp_path / "g.png", a[..., 0])  # gray
-    assert sorted(os.listdir(tmp_path)) == ["f.png", "g.png"]  # no temporary files left
+    write_image_atomic(tmp_path / "g.png", a[..., 0])  # gray: written as one channel
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "g.png"), cv2.IMREAD_UNCHANGED), a[..., 0])
+    write_image_atomic(tmp_path / "h.png", b[..., :1] / 255.0)  # HW1 float gray
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "h.png"), cv2.IMREAD_UNCHANGED), b[..., 0])
+    assert sorted(os.listdir(tmp_path)) == ["f.png", "g.png", "h.png"]  # no temporary files left
 
 
 def test_write_image_atomic_failure_leaves_nothing(tmp_path):
     (tmp_path / "keep.png").write_bytes(b"old")
-    with pytest.raises(Exception):
+    with pytest.raises(cv2.error, match="could not find encoder for the specified extension"):
         write_image_atomic(tmp_path / "keep.notanimage", rgb())
     with pytest.raises(ValueError, match="HW or HW3"):
         write_image_atomic(tmp_path / "keep.png", np.zeros((4, 4, 2), np.uint8))
