@@ -64,9 +64,26 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # omegaconf raises several types; all mean "bad override"
         check_config(cfg, where)  # a key the file lacks: say so, not "not in struct"
-        raise ConfigError(f"bad override for {short}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(_bad_override(cfg, overrides, e, short)) from None
     check_config(merged, where, overrides)  # the merged result: an override may fix the file
     return merged
+
+
+def _bad_override(cfg: DictConfig, overrides: Sequence[str], error: Exception, short: str) -> str:
+    """The line for overrides that do not merge: which one, and its full key. OmegaConf's own
+    message names only the last part of the key ("Key 'model_chanels' is not in struct")."""
+    culprit, full_key = None, None
+    for o in overrides:
+        try:
+            OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+        except Exception as e:  # noqa: BLE001  (the same types as the caller's)
+            culprit, error, full_key = o, e, getattr(e, "full_key", None)
+            break
+    first = str(error).splitlines()[0]
+    if full_key and " is not in struct" in first:
+        hint = first.split("Did you mean", 1)
+        first = f"{full_key}: no such key" + (f" (did you mean{hint[1].rstrip('?')}?)" if len(hint) > 1 else "")
+    return f"bad override{f' {culprit}' if culprit else ''} for {short}: {first}"
 
 
 # The reference config gives every key's type, and the keys a config must have, except these

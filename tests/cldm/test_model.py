@@ -49,7 +49,7 @@ def test_decode_first_stage_matches_reference(tiny_weights, tiny_io):
 
 
 def test_bad_override_is_a_one_line_error():
-    with pytest.raises(ConfigError, match="colour_variant.*Did you mean"):
+    with pytest.raises(ConfigError, match="colour_variant.*did you mean"):
         load_config(TINY_CONFIG, ["model.colour_variant=v3"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(TINY_CONFIG, ["model.color_variant"])
@@ -57,6 +57,19 @@ def test_bad_override_is_a_one_line_error():
         load_config(TINY_CONFIG, ["model.color_variant=v4"])  # refused before a model is built
     with pytest.raises(ConfigError, match=r"cldm_tiny_color\.yaml: Interpolation key 'nope' not found$"):
         load_config(TINY_CONFIG, ["model.scale_factor=${nope}"])  # resolved when loaded, not deep in create_model
+
+
+def test_a_misspelt_override_names_the_override_and_its_whole_key():
+    """OmegaConf's "Key 'model_chanels' is not in struct" names neither the override nor the key's
+    section; among several overrides the line names the one that does not fit."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_CONFIG, ["train.lr=1", "model.unet.model_chanels=32", "model.nope=1"])
+    assert str(e.value) == ("bad override model.unet.model_chanels=32 for cldm_tiny_color.yaml: "
+                            "model.unet.model_chanels: no such key "
+                            "(did you mean one of: 'model_channels', 'num_head_channels'?)")
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_CONFIG, ["model.nope.deeper=1"])
+    assert str(e.value) == "bad override model.nope.deeper=1 for cldm_tiny_color.yaml: model.nope: no such key"
 
 
 @pytest.mark.parametrize("override, expected", [
