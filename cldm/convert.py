@@ -39,10 +39,15 @@ class InitReport:
         ])
 
 
+def _widenable(src: torch.Tensor, target_shape: torch.Size) -> bool:
+    """The file's input conv fits the model's but for the extra input channels."""
+    return src.ndim == 4 and src.shape[0] == target_shape[0] and src.shape[2:] == target_shape[2:] \
+        and src.shape[1] <= target_shape[1]
+
+
 def _widen(src: torch.Tensor, target_shape: torch.Size, key: str) -> torch.Tensor:
     """Pretrained kernel in the first input channels, zeros in the new ones."""
-    if src.ndim != 4 or src.shape[0] != target_shape[0] or src.shape[2:] != target_shape[2:] \
-            or src.shape[1] > target_shape[1]:
+    if not _widenable(src, target_shape):
         raise CheckpointError(f"{key}: cannot widen shape {tuple(src.shape)} to {tuple(target_shape)}")
     out = torch.zeros(target_shape, dtype=src.dtype)
     out[:, : src.shape[1]] = src
@@ -88,7 +93,7 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor], fresh: dict[str
                 problems.append(f"missing {key}")
             continue
         if src.shape != shape_of.shape:
-            if key.endswith(INPUT_CONV):
+            if key.endswith(INPUT_CONV) and _widenable(src, shape_of.shape):  # else: a mismatch like any other
                 out[key] = _widen(src, shape_of.shape, key).to(want)
                 report.widened.append(key)
                 continue
