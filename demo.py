@@ -246,7 +246,8 @@ def run_demo(args) -> dict:
     _call(evaluate.main, [a for p in preds for a in ("--pred", p)] + [
         "--gt", str(out / "data" / "colour"), "--exclude", f"frame_{first:04d}", "--reference", str(reference),
         "--out", str(report), "--no-progress"], "evaluate.py")
-    return {"seconds": time.time() - t0, "frames": [out / m for m in methods],
+    return {"seconds": time.time() - t0, "data": out / "data", "reference": reference,
+            "frames": [out / m for m in methods],
             "videos": [out / f"{m}.mp4" for m in methods], "report": report,
             "report_files": [report / f for kind, f in REPORT_FILES.items() if kind != "strip"],
             "strip": report / REPORT_FILES["strip"], "plot": report / REPORT_FILES["psnr_plot"]}
@@ -258,6 +259,9 @@ def run(args) -> int:
     out = Path(args.out)
     rel = lambda p: os.path.relpath(p) if Path(p).resolve().is_relative_to(Path.cwd()) else str(p)  # noqa: E731
     print(f"\ndemo done in {paths['seconds']:.0f} s; everything is under {rel(out)}/")
+    data = paths["data"]
+    print(f"  inputs:        {rel(data / 'gray')}/ (gray), {rel(data / 'colour')}/ (ground truth), "
+          f"{rel(paths['reference'])}")
     print(f"  frames:        {', '.join(rel(p) + '/' for p in paths['frames'])}")
     print(f"  videos:        {', '.join(rel(p) for p in paths['videos'])}")
     print(f"  report:        {rel(paths['report'])}/ ({', '.join(p.name for p in paths['report_files'])})")

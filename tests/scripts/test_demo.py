@@ -55,8 +55,13 @@ def test_quick_demo_writes_frames_videos_report_and_strip(tmp_path, capsys):
     # the toy model colours: even at 2 DDIM steps, 3 dB over the gray input (measured 23.0 vs 17.7)
     assert float(rows["fixed"]["psnr"]) > float(rows[demo.GRAY_LABEL]["psnr"]) + 3
     assert (out / "report" / "strip.png").stat().st_size > 0
-    tail = stdout.strip().splitlines()[-5:]
+    tail = stdout.strip().splitlines()[-6:]
     assert tail[0].startswith("demo done in") and str(out) in tail[0]
+    # where the inputs it scored against are (README: data/ with gray, ground truth, reference.png)
+    data = out / "data"
+    assert tail[1] == (f"  inputs:        {data / 'gray'}/ (gray), {data / 'colour'}/ (ground truth), "
+                       f"{data / 'reference.png'}")
+    assert (data / "reference.png").is_file()
     assert "strip.png" in tail[-1]
     # the summary lists every file the report holds (it lacked warp_error.png), the strip on its own line
     listed = re.fullmatch(r"  report: +\S+/ \((.*)\)", tail[-2]).group(1).split(", ")
