@@ -18,7 +18,7 @@ from cldm.checkpoint import load_state_dict  # noqa: F401  (public API: cldm.mod
 from cldm.cldm import ControlLDM
 from cldm.color import VARIANTS, extra_channels
 from cldm.controlnet import ControlledUnetModel, ControlNet
-from ldm.modules.autoencoder import AutoencoderKL, keyword_names
+from ldm.modules.autoencoder import AutoencoderKL, Decoder, Encoder, keyword_names
 from ldm.modules.text_encoder import LAYERS, FrozenOpenCLIPEmbedder
 from ldm.modules.unet import UNetModel
 
@@ -105,13 +105,37 @@ def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> 
     """ConfigError for the first problem `config_problem` finds, saying where it came from: the
     last override that set the key (or a section above it), else the file."""
     try:
-        found = config_problem(OmegaConf.to_container(cfg, resolve=True))
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        found = unknown_key(plain) or config_problem(plain)  # a misspelt key first: it is also "missing"
     except Exception as e:  # an interpolation that does not resolve
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
     if found:
         key, problem = found
         setters = [o for o in overrides if f"{key}.".startswith(o.split("=", 1)[0].strip() + ".")]
         raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
+
+
+def unknown_key(cfg: dict) -> tuple[str, str] | None:
+    """(key, problem) for a `model.unet` or `model.first_stage.ddconfig` key that the modules do
+    not take, as create_model would refuse it, but found while the file is known, so the line
+    can name it."""
+    m = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(m, dict):
+        return None
+    if isinstance(m.get("unet"), dict):
+        try:
+            check_unet_keys(m["unet"])
+        except ConfigError as e:
+            return tuple(str(e).split(": ", 1))
+    ddconfig = m["first_stage"].get("ddconfig") if isinstance(m.get("first_stage"), dict) else None
+    if isinstance(ddconfig, dict):
+        known = keyword_names(Encoder) | keyword_names(Decoder)
+        for key in ddconfig:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+                return f"model.first_stage.ddconfig.{key}", f"unknown key{hint}"
+    return None
 
 
 def config_problem(cfg, ref: dict | None = None, prefix: str = "") -> tuple[str, str] | None:

@@ -305,11 +305,28 @@ def _write_config(tmp_path, edit):
     (lambda m: m["unet"].update(use_checkpint=True), r"model\.unet\.use_checkpint: unknown key; did you mean use_checkpoint\?"),
     (lambda m: m["unet"].update(in_channels=9), r"model\.unet\.in_channels: set from latent_channels and color_variant"),
     (lambda m: m["unet"].update(use_linear_in_transformer=False), r"model\.unet: use_linear_in_transformer=false"),
-    (lambda m: m["first_stage"]["ddconfig"].update(tanh_out=True), r"model\.first_stage: unknown ddconfig key"),
+    (lambda m: m["first_stage"]["ddconfig"].update(tanh_out=True),
+     r"model\.first_stage\.ddconfig\.tanh_out: unknown key"),
 ])
 def test_unknown_or_unsupported_yaml_keys_are_config_errors(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message):
         create_model(load_config(_write_config(tmp_path, edit)))
+
+
+@pytest.mark.parametrize("section, wrong, right", [("unet", "model_chanels", "model_channels"),
+                                                   ("ddconfig", "chh", "ch")])
+def test_a_misspelt_yaml_key_is_named_with_the_file_not_as_the_key_it_lacks(tmp_path, section, wrong, right):
+    """Found by load_config, which knows the file; create_model, given the config alone, could
+    only say "model.unet.model_chanels: unknown key", and the reference check would first call
+    the key it replaces missing."""
+    def edit(m):
+        part = m["unet"] if section == "unet" else m["first_stage"]["ddconfig"]
+        part[wrong] = part.pop(right)
+    path = _write_config(tmp_path, edit)
+    key = f"model.unet.{wrong}" if section == "unet" else f"model.first_stage.ddconfig.{wrong}"
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {key}: unknown key; did you mean {right}?"
 
 
 def test_use_linear_in_transformer_true_is_accepted(tmp_path):
