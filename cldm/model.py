@@ -122,19 +122,21 @@ def unknown_key(cfg: dict) -> tuple[str, str] | None:
     m = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(m, dict):
         return None
-    if isinstance(m.get("unet"), dict):
-        try:
-            check_unet_keys(m["unet"])
-        except ConfigError as e:
-            return tuple(str(e).split(": ", 1))
+    if isinstance(m.get("unet"), dict) and (found := unet_key_problem(m["unet"])):
+        return found
     ddconfig = m["first_stage"].get("ddconfig") if isinstance(m.get("first_stage"), dict) else None
     if isinstance(ddconfig, dict):
-        known = keyword_names(Encoder) | keyword_names(Decoder)
-        for key in ddconfig:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
-                return f"model.first_stage.ddconfig.{key}", f"unknown key{hint}"
+        return _not_taken("model.first_stage.ddconfig", ddconfig, keyword_names(Encoder) | keyword_names(Decoder))
+    return None
+
+
+def _not_taken(section: str, keys, known: set[str]) -> tuple[str, str] | None:
+    """(key, problem) for the first of `keys` not in `known`, with the likely intended one."""
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            return f"{section}.{key}", f"unknown key{hint}"
     return None
 
 
@@ -210,20 +212,23 @@ def model_config(cfg: DictConfig | dict) -> DictConfig:
 DERIVED_UNET_KEYS = ("in_channels", "out_channels")
 
 
+def unet_key_problem(unet_kw: dict) -> tuple[str, str] | None:
+    """(key, problem) for a `model.unet` key the UNet does not take (naming the likely intended
+    one), or one derived from latent_channels and color_variant."""
+    for key in unet_kw:
+        if key in DERIVED_UNET_KEYS:
+            return f"model.unet.{key}", "set from latent_channels and color_variant, remove it"
+    return _not_taken("model.unet", unet_kw, keyword_names(UNetModel) - set(DERIVED_UNET_KEYS))
+
+
 def check_unet_keys(unet_kw: dict) -> None:
     """Refuse `model.unet` keys the UNet does not take, naming the key (and the likely intended one).
 
     The UNet and ControlNet accept exactly their arguments, so this only turns Python's
     TypeError into a config error that says where the key is.
     """
-    known = keyword_names(UNetModel) - set(DERIVED_UNET_KEYS)
-    for key in unet_kw:
-        if key in DERIVED_UNET_KEYS:
-            raise ConfigError(f"model.unet.{key}: set from latent_channels and color_variant, remove it")
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
-            raise ConfigError(f"model.unet.{key}: unknown key{hint}")
+    if found := unet_key_problem(unet_kw):
+        raise ConfigError(": ".join(found))
 
 
 def create_control_net(config: DictConfig | dict) -> ControlNet:
