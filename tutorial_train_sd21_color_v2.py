@@ -277,7 +277,8 @@ def build_datamodule(cfg, args, model):
     return dm
 
 
-def make_trainer(cfg, args, out: Path, resume: Path | None = None):
+def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: bool = True):
+    """`validate=False`: no validation even with train.val_every (the data has no held-out movie)."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import TQDMProgressBar
@@ -308,7 +309,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None):
         ReplicaCheck(out / "replicas.json"),
         *([] if args.no_progress else [TQDMProgressBar(refresh_rate=max(1, t.log_every))]),
     ]
-    val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every else \
+    val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every and validate else \
         dict(limit_val_batches=0)
     try:
         return L.Trainer(
@@ -439,7 +440,7 @@ def prepare(args):
         raise UsageError(f"{args.data}: the band gives {len(dm.train)} training frames with a partner, "
                          f"{per_device} per device, fewer than --batch-size {t.batch_size}; lower it or widen "
                          "the band (--low/--high/--min-gap)")
-    trainer = make_trainer(cfg, args, out, resume)
+    trainer = make_trainer(cfg, args, out, resume, validate=dm.val is not None)
     record_config(out, cfg)
     return cfg, trainer, module, dm, resume
 

@@ -290,6 +290,25 @@ def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys):
     assert "note: no validation: it holds out a whole movie" in capsys.readouterr().err
 
 
+def test_validation_asked_for_without_a_held_out_movie_is_off_in_lightning_too(tmp_path, capsys, recwarn):
+    """The note says there is no validation; Lightning is not asked for it either (it warned
+    "Total length of `list` across ranks is zero" on the empty loader)."""
+    root = tiny_data_root(tmp_path, movies=1, frames=8, height=64, width=96)
+    model = tiny_model("v2")
+    save_state_dict(model.state_dict(), tmp_path / "init.safetensors")
+    argv = ["--config", str(TINY_CONFIG), "--init", str(tmp_path / "init.safetensors"), "--data", str(root),
+            "--out", str(tmp_path / "run"), "--low", "0", "--high", "1", "--min-gap", "1", "--accelerator", "cpu",
+            "--val-every", "1", "--max-steps", "2", "--num-workers", "0", "--no-progress"]
+    assert train.main(argv) == 0
+    assert "note: no validation" in capsys.readouterr().err
+    assert not [w for w in recwarn if "Total length" in str(w.message)], [str(w.message) for w in recwarn]
+    ns = train.parser().parse_args(argv)
+    cfg = train.resolve_config(ns)
+    assert train.make_trainer(cfg, ns, tmp_path / "unused", validate=False).limit_val_batches == 0
+    trainer = train.make_trainer(cfg, ns, tmp_path / "unused")
+    assert trainer.limit_val_batches == 1.0 and trainer.val_check_interval == 1
+
+
 def test_ctrl_c_before_training_is_one_line_and_exit_130(ws, tmp_path, capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
