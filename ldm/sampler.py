@@ -87,6 +87,9 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
         raise ValueError("give a generator or a noise_fn, not both")
     timesteps = ddim_timesteps(steps, num_train=alphas_cumprod.shape[0])
     alphas, alphas_prev, sigmas = ddim_schedule(alphas_cumprod, timesteps, eta)
+    # On x's device once: a CPU scalar moved there at every step is a blocking copy (a stream
+    # sync on CUDA), which would stop the loop from queueing steps ahead of the GPU.
+    coefs = [c.to(x_T.device) for c in (alphas, alphas_prev, sigmas)]
     x = x_T
     order = list(reversed(range(len(timesteps))))
     for i, index in enumerate(tqdm(order, desc="DDIM", disable=not progress)):
@@ -106,7 +109,7 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
                 noise = noise_fn(x.shape).to(x.device)
             else:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x, pred_x0 = ddim_step(x, eps, alphas[index], alphas_prev[index], sigmas[index], noise)
+        x, pred_x0 = ddim_step(x, eps, *(c[index] for c in coefs), noise)
         if callback is not None:
             callback(i, int(timesteps[index]), x, pred_x0)
     return x

@@ -6,6 +6,7 @@ sqrt(a_0) x0 + sqrt(1 - a_0) eps (the reference's last step goes to alphas_cumpr
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps
 from ldm.schedule import schedule_buffers
@@ -161,3 +162,35 @@ def test_noise_fn_replaces_the_generator():
     assert shapes == []  # eta = 0: no noise drawn
     with pytest.raises(ValueError, match="not both"):
         ddim_sample(oracle(x0), x_T, AC, steps=10, eta=1.0, noise_fn=noise_fn, generator=torch.Generator())
+
+
+class CrossDeviceCopies(TorchDispatchMode):
+    """Counts aten copies whose source and destination devices differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            if isinstance(src, torch.Tensor) and src.device != out.device:
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_step_coefficients_reach_the_device_once_not_every_step(eta):
+    """A CPU scalar moved to CUDA is a blocking copy (stream sync): once per step it would stop
+    the loop from queueing steps ahead of the GPU. `meta` stands in for the accelerator: the
+    number of host-to-device copies must not grow with the step count."""
+    x_T = torch.empty(1, 4, 8, 8, device="meta")
+    noise_fn = lambda shape: torch.empty(shape, device="meta")  # noqa: E731  (eta > 0: drawn on the device)
+    counts = []
+    for steps in (5, 10):
+        with CrossDeviceCopies() as copies:
+            out = ddim_sample(lambda x, t: torch.zeros_like(x), x_T, AC, steps=steps, eta=eta, noise_fn=noise_fn)
+        assert out.device.type == "meta"
+        counts.append(copies.count)
+    assert counts[0] == counts[1] <= 3, counts
