@@ -212,7 +212,11 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        """mean + std * noise, drawn and returned in at least float32 as in the reference: under
+        autocast the moments are half precision, and a half draw would quantise the training
+        target z0 and, through it, the diffusion noise drawn like z0."""
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:

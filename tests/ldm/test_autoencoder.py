@@ -45,6 +45,19 @@ def test_sample_is_seeded_and_uses_std(vae, tiny_io):
 
 
 @torch.no_grad()
+def test_sample_under_autocast_is_a_float32_draw(vae, tiny_io):
+    """Under autocast the moments are bf16; the reference draws float32 noise (and the sum
+    promotes), so the training target z0, and the diffusion noise drawn like it, are not
+    quantised to bf16."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        posterior = vae.encode(tiny_io["image"])
+        z = posterior.sample(torch.Generator().manual_seed(0))
+    assert posterior.mean.dtype == torch.bfloat16 and z.dtype == torch.float32
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, posterior.mean.float() + posterior.std.float() * noise, rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_half_precision_runs_close_to_float32(vae, tiny_io, tiny_arch):
     """GroupNorm runs in float32, so a bfloat16 model stays near the float32 one."""
     half = AutoencoderKL(**tiny_arch["vae"])
