@@ -24,8 +24,9 @@ class ControlledUnetModel(UNetModel):
                 control: Sequence[torch.Tensor] | None = None, only_mid_control: bool = False) -> torch.Tensor:
         emb = self.embed_time(timesteps)
         # The encoder needs a graph only if something in it trains (e.g. new input channels).
-        encoder_trains = any(p.requires_grad for p in self.input_blocks.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+        # Grad mode first: sampling then skips the walk over the encoder's parameters at every step.
+        encoder_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.input_blocks.parameters())
+        with torch.set_grad_enabled(encoder_trains):
             h, skips = self.encode(x, emb, context)
         if control is not None:
             h = h + control[-1]
