@@ -162,8 +162,9 @@ class UNetModel(UNetConfigMixin, nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+        # ch = model_channels * channel_mult[0]; the reference writes model_channels for the conv's
+        # input, which is the same for SD (mult 1) and a shape error at the first forward otherwise.
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor):
         skips, h = [], x

@@ -108,6 +108,17 @@ def test_unknown_or_unsupported_arguments_are_errors(tiny_arch):
         UNetModel(**{**unet_kwargs(tiny_arch), "use_linear_in_transformer": False})
 
 
+def test_a_first_level_wider_than_model_channels_runs(tiny_arch):
+    """channel_mult[0] != 1: the decoder ends at model_channels * channel_mult[0] channels, and the
+    output head must take that many (the reference's conv takes model_channels: a shape error)."""
+    kw = {**unet_kwargs(tiny_arch), "channel_mult": [2, 2]}
+    unet = UNetModel(**kw)
+    assert unet.out[-1].in_channels == unet.out[0].num_channels == 2 * kw["model_channels"]
+    x = torch.randn(1, kw["in_channels"], 8, 8)
+    with torch.no_grad():
+        assert unet(x, torch.tensor([3]), torch.randn(1, 77, kw["context_dim"])).shape == (1, kw["out_channels"], 8, 8)
+
+
 def test_half_weights_without_autocast_and_float32_ending_under_autocast(tiny_arch, tiny_weights, tiny_io):
     """Two dtype rules of the reference UNet. Under autocast with float32 input, the decoder's
     last norm and SiLU run in float32 (h is cast back to the input's dtype first): the output
