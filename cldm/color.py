@@ -8,7 +8,7 @@ ControlNet's hint block. v2/v3 additionally concatenate latent-size maps to the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,13 +46,9 @@ class ColorCondition:
     def __len__(self) -> int:
         return self.context.shape[0]
 
-    def select(self, index) -> "ColorCondition":
-        """Rows `index` (slice, tensor or list) of every field: for batching frames of one clip."""
-        pick = lambda t: None if t is None else t[index]
-        return replace(self, context=pick(self.context), guided_hint=pick(self.guided_hint), concat=pick(self.concat))
-
     @staticmethod
     def cat(conds: list["ColorCondition"]) -> "ColorCondition":
+        """One batch of several conditions' rows, in order (reference guidance: cond and uncond)."""
         cat = lambda ts: None if ts[0] is None else torch.cat(ts)
         return ColorCondition(cat([c.context for c in conds]), cat([c.guided_hint for c in conds]),
                               cat([c.concat for c in conds]))

@@ -85,21 +85,3 @@ def get_v(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sqrt_alphas_cu
           sqrt_one_minus_alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """v-parameterisation target v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (Salimans & Ho, 2022)."""
     return extract(sqrt_alphas_cumprod, t, x0) * noise - extract(sqrt_one_minus_alphas_cumprod, t, x0) * x0
-
-
-def predict_eps_from_v(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
-                       sqrt_one_minus_alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """eps = sqrt(a_t) v + sqrt(1 - a_t) x_t, so v-models can use eps-based samplers."""
-    return extract(sqrt_alphas_cumprod, t, x_t) * v + extract(sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-
-
-def predict_x0_from_v(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
-                      sqrt_one_minus_alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v."""
-    return extract(sqrt_alphas_cumprod, t, x_t) * x_t - extract(sqrt_one_minus_alphas_cumprod, t, x_t) * v
-
-
-def predict_x0_from_eps(x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sqrt_recip_alphas_cumprod: torch.Tensor,
-                        sqrt_recipm1_alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x0 = x_t / sqrt(a_t) - sqrt(1/a_t - 1) eps, i.e. q_sample solved for x0."""
-    return extract(sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(sqrt_recipm1_alphas_cumprod, t, x_t) * eps

@@ -209,7 +209,6 @@ class DiagonalGaussian:
         self.mean, logvar = torch.chunk(moments, 2, dim=1)
         self.logvar = torch.clamp(logvar, -30.0, 20.0)  # keeps exp() finite for untrained/odd inputs
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std * noise, drawn and returned in at least float32 as in the reference: under

@@ -44,11 +44,14 @@ def test_v2_concat_is_ref_latent_then_gray_and_v3_uses_gray_latent():
     assert seen == [] and torch.all(c == 7)  # latent cache: no encodes
 
 
-def test_condition_select_and_cat_round_trip():
+def test_condition_cat_stacks_every_field_in_order_and_keeps_a_missing_concat_missing():
     cond = ColorCondition(torch.randn(4, 77, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 5, 2, 2))
-    back = ColorCondition.cat([cond.select(slice(0, 1)), cond.select(slice(1, 4))])
+    parts = [ColorCondition(cond.context[a:b], cond.guided_hint[a:b], cond.concat[a:b]) for a, b in ((0, 1), (1, 4))]
+    back = ColorCondition.cat(parts)
     for a, b in zip((cond.context, cond.guided_hint, cond.concat), (back.context, back.guided_hint, back.concat)):
         assert torch.equal(a, b)
+    v1 = ColorCondition.cat([ColorCondition(cond.context, cond.guided_hint, None)] * 2)
+    assert v1.concat is None and len(v1) == 8 and torch.equal(v1.guided_hint[4:], cond.guided_hint)
     with pytest.raises(ValueError):
         extra_channels("v9")
 
