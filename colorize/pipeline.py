@@ -60,7 +60,7 @@ from ldm import sampler
 
 MODES = ("fixed", "recursive", "anchored")
 NOISES = ("shared", "per-frame")
-MULTIPLE = 64  # model frame sides: VAE /8 times the UNet's 3 (tiny) or 4 (SD) levels, /2 each
+MULTIPLE = 64  # model frame sides: SD2.1 needs 64 (VAE /8, then /2 at each of 3 UNet downsamplings); tiny 32
 MAX_MODEL_SIDE = 4096  # 8x SD2.1's training size; beyond it memory runs out long before any use
 
 
