@@ -88,7 +88,7 @@ def train_vae(vae, hued: torch.Tensor, steps: int, batch: int, lr: float, gen: t
             x = x.flip(-1)
         post = vae.encode(x)
         recon = vae.decode(post.sample(generator=gen))
-        kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        kl = 0.5 * (post.mean.pow(2) + post.logvar.exp() - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
         loss = (recon - x).abs().mean() + 1e-6 * kl
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)

@@ -182,7 +182,7 @@ def test_roofline_refuses_bad_arguments_in_one_line(argv, says, capsys):
                                 "(the VAE and the UNet's downsampling)"),
     (["train", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N (N from 0)"),
     (["train", "--config", "nope.yaml"], "config not found: nope.yaml"),
-    (["train", "model.nope=1"], "Key 'nope' is not in struct"),
+    (["train", "model.nope=1"], "bad override model.nope=1 for cldm_v21_color.yaml: model.nope: no such key"),
 ])
 def test_profile_step_refuses_bad_arguments_in_one_line(argv, says, capsys):
     assert says in refused(profile_step.main, argv, capsys)

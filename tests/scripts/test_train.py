@@ -381,8 +381,8 @@ def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, t
 
     make_trainer = train.make_trainer
 
-    def with_term(cfg, a, out, resume=None):
-        trainer = make_trainer(cfg, a, out, resume)
+    def with_term(*a, **kw):
+        trainer = make_trainer(*a, **kw)
         trainer.callbacks.append(TermOnRestore())
         return trainer
 
