@@ -41,8 +41,9 @@ def count_devices(accelerator: str, devices: int | str) -> int:
 
 
 def launched_processes() -> tuple[int, str] | None:
-    """(processes, what says so) when SLURM or torchrun started this run's processes (looked for in
-    Lightning's order), else None."""
+    """(processes, what says so) when SLURM or torchrun started this run's processes, else None.
+    SLURM first, as Lightning looks once the trainer hands it SLURM's environment (which it does
+    whenever SLURM is detected, torchrun or not): under srun, SLURM's variables give the ranks."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if SLURMEnvironment.detect():

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from cldm.launch import LaunchError, check_launcher, ddp_kwargs, is_launch_rank_zero
+from cldm.launch import LaunchError, check_launcher, count_devices, ddp_kwargs, is_launch_rank_zero
 
 RANK_KEYS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
 LAUNCHER_KEYS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_JOB_NAME", "SLURM_NTASKS")
@@ -19,6 +19,7 @@ def set_env(monkeypatch, keys, env):
 @pytest.mark.parametrize("env, first", [
     ({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False), ({"SLURM_PROCID": "1"}, False),
     ({"RANK": "0", "LOCAL_RANK": "1"}, True),  # the global rank decides where there is one
+    ({"RANK": "1", "SLURM_PROCID": "0"}, False),  # torchrun in an `srun --pty bash` shell: RANK is the process's
     ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False)])
 def test_only_the_first_process_of_the_first_node_prepares_out(monkeypatch, env, first):
     set_env(monkeypatch, RANK_KEYS, env)
@@ -28,16 +29,27 @@ def test_only_the_first_process_of_the_first_node_prepares_out(monkeypatch, env,
 @pytest.mark.parametrize("env, devices, nodes, expected", [
     ({}, "1", 1, 1),
     ({}, "0,1", 3, 6),  # a device list counts its entries
+    ({}, "0,1,", 1, 2),  # a trailing comma, as Lightning reads it
     ({}, "auto", 2, 2),  # on the CPU: one process per node
     ({}, "0", 1, "--devices 0 --num-nodes 1: training needs at least one device"),
     (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "2", 1, 2),
     (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 1, "torchrun's WORLD_SIZE is 2, but --devices 1 x "
                                                            "--num-nodes 1 is 1;"),
     (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 2, 2),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE=" 2\n"), "2", 1, 2),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="1"), "2", 1, "torchrun's WORLD_SIZE is 1, but --devices 2 x "
+                                                           "--num-nodes 1 is 2;"),  # fewer processes, too
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="0"), "1", 1, "torchrun's WORLD_SIZE is 0, but --devices 1 x "
+                                                           "--num-nodes 1 is 1;"),
     (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 1, "SLURM_NTASKS is 4, but --devices 2 x --num-nodes 1 "
                                                           "is 2;"),
     (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 2, 4),
     (dict(SLURM_JOB_NAME="interactive", SLURM_NTASKS="4"), "1", 1, 1),  # Lightning ignores SLURM here too
+    # torchrun under srun: the trainer hands Lightning SLURM's environment, whose ranks come from
+    # SLURM_PROCID, so more processes than srun's tasks would share ranks
+    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="2", TORCHELASTIC_RUN_ID="x", WORLD_SIZE="8"), "4", 2,
+     "SLURM_NTASKS is 2, but --devices 4 x --num-nodes 2 is 8;"),
+    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="2", TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 2, 2),
 ])
 def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypatch, env, devices, nodes, expected):
     """The world size, or the refusal: torchrun --nproc-per-node 2 with --devices 1 would run two
@@ -48,6 +60,31 @@ def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypa
     else:
         with pytest.raises(LaunchError, match=re.escape(expected)):
             check_launcher(devices, nodes, "cpu")
+
+
+@pytest.mark.parametrize("accelerator, devices, cuda, expected", [
+    ("gpu", "auto", True, 4), ("cuda", "-1", True, 4), ("auto", "auto", True, 4),  # every GPU there is
+    ("cpu", "auto", True, 1), ("auto", "auto", False, 1), ("gpu", "-1", False, 1),  # no GPU asked for, or none there
+    ("gpu", "0,2", True, 2), ("gpu", 3, True, 3)])
+def test_auto_or_minus_one_devices_count_the_gpus_only_where_gpus_are_used(monkeypatch, accelerator, devices, cuda,
+                                                                            expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert count_devices(accelerator, devices) == expected
+
+
+def test_ddp_broadcasts_buffers_once_where_torch_can_say_so(monkeypatch):
+    """torch >= 2.13: forward_sync_buffers=False, not the deprecated broadcast_buffers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def new_init(self, module, device_ids=None, broadcast_buffers=None, find_unused_parameters=False,
+                 gradient_as_bucket_view=False, forward_sync_buffers=None):
+        pass
+
+    monkeypatch.setattr(DistributedDataParallel, "__init__", new_init)
+    assert ddp_kwargs() == dict(find_unused_parameters=False, gradient_as_bucket_view=True, forward_sync_buffers=False)
 
 
 def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(monkeypatch):
