@@ -1,15 +1,20 @@
 """Which config goes with a weights file: found beside it or recorded in it, and the checks of
 a command's config against it."""
+import hashlib
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
 from cldm.trainable import export_control
 from cldm.weights_config import (check_saved_config, config_difference, config_hash, config_origin, differing_keys,
-                                 inference_leaves, model_leaves, resolve_config, saved_config_mismatch)
+                                 inference_leaves, load_resolved_config, model_leaves, read_export_metadata,
+                                 resolve_config, saved_config, saved_config_mismatch)
 
 TOY = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
 
@@ -18,6 +23,35 @@ def test_config_hash_ignores_checkpointing_but_not_what_trains():
     base = config_hash(load_config(TINY_CONFIG))
     assert config_hash(load_config(TINY_CONFIG, ["model.unet.use_checkpoint=true", "train.lr=1"])) == base
     assert config_hash(load_config(TINY_CONFIG, ["model.sd_locked=false"])) != base
+
+
+def test_config_hash_is_of_the_resolved_model_section_whatever_its_key_order():
+    """Checkpoints record it: the same model must hash the same in a config built another way."""
+    expected = hashlib.sha256(b"a: 2\nb: 2\n").hexdigest()[:16]
+    assert config_hash({"model": {"b": 2, "a": "${model.b}"}, "train": {"lr": 1}}) == expected
+    assert config_hash({"a": 2, "b": 2}) == expected  # the section itself
+
+
+def with_metadata(path, config: str | None = None):
+    """A weights file recording `config` (or no metadata at all)."""
+    save_file({"w": torch.zeros(1)}, str(path), metadata=None if config is None else {"config": config})
+    return path
+
+
+def test_a_file_recording_no_config_leaves_sd21s(tmp_path):
+    plain = with_metadata(tmp_path / "plain.safetensors")
+    assert saved_config(plain) is None and resolve_config(plain) == DEFAULT_CONFIG
+    assert saved_config(with_metadata(tmp_path / "empty.safetensors", "")) is None  # not an empty config
+    assert resolve_config(tmp_path / "missing.safetensors") == DEFAULT_CONFIG
+
+
+def test_unreadable_weights_metadata_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/x\.safetensors: not a readable safetensors file \("):
+        read_export_metadata(tmp_path / "x.safetensors")
+    (tmp_path / "x.ckpt").write_bytes(b"garbage")  # the loader's own message, not wrapped again
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/x\.ckpt: truncated or corrupt \("):
+        read_export_metadata(tmp_path / "x.ckpt")
 
 
 def test_the_control_exports_yaml_wins_over_the_sd_files(tmp_path):
@@ -42,6 +76,9 @@ def test_a_config_recorded_in_the_export_wins_over_the_sd_files_yaml(tmp_path):
     got = resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors")
     assert got == v3 and got.model.color_variant == "v3"
     assert resolve_config(tmp_path / "sd.safetensors") == tmp_path / "sd.yaml"
+    (tmp_path / "control.yaml").write_text(TINY_CONFIG.read_text())  # a YAML beside it wins over what it records
+    assert resolve_config(tmp_path / "sd.safetensors", control=tmp_path / "control.safetensors") == \
+        tmp_path / "control.yaml"
 
 
 def test_model_leaves_and_what_each_comparison_leaves_out():
@@ -51,7 +88,8 @@ def test_model_leaves_and_what_each_comparison_leaves_out():
     assert "unet.use_checkpoint" not in leaves and model_leaves(cfg.model) == leaves  # the section or the config
     assert model_leaves(cfg, ())["unet.use_checkpoint"] is True
     inference = inference_leaves(cfg)
-    assert "sd_locked" not in inference and "train_unet_input" not in inference
+    assert not {"sd_locked", "train_unet_input", "unet.use_checkpoint"} & inference.keys()
+    assert leaves["first_stage.ddconfig.z_channels"] == 4  # a leaf two sections down
     assert not [k for k in inference if k.endswith("dropout")] and "scale_factor" in inference
 
 
@@ -61,6 +99,7 @@ def test_differing_keys_count_a_missing_key_unless_told_it_means_null():
     assert differing_keys(theirs, ours, missing=None) == ["a", "d"]  # b: null there, absent here
     assert differing_keys(theirs, ours, free=("a",)) == ["b", "d"]
     assert config_difference(theirs, ours, ["d", "a"], "X") == "model.d is absent there, 4 in X (2 key(s) differ)"
+    assert config_difference(theirs, ours, ["b"], "X") == "model.b is None there, absent in X (1 key(s) differ)"
 
 
 def test_a_config_contradicting_the_recorded_one_names_the_key_and_the_remedy(tmp_path):
@@ -78,6 +117,23 @@ def test_a_config_contradicting_the_recorded_one_names_the_key_and_the_remedy(tm
                                               r"do this$"):
         check_saved_config(path, other, Path("y.yaml"), ["x=1"], "do this")
     assert saved_config_mismatch(tmp_path / "none.safetensors", other) is None  # no file, nothing recorded
+    with pytest.raises(CheckpointError, match=rf"^{path} was saved with another model config: model.scale_factor is "
+                                              r"0.18215 there, 0.5 in its own config \(1 key\(s\) differ\); leave out "
+                                              r"--config and --set to use the one saved with it$"):
+        check_saved_config(path, other, other, free=("only_mid_control",))
+    check_saved_config(path, load_config(TINY_CONFIG, ["model.only_mid_control=true"]), Path("y.yaml"),
+                       free=("only_mid_control",))  # a key the caller may choose anew
+
+
+def test_a_recorded_config_without_an_optional_key_or_only_training_can_resolve_is_no_contradiction(tmp_path):
+    cfg = load_config(TINY_CONFIG, ["model.cond_stage=null"])
+    recorded = TINY_CONFIG.read_text().split("  cond_stage:")[0] + "train:\n  lr: 1.0\n"
+    path = with_metadata(tmp_path / "a.safetensors", recorded)  # lacks model.cond_stage: null here means the same
+    assert saved_config_mismatch(path, cfg) is None
+    assert saved_config_mismatch(path, load_config(TINY_CONFIG)) == \
+        "model.cond_stage.arch is absent there, ViT-H-14 in this config (5 key(s) differ)"
+    path = with_metadata(tmp_path / "b.safetensors", "model:\n  scale_factor: ${train.scale}\n")
+    assert saved_config_mismatch(path, cfg) is None  # nothing to compare
 
 
 def test_config_origin_names_the_weights_a_found_config_came_from(tmp_path):
@@ -100,8 +156,31 @@ def test_config_origin_names_the_weights_only_for_the_config_found_with_them(tmp
     shutil.copy(TOY, toy)  # records its config, no YAML beside it
     weights = [("--control", None), ("--ckpt", sd)]
     assert config_origin(tmp_path / "sd.yaml", None, weights) == ("--ckpt", sd)
+    plain = with_metadata(tmp_path / "plain.safetensors")  # an export given, with no config of its own
+    assert config_origin(tmp_path / "sd.yaml", None, [("--control", plain), ("--ckpt", sd)]) == ("--ckpt", sd)
     assert config_origin(tmp_path / "run" / "config.yaml", None, weights) is None  # e.g. a run's own config
     assert config_origin(tmp_path / "sd.yaml", tmp_path / "sd.yaml", weights) is None  # named with --config
     recorded = resolve_config(toy)
     assert config_origin(recorded, None, [("--ckpt", toy)]) == ("--ckpt", toy)
     assert config_origin(TINY_CONFIG, None, [("--ckpt", toy)]) is None
+
+
+def test_a_bad_config_the_user_never_named_says_where_it_was_found(tmp_path):
+    """A YAML beside the weights (an A1111-style sd.yaml, say) or a config they record, not --config."""
+    sd = tmp_path / "sd.safetensors"
+    sd.write_bytes(b"")
+    bad = TINY_CONFIG.read_text().replace("scale_factor: 0.18215", "scale_factor: abc")
+    (tmp_path / "sd.yaml").write_text(bad)
+    weights = [("--control", None), ("--ckpt", sd)]
+    problem = "model.scale_factor: expected a positive number, got 'abc'"
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'sd.yaml'}: {problem} (found beside --ckpt: fix or "
+                                                    "remove it, or pass --config)") + "$"):
+        load_resolved_config(tmp_path / "sd.yaml", (), weights)
+    with pytest.raises(ConfigError, match=re.escape(problem) + "$"):  # named with --config: no note
+        load_resolved_config(tmp_path / "sd.yaml", (), weights, config=tmp_path / "sd.yaml")
+    assert load_resolved_config(tmp_path / "sd.yaml", ["model.scale_factor=0.5"], weights).model.scale_factor == 0.5
+    rec = with_metadata(tmp_path / "rec.safetensors", bad)
+    with pytest.raises(ConfigError, match="^" + re.escape(f"the config {rec} records: {problem}") + "$"):
+        load_resolved_config(resolve_config(rec), (), [("--ckpt", rec)])
+    assert load_resolved_config(resolve_config(rec), ["model.scale_factor=0.5"],
+                                [("--ckpt", rec)]).model.scale_factor == 0.5
