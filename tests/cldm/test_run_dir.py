@@ -3,6 +3,7 @@ keep two runs' histories out of one OUT."""
 import re
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, load_config
@@ -31,6 +32,9 @@ def test_the_runs_own_config_only_when_there_is_a_checkpoint_to_resume(tmp_path)
     assert config_source(out, init) == out / "config.yaml"
     assert config_source(out, init, resume="never") == DEFAULT_CONFIG
     assert config_source(out, init, config=TINY_CONFIG) == TINY_CONFIG
+    (out / "config.yaml").unlink()  # a checkpoint but no config.yaml: nothing of the run's own to take
+    assert config_source(out, init) == DEFAULT_CONFIG
+    check_run_dir(out, load_config(TINY_CONFIG, ["model.scale_factor=0.2"]))  # nor to compare with here
 
 
 def test_record_config_is_written_by_the_first_process_only(tmp_path, monkeypatch):
@@ -41,6 +45,8 @@ def test_record_config_is_written_by_the_first_process_only(tmp_path, monkeypatc
     monkeypatch.setenv("RANK", "0")
     record_config(tmp_path / "a", cfg)
     assert OmegaConf.load(tmp_path / "a" / "config.yaml") == cfg
+    record_config(tmp_path / "runs" / "b", cfg)  # an --out whose parent is new too
+    assert OmegaConf.load(tmp_path / "runs" / "b" / "config.yaml") == cfg
 
 
 def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_one(tmp_path):
@@ -61,11 +67,25 @@ def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_
                             "--out for a new run")
     with pytest.raises(RunDirError, match=r"leave out --config to continue"):  # --config sets the whole model
         check_run_dir(out, other, [("--config", "model")])
+    two = load_config(TINY_CONFIG, ["model.scale_factor=0.2", "model.unet.model_channels=16"])
     with pytest.raises(RunDirError, match=r"in this command's \(2 key\(s\) differ\); use another --out for a new run$"):
-        check_run_dir(out, load_config(TINY_CONFIG, ["model.scale_factor=0.2", "model.unet.model_channels=16"]))
+        check_run_dir(out, two)
+    with pytest.raises(RunDirError, match=r"\(2 key\(s\) differ\); leave out model.scale_factor=0.2 and --set "
+                                          r"model.unet.model_channels=16 to continue the run"):
+        check_run_dir(out, two, [("model.scale_factor=0.2", "model.scale_factor"),
+                                 ("--set model.unet.model_channels=16", "model.unet.model_channels")])
+    # ddconfig.ch is not ddconfig.ch_mult: a key that only starts like a differing one sets nothing of it
+    with pytest.raises(RunDirError, match=r"model.first_stage.ddconfig.ch_mult is \[1, 1, 2, 2\] there, \[1, 2, 2, 2\] "
+                                          r"in this command's \(1 key\(s\) differ\); use another --out for a new run$"):
+        check_run_dir(out, load_config(TINY_CONFIG, ["model.first_stage.ddconfig.ch_mult=[1,2,2,2]"]),
+                      [("model.first_stage.ddconfig.ch=32", "model.first_stage.ddconfig.ch")])
     with pytest.raises(RunDirError, match=r"model.unet.new_key is absent there, 3 in this command's"):
         cfg = OmegaConf.to_container(load_config(TINY_CONFIG))
         cfg["model"]["unet"]["new_key"] = 3  # one side lacks it
+        check_run_dir(out, OmegaConf.create(cfg))
+    with pytest.raises(RunDirError, match=r"\): another model config; use another --out for a new run$"):
+        cfg = OmegaConf.to_container(load_config(TINY_CONFIG))
+        cfg["model"]["unet"]["extra"] = {}  # the hashes differ, yet no leaf does: no key to name
         check_run_dir(out, OmegaConf.create(cfg))
 
 
@@ -77,11 +97,38 @@ def test_resume_never_refuses_an_out_with_checkpoints(tmp_path):
         resolve_resume("never", ckpts)
 
 
+def test_resume_auto_takes_the_newest_checkpoint_and_refuses_a_bad_one(tmp_path):
+    """A bad newest file is refused, not skipped: every rerun would meet it again, or train on from an older step."""
+    ckpts = tmp_path / "checkpoints"
+    assert resolve_resume("auto", ckpts) is None
+    training_ckpt(ckpts / "step=00000001.ckpt", 1)
+    training_ckpt(ckpts / "step=00000003.ckpt", 3)
+    assert resolve_resume("auto", ckpts) == ckpts / "step=00000003.ckpt"
+    bad = ckpts / "step=00000004.ckpt"
+    torch.save({"state_dict": {}}, bad)  # a whole file, but no training checkpoint
+    with pytest.raises(RunDirError, match=f"^{re.escape(str(bad))}: not a Lightning training checkpoint .*; move it "
+                                          f"out of {re.escape(str(ckpts))}, or pass --resume PATH$"):
+        resolve_resume("auto", ckpts)
+
+
 def test_resume_path_of_the_wrong_kind_is_named(tmp_path):
     with pytest.raises(RunDirError, match=r"^--resume \S+: a folder, not a checkpoint file$"):
         resolve_resume(str(tmp_path), tmp_path / "checkpoints")
     with pytest.raises(RunDirError, match=r"^--resume \S+missing\.ckpt: no such file$"):
         resolve_resume(str(tmp_path / "missing.ckpt"), tmp_path / "checkpoints")
+    torch.save([1], tmp_path / "list.ckpt")
+    with pytest.raises(RunDirError, match=r"^--resume \S+list\.ckpt: holds a list, not a training checkpoint$"):
+        resolve_resume(str(tmp_path / "list.ckpt"), tmp_path / "checkpoints")
+
+
+def test_resume_path_to_an_older_checkpoint_of_the_run_is_refused(tmp_path):
+    """Pruning to --ckpt-keep and a later --resume auto go by the highest step: maybe the abandoned one."""
+    ckpts = tmp_path / "checkpoints"
+    old, new = training_ckpt(ckpts / "step=00000002.ckpt", 2), training_ckpt(ckpts / "step=00000004.ckpt", 4)
+    with pytest.raises(RunDirError, match=f"^--resume {re.escape(str(old))}: {re.escape(str(ckpts))} already holds a "
+                                          r"later checkpoint \(step=00000004\.ckpt\); move the later ones away"):
+        resolve_resume(str(old), ckpts)
+    assert resolve_resume(str(new), ckpts) == new
 
 
 def test_resume_path_from_another_run_only_into_an_out_without_checkpoints(tmp_path):
@@ -122,8 +169,15 @@ def test_a_checkpoint_of_another_model_config_is_refused_before_out_is_written(t
             f"{ckpt}: trained with another model config ({run / 'config.yaml'}): model.only_mid_control is False "
             "there, True in this command's (1 key(s) differ); leave out model.only_mid_control=true to continue it")):
         check_resume_config(ckpt, other, [("model.only_mid_control=true", "model.only_mid_control")])
-    (run / "config.yaml").unlink()  # no run config to name the key by: the hashes
-    with pytest.raises(RunDirError, match=re.escape(
-            f"{ckpt}: trained with another model config (hash {config_hash(tiny)}, this config's "
-            f"{config_hash(other)}); pass the --config and model settings it was trained with")):
+    with pytest.raises(RunDirError, match=r"\(1 key\(s\) differ\)$"):  # nothing given sets it: no remedy to name
         check_resume_config(ckpt, other)
+    by_hashes = re.escape(f"{ckpt}: trained with another model config (hash {config_hash(tiny)}, this config's "
+                          f"{config_hash(other)}); pass the --config and model settings it was trained with")
+    # no run config to name the key by (one of another config, unreadable, gone): the hashes
+    for text in (OmegaConf.to_yaml(other), "model: [unclosed\n", None):
+        if text is None:
+            (run / "config.yaml").unlink()
+        else:
+            (run / "config.yaml").write_text(text)
+        with pytest.raises(RunDirError, match=f"^{by_hashes}$"):
+            check_resume_config(ckpt, other)
