@@ -5,13 +5,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from cliutil import Terminated, one_line, run_cli
+from cliutil import (DefaultsFormatter, Terminated, non_negative_int, one_line, positive_float, positive_int,
+                     quiet_opencv, quiet_startup_signals, run_cli)
 from tests.helpers import default_sigint, refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +52,12 @@ def test_run_cli_reports_an_empty_message_in_one_line(capsys):
     assert capsys.readouterr().err == "p.py: error: KeyError\n"
     assert run_cli("p.py", fail(KeyError("k")), args, (OSError,), named=(Exception,)) == 2
     assert capsys.readouterr().err == "p.py: error: KeyError: 'k'\n"
+    assert run_cli("p.py", fail(OSError("disk full")), args, (OSError,), named=(Exception,)) == 2
+    assert capsys.readouterr().err == "p.py: error: disk full\n"  # an expected error: no type name before it
     assert run_cli("p.py", fail(KeyboardInterrupt()), args, (OSError,), "stopped") == 130
     assert capsys.readouterr().err == "p.py: stopped\n"
+    assert run_cli("p.py", fail(KeyboardInterrupt()), args, (OSError,)) == 130
+    assert capsys.readouterr().err == "p.py: interrupted\n"
     assert run_cli("p.py", lambda _: 0, args, (OSError,)) == 0
     with pytest.raises(TypeError):  # not listed: a bug keeps its traceback
         run_cli("p.py", fail(TypeError("bug")), args, (OSError,))
@@ -59,8 +66,6 @@ def test_run_cli_reports_an_empty_message_in_one_line(capsys):
 def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     """By default a SIGTERM unwinds the run as Ctrl-C does (its clean-up runs), exit 143; the
     previous handler is back afterwards. sigterm=False leaves SIGTERM to the run (Lightning's)."""
-    import time
-
     tmp = tmp_path / "out.tmp"
 
     def run(_):
@@ -84,6 +89,57 @@ def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     assert seen == [before]
 
 
+def test_a_sigterm_the_run_reraises_with_where_it_stopped_is_still_a_sigterm(capsys):
+    """A run that knows where it stopped re-raises a plain KeyboardInterrupt saying so: 143, said so."""
+    def run(_):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted at step 3; rerun to resume") from None
+        return 0
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 143
+    assert capsys.readouterr().err == "p.py: terminated (SIGTERM) at step 3; rerun to resume\n"
+
+
+def test_run_cli_off_the_main_thread_leaves_the_signal_handlers_alone():
+    """Only the main thread may set them (signal.signal raises ValueError elsewhere): a run_cli
+    called from another thread runs, without the SIGTERM hook, and takes no startup handler down."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    results = []
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        quiet_startup_signals()
+        startup = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        worker = threading.Thread(target=lambda: results.append(run_cli("p.py", lambda _: 0, argparse.Namespace(),
+                                                                        (OSError,))))
+        worker.start()
+        worker.join()
+        assert results == [0]
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == startup
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+def test_startup_handlers_leave_an_ignored_or_callers_signal_alone():
+    """A background job has SIGINT ignored; a caller may have its own SIGTERM handler."""
+    def own(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        for sigint, sigterm in ((signal.SIG_IGN, signal.SIG_IGN), (signal.SIG_IGN, own)):
+            signal.signal(signal.SIGINT, sigint)
+            signal.signal(signal.SIGTERM, sigterm)
+            quiet_startup_signals()
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (sigint, sigterm)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_run_cli_reports_a_raised_terminated_as_sigterm(capsys):
     """A caller that saw a sub-tool end by SIGTERM (exit 143) raises Terminated: 143 again, said so."""
     def run(_):
@@ -96,8 +152,6 @@ def test_run_cli_without_a_stop_line_leaves_the_stop_to_its_caller(capsys):
     """interrupted=None (a tool run inside another): Ctrl-C and SIGTERM propagate, unsaid, as
     KeyboardInterrupt and Terminated; a SIGTERM stays a Terminated even when the run re-raised
     it as a plain KeyboardInterrupt saying where it stopped."""
-    import time
-
     def ctrl_c(_):
         raise KeyboardInterrupt("interrupted; 2 written")
 
@@ -229,12 +283,18 @@ def test_a_reader_of_stdout_that_goes_ends_the_run_quietly_with_141(tmp_path, fl
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if flush else ["out"])
 
 
-def test_a_broken_pipe_of_the_runs_own_is_an_error(tmp_path):
+def test_a_broken_pipe_of_the_runs_own_is_an_error(tmp_path, capsys):
     """Only a stdout whose reader has gone ends quietly: another broken pipe is reported."""
     assert piped(tmp_path, "flush", "own", read=True) == (2, "p.py: error: [Errno 32] Broken pipe\n")
 
+    def run(_):
+        raise BrokenPipeError(32, "Broken pipe")
+    # a stdout that is no pipe at all (pytest's capture: no fileno): nothing says its reader went
+    assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 2
+    assert capsys.readouterr().err == "p.py: error: [Errno 32] Broken pipe\n"
 
-def test_folder_problem_names_the_file_in_the_way(tmp_path):
+
+def test_folder_problem_names_the_file_in_the_way(tmp_path, monkeypatch):
     from cliutil import folder_problem
 
     a_file = tmp_path / "notes.txt"
@@ -242,6 +302,43 @@ def test_folder_problem_names_the_file_in_the_way(tmp_path):
     assert folder_problem(a_file) == f"{a_file} is a file, not a folder"
     assert folder_problem(a_file / "sub" / "deeper") == f"{a_file} is a file, not a folder"
     assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None
+    monkeypatch.chdir(tmp_path)
+    assert folder_problem(Path("notes.txt") / "sub") == f"{a_file} is a file, not a folder"  # named in full
+
+
+@pytest.mark.parametrize("parse, text, expected", [
+    (positive_int, "3", 3), (positive_int, "0", "an integer >= 1"), (positive_int, "1.5", "an integer >= 1"),
+    (non_negative_int, "0", 0), (non_negative_int, "-1", "an integer >= 0"), (non_negative_int, "x", "an integer >= 0"),
+    (positive_float, "0.5", 0.5), (positive_float, "0", "a number > 0"), (positive_float, "-1e-9", "a number > 0"),
+    (positive_float, "inf", "a number > 0"), (positive_float, "nan", "a number > 0"),
+])
+def test_counts_and_rates_refuse_what_is_out_of_range_naming_the_value(parse, text, expected):
+    if isinstance(expected, str):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^expected {re.escape(expected)}, got {text!r}$"):
+            parse(text)
+    else:
+        assert parse(text) == expected and type(parse(text)) is type(expected)
+
+
+def test_quiet_opencv_leaves_an_explicit_setting(monkeypatch):
+    monkeypatch.delenv("OPENCV_FFMPEG_LOGLEVEL", raising=False)
+    monkeypatch.setenv("OPENCV_LOG_LEVEL", "DEBUG")
+    quiet_opencv()
+    assert (os.environ["OPENCV_FFMPEG_LOGLEVEL"], os.environ["OPENCV_LOG_LEVEL"]) == ("-8", "DEBUG")
+    monkeypatch.setenv("OPENCV_FFMPEG_LOGLEVEL", "32")
+    monkeypatch.delenv("OPENCV_LOG_LEVEL")
+    quiet_opencv()
+    assert (os.environ["OPENCV_FFMPEG_LOGLEVEL"], os.environ["OPENCV_LOG_LEVEL"]) == ("32", "ERROR")
+
+
+def test_help_shows_a_default_only_where_one_is_worth_showing():
+    parser = argparse.ArgumentParser(prog="p.py", formatter_class=DefaultsFormatter)
+    parser.add_argument("--none", help="N.")
+    parser.add_argument("--flag", action="store_true", help="F.")
+    parser.add_argument("--zero", type=int, default=0, help="Z.")
+    parser.add_argument("--three", type=int, default=3, help="T.")
+    text = " ".join(parser.format_help().split())
+    assert "N. --flag F. --zero ZERO Z. (default: 0) --three THREE T. (default: 3)" in text
 
 
 @pytest.mark.parametrize("module, argv, name", [
@@ -268,6 +365,8 @@ def test_an_override_without_equals_sign_names_the_argument_it_came_to(module, a
     ("=v3", "override '=v3' has no key before '=' (e.g. model.color_variant=v3)"),
     (" =v3", "override ' =v3' has no key before '=' (e.g. model.color_variant=v3)"),
     ("model.color_variant =v3", "override 'model.color_variant =v3': the key has a space; write key=value with a "
+                                "dotted key and no spaces before '='"),
+    ("model. color_variant=v3", "override 'model. color_variant=v3': the key has a space; write key=value with a "
                                 "dotted key and no spaces before '='"),
 ])
 def test_an_override_without_a_key_or_with_a_space_in_it_names_the_argument(text, problem, capsys):
