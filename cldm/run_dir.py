@@ -66,10 +66,13 @@ def check_run_dir(out: str | os.PathLike, cfg: DictConfig, given: Sequence[tuple
 def _difference(recorded: DictConfig, cfg: DictConfig, given: Sequence[tuple[str, str]]) -> tuple[str, list[str]]:
     """('model.k is A there, B in this command's (n key(s) differ)', what in `given` sets a differing key)."""
     theirs, ours = model_leaves(recorded), model_leaves(cfg)
-    diff = differing_keys(theirs, ours)
+    diff, note = differing_keys(theirs, ours), ""
+    if not diff:  # equal numbers the hash tells apart (1 and 1.0): name them rather than no key at all
+        diff = [k for k in sorted(theirs.keys() & ours.keys()) if type(theirs[k]) is not type(ours[k])]
+        note = " (the same number written differently: write it as there)" if diff else ""
     # `key` sets a differing key itself or a section above one ("model" for --config)
     culprits = [said for said, key in given if any(f"model.{k}.".startswith(key + ".") for k in diff)]
-    what = config_difference(theirs, ours, diff, "this command's") if diff else "another model config"
+    what = config_difference(theirs, ours, diff, "this command's") + note if diff else "another model config"
     return what, culprits
 
 

@@ -83,6 +83,14 @@ def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_
         cfg = OmegaConf.to_container(load_config(TINY_CONFIG))
         cfg["model"]["unet"]["new_key"] = 3  # one side lacks it
         check_run_dir(out, OmegaConf.create(cfg))
+    with pytest.raises(RunDirError, match=r"model.scale_factor is 1.0 there, 1 in this command's \(1 key\(s\) differ\) "
+                                          r"\(the same number written differently: write it as there\); leave out "
+                                          r"model.scale_factor=1 to continue"):
+        out1 = tmp_path / "run1"  # a run started with scale_factor 1.0, continued with =1: 1 == 1.0, not to the hash
+        record_config(out1, load_config(TINY_CONFIG, ["model.scale_factor=1.0"]))
+        training_ckpt(out1 / "checkpoints" / "step=00000001.ckpt", 1)
+        check_run_dir(out1, load_config(TINY_CONFIG, ["model.scale_factor=1"]),
+                      [("model.scale_factor=1", "model.scale_factor")])
     with pytest.raises(RunDirError, match=r"\): another model config; use another --out for a new run$"):
         cfg = OmegaConf.to_container(load_config(TINY_CONFIG))
         cfg["model"]["unet"]["extra"] = {}  # the hashes differ, yet no leaf does: no key to name
