@@ -58,8 +58,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        # (b, c, h, w) -> (b, 1 head, h*w tokens, c)
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(y), self.k(y), self.v(y)))
+        # (b, c, h, w) -> (b, 1 head, h*w tokens, c), made contiguous: SDPA's fused kernels need the
+        # channels at stride 1 and would otherwise fall back to materialising the (hw x hw) matrix.
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q(y), self.k(y), self.v(y)))
         y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(y)
