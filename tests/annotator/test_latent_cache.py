@@ -274,6 +274,11 @@ def test_read_frame_gives_rgb(tmp_path):
     cv2.imwrite(str(tmp_path / "f.png"), bgr)
     rgb = read_frame(tmp_path / "f.png")
     assert rgb.flags.c_contiguous and rgb[..., 0].min() == 200 and rgb[..., 1:].max() == 0
+    noise = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)  # every channel differs
+    cv2.imwrite(str(tmp_path / "n.png"), noise)
+    got = read_frame(tmp_path / "n.png")
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, noise[..., ::-1])  # exactly the channels swapped, nothing else
 
 
 def test_a_cache_with_fewer_latents_than_frames_is_refused(cached_root):
