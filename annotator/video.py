@@ -126,6 +126,8 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
 def bgr_to_rgb(img: np.ndarray) -> np.ndarray:
     """OpenCV's BGR(A) channel order -> RGB(A); gray (HW, HW1) and gray+alpha (HW2) as they are."""
     if img.ndim == 3 and img.shape[2] >= 3:
+        if img.dtype in (np.uint8, np.uint16, np.float32):  # cvtColor's types: the same bytes, ~20x faster
+            return cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
         return np.ascontiguousarray(img[..., [2, 1, 0, 3][: img.shape[2]]])
     return img
 
@@ -158,10 +160,9 @@ def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False, ke
         raise FrameSourceError(path, f"unsupported image shape {img.shape}")
     if img.shape[2] == 2:  # gray + alpha
         return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))
-    img = img[:, :, :3]
-    if bgr_source != want_bgr:
-        img = img[:, :, ::-1]
-    return np.ascontiguousarray(img)
+    if bgr_source != want_bgr:  # cvtColor: the same bytes as a numpy copy of img[..., 2::-1], ~20x faster
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(img[:, :, :3])
 
 
 def _kind(path: Path) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from annotator.video import (
-    FrameRangeError, FrameSourceError, iter_frames, natural_key, probe, read_image, read_image_native,
+    FrameRangeError, FrameSourceError, bgr_to_rgb, iter_frames, natural_key, probe, read_image, read_image_native,
     shortfall_verdict,
 )
 from tests.annotator.clips import panning_clip, rotate_mp4, truncate_avi, write_folder, write_video
@@ -198,6 +198,20 @@ def test_read_image_native_keeps_depth_and_drops_alpha(tmp_path):
     assert img.dtype == np.uint16 and img.shape == (4, 5, 3) and img[0, 0].tolist() == [3000, 2000, 1000]
     cv2.imwrite(str(tmp_path / "g.png"), np.full((4, 5), 1000, np.uint16))
     assert read_image_native(tmp_path / "g.png").shape == (4, 5)  # gray stays 2-D
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_bgr_to_rgb_swaps_exactly_the_colour_channels_at_any_depth(dtype):
+    """uint8/uint16/float32 go through cv2.cvtColor, float64 through numpy: the same result."""
+    rng = np.random.default_rng(0)
+    for channels in (3, 4):
+        img = (rng.random((6, 9, channels)) * 250).astype(dtype)
+        want = img[..., [2, 1, 0, 3][:channels]]
+        got = bgr_to_rgb(img)
+        assert got.dtype == dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+    gray = (rng.random((6, 9, 2)) * 250).astype(dtype)
+    assert bgr_to_rgb(gray) is gray  # gray + alpha: nothing to swap
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".webp"])
