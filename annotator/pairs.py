@@ -147,7 +147,9 @@ class BuildOptions:
     sim_size: int = SIM_SIZE
     image_format: str = "jpg"
     quality: int = 95  # JPEG quality; PNG uses compression level 1
-    threads: int = 0  # resize/encode/write threads inside one movie; 0 = cpu_count // workers
+    # resize/encode/write threads inside one movie; 0: build_all makes it cpu_count // workers,
+    # build_movie alone takes 0 as 1
+    threads: int = 0
     # FFmpeg decoder threads; 0 = auto: 1 when the movie has <= 2 threads (one decoder thread
     # costs the least CPU per frame), else FFmpeg's default (faster on many cores)
     decode_threads: int = 0
