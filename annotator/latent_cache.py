@@ -48,6 +48,7 @@ import torch
 
 from annotator.color import rgb_to_gray
 from annotator.pairs import frame_path, is_finished, list_movies, load_meta, read_json
+from atomicio import sync_folder
 
 LATENTS, LATENTS_META = "latents.npy", "latents.json"
 CACHE_VERSION = 1
@@ -209,7 +210,9 @@ def encode_movie(
                     f.write(moments.tobytes())
                 if progress:
                     progress(len(b))
-        with _writing(dest, size):
+        with _writing(dest, size):  # on the disk before the rename publishes it (a power cut)
+            f.flush()
+            os.fsync(f.fileno())
             f.close()
         info = {
             "version": CACHE_VERSION,
@@ -226,9 +229,12 @@ def encode_movie(
         # the old metadata goes first: an interruption from here leaves a cache that reads as unbuilt
         (movie_dir / LATENTS_META).unlink(missing_ok=True)
         os.replace(tmp, dest)
-        with _writing(movie_dir / LATENTS_META, size):
-            tmp_json.write_text(json.dumps(info, indent=1))
+        with _writing(movie_dir / LATENTS_META, size), open(tmp_json, "w") as fj:
+            fj.write(json.dumps(info, indent=1))
+            fj.flush()
+            os.fsync(fj.fileno())
         os.replace(tmp_json, movie_dir / LATENTS_META)  # the cache counts as finished from here
+        sync_folder(movie_dir)
         return info
     except BaseException:
         if f is not None:
@@ -293,6 +299,12 @@ def build_latent_cache(
             todo.append(mid)
         else:
             result["existing"].append(mid)
+    for mid in ids:  # what a killed run (SIGKILL, a power cut) left: never part of a cache, maybe GBs
+        if mid not in todo:
+            for stale in (root / mid / (LATENTS + ".partial"), root / mid / (LATENTS_META + ".partial")):
+                if stale.exists():
+                    stale.unlink()
+                    log(f"removed {stale}: left by an interrupted run")
     total = sum(load_meta(root / m)["frame_count"] for m in todo)
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
         for mid in todo:  # an interrupted rebuild keeps the old cache: encode_movie replaces it at the end

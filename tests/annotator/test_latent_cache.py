@@ -387,7 +387,7 @@ def test_a_replacement_interrupted_before_its_metadata_reads_as_not_built(cached
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", killed)  # the latents.json it writes last
+    monkeypatch.setattr(annotator.latent_cache.json, "dumps", killed)  # the latents.json it writes last
     with pytest.raises(KeyboardInterrupt):
         encode_movie(cached_root / "pan", new)
     monkeypatch.undo()
@@ -560,3 +560,39 @@ def test_a_failed_write_closes_the_partial_file(root, monkeypatch):
                   if os.path.islink(f"/proc/self/fd/{fd}")]
     assert not [p for p in open_files if LATENTS in p], open_files  # not even while the traceback lives
     assert e.value is not None and not list((root / "pan").glob("*.partial"))
+
+
+def test_both_cache_files_reach_the_disk_before_their_renames_publish_them(root, monkeypatch):
+    """fsync before each rename, then the folder: a power cut after the cache counts as built
+    cannot leave it holding empty or short files."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", Path(a).name))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    encode_movie(root / "pan", tiny_vae(0))
+    monkeypatch.undo()
+    partial = [e for e in events if e[1].endswith(".partial")]
+    assert partial == [("fsync", "latents.npy.partial"), ("replace", "latents.npy.partial"),
+                       ("fsync", "latents.json.partial"), ("replace", "latents.json.partial")], events
+    assert events[-1] == ("fsync", "pan")  # the renames themselves made durable
+
+
+def test_partial_files_left_by_a_killed_run_are_removed_and_named(cached_root):
+    """SIGKILL (or a power cut) during an --overwrite rebuild leaves latents.npy.partial, maybe
+    gigabytes; a later run that keeps the cache removes it and says so."""
+    stale = [cached_root / "pan" / "latents.npy.partial", cached_root / "pan" / "latents.json.partial"]
+    for f in stale:
+        f.write_bytes(b"half")
+    logged = []
+    result = build_latent_cache(cached_root, tiny_vae(0), progress=False, log=logged.append)
+    assert result["existing"] == ["pan"] and result["built"] == []
+    assert not any(f.exists() for f in stale)
+    assert logged == [f"removed {f}: left by an interrupted run" for f in stale]
