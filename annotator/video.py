@@ -135,7 +135,7 @@ def bgr_to_rgb(img: np.ndarray) -> np.ndarray:
 def read_image(path: str | os.PathLike, *, bgr: bool = False, keep_16bit: bool = False) -> np.ndarray:
     """Any 8/16-bit or float, gray/colour, with or without alpha image -> RGB (or BGR) uint8 HWC
     (uint16 for a 16-bit file with `keep_16bit`)."""
-    return _to_rgb8(decode_image(path), path, bgr_source=True, want_bgr=bgr, keep_16bit=keep_16bit)
+    return _to_rgb8(decode_image(path), path, want_bgr=bgr, keep_16bit=keep_16bit)
 
 
 def read_image_native(path: str | os.PathLike) -> np.ndarray:
@@ -145,7 +145,8 @@ def read_image_native(path: str | os.PathLike) -> np.ndarray:
     return bgr_to_rgb(decode_image(path))
 
 
-def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False, keep_16bit: bool = False) -> np.ndarray:
+def _to_rgb8(img: np.ndarray, path, want_bgr: bool = False, keep_16bit: bool = False) -> np.ndarray:
+    """OpenCV's decoded `img` (BGR order, any depth) as 8-bit RGB, or BGR with `want_bgr`."""
     if img.dtype == np.uint16 and not keep_16bit:
         img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
@@ -160,7 +161,7 @@ def _to_rgb8(img: np.ndarray, path, bgr_source: bool, want_bgr: bool = False, ke
         raise FrameSourceError(path, f"unsupported image shape {img.shape}")
     if img.shape[2] == 2:  # gray + alpha
         return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))
-    if bgr_source != want_bgr:  # cvtColor: the same bytes as a numpy copy of img[..., 2::-1], ~20x faster
+    if not want_bgr:  # cvtColor: the same bytes as a numpy copy of img[..., 2::-1], ~20x faster
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(img[:, :, :3])
 
@@ -291,7 +292,7 @@ def iter_frames(
             if not ok or frame is None:
                 break
             if frame.ndim != 3 or frame.shape[2] != 3:
-                frame = _to_rgb8(frame, path, bgr_source=True, want_bgr=True)
+                frame = _to_rgb8(frame, path, want_bgr=True)
             size = size or frame.shape[:2]
             if frame.shape[:2] != size:
                 raise FrameSourceError(
