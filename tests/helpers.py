@@ -1,6 +1,9 @@
 """Constants and small helpers shared by tests (importable, unlike conftest)."""
 import signal
 
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
 # Tolerances the reference implementation itself meets between runs (tests/fixtures/README.md).
 COMPONENT_TOL = dict(rtol=1e-4, atol=1e-5)
 DDIM_TOL = dict(rtol=1e-3, atol=1e-4)
@@ -28,3 +31,16 @@ def default_sigint() -> None:
     background job has SIGINT ignored, children inherit that, and Python then installs no
     Ctrl-C handler; a terminal's Ctrl-C reaches a foreground job, which this restores."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class SDPACalls(TorchFunctionMode):
+    """Records (query, key, value) of every F.scaled_dot_product_attention call inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls.append(tuple(args[:3]))
+        return func(*args, **(kwargs or {}))

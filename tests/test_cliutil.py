@@ -89,15 +89,21 @@ def test_run_cli_stops_on_sigterm_like_on_ctrl_c(capsys, tmp_path):
     assert seen == [before]
 
 
-def test_a_sigterm_the_run_reraises_with_where_it_stopped_is_still_a_sigterm(capsys):
-    """A run that knows where it stopped re-raises a plain KeyboardInterrupt saying so: 143, said so."""
+def sigterm_reraised(message: str):
+    """A run that gets SIGTERM and re-raises it as a plain KeyboardInterrupt saying where it stopped."""
     def run(_):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler interrupts this
         except KeyboardInterrupt:
-            raise KeyboardInterrupt("interrupted at step 3; rerun to resume") from None
+            raise KeyboardInterrupt(message) from None
         return 0
+    return run
+
+
+def test_a_sigterm_the_run_reraises_with_where_it_stopped_is_still_a_sigterm(capsys):
+    """A run that knows where it stopped re-raises a plain KeyboardInterrupt saying so: 143, said so."""
+    run = sigterm_reraised("interrupted at step 3; rerun to resume")
     assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 143
     assert capsys.readouterr().err == "p.py: terminated (SIGTERM) at step 3; rerun to resume\n"
 
@@ -155,20 +161,12 @@ def test_run_cli_without_a_stop_line_leaves_the_stop_to_its_caller(capsys):
     def ctrl_c(_):
         raise KeyboardInterrupt("interrupted; 2 written")
 
-    def sigterm_rewrapped(_):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler interrupts this
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt("interrupted; 3 written") from None
-        return 0
-
     with pytest.raises(KeyboardInterrupt) as e:
         run_cli("p.py", ctrl_c, argparse.Namespace(), (OSError,), interrupted=None)
     assert type(e.value) is KeyboardInterrupt and str(e.value) == "interrupted; 2 written"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated, match="^interrupted; 3 written$"):
-        run_cli("p.py", sigterm_rewrapped, argparse.Namespace(), (OSError,), interrupted=None)
+        run_cli("p.py", sigterm_reraised("interrupted; 3 written"), argparse.Namespace(), (OSError,), interrupted=None)
     assert capsys.readouterr().err == "" and signal.getsignal(signal.SIGTERM) == before
 
 

@@ -4,11 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from ldm.modules.autoencoder import AttnBlock, AutoencoderKL, DiagonalGaussian
-from tests.helpers import COMPONENT_TOL as TOL, sub_state
+from tests.helpers import COMPONENT_TOL as TOL, SDPACalls, sub_state
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -118,17 +116,6 @@ def test_posterior_logvar_is_clamped_to_minus_30_and_20():
     torch.testing.assert_close(p.std.flatten(), torch.exp(0.5 * torch.tensor([-30.0, -25.0, 10.0, 20.0])))
 
 
-class SDPAInputs(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.strides = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.strides.append([t.stride(-1) for t in args[:3]])
-        return func(*args, **(kwargs or {}))
-
-
 @torch.no_grad()
 def test_attention_gives_sdpa_channels_at_stride_one():
     """SDPA's fused (flash / memory-efficient) kernels need the head dimension at stride 1;
@@ -136,9 +123,9 @@ def test_attention_gives_sdpa_channels_at_stride_one():
     materialises the (hw x hw) matrix (64 MB per 512x512 image in the VAE's middle block)."""
     block = AttnBlock(32).eval()
     x = torch.randn(2, 32, 8, 8)
-    with SDPAInputs() as sdpa:
+    with SDPACalls() as sdpa:
         y = block(x)
-    assert sdpa.strides == [[1, 1, 1]]
+    assert [[t.stride(-1) for t in call] for call in sdpa.calls] == [[1, 1, 1]]
     # single-head attention over positions, by hand
     q, k, v = (conv(block.norm(x)).flatten(2) for conv in (block.q, block.k, block.v))
     w = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, dim=-1)

@@ -3,14 +3,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from cldm.controlnet import ControlledUnetModel
 from ldm.modules import attention, unet as unet_module
 from ldm.modules.attention import BasicTransformerBlock, CrossAttention
 from ldm.modules.unet import ResBlock, UNetModel, timestep_embedding
-from tests.helpers import COMPONENT_TOL, sub_state
+from tests.helpers import COMPONENT_TOL, SDPACalls, sub_state
 from tests.ldm.reference_arch import unet_kwargs
 
 # The tiny UNet (channel_mult [1, 2, 2], 1 res block per level, attention at 1x and 2x):
@@ -31,29 +29,17 @@ def _tiny_unet(tiny_arch, tiny_weights, **overrides):
     return unet
 
 
-class CountSDPA(TorchFunctionMode):
-    """Records (query, key) shapes of every F.scaled_dot_product_attention call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.calls.append((tuple(args[0].shape), tuple(args[1].shape)))
-        return func(*args, **(kwargs or {}))
-
-
 def test_plain_unet_matches_reference_with_all_attention_through_sdpa(tiny_arch, tiny_weights, tiny_io):
     unet = _tiny_unet(tiny_arch, tiny_weights)
     assert sum(isinstance(m, BasicTransformerBlock) for m in unet.modules()) == TINY_TRANSFORMERS
-    with torch.no_grad(), CountSDPA() as sdpa:
+    with torch.no_grad(), SDPACalls() as sdpa:
         eps = unet(tiny_io["x"], tiny_io["t"], tiny_io["context"])
     torch.testing.assert_close(eps, tiny_io["eps_plain"], **COMPONENT_TOL)
     # Every CrossAttention (self and cross, 2 per transformer block) is one SDPA call.
     assert len(sdpa.calls) == 2 * TINY_TRANSFORMERS == sum(isinstance(m, CrossAttention) for m in unet.modules())
     b, ctx_len = tiny_io["x"].shape[0], tiny_io["context"].shape[1]
-    self_attn, cross_attn = sdpa.calls[0::2], sdpa.calls[1::2]
+    shapes = [(tuple(q.shape), tuple(k.shape)) for q, k, _ in sdpa.calls]
+    self_attn, cross_attn = shapes[0::2], shapes[1::2]
     assert all(q[0] == b and q[2] == k[2] for q, k in self_attn)   # tokens attend to tokens
     assert all(q[0] == b and k[2] == ctx_len for q, k in cross_attn)  # ... then to the 77 context tokens
     # heads x 16 channels: 32 channels at full latent size (8x8 = 64 tokens), 64 at 4x4
