@@ -251,3 +251,94 @@ def test_locked_digest_covers_the_locked_weights_only():
         model.first_stage_model.decoder.conv_out.bias[0] += 1e-6  # locked (the VAE)
     assert locked_digest(model) != before
 
+
+
+# Mutation round 10: optimiser settings, the default policy's source, exact checksums, the digest's
+# inputs, the export's metadata and what counts as an export.
+from cldm.trainable import EXPORT_FORMAT, is_export, make_optimizer  # noqa: E402
+
+P = 2**31 - 1
+
+
+def test_make_optimizer_adamw_keeps_lr_betas_and_each_groups_decay():
+    model = _configured(tiny_model("v2"))
+    opt = make_optimizer("adamw", param_groups(model, weight_decay=0.05), lr=3e-4, betas=(0.8, 0.95))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [(g["name"], g["lr"], g["betas"], g["weight_decay"]) for g in opt.param_groups] == [
+        ("trainable", 3e-4, (0.8, 0.95), 0.05), ("unet_input", 3e-4, (0.8, 0.95), 0.0)]
+
+
+def test_adamw8bit_keeps_32_bit_moments_for_the_partly_locked_conv_only():
+    pytest.importorskip("bitsandbytes")
+    model = _configured(tiny_model("v2"))
+    opt = make_optimizer("adamw8bit", param_groups(model), lr=1e-3, betas=(0.9, 0.99))
+    bits = {g["name"]: opt.get_config(i, 0, g)["optim_bits"] for i, g in enumerate(opt.param_groups)}
+    assert bits == {"trainable": 8, "unet_input": 32}
+
+
+def test_the_models_only_mid_control_is_the_default_policy():
+    model = tiny_model("v2", overrides=["model.only_mid_control=true"])
+    names = trainable_names(_configured(model))
+    assert names and not any(n.startswith("control_model.zero_convs.") for n in names)
+    assert any(n.startswith("control_model.zero_convs.")  # an explicit argument still wins
+               for n in trainable_names(_configured(model, only_mid_control=False)))
+
+
+def test_configure_trainable_installs_the_gradient_mask_once():
+    model = tiny_model("v2")
+    for _ in range(3):
+        configure_trainable(model)
+    assert len(model.model.diffusion_model.input_blocks[0][0].weight._backward_hooks) == 1
+
+
+def test_a_locked_unet_input_conv_gets_no_optimiser_group():
+    groups = param_groups(_configured(tiny_model("v1")), weight_decay=0.01)
+    assert [g["name"] for g in groups] == ["trainable"]
+
+
+def test_tensor_checksum_pins_unsigned_bytes_signed_wider_words_and_large_values():
+    """The digest is stored in training checkpoints and compared on resume, so its definition
+    may not drift: bytes unsigned, 2/4/8-byte words signed, each term and the sum reduced mod P."""
+    assert tensor_checksum(torch.tensor([200, 1], dtype=torch.uint8)) == 200 + 2
+    assert tensor_checksum(torch.tensor([-56], dtype=torch.int8)) == 200  # same bits as uint8 200
+    assert tensor_checksum(torch.tensor([-1.0], dtype=torch.bfloat16)) == P - (0x10000 - 0xBF80)  # int16 bits
+    assert tensor_checksum(torch.tensor([0, 2**62], dtype=torch.int64)) == 2  # 2^62 = 1 mod P, at position 2
+    assert tensor_checksum(torch.tensor([P - 1, P - 1], dtype=torch.int32), chunk=1) == P - 3  # -1 - 2 mod P
+    n = 100_000  # sum of (P - 1) * i would pass 2^63 without reducing each product
+    assert tensor_checksum(torch.full((n,), P - 1, dtype=torch.int32)) == (-(n * (n + 1) // 2)) % P
+
+
+class _Named(torch.nn.Module):
+    """Stand-in with a ControlNet part (exported, so not in the digest) and one locked weight."""
+
+    def __init__(self, name, weight):
+        super().__init__()
+        self.control_model = torch.nn.Linear(2, 2)
+        self.register_parameter(name, torch.nn.Parameter(weight.clone(), requires_grad=False))
+
+
+def test_locked_digest_covers_names_and_shapes_not_only_bits():
+    w = torch.arange(6.0)
+    digest = locked_digest(_Named("a", w))
+    assert len(digest) == 32 and int(digest, 16) >= 0
+    assert locked_digest(_Named("a", w)) == digest
+    assert locked_digest(_Named("b", w)) != digest                 # same bits under another name
+    assert locked_digest(_Named("a", w.view(2, 3))) != digest      # same bits in another shape
+
+
+def test_export_metadata_records_what_the_weights_fit(tmp_path):
+    model = _configured(tiny_model("v2"))
+    path = export_control(model, tmp_path / "c.safetensors", step=5, extra={"note": "x", "step": "9"})
+    assert read_export_metadata(path) == {
+        "format": EXPORT_FORMAT, "color_variant": "v2", "step": "9", "concat_to_unet": "True",
+        "only_mid_control": "False", "parameterization": "eps", "note": "x"}  # extra wins
+
+
+def test_is_export_by_metadata_or_by_controlnet_plus_unet_tensors_only():
+    c, u, vae = "control_model.a", "model.diffusion_model.b", "first_stage_model.c"
+    assert is_export({c: 0, u: 0}, {})
+    assert is_export({c: 0}, {})
+    assert not is_export({c: 0, vae: 0}, {})            # a full model
+    assert not is_export({u: 0}, {})                    # plain SD UNet
+    assert not is_export({}, {})
+    assert is_export({c: 0, vae: 0}, {"format": EXPORT_FORMAT})
