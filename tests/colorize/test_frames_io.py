@@ -199,3 +199,134 @@ def test_progress_bar_rate_is_the_average_since_the_start():
     bar = progress_bar(8, "fixed", file=io.StringIO())
     assert bar.smoothing == 0
     bar.close()
+
+
+# Mutation round 10: prefetch depth and shutdown, the bar's settings, input checks, sizes, fps.
+import threading  # noqa: E402
+
+from colorize.frames_io import check_video  # noqa: E402
+
+
+def _frames_of(path):
+    cap = cv2.VideoCapture(str(path))
+    fps, got = cap.get(cv2.CAP_PROP_FPS), []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        got.append(f)
+    cap.release()
+    return fps, got
+
+
+def test_prefetch_reads_exactly_depth_ahead_and_its_thread_ends_on_close():
+    threads = threading.active_count()
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    gen = prefetch(endless(), depth=3)
+    assert next(gen) == 0
+    deadline = time.monotonic() + 5
+    while len(produced) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(produced) == 1 + 3 + 1  # taken, 3 queued, 1 waiting to be queued
+    start = time.monotonic()
+    gen.close()
+    assert time.monotonic() - start < 2 and threading.active_count() == threads  # the producer stopped
+
+
+def test_progress_bar_settings(capsys):
+    bar = progress_bar(3, "frames")
+    assert (bar.unit, bar.unit_scale, bool(bar.dynamic_ncols), bar.smoothing) == (" frame", False, True, 0)
+    assert bar.bar_format == BAR_FORMAT
+    bar.update(2)
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == "" and "frames: " in err and "2/3" in err and " frame/s" in err  # on stderr
+    for total in (None, 0):
+        bar = progress_bar(total, "frames")
+        assert bar.bar_format == BAR_FORMAT_OPEN
+        bar.close()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.bool_])
+def test_write_image_atomic_refuses_pixels_that_are_neither_uint8_nor_float(tmp_path, dtype):
+    with pytest.raises(TypeError, match=f"expected uint8 or float \\[0, 1\\] pixels, got {np.dtype(dtype)}"):
+        write_image_atomic(tmp_path / "x.png", np.ones((4, 4, 3), dtype))
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_image_atomic_without_an_extension_writes_png(tmp_path):
+    a = rgb(seed=4)
+    write_image_atomic(tmp_path / "noext", a)
+    assert (tmp_path / "noext").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "noext"))[..., ::-1], a)
+
+
+def test_write_image_atomic_an_encoder_failure_is_an_oserror(tmp_path, monkeypatch):
+    monkeypatch.setattr(cv2, "imencode", lambda *a: (False, None))
+    with pytest.raises(OSError, match=r"f\.jpg: cannot encode image as \.jpg$"):
+        write_image_atomic(tmp_path / "f.jpg", rgb())
+    assert os.listdir(tmp_path) == []
+
+
+def test_even_size_pads_each_side_by_its_own_parity():
+    assert even_size(53, 38) == (54, 38) and even_size(54, 37) == (54, 38) and even_size(1, 1) == (2, 2)
+
+
+@pytest.mark.parametrize("h, w", [(36, 53), (37, 54)])
+def test_a_video_odd_in_one_side_only_is_padded_on_that_side(tmp_path, h, w):
+    write_video_atomic(tmp_path / "v.mp4", [rgb(h, w)] * 2, 25)
+    _, got = _frames_of(tmp_path / "v.mp4")
+    assert len(got) == 2 and got[0].shape == (h + h % 2, w + w % 2, 3)
+
+
+def test_write_video_atomic_keeps_a_fractional_fps_and_makes_the_folder(tmp_path):
+    path = tmp_path / "new" / "sub" / "clip.mp4"
+    assert write_video_atomic(path, [rgb(32, 48)] * 3, 12.5) == 3
+    fps, got = _frames_of(path)
+    assert fps == pytest.approx(12.5) and len(got) == 3
+
+
+@pytest.mark.parametrize("fps", [-5, float("nan"), float("inf"), None])
+def test_write_video_atomic_refuses_a_bad_fps_before_writing(tmp_path, monkeypatch, fps):
+    def no_writer(*args):  # OpenCV hangs on an infinite fps: fail fast should the check let it through
+        raise AssertionError(f"writer opened with {args}")
+
+    monkeypatch.setattr(cv2, "VideoWriter", no_writer)
+    with pytest.raises(ValueError, match=f"clip.mp4: fps must be a positive finite number, got {fps}"):
+        write_video_atomic(tmp_path / "clip.mp4", [rgb()], fps)
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_video_wants_the_exact_frame_count(tmp_path):
+    write_video_atomic(tmp_path / "v.mp4", [rgb(32, 48)] * 3, 25)
+    check_video(tmp_path / "v.mp4", 3, tmp_path / "v.mp4")
+    for wrong in (2, 4):
+        with pytest.raises(OSError, match="v.mp4: the video was not written completely"):
+            check_video(tmp_path / "v.mp4", wrong, tmp_path / "v.mp4")
+
+
+def test_a_failed_video_releases_its_writer(tmp_path, monkeypatch):
+    real, released = cv2.VideoWriter, []
+
+    class Spy:
+        def __init__(self, *args):
+            self.writer = real(*args)
+
+        def __getattr__(self, attr):
+            return getattr(self.writer, attr)
+
+        def release(self):
+            released.append(1)
+            self.writer.release()
+
+    monkeypatch.setattr(cv2, "VideoWriter", Spy)
+    with pytest.raises(ValueError, match="frame 1 is"):
+        write_video_atomic(tmp_path / "bad.mp4", [rgb(), rgb(20, 40)], 25)
+    assert released == [1] and os.listdir(tmp_path) == []
