@@ -174,3 +174,111 @@ def test_a_full_disk_leaves_no_half_report_and_keeps_an_earlier_one(tmp_path, mo
         assert e.value.errno == errno.ENOSPC
     assert not (tmp_path / "new").exists()
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the strip too: not this run's to drop
+
+
+# Mutation round 10: the plots' capped PSNR handling, the strip's tiles and labels, JSON/CSV values,
+# input checks, and a stale strip.
+import matplotlib.pyplot as plt  # noqa: E402
+
+from colorize import report as R  # noqa: E402
+
+
+def test_strip_indices_of_no_or_a_negative_count_of_frames():
+    assert strip_indices(-2, 3) == [] and strip_indices(3, 5) == [0, 1, 2]
+
+
+def test_clean_makes_json_values():
+    assert R._clean({"i": np.int64(3), "t": (np.float32(1.5), float("inf")), "a": np.array([np.nan, 2.0])}) == \
+        {"i": 3, "t": [1.5, None], "a": [None, 2.0]}
+    assert type(R._clean(np.int64(3))) is int
+
+
+def test_frame_numbers_must_end_the_names():
+    x, numbered = frame_numbers(["f1a", "f2a"])
+    assert x.tolist() == [0, 1] and not numbered
+
+
+def test_psnr_plot_puts_capped_frames_on_the_top_edge_and_means_include_them():
+    fig = over_time_figure(results(), "psnr", ["a", "b", "c"], "PSNR (dB)", "the title")
+    ax = fig.axes[0]
+    a, tri, b = ax.lines[:3]
+    assert np.array_equal(a.get_ydata(), [np.nan, 30, 28], equal_nan=True)  # the capped frame: a break
+    assert tri.get_marker() == "^" and tri.get_xdata().tolist() == [0] and tri.get_ydata().tolist() == [33.0]
+    assert b.get_ydata().tolist() == [20, 21, 22]
+    assert ax.get_ylim() == (17.0, 33.0)  # 3 dB around the uncapped values
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "a (mean 52.7)", "b (mean 21)", "identical to the ground truth (100 dB)"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("frame index (a \u2026 c)", "PSNR (dB)", "the title")
+    plt.close(fig)
+
+
+def test_other_metrics_are_never_capped_and_long_series_have_no_markers():
+    n = 31
+    res = {"m": MethodMetrics({"psnr": np.full(n, 30.0), "ssim": np.ones(n), "colourfulness": np.ones(n),
+                               "warp_error": np.full(n, 150.0)}, cdc=0.0)}
+    fig = over_time_figure(res, "warp_error", [f"x{i}" for i in range(n)], "w", "t")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 1 and ax.lines[0].get_ydata().tolist() == [150.0] * n
+    assert ax.lines[0].get_marker() in (None, "None")
+    plt.close(fig)
+
+
+def test_fit_tile_keeps_colour_and_aspect_centred_on_white():
+    red = np.zeros((10, 10, 4), np.uint8)
+    red[..., 0], red[..., 3] = 255, 7  # RGBA: the alpha is dropped, not read as a colour
+    tile = R._fit_tile(red, 40, 20)
+    assert tile.shape == (20, 40, 3)
+    assert (tile[:, :10] == 255).all() and (tile[:, 30:] == 255).all()
+    assert (tile[:, 10:30] == (255, 0, 0)).all()
+    gray = R._fit_tile(np.full((10, 20), 0.5), 20, 10)  # float [0, 1] gray
+    assert gray.dtype == np.uint8 and (gray == 128).all()
+
+
+def test_strip_rows_use_the_given_labels(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    texts = []
+    real = matplotlib.figure.Figure.text
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, x, y, s, **kw: texts.append(s) or real(
+        self, x, y, s, **kw))
+    gt = [np.full((45, 80, 3), 100, np.uint8)] * 2
+    write_report(results(), tmp_path, frames=["f0", "f1", "f2"],
+                 strip=Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt}, labels=["first", "last"]))
+    assert "first" in texts and "last" in texts and "f0" not in texts
+
+
+def test_write_report_refuses_no_results_and_series_of_another_length(tmp_path):
+    with pytest.raises(ValueError, match="^no results to report$"):
+        write_report({}, tmp_path)
+    with pytest.raises(ValueError, match=r"^a: per-frame metrics do not match the 2 frames$"):
+        write_report(results(), tmp_path, frames=["f0", "f1"])
+    res = results()
+    res["b"].per_frame["ssim"] = np.array([0.5, 0.6])  # one series of one method short
+    with pytest.raises(ValueError, match=r"^b: per-frame metrics do not match the 3 frames$"):
+        write_report(res, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_report_every_value_in_its_row(tmp_path, monkeypatch):
+    calls = []
+    real = R.over_time_figure
+    monkeypatch.setattr(R, "over_time_figure", lambda res, key, *a: calls.append((key, a[1])) or real(res, key, *a))
+    res = results()
+    res["b"].per_frame["ssim"] = np.array([0.123456789, 0.6, 0.7])
+    paths = write_report(res, tmp_path)  # no frame names: positions as names
+    doc = json.loads(paths["json"].read_text())
+    assert doc["frames"] == ["0", "1", "2"] and list(doc["methods"]) == ["a", "b"]
+    assert doc["methods"]["b"]["per_frame"]["psnr"] == [20.0, 21.0, 22.0]
+    rows = list(csv.reader(paths["per_frame_csv"].open()))
+    assert rows[1:] == [
+        ["a", "0", "100", "1", "10", ""], ["a", "1", "30", "0.9", "20", "1"], ["a", "2", "28", "0.8", "30", "3"],
+        ["b", "0", "20", "0.123457", "1", ""], ["b", "1", "21", "0.6", "2", "0.5"], ["b", "2", "22", "0.7", "3", "0.5"]]
+    assert [k for k, _ in calls] == ["psnr", "warp_error"] and calls[1][1] == "warp error (0..255 levels)"
+
+
+def test_a_report_without_a_strip_removes_an_earlier_runs_strip(tmp_path):
+    gt = [np.full((45, 80, 3), 100, np.uint8)] * 2
+    write_report(results(), tmp_path, strip=Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt}))
+    assert (tmp_path / "strip.png").is_file()
+    write_report(results(), tmp_path)
+    assert not (tmp_path / "strip.png").exists()
