@@ -306,3 +306,184 @@ def test_natural_order_ignores_case():
 
     assert sorted(["Frame10.png", "frame2.png", "FRAME1.png"], key=natural_key) == ["FRAME1.png", "frame2.png",
                                                                                    "Frame10.png"]
+
+
+# Mutation round 10: folder listing rules, pixel conversions, video metadata edge cases (through a
+# capture whose answers a test sets), ranges and flags.
+import os  # noqa: E402
+import warnings  # noqa: E402
+
+from annotator import video as V  # noqa: E402
+from annotator.video import list_frame_files  # noqa: E402
+
+
+def test_folder_listing_skips_hidden_files_and_subfolders_and_reads_upper_case_extensions(tmp_path):
+    d = write_folder(panning_clip(2, 8, 8), tmp_path / "clip")
+    (d / ".DS_Store").write_bytes(b"junk")
+    (d / "._frame0.png").write_bytes(b"junk")  # macOS resource fork: hidden, and no image
+    (d / "sub").mkdir()
+    (d / "sub" / "x.txt").write_text("x")
+    (d / "Zed.PNG").write_bytes((d / "frame1.png").read_bytes())
+    assert [p.name for p in list_frame_files(d)] == ["frame0.png", "frame1.png", "Zed.PNG"]
+
+
+def test_a_folder_of_frames_and_videos_is_refused(tmp_path):
+    d = write_folder(panning_clip(2, 8, 8), tmp_path / "clip")
+    (d / "film.MP4").write_bytes(b"x")
+    with pytest.raises(FrameSourceError, match=r"clip: frame folder also holds 1 video file\(s\); keep them apart$"):
+        list_frame_files(d)
+
+
+def test_a_folder_that_cannot_be_listed_is_a_frame_source_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FrameSourceError, match=r"f: cannot list folder \(Not a directory\)$"):
+        list_frame_files(tmp_path / "f")
+
+
+def test_an_empty_image_file_is_not_a_readable_image(tmp_path):
+    (tmp_path / "e.png").write_bytes(b"")
+    with pytest.raises(FrameSourceError, match=r"e.png: not a readable image$"):
+        read_image(tmp_path / "e.png")
+
+
+def test_read_image_keep_16bit(tmp_path):
+    rgb16 = np.zeros((2, 3, 3), np.uint16)
+    rgb16[...] = (1000, 2000, 3000)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb16[..., ::-1])
+    img = read_image(tmp_path / "a.png", keep_16bit=True)
+    assert img.dtype == np.uint16 and img[0, 0].tolist() == [1000, 2000, 3000]
+
+
+def test_float_images_are_taken_as_0_to_1_rounded_and_nan_is_black(tmp_path):
+    cv2.imwrite(str(tmp_path / "f.tiff"), np.array([[-0.5, 0.5, 1.5, np.nan, 0.002, 0.998]], np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cast of NaN to uint8 (undefined; numpy warns)
+        img = read_image(tmp_path / "f.tiff")
+    assert img[0, :, 0].tolist() == [0, 128, 255, 0, 1, 254] and (img[..., 0] == img[..., 2]).all()
+
+
+def test_unsupported_pixel_types_and_shapes_are_named(tmp_path):
+    cv2.imwrite(str(tmp_path / "i.tiff"), np.array([[1, 2]], np.int32))
+    with pytest.raises(FrameSourceError, match=r"i.tiff: unsupported pixel type int32$"):
+        read_image(tmp_path / "i.tiff")
+    with pytest.raises(FrameSourceError, match=r"x: unsupported image shape \(2, 2, 5\)$"):
+        V._to_rgb8(np.zeros((2, 2, 5), np.uint8), "x")
+
+
+def test_gray_plus_alpha_gives_the_gray_channel():
+    ga = np.dstack([np.full((2, 2), 50, np.uint8), np.full((2, 2), 200, np.uint8)])
+    assert V._to_rgb8(ga, "x").tolist() == [[[50] * 3] * 2] * 2
+
+
+def test_a_video_extension_in_upper_case_is_a_video(tmp_path):
+    p = write_video(panning_clip(3, 16, 16), tmp_path / "clip.avi").rename(tmp_path / "CLIP.AVI")
+    assert probe(p).kind == "video" and len(list(iter_frames(p))) == 3
+
+
+def test_an_unreadable_video_is_named(tmp_path, monkeypatch):
+    p = write_video(panning_clip(3, 16, 16), tmp_path / "c.avi")
+    monkeypatch.setattr(os, "access", lambda *a: False)  # tests may run as root, whom chmod does not stop
+    with pytest.raises(FrameSourceError, match=r"c.avi: file is not readable \(permission denied\)$"):
+        probe(p)
+
+
+REAL_CAPTURE = cv2.VideoCapture
+
+
+class FakeCapture:
+    """A real capture of a small file whose frame count, fps and frames a test can override."""
+    calls: list = []
+
+    def __init__(self, name, api, params, *, count=None, fps=None, frames=None):
+        FakeCapture.calls.append(list(params))
+        self.cap, self.count, self.fps, self.frames = REAL_CAPTURE(name, api, params), count, fps, frames
+
+    def get(self, prop):
+        if prop == cv2.CAP_PROP_FRAME_COUNT and self.count is not None:
+            return self.count
+        if prop == cv2.CAP_PROP_FPS and self.fps is not None:
+            return self.fps
+        return self.cap.get(prop)
+
+    def read(self):
+        if self.frames is None:
+            return self.cap.read()
+        return (True, self.frames.pop(0)) if self.frames else (False, None)
+
+    def __getattr__(self, attr):
+        return getattr(self.cap, attr)
+
+
+def fake_capture(monkeypatch, **kw):
+    FakeCapture.calls = []
+    monkeypatch.setattr(cv2, "VideoCapture", lambda *a: FakeCapture(*a, **kw))
+
+
+@pytest.fixture
+def small_avi(tmp_path):
+    return write_video(panning_clip(4, 16, 16), tmp_path / "s.avi", fps=25)
+
+
+def test_probe_of_a_video_that_states_no_rate_or_count(small_avi, monkeypatch):
+    fake_capture(monkeypatch, count=-1, fps=0.0)
+    info = probe(small_avi)
+    assert (info.fps, info.frame_count) == (None, None)
+    fake_capture(monkeypatch, count=3.9999)  # a count read as a float: rounded, not cut
+    assert probe(small_avi).frame_count == 4
+
+
+def test_a_video_without_a_decodable_frame(small_avi, monkeypatch):
+    fake_capture(monkeypatch, frames=[])
+    for read in (probe, lambda p: list(iter_frames(p))):
+        with pytest.raises(FrameSourceError, match=r"s.avi: video has no decodable frame$"):
+            read(small_avi)
+    assert list(iter_frames(small_avi, stop=0)) == []  # nothing asked for: no error
+
+
+def test_video_frames_that_are_gray_or_change_size(small_avi, monkeypatch):
+    for bgr in (False, True):
+        fake_capture(monkeypatch, frames=[np.full((4, 6), 9, np.uint8)])
+        (_, _, f), = iter_frames(small_avi, check_count=False, bgr=bgr)
+        assert f.shape == (4, 6, 3) and (f == 9).all()
+    bgra = np.zeros((4, 6, 4), np.uint8)
+    bgra[...] = (1, 2, 3, 4)
+    for bgr, want in ((False, [3, 2, 1]), (True, [1, 2, 3])):  # alpha dropped
+        fake_capture(monkeypatch, frames=[bgra.copy()])
+        (_, _, f), = iter_frames(small_avi, check_count=False, bgr=bgr)
+        assert f.shape == (4, 6, 3) and f[0, 0].tolist() == want
+    fake_capture(monkeypatch, frames=[np.zeros((4, 6, 3), np.uint8)] * 2 + [np.zeros((4, 8, 3), np.uint8)])
+    with pytest.raises(FrameSourceError, match=r"s.avi: frame 2 is 8x4, earlier frames are 6x4$"):
+        list(iter_frames(small_avi))
+
+
+def test_decode_threads_reach_the_decoder(small_avi, monkeypatch):
+    fake_capture(monkeypatch)
+    assert len(list(iter_frames(small_avi, decode_threads=1))) == 4
+    list(iter_frames(small_avi))
+    assert FakeCapture.calls == [[cv2.CAP_PROP_N_THREADS, 1], []]
+
+
+def test_check_count_false_skips_the_shortfall_verdict(small_avi, monkeypatch):
+    fake_capture(monkeypatch, count=40)  # claims 40, has 4: truncated
+    with pytest.raises(FrameSourceError, match="truncated or corrupt: decoded 4 of 40"):
+        list(iter_frames(small_avi))
+    assert len(list(iter_frames(small_avi, check_count=False))) == 4
+
+
+def test_the_shortfall_warning_points_at_the_caller(small_avi, monkeypatch):
+    fake_capture(monkeypatch, count=40, frames=[np.zeros((4, 4, 3), np.uint8)] * 37)
+    with pytest.warns(UserWarning, match="decoded 37 of the 40 frames") as w:
+        list(iter_frames(small_avi))
+    assert w[0].filename == __file__
+
+
+def test_frame_range_and_flag_checks(tmp_path):
+    frames = panning_clip(3, 8, 8)
+    d = write_folder(frames, tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"^bad frame range -1:None$"):
+        list(iter_frames(d, start=-1))
+    assert list(iter_frames(d, start=2, stop=2)) == []  # an empty range is no error
+    with pytest.raises(ValueError, match="keep_depth frames are RGB"):
+        list(iter_frames(d, keep_depth=True, bgr=True))
+    (_, _, bgr), = iter_frames(d, stop=1, bgr=True)
+    np.testing.assert_array_equal(bgr, frames[0][..., ::-1])
