@@ -108,14 +108,21 @@ def test_write_report_numbers(tmp_path):
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]  # no temp files
 
 
-def test_strip_captions_give_each_rows_frame_scores(tmp_path, monkeypatch):
-    """Rows show frames 0 and 2: their captions carry those frames' PSNR and SSIM (not rows 0, 1)."""
+@pytest.fixture
+def figure_texts(monkeypatch) -> list[str]:
+    """Every text the report's figures write (captions, row labels), in order."""
     import matplotlib.figure
 
     texts = []
     real = matplotlib.figure.Figure.text
     monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, x, y, s, **kw: texts.append(s) or real(
         self, x, y, s, **kw))
+    return texts
+
+
+def test_strip_captions_give_each_rows_frame_scores(tmp_path, figure_texts):
+    """Rows show frames 0 and 2: their captions carry those frames' PSNR and SSIM (not rows 0, 1)."""
+    texts = figure_texts
     gt = [np.full((45, 80, 3), 100, np.uint8)] * 2
     strip = Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt, "b": gt})
     write_report(results(), tmp_path, frames=["f0", "f1", "f2"], strip=strip)
@@ -234,13 +241,8 @@ def test_fit_tile_keeps_colour_and_aspect_centred_on_white():
     assert gray.dtype == np.uint8 and (gray == 128).all()
 
 
-def test_strip_rows_use_the_given_labels(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    texts = []
-    real = matplotlib.figure.Figure.text
-    monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, x, y, s, **kw: texts.append(s) or real(
-        self, x, y, s, **kw))
+def test_strip_rows_use_the_given_labels(tmp_path, figure_texts):
+    texts = figure_texts
     gt = [np.full((45, 80, 3), 100, np.uint8)] * 2
     write_report(results(), tmp_path, frames=["f0", "f1", "f2"],
                  strip=Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt}, labels=["first", "last"]))
