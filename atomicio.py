@@ -1,4 +1,5 @@
-"""Files that appear whole or not at all: written to a temporary file beside the target, then renamed.
+"""Files that appear whole or not at all: written to a temporary file beside the target, then renamed;
+and the lock that keeps two runs from writing the same thing (try_lock).
 
 os.replace within one folder is atomic, so a reader (or a run killed half-way through a
 write) only ever sees the previous file or the complete new one under the final name.
@@ -14,7 +15,12 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["temp_beside", "atomic_path", "write_bytes_atomic", "sync_tree", "sync_folder"]
+try:
+    import fcntl  # POSIX: try_lock
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = ["temp_beside", "atomic_path", "write_bytes_atomic", "sync_tree", "sync_folder", "try_lock"]
 
 
 def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
@@ -114,3 +120,49 @@ def sync_tree(folder: str | os.PathLike, threads: int = 1) -> None:
             _fsync(f, os.O_RDONLY)
     for d in reversed(folders):
         sync_folder(d)
+
+
+@contextlib.contextmanager
+def try_lock(path: str | os.PathLike, make_parent: bool = False) -> Iterator[bool]:
+    """Try to lock the file `path` (created if need be); yield whether this process got it
+    (never waits).
+
+    A lock dies with its process, so what a killed run left is taken over by the next one. The
+    file is removed on the way out, while still held; whoever locked it meanwhile sees that it
+    is gone (another inode, or none, at the path) and tries again. A regular file opened for
+    writing, because NFS maps flock to POSIX locks, which need that. `make_parent`: create the
+    folder, again if it is removed in between. Without fcntl (not POSIX) nothing is locked.
+    """
+    if fcntl is None:
+        yield True
+        return
+    path = Path(path)
+    for _ in range(5):
+        try:
+            if make_parent:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        except FileNotFoundError:
+            if make_parent:  # the folder removed by a run ending in between: again
+                continue
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # unlinked by its previous holder after we opened it: again
+    else:
+        raise OSError(f"{path}: keeps changing; is another run using it?")
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

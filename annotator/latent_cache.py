@@ -11,6 +11,7 @@ posterior lets the dataset hand out latents instead. Per movie, next to the fram
     latents.json   the VAE fingerprint, frame size, shape, precision; removed before a new
                    latents.npy is renamed into place and written last, so a cache without it
                    is unfinished and gets rebuilt (never new latents with old metadata)
+    latents.lock   held by the run writing the cache (build_latent_cache), removed after it
 
 latents.npy is written with plain file writes, not through a memory map: on a full disk a
 write into a memory map kills the process with SIGBUS, a plain write raises an OSError that
@@ -49,9 +50,9 @@ import torch
 from annotator.color import rgb_to_gray
 from annotator.pairs import frame_path, is_finished, list_movies, load_meta, read_json
 from annotator.video import bgr_to_rgb
-from atomicio import sync_folder
+from atomicio import sync_folder, try_lock
 
-LATENTS, LATENTS_META = "latents.npy", "latents.json"
+LATENTS, LATENTS_META, LATENTS_LOCK = "latents.npy", "latents.json", "latents.lock"
 CACHE_VERSION = 1
 
 
@@ -260,6 +261,18 @@ def check_movies(data_root: str | os.PathLike, movies: Sequence[str]) -> None:
             raise LatentCacheError(f"{root / mid}: not a finished movie (run build_pairs.py first)")
 
 
+def _state(movie_dir: Path, fingerprint: str, overwrite: bool, gray: bool) -> tuple[str, str | None]:
+    """("build" | "existing" | "refused", the line to log or None) for one movie's cache."""
+    if overwrite or (info := cache_info(movie_dir)) is None:
+        return "build", None
+    if info["vae_fingerprint"] != fingerprint:
+        return "refused", (f"refused: {movie_dir}: cached with other VAE weights ({info['vae_fingerprint'][:12]}...); "
+                           "use --overwrite to replace it")
+    if problem := cache_problem(movie_dir, info, load_meta(movie_dir)):
+        return "build", f"rebuilding: {movie_dir / LATENTS}: does not match the frames ({problem})"
+    return ("build" if gray and not info.get("gray") else "existing"), None
+
+
 def build_latent_cache(
     data_root: str | os.PathLike,
     vae: torch.nn.Module,
@@ -276,8 +289,11 @@ def build_latent_cache(
     Movies already cached with the same weights (and gray latents if `gray`) are skipped; a
     cache made with other weights is refused (reported, left alone) unless `overwrite`. One
     without the gray latents that `gray` asks for, or whose latents.npy does not fit the
-    frames (cut short, say; logged), is rebuilt. Returns {"built", "existing", "refused"}:
-    lists of movie ids, and "fingerprint": the VAE's.
+    frames (cut short, say; logged), is rebuilt. A movie is written under its lock
+    (<movie>/latents.lock, atomicio.try_lock): one that another run is encoding is skipped and
+    logged, so runs given the same movies share the work instead of writing into each other's
+    files. Returns {"built", "existing", "refused", "busy"}: lists of movie ids, and
+    "fingerprint": the VAE's.
     """
     from tqdm import tqdm
 
@@ -285,32 +301,37 @@ def build_latent_cache(
     vae.eval()  # frozen: no dropout; gradients are off via no_grad in encode_movie
     fp = vae_fingerprint(vae)
     ids = list(movies) if movies is not None else list_movies(root)
-    result = {"built": [], "existing": [], "refused": [], "fingerprint": fp}
+    result = {"built": [], "existing": [], "refused": [], "busy": [], "fingerprint": fp}
     check_movies(root, ids)
     todo = []
     for mid in ids:
-        if overwrite or (info := cache_info(root / mid)) is None:
-            todo.append(mid)
-        elif info["vae_fingerprint"] != fp:
-            result["refused"].append(mid)
-            log(f"refused: {root / mid}: cached with other VAE weights ({info['vae_fingerprint'][:12]}...); "
-                f"use --overwrite to replace it")
-        elif problem := cache_problem(root / mid, info, load_meta(root / mid)):
-            log(f"rebuilding: {root / mid / LATENTS}: does not match the frames ({problem})")
-            todo.append(mid)
-        elif gray and not info.get("gray"):
-            todo.append(mid)
-        else:
-            result["existing"].append(mid)
-    for mid in ids:  # what a killed run (SIGKILL, a power cut) left: never part of a cache, maybe GBs
-        if mid not in todo:
-            for stale in partial_files(root / mid):
-                if stale.exists():
-                    stale.unlink()
-                    log(f"removed {stale}: left by an interrupted run")
+        state, why = _state(root / mid, fp, overwrite, gray)
+        (todo if state == "build" else result[state]).append(mid)
+        if why:
+            log(why)
+    for mid in (m for m in ids if m not in todo):  # what a killed run (SIGKILL, a power cut) left: maybe GBs
+        if stale := [p for p in partial_files(root / mid) if p.exists()]:
+            with try_lock(root / mid / LATENTS_LOCK) as mine:
+                if mine:  # else another run is writing them
+                    for p in stale:
+                        p.unlink(missing_ok=True)
+                        log(f"removed {p}: left by an interrupted run")
     total = sum(load_meta(root / m)["frame_count"] for m in todo)
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
         for mid in todo:  # an interrupted rebuild keeps the old cache: encode_movie replaces it at the end
-            encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
-            result["built"].append(mid)
+            with try_lock(root / mid / LATENTS_LOCK) as mine:
+                if not mine:
+                    state, why = "busy", f"skipped: {root / mid}: another run is encoding its latents"
+                elif overwrite:
+                    state, why = "build", None
+                else:  # another run may have finished it since the first look
+                    state, why = _state(root / mid, fp, False, gray)
+                if state == "build":  # its why, if any, was logged by the first look
+                    encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
+                    result["built"].append(mid)
+                else:
+                    result[state].append(mid)
+                    if why:
+                        log(why)
+                    bar.update(load_meta(root / mid)["frame_count"])  # the bar ends full
     return result

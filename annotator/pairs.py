@@ -26,7 +26,6 @@ no rebuild.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import json
 import os
 import re
@@ -45,12 +44,7 @@ from annotator.similarity import (
     METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
 )
 from annotator.video import iter_frames, probe
-from atomicio import sync_folder, sync_tree
-
-try:
-    import fcntl  # POSIX: the per-movie build lock
-except ImportError:  # pragma: no cover
-    fcntl = None
+from atomicio import sync_folder, sync_tree, try_lock
 
 FORMAT_VERSION = 1
 PARTIAL_DIR = ".partial"
@@ -216,49 +210,15 @@ def build_movie(
         return _build_movie(source, root, movie_id, options, progress, warn)
 
 
-@contextlib.contextmanager
 def movie_lock(root: Path, movie_id: str):
-    """Try to lock DATA_ROOT/.partial/<id>.lock for the building of one movie; yields whether
-    this process got it (never waits).
+    """Try to lock DATA_ROOT/.partial/<id>.lock for the building of one movie; a context manager
+    that yields whether this process got it (never waits; see atomicio.try_lock).
 
     Two runs on one DATA_ROOT (or two machines on a shared one) must not build the same movie:
     the second would empty the first one's .partial folder as "left by a killed run", and the
-    first would then publish a movie with frames missing. A lock dies with its process, so a
-    killed run's leftovers are taken over. The lock file is removed on the way out, while still
-    held; whoever locked it meanwhile sees that it is gone (another inode, or none, at the path)
-    and tries again. A regular file opened for writing, because NFS maps flock to POSIX locks,
-    which need that. Without fcntl (not POSIX) nothing is locked.
+    first would then publish a movie with frames missing.
     """
-    if fcntl is None:
-        yield True
-        return
-    path = root / PARTIAL_DIR / f"{movie_id}.lock"
-    for _ in range(5):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
-        except FileNotFoundError:  # .partial removed by a run ending in between (see build_many.build_all): again
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # unlinked by its previous holder after we opened it: again
-    else:
-        raise OSError(f"{path}: keeps changing; is another run building {movie_id}?")
-    try:
-        yield True
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+    return try_lock(root / PARTIAL_DIR / f"{movie_id}.lock", make_parent=True)
 
 
 def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions, progress, warn) -> dict:

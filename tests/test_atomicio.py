@@ -1,11 +1,12 @@
 """atomicio: temp file beside the target, then rename; permissions of an ordinary new file."""
+import fcntl
 import os
 import re
 
 import pytest
 
 import atomicio
-from atomicio import atomic_path, sync_tree, temp_beside, write_bytes_atomic
+from atomicio import atomic_path, sync_tree, temp_beside, try_lock, write_bytes_atomic
 
 
 @pytest.fixture
@@ -124,3 +125,62 @@ def test_a_folder_that_cannot_be_synced_is_not_an_error(tmp_path, monkeypatch):
     atomicio.sync_folder(tmp_path)
     sync_tree(tmp_path)
     assert (tmp_path / "a").read_bytes() == b"x"
+
+
+def _held_elsewhere(path) -> bool:
+    """Whether another open file description of `path` cannot take the lock."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_try_lock_is_exclusive_never_waits_and_removes_its_file(tmp_path):
+    path = tmp_path / "m.lock"
+    with try_lock(path) as got:
+        assert got and _held_elsewhere(path)
+        with try_lock(path) as second:
+            assert second is False
+        assert path.exists() and _held_elsewhere(path)  # the refused one left the holder's lock alone
+    assert not path.exists()
+    with try_lock(path) as again:
+        assert again
+
+
+def test_try_lock_takes_over_a_lock_file_its_killed_holder_left(tmp_path):
+    path = tmp_path / "m.lock"
+    path.write_bytes(b"")  # no process holds it
+    with try_lock(path) as got:
+        assert got and _held_elsewhere(path)
+    assert not path.exists()
+
+
+def test_try_lock_retries_when_its_file_was_replaced_before_it_locked(tmp_path, monkeypatch):
+    """The previous holder removed the file between our open and our flock; a third run made a
+    new one: the lock on the old inode protects nothing, so try again on the new file."""
+    path = tmp_path / "m.lock"
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(os.fstat(fd).st_ino)
+        if len(calls) == 1:
+            path.unlink()
+            path.write_bytes(b"")
+        return real(fd, op)
+
+    monkeypatch.setattr(atomicio.fcntl, "flock", flock)
+    with try_lock(path) as got:
+        monkeypatch.setattr(atomicio.fcntl, "flock", real)
+        assert got and len(calls) == 2 and calls[1] == path.stat().st_ino and _held_elsewhere(path)
+
+
+def test_try_lock_makes_its_folder_only_when_asked(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with try_lock(tmp_path / "new" / "m.lock"):
+            pass
+    with try_lock(tmp_path / "new" / "m.lock", make_parent=True) as got:
+        assert got and (tmp_path / "new" / "m.lock").exists()

@@ -1,4 +1,6 @@
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -16,7 +18,7 @@ from annotator.build_many import build_all
 from annotator.color import rgb_to_gray
 import annotator.latent_cache
 from annotator.latent_cache import (
-    LATENTS, LATENTS_META, LatentCacheError, build_latent_cache, encode_movie, load_latents, read_frame,
+    LATENTS, LATENTS_LOCK, LATENTS_META, LatentCacheError, build_latent_cache, encode_movie, load_latents, read_frame,
     vae_fingerprint,
 )
 from annotator.pairs import BuildOptions, frame_path
@@ -596,3 +598,86 @@ def test_partial_files_left_by_a_killed_run_are_removed_and_named(cached_root):
     assert result["existing"] == ["pan"] and result["built"] == []
     assert not any(f.exists() for f in stale)
     assert logged == [f"removed {f}: left by an interrupted run" for f in stale]
+
+
+@contextlib.contextmanager
+def held_by_another_run(movie_dir: Path):
+    """The lock a build_latent_cache run encoding `movie_dir` holds (another open file, as
+    another process would have)."""
+    fd = os.open(movie_dir / LATENTS_LOCK, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_movie_another_run_is_encoding_is_skipped_untouched(root, tmp_path, capsys):
+    """Two runs on one data root (one per GPU, or one by mistake): the second must not write
+    into the first one's partial files; it skips the movie, says so and exits 1, and its
+    progress bar still ends full. Once the lock is free (that run ended or was killed), the
+    next run encodes the movie and leaves no lock file."""
+    import build_latent_cache as cli
+
+    theirs = annotator.latent_cache.partial_files(root / "pan")[0]
+    theirs.write_bytes(b"the other run's latents")
+    ckpt, cfg = vae_checkpoint(tiny_vae(0), tmp_path)
+    args = [str(root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu"]
+    with held_by_another_run(root / "pan"):
+        assert cli.main(args) == 1
+        out, err = capsys.readouterr()
+        assert "latents built: 0, already cached: 0, refused (other weights): 0, skipped (another run is encoding " \
+               "them): 1" in out
+        assert f"skipped: {root / 'pan'}: another run is encoding its latents\n" in err and f"{N}/{N}" in err
+        assert theirs.read_bytes() == b"the other run's latents" and not (root / "pan" / LATENTS).exists()
+    assert cli.main(args + ["--no-progress"]) == 0
+    assert "latents built: 1" in capsys.readouterr().out
+    assert (root / "pan" / LATENTS_META).is_file() and not (root / "pan" / LATENTS_LOCK).exists()
+    assert not theirs.exists()  # written over by the run's own partial file, then renamed
+
+
+def test_partial_files_of_a_rebuild_another_run_holds_are_left_alone(cached_root):
+    """A run that keeps the cache removes partial files only when no run holds the movie:
+    these belong to an --overwrite rebuild still writing them."""
+    theirs = annotator.latent_cache.partial_files(cached_root / "pan")
+    for f in theirs:
+        f.write_bytes(b"being written")
+    logged = []
+    with held_by_another_run(cached_root / "pan"):
+        result = build_latent_cache(cached_root, tiny_vae(0), progress=False, log=logged.append)
+    assert result["existing"] == ["pan"] and logged == []
+    assert all(f.read_bytes() == b"being written" for f in theirs)
+
+
+def test_a_movie_encoded_under_its_lock_and_not_again_if_another_run_finished_it(built, root, monkeypatch):
+    """The lock is held while the movie is encoded; a movie another run finished between the
+    first look and the lock counts as cached and is not encoded again."""
+    seen = []
+
+    def encode(movie_dir, *args, **kwargs):
+        fd = os.open(movie_dir / LATENTS_LOCK, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        seen.append(movie_dir)
+        return real_encode(movie_dir, *args, **kwargs)
+
+    real_encode, real_lock = annotator.latent_cache.encode_movie, annotator.latent_cache.try_lock
+    monkeypatch.setattr(annotator.latent_cache, "encode_movie", encode)
+    result = build_latent_cache(root, tiny_vae(0), progress=False)
+    assert result["built"] == ["pan"] and seen == [root / "pan"]
+
+    @contextlib.contextmanager
+    def finished_meanwhile(path, **kwargs):
+        for name in (LATENTS, LATENTS_META):  # the other run's cache, by the same weights
+            shutil.copy(built[1] / "pan" / name, path.parent / name)
+        with real_lock(path, **kwargs) as mine:
+            yield mine
+
+    shutil.rmtree(root)
+    shutil.copytree(built[0], root)
+    monkeypatch.setattr(annotator.latent_cache, "try_lock", finished_meanwhile)
+    result = build_latent_cache(root, tiny_vae(0), progress=False)
+    assert result["existing"] == ["pan"] and result["built"] == [] and len(seen) == 1
