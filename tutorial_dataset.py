@@ -173,11 +173,12 @@ class PairDataset(Dataset):
         if self.latent_mode:
             lat = self.latents[k]
             win = (slice(y0 // 8, (y0 + ch) // 8), slice(x0 // 8, (x0 + cw) // 8))
-            t = np.asarray(lat[j][(slice(None), slice(None), *win)], np.float32)  # (mean, std) of the target
+            parts = 3 if self.gray_latents else 2  # the target's mean, std and, for v3, its gray's mean
+            t = np.asarray(lat[j][(slice(parts), slice(None), *win)], np.float32)
             item.update(jpg_latent_mean=t[0], jpg_latent_std=t[1],
                         ref_latent_mean=np.asarray(lat[i][(0, slice(None), *win)], np.float32))
-            if self.gray_latents:  # v3: the target's gray, as its latent
-                item["gray_latent_mean"] = np.asarray(lat[j][(2, slice(None), *win)], np.float32)
+            if self.gray_latents:
+                item["gray_latent_mean"] = t[2]
         else:
             item["jpg"] = tgt.astype(np.float32) / 127.5 - 1.0
         return item

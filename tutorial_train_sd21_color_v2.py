@@ -343,7 +343,7 @@ def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Pa
 
     from cldm.lightning import ResumeRefusedError
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # the optimiser states stay on disk
     try:
         module.on_load_checkpoint(state)
     except ResumeRefusedError as e:
