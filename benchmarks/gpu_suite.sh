@@ -15,6 +15,8 @@
 #            convolutions, which cuDNN runs without layout transposes)
 #   attention (~3 min) each scaled_dot_product_attention backend forced in turn (flash, efficient,
 #            cudnn) in ControlNet's and UNet's attention, training batch 16 and inference batch 8
+#   pairs    (~1 min, CPU only) benchmarks/bench_pairs.py on the machine's CPU cores (16 on the lent
+#            ones): build_pairs against decode-only (issue 3's goal >= 70 %, out of reach on 2 cores)
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [SECTION ...]   (default: checks train infer)
 # Sections run in the order given. With BUDGET_S=N in the environment every command is cut
 # off (and later ones skipped) so that the whole script ends within N seconds of its start.
@@ -105,10 +107,14 @@ attention() {  # which scaled_dot_product_attention kernel suits head size 64 (e
         step bench_inference_sdpa_$b "${bench[@]}" --sdpa $b --modes fixed8
     done
 }
+pairs() {
+    nproc
+    step bench_pairs $py benchmarks/bench_pairs.py --repeat 3
+}
 
 for s in $sections; do
     case $s in
-        checks|train|infer|eager|compile|profile|variants|trainx|attention) $s ;;
+        checks|train|infer|eager|compile|profile|variants|trainx|attention|pairs) $s ;;
         *) echo "unknown section $s"; status=1 ;;
     esac
 done

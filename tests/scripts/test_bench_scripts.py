@@ -108,15 +108,16 @@ def test_gpu_suite_runs_the_sections_asked_for_in_order(tmp_path):
     fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
     run = subprocess.run(["bash", str(repo / "benchmarks/gpu_suite.sh"), str(tmp_path / "out"), "trainx", "profile",
-                          "nonsense"], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}, capture_output=True, text=True)
+                          "pairs", "nonsense"], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}, capture_output=True, text=True)
     assert run.returncode == 1 and "unknown section nonsense" in run.stdout
     lines = calls.read_text().splitlines()[1:]  # after the version check
-    assert [line.split()[0] for line in lines] == ["benchmarks/bench_train.py"] * 2 + ["benchmarks/profile_step.py"] * 2
+    assert [line.split()[0] for line in lines] == ["benchmarks/bench_train.py"] * 2 + \
+        ["benchmarks/profile_step.py"] * 2 + ["benchmarks/bench_pairs.py"]
     assert "--batch-size 32" in lines[0] and "--compile" in lines[0]
     assert "--compile --channels-last" in lines[1]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.log")) == sorted(
         ["bench_train_b32_compile.log", "bench_train_b16_compile_channelslast.log", "profile_train_b16.log",
-         "profile_sample_b8.log"])
+         "profile_sample_b8.log", "bench_pairs.log"])
 
 
 @pytest.mark.parametrize("argv, says", [
