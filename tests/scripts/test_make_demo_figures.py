@@ -1,0 +1,67 @@
+"""tools/make_demo_figures.py: README's demo pictures from a demo.py output folder."""
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import make_demo_figures as F  # noqa: E402
+
+
+def fake_demo_out(root: Path, frames=(100, 101, 102, 103)) -> Path:
+    """What demo.py leaves: data/{colour,gray,reference.png} and one folder per method."""
+    y, x = np.mgrid[0:24, 0:40]
+    colour = {i: np.stack([4 * x + i, 8 * y, 255 - 5 * x], -1).clip(0, 255).astype(np.uint8) for i in frames}
+    folders = {"data/colour": lambda c: c, "data/gray": lambda c: np.repeat(c.mean(-1, keepdims=True), 3, -1),
+               **{m: lambda c, k=k: np.clip(c.astype(int) + 3 * k, 0, 255) for k, m in enumerate(F.METHODS)}}
+    for folder, make in folders.items():
+        (root / folder).mkdir(parents=True)
+        for i, c in colour.items():
+            cv2.imwrite(str(root / folder / f"frame_{i:04d}.png"), make(c).astype(np.uint8))
+    cv2.imwrite(str(root / "data" / "reference.png"), colour[frames[0]])
+    return root
+
+
+def test_writes_the_strip_scaled_to_the_width_and_the_psnr_plot(tmp_path, capsys):
+    out = fake_demo_out(tmp_path / "demo_out")
+    F.make(out, tmp_path / "full", width=100_000)  # wider than the strip: kept as evaluate.py drew it
+    full = cv2.imread(str(tmp_path / "full" / "demo_strip.jpg"))
+    assert F.main([str(out), "--figures", str(tmp_path / "fig"), "--width", "300"]) == 0
+    strip = cv2.imread(str(tmp_path / "fig" / "demo_strip.jpg"))
+    assert 300 < full.shape[1] < 100_000 and strip.shape[1] == 300
+    assert strip.shape[0] == round(full.shape[0] * 300 / full.shape[1])  # the aspect kept
+    assert np.abs(cv2.resize(full, (300, strip.shape[0]), interpolation=cv2.INTER_AREA).astype(int)
+                  - strip).mean() < 8  # the same picture up to JPEG, whose ringing at the tiny captions is most of it
+    plot = (tmp_path / "fig" / "demo_psnr.png").read_bytes()
+    assert plot[:8] == b"\x89PNG\r\n\x1a\n" and plot == (tmp_path / "full" / "demo_psnr.png").read_bytes()
+    said = capsys.readouterr().out.splitlines()
+    assert said[-2:] == [f"wrote {tmp_path / 'fig' / name}" for name in ("demo_strip.jpg", "demo_psnr.png")]
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["demo_psnr.png", "demo_strip.jpg"]
+
+
+@pytest.mark.parametrize("remove", ["data/reference.png", "anchored"])
+def test_an_unfinished_demo_is_one_line(tmp_path, capsys, remove):
+    out = fake_demo_out(tmp_path / "demo_out")
+    target = out / remove
+    if target.is_dir():
+        for f in target.iterdir():
+            f.unlink()
+        target.rmdir()
+    else:
+        target.unlink()
+    assert F.main([str(out), "--figures", str(tmp_path / "fig")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{F.PROG}: error: {out}: not a finished demo.py run ({target} is missing)"
+    assert not (tmp_path / "fig").exists()
+
+
+def test_outputs_evaluate_refuses_are_its_one_line_and_nothing_written(tmp_path, capsys):
+    out = fake_demo_out(tmp_path / "demo_out")
+    cv2.imwrite(str(out / "flow" / "frame_0102.png"), np.zeros((12, 20, 3), np.uint8))  # not the frames' size
+    assert F.main([str(out), "--figures", str(tmp_path / "fig")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate.py: error:") and "frame_0102" in err[0]
+    assert not (tmp_path / "fig").exists()

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Draw the demo's pictures in README.md from a finished `python demo.py` run.
+
+    python demo.py && python tools/make_demo_figures.py demo_out
+
+docs/figures/demo_strip.jpg: gray input | reference | the toy's three modes | flow | ground
+truth, at the first and the last scored frame, scaled down to a page's width (JPEG).
+docs/figures/demo_psnr.png: PSNR per frame of the same methods and the gray input (the floor).
+Both come from evaluate.py run on a subset of the demo's outputs (the full report, with every
+baseline, is DEMO_OUT/report), so the numbers in them are the demo's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import evaluate  # noqa: E402
+from atomicio import write_bytes_atomic  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, positive_int, run_cli  # noqa: E402
+from demo import GRAY_LABEL  # noqa: E402
+
+PROG = "tools/make_demo_figures.py"
+METHODS = ("fixed", "recursive", "anchored", "flow")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p.add_argument("demo_out", type=Path, metavar="DEMO_OUT", help="the --out folder of a finished demo.py run")
+    p.add_argument("--figures", type=Path, default=REPO / "docs" / "figures", help="where the two pictures go")
+    p.add_argument("--width", type=positive_int, default=1600, help="width of demo_strip.jpg in pixels")
+    return p
+
+
+def _evaluate(demo_out: Path, preds: list[str], out: str, strip_frames: int) -> bool:
+    """evaluate.py on the demo's data, its table kept off stdout (it names a temporary report);
+    False if it refused (it said why, in one line on stderr)."""
+    data = demo_out / "data"
+    first = min(p.stem for p in (data / "colour").iterdir())  # the reference frame: not scored
+    argv = [a for p in preds for a in ("--pred", p)] + [
+        "--gt", str(data / "colour"), "--exclude", first, "--reference", str(data / "reference.png"),
+        "--strip-frames", str(strip_frames), "--out", out, "--no-progress"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return evaluate.main(argv, stop_line=False) == 0
+
+
+def make(demo_out: Path, figures: Path, width: int = 1600) -> list[Path]:
+    """Score the demo's outputs again and write the two pictures; [] if evaluate.py refused them."""
+    data = demo_out / "data"
+    needed = (data / "colour", data / "gray", data / "reference.png", *(demo_out / m for m in METHODS))
+    if missing := [f for f in needed if not f.exists()]:
+        raise ValueError(f"{demo_out}: not a finished demo.py run ({missing[0]} is missing)")
+    preds = [f"{m}={demo_out / m}" for m in METHODS]
+    with tempfile.TemporaryDirectory() as strip_dir, tempfile.TemporaryDirectory() as plot_dir:
+        # the strip has its own gray column; the plot shows the gray input as the floor
+        if not (_evaluate(demo_out, preds, strip_dir, 2)
+                and _evaluate(demo_out, preds + [f"{GRAY_LABEL}={data / 'gray'}"], plot_dir, 0)):
+            return []
+        strip = cv2.imread(str(Path(strip_dir) / "strip.png"), cv2.IMREAD_COLOR)
+        scale = min(1.0, width / strip.shape[1])
+        size = (round(strip.shape[1] * scale), round(strip.shape[0] * scale))
+        jpg = cv2.imencode(".jpg", cv2.resize(strip, size, interpolation=cv2.INTER_AREA),
+                           [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+        figures.mkdir(parents=True, exist_ok=True)
+        return [write_bytes_atomic(figures / "demo_strip.jpg", jpg.tobytes()),
+                write_bytes_atomic(figures / "demo_psnr.png", (Path(plot_dir) / "psnr.png").read_bytes())]
+
+
+def run(args) -> int:
+    paths = make(args.demo_out, args.figures, args.width)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0 if paths else 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, parser().parse_args(argv), (ValueError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
