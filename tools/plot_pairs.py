@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Draw which frame pairs a similarity band selects in one movie built by build_pairs.py.
+
+    python tools/plot_pairs.py data/films/film1 --low 0.94 --high 0.97 --out band.png
+
+Left: the stored similarity of every frame (rows) to each neighbour (columns, offset -W..W),
+the pairs inside the band in red. Right: how the similarities at offsets >= --min-gap are
+spread, the band shaded. To pick a band before training: too high and partners are near
+copies of the reference, too low and they share little with it (scene cuts sit at the bottom).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from annotator.pairs import (  # noqa: E402
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, is_finished, load_meta, load_similarity, pair_mask,
+)
+from atomicio import write_bytes_atomic  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, positive_int, run_cli  # noqa: E402
+
+PROG = "tools/plot_pairs.py"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p.add_argument("movie", type=Path, metavar="MOVIE_DIR", help="DATA_ROOT/<movie id> of build_pairs.py")
+    p.add_argument("--low", type=float, default=DEFAULT_LOW, help="pairs: similarity above this")
+    p.add_argument("--high", type=float, default=DEFAULT_HIGH, help="pairs: similarity below this")
+    p.add_argument("--min-gap", type=positive_int, default=DEFAULT_MIN_GAP, help="pairs: at least this many frames apart")
+    p.add_argument("--out", type=Path, default=Path("pairs.png"), help="the PNG to write")
+    return p
+
+
+def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: str):
+    """The two panels for a similarity table (N, 2W+1), as a matplotlib Figure."""
+    mask = pair_mask(sim, low, high, min_gap)
+    n, w = sim.shape[0], (sim.shape[1] - 1) // 2
+    far = sim[:, np.abs(np.arange(-w, w + 1)) >= min_gap]
+    far = far[np.isfinite(far)]
+    floor = min(low, float(far.min())) if far.size else low  # every similarity on both panels
+    cmap = plt.get_cmap("gray").with_extremes(bad="#9ec5e8")  # NaN: the neighbour would lie outside the movie
+    extent = (-w - 0.5, w + 0.5, n - 0.5, -0.5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.2]})
+    shown = left.imshow(np.ma.masked_invalid(sim), aspect="auto", cmap=cmap, vmin=floor, vmax=1,
+                        interpolation="nearest", extent=extent)
+    left.imshow(np.ma.masked_where(~mask, mask), aspect="auto", cmap=ListedColormap(["red"]), alpha=0.8,
+                interpolation="nearest", extent=extent)
+    fig.colorbar(shown, ax=left, label="similarity")
+    left.set(xlabel="neighbour offset (frames)", ylabel="frame", title="pairs in the band: red; outside the movie: blue")
+    right.hist(far, bins=np.linspace(floor, 1, 81), color="0.45")
+    right.axvspan(low, high, color="red", alpha=0.2, label=f"band {low} < sim < {high}")
+    right.set(xlabel="similarity", ylabel="frame pairs (each counted twice)",
+              title=f"offsets >= {min_gap}: {int(mask.sum()) // 2} pairs, {int(mask.any(1).sum())} of {n} "
+                    "frames have a partner")
+    right.legend(loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def run(args) -> int:
+    if not is_finished(args.movie):
+        raise ValueError(f"{args.movie}: not a movie folder finished by build_pairs.py")
+    pair_mask(np.zeros((1, 1)), args.low, args.high, args.min_gap)  # a bad band: its one line, before reading
+    meta = load_meta(args.movie)
+    title = f"{args.movie.name}: {meta['frame_count']} frames, {meta['metric']} of the gray frames"
+    fig = band_figure(load_similarity(args.movie), args.low, args.high, args.min_gap, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {write_bytes_atomic(args.out, buf.getvalue())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, parser().parse_args(argv), (ValueError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
