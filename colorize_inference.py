@@ -15,7 +15,8 @@ under a temporary name and renamed). Rerun from that frame with --frames N: to c
 run; recursive/anchored restart their chain and flow its walk at frame N), or rerun the
 whole range with --overwrite. With --video, a --frames range that is only part of the clip
 still gives the whole clip's video: the frames outside the range are taken from --out
-(refused up front if any is missing there).
+(refused up front if any is missing there). The video keeps the input film's sound
+(colorize/audio.py; --audio FILE, --no-audio).
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143
 stopped by Ctrl-C / SIGTERM (the frames written so far are kept; continue as above).
@@ -49,6 +50,7 @@ from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
+from colorize import audio as A  # noqa: E402
 from colorize.frames_io import even_size, progress_bar, write_bytes_atomic, write_video_atomic  # noqa: E402
 
 PROG = "colorize_inference.py"
@@ -87,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
                          "padded to even by repeating the last column/row; the PNGs keep the input size). Always "
                          "of the whole clip: with a --frames range that is only part of it, the other frames are "
                          "read from --out (to finish an interrupted run), which must hold them all")
+    io.add_argument("--audio", metavar="FILE",
+                    help="take the sound of --video from FILE's first audio stream (default: the input video's, "
+                         "if it has one); copied where MP4 can hold it, else re-encoded to AAC")
+    io.add_argument("--no-audio", action="store_true", help="--video without sound")
     io.add_argument("--fps", type=float, metavar="F",
                     help=f"frame rate of --video for frame-folder input (default: {DEFAULT_FOLDER_FPS:g}; "
                          "video input keeps its own)")
@@ -228,12 +234,39 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
                              "tutorial_train_sd21_color_v2.py ... --export, or pass the run's OUT/control.safetensors")
     if args.video and Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--video {args.video}: use a {'/'.join(VIDEO_SUFFIXES)} file name")
+    if args.audio is not None:
+        if not args.video or args.no_audio:
+            raise UsageError("--audio is the sound of --video: " + ("give --video too" if not args.video else
+                                                                      "leave out --audio or --no-audio"))
+        if not Path(args.audio).is_file():
+            raise UsageError(f"--audio {args.audio}: " + ("is a folder" if Path(args.audio).is_dir() else
+                                                          "no such file"))
+        if audio_codec(args.audio) is None:
+            raise UsageError(f"--audio {args.audio}: no audio stream found in it")
     if args.method != "model":
         return options, None
     source = weights_config.resolve_config(args.ckpt, args.config, args.control)
     # the schedule is the config's: known before the weights are loaded
     steps_option(options.steps, L.schedule_length(args.ckpt, args.control, args.config, args.set, source))
     return options, source
+
+
+def sound_source(args, info: SourceInfo | None) -> Path | None:
+    """Whose audio --video gets: --audio, else the input video's own if it has some, else none."""
+    if not args.video or args.no_audio:
+        return None
+    if args.audio is not None:
+        return Path(args.audio)
+    return Path(args.input) if info is not None and audio_codec(args.input) is not None else None
+
+
+def audio_codec(path) -> str | None:
+    """colorize.audio.audio_codec, with one line if PyAV is missing (an older install)."""
+    try:
+        return A.audio_codec(path)
+    except ImportError:
+        raise UsageError("--video takes the input's sound with PyAV, which is not installed: pip install -r "
+                         "requirements.txt, or pass --no-audio") from None
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -424,6 +457,7 @@ def run(args) -> int:
     before, after = frames_outside(args, frames, info, out)
     refs, ref_indices = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
+    sound = sound_source(args, info)
     model = None
     if args.method == "model":
         if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
@@ -492,7 +526,7 @@ def run(args) -> int:
 
     try:
         if args.video:
-            n = write_video_atomic(args.video, video_frames(), fps)
+            n = write_video_atomic(args.video, video_frames(), fps, audio_from=sound)
         else:
             n = sum(1 for _ in written())
     except (UsageError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError, cv2.error) as e:
@@ -517,6 +551,9 @@ def run(args) -> int:
         bar.close()
     earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
     count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
+    if sound is not None:
+        codec = audio_codec(sound)
+        earlier += f"sound of {sound} ({codec}{' copied' if codec in A.MP4_AUDIO else ' re-encoded to AAC'}), "
     print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
     return 0
 

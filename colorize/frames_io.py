@@ -23,6 +23,7 @@ from tqdm import tqdm
 from annotator.color import to_uint8
 from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
+from cliutil import one_line
 
 __all__ = [
     "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
@@ -149,11 +150,13 @@ def check_video(tmp: Path, frames: int, path: Path) -> None:
         raise OSError(f"{path}: the video was not written completely (is the disk full?)")
 
 
-def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float) -> int:
+def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,
+                       audio_from: str | os.PathLike | None = None) -> int:
     """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
 
     Streams: frames may be a generator. Returns the number of frames written. The video
-    appears under `path` only once it is complete. MPEG-4 (4:2:0 chroma) needs even sides
+    appears under `path` only once it is complete, with the sound of `audio_from` (a file
+    with an audio stream; colorize/audio.py) if given. MPEG-4 (4:2:0 chroma) needs even sides
     and the encoder would silently crop an odd one, so an odd-sized frame gets one more
     column and/or row, a copy of its last (edge replication, see `even_size`): nothing of
     the image is lost.
@@ -186,6 +189,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
         writer.release()
         writer = None
         check_video(tmp, n, path)
+        if audio_from is not None:
+            _add_audio(tmp, audio_from, path)
         os.replace(tmp, path)
     except BaseException:
         if writer is not None:
@@ -193,3 +198,20 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
         tmp.unlink(missing_ok=True)
         raise
     return n
+
+
+def _add_audio(video: Path, source: str | os.PathLike, path: Path) -> None:
+    """`video` (a temporary file) replaced by itself plus the sound of `source`."""
+    import av
+
+    from colorize.audio import add_audio
+
+    muxed = _temp_beside(path)
+    try:
+        add_audio(video, source, muxed)
+        os.replace(muxed, video)
+    except (av.FFmpegError, ValueError) as e:
+        raise OSError(f"{path}: cannot add the sound of {source} ({one_line(e)}); leave it out with --no-audio") \
+            from None
+    finally:
+        muxed.unlink(missing_ok=True)

@@ -44,3 +44,30 @@ class SDPACalls(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.calls.append(tuple(args[:3]))
         return func(*args, **(kwargs or {}))
+
+
+def video_with_sound(path, frames: int = 10, fps: int = 10, audio: str = "aac", rate: int = 16000,
+                     video_start: int = 0, hz: float = 440.0):
+    """A 32x24 MPEG-4 video of `frames` gray levels (frame i: level 20 i) with a mono sine tone
+    of `hz` as long as the picture, in `audio` ('aac' in .mp4, 'pcm_s16le' in .mov); the first
+    picture at `video_start` frames, the sound from 0. Returns the path."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("mpeg4", rate=fps)
+        v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
+        a = c.add_stream(audio, rate=rate, layout="mono")
+        for i in range(frames):
+            f = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 20 * i, np.uint8), format="rgb24")
+            f.pts = video_start + i
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+        n = rate * (video_start + frames) // fps
+        pcm = (np.sin(2 * np.pi * hz * np.arange(n) / rate) * 10000).astype(np.int16)
+        for s in range(0, n, 1024):
+            f = av.AudioFrame.from_ndarray(pcm[None, s:s + 1024], format="s16", layout="mono")
+            f.sample_rate, f.pts = rate, s
+            c.mux(a.encode(f))
+        c.mux(a.encode())
+    return path

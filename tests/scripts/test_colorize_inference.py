@@ -402,7 +402,8 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--reference", "--reference-frame", "--ckpt", "--control", "--config", "--mode",
                  "--steps", "--eta", "--seed", "--size", "--batch", "--precision", "--device", "--out",
-                 "--video", "--raw", "--ref-guidance", "--method", "--overwrite", "--anchor-every", "--noise"):
+                 "--video", "--audio", "--no-audio", "--raw", "--ref-guidance", "--method", "--overwrite",
+                 "--anchor-every", "--noise"):
         assert flag in text
     flat = " ".join(text.split())
     assert "EXPERIMENTAL: reference guidance" in flat and "reference dropout" in flat
@@ -774,3 +775,67 @@ def test_no_progress_leaves_stderr_to_messages(env, tmp_path, capsys):
     assert rc == 0 and "frame/s" in err, err
     rc, out, err = run([*common, "--out", tmp_path / "b", "--no-progress"], capsys)
     assert (rc, err) == (0, "") and out == f"wrote 2 frames to {tmp_path / 'b'}\n"
+
+
+def streams(path) -> list[str]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [f"{s.type}:{s.codec_context.name}" for s in c.streams]
+
+
+def test_video_keeps_the_input_films_sound_unless_told_otherwise(env, tmp_path, capsys):
+    """A video input's audio goes into --video (copied: the packets are the input's); --no-audio
+    leaves it out; --audio takes it from another file, e.g. for a frame-folder input."""
+    from tests.colorize.test_audio import packets
+    from tests.helpers import video_with_sound
+
+    film = video_with_sound(tmp_path / "film.mp4")
+    base = ["--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    rc, out, _ = run(["--input", film, *base, "--out", tmp_path / "a", "--video", tmp_path / "a.mp4"], capsys)
+    assert rc == 0 and f"sound of {film} (aac copied), 10 fps)" in out
+    assert streams(tmp_path / "a.mp4") == ["video:mpeg4", "audio:aac"]
+    assert packets(tmp_path / "a.mp4", "audio") == packets(film, "audio")
+    rc, out, _ = run(["--input", film, *base, "--out", tmp_path / "b", "--video", tmp_path / "b.mp4", "--no-audio"],
+                     capsys)
+    assert rc == 0 and "sound" not in out and streams(tmp_path / "b.mp4") == ["video:mpeg4"]
+    assert [f for f in iter_frames(tmp_path / "b.mp4")][-1][2].shape == (24, 32, 3)
+    pcm = video_with_sound(tmp_path / "track.mov", audio="pcm_s16le")
+    rc, out, _ = run(["--input", env["gray"], *base, "--out", tmp_path / "c", "--video", tmp_path / "c.mp4",
+                      "--audio", pcm], capsys)
+    assert rc == 0 and f"sound of {pcm} (pcm_s16le re-encoded to AAC), 25 fps)" in out
+    assert streams(tmp_path / "c.mp4") == ["video:mpeg4", "audio:aac"]
+    rc, out, _ = run(["--input", env["gray"], *base, "--out", tmp_path / "d", "--video", tmp_path / "d.mp4"], capsys)
+    assert rc == 0 and "sound" not in out and streams(tmp_path / "d.mp4") == ["video:mpeg4"]
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--audio", "{film}"], "--audio is the sound of --video: give --video too"),
+    (["--video", "{tmp}/v.mp4", "--audio", "{film}", "--no-audio"],
+     "--audio is the sound of --video: leave out --audio or --no-audio"),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/nope.wav"], "--audio {tmp}/nope.wav: no such file"),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}"], "--audio {tmp}: is a folder"),
+    (["--video", "{tmp}/v.mp4", "--audio", "{ref}"], "--audio {ref}: no audio stream found in it"),
+])
+def test_a_bad_audio_flag_is_one_line_before_any_work(env, tmp_path, capsys, extra, says):
+    from tests.helpers import refused, video_with_sound
+
+    values = dict(tmp=tmp_path, film=video_with_sound(tmp_path / "film.mp4"), ref=env["refs"][0])
+    argv = ["--input", str(env["gray"]), "--reference", str(env["refs"][0]), "--method", "reinhard", "--out",
+            str(tmp_path / "out"), *[a.format(**values) for a in extra]]
+    assert refused(cli.main, argv, capsys).strip() == f"colorize_inference.py: error: {says.format(**values)}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "v.mp4").exists()
+
+
+def test_without_pyav_a_videos_sound_is_one_line_and_no_audio_still_works(env, tmp_path, capsys, monkeypatch):
+    from tests.helpers import refused, video_with_sound
+
+    film = video_with_sound(tmp_path / "film.mp4")
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError, as in an older install
+    argv = ["--input", str(film), "--reference", str(env["refs"][0]), "--method", "reinhard", "--no-progress",
+            "--out", str(tmp_path / "a"), "--video", str(tmp_path / "a.mp4")]
+    assert refused(cli.main, argv, capsys).strip() == ("colorize_inference.py: error: --video takes the input's "
+                                                      "sound with PyAV, which is not installed: pip install -r "
+                                                      "requirements.txt, or pass --no-audio")
+    assert not (tmp_path / "a").exists()
+    assert cli.main(argv + ["--no-audio"]) == 0 and (tmp_path / "a.mp4").is_file()

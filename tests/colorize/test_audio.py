@@ -1,0 +1,98 @@
+"""colorize/audio.py: the source's sound beside the written video, copied or re-encoded."""
+import av
+import numpy as np
+import pytest
+
+from colorize.audio import add_audio, audio_codec
+from colorize.frames_io import write_video_atomic
+from tests.helpers import video_with_sound
+
+
+def packets(path, kind: str) -> list[tuple[bytes, float]]:
+    """(bytes, time in seconds) of every packet of the file's first `kind` stream."""
+    with av.open(str(path)) as c:
+        s = next(s for s in c.streams if s.type == kind)
+        return [(bytes(p), float(p.pts * p.time_base)) for p in c.demux(s) if p.pts is not None]
+
+
+def sound(path) -> tuple[np.ndarray, int]:
+    """The decoded first audio stream (mono float) and its sample rate."""
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        return np.concatenate([f.to_ndarray().reshape(-1).astype(np.float64) for f in c.decode(a)]), a.rate
+
+
+def picture(tmp_path, frames: int = 10):
+    """A silent MPEG-4 video as write_video_atomic makes it."""
+    path = tmp_path / "picture.mp4"
+    write_video_atomic(path, [np.full((24, 32, 3), 7 * i, np.uint8) for i in range(frames)], 10)
+    return path
+
+
+def test_aac_is_copied_packet_for_packet_and_the_picture_too(tmp_path):
+    src, video = video_with_sound(tmp_path / "film.mp4"), picture(tmp_path)
+    assert add_audio(video, src, tmp_path / "out.mp4") == "aac copied"
+    assert packets(tmp_path / "out.mp4", "video") == packets(video, "video")
+    assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
+
+
+@pytest.mark.parametrize("video_start", [0, 5])
+def test_pcm_is_re_encoded_to_aac_and_still_sounds_the_same(tmp_path, video_start):
+    """With the picture 0.5 s after the sound (video_start 5) the first 0.5 s are skipped, as
+    when the packets are copied (below): the sound is as long as the picture either way."""
+    src = video_with_sound(tmp_path / "film.mov", audio="pcm_s16le", hz=440, video_start=video_start)
+    assert add_audio(picture(tmp_path), src, tmp_path / "out.mp4") == "pcm_s16le re-encoded to AAC"
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert [s.codec_context.name for s in c.streams] == ["mpeg4", "aac"]
+    pcm, rate = sound(tmp_path / "out.mp4")
+    assert rate == 16000 and abs(len(pcm) / rate - 1.0) < 0.1  # one second, up to AAC's framing
+    spectrum = np.abs(np.fft.rfft(pcm))
+    assert abs(np.argmax(spectrum) * rate / len(pcm) - 440) < 5  # the tone, to the FFT's resolution
+    assert 0.25 < np.abs(pcm).max() < 0.4  # 10000 / 32768 = 0.31, give or take AAC's ripple
+
+
+def test_sound_keeps_its_offset_to_the_picture(tmp_path):
+    """The source's picture starts 0.5 s after its sound, ours at 0: every audio packet moves
+    0.5 s earlier, and what now lies before 0 is skipped in playback (the MP4 edit list), so
+    sound and picture start together, as they played in the source."""
+    src = video_with_sound(tmp_path / "film.mp4", video_start=5)
+    out = tmp_path / "out.mp4"
+    add_audio(picture(tmp_path), src, out)
+    ours, theirs = packets(out, "audio"), packets(src, "audio")
+    assert [b for b, _ in ours] == [b for b, _ in theirs]
+    assert [t for _, t in ours] == pytest.approx([t - 0.5 for _, t in theirs], abs=1e-9)
+    played, rate = sound(out)
+    assert abs(len(played) - (len(sound(src)[0]) - 0.5 * rate)) <= 1024  # up to one AAC frame
+
+
+def test_a_source_without_sound_is_refused(tmp_path):
+    video = picture(tmp_path)
+    with pytest.raises(ValueError, match="no audio stream"):
+        add_audio(video, video, tmp_path / "out.mp4")
+
+
+def test_audio_codec_names_the_first_audio_stream_or_none(tmp_path):
+    assert audio_codec(video_with_sound(tmp_path / "a.mov", audio="pcm_s16le")) == "pcm_s16le"
+    assert audio_codec(picture(tmp_path)) is None
+    (tmp_path / "notes.txt").write_text("not a film")
+    assert audio_codec(tmp_path / "notes.txt") is None
+    assert audio_codec(tmp_path / "missing.mp4") is None
+
+
+def test_write_video_atomic_adds_the_sound_before_the_video_appears(tmp_path):
+    src = video_with_sound(tmp_path / "film.mp4")
+    frames = [np.full((24, 32, 3), 7 * i, np.uint8) for i in range(10)]
+    assert write_video_atomic(tmp_path / "out.mp4", frames, 10, audio_from=src) == 10
+    assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
+    assert packets(tmp_path / "out.mp4", "video") == packets(picture(tmp_path), "video")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["film.mp4", "out.mp4", "picture.mp4"]
+
+
+def test_write_video_atomic_without_the_sound_it_was_asked_for_writes_nothing(tmp_path):
+    silent = picture(tmp_path)
+    frames = [np.zeros((24, 32, 3), np.uint8)] * 3
+    with pytest.raises(OSError) as e:
+        write_video_atomic(tmp_path / "out.mp4", frames, 10, audio_from=silent)
+    assert str(e.value) == (f"{tmp_path / 'out.mp4'}: cannot add the sound of {silent} ({silent}: no audio "
+                            "stream); leave it out with --no-audio")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picture.mp4"]
