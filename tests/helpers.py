@@ -26,6 +26,14 @@ def refused(main, argv, capsys) -> str:
     return err
 
 
+def missing_under(tmp_path, argv: list[str], says: str) -> tuple[list[str], str]:
+    """`argv` and `says` with MISSING standing for a path under tmp_path that does not exist. Not
+    /nonexistent: any run on the machine may make that (a --video written there, say), after
+    which a test expecting a refusal runs the real work instead."""
+    missing = str(tmp_path / "missing")
+    return [a.replace("MISSING", missing) for a in argv], says.replace("MISSING", missing)
+
+
 def default_sigint() -> None:
     """Popen preexec_fn for a child that a test interrupts with SIGINT: a test run started as a
     background job has SIGINT ignored, children inherit that, and Python then installs no

@@ -14,7 +14,7 @@ from benchmarks import bench_inference, bench_loader, bench_pairs, bench_train, 
 from benchmarks.experiments import sdpa_backend
 from cldm.model import TINY_CONFIG, create_model, load_config
 from ldm.modules.attention import CrossAttention
-from tests.helpers import refused
+from tests.helpers import missing_under, refused
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
 
@@ -135,9 +135,10 @@ def test_gpu_suite_runs_the_sections_asked_for_in_order(tmp_path):
     (["--config", "nope.yaml"], "config not found: nope.yaml"),
     (["nope"], "override must look like key=value"),
     (["model.nope=1"], "bad override"),
-    (["--json", "/nonexistent/dir/x.json"], "--json /nonexistent/dir/x.json: no folder /nonexistent/dir"),
+    (["--json", "MISSING/dir/x.json"], "--json MISSING/dir/x.json: no folder MISSING/dir"),
 ])
-def test_bench_train_refuses_bad_arguments_before_the_run(argv, says, capsys):
+def test_bench_train_refuses_bad_arguments_before_the_run(argv, says, capsys, tmp_path):
+    argv, says = missing_under(tmp_path, argv, says)
     assert says in refused(bench_train.main, ["--device", "cpu", *argv], capsys)
 
 
@@ -196,7 +197,7 @@ def test_profile_step_refuses_bad_arguments_in_one_line(argv, says, capsys):
     (["--size", "-5"], "--size must be 0 or a multiple of 8"),
     (["--threads", "-1"], "argument --threads: expected an integer >= 0"),
     (["--decode-threads", "-2"], "argument --decode-threads: expected an integer >= 0"),
-    (["--video", "/nonexistent/film.mp4"], "/nonexistent/film.mp4: no such file or folder"),
+    (["--video", "MISSING/film.mp4"], "MISSING/film.mp4: no such file or folder"),
     (["--video", "README.md"], "README.md: not a video file"),
     (["--video", "TEXT.mp4"], "TEXT.mp4: cannot open video"),
     (["--video", "FOLDER"], "FOLDER: a folder; the yardsticks decode a video file"),
@@ -205,6 +206,7 @@ def test_bench_pairs_refuses_bad_arguments_before_the_timings(argv, says, tmp_pa
     (tmp_path / "TEXT.mp4").write_text("not a video")
     (tmp_path / "FOLDER").mkdir()
     cv2.imwrite(str(tmp_path / "FOLDER" / "0.png"), np.zeros((8, 8, 3), np.uint8))  # a folder of frames
+    argv, says = missing_under(tmp_path, argv, says)
     argv = [str(tmp_path / a) if a in ("TEXT.mp4", "FOLDER") else a for a in argv]
     assert says in refused(bench_pairs.main, ["--no-1080p", *argv], capsys)
 
@@ -215,9 +217,10 @@ def test_bench_pairs_refuses_bad_arguments_before_the_timings(argv, says, tmp_pa
     (["--items", "0"], "argument --items: expected an integer >= 1"),
     (["--size", "60"], "--size 60: must be a multiple of 64"),
     (["--data-root", "README.md"], "README.md is a file, not a folder"),
-    (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json: no folder /nonexistent/dir"),
+    (["--json", "MISSING/dir/r.json"], "--json MISSING/dir/r.json: no folder MISSING/dir"),
 ])
-def test_bench_loader_refuses_bad_arguments_before_the_run(argv, says, capsys):
+def test_bench_loader_refuses_bad_arguments_before_the_run(argv, says, capsys, tmp_path):
+    argv, says = missing_under(tmp_path, argv, says)
     assert says in refused(bench_loader.main, argv, capsys)
 
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from cldm.checkpoint import load_state_dict
 from colorize import loading as L
-from tests.helpers import refused
+from tests.helpers import missing_under, refused
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "toy" / "toy_color_v2.safetensors"
@@ -96,7 +96,7 @@ def test_help_prints(capsys):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--check", "/nonexistent/toy.safetensors"], "--check /nonexistent/toy.safetensors: no such file"),
+    (["--check", "MISSING/toy.safetensors"], "--check MISSING/toy.safetensors: no such file"),
     (["--check", "README.md"], "--check README.md: not a readable safetensors model"),
     (["--vae-steps", "0"], "argument --vae-steps: expected an integer >= 1"),
     (["--diffusion-steps", "-1"], "argument --diffusion-steps: expected an integer >= 1"),
@@ -107,6 +107,7 @@ def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypat
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(recipe, "make_toy_model", lambda *a, **k: pytest.fail("trained despite a bad argument"))
     out = [] if "--out" in argv else ["--out", str(tmp_path / "new")]
+    argv, says = missing_under(tmp_path, argv, says)
     assert says in refused(recipe.main, argv + out, capsys)
 
 
