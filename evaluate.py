@@ -246,6 +246,15 @@ def check_out(out: Path, keep_report: bool) -> None:
                          "or choose another folder")
 
 
+def check_not_a_frame_folder(out: Path, gt: Path, preds: dict[str, Path]) -> None:
+    """Refuse an --out that is the --gt or a --pred folder: the report's files (JSON, CSV, PNG plots)
+    would land among its frames, and every later run would refuse the folder or score the plots."""
+    for what, folder in [("--gt", gt), *((f"--pred {m}", d) for m, d in preds.items())]:
+        if folder.is_dir() and out.resolve() == folder.resolve():
+            raise UsageError(f"--out {out} is the {what} folder; write the report elsewhere, as a frame folder "
+                             "holds frames only")
+
+
 def run(args: argparse.Namespace) -> int:
     """The evaluation; a report already in --out is refused unless --overwrite."""
     preds = parse_preds(args.pred)
@@ -253,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--strip-frames must be >= 0 (got {args.strip_frames})")
     if args.out:
         check_out(Path(args.out), not args.overwrite)
+        check_not_a_frame_folder(Path(args.out), Path(args.gt), preds)
     reference = None
     if args.reference:
         if not Path(args.reference).is_file():

@@ -320,3 +320,18 @@ def test_a_reader_of_stdout_that_has_gone_does_not_cost_the_report(clip):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and "error" not in err, err
     assert sorted(p.name for p in (root / "rep").iterdir()) == sorted(REPORT_FILES.values())
+
+
+@pytest.mark.parametrize("which", ["gt", "pred"])
+def test_out_that_is_a_frame_folder_is_refused(clip, capsys, which):
+    """A report written into the --gt (or a --pred) folder would leave its JSON, CSVs and plots among
+    the frames: every later run refuses metrics.json there, or scores psnr.png as a frame."""
+    root, _ = clip
+    folder = root / ("gt" if which == "gt" else "offset")
+    before = sorted(p.name for p in folder.iterdir())
+    line = one_line_error(["--pred", f"off={root / 'offset'}", "--gt", str(root / "gt"), "--no-progress",
+                           "--out", f"{folder}/"], capsys)
+    what = "--gt" if which == "gt" else "--pred off"
+    assert line == (f"evaluate.py: error: --out {folder} is the {what} folder; write the report elsewhere, as a "
+                    "frame folder holds frames only")
+    assert sorted(p.name for p in folder.iterdir()) == before
