@@ -283,13 +283,30 @@ def steps_option(steps: int, num_timesteps: int) -> None:
         raise UsageError(f"--steps {e.problem}") from None
 
 
+def check_inputs_kept(args) -> None:
+    """Refuse outputs that land on an input: --out as the --input or --gt folder (--overwrite would
+    replace the frames of the same name), --video as the input or --gt video (replaced, even
+    without --overwrite's intent to touch inputs) or inside their frame folder (a video file there
+    makes the folder unreadable as frames)."""
+    out, video = Path(args.out).resolve(), Path(args.video).resolve() if args.video else None
+    for what, path in [("input", Path(args.input)), ("--gt", Path(args.gt) if args.gt else None)]:
+        if path is None or not path.exists():
+            continue
+        if path.is_dir() and out == path.resolve():
+            raise UsageError(f"--out {Path(args.out)} is the {what} folder; write the outputs elsewhere")
+        if video == path.resolve():
+            raise UsageError(f"--video {Path(args.video)} is the {what} video; write it elsewhere")
+        if video is not None and path.is_dir() and video.parent == path.resolve():
+            raise UsageError(f"--video {Path(args.video)} is inside the {what} folder; write it elsewhere, as a frame "
+                             "folder holds frames only")
+
+
 def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tuple[Path, list[str] | None]:
     """The output folder and file names; refuses to start where outputs exist (unless --overwrite).
     `info`: the input video's probe(), if already made."""
     out = Path(args.out)
     source = Path(args.input)
-    if source.is_dir() and out.resolve() == source.resolve():
-        raise UsageError(f"--out {out} is the input folder; write the outputs elsewhere")
+    check_inputs_kept(args)
     names = P.output_names(source, info)
     if names is not None:
         if not names[frames]:

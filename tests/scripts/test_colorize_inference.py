@@ -392,6 +392,40 @@ def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
     assert rc == 2 and f"{video} exists" in err and video.read_bytes() == b"earlier film"
 
 
+@pytest.mark.parametrize("case", ["out is gt", "video is input", "video is gt", "video in input", "video in gt"])
+def test_outputs_on_an_input_are_refused_even_with_overwrite(env, tmp_path, capsys, case):
+    """--overwrite replaces outputs, never inputs: --out as the --gt folder would replace its colour
+    frames of the same names, --video as the input or --gt video would replace the clip, and a
+    --video inside a frame folder would make it unreadable as frames ("also holds 1 video file")."""
+    gray, colour = tmp_path / "gray", tmp_path / "colour"
+    gray.mkdir()
+    colour.mkdir()
+    for n in range(2):
+        (gray / f"f{n}.png").write_bytes((env["gray"] / f"f{n}.png").read_bytes())
+        cv2.imwrite(str(colour / f"f{n}.png"), env["colour"][n][..., ::-1])
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(SAMPLE.read_bytes())
+    source, gt, out, video = {
+        "out is gt": (gray, colour, colour, None),
+        "video is input": (clip, None, tmp_path / "o", clip),
+        "video is gt": (gray, clip, tmp_path / "o", clip),
+        "video in input": (gray, None, tmp_path / "o", gray / "v.mp4"),
+        "video in gt": (gray, colour, tmp_path / "o", colour / "v.mp4"),
+    }[case]
+    what = "--gt" if "gt" in case else "input"
+    message = {"out is gt": f"--out {colour} is the --gt folder; write the outputs elsewhere",
+               "video is input": f"--video {clip} is the input video; write it elsewhere",
+               "video is gt": f"--video {clip} is the --gt video; write it elsewhere"}.get(
+        case, f"--video {video} is inside the {what} folder; write it elsewhere, as a frame folder holds frames only")
+    before = [snapshot(gray), snapshot(colour), clip.read_bytes()]
+    args = ["--input", source, "--method", "reinhard", "--out", out, "--overwrite", "--no-progress",
+            *(["--gt", gt, "--reference-frame", "0"] if gt else ["--reference", env["refs"][0]]),
+            *(["--video", video] if video else [])]
+    rc, _, err = run(args, capsys)
+    assert (rc, err) == (2, f"colorize_inference.py: error: {message}\n")
+    assert [snapshot(gray), snapshot(colour), clip.read_bytes()] == before
+
+
 def test_help_explains_every_flag(capsys):
     p = cli.parser()
     for action in p._actions:
