@@ -187,10 +187,23 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
         raise DemoError(f"--out {out} is a file, not a folder")
     if problem := folder_problem(out):  # a file above it: a raw "[Errno 20] Not a directory" otherwise
         raise DemoError(f"--out {out}: {problem}")
+    check_clip_kept(Path(args.clip), out, methods)
     taken = [p for p in planned_outputs(out, methods) if p.exists()]
     if taken and not args.overwrite:
         raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "
                         "pass --overwrite or another --out")
+
+
+def check_clip_kept(clip: Path, out: Path, methods: list[str]) -> None:
+    """Refuse a --clip among the demo's outputs: --overwrite would remove it before its frames are read
+    (a rerun on an earlier run's data/colour), and as --out itself it would get the mp4s among its frames."""
+    clip = clip.resolve()
+    if clip == out.resolve():
+        raise DemoError(f"--out {out} is the --clip folder; write the demo's outputs elsewhere")
+    for p in planned_outputs(out, methods):
+        if p.resolve() == clip or p.resolve() in clip.parents:
+            raise DemoError(f"--clip {clip} lies in {p}, which the demo writes (and --overwrite removes); copy the "
+                            "clip elsewhere or choose another --out")
 
 
 def check_reference(clip: str, first: int) -> None:

@@ -130,6 +130,25 @@ def test_out_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys
     assert out == "" and note.read_text() == "mine"
 
 
+@pytest.mark.parametrize("where", ["earlier data", "out"])
+def test_a_clip_among_the_outputs_is_refused_and_kept(tmp_path, capsys, where):
+    """A rerun on an earlier run's data/colour with --overwrite removed the clip before reading it
+    (then "folder contains no image frames"); --out as the clip folder put the mp4s among its frames."""
+    out = tmp_path / "demo"
+    clip = out / "data" / "colour" if where == "earlier data" else out
+    clip.mkdir(parents=True)
+    for i, f in enumerate(panning_clip(3, 48, 64)):
+        cv2.imwrite(str(clip / f"frame_{i:04d}.png"), f[..., ::-1])
+    before = sorted(p.name for p in clip.iterdir())
+    rc, stdout, err = run(["--clip", clip, "--frames", "0:3", "--methods", "reinhard", "--out", out, "--overwrite"],
+                          capsys)
+    message = (f"--clip {clip} lies in {out / 'data'}, which the demo writes (and --overwrite removes); copy the "
+               "clip elsewhere or choose another --out" if where == "earlier data" else
+               f"--out {out} is the --clip folder; write the demo's outputs elsewhere")
+    assert (rc, stdout, err) == (2, "", f"demo.py: error: {message}\n")
+    assert sorted(p.name for p in clip.iterdir()) == before
+
+
 @pytest.mark.slow
 def test_full_demo_toy_model_beats_gray_input(tmp_path, capsys):
     """The README's demo with its defaults: every method scored, and what the README says of it:
