@@ -5,7 +5,7 @@ annotator.pairs.build_movie).
 machine's shard; `build_all` builds the rest, in this process or in one spawned worker
 process per movie (`workers`), with an overall progress bar and one per movie, and returns
 a `Summary`. Bad input is one line and a skip (or the end of the run under `strict`); a
-full, over-quota or read-only DATA_ROOT is no fault of the movie and stops the run
+full, over-quota, read-only or unwritable DATA_ROOT is no fault of the movie and stops the run
 (`OutputError`), as every later movie would fail the same way.
 Ctrl-C and SIGTERM stop the movies being built and remove their partial output; workers die
 with the parent, even a parent killed by SIGKILL, so none writes on into .partial.
@@ -38,8 +38,9 @@ from annotator.video import FrameSourceError, probe
 from cliutil import one_line
 
 
-# Writes that fail with these say nothing about the movie being built, only about DATA_ROOT
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# Writes that fail with these say nothing about the movie being built, only about DATA_ROOT (EACCES: a
+# folder without write permission; unreadable inputs are FrameSourceErrors, never an OSError here)
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 class OutputError(OSError):

@@ -1,5 +1,6 @@
 """annotator.build_many: many movies in one run - skips, notes, other runs' movies, progress,
 the workers' watchdog (the CLI's signals and worker processes: tests/scripts/test_build_pairs.py)."""
+import errno
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 
 from annotator import build_many
 from annotator.build_many import Summary, build_all
-from annotator.pairs import BuildOptions
+from annotator.pairs import PARTIAL_DIR, BuildOptions
 from tests.annotator.clips import panning_clip, write_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +54,25 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     s3 = build_all([other], tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert s3.built == [] and "already built from" in s3.skipped[0]
     assert json.loads((tmp_path / "data" / "good" / "meta.json").read_text())["source"] == str(good.resolve())
+
+
+def test_a_data_root_without_write_permission_stops_the_run(tmp_path, monkeypatch):
+    """EACCES creating DATA_ROOT/.partial (a chmod a-w DATA_ROOT) is DATA_ROOT's fault: an OutputError,
+    not one "skipped: ... PermissionError" per movie with the movies blamed."""
+    clips = [write_folder(panning_clip(4, 16, 24, seed=k), tmp_path / name) for k, name in enumerate("ab")]
+    real = Path.mkdir
+
+    def denied(self, *args, **kwargs):
+        if self.name == PARTIAL_DIR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    lines = []
+    with pytest.raises(build_many.OutputError) as e:
+        build_all(clips, tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert str(e.value) == f"permission denied ({tmp_path / 'data'}); finished movies are kept, rerun to resume"
+    assert lines == [] and os.listdir(tmp_path / "data") == []
 
 
 def test_a_window_capped_at_the_movie_length_is_no_option_change(tmp_path):

@@ -422,7 +422,7 @@ def test_known_cut_gives_exact_dataset_pairs(tmp_path):
     assert pairs(low=0.80, high=0.88, min_gap=1) == expected({4})  # d <= 3 is above 0.88
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
 def test_full_disk_stops_the_run_instead_of_skipping_every_movie(tmp_path, monkeypatch, capsys, code):
     """A write failing with ENOSPC (or EDQUOT, EROFS) says nothing about the movie: one line,
     exit 2, the movie being built removed, the finished one kept, the rest never started."""
@@ -442,8 +442,25 @@ def test_full_disk_stops_the_run_instead_of_skipping_every_movie(tmp_path, monke
     assert build_pairs.main([*map(str, clips), "--out", str(out), "--size", "16", "--window", "2",
                              "--no-progress", "--threads", "1"]) == 2
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-              errno.EROFS: "read-only file system"}[code]
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}[code]
     captured = capsys.readouterr()
     assert captured.err == f"build_pairs.py: error: {reason} ({out}); finished movies are kept, rerun to resume\n"
     assert captured.out == ""
     assert list_movies(out) == ["a"] and os.listdir(out) == ["a"]  # no .partial, no b, no c
+
+
+def test_a_data_root_without_write_permission_stops_the_run(tmp_path):
+    """chmod a-w DATA_ROOT: every movie was skipped as bad input ("a: PermissionError: ...
+    '.partial'"), exit 1, as if the movies were at fault."""
+    clips = [write_folder(panning_clip(4, 16, 24, seed=k), tmp_path / name) for k, name in enumerate("ab")]
+    out = tmp_path / "d"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):  # root (CAP_DAC_OVERRIDE) writes anyway
+            pytest.skip("folder permissions are not enforced for this user")
+        p = run(*clips, "--out", out, "--size", "16", check_rc=2)
+    finally:
+        out.chmod(0o755)
+    assert p.stderr == f"build_pairs.py: error: permission denied ({out}); finished movies are kept, rerun to resume\n"
+    assert p.stdout == "" and os.listdir(out) == []
