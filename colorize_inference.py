@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections import deque
 from pathlib import Path
@@ -211,12 +212,16 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     out = Path(args.out)
     if problem := folder_problem(out):
         raise UsageError(f"--out {out}: {problem}")
+    if (folder := not_writable(out)) is not None:
+        raise UsageError(f"--out {out}: {folder} is not writable")
     if args.video:
         video = Path(args.video)
         if video.is_dir():
             raise UsageError(f"--video {video} is a folder")
         if problem := folder_problem(video.parent):
             raise UsageError(f"--video {video}: {problem}")
+        if (folder := not_writable(video.parent)) is not None:
+            raise UsageError(f"--video {video}: {folder} is not writable")
         if out.resolve() in video.resolve().parents:  # PNG folders hold frames only (evaluate.py, --input)
             raise UsageError(f"--video {video} is inside --out {out}; write it elsewhere, as a frame folder "
                              "holds frames only")
@@ -267,6 +272,16 @@ def audio_codec(path) -> str | None:
     except ImportError:
         raise UsageError("--video takes the input's sound with PyAV, which is not installed: pip install -r "
                          "requirements.txt, or pass --no-audio") from None
+
+
+def not_writable(folder: Path) -> Path | None:
+    """The folder, `folder` or the nearest one above it that exists, in which it (or a file in it) cannot
+    be made; None if it can. Checked up front: else a read-only --out fails once the model is loaded and
+    the first batch made, and a read-only --video's folder with a message naming its temporary file."""
+    folder = folder.absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -426,6 +426,29 @@ def test_outputs_on_an_input_are_refused_even_with_overwrite(env, tmp_path, caps
     assert [snapshot(gray), snapshot(colour), clip.read_bytes()] == before
 
 
+@pytest.mark.parametrize("flag", ["--out", "--video"])
+def test_an_unwritable_out_or_video_folder_is_refused_up_front(env, tmp_path, capsys, monkeypatch, flag):
+    """Was found only after the model was loaded and the first batch made ("[Errno 13] Permission
+    denied: 'ro/out'"), and for --video in a line naming its temporary file ('ro/.v.1a2b3c4d.tmp.mp4')."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes anyway: what os.access says for anyone else
+        real = os.access
+        monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    monkeypatch.setattr(cli.L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    target = {"--out": ro / "out", "--video": ro / "v.mp4"}[flag]
+    video = flag == "--video"
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST, "--no-progress",
+            "--out", tmp_path / "o" if video else target, *(["--video", target] if video else [])]
+    try:
+        rc, out, err = run(args, capsys)
+    finally:
+        ro.chmod(0o755)
+    assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {flag} {target}: {ro} is not writable\n")
+    assert list(ro.iterdir()) == [] and not (tmp_path / "o").exists()
+
+
 def test_help_explains_every_flag(capsys):
     p = cli.parser()
     for action in p._actions:
