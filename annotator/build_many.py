@@ -118,6 +118,8 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
         p = Path(s)
         mid = movie_id_for(p)
         if mid in by_id:
+            if p.resolve() == by_id[mid].resolve():  # one input named twice (a glob and its name, "a" and "a/")
+                continue
             skipped.append(f"{p}: movie id '{mid}' is also used by {by_id[mid]}; rename one of them")
             continue
         by_id[mid] = p

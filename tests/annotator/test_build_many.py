@@ -75,6 +75,18 @@ def test_a_data_root_without_write_permission_stops_the_run(tmp_path, monkeypatc
     assert lines == [] and os.listdir(tmp_path / "data") == []
 
 
+def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):
+    """`films/* films/a` or `a a/`: was skipped as "movie id 'a' is also used by a; rename one of them" (exit 1),
+    advice that cannot apply to one folder; two inputs with one id are still a clash."""
+    a = write_folder(panning_clip(4, 16, 24), tmp_path / "a")
+    other = write_folder(panning_clip(4, 16, 24, seed=1), tmp_path / "x" / "a")
+    lines = []
+    s = build_all([a, f"{a}/", tmp_path / "." / "a"], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert [m["movie_id"] for m in s.built] == ["a"] and s.skipped == [] and lines == []
+    s = build_all([a, other], tmp_path / "data2", OPTS, progress=False, log=lines.append)
+    assert s.skipped == [f"{other}: movie id 'a' is also used by {a}; rename one of them"]
+
+
 def test_a_window_capped_at_the_movie_length_is_no_option_change(tmp_path):
     """A 6-frame movie built with window 50 stores window 5; a rerun with 50 (or 5) is no change, 4 is."""
     good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
