@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     if args.reference:
         if not Path(args.reference).is_file():
-            raise UsageError(f"--reference {args.reference}: no such file")
+            raise UsageError(f"--reference {args.reference}: "
+                             + ("a folder, not an image" if Path(args.reference).is_dir() else "no such file"))
         reference = _read(Path(args.reference), "--reference", keep_16bit=False)
     matched = match_frames(Path(args.gt), preds, args.exclude)
     gt_files, pred_files = matched.gt_files, matched.pred_files

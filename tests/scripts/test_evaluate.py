@@ -174,6 +174,7 @@ def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
     ("unreadable_reference", "--reference {root}/broken/frame_2.png: not a readable image"),
     ("same_name", "two predictions are named 'offset'"),
     ("bad_reference", "--reference {root}/missing.png: no such file"),
+    ("folder_reference", "--reference {root}/gt: a folder, not an image"),
     ("video_gt", "--gt {root}/clip.mp4 is a video file; --gt and --pred take folders of frames (one image per frame, "
                  "matched by name, as colorize_inference.py's --out): extract its frames into a folder first"),
     ("video_pred", "--pred clip.mp4: {root}/clip.mp4 is a video file; --gt and --pred take folders of frames (one "
@@ -187,7 +188,7 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     pred = {"missing_gt": "offset", "missing_pred": "nope", "no_match": "other", "size": "small",
             "late_size": "late", "unreadable": "broken",
             "unreadable_gt": "broken", "unreadable_reference": "offset", "same_name": "offset", "bad_reference": "offset",
-            "video_gt": "offset", "video_pred": "clip.mp4", "file_gt": "offset"}[case]
+            "video_gt": "offset", "video_pred": "clip.mp4", "file_gt": "offset", "folder_reference": "offset"}[case]
     gt_dir = root / {"missing_gt": "nope", "video_gt": "clip.mp4", "file_gt": "gt/frame_0.png",
                      "unreadable_gt": "broken"}.get(case, "gt")
     (root / "clip.mp4").write_bytes(b"a video")
@@ -201,6 +202,8 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
         argv += ["--pred", str(root / "offset")]
     if case == "bad_reference":
         argv += ["--reference", str(root / "missing.png")]
+    if case == "folder_reference":  # was "no such file"
+        argv += ["--reference", str(root / "gt")]
     if case == "unreadable_reference":
         argv += ["--reference", str(root / "broken" / "frame_2.png")]
     assert evaluate.main(argv) == 2
