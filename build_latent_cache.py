@@ -117,10 +117,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
     device = resolve_device(args.device)  # before the data root and the checkpoint are read
-    check_data_root(args.data_root, args.movies)
+    movies = None if args.movies is None else list(dict.fromkeys(args.movies))  # a movie named twice: encoded once
+    check_data_root(args.data_root, movies)
     vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
     dtype = PRECISIONS[args.precision]
-    result = build_latent_cache(args.data_root, vae, args.movies, args.batch_size, args.overwrite,
+    result = build_latent_cache(args.data_root, vae, movies, args.batch_size, args.overwrite,
                                 getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
                                 log=lambda line: print(line, file=sys.stderr), gray=args.gray)
     print(f"VAE fingerprint {result['fingerprint']} (tutorial_train_sd21_color_v2.py --use-latent-cache "
