@@ -63,6 +63,16 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     return None if os.path.isdir(path) else f"{path} is a file, not a folder"
 
 
+def not_writable(folder: str | os.PathLike) -> str | None:
+    """The folder, `folder` or the nearest one above it that exists, in which it (or a file in it) cannot
+    be made (no write permission, a read-only file system); None if it can. For outputs checked before
+    the work: else the error comes at the end of it, or names a temporary file the user never gave."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return None if os.access(folder, os.W_OK | os.X_OK) else folder
+
+
 def quiet_opencv() -> None:
     """Bad input is reported by us in one line: silence OpenCV's and FFmpeg's own console noise
     (FFmpeg's "moov atom not found" before our message). Call before cv2 is imported; an

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, folder_problem, one_line, quiet_opencv, quiet_startup_signals,
-                     run_cli)
+from cliutil import (OneLineParser, config_override, folder_problem, not_writable, one_line, quiet_opencv,
+                     quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -272,16 +271,6 @@ def audio_codec(path) -> str | None:
     except ImportError:
         raise UsageError("--video takes the input's sound with PyAV, which is not installed: pip install -r "
                          "requirements.txt, or pass --no-audio") from None
-
-
-def not_writable(folder: Path) -> Path | None:
-    """The folder, `folder` or the nearest one above it that exists, in which it (or a file in it) cannot
-    be made; None if it can. Checked up front: else a read-only --out fails once the model is loaded and
-    the first batch made, and a read-only --video's folder with a message naming its temporary file."""
-    folder = folder.absolute()
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
 def out_of_memory(e: BaseException) -> bool:

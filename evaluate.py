@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import OneLineParser, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import OneLineParser, not_writable, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -240,6 +240,8 @@ def check_out(out: Path, keep_report: bool) -> None:
     blocker = next((p for p in out.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
+    if (folder := not_writable(out)) is not None:
+        raise UsageError(f"--out {out}: {folder} is not writable")
     report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []
     if report and keep_report:
         raise UsageError(f"--out {out} holds a report already ({report[0].name}); pass --overwrite to replace it, "

@@ -304,6 +304,20 @@ def test_folder_problem_names_the_file_in_the_way(tmp_path, monkeypatch):
     assert folder_problem(Path("notes.txt") / "sub") == f"{a_file} is a file, not a folder"  # named in full
 
 
+def test_not_writable_names_the_folder_that_refuses(tmp_path, monkeypatch):
+    from cliutil import not_writable
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    assert not_writable(ro) is None and not_writable(ro / "new" / "deeper") is None
+    denied = []
+    monkeypatch.setattr(os, "access", lambda p, mode: denied.append((p, mode)) or False)
+    assert not_writable(ro / "new" / "deeper") == str(ro)  # the nearest folder that exists
+    assert denied == [(str(ro), os.W_OK | os.X_OK)]
+    monkeypatch.chdir(tmp_path)
+    assert not_writable("ro") == str(ro)  # named in full
+
+
 @pytest.mark.parametrize("parse, text, expected", [
     (positive_int, "3", 3), (positive_int, "0", "an integer >= 1"), (positive_int, "1.5", "an integer >= 1"),
     (non_negative_int, "0", 0), (non_negative_int, "-1", "an integer >= 0"), (non_negative_int, "x", "an integer >= 0"),

@@ -435,7 +435,7 @@ def test_an_unwritable_out_or_video_folder_is_refused_up_front(env, tmp_path, ca
     ro.chmod(0o555)
     if os.access(ro, os.W_OK):  # root writes anyway: what os.access says for anyone else
         real = os.access
-        monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
     monkeypatch.setattr(cli.L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     target = {"--out": ro / "out", "--video": ro / "v.mp4"}[flag]
     video = flag == "--video"

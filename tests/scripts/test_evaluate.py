@@ -231,6 +231,26 @@ def test_out_is_checked_before_scoring(clip, capsys, monkeypatch):
     assert note.read_text() == "mine"
 
 
+def test_an_unwritable_out_is_refused_before_scoring(clip, capsys, monkeypatch):
+    """Was found only after every frame had been scored (minutes for a film): "cannot write the report
+    (Permission denied)"."""
+    root, _ = clip
+    ro = root / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes anyway: what os.access says for anyone else
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    try:
+        for out in (ro, ro / "rep"):
+            line = one_line_error(["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress",
+                                   "--out", str(out)], capsys)
+            assert line == f"evaluate.py: error: --out {out}: {ro} is not writable"
+    finally:
+        ro.chmod(0o755)
+
+
 def test_an_existing_report_is_kept_unless_overwrite(clip, capsys, monkeypatch):
     root, gt = clip
     rep = root / "rep"
