@@ -234,7 +234,7 @@ def check_model(ckpt: str, steps: int) -> None:
 def run_demo(args) -> dict:
     """The whole demo; returns the paths it wrote, by kind."""
     first, stop = parse_frames(args.frames)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # once each
     unknown = [m for m in methods if m not in MODEL_MODES + BASELINES]
     if unknown or not methods:
         raise DemoError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'}; "

@@ -130,6 +130,20 @@ def test_out_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys
     assert out == "" and note.read_text() == "mine"
 
 
+def test_a_method_named_twice_runs_once(tmp_path, capsys):
+    """--methods reinhard,reinhard ran reinhard twice; the second run refused the first one's outputs
+    ("frame_0000.png exists") and the demo ended with exit 2 and no report."""
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i, f in enumerate(panning_clip(3, 48, 64)):
+        cv2.imwrite(str(clip / f"frame_{i:04d}.png"), f[..., ::-1])
+    out = tmp_path / "demo"
+    rc, stdout, err = run(["--clip", clip, "--frames", "0:3", "--methods", "reinhard, reinhard", "--out", out], capsys)
+    assert rc == 0, err
+    assert stdout.count("[2/3] colourising with reinhard (1/1)") == 1
+    assert list(summary(out / "report")) == ["reinhard", "gray input", "ground_truth"]
+
+
 @pytest.mark.parametrize("where", ["earlier data", "out"])
 def test_a_clip_among_the_outputs_is_refused_and_kept(tmp_path, capsys, where):
     """A rerun on an earlier run's data/colour with --overwrite removed the clip before reading it
