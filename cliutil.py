@@ -52,10 +52,13 @@ def config_override(text: str) -> str:
 
 
 def folder_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file; else None.
-    Checked before any work, so the error is not a raw "[Errno 20] Not a directory" minutes in."""
+    """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file or a broken
+    symbolic link (dangling, or a loop); else None. Checked before any work, so the error is not a raw
+    "[Errno 20] Not a directory" (or "[Errno 17] File exists") minutes in."""
     path = os.path.abspath(path)
     while not os.path.exists(path):
+        if os.path.islink(path):
+            return f"{path} is a broken symbolic link"
         parent = os.path.dirname(path)
         if parent == path:
             return None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections import deque
 from pathlib import Path
@@ -221,7 +222,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
             raise UsageError(f"--video {video}: {problem}")
         if (folder := not_writable(video.parent)) is not None:
             raise UsageError(f"--video {video}: {folder} is not writable")
-        if out.resolve() in video.resolve().parents:  # PNG folders hold frames only (evaluate.py, --input)
+        # PNG folders hold frames only (evaluate.py, --input); realpath: Path.resolve raises on a symlink loop
+        if Path(os.path.realpath(out)) in Path(os.path.realpath(video)).parents:
             raise UsageError(f"--video {video} is inside --out {out}; write it elsewhere, as a frame folder "
                              "holds frames only")
     if not args.reference and not args.reference_frame:
@@ -292,15 +294,16 @@ def check_inputs_kept(args) -> None:
     replace the frames of the same name), --video as the input or --gt video (replaced, even
     without --overwrite's intent to touch inputs) or inside their frame folder (a video file there
     makes the folder unreadable as frames)."""
-    out, video = Path(args.out).resolve(), Path(args.video).resolve() if args.video else None
+    real = os.path.realpath  # not Path.resolve(), which raises on a symlink loop
+    out, video = real(args.out), real(args.video) if args.video else None
     for what, path in [("input", Path(args.input)), ("--gt", Path(args.gt) if args.gt else None)]:
         if path is None or not path.exists():
             continue
-        if path.is_dir() and out == path.resolve():
+        if path.is_dir() and out == real(path):
             raise UsageError(f"--out {Path(args.out)} is the {what} folder; write the outputs elsewhere")
-        if video == path.resolve():
+        if video == real(path):
             raise UsageError(f"--video {Path(args.video)} is the {what} video; write it elsewhere")
-        if video is not None and path.is_dir() and video.parent == path.resolve():
+        if video is not None and path.is_dir() and os.path.dirname(video) == real(path):
             raise UsageError(f"--video {Path(args.video)} is inside the {what} folder; write it elsewhere, as a frame "
                              "folder holds frames only")
 

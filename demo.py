@@ -197,11 +197,11 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
 def check_clip_kept(clip: Path, out: Path, methods: list[str]) -> None:
     """Refuse a --clip among the demo's outputs: --overwrite would remove it before its frames are read
     (a rerun on an earlier run's data/colour), and as --out itself it would get the mp4s among its frames."""
-    clip = clip.resolve()
-    if clip == out.resolve():
+    clip = Path(os.path.realpath(clip))  # not Path.resolve(), which raises on a symlink loop
+    if clip == Path(os.path.realpath(out)):
         raise DemoError(f"--out {out} is the --clip folder; write the demo's outputs elsewhere")
     for p in planned_outputs(out, methods):
-        if p.resolve() == clip or p.resolve() in clip.parents:
+        if Path(os.path.realpath(p)) == clip or Path(os.path.realpath(p)) in clip.parents:
             raise DemoError(f"--clip {clip} lies in {p}, which the demo writes (and --overwrite removes); copy the "
                             "clip elsewhere or choose another --out")
 

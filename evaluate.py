@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import OneLineParser, not_writable, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import OneLineParser, folder_problem, not_writable, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -237,9 +238,8 @@ def check_out(out: Path, keep_report: bool) -> None:
     already, before the scoring rather than after it."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
-    blocker = next((p for p in out.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
+    if problem := folder_problem(out):
+        raise UsageError(f"--out {out}: {problem}")
     if (folder := not_writable(out)) is not None:
         raise UsageError(f"--out {out}: {folder} is not writable")
     report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []
@@ -252,7 +252,7 @@ def check_not_a_frame_folder(out: Path, gt: Path, preds: dict[str, Path]) -> Non
     """Refuse an --out that is the --gt or a --pred folder: the report's files (JSON, CSV, PNG plots)
     would land among its frames, and every later run would refuse the folder or score the plots."""
     for what, folder in [("--gt", gt), *((f"--pred {m}", d) for m, d in preds.items())]:
-        if folder.is_dir() and out.resolve() == folder.resolve():
+        if folder.is_dir() and os.path.realpath(out) == os.path.realpath(folder):
             raise UsageError(f"--out {out} is the {what} folder; write the report elsewhere, as a frame folder "
                              "holds frames only")
 

@@ -118,7 +118,8 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
         p = Path(s)
         mid = movie_id_for(p)
         if mid in by_id:
-            if p.resolve() == by_id[mid].resolve():  # one input named twice (a glob and its name, "a" and "a/")
+            # one input named twice (a glob and its name, "a" and "a/"); realpath: Path.resolve raises on a loop
+            if os.path.realpath(p) == os.path.realpath(by_id[mid]):
                 continue
             skipped.append(f"{p}: movie id '{mid}' is also used by {by_id[mid]}; rename one of them")
             continue
@@ -138,7 +139,7 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
                 skipped.append(f"{what}; delete {root / mid} to rebuild it")
                 continue
             old = meta.get("source")
-            if old and Path(old) != p.resolve():
+            if old and Path(old) != Path(os.path.realpath(p)):
                 skipped.append(f"{p}: movie id '{mid}' was already built from {old}; rename this input "
                                f"or delete {root / mid}")
                 continue

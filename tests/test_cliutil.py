@@ -302,6 +302,10 @@ def test_folder_problem_names_the_file_in_the_way(tmp_path, monkeypatch):
     assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None
     monkeypatch.chdir(tmp_path)
     assert folder_problem(Path("notes.txt") / "sub") == f"{a_file} is a file, not a folder"  # named in full
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for link in ("dangling", "loop"):  # mkdir would fail there with "[Errno 17] File exists"
+        assert folder_problem(tmp_path / link / "sub") == f"{tmp_path / link} is a broken symbolic link"
 
 
 def test_not_writable_names_the_folder_that_refuses(tmp_path, monkeypatch):

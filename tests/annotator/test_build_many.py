@@ -85,6 +85,10 @@ def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):
     assert [m["movie_id"] for m in s.built] == ["a"] and s.skipped == [] and lines == []
     s = build_all([a, other], tmp_path / "data2", OPTS, progress=False, log=lines.append)
     assert s.skipped == [f"{other}: movie id 'a' is also used by {a}; rename one of them"]
+    loop = tmp_path / "loop.mp4"  # a symlink loop named twice: Path.resolve() raised RuntimeError
+    loop.symlink_to(loop)
+    s = build_all([loop, tmp_path / "." / "loop.mp4"], tmp_path / "data3", OPTS, progress=False, log=lines.append)
+    assert s.skipped == [f"{loop}: no such file or folder"]
 
 
 def test_a_window_capped_at_the_movie_length_is_no_option_change(tmp_path):

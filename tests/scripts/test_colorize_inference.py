@@ -449,6 +449,21 @@ def test_an_unwritable_out_or_video_folder_is_refused_up_front(env, tmp_path, ca
     assert list(ro.iterdir()) == [] and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--out", "--video"])
+def test_a_broken_link_as_out_or_video_folder_is_one_line(env, tmp_path, capsys, flag):
+    """A symlink loop as --out was a RuntimeError traceback ("Symlink loop from ...", from Path.resolve);
+    a dangling one failed with "[Errno 17] File exists" once the first frame was made."""
+    for link, target in (("loop", tmp_path / "loop"), ("dangling", tmp_path / "nowhere")):
+        (tmp_path / link).symlink_to(target)
+        where = tmp_path / link if flag == "--out" else tmp_path / "o"
+        video = ["--video", tmp_path / link / "v.mp4"] if flag == "--video" else []
+        rc, out, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                            "--no-progress", "--out", where, *video], capsys)
+        what = f"--out {where}" if flag == "--out" else f"--video {tmp_path / link / 'v.mp4'}"
+        assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {what}: {tmp_path / link} is a broken "
+                                         "symbolic link\n")
+
+
 def test_help_explains_every_flag(capsys):
     p = cli.parser()
     for action in p._actions:

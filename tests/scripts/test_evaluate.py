@@ -251,6 +251,19 @@ def test_an_unwritable_out_is_refused_before_scoring(clip, capsys, monkeypatch):
         ro.chmod(0o755)
 
 
+def test_an_out_that_is_a_broken_link_is_refused_before_scoring(clip, capsys, monkeypatch):
+    """A symlink loop as --out was a RuntimeError traceback ("Symlink loop from ..."); a dangling one
+    failed after the scoring with "[Errno 17] File exists"."""
+    root, _ = clip
+    monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    (root / "loop").symlink_to(root / "loop")
+    (root / "dangling").symlink_to(root / "nowhere")
+    for link in ("loop", "dangling"):
+        line = one_line_error(["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress",
+                               "--out", str(root / link)], capsys)
+        assert line == f"evaluate.py: error: --out {root / link}: {root / link} is a broken symbolic link"
+
+
 def test_an_existing_report_is_kept_unless_overwrite(clip, capsys, monkeypatch):
     root, gt = clip
     rep = root / "rep"
