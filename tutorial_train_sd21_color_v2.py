@@ -186,6 +186,7 @@ def check_train_numbers(t) -> None:
 def resolve_config(args, source=None):
     """The run's config from `source` (default: cldm.run_dir.config_source), the overrides and the
     flags, checked."""
+    from cldm.model import ConfigError, load_config
     from cldm.run_dir import config_source
     from cldm.weights_config import config_origin, found_note, load_resolved_config
 
@@ -195,13 +196,23 @@ def resolve_config(args, source=None):
     def load(overrides):  # a config found beside --init, or recorded in it, is named as such when bad
         return load_resolved_config(source, overrides, weights, args.config)
 
-    if "train" not in load(list(args.overrides)):  # before the flags, which set train.*
+    cfg = load(list(args.overrides))
+    if "train" not in cfg:  # before the flags, which set train.*
         where = source if isinstance(source, Path) else f"the config {args.init} records"
         found = config_origin(source, args.config, weights) if isinstance(source, Path) else None
         raise UsageError(f"{where}: no train: section (see models/cldm_v21_color.yaml)"
                          + (f" {found_note(found[0])}" if found else ""))
-    flags = [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
-    cfg = load(list(args.overrides) + flags)
+    # on the config as checked so far, so that a bad value is the flag's, said as such
+    flags = {f"{key}={getattr(args, name)}": f"--{name.replace('_', '-')} {getattr(args, name)}"
+             for name, key in FLAG_KEYS.items() if getattr(args, name) is not None}
+    try:
+        cfg = load_config(cfg, list(flags), name="the flags")
+    except ConfigError as e:
+        said = next(((flag, str(e).split(": ", 1)[1]) for o, flag in flags.items()
+                     if str(e).startswith(f"the flags with {o}: ")), None)
+        if said is None:
+            raise
+        raise UsageError(f"{said[0]}: {said[1]}") from None
     check_train_numbers(cfg.train)
     return cfg
 

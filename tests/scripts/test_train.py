@@ -895,3 +895,22 @@ def test_no_progress_makes_a_trainer_without_a_bar(ws):
         ns = train.parser().parse_args(args(ws, ws / "unused", *extra))
         trainer = train.make_trainer(train.resolve_config(ns), ns, ws / "unused")
         assert (trainer.progress_bar_callback is not None) is bar, extra
+
+
+def test_a_bad_flag_value_is_the_flags_not_the_configs(ws, tmp_path, capsys, monkeypatch):
+    """A value the config check refuses that came from a flag names the flag, whether the config
+    was given or found beside --init (not "fix or remove" a YAML that is fine)."""
+    init = tmp_path / "sd.safetensors"
+    shutil.copy(ws / "init.safetensors", init)
+    shutil.copy(TINY_CONFIG, init.with_suffix(".yaml"))
+    stop_before_the_model_loads(monkeypatch)
+    given = args(ws, tmp_path / "out")
+    found = without_config(given)
+    found[found.index("--init") + 1] = str(init)
+    for argv in (given, found):
+        for flag, problem in ((["--low", "nan"], "train.low: expected a number or null, got 'nan'"),
+                              (["--min-gap", "0"], "train.min_gap: expected a positive integer or null, got 0")):
+            assert train.main(argv + flag) == 2
+            assert capsys.readouterr().err == f"{train.PROG}: error: {' '.join(flag)}: {problem}\n"
+    assert train.main(given + ["train.min_gap=0"]) == 2  # an override keeps naming the file it overrides
+    assert capsys.readouterr().err == f"{train.PROG}: error: {TINY_CONFIG} with train.min_gap=0: {problem}\n"
