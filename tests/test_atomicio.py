@@ -2,6 +2,7 @@
 import fcntl
 import os
 import re
+import threading
 
 import pytest
 
@@ -39,24 +40,39 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_any_exception(tmp_path)
         assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
 
 
-def test_fsync_syncs_the_file_then_the_folder_only_when_asked(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(atomicio.os, "fsync", lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}"))
-                        or real(fd))
-    write_bytes_atomic(tmp_path / "a", b"x")
-    assert synced == []
-    write_bytes_atomic(tmp_path / "b", b"x", fsync=True)
-    assert synced == [False, True]  # the data before the rename, then the folder's entry
-    assert (tmp_path / "b").read_bytes() == b"x"
-
-
 def synced_paths(monkeypatch) -> list[str]:
     """The paths atomicio fsyncs, in order (Linux: named through /proc/self/fd)."""
     synced, real = [], os.fsync
     monkeypatch.setattr(atomicio.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or real(fd))
     return synced
+
+
+def test_fsync_syncs_the_file_then_the_folder_only_when_asked(tmp_path, monkeypatch):
+    """The temporary file's data before the rename (syncing the final name after it would let a
+    power cut publish a short file), then the folder's entry; every byte written, the path returned."""
+    synced = synced_paths(monkeypatch)
+    data = bytes(range(256)) * 4
+    assert write_bytes_atomic(tmp_path / "a", data) == tmp_path / "a"
+    assert synced == []
+    assert write_bytes_atomic(tmp_path / "b", data, fsync=True) == tmp_path / "b"
+    assert len(synced) == 2 and synced[1] == str(tmp_path)
+    assert os.path.dirname(synced[0]) == str(tmp_path)
+    assert re.fullmatch(r"\.b\.[0-9a-f]{8}\.tmp", os.path.basename(synced[0])), synced
+    assert (tmp_path / "a").read_bytes() == data and (tmp_path / "b").read_bytes() == data
+
+
+def test_atomic_path_by_default_keeps_the_extension_and_syncs_nothing(tmp_path, monkeypatch):
+    """Encoders given the temporary name pick the format by its extension; syncing every image
+    would slow writers down, so only fsync=True syncs."""
+    synced = synced_paths(monkeypatch)
+    with atomic_path(tmp_path / "f.png") as tmp:
+        assert re.fullmatch(r"\.f\.[0-9a-f]{8}\.tmp\.png", tmp.name)
+        tmp.write_bytes(b"png")
+    with atomic_path(tmp_path / "g.ckpt", keep_suffix=False) as tmp:
+        assert re.fullmatch(r"\.g\.ckpt\.[0-9a-f]{8}\.tmp", tmp.name)
+        tmp.write_bytes(b"ckpt")
+    assert synced == [] and sorted(os.listdir(tmp_path)) == ["f.png", "g.ckpt"]
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -70,6 +86,40 @@ def test_sync_tree_syncs_every_file_then_the_folders_deepest_first(tmp_path, mon
     files = {str(tmp_path / "m" / "frames" / f"{i}.jpg") for i in range(5)} | {str(tmp_path / "m" / "meta.json")}
     assert set(synced[:6]) == files and len(synced) == 8
     assert synced[6:] == [str(tmp_path / "m" / "frames"), str(tmp_path / "m")]
+
+
+def test_sync_tree_syncs_files_on_its_threads_and_raises_their_errors(tmp_path, monkeypatch):
+    """threads=2 with two files: both syncs run at once (a barrier of two would time out on one
+    thread); threads=1 (the default) syncs on the calling thread; a failed sync is raised, not lost."""
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(b"x")
+    barrier, threads, real = threading.Barrier(2, timeout=5), [], atomicio._fsync
+
+    def meeting(path, flags):
+        if not os.path.isdir(path):
+            threads.append(threading.current_thread())
+            barrier.wait()
+        real(path, flags)
+    monkeypatch.setattr(atomicio, "_fsync", meeting)
+    sync_tree(tmp_path, threads=2)
+    assert len(threads) == 2 and threading.main_thread() not in threads
+
+    def on_main(path, flags):
+        threads.append(threading.current_thread())
+        real(path, flags)
+    monkeypatch.setattr(atomicio, "_fsync", on_main)
+    threads.clear()
+    sync_tree(tmp_path)
+    sync_tree(tmp_path, threads=1)
+    assert len(threads) == 6 and set(threads) == {threading.main_thread()}
+
+    def fails(path, flags):
+        if path.name == "b":
+            raise OSError(5, "Input/output error")
+        real(path, flags)
+    monkeypatch.setattr(atomicio, "_fsync", fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        sync_tree(tmp_path, threads=2)
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
