@@ -1,21 +1,24 @@
 """Lightning plug-ins: atomic checkpoint writes, pruning of step checkpoints, and the files
 the callbacks write."""
 import contextlib
+import hashlib
 import json
 import os
+import threading
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import atomicio
 from cldm.callbacks import (AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint,
-                            weights_digest)
+                            _interruption, weights_digest)
 from cldm.lightning import ColorControlModule
 from cldm.resume import ResumeMismatchError, is_complete_checkpoint
 from cldm.trainable import export_keys
@@ -73,6 +76,14 @@ def test_step_checkpoint_keeps_the_newest_of_the_whole_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step=00000009.ckpt", "step=00000010.ckpt"]
 
 
+def test_step_checkpoint_prune_tolerates_a_file_gone_since_the_listing(tmp_path, monkeypatch):
+    """Removed by hand (or another tool) between the listing and the unlink: not an error."""
+    gone = [(step, 0.0, tmp_path / f"step={step:08d}.ckpt") for step in (1, 2, 3)]
+    monkeypatch.setattr("cldm.callbacks.list_checkpoints", lambda dirpath: gone)
+    StepCheckpoint(tmp_path, every_n_steps=1, keep=1).prune(FakeTrainer())
+    assert os.listdir(tmp_path) == []
+
+
 def test_ctrl_c_during_a_checkpoint_write_stays_a_ctrl_c(tmp_path, monkeypatch):
     """A KeyboardInterrupt inside one of torch.save's writes leaves its zip writer at the wrong
     position; closing it then raises RuntimeError ('unexpected pos') over the interrupt, which
@@ -95,13 +106,27 @@ def test_ctrl_c_during_a_checkpoint_write_stays_a_ctrl_c(tmp_path, monkeypatch):
         def flush(self):
             self.f.flush()
     monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, CutOnThirdWrite(f)))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as err:
         io.save_checkpoint({"global_step": 6, "w": torch.ones(100)}, path)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no zip-writer error shown above it
     assert os.listdir(tmp_path) == [path.name]
     assert torch.load(path, weights_only=True)["global_step"] == 5
     monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, f) if obj else 1 / 0)
     with pytest.raises(ZeroDivisionError):  # other errors stay what they are
         io.save_checkpoint({}, path)
+
+
+def test_interruption_is_found_down_the_context_chain_and_a_cycle_ends_the_search():
+    interrupt, closing = KeyboardInterrupt(), RuntimeError("unexpected pos")
+    closing.__context__ = OSError("write")
+    closing.__context__.__context__ = interrupt
+    assert _interruption(closing) is interrupt
+    a, b, found = RuntimeError("a"), ValueError("b"), []
+    a.__context__, b.__context__ = b, a
+    search = threading.Thread(target=lambda: found.append(_interruption(a)), daemon=True)
+    search.start()
+    search.join(5)
+    assert found == [None]
 
 
 def test_atomic_save_syncs_and_never_shows_a_ckpt_name_before_it_is_whole(tmp_path, monkeypatch):
@@ -110,7 +135,7 @@ def test_atomic_save_syncs_and_never_shows_a_ckpt_name_before_it_is_whole(tmp_pa
     synced, real_fsync = [], os.fsync
     monkeypatch.setattr(atomicio.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or real_fsync(fd))
-    path = tmp_path / "run:2" / "step=00000001.ckpt"
+    path = tmp_path / "run:2" / "checkpoints" / "step=00000001.ckpt"  # folders made as needed
     during, real_save = [], torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: during.extend(os.listdir(path.parent)) or real_save(obj, f))
     AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
@@ -120,11 +145,15 @@ def test_atomic_save_syncs_and_never_shows_a_ckpt_name_before_it_is_whole(tmp_pa
     assert os.listdir(path.parent) == [path.name] and torch.load(path, weights_only=True) == {"global_step": 1}
 
 
-def test_atomic_save_leaves_remote_storage_to_lightning(monkeypatch):
+def test_atomic_save_leaves_remote_storage_to_lightning(monkeypatch, tmp_path):
+    """With its storage options, and nothing written locally (no 's3:' folder in the working one)."""
     seen = []
-    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", lambda self, ckpt, path, opts=None: seen.append(path))
-    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, "s3://bucket/run/step=00000001.ckpt")
-    assert seen == ["s3://bucket/run/step=00000001.ckpt"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint",
+                        lambda self, ckpt, path, opts=None: seen.append((path, opts)))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, "s3://bucket/run/step=00000001.ckpt", {"anon": True})
+    assert seen == [("s3://bucket/run/step=00000001.ckpt", {"anon": True})]
+    assert os.listdir(tmp_path) == []
 
 
 class Listing(Callback):
@@ -154,6 +183,24 @@ def test_step_checkpoint_prunes_after_each_save_and_saves_the_final_step(tmp_pat
                             (4, ["step=00000004.ckpt"])]
     assert listing.names() == ["step=00000005.ckpt"]
     assert torch.load(folder / "step=00000005.ckpt", weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # as the training script
+def test_step_checkpoint_replaces_a_step_file_already_there_and_the_newest_is_best(tmp_path):
+    """A file of that step left in the folder (a copy cut short: neither resumed from nor pruned) is
+    replaced by the whole checkpoint, not joined by step=00000002-v1.ckpt; Lightning's "best" is the
+    newest step (what ckpt_path="best" would load)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "step=00000002.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    ckpt = StepCheckpoint(folder, every_n_steps=2, keep=3)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, default_root_dir=tmp_path,
+                        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ckpt])
+    trainer.fit(ColorControlModule(tiny_model("v2"), lr=1e-3), DataLoader([tiny_batch(1)] * 4, batch_size=None))
+    assert sorted(os.listdir(folder)) == ["step=00000002.ckpt", "step=00000004.ckpt"]
+    assert torch.load(folder / "step=00000002.ckpt", weights_only=True)["global_step"] == 2
+    assert ckpt.best_model_path == str(folder / "step=00000004.ckpt")
 
 
 def fake_group(monkeypatch, others):
@@ -201,8 +248,18 @@ def test_weights_digest_sees_every_trainable_tensor_and_no_locked_one():
         sd[next(k for k in sd if k not in set(trainable))].view(-1)[0] += 1
     assert weights_digest(module) == before  # a locked tensor is no replica's business
     with torch.no_grad():
-        sd[trainable[-1]].view(-1)[0] += 1
+        x = sd[trainable[-1]].view(-1)
+        x[0] = torch.nextafter(x[0], torch.tensor(float("inf")))  # one float32 ulp: bitwise, not to fp16
     assert weights_digest(module) != before
+
+
+def test_weights_digest_is_sha256_of_each_trainable_name_then_its_bytes():
+    """The replica report's digests can be recomputed from a checkpoint: name, raw bytes, in export order."""
+    module = ColorControlModule(tiny_model("v2"))
+    sd, h = module.model.state_dict(), hashlib.sha256()
+    for k in export_keys(module.model):
+        h.update(k.encode() + sd[k].contiguous().numpy().tobytes())
+    assert weights_digest(module) == h.hexdigest()
 
 
 def test_image_logger_samples_on_rank_zero_at_its_steps_under_the_precision_context(tmp_path):
@@ -243,3 +300,41 @@ def test_image_logger_samples_on_rank_zero_at_its_steps_under_the_precision_cont
     run(ImageLogger(tmp_path / "rank1", every_n_steps=2), 2, type("Rank1", (Trainer,), {"is_global_zero": False}))
     run(ImageLogger(tmp_path / "off", every_n_steps=0), 2)
     assert len(calls) == 2 and not (tmp_path / "rank1").exists() and not (tmp_path / "off").exists()
+
+
+def test_image_logger_defaults_and_tensorboard(tmp_path):
+    """By default every 500 steps, 4 samples, 20 DDIM steps, seed 0; the grid also goes to each
+    TensorBoard logger as "samples" at its step, and to no other logger."""
+    calls, grid = [], torch.rand(3, 4, 6, generator=torch.Generator().manual_seed(0))
+
+    class Module:
+        def image_grid(self, *args):
+            calls.append(args)
+            return grid
+
+    class Experiment:
+        def __init__(self):
+            self.images = []
+
+        def add_image(self, *args):
+            self.images.append(args)
+
+    class TensorBoard(TensorBoardLogger):
+        @property
+        def experiment(self):
+            return self.recorded
+
+    tb, other = TensorBoard(tmp_path / "tb"), type("CSV", (), {"experiment": Experiment()})()
+    tb.recorded = Experiment()
+
+    class Trainer(FakeTrainer):
+        loggers = [other, tb]
+
+    log = ImageLogger(tmp_path / "img")
+    for step in (250, 500):
+        t = Trainer()
+        t.global_step = step
+        log.on_train_batch_end(t, Module(), None, "batch", 0)
+    assert calls == [("batch", 4, 20, 0)]
+    assert tb.recorded.images == [("samples", grid, 500)] and other.experiment.images == []
+    assert os.listdir(tmp_path / "img") == ["step-00000500.png"]
