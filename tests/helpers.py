@@ -34,6 +34,21 @@ def missing_under(tmp_path, argv: list[str], says: str) -> tuple[list[str], str]
     return [a.replace("MISSING", missing) for a in argv], says.replace("MISSING", missing)
 
 
+def read_only_folder(path, monkeypatch):
+    """Make the folder `path` with mode 0555 and, where the tests run as root (who writes there
+    anyway), have os.access say what it says for anyone else; chmod it back before tmp_path's
+    clean-up. Returns `path`."""
+    import os
+    from pathlib import Path
+
+    path.mkdir()
+    path.chmod(0o555)
+    if os.access(path, os.W_OK):
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+    return path
+
+
 def default_sigint() -> None:
     """Popen preexec_fn for a child that a test interrupts with SIGINT: a test run started as a
     background job has SIGINT ignored, children inherit that, and Python then installs no

@@ -20,6 +20,7 @@ from cldm import weights_config
 from cldm.model import TINY_CONFIG
 from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
+from tests.helpers import read_only_folder, refused, video_with_sound
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
@@ -430,12 +431,7 @@ def test_outputs_on_an_input_are_refused_even_with_overwrite(env, tmp_path, caps
 def test_an_unwritable_out_or_video_folder_is_refused_up_front(env, tmp_path, capsys, monkeypatch, flag):
     """Was found only after the model was loaded and the first batch made ("[Errno 13] Permission
     denied: 'ro/out'"), and for --video in a line naming its temporary file ('ro/.v.1a2b3c4d.tmp.mp4')."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    if os.access(ro, os.W_OK):  # root writes anyway: what os.access says for anyone else
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)
     monkeypatch.setattr(cli.L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     target = {"--out": ro / "out", "--video": ro / "v.mp4"}[flag]
     video = flag == "--video"
@@ -860,7 +856,6 @@ def test_video_keeps_the_input_films_sound_unless_told_otherwise(env, tmp_path, 
     """A video input's audio goes into --video (copied: the packets are the input's); --no-audio
     leaves it out; --audio takes it from another file, e.g. for a frame-folder input."""
     from tests.colorize.test_audio import packets
-    from tests.helpers import video_with_sound
 
     film = video_with_sound(tmp_path / "film.mp4")
     base = ["--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
@@ -890,8 +885,6 @@ def test_video_keeps_the_input_films_sound_unless_told_otherwise(env, tmp_path, 
     (["--video", "{tmp}/v.mp4", "--audio", "{ref}"], "--audio {ref}: no audio stream found in it"),
 ])
 def test_a_bad_audio_flag_is_one_line_before_any_work(env, tmp_path, capsys, extra, says):
-    from tests.helpers import refused, video_with_sound
-
     values = dict(tmp=tmp_path, film=video_with_sound(tmp_path / "film.mp4"), ref=env["refs"][0])
     argv = ["--input", str(env["gray"]), "--reference", str(env["refs"][0]), "--method", "reinhard", "--out",
             str(tmp_path / "out"), *[a.format(**values) for a in extra]]
@@ -900,8 +893,6 @@ def test_a_bad_audio_flag_is_one_line_before_any_work(env, tmp_path, capsys, ext
 
 
 def test_without_pyav_a_videos_sound_is_one_line_and_no_audio_still_works(env, tmp_path, capsys, monkeypatch):
-    from tests.helpers import refused, video_with_sound
-
     film = video_with_sound(tmp_path / "film.mp4")
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError, as in an older install
     argv = ["--input", str(film), "--reference", str(env["refs"][0]), "--method", "reinhard", "--no-progress",

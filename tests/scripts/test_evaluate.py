@@ -15,6 +15,7 @@ import pytest
 
 import evaluate
 from colorize.report import REPORT_FILES
+from tests.helpers import read_only_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -235,12 +236,7 @@ def test_an_unwritable_out_is_refused_before_scoring(clip, capsys, monkeypatch):
     """Was found only after every frame had been scored (minutes for a film): "cannot write the report
     (Permission denied)"."""
     root, _ = clip
-    ro = root / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    if os.access(ro, os.W_OK):  # root writes anyway: what os.access says for anyone else
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    ro = read_only_folder(root / "ro", monkeypatch)
     monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: pytest.fail("scored before --out was checked"))
     try:
         for out in (ro, ro / "rep"):
