@@ -380,6 +380,8 @@ def test_plain_pickle_check_reads_only_the_first_opcodes(tmp_path, monkeypatch):
     seen.clear()
     assert not checkpoint._is_plain_pickle(legacy) and seen[:2] == ["PROTO", "LONG1"] and len(seen) <= 3
     assert not checkpoint._is_plain_pickle(tmp_path / "zip.ckpt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"\xff" * 16)  # no pickle at all: not a plain one either
+    assert not checkpoint._is_plain_pickle(tmp_path / "garbage.ckpt")
 
 
 class System:
@@ -667,6 +669,7 @@ def test_first_line_of_an_error_is_its_first_sentence():
     assert checkpoint._first_line(RuntimeError("PytorchStreamReader failed. See the docs\nmore")) == \
         "RuntimeError: PytorchStreamReader failed"
     assert checkpoint._first_line(EOFError()) == "EOFError"
+    assert checkpoint._first_line(RuntimeError("\n  zip broken. more")) == "RuntimeError: zip broken"
     assert checkpoint._first_line(ValueError("x" * 300)) == "ValueError: " + "x" * 160
 
 
@@ -715,3 +718,202 @@ def test_convert_into_a_missing_folder_names_the_folder(tmp_path, capsys):
     assert main(["convert", str(src), str(out)]) == 2
     assert capsys.readouterr().err == (f"python -m cldm.checkpoint: error: {out}: no folder {out.parent} to write "
                                        "it in\n")
+
+
+def test_files_that_are_no_torch_checkpoint_are_named_so_on_load(tmp_path, monkeypatch):
+    """load_state_dict checks the first bytes before torch.load would call them corrupt: a
+    safetensors file under a torch extension (also cut after the header's first byte), anything
+    else, and a file that cannot be read."""
+    save_state_dict({"a": torch.ones(2)}, tmp_path / "m.safetensors")
+    st = (tmp_path / "m.safetensors").read_bytes()
+    for name, data in (("m.ckpt", st), ("cut.pt", st[:9])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{name}: looks like a safetensors file with a \.\w+ extension; "
+                                                  r"rename it to \.safetensors$"):
+            load_state_dict(tmp_path / name)
+    (tmp_path / "clip.pth").write_bytes(b"\x00\x00\x00\x20ftypisom" + bytes(100))  # an MP4
+    with pytest.raises(CheckpointError, match=r"clip\.pth: not a checkpoint file \(expected \.safetensors, or a "
+                                              r"torch \.ckpt/\.pt/\.pth zip or pickle\)$"):
+        load_state_dict(tmp_path / "clip.pth")
+
+    def refused(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(checkpoint, "open", refused, raising=False)
+    with pytest.raises(CheckpointError, match=r"m\.ckpt: cannot read file \(Permission denied\)$"):
+        load_state_dict(tmp_path / "m.ckpt")
+
+
+def test_state_dict_entry_wins_and_dropped_entries_are_logged(tmp_path, caplog):
+    """A Lightning file's "state_dict" is the weights even when another entry holds tensors too
+    (an optimiser's, say); what is dropped is named at INFO; an empty file and one with many
+    keys name at most five of them."""
+    torch.save({"state_dict": {"a": torch.ones(2), "note": "x"}, "optimizer": {"step": torch.tensor(3)},
+                "global_step": 7}, tmp_path / "l.ckpt")
+    with caplog.at_level("INFO", logger="cldm.checkpoint"):
+        assert_same(load_state_dict(tmp_path / "l.ckpt"), {"a": torch.ones(2)})
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'l.ckpt'}: ignored 1 non-tensor entries (note)"]
+    torch.save({}, tmp_path / "empty.ckpt")
+    with pytest.raises(CheckpointError, match=r"holds no tensors where weights are expected \(top-level keys: "
+                                              r"none\)$"):
+        load_state_dict(tmp_path / "empty.ckpt")
+    torch.save({f"k{i}": i for i in range(7)}, tmp_path / "many.ckpt")
+    with pytest.raises(CheckpointError, match=r"\(top-level keys: k0, k1, k2, k3, k4\)$"):
+        load_state_dict(tmp_path / "many.ckpt")
+
+
+def test_map_location_reaches_torch_load_also_when_unpickling(tmp_path):
+    import argparse
+    torch.save({"state_dict": {"a": torch.ones(2)}}, tmp_path / "plain.ckpt")
+    torch.save({"state_dict": {"a": torch.ones(2)}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
+    assert load_state_dict(tmp_path / "plain.ckpt", map_location="meta")["a"].is_meta
+    assert load_state_dict(tmp_path / "pickled.ckpt", allow_pickle=True, map_location="meta")["a"].is_meta
+
+
+def test_read_metadata_of_legacy_and_pickled_files(tmp_path):
+    """mmap cannot read the legacy format: the plain loader does; a file that needs unpickling is
+    refused like load_state_dict refuses it, and read when trusted."""
+    import argparse
+    meta = {"state_dict": {"a": torch.ones(1)}, "metadata": {"step": 3}}
+    torch.save(meta, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    assert read_metadata(tmp_path / "legacy.ckpt") == {"step": "3"}
+    torch.save({**meta, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        read_metadata(tmp_path / "pickled.ckpt")
+    assert read_metadata(tmp_path / "pickled.ckpt", allow_pickle=True) == {"step": "3"}
+
+
+def refuses(arg):
+    """Unpickled through Calls: raises, as a file's code that fails would."""
+    raise ValueError(f"refused {arg}")
+
+
+def test_unpickling_names_three_globals_warns_and_a_failure_is_one_line(tmp_path, caplog):
+    path = tmp_path / "three.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "x": [Calls(f) for f in (os.mkdir, os.rmdir, refuses)]}, path)
+    with pytest.raises(CheckpointError, match=rf"three\.ckpt: holds pickled Python objects \({os.mkdir.__module__}"
+                                              rf"\.mkdir, {os.rmdir.__module__}\.rmdir, {__name__}\.refuses\), not"):
+        load_state_dict(path)
+    torch.save({"state_dict": {"a": torch.ones(2)}, "x": Calls(refuses)}, path)
+    with caplog.at_level("WARNING", logger="cldm.checkpoint"), \
+            pytest.raises(CheckpointError, match=r"three\.ckpt: could not be unpickled \(ValueError: refused x\)$"):
+        load_state_dict(path, allow_pickle=True)
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: fully unpickling (allow_pickle=True): trusting "
+                                                        "this file"]
+
+
+def test_a_zip_checkpoint_missing_a_record_is_corrupt_not_pickled(tmp_path):
+    """No unsafe globals in its pickle, yet torch.load fails: damaged, not 'holds pickled objects ()'."""
+    import zipfile
+    torch.save({"state_dict": {"a": torch.ones(2)}}, tmp_path / "whole.ckpt")
+    with zipfile.ZipFile(tmp_path / "whole.ckpt") as z, zipfile.ZipFile(tmp_path / "m.ckpt", "w") as out:
+        for name in z.namelist():
+            if not name.endswith("/data/0"):
+                out.writestr(name, z.read(name))
+    with pytest.raises(CheckpointError, match=r"m\.ckpt: truncated or corrupt \(RuntimeError: PytorchStreamReader "
+                                              r"failed locating file data/0: file not found\)$"):
+        load_state_dict(tmp_path / "m.ckpt")
+
+
+def test_pickle_protocol_warnings_are_not_passed_on(tmp_path, recwarn):
+    """torch warns about pickle protocols it may not read; the refusal explains it instead."""
+    import pickle
+    with open(tmp_path / "p.ckpt", "wb") as f:
+        pickle.dump({"state_dict": {"a": torch.ones(2)}}, f, protocol=5)
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        load_state_dict(tmp_path / "p.ckpt")
+    assert [str(w.message) for w in recwarn if "pickle protocol" in str(w.message)] == []
+
+
+def test_globals_made_safe_are_not_named(tmp_path):
+    """torch.serialization.safe_globals widens what weights_only loads: such a class is no reason
+    to refuse, so a refusal names only the others."""
+    import argparse
+    import pickle
+    path, marker = tmp_path / "p.ckpt", tmp_path / "pwned"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"a": torch.ones(2)}, "ns": argparse.Namespace(), "x": System(marker)}, f,
+                    protocol=4)
+    with torch.serialization.safe_globals([argparse.Namespace]), pytest.raises(CheckpointError) as err:
+        load_state_dict(path)
+    assert f"(torch.storage._load_from_bytes, {os.system.__module__}.system), not just" in str(err.value)
+    assert not marker.exists()
+
+
+def test_two_globals_of_one_module_are_both_named(tmp_path):
+    """Protocol 4 pickles the module name once and fetches it from the memo (BINGET) for the
+    second global: the scanner follows the memo."""
+    import pickle
+    path, marker = tmp_path / "p.ckpt", tmp_path / "pwned"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "x": System(marker), "y": Calls(os.mkdir)}, f, protocol=4)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(path)
+    module = os.system.__module__
+    assert f"holds pickled Python objects ({module}.system, {module}.mkdir), not just" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_damaged_pickle_is_corrupt_even_after_its_globals(tmp_path):
+    """A pickle cut short is damaged, whatever globals its first half names."""
+    import pickle
+    path, marker = tmp_path / "p.ckpt", tmp_path / "pwned"
+    data = pickle.dumps({"x": System(marker), "state_dict": {"a": torch.randn(1000)}}, protocol=4)
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"p\.ckpt: truncated or corrupt \("):
+        load_state_dict(path)
+
+
+def test_a_strict_part_is_checked_key_for_key_whatever_comes_before_it():
+    """A strict part counts as present by any of its names, matched or unexpected; a strict part
+    the file lacks does not end the check of the next; the example is the first name found."""
+    sd = TinyLDM().state_dict()  # no first_stage_model.*: the check goes on to cond_stage_model.*
+    del sd["cond_stage_model.bias"]
+    assert misfit(compare_state_dict(TinyLDM(), sd)) == ("the checkpoint's cond_stage_model.* does not match the "
+                                                         "model (1 missing, e.g. cond_stage_model.bias)")
+    renamed = {k: v for k, v in TinyLDM().state_dict().items() if not k.startswith("cond_stage_model.")}
+    renamed["cond_stage_model.proj.weight"] = torch.ones(1)
+    assert misfit(compare_state_dict(TinyLDM(), renamed)) == (
+        "the checkpoint's cond_stage_model.* does not match the model (2 missing, 1 unexpected, e.g. "
+        "cond_stage_model.weight)")
+    extra = {**TinyLDM().state_dict(), "cond_stage_model.x": torch.ones(1), "cond_stage_model.y": torch.ones(1)}
+    assert misfit(compare_state_dict(TinyLDM(), extra)) == (
+        "the checkpoint's cond_stage_model.* does not match the model (2 unexpected, e.g. cond_stage_model.x)")
+
+
+def test_a_differing_input_conv_is_named_before_any_other_tensor():
+    conv = "model.diffusion_model.input_blocks.0.0.weight"
+    model = {"control_model.a.weight": (2,), conv: (32, 9, 3, 3)}
+    report = compare_state_dict(model, {"control_model.a.weight": (3,), conv: (32, 4, 3, 3)})
+    assert not report.ok
+    assert misfit(report).startswith(f"{conv} is [32, 4, 3, 3] in the checkpoint but [32, 9, 3, 3] in the model "
+                                     "(and 1 more tensor of another shape); likely plain Stable Diffusion weights")
+
+
+def test_likely_causes_of_other_files():
+    """SDXL is named like SD1.x; a file's ControlNet of an unknown channel count gets no
+    `set model.color_variant=` hint; another ControlNet's (4-channel) UNet is no plain SD."""
+    key = "model.diffusion_model.input_blocks.1.1.attn2.to_k.weight"
+    assert misfit(compare_state_dict({key: (320, 1024)}, {key: (320, 2048)})).endswith(
+        "likely SDXL weights, no text encoder, not Stable Diffusion 2.x: this model needs SD2.x weights such as "
+        "v2-1_512-ema-pruned")
+    conv = "control_model.input_blocks.0.0.weight"
+    assert misfit(compare_state_dict({conv: (32, 9, 3, 3)}, {conv: (32, 7, 3, 3)})).endswith(
+        "likely another colour variant: the file's ControlNet takes 7 input channels (colour variant unknown), this "
+        "config's 9 (v2)")
+    model = sd21_shapes()
+    unet_conv = "model.diffusion_model.input_blocks.0.0.weight"
+    assert misfit(compare_state_dict({**model, unet_conv: (320, 9, 3, 3)}, model)).endswith(
+        "likely another colour variant or concat_to_unet setting: the file's UNet takes 4 input channels, this "
+        "config's 9 (model.color_variant, model.concat_to_unet)")
+
+
+def test_a_save_in_progress_never_has_a_checkpoint_extension(tmp_path, monkeypatch):
+    """The temporary file ends in .tmp: a listing of *.safetensors or *.ckpt never counts it."""
+    names, real = [], checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", lambda t, f, metadata=None: names.append(Path(f).name)
+                        or real(t, f, metadata=metadata))
+    save_state_dict({"a": torch.ones(2)}, tmp_path / "m.safetensors")
+    [name] = names
+    assert re.fullmatch(r"\.m\.safetensors\.[0-9a-f]{8}\.tmp", name), name
+    save_state_dict({"a": torch.ones(2)}, tmp_path / "m.ckpt")  # no metadata given: no empty entry for it
+    assert set(torch.load(tmp_path / "m.ckpt", weights_only=True)) == {"state_dict"}
