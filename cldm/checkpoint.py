@@ -181,8 +181,8 @@ def _pickled_globals(path):
     Read with `pickletools.genops` (and torch's zip-file scanner), which parse opcodes and never
     run them. None when there are none, i.e. the load failed because the file is damaged.
     """
-    try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    try:  # sorted: torch gives a set's order, which changes from run to run
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # not a zip checkpoint: a legacy torch.save file or a plain pickle
         scanned = _scan_globals(path)
         if scanned is None:
