@@ -20,12 +20,13 @@ MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac", "opus", "flac")  # what the MP
 
 
 def audio_codec(source: str | os.PathLike) -> str | None:
-    """The codec of the source's first audio stream, or None (no audio, or no file PyAV reads)."""
+    """The codec of the source's first audio stream (its codec's name: 'mp3', not the decoder's
+    'mp3float'), or None (no audio, or no file PyAV reads)."""
     import av
 
     try:
         with av.open(str(source)) as c:
-            return next((s.codec_context.name for s in c.streams if s.type == "audio"), None)
+            return next((s.codec_context.codec.canonical_name for s in c.streams if s.type == "audio"), None)
     except (av.FFmpegError, OSError, ValueError):
         return None
 
@@ -55,7 +56,7 @@ def add_audio(video: str | os.PathLike, source: str | os.PathLike, dest: str | o
         first = src.streams.video[0] if src.streams.video else None
         start = float(first.start_time * first.time_base) if first is not None and first.start_time else 0.0
         shift = round(start / audio.time_base)  # the picture starts at 0 in `video`
-        name = audio.codec_context.name
+        name = audio.codec_context.codec.canonical_name
         if name in MP4_AUDIO:
             streams.append(out.add_stream_from_template(audio))
 

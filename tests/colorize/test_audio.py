@@ -96,3 +96,12 @@ def test_write_video_atomic_without_the_sound_it_was_asked_for_writes_nothing(tm
     assert str(e.value) == (f"{tmp_path / 'out.mp4'}: cannot add the sound of {silent} ({silent}: no audio "
                             "stream); leave it out with --no-audio")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["picture.mp4"]
+
+
+def test_mp3_is_named_by_its_codec_and_copied(tmp_path):
+    """FFmpeg reads MP3 with its 'mp3float' decoder; by that name MP3 was re-encoded to AAC
+    (and named so in the message), though MP4 holds it as it is."""
+    src = video_with_sound(tmp_path / "film.mp4", audio="mp3")
+    assert audio_codec(src) == "mp3"
+    assert add_audio(picture(tmp_path), src, tmp_path / "out.mp4") == "mp3 copied"
+    assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
