@@ -577,7 +577,7 @@ def run(args) -> int:
     count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
     if sound is not None:
         codec = audio_codec(sound)
-        earlier += f"sound of {sound} ({codec}{' copied' if codec in A.MP4_AUDIO else ' re-encoded to AAC'}), "
+        earlier += f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
     print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
     return 0
 

@@ -2,8 +2,9 @@
 
 OpenCV writes video only, so the soundtrack of a colourised film would be lost. Once the
 video is written, `add_audio` remuxes it (its packets copied, not re-encoded) together with
-the first audio stream of the source. The audio packets are copied too where MP4 can hold
-the codec; anything else (PCM from a .mov or .avi, Vorbis, ...) is re-encoded to AAC.
+the first audio stream of the source. The audio packets are copied too where the container
+(MP4, or QuickTime for a .mov name) can hold the codec; anything else (PCM from a .mov or
+.avi, Vorbis, Opus or FLAC into a .mov, ...) is re-encoded to AAC.
 Audio is shifted by the source video's start time, so sound and picture keep the offset
 they had in the source: sound from before the first picture gets negative times, which the
 MP4's edit list skips in playback (and AAC's priming packet keeps its place before 0). PyAV
@@ -17,6 +18,12 @@ import os
 from typing import Iterator
 
 MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac", "opus", "flac")  # what the MP4 muxer takes as it is
+MOV_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac")  # QuickTime's muxer refuses Opus and FLAC
+
+
+def copied(codec: str | None, dest: str | os.PathLike) -> bool:
+    """Whether add_audio copies `codec`'s packets into `dest` (.mov: QuickTime, else MP4) as they are."""
+    return codec in (MOV_AUDIO if str(dest).lower().endswith(".mov") else MP4_AUDIO)
 
 
 def audio_codec(source: str | os.PathLike) -> str | None:
@@ -57,7 +64,7 @@ def add_audio(video: str | os.PathLike, source: str | os.PathLike, dest: str | o
         start = float(first.start_time * first.time_base) if first is not None and first.start_time else 0.0
         shift = round(start / audio.time_base)  # the picture starts at 0 in `video`
         name = audio.codec_context.codec.canonical_name
-        if name in MP4_AUDIO:
+        if copied(name, dest):
             streams.append(out.add_stream_from_template(audio))
 
             def audio_packets():

@@ -105,3 +105,16 @@ def test_mp3_is_named_by_its_codec_and_copied(tmp_path):
     assert audio_codec(src) == "mp3"
     assert add_audio(picture(tmp_path), src, tmp_path / "out.mp4") == "mp3 copied"
     assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
+
+
+@pytest.mark.parametrize("codec, film", [("opus", "film.mp4"), ("flac", "film.mkv")])
+def test_opus_and_flac_are_copied_into_mp4_but_re_encoded_into_a_mov(tmp_path, codec, film):
+    """QuickTime's muxer refuses Opus and FLAC (an FFmpeg 'Invalid argument' that wrote no .mov)."""
+    src, video = video_with_sound(tmp_path / film, audio=codec), picture(tmp_path)
+    assert add_audio(video, src, tmp_path / "out.mp4") == f"{codec} copied"
+    assert add_audio(video, src, tmp_path / "out.mov") == f"{codec} re-encoded to AAC"
+    assert packets(tmp_path / "out.mov", "video") == packets(video, "video")
+    pcm, rate = sound(tmp_path / "out.mov")
+    assert rate == {"opus": 48000, "flac": 16000}[codec]  # Opus decodes at 48 kHz whatever went in
+    assert abs(len(pcm) / rate - 1.0) < 0.1  # one second, up to AAC's framing
+    assert abs(np.argmax(np.abs(np.fft.rfft(pcm))) * rate / len(pcm) - 440) < 5  # the tone, to the FFT's resolution

@@ -876,6 +876,17 @@ def test_video_keeps_the_input_films_sound_unless_told_otherwise(env, tmp_path, 
     assert rc == 0 and "sound" not in out and streams(tmp_path / "d.mp4") == ["video:mpeg4"]
 
 
+def test_the_sound_message_says_what_a_mov_does_with_opus(env, tmp_path, capsys):
+    """Opus is copied into an .mp4 but re-encoded into a .mov (QuickTime's muxer refuses it)."""
+    film = video_with_sound(tmp_path / "film.mp4", audio="opus")
+    base = ["--input", film, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    rc, out, _ = run([*base, "--out", tmp_path / "a", "--video", tmp_path / "a.mp4"], capsys)
+    assert rc == 0 and f"sound of {film} (opus copied), 10 fps)" in out
+    rc, out, _ = run([*base, "--out", tmp_path / "b", "--video", tmp_path / "b.mov"], capsys)
+    assert rc == 0 and f"sound of {film} (opus re-encoded to AAC), 10 fps)" in out
+    assert streams(tmp_path / "b.mov") == ["video:mpeg4", "audio:aac"]
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--audio", "{film}"], "--audio is the sound of --video: give --video too"),
     (["--video", "{tmp}/v.mp4", "--audio", "{film}", "--no-audio"],
