@@ -77,6 +77,8 @@ def add_audio(video: str | os.PathLike, source: str | os.PathLike, dest: str | o
             how = f"{name} copied"
         else:
             ctx = audio.codec_context
+            if ctx.layout.name == f"{ctx.layout.nb_channels} channels":  # unnamed channels (a plain WAV's)
+                ctx.layout = av.AudioLayout(f"{ctx.layout.nb_channels}c")  # decoded as the usual: AAC refuses unnamed
             streams.append(out.add_stream("aac", rate=ctx.sample_rate, layout=ctx.layout))
 
             def audio_packets():

@@ -1,4 +1,6 @@
 """colorize/audio.py: the source's sound beside the written video, copied or re-encoded."""
+import wave
+
 import av
 import numpy as np
 import pytest
@@ -118,3 +120,20 @@ def test_opus_and_flac_are_copied_into_mp4_but_re_encoded_into_a_mov(tmp_path, c
     assert rate == {"opus": 48000, "flac": 16000}[codec]  # Opus decodes at 48 kHz whatever went in
     assert abs(len(pcm) / rate - 1.0) < 0.1  # one second, up to AAC's framing
     assert abs(np.argmax(np.abs(np.fft.rfft(pcm))) * rate / len(pcm) - 440) < 5  # the tone, to the FFT's resolution
+
+
+def test_a_plain_wav_of_unnamed_channels_is_re_encoded_channel_for_channel(tmp_path):
+    """A WAV with a plain PCM header (Python's wave module, many editors) does not name its
+    channels, and FFmpeg's AAC encoder refused to open for such a layout: an --audio .wav
+    gave no video. Decoded as the usual layout for two (stereo), left stays left."""
+    tone = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 10000).astype(np.int16)
+    with wave.open(str(tmp_path / "track.wav"), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.stack([tone, np.zeros_like(tone)], 1).tobytes())  # the tone on the left only
+    assert add_audio(picture(tmp_path), tmp_path / "track.wav", tmp_path / "out.mp4") == "pcm_s16le re-encoded to AAC"
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        a = c.streams.audio[0]
+        assert a.codec_context.layout.name == "stereo"
+        left, right = np.concatenate([f.to_ndarray() for f in c.decode(a)], 1)
+    assert abs(len(left) / 16000 - 1.0) < 0.1  # one second, up to AAC's framing
+    assert 0.25 < np.abs(left).max() < 0.4 and np.abs(right).max() < 0.01  # 10000 / 32768 = 0.31; silence
