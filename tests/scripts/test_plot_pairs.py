@@ -73,3 +73,17 @@ def test_a_folder_that_is_no_built_movie_is_one_line(tmp_path, capsys):
     assert P.main([str(tmp_path), "--out", str(tmp_path / "b.png")]) == 2
     assert capsys.readouterr().err.strip() == \
         f"{P.PROG}: error: {tmp_path}: not a movie folder finished by build_pairs.py"
+
+
+@pytest.mark.parametrize("out, says", [
+    ("band", "--out {tmp}/band is a folder"),
+    ("missing/b.png", "--out {tmp}/missing/b.png: there is no folder {tmp}/missing"),
+])
+def test_an_unusable_out_is_named_as_given(tmp_path, capsys, out, says):
+    """Not the temporary file beside it ("[Errno 21] Is a directory: '.band.1a2b3c4d.tmp' -> 'band'")."""
+    src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
+    (tmp_path / "band").mkdir()
+    assert P.main([str(tmp_path / "data" / "pan"), "--out", str(tmp_path / out)]) == 2
+    assert capsys.readouterr().err.strip() == f"{P.PROG}: error: " + says.format(tmp=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["band", "data", "src"]
