@@ -123,9 +123,9 @@ def sync_tree(folder: str | os.PathLike, threads: int = 1) -> None:
 
 
 @contextlib.contextmanager
-def try_lock(path: str | os.PathLike, make_parent: bool = False) -> Iterator[bool]:
+def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = False) -> Iterator[bool]:
     """Try to lock the file `path` (created if need be); yield whether this process got it
-    (never waits).
+    (never waits, unless `wait`: then until the holder lets go, and it is always got).
 
     A lock dies with its process, so what a killed run left is taken over by the next one. The
     file is removed on the way out, while still held; whoever locked it meanwhile sees that it
@@ -147,7 +147,7 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False) -> Iterator[boo
                 continue
             raise
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             yield False

@@ -6,12 +6,13 @@ train on it with tutorial_train_sd21_color_v2.py --use-latent-cache and the same
 
 Training then takes the posteriors from the cache instead of running the VAE twice per
 sample. The cache records which weights made it and is refused when they differ. Runs given
-the same DATA_ROOT (one per GPU, say) share the movies: each locks the movie it encodes and
-skips those another run holds.
+the same DATA_ROOT (one per GPU, say) share the movies: each locks the movie it encodes,
+leaves those another run holds to the end and then waits for them, so each ends once every
+movie is cached.
 
-Exit status: 0 every movie cached, 1 a movie refused (cached with other weights) or skipped
-(another run is encoding it), 2 bad input (one line), 130 / 143 stopped by Ctrl-C / SIGTERM
-(finished movies kept; rerun to resume).
+Exit status: 0 every movie cached, 1 a movie refused (cached with other weights), 2 bad
+input (one line), 130 / 143 stopped by Ctrl-C / SIGTERM (finished movies kept; rerun to
+resume).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ PRECISIONS = {"32": None, "16": "float16", "bf16": "bfloat16"}
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter,
-                      epilog="Exit status: 0 every movie cached, 1 a movie refused (other weights) or skipped "
-                             "(another run is encoding it), 2 bad input, 130/143 stopped by Ctrl-C/SIGTERM.")
+                      epilog="Runs on one DATA_ROOT share its movies (one per GPU, say): each ends when all "
+                             "are cached. Exit status: 0 every movie cached, 1 a movie refused (other weights), "
+                             "2 bad input, 130/143 stopped by Ctrl-C/SIGTERM.")
     p.add_argument("data_root", metavar="DATA_ROOT", help="folder written by build_pairs.py")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "
@@ -126,10 +128,9 @@ def run(args: argparse.Namespace) -> int:
                                 log=lambda line: print(line, file=sys.stderr), gray=args.gray)
     print(f"VAE fingerprint {result['fingerprint']} (tutorial_train_sd21_color_v2.py --use-latent-cache "
           "takes the cache when the VAE of its --init has these weights)")
-    busy = f", skipped (another run is encoding them): {len(result['busy'])}" if result["busy"] else ""
     print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
-          f"refused (other weights): {len(result['refused'])}{busy}")
-    return 1 if result["refused"] or result["busy"] else 0
+          f"refused (other weights): {len(result['refused'])}")
+    return 1 if result["refused"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

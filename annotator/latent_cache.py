@@ -290,10 +290,11 @@ def build_latent_cache(
     cache made with other weights is refused (reported, left alone) unless `overwrite`. One
     without the gray latents that `gray` asks for, or whose latents.npy does not fit the
     frames (cut short, say; logged), is rebuilt. A movie is written under its lock
-    (<movie>/latents.lock, atomicio.try_lock): one that another run is encoding is skipped and
-    logged, so runs given the same movies share the work instead of writing into each other's
-    files. Returns {"built", "existing", "refused", "busy"}: lists of movie ids, and
-    "fingerprint": the VAE's.
+    (<movie>/latents.lock, atomicio.try_lock): one that another run is encoding is left to the
+    end, then waited for and taken as that run left it (built, or built here if that run died),
+    so runs given the same movies share the work, never write into each other's files, and
+    each ends once all its movies are cached. Returns {"built", "existing", "refused"}: lists
+    of movie ids, and "fingerprint": the VAE's.
     """
     from tqdm import tqdm
 
@@ -301,7 +302,7 @@ def build_latent_cache(
     vae.eval()  # frozen: no dropout; gradients are off via no_grad in encode_movie
     fp = vae_fingerprint(vae)
     ids = list(movies) if movies is not None else list_movies(root)
-    result = {"built": [], "existing": [], "refused": [], "busy": [], "fingerprint": fp}
+    result = {"built": [], "existing": [], "refused": [], "fingerprint": fp}
     check_movies(root, ids)
     todo = []
     for mid in ids:
@@ -318,20 +319,26 @@ def build_latent_cache(
                         log(f"removed {p}: left by an interrupted run")
     total = sum(load_meta(root / m)["frame_count"] for m in todo)
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
+        def settle(mid: str, state: str, why: str | None) -> None:
+            if state == "build":  # its why, if any, was logged by the first look
+                encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
+                result["built"].append(mid)
+            else:  # another run finished it since the first look
+                result[state].append(mid)
+                if why:
+                    log(why)
+                bar.update(load_meta(root / mid)["frame_count"])  # the bar ends full
+
+        busy = []
         for mid in todo:  # an interrupted rebuild keeps the old cache: encode_movie replaces it at the end
             with try_lock(root / mid / LATENTS_LOCK) as mine:
                 if not mine:
-                    state, why = "busy", f"skipped: {root / mid}: another run is encoding its latents"
-                elif overwrite:
-                    state, why = "build", None
-                else:  # another run may have finished it since the first look
-                    state, why = _state(root / mid, fp, False, gray)
-                if state == "build":  # its why, if any, was logged by the first look
-                    encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
-                    result["built"].append(mid)
+                    busy.append(mid)
+                    log(f"later: {root / mid}: another run is encoding its latents; this one waits for it at the end")
                 else:
-                    result[state].append(mid)
-                    if why:
-                        log(why)
-                    bar.update(load_meta(root / mid)["frame_count"])  # the bar ends full
+                    settle(mid, *(("build", None) if overwrite else _state(root / mid, fp, False, gray)))
+        for mid in busy:  # finished by the other run, or left unfinished (it died): then built here
+            with try_lock(root / mid / LATENTS_LOCK, wait=True):
+                state, why = _state(root / mid, fp, False, gray)
+                settle(mid, *((state, why) if state == "existing" or not overwrite else ("build", None)))
     return result

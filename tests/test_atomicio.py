@@ -234,3 +234,18 @@ def test_try_lock_makes_its_folder_only_when_asked(tmp_path):
             pass
     with try_lock(tmp_path / "new" / "m.lock", make_parent=True) as got:
         assert got and (tmp_path / "new" / "m.lock").exists()
+
+
+def test_try_lock_with_wait_gets_the_lock_once_its_holder_lets_go(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "m.lock"
+    held = os.open(path, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(0.3, os.close, [held]).start()  # the other run ends
+    t0 = time.monotonic()
+    with try_lock(path, wait=True) as got:
+        waited = time.monotonic() - t0
+        assert got and _held_elsewhere(path)
+    assert waited >= 0.25 and not path.exists()

@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -601,39 +603,69 @@ def test_partial_files_left_by_a_killed_run_are_removed_and_named(cached_root):
 
 
 @contextlib.contextmanager
-def held_by_another_run(movie_dir: Path):
+def held_by_another_run(movie_dir: Path, seconds: float | None = None, finish=None):
     """The lock a build_latent_cache run encoding `movie_dir` holds (another open file, as
-    another process would have)."""
+    another process would have). With `seconds`, that run lets go by itself, on a thread, after
+    so long, first calling `finish()` (what it leaves: a finished cache, or nothing if it died)."""
     fd = os.open(movie_dir / LATENTS_LOCK, os.O_CREAT | os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def let_go():
+        time.sleep(seconds)
+        if finish is not None:
+            finish()
         os.close(fd)
 
+    later = threading.Thread(target=let_go) if seconds is not None else None
+    try:
+        if later is not None:
+            later.start()
+        yield
+    finally:
+        if later is not None:
+            later.join()
+        else:
+            os.close(fd)
 
-def test_a_movie_another_run_is_encoding_is_skipped_untouched(root, tmp_path, capsys):
+
+def test_a_movie_another_run_is_encoding_is_waited_for_at_the_end_untouched(built, root, tmp_path, capsys,
+                                                                             monkeypatch):
     """Two runs on one data root (one per GPU, or one by mistake): the second must not write
-    into the first one's partial files; it skips the movie, says so and exits 1, and its
-    progress bar still ends full. Once the lock is free (that run ended or was killed), the
-    next run encodes the movie and leaves no lock file."""
+    into the first one's partial files. It leaves the movie to the end, says so, waits for the
+    other run, and takes the cache it made (not encoded again): exit 0, the bar full."""
     import build_latent_cache as cli
 
     theirs = annotator.latent_cache.partial_files(root / "pan")[0]
     theirs.write_bytes(b"the other run's latents")
+    seen = []
+
+    def finish():  # what the other run does at its end: its cache, by the same weights, in place
+        seen.append(theirs.read_bytes())
+        for name in (LATENTS, LATENTS_META):
+            shutil.copy(built[1] / "pan" / name, root / "pan" / name)
+        theirs.unlink()
+
+    monkeypatch.setattr(annotator.latent_cache, "encode_movie", lambda *a, **k: pytest.fail("encoded it again"))
     ckpt, cfg = vae_checkpoint(tiny_vae(0), tmp_path)
-    args = [str(root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu"]
-    with held_by_another_run(root / "pan"):
-        assert cli.main(args) == 1
-        out, err = capsys.readouterr()
-        assert "latents built: 0, already cached: 0, refused (other weights): 0, skipped (another run is encoding " \
-               "them): 1" in out
-        assert f"skipped: {root / 'pan'}: another run is encoding its latents\n" in err and f"{N}/{N}" in err
-        assert theirs.read_bytes() == b"the other run's latents" and not (root / "pan" / LATENTS).exists()
-    assert cli.main(args + ["--no-progress"]) == 0
-    assert "latents built: 1" in capsys.readouterr().out
-    assert (root / "pan" / LATENTS_META).is_file() and not (root / "pan" / LATENTS_LOCK).exists()
-    assert not theirs.exists()  # written over by the run's own partial file, then renamed
+    with held_by_another_run(root / "pan", seconds=1.0, finish=finish):
+        assert cli.main([str(root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "latents built: 0, already cached: 1, refused (other weights): 0" in out
+    assert f"later: {root / 'pan'}: another run is encoding its latents; this one waits for it at the end\n" in err
+    assert f"{N}/{N}" in err and seen == [b"the other run's latents"]  # untouched while that run held it
+    assert (root / "pan" / LATENTS).read_bytes() == (built[1] / "pan" / LATENTS).read_bytes()
+    assert not (root / "pan" / LATENTS_LOCK).exists()
+
+
+def test_a_movie_another_run_left_unfinished_is_built_after_waiting(root):
+    """The other run died (or was stopped) without finishing: its lock goes with it, and the
+    waiting run encodes the movie itself."""
+    logged = []
+    with held_by_another_run(root / "pan", seconds=0.5):
+        result = build_latent_cache(root, tiny_vae(0), progress=False, log=logged.append)
+    assert result["built"] == ["pan"] and result["existing"] == [] and len(logged) == 1
+    assert load_latents(root / "pan", vae_fingerprint(tiny_vae(0))).shape[0] == N
+    assert not (root / "pan" / LATENTS_LOCK).exists()
 
 
 def test_partial_files_of_a_rebuild_another_run_holds_are_left_alone(cached_root):
