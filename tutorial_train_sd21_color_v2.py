@@ -214,7 +214,20 @@ def resolve_config(args, source=None):
             raise
         raise UsageError(f"{said[0]}: {said[1]}") from None
     check_train_numbers(cfg.train)
+    check_band(cfg.train)
     return cfg
+
+
+def check_band(t) -> None:
+    """An empty pair band in one line naming both ends (else the dataset's "band is empty" line,
+    after the model has loaded, with no flag in it)."""
+    from annotator.pairs import DEFAULT_HIGH, DEFAULT_LOW
+
+    low = DEFAULT_LOW if t.get("low") is None else t.low
+    high = DEFAULT_HIGH if t.get("high") is None else t.high
+    if not low < high:
+        raise UsageError(f"train.low (--low) must be below train.high (--high): the pair band {low} < sim < {high} "
+                         "is empty")
 
 
 def saved_config_remedy(args, source) -> str:

@@ -912,5 +912,11 @@ def test_a_bad_flag_value_is_the_flags_not_the_configs(ws, tmp_path, capsys, mon
                               (["--min-gap", "0"], "train.min_gap: expected a positive integer or null, got 0")):
             assert train.main(argv + flag) == 2
             assert capsys.readouterr().err == f"{train.PROG}: error: {' '.join(flag)}: {problem}\n"
+    bandless = given[:given.index("--low")] + given[given.index("--min-gap") + 2:]  # the config's: null, defaults
+    for flag, band in ((["--low", "2"], "2.0 < sim < 0.97"), (["--high", "0.5"], "0.94 < sim < 0.5"),
+                       (["--low", "0.9", "--high", "0.9"], "0.9 < sim < 0.9")):
+        assert train.main(bandless + flag) == 2  # before the model loads
+        assert capsys.readouterr().err == f"{train.PROG}: error: train.low (--low) must be below train.high " \
+                                          f"(--high): the pair band {band} is empty\n"
     assert train.main(given + ["train.min_gap=0"]) == 2  # an override keeps naming the file it overrides
     assert capsys.readouterr().err == f"{train.PROG}: error: {TINY_CONFIG} with train.min_gap=0: {problem}\n"
