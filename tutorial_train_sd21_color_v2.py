@@ -208,11 +208,10 @@ def resolve_config(args, source=None):
     try:
         cfg = load_config(cfg, list(flags), name="the flags")
     except ConfigError as e:
-        said = next(((flag, str(e).split(": ", 1)[1]) for o, flag in flags.items()
-                     if str(e).startswith(f"the flags with {o}: ")), None)
-        if said is None:
-            raise
-        raise UsageError(f"{said[0]}: {said[1]}") from None
+        for override, flag in flags.items():
+            if str(e).startswith(prefix := f"the flags with {override}: "):
+                raise UsageError(f"{flag}: {str(e)[len(prefix):]}") from None
+        raise
     check_train_numbers(cfg.train)
     check_band(cfg.train)
     return cfg
