@@ -341,6 +341,24 @@ def test_convert_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
     assert main(["convert", str(src), str(out), "--overwrite"]) == 0 and load_state_dict(out)["a"].sum() == 2
     assert main(["convert", str(src), str(src), "--overwrite"]) == 2  # would read and replace one file
     assert "the same file as the input" in capsys.readouterr().err and load_state_dict(src)["a"].sum() == 2
+    (tmp_path / "link.safetensors").symlink_to(src)  # another name of the input: refused too
+    assert main(["convert", str(src), str(tmp_path / "link.safetensors"), "--overwrite"]) == 2
+    assert "the same file as the input" in capsys.readouterr().err and load_state_dict(src)["a"].sum() == 2
+
+
+def test_convert_unpickles_only_when_allowed_and_os_errors_are_one_line(tmp_path, capsys):
+    import argparse
+    src = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "args": argparse.Namespace(lr=1)}, src)
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors")]) == 2
+    assert "holds pickled Python objects" in capsys.readouterr().err and not (tmp_path / "o.safetensors").exists()
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--allow-pickle"]) == 0
+    assert_same(load_state_dict(tmp_path / "o.safetensors"), {"a": torch.ones(2)})
+    long = tmp_path / ("x" * 300 + ".safetensors")  # the OS refuses the name (ENAMETOOLONG)
+    assert main(["convert", str(src), str(long), "--allow-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m cldm.checkpoint: error: ") and "File name too long" in err
+    assert err.count("\n") == 1
 
 
 def test_cli_usage_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
@@ -534,6 +552,16 @@ def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_p
             ("model.only_mid_control=true", "trained with another model config (hash ")]:  # same tensors
         rc, out = inspect_run(capsys, path, *tiny, "--set", override)
         assert rc == 1 and f"\nwould not load: {reason}" in out, (override, out)
+    # a config without model.train_unet_input trains the UNet input conv, as the training does
+    no_key = tmp_path / "no_train_unet_input.yaml"
+    no_key.write_text(Path(TINY_CONFIG).read_text().replace("  train_unet_input: true\n", ""))
+    assert "train_unet_input" not in no_key.read_text()
+    module = ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(load_config(no_key), resolve=True))
+    ckpt = {**ckpt, "state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    rc, out = inspect_run(capsys, path, "--config", no_key)
+    assert rc == 0 and out.endswith("\nwould load to resume training (on the run's --init weights)\n"), out
 
     # a checkpoint that needs unpickling is still refused in one line, its code not run
     torch.save({**ckpt, "payload": Evil(tmp_path / "pwned")}, path)
@@ -602,6 +630,10 @@ def test_cli_inspect_compares_the_config_a_file_records_as_the_tools_do(capsys, 
                                     f"0.57326 there, 0.18215 in {TINY_CONFIG} (1 key(s) differ)")
     rc, out = inspect_run(capsys, toy, "--config", TINY_CONFIG, "--set", "model.scale_factor=0.57326")
     assert rc == 0 and out.splitlines()[-1] == "would load"
+    rc, out = inspect_run(capsys, toy, "--config", TINY_CONFIG, "--set", "model.scale_factor=0.5")
+    assert rc == 1 and out.splitlines()[-1] == (f"would not load: it was saved with another model config: "
+                                                f"model.scale_factor is 0.57326 there, 0.5 in {TINY_CONFIG} with the "
+                                                f"overrides (1 key(s) differ)")
     made = load_config(TINY_CONFIG, ["model.scale_factor=0.5"])
     model = create_model(made)
     configure_trainable(model)
@@ -703,6 +735,20 @@ def test_guess_kind_of_unusual_files():
     assert guess_kind({unet + "attn2.to_k.weight": (4,)}) == "unknown SD variant weights, no text encoder"
     assert guess_kind({"control_model.input_hint_block.0.weight": (16, 6, 3, 3)}) == \
         "ControlNet (6-channel hint) on unknown SD variant, ControlNet weights only"
+    # a 4-channel hint without the ControlNet's input conv: no variant to read (not v1's 4 channels)
+    assert guess_kind({"control_model.input_hint_block.0.weight": (16, 4, 3, 3)}) == \
+        "ours: colour ControlNet ? on unknown SD variant, ControlNet weights only"
+    assert guess_kind({unet + "attn2.to_k.weight": (4, 2048)}) == "SDXL weights, no text encoder"
+
+
+def test_loose_names_are_listed_up_to_max_names_six_by_default():
+    keys = [f"k{i}" for i in range(7)]
+    assert checkpoint.group_keys(keys[:6]) == [("k0, k1, k2, k3, k4, k5", "k0")]
+    assert checkpoint.group_keys(keys) == [("k0, k1, k2, k3, k4, k5, ... (+1 more)", "k0")]
+    assert checkpoint.group_keys(keys[:2], max_names=2) == [("k0, k1", "k0")]
+    report = compare_state_dict({}, {k: (1,) for k in keys})
+    assert report.summary().splitlines()[1:] == ["unexpected 7:", "  k0, k1, k2, k3, k4, k5, ... (+1 more)"]
+    assert report.summary(max_names=2).splitlines()[-1] == "  k0, k1, ... (+5 more)"
 
 
 def test_check_checkpoint_file_leaves_real_checkpoints_alone(tmp_path):
@@ -917,3 +963,22 @@ def test_a_save_in_progress_never_has_a_checkpoint_extension(tmp_path, monkeypat
     assert re.fullmatch(r"\.m\.safetensors\.[0-9a-f]{8}\.tmp", name), name
     save_state_dict({"a": torch.ones(2)}, tmp_path / "m.ckpt")  # no metadata given: no empty entry for it
     assert set(torch.load(tmp_path / "m.ckpt", weights_only=True)) == {"state_dict"}
+
+
+def test_cli_inspect_names_eight_top_level_parts_and_dtypes_by_count(tmp_path, capsys):
+    sd = {f"t{i}.{j}": torch.zeros(1) for i in range(9) for j in range(9 - i)}  # t0: 9 tensors ... t8: 1
+    sd["t8.0"] = sd["t8.0"].half()
+    save_state_dict(sd, tmp_path / "m.safetensors")
+    rc, out = inspect_run(capsys, tmp_path / "m.safetensors")
+    assert rc == 0 and ("tensors: 45\nparameters: 45 (0.0 M)\ndtypes: float32 44, float16 1\n"
+                        "top-level: t0.* 9, t1.* 8, t2.* 7, t3.* 6, t4.* 5, t5.* 4, t6.* 3, t7.* 2\n") in out
+    save_state_dict({"a.x": torch.zeros(1), "b": torch.zeros(1)}, tmp_path / "m.safetensors")
+    assert "\ntop-level: a, b\n" in inspect_run(capsys, tmp_path / "m.safetensors")[1]
+
+
+def test_cli_inspect_says_a_file_without_the_controlnet_would_load_partially(tmp_path, capsys):
+    from cldm.model import TINY_CONFIG
+    sd = {k: v for k, v in tiny_colour_model().state_dict().items() if not k.startswith("control_model.")}
+    save_state_dict(sd, tmp_path / "sd.safetensors")
+    rc, out = inspect_run(capsys, tmp_path / "sd.safetensors", "--config", TINY_CONFIG)
+    assert rc == 0 and out.endswith("\nwould load (partially)\n") and "\nmissing " in out
