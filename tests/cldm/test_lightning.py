@@ -1,6 +1,7 @@
 """Lightning wrapper: overfitting a fixed batch, the latent cache, modes, checkpointing, precision,
 logs and what a checkpoint holds (checkpoint files: test_resume.py, test_callbacks.py)."""
 import math
+import re
 
 import cv2
 import lightning as L
@@ -16,9 +17,10 @@ import ldm.modules.unet
 from annotator.latent_cache import LatentCacheError, build_latent_cache
 from cldm.callbacks import ImageLogger
 from cldm.checkpoint import CheckpointError
-from cldm.lightning import ColorControlModule, noise_seed
+from cldm.lightning import ColorControlModule, ResumeRefusedError, _warmup, noise_seed
 from cldm.model import TINY_CONFIG, load_config
-from cldm.trainable import UNET_INPUT_CONV, export_keys
+from cldm.trainable import TRAINING_KEY, UNET_INPUT_CONV, export_keys
+from cldm.weights_config import config_hash
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.unet import ResBlock
 from tests.train_helpers import tiny_batch, tiny_data_root, tiny_model
@@ -169,6 +171,9 @@ def test_only_trainable_parts_are_in_train_mode():
         module.train()
     module.eval()
     assert train_mode_names(module) == set()
+    module.model.cond_stage_model.frozen = False  # an encoder that would train: kept in eval all the same
+    module.train()
+    assert not any(m.training for m in module.model.cond_stage_model.modules())
 
     unlocked = ColorControlModule(tiny_model("v2"), sd_locked=False)  # the UNet decoder trains too
     names = train_mode_names(unlocked)
@@ -177,6 +182,8 @@ def test_only_trainable_parts_are_in_train_mode():
         {n for n, _ in unlocked.model.named_modules() if n.startswith(decoder)}
     unet = unlocked.model.model.diffusion_model
     assert not unet.training and not unet.input_blocks.training and not unet.middle_block.training
+    unlocked.eval()
+    assert train_mode_names(unlocked) == set()
 
 
 def test_checkpointing_runs_in_training_but_not_when_sampling(monkeypatch):
@@ -228,12 +235,20 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert set(ckpt["state_dict"]) == {"model." + k for k in export_keys(module.model)}
+    assert ckpt[TRAINING_KEY] == {"config_hash": config_hash(cfg), "color_variant": "v2",
+                                  "locked_digest": module.locked_digest()}
     module.on_load_checkpoint(ckpt)  # its own checkpoint is fine
+    before_digests = {**ckpt, TRAINING_KEY: {k: v for k, v in ckpt[TRAINING_KEY].items() if k != "locked_digest"}}
+    ColorControlModule(tiny_model("v2", seed=1), config=cfg).on_load_checkpoint(before_digests)  # not checked
     other = ColorControlModule(tiny_model("v2"), config={**cfg, "model": {**cfg["model"], "color_variant": "v3"}})
-    with pytest.raises(CheckpointError, match="another model config"):
+    with pytest.raises(ResumeRefusedError, match="another model config") as e:
         other.on_load_checkpoint(ckpt)
-    with pytest.raises(CheckpointError, match="other locked SD weights"):  # resumed on another --init
+    assert not e.value.locked and e.value.detail == ""
+    with pytest.raises(ResumeRefusedError, match="other locked SD weights") as e:  # resumed on another --init
         ColorControlModule(tiny_model("v2", seed=1), config=cfg).on_load_checkpoint(ckpt)
+    assert e.value.locked and e.value.reason == "was trained on other locked SD weights than this run's --init"
+    assert re.fullmatch(r"digest [0-9a-f]{12}\.\.\. vs [0-9a-f]{12}\.\.\.", e.value.detail), e.value.detail
+    assert str(e.value) == f"checkpoint {e.value.reason} ({e.value.detail})"
     nudged = tiny_model("v2")  # the same init but for one locked value one float32 step away
     with torch.no_grad():
         bias = nudged.model.diffusion_model.out[2].bias
@@ -248,6 +263,44 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
     with pytest.raises(CheckpointError, match=r"^checkpoint lacks 1 tensor that this config trains \(e\.g\. "
                                               r"control_model\."):
         module.on_load_checkpoint(ckpt)
+
+
+def test_defaults_train_the_controlnet_and_the_unet_input_conv_with_adamw():
+    module = ColorControlModule(tiny_model("v2"))
+    hp = module.hparams
+    assert (hp.lr, hp.weight_decay, tuple(hp.betas), hp.optimizer, hp.warmup_steps) == (1e-5, 0.0, (0.9, 0.999),
+                                                                                        "adamw", 0)
+    assert (hp.sd_locked, hp.train_unet_input, hp.seed, hp.compile, hp.config) == (True, True, 0, False, None)
+    assert module.model.model.diffusion_model.input_blocks[0][0].weight.requires_grad
+    off = ColorControlModule(tiny_model("v2"), train_unet_input=False)
+    assert not off.model.model.diffusion_model.input_blocks[0][0].weight.requires_grad
+    assert off.model.control_model.input_blocks[0][0].weight.requires_grad
+    with pytest.raises(ValueError, match="^optimizer must be one of "):  # at construction, before any training
+        ColorControlModule(tiny_model("v2"), optimizer="sgd")
+
+
+def test_configured_optimiser_takes_the_weight_decay_betas_and_warmup_per_step():
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3, weight_decay=0.5, betas=(0.8, 0.99), warmup_steps=4)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"trainable": 0.5, "unet_input": 0.0}
+    assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4] * 2, rel=1e-12)  # step 0: 1/4 of lr
+    assert [lam(s) for lam in sched.lr_lambdas for s in (1, 3, 9)] == [0.5, 1.0, 1.0] * 2
+
+
+def test_validation_loss_is_averaged_over_the_epoch_and_the_ranks_by_batch_size():
+    module = ColorControlModule(tiny_model("v2"))
+    logged = []
+    module.log = lambda name, value, **kw: logged.append((name, kw))
+    module.validation_step(tiny_batch(3, size=32), 0)
+    assert logged == [("val/loss", {"on_epoch": True, "sync_dist": True, "batch_size": 3})]
+
+
+def test_warmup_ramps_linearly_to_one_then_holds():
+    assert [_warmup(s, 4) for s in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    assert _warmup(0, 0) == _warmup(5, -1) == 1.0
 
 
 def test_moved_locked_channels_are_caught_at_checkpoint_time():
@@ -352,7 +405,7 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
     first, lrs = fit(2, lr=1e-5, warmup_steps=4)
     assert [r["trainable"] for r in lrs] == [(pytest.approx(1e-5 / 4), 0.0), (pytest.approx(1e-5 / 2), 0.0)]
     first.save_checkpoint(tmp_path / "a.ckpt")
-    capsys.readouterr()
+    assert "resumed with" not in capsys.readouterr().err  # a fresh run has nothing to note
     _, lrs = fit(4, tmp_path / "a.ckpt", lr=1e-3, weight_decay=0.5, warmup_steps=8)
     # steps 3 and 4 of a linear warm-up over 8 steps, at the new rate; the new decay, not on the input conv
     assert [r["trainable"] for r in lrs] == [(pytest.approx(1e-3 * 3 / 8), 0.5), (pytest.approx(1e-3 * 4 / 8), 0.5)]
@@ -415,6 +468,14 @@ def test_learning_rate_is_logged_once_per_optimiser_step_under_accumulation(tmp_
     lrs = [(r["step"], float(r["lr-AdamW/trainable"])) for r in rows if r.get("lr-AdamW/trainable")]
     assert lrs == [(str(k), pytest.approx(1e-3 * (k + 1) / 4)) for k in range(3)]  # 3 steps, 3 rows
     assert all(r.get("lr-AdamW/unet_input") for r in rows if r.get("lr-AdamW/trainable"))
+    conv = module.model.model.diffusion_model.input_blocks[0][0]
+    with torch.no_grad():  # the fit's start took the snapshot of the 4 locked channels that saving checks
+        conv.weight[0, 4] += 1e-3  # a trainable (concat) channel: free to move
+    module.on_save_checkpoint({"state_dict": module.state_dict()})
+    with torch.no_grad():
+        conv.weight[0, 3] += 1e-3
+    with pytest.raises(RuntimeError, match="locked SD channels changed"):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
 
 
 def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
@@ -463,6 +524,31 @@ def test_validation_loss_draws_everything_from_its_per_batch_generator():
         noise = torch.empty_like(z0).normal_(generator=g)  # randn_like: in z0's memory layout
         expected = module.model.training_loss(z0, module.condition(batch), noise=noise, t=t).item()
     assert v0 == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_image_grid_samples_in_eval_mode_and_restores_the_mode():
+    """Sampling runs in eval mode (no dropout in a ControlNet configured with some), then the
+    module returns to the mode it was in: training on, or still evaluating."""
+    module = ColorControlModule(tiny_model("v2"))
+    modes = []
+    module.model.control_model.register_forward_hook(lambda m, args, out: modes.append(m.training))
+    batch = tiny_batch(1, size=32)
+    module.image_grid(batch, n=1, steps=2)
+    assert len(modes) == 2 and not any(modes)  # one ControlNet call per DDIM step
+    assert module.training and module.model.control_model.training
+    module.eval()
+    module.image_grid(batch, n=1, steps=2)
+    assert not module.training and train_mode_names(module) == set()
+
+
+def test_image_grid_defaults_to_four_rows_twenty_steps_and_seed_0():
+    module = ColorControlModule(tiny_model("v2"))
+    calls = []
+    module.model.control_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    batch = tiny_batch(5, size=32)
+    grid = module.image_grid(batch)
+    assert calls == [4] * 20 and grid.shape == (3, 4 * 34 + 2, 4 * 34 + 2)  # 32-pixel tiles, 2 pixels apart
+    assert torch.equal(grid, module.image_grid(batch, n=4, steps=20, seed=0))
 
 
 def test_image_grid_encodes_only_the_reference():
