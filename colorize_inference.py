@@ -257,13 +257,14 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     return options, source
 
 
-def sound_source(args, info: SourceInfo | None) -> Path | None:
-    """Whose audio --video gets: --audio, else the input video's own if it has some, else none."""
-    if not args.video or args.no_audio:
-        return None
-    if args.audio is not None:
-        return Path(args.audio)
-    return Path(args.input) if info is not None and audio_codec(args.input) is not None else None
+def sound_source(args, info: SourceInfo | None) -> tuple[Path | None, str | None]:
+    """(whose audio --video gets, its codec): --audio, else the input video's own if it has some,
+    else (None, None)."""
+    if not args.video or args.no_audio or (args.audio is None and info is None):
+        return None, None
+    source = Path(args.audio if args.audio is not None else args.input)
+    codec = audio_codec(source)
+    return (source, codec) if codec is not None else (None, None)
 
 
 def audio_codec(path) -> str | None:
@@ -481,7 +482,7 @@ def run(args) -> int:
     before, after = frames_outside(args, frames, info, out)
     refs, ref_indices = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
-    sound = sound_source(args, info)
+    sound, codec = sound_source(args, info)
     model = None
     if args.method == "model":
         if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
@@ -576,7 +577,6 @@ def run(args) -> int:
     earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
     count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
     if sound is not None:
-        codec = audio_codec(sound)
         earlier += f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
     print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
     return 0
