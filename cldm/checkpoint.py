@@ -569,8 +569,8 @@ def _inspect(args):
         model = create_model(cfg)
     if training is not None:  # what a resume (or --export) of a run under this config would load
         trainable.configure_trainable(model, cfg.model.sd_locked, cfg.model.get("train_unet_input", True))
-        report, reason = resume.resume_misfit(model, weights_config.config_hash(cfg), sd,
-                                              training[trainable.TRAINING_KEY])
+        ours, *older = weights_config.config_hashes(cfg)
+        report, reason = resume.resume_misfit(model, ours, sd, training[trainable.TRAINING_KEY], also=older)
         print(f"against {args.config}, the tensors that train under it:\n{report.summary()}")
         verdict = "would load to resume training (on the run's --init weights)"
     elif export:  # what colorize_inference.py --ckpt SD --control FILE would load

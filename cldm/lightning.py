@@ -25,7 +25,7 @@ from cldm.resume import resume_misfit
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer,
                             configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
                             unet_input_conv)
-from cldm.weights_config import config_hash
+from cldm.weights_config import config_hashes
 
 
 def _hwc_to_bchw(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class ColorControlModule(L.LightningModule):
         self.model = model
         configure_trainable(model, sd_locked, train_unet_input)
         self.strict_loading = False  # checkpoints leave out the locked weights; on_load_checkpoint checks the rest
-        self._config_hash = config_hash(config) if config is not None else None
+        self._config_hashes = config_hashes(config) if config is not None else (None,)
         self._locked_snapshot: torch.Tensor | None = None
         self._locked_digest: str | None = None
         if compile:
@@ -212,7 +212,8 @@ class ColorControlModule(L.LightningModule):
         self.check_locked()
         keep = {MODULE_PREFIX + k for k in export_keys(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[TRAINING_KEY] = {"config_hash": self._config_hash, "color_variant": self.model.color_variant,
+        checkpoint[TRAINING_KEY] = {"config_hash": self._config_hashes[0],
+                                    "color_variant": self.model.color_variant,
                                     "locked_digest": self.locked_digest()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -220,7 +221,8 @@ class ColorControlModule(L.LightningModule):
         rules `inspect` applies too (resume_misfit), then the locked weights' digest."""
         info = checkpoint.get(TRAINING_KEY, {})
         trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
-        _, reason = resume_misfit(self.model, self._config_hash, trained, info)
+        ours, *older = self._config_hashes
+        _, reason = resume_misfit(self.model, ours, trained, info, also=older)
         if reason is not None:
             raise ResumeRefusedError(reason)
         digest = info.get("locked_digest")  # checkpoints before 2026-11-28 have none: not checked

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -75,9 +76,11 @@ def _read_training(path: str | Path) -> tuple[dict | None, str | None]:
     return ckpt, None
 
 
-def resume_misfit(model: ControlLDM, ours: str, trained: dict, info: dict) -> tuple[LoadReport, str | None]:
+def resume_misfit(model: ControlLDM, ours: str, trained: dict, info: dict,
+                  also: Sequence[str] = ()) -> tuple[LoadReport, str | None]:
     """How a training checkpoint fits resuming `model` (set up by configure_trainable) under the
-    config of hash `ours` (config_hash), and why it would not (None: it would). `trained`: its
+    config of hash `ours` (config_hash; `also`: other hashes it may record, config_hashes), and
+    why it would not (None: it would). `trained`: its
     tensors under the model's names, `info`: its TRAINING_KEY entry. It must hold exactly the
     tensors that train (export_keys) in their shapes, for the same model config; a resume
     (ColorControlModule.on_load_checkpoint) also checks the locked weights, which only the
@@ -93,7 +96,7 @@ def resume_misfit(model: ControlLDM, ours: str, trained: dict, info: dict) -> tu
         return report, (f"holds {n} tensor{'s' * (n > 1)} that this config does not train (e.g. "
                         f"{report.unexpected[0]}; {policy})")
     recorded = info.get("config_hash")
-    if recorded and ours and recorded != ours:
+    if recorded and ours and recorded != ours and recorded not in also:
         return report, f"trained with another model config (hash {recorded}, this config's {ours})"
     return report, None
 

@@ -17,7 +17,8 @@ from atomicio import write_bytes_atomic
 from cldm.launch import is_launch_rank_zero
 from cldm.resume import checkpoint_step, find_resume_checkpoint, read_training_checkpoint, resume_problem
 from cldm.trainable import TRAINING_KEY
-from cldm.weights_config import config_difference, config_hash, differing_keys, model_leaves, resolve_config
+from cldm.weights_config import (config_difference, config_hash, config_hashes, differing_keys, model_leaves,
+                                 resolve_config)
 
 RESUME = "rerun the same command to resume from the newest checkpoint"
 NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
@@ -84,19 +85,19 @@ def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tu
     took. Names the first differing key when the checkpoint's run folder still has its config.yaml."""
     ckpt = read_training_checkpoint(resume) if resume is not None else None
     recorded = ckpt[TRAINING_KEY].get("config_hash") if ckpt is not None else None
-    ours = config_hash(cfg)
-    if not recorded or recorded == ours:
+    ours = config_hashes(cfg)
+    if not recorded or recorded in ours:
         return
     saved = Path(resume).parent.parent / "config.yaml"
     try:
         run_cfg = OmegaConf.load(saved) if saved.is_file() else None
     except Exception:  # unreadable: fall back to the hashes
         run_cfg = None
-    if run_cfg is not None and config_hash(run_cfg) == recorded:
+    if run_cfg is not None and recorded in config_hashes(run_cfg):
         what, culprits = _difference(run_cfg, cfg, given)
         remedy = f"; leave out {' and '.join(culprits)} to continue it" if culprits else ""
         raise RunDirError(f"{resume}: trained with another model config ({saved}): {what}{remedy}")
-    raise RunDirError(f"{resume}: trained with another model config (hash {recorded}, this config's {ours}); "
+    raise RunDirError(f"{resume}: trained with another model config (hash {recorded}, this config's {ours[0]}); "
                       "pass the --config and model settings it was trained with")
 
 

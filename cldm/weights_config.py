@@ -9,6 +9,7 @@ loads without a shape error and just colours, or trains, worse.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -19,16 +20,45 @@ from cldm.checkpoint import CheckpointError, read_metadata
 from cldm.model import DEFAULT_CONFIG, ConfigError, load_config, model_config
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
+# Optional model keys and what leaving one out means (cldm.model.OPTIONAL): a config without
+# one is the same model as one that writes the default, so both hash and compare alike.
+OPTIONAL_DEFAULTS = {"train_unet_input": True, "cond_stage": None}
+
+
+def model_section(cfg: DictConfig | dict, *, defaults: bool = True) -> dict:
+    """The resolved `model:` section (or `cfg` itself where it has none) as a plain dict, with the
+    optional keys it leaves out filled in (`defaults`)."""
+    m = OmegaConf.to_container(model_config(cfg), resolve=True)
+    if defaults:
+        for k, v in OPTIONAL_DEFAULTS.items():
+            m.setdefault(k, v)
+    return m
+
+
+def config_hash(cfg: DictConfig | dict, *, defaults: bool = True) -> str:
     """Short SHA-256 of the `model:` section: which architecture and training policy weights belong to.
 
     Gradient checkpointing is left out: it changes memory and speed, not the weights.
+    `defaults=False`: the hash as checkpoints before 2026-11-28 recorded it, where a left-out
+    optional key counted as another model (see config_hashes).
     """
-    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    m = OmegaConf.to_container(cfg.model if "model" in cfg else cfg, resolve=True)
+    m = model_section(cfg, defaults=defaults)
     m.get("unet", {}).pop("use_checkpoint", None)
     text = OmegaConf.to_yaml(OmegaConf.create(m), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_hashes(cfg: DictConfig | dict) -> tuple[str, ...]:
+    """The hashes a checkpoint of `cfg`'s model may record: config_hash first, then those that
+    checkpoints before 2026-11-28 recorded for it, where an optional key at its default could be
+    written or left out (two different hashes then), so such runs still resume."""
+    m = model_section(cfg)
+    at_default = [k for k, v in OPTIONAL_DEFAULTS.items() if m[k] is v]
+    hashes = [config_hash(m)]
+    for n in range(1, len(at_default) + 1):
+        for left_out in itertools.combinations(at_default, n):
+            hashes.append(config_hash({k: v for k, v in m.items() if k not in left_out}, defaults=False))
+    return tuple(dict.fromkeys(hashes))
 
 
 def read_export_metadata(path: str | Path, *, allow_pickle: bool = False) -> dict[str, str]:
@@ -93,8 +123,7 @@ def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: 
 def model_leaves(cfg: DictConfig, leave_out: Sequence[str] = NOT_HASHED) -> dict:
     """The model config as {dotted key: value}, less the keys in `leave_out` (by default, as
     config_hash counts it)."""
-    return {k: v for k, v in config_leaves(OmegaConf.to_container(model_config(cfg), resolve=True))
-            if k not in leave_out}
+    return {k: v for k, v in config_leaves(model_section(model_config(cfg))) if k not in leave_out}
 
 
 def inference_leaves(cfg: DictConfig) -> dict:

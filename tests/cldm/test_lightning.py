@@ -265,6 +265,29 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
         module.on_load_checkpoint(ckpt)
 
 
+def test_a_config_leaving_out_train_unet_input_resumes_either_way():
+    """Leaving out model.train_unet_input means true: a run under such a config resumes under one
+    that writes it (and back), also from a checkpoint recording the hash of before 2026-11-28,
+    which counted the left-out key as another model and refused."""
+    explicit = dict(load_config(TINY_CONFIG))
+    lacking = {**explicit, "model": {k: v for k, v in explicit["model"].items() if k != "train_unet_input"}}
+    saved = {}
+    for name, cfg in (("explicit", explicit), ("lacking", lacking)):
+        module = ColorControlModule(tiny_model("v2"), config=cfg)
+        saved[name] = ckpt = {"state_dict": module.state_dict()}
+        module.on_save_checkpoint(ckpt)
+        assert ckpt[TRAINING_KEY]["config_hash"] == config_hash(explicit)
+    for name, cfg in (("explicit", lacking), ("lacking", explicit)):
+        ColorControlModule(tiny_model("v2"), config=cfg).on_load_checkpoint(saved[name])
+    older = {**saved["lacking"], TRAINING_KEY: {**saved["lacking"][TRAINING_KEY],
+                                                "config_hash": config_hash(lacking, defaults=False)}}
+    for cfg in (lacking, explicit):
+        ColorControlModule(tiny_model("v2"), config=cfg).on_load_checkpoint(older)
+    other = {**lacking, "model": {**lacking["model"], "only_mid_control": True}}
+    with pytest.raises(ResumeRefusedError, match="another model config"):
+        ColorControlModule(tiny_model("v2"), config=other).on_load_checkpoint(older)
+
+
 def test_defaults_train_the_controlnet_and_the_unet_input_conv_with_adamw():
     module = ColorControlModule(tiny_model("v2"))
     hp = module.hparams

@@ -155,6 +155,29 @@ def test_resume_path_from_another_run_only_into_an_out_without_checkpoints(tmp_p
     assert resolve_resume(str(mine / ".." / "checkpoints" / "step=00000010.ckpt"), mine).name == "step=00000010.ckpt"
 
 
+def test_a_checkpoint_recording_the_older_hash_of_the_same_model_resumes(tmp_path):
+    """Before 2026-11-28 a config leaving out model.train_unet_input (true) hashed apart from one
+    writing it; such a checkpoint resumes under either, into its own OUT or a new one."""
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
+    from cldm.run_dir import check_resume_config
+    from cldm.weights_config import config_hash
+
+    explicit = load_config(TINY_CONFIG)
+    lacking = OmegaConf.create(OmegaConf.to_container(explicit))
+    del lacking.model["train_unet_input"]
+    run = tmp_path / "run"
+    record_config(run, lacking)
+    ckpt = run / "checkpoints" / "step=00000005.ckpt"
+    AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": 5,
+                                          TRAINING_KEY: {"config_hash": config_hash(lacking, defaults=False)}}, ckpt)
+    for cfg in (lacking, explicit):
+        check_resume_config(ckpt, cfg)
+        check_run_dir(run, cfg)
+    with pytest.raises(RunDirError, match="model.only_mid_control is False there, True"):
+        check_resume_config(ckpt, load_config(TINY_CONFIG, ["model.only_mid_control=true"]))
+
+
 def test_a_checkpoint_of_another_model_config_is_refused_before_out_is_written(tmp_path):
     """--resume PATH from another run with other model settings (a fork), or an OUT whose
     config.yaml is gone: Lightning's restore refused it only after OUT/config.yaml had been

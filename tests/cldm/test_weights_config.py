@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
 from cldm.trainable import export_control
-from cldm.weights_config import (check_saved_config, config_difference, config_hash, config_origin, differing_keys,
-                                 inference_leaves, load_resolved_config, model_leaves, read_export_metadata,
+from cldm.weights_config import (check_saved_config, config_difference, config_hash, config_hashes, config_origin,
+                                 differing_keys, inference_leaves, load_resolved_config, model_leaves, read_export_metadata,
                                  resolve_config, saved_config, saved_config_mismatch)
 
 TOY = Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_color_v2.safetensors"
+TOY_CONFIG = TOY.with_suffix(".yaml")
 
 
 def test_config_hash_ignores_checkpointing_but_not_what_trains():
@@ -27,9 +29,52 @@ def test_config_hash_ignores_checkpointing_but_not_what_trains():
 
 def test_config_hash_is_of_the_resolved_model_section_whatever_its_key_order():
     """Checkpoints record it: the same model must hash the same in a config built another way."""
-    expected = hashlib.sha256(b"a: 2\nb: 2\n").hexdigest()[:16]
+    expected = hashlib.sha256(b"a: 2\nb: 2\ncond_stage: null\ntrain_unet_input: true\n").hexdigest()[:16]
     assert config_hash({"model": {"b": 2, "a": "${model.b}"}, "train": {"lr": 1}}) == expected
     assert config_hash({"a": 2, "b": 2}) == expected  # the section itself
+    older = hashlib.sha256(b"a: 2\nb: 2\n").hexdigest()[:16]  # as checkpoints before 2026-11-28 recorded it
+    assert config_hash({"a": 2, "b": 2}, defaults=False) == older
+    assert config_hashes({"a": 2, "b": 2})[0] == expected and older in config_hashes({"a": 2, "b": 2})
+
+
+def test_a_left_out_optional_key_hashes_like_its_default():
+    """A config without model.train_unet_input trains the UNet input conv as one saying true, and
+    one without model.cond_stage has no text encoder as one saying null: the same model."""
+    full = load_config(TINY_CONFIG, ["model.cond_stage=null"])
+    assert full.model.train_unet_input is True
+    lacking = OmegaConf.create(OmegaConf.to_container(full))
+    del lacking.model["train_unet_input"], lacking.model["cond_stage"]
+    assert config_hash(lacking) == config_hash(full)
+    assert config_hash(lacking, defaults=False) != config_hash(full)
+    assert model_leaves(lacking) == model_leaves(full)
+    flipped = OmegaConf.merge(lacking, {"model": {"train_unet_input": False}})
+    assert config_hash(flipped) != config_hash(full)
+
+
+@pytest.mark.parametrize("config", [TINY_CONFIG, DEFAULT_CONFIG, TOY_CONFIG])
+def test_the_shipped_configs_hash_as_before(config):
+    """They write every optional key, so checkpoints trained with them keep their recorded hash."""
+    cfg = load_config(config)
+    assert config_hash(cfg) == config_hash(cfg, defaults=False) == config_hashes(cfg)[0]
+
+
+def test_config_hashes_accept_what_older_checkpoints_recorded_for_the_same_model():
+    """Before 2026-11-28 a config writing an optional key at its default and one leaving it out
+    recorded different hashes; either run now resumes under either config."""
+    full = load_config(TINY_CONFIG, ["model.cond_stage=null"])
+    plain = OmegaConf.to_container(full)
+    variants = []
+    for left_out in ((), ("train_unet_input",), ("cond_stage",), ("train_unet_input", "cond_stage")):
+        variants.append({**plain, "model": {k: v for k, v in plain["model"].items() if k not in left_out}})
+    older = [config_hash(v, defaults=False) for v in variants]
+    assert len(set(older)) == 4
+    for v in variants:
+        assert config_hashes(v) == (config_hash(full), *older[1:])  # older[0] is config_hash(full)
+    flipped = OmegaConf.to_container(load_config(TINY_CONFIG, ["model.cond_stage=null",
+                                                               "model.train_unet_input=false"]))
+    no_text = {**flipped, "model": {k: v for k, v in flipped["model"].items() if k != "cond_stage"}}
+    assert config_hashes(flipped) == (config_hash(flipped), config_hash(no_text, defaults=False))  # false is no default
+    assert not set(config_hashes(flipped)) & set(older)
 
 
 def with_metadata(path, config: str | None = None):
