@@ -45,20 +45,30 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: float | torch.Tensor, a_prev: float | torch.Tensor,
-              sigma: float | torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              sigma: float | torch.Tensor, noise: torch.Tensor | None = None,
+              pred_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update x_t -> x_prev; returns (x_prev, pred_x0). `noise` is needed only if sigma > 0.
+    `pred_x0`: the model's x0 where it gives one directly (v-prediction), else it comes from eps.
 
     Arithmetic is float32 whatever x's dtype; the results come back in x's dtype, so keep x
     float32 (a half-precision x would be rounded at every step).
     """
     a, a_prev, sigma = (torch.as_tensor(v, dtype=torch.float32, device=x.device) for v in (a, a_prev, sigma))
     xf, eps = x.float(), eps.float()
-    pred_x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt()
+    pred_x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt() if pred_x0 is None else pred_x0.float()
     dir_xt = (1 - a_prev - sigma ** 2).sqrt() * eps
     x_prev = a_prev.sqrt() * pred_x0 + dir_xt
     if noise is not None:
         x_prev = x_prev + sigma * noise.float()
     return x_prev.to(x.dtype), pred_x0.to(x.dtype)
+
+
+def v_to_eps_x0(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, x0) from a v-prediction (Salimans & Ho, 2022) at alphas_cumprod `a`, float32, both
+    directly as the reference does: x0 through eps would divide by sqrt(a) after a cancellation,
+    losing ~7 bits at the noisiest timesteps (sqrt(a) < 0.1)."""
+    xf, v, a = x.float(), v.float(), torch.as_tensor(a, dtype=torch.float32, device=x.device)
+    return a.sqrt() * v + (1 - a).sqrt() * xf, a.sqrt() * xf - (1 - a).sqrt() * v
 
 
 @torch.no_grad()
@@ -98,18 +108,15 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
         if guidance_scale != 1.0:
             out_uncond = uncond_fn(x, t)
             out = out_uncond + guidance_scale * (out - out_uncond)
-        a = alphas[index].item()
-        if parameterization == "v":
-            eps = a ** 0.5 * out.float() + (1 - a) ** 0.5 * x.float()
-        else:
-            eps = out
+        a, a_prev, sigma = (c[index] for c in coefs)
+        eps, pred_x0 = v_to_eps_x0(x, out, a) if parameterization == "v" else (out, None)
         noise = None
         if sigmas[index] > 0:
             if noise_fn is not None:
                 noise = noise_fn(x.shape).to(x.device)
             else:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x, pred_x0 = ddim_step(x, eps, *(c[index] for c in coefs), noise)
+        x, pred_x0 = ddim_step(x, eps, a, a_prev, sigma, noise, pred_x0)
         if callback is not None:
             callback(i, int(timesteps[index]), x, pred_x0)
     return x
