@@ -71,10 +71,19 @@ def _difference(recorded: DictConfig, cfg: DictConfig, given: Sequence[tuple[str
     if not diff:  # equal numbers the hash tells apart (1 and 1.0): name them rather than no key at all
         diff = [k for k in sorted(theirs.keys() & ours.keys()) if type(theirs[k]) is not type(ours[k])]
         note = " (the same number written differently: write it as there)" if diff else ""
-    # `key` sets a differing key itself or a section above one ("model" for --config)
-    culprits = [said for said, key in given if any(f"model.{k}.".startswith(key + ".") for k in diff)]
     what = config_difference(theirs, ours, diff, "this command's") + note if diff else "another model config"
-    return what, culprits
+    return what, _culprits(diff, given)
+
+
+def _culprits(diff: Sequence[str], given: Sequence[tuple[str, str]]) -> list[str]:
+    """What in `given` decides a key of `diff`: the settings of the key itself or of the nearest
+    section above it ("model" for --config); an override of the key decides it, not --config."""
+    culprits = set()
+    for k in diff:
+        setters = [(said, key) for said, key in given if f"model.{k}.".startswith(key + ".")]
+        nearest = max((len(key) for _, key in setters), default=0)
+        culprits.update(said for said, key in setters if len(key) == nearest)
+    return [said for said, _ in given if said in culprits]
 
 
 def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tuple[str, str]] = ()) -> None:

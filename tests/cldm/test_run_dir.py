@@ -67,6 +67,8 @@ def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_
                             "--out for a new run")
     with pytest.raises(RunDirError, match=r"leave out --config to continue"):  # --config sets the whole model
         check_run_dir(out, other, [("--config", "model")])
+    with pytest.raises(RunDirError, match=r"; leave out model.scale_factor=0.2 to continue"):  # not the --config
+        check_run_dir(out, other, [("--config", "model"), *given])  # whose scale factor the override replaced
     two = load_config(TINY_CONFIG, ["model.scale_factor=0.2", "model.unet.model_channels=16"])
     with pytest.raises(RunDirError, match=r"in this command's \(2 key\(s\) differ\); use another --out for a new run$"):
         check_run_dir(out, two)
@@ -74,6 +76,8 @@ def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_
                                           r"model.unet.model_channels=16 to continue the run"):
         check_run_dir(out, two, [("model.scale_factor=0.2", "model.scale_factor"),
                                  ("--set model.unet.model_channels=16", "model.unet.model_channels")])
+    with pytest.raises(RunDirError, match=r"; leave out --config and model.scale_factor=0.2 to continue"):
+        check_run_dir(out, two, [("--config", "model"), ("model.scale_factor=0.2", "model.scale_factor")])
     # ddconfig.ch is not ddconfig.ch_mult: a key that only starts like a differing one sets nothing of it
     with pytest.raises(RunDirError, match=r"model.first_stage.ddconfig.ch_mult is \[1, 1, 2, 2\] there, \[1, 2, 2, 2\] "
                                           r"in this command's \(1 key\(s\) differ\); use another --out for a new run$"):
