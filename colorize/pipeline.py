@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -140,7 +141,7 @@ def output_names(path: str | os.PathLike, info: SourceInfo | None = None) -> lis
     path = Path(path)
     if path.is_dir():
         names = [f.stem + ".png" for f in list_frame_files(path)]
-        dup = {n for n in names if names.count(n) > 1}
+        dup = [n for n, k in Counter(names).items() if k > 1]
         if dup:
             raise FrameSourceError(path, f"two frames would both be written as {sorted(dup)[0]} "
                                          "(same name, different extensions)")
