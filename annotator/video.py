@@ -14,7 +14,8 @@ Where the frames are missing is not known (OpenCV's position counts delivered fr
 the warning does not claim they are at the end.
 
 Frame folders: the images directly inside the folder, sorted naturally ("f2" < "f10");
-hidden files (".*") and sub-folders are ignored, any other non-image file is an error.
+hidden files (".*") and sub-folders are ignored, any other non-image file is an error, and so is
+an image name that is not a regular file (a named pipe would block the reader for ever).
 8/16-bit, gray, gray+alpha, RGB and RGBA images all come out as RGB uint8 (16-bit is
 rounded to 8-bit, alpha is dropped, float images are taken as [0, 1]) unless asked for at
 their own depth (`read_image_native`, `iter_frames(keep_depth=True)`). An EXIF orientation
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,14 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+def _special(entry: os.DirEntry) -> bool:
+    """A named pipe, socket or device (through a link too): reading one can block for ever."""
+    try:
+        return not stat.S_ISREG(entry.stat().st_mode)
+    except OSError:  # a dangling link: the reader names it
+        return False
+
+
 def list_frame_files(folder: str | os.PathLike) -> list[Path]:
     """The image files of a frame folder in natural order; raises on non-image files or none."""
     folder = Path(folder)
@@ -95,6 +105,9 @@ def list_frame_files(folder: str | os.PathLike) -> list[Path]:
             continue
         ext = os.path.splitext(entry.name)[1].lower()
         if ext in IMAGE_EXTS:
+            if _special(entry):
+                raise FrameSourceError(entry.path, "not a regular file (a named pipe, socket or device; inside a "
+                                                   "frame folder)")
             images.append(Path(entry.path))
         elif ext in VIDEO_EXTS:
             videos += 1

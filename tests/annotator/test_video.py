@@ -334,6 +334,21 @@ def test_a_folder_of_frames_and_videos_is_refused(tmp_path):
         list_frame_files(d)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("via_link", [False, True])
+def test_a_named_pipe_with_an_image_name_is_refused_at_listing(tmp_path, via_link):
+    d = write_folder(panning_clip(2, 8, 8), tmp_path / "clip")
+    os.mkfifo(tmp_path / "pipe")
+    if via_link:
+        (d / "frame_0001.png").symlink_to(tmp_path / "pipe")
+    else:
+        os.mkfifo(d / "frame_0001.png")
+    # listing reads nothing, so a regression fails here rather than hanging in a reader
+    with pytest.raises(FrameSourceError, match=r"clip/frame_0001.png: not a regular file \(a named pipe, socket or "
+                                               r"device; inside a frame folder\)$"):
+        list_frame_files(d)
+
+
 def test_a_folder_that_cannot_be_listed_is_a_frame_source_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FrameSourceError, match=r"f: cannot list folder \(Not a directory\)$"):
