@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import select
 import signal
 import sys
@@ -108,6 +109,25 @@ def quiet_startup_signals() -> None:
 
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (what and where), not the whole usage block."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        """A value that starts with '-' and a digit ("--frames -1:", "--shard -1/4") goes to its
+        flag, as a plain negative number does: no flag here looks like that, and argparse took it
+        for an unknown flag ("expected one argument"), so the flag's own check never said what is
+        wrong with it (or that "=" joins it: "--frames=-1:")."""
+        args = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for i, arg in enumerate(args):
+            if arg == "--":  # what follows is positional as it is
+                joined += args[i:]
+                break
+            action = self._option_string_actions.get(joined[-1]) if joined else None
+            if (action is not None and action.nargs is None and re.match(r"-\.?\d", arg)
+                    and arg not in self._option_string_actions):
+                joined[-1] = f"{joined[-1]}={arg}"
+            else:
+                joined.append(arg)
+        return super().parse_known_args(joined, namespace)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cliutil import (DefaultsFormatter, Terminated, non_negative_int, one_line, positive_float, positive_int,
-                     quiet_opencv, quiet_startup_signals, run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, positive_float,
+                     positive_int, quiet_opencv, quiet_startup_signals, run_cli)
 from tests.helpers import default_sigint, refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -395,3 +395,19 @@ def test_an_override_without_a_key_or_with_a_space_in_it_names_the_argument(text
     import tutorial_train_sd21_color_v2 as train
     err = refused(train.main, ["--init", "i", "--data", "d", "--out", "o", text], capsys)
     assert err.endswith(f": error: argument key=value: {problem} (see --help)\n"), err
+
+
+def test_a_value_that_starts_with_a_dash_and_a_digit_goes_to_its_flag(capsys):
+    p = OneLineParser(prog="t")
+    p.add_argument("--frames")
+    p.add_argument("--n", type=int)
+    p.add_argument("--flag", action="store_true")
+    p.add_argument("rest", nargs="*")
+    args = p.parse_args(["--frames", "-5:-1", "--n", "-3"])
+    assert (args.frames, args.n) == ("-5:-1", -3)
+    assert p.parse_args(["--frames", "-.5:"]).frames == "-.5:"
+    assert p.parse_args(["--frames", "1:", "--", "-1:"]).rest == ["-1:"]  # after "--": positional
+    assert p.parse_known_args(["--flag", "-1:"])[1] == ["-1:"]  # a flag without a value takes none
+    with pytest.raises(SystemExit):
+        p.parse_args(["--frames", "--flag"])  # a flag is still a flag
+    assert capsys.readouterr().err == "t: error: argument --frames: expected one argument (see --help)\n"
