@@ -44,8 +44,8 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from annotator.video import (FrameSourceError, SourceInfo, decode_image, list_frame_files, probe,  # noqa: E402
-                             read_image)
+from annotator.video import (FrameSourceError, SourceInfo, TruncatedVideoError, decode_image,  # noqa: E402
+                             list_frame_files, probe, read_image)
 from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
@@ -544,10 +544,19 @@ def run(args) -> int:
         yield from written()
         yield from earlier(after)
 
-    def resume() -> str:
+    def resume(e: BaseException | None = None) -> str:
         if total is not None and done["n"] == total:  # the video's writing failed, after the last frame
             return "only --video is missing: rerun with --overwrite"
-        return f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues"
+        go_on = f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues"
+        if not isinstance(e, TruncatedVideoError):
+            return go_on
+        # The file ends at frame e.decoded: going on from done["next"] in it ends in this error again.
+        if done["next"] < e.decoded:  # a batch that was being made when the file ran out
+            rest = (f"--frames {done['next']}:{e.decoded}{' without --video' if args.video else ''} colourises the "
+                    "rest of the frames it holds")
+        else:
+            rest = "it holds no more frames"
+        return f"{rest}; with a complete copy of the file, {go_on}"
 
     try:
         if args.video:
@@ -566,7 +575,7 @@ def run(args) -> int:
         if isinstance(e, EarlierOutputError):  # a frame outside the range, read after the new ones
             raise UsageError(f"{message} (the {done['n']} new outputs are written and complete; only --video is "
                              "missing)") from None
-        raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume()})"
+        raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume(e)})"
                          ) from None
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
         if done["n"] == 0:

@@ -69,6 +69,15 @@ class FrameRangeError(FrameSourceError):
         super().__init__(path, f"{kind} has only {frames} frames (counting from 0, frame {start} was asked for)")
 
 
+class TruncatedVideoError(FrameSourceError):
+    """A video that decodes clearly fewer frames than its container claims: `decoded` is how many
+    it holds, so a caller knows no frame from there on can be read from this file."""
+
+    def __init__(self, path: str | os.PathLike, decoded: int, claimed: int):
+        self.decoded, self.claimed = decoded, claimed
+        super().__init__(path, f"truncated or corrupt: decoded {decoded} of {claimed} frames")
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     path: str
@@ -232,7 +241,7 @@ def probe(path: str | os.PathLike) -> SourceInfo:
 def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: float | None) -> str | None:
     """Judge a video that decoded `decoded` of the `claimed` frames (see the module doc).
 
-    Returns None (fine), or a warning line naming the file; raises FrameSourceError for a
+    Returns None (fine), or a warning line naming the file; raises TruncatedVideoError for a
     truncated file.
     """
     missing = claimed - decoded
@@ -241,7 +250,7 @@ def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: 
     per_second = int(round(fps)) if fps and fps > 0 else int(FALLBACK_FPS)
     limit = max(COUNT_SLACK, min(per_second, claimed // 10))
     if missing > limit:
-        raise FrameSourceError(path, f"truncated or corrupt: decoded {decoded} of {claimed} frames")
+        raise TruncatedVideoError(path, decoded, claimed)
     # Not "at the end": frames the demuxer drops mid-video (a corrupt chunk) leave no trace in
     # OpenCV's CAP_PROP_POS_FRAMES or POS_MSEC, which count the frames delivered, so where they
     # are missing cannot be told, and the frames after such a gap come out numbered early.

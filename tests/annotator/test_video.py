@@ -7,7 +7,7 @@ import pytest
 
 from annotator.video import (
     FrameRangeError, FrameSourceError, bgr_to_rgb, iter_frames, natural_key, probe, read_image, read_image_native,
-    shortfall_verdict,
+    TruncatedVideoError, shortfall_verdict,
 )
 from tests.annotator.clips import panning_clip, rotate_mp4, truncate_avi, write_folder, write_video
 
@@ -117,8 +117,10 @@ def test_errors_while_streaming(tmp_path):
     cut = tmp_path / "cut.avi"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     assert probe(cut).frame_count == 30  # the header still claims all frames
-    with pytest.raises(FrameSourceError, match=r"cut.avi: truncated or corrupt: decoded \d+ of 30 frames"):
-        list(iter_frames(cut))
+    decoded = []
+    with pytest.raises(TruncatedVideoError, match=r"cut.avi: truncated or corrupt: decoded \d+ of 30 frames") as e:
+        decoded.extend(i for i, _, _ in iter_frames(cut))
+    assert (e.value.decoded, e.value.claimed) == (len(decoded), 30) and 0 < len(decoded) < 30  # where the file ends
 
 
 def test_shortfall_rule():

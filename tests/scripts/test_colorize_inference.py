@@ -19,6 +19,7 @@ from annotator.video import iter_frames, probe
 from cldm import weights_config
 from cldm.model import TINY_CONFIG
 from colorize import loading as L, pipeline as P
+from tests.annotator.clips import panning_clip, truncate_avi, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import read_only_folder, refused, video_with_sound
 
@@ -161,6 +162,46 @@ def test_a_bad_frame_mid_clip_keeps_what_was_written_and_says_how_to_resume(env,
     assert run([*args, "--out", out, "--frames", "2:"], capsys)[0] == 0
     assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
     assert snapshot(out) == snapshot(tmp_path / "whole")
+
+
+def _advice(line: str, pattern: str) -> list[str]:
+    """The flags an error line advises, as argv (e.g. ["--frames", "4:6"])."""
+    return re.search(pattern, line).group(1).split()
+
+
+def test_a_truncated_video_gets_advice_that_works(env, tmp_path, capsys):
+    """A video cut off (its header still claims every frame): going on in the same file would end
+    in the same error, so the advice is the frames it still holds, or a complete copy of it."""
+    full = write_video(panning_clip(12, 32, 48), tmp_path / "full.avi")
+    cut = truncate_avi(full, tmp_path / "cut.avi", 6)
+    args = ["--input", cut, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--batch", "4", *FAST]
+    out = tmp_path / "out"
+    rc, _, err = run([*args, "--out", out], capsys)
+    line = err.splitlines()[-1]
+    assert rc == 2 and line.endswith(  # frames 4-5, a batch being made when the file ran out, are not written
+        "cut.avi: truncated or corrupt: decoded 6 of 12 frames (the 4 outputs before it are written and complete; "
+        "--frames 4:6 colourises the rest of the frames it holds; with a complete copy of the file, --frames 4: "
+        "continues)"), err
+    shutil.copytree(out, tmp_path / "copy")
+    assert run([*args, *_advice(line, r"(--frames \S+) colourises"), "--out", out], capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(6)]
+    cut.write_bytes(full.read_bytes())
+    assert run([*args, *_advice(line, r"copy of the file, (--frames \S+) continues"), "--out", tmp_path / "copy"],
+               capsys)[0] == 0
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    assert snapshot(tmp_path / "copy") == snapshot(tmp_path / "whole") and len(snapshot(tmp_path / "whole")) == 12
+
+    # every frame it holds written (a baseline goes frame by frame), and --video, which needs them all
+    cut = truncate_avi(full, tmp_path / "cut2.avi", 6)
+    args = ["--input", cut, "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "rh",
+            "--video", tmp_path / "rh.mp4"]
+    rc, _, err = run(args, capsys)
+    line = err.splitlines()[-1]
+    assert rc == 2 and line.endswith("(the 6 outputs before it are written and complete; it holds no more frames; "
+                                     "with a complete copy of the file, --frames 6: continues)"), err
+    cut.write_bytes(full.read_bytes())
+    assert run([*args, *_advice(line, r"copy of the file, (--frames \S+) continues")], capsys)[0] == 0
+    assert probe(tmp_path / "rh.mp4").frame_count == 12
 
 
 def test_odd_sized_video_is_padded(env, tmp_path, capsys):
