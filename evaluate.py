@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", action="append", required=True, metavar="[NAME=]DIR",
                    help="folder of predicted frames (e.g. colorize_inference.py's --out); repeat for several "
-                        "methods. NAME labels the method (default: the folder's name)")
+                        "methods. NAME labels the method (default: the folder's name); the report's own names "
+                        "(ground_truth, reference, ...) are refused")
     p.add_argument("--gt", required=True, metavar="DIR",
                    help="folder of colour ground-truth frames (image files, matched to the predictions' by name; "
                         "not a video file)")
@@ -73,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# What the report calls its other rows and strip columns (table, summary.csv, strip.png): a
+# method of such a name would read as one of them, in a row or column of the same name.
+RESERVED_NAMES = ("(ground truth)", "ground_truth", "ground truth", "input (gray)", "reference")
+
+
 def parse_preds(specs: list[str]) -> dict[str, Path]:
     """'NAME=DIR' or 'DIR' -> {name: dir}. An existing folder wins over a NAME= reading."""
     preds: dict[str, Path] = {}
@@ -82,6 +88,9 @@ def parse_preds(specs: list[str]) -> dict[str, Path]:
             folder, name = spec, Path(spec.rstrip("/\\")).name or spec
         if name in preds:
             raise UsageError(f"two predictions are named {name!r}; label them with NAME=DIR")
+        if name.casefold() in RESERVED_NAMES:
+            raise UsageError(f"--pred {spec}: {name!r} names a row or column of the report's own (the ground truth, "
+                             "the gray input, the reference); label the prediction with NAME=DIR")
         preds[name] = Path(folder)
     return preds
 

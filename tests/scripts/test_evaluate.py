@@ -174,6 +174,9 @@ def test_a_strip_from_an_earlier_run_is_removed(clip, capsys):
     ("unreadable_gt", "--gt {root}/broken/frame_2.png: not a readable image"),
     ("unreadable_reference", "--reference {root}/broken/frame_2.png: not a readable image"),
     ("same_name", "two predictions are named 'offset'"),
+    ("gt_name", "--pred {root}/ground_truth: 'ground_truth' names a row or column of the report's own (the ground "
+                "truth, the gray input, the reference); label the prediction with NAME=DIR"),
+    ("gt_label", "--pred Ground Truth={root}/offset: 'Ground Truth' names a row or column of the report's own"),
     ("bad_reference", "--reference {root}/missing.png: no such file"),
     ("folder_reference", "--reference {root}/gt: a folder, not an image"),
     ("video_gt", "--gt {root}/clip.mp4 is a video file; --gt and --pred take folders of frames (one image per frame, "
@@ -189,7 +192,8 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     pred = {"missing_gt": "offset", "missing_pred": "nope", "no_match": "other", "size": "small",
             "late_size": "late", "unreadable": "broken",
             "unreadable_gt": "broken", "unreadable_reference": "offset", "same_name": "offset", "bad_reference": "offset",
-            "video_gt": "offset", "video_pred": "clip.mp4", "file_gt": "offset", "folder_reference": "offset"}[case]
+            "video_gt": "offset", "video_pred": "clip.mp4", "file_gt": "offset", "folder_reference": "offset",
+            "gt_name": "ground_truth", "gt_label": "offset"}[case]
     gt_dir = root / {"missing_gt": "nope", "video_gt": "clip.mp4", "file_gt": "gt/frame_0.png",
                      "unreadable_gt": "broken"}.get(case, "gt")
     (root / "clip.mp4").write_bytes(b"a video")
@@ -198,7 +202,10 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     write(root / "late", gt[:3] + [f[::2, ::2] for f in gt[3:]])
     write(root / "broken", gt)
     (root / "broken" / "frame_2.png").write_bytes(b"not a png")
+    write(root / "ground_truth", gt)
     argv = ["--pred", str(root / pred), "--gt", str(gt_dir), "--no-progress", "--out", str(root / "rep")]
+    if case == "gt_label":
+        argv[1] = f"Ground Truth={root / pred}"
     if case == "same_name":
         argv += ["--pred", str(root / "offset")]
     if case == "bad_reference":
