@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--low", type=float, default=DEFAULT_LOW, help="pairs: similarity above this")
     p.add_argument("--high", type=float, default=DEFAULT_HIGH, help="pairs: similarity below this")
     p.add_argument("--min-gap", type=positive_int, default=DEFAULT_MIN_GAP, help="pairs: at least this many frames apart")
-    p.add_argument("--out", type=Path, default=Path("pairs.png"), help="the PNG to write")
+    p.add_argument("--out", type=Path, default=Path("pairs.png"),
+                   help="the picture to write, in the format of its extension (.png, .jpg, .pdf, .svg, ...; PNG "
+                        "without one)")
     return p
 
 
@@ -70,6 +73,16 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     return fig
 
 
+def picture_format(out: Path) -> str:
+    """matplotlib's name of the format of --out's extension: savefig draws into memory (for the
+    atomic write), where it has no file name to take the format from, so a band.jpg held a PNG."""
+    fmt = out.suffix.lower().removeprefix(".") or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"--out {out}: cannot draw .{fmt} pictures; use one of {', '.join(sorted(formats))}")
+    return fmt
+
+
 def run(args) -> int:
     if not is_finished(args.movie):
         raise ValueError(f"{args.movie}: not a movie folder finished by build_pairs.py")
@@ -80,11 +93,12 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out}: there is no folder {args.out.parent}")
     if (folder := not_writable(args.out.parent)) is not None:
         raise ValueError(f"--out {args.out}: {folder} is not writable")
+    fmt = picture_format(args.out)
     meta = load_meta(args.movie)
     title = f"{args.movie.name}: {meta['frame_count']} frames, {meta['metric']} of the gray frames"
     fig = band_figure(load_similarity(args.movie), args.low, args.high, args.min_gap, title)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format=fmt, dpi=100)
     plt.close(fig)
     print(f"wrote {write_bytes_atomic(args.out, buf.getvalue())}")
     return 0

@@ -53,6 +53,19 @@ def test_cli_writes_the_png_of_a_built_movie(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["band.png", "data", "src"]  # no temporary file left
 
 
+def test_the_picture_is_in_the_format_of_its_extension(tmp_path, capsys):
+    src = write_folder(panning_clip(8, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=3), progress=False)
+    for name, magic in [("band.jpg", b"\xff\xd8\xff"), ("band.JPEG", b"\xff\xd8\xff"), ("band.pdf", b"%PDF"),
+                        ("band", b"\x89PNG")]:
+        assert P.main([str(tmp_path / "data" / "pan"), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes()[:len(magic)] == magic, name
+    assert P.main([str(tmp_path / "data" / "pan"), "--out", str(tmp_path / "band.docx")]) == 2
+    assert capsys.readouterr().err.startswith(f"{P.PROG}: error: --out {tmp_path}/band.docx: cannot draw .docx "
+                                              "pictures; use one of ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["band", "band.JPEG", "band.jpg", "band.pdf", "data", "src"]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--low", "0.9", "--high", "0.8"], "band is empty: low=0.9 must be < high=0.8"),
     (["--min-gap", "0"], "argument --min-gap: expected an integer >= 1"),
