@@ -194,6 +194,8 @@ def _kind(path: Path) -> str:
         return "folder"
     if not path.exists():
         raise FrameSourceError(path, "no such file or folder")
+    if not path.is_file():  # a source is opened more than once (probe, then the frames); a pipe blocks
+        raise FrameSourceError(path, "not a regular file (a named pipe, socket or device)")
     if path.suffix.lower() in VIDEO_EXTS:
         return "video"
     raise FrameSourceError(

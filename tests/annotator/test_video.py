@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,7 +13,8 @@ from annotator.video import (
 )
 from tests.annotator.clips import panning_clip, rotate_mp4, truncate_avi, write_folder, write_video
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample" / "bigbuckbunny.mp4"
 
 
 def test_sample_clip_probe_and_frames():
@@ -349,6 +352,17 @@ def test_a_named_pipe_with_an_image_name_is_refused_at_listing(tmp_path, via_lin
     with pytest.raises(FrameSourceError, match=r"clip/frame_0001.png: not a regular file \(a named pipe, socket or "
                                                r"device; inside a frame folder\)$"):
         list_frame_files(d)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_with_a_video_name_is_refused_before_it_is_opened(tmp_path):
+    os.mkfifo(tmp_path / "clip.mp4")
+    code = ("import sys; from annotator.video import FrameSourceError, probe\n"
+            "try: probe(sys.argv[1])\nexcept FrameSourceError as e: print(e)")
+    # in a process of its own: a regression blocks in the open, and the timeout ends it
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "clip.mp4")], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout == f"{tmp_path}/clip.mp4: not a regular file (a named pipe, socket or device)\n", done.stderr
 
 
 def test_a_folder_that_cannot_be_listed_is_a_frame_source_error(tmp_path):
