@@ -234,11 +234,17 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
         raise ValueError("ref_guidance != 1 needs an unconditional ColorCondition")
     h, w = cond.guided_hint.shape[-2:]
     c = model.latent_channels
-    dev = cond.guided_hint.device
+    # x_T and every step's noise (eta > 0: every sigma is), drawn in the sampler's order and moved
+    # in one copy: a copy per step would be a blocking host-to-device copy that keeps the host
+    # from queueing steps ahead of the GPU.
+    draws = 1 + (len(sampler.ddim_timesteps(steps, model.num_timesteps)) if eta > 0 else 0)
     if shared:
-        draw = lambda *_: torch.randn((1, c, h, w), generator=generators).to(dev).repeat(len(cond), 1, 1, 1)
+        noise = torch.stack([torch.randn((1, c, h, w), generator=generators) for _ in range(draws)])
     else:
-        draw = lambda *_: torch.stack([torch.randn((c, h, w), generator=g) for g in generators]).to(dev)
+        noise = torch.stack([torch.stack([torch.randn((c, h, w), generator=g) for g in generators])
+                             for _ in range(draws)])
+    noise = iter(noise.to(cond.guided_hint.device).expand(draws, len(cond), c, h, w).unbind())
+    draw = lambda *_: next(noise)  # noqa: E731
 
     def step(x, t, cond_):  # cond_: cond, or cond and uncond as one batch when guided
         if not guided:

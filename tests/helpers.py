@@ -1,8 +1,10 @@
 """Constants and small helpers shared by tests (importable, unlike conftest)."""
 import signal
 
+import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Tolerances the reference implementation itself meets between runs (tests/fixtures/README.md).
 COMPONENT_TOL = dict(rtol=1e-4, atol=1e-5)
@@ -94,3 +96,19 @@ def video_with_sound(path, frames: int = 10, fps: int = 10, audio: str = "aac", 
             c.mux(a.encode(f))
         c.mux(a.encode())
     return path
+
+
+class CrossDeviceCopies(TorchDispatchMode):
+    """Counts aten copies whose source and destination devices differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            if isinstance(src, torch.Tensor) and src.device != out.device:
+                self.count += 1
+        return out

@@ -11,8 +11,11 @@ from annotator.similarity import fast_resize
 from annotator.video import FrameSourceError, iter_frames
 from benchmarks.bench_inference import fixed_serial
 from colorize import loading as L, pipeline as P
+from cldm.model import TINY_CONFIG, create_model, load_config
 from ldm import sampler
+from ldm.schedule import schedule_buffers
 from tests.colorize.tiny_model import tiny_model
+from tests.helpers import CrossDeviceCopies
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 FAST = dict(size=64, steps=2)  # 64x128 model frames, 2 DDIM steps
@@ -488,3 +491,22 @@ def test_video_outputs_are_numbered_from_zero(tmp_path):
 
     video = write_video(panning_clip(3, 32, 48), tmp_path / "v.avi")
     assert P.output_names(video) == ["000000.png", "000001.png", "000002.png"]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_batchs_noise_reaches_the_device_in_one_copy(shared):
+    """x_T and every step's noise (eta > 0) are drawn on the CPU; moved step by step, each copy
+    would be a blocking host-to-device copy, so the host could not queue steps ahead of the GPU.
+    `meta` stands in for the accelerator: the copies must not grow with the step count."""
+    with torch.device("meta"):
+        model = create_model(load_config(TINY_CONFIG)).eval()
+        cond = model.prepare_condition(torch.empty(2, 4, 64, 64), context=torch.empty(2, 77, 32))
+    model.alphas_cumprod = schedule_buffers()["alphas_cumprod"]  # the sampler reads its schedule on the CPU
+    counts = []
+    for steps in (3, 6):
+        gens = torch.Generator() if shared else [torch.Generator(), torch.Generator()]
+        with CrossDeviceCopies() as copies:
+            z = P.sample_latents(model, cond, gens, steps=steps, eta=1.0)
+        assert z.device.type == "meta" and z.shape == (2, 4, 8, 8)
+        counts.append(copies.count)
+    assert counts[0] == counts[1] <= 4, counts

@@ -6,11 +6,10 @@ sqrt(a_0) x0 + sqrt(1 - a_0) eps (the reference's last step goes to alphas_cumpr
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps
 from ldm.schedule import schedule_buffers
-from tests.helpers import COMPONENT_TOL as TOL
+from tests.helpers import COMPONENT_TOL as TOL, CrossDeviceCopies
 
 AC = schedule_buffers()["alphas_cumprod"]
 
@@ -162,22 +161,6 @@ def test_noise_fn_replaces_the_generator():
     assert shapes == []  # eta = 0: no noise drawn
     with pytest.raises(ValueError, match="not both"):
         ddim_sample(oracle(x0), x_T, AC, steps=10, eta=1.0, noise_fn=noise_fn, generator=torch.Generator())
-
-
-class CrossDeviceCopies(TorchDispatchMode):
-    """Counts aten copies whose source and destination devices differ."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-            if isinstance(src, torch.Tensor) and src.device != out.device:
-                self.count += 1
-        return out
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
