@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable
 
 
@@ -65,6 +66,21 @@ def folder_problem(path: str | os.PathLike) -> str | None:
             return None
         path = parent
     return None if os.path.isdir(path) else f"{path} is a file, not a folder"
+
+
+NOT_REGULAR = "not a regular file (a named pipe, socket or device)"
+
+
+def file_problem(path: str | os.PathLike, missing: str = "no such file", folder: str = "is a folder") -> str | None:
+    """Why `path` is not an input file to read: `missing`, `folder`, or NOT_REGULAR for what exists
+    but is neither (a named pipe would block its reader for ever, and "no such file" is untrue);
+    None for a regular file (through a symbolic link too). Looks only, opens nothing."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return folder
+    return NOT_REGULAR if path.exists() else missing
 
 
 def not_writable(folder: str | os.PathLike) -> str | None:

@@ -31,8 +31,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, folder_problem, not_writable, one_line, quiet_opencv,
-                     quiet_startup_signals, run_cli)
+from cliutil import (OneLineParser, config_override, file_problem, folder_problem, not_writable, one_line,
+                     quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -230,9 +230,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
         raise UsageError("no reference: give --reference IMAGE or --reference-frame N")
     if args.method == "model" and not args.ckpt:
         raise UsageError("--method model needs --ckpt (or use --method reinhard|flow)")
-    if args.control and not Path(args.control).is_file():
-        raise UsageError(f"--control {args.control}: " + ("is a folder" if Path(args.control).is_dir() else
-                                                            "no such file"))
+    if args.control and (problem := file_problem(args.control)):
+        raise UsageError(f"--control {args.control}: {problem}")
     if args.control:
         from cldm.resume import read_training_checkpoint
         if read_training_checkpoint(args.control) is not None:  # "no control_model.* tensors" would follow
@@ -244,9 +243,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
         if not args.video or args.no_audio:
             raise UsageError("--audio is the sound of --video: " + ("give --video too" if not args.video else
                                                                       "leave out --audio or --no-audio"))
-        if not Path(args.audio).is_file():
-            raise UsageError(f"--audio {args.audio}: " + ("is a folder" if Path(args.audio).is_dir() else
-                                                          "no such file"))
+        if problem := file_problem(args.audio):
+            raise UsageError(f"--audio {args.audio}: {problem}")
         if audio_codec(args.audio) is None:
             raise UsageError(f"--audio {args.audio}: no audio stream found in it")
     if args.method != "model":

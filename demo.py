@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from cliutil import OneLineParser, Terminated, folder_problem, one_line, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import (OneLineParser, Terminated, file_problem, folder_problem, one_line, quiet_opencv,
+                     quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -164,8 +165,8 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     extracted (its message then follows a half-made --out): sampling settings, device, clip
     and its length, the checkpoint and outputs of an earlier run."""
     model = any(m in MODEL_MODES for m in methods)
-    if model and not Path(args.ckpt).is_file():
-        raise DemoError(f"--ckpt {args.ckpt}: no such file")
+    if model and (problem := file_problem(args.ckpt, folder="no such file")):
+        raise DemoError(f"--ckpt {args.ckpt}: {problem}")
     try:  # checked as colorize_inference.py checks them
         Options(size=args.size, steps=args.steps)
         colorize_inference.resolve_device(args.device)

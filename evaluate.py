@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import OneLineParser, folder_problem, not_writable, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import (OneLineParser, file_problem, folder_problem, not_writable, quiet_opencv, quiet_startup_signals,
+                     run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -276,9 +277,8 @@ def run(args: argparse.Namespace) -> int:
         check_not_a_frame_folder(Path(args.out), Path(args.gt), preds)
     reference = None
     if args.reference:
-        if not Path(args.reference).is_file():
-            raise UsageError(f"--reference {args.reference}: "
-                             + ("a folder, not an image" if Path(args.reference).is_dir() else "no such file"))
+        if problem := file_problem(args.reference, folder="a folder, not an image"):
+            raise UsageError(f"--reference {args.reference}: {problem}")
         reference = _read(Path(args.reference), "--reference", keep_16bit=False)
     matched = match_frames(Path(args.gt), preds, args.exclude)
     gt_files, pred_files = matched.gt_files, matched.pred_files

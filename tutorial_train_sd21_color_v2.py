@@ -27,7 +27,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from cliutil import OneLineParser, Terminated, config_override, folder_problem, quiet_startup_signals, run_cli
+from cliutil import (NOT_REGULAR, OneLineParser, Terminated, config_override, file_problem, folder_problem,
+                     quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     quiet_startup_signals()
@@ -380,9 +381,9 @@ def check_paths(data: Path, init: Path, out: Path) -> None:
     if not data.is_dir():
         what = "a file, not a folder" if data.exists() else "no such folder"
         raise UsageError(f"--data {data}: {what} (make it with build_pairs.py)")
-    if not init.is_file():
-        what = "a folder, not a checkpoint file" if init.is_dir() else "no such file"
-        raise UsageError(f"--init {init}: {what} (make it with tool_add_control_sd21.py)")
+    if problem := file_problem(init, folder="a folder, not a checkpoint file"):
+        hint = "" if problem == NOT_REGULAR else " (make it with tool_add_control_sd21.py)"
+        raise UsageError(f"--init {init}: {problem}{hint}")
     if problem := folder_problem(out):
         raise UsageError(f"--out {out}: {problem}")
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from atomicio import atomic_path
 from cldm.color import VARIANTS
-from cliutil import OneLineParser, config_override, run_cli
+from cliutil import OneLineParser, config_override, file_problem, run_cli
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,8 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
     (logged at INFO); a file with no tensors left is an error, not an empty state dict.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    if problem := file_problem(path, folder="is a folder, not a checkpoint file"):
+        raise CheckpointError(f"{path}: {problem}")
     if path.suffix == ".safetensors":
         try:
             return load_file(path, device=str(map_location))

@@ -19,6 +19,7 @@ from cldm.resume import checkpoint_step, find_resume_checkpoint, read_training_c
 from cldm.trainable import TRAINING_KEY
 from cldm.weights_config import (config_difference, config_hash, config_hashes, differing_keys, model_leaves,
                                  resolve_config)
+from cliutil import file_problem
 
 RESUME = "rerun the same command to resume from the newest checkpoint"
 NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
@@ -143,10 +144,8 @@ def auto_resume(ckpt_dir: Path) -> Path | None:
 def checked_resume_path(path: Path, ckpt_dir: Path) -> Path:
     """--resume PATH, refused where it would leave two histories in `ckpt_dir`: pruning to
     --ckpt-keep and a later --resume auto go by the highest step, i.e. maybe by the abandoned one."""
-    if path.is_dir():
-        raise RunDirError(f"--resume {path}: a folder, not a checkpoint file")
-    if not path.is_file():
-        raise RunDirError(f"--resume {path}: no such file")
+    if problem := file_problem(path, folder="a folder, not a checkpoint file"):
+        raise RunDirError(f"--resume {path}: {problem}")
     if problem := resume_problem(path):
         raise RunDirError(f"--resume {path}: {problem}")
     newest = find_resume_checkpoint(ckpt_dir)

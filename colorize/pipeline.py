@@ -54,6 +54,7 @@ from annotator.video import (
 )
 from cldm.cldm import ControlLDM
 from cldm.color import ColorCondition
+from cliutil import file_problem
 from colorize.cuda_graph import GraphCache
 from colorize.gray import to_gray
 from colorize.loading import PRECISIONS, compute_dtype
@@ -152,8 +153,8 @@ def output_names(path: str | os.PathLike, info: SourceInfo | None = None) -> lis
 
 def read_reference(path: str | os.PathLike) -> np.ndarray:
     """Reference image file -> float32 RGB HW3 in [0, 1]."""
-    if not Path(path).is_file():
-        raise InferenceError(f"{path}: reference image {'is a folder' if Path(path).is_dir() else 'not found'}")
+    if problem := file_problem(path, missing="not found"):  # before the read: a named pipe blocks it
+        raise InferenceError(f"{path}: reference image {problem}")
     try:
         img = to_float(read_image_native(path))
     except FrameSourceError as e:

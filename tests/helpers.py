@@ -1,5 +1,8 @@
 """Constants and small helpers shared by tests (importable, unlike conftest)."""
+import contextlib
+import os
 import signal
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +43,6 @@ def read_only_folder(path, monkeypatch):
     """Make the folder `path` with mode 0555 and, where the tests run as root (who writes there
     anyway), have os.access say what it says for anyone else; chmod it back before tmp_path's
     clean-up. Returns `path`."""
-    import os
     from pathlib import Path
 
     path.mkdir()
@@ -49,6 +51,29 @@ def read_only_folder(path, monkeypatch):
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
     return path
+
+
+@contextlib.contextmanager
+def named_pipe(path):
+    """A named pipe at `path` that reads as empty: a writer opens and closes it for every reader,
+    so code that should refuse it unopened fails its test when it opens it, rather than blocking
+    in the open (or read) for ever. Yields `path`."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def writer():
+        while not done.is_set():
+            os.close(os.open(path, os.O_WRONLY))  # waits for a reader
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # held open: the writer's last open returns
+        thread.join()
+        os.close(reader)
 
 
 def default_sigint() -> None:

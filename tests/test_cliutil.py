@@ -15,7 +15,7 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, positive_float,
                      positive_int, quiet_opencv, quiet_startup_signals, run_cli)
-from tests.helpers import default_sigint, refused
+from tests.helpers import default_sigint, named_pipe, refused
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -306,6 +306,25 @@ def test_folder_problem_names_the_file_in_the_way(tmp_path, monkeypatch):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     for link in ("dangling", "loop"):  # mkdir would fail there with "[Errno 17] File exists"
         assert folder_problem(tmp_path / link / "sub") == f"{tmp_path / link} is a broken symbolic link"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_file_problem_says_what_a_path_that_is_no_regular_file_is(tmp_path):
+    from cliutil import NOT_REGULAR, file_problem
+
+    (tmp_path / "f.png").write_bytes(b"x")
+    (tmp_path / "to_file").symlink_to(tmp_path / "f.png")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "to_pipe").symlink_to(tmp_path / "pipe")
+    assert NOT_REGULAR == "not a regular file (a named pipe, socket or device)"  # annotator/video.py's wording
+    with named_pipe(tmp_path / "pipe"):
+        assert [file_problem(tmp_path / n) for n in ("f.png", "to_file", "missing", "dangling", "loop", "pipe",
+                                                      "to_pipe")] \
+            == [None, None, "no such file", "no such file", "no such file", NOT_REGULAR, NOT_REGULAR]
+    assert file_problem(tmp_path) == "is a folder" and file_problem(os.devnull) == NOT_REGULAR
+    assert file_problem(tmp_path, "gone", "a folder, not an image") == "a folder, not an image"
+    assert file_problem(tmp_path / "missing", "gone", "a folder, not an image") == "gone"
 
 
 def test_not_writable_names_the_folder_that_refuses(tmp_path, monkeypatch):

@@ -45,7 +45,8 @@ from atomicio import write_bytes_atomic  # noqa: E402
 from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
-from cliutil import OneLineParser, folder_problem, non_negative_int, one_line, positive_int, run_cli  # noqa: E402
+from cliutil import (NOT_REGULAR, OneLineParser, file_problem, folder_problem, non_negative_int, one_line,  # noqa: E402
+                     positive_int, run_cli)
 
 PROG = "make_toy_model.py"
 
@@ -222,6 +223,8 @@ def shipped_provenance(shipped: Path) -> dict:
     is missing or not such a model, checked before training so a typo costs no 40 minutes."""
     from safetensors import safe_open
 
+    if file_problem(shipped) == NOT_REGULAR:  # the open would block on a named pipe
+        raise ValueError(f"--check {shipped}: {NOT_REGULAR}")
     try:
         with safe_open(str(shipped), "pt") as f:
             return json.loads((f.metadata() or {})["provenance"])

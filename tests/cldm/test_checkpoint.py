@@ -12,6 +12,7 @@ from safetensors import safe_open
 from cldm import checkpoint
 from cldm.checkpoint import (CheckpointError, compare_state_dict, guess_kind, load_into,
                              load_state_dict, main, misfit, read_metadata, save_state_dict)
+from tests.helpers import named_pipe
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -130,6 +131,14 @@ def test_truncated_or_garbage_file_names_the_file(tmp_path, ext):
         load_state_dict(path)
     with pytest.raises(CheckpointError, match="nope.ckpt: no such file"):
         load_state_dict(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])
+def test_a_named_pipe_is_refused_unopened_not_called_missing(tmp_path, ext):
+    with named_pipe(tmp_path / f"model{ext}") as pipe, pytest.raises(
+            CheckpointError, match=rf"^{re.escape(str(pipe))}: not a regular file \(a named pipe, socket or device\)$"):
+        load_state_dict(pipe)  # was "no such file"
 
 
 def sd21_shapes():

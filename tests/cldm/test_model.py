@@ -1,5 +1,6 @@
 """The assembled ControlLDM: key manifest, reference conformance, zero-init, per-sample caching."""
 import json
+import os
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 from cldm.model import DEFAULT_CONFIG, REPO, TINY_CONFIG, ConfigError, create_model, load_config
 from ldm import schedule
 from tests.conftest import FIXTURES
-from tests.helpers import DDIM_TOL
+from tests.helpers import DDIM_TOL, named_pipe
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
@@ -463,3 +464,14 @@ def test_training_draws_every_timestep_from_zero():
     with torch.no_grad():
         model.training_loss(torch.randn(64, 4, 8, 8), cond, generator=torch.Generator().manual_seed(0))
     assert sorted(set(drawn)) == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_config_that_is_no_file_says_which_it_is(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config not found: \S+nope\.yaml$"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"^config not found: "):  # a folder: as it was
+        load_config(tmp_path)
+    with named_pipe(tmp_path / "pipe.yaml") as pipe, pytest.raises(
+            ConfigError, match=r"^config \S+pipe\.yaml: not a regular file \(a named pipe, socket or device\)$"):
+        load_config(pipe)  # was "config not found"; reading it would block

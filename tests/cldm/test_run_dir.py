@@ -1,5 +1,6 @@
 """A run folder: the config a rerun takes, the checkpoint --resume means, and the refusals that
 keep two runs' histories out of one OUT."""
+import os
 import re
 
 import pytest
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, load_config
 from cldm.run_dir import (NO_CHECKPOINT, RESUME, RunDirError, check_run_dir, config_source, record_config,
                           rerun_hint, resolve_resume)
+from tests.helpers import named_pipe
 from tests.train_helpers import training_ckpt
 
 
@@ -128,6 +130,10 @@ def test_resume_path_of_the_wrong_kind_is_named(tmp_path):
         resolve_resume(str(tmp_path), tmp_path / "checkpoints")
     with pytest.raises(RunDirError, match=r"^--resume \S+missing\.ckpt: no such file$"):
         resolve_resume(str(tmp_path / "missing.ckpt"), tmp_path / "checkpoints")
+    if hasattr(os, "mkfifo"):  # was "no such file"
+        with named_pipe(tmp_path / "pipe.ckpt") as pipe, pytest.raises(
+                RunDirError, match=r"^--resume \S+pipe\.ckpt: not a regular file \(a named pipe, socket or device\)$"):
+            resolve_resume(str(pipe), tmp_path / "checkpoints")
     torch.save([1], tmp_path / "list.ckpt")
     with pytest.raises(RunDirError, match=r"^--resume \S+list\.ckpt: holds a list, not a training checkpoint$"):
         resolve_resume(str(tmp_path / "list.ckpt"), tmp_path / "checkpoints")

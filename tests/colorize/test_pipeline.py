@@ -1,4 +1,5 @@
 """colorize.pipeline with a random tiny model on frames of the sample clip (64 px model frames)."""
+import os
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,7 @@ from cldm.model import TINY_CONFIG, create_model, load_config
 from ldm import sampler
 from ldm.schedule import schedule_buffers
 from tests.colorize.tiny_model import tiny_model
-from tests.helpers import CrossDeviceCopies
+from tests.helpers import CrossDeviceCopies, named_pipe
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 FAST = dict(size=64, steps=2)  # 64x128 model frames, 2 DDIM steps
@@ -510,3 +511,15 @@ def test_a_batchs_noise_reaches_the_device_in_one_copy(shared):
         assert z.device.type == "meta" and z.shape == (2, 4, 8, 8)
         counts.append(copies.count)
     assert counts[0] == counts[1] <= 4, counts
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_read_reference_says_what_is_no_image_file(tmp_path):
+    with pytest.raises(P.InferenceError, match=r"nope\.png: reference image not found$"):
+        P.read_reference(tmp_path / "nope.png")
+    with pytest.raises(P.InferenceError, match=r": reference image is a folder$"):
+        P.read_reference(tmp_path)
+    with named_pipe(tmp_path / "ref.png") as pipe, pytest.raises(
+            P.InferenceError, match=r"ref\.png: reference image not a regular file \(a named pipe, socket or "
+                                    r"device\)$"):
+        P.read_reference(pipe)  # was "not found"; the read would block

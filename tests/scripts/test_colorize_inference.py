@@ -21,7 +21,7 @@ from cldm.model import TINY_CONFIG
 from colorize import loading as L, pipeline as P
 from tests.annotator.clips import panning_clip, truncate_avi, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
-from tests.helpers import read_only_folder, refused, video_with_sound
+from tests.helpers import named_pipe, read_only_folder, refused, video_with_sound
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
@@ -399,6 +399,25 @@ def _bad_cases(env, tmp):
         "batch": (["--input", g, *base, "--batch", "0"], "--batch must be >= 1 (got 0)"),
         "anchor every": (["--input", g, *base, "--anchor-every", "-1"], "--anchor-every must be >= 0 (got -1)"),
     }
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("flag, says", [
+    ("--reference", "{pipe}: reference image not a regular file"),
+    ("--control", "--control {pipe}: not a regular file"),
+    ("--ckpt", "{pipe}: not a regular file"),
+    ("--config", "config {pipe}: not a regular file"),
+])
+def test_a_named_pipe_as_an_input_file_is_called_one_not_missing(env, tmp_path, capsys, flag, says):
+    """Each was "no such file" (or "not found"), though there is one; none is opened (a pipe blocks its reader)."""
+    args = {"--reference": env["refs"][0], "--ckpt": env["ckpt"], "--config": TINY_CONFIG, "--control": None}
+    with named_pipe(tmp_path / "pipe.safetensors") as pipe:
+        args[flag] = pipe
+        argv = [str(a) for a in ["--input", env["gray"], "--size", "64", "--steps", "2", "--out", tmp_path / "out",
+                                 *[a for k, v in args.items() if v is not None for a in (k, v)]]]
+        err = refused(cli.main, argv, capsys)
+    assert err == f"colorize_inference.py: error: {says.format(pipe=pipe)} (a named pipe, socket or device)\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_input_gives_one_line_and_loses_nothing(env, tmp_path, capsys):
@@ -937,13 +956,17 @@ def test_the_sound_message_says_what_a_mov_does_with_opus(env, tmp_path, capsys)
      "--audio is the sound of --video: leave out --audio or --no-audio"),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/nope.wav"], "--audio {tmp}/nope.wav: no such file"),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}"], "--audio {tmp}: is a folder"),
+    (["--video", "{tmp}/v.mp4", "--audio", "{pipe}"],
+     "--audio {pipe}: not a regular file (a named pipe, socket or device)"),  # was "no such file"
     (["--video", "{tmp}/v.mp4", "--audio", "{ref}"], "--audio {ref}: no audio stream found in it"),
 ])
 def test_a_bad_audio_flag_is_one_line_before_any_work(env, tmp_path, capsys, extra, says):
-    values = dict(tmp=tmp_path, film=video_with_sound(tmp_path / "film.mp4"), ref=env["refs"][0])
+    values = dict(tmp=tmp_path, film=video_with_sound(tmp_path / "film.mp4"), ref=env["refs"][0],
+                  pipe=tmp_path / "pipe.wav")
     argv = ["--input", str(env["gray"]), "--reference", str(env["refs"][0]), "--method", "reinhard", "--out",
             str(tmp_path / "out"), *[a.format(**values) for a in extra]]
-    assert refused(cli.main, argv, capsys).strip() == f"colorize_inference.py: error: {says.format(**values)}"
+    with named_pipe(values["pipe"]):
+        assert refused(cli.main, argv, capsys).strip() == f"colorize_inference.py: error: {says.format(**values)}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "v.mp4").exists()
 
 

@@ -15,6 +15,7 @@ import pytest
 
 import demo
 from tests.annotator.clips import panning_clip, write_video
+from tests.helpers import named_pipe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 QUICK = ["--frames", "100:104", "--steps", "2", "--methods", "fixed,reinhard,flow"]
@@ -104,6 +105,14 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
 def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys, args, message):
     rc, _, err = run(args + ["--out", tmp_path / "demo"], capsys)
     assert rc == 2 and re.fullmatch(f"demo\\.py: error: {message}\n", err), err
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_ckpt_is_called_one_before_anything_is_written(tmp_path, capsys):
+    with named_pipe(tmp_path / "model.safetensors") as pipe:  # was "no such file"
+        rc, _, err = run(["--ckpt", pipe, "--out", tmp_path / "demo"], capsys)
+    assert rc == 2 and err == f"demo.py: error: --ckpt {pipe}: not a regular file (a named pipe, socket or device)\n"
     assert not (tmp_path / "demo").exists()
 
 

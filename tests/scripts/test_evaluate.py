@@ -15,7 +15,7 @@ import pytest
 
 import evaluate
 from colorize.report import REPORT_FILES
-from tests.helpers import read_only_folder
+from tests.helpers import named_pipe, read_only_folder, refused
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,6 +221,16 @@ def test_evaluate_bad_input_one_line_exit_2(clip, capsys, case, message):
     assert message.format(root=root) in lines[0]
     if case.startswith(("video", "file", "unreadable", "missing")):  # the whole line, naming the flag
         assert lines[0] == "evaluate.py: error: " + message.format(root=root)
+    assert not (root / "rep").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_reference_is_called_one_not_missing(clip, capsys):
+    root, _ = clip
+    argv = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress", "--out", str(root / "rep")]
+    with named_pipe(root / "pipe.png") as pipe:  # was "no such file"; reading it would block
+        err = refused(evaluate.main, [*argv, "--reference", str(pipe)], capsys)
+    assert err == f"evaluate.py: error: --reference {pipe}: not a regular file (a named pipe, socket or device)\n"
     assert not (root / "rep").exists()
 
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors import safe_open
 
 from cldm.checkpoint import load_state_dict
 from colorize import loading as L
-from tests.helpers import missing_under, refused
+from tests.helpers import missing_under, named_pipe, refused
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "toy" / "toy_color_v2.safetensors"
@@ -109,6 +110,14 @@ def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypat
     out = [] if "--out" in argv else ["--out", str(tmp_path / "new")]
     argv, says = missing_under(tmp_path, argv, says)
     assert says in refused(recipe.main, argv + out, capsys)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_check_is_refused_unopened(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(recipe, "make_toy_model", lambda *a, **k: pytest.fail("trained despite a bad argument"))
+    with named_pipe(tmp_path / "toy.safetensors") as pipe:  # safetensors' open blocked on it
+        err = refused(recipe.main, ["--check", str(pipe), "--out", str(tmp_path / "new")], capsys)
+    assert err == f"make_toy_model.py: error: --check {pipe}: not a regular file (a named pipe, socket or device)\n"
 
 
 def no_training(monkeypatch) -> list:

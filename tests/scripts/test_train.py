@@ -24,7 +24,7 @@ from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.run_dir import config_source, record_config, resolve_resume
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
-from tests.helpers import default_sigint
+from tests.helpers import default_sigint, named_pipe
 from tests.train_helpers import tiny_data_root, tiny_model, training_ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,6 +223,16 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
         assert train.main(args(ws, tmp_path / "out", *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (pattern, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_init_or_resume_is_called_one(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded before the paths were checked"))
+    with named_pipe(tmp_path / "pipe.ckpt") as pipe:  # was "no such file" (--init: and how to make one)
+        for flag in ("--init", "--resume"):
+            assert train.main(args(ws, tmp_path / "out", flag, pipe)) == 2
+            assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: error: {flag} {pipe}: not a regular "
+                                               "file (a named pipe, socket or device)\n")
 
 
 def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
