@@ -5,6 +5,7 @@ Uses two real frames of the bundled sample clip, so the picture shows the actual
 """
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from annotator.color import rgb_to_gray  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
+from atomicio import write_bytes_atomic  # noqa: E402
 
 
 def frames(path: Path, wanted: tuple[int, ...]) -> dict[int, np.ndarray]:
@@ -66,9 +68,11 @@ def main(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
         arrow(ax, (0.59, y + 0.09), (0.66, y + 0.09))
         note = "(plain SD input)" if total == "4 ch" else "(new UNet input channels start at zero)"
         box(ax, (0.67, y), 0.31, 0.18, f"{total} into ControlNet and UNet\n{note}", "#e3f1e0")
+    buf = io.BytesIO()  # drawn in memory and renamed into place: a failed or stopped run leaves the old picture
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    print(out)
+    print(write_bytes_atomic(out, buf.getvalue()))
 
 
 if __name__ == "__main__":

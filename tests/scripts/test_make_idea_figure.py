@@ -1,0 +1,25 @@
+"""tools/make_idea_figure.py: docs/figures/idea.png from two frames of the sample clip."""
+import os
+import sys
+from pathlib import Path
+
+import cv2
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import make_idea_figure as F  # noqa: E402
+
+
+def test_the_picture_replaces_the_old_one_by_a_rename(tmp_path, capsys):
+    """Written whole beside it and renamed, as the other figure tools do: the old file is never
+    written into, so a run that fails or is stopped half-way leaves it as it was."""
+    out = tmp_path / "figures" / "idea.png"
+    out.parent.mkdir()
+    out.write_bytes(b"the old picture")
+    os.link(out, tmp_path / "old.png")  # the old file itself, whatever becomes of the name
+    F.main(out)
+    assert (tmp_path / "old.png").read_bytes() == b"the old picture"
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[1] > 1000 and img.std() > 10  # a whole picture, not a blank
+    assert os.listdir(out.parent) == ["idea.png"]  # no temporary file left
+    assert capsys.readouterr().out == f"{out}\n"
