@@ -137,13 +137,26 @@ class OneLineParser(argparse.ArgumentParser):
             if arg == "--":  # what follows is positional as it is
                 joined += args[i:]
                 break
-            action = self._option_string_actions.get(joined[-1]) if joined else None
+            action = self._flag_action(joined[-1]) if joined else None
             if (action is not None and action.nargs is None and re.match(r"-\.?\d", arg)
                     and arg not in self._option_string_actions):
                 joined[-1] = f"{joined[-1]}={arg}"
             else:
                 joined.append(arg)
         return super().parse_known_args(joined, namespace)
+
+    def _flag_action(self, arg: str) -> argparse.Action | None:
+        """The action of the flag `arg` names in full or, as argparse takes it, by the start of one
+        long option alone ("--fra" for "--frames"); None for anything else. Where argparse would
+        find two options, or takes no abbreviations (allow_abbrev=False), nothing is joined and
+        argparse says what it says of the flag."""
+        if arg in self._option_string_actions:
+            return self._option_string_actions[arg]
+        long = len(arg) > 2 and arg[0] in self.prefix_chars and arg[1] in self.prefix_chars
+        if not (long and self.allow_abbrev) or "=" in arg:
+            return None
+        started = [s for s in self._option_string_actions if s.startswith(arg)]
+        return self._option_string_actions[started[0]] if len(started) == 1 else None
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -430,3 +430,21 @@ def test_a_value_that_starts_with_a_dash_and_a_digit_goes_to_its_flag(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--frames", "--flag"])  # a flag is still a flag
     assert capsys.readouterr().err == "t: error: argument --frames: expected one argument (see --help)\n"
+
+
+def test_a_dash_digit_value_goes_to_a_flag_named_by_the_start_argparse_takes_for_it(capsys):
+    p = OneLineParser(prog="t")
+    p.add_argument("--frames")
+    p.add_argument("--frame-rate")
+    p.add_argument("--shard")
+    # (a plain negative number, "--sh -3", argparse gives to the flag itself)
+    assert p.parse_args(["--sh", "-1/4", "--frame-", "-2:", "--frames", "-1:"]) \
+        == argparse.Namespace(frames="-1:", frame_rate="-2:", shard="-1/4")  # --sh was "expected one argument"
+    assert p.parse_known_args(["--sx", "-1/4"])[1] == ["--sx", "-1/4"]  # the start of no flag: not joined
+    with pytest.raises(SystemExit):
+        p.parse_args(["--frame", "-1:"])  # the start of two: argparse's own word for it
+    assert capsys.readouterr().err == "t: error: ambiguous option: --frame could match --frames, --frame-rate " \
+                                      "(see --help)\n"
+    exact = OneLineParser(prog="t", allow_abbrev=False)
+    exact.add_argument("--shard")
+    assert exact.parse_known_args(["--sh", "-1/4"])[1] == ["--sh", "-1/4"]  # no abbreviations there: none joined
