@@ -180,15 +180,17 @@ class EarlierOutputError(UsageError):
 
 
 def parse_range(spec: str | None) -> slice:
+    """--frames A:B as a slice. Its messages quote the value: in "--frames -1:: expected ..." a value
+    ending in ':' ran into the message's own ': '."""
     if spec is None:
         return slice(0, None)
     try:
         a, _, b = spec.partition(":")
         start, stop = int(a) if a else 0, int(b) if b else None
     except ValueError:
-        raise UsageError(f"--frames {spec}: expected A:B with whole numbers, e.g. 0:16") from None
+        raise UsageError(f"--frames {spec!r}: expected A:B with whole numbers, e.g. 0:16") from None
     if ":" not in spec or start < 0 or (stop is not None and stop <= start):
-        raise UsageError(f"--frames {spec}: expected A:B with 0 <= A < B, e.g. 0:16 or 100:")
+        raise UsageError(f"--frames {spec!r}: expected A:B with 0 <= A < B, e.g. 0:16 or 100:")
     return slice(start, stop)
 
 

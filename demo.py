@@ -87,12 +87,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_frames(spec: str) -> tuple[int, int]:
+    """--frames A:B as (A, B); its messages quote the value, as colorize_inference.parse_range's do."""
     try:
         a, b = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise DemoError(f"--frames {spec}: expected A:B with whole numbers, e.g. 100:132") from None
+        raise DemoError(f"--frames {spec!r}: expected A:B with whole numbers, e.g. 100:132") from None
     if not 0 <= a or b < a + 2:
-        raise DemoError(f"--frames {spec}: need 0 <= A and at least two frames (the reference and one to score)")
+        raise DemoError(f"--frames {spec!r}: need 0 <= A and at least two frames (the reference and one to score)")
     return a, b
 
 

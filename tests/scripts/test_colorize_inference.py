@@ -388,11 +388,14 @@ def _bad_cases(env, tmp):
         "unsupported device": (["--input", g, *base, "--device", "meta"],
                                "--device meta: expected auto, cpu, cuda or cuda:N (N from 0)"),
         "out is input": (["--input", g, *base, "--out", g], "is the input folder"),
-        "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames 3:1"),
-        "empty frames": (["--input", g, *base, "--frames", "3:3"], "--frames 3:3: expected A:B with 0 <= A < B"),
-        # not argparse's "expected one argument": the value reaches --frames' own check
-        "from the end": (["--input", g, *base, "--frames", "-1:"], "--frames -1:: expected A:B with 0 <= A < B"),
-        "negative range": (["--input", g, *base, "--frames", "-5:-1"], "--frames -5:-1: expected A:B with 0 <= A"),
+        "bad frames": (["--input", g, *base, "--frames", "3:1"], "--frames '3:1'"),
+        "empty frames": (["--input", g, *base, "--frames", "3:3"], "--frames '3:3': expected A:B with 0 <= A < B"),
+        # not argparse's "expected one argument": the value reaches --frames' own check, named there
+        # in quotes (was "--frames -1:: expected"), also by an abbreviation of the flag argparse takes
+        "from the end": (["--input", g, *base, "--frames", "-1:"], "--frames '-1:': expected A:B with 0 <= A < B"),
+        "abbreviated": (["--input", g, *base, "--fra", "-1:"], "--frames '-1:': expected A:B with 0 <= A < B"),
+        "negative range": (["--input", g, *base, "--frames", "-5:-1"], "--frames '-5:-1': expected A:B with 0 <= A"),
+        "not numbers": (["--input", g, *base, "--frames", "a:"], "--frames 'a:': expected A:B with whole numbers"),
         "negative eta": (["--input", g, *base, "--eta", "-0.5"], "--eta must be >= 0 (got -0.5)"),
         "anchor strength": (["--input", g, *base, "--anchor-strength", "2"],
                             "--anchor-strength must be in [0, 1] (got 2.0)"),

@@ -91,8 +91,9 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
                                    "fixed,recursive,anchored,reinhard,reinhard-bands,flow"),
     (["--frames", "130:140"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 130..139"),
     (["--frames", "140:150"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 140..149"),
-    (["--frames", "5:6"], r"--frames 5:6: need 0 <= A and at least two frames \(the reference and one to score\)"),
-    (["--frames", "a:b"], "--frames a:b: expected A:B with whole numbers, e.g. 100:132"),
+    (["--frames", "5:6"], r"--frames '5:6': need 0 <= A and at least two frames \(the reference and one to score\)"),
+    (["--frames", "a:b"], "--frames 'a:b': expected A:B with whole numbers, e.g. 100:132"),
+    (["--frames", "100:"], "--frames '100:': expected A:B with whole numbers, e.g. 100:132"),  # was "100:: expected"
     (["--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: no such file"),
     (["--steps", "0"], r"--steps must be >= 1 \(got 0\)"),
     # the model's schedule and the checkpoint's fit to its config, checked before data/ is written
