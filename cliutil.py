@@ -2,7 +2,7 @@
 
 Usage errors name what is wrong and where, end with "(see --help)" and exit 2; `run_cli` turns
 the errors a script expects into the same one line and exit 2, Ctrl-C into exit 130, and a
-reader of stdout that stops early (`| head`) into a quiet exit 141.
+reader of stdout or stderr that stops early (`| head`) into a quiet exit 141.
 """
 from __future__ import annotations
 
@@ -111,7 +111,10 @@ def quiet_startup_signals() -> None:
 
     def startup(message: str, status: int):
         def handler(signum, frame):
-            os.write(2, f"{prog}: {message}\n".encode())
+            try:
+                os.write(2, f"{prog}: {message}\n".encode())
+            except OSError:  # stderr's reader has gone: raised here, it would stop the import, not end us
+                pass
             os._exit(status)
 
         handler.quiet_startup = True
@@ -180,15 +183,34 @@ def one_line(e: BaseException, with_type: bool = False) -> str:
     return type(e).__name__
 
 
-def _stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone (`| head` that read enough): poll() reports
-    an error on it. Any other broken pipe is a real error."""
+def _reader_gone(stream) -> bool:
+    """Whether `stream` (stdout, stderr) is a pipe whose reader has gone (`| head` that read
+    enough): poll() reports an error on it. Any other broken pipe is a real error."""
     try:
         poll = select.poll()
-        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        poll.register(stream.fileno(), select.POLLOUT)
         return any(events & select.POLLERR for _, events in poll.poll(0))
-    except (AttributeError, OSError, ValueError):  # no such stdout (pytest's capture), or no poll()
+    except (AttributeError, OSError, ValueError):  # no such stream (None, pytest's capture), or no poll()
         return False
+
+
+def _to_devnull(stream) -> None:
+    """Writes to `stream`, whose reader has gone, go nowhere from now on: else the next one, or
+    the flush at exit, raises again ("Exception ignored ...", exit status 120)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, stream.fileno())
+    os.close(null)
+
+
+def _say(line: str) -> None:
+    """`line` on stderr, or nowhere where stderr's reader has gone (`2>&1 >/dev/null | head -c1`):
+    the exit status still says how the run ended, where a traceback would have made it 1."""
+    try:
+        print(line, file=sys.stderr)
+    except BrokenPipeError:
+        if not _reader_gone(sys.stderr):
+            raise
+        _to_devnull(sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -209,7 +231,9 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     `sigterm`: stop on SIGTERM (kill, a job scheduler) as on Ctrl-C, so the same clean-up runs
     (temporary files removed), with exit status 143; False leaves SIGTERM to the run (Lightning's
     own handling while it trains).
-    A reader of stdout that goes (`| head`) ends the process quietly, status 141, as SIGPIPE does.
+    A reader of stdout that goes (`| head`) ends the process quietly, status 141, as SIGPIPE does; so
+    does one of stderr met by the run (a progress bar), and the line of how it ended is dropped, not
+    turned into a traceback, where stderr's reader has gone (`2>&1 >/dev/null | head -c1`).
     """
     received = []
 
@@ -233,20 +257,23 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
                 sys.stdout.flush()  # where buffered output meets a reader that has gone
             return status
         except BrokenPipeError:
-            if not _stdout_closed():
+            gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream)]
+            if not gone:
                 raise
             # Python ignores SIGPIPE, so `| head` that has read enough ends us here: end as a
             # Unix tool does by that signal, quietly with 141 - whether the run was done (a
             # buffered report meets the pipe at the end) or not (a flushed print, mid-run) - and
             # the process too, so a tool calling another's main() stops with it. What is written
-            # stays written; the unwinding run cleaned up what it had not finished.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit
+            # stays written; the unwinding run cleaned up what it had not finished. The same for
+            # stderr's reader (a progress bar's line met it): no error line could reach anyone.
+            for stream in gone:
+                _to_devnull(stream)
             raise SystemExit(128 + int(signal.SIGPIPE)) from None
     except errors as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        _say(f"{prog}: error: {one_line(e)}")
         return 2
     except named as e:
-        print(f"{prog}: error: {one_line(e, with_type=True)}", file=sys.stderr)
+        _say(f"{prog}: error: {one_line(e, with_type=True)}")
         return 2
     except KeyboardInterrupt as e:
         if interrupted is None:
@@ -258,7 +285,7 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         if terminated:
             rest = message.removeprefix("interrupted")
             message = "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
-        print(f"{prog}: {message}", file=sys.stderr)
+        _say(f"{prog}: {message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
         if hook:

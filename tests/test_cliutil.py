@@ -292,6 +292,43 @@ def test_a_broken_pipe_of_the_runs_own_is_an_error(tmp_path, capsys):
     assert capsys.readouterr().err == "p.py: error: [Errno 32] Broken pipe\n"
 
 
+STDERR_GONE = """
+import os, signal, sys
+from cliutil import quiet_startup_signals, run_cli
+
+def run(_):
+    out, how = sys.argv[1], sys.argv[2]
+    if how in ("error", "interrupt"):
+        raise ValueError("bad input") if how == "error" else KeyboardInterrupt
+    with open(out + ".tmp", "w") as f:
+        f.write("work")
+    try:
+        print("progress", file=sys.stderr)  # a progress bar's line: the reader's going shows here
+        os.replace(out + ".tmp", out)
+    finally:
+        if os.path.exists(out + ".tmp"):
+            os.unlink(out + ".tmp")
+    return 0
+
+if sys.argv[2] == "startup":  # Ctrl-C while the libraries load
+    quiet_startup_signals()
+    os.kill(os.getpid(), signal.SIGINT)
+sys.exit(run_cli("p.py", run, None, (ValueError, OSError)))
+"""
+
+
+@pytest.mark.parametrize("how, status", [("progress", 141), ("error", 2), ("interrupt", 130), ("startup", 130)])
+def test_a_reader_of_stderr_that_goes_ends_the_run_quietly(tmp_path, how, status):
+    """`SCRIPT 2>&1 >/dev/null | head -c1`: a line on stderr mid-run ends it as SIGPIPE would, 141, after
+    its clean-up; the line of how a run ended (error, interrupted), which no one can read now, is
+    dropped and the status is still the run's. Each was a BrokenPipeError traceback (lost too), exit 1."""
+    proc = subprocess.Popen([sys.executable, "-c", STDERR_GONE, str(tmp_path / "out"), how], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    proc.stderr.close()  # the reader has gone before the first line
+    assert proc.wait(timeout=60) == status
+    assert list(tmp_path.iterdir()) == []  # the run stopped, and cleaned up
+
+
 def test_folder_problem_names_the_file_in_the_way(tmp_path, monkeypatch):
     from cliutil import folder_problem
 
