@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+# Lightning binds its log handler to sys.stderr when imported: here, that is the session's stream,
+# not the capture stream of the first test to import it (closed after that test: "Logging error").
+import lightning  # noqa: F401
 import pytest
 import torch
 
