@@ -1,13 +1,17 @@
 """colorize/audio.py: the source's sound beside the written video, copied or re-encoded."""
 import wave
+from fractions import Fraction
+from types import SimpleNamespace
 
 import av
 import numpy as np
 import pytest
 
-from colorize.audio import add_audio, audio_codec
+from colorize.audio import _timed, add_audio, audio_codec, copied
 from colorize.frames_io import write_video_atomic
 from tests.helpers import video_with_sound
+
+TONE = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 10000).astype(np.int16)  # 1 s at 16 kHz
 
 
 def packets(path, kind: str) -> list[tuple[bytes, float]]:
@@ -137,3 +141,106 @@ def test_a_plain_wav_of_unnamed_channels_is_re_encoded_channel_for_channel(tmp_p
         left, right = np.concatenate([f.to_ndarray() for f in c.decode(a)], 1)
     assert abs(len(left) / 16000 - 1.0) < 0.1  # one second, up to AAC's framing
     assert 0.25 < np.abs(left).max() < 0.4 and np.abs(right).max() < 0.01  # 10000 / 32768 = 0.31; silence
+
+
+@pytest.mark.parametrize("channels, layout", [(1, "mono"), (2, "stereo")])
+def test_a_plain_wav_is_decoded_as_the_usual_layout_for_its_channel_count(tmp_path, channels, layout):
+    with wave.open(str(tmp_path / "track.wav"), "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.repeat(TONE[:, None], channels, 1).tobytes())
+    add_audio(picture(tmp_path), tmp_path / "track.wav", tmp_path / "out.mp4")
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert c.streams.audio[0].codec_context.layout.name == layout
+
+
+def test_copied_names_what_each_container_holds_as_it_is():
+    """MP4 holds all seven; QuickTime (a .mov name, in any case) neither Opus nor FLAC; PCM and
+    Vorbis are re-encoded into either."""
+    codecs = ["aac", "mp3", "ac3", "eac3", "alac", "opus", "flac", "pcm_s16le", "vorbis", None]
+    assert [c for c in codecs if copied(c, "out.mp4")] == ["aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"]
+    for mov in ("out.mov", "OUT.MOV", "out.Mov"):
+        assert [c for c in codecs if copied(c, mov)] == ["aac", "mp3", "ac3", "eac3", "alac"]
+    assert [c for c in codecs if copied(c, "out.mov.mp4")] == ["aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"]
+
+
+@pytest.mark.parametrize("name", ["out.mov", "OUT.MOV"])
+def test_a_mov_name_is_written_by_quicktimes_muxer(tmp_path, name):
+    """Its brand is QuickTime's ('qt  '), an MP4's is not; Opus goes in re-encoded."""
+    src, video = video_with_sound(tmp_path / "film.mp4", audio="opus"), picture(tmp_path)
+    assert add_audio(video, src, tmp_path / name) == "opus re-encoded to AAC"
+    assert (tmp_path / name).read_bytes()[4:12] == b"ftypqt  "
+    add_audio(video, src, tmp_path / "out.mp4")
+    assert (tmp_path / "out.mp4").read_bytes()[4:8] == b"ftyp" and (tmp_path / "out.mp4").read_bytes()[8:12] != b"qt  "
+
+
+def test_the_first_of_two_audio_streams_is_taken(tmp_path):
+    """A source with PCM first and AAC second: the PCM is named and re-encoded (the AAC, copied,
+    would say 'aac copied')."""
+    with av.open(str(tmp_path / "two.mov"), "w") as c:
+        for s in [c.add_stream(codec, rate=16000, layout="mono") for codec in ("pcm_s16le", "aac")]:
+            for i in range(0, 16000, 1024):
+                f = av.AudioFrame.from_ndarray(TONE[None, i:i + 1024], format="s16", layout="mono")
+                f.sample_rate, f.pts = 16000, i
+                c.mux(s.encode(f))
+            c.mux(s.encode())
+    assert audio_codec(tmp_path / "two.mov") == "pcm_s16le"
+    assert add_audio(picture(tmp_path), tmp_path / "two.mov", tmp_path / "out.mp4") == "pcm_s16le re-encoded to AAC"
+
+
+def test_the_shift_is_rounded_to_the_nearest_audio_sample(tmp_path):
+    """A picture 2/3 s after the sound (frame 2 at 3 fps; 8184 of the muxer's 1/12288 s ticks)
+    shifts 48 kHz sound by 31968.75 samples: by 31969 of them, not 31968."""
+    src = video_with_sound(tmp_path / "film.mp4", frames=3, fps=3, video_start=2, rate=48000)
+    with av.open(str(src)) as c:
+        v = c.streams.video[0]
+        samples = v.start_time * v.time_base * 48000
+    assert 0.5 < samples % 1 < 1  # rounding and truncating differ
+    add_audio(picture(tmp_path, 3), src, tmp_path / "out.mp4")
+
+    def ticks(path):
+        with av.open(str(path)) as c:
+            a = c.streams.audio[0]
+            assert a.time_base == Fraction(1, 48000)
+            return [p.pts for p in c.demux(a) if p.pts is not None]
+    assert ticks(tmp_path / "out.mp4") == [t - round(samples) for t in ticks(src)]
+
+
+def test_timed_takes_the_dts_else_the_pts_in_seconds_and_skips_untimed_packets():
+    def packet(dts, pts):
+        return SimpleNamespace(dts=dts, pts=pts, time_base=Fraction(1, 4))
+    ps = [packet(2, 6), packet(None, 9), packet(None, None), packet(0, None)]
+    assert [(t, kind, p) for t, kind, _, p in _timed(ps, 1)] == [(0.5, 1, ps[0]), (2.25, 1, ps[1]), (0.0, 1, ps[3])]
+
+
+def test_packets_reach_the_muxer_in_time_order_across_the_streams(tmp_path, monkeypatch):
+    """Interleaved by their times in seconds (the video's and the audio's ticks differ), not one
+    stream after the other."""
+    opening, muxed = av.open, []
+
+    class Recording:
+        def __init__(self, c):
+            self.c = c
+
+        def __enter__(self):
+            self.c.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.c.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.c, name)
+
+        def mux(self, p):
+            muxed.append((p.stream.type, float((p.pts if p.dts is None else p.dts) * p.time_base)))
+            self.c.mux(p)
+
+    video = picture(tmp_path)
+    sources = [video_with_sound(tmp_path / "film.mp4"), video_with_sound(tmp_path / "film.mov", audio="pcm_s16le")]
+    monkeypatch.setattr(av, "open", lambda path, mode="r", **kw: (
+        Recording(opening(path, mode, **kw)) if mode == "w" else opening(path, mode, **kw)))
+    for src in sources:  # AAC copied, PCM re-encoded
+        muxed.clear()
+        add_audio(video, src, tmp_path / "out.mp4")
+        assert {kind for kind, _ in muxed} == {"video", "audio"} and len(muxed) > 20
+        assert [t for _, t in muxed] == sorted(t for _, t in muxed)
