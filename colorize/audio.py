@@ -5,10 +5,10 @@ video is written, `add_audio` remuxes it (its packets copied, not re-encoded) to
 the first audio stream of the source. The audio packets are copied too where the container
 (MP4, or QuickTime for a .mov name) can hold the codec; anything else (PCM from a .mov or
 .avi, Vorbis, Opus or FLAC into a .mov, ...) is re-encoded to AAC.
-Audio is shifted by the source video's start time, so sound and picture keep the offset
-they had in the source: sound from before the first picture gets negative times, which the
-MP4's edit list skips in playback (and AAC's priming packet keeps its place before 0). PyAV
-(FFmpeg's libraries) does the demuxing and muxing.
+Audio is shifted by the source video's start time (a cover picture is no video), so sound and
+picture keep the offset they had in the source: sound from before the first picture gets
+negative times, which the MP4's edit list skips in playback (and AAC's priming packet keeps
+its place before 0). PyAV (FFmpeg's libraries) does the demuxing and muxing.
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def add_audio(video: str | os.PathLike, source: str | os.PathLike, dest: str | o
             raise ValueError(f"{source}: no audio stream")
         v_in = vid.streams.video[0]
         streams = [out.add_stream_from_template(v_in)]
-        first = src.streams.video[0] if src.streams.video else None
+        # the film's first picture; not a cover (an attached picture: an MP3's or M4A's), which has
+        # no time of its own (FFmpeg gives it the sound's start: an MP3's encoder delay)
+        first = next((s for s in src.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
         start = float(first.start_time * first.time_base) if first is not None and first.start_time else 0.0
         shift = round(start / audio.time_base)  # the picture starts at 0 in `video`
         name = audio.codec_context.codec.canonical_name

@@ -244,3 +244,31 @@ def test_packets_reach_the_muxer_in_time_order_across_the_streams(tmp_path, monk
         add_audio(video, src, tmp_path / "out.mp4")
         assert {kind for kind, _ in muxed} == {"video", "audio"} and len(muxed) > 20
         assert [t for _, t in muxed] == sorted(t for _, t in muxed)
+
+
+def test_a_cover_picture_keeps_no_offset_to_the_sound(tmp_path):
+    """An MP3 with its cover picture (a video stream of one attached picture, whose start FFmpeg
+    takes from the sound's: 1105 samples, the MP3 encoder's delay) is copied at its own times,
+    as one without: its sound was moved 69 ms earlier, the cover taken for the film's picture."""
+    def mp3(path, cover: bool):
+        with av.open(str(path), "w") as c:
+            a = c.add_stream("mp3", rate=16000, layout="mono")
+            if cover:
+                v = c.add_stream("mjpeg", rate=1)
+                v.width, v.height, v.pix_fmt = 32, 24, "yuvj420p"
+                v.disposition = av.stream.Disposition.attached_pic
+                f = av.VideoFrame.from_ndarray(np.zeros((24, 32, 3), np.uint8), format="rgb24")
+                c.mux(v.encode(f.reformat(format="yuvj420p")) + v.encode())
+            for i in range(0, 16000, 1152):
+                f = av.AudioFrame.from_ndarray(TONE[None, i:i + 1152], format="s16", layout="mono")
+                f.sample_rate, f.pts = 16000, i
+                c.mux(a.encode(f))
+            c.mux(a.encode())
+        return path
+    video = picture(tmp_path)
+    for cover in (False, True):
+        src = mp3(tmp_path / f"song{cover}.mp3", cover)
+        with av.open(str(src)) as c:
+            assert [s.type for s in c.streams] == ["audio", "video"] * cover or ["audio"]
+        assert add_audio(video, src, tmp_path / "out.mp4") == "mp3 copied"
+        assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
