@@ -1,4 +1,5 @@
 """atomicio: temp file beside the target, then rename; permissions of an ordinary new file."""
+import errno
 import fcntl
 import os
 import re
@@ -234,6 +235,8 @@ def test_try_lock_makes_its_folder_only_when_asked(tmp_path):
             pass
     with try_lock(tmp_path / "new" / "m.lock", make_parent=True) as got:
         assert got and (tmp_path / "new" / "m.lock").exists()
+    with try_lock(tmp_path / "a" / "b" / "m.lock", make_parent=True) as got:  # with its parents
+        assert got and (tmp_path / "a" / "b" / "m.lock").exists()
 
 
 def test_try_lock_with_wait_gets_the_lock_once_its_holder_lets_go(tmp_path):
@@ -249,3 +252,137 @@ def test_try_lock_with_wait_gets_the_lock_once_its_holder_lets_go(tmp_path):
         waited = time.monotonic() - t0
         assert got and _held_elsewhere(path)
     assert waited >= 0.25 and not path.exists()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc/self/fd")
+
+
+@needs_proc
+def test_try_lock_closes_what_it_opens(tmp_path):
+    path, before = tmp_path / "m.lock", _open_fds()
+    with try_lock(path):
+        with try_lock(path) as second:
+            assert not second
+        assert _open_fds() == before + 1  # the holder's only
+    assert _open_fds() == before
+
+
+def test_try_lock_opens_its_file_for_writing_readable_and_writable_by_all_the_umask_allows(tmp_path, monkeypatch,
+                                                                                           umask):
+    """For writing: NFS maps flock to POSIX locks, which need it; 0o666: other users' runs sharing the
+    folder lock it too."""
+    real, flags = os.open, []
+
+    def opening(path, flag, *args):
+        flags.append(flag)
+        return real(path, flag, *args)
+    umask(0o002)
+    monkeypatch.setattr(atomicio.os, "open", opening)
+    with try_lock(tmp_path / "m.lock") as got:
+        monkeypatch.setattr(atomicio.os, "open", real)
+        assert got and (tmp_path / "m.lock").stat().st_mode & 0o777 == 0o664
+    assert len(flags) == 1 and flags[0] & os.O_ACCMODE == os.O_RDWR and flags[0] & os.O_CREAT
+
+
+@needs_proc
+def test_try_lock_gives_up_after_five_files_replaced_under_it(tmp_path, monkeypatch):
+    path, real, calls = tmp_path / "m.lock", fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(op)
+        path.unlink()
+        path.write_bytes(b"")
+        return real(fd, op)
+    monkeypatch.setattr(atomicio.fcntl, "flock", flock)
+    before = _open_fds()
+    with pytest.raises(OSError) as e:
+        with try_lock(path):
+            pass
+    assert str(e.value) == f"{path}: keeps changing; is another run using it?"
+    assert len(calls) == 5 and _open_fds() == before
+
+
+def test_try_lock_retries_when_its_file_was_removed_before_it_locked(tmp_path, monkeypatch):
+    """The previous holder removed the file between our open and our flock, and no one made
+    another: the lock on the removed inode protects nothing, so make the file again."""
+    path, real, calls = tmp_path / "m.lock", fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            path.unlink()
+        return real(fd, op)
+    monkeypatch.setattr(atomicio.fcntl, "flock", flock)
+    with try_lock(path) as got:
+        monkeypatch.setattr(atomicio.fcntl, "flock", real)
+        assert got and len(calls) == 2 and path.exists() and _held_elsewhere(path)
+
+
+def test_try_lock_makes_its_folder_again_when_it_was_removed_in_between(tmp_path, monkeypatch):
+    path, real, opened = tmp_path / "new" / "m.lock", os.open, []
+
+    def opening(p, *args):
+        opened.append(p)
+        if len(opened) == 1:
+            path.parent.rmdir()  # a run ending removed it after our mkdir
+        return real(p, *args)
+    monkeypatch.setattr(atomicio.os, "open", opening)
+    with try_lock(path, make_parent=True) as got:
+        monkeypatch.setattr(atomicio.os, "open", real)
+        assert got and len(opened) == 2 and _held_elsewhere(path)
+
+
+def test_try_lock_raises_what_is_not_a_missing_folder(tmp_path):
+    """A file where its folder should be: no retrying (as for a folder removed in between)."""
+    (tmp_path / "new").write_text("")
+    with pytest.raises(FileExistsError):
+        with try_lock(tmp_path / "new" / "m.lock", make_parent=True):
+            pass
+
+
+def test_try_lock_raises_a_failing_lock_rather_than_report_it_held(tmp_path, monkeypatch):
+    """No locks on this file system (NFS without its lock daemon): an error, not 'another run
+    has it' (which would leave the work to no one, forever)."""
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(atomicio.fcntl, "flock", flock)
+    with pytest.raises(OSError) as e:
+        with try_lock(tmp_path / "m.lock"):
+            pass
+    assert e.value.errno == errno.ENOLCK
+
+
+def test_try_lock_removes_its_file_while_still_holding_it(tmp_path, monkeypatch):
+    """Closed first, another run could lock the file in between and lose it to our unlink."""
+    path, real, exists_at_close = tmp_path / "m.lock", os.close, []
+
+    def close(fd):
+        exists_at_close.append(path.exists())
+        real(fd)
+    with try_lock(path):
+        monkeypatch.setattr(atomicio.os, "close", close)
+    monkeypatch.undo()
+    assert exists_at_close == [False]
+
+
+@needs_proc
+def test_try_lock_lets_go_on_an_exception_and_of_a_file_already_removed(tmp_path):
+    path, before = tmp_path / "m.lock", _open_fds()
+    with pytest.raises(RuntimeError):
+        with try_lock(path):
+            raise RuntimeError("the work failed")
+    assert not path.exists() and _open_fds() == before
+    with try_lock(path) as got:
+        assert got
+        path.unlink()  # someone cleaned the folder up
+    assert _open_fds() == before
+
+
+def test_try_lock_without_fcntl_locks_nothing_and_says_got(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomicio, "fcntl", None)
+    with try_lock(tmp_path / "m.lock") as got:
+        assert got is True and not (tmp_path / "m.lock").exists()
