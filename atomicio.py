@@ -152,6 +152,9 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = Fa
             os.close(fd)
             yield False
             return
+        except BaseException:  # no locks here (ENOLCK), Ctrl-C while waiting, ...: not left open
+            os.close(fd)
+            raise
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

@@ -344,16 +344,19 @@ def test_try_lock_raises_what_is_not_a_missing_folder(tmp_path):
             pass
 
 
+@needs_proc
 def test_try_lock_raises_a_failing_lock_rather_than_report_it_held(tmp_path, monkeypatch):
     """No locks on this file system (NFS without its lock daemon): an error, not 'another run
-    has it' (which would leave the work to no one, forever)."""
+    has it' (which would leave the work to no one, forever); the file is closed all the same
+    (as after Ctrl-C in a waiting flock)."""
     def flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(atomicio.fcntl, "flock", flock)
+    before = _open_fds()
     with pytest.raises(OSError) as e:
         with try_lock(tmp_path / "m.lock"):
             pass
-    assert e.value.errno == errno.ENOLCK
+    assert e.value.errno == errno.ENOLCK and _open_fds() == before
 
 
 def test_try_lock_removes_its_file_while_still_holding_it(tmp_path, monkeypatch):
