@@ -2,6 +2,8 @@
 training, and the agreement of DDP processes on the one to resume from."""
 import multiprocessing
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -9,10 +11,10 @@ import pytest
 import torch
 
 from cldm.callbacks import AtomicCheckpointIO, StepCheckpoint
-from cldm.checkpoint import save_state_dict
+from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.lightning import ColorControlModule
 from cldm.resume import (LIGHTNING_KEYS, ResumeMismatchError, check_same_resume, checkpoint_step,
-                         find_resume_checkpoint, incomplete_checkpoints, is_complete_checkpoint,
+                         find_resume_checkpoint, incomplete_checkpoints, is_complete_checkpoint, list_checkpoints,
                          read_training_checkpoint, remove_partial_checkpoints, resume_misfit, resume_problem)
 from cldm.trainable import TRAINING_KEY, export_keys
 from tests.train_helpers import FakeTrainer, tiny_model
@@ -51,8 +53,10 @@ def test_all_processes_must_resume_from_rank_zeros_checkpoint(tmp_path):
     for name, paths in (("older", [a, b]), ("none", [a, None])):
         verdicts = resume_verdicts(tmp_path, name, paths)
         assert verdicts[0] == verdicts[1]  # both stop, with the same one-line reason
-        msg = verdicts[0]
-        assert "\n" not in msg and f"global rank 0 {a}" in msg and f"rank 1 {paths[1] or 'none'}" in msg, msg
+        assert verdicts[0] == (f"processes chose different checkpoints to resume from: global rank 0 {a}, rank 1 "
+                               f"{paths[1] or 'none (fresh start)'} (1 rank(s) differ); is --out on a shared "
+                               "filesystem that every node sees up to date? Rerun, or pass --resume with rank 0's "
+                               "file")
     check_same_resume(a)  # one process (no group): nothing to agree on
 
 
@@ -195,5 +199,107 @@ def test_the_mismatch_counts_every_rank_that_differs(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 4)
     monkeypatch.setattr(dist, "all_gather_object",
                         lambda out, obj, *a: out.__setitem__(slice(None), [obj, "b", obj, None]))
-    with pytest.raises(ResumeMismatchError, match=r"global rank 0 a, rank 1 b \(2 rank\(s\) differ\)"):
-        check_same_resume("a")
+    with pytest.raises(CheckpointError, match=r"global rank 0 a, rank 1 b \(2 rank\(s\) differ\)"):
+        check_same_resume("a")  # a CheckpointError: the training script says it in one line
+
+
+@pytest.mark.parametrize("key", ["pytorch-lightning_version", "global_step", "state_dict", "optimizer_states",
+                                 "lr_schedulers", "loops"])
+def test_each_entry_lightning_resumes_from_is_required(tmp_path, key):
+    path = training_file(tmp_path / "step=00000003.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt[key]
+    torch.save(ckpt, path)
+    assert resume_problem(path) == (f"not a Lightning training checkpoint (no {key!r}; an --init or exported file "
+                                    "holds weights only); resume from a file in OUT/checkpoints")
+    assert read_training_checkpoint(path) is None
+
+
+def test_a_state_dict_that_is_no_dict_is_no_training_checkpoint(tmp_path):
+    """Even of names that look like the module's."""
+    assert read_training_checkpoint(training_file(tmp_path / "names.ckpt", state_dict=["model.w"])) is None
+
+
+def test_reading_a_checkpoint_warns_nothing(tmp_path):
+    """torch.load's warning on an unusual pickle protocol is not passed on: the one-line problem says it."""
+    path = tmp_path / "p5.ckpt"
+    torch.save({k: {} for k in LIGHTNING_KEYS}, path, pickle_protocol=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resume_problem(path) == "truncated, or not a checkpoint written by this training (UnpicklingError)"
+        assert read_training_checkpoint(path) is None
+    assert caught == []
+
+
+def test_checkpoints_are_read_onto_the_cpu_memory_mapped_and_weights_only(tmp_path, monkeypatch):
+    """A checkpoint saved on a GPU opens on a host without one; a multi-GB file costs little."""
+    real, calls = torch.load, []
+
+    def load(path, **kw):
+        calls.append(kw)
+        return real(path, **kw)
+    path = training_file(tmp_path / "last.ckpt", step=7)
+    monkeypatch.setattr(torch, "load", load)
+    assert resume_problem(path) is None and checkpoint_step(path) == 7
+    assert calls == [dict(map_location="cpu", weights_only=True, mmap=True)] * 2
+
+
+def test_the_step_read_from_the_contents_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = training_file(tmp_path / "last.ckpt", payload=Evil(marker))
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint_step(evil)
+    assert not marker.exists()
+
+
+def test_the_step_comes_from_the_files_name_not_its_folders(tmp_path):
+    assert checkpoint_step(training_file(tmp_path / "step=00000300" / "last.ckpt", step=7)) == 7
+
+
+def test_resume_misfit_a_tensor_of_another_shape_comes_first():
+    model = ColorControlModule(tiny_model("v2")).model
+    own = model.state_dict()
+    trained = {k: own[k] for k in export_keys(model)}
+    first, key = sorted(trained)[0], sorted(trained)[1]
+    trained[key] = torch.zeros(*trained[key].shape, 2)
+    del trained[first]
+    report, reason = resume_misfit(model, "abc", trained, {})
+    assert list(report.mismatched) == [key] and report.missing == [first]
+    assert reason.startswith(f"{key} is {list(trained[key].shape)} in the checkpoint but {list(own[key].shape)} in "
+                             "the model; likely ")
+
+
+def test_resume_misfit_names_the_count_and_first_of_what_is_missing_or_too_much():
+    model = ColorControlModule(tiny_model("v2")).model
+    own = model.state_dict()
+    trained = {k: own[k] for k in export_keys(model)}
+    policy = "model.sd_locked and model.train_unet_input say which train"
+    a, b = list(trained)[:2]  # named in the model's order
+    _, reason = resume_misfit(model, "abc", {k: v for k, v in trained.items() if k not in (a, b)}, {})
+    assert reason == f"lacks 2 tensors that this config trains (e.g. {a}; {policy})"
+    locked = sorted(set(own) - set(trained))
+    _, reason = resume_misfit(model, "abc", {**trained, locked[0]: own[locked[0]]}, {})
+    assert reason == f"holds 1 tensor that this config does not train (e.g. {locked[0]}; {policy})"
+    _, reason = resume_misfit(model, "abc", {**trained, "model.x": torch.ones(1), "model.a": torch.ones(1)}, {})
+    assert reason == f"holds 2 tensors that this config does not train (e.g. model.x; {policy})"  # the file's order
+
+
+def test_steps_are_numbers_of_any_size_in_any_step_name_of_the_folder_itself(tmp_path):
+    """Step 100 is newer than 99 (and 1000 than 999); Lightning's own epoch=E-step=N names count;
+    a step file in a subfolder (put aside) does not."""
+    io = AtomicCheckpointIO()
+    for name in ("step=99.ckpt", "step=100.ckpt", "epoch=3-step=00000120.ckpt"):
+        io.save_checkpoint({"global_step": 0}, tmp_path / name)
+    io.save_checkpoint({"global_step": 0}, tmp_path / "old" / "step=00000500.ckpt")
+    os.utime(tmp_path / "step=99.ckpt", (2e9, 2e9))
+    assert [(s, t, p.name) for s, t, p in list_checkpoints(tmp_path)][:1] == [(99, 2e9, "step=99.ckpt")]
+    assert [(s, p.name) for s, _, p in list_checkpoints(tmp_path)] == [
+        (99, "step=99.ckpt"), (100, "step=100.ckpt"), (120, "epoch=3-step=00000120.ckpt")]
+    assert find_resume_checkpoint(tmp_path).name == "epoch=3-step=00000120.ckpt"
+
+
+def test_incomplete_checkpoints_come_oldest_step_first(tmp_path):
+    for step in (12, 3, 7):
+        (tmp_path / f"step={step:08d}.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    assert [p.name for p in incomplete_checkpoints(tmp_path)] == [
+        "step=00000003.ckpt", "step=00000007.ckpt", "step=00000012.ckpt"]
