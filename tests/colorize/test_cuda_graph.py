@@ -73,5 +73,50 @@ def test_signature_covers_shapes_dtypes_and_missing_fields():
 
 
 def test_graphs_need_cuda_tensors():
-    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
-        cuda_graph.GraphedStep(step, torch.zeros(1, 4, 8, 8), torch.zeros(1), cond(1))
+    for device in ("cpu", "meta"):  # not only the CPU
+        with pytest.raises(ValueError, match=f"^CUDA graphs need CUDA tensors, got {device}$"):
+            cuda_graph.GraphedStep(step, torch.zeros(1, 4, 8, 8, device=device), torch.zeros(1, device=device),
+                                   cond(1))
+
+
+def test_a_condition_rebuilt_from_its_fields_is_the_same():
+    """GraphedStep clones the condition field by field into a new ColorCondition."""
+    c = ColorCondition(torch.zeros(1, 3, 4), torch.ones(1, 2, 8, 8), torch.full((1, 5, 8, 8), 2.0))
+    again = ColorCondition(*cuda_graph._fields(c))
+    assert again.context is c.context and again.guided_hint is c.guided_hint and again.concat is c.concat
+
+
+def inputs_only(x, c):
+    """A GraphedStep as its __init__ leaves the graph's inputs, without the capture (CUDA only)."""
+    g = object.__new__(cuda_graph.GraphedStep)
+    g.signature, g.x = cuda_graph.signature(x, c), x.clone()
+    g.cond = ColorCondition(*(None if f is None else f.clone() for f in cuda_graph._fields(c)))
+    return g
+
+
+def with_concat(b, value):
+    return ColorCondition(torch.full((b, 3, 4), value), torch.full((b, 2, 8, 8), value),
+                          torch.full((b, 5, 8, 8), value))
+
+
+def test_set_condition_copies_into_the_graphs_own_tensors():
+    """The graph reads the tensors it was captured with: every field is copied in place."""
+    x = torch.zeros(2, 4, 8, 8)
+    for make in (with_concat, cond):  # with and without the concat input
+        g = inputs_only(x, make(2, 1.0))
+        static = cuda_graph._fields(g.cond)
+        g.set_condition(make(2, 5.0))
+        assert all(a is b for a, b in zip(cuda_graph._fields(g.cond), static))
+        assert [None if f is None else f.unique().tolist() for f in static] == \
+            [[5.0], [5.0], [5.0] if make is with_concat else None]
+
+
+def test_set_condition_refuses_other_shapes_and_dtypes_and_copies_nothing():
+    x = torch.zeros(2, 4, 8, 8)
+    g = inputs_only(x, with_concat(2, 1.0))
+    half = with_concat(2, 5.0)
+    half = ColorCondition(half.context, half.guided_hint.half(), half.concat)
+    for other in (with_concat(1, 5.0), cond(2, 5.0), half):
+        with pytest.raises(ValueError, match="^condition shapes differ from the captured graph's$"):
+            g.set_condition(other)
+    assert all(f.unique().tolist() == [1.0] for f in cuda_graph._fields(g.cond))
