@@ -1,5 +1,6 @@
 """annotator.build_many: many movies in one run - skips, notes, other runs' movies, progress,
 the workers' watchdog (the CLI's signals and worker processes: tests/scripts/test_build_pairs.py)."""
+import contextlib
 import errno
 import json
 import os
@@ -28,7 +29,7 @@ def test_build_all_skips_bad_and_existing(tmp_path):
     (tmp_path / "empty").mkdir()
     lines = []
     s = build_all([good, tmp_path / "empty"], tmp_path / "data", OPTS, progress=False, log=lines.append)
-    assert [m["movie_id"] for m in s.built] == ["good"] and s.frames == 6
+    assert [m["movie_id"] for m in s.built] == ["good"] and s.frames == 6 and 0 < s.seconds < 60
     assert lines == [f"skipped: {tmp_path / 'empty'}: folder contains no image frames"]
     s2 = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert s2.built == [] and s2.existing == ["good"] and len(lines) == 1
@@ -72,6 +73,7 @@ def test_a_data_root_without_write_permission_stops_the_run(tmp_path, monkeypatc
     with pytest.raises(build_many.OutputError) as e:
         build_all(clips, tmp_path / "data", OPTS, progress=False, log=lines.append)
     assert str(e.value) == f"permission denied ({tmp_path / 'data'}); finished movies are kept, rerun to resume"
+    assert isinstance(e.value.__cause__, PermissionError)  # the original, with its path, in a traceback
     assert lines == [] and os.listdir(tmp_path / "data") == []
 
 
@@ -226,3 +228,306 @@ def test_a_png_movie_rebuilt_with_the_same_options_gets_no_note():
     assert option_changes(meta, png) == []
     assert option_changes({**meta, "image_format": "jpg", "quality": 95}, replace(OPTS, quality=95)) == []
     assert option_changes(meta, replace(png, window=png.window + 1)) == [f"window {png.window} (now {png.window + 1})"]
+
+
+def test_summary_text_in_full():
+    meta = {"frame_count": 10, "metric": "ssim", "default_band": {"pairs": 4}}
+    s = Summary(built=[meta, {**meta, "frame_count": 5}], existing=["x"], skipped=["a: bad", "b: worse"],
+                warnings=["c: odd"], not_in_shard=3, seconds=2.0, stopped=True, not_built=["d", "e"])
+    assert s.text() == "\n".join([
+        "built 2 movie(s): 15 frames, 8 pairs in the default band (0.94 < sim < 0.97, gap >= 3), 2.0 s, 7.5 frames/s",
+        "already built (skipped): 1", "bad input (skipped): 2", "  a: bad", "  b: worse",
+        "built with a warning: 1", "  c: odd", "left to other shards: 3",
+        "stopped early because of --strict; not built: d, e"])
+    assert Summary(stopped=True).text().splitlines()[-1] == "stopped early because of --strict"
+    assert Summary(built=[meta], seconds=0.04).text().splitlines()[0].endswith(", 0.0 s, 250.0 frames/s")
+
+
+
+def test_an_input_given_by_another_path_to_its_source_is_that_movie(tmp_path, monkeypatch):
+    """meta.json records the real path: the same folder named relatively is the movie already built."""
+    good = write_folder(panning_clip(4, 16, 24), tmp_path / "good")
+    build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    s = build_all(["good"], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s.existing == ["good"] and s.skipped == [] and lines == []
+
+
+def test_option_changes_names_every_option_in_order():
+    from annotator.build_many import option_changes
+
+    meta = {"frame_count": 20, "short_side": 64, "window": 5, "metric": "ssim", "image_format": "jpg",
+            "quality": 95, "metric_params": {"sim_size": [64, 64]}}
+    now = BuildOptions(size=128, window=7, metric="ncc", image_format="png", sim_size=32)
+    assert option_changes(meta, now) == ["short_side 64 (now 128)", "window 5 (now 7)", "metric ssim (now ncc)",
+                                         "image_format jpg (now png)", "sim_size 64 (now 32)", "quality 95 (now None)"]
+    old = {k: v for k, v in meta.items() if k != "metric_params"}  # a meta.json of before metric_params
+    assert option_changes(old, replace(now, size=64, window=5, metric="ssim", image_format="jpg")) == \
+        ["sim_size None (now 32)"]
+    one = {**meta, "frame_count": 1, "window": 1}  # a one-frame movie stores window 1 (at least 1)
+    assert option_changes(one, BuildOptions(size=64, window=5, sim_size=64)) == []
+
+
+def test_build_all_checks_the_options_before_anything(tmp_path):
+    good = write_folder(panning_clip(4, 16, 24), tmp_path / "good")
+    with pytest.raises(ValueError, match="--size must be"):
+        build_all([good], tmp_path / "data", replace(OPTS, size=100), progress=False, log=lambda line: None)
+    assert not (tmp_path / "data").exists()
+
+
+def test_strict_stops_before_building_on_bad_input_found_in_the_plan(tmp_path):
+    good = write_folder(panning_clip(4, 16, 24), tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    lines = []
+    s = build_all([good, tmp_path / "empty"], tmp_path / "data", OPTS, strict=True, progress=False, log=lines.append)
+    assert s.built == [] and s.stopped and s.not_built == ["good"] and not (tmp_path / "data" / "good").exists()
+    assert lines == [f"skipped: {tmp_path / 'empty'}: folder contains no image frames"]
+
+
+def test_no_more_workers_than_movies(tmp_path, monkeypatch):
+    """8 workers for 3 movies are 3 (8 // 3 = 2 threads each); 4 for one movie build it in this
+    process with all 8 threads."""
+    seen = []
+    monkeypatch.setattr(build_many.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(build_many, "_build_parallel",
+                        lambda todo, root, options, workers, *a: seen.append(("parallel", workers, options.threads)))
+    monkeypatch.setattr(build_many, "_build_one", lambda mid, path, root, options, *a: seen.append(
+        ("here", options.threads)) or "skipped")
+    clips = [write_folder(panning_clip(4, 16, 24, seed=k), tmp_path / f"m{k}") for k in range(3)]
+    build_all(clips, tmp_path / "d", replace(OPTS, threads=0), workers=8, progress=False, log=lambda line: None)
+    build_all(clips[:1], tmp_path / "d", replace(OPTS, threads=0), workers=4, progress=False, log=lambda line: None)
+    assert seen == [("parallel", 3, 2), ("here", 8)]
+
+
+def test_overall_progress_ends_at_100_percent_when_strict_stops_the_run(tmp_path, capsys):
+    """The movie left unbuilt gives back its claimed frames too."""
+    bad = write_folder(panning_clip(8, 16, 24), tmp_path / "a_bad")
+    cv2.imwrite(str(bad / "frame4.png"), np.zeros((16, 20, 3), np.uint8))
+    good = write_folder(panning_clip(6, 16, 24), tmp_path / "b_good")
+    s = build_all([bad, good], tmp_path / "data", OPTS, strict=True, progress=True, log=lambda line: None)
+    assert s.stopped and s.not_built == ["b_good"]
+    renders = re.findall(r"all movies: +(\d+)%\|[^|]*\| (\d+)/(\d+)", capsys.readouterr().err)
+    assert int(renders[0][2]) == 14
+    pct, n, total = map(int, renders[-1])
+    assert (pct, n) == (100, total) and total < 8
+
+
+def test_per_movie_bars_take_the_lowest_free_line_and_the_claimed_total(monkeypatch, capsys):
+    """On a terminal each movie's bar has its own line below the overall bar: a movie that
+    starts takes the line a finished one left, not one below the last (which another holds)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bars = build_many._Bars([("a", None, 5), ("b", None, 0), ("c", None, 7), ("d", None, 9)], True)
+    for mid in "ab":
+        bars.advance(mid, 1)
+    bars.finish("a")
+    for mid in "cd":
+        bars.advance(mid, 1)
+    assert {mid: (abs(bar.pos), bar.total) for mid, bar in bars.bars.items()} == \
+        {"b": (2, None), "c": (1, 7), "d": (3, 9)}  # b claimed no count
+    bars.close()
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.EIO, "Input/output error"), "OSError: [Errno 5] Input/output error"),
+    (cv2.error("OpenCV(4) resize.cpp:1: error: (-215) !ssize.empty()"), "error: OpenCV(4) resize.cpp:1: error: (-215) "
+                                                                         "!ssize.empty()")])
+def test_a_movie_that_fails_to_build_is_one_line_with_the_error_type(tmp_path, monkeypatch, error, line):
+    def failing(*args):
+        raise error
+    monkeypatch.setattr(build_many, "build_movie", failing)
+    assert build_many._build_one("m", tmp_path / "m.mp4", tmp_path / "data", OPTS, None) == f"{tmp_path / 'm.mp4'}: {line}"
+
+
+# ------------------------------------------------------- the worker loop, with stand-in workers
+
+class FakeProc:
+    """A worker process that has exited (`exitcode`) or runs until killed."""
+
+    def __init__(self, exitcode=None):
+        self.exitcode, self.killed = exitcode, False
+
+    def is_alive(self):
+        return self.exitcode is None
+
+    def join(self, timeout=None):
+        pass
+
+    def kill(self):
+        self.killed, self.exitcode = True, -9
+
+
+def stand_in_workers(monkeypatch, scripts):
+    """_start_worker replaced: movie id -> (messages it sends, exit code or None: still running,
+    what it does on starting). Returns {id: FakeProc}."""
+    import multiprocessing
+
+    procs, open_ends = {}, []
+
+    def start(ctx, mid, path, root, options):
+        messages, exitcode, on_start = scripts[mid]
+        read, write = multiprocessing.Pipe(duplex=False)
+        for m in messages:
+            write.send(m)
+        if exitcode is None:
+            open_ends.append(write)  # running: the pipe stays open
+        else:
+            write.close()
+        if on_start:
+            on_start(root)
+        procs[mid] = FakeProc(exitcode)
+        return build_many._Worker(mid, Path(path), procs[mid], read)
+    monkeypatch.setattr(build_many, "_start_worker", start)
+    return procs
+
+
+def in_time(fn, seconds=30):
+    """fn() in a thread that must end within `seconds` (a loop that waits forever fails the test)."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "still running"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def clips_named(tmp_path, names):
+    return [write_folder(panning_clip(4, 16, 24, seed=k), tmp_path / name) for k, name in enumerate(names)]
+
+
+def test_workers_results_warnings_and_a_worker_that_died(tmp_path, monkeypatch):
+    a, b = clips_named(tmp_path, "ab")
+    meta = {"movie_id": "a", "frame_count": 4}
+    stand_in_workers(monkeypatch, {"a": ([("progress", 3), ("warning", "a: odd"), ("result", meta)], 0, None),
+                                   "b": ([("progress", 2)], -9, None)})
+    lines = []
+    s = in_time(lambda: build_all([a, b], tmp_path / "data", OPTS, workers=2, progress=False, log=lines.append))
+    assert s.built == [meta] and s.warnings == ["a: odd"]
+    assert s.skipped == [f"{b}: the worker process died (exit code -9) while building it"]
+    assert sorted(lines) == [f"skipped: {s.skipped[0]}", "warning: a: odd"]  # both ended: either first
+
+
+def test_a_worker_that_finds_data_root_full_stops_the_others(tmp_path, monkeypatch):
+    a, b = clips_named(tmp_path, "ab")
+    root = tmp_path / "data"
+
+    def building(root):
+        (root / PARTIAL_DIR / "b" / "frames").mkdir(parents=True)
+    procs = stand_in_workers(monkeypatch, {"a": ([("output-error", (errno.ENOSPC, str(root)))], 0, None),
+                                           "b": ([], None, building)})
+    with pytest.raises(build_many.OutputError) as e:
+        in_time(lambda: build_all([a, b], root, OPTS, workers=2, progress=False, log=lambda line: None))
+    assert str(e.value) == f"no space left on device ({root}); finished movies are kept, rerun to resume"
+    assert e.value.errno == errno.ENOSPC and procs["b"].killed and not (root / PARTIAL_DIR).exists()
+
+
+def test_strict_stop_keeps_what_finished_meanwhile_and_another_runs_movie(tmp_path, monkeypatch):
+    """The first bad movie stops the run: a movie whose worker finished it just then counts as
+    built; the partial output of one that another run has taken over since is left alone."""
+    import fcntl
+
+    clips = clips_named(tmp_path, "abc")
+    root = tmp_path / "data"
+    monkeypatch.setattr(build_many, "load_meta", lambda d: {"movie_id": d.name})
+
+    def finished(root):
+        (root / "b").mkdir()
+        (root / "b" / "meta.json").write_text("{}")
+
+    held = []
+
+    def taken_over(root):  # by another run, which holds its lock now
+        (root / PARTIAL_DIR / "c" / "frames").mkdir(parents=True)
+        held.append(os.open(root / PARTIAL_DIR / "c.lock", os.O_CREAT | os.O_RDWR))
+        fcntl.flock(held[0], fcntl.LOCK_EX)
+    procs = stand_in_workers(monkeypatch, {"a": ([("result", "a: bad input")], 0, None), "b": ([], None, finished),
+                                           "c": ([], None, taken_over)})
+    try:
+        s = in_time(lambda: build_all(clips, root, OPTS, workers=3, strict=True, progress=False,
+                                      log=lambda line: None))
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert s.stopped and s.skipped == ["a: bad input"] and s.built == [{"movie_id": "b"}] and s.not_built == ["c"]
+    assert procs["b"].killed and procs["c"].killed
+    assert (root / PARTIAL_DIR / "c" / "frames").is_dir()
+
+
+def test_a_worker_reports_progress_in_batches_then_its_result(tmp_path, monkeypatch):
+    """Progress goes in batches of at least 8 frames, the rest before the result; SIGINT is
+    ignored (the parent stops the run), the signals the parent held around its start are let
+    through again, and OpenCV runs on one thread."""
+    import multiprocessing
+    import signal
+
+    calls = []
+    monkeypatch.setattr(build_many, "_exit_with_parent", lambda pid: calls.append(pid))
+
+    def building(mid, path, root, options, report, warn):
+        for n in (3, 3, 3, 2):
+            report(n)
+        warn("odd")
+        return {"movie_id": mid}
+
+    def run(build):
+        monkeypatch.setattr(build_many, "_build_one", build)
+        read, write = multiprocessing.Pipe(duplex=False)
+        build_many._worker_main(write, "m", "m.mp4", str(tmp_path), OPTS, 4242)
+        got = []
+        with contextlib.suppress(EOFError):  # the worker closed its end
+            while True:
+                got.append(read.recv())
+        return got
+
+    old_int, old_threads = signal.getsignal(signal.SIGINT), cv2.getNumThreads()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    try:
+        assert run(building) == [("progress", 9), ("warning", "odd"), ("progress", 2), ("result", {"movie_id": "m"})]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and cv2.getNumThreads() == 1
+        assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        cv2.setNumThreads(old_threads)
+    assert calls == [4242]
+
+    def full(*args):
+        raise build_many.OutputError(errno.ENOSPC, "elsewhere")
+    assert run(full) == [("output-error", (errno.ENOSPC, str(tmp_path)))]
+
+    def bug(*args):
+        raise KeyError("oops")
+    assert run(bug) == [("result", "m.mp4: KeyError: 'oops'")]
+    signal.signal(signal.SIGINT, old_int)
+    cv2.setNumThreads(old_threads)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_signals_deferred_blocks_them_and_ignores_sigint_while_a_worker_starts():
+    """The worker inherits both: it starts with SIGINT ignored and blocked."""
+    import signal
+
+    old_int = signal.getsignal(signal.SIGINT)
+    with build_many._signals_deferred(ignore_sigint=True):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert signal.getsignal(signal.SIGINT) is old_int
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_worker_asks_the_kernel_for_sigkill_when_its_parent_dies():
+    child = ("import ctypes, os; from annotator.build_many import _exit_with_parent; _exit_with_parent(os.getppid()); "
+             "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")  # GET
+    out = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "9", out.stderr
