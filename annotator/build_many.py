@@ -423,21 +423,36 @@ def _signals_deferred(ignore_sigint: bool = False):
 
     Used while starting a worker - with `ignore_sigint`, so the worker starts with Ctrl-C
     ignored and blocked until it has set itself up (no traceback from a half-started
-    worker; the parent alone stops the run) - and while stopping the workers, so a second
-    Ctrl-C cannot cut the clean-up short.
+    worker; the parent alone stops the run; a Ctrl-C in those milliseconds may be lost) -
+    and while stopping the workers, so a second Ctrl-C cannot cut the clean-up short.
+
+    Blocking them in this thread is not enough: the kernel hands a signal to any thread that
+    does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the
+    main thread all the same. So the main thread's handlers only note them meanwhile.
     """
     main = threading.current_thread() is threading.main_thread()
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    noted: list[int] = []
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore_sigint and main else None
+    old_handlers = {}
+    if main:
+        for signum in _HELD:
+            old = signal.getsignal(signum)
+            if signum == signal.SIGINT and ignore_sigint:
+                old_handlers[signum] = signal.signal(signum, signal.SIG_IGN)
+            elif callable(old):  # a Python handler (not SIG_IGN or SIG_DFL, nor one set outside Python)
+                old_handlers[signum] = signal.signal(signum, lambda s, frame: noted.append(s))
     try:
         yield
     finally:
-        if old_int is not None:
-            signal.signal(signal.SIGINT, old_int)
+        for signum, old in old_handlers.items():
+            if old is not None:  # None: set outside Python, not to be restored from here
+                signal.signal(signum, old)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for signum in noted:
+            signal.raise_signal(signum)  # to the handler restored above
 
 
 def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:

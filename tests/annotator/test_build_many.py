@@ -531,3 +531,34 @@ def test_worker_asks_the_kernel_for_sigkill_when_its_parent_dies():
              "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")  # GET
     out = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "9", out.stderr
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_signals_deferred_holds_them_with_other_threads_running_and_delivers_them_after():
+    """build_pairs has threads that do not block the signals (numpy's BLAS pool, tqdm's monitor):
+    the kernel hands a signal to one of them and Python runs its handler in the main thread,
+    inside the block - a second Ctrl-C cut the workers' clean-up short."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # started before the block: signals unblocked there
+    other.start()
+    got = []
+
+    def record(signum, frame):
+        got.append(signum)
+    old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with build_many._signals_deferred():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), s)
+            time.sleep(0.1)  # a handler Python would run has run by now
+            assert got == []
+        time.sleep(0.1)
+        assert sorted(got) == sorted([signal.SIGINT, signal.SIGTERM])  # delivered, not lost
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is record
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        stop.set()
