@@ -41,6 +41,8 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from cliutil import NOT_REGULAR
+
 VIDEO_EXTS = frozenset(
     {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mts"}
 )
@@ -195,7 +197,7 @@ def _kind(path: Path) -> str:
     if not path.exists():
         raise FrameSourceError(path, "no such file or folder")
     if not path.is_file():  # a source is opened more than once (probe, then the frames); a pipe blocks
-        raise FrameSourceError(path, "not a regular file (a named pipe, socket or device)")
+        raise FrameSourceError(path, NOT_REGULAR)
     if path.suffix.lower() in VIDEO_EXTS:
         return "video"
     raise FrameSourceError(
