@@ -713,3 +713,164 @@ def test_a_movie_encoded_under_its_lock_and_not_again_if_another_run_finished_it
     monkeypatch.setattr(annotator.latent_cache, "try_lock", finished_meanwhile)
     result = build_latent_cache(root, tiny_vae(0), progress=False)
     assert result["existing"] == ["pan"] and result["built"] == [] and len(seen) == 1
+
+
+def test_fingerprint_is_of_values_not_of_their_dtype_nor_the_order_of_registration():
+    """A VAE held in float16 or bfloat16 has the fingerprint of the float32 VAE of the same
+    values; two modules registering the same tensors in another order have one fingerprint."""
+    vae = tiny_vae(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = tiny_vae(0).to(dtype)
+        assert vae_fingerprint(low) == vae_fingerprint(tiny_vae(0).to(dtype).float()) != vae_fingerprint(vae)
+
+    class Two(torch.nn.Module):
+        def __init__(self, names):
+            super().__init__()
+            for name in names:
+                self.register_parameter(name, torch.nn.Parameter(torch.full((2,), float(ord(name)))))
+    assert list(Two("ab").state_dict()) == ["a", "b"] and list(Two("ba").state_dict()) == ["b", "a"]
+    assert vae_fingerprint(Two("ab")) == vae_fingerprint(Two("ba"))
+
+
+def test_read_frame_gives_three_channels_of_gray_or_rgba_pngs(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    np.testing.assert_array_equal(read_frame(tmp_path / "g.png"), np.repeat(gray[..., None], 3, 2))
+    bgra = np.zeros((3, 4, 4), np.uint8)
+    bgra[..., 2], bgra[..., 3] = 200, 7  # red, nearly transparent: the alpha is dropped
+    cv2.imwrite(str(tmp_path / "a.png"), bgra)
+    rgb = read_frame(tmp_path / "a.png")
+    assert rgb.shape == (3, 4, 3) and rgb[..., 0].min() == 200 and rgb[..., 1:].max() == 0
+
+
+def test_encode_movie_records_what_it_wrote(root):
+    """latents.json: the format version, the fingerprint it is given (not computed again), the
+    frame count, size and shape, and the layout, with or without the gray latents."""
+    vae = tiny_vae(0)
+    for gray in (False, True):
+        info = encode_movie(root / "pan", vae, fingerprint="f" * 64, batch_size=5, gray=gray)
+        assert info == json.loads((root / "pan" / LATENTS_META).read_text()) == {
+            "version": 1, "vae_fingerprint": "f" * 64, "frames": N, "frame_size": [160, 64],
+            "shape": [N, 3 if gray else 2, 4, 8, 20], "dtype": "float16", "gray": gray,
+            "layout": f"[frame, (posterior mean, posterior std{', gray posterior mean' if gray else ''}), channel, "
+                      "H/8, W/8], unscaled", "autocast": None}
+
+
+def test_load_latents_maps_read_only_and_reads_a_version_2_npy(cached_root):
+    """The dataset cannot change the cache through its map; np.save writes .npy 2.0 for headers
+    past 64 KiB, and such a file is read too."""
+    fp, path = vae_fingerprint(tiny_vae(0)), cached_root / "pan" / LATENTS
+    lat = load_latents(cached_root / "pan", fp)
+    with pytest.raises(ValueError, match="read-only"):
+        lat[0, 0, 0, 0, 0] = 1
+    whole = np.array(lat)
+    del lat
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, whole, version=(2, 0))
+    np.testing.assert_array_equal(load_latents(cached_root / "pan", fp), whole)
+
+
+def test_what_does_not_fit_the_frames_is_named_in_full(cached_root):
+    movie = cached_root / "pan"
+    info = json.loads((movie / LATENTS_META).read_text())
+    fp, path = info["vae_fingerprint"], movie / LATENTS
+
+    def refused(problem):
+        with pytest.raises(LatentCacheError) as e:
+            load_latents(movie, fp)
+        assert str(e.value) == f"{path}: latent cache does not match the frames ({problem}); rerun build_latent_cache.py"
+    (movie / LATENTS_META).write_text(json.dumps({**info, "frame_size": [320, 128]}))
+    refused("made from frames of [320, 128], the movie's are 160x64")
+    whole = np.load(path)
+    np.save(path, np.concatenate([whole, whole[:, :1]], 1))  # three latents a frame, but not recorded as gray
+    (movie / LATENTS_META).write_text(json.dumps(info))
+    refused(f"shape [{N}, 3, 4, 8, 20] float16, but {N} frames of 160x64 need [{N}, 2, 'C', 8, 20] float16")
+
+
+def test_a_cache_of_other_weights_names_both_fingerprints(cached_root):
+    other = vae_fingerprint(tiny_vae(1))
+    mine = json.loads((cached_root / "pan" / LATENTS_META).read_text())["vae_fingerprint"]
+    with pytest.raises(LatentCacheError) as e:
+        load_latents(cached_root / "pan", other)
+    assert str(e.value) == (f"{cached_root / 'pan'}: latent cache was made by other VAE weights ({mine[:12]}..., "
+                            f"expected {other[:12]}...); rebuild it with --overwrite")
+    lines = []
+    build_latent_cache(cached_root, tiny_vae(1), progress=False, log=lines.append)
+    assert lines == [f"refused: {cached_root / 'pan'}: cached with other VAE weights ({mine[:12]}...); use "
+                     "--overwrite to replace it"]
+
+
+def test_write_errors_keep_their_cause_and_a_message_without_strerror(tmp_path):
+    from annotator.latent_cache import _writing
+
+    dest = tmp_path / LATENTS
+    with pytest.raises(OSError) as e:
+        with _writing(dest, 2**20):  # exactly 1 MiB
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert str(e.value).endswith("; it needs 1.0 MiB: free some space and rerun")
+    assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
+    with pytest.raises(OSError) as e:
+        with _writing(dest, 10):
+            raise OSError("the file system said no")
+    assert str(e.value) == f"{dest}: cannot write the latent cache (the file system said no)"
+
+
+def test_an_empty_list_of_movies_is_none_of_them(root):
+    assert build_latent_cache(root, tiny_vae(0), movies=[], progress=False) == {
+        "built": [], "existing": [], "refused": [], "fingerprint": vae_fingerprint(tiny_vae(0))}
+    assert not (root / "pan" / LATENTS).exists()
+
+
+def test_partial_files_of_a_movie_to_build_are_overwritten_without_a_note(root):
+    for f in annotator.latent_cache.partial_files(root / "pan"):
+        f.write_bytes(b"half")
+    logged = []
+    assert build_latent_cache(root, tiny_vae(0), progress=False, log=logged.append)["built"] == ["pan"]
+    assert logged == [] and not list((root / "pan").glob("*.partial"))
+
+
+def test_the_bar_counts_the_frames_to_encode_only(cached_root, tmp_path, capsys):
+    src = write_folder(panning_clip(4, 64, 64), tmp_path / "src" / "small")
+    build_all([src], cached_root, BuildOptions(size=64, window=2), progress=False)
+    result = build_latent_cache(cached_root, tiny_vae(0), batch_size=3, progress=True, log=lambda line: None)
+    assert result["built"] == ["small"] and result["existing"] == ["pan"]
+    renders = re.findall(r"latents: +(\d+)%\|[^|]*\| (\d+)/(\d+)", capsys.readouterr().err)
+    assert renders[-1] == ("100", "4", "4")
+
+
+def test_build_latent_cache_encodes_in_the_batches_it_is_given(root, monkeypatch):
+    sizes, real = [], annotator.latent_cache.encode_movie
+
+    def encode(movie_dir, vae, fp, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return real(movie_dir, vae, fp, batch_size, *args, **kwargs)
+    monkeypatch.setattr(annotator.latent_cache, "encode_movie", encode)
+    build_latent_cache(root, tiny_vae(0), batch_size=3, progress=False)
+    assert sizes == [3]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_movie_another_run_finished_with_other_weights(built, root, overwrite):
+    """Waited for, then refused and said so; with --overwrite built here."""
+    def finish():
+        for name in (LATENTS, LATENTS_META):  # by tiny_vae(0)
+            shutil.copy(built[1] / "pan" / name, root / "pan" / name)
+    logged = []
+    with held_by_another_run(root / "pan", seconds=0.5, finish=finish):
+        result = build_latent_cache(root, tiny_vae(1), overwrite=overwrite, progress=False, log=logged.append)
+    if overwrite:
+        assert result["built"] == ["pan"] and result["refused"] == []
+        assert load_latents(root / "pan", vae_fingerprint(tiny_vae(1))).shape[0] == N
+    else:
+        assert result["refused"] == ["pan"] and result["built"] == []
+        assert logged[-1].startswith(f"refused: {root / 'pan'}: cached with other VAE weights (")
+
+
+def test_with_overwrite_a_movie_another_run_just_rebuilt_with_these_weights_is_kept(built, root, monkeypatch):
+    def finish():
+        for name in (LATENTS, LATENTS_META):
+            shutil.copy(built[1] / "pan" / name, root / "pan" / name)
+    monkeypatch.setattr(annotator.latent_cache, "encode_movie", lambda *a, **k: pytest.fail("encoded it again"))
+    with held_by_another_run(root / "pan", seconds=0.5, finish=finish):
+        result = build_latent_cache(root, tiny_vae(0), overwrite=True, progress=False, log=lambda line: None)
+    assert result["existing"] == ["pan"] and result["built"] == []
