@@ -123,7 +123,7 @@ def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: 
 def model_leaves(cfg: DictConfig, leave_out: Sequence[str] = NOT_HASHED) -> dict:
     """The model config as {dotted key: value}, less the keys in `leave_out` (by default, as
     config_hash counts it)."""
-    return {k: v for k, v in config_leaves(model_section(model_config(cfg))) if k not in leave_out}
+    return {k: v for k, v in config_leaves(model_section(cfg)) if k not in leave_out}
 
 
 def inference_leaves(cfg: DictConfig) -> dict:
