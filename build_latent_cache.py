@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import DefaultsFormatter, OneLineParser, not_a_folder, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()  # a missing frame is our one-line error, without OpenCV's warning before it
 if __name__ == "__main__":
@@ -71,7 +71,7 @@ def check_data_root(data_root, movies) -> None:
     if not root.exists():
         raise ValueError(f"DATA_ROOT {root} does not exist (build it with build_pairs.py --out {root})")
     if not root.is_dir():
-        raise ValueError(f"DATA_ROOT {root} is a file, not a folder")
+        raise ValueError(f"DATA_ROOT {root} is {not_a_folder(root)}")
     if movies is None and not list_movies(root):
         raise ValueError(f"{root}: no finished movies to encode (build them with build_pairs.py --out {root})")
     if movies is not None:

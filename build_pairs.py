@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, folder_problem, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import DefaultsFormatter, OneLineParser, out_folder_problem, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -93,10 +92,8 @@ def run(args: argparse.Namespace) -> int:
     options.validate()
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (got {args.workers})")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file, not a folder")
-    if problem := folder_problem(args.out):  # a file above it: a raw "[Errno 20] Not a directory" otherwise
-        raise ValueError(f"--out {args.out}: {problem}")
+    if problem := out_folder_problem("--out", args.out):  # else a raw "[Errno 20] Not a directory"
+        raise ValueError(problem)
     # Ctrl-C or SIGTERM stops the workers and removes the partial output of unfinished movies
     summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
                         strict=args.strict, progress=not args.no_progress)

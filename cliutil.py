@@ -53,6 +53,10 @@ def config_override(text: str) -> str:
     return text
 
 
+NOT_REGULAR = "not a regular file (a named pipe, socket or device)"
+NOT_FOLDER = "not a folder (a named pipe, socket or device)"
+
+
 def folder_problem(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file or a broken
     symbolic link (dangling, or a loop); else None. Checked before any work, so the error is not a raw
@@ -65,10 +69,21 @@ def folder_problem(path: str | os.PathLike) -> str | None:
         if parent == path:
             return None
         path = parent
-    return None if os.path.isdir(path) else f"{path} is a file, not a folder"
+    return None if os.path.isdir(path) else f"{path} is {not_a_folder(path)}"
 
 
-NOT_REGULAR = "not a regular file (a named pipe, socket or device)"
+def not_a_folder(path: str | os.PathLike) -> str:
+    """What an existing `path` that is no folder is, said as such: a regular file, or NOT_FOLDER."""
+    return "a file, not a folder" if os.path.isfile(path) else NOT_FOLDER
+
+
+def out_folder_problem(flag: str, path: str | os.PathLike) -> str | None:
+    """folder_problem said for an output folder given as `flag`: "--out X is a file, not a folder"
+    when X itself is in the way, "--out X/sub: X is a file, not a folder" for one above it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path} is {not_a_folder(path)}"
+    problem = folder_problem(path)
+    return problem and f"{flag} {path}: {problem}"
 
 
 def file_problem(path: str | os.PathLike, missing: str = "no such file", folder: str = "is a folder") -> str | None:

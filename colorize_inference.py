@@ -32,6 +32,7 @@ from collections import deque
 from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, file_problem, folder_problem, not_writable, one_line,
+                     out_folder_problem,
                      quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
@@ -212,8 +213,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     if args.fps is not None and not 0.01 <= args.fps <= 1000:  # also NaN and inf, which hang OpenCV's writer
         raise UsageError(f"--fps must be between 0.01 and 1000 (got {args.fps})")
     out = Path(args.out)
-    if problem := folder_problem(out):
-        raise UsageError(f"--out {out}: {problem}")
+    if problem := out_folder_problem("--out", out):
+        raise UsageError(problem)
     if (folder := not_writable(out)) is not None:
         raise UsageError(f"--out {out}: {folder} is not writable")
     if args.video:

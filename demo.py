@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from cliutil import (OneLineParser, Terminated, file_problem, folder_problem, one_line, quiet_opencv,
+from cliutil import (OneLineParser, Terminated, file_problem, one_line, out_folder_problem, quiet_opencv,
                      quiet_startup_signals, run_cli)
 
 quiet_opencv()
@@ -166,7 +166,7 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     extracted (its message then follows a half-made --out): sampling settings, device, clip
     and its length, the checkpoint and outputs of an earlier run."""
     model = any(m in MODEL_MODES for m in methods)
-    if model and (problem := file_problem(args.ckpt, folder="no such file")):
+    if model and (problem := file_problem(args.ckpt)):
         raise DemoError(f"--ckpt {args.ckpt}: {problem}")
     try:  # checked as colorize_inference.py checks them
         Options(size=args.size, steps=args.steps)
@@ -185,10 +185,8 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
         raise DemoError(f"{args.clip}: has only {count} frames, --frames asks for frames {first}..{stop - 1}")
     check_reference(args.clip, first)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DemoError(f"--out {out} is a file, not a folder")
-    if problem := folder_problem(out):  # a file above it: a raw "[Errno 20] Not a directory" otherwise
-        raise DemoError(f"--out {out}: {problem}")
+    if problem := out_folder_problem("--out", out):  # else a raw "[Errno 20] Not a directory"
+        raise DemoError(problem)
     check_clip_kept(Path(args.clip), out, methods)
     taken = [p for p in planned_outputs(out, methods) if p.exists()]
     if taken and not args.overwrite:

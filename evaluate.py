@@ -25,8 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import (OneLineParser, file_problem, folder_problem, not_writable, quiet_opencv, quiet_startup_signals,
-                     run_cli)
+from cliutil import (OneLineParser, file_problem, not_writable, out_folder_problem, quiet_opencv,
+                     quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -246,10 +246,8 @@ def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, 
 def check_out(out: Path, keep_report: bool) -> None:
     """Refuse an --out the report cannot go to, or (with `keep_report`) one holding a report
     already, before the scoring rather than after it."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if problem := folder_problem(out):
-        raise UsageError(f"--out {out}: {problem}")
+    if problem := out_folder_problem("--out", out):
+        raise UsageError(problem)
     if (folder := not_writable(out)) is not None:
         raise UsageError(f"--out {out}: {folder} is not writable")
     report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []

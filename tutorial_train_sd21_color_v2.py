@@ -27,8 +27,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from cliutil import (NOT_REGULAR, OneLineParser, Terminated, config_override, file_problem, folder_problem,
-                     quiet_startup_signals, run_cli)
+from cliutil import (NOT_REGULAR, OneLineParser, Terminated, config_override, file_problem, not_a_folder,
+                     out_folder_problem, quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     quiet_startup_signals()
@@ -379,13 +379,13 @@ def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Pa
 def check_paths(data: Path, init: Path, out: Path) -> None:
     """One line for a path that is missing or of the wrong kind, before the (slow) model load."""
     if not data.is_dir():
-        what = "a file, not a folder" if data.exists() else "no such folder"
+        what = not_a_folder(data) if data.exists() else "no such folder"
         raise UsageError(f"--data {data}: {what} (make it with build_pairs.py)")
     if problem := file_problem(init, folder="a folder, not a checkpoint file"):
         hint = "" if problem == NOT_REGULAR else " (make it with tool_add_control_sd21.py)"
         raise UsageError(f"--init {init}: {problem}{hint}")
-    if problem := folder_problem(out):
-        raise UsageError(f"--out {out}: {problem}")
+    if problem := out_folder_problem("--out", out):
+        raise UsageError(problem)
 
 
 def note_nothing_to_train(resume: Path | None, max_steps: int) -> None:

@@ -18,7 +18,7 @@ from cldm.checkpoint import load_state_dict  # noqa: F401  (public API: cldm.mod
 from cldm.cldm import ControlLDM
 from cldm.color import VARIANTS, extra_channels
 from cldm.controlnet import ControlledUnetModel, ControlNet
-from cliutil import NOT_REGULAR, file_problem
+from cliutil import file_problem
 from ldm.modules.autoencoder import AutoencoderKL, Decoder, Encoder, keyword_names
 from ldm.modules.text_encoder import LAYERS, FrozenOpenCLIPEmbedder
 from ldm.modules.unet import UNetModel
@@ -49,7 +49,7 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     else:
         path = Path(path)
         where, short = str(path), path.name
-        if (problem := file_problem(path)) == NOT_REGULAR:  # before the read: a named pipe blocks it
+        if (problem := file_problem(path)) not in (None, "no such file"):  # a named pipe would block the read
             raise ConfigError(f"config {path}: {problem}")
         if problem:
             raise ConfigError(f"config not found: {path}")

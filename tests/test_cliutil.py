@@ -364,6 +364,24 @@ def test_file_problem_says_what_a_path_that_is_no_regular_file_is(tmp_path):
     assert file_problem(tmp_path / "missing", "gone", "a folder, not an image") == "gone"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_out_folder_problem_says_what_is_in_the_way(tmp_path):
+    from cliutil import NOT_FOLDER, folder_problem, not_a_folder, out_folder_problem
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert NOT_FOLDER == "not a folder (a named pipe, socket or device)"
+    with named_pipe(tmp_path / "pipe"):  # was "a file, not a folder"
+        assert not_a_folder(tmp_path / "pipe") == NOT_FOLDER and not_a_folder(os.devnull) == NOT_FOLDER
+        assert folder_problem(tmp_path / "pipe" / "sub") == f"{tmp_path / 'pipe'} is {NOT_FOLDER}"
+        assert out_folder_problem("--out", tmp_path / "pipe") == f"--out {tmp_path / 'pipe'} is {NOT_FOLDER}"
+    assert not_a_folder(tmp_path / "notes.txt") == "a file, not a folder"
+    # the path itself in the way: named once, as given; a file above it: both named
+    assert out_folder_problem("--out", tmp_path / "notes.txt") == f"--out {tmp_path / 'notes.txt'} is a file, not a folder"
+    assert out_folder_problem("--dir", tmp_path / "notes.txt" / "a") \
+        == f"--dir {tmp_path / 'notes.txt' / 'a'}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    assert out_folder_problem("--out", tmp_path) is None and out_folder_problem("--out", tmp_path / "new" / "x") is None
+
+
 def test_not_writable_names_the_folder_that_refuses(tmp_path, monkeypatch):
     from cliutil import not_writable
 

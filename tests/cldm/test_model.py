@@ -470,7 +470,7 @@ def test_training_draws_every_timestep_from_zero():
 def test_a_config_that_is_no_file_says_which_it_is(tmp_path):
     with pytest.raises(ConfigError, match=r"^config not found: \S+nope\.yaml$"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match=r"^config not found: "):  # a folder: as it was
+    with pytest.raises(ConfigError, match=r"^config \S+: is a folder$"):  # was "config not found"
         load_config(tmp_path)
     with named_pipe(tmp_path / "pipe.yaml") as pipe, pytest.raises(
             ConfigError, match=r"^config \S+pipe\.yaml: not a regular file \(a named pipe, socket or device\)$"):

@@ -95,6 +95,7 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
     (["--frames", "a:b"], "--frames 'a:b': expected A:B with whole numbers, e.g. 100:132"),
     (["--frames", "100:"], "--frames '100:': expected A:B with whole numbers, e.g. 100:132"),  # was "100:: expected"
     (["--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: no such file"),
+    (["--ckpt", "docs"], "--ckpt docs: is a folder"),  # was "no such file"
     (["--steps", "0"], r"--steps must be >= 1 \(got 0\)"),
     # the model's schedule and the checkpoint's fit to its config, checked before data/ is written
     (["--steps", "999"], r"--steps must be between 1 and 500 for the model's 1000-step noise schedule \(got 999\)"),

@@ -217,7 +217,7 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
     monkeypatch.setattr(train, "build_model", no_load)
     a_file = tmp_path / "README.md"
     a_file.write_text("not a folder")
-    cases = [(["--out", a_file], rf"--out {a_file}: {a_file} is a file, not a folder$"),
+    cases = [(["--out", a_file], rf"--out {a_file} is a file, not a folder$"),
              (["--out", a_file / "sub"], rf"--out {a_file / 'sub'}: {a_file} is a file, not a folder$"),
              (["--data", a_file], rf"--data {a_file}: a file, not a folder \(make it with build_pairs\.py\)$"),
              (["--init", tmp_path], rf"--init {tmp_path}: a folder, not a checkpoint file \(make it with "),
@@ -236,6 +236,12 @@ def test_a_named_pipe_as_init_or_resume_is_called_one(ws, tmp_path, capsys, monk
             assert train.main(args(ws, tmp_path / "out", flag, pipe)) == 2
             assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: error: {flag} {pipe}: not a regular "
                                                "file (a named pipe, socket or device)\n")
+        # was "a file, not a folder"
+        for argv, said in ((args(ws, tmp_path / "out", "--data", pipe),
+                            f"--data {pipe}: not a folder (a named pipe, socket or device) (make it with build_pairs.py)"),
+                           (args(ws, pipe), f"--out {pipe} is not a folder (a named pipe, socket or device)")):
+            assert train.main(argv) == 2
+            assert capsys.readouterr().err == f"tutorial_train_sd21_color_v2.py: error: {said}\n"
 
 
 def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
