@@ -1,5 +1,5 @@
 """Lightning wrapper for training the colour ControlNet (with cldm/callbacks.py, the only model
-files that import Lightning).
+files that import Lightning; cldm/training.py builds the Trainer around them).
 
 What trains is decided by `cldm.trainable`; this file adds the step (dataset batch -> loss),
 the optimiser and what a checkpoint holds. Checkpoint files and resuming: cldm/resume.py;

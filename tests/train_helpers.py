@@ -89,3 +89,9 @@ def training_ckpt(path, step):
     AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": step, TRAINING_KEY: {}},
                                          path)
     return path
+
+
+def first_process(monkeypatch):
+    """Run as the launch's first process (global rank 0): no rank variables from the environment."""
+    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)

@@ -11,13 +11,12 @@ from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, load_config
 from cldm.run_dir import (NO_CHECKPOINT, RESUME, RunDirError, check_run_dir, config_source, record_config,
                           rerun_hint, resolve_resume)
 from tests.helpers import named_pipe
-from tests.train_helpers import training_ckpt
+from tests.train_helpers import first_process, training_ckpt
 
 
 @pytest.fixture(autouse=True)
-def first_process(monkeypatch):
-    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+def as_first_process(monkeypatch):
+    first_process(monkeypatch)
 
 
 def test_a_rerun_resumes_only_once_out_holds_a_checkpoint(tmp_path):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 # Lightning binds its log handler to sys.stderr when imported: here, that is the session's stream,
 # not the capture stream of the first test to import it (closed after that test: "Logging error").
@@ -21,14 +20,15 @@ import pytest
 import torch
 
 import tutorial_train_sd21_color_v2 as train
+from cldm import train_config, training
 from annotator.latent_cache import build_latent_cache
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
-from cldm.run_dir import config_source, record_config, resolve_resume
+from cldm.run_dir import config_source, record_config
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
 from tests.helpers import default_sigint, named_pipe
-from tests.train_helpers import tiny_data_root, tiny_model, training_ckpt
+from tests.train_helpers import first_process, tiny_data_root, tiny_model, training_ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tutorial_train_sd21_color_v2.py"
@@ -164,11 +164,6 @@ class RunsAShell:
         return os.system, ("true",)
 
 
-def first_process(monkeypatch):
-    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-
-
 def test_resume_auto_refuses_a_bad_newest_checkpoint_in_one_line(ws, tmp_path, capsys):
     """A zip that is no training checkpoint (here a pickle that would run a shell) is named, not
     handed to Lightning: its traceback would come back on every rerun and SLURM requeue."""
@@ -181,34 +176,6 @@ def test_resume_auto_refuses_a_bad_newest_checkpoint_in_one_line(ws, tmp_path, c
     assert re.fullmatch(r"tutorial_train_sd21_color_v2\.py: error: \S*run/checkpoints/step=00000099\.ckpt: truncated, "
                         r"or not a checkpoint written by this training \(UnpicklingError\); move it out of "
                         r"\S*run/checkpoints, or pass --resume PATH", err), err
-
-
-def test_resume_auto_names_the_incomplete_checkpoints_it_skips(tmp_path, capsys, monkeypatch):
-    first_process(monkeypatch)
-    ckpts = tmp_path / "checkpoints"
-    training_ckpt(ckpts / "step=00000276.ckpt", 276)
-    cut = ckpts / "step=00000277.ckpt"
-    cut.write_bytes(training_ckpt(tmp_path / "whole.ckpt", 277).read_bytes()[:100])
-    assert resolve_resume("auto", ckpts) == ckpts / "step=00000276.ckpt"
-    train.note_skipped(ckpts)
-    assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: note: skipped {cut}: not a whole "
-                                       "checkpoint file (cut short?); not resumed from nor counted toward "
-                                       "--ckpt-keep; move it away\n")
-    monkeypatch.setenv("RANK", "1")  # one note per run, not per process
-    train.note_skipped(ckpts)
-    assert capsys.readouterr().err == ""
-
-
-def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path, capsys, monkeypatch):
-    first_process(monkeypatch)
-    ckpt = training_ckpt(tmp_path / "step=00000300.ckpt", 300)
-    for max_steps, noted in ((301, False), (-1, False), (300, True), (200, True)):
-        train.note_nothing_to_train(ckpt, max_steps)
-        err = capsys.readouterr().err
-        assert (err == f"tutorial_train_sd21_color_v2.py: note: step=00000300.ckpt is at step 300, --max-steps is "
-                       f"{max_steps}: nothing to train; its weights are exported as they are\n") is noted, err
-    train.note_nothing_to_train(None, 0)
-    assert capsys.readouterr().err == ""
 
 
 def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, capsys, monkeypatch):
@@ -260,7 +227,7 @@ def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
     assert helps["lr"] == "learning rate (default: 0.0003)"
     assert helps["min_gap"].endswith("(default: 7)") and helps["high"].endswith(f"(default: {DEFAULT_HIGH})")
     assert helps["sd_locked"].endswith("(default: off)")
-    assert all(re.search(r"\(default: [^)]+\)$", helps[name]) for name in train.FLAG_KEYS), helps
+    assert all(re.search(r"\(default: [^)]+\)$", helps[name]) for name in train_config.FLAG_KEYS), helps
     assert helps["config"].endswith("(default: when resuming, the run's own OUT/config.yaml; else a .yaml beside "
                                     "--init with the same stem, else the config --init records, else "
                                     "models/default.yaml)")
@@ -276,7 +243,7 @@ def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     ns = train.parser().parse_args(args(ws, ws / "unused", "--devices", 2))
-    ddp_kwargs = train.make_trainer(train.resolve_config(ns), ns, ws / "unused").strategy._ddp_kwargs
+    ddp_kwargs = training.make_trainer(train_config.run_config(ns), ns, ws / "unused").strategy._ddp_kwargs
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings(record=True) as seen:
@@ -286,27 +253,6 @@ def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
         torch.distributed.destroy_process_group()
     assert [str(w.message) for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
     assert ddp.forward_sync_buffers is False and ddp.find_unused_parameters is False
-
-
-def test_null_means_off_where_the_config_allows_it():
-    cfg = load_config(TINY_CONFIG, ["train.max_epochs=null", "train.grad_clip=null", "train.val_every=null",
-                                    "train.image_every=null"])
-    train.check_train_numbers(cfg.train)  # no error: no epoch limit, no clipping, no validation, no images
-    train.check_train_numbers(load_config(TINY_CONFIG, ["train.max_steps=-1", "train.max_epochs=-1"]).train)
-    with pytest.raises(train.UsageError, match="train.batch_size .* must be an integer, got None"):
-        train.check_train_numbers(load_config(TINY_CONFIG, ["train.batch_size=null"]).train)
-
-
-def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys):
-    from types import SimpleNamespace
-
-    root = tiny_data_root(tmp_path, movies=1, frames=8, height=64, width=96)
-    cfg = load_config(TINY_CONFIG, ["train.val_every=10", "train.low=0", "train.high=1", "train.min_gap=1",
-                                    "train.num_workers=0"])
-    a = SimpleNamespace(data=str(root), use_latent_cache=False, accelerator="cpu")
-    dm = train.build_datamodule(cfg, a, tiny_model("v2"))
-    assert dm.val is None
-    assert "note: no validation: it holds out a whole movie" in capsys.readouterr().err
 
 
 def test_validation_asked_for_without_a_held_out_movie_is_off_in_lightning_too(tmp_path, capsys, recwarn):
@@ -322,9 +268,9 @@ def test_validation_asked_for_without_a_held_out_movie_is_off_in_lightning_too(t
     assert "note: no validation" in capsys.readouterr().err
     assert not [w for w in recwarn if "Total length" in str(w.message)], [str(w.message) for w in recwarn]
     ns = train.parser().parse_args(argv)
-    cfg = train.resolve_config(ns)
-    assert train.make_trainer(cfg, ns, tmp_path / "unused", validate=False).limit_val_batches == 0
-    trainer = train.make_trainer(cfg, ns, tmp_path / "unused")
+    cfg = train_config.run_config(ns)
+    assert training.make_trainer(cfg, ns, tmp_path / "unused", validate=False).limit_val_batches == 0
+    trainer = training.make_trainer(cfg, ns, tmp_path / "unused")
     assert trainer.limit_val_batches == 1.0 and trainer.val_check_interval == 1
 
 
@@ -426,32 +372,6 @@ def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, t
                         "newest checkpoint\n"), err
     assert "KeyboardInterrupt" not in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=00000001.ckpt"]
-
-
-def test_sigterm_once_lightning_holds_it_is_left_to_lightning(tmp_path, capsys):
-    """Lightning's handler calls the one it found (the script's) too: that one must then not
-    raise, or the run would stop mid-step instead of at the end of the step, as Lightning does."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    class LightningLike:  # installs a handler that calls the previous one, as Lightning's does
-        interrupted, is_global_zero, progress_bar_callback, global_step = False, True, None, 4
-
-        def fit(self, *a, **kw):
-            found = signal.getsignal(signal.SIGTERM)
-            calls = []
-            signal.signal(signal.SIGTERM, lambda n, f: (calls.append(n), found(n, f)))
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                assert calls == [signal.SIGTERM]
-            except KeyboardInterrupt:
-                pytest.fail("the script's handler raised inside Lightning's")
-            finally:
-                signal.signal(signal.SIGTERM, found)
-            raise SIGTERMException  # Lightning's, at the end of the step
-
-    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
-    assert train.train(a, None, LightningLike(), None, None, None) == 143
-    assert capsys.readouterr().err.startswith(f"{train.PROG}: stopped by SIGTERM at step 4; ")
 
 
 def check_resumes(ws, out, more_steps=3, *extra):
@@ -603,7 +523,7 @@ def test_under_slurm_lightnings_own_requeue_is_off(ws, monkeypatch):
                            MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # undone after the test
         monkeypatch.setenv(key, value)
     ns = train.parser().parse_args(args(ws, ws / "unused", "--devices", 2))
-    env = train.make_trainer(train.resolve_config(ns), ns, ws / "unused").strategy.cluster_environment
+    env = training.make_trainer(train_config.run_config(ns), ns, ws / "unused").strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
 
 
@@ -647,9 +567,9 @@ def test_an_init_that_does_not_fit_is_refused_before_the_model_is_built(ws, monk
     built, real = [], cldm.model.create_model
     monkeypatch.setattr(cldm.model, "create_model", lambda cfg: built.append(torch.empty(0).device.type) or real(cfg))
     with pytest.raises(CheckpointError, match=r"--init .*init\.safetensors: .*does not fit"):
-        train.build_model(load_config(TINY_CONFIG, ["model.color_variant=v3"]), ws / "init.safetensors")
+        training.build_model(load_config(TINY_CONFIG, ["model.color_variant=v3"]), ws / "init.safetensors")
     assert built == ["meta"]
-    assert train.build_model(load_config(TINY_CONFIG), ws / "init.safetensors") is not None and \
+    assert training.build_model(load_config(TINY_CONFIG), ws / "init.safetensors") is not None and \
         built == ["meta", "meta", "cpu"]
 
 
@@ -690,7 +610,7 @@ def stop_before_the_model_loads(monkeypatch) -> list:
 
     def stop(cfg, init):
         configs.append(cfg)
-        raise train.UsageError("stopped before the model load")
+        raise train_config.UsageError("stopped before the model load")
     monkeypatch.setattr(train, "build_model", stop)
     return configs
 
@@ -704,7 +624,7 @@ def test_without_config_the_init_gives_it_as_at_inference(ws, tmp_path):
     def config(init, *extra):
         ns = train.parser().parse_args(without_config(args(ws, tmp_path / "out", *extra)))
         ns.init = str(init)
-        return source_of(ns), train.resolve_config(ns)
+        return source_of(ns), train_config.run_config(ns)
 
     source, cfg = config(toy, "--lr", "3e-4", "train.image_count=3")
     assert not isinstance(source, Path) and cfg.model.scale_factor == 0.57326
@@ -748,7 +668,7 @@ def test_a_resume_without_config_takes_the_runs_own_and_the_flags_given_now(ws, 
     first_process(monkeypatch)
     out = tmp_path / "run"
     first = train.parser().parse_args(args(ws, out, "--lr", "3e-4", "--max-steps", 5, "train.image_count=3"))
-    record_config(out, train.resolve_config(first))  # what the first start records
+    record_config(out, train_config.run_config(first))  # what the first start records
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
     configs = stop_before_the_model_loads(monkeypatch)
     argv = without_config(args(ws, out, "--max-steps", 7))
@@ -766,35 +686,8 @@ def test_pinned_memory_only_when_training_on_a_gpu(ws, monkeypatch):
     for accelerator, cuda, pinned in (("cpu", True, False), ("auto", True, True), ("auto", False, False)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         ns = train.parser().parse_args(args(ws, ws / "unused") + ["--accelerator", accelerator])
-        dm = train.build_datamodule(train.resolve_config(ns), ns, model)
+        dm = training.build_datamodule(train_config.run_config(ns), ns, model)
         assert dm.train_dataloader().pin_memory is pinned, (accelerator, cuda)
-
-
-def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
-    """The texts as Lightning 2.6 prints them on a resumed run; anything else still shows."""
-    import logging
-    import warnings
-
-    noise = ["Found 3 module(s) in eval mode at the start of training. This may lead to unexpected behavior.",
-             "Checkpoint directory /x/run/checkpoints exists and is not empty.",
-             "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
-             "resumable. This can cause unreliable results if further training is done.",
-             "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
-             "treespec.is_leaf()` instead.",
-             "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided "
-             "during `Trainer` instantiation. Please add the following callbacks: [\"StepCheckpoint{'monitor': "
-             "'step', 'mode': 'max', 'every_n_train_steps': 1, 'every_n_epochs': 0, 'train_time_interval': None}\"]."]
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        train.quiet_lightning()
-        for text in noise + ["something that matters"]:
-            warnings.warn(text, UserWarning)
-    assert [str(w.message) for w in seen] == ["something that matters"]
-    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    with caplog.at_level(logging.INFO, logger=log.name):
-        log.info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging and experiment tracking, try litlogger")
-        log.info("Restored all states from the checkpoint")
-    assert [r.getMessage() for r in caplog.records] == ["Restored all states from the checkpoint"]
 
 
 def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_init(ws, tmp_path, capsys,
@@ -804,7 +697,7 @@ def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_
     (which the init's recorded config would contradict)."""
     first_process(monkeypatch)
     out = tmp_path / "run"
-    record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
+    record_config(out, train_config.run_config(train.parser().parse_args(args(ws, out))))  # the tiny config
     toy, argv = toy_init_without_config(ws, tmp_path, out)  # the toy records its scale factor 0.57326
     configs = stop_before_the_model_loads(monkeypatch)
     assert train.main(argv) == 2
@@ -814,39 +707,13 @@ def test_an_out_stopped_before_its_first_checkpoint_takes_the_config_of_the_new_
     assert source_of(train.parser().parse_args(argv)) == out / "config.yaml"
 
 
-@pytest.mark.parametrize("sigterm", [False, True])
-def test_a_stop_says_whether_a_rerun_resumes_or_starts_over(tmp_path, capsys, sigterm):
-    """Before the first checkpoint there is nothing to resume from: the line says a rerun starts over."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    class Stopped:  # a trainer whose fit was stopped: Lightning sets `interrupted` on Ctrl-C
-        interrupted, is_global_zero, progress_bar_callback, global_step = False, True, None, 0
-
-        def fit(self, *a, **kw):
-            if sigterm:
-                raise SIGTERMException
-            self.interrupted = True
-
-    out = tmp_path / "run"
-    a = SimpleNamespace(out=str(out), init="init.safetensors")
-    stopped = "stopped by SIGTERM at step 0" if sigterm else "interrupted"
-    status = 143 if sigterm else 130
-    assert train.train(a, None, Stopped(), None, None, None) == status
-    assert capsys.readouterr().err == (f"{train.PROG}: {stopped}; no checkpoint saved yet (see --ckpt-every); rerun "
-                                       "the same command to start over\n")
-    training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
-    assert train.train(a, None, Stopped(), None, None, None) == status
-    assert capsys.readouterr().err == (f"{train.PROG}: {stopped}; rerun the same command to resume from the newest "
-                                       "checkpoint\n")
-
-
 def test_a_config_that_contradicts_the_runs_own_names_the_key_and_what_to_leave_out(ws, tmp_path, capsys,
                                                                                    monkeypatch):
     """--config, a model override or a model flag that contradicts OUT/config.yaml: the first key
     that differs, both values, and that leaving them out continues the run."""
     first_process(monkeypatch)
     out = tmp_path / "run"
-    record_config(out, train.resolve_config(train.parser().parse_args(args(ws, out))))  # the tiny config
+    record_config(out, train_config.run_config(train.parser().parse_args(args(ws, out))))  # the tiny config
     training_ckpt(out / "checkpoints" / "step=00000001.ckpt", 1)
     stop_before_the_model_loads(monkeypatch)
     head = f"{train.PROG}: error: {out} holds checkpoints of another model config ({out / 'config.yaml'}): model."
@@ -912,7 +779,7 @@ def test_a_bad_yaml_found_beside_the_init_says_the_user_never_named_it(ws, tmp_p
 def test_no_progress_makes_a_trainer_without_a_bar(ws):
     for extra, bar in (([], True), (["--no-progress"], False)):
         ns = train.parser().parse_args(args(ws, ws / "unused", *extra))
-        trainer = train.make_trainer(train.resolve_config(ns), ns, ws / "unused")
+        trainer = training.make_trainer(train_config.run_config(ns), ns, ws / "unused")
         assert (trainer.progress_bar_callback is not None) is bar, extra
 
 
