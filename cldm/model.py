@@ -149,7 +149,7 @@ def config_problem(cfg, ref: dict | None = None, prefix: str = "") -> tuple[str,
     A reference bool must be a bool, an int a positive int (every integer of model: is a size or
     a count), a float a number (positive in model:, dropout in [0, 1)), a list one of positive
     integers. A model: section may be just first_stage: a VAE config (build_latent_cache.py).
-    The train: numbers and strings are the training script's to check (it names their flags).
+    The train: numbers and strings are cldm.train_config's to check (it names their flags).
     """
     ref = {"model": _reference()["model"], "train": _reference()["train"]} if ref is None else ref
     if prefix == "" and "model" not in cfg:
