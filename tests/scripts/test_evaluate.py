@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from annotator.color import rgb_to_gray, to_uint8
 from colorize.report import REPORT_FILES
 from tests.helpers import named_pipe, read_only_folder, refused
 
@@ -384,3 +385,180 @@ def test_out_that_is_a_frame_folder_is_refused(clip, capsys, which):
     assert line == (f"evaluate.py: error: --out {folder} is the {what} folder; write the report elsewhere, as a "
                     "frame folder holds frames only")
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_the_table_and_the_report_line_in_full(clip, capsys):
+    """Each column at its own precision (PSNR .2f, SSIM .4f, colourfulness .1f, warp error .3f,
+    CDC .5f), names left-aligned and numbers right-aligned, then the report's files; a value
+    that is no number (one frame: no warp error, no CDC) is '-', not 'nan'."""
+    root, gt = clip
+    out = root / "rep"
+    assert evaluate.main(["--pred", f"plus10={root / 'offset'}", "--pred", str(root / "copy"), "--gt", str(root / "gt"),
+                          "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    rows = [("method", "PSNR dB", "SSIM", "colourful.", "warp err", "CDC")]
+    for name, means in [("plus10", doc["methods"]["plus10"]["mean"]), ("copy", doc["methods"]["copy"]["mean"]),
+                        ("(ground truth)", doc["ground_truth"])]:
+        rows.append((name, *[f.format(means[k]) if means.get(k) is not None else "-" for k, f in
+                             [("psnr", "{:.2f}"), ("ssim", "{:.4f}"), ("colourfulness", "{:.1f}"),
+                              ("warp_error", "{:.3f}"), ("cdc", "{:.5f}")]]))
+    assert rows[1][1:3] == ("28.13", "0.9949") and rows[2][1:3] == ("100.00", "1.0000") and rows[3][1:3] == ("-", "-")
+    assert rows[1][5] == f"{doc['ground_truth']['cdc']:.5f}" != f"{doc['ground_truth']['cdc']:.4f}"
+    width = [max(len(r[i]) for r in rows) for i in range(6)]
+    table = ["  ".join([r[0].ljust(width[0]), *(c.rjust(w) for c, w in zip(r[1:], width[1:]))]) for r in rows]
+    paths = ", ".join(str(out / name) for name in REPORT_FILES.values())
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [*table, f"report: {paths}"] and "evaluating" not in captured.err
+
+    write(root / "one", gt[:1])
+    assert evaluate.main(["--pred", str(root / "one"), "--gt", str(root / "one")]) == 0  # with the progress bar
+    captured = capsys.readouterr()
+    assert "evaluating" in captured.err and "1/1" in captured.err
+    lines = captured.out.splitlines()
+    assert [line.split() for line in lines[1:]] == [["one", "100.00", "1.0000", lines[1].split()[3], "-", "-"],
+                                                    ["(ground", "truth)", "-", "-", lines[2].split()[4], "-", "-"]]
+    assert "report:" not in "".join(lines)
+
+
+def test_pred_names_a_folder_with_an_equals_sign_and_the_reserved_names(tmp_path):
+    """An existing folder wins over a NAME=DIR reading; every name of the report's own rows and
+    columns is refused, in any case."""
+    odd = tmp_path / "lr=1e-4"
+    odd.mkdir()
+    assert evaluate.parse_preds([str(odd), f"b={tmp_path / 'x'}"]) == {"lr=1e-4": odd, "b": tmp_path / "x"}
+    for name in evaluate.RESERVED_NAMES + ("Reference", "Input (Gray)"):
+        with pytest.raises(evaluate.UsageError, match=rf"^--pred {re.escape(name)}=x: '{re.escape(name)}' names a row"):
+            evaluate.parse_preds([f"{name}=x"])
+    assert set(evaluate.RESERVED_NAMES) >= {"reference", "input (gray)", "ground truth", "ground_truth"}
+
+
+def test_an_upper_case_video_suffix_and_a_name_twice_in_a_folder(clip, capsys):
+    root, gt = clip
+    (root / "CLIP.MP4").write_bytes(b"a video")
+    line = one_line_error(["--pred", str(root / "offset"), "--gt", str(root / "CLIP.MP4"), "--no-progress"], capsys)
+    assert line.startswith(f"evaluate.py: error: --gt {root / 'CLIP.MP4'} is a video file;")
+    assert line.endswith(": extract its frames into a folder first")
+    write(root / "gt", gt[:1], ext="jpg")  # frame_0.jpg beside frame_0.png
+    line = one_line_error(["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress"], capsys)
+    assert re.fullmatch(rf"evaluate\.py: error: --gt {re.escape(str(root / 'gt'))}: frame_0\.(jpg|png) and "
+                        r"frame_0\.(jpg|png) have the same name", line) and "jpg" in line and "png" in line
+
+
+def test_exclude_takes_a_stem_with_a_dot_and_the_lacking_frame_is_named(tmp_path, capsys):
+    gt = frames(n=4)
+    names = [f"shot.{i:04d}" for i in range(4)]
+    write(tmp_path / "gt", gt, names=names)
+    write(tmp_path / "pred", gt[1:3], names=names[1:3])  # lacks shot.0000 and shot.0003
+    argv = ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-progress"]
+    assert evaluate.main([*argv, "--exclude", "shot.0003", "--out", str(tmp_path / "rep")]) == 0
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert doc["excluded_frames"] == ["shot.0003"] and doc["frames"] == ["shot.0001", "shot.0002"]
+    assert evaluate.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "evaluate.py: note: --pred pred lacks 2 of 4 ground-truth frames (e.g. shot.0000)\n" in err
+
+
+def test_predictions_lacking_different_frames_score_the_frames_all_have(clip, capsys):
+    root, gt = clip
+    write(root / "a", gt[:4])  # lacks frame_4
+    write(root / "b", gt[1:], names=[f"frame_{i}" for i in range(1, 5)])  # lacks frame_0
+    assert evaluate.main(["--pred", str(root / "a"), "--pred", str(root / "b"), "--gt", str(root / "gt"),
+                          "--no-progress", "--out", str(root / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert "note: evaluating the 3 of 5 ground-truth frames that every prediction has" in err
+    assert json.loads((root / "rep" / "metrics.json").read_text())["frames"] == ["frame_1", "frame_2", "frame_3"]
+    write(root / "c", gt[3:], names=["frame_3", "frame_4"])  # none in common with a's first three
+    write(root / "d", gt[:3])
+    line = one_line_error(["--pred", str(root / "c"), "--pred", str(root / "d"), "--gt", str(root / "gt"),
+                           "--no-progress"], capsys)
+    assert line == "evaluate.py: error: no matching frames: no ground-truth frame name is in every --pred folder"
+    write(root / "other", gt, names=[f"x{i}" for i in range(5)])
+    line = one_line_error(["--pred", str(root / "other"), "--gt", str(root / "gt"), "--no-progress"], capsys)
+    assert line == (f"evaluate.py: error: no matching frames: --pred other ({root / 'other'}) has none of the 5 "
+                    "ground-truth frame names (e.g. gt frame_0.png, pred x0.png)")
+
+
+def test_only_frames_at_the_cap_are_noted(tmp_path, capsys):
+    """16-bit frames: 20/65535 off in one value is above 100 dB (the cap, noted), 52/65535 off is
+    99.5 dB, a prediction (not noted)."""
+    gt = [f.astype(np.uint16) * 257 for f in frames(n=2)]
+    pred = [g.copy() for g in gt]
+    pred[0][0, 0, 0] += 20
+    pred[1][0, 0, 0] += 52
+    write(tmp_path / "gt", gt)
+    write(tmp_path / "pred", pred)
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-progress",
+                          "--out", str(tmp_path / "rep")]) == 0
+    psnr = json.loads((tmp_path / "rep" / "metrics.json").read_text())["methods"]["pred"]["per_frame"]["psnr"]
+    assert psnr[0] == 100.0 and psnr[1] == pytest.approx(10 * math.log10(255 ** 2 * gt[1].size / (52 / 257) ** 2))
+    assert 99.4 < psnr[1] < 99.6
+    assert "note: --pred pred: 1 frame(s) identical or nearly identical to the ground truth (e.g. frame_0)" in \
+        capsys.readouterr().err
+
+
+def test_the_strip_gets_8_bit_pictures_their_names_and_the_plots_the_positions(tmp_path, capsys, monkeypatch):
+    """16-bit frames and reference are scored at 16 bits but shown at 8; each strip row is named
+    by its frame, and the plots get each frame's place in the whole clip (a gap where one was left out)."""
+    gt8 = frames()
+    gt = [f.astype(np.uint16) * 257 for f in gt8]
+    write(tmp_path / "gt", gt)
+    write(tmp_path / "pred", [g + np.uint16(2570) for g in gt])
+    write(tmp_path / "ref", gt[:1], names=["reference"])
+    seen = {}
+    real = evaluate.write_report
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "write_report", spy)
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-progress",
+                          "--exclude", "frame_1", "--reference", str(tmp_path / "ref" / "reference.png"),
+                          "--out", str(tmp_path / "rep")]) == 0
+    strip = seen["strip"]
+    assert seen["positions"] == [0, 2, 3, 4] and seen["excluded"] == ["frame_1"]
+    assert strip.indices == [0, 2, 3] and strip.labels == ["frame_0", "frame_3", "frame_4"]
+    for got, want in zip(strip.gt, [gt8[0], gt8[3], gt8[4]]):
+        assert got.dtype == np.uint8 and np.array_equal(got, want)
+    for got, want in zip(strip.methods["pred"], [gt8[0], gt8[3], gt8[4]]):
+        assert got.dtype == np.uint8 and np.array_equal(got, want + np.uint8(10))
+    assert strip.reference.dtype == np.uint8 and np.array_equal(strip.reference, gt8[0])
+    for got, want in zip(strip.gray, [gt8[0], gt8[3], gt8[4]]):  # the input a method coloured
+        assert np.array_equal(got, to_uint8(rgb_to_gray(want)))
+
+
+def test_checks_made_before_scoring(clip, capsys, monkeypatch):
+    """A negative --strip-frames, a prediction of another size than the truth (its first frame:
+    not after the long loop), an --out that is a symlink to the --gt folder, and two frames too
+    small for the optical flow, all refused before any frame is scored."""
+    root, gt = clip
+    monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: pytest.fail("scored before the checks"))
+    base = ["--gt", str(root / "gt"), "--no-progress"]
+    line = one_line_error(["--pred", str(root / "offset"), *base, "--strip-frames", "-1"], capsys)
+    assert line == "evaluate.py: error: --strip-frames must be >= 0 (got -1)"
+    write(root / "small", [f[::2, ::2] for f in gt])
+    line = one_line_error(["--pred", str(root / "small"), *base], capsys)
+    assert line == (f"evaluate.py: error: size mismatch: {root / 'small' / 'frame_0.png'} is 26x18, ground truth "
+                    "frame_0.png is 52x36")
+    (root / "link").symlink_to(root / "gt")
+    line = one_line_error(["--pred", str(root / "offset"), *base, "--out", str(root / "link")], capsys)
+    assert line == (f"evaluate.py: error: --out {root / 'link'} is the --gt folder; write the report elsewhere, as a "
+                    "frame folder holds frames only")
+    write(root / "tiny", [f[:14, :30] for f in gt[:2]])
+    line = one_line_error(["--pred", str(root / "tiny"), "--gt", str(root / "tiny"), "--no-progress"], capsys)
+    assert line.endswith("frame_0.png: frames of 30x14 pixels are too small for optical flow (at least 16 pixels "
+                         "a side)")
+
+
+def test_without_a_stop_line_ctrl_c_goes_to_the_caller(clip, capsys, monkeypatch):
+    """main(stop_line=False) (demo.py) re-raises Ctrl-C for the caller to say; main() says it, 130."""
+    root, _ = clip
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "evaluate_stream", interrupted)
+    argv = ["--pred", str(root / "offset"), "--gt", str(root / "gt"), "--no-progress"]
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(argv, stop_line=False)
+    assert capsys.readouterr().err == ""
+    assert evaluate.main(argv) == 130
+    assert capsys.readouterr().err == "evaluate.py: interrupted\n"
