@@ -1,4 +1,5 @@
 """tool_add_control_sd21.py on tiny SD-format checkpoints written by the tests."""
+import errno
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.weights_config import resolve_config
 from ldm.schedule import BUFFER_NAMES
 from ldm.modules.unet import UNetModel
-from tests.helpers import sub_state
+from tests.helpers import refused, sub_state
 
 
 def tiny_sd_state(seed: int = 0, overrides=()) -> dict:
@@ -375,3 +376,125 @@ def test_help_shows_the_seed_default(capsys):
     with pytest.raises(SystemExit):
         tool.main(["--help"])
     assert "0..18446744073709551615 (default: 0)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_schedule_and_parameterization_are_the_configs(tmp_path, monkeypatch):
+    """An SD file without the schedule buffers gets the config's (its timesteps, linear_start and
+    linear_end), not SD2.1's; the file records the config's parameterization; the whole model is
+    built on the meta device (shapes only: SD2.1's 1.2 G parameters would be drawn for nothing)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from ldm.schedule import schedule_buffers
+
+    sd = {k: v for k, v in tiny_sd_state().items() if k not in BUFFER_NAMES}
+    save_file(sd, tmp_path / "bare.safetensors")
+    out = tmp_path / "o.safetensors"
+    devices, real = [], tool.create_model
+    monkeypatch.setattr(tool, "create_model", lambda cfg: devices.append(torch.get_default_device()) or real(cfg))
+    assert tool.main([str(tmp_path / "bare.safetensors"), str(out), "--config", str(TINY_CONFIG),
+                      "model.schedule.timesteps=40", "model.schedule.linear_start=0.001",
+                      "model.schedule.linear_end=0.02", "model.parameterization=v"]) == 0
+    assert devices == [torch.device("meta")]
+    state, want = load_file(out), schedule_buffers("linear", 40, 0.001, 0.02)
+    assert all(torch.equal(state[k], want[k]) for k in BUFFER_NAMES)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["parameterization"] == "v"
+
+
+def test_metadata_without_variant_and_the_dtypes(sd_files, tmp_path):
+    """No --variant: the config's colour variant is recorded; bfloat16 is bfloat16, not float16."""
+    _, d = sd_files
+    out = tmp_path / "o.safetensors"
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG), "--dtype", "bfloat16"]) == 0
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["color_variant"] == load_config(TINY_CONFIG).model.color_variant == "v2"
+    state = load_file(out)
+    assert state["model.diffusion_model.out.2.weight"].dtype == torch.bfloat16
+    assert {state[k].dtype for k in BUFFER_NAMES} == {torch.float32}
+
+
+def test_allow_pickle_is_passed_to_the_loader(sd_files, tmp_path, capsys):
+    import argparse
+
+    sd, _ = sd_files
+    src = tmp_path / "hparams.ckpt"  # a Lightning-style file: tensors plus pickled hyper-parameters
+    torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(lr=1e-4)}, src)
+    argv = [str(src), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]
+    assert tool.main(argv) == 2
+    assert "holds pickled Python objects (argparse.Namespace)" in capsys.readouterr().err
+    assert tool.main([*argv, "--allow-pickle"]) == 0
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["model.diffusion_model.out.2.weight"],
+                       sd["model.diffusion_model.out.2.weight"])
+
+
+def test_the_free_space_needed_is_the_checkpoints_bytes(sd_files, tmp_path, capsys, monkeypatch):
+    """Exactly the bytes of the tensors written: one byte less is refused, naming them in MiB."""
+    _, d = sd_files
+    argv = [str(d / "sd.safetensors"), str(tmp_path / "o.safetensors"), "--config", str(TINY_CONFIG)]
+    assert tool.main(argv) == 0
+    capsys.readouterr()
+    need = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "o.safetensors").values())
+    assert need > 2**20
+    monkeypatch.setattr(tool.shutil, "disk_usage", _disk(need - 1))
+    assert tool.main([*argv, "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {tmp_path / 'o.safetensors'}: no space left "
+                                       f"on device (the checkpoint needs {need / 2**20:.1f} MiB, "
+                                       f"{(need - 1) / 2**20:.1f} MiB are free)\n")
+    monkeypatch.setattr(tool.shutil, "disk_usage", _disk(need))
+    assert tool.main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(errno.EDQUOT, "write failed"), "no space left on device (or disk quota exceeded)"),
+    (SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)"),
+     "no space left on device (or disk quota exceeded)"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0"),
+     "RuntimeError: [enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0")])
+def test_a_failed_write_says_why(sd_files, tmp_path, capsys, monkeypatch, error, reason):
+    """A quota by its errno or its words is a full disk; another failure (the disk not full) is
+    named with its type."""
+    _, d = sd_files
+    out = tmp_path / "o.safetensors"
+
+    def fails(*a, **kw):
+        raise error
+    monkeypatch.setattr(tool, "save_state_dict", fails)
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {out}: cannot write the checkpoint: "
+                                       f"{reason}; nothing was written\n")
+
+
+def test_the_arguments_are_checked_in_full(sd_files, tmp_path, capsys, monkeypatch):
+    """A --seed that is no number, an override without '=', a variant named twice in the overrides,
+    an existing output (the remedy named), all before the load; and add_control's own seed check."""
+    _, d = sd_files
+    monkeypatch.setattr(tool, "load_state_dict", lambda *a, **kw: pytest.fail("loaded the file"))
+    sd, out, cfg = str(d / "sd.safetensors"), tmp_path / "o.safetensors", ["--config", str(TINY_CONFIG)]
+    assert refused(tool.main, [sd, str(out), *cfg, "--seed", "x"], capsys) == (
+        "tool_add_control_sd21.py: error: argument --seed: expected an integer, got 'x' (see --help)\n")
+    assert refused(tool.main, [sd, str(out), *cfg, "nokey"], capsys) == (
+        "tool_add_control_sd21.py: error: argument key=value: override must look like key=value, got 'nokey' "
+        "(see --help)\n")
+    assert refused(tool.main, [sd, str(out), *cfg, "--variant", "v2", "model.color_variant=v2",
+                               "model.color_variant=v3"], capsys) == (
+        "tool_add_control_sd21.py: error: --variant v2 contradicts the override model.color_variant=v3; give one of "
+        "them\n")
+    assert tool.variant_overrides("v2", ["model.color_variant= v2"])[-1] == "model.color_variant=v2"
+    out.write_bytes(b"keep me")
+    assert refused(tool.main, [sd, str(out), *cfg], capsys) == (
+        f"tool_add_control_sd21.py: error: {out} exists (use --overwrite to replace it)\n")
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=rf"^--seed must be in 0\.\.18446744073709551615 \(got {seed}\)$"):
+            tool.add_control(sd, tmp_path / "p.safetensors", TINY_CONFIG, seed=seed)
+
+
+def test_header_shapes_reads_safetensors_files_alone(sd_files, tmp_path):
+    """A .safetensors header gives every name and shape; a file of another suffix gives nothing,
+    even one holding safetensors bytes (the loader names that), as does a missing file."""
+    sd, d = sd_files
+    shapes = tool.header_shapes(d / "sd.safetensors")
+    assert shapes == {k: list(v.shape) for k, v in sd.items()}
+    misnamed = tmp_path / "sd.ckpt"
+    misnamed.write_bytes((d / "sd.safetensors").read_bytes())
+    assert tool.header_shapes(misnamed) == {} == tool.header_shapes(tmp_path / "missing.safetensors")
