@@ -1,7 +1,12 @@
 """build_latent_cache.py as a user runs it (the cache itself: tests/annotator/test_latent_cache.py)."""
+import re
 from pathlib import Path
 
+import pytest
+import torch
+
 import build_latent_cache
+from annotator import latent_cache
 from annotator.build_many import build_all
 from annotator.latent_cache import LATENTS_META
 from annotator.pairs import BuildOptions
@@ -31,3 +36,138 @@ def test_a_movie_named_twice_in_movies_is_encoded_once(tmp_path, capsys, monkeyp
     assert rc == 0, err
     assert "latents built: 1, already cached: 0" in out and sum(encoded) == 3
     assert (root / "pan" / LATENTS_META).is_file()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A DATA_ROOT with one finished movie, "pan" (3 frames of 16x24)."""
+    tmp = tmp_path_factory.mktemp("blc")
+    build_all([write_folder(panning_clip(3, 16, 24), tmp / "pan")], tmp / "data", BuildOptions(size=16, window=2),
+              progress=False, log=lambda line: None)
+    return tmp / "data"
+
+
+class Spy:
+    """Stands in for annotator.latent_cache.build_latent_cache: records what run() passes, logs a
+    line and returns `result`."""
+
+    def __init__(self, result=None, error=None):
+        self.calls, self.error = [], error
+        self.result = result or {"fingerprint": "0123456789abcdef", "built": ["pan"], "existing": [], "refused": []}
+
+    def __call__(self, data_root, vae, movies, batch_size, overwrite, autocast_dtype, *, progress, log, gray):
+        self.calls.append(dict(data_root=data_root, vae=vae, movies=movies, batch_size=batch_size, overwrite=overwrite,
+                               autocast_dtype=autocast_dtype, progress=progress, gray=gray))
+        log("a line of the cache's")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    s = Spy()
+    monkeypatch.setattr(latent_cache, "build_latent_cache", s)
+    return s
+
+
+@pytest.mark.parametrize("extra, want", [
+    ([], dict(batch_size=8, overwrite=False, autocast_dtype=None, progress=True, gray=False, movies=None)),
+    (["--batch-size", "3", "--overwrite", "--precision", "bf16", "--no-progress", "--gray", "--movies", "pan"],
+     dict(batch_size=3, overwrite=True, autocast_dtype=torch.bfloat16, progress=False, gray=True, movies=["pan"])),
+    (["--precision", "16"], dict(autocast_dtype=torch.float16)),
+    (["--precision", "32"], dict(autocast_dtype=None))])
+def test_the_options_reach_the_cache_builder(data_root, spy, capsys, extra, want):
+    assert build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu", *extra]) == 0
+    (call,) = spy.calls
+    assert {k: call[k] for k in want} == want and call["data_root"] == str(data_root)
+    out, err = capsys.readouterr()
+    assert err == "a line of the cache's\n"  # the builder's log goes to stderr
+    assert out == ("VAE fingerprint 0123456789abcdef (tutorial_train_sd21_color_v2.py --use-latent-cache takes the "
+                   "cache when the VAE of its --init has these weights)\n"
+                   "latents built: 1, already cached: 0, refused (other weights): 0\n")
+
+
+def test_a_refused_movie_is_exit_1_and_counted(data_root, spy, capsys):
+    spy.result = {"fingerprint": "f", "built": ["a", "b"], "existing": ["c"], "refused": ["d", "e", "f"]}
+    assert build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"]) == 1
+    assert capsys.readouterr().out.endswith("latents built: 2, already cached: 1, refused (other weights): 3\n")
+
+
+def test_config_checkpoint_pickle_and_device_are_passed_on(data_root, spy, monkeypatch):
+    import colorize.loading
+
+    seen = []
+    real_vae, real_device = build_latent_cache.load_vae, colorize.loading.resolve_device
+    monkeypatch.setattr(build_latent_cache, "load_vae", lambda *a: seen.append(a) or real_vae(None, TOY))
+    monkeypatch.setattr(colorize.loading, "resolve_device", lambda name: seen.append(name) or real_device("cpu"))
+    config = str(TOY.with_suffix(".yaml"))
+    assert build_latent_cache.main([str(data_root), "--ckpt", "w.ckpt", "--config", config, "--allow-pickle",
+                                    "--device", "meta-ish"]) == 0
+    assert seen == ["meta-ish", (config, "w.ckpt", True)]
+    seen.clear()
+    assert build_latent_cache.main([str(data_root), "--ckpt", "w.ckpt"]) == 0
+    assert seen == ["auto", (None, "w.ckpt", False)]
+
+
+@pytest.mark.parametrize("error, line", [
+    (RuntimeError("CUDA out of memory"), "build_latent_cache.py: error: CUDA out of memory\n"),
+    (KeyError("latents"), "build_latent_cache.py: error: KeyError: 'latents'\n"),
+    (KeyboardInterrupt(), "build_latent_cache.py: interrupted; finished movies are kept, rerun to resume\n")])
+def test_errors_and_ctrl_c_while_encoding_are_one_line(data_root, monkeypatch, capsys, error, line):
+    monkeypatch.setattr(latent_cache, "build_latent_cache", Spy(error=error))
+    rc = build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"])
+    assert (rc, capsys.readouterr().err) == (130 if isinstance(error, KeyboardInterrupt) else 2,
+                                             f"a line of the cache's\n{line}")
+
+
+def test_bad_arguments_are_refused_before_the_checkpoint_is_read(tmp_path, data_root, capsys, monkeypatch):
+    monkeypatch.setattr(build_latent_cache, "load_vae", lambda *a: pytest.fail("read the checkpoint"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    ckpt = ["--ckpt", str(tmp_path / "none.safetensors")]
+    for argv, problem in [
+            ([str(tmp_path / "missing")], f"DATA_ROOT {tmp_path / 'missing'} does not exist (build it with "
+                                          f"build_pairs.py --out {tmp_path / 'missing'})"),
+            ([str(tmp_path / "a_file")], f"DATA_ROOT {tmp_path / 'a_file'} is a file, not a folder"),
+            ([str(tmp_path / "empty")], f"{tmp_path / 'empty'}: no finished movies to encode (build them with "
+                                        f"build_pairs.py --out {tmp_path / 'empty'})"),
+            ([str(tmp_path / "empty"), "--movies", "pan"], f"{tmp_path / 'empty' / 'pan'}: not a finished movie "
+                                                           "(run build_pairs.py first)"),
+            ([str(data_root), "--movies", "pan", "tilt"], f"{data_root / 'tilt'}: not a finished movie (run "
+                                                          "build_pairs.py first)"),
+            ([str(data_root), "--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
+            ([str(tmp_path / "missing"), "--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N (N "
+                                                             "from 0)")]:
+        assert build_latent_cache.main([*argv, *ckpt, "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"build_latent_cache.py: error: {problem}\n"
+
+
+def test_load_vae_takes_a_full_checkpoint_or_a_bare_vae_and_refuses_misfits(tmp_path):
+    """Prefixed (first_stage_model.*) or bare VAE weights load the same; one tensor missing, or
+    one of another shape, is refused naming the config (or the checkpoint that records it) and
+    what the file looks like."""
+    from cldm.checkpoint import guess_kind
+    from safetensors.torch import load_file, save_file
+
+    full = load_file(TOY)
+    vae = {k[len("first_stage_model."):]: v for k, v in full.items() if k.startswith("first_stage_model.")}
+    config = TOY.with_suffix(".yaml")
+    save_file(vae, tmp_path / "bare.safetensors")
+    loaded = build_latent_cache.load_vae(config, tmp_path / "bare.safetensors").state_dict()
+    assert loaded.keys() == vae.keys() and all(torch.equal(loaded[k], v) for k, v in vae.items())
+    loaded = build_latent_cache.load_vae(None, TOY).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in vae.items())
+
+    lacking = {k: v for k, v in full.items() if k != "first_stage_model.decoder.conv_out.bias"}
+    save_file(lacking, tmp_path / "lacking.safetensors", metadata={"config": config.read_text()})
+    lack = re.escape(str(tmp_path / "lacking.safetensors"))
+    with pytest.raises(ValueError, match=rf"^{lack}: VAE weights do not fit the config saved in {lack}: "
+                                         r"the checkpoint's \(all\)\* does not match the model \(1 missing, e\.g\. "
+                                         r"first_stage_model\.decoder\.conv_out\.bias\)$"):
+        build_latent_cache.load_vae(None, tmp_path / "lacking.safetensors")
+    wide = {**full, "first_stage_model.encoder.conv_in.weight": torch.zeros(7, 3, 3, 3)}  # the whole file's kind
+    save_file(wide, tmp_path / "wide.safetensors")
+    assert guess_kind(wide).startswith("ours: colour ControlNet v2")
+    with pytest.raises(ValueError, match=rf"; likely .*\(the file looks like: {re.escape(guess_kind(wide))}\)$"):
+        build_latent_cache.load_vae(config, tmp_path / "wide.safetensors")
