@@ -149,6 +149,7 @@ def test_cast_weights_keeps_every_norm_in_float32():
     assert model.control_model.input_blocks[0][0].weight.dtype == torch.float16
     assert model.first_stage_model.decoder.conv_out.weight.dtype == torch.float16
     assert model.alphas_cumprod.dtype == torch.float32  # the schedule stays float32
+    assert {p.dtype for p in model.cond_stage_model.parameters()} == {torch.float32}  # the text encoder too
 
 
 A1111_YAML = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
@@ -277,3 +278,82 @@ def test_a_yaml_beside_the_weights_and_overrides_get_the_remedy_of_a_config_give
     with pytest.raises(CheckpointError, match=rf"in {tmp_path / 'toy.yaml'} with the overrides \(1 key\(s\) differ\); "
                                               r"leave out --config and --set to use the one saved with it$"):
         L.load_model(alone, overrides=["model.first_stage.ddconfig.dropout=0.1"])
+
+
+def test_pickled_files_load_with_allow_pickle_full_or_under_control(tmp_path):
+    """A Lightning-style .ckpt (tensors plus pickled hyper-parameters) is refused without
+    allow_pickle and loads with it, as a full checkpoint and as the SD file under --control."""
+    import argparse
+
+    model = tiny_model(seed=1)
+    expected = model.state_dict()
+    full = tmp_path / "full.ckpt"
+    torch.save({"state_dict": expected, "hyper_parameters": argparse.Namespace(lr=1e-4)}, full)
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        L.load_model(full, config=TINY_CONFIG)
+    loaded = L.load_model(full, config=TINY_CONFIG, allow_pickle=True).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    sd = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": {k: v for k, v in expected.items() if not k.startswith("control_model.")},
+                "hyper_parameters": argparse.Namespace(lr=1e-4)}, sd)
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors")
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        L.load_model(sd, control=export, config=TINY_CONFIG)
+    loaded = L.load_model(sd, control=export, config=TINY_CONFIG, allow_pickle=True).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_an_init_trained_with_only_mid_control_fits_an_export_without(tmp_path):
+    """only_mid_control is free between the SD file under --control (an init) and the export; any
+    other key that differs is not (test_an_sd_file_under_control_that_records_another_config_is_refused)."""
+    model = tiny_model(seed=1)
+    init = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")},
+              str(init), metadata={"config": TINY_CONFIG.read_text().replace("only_mid_control: false",
+                                                                               "only_mid_control: true")})
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors", cfg=load_config(TINY_CONFIG))
+    assert L.load_model(init, control=export).only_mid_control is False
+
+
+def test_what_a_full_checkpoint_lacks_is_named_and_a_misfit_comes_first(tmp_path):
+    """The first tensor it lacks in the model's order, the text encoder's too (a part missing whole:
+    one missing in part is refused by misfit's strict parts); a tensor of another
+    shape is the reason where there is one, rather than those missing."""
+    sd = tiny_model(seed=1).state_dict()
+    cases = [("two.safetensors", lambda k: k.startswith("control_model.middle_block_out.0."), {},
+              r"it lacks 2 model tensors \(e\.g\. control_model\.middle_block_out\.0\.weight\)"),
+             ("notext.safetensors", lambda k: k.startswith("cond_stage_model."), {},  # the whole text encoder
+              rf"it lacks {sum(k.startswith('cond_stage_model.') for k in sd)} model tensors \(e\.g\. "
+              r"cond_stage_model\."),
+             ("both.safetensors", lambda k: k == "control_model.middle_block_out.0.bias",
+              {"model.diffusion_model.out.2.bias": torch.zeros(5)},
+              r"model\.diffusion_model\.out\.2\.bias is \[5\] in the checkpoint but \[4\] in the model")]
+    for name, drop, replace, reason in cases:
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in {**sd, **replace}.items() if not drop(k)}, str(path))
+        with pytest.raises(CheckpointError, match=rf"{name} does not fit the config: {reason}"):
+            L.load_model(path, config=TINY_CONFIG)
+
+
+def test_a_full_checkpoint_is_checked_on_meta_and_built_on_the_device(tmp_path, monkeypatch):
+    full = save_tiny(tiny_model(seed=1), tmp_path / "full.safetensors")
+
+    class Built(Exception):
+        pass
+    devices, real = [], L.create_model
+
+    def create_model(cfg):
+        devices.append(torch.get_default_device())
+        if len(devices) == 2:
+            raise Built
+        return real(cfg)
+    monkeypatch.setattr(L, "create_model", create_model)
+    with pytest.raises(Built):
+        L.load_model(full, config=TINY_CONFIG, device="meta")
+    assert devices == [torch.device("meta"), torch.device("meta")]
+    devices.clear()
+    with pytest.raises(Built):
+        L.load_model(full, config=TINY_CONFIG, device="cpu")
+    assert devices == [torch.device("meta"), torch.device("cpu")]
