@@ -7,7 +7,7 @@ sqrt(a_0) x0 + sqrt(1 - a_0) eps (the reference's last step goes to alphas_cumpr
 import pytest
 import torch
 
-from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps
+from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps, v_to_eps_x0
 from ldm.schedule import schedule_buffers
 from tests.helpers import COMPONENT_TOL as TOL, CrossDeviceCopies
 
@@ -63,6 +63,7 @@ def test_sigmas_follow_eta():
     expected = ((1 - a_prev.double()) / (1 - a.double()) * (1 - a.double() / a_prev.double())).sqrt()
     torch.testing.assert_close(s1, expected.float())
     torch.testing.assert_close(s_half, 0.5 * s1)
+    assert torch.equal(ddim_schedule(AC, ts)[2], torch.zeros(len(ts)))  # eta 0 by default: deterministic DDIM
 
 
 def test_step_with_exact_eps_keeps_x0():
@@ -192,3 +193,68 @@ def test_v_prediction_gives_x0_directly_as_the_reference():
     assert a.sqrt() < 0.1  # t = 951
     want = a.sqrt() * x_T.double() - (1 - a).sqrt() * v.double()
     torch.testing.assert_close(pred_x0.double(), want, rtol=0, atol=1e-6)
+
+
+def test_sigmas_are_computed_in_double_precision():
+    """At 500 steps neighbouring alphas are close and 1 - a / a_prev cancels: float32 arithmetic is
+    off by up to 7e-6 relative, the float64 one by float32's rounding alone (5e-8 measured)."""
+    ts = ddim_timesteps(500)
+    a, a_prev, sigmas = ddim_schedule(AC, ts, eta=1.0)
+    a, a_prev = a.double(), a_prev.double()
+    exact = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    torch.testing.assert_close(sigmas.double(), exact, rtol=1e-7, atol=0)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    """ddim_step gives both results in x's dtype, from float32 arithmetic (bf16 noise added as it
+    is, not rounded further); v_to_eps_x0 computes in float32 from bf16 x and v."""
+    x0, eps = data()
+    a, a_prev, sigma = 0.3, 0.6, 0.2
+    x = (a ** 0.5 * x0 + (1 - a) ** 0.5 * eps).to(torch.bfloat16)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x_prev, pred_x0 = ddim_step(x, eps, a, a_prev, sigma, noise=noise)
+    assert x_prev.dtype == pred_x0.dtype == torch.bfloat16
+    want_x0 = (x.float() - (1 - a) ** 0.5 * eps) / a ** 0.5
+    want = a_prev ** 0.5 * want_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise.float()
+    torch.testing.assert_close(pred_x0, want_x0.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(x_prev, want.to(torch.bfloat16), rtol=0, atol=0)
+
+    v = eps.to(torch.bfloat16)
+    got = v_to_eps_x0(x, v, AC[951])
+    want = v_to_eps_x0(x.float(), v.float(), AC[951])
+    assert all(g.dtype == torch.float32 for g in got)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_parameterization_and_the_schedule_length():
+    """Only eps and v are known; the timesteps come from the schedule given (40 steps: stride 2 for
+    20 DDIM steps), not SD2.1's 1000; 20 steps by default."""
+    x0, x_T = data()
+    with pytest.raises(ValueError, match=r"^parameterization must be 'eps' or 'v', got 'x0'$"):
+        ddim_sample(oracle(x0), x_T, AC, parameterization="x0")
+    short = schedule_buffers("linear", 40)["alphas_cumprod"]
+    calls = []
+    ddim_sample(lambda x, t: calls.append(int(t[0])) or torch.zeros_like(x), x_T, short, steps=20)
+    assert calls == list(range(39, 0, -2))
+    calls.clear()
+    ddim_sample(lambda x, t: calls.append(int(t[0])) or torch.zeros_like(x), x_T, AC)
+    assert calls == ddim_timesteps(20).flip(0).tolist()
+
+
+def test_noise_is_drawn_in_float32_and_moved_to_x(capsys):
+    """The generator's noise is float32 whatever x's dtype (a bf16 run draws what a float32 run
+    does); noise_fn's is moved to x's device (here meta, for the accelerator); progress shows a bar."""
+    x0, x_T = data()
+    x_T = x_T.to(torch.bfloat16)
+    model = lambda x, t: oracle(x0)(x.float(), t).to(x.dtype)  # noqa: E731
+
+    def noise_fn(shape, g=torch.Generator().manual_seed(5)):
+        return torch.randn(shape, generator=g)  # float32
+    ref = ddim_sample(model, x_T, AC, steps=5, eta=1.0, noise_fn=noise_fn)
+    out = ddim_sample(model, x_T, AC, steps=5, eta=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, ref)
+
+    meta = ddim_sample(lambda x, t: torch.zeros_like(x), torch.empty(1, 4, 8, 8, device="meta"), AC, steps=3,
+                       eta=1.0, noise_fn=lambda shape: torch.randn(shape), progress=True)
+    assert meta.device.type == "meta"
+    assert "DDIM: 100%" in capsys.readouterr().err
