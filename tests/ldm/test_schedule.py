@@ -1,4 +1,5 @@
 """Schedule buffers and forward-diffusion formulas against the reference fixture."""
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,50 @@ def test_schedule_mismatch_tells_rounding_from_another_schedule():
         assert schedule_mismatch({k: v.to(dtype) for k, v in ours.items()}, ours) is None, dtype
     other = schedule_buffers("linear", 1000, 0.00085, 0.01201)
     assert schedule_mismatch(other, ours) is not None
+
+
+def test_defaults_are_sd21s_and_the_betas_are_float64_throughout():
+    """SD2.1's schedule by default: 1000 steps from 0.00085 to 0.012, linear in sqrt(beta),
+    computed in float64 (a float32 linspace would be off by ~1e-8 relative)."""
+    betas = make_beta_schedule()
+    want = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    torch.testing.assert_close(betas, torch.from_numpy(want), rtol=1e-15, atol=0)
+    default = schedule_buffers()
+    explicit = schedule_buffers("linear", 1000, 0.00085, 0.012)
+    assert all(torch.equal(default[k], explicit[k]) for k in BUFFER_NAMES)
+    with pytest.raises(ValueError, match=r"^unsupported beta schedule 'cosine' \(only 'linear' is implemented\)$"):
+        make_beta_schedule("cosine")
+
+
+def test_every_buffer_has_the_schedules_length():
+    assert {tuple(v.shape) for v in schedule_buffers("linear", 40).values()} == {(40,)}
+
+
+def test_extract_shapes_for_any_rank_and_keeps_the_coefficients_values():
+    coef = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float32)
+    t = torch.tensor([2, 0])
+    assert extract(coef, t, torch.zeros(2, 5)).shape == (2, 1)
+    assert extract(coef, t, torch.zeros(2, 3, 4, 5, 6)).shape == (2, 1, 1, 1, 1)
+    out = extract(coef, t, torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16))  # float32 values, not rounded to bf16
+    assert out.dtype == torch.float32 and out.flatten().tolist() == [coef[2].item(), coef[0].item()]
+
+
+def test_schedule_mismatch_names_the_first_buffer_that_differs():
+    """In BUFFER_NAMES order, from betas; a buffer missing on either side is no mismatch; one of
+    another length is (not an error); near zero 1e-7 absolute is allowed, not more."""
+    from ldm.schedule import schedule_mismatch
+
+    ours = schedule_buffers()
+    # linear_end 0.08 % off: within betas' tolerance, not within alphas_cumprod's (0.38 % at the end)
+    assert schedule_mismatch(schedule_buffers("linear", 1000, 0.00085, 0.01201), ours) == "alphas_cumprod"
+    # betas[0] 5e-6 off (0.6 %): betas is named, not a later buffer it changes more
+    assert schedule_mismatch(schedule_buffers("linear", 1000, 0.000855, 0.012), ours) == "betas"
+    assert schedule_mismatch({"betas": ours["betas"]}, ours) is None
+    assert schedule_mismatch(ours, {"logvar": ours["logvar"]}) is None
+    assert schedule_mismatch({}, ours) is None
+    assert schedule_mismatch(schedule_buffers("linear", 40), ours) == "betas"
+    only_ac = {"alphas_cumprod": ours["alphas_cumprod"].clone()}
+    only_ac["alphas_cumprod"][-1] += 2e-7  # alphas_cumprod[-1] ~ 0.0047: 1e-7 + 1e-3 * 0.0047 allowed
+    assert schedule_mismatch(only_ac, ours) is None
+    only_ac["alphas_cumprod"][-1] += 5e-6
+    assert schedule_mismatch(only_ac, ours) == "alphas_cumprod"
