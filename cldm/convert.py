@@ -21,6 +21,7 @@ class InitReport:
     control_from_unet: list[str] = field(default_factory=list)
     widened: list[str] = field(default_factory=list)        # SD kernel + zero extra input channels
     new: list[str] = field(default_factory=list)            # fresh init (hint block, zero convs)
+    schedule: list[str] = field(default_factory=list)       # noise-schedule buffers, from the config
     ignored: list[str] = field(default_factory=list)        # in the SD file, not in the model
 
     def summary(self) -> str:
@@ -35,6 +36,7 @@ class InitReport:
             f"ControlNet from SD UNet:   {len(self.control_from_unet)} tensors",
             f"widened (zero new inputs): {', '.join(self.widened) or '-'}",
             f"new (fresh init):          {len(self.new)} tensors: {groups(self.new)}",
+            f"noise schedule (config):   {len(self.schedule)} buffers",
             f"ignored from the file:     {len(self.ignored)} tensors: {groups(self.ignored)}",
         ])
 
@@ -77,7 +79,7 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor], fresh: dict[str
         want = dtype if dtype is not None and shape_of.is_floating_point() else shape_of.dtype
         if key in BUFFER_NAMES:  # from the config (see schedule_mismatch); the file's may be rounded or absent
             out[key] = own[key]
-            report.copied.append(key)
+            report.schedule.append(key)
             continue
         if key.startswith(CONTROL):
             src_key = UNET + key[len(CONTROL):]

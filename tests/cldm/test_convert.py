@@ -58,12 +58,14 @@ def test_every_tensor_comes_from_its_source_and_lands_in_one_bucket():
     widened = [UNET + "input_blocks.0.0.weight", CONTROL + "input_blocks.0.0.weight"]
     assert report.widened == widened
     assert report.ignored == ["aa.extra", "zz.extra"]  # sorted, and only the file's extras
-    buckets = [report.copied, report.control_from_unet, report.widened, report.new]
+    buckets = [report.copied, report.control_from_unet, report.widened, report.new, report.schedule]
     assert sorted(k for b in buckets for k in b) == sorted(own)  # each model tensor in exactly one bucket
     for k in report.copied:
         assert not k.startswith(CONTROL)
-        assert torch.equal(out[k], own[k] if k in BUFFER_NAMES else sd[k]), k
-    assert set(BUFFER_NAMES) <= set(report.copied)
+        assert torch.equal(out[k], sd[k]), k
+    assert report.schedule == [k for k in own if k in BUFFER_NAMES] and len(report.schedule) == len(BUFFER_NAMES)
+    for k in report.schedule:  # the config's, though the file holds them too (was: "copied from SD")
+        assert torch.equal(out[k], own[k]), k
     assert report.control_from_unet and all(k.startswith(CONTROL) for k in report.control_from_unet)
     for k in report.control_from_unet:  # the ControlNet encoder starts as the UNet encoder
         assert torch.equal(out[k], sd[UNET + k[len(CONTROL):]]), k
@@ -86,7 +88,7 @@ def test_fresh_gives_the_new_layers_and_the_schedule_so_the_model_may_be_on_meta
 
 def test_dtype_casts_the_weights_once_and_keeps_the_schedule_float32():
     out, report, own = _init(dtype=torch.float16)
-    for bucket in (report.copied, report.control_from_unet, report.widened, report.new):
+    for bucket in (report.copied, report.control_from_unet, report.widened, report.new, report.schedule):
         for k in bucket:
             assert out[k].dtype == (torch.float32 if k in BUFFER_NAMES else torch.float16), k
     for k in BUFFER_NAMES:
@@ -152,13 +154,14 @@ def test_an_sd1_file_is_told_to_need_sd2_weights():
 
 
 def test_the_summary_counts_each_bucket_grouped_by_its_first_two_name_parts():
-    r = InitReport(copied=["b.x.1", "a.y.2", "b.x.3", "betas"], control_from_unet=["c.1", "c.2"],
-                   widened=["w.1", "w.2"], new=["n.a.1"], ignored=[])
+    r = InitReport(copied=["b.x.1", "a.y.2", "b.x.3", "v.1"], control_from_unet=["c.1", "c.2"],
+                   widened=["w.1", "w.2"], new=["n.a.1"], schedule=["betas", "alphas_cumprod"], ignored=[])
     assert r.summary().splitlines() == [
-        "copied from SD:            4 tensors: a.y.* (1), b.x.* (2), betas.* (1)",
+        "copied from SD:            4 tensors: a.y.* (1), b.x.* (2), v.1.* (1)",
         "ControlNet from SD UNet:   2 tensors",
         "widened (zero new inputs): w.1, w.2",
         "new (fresh init):          1 tensors: n.a.* (1)",
+        "noise schedule (config):   2 buffers",
         "ignored from the file:     0 tensors: -",
     ]
     assert InitReport().summary().splitlines()[2] == "widened (zero new inputs): -"
