@@ -94,9 +94,8 @@ def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
 
     source = resolve_config(ckpt_path, config_path)
     where = f"the config saved in {ckpt_path}" if isinstance(source, DictConfig) else str(source)
-    fs = model_config(load_resolved_config(source, (), [("--ckpt", ckpt_path)], config_path)).get("first_stage")
-    if fs is None:
-        raise ValueError(f"{where}: no model.first_stage section (the VAE architecture)")
+    # load_resolved_config refuses a config without model.first_stage (the VAE architecture)
+    fs = model_config(load_resolved_config(source, (), [("--ckpt", ckpt_path)], config_path)).first_stage
     vae = AutoencoderKL(OmegaConf.to_container(fs.ddconfig, resolve=True), fs.embed_dim)
     sd = load_state_dict(ckpt_path, allow_pickle=allow_pickle)
     prefix = FIRST_STAGE_PREFIX if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd) else ""
