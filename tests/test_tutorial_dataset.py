@@ -1,4 +1,5 @@
 import contextlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -46,6 +47,12 @@ def test_default_band_on_another_metric_is_warned(fake_root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a band chosen for the metric: no warning
         PairDataset(fake_root, size=64, low=0.9, high=0.99)
+        PairDataset(fake_root, size=64, high=0.99)  # either end chosen is a band chosen
+        PairDataset(fake_root, size=64, low=0.9)
+        # a meta.json without "metric" (built before there was a choice) holds SSIM
+        meta.write_text(meta.read_text().replace('"metric": "ncc", ', "").replace(', "metric": "ncc"', ""))
+        assert "metric" not in meta.read_text()
+        PairDataset(fake_root, size=64)
 
 
 def test_a_broken_meta_json_is_named(fake_root):
@@ -134,7 +141,8 @@ def test_crop_sizes_and_no_augment(clip_root):
     np.testing.assert_allclose(a["jpg"], src[a["target_index"]][:, 48:112] / 127.5 - 1, atol=1e-6)
     with pytest.raises(ValueError, match="multiples of 64"):
         PairDataset(clip_root, size=100, **band)
-    with pytest.raises(ValueError, match="no pairs"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(clip_root))}: no pairs with 0.9999 < sim < 0.99999 and "
+                                         f"gap >= 3 in movies pan$"):
         PairDataset(clip_root, size=64, low=0.9999, high=0.99999)
 
 
@@ -189,6 +197,10 @@ def test_distributed_order_shards_the_data_and_changes_with_the_resume_step(fake
     assert set(a + b) == set(range(n)) and len(a) == len(b) == -(-n // 2)  # all covered (padded to equal shares)
     assert len(set(a) & set(b)) == len(a) + len(b) - n  # overlapping only by the padding
     assert order(0, 0) == order(0, 0) and order(0, 40) != order(0, 0)
+    dm.seed = 8
+    assert order(0, 0) != a  # the run's seed orders it too
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=2, global_step=0)
+    assert len(list(dm.train_dataloader().sampler)) == -(-n // 3)  # one share of three
     dm.trainer = None  # one process: torch's RNG orders the data (see ColorControlModule.on_train_start)
     assert not isinstance(dm.train_dataloader().sampler, torch.utils.data.DistributedSampler)
 
@@ -215,6 +227,8 @@ def test_datamodule_setup_builds_each_stages_datasets_once(fake_root, monkeypatc
     dm.setup()
     assert built == [("film_a",), ("film_b",)] and dm.test.movies == ["film_b"] and dm.train is train
     dm = PairDataModule(fake_root, num_workers=0, size=64)
+    dm.setup("predict")  # no datasets at all
+    assert built[2:] == [] and dm.train is None and dm.val is None
     dm.setup("test")  # no test movies: nothing to build
     dm.setup("validate")
     assert dm.train is None and dm.test is None and dm.val.movies == ["film_b"]
@@ -233,7 +247,7 @@ def test_loaders_pin_memory_for_cuda_and_prefetch_with_workers(fake_root, monkey
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         assert PairDataModule(fake_root, accelerator=accelerator).pin_memory is pinned, (accelerator, cuda)
     monkeypatch.undo()
-    for workers, factor in ((1, 4), (2, 2), (3, 2)):  # >= 4 batches queued, at least 2 per worker
+    for workers, factor in ((1, 4), (2, 2), (3, 2), (4, 2)):  # >= 4 batches queued, at least 2 per worker
         dm = PairDataModule(fake_root, batch_size=2, num_workers=workers, size=64, pin_memory=False)
         dm.setup("fit")
         for loader in (dm.train_dataloader(), dm.val_dataloader()):
@@ -277,10 +291,13 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
         np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
     assert len(offsets) > 3  # the crops do move
+    from annotator.latent_cache import LatentCacheError
+    with pytest.raises(LatentCacheError, match="latent cache has no gray latents"):  # v3 on a cache without them
+        PairDataset(root, size=64, low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp, gray_latents=True)
 
 
 def test_training_sizes_and_movies_that_cannot_be_used_are_refused(fake_root, tmp_path):
-    for size in ((64, 100), (100, 64), 0, -64):
+    for size in ((64, 100), (100, 64), 0, -64, (0, 64), (64, 0), (64, -64)):
         with pytest.raises(ValueError, match="training size must be positive multiples of 64"):
             PairDataset(fake_root, size=size)
     (tmp_path / "empty").mkdir()
@@ -290,7 +307,8 @@ def test_training_sizes_and_movies_that_cannot_be_used_are_refused(fake_root, tm
         PairDataset(fake_root, ["film_a", "nope"], size=64)
     write_fake_movie(tmp_path / "big", "film_c", table_from_pairs(6, 4, {(1, 5): 0.955}), size=(192, 128))
     with pytest.raises(ValueError, match=r"film_c: frames are 192x128; latent mode needs them to cover the training "
-                                         r"size 64x64 exactly in one side"):  # refused before any cache is read
+                                         r"size 64x64 exactly in one side \(rebuild with build_pairs\.py --size\)$"):
+        # refused before any cache is read
         PairDataset(tmp_path / "big", size=64, vae_fingerprint="any")
 
 
@@ -352,6 +370,23 @@ def test_frames_are_resized_to_the_crop_then_centre_cropped(tmp_path, height, wi
     np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
 
 
+def test_a_side_that_is_whole_but_for_float_rounding_is_not_rounded_up(tmp_path):
+    """273x91 frames at size 64: 273 * (64 / 91) is 192.00000000000003 in floats; the frame is
+    resized to 192 wide, as 273 * 64 / 91 = 192 says, not 193."""
+    import cv2
+
+    from annotator.pairs import frame_path
+
+    d = write_fake_movie(tmp_path, "m", table_from_pairs(6, 4, {(1, 5): 0.955}), size=(273, 91))
+    rng = np.random.default_rng(0)
+    frames = {i: rng.integers(0, 256, (91, 273, 3), dtype=np.uint8) for i in (1, 5)}  # texture shows the resize
+    for i, rgb in frames.items():
+        cv2.imwrite(str(frame_path(d, i, "png")), rgb[..., ::-1])
+    item = PairDataset(tmp_path, size=64, augment=False, seed=0)[0]
+    want = cv2.resize(frames[item["target_index"]], (192, 64), interpolation=cv2.INTER_AREA)[:, 64:128]
+    np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
+
+
 def test_datamodule_split_edge_cases(fake_root, tmp_path):
     """One movie trains (no validation); test movies are never held out for validation; a split
     that leaves nothing to train on, or test movies without pairs, are errors."""
@@ -371,6 +406,17 @@ def test_datamodule_split_edge_cases(fake_root, tmp_path):
         PairDataModule(fake_root, num_workers=0, size=64, low=0.956, test_movies=["film_b"]).setup("test")
 
 
+def test_validation_and_test_items_are_fixed_with_the_default_eval_seed_0(fake_root):
+    """Seed 0 is a seed: validation and test draw item k's partner the same way every epoch."""
+    dm = PairDataModule(fake_root, num_workers=0, size=64, val_movies=[], test_movies=["film_a"])
+    dm.setup()
+    k = next(k for k in range(len(dm.test)) if len(dm.test.partners(k)[2]) == 2)  # frame 0: partners 3 and 4
+    torch.manual_seed(0)
+    assert len({dm.test[k]["target_index"] for _ in range(20)}) == 1
+    ds = PairDataset(fake_root, ["film_a"], size=64, seed=0)
+    assert len({ds[k]["target_index"] for _ in range(20)}) == 1
+
+
 def test_loaders_drop_only_a_short_training_batch_and_one_process_keeps_torchs_order(fake_root, monkeypatch):
     from types import SimpleNamespace
 
@@ -385,13 +431,14 @@ def test_loaders_drop_only_a_short_training_batch_and_one_process_keeps_torchs_o
 
 def test_latent_mode_windows_of_a_wide_crop_a_tall_frame_and_the_gray_latent(clip_root, tmp_path):
     """Crop 64x128 of 64x160 frames: a latent window 16 wide; 168-high frames centre-cropped at
-    y0 = 48 (on the grid), not 52; v3's gray latent is the target's."""
+    y0 = 48 (on the grid), not 52, and 168-wide ones at x0 = 48; v3's gray latent is the target's;
+    the data module hands its datasets the cache's fingerprint and the gray latents."""
     from annotator.latent_cache import build_latent_cache, load_latents
     from tests.train_helpers import tiny_model
 
     root = Path(shutil.copytree(clip_root, tmp_path / "data"))
-    tall = panning_clip(4, 168, 64, speed=1)
-    build_all([write_folder(tall, tmp_path / "src" / "tall")], root,
+    tall, broad = panning_clip(4, 168, 64, speed=1), panning_clip(4, 64, 168, speed=1)
+    build_all([write_folder(tall, tmp_path / "src" / "tall"), write_folder(broad, tmp_path / "src" / "wide")], root,
               BuildOptions(size=64, window=2, image_format="png"), progress=False)
     fp = build_latent_cache(root, tiny_model("v2").first_stage_model, progress=False, gray=True)["fingerprint"]
     band = dict(low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp, gray_latents=True)
@@ -405,3 +452,10 @@ def test_latent_mode_windows_of_a_wide_crop_a_tall_frame_and_the_gray_latent(cli
     np.testing.assert_array_equal(item["gray_latent_mean"], cache[j, 2][win].astype(np.float32))
     item = PairDataset(root, ["tall"], size=64, augment=False, seed=0, **band)[1]
     np.testing.assert_allclose(item["hint"][..., :3], tall[item["ref_index"]][48:112] / 255, atol=1e-6)
+    item = PairDataset(root, ["wide"], size=64, augment=False, seed=0, **band)[1]
+    np.testing.assert_allclose(item["hint"][..., :3], broad[item["ref_index"]][:, 48:112] / 255, atol=1e-6)
+    dm = PairDataModule(root, num_workers=0, size=64, low=0.0, high=0.999, min_gap=1, val_movies=["tall"],
+                        test_movies=["wide"], vae_fingerprint=fp, gray_latents=True)
+    dm.setup()
+    for ds in (dm.train, dm.val, dm.test):
+        assert {"jpg_latent_mean", "gray_latent_mean"} <= set(ds[0]) and "jpg" not in ds[0]
