@@ -19,6 +19,7 @@ from annotator.video import iter_frames, probe
 from cldm import weights_config
 from cldm.model import TINY_CONFIG
 from colorize import loading as L, pipeline as P
+from colorize.baselines import iter_baseline
 from tests.annotator.clips import panning_clip, truncate_avi, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import named_pipe, read_only_folder, refused, video_with_sound
@@ -183,6 +184,10 @@ def test_a_truncated_video_gets_advice_that_works(env, tmp_path, capsys):
         "--frames 4:6 colourises the rest of the frames it holds; with a complete copy of the file, --frames 4: "
         "continues)"), err
     shutil.copytree(out, tmp_path / "copy")
+    rc, _, err = run([*args, "--out", tmp_path / "v", "--video", tmp_path / "v.mp4"], capsys)
+    assert rc == 2 and err.splitlines()[-1].endswith(  # its advice runs without --video, which needs every frame
+        "--frames 4:6 without --video colourises the rest of the frames it holds; with a complete copy of the file, "
+        "--frames 4: continues)"), err
     assert run([*args, *_advice(line, r"(--frames \S+) colourises"), "--out", out], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(6)]
     cut.write_bytes(full.read_bytes())
@@ -333,6 +338,8 @@ def _bad_cases(env, tmp):
     gray_ref = tmp / "gray_ref.png"
     gray_ref.write_bytes((g / "f0.png").read_bytes())
     (tmp / "folder.mp4").mkdir()
+    (tmp / "linked").mkdir()
+    (tmp / "link").symlink_to(tmp / "linked")
     from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
     step_ckpt = tmp / "step=00000005.ckpt"  # the keys a training checkpoint has, no tensors
     torch.save({**{k: {} for k in LIGHTNING_KEYS}, "global_step": 5, TRAINING_KEY: {}}, step_ckpt)
@@ -375,7 +382,15 @@ def _bad_cases(env, tmp):
                                 "clip.mp4: not a checkpoint file"),
         "flow reference outside": (["--input", g, "--reference-frame", "3", "--gt", SAMPLE,
                                     "--method", "flow", "--frames", "0:2"], "lies outside the frames"),
-        "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST], "is gray"),
+        "gray reference frame": (["--input", g, "--reference-frame", "0", "--ckpt", ck, *FAST],
+                                 f"--reference-frame 0: frame 0 of {g} (--input, as no --gt is given) is gray, "
+                                 "not colour"),
+        "gray gt frame": (["--input", g, "--gt", g, "--reference-frame", "1", "--ckpt", ck, *FAST],
+                          f"--reference-frame 1: frame 1 of {g} (--gt) is gray, not colour"),
+        "negative reference frame": (["--input", g, "--reference-frame", "-1", "--ckpt", ck, *FAST],
+                                     "--reference-frame -1: frame numbers start at 0"),
+        "video inside out through a link": (["--input", g, *base, "--out", tmp / "link", "--video",
+                                             tmp / "linked" / "v.mp4"], "is inside --out"),
         "steps past schedule": (["--input", g, *base, "--steps", "501"],
                                 "--steps must be between 1 and 500 for the model's 1000-step noise schedule (got 501)"),
         "config not the checkpoint's": (["--input", g, "--reference", ref, "--ckpt", TOY, *FAST],  # FAST: tiny YAML
@@ -446,7 +461,8 @@ def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
     (out / "f2.png").write_bytes(b"earlier work")
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--out", out, *FAST]
     rc, _, err = run(args, capsys)
-    assert rc == 2 and "f2.png exists" in err and "--overwrite" in err
+    assert rc == 2 and err.splitlines()[-1] == (f"colorize_inference.py: error: {out / 'f2.png'} exists (1 output(s) "
+                                                "already there); pass --overwrite to replace them")
     assert snapshot(out) == {"f2.png": b"earlier work"}
     rc, _, err = run([*args, "--overwrite"], capsys)
     assert rc == 0, err
@@ -835,6 +851,10 @@ def test_a_reference_of_another_aspect_ratio_is_noted(env, tmp_path, capsys):
     assert rc == 0 and err.count("a reference of 80x80 is stretched to the frames' 143x80 shape") == 1, err
     rc, _, err = run([*base, "--reference", env["refs"][0], "--out", tmp_path / "b"], capsys)
     assert rc == 0 and "stretched" not in err
+    wider = np.ascontiguousarray(np.concatenate([env["colour"][3], env["colour"][3][:, -1:]], axis=1))  # 144x80
+    cv2.imwrite(str(tmp_path / "wider.png"), wider[..., ::-1])
+    rc, _, err = run([*base, "--reference", tmp_path / "wider.png", "--out", tmp_path / "c"], capsys)
+    assert rc == 0 and "stretched" not in err  # within 2%: not worth a note
 
 
 def test_a_broken_video_is_one_line_without_ffmpegs_own(env, tmp_path):
@@ -983,3 +1003,154 @@ def test_without_pyav_a_videos_sound_is_one_line_and_no_audio_still_works(env, t
                                                       "requirements.txt, or pass --no-audio")
     assert not (tmp_path / "a").exists()
     assert cli.main(argv + ["--no-audio"]) == 0 and (tmp_path / "a.mp4").is_file()
+    argv[1] = str(env["gray"])  # a frame folder has no sound to look for: PyAV is not needed
+    assert cli.main(argv[:-3] + [str(tmp_path / "b"), "--video", str(tmp_path / "b.mp4")]) == 0
+
+
+def test_parse_range_reads_a_slice_and_refuses_a_bare_number():
+    assert cli.parse_range(None) == slice(0, None)
+    assert cli.parse_range(":5") == slice(0, 5) and cli.parse_range("2:3") == slice(2, 3)
+    assert cli.parse_range("7:") == slice(7, None)
+    with pytest.raises(cli.UsageError, match=r"^--frames '3': expected A:B with 0 <= A < B, e.g. 0:16 or 100:$"):
+        cli.parse_range("3")  # one frame number is not a range (3: or 3:4?)
+
+
+def _checked(tmp_path, *extra):
+    """check_args on a baseline run's arguments (no model: nothing but the checks)."""
+    ref = tmp_path / "ref.png"
+    if not ref.exists():
+        cv2.imwrite(str(ref), np.full((8, 8, 3), (0, 64, 200), np.uint8))
+    args = cli.parser().parse_args([str(a) for a in ["--input", tmp_path, "--reference", ref, "--method",
+                                                     "reinhard", "--out", tmp_path / "out", *extra]])
+    return cli.check_args(args)
+
+
+def test_fps_and_video_name_limits(tmp_path):
+    """--fps from 0.01 to 1000, both ends included; --video's suffix in any case."""
+    for fps in ("0.01", "1000"):
+        _checked(tmp_path, "--video", tmp_path / "v.mp4", "--fps", fps)
+    for fps in ("0.009", "1000.5"):
+        with pytest.raises(cli.UsageError, match=rf"^--fps must be between 0.01 and 1000 \(got {fps}\)$"):
+            _checked(tmp_path, "--video", tmp_path / "v.mp4", "--fps", fps)
+    for name in ("v.MP4", "v.m4v", "v.Mov"):
+        _checked(tmp_path, "--video", tmp_path / name)
+    with pytest.raises(cli.UsageError, match=rf"^--video {re.escape(str(tmp_path / 'v.avi'))}: use a "
+                                             r"\.mp4/\.m4v/\.mov file name$"):
+        _checked(tmp_path, "--video", tmp_path / "v.avi")
+
+
+def test_out_of_memory_knows_each_libraries_way_of_saying_it():
+    assert cli.out_of_memory(MemoryError())  # numpy: "Unable to allocate 1.2 TiB for an array ..."
+    assert cli.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert cli.out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"))
+    assert cli.out_of_memory(cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to "
+                                       "allocate 1234 bytes in function 'OutOfMemoryError'"))
+    assert not cli.out_of_memory(RuntimeError("a bug"))
+    assert not cli.out_of_memory(cv2.error("(-215:Assertion failed) !ssize.empty() in function 'resize'"))
+    assert not cli.out_of_memory(ValueError("can't allocate memory"))
+
+
+@pytest.mark.parametrize("error, says", [
+    (MemoryError(), "out of memory on the CPU at --size 512, --batch 4: lower them"),
+    (cv2.error("(-4:Insufficient memory) Failed to allocate 99 bytes"),
+     "out of memory on the CPU at --size 512, --batch 4: lower them"),
+    (cv2.error("(-215:Assertion failed) a bug"), None),  # not hidden
+])
+def test_a_baselines_out_of_memory_is_one_line_and_its_other_errors_are_not_hidden(env, tmp_path, capsys,
+                                                                                   monkeypatch, error, says):
+    def failing(*a, **k):
+        raise error
+        yield
+    monkeypatch.setattr(cli, "iter_baseline", failing)
+    argv = [str(a) for a in ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                             "--no-progress", "--out", tmp_path / "out"]]
+    if says is None:
+        with pytest.raises(cv2.error, match="a bug"):
+            cli.main(argv)
+    else:
+        assert refused(cli.main, argv, capsys) == f"colorize_inference.py: error: {says}\n"
+
+
+def test_encode_png_clips_and_rounds_to_the_depth():
+    rgb = np.array([[[-0.1, 0.5, 1.2], [0.0, 1 / 65535 * 0.6, 1.0]]], np.float32)
+    sixteen = cv2.imdecode(np.frombuffer(cli.encode_png(rgb, 16), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert sixteen.dtype == np.uint16
+    np.testing.assert_array_equal(sixteen, [[[0, 32768, 65535], [0, 1, 65535]]])  # 0.5 * 65535 = 32767.5 rounds up
+    eight = cv2.imdecode(np.frombuffer(cli.encode_png(rgb, 8), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    np.testing.assert_array_equal(eight, to_uint8(rgb))
+
+
+def test_flow_starts_from_a_reference_frame_inside_the_range(env, tmp_path, capsys):
+    """--reference-frame counts from the clip's start: with --frames 1:3, frame 2 is the range's
+    second frame (the walk starts there); frames 1 and 2 may start it, 0 and 3 lie outside; two
+    references for one frame are one line naming the method."""
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    for n, i in enumerate((0, 1, 120, 121)):
+        cv2.imwrite(str(colour / f"f{n}.png"), env["colour"][i][..., ::-1])
+    base = ["--input", env["gray"], "--gt", colour, "--method", "flow", "--frames", "1:3", "--no-progress"]
+    rc, _, err = run([*base, "--reference-frame", "2", "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    grays = [f.gray for f in P.iter_gray_frames(env["gray"], 1, 3)]
+    want = list(iter_baseline("flow", grays, [P.reference_frame(colour, 2)], [1]))
+    for n, expected in zip((1, 2), want):
+        np.testing.assert_array_equal(read_rgb(tmp_path / "out" / f"f{n}.png"), to_uint8(expected))
+    assert run([*base, "--reference-frame", "1", "--out", tmp_path / "first"], capsys)[0] == 0
+    for n in (0, 3):
+        rc, _, err = run([*base, "--reference-frame", str(n), "--out", tmp_path / f"o{n}"], capsys)
+        assert (rc, err) == (2, f"colorize_inference.py: error: --reference-frame {n} lies outside the frames being "
+                                "colourised (flow starts from it)\n")
+    rc, _, err = run([*base, "--reference-frame", "1", "--reference-frame", "1", "--frames", "0:3",
+                      "--out", tmp_path / "two"], capsys)
+    assert (rc, err) == (2, "colorize_inference.py: error: --method flow: two references for frame 1; give one "
+                            "reference per frame\n")
+
+
+def test_the_config_recorded_in_the_control_file_is_named_as_the_controls(env, tmp_path, capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    control = tmp_path / "control.safetensors"
+    save_file({"control_model.x": torch.zeros(1)}, str(control))
+    monkeypatch.setattr(weights_config, "resolve_config", lambda *a: OmegaConf.load(TINY_CONFIG))
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, out, _ = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--control",
+                      control, "--size", "64", "--steps", "2", "--out", tmp_path / "out"], capsys)
+    assert rc == 130 and out == f"config: the one {control} records\n"
+
+
+def test_a_failed_video_after_the_last_frame_says_only_the_video_is_missing(env, tmp_path, capsys, monkeypatch):
+    def full_disk(path, frames, fps, audio_from=None):
+        for _ in frames:
+            pass
+        raise OSError(f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(cli, "write_video_atomic", full_disk)
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out, "--video", video], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: cannot write {video}: No space left on device (the 4 outputs before it are "
+        "written and complete; only --video is missing: rerun with --overwrite)"), err
+    assert len(snapshot(out)) == 4
+
+
+def test_a_bad_frame_in_a_closed_range_keeps_its_end_in_the_advice(env, tmp_path, capsys):
+    src = tmp_path / "in"
+    shutil.copytree(env["gray"], src)
+    (src / "f2.png").write_bytes(b"broken")
+    rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "0:3",
+                      "--no-progress", "--out", tmp_path / "out"], capsys)
+    assert rc == 2 and err.endswith("f2.png: not a readable image (the 2 outputs before it are written and complete; "
+                                    "--frames 2:3 continues)\n"), err
+
+
+def test_video_of_a_later_range_takes_the_size_from_a_frame_in_it(env, tmp_path, capsys):
+    """Input frame 0, outside --frames 1:, is never read, not even for the video's size (its
+    output in --out is what the video takes)."""
+    src = tmp_path / "in"
+    shutil.copytree(env["gray"], src)
+    args = ["--input", src, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+            "--out", tmp_path / "out"]
+    assert run(args, capsys)[0] == 0
+    (src / "f0.png").write_bytes(b"broken")
+    rc, _, err = run([*args, "--frames", "1:", "--overwrite", "--video", tmp_path / "v.mp4"], capsys)
+    assert rc == 0 and probe(tmp_path / "v.mp4").frame_count == 4, err
