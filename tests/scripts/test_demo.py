@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import demo
-from tests.annotator.clips import panning_clip, write_video
+from annotator.video import probe
+from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.helpers import named_pipe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -56,6 +57,9 @@ def test_quick_demo_writes_frames_videos_report_and_strip(tmp_path, capsys):
     # the toy model colours: even at 2 DDIM steps, 3 dB over the gray input (measured 23.0 vs 17.7)
     assert float(rows["fixed"]["psnr"]) > float(rows[demo.GRAY_LABEL]["psnr"]) + 3
     assert (out / "report" / "strip.png").stat().st_size > 0
+    assert f"[1/3] held-out frames 100-103 of {demo.SAMPLE}: reference = frame 100 in colour\n" in stdout
+    assert "[3/3] scoring frames 101-103 against the ground truth\n" in stdout
+    assert probe(out / "fixed.mp4").fps == 25.0  # --fps 25 for the frame folder data/gray
     tail = stdout.strip().splitlines()[-6:]
     assert tail[0].startswith("demo done in") and str(out) in tail[0]
     # where the inputs it scored against are (README: data/ with gray, ground truth, reference.png)
@@ -91,6 +95,11 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
                                    "fixed,recursive,anchored,reinhard,reinhard-bands,flow"),
     (["--frames", "130:140"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 130..139"),
     (["--frames", "140:150"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 140..149"),
+    (["--frames", "130:133"], f"{re.escape(str(demo.SAMPLE))}: has only 132 frames, --frames asks for frames 130..132"),
+    (["--frames=-1:5"], r"--frames '-1:5': need 0 <= A and at least two frames \(the reference and one to score\)"),
+    (["--methods", " , "], "--methods: unknown method \\(none given\\); choose from "
+                           "fixed,recursive,anchored,reinhard,reinhard-bands,flow"),
+    (["--size", "0"], r"--size must be >= 1 \(got 0\)"),
     (["--frames", "5:6"], r"--frames '5:6': need 0 <= A and at least two frames \(the reference and one to score\)"),
     (["--frames", "a:b"], "--frames 'a:b': expected A:B with whole numbers, e.g. 100:132"),
     (["--frames", "100:"], "--frames '100:': expected A:B with whole numbers, e.g. 100:132"),  # was "100:: expected"
@@ -155,20 +164,21 @@ def test_a_method_named_twice_runs_once(tmp_path, capsys):
     assert list(summary(out / "report")) == ["reinhard", "gray input", "ground_truth"]
 
 
-@pytest.mark.parametrize("where", ["earlier data", "out"])
+@pytest.mark.parametrize("where", ["earlier data", "earlier frames", "out"])
 def test_a_clip_among_the_outputs_is_refused_and_kept(tmp_path, capsys, where):
     """A rerun on an earlier run's data/colour with --overwrite removed the clip before reading it
     (then "folder contains no image frames"); --out as the clip folder put the mp4s among its frames."""
     out = tmp_path / "demo"
-    clip = out / "data" / "colour" if where == "earlier data" else out
+    clip = {"earlier data": out / "data" / "colour", "earlier frames": out / "reinhard", "out": out}[where]
     clip.mkdir(parents=True)
     for i, f in enumerate(panning_clip(3, 48, 64)):
         cv2.imwrite(str(clip / f"frame_{i:04d}.png"), f[..., ::-1])
     before = sorted(p.name for p in clip.iterdir())
     rc, stdout, err = run(["--clip", clip, "--frames", "0:3", "--methods", "reinhard", "--out", out, "--overwrite"],
                           capsys)
-    message = (f"--clip {clip} lies in {out / 'data'}, which the demo writes (and --overwrite removes); copy the "
-               "clip elsewhere or choose another --out" if where == "earlier data" else
+    lies_in = {"earlier data": out / "data", "earlier frames": clip}.get(where)
+    message = (f"--clip {clip} lies in {lies_in}, which the demo writes (and --overwrite removes); copy the "
+               "clip elsewhere or choose another --out" if lies_in else
                f"--out {out} is the --clip folder; write the demo's outputs elsewhere")
     assert (rc, stdout, err) == (2, "", f"demo.py: error: {message}\n")
     assert sorted(p.name for p in clip.iterdir()) == before
@@ -264,3 +274,78 @@ def test_sigterm_between_steps_exits_143(tmp_path, capsys, monkeypatch):
 def send_sigterm(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)  # the handler interrupts this
+
+
+def test_prepare_frames_writes_the_range_and_its_first_frame_as_the_reference(tmp_path):
+    from annotator.color import rgb_to_gray, to_uint8
+    from annotator.video import read_image
+
+    frames = panning_clip(5, 48, 64)
+    clip = write_folder(frames, tmp_path / "clip")
+    reference = demo.prepare_frames(clip, 1, 4, tmp_path / "data")
+    assert reference == tmp_path / "data" / "reference.png"
+    np.testing.assert_array_equal(read_image(reference), frames[1])
+    names = [f"frame_{i:04d}.png" for i in (1, 2, 3)]
+    for sub in ("gray", "colour"):
+        assert sorted(p.name for p in (tmp_path / "data" / sub).iterdir()) == names
+    np.testing.assert_array_equal(read_image(tmp_path / "data" / "colour" / names[1]), frames[2])
+    gray = cv2.imread(str(tmp_path / "data" / "gray" / names[1]), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(gray, to_uint8(rgb_to_gray(frames[2])))
+
+
+@pytest.mark.parametrize("first, stop", [(3, 6), (7, 9)])  # the range runs past the end, or starts past it
+def test_prepare_frames_refuses_a_clip_shorter_than_the_range(tmp_path, first, stop):
+    clip = write_folder(panning_clip(5, 48, 64), tmp_path / "clip")
+    with pytest.raises(demo.DemoError, match=rf"^{re.escape(str(clip))}: has only 5 frames, --frames asks for "
+                                             rf"frames {first}\.\.{stop - 1}$"):
+        demo.prepare_frames(clip, first, stop, tmp_path / "data")
+
+
+def test_colourise_passes_the_demos_settings_to_colorize_inference(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo.colorize_inference, "main", lambda argv, stop_line: calls.append(argv) or 0)
+    args = demo.parser().parse_args(["--size", "128", "--steps", "3", "--device", "cpu", "--overwrite"])
+    data, ref, out = tmp_path / "data", tmp_path / "data" / "reference.png", tmp_path / "demo"
+    demo.colourise("recursive", data, ref, out, args)
+    demo.colourise("flow", data, ref, out, demo.parser().parse_args([]))
+    common = ["--input", str(data / "gray"), "--reference", str(ref)]
+    assert calls == [
+        [*common, "--out", str(out / "recursive"), "--video", str(out / "recursive.mp4"), "--fps", "25",
+         "--method", "model", "--mode", "recursive", "--ckpt", str(demo.TOY), "--size", "128", "--steps", "3",
+         "--device", "cpu", "--overwrite"],
+        [*common, "--out", str(out / "flow"), "--video", str(out / "flow.mp4"), "--fps", "25", "--method", "flow"],
+    ]
+
+
+def test_a_failed_step_stops_the_demo_in_one_line_after_its_own(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("no reference image given")
+        yield
+    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", broken)
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
+    assert rc == 2 and err.splitlines()[-2:] == [
+        "colorize_inference.py: error: --method reinhard: no reference image given",
+        "demo.py: error: colorize_inference.py --method reinhard failed (exit status 2; its message is above)"], err
+    assert not (tmp_path / "demo" / "report").exists()
+
+
+def test_checkpoint_is_not_needed_for_the_baselines_and_a_truncated_clip_is_one_line(tmp_path, capsys):
+    args = demo.parser().parse_args(["--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "demo")])
+    demo.check_args(args, 100, 102, ["reinhard", "flow"])  # no model: no checkpoint to check
+    full = write_video(panning_clip(12, 32, 48), tmp_path / "full.avi")
+    cut = truncate_avi(full, tmp_path / "cut.avi", 6)  # its header still claims 12 frames
+    rc, out, err = run(["--clip", cut, "--frames", "8:10", "--methods", "reinhard", "--out", tmp_path / "demo"],
+                       capsys)
+    assert (rc, out, err) == (2, "", f"demo.py: error: {cut}: has no frame 8 (counting from 0; it has 6)\n")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_overwrite_removes_an_earlier_runs_video_before_anything_else(tmp_path, capsys, monkeypatch):
+    """Removed up front, so a run that stops early leaves no video of the earlier one beside its outputs."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "reinhard.mp4").write_bytes(b"earlier film")
+    monkeypatch.setattr(demo, "prepare_frames", lambda *a: (_ for _ in ()).throw(demo.DemoError("stopped")))
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", out, "--overwrite"], capsys)
+    assert (rc, err) == (2, "demo.py: error: stopped\n")
+    assert list(out.iterdir()) == []
