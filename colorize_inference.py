@@ -432,6 +432,13 @@ def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, 
             raise UsageError(f"--reference-frame {i} lies outside the frames being colourised "
                              "(flow starts from it)")
         indices.append(i - frames.start)
+    labels = [*(f"--reference {p}" for p in args.reference), *(f"--reference-frame {n}" for n in args.reference_frame)]
+    for k, i in enumerate(indices):  # named here by clip frame and flag (baselines.py counts from the range)
+        if (first := indices.index(i)) < k:
+            how = " (a --reference image is placed at its most similar frame)" if None in \
+                (ref_indices[first], ref_indices[k]) else ""
+            raise UsageError(f"--method flow: {labels[first]} and {labels[k]} are both frame {frames.start + i}"
+                             f"{how}; flow takes one reference per frame")
     return indices
 
 

@@ -1083,7 +1083,7 @@ def test_encode_png_clips_and_rounds_to_the_depth():
 def test_flow_starts_from_a_reference_frame_inside_the_range(env, tmp_path, capsys):
     """--reference-frame counts from the clip's start: with --frames 1:3, frame 2 is the range's
     second frame (the walk starts there); frames 1 and 2 may start it, 0 and 3 lie outside; two
-    references for one frame are one line naming the method."""
+    references for one frame are one line naming both and the frame in the clip."""
     colour = tmp_path / "colour"
     colour.mkdir()
     for n, i in enumerate((0, 1, 120, 121)):
@@ -1100,10 +1100,15 @@ def test_flow_starts_from_a_reference_frame_inside_the_range(env, tmp_path, caps
         rc, _, err = run([*base, "--reference-frame", str(n), "--out", tmp_path / f"o{n}"], capsys)
         assert (rc, err) == (2, f"colorize_inference.py: error: --reference-frame {n} lies outside the frames being "
                                 "colourised (flow starts from it)\n")
-    rc, _, err = run([*base, "--reference-frame", "1", "--reference-frame", "1", "--frames", "0:3",
-                      "--out", tmp_path / "two"], capsys)
-    assert (rc, err) == (2, "colorize_inference.py: error: --method flow: two references for frame 1; give one "
-                            "reference per frame\n")
+    rc, _, err = run([*base, "--reference-frame", "2", "--reference-frame", "2", "--out", tmp_path / "two"], capsys)
+    assert (rc, err) == (2, "colorize_inference.py: error: --method flow: --reference-frame 2 and --reference-frame 2 "
+                            "are both frame 2; flow takes one reference per frame\n")  # was "frame 1": the range's
+    ref = tmp_path / "ref2.png"
+    shutil.copy(colour / "f2.png", ref)  # falls on frame 2, its own
+    rc, _, err = run([*base, "--reference", ref, "--reference-frame", "2", "--out", tmp_path / "img"], capsys)
+    assert (rc, err) == (2, f"colorize_inference.py: error: --method flow: --reference {ref} and --reference-frame 2 "
+                            "are both frame 2 (a --reference image is placed at its most similar frame); flow takes "
+                            "one reference per frame\n")
 
 
 def test_the_config_recorded_in_the_control_file_is_named_as_the_controls(env, tmp_path, capsys, monkeypatch):
