@@ -78,12 +78,16 @@ def not_a_folder(path: str | os.PathLike) -> str:
 
 
 def out_folder_problem(flag: str, path: str | os.PathLike) -> str | None:
-    """folder_problem said for an output folder given as `flag`: "--out X is a file, not a folder"
-    when X itself is in the way, "--out X/sub: X is a file, not a folder" for one above it."""
+    """Why the output folder given as `flag` cannot take the outputs, in one line: folder_problem
+    ("--out X is a file, not a folder" when X itself is in the way, "--out X/sub: X is a file, not
+    a folder" for one above it), else not_writable ("--out X: Y is not writable"); None if it can."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{flag} {path} is {not_a_folder(path)}"
-    problem = folder_problem(path)
-    return problem and f"{flag} {path}: {problem}"
+    if problem := folder_problem(path):
+        return f"{flag} {path}: {problem}"
+    if (folder := not_writable(path)) is not None:
+        return f"{flag} {path}: {folder} is not writable"
+    return None
 
 
 def file_problem(path: str | os.PathLike, missing: str = "no such file", folder: str = "is a folder") -> str | None:

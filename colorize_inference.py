@@ -32,8 +32,7 @@ from collections import deque
 from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, file_problem, folder_problem, not_writable, one_line,
-                     out_folder_problem,
-                     quiet_opencv, quiet_startup_signals, run_cli)
+                     out_folder_problem, quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -215,8 +214,6 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     out = Path(args.out)
     if problem := out_folder_problem("--out", out):
         raise UsageError(problem)
-    if (folder := not_writable(out)) is not None:
-        raise UsageError(f"--out {out}: {folder} is not writable")
     if args.video:
         video = Path(args.video)
         if video.is_dir():

@@ -25,8 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import (OneLineParser, file_problem, not_writable, out_folder_problem, quiet_opencv,
-                     quiet_startup_signals, run_cli)
+from cliutil import OneLineParser, file_problem, out_folder_problem, quiet_opencv, quiet_startup_signals, run_cli
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -248,8 +247,6 @@ def check_out(out: Path, keep_report: bool) -> None:
     already, before the scoring rather than after it."""
     if problem := out_folder_problem("--out", out):
         raise UsageError(problem)
-    if (folder := not_writable(out)) is not None:
-        raise UsageError(f"--out {out}: {folder} is not writable")
     report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []
     if report and keep_report:
         raise UsageError(f"--out {out} holds a report already ({report[0].name}); pass --overwrite to replace it, "

@@ -15,7 +15,7 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, positive_float,
                      positive_int, quiet_opencv, quiet_startup_signals, run_cli)
-from tests.helpers import default_sigint, named_pipe, refused
+from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -376,10 +376,19 @@ def test_out_folder_problem_says_what_is_in_the_way(tmp_path):
         assert out_folder_problem("--out", tmp_path / "pipe") == f"--out {tmp_path / 'pipe'} is {NOT_FOLDER}"
     assert not_a_folder(tmp_path / "notes.txt") == "a file, not a folder"
     # the path itself in the way: named once, as given; a file above it: both named
-    assert out_folder_problem("--out", tmp_path / "notes.txt") == f"--out {tmp_path / 'notes.txt'} is a file, not a folder"
+    notes = tmp_path / "notes.txt"
+    assert out_folder_problem("--out", notes) == f"--out {notes} is a file, not a folder"
     assert out_folder_problem("--dir", tmp_path / "notes.txt" / "a") \
         == f"--dir {tmp_path / 'notes.txt' / 'a'}: {tmp_path / 'notes.txt'} is a file, not a folder"
     assert out_folder_problem("--out", tmp_path) is None and out_folder_problem("--out", tmp_path / "new" / "x") is None
+
+
+def test_out_folder_problem_names_the_folder_that_refuses_writes(tmp_path, monkeypatch):
+    from cliutil import out_folder_problem
+
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)
+    assert out_folder_problem("--out", ro) == f"--out {ro}: {ro} is not writable"
+    assert out_folder_problem("--report", ro / "a" / "b") == f"--report {ro / 'a' / 'b'}: {ro} is not writable"
 
 
 def test_not_writable_names_the_folder_that_refuses(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 import build_pairs
 from annotator.pairs import list_movies, load_meta, load_similarity
 from tests.annotator.clips import iter_panning_clip, panning_clip, write_folder, write_video
-from tests.helpers import default_sigint
+from tests.helpers import default_sigint, read_only_folder
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "build_pairs.py"
@@ -276,6 +276,15 @@ def test_out_is_a_file(tmp_path):
     assert p.stderr == (f"build_pairs.py: error: --out {tmp_path / 'taken' / 'sub'}: {tmp_path / 'taken'} is a file, "
                         "not a folder\n") and p.stdout == ""
     assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Was the raw "[Errno 13] Permission denied" of the first mkdir, naming a movie's folder."""
+    clip = write_folder(panning_clip(3, 16, 24), tmp_path / "clip")
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)
+    assert build_pairs.main([str(clip), "--out", str(ro / "data"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"build_pairs.py: error: --out {ro / 'data'}: {ro} is not writable\n"
+    assert list(ro.iterdir()) == []
 
 
 @pytest.mark.parametrize("workers", [2, 1])

@@ -16,7 +16,7 @@ import pytest
 import demo
 from annotator.video import probe
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
-from tests.helpers import named_pipe
+from tests.helpers import named_pipe, read_only_folder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 QUICK = ["--frames", "100:104", "--steps", "2", "--methods", "fixed,reinhard,flow"]
@@ -148,6 +148,13 @@ def test_out_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys
     rc, out, err = run(["--methods", "reinhard", "--out", note / "sub"], capsys)
     assert rc == 2 and err == f"demo.py: error: --out {note / 'sub'}: {note} is a file, not a folder\n", err
     assert out == "" and note.read_text() == "mine"
+
+
+def test_an_unwritable_out_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)
+    rc, out, err = run(["--methods", "reinhard", "--out", ro / "demo"], capsys)
+    assert rc == 2 and err == f"demo.py: error: --out {ro / 'demo'}: {ro} is not writable\n", err
+    assert out == "" and list(ro.iterdir()) == []
 
 
 def test_a_method_named_twice_runs_once(tmp_path, capsys):

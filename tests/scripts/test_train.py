@@ -27,7 +27,7 @@ from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.run_dir import config_source, record_config
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
-from tests.helpers import default_sigint, named_pipe
+from tests.helpers import default_sigint, named_pipe, read_only_folder
 from tests.train_helpers import first_process, tiny_data_root, tiny_model, training_ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,6 +193,9 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
         assert train.main(args(ws, tmp_path / "out", *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (pattern, err)
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)  # was a raw "[Errno 13] Permission denied" from Lightning
+    assert train.main(args(ws, ro / "run")) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: --out {ro / 'run'}: {ro} is not writable\n"
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
@@ -205,7 +208,8 @@ def test_a_named_pipe_as_init_or_resume_is_called_one(ws, tmp_path, capsys, monk
                                                "file (a named pipe, socket or device)\n")
         # was "a file, not a folder"
         for argv, said in ((args(ws, tmp_path / "out", "--data", pipe),
-                            f"--data {pipe}: not a folder (a named pipe, socket or device) (make it with build_pairs.py)"),
+                            f"--data {pipe}: not a folder (a named pipe, socket or device) (make it with "
+                            "build_pairs.py)"),
                            (args(ws, pipe), f"--out {pipe} is not a folder (a named pipe, socket or device)")):
             assert train.main(argv) == 2
             assert capsys.readouterr().err == f"tutorial_train_sd21_color_v2.py: error: {said}\n"
