@@ -90,6 +90,24 @@ def out_folder_problem(flag: str, path: str | os.PathLike) -> str | None:
     return None
 
 
+def out_file_problem(flag: str | None, path: str | os.PathLike, *, new_folders: bool = True) -> str | None:
+    """Why the output file given as `flag` (None: a positional argument, named by its path alone)
+    cannot be written at `path`, in one line: a folder there, a file or broken link in the way of
+    its folder (folder_problem), a folder that does not exist (with `new_folders=False`: the
+    caller makes none), or one that refuses writes (not_writable); None if it can be written."""
+    said = str(path) if flag is None else f"{flag} {path}"
+    if os.path.isdir(path):
+        return f"{said} is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    if problem := folder_problem(folder):
+        return f"{said}: {problem}"
+    if not new_folders and not os.path.isdir(folder):
+        return f"{said}: there is no folder {folder}"
+    if (unwritable := not_writable(folder)) is not None:
+        return f"{said}: {unwritable} is not writable"
+    return None
+
+
 def file_problem(path: str | os.PathLike, missing: str = "no such file", folder: str = "is a folder") -> str | None:
     """Why `path` is not an input file to read: `missing`, `folder`, or NOT_REGULAR for what exists
     but is neither (a named pipe would block its reader for ever, and "no such file" is untrue);

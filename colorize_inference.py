@@ -31,8 +31,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, file_problem, folder_problem, not_writable, one_line,
-                     out_folder_problem, quiet_opencv, quiet_startup_signals, run_cli)
+from cliutil import (OneLineParser, config_override, file_problem, one_line, out_file_problem, out_folder_problem,
+                     quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -216,12 +216,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
         raise UsageError(problem)
     if args.video:
         video = Path(args.video)
-        if video.is_dir():
-            raise UsageError(f"--video {video} is a folder")
-        if problem := folder_problem(video.parent):
-            raise UsageError(f"--video {video}: {problem}")
-        if (folder := not_writable(video.parent)) is not None:
-            raise UsageError(f"--video {video}: {folder} is not writable")
+        if problem := out_file_problem("--video", video):
+            raise UsageError(problem)
         # PNG folders hold frames only (evaluate.py, --input); realpath: Path.resolve raises on a symlink loop
         if Path(os.path.realpath(out)) in Path(os.path.realpath(video)).parents:
             raise UsageError(f"--video {video} is inside --out {out}; write it elsewhere, as a frame folder "

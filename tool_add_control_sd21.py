@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from cliutil import OneLineParser, config_override, one_line, quiet_startup_signals, run_cli
+from cliutil import OneLineParser, config_override, one_line, out_file_problem, quiet_startup_signals, run_cli
 
 if __name__ == "__main__":
     quiet_startup_signals()
@@ -92,10 +92,8 @@ def check_output(sd_path: str | Path, out_path: Path, overwrite: bool) -> None:
         raise ValueError(f"{out_path}: is the input checkpoint {sd_path} itself; write to another file")
     if out_path.exists() and not overwrite:
         raise CheckpointError(f"{out_path} exists (use --overwrite to replace it)")
-    if out_path.parent.exists() and not out_path.parent.is_dir():
-        raise ValueError(f"{out_path}: {out_path.parent} is a file, not a folder")
-    if not out_path.parent.is_dir():
-        raise ValueError(f"{out_path}: the folder {out_path.parent} does not exist")
+    if problem := out_file_problem(None, out_path, new_folders=False):
+        raise ValueError(problem)
 
 
 def variant_overrides(variant: str | None, overrides: list[str]) -> list[str]:

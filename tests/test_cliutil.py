@@ -383,6 +383,24 @@ def test_out_folder_problem_says_what_is_in_the_way(tmp_path):
     assert out_folder_problem("--out", tmp_path) is None and out_folder_problem("--out", tmp_path / "new" / "x") is None
 
 
+def test_out_file_problem_says_why_a_file_cannot_be_written_there(tmp_path, monkeypatch):
+    from cliutil import out_file_problem
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert out_file_problem("--video", tmp_path / "v.mp4") is None
+    assert out_file_problem("--video", tmp_path / "new" / "v.mp4") is None  # the caller makes the folder
+    assert out_file_problem("--out", tmp_path / "new" / "b.png", new_folders=False) \
+        == f"--out {tmp_path / 'new' / 'b.png'}: there is no folder {tmp_path / 'new'}"
+    assert out_file_problem("--video", tmp_path) == f"--video {tmp_path} is a folder"
+    assert out_file_problem(None, tmp_path / "notes.txt" / "v.mp4") \
+        == f"{tmp_path / 'notes.txt' / 'v.mp4'}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)
+    for new_folders in (True, False):
+        assert out_file_problem("--video", ro / "v.mp4", new_folders=new_folders) \
+            == f"--video {ro / 'v.mp4'}: {ro} is not writable"
+    assert out_file_problem("--video", ro / "sub" / "v.mp4") == f"--video {ro / 'sub' / 'v.mp4'}: {ro} is not writable"
+
+
 def test_out_folder_problem_names_the_folder_that_refuses_writes(tmp_path, monkeypatch):
     from cliutil import out_folder_problem
 

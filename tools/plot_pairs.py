@@ -29,7 +29,7 @@ from annotator.pairs import (  # noqa: E402
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, is_finished, load_meta, load_similarity, pair_mask,
 )
 from atomicio import write_bytes_atomic  # noqa: E402
-from cliutil import DefaultsFormatter, OneLineParser, not_writable, positive_int, run_cli  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, positive_int, run_cli  # noqa: E402
 
 PROG = "tools/plot_pairs.py"
 
@@ -87,12 +87,9 @@ def run(args) -> int:
     if not is_finished(args.movie):
         raise ValueError(f"{args.movie}: not a movie folder finished by build_pairs.py")
     pair_mask(np.zeros((1, 1)), args.low, args.high, args.min_gap)  # a bad band: its one line, before reading
-    if args.out.is_dir():  # checked here: the OSError of the write names its temporary file, never given
-        raise ValueError(f"--out {args.out} is a folder")
-    if not args.out.parent.is_dir():
-        raise ValueError(f"--out {args.out}: there is no folder {args.out.parent}")
-    if (folder := not_writable(args.out.parent)) is not None:
-        raise ValueError(f"--out {args.out}: {folder} is not writable")
+    # checked here: the OSError of the write names its temporary file, never given
+    if problem := out_file_problem("--out", args.out, new_folders=False):
+        raise ValueError(problem)
     fmt = picture_format(args.out)
     meta = load_meta(args.movie)
     title = f"{args.movie.name}: {meta['frame_count']} frames, {meta['metric']} of the gray frames"

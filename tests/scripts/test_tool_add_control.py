@@ -19,7 +19,7 @@ from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.weights_config import resolve_config
 from ldm.schedule import BUFFER_NAMES
 from ldm.modules.unet import UNetModel
-from tests.helpers import refused, sub_state
+from tests.helpers import read_only_folder, refused, sub_state
 
 
 def tiny_sd_state(seed: int = 0, overrides=()) -> dict:
@@ -209,7 +209,7 @@ def test_usage_errors_and_ctrl_c_are_one_line(sd_files, tmp_path, capsys, monkey
     out = tmp_path / "no" / "such" / "folder" / "o.safetensors"  # refused before the (slow) load
     assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
     err = capsys.readouterr().err
-    assert err == f"tool_add_control_sd21.py: error: {out}: the folder {out.parent} does not exist\n"
+    assert err == f"tool_add_control_sd21.py: error: {out}: there is no folder {out.parent}\n"
     # overrides may follow the options
     assert tool.main([str(d / "sd.safetensors"), str(tmp_path / "i.safetensors"), "--config", str(TINY_CONFIG),
                       "model.concat_to_unet=false"]) == 0
@@ -352,6 +352,9 @@ def test_output_checks_before_the_load(sd_files, tmp_path, capsys, monkeypatch):
     assert tool.main([sd, str(readme / "o.safetensors"), *cfg]) == 2
     assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {readme / 'o.safetensors'}: {readme} "
                                        "is a file, not a folder\n")
+    ro = read_only_folder(tmp_path / "ro", monkeypatch)  # was an OSError at the write, after the load
+    assert tool.main([sd, str(ro / "o.safetensors"), *cfg]) == 2
+    assert capsys.readouterr().err == f"tool_add_control_sd21.py: error: {ro / 'o.safetensors'}: {ro} is not writable\n"
     out = str(tmp_path / "o.safetensors")
     assert tool.main([sd, out, *cfg, "--variant", "v3", "model.color_variant=v1"]) == 2
     assert capsys.readouterr().err == ("tool_add_control_sd21.py: error: --variant v3 contradicts the override "
