@@ -83,11 +83,7 @@ def out_folder_problem(flag: str, path: str | os.PathLike) -> str | None:
     a folder" for one above it), else not_writable ("--out X: Y is not writable"); None if it can."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{flag} {path} is {not_a_folder(path)}"
-    if problem := folder_problem(path):
-        return f"{flag} {path}: {problem}"
-    if (folder := not_writable(path)) is not None:
-        return f"{flag} {path}: {folder} is not writable"
-    return None
+    return _unusable_folder(f"{flag} {path}", path)
 
 
 def out_file_problem(flag: str | None, path: str | os.PathLike, *, new_folders: bool = True) -> str | None:
@@ -98,10 +94,15 @@ def out_file_problem(flag: str | None, path: str | os.PathLike, *, new_folders: 
     said = str(path) if flag is None else f"{flag} {path}"
     if os.path.isdir(path):
         return f"{said} is a folder"
-    folder = os.path.dirname(os.path.abspath(path))
+    return _unusable_folder(said, os.path.dirname(os.path.abspath(path)), must_exist=not new_folders)
+
+
+def _unusable_folder(said: str, folder: str | os.PathLike, must_exist: bool = False) -> str | None:
+    """Why `folder` cannot be (or become, unless `must_exist`) a folder to write in, as
+    `said` + ": " + the reason; None when it can."""
     if problem := folder_problem(folder):
         return f"{said}: {problem}"
-    if not new_folders and not os.path.isdir(folder):
+    if must_exist and not os.path.isdir(folder):
         return f"{said}: there is no folder {folder}"
     if (unwritable := not_writable(folder)) is not None:
         return f"{said}: {unwritable} is not writable"

@@ -49,10 +49,10 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     else:
         path = Path(path)
         where, short = str(path), path.name
-        if (problem := file_problem(path)) not in (None, "no such file"):  # a named pipe would block the read
-            raise ConfigError(f"config {path}: {problem}")
-        if problem:
+        if not path.exists():
             raise ConfigError(f"config not found: {path}")
+        if problem := file_problem(path):  # a folder; a named pipe would block the read
+            raise ConfigError(f"config {path}: {problem}")
         try:
             cfg = OmegaConf.load(path)
         except Exception as e:  # yaml's parser and scanner errors, omegaconf's own
