@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from cldm import train_config
 from cldm.model import TINY_CONFIG, load_config
@@ -24,7 +25,6 @@ def test_null_means_off_where_the_config_allows_it():
 def test_every_flag_sets_a_key_the_shipped_configs_hold(config):
     """A flag whose key a config lacks would add it silently, and the config's value (shown in
     --help as the flag's default) would not be the one the run gets without the flag."""
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(config)
     missing = [key for key in train_config.FLAG_KEYS.values() if OmegaConf.select(cfg, key, default="<absent>")
@@ -33,21 +33,16 @@ def test_every_flag_sets_a_key_the_shipped_configs_hold(config):
     assert set(train_config.MODEL_FLAGS) == {"sd_locked", "only_mid_control", "train_unet_input", "grad_checkpoint"}
 
 
-class _Section(dict):
-    """A train: section as check_band reads it (t.get(key), t.key)."""
-    __getattr__ = dict.__getitem__
-
-
 def test_an_empty_band_names_both_ends_and_a_null_end_is_the_datasets_default():
     from annotator.pairs import DEFAULT_HIGH, DEFAULT_LOW
 
-    train_config.check_band(_Section(low=None, high=None))  # the dataset's 0.94 < sim < 0.97
-    train_config.check_band(_Section(low=0.5, high=0.6))
+    train_config.check_band(OmegaConf.create({"low": None, "high": None}))  # the dataset's 0.94 < sim < 0.97
+    train_config.check_band(OmegaConf.create({"low": 0.5, "high": 0.6}))
     for t, band in [({"low": 0.97, "high": 0.94}, "0.97 < sim < 0.94"), ({"low": 0.5, "high": 0.5}, "0.5 < sim < 0.5"),
                     ({"low": DEFAULT_HIGH, "high": None}, f"{DEFAULT_HIGH} < sim < {DEFAULT_HIGH}"),
                     ({"low": None, "high": DEFAULT_LOW}, f"{DEFAULT_LOW} < sim < {DEFAULT_LOW}")]:
         with pytest.raises(train_config.UsageError) as e:
-            train_config.check_band(_Section(t))
+            train_config.check_band(OmegaConf.create(t))
         assert str(e.value) == f"train.low (--low) must be below train.high (--high): the pair band {band} is empty"
 
 
