@@ -25,7 +25,6 @@ def test_null_means_off_where_the_config_allows_it():
 def test_every_flag_sets_a_key_the_shipped_configs_hold(config):
     """A flag whose key a config lacks would add it silently, and the config's value (shown in
     --help as the flag's default) would not be the one the run gets without the flag."""
-
     cfg = OmegaConf.load(config)
     missing = [key for key in train_config.FLAG_KEYS.values() if OmegaConf.select(cfg, key, default="<absent>")
                == "<absent>"]
