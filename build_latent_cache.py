@@ -20,7 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import DefaultsFormatter, OneLineParser, not_a_folder, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import (DefaultsFormatter, OneLineParser, not_a_folder, out_of_memory, quiet_opencv, quiet_startup_signals,
+                     run_cli)
 
 quiet_opencv()  # a missing frame is our one-line error, without OpenCV's warning before it
 if __name__ == "__main__":
@@ -29,6 +30,7 @@ if __name__ == "__main__":
 PROG = "build_latent_cache.py"
 FIRST_STAGE_PREFIX = "first_stage_model."
 PRECISIONS = {"32": None, "16": "float16", "bf16": "bfloat16"}
+KEPT = "finished movies are kept, rerun to resume"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,9 +124,16 @@ def run(args: argparse.Namespace) -> int:
     check_data_root(args.data_root, movies)
     vae = load_vae(args.config, args.ckpt, args.allow_pickle).to(device)
     dtype = PRECISIONS[args.precision]
-    result = build_latent_cache(args.data_root, vae, movies, args.batch_size, args.overwrite,
-                                getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
-                                log=lambda line: print(line, file=sys.stderr), gray=args.gray)
+    try:
+        result = build_latent_cache(args.data_root, vae, movies, args.batch_size, args.overwrite,
+                                    getattr(torch, dtype) if dtype else None, progress=not args.no_progress,
+                                    log=lambda line: print(line, file=sys.stderr), gray=args.gray)
+    except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
+        if not out_of_memory(e):
+            raise
+        half = " or use --precision bf16" if dtype is None and device.type == "cuda" else ""
+        raise ValueError(f"out of memory on {device} at --batch-size {args.batch_size}: lower it{half}; {KEPT}"
+                         ) from None
     print(f"VAE fingerprint {result['fingerprint']} (tutorial_train_sd21_color_v2.py --use-latent-cache "
           "takes the cache when the VAE of its --init has these weights)")
     print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # Anything else (omegaconf errors, ...) is reported with its type name.
     return run_cli(PROG, run, parser().parse_args(argv),
                    (LatentCacheError, CheckpointError, ValueError, OSError, RuntimeError),
-                   interrupted="interrupted; finished movies are kept, rerun to resume", named=(Exception,))
+                   interrupted=f"interrupted; {KEPT}", named=(Exception,))
 
 
 if __name__ == "__main__":

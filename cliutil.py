@@ -221,6 +221,18 @@ def one_line(e: BaseException, with_type: bool = False) -> str:
     return type(e).__name__
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a library saying memory ran out: Python's MemoryError (numpy's too), torch's
+    OutOfMemoryError (CUDA) or its CPU allocator's RuntimeError, OpenCV's "Insufficient memory".
+    The libraries are looked up, not imported: an error of theirs means they are loaded."""
+    if isinstance(e, MemoryError):
+        return True
+    torch, cv2 = sys.modules.get("torch"), sys.modules.get("cv2")
+    return (torch is not None and isinstance(e, torch.OutOfMemoryError)) or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)) or \
+        (cv2 is not None and isinstance(e, cv2.error) and "Insufficient memory" in str(e))
+
+
 def _reader_gone(stream) -> bool:
     """Whether `stream` (stdout, stderr) is a pipe whose reader has gone (`| head` that read
     enough): poll() reports an error on it. Any other broken pipe is a real error."""

@@ -32,7 +32,7 @@ from collections import deque
 from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, file_problem, one_line, out_file_problem, out_folder_problem,
-                     quiet_opencv, quiet_startup_signals, run_cli)
+                     out_of_memory, quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -268,13 +268,6 @@ def audio_codec(path) -> str | None:
     except ImportError:
         raise UsageError("--video takes the input's sound with PyAV, which is not installed: pip install -r "
                          "requirements.txt, or pass --no-audio") from None
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """torch's (CUDA, or the CPU allocator's plain RuntimeError), numpy's and OpenCV's way of saying it."""
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or \
-        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)) or \
-        (isinstance(e, cv2.error) and "Insufficient memory" in str(e))
 
 
 def steps_option(steps: int, num_timesteps: int) -> None:

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from cldm.train_config import UsageError
-from cliutil import Terminated
+from cliutil import Terminated, out_of_memory
 
 PROG = "tutorial_train_sd21_color_v2.py"
 
@@ -209,6 +209,28 @@ def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
                            f"with the --init the run started with{other_out}")
 
 
+def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path) -> str:
+    """The one line for a run out of memory: where, at which settings, what to lower, and what a
+    rerun does (the flags are train: values, free to change on a resume)."""
+    import torch
+
+    from cldm.run_dir import rerun_hint
+
+    t = cfg.train
+    if isinstance(e, torch.OutOfMemoryError):  # the GPU's
+        ways = ["lower --batch-size (--accumulate keeps the samples per optimiser step)"]
+        if not cfg.model.unet.get("use_checkpoint", False):
+            ways.append("turn on --grad-checkpoint")
+        if str(t.precision) == "32":
+            ways.append("train in --precision bf16-mixed")
+        ways = ", ".join(ways[:-1]) + " or " + ways[-1] if len(ways) > 1 else ways[0]
+        what = f"out of memory on {device} at step {step} (--batch-size {t.batch_size} at --size {t.size}): {ways}"
+    else:  # the host's: the training process on a CPU, or a data loader process
+        what = (f"out of memory (RAM) at step {step} (--batch-size {t.batch_size}, --num-workers {t.num_workers} data "
+                "loader processes per device): lower either")
+    return f"{what}; {rerun_hint(out)}"
+
+
 def fit(args, cfg, trainer, module, dm, resume) -> int:
     """trainer.fit, then the export; the exit status: 0 done, 130 interrupted, 143 stopped by
     SIGTERM (each said with what a rerun does)."""
@@ -253,6 +275,11 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
             if str(e).strip():
                 raise
             raise type(e)(f"interrupted; {rerun_hint(out)}") from None
+        except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
+            if not out_of_memory(e):
+                raise
+            raise UsageError(out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
+                             ) from None
         if received:
             bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
             print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, positive_float,
-                     positive_int, quiet_opencv, quiet_startup_signals, run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, out_of_memory,
+                     positive_float, positive_int, quiet_opencv, quiet_startup_signals, run_cli)
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +30,27 @@ REPO = Path(__file__).resolve().parents[1]
 def test_one_line(exc, line):
     assert one_line(exc) == line
     assert one_line(exc, with_type=True) == (line if line == type(exc).__name__ else f"{type(exc).__name__}: {line}")
+
+
+def test_out_of_memory_knows_each_libraries_way_of_saying_it():
+    import torch
+
+    assert out_of_memory(MemoryError())  # numpy: "Unable to allocate 1.2 TiB for an array ..."
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"))
+    assert out_of_memory(cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to "
+                                   "allocate 1234 bytes in function 'OutOfMemoryError'"))
+    assert not out_of_memory(RuntimeError("a bug"))
+    assert not out_of_memory(cv2.error("(-215:Assertion failed) !ssize.empty() in function 'resize'"))
+    assert not out_of_memory(ValueError("can't allocate memory"))
+
+
+def test_out_of_memory_imports_neither_torch_nor_opencv():
+    """cliutil is imported first by every script, before torch; asking must not load it."""
+    code = ("import sys, cliutil; assert not cliutil.out_of_memory(RuntimeError('a bug')); "
+            "assert cliutil.out_of_memory(MemoryError()); print(sorted({'torch', 'cv2'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
 
 
 def test_one_line_of_a_multi_line_opencv_error():

@@ -131,3 +131,72 @@ def test_a_stop_says_whether_a_rerun_resumes_or_starts_over(tmp_path, capsys, si
     assert training.fit(a, None, Stopped(), None, None, None) == status
     assert capsys.readouterr().err == (f"{PROG}: {stopped}; rerun the same command to resume from the newest "
                                        "checkpoint\n")
+
+
+class OutOfMemory:
+    """A trainer whose fit runs out of memory at step 3 (on its device)."""
+    interrupted, is_global_zero, progress_bar_callback, global_step = False, True, None, 3
+    strategy = SimpleNamespace(root_device="cuda:1")
+
+    def __init__(self, error):
+        self.error = error
+
+    def fit(self, *a, **kw):
+        raise self.error
+
+
+LOWER = "lower --batch-size (--accumulate keeps the samples per optimiser step)"
+
+
+@pytest.mark.parametrize("checkpointing, precision, ways", [
+    ("true", "32", f"{LOWER} or train in --precision bf16-mixed"),
+    ("true", "bf16-mixed", LOWER),
+    ("false", "16-mixed", f"{LOWER} or turn on --grad-checkpoint"),
+])
+def test_out_of_gpu_memory_is_one_line_with_the_flags_to_lower(tmp_path, checkpointing, precision, ways):
+    import torch
+
+    cfg = load_config(TINY_CONFIG, ["train.batch_size=6", "train.size=128", f"train.precision={precision}",
+                                    f"model.unet.use_checkpoint={checkpointing}"])
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity")
+    with pytest.raises(training.UsageError) as caught:
+        training.fit(a, cfg, OutOfMemory(error), None, None, None)
+    assert str(caught.value) == (f"out of memory on cuda:1 at step 3 (--batch-size 6 at --size 128): {ways}; "
+                                 "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over")
+
+
+def test_out_of_gpu_memory_lists_every_way_when_all_apply(tmp_path):
+    import torch
+
+    cfg = load_config(TINY_CONFIG, ["model.unet.use_checkpoint=false", "train.precision=32"])
+    training_ckpt(tmp_path / "run" / "checkpoints" / "step=00000002.ckpt", 2)
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    with pytest.raises(training.UsageError) as caught:
+        training.fit(a, cfg, OutOfMemory(torch.OutOfMemoryError("CUDA out of memory.")), None, None, None)
+    assert str(caught.value) == (
+        "out of memory on cuda:1 at step 3 (--batch-size 2 at --size 64): lower --batch-size (--accumulate keeps "
+        "the samples per optimiser step), turn on --grad-checkpoint or train in --precision bf16-mixed; rerun the "
+        "same command to resume from the newest checkpoint")
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("Caught MemoryError in DataLoader worker process 0."),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 8589934592 bytes."),
+])
+def test_out_of_host_memory_names_the_batch_and_the_loader_processes(tmp_path, error):
+    cfg = load_config(TINY_CONFIG, ["train.num_workers=4"])
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    with pytest.raises(training.UsageError) as caught:
+        training.fit(a, cfg, OutOfMemory(error), None, None, None)
+    assert str(caught.value) == ("out of memory (RAM) at step 3 (--batch-size 2, --num-workers 4 data loader "
+                                 "processes per device): lower either; no checkpoint saved yet (see --ckpt-every); "
+                                 "rerun the same command to start over")
+
+
+def test_other_runtime_errors_keep_their_traceback(tmp_path):
+    cfg = load_config(TINY_CONFIG)
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        training.fit(a, cfg, OutOfMemory(RuntimeError("a bug")), None, None, None)

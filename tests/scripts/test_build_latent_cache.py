@@ -111,7 +111,8 @@ def test_config_checkpoint_pickle_and_device_are_passed_on(data_root, spy, monke
 
 
 @pytest.mark.parametrize("error, line", [
-    (RuntimeError("CUDA out of memory"), "build_latent_cache.py: error: CUDA out of memory\n"),
+    (RuntimeError("CUDA error: device-side assert triggered"),
+     "build_latent_cache.py: error: CUDA error: device-side assert triggered\n"),
     (KeyError("latents"), "build_latent_cache.py: error: KeyError: 'latents'\n"),
     (KeyboardInterrupt(), "build_latent_cache.py: interrupted; finished movies are kept, rerun to resume\n")])
 def test_errors_and_ctrl_c_while_encoding_are_one_line(data_root, monkeypatch, capsys, error, line):
@@ -119,6 +120,33 @@ def test_errors_and_ctrl_c_while_encoding_are_one_line(data_root, monkeypatch, c
     rc = build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"])
     assert (rc, capsys.readouterr().err) == (130 if isinstance(error, KeyboardInterrupt) else 2,
                                              f"a line of the cache's\n{line}")
+
+
+class OnDevice:
+    """A VAE stand-in that "moves" to any device (the encoding itself is the Spy's)."""
+
+    def to(self, device):
+        return self
+
+
+@pytest.mark.parametrize("device, error, extra, advice", [
+    ("cpu", MemoryError(), [], "lower it"),
+    ("cpu", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"), [],
+     "lower it"),
+    ("cuda:1", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), [],
+     "lower it or use --precision bf16"),
+    ("cuda:1", torch.OutOfMemoryError("CUDA out of memory."), ["--precision", "16"], "lower it"),
+])
+def test_out_of_memory_says_what_to_lower(data_root, monkeypatch, capsys, device, error, extra, advice):
+    import colorize.loading
+
+    monkeypatch.setattr(build_latent_cache, "load_vae", lambda *a: OnDevice())
+    monkeypatch.setattr(colorize.loading, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(latent_cache, "build_latent_cache", Spy(error=error))
+    rc = build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--batch-size", "6", *extra])
+    line = (f"build_latent_cache.py: error: out of memory on {device} at --batch-size 6: {advice}; finished movies "
+            "are kept, rerun to resume")
+    assert (rc, capsys.readouterr().err) == (2, f"a line of the cache's\n{line}\n")
 
 
 def test_bad_arguments_are_refused_before_the_checkpoint_is_read(tmp_path, data_root, capsys, monkeypatch):

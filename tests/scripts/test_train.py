@@ -338,6 +338,31 @@ def test_ctrl_c_and_sigterm_while_training_exit_as_interrupted(ws, tmp_path, sig
     assert all(load_ckpt(out / "checkpoints" / n)["global_step"] > 0 for n in left if n.endswith(".ckpt"))
 
 
+def test_out_of_memory_is_one_line_and_a_rerun_with_a_smaller_batch_resumes(ws, tmp_path, capsys, monkeypatch):
+    """The flags the line names are train: values: a rerun with them goes on from the newest checkpoint."""
+    from cldm.lightning import ColorControlModule
+
+    step = ColorControlModule.training_step
+
+    def short_of_memory(self, batch, batch_idx):
+        if self.global_step == 2 and batch["hint"].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ColorControlModule, "training_step", short_of_memory)
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 4, "--ckpt-every", 1, "--batch-size", 2)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^tutorial_train_sd21_color_v2\.py: error: out of memory on cpu at step 2 \(--batch-size 2 "
+                     r"at --size 64\): lower --batch-size \(--accumulate keeps the samples per optimiser step\), "
+                     r"turn on --grad-checkpoint or train in --precision bf16-mixed; rerun the same command to resume "
+                     r"from the newest checkpoint$", err, re.M), err
+    assert "Traceback" not in err and not (out / "control.safetensors").exists()
+    assert train.main(args(ws, out, "--max-steps", 4, "--ckpt-every", 1, "--batch-size", 1)) == 0
+    assert capsys.readouterr().err == f"resuming from {out / 'checkpoints' / 'step=00000002.ckpt'}\n"
+    assert load_ckpt(out / "checkpoints" / "step=00000004.ckpt")["global_step"] == 4
+
+
 def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, tmp_path, capsys, monkeypatch):
     """Before Lightning installs its own SIGTERM handler (its setup, the checkpoint restore) the
     signal would end the run unseen, by its default action: it stops as after Ctrl-C, said as a
