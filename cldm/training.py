@@ -218,7 +218,7 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path) -> s
 
     t = cfg.train
     if isinstance(e, torch.OutOfMemoryError):  # the GPU's
-        ways = ["lower --batch-size (--accumulate keeps the samples per optimiser step)"]
+        ways = ["lower --batch-size (raise --accumulate to keep the samples per optimiser step)"]
         if not cfg.model.unet.get("use_checkpoint", False):
             ways.append("turn on --grad-checkpoint")
         if str(t.precision) == "32":

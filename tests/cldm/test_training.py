@@ -145,7 +145,7 @@ class OutOfMemory:
         raise self.error
 
 
-LOWER = "lower --batch-size (--accumulate keeps the samples per optimiser step)"
+LOWER = "lower --batch-size (raise --accumulate to keep the samples per optimiser step)"
 
 
 @pytest.mark.parametrize("checkpointing, precision, ways", [
@@ -175,9 +175,8 @@ def test_out_of_gpu_memory_lists_every_way_when_all_apply(tmp_path):
     with pytest.raises(training.UsageError) as caught:
         training.fit(a, cfg, OutOfMemory(torch.OutOfMemoryError("CUDA out of memory.")), None, None, None)
     assert str(caught.value) == (
-        "out of memory on cuda:1 at step 3 (--batch-size 2 at --size 64): lower --batch-size (--accumulate keeps "
-        "the samples per optimiser step), turn on --grad-checkpoint or train in --precision bf16-mixed; rerun the "
-        "same command to resume from the newest checkpoint")
+        f"out of memory on cuda:1 at step 3 (--batch-size 2 at --size 64): {LOWER}, turn on --grad-checkpoint or "
+        "train in --precision bf16-mixed; rerun the same command to resume from the newest checkpoint")
 
 
 @pytest.mark.parametrize("error", [

@@ -354,7 +354,7 @@ def test_out_of_memory_is_one_line_and_a_rerun_with_a_smaller_batch_resumes(ws, 
     assert train.main(args(ws, out, "--max-steps", 4, "--ckpt-every", 1, "--batch-size", 2)) == 2
     err = capsys.readouterr().err
     assert re.search(r"^tutorial_train_sd21_color_v2\.py: error: out of memory on cpu at step 2 \(--batch-size 2 "
-                     r"at --size 64\): lower --batch-size \(--accumulate keeps the samples per optimiser step\), "
+                     r"at --size 64\): lower --batch-size \(raise --accumulate to keep the samples per optimiser step\), "
                      r"turn on --grad-checkpoint or train in --precision bf16-mixed; rerun the same command to resume "
                      r"from the newest checkpoint$", err, re.M), err
     assert "Traceback" not in err and not (out / "control.safetensors").exists()
