@@ -27,7 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from cliutil import OneLineParser, config_override, one_line, out_file_problem, quiet_startup_signals, run_cli
+from cliutil import (OneLineParser, config_override, one_line, out_file_problem, out_of_memory, quiet_startup_signals,
+                     run_cli)
 
 if __name__ == "__main__":
     quiet_startup_signals()
@@ -182,11 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the options
 
     def run(args) -> int:
-        print(add_control(args.sd_ckpt, args.out_ckpt, args.config, args.variant, args.overrides,
-                          args.allow_pickle, args.dtype, args.seed, args.overwrite))
+        try:
+            report = add_control(args.sd_ckpt, args.out_ckpt, args.config, args.variant, args.overrides,
+                                 args.allow_pickle, args.dtype, args.seed, args.overwrite)
+        except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's CPU allocator says it so
+            if not out_of_memory(e):
+                raise
+            less = "; --dtype float16 needs about a third of the memory" if args.dtype == "float32" else ""
+            raise MemoryError(f"out of memory (RAM) making {args.out_ckpt} from {args.sd_ckpt}{less} (BENCHMARKS.md); "
+                              "nothing was written") from None
+        print(report)
         return 0
 
-    return run_cli(PROG, run, args, (CheckpointError, ConfigError, ValueError, OSError))
+    return run_cli(PROG, run, args, (CheckpointError, ConfigError, ValueError, OSError, MemoryError))
 
 
 if __name__ == "__main__":
