@@ -43,7 +43,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from annotator.color import to_uint8  # noqa: E402
 from annotator.video import (FrameSourceError, SourceInfo, TruncatedVideoError, decode_image,  # noqa: E402
                              list_frame_files, probe, read_image)
 from cldm import weights_config  # noqa: E402
@@ -52,7 +51,8 @@ from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
 from colorize import audio as A  # noqa: E402
-from colorize.frames_io import even_size, progress_bar, write_bytes_atomic, write_video_atomic  # noqa: E402
+from colorize.frames_io import (encode_png, even_size, progress_bar, write_bytes_atomic,  # noqa: E402
+                               write_video_atomic)
 
 PROG = "colorize_inference.py"
 METHODS = ("model", "reinhard", "reinhard-bands", "flow")
@@ -377,14 +377,6 @@ def resolve_device(name: str) -> torch.device:
         return L.resolve_device(name)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def encode_png(rgb: np.ndarray, depth: int) -> bytes:
-    img = to_uint8(rgb) if depth == 8 else (np.clip(rgb, 0, 1) * 65535 + 0.5).astype(np.uint16)
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]))
-    if not ok:
-        raise OSError("cannot encode PNG")
-    return data.tobytes()
 
 
 def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, note) -> list[int] | None:

@@ -133,6 +133,16 @@ def write_image_atomic(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     return write_bytes_atomic(path, data.tobytes())
 
 
+def encode_png(rgb: np.ndarray, depth: int) -> bytes:
+    """An RGB float image in [0, 1] as PNG bytes of `depth` (8 or 16) bits per channel: a 16-bit
+    input frame gets a 16-bit output, whose lightness keeps all its levels."""
+    img = to_uint8(rgb) if depth == 8 else (np.clip(rgb, 0, 1) * 65535 + 0.5).astype(np.uint16)
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]))
+    if not ok:
+        raise OSError("cannot encode PNG")
+    return data.tobytes()
+
+
 def even_size(width: int, height: int) -> tuple[int, int]:
     """The (width, height) write_video_atomic writes: odd sides padded up by one pixel."""
     return width + width % 2, height + height % 2

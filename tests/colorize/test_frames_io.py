@@ -8,8 +8,9 @@ import pytest
 
 from tqdm import tqdm
 
+from annotator.color import to_uint8
 from colorize.frames_io import (
-    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, even_size, prefetch, progress_bar, read_frame_folder,
+    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, encode_png, even_size, prefetch, progress_bar, read_frame_folder,
     write_bytes_atomic, write_image_atomic, write_video_atomic,
 )
 
@@ -330,3 +331,12 @@ def test_a_failed_video_releases_its_writer(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="frame 1 is"):
         write_video_atomic(tmp_path / "bad.mp4", [rgb(), rgb(20, 40)], 25)
     assert released == [1] and os.listdir(tmp_path) == []
+
+
+def test_encode_png_clips_and_rounds_to_the_depth():
+    rgb = np.array([[[-0.1, 0.5, 1.2], [0.0, 1 / 65535 * 0.6, 1.0]]], np.float32)
+    sixteen = cv2.imdecode(np.frombuffer(encode_png(rgb, 16), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert sixteen.dtype == np.uint16
+    np.testing.assert_array_equal(sixteen, [[[0, 32768, 65535], [0, 1, 65535]]])  # 0.5 * 65535 = 32767.5 rounds up
+    eight = cv2.imdecode(np.frombuffer(encode_png(rgb, 8), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    np.testing.assert_array_equal(eight, to_uint8(rgb))

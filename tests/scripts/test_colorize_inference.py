@@ -1060,15 +1060,6 @@ def test_a_baselines_out_of_memory_is_one_line_and_its_other_errors_are_not_hidd
         assert refused(cli.main, argv, capsys) == f"colorize_inference.py: error: {says}\n"
 
 
-def test_encode_png_clips_and_rounds_to_the_depth():
-    rgb = np.array([[[-0.1, 0.5, 1.2], [0.0, 1 / 65535 * 0.6, 1.0]]], np.float32)
-    sixteen = cv2.imdecode(np.frombuffer(cli.encode_png(rgb, 16), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
-    assert sixteen.dtype == np.uint16
-    np.testing.assert_array_equal(sixteen, [[[0, 32768, 65535], [0, 1, 65535]]])  # 0.5 * 65535 = 32767.5 rounds up
-    eight = cv2.imdecode(np.frombuffer(cli.encode_png(rgb, 8), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
-    np.testing.assert_array_equal(eight, to_uint8(rgb))
-
-
 def test_flow_starts_from_a_reference_frame_inside_the_range(env, tmp_path, capsys):
     """--reference-frame counts from the clip's start: with --frames 1:3, frame 2 is the range's
     second frame (the walk starts there); frames 1 and 2 may start it, 0 and 3 lie outside; two
