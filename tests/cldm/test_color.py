@@ -63,3 +63,27 @@ def test_split_hint_is_reference_rgb_then_target_gray():
     assert ref[0, :, 0, 0].tolist() == [0.0, 1.0, 2.0] and torch.all(gray == 3.0)
     with pytest.raises(ValueError, match=r"hint must be \(B, 4, H, W\)"):
         split_hint(hint[:, :3])
+
+
+def test_split_hint_refuses_a_hint_of_another_rank():
+    """A (4, H, W) hint with H = 4, or a 5-D one, has 4 at dim 1 too: refused, not sliced."""
+    for shape in [(4, 4, 8), (1, 4, 8, 8, 1)]:
+        with pytest.raises(ValueError, match=r"hint must be \(B, 4, H, W\)"):
+            split_hint(torch.rand(shape))
+
+
+def test_gray_is_the_mean_over_each_latent_cell_not_a_sample():
+    """One white pixel in a 4x4 cell: the cell's mean 1/16 -> 2/16 - 1 = -0.875. Bilinear
+    (no antialias) would sample the cell's centre and miss it; nearest would take one corner."""
+    gray = torch.zeros(1, 1, 8, 8)
+    gray[..., 4, 5] = 1.0  # bottom-right cell, inside but off its centre
+    torch.testing.assert_close(gray_to_latent_size(gray, (2, 2)),
+                               torch.tensor([[[[-1.0, -1.0], [-1.0, -0.875]]]]), rtol=0, atol=1e-7)
+
+
+def test_v2_concat_keeps_the_cached_latents_dtype():
+    """A bf16 reference latent (from the latent cache) gives a bf16 concat: the gray plane is
+    cast to it, not the whole concat promoted to float32."""
+    ref_latent = torch.randn(1, 4, 2, 2).bfloat16()
+    c = build_concat("v2", torch.rand(1, 3, 16, 16), torch.ones(1, 1, 16, 16), None, (2, 2), ref_latent=ref_latent)
+    assert c.dtype == torch.bfloat16 and torch.equal(c[:, :4], ref_latent) and torch.all(c[:, 4] == 1)
