@@ -56,3 +56,33 @@ def test_controlnet_takes_only_its_own_arguments(tiny_arch):
         ControlNet(hint_channels=4, use_checkpint=True, **kw)
     with pytest.raises(ValueError, match="use_linear_in_transformer=false"):
         ControlNet(hint_channels=4, **{**kw, "use_linear_in_transformer": False})
+
+
+def test_the_unet_encoder_builds_a_graph_only_when_it_trains(tiny_arch, tiny_weights, tiny_io):
+    """The encoder runs with grad only in grad mode and when one of its parameters trains (new
+    input channels): then their gradient arrives; frozen, or under no_grad, it builds none."""
+    unet, _ = _nets(tiny_arch, tiny_weights)
+    unet.requires_grad_(False)
+    seen = []
+    unet.input_blocks[0].register_forward_pre_hook(lambda m, a: seen.append(torch.is_grad_enabled()))
+    x, t, ctx = tiny_io["x"], tiny_io["t"], tiny_io["context"]
+    unet(x, t, ctx)
+    first = unet.input_blocks[0][0].weight
+    first.requires_grad_(True)
+    unet(x, t, ctx).square().mean().backward()
+    with torch.no_grad():
+        unet(x, t, ctx)
+    assert seen == [False, True, False]
+    assert first.grad is not None and first.grad.abs().max() > 0
+
+
+@torch.no_grad()
+def test_float64_nets_match_the_reference_in_float64(tiny_arch, tiny_weights, tiny_io):
+    """The UNet's output conv runs in the input's dtype: float64 weights and inputs give a
+    float64 eps equal to the (float32) reference."""
+    unet, control = (n.double() for n in _nets(tiny_arch, tiny_weights))
+    x, t, ctx = tiny_io["x"].double(), tiny_io["t"], tiny_io["context"].double()
+    outs = control(x, control.encode_hint(tiny_io["hint"].double()), t, ctx)
+    eps = unet(x, t, ctx, control=outs)
+    assert eps.dtype == torch.float64
+    torch.testing.assert_close(eps, tiny_io["eps_controlled"].double(), **COMPONENT_TOL)
