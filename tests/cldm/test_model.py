@@ -201,13 +201,15 @@ def test_vae_encodes_once_per_sample_not_per_step():
     calls = []
     model.first_stage_model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     text_calls = []
-    model.cond_stage_model.model.register_forward_pre_hook(lambda m, a: text_calls.append(1))
+    # the token embedding: encode() calls the tower's parts, never the tower's own forward
+    model.cond_stage_model.model.token_embedding.register_forward_pre_hook(lambda m, a: text_calls.append(1))
     hint_calls = []
     model.control_model.input_hint_block.register_forward_hook(lambda m, i, o: hint_calls.append(i[0].shape))
     steps = []
     model.control_model.register_forward_pre_hook(lambda m, a: steps.append(1))
     hint = torch.rand(3, 4, 64, 64)
     model.get_learned_conditioning([""])  # warm the blank-prompt cache
+    assert text_calls == [1]
     text_calls.clear()
     cond = model.prepare_condition(hint)
     model.sample(cond, steps=20, generator=torch.Generator().manual_seed(0))
@@ -475,3 +477,140 @@ def test_a_config_that_is_no_file_says_which_it_is(tmp_path):
     with named_pipe(tmp_path / "pipe.yaml") as pipe, pytest.raises(
             ConfigError, match=r"^config \S+pipe\.yaml: not a regular file \(a named pipe, socket or device\)$"):
         load_config(pipe)  # was "config not found"; reading it would block
+
+
+def test_prompt_cache_holds_64_prompts():
+    """The first 64 distinct prompts are kept; later ones are encoded at every call."""
+    model = create_model(TINY_CONFIG).eval()
+    encodes = []
+    model.cond_stage_model.model.token_embedding.register_forward_pre_hook(lambda m, a: encodes.append(a[0].shape[0]))
+    prompts = [f"prompt {i}" for i in range(70)]
+    first = model.get_learned_conditioning(prompts)
+    assert encodes == [1] * 70
+    encodes.clear()
+    torch.testing.assert_close(model.get_learned_conditioning(prompts), first, rtol=0, atol=0)
+    assert encodes == [1] * 6  # prompts 64..69
+
+
+def _parts():
+    m = create_model(TINY_CONFIG)
+    return m.model.diffusion_model, m.control_model, m.first_stage_model
+
+
+def test_control_ldm_defaults_are_sd21s_and_other_parameterizations_are_refused():
+    """Built directly (create_model passes every value): SD's scale factor and linear schedule of
+    1000 steps from 0.00085 to 0.012, eps, v2 concatenated to the UNet, full control."""
+    from cldm.cldm import ControlLDM
+
+    model = ControlLDM(*_parts(), None)
+    assert (model.scale_factor, model.parameterization, model.color_variant) == (0.18215, "eps", "v2")
+    assert model.concat_to_unet is True and model.only_mid_control is False and model.num_timesteps == 1000
+    torch.testing.assert_close(model.betas[[0, -1]].double(), torch.tensor([0.00085, 0.012], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"^parameterization must be 'eps' or 'v', got 'x0'$"):
+        ControlLDM(*_parts(), None, parameterization="x0")
+
+
+def test_a_model_without_text_encoder_needs_the_context():
+    model = create_model(load_config(TINY_CONFIG, ["model.cond_stage=null"])).eval()
+    assert model.cond_stage_model is None
+    with pytest.raises(RuntimeError, match="no text encoder; pass `context` explicitly"):
+        model.get_learned_conditioning([""])
+    with pytest.raises(RuntimeError, match="no text encoder"):
+        model.prepare_condition(torch.rand(1, 4, 32, 32))
+    cond = model.prepare_condition(torch.rand(1, 4, 32, 32), context=torch.zeros(1, 77, 32))
+    assert cond.concat.shape == (1, 5, 4, 4)
+
+
+@torch.no_grad()
+def test_apply_model_feeds_the_noisy_latent_then_the_concat_in_its_dtype():
+    """ControlNet and UNet (concat_to_unet) see [x_t, concat] on the channels, in x_t's dtype:
+    a float32 concat (the latent cache's) with a bf16 model and x_t is cast, not promoted."""
+    from cldm.color import ColorCondition
+
+    model = create_model(TINY_CONFIG).eval().to(torch.bfloat16)
+    seen = []
+    for net in (model.control_model, model.model.diffusion_model):
+        net.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    concat = torch.randn(2, 5, 8, 8, generator=g)
+    context, hint = torch.randn(2, 77, 32, generator=g).bfloat16(), torch.randn(2, 32, 8, 8, generator=g).bfloat16()
+    cond = ColorCondition(context, hint, concat)
+    model.apply_model(x_t, torch.tensor([5, 500]), cond)
+    assert len(seen) == 2
+    for x_in in seen:
+        assert x_in.dtype == torch.bfloat16 and x_in.shape == (2, 9, 8, 8)
+        assert torch.equal(x_in[:, :4], x_t) and torch.equal(x_in[:, 4:], concat.bfloat16())
+
+
+def test_compile_denoiser_compiles_controlnet_unet_and_on_request_the_vae_decoder():
+    model = create_model(TINY_CONFIG).eval()
+    calls = []
+    parts = {"control": model.control_model, "unet": model.model.diffusion_model,
+             "decoder": model.first_stage_model.decoder, "encoder": model.first_stage_model.encoder}
+    for name, part in parts.items():
+        part.compile = lambda name=name, **options: calls.append((name, options))
+    model.compile_denoiser(dynamic=False)
+    assert calls == [("control", {"dynamic": False}), ("unet", {"dynamic": False})]
+    calls.clear()
+    model.compile_denoiser(vae_decoder=True, mode="max-autotune")
+    assert calls == [(name, {"mode": "max-autotune"}) for name in ("control", "unet", "decoder")]
+
+
+def _cond_and_uncond(model, g):
+    cond = model.prepare_condition(torch.rand(1, 4, 32, 32, generator=g), context=torch.randn(1, 77, 32, generator=g))
+    uncond = model.prepare_condition(torch.rand(1, 4, 32, 32, generator=g), context=torch.randn(1, 77, 32, generator=g))
+    return cond, uncond
+
+
+@torch.no_grad()
+def test_sample_draws_x_T_from_the_generator():
+    model = _randomised_tiny_model()
+    cond, _ = _cond_and_uncond(model, torch.Generator().manual_seed(0))
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    got = model.sample(cond, steps=2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, model.sample(cond, x_T=x_T, steps=2), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_sample_passes_guidance_eta_parameterization_and_generator_to_ddim():
+    """Against DDIM run on a model_fn that does the guidance itself, uncond + s (cond - uncond),
+    here with s = 0.5 (below 1 counts too), eta = 1 with the generator's noise, v-prediction."""
+    from ldm import sampler
+
+    torch.manual_seed(0)
+    model = create_model(load_config(TINY_CONFIG, ["model.parameterization=v"])).eval()
+    for p in model.parameters():  # zero-initialised convs would make cond and uncond outputs equal
+        p.data.add_(torch.randn_like(p) * 0.02)
+    cond, uncond = _cond_and_uncond(model, torch.Generator().manual_seed(1))
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def guided(x, t):
+        u = model.apply_model(x, t, uncond)
+        return u + 0.5 * (model.apply_model(x, t, cond) - u)
+
+    want = sampler.ddim_sample(guided, x_T, model.alphas_cumprod, steps=3, eta=1.0, parameterization="v",
+                               generator=torch.Generator().manual_seed(3))
+    got = model.sample(cond, x_T=x_T, steps=3, eta=1.0, guidance_scale=0.5, uncond=uncond,
+                       generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    unguided = model.sample(cond, x_T=x_T, steps=3, eta=1.0, generator=torch.Generator().manual_seed(3))
+    assert (unguided - want).abs().max() > 1e-3  # the guidance counts
+    with pytest.raises(ValueError, match="guidance_scale != 1 needs an unconditional ColorCondition"):
+        model.sample(cond, x_T=x_T, steps=3, guidance_scale=0.5)
+
+
+def test_training_loss_draws_t_then_noise_from_the_generator():
+    """t = randint(0, T) then noise = randn, both from `generator`, in that order."""
+    model = _randomised_tiny_model()
+    g = torch.Generator().manual_seed(4)
+    z0 = torch.randn(2, 4, 4, 4, generator=g)
+    cond = model.prepare_condition(torch.rand(2, 4, 32, 32, generator=g), context=torch.randn(2, 77, 32, generator=g))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    with torch.no_grad():
+        want = model.training_loss(z0, cond, noise=noise, t=t)
+        got = model.training_loss(z0, cond, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
