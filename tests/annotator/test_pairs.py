@@ -218,3 +218,134 @@ def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     with pytest.raises(ValueError) as e:
         load_meta(tmp_path)
     assert str(e.value) == f"{tmp_path / 'meta.json'}: {why}"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(size=100), "--size must be 0 or a multiple of 8 up to 4320 (got 100)"),
+    (dict(size=-8), "--size must be 0 or a multiple of 8 up to 4320 (got -8)"),
+    (dict(threads=-1), "--threads and --decode-threads must be >= 0 (got -1, 0)"),
+    (dict(decode_threads=-1), "--threads and --decode-threads must be >= 0 (got 0, -1)"),
+    (dict(window=0), "--window must be >= 1 (got 0)"),
+    (dict(metric="psnr"), "--metric must be one of ssim, ncc, l1 (got 'psnr')"),
+    (dict(image_format="bmp"), "--format must be one of jpg, png"),
+    (dict(quality=0), "--quality must be in 1..100 (got 0)"),
+    (dict(quality=101), "--quality must be in 1..100 (got 101)"),
+])
+def test_build_options_refused_with_their_message(options, message):
+    with pytest.raises(ValueError) as e:
+        BuildOptions(**options).validate()
+    assert str(e.value) == message
+
+
+def test_build_options_at_their_edges_pass():
+    for options in [dict(size=0), dict(size=8), dict(window=1), dict(quality=1), dict(quality=100),
+                    dict(threads=0, decode_threads=0), dict(metric="l1", image_format="png")]:
+        BuildOptions(**options).validate()
+
+
+def test_similarity_is_of_the_stored_frames_after_the_resize(tmp_path):
+    """48x72 frames stored at 32x48 (lossless): the table is the similarity of those stored
+    frames, not of the source ones."""
+    frames = panning_clip(6, 48, 72, speed=3)
+    build_movie(write_folder(frames, tmp_path / "clip"), tmp_path / "data",
+                options=BuildOptions(size=32, window=2, sim_size=16, image_format="png", threads=1))
+    d = tmp_path / "data" / "clip"
+    stored = [cv2.imread(str(frame_path(d, i, "png")))[:, :, ::-1] for i in range(6)]
+    assert stored[0].shape == (32, 48, 3)
+    sim = load_similarity(d)
+    np.testing.assert_array_equal(sim, similarity_table([small_gray(f, 16) for f in stored], 2))
+    assert not np.array_equal(sim, similarity_table([small_gray(f, 16) for f in frames], 2))
+
+
+@pytest.mark.parametrize("fmt, quality, params", [
+    ("jpg", 50, [cv2.IMWRITE_JPEG_QUALITY, 50]),
+    ("png", 50, [cv2.IMWRITE_PNG_COMPRESSION, 1]),  # quality is for JPEG only
+])
+def test_frames_are_encoded_with_the_options(tmp_path, fmt, quality, params):
+    frames = panning_clip(3, 16, 24)
+    meta = build_movie(write_folder(frames, tmp_path / "clip"), tmp_path / "data",
+                       options=BuildOptions(size=16, window=1, image_format=fmt, quality=quality, threads=1))
+    for i, f in enumerate(frames):
+        ok, want = cv2.imencode("." + fmt, np.ascontiguousarray(f[:, :, ::-1]), params)
+        assert frame_path(tmp_path / "data" / "clip", i, fmt).read_bytes() == want.tobytes()
+    assert meta["quality"] == (50 if fmt == "jpg" else None) and meta["image_format"] == fmt
+
+
+def test_meta_records_the_options_and_the_metric(tmp_path, monkeypatch):
+    """format_version 1, the --size given (0: the source's), the source as an absolute path even
+    when given relative, and the metric's parameters (SSIM's only for ssim)."""
+    monkeypatch.chdir(tmp_path)
+    write_folder(panning_clip(4, 16, 24), tmp_path / "clip")
+    meta = build_movie("clip", tmp_path / "data", options=BuildOptions(size=0, window=1, sim_size=12, threads=1))
+    assert (meta["format_version"], meta["short_side"], meta["size"]) == (1, 0, [24, 16])
+    assert meta["source"] == str(tmp_path / "clip") and meta["default_band"]["min_gap"] == 3
+    input_ = ("8-bit BT.601 gray of the stored frame, downscaled by exact 2x pixel-averaging halvings "
+              "then one bilinear step")
+    assert meta["metric_params"] == {"input": input_, "sim_size": [12, 12], "gaussian_sigma": 1.5, "window": 11,
+                                     "c1": 0.01**2, "c2": 0.03**2, "data_range": 1.0, "border": "valid"}
+    ncc = build_movie("clip", tmp_path / "ncc", options=BuildOptions(size=16, window=1, metric="ncc", threads=1))
+    assert ncc["metric_params"] == {"input": input_, "sim_size": [64, 64]} and ncc["short_side"] == 16
+
+
+def test_an_existing_movie_is_refused_and_left_alone(tmp_path):
+    src = write_folder(panning_clip(4, 16, 24), tmp_path / "clip")
+    build_movie(src, tmp_path / "data", options=OPTS)
+    before = load_similarity(tmp_path / "data" / "clip")
+    with pytest.raises(FileExistsError, match=r"clip already exists$"):
+        build_movie(src, tmp_path / "data", options=OPTS)
+    np.testing.assert_array_equal(load_similarity(tmp_path / "data" / "clip"), before)
+
+
+def test_a_killed_runs_partial_folder_is_rebuilt_and_a_held_lock_refused(tmp_path):
+    from atomicio import try_lock
+
+    src = write_folder(panning_clip(4, 16, 24), tmp_path / "clip")
+    with try_lock(tmp_path / "data" / ".partial" / "clip.lock", make_parent=True) as got:
+        assert got
+        with pytest.raises(FileExistsError) as e:
+            build_movie(src, tmp_path / "data", options=OPTS)
+    assert str(e.value) == f"{src}: another run is building this movie in {tmp_path / 'data' / '.partial' / 'clip'}"
+    stale = tmp_path / "data" / ".partial" / "clip" / "frames"
+    stale.mkdir(parents=True)
+    (stale / "000009.jpg").write_bytes(b"left by a killed run")
+    build_movie(src, tmp_path / "data", options=OPTS)
+    frames = sorted(p.name for p in (tmp_path / "data" / "clip" / "frames").iterdir())
+    assert frames == [f"{i:06d}.jpg" for i in range(4)]
+
+
+def test_progress_counts_every_frame_and_decode_threads_follow_the_threads(tmp_path, monkeypatch):
+    """progress(1) per scored frame; decode threads 0 (auto) -> 1 for at most 2 threads, else
+    FFmpeg's default (0); a value given is passed as is."""
+    import annotator.pairs as pairs
+
+    src = write_folder(panning_clip(9, 16, 24), tmp_path / "clip")
+    seen = []
+    real = pairs.iter_frames
+    monkeypatch.setattr(pairs, "iter_frames", lambda *a, **kw: seen.append(kw["decode_threads"]) or real(*a, **kw))
+    ticks = []
+    build_movie(src, tmp_path / "a", options=BuildOptions(size=16, window=2, threads=1), progress=ticks.append)
+    assert ticks == [1] * 9
+    build_movie(src, tmp_path / "b", options=BuildOptions(size=16, window=2, threads=2))
+    build_movie(src, tmp_path / "c", options=BuildOptions(size=16, window=2, threads=3))
+    build_movie(src, tmp_path / "d", options=BuildOptions(size=16, window=2, threads=3, decode_threads=2))
+    assert seen == [1, 1, 0, 2]
+
+
+def test_list_movies_sorted_finished_and_not_hidden(tmp_path):
+    assert list_movies(tmp_path / "missing") == []
+    for name in ["m3", "b", "zz", "a1", ".hidden", "unfinished"]:
+        (tmp_path / name).mkdir()
+        if name != "unfinished":
+            (tmp_path / name / "meta.json").write_text("{}")
+    assert list_movies(tmp_path) == ["a1", "b", "m3", "zz"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2)"),
+    (b'{"frame_count": 3, "image_format": "png"}', "no 'size' entry (not a meta.json written by build_pairs.py)"),
+])
+def test_a_meta_json_cut_short_or_without_size_is_named(tmp_path, content, why):
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        load_meta(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'meta.json'}: {why}"
