@@ -136,3 +136,38 @@ def test_the_ring_keeps_every_frame_when_it_grows():
     for i, j in [(69, 1), (64, 0), (65, 63), (40, 2)]:
         want = 1 - np.abs(smalls[i].astype(np.float64) - smalls[j]).mean()
         assert table[i, 100 + j - i] == pytest.approx(want, abs=1e-6), (i, j)
+
+
+def test_halvings_drop_an_odd_row_and_column_first():
+    """9x5 -> 4x2: one exact halving of the even 8x4 part (the 255 border row and column
+    dropped), each output pixel the mean of its 2x2 block, here constant."""
+    blocks = np.array([[10, 20, 30, 40], [50, 60, 70, 80]], np.uint8)
+    img = np.full((5, 9), 255, np.uint8)
+    img[:4, :8] = blocks.repeat(2, axis=0).repeat(2, axis=1)
+    np.testing.assert_array_equal(fast_resize(img, 4, 2), blocks)
+
+
+def test_small_gray_takes_the_gray_before_averaging():
+    """Columns alternating black and (1, 255, 1): gray 0 and round(150.098) = 150, averaged to
+    75 exactly. Averaging the colour first would give (1, 128, 1) (0.5 and 127.5 rounded up),
+    whose gray is round(75.55) = 76."""
+    img = np.zeros((128, 128, 3), np.uint8)
+    img[:, 1::2] = (1, 255, 1)
+    np.testing.assert_allclose(small_gray(img), 75 / 255, rtol=0, atol=1e-7)
+
+
+def test_ncc_of_a_flat_frame_is_zero_not_nan():
+    """A flat frame has no variation to correlate: its NCC with any frame is 0 (NaN is kept for
+    outside the movie)."""
+    flat = np.full((16, 16), 0.5, np.float32)
+    textured = small_gray(panning_clip(1, 16, 16)[0], 16)
+    table = similarity_table([flat, textured, flat], 2, "ncc")
+    np.testing.assert_array_equal(table[0], [np.nan, np.nan, 1, 0, 0])
+    np.testing.assert_array_equal(table[1, 1:4], [0, 1, 0])
+
+
+def test_neighbour_table_refuses_a_zero_window_and_an_unknown_metric():
+    with pytest.raises(ValueError, match=r"^window must be >= 1$"):
+        NeighbourTable(0)
+    with pytest.raises(ValueError, match=r"^unknown similarity metric 'psnr'; choose from ssim, ncc, l1$"):
+        NeighbourTable(3, "psnr")
