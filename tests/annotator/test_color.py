@@ -84,3 +84,33 @@ def test_to_float_and_to_uint8_scale_by_the_top_level_and_round():
     np.testing.assert_array_equal(to_uint8(to_float(levels)), levels)  # round trip
     # rounded, not truncated: 0.5 / 255 -> 1, just under -> 0; clipped outside [0, 1]
     assert to_uint8(np.array([0.5 / 255 + 1e-6, 0.5 / 255 - 1e-6, -0.2, 1.3], np.float32)).tolist() == [1, 0, 0, 255]
+
+
+def test_float64_input_gives_float32():
+    x = np.random.default_rng(3).random((2, 3, 3))
+    assert to_float(x).dtype == np.float32 and ycbcr_to_rgb(x).dtype == np.float32
+    np.testing.assert_allclose(to_float(x), x, rtol=0, atol=1e-7)
+
+
+def test_lab_of_8_bit_rgb_is_on_the_float_scale():
+    """L in [0, 100], a and b signed (not OpenCV's 8-bit Lab, L * 255 / 100 and a, b + 128):
+    white (100, 0, 0), black (0, 0, 0), pure red (53.24, 80.09, 67.20) by the sRGB/D65
+    definition (OpenCV's interpolated curves: within 0.02)."""
+    rgb = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0]]], np.uint8)
+    lab = rgb_to_lab(rgb)
+    np.testing.assert_allclose(lab[0], [[100, 0, 0], [0, 0, 0], [53.24, 80.09, 67.20]], rtol=0, atol=0.02)
+    np.testing.assert_array_equal(lab, rgb_to_lab(rgb / np.float32(255)))
+
+
+def test_transfer_luma_of_black_takes_the_gray_at_both_ends():
+    """Black has no chroma (offset exactly 0): the result is the gray itself, also at 0 and 1
+    where the gamut bound divides 0 by 0."""
+    out = transfer_luma(np.zeros((1, 3, 3), np.float32), np.array([[0.0, 0.3, 1.0]], np.float32))
+    np.testing.assert_array_equal(out[0], np.float32([[0.0] * 3, [0.3] * 3, [1.0] * 3]))
+
+
+def test_transfer_luma_takes_8_bit_inputs_on_the_0_1_scale():
+    rng = np.random.default_rng(4)
+    color, gray = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    np.testing.assert_array_equal(transfer_luma(color, gray),
+                                  transfer_luma(color / np.float32(255), gray / np.float32(255)))
