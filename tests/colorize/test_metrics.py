@@ -303,3 +303,159 @@ def test_16_bit_images_are_on_the_8_bit_scale():
     assert M.psnr(pred16, gt) == pytest.approx(M.psnr(pred8, gt), abs=1e-9)
     g16 = np.array([[0, 128, 129, 65535]], np.uint16)
     assert M.gray_u8(g16).tolist() == [[0, 0, 1, 255]]
+
+
+# ---- dtypes, small and gray images, clip edges ---------------------------------------
+
+def test_to_255_refuses_an_integer_type_it_does_not_know():
+    with pytest.raises(TypeError, match=r"^unsupported image dtype int32$"):
+        M.to_255(np.zeros((2, 2, 3), np.int32))
+
+
+def scipy_ssim_map(x, y):
+    """SSIM map by the module doc with scipy's Gaussian (sigma 1.5, radius 5) and its 'reflect'
+    border (d c b a | a b c d, OpenCV's BORDER_REFLECT), per channel, in float64."""
+    from scipy.ndimage import gaussian_filter
+
+    f = lambda a: gaussian_filter(a, 1.5, mode="reflect", truncate=5 / 1.5, axes=(0, 1))  # noqa: E731
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+
+
+def test_ssim_of_a_small_image_pads_by_reflection():
+    """Under 11 px a side the whole map counts, so the border's padding does: 'reflect', the
+    edge pixel repeated (not reflect-101)."""
+    x, y = smooth_rgb(8, 10, seed=1, lo=0, hi=255), smooth_rgb(8, 10, seed=2, lo=0, hi=255)
+    assert M.ssim(x, y) == pytest.approx(scipy_ssim_map(x, y).mean(), abs=1e-5)
+
+
+def test_ssim_of_gray_hw_images():
+    """HW images: one channel, centred on its own mean (a flat 200 vs 201 pair exact to 1e-6),
+    and the luminance term's C1 = (0.01 * 255)^2 where it matters (dark: 0 vs 5)."""
+    c1 = (0.01 * 255) ** 2
+    for a, b in [(200.0, 201.0), (0.0, 5.0)]:
+        x, y = np.full((16, 16), a, np.uint8), np.full((16, 16), b, np.uint8)
+        assert M.ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-6), (a, b)
+    x = smooth_rgb(18, 23, seed=1, lo=0, hi=255)[..., 0]
+    y = np.clip(x * 0.7 + 30 + np.random.default_rng(2).normal(0, 12, x.shape), 0, 255).astype(np.uint8)
+    assert M.ssim(x, y) == pytest.approx(brute_force_ssim(x[..., None], y[..., None]), abs=1e-5)
+
+
+def test_ssim_of_float_images_equals_that_of_their_8_bit_values():
+    x, y = smooth_rgb(16, 20, seed=1, lo=0, hi=255), smooth_rgb(16, 20, seed=2, lo=0, hi=255)
+    assert M.ssim(x / np.float32(255), y / np.float32(255)) == pytest.approx(M.ssim(x, y), abs=1e-6)
+    a, b = 0.3931, 0.5127  # between 8-bit levels: taken at full float32 precision (1e-6 here is ~4e-4 levels)
+    c1 = (0.01 * 255) ** 2
+    want = (2 * a * b * 255**2 + c1) / ((a * a + b * b) * 255**2 + c1)
+    flat = lambda v: np.full((16, 16, 3), v, np.float32)  # noqa: E731
+    assert M.ssim(flat(a), flat(b)) == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.ssim(x, y[:, :-1])
+
+
+def test_histograms_clip_float_images_outside_0_1():
+    img = np.array([[[1.2, -0.1, 1.0]]], np.float32)
+    h = M.channel_histograms(img)
+    assert h[0, 255] == h[1, 0] == h[2, 255] == 1.0
+
+
+def test_cdc_takes_the_strides_given():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = np.full((4, 4, 3), 255, np.uint8)
+    clip = [a, b, a, b, a]
+    assert M.cdc(clip, strides=(2,)) == 0.0
+    assert M.cdc(clip, strides=(1,)) == pytest.approx(math.log(2))
+    assert M.cdc(clip, strides=(1, 4)) == pytest.approx(math.log(2) / 2)
+
+
+def test_gray_u8_is_rgb_bt601_rounded_and_clipped():
+    """8-bit red: 0.299 * 255 = 76 (read as BGR it would be blue's 29); floats rounded (0.5 is
+    level 127.5 -> 128) and clipped."""
+    assert M.gray_u8(np.array([[[255, 0, 0]]], np.uint8)).tolist() == [[76]]
+    assert M.gray_u8(np.full((1, 1, 3), 0.5, np.float32)).tolist() == [[128]]
+    assert M.gray_u8(np.array([[0.5, 1.5, -0.5]], np.float32)).tolist() == [[128, 255, 0]]
+
+
+def test_forward_flow_is_read_between_pixels_bilinearly():
+    """Backward flow +0.5 px: the forward flow is read half-way between two columns that
+    alternate -0.5 + 1 and -0.5 - 1; their mean -0.5 undoes the backward flow exactly (either
+    column alone would be 1 px off, beyond the 0.5 bound)."""
+    h, w = 16, 24
+    fwd = _uniform(h, w, -0.5, 0)
+    fwd[:, 0::2, 0] += 1
+    fwd[:, 1::2, 0] -= 1
+    f = M.checked_flow(back=_uniform(h, w, 0.5, 0), fwd=fwd)
+    assert f.valid[:, : w - 1].all() and not f.valid[:, w - 1].any()
+
+
+def test_warp_error_pair_bilinear_gray_frames_and_no_valid_pixel():
+    """A half-pixel flow on a ramp of 10 levels a column lands on the mean of two columns;
+    HW frames are one channel; no trusted pixel is NaN; frames of two shapes are refused."""
+    h, w = 4, 8
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ramp = np.repeat(xs[..., None] * 10, 3, axis=-1).astype(np.uint8)
+    valid = xs + 0.5 <= w - 1
+    flow = M.FlowField(xs + 0.5, ys, valid)
+    assert M.warp_error_pair(ramp, (ramp.astype(int) + 5).astype(np.uint8), flow) == pytest.approx(0, abs=1e-4)
+    still = M.FlowField(xs, ys, np.ones((h, w), bool))
+    gray = ramp[..., 0]
+    assert M.warp_error_pair(gray, gray + np.uint8(10), still) == pytest.approx(10.0, abs=1e-4)
+    assert math.isnan(M.warp_error_pair(ramp, ramp, M.FlowField(xs, ys, np.zeros((h, w), bool))))
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.warp_error_pair(ramp, ramp[:, :-1], still)
+
+
+def test_clips_of_other_lengths_and_frame_names_are_named():
+    gt = shifted_clip(3, 1, 0, h=16, w=16)
+    with pytest.raises(ValueError, match="zip"):
+        M.warp_errors(gt[:2], gt)
+    with pytest.raises(ValueError, match=r"^long: more frames than the ground truth$"):
+        M.evaluate_clips(gt[:2], {"long": gt})
+    with pytest.raises(ValueError, match=r"^short: no prediction for frame 2$"):  # past the names given
+        M.evaluate_clips(gt, {"short": gt[:2]}, ["a", "b"])
+    with pytest.raises(ValueError, match=r"^the ground truth has no frames$"):
+        M.evaluate_clips([], {"m": []})
+    with pytest.raises(ValueError, match="positions must increase"):
+        M.evaluate_stream([(g, {"m": g}) for g in gt], ["m"], positions=[0, 1, 1])
+    assert M.evaluate_clips(gt, {"m": gt}).frames == ["00000", "00001", "00002"]
+    assert M.evaluate_clips(gt[:2], {"m": gt[:2]}, ["a", "b", "c"]).frames == ["a", "b"]
+
+
+def test_the_ground_truths_own_colourfulness_and_cdc():
+    """Gray predictions: colourfulness 0 and CDC 0 for the method; the ground truth's own values
+    are those of its frames (colourfulness and cdc, pinned by hand above)."""
+    gt = shifted_clip(3, 1, 0, h=16, w=16)
+    gray = [np.full_like(g, 128) for g in gt]
+    ev = M.evaluate_clips(gt, {"gray": gray})
+    np.testing.assert_array_equal(ev.methods["gray"].per_frame["colourfulness"], 0.0)
+    assert ev.methods["gray"].cdc == 0.0
+    assert ev.ground_truth["colourfulness"] == pytest.approx(np.mean([M.colourfulness(g) for g in gt]), abs=1e-9)
+    assert ev.ground_truth["colourfulness"] > 1 and ev.ground_truth["cdc"] == pytest.approx(M.cdc(gt), abs=1e-12)
+
+
+def test_evaluate_stream_cdc_pairs_no_frames_across_a_gap():
+    """Frames 0, 1, 3, 4 = a b a b: every pair 1, 2 or 4 apart is a and b, ln 2 (read as
+    consecutive it would be ln 2 / 2), for the method and the ground truth."""
+    a, b = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
+    ev = M.evaluate_stream([(f, {"m": f}) for f in (a, b, a, b)], ["m"], positions=[0, 1, 3, 4])
+    assert ev.methods["m"].cdc == pytest.approx(math.log(2)) and ev.ground_truth["cdc"] == pytest.approx(math.log(2))
+
+
+def test_ground_truth_warp_error_leaves_out_a_pair_without_trusted_pixels(monkeypatch):
+    gt = shifted_clip(3, 1, 0)
+    real = M.gt_flow
+    calls = []
+
+    def first_untrusted(prev, cur, dis=None):
+        flow = real(prev, cur, dis)
+        calls.append(1)
+        return flow._replace(valid=np.zeros_like(flow.valid)) if len(calls) == 1 else flow
+
+    monkeypatch.setattr(M, "gt_flow", first_untrusted)
+    ev = M.evaluate_clips(gt, {"m": gt})
+    assert np.isnan(ev.methods["m"].per_frame["warp_error"][:2]).all()
+    want = M.warp_error_pair(gt[1], gt[2], real(gt[1], gt[2]))
+    assert ev.ground_truth["warp_error"] == pytest.approx(want, abs=1e-9)
