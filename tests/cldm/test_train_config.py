@@ -37,6 +37,7 @@ def test_an_empty_band_names_both_ends_and_a_null_end_is_the_datasets_default():
 
     train_config.check_band(OmegaConf.create({"low": None, "high": None}))  # the dataset's 0.94 < sim < 0.97
     train_config.check_band(OmegaConf.create({"low": 0.5, "high": 0.6}))
+    train_config.check_band(OmegaConf.create({"low": 0, "high": 0.5}))  # 0 is a low end, not the default
     for t, band in [({"low": 0.97, "high": 0.94}, "0.97 < sim < 0.94"), ({"low": 0.5, "high": 0.5}, "0.5 < sim < 0.5"),
                     ({"low": DEFAULT_HIGH, "high": None}, f"{DEFAULT_HIGH} < sim < {DEFAULT_HIGH}"),
                     ({"low": None, "high": DEFAULT_LOW}, f"{DEFAULT_LOW} < sim < {DEFAULT_LOW}")]:
@@ -71,3 +72,85 @@ def test_the_remedy_for_an_init_of_another_config_follows_where_the_config_came_
     assert train_config.saved_config_remedy(args(), Path("runs/a/config.yaml")) == \
         "resume with the --init runs/a was started with, or use another --out"
     assert train_config.saved_config_remedy(args(), beside) == f"fix or remove {beside}, or pass --config"
+    beside_config = Path("models/config.yaml")  # beside an init named config.safetensors: not OUT's own
+    assert train_config.saved_config_remedy(args(), beside_config) == f"fix or remove {beside_config}, or pass --config"
+
+
+# key -> (lowest allowed value, one below it, the bound the message states)
+LOWEST = {"size": (64, 63, ">= 64"), "batch_size": (1, 0, ">= 1"), "accumulate": (1, 0, ">= 1"),
+          "num_workers": (0, -1, ">= 0"), "lr": (1e-12, 0, "> 0"), "weight_decay": (0.0, -0.1, ">= 0.0"),
+          "warmup_steps": (0, -1, ">= 0"), "grad_clip": (0.0, -0.5, ">= 0.0"), "seed": (0, -1, ">= 0"),
+          "max_steps": (1, 0, "-1 (no limit) or >= 1"), "max_epochs": (1, 0, "-1 (no limit) or >= 1"),
+          "val_every": (0, -1, ">= 0"), "log_every": (1, 0, ">= 1"), "ckpt_every": (1, 0, ">= 1"),
+          "ckpt_keep": (1, 0, ">= 1"), "image_every": (0, -1, ">= 0"), "image_count": (1, 0, ">= 1"),
+          "image_ddim_steps": (1, 0, ">= 1")}
+
+
+def test_every_number_has_its_lowest_value_and_a_refusal_naming_its_flag():
+    """One key at a time: keys a section lacks are not checked."""
+    assert set(train_config.TRAIN_NUMBERS) == set(LOWEST)
+    for key, (lowest, below, bound) in LOWEST.items():
+        train_config.check_train_numbers(OmegaConf.create({key: lowest}))
+        what, flag = train_config.TRAIN_NUMBERS[key][2], "--" + key.replace("_", "-")
+        with pytest.raises(train_config.UsageError) as e:
+            train_config.check_train_numbers(OmegaConf.create({key: below}))
+        assert str(e.value) == f"train.{key} ({flag}, {what}) must be {bound}, got {below!r}"
+    for key in ("max_steps", "max_epochs"):  # -1: no limit; below it refused
+        train_config.check_train_numbers(OmegaConf.create({key: -1}))
+        with pytest.raises(train_config.UsageError, match=r"must be -1 \(no limit\) or >= 1, got -2$"):
+            train_config.check_train_numbers(OmegaConf.create({key: -2}))
+
+
+def test_a_number_of_the_wrong_type_is_refused_and_an_integer_is_a_number():
+    check = train_config.check_train_numbers
+    check(OmegaConf.create({"lr": 1, "grad_clip": 0, "weight_decay": 0}))  # 'lr: 1' in a YAML is an int
+    for t, says in [({"batch_size": 8.0}, "train.batch_size (--batch-size, samples per device) must be an integer, "
+                                          "got 8.0"),
+                    ({"batch_size": True}, "must be an integer, got True"),
+                    ({"lr": True}, "train.lr (--lr, learning rate) must be a finite number, got True"),
+                    ({"lr": float("nan")}, "must be a finite number, got nan"),
+                    ({"grad_clip": float("inf")}, "must be a finite number, got inf"),
+                    ({"max_steps": None}, "train.max_steps (--max-steps, last step) must be an integer, got None")]:
+        with pytest.raises(train_config.UsageError) as e:
+            check(OmegaConf.create(t))
+        assert str(e.value).endswith(says), str(e.value)
+
+
+def run_args(tmp_path, overrides=(), **given):
+    """The training script's parsed command line: no flag given but those in `given`."""
+    return SimpleNamespace(out=str(tmp_path / "out"), init=str(tmp_path / "init.safetensors"), resume="auto",
+                           overrides=list(overrides), **{"config": None, **{n: None for n in train_config.FLAG_KEYS},
+                                                         **given})
+
+
+def test_every_flag_sets_its_own_key_after_the_overrides(tmp_path):
+    flags = dict(size=128, low=0.1, high=0.9, min_gap=2, num_workers=3, batch_size=4, accumulate=5, lr=2e-4,
+                 weight_decay=0.01, optimizer="adamw8bit", warmup_steps=6, grad_clip=0.5, precision="bf16-mixed",
+                 max_steps=7, max_epochs=8, seed=0, compile=True, ckpt_every=11, ckpt_keep=12, image_every=13,
+                 log_every=14, val_every=15, sd_locked=False, only_mid_control=True, train_unet_input=False,
+                 grad_checkpoint=True)  # the falsy ones differ from the tiny config's too
+    assert flags.keys() == train_config.FLAG_KEYS.keys()
+    cfg = train_config.run_config(run_args(tmp_path, ["train.seed=5", "train.image_count=3"], config=str(TINY_CONFIG),
+                                           **flags))
+    assert {name: OmegaConf.select(cfg, key) for name, key in train_config.FLAG_KEYS.items()} == flags
+    assert cfg.train.image_count == 3 and cfg.train.image_ddim_steps == 4  # an override; the tiny config's
+
+
+def test_a_bad_flag_value_is_named_by_the_flag(tmp_path):
+    for given, says in [(dict(min_gap=0), "--min-gap 0: train.min_gap: expected a positive integer or null, got 0"),
+                        (dict(lr=0.0), "train.lr (--lr, learning rate) must be > 0, got 0.0"),
+                        (dict(low=0.9, high=0.9), "train.low (--low) must be below train.high (--high): the pair "
+                                                  "band 0.9 < sim < 0.9 is empty")]:
+        with pytest.raises(train_config.UsageError) as e:
+            train_config.run_config(run_args(tmp_path, config=str(TINY_CONFIG), **given))
+        assert str(e.value) == says
+
+
+def test_a_config_without_a_train_section_is_named_and_one_found_beside_the_init_says_so(tmp_path):
+    no_train = tmp_path / "init.yaml"  # beside --init (init.safetensors)
+    no_train.write_text(TINY_CONFIG.read_text().split("\ntrain:")[0])
+    says = f"{no_train}: no train: section (see models/cldm_v21_color.yaml)"
+    for config, note in ((None, " (found beside --init: fix or remove it, or pass --config)"), (str(no_train), "")):
+        with pytest.raises(train_config.UsageError) as e:
+            train_config.run_config(run_args(tmp_path, config=config, lr=1e-4))
+        assert str(e.value) == says + note
