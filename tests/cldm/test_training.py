@@ -1,18 +1,26 @@
-"""cldm/training.py: the notes a run prints, the data module, Lightning's quieted messages, and
-fit's exit status after a stop (with stand-in trainers). The whole run: tests/scripts/test_train.py."""
+"""cldm/training.py: the --init refusals, the data module and Trainer the train: section gives, the
+export, the notes a run prints, Lightning's quieted messages, and fit with stand-in trainers (its
+exit status after a stop, the export, the signal handlers). The whole run: tests/scripts/test_train.py."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning  # noqa: F401  (binds its log handler to the session's stderr, as in test_train.py)
 import pytest
+import torch
 
 from cldm import training
+from cldm.checkpoint import CheckpointError, save_state_dict
+from cldm.lightning import ResumeRefusedError
 from cldm.model import TINY_CONFIG, load_config
 from cldm.run_dir import resolve_resume
 from cldm.training import PROG
+from cldm.weights_config import read_export_metadata
 from tests.train_helpers import first_process, tiny_data_root, tiny_model, training_ckpt
 
 
@@ -42,16 +50,25 @@ def test_a_resume_at_or_past_max_steps_notes_there_is_nothing_to_train(tmp_path,
                        f"{max_steps}: nothing to train; its weights are exported as they are\n") is noted, err
     training.note_nothing_to_train(None, 0)
     assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # one note per run, not per process
+    training.note_nothing_to_train(ckpt, 300)
+    assert capsys.readouterr().err == ""
 
 
-def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys):
+def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys, monkeypatch, model):
+    first_process(monkeypatch)
     root = tiny_data_root(tmp_path, movies=1, frames=8, height=64, width=96)
     cfg = load_config(TINY_CONFIG, ["train.val_every=10", "train.low=0", "train.high=1", "train.min_gap=1",
                                     "train.num_workers=0"])
     a = SimpleNamespace(data=str(root), use_latent_cache=False, accelerator="cpu")
-    dm = training.build_datamodule(cfg, a, tiny_model("v2"))
+    dm = training.build_datamodule(cfg, a, model)
     assert dm.val is None
-    assert "note: no validation: it holds out a whole movie" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"{PROG}: note: no validation: it holds out a whole movie, and {root} has no "
+                                       "second movie with pairs in the band\n")
+    training.build_datamodule(load_config(cfg, ["train.val_every=0"]), a, model)  # not asked for
+    monkeypatch.setenv("RANK", "1")  # one note per run, not per process
+    training.build_datamodule(cfg, a, model)
+    assert capsys.readouterr().err == ""
 
 
 def test_sigterm_once_lightning_holds_it_is_left_to_lightning(tmp_path, capsys):
@@ -105,6 +122,12 @@ def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
         log.info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging and experiment tracking, try litlogger")
         log.info("Restored all states from the checkpoint")
     assert [r.getMessage() for r in caplog.records] == ["Restored all states from the checkpoint"]
+    caplog.clear()
+    log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("[rank: 0] Received SIGTERM: 15")  # fit says it, with what to do
+        log.info("[rank: 0] Received SIGUSR1: 10")
+    assert [r.getMessage() for r in caplog.records] == ["[rank: 0] Received SIGUSR1: 10"]
 
 
 @pytest.mark.parametrize("sigterm", [False, True])
@@ -154,8 +177,6 @@ LOWER = "lower --batch-size (raise --accumulate to keep the samples per optimise
     ("false", "16-mixed", f"{LOWER} or turn on --grad-checkpoint"),
 ])
 def test_out_of_gpu_memory_is_one_line_with_the_flags_to_lower(tmp_path, checkpointing, precision, ways):
-    import torch
-
     cfg = load_config(TINY_CONFIG, ["train.batch_size=6", "train.size=128", f"train.precision={precision}",
                                     f"model.unet.use_checkpoint={checkpointing}"])
     a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
@@ -167,8 +188,6 @@ def test_out_of_gpu_memory_is_one_line_with_the_flags_to_lower(tmp_path, checkpo
 
 
 def test_out_of_gpu_memory_lists_every_way_when_all_apply(tmp_path):
-    import torch
-
     cfg = load_config(TINY_CONFIG, ["model.unet.use_checkpoint=false", "train.precision=32"])
     training_ckpt(tmp_path / "run" / "checkpoints" / "step=00000002.ckpt", 2)
     a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
@@ -199,3 +218,247 @@ def test_other_runtime_errors_keep_their_traceback(tmp_path):
     a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
     with pytest.raises(RuntimeError, match="^a bug$"):
         training.fit(a, cfg, OutOfMemory(RuntimeError("a bug")), None, None, None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("v2")
+
+
+def test_an_init_that_is_an_export_or_made_for_another_model_is_named_once(tmp_path, model):
+    from cldm.trainable import export_control
+
+    export = export_control(model, tmp_path / "control.safetensors")
+    init_v = tmp_path / "init_v.safetensors"  # as tool_add_control_sd21.py writes it from a v config
+    save_state_dict(model.state_dict(), init_v, metadata={"color_variant": "v2", "parameterization": "v"})
+    cfg = load_config(TINY_CONFIG)
+    for init, says in [(export, "an export of trained weights (control.safetensors), not a full checkpoint; --init "
+                                "needs the file tool_add_control_sd21.py writes (a resume too: the run's own --init)"),
+                       (init_v, "made for a model that predicts v, this config's predicts eps (set "
+                                "model.parameterization=v)")]:
+        with pytest.raises(CheckpointError) as e:
+            training.build_model(cfg, init)
+        assert str(e.value) == f"--init {init}: {says}"
+
+
+@pytest.fixture(scope="module")
+def two_movies(tmp_path_factory):
+    return tiny_data_root(tmp_path_factory.mktemp("two"), movies=2, frames=8, height=64, width=96)
+
+
+def test_the_data_module_takes_the_train_section(two_movies, capsys):
+    cfg = load_config(TINY_CONFIG, ["train.val_every=10", "train.low=0", "train.high=1", "train.min_gap=1",
+                                    "train.seed=7", "train.batch_size=3"])
+    a = SimpleNamespace(data=str(two_movies), use_latent_cache=False, accelerator="cpu")
+    dm = training.build_datamodule(cfg, a, SimpleNamespace(color_variant="v2"))
+    assert dm.val is not None and capsys.readouterr().err == ""  # the second movie held out
+    assert (dm.data_root, dm.batch_size, dm.num_workers, dm.seed) == (two_movies, 3, 0, 7)
+    assert {k: dm.kw[k] for k in ("size", "low", "high", "min_gap", "gray_latents")} == \
+        dict(size=64, low=0, high=1, min_gap=1, gray_latents=False)
+    dm = training.build_datamodule(load_config(cfg, ["train.val_every=0"]), a, SimpleNamespace(color_variant="v2"))
+    assert dm.val is None and capsys.readouterr().err == ""  # not asked for: no held-out movie
+
+
+def trainer_args(**given):
+    return SimpleNamespace(**{**dict(accelerator="cpu", devices="1", num_nodes=1, strategy="ddp", no_progress=True),
+                              **given})
+
+
+def test_the_trainer_takes_the_train_section(tmp_path):
+    from cldm.callbacks import ImageLogger, ResumeAgreement, StepCheckpoint
+
+    cfg = load_config(TINY_CONFIG, ["train.max_steps=7", "train.max_epochs=3", "train.accumulate=2",
+                                    "train.log_every=4", "train.grad_clip=0.5", "train.ckpt_every=5",
+                                    "train.ckpt_keep=2", "train.image_every=6", "train.image_count=3",
+                                    "train.image_ddim_steps=9", "train.seed=8", "train.val_every=11"])
+    resume = tmp_path / "checkpoints" / "step=00000001.ckpt"
+    trainer = training.make_trainer(cfg, trainer_args(), tmp_path, resume)
+    assert (trainer.max_steps, trainer.max_epochs, trainer.accumulate_grad_batches, trainer.log_every_n_steps,
+            trainer.gradient_clip_val) == (7, 3, 2, 4, 0.5)
+    assert (trainer.val_check_interval, trainer.limit_val_batches) == (11, 1.0)
+    callbacks = {type(c): c for c in trainer.callbacks}
+    ckpt, images = callbacks[StepCheckpoint], callbacks[ImageLogger]
+    assert (ckpt.dirpath, ckpt._every_n_train_steps, ckpt.keep) == (str(tmp_path / "checkpoints"), 5, 2)
+    assert (images.out_dir, images.every, images.n, images.ddim_steps, images.seed) == (tmp_path / "images", 6, 3, 9, 8)
+    assert callbacks[ResumeAgreement].ckpt_path == resume
+    assert training.make_trainer(cfg, trainer_args(), tmp_path, validate=False).limit_val_batches == 0
+    off = training.make_trainer(load_config(cfg, ["train.grad_clip=0.0", "train.val_every=0"]), trainer_args(), tmp_path)
+    assert off.gradient_clip_val is None and off.limit_val_batches == 0  # 0: no clipping, no validation
+
+
+def test_ddp_only_for_more_than_one_process_also_across_nodes(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from cldm.launch import ddp_kwargs
+
+    cfg = load_config(TINY_CONFIG)
+    assert isinstance(training.make_trainer(cfg, trainer_args(), tmp_path).strategy, SingleDeviceStrategy)
+    two_nodes = training.make_trainer(cfg, trainer_args(num_nodes=2), tmp_path).strategy
+    assert isinstance(two_nodes, DDPStrategy) and two_nodes._ddp_kwargs == ddp_kwargs() != {}
+
+
+def test_under_slurm_lightnings_own_requeue_is_off(tmp_path, monkeypatch):
+    for key, value in dict(SLURM_JOB_NAME="color-controlnet", SLURM_JOB_ID="4242", SLURM_NTASKS="1",
+                           SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0").items():
+        monkeypatch.setenv(key, value)
+    env = training.make_trainer(load_config(TINY_CONFIG), trainer_args(), tmp_path)._accelerator_connector \
+        .cluster_environment
+    assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
+
+
+def test_lightnings_refusal_is_one_line_naming_the_flags_as_given(tmp_path, monkeypatch):
+    cfg = load_config(TINY_CONFIG)
+    with pytest.raises(training.UsageError) as e:
+        training.make_trainer(cfg, trainer_args(devices="0,1"), tmp_path)  # two devices: a DDPStrategy object
+    assert str(e.value) == ("cannot set up training with --accelerator cpu --devices 0,1 --strategy ddp --precision 32: "
+                            "`devices` selected with `CPUAccelerator` should be an int > 0.")
+
+    def refuses(**kw):
+        raise ValueError("\n  the first line\n  and more\n")
+    monkeypatch.setattr(lightning, "Trainer", refuses)
+    with pytest.raises(training.UsageError, match=r": the first line$"):
+        training.make_trainer(cfg, trainer_args(), tmp_path)
+
+
+def test_the_export_records_the_step_and_the_inits_name(tmp_path, model):
+    from omegaconf import OmegaConf
+
+    cfg = load_config(TINY_CONFIG)
+    path = training.export(SimpleNamespace(model=model), tmp_path, cfg, 5, tmp_path / "deep" / "init.safetensors")
+    assert path == tmp_path / "control.safetensors"
+    meta = read_export_metadata(path)
+    assert (meta["step"], meta["init"]) == ("5", "init.safetensors")
+    assert OmegaConf.load(tmp_path / "control.yaml") == cfg
+
+
+class Module:
+    """What export_from_checkpoint uses of ColorControlModule; `refuse`: on_load_checkpoint raises it."""
+
+    def __init__(self, model, refuse=None):
+        self.model, self.refuse, self.loaded = model, refuse, []
+
+    def on_load_checkpoint(self, state):
+        if self.refuse:
+            raise self.refuse
+
+    def load_state_dict(self, state, strict=True):
+        self.loaded.append((dict(state), strict))
+
+
+def test_export_from_a_checkpoint_takes_its_step_and_names_other_locked_weights(tmp_path, model):
+    ckpt, init = tmp_path / "step=00000007.ckpt", Path("init.safetensors")
+    torch.save({"global_step": 7, "state_dict": {"model.x": torch.zeros(1)}}, ckpt)
+    module = Module(model)
+    assert training.export_from_checkpoint(module, ckpt, tmp_path, load_config(TINY_CONFIG), init) == \
+        tmp_path / "control.safetensors"
+    assert read_export_metadata(tmp_path / "control.safetensors")["step"] == "7"
+    assert [(list(s), strict) for s, strict in module.loaded] == [(["model.x"], False)]  # the trainable part only
+    refused = Module(model, ResumeRefusedError("of other SD weights", "digest a... vs b...", locked=True))
+    with pytest.raises(CheckpointError) as e:
+        training.export_from_checkpoint(refused, ckpt, tmp_path, load_config(TINY_CONFIG), init)
+    assert str(e.value) == (f"{ckpt} was trained on other locked SD weights than --init init.safetensors (digest a... "
+                            "vs b...); export with the --init the run started with")
+
+
+def test_a_refused_resume_names_the_checkpoint_and_for_locked_weights_the_init():
+    ckpt, init = Path("run/checkpoints/step=00000001.ckpt"), Path("init.safetensors")
+    assert str(training.refused_resume(ResumeRefusedError("of another model config", "hash 1 vs 2"), ckpt, init)) == \
+        f"{ckpt}: of another model config (hash 1 vs 2)"
+    assert str(training.refused_resume(ResumeRefusedError("holds no training record"), ckpt, init)) == \
+        f"{ckpt}: holds no training record"
+    locked = ResumeRefusedError("of other SD weights", "digest a... vs b...", locked=True)
+    head = f"{ckpt} was trained on other locked SD weights than --init {init} (digest a... vs b...); "
+    assert str(training.refused_resume(locked, ckpt, init)) == \
+        head + "resume with the --init the run started with, or use another --out"
+    assert str(training.refused_resume(locked, ckpt, init, "export")) == head + "export with the --init the run started with"
+
+
+class Trainer:
+    """A stand-in for fit: `run(trainer)` is its trainer.fit."""
+
+    interrupted, is_global_zero, progress_bar_callback, global_step = False, True, None, 3
+
+    def __init__(self, run=lambda self: None, **attrs):
+        self.run = run
+        self.__dict__.update(attrs)
+
+    def fit(self, *a, **kw):
+        self.run(self)
+
+
+def test_fit_exports_on_the_first_process_only_and_says_the_resume(tmp_path, capsys, model):
+    a = SimpleNamespace(out=str(tmp_path / "run"), init=str(tmp_path / "init.safetensors"))
+    resume = tmp_path / "run" / "checkpoints" / "step=00000001.ckpt"
+    (tmp_path / "run").mkdir()  # made by Lightning
+    assert training.fit(a, load_config(TINY_CONFIG), Trainer(is_global_zero=False), None, None, resume) == 0
+    assert capsys.readouterr() == ("", "") and list((tmp_path / "run").iterdir()) == []
+    assert training.fit(a, load_config(TINY_CONFIG), Trainer(), SimpleNamespace(model=model), None, resume) == 0
+    assert capsys.readouterr() == (f"step 3: trained weights -> {tmp_path / 'run' / 'control.safetensors'}\n",
+                                   f"resuming from {resume}\n")
+    assert read_export_metadata(tmp_path / "run" / "control.safetensors")["step"] == "3"
+
+
+def test_fit_off_the_main_thread_leaves_the_signals_alone(tmp_path):
+    """Only the main thread may set a signal handler (ValueError elsewhere)."""
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(training.fit(a, None, Trainer(is_global_zero=False), None,
+                                                                        None, None)))
+    thread.start()
+    thread.join()
+    assert result == [0]
+
+
+def test_sigterm_before_lightning_holds_it_stops_as_sigterm_without_lightnings_ctrl_c_notice(tmp_path, capsys, caplog):
+    """The script's handler raises Terminated (a KeyboardInterrupt): Lightning says "Detected
+    KeyboardInterrupt" and exits; fit says SIGTERM instead, and leaves handlers and filters as found."""
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+    def lightning_like(trainer):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            notices.info("Detected KeyboardInterrupt, attempting graceful shutdown ...")
+            trainer.interrupted = True
+            raise SystemExit(1)
+
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    filters, unheard = list(notices.filters), []
+
+    def unheard_here(signum, frame):  # the test's own: the script's must be gone after fit
+        unheard.append(signum)
+
+    before = signal.signal(signal.SIGTERM, unheard_here)
+    try:
+        with caplog.at_level(logging.INFO, logger=notices.name):
+            assert training.fit(a, None, Trainer(lightning_like), None, None, None) == 143
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == (f"{PROG}: stopped by SIGTERM at step 3; no checkpoint saved yet (see "
+                                       "--ckpt-every); rerun the same command to start over\n")
+    assert caplog.records == [] and unheard == []
+    assert handler is unheard_here and notices.filters == filters
+
+
+def test_what_lightning_raises_from_fit(tmp_path):
+    """A SystemExit without an interruption, a refused resume checkpoint, a Ctrl-C Lightning did not handle."""
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    resume = tmp_path / "run" / "checkpoints" / "step=00000001.ckpt"
+
+    def raises(e):
+        def run(trainer):
+            raise e
+        return Trainer(run, is_global_zero=False)  # nothing to export on the way out
+
+    with pytest.raises(SystemExit):
+        training.fit(a, None, raises(SystemExit(1)), None, None, None)
+    with pytest.raises(CheckpointError) as e:
+        training.fit(a, None, raises(ResumeRefusedError("x", "digest a... vs b...", locked=True)), None, None, resume)
+    assert str(e.value) == (f"{resume} was trained on other locked SD weights than --init init.safetensors (digest "
+                            "a... vs b...); resume with the --init the run started with, or use another --out")
+    with pytest.raises(KeyboardInterrupt, match="^its own words$"):
+        training.fit(a, None, raises(KeyboardInterrupt("its own words")), None, None, None)
+    with pytest.raises(KeyboardInterrupt) as e:
+        training.fit(a, None, raises(KeyboardInterrupt()), None, None, None)
+    assert str(e.value) == "interrupted; no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
