@@ -473,3 +473,50 @@ def test_a_data_root_without_write_permission_stops_the_run(tmp_path):
         out.chmod(0o755)
     assert p.stderr == f"build_pairs.py: error: permission denied ({out}); finished movies are kept, rerun to resume\n"
     assert p.stdout == "" and os.listdir(out) == []
+
+
+def test_shard_is_two_whole_numbers_with_0_le_i_lt_n():
+    assert build_pairs.parse_shard("0/1") == (0, 1) and build_pairs.parse_shard("3/4") == (3, 4)
+    for text, says in [("-1/2", "need 0 <= I < N, got '-1/2'"), ("2/2", "need 0 <= I < N, got '2/2'"),
+                       ("0/0", "need 0 <= I < N, got '0/0'"), ("1.5/2", "expected I/N such as 0/4, got '1.5/2'"),
+                       ("1/2/3", "expected I/N such as 0/4, got '1/2/3'"), ("2", "expected I/N such as 0/4, got '2'")]:
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            build_pairs.parse_shard(text)
+        assert str(e.value) == says
+
+
+def test_the_flags_reach_the_build_and_default_to_the_librarys_options(tmp_path, monkeypatch, capsys):
+    """The build stands in here; options and --workers are checked before it."""
+    import dataclasses
+
+    from annotator.pairs import BuildOptions
+
+    calls = []
+
+    class Summary:
+        stopped, skipped = False, []
+
+        def text(self):
+            return "summary"
+
+    def build_all(inputs, out, options, **kw):
+        calls.append((inputs, out, options, kw))
+        return Summary()
+    monkeypatch.setattr(build_pairs, "build_all", build_all)
+    assert build_pairs.main(["a.mp4", "b", "--out", str(tmp_path / "d")]) == 0
+    assert calls.pop() == (["a.mp4", "b"], str(tmp_path / "d"), BuildOptions(),
+                           dict(workers=1, shard=(0, 1), strict=False, progress=True))
+    flags = ["--size", "64", "--format", "png", "--quality", "80", "--window", "3", "--metric", "l1", "--sim-size",
+             "32", "--threads", "2", "--decode-threads", "3", "--workers", "4", "--shard", "1/3", "--strict",
+             "--no-progress"]
+    assert build_pairs.main(["a.mp4", "--out", str(tmp_path / "d"), *flags]) == 0
+    options, kw = calls.pop()[2:]
+    assert dataclasses.asdict(options) == dict(size=64, window=3, metric="l1", sim_size=32, image_format="png",
+                                               quality=80, threads=2, decode_threads=3)
+    assert kw == dict(workers=4, shard=(1, 3), strict=True, progress=False)
+    assert capsys.readouterr().out == "summary\nsummary\n"
+    for flag, says in ((["--size", "100"], "--size must be 0 or a multiple of 8 up to 4320 (got 100)"),
+                       (["--workers", "0"], "--workers must be >= 1 (got 0)")):
+        assert build_pairs.main(["a.mp4", "--out", str(tmp_path / "d"), *flag]) == 2
+        assert capsys.readouterr().err == f"build_pairs.py: error: {says}\n"
+    assert calls == []
