@@ -1,13 +1,15 @@
 """tools/plot_pairs.py: the picture of which pairs a band selects."""
+import os
 import sys
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from annotator.build_many import build_all
-from annotator.pairs import BuildOptions, pair_mask
+from annotator.pairs import BuildOptions, load_similarity, pair_mask
 from tests.annotator.clips import panning_clip, write_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,3 +102,67 @@ def test_an_unusable_out_is_named_as_given(tmp_path, capsys, out, says):
     assert P.main([str(tmp_path / "data" / "pan"), "--out", str(tmp_path / out)]) == 2
     assert capsys.readouterr().err.strip() == f"{P.PROG}: error: " + says.format(tmp=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["band", "data", "src"]
+
+
+def test_the_panels_draw_frames_down_offsets_across_and_the_band_as_given():
+    fig = P.band_figure(table(), 0.94, 0.97, 2, "t")
+    try:
+        left, right, bar = fig.axes
+        image, overlay = left.images
+        assert image.get_extent() == [-2.5, 2.5, 5.5, -0.5]  # frame 0 at the top, offset 0 in the middle
+        assert overlay.get_extent() == image.get_extent()
+        assert image.get_cmap().get_bad() == pytest.approx(matplotlib.colors.to_rgba("#9ec5e8"))  # "blue"
+        assert overlay.get_cmap()(0) == matplotlib.colors.to_rgba("red") and bar.get_ylabel() == "similarity"
+        span, = [p for p in right.patches if p.get_label() == "band 0.94 < sim < 0.97"]
+        assert (span.get_x(), span.get_x() + span.get_width()) == pytest.approx((0.94, 0.97))
+        assert [t.get_text() for t in right.get_legend().get_texts()] == ["band 0.94 < sim < 0.97"]
+        bins = right.containers[0]
+        assert len(bins) == 80 and bins[0].get_x() == pytest.approx(0.5)  # from the lowest similarity shown to 1
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("low, min_gap, floor, title", [
+    (0.3, 2, 0.3, "offsets >= 2: 4 pairs, 6 of 6 frames have a partner"),  # a band below every similarity shown
+    (0.94, 3, 0.94, "offsets >= 3: 0 pairs, 0 of 6 frames have a partner"),  # no offset that far: the band's low end
+])
+def test_the_scale_starts_at_the_bands_low_end_when_it_lies_lower(low, min_gap, floor, title):
+    fig = P.band_figure(table(), low, 0.97, min_gap, "t")
+    try:
+        assert fig.axes[0].images[0].get_clim() == (floor, 1.0) and fig.axes[1].get_title() == title
+    finally:
+        plt.close(fig)
+
+
+def test_the_cli_draws_the_movie_with_its_band_and_title_and_closes_the_figure(tmp_path, monkeypatch):
+    import struct
+
+    src = write_folder(panning_clip(8, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=3, metric="ncc"), progress=False)
+    drawn, band_figure = [], P.band_figure
+    monkeypatch.setattr(P, "band_figure", lambda *a: drawn.append(a) or band_figure(*a))
+    out = tmp_path / "band.png"
+    (tmp_path / "old.png").write_bytes(b"old")
+    os.link(tmp_path / "old.png", out)  # replaced, not written into
+    assert P.main([str(tmp_path / "data" / "pan"), "--low", "0.5", "--high", "0.99", "--min-gap", "2",
+                   "--out", str(out)]) == 0
+    (sim, low, high, min_gap, title), = drawn
+    np.testing.assert_array_equal(sim, load_similarity(tmp_path / "data" / "pan"))
+    assert (low, high, min_gap, title) == (0.5, 0.99, 2, "pan: 8 frames, ncc of the gray frames")
+    assert struct.unpack(">II", out.read_bytes()[16:24]) == (1100, 460)  # 11 x 4.6 inches at 100 dpi
+    assert (tmp_path / "old.png").read_bytes() == b"old" and plt.get_fignums() == []
+
+
+def test_the_defaults_are_the_datasets_band_and_pairs_png():
+    from annotator.pairs import DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP
+
+    ns = P.parser().parse_args(["m"])
+    assert (ns.low, ns.high, ns.min_gap, ns.out) == (DEFAULT_LOW, DEFAULT_HIGH, DEFAULT_MIN_GAP, Path("pairs.png"))
+
+
+def test_a_bad_band_is_named_before_the_out(tmp_path, capsys):
+    src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
+    assert P.main([str(tmp_path / "data" / "pan"), "--low", "0.9", "--high", "0.8",
+                   "--out", str(tmp_path / "missing" / "b.png")]) == 2
+    assert "band is empty: low=0.9 must be < high=0.8" in capsys.readouterr().err
