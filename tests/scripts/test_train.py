@@ -141,6 +141,7 @@ def test_a_run_records_its_config_and_its_folder_guards_resumes_and_exports(ws, 
     (out / "control.safetensors").unlink()
     assert train.main(args(ws, out, "--export")) == 0
     assert read_export_metadata(out / "control.safetensors")["step"] == "2"
+    assert capsys.readouterr().out == f"exported step=00000002.ckpt -> {out / 'control.safetensors'}\n"
 
 
 def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(ws, tmp_path, capsys):
@@ -224,7 +225,7 @@ def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
     text = cldm.model.DEFAULT_CONFIG.read_text()
     config = tmp_path / "default.yaml"
     config.write_text(text.replace("lr: 1.0e-5", "lr: 3.0e-4").replace("min_gap: null", "min_gap: 7")
-                      .replace("sd_locked: true", "sd_locked: false"))
+                      .replace("sd_locked: true", "sd_locked: false").replace("optimizer: adamw", "optimizer: 100%"))
     monkeypatch.setattr(cldm.model, "DEFAULT_CONFIG", config)
     p = train.parser()
     helps = {a.dest: a.help for a in p._actions}
@@ -237,6 +238,7 @@ def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
                                     "models/default.yaml)")
     text = " ".join(p.format_help().split())
     assert "a list like 0,1 (default: auto)" in text and "docs/TRAINING.md) (default: 1)" in text
+    assert "needs bitsandbytes (default: 100%)" in text  # not a %-format
 
 
 def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
@@ -835,3 +837,112 @@ def test_a_bad_flag_value_is_the_flags_not_the_configs(ws, tmp_path, capsys, mon
                                           f"(--high): the pair band {band} is empty\n"
     assert train.main(given + ["train.min_gap=0"]) == 2  # an override keeps naming the file it overrides
     assert capsys.readouterr().err == f"{train.PROG}: error: {TINY_CONFIG} with train.min_gap=0: {problem}\n"
+
+
+def test_prepare_cleans_up_and_says_the_config_in_the_first_process_only(ws, tmp_path, capsys, monkeypatch):
+    """A killed save's temporary file is removed, and the config found is said, once per run."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    partial = out / "checkpoints" / ".step=00000007.ckpt.1a2b3c4d.tmp"
+    stop_before_the_model_loads(monkeypatch)
+    for rank, said in (("1", ""), ("0", f"config: {DEFAULT_CONFIG}\n")):  # init.safetensors records none
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"cut")
+        assert train.main(without_config(args(ws, out))) == 2
+        assert capsys.readouterr() == (said, f"{train.PROG}: error: stopped before the model load\n")
+        assert partial.exists() is (rank == "1")
+
+
+def test_the_notes_before_a_resume_name_skipped_checkpoints_and_nothing_to_train(ws, tmp_path, capsys, monkeypatch):
+    """The incomplete checkpoints --resume auto skips are named (not for a --resume PATH); a
+    resume at --max-steps is noted (not for --export)."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    ckpt = training_ckpt(out / "checkpoints" / "step=00000005.ckpt", 5)
+    cut = out / "checkpoints" / "step=00000006.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:100])
+    stop_before_the_model_loads(monkeypatch)
+    skipped = (f"{train.PROG}: note: skipped {cut}: not a whole checkpoint file (cut short?); not resumed from nor "
+               "counted toward --ckpt-keep; move it away\n")
+    at_max = (f"{train.PROG}: note: step=00000005.ckpt is at step 5, --max-steps is 5: nothing to train; its weights "
+              "are exported as they are\n")
+    stopped = f"{train.PROG}: error: stopped before the model load\n"
+    for extra, notes in (([], skipped + at_max), (["--resume", ckpt], at_max), (["--export"], skipped),
+                         (["--max-steps", 6], skipped)):
+        assert train.main(args(ws, out, "--max-steps", 5, *extra)) == 2
+        assert capsys.readouterr().err == notes + stopped, extra
+
+
+def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
+    """And --seed seeds everything."""
+    ns = train.parser().parse_args(args(ws, tmp_path / "run", "--lr", "3e-4", "--weight-decay", "0.01",
+                                        "--warmup-steps", 4, "--no-sd-locked", "--no-train-unet-input", "--seed", 7,
+                                        "--compile", "--num-workers", 0))
+    _, _, module, _, resume = train.prepare(ns)
+    assert {k: module.hparams[k] for k in ("lr", "weight_decay", "warmup_steps", "sd_locked", "train_unet_input",
+                                           "seed", "compile", "optimizer")} == \
+        dict(lr=3e-4, weight_decay=0.01, warmup_steps=4, sd_locked=False, train_unet_input=False, seed=7, compile=True,
+             optimizer="adamw")
+    assert torch.initial_seed() == 7 and resume is None
+
+
+def test_each_device_needs_a_whole_batch_of_its_share_of_the_frames(ws, tmp_path):
+    """16 training frames on 3 devices: DistributedSampler gives each 6 (padding the last)."""
+    def prepare(batch_size):  # not main: that would start three processes
+        return train.prepare(train.parser().parse_args(args(ws, tmp_path / "run", "--devices", 3, "--batch-size",
+                                                            batch_size)))
+    assert prepare(6)[1] is not None  # a batch of 6 on each
+    with pytest.raises(train_config.UsageError) as e:
+        prepare(7)
+    assert str(e.value) == (f"{ws / 'data'}: the band gives 16 training frames with a partner, 6 per device, fewer "
+                            "than --batch-size 7; lower it or widen the band (--low/--high/--min-gap)")
+
+
+def test_a_fork_from_a_checkpoint_of_another_model_config_is_refused_before_out_is_written(ws, tmp_path, capsys,
+                                                                                          monkeypatch):
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
+    from cldm.weights_config import config_hashes
+
+    first_process(monkeypatch)
+    run_a, fork = tmp_path / "a", tmp_path / "fork"
+    cfg = train_config.run_config(train.parser().parse_args(args(ws, run_a)))
+    record_config(run_a, cfg)
+    ckpt = run_a / "checkpoints" / "step=00000003.ckpt"
+    AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": 3,
+                                          TRAINING_KEY: {"config_hash": config_hashes(cfg)[0]}}, ckpt)
+    stop_before_the_model_loads(monkeypatch)
+    assert train.main(args(ws, fork, "--resume", ckpt, "model.only_mid_control=true")) == 2
+    assert capsys.readouterr().err == (
+        f"{train.PROG}: error: {ckpt}: trained with another model config ({run_a / 'config.yaml'}): "
+        "model.only_mid_control is False there, True in this command's (1 key(s) differ); leave out "
+        "model.only_mid_control=true to continue it\n")
+    assert not fork.exists()
+
+
+def test_what_the_model_load_would_refuse_later_is_refused_before_it(ws, tmp_path, capsys, monkeypatch):
+    """--export with nothing to export, an unknown optimiser; and an OSError while preparing is one line."""
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded"))
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--export")) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: --export: no checkpoint to export in {out / 'checkpoints'}\n"
+    assert train.main(args(ws, out, "train.optimizer=adam")) == 2
+    assert capsys.readouterr().err.endswith("optimizer must be one of adamw, adamw8bit, got 'adam'\n")
+
+    def unreadable(*a):
+        raise OSError(5, "Input/output error", "init.safetensors")
+    monkeypatch.setattr(train, "build_model", unreadable)
+    assert train.main(args(ws, out)) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: [Errno 5] Input/output error: 'init.safetensors'\n"
+
+
+def test_ctrl_c_after_training_says_what_a_rerun_does(ws, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C outside Lightning's fit (the export, say), which fit does not word."""
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "prepare", lambda args: (None,) * 5)
+    monkeypatch.setattr(train, "fit", interrupted)
+    assert train.main(args(ws, tmp_path / "run")) == 130
+    assert capsys.readouterr().err == (f"{train.PROG}: interrupted; no checkpoint saved yet (see --ckpt-every); "
+                                       "rerun the same command to start over\n")
