@@ -189,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's CPU allocator says it so
             if not out_of_memory(e):
                 raise
-            less = "; --dtype float16 needs about a third of the memory" if args.dtype == "float32" else ""
-            raise MemoryError(f"out of memory (RAM) making {args.out_ckpt} from {args.sd_ckpt}{less} (BENCHMARKS.md); "
-                              "nothing was written") from None
+            less = "; --dtype float16 needs about a third of the memory (BENCHMARKS.md)" \
+                if args.dtype == "float32" else ""
+            raise MemoryError(f"out of memory (RAM) making {args.out_ckpt} from {args.sd_ckpt}{less}; nothing was "
+                              "written") from None
         print(report)
         return 0
 
