@@ -210,6 +210,8 @@ def test_sample_clip_with_cuts(tmp_path):
     (b"null", "not a JSON object (it holds a NoneType)"),
     (b"{}", "no 'frame_count' entry (not a meta.json written by build_pairs.py)"),  # was a KeyError later
     (b'{"frame_count": 3, "size": [8, 8]}', "no 'image_format' entry (not a meta.json written by build_pairs.py)"),
+    (b"{", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2)"),  # cut short
+    (b'{"frame_count": 3, "image_format": "png"}', "no 'size' entry (not a meta.json written by build_pairs.py)"),
 ])
 def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     from annotator.pairs import load_meta
@@ -338,14 +340,3 @@ def test_list_movies_sorted_finished_and_not_hidden(tmp_path):
         if name != "unfinished":
             (tmp_path / name / "meta.json").write_text("{}")
     assert list_movies(tmp_path) == ["a1", "b", "m3", "zz"]
-
-
-@pytest.mark.parametrize("content, why", [
-    (b"{", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2)"),
-    (b'{"frame_count": 3, "image_format": "png"}', "no 'size' entry (not a meta.json written by build_pairs.py)"),
-])
-def test_a_meta_json_cut_short_or_without_size_is_named(tmp_path, content, why):
-    (tmp_path / "meta.json").write_bytes(content)
-    with pytest.raises(ValueError) as e:
-        load_meta(tmp_path)
-    assert str(e.value) == f"{tmp_path / 'meta.json'}: {why}"
