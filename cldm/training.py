@@ -209,9 +209,23 @@ def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
                            f"with the --init the run started with{other_out}")
 
 
+KILLED_LOADER = "is killed by signal: Killed"  # torch's words for a DataLoader worker ended by SIGKILL
+
+
+def killed_loader(e: BaseException | None) -> bool:
+    """Whether `e` says a data loader process was ended by SIGKILL: itself, or as the cause of
+    torch's "exited unexpectedly" (its SIGCHLD handler's error lands in the queue read it wraps)."""
+    while e is not None:
+        if KILLED_LOADER in str(e):
+            return True
+        e = e.__cause__
+    return False
+
+
 def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path) -> str:
     """The one line for a run out of memory: where, at which settings, what to lower, and what a
-    rerun does (the flags are train: values, free to change on a resume)."""
+    rerun does (the flags are train: values, free to change on a resume). A data loader process
+    killed by SIGKILL counts: that is how Linux's OOM killer ends the largest process."""
     import torch
 
     from cldm.run_dir import rerun_hint
@@ -226,8 +240,10 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path) -> s
         ways = ", ".join(ways[:-1]) + " or " + ways[-1] if len(ways) > 1 else ways[0]
         what = f"out of memory on {device} at step {step} (--batch-size {t.batch_size} at --size {t.size}): {ways}"
     else:  # the host's: the training process on a CPU, or a data loader process
-        what = (f"out of memory (RAM) at step {step} (--batch-size {t.batch_size}, --num-workers {t.num_workers} data "
-                "loader processes per device): lower either")
+        what = "a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM)" \
+            if killed_loader(e) else "out of memory (RAM)"
+        what += (f" at step {step} (--batch-size {t.batch_size}, --num-workers {t.num_workers} data loader processes "
+                 "per device): lower either")
     return f"{what}; {rerun_hint(out)}"
 
 
@@ -276,7 +292,7 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
                 raise
             raise type(e)(f"interrupted; {rerun_hint(out)}") from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
-            if not out_of_memory(e):
+            if not (out_of_memory(e) or killed_loader(e)):
                 raise
             raise UsageError(out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
                              ) from None

@@ -213,6 +213,26 @@ def test_out_of_host_memory_names_the_batch_and_the_loader_processes(tmp_path, e
                                  "rerun the same command to start over")
 
 
+def test_a_data_loader_process_killed_by_sigkill_is_taken_for_the_oom_killer(tmp_path):
+    cfg = load_config(TINY_CONFIG, ["train.num_workers=4"])
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    error = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")  # torch's words
+    with pytest.raises(training.UsageError) as caught:
+        training.fit(a, cfg, OutOfMemory(error), None, None, None)
+    assert str(caught.value) == ("a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM) "
+                                 "at step 3 (--batch-size 2, --num-workers 4 data loader processes per device): lower "
+                                 "either; no checkpoint saved yet (see --ckpt-every); rerun the same command to start "
+                                 "over")
+    wrapped = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")  # as torch raises it in a read
+    wrapped.__cause__ = error
+    with pytest.raises(training.UsageError, match=r"^a data loader process was killed \(SIGKILL"):
+        training.fit(a, cfg, OutOfMemory(wrapped), None, None, None)
+    crashed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Segmentation fault. ")
+    for other in (crashed, RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")):  # not memory
+        with pytest.raises(RuntimeError, match=r"^DataLoader worker"):
+            training.fit(a, cfg, OutOfMemory(other), None, None, None)
+
+
 def test_other_runtime_errors_keep_their_traceback(tmp_path):
     cfg = load_config(TINY_CONFIG)
     a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")

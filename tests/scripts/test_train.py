@@ -365,6 +365,30 @@ def test_out_of_memory_is_one_line_and_a_rerun_with_a_smaller_batch_resumes(ws, 
     assert load_ckpt(out / "checkpoints" / "step=00000004.ckpt")["global_step"] == 4
 
 
+def test_a_data_loader_process_killed_by_the_oom_killer_is_one_line(ws, tmp_path, capsys, monkeypatch):
+    """SIGKILL is how Linux's OOM killer ends a process: torch's words for it, with the torch we pin."""
+    from torch.utils.data import get_worker_info
+
+    from tutorial_dataset import PairDataset
+
+    item = PairDataset.__getitem__
+
+    def killed_in_a_worker(self, index):
+        if get_worker_info() is not None:  # forked workers inherit the patch
+            os.kill(os.getpid(), signal.SIGKILL)
+        return item(self, index)
+
+    monkeypatch.setattr(PairDataset, "__getitem__", killed_in_a_worker)
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 2, "--num-workers", 1, "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"{train.PROG}: error: a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM) at "
+        "step 0 (--batch-size 2, --num-workers 1 data loader processes per device): lower either; no checkpoint saved "
+        "yet (see --ckpt-every); rerun the same command to start over"), err
+    assert "Traceback" not in err
+
+
 def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, tmp_path, capsys, monkeypatch):
     """Before Lightning installs its own SIGTERM handler (its setup, the checkpoint restore) the
     signal would end the run unseen, by its default action: it stops as after Ctrl-C, said as a
