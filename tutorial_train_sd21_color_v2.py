@@ -24,12 +24,13 @@ from pathlib import Path
 
 from cldm.train_config import (FLAG_KEYS, UsageError, model_settings, run_config,
                                saved_config_remedy)
-from cldm.training import (PROG, build_datamodule, build_model, export_from_checkpoint, fit, make_trainer,
-                           note_nothing_to_train, note_skipped, quiet_lightning)
+from cldm.training import (PROG, build_datamodule, build_model, end_with_launcher, export_from_checkpoint, fit,
+                           make_trainer, note_nothing_to_train, note_skipped, quiet_lightning)
 from cliutil import (NOT_REGULAR, OneLineParser, config_override, file_problem, not_a_folder, out_folder_problem,
                      quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
+    end_with_launcher()
     quiet_startup_signals()
 
 

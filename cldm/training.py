@@ -7,7 +7,9 @@ files that import Lightning, here inside the functions: every DDP process import
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +20,21 @@ from cldm.train_config import UsageError
 from cliutil import Terminated, out_of_memory
 
 PROG = "tutorial_train_sd21_color_v2.py"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> None:
+    """In a DDP process a launcher started (Lightning's, for ranks > 0; torchrun's): have Linux
+    SIGKILL it when its parent ends. Without it, a rank left in a collective by a rank 0 that
+    stopped (out of memory, a traceback, the OOM killer) waits for the process group's timeout,
+    half an hour under NCCL, holding its GPU; Lightning watches only the other way round (rank 0
+    kills all when a rank it started fails). Call first thing in the script; elsewhere (not
+    Linux, no LOCAL_RANK: a process started by hand) it does nothing."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # the parent ended before the request could see it
 
 
 def build_model(cfg, init: Path):

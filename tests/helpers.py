@@ -96,6 +96,14 @@ class SDPACalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` has not ended (a zombie has: an orphan's reaper may be slow to collect it)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def video_with_sound(path, frames: int = 10, fps: int = 10, audio: str = "aac", rate: int = 16000,
                      video_start: int = 0, hz: float = 440.0):
     """A 32x24 MPEG-4 video of `frames` gray levels (frame i: level 20 i) with a mono sine tone

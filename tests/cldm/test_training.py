@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +24,10 @@ from cldm.model import TINY_CONFIG, load_config
 from cldm.run_dir import resolve_resume
 from cldm.training import PROG
 from cldm.weights_config import read_export_metadata
+from tests.helpers import running
 from tests.train_helpers import first_process, tiny_data_root, tiny_model, training_ckpt
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_resume_auto_names_the_incomplete_checkpoints_it_skips(tmp_path, capsys, monkeypatch):
@@ -238,6 +244,31 @@ def test_other_runtime_errors_keep_their_traceback(tmp_path):
     a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
     with pytest.raises(RuntimeError, match="^a bug$"):
         training.fit(a, cfg, OutOfMemory(RuntimeError("a bug")), None, None, None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+@pytest.mark.parametrize("local_rank", [None, "1"])
+def test_a_process_a_launcher_started_ends_with_its_launcher(local_rank):
+    """A parent (the launcher: Lightning's rank 0, torchrun) starts a child and ends without it. The
+    child, blocked as in a collective whose peer has gone, ends with it when LOCAL_RANK says a
+    launcher started it; a process started by hand (no LOCAL_RANK) outlives its parent, as
+    `nohup` needs."""
+    child = ("import time; from cldm.training import end_with_launcher; end_with_launcher(); "
+             "print('set', flush=True); time.sleep(120)")
+    launcher = ("import os, subprocess, sys; "
+                f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
+                "stderr=subprocess.DEVNULL); c.stdout.readline(); print(c.pid, flush=True); os._exit(0)")
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"} | ({"LOCAL_RANK": local_rank} if local_rank else {})
+    pid = int(subprocess.run([sys.executable, "-c", launcher], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60, check=True).stdout)
+    try:
+        deadline = time.monotonic() + (10 if local_rank else 2)
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(pid) is (local_rank is None)
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.run_dir import config_source, record_config
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
-from tests.helpers import default_sigint, named_pipe, read_only_folder
+from tests.helpers import default_sigint, named_pipe, read_only_folder, running
 from tests.train_helpers import first_process, tiny_data_root, tiny_model, training_ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -508,6 +508,48 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(ws, tmp_path):
     trained, init = load_state_dict(out / "control.safetensors"), load_state_dict(ws / "init.safetensors")
     assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
                            init["control_model.middle_block_out.0.weight"])  # it did train
+
+
+@pytest.mark.parametrize("fails", [0, 1])
+def test_a_rank_out_of_memory_ends_the_ranks_left_waiting(ws, tmp_path, fails):
+    """One rank runs out of memory at step 1 and stops with its one line, while the other is
+    blocked as in an NCCL collective whose peer has gone (which waits for the process group's
+    timeout, 30 minutes): it must not outlive the run. Rank 0 exits with 2 and rank 1, which it
+    started, ends with it (end_with_launcher); rank 1 exits with 2 and Lightning's watcher in
+    rank 0 SIGKILLs rank 0 (docs/TRAINING.md says both)."""
+    hook, pids = tmp_path / "hook", tmp_path / "waiting.pid"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # every process of the run: the script's own start, unchanged
+        "import os, time\n"
+        "import torch\n"
+        "from cldm.lightning import ColorControlModule\n"
+        "step = ColorControlModule.training_step\n"
+        "def at_step_1(self, batch, batch_idx):\n"
+        f"    if self.global_step == 1 and self.global_rank == {fails}:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB')\n"
+        "    if self.global_step == 1:\n"
+        f"        open({str(pids)!r}, 'w').write(str(os.getpid()))\n"
+        "        time.sleep(600)\n"
+        "    return step(self, batch, batch_idx)\n"
+        "ColorControlModule.training_step = at_step_1\n")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 3, "--no-progress")]
+    with open(tmp_path / "stderr", "w+") as err:  # not a pipe: a rank left behind would hold it open
+        rc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=300,
+                            env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]))).returncode
+        err.seek(0)
+        text = err.read()
+    waiting = int(pids.read_text())
+    try:
+        deadline = time.monotonic() + 10
+        while running(waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(waiting)
+    finally:
+        if running(waiting):
+            os.kill(waiting, signal.SIGKILL)
+    assert rc == (2 if fails == 0 else -signal.SIGKILL), text[-3000:]
+    assert re.search(rf"^{re.escape(train.PROG)}: error: out of memory on cpu at step 1 ", text, re.M), text[-3000:]
 
 
 def free_port() -> int:
