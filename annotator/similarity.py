@@ -130,8 +130,7 @@ class NeighbourTable:
         n = min(k, w)
         back = np.empty(n, dtype=np.float32)
         if n:
-            distance = (k - np.arange(n)) % w  # slot s holds frame k - distance[s]
-            distance[distance == 0] = w
+            distance = (k - 1 - np.arange(n)) % w + 1  # slot s holds frame k - distance[s], 1 <= distance <= w
             back[distance - 1] = self._compare(feats, n)
         self._grow_ring(feats, k)
         for name, a in feats.items():

@@ -49,9 +49,11 @@ class ColorCondition:
     @staticmethod
     def cat(conds: list["ColorCondition"]) -> "ColorCondition":
         """One batch of several conditions' rows, in order (reference guidance: cond and uncond)."""
-        cat = lambda ts: None if ts[0] is None else torch.cat(ts)
-        return ColorCondition(cat([c.context for c in conds]), cat([c.guided_hint for c in conds]),
-                              cat([c.concat for c in conds]))
+        concats = [c.concat for c in conds]
+        if any(t is None for t in concats) and not all(t is None for t in concats):
+            raise ValueError("conditions with a concat (v2/v3) and without (v1) cannot share a batch")
+        return ColorCondition(torch.cat([c.context for c in conds]), torch.cat([c.guided_hint for c in conds]),
+                              None if concats[0] is None else torch.cat(concats))
 
 
 def build_concat(variant: str, ref: torch.Tensor, gray: torch.Tensor,

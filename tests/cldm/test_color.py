@@ -52,6 +52,10 @@ def test_condition_cat_stacks_every_field_in_order_and_keeps_a_missing_concat_mi
         assert torch.equal(a, b)
     v1 = ColorCondition.cat([ColorCondition(cond.context, cond.guided_hint, None)] * 2)
     assert v1.concat is None and len(v1) == 8 and torch.equal(v1.guided_hint[4:], cond.guided_hint)
+    for mixed in ([cond, ColorCondition(cond.context, cond.guided_hint, None)],
+                  [ColorCondition(cond.context, cond.guided_hint, None), cond]):  # the first alone would drop it
+        with pytest.raises(ValueError, match=r"^conditions with a concat \(v2/v3\) and without \(v1\) cannot share"):
+            ColorCondition.cat(mixed)
     with pytest.raises(ValueError):
         extra_channels("v9")
 
