@@ -226,28 +226,50 @@ def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
                            f"with the --init the run started with{other_out}")
 
 
-KILLED_LOADER = "is killed by signal: Killed"  # torch's words for a DataLoader worker ended by SIGKILL
+# torch's words for a DataLoader worker: ended by SIGKILL (how Linux's OOM killer ends a process);
+# finding /dev/shm full when it fallocates a batch there, or on a write into it (SIGBUS); gone
+# with no word on why (torch found it dead before its SIGCHLD handler said how)
+KILLED_LOADER = "is killed by signal: Killed"
+SHM_FULL, BUS_ERROR = "unable to allocate shared memory(shm)", "is killed by signal: Bus error"
+LOADER_GONE, SIGNALLED = "exited unexpectedly", "is killed by signal"
 
 
-def killed_loader(e: BaseException | None) -> bool:
-    """Whether `e` says a data loader process was ended by SIGKILL: itself, or as the cause of
-    torch's "exited unexpectedly" (its SIGCHLD handler's error lands in the queue read it wraps)."""
+def loader_says(e: BaseException | None, words: str) -> bool:
+    """Whether `e`, or an error it was raised from, holds torch's `words` about a data loader
+    process: a worker's death may come as the cause of torch's "exited unexpectedly" (its
+    SIGCHLD handler's error lands in the queue read it wraps)."""
     while e is not None:
-        if KILLED_LOADER in str(e):
+        if words in str(e):
             return True
         e = e.__cause__
     return False
 
 
-def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path) -> str:
+def size_of(nbytes: int) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GiB"
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
+
+
+def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
+                       shm: Path = Path("/dev/shm")) -> str | None:
     """The one line for a run out of memory: where, at which settings, what to lower, and what a
-    rerun does (the flags are train: values, free to change on a resume). A data loader process
-    killed by SIGKILL counts: that is how Linux's OOM killer ends the largest process."""
+    rerun does (the flags are train: values, free to change on a resume); None if `e` says no
+    such thing (it keeps its traceback). The data loader processes' cases count: one killed by
+    SIGKILL (Linux's OOM killer), a full `shm` (where torch hands their batches over; Docker
+    gives a container 64 MB), and one gone without a word, for which those two are the likely
+    causes (a known other signal, a segfault say, is not)."""
+    import shutil
+
     import torch
 
     from cldm.run_dir import rerun_hint
 
     t = cfg.train
+    loaders = f"at step {step} (--batch-size {t.batch_size}, --num-workers {t.num_workers} data loader processes " \
+              "per device): lower either"
+    room = f"{shm}: {size_of(shutil.disk_usage(shm).total)}" if shm.is_dir() else str(shm)
+    more_shm = f"give {shm} more room (Docker: --shm-size 8g)"
     if isinstance(e, torch.OutOfMemoryError):  # the GPU's
         ways = ["lower --batch-size (raise --accumulate to keep the samples per optimiser step)"]
         if not cfg.model.unet.get("use_checkpoint", False):
@@ -256,11 +278,21 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path) -> s
             ways.append("train in --precision bf16-mixed")
         ways = ", ".join(ways[:-1]) + " or " + ways[-1] if len(ways) > 1 else ways[0]
         what = f"out of memory on {device} at step {step} (--batch-size {t.batch_size} at --size {t.size}): {ways}"
-    else:  # the host's: the training process on a CPU, or a data loader process
-        what = "a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM)" \
-            if killed_loader(e) else "out of memory (RAM)"
-        what += (f" at step {step} (--batch-size {t.batch_size}, --num-workers {t.num_workers} data loader processes "
-                 "per device): lower either")
+    elif loader_says(e, SHM_FULL):
+        what = f"a data loader process ran out of shared memory ({room}) {loaders}, or {more_shm}"
+    elif loader_says(e, BUS_ERROR):
+        what = (f"a data loader process was killed by SIGBUS, most likely for lack of shared memory ({room}) "
+                f"{loaders}, or {more_shm}")
+    elif loader_says(e, KILLED_LOADER):
+        what = f"a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM) {loaders}"
+    elif out_of_memory(e):  # the host's: the training process on a CPU, or a data loader process
+        what = f"out of memory (RAM) {loaders}"
+    elif LOADER_GONE in str(e) and not loader_says(e, SIGNALLED):
+        what = (f"a data loader process ended without saying why (torch: {str(e).splitlines()[0]}); most likely it "
+                f"ran out of RAM (the OOM killer) or of shared memory ({room}) {loaders}, or {more_shm}; its own "
+                "message, if it left one, is above")
+    else:
+        return None
     return f"{what}; {rerun_hint(out)}"
 
 
@@ -309,10 +341,10 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
                 raise
             raise type(e)(f"interrupted; {rerun_hint(out)}") from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
-            if not (out_of_memory(e) or killed_loader(e)):
+            line = out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
+            if line is None:
                 raise
-            raise UsageError(out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
-                             ) from None
+            raise UsageError(line) from None
         if received:
             bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
             print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",

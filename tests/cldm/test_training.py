@@ -234,9 +234,67 @@ def test_a_data_loader_process_killed_by_sigkill_is_taken_for_the_oom_killer(tmp
     with pytest.raises(training.UsageError, match=r"^a data loader process was killed \(SIGKILL"):
         training.fit(a, cfg, OutOfMemory(wrapped), None, None, None)
     crashed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Segmentation fault. ")
-    for other in (crashed, RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")):  # not memory
+    crashed_wrapped = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    crashed_wrapped.__cause__ = crashed
+    for other in (crashed, crashed_wrapped):  # not memory
         with pytest.raises(RuntimeError, match=r"^DataLoader worker"):
             training.fit(a, cfg, OutOfMemory(other), None, None, None)
+
+
+def test_a_data_loader_process_gone_without_a_word_names_the_likely_causes(tmp_path):
+    """torch may find a worker dead before its SIGCHLD handler says of what (a race: a real
+    SIGKILL or SIGBUS gives either form): the OOM killer and a full /dev/shm are the likely
+    causes, and whatever the worker printed is above."""
+    import queue
+    import shutil
+
+    cfg = load_config(TINY_CONFIG, ["train.num_workers=4"])
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    gone = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    gone.__cause__ = queue.Empty()  # as torch raises it after a read timed out
+    with pytest.raises(training.UsageError) as caught:
+        training.fit(a, cfg, OutOfMemory(gone), None, None, None)
+    shm = Path("/dev/shm")
+    room = f"{shm}: {training.size_of(shutil.disk_usage(shm).total)}" if shm.is_dir() else str(shm)
+    assert str(caught.value) == (
+        "a data loader process ended without saying why (torch: DataLoader worker (pid(s) 4242) exited "
+        f"unexpectedly); most likely it ran out of RAM (the OOM killer) or of shared memory ({room}) at step 3 "
+        "(--batch-size 2, --num-workers 4 data loader processes per device): lower either, or give /dev/shm more "
+        "room (Docker: --shm-size 8g); its own message, if it left one, is above; no checkpoint saved yet (see "
+        "--ckpt-every); rerun the same command to start over")
+
+
+
+def test_data_loader_processes_short_of_shared_memory_name_it_with_its_size(tmp_path):
+    """Docker gives a container 64 MB of /dev/shm, where torch hands the loaders' batches over:
+    torch's words when a worker finds it full (torch fallocates; a write into a full one is a
+    SIGBUS). A real full /dev/shm: tests/scripts/test_train.py."""
+    import shutil
+
+    cfg = load_config(TINY_CONFIG, ["train.num_workers=4"])
+    a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")
+    full = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\nRuntimeError: unable to allocate shared memory(shm) "
+                        "for file </torch_4242_17_0>: No space left on device (28)\n")
+    bus = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
+                       "workers are out of shared memory. Please try to raise your shared memory limit.")
+    wrapped = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    wrapped.__cause__ = bus
+    shm = Path("/dev/shm")
+    room = f"{shm}: {training.size_of(shutil.disk_usage(shm).total)}" if shm.is_dir() else str(shm)
+    rest = (f" ({room}) at step 3 (--batch-size 2, --num-workers 4 data loader processes per device): lower either, "
+            f"or give {shm} more room (Docker: --shm-size 8g); no checkpoint saved yet (see --ckpt-every); rerun the "
+            "same command to start over")
+    for error, what in ((full, "a data loader process ran out of shared memory"),
+                        (bus, "a data loader process was killed by SIGBUS, most likely for lack of shared memory"),
+                        (wrapped, "a data loader process was killed by SIGBUS, most likely for lack of shared memory")):
+        with pytest.raises(training.UsageError) as caught:
+            training.fit(a, cfg, OutOfMemory(error), None, None, None)
+        assert str(caught.value) == what + rest
+    assert training.out_of_memory_line(full, cfg, 3, "cpu", tmp_path, shm=tmp_path / "no_shm").startswith(
+        f"a data loader process ran out of shared memory ({tmp_path / 'no_shm'}) at step 3 ")
+    assert [training.size_of(n) for n in (2**16, 2**20 - 1, 64 * 2**20, 2**30 - 1, 24 * 2**30, 1536 * 2**20)] == [
+        "64 KiB", "1024 KiB", "64 MiB", "1024 MiB", "24.0 GiB", "1.5 GiB"]
 
 
 def test_other_runtime_errors_keep_their_traceback(tmp_path):
