@@ -315,8 +315,8 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
             received.append(signum)
             raise Terminated
 
-    def no_ctrl_c_notice(record) -> bool:  # Lightning's "Detected KeyboardInterrupt", untrue after SIGTERM
-        return not (received and "KeyboardInterrupt" in record.getMessage())
+    def no_ctrl_c_notice(record) -> bool:  # Lightning's "Detected KeyboardInterrupt": the line below says it,
+        return "Detected KeyboardInterrupt" not in record.getMessage()  # with what a rerun does (and after SIGTERM, truly)
 
     hook = threading.current_thread() is threading.main_thread()  # signals are the main thread's
     previous = signal.signal(signal.SIGTERM, before_lightning) if hook else None
@@ -345,13 +345,13 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
             if line is None:
                 raise
             raise UsageError(line) from None
+        bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
         if received:
-            bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
             print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
                   file=sys.stderr)
             return 143
         if trainer.interrupted:
-            print(f"{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
+            print(f"{bar_line}{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
             return 130
         if trainer.is_global_zero:
             path = export(module, out, cfg, trainer.global_step, Path(args.init))
