@@ -89,6 +89,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     """`validate=False`: no validation even with train.val_every (the data has no held-out movie)."""
     import lightning as L
     import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -128,7 +129,8 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
             logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
             num_sanity_val_steps=0, benchmark=True, enable_model_summary=False,
             enable_progress_bar=not args.no_progress, **val)
-    except (TypeError, ValueError, RuntimeError) as e:  # Lightning's checks of devices, strategy, precision
+    except (TypeError, ValueError, RuntimeError, MisconfigurationException) as e:  # Lightning's checks of devices,
+        # strategy, precision (and of a GPU asked for where none is: Misconfiguration)
         raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "
                          f"--strategy {args.strategy} --precision {t.precision}: {str(e).strip().splitlines()[0]}") \
             from None

@@ -415,6 +415,14 @@ def test_under_slurm_lightnings_own_requeue_is_off(tmp_path, monkeypatch):
     assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_asked_for_where_there_is_none_is_one_line(tmp_path):
+    """Lightning's MisconfigurationException is no ValueError: it escaped as its bare words."""
+    with pytest.raises(training.UsageError) as e:
+        training.make_trainer(load_config(TINY_CONFIG), trainer_args(accelerator="gpu"), tmp_path)
+    assert str(e.value) == ("cannot set up training with --accelerator gpu --devices 1 --strategy ddp --precision 32: "
+                            "No supported gpu backend found!")
+
 def test_lightnings_refusal_is_one_line_naming_the_flags_as_given(tmp_path, monkeypatch):
     cfg = load_config(TINY_CONFIG)
     with pytest.raises(training.UsageError) as e:
