@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from annotator.color import rgb_to_gray
 from annotator.latent_cache import load_latents, read_frame
 from annotator.pairs import (
-    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, list_movies, load_meta, load_similarity, pair_mask,
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, list_movies, load_meta, load_similarity,
+    pair_mask,
 )
 
 
@@ -64,6 +65,14 @@ def make_hint(ref: np.ndarray, tgt: np.ndarray) -> np.ndarray:
 
 class NoPairsError(ValueError):
     """The band leaves no pair in the movies given."""
+
+
+def no_movies(root: Path) -> ValueError:
+    """A data root without finished movies; a movie's own folder given for it is named as such."""
+    if is_finished(root):
+        return ValueError(f"{root}: the folder of one movie; a data root is the folder that holds the movie "
+                          f"folders ({root.parent})")
+    return ValueError(f"{root}: no finished movies (run build_pairs.py)")
 
 
 class PairDataset(Dataset):
@@ -85,7 +94,7 @@ class PairDataset(Dataset):
         self.root = Path(data_root)
         self.movies = list(movies) if movies is not None else list_movies(self.root)
         if not self.movies:
-            raise ValueError(f"{self.root}: no finished movies (run build_pairs.py)")
+            raise no_movies(self.root)
         self.low, self.high, self.min_gap = low, high, min_gap
         self.crop = _crop_size(size)
         self.augment, self.prompt, self.seed = augment, prompt, seed
@@ -239,10 +248,13 @@ class PairDataModule(L.LightningDataModule):
                        gray_latents=gray_latents)
         self.eval_seed, self.seed = eval_seed, seed
         self.train = self.val = self.test = None
+        self.no_val: str | None = None  # why there is no validation where it was left to the split
         self._built: set[str] = set()  # parts set up (a part may be None: no movies for it)
 
     def split(self) -> tuple[list[str], list[str], list[str]]:
         movies = list_movies(self.data_root)
+        if not movies:
+            raise no_movies(self.data_root)
         test = self.test_movies
         if self.val_movies is not None:
             val = list(self.val_movies)
@@ -265,14 +277,19 @@ class PairDataModule(L.LightningDataModule):
         for part in todo:
             if part == "train":
                 ds = PairDataset(self.data_root, movies[part], augment=True, **self.kw)
+            elif not movies[part]:
+                ds = None
+                if part == "val" and self.val_movies is None:
+                    self.no_val = f"it holds out a whole movie, and {self.data_root} has no second one" + \
+                        (" besides the test movies" if self.test_movies else "")
             else:
                 try:
-                    ds = PairDataset(self.data_root, movies[part], augment=False, seed=self.eval_seed,
-                                     **self.kw) if movies[part] else None
+                    ds = PairDataset(self.data_root, movies[part], augment=False, seed=self.eval_seed, **self.kw)
                 except NoPairsError as e:
                     if part != "val" or self.val_movies is not None:  # a movie asked for by name
                         raise
-                    warnings.warn(f"no validation: the held-out movie has no pairs in the band ({e})")
+                    self.no_val = f"the movie it holds out, {movies[part][0]} (the last id), has no pairs in the band"
+                    warnings.warn(f"no validation: {self.no_val} ({e})")
                     ds = None
             setattr(self, part, ds)
             self._built.add(part)

@@ -78,10 +78,11 @@ def build_datamodule(cfg, args, model):
                         val_movies=None if t.val_every else [], vae_fingerprint=fingerprint,
                         gray_latents=model.color_variant == "v3",
                         accelerator=args.accelerator, seed=t.seed, **band)
-    dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
-    if t.val_every and dm.val is None and is_launch_rank_zero():
-        print(f"{PROG}: note: no validation: it holds out a whole movie, and {args.data} has no second movie "
-              "with pairs in the band", file=sys.stderr)
+    with warnings.catch_warnings():  # the data module's warning of a held-out movie without pairs: the note says it
+        warnings.filterwarnings("ignore", message="no validation: ")
+        dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
+    if dm.no_val and is_launch_rank_zero():
+        print(f"{PROG}: note: no validation: {dm.no_val}", file=sys.stderr)
     return dm
 
 

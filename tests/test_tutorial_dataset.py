@@ -174,9 +174,11 @@ def test_datamodule_splits_by_movie(fake_root):
         PairDataModule(fake_root, val_movies=["nope"]).setup()
     # film_b's only pair is 0.955 apart: a band without it leaves the held-out movie empty
     dm = PairDataModule(fake_root, num_workers=0, size=64, low=0.956)
-    with pytest.warns(UserWarning, match="no validation: the held-out movie has no pairs"):
+    with pytest.warns(UserWarning, match=r"^no validation: the movie it holds out, film_b \(the last id\), has no "
+                                         r"pairs in the band \(.*film_b.*\)$"):
         dm.setup("fit")
     assert dm.train.movies == ["film_a"] and dm.val is None
+    assert dm.no_val == "the movie it holds out, film_b (the last id), has no pairs in the band"
     with pytest.raises(ValueError, match="no pairs"):  # asked for by name: an error
         PairDataModule(fake_root, num_workers=0, size=64, low=0.956, val_movies=["film_b"]).setup("fit")
 
@@ -400,8 +402,23 @@ def test_datamodule_split_edge_cases(fake_root, tmp_path):
     dm = PairDataModule(one, num_workers=0, size=64)
     dm.setup("fit")
     assert dm.train.movies == ["film_a"] and dm.val is None and dm.val_dataloader() == []
+    assert dm.no_val == f"it holds out a whole movie, and {one} has no second one"
+    dm = PairDataModule(fake_root, num_workers=0, size=64, test_movies=["film_b"])
+    dm.setup("fit")
+    assert dm.no_val == f"it holds out a whole movie, and {fake_root} has no second one besides the test movies"
+    for val in ([], ["film_b"]):  # none or one asked for: nothing left to the split
+        dm = PairDataModule(fake_root, num_workers=0, size=64, val_movies=val)
+        dm.setup("fit")
+        assert dm.no_val is None
     with pytest.raises(ValueError, match="no movies left for training"):
         PairDataModule(fake_root, val_movies=["film_a"], test_movies=["film_b"]).setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'empty'}: no finished movies \(run build_pairs\.py\)$"):
+        PairDataModule(tmp_path / "empty").setup()  # not "none left": there were none
+    for ds in (lambda root: PairDataModule(root).setup(), PairDataset):  # a movie's folder given as the data root
+        with pytest.raises(ValueError, match=rf"^{one / 'film_a'}: the folder of one movie; a data root is the folder "
+                                             rf"that holds the movie folders \({one}\)$"):
+            ds(one / "film_a")
     with pytest.raises(ValueError, match="no pairs"):
         PairDataModule(fake_root, num_workers=0, size=64, low=0.956, test_movies=["film_b"]).setup("test")
 

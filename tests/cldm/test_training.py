@@ -69,13 +69,33 @@ def test_validation_asked_for_on_one_movie_is_noted(tmp_path, capsys, monkeypatc
     a = SimpleNamespace(data=str(root), use_latent_cache=False, accelerator="cpu")
     dm = training.build_datamodule(cfg, a, model)
     assert dm.val is None
-    assert capsys.readouterr().err == (f"{PROG}: note: no validation: it holds out a whole movie, and {root} has no "
-                                       "second movie with pairs in the band\n")
+    assert capsys.readouterr().err == f"{PROG}: note: no validation: it holds out a whole movie, and {root} has no " \
+                                      "second one\n"
     training.build_datamodule(load_config(cfg, ["train.val_every=0"]), a, model)  # not asked for
     monkeypatch.setenv("RANK", "1")  # one note per run, not per process
     training.build_datamodule(cfg, a, model)
     assert capsys.readouterr().err == ""
 
+
+
+def test_a_held_out_movie_without_pairs_is_noted_by_name_without_a_python_warning(tmp_path, capsys, monkeypatch,
+                                                                                  model):
+    """The last movie is held out; the note said there was no second movie, untrue with two."""
+    import warnings
+
+    from tests.annotator.clips import table_from_pairs, write_fake_movie
+
+    first_process(monkeypatch)
+    write_fake_movie(tmp_path, "film_a", table_from_pairs(10, 4, {(0, 4): 0.96, (2, 6): 0.95}), size=(64, 64))
+    write_fake_movie(tmp_path, "film_b", table_from_pairs(6, 4, {(1, 5): 0.5}), size=(64, 64))
+    cfg = load_config(TINY_CONFIG, ["train.val_every=10", "train.num_workers=0", "train.min_gap=1"])
+    a = SimpleNamespace(data=str(tmp_path), use_latent_cache=False, accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning would print two lines of its own
+        dm = training.build_datamodule(cfg, a, model)
+    assert dm.val is None and dm.train.movies == ["film_a"]
+    assert capsys.readouterr().err == (f"{PROG}: note: no validation: the movie it holds out, film_b (the last id), "
+                                       "has no pairs in the band\n")
 
 def test_sigterm_once_lightning_holds_it_is_left_to_lightning(tmp_path, capsys):
     """Lightning's handler calls the one it found (the script's) too: that one must then not
