@@ -14,7 +14,12 @@ from pathlib import Path
 
 
 class UsageError(ValueError):
-    """Bad command-line input found after parsing (a missing folder, say); one line, exit status 2."""
+    """Bad command-line input found after parsing (a missing folder, say); one line, exit status 2.
+    `key`: the config key at fault, where one is."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 # flag -> config key (None values are left to the config)
@@ -59,10 +64,10 @@ def check_train_numbers(t) -> None:
         flag = "--" + key.replace("_", "-")
         if not ok:
             kind_name = "an integer" if kind is int else "a finite number"
-            raise UsageError(f"train.{key} ({flag}, {what}) must be {kind_name}, got {v!r}")
+            raise UsageError(f"train.{key} ({flag}, {what}) must be {kind_name}, got {v!r}", f"train.{key}")
         if v < low or (key in ("lr", *NO_LIMIT) and v == 0):
             bound = "> 0" if key == "lr" else "-1 (no limit) or >= 1" if key in NO_LIMIT else f">= {low}"
-            raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}")
+            raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}", f"train.{key}")
 
 
 def check_band(t) -> None:
@@ -106,7 +111,15 @@ def run_config(args, source=None):
             if str(e).startswith(prefix := f"the flags with {override}: "):
                 raise UsageError(f"{flag}: {str(e)[len(prefix):]}") from None
         raise
-    check_train_numbers(cfg.train)
+    try:
+        check_train_numbers(cfg.train)
+    except UsageError as e:  # a flag's value is named by its flag; say where any other one came from
+        if e.key not in [FLAG_KEYS[n] for n in FLAG_KEYS if getattr(args, n) is not None]:
+            setters = [o.strip() for o in args.overrides if o.split("=", 1)[0].strip() == e.key]
+            where = f"the override {setters[-1]}" if setters else \
+                source if isinstance(source, Path) else f"the config {args.init} records"
+            raise UsageError(f"{where}: {e}") from None
+        raise
     check_band(cfg.train)
     return cfg
 
@@ -128,4 +141,6 @@ def saved_config_remedy(args, source) -> str:
         return "leave out the overrides of model keys to use the one it records"
     if source == Path(args.out) / "config.yaml":
         return f"resume with the --init {args.out} was started with, or use another --out"
+    if any(key.startswith("model") for _, key in model_settings(args)):  # the YAML beside --init may be fine
+        return "leave out the overrides of model keys to use the one it records"
     return f"fix or remove {source}, or pass --config"  # the YAML beside --init

@@ -205,6 +205,14 @@ def load_resolved_config(source, overrides: Sequence[str] = (), weights=(), conf
     try:
         return load_config(source, overrides)
     except ConfigError as e:
-        if origin is None:
+        if origin is None or (overrides and _loads(source)):  # the overrides' fault, not the file's
             raise
         raise ConfigError(f"{e} {found_note(origin[0])}") from None
+
+
+def _loads(source) -> bool:
+    try:
+        load_config(source)
+    except ConfigError:
+        return False
+    return True

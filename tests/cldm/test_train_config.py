@@ -59,8 +59,9 @@ def test_model_settings_name_what_the_command_said_with_the_key_it_sets():
 
 
 def test_the_remedy_for_an_init_of_another_config_follows_where_the_config_came_from():
-    def args(config=None, overrides=()):
-        return SimpleNamespace(config=config, overrides=list(overrides), out="runs/a")
+    def args(config=None, overrides=(), **flags):
+        return SimpleNamespace(config=config, overrides=list(overrides), out="runs/a",
+                               **{**{n: None for n in train_config.MODEL_FLAGS}, **flags})
 
     beside = Path("models/x.yaml")
     assert train_config.saved_config_remedy(args("c.yaml"), Path("c.yaml")) == \
@@ -72,6 +73,11 @@ def test_the_remedy_for_an_init_of_another_config_follows_where_the_config_came_
     assert train_config.saved_config_remedy(args(), Path("runs/a/config.yaml")) == \
         "resume with the --init runs/a was started with, or use another --out"
     assert train_config.saved_config_remedy(args(), beside) == f"fix or remove {beside}, or pass --config"
+    for model_override in (args(None, ["model.color_variant=v3"]), args(sd_locked=False)):  # not the file's fault
+        assert train_config.saved_config_remedy(model_override, beside) == \
+            "leave out the overrides of model keys to use the one it records"
+    assert train_config.saved_config_remedy(args(None, ["train.lr=1"]), beside) == \
+        f"fix or remove {beside}, or pass --config"
     beside_config = Path("models/config.yaml")  # beside an init named config.safetensors: not OUT's own
     assert train_config.saved_config_remedy(args(), beside_config) == f"fix or remove {beside_config}, or pass --config"
 
@@ -145,6 +151,23 @@ def test_a_bad_flag_value_is_named_by_the_flag(tmp_path):
             train_config.run_config(run_args(tmp_path, config=str(TINY_CONFIG), **given))
         assert str(e.value) == says
 
+
+
+def test_a_bad_train_value_of_the_file_or_an_override_says_where_it_came_from(tmp_path):
+    """Not the flag the message names as the key's: that flag was not given."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_CONFIG.read_text().replace("batch_size: 2", "batch_size: two"))
+    says = "train.batch_size (--batch-size, samples per device) must be an integer, got 'two'"
+    with pytest.raises(train_config.UsageError) as e:
+        train_config.run_config(run_args(tmp_path, config=str(bad)))
+    assert str(e.value) == f"{bad}: {says}"
+    with pytest.raises(train_config.UsageError) as e:
+        train_config.run_config(run_args(tmp_path, ["train.batch_size=1", "train.batch_size=two"],
+                                         config=str(TINY_CONFIG)))
+    assert str(e.value) == f"the override train.batch_size=two: {says}"
+    with pytest.raises(train_config.UsageError) as e:  # the flag's value: the message names the flag already
+        train_config.run_config(run_args(tmp_path, config=str(bad), batch_size=0))
+    assert str(e.value) == "train.batch_size (--batch-size, samples per device) must be >= 1, got 0"
 
 def test_a_config_without_a_train_section_is_named_and_one_found_beside_the_init_says_so(tmp_path):
     no_train = tmp_path / "init.yaml"  # beside --init (init.safetensors)

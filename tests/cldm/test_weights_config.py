@@ -224,6 +224,15 @@ def test_a_bad_config_the_user_never_named_says_where_it_was_found(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(problem) + "$"):  # named with --config: no note
         load_resolved_config(tmp_path / "sd.yaml", (), weights, config=tmp_path / "sd.yaml")
     assert load_resolved_config(tmp_path / "sd.yaml", ["model.scale_factor=0.5"], weights).model.scale_factor == 0.5
+    good = tmp_path / "good"  # a fine YAML beside the weights, and a bad override: the override's fault alone
+    good.mkdir()
+    (good / "sd.yaml").write_text(TINY_CONFIG.read_text())
+    (good / "sd.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        load_resolved_config(good / "sd.yaml", ["train.lrr=1"], [("--ckpt", good / "sd.safetensors")])
+    assert "train.lrr" in str(e.value) and "found beside" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"\(found beside --ckpt: fix or remove it, or pass --config\)$"):
+        load_resolved_config(tmp_path / "sd.yaml", ["train.lr=1"], weights)  # the file's fault, an override beside it
     rec = with_metadata(tmp_path / "rec.safetensors", bad)
     with pytest.raises(ConfigError, match="^" + re.escape(f"the config {rec} records: {problem}") + "$"):
         load_resolved_config(resolve_config(rec), (), [("--ckpt", rec)])
