@@ -128,6 +128,11 @@ def show_config_defaults(p: argparse.ArgumentParser, config: Path) -> None:
         action.help += f" (default: {shown})".replace("%", "%%")
 
 
+# what a run writes in OUT, by kind
+RUN_PATHS = {"checkpoints": "folder", "images": "folder", "tb": "folder", "csv": "folder",
+             "config.yaml": "file", "control.safetensors": "file", "control.yaml": "file"}
+
+
 def check_paths(data: Path, init: Path, out: Path) -> None:
     """One line for a path that is missing or of the wrong kind, before the (slow) model load."""
     if not data.is_dir():
@@ -138,6 +143,11 @@ def check_paths(data: Path, init: Path, out: Path) -> None:
         raise UsageError(f"--init {init}: {problem}{hint}")
     if problem := out_folder_problem("--out", out):
         raise UsageError(problem)
+    for name, kind in RUN_PATHS.items():  # else found at the first checkpoint, image or the export: after training
+        path = out / name
+        if path.exists() and path.is_dir() != (kind == "folder"):
+            raise UsageError(f"--out {out}: {path} is {'a folder' if path.is_dir() else not_a_folder(path)}; the "
+                             f"run writes a {kind} there: move it away")
 
 
 def prepare(args):

@@ -194,6 +194,17 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
         assert train.main(args(ws, tmp_path / "out", *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (pattern, err)
+    for name, kind in train.RUN_PATHS.items():  # found at a checkpoint, an image or the export: after training
+        out = tmp_path / f"in_the_way_{name}"
+        out.mkdir()
+        if kind == "file":
+            (out / name).mkdir()
+        else:
+            (out / name).write_text("")
+        assert train.main(args(ws, out)) == 2
+        what = "a folder" if kind == "file" else "a file, not a folder"
+        assert capsys.readouterr().err == (f"{train.PROG}: error: --out {out}: {out / name} is {what}; the run writes "
+                                           f"a {kind} there: move it away\n")
     ro = read_only_folder(tmp_path / "ro", monkeypatch)  # was a raw "[Errno 13] Permission denied" from Lightning
     assert train.main(args(ws, ro / "run")) == 2
     assert capsys.readouterr().err == f"{train.PROG}: error: --out {ro / 'run'}: {ro} is not writable\n"
