@@ -36,9 +36,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
             except Exception as e:
                 interrupt = _interruption(e)
-                if interrupt is None:
+                if interrupt is not None:
+                    raise interrupt from None  # Lightning ends an interrupted run cleanly
+                failed = _write_error(e)
+                if failed is None:
                     raise
-                raise interrupt from None  # Lightning ends an interrupted run cleanly
+                raise OSError(failed.errno, failed.strerror, str(path)) from None
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    """The failed write under `e`, if any: the zip writer says only 'unexpected pos' over a full
+    disk's ENOSPC."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
 
 
 def _interruption(e: BaseException) -> BaseException | None:

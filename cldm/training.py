@@ -8,6 +8,7 @@ files that import Lightning, here inside the functions: every DDP process import
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -299,6 +300,31 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
     return f"{what}; {rerun_hint(out)}"
 
 
+def os_error_line(e: OSError, args, step: int) -> str | None:
+    """The one line for what the run could not write in OUT (a full disk above all) or read
+    from the data root while training (a frame gone or damaged since the start), with what a
+    rerun does; None for any other OSError (it keeps its traceback)."""
+    import re
+    import shutil
+
+    from cldm.run_dir import rerun_hint
+
+    out, data = Path(args.out), Path(args.data)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(e.filename) if e.filename else out
+        disk = next(p for p in (where, *where.parents) if p.exists())
+        return (f"{where}: no space left on its disk ({size_of(shutil.disk_usage(disk).free)} free) at step {step}: "
+                f"free some; {rerun_hint(out)}")
+    if e.filename and out.resolve() in Path(e.filename).resolve().parents:
+        return f"cannot write {e.filename} at step {step}: {e.strerror}; {rerun_hint(out)}"
+    # a data loader process's error comes as its traceback's text, whose last line is the error
+    said = re.sub(r"^\w+: ", "", (str(e).strip().splitlines() or [""])[-1])
+    if said.startswith(f"{data}{os.sep}"):
+        return (f"{said} (at step {step}); rebuild that movie with build_pairs.py (remove its folder first) or move "
+                f"it out of --data; {rerun_hint(out)}")
+    return None
+
+
 def fit(args, cfg, trainer, module, dm, resume) -> int:
     """trainer.fit, then the export; the exit status: 0 done, 130 interrupted, 143 stopped by
     SIGTERM (each said with what a rerun does)."""
@@ -360,6 +386,11 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
             path = export(module, out, cfg, trainer.global_step, Path(args.init))
             print(f"step {trainer.global_step}: trained weights -> {path}")
         return 0
+    except OSError as e:  # in a step (a checkpoint, a frame) or the export
+        line = os_error_line(e, args, trainer.global_step)
+        if line is None:
+            raise
+        raise UsageError(line) from None
     finally:
         notices.removeFilter(no_ctrl_c_notice)
         if hook:

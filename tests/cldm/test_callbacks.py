@@ -41,6 +41,35 @@ def test_atomic_save_leaves_old_file_on_failure_and_no_temp(tmp_path, monkeypatc
     assert torch.load(path, weights_only=True)["global_step"] == 5
 
 
+
+def test_a_checkpoint_write_on_a_full_disk_is_the_os_error_under_the_zip_writers(tmp_path, monkeypatch):
+    """torch.save says only 'unexpected pos' over a full disk's ENOSPC (as it does on a real full
+    tmpfs); the run's one line needs the errno and the checkpoint's name. Other errors stay."""
+    import errno
+
+    def disk_full(obj, f, *a, **kw):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    io, path = AtomicCheckpointIO(), tmp_path / "step=00000006.ckpt"
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError) as e:
+        io.save_checkpoint({"global_step": 6}, path)
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device", str(path))
+    assert e.value.__suppress_context__ and os.listdir(tmp_path) == []  # no temp file left
+
+    def other(obj, f, *a, **kw):
+        try:
+            raise ValueError("not a write")
+        except ValueError:
+            raise RuntimeError("unexpected pos 1 vs 2")
+
+    monkeypatch.setattr(torch, "save", other)
+    with pytest.raises(RuntimeError, match="^unexpected pos 1 vs 2$"):
+        io.save_checkpoint({"global_step": 6}, path)
+
 def test_atomic_save_gives_the_mode_of_an_ordinary_file(tmp_path):
     """Checkpoints, sample grids and the replica report get 0666 & ~umask, as open() would create
     them (not mkstemp's 0600), and no temporary file is left."""

@@ -317,6 +317,38 @@ def test_data_loader_processes_short_of_shared_memory_name_it_with_its_size(tmp_
         "64 KiB", "1024 KiB", "64 MiB", "1024 MiB", "24.0 GiB", "1.5 GiB"]
 
 
+
+def test_what_the_run_cannot_write_or_read_while_training_is_one_line(tmp_path):
+    """A full disk (the checkpoint's own name, from AtomicCheckpointIO), a path in OUT that
+    refuses the write, a frame of the data root gone or damaged (also as a data loader process's
+    traceback text); any other OSError keeps its traceback (None)."""
+    import errno
+    import shutil
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    out.mkdir()
+    a = SimpleNamespace(out=str(out), data=str(data))
+    start_over = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
+    ckpt = out / "checkpoints" / "step=00000007.ckpt"
+    free = training.size_of(shutil.disk_usage(out).free)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        assert training.os_error_line(OSError(code, "No space left on device", str(ckpt)), a, 7) == (
+            f"{ckpt}: no space left on its disk ({free} free) at step 7: free some; {start_over}")
+    assert training.os_error_line(OSError(errno.ENOSPC, "No space"), a, 7).startswith(f"{out}: no space left on ")
+    denied = OSError(errno.EACCES, "Permission denied", str(out / "images" / "step_7.png"))
+    assert training.os_error_line(denied, a, 7) == (f"cannot write {out / 'images' / 'step_7.png'} at step 7: "
+                                                   f"Permission denied; {start_over}")
+    frame = data / "m0" / "frames" / "000005.jpg"
+    said = f"{frame}: cannot read frame (at step 7); rebuild that movie with build_pairs.py (remove its folder " \
+           f"first) or move it out of --data; {start_over}"
+    assert training.os_error_line(OSError(f"{frame}: cannot read frame"), a, 7) == said
+    in_a_worker = OSError(f"Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                          f"last):\n  File \"x.py\", line 1, in f\nOSError: {frame}: cannot read frame\n")
+    assert training.os_error_line(in_a_worker, a, 7) == said
+    for other in (OSError(errno.EACCES, "Permission denied", str(tmp_path / "elsewhere")),
+                  OSError(f"{tmp_path / 'data_elsewhere' / 'x.jpg'}: cannot read frame"), OSError()):
+        assert training.os_error_line(other, a, 7) is None
+
 def test_other_runtime_errors_keep_their_traceback(tmp_path):
     cfg = load_config(TINY_CONFIG)
     a = SimpleNamespace(out=str(tmp_path / "run"), init="init.safetensors")

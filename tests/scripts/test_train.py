@@ -443,22 +443,25 @@ def test_a_data_loader_process_killed_by_sigbus_is_taken_for_a_full_dev_shm(ws, 
     assert "Traceback" not in err
 
 
-def tiny_dev_shm(size: str) -> list[str] | None:
-    """A command prefix that runs its command with a /dev/shm of `size` of its own (a mount
-    namespace, as an unprivileged user may make one), or None where this system allows none."""
+def own_tmpfs(where, kib: int) -> list[str] | None:
+    """A command prefix that runs its command with a tmpfs of `kib` KiB of its own mounted on
+    `where` (a mount namespace, as an unprivileged user may make one), or None where this system
+    allows none."""
+    import shlex
+
     prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-              f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$0" "$@"']
+              f'mount -t tmpfs -o size={kib}k tmpfs {shlex.quote(str(where))} && exec "$0" "$@"']
     try:
-        ok = subprocess.run([*prefix, "df", "-k", "/dev/shm"], capture_output=True, text=True, timeout=30)
+        ok = subprocess.run([*prefix, "df", "-k", str(where)], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return prefix if ok.returncode == 0 and ok.stdout.split()[-5] == "64" else None
+    return prefix if ok.returncode == 0 and ok.stdout.split()[-5] == str(kib) else None
 
 
 def test_data_loader_processes_in_a_full_dev_shm_stop_with_one_line(ws, tmp_path):
     """A real /dev/shm of 64 KiB (Docker's default is 64 MB; a batch at 512 takes ~4 MB per
     sample): the run names it with its size and what to change."""
-    prefix = tiny_dev_shm("64k")
+    prefix = own_tmpfs("/dev/shm", 64)
     if prefix is None:
         pytest.skip("no mount namespace of our own here (unshare --user --mount)")
     out = tmp_path / "run"
@@ -473,6 +476,44 @@ def test_data_loader_processes_in_a_full_dev_shm_stop_with_one_line(ws, tmp_path
         "over"), res.stderr[-3000:]
     assert "Traceback" not in res.stderr
 
+
+
+def test_a_full_disk_under_out_stops_the_run_with_one_line(ws, tmp_path):
+    """A real full disk: OUT on a 1 MiB tmpfs of the test's own (a checkpoint of the tiny model
+    takes ~6 MB), where torch's zip writer says only 'unexpected pos'."""
+    out = tmp_path / "small"
+    out.mkdir()
+    prefix = own_tmpfs(out, 1024)
+    if prefix is None:
+        pytest.skip("no mount namespace of our own here (unshare --user --mount)")
+    res = subprocess.run([*prefix, sys.executable, str(SCRIPT), *args(ws, out / "run", "--max-steps", 2,
+                                                                      "--no-progress")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert re.fullmatch(rf"{re.escape(train.PROG)}: error: {re.escape(str(out / 'run' / 'checkpoints'))}/"
+                        r"step=00000002\.ckpt: no space left on its disk \(\d+ KiB free\) at step 2: free some; no "
+                        r"checkpoint saved yet \(see --ckpt-every\); rerun the same command to start over",
+                        res.stderr.splitlines()[-1]), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_frame_gone_from_the_data_root_while_training_is_one_line(ws, tmp_path, capsys, workers):
+    """Read by the training step (in a data loader process or not), after the data was set up."""
+    data = tmp_path / "data"
+    shutil.copytree(ws / "data", data)
+    for frame in (data / "m1" / "frames").iterdir():
+        frame.write_bytes(b"")  # every frame of m1: whatever the first batch draws, it meets one
+    out = tmp_path / "run"
+    argv = [a if a != str(ws / "data") else str(data) for a in args(ws, out, "--max-steps", 2, "--num-workers",
+                                                                      workers, "--no-progress")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"{re.escape(train.PROG)}: error: {re.escape(str(data / 'm1' / 'frames'))}/\d+\.jpg: cannot "
+                        r"read frame \(at step \d+\); rebuild that movie with build_pairs\.py \(remove its folder "
+                        r"first\) or move it out of --data; no checkpoint saved yet \(see --ckpt-every\); rerun the "
+                        "same command to start over", err.splitlines()[-1]), err
+    assert "Traceback" not in err
 
 def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, tmp_path, capsys, monkeypatch):
     """Before Lightning installs its own SIGTERM handler (its setup, the checkpoint restore) the
