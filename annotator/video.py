@@ -54,12 +54,15 @@ FALLBACK_FPS = 25.0  # for "one second of frames" when a video does not state it
 
 
 class FrameSourceError(Exception):
-    """A video file or frame folder that cannot be read; str(e) is one line naming the file."""
+    """A video file or frame folder that cannot be read; str(e) is one line naming the file.
+
+    The path is shown with bytes that are not UTF-8 as \\xNN: printed as it is, a name's
+    surrogate escapes are an encoding error on a strict stdout."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{os.fsencode(self.path).decode('utf-8', 'backslashreplace')}: {problem}")
 
 
 class FrameRangeError(FrameSourceError):
@@ -206,8 +209,14 @@ def _kind(path: Path) -> str:
 
 
 def _open_video(path: Path, threads: int = 0) -> cv2.VideoCapture:
+    """An opened capture of `path`. A path that is not UTF-8 is refused: OpenCV's binding
+    crashes the process (SIGSEGV) on the surrogate escapes Python reads such a name into."""
     if not os.access(path, os.R_OK):
         raise FrameSourceError(path, "file is not readable (permission denied)")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameSourceError(path, "OpenCV cannot open a file name that is not UTF-8: rename it") from None
     params = [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else []
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
     if not cap.isOpened():

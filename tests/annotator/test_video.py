@@ -365,6 +365,21 @@ def test_a_named_pipe_with_a_video_name_is_refused_before_it_is_opened(tmp_path)
     assert done.stdout == f"{tmp_path}/clip.mp4: not a regular file (a named pipe, socket or device)\n", done.stderr
 
 
+def test_a_video_whose_name_is_not_utf8_is_refused_and_a_folder_so_named_is_read(tmp_path):
+    name = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: Python reads them in as surrogate escapes
+    video = write_video(panning_clip(3, 16, 16), tmp_path / "c.avi").rename(tmp_path / f"{name}.avi")
+    folder = write_folder(panning_clip(3, 16, 16), tmp_path / "f").rename(tmp_path / name)  # cv2.imwrite: SIGSEGV
+    code = ("import sys; from annotator.video import FrameSourceError, iter_frames, probe\n"
+            "for read in (probe, lambda p: list(iter_frames(p))):\n"
+            "    try: read(sys.argv[1])\n    except FrameSourceError as e: print(e)\n"
+            "print(len(list(iter_frames(sys.argv[2]))))")
+    # in a process of its own: OpenCV given such a name ends the process with SIGSEGV
+    done = subprocess.run([sys.executable, "-c", code, video, folder], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    line = f"{tmp_path}/caf\\xe9.avi: OpenCV cannot open a file name that is not UTF-8: rename it\n"
+    assert (done.returncode, done.stdout) == (0, line * 2 + "3\n"), done.stderr
+
+
 def test_a_folder_that_cannot_be_listed_is_a_frame_source_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FrameSourceError, match=r"f: cannot list folder \(Not a directory\)$"):

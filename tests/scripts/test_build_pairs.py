@@ -217,6 +217,17 @@ def test_strict_stops(tmp_path):
     assert "missing.mp4: no such file" in p.stderr and list_movies(tmp_path / "d") == []
 
 
+def test_a_video_whose_name_is_not_utf8_is_skipped_in_one_line(tmp_path):
+    """Not a crash (OpenCV's SIGSEGV, exit 139); a frame folder so named is built."""
+    video = write_video(panning_clip(4, 32, 48), tmp_path / "v.avi").rename(tmp_path / os.fsdecode(b"caf\xe9.avi"))
+    folder = write_folder(panning_clip(4, 32, 48), tmp_path / "f").rename(tmp_path / os.fsdecode(b"th\xe9"))
+    line = f"skipped: {tmp_path}/caf\\xe9.avi: OpenCV cannot open a file name that is not UTF-8: rename it\n"
+    p = run(video, folder, "--out", tmp_path / "d", "--size", "32", check_rc=1)
+    assert p.stderr == line and list_movies(tmp_path / "d") == ["th_"]
+    p = run(video, "--out", tmp_path / "d", "--size", "32", "--strict", check_rc=2)
+    assert p.stderr == line and "stopped early because of --strict" in p.stdout
+
+
 def test_kill_mid_run_then_resume_gives_identical_result(tmp_path):
     small = write_folder(panning_clip(10, 64, 96), tmp_path / "a_small")
     big = write_folder(panning_clip(1500, 96, 144, cuts=(700,)), tmp_path / "b_big", ext="bmp")
