@@ -104,7 +104,21 @@ def load_meta(movie_dir: str | os.PathLike) -> dict:
 
 
 def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:
-    return np.load(Path(movie_dir) / "similarity.npy")
+    """A movie's similarity table, float (N, 2W+1); ValueError naming the file for anything else
+    (empty, cut short, not a .npy file, another shape), where numpy's errors name none or mislead
+    (a text file "contains pickled data"). Mapped, then copied: a header that claims more data
+    than the file holds is a ValueError, not an allocation of what it claims."""
+    path = Path(movie_dir) / "similarity.npy"
+    try:
+        sim = np.array(np.lib.format.open_memmap(path, mode="r"))
+    except ValueError:
+        why = "empty, cut short or not a .npy file"
+    else:
+        if sim.ndim == 2 and sim.shape[0] and sim.shape[1] % 2 and sim.dtype.kind == "f":
+            return sim
+        why = f"it holds a {sim.dtype} array of shape {sim.shape}, not (frames, 2 x window + 1) floats"
+    raise ValueError(f"{path}: not a whole similarity table ({why}); delete {path.parent} and rebuild it with "
+                     f"build_pairs.py")
 
 
 def pair_mask(sim: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH,

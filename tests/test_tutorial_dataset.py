@@ -63,6 +63,15 @@ def test_a_broken_meta_json_is_named(fake_root):
         PairDataset(fake_root, size=64)
 
 
+def test_a_broken_similarity_npy_is_named(fake_root):
+    """numpy's own error for an empty file is an EOFError ("No data left in file"), naming nothing."""
+    sim = fake_root / "film_b" / "similarity.npy"
+    sim.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"^{sim}: not a whole similarity table \\(empty, cut short or not a .npy "
+                                         f"file\\); delete {sim.parent} and rebuild it with build_pairs.py$"):
+        PairDataset(fake_root, size=64)
+
+
 def test_item_convention_and_partner_frames(fake_root):
     ds = PairDataset(fake_root, ["film_a"], size=64, prompt="a film still", seed=0)
     for k in range(len(ds)):

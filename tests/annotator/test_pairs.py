@@ -1,3 +1,4 @@
+import io
 from pathlib import Path
 
 import cv2
@@ -220,6 +221,31 @@ def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     with pytest.raises(ValueError) as e:
         load_meta(tmp_path)
     assert str(e.value) == f"{tmp_path / 'meta.json'}: {why}"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+NOT_READ = "empty, cut short or not a .npy file"
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", NOT_READ),  # was numpy's EOFError traceback
+    (_npy(np.zeros((4, 5), np.float32))[:-8], NOT_READ),  # was "Failed to read all data ..." naming no file
+    (b"not a table\n", NOT_READ),  # was "This file contains pickled (object) data"
+    (_npy(np.zeros(5, np.float32)), "it holds a float32 array of shape (5,), not (frames, 2 x window + 1) floats"),
+    (_npy(np.zeros((4, 4), np.float32)), "it holds a float32 array of shape (4, 4), not (frames, 2 x window + 1) "
+                                         "floats"),
+], ids=["empty", "cut short", "text", "1-D", "even width"])
+def test_a_similarity_npy_that_is_not_a_whole_table_is_named(tmp_path, content, why):
+    (tmp_path / "similarity.npy").write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        load_similarity(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'similarity.npy'}: not a whole similarity table ({why}); delete " \
+                           f"{tmp_path} and rebuild it with build_pairs.py"
 
 
 @pytest.mark.parametrize("options, message", [

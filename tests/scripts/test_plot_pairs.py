@@ -90,6 +90,16 @@ def test_a_folder_that_is_no_built_movie_is_one_line(tmp_path, capsys):
         f"{P.PROG}: error: {tmp_path}: not a movie folder finished by build_pairs.py"
 
 
+def test_a_similarity_npy_cut_short_is_one_line_naming_it(tmp_path, capsys):
+    src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
+    sim = tmp_path / "data" / "pan" / "similarity.npy"
+    sim.write_bytes(sim.read_bytes()[:-8])
+    assert P.main([str(tmp_path / "data" / "pan"), "--out", str(tmp_path / "b.png")]) == 2
+    assert capsys.readouterr().err == f"{P.PROG}: error: {sim}: not a whole similarity table (empty, cut short or " \
+                                      f"not a .npy file); delete {sim.parent} and rebuild it with build_pairs.py\n"
+
+
 @pytest.mark.parametrize("out, says", [
     ("band", "--out {tmp}/band is a folder"),
     ("missing/b.png", "--out {tmp}/missing/b.png: there is no folder {tmp}/missing"),
