@@ -42,10 +42,11 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description=__doc__.split("\n\n")[0] + " Each input file or folder is one movie.",
         epilog="Layout: DATA_ROOT/<movie id>/{frames/000000.jpg..., similarity.npy, meta.json}; the movie id "
-               "is the file stem or folder name, letters and digits of any script kept, other characters -> '_'. "
-               "Finished movies are skipped, so rerunning resumes. Exit status: 0 all built or already built, "
-               "1 some input skipped, 2 bad arguments, a --strict stop or a full/read-only DATA_ROOT, "
-               "130/143 stopped by Ctrl-C/SIGTERM.",
+               "is the file stem or folder name with letters and digits of any script, '_', '-' and '.' kept, "
+               "any other character -> '_', leading dots dropped ('my film-1.v2.mp4' -> 'my_film-1.v2', "
+               "'.hidden.mp4' -> 'hidden'). Finished movies are skipped, so rerunning resumes. Exit status: 0 all "
+               "built or already built, 1 some input skipped, 2 bad arguments, a --strict stop or a full/read-only "
+               "DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",

@@ -181,9 +181,11 @@ class BuildOptions:
 
 
 def movie_id_for(source: str | os.PathLike) -> str:
-    """Folder name under DATA_ROOT: the file stem or folder name, letters and digits of any
-    script kept, other characters -> '_'. NFC first, so that a name typed on one machine and
-    read from a macOS disk (decomposed accents) on another gives the same id, as shards need."""
+    """Folder name under DATA_ROOT: the file stem or folder name with letters and digits of any
+    script, '_', '-' and '.' kept, any other character -> '_', leading dots dropped (a hidden
+    folder is no movie to list_movies); "movie" if nothing is left. NFC first, so that a name typed
+    on one machine and read from a macOS disk (decomposed accents) on another gives the same id,
+    as shards need."""
     p = Path(source)
     name = unicodedata.normalize("NFC", (p.name if p.is_dir() else p.stem) or p.resolve().name)
     return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "movie"

@@ -3,6 +3,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import build_pairs
-from annotator.pairs import list_movies, load_meta, load_similarity
+from annotator.pairs import list_movies, load_meta, load_similarity, movie_id_for
 from tests.annotator.clips import iter_panning_clip, panning_clip, write_folder, write_video
 from tests.helpers import default_sigint, read_only_folder
 
@@ -154,6 +155,14 @@ def test_help_explains_every_flag():
         assert a.help and len(a.help.split()) >= 3, name
         assert entry[0].startswith(" ".join(a.help.split()[:3])), (name, entry[0])
     assert len({a.help for a in actions}) == len(actions)  # no copy-pasted help
+
+
+def test_the_help_states_the_movie_id_rule_and_its_examples_hold():
+    text = " ".join(build_pairs.parser().epilog.split())
+    assert "the movie id is the file stem or folder name with letters and digits of any script, '_', '-' and '.' " \
+           "kept, any other character -> '_', leading dots dropped" in text
+    examples = re.findall(r"'([^']+)' -> '([^']+)'", text)
+    assert len(examples) == 2 and all(movie_id_for(name) == mid for name, mid in examples), examples
 
 
 def test_bad_arguments_one_line(tmp_path):
