@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.font_manager import FontProperties, findfont, get_font  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -73,6 +74,14 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     return fig
 
 
+def drawable(text: str) -> str:
+    """`text` with each character that no font of matplotlib's font.family has written as its
+    escape ('東' -> '\\u6771'): matplotlib draws such a character as a box and warns on stderr,
+    one line per glyph (DejaVu Sans, its default, has no CJK)."""
+    charmaps = [get_font(findfont(FontProperties(family=[f]))).get_charmap() for f in FontProperties().get_family()]
+    return "".join(c if any(ord(c) in m for m in charmaps) else ascii(c)[1:-1] for c in text)
+
+
 def picture_format(out: Path) -> str:
     """matplotlib's name of the format of --out's extension: savefig draws into memory (for the
     atomic write), where it has no file name to take the format from, so a band.jpg held a PNG."""
@@ -92,7 +101,7 @@ def run(args) -> int:
         raise ValueError(problem)
     fmt = picture_format(args.out)
     meta = load_meta(args.movie)
-    title = f"{args.movie.name}: {meta['frame_count']} frames, {meta['metric']} of the gray frames"
+    title = f"{drawable(args.movie.name)}: {meta['frame_count']} frames, {meta['metric']} of the gray frames"
     fig = band_figure(load_similarity(args.movie), args.low, args.high, args.min_gap, title)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=100)

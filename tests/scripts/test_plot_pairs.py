@@ -1,6 +1,7 @@
 """tools/plot_pairs.py: the picture of which pairs a band selects."""
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -161,6 +162,19 @@ def test_the_cli_draws_the_movie_with_its_band_and_title_and_closes_the_figure(t
     assert (low, high, min_gap, title) == (0.5, 0.99, 2, "pan: 8 frames, ncc of the gray frames")
     assert struct.unpack(">II", out.read_bytes()[16:24]) == (1100, 460)  # 11 x 4.6 inches at 100 dpi
     assert (tmp_path / "old.png").read_bytes() == b"old" and plt.get_fignums() == []
+
+
+def test_characters_the_font_lacks_are_escaped_in_the_title_without_a_warning(tmp_path, monkeypatch, capsys):
+    """DejaVu Sans (matplotlib's own) has 'é' but no CJK: boxes in the picture and a warning line per glyph."""
+    src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "Amélie_東京")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
+    titles, band_figure = [], P.band_figure
+    monkeypatch.setattr(P, "band_figure", lambda *a: titles.append(a[-1]) or band_figure(*a))
+    with matplotlib.rc_context({"font.family": ["DejaVu Sans"]}), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.main([str(tmp_path / "data" / "Amélie_東京"), "--out", str(tmp_path / "b.png")]) == 0
+    assert titles == ["Amélie_\\u6771\\u4eac: 6 frames, ssim of the gray frames"]
+    assert capsys.readouterr().err == ""
 
 
 def test_the_defaults_are_the_datasets_band_and_pairs_png():
