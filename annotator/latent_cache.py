@@ -83,9 +83,19 @@ def partial_files(movie_dir: Path) -> tuple[Path, Path]:
     return movie_dir / (LATENTS + ".partial"), movie_dir / (LATENTS_META + ".partial")
 
 
+LATENTS_META_KEYS = ("vae_fingerprint", "frame_size")  # what the readers take without a default
+
+
 def cache_info(movie_dir: str | os.PathLike) -> dict | None:
+    """A movie's latents.json, None if there is none; ValueError naming it if it is not JSON or
+    lacks what readers need, as load_meta for meta.json (a KeyError names no file)."""
     p = Path(movie_dir) / LATENTS_META
-    return read_json(p) if p.is_file() else None
+    if not p.is_file():
+        return None
+    info = read_json(p)
+    if missing := [k for k in LATENTS_META_KEYS if k not in info]:
+        raise ValueError(f"{p}: no {missing[0]!r} entry (not a latents.json written by build_latent_cache.py)")
+    return info
 
 
 def _npy_header(f) -> tuple[tuple, np.dtype, int]:

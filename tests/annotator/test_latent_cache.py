@@ -358,6 +358,21 @@ def test_broken_json_files_are_named(cached_root):
         build_latent_cache(cached_root, vae, progress=False)
 
 
+@pytest.mark.parametrize("content, key", [("{}", "vae_fingerprint"), ('{"vae_fingerprint": "ab"}', "frame_size")])
+def test_a_latents_json_without_what_readers_need_is_named_like_a_broken_one(cached_root, content, key):
+    """Valid JSON without the keys was a KeyError ('vae_fingerprint'), naming no file: now refused as a
+    latents.json that is not JSON is (test above), and --overwrite rebuilds it without reading it."""
+    vae = tiny_vae(0)
+    info = cached_root / "pan" / LATENTS_META
+    info.write_text(content)
+    for call in (lambda: build_latent_cache(cached_root, vae, progress=False),
+                 lambda: load_latents(cached_root / "pan", vae_fingerprint(vae))):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == f"{info}: no '{key}' entry (not a latents.json written by build_latent_cache.py)"
+    assert build_latent_cache(cached_root, vae, overwrite=True, progress=False)["built"] == ["pan"]
+
+
 @pytest.mark.parametrize("keep, problem", [
     (1000, "1000 bytes, but its shape needs 20608: cut short?"),
     (50, "not a whole .npy file"),
