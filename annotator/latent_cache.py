@@ -144,7 +144,7 @@ def load_latents(movie_dir: str | os.PathLike, fingerprint: str, gray: bool = Fa
     if info["vae_fingerprint"] != fingerprint:
         raise LatentCacheError(
             f"{movie_dir}: latent cache was made by other VAE weights "
-            f"({info['vae_fingerprint'][:12]}..., expected {fingerprint[:12]}...); rebuild it with --overwrite"
+            f"({info['vae_fingerprint'][:12]}..., expected {fingerprint[:12]}...); rebuild it: build_latent_cache.py --overwrite"
         )
     if gray and not info.get("gray"):
         raise LatentCacheError(f"{movie_dir}: latent cache has no gray latents, which colour variant v3 needs "

@@ -809,7 +809,7 @@ def test_a_cache_of_other_weights_names_both_fingerprints(cached_root):
     with pytest.raises(LatentCacheError) as e:
         load_latents(cached_root / "pan", other)
     assert str(e.value) == (f"{cached_root / 'pan'}: latent cache was made by other VAE weights ({mine[:12]}..., "
-                            f"expected {other[:12]}...); rebuild it with --overwrite")
+                            f"expected {other[:12]}...); rebuild it: build_latent_cache.py --overwrite")
     lines = []
     build_latent_cache(cached_root, tiny_vae(1), progress=False, log=lines.append)
     assert lines == [f"refused: {cached_root / 'pan'}: cached with other VAE weights ({mine[:12]}...); use "
