@@ -71,8 +71,14 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
 
 
 def read_frame(path: Path) -> np.ndarray:
-    """A stored frame as RGB uint8 HWC; OSError naming the file if it cannot be read."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """A stored frame as RGB uint8 HWC; OSError naming the file if it cannot be read. Read by
+    Python, decoded by OpenCV: cv2.imread crashes the process (SIGSEGV) on a path that is not
+    UTF-8, such as a data root on an old Latin-1 share."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        data = np.empty(0, np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise OSError(f"{path}: cannot read frame")
     return bgr_to_rgb(img)

@@ -285,6 +285,27 @@ def test_read_frame_gives_rgb(tmp_path):
     np.testing.assert_array_equal(got, noise[..., ::-1])  # exactly the channels swapped, nothing else
 
 
+
+def test_read_frame_takes_a_path_that_is_not_utf8_and_names_what_it_cannot_read(tmp_path):
+    """cv2.imread crashed the process on such a path (a Latin-1 'café' folder): in a child."""
+    import subprocess
+    import sys
+
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    noise = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    (folder / "n.png").write_bytes(cv2.imencode(".png", noise)[1].tobytes())
+    child = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from annotator.latent_cache "
+                            "import read_frame; print(read_frame(Path(sys.argv[1])).tobytes().hex())",
+                            folder / "n.png"], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[2])
+    assert child.returncode == 0, child.stderr
+    assert bytes.fromhex(child.stdout.strip()) == noise[..., ::-1].tobytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for bad in (tmp_path / "missing.jpg", tmp_path / "empty.jpg", tmp_path):
+        with pytest.raises(OSError, match=f"^{re.escape(str(bad))}: cannot read frame$"):
+            read_frame(bad)
+
 def test_a_cache_with_fewer_latents_than_frames_is_refused(cached_root):
     lat = np.load(cached_root / "pan" / LATENTS)
     np.save(cached_root / "pan" / LATENTS, lat[:-1])  # a movie rebuilt with one frame more, say
