@@ -174,6 +174,11 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     path = Path(path)
     if not (fps and 0 < fps < math.inf):  # NaN fails the test too; OpenCV hangs on inf
         raise ValueError(f"{path}: fps must be a positive finite number, got {fps}")
+    try:
+        str(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # OpenCV's writer crashes the process (SIGSEGV) on its surrogate escapes
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise OSError(f"{shown}: OpenCV cannot write a video whose path is not UTF-8: rename it") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     writer, size, n = None, None, 0

@@ -305,6 +305,25 @@ def test_write_video_atomic_refuses_a_bad_fps_before_writing(tmp_path, monkeypat
     assert os.listdir(tmp_path) == []
 
 
+
+def test_a_video_path_that_is_not_utf8_is_refused_before_any_frame(tmp_path):
+    """OpenCV's writer crashed the process (SIGSEGV) on such a path (a Latin-1 'café' folder):
+    run in a child; the frames are a generator that must not be started."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")
+    code = ("import sys, numpy as np; from colorize.frames_io import write_video_atomic\n"
+            "def frames():\n    raise AssertionError('a frame was made')\n    yield\n"
+            "try:\n    write_video_atomic(sys.argv[1], frames(), 25)\nexcept OSError as e:\n    print(e)\n")
+    child = subprocess.run([sys.executable, "-c", code, f"{folder}/clip.mp4"], capture_output=True, text=True,
+                           timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == f"{tmp_path}/caf\\xe9/clip.mp4: OpenCV cannot write a video whose path is not UTF-8: " \
+                           "rename it\n"
+    assert not os.path.exists(folder)  # nothing made, not even the folder
+
 def test_check_video_wants_the_exact_frame_count(tmp_path):
     write_video_atomic(tmp_path / "v.mp4", [rgb(32, 48)] * 3, 25)
     check_video(tmp_path / "v.mp4", 3, tmp_path / "v.mp4")
