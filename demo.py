@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,8 +81,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated methods to run, from %(default)s (default: all six)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="remove the outputs of an earlier demo run in --out (data/, each method's folder and "
-                        "mp4, report/) before this one writes its own")
+                   help="remove the files an earlier demo run wrote in --out (the frames in data/ and in each "
+                        "method's folder, data/reference.png, each method's mp4, the report's files) before this "
+                        "one writes its own; nothing else there is touched")
     return p
 
 
@@ -155,10 +156,68 @@ def colourise(method: str, data: Path, reference: Path, out: Path, args) -> None
     _call(colorize_inference.main, argv, f"colorize_inference.py --method {method}")
 
 
+FRAME_NAME = re.compile(r"frame_\d{4,}\.png")  # prepare_frames's names, so every method's outputs' too
+
+
 def planned_outputs(out: Path, methods: list[str]) -> list[Path]:
-    """Everything the demo writes under --out: the frames it extracts, per method a folder and
-    an mp4, and the report (strip.png inside)."""
+    """Where the demo writes under --out: the frames it extracts, per method a folder and an mp4,
+    and the report (strip.png inside)."""
     return [out / "data", *(out / m for m in methods), *(out / f"{m}.mp4" for m in methods), out / "report"]
+
+
+def frame_folders(out: Path, methods: list[str]) -> list[Path]:
+    """The folders the demo fills with frames (FRAME_NAME), each read back whole as a clip."""
+    return [out / "data" / "gray", out / "data" / "colour", *(out / m for m in methods)]
+
+
+def own_files(out: Path, methods: list[str]) -> list[Path]:
+    """The demo's files outside its frame folders."""
+    return [out / "data" / "reference.png", *(out / f"{m}.mp4" for m in methods),
+            *(out / "report" / f for f in REPORT_FILES.values())]
+
+
+def earlier_outputs(out: Path, methods: list[str]) -> tuple[list[Path], list[str]]:
+    """(the files an earlier demo run wrote where this one writes: what --overwrite removes, and
+    nothing else; what else is in the way, each said as "PATH is/holds ...").
+
+    In the way: a file the demo did not write in one of its frame folders (it would be read as a
+    frame, or refused as none), or anything but a folder or a file at one of the demo's names.
+    Hidden files and sub-folders of a frame folder (no frames to a reader), and whatever else
+    lies in --out, data/ or report/ (data/sample/, notes), are no business of the demo's."""
+    mine, other = [], []
+    for folder in [out / "data", out / "report", *frame_folders(out, methods)]:
+        if os.path.lexists(folder) and not folder.is_dir():
+            other.append(f"{folder} is {_what_is(folder)}, where the demo makes a folder")
+    for folder in frame_folders(out, methods):
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if FRAME_NAME.fullmatch(p.name) and p.is_file():
+                mine.append(p)
+            elif not (p.name.startswith(".") or p.is_dir()):
+                other.append(f"{folder} holds {p.name}, which the demo did not write (it reads the folder back as "
+                             "a clip of its frames)")
+    for f in own_files(out, methods):
+        if f.is_file():
+            mine.append(f)
+        elif os.path.lexists(f):
+            other.append(f"{f} is {_what_is(f)}, where the demo writes a file")
+    return mine, other
+
+
+def _what_is(path: Path) -> str:
+    if not path.exists():
+        return "a broken symbolic link"
+    return "a folder" if path.is_dir() else "a file" if path.is_file() else "a named pipe, socket or device"
+
+
+def remove_earlier_outputs(out: Path, methods: list[str], files: list[Path]) -> None:
+    """--overwrite: remove `files` (earlier_outputs'), then those of the demo's folders left empty."""
+    for f in files:
+        f.unlink()
+    for folder in [*frame_folders(out, methods), out / "data", out / "report"]:
+        try:
+            folder.rmdir()
+        except OSError:  # not there, or holds what the demo did not write
+            pass
 
 
 def check_args(args, first: int, stop: int, methods: list[str]) -> None:
@@ -188,7 +247,10 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     if problem := out_folder_problem("--out", out):  # else a raw "[Errno 20] Not a directory"
         raise DemoError(problem)
     check_clip_kept(Path(args.clip), out, methods)
-    taken = [p for p in planned_outputs(out, methods) if p.exists()]
+    mine, other = earlier_outputs(out, methods)
+    if other:  # --overwrite or not: neither the demo's to remove nor anything it can write around
+        raise DemoError(f"{other[0]}; move it or choose another --out")
+    taken = [p for p in planned_outputs(out, methods) if any(f == p or p in f.parents for f in mine)]
     if taken and not args.overwrite:
         raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "
                         "pass --overwrite or another --out")
@@ -196,14 +258,16 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
 
 def check_clip_kept(clip: Path, out: Path, methods: list[str]) -> None:
     """Refuse a --clip among the demo's outputs: --overwrite would remove it before its frames are read
-    (a rerun on an earlier run's data/colour), and as --out itself it would get the mp4s among its frames."""
+    (a rerun on an earlier run's data/colour), and as --out itself it would get the mp4s among its frames.
+    A clip elsewhere under data/ or report/ (data/sample/) is safe: the demo writes only its own files there."""
     clip = Path(os.path.realpath(clip))  # not Path.resolve(), which raises on a symlink loop
     if clip == Path(os.path.realpath(out)):
         raise DemoError(f"--out {out} is the --clip folder; write the demo's outputs elsewhere")
-    for p in planned_outputs(out, methods):
-        if Path(os.path.realpath(p)) == clip or Path(os.path.realpath(p)) in clip.parents:
-            raise DemoError(f"--clip {clip} lies in {p}, which the demo writes (and --overwrite removes); copy the "
-                            "clip elsewhere or choose another --out")
+    for p in [out / "data", out / "report", *frame_folders(out, methods), *own_files(out, methods)]:
+        real = Path(os.path.realpath(p))
+        if real == clip or (real in clip.parents and p not in (out / "data", out / "report")):
+            raise DemoError(f"--clip {clip} lies in {p}, where the demo writes (and --overwrite removes) its "
+                            "outputs; copy the clip elsewhere or choose another --out")
 
 
 def check_reference(clip: str, first: int) -> None:
@@ -243,11 +307,7 @@ def run_demo(args) -> dict:
     out = Path(args.out)
     report = out / "report"
     if args.overwrite:  # an earlier run's frames outside this --frames range would be scored too
-        for p in planned_outputs(out, methods):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        remove_earlier_outputs(out, methods, earlier_outputs(out, methods)[0])
     t0 = time.time()
     print(f"[1/3] held-out frames {first}-{stop - 1} of {args.clip}: reference = frame {first} in colour")
     reference = prepare_frames(args.clip, first, stop, out / "data")

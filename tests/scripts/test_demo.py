@@ -183,12 +183,42 @@ def test_a_clip_among_the_outputs_is_refused_and_kept(tmp_path, capsys, where):
     before = sorted(p.name for p in clip.iterdir())
     rc, stdout, err = run(["--clip", clip, "--frames", "0:3", "--methods", "reinhard", "--out", out, "--overwrite"],
                           capsys)
-    lies_in = {"earlier data": out / "data", "earlier frames": clip}.get(where)
-    message = (f"--clip {clip} lies in {lies_in}, which the demo writes (and --overwrite removes); copy the "
-               "clip elsewhere or choose another --out" if lies_in else
+    lies_in = {"earlier data": clip, "earlier frames": clip}.get(where)
+    message = (f"--clip {clip} lies in {lies_in}, where the demo writes (and --overwrite removes) its outputs; "
+               "copy the clip elsewhere or choose another --out" if lies_in else
                f"--out {out} is the --clip folder; write the demo's outputs elsewhere")
     assert (rc, stdout, err) == (2, "", f"demo.py: error: {message}\n")
     assert sorted(p.name for p in clip.iterdir()) == before
+
+
+def test_overwrite_removes_only_what_the_demo_wrote(tmp_path, capsys):
+    """--overwrite rmtree'd data/, report/ and each method's folder whole, with whatever else was in
+    them (with --out . in a clone: data/sample/), and a user's file in data/ was called "an
+    earlier run" to be overwritten. Files beside the demo's are kept; one in a folder the demo
+    reads back as frames is refused, named, with --overwrite too."""
+    clip = write_folder(panning_clip(4, 48, 64), tmp_path / "clip", pattern="frame_{:04d}")
+    out = tmp_path / "demo"
+    (out / "data" / "sample").mkdir(parents=True)
+    (out / "report").mkdir()
+    (out / "data" / "important.txt").write_text("notes")
+    (out / "data" / "sample" / "film.mp4").write_bytes(b"bundled")
+    (out / "report" / "notes.txt").write_text("mine")
+    args = ["--clip", clip, "--methods", "reinhard", "--out", out]
+    assert run(args + ["--frames", "0:4"], capsys)[0] == 0  # nothing of the demo's was there: nothing to refuse
+    assert run(args + ["--frames", "1:3", "--overwrite"], capsys)[0] == 0
+    assert (out / "data" / "important.txt").read_text() == "notes"
+    assert (out / "data" / "sample" / "film.mp4").read_bytes() == b"bundled"
+    assert (out / "report" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "reinhard").iterdir()) == ["frame_0001.png", "frame_0002.png"]
+    assert sorted(p.name for p in (out / "data" / "colour").iterdir()) == ["frame_0001.png", "frame_0002.png"]
+    (out / "reinhard" / "todo.txt").write_text("keep")
+    for overwrite in ([], ["--overwrite"]):
+        rc, stdout, err = run(args + ["--frames", "0:4", *overwrite], capsys)
+        assert (rc, stdout, err) == (2, "", f"demo.py: error: {out / 'reinhard'} holds todo.txt, which the demo did "
+                                            "not write (it reads the folder back as a clip of its frames); move it "
+                                            "or choose another --out\n")
+    assert (out / "reinhard" / "todo.txt").read_text() == "keep"
+    assert sorted(p.name for p in (out / "reinhard").iterdir()) == ["frame_0001.png", "frame_0002.png", "todo.txt"]
 
 
 @pytest.mark.slow
