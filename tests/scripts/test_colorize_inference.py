@@ -1025,6 +1025,21 @@ def _checked(tmp_path, *extra):
     return cli.check_args(args)
 
 
+def test_fps_with_a_video_input_is_refused_before_any_work(tmp_path, capsys):
+    """--fps replaced a video input's own rate, silently putting its copied sound out of step (the
+    sample at --fps 10: 13.2 s of picture, 5.3 s of sound), though --help says video input keeps its own."""
+    film = video_with_sound(tmp_path / "film.mp4")  # 10 frames at 10 fps, 1 s of sound
+    ref = tmp_path / "ref.png"
+    cv2.imwrite(str(ref), np.full((8, 8, 3), (0, 64, 200), np.uint8))
+    out, mp4 = tmp_path / "out", tmp_path / "out.mp4"
+    argv = [str(a) for a in ["--method", "reinhard", "--input", film, "--reference", ref, "--out", out,
+                             "--video", mp4, "--fps", "25"]]
+    assert refused(cli.main, argv, capsys) == (f"colorize_inference.py: error: --fps is for frame-folder input: "
+                                               f"--input {film} is a video, whose own frame rate --video keeps "
+                                               "(so that its sound stays in step)\n")
+    assert not out.exists() and not mp4.exists()
+
+
 def test_fps_and_video_name_limits(tmp_path):
     """--fps from 0.01 to 1000, both ends included; --video's suffix in any case."""
     for fps in ("0.01", "1000"):
