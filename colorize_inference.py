@@ -282,18 +282,20 @@ def steps_option(steps: int, num_timesteps: int) -> None:
 
 def check_inputs_kept(args) -> None:
     """Refuse outputs that land on an input: --out as the --input or --gt folder (--overwrite would
-    replace the frames of the same name), --video as the input or --gt video (replaced, even
-    without --overwrite's intent to touch inputs) or inside their frame folder (a video file there
-    makes the folder unreadable as frames)."""
+    replace the frames of the same name), --video as the input or --gt video or the --audio file
+    (replaced, even without --overwrite's intent to touch inputs) or inside their frame folder (a
+    video file there makes the folder unreadable as frames)."""
     real = os.path.realpath  # not Path.resolve(), which raises on a symlink loop
     out, video = real(args.out), real(args.video) if args.video else None
-    for what, path in [("input", Path(args.input)), ("--gt", Path(args.gt) if args.gt else None)]:
+    for what, path in [("input", Path(args.input)), ("--gt", Path(args.gt) if args.gt else None),
+                       ("--audio", Path(args.audio) if args.audio else None)]:
         if path is None or not path.exists():
             continue
         if path.is_dir() and out == real(path):
             raise UsageError(f"--out {Path(args.out)} is the {what} folder; write the outputs elsewhere")
         if video == real(path):
-            raise UsageError(f"--video {Path(args.video)} is the {what} video; write it elsewhere")
+            raise UsageError(f"--video {Path(args.video)} is the {what} {'file' if what == '--audio' else 'video'}; "
+                             "write it elsewhere")
         if video is not None and path.is_dir() and os.path.dirname(video) == real(path):
             raise UsageError(f"--video {Path(args.video)} is inside the {what} folder; write it elsewhere, as a frame "
                              "folder holds frames only")

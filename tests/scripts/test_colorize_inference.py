@@ -475,10 +475,12 @@ def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
     assert rc == 2 and f"{video} exists" in err and video.read_bytes() == b"earlier film"
 
 
-@pytest.mark.parametrize("case", ["out is gt", "video is input", "video is gt", "video in input", "video in gt"])
+@pytest.mark.parametrize("case", ["out is gt", "video is input", "video is gt", "video in input", "video in gt",
+                                  "video is audio", "video is audio through a link, no --overwrite"])
 def test_outputs_on_an_input_are_refused_even_with_overwrite(env, tmp_path, capsys, case):
     """--overwrite replaces outputs, never inputs: --out as the --gt folder would replace its colour
-    frames of the same names, --video as the input or --gt video would replace the clip, and a
+    frames of the same names, --video as the input or --gt video (or the --audio file: it was
+    replaced, and without --overwrite the refusal advised it) would replace the clip, and a
     --video inside a frame folder would make it unreadable as frames ("also holds 1 video file")."""
     gray, colour = tmp_path / "gray", tmp_path / "colour"
     gray.mkdir()
@@ -494,16 +496,24 @@ def test_outputs_on_an_input_are_refused_even_with_overwrite(env, tmp_path, caps
         "video is gt": (gray, clip, tmp_path / "o", clip),
         "video in input": (gray, None, tmp_path / "o", gray / "v.mp4"),
         "video in gt": (gray, colour, tmp_path / "o", colour / "v.mp4"),
+        "video is audio": (gray, None, tmp_path / "o", clip),
+        "video is audio through a link, no --overwrite": (gray, None, tmp_path / "o", tmp_path / "link.mp4"),
     }[case]
+    if "link" in case:
+        video.symlink_to(clip)
     what = "--gt" if "gt" in case else "input"
     message = {"out is gt": f"--out {colour} is the --gt folder; write the outputs elsewhere",
                "video is input": f"--video {clip} is the input video; write it elsewhere",
-               "video is gt": f"--video {clip} is the --gt video; write it elsewhere"}.get(
+               "video is gt": f"--video {clip} is the --gt video; write it elsewhere",
+               "video is audio": f"--video {clip} is the --audio file; write it elsewhere",
+               "video is audio through a link, no --overwrite": f"--video {video} is the --audio file; write it "
+                                                                "elsewhere"}.get(
         case, f"--video {video} is inside the {what} folder; write it elsewhere, as a frame folder holds frames only")
     before = [snapshot(gray), snapshot(colour), clip.read_bytes()]
-    args = ["--input", source, "--method", "reinhard", "--out", out, "--overwrite", "--no-progress",
+    args = ["--input", source, "--method", "reinhard", "--out", out, "--no-progress",
+            *([] if "no --overwrite" in case else ["--overwrite"]),
             *(["--gt", gt, "--reference-frame", "0"] if gt else ["--reference", env["refs"][0]]),
-            *(["--video", video] if video else [])]
+            *(["--video", video] if video else []), *(["--audio", clip] if "audio" in case else [])]
     rc, _, err = run(args, capsys)
     assert (rc, err) == (2, f"colorize_inference.py: error: {message}\n")
     assert [snapshot(gray), snapshot(colour), clip.read_bytes()] == before
