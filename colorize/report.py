@@ -15,6 +15,7 @@ Undefined values (warp error of the first frame, NaN) are null in JSON and empty
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -234,23 +235,32 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _publish(out: Path, files: Mapping[Path, bytes]) -> None:
     """Write `files` (all in `out`) whole or not at all: each to a temporary name, renamed only
-    once every one is written. A failed write (a full disk) removes the temporary files and any
+    once every one is written, and only where nothing at their names is in the way (a folder,
+    which no rename replaces). A failed write (a full disk) removes the temporary files and any
     folder made here, so an earlier report stays as it was and no half report is left for the
-    next run to refuse as "a report already"; its OSError names the file (or folder) that
-    could not be written, which the bare "[Errno 28] No space left on device" does not."""
+    next run to refuse as "a report already"; a rename failing after others (which no check can
+    foresee) removes the files renamed before it. Its OSError names the file (or folder) that
+    could not be written, which the bare "[Errno 28] No space left on device" does not, and says
+    what became of the report."""
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     temps: list[Path] = []
+    renamed: list[Path] = []
+    replaced = [t for t in files if os.path.lexists(t)]  # an earlier report's files
     target = out
     try:
+        for target in files:
+            if target.is_dir() and not target.is_symlink():  # a link is replaced, not its folder
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
         out.mkdir(parents=True, exist_ok=True)
         for target, data in files.items():
             temps.append(temp_beside(target))
             _write_file(temps[-1], data)
         for tmp, target in zip(temps, files):
             os.replace(tmp, target)
+            renamed.append(target)
     except BaseException as e:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+        for path in temps + renamed:
+            path.unlink(missing_ok=True)
         for folder in made:
             try:
                 folder.rmdir()
@@ -259,7 +269,10 @@ def _publish(out: Path, files: Mapping[Path, bytes]) -> None:
         if not isinstance(e, OSError):
             raise
         reason = e.strerror or str(e) or type(e).__name__
-        error = OSError(f"{target}: cannot write the report ({reason}); nothing of it was written")
+        lost = ", ".join(t.name for t in renamed if t in replaced)
+        error = OSError(f"{target}: cannot write the report ({reason}); "
+                        + ("nothing of it is left" if renamed else "nothing of it was written")
+                        + (f"; the earlier report's {lost}, which it had replaced, are gone" if lost else ""))
         error.errno = e.errno
         raise error from e
 

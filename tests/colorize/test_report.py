@@ -183,6 +183,54 @@ def test_a_full_disk_leaves_no_half_report_and_keeps_an_earlier_one(tmp_path, mo
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # the strip too: not this run's to drop
 
 
+def test_a_folder_at_a_report_files_name_is_found_before_any_rename(tmp_path):
+    """A folder at psnr.png: the JSON and both CSVs were renamed into place before its rename
+    failed, under "nothing of it was written"."""
+    out = tmp_path / "rep"
+    write_report(results(), out, frames=["f0", "f1", "f2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "psnr.png").unlink()
+    (out / "psnr.png").mkdir()
+    del before["psnr.png"]
+    with pytest.raises(OSError) as e:
+        write_report(results(), out, frames=["g0", "g1", "g2"])
+    assert str(e.value) == f"{out / 'psnr.png'}: cannot write the report (Is a directory); nothing of it was written"
+    assert e.value.errno == errno.EISDIR
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # no temporary file either
+    assert (out / "psnr.png").is_dir()
+
+
+def test_a_rename_failing_after_others_removes_them_and_says_so(tmp_path, monkeypatch):
+    """A rename no check foresees failing (EPERM: another user's file in a sticky folder) after two
+    others: those two are removed again, not left as half a report, and the message says that the
+    earlier report's files they replaced are gone."""
+    old = tmp_path / "old"
+    write_report(results(), old, frames=["f0", "f1", "f2"])
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    real, calls = os.replace, []
+
+    def third_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", third_fails)
+    with pytest.raises(OSError) as e:
+        write_report(results(), old, frames=["g0", "g1", "g2"])
+    assert str(e.value) == (f"{old / 'summary.csv'}: cannot write the report (Operation not permitted); nothing of "
+                            "it is left; the earlier report's metrics.json, per_frame.csv, which it had replaced, "
+                            "are gone")
+    del before["metrics.json"], before["per_frame.csv"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    calls.clear()
+    with pytest.raises(OSError) as e:  # no earlier report: nothing is gone, and the folder made for it is removed
+        write_report(results(), tmp_path / "new", frames=["g0", "g1", "g2"])
+    assert str(e.value) == (f"{tmp_path / 'new' / 'summary.csv'}: cannot write the report (Operation not "
+                            "permitted); nothing of it is left")
+    assert not (tmp_path / "new").exists()
+
+
 # Mutation round 10: the plots' capped PSNR handling, the strip's tiles and labels, JSON/CSV values,
 # input checks, and a stale strip.
 import matplotlib.pyplot as plt  # noqa: E402
