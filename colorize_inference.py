@@ -12,7 +12,8 @@ lightness is the input's exactly. Modes and when to use which: docs/INFERENCE.md
 If a run stops at a bad frame, every output written before it is complete (each is written
 under a temporary name and renamed). Rerun from that frame with --frames N: to continue
 (fixed mode and the reinhard baselines then give exactly the result of an uninterrupted
-run; recursive/anchored restart their chain and flow its walk at frame N), or rerun the
+run; recursive/anchored restart their chain and flow its walk at frame N; flow from a
+--reference-frame before N is told to go on from that frame, with --overwrite), or rerun the
 whole range with --overwrite. With --video, a --frames range that is only part of the clip
 still gives the whole clip's video: the frames outside the range are taken from --out
 (refused up front if any is missing there). The video keeps the input film's sound
@@ -538,12 +539,18 @@ def run(args) -> int:
     def resume(e: BaseException | None = None) -> str:
         if total is not None and done["n"] == total:  # the video's writing failed, after the last frame
             return "only --video is missing: rerun with --overwrite"
-        go_on = f"--frames {done['next']}:{frames.stop if frames.stop is not None else ''} continues"
+        start, again, why = done["next"], "", ""
+        if args.method == "flow" and any(i < start for i in args.reference_frame):
+            # flow walks from its reference frames, which a range must hold (baseline_indices): it goes on
+            # from the first of them, making the outputs since again (the same ones: the walk is deterministic)
+            start = min(args.reference_frame)
+            again, why = " --overwrite", f" (flow walks again from its reference frame {start})"
+        go_on = f"--frames {start}:{frames.stop if frames.stop is not None else ''}{again} continues{why}"
         if not isinstance(e, TruncatedVideoError):
             return go_on
         # The file ends at frame e.decoded: going on from done["next"] in it ends in this error again.
         if done["next"] < e.decoded:  # a batch that was being made when the file ran out
-            rest = (f"--frames {done['next']}:{e.decoded}{' without --video' if args.video else ''} colourises the "
+            rest = (f"--frames {start}:{e.decoded}{again}{' without --video' if args.video else ''} colourises the "
                     "rest of the frames it holds")
         else:
             rest = "it holds no more frames"

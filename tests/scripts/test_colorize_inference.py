@@ -20,7 +20,7 @@ from cldm import weights_config
 from cldm.model import TINY_CONFIG
 from colorize import loading as L, pipeline as P
 from colorize.baselines import iter_baseline
-from tests.annotator.clips import panning_clip, truncate_avi, write_video
+from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import named_pipe, read_only_folder, refused, video_with_sound
 
@@ -637,6 +637,34 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
         monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
         rc, _, err = run([*args, "--frames", "1:", "--out", tmp_path / "later"], capsys)
         assert rc == status and err.splitlines()[-1].endswith("--frames 3: continues"), err
+
+
+def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
+    """Flow walks from its --reference-frame: "--frames 3:6 continues" was a range the tool itself
+    refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
+    the reference frame, with --overwrite for the outputs since, and gives the uninterrupted result."""
+    colour = write_folder(panning_clip(6, 48, 64), tmp_path / "colour", pattern="f{:d}")
+    encode, calls = cli.encode_png, []
+
+    def stop_at_the_fourth(rgb, depth):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return encode(rgb, depth)
+
+    monkeypatch.setattr(cli, "encode_png", stop_at_the_fourth)
+    args = ["--input", colour, "--reference-frame", "1", "--method", "flow", "--frames", "0:6", "--no-progress"]
+    rc, _, err = run([*args, "--out", tmp_path / "out"], capsys)
+    line = err.splitlines()[-1]
+    assert (rc, line) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are complete: "
+                               "--frames 1:6 --overwrite continues (flow walks again from its reference frame 1)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png", "f2.png"]
+    monkeypatch.setattr(cli, "encode_png", encode)
+    advice = _advice(line, r"complete: (--frames .*) continues")
+    rc, _, err = run([*args[:-3], *advice, "--no-progress", "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "whole")
 
 
 def test_a_video_of_unknown_length_keeps_existing_outputs(env, tmp_path, capsys, monkeypatch):
