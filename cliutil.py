@@ -38,6 +38,15 @@ non_negative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0, True, "a number > 0")
 
 
+def path_arg(text: str) -> str:
+    """argparse type of every path flag: an empty one (`--out "$OUT"` with OUT unset) is refused
+    while parsing, naming the flag. Taken as given it is the current folder: outputs written
+    there, or an error blaming a file in it ("./requirements.txt: not an image file")."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return text
+
+
 def config_override(text: str) -> str:
     """argparse type of a `key=value` config override: one without '=', or without a key (or with
     a space in it), is refused while parsing, so the message names the flag or argument it came to

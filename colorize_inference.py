@@ -33,7 +33,7 @@ from collections import deque
 from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, file_problem, one_line, out_file_problem, out_folder_problem,
-                     out_of_memory, quiet_opencv, quiet_startup_signals, run_cli)
+                     out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -68,30 +68,30 @@ def parser() -> argparse.ArgumentParser:
                              "Ctrl-C / SIGTERM (frames written so far are kept). See docs/INFERENCE.md.",
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
-    io.add_argument("--input", required=True, metavar="DIR|VIDEO",
+    io.add_argument("--input", type=path_arg, required=True, metavar="DIR|VIDEO",
                     help="grayscale frames: a folder of images (natural order; 8/16-bit gray, gray+alpha, RGB or "
                          "RGBA: alpha is ignored, EXIF orientation applied, colour frames are reduced to their "
                          "BT.601 luma, with a note) or a video file")
-    io.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+    io.add_argument("--reference", type=path_arg, action="append", default=[], metavar="IMAGE",
                     help="colour reference image; repeat for several (each frame then uses the most "
                          "similar one, e.g. one per scene)")
     io.add_argument("--reference-frame", action="append", type=int, default=[], metavar="N",
                     help="use frame N (from 0) of the colour ground truth (--gt) as a reference; repeatable")
-    io.add_argument("--gt", metavar="DIR|VIDEO",
+    io.add_argument("--gt", type=path_arg, metavar="DIR|VIDEO",
                     help="colour version of the clip that --reference-frame reads from (default: --input, "
                          "which then must be colour)")
     io.add_argument("--frames", metavar="A:B",
                     help="only frames A..B-1 (python slice, e.g. 0:16, 100:); frames outside are not read. "
                          "Indices keep counting from the clip start, so names and per-frame seeds are those of "
                          "a full run (and resuming after an error is --frames N:)")
-    io.add_argument("--out", required=True, metavar="DIR",
+    io.add_argument("--out", type=path_arg, required=True, metavar="DIR",
                     help="output folder (created), one PNG per input frame with the input's name stem")
-    io.add_argument("--video", metavar="OUT.mp4",
+    io.add_argument("--video", type=path_arg, metavar="OUT.mp4",
                     help="also write the result as an MPEG-4 video at the input fps (an odd width or height is "
                          "padded to even by repeating the last column/row; the PNGs keep the input size). Always "
                          "of the whole clip: with a --frames range that is only part of it, the other frames are "
                          "read from --out (to finish an interrupted run), which must hold them all")
-    io.add_argument("--audio", metavar="FILE",
+    io.add_argument("--audio", type=path_arg, metavar="FILE",
                     help="take the sound of --video from FILE's first audio stream (default: the input video's, "
                          "if it has one); copied where MP4 can hold it, else re-encoded to AAC")
     io.add_argument("--no-audio", action="store_true", help="--video without sound")
@@ -112,11 +112,11 @@ def parser() -> argparse.ArgumentParser:
                         "colour over the input's lightness); reinhard-bands: the reference's mean colour per "
                         "lightness band (shadows and highlights keep their own tints); flow: reference colours "
                         "warped along optical flow (default: model)")
-    m.add_argument("--ckpt", metavar="FILE",
+    m.add_argument("--ckpt", type=path_arg, metavar="FILE",
                    help="full checkpoint (.safetensors or .ckpt), or the SD2.1 file when --control is given")
-    m.add_argument("--control", metavar="FILE",
+    m.add_argument("--control", type=path_arg, metavar="FILE",
                    help="trained ControlNet export (control.safetensors) to load on top of --ckpt")
-    m.add_argument("--config", metavar="YAML",
+    m.add_argument("--config", type=path_arg, metavar="YAML",
                    help="model config (default: a .yaml beside --control or --ckpt with the same stem, else "
                         "the config the checkpoint file records, else models/cldm_v21_color.yaml)")
     m.add_argument("--set", action="append", type=config_override, default=[], metavar="KEY=VALUE",

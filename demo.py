@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from cliutil import (OneLineParser, Terminated, file_problem, one_line, out_folder_problem, quiet_opencv,
+from cliutil import (OneLineParser, Terminated, file_problem, one_line, out_folder_problem, path_arg, quiet_opencv,
                      quiet_startup_signals, run_cli)
 
 quiet_opencv()
@@ -65,14 +65,14 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog="Exit status: 0 done, 2 bad arguments or unusable input, 130 / 143 stopped by "
                              "Ctrl-C / SIGTERM.")
-    p.add_argument("--out", default=str(REPO / "demo_out"), metavar="DIR",
+    p.add_argument("--out", type=path_arg, default=str(REPO / "demo_out"), metavar="DIR",
                    help="folder for everything the demo writes (default: %(default)s)")
-    p.add_argument("--clip", default=str(SAMPLE), metavar="VIDEO|DIR",
+    p.add_argument("--clip", type=path_arg, default=str(SAMPLE), metavar="VIDEO|DIR",
                    help="colour clip whose frames are held out (default: the bundled sample)")
     p.add_argument("--frames", default="100:132", metavar="A:B",
                    help="frames A..B-1 of --clip to colourise; frame A is the reference, A+1..B-1 are scored "
                         "(default: %(default)s, the frames the toy model never saw)")
-    p.add_argument("--ckpt", default=str(TOY), metavar="FILE",
+    p.add_argument("--ckpt", type=path_arg, default=str(TOY), metavar="FILE",
                    help="model checkpoint, its config a .yaml of the same stem beside it (default: the toy model)")
     p.add_argument("--size", type=int, default=64,
                    help="short side the model works at; the toy model was trained at 64 (default: %(default)s)")

@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import OneLineParser, file_problem, out_folder_problem, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import (OneLineParser, file_problem, out_folder_problem, path_arg, quiet_opencv, quiet_startup_signals,
+                     run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -50,19 +51,19 @@ def parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     p = OneLineParser(prog=PROG, description="\n\n".join([doc[0], doc[2]]), epilog=doc[3],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", action="append", required=True, metavar="[NAME=]DIR",
+    p.add_argument("--pred", type=path_arg, action="append", required=True, metavar="[NAME=]DIR",
                    help="folder of predicted frames (e.g. colorize_inference.py's --out); repeat for several "
                         "methods. NAME labels the method (default: the folder's name); the report's own names "
                         "(ground_truth, reference, ...) are refused")
-    p.add_argument("--gt", required=True, metavar="DIR",
+    p.add_argument("--gt", type=path_arg, required=True, metavar="DIR",
                    help="folder of colour ground-truth frames (image files, matched to the predictions' by name; "
                         "not a video file)")
-    p.add_argument("--out", metavar="REPORT_DIR",
+    p.add_argument("--out", type=path_arg, metavar="REPORT_DIR",
                    help="write the report (JSON, CSV, plots, strip) into this folder (created if missing); "
                         "checked before scoring")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a report already in --out (default: refuse before scoring)")
-    p.add_argument("--reference", metavar="IMAGE",
+    p.add_argument("--reference", type=path_arg, metavar="IMAGE",
                    help="the colour reference the methods used, shown as a column of the strip")
     p.add_argument("--strip-frames", type=int, default=3, metavar="N",
                    help="frames shown in strip.png, spread evenly over the clip (default: 3; 0: no strip)")
@@ -86,6 +87,8 @@ def parse_preds(specs: list[str]) -> dict[str, Path]:
         name, sep, folder = spec.partition("=")
         if not sep or not name or Path(spec).is_dir():
             folder, name = spec, Path(spec.rstrip("/\\")).name or spec
+        if not folder:  # `--pred NAME=$DIR` with DIR unset: else the current folder
+            raise UsageError(f"--pred {spec}: empty path after '='")
         if name in preds:
             raise UsageError(f"two predictions are named {name!r}; label them with NAME=DIR")
         if name.casefold() in RESERVED_NAMES:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, out_of_memory,
+from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, out_of_memory, path_arg,
                      positive_float, positive_int, quiet_opencv, quiet_startup_signals, run_cli)
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -456,6 +456,19 @@ def test_counts_and_rates_refuse_what_is_out_of_range_naming_the_value(parse, te
             parse(text)
     else:
         assert parse(text) == expected and type(parse(text)) is type(expected)
+
+
+def test_an_empty_path_is_refused_naming_its_flag(capsys):
+    """`--out "$OUT"` with OUT unset: "" was the current folder (outputs written there, or an error
+    blaming a file in it)."""
+    assert path_arg("out") == "out" and path_arg(" ") == " "  # a name of spaces is a name
+    with pytest.raises(argparse.ArgumentTypeError, match="^empty path$"):
+        path_arg("")
+    parser = OneLineParser(prog="p.py")
+    parser.add_argument("--out", type=path_arg)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--out", ""])
+    assert e.value.code == 2 and capsys.readouterr().err == "p.py: error: argument --out: empty path (see --help)\n"
 
 
 def test_quiet_opencv_leaves_an_explicit_setting(monkeypatch):

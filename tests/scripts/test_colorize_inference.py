@@ -1063,6 +1063,19 @@ def _checked(tmp_path, *extra):
     return cli.check_args(args)
 
 
+@pytest.mark.parametrize("flag", ["--input", "--reference", "--gt", "--out", "--video", "--audio", "--ckpt",
+                                  "--control", "--config"])
+def test_an_empty_path_is_a_usage_error_naming_its_flag(env, tmp_path, capsys, monkeypatch, flag):
+    """`--out "$OUT"` with OUT unset wrote into the current folder; an empty --input blamed
+    ./requirements.txt, --reference said ": reference image is a folder", --video "" made no video."""
+    monkeypatch.chdir(tmp_path)
+    argv = {"--input": env["gray"], "--reference": env["refs"][0], "--out": tmp_path / "out", "--method": "reinhard"}
+    argv[flag] = ""
+    err = refused(cli.main, [str(a) for kv in argv.items() for a in kv], capsys)
+    assert err == f"colorize_inference.py: error: argument {flag}: empty path (see --help)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fps_with_a_video_input_is_refused_before_any_work(tmp_path, capsys):
     """--fps replaced a video input's own rate, silently putting its copied sound out of step (the
     sample at --fps 10: 13.2 s of picture, 5.3 s of sound), though --help says video input keeps its own."""

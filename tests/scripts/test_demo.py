@@ -16,7 +16,7 @@ import pytest
 import demo
 from annotator.video import probe
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
-from tests.helpers import named_pipe, read_only_folder
+from tests.helpers import named_pipe, read_only_folder, refused
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 QUICK = ["--frames", "100:104", "--steps", "2", "--methods", "fixed,reinhard,flow"]
@@ -117,6 +117,17 @@ def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys
     rc, _, err = run(args + ["--out", tmp_path / "demo"], capsys)
     assert rc == 2 and re.fullmatch(f"demo\\.py: error: {message}\n", err), err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--clip", "--ckpt"])
+def test_an_empty_path_is_a_usage_error_naming_its_flag(tmp_path, capsys, monkeypatch, flag):
+    """`--out "$OUT"` with OUT unset: "" was the current folder, the demo's outputs written there."""
+    monkeypatch.chdir(tmp_path)
+    argv = {"--out": tmp_path / "demo", "--methods": "reinhard", "--frames": "100:102"}
+    argv[flag] = ""
+    err = refused(demo.main, [str(a) for kv in argv.items() for a in kv], capsys)
+    assert err == f"demo.py: error: argument {flag}: empty path (see --help)\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")

@@ -562,3 +562,20 @@ def test_without_a_stop_line_ctrl_c_goes_to_the_caller(clip, capsys, monkeypatch
     assert capsys.readouterr().err == ""
     assert evaluate.main(argv) == 130
     assert capsys.readouterr().err == "evaluate.py: interrupted\n"
+
+
+@pytest.mark.parametrize("flag", ["--pred", "--gt", "--out", "--reference"])
+def test_an_empty_path_is_a_usage_error_naming_its_flag(clip, capsys, monkeypatch, flag):
+    """`--out "$OUT"` with OUT unset ended with exit 0 and no report; an empty --gt or --pred
+    blamed ./requirements.txt; so does --pred NAME= with an empty folder."""
+    root = clip[0]
+    monkeypatch.chdir(root)
+    argv = {"--pred": root / "offset", "--gt": root / "gt", "--out": root / "report"}
+    argv[flag] = ""
+    err = refused(evaluate.main, [str(a) for kv in argv.items() for a in kv], capsys)
+    assert err == f"evaluate.py: error: argument {flag}: empty path (see --help)\n"
+    if flag == "--pred":
+        argv["--pred"] = "fixed="
+        err = refused(evaluate.main, [str(a) for kv in argv.items() for a in kv], capsys)
+        assert err == "evaluate.py: error: --pred fixed=: empty path after '='\n"
+    assert not (root / "report").exists()
