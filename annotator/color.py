@@ -14,11 +14,15 @@ _KB, _KR = 0.114, 0.299
 
 
 def to_float(img: np.ndarray) -> np.ndarray:
-    """uint8 / uint16 / float image -> float32 in [0, 1]."""
+    """uint8 / uint16 / float image -> float32 in [0, 1]. Any other type (a 32-bit integer TIFF)
+    is a ValueError "unsupported pixel type ...", as annotator.video's 8-bit reading says it: its
+    scale is unknown, and taken as floats in [0, 1] its frame came out nearly white."""
     if img.dtype == np.uint8:
         return img.astype(np.float32) / 255.0
     if img.dtype == np.uint16:
         return img.astype(np.float32) / 65535.0
+    if not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"unsupported pixel type {img.dtype}")
     return img.astype(np.float32, copy=False)
 
 

@@ -159,6 +159,8 @@ def read_reference(path: str | os.PathLike) -> np.ndarray:
         img = to_float(read_image_native(path))
     except FrameSourceError as e:
         raise InferenceError(f"{path}: reference {e.problem}") from None
+    except ValueError as e:  # a pixel type to_float cannot scale (a 32-bit integer TIFF)
+        raise InferenceError(f"{path}: reference {e}") from None
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[2] in (1, 2):

@@ -114,3 +114,12 @@ def test_transfer_luma_takes_8_bit_inputs_on_the_0_1_scale():
     color, gray = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (8, 8), dtype=np.uint8)
     np.testing.assert_array_equal(transfer_luma(color, gray),
                                   transfer_luma(color / np.float32(255), gray / np.float32(255)))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.int16, np.uint32, np.bool_])
+def test_to_float_refuses_pixels_of_unknown_scale(dtype):
+    """A 32-bit integer TIFF's int32 was passed through as floats in [0, 1]: a frame nearly white."""
+    with pytest.raises(ValueError, match=f"^unsupported pixel type {np.dtype(dtype)}$"):
+        to_float(np.zeros((2, 2), dtype))
+    for ok in (np.uint8, np.uint16, np.float16, np.float32, np.float64):  # inputs are 8/16-bit or float
+        assert to_float(np.ones((2, 2), ok)).dtype == np.float32

@@ -513,6 +513,15 @@ def test_a_batchs_noise_reaches_the_device_in_one_copy(shared):
     assert counts[0] == counts[1] <= 4, counts
 
 
+def test_a_reference_of_32_bit_integers_is_refused_naming_it(tmp_path):
+    """Its int32 pixels went through as floats in [0, 1] (a reference nearly white), or, now that
+    to_float refuses them, as a bare ValueError and a traceback."""
+    ref = tmp_path / "ref.tif"
+    assert cv2.imwrite(str(ref), np.full((8, 8, 3), 100, np.int32))
+    with pytest.raises(P.InferenceError, match=f"^{ref}: reference unsupported pixel type int32$"):
+        P.read_reference(ref)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_read_reference_says_what_is_no_image_file(tmp_path):
     with pytest.raises(P.InferenceError, match=r"nope\.png: reference image not found$"):

@@ -1076,6 +1076,23 @@ def test_an_empty_path_is_a_usage_error_naming_its_flag(env, tmp_path, capsys, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_frame_of_32_bit_integers_is_refused_naming_it_and_float_frames_are_read(env, tmp_path, capsys):
+    """A 32-bit integer TIFF frame was read as floats in [0, 1] (a gray of 100 as 100.0: the output
+    nearly white), with exit 0; inputs are 8- or 16-bit, or float, as evaluate.py refuses it too."""
+    gray = (rgb_to_gray(env["colour"][0]) * 255).round()
+    for kind, pixels in (("int", gray.astype(np.int32)), ("float", (gray / 255).astype(np.float32))):
+        (tmp_path / kind).mkdir()
+        assert cv2.imwrite(str(tmp_path / kind / "f0.tif"), pixels)
+    args = ["--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    rc, _, err = run(["--input", tmp_path / "int", *args, "--out", tmp_path / "o_int"], capsys)
+    assert (rc, err) == (2, f"colorize_inference.py: error: {tmp_path / 'int' / 'f0.tif'}: unsupported pixel type "
+                            "int32\n")
+    assert not (tmp_path / "o_int").exists()
+    assert run(["--input", tmp_path / "float", *args, "--out", tmp_path / "o_float"], capsys)[0] == 0
+    out = read_rgb(tmp_path / "o_float" / "f0.png")
+    assert np.abs(rgb_to_gray(out) * 255 - gray).max() <= 1  # its lightness, on the 0..1 scale
+
+
 def test_fps_with_a_video_input_is_refused_before_any_work(tmp_path, capsys):
     """--fps replaced a video input's own rate, silently putting its copied sound out of step (the
     sample at --fps 10: 13.2 s of picture, 5.3 s of sound), though --help says video input keeps its own."""
