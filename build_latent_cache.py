@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import (DefaultsFormatter, OneLineParser, not_a_folder, out_of_memory, quiet_opencv, quiet_startup_signals,
-                     run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, not_a_folder, out_of_memory, path_arg, quiet_opencv,
+                     quiet_startup_signals, run_cli)
 
 quiet_opencv()  # a missing frame is our one-line error, without OpenCV's warning before it
 if __name__ == "__main__":
@@ -38,11 +38,11 @@ def parser() -> argparse.ArgumentParser:
                       epilog="Runs on one DATA_ROOT share its movies (one per GPU, say): each ends when all "
                              "are cached. Exit status: 0 every movie cached, 1 a movie refused (other weights), "
                              "2 bad input, 130/143 stopped by Ctrl-C/SIGTERM.")
-    p.add_argument("data_root", metavar="DATA_ROOT", help="folder written by build_pairs.py")
-    p.add_argument("--ckpt", required=True,
+    p.add_argument("data_root", type=path_arg, metavar="DATA_ROOT", help="folder written by build_pairs.py")
+    p.add_argument("--ckpt", type=path_arg, required=True,
                    help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "
                         "first_stage_model.*) or a bare VAE state dict (.safetensors or .ckpt)")
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", type=path_arg, default=None,
                    help="model YAML whose model.first_stage gives the VAE architecture (default, as in "
                         "colorize_inference.py: the .yaml of the same stem beside --ckpt, else the config "
                         "the checkpoint records, else models/cldm_v21_color.yaml of this repo)")

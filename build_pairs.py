@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cliutil import DefaultsFormatter, OneLineParser, out_folder_problem, quiet_opencv, quiet_startup_signals, run_cli
+from cliutil import (DefaultsFormatter, OneLineParser, out_folder_problem, path_arg, quiet_opencv, quiet_startup_signals,
+                     run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -49,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
                "DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", type=path_arg, nargs="+", metavar="INPUT",
                    help="video files (mp4, mkv, avi, mov, ...) and/or folders of frame images; each is one movie")
-    p.add_argument("--out", required=True, metavar="DATA_ROOT", help="output folder (created if missing)")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DATA_ROOT", help="output folder (created if missing)")
     p.add_argument("--size", type=int, default=512,
                    help=f"short side of the stored frames in pixels: a multiple of 8 up to {MAX_SIZE} (an 8K "
                         "film's short side; training uses 512-768), aspect kept, long side rounded to a multiple "

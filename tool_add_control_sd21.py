@@ -27,8 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, one_line, out_file_problem, out_of_memory, quiet_startup_signals,
-                     run_cli)
+from cliutil import (OneLineParser, config_override, one_line, out_file_problem, out_of_memory, path_arg,
+                     quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":
     quiet_startup_signals()
@@ -165,10 +165,10 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sd_ckpt", help="Stable Diffusion 2.1 512-base checkpoint (.safetensors or .ckpt); "
+    p.add_argument("sd_ckpt", type=path_arg, help="Stable Diffusion 2.1 512-base checkpoint (.safetensors or .ckpt); "
                                    "768-v has the same keys and needs a v/768 config (see above)")
-    p.add_argument("out_ckpt", help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model YAML (default: %(default)s)")
+    p.add_argument("out_ckpt", type=path_arg, help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
+    p.add_argument("--config", type=path_arg, default=str(DEFAULT_CONFIG), help="model YAML (default: %(default)s)")
     p.add_argument("--variant", choices=["v1", "v2", "v3"],
                    help="colour variant (default: the config's); refused if an override sets another")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

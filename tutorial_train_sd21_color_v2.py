@@ -27,7 +27,7 @@ from cldm.train_config import (FLAG_KEYS, UsageError, model_settings, run_config
 from cldm.training import (PROG, build_datamodule, build_model, end_with_launcher, export_from_checkpoint, fit,
                            make_trainer, note_nothing_to_train, note_skipped, quiet_lightning)
 from cliutil import (NOT_REGULAR, OneLineParser, config_override, file_problem, not_a_folder, out_folder_problem,
-                     quiet_startup_signals, run_cli)
+                     path_arg, quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     end_with_launcher()
@@ -41,15 +41,15 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog=f"Flags left out take the config's values (see --config); the defaults shown are "
                              f"{DEFAULT_CONFIG.name}'s.")
-    p.add_argument("--config", metavar="YAML",
+    p.add_argument("--config", type=path_arg, metavar="YAML",
                    help="model + training YAML (default: when resuming, the run's own OUT/config.yaml; else a .yaml "
                         "beside --init with the same stem, else the config --init records, else "
                         f"models/{DEFAULT_CONFIG.name})")
-    p.add_argument("--init", required=True, metavar="CKPT",
+    p.add_argument("--init", type=path_arg, required=True, metavar="CKPT",
                    help="initial full checkpoint from tool_add_control_sd21.py; also needed when resuming, "
                         "since checkpoints hold only the trainable weights")
-    p.add_argument("--data", required=True, metavar="DATA_ROOT", help="folder written by build_pairs.py")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, logs, images, export")
+    p.add_argument("--data", type=path_arg, required=True, metavar="DATA_ROOT", help="folder written by build_pairs.py")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="run folder: checkpoints, logs, images, export")
     g = p.add_argument_group("data")
     g.add_argument("--size", type=int, help="training crop size in pixels (multiple of 64)")
     g.add_argument("--low", type=float, help="pair band: similarity above this")
@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
                    help="machines (with torchrun or SLURM: docs/TRAINING.md) (default: %(default)s)")
     g.add_argument("--strategy", default="ddp", help="ddp (default), or any Lightning strategy name")
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+    g.add_argument("--resume", type=path_arg, default="auto", metavar="auto|never|PATH",
                    help="auto: continue from the newest complete checkpoint in OUT, if any (default); "
                         "never: start fresh (refused if OUT has checkpoints); PATH: this checkpoint")
     g.add_argument("--ckpt-every", type=int, help="steps between resumable checkpoints")

@@ -471,6 +471,30 @@ def test_an_empty_path_is_refused_naming_its_flag(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "p.py: error: argument --out: empty path (see --help)\n"
 
 
+
+@pytest.mark.parametrize("script, argv", [
+    ("tutorial_train_sd21_color_v2", ["--init", "i", "--data", "d", "--out", "o", "--config", "c", "--resume", "r"]),
+    ("build_pairs", ["in", "--out", "o"]),
+    ("build_latent_cache", ["root", "--ckpt", "c", "--config", "y"]),
+    ("tool_add_control_sd21", ["sd.safetensors", "out.safetensors", "--config", "c"]),
+    ("tools/plot_pairs", ["movie", "--out", "o.png"]),
+])
+def test_every_path_of_the_data_and_training_scripts_refuses_an_empty_one(script, argv, capsys, monkeypatch):
+    """As colorize_inference.py, evaluate.py and demo.py do (tested in their own files): each path
+    given as "" in turn (a flag's value, or a positional argument) is refused while parsing."""
+    import importlib
+
+    if "/" in script:
+        monkeypatch.syspath_prepend(str(REPO / Path(script).parent))
+    main = importlib.import_module(Path(script).name).main
+    for i, value in enumerate(argv):
+        if value.startswith("--"):
+            continue
+        empty = argv[:i] + [""] + argv[i + 1:]
+        name = argv[i - 1] if i and argv[i - 1].startswith("--") else None
+        err = refused(main, empty, capsys)
+        assert err.endswith(": empty path (see --help)\n") and (name is None or f"argument {name}:" in err), err
+
 def test_quiet_opencv_leaves_an_explicit_setting(monkeypatch):
     monkeypatch.delenv("OPENCV_FFMPEG_LOGLEVEL", raising=False)
     monkeypatch.setenv("OPENCV_LOG_LEVEL", "DEBUG")

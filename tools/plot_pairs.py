@@ -30,18 +30,18 @@ from annotator.pairs import (  # noqa: E402
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, is_finished, load_meta, load_similarity, pair_mask,
 )
 from atomicio import write_bytes_atomic  # noqa: E402
-from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, positive_int, run_cli  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, path_arg, positive_int, run_cli  # noqa: E402
 
 PROG = "tools/plot_pairs.py"
 
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("movie", type=Path, metavar="MOVIE_DIR", help="DATA_ROOT/<movie id> of build_pairs.py")
+    p.add_argument("movie", type=lambda t: Path(path_arg(t)), metavar="MOVIE_DIR", help="DATA_ROOT/<movie id> of build_pairs.py")
     p.add_argument("--low", type=float, default=DEFAULT_LOW, help="pairs: similarity above this")
     p.add_argument("--high", type=float, default=DEFAULT_HIGH, help="pairs: similarity below this")
     p.add_argument("--min-gap", type=positive_int, default=DEFAULT_MIN_GAP, help="pairs: at least this many frames apart")
-    p.add_argument("--out", type=Path, default=Path("pairs.png"),
+    p.add_argument("--out", type=lambda t: Path(path_arg(t)), default=Path("pairs.png"),
                    help="the picture to write, in the format of its extension (.png, .jpg, .pdf, .svg, ...; PNG "
                         "without one)")
     return p
