@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="initial full checkpoint from tool_add_control_sd21.py; also needed when resuming, "
                         "since checkpoints hold only the trainable weights")
     p.add_argument("--data", type=path_arg, required=True, metavar="DATA_ROOT", help="folder written by build_pairs.py")
-    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="run folder: checkpoints, logs, images, export")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR",
+                   help="run folder: checkpoints, logs, images, export")
     g = p.add_argument_group("data")
     g.add_argument("--size", type=int, help="training crop size in pixels (multiple of 64)")
     g.add_argument("--low", type=float, help="pair band: similarity above this")

@@ -344,8 +344,10 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
             received.append(signum)
             raise Terminated
 
-    def no_ctrl_c_notice(record) -> bool:  # Lightning's "Detected KeyboardInterrupt": the line below says it,
-        return "Detected KeyboardInterrupt" not in record.getMessage()  # with what a rerun does (and after SIGTERM, truly)
+    def no_ctrl_c_notice(record) -> bool:
+        # Lightning's "Detected KeyboardInterrupt": fit's own line says it, with what a rerun does
+        # (after SIGTERM, which before_lightning raises as Terminated, the notice is untrue)
+        return "Detected KeyboardInterrupt" not in record.getMessage()
 
     hook = threading.current_thread() is threading.main_thread()  # signals are the main thread's
     previous = signal.signal(signal.SIGTERM, before_lightning) if hook else None

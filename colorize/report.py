@@ -30,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.font_manager import FontProperties, findfont, get_font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -136,6 +137,14 @@ def frame_numbers(frames: Sequence[str], positions: Sequence[int] | None = None)
     return pos, False
 
 
+def drawable(text: str) -> str:
+    """`text` with each character that no font of matplotlib's font.family has written as its
+    escape ('東' -> '\\u6771'): matplotlib draws such a character as a box and warns on stderr,
+    one line per glyph (DejaVu Sans, its default, has no CJK)."""
+    charmaps = [get_font(findfont(FontProperties(family=[f]))).get_charmap() for f in FontProperties().get_family()]
+    return "".join(c if any(ord(c) in m for m in charmaps) else ascii(c)[1:-1] for c in text)
+
+
 def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: Sequence[str], ylabel: str,
                      title: str, positions: Sequence[int] | None = None):
     """One line per method of a per-frame metric against the frame number (`frame_numbers`), on
@@ -154,7 +163,8 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
         mean = float(np.mean(y[np.isfinite(y)])) if np.isfinite(y).any() else float("nan")
         at_cap = capped & (y >= M.PSNR_CAP_DB)
         line, = ax.plot(*line_with_gaps(pos, np.where(at_cap, np.nan, y)),
-                        marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6, label=f"{name} (mean {mean:.3g})")
+                        marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6,
+                        label=f"{drawable(name)} (mean {mean:.3g})")
         if at_cap.any():
             at = pos[at_cap]
             ax.plot(at, np.full(at.shape, top), "^", color=line.get_color(), ms=8, clip_on=False)
@@ -208,7 +218,7 @@ def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = N
     labels = strip.labels or [frames[i] if frames else f"frame {i}" for i in strip.indices]
     for c, (title, imgs) in enumerate(columns):
         x = pad + c * (tw + pad)
-        fig.text((x + tw / 2) / width, 1 - (head / 2) / height, title, ha="center", va="center",
+        fig.text((x + tw / 2) / width, 1 - (head / 2) / height, drawable(title), ha="center", va="center",
                  fontsize=FONT + 1, fontweight="bold")
         for r, idx in enumerate(strip.indices):
             y = head + r * (th + cap + pad)  # from the top
@@ -217,7 +227,7 @@ def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = N
             ax.set_axis_off()
             caption = ""
             if c == 0:
-                caption = labels[r]
+                caption = drawable(labels[r])
             elif results is not None and title in results:
                 pf = results[title].per_frame
                 caption = (f"PSNR {pf['psnr'][idx]:.2f} dB   SSIM {pf['ssim'][idx]:.3f}"

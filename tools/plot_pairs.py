@@ -22,7 +22,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.font_manager import FontProperties, findfont, get_font  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -31,13 +30,15 @@ from annotator.pairs import (  # noqa: E402
 )
 from atomicio import write_bytes_atomic  # noqa: E402
 from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, path_arg, positive_int, run_cli  # noqa: E402
+from colorize.report import drawable  # noqa: E402
 
 PROG = "tools/plot_pairs.py"
 
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("movie", type=lambda t: Path(path_arg(t)), metavar="MOVIE_DIR", help="DATA_ROOT/<movie id> of build_pairs.py")
+    p.add_argument("movie", type=lambda t: Path(path_arg(t)), metavar="MOVIE_DIR",
+                   help="DATA_ROOT/<movie id> of build_pairs.py")
     p.add_argument("--low", type=float, default=DEFAULT_LOW, help="pairs: similarity above this")
     p.add_argument("--high", type=float, default=DEFAULT_HIGH, help="pairs: similarity below this")
     p.add_argument("--min-gap", type=positive_int, default=DEFAULT_MIN_GAP, help="pairs: at least this many frames apart")
@@ -72,14 +73,6 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def drawable(text: str) -> str:
-    """`text` with each character that no font of matplotlib's font.family has written as its
-    escape ('東' -> '\\u6771'): matplotlib draws such a character as a box and warns on stderr,
-    one line per glyph (DejaVu Sans, its default, has no CJK)."""
-    charmaps = [get_font(findfont(FontProperties(family=[f]))).get_charmap() for f in FontProperties().get_family()]
-    return "".join(c if any(ord(c) in m for m in charmaps) else ascii(c)[1:-1] for c in text)
 
 
 def picture_format(out: Path) -> str:

@@ -332,3 +332,27 @@ def test_a_report_without_a_strip_removes_an_earlier_runs_strip(tmp_path):
     assert (tmp_path / "strip.png").is_file()
     write_report(results(), tmp_path)
     assert not (tmp_path / "strip.png").exists()
+
+
+def test_names_the_font_cannot_draw_are_escaped_in_the_plots_without_a_warning(tmp_path):
+    """evaluate.py --pred 日本語=DIR: DejaVu Sans (matplotlib's own) has no CJK, so each glyph was a
+    box and a warning line on stderr; escaped ('\\u65e5'), the name stays readable. 'é' it has."""
+    import warnings
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from colorize.report import drawable, strip_figure
+
+    assert drawable("Amélie 日本") == "Amélie \\u65e5\\u672c"
+    gt = [np.full((8, 8, 3), v, np.uint8) for v in (60, 120)]
+    res = {"日本": MethodMetrics({"psnr": np.array([25.0, 30.0]), "ssim": np.array([0.9, 0.8]),
+                               "colourfulness": np.ones(2), "warp_error": np.array([np.nan, 1.0])}, cdc=0.0)}
+    strip = Strip(indices=[0, 1], gray=gt, gt=gt, methods={"日本": gt}, reference=gt[0])
+    with matplotlib.rc_context({"font.family": ["DejaVu Sans"]}), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fig in (over_time_figure(res, "psnr", ["a", "b"], "PSNR", "t"), strip_figure(strip, res, ["東.png", "b"])):
+            fig.canvas.draw()
+            texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+            assert any("\\u65e5\\u672c" in t for t in texts) and not any("日" in t or "東" in t for t in texts)
+            plt.close(fig)
