@@ -251,6 +251,9 @@ def check_out(out: Path, keep_report: bool) -> None:
     if problem := out_folder_problem("--out", out):
         raise UsageError(problem)
     report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []
+    for path in report:  # no rename replaces a folder: found now, not after the scoring (nor --overwrite advised)
+        if path.is_dir() and not path.is_symlink():
+            raise UsageError(f"--out {out}: {path} is a folder, where the report writes a file; move it away")
     if report and keep_report:
         raise UsageError(f"--out {out} holds a report already ({report[0].name}); pass --overwrite to replace it, "
                          "or choose another folder")

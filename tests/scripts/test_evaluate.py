@@ -303,6 +303,13 @@ def test_an_existing_report_is_kept_unless_overwrite(clip, capsys, monkeypatch):
     (root / "part" / "strip.png").write_bytes(b"")
     assert evaluate.main([*base[:-1], str(root / "part")]) == 2
     assert "holds a report already (strip.png)" in capsys.readouterr().err
+    (root / "dir").mkdir()  # a folder at a report file's name: no rename replaces it, --overwrite or not
+    (root / "dir" / "psnr.png").mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert evaluate.main([*base[:-1], str(root / "dir"), *extra]) == 2
+        assert capsys.readouterr().err == (f"evaluate.py: error: --out {root / 'dir'}: {root / 'dir' / 'psnr.png'} is "
+                                           "a folder, where the report writes a file; move it away\n")
+    assert len(scored) == 2  # the two runs above that wrote reports (--overwrite, mine), none of these
 
 
 def test_a_full_disk_names_the_file_and_leaves_no_half_report(clip, capsys, monkeypatch):
