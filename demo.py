@@ -44,6 +44,7 @@ from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading  # noqa: E402
 from colorize.gray import to_gray  # noqa: E402
+from colorize.metrics import check_flow_size  # noqa: E402
 from colorize.pipeline import InferenceError, OptionError, Options, reference_frame  # noqa: E402
 from colorize.report import REPORT_FILES  # noqa: E402
 from colorize.frames_io import write_image_atomic  # noqa: E402
@@ -237,9 +238,14 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     if model:
         check_model(args.ckpt, args.steps)
     try:
-        count = probe(args.clip).frame_count
+        info = probe(args.clip)
     except FrameSourceError as e:  # a missing or unreadable clip
         raise DemoError(f"--clip {e}") from None
+    try:  # the report's warp error, and the flow baseline, need optical flow on the clip's frames
+        check_flow_size((info.height, info.width))
+    except ValueError as e:
+        raise DemoError(f"--clip {args.clip}: {e}") from None
+    count = info.frame_count
     if count is not None and stop > count:  # a video's claimed count; prepare_frames checks what decodes
         raise DemoError(f"{args.clip}: has only {count} frames, --frames asks for frames {first}..{stop - 1}")
     check_reference(args.clip, first)

@@ -152,6 +152,17 @@ def test_a_gray_clip_is_refused_before_anything_is_written(tmp_path, capsys):
                capsys)[0] == 0
 
 
+
+def test_a_clip_too_small_for_optical_flow_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The report's warp error needs optical flow on the frames: a 12 px clip failed in evaluate.py
+    only after every method had run."""
+    clip = write_video(panning_clip(4, 12, 16), tmp_path / "small.mp4")
+    rc, out, err = run(["--clip", clip, "--frames", "1:4", "--methods", "reinhard", "--out", tmp_path / "demo"],
+                       capsys)
+    assert rc == 2 and err == (f"demo.py: error: --clip {clip}: frames of 16x12 pixels are too small for optical "
+                               "flow (at least 16 pixels a side)\n")
+    assert out == "" and not (tmp_path / "demo").exists()
+
 def test_out_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
     """Was a raw "[Errno 20] Not a directory" after the first stage had been announced."""
     note = tmp_path / "README.md"
