@@ -212,6 +212,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
         raise UsageError(f"--{e.field.replace('_', '-')} {e.problem}") from None
     if args.fps is not None and not 0.01 <= args.fps <= 1000:  # also NaN and inf, which hang OpenCV's writer
         raise UsageError(f"--fps must be between 0.01 and 1000 (got {args.fps})")
+    if args.fps is not None and not args.video:  # else taken and silently unused
+        raise UsageError("--fps is the frame rate of --video: give --video too")
     if args.fps is not None and Path(args.input).is_file():  # a video's own rate is its sound's: kept in step
         raise UsageError(f"--fps is for frame-folder input: --input {args.input} is a video, whose own frame rate "
                          "--video keeps (so that its sound stays in step)")

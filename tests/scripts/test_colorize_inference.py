@@ -1120,6 +1120,8 @@ def test_fps_and_video_name_limits(tmp_path):
     with pytest.raises(cli.UsageError, match=rf"^--video {re.escape(str(tmp_path / 'v.avi'))}: use a "
                                              r"\.mp4/\.m4v/\.mov file name$"):
         _checked(tmp_path, "--video", tmp_path / "v.avi")
+    with pytest.raises(cli.UsageError, match=r"^--fps is the frame rate of --video: give --video too$"):
+        _checked(tmp_path, "--fps", "25")  # without --video it would be taken and silently unused
 
 
 @pytest.mark.parametrize("error, says", [
