@@ -44,29 +44,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise OSError(failed.errno, failed.strerror, str(path)) from None
 
 
-def _write_error(e: BaseException) -> OSError | None:
-    """The failed write under `e`, if any: the zip writer says only 'unexpected pos' over a full
-    disk's ENOSPC."""
+def _under(e: BaseException | None, wanted) -> BaseException | None:
+    """The first error in `e`'s context chain, `e` first, that `wanted` accepts; a cycle ends
+    the search."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno is not None:
+        if wanted(e):
             return e
         seen.add(id(e))
         e = e.__context__
     return None
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    """The failed write under `e`, if any: the zip writer says only 'unexpected pos' over a full
+    disk's ENOSPC."""
+    return _under(e, lambda x: isinstance(x, OSError) and x.errno is not None)
 
 
 def _interruption(e: BaseException) -> BaseException | None:
     """The Ctrl-C (or exit) under `e`, if any: torch.save's zip writer, closed after a write that a
     KeyboardInterrupt cut short, raises its own RuntimeError ('unexpected pos') over it, which
     would turn an interrupted run into a crash."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if not isinstance(e, Exception):
-            return e
-        seen.add(id(e))
-        e = e.__context__
-    return None
+    return _under(e, lambda x: not isinstance(x, Exception))
 
 
 class StepCheckpoint(ModelCheckpoint):
