@@ -53,16 +53,30 @@ COUNT_SLACK = 2  # missing frames (vs the container's claim) that pass without a
 FALLBACK_FPS = 25.0  # for "one second of frames" when a video does not state its rate
 
 
-class FrameSourceError(Exception):
-    """A video file or frame folder that cannot be read; str(e) is one line naming the file.
+def shown_path(path: str | os.PathLike) -> str:
+    """`path` with bytes that are not UTF-8 as \\xNN: printed as it is, a name's surrogate
+    escapes are an encoding error on a strict stdout."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
-    The path is shown with bytes that are not UTF-8 as \\xNN: printed as it is, a name's
-    surrogate escapes are an encoding error on a strict stdout."""
+
+def opencv_cannot_take(path: str | os.PathLike) -> bool:
+    """Whether `path` is not UTF-8: OpenCV's binding crashes the process (SIGSEGV) on the
+    surrogate escapes Python reads such a name into."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class FrameSourceError(Exception):
+    """A video file or frame folder that cannot be read; str(e) is one line naming the file
+    (shown_path)."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{os.fsencode(self.path).decode('utf-8', 'backslashreplace')}: {problem}")
+        super().__init__(f"{shown_path(self.path)}: {problem}")
 
 
 class FrameRangeError(FrameSourceError):
@@ -209,14 +223,11 @@ def _kind(path: Path) -> str:
 
 
 def _open_video(path: Path, threads: int = 0) -> cv2.VideoCapture:
-    """An opened capture of `path`. A path that is not UTF-8 is refused: OpenCV's binding
-    crashes the process (SIGSEGV) on the surrogate escapes Python reads such a name into."""
+    """An opened capture of `path`; a path that is not UTF-8 is refused (opencv_cannot_take)."""
     if not os.access(path, os.R_OK):
         raise FrameSourceError(path, "file is not readable (permission denied)")
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise FrameSourceError(path, "OpenCV cannot open a file name that is not UTF-8: rename it") from None
+    if opencv_cannot_take(path):
+        raise FrameSourceError(path, "OpenCV cannot open a file name that is not UTF-8: rename it")
     params = [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else []
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
     if not cap.isOpened():

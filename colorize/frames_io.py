@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from annotator.color import to_uint8
-from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image
+from annotator.video import (FrameSourceError, iter_frames, list_frame_files, natural_key, opencv_cannot_take,
+                             read_image, shown_path)
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
 from cliutil import one_line
 
@@ -174,11 +175,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     path = Path(path)
     if not (fps and 0 < fps < math.inf):  # NaN fails the test too; OpenCV hangs on inf
         raise ValueError(f"{path}: fps must be a positive finite number, got {fps}")
-    try:
-        str(path.absolute()).encode("utf-8")
-    except UnicodeEncodeError:  # OpenCV's writer crashes the process (SIGSEGV) on its surrogate escapes
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        raise OSError(f"{shown}: OpenCV cannot write a video whose path is not UTF-8: rename it") from None
+    if opencv_cannot_take(path.absolute()):
+        raise OSError(f"{shown_path(path)}: OpenCV cannot write a video whose path is not UTF-8: rename it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     writer, size, n = None, None, 0
