@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     status = run_cli(PROG, start, args, input_errors())
     if status or args.export:
         return status
-    # While training, only a resume checkpoint of another setup (on_load_checkpoint) and running
-    # out of memory (fit() says which flags to lower) are one line; any other error is a bug and
-    # keeps its traceback. SIGTERM is Lightning's: it stops the run at the end of a step.
+    # While training, a resume checkpoint of another setup (on_load_checkpoint) and what fit()
+    # turns into a UsageError (out of memory, a data loader process lost, a full disk, a frame
+    # gone) are one line; any other error is a bug and keeps its traceback. SIGTERM is
+    # Lightning's: it stops the run at the end of a step.
     from cldm.checkpoint import CheckpointError
     from cldm.run_dir import rerun_hint
     return run_cli(PROG, lambda args: fit(args, *run), args, (CheckpointError, UsageError),
