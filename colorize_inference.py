@@ -111,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
                         "Reinhard et al. 2001 global Lab mean/std transfer (on gray input: the reference's mean "
                         "colour over the input's lightness); reinhard-bands: the reference's mean colour per "
                         "lightness band (shadows and highlights keep their own tints); flow: reference colours "
-                        "warped along optical flow (default: model)")
+                        "warped along optical flow. A baseline takes none of the model and sampling flags, nor --raw "
+                        "(default: model)")
     m.add_argument("--ckpt", type=path_arg, metavar="FILE",
                    help="full checkpoint (.safetensors or .ckpt), or the SD2.1 file when --control is given")
     m.add_argument("--control", type=path_arg, metavar="FILE",
@@ -172,6 +173,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# What only --method model uses: a baseline given one would silently ignore it (--mode recursive
+# with flow, say), so it is refused
+MODEL_ONLY = ("ckpt", "control", "config", "set", "allow_pickle", "device", "precision", "cuda_graph", "compile",
+              "mode", "anchor_every", "anchor_strength", "steps", "eta", "seed", "noise", "size", "batch",
+              "ref_guidance", "raw")
+
+
 class UsageError(Exception):
     """Bad arguments; str(e) is one line."""
 
@@ -203,6 +211,12 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     The sampling values are checked where the library checks them (pipeline.Options), each
     message naming its flag.
     """
+    if args.method != "model":
+        defaults = parser()
+        for dest in MODEL_ONLY:
+            if getattr(args, dest) != defaults.get_default(dest):
+                flag = "--" + ("no-" if getattr(args, dest) is False else "") + dest.replace("_", "-")
+                raise UsageError(f"{flag} is for --method model; --method {args.method} uses no model: leave it out")
     try:
         options = P.Options(size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
                             ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,

@@ -1224,3 +1224,25 @@ def test_video_of_a_later_range_takes_the_size_from_a_frame_in_it(env, tmp_path,
     (src / "f0.png").write_bytes(b"broken")
     rc, _, err = run([*args, "--frames", "1:", "--overwrite", "--video", tmp_path / "v.mp4"], capsys)
     assert rc == 0 and probe(tmp_path / "v.mp4").frame_count == 4, err
+
+
+def test_a_baseline_refuses_the_model_only_flags_it_would_ignore(env, tmp_path, capsys):
+    """--method flow --mode recursive ran flow and silently dropped the mode (and so --steps, --raw,
+    --ckpt ...). Every flag of the model and sampling groups, and --raw, is one of them."""
+    groups = {g.title: g._group_actions for g in cli.parser()._action_groups}
+    model_flags = {a.dest for a in groups["method and model"] + groups["sampling"]} - {"method"}
+    assert set(cli.MODEL_ONLY) == model_flags | {"raw"}
+    base = ["--input", env["gray"], "--reference", env["refs"][0], "--out", tmp_path / "out", "--no-progress"]
+    for method, given, shown in [("flow", ["--mode", "recursive"], "--mode"),
+                                 ("reinhard", ["--steps", "10"], "--steps"),
+                                 ("reinhard-bands", ["--raw"], "--raw"),
+                                 ("flow", ["--ckpt", env["ckpt"]], "--ckpt"),
+                                 ("flow", ["--no-cuda-graph"], "--no-cuda-graph"),
+                                 ("reinhard", ["--set", "model.color_variant=v3"], "--set"),
+                                 ("flow", ["--anchor-strength", "0.5"], "--anchor-strength")]:
+        rc, out, err = run([*base, "--method", method, *given], capsys)
+        assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {shown} is for --method model; --method "
+                                         f"{method} uses no model: leave it out\n")
+    assert not (tmp_path / "out").exists()
+    rc, _, err = run([*base, "--method", "flow", "--mode", "fixed", "--steps", "20"], capsys)  # the defaults
+    assert rc == 0, err
