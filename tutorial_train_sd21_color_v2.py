@@ -130,8 +130,8 @@ def show_config_defaults(p: argparse.ArgumentParser, config: Path) -> None:
 
 
 # what a run writes in OUT, by kind
-RUN_PATHS = {"checkpoints": "folder", "images": "folder", "tb": "folder", "csv": "folder",
-             "config.yaml": "file", "control.safetensors": "file", "control.yaml": "file"}
+RUN_PATHS = {"checkpoints": "folder", "images": "folder", "tb": "folder", "csv": "folder", "replicas.json": "file",
+             "config.yaml": "file", "control.safetensors": "file", "control.yaml": "file"}  # all a run writes in OUT
 
 
 def check_paths(data: Path, init: Path, out: Path) -> None:

@@ -566,6 +566,8 @@ def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_p
     csv = sorted((out / "csv").glob("version_*/metrics.csv"))[-1].read_text()
     assert "train/loss" in csv and "lr-AdamW/trainable" in csv and "lr-AdamW/unet_input" in csv
     assert json.loads((out / "replicas.json").read_text())["identical"]
+    # the script checks up front what it will write in OUT (a folder at replicas.json failed after training)
+    assert {p.name: "folder" if p.is_dir() else "file" for p in out.iterdir()} == train.RUN_PATHS
 
     export = load_state_dict(out / "control.safetensors")  # exactly the checkpoint's trainable tensors
     assert export.keys() == {k[len("model."):] for k in final["state_dict"]}
