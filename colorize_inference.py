@@ -552,6 +552,14 @@ def run(args) -> int:
         yield from written()
         yield from earlier(after)
 
+    def frames_it_holds(e: TruncatedVideoError, start: int, again: str = "") -> str | None:
+        """The range from `start` that colourises the frames a cut-off file still holds after the
+        last output (None if it holds none, or not all of flow's reference frames)."""
+        if e.decoded <= done["next"] or (args.method == "flow" and any(i >= e.decoded for i in args.reference_frame)):
+            return None
+        return (f"--frames {start}:{e.decoded}{again}{' without --video' if args.video else ''} colourises the "
+                f"{'rest of the ' if done['n'] else ''}frames it holds")
+
     def resume(e: BaseException | None = None) -> str:
         if total is not None and done["n"] == total:  # the video's writing failed, after the last frame
             return "only --video is missing: rerun with --overwrite"
@@ -565,11 +573,7 @@ def run(args) -> int:
         if not isinstance(e, TruncatedVideoError):
             return go_on
         # The file ends at frame e.decoded: going on from done["next"] in it ends in this error again.
-        if done["next"] < e.decoded:  # a batch that was being made when the file ran out
-            rest = (f"--frames {start}:{e.decoded}{again}{' without --video' if args.video else ''} colourises the "
-                    "rest of the frames it holds")
-        else:
-            rest = "it holds no more frames"
+        rest = frames_it_holds(e, start, again) or "it holds no more frames"  # else a batch being made ran out
         return f"{rest}; with a complete copy of the file, {go_on}"
 
     try:
@@ -585,6 +589,8 @@ def run(args) -> int:
             message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
                        "lower them")
         if done["n"] == 0:
+            if isinstance(e, TruncatedVideoError) and (holds := frames_it_holds(e, frames.start)):
+                message += f" (nothing was written; {holds})"
             raise UsageError(message) from None
         if isinstance(e, EarlierOutputError):  # a frame outside the range, read after the new ones
             raise UsageError(f"{message} (the {done['n']} new outputs are written and complete; only --video is "

@@ -1246,3 +1246,20 @@ def test_a_baseline_refuses_the_model_only_flags_it_would_ignore(env, tmp_path, 
     assert not (tmp_path / "out").exists()
     rc, _, err = run([*base, "--method", "flow", "--mode", "fixed", "--steps", "20"], capsys)  # the defaults
     assert rc == 0, err
+
+
+def test_a_truncated_video_that_fails_before_any_output_names_the_frames_it_holds(env, tmp_path, capsys):
+    """Flow's scan for where a --reference image belongs, or the model's first batch, reaches the cut
+    before any output is written: the line said only "truncated", and a rerun of the same range
+    failed the same way."""
+    full = write_video(panning_clip(12, 32, 48), tmp_path / "full.avi")
+    cut = truncate_avi(full, tmp_path / "cut.avi", 6)
+    for name, method in [("flow", ["--method", "flow"]), ("model", ["--ckpt", env["ckpt"], "--batch", "8", *FAST])]:
+        args = ["--input", cut, "--reference", env["refs"][0], "--out", tmp_path / name, "--no-progress", *method]
+        rc, _, err = run([*args, "--frames", "1:"], capsys)
+        line = err.splitlines()[-1]
+        assert rc == 2 and line.endswith("cut.avi: truncated or corrupt: decoded 6 of 12 frames (nothing was written; "
+                                         "--frames 1:6 colourises the frames it holds)"), err
+        assert not (tmp_path / name).exists()
+        assert run([*args, *_advice(line, r"(--frames \S+) colourises")], capsys)[0] == 0
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [f"{i:06d}.png" for i in range(1, 6)]
