@@ -566,7 +566,10 @@ def run(args) -> int:
         start, again, why = done["next"], "", ""
         if args.method == "flow" and any(i < start for i in args.reference_frame):
             # flow walks from its reference frames, which a range must hold (baseline_indices): it goes on
-            # from the first of them, making the outputs since again (the same ones: the walk is deterministic)
+            # from the first of them, making the outputs since again. The same ones (the walks are
+            # deterministic and each frame's reference is its own choice), but for one corner: if that
+            # frame chose another reference than its own, its run walks from the run's first frame,
+            # which in the original range may lie before it
             start = min(args.reference_frame)
             again, why = " --overwrite", f" (flow walks again from its reference frame {start})"
         go_on = f"--frames {start}:{frames.stop if frames.stop is not None else ''}{again} continues{why}"
