@@ -2,8 +2,8 @@
 callbacks, the fit with its signal handling, and the export of the trained weights.
 
 The library half of tutorial_train_sd21_color_v2.py (`args` below is its parsed command line;
-the config comes from cldm.train_config). With cldm/lightning.py and cldm/callbacks.py the only
-files that import Lightning, here inside the functions: every DDP process imports this file.
+the config comes from cldm.train_config). Lightning is imported inside the functions: every
+DDP process imports this file.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
-from cldm.model import create_model, model_config
+from cldm.model import ConfigError, create_model, load_config, model_config
 from cldm.trainable import is_export, load_sd_plus_control
 from cldm.weights_config import (check_saved_config, load_resolved_config, read_export_metadata, resolve_config,
                                  saved_config_mismatch)
@@ -45,6 +45,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _remedy(weights, config, overrides: Sequence[str], source: Path | DictConfig) -> str:
+    """What to leave out or fix where the config in use contradicts the one `weights` records:
+    only flags that were given, and a YAML found beside the weights only if it is at fault."""
+    if config is not None:
+        return f"leave out --config{' and --set' if overrides else ''} to use the one saved with it"
+    if isinstance(source, Path) and (not overrides or _contradicts(weights, source)):
+        return f"fix or remove {source}, or pass --config"
+    return "leave out --set to use the one saved with it"  # the weights' own config, or a YAML that agrees
+
+
+def _contradicts(weights, yaml: Path) -> bool:
+    try:
+        return saved_config_mismatch(weights, load_config(yaml)) is not None
+    except ConfigError:  # fine only with the overrides
+        return True
+
+
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                device: str | torch.device = "cpu", allow_pickle: bool = False,
@@ -58,9 +75,8 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     """
     source = resolve_config(ckpt, config, control) if source is None else source
     cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
-    beside = config is None and isinstance(source, Path) and not overrides  # the YAML found next to the weights
-    check_saved_config(control if control is not None else ckpt, cfg, source, overrides,
-                       *([f"fix or remove {source}, or pass --config"] if beside else []))
+    weights = control if control is not None else ckpt
+    check_saved_config(weights, cfg, source, overrides, _remedy(weights, config, overrides, source))
     if control is not None:
         # the SD file (or an init) under the export may record a config too: its VAE and schedule
         # are what it was made with, so a scale factor (say) of another model would colour worse,

@@ -92,7 +92,8 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"saved with another model config: model\.scale_factor is 0\.57326 "
                                               r"there, 0\.18215 in .*cldm_tiny_color\.yaml \(1 key"):
         L.load_model(toy, config=TINY_CONFIG)
-    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the overrides"):
+    with pytest.raises(CheckpointError, match=r"0\.2 in .*toy_color_v2\.yaml with the overrides \(1 key\(s\) differ\); "
+                                              r"leave out --set to use the one saved with it$"):  # not --config: not given
         L.load_model(toy, overrides=["model.scale_factor=0.2"])
     L.load_model(toy, overrides=["model.first_stage.ddconfig.dropout=0.1"])  # eval mode: no contradiction
     alone = tmp_path / "toy.safetensors"  # no YAML beside it: the config saved in the file is used
@@ -102,8 +103,10 @@ def test_a_config_contradicting_the_checkpoints_own_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"1 key\(s\) differ\); fix or remove {tmp_path / 'toy.yaml'}, or pass "
                                               r"--config$"):
         L.load_model(alone)
-    with pytest.raises(CheckpointError, match=r"differ\); leave out --config and --set to use the one saved with it$"):
+    with pytest.raises(CheckpointError, match=r"differ\); leave out --config to use the one saved with it$"):
         L.load_model(alone, config=TINY_CONFIG)
+    with pytest.raises(CheckpointError, match=r"differ\); leave out --config and --set to use the one saved with it$"):
+        L.load_model(alone, config=TINY_CONFIG, overrides=["model.first_stage.ddconfig.dropout=0.1"])
     from cldm.checkpoint import load_state_dict, read_metadata, save_state_dict
     ckpt = tmp_path / "converted.ckpt"  # as `python -m cldm.checkpoint convert` writes it: metadata kept
     save_state_dict(load_state_dict(toy), ckpt, metadata=read_metadata(toy))
@@ -270,14 +273,19 @@ def test_sd_plus_control_checks_the_config_the_export_records_and_builds_on_the_
     assert devices == [torch.device("meta")]
 
 
-def test_a_yaml_beside_the_weights_and_overrides_get_the_remedy_of_a_config_given(tmp_path):
-    """With --set the config is no longer the YAML found alone: leave out --set (and --config)."""
+def test_a_yaml_beside_the_weights_and_overrides_get_the_remedy_of_whichever_is_at_fault(tmp_path):
+    """The remedy names only what was given (it said "leave out --config and --set" with --set
+    alone), and the YAML found beside the weights only where it contradicts them by itself."""
     alone = tmp_path / "toy.safetensors"
     shutil.copy(TOY, alone)
-    (tmp_path / "toy.yaml").write_text(TINY_CONFIG.read_text())
+    (tmp_path / "toy.yaml").write_text(TINY_CONFIG.read_text())  # scale factor 0.18215, the toy's 0.57326
     with pytest.raises(CheckpointError, match=rf"in {tmp_path / 'toy.yaml'} with the overrides \(1 key\(s\) differ\); "
-                                              r"leave out --config and --set to use the one saved with it$"):
+                                              rf"fix or remove {tmp_path / 'toy.yaml'}, or pass --config$"):
         L.load_model(alone, overrides=["model.first_stage.ddconfig.dropout=0.1"])
+    (tmp_path / "toy.yaml").write_text((TOY.parent / "toy_color_v2.yaml").read_text())  # agrees with the weights
+    with pytest.raises(CheckpointError, match=rf"in {tmp_path / 'toy.yaml'} with the overrides \(1 key\(s\) differ\); "
+                                              r"leave out --set to use the one saved with it$"):
+        L.load_model(alone, overrides=["model.scale_factor=0.2"])
 
 
 def test_pickled_files_load_with_allow_pickle_full_or_under_control(tmp_path):
