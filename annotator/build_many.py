@@ -34,7 +34,7 @@ from annotator.pairs import (
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, PARTIAL_DIR, BuildOptions, build_movie, is_finished, load_meta,
     movie_id_for, movie_lock,
 )
-from annotator.video import FrameSourceError, probe
+from annotator.video import FrameSourceError, probe, shown_path
 from cliutil import one_line
 
 
@@ -121,7 +121,8 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
             # one input named twice (a glob and its name, "a" and "a/"); realpath: Path.resolve raises on a loop
             if os.path.realpath(p) == os.path.realpath(by_id[mid]):
                 continue
-            skipped.append(f"{p}: movie id '{mid}' is also used by {by_id[mid]}; rename one of them")
+            skipped.append(f"{shown_path(p)}: movie id '{mid}' is also used by {shown_path(by_id[mid])}; "
+                           f"rename one of them")
             continue
         by_id[mid] = p
     ids = sorted(by_id)
@@ -135,19 +136,19 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
                 meta = load_meta(root / mid)
             except (OSError, ValueError) as e:  # the ValueError names the file, as "F: not valid JSON (...)"
                 what = str(e) if isinstance(e, ValueError) else \
-                    f"{root / mid / 'meta.json'}: unreadable ({one_line(e, with_type=True)})"
-                skipped.append(f"{what}; delete {root / mid} to rebuild it")
+                    f"{shown_path(root / mid / 'meta.json')}: unreadable ({one_line(e, with_type=True)})"
+                skipped.append(f"{what}; delete {shown_path(root / mid)} to rebuild it")
                 continue
             old = meta.get("source")
             if old and Path(old) != Path(os.path.realpath(p)):
-                skipped.append(f"{p}: movie id '{mid}' was already built from {old}; rename this input "
-                               f"or delete {root / mid}")
+                skipped.append(f"{shown_path(p)}: movie id '{mid}' was already built from {shown_path(old)}; "
+                               f"rename this input or delete {shown_path(root / mid)}")
                 continue
             existing.append(mid)
             if options is not None:
                 diff = option_changes(meta, options)
                 if diff:
-                    notes.append(f"{root / mid}: kept, but it was built with {', '.join(diff)}; "
+                    notes.append(f"{shown_path(root / mid)}: kept, but it was built with {', '.join(diff)}; "
                                  f"delete it to rebuild")
             continue
         try:
@@ -305,9 +306,9 @@ def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str
         return str(e)
     except OSError as e:
         raise_if_output_error(e, data_root)
-        return f"{path}: {one_line(e, with_type=True)}"
+        return f"{shown_path(path)}: {one_line(e, with_type=True)}"
     except (ValueError, cv2.error) as e:
-        return f"{path}: {one_line(e, with_type=True)}"
+        return f"{shown_path(path)}: {one_line(e, with_type=True)}"
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -357,7 +358,7 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
                 if isinstance(w.result, OutputError):
                     raise w.result  # the finally below stops the other workers and removes their output
                 result = w.result if w.result is not None else (
-                    f"{w.path}: the worker process died (exit code {w.proc.exitcode}) while building it")
+                    f"{shown_path(w.path)}: the worker process died (exit code {w.proc.exitcode}) while building it")
                 if not finish(w.mid, result) and strict:
                     summary.stopped = True
             if summary.stopped:
@@ -479,7 +480,7 @@ def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOption
         conn.close()
         return
     except Exception as e:  # a bug, not bad input: still one line, and the run goes on
-        result = f"{path}: {one_line(e, with_type=True)}"
+        result = f"{shown_path(path)}: {one_line(e, with_type=True)}"
     if pending[0]:
         conn.send(("progress", pending[0]))
     conn.send(("result", result))

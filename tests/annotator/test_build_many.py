@@ -562,3 +562,19 @@ def test_signals_deferred_holds_them_with_other_threads_running_and_delivers_the
         for s, handler in old.items():
             signal.signal(s, handler)
         stop.set()
+
+
+def test_plan_shows_names_that_are_not_utf8_with_escapes(tmp_path):
+    """Python reads b"caf\\xe9" in as surrogate escapes, which a strict stdout (the summary) cannot encode: plan's
+    clash lines show such names as annotator.video.shown_path does (\\xe9), and encode as UTF-8."""
+    name = os.fsdecode(b"caf\xe9")
+    a = write_folder(panning_clip(4, 16, 24), tmp_path / "a").rename(tmp_path / name)
+    b = write_folder(panning_clip(4, 16, 24, seed=1), tmp_path / "x" / "a").rename(tmp_path / "x" / name)
+    skipped = build_many.plan([a, b], tmp_path / "data")[2]
+    assert skipped == [f"{tmp_path}/x/caf\\xe9: movie id 'caf_' is also used by {tmp_path}/caf\\xe9; "
+                       "rename one of them"]
+    build_all([a], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    skipped = build_many.plan([b], tmp_path / "data")[2]
+    assert skipped == [f"{tmp_path}/x/caf\\xe9: movie id 'caf_' was already built from {tmp_path}/caf\\xe9; "
+                       f"rename this input or delete {tmp_path}/data/caf_"]
+    assert skipped[0].encode("utf-8")
