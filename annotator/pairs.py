@@ -104,10 +104,12 @@ def load_meta(movie_dir: str | os.PathLike) -> dict:
 
 
 def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:
-    """A movie's similarity table, float (N, 2W+1); ValueError naming the file for anything else
-    (empty, cut short, not a .npy file, another shape), where numpy's errors name none or mislead
-    (a text file "contains pickled data"). Mapped, then copied: a header that claims more data
-    than the file holds is a ValueError, not an allocation of what it claims."""
+    """A movie's similarity table, float (N, 2W+1) with N the frame count of its meta.json;
+    ValueError naming the file for anything else (empty, cut short, not a .npy file, another
+    shape, a table of another build with another frame count, whose rows would pair the wrong
+    frames or frames that do not exist), where numpy's errors name none or mislead (a text
+    file "contains pickled data"). Mapped, then copied: a header that claims more data than
+    the file holds is a ValueError, not an allocation of what it claims."""
     path = Path(movie_dir) / "similarity.npy"
     try:
         sim = np.array(np.lib.format.open_memmap(path, mode="r"))
@@ -115,7 +117,12 @@ def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:
         why = "empty, cut short or not a .npy file"
     else:
         if sim.ndim == 2 and sim.shape[0] and sim.shape[1] % 2 and sim.dtype.kind == "f":
-            return sim
+            frames = load_meta(movie_dir)["frame_count"]
+            if sim.shape[0] == frames:
+                return sim
+            raise ValueError(f"{path}: {sim.shape[0]} rows, but {path.parent / 'meta.json'} says {frames} frames "
+                             f"(files of two different builds); delete {path.parent} and rebuild it with "
+                             f"build_pairs.py")
         why = f"it holds a {sim.dtype} array of shape {sim.shape}, not (frames, 2 x window + 1) floats"
     raise ValueError(f"{path}: not a whole similarity table ({why}); delete {path.parent} and rebuild it with "
                      f"build_pairs.py")

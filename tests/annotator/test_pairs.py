@@ -248,6 +248,19 @@ def test_a_similarity_npy_that_is_not_a_whole_table_is_named(tmp_path, content, 
                            f"{tmp_path} and rebuild it with build_pairs.py"
 
 
+def test_a_similarity_npy_with_another_frame_count_than_meta_json_is_named(tmp_path):
+    """similarity.npy copied from another build of the movie: its rows would pair the wrong frames, or
+    frames past its end; load_similarity names both files and both counts."""
+    (tmp_path / "meta.json").write_text('{"frame_count": 3, "size": [8, 8], "image_format": "png"}')
+    (tmp_path / "similarity.npy").write_bytes(_npy(np.zeros((4, 3), np.float32)))
+    with pytest.raises(ValueError) as e:
+        load_similarity(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'similarity.npy'}: 4 rows, but {tmp_path / 'meta.json'} says 3 frames "
+                            f"(files of two different builds); delete {tmp_path} and rebuild it with build_pairs.py")
+    (tmp_path / "similarity.npy").write_bytes(_npy(np.zeros((3, 3), np.float32)))
+    assert load_similarity(tmp_path).shape == (3, 3)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(size=100), "--size must be 0 or a multiple of 8 up to 4320 (got 100)"),
     (dict(size=-8), "--size must be 0 or a multiple of 8 up to 4320 (got -8)"),
