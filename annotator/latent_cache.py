@@ -94,13 +94,17 @@ LATENTS_META_KEYS = ("vae_fingerprint", "frame_size")  # what the readers take w
 
 def cache_info(movie_dir: str | os.PathLike) -> dict | None:
     """A movie's latents.json, None if there is none; ValueError naming it if it is not JSON or
-    lacks what readers need, as load_meta for meta.json (a KeyError names no file)."""
+    lacks what readers need (or holds a fingerprint that is no string), as load_meta for meta.json
+    (a KeyError names no file)."""
     p = Path(movie_dir) / LATENTS_META
     if not p.is_file():
         return None
     info = read_json(p)
     if missing := [k for k in LATENTS_META_KEYS if k not in info]:
         raise ValueError(f"{p}: no {missing[0]!r} entry (not a latents.json written by build_latent_cache.py)")
+    if not isinstance(info["vae_fingerprint"], str):  # readers slice and compare it: a TypeError naming nothing
+        raise ValueError(f"{p}: its 'vae_fingerprint' holds a {type(info['vae_fingerprint']).__name__}, not a "
+                         "string (not a latents.json written by build_latent_cache.py)")
     return info
 
 

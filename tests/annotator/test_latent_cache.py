@@ -394,6 +394,22 @@ def test_a_latents_json_without_what_readers_need_is_named_like_a_broken_one(cac
     assert build_latent_cache(cached_root, vae, overwrite=True, progress=False)["built"] == ["pan"]
 
 
+@pytest.mark.parametrize("value, kind", [("12", "int"), ("null", "NoneType"), ('["ab"]', "list")])
+def test_a_latents_json_whose_fingerprint_is_no_string_is_named_like_a_broken_one(cached_root, value, kind):
+    """A number was a TypeError traceback ('int' object is not subscriptable), a list a refusal quoting it:
+    now the one line of a broken latents.json, and --overwrite rebuilds it without reading it."""
+    vae = tiny_vae(0)
+    info = cached_root / "pan" / LATENTS_META
+    info.write_text(f'{{"vae_fingerprint": {value}, "frame_size": [160, 64]}}')
+    for call in (lambda: build_latent_cache(cached_root, vae, progress=False),
+                 lambda: load_latents(cached_root / "pan", vae_fingerprint(vae))):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == (f"{info}: its 'vae_fingerprint' holds a {kind}, not a string (not a latents.json "
+                                "written by build_latent_cache.py)")
+    assert build_latent_cache(cached_root, vae, overwrite=True, progress=False)["built"] == ["pan"]
+
+
 @pytest.mark.parametrize("keep, problem", [
     (1000, "1000 bytes, but its shape needs 20608: cut short?"),
     (50, "not a whole .npy file"),
