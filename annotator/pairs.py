@@ -95,11 +95,22 @@ META_KEYS = ("frame_count", "size", "image_format")  # what the dataset and the 
 
 
 def load_meta(movie_dir: str | os.PathLike) -> dict:
-    """A movie's meta.json; ValueError naming it if it lacks what readers need (KeyError names no file)."""
+    """A movie's meta.json; ValueError naming it if it lacks what readers need, or holds another
+    kind of value there (a KeyError, or the TypeError of "3" + 1, names no file)."""
     path = Path(movie_dir) / "meta.json"
     meta = read_json(path)
     if missing := [k for k in META_KEYS if k not in meta]:
         raise ValueError(f"{path}: no {missing[0]!r} entry (not a meta.json written by build_pairs.py)")
+    n, size = meta["frame_count"], meta["size"]
+    whole = lambda v: type(v) is int and v >= 1  # noqa: E731 (bool is an int too)
+    for key, fits, want in [("frame_count", whole(n), "a whole number >= 1"),
+                            ("size", isinstance(size, list) and len(size) == 2 and all(map(whole, size)),
+                             "[width, height] in whole pixels")]:
+        if not fits:
+            shown = json.dumps(meta[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ValueError(f"{path}: its {key!r} holds {shown}, not {want} (not a meta.json written by "
+                             "build_pairs.py)")
     return meta
 
 

@@ -213,6 +213,29 @@ def test_sample_clip_with_cuts(tmp_path):
     (b'{"frame_count": 3, "size": [8, 8]}', "no 'image_format' entry (not a meta.json written by build_pairs.py)"),
     (b"{", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2)"),  # cut short
     (b'{"frame_count": 3, "image_format": "png"}', "no 'size' entry (not a meta.json written by build_pairs.py)"),
+    # were TypeErrors and AttributeErrors naming no file in build_latent_cache.py ("'int' and 'str'", ...)
+    (b'{"frame_count": "3", "size": [8, 8], "image_format": "png"}', "its 'frame_count' holds \"3\", not a whole "
+                                                                      "number >= 1 (not a meta.json written by "
+                                                                      "build_pairs.py)"),
+    (b'{"frame_count": 0, "size": [8, 8], "image_format": "png"}', "its 'frame_count' holds 0, not a whole number "
+                                                                    ">= 1 (not a meta.json written by build_pairs.py)"),
+    (b'{"frame_count": true, "size": [8, 8], "image_format": "png"}', "its 'frame_count' holds true, not a whole "
+                                                                       "number >= 1 (not a meta.json written by "
+                                                                       "build_pairs.py)"),
+    (b'{"frame_count": 3.0, "size": [8, 8], "image_format": "png"}', "its 'frame_count' holds 3.0, not a whole "
+                                                                      "number >= 1 (not a meta.json written by "
+                                                                      "build_pairs.py)"),
+    (b'{"frame_count": 3, "size": [8], "image_format": "png"}', "its 'size' holds [8], not [width, height] in whole "
+                                                                 "pixels (not a meta.json written by build_pairs.py)"),
+    (b'{"frame_count": 3, "size": "8x8", "image_format": "png"}', "its 'size' holds \"8x8\", not [width, height] in "
+                                                                   "whole pixels (not a meta.json written by "
+                                                                   "build_pairs.py)"),
+    (b'{"frame_count": 3, "size": [8, 0], "image_format": "png"}', "its 'size' holds [8, 0], not [width, height] in "
+                                                                    "whole pixels (not a meta.json written by "
+                                                                    "build_pairs.py)"),
+    (b'{"frame_count": 3, "size": [' + b"1000, " * 20 + b'8], "image_format": "png"}',
+     "its 'size' holds [1000, 1000, 1000, 1000, 1000, 1000, ..., not [width, height] in whole pixels (not a "
+     "meta.json written by build_pairs.py)"),
 ])
 def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     from annotator.pairs import load_meta
