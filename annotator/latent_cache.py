@@ -84,6 +84,18 @@ def read_frame(path: Path) -> np.ndarray:
     return bgr_to_rgb(img)
 
 
+def _stored_frame(movie_dir: Path, index: int, fmt: str, w: int, h: int) -> np.ndarray:
+    """read_frame, refusing a frame of another size than meta.json gives (a frame replaced by
+    hand): np.stack's "all input arrays must have the same shape" names no file, and a batch of
+    such frames alone would be encoded into latents of another shape."""
+    path = frame_path(movie_dir, index, fmt)
+    img = read_frame(path)
+    if img.shape[:2] != (h, w):
+        raise ValueError(f"{path}: a {img.shape[1]}x{img.shape[0]} frame, but {movie_dir / 'meta.json'} says the "
+                         f"movie's frames are {w}x{h}; rebuild the movie with build_pairs.py")
+    return img
+
+
 def partial_files(movie_dir: Path) -> tuple[Path, Path]:
     """Where encode_movie writes latents.npy and latents.json before renaming them."""
     return movie_dir / (LATENTS + ".partial"), movie_dir / (LATENTS_META + ".partial")
@@ -212,7 +224,7 @@ def encode_movie(
     try:
         with cf.ThreadPoolExecutor(4) as pool:
             batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-            load = lambda b: np.stack([read_frame(frame_path(movie_dir, i, fmt)) for i in b])  # noqa: E731
+            load = lambda b: np.stack([_stored_frame(movie_dir, i, fmt, w, h) for i in b])  # noqa: E731
             nxt = pool.submit(load, batches[0]) if batches else None
             for k, b in enumerate(batches):
                 imgs = nxt.result()

@@ -306,6 +306,23 @@ def test_read_frame_takes_a_path_that_is_not_utf8_and_names_what_it_cannot_read(
         with pytest.raises(OSError, match=f"^{re.escape(str(bad))}: cannot read frame$"):
             read_frame(bad)
 
+@pytest.mark.parametrize("batch_size", [8, 1])
+def test_a_frame_of_another_size_than_meta_json_is_named_and_the_old_cache_kept(cached_root, batch_size):
+    """A stored frame replaced by one of another size: in a batch with others it was np.stack's "all input
+    arrays must have the same shape", naming no file; alone in its batch, encoded into latents of another
+    shape. Now one line naming the frame, meta.json and both sizes, before the old cache is touched."""
+    movie = cached_root / "pan"
+    frame = frame_path(movie, 3)
+    frame.write_bytes(cv2.imencode(".jpg", np.zeros((32, 48, 3), np.uint8))[1].tobytes())
+    kept = {p: p.read_bytes() for p in (movie / LATENTS, movie / LATENTS_META)}
+    with pytest.raises(ValueError) as e:
+        build_latent_cache(cached_root, tiny_vae(1), batch_size=batch_size, overwrite=True, progress=False)
+    assert str(e.value) == (f"{frame}: a 48x32 frame, but {movie / 'meta.json'} says the movie's frames are 160x64; "
+                            "rebuild the movie with build_pairs.py")
+    assert {p: p.read_bytes() for p in kept} == kept and sorted(os.listdir(movie)) == sorted(
+        ["frames", LATENTS, LATENTS_META, "meta.json", "similarity.npy"])
+
+
 def test_a_cache_with_fewer_latents_than_frames_is_refused(cached_root):
     lat = np.load(cached_root / "pan" / LATENTS)
     np.save(cached_root / "pan" / LATENTS, lat[:-1])  # a movie rebuilt with one frame more, say
