@@ -286,7 +286,7 @@ def check_movies(data_root: str | os.PathLike, movies: Sequence[str]) -> None:
     ('../other_root/movie') would write a cache into another data root."""
     root = Path(data_root)
     for mid in movies:
-        if mid.startswith(".") or Path(mid).name != mid:
+        if not mid or mid.startswith(".") or Path(mid).name != mid:  # '': DATA_ROOT itself
             raise LatentCacheError(f"{mid!r}: not a movie id of {root} (the name of a movie folder in it, "
                                    "without a path)")
         if not is_finished(root / mid):

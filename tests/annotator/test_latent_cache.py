@@ -473,11 +473,12 @@ def test_a_replacement_interrupted_before_its_metadata_reads_as_not_built(cached
 
 def test_cli_refuses_movie_ids_with_a_path_or_none(root, tmp_path, capsys):
     """'../other_root/movie' would write into another data root: refused in one line, before the
-    checkpoint is read (the one given does not exist); so is --movies without an id."""
+    checkpoint is read (the one given does not exist); so are --movies without an id and the id ''
+    (DATA_ROOT itself: it was called "not a finished movie")."""
     import build_latent_cache as cli
 
     other = Path(shutil.copytree(root, tmp_path / "other"))
-    for mid in ("../other/pan", str(other / "pan"), "..", ".partial", "pan/"):
+    for mid in ("../other/pan", str(other / "pan"), "..", ".partial", "pan/", ""):
         rc = cli.main([str(root), "--ckpt", str(tmp_path / "none.safetensors"), "--movies", mid])
         assert rc == 2 and capsys.readouterr().err == (
             f"build_latent_cache.py: error: {mid!r}: not a movie id of {root} (the name of a movie folder in it, "
