@@ -74,6 +74,9 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
         try:
             return load_file(path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
+            if _is_torch_file(path):  # else "header too large": the zip's first bytes read as its length
+                raise CheckpointError(f"{path}: looks like a torch checkpoint with a .safetensors extension; "
+                                      "rename it to .ckpt") from None
             raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from None
     check_checkpoint_file(path)
     obj = _torch_load(path, map_location, allow_pickle)
@@ -129,13 +132,27 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
             head = f.read(16)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
-    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+    if _torch_head(head):
         return
     if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         raise CheckpointError(f"{path}: looks like a safetensors file with a {path.suffix or 'missing'} "
                               "extension; rename it to .safetensors")
     raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
                           ".ckpt/.pt/.pth zip or pickle)")
+
+
+def _torch_head(head: bytes) -> bool:
+    """Whether a file's first bytes are a torch checkpoint's: a zip (torch >= 1.6) or a pickle of
+    protocol >= 2 (the legacy format)."""
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _is_torch_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return _torch_head(f.read(16))
+    except OSError:
+        return False
 
 
 def _torch_load(path, map_location, allow_pickle):

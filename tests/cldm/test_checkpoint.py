@@ -775,6 +775,20 @@ def test_convert_into_a_missing_folder_names_the_folder(tmp_path, capsys):
                                        "it in\n")
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy pickle"])
+def test_a_torch_checkpoint_with_a_safetensors_extension_is_named_so_on_load(tmp_path, legacy):
+    """The mirror of a safetensors file under a torch extension: was "truncated or not a safetensors file
+    (Error while deserializing header: header too large)"; a file that is neither is still called that."""
+    path = tmp_path / "m.safetensors"
+    torch.save({"a": torch.ones(2)}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(path)
+    assert str(e.value) == f"{path}: looks like a torch checkpoint with a .safetensors extension; rename it to .ckpt"
+    path.write_bytes(b"PK\x03")
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: truncated or not a safetensors file \("):
+        load_state_dict(path)
+
+
 def test_files_that_are_no_torch_checkpoint_are_named_so_on_load(tmp_path, monkeypatch):
     """load_state_dict checks the first bytes before torch.load would call them corrupt: a
     safetensors file under a torch extension (also cut after the header's first byte), anything
