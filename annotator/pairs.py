@@ -43,7 +43,7 @@ import numpy as np
 from annotator.similarity import (
     METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
 )
-from annotator.video import iter_frames, probe
+from annotator.video import iter_frames, probe, shown_path
 from atomicio import sync_folder, sync_tree, try_lock
 
 FORMAT_VERSION = 1
@@ -83,11 +83,11 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+        raise ValueError(f"{shown_path(path)}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError as e:  # a ValueError too, but one that names no file
-        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: byte {e.start})") from None
+        raise ValueError(f"{shown_path(path)}: not valid JSON (not UTF-8 text: byte {e.start})") from None
     if not isinstance(data, dict):  # callers read keys: "'list' object has no attribute 'get'" names nothing
-        raise ValueError(f"{path}: not a JSON object (it holds a {type(data).__name__})")
+        raise ValueError(f"{shown_path(path)}: not a JSON object (it holds a {type(data).__name__})")
     return data
 
 
@@ -100,7 +100,7 @@ def load_meta(movie_dir: str | os.PathLike) -> dict:
     path = Path(movie_dir) / "meta.json"
     meta = read_json(path)
     if missing := [k for k in META_KEYS if k not in meta]:
-        raise ValueError(f"{path}: no {missing[0]!r} entry (not a meta.json written by build_pairs.py)")
+        raise ValueError(f"{shown_path(path)}: no {missing[0]!r} entry (not a meta.json written by build_pairs.py)")
     n, size = meta["frame_count"], meta["size"]
     whole = lambda v: type(v) is int and v >= 1  # noqa: E731 (bool is an int too)
     for key, fits, want in [("frame_count", whole(n), "a whole number >= 1"),
@@ -109,7 +109,7 @@ def load_meta(movie_dir: str | os.PathLike) -> dict:
         if not fits:
             shown = json.dumps(meta[key])
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
-            raise ValueError(f"{path}: its {key!r} holds {shown}, not {want} (not a meta.json written by "
+            raise ValueError(f"{shown_path(path)}: its {key!r} holds {shown}, not {want} (not a meta.json written by "
                              "build_pairs.py)")
     return meta
 
@@ -131,12 +131,12 @@ def load_similarity(movie_dir: str | os.PathLike) -> np.ndarray:
             frames = load_meta(movie_dir)["frame_count"]
             if sim.shape[0] == frames:
                 return sim
-            raise ValueError(f"{path}: {sim.shape[0]} rows, but {path.parent / 'meta.json'} says {frames} frames "
-                             f"(files of two different builds); delete {path.parent} and rebuild it with "
-                             f"build_pairs.py")
+            raise ValueError(f"{shown_path(path)}: {sim.shape[0]} rows, but {shown_path(path.parent / 'meta.json')} "
+                             f"says {frames} frames (files of two different builds); delete {shown_path(path.parent)} "
+                             "and rebuild it with build_pairs.py")
         why = f"it holds a {sim.dtype} array of shape {sim.shape}, not (frames, 2 x window + 1) floats"
-    raise ValueError(f"{path}: not a whole similarity table ({why}); delete {path.parent} and rebuild it with "
-                     f"build_pairs.py")
+    raise ValueError(f"{shown_path(path)}: not a whole similarity table ({why}); delete {shown_path(path.parent)} and "
+                     "rebuild it with build_pairs.py")
 
 
 def pair_mask(sim: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH,
@@ -258,7 +258,7 @@ def movie_lock(root: Path, movie_id: str):
 def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions, progress, warn) -> dict:
     tmp, final = root / PARTIAL_DIR / movie_id, root / movie_id
     if final.exists():
-        raise FileExistsError(f"{final} already exists")
+        raise FileExistsError(f"{shown_path(final)} already exists")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run (a running one would hold the lock)
     t0 = time.perf_counter()
     ext = "." + options.image_format

@@ -1,4 +1,5 @@
 import io
+import os
 from pathlib import Path
 
 import cv2
@@ -244,6 +245,22 @@ def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     with pytest.raises(ValueError) as e:
         load_meta(tmp_path)
     assert str(e.value) == f"{tmp_path / 'meta.json'}: {why}"
+
+
+def test_meta_and_similarity_errors_show_a_folder_name_that_is_not_utf8_with_escapes(tmp_path):
+    """As annotator.video.shown_path: \\xe9, not the surrogate escape a strict stdout (build_pairs.py's summary)
+    cannot encode and stderr shows as \\udce9."""
+    movie = tmp_path / os.fsdecode(b"caf\xe9")
+    movie.mkdir()
+    (movie / "meta.json").write_text("")
+    (movie / "similarity.npy").write_bytes(b"")
+    shown = f"{tmp_path}/caf\\xe9"
+    for load, line in [(load_meta, f"{shown}/meta.json: not valid JSON (Expecting value: line 1 column 1)"),
+                       (load_similarity, f"{shown}/similarity.npy: not a whole similarity table (empty, cut short or "
+                                         f"not a .npy file); delete {shown} and rebuild it with build_pairs.py")]:
+        with pytest.raises(ValueError) as e:
+            load(movie)
+        assert str(e.value) == line
 
 
 def _npy(array: np.ndarray) -> bytes:
