@@ -74,10 +74,9 @@ def check_data_root(data_root, movies) -> None:
         raise ValueError(f"DATA_ROOT {root} does not exist (build it with build_pairs.py --out {root})")
     if not root.is_dir():
         raise ValueError(f"DATA_ROOT {root} is {not_a_folder(root)}")
-    if movies is None and not list_movies(root):
+    if movies is None and not (movies := list_movies(root)):
         raise ValueError(f"{root}: no finished movies to encode (build them with build_pairs.py --out {root})")
-    if movies is not None:
-        check_movies(root, movies)
+    check_movies(root, movies)
 
 
 def load_vae(config_path, ckpt_path, allow_pickle: bool = False):

@@ -282,8 +282,9 @@ def encode_movie(
 
 
 def check_movies(data_root: str | os.PathLike, movies: Sequence[str]) -> None:
-    """Refuse ids that are not finished movies directly under DATA_ROOT: an id with a path in it
-    ('../other_root/movie') would write a cache into another data root."""
+    """Refuse ids that are not finished movies directly under DATA_ROOT (an id with a path in it,
+    '../other_root/movie', would write a cache into another data root), and a folder where a
+    movie's cache writes a file (found only at the rename, after the movie's encoding)."""
     root = Path(data_root)
     for mid in movies:
         if not mid or mid.startswith(".") or Path(mid).name != mid:  # '': DATA_ROOT itself
@@ -291,6 +292,10 @@ def check_movies(data_root: str | os.PathLike, movies: Sequence[str]) -> None:
                                    "without a path)")
         if not is_finished(root / mid):
             raise LatentCacheError(f"{root / mid}: not a finished movie (run build_pairs.py first)")
+        for path in (root / mid / LATENTS, root / mid / LATENTS_META, root / mid / LATENTS_LOCK,
+                     *partial_files(root / mid)):
+            if path.is_dir():
+                raise LatentCacheError(f"{path}: a folder where the latent cache writes a file; move it away")
 
 
 def _state(movie_dir: Path, fingerprint: str, overwrite: bool, gray: bool) -> tuple[str, str | None]:

@@ -945,3 +945,19 @@ def test_with_overwrite_a_movie_another_run_just_rebuilt_with_these_weights_is_k
     with held_by_another_run(root / "pan", seconds=0.5, finish=finish):
         result = build_latent_cache(root, tiny_vae(0), overwrite=True, progress=False, log=lambda line: None)
     assert result["existing"] == ["pan"] and result["built"] == []
+
+
+@pytest.mark.parametrize("name", [LATENTS, "latents.json", "latents.lock", LATENTS + ".partial"])
+def test_a_folder_where_the_cache_writes_a_file_is_refused_before_any_encoding(root, tmp_path, capsys, name):
+    """It failed at the rename, after the movie was encoded ("[Errno 21] Is a directory: ...");
+    now before the checkpoint is read (the one given does not exist), with or without --movies."""
+    import build_latent_cache as cli
+
+    (root / "pan" / name).mkdir()
+    for movies in ([], ["--movies", "pan"]):
+        rc = cli.main([str(root), "--ckpt", str(tmp_path / "none.safetensors"), "--overwrite", *movies])
+        assert rc == 2 and capsys.readouterr().err == (
+            f"build_latent_cache.py: error: {root / 'pan' / name}: a folder where the latent cache writes a file; "
+            "move it away\n")
+    with pytest.raises(LatentCacheError, match=f"{name}: a folder where"):
+        build_latent_cache(root, tiny_vae(0), progress=False)
