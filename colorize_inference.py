@@ -554,9 +554,11 @@ def run(args) -> int:
 
     def frames_it_holds(e: TruncatedVideoError, start: int, again: str = "") -> str | None:
         """The range from `start` that colourises the frames a cut-off file still holds after the
-        last output (None if it holds none, or not all of flow's reference frames)."""
-        if e.decoded <= done["next"] or (args.method == "flow" and any(i >= e.decoded for i in args.reference_frame)):
+        last output (None if it holds none)."""
+        if e.decoded <= done["next"]:
             return None
+        if args.method == "flow" and (past := [i for i in args.reference_frame if i >= e.decoded]):
+            return f"it ends before flow's reference frame {min(past)}"  # which a range must hold
         return (f"--frames {start}:{e.decoded}{again}{' without --video' if args.video else ''} colourises the "
                 f"{'rest of the ' if done['n'] else ''}frames it holds")
 

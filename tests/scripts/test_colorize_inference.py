@@ -1263,3 +1263,9 @@ def test_a_truncated_video_that_fails_before_any_output_names_the_frames_it_hold
         assert not (tmp_path / name).exists()
         assert run([*args, *_advice(line, r"(--frames \S+) colourises")], capsys)[0] == 0
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == [f"{i:06d}.png" for i in range(1, 6)]
+    # flow's reference frame past the cut: no range of this file can hold it
+    rc, _, err = run(["--input", cut, "--gt", full, "--reference-frame", "8", "--method", "flow", "--out",
+                      tmp_path / "past", "--no-progress"], capsys)
+    assert rc == 2 and err.splitlines()[-1].endswith(
+        "cut.avi: truncated or corrupt: decoded 6 of 12 frames (nothing was written; it ends before flow's reference "
+        "frame 8)"), err
