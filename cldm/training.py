@@ -272,7 +272,7 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
     t = cfg.train
     loaders = f"at step {step} (--batch-size {t.batch_size}, --num-workers {t.num_workers} data loader processes " \
               "per device): lower either"
-    room = f"{shm}: {size_of(shutil.disk_usage(shm).total)}" if shm.is_dir() else str(shm)
+    room = lambda: f"{shm}: {size_of(shutil.disk_usage(shm).total)}" if shm.is_dir() else str(shm)  # noqa: E731
     more_shm = f"give {shm} more room (Docker: --shm-size 8g)"
     if isinstance(e, torch.OutOfMemoryError):  # the GPU's
         ways = ["lower --batch-size (raise --accumulate to keep the samples per optimiser step)"]
@@ -283,9 +283,9 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
         ways = ", ".join(ways[:-1]) + " or " + ways[-1] if len(ways) > 1 else ways[0]
         what = f"out of memory on {device} at step {step} (--batch-size {t.batch_size} at --size {t.size}): {ways}"
     elif loader_says(e, SHM_FULL):
-        what = f"a data loader process ran out of shared memory ({room}) {loaders}, or {more_shm}"
+        what = f"a data loader process ran out of shared memory ({room()}) {loaders}, or {more_shm}"
     elif loader_says(e, BUS_ERROR):
-        what = (f"a data loader process was killed by SIGBUS, most likely for lack of shared memory ({room}) "
+        what = (f"a data loader process was killed by SIGBUS, most likely for lack of shared memory ({room()}) "
                 f"{loaders}, or {more_shm}")
     elif loader_says(e, KILLED_LOADER):
         what = f"a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM) {loaders}"
@@ -293,7 +293,7 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
         what = f"out of memory (RAM) {loaders}"
     elif LOADER_GONE in str(e) and not loader_says(e, SIGNALLED):
         what = (f"a data loader process ended without saying why (torch: {str(e).splitlines()[0]}); most likely it "
-                f"ran out of RAM (the OOM killer) or of shared memory ({room}) {loaders}, or {more_shm}; its own "
+                f"ran out of RAM (the OOM killer) or of shared memory ({room()}) {loaders}, or {more_shm}; its own "
                 "message, if it left one, is above")
     else:
         return None
