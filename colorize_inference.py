@@ -578,7 +578,7 @@ def run(args) -> int:
         if not isinstance(e, TruncatedVideoError):
             return go_on
         # The file ends at frame e.decoded: going on from done["next"] in it ends in this error again.
-        rest = frames_it_holds(e, start, again) or "it holds no more frames"  # else a batch being made ran out
+        rest = frames_it_holds(e, start, again) or "it holds no more frames"  # held: a batch being made when it ran out
         return f"{rest}; with a complete copy of the file, {go_on}"
 
     try:
