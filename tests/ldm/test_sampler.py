@@ -226,6 +226,22 @@ def test_half_precision_inputs_are_computed_in_float32():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_half_precision_eps_is_computed_in_float32_too():
+    """A model run under autocast gives eps in bf16 like x: ddim_step still takes both to float32
+    before any arithmetic (bf16 products and differences would round at every operation), and
+    rounds only its results; exact."""
+    x0, e = data()
+    a, a_prev = 0.3, 0.6
+    x = (a ** 0.5 * x0 + (1 - a) ** 0.5 * e).to(torch.bfloat16)
+    eps = e.to(torch.bfloat16)
+    x_prev, pred_x0 = ddim_step(x, eps, a, a_prev, 0.0)
+    assert x_prev.dtype == pred_x0.dtype == torch.bfloat16
+    want_x0 = (x.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
+    want = a_prev ** 0.5 * want_x0 + (1 - a_prev) ** 0.5 * eps.float()
+    torch.testing.assert_close(pred_x0, want_x0.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(x_prev, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_parameterization_and_the_schedule_length():
     """Only eps and v are known; the timesteps come from the schedule given (40 steps: stride 2 for
     20 DDIM steps), not SD2.1's 1000; 20 steps by default."""
