@@ -89,6 +89,9 @@ def test_stored_size_and_ids(tmp_path):
     assert stored_size(1280, 720, 0) == (1280, 720)
     # 0 keeps the source's short side on the 8-grid, as the VAE (build_latent_cache) needs
     assert stored_size(160, 90, 0) == (160, 88) and stored_size(90, 160, 0) == (88, 160)
+    # down even from 7 px over the grid (300 -> 296, never up to 304: no upscaling); long side
+    # 640 * 296 / 300 = 631.5 -> 632
+    assert stored_size(640, 300, 0) == (632, 296) and stored_size(300, 640, 0) == (296, 632)
     assert stored_size(6, 5, 0) == (8, 8)
     assert stored_size(96, 64, 64) == (96, 64)
     assert movie_id_for("films/My Film (1950).mkv") == "My_Film__1950_"
