@@ -336,6 +336,17 @@ def test_anchor_colours_matches_statistics_and_keeps_luma(clip):
     assert 0.3 < np.abs(half - img).mean() / np.abs(matched - img).mean() < 0.7
 
 
+def test_chroma_stats_are_the_population_mean_and_std_of_lab_ab():
+    """Two colours, each on two of four pixels: mean = their midpoint, std = half their distance
+    (the population std anchor_colours matches against; a sample std would be 2/sqrt(3) of it)."""
+    p, q = np.float32([0.7, 0.3, 0.2]), np.float32([0.2, 0.4, 0.6])
+    img = np.stack([p, q, p, q])[None]  # 1x4 RGB
+    ab_p, ab_q = rgb_to_lab(p[None, None])[0, 0, 1:], rgb_to_lab(q[None, None])[0, 0, 1:]
+    want = np.stack([(ab_p + ab_q) / 2, np.abs(ab_p - ab_q) / 2])
+    assert np.abs(ab_p - ab_q).min() > 10  # distinct in a and b, so a wrong std shows by > 1 Lab unit
+    np.testing.assert_allclose(P.chroma_stats(img), want, rtol=1e-5, atol=1e-4)  # float32 Lab
+
+
 def test_anchor_colours_does_not_blow_up_a_nearly_gray_image():
     """The a/b std is divided by at least 1 Lab unit: a nearly gray output (std ~0.2) gets its
     chroma noise scaled by 10 for a reference std of 10, not by 50 to the reference's whole std."""
