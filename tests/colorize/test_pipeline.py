@@ -101,6 +101,31 @@ def test_both_modes_keep_size_count_and_exact_lightness(model, clip):
     assert raw.shape == (80, 143, 3) and np.abs(rgb_to_gray(raw) - grays[0]).max() > 0.05
 
 
+def test_decoded_values_past_minus_one_one_are_clamped_before_the_resize(model, clip, monkeypatch):
+    """The decoder can overshoot [-1, 1]; its RGB is clamped to [0, 1] at model size, *then*
+    resized to the frame: an overshoot of 3 is the 1 it passes, also where the resize mixes it
+    with its neighbours (clipping only after the resize would mix in the 2 of (3 + 1) / 2)."""
+    def step_decoder(hi):
+        def decode(z):
+            h, w = (s * model.latent_factor for s in z.shape[-2:])
+            out = torch.full((z.shape[0], 3, h, w), -1.0)
+            out[..., : w // 2] = hi  # left half bright (past the range for hi > 1), right half black
+            return out
+        return decode
+
+    col = P.Colorizer(model, (80, 143), P.Options(raw=True, **FAST))
+    gray, ref = grays_of(clip, [0])[0], col.reference(clip[3])
+    got = {}
+    for hi in (1.0, 3.0):
+        monkeypatch.setattr(model, "decode_first_stage", step_decoder(hi))
+        got[hi] = col.run([gray], [0], [ref])[0]
+    step = np.zeros((64, 128), np.float32)
+    step[:, :64] = 1.0  # the clamped decoder output as RGB in [0, 1]
+    want = np.clip(fast_resize(step, 143, 80), 0, 1)  # bicubic up to 80x143, as the test above
+    for hi in (1.0, 3.0):
+        np.testing.assert_allclose(got[hi], np.repeat(want[..., None], 3, axis=2), rtol=0, atol=1e-6)
+
+
 def test_colour_and_uint8_frames_are_taken_as_their_luma(model, clip):
     a = list(P.colorize_fixed(model, [clip[0]], clip[3], **FAST))[0]
     b = list(P.colorize_fixed(model, grays_of(clip, [0]), clip[3], **FAST))[0]
