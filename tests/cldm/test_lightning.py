@@ -186,6 +186,19 @@ def test_only_trainable_parts_are_in_train_mode():
     assert train_mode_names(unlocked) == set()
 
 
+def test_prompt_embedding_is_float32_under_bf16_autocast():
+    """A bf16-mixed run computes the training step under autocast; the prompt embedding is still
+    the text encoder's float32 one, exactly (bf16 matmuls in the encoder would round it)."""
+    module = ColorControlModule(tiny_model("v2"))
+    with torch.no_grad():
+        want = module.model.cond_stage_model.encode([" "])[0]  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module.context([" ", " "])
+        assert torch.is_autocast_enabled("cpu")  # context() leaves the caller's autocast as it was
+    assert got.dtype == torch.float32 and got.shape == (2, *want.shape)
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+
+
 def test_checkpointing_runs_in_training_but_not_when_sampling(monkeypatch):
     """Gradient checkpointing is gated on autograd, not on train mode: it runs in the locked
     (eval-mode) UNet during the training step, recomputing its blocks in backward, gives the
