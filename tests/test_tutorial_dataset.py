@@ -115,6 +115,19 @@ def clip_root(tmp_path_factory):
     return root / "data"
 
 
+def test_seeded_items_draw_from_the_seed_and_index_together(clip_root):
+    """Item k of a seeded dataset draws partner, crop and flip from default_rng([seed, k]): a
+    stream of its own for every pair, so another eval_seed gives other items, not the same
+    draws shifted by one item (as seed + k would: item 1 at seed 7 = item 0 at seed 8)."""
+    ds = PairDataset(clip_root, size=64, low=0.0, high=0.999, min_gap=1, seed=7)
+    for k in (0, 1, len(ds) - 1):
+        want = ds.sample(k, np.random.default_rng([7, k]))
+        got = ds[k]
+        assert (got["ref_index"], got["target_index"]) == (want["ref_index"], want["target_index"])
+        np.testing.assert_array_equal(got["hint"], want["hint"])  # same crop and flip
+        np.testing.assert_array_equal(got["jpg"], want["jpg"])
+
+
 def test_same_crop_and_flip_for_reference_and_target(clip_root):
     ds = PairDataset(clip_root, size=64, low=0.0, high=0.999, min_gap=1)
     rng = np.random.default_rng(0)
