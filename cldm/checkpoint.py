@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from atomicio import atomic_path
 from cldm.color import VARIANTS
-from cliutil import OneLineParser, config_override, file_problem, run_cli
+from cliutil import OneLineParser, config_override, file_problem, path_arg, run_cli
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
 log = logging.getLogger(__name__)
@@ -526,19 +526,20 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="print tensor count, parameters, dtypes and what the file looks like "
                                        "(SD weights, a full model, a training checkpoint, a --control export)")
-    p.add_argument("file", help=".safetensors, .ckpt, .pt or .pth file")
+    p.add_argument("file", type=path_arg, help=".safetensors, .ckpt, .pt or .pth file")
     p.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle a .ckpt that needs it (runs its code: trusted files only)")
-    p.add_argument("--config", help="also compare the file with the model of this YAML: the load summary "
-                                    "(found / missing / unexpected / reshaped) and whether it would load; a "
-                                    "training checkpoint (OUT/checkpoints/*.ckpt) against the tensors that train "
-                                    "under it, as a resume loads them, an export (control.safetensors) on top of "
-                                    "SD weights, as --control loads it")
+    p.add_argument("--config", type=path_arg,
+                   help="also compare the file with the model of this YAML: the load summary "
+                        "(found / missing / unexpected / reshaped) and whether it would load; a "
+                        "training checkpoint (OUT/checkpoints/*.ckpt) against the tensors that train "
+                        "under it, as a resume loads them, an export (control.safetensors) on top of "
+                        "SD weights, as --control loads it")
     p.add_argument("--set", dest="overrides", action="append", type=config_override, default=[], metavar="KEY=VALUE",
                    help="config override for --config, e.g. --set model.color_variant=v3 (repeatable)")
     p = sub.add_parser("convert", help="re-save a checkpoint's tensors (format from OUT's extension)")
-    p.add_argument("input", help="checkpoint to read")
-    p.add_argument("output", help="file to write: .safetensors (recommended) or .ckpt/.pt/.pth")
+    p.add_argument("input", type=path_arg, help="checkpoint to read")
+    p.add_argument("output", type=path_arg, help="file to write: .safetensors (recommended) or .ckpt/.pt/.pth")
     p.add_argument("--allow-pickle", action="store_true",
                    help="fully unpickle INPUT if it needs it (runs its code: trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (else refused)")

@@ -775,6 +775,20 @@ def test_convert_into_a_missing_folder_names_the_folder(tmp_path, capsys):
                                        "it in\n")
 
 
+@pytest.mark.parametrize("argv, flag", [(["inspect", ""], "file"), (["inspect", "F", "--config", ""], "--config"),
+                                        (["convert", "", "o.ckpt"], "input"), (["convert", "F", ""], "output")])
+def test_cli_refuses_an_empty_path_naming_it(tmp_path, capsys, argv, flag):
+    """An empty path ("$CKPT" unset) was the current folder ("convert IN ''": ": exists"), and an
+    empty --config was no config at all: inspect said nothing of it."""
+    src = tmp_path / "in.safetensors"
+    save_state_dict({"a": torch.ones(2)}, src)
+    with pytest.raises(SystemExit) as e:
+        main([str(src) if a == "F" else a for a in argv])
+    assert e.value.code == 2
+    said = f"python -m cldm.checkpoint {argv[0]}: error: argument {flag}: empty path (see --help)\n"
+    assert capsys.readouterr().err == said
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy pickle"])
 def test_a_torch_checkpoint_with_a_safetensors_extension_is_named_so_on_load(tmp_path, legacy):
     """The mirror of a safetensors file under a torch extension: was "truncated or not a safetensors file
