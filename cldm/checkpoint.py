@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from atomicio import atomic_path
 from cldm.color import VARIANTS
-from cliutil import OneLineParser, config_override, file_problem, path_arg, run_cli
+from cliutil import OneLineParser, config_override, file_problem, out_file_problem, path_arg, run_cli
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,13 @@ def _first_line(e):
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def check_extension(path) -> None:
+    """ValueError (one line) unless `path` has an extension save_state_dict can write."""
+    path = Path(path)
+    if path.suffix != ".safetensors" and path.suffix not in TORCH_EXTS:
+        raise ValueError(f"{path}: unknown checkpoint extension (use .safetensors or {'/'.join(TORCH_EXTS)})")
+
+
 def save_state_dict(sd, path, metadata=None):
     """Write `sd` atomically: safetensors for `.safetensors`, {"state_dict": sd} for `.ckpt/.pt/.pth`.
 
@@ -288,8 +295,7 @@ def save_state_dict(sd, path, metadata=None):
     an ordinary new file (0666 less the umask; see atomicio).
     """
     path = Path(path)
-    if path.suffix != ".safetensors" and path.suffix not in TORCH_EXTS:
-        raise ValueError(f"{path}: unknown checkpoint extension (use .safetensors or {'/'.join(TORCH_EXTS)})")
+    check_extension(path)
     tensors, seen = {}, set()
     for k, v in sd.items():
         t = v.detach().cpu().contiguous()
@@ -608,6 +614,11 @@ def _inspect(args):
 
 
 def _convert(args):
+    # all before the input is read (minutes for a large one): a folder or a file in the way of
+    # OUTPUT was an error naming the temporary file beside it, an unknown extension one at the end
+    if problem := out_file_problem(None, args.output):
+        raise ValueError(problem)
+    check_extension(args.output)
     if not Path(args.output).parent.is_dir():  # else the error names the temporary file beside it
         raise ValueError(f"{args.output}: no folder {Path(args.output).parent} to write it in")
     if Path(args.output).exists() and not args.overwrite:

@@ -775,6 +775,23 @@ def test_convert_into_a_missing_folder_names_the_folder(tmp_path, capsys):
                                        "it in\n")
 
 
+def test_convert_refuses_an_output_it_cannot_write_before_reading_the_input(tmp_path, capsys, monkeypatch):
+    """A folder at OUTPUT (even with --overwrite), a file in the way of its folder, or an extension
+    it cannot write: one line naming OUTPUT, before a large input is read; the rename's error named
+    the temporary file, and the extension was checked only once the input was loaded."""
+    src = tmp_path / "in.safetensors"
+    save_state_dict({"a": torch.ones(2)}, src)
+    (tmp_path / "dir.safetensors").mkdir()
+    monkeypatch.setattr(checkpoint, "load_state_dict", lambda *a, **kw: pytest.fail("read the input"))
+    for out, said in [(tmp_path / "dir.safetensors", f"{tmp_path / 'dir.safetensors'} is a folder"),
+                      (src / "x.ckpt", f"{src / 'x.ckpt'}: {src} is a file, not a folder"),
+                      (tmp_path / "out.bin", f"{tmp_path / 'out.bin'}: unknown checkpoint extension "
+                                             "(use .safetensors or .ckpt/.pt/.pth)")]:
+        assert main(["convert", str(src), str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"python -m cldm.checkpoint: error: {said}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "in.safetensors"]
+
+
 @pytest.mark.parametrize("argv, flag", [(["inspect", ""], "file"), (["inspect", "F", "--config", ""], "--config"),
                                         (["convert", "", "o.ckpt"], "input"), (["convert", "F", ""], "output")])
 def test_cli_refuses_an_empty_path_naming_it(tmp_path, capsys, argv, flag):
