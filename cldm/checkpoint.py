@@ -71,6 +71,8 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
     if problem := file_problem(path, folder="is a folder, not a checkpoint file"):
         raise CheckpointError(f"{path}: {problem}")
     if path.suffix == ".safetensors":
+        if not _utf8(path):  # else "truncated or not a safetensors file (Path ... is not valid UTF-8)"
+            raise CheckpointError(f"{path}: safetensors cannot open a file name that is not UTF-8; rename it")
         try:
             return load_file(path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
@@ -139,6 +141,15 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
                               "extension; rename it to .safetensors")
     raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
                           ".ckpt/.pt/.pth zip or pickle)")
+
+
+def _utf8(path) -> bool:
+    """Whether `path` is UTF-8: safetensors refuses a name that is not (one read with surrogate escapes)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _torch_head(head: bytes) -> bool:

@@ -792,6 +792,18 @@ def test_convert_refuses_an_output_it_cannot_write_before_reading_the_input(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "in.safetensors"]
 
 
+def test_a_safetensors_file_whose_name_is_not_utf8_is_named_so(tmp_path):
+    """safetensors cannot open such a name: the file itself is fine, so not "truncated or not a
+    safetensors file"."""
+    ok = tmp_path / "m.safetensors"
+    save_state_dict({"a": torch.ones(2)}, ok)
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/m\xff.safetensors"))
+    os.link(ok, odd)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(odd)
+    assert str(e.value) == f"{odd}: safetensors cannot open a file name that is not UTF-8; rename it"
+
+
 @pytest.mark.parametrize("argv, flag", [(["inspect", ""], "file"), (["inspect", "F", "--config", ""], "--config"),
                                         (["convert", "", "o.ckpt"], "input"), (["convert", "F", ""], "output")])
 def test_cli_refuses_an_empty_path_naming_it(tmp_path, capsys, argv, flag):
