@@ -148,13 +148,14 @@ def quiet_opencv() -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
-def quiet_startup_signals() -> None:
+def quiet_startup_signals(prog: str | None = None) -> None:
     """Ctrl-C or SIGTERM before run_cli takes over - while torch, OpenCV or Lightning load,
     seconds - ends the script with "PROG: interrupted" and exit 130, or "PROG: terminated
     (SIGTERM)" and exit 143 as run_cli reports them later, not an import traceback or a silent
     end by the signal. For scripts, at the top, when run as __main__; nothing is written yet, so
-    there is nothing to clean up. run_cli puts the usual handlers back."""
-    prog = os.path.basename(sys.argv[0])
+    there is nothing to clean up. run_cli puts the usual handlers back. `prog`: the name run_cli
+    will say, where it is not the script's file name (`python -m cldm.checkpoint`)."""
+    prog = prog or os.path.basename(sys.argv[0])
 
     def startup(message: str, status: int):
         def handler(signum, frame):

@@ -21,14 +21,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from cliutil import (OneLineParser, config_override, file_problem, out_file_problem, path_arg, quiet_startup_signals,
+                     run_cli)
 
-from atomicio import atomic_path
-from cldm.color import VARIANTS
-from cliutil import OneLineParser, config_override, file_problem, out_file_problem, path_arg, run_cli
-from ldm.schedule import BUFFER_NAMES, schedule_mismatch
+PROG = "python -m cldm.checkpoint"
+if __name__ == "__main__":  # Ctrl-C while torch loads: run_cli's one line, not an import traceback
+    quiet_startup_signals(PROG)
+
+import torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from atomicio import atomic_path  # noqa: E402
+from cldm.color import VARIANTS  # noqa: E402
+from ldm.schedule import BUFFER_NAMES, schedule_mismatch  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -529,9 +535,6 @@ def guess_kind(shapes):
         has_text = any(k.startswith("cond_stage_model.") for k in shapes)
         return f"{base} weights" + ("" if has_text else ", no text encoder")
     return "unknown (no model.diffusion_model.* or control_model.* tensors)"
-
-
-PROG = "python -m cldm.checkpoint"
 
 
 def main(argv=None):

@@ -83,6 +83,35 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def ctrl_c_while_importing(module: str, argv: list[str]):
+    """Run `argv` ([script, args...] or ["-m", module, args...]) in a new interpreter from the
+    repository root, sending it SIGINT (a terminal's Ctrl-C) the moment it first imports `module`,
+    i.e. in the seconds a heavy import (torch, OpenCV, matplotlib) takes. The CompletedProcess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import os, runpy, signal, sys
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Hook())
+argv = {list(argv)!r}
+if argv[0] == "-m":
+    sys.argv = argv[1:]
+    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300, preexec_fn=default_sigint)
+
+
 class SDPACalls(TorchFunctionMode):
     """Records (query, key, value) of every F.scaled_dot_product_attention call inside it."""
 

@@ -18,16 +18,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import evaluate  # noqa: E402
-from atomicio import write_bytes_atomic  # noqa: E402
-from cliutil import DefaultsFormatter, OneLineParser, positive_int, run_cli  # noqa: E402
-from demo import GRAY_LABEL  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, positive_int, quiet_startup_signals, run_cli  # noqa: E402
 
 PROG = "tools/make_demo_figures.py"
+if __name__ == "__main__":  # Ctrl-C while OpenCV and torch load: one line, not an import traceback
+    quiet_startup_signals(PROG)
+
+import cv2  # noqa: E402
+
+import evaluate  # noqa: E402
+from atomicio import write_bytes_atomic  # noqa: E402
+from demo import GRAY_LABEL  # noqa: E402
+
 METHODS = ("fixed", "recursive", "anchored", "flow")
 
 

@@ -31,22 +31,26 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-from omegaconf import OmegaConf
-from tqdm import tqdm
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from cliutil import (NOT_REGULAR, OneLineParser, file_problem, folder_problem, non_negative_int, one_line,  # noqa: E402
+                     positive_int, quiet_startup_signals, run_cli)
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
+    quiet_startup_signals()
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 from annotator.color import LUMA_WEIGHTS, rgb_to_ycbcr, transfer_luma, ycbcr_to_rgb  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
 from atomicio import write_bytes_atomic  # noqa: E402
 from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
-from cliutil import (NOT_REGULAR, OneLineParser, file_problem, folder_problem, non_negative_int, one_line,  # noqa: E402
-                     positive_int, run_cli)
 
 PROG = "make_toy_model.py"
 

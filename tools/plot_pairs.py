@@ -15,7 +15,16 @@ import io
 import sys
 from pathlib import Path
 
-import matplotlib
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from cliutil import (DefaultsFormatter, OneLineParser, out_file_problem, path_arg, positive_int,  # noqa: E402
+                     quiet_startup_signals, run_cli)
+
+PROG = "tools/plot_pairs.py"
+if __name__ == "__main__":  # Ctrl-C while matplotlib loads: one line, not an import traceback
+    quiet_startup_signals(PROG)
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -23,16 +32,11 @@ import numpy as np  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 from annotator.pairs import (  # noqa: E402
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, is_finished, load_meta, load_similarity, pair_mask,
 )
 from atomicio import write_bytes_atomic  # noqa: E402
-from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, path_arg, positive_int, run_cli  # noqa: E402
 from colorize.report import drawable  # noqa: E402
-
-PROG = "tools/plot_pairs.py"
 
 
 def parser() -> argparse.ArgumentParser:

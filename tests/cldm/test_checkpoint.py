@@ -12,7 +12,7 @@ from safetensors import safe_open
 from cldm import checkpoint
 from cldm.checkpoint import (CheckpointError, compare_state_dict, guess_kind, load_into,
                              load_state_dict, main, misfit, read_metadata, save_state_dict)
-from tests.helpers import named_pipe
+from tests.helpers import ctrl_c_while_importing, named_pipe
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -1048,3 +1048,11 @@ def test_cli_inspect_says_a_file_without_the_controlnet_would_load_partially(tmp
     save_state_dict(sd, tmp_path / "sd.safetensors")
     rc, out = inspect_run(capsys, tmp_path / "sd.safetensors", "--config", TINY_CONFIG)
     assert rc == 0 and out.endswith("\nwould load (partially)\n") and "\nmissing " in out
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    """Seconds of imports (torch among them) before run_cli takes over: Ctrl-C there was a
+    KeyboardInterrupt traceback out of the import."""
+    done = ctrl_c_while_importing("torch", ["-m", "cldm.checkpoint", "inspect", "x.safetensors"])
+    assert (done.returncode, done.stderr) == (130, "python -m cldm.checkpoint: interrupted\n")
+

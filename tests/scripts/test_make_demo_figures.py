@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.helpers import ctrl_c_while_importing
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 import make_demo_figures as F  # noqa: E402
@@ -65,3 +67,11 @@ def test_outputs_evaluate_refuses_are_its_one_line_and_nothing_written(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error:") and "frame_0102" in err[0]
     assert not (tmp_path / "fig").exists()
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    """Seconds of imports (cv2 among them) before run_cli takes over: Ctrl-C there was a
+    KeyboardInterrupt traceback out of the import."""
+    done = ctrl_c_while_importing("cv2", ["tools/make_demo_figures.py", "x"])
+    assert (done.returncode, done.stderr) == (130, "tools/make_demo_figures.py: interrupted\n")
+

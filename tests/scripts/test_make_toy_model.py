@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from cldm.checkpoint import load_state_dict
 from colorize import loading as L
-from tests.helpers import missing_under, named_pipe, refused
+from tests.helpers import ctrl_c_while_importing, missing_under, named_pipe, refused
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "toy" / "toy_color_v2.safetensors"
@@ -182,3 +182,11 @@ def test_check_compares_with_the_model_as_it_was_before_an_overwrite(monkeypatch
     assert capsys.readouterr().err.strip() == (
         f"error: reproduction differs from the shipped model: vae_loss: 0.50000 vs shipped {shipped['vae_loss']:.5f}; "
         f"diffusion_loss: 0.90000 vs shipped {shipped['diffusion_loss']:.5f}")
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    """Seconds of imports (torch among them) before run_cli takes over: Ctrl-C there was a
+    KeyboardInterrupt traceback out of the import."""
+    done = ctrl_c_while_importing("torch", ["tools/make_toy_model.py", "--out", "toy_out_never_made"])
+    assert (done.returncode, done.stderr) == (130, "make_toy_model.py: interrupted\n")
+

@@ -12,6 +12,7 @@ import pytest
 from annotator.build_many import build_all
 from annotator.pairs import BuildOptions, load_similarity, pair_mask
 from tests.annotator.clips import panning_clip, write_folder
+from tests.helpers import ctrl_c_while_importing
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -190,3 +191,11 @@ def test_a_bad_band_is_named_before_the_out(tmp_path, capsys):
     assert P.main([str(tmp_path / "data" / "pan"), "--low", "0.9", "--high", "0.8",
                    "--out", str(tmp_path / "missing" / "b.png")]) == 2
     assert "band is empty: low=0.9 must be < high=0.8" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    """Seconds of imports (matplotlib among them) before run_cli takes over: Ctrl-C there was a
+    KeyboardInterrupt traceback out of the import."""
+    done = ctrl_c_while_importing("matplotlib", ["tools/plot_pairs.py", "x"])
+    assert (done.returncode, done.stderr) == (130, "tools/plot_pairs.py: interrupted\n")
+
