@@ -69,7 +69,8 @@ def make(demo_out: Path, figures: Path, width: int = 1600) -> list[Path]:
             return []
         strip = cv2.imread(str(Path(strip_dir) / "strip.png"), cv2.IMREAD_COLOR)
         scale = min(1.0, width / strip.shape[1])
-        size = (round(strip.shape[1] * scale), round(strip.shape[0] * scale))
+        # at least 1 px high: a narrow --width of a wide strip rounded its height to 0 (cv2.error)
+        size = (round(strip.shape[1] * scale), max(1, round(strip.shape[0] * scale)))
         jpg = cv2.imencode(".jpg", cv2.resize(strip, size, interpolation=cv2.INTER_AREA),
                            [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
         figures.mkdir(parents=True, exist_ok=True)

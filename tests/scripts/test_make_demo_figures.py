@@ -44,6 +44,13 @@ def test_writes_the_strip_scaled_to_the_width_and_the_psnr_plot(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["demo_psnr.png", "demo_strip.jpg"]
 
 
+def test_a_width_that_rounds_the_height_to_zero_keeps_one_row(tmp_path):
+    """--width 1 of a strip wider than high: OpenCV's resize to a height of 0 was a traceback."""
+    out = fake_demo_out(tmp_path / "demo_out")
+    assert F.main([str(out), "--figures", str(tmp_path / "fig"), "--width", "1"]) == 0
+    assert cv2.imread(str(tmp_path / "fig" / "demo_strip.jpg")).shape[:2] == (1, 1)
+
+
 @pytest.mark.parametrize("remove", ["data/reference.png", "anchored"])
 def test_an_unfinished_demo_is_one_line(tmp_path, capsys, remove):
     out = fake_demo_out(tmp_path / "demo_out")
