@@ -20,7 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cliutil import DefaultsFormatter, OneLineParser, positive_int, quiet_startup_signals, run_cli  # noqa: E402
+from cliutil import (DefaultsFormatter, OneLineParser, out_file_problem, out_folder_problem, path_arg,  # noqa: E402
+                     positive_int, quiet_startup_signals, run_cli)
 
 PROG = "tools/make_demo_figures.py"
 if __name__ == "__main__":  # Ctrl-C while OpenCV and torch load: one line, not an import traceback
@@ -33,12 +34,15 @@ from atomicio import write_bytes_atomic  # noqa: E402
 from demo import GRAY_LABEL  # noqa: E402
 
 METHODS = ("fixed", "recursive", "anchored", "flow")
+FIGURES = ("demo_strip.jpg", "demo_psnr.png")
 
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("demo_out", type=Path, metavar="DEMO_OUT", help="the --out folder of a finished demo.py run")
-    p.add_argument("--figures", type=Path, default=REPO / "docs" / "figures", help="where the two pictures go")
+    p.add_argument("demo_out", type=lambda t: Path(path_arg(t)), metavar="DEMO_OUT",
+                   help="the --out folder of a finished demo.py run")
+    p.add_argument("--figures", type=lambda t: Path(path_arg(t)), default=REPO / "docs" / "figures",
+                   help="where the two pictures go")
     p.add_argument("--width", type=positive_int, default=1600, help="width of demo_strip.jpg in pixels")
     return p
 
@@ -74,11 +78,17 @@ def make(demo_out: Path, figures: Path, width: int = 1600) -> list[Path]:
         jpg = cv2.imencode(".jpg", cv2.resize(strip, size, interpolation=cv2.INTER_AREA),
                            [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
         figures.mkdir(parents=True, exist_ok=True)
-        return [write_bytes_atomic(figures / "demo_strip.jpg", jpg.tobytes()),
-                write_bytes_atomic(figures / "demo_psnr.png", (Path(plot_dir) / "psnr.png").read_bytes())]
+        return [write_bytes_atomic(figures / FIGURES[0], jpg.tobytes()),
+                write_bytes_atomic(figures / FIGURES[1], (Path(plot_dir) / "psnr.png").read_bytes())]
 
 
 def run(args) -> int:
+    # before the two evaluate.py runs: a file in the way was a raw "[Errno 17] File exists" after
+    # them, a folder at a picture's name an error naming the temporary file beside it
+    if problem := out_folder_problem("--figures", args.figures):
+        raise ValueError(problem)
+    if problem := next(filter(None, (out_file_problem("--figures", args.figures / n) for n in FIGURES)), None):
+        raise ValueError(problem)
     paths = make(args.demo_out, args.figures, args.width)
     for path in paths:
         print(f"wrote {path}")

@@ -1,4 +1,5 @@
 """tools/make_demo_figures.py: README's demo pictures from a demo.py output folder."""
+import os
 import sys
 from pathlib import Path
 
@@ -82,3 +83,28 @@ def test_ctrl_c_while_the_libraries_load_is_one_line():
     done = ctrl_c_while_importing("cv2", ["tools/make_demo_figures.py", "x"])
     assert (done.returncode, done.stderr) == (130, "tools/make_demo_figures.py: interrupted\n")
 
+
+def test_figures_that_cannot_be_written_are_refused_before_the_scoring(tmp_path, capsys, monkeypatch):
+    """A file at --figures or above it, or a folder at a picture's name: one line naming --figures
+    before evaluate.py runs twice (was a raw errno after it, or one naming a temporary file)."""
+    out = fake_demo_out(tmp_path / "demo_out")
+    monkeypatch.setattr(F, "_evaluate", lambda *a: pytest.fail("scored"))
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "fig" / "demo_strip.jpg").mkdir(parents=True)
+    for figures, said in [(tmp_path / "file", f"{tmp_path / 'file'} is a file, not a folder"),
+                          (tmp_path / "file" / "sub", f"{tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, "
+                                                      "not a folder"),
+                          (tmp_path / "fig", f"{tmp_path / 'fig' / 'demo_strip.jpg'} is a folder")]:
+        assert F.main([str(out), "--figures", str(figures)]) == 2
+        assert capsys.readouterr().err == f"{F.PROG}: error: --figures {said}\n"
+    assert (tmp_path / "file").read_bytes() == b"x" and os.listdir(tmp_path / "fig") == ["demo_strip.jpg"]
+
+
+@pytest.mark.parametrize("argv, flag", [(["", "--figures", "F"], "DEMO_OUT"), (["D", "--figures", ""], "--figures")])
+def test_an_empty_path_is_refused_naming_it(tmp_path, capsys, argv, flag):
+    """Was the current folder: an empty --figures wrote the pictures wherever the shell stood."""
+    out = fake_demo_out(tmp_path / "demo_out")
+    with pytest.raises(SystemExit) as e:
+        F.main([{"D": str(out), "F": str(tmp_path / "fig")}.get(a, a) for a in argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"{F.PROG}: error: argument {flag}: empty path (see --help)\n"
