@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from cliutil import (NOT_REGULAR, OneLineParser, file_problem, folder_problem, non_negative_int, one_line,  # noqa: E402
-                     positive_int, quiet_startup_signals, run_cli)
+                     path_arg, positive_int, quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
     quiet_startup_signals()
@@ -227,8 +227,9 @@ def shipped_provenance(shipped: Path) -> dict:
     is missing or not such a model, checked before training so a typo costs no 40 minutes."""
     from safetensors import safe_open
 
-    if file_problem(shipped) == NOT_REGULAR:  # the open would block on a named pipe
-        raise ValueError(f"--check {shipped}: {NOT_REGULAR}")
+    # a named pipe would block the open; a folder was "not a readable safetensors model (No such device)"
+    if (problem := file_problem(shipped)) in (NOT_REGULAR, "is a folder"):
+        raise ValueError(f"--check {shipped}: {problem}")
     try:
         with safe_open(str(shipped), "pt") as f:
             return json.loads((f.metadata() or {})["provenance"])
@@ -249,7 +250,7 @@ def check_against(prov: dict, ref: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "models" / "toy",
+    p.add_argument("--out", type=lambda t: Path(path_arg(t)), default=REPO / "models" / "toy",
                    help="output folder; one that already holds the model needs --overwrite (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and noise (default: 0)")
     p.add_argument("--vae-steps", type=positive_int, default=1500,
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                         "OMP_NUM_THREADS says (the shipped model was trained with 1, on a loaded machine)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model files already in --out (refused otherwise, before training)")
-    p.add_argument("--check", type=Path, default=None,
+    p.add_argument("--check", type=lambda t: Path(path_arg(t)), default=None,
                    help=f"compare the final losses with this shipped model's (fails beyond "
                         f"{100 * LOSS_TOLERANCE:.0f} %%); checked before training")
     args = p.parse_args(argv)

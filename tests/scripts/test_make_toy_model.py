@@ -103,6 +103,10 @@ def test_help_prints(capsys):
     (["--diffusion-steps", "-1"], "argument --diffusion-steps: expected an integer >= 1"),
     (["--threads", "-1"], "argument --threads: expected an integer >= 0"),
     (["--out", "README.md"], "README.md is a file, not a folder"),
+    # an empty --out was the current folder: 40 minutes of training into wherever the shell stood
+    (["--out", ""], "argument --out: empty path"),
+    (["--check", ""], "argument --check: empty path"),
+    (["--check", "docs"], "--check docs: is a folder"),  # was "not a readable safetensors model (No such device)"
 ])
 def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
