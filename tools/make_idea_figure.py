@@ -21,6 +21,9 @@ sys.path.insert(0, str(REPO))
 from annotator.color import rgb_to_gray  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
 from atomicio import write_bytes_atomic  # noqa: E402
+from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, path_arg, run_cli  # noqa: E402
+
+PROG = "tools/make_idea_figure.py"
 
 
 def frames(path: Path, wanted: tuple[int, ...]) -> dict[int, np.ndarray]:
@@ -38,7 +41,7 @@ def arrow(ax, a, b):
                                  transform=ax.transAxes))
 
 
-def main(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
+def draw(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
     f = frames(REPO / "data" / "sample" / "bigbuckbunny.mp4", (100, 120))
     ref, target = f[100], f[120]
     gray = rgb_to_gray(target)
@@ -75,5 +78,21 @@ def main(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
     print(write_bytes_atomic(out, buf.getvalue()))
 
 
+def run(args) -> int:
+    if problem := out_file_problem("--out", args.out):
+        raise ValueError(problem)
+    draw(args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: every argument was ignored, so `--help` (or a mistyped --out) redrew the
+    tracked docs/figures/idea.png."""
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p.add_argument("--out", type=lambda t: Path(path_arg(t)), default=REPO / "docs" / "figures" / "idea.png",
+                   help="the PNG to write (its folder is made if need be)")
+    return run_cli(PROG, run, p.parse_args(argv), (ValueError, OSError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -17,9 +18,24 @@ def test_the_picture_replaces_the_old_one_by_a_rename(tmp_path, capsys):
     out.parent.mkdir()
     out.write_bytes(b"the old picture")
     os.link(out, tmp_path / "old.png")  # the old file itself, whatever becomes of the name
-    F.main(out)
+    F.draw(out)
     assert (tmp_path / "old.png").read_bytes() == b"the old picture"
     img = cv2.imread(str(out))
     assert img is not None and img.shape[1] > 1000 and img.std() > 10  # a whole picture, not a blank
     assert os.listdir(out.parent) == ["idea.png"]  # no temporary file left
     assert capsys.readouterr().out == f"{out}\n"
+
+
+def test_the_command_line_takes_help_and_out_and_refuses_the_rest(tmp_path, capsys, monkeypatch):
+    """Every argument was ignored: `--help` redrew the tracked docs/figures/idea.png."""
+    drawn = []
+    monkeypatch.setattr(F, "draw", drawn.append)
+    with pytest.raises(SystemExit) as e:
+        F.main(["--help"])
+    assert e.value.code == 0 and "--out OUT" in capsys.readouterr().out and drawn == []
+    with pytest.raises(SystemExit) as e:
+        F.main(["--ot", "x.png"])
+    assert e.value.code == 2 and "unrecognized arguments: --ot" in capsys.readouterr().err and drawn == []
+    assert F.main(["--out", str(tmp_path)]) == 2 and drawn == []
+    assert capsys.readouterr().err == f"{F.PROG}: error: --out {tmp_path} is a folder\n"
+    assert F.main(["--out", str(tmp_path / "idea.png")]) == 0 and drawn == [tmp_path / "idea.png"]
