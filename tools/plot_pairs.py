@@ -58,7 +58,9 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     n, w = sim.shape[0], (sim.shape[1] - 1) // 2
     far = sim[:, np.abs(np.arange(-w, w + 1)) >= min_gap]
     far = far[np.isfinite(far)]
-    floor = min(low, float(far.min())) if far.size else low  # every similarity on both panels
+    ends = [float(far.min())] if far.size else []
+    ends += [low] if np.isfinite(low) else []  # an open band (-inf) is drawn from the lowest similarity
+    floor = min(ends, default=0.0)  # every similarity on both panels
     cmap = plt.get_cmap("gray").with_extremes(bad="#9ec5e8")  # NaN: the neighbour would lie outside the movie
     extent = (-w - 0.5, w + 0.5, n - 0.5, -0.5)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.2]})
@@ -69,7 +71,8 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     fig.colorbar(shown, ax=left, label="similarity")
     left.set(xlabel="neighbour offset (frames)", ylabel="frame", title="pairs in the band: red; outside the movie: blue")
     right.hist(far, bins=np.linspace(floor, 1, 81), color="0.45")
-    right.axvspan(low, high, color="red", alpha=0.2, label=f"band {low} < sim < {high}")
+    right.axvspan(max(low, floor), min(high, 1.0), color="red", alpha=0.2,  # an open band (+-inf) to the panel's edge
+                  label=f"band {low} < sim < {high}")
     right.set(xlabel="similarity", ylabel="frame pairs (each counted twice)",
               title=f"offsets >= {min_gap}: {int(mask.sum()) // 2} pairs, {int(mask.any(1).sum())} of {n} "
                     "frames have a partner")

@@ -146,6 +146,23 @@ def test_the_scale_starts_at_the_bands_low_end_when_it_lies_lower(low, min_gap, 
         plt.close(fig)
 
 
+def test_an_open_band_is_drawn_to_the_panels_edges():
+    """--low -inf / --high inf (no bound; pair_mask takes them) made the scale and the histogram
+    start at -inf: matplotlib's "invalid value" warning and a picture without bins."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = P.band_figure(table(), -np.inf, np.inf, 2, "t")
+        fig.canvas.draw()
+    try:
+        left, right, _ = fig.axes
+        assert left.images[0].get_clim() == (0.5, 1.0)  # from the lowest similarity shown
+        span, = [p for p in right.patches if p.get_label() == "band -inf < sim < inf"]
+        assert (span.get_x(), span.get_x() + span.get_width()) == pytest.approx((0.5, 1.0))
+        assert right.get_title() == "offsets >= 2: 4 pairs, 6 of 6 frames have a partner"
+    finally:
+        plt.close(fig)
+
+
 def test_the_cli_draws_the_movie_with_its_band_and_title_and_closes_the_figure(tmp_path, monkeypatch):
     import struct
 
