@@ -38,6 +38,21 @@ non_negative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0, True, "a number > 0")
 
 
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of a --seed that goes to torch.manual_seed: one outside its range is refused
+    while parsing, naming the flag (torch's own "Overflow when unpacking long long" names none)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED} (got {text})")
+    return seed
+
+
 def path_arg(text: str) -> str:
     """argparse type of every path flag: an empty one (`--out "$OUT"` with OUT unset) is refused
     while parsing, naming the flag. Taken as given it is the current folder: outputs written

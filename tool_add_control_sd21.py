@@ -27,8 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, one_line, out_file_problem, out_of_memory, path_arg,
-                     quiet_startup_signals, run_cli)
+from cliutil import (MAX_SEED, OneLineParser, config_override, one_line, out_file_problem, out_of_memory, path_arg,
+                     quiet_startup_signals, run_cli, seed_arg)
 
 if __name__ == "__main__":
     quiet_startup_signals()
@@ -45,7 +45,6 @@ from ldm.schedule import schedule_buffers  # noqa: E402
 PROG = "tool_add_control_sd21.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUT_SUFFIXES = (".safetensors", ".ckpt")
-MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 VARIANT_KEY = "model.color_variant"
 
 
@@ -68,17 +67,6 @@ def check_plain_sd(path: str | Path, shapes) -> None:
         raise CheckpointError(f"{path}: already a ControlNet/colour checkpoint ({guess_kind(shapes)}), "
                               "whose control_model.* weights this tool would replace; it takes a plain "
                               "Stable Diffusion 2.1 file such as v2-1_512-ema-pruned.safetensors")
-
-
-def seed_arg(text: str) -> int:
-    """--seed as torch.manual_seed takes it, checked before the (slow) load."""
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED} (got {text})")
-    return seed
 
 
 def check_output(sd_path: str | Path, out_path: Path, overwrite: bool) -> None:

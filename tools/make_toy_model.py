@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from cliutil import (NOT_REGULAR, OneLineParser, file_problem, folder_problem, non_negative_int, one_line,  # noqa: E402
-                     path_arg, positive_int, quiet_startup_signals, run_cli)
+                     path_arg, positive_int, quiet_startup_signals, run_cli, seed_arg)
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
     quiet_startup_signals()
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=lambda t: Path(path_arg(t)), default=REPO / "models" / "toy",
                    help="output folder; one that already holds the model needs --overwrite (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and noise (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed for weights, batches and noise (default: 0)")
     p.add_argument("--vae-steps", type=positive_int, default=1500,
                    help="autoencoder training steps (batch 8, 64x64 crops) (default: 1500)")
     p.add_argument("--diffusion-steps", type=positive_int, default=3000,

@@ -107,6 +107,9 @@ def test_help_prints(capsys):
     (["--out", ""], "argument --out: empty path"),
     (["--check", ""], "argument --check: empty path"),
     (["--check", "docs"], "--check docs: is a folder"),  # was "not a readable safetensors model (No such device)"
+    # torch.manual_seed's range (its "Overflow when unpacking long long" named no flag)
+    (["--seed", str(2**64)], f"argument --seed: must be in 0..{2**64 - 1} (got {2**64})"),
+    (["--seed", "-1"], f"argument --seed: must be in 0..{2**64 - 1} (got -1)"),
 ])
 def test_bad_arguments_are_refused_before_training(argv, says, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
