@@ -48,6 +48,7 @@ TRAIN_NUMBERS = {
     "image_every": (int, 0, "image interval"), "image_count": (int, 1, "images per grid"),
     "image_ddim_steps": (int, 1, "DDIM steps of the image grids"),
 }
+HIGHEST = {"seed": 2**32 - 1}  # Lightning's seed_everything (numpy's range); its refusal names no flag
 NULL_OK = ("max_epochs", "grad_clip", "val_every", "image_every")  # null: no limit / off
 NO_LIMIT = ("max_steps", "max_epochs")  # -1: no limit; 0 would export the init weights as trained ones
 
@@ -65,6 +66,9 @@ def check_train_numbers(t) -> None:
         if not ok:
             kind_name = "an integer" if kind is int else "a finite number"
             raise UsageError(f"train.{key} ({flag}, {what}) must be {kind_name}, got {v!r}", f"train.{key}")
+        if key in HIGHEST and not low <= v <= HIGHEST[key]:
+            raise UsageError(f"train.{key} ({flag}, {what}) must be in {low}..{HIGHEST[key]}, got {v!r}",
+                             f"train.{key}")
         if v < low or (key in ("lr", *NO_LIMIT) and v == 0):
             bound = "> 0" if key == "lr" else "-1 (no limit) or >= 1" if key in NO_LIMIT else f">= {low}"
             raise UsageError(f"train.{key} ({flag}, {what}) must be {bound}, got {v!r}", f"train.{key}")

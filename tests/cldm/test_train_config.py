@@ -85,7 +85,7 @@ def test_the_remedy_for_an_init_of_another_config_follows_where_the_config_came_
 # key -> (lowest allowed value, one below it, the bound the message states)
 LOWEST = {"size": (64, 63, ">= 64"), "batch_size": (1, 0, ">= 1"), "accumulate": (1, 0, ">= 1"),
           "num_workers": (0, -1, ">= 0"), "lr": (1e-12, 0, "> 0"), "weight_decay": (0.0, -0.1, ">= 0.0"),
-          "warmup_steps": (0, -1, ">= 0"), "grad_clip": (0.0, -0.5, ">= 0.0"), "seed": (0, -1, ">= 0"),
+          "warmup_steps": (0, -1, ">= 0"), "grad_clip": (0.0, -0.5, ">= 0.0"), "seed": (0, -1, "in 0..4294967295"),
           "max_steps": (1, 0, "-1 (no limit) or >= 1"), "max_epochs": (1, 0, "-1 (no limit) or >= 1"),
           "val_every": (0, -1, ">= 0"), "log_every": (1, 0, ">= 1"), "ckpt_every": (1, 0, ">= 1"),
           "ckpt_keep": (1, 0, ">= 1"), "image_every": (0, -1, ">= 0"), "image_count": (1, 0, ">= 1"),
@@ -101,6 +101,10 @@ def test_every_number_has_its_lowest_value_and_a_refusal_naming_its_flag():
         with pytest.raises(train_config.UsageError) as e:
             train_config.check_train_numbers(OmegaConf.create({key: below}))
         assert str(e.value) == f"train.{key} ({flag}, {what}) must be {bound}, got {below!r}"
+    train_config.check_train_numbers(OmegaConf.create({"seed": 2**32 - 1}))  # seed_everything's highest
+    with pytest.raises(train_config.UsageError) as e:  # Lightning's refusal named no flag
+        train_config.check_train_numbers(OmegaConf.create({"seed": 2**32}))
+    assert str(e.value) == "train.seed (--seed, seed) must be in 0..4294967295, got 4294967296"
     for key in ("max_steps", "max_epochs"):  # -1: no limit; below it refused
         train_config.check_train_numbers(OmegaConf.create({key: -1}))
         with pytest.raises(train_config.UsageError, match=r"must be -1 \(no limit\) or >= 1, got -2$"):
