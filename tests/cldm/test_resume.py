@@ -166,6 +166,17 @@ def test_resume_misfit_names_one_tensor_and_tolerates_an_unrecorded_config():
         "trained with another model config (hash abc, this config's def)"
 
 
+def test_resume_misfit_accepts_a_hash_that_an_older_checkpoint_recorded_for_this_config():
+    """A checkpoint from before 2026-11-28 may record another hash of the same model config
+    (config_hashes' `also`): it still resumes, while a hash in neither place is refused."""
+    model = ColorControlModule(tiny_model("v2")).model
+    own = model.state_dict()
+    trained = {k: own[k] for k in export_keys(model)}
+    assert resume_misfit(model, "new", trained, {"config_hash": "old"}, also=("older", "old"))[1] is None
+    assert resume_misfit(model, "new", trained, {"config_hash": "else"}, also=("old",))[1] == \
+        "trained with another model config (hash else, this config's new)"
+
+
 def test_the_step_comes_from_the_name_else_the_contents(tmp_path):
     assert checkpoint_step(tmp_path / "step=00000300.ckpt") == 300  # not even read
     assert checkpoint_step(training_file(tmp_path / "last.ckpt", step=7)) == 7
