@@ -34,6 +34,14 @@ def test_small_frames_are_looked_at_whole():
     assert pixel_spread(rgb).mean() == np.float32(1.0) / np.float32(300 * 300)
 
 
+def test_the_stride_is_the_rounded_square_root_of_pixels_per_sample():
+    """k = round(sqrt(pixels / 65536)), not its floor: 720p (sqrt 14.06 = 3.75) is looked at on
+    every 4th row and column, 400x400 (sqrt 2.44 = 1.56) on every 2nd, 380x380 (1.48) whole."""
+    assert pixel_spread(np.zeros((720, 1280, 3), np.float32)).shape == (180, 320)
+    assert pixel_spread(np.zeros((400, 400, 3), np.float32)).shape == (200, 200)
+    assert pixel_spread(np.zeros((380, 380, 3), np.float32)).shape == (380, 380)
+
+
 def test_the_thresholds_on_a_720p_frame():
     """A channel offset of d levels: colour above COLOUR_TOL (2 levels; exactly 2 is float rounding)
     where it varies over the frame; a uniform one only above TINT_TOL (8 levels)."""
