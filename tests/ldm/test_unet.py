@@ -23,6 +23,20 @@ def test_timestep_embedding_is_cos_then_sin():
     torch.testing.assert_close(emb, expected.float(), rtol=1e-6, atol=1e-6)
 
 
+def test_group_norm_eps_is_sds_1e_6_in_transformers_and_1e_5_in_resblocks():
+    """SD normalises a SpatialTransformer's input with eps 1e-6 and a ResBlock's with 1e-5; the
+    tiny golden outputs have too much variance per group to see it. A group of variance 1e-6
+    (values +-1e-3) comes out as +-1e-3 / sqrt(1e-6 + eps): 1/sqrt(2) and 1/sqrt(11), rtol 1e-4."""
+    from ldm.modules.attention import SpatialTransformer
+    x = torch.tensor([1e-3, -1e-3]).repeat(1, 32, 1, 1)  # (1, 32, 1, 2): 32 groups of one channel
+    expected = torch.tensor([1.0, -1.0]).repeat(1, 32, 1, 1)
+    with torch.no_grad():
+        norm = SpatialTransformer(32, 1, 32, 1, 8).norm(x)
+        res = ResBlock(32, 16).in_layers[0](x)
+    torch.testing.assert_close(norm, expected / math.sqrt(2), rtol=1e-4, atol=0)
+    torch.testing.assert_close(res, expected / math.sqrt(11), rtol=1e-4, atol=0)
+
+
 def _tiny_unet(tiny_arch, tiny_weights, **overrides):
     unet = UNetModel(**{**unet_kwargs(tiny_arch), **overrides})
     unet.load_state_dict(sub_state(tiny_weights, "model.diffusion_model."), strict=True)
