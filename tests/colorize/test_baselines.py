@@ -183,9 +183,21 @@ def test_run_baseline_dispatch_and_errors():
         run_baseline("flow", gray, [gt[0], gt[1]])
     with pytest.raises(ValueError, match="outside the clip"):
         flow_propagate(gray, gt[0], reference_index=3)
+    with pytest.raises(ValueError, match=r"reference index -1 outside the clip \(indices start at 0\)"):
+        flow_propagate(gray, gt[0], reference_index=-1)  # not "the last frame", nor a run without its frame
     with pytest.raises(ValueError, match="two references for frame 1"):
         run_baseline("flow", gray, [gt[0], gt[1]], [1, 1])
     assert flow_propagate([], gt[0]) == []
+
+
+def test_flow_takes_the_colour_of_an_rgba_reference_and_drops_its_alpha():
+    """A reference read with its alpha channel (an RGBA PNG) colours as its RGB: _fit keeps the
+    first three channels, bit for bit (a 4-channel warp would not fit the frame's 3 colours)."""
+    gt = moving_clip(3, 1, 1, h=48, w=64)
+    gray = [rgb_to_gray(f) for f in gt]
+    rgba = np.concatenate([gt[0], np.full((48, 64, 1), 7, np.uint8)], -1)
+    for a, b in zip(flow_propagate(gray, rgba), flow_propagate(gray, gt[0])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_baselines_on_the_sample_clip():
