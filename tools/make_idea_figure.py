@@ -9,21 +9,25 @@ import io
 import sys
 from pathlib import Path
 
-import matplotlib
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from cliutil import (DefaultsFormatter, OneLineParser, out_file_problem, path_arg, quiet_startup_signals,  # noqa: E402
+                     run_cli)
+
+PROG = "tools/make_idea_figure.py"
+if __name__ == "__main__":  # Ctrl-C while matplotlib and OpenCV load: one line, not an import traceback
+    quiet_startup_signals(PROG)
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 from annotator.color import rgb_to_gray  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
 from atomicio import write_bytes_atomic  # noqa: E402
-from cliutil import DefaultsFormatter, OneLineParser, out_file_problem, path_arg, run_cli  # noqa: E402
-
-PROG = "tools/make_idea_figure.py"
 
 
 def frames(path: Path, wanted: tuple[int, ...]) -> dict[int, np.ndarray]:

@@ -6,6 +6,8 @@ from pathlib import Path
 import cv2
 import pytest
 
+from tests.helpers import ctrl_c_while_importing
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 import make_idea_figure as F  # noqa: E402
@@ -39,3 +41,8 @@ def test_the_command_line_takes_help_and_out_and_refuses_the_rest(tmp_path, caps
     assert F.main(["--out", str(tmp_path)]) == 2 and drawn == []
     assert capsys.readouterr().err == f"{F.PROG}: error: --out {tmp_path} is a folder\n"
     assert F.main(["--out", str(tmp_path / "idea.png")]) == 0 and drawn == [tmp_path / "idea.png"]
+
+
+def test_ctrl_c_while_matplotlib_loads_is_one_line():
+    done = ctrl_c_while_importing("matplotlib", ["tools/make_idea_figure.py"])
+    assert (done.returncode, done.stderr) == (130, "tools/make_idea_figure.py: interrupted\n")
