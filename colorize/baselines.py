@@ -46,7 +46,7 @@ def luma_band_chroma(reference_rgb: np.ndarray, bands: int = LUMA_BANDS) -> tupl
     Returns (band luma, (n, 2) mean a,b) for the non-empty bands only, the band's position
     being the mean luma of its pixels, ready for piecewise-linear interpolation.
     """
-    ref = to_float(np.asarray(reference_rgb))[..., :3]
+    ref = np.ascontiguousarray(to_float(np.asarray(reference_rgb))[..., :3])  # RGBA: the gray of its RGB exactly
     y = np.clip(rgb_to_gray(ref).ravel(), 0.0, 1.0)
     ab = rgb_to_lab(ref)[..., 1:].reshape(-1, 2)
     idx = np.minimum((y * bands).astype(np.int64), bands - 1)

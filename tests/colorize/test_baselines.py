@@ -200,6 +200,18 @@ def test_flow_takes_the_colour_of_an_rgba_reference_and_drops_its_alpha():
         np.testing.assert_array_equal(a, b)
 
 
+def test_reinhard_bands_takes_an_rgba_reference_as_its_rgb_bit_for_bit():
+    """The band table of an RGBA reference is its RGB's: the gray of a strided RGB view differed in
+    the last float32 bit (numpy's matmul over it sums in another order), moving pixels across
+    band edges."""
+    gt = moving_clip(2, 1, 1, h=48, w=64)
+    gray = [rgb_to_gray(f) for f in gt]
+    rgba = np.concatenate([gt[0], np.full((48, 64, 1), 7, np.uint8)], -1)
+    for got, want in zip(luma_band_chroma(rgba), luma_band_chroma(gt[0])):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(reinhard_bands(gray, rgba)[1], reinhard_bands(gray, gt[0])[1])
+
+
 def test_baselines_on_the_sample_clip():
     """Real footage, 12 frames at 160x90: flow beats Reinhard, which beats gray."""
     cap = cv2.VideoCapture(str(SAMPLE))
