@@ -12,7 +12,8 @@ lightness is the input's exactly. Modes and when to use which: docs/INFERENCE.md
 If a run stops at a bad frame, every output written before it is complete (each is written
 under a temporary name and renamed). Rerun from that frame with --frames N: to continue
 (fixed mode and the reinhard baselines then give exactly the result of an uninterrupted
-run; recursive/anchored restart their chain and flow its walk at frame N; flow from a
+run; fixed mode stopped part-way through writing a batch is told its first frame, with
+--overwrite; recursive/anchored restart their chain and flow its walk at frame N; flow from a
 --reference-frame before N is told to go on from that frame, with --overwrite), or rerun the
 whole range with --overwrite. With --video, a --frames range that is only part of the clip
 still gives the whole clip's video: the frames outside the range are taken from --out
@@ -574,6 +575,13 @@ def run(args) -> int:
             # which in the original range may lie before it
             start = min(args.reference_frame)
             again, why = " --overwrite", f" (flow walks again from its reference frame {start})"
+        elif args.method == "model" and args.mode == "fixed" and (into := (start - frames.start) % args.batch):
+            # stopped part-way through writing a batch (Ctrl-C, a full disk): a run from the next frame
+            # would batch the frames otherwise, and a frame sampled in another batch can differ by float
+            # rounding (an 8-bit level); from the batch's first frame the batches, so the frames, are this run's
+            start -= into
+            again = " --overwrite"
+            why = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
         go_on = f"--frames {start}:{frames.stop if frames.stop is not None else ''}{again} continues{why}"
         if not isinstance(e, TruncatedVideoError):
             return go_on

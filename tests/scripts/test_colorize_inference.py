@@ -1269,3 +1269,37 @@ def test_a_truncated_video_that_fails_before_any_output_names_the_frames_it_hold
     assert rc == 2 and err.splitlines()[-1].endswith(
         "cut.avi: truncated or corrupt: decoded 6 of 12 frames (nothing was written; it ends before flow's reference "
         "frame 8)"), err
+
+
+def test_fixed_mode_stopped_inside_a_batch_goes_on_from_the_batchs_first_frame(env, tmp_path, capsys, monkeypatch):
+    """Stopped after writing part of a batch (Ctrl-C, a full disk): a run from the next frame would
+    batch the frames otherwise, and a frame sampled in another batch can differ by an 8-bit level,
+    so "exactly the result of an uninterrupted run" needs the batch's first frame, with --overwrite."""
+    encode, calls = cli.encode_png, []
+
+    def stop_at(n):
+        def stop(rgb, depth):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return encode(rgb, depth)
+        calls.clear()
+        monkeypatch.setattr(cli, "encode_png", stop)
+
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--noise", "per-frame",
+            "--batch", "2", "--no-progress", *FAST]
+    stop_at(4)  # f0 f1 | f2 written, f3 not
+    rc, _, err = run([*args, "--out", tmp_path / "out"], capsys)
+    line = err.splitlines()[-1]
+    assert (rc, line) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are complete: "
+                               "--frames 2: --overwrite continues (from the start of the batch it stopped in: the "
+                               "frames of an uninterrupted run)")
+    monkeypatch.setattr(cli, "encode_png", encode)
+    assert run([*args, *_advice(line, r"complete: (--frames .*) continues"), "--out", tmp_path / "out"],
+               capsys)[0] == 0
+    assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "whole")
+    # the batches count from the run's first frame: --frames 1: batches f1 f2 | f3, stopped at f3 it goes on there
+    stop_at(3)
+    rc, _, err = run([*args, "--frames", "1:", "--out", tmp_path / "later"], capsys)
+    assert rc == 130 and err.splitlines()[-1].endswith("complete: --frames 3: continues"), err
