@@ -159,8 +159,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", choices=P.NOISES, default="shared",
                    help="shared: every frame starts from the same noise (and, with --eta > 0, gets the same "
                         "noise at every step), drawn from --seed alone, so colours do not flicker from noise; "
-                        "per-frame: frame i's noise is drawn from (seed, i). Either way a frame's result does "
-                        "not depend on --batch or --frames (default: shared)")
+                        "per-frame: frame i's noise is drawn from (seed, i). Either way a frame's noise does "
+                        "not depend on --batch or --frames, and its result only by float rounding (an 8-bit level "
+                        "at most) where its batch holds other frames (default: shared)")
     s.add_argument("--size", type=int, default=512,
                    help="short side of the frames the model sees; both sides are rounded to multiples of 64 "
                         "and the output is resized back to the input size (default: 512)")

@@ -569,6 +569,8 @@ def test_help_explains_every_flag(capsys):
     assert "EXPERIMENTAL: reference guidance" in flat and "reference dropout" in flat
     assert "reinhard-bands" in flat and "Reinhard et al. 2001 global Lab mean/std transfer" in flat
     assert "--frames N: to continue" in flat
+    # not "a frame's result does not depend on --batch or --frames": another batch can move it by a level
+    assert "its result only by float rounding (an 8-bit level at most) where its batch holds other frames" in flat
     assert re.search(r"--input DIR\|VIDEO grayscale frames: .*8/16-bit gray, gray\+alpha, RGB or RGBA: alpha is ignored, "
                      r"EXIF orientation applied", flat) and "1/3/4 channels" not in flat
     assert "--device DEVICE auto (cuda if available, else cpu), cpu, cuda, or cuda:N" in flat
