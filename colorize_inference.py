@@ -175,11 +175,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# What only --method model uses: a baseline given one would silently ignore it (--mode recursive
-# with flow, say), so it is refused
+# What only --method model uses, and what only one of its modes uses: a run given one it does not
+# use would silently ignore it (--mode recursive with flow, --anchor-every with recursive)
 MODEL_ONLY = ("ckpt", "control", "config", "set", "allow_pickle", "device", "precision", "cuda_graph", "compile",
               "mode", "anchor_every", "anchor_strength", "steps", "eta", "seed", "noise", "size", "batch",
               "ref_guidance", "raw")
+MODE_ONLY = {"batch": ("fixed", "batches (it goes frame by frame)"), "anchor_every": ("anchored", "anchoring"),
+             "anchor_strength": ("anchored", "anchoring")}
 
 
 class UsageError(Exception):
@@ -188,6 +190,21 @@ class UsageError(Exception):
 
 class EarlierOutputError(UsageError):
     """A frame of --out outside --frames that --video cannot use (unreadable, another size)."""
+
+
+def check_used(args) -> None:
+    """Refuse a flag given (other than its default) that this run would not use."""
+    defaults = parser()
+    for dest in MODEL_ONLY if args.method != "model" else MODE_ONLY:
+        value = getattr(args, dest)
+        if value == defaults.get_default(dest):
+            continue
+        flag = "--" + ("no-" if value is False else "") + dest.replace("_", "-")
+        if args.method != "model":
+            raise UsageError(f"{flag} is for --method model; --method {args.method} uses no model: leave it out")
+        mode, what = MODE_ONLY[dest]
+        if args.mode != mode:
+            raise UsageError(f"{flag} is for --mode {mode}; --mode {args.mode} takes no {what}: leave it out")
 
 
 def parse_range(spec: str | None) -> slice:
@@ -213,12 +230,7 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     The sampling values are checked where the library checks them (pipeline.Options), each
     message naming its flag.
     """
-    if args.method != "model":
-        defaults = parser()
-        for dest in MODEL_ONLY:
-            if getattr(args, dest) != defaults.get_default(dest):
-                flag = "--" + ("no-" if getattr(args, dest) is False else "") + dest.replace("_", "-")
-                raise UsageError(f"{flag} is for --method model; --method {args.method} uses no model: leave it out")
+    check_used(args)
     try:
         options = P.Options(size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
                             ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,

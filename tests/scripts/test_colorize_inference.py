@@ -72,7 +72,8 @@ def snapshot(folder: Path) -> dict:
 def test_folder_gives_same_names_sizes_and_lightness(env, tmp_path, capsys, mode):
     out = tmp_path / "out"
     rc, stdout, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"],
-                           "--mode", mode, "--batch", "3", "--out", out, *FAST], capsys)
+                           "--mode", mode, *(["--batch", "3"] if mode == "fixed" else []), "--out", out, *FAST],
+                          capsys)
     assert rc == 0, err
     assert "wrote 4 frames" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
@@ -412,10 +413,11 @@ def _bad_cases(env, tmp):
         "negative range": (["--input", g, *base, "--frames", "-5:-1"], "--frames '-5:-1': expected A:B with 0 <= A"),
         "not numbers": (["--input", g, *base, "--frames", "a:"], "--frames 'a:': expected A:B with whole numbers"),
         "negative eta": (["--input", g, *base, "--eta", "-0.5"], "--eta must be >= 0 (got -0.5)"),
-        "anchor strength": (["--input", g, *base, "--anchor-strength", "2"],
+        "anchor strength": (["--input", g, *base, "--mode", "anchored", "--anchor-strength", "2"],
                             "--anchor-strength must be in [0, 1] (got 2.0)"),
         "batch": (["--input", g, *base, "--batch", "0"], "--batch must be >= 1 (got 0)"),
-        "anchor every": (["--input", g, *base, "--anchor-every", "-1"], "--anchor-every must be >= 0 (got -1)"),
+        "anchor every": (["--input", g, *base, "--mode", "anchored", "--anchor-every", "-1"],
+                         "--anchor-every must be >= 0 (got -1)"),
     }
 
 
@@ -1305,3 +1307,22 @@ def test_fixed_mode_stopped_inside_a_batch_goes_on_from_the_batchs_first_frame(e
     stop_at(3)
     rc, _, err = run([*args, "--frames", "1:", "--out", tmp_path / "later"], capsys)
     assert rc == 130 and err.splitlines()[-1].endswith("complete: --frames 3: continues"), err
+
+
+def test_a_mode_refuses_the_flags_of_another_mode(env, tmp_path, capsys):
+    """--anchor-every with recursive ran plain recursive (no drift control, silently), --batch with
+    recursive or anchored went frame by frame: refused like a baseline's model flags."""
+    base = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST,
+            "--out", tmp_path / "out", "--no-progress"]
+    for mode, given, says in [("recursive", ["--anchor-every", "3"], "--anchor-every is for --mode anchored; --mode "
+                                                                     "recursive takes no anchoring"),
+                              ("fixed", ["--anchor-strength", "0.5"], "--anchor-strength is for --mode anchored; "
+                                                                      "--mode fixed takes no anchoring"),
+                              ("anchored", ["--batch", "8"], "--batch is for --mode fixed; --mode anchored takes no "
+                                                             "batches (it goes frame by frame)"),
+                              ("recursive", ["--batch", "2"], "--batch is for --mode fixed; --mode recursive takes "
+                                                              "no batches (it goes frame by frame)")]:
+        rc, out, err = run([*base, "--mode", mode, *given], capsys)
+        assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {says}: leave it out\n")
+    assert not (tmp_path / "out").exists()
+    assert run([*base, "--mode", "recursive", "--batch", "4", "--anchor-every", "8"], capsys)[0] == 0  # the defaults
