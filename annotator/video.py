@@ -121,7 +121,8 @@ def _special(entry: os.DirEntry) -> bool:
 
 
 def list_frame_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files of a frame folder in natural order; raises on non-image files or none."""
+    """The image files of a frame folder in natural order (ties by name); raises on non-image files
+    or none."""
     folder = Path(folder)
     try:
         entries = list(os.scandir(folder))
@@ -146,8 +147,8 @@ def list_frame_files(folder: str | os.PathLike) -> list[Path]:
         raise FrameSourceError(folder, f"folder contains no image frames{hint}")
     if videos:
         raise FrameSourceError(folder, f"frame folder also holds {videos} video file(s); keep them apart")
-    images.sort(key=lambda p: natural_key(p.name))
-    return images
+    images.sort(key=lambda p: (natural_key(p.name), p.name))  # names equal to natural_key (f1, f01, F1): by name,
+    return images  # not in the order the file system lists them
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:

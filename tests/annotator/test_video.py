@@ -306,6 +306,19 @@ def test_truncation_is_judged_only_when_the_video_is_read_to_its_end(tmp_path):
         list(iter_frames(cut, start=570, stop=580))  # asked for more than it has: it ran out
 
 
+def test_names_alike_in_natural_order_are_listed_by_name_whatever_the_listing_order(tmp_path, monkeypatch):
+    """f1, f01 and F1 are one frame number to natural_key: the file system's listing order decided
+    between them, so a copy of the folder could number its frames otherwise."""
+    from annotator import video
+
+    for name in ("f01.png", "F1.png", "f1.png", "f2.png"):
+        cv2.imwrite(str(tmp_path / name), np.zeros((2, 2), np.uint8))
+    scandir = os.scandir
+    for order in (sorted, lambda e, **k: sorted(e, reverse=True, **k)):
+        monkeypatch.setattr(video.os, "scandir", lambda f: order(list(scandir(f)), key=lambda e: e.name))
+        assert [p.name for p in list_frame_files(tmp_path)] == ["F1.png", "f01.png", "f1.png", "f2.png"]
+
+
 def test_natural_order_ignores_case():
     from annotator.video import natural_key
 
