@@ -83,6 +83,13 @@ class StepCheckpoint(ModelCheckpoint):
                          save_last=False, enable_version_counter=False, save_on_train_epoch_end=False)
         self.keep = keep
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Private ModelCheckpoint API, as in on_train_end: a resume does not restore it, so under
+        # --accumulate the first batch (no optimiser step yet) rewrote the checkpoint resumed
+        # from, one batch into the next window.
+        self._last_global_step_saved = trainer.global_step
+
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
         super().on_train_batch_end(trainer, *args, **kwargs)
         self.prune(trainer)

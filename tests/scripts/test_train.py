@@ -592,6 +592,15 @@ def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_p
     assert train.main(args(ws, out, "model.color_variant=v3")) == 2
 
 
+def test_a_resume_under_accumulate_leaves_the_checkpoint_it_resumed_from_as_it_was(ws, tmp_path):
+    """The first batch of a resume (no optimiser step yet) rewrote step=2.ckpt, one batch into the window."""
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 2, "--ckpt-every", 1, "--accumulate", 2, "--batch-size", 1)) == 0
+    resumed_from = (out / "checkpoints" / "step=00000002.ckpt").read_bytes()
+    assert train.main(args(ws, out, "--max-steps", 3, "--ckpt-every", 1, "--accumulate", 2, "--batch-size", 1)) == 0
+    assert (out / "checkpoints" / "step=00000002.ckpt").read_bytes() == resumed_from
+
+
 @pytest.mark.parametrize("when", ["save", pytest.param(0.5, marks=pytest.mark.slow),
                                   pytest.param(3.0, marks=pytest.mark.slow)])
 def test_sigkill_at_various_moments_then_resume(ws, tmp_path, when):
