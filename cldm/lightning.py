@@ -163,6 +163,25 @@ class ColorControlModule(L.LightningModule):
         torch.manual_seed(noise_seed(self.hparams.seed, self.global_rank, self.global_step))
         self.snapshot_locked()
         self.apply_optimizer_settings()
+        self.align_accumulation()
+
+    def align_accumulation(self) -> None:
+        """Give a run resumed mid-epoch a whole --accumulate window before its first step.
+
+        Lightning steps when the epoch's batch count is a multiple of accumulate_grad_batches. A
+        checkpoint is saved right after a step, but a resume with another --accumulate (raised after
+        an out-of-memory, say) counts on from the old windows: its first step came after fewer
+        batches, and its logged step fell one behind for good. Count the epoch's batches as if they
+        had been whole windows of the new size (up to accumulate - 1 fewer: the rest of the epoch
+        is a fresh pass over the data anyway). A no-op on a fresh run and at an epoch's end.
+        """
+        loop, acc = self.trainer.fit_loop.epoch_loop, self.trainer.accumulate_grad_batches
+        current = loop.batch_progress.current
+        extra = current.ready % acc
+        if not loop.restarting or not extra or current.ready >= self.trainer.num_training_batches:
+            return
+        for name in ("ready", "started", "processed", "completed"):
+            setattr(current, name, max(getattr(current, name) - extra, 0))
 
     def snapshot_locked(self) -> None:
         """Remember the SD channels of the partly trainable input conv, for check_locked."""

@@ -601,6 +601,19 @@ def test_a_resume_under_accumulate_leaves_the_checkpoint_it_resumed_from_as_it_w
     assert (out / "checkpoints" / "step=00000002.ckpt").read_bytes() == resumed_from
 
 
+def test_a_resume_with_a_larger_accumulate_takes_a_whole_window_before_its_first_step(ws, tmp_path):
+    """--accumulate is free on a resume (raised after an out-of-memory): the first step after it
+    took fewer batches (Lightning's windows count the epoch's batches) and the logged step fell behind."""
+    out = tmp_path / "run"
+    # batch 1: 8 training frames, one epoch holds every step below (no step forced by an epoch's end)
+    assert train.main(args(ws, out, "--max-steps", 3, "--ckpt-every", 1, "--batch-size", 1)) == 0
+    assert train.main(args(ws, out, "--max-steps", 4, "--ckpt-every", 1, "--batch-size", 1, "--accumulate", 2)) == 0
+    loops = load_ckpt(out / "checkpoints" / "step=00000004.ckpt")["loops"]["fit_loop"]
+    assert loops["epoch_loop.batch_progress"]["total"]["ready"] == 3 + 2
+    csv = sorted((out / "csv").glob("version_*/metrics.csv"))[-1].read_text().splitlines()
+    assert csv[1].split(",")[csv[0].split(",").index("step")] == "3"  # step 4, counted from 0 as in the first run
+
+
 @pytest.mark.parametrize("when", ["save", pytest.param(0.5, marks=pytest.mark.slow),
                                   pytest.param(3.0, marks=pytest.mark.slow)])
 def test_sigkill_at_various_moments_then_resume(ws, tmp_path, when):
