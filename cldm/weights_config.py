@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -109,15 +109,16 @@ def saved_config_mismatch(weights: str | Path, cfg: DictConfig, free: Sequence[s
 
 
 def check_saved_config(weights: str | Path, cfg: DictConfig, source, overrides: Sequence[str] = (),
-                       remedy: str = "leave out --config and --set to use the one saved with it",
+                       remedy: str | Callable[[], str] = "leave out --config and --set to use the one saved with it",
                        free: Sequence[str] = ()) -> None:
     """Refuse a config that contradicts the one the checkpoint records (saved_config_mismatch).
     `source` and `overrides`: where `cfg` came from (a YAML path or the checkpoint's own config);
-    `remedy`: what the caller's user can do about it."""
+    `remedy`: what the caller's user can do about it (a callable: worked out only if needed)."""
     here = (str(source) if isinstance(source, Path) else "its own config") + \
         (" with the overrides" if overrides else "")
     if reason := saved_config_mismatch(weights, cfg, free, here):
-        raise CheckpointError(f"{weights} was saved with another model config: {reason}; {remedy}")
+        raise CheckpointError(f"{weights} was saved with another model config: {reason}; "
+                              f"{remedy() if callable(remedy) else remedy}")
 
 
 def model_leaves(cfg: DictConfig, leave_out: Sequence[str] = NOT_HASHED) -> dict:

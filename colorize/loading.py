@@ -76,7 +76,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     source = resolve_config(ckpt, config, control) if source is None else source
     cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
     weights = control if control is not None else ckpt
-    check_saved_config(weights, cfg, source, overrides, _remedy(weights, config, overrides, source))
+    check_saved_config(weights, cfg, source, overrides, lambda: _remedy(weights, config, overrides, source))
     if control is not None:
         # the SD file (or an init) under the export may record a config too: its VAE and schedule
         # are what it was made with, so a scale factor (say) of another model would colour worse,
