@@ -120,6 +120,8 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
                 variant: str | None = None, overrides: list[str] = (), allow_pickle: bool = False,
                 dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> str:
     """Write the initial checkpoint; returns the human-readable report."""
+    if str(out_path).endswith(("/", os.sep)):  # Path() drops it: out/x.safetensors/ was written as a file
+        raise ValueError(f"{out_path}: ends in '/', as a folder's name does; give a file name for the output")
     out_path = Path(out_path)
     check_output(sd_path, out_path, overwrite)
     if not 0 <= seed <= MAX_SEED:

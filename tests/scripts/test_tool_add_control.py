@@ -369,6 +369,11 @@ def test_output_checks_before_the_load(sd_files, tmp_path, capsys, monkeypatch):
     assert tool.main([sd, str(folder), *cfg, "--overwrite"]) == 2
     assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {folder}: is a folder; give a file "
                                        "name for the output\n")
+    new = f"{tmp_path / 'new'}/x.safetensors/"  # was written as the file new/x.safetensors
+    assert tool.main([sd, new, *cfg]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {new}: ends in '/', as a folder's name "
+                                       "does; give a file name for the output\n")
+    assert not (tmp_path / "new").exists()
     readme = tmp_path / "README.md"
     readme.write_text("x")
     assert tool.main([sd, str(readme / "o.safetensors"), *cfg]) == 2
