@@ -146,6 +146,8 @@ def pair_mask(sim: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAULT_H
     A pair is valid iff low < sim < high (strictly) and |d| >= min_gap; NaN (outside the
     movie) is never valid. The mask is symmetric: [i, W+d] == [i+d, W-d].
     """
+    if low != low or high != high:  # NaN: "must be < high" would not say what is wrong
+        raise ValueError(f"band ends must be numbers (low={low}, high={high})")
     if not low < high:
         raise ValueError(f"band is empty: low={low} must be < high={high}")
     if min_gap < 1:

@@ -81,6 +81,9 @@ def check_band(t) -> None:
 
     low = DEFAULT_LOW if t.get("low") is None else t.low
     high = DEFAULT_HIGH if t.get("high") is None else t.high
+    for key, value in (("low", low), ("high", high)):
+        if value != value:  # NaN: "must be below" would not say what is wrong
+            raise UsageError(f"train.{key} (--{key}) must be a number, got {value}", f"train.{key}")
     if not low < high:
         raise UsageError(f"train.low (--low) must be below train.high (--high): the pair band {low} < sim < {high} "
                          "is empty")

@@ -44,6 +44,8 @@ def test_band_semantics_exact():
         pair_mask(sim, 0.97, 0.94)
     with pytest.raises(ValueError, match="band is empty"):  # low == high: no value is strictly between
         pair_mask(sim, 0.95, 0.95)
+    with pytest.raises(ValueError, match=r"^band ends must be numbers \(low=0.94, high=nan\)$"):
+        pair_mask(sim, 0.94, float("nan"))
     with pytest.raises(ValueError):
         pair_mask(sim, 0.94, 0.97, 0)
 

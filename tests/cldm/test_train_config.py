@@ -44,6 +44,10 @@ def test_an_empty_band_names_both_ends_and_a_null_end_is_the_datasets_default():
         with pytest.raises(train_config.UsageError) as e:
             train_config.check_band(OmegaConf.create(t))
         assert str(e.value) == f"train.low (--low) must be below train.high (--high): the pair band {band} is empty"
+    for key in ("low", "high"):  # NaN was "must be below": not what is wrong with it
+        with pytest.raises(train_config.UsageError) as e:
+            train_config.check_band(OmegaConf.create({key: float("nan")}))
+        assert (str(e.value), e.value.key) == (f"train.{key} (--{key}) must be a number, got nan", f"train.{key}")
 
 
 def test_model_settings_name_what_the_command_said_with_the_key_it_sets():

@@ -72,6 +72,7 @@ def test_the_picture_is_in_the_format_of_its_extension(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, says", [
     (["--low", "0.9", "--high", "0.8"], "band is empty: low=0.9 must be < high=0.8"),
+    (["--low", "nan"], "band ends must be numbers (low=nan, high=0.97)"),  # was "band is empty: low=nan must be <"
     (["--min-gap", "0"], "argument --min-gap: expected an integer >= 1"),
 ])
 def test_a_bad_band_is_one_line(tmp_path, capsys, args, says):
