@@ -38,6 +38,16 @@ non_negative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0, True, "a number > 0")
 
 
+def not_utf8(path: str | os.PathLike) -> bool:
+    """Whether `path` is not UTF-8 (a name Python read into surrogate escapes): OpenCV's binding
+    crashes on one, safetensors refuses it with a message that misleads."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 

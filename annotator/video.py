@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from cliutil import NOT_REGULAR
+from cliutil import NOT_REGULAR, not_utf8
 
 VIDEO_EXTS = frozenset(
     {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mts"}
@@ -62,11 +62,7 @@ def shown_path(path: str | os.PathLike) -> str:
 def opencv_cannot_take(path: str | os.PathLike) -> bool:
     """Whether `path` is not UTF-8: OpenCV's binding crashes the process (SIGSEGV) on the
     surrogate escapes Python reads such a name into."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return not_utf8(path)
 
 
 class FrameSourceError(Exception):

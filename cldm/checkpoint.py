@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, file_problem, out_file_problem, path_arg, quiet_startup_signals,
-                     run_cli)
+from cliutil import (OneLineParser, config_override, file_problem, not_utf8, out_file_problem, path_arg,
+                     quiet_startup_signals, run_cli)
 
 PROG = "python -m cldm.checkpoint"
 if __name__ == "__main__":  # Ctrl-C while torch loads: run_cli's one line, not an import traceback
@@ -77,7 +77,7 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
     if problem := file_problem(path, folder="is a folder, not a checkpoint file"):
         raise CheckpointError(f"{path}: {problem}")
     if path.suffix == ".safetensors":
-        if not _utf8(path):  # else "truncated or not a safetensors file (Path ... is not valid UTF-8)"
+        if not_utf8(path):  # else "truncated or not a safetensors file (Path ... is not valid UTF-8)"
             raise CheckpointError(f"{path}: safetensors cannot open a file name that is not UTF-8; rename it")
         try:
             return load_file(path, device=str(map_location))
@@ -147,15 +147,6 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
                               "extension; rename it to .safetensors")
     raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
                           ".ckpt/.pt/.pth zip or pickle)")
-
-
-def _utf8(path) -> bool:
-    """Whether `path` is UTF-8: safetensors refuses a name that is not (one read with surrogate escapes)."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _torch_head(head: bytes) -> bool:
