@@ -31,8 +31,14 @@ def _gray(frame: np.ndarray) -> np.ndarray:
     return to_gray(frame)[0]
 
 
+def _rgb(reference: np.ndarray) -> np.ndarray:
+    """A reference as contiguous float RGB: an RGBA's alpha dropped, and its gray then that of its
+    RGB bit for bit (the gray of a strided view differs in the last bit)."""
+    return np.ascontiguousarray(to_float(np.asarray(reference))[..., :3])
+
+
 def _fit(reference: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    ref = np.ascontiguousarray(to_float(np.asarray(reference))[..., :3])
+    ref = _rgb(reference)
     if ref.shape[:2] == shape:
         return ref
     h, w = shape
@@ -46,7 +52,7 @@ def luma_band_chroma(reference_rgb: np.ndarray, bands: int = LUMA_BANDS) -> tupl
     Returns (band luma, (n, 2) mean a,b) for the non-empty bands only, the band's position
     being the mean luma of its pixels, ready for piecewise-linear interpolation.
     """
-    ref = np.ascontiguousarray(to_float(np.asarray(reference_rgb))[..., :3])  # RGBA: the gray of its RGB exactly
+    ref = _rgb(reference_rgb)
     y = np.clip(rgb_to_gray(ref).ravel(), 0.0, 1.0)
     ab = rgb_to_lab(ref)[..., 1:].reshape(-1, 2)
     idx = np.minimum((y * bands).astype(np.int64), bands - 1)
