@@ -509,7 +509,8 @@ def run(args) -> int:
     if args.method == "model":
         if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
             print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
-        model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source)
+        model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source,
+                             note=lambda msg: print(f"{PROG}: note: {msg}", file=sys.stderr))
         dtype = L.compute_dtype(args.precision, model.betas.device)
         if dtype != torch.float32:  # autocast would cast every weight at every step
             L.cast_weights(model, dtype)

@@ -21,9 +21,11 @@ import functools
 import hashlib
 import importlib.util
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from torch import nn
 
 from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, LoadReport, compare_state_dict,
@@ -150,11 +152,13 @@ def tensor_checksum(t: torch.Tensor, chunk: int = 1 << 22) -> int:
     return total % _PRIME
 
 
-def locked_digest(model: ControlLDM) -> str:
+def locked_digest(model: ControlLDM, trained: Iterable[str] | None = None) -> str:
     """Digest of every weight a training checkpoint leaves out (they come from --init on each
     start): names, shapes and exact bits, so a resume on top of other SD weights is caught
-    however small the difference. No copy to the host: about a second for SD2.1 on a GPU."""
-    keep = set(export_keys(model))
+    however small the difference. No copy to the host: about a second for SD2.1 on a GPU.
+    `trained`: the names left out, by default `export_keys` (which the model's requires_grad
+    decides); at inference, the names an export holds, which are the same."""
+    keep = set(export_keys(model) if trained is None else trained)
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if name not in keep:
@@ -220,6 +224,14 @@ def is_export(sd: dict, meta: dict[str, str]) -> bool:
     besides (no VAE, text encoder or schedule), which load_sd_plus_control takes as one too."""
     return meta.get("format") == EXPORT_FORMAT or (any(k.startswith(CONTROL) for k in sd) and
                                                    all(k.startswith((CONTROL, UNET)) for k in sd))
+
+
+def export_names(path: str | Path, *, allow_pickle: bool = False) -> list[str]:
+    """The tensor names an export holds: from a safetensors header alone (a .ckpt is loaded)."""
+    if Path(path).suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    return list(load_state_dict(path, allow_pickle=allow_pickle))
 
 
 def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,

@@ -139,15 +139,18 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
 
 
 def export(module, out: Path, cfg, step: int, init: Path) -> Path:
-    """OUT/control.safetensors, plus OUT/control.yaml (its config, found by colorize_inference.py)."""
+    """OUT/control.safetensors, plus OUT/control.yaml (its config, found by colorize_inference.py).
+    `module`: a ColorControlModule (its model and locked_digest())."""
     from omegaconf import OmegaConf
 
     from atomicio import write_bytes_atomic
     from cldm.trainable import export_control
 
     write_bytes_atomic(out / "control.yaml", OmegaConf.to_yaml(cfg).encode())
+    # the locked weights' digest: inference can tell SD weights other than --init's (768-v has
+    # 512-base's shapes, so nothing else can)
     return export_control(module.model, out / "control.safetensors", step=step, cfg=cfg,
-                          extra={"init": init.name})
+                          extra={"init": init.name, "locked_digest": module.locked_digest()})
 
 
 def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -20,7 +20,7 @@ from torch import nn
 from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.model import ConfigError, create_model, load_config, model_config
-from cldm.trainable import is_export, load_sd_plus_control
+from cldm.trainable import export_names, is_export, load_sd_plus_control, locked_digest
 from cldm.weights_config import (check_saved_config, load_resolved_config, read_export_metadata, resolve_config,
                                  saved_config_mismatch)
 
@@ -65,13 +65,15 @@ def _contradicts(weights, yaml: Path) -> bool:
 def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                device: str | torch.device = "cpu", allow_pickle: bool = False,
-               source: Path | DictConfig | None = None) -> ControlLDM:
+               source: Path | DictConfig | None = None, note: Callable[[str], None] | None = None) -> ControlLDM:
     """A ControlLDM in eval mode on `device`, from a full checkpoint or SD2.1 + a ControlNet export.
 
     The checkpoint is checked against the config's shapes on the meta device first, so a wrong
     file fails in a second with one CheckpointError instead of after building the model.
     `source`: resolve_config(ckpt, config, control), where the caller has it already (to say
-    which config it uses): the weights' metadata is then not read for it again.
+    which config it uses): the weights' metadata is then not read for it again. `note`: told
+    when `control` was trained on other SD weights than `ckpt` holds; None: not checked, which
+    saves digesting them (~1 s on a GPU, ~20 s on 2 CPU cores for SD2.1).
     """
     source = resolve_config(ckpt, config, control) if source is None else source
     cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
@@ -87,7 +89,13 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                                   "run's --init)")
         with torch.device(device):
             model = create_model(cfg)
-        load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
+        meta = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
+        if note is not None and trained_on_other_weights(model, control, meta, allow_pickle):  # a note: other weights may be meant
+            init = f" ({meta['init']})" if meta.get("init") else ""
+            note(f"--control {control} was trained on other SD weights than --ckpt {ckpt} holds (its run's "
+                 f"--init{init}; the digests of the locked weights differ): fine for a fine-tuned SD2.1 or the "
+                 "same weights at another precision, but SD2.1 768-v under a 512-base export colours wrongly; to "
+                 "be sure, pass that --init, or the SD file it was made from, as --ckpt")
     else:
         sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
         if is_export(sd, read_export_metadata(ckpt, allow_pickle=allow_pickle)):  # else "lacks N tensors": no help
@@ -109,6 +117,16 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
             model = create_model(cfg)
         load_into(model, sd)
     return model.eval().requires_grad_(False)
+
+
+def trained_on_other_weights(model: ControlLDM, control: str | os.PathLike, meta: dict[str, str],
+                             allow_pickle: bool = False) -> bool:
+    """Whether export `control` (its metadata `meta`) records a digest of other locked SD
+    weights than `model` holds (False where it records none: exports before 2026-11-29).
+    SD2.1 768-v has 512-base's tensors to the last shape, so this digest is all that tells
+    them apart."""
+    recorded = meta.get("locked_digest")
+    return recorded is not None and recorded != locked_digest(model, export_names(control, allow_pickle=allow_pickle))
 
 
 def schedule_length(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,

@@ -489,14 +489,17 @@ def test_lightnings_refusal_is_one_line_naming_the_flags_as_given(tmp_path, monk
         training.make_trainer(cfg, trainer_args(), tmp_path)
 
 
-def test_the_export_records_the_step_and_the_inits_name(tmp_path, model):
+def test_the_export_records_the_step_the_inits_name_and_the_locked_weights_digest(tmp_path, model):
     from omegaconf import OmegaConf
 
+    from cldm.trainable import locked_digest
+
     cfg = load_config(TINY_CONFIG)
-    path = training.export(SimpleNamespace(model=model), tmp_path, cfg, 5, tmp_path / "deep" / "init.safetensors")
+    module = SimpleNamespace(model=model, locked_digest=lambda: locked_digest(model))
+    path = training.export(module, tmp_path, cfg, 5, tmp_path / "deep" / "init.safetensors")
     assert path == tmp_path / "control.safetensors"
     meta = read_export_metadata(path)
-    assert (meta["step"], meta["init"]) == ("5", "init.safetensors")
+    assert (meta["step"], meta["init"], meta["locked_digest"]) == ("5", "init.safetensors", locked_digest(model))
     assert OmegaConf.load(tmp_path / "control.yaml") == cfg
 
 
@@ -509,6 +512,10 @@ class Module:
     def on_load_checkpoint(self, state):
         if self.refuse:
             raise self.refuse
+
+    def locked_digest(self):
+        from cldm.trainable import locked_digest
+        return locked_digest(self.model)
 
     def load_state_dict(self, state, strict=True):
         self.loaded.append((dict(state), strict))
@@ -561,7 +568,7 @@ def test_fit_exports_on_the_first_process_only_and_says_the_resume(tmp_path, cap
     (tmp_path / "run").mkdir()  # made by Lightning
     assert training.fit(a, load_config(TINY_CONFIG), Trainer(is_global_zero=False), None, None, resume) == 0
     assert capsys.readouterr() == ("", "") and list((tmp_path / "run").iterdir()) == []
-    assert training.fit(a, load_config(TINY_CONFIG), Trainer(), SimpleNamespace(model=model), None, resume) == 0
+    assert training.fit(a, load_config(TINY_CONFIG), Trainer(), Module(model), None, resume) == 0
     assert capsys.readouterr() == (f"step 3: trained weights -> {tmp_path / 'run' / 'control.safetensors'}\n",
                                    f"resuming from {resume}\n")
     assert read_export_metadata(tmp_path / "run" / "control.safetensors")["step"] == "3"

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from cldm.checkpoint import CheckpointError, check_checkpoint_file
+from cldm.checkpoint import CheckpointError, check_checkpoint_file, save_state_dict
 from cldm.model import TINY_CONFIG, ConfigError, load_config
 from cldm.trainable import configure_trainable, export_control
-from cldm.weights_config import resolve_config
+from cldm.weights_config import read_export_metadata, resolve_config
 from colorize import loading as L, pipeline as P
 from tests.colorize.tiny_model import save_tiny, tiny_model
 
@@ -192,8 +192,6 @@ def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_pat
     toy): one contradicting the config in use (the export's) was loaded silently, its VAE then
     scaled by another model's factor. Refused like a contradicting --config; an SD file that
     records nothing, or a config that agrees, loads."""
-    from safetensors.torch import load_file
-
     model = L.load_model(TOY)  # records scale factor 0.57326
     configure_trainable(model)
     export = export_control(model, tmp_path / "control.safetensors", cfg=load_config(TOY.with_suffix(".yaml")))
@@ -210,6 +208,39 @@ def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_pat
     bare = tmp_path / "bare.safetensors"  # plain SD weights record nothing: nothing to contradict
     save_file(load_file(tiny), str(bare))
     assert L.load_model(bare, control=export).scale_factor == 0.57326
+
+
+def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path):
+    """SD2.1 768-v has 512-base's tensors, so only the export's recorded digest of the locked
+    weights tells them apart: a note (fine-tuned bases are legitimate), once, naming both files."""
+    from cldm.trainable import locked_digest
+
+    model = tiny_model(seed=1)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    same, other = tmp_path / "sd.safetensors", tmp_path / "other.safetensors"
+    save_file(sd, str(same))
+    key = "first_stage_model.decoder.conv_out.bias"  # a locked weight, one float bit off
+    save_file({**sd, key: torch.nextafter(sd[key], torch.tensor(1.0))}, str(other))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors",
+                            extra={"init": "init.safetensors", "locked_digest": locked_digest(model)})
+    unrecorded = export_control(model, tmp_path / "old.safetensors")  # exports before 2026-11-29 record none
+    model.requires_grad_(False)
+    notes = []
+    L.load_model(same, control=export, config=TINY_CONFIG, note=notes.append)
+    L.load_model(other, control=unrecorded, config=TINY_CONFIG, note=notes.append)
+    assert notes == []
+    loaded = L.load_model(other, control=export, config=TINY_CONFIG, note=notes.append)
+    assert notes == [f"--control {export} was trained on other SD weights than --ckpt {other} holds (its run's --init "
+                     "(init.safetensors); the digests of the locked weights differ): fine for a fine-tuned SD2.1 or "
+                     "the same weights at another precision, but SD2.1 768-v under a 512-base export colours wrongly; "
+                     "to be sure, pass that --init, or the SD file it was made from, as --ckpt"]
+    assert torch.equal(loaded.state_dict()[key], load_file(other)[key])  # noted, not refused: loaded as given
+    as_ckpt = tmp_path / "control.ckpt"  # a torch export: its names are read by loading it
+    save_state_dict(load_file(export), as_ckpt, metadata=read_export_metadata(export))
+    L.load_model(other, control=as_ckpt, config=TINY_CONFIG, note=notes.append)
+    L.load_model(same, control=as_ckpt, config=TINY_CONFIG, note=notes.append)
+    assert len(notes) == 2 and notes[1] == notes[0].replace(str(export), str(as_ckpt))
 
 
 def test_cuda_devices_are_checked_against_what_the_machine_has(monkeypatch):

@@ -17,7 +17,7 @@ import colorize_inference as cli
 from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm import weights_config
-from cldm.model import TINY_CONFIG
+from cldm.model import TINY_CONFIG, load_config
 from colorize import loading as L, pipeline as P
 from colorize.baselines import iter_baseline
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
@@ -1326,3 +1326,26 @@ def test_a_mode_refuses_the_flags_of_another_mode(env, tmp_path, capsys):
         assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {says}: leave it out\n")
     assert not (tmp_path / "out").exists()
     assert run([*base, "--mode", "recursive", "--batch", "4", "--anchor-every", "8"], capsys)[0] == 0  # the defaults
+
+
+def test_a_control_on_other_sd_weights_than_its_runs_is_noted_and_still_colours(env, tmp_path, capsys):
+    """The export's recorded digest of the locked weights is checked against --ckpt's: a note on
+    stderr (a fine-tuned base may be meant), and the frames are made all the same."""
+    from cldm.trainable import configure_trainable, export_control, locked_digest
+
+    model = tiny_model(seed=3)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    key = "model.diffusion_model.out.2.bias"
+    other = tmp_path / "other.safetensors"
+    save_file({**sd, key: sd[key] + 1e-3}, str(other))
+    configure_trainable(model)
+    control = export_control(model, tmp_path / "control.safetensors", cfg=load_config(TINY_CONFIG),
+                             extra={"init": "init.safetensors", "locked_digest": locked_digest(model)})
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", other, "--control", control,
+                      "--size", "64", "--steps", "1", "--no-progress", "--out", tmp_path / "out"], capsys)
+    assert rc == 0 and err == (f"colorize_inference.py: note: --control {control} was trained on other SD weights than "
+                               f"--ckpt {other} holds (its run's --init (init.safetensors); the digests of the locked "
+                               "weights differ): fine for a fine-tuned SD2.1 or the same weights at another precision, "
+                               "but SD2.1 768-v under a 512-base export colours wrongly; to be sure, pass that --init, "
+                               "or the SD file it was made from, as --ckpt\n")
+    assert len(snapshot(tmp_path / "out")) == 4

@@ -27,6 +27,7 @@ from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
 from cldm.run_dir import config_source, record_config
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
+from colorize.loading import load_model
 from tests.helpers import default_sigint, named_pipe, read_only_folder, running
 from tests.train_helpers import first_process, tiny_data_root, tiny_model, training_ckpt
 
@@ -583,6 +584,9 @@ def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_p
     load_sd_plus_control(model, tmp_path / "sd.safetensors", out / "control.safetensors")
     assert torch.equal(model.state_dict()["control_model.input_hint_block.0.weight"],
                        export["control_model.input_hint_block.0.weight"])
+    notes = []  # the digest of the locked weights the run recorded is the one inference finds on them
+    load_model(tmp_path / "sd.safetensors", out / "control.safetensors", note=notes.append)
+    assert meta["locked_digest"] and notes == []
     # --export rewrites the export from the newest checkpoint, without training
     (out / "control.safetensors").unlink()
     assert train.main(args(ws, out, "--export")) == 0
