@@ -347,8 +347,12 @@ def build_latent_cache(
         (todo if state == "build" else result[state]).append(mid)
         if why:
             log(why)
+    if read_only := [m for m in todo if not os.access(root / m, os.W_OK)]:  # the lock would fail: Errno 13
+        raise LatentCacheError(f"{root / read_only[0]}: cannot write its latent cache there, the folder is read-only "
+                               f"({len(read_only)} such movie(s) to encode); make it writable, or leave it out with "
+                               "--movies")
     for mid in (m for m in ids if m not in todo):  # what a killed run (SIGKILL, a power cut) left: maybe GBs
-        if stale := [p for p in partial_files(root / mid) if p.exists()]:
+        if (stale := [p for p in partial_files(root / mid) if p.exists()]) and os.access(root / mid, os.W_OK):
             with try_lock(root / mid / LATENTS_LOCK) as mine:
                 if mine:  # else another run is writing them
                     for p in stale:

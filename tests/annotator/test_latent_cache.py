@@ -961,3 +961,32 @@ def test_a_folder_where_the_cache_writes_a_file_is_refused_before_any_encoding(r
             "move it away\n")
     with pytest.raises(LatentCacheError, match=f"{name}: a folder where"):
         build_latent_cache(root, tiny_vae(0), progress=False)
+
+
+def read_only(path: Path, monkeypatch) -> Path:
+    """Make the existing folder `path` read-only, as tests.helpers.read_only_folder does a new one."""
+    path.chmod(0o555)
+    if os.access(path, os.W_OK):  # root writes anyway: have os.access say what it says for anyone else
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+    return path
+
+
+def test_a_read_only_movie_to_encode_is_named_before_any_encoding_and_one_already_cached_is_fine(
+        built, tmp_path, monkeypatch):
+    """Its lock failed as "[Errno 13] Permission denied: .../latents.lock"."""
+    root, cached_root = shutil.copytree(built[0], tmp_path / "plain"), shutil.copytree(built[1], tmp_path / "cached")
+    (cached_root / "pan" / (LATENTS + ".partial")).write_bytes(b"left by a killed run")  # cannot be removed: kept
+    try:
+        read_only(root / "pan", monkeypatch)
+        monkeypatch.setattr(annotator.latent_cache, "encode_movie", lambda *a, **k: pytest.fail("encoded"))
+        with pytest.raises(LatentCacheError, match=rf"^{re.escape(str(root / 'pan'))}: cannot write its latent cache "
+                                                   r"there, the folder is read-only \(1 such movie\(s\) to encode\); "
+                                                   "make it writable, or leave it out with --movies$"):
+            build_latent_cache(root, tiny_vae(0), progress=False)
+        read_only(cached_root / "pan", monkeypatch)
+        result = build_latent_cache(cached_root, tiny_vae(0), progress=False, log=pytest.fail)
+        assert result["existing"] == ["pan"] and (cached_root / "pan" / (LATENTS + ".partial")).exists()
+    finally:
+        for folder in (root / "pan", cached_root / "pan"):
+            folder.chmod(0o755)
