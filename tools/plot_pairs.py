@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from annotator.pairs import (  # noqa: E402
-    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, is_finished, load_meta, load_similarity, pair_mask,
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, load_meta, load_similarity, pair_mask,
 )
 from atomicio import write_bytes_atomic  # noqa: E402
 from colorize.report import drawable  # noqa: E402
@@ -99,6 +100,9 @@ def run(args) -> int:
     # checked here: the OSError of the write names its temporary file, never given
     if problem := out_file_problem("--out", args.out, new_folders=False):
         raise ValueError(problem)
+    # the movie's other files are no pictures (picture_format refuses them); its frames are
+    if Path(os.path.realpath(frame_path(args.movie, 0).parent)) in Path(os.path.realpath(args.out)).parents:
+        raise ValueError(f"--out {args.out} is in the frames folder of {args.movie}; write the picture elsewhere")
     fmt = picture_format(args.out)
     meta = load_meta(args.movie)
     title = f"{drawable(args.movie.name)}: {meta['frame_count']} frames, {meta['metric']} of the gray frames"

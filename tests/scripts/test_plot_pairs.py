@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from annotator.build_many import build_all
-from annotator.pairs import BuildOptions, load_similarity, pair_mask
+from annotator.pairs import BuildOptions, frame_path, load_similarity, pair_mask
 from tests.annotator.clips import panning_clip, write_folder
 from tests.helpers import ctrl_c_while_importing
 
@@ -217,3 +217,20 @@ def test_ctrl_c_while_the_libraries_load_is_one_line():
     done = ctrl_c_while_importing("matplotlib", ["tools/plot_pairs.py", "x"])
     assert (done.returncode, done.stderr) == (130, "tools/plot_pairs.py: interrupted\n")
 
+
+
+def test_an_out_in_the_movies_frames_folder_is_refused_and_the_frame_kept(tmp_path, capsys):
+    """--out data/pan/frames/000001.jpg replaced a training frame with the plot; a picture beside
+    the frames folder, in the movie folder, is fine."""
+    src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
+    movie = tmp_path / "data" / "pan"
+    frame = frame_path(movie, 1)
+    before = frame.read_bytes()
+    for out in (frame, movie / "frames" / "band.png", movie / "x" / ".." / "frames" / "new.png"):
+        (movie / "x").mkdir(exist_ok=True)
+        assert P.main([str(movie), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"{P.PROG}: error: --out {out} is in the frames folder of {movie}; write " \
+                                          "the picture elsewhere\n"
+    assert frame.read_bytes() == before and not (movie / "frames" / "band.png").exists()
+    assert P.main([str(movie), "--out", str(movie / "band.png")]) == 0
