@@ -583,6 +583,7 @@ def _inspect(args):
                 f"{training.get('global_step', '?')}, to resume or --export ({guess_kind(sd)})")
     elif export:
         step = f", step {meta['step']}" if "step" in meta else ""
+        step += f", trained on --init {meta['init']}" if "init" in meta else ""  # the SD weights it fits best
         kind = f"ControlNet export (trainable weights only{step}), for --control on top of SD weights " \
                f"({guess_kind(sd)})"
     else:

@@ -589,12 +589,14 @@ def test_cli_inspect_tells_an_export_and_checks_it_as_control(tmp_path, capsys):
     from tests.train_helpers import tiny_model
     model = tiny_model("v2")
     configure_trainable(model)  # as training leaves it
-    path = export_control(model, tmp_path / "control.safetensors", step=5, cfg=load_config(TINY_CONFIG))
+    path = export_control(model, tmp_path / "control.safetensors", step=5, cfg=load_config(TINY_CONFIG),
+                          extra={"init": "init.safetensors"})
 
     tiny = ("--config", TINY_CONFIG)
     rc, out = inspect_run(capsys, path)
-    assert rc == 0 and ("\nlooks like: ControlNet export (trainable weights only, step 5), for --control on top of "
-                        "SD weights (ours: colour ControlNet v2 on unknown SD variant (context dim 32))\n") in out
+    assert rc == 0 and ("\nlooks like: ControlNet export (trainable weights only, step 5, trained on --init "
+                        "init.safetensors), for --control on top of SD weights (ours: colour ControlNet v2 on "
+                        "unknown SD variant (context dim 32))\n") in out
     rc, out = inspect_run(capsys, path, *tiny)
     assert rc == 0 and f"against {TINY_CONFIG}, on top of SD weights that give the rest:\n171 of 717 model " \
         "tensors found in the checkpoint\nmissing 546:\n" in out and out.endswith("\nwould load as --control\n")
