@@ -36,10 +36,14 @@ def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
         name = f".{path.stem}.{token}.tmp{path.suffix}" if keep_suffix else f".{path.name}.{token}.tmp"
         tmp = path.parent / name
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
         except FileExistsError:
             continue
-        os.close(fd)
+        except OSError:  # not made
+            raise
+        except BaseException:  # SIGTERM's or Ctrl-C's exception can come once the file is made: not left behind
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
@@ -64,8 +68,9 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bo
     so even a power cut leaves the old or the new file (for checkpoints worth the wait).
     """
     path = Path(path)
-    tmp = temp_beside(path, keep_suffix)
+    tmp = None
     try:
+        tmp = temp_beside(path, keep_suffix)  # inside: a signal's exception right after it still removes it
         mode = tmp.stat().st_mode & 0o7777  # what the umask (and a default ACL) made of 0o666
         yield tmp
         if tmp.stat().st_mode & 0o7777 != mode:
@@ -74,7 +79,8 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bo
             _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     if fsync:
         try:

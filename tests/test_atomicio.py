@@ -155,6 +155,24 @@ def test_temp_beside_skips_a_taken_name_and_never_reuses_it(tmp_path, monkeypatc
         temp_beside(tmp_path / "clip.mp4")
 
 
+def test_a_signal_right_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM's handler (or Ctrl-C) raises at the first check after the open() that made the
+    file; the name was then known only inside temp_beside, and the file stayed. A refusal by
+    open() itself is raised as it was."""
+    real = os.close
+
+    def stopped(fd):
+        real(fd)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomicio.os, "close", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_bytes_atomic(tmp_path / "a.png", b"x")
+    monkeypatch.setattr(atomicio.os, "close", real)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        temp_beside(tmp_path / "missing" / "a.png")
+
+
 def test_temp_beside_and_atomic_path_leave_no_descriptor_open(tmp_path):
     before = len(os.listdir("/proc/self/fd"))
     for i in range(20):

@@ -33,6 +33,19 @@ def test_bench_inference_runs_every_mode_and_the_serial_baseline(capsys):
     assert all(float(v) > 0 for v in rows.values())
 
 
+def test_bench_png_threads_times_the_three_ways_and_finds_the_same_outputs(capsys):
+    from benchmarks import bench_png_threads
+    import colorize_inference as cli
+
+    shipped = cli.PNG_THREADS, cli.ThreadPoolExecutor
+    assert bench_png_threads.main(["--method", "reinhard", "--frames", "3", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reinhard, 3 frames of bigbuckbunny.mp4, median of 1; outputs identical: True" in out
+    rows = re.findall(r"^ *(threads \(\d+\)|serial): +[0-9.]+ s +[0-9.]+ frames/s +([0-9.]+)x serial$", out, re.M)
+    assert [name for name, _ in rows] == [*{f"threads ({cli.PNG_THREADS})": 0, "threads (1)": 0}, "serial"]
+    assert rows[-1][1] == "1.00" and (cli.PNG_THREADS, cli.ThreadPoolExecutor) == shipped  # put back
+
+
 def test_bench_train_reports_speed_and_memory():
     r = bench_train.bench(TINY_CONFIG, size=64, batch_size=2, steps=1, warmup=1, precision="32", device="cpu")
     assert r["samples_per_s"] > 0 and r["memory_gib"] > 0

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -1349,3 +1350,57 @@ def test_a_control_on_other_sd_weights_than_its_runs_is_noted_and_still_colours(
                                "but SD2.1 768-v under a 512-base export colours wrongly; to be sure, pass that --init, "
                                "or the SD file it was made from, as --ckpt\n")
     assert len(snapshot(tmp_path / "out")) == 4
+
+
+def test_pngs_are_encoded_in_threads_while_the_next_frames_are_made_and_written_in_order(env, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """The main thread makes frame k + PNG_THREADS before it writes frame k; encoding runs elsewhere."""
+    log, encoders = [], set()
+    colour, encode, write = cli.iter_baseline, cli.encode_png, cli.write_bytes_atomic
+
+    def made(*a, **k):
+        for k, out in enumerate(colour(*a, **k)):
+            log.append(f"made {k}")
+            yield out
+
+    def encoded(rgb, depth):
+        encoders.add(threading.current_thread() is threading.main_thread())
+        return encode(rgb, depth)
+
+    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(cli, "iter_baseline", made)
+    monkeypatch.setattr(cli, "encode_png", encoded)
+    monkeypatch.setattr(cli, "write_bytes_atomic", lambda path, data: log.append(f"wrote {path.name}") or
+                        write(path, data))
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    assert run([*args, "--out", tmp_path / "out"], capsys)[0] == 0
+    assert log == ["made 0", "made 1", "made 2", "wrote f0.png", "made 3", "wrote f1.png", "wrote f2.png",
+                   "wrote f3.png"] and encoders == {False}
+    monkeypatch.setattr(cli, "PNG_THREADS", 1)  # the same bytes whenever they are encoded
+    assert run([*args, "--out", tmp_path / "one"], capsys)[0] == 0
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "one")
+
+
+@pytest.mark.parametrize("threads, written, says", [(1, ["f0.png", "f1.png", "f1.png", "f2.png"], "the 3 outputs written "
+                                                    "so far are complete: --frames 3: continues"),
+                                                    (2, ["f0.png", "f1.png", "f1.png", "f2.png", "f3.png"], "the 4 "
+                                                    "outputs written so far are complete: that is all of them")])
+def test_a_stop_while_a_png_is_written_loses_none_of_the_frames_made(env, tmp_path, capsys, monkeypatch, threads,
+                                                                     written, says):
+    """Ctrl-C lands in the main thread, in the write of f1 (say): that write is done again, and
+    the frames made after it, their PNGs already encoded, are written too, in order."""
+    write, calls = cli.write_bytes_atomic, []
+
+    def stopped_once(path, data):
+        calls.append(path.name)
+        if calls == ["f0.png", "f1.png"]:
+            raise KeyboardInterrupt
+        return write(path, data)
+
+    monkeypatch.setattr(cli, "PNG_THREADS", threads)
+    monkeypatch.setattr(cli, "write_bytes_atomic", stopped_once)
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out], capsys)
+    assert rc == 130 and err == f"colorize_inference.py: interrupted; {says}\n"
+    assert calls == written and sorted(snapshot(out)) == sorted(set(written))
