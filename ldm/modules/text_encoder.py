@@ -3,15 +3,15 @@
 Only the text tower is built (ViT-H-14's vision tower would be 630M unused parameters) and
 nothing is ever downloaded: weights come from the SD2.1 checkpoint, whose `cond_stage_model.*`
 names this module reproduces exactly. The architecture comes from open_clip's own model config
-JSON and modules, so it stays bit-compatible with what SD2.1 was trained with.
+JSON and modules, so it stays bit-compatible with what SD2.1 was trained with. open_clip (and
+the torchvision it loads, ~2 s) is imported where a tower is built or a prompt tokenised, not
+by every tool that imports the model code (the baselines, --help).
 """
 import contextlib
 import math
 
-import open_clip
 import torch
 import torch.nn as nn
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 
 LAYERS = {"last": 0, "penultimate": 1}  # how many final resblocks to skip
 
@@ -27,6 +27,8 @@ class OpenCLIPTextTower(nn.Module):
 
     def __init__(self, context_length=77, vocab_size=49408, width=1024, heads=16, layers=24,
                  embed_dim=1024, mlp_ratio=4.0, quick_gelu=False):
+        from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+
         super().__init__()
         text = TextTransformer(
             context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
@@ -57,6 +59,8 @@ def text_config(arch="ViT-H-14", **overrides):
     overridden the projection follows it, since the config's embed_dim was sized for the
     original width.
     """
+    import open_clip
+
     cfg = open_clip.get_model_config(arch)  # local JSON shipped in the package, no network
     if cfg is None:
         raise ValueError(f"unknown open_clip architecture {arch!r}")
@@ -108,6 +112,8 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def tokenize(self, texts):
         """open_clip's BPE (vocab bundled in the package): [SOT, tokens..., EOT, 0, ...]."""
+        import open_clip
+
         return open_clip.tokenize(list(texts), context_length=self.max_length)
 
     def encode_tokens(self, tokens):
