@@ -115,3 +115,14 @@ def test_frozen_by_default_and_stays_in_eval():
 def test_rejects_unknown_layer():
     with pytest.raises(ValueError, match="layer"):
         FrozenOpenCLIPEmbedder(layer="middle", width=32, heads=2, layers=1, device="meta")
+
+
+def test_open_clip_is_loaded_only_by_what_builds_a_tower_or_tokenises():
+    """It and its torchvision took ~2 of colorize_inference.py --help's 4 s, baselines included."""
+    import subprocess
+    import sys
+    code = ("import sys, colorize_inference, evaluate; print('open_clip' in sys.modules); "
+            "from ldm.modules.text_encoder import text_config; text_config(layers=1); print('open_clip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.split() == ["False", "True"]
