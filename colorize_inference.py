@@ -546,7 +546,7 @@ def run(args) -> int:
         threads (OpenCV lets go of the GIL) while the next frames are made: encoding a 720p
         frame takes ~35 ms, as long as a baseline's colouring, and the main thread also feeds
         the GPU. Frames made before an error are written before it is raised, as if in turn."""
-        pending = deque()  # (target, its PNG being encoded, rgb)
+        pending = deque()  # (target, its PNG being encoded, rgb for --video: else not held)
         with ThreadPoolExecutor(PNG_THREADS) as pool:
             try:
                 for name, depth, rgb in colourised(args, options, model, refs, ref_indices, frames, total, note,
@@ -560,7 +560,7 @@ def run(args) -> int:
                     target = out / name
                     if target.exists() and not args.overwrite:  # a video whose length was unknown up front
                         raise UsageError(f"{target} exists; pass --overwrite to replace it")
-                    pending.append((target, pool.submit(encode_png, rgb, depth), rgb))
+                    pending.append((target, pool.submit(encode_png, rgb, depth), rgb if args.video else None))
                     if len(pending) > PNG_THREADS:
                         yield write(pending)
             except GeneratorExit:  # the video stopped taking frames: its error is being reported
