@@ -90,7 +90,8 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
         with torch.device(device):
             model = create_model(cfg)
         meta = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
-        if note is not None and trained_on_other_weights(model, control, meta, allow_pickle):  # a note: other weights may be meant
+        # a note, not a refusal: other weights (a fine-tuned SD2.1) may be meant
+        if note is not None and trained_on_other_weights(model, control, meta, allow_pickle):
             init = f" ({meta['init']})" if meta.get("init") else ""
             note(f"--control {control} was trained on other SD weights than --ckpt {ckpt} holds (its run's "
                  f"--init{init}; the digests of the locked weights differ): fine for a fine-tuned SD2.1 or the "
@@ -122,7 +123,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
 def trained_on_other_weights(model: ControlLDM, control: str | os.PathLike, meta: dict[str, str],
                              allow_pickle: bool = False) -> bool:
     """Whether export `control` (its metadata `meta`) records a digest of other locked SD
-    weights than `model` holds (False where it records none: exports before 2026-11-29).
+    weights than `model` holds (False where it records none: exports made before 2026-11-28).
     SD2.1 768-v has 512-base's tensors to the last shape, so this digest is all that tells
     them apart."""
     recorded = meta.get("locked_digest")

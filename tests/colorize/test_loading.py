@@ -224,7 +224,7 @@ def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path)
     configure_trainable(model)
     export = export_control(model, tmp_path / "control.safetensors",
                             extra={"init": "init.safetensors", "locked_digest": locked_digest(model)})
-    unrecorded = export_control(model, tmp_path / "old.safetensors")  # exports before 2026-11-29 record none
+    unrecorded = export_control(model, tmp_path / "old.safetensors")  # exports before 2026-11-28 record none
     model.requires_grad_(False)
     notes = []
     L.load_model(same, control=export, config=TINY_CONFIG, note=notes.append)
