@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.modules.autoencoder import AttnBlock, AutoencoderKL, DiagonalGaussian
+from ldm.modules.autoencoder import AttnBlock, AutoencoderKL, DiagonalGaussian, Level, ResnetBlock
 from tests.helpers import COMPONENT_TOL as TOL, SDPACalls, sub_state
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -102,6 +102,13 @@ def test_double_z_false_is_rejected():
                            ch_mult=[1], num_res_blocks=1, attn_resolutions=[]), 4)
 
 
+def test_double_z_defaults_to_true(tiny_arch):
+    """As in the reference Encoder, a ddconfig that leaves double_z out means mean and logvar."""
+    ddconfig = {k: v for k, v in tiny_arch["vae"]["ddconfig"].items() if k != "double_z"}
+    model = AutoencoderKL(ddconfig, tiny_arch["vae"]["embed_dim"])
+    assert model.encoder.conv_out.out_channels == 2 * ddconfig["z_channels"]
+
+
 def test_unknown_ddconfig_key_is_an_error(tiny_arch):
     ddconfig = {**tiny_arch["vae"]["ddconfig"], "attn_typ": "vanilla"}
     with pytest.raises(ValueError, match=r"unknown ddconfig key\(s\) \['attn_typ'\]"):
@@ -130,3 +137,19 @@ def test_attention_gives_sdpa_channels_at_stride_one():
     q, k, v = (conv(block.norm(x)).flatten(2) for conv in (block.q, block.k, block.v))
     w = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, dim=-1)
     torch.testing.assert_close(y, x + block.proj_out((v @ w.transpose(1, 2)).reshape(x.shape)), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_level_follows_each_block_with_its_attention():
+    """A level with attention runs block i then attn i; with one block per level (the tiny and
+    common attn_resolutions configs) the one attention must still run."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 4, 4)
+    one = Level([ResnetBlock(32)], [AttnBlock(32)]).eval()
+    torch.testing.assert_close(one.blocks(x), one.attn[0](one.block[0](x)), rtol=0, atol=0)
+    two = Level([ResnetBlock(32, 64), ResnetBlock(64)], [AttnBlock(64), AttnBlock(64)]).eval()
+    expected = two.attn[1](two.block[1](two.attn[0](two.block[0](x))))
+    torch.testing.assert_close(two.blocks(x), expected, rtol=0, atol=0)
+    plain = Level([ResnetBlock(32)], []).eval()
+    torch.testing.assert_close(plain.blocks(x), plain.block[0](x), rtol=0, atol=0)
+    assert (one.blocks(x) - plain.block[0](x)).abs().max() > 0.01  # the attention is not a no-op here
