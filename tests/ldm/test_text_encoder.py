@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.transformer import Transformer
+from open_clip.transformer import QuickGELU, Transformer
 
 from ldm.modules.text_encoder import FrozenOpenCLIPEmbedder, text_config
 
@@ -126,3 +127,34 @@ def test_open_clip_is_loaded_only_by_what_builds_a_tower_or_tokenises():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_a_single_prompt_string_is_one_prompt():
+    """A bare string is one prompt, not a batch of its characters."""
+    enc = tiny()
+    got = enc.encode("a cat")
+    assert got.shape == (1, 77, 32)
+    torch.testing.assert_close(got, enc.encode(["a cat"]), rtol=0, atol=0)
+
+
+def test_tower_activation_follows_the_architecture_config():
+    """The -quickgelu architectures were trained with QuickGELU; ViT-H-14 (SD2.1) with exact GELU."""
+    assert text_config("ViT-B-32-quickgelu")["quick_gelu"] is True and text_config()["quick_gelu"] is False
+    quick = FrozenOpenCLIPEmbedder("ViT-B-32-quickgelu", width=32, heads=2, layers=1, device="meta")
+    plain = FrozenOpenCLIPEmbedder(width=32, heads=2, layers=1, device="meta")
+    assert type(quick.model.transformer.resblocks[0].mlp.gelu) is QuickGELU
+    assert type(plain.model.transformer.resblocks[0].mlp.gelu) is nn.GELU
+
+
+@pytest.mark.parametrize("arch,says", [("ViT-Nope", "unknown open_clip architecture 'ViT-Nope'"),
+                                       ("MobileCLIP-S1", r"\['no_causal_mask'\] are not supported"),
+                                       ("coca_ViT-B-32", r"\['embed_cls'\] are not supported")])
+def test_unknown_or_unsupported_architecture_is_refused(arch, says):
+    """A text tower this module would build differently from open_clip is refused, not approximated."""
+    with pytest.raises(ValueError, match=says):
+        text_config(arch)
+
+
+def test_an_option_set_false_is_not_refused():
+    """MobileCLIP-B spells out no_causal_mask: false, a plain causal CLIP text tower."""
+    assert text_config("MobileCLIP-B")["width"] == 512
