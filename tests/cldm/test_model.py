@@ -544,6 +544,60 @@ def test_apply_model_feeds_the_noisy_latent_then_the_concat_in_its_dtype():
         assert torch.equal(x_in[:, :4], x_t) and torch.equal(x_in[:, 4:], concat.bfloat16())
 
 
+@torch.no_grad()
+def test_without_concat_to_unet_only_the_controlnet_sees_the_concat():
+    """concat_to_unet=false: the UNet keeps SD's 4 input channels and gets x_t alone."""
+    from cldm.color import ColorCondition
+
+    model = create_model(load_config(TINY_CONFIG, ["model.concat_to_unet=false"])).eval()
+    seen = {}
+    for name, net in (("control", model.control_model), ("unet", model.model.diffusion_model)):
+        net.register_forward_pre_hook(lambda m, a, name=name: seen.update({name: a[0]}))
+    g = torch.Generator().manual_seed(0)
+    x_t, concat = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 8, 8, generator=g)
+    cond = ColorCondition(torch.randn(2, 77, 32, generator=g), torch.randn(2, 32, 8, 8, generator=g), concat)
+    assert model.apply_model(x_t, torch.tensor([5, 500]), cond).shape == (2, 4, 8, 8)
+    assert torch.equal(seen["control"], torch.cat([x_t, concat], dim=1)) and torch.equal(seen["unet"], x_t)
+
+
+@torch.no_grad()
+def test_a_bfloat16_model_draws_bfloat16_noise_and_takes_the_loss_in_float32():
+    """A bf16 model (bf16-true training) gets noise like z0 (bf16, which the model takes) and still a
+    float32 loss: the squared errors and their mean are not rounded to bf16."""
+    torch.manual_seed(0)
+    model = create_model(TINY_CONFIG).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)  # else the zero output conv predicts 0
+    model = model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=g).bfloat16(), torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    t = torch.tensor([10, 900])
+    cond = model.prepare_condition(torch.rand(2, 4, 64, 64, generator=g).bfloat16(),
+                                   context=torch.randn(2, 77, 32, generator=g).bfloat16())
+    x_t = schedule.q_sample(z0, t, eps, model.sqrt_alphas_cumprod, model.sqrt_one_minus_alphas_cumprod)
+    out = model.apply_model(x_t, t, cond)
+    loss = model.training_loss(z0, cond, noise=eps, t=t)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ((out.float() - eps.float()) ** 2).mean(), rtol=1e-6, atol=0)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(z0.shape, generator=g, dtype=torch.bfloat16)
+    drawn = model.training_loss(z0, cond, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(drawn, model.training_loss(z0, cond, noise=noise, t=t), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_sample_draws_x_T_with_the_models_latent_channels():
+    """x_T not given: (B, latent_channels, h, w) from `generator`, for latents other than SD's 4 too."""
+    cfg = load_config(TINY_CONFIG, ["model.color_variant=v1", "model.latent_channels=8", "model.first_stage.embed_dim=8"])
+    model = create_model(cfg).eval()
+    cond = model.prepare_condition(torch.rand(1, 4, 32, 32), context=torch.zeros(1, 77, 32))
+    got = model.sample(cond, steps=1, generator=torch.Generator().manual_seed(3))
+    x_T = torch.randn((1, 8, 4, 4), generator=torch.Generator().manual_seed(3))
+    assert got.shape == (1, 8, 4, 4)
+    torch.testing.assert_close(got, model.sample(cond, x_T=x_T, steps=1), rtol=0, atol=0)
+
+
 def test_compile_denoiser_compiles_controlnet_unet_and_on_request_the_vae_decoder():
     model = create_model(TINY_CONFIG).eval()
     calls = []
