@@ -3,6 +3,8 @@
 The capture and replay themselves need CUDA: tests/test_cuda.py checks them against eager
 sampling on a GPU.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -120,3 +122,23 @@ def test_set_condition_refuses_other_shapes_and_dtypes_and_copies_nothing():
         with pytest.raises(ValueError, match="^condition shapes differ from the captured graph's$"):
             g.set_condition(other)
     assert all(f.unique().tolist() == [1.0] for f in cuda_graph._fields(g.cond))
+
+
+def test_a_call_copies_x_and_t_in_replays_and_returns_a_copy(monkeypatch):
+    """The replay reads the static x and t and overwrites the static output, so a call must copy
+    both inputs in and hand back a copy that the next step's replay leaves alone."""
+    x = torch.zeros(2, 4, 8, 8)
+    g = inputs_only(x, cond(2))
+    g.device, g.t, g.out = torch.device("cpu"), torch.zeros(2), torch.zeros_like(x)
+
+    class Replay:  # what the captured step does: writes its output tensor in place from its inputs
+        def replay(self):
+            g.out.copy_(g.x * 10 + g.t[:, None, None, None])
+
+    g.graph = Replay()
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    x1, x2 = torch.full((2, 4, 8, 8), 1.0), torch.full((2, 4, 8, 8), 2.0)
+    first = g(x1, torch.tensor([3.0, 4.0]))
+    second = g(x2, torch.tensor([5.0, 6.0]))
+    assert first[:, 0, 0, 0].tolist() == [13.0, 14.0] and first.unique().numel() == 2
+    assert second[:, 0, 0, 0].tolist() == [25.0, 26.0] and second.unique().numel() == 2
