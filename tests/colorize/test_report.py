@@ -200,6 +200,18 @@ def test_a_folder_at_a_report_files_name_is_found_before_any_rename(tmp_path):
     assert (out / "psnr.png").is_dir()
 
 
+def test_a_link_to_a_folder_at_a_report_files_name_is_replaced_not_refused(tmp_path):
+    """A rename replaces a symbolic link itself, whatever it points at: the link goes, the folder
+    it pointed to is left alone."""
+    out, elsewhere = tmp_path / "rep", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "psnr.png").symlink_to(elsewhere, target_is_directory=True)
+    write_report(results(), out, frames=["f0", "f1", "f2"])
+    assert not (out / "psnr.png").is_symlink() and (out / "psnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert elsewhere.is_dir() and list(elsewhere.iterdir()) == []
+
+
 def test_a_rename_failing_after_others_removes_them_and_says_so(tmp_path, monkeypatch):
     """A rename no check foresees failing (EPERM: another user's file in a sticky folder) after two
     others: those two are removed again, not left as half a report, and the message says that the
@@ -287,6 +299,16 @@ def test_fit_tile_keeps_colour_and_aspect_centred_on_white():
     assert (tile[:, 10:30] == (255, 0, 0)).all()
     gray = R._fit_tile(np.full((10, 20), 0.5), 20, 10)  # float [0, 1] gray
     assert gray.dtype == np.uint8 and (gray == 128).all()
+
+
+def test_fit_tile_averages_when_it_shrinks():
+    """Shrunk, a tile's pixel is the mean of the source pixels it covers (area interpolation), not
+    a sample of a few: fine detail (grain, noise) does not alias into speckle."""
+    noise = np.random.default_rng(0).integers(0, 256, (160, 160, 3)).astype(np.uint8)
+    tile = R._fit_tile(noise, 40, 40).astype(float)
+    means = noise.astype(float).reshape(40, 4, 40, 4, 3).mean(axis=(1, 3))
+    assert np.abs(tile - means).max() <= 0.5 + 1e-9  # rounded to uint8
+    assert tile.std() < noise.std() / 3  # about std / 4 for a 4x4 mean of independent pixels
 
 
 def test_strip_rows_use_the_given_labels(tmp_path, figure_texts):
