@@ -137,3 +137,24 @@ def test_half_weights_without_autocast_and_float32_ending_under_autocast(tiny_ar
     assert eps.dtype == torch.bfloat16
     err = (eps.float() - tiny_io["eps_plain"]).abs().max().item() / tiny_io["eps_plain"].abs().max().item()
     assert err < 0.05, err  # bfloat16 round-off (8 bits of mantissa)
+
+
+@torch.no_grad()
+def test_spatial_transformer_starts_as_the_identity_and_runs_every_block():
+    """proj_out is zero-initialised (SD's zero_module), so a fresh transformer adds nothing; with
+    depth > 1 (SD2.1 and the tiny model have 1) the tokens go through each block in turn."""
+    from ldm.modules.attention import SpatialTransformer
+    torch.manual_seed(0)
+    st = SpatialTransformer(32, heads=2, dim_head=16, depth=2, context_dim=8).eval()
+    x, ctx = torch.randn(2, 32, 4, 4), torch.randn(2, 5, 8)
+    assert torch.equal(st(x, ctx), x)
+    torch.nn.init.normal_(st.proj_out.weight, std=0.1)
+    tokens = st.proj_in(st.norm(x).flatten(2).transpose(1, 2))
+    one = st.transformer_blocks[0](tokens, ctx)
+    two = st.transformer_blocks[1](one, ctx)
+
+    def as_image(t):
+        return x + st.proj_out(t).transpose(1, 2).reshape(x.shape)
+
+    torch.testing.assert_close(st(x, ctx), as_image(two), rtol=1e-5, atol=1e-6)
+    assert (as_image(two) - as_image(one)).abs().max() > 1e-2  # the second block counts
