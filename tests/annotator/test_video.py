@@ -145,6 +145,9 @@ def test_shortfall_rule():
     assert "up to 4 tolerated" in shortfall_verdict("c.avi", 36, 40, 25.0)  # short clip: a tenth of 40
     with pytest.raises(FrameSourceError):
         shortfall_verdict("c.avi", 35, 40, 25.0)
+    assert "up to 4 tolerated" in shortfall_verdict("c.avi", 45, 49, 25.0)  # a tenth rounded down: 4.9 -> 4
+    with pytest.raises(FrameSourceError):
+        shortfall_verdict("c.avi", 44, 49, 25.0)
     assert shortfall_verdict("c.avi", 8, 10, 25.0) is None  # the two-frame slack holds for tiny clips
     with pytest.raises(FrameSourceError):
         shortfall_verdict("c.avi", 7, 10, 25.0)
@@ -264,6 +267,7 @@ def test_folder_range_reads_nothing_outside_it(tmp_path):
     for i, _, f in got:
         np.testing.assert_array_equal(f, frames[i])
     assert [i for i, _, _ in iter_frames(d, start=5)] == [5]
+    assert [i for i, _, _ in iter_frames(d, start=5, stop=99)] == [5]  # a stop past the end: to the end
     assert list(iter_frames(d, start=6)) == []  # just past the last frame: nothing
     with pytest.raises(FrameRangeError, match="clip: folder has only 6 frames") as e:
         list(iter_frames(d, start=7))
@@ -350,6 +354,14 @@ def test_a_folder_of_frames_and_videos_is_refused(tmp_path):
     (d / "film.MP4").write_bytes(b"x")
     with pytest.raises(FrameSourceError, match=r"clip: frame folder also holds 1 video file\(s\); keep them apart$"):
         list_frame_files(d)
+
+
+def test_a_dangling_link_with_an_image_name_is_listed_and_its_reading_names_it(tmp_path):
+    d = write_folder(panning_clip(2, 8, 8), tmp_path / "clip")
+    (d / "frame2.png").symlink_to(tmp_path / "gone.png")
+    assert [p.name for p in list_frame_files(d)] == ["frame0.png", "frame1.png", "frame2.png"]
+    with pytest.raises(FrameSourceError, match=r"clip/frame2.png: cannot read file \(No such file or directory\)$"):
+        list(iter_frames(d))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
@@ -485,6 +497,9 @@ def small_avi(tmp_path):
 
 def test_probe_of_a_video_that_states_no_rate_or_count(small_avi, monkeypatch):
     fake_capture(monkeypatch, count=-1, fps=0.0)
+    info = probe(small_avi)
+    assert (info.fps, info.frame_count) == (None, None)
+    fake_capture(monkeypatch, count=0, fps=-1.0)  # what some containers say for "unknown"
     info = probe(small_avi)
     assert (info.fps, info.frame_count) == (None, None)
     fake_capture(monkeypatch, count=3.9999)  # a count read as a float: rounded, not cut
