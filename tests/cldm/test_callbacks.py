@@ -70,6 +70,17 @@ def test_a_checkpoint_write_on_a_full_disk_is_the_os_error_under_the_zip_writers
     with pytest.raises(RuntimeError, match="^unexpected pos 1 vs 2$"):
         io.save_checkpoint({"global_step": 6}, path)
 
+    def no_errno(obj, f, *a, **kw):  # an OSError that names no failed write
+        try:
+            raise OSError("a message, no errno")
+        except OSError:
+            raise RuntimeError("unexpected pos 3 vs 4")
+
+    monkeypatch.setattr(torch, "save", no_errno)
+    with pytest.raises(RuntimeError, match="^unexpected pos 3 vs 4$"):
+        io.save_checkpoint({"global_step": 6}, path)
+
+
 def test_atomic_save_gives_the_mode_of_an_ordinary_file(tmp_path):
     """Checkpoints, sample grids and the replica report get 0666 & ~umask, as open() would create
     them (not mkstemp's 0600), and no temporary file is left."""
@@ -150,6 +161,8 @@ def test_interruption_is_found_down_the_context_chain_and_a_cycle_ends_the_searc
     closing.__context__ = OSError("write")
     closing.__context__.__context__ = interrupt
     assert _interruption(closing) is interrupt
+    exiting = closing.__context__.__context__ = SystemExit(1)
+    assert _interruption(closing) is exiting  # an exit too, not only Ctrl-C
     a, b, found = RuntimeError("a"), ValueError("b"), []
     a.__context__, b.__context__ = b, a
     search = threading.Thread(target=lambda: found.append(_interruption(a)), daemon=True)
@@ -212,6 +225,23 @@ def test_step_checkpoint_prunes_after_each_save_and_saves_the_final_step(tmp_pat
                             (4, ["step=00000004.ckpt"])]
     assert listing.names() == ["step=00000005.ckpt"]
     assert torch.load(folder / "step=00000005.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_step_checkpoint_writes_a_final_step_that_is_a_save_point_once(tmp_path):
+    """The save at the run's end is skipped when the last step was just saved: no second write of
+    a checkpoint a few GB large."""
+    saved = []
+
+    class Counting(AtomicCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            saved.append(os.path.basename(path))
+            super().save_checkpoint(checkpoint, path, storage_options)
+    folder = tmp_path / "checkpoints"
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, default_root_dir=tmp_path,
+                        plugins=[Counting()], enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[StepCheckpoint(folder, every_n_steps=2, keep=3)])
+    trainer.fit(ColorControlModule(tiny_model("v2"), lr=1e-3), DataLoader([tiny_batch(1)] * 4, batch_size=None))
+    assert saved == ["step=00000002.ckpt", "step=00000004.ckpt"]
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # as the training script
