@@ -238,3 +238,7 @@ def test_a_bad_config_the_user_never_named_says_where_it_was_found(tmp_path):
         load_resolved_config(resolve_config(rec), (), [("--ckpt", rec)])
     assert load_resolved_config(resolve_config(rec), ["model.scale_factor=0.5"],
                                 [("--ckpt", rec)]).model.scale_factor == 0.5
+    # a config object that none of the weights given records (none given): loaded as load_config does
+    with pytest.raises(ConfigError, match="^" + re.escape(f"the checkpoint's config: {problem}") + "$"):
+        load_resolved_config(OmegaConf.create(bad))
+    assert load_resolved_config(OmegaConf.load(TINY_CONFIG), ["model.scale_factor=0.5"]).model.scale_factor == 0.5
