@@ -22,7 +22,7 @@ TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"
 def test_devices_are_checked_in_one_line():
     assert L.resolve_device("cpu") == torch.device("cpu")
     assert L.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for bad in ("gpu", "mps", "cuda:x", "cuda:-1"):
+    for bad in ("gpu", "mps", "meta", "cuda:x", "cuda:-1"):
         with pytest.raises(ValueError, match=rf"^--device {bad}: expected auto, cpu, cuda or cuda:N \(N from 0\)$"):
             L.resolve_device(bad)
     if not torch.cuda.is_available():
@@ -316,6 +316,11 @@ def test_a_yaml_beside_the_weights_and_overrides_get_the_remedy_of_whichever_is_
     (tmp_path / "toy.yaml").write_text((TOY.parent / "toy_color_v2.yaml").read_text())  # agrees with the weights
     with pytest.raises(CheckpointError, match=rf"in {tmp_path / 'toy.yaml'} with the overrides \(1 key\(s\) differ\); "
                                               r"leave out --set to use the one saved with it$"):
+        L.load_model(alone, overrides=["model.scale_factor=0.2"])
+    # a YAML that loads only with the overrides is at fault too, whatever they set
+    (tmp_path / "toy.yaml").write_text((TOY.parent / "toy_color_v2.yaml").read_text().replace(
+        "scale_factor: 0.57326", "scale_factor: abc"))
+    with pytest.raises(CheckpointError, match=rf"fix or remove {tmp_path / 'toy.yaml'}, or pass --config$"):
         L.load_model(alone, overrides=["model.scale_factor=0.2"])
 
 
