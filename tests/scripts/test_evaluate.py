@@ -310,6 +310,11 @@ def test_an_existing_report_is_kept_unless_overwrite(clip, capsys, monkeypatch):
         assert capsys.readouterr().err == (f"evaluate.py: error: --out {root / 'dir'}: {root / 'dir' / 'psnr.png'} is "
                                            "a folder, where the report writes a file; move it away\n")
     assert len(scored) == 2  # the two runs above that wrote reports (--overwrite, mine), none of these
+    (root / "linked").mkdir()  # a link to a folder at a report file's name: replaced, as any link
+    (root / "linked" / "psnr.png").symlink_to(root / "dir")
+    assert evaluate.main([*base[:-1], str(root / "linked"), "--overwrite"]) == 0
+    assert (root / "linked" / "psnr.png").is_file() and not (root / "linked" / "psnr.png").is_symlink()
+    assert (root / "dir" / "psnr.png").is_dir()
 
 
 def test_a_full_disk_names_the_file_and_leaves_no_half_report(clip, capsys, monkeypatch):
@@ -535,8 +540,9 @@ def test_the_strip_gets_8_bit_pictures_their_names_and_the_plots_the_positions(t
 
 def test_checks_made_before_scoring(clip, capsys, monkeypatch):
     """A negative --strip-frames, a prediction of another size than the truth (its first frame:
-    not after the long loop), an --out that is a symlink to the --gt folder, and two frames too
-    small for the optical flow, all refused before any frame is scored."""
+    not after the long loop), an --out that is a symlink to the --gt folder (a missing --gt given as
+    --out too is named as missing), and two frames too small for the optical flow, all refused
+    before any frame is scored."""
     root, gt = clip
     monkeypatch.setattr(evaluate, "evaluate_stream", lambda *a, **k: pytest.fail("scored before the checks"))
     base = ["--gt", str(root / "gt"), "--no-progress"]
@@ -550,6 +556,9 @@ def test_checks_made_before_scoring(clip, capsys, monkeypatch):
     line = one_line_error(["--pred", str(root / "offset"), *base, "--out", str(root / "link")], capsys)
     assert line == (f"evaluate.py: error: --out {root / 'link'} is the --gt folder; write the report elsewhere, as a "
                     "frame folder holds frames only")
+    line = one_line_error(["--pred", str(root / "offset"), "--gt", str(root / "nope"), "--no-progress",
+                           "--out", str(root / "nope")], capsys)  # no folder: not called the --gt folder
+    assert line == f"evaluate.py: error: --gt {root / 'nope'}: no such folder"
     write(root / "tiny", [f[:14, :30] for f in gt[:2]])
     line = one_line_error(["--pred", str(root / "tiny"), "--gt", str(root / "tiny"), "--no-progress"], capsys)
     assert line.endswith("frame_0.png: frames of 30x14 pixels are too small for optical flow (at least 16 pixels "
