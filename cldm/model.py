@@ -172,6 +172,17 @@ def config_problem(cfg, ref: dict | None = None, prefix: str = "") -> tuple[str,
             return key, f"expected {what}{' or null' if key in NULL_OK else ''}, got {v!r}"
         if isinstance(r, dict) and (found := config_problem(v, r, key + ".")):
             return found
+    return _latent_mismatch(cfg["model"]) if prefix == "" else None
+
+
+def _latent_mismatch(m: dict) -> tuple[str, str] | None:
+    """The UNet's latent_channels must be the VAE latent's (first_stage.embed_dim): a mismatch
+    builds, then fails at the first step with a bare channel-count error from a convolution."""
+    first = m.get("first_stage")
+    if "latent_channels" in m and isinstance(first, dict) and "embed_dim" in first \
+            and m["latent_channels"] != first["embed_dim"]:
+        return "model.latent_channels", (f"must equal model.first_stage.embed_dim ({first['embed_dim']}), the "
+                                         f"channels of the VAE's latents; got {m['latent_channels']}")
     return None
 
 

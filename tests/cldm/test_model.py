@@ -668,3 +668,13 @@ def test_training_loss_draws_t_then_noise_from_the_generator():
         want = model.training_loss(z0, cond, noise=noise, t=t)
         got = model.training_loss(z0, cond, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_latent_channels_other_than_the_vaes_latent_are_refused_naming_both_keys():
+    """It built, then failed at the first step: "expected input ... to have 13 channels, but got 9"."""
+    with pytest.raises(ConfigError, match=r"with model\.latent_channels=8: model\.latent_channels: must equal "
+                                          r"model\.first_stage\.embed_dim \(4\), the channels of the VAE's latents; "
+                                          r"got 8$"):
+        load_config(TINY_CONFIG, ["model.latent_channels=8"])
+    assert create_model(load_config(TINY_CONFIG, ["model.latent_channels=8", "model.first_stage.embed_dim=8"])) \
+        .first_stage_model.quant_conv.out_channels == 16  # mean and log-variance of 8 channels
