@@ -563,14 +563,14 @@ def run(args) -> int:
                     pending.append((target, pool.submit(encode_png, rgb, depth), rgb if args.video else None))
                     if len(pending) > PNG_THREADS:
                         yield write(pending)
+                while pending:  # inside: a stop here (one just after a rename, say) is drained too
+                    yield write(pending)
             except GeneratorExit:  # the video stopped taking frames: its error is being reported
                 raise
             except BaseException:
                 while pending:
                     write(pending)
                 raise
-            while pending:
-                yield write(pending)
 
     def video_frames():
         """The whole clip for --video: frames outside the range from --out, the new ones as made.

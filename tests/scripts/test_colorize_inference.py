@@ -1404,3 +1404,28 @@ def test_a_stop_while_a_png_is_written_loses_none_of_the_frames_made(env, tmp_pa
                       "--out", out], capsys)
     assert rc == 130 and err == f"colorize_inference.py: interrupted; {says}\n"
     assert calls == written and sorted(snapshot(out)) == sorted(set(written))
+
+
+def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp_path, capsys, monkeypatch):
+    """The frames still pending once the clip is made are written after its loop: a stop landing
+    there, just after f2's rename (before it is counted), left f2 on disk while the line said
+    "--frames 2: continues", a range that refuses to start over it without --overwrite. They
+    are drained as those inside the loop are."""
+    write, calls = cli.write_bytes_atomic, []
+
+    def stopped_after_the_rename(path, data):
+        calls.append(path.name)
+        done = write(path, data)
+        if calls == ["f0.png", "f1.png", "f2.png"]:  # the first write after the loop (4 frames, 2 pending)
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(cli, "write_bytes_atomic", stopped_after_the_rename)
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out], capsys)
+    assert rc == 130 and err == ("colorize_inference.py: interrupted; the 4 outputs written so far are complete: "
+                                 "that is all of them\n"), err
+    assert calls == ["f0.png", "f1.png", "f2.png", "f2.png", "f3.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
