@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, out_of_memory, path_arg,
-                     positive_float, positive_int, quiet_opencv, quiet_startup_signals, run_cli)
+                     positive_float, positive_int, quiet_opencv, quiet_startup_signals, run_cli, seed_arg)
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,6 +257,29 @@ def test_run_cli_takes_the_startup_handlers_down():
         signal.signal(signal.SIGTERM, before[1])
 
 
+
+def test_run_cli_leaves_an_ignored_or_callers_handler_alone():
+    """Only the startup handlers are taken down: a background job's ignored SIGINT stays ignored,
+    and a caller's own SIGTERM handler stays (sigterm=False) or comes back after the run."""
+    def own(signum, frame):
+        pass
+
+    def run(_):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return 0
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+    try:
+        for sigterm in (False, True):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, own)
+            assert run_cli("p.py", run, argparse.Namespace(), (OSError,), sigterm=sigterm) == 0
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN, own)
+        assert seen[0] == (signal.SIG_IGN, own) and seen[1][0] is signal.SIG_IGN and seen[1][1] is not own
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
 PIPED = """
 import os, sys
 from cliutil import run_cli
@@ -458,6 +481,17 @@ def test_counts_and_rates_refuse_what_is_out_of_range_naming_the_value(parse, te
         assert parse(text) == expected and type(parse(text)) is type(expected)
 
 
+def test_a_seed_is_taken_over_torchs_whole_range_and_refused_outside_it():
+    """0..2**64-1 is what torch.manual_seed takes: both ends pass, one past either is refused."""
+    import torch
+
+    assert (seed_arg("0"), seed_arg(str(2**64 - 1))) == (0, 2**64 - 1)
+    torch.Generator().manual_seed(seed_arg(str(2**64 - 1)))  # the top end is torch's too
+    for text in ("-1", str(2**64)):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^must be in 0\.\.{2**64 - 1} \(got {text}\)$"):
+            seed_arg(text)
+
+
 def test_an_empty_path_is_refused_naming_its_flag(capsys):
     """`--out "$OUT"` with OUT unset: "" was the current folder (outputs written there, or an error
     blaming a file in it)."""
@@ -588,3 +622,15 @@ def test_a_dash_digit_value_goes_to_a_flag_named_by_the_start_argparse_takes_for
     exact = OneLineParser(prog="t", allow_abbrev=False)
     exact.add_argument("--shard")
     assert exact.parse_known_args(["--sh", "-1/4"])[1] == ["--sh", "-1/4"]  # no abbreviations there: none joined
+
+
+def test_a_dash_digit_that_is_a_flag_of_the_parsers_is_not_joined(capsys):
+    """A parser with a flag like "-1" (argparse then reads "-1" as that flag, not a number): the
+    flag before it gets no value from it."""
+    p = OneLineParser(prog="t")
+    p.add_argument("--n")
+    p.add_argument("-1", dest="one", action="store_true")
+    assert p.parse_args(["-1", "--n", "-2"]) == argparse.Namespace(n="-2", one=True)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--n", "-1"])
+    assert capsys.readouterr().err == "t: error: argument --n: expected one argument (see --help)\n"
