@@ -528,3 +528,19 @@ def test_header_shapes_reads_safetensors_files_alone(sd_files, tmp_path):
     misnamed = tmp_path / "sd.ckpt"
     misnamed.write_bytes((d / "sd.safetensors").read_bytes())
     assert tool.header_shapes(misnamed) == {} == tool.header_shapes(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_header_shapes_opens_no_named_pipe_or_folder(tmp_path, monkeypatch):
+    """Only a regular file's header is read: opening a named pipe called x.safetensors blocks
+    until something writes to it, before the loader could refuse it in one line."""
+    opened = []
+
+    def spy(path, *args, **kwargs):
+        opened.append(path)
+        raise AssertionError("opened")
+    monkeypatch.setattr(tool, "safe_open", spy)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    assert tool.header_shapes(tmp_path / "pipe.safetensors") == {} == tool.header_shapes(tmp_path / "folder.safetensors")
+    assert opened == []
