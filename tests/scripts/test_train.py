@@ -1085,6 +1085,18 @@ def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
     assert torch.initial_seed() == 7 and resume is None
 
 
+
+def test_a_config_without_train_unet_input_trains_the_new_input_channels(ws, tmp_path):
+    """model.train_unet_input is optional; a config without it (one written before it existed)
+    trains the UNet's new input channels, as every checkpoint loader takes it."""
+    config = tmp_path / "no_flag.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("  train_unet_input: true\n", ""))
+    argv = args(ws, tmp_path / "run", "--num-workers", 0)
+    argv[argv.index("--config") + 1] = str(config)
+    _, _, module, _, _ = train.prepare(train.parser().parse_args(argv))
+    assert "train_unet_input" not in module.hparams["config"]["model"]
+    assert module.hparams["train_unet_input"] is True
+
 def test_each_device_needs_a_whole_batch_of_its_share_of_the_frames(ws, tmp_path):
     """16 training frames on 3 devices: DistributedSampler gives each 6 (padding the last)."""
     def prepare(batch_size):  # not main: that would start three processes
