@@ -3,8 +3,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -197,3 +199,89 @@ def test_ctrl_c_while_the_libraries_load_is_one_line():
     done = ctrl_c_while_importing("torch", ["tools/make_toy_model.py", "--out", "toy_out_never_made"])
     assert (done.returncode, done.stderr) == (130, "make_toy_model.py: interrupted\n")
 
+
+
+def test_load_clip_takes_frames_first_to_last_exclusive(monkeypatch):
+    """[first, last): the frames after the training range are the held-out ones, never seen."""
+    def frames(path):
+        for i in range(10):
+            yield i, f"{i:06d}", np.full((8, 12, 3), i, np.uint8)
+    monkeypatch.setattr(recipe, "iter_frames", frames)
+    clip = recipe.load_clip(Path("clip.mp4"), 2, 5, (4, 6))
+    assert clip.shape == (3, 3, 4, 6)
+    assert clip.amax(dim=(1, 2, 3)).mul(255).round().tolist() == [2, 3, 4]
+
+
+def test_cosine_lr_warms_up_from_the_first_step_then_decays_to_the_floor():
+    """Step 0 already trains (peak / warmup, not 0); after the warm-up a half cosine from the
+    peak down to floor x peak at the last step."""
+    lr = recipe.cosine_lr
+    assert lr(0, 1100, 1.0) == pytest.approx(0.01) and lr(99, 1100, 1.0) == pytest.approx(1.0)
+    assert lr(100, 1100, 1.0) == pytest.approx(1.0)
+    assert lr(600, 1100, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lr(1100, 1100, 2.0) == pytest.approx(0.2)
+
+
+def test_chroma_rotation_turns_the_cb_cr_plane_counterclockwise():
+    """By +90 degrees (Cb, Cr) becomes (-Cr, Cb), as the angle's sign says; a small chroma stays
+    in gamut, so nothing is shrunk."""
+    from annotator.color import rgb_to_ycbcr
+
+    pixel = torch.tensor([0.55, 0.5, 0.45]).view(1, 3, 1, 1)
+    before = rgb_to_ycbcr(pixel.permute(0, 2, 3, 1).numpy()).ravel()
+    after = rgb_to_ycbcr(recipe.rotate_chroma(pixel, math.pi / 2).permute(0, 2, 3, 1).numpy()).ravel()
+    np.testing.assert_allclose(after, [before[0], -before[2], before[1]], atol=1e-6)
+
+
+def test_tail_mean_is_the_mean_of_the_last_tenth_and_at_least_one_loss():
+    """The recorded losses --check compares; a short run's is its last loss, not all of them."""
+    assert recipe.tail_mean([float(i) for i in range(1, 21)]) == 19.5  # the last 2 of 20
+    assert recipe.tail_mean([5.0, 1.0, 4.0]) == 4.0  # fewer than 10: the last one
+
+
+def test_check_against_flags_a_loss_far_below_the_shipped_one_too():
+    """A reproduction is within the tolerance either way: a much lower loss is not the recipe either."""
+    ref = {"vae_loss": 0.1, "diffusion_loss": 0.2}
+    assert recipe.check_against({"vae_loss": 0.105, "diffusion_loss": 0.19}, ref) == []
+    assert recipe.check_against({"vae_loss": 0.05, "diffusion_loss": 0.2}, ref) == ["vae_loss: 0.05000 vs shipped "
+                                                                                  "0.10000"]
+
+
+@pytest.mark.parametrize("metadata", [None, {"config": "model: {}"}])
+def test_check_of_a_safetensors_file_without_provenance_says_so(tmp_path, metadata):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, path, metadata=metadata)
+    with pytest.raises(ValueError, match=rf"^--check {re.escape(str(path))}: no provenance recorded \(not made by "
+                                         r"this recipe\)$"):
+        recipe.shipped_provenance(path)
+
+
+def test_the_flags_and_their_defaults_reach_the_recipe(monkeypatch, tmp_path):
+    """--seed included (a seed parsed and dropped reproduces seed 0); the defaults are the shipped model's."""
+    calls = []
+    monkeypatch.setattr(recipe, "make_toy_model", lambda *a, **k: calls.append((a, k)) or {"name": "x"})
+    assert recipe.main(["--out", str(tmp_path / "a"), "--seed", "5", "--vae-steps", "3", "--diffusion-steps", "4",
+                        "--threads", "2"]) == 0
+    assert recipe.main(["--out", str(tmp_path / "b")]) == 0
+    assert calls == [((tmp_path / "a", 5, 3, 4), {"threads": 2}), ((tmp_path / "b", 0, 1500, 3000), {"threads": None})]
+
+
+@pytest.mark.parametrize("threads", [None, 0])
+def test_threads_default_to_one_per_core(monkeypatch, tmp_path, threads):
+    """As --help says: no --threads (or 0) is os.cpu_count(), set before the first stage."""
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(recipe, "load_clip", stop)
+    monkeypatch.setattr(recipe.os, "cpu_count", lambda: 3)
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(Stop):
+            recipe.make_toy_model(tmp_path, threads=threads)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
