@@ -408,3 +408,21 @@ def test_overwrite_removes_an_earlier_runs_video_before_anything_else(tmp_path, 
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", out, "--overwrite"], capsys)
     assert (rc, err) == (2, "demo.py: error: stopped\n")
     assert list(out.iterdir()) == []
+
+
+def test_earlier_outputs_are_the_demos_own_names_alone(tmp_path):
+    """What --overwrite removes is only what the demo writes: a frame name in full (a user's
+    frame_0001.png.orig beside it is in the way, not removed) and data/reference.png; a hidden
+    file is no frame to a reader; a broken link at one of its names is said as one."""
+    out = tmp_path / "demo"
+    (out / "reinhard").mkdir(parents=True)
+    (out / "data").mkdir()
+    for name in ("frame_0001.png", "frame_0001.png.orig", ".DS_Store"):
+        (out / "reinhard" / name).write_bytes(b"x")
+    (out / "data" / "reference.png").write_bytes(b"x")
+    (out / "reinhard.mp4").symlink_to(tmp_path / "gone.mp4")
+    mine, other = demo.earlier_outputs(out, ["reinhard"])
+    assert mine == [out / "reinhard" / "frame_0001.png", out / "data" / "reference.png"]
+    assert other == [f"{out / 'reinhard'} holds frame_0001.png.orig, which the demo did not write (it reads the "
+                     "folder back as a clip of its frames)",
+                     f"{out / 'reinhard.mp4'} is a broken symbolic link, where the demo writes a file"]
