@@ -60,25 +60,17 @@ def test_a_checkpoint_write_on_a_full_disk_is_the_os_error_under_the_zip_writers
     assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device", str(path))
     assert e.value.__suppress_context__ and os.listdir(tmp_path) == []  # no temp file left
 
-    def other(obj, f, *a, **kw):
-        try:
-            raise ValueError("not a write")
-        except ValueError:
-            raise RuntimeError("unexpected pos 1 vs 2")
+    # under the zip writer's error: no OSError, or one that names no failed write (no errno)
+    for cause in (ValueError("not a write"), OSError("a message, no errno")):
+        def other(obj, f, *a, cause=cause, **kw):
+            try:
+                raise cause
+            except Exception:
+                raise RuntimeError("unexpected pos 1 vs 2")
 
-    monkeypatch.setattr(torch, "save", other)
-    with pytest.raises(RuntimeError, match="^unexpected pos 1 vs 2$"):
-        io.save_checkpoint({"global_step": 6}, path)
-
-    def no_errno(obj, f, *a, **kw):  # an OSError that names no failed write
-        try:
-            raise OSError("a message, no errno")
-        except OSError:
-            raise RuntimeError("unexpected pos 3 vs 4")
-
-    monkeypatch.setattr(torch, "save", no_errno)
-    with pytest.raises(RuntimeError, match="^unexpected pos 3 vs 4$"):
-        io.save_checkpoint({"global_step": 6}, path)
+        monkeypatch.setattr(torch, "save", other)
+        with pytest.raises(RuntimeError, match="^unexpected pos 1 vs 2$"):
+            io.save_checkpoint({"global_step": 6}, path)
 
 
 def test_atomic_save_gives_the_mode_of_an_ordinary_file(tmp_path):
