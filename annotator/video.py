@@ -59,12 +59,6 @@ def shown_path(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def opencv_cannot_take(path: str | os.PathLike) -> bool:
-    """Whether `path` is not UTF-8: OpenCV's binding crashes the process (SIGSEGV) on the
-    surrogate escapes Python reads such a name into."""
-    return not_utf8(path)
-
-
 class FrameSourceError(Exception):
     """A video file or frame folder that cannot be read; str(e) is one line naming the file
     (shown_path)."""
@@ -220,10 +214,11 @@ def _kind(path: Path) -> str:
 
 
 def _open_video(path: Path, threads: int = 0) -> cv2.VideoCapture:
-    """An opened capture of `path`; a path that is not UTF-8 is refused (opencv_cannot_take)."""
+    """An opened capture of `path`; a path that is not UTF-8 is refused: OpenCV's binding crashes
+    the process (SIGSEGV) on the surrogate escapes Python reads such a name into."""
     if not os.access(path, os.R_OK):
         raise FrameSourceError(path, "file is not readable (permission denied)")
-    if opencv_cannot_take(path):
+    if not_utf8(path):
         raise FrameSourceError(path, "OpenCV cannot open a file name that is not UTF-8: rename it")
     params = [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else []
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)

@@ -21,10 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from annotator.color import to_uint8
-from annotator.video import (FrameSourceError, iter_frames, list_frame_files, natural_key, opencv_cannot_take,
-                             read_image, shown_path)
+from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image, shown_path
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
-from cliutil import one_line
+from cliutil import not_utf8, one_line
 
 __all__ = [
     "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
@@ -175,7 +174,7 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     path = Path(path)
     if not (fps and 0 < fps < math.inf):  # NaN fails the test too; OpenCV hangs on inf
         raise ValueError(f"{path}: fps must be a positive finite number, got {fps}")
-    if opencv_cannot_take(path.absolute()):
+    if not_utf8(path.absolute()):  # OpenCV's binding would crash the process on it
         raise OSError(f"{shown_path(path)}: OpenCV cannot write a video whose path is not UTF-8: rename it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
