@@ -31,6 +31,7 @@ import math
 import os
 import sys
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -565,7 +566,12 @@ def run(args) -> int:
                         yield write(pending)
                 while pending:  # inside: a stop here (one just after a rename, say) is drained too
                     yield write(pending)
-            except GeneratorExit:  # the video stopped taking frames: its error is being reported
+            except GeneratorExit:  # the video stopped taking frames (run() closes it): its error is being
+                try:  # reported, and the frames made are worth keeping unless the disk refuses them
+                    while pending:
+                        write(pending)
+                except OSError:
+                    pass
                 raise
             except BaseException:
                 while pending:
@@ -630,39 +636,50 @@ def run(args) -> int:
         rest = frames_it_holds(e, start, again) or "it holds no more frames"  # held: a batch being made when it ran out
         return f"{rest}; with a complete copy of the file, {go_on}"
 
+    def make_all() -> int:
+        if not args.video:
+            return sum(1 for _ in written())
+        with closing(video_frames()) as clip:  # closed before its error is handled, so the PNGs made get written
+            return write_video_atomic(args.video, clip, fps, audio_from=sound)
+
+    finished = False
     try:
-        if args.video:
-            n = write_video_atomic(args.video, video_frames(), fps, audio_from=sound)
-        else:
-            n = sum(1 for _ in written())
-    except (UsageError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError, cv2.error) as e:
-        if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
-            raise
-        message = one_line(e)
-        if out_of_memory(e):
-            message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
-                       "lower them")
-        if done["n"] == 0:
-            if isinstance(e, TruncatedVideoError) and (holds := frames_it_holds(e, frames.start)):
-                message += f" (nothing was written; {holds})"
-            raise UsageError(message) from None
-        if isinstance(e, EarlierOutputError):  # a frame outside the range, read after the new ones
-            raise UsageError(f"{message} (the {done['n']} new outputs are written and complete; only --video is "
-                             "missing)") from None
-        raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume(e)})"
-                         ) from None
+        try:
+            n = make_all()
+            finished = True
+        except (UsageError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError, cv2.error) as e:
+            if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
+                raise
+            message = one_line(e)
+            if out_of_memory(e):
+                message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
+                           "lower them")
+            if done["n"] == 0:
+                if isinstance(e, TruncatedVideoError) and (holds := frames_it_holds(e, frames.start)):
+                    message += f" (nothing was written; {holds})"
+                raise UsageError(message) from None
+            if isinstance(e, EarlierOutputError):  # a frame outside the range, read after the new ones
+                raise UsageError(f"{message} (the {done['n']} new outputs are written and complete; only --video "
+                                 "is missing)") from None
+            raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume(e)})"
+                             ) from None
+        finally:
+            bar.close()
+        earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
+        count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
+        if sound is not None:
+            earlier += (f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}"
+                        "), ")
+        print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
+        return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
+        if finished:  # in the last lines: nothing is missing
+            video = f" and {args.video}" if args.video else ""
+            raise type(e)(f"interrupted as it finished; all {done['n']} outputs{video} are written and complete"
+                          ) from None
         if done["n"] == 0:
             raise
         raise type(e)(f"interrupted; the {done['n']} outputs written so far are complete: {resume()}") from None
-    finally:
-        bar.close()
-    earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
-    count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
-    if sound is not None:
-        earlier += f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
-    print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
-    return 0
 
 
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on

@@ -1429,3 +1429,75 @@ def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp
                                  "that is all of them\n"), err
     assert calls == ["f0.png", "f1.png", "f2.png", "f2.png", "f3.png"]
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+
+
+def test_a_stop_inside_the_video_writer_still_writes_the_pngs_already_made(env, tmp_path, capsys, monkeypatch):
+    """With --video the writer pulls frames; a stop inside it (here after it took f1) used to
+    drop the frames made and encoded but not yet written (f2, f3 with 2 PNG threads)."""
+    def stopped_after_two(path, frames, fps, audio_from=None):
+        for k, _ in enumerate(frames):
+            if k == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(cli, "write_video_atomic", stopped_after_two)
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out, "--video", tmp_path / "v.mp4"], capsys)
+    assert rc == 130 and err.splitlines()[-1] == ("colorize_inference.py: interrupted; the 4 outputs written so far "
+                                                  "are complete: only --video is missing: rerun with --overwrite"), err
+    assert sorted(snapshot(out)) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+
+
+def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_count(env, tmp_path, capsys, monkeypatch):
+    """The drain after the video writer's error stops at the first PNG the disk refuses; the
+    writer's error is the one reported, with the count of what was written."""
+    write, calls = cli.write_bytes_atomic, []
+
+    def disk_fills_at_f2(path, data):
+        calls.append(path.name)
+        if path.name == "f2.png":
+            raise OSError(28, "No space left on device")
+        return write(path, data)
+
+    def stopped_after_two(path, frames, fps, audio_from=None):
+        for k, _ in enumerate(frames):
+            if k == 1:
+                raise OSError(f"{path}: the video was not written completely (is the disk full?)")
+
+    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(cli, "write_bytes_atomic", disk_fills_at_f2)
+    monkeypatch.setattr(cli, "write_video_atomic", stopped_after_two)
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out, "--video", video], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: {video}: the video was not written completely (is the disk full?) (the 2 "
+        "outputs before it are written and complete; --frames 2: continues)"), err
+    assert calls == ["f0.png", "f1.png", "f2.png"] and sorted(snapshot(out)) == ["f0.png", "f1.png"]
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, capsys, monkeypatch, video):
+    """A stop after the last output (here as the progress bar closes) used to end in "interrupted
+    before any output was written"."""
+    bar = cli.progress_bar
+
+    def stopping_bar(*a, **k):
+        b = bar(*a, **k)
+        close = b.close
+
+        def stop():
+            b.close = close  # once: tqdm closes itself again when collected
+            close()
+            raise KeyboardInterrupt
+        b.close = stop
+        return b
+
+    monkeypatch.setattr(cli, "progress_bar", stopping_bar)
+    out, clip = tmp_path / "out", tmp_path / "v.mp4"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out, *(["--video", clip] if video else [])], capsys)
+    assert rc == 130 and err.splitlines()[-1] == ("colorize_inference.py: interrupted as it finished; all 4 outputs"
+                                                  f"{f' and {clip}' if video else ''} are written and complete"), err
+    assert len(snapshot(out)) == 4 and clip.exists() == video
