@@ -61,13 +61,14 @@ class ColorControlModule(L.LightningModule):
     `jpg_latent_mean/std` and `ref_latent_mean` (B, 4, H/8, W/8) (for v3 also `gray_latent_mean`),
     so no VAE runs in the step.
     Checkpoints hold only the trainable tensors (plus optimiser/loop state): the locked SD
-    weights come from the init file, which every run loads first.
+    weights come from the init file, which every run loads first. `data`: the run's data root,
+    kept with the hyperparameters so a resume on another one is noted.
     """
 
     def __init__(self, model: ControlLDM, *, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), optimizer: str = "adamw", warmup_steps: int = 0,
                  sd_locked: bool = True, train_unet_input: bool = True, seed: int = 0,
-                 compile: bool = False, config: dict | None = None):
+                 compile: bool = False, config: dict | None = None, data: str | None = None):
         super().__init__()
         check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["model"])
@@ -77,6 +78,7 @@ class ColorControlModule(L.LightningModule):
         self._config_hashes = config_hashes(config) if config is not None else (None,)
         self._locked_snapshot: torch.Tensor | None = None
         self._locked_digest: str | None = None
+        self._trained_on: str | None = None  # the data root a resumed checkpoint records (hparams.data)
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -164,6 +166,14 @@ class ColorControlModule(L.LightningModule):
         self.snapshot_locked()
         self.apply_optimizer_settings()
         self.align_accumulation()
+        self.note_other_data()
+
+    def note_other_data(self) -> None:
+        """A resume on another --data than its checkpoint's run is allowed (more films, a moved
+        folder) but said, since a mistyped --data would otherwise train on the wrong films unseen."""
+        ours, theirs = self.hparams.get("data"), self._trained_on
+        if ours and theirs and ours != theirs and self.trainer.is_global_zero:
+            print(f"note: resumed a run that trained on --data {theirs}; this one reads {ours}", file=sys.stderr)
 
     def align_accumulation(self) -> None:
         """Give a run resumed mid-epoch a whole --accumulate window before its first step.
@@ -239,6 +249,7 @@ class ColorControlModule(L.LightningModule):
         """Refuse, before Lightning restores anything, a checkpoint that is not of this setup: the
         rules `inspect` applies too (resume_misfit), then the locked weights' digest."""
         info = checkpoint.get(TRAINING_KEY, {})
+        self._trained_on = checkpoint.get("hyper_parameters", {}).get("data")
         trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
         ours, *older = self._config_hashes
         _, reason = resume_misfit(self.model, ours, trained, info, also=older)

@@ -666,3 +666,25 @@ def test_adamw8bit_checkpoint_restores_its_state(tmp_path):
         assert a.keys() == b.keys(), i
         for k in a:
             assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), (i, k)
+
+
+def test_a_resume_on_another_data_root_is_noted_once_by_rank_zero(tmp_path, capsys):
+    """Allowed (more films, a moved folder) but said; the same root, or an unrecorded one, is quiet."""
+    batch = tiny_batch(2, seed=2)
+
+    def fit(steps, data, ckpt=None):
+        module = ColorControlModule(tiny_model("v2"), data=data)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, DataLoader([batch] * steps, batch_size=None), ckpt_path=ckpt)
+        return trainer
+
+    fit(1, "/films/a").save_checkpoint(tmp_path / "a.ckpt")
+    fit(1, None).save_checkpoint(tmp_path / "none.ckpt")
+    assert "note" not in capsys.readouterr().err
+    fit(2, "/films/a", tmp_path / "a.ckpt")
+    fit(2, "/films/b", tmp_path / "none.ckpt")
+    assert "note" not in capsys.readouterr().err
+    fit(2, "/films/b", tmp_path / "a.ckpt")
+    assert capsys.readouterr().err.count("note: resumed a run that trained on --data /films/a; this one reads "
+                                         "/films/b\n") == 1

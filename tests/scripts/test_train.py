@@ -143,6 +143,11 @@ def test_a_run_records_its_config_and_its_folder_guards_resumes_and_exports(ws, 
     assert train.main(args(ws, out, "--export")) == 0
     assert read_export_metadata(out / "control.safetensors")["step"] == "2"
     assert capsys.readouterr().out == f"exported step=00000002.ckpt -> {out / 'control.safetensors'}\n"
+    moved = tmp_path / "moved"  # a resume on another data root: allowed, and said
+    shutil.copytree(ws / "data", moved)
+    assert train.main(args(ws, out, "--max-steps", 3, "--data", moved)) == 0
+    assert f"note: resumed a run that trained on --data {ws / 'data'}; this one reads {moved}\n" in \
+        capsys.readouterr().err
 
 
 def test_resuming_from_an_earlier_checkpoint_than_the_folders_newest_is_refused(ws, tmp_path, capsys):
