@@ -114,7 +114,8 @@ def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
     if found:
         key, problem = found
-        setters = [o for o in overrides if f"{key}.".startswith(o.split("=", 1)[0].strip() + ".")]
+        keys = (key, *TIED.get(key, ()))
+        setters = [o for o in overrides if any(f"{k}.".startswith(o.split("=", 1)[0].strip() + ".") for k in keys)]
         raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
 
 
@@ -173,6 +174,9 @@ def config_problem(cfg, ref: dict | None = None, prefix: str = "") -> tuple[str,
         if isinstance(r, dict) and (found := config_problem(v, r, key + ".")):
             return found
     return _latent_mismatch(cfg["model"]) if prefix == "" else None
+
+
+TIED = {"model.latent_channels": ("model.first_stage.embed_dim",)}  # a key's problem that another key can cause
 
 
 def _latent_mismatch(m: dict) -> tuple[str, str] | None:

@@ -676,5 +676,8 @@ def test_latent_channels_other_than_the_vaes_latent_are_refused_naming_both_keys
                                           r"model\.first_stage\.embed_dim \(4\), the channels of the VAE's latents; "
                                           r"got 8$"):
         load_config(TINY_CONFIG, ["model.latent_channels=8"])
+    with pytest.raises(ConfigError, match=r"with model\.first_stage\.embed_dim=8: model\.latent_channels: must equal "
+                                          r"model\.first_stage\.embed_dim \(8\), .* got 4$"):  # the override that did it
+        load_config(TINY_CONFIG, ["model.color_variant=v1", "model.first_stage.embed_dim=8"])
     assert create_model(load_config(TINY_CONFIG, ["model.latent_channels=8", "model.first_stage.embed_dim=8"])) \
         .first_stage_model.quant_conv.out_channels == 16  # mean and log-variance of 8 channels
