@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cliutil import (DefaultsFormatter, OneLineParser, not_a_folder, out_of_memory, path_arg, quiet_opencv,
-                     quiet_startup_signals, run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, not_a_folder, out_of_memory, path_arg,
+                     quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()  # a missing frame is our one-line error, without OpenCV's warning before it
 if __name__ == "__main__":
@@ -151,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -15,10 +15,9 @@ SIGTERM (the movies being built are dropped, finished ones kept; rerun to resume
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cliutil import (DefaultsFormatter, OneLineParser, out_folder_problem, path_arg, quiet_opencv, quiet_startup_signals,
-                     run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, out_folder_problem, path_arg, quiet_opencv,
+                     quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -111,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -199,6 +199,20 @@ def quiet_startup_signals(prog: str | None = None) -> None:
         signal.signal(signal.SIGTERM, startup("terminated (SIGTERM)", 128 + int(signal.SIGTERM)))
 
 
+def exit_quietly(status: int) -> None:
+    """sys.exit(status) for a script run as __main__, where Ctrl-C or SIGTERM during the
+    interpreter's teardown (about a second of torch's exit hooks) ends the process at once with
+    that status: the run is over and has said how it ended, so the signal has nothing left to
+    stop, and Python would print an "Exception ignored in atexit callback" traceback instead."""
+    def handler(signum, frame):
+        os._exit(status)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # ignored (a background job) stays so
+            signal.signal(signum, handler)
+    sys.exit(status)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (what and where), not the whole usage block."""
 

@@ -35,8 +35,8 @@ from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, file_problem, one_line, out_file_problem, out_folder_problem,
-                     out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli)
+from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, one_line, out_file_problem,
+                     out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -694,4 +694,4 @@ def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

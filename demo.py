@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
-from cliutil import (OneLineParser, Terminated, file_problem, one_line, out_folder_problem, path_arg, quiet_opencv,
-                     quiet_startup_signals, run_cli)
+from cliutil import (OneLineParser, Terminated, exit_quietly, file_problem, one_line, out_folder_problem, path_arg,
+                     quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -354,4 +353,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -25,8 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliutil import (OneLineParser, file_problem, out_folder_problem, path_arg, quiet_opencv, quiet_startup_signals,
-                     run_cli)
+from cliutil import (OneLineParser, exit_quietly, file_problem, out_folder_problem, path_arg, quiet_opencv,
+                     quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -323,4 +323,4 @@ def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -24,11 +24,10 @@ import argparse
 import errno
 import os
 import shutil
-import sys
 from pathlib import Path
 
-from cliutil import (MAX_SEED, OneLineParser, config_override, one_line, out_file_problem, out_of_memory, path_arg,
-                     quiet_startup_signals, run_cli, seed_arg)
+from cliutil import (MAX_SEED, OneLineParser, config_override, exit_quietly, one_line, out_file_problem, out_of_memory,
+                     path_arg, quiet_startup_signals, run_cli, seed_arg)
 
 if __name__ == "__main__":
     quiet_startup_signals()
@@ -190,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

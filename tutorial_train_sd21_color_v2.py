@@ -19,15 +19,14 @@ Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupte
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cldm.train_config import (FLAG_KEYS, UsageError, model_settings, run_config,
                                saved_config_remedy)
 from cldm.training import (PROG, build_datamodule, build_model, end_with_launcher, export_from_checkpoint, fit,
                            make_trainer, note_nothing_to_train, note_skipped, quiet_lightning)
-from cliutil import (NOT_REGULAR, OneLineParser, config_override, file_problem, not_a_folder, out_folder_problem,
-                     path_arg, quiet_startup_signals, run_cli)
+from cliutil import (NOT_REGULAR, OneLineParser, config_override, exit_quietly, file_problem, not_a_folder,
+                     out_folder_problem, path_arg, quiet_startup_signals, run_cli)
 
 if __name__ == "__main__":  # also in every DDP process Lightning starts
     end_with_launcher()
@@ -244,4 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # required: DDP re-runs this file in every process it starts
-    sys.exit(main())
+    exit_quietly(main())

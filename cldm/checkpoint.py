@@ -14,14 +14,13 @@ import logging
 import os
 import pickle
 import pickletools
-import sys
 import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, file_problem, not_utf8, out_file_problem, path_arg,
+from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, not_utf8, out_file_problem, path_arg,
                      quiet_startup_signals, run_cli)
 
 PROG = "python -m cldm.checkpoint"
@@ -639,4 +638,4 @@ def _convert(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -15,6 +15,7 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, out_of_memory, path_arg,
                      positive_float, positive_int, quiet_opencv, quiet_startup_signals, run_cli, seed_arg)
+from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -634,3 +635,57 @@ def test_a_dash_digit_that_is_a_flag_of_the_parsers_is_not_joined(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--n", "-1"])
     assert capsys.readouterr().err == "t: error: argument --n: expected one argument (see --help)\n"
+
+
+SLOW_EXIT = """
+import atexit, runpy, sys, time
+atexit.register(time.sleep, 30)  # a slow teardown (torch's exit hooks take about a second) for the signal
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+EXITING = """
+import sys
+from cliutil import exit_quietly
+print("done", flush=True)
+exit_quietly(int(sys.argv[1]))
+"""
+
+
+def signal_after_the_last_line(argv, last: str, sig: str) -> tuple[int, str, float]:
+    """(exit status, stderr, seconds from the signal to the end) of `argv`, signalled once it has
+    printed a line starting with `last`, while its teardown (SLOW_EXIT) runs."""
+    p = subprocess.Popen([sys.executable, "-c", SLOW_EXIT, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    try:
+        while not p.stdout.readline().startswith(last):
+            assert p.poll() is None, p.stderr.read()
+        time.sleep(0.3)
+        p.send_signal(getattr(signal, sig))
+        start = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        return p.returncode, err, time.monotonic() - start
+    finally:
+        p.kill()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("status", [0, 2])
+def test_a_signal_during_the_teardown_ends_quietly_with_the_runs_status(tmp_path, sig, status):
+    """Ctrl-C after the run has said how it ended: no "Exception ignored in atexit callback"
+    traceback, no waiting for the rest of the teardown, and the run's own exit status."""
+    script = tmp_path / "exiting.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + EXITING)
+    rc, err, took = signal_after_the_last_line([script, status], "done", sig)
+    assert (rc, err) == (status, "") and took < 20
+
+
+def test_a_ctrl_c_as_a_script_exits_after_its_run_leaves_no_traceback(tmp_path):
+    """The same through a real script: colorize_inference.py's baseline, signalled after "wrote"."""
+    frames = write_folder([np.full((16, 24, 3), 40 * k, np.uint8) for k in range(3)], tmp_path / "gray")
+    ref = tmp_path / "ref.png"
+    cv2.imwrite(str(ref), np.full((16, 24, 3), (30, 90, 200), np.uint8))
+    argv = [REPO / "colorize_inference.py", "--input", frames, "--reference", ref, "--method", "reinhard",
+            "--no-progress", "--out", tmp_path / "out"]
+    rc, err, took = signal_after_the_last_line(argv, "wrote 3 frames", "SIGINT")
+    assert (rc, err) == (0, "") and took < 20
+    assert len(list((tmp_path / "out").iterdir())) == 3

@@ -20,8 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cliutil import (DefaultsFormatter, OneLineParser, out_file_problem, out_folder_problem, path_arg,  # noqa: E402
-                     positive_int, quiet_startup_signals, run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, out_file_problem,  # noqa: E402
+                     out_folder_problem, path_arg, positive_int, quiet_startup_signals, run_cli)
 
 PROG = "tools/make_demo_figures.py"
 if __name__ == "__main__":  # Ctrl-C while OpenCV and torch load: one line, not an import traceback
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

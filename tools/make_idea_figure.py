@@ -11,8 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cliutil import (DefaultsFormatter, OneLineParser, out_file_problem, path_arg, quiet_startup_signals,  # noqa: E402
-                     run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, out_file_problem, path_arg,  # noqa: E402
+                     quiet_startup_signals, run_cli)
 
 PROG = "tools/make_idea_figure.py"
 if __name__ == "__main__":  # Ctrl-C while matplotlib and OpenCV load: one line, not an import traceback
@@ -99,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -33,8 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cliutil import (NOT_REGULAR, OneLineParser, file_problem, folder_problem, non_negative_int, one_line,  # noqa: E402
-                     path_arg, positive_int, quiet_startup_signals, run_cli, seed_arg)
+from cliutil import (NOT_REGULAR, OneLineParser, exit_quietly, file_problem, folder_problem,  # noqa: E402
+                     non_negative_int, one_line, path_arg, positive_int, quiet_startup_signals, run_cli, seed_arg)
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
     quiet_startup_signals()
@@ -291,4 +291,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -18,8 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cliutil import (DefaultsFormatter, OneLineParser, out_file_problem, path_arg, positive_int,  # noqa: E402
-                     quiet_startup_signals, run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, out_file_problem, path_arg,  # noqa: E402
+                     positive_int, quiet_startup_signals, run_cli)
 
 PROG = "tools/plot_pairs.py"
 if __name__ == "__main__":  # Ctrl-C while matplotlib loads: one line, not an import traceback
@@ -119,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())
