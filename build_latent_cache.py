@@ -67,13 +67,16 @@ def check_data_root(data_root, movies) -> None:
     """Refuse, before any model is loaded, a DATA_ROOT that is not there or holds nothing to encode,
     and --movies that are not its finished movies."""
     from annotator.latent_cache import check_movies
-    from annotator.pairs import list_movies
+    from annotator.pairs import is_finished, list_movies
 
     root = Path(data_root)
     if not root.exists():
         raise ValueError(f"DATA_ROOT {root} does not exist (build it with build_pairs.py --out {root})")
     if not root.is_dir():
         raise ValueError(f"DATA_ROOT {root} is {not_a_folder(root)}")
+    if is_finished(root):  # a movie's own folder: build_pairs.py --out it would nest a movie in a movie
+        raise ValueError(f"{root}: the folder of one movie; DATA_ROOT is the folder that holds the movie folders "
+                         f"({root.parent}; --movies {root.name} for this one alone)")
     if movies is None and not (movies := list_movies(root)):
         raise ValueError(f"{root}: no finished movies to encode (build them with build_pairs.py --out {root})")
     check_movies(root, movies)

@@ -171,6 +171,17 @@ def test_bad_arguments_are_refused_before_the_checkpoint_is_read(tmp_path, data_
         assert capsys.readouterr().err == f"build_latent_cache.py: error: {problem}\n"
 
 
+def test_a_movie_folder_given_for_data_root_names_its_parent(data_root, tmp_path, capsys, monkeypatch):
+    """DATA_ROOT/pan given for DATA_ROOT said "no finished movies to encode (build them with
+    build_pairs.py --out DATA_ROOT/pan)": advice that nests a movie inside a movie."""
+    monkeypatch.setattr(build_latent_cache, "load_vae", lambda *a: pytest.fail("read the checkpoint"))
+    rc = build_latent_cache.main([str(data_root / "pan"), "--ckpt", str(tmp_path / "none.safetensors"),
+                                  "--no-progress"])
+    assert (rc, capsys.readouterr().err) == (
+        2, f"build_latent_cache.py: error: {data_root / 'pan'}: the folder of one movie; DATA_ROOT is the folder "
+           f"that holds the movie folders ({data_root}; --movies pan for this one alone)\n")
+
+
 def test_load_vae_takes_a_full_checkpoint_or_a_bare_vae_and_refuses_misfits(tmp_path):
     """Prefixed (first_stage_model.*) or bare VAE weights load the same; one tensor missing, or
     one of another shape, is refused naming the config (or the checkpoint that records it) and
