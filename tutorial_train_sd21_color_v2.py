@@ -178,8 +178,6 @@ def prepare(args):
     check_resume_config(resume, cfg, settings)  # before OUT/config.yaml is written
     if args.export and resume is None:
         raise UsageError(f"--export: no checkpoint to export in {ckpt_dir}")
-    if not args.export:
-        note_nothing_to_train(resume, cfg.train.max_steps)
 
     t = cfg.train
     check_optimizer(t.optimizer)  # before the (slow) model load; ColorControlModule checks again
@@ -204,6 +202,7 @@ def prepare(args):
                          "the band (--low/--high/--min-gap)")
     trainer = make_trainer(cfg, args, out, resume, validate=dm.val is not None)
     record_config(out, cfg)
+    note_nothing_to_train(resume, t.max_steps)  # last: not before an error that stops the run, export and all
     return cfg, trainer, module, dm, resume
 
 

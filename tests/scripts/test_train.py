@@ -1059,19 +1059,29 @@ def test_prepare_cleans_up_and_says_the_config_in_the_first_process_only(ws, tmp
 
 def test_the_notes_before_a_resume_name_skipped_checkpoints_and_nothing_to_train(ws, tmp_path, capsys, monkeypatch):
     """The incomplete checkpoints --resume auto skips are named (not for a --resume PATH); a
-    resume at --max-steps is noted (not for --export)."""
+    resume at --max-steps is noted (not for --export) once the run is prepared, and not before
+    an error that stops it: "its weights are exported as they are" came before errors such as
+    --batch-size larger than the data, and nothing was exported."""
     first_process(monkeypatch)
     out = tmp_path / "run"
     ckpt = training_ckpt(out / "checkpoints" / "step=00000005.ckpt", 5)
     cut = out / "checkpoints" / "step=00000006.ckpt"
     cut.write_bytes(ckpt.read_bytes()[:100])
-    stop_before_the_model_loads(monkeypatch)
     skipped = (f"{train.PROG}: note: skipped {cut}: not a whole checkpoint file (cut short?); not resumed from nor "
                "counted toward --ckpt-keep; move it away\n")
     at_max = (f"{train.PROG}: note: step=00000005.ckpt is at step 5, --max-steps is 5: nothing to train; its weights "
               "are exported as they are\n")
+    too_big = (f"{train.PROG}: error: {ws / 'data'}: the band gives 16 training frames with a partner, 16 per "
+               "device, fewer than --batch-size 99; lower it or widen the band (--low/--high/--min-gap)\n")
+    assert train.main(args(ws, out, "--max-steps", 5, "--batch-size", 99, "--num-workers", 0)) == 2
+    assert capsys.readouterr().err == skipped + too_big
+    cut.unlink()
+    train.prepare(train.parser().parse_args(args(ws, out, "--max-steps", 5, "--num-workers", 0)))
+    assert capsys.readouterr().err == at_max
+    cut.write_bytes(ckpt.read_bytes()[:100])
+    stop_before_the_model_loads(monkeypatch)
     stopped = f"{train.PROG}: error: stopped before the model load\n"
-    for extra, notes in (([], skipped + at_max), (["--resume", ckpt], at_max), (["--export"], skipped),
+    for extra, notes in (([], skipped), (["--resume", ckpt], ""), (["--export"], skipped),
                          (["--max-steps", 6], skipped)):
         assert train.main(args(ws, out, "--max-steps", 5, *extra)) == 2
         assert capsys.readouterr().err == notes + stopped, extra
