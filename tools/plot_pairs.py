@@ -34,7 +34,8 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from annotator.pairs import (  # noqa: E402
-    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, load_meta, load_similarity, pair_mask,
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, list_movies, load_meta, load_similarity,
+    pair_mask,
 )
 from atomicio import write_bytes_atomic  # noqa: E402
 from colorize.report import drawable  # noqa: E402
@@ -95,7 +96,9 @@ def picture_format(out: Path) -> str:
 
 def run(args) -> int:
     if not is_finished(args.movie):
-        raise ValueError(f"{args.movie}: not a movie folder finished by build_pairs.py")
+        movies = list_movies(args.movie)  # a DATA_ROOT given for one of its movies
+        hint = f" but a data root: give one of its movie folders, e.g. {Path(args.movie) / movies[0]}" if movies else ""
+        raise ValueError(f"{args.movie}: not a movie folder finished by build_pairs.py{hint}")
     pair_mask(np.zeros((1, 1)), args.low, args.high, args.min_gap)  # a bad band: its one line, before reading
     # checked here: the OSError of the write names its temporary file, never given
     if problem := out_file_problem("--out", args.out, new_folders=False):

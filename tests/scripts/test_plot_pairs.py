@@ -93,6 +93,16 @@ def test_a_folder_that_is_no_built_movie_is_one_line(tmp_path, capsys):
         f"{P.PROG}: error: {tmp_path}: not a movie folder finished by build_pairs.py"
 
 
+def test_a_data_root_given_for_a_movie_names_one_of_its_movies(tmp_path, capsys):
+    """README's DATA_ROOT/MOVIE given as DATA_ROOT only said "not a movie folder"."""
+    build_all([write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")], tmp_path / "data",
+              BuildOptions(size=32, window=2), progress=False)
+    assert P.main([str(tmp_path / "data"), "--out", str(tmp_path / "b.png")]) == 2
+    assert capsys.readouterr().err == (f"{P.PROG}: error: {tmp_path / 'data'}: not a movie folder finished by "
+                                       f"build_pairs.py but a data root: give one of its movie folders, e.g. "
+                                       f"{tmp_path / 'data' / 'pan'}\n")
+
+
 def test_a_similarity_npy_cut_short_is_one_line_naming_it(tmp_path, capsys):
     src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")
     build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
