@@ -8,10 +8,11 @@ out (with a note), as are frames named with --exclude. Per frame: PSNR, SSIM,
 colourfulness, warp error; per clip: CDC (definitions: colorize/metrics.py; warp error is
 a mean L1 error, CDC is in nats). Temporal metrics never pair frames across a frame left
 out. Prints a table of means, and a note where a frame is identical to the ground truth
-(it scores the 100 dB PSNR cap and inflates the mean: the reference frame itself, say);
-with --out also writes metrics.json, per_frame.csv, summary.csv, psnr.png,
-warp_error.png and strip.png, all or none (a write failing on a full disk leaves no half
-report, and an earlier one as it was); a report already there is kept unless --overwrite.
+(it scores the 100 dB PSNR cap and inflates the mean: the reference frame itself, say)
+or where the ground truth is gray (the gray input given as --gt, say); with --out also
+writes metrics.json, per_frame.csv, summary.csv, psnr.png, warp_error.png and strip.png,
+all or none (a write failing on a full disk leaves no half report, and an earlier one as
+it was); a report already there is kept unless --overwrite.
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143 stopped by
 Ctrl-C / SIGTERM.
@@ -234,6 +235,20 @@ def capped_notes(ev: ClipEvaluation) -> list[str]:
     return notes
 
 
+GRAY_GT_COLOURFULNESS = 2.0  # mean colourfulness below which the ground truth counts as gray: gray is
+# 0, a gray video's decoding cast (a few levels) about 1, real colour footage 10 and more
+
+
+def gray_gt_note(ev: ClipEvaluation, gt: Path) -> list[str]:
+    """A note when the ground truth is gray: every score then measures against no colour at all
+    (the gray input or a gray output folder given for --gt)."""
+    m = ev.ground_truth.get("colourfulness", math.nan)
+    if not m < GRAY_GT_COLOURFULNESS:
+        return []
+    return [f"--gt {gt} is gray (mean colourfulness {m:.1f}): the scores compare the predictions with no colour at "
+            "all; --gt takes the colour ground truth, not the gray input"]
+
+
 def build_strip(ev: ClipEvaluation, gt_files: list[Path], pred_files: dict[str, list[Path]],
                 reference: np.ndarray | None, count: int) -> Strip | None:
     idx = strip_indices(len(gt_files), count)
@@ -309,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip,
                              excluded=matched.excluded, positions=matched.positions)
     print(format_table(ev))
-    for note in capped_notes(ev):
+    for note in capped_notes(ev) + gray_gt_note(ev, Path(args.gt)):
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if paths is not None:
         print(f"report: {', '.join(str(p) for p in paths.values())}")

@@ -508,6 +508,19 @@ def test_only_frames_at_the_cap_are_noted(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_a_gray_ground_truth_is_noted(clip, capsys):
+    """The gray input given as --gt (a swap of folders) was scored without a word: ground-truth
+    colourfulness 0, every PSNR against no colour at all."""
+    root, gt = clip
+    write(root / "gray", [np.repeat(to_uint8(rgb_to_gray(f))[..., None], 3, axis=2) for f in gt])
+    for folder, noted in (("gray", True), ("gt", False)):
+        assert evaluate.main(["--pred", str(root / "offset"), "--gt", str(root / folder), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert (err == f"evaluate.py: note: --gt {root / 'gray'} is gray (mean colourfulness 0.0): the scores compare "
+                       "the predictions with no colour at all; --gt takes the colour ground truth, not the gray "
+                       "input\n") if noted else err == "", err
+
+
 def test_the_strip_gets_8_bit_pictures_their_names_and_the_plots_the_positions(tmp_path, capsys, monkeypatch):
     """16-bit frames and reference are scored at 16 bits but shown at 8; each strip row is named
     by its frame, and the plots get each frame's place in the whole clip (a gap where one was left out)."""
