@@ -262,7 +262,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     if not args.reference and not args.reference_frame:
         raise UsageError("no reference: give --reference IMAGE or --reference-frame N")
     if args.method == "model" and not args.ckpt:
-        raise UsageError("--method model needs --ckpt (or use --method reinhard|flow)")
+        raise UsageError("--method model needs --ckpt (or use a baseline that needs none: --method reinhard, "
+                         "reinhard-bands or flow)")
     if args.control and (problem := file_problem(args.control)):
         raise UsageError(f"--control {args.control}: {problem}")
     if args.control:

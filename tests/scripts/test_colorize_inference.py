@@ -295,6 +295,13 @@ def test_baselines_run_without_a_checkpoint(env, tmp_path, capsys, method):
         assert np.abs(rgb_to_gray(read_rgb(out / f"f{n}.png")) * 255 - gray).max() <= 0.5 + 1e-3
 
 
+def test_no_checkpoint_names_every_baseline(tmp_path, capsys):
+    """The line named two of the three baselines (reinhard|flow), not reinhard-bands."""
+    rc, _, err = run(["--input", tmp_path, "--reference", tmp_path / "ref.png", "--out", tmp_path / "out"], capsys)
+    assert (rc, err) == (2, "colorize_inference.py: error: --method model needs --ckpt (or use a baseline that needs "
+                            "none: --method reinhard, reinhard-bands or flow)\n")
+
+
 @pytest.mark.parametrize("method", ["flow", "reinhard-bands"])
 def test_streamed_baselines_write_what_they_wrote_before(tmp_path, capsys, method):
     """The PNGs of the in-memory implementation (see test_baselines.py), for an image reference
