@@ -82,8 +82,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the files an earlier demo run wrote in --out (the frames in data/ and in each "
-                        "method's folder, data/reference.png, each method's mp4, the report's files) before this "
-                        "one writes its own; nothing else there is touched")
+                        "method's folder, data/reference.png, each method's mp4, the report's files; of every "
+                        "method, also those --methods leaves out) before this one writes its own; nothing else "
+                        "there is touched")
     return p
 
 
@@ -311,8 +312,10 @@ def run_demo(args) -> dict:
     check_args(args, first, stop, methods)
     out = Path(args.out)
     report = out / "report"
-    if args.overwrite:  # an earlier run's frames outside this --frames range would be scored too
-        remove_earlier_outputs(out, methods, earlier_outputs(out, methods)[0])
+    if args.overwrite:  # an earlier run's frames outside this --frames range would be scored too, and the
+        # outputs of a method this run leaves out would lie beside a report that does not score them
+        every = [*MODEL_MODES, *BASELINES]
+        remove_earlier_outputs(out, every, earlier_outputs(out, every)[0])
     t0 = time.time()
     print(f"[1/3] held-out frames {first}-{stop - 1} of {args.clip}: reference = frame {first} in colour")
     reference = prepare_frames(args.clip, first, stop, out / "data")

@@ -260,10 +260,14 @@ def test_full_demo_toy_model_beats_gray_input(tmp_path, capsys):
 
 def test_overwrite_leaves_no_frames_of_the_earlier_run(tmp_path, capsys):
     """A narrower --frames range with --overwrite scores only its own frames: the earlier run's
-    extracted frames and outputs are removed first (they used to be scored again)."""
+    extracted frames and outputs are removed first (they used to be scored again), those of a
+    method this run leaves out too (they stayed, beside a report that does not score them)."""
     out = tmp_path / "demo"
-    assert run(["--frames", "100:104", "--methods", "reinhard", "--out", out], capsys)[0] == 0
+    assert run(["--frames", "100:104", "--methods", "reinhard,flow", "--out", out], capsys)[0] == 0
+    (out / "flow" / "notes.txt").write_text("mine")  # not the demo's: kept, and so is its folder
     assert run(["--frames", "100:102", "--methods", "reinhard", "--out", out, "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["data", "flow", "reinhard", "reinhard.mp4", "report"]
+    assert [p.name for p in (out / "flow").iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in (out / "data" / "colour").iterdir()) == ["frame_0100.png", "frame_0101.png"]
     assert sorted(p.name for p in (out / "reinhard").iterdir()) == ["frame_0100.png", "frame_0101.png"]
     assert json.loads((out / "report" / "metrics.json").read_text())["frames"] == ["frame_0101"]
