@@ -86,6 +86,8 @@ def parse_preds(specs: list[str]) -> dict[str, Path]:
     preds: dict[str, Path] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
+        if sep and not name and not Path(spec).is_dir():  # else read as the folder "=DIR", named by its last part
+            raise UsageError(f"--pred {spec}: empty NAME before '=' (give NAME=DIR, or DIR alone)")
         if not sep or not name or Path(spec).is_dir():
             folder, name = spec, Path(spec.rstrip("/\\")).name or spec
         if not folder:  # `--pred NAME=$DIR` with DIR unset: else the current folder
