@@ -609,5 +609,6 @@ def test_an_empty_path_is_a_usage_error_naming_its_flag(clip, capsys, monkeypatc
         assert err == "evaluate.py: error: --pred fixed=: empty path after '='\n"
         argv["--pred"] = f"={root / 'offset'}"  # read as a folder "=...", it was refused as --pred offset: =...
         err = refused(evaluate.main, [str(a) for kv in argv.items() for a in kv], capsys)
-        assert err == f"evaluate.py: error: --pred ={root / 'offset'}: empty NAME before '=' (give NAME=DIR, or DIR alone)\n"
+        assert err == (f"evaluate.py: error: --pred ={root / 'offset'}: empty NAME before '=' (give NAME=DIR, or "
+                       "DIR alone)\n")
     assert not (root / "report").exists()
