@@ -1508,3 +1508,74 @@ def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, 
     assert rc == 130 and err.splitlines()[-1] == ("colorize_inference.py: interrupted as it finished; all 4 outputs"
                                                   f"{f' and {clip}' if video else ''} are written and complete"), err
     assert len(snapshot(out)) == 4 and clip.exists() == video
+
+
+def test_a_stop_after_the_first_output_says_where_to_continue(env, tmp_path, capsys, monkeypatch):
+    """One output written is not "interrupted before any output was written": the line names it
+    and the range that continues (kills `done["n"] == 0` -> `<= 1` in run's KeyboardInterrupt)."""
+    encode, calls = cli.encode_png, []
+
+    def stop_at_the_second(rgb, depth):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(rgb, depth)
+
+    monkeypatch.setattr(cli, "PNG_THREADS", 1)
+    monkeypatch.setattr(cli, "encode_png", stop_at_the_second)
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out], capsys)
+    assert (rc, err) == (130, "colorize_inference.py: interrupted; the 1 outputs written so far are complete: "
+                              "--frames 1: continues\n")
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png"]
+
+
+def test_recursive_mode_stopped_mid_batch_size_goes_on_from_the_next_frame(env, tmp_path, capsys, monkeypatch):
+    """Only fixed mode batches: recursive goes frame by frame, so 2 outputs of the default --batch 4
+    are no part-written batch and the advice is the next frame, without --overwrite (kills dropping
+    `args.mode == "fixed"` from resume's batch rule)."""
+    encode, calls = cli.encode_png, []
+
+    def stop_at_the_third(rgb, depth):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(rgb, depth)
+
+    monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--mode",
+                      "recursive", "--no-progress", *FAST, "--out", tmp_path / "out"], capsys)
+    assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are "
+                                               "complete: --frames 2: continues")
+
+
+def test_a_png_is_encoded_while_the_next_frame_is_made_and_alongside_the_next_png(env, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """f0's encoding waits (up to seconds) until f1 has been made and f1's encoding has begun: with
+    PNG_THREADS 2 both happen while it runs. Kills waiting for each PNG in the main thread as it is
+    submitted, and a pool of one thread whatever PNG_THREADS says."""
+    colour, encode = cli.iter_baseline, cli.encode_png
+    frames, made, started, overlapped = [], [threading.Event() for _ in range(4)], \
+        [threading.Event() for _ in range(4)], []
+
+    def making(*a, **k):
+        for k, out in enumerate(colour(*a, **k)):
+            frames.append(out)
+            made[k].set()
+            yield out
+
+    def encoded(rgb, depth):
+        k = next(i for i, f in enumerate(frames) if f is rgb)
+        started[k].set()
+        if k == 0:
+            overlapped.append((made[1].wait(5), started[1].wait(5)))
+        return encode(rgb, depth)
+
+    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(cli, "iter_baseline", making)
+    monkeypatch.setattr(cli, "encode_png", encoded)
+    out = tmp_path / "out"
+    assert run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                "--out", out], capsys)[0] == 0
+    assert overlapped == [(True, True)] and len(snapshot(out)) == 4
