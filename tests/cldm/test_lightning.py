@@ -688,3 +688,24 @@ def test_a_resume_on_another_data_root_is_noted_once_by_rank_zero(tmp_path, caps
     fit(2, "/films/b", tmp_path / "a.ckpt")
     assert capsys.readouterr().err.count("note: resumed a run that trained on --data /films/a; this one reads "
                                          "/films/b\n") == 1
+
+
+def test_the_other_data_note_is_rank_zeros_and_needs_both_roots(capsys):
+    """note_other_data on its own (a resume sets _trained_on from the checkpoint's hparams): another
+    rank says nothing, nor does a run that records no root of its own (kills dropping
+    `self.trainer.is_global_zero` or `ours` from its condition)."""
+    from types import SimpleNamespace
+
+    module = ColorControlModule(tiny_model("v2"), data="/films/b")
+    module._trained_on = "/films/a"
+    module.trainer = SimpleNamespace(is_global_zero=False)
+    module.note_other_data()
+    assert capsys.readouterr().err == ""
+    module.trainer = SimpleNamespace(is_global_zero=True)
+    module.note_other_data()
+    assert capsys.readouterr().err == "note: resumed a run that trained on --data /films/a; this one reads /films/b\n"
+    unrecorded = ColorControlModule(tiny_model("v2"))
+    unrecorded._trained_on = "/films/a"
+    unrecorded.trainer = SimpleNamespace(is_global_zero=True)
+    unrecorded.note_other_data()
+    assert capsys.readouterr().err == ""
