@@ -342,3 +342,9 @@ def test_is_export_by_metadata_or_by_controlnet_plus_unet_tensors_only():
     assert not is_export({u: 0}, {})                    # plain SD UNet
     assert not is_export({}, {})
     assert is_export({c: 0, vae: 0}, {"format": EXPORT_FORMAT})
+
+
+def test_locked_digest_covers_the_dtype_too():
+    """The same 16 bits as float16 and as bfloat16 are other weights (kills leaving the dtype out)."""
+    w = torch.arange(6.0, dtype=torch.float16)
+    assert locked_digest(_Named("a", w)) != locked_digest(_Named("a", w.view(torch.bfloat16)))
