@@ -401,3 +401,27 @@ def test_a_full_checkpoint_is_checked_on_meta_and_built_on_the_device(tmp_path, 
     with pytest.raises(Built):
         L.load_model(full, config=TINY_CONFIG, device="cpu")
     assert devices == [torch.device("meta"), torch.device("cpu")]
+
+
+def test_a_pickled_export_given_allow_pickle_is_digested_too(tmp_path):
+    """A .ckpt export that only loads with --allow-pickle: its tensor names for the digest are read
+    with it as well (kills export_names(control) without allow_pickle: a CheckpointError)."""
+    from types import SimpleNamespace
+
+    from cldm.trainable import locked_digest
+
+    model = tiny_model(seed=1)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    same = tmp_path / "sd.safetensors"
+    save_file(sd, str(same))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors",
+                            extra={"init": "init.safetensors", "locked_digest": locked_digest(model)})
+    pickled = tmp_path / "control.ckpt"
+    torch.save({"state_dict": load_file(export), "metadata": read_export_metadata(export),
+                "made_by": SimpleNamespace(tool="a notebook")}, pickled)
+    with pytest.raises(CheckpointError, match="allow"):
+        L.load_model(same, control=pickled, config=TINY_CONFIG)
+    notes = []
+    L.load_model(same, control=pickled, config=TINY_CONFIG, allow_pickle=True, note=notes.append)
+    assert notes == []
