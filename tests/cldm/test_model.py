@@ -681,3 +681,11 @@ def test_latent_channels_other_than_the_vaes_latent_are_refused_naming_both_keys
         load_config(TINY_CONFIG, ["model.color_variant=v1", "model.first_stage.embed_dim=8"])
     assert create_model(load_config(TINY_CONFIG, ["model.latent_channels=8", "model.first_stage.embed_dim=8"])) \
         .first_stage_model.quant_conv.out_channels == 16  # mean and log-variance of 8 channels
+
+
+def test_fewer_latent_channels_than_the_vaes_latent_are_refused_too():
+    """Kills `!=` -> `>` in _latent_mismatch: 2 channels under a VAE of 4 is as wrong as 8."""
+    with pytest.raises(ConfigError, match=r"with model\.latent_channels=2: model\.latent_channels: must equal "
+                                          r"model\.first_stage\.embed_dim \(4\), the channels of the VAE's latents; "
+                                          r"got 2$"):
+        load_config(TINY_CONFIG, ["model.latent_channels=2"])
