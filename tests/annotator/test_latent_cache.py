@@ -968,8 +968,27 @@ def read_only(path: Path, monkeypatch) -> Path:
     path.chmod(0o555)
     if os.access(path, os.W_OK):  # root writes anyway: have os.access say what it says for anyone else
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path and mode & os.W_OK else
+                            real(p, mode))  # only writing: a read-only folder is still readable
     return path
+
+
+def test_the_read_only_refusal_counts_the_read_only_movies_to_encode_only(built, tmp_path, monkeypatch):
+    """Two read-only movies among three to encode: "2 such movie(s)", the first named (kills counting
+    every movie to encode)."""
+    root = shutil.copytree(built[0], tmp_path / "data")
+    for mid in ("qan", "ran"):
+        shutil.copytree(root / "pan", root / mid)
+    try:
+        read_only(root / "pan", monkeypatch)
+        read_only(root / "ran", monkeypatch)
+        monkeypatch.setattr(annotator.latent_cache, "encode_movie", lambda *a, **k: pytest.fail("encoded"))
+        with pytest.raises(LatentCacheError, match=rf"^{re.escape(str(root / 'pan'))}: cannot write its latent cache "
+                                                   r"there, the folder is read-only \(2 such movie\(s\) to encode\); "):
+            build_latent_cache(root, tiny_vae(0), progress=False)
+    finally:
+        for mid in ("pan", "ran"):
+            (root / mid).chmod(0o755)
 
 
 def test_a_read_only_movie_to_encode_is_named_before_any_encoding_and_one_already_cached_is_fine(
