@@ -244,3 +244,16 @@ def test_an_out_in_the_movies_frames_folder_is_refused_and_the_frame_kept(tmp_pa
                                           "the picture elsewhere\n"
     assert frame.read_bytes() == before and not (movie / "frames" / "band.png").exists()
     assert P.main([str(movie), "--out", str(movie / "band.png")]) == 0
+
+
+def test_an_out_in_a_folder_inside_the_frames_folder_is_refused_too(tmp_path, capsys):
+    """Anywhere under frames/, not only right in it (kills `in parents` -> `== parent`)."""
+    src = write_folder(panning_clip(6, 32, 48), tmp_path / "src" / "pan")
+    build_all([src], tmp_path / "data", BuildOptions(size=32, window=2), progress=False)
+    movie = tmp_path / "data" / "pan"
+    (movie / "frames" / "sub").mkdir()
+    out = movie / "frames" / "sub" / "band.png"
+    assert P.main([str(movie), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"{P.PROG}: error: --out {out} is in the frames folder of {movie}; write " \
+                                      "the picture elsewhere\n"
+    assert not out.exists()
