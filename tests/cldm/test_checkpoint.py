@@ -1058,3 +1058,10 @@ def test_ctrl_c_while_the_libraries_load_is_one_line():
     done = ctrl_c_while_importing("torch", ["-m", "cldm.checkpoint", "inspect", "x.safetensors"])
     assert (done.returncode, done.stderr) == (130, "python -m cldm.checkpoint: interrupted\n")
 
+
+
+def test_ctrl_c_while_torch_loads_names_the_module_as_it_is_run():
+    """`python -m cldm.checkpoint`, as run_cli names it later, not the file's name (kills
+    quiet_startup_signals ignoring its `prog`)."""
+    done = ctrl_c_while_importing("torch", ["-m", "cldm.checkpoint", "inspect", "x.safetensors"])
+    assert (done.returncode, done.stderr) == (130, "python -m cldm.checkpoint: interrupted\n")
