@@ -1579,3 +1579,32 @@ def test_a_png_is_encoded_while_the_next_frame_is_made_and_alongside_the_next_pn
     assert run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                 "--out", out], capsys)[0] == 0
     assert overlapped == [(True, True)] and len(snapshot(out)) == 4
+
+
+def test_a_stop_as_a_run_of_unknown_length_finishes_counts_what_it_wrote(env, tmp_path, capsys, monkeypatch):
+    """A video that does not say its length (total unknown): the line counts the outputs written,
+    not "all None outputs" (kills `done['n']` -> `total` in the finished line)."""
+    from tests.annotator.clips import panning_clip, write_video
+
+    bar = cli.progress_bar
+
+    def stopping_bar(*a, **k):
+        b = bar(*a, **k)
+        close = b.close
+
+        def stop():
+            b.close = close
+            close()
+            raise KeyboardInterrupt
+        b.close = stop
+        return b
+
+    video = write_video(panning_clip(3, 64, 96), tmp_path / "v.avi")
+    monkeypatch.setattr(P, "output_names", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "progress_bar", stopping_bar)
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", video, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out], capsys)
+    assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted as it finished; all 3 outputs are "
+                                               "written and complete")
+    assert len(snapshot(out)) == 3
