@@ -324,6 +324,25 @@ def test_a_video_path_that_is_not_utf8_is_refused_before_any_frame(tmp_path):
                            "rename it\n"
     assert not os.path.exists(folder)  # nothing made, not even the folder
 
+def test_a_relative_video_path_in_a_folder_that_is_not_utf8_is_refused(tmp_path):
+    """The name given is UTF-8 but the current folder is not: its absolute path is what OpenCV gets
+    (kills checking `path` rather than `path.absolute()`). In a child, as a crash would be SIGSEGV."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    repo = Path(__file__).resolve().parents[2]
+    code = (f"import sys; sys.path.insert(0, {str(repo)!r}); from colorize.frames_io import write_video_atomic\n"
+            "def frames():\n    raise AssertionError('a frame was made')\n    yield\n"
+            "try:\n    write_video_atomic('clip.mp4', frames(), 25)\nexcept OSError as e:\n    print(e)\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=folder)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "clip.mp4: OpenCV cannot write a video whose path is not UTF-8: rename it\n"
+    assert os.listdir(folder) == []
+
+
 def test_check_video_wants_the_exact_frame_count(tmp_path):
     write_video_atomic(tmp_path / "v.mp4", [rgb(32, 48)] * 3, 25)
     check_video(tmp_path / "v.mp4", 3, tmp_path / "v.mp4")
