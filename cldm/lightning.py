@@ -190,8 +190,11 @@ class ColorControlModule(L.LightningModule):
         extra = current.ready % acc
         if not loop.restarting or not extra or current.ready >= self.trainer.num_training_batches:
             return
+        # Not clamped at 0: a checkpoint saved at a batch's end has completed one below ready, and
+        # Lightning's restart adds that batch back before it sets ready = completed; resumed after
+        # 1 batch with --accumulate 2, completed -1 comes back as 0 (clamped, as 1: step 2 took 1 batch)
         for name in ("ready", "started", "processed", "completed"):
-            setattr(current, name, max(getattr(current, name) - extra, 0))
+            setattr(current, name, getattr(current, name) - extra)
 
     def snapshot_locked(self) -> None:
         """Remember the SD channels of the partly trainable input conv, for check_locked."""
