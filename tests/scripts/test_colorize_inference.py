@@ -1608,3 +1608,23 @@ def test_a_stop_as_a_run_of_unknown_length_finishes_counts_what_it_wrote(env, tm
     assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted as it finished; all 3 outputs are "
                                                "written and complete")
     assert len(snapshot(out)) == 3
+
+
+def test_flow_stopped_right_at_its_reference_frame_goes_on_from_there_without_overwrite(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The next frame to make is the reference frame itself: the range from it holds it, so nothing
+    written is made again (kills `i < start` -> `i <= start` in resume's flow rule)."""
+    colour = write_folder(panning_clip(6, 48, 64), tmp_path / "colour", pattern="f{:d}")
+    encode, calls = cli.encode_png, []
+
+    def stop_at_the_fourth(rgb, depth):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return encode(rgb, depth)
+
+    monkeypatch.setattr(cli, "encode_png", stop_at_the_fourth)
+    rc, _, err = run(["--input", colour, "--reference-frame", "3", "--method", "flow", "--frames", "0:6",
+                      "--no-progress", "--out", tmp_path / "out"], capsys)
+    assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are "
+                                               "complete: --frames 3:6 continues")
