@@ -100,6 +100,16 @@ def test_figures_that_cannot_be_written_are_refused_before_the_scoring(tmp_path,
     assert (tmp_path / "file").read_bytes() == b"x" and os.listdir(tmp_path / "fig") == ["demo_strip.jpg"]
 
 
+def test_a_folder_at_the_second_pictures_name_is_refused_before_the_scoring(tmp_path, capsys, monkeypatch):
+    """demo_psnr.png is checked up front as demo_strip.jpg is (kills checking FIGURES[:1] only)."""
+    out = fake_demo_out(tmp_path / "demo_out")
+    monkeypatch.setattr(F, "_evaluate", lambda *a: pytest.fail("scored"))
+    (tmp_path / "fig" / "demo_psnr.png").mkdir(parents=True)
+    assert F.main([str(out), "--figures", str(tmp_path / "fig")]) == 2
+    assert capsys.readouterr().err == f"{F.PROG}: error: --figures {tmp_path / 'fig' / 'demo_psnr.png'} is a folder\n"
+    assert os.listdir(tmp_path / "fig") == ["demo_psnr.png"]
+
+
 @pytest.mark.parametrize("argv, flag", [(["", "--figures", "F"], "DEMO_OUT"), (["D", "--figures", ""], "--figures")])
 def test_an_empty_path_is_refused_naming_it(tmp_path, capsys, argv, flag):
     """Was the current folder: an empty --figures wrote the pictures wherever the shell stood."""
