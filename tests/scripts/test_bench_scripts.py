@@ -46,6 +46,21 @@ def test_bench_png_threads_times_the_three_ways_and_finds_the_same_outputs(capsy
     assert rows[-1][1] == "1.00" and (cli.PNG_THREADS, cli.ThreadPoolExecutor) == shipped  # put back
 
 
+def test_bench_png_threads_encodes_serial_on_the_main_thread_and_fails_on_outputs_that_differ(capsys, monkeypatch):
+    """An encoder that marks the PNGs made on the main thread: only the serial runs' differ, and the
+    bench says so and exits 1 (kills installing no Serial stand-in, and returning 0 whatever)."""
+    import threading
+
+    from benchmarks import bench_png_threads
+    import colorize_inference as cli
+
+    encode = cli.encode_png
+    monkeypatch.setattr(cli, "encode_png", lambda rgb, depth: encode(rgb, depth) + (
+        b"main" if threading.current_thread() is threading.main_thread() else b""))
+    assert bench_png_threads.main(["--method", "reinhard", "--frames", "2", "--repeat", "1"]) == 1
+    assert "; outputs identical: False" in capsys.readouterr().out
+
+
 def test_bench_train_reports_speed_and_memory():
     r = bench_train.bench(TINY_CONFIG, size=64, batch_size=2, steps=1, warmup=1, precision="32", device="cpu")
     assert r["samples_per_s"] > 0 and r["memory_gib"] > 0
