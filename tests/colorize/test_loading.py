@@ -324,6 +324,21 @@ def test_a_yaml_beside_the_weights_and_overrides_get_the_remedy_of_whichever_is_
         L.load_model(alone, overrides=["model.scale_factor=0.2"])
 
 
+def test_the_remedy_is_worked_out_only_for_a_mismatch(tmp_path, monkeypatch):
+    """Working it out may reread the weights' config and the YAML beside them: a load whose config
+    agrees (here with a --set that matches) does not (kills passing _remedy(...) eagerly)."""
+    alone = tmp_path / "toy.safetensors"
+    shutil.copy(TOY, alone)
+    (tmp_path / "toy.yaml").write_text((TOY.parent / "toy_color_v2.yaml").read_text())
+    calls = []
+    monkeypatch.setattr(L, "_remedy", lambda *a: calls.append(a) or "remedy")
+    L.load_model(alone, overrides=["model.scale_factor=0.57326"])
+    assert calls == []
+    with pytest.raises(CheckpointError, match="; remedy$"):
+        L.load_model(alone, overrides=["model.scale_factor=0.2"])
+    assert len(calls) == 1
+
+
 def test_pickled_files_load_with_allow_pickle_full_or_under_control(tmp_path):
     """A Lightning-style .ckpt (tensors plus pickled hyper-parameters) is refused without
     allow_pickle and loads with it, as a full checkpoint and as the SD file under --control."""
