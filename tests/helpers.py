@@ -41,15 +41,16 @@ def missing_under(tmp_path, argv: list[str], says: str) -> tuple[list[str], str]
 
 def read_only_folder(path, monkeypatch):
     """Make the folder `path` with mode 0555 and, where the tests run as root (who writes there
-    anyway), have os.access say what it says for anyone else; chmod it back before tmp_path's
-    clean-up. Returns `path`."""
+    anyway), have os.access say what it says for anyone else: no writing, reading and listing
+    as before. Returns `path`."""
     from pathlib import Path
 
     path.mkdir()
     path.chmod(0o555)
     if os.access(path, os.W_OK):
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == path and mode & os.W_OK
+                            else real(p, mode, *a, **k))
     return path
 
 
