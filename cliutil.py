@@ -7,6 +7,7 @@ reader of stdout or stderr that stops early (`| head`) into a quiet exit 141.
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import re
@@ -203,14 +204,27 @@ def exit_quietly(status: int) -> None:
     """sys.exit(status) for a script run as __main__, where Ctrl-C or SIGTERM during the
     interpreter's teardown (about a second of torch's exit hooks) ends the process at once with
     that status: the run is over and has said how it ended, so the signal has nothing left to
-    stop, and Python would print an "Exception ignored in atexit callback" traceback instead."""
+    stop, and Python would print an "Exception ignored in atexit callback" traceback instead.
+    After the exit hooks (_after_exit_hooks) the signals are ignored: the process ends a moment
+    later with that status, not killed by the signal."""
     def handler(signum, frame):
         os._exit(status)
 
+    handler.exit_quietly = True
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # ignored (a background job) stays so
             signal.signal(signum, handler)
     sys.exit(status)
+
+
+@atexit.register  # at import, before torch's: exit hooks run last registered first, so this one after them
+def _after_exit_hooks() -> None:
+    """After the exit hooks Python puts the signals' default action back for the rest of its
+    teardown (freeing the modules: half a second with torch loaded), where Ctrl-C or SIGTERM
+    would end the process by the signal, not with the status exit_quietly was given: ignore them."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if getattr(signal.getsignal(signum), "exit_quietly", False):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 class OneLineParser(argparse.ArgumentParser):

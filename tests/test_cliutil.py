@@ -639,7 +639,17 @@ def test_a_dash_digit_that_is_a_flag_of_the_parsers_is_not_joined(capsys):
 
 SLOW_EXIT = """
 import atexit, runpy, sys, time
+import cliutil  # imported first by the scripts, as torch, whose exit hooks come after it, is not
 atexit.register(time.sleep, 30)  # a slow teardown (torch's exit hooks take about a second) for the signal
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+SLOW_CLEAN_UP = """
+import runpy, sys, time
+class Slow:  # freed with __main__'s globals, after the exit hooks (where most of torch's teardown is)
+    def __del__(self):
+        time.sleep(3)
+slow = Slow()
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -651,10 +661,10 @@ exit_quietly(int(sys.argv[1]))
 """
 
 
-def signal_after_the_last_line(argv, last: str, sig: str) -> tuple[int, str, float]:
+def signal_after_the_last_line(argv, last: str, sig: str, teardown: str = SLOW_EXIT) -> tuple[int, str, float]:
     """(exit status, stderr, seconds from the signal to the end) of `argv`, signalled once it has
-    printed a line starting with `last`, while its teardown (SLOW_EXIT) runs."""
-    p = subprocess.Popen([sys.executable, "-c", SLOW_EXIT, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+    printed a line starting with `last`, while its teardown (SLOW_EXIT, or SLOW_CLEAN_UP) runs."""
+    p = subprocess.Popen([sys.executable, "-c", teardown, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         while not p.stdout.readline().startswith(last):
@@ -677,6 +687,18 @@ def test_a_signal_during_the_teardown_ends_quietly_with_the_runs_status(tmp_path
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + EXITING)
     rc, err, took = signal_after_the_last_line([script, status], "done", sig)
     assert (rc, err) == (status, "") and took < 20
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("status", [0, 2])
+def test_a_signal_after_the_exit_hooks_does_not_end_the_process_by_that_signal(tmp_path, sig, status):
+    """After the exit hooks Python puts the default action back (the process killed by the signal,
+    status -2 / -15 to its parent) for the rest of its teardown: with torch loaded that is most of
+    it, half a second after a baseline's "wrote" line. The run's status, and no line, there too."""
+    script = tmp_path / "exiting.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + EXITING)
+    rc, err, _ = signal_after_the_last_line([script, status], "done", sig, SLOW_CLEAN_UP)
+    assert (rc, err) == (status, "")
 
 
 def test_a_ctrl_c_as_a_script_exits_after_its_run_leaves_no_traceback(tmp_path):
