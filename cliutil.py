@@ -367,7 +367,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         try:
             status = run(args)
             if sys.stdout is not None:  # None: started with stdout closed
-                sys.stdout.flush()  # where buffered output meets a reader that has gone
+                try:
+                    sys.stdout.flush()  # where buffered output meets a reader that has gone
+                except KeyboardInterrupt:  # the run is over and has said how it ended (its last line, if
+                    pass  # cut off here, is flushed at exit): as exit_quietly, its status, no stop line
             return status
         except BrokenPipeError:
             gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream)]

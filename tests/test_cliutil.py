@@ -711,3 +711,19 @@ def test_a_ctrl_c_as_a_script_exits_after_its_run_leaves_no_traceback(tmp_path):
     rc, err, took = signal_after_the_last_line(argv, "wrote 3 frames", "SIGINT")
     assert (rc, err) == (0, "") and took < 20
     assert len(list((tmp_path / "out").iterdir())) == 3
+
+
+def test_a_stop_as_the_last_line_is_flushed_ends_with_the_runs_status(capsys, monkeypatch):
+    """Ctrl-C or SIGTERM in run_cli's flush of stdout (a pipe: the run's last line reaches its
+    reader there) came after the run had ended and said how: it used to be reported as
+    "interrupted before any output was written", exit 130, after a run that wrote everything."""
+    class Stdout:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    assert run_cli("t", lambda args: 0, argparse.Namespace(), (), interrupted="interrupted before any output") == 0
+    assert capsys.readouterr().err == ""
