@@ -16,8 +16,8 @@ def sdpa_backend(name: str):
     leaves torch's choice.
 
     Only there: the text encoder (float32, with a causal mask) and the VAE's attention (one head
-    of 512 channels for SD2.1, strided q/k/v) keep torch's choice, since neither flash nor cuDNN
-    attention can run them - forcing every SDPA call failed in those, not in what is measured.
+    of 512 channels for SD2.1) keep torch's choice, since neither flash nor cuDNN attention can
+    run them on a GPU - forcing every SDPA call failed in those, not in what is measured.
     CrossAttention.forward is wrapped for the duration, so captured CUDA graphs and the recompute
     of gradient checkpointing run the same backend."""
     if name == "auto":
