@@ -3,8 +3,9 @@
 
 Times the library call colorize_inference.py makes, end to end per frame: resize, the
 reference and hint work, DDIM, VAE decode, resize back and the luminance-true recombination
-at the input size (no file writing). The model is the tiny config with random weights -
-speed does not depend on the weights - so the numbers compare the modes, not the real model:
+at the input size (no file writing). The model is the tiny config (or --config) with random
+weights - speed does not depend on the weights - so by default the numbers compare the modes,
+not the real model:
 fixed mode batches frames and encodes the reference once; recursive and anchored modes run
 one frame at a time and encode the previous output as the next reference. The row
 "fixed8serial" is fixed mode at batch 8 without the pipeline's overlap of one batch's CPU
