@@ -529,10 +529,10 @@ def guess_kind(shapes):
 
 def main(argv=None):
     """Exit status: 0 done, 1 inspect --config found that the file would not load, 2 bad input
-    (arguments, unreadable or misfit file), 130 interrupted."""
+    (arguments, unreadable or misfit file), 130 / 143 stopped by Ctrl-C / SIGTERM."""
     ap = OneLineParser(prog=PROG, description=__doc__.split("\n")[0],
                        epilog="Exit status: 0 done, 1 the file would not load under --config, 2 bad input, "
-                              "130 interrupted.")
+                              "130 / 143 stopped by Ctrl-C / SIGTERM.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="print tensor count, parameters, dtypes and what the file looks like "
                                        "(SD weights, a full model, a training checkpoint, a --control export)")

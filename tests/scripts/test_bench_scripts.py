@@ -109,8 +109,8 @@ def test_sdpa_backend_forces_one_kernel_in_the_denoisers_attention_only():
 
 
 def test_bench_inference_forces_the_attention_backend_in_the_denoiser_only(capsys):
-    """--sdpa flash ran every SDPA call on flash, and the VAE's strided q/k/v have no flash kernel
-    (on a GPU neither do its 512-wide head nor the text encoder's fp32 masked attention)."""
+    """--sdpa flash ran every SDPA call on flash, where on a GPU the VAE's 512-wide head and the
+    text encoder's fp32 masked attention have no flash kernel."""
     argv = ["--frames", "2", "--scale", "0.25", "--steps", "2", "--repeat", "1", "--threads", "1", "--modes", "fixed1"]
     assert bench_inference.main([*argv, "--sdpa", "flash"]) == 0
     assert "SDPA flash" in capsys.readouterr().out
