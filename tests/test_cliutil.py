@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cliutil import (DefaultsFormatter, OneLineParser, Terminated, non_negative_int, one_line, out_of_memory, path_arg,
-                     positive_float, positive_int, quiet_opencv, quiet_startup_signals, run_cli, seed_arg)
+from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, non_negative_int,
+                     one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
+                     quiet_startup_signals, run_cli, seed_arg)
 from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -699,6 +700,30 @@ def test_a_signal_after_the_exit_hooks_does_not_end_the_process_by_that_signal(t
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + EXITING)
     rc, err, _ = signal_after_the_last_line([script, status], "done", sig, SLOW_CLEAN_UP)
     assert (rc, err) == (status, "")
+
+
+def test_exit_quietly_leaves_an_ignored_signal_ignored_and_the_exit_hooks_only_its_own_handlers():
+    """A background job (SIGINT ignored by the shell, as nohup ignores SIGHUP) stays deaf to it in
+    its teardown; _after_exit_hooks ignores the signals only where exit_quietly set its handler,
+    not in a process that imports cliutil and exits some other way (a handler of its own kept)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _after_exit_hooks()  # no exit_quietly: nothing changed
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) \
+            == (signal.default_int_handler, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with pytest.raises(SystemExit) as stop:
+            exit_quietly(3)
+        assert stop.value.code == 3
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored: stays so
+        assert getattr(signal.getsignal(signal.SIGTERM), "exit_quietly", False)
+        _after_exit_hooks()
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN, signal.SIG_IGN)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def test_a_ctrl_c_as_a_script_exits_after_its_run_leaves_no_traceback(tmp_path):
