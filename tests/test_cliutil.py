@@ -726,6 +726,21 @@ def test_exit_quietly_leaves_an_ignored_signal_ignored_and_the_exit_hooks_only_i
             signal.signal(signum, handler)
 
 
+ENDS_QUIETLY = ["build_pairs.py", "build_latent_cache.py", "tutorial_train_sd21_color_v2.py", "colorize_inference.py",
+                "evaluate.py", "demo.py", "tool_add_control_sd21.py", "cldm/checkpoint.py", "tools/make_toy_model.py",
+                "tools/plot_pairs.py", "tools/make_idea_figure.py", "tools/make_demo_figures.py"]
+
+
+@pytest.mark.parametrize("script", ENDS_QUIETLY)
+def test_each_script_ends_through_exit_quietly(script):
+    """Its `if __name__ == "__main__":` block ends with exit_quietly(main()), not sys.exit(main()),
+    which leaves a signal in the teardown its traceback (checked on one script by running it)."""
+    import ast
+    tree = ast.parse((REPO / script).read_text())
+    block = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"][-1]
+    assert ast.unparse(block.body[-1]) == "exit_quietly(main())"
+
+
 def test_a_ctrl_c_as_a_script_exits_after_its_run_leaves_no_traceback(tmp_path):
     """The same through a real script: colorize_inference.py's baseline, signalled after "wrote"."""
     frames = write_folder([np.full((16, 24, 3), 40 * k, np.uint8) for k in range(3)], tmp_path / "gray")
