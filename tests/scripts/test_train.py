@@ -647,6 +647,17 @@ def test_a_resume_inside_the_first_window_of_a_larger_accumulate_still_takes_a_w
     assert loops["epoch_loop.batch_progress"]["total"]["ready"] == 1 + 2
 
 
+def test_a_resume_one_batch_before_an_epochs_end_still_takes_a_whole_window(ws, tmp_path):
+    """Resumed after batch 15 of a 16-batch epoch with --accumulate 2: the epoch goes on for a
+    whole window (2 batches), not 1 (kills `>=` -> `>= num_training_batches - 1` in
+    align_accumulation's epoch-end rule)."""
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 15, "--ckpt-every", 15, "--batch-size", 1)) == 0
+    assert train.main(args(ws, out, "--max-steps", 16, "--ckpt-every", 1, "--batch-size", 1, "--accumulate", 2)) == 0
+    loops = load_ckpt(out / "checkpoints" / "step=00000016.ckpt")["loops"]["fit_loop"]
+    assert loops["epoch_loop.batch_progress"]["total"]["ready"] == 15 + 2
+
+
 @pytest.mark.parametrize("when", ["save", pytest.param(0.5, marks=pytest.mark.slow),
                                   pytest.param(3.0, marks=pytest.mark.slow)])
 def test_sigkill_at_various_moments_then_resume(ws, tmp_path, when):
