@@ -414,6 +414,21 @@ def test_overwrite_removes_an_earlier_runs_video_before_anything_else(tmp_path, 
     assert list(out.iterdir()) == []
 
 
+def test_overwrite_removes_the_outputs_and_folders_of_every_method_the_run_leaves_out(tmp_path, capsys, monkeypatch):
+    """A model mode's frames and video, and a baseline's, are removed and their folders with them,
+    though --methods names only reinhard (kills passing `methods` for the folders to remove, and an
+    `every` of the baselines or the model modes alone)."""
+    out = tmp_path / "demo"
+    for m in ("fixed", "anchored", "flow"):
+        (out / m).mkdir(parents=True)
+        (out / m / "frame_0100.png").write_bytes(b"earlier")
+        (out / f"{m}.mp4").write_bytes(b"earlier film")
+    monkeypatch.setattr(demo, "prepare_frames", lambda *a: (_ for _ in ()).throw(demo.DemoError("stopped")))
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", out, "--overwrite"], capsys)
+    assert (rc, err) == (2, "demo.py: error: stopped\n")
+    assert list(out.iterdir()) == []
+
+
 def test_earlier_outputs_are_the_demos_own_names_alone(tmp_path):
     """What --overwrite removes is only what the demo writes: a frame name in full (a user's
     frame_0001.png.orig beside it is in the way, not removed) and data/reference.png; a hidden
