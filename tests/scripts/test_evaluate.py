@@ -432,12 +432,16 @@ def test_the_table_and_the_report_line_in_full(clip, capsys):
     assert "report:" not in "".join(lines)
 
 
-def test_pred_names_a_folder_with_an_equals_sign_and_the_reserved_names(tmp_path):
+def test_pred_names_a_folder_with_an_equals_sign_and_the_reserved_names(tmp_path, monkeypatch):
     """An existing folder wins over a NAME=DIR reading; every name of the report's own rows and
     columns is refused, in any case."""
     odd = tmp_path / "lr=1e-4"
     odd.mkdir()
     assert evaluate.parse_preds([str(odd), f"b={tmp_path / 'x'}"]) == {"lr=1e-4": odd, "b": tmp_path / "x"}
+    (tmp_path / "=x").mkdir()  # a folder whose name starts with "=": a folder, not an empty NAME
+    assert evaluate.parse_preds([str(tmp_path / "=x")]) == {"=x": tmp_path / "=x"}
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.parse_preds(["=x"]) == {"=x": Path("=x")}
     for name in evaluate.RESERVED_NAMES + ("Reference", "Input (Gray)"):
         with pytest.raises(evaluate.UsageError, match=rf"^--pred {re.escape(name)}=x: '{re.escape(name)}' names a row"):
             evaluate.parse_preds([f"{name}=x"])
@@ -519,6 +523,17 @@ def test_a_gray_ground_truth_is_noted(clip, capsys):
         assert (err == f"evaluate.py: note: --gt {root / 'gray'} is gray (mean colourfulness 0.0): the scores compare "
                        "the predictions with no colour at all; --gt takes the colour ground truth, not the gray "
                        "input\n") if noted else err == "", err
+
+
+def test_the_gray_ground_truth_note_is_below_a_colourfulness_of_2_at_one_decimal():
+    """A gray video's decoding cast (about 1) is gray, muted colour (5) and 2.0 itself are not
+    (kills `<` -> `<=`, and a threshold of 0.5 or 20); the mean is said at one decimal."""
+    from types import SimpleNamespace
+
+    note = lambda m: evaluate.gray_gt_note(SimpleNamespace(ground_truth={"colourfulness": m}), Path("g"))  # noqa: E731
+    assert note(1.23) == ["--gt g is gray (mean colourfulness 1.2): the scores compare the predictions with no colour "
+                          "at all; --gt takes the colour ground truth, not the gray input"]
+    assert note(2.0) == note(5.0) == []
 
 
 def test_the_strip_gets_8_bit_pictures_their_names_and_the_plots_the_positions(tmp_path, capsys, monkeypatch):
