@@ -182,6 +182,18 @@ def test_a_movie_folder_given_for_data_root_names_its_parent(data_root, tmp_path
            f"that holds the movie folders ({data_root}; --movies pan for this one alone)\n")
 
 
+def test_a_movie_folder_given_for_data_root_is_named_so_with_movies_given_too(data_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    """`DATA_ROOT/pan --movies pan` is the same mistake: said the same way, not as a --movies
+    problem of a root that holds no movies (kills checking is_finished only without --movies)."""
+    monkeypatch.setattr(build_latent_cache, "load_vae", lambda *a: pytest.fail("read the checkpoint"))
+    rc = build_latent_cache.main([str(data_root / "pan"), "--movies", "pan", "--ckpt",
+                                  str(tmp_path / "none.safetensors"), "--no-progress"])
+    assert (rc, capsys.readouterr().err) == (
+        2, f"build_latent_cache.py: error: {data_root / 'pan'}: the folder of one movie; DATA_ROOT is the folder "
+           f"that holds the movie folders ({data_root}; --movies pan for this one alone)\n")
+
+
 def test_load_vae_takes_a_full_checkpoint_or_a_bare_vae_and_refuses_misfits(tmp_path):
     """Prefixed (first_stage_model.*) or bare VAE weights load the same; one tensor missing, or
     one of another shape, is refused naming the config (or the checkpoint that records it) and
