@@ -1122,6 +1122,30 @@ def test_the_notes_before_a_resume_name_skipped_checkpoints_and_nothing_to_train
         assert capsys.readouterr().err == notes + stopped, extra
 
 
+def test_no_nothing_to_train_note_before_the_trainer_refuses_its_setup(ws, tmp_path, capsys, monkeypatch):
+    """A resume at --max-steps whose trainer cannot be set up (Lightning refusing --accelerator or
+    --devices) ends with that error alone (kills noting it before make_trainer)."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    training_ckpt(out / "checkpoints" / "step=00000005.ckpt", 5)
+
+    def refused(*a, **k):
+        raise train_config.UsageError("cannot set up training")
+    monkeypatch.setattr(train, "make_trainer", refused)
+    assert train.main(args(ws, out, "--max-steps", 5, "--num-workers", 0)) == 2
+    assert capsys.readouterr().err == f"{train.PROG}: error: cannot set up training\n"
+
+
+def test_a_relative_data_root_is_recorded_resolved(ws, tmp_path, monkeypatch):
+    """The module records --data as an absolute path, so a resume from another folder, or with the
+    same root given absolute, is no other data root (kills str(data) for str(data.resolve()))."""
+    monkeypatch.chdir(ws)
+    argv = args(ws, tmp_path / "run", "--num-workers", 0)
+    argv[argv.index("--data") + 1] = "data"
+    _, _, module, _, _ = train.prepare(train.parser().parse_args(argv))
+    assert module.hparams.data == str((ws / "data").resolve())
+
+
 def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
     """And --seed seeds everything."""
     ns = train.parser().parse_args(args(ws, tmp_path / "run", "--lr", "3e-4", "--weight-decay", "0.01",
