@@ -429,6 +429,19 @@ def test_overwrite_removes_the_outputs_and_folders_of_every_method_the_run_leave
     assert list(out.iterdir()) == []
 
 
+def test_without_overwrite_the_outputs_of_a_method_left_out_are_kept(tmp_path, capsys, monkeypatch):
+    """Not in the way of a run of reinhard alone, and not removed by it either (kills removing
+    earlier outputs whatever --overwrite says)."""
+    out = tmp_path / "demo"
+    (out / "flow").mkdir(parents=True)
+    (out / "flow" / "frame_0100.png").write_bytes(b"earlier")
+    (out / "flow.mp4").write_bytes(b"earlier film")
+    monkeypatch.setattr(demo, "prepare_frames", lambda *a: (_ for _ in ()).throw(demo.DemoError("stopped")))
+    rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", out], capsys)
+    assert (rc, err) == (2, "demo.py: error: stopped\n")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["flow", "flow.mp4", "flow/frame_0100.png"]
+
+
 def test_earlier_outputs_are_the_demos_own_names_alone(tmp_path):
     """What --overwrite removes is only what the demo writes: a frame name in full (a user's
     frame_0001.png.orig beside it is in the way, not removed) and data/reference.png; a hidden
