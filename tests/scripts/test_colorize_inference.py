@@ -21,6 +21,7 @@ from cldm import weights_config
 from cldm.model import TINY_CONFIG, load_config
 from colorize import loading as L, pipeline as P
 from colorize.baselines import iter_baseline
+from colorize.frames_io import encode_png
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import named_pipe, read_only_folder, refused, video_with_sound
@@ -67,6 +68,18 @@ def read_rgb(path):
 
 def snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+def stop_encoding_at(n: int, monkeypatch) -> None:
+    """Ctrl-C as the n-th PNG of the run is encoded (that frame made, its output not yet written)."""
+    calls = []
+
+    def stop(rgb, depth):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return encode_png(rgb, depth)
+    monkeypatch.setattr(cli, "encode_png", stop)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "recursive", "anchored"])
@@ -635,7 +648,7 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
                                                      f"are complete: --frames 2: continues"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no video, no temporary files
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]
-    monkeypatch.setattr(cli, "encode_png", encode)
+    monkeypatch.setattr(cli, "encode_png", encode_png)
     if video:  # the continuation with the same --video gives the whole clip's video
         rc, stdout, err = run([*args, "--frames", "2:"], capsys)
         assert rc == 0 and "wrote 2 frames" in stdout and "(4 frames, 2 of them already in" in stdout, err
@@ -656,22 +669,14 @@ def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp
     refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
     the reference frame, with --overwrite for the outputs since, and gives the uninterrupted result."""
     colour = write_folder(panning_clip(6, 48, 64), tmp_path / "colour", pattern="f{:d}")
-    encode, calls = cli.encode_png, []
-
-    def stop_at_the_fourth(rgb, depth):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return encode(rgb, depth)
-
-    monkeypatch.setattr(cli, "encode_png", stop_at_the_fourth)
+    stop_encoding_at(4, monkeypatch)
     args = ["--input", colour, "--reference-frame", "1", "--method", "flow", "--frames", "0:6", "--no-progress"]
     rc, _, err = run([*args, "--out", tmp_path / "out"], capsys)
     line = err.splitlines()[-1]
     assert (rc, line) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are complete: "
                                "--frames 1:6 --overwrite continues (flow walks again from its reference frame 1)")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png", "f2.png"]
-    monkeypatch.setattr(cli, "encode_png", encode)
+    monkeypatch.setattr(cli, "encode_png", encode_png)
     advice = _advice(line, r"complete: (--frames .*) continues")
     rc, _, err = run([*args[:-3], *advice, "--no-progress", "--out", tmp_path / "out"], capsys)
     assert rc == 0, err
@@ -1287,32 +1292,21 @@ def test_fixed_mode_stopped_inside_a_batch_goes_on_from_the_batchs_first_frame(e
     """Stopped after writing part of a batch (Ctrl-C, a full disk): a run from the next frame would
     batch the frames otherwise, and a frame sampled in another batch can differ by an 8-bit level,
     so "exactly the result of an uninterrupted run" needs the batch's first frame, with --overwrite."""
-    encode, calls = cli.encode_png, []
-
-    def stop_at(n):
-        def stop(rgb, depth):
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return encode(rgb, depth)
-        calls.clear()
-        monkeypatch.setattr(cli, "encode_png", stop)
-
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--noise", "per-frame",
             "--batch", "2", "--no-progress", *FAST]
-    stop_at(4)  # f0 f1 | f2 written, f3 not
+    stop_encoding_at(4, monkeypatch)  # f0 f1 | f2 written, f3 not
     rc, _, err = run([*args, "--out", tmp_path / "out"], capsys)
     line = err.splitlines()[-1]
     assert (rc, line) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are complete: "
                                "--frames 2: --overwrite continues (from the start of the batch it stopped in: the "
                                "frames of an uninterrupted run)")
-    monkeypatch.setattr(cli, "encode_png", encode)
+    monkeypatch.setattr(cli, "encode_png", encode_png)
     assert run([*args, *_advice(line, r"complete: (--frames .*) continues"), "--out", tmp_path / "out"],
                capsys)[0] == 0
     assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "whole")
     # the batches count from the run's first frame: --frames 1: batches f1 f2 | f3, stopped at f3 it goes on there
-    stop_at(3)
+    stop_encoding_at(3, monkeypatch)
     rc, _, err = run([*args, "--frames", "1:", "--out", tmp_path / "later"], capsys)
     assert rc == 130 and err.splitlines()[-1].endswith("complete: --frames 3: continues"), err
 
@@ -1513,16 +1507,8 @@ def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, 
 def test_a_stop_after_the_first_output_says_where_to_continue(env, tmp_path, capsys, monkeypatch):
     """One output written is not "interrupted before any output was written": the line names it
     and the range that continues (kills `done["n"] == 0` -> `<= 1` in run's KeyboardInterrupt)."""
-    encode, calls = cli.encode_png, []
-
-    def stop_at_the_second(rgb, depth):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return encode(rgb, depth)
-
     monkeypatch.setattr(cli, "PNG_THREADS", 1)
-    monkeypatch.setattr(cli, "encode_png", stop_at_the_second)
+    stop_encoding_at(2, monkeypatch)
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out], capsys)
@@ -1535,15 +1521,7 @@ def test_recursive_mode_stopped_mid_batch_size_goes_on_from_the_next_frame(env, 
     """Only fixed mode batches: recursive goes frame by frame, so 2 outputs of the default --batch 4
     are no part-written batch and the advice is the next frame, without --overwrite (kills dropping
     `args.mode == "fixed"` from resume's batch rule)."""
-    encode, calls = cli.encode_png, []
-
-    def stop_at_the_third(rgb, depth):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return encode(rgb, depth)
-
-    monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
+    stop_encoding_at(3, monkeypatch)
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--mode",
                       "recursive", "--no-progress", *FAST, "--out", tmp_path / "out"], capsys)
     assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are "
@@ -1615,15 +1593,7 @@ def test_flow_stopped_right_at_its_reference_frame_goes_on_from_there_without_ov
     """The next frame to make is the reference frame itself: the range from it holds it, so nothing
     written is made again (kills `i < start` -> `i <= start` in resume's flow rule)."""
     colour = write_folder(panning_clip(6, 48, 64), tmp_path / "colour", pattern="f{:d}")
-    encode, calls = cli.encode_png, []
-
-    def stop_at_the_fourth(rgb, depth):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return encode(rgb, depth)
-
-    monkeypatch.setattr(cli, "encode_png", stop_at_the_fourth)
+    stop_encoding_at(4, monkeypatch)
     rc, _, err = run(["--input", colour, "--reference-frame", "3", "--method", "flow", "--frames", "0:6",
                       "--no-progress", "--out", tmp_path / "out"], capsys)
     assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are "
