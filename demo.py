@@ -27,6 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Sequence
 
 from cliutil import (OneLineParser, Terminated, exit_quietly, file_problem, one_line, out_folder_problem, path_arg,
                      quiet_opencv, quiet_startup_signals, run_cli)
@@ -54,6 +55,7 @@ SAMPLE = REPO / "data" / "sample" / "bigbuckbunny.mp4"
 TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"
 MODEL_MODES = ("fixed", "recursive", "anchored")
 BASELINES = ("reinhard", "reinhard-bands", "flow")
+METHODS = MODEL_MODES + BASELINES
 GRAY_LABEL = "gray input"
 
 
@@ -77,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64,
                    help="short side the model works at; the toy model was trained at 64 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(MODEL_MODES + BASELINES), metavar="LIST",
+    p.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
                    help="comma-separated methods to run, from %(default)s (default: all six)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
@@ -166,18 +168,18 @@ def planned_outputs(out: Path, methods: list[str]) -> list[Path]:
     return [out / "data", *(out / m for m in methods), *(out / f"{m}.mp4" for m in methods), out / "report"]
 
 
-def frame_folders(out: Path, methods: list[str]) -> list[Path]:
+def frame_folders(out: Path, methods: Sequence[str]) -> list[Path]:
     """The folders the demo fills with frames (FRAME_NAME), each read back whole as a clip."""
     return [out / "data" / "gray", out / "data" / "colour", *(out / m for m in methods)]
 
 
-def own_files(out: Path, methods: list[str]) -> list[Path]:
+def own_files(out: Path, methods: Sequence[str]) -> list[Path]:
     """The demo's files outside its frame folders."""
     return [out / "data" / "reference.png", *(out / f"{m}.mp4" for m in methods),
             *(out / "report" / f for f in REPORT_FILES.values())]
 
 
-def earlier_outputs(out: Path, methods: list[str]) -> tuple[list[Path], list[str]]:
+def earlier_outputs(out: Path, methods: Sequence[str]) -> tuple[list[Path], list[str]]:
     """(the files an earlier demo run wrote where this one writes: what --overwrite removes, and
     nothing else; what else is in the way, each said as "PATH is/holds ...").
 
@@ -210,7 +212,7 @@ def _what_is(path: Path) -> str:
     return "a folder" if path.is_dir() else "a file" if path.is_file() else "a named pipe, socket or device"
 
 
-def remove_earlier_outputs(out: Path, methods: list[str], files: list[Path]) -> None:
+def remove_earlier_outputs(out: Path, methods: Sequence[str], files: list[Path]) -> None:
     """--overwrite: remove `files` (earlier_outputs'), then those of the demo's folders left empty."""
     for f in files:
         f.unlink()
@@ -305,17 +307,16 @@ def run_demo(args) -> dict:
     """The whole demo; returns the paths it wrote, by kind."""
     first, stop = parse_frames(args.frames)
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # once each
-    unknown = [m for m in methods if m not in MODEL_MODES + BASELINES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise DemoError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'}; "
-                        f"choose from {','.join(MODEL_MODES + BASELINES)}")
+                        f"choose from {','.join(METHODS)}")
     check_args(args, first, stop, methods)
     out = Path(args.out)
     report = out / "report"
     if args.overwrite:  # an earlier run's frames outside this --frames range would be scored too, and the
         # outputs of a method this run leaves out would lie beside a report that does not score them
-        every = [*MODEL_MODES, *BASELINES]
-        remove_earlier_outputs(out, every, earlier_outputs(out, every)[0])
+        remove_earlier_outputs(out, METHODS, earlier_outputs(out, METHODS)[0])
     t0 = time.time()
     print(f"[1/3] held-out frames {first}-{stop - 1} of {args.clip}: reference = frame {first} in colour")
     reference = prepare_frames(args.clip, first, stop, out / "data")
