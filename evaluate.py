@@ -86,9 +86,10 @@ def parse_preds(specs: list[str]) -> dict[str, Path]:
     preds: dict[str, Path] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
-        if sep and not name and not Path(spec).is_dir():  # else read as the folder "=DIR", named by its last part
+        is_folder = Path(spec).is_dir()
+        if sep and not name and not is_folder:  # else read as the folder "=DIR", named by its last part
             raise UsageError(f"--pred {spec}: empty NAME before '=' (give NAME=DIR, or DIR alone)")
-        if not sep or not name or Path(spec).is_dir():
+        if not sep or is_folder:  # (an empty NAME is a folder's by now)
             folder, name = spec, Path(spec.rstrip("/\\")).name or spec
         if not folder:  # `--pred NAME=$DIR` with DIR unset: else the current folder
             raise UsageError(f"--pred {spec}: empty path after '='")
