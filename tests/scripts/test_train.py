@@ -623,39 +623,25 @@ def test_a_resume_with_a_larger_accumulate_takes_a_whole_window_before_its_first
     assert csv[1].split(",")[csv[0].split(",").index("step")] == "3"  # step 4, counted from 0 as in the first run
 
 
-def test_a_resume_at_an_epochs_end_with_another_accumulate_starts_the_next_epoch(ws, tmp_path):
-    """align_accumulation leaves a run resumed after its epoch's last batch alone: the next epoch
-    starts, and the first step takes a whole window of it (kills `>=` -> `>` against the epoch's
-    batch count: 16 % 3 batches taken off, the old epoch went on for 1 batch and stepped at its end)."""
+@pytest.mark.parametrize("steps, accumulate", [
+    (16, 3),  # after the epoch's last batch (16 at batch 1): left alone, the next epoch starts and its first step
+    # takes a whole window (kills `>=` -> `>` against the epoch's batch count: 16 % 3 batches taken off, the old
+    # epoch went on for 1 batch and stepped at its end)
+    (1, 2),  # inside the first window: the checkpoint is saved before Lightning counts its batch completed (it adds
+    # it on restart), so completed is one below the others; clamped at 0 it came back as 1 and step 2 took one
+    # batch (a bug the clamp in align_accumulation made, found by mutation)
+    (15, 2),  # one batch before the epoch's end: the epoch goes on for a whole window, not 1 (kills `>=` ->
+    # `>= num_training_batches - 1` in align_accumulation's epoch-end rule)
+])
+def test_a_resume_with_a_larger_accumulate_at_an_epochs_edges_takes_a_whole_window(ws, tmp_path, steps, accumulate):
+    """A run stopped after `steps` batches (batch 1, 16 per epoch) resumes with --accumulate: its
+    next step comes after a whole window of `accumulate` batches."""
     out = tmp_path / "run"
-    # batch 1: an epoch is 16 batches, so step 16 is its last
-    assert train.main(args(ws, out, "--max-steps", 16, "--ckpt-every", 16, "--batch-size", 1)) == 0
-    assert train.main(args(ws, out, "--max-steps", 17, "--ckpt-every", 1, "--batch-size", 1, "--accumulate", 3)) == 0
-    loops = load_ckpt(out / "checkpoints" / "step=00000017.ckpt")["loops"]["fit_loop"]
-    assert loops["epoch_loop.batch_progress"]["total"]["ready"] == 16 + 3
-
-
-def test_a_resume_inside_the_first_window_of_a_larger_accumulate_still_takes_a_whole_one(ws, tmp_path):
-    """Resumed after the epoch's first batch with --accumulate 2: step 2 takes 2 batches. The
-    checkpoint is saved before Lightning counts its batch completed (it adds it on restart), so
-    the completed count is one below the others; clamped at 0 it came back as 1 and step 2 took
-    one batch (a bug the clamp in align_accumulation made, found by mutation)."""
-    out = tmp_path / "run"
-    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1, "--batch-size", 1)) == 0
-    assert train.main(args(ws, out, "--max-steps", 2, "--ckpt-every", 1, "--batch-size", 1, "--accumulate", 2)) == 0
-    loops = load_ckpt(out / "checkpoints" / "step=00000002.ckpt")["loops"]["fit_loop"]
-    assert loops["epoch_loop.batch_progress"]["total"]["ready"] == 1 + 2
-
-
-def test_a_resume_one_batch_before_an_epochs_end_still_takes_a_whole_window(ws, tmp_path):
-    """Resumed after batch 15 of a 16-batch epoch with --accumulate 2: the epoch goes on for a
-    whole window (2 batches), not 1 (kills `>=` -> `>= num_training_batches - 1` in
-    align_accumulation's epoch-end rule)."""
-    out = tmp_path / "run"
-    assert train.main(args(ws, out, "--max-steps", 15, "--ckpt-every", 15, "--batch-size", 1)) == 0
-    assert train.main(args(ws, out, "--max-steps", 16, "--ckpt-every", 1, "--batch-size", 1, "--accumulate", 2)) == 0
-    loops = load_ckpt(out / "checkpoints" / "step=00000016.ckpt")["loops"]["fit_loop"]
-    assert loops["epoch_loop.batch_progress"]["total"]["ready"] == 15 + 2
+    assert train.main(args(ws, out, "--max-steps", steps, "--ckpt-every", steps, "--batch-size", 1)) == 0
+    assert train.main(args(ws, out, "--max-steps", steps + 1, "--ckpt-every", 1, "--batch-size", 1, "--accumulate",
+                           accumulate)) == 0
+    loops = load_ckpt(out / "checkpoints" / f"step={steps + 1:08d}.ckpt")["loops"]["fit_loop"]
+    assert loops["epoch_loop.batch_progress"]["total"]["ready"] == steps + accumulate
 
 
 @pytest.mark.parametrize("when", ["save", pytest.param(0.5, marks=pytest.mark.slow),
