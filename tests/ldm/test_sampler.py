@@ -88,6 +88,18 @@ def test_stochastic_step_by_hand():
     torch.testing.assert_close(x_prev, want, **TOL)
 
 
+def test_step_noise_enters_linearly_however_large():
+    """The noise is added as drawn, sigma * z, even for z far in the tails (a clamp or
+    renormalisation would change seeded results only on rare draws, silently)."""
+    x0, eps = data()
+    a, a_prev, sigma = 0.3, 0.6, 0.2
+    x = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+    z = torch.tensor([-8.0, -4.0, 0.5, 4.0, 8.0]).repeat(2 * 4 * 8 * 8 // 5 + 1)[:2 * 4 * 8 * 8].reshape(x.shape)
+    with_noise, _ = ddim_step(x, eps, a, a_prev, sigma, noise=z)
+    without, _ = ddim_step(x, eps, a, a_prev, sigma)
+    torch.testing.assert_close(with_noise - without, sigma * z, rtol=0, atol=1e-6)  # sigma * 8 = 1.6 at the extremes
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_oracle_sampling_recovers_x0(parameterization):
     x0, eps = data()
