@@ -91,3 +91,13 @@ def test_v2_concat_keeps_the_cached_latents_dtype():
     ref_latent = torch.randn(1, 4, 2, 2).bfloat16()
     c = build_concat("v2", torch.rand(1, 3, 16, 16), torch.ones(1, 1, 16, 16), None, (2, 2), ref_latent=ref_latent)
     assert c.dtype == torch.bfloat16 and torch.equal(c[:, :4], ref_latent) and torch.all(c[:, 4] == 1)
+
+
+def test_build_concat_refuses_an_unknown_variant_before_encoding():
+    """'v4' or a typo is refused, not run as v3 (the branch every non-v2 variant falls to)."""
+    seen = []
+    for variant in ("v4", "V2", ""):
+        with pytest.raises(ValueError, match=r"^color_variant must be one of \['v1', 'v2', 'v3'\]"):
+            build_concat(variant, torch.rand(1, 3, 16, 16), torch.rand(1, 1, 16, 16),
+                         lambda img: seen.append(img) or torch.zeros(1, 4, 2, 2), (2, 2))
+    assert seen == []
