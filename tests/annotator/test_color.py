@@ -54,9 +54,11 @@ def test_transfer_luma_scales_out_of_gamut_chroma_towards_gray():
     assert out.max() <= 1.0 and abs(float(out @ LUMA_WEIGHTS) - 0.9) < 1e-6
 
 
-def test_size_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="differ in size"):
-        transfer_luma(np.zeros((4, 5, 3), np.float32), np.zeros((5, 4), np.float32))
+@pytest.mark.parametrize("gray_shape", [(5, 4), (4, 1), (4, 6), (1, 5)])
+def test_size_mismatch_is_an_error(gray_shape):
+    """Any side that differs is refused: a (4, 1) or (1, 5) gray would broadcast silently."""
+    with pytest.raises(ValueError, match=r"^colour \(4, 5\) and gray \(\d, \d\) differ in size$"):
+        transfer_luma(np.zeros((4, 5, 3), np.float32), np.zeros(gray_shape, np.float32))
 
 
 def test_lab_round_trip():
