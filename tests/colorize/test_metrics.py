@@ -301,6 +301,7 @@ def test_16_bit_images_are_on_the_8_bit_scale():
     pred8 = np.clip(gt.astype(int) + rng.integers(-9, 10, gt.shape), 0, 255).astype(np.uint8)
     pred16 = pred8.astype(np.uint16) * 257
     assert M.psnr(pred16, gt) == pytest.approx(M.psnr(pred8, gt), abs=1e-9)
+    assert M.psnr(pred8, gt.astype(np.uint16) * 257) == pytest.approx(M.psnr(pred8, gt), abs=1e-9)  # either side 16-bit
     g16 = np.array([[0, 128, 129, 65535]], np.uint16)
     assert M.gray_u8(g16).tolist() == [[0, 0, 1, 255]]
 
