@@ -73,6 +73,15 @@ def test_model_size_rounds_to_64_keeping_aspect():
     assert P.model_size(100, 100, 16) == (64, 64)  # a size that rounds to 0: still one multiple
 
 
+def test_a_model_frame_side_above_the_cap_is_refused_even_when_the_other_is_small(model):
+    """The cap is on the longer side: a narrow 400x20 strip at size 512 would be 10240x512,
+    refused; 4096 itself is allowed."""
+    with pytest.raises(P.InferenceError, match=r"^frames of 400x20 at size 512 mean model frames of 10240x512; "
+                                               r"sides above 4096 are refused"):
+        P.Colorizer(model, (20, 400), P.Options(size=512))
+    assert P.Colorizer(model, (64, 512), P.Options(size=512)).hw == (512, 4096)
+
+
 def test_to_gray_depths_channels_and_colour_flag():
     g8 = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     gray, colour = P.to_gray(g8)
