@@ -348,3 +348,13 @@ def test_locked_digest_covers_the_dtype_too():
     """The same 16 bits as float16 and as bfloat16 are other weights (kills leaving the dtype out)."""
     w = torch.arange(6.0, dtype=torch.float16)
     assert locked_digest(_Named("a", w)) != locked_digest(_Named("a", w.view(torch.bfloat16)))
+
+
+# Mutation round 11: the fused flag reaches AdamW.
+
+def test_make_optimizer_passes_fused_through_to_adamw():
+    """The trainer asks for the fused kernel on CUDA (one launch per step instead of one per
+    tensor); make_optimizer must hand the flag on, not drop it (kills `fused=False`)."""
+    groups = param_groups(_configured(tiny_model("v2")))
+    assert make_optimizer("adamw", groups, lr=1e-3, betas=(0.9, 0.999), fused=True).defaults["fused"] is True
+    assert not make_optimizer("adamw", groups, lr=1e-3, betas=(0.9, 0.999)).defaults["fused"]
