@@ -171,3 +171,40 @@ def test_neighbour_table_refuses_a_zero_window_and_an_unknown_metric():
         NeighbourTable(0)
     with pytest.raises(ValueError, match=r"^unknown similarity metric 'psnr'; choose from ssim, ncc, l1$"):
         NeighbourTable(3, "psnr")
+
+
+# Mutation round 11: upscaling in either side, 8-bit rounding of every averaging step, window 1.
+
+def test_a_frame_upscaled_in_height_only_is_bicubic():
+    """40 high x 90 wide -> 64 x 64: the width shrinks but the height grows, so bicubic (any
+    upscaling), not bilinear (kills testing only the width)."""
+    img = np.random.default_rng(2).integers(0, 256, (40, 90), dtype=np.uint8)
+    want = cv2.resize(img, (64, 64), interpolation=cv2.INTER_CUBIC)
+    assert not np.array_equal(want, cv2.resize(img, (64, 64), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(fast_resize(img, 64, 64), want)
+
+
+def test_small_gray_rounds_each_halving_to_8_bits():
+    """128 x 128 -> 64 x 64 is one exact halving of the 8-bit gray: 2x2 blocks of gray 0, 0, 0, 1
+    average to 0.25, stored as 0; blocks of 1, 1, 1, 0 to 0.75, stored as 1 (kills resizing the
+    gray as floats, which keeps 0.25 / 255 and 0.75 / 255)."""
+    img = np.zeros((128, 128, 3), np.uint8)
+    img[::2, ::2] = 1                # top-left of every block: gray 1, the other three 0
+    img[64:] = 1
+    img[64::2, ::2] = 0              # lower half: three 1s and one 0 per block
+    g = small_gray(img)
+    np.testing.assert_array_equal(g[:32], 0)
+    np.testing.assert_array_equal(g[32:], np.float32(1 / 255))
+
+
+def test_window_1_stores_each_pair_in_both_rows():
+    """window = 1: row k holds sim(k, k - 1) left of the 1 and sim(k, k + 1) right of it. Flat
+    frames 0.2 and 0.5: l1 = 1 - 0.3 = 0.7, in both rows (kills a table that fills only one side
+    at window 1)."""
+    a, b = np.full((16, 16), 0.2, np.float32), np.full((16, 16), 0.5, np.float32)
+    table = similarity_table([a, b], 1, "l1")
+    np.testing.assert_allclose(table, [[np.nan, 1, 0.7], [0.7, 1, np.nan]], atol=1e-6)
+    t = NeighbourTable(10, "l1")  # trimmed to the one neighbour there is
+    for s in (a, b):
+        t.push(s)
+    np.testing.assert_allclose(t.table(trim=True), [[np.nan, 1, 0.7], [0.7, 1, np.nan]], atol=1e-6)
