@@ -498,3 +498,39 @@ def test_latent_mode_windows_of_a_wide_crop_a_tall_frame_and_the_gray_latent(cli
     dm.setup()
     for ds in (dm.train, dm.val, dm.test):
         assert {"jpg_latent_mean", "gray_latent_mean"} <= set(ds[0]) and "jpg" not in ds[0]
+
+
+class Second:
+    """A generator stub that draws the second choice (index 1) where there is one, and never flips."""
+
+    def integers(self, n):
+        return min(1, n - 1)
+
+    def random(self):
+        return 0.9
+
+
+def test_latent_mode_random_crops_move_in_steps_of_8_in_both_directions(tmp_path):
+    """Frames 168 high x 64 wide, crop 64: the crop may start at any multiple of 8 from 0 to 104
+    (the second choice is 8, not 16; the last 104), and the latent window follows the crop down
+    the frame: rows y0 / 8 to y0 / 8 + 8, as float32 (kills a coarser grid, a window that ignores y0
+    and a float16 reference latent)."""
+    from annotator.latent_cache import build_latent_cache, load_latents
+    from tests.train_helpers import tiny_model
+
+    tall = panning_clip(4, 168, 64, speed=1)
+    build_all([write_folder(tall, tmp_path / "src" / "tall")], tmp_path / "data",
+              BuildOptions(size=64, window=2, image_format="png"), progress=False)
+    fp = build_latent_cache(tmp_path / "data", tiny_model("v2").first_stage_model, progress=False)["fingerprint"]
+    ds = PairDataset(tmp_path / "data", size=64, low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp)
+    cache = load_latents(tmp_path / "data" / "tall", fp)
+    for rng, y0 in ((Second(), 8), (Extreme(True), 104), (Extreme(False), 0)):
+        item = ds.sample(1, rng)
+        i, j = item["ref_index"], item["target_index"]
+        np.testing.assert_allclose(item["hint"][..., :3], tall[i][y0 : y0 + 64] / 255, atol=1e-6)
+        win = np.s_[:, y0 // 8 : y0 // 8 + 8, :]
+        assert item["jpg_latent_mean"].shape == (4, 8, 8)
+        assert {item[k].dtype for k in ("jpg_latent_mean", "jpg_latent_std", "ref_latent_mean")} == {np.dtype(np.float32)}
+        np.testing.assert_array_equal(item["jpg_latent_mean"], cache[j, 0][win].astype(np.float32))
+        np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
+        np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
