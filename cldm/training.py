@@ -370,10 +370,6 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
                 raise
         except ResumeRefusedError as e:
             raise refused_resume(e, resume, Path(args.init)) from None
-        except KeyboardInterrupt as e:  # one Lightning did not handle: run_cli says it, with what is true
-            if str(e).strip():
-                raise
-            raise type(e)(f"interrupted; {rerun_hint(out)}") from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
             line = out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
             if line is None:
@@ -391,6 +387,11 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
             path = export(module, out, cfg, trainer.global_step, Path(args.init))
             print(f"step {trainer.global_step}: trained weights -> {path}")
         return 0
+    except KeyboardInterrupt as e:  # one Lightning did not handle, or in the export (after the final checkpoint):
+        # run_cli says it, with what is true now (its own hint was worded before training began)
+        if str(e).strip():
+            raise
+        raise type(e)(f"interrupted; {rerun_hint(out)}") from None
     except OSError as e:  # in a step (a checkpoint, a frame) or the export
         line = os_error_line(e, args, trainer.global_step)
         if line is None:

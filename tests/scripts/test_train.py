@@ -1216,3 +1216,32 @@ def test_ctrl_c_after_training_says_what_a_rerun_does(ws, tmp_path, capsys, monk
     assert train.main(args(ws, tmp_path / "run")) == 130
     assert capsys.readouterr().err == (f"{train.PROG}: interrupted; no checkpoint saved yet (see --ckpt-every); "
                                        "rerun the same command to start over\n")
+
+
+@pytest.mark.parametrize("sig, line", [
+    (signal.SIGTERM, "terminated (SIGTERM); rerun the same command to resume from the newest checkpoint"),
+    (signal.SIGINT, "interrupted; rerun the same command to resume from the newest checkpoint"),
+])
+def test_a_stop_during_the_export_says_the_rerun_resumes(ws, tmp_path, capsys, monkeypatch, sig, line):
+    """The export comes after the final checkpoint: a SIGTERM or Ctrl-C there (seconds for SD2.1's
+    ControlNet) said "no checkpoint saved yet ... start over", the hint worded before training
+    began (found by killing real runs at random moments; the rerun resumes at the last step)."""
+    export = training.export
+
+    def stop_in_export(*a, **kw):
+        if sig == signal.SIGINT:  # what Python's Ctrl-C handler raises (a background pytest ignores SIGINT)
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), sig)  # the script's own handler raises here, as during the real write
+        return export(*a, **kw)
+    monkeypatch.setattr(training, "export", stop_in_export)
+    unheard = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: unheard.append(signum))  # not pytest's end
+    try:
+        out = tmp_path / "run"
+        status = train.main(args(ws, out, "--max-steps", 2, "--ckpt-every", 5, "--no-progress"))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 128 + sig and not unheard
+    assert capsys.readouterr().err.endswith(f"{train.PROG}: {line}\n")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=00000002.ckpt"]
+    assert not (out / "control.safetensors").exists()
