@@ -157,7 +157,7 @@ def prepare(args):
 
     from cldm.launch import check_launcher, is_launch_rank_zero
     from cldm.lightning import ColorControlModule
-    from cldm.resume import remove_partial_checkpoints
+    from cldm.resume import remove_partial_checkpoints, remove_partial_run_files
     from cldm.run_dir import check_resume_config, check_run_dir, config_source, record_config, resolve_resume
     from cldm.trainable import check_optimizer
     from cldm.weights_config import check_saved_config
@@ -170,6 +170,7 @@ def prepare(args):
     ckpt_dir = out / "checkpoints"
     if is_launch_rank_zero():
         remove_partial_checkpoints(ckpt_dir)
+        remove_partial_run_files(out)
     if args.resume == "auto":
         note_skipped(ckpt_dir)
     resume = resolve_resume(args.resume, ckpt_dir)  # before check_run_dir: --resume never says what it means

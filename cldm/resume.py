@@ -176,3 +176,20 @@ def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
         p.unlink(missing_ok=True)
         gone.append(p)
     return gone
+
+
+# atomicio's temporary names for what a run writes in OUT besides its checkpoints: the export
+# (as large as the ControlNet: ~1.5 GB for SD2.1's), its YAML, the config, the replica check, a grid
+PARTIAL_RUN_FILES = (".control.safetensors.*.tmp", ".control.*.tmp.yaml", ".config.*.tmp.yaml",
+                     ".replicas.*.tmp.json", "images/.step-*.tmp.png")
+
+
+def remove_partial_run_files(out: str | Path) -> list[Path]:
+    """Delete the temp files a run killed while writing in OUT (SIGKILL, a power cut) left
+    beside the export and its other files; checkpoints: remove_partial_checkpoints."""
+    gone = []
+    for pattern in PARTIAL_RUN_FILES if Path(out).is_dir() else ():
+        for p in sorted(Path(out).glob(pattern)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

@@ -1064,18 +1064,25 @@ def test_a_bad_flag_value_is_the_flags_not_the_configs(ws, tmp_path, capsys, mon
 
 
 def test_prepare_cleans_up_and_says_the_config_in_the_first_process_only(ws, tmp_path, capsys, monkeypatch):
-    """A killed save's temporary file is removed, and the config found is said, once per run."""
+    """A killed save's temporary file is removed, and the config found is said, once per run. So
+    are those of a run killed while it wrote the export (SIGKILL at its temporary file: it stayed,
+    hidden, as large as the ControlNet) or another file of OUT; a user's own are kept."""
     first_process(monkeypatch)
     out = tmp_path / "run"
     partial = out / "checkpoints" / ".step=00000007.ckpt.1a2b3c4d.tmp"
+    others = [out / ".control.safetensors.1a2b3c4d.tmp", out / ".control.1a2b3c4d.tmp.yaml",
+              out / ".config.1a2b3c4d.tmp.yaml", out / ".replicas.1a2b3c4d.tmp.json",
+              out / "images" / ".step-00000005.1a2b3c4d.tmp.png"]
+    mine = out / ".notes.tmp"
     stop_before_the_model_loads(monkeypatch)
     for rank, said in (("1", ""), ("0", f"config: {DEFAULT_CONFIG}\n")):  # init.safetensors records none
         monkeypatch.setenv("LOCAL_RANK", rank)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(b"cut")
+        for path in (partial, *others, mine):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"cut")
         assert train.main(without_config(args(ws, out))) == 2
         assert capsys.readouterr() == (said, f"{train.PROG}: error: stopped before the model load\n")
-        assert partial.exists() is (rank == "1")
+        assert [p.exists() for p in (partial, *others)] == [rank == "1"] * 6 and mine.exists()
 
 
 def test_the_notes_before_a_resume_name_skipped_checkpoints_and_nothing_to_train(ws, tmp_path, capsys, monkeypatch):
