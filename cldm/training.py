@@ -239,6 +239,9 @@ def refused_resume(e, ckpt: Path, init: Path, doing: str = "resume"):
 KILLED_LOADER = "is killed by signal: Killed"
 SHM_FULL, BUS_ERROR = "unable to allocate shared memory(shm)", "is killed by signal: Bus error"
 LOADER_GONE, SIGNALLED = "exited unexpectedly", "is killed by signal"
+# one ended by a SIGTERM that its parent did not send (torch's handler in it exits quietly on the
+# parent's): the signal a scheduler sends every process of a job, or `kill -TERM -PGID`
+TERMINATED_LOADER = "is killed by signal: Terminated"
 
 
 def loader_says(e: BaseException | None, words: str) -> bool:
@@ -371,10 +374,13 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
         except ResumeRefusedError as e:
             raise refused_resume(e, resume, Path(args.init)) from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
-            line = out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
-            if line is None:
-                raise
-            raise UsageError(line) from None
+            if loader_says(e, TERMINATED_LOADER):  # a SIGTERM to every process of the run (a scheduler's stop):
+                received.append(signal.SIGTERM)  # a data loader process died of it before the step's end
+            else:
+                line = out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
+                if line is None:
+                    raise
+                raise UsageError(line) from None
         bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
         if received:
             print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",

@@ -1252,3 +1252,33 @@ def test_a_stop_during_the_export_says_the_rerun_resumes(ws, tmp_path, capsys, m
     assert capsys.readouterr().err.endswith(f"{train.PROG}: {line}\n")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=00000002.ckpt"]
     assert not (out / "control.safetensors").exists()
+
+
+def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_terminated(ws, tmp_path):
+    """A scheduler's stop often signals every process of the job (scancel, `kill -TERM -PGID`, a
+    cgroup), the data loader processes too: torch's handler in them dies of a SIGTERM that does not
+    come from their parent, and the run ended with torch's traceback ("DataLoader worker ... is
+    killed by signal: Terminated"), exit 1, instead of the one line and 143 (found by killing real
+    runs; a SIGTERM to the main process alone was fine)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", 10_000, "--ckpt-every", 1, "--num-workers", 2,
+                                            "--no-progress")]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=clean_env(),
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("checkpoints/*.ckpt")):
+                time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGTERM)  # the loader processes are alive: persistent, mid-epoch
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        err.seek(0)
+        text = err.read()
+    assert rc == 143, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
+                     r"from the newest checkpoint\n$", text), text[-3000:]
+    assert not list(out.glob("checkpoints/.*.tmp"))
