@@ -255,6 +255,19 @@ def loader_says(e: BaseException | None, words: str) -> bool:
     return False
 
 
+def terminated_loader(e: BaseException | None) -> bool:
+    """Whether a data loader process died of SIGTERM (TERMINATED_LOADER), said by `e` or an error
+    it was raised from or while handling: torch's SIGCHLD handler raises it wherever the main
+    process is, inside torch.save's writes too, whose zip writer raises 'unexpected pos' over it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if TERMINATED_LOADER in str(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def size_of(nbytes: int) -> str:
     if nbytes >= 2**30:
         return f"{nbytes / 2**30:.1f} GiB"
@@ -374,7 +387,7 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
         except ResumeRefusedError as e:
             raise refused_resume(e, resume, Path(args.init)) from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
-            if loader_says(e, TERMINATED_LOADER):  # a SIGTERM to every process of the run (a scheduler's stop):
+            if terminated_loader(e):  # a SIGTERM to every process of the run (a scheduler's stop):
                 received.append(signal.SIGTERM)  # a data loader process died of it before the step's end
             else:
                 line = out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)

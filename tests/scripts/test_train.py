@@ -1282,3 +1282,35 @@ def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
                      r"from the newest checkpoint\n$", text), text[-3000:]
     assert not list(out.glob("checkpoints/.*.tmp"))
+
+
+def test_a_data_loader_process_killed_by_sigterm_during_a_checkpoint_write_stops_as_terminated(ws, tmp_path, capsys,
+                                                                                               monkeypatch):
+    """torch's SIGCHLD handler raises the loader's death wherever the main process is: inside
+    torch.save's writes, whose zip writer then raises its own 'unexpected pos' over it (seen with
+    a real SIGTERM to the process group while a checkpoint was written: a traceback, exit 1)."""
+    real_save = torch.save
+    saves = []
+
+    class CutOnThirdWrite:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:  # as torch/utils/data/_utils/signal_handling.py words it
+                raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated. ")
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *a, **kw):
+        saves.append(1)
+        return real_save(obj, CutOnThirdWrite(f) if len(saves) == 2 else f, *a, **kw)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 5, "--ckpt-every", 1, "--no-progress")) == 143
+    assert capsys.readouterr().err.endswith(f"{train.PROG}: stopped by SIGTERM at step 2; rerun the same command to "
+                                            "resume from the newest checkpoint\n")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step=00000001.ckpt"]  # no temporary file left
