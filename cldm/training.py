@@ -395,12 +395,15 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
                     raise
                 raise UsageError(line) from None
         bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
+        # the line is global rank 0's (under DDP every process stops, with the same status)
         if received:
-            print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
-                  file=sys.stderr)
+            if trainer.is_global_zero:
+                print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
+                      file=sys.stderr)
             return 143
         if trainer.interrupted:
-            print(f"{bar_line}{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
+            if trainer.is_global_zero:
+                print(f"{bar_line}{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
             return 130
         if trainer.is_global_zero:
             path = export(module, out, cfg, trainer.global_step, Path(args.init))

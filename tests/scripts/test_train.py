@@ -1314,3 +1314,30 @@ def test_a_data_loader_process_killed_by_sigterm_during_a_checkpoint_write_stops
     assert capsys.readouterr().err.endswith(f"{train.PROG}: stopped by SIGTERM at step 2; rerun the same command to "
                                             "resume from the newest checkpoint\n")
     assert sorted(os.listdir(out / "checkpoints")) == ["step=00000001.ckpt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("rank_zero", [True, False])
+@pytest.mark.parametrize("stop, status, line", [
+    ("sigterm", 143, "stopped by SIGTERM at step 7; no checkpoint saved yet (see --ckpt-every); rerun the same command "
+                     "to start over"),
+    ("ctrl_c", 130, "interrupted; no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"),
+])
+def test_a_stop_under_ddp_is_said_by_global_rank_zero_alone(tmp_path, capsys, rank_zero, stop, status, line):
+    """Every process of a DDP run stops with the status, but the line is global rank 0's: each one
+    printed it, so a SIGTERM sent to rank 0 (Lightning passes it on) or to all of them gave the
+    line twice on 2 CPU processes (found by killing real runs), once per process on 8 GPUs."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class StoppedTrainer:
+        is_global_zero, global_step, progress_bar_callback = rank_zero, 7, None
+        interrupted = stop == "ctrl_c"
+
+        def fit(self, *a, **kw):
+            if stop == "sigterm":
+                raise SIGTERMException
+            raise SystemExit(1)  # what Lightning ends a run with after Ctrl-C
+    args = SimpleNamespace(out=str(tmp_path / "run"), init=str(tmp_path / "init.safetensors"))
+    assert training.fit(args, None, StoppedTrainer(), None, None, None) == status
+    assert capsys.readouterr().err == (f"{train.PROG}: {line}\n" if rank_zero else "")
