@@ -123,7 +123,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every and validate else \
         dict(limit_val_batches=0)
     try:
-        return L.Trainer(
+        trainer = L.Trainer(
             accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
             precision=str(t.precision), max_steps=t.max_steps, max_epochs=t.max_epochs,
             accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
@@ -136,6 +136,26 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
         raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "
                          f"--strategy {args.strategy} --precision {t.precision}: {str(e).strip().splitlines()[0]}") \
             from None
+    no_collective_in_sigterm_handler(trainer)
+    return trainer
+
+
+def no_collective_in_sigterm_handler(trainer) -> None:
+    """Lightning's SIGTERM handler (2.6) broadcasts over the process group from inside the handler,
+    i.e. wherever rank 0 is when the signal comes: while it writes a checkpoint, rank 1 waits in
+    the barrier after the write, and the two collectives wait for each other until the group's
+    timeout (30 min). Keep the rest of it: pass the signal to the processes Lightning started and
+    set the flag, which every process checks at a step's end and rank 0 broadcasts at a step's
+    start, both collectives every process reaches. (Private Lightning API, checked against 2.6.)"""
+    connector = trainer._signal_connector
+
+    def notified(signum, _frame) -> None:
+        launcher = trainer.strategy.launcher
+        if not connector.received_sigterm and launcher is not None:
+            launcher.kill(signum)
+        connector.received_sigterm = True
+
+    connector._sigterm_notifier_fn = notified
 
 
 def export(module, out: Path, cfg, step: int, init: Path) -> Path:

@@ -1341,3 +1341,48 @@ def test_a_stop_under_ddp_is_said_by_global_rank_zero_alone(tmp_path, capsys, ra
     args = SimpleNamespace(out=str(tmp_path / "run"), init=str(tmp_path / "init.safetensors"))
     assert training.fit(args, None, StoppedTrainer(), None, None, None) == status
     assert capsys.readouterr().err == (f"{train.PROG}: {line}\n" if rank_zero else "")
+
+
+def test_ddp_sigterm_while_rank_0_writes_a_checkpoint_stops_the_run(ws, tmp_path):
+    """Lightning's SIGTERM handler broadcast from inside the handler: SIGTERM while rank 0 wrote a
+    checkpoint (rank 1 waiting in the barrier after it; seconds at SD2.1 size) left rank 0 in that
+    broadcast and rank 1 in the barrier until the process group's timeout (30 min), instead of
+    143 (found by a real SIGTERM to a 2-process run at a checkpoint's temporary file)."""
+    hook, marker = tmp_path / "hook", tmp_path / "writing"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # every process of the run; rank 0 writes slowly once
+        "import os, time\n"
+        "from cldm.callbacks import AtomicCheckpointIO\n"
+        "save = AtomicCheckpointIO.save_checkpoint\n"
+        "def slow(self, checkpoint, path, *a, **kw):\n"
+        "    if os.environ.get('LOCAL_RANK', '0') == '0' and 'step=00000002' in str(path):\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        time.sleep(4)\n"
+        "    return save(self, checkpoint, path, *a, **kw)\n"
+        "AtomicCheckpointIO.save_checkpoint = slow\n")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 6, "--ckpt-every", 2,
+                                            "--no-progress")]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline and not marker.exists():
+                time.sleep(0.01)
+            time.sleep(1)  # rank 1 is in the barrier by now
+            proc.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler does; Lightning passes it on
+            try:
+                rc = proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                rc = "hung"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        text = err.read()
+    assert rc == 143, text[-3000:]
+    assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step 2; rerun the same command to resume from "
+                     r"the newest checkpoint\n$", text), text[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step=00000002.ckpt"]
