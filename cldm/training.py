@@ -146,8 +146,13 @@ def no_collective_in_sigterm_handler(trainer) -> None:
     the barrier after the write, and the two collectives wait for each other until the group's
     timeout (30 min). Keep the rest of it: pass the signal to the processes Lightning started and
     set the flag, which every process checks at a step's end and rank 0 broadcasts at a step's
-    start, both collectives every process reaches. (Private Lightning API, checked against 2.6.)"""
-    connector = trainer._signal_connector
+    start, both collectives every process reaches.
+
+    Private Lightning API (checked against 2.6, which requirements.txt pins): where the connector
+    is not as expected, Lightning's own handler is left in place, with its hang."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if not (hasattr(connector, "_sigterm_notifier_fn") and hasattr(connector, "received_sigterm")):
+        return
 
     def notified(signum, _frame) -> None:
         launcher = trainer.strategy.launcher

@@ -123,6 +123,23 @@ def test_sigterm_once_lightning_holds_it_is_left_to_lightning(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"{PROG}: stopped by SIGTERM at step 4; ")
 
 
+def test_sigterm_notifier_is_replaced_only_where_lightning_has_the_one_it_replaces():
+    """On Lightning's Trainer the notifier sets the flag Lightning checks, without a collective
+    (tests/scripts/test_train.py shows the DDP hang it avoids); a Trainer whose private connector
+    is not as expected keeps Lightning's own."""
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    connector = trainer._signal_connector
+    lightnings = connector._sigterm_notifier_fn
+    training.no_collective_in_sigterm_handler(trainer)
+    assert connector._sigterm_notifier_fn != lightnings and not trainer.received_sigterm
+    connector._sigterm_notifier_fn(signal.SIGTERM, None)
+    assert trainer.received_sigterm
+    odd = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
+    training.no_collective_in_sigterm_handler(odd)  # no notifier to replace: left alone, no error
+    assert vars(odd._signal_connector) == {"received_sigterm": False}
+
+
 def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
     """The texts as Lightning 2.6 prints them on a resumed run; anything else still shows."""
     import logging
