@@ -8,11 +8,11 @@ architecture (models/cldm_tiny_color.yaml, colour variant v2) needs, unlocked:
   2. UNet + ControlNet together on (reference, target) pairs of training frames 3..19 apart,
      with the autoencoder and the (random, frozen) tiny text tower locked; latents are
      encoded once up front (the latent-cache idea), so a step never runs the VAE encoder.
-     Each pair has its chroma rotated by one random angle (the same for reference and
-     target, in the BT.601 Cb/Cr plane, so the gray input is unchanged): one clip's gray
-     frames would otherwise tell a small model their colours by heart, and it would learn
-     to ignore the reference. With the hue unknowable from the gray, it must read it from
-     the reference.
+     Each pair has its chroma rotated by one of 8 angles (0, 45, ..., 315 degrees) picked
+     at random (the same for reference and target, in the BT.601 Cb/Cr plane, so the gray
+     input is unchanged): one clip's gray frames would otherwise tell a small model their
+     colours by heart, and it would learn to ignore the reference. With the hue unknowable
+     from the gray, it must read it from the reference.
 The held-out frames (100..131 of the clip) are never seen. The result is a toy: it shows the
 pipeline end to end on a laptop, not what SD2.1 can do.
 
