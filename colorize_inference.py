@@ -511,6 +511,10 @@ def run(args) -> int:
     sound, codec = sound_source(args, info)
     model = None
     if args.method == "model":
+        try:  # model frames too large: said before the weights load (a frame it cannot read: said in turn)
+            P.checked_model_size(input_size(args.input, info, frames.start), args.size)
+        except FrameSourceError:
+            pass
         if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
             print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
         model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source,

@@ -93,6 +93,17 @@ def model_size(height: int, width: int, size: int = 512) -> tuple[int, int]:
     return side(height), side(width)
 
 
+def checked_model_size(frame_hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """model_size, refused with InferenceError where a side exceeds MAX_MODEL_SIDE. A caller
+    that knows the frame size before loading the model asks here first, to fail in a second."""
+    hw = model_size(*frame_hw, size)
+    if max(hw) > MAX_MODEL_SIDE:
+        raise InferenceError(f"frames of {frame_hw[1]}x{frame_hw[0]} at size {size} mean model frames of "
+                             f"{hw[1]}x{hw[0]}; sides above {MAX_MODEL_SIDE} are refused (lower the size, or "
+                             "crop very narrow frames)")
+    return hw
+
+
 def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Anti-aliased resize of an HW or HWC float image to (H, W), clipped to [0, 1]."""
     out = fast_resize(np.ascontiguousarray(img, dtype=np.float32), hw[1], hw[0])
@@ -325,11 +336,7 @@ class Colorizer:
     def __init__(self, model: ControlLDM, frame_hw: tuple[int, int], options: Options):
         self.model, self.opt = model, options
         self.frame_hw = tuple(frame_hw)
-        self.hw = model_size(*frame_hw, options.size)
-        if max(self.hw) > MAX_MODEL_SIDE:
-            raise InferenceError(f"frames of {frame_hw[1]}x{frame_hw[0]} at size {options.size} mean model frames of "
-                                 f"{self.hw[1]}x{self.hw[0]}; sides above {MAX_MODEL_SIDE} are refused (lower the "
-                                 "size, or crop very narrow frames)")
+        self.hw = checked_model_size(self.frame_hw, options.size)
         self.device = model.betas.device
         self.dtype = compute_dtype(options.precision, self.device)
         check_steps(model.num_timesteps, options.steps)

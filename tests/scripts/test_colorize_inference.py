@@ -542,6 +542,22 @@ def test_outputs_on_an_input_are_refused_even_with_overwrite(env, tmp_path, caps
     assert [snapshot(gray), snapshot(colour), clip.read_bytes()] == before
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_model_frames_too_large_are_refused_before_the_weights_load(env, tmp_path, capsys, monkeypatch, video):
+    """Was said only after the model had loaded (seconds for SD2.1) and the bar had started; a
+    video's size comes from its probe, a folder's from its range's first frame."""
+    monkeypatch.setattr(cli.L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    source = write_video(panning_clip(2, 64, 96), tmp_path / "v.avi") if video else env["gray"]
+    args = ["--input", source, "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST, "--no-progress",
+            "--out", tmp_path / "o", "--size", "5000", *(["--frames", "1:"] if not video else [])]
+    rc, _, err = run(args, capsys)
+    size = "96x64 at size 5000 mean model frames of 7488x4992" if video else \
+        "143x80 at size 5000 mean model frames of 8960x4992"
+    assert (rc, err) == (2, f"colorize_inference.py: error: frames of {size}; sides above 4096 are refused (lower "
+                            "the size, or crop very narrow frames)\n")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flag", ["--out", "--video"])
 def test_an_unwritable_out_or_video_folder_is_refused_up_front(env, tmp_path, capsys, monkeypatch, flag):
     """Was found only after the model was loaded and the first batch made ("[Errno 13] Permission
