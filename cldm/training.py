@@ -423,8 +423,10 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
         # the line is global rank 0's (under DDP every process stops, with the same status)
         if received:
             if trainer.is_global_zero:
-                print(f"{bar_line}{PROG}: stopped by SIGTERM at step {trainer.global_step}; {rerun_hint(out)}",
-                      file=sys.stderr)
+                # step 0 of a resumed run: stopped while Lightning restored the checkpoint
+                at = f"at step {trainer.global_step}" if resume is None or trainer.global_step else \
+                    f"while resuming from {Path(resume).name}"
+                print(f"{bar_line}{PROG}: stopped by SIGTERM {at}; {rerun_hint(out)}", file=sys.stderr)
             return 143
         if trainer.interrupted:
             if trainer.is_global_zero:

@@ -533,8 +533,8 @@ def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, t
         signal.signal(signal.SIGTERM, before)
     assert status == 143 and not unheard
     err = capsys.readouterr().err
-    assert err.endswith(f"{train.PROG}: stopped by SIGTERM at step 0; rerun the same command to resume from the "
-                        "newest checkpoint\n"), err
+    assert err.endswith(f"{train.PROG}: stopped by SIGTERM while resuming from step=00000001.ckpt; rerun the same "
+                        "command to resume from the newest checkpoint\n"), err  # not "at step 0": it had 1
     assert "KeyboardInterrupt" not in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=00000001.ckpt"]
 
