@@ -20,7 +20,18 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["temp_beside", "atomic_path", "write_bytes_atomic", "sync_tree", "sync_folder", "try_lock"]
+__all__ = ["temp_beside", "temp_glob", "atomic_path", "write_bytes_atomic", "sync_tree", "sync_folder", "try_lock"]
+
+
+def _temp_name(path: Path, keep_suffix: bool, token: str) -> str:
+    return f".{path.stem}.{token}.tmp{path.suffix}" if keep_suffix else f".{path.name}.{token}.tmp"
+
+
+def temp_glob(path: str | os.PathLike, keep_suffix: bool = True) -> str:
+    """The glob pattern (relative to path's folder) of every name temp_beside(path, keep_suffix)
+    makes: what a writer killed mid-write (SIGKILL, a power cut) can leave behind."""
+    path = Path(path)
+    return (path.parent / _temp_name(path, keep_suffix, "*")).as_posix()
 
 
 def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
@@ -32,9 +43,7 @@ def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
     """
     path = Path(path)
     for _ in range(100):
-        token = secrets.token_hex(4)
-        name = f".{path.stem}.{token}.tmp{path.suffix}" if keep_suffix else f".{path.name}.{token}.tmp"
-        tmp = path.parent / name
+        tmp = path.parent / _temp_name(path, keep_suffix, secrets.token_hex(4))
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
         except FileExistsError:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from atomicio import temp_glob
 from cldm.checkpoint import CheckpointError, LoadReport, compare_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.trainable import MODULE_PREFIX, TRAINING_KEY, export_keys
@@ -178,18 +179,19 @@ def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
     return gone
 
 
-# atomicio's temporary names for what a run writes in OUT besides its checkpoints: the export
-# (as large as the ControlNet: ~1.5 GB for SD2.1's), its YAML, the config, the replica check, a grid
-PARTIAL_RUN_FILES = (".control.safetensors.*.tmp", ".control.*.tmp.yaml", ".config.*.tmp.yaml",
-                     ".replicas.*.tmp.json", "images/.step-*.tmp.png")
+# What a run writes in OUT besides its checkpoints, and whether its temporary name keeps the
+# suffix (atomicio): the export (as large as the ControlNet: ~1.5 GB for SD2.1's), its YAML,
+# the config, the replica check, the image grids
+RUN_FILES = (("control.safetensors", False), ("control.yaml", True), ("config.yaml", True),
+             ("replicas.json", True), ("images/step-*.png", True))
 
 
 def remove_partial_run_files(out: str | Path) -> list[Path]:
     """Delete the temp files a run killed while writing in OUT (SIGKILL, a power cut) left
     beside the export and its other files; checkpoints: remove_partial_checkpoints."""
     gone = []
-    for pattern in PARTIAL_RUN_FILES if Path(out).is_dir() else ():
-        for p in sorted(Path(out).glob(pattern)):
+    for name, keep_suffix in RUN_FILES if Path(out).is_dir() else ():
+        for p in sorted(Path(out).glob(temp_glob(name, keep_suffix))):
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import atomicio
-from atomicio import atomic_path, sync_tree, temp_beside, try_lock, write_bytes_atomic
+from atomicio import atomic_path, sync_tree, temp_beside, temp_glob, try_lock, write_bytes_atomic
 
 
 @pytest.fixture
@@ -25,6 +25,18 @@ def test_temp_names_keep_the_extension_or_end_in_tmp(tmp_path):
     assert re.fullmatch(r"\.clip\.[0-9a-f]{8}\.tmp\.mp4", a.name)  # encoders pick the format by extension
     c = temp_beside(tmp_path / "step=00000005.ckpt", keep_suffix=False)
     assert re.fullmatch(r"\.step=00000005\.ckpt\.[0-9a-f]{8}\.tmp", c.name)  # never looks like a .ckpt
+
+
+def test_temp_glob_matches_the_temp_names_and_not_the_targets(tmp_path):
+    """What a cleanup globs for: every name temp_beside makes for the target (either form, in a
+    subfolder too), and neither the finished file nor another target's temporary name."""
+    for target, keep in (("control.safetensors", False), ("control.yaml", True), ("images/step-00000005.png", True)):
+        (tmp_path / target).parent.mkdir(exist_ok=True)
+        tmp = temp_beside(tmp_path / target, keep_suffix=keep)
+        (tmp_path / target).touch()
+        assert sorted(tmp_path.glob(temp_glob(target, keep))) == [tmp], target
+    assert temp_glob("images/step-*.png") == "images/.step-*.*.tmp.png"
+    assert list(tmp_path.glob(temp_glob("config.yaml"))) == []
 
 
 def test_atomic_path_renames_on_success_and_cleans_up_on_any_exception(tmp_path):
