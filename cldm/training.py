@@ -269,27 +269,18 @@ LOADER_GONE, SIGNALLED = "exited unexpectedly", "is killed by signal"
 TERMINATED_LOADER = "is killed by signal: Terminated"
 
 
-def loader_says(e: BaseException | None, words: str) -> bool:
+def loader_says(e: BaseException | None, words: str, context: bool = False) -> bool:
     """Whether `e`, or an error it was raised from, holds torch's `words` about a data loader
     process: a worker's death may come as the cause of torch's "exited unexpectedly" (its
-    SIGCHLD handler's error lands in the queue read it wraps)."""
-    while e is not None:
-        if words in str(e):
-            return True
-        e = e.__cause__
-    return False
-
-
-def terminated_loader(e: BaseException | None) -> bool:
-    """Whether a data loader process died of SIGTERM (TERMINATED_LOADER), said by `e` or an error
-    it was raised from or while handling: torch's SIGCHLD handler raises it wherever the main
-    process is, inside torch.save's writes too, whose zip writer raises 'unexpected pos' over it."""
+    SIGCHLD handler's error lands in the queue read it wraps). `context`: also an error it was
+    raised while handling, for errors torch's SIGCHLD handler raises wherever the main process is
+    (inside torch.save's writes, whose zip writer raises 'unexpected pos' over it)."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if TERMINATED_LOADER in str(e):
+        if words in str(e):
             return True
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (e.__context__ if context else None)
     return False
 
 
@@ -412,8 +403,8 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
         except ResumeRefusedError as e:
             raise refused_resume(e, resume, Path(args.init)) from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
-            if terminated_loader(e):  # a SIGTERM to every process of the run (a scheduler's stop):
-                received.append(signal.SIGTERM)  # a data loader process died of it before the step's end
+            if loader_says(e, TERMINATED_LOADER, context=True):  # a SIGTERM to every process of the run (a
+                received.append(signal.SIGTERM)  # scheduler's stop): a data loader process died of it first
             else:
                 line = out_of_memory_line(e, cfg, trainer.global_step, trainer.strategy.root_device, out)
                 if line is None:
