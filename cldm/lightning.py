@@ -79,6 +79,8 @@ class ColorControlModule(L.LightningModule):
         self._locked_snapshot: torch.Tensor | None = None
         self._locked_digest: str | None = None
         self._trained_on: str | None = None  # the data root a resumed checkpoint records (hparams.data)
+        self._resumed_hparams: dict = {}  # the hyperparameters a resumed checkpoint records
+        self._other_optimizer: str | None = None  # a resumed checkpoint's optimiser, when not this run's
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -207,22 +209,33 @@ class ColorControlModule(L.LightningModule):
 
         Lightning restores the optimiser and scheduler as saved, their learning rate and weight
         decay included, so a resume with another --lr or --weight-decay would silently keep the
-        old ones. A no-op on a fresh run. The partly locked input conv keeps weight decay 0.
+        old ones. A no-op on a fresh run. The partly locked input conv keeps weight decay 0. A
+        note names what differs from the checkpoint (lr, weight decay, warm-up, optimiser).
         """
         hp = self.hparams
         opt = self.trainer.optimizers[0]
         sched = self.trainer.lr_scheduler_configs[0].scheduler
         old_lr = sched.base_lrs[0]
         old_wd = next(g["weight_decay"] for g in opt.param_groups if g.get("name") == "trainable")
+        if self._other_optimizer is not None:  # its groups were not restored (on_load_checkpoint)
+            old_wd = self._resumed_hparams.get("weight_decay", old_wd)
+        old_warmup = self._resumed_hparams.get("warmup_steps", hp.warmup_steps)
         sched.base_lrs = [hp.lr] * len(opt.param_groups)
         sched.lr_lambdas = [functools.partial(_warmup, warmup_steps=hp.warmup_steps)] * len(opt.param_groups)
         for g in opt.param_groups:
             g["initial_lr"], g["lr"] = hp.lr, hp.lr * _warmup(sched.last_epoch, hp.warmup_steps)
             if g.get("name") == "trainable":
                 g["weight_decay"] = hp.weight_decay
-        if self.trainer.is_global_zero and (old_lr, old_wd) != (hp.lr, hp.weight_decay):
-            print(f"note: resumed with learning rate {hp.lr:g} and weight decay {hp.weight_decay:g} (the checkpoint "
-                  f"had {old_lr:g} and {old_wd:g})", file=sys.stderr)
+        if not self.trainer.is_global_zero:
+            return
+        if (old_lr, old_wd, old_warmup) != (hp.lr, hp.weight_decay, hp.warmup_steps):
+            print(f"note: resumed with learning rate {hp.lr:g}, weight decay {hp.weight_decay:g} and "
+                  f"{hp.warmup_steps} warm-up steps (the checkpoint had {old_lr:g}, {old_wd:g} and {old_warmup})",
+                  file=sys.stderr)
+        if self._other_optimizer is not None:
+            print(f"note: resumed with optimizer {hp.optimizer}, the checkpoint's is {self._other_optimizer}: its "
+                  "state does not carry over, the moments start again from zero (weights, step and learning-rate "
+                  "schedule continue)", file=sys.stderr)
 
     def check_locked(self) -> None:
         """Raise if the SD channels of the partly trainable input conv moved (optimiser misuse)."""
@@ -252,7 +265,8 @@ class ColorControlModule(L.LightningModule):
         """Refuse, before Lightning restores anything, a checkpoint that is not of this setup: the
         rules `inspect` applies too (resume_misfit), then the locked weights' digest."""
         info = checkpoint.get(TRAINING_KEY, {})
-        self._trained_on = checkpoint.get("hyper_parameters", {}).get("data")
+        self._resumed_hparams = dict(checkpoint.get("hyper_parameters", {}))
+        self._trained_on = self._resumed_hparams.get("data")
         trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
         ours, *older = self._config_hashes
         _, reason = resume_misfit(self.model, ours, trained, info, also=older)
@@ -262,6 +276,13 @@ class ColorControlModule(L.LightningModule):
         if digest is not None and digest != self.locked_digest():
             raise ResumeRefusedError("was trained on other locked SD weights than this run's --init",
                                      f"digest {digest[:12]}... vs {self.locked_digest()[:12]}...", locked=True)
+        # Another --optimizer (adamw8bit after an out-of-memory, say): AdamW's and bitsandbytes'
+        # states have different keys, and either one loaded into the other failed at the first
+        # step (KeyError). Restore none: the optimiser configure_optimizers made starts afresh.
+        theirs = self._resumed_hparams.get("optimizer")
+        if theirs is not None and theirs != self.hparams.optimizer:
+            self._other_optimizer = theirs
+            checkpoint["optimizer_states"] = []  # Lightning loads zip(optimizers, states): nothing
 
     # ---- images ---------------------------------------------------------------------------
     @torch.no_grad()

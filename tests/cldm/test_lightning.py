@@ -446,7 +446,11 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
     # steps 3 and 4 of a linear warm-up over 8 steps, at the new rate; the new decay, not on the input conv
     assert [r["trainable"] for r in lrs] == [(pytest.approx(1e-3 * 3 / 8), 0.5), (pytest.approx(1e-3 * 4 / 8), 0.5)]
     assert [r["unet_input"] for r in lrs] == [(pytest.approx(1e-3 * 3 / 8), 0.0), (pytest.approx(1e-3 * 4 / 8), 0.0)]
-    assert "resumed with learning rate 0.001 and weight decay 0.5 (the checkpoint had 1e-05 and 0)" in capsys.readouterr().err
+    assert ("resumed with learning rate 0.001, weight decay 0.5 and 8 warm-up steps (the checkpoint had 1e-05, 0 and 4)"
+            in capsys.readouterr().err)
+    fit(3, tmp_path / "a.ckpt", lr=1e-5, warmup_steps=2)  # the warm-up alone differs: noted too
+    assert ("note: resumed with learning rate 1e-05, weight decay 0 and 2 warm-up steps (the checkpoint had 1e-05, 0 "
+            "and 4)\n") in capsys.readouterr().err
 
 
 def test_one_sample_grid_per_step_under_accumulation(tmp_path):
@@ -666,6 +670,36 @@ def test_adamw8bit_checkpoint_restores_its_state(tmp_path):
         assert a.keys() == b.keys(), i
         for k in a:
             assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), (i, k)
+
+
+@pytest.mark.parametrize("first, then", [("adamw", "adamw8bit"), ("adamw8bit", "adamw")])
+def test_a_resume_with_another_optimizer_starts_its_state_afresh_and_says_so(tmp_path, capsys, first, then):
+    """--optimizer adamw8bit after an out-of-memory (docs/TRAINING.md) and back: the states'
+    keys differ (exp_avg vs state1), and the one loaded into the other failed at the first step
+    with a KeyError. The new optimiser starts from zero moments (8-bit: its input conv group in
+    32 bits), the step and the schedule continue, and a note says so."""
+    torch.manual_seed(0)
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3, optimizer=first)
+    batch = with_latents(module, tiny_batch(2))
+
+    def trainer(steps):
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+
+    t1 = trainer(2)
+    t1.fit(module, DataLoader([batch] * 2, batch_size=None))
+    t1.save_checkpoint(tmp_path / "a.ckpt")
+    assert "note" not in capsys.readouterr().err
+    module2 = ColorControlModule(tiny_model("v2"), lr=1e-3, optimizer=then)
+    t2 = trainer(3)
+    t2.fit(module2, DataLoader([batch] * 3, batch_size=None), ckpt_path=tmp_path / "a.ckpt")
+    assert t2.global_step == 3 and t2.lr_scheduler_configs[0].scheduler.last_epoch == 3
+    opt = t2.optimizers[0]
+    assert {int(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"]} == {1}  # afresh, once
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["unet_input"].get("optim_bits") == (32 if then == "adamw8bit" else None)
+    assert capsys.readouterr().err.count(f"note: resumed with optimizer {then}, the checkpoint's is {first}: its state "
+                                         "does not carry over") == 1
 
 
 def test_a_resume_on_another_data_root_is_noted_once_by_rank_zero(tmp_path, capsys):
