@@ -330,6 +330,7 @@ def test_per_movie_bars_take_the_lowest_free_line_and_the_claimed_total(monkeypa
 
 @pytest.mark.parametrize("error, line", [
     (OSError(errno.EIO, "Input/output error"), "OSError: [Errno 5] Input/output error"),
+    (ValueError("bad frame range 0:-1"), "ValueError: bad frame range 0:-1"),  # a skip, not the run's end
     (cv2.error("OpenCV(4) resize.cpp:1: error: (-215) !ssize.empty()"), "error: OpenCV(4) resize.cpp:1: error: (-215) "
                                                                          "!ssize.empty()")])
 def test_a_movie_that_fails_to_build_is_one_line_with_the_error_type(tmp_path, monkeypatch, error, line):
@@ -578,3 +579,40 @@ def test_plan_shows_names_that_are_not_utf8_with_escapes(tmp_path):
     assert skipped == [f"{tmp_path}/x/caf\\xe9: movie id 'caf_' was already built from {tmp_path}/caf\\xe9; "
                        f"rename this input or delete {tmp_path}/data/caf_"]
     assert skipped[0].encode("utf-8")
+
+
+def test_shards_split_the_sorted_ids_whatever_order_each_machine_lists_the_inputs_in(tmp_path):
+    """Two machines whose globs list the same movies in other orders must still split them: taken
+    in input order, shard 0 of one and shard 1 of the other could both take a movie and both skip
+    another, which no machine would ever build (silently)."""
+    clips = {mid: write_folder(panning_clip(2, 16, 24, seed=k), tmp_path / mid) for k, mid in enumerate("dacb")}
+    orders = [[clips[m] for m in "dacb"], [clips[m] for m in "abcd"], [clips[m] for m in "cbda"]]
+    for order in orders:
+        shards = [build_many.plan(order, tmp_path / "data", (i, 2)) for i in range(2)]
+        assert [[mid for mid, _, _ in s[0]] for s in shards] == [["a", "c"], ["b", "d"]]
+        assert [s[4] for s in shards] == [2, 2] and all(mid == p.name for s in shards for mid, p, _ in s[0])
+
+
+def test_at_most_workers_movies_run_at_once_and_their_progress_reaches_the_bars(tmp_path, monkeypatch):
+    """workers=2 with three movies: the third starts only once a slot is free (a parent that
+    started one more would run cpu_count // workers threads too many); the frames a worker
+    reports advance its movie's bar and the overall one."""
+    clips = clips_named(tmp_path, "abc")
+    scripts = {mid: ([("progress", k + 1), ("result", {"movie_id": mid, "frame_count": 4})], 0, None)
+               for k, mid in enumerate("abc")}
+    stand_in_workers(monkeypatch, scripts)
+    fake_start, ends, peak = build_many._start_worker, [], []
+
+    def start(*args):
+        w = fake_start(*args)
+        ends.append(w.conn)
+        peak.append(sum(not c.closed for c in ends))  # started and not yet reaped, this one included
+        return w
+    monkeypatch.setattr(build_many, "_start_worker", start)
+    advanced, real_advance = [], build_many._Bars.advance
+    monkeypatch.setattr(build_many._Bars, "advance", lambda self, mid, n: advanced.append((mid, n))
+                        or real_advance(self, mid, n))
+    s = in_time(lambda: build_all(clips, tmp_path / "data", OPTS, workers=2, progress=False, log=lambda line: None))
+    assert sorted(m["movie_id"] for m in s.built) == ["a", "b", "c"]
+    assert len(peak) == 3 and max(peak) == 2, peak  # the third: 1 or 2, as the first two end
+    assert sorted(advanced) == [("a", 1), ("b", 2), ("c", 3)]
