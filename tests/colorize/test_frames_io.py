@@ -378,3 +378,19 @@ def test_encode_png_clips_and_rounds_to_the_depth():
     np.testing.assert_array_equal(sixteen, [[[0, 32768, 65535], [0, 1, 65535]]])  # 0.5 * 65535 = 32767.5 rounds up
     eight = cv2.imdecode(np.frombuffer(encode_png(rgb, 8), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
     np.testing.assert_array_equal(eight, to_uint8(rgb))
+
+
+def test_read_frame_folder_gives_rgb_not_opencvs_bgr(tmp_path):
+    """Ground truth read as BGR would swap red and blue in every metric, silently: a file whose
+    pixels are (R, G, B) = (200, 30, 5) comes back as exactly that."""
+    cv2.imwrite(str(tmp_path / "0.png"), np.full((4, 6, 3), (5, 30, 200), np.uint8))  # cv2 writes B, G, R
+    names, frames = read_frame_folder(tmp_path)
+    assert names == ["0.png"] and frames[0].dtype == np.uint8 and frames[0].shape == (4, 6, 3)
+    np.testing.assert_array_equal(frames[0], np.full((4, 6, 3), (200, 30, 5), np.uint8))
+
+
+def test_encode_png_an_encoder_failure_is_an_oserror(monkeypatch):
+    """Not an AttributeError from the None that a failed cv2.imencode returns as its data."""
+    monkeypatch.setattr(cv2, "imencode", lambda *a: (False, None))
+    with pytest.raises(OSError, match="^cannot encode PNG$"):
+        encode_png(np.zeros((2, 2, 3), np.float32), 16)
