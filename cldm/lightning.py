@@ -78,9 +78,7 @@ class ColorControlModule(L.LightningModule):
         self._config_hashes = config_hashes(config) if config is not None else (None,)
         self._locked_snapshot: torch.Tensor | None = None
         self._locked_digest: str | None = None
-        self._trained_on: str | None = None  # the data root a resumed checkpoint records (hparams.data)
-        self._resumed_hparams: dict = {}  # the hyperparameters a resumed checkpoint records
-        self._other_optimizer: str | None = None  # a resumed checkpoint's optimiser, when not this run's
+        self._resumed_hparams: dict = {}  # the hyperparameters a resumed checkpoint records (data root, ...)
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -173,7 +171,7 @@ class ColorControlModule(L.LightningModule):
     def note_other_data(self) -> None:
         """A resume on another --data than its checkpoint's run is allowed (more films, a moved
         folder) but said, since a mistyped --data would otherwise train on the wrong films unseen."""
-        ours, theirs = self.hparams.get("data"), self._trained_on
+        ours, theirs = self.hparams.get("data"), self._resumed_hparams.get("data")
         if ours and theirs and ours != theirs and self.trainer.is_global_zero:
             print(f"note: resumed a run that trained on --data {theirs}; this one reads {ours}", file=sys.stderr)
 
@@ -217,7 +215,8 @@ class ColorControlModule(L.LightningModule):
         sched = self.trainer.lr_scheduler_configs[0].scheduler
         old_lr = sched.base_lrs[0]
         old_wd = next(g["weight_decay"] for g in opt.param_groups if g.get("name") == "trainable")
-        if self._other_optimizer is not None:  # its groups were not restored (on_load_checkpoint)
+        other_optimizer = self.other_optimizer()
+        if other_optimizer is not None:  # its groups were not restored (on_load_checkpoint)
             old_wd = self._resumed_hparams.get("weight_decay", old_wd)
         old_warmup = self._resumed_hparams.get("warmup_steps", hp.warmup_steps)
         sched.base_lrs = [hp.lr] * len(opt.param_groups)
@@ -232,10 +231,15 @@ class ColorControlModule(L.LightningModule):
             print(f"note: resumed with learning rate {hp.lr:g}, weight decay {hp.weight_decay:g} and "
                   f"{hp.warmup_steps} warm-up steps (the checkpoint had {old_lr:g}, {old_wd:g} and {old_warmup})",
                   file=sys.stderr)
-        if self._other_optimizer is not None:
-            print(f"note: resumed with optimizer {hp.optimizer}, the checkpoint's is {self._other_optimizer}: its "
+        if other_optimizer is not None:
+            print(f"note: resumed with optimizer {hp.optimizer}, the checkpoint's is {other_optimizer}: its "
                   "state does not carry over, the moments start again from zero (weights, step and learning-rate "
                   "schedule continue)", file=sys.stderr)
+
+    def other_optimizer(self) -> str | None:
+        """The resumed checkpoint's --optimizer where it is not this run's (else None)."""
+        theirs = self._resumed_hparams.get("optimizer")
+        return theirs if theirs is not None and theirs != self.hparams.optimizer else None
 
     def check_locked(self) -> None:
         """Raise if the SD channels of the partly trainable input conv moved (optimiser misuse)."""
@@ -266,7 +270,6 @@ class ColorControlModule(L.LightningModule):
         rules `inspect` applies too (resume_misfit), then the locked weights' digest."""
         info = checkpoint.get(TRAINING_KEY, {})
         self._resumed_hparams = dict(checkpoint.get("hyper_parameters", {}))
-        self._trained_on = self._resumed_hparams.get("data")
         trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
         ours, *older = self._config_hashes
         _, reason = resume_misfit(self.model, ours, trained, info, also=older)
@@ -279,9 +282,7 @@ class ColorControlModule(L.LightningModule):
         # Another --optimizer (adamw8bit after an out-of-memory, say): AdamW's and bitsandbytes'
         # states have different keys, and either one loaded into the other failed at the first
         # step (KeyError). Restore none: the optimiser configure_optimizers made starts afresh.
-        theirs = self._resumed_hparams.get("optimizer")
-        if theirs is not None and theirs != self.hparams.optimizer:
-            self._other_optimizer = theirs
+        if self.other_optimizer() is not None:
             checkpoint["optimizer_states"] = []  # Lightning loads zip(optimizers, states): nothing
 
     # ---- images ---------------------------------------------------------------------------

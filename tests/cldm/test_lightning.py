@@ -725,13 +725,13 @@ def test_a_resume_on_another_data_root_is_noted_once_by_rank_zero(tmp_path, caps
 
 
 def test_the_other_data_note_is_rank_zeros_and_needs_both_roots(capsys):
-    """note_other_data on its own (a resume sets _trained_on from the checkpoint's hparams): another
+    """note_other_data on its own (a resume sets _resumed_hparams from the checkpoint): another
     rank says nothing, nor does a run that records no root of its own (kills dropping
     `self.trainer.is_global_zero` or `ours` from its condition)."""
     from types import SimpleNamespace
 
     module = ColorControlModule(tiny_model("v2"), data="/films/b")
-    module._trained_on = "/films/a"
+    module._resumed_hparams = {"data": "/films/a"}
     module.trainer = SimpleNamespace(is_global_zero=False)
     module.note_other_data()
     assert capsys.readouterr().err == ""
@@ -739,7 +739,7 @@ def test_the_other_data_note_is_rank_zeros_and_needs_both_roots(capsys):
     module.note_other_data()
     assert capsys.readouterr().err == "note: resumed a run that trained on --data /films/a; this one reads /films/b\n"
     unrecorded = ColorControlModule(tiny_model("v2"))
-    unrecorded._trained_on = "/films/a"
+    unrecorded._resumed_hparams = {"data": "/films/a"}
     unrecorded.trainer = SimpleNamespace(is_global_zero=True)
     unrecorded.note_other_data()
     assert capsys.readouterr().err == ""
