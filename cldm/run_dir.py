@@ -92,7 +92,8 @@ def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tu
     another model config (the hash it records): a fork (--resume PATH into a new OUT) with other
     model settings, or an OUT whose config.yaml is gone. Lightning's restore refused it only after
     OUT/config.yaml had been rewritten with the refused config, which the next plain rerun then
-    took. Names the first differing key when the checkpoint's run folder still has its config.yaml."""
+    took. Names the first differing key by the checkpoint's run folder's config.yaml, or else by the
+    config its hyperparameters keep; only the hashes where it has neither."""
     ckpt = read_training_checkpoint(resume) if resume is not None else None
     recorded = ckpt[TRAINING_KEY].get("config_hash") if ckpt is not None else None
     ours = config_hashes(cfg)
@@ -104,9 +105,18 @@ def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tu
     except Exception:  # unreadable: fall back to the hashes
         run_cfg = None
     if run_cfg is not None and recorded in config_hashes(run_cfg):
-        what, culprits = _difference(run_cfg, cfg, given)
+        source, trained = f"({saved})", run_cfg
+    else:  # config.yaml gone, unreadable or changed since: the config the checkpoint's hparams keep
+        trained = (ckpt.get("hyper_parameters") or {}).get("config")
+        trained = OmegaConf.create(trained) if isinstance(trained, dict) and "model" in trained else None
+        if trained is not None and recorded not in config_hashes(trained):
+            trained = None
+        changed = f"; {saved} was changed since" if run_cfg is not None else ""
+        source = f"(the one the checkpoint records{changed})"
+    if trained is not None:
+        what, culprits = _difference(trained, cfg, given)
         remedy = f"; leave out {' and '.join(culprits)} to continue it" if culprits else ""
-        raise RunDirError(f"{resume}: trained with another model config ({saved}): {what}{remedy}")
+        raise RunDirError(f"{resume}: trained with another model config {source}: {what}{remedy}")
     raise RunDirError(f"{resume}: trained with another model config (hash {recorded}, this config's {ours[0]}); "
                       "pass the --config and model settings it was trained with")
 

@@ -221,3 +221,40 @@ def test_a_checkpoint_of_another_model_config_is_refused_before_out_is_written(t
             (run / "config.yaml").write_text(text)
         with pytest.raises(RunDirError, match=f"^{by_hashes}$"):
             check_resume_config(ckpt, other)
+
+
+def test_a_refused_resume_names_the_key_by_the_config_its_checkpoint_keeps(tmp_path):
+    """OUT/config.yaml edited by hand since (or gone): the checkpoint's hyperparameters keep the
+    config it was trained with, so the key that differs is named, not just two hashes. A kept
+    config that does not give the recorded hash is not trusted: the hashes, as before."""
+    from cldm.callbacks import AtomicCheckpointIO
+    from cldm.resume import LIGHTNING_KEYS, TRAINING_KEY
+    from cldm.run_dir import check_resume_config
+    from cldm.weights_config import config_hash
+
+    tiny = load_config(TINY_CONFIG)
+    other = load_config(TINY_CONFIG, ["model.only_mid_control=true"])
+    run = tmp_path / "run"
+    record_config(run, other)  # edited by hand after the checkpoint was written
+    ckpt = run / "checkpoints" / "step=00000005.ckpt"
+
+    def save(kept):
+        AtomicCheckpointIO().save_checkpoint({**{k: {} for k in LIGHTNING_KEYS}, "global_step": 5,
+                                              "hyper_parameters": {"lr": 1e-5, "config": OmegaConf.to_container(kept)},
+                                              TRAINING_KEY: {"config_hash": config_hash(tiny)}}, ckpt)
+
+    save(tiny)
+    key = "model.only_mid_control is False there, True in this command's (1 key(s) differ)"
+    with pytest.raises(RunDirError, match=re.escape(
+            f"{ckpt}: trained with another model config (the one the checkpoint records; {run / 'config.yaml'} was "
+            f"changed since): {key}") + "$"):
+        check_resume_config(ckpt, other)
+    (run / "config.yaml").unlink()
+    with pytest.raises(RunDirError, match=re.escape(
+            f"{ckpt}: trained with another model config (the one the checkpoint records): {key}; leave out "
+            "model.only_mid_control=true to continue it") + "$"):
+        check_resume_config(ckpt, other, [("model.only_mid_control=true", "model.only_mid_control")])
+    save(load_config(TINY_CONFIG, ["model.scale_factor=0.5"]))  # not the config its hash is of
+    with pytest.raises(RunDirError, match=re.escape(f"(hash {config_hash(tiny)}, this config's {config_hash(other)}); "
+                                                    "pass the --config and model settings it was trained with")):
+        check_resume_config(ckpt, other)

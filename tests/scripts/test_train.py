@@ -1198,6 +1198,22 @@ def test_a_fork_from_a_checkpoint_of_another_model_config_is_refused_before_out_
     assert not fork.exists()
 
 
+def test_a_resume_on_a_hand_edited_run_config_names_the_key_it_changed(ws, tmp_path, capsys, monkeypatch):
+    """OUT/config.yaml edited after the run's checkpoints were written, rerun without --config:
+    refused, naming the edited key by the config the checkpoint keeps (it gave two hashes)."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1, "--no-progress")) == 0
+    saved = out / "config.yaml"
+    saved.write_text(saved.read_text().replace("only_mid_control: false", "only_mid_control: true"))
+    capsys.readouterr()
+    assert train.main(without_config(args(ws, out, "--max-steps", 2, "--no-progress"))) == 2
+    assert capsys.readouterr().err == (
+        f"{train.PROG}: error: {out / 'checkpoints' / 'step=00000001.ckpt'}: trained with another model config (the "
+        f"one the checkpoint records; {saved} was changed since): model.only_mid_control is False there, True in "
+        "this command's (1 key(s) differ)\n")
+
+
 def test_what_the_model_load_would_refuse_later_is_refused_before_it(ws, tmp_path, capsys, monkeypatch):
     """--export with nothing to export, an unknown optimiser; and an OSError while preparing is one line."""
     monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded"))
