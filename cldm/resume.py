@@ -170,13 +170,19 @@ def check_same_resume(path: str | Path | None) -> None:
             "every node sees up to date? Rerun, or pass --resume with rank 0's file")
 
 
+def _remove_matching(folder: str | Path, patterns: Sequence[str]) -> list[Path]:
+    """Delete the files of `folder` that match any of the glob `patterns` (none if no folder)."""
+    gone = []
+    for pattern in patterns if Path(folder).is_dir() else ():
+        for p in sorted(Path(folder).glob(pattern)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def remove_partial_checkpoints(dirpath: str | Path) -> list[Path]:
     """Delete temp files that a killed save left behind."""
-    gone = []
-    for p in Path(dirpath).glob(".*.tmp") if Path(dirpath).is_dir() else []:
-        p.unlink(missing_ok=True)
-        gone.append(p)
-    return gone
+    return _remove_matching(dirpath, [".*.tmp"])
 
 
 # What a run writes in OUT besides its checkpoints, and whether its temporary name keeps the
@@ -189,9 +195,4 @@ RUN_FILES = (("control.safetensors", False), ("control.yaml", True), ("config.ya
 def remove_partial_run_files(out: str | Path) -> list[Path]:
     """Delete the temp files a run killed while writing in OUT (SIGKILL, a power cut) left
     beside the export and its other files; checkpoints: remove_partial_checkpoints."""
-    gone = []
-    for name, keep_suffix in RUN_FILES if Path(out).is_dir() else ():
-        for p in sorted(Path(out).glob(temp_glob(name, keep_suffix))):
-            p.unlink(missing_ok=True)
-            gone.append(p)
-    return gone
+    return _remove_matching(out, [temp_glob(name, keep_suffix) for name, keep_suffix in RUN_FILES])

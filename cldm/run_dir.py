@@ -107,18 +107,24 @@ def check_resume_config(resume: Path | None, cfg: DictConfig, given: Sequence[tu
     if run_cfg is not None and recorded in config_hashes(run_cfg):
         source, trained = f"({saved})", run_cfg
     else:  # config.yaml gone, unreadable or changed since: the config the checkpoint's hparams keep
-        trained = (ckpt.get("hyper_parameters") or {}).get("config")
-        trained = OmegaConf.create(trained) if isinstance(trained, dict) and "model" in trained else None
-        if trained is not None and recorded not in config_hashes(trained):
-            trained = None
-        changed = f"; {saved} was changed since" if run_cfg is not None else ""
-        source = f"(the one the checkpoint records{changed})"
+        trained = _kept_config(ckpt, recorded)
+        source = f"(the one the checkpoint records{f'; {saved} was changed since' if run_cfg is not None else ''})"
     if trained is not None:
         what, culprits = _difference(trained, cfg, given)
         remedy = f"; leave out {' and '.join(culprits)} to continue it" if culprits else ""
         raise RunDirError(f"{resume}: trained with another model config {source}: {what}{remedy}")
     raise RunDirError(f"{resume}: trained with another model config (hash {recorded}, this config's {ours[0]}); "
                       "pass the --config and model settings it was trained with")
+
+
+def _kept_config(ckpt: dict, recorded: str) -> DictConfig | None:
+    """The config a training checkpoint's hyperparameters keep, where it gives the hash the
+    checkpoint recorded (else None: not to be trusted for naming a key)."""
+    kept = (ckpt.get("hyper_parameters") or {}).get("config")
+    if not (isinstance(kept, dict) and "model" in kept):
+        return None
+    kept = OmegaConf.create(kept)
+    return kept if recorded in config_hashes(kept) else None
 
 
 def record_config(out: str | os.PathLike, cfg: DictConfig) -> None:
