@@ -13,6 +13,7 @@ depend on the train flag (it is on whenever autograd records), so eval costs not
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any
 
@@ -79,6 +80,7 @@ class ColorControlModule(L.LightningModule):
         self._locked_snapshot: torch.Tensor | None = None
         self._locked_digest: str | None = None
         self._resumed_hparams: dict = {}  # the hyperparameters a resumed checkpoint records (data root, ...)
+        self._resumed_batch: dict | None = None  # its batch_setup(), where it records one
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -167,6 +169,7 @@ class ColorControlModule(L.LightningModule):
         self.apply_optimizer_settings()
         self.align_accumulation()
         self.note_other_data()
+        self.note_other_seed_and_batch()
 
     def note_other_data(self) -> None:
         """A resume on another --data than its checkpoint's run is allowed (more films, a moved
@@ -174,6 +177,36 @@ class ColorControlModule(L.LightningModule):
         ours, theirs = self.hparams.get("data"), self._resumed_hparams.get("data")
         if ours and theirs and ours != theirs and self.trainer.is_global_zero:
             print(f"note: resumed a run that trained on --data {theirs}; this one reads {ours}", file=sys.stderr)
+
+    def batch_setup(self) -> dict | None:
+        """The factors of this run's effective batch (samples per optimiser step), kept in each
+        checkpoint: its hyperparameters lack the number of processes. The batch size is the data
+        module's, read here from the run's config (None without one)."""
+        batch = ((self.hparams.get("config") or {}).get("train") or {}).get("batch_size")
+        return None if batch is None else {"devices": self.trainer.world_size, "batch_size": batch,
+                                           "accumulate": self.trainer.accumulate_grad_batches}
+
+    def note_other_seed_and_batch(self) -> None:
+        """A resume may take another --seed or effective batch (--batch-size, --devices, --num-nodes,
+        --accumulate: after an out-of-memory, on another machine), but either changes what the
+        continued run does, so say it. Checkpoints that record no seed or batch get no note."""
+        if not self.trainer.is_global_zero:
+            return
+        ours, theirs = self.hparams.seed, self._resumed_hparams.get("seed")
+        if theirs is not None and theirs != ours:
+            print(f"note: resumed with --seed {ours}, the checkpoint's run had {theirs}: the data order and the noise "
+                  f"from here on are drawn from seed {ours}, and the validation loss and the sample grids draw other "
+                  "fixed noise (not comparable with theirs before)", file=sys.stderr)
+        ours, theirs = self.batch_setup(), self._resumed_batch
+        if ours is None or theirs is None:
+            return
+        n, m = (math.prod(b.values()) for b in (ours, theirs))
+        if n != m:
+            ours, theirs = (f"devices {b['devices']} x batch {b['batch_size']} x accumulate {b['accumulate']}"
+                            for b in (ours, theirs))
+            print(f"note: resumed with an effective batch of {n} ({ours}), the checkpoint's run had {m} ({theirs}): "
+                  f"the step and the learning-rate schedule go on by step, but a step now averages {n} samples, not "
+                  f"{m} (--lr is not scaled)", file=sys.stderr)
 
     def align_accumulation(self) -> None:
         """Give a run resumed mid-epoch a whole --accumulate window before its first step.
@@ -264,12 +297,15 @@ class ColorControlModule(L.LightningModule):
         checkpoint[TRAINING_KEY] = {"config_hash": self._config_hashes[0],
                                     "color_variant": self.model.color_variant,
                                     "locked_digest": self.locked_digest()}
+        if (batch := self.batch_setup()) is not None:
+            checkpoint[TRAINING_KEY]["batch"] = batch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, before Lightning restores anything, a checkpoint that is not of this setup: the
         rules `inspect` applies too (resume_misfit), then the locked weights' digest."""
         info = checkpoint.get(TRAINING_KEY, {})
         self._resumed_hparams = dict(checkpoint.get("hyper_parameters", {}))
+        self._resumed_batch = info.get("batch")  # checkpoints before 2026-11-29 record none
         trained = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
         ours, *older = self._config_hashes
         _, reason = resume_misfit(self.model, ours, trained, info, also=older)

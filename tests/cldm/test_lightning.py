@@ -743,3 +743,30 @@ def test_the_other_data_note_is_rank_zeros_and_needs_both_roots(capsys):
     unrecorded.trainer = SimpleNamespace(is_global_zero=True)
     unrecorded.note_other_data()
     assert capsys.readouterr().err == ""
+
+
+def test_the_seed_and_batch_notes_are_rank_zeros_and_need_both_records(capsys):
+    """note_other_seed_and_batch on its own (a resume sets what the checkpoint records): another
+    rank says nothing; a module without a config knows no batch size, and a checkpoint without a
+    batch record gets no batch note (end to end: tests/scripts/test_train.py)."""
+    from types import SimpleNamespace
+
+    module = ColorControlModule(tiny_model("v2"), seed=1, config={"train": {"batch_size": 4}})
+    module._resumed_hparams = {"seed": 0}
+    module._resumed_batch = {"devices": 1, "batch_size": 4, "accumulate": 1}
+    module.trainer = SimpleNamespace(is_global_zero=False, world_size=2, accumulate_grad_batches=3)
+    module.note_other_seed_and_batch()
+    assert capsys.readouterr().err == ""
+    module.trainer.is_global_zero = True
+    module.note_other_seed_and_batch()
+    err = capsys.readouterr().err
+    assert err.startswith("note: resumed with --seed 1, the checkpoint's run had 0: ") and err.count("\n") == 2
+    assert ("note: resumed with an effective batch of 24 (devices 2 x batch 4 x accumulate 3), the checkpoint's run "
+            "had 4 (devices 1 x batch 4 x accumulate 1): ") in err
+    module._resumed_hparams, module._resumed_batch = {}, None
+    module.note_other_seed_and_batch()
+    unconfigured = ColorControlModule(tiny_model("v2"))
+    unconfigured._resumed_batch = {"devices": 1, "batch_size": 4, "accumulate": 1}
+    unconfigured.trainer = module.trainer
+    unconfigured.note_other_seed_and_batch()
+    assert capsys.readouterr().err == ""

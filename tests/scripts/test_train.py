@@ -623,6 +623,39 @@ def test_a_resume_with_a_larger_accumulate_takes_a_whole_window_before_its_first
     assert csv[1].split(",")[csv[0].split(",").index("step")] == "3"  # step 4, counted from 0 as in the first run
 
 
+
+SEED_NOTE = ("note: resumed with --seed 3, the checkpoint's run had 0: the data order and the noise from here on are "
+             "drawn from seed 3, and the validation loss and the sample grids draw other fixed noise (not comparable "
+             "with theirs before)\n")
+
+
+def batch_note(n, ours, m, theirs):
+    return (f"note: resumed with an effective batch of {n} ({ours}), the checkpoint's run had {m} ({theirs}): the step "
+            f"and the learning-rate schedule go on by step, but a step now averages {n} samples, not {m} (--lr is not "
+            "scaled)\n")
+
+
+def test_a_resume_with_another_seed_or_effective_batch_says_so_in_one_line(ws, tmp_path, capsys):
+    """Both are free on a resume but change what the continued run does. The same setup, or the
+    same effective batch split otherwise, is quiet; so is a checkpoint that records neither."""
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1)) == 0  # batch 2 (the config's), seed 0
+    capsys.readouterr()
+    for step, extra, notes in (
+            (2, [], ""),
+            (3, ["--batch-size", 1, "--accumulate", 2], ""),  # still 2 samples a step
+            (4, ["--batch-size", 1, "--accumulate", 2, "--seed", 3], SEED_NOTE),
+            (5, ["--batch-size", 1, "--accumulate", 3, "--seed", 3],
+             batch_note(3, "devices 1 x batch 1 x accumulate 3", 2, "devices 1 x batch 1 x accumulate 2"))):
+        assert train.main(args(ws, out, "--max-steps", step, "--ckpt-every", 1, *extra)) == 0
+        assert "".join(line for line in capsys.readouterr().err.splitlines(True) if "note" in line) == notes, extra
+    ckpt = out / "checkpoints" / "step=00000005.ckpt"  # as written before the seed and the batch were compared
+    state = load_ckpt(ckpt)
+    del state["cldm"]["batch"], state["hyper_parameters"]["seed"]
+    torch.save(state, ckpt)
+    assert train.main(args(ws, out, "--max-steps", 6, "--ckpt-every", 1)) == 0
+    assert "note" not in capsys.readouterr().err
+
 @pytest.mark.parametrize("steps, accumulate", [
     (16, 3),  # after the epoch's last batch (16 at batch 1): left alone, the next epoch starts and its first step
     # takes a whole window (kills `>=` -> `>` against the epoch's batch count: 16 % 3 batches taken off, the old
@@ -797,6 +830,18 @@ def test_ddp_with_compile_keeps_identical_replicas(ws, tmp_path):
     assert not torch.equal(trained["control_model.middle_block_out.0.weight"],
                            init["control_model.middle_block_out.0.weight"])
 
+
+
+@pytest.mark.slow  # a DDP run, ~30 s on 2 cores
+def test_a_ddp_resume_of_a_one_device_run_notes_its_effective_batch_once(ws, tmp_path):
+    """Every process compares; global rank 0 alone says it."""
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1)) == 0
+    res = subprocess.run([sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 2, "--no-progress")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [line + "\n" for line in res.stderr.splitlines() if "note" in line] == \
+        [batch_note(4, "devices 2 x batch 2 x accumulate 1", 2, "devices 1 x batch 2 x accumulate 1")]
 
 @pytest.mark.slow  # two DDP runs, ~2 min on 2 cores
 def test_ddp_resume_all_processes_continue_from_the_same_checkpoint(ws, tmp_path):
