@@ -205,8 +205,8 @@ class ColorControlModule(L.LightningModule):
             ours, theirs = (f"devices {b['devices']} x batch {b['batch_size']} x accumulate {b['accumulate']}"
                             for b in (ours, theirs))
             print(f"note: resumed with an effective batch of {n} ({ours}), the checkpoint's run had {m} ({theirs}): "
-                  f"the step and the learning-rate schedule go on by step, but a step now averages {n} samples, not "
-                  f"{m} (--lr is not scaled)", file=sys.stderr)
+                  "the step count and the learning-rate schedule go on by step, so each step from here on averages "
+                  "over another number of samples (--lr is not scaled)", file=sys.stderr)
 
     def align_accumulation(self) -> None:
         """Give a run resumed mid-epoch a whole --accumulate window before its first step.

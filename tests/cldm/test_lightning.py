@@ -242,14 +242,23 @@ def test_checkpointing_runs_in_training_but_not_when_sampling(monkeypatch):
     assert calls == [] and runs == {"res": 2, "attn": 2}  # one forward per DDIM step, no checkpoint
 
 
+def saving(module, world_size=1, accumulate=1):
+    """`module` as a Trainer leaves it when it saves a checkpoint, for what the checkpoint records of it."""
+    from types import SimpleNamespace
+
+    module.trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=accumulate)
+    return module
+
+
 def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
     cfg = dict(load_config(TINY_CONFIG))
-    module = ColorControlModule(tiny_model("v2"), config=cfg)
+    module = saving(ColorControlModule(tiny_model("v2"), config=cfg), world_size=2, accumulate=3)
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert set(ckpt["state_dict"]) == {"model." + k for k in export_keys(module.model)}
     assert ckpt[TRAINING_KEY] == {"config_hash": config_hash(cfg), "color_variant": "v2",
-                                  "locked_digest": module.locked_digest()}
+                                  "locked_digest": module.locked_digest(),
+                                  "batch": {"devices": 2, "batch_size": cfg["train"]["batch_size"], "accumulate": 3}}
     module.on_load_checkpoint(ckpt)  # its own checkpoint is fine
     before_digests = {**ckpt, TRAINING_KEY: {k: v for k, v in ckpt[TRAINING_KEY].items() if k != "locked_digest"}}
     ColorControlModule(tiny_model("v2", seed=1), config=cfg).on_load_checkpoint(before_digests)  # not checked
@@ -286,7 +295,7 @@ def test_a_config_leaving_out_train_unet_input_resumes_either_way():
     lacking = {**explicit, "model": {k: v for k, v in explicit["model"].items() if k != "train_unet_input"}}
     saved = {}
     for name, cfg in (("explicit", explicit), ("lacking", lacking)):
-        module = ColorControlModule(tiny_model("v2"), config=cfg)
+        module = saving(ColorControlModule(tiny_model("v2"), config=cfg))
         saved[name] = ckpt = {"state_dict": module.state_dict()}
         module.on_save_checkpoint(ckpt)
         assert ckpt[TRAINING_KEY]["config_hash"] == config_hash(explicit)
@@ -749,12 +758,10 @@ def test_the_seed_and_batch_notes_are_rank_zeros_and_need_both_records(capsys):
     """note_other_seed_and_batch on its own (a resume sets what the checkpoint records): another
     rank says nothing; a module without a config knows no batch size, and a checkpoint without a
     batch record gets no batch note (end to end: tests/scripts/test_train.py)."""
-    from types import SimpleNamespace
-
-    module = ColorControlModule(tiny_model("v2"), seed=1, config={"train": {"batch_size": 4}})
+    module = saving(ColorControlModule(tiny_model("v2"), seed=1, config={"train": {"batch_size": 4}}), 2, 3)
     module._resumed_hparams = {"seed": 0}
     module._resumed_batch = {"devices": 1, "batch_size": 4, "accumulate": 1}
-    module.trainer = SimpleNamespace(is_global_zero=False, world_size=2, accumulate_grad_batches=3)
+    module.trainer.is_global_zero = False
     module.note_other_seed_and_batch()
     assert capsys.readouterr().err == ""
     module.trainer.is_global_zero = True

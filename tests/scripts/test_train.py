@@ -379,7 +379,8 @@ def test_out_of_memory_is_one_line_and_a_rerun_with_a_smaller_batch_resumes(ws, 
                      r"from the newest checkpoint$", err, re.M), err
     assert "Traceback" not in err and not (out / "control.safetensors").exists()
     assert train.main(args(ws, out, "--max-steps", 4, "--ckpt-every", 1, "--batch-size", 1)) == 0
-    assert capsys.readouterr().err == f"resuming from {out / 'checkpoints' / 'step=00000002.ckpt'}\n"
+    assert capsys.readouterr().err == f"resuming from {out / 'checkpoints' / 'step=00000002.ckpt'}\n" + \
+        batch_note(1, "devices 1 x batch 1 x accumulate 1", 2, "devices 1 x batch 2 x accumulate 1")
     assert load_ckpt(out / "checkpoints" / "step=00000004.ckpt")["global_step"] == 4
 
 
@@ -631,8 +632,8 @@ SEED_NOTE = ("note: resumed with --seed 3, the checkpoint's run had 0: the data 
 
 def batch_note(n, ours, m, theirs):
     return (f"note: resumed with an effective batch of {n} ({ours}), the checkpoint's run had {m} ({theirs}): the step "
-            f"and the learning-rate schedule go on by step, but a step now averages {n} samples, not {m} (--lr is not "
-            "scaled)\n")
+            "count and the learning-rate schedule go on by step, so each step from here on averages over another number "
+            "of samples (--lr is not scaled)\n")
 
 
 def test_a_resume_with_another_seed_or_effective_batch_says_so_in_one_line(ws, tmp_path, capsys):
