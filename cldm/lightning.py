@@ -167,7 +167,7 @@ class ColorControlModule(L.LightningModule):
         torch.manual_seed(noise_seed(self.hparams.seed, self.global_rank, self.global_step))
         self.snapshot_locked()
         self.apply_optimizer_settings()
-        self.align_accumulation()
+        self.align_epoch()
         self.note_other_data()
         self.note_other_seed_and_batch()
 
@@ -208,26 +208,44 @@ class ColorControlModule(L.LightningModule):
                   "the step count and the learning-rate schedule go on by step, so each step from here on averages "
                   "over another number of samples (--lr is not scaled)", file=sys.stderr)
 
-    def align_accumulation(self) -> None:
-        """Give a run resumed mid-epoch a whole --accumulate window before its first step.
+    def align_epoch(self) -> None:
+        """Count the batches a resumed run has done in its epoch in this run's batches, and in whole
+        --accumulate windows.
 
-        Lightning steps when the epoch's batch count is a multiple of accumulate_grad_batches. A
-        checkpoint is saved right after a step, but a resume with another --accumulate (raised after
-        an out-of-memory, say) counts on from the old windows: its first step came after fewer
-        batches, and its logged step fell one behind for good. Count the epoch's batches as if they
-        had been whole windows of the new size (up to accumulate - 1 fewer: the rest of the epoch
-        is a fresh pass over the data anyway). A no-op on a fresh run and at an epoch's end.
+        Lightning counts an epoch in batches: it ends the epoch when the count reaches the
+        loader's length, and starts it over, as the same epoch, when a resume finds the count past
+        it. After a resume with another --batch-size or number of devices the count went on in
+        batches of another size; on an epoch of 16 samples, 3 batches of 1 then batches of 4 ended
+        it after 7 samples, 3 of 4 then 1s after 25, 5 of 1 then 4s started it over (21), and a
+        checkpoint at an epoch's end started the next epoch at batch 4 of 16. So the samples done
+        count as this run's batches (by the batch the checkpoint records; an older checkpoint's
+        batches as this run's), rounded down, and short of the epoch's end. A resume with another
+        --accumulate (raised after an out-of-memory, say) counted on from the old windows, but a
+        checkpoint is saved right after a step: its first step came after fewer batches, and its
+        logged step fell one behind for good; so whole windows of the new size. Up to a batch and
+        a window more are trained: the rest of the epoch is a fresh pass over the data anyway. A
+        no-op on a fresh run.
         """
-        loop, acc = self.trainer.fit_loop.epoch_loop, self.trainer.accumulate_grad_batches
+        loop, acc, batches = self.trainer.fit_loop.epoch_loop, self.trainer.accumulate_grad_batches, \
+            self.trainer.num_training_batches
         current = loop.batch_progress.current
-        extra = current.ready % acc
-        if not loop.restarting or not extra or current.ready >= self.trainer.num_training_batches:
+        if not loop.restarting:
             return
+        if loop.batch_progress.is_last_batch:  # saved at the epoch's end: the next starts at a count this high
+            done = max(current.ready, batches)
+        else:
+            ours, theirs = self.batch_setup(), self._resumed_batch
+            done = current.ready
+            if ours is not None and theirs is not None:
+                done = done * theirs["devices"] * theirs["batch_size"] // (ours["devices"] * ours["batch_size"])
+            done = min(done, batches - 1)  # past the end, the epoch would start over: end it after one batch
+            done -= done % acc
         # Not clamped at 0: a checkpoint saved at a batch's end has completed one below ready, and
         # Lightning's restart adds that batch back before it sets ready = completed; resumed after
         # 1 batch with --accumulate 2, completed -1 comes back as 0 (clamped, as 1: step 2 took 1 batch)
+        shift = done - current.ready
         for name in ("ready", "started", "processed", "completed"):
-            setattr(current, name, getattr(current, name) - extra)
+            setattr(current, name, getattr(current, name) + shift)
 
     def snapshot_locked(self) -> None:
         """Remember the SD channels of the partly trainable input conv, for check_locked."""

@@ -657,15 +657,17 @@ def test_a_resume_with_another_seed_or_effective_batch_says_so_in_one_line(ws, t
     assert train.main(args(ws, out, "--max-steps", 6, "--ckpt-every", 1)) == 0
     assert "note" not in capsys.readouterr().err
 
+
 @pytest.mark.parametrize("steps, accumulate", [
     (16, 3),  # after the epoch's last batch (16 at batch 1): left alone, the next epoch starts and its first step
-    # takes a whole window (kills `>=` -> `>` against the epoch's batch count: 16 % 3 batches taken off, the old
-    # epoch went on for 1 batch and stepped at its end)
+    # takes a whole window (killed `>=` -> `>` against the epoch's batch count in align_accumulation: 16 % 3 batches
+    # taken off, the old epoch went on for 1 batch and stepped at its end; kills dropping align_epoch's is_last_batch
+    # rule, which replaced it)
     (1, 2),  # inside the first window: the checkpoint is saved before Lightning counts its batch completed (it adds
     # it on restart), so completed is one below the others; clamped at 0 it came back as 1 and step 2 took one
-    # batch (a bug the clamp in align_accumulation made, found by mutation)
-    (15, 2),  # one batch before the epoch's end: the epoch goes on for a whole window, not 1 (kills `>=` ->
-    # `>= num_training_batches - 1` in align_accumulation's epoch-end rule)
+    # batch (a bug the clamp in align_accumulation, now align_epoch, made; found by mutation)
+    (15, 2),  # one batch before the epoch's end: the epoch goes on for a whole window, not 1 (killed `>=` ->
+    # `>= num_training_batches - 1` in the epoch-end rule of align_accumulation, now align_epoch)
 ])
 def test_a_resume_with_a_larger_accumulate_at_an_epochs_edges_takes_a_whole_window(ws, tmp_path, steps, accumulate):
     """A run stopped after `steps` batches (batch 1, 16 per epoch) resumes with --accumulate: its
@@ -676,6 +678,29 @@ def test_a_resume_with_a_larger_accumulate_at_an_epochs_edges_takes_a_whole_wind
                            accumulate)) == 0
     loops = load_ckpt(out / "checkpoints" / f"step={steps + 1:08d}.ckpt")["loops"]["fit_loop"]
     assert loops["epoch_loop.batch_progress"]["total"]["ready"] == steps + accumulate
+
+
+@pytest.mark.parametrize("batch, steps, then, epochs, final", [
+    # 3 samples done, less than a batch of 4: the epoch's 4 follow (19 samples; Lightning counted on from batch 3 of 4
+    # and ended it after 7)
+    (1, 3, 4, 1, 7),
+    (4, 3, 1, 1, 7),  # 12 samples done, 12 batches of 1: 4 follow (16; it counted on from batch 3 of 16: 25)
+    (1, 5, 4, 1, 8),  # 5 done: 1 batch of 4, 3 follow (17; batch 5 of 4 is past the end: it started the epoch over, 21)
+    (4, 4, 1, 2, 20),  # at the epoch's end: the next epoch takes all 16 batches of 1 (it started at batch 4 of 16)
+    # 15 done, as many as the 3 batches of 5 the loader makes of 16 (it drops the rest): not counted past the end,
+    # where Lightning would start the epoch over (3 batches, 30 samples), but one batch before it (20)
+    (1, 15, 5, 1, 16),
+])
+def test_a_resume_with_another_batch_size_keeps_the_epoch_to_its_samples(ws, tmp_path, batch, steps, then, epochs,
+                                                                          final):
+    """Lightning counts an epoch in batches; after a resume with another --batch-size (or number
+    of devices) the batches done in the epoch count as the new batches by their samples, rounded
+    down, so --max-epochs trains at least, and at most a batch more than, its epochs of 16 frames."""
+    out = tmp_path / "run"
+    assert train.main(args(ws, out, "--max-steps", steps, "--ckpt-every", steps, "--batch-size", batch)) == 0
+    assert train.main(args(ws, out, "--max-steps", -1, "--max-epochs", epochs, "--batch-size", then, "--ckpt-every",
+                           1000)) == 0
+    assert [load_ckpt(p)["global_step"] for p in sorted((out / "checkpoints").glob("*.ckpt"))] == [steps, final]
 
 
 @pytest.mark.parametrize("when", ["save", pytest.param(0.5, marks=pytest.mark.slow),
@@ -834,15 +859,21 @@ def test_ddp_with_compile_keeps_identical_replicas(ws, tmp_path):
 
 
 @pytest.mark.slow  # a DDP run, ~30 s on 2 cores
-def test_a_ddp_resume_of_a_one_device_run_notes_its_effective_batch_once(ws, tmp_path):
-    """Every process compares; global rank 0 alone says it."""
+def test_a_ddp_resume_of_a_one_device_run_notes_its_effective_batch_once_and_keeps_its_epoch(ws, tmp_path):
+    """Every process compares; global rank 0 alone says it. The epoch is counted by its samples
+    under DDP too (each process's share of 16 frames is 8)."""
     out = tmp_path / "run"
-    assert train.main(args(ws, out, "--max-steps", 1, "--ckpt-every", 1)) == 0
-    res = subprocess.run([sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 2, "--no-progress")],
+    assert train.main(args(ws, out, "--max-steps", 5, "--ckpt-every", 5)) == 0
+    res = subprocess.run([sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", -1, "--max-epochs",
+                                                             1, "--no-progress")],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert [line + "\n" for line in res.stderr.splitlines() if "note" in line] == \
         [batch_note(4, "devices 2 x batch 2 x accumulate 1", 2, "devices 1 x batch 2 x accumulate 1")]
+    # 5 batches of 2 done, 2 of 2 x 2 devices: 2 of the epoch's 4 batches follow (18 samples of 16; Lightning
+    # started the epoch over at batch 5 of 4: 26)
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))[-1] == "step=00000007.ckpt"
+
 
 @pytest.mark.slow  # two DDP runs, ~2 min on 2 cores
 def test_ddp_resume_all_processes_continue_from_the_same_checkpoint(ws, tmp_path):
