@@ -209,22 +209,17 @@ class ColorControlModule(L.LightningModule):
                   "over another number of samples (--lr is not scaled)", file=sys.stderr)
 
     def align_epoch(self) -> None:
-        """Count the batches a resumed run has done in its epoch in this run's batches, and in whole
+        """Count the batches a resumed run has done in its epoch as this run's batches, in whole
         --accumulate windows.
 
-        Lightning counts an epoch in batches: it ends the epoch when the count reaches the
-        loader's length, and starts it over, as the same epoch, when a resume finds the count past
-        it. After a resume with another --batch-size or number of devices the count went on in
-        batches of another size; on an epoch of 16 samples, 3 batches of 1 then batches of 4 ended
-        it after 7 samples, 3 of 4 then 1s after 25, 5 of 1 then 4s started it over (21), and a
-        checkpoint at an epoch's end started the next epoch at batch 4 of 16. So the samples done
-        count as this run's batches (by the batch the checkpoint records; an older checkpoint's
-        batches as this run's), rounded down, and short of the epoch's end. A resume with another
-        --accumulate (raised after an out-of-memory, say) counted on from the old windows, but a
-        checkpoint is saved right after a step: its first step came after fewer batches, and its
-        logged step fell one behind for good; so whole windows of the new size. Up to a batch and
-        a window more are trained: the rest of the epoch is a fresh pass over the data anyway. A
-        no-op on a fresh run.
+        Lightning counts an epoch in batches. After a resume with another --batch-size or number
+        of devices it counted the old batches as new ones (an epoch of 16 samples ended after 7,
+        or 25, or started over when the count passed its new end); so the samples done are
+        converted by the batch the checkpoint records (older checkpoints: counted as before),
+        rounded down and held short of the epoch's end. With another --accumulate the first step
+        came after a partial window and the logged step fell one behind for good; so whole
+        windows. At most a batch and a window more are trained: the rest of the epoch is a
+        fresh pass over the data anyway. A no-op on a fresh run.
         """
         loop, acc, batches = self.trainer.fit_loop.epoch_loop, self.trainer.accumulate_grad_batches, \
             self.trainer.num_training_batches
