@@ -32,7 +32,6 @@ import os
 import sys
 from collections import deque
 from contextlib import closing
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, one_line, out_file_problem,
@@ -48,21 +47,19 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from annotator.video import (FrameSourceError, SourceInfo, TruncatedVideoError, decode_image,  # noqa: E402
-                             list_frame_files, probe, read_image)
+                             list_frame_files, probe)
 from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
-from colorize import audio as A  # noqa: E402
-from colorize.frames_io import (encode_png, even_size, progress_bar, write_bytes_atomic,  # noqa: E402
-                               write_video_atomic)
+from colorize import audio as A, outputs as O  # noqa: E402
+from colorize.frames_io import even_size, progress_bar, write_video_atomic  # noqa: E402
 
 PROG = "colorize_inference.py"
 METHODS = ("model", "reinhard", "reinhard-bands", "flow")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 DEFAULT_FOLDER_FPS = 25.0
-PNG_THREADS = min(4, os.cpu_count() or 1)  # PNGs encoded at once, while the next frames are made
 
 
 def parser() -> argparse.ArgumentParser:
@@ -189,10 +186,6 @@ MODE_ONLY = {"batch": ("fixed", "batches (it goes frame by frame)"), "anchor_eve
 
 class UsageError(Exception):
     """Bad arguments; str(e) is one line."""
-
-
-class EarlierOutputError(UsageError):
-    """A frame of --out outside --frames that --video cannot use (unreadable, another size)."""
 
 
 def check_used(args) -> None:
@@ -527,98 +520,34 @@ def run(args) -> int:
     notes = set()
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method, disable=args.no_progress)
-    done = {"n": 0, "next": frames.start}
+    writer = O.OrderedWriter(out, frames.start, overwrite=args.overwrite, keep_rgb=bool(args.video))
 
     def note(msg):
         if msg not in notes:
             notes.add(msg)
             bar.write(f"{PROG}: note: {msg}", file=sys.stderr)
 
-    def write(pending: deque) -> np.ndarray:
-        """Write the first of `pending` (target, its PNG being encoded, rgb); taken off once written,
-        so a stop inside leaves it first."""
-        target, png, rgb = pending[0]
-        try:
-            write_bytes_atomic(target, png.result())
-        except OSError as e:  # a full disk's error names no file
-            raise OSError(f"cannot write {target}: {e.strerror or one_line(e)}") from None
-        pending.popleft()
-        done["n"] += 1
-        done["next"] += 1
-        return rgb
-
-    def written():
-        """The outputs in clip order, each yielded once its PNG is written. PNGs are encoded in
-        threads (OpenCV lets go of the GIL) while the next frames are made: encoding a 720p
-        frame takes ~35 ms, as long as a baseline's colouring, and the main thread also feeds
-        the GPU. Frames made before an error are written before it is raised, as if in turn."""
-        pending = deque()  # (target, its PNG being encoded, rgb for --video: else not held)
-        with ThreadPoolExecutor(PNG_THREADS) as pool:
-            try:
-                for name, depth, rgb in colourised(args, options, model, refs, ref_indices, frames, total, note,
-                                                   bar.update):
-                    if done["n"] == 0 and not pending:  # only now: a run refused at its first frame leaves no folder
-                        out.mkdir(parents=True, exist_ok=True)
-                        if args.video and (rgb.shape[1], rgb.shape[0]) != even_size(rgb.shape[1], rgb.shape[0]):
-                            w, h = even_size(rgb.shape[1], rgb.shape[0])
-                            note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, "
-                                 f"so the video is {w}x{h} (last column/row repeated); the PNGs keep the input size")
-                    target = out / name
-                    if target.exists() and not args.overwrite:  # a video whose length was unknown up front
-                        raise UsageError(f"{target} exists; pass --overwrite to replace it")
-                    pending.append((target, pool.submit(encode_png, rgb, depth), rgb if args.video else None))
-                    if len(pending) > PNG_THREADS:
-                        yield write(pending)
-                while pending:  # inside: a stop here (one just after a rename, say) is drained too
-                    yield write(pending)
-            except GeneratorExit:  # the video stopped taking frames (run() closes it): its error is being
-                try:  # reported, and the frames made are worth keeping unless the disk refuses them
-                    while pending:
-                        write(pending)
-                except OSError:
-                    pass
-                raise
-            except BaseException:
-                while pending:
-                    write(pending)
-                raise
-
-    def video_frames():
-        """The whole clip for --video: frames outside the range from --out, the new ones as made.
-        Those from --out must have the input's size (the new frames' size), known before the
-        first is read: the frame of --out that differs is named, whichever comes first."""
-        size = input_size(args.input, info, frames.start) if before or after else None
-
-        def earlier(names):
-            for name in names:
-                try:
-                    rgb = read_image(out / name)
-                except FrameSourceError as e:
-                    raise EarlierOutputError(f"--video: {e}") from None
-                if rgb.shape[:2] != size:
-                    raise EarlierOutputError(f"--video: {out / name} is {rgb.shape[1]}x{rgb.shape[0]}, the input's "
-                                             f"frames {size[1]}x{size[0]}: --out holds frames of another clip or size")
-                yield rgb
-
-        yield from earlier(before)
-        yield from written()
-        yield from earlier(after)
+    def note_odd_size(rgb):
+        if args.video and (rgb.shape[1], rgb.shape[0]) != even_size(rgb.shape[1], rgb.shape[0]):
+            w, h = even_size(rgb.shape[1], rgb.shape[0])
+            note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, "
+                 f"so the video is {w}x{h} (last column/row repeated); the PNGs keep the input size")
 
     def frames_it_holds(e: TruncatedVideoError, start: int, again: str = "") -> str | None:
         """The range from `start` that colourises the frames a cut-off file still holds after the
         last output (None if it holds none)."""
-        if e.decoded <= done["next"]:
+        if e.decoded <= writer.next_frame:
             return None
         if args.method == "flow" and (past := [i for i in args.reference_frame if i >= e.decoded]):
             return f"it ends before flow's reference frame {min(past)}"  # which a range must hold
         return (f"--frames {start}:{e.decoded}{again}{' without --video' if args.video else ''} colourises the "
-                f"{'rest of the ' if done['n'] else ''}frames it holds")
+                f"{'rest of the ' if writer.count else ''}frames it holds")
 
     def resume(e: BaseException | None = None) -> str:
-        if total is not None and done["n"] == total:  # the video failed after the last frame, or a stop came
+        if total is not None and writer.count == total:  # the video failed after the last frame, or a stop came
             # while the last PNGs were written
             return "only --video is missing: rerun with --overwrite" if args.video else "that is all of them"
-        start, again, why = done["next"], "", ""
+        start, again, why = writer.next_frame, "", ""
         if args.method == "flow" and any(i < start for i in args.reference_frame):
             # flow walks from its reference frames, which a range must hold (baseline_indices): it goes on
             # from the first of them, making the outputs since again. The same ones (the walks are
@@ -637,14 +566,17 @@ def run(args) -> int:
         go_on = f"--frames {start}:{frames.stop if frames.stop is not None else ''}{again} continues{why}"
         if not isinstance(e, TruncatedVideoError):
             return go_on
-        # The file ends at frame e.decoded: going on from done["next"] in it ends in this error again.
+        # The file ends at frame e.decoded: going on from writer.next_frame in it ends in this error again.
         rest = frames_it_holds(e, start, again) or "it holds no more frames"  # held: a batch being made when it ran out
         return f"{rest}; with a complete copy of the file, {go_on}"
 
     def make_all() -> int:
+        new = writer.written(lambda: colourised(args, options, model, refs, ref_indices, frames, total, note,
+                                                bar.update), on_first=note_odd_size)
         if not args.video:
-            return sum(1 for _ in written())
-        with closing(video_frames()) as clip:  # closed before its error is handled, so the PNGs made get written
+            return sum(1 for _ in new)
+        clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, frames.start))
+        with closing(clip):  # closed before its error is handled, so the PNGs made get written
             return write_video_atomic(args.video, clip, fps, audio_from=sound)
 
     finished = False
@@ -652,26 +584,27 @@ def run(args) -> int:
         try:
             n = make_all()
             finished = True
-        except (UsageError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError, cv2.error) as e:
+        except (UsageError, O.OutputError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError,
+                cv2.error) as e:
             if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
                 raise
             message = one_line(e)
             if out_of_memory(e):
                 message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
                            "lower them")
-            if done["n"] == 0:
+            if writer.count == 0:
                 if isinstance(e, TruncatedVideoError) and (holds := frames_it_holds(e, frames.start)):
                     message += f" (nothing was written; {holds})"
                 raise UsageError(message) from None
-            if isinstance(e, EarlierOutputError):  # a frame outside the range, read after the new ones
-                raise UsageError(f"{message} (the {done['n']} new outputs are written and complete; only --video "
+            if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
+                raise UsageError(f"{message} (the {writer.count} new outputs are written and complete; only --video "
                                  "is missing)") from None
-            raise UsageError(f"{message} (the {done['n']} outputs before it are written and complete; {resume(e)})"
+            raise UsageError(f"{message} (the {writer.count} outputs before it are written and complete; {resume(e)})"
                              ) from None
         finally:
             bar.close()
         earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
-        count = f"{done['n']} frame" + ("" if done["n"] == 1 else "s")
+        count = f"{writer.count} frame" + ("" if writer.count == 1 else "s")
         if sound is not None:
             earlier += (f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}"
                         "), ")
@@ -680,11 +613,11 @@ def run(args) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
         if finished:  # in the last lines: nothing is missing
             video = f" and {args.video}" if args.video else ""
-            raise type(e)(f"interrupted as it finished; all {done['n']} outputs{video} are written and complete"
+            raise type(e)(f"interrupted as it finished; all {writer.count} outputs{video} are written and complete"
                           ) from None
-        if done["n"] == 0:
+        if writer.count == 0:
             raise
-        raise type(e)(f"interrupted; the {done['n']} outputs written so far are complete: {resume()}") from None
+        raise type(e)(f"interrupted; the {writer.count} outputs written so far are complete: {resume()}") from None
 
 
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on

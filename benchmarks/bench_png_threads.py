@@ -2,7 +2,7 @@
 """Wall time of colorize_inference.py with its PNGs encoded in threads vs. in turn, in one run.
 
 The CLI encodes each output PNG on a worker thread while the main thread makes the next
-frames (colorize_inference.PNG_THREADS at once). This runs the whole CLI on the sample clip
+frames (colorize/outputs.py's PNG_THREADS at once). This runs the whole CLI on the sample clip
 (decode, a baseline method, PNG writing; imports excluded) three ways: as shipped; with one
 encoding thread; and "serial", every PNG encoded on the main thread before the next frame
 is made (the path before 2026-11-28). Runs alternate and the median of --repeat is reported,
@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import colorize_inference as cli  # noqa: E402
+from colorize import outputs  # noqa: E402
 from cliutil import DefaultsFormatter, OneLineParser, positive_int  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "bigbuckbunny.mp4"
@@ -52,10 +53,10 @@ class Serial:
 
 def timed(args, out: Path, threads: int | None) -> float:
     """Seconds of one CLI run; `threads` None: encoded in turn on the main thread."""
-    shipped, pool = cli.PNG_THREADS, cli.ThreadPoolExecutor
-    cli.PNG_THREADS = threads or 1
+    shipped, pool = outputs.PNG_THREADS, outputs.ThreadPoolExecutor
+    outputs.PNG_THREADS = threads or 1
     if threads is None:
-        cli.ThreadPoolExecutor = Serial
+        outputs.ThreadPoolExecutor = Serial
     try:
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
@@ -63,7 +64,7 @@ def timed(args, out: Path, threads: int | None) -> float:
                            "--frames", f"0:{args.frames}", "--no-progress", "--overwrite", "--out", str(out)])
         seconds = time.perf_counter() - start
     finally:
-        cli.PNG_THREADS, cli.ThreadPoolExecutor = shipped, pool
+        outputs.PNG_THREADS, outputs.ThreadPoolExecutor = shipped, pool
     if rc != 0:  # its one line, e.g. a missing --input
         raise SystemExit(err.getvalue().strip().splitlines()[-1])
     return seconds
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=positive_int, default=132, help="the first N frames")
     p.add_argument("--repeat", type=positive_int, default=3, help="runs of each kind; the median is reported")
     args = p.parse_args(argv)
-    kinds = {**{f"threads ({n})": n for n in dict.fromkeys([cli.PNG_THREADS, 1])}, "serial": None}
+    kinds = {**{f"threads ({n})": n for n in dict.fromkeys([outputs.PNG_THREADS, 1])}, "serial": None}
     times = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):

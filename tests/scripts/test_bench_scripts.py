@@ -35,15 +35,15 @@ def test_bench_inference_runs_every_mode_and_the_serial_baseline(capsys):
 
 def test_bench_png_threads_times_the_three_ways_and_finds_the_same_outputs(capsys):
     from benchmarks import bench_png_threads
-    import colorize_inference as cli
+    from colorize import outputs
 
-    shipped = cli.PNG_THREADS, cli.ThreadPoolExecutor
+    shipped = outputs.PNG_THREADS, outputs.ThreadPoolExecutor
     assert bench_png_threads.main(["--method", "reinhard", "--frames", "3", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "reinhard, 3 frames of bigbuckbunny.mp4, median of 1; outputs identical: True" in out
     rows = re.findall(r"^ *(threads \(\d+\)|serial): +[0-9.]+ s +[0-9.]+ frames/s +([0-9.]+)x serial$", out, re.M)
-    assert [name for name, _ in rows] == [*{f"threads ({cli.PNG_THREADS})": 0, "threads (1)": 0}, "serial"]
-    assert rows[-1][1] == "1.00" and (cli.PNG_THREADS, cli.ThreadPoolExecutor) == shipped  # put back
+    assert [name for name, _ in rows] == [*{f"threads ({outputs.PNG_THREADS})": 0, "threads (1)": 0}, "serial"]
+    assert rows[-1][1] == "1.00" and (outputs.PNG_THREADS, outputs.ThreadPoolExecutor) == shipped  # put back
 
 
 def test_bench_png_threads_encodes_serial_on_the_main_thread_and_fails_on_outputs_that_differ(capsys, monkeypatch):
@@ -52,10 +52,10 @@ def test_bench_png_threads_encodes_serial_on_the_main_thread_and_fails_on_output
     import threading
 
     from benchmarks import bench_png_threads
-    import colorize_inference as cli
+    from colorize import outputs
 
-    encode = cli.encode_png
-    monkeypatch.setattr(cli, "encode_png", lambda rgb, depth: encode(rgb, depth) + (
+    encode = outputs.encode_png
+    monkeypatch.setattr(outputs, "encode_png", lambda rgb, depth: encode(rgb, depth) + (
         b"main" if threading.current_thread() is threading.main_thread() else b""))
     assert bench_png_threads.main(["--method", "reinhard", "--frames", "2", "--repeat", "1"]) == 1
     assert "; outputs identical: False" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm import weights_config
 from cldm.model import TINY_CONFIG, load_config
-from colorize import loading as L, pipeline as P
+from colorize import loading as L, outputs as O, pipeline as P
 from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
@@ -79,7 +79,7 @@ def stop_encoding_at(n: int, monkeypatch) -> None:
         if len(calls) == n:
             raise KeyboardInterrupt
         return encode_png(rgb, depth)
-    monkeypatch.setattr(cli, "encode_png", stop)
+    monkeypatch.setattr(O, "encode_png", stop)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "recursive", "anchored"])
@@ -644,7 +644,7 @@ def test_steps_and_device_are_refused_before_the_input_or_the_model_is_read(env,
 def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, monkeypatch, how, status, said, video):
     """Stopped while the third output is made: the two before it are kept, the message names
     --frames 2: (not a placeholder), and that range completes the run."""
-    encode = cli.encode_png
+    encode = O.encode_png
     calls = []
 
     def stop_at_the_third(rgb, depth):
@@ -654,7 +654,7 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
                 os.kill(os.getpid(), signal.SIGTERM)  # run_cli's handler raises KeyboardInterrupt
             raise KeyboardInterrupt
         return encode(rgb, depth)
-    monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
+    monkeypatch.setattr(O, "encode_png", stop_at_the_third)
     out = tmp_path / "out"
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out]
     if video:
@@ -664,7 +664,7 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
                                                      f"are complete: --frames 2: continues"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no video, no temporary files
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]
-    monkeypatch.setattr(cli, "encode_png", encode_png)
+    monkeypatch.setattr(O, "encode_png", encode_png)
     if video:  # the continuation with the same --video gives the whole clip's video
         rc, stdout, err = run([*args, "--frames", "2:"], capsys)
         assert rc == 0 and "wrote 2 frames" in stdout and "(4 frames, 2 of them already in" in stdout, err
@@ -675,7 +675,7 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
         assert snapshot(out) == snapshot(tmp_path / "whole")
         # a run that starts later counts from its own start: stopped at its third, it goes on at 3
         calls.clear()
-        monkeypatch.setattr(cli, "encode_png", stop_at_the_third)
+        monkeypatch.setattr(O, "encode_png", stop_at_the_third)
         rc, _, err = run([*args, "--frames", "1:", "--out", tmp_path / "later"], capsys)
         assert rc == status and err.splitlines()[-1].endswith("--frames 3: continues"), err
 
@@ -692,7 +692,7 @@ def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp
     assert (rc, line) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are complete: "
                                "--frames 1:6 --overwrite continues (flow walks again from its reference frame 1)")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png", "f2.png"]
-    monkeypatch.setattr(cli, "encode_png", encode_png)
+    monkeypatch.setattr(O, "encode_png", encode_png)
     advice = _advice(line, r"complete: (--frames .*) continues")
     rc, _, err = run([*args[:-3], *advice, "--no-progress", "--out", tmp_path / "out"], capsys)
     assert rc == 0, err
@@ -944,7 +944,7 @@ def test_a_broken_video_is_one_line_without_ffmpegs_own(env, tmp_path):
 def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, monkeypatch):
     import errno
 
-    real, written = cli.write_bytes_atomic, []
+    real, written = O.write_bytes_atomic, []
 
     def filling(path, data):
         if written:
@@ -952,7 +952,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, mo
         written.append(path)
         real(path, data)
 
-    monkeypatch.setattr(cli, "write_bytes_atomic", filling)
+    monkeypatch.setattr(O, "write_bytes_atomic", filling)
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out],
                      capsys)
@@ -1316,7 +1316,7 @@ def test_fixed_mode_stopped_inside_a_batch_goes_on_from_the_batchs_first_frame(e
     assert (rc, line) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are complete: "
                                "--frames 2: --overwrite continues (from the start of the batch it stopped in: the "
                                "frames of an uninterrupted run)")
-    monkeypatch.setattr(cli, "encode_png", encode_png)
+    monkeypatch.setattr(O, "encode_png", encode_png)
     assert run([*args, *_advice(line, r"complete: (--frames .*) continues"), "--out", tmp_path / "out"],
                capsys)[0] == 0
     assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
@@ -1373,7 +1373,7 @@ def test_pngs_are_encoded_in_threads_while_the_next_frames_are_made_and_written_
                                                                                         monkeypatch):
     """The main thread makes frame k + PNG_THREADS before it writes frame k; encoding runs elsewhere."""
     log, encoders = [], set()
-    colour, encode, write = cli.iter_baseline, cli.encode_png, cli.write_bytes_atomic
+    colour, encode, write = cli.iter_baseline, O.encode_png, O.write_bytes_atomic
 
     def made(*a, **k):
         for k, out in enumerate(colour(*a, **k)):
@@ -1384,16 +1384,16 @@ def test_pngs_are_encoded_in_threads_while_the_next_frames_are_made_and_written_
         encoders.add(threading.current_thread() is threading.main_thread())
         return encode(rgb, depth)
 
-    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(O, "PNG_THREADS", 2)
     monkeypatch.setattr(cli, "iter_baseline", made)
-    monkeypatch.setattr(cli, "encode_png", encoded)
-    monkeypatch.setattr(cli, "write_bytes_atomic", lambda path, data: log.append(f"wrote {path.name}") or
+    monkeypatch.setattr(O, "encode_png", encoded)
+    monkeypatch.setattr(O, "write_bytes_atomic", lambda path, data: log.append(f"wrote {path.name}") or
                         write(path, data))
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
     assert run([*args, "--out", tmp_path / "out"], capsys)[0] == 0
     assert log == ["made 0", "made 1", "made 2", "wrote f0.png", "made 3", "wrote f1.png", "wrote f2.png",
                    "wrote f3.png"] and encoders == {False}
-    monkeypatch.setattr(cli, "PNG_THREADS", 1)  # the same bytes whenever they are encoded
+    monkeypatch.setattr(O, "PNG_THREADS", 1)  # the same bytes whenever they are encoded
     assert run([*args, "--out", tmp_path / "one"], capsys)[0] == 0
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "one")
 
@@ -1406,7 +1406,7 @@ def test_a_stop_while_a_png_is_written_loses_none_of_the_frames_made(env, tmp_pa
                                                                      written, says):
     """Ctrl-C lands in the main thread, in the write of f1 (say): that write is done again, and
     the frames made after it, their PNGs already encoded, are written too, in order."""
-    write, calls = cli.write_bytes_atomic, []
+    write, calls = O.write_bytes_atomic, []
 
     def stopped_once(path, data):
         calls.append(path.name)
@@ -1414,8 +1414,8 @@ def test_a_stop_while_a_png_is_written_loses_none_of_the_frames_made(env, tmp_pa
             raise KeyboardInterrupt
         return write(path, data)
 
-    monkeypatch.setattr(cli, "PNG_THREADS", threads)
-    monkeypatch.setattr(cli, "write_bytes_atomic", stopped_once)
+    monkeypatch.setattr(O, "PNG_THREADS", threads)
+    monkeypatch.setattr(O, "write_bytes_atomic", stopped_once)
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out], capsys)
@@ -1428,7 +1428,7 @@ def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp
     there, just after f2's rename (before it is counted), left f2 on disk while the line said
     "--frames 2: continues", a range that refuses to start over it without --overwrite. They
     are drained as those inside the loop are."""
-    write, calls = cli.write_bytes_atomic, []
+    write, calls = O.write_bytes_atomic, []
 
     def stopped_after_the_rename(path, data):
         calls.append(path.name)
@@ -1437,8 +1437,8 @@ def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp
             raise KeyboardInterrupt
         return done
 
-    monkeypatch.setattr(cli, "PNG_THREADS", 2)
-    monkeypatch.setattr(cli, "write_bytes_atomic", stopped_after_the_rename)
+    monkeypatch.setattr(O, "PNG_THREADS", 2)
+    monkeypatch.setattr(O, "write_bytes_atomic", stopped_after_the_rename)
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out], capsys)
@@ -1456,7 +1456,7 @@ def test_a_stop_inside_the_video_writer_still_writes_the_pngs_already_made(env, 
             if k == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(O, "PNG_THREADS", 2)
     monkeypatch.setattr(cli, "write_video_atomic", stopped_after_two)
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
@@ -1469,7 +1469,7 @@ def test_a_stop_inside_the_video_writer_still_writes_the_pngs_already_made(env, 
 def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_count(env, tmp_path, capsys, monkeypatch):
     """The drain after the video writer's error stops at the first PNG the disk refuses; the
     writer's error is the one reported, with the count of what was written."""
-    write, calls = cli.write_bytes_atomic, []
+    write, calls = O.write_bytes_atomic, []
 
     def disk_fills_at_f2(path, data):
         calls.append(path.name)
@@ -1482,8 +1482,8 @@ def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_cou
             if k == 1:
                 raise OSError(f"{path}: the video was not written completely (is the disk full?)")
 
-    monkeypatch.setattr(cli, "PNG_THREADS", 2)
-    monkeypatch.setattr(cli, "write_bytes_atomic", disk_fills_at_f2)
+    monkeypatch.setattr(O, "PNG_THREADS", 2)
+    monkeypatch.setattr(O, "write_bytes_atomic", disk_fills_at_f2)
     monkeypatch.setattr(cli, "write_video_atomic", stopped_after_two)
     out, video = tmp_path / "out", tmp_path / "v.mp4"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
@@ -1523,7 +1523,7 @@ def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, 
 def test_a_stop_after_the_first_output_says_where_to_continue(env, tmp_path, capsys, monkeypatch):
     """One output written is not "interrupted before any output was written": the line names it
     and the range that continues (kills `done["n"] == 0` -> `<= 1` in run's KeyboardInterrupt)."""
-    monkeypatch.setattr(cli, "PNG_THREADS", 1)
+    monkeypatch.setattr(O, "PNG_THREADS", 1)
     stop_encoding_at(2, monkeypatch)
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
@@ -1549,7 +1549,7 @@ def test_a_png_is_encoded_while_the_next_frame_is_made_and_alongside_the_next_pn
     """f0's encoding waits (up to seconds) until f1 has been made and f1's encoding has begun: with
     PNG_THREADS 2 both happen while it runs. Kills waiting for each PNG in the main thread as it is
     submitted, and a pool of one thread whatever PNG_THREADS says."""
-    colour, encode = cli.iter_baseline, cli.encode_png
+    colour, encode = cli.iter_baseline, O.encode_png
     frames, made, started, overlapped = [], [threading.Event() for _ in range(4)], \
         [threading.Event() for _ in range(4)], []
 
@@ -1566,9 +1566,9 @@ def test_a_png_is_encoded_while_the_next_frame_is_made_and_alongside_the_next_pn
             overlapped.append((made[1].wait(5), started[1].wait(5)))
         return encode(rgb, depth)
 
-    monkeypatch.setattr(cli, "PNG_THREADS", 2)
+    monkeypatch.setattr(O, "PNG_THREADS", 2)
     monkeypatch.setattr(cli, "iter_baseline", making)
-    monkeypatch.setattr(cli, "encode_png", encoded)
+    monkeypatch.setattr(O, "encode_png", encoded)
     out = tmp_path / "out"
     assert run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                 "--out", out], capsys)[0] == 0
