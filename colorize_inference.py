@@ -53,7 +53,7 @@ from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize.baselines import iter_baseline  # noqa: E402
-from colorize import audio as A, outputs as O  # noqa: E402
+from colorize import audio as A, outputs as O, resume_advice as R  # noqa: E402
 from colorize.frames_io import even_size, progress_bar, write_video_atomic  # noqa: E402
 
 PROG = "colorize_inference.py"
@@ -521,6 +521,7 @@ def run(args) -> int:
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method, disable=args.no_progress)
     writer = O.OrderedWriter(out, frames.start, overwrite=args.overwrite, keep_rgb=bool(args.video))
+    plan = R.RunPlan(args.method, args.mode, args.batch, frames, tuple(args.reference_frame), bool(args.video), total)
 
     def note(msg):
         if msg not in notes:
@@ -532,43 +533,6 @@ def run(args) -> int:
             w, h = even_size(rgb.shape[1], rgb.shape[0])
             note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, "
                  f"so the video is {w}x{h} (last column/row repeated); the PNGs keep the input size")
-
-    def frames_it_holds(e: TruncatedVideoError, start: int, again: str = "") -> str | None:
-        """The range from `start` that colourises the frames a cut-off file still holds after the
-        last output (None if it holds none)."""
-        if e.decoded <= writer.next_frame:
-            return None
-        if args.method == "flow" and (past := [i for i in args.reference_frame if i >= e.decoded]):
-            return f"it ends before flow's reference frame {min(past)}"  # which a range must hold
-        return (f"--frames {start}:{e.decoded}{again}{' without --video' if args.video else ''} colourises the "
-                f"{'rest of the ' if writer.count else ''}frames it holds")
-
-    def resume(e: BaseException | None = None) -> str:
-        if total is not None and writer.count == total:  # the video failed after the last frame, or a stop came
-            # while the last PNGs were written
-            return "only --video is missing: rerun with --overwrite" if args.video else "that is all of them"
-        start, again, why = writer.next_frame, "", ""
-        if args.method == "flow" and any(i < start for i in args.reference_frame):
-            # flow walks from its reference frames, which a range must hold (baseline_indices): it goes on
-            # from the first of them, making the outputs since again. The same ones (the walks are
-            # deterministic and each frame's reference is its own choice), but for one corner: if that
-            # frame chose another reference than its own, its run walks from the run's first frame,
-            # which in the original range may lie before it
-            start = min(args.reference_frame)
-            again, why = " --overwrite", f" (flow walks again from its reference frame {start})"
-        elif args.method == "model" and args.mode == "fixed" and (into := (start - frames.start) % args.batch):
-            # stopped part-way through writing a batch (Ctrl-C, a full disk): a run from the next frame
-            # would batch the frames otherwise, and a frame sampled in another batch can differ by float
-            # rounding (an 8-bit level); from the batch's first frame the batches, so the frames, are this run's
-            start -= into
-            again = " --overwrite"
-            why = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
-        go_on = f"--frames {start}:{frames.stop if frames.stop is not None else ''}{again} continues{why}"
-        if not isinstance(e, TruncatedVideoError):
-            return go_on
-        # The file ends at frame e.decoded: going on from writer.next_frame in it ends in this error again.
-        rest = frames_it_holds(e, start, again) or "it holds no more frames"  # held: a batch being made when it ran out
-        return f"{rest}; with a complete copy of the file, {go_on}"
 
     def make_all() -> int:
         new = writer.written(lambda: colourised(args, options, model, refs, ref_indices, frames, total, note,
@@ -593,13 +557,15 @@ def run(args) -> int:
                 message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
                            "lower them")
             if writer.count == 0:
-                if isinstance(e, TruncatedVideoError) and (holds := frames_it_holds(e, frames.start)):
+                if isinstance(e, TruncatedVideoError) and (
+                        holds := R.frames_it_holds(plan, e.decoded, writer.count, writer.next_frame, frames.start)):
                     message += f" (nothing was written; {holds})"
                 raise UsageError(message) from None
             if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
                 raise UsageError(f"{message} (the {writer.count} new outputs are written and complete; only --video "
                                  "is missing)") from None
-            raise UsageError(f"{message} (the {writer.count} outputs before it are written and complete; {resume(e)})"
+            go_on = R.where_to_continue(plan, writer.count, writer.next_frame, e)
+            raise UsageError(f"{message} (the {writer.count} outputs before it are written and complete; {go_on})"
                              ) from None
         finally:
             bar.close()
@@ -617,7 +583,8 @@ def run(args) -> int:
                           ) from None
         if writer.count == 0:
             raise
-        raise type(e)(f"interrupted; the {writer.count} outputs written so far are complete: {resume()}") from None
+        go_on = R.where_to_continue(plan, writer.count, writer.next_frame)
+        raise type(e)(f"interrupted; the {writer.count} outputs written so far are complete: {go_on}") from None
 
 
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on

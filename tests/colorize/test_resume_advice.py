@@ -1,0 +1,65 @@
+"""Where a stopped run goes on: the --frames range, and what a cut-off video still holds."""
+import pytest
+
+from annotator.video import FrameSourceError, TruncatedVideoError
+from colorize.resume_advice import RunPlan, frames_it_holds, where_to_continue
+
+BATCH_START = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
+
+
+def plan(method="reinhard", mode="fixed", batch=4, frames=slice(2, 20), refs=(), video=False, total=18):
+    return RunPlan(method, mode, batch, frames, refs, video, total)
+
+
+def cut_off(decoded: int) -> TruncatedVideoError:
+    return TruncatedVideoError("clip.mp4", decoded, 99)
+
+
+@pytest.mark.parametrize("next_frame, says", [
+    (6, "--frames 6:20 continues"),  # 4 written: a whole batch
+    (7, "--frames 6:20 --overwrite continues" + BATCH_START),  # 5: one into the second batch
+    (9, "--frames 6:20 --overwrite continues" + BATCH_START),  # 7: three into it
+])
+def test_fixed_mode_goes_on_from_the_first_frame_of_the_batch_it_stopped_in(next_frame, says):
+    assert where_to_continue(plan("model"), next_frame - 2, next_frame) == says
+
+
+@pytest.mark.parametrize("method, mode", [("model", "recursive"), ("model", "anchored"), ("reinhard", "fixed")])
+def test_what_does_not_batch_goes_on_from_the_next_frame(method, mode):
+    assert where_to_continue(plan(method, mode), 5, 7) == "--frames 7:20 continues"
+    assert where_to_continue(plan(method, mode, frames=slice(2, None), total=None), 5, 7) == "--frames 7: continues"
+
+
+def test_flow_goes_on_from_its_first_reference_frame_before_the_next_frame():
+    flow = plan("flow", frames=slice(0, None), refs=(9, 5), total=None)
+    assert where_to_continue(flow, 7, 7) == ("--frames 5: --overwrite continues (flow walks again from its "
+                                             "reference frame 5)")
+    assert where_to_continue(flow, 5, 5) == "--frames 5: continues"  # the range from it holds it
+    assert where_to_continue(plan("reinhard", frames=slice(0, None), refs=(5,)), 7, 7) == "--frames 7: continues"
+
+
+def test_all_outputs_written_leaves_only_the_video():
+    assert where_to_continue(plan(total=4), 4, 6) == "that is all of them"
+    assert where_to_continue(plan(total=4, video=True), 4, 6) == "only --video is missing: rerun with --overwrite"
+    assert where_to_continue(plan(total=5), 4, 6) == "--frames 6:20 continues"
+
+
+def test_a_cut_off_video_is_told_the_range_of_the_frames_it_still_holds():
+    tail = "; with a complete copy of the file, --frames 7:20 continues"
+    assert where_to_continue(plan(), 5, 7, cut_off(10)) == "--frames 7:10 colourises the rest of the frames it holds" + tail
+    assert where_to_continue(plan(video=True), 5, 7, cut_off(10)) == (
+        "--frames 7:10 without --video colourises the rest of the frames it holds" + tail)
+    assert where_to_continue(plan(), 5, 7, cut_off(7)) == "it holds no more frames" + tail
+    assert where_to_continue(plan(), 5, 7, FrameSourceError("clip.mp4", "bad frame")) == "--frames 7:20 continues"
+    assert where_to_continue(plan("model"), 5, 7, cut_off(10)) == (
+        "--frames 6:10 --overwrite colourises the rest of the frames it holds; with a complete copy of the file, "
+        "--frames 6:20 --overwrite continues" + BATCH_START)
+
+
+def test_a_cut_off_video_that_ends_before_flows_reference_frame_says_so():
+    flow = plan("flow", frames=slice(0, None), refs=(12,), total=None)
+    assert frames_it_holds(flow, 10, 0, 0, 0) == "it ends before flow's reference frame 12"
+    assert frames_it_holds(plan("flow", refs=(10, 11)), 10, 0, 2, 2) == "it ends before flow's reference frame 10"
+    assert frames_it_holds(plan(refs=(12,)), 10, 0, 2, 2) == "--frames 2:10 colourises the frames it holds"
+    assert frames_it_holds(plan("flow", refs=(8,)), 10, 0, 2, 2) == "--frames 2:10 colourises the frames it holds"
+    assert frames_it_holds(plan(), 10, 0, 10, 2) is None
