@@ -26,11 +26,8 @@ stopped by Ctrl-C / SIGTERM (the frames written so far are kept; continue as abo
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
 import sys
-from collections import deque
 from contextlib import closing
 from pathlib import Path
 
@@ -42,7 +39,6 @@ if __name__ == "__main__":
     quiet_startup_signals()
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -52,8 +48,7 @@ from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
-from colorize.baselines import iter_baseline  # noqa: E402
-from colorize import audio as A, outputs as O, resume_advice as R  # noqa: E402
+from colorize import audio as A, methods as M, outputs as O, resume_advice as R  # noqa: E402
 from colorize.frames_io import even_size, progress_bar, write_video_atomic  # noqa: E402
 
 PROG = "colorize_inference.py"
@@ -384,7 +379,7 @@ def input_size(source, info: SourceInfo | None, start: int) -> tuple[int, int]:
     return decode_image(list_frame_files(source)[start]).shape[:2]
 
 
-def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
+def load_references(args) -> M.References:
     """Reference images and, for --reference-frame ones, their frame index in the clip."""
     refs, indices = [], []
     for path in args.reference:
@@ -402,7 +397,8 @@ def load_references(args) -> tuple[list[np.ndarray], list[int | None]]:
             raise UsageError(f"--reference-frame {n}: frame {n} of {source} ({what}) is gray, not colour")
         refs.append(ref)
         indices.append(n)
-    return refs, indices
+    labels = [*(f"--reference {p}" for p in args.reference), *(f"--reference-frame {n}" for n in args.reference_frame)]
+    return M.References(refs, indices, labels)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -410,84 +406,6 @@ def resolve_device(name: str) -> torch.device:
         return L.resolve_device(name)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def baseline_indices(args, refs, ref_indices, frames: slice, total: int | None, note) -> list[int] | None:
-    """Positions (in the range being colourised) of the frames the references are colour
-    versions of, for flow (where its walks start); None for the other methods.
-
-    A --reference image is anchored at its most similar frame (SSIM of gray thumbnails),
-    which takes one extra pass over the range; that pass keeps nothing but scores.
-    """
-    if args.method != "flow":
-        return None
-    images = [k for k, i in enumerate(ref_indices) if i is None]
-    found = {}
-    if images:
-        # a second bar below the main one: on a terminal only (in a log, its cursor moves are
-        # stray escape codes)
-        scan = progress_bar(total, "finding the reference images' frames", leave=False,
-                            disable=args.no_progress or not sys.stderr.isatty(),
-                            iterable=P.iter_gray_frames(args.input, frames.start, frames.stop, note))
-        try:
-            found = dict(zip(images, P.most_similar_frames((f.gray for f in scan), [refs[k] for k in images])))
-        finally:
-            scan.close()
-    indices = []
-    for k, i in enumerate(ref_indices):
-        if i is None:
-            indices.append(found[k])
-            continue
-        end = None if total is None else frames.start + total
-        if args.method == "flow" and (i < frames.start or (end is not None and i >= end)):
-            raise UsageError(f"--reference-frame {i} lies outside the frames being colourised "
-                             "(flow starts from it)")
-        indices.append(i - frames.start)
-    labels = [*(f"--reference {p}" for p in args.reference), *(f"--reference-frame {n}" for n in args.reference_frame)]
-    for k, i in enumerate(indices):  # named here by clip frame and flag (baselines.py counts from the range)
-        if (first := indices.index(i)) < k:
-            how = " (a --reference image is placed at its most similar frame)" if None in \
-                (ref_indices[first], ref_indices[k]) else ""
-            raise UsageError(f"--method flow: {labels[first]} and {labels[k]} are both frame {frames.start + i}"
-                             f"{how}; flow takes one reference per frame")
-    return indices
-
-
-def colourised(args, options: P.Options, model, refs, ref_indices, frames: slice, total: int | None, note,
-               progress):
-    """(output name, bit depth, RGB float output) in clip order, for the chosen method (model None:
-    a baseline). Streams: the frames are read once (plus a scan for reference images with
-    flow) and, but for frames waiting for a flow reference, only the current one is held.
-    `progress(1)` is called as each frame is colourised."""
-    seen = deque()  # (name, depth) of frames read but not yet output
-
-    def selected():
-        for k, f in enumerate(P.iter_gray_frames(args.input, frames.start, frames.stop, note)):
-            if f.colour:
-                note(f"{args.input}: frames are colour; colourising their BT.601 luma")
-            if k == 0 and args.method in ("model", "flow"):  # a clip's frames share one size
-                for ref in refs:  # resized to the frames' shape, whatever its own
-                    (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
-                    if abs(math.log((rw / rh) / (w / h))) > 0.02:
-                        note(f"a reference of {rw}x{rh} is stretched to the frames' {w}x{h} shape; crop it to "
-                             "their aspect ratio for undistorted colours")
-            seen.append((f.name, f.depth))
-            yield f
-
-    if model is not None:
-        settings = dataclasses.asdict(options)
-        batch = settings.pop("batch")
-        outputs = P.colorize(model, selected(), refs, args.mode, batch=batch, start=frames.start, **settings)
-        for out in outputs:
-            progress(1)
-            yield (*seen.popleft(), out)
-        return
-    indices = baseline_indices(args, refs, ref_indices, frames, total, note)
-    try:
-        for out in iter_baseline(args.method, (f.gray for f in selected()), refs, indices, progress):
-            yield (*seen.popleft(), out)
-    except ValueError as e:
-        raise UsageError(f"--method {args.method}: {e}") from None
 
 
 def run(args) -> int:
@@ -499,7 +417,7 @@ def run(args) -> int:
     info = None if Path(args.input).is_dir() else probe(args.input)
     out, names = planned_outputs(args, frames, info)
     before, after = frames_outside(args, frames, info, out)
-    refs, ref_indices = load_references(args)
+    refs = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     sound, codec = sound_source(args, info)
     model = None
@@ -535,8 +453,9 @@ def run(args) -> int:
                  f"so the video is {w}x{h} (last column/row repeated); the PNGs keep the input size")
 
     def make_all() -> int:
-        new = writer.written(lambda: colourised(args, options, model, refs, ref_indices, frames, total, note,
-                                                bar.update), on_first=note_odd_size)
+        new = writer.written(lambda: M.colourised(args.input, refs, frames, total, note, bar.update, args.method, model,
+                                                  args.mode, options, show_progress=not args.no_progress),
+                             on_first=note_odd_size)
         if not args.video:
             return sum(1 for _ in new)
         clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, frames.start))
@@ -548,8 +467,8 @@ def run(args) -> int:
         try:
             n = make_all()
             finished = True
-        except (UsageError, O.OutputError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError,
-                cv2.error) as e:
+        except (UsageError, O.OutputError, M.MethodError, P.InferenceError, FrameSourceError, OSError, MemoryError,
+                RuntimeError, cv2.error) as e:
             if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
                 raise
             message = one_line(e)

@@ -46,8 +46,8 @@ def where_to_continue(plan: RunPlan, written: int, next_frame: int, error: BaseE
         return "only --video is missing: rerun with --overwrite" if plan.video else "that is all of them"
     start, again, why = next_frame, "", ""
     if plan.method == "flow" and any(i < start for i in plan.reference_frames):
-        # flow walks from its reference frames, which a range must hold (baseline_indices): it goes on
-        # from the first of them, making the outputs since again. The same ones (the walks are
+        # flow walks from its reference frames, which a range must hold (methods.flow_start_indices): it
+        # goes on from the first of them, making the outputs since again. The same ones (the walks are
         # deterministic and each frame's reference is its own choice), but for one corner: if that
         # frame chose another reference than its own, its run walks from the run's first frame,
         # which in the original range may lie before it

@@ -19,7 +19,7 @@ from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm import weights_config
 from cldm.model import TINY_CONFIG, load_config
-from colorize import loading as L, outputs as O, pipeline as P
+from colorize import loading as L, methods as M, outputs as O, pipeline as P
 from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
@@ -1168,7 +1168,7 @@ def test_a_baselines_out_of_memory_is_one_line_and_its_other_errors_are_not_hidd
     def failing(*a, **k):
         raise error
         yield
-    monkeypatch.setattr(cli, "iter_baseline", failing)
+    monkeypatch.setattr(M, "iter_baseline", failing)
     argv = [str(a) for a in ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
                              "--no-progress", "--out", tmp_path / "out"]]
     if says is None:
@@ -1373,7 +1373,7 @@ def test_pngs_are_encoded_in_threads_while_the_next_frames_are_made_and_written_
                                                                                         monkeypatch):
     """The main thread makes frame k + PNG_THREADS before it writes frame k; encoding runs elsewhere."""
     log, encoders = [], set()
-    colour, encode, write = cli.iter_baseline, O.encode_png, O.write_bytes_atomic
+    colour, encode, write = M.iter_baseline, O.encode_png, O.write_bytes_atomic
 
     def made(*a, **k):
         for k, out in enumerate(colour(*a, **k)):
@@ -1385,7 +1385,7 @@ def test_pngs_are_encoded_in_threads_while_the_next_frames_are_made_and_written_
         return encode(rgb, depth)
 
     monkeypatch.setattr(O, "PNG_THREADS", 2)
-    monkeypatch.setattr(cli, "iter_baseline", made)
+    monkeypatch.setattr(M, "iter_baseline", made)
     monkeypatch.setattr(O, "encode_png", encoded)
     monkeypatch.setattr(O, "write_bytes_atomic", lambda path, data: log.append(f"wrote {path.name}") or
                         write(path, data))
@@ -1549,7 +1549,7 @@ def test_a_png_is_encoded_while_the_next_frame_is_made_and_alongside_the_next_pn
     """f0's encoding waits (up to seconds) until f1 has been made and f1's encoding has begun: with
     PNG_THREADS 2 both happen while it runs. Kills waiting for each PNG in the main thread as it is
     submitted, and a pool of one thread whatever PNG_THREADS says."""
-    colour, encode = cli.iter_baseline, O.encode_png
+    colour, encode = M.iter_baseline, O.encode_png
     frames, made, started, overlapped = [], [threading.Event() for _ in range(4)], \
         [threading.Event() for _ in range(4)], []
 
@@ -1567,7 +1567,7 @@ def test_a_png_is_encoded_while_the_next_frame_is_made_and_alongside_the_next_pn
         return encode(rgb, depth)
 
     monkeypatch.setattr(O, "PNG_THREADS", 2)
-    monkeypatch.setattr(cli, "iter_baseline", making)
+    monkeypatch.setattr(M, "iter_baseline", making)
     monkeypatch.setattr(O, "encode_png", encoded)
     out = tmp_path / "out"
     assert run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",

@@ -15,6 +15,7 @@ import pytest
 
 import demo
 from annotator.video import probe
+from colorize import methods
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.helpers import named_pipe, read_only_folder, refused
 
@@ -286,7 +287,7 @@ def test_ctrl_c_in_a_step_exits_130_saying_interrupted(tmp_path, capsys, monkeyp
     demo's one line (the sub-tool's own is not printed)."""
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", interrupt)
+    monkeypatch.setattr(methods, "iter_baseline", interrupt)
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
     assert rc == 130, err
     assert "error" not in err and "colorize_inference.py: interrupted" not in err  # its --frames advice: not the demo's
@@ -298,7 +299,7 @@ def test_sigterm_in_a_step_exits_143_saying_terminated(tmp_path, capsys, monkeyp
     """A sub-tool stopped by SIGTERM (a job scheduler) stops the demo with 143, not with Ctrl-C's
     130 (a scheduler or script reads the status)."""
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", send_sigterm)
+    monkeypatch.setattr(methods, "iter_baseline", send_sigterm)
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
     assert rc == 143, err
     assert err.splitlines()[-1] == ("demo.py: terminated (SIGTERM) during colorize_inference.py --method reinhard; "
@@ -316,7 +317,7 @@ def test_sigterm_after_a_steps_first_frame_is_one_line_and_143(tmp_path, capsys,
         yield next(frames)
         send_sigterm()
 
-    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", first_then_sigterm)
+    monkeypatch.setattr(methods, "iter_baseline", first_then_sigterm)
     rc, _, err = run(["--frames", "100:103", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
     assert rc == 143, err
     assert "colorize_inference.py:" not in err and "--frames" not in err, err
@@ -384,7 +385,7 @@ def test_a_failed_step_stops_the_demo_in_one_line_after_its_own(tmp_path, capsys
     def broken(*args, **kwargs):
         raise ValueError("no reference image given")
         yield
-    monkeypatch.setattr(demo.colorize_inference, "iter_baseline", broken)
+    monkeypatch.setattr(methods, "iter_baseline", broken)
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
     assert rc == 2 and err.splitlines()[-2:] == [
         "colorize_inference.py: error: --method reinhard: no reference image given",

@@ -1,0 +1,110 @@
+"""A clip colourised by any of colorize_inference.py's methods, as one stream of outputs.
+
+The model's modes (colorize/pipeline.py) and the baselines (colorize/baselines.py) take their
+frames and references in their own ways; `colourised` gives every method's outputs as (output
+name, bit depth, RGB) in clip order, which is what colorize/outputs.py writes. Streams: the
+frames are read once (plus a scan for reference images with flow) and, but for frames waiting
+for a flow reference, only the current one is held.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from colorize import pipeline as P
+from colorize.baselines import iter_baseline
+from colorize.frames_io import progress_bar
+
+
+class MethodError(Exception):
+    """A method refuses the references or frames it is given; str(e) is one line naming the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class References:
+    """A run's colour references, in the order of their flags."""
+    images: list[np.ndarray]
+    frames: list[int | None]  # the clip frame each is the colour version of (--reference-frame); None: an image
+    labels: list[str]  # each as the messages name it: "--reference PATH", "--reference-frame N"
+
+
+def flow_start_indices(source: str | Path, refs: References, frames: slice, total: int | None,
+                       note: Callable[[str], None], show_progress: bool = True) -> list[int]:
+    """Positions (in the range being colourised) of the frames the references are colour
+    versions of: where flow's walks start.
+
+    A --reference image is anchored at its most similar frame (SSIM of gray thumbnails),
+    which takes one extra pass over the range; that pass keeps nothing but scores.
+    """
+    images = [k for k, i in enumerate(refs.frames) if i is None]
+    found = {}
+    if images:
+        # a second bar below the main one: on a terminal only (in a log, its cursor moves are
+        # stray escape codes)
+        scan = progress_bar(total, "finding the reference images' frames", leave=False,
+                            disable=not show_progress or not sys.stderr.isatty(),
+                            iterable=P.iter_gray_frames(source, frames.start, frames.stop, note))
+        try:
+            found = dict(zip(images, P.most_similar_frames((f.gray for f in scan), [refs.images[k] for k in images])))
+        finally:
+            scan.close()
+    indices = []
+    for k, i in enumerate(refs.frames):
+        if i is None:
+            indices.append(found[k])
+            continue
+        end = None if total is None else frames.start + total
+        if i < frames.start or (end is not None and i >= end):
+            raise MethodError(f"--reference-frame {i} lies outside the frames being colourised (flow starts from it)")
+        indices.append(i - frames.start)
+    for k, i in enumerate(indices):  # named here by clip frame and flag (baselines.py counts from the range)
+        if (first := indices.index(i)) < k:
+            how = " (a --reference image is placed at its most similar frame)" if None in \
+                (refs.frames[first], refs.frames[k]) else ""
+            raise MethodError(f"--method flow: {refs.labels[first]} and {refs.labels[k]} are both frame "
+                              f"{frames.start + i}{how}; flow takes one reference per frame")
+    return indices
+
+
+def colourised(source: str | Path, refs: References, frames: slice, total: int | None, note: Callable[[str], None],
+               progress: Callable[[int], object], method: str = "model", model=None, mode: str = "fixed",
+               options: P.Options | None = None, show_progress: bool = True) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(output name, bit depth, RGB float output) in clip order of the frames `frames` of
+    `source`, by `method`: "model" (`model` in `mode` with `options`) or a baseline. `total`: how
+    many frames the range has, if known. `note(msg)` is told what the user should know (colour
+    frames, a stretched reference); `progress(1)` is called as each frame is colourised."""
+    seen = deque()  # (name, depth) of frames read but not yet output
+
+    def selected():
+        for k, f in enumerate(P.iter_gray_frames(source, frames.start, frames.stop, note)):
+            if f.colour:
+                note(f"{source}: frames are colour; colourising their BT.601 luma")
+            if k == 0 and method in ("model", "flow"):  # a clip's frames share one size
+                for ref in refs.images:  # resized to the frames' shape, whatever its own
+                    (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
+                    if abs(math.log((rw / rh) / (w / h))) > 0.02:
+                        note(f"a reference of {rw}x{rh} is stretched to the frames' {w}x{h} shape; crop it to "
+                             "their aspect ratio for undistorted colours")
+            seen.append((f.name, f.depth))
+            yield f
+
+    if model is not None:
+        settings = dataclasses.asdict(options)
+        batch = settings.pop("batch")
+        outputs = P.colorize(model, selected(), refs.images, mode, batch=batch, start=frames.start, **settings)
+        for out in outputs:
+            progress(1)
+            yield (*seen.popleft(), out)
+        return
+    indices = flow_start_indices(source, refs, frames, total, note, show_progress) if method == "flow" else None
+    try:
+        for out in iter_baseline(method, (f.gray for f in selected()), refs.images, indices, progress):
+            yield (*seen.popleft(), out)
+    except ValueError as e:
+        raise MethodError(f"--method {method}: {e}") from None
