@@ -408,6 +408,43 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(str(e)) from None
 
 
+def load_model(args, source: Path | DictConfig, device: torch.device, info: SourceInfo | None,
+               start: int) -> P.ControlLDM:
+    """The model ready to sample: loaded (saying which config it found), held in the autocast
+    dtype, compiled with --compile. `info`, `start`: as input_size takes them."""
+    try:  # model frames too large: said before the weights load (a frame it cannot read: said in turn)
+        P.checked_model_size(input_size(args.input, info, start), args.size)
+    except FrameSourceError:
+        pass
+    if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
+        print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
+    model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source,
+                         note=lambda msg: print(f"{PROG}: note: {msg}", file=sys.stderr))
+    dtype = L.compute_dtype(args.precision, model.betas.device)
+    if dtype != torch.float32:  # autocast would cast every weight at every step
+        L.cast_weights(model, dtype)
+    if args.compile:
+        model.compile_denoiser(vae_decoder=True, dynamic=False)
+    return model
+
+
+def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.OrderedWriter, plan: R.RunPlan) -> str:
+    """The one line for an error that stopped the run: the error, then what is written and where
+    to go on."""
+    message = one_line(e)
+    if out_of_memory(e):
+        message = f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: lower them"
+    if writer.count == 0:
+        if isinstance(e, TruncatedVideoError) and (
+                holds := R.frames_it_holds(plan, e.decoded, writer.count, writer.next_frame, plan.frames.start)):
+            message += f" (nothing was written; {holds})"
+        return message
+    if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
+        return f"{message} (the {writer.count} new outputs are written and complete; only --video is missing)"
+    go_on = R.where_to_continue(plan, writer.count, writer.next_frame, e)
+    return f"{message} (the {writer.count} outputs before it are written and complete; {go_on})"
+
+
 def run(args) -> int:
     options, source = check_args(args)
     frames = parse_range(args.frames)
@@ -420,21 +457,7 @@ def run(args) -> int:
     refs = load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     sound, codec = sound_source(args, info)
-    model = None
-    if args.method == "model":
-        try:  # model frames too large: said before the weights load (a frame it cannot read: said in turn)
-            P.checked_model_size(input_size(args.input, info, frames.start), args.size)
-        except FrameSourceError:
-            pass
-        if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
-            print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
-        model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source,
-                             note=lambda msg: print(f"{PROG}: note: {msg}", file=sys.stderr))
-        dtype = L.compute_dtype(args.precision, model.betas.device)
-        if dtype != torch.float32:  # autocast would cast every weight at every step
-            L.cast_weights(model, dtype)
-        if args.compile:
-            model.compile_denoiser(vae_decoder=True, dynamic=False)
+    model = load_model(args, source, device, info, frames.start) if args.method == "model" else None
     notes = set()
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method, disable=args.no_progress)
@@ -467,25 +490,11 @@ def run(args) -> int:
         try:
             n = make_all()
             finished = True
-        except (UsageError, O.OutputError, M.MethodError, P.InferenceError, FrameSourceError, OSError, MemoryError,
-                RuntimeError, cv2.error) as e:
+        except (O.OutputError, M.MethodError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError,
+                cv2.error) as e:
             if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
                 raise
-            message = one_line(e)
-            if out_of_memory(e):
-                message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: "
-                           "lower them")
-            if writer.count == 0:
-                if isinstance(e, TruncatedVideoError) and (
-                        holds := R.frames_it_holds(plan, e.decoded, writer.count, writer.next_frame, frames.start)):
-                    message += f" (nothing was written; {holds})"
-                raise UsageError(message) from None
-            if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
-                raise UsageError(f"{message} (the {writer.count} new outputs are written and complete; only --video "
-                                 "is missing)") from None
-            go_on = R.where_to_continue(plan, writer.count, writer.next_frame, e)
-            raise UsageError(f"{message} (the {writer.count} outputs before it are written and complete; {go_on})"
-                             ) from None
+            raise UsageError(stopped_by(e, args, device, writer, plan)) from None
         finally:
             bar.close()
         earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
