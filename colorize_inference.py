@@ -380,7 +380,8 @@ def input_size(source, info: SourceInfo | None, start: int) -> tuple[int, int]:
 
 
 def load_references(args) -> M.References:
-    """Reference images and, for --reference-frame ones, their frame index in the clip."""
+    """Reference images, for --reference-frame ones their frame index in the clip, and each
+    one's flag, which messages name it by."""
     refs, indices = [], []
     for path in args.reference:
         refs.append(P.read_reference(path))
