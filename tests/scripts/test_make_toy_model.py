@@ -82,6 +82,7 @@ def test_shipped_toy_model_is_small_complete_and_documented():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)
 def test_reproduction_with_defaults_matches_the_shipped_losses(tmp_path):
     """The full recipe (40-60 min on 2 cores): its losses land within LOSS_TOLERANCE of the shipped ones."""
     prov = recipe.make_toy_model(tmp_path)
