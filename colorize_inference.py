@@ -480,11 +480,12 @@ def run(args) -> int:
         new = writer.written(lambda: M.colourised(args.input, refs, frames, total, note, bar.update, args.method, model,
                                                   args.mode, options, show_progress=not args.no_progress),
                              on_first=note_odd_size)
-        if not args.video:
-            return sum(1 for _ in new)
-        clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, frames.start))
-        with closing(clip):  # closed before its error is handled, so the PNGs made get written
-            return write_video_atomic(args.video, clip, fps, audio_from=sound)
+        with closing(new):  # a stop between two outputs (outside the writer) drains it before its count is said
+            if not args.video:
+                return sum(1 for _ in new)
+            clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, frames.start))
+            with closing(clip):  # closed before its error is handled, so the PNGs made get written
+                return write_video_atomic(args.video, clip, fps, audio_from=sound)
 
     finished = False
     try:

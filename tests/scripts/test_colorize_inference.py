@@ -1614,3 +1614,22 @@ def test_flow_stopped_right_at_its_reference_frame_goes_on_from_there_without_ov
                       "--no-progress", "--out", tmp_path / "out"], capsys)
     assert (rc, err.splitlines()[-1]) == (130, "colorize_inference.py: interrupted; the 3 outputs written so far are "
                                                "complete: --frames 3:6 continues")
+
+
+def test_a_stop_between_two_outputs_counts_the_frames_drained_after_it(env, tmp_path, capsys, monkeypatch):
+    """Ctrl-C can land in the loop that takes the written outputs (between two of them), outside
+    the writer: the frames made and pending (f1, f2 with 2 PNG threads) were then drained only
+    when the traceback was freed, after the line had said "the 1 outputs ... --frames 1:
+    continues", a range that refuses to start over f1 without --overwrite."""
+    def stopped_after_one(outputs):
+        for _ in outputs:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(O, "PNG_THREADS", 2)
+    monkeypatch.setattr(cli, "sum", stopped_after_one, raising=False)  # the loop over the outputs without --video
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out], capsys)
+    present = sorted(p.name for p in out.iterdir())
+    assert rc == 130 and err == (f"colorize_inference.py: interrupted; the {len(present)} outputs written so far are "
+                                 f"complete: --frames {len(present)}: continues\n"), (err, present)
