@@ -60,9 +60,15 @@ def where_to_continue(plan: RunPlan, written: int, next_frame: int, error: BaseE
         start -= into
         again = " --overwrite"
         why = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
+    # A cut-off file ends at frame error.decoded: going on from next_frame in it ends in this error again.
+    held = frames_it_holds(plan, error.decoded, written, next_frame, start, again) \
+        if isinstance(error, TruncatedVideoError) else None  # held: a batch being made when it ran out, say
+    if held is not None and held.startswith("--frames"):
+        # the copy's range then goes over the outputs of the held range, if that was run first: refused
+        # without --overwrite, and in fixed mode made again in this run's batches (a frame sampled in the
+        # held range's short batch can differ by float rounding)
+        again = " --overwrite"
     go_on = f"--frames {start}:{plan.frames.stop if plan.frames.stop is not None else ''}{again} continues{why}"
     if not isinstance(error, TruncatedVideoError):
         return go_on
-    # The file ends at frame error.decoded: going on from next_frame in it ends in this error again.
-    rest = frames_it_holds(plan, error.decoded, written, next_frame, start, again) or "it holds no more frames"
-    return f"{rest}; with a complete copy of the file, {go_on}"  # held: a batch being made when it ran out
+    return f"{held or 'it holds no more frames'}; with a complete copy of the file, {go_on}"

@@ -187,7 +187,9 @@ def _advice(line: str, pattern: str) -> list[str]:
 
 def test_a_truncated_video_gets_advice_that_works(env, tmp_path, capsys):
     """A video cut off (its header still claims every frame): going on in the same file would end
-    in the same error, so the advice is the frames it still holds, or a complete copy of it."""
+    in the same error, so the advice is the frames it still holds, or a complete copy of it; both
+    followed in turn give the whole clip's frames (the copy's range said no --overwrite, and was
+    refused over the held range's outputs, one of them batched otherwise)."""
     full = write_video(panning_clip(12, 32, 48), tmp_path / "full.avi")
     cut = truncate_avi(full, tmp_path / "cut.avi", 6)
     args = ["--input", cut, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--batch", "4", *FAST]
@@ -197,19 +199,21 @@ def test_a_truncated_video_gets_advice_that_works(env, tmp_path, capsys):
     assert rc == 2 and line.endswith(  # frames 4-5, a batch being made when the file ran out, are not written
         "cut.avi: truncated or corrupt: decoded 6 of 12 frames (the 4 outputs before it are written and complete; "
         "--frames 4:6 colourises the rest of the frames it holds; with a complete copy of the file, --frames 4: "
-        "continues)"), err
+        "--overwrite continues)"), err
     shutil.copytree(out, tmp_path / "copy")
     rc, _, err = run([*args, "--out", tmp_path / "v", "--video", tmp_path / "v.mp4"], capsys)
     assert rc == 2 and err.splitlines()[-1].endswith(  # its advice runs without --video, which needs every frame
         "--frames 4:6 without --video colourises the rest of the frames it holds; with a complete copy of the file, "
-        "--frames 4: continues)"), err
+        "--frames 4: --overwrite continues)"), err
     assert run([*args, *_advice(line, r"(--frames \S+) colourises"), "--out", out], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(6)]
     cut.write_bytes(full.read_bytes())
-    assert run([*args, *_advice(line, r"copy of the file, (--frames \S+) continues"), "--out", tmp_path / "copy"],
-               capsys)[0] == 0
+    go_on = _advice(line, r"copy of the file, (--frames \S+ --overwrite) continues")
+    assert run([*args, *go_on, "--out", tmp_path / "copy"], capsys)[0] == 0  # the held range not run
+    assert run([*args, *go_on, "--out", out], capsys)[0] == 0  # after it
     assert run([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
-    assert snapshot(tmp_path / "copy") == snapshot(tmp_path / "whole") and len(snapshot(tmp_path / "whole")) == 12
+    assert snapshot(tmp_path / "copy") == snapshot(out) == snapshot(tmp_path / "whole")
+    assert len(snapshot(tmp_path / "whole")) == 12
 
     # every frame it holds written (a baseline goes frame by frame), and --video, which needs them all
     cut = truncate_avi(full, tmp_path / "cut2.avi", 6)
