@@ -429,6 +429,12 @@ def load_model(args, source: Path | DictConfig, device: torch.device, info: Sour
     return model
 
 
+def outputs(n: int, kind: str = "", before: str = "") -> str:
+    """'1 new output is' / '3 new outputs are' (`before`: words between the noun and its verb)."""
+    words = [f"{n} {kind}output" + ("" if n == 1 else "s"), before, "is" if n == 1 else "are"]
+    return " ".join(w for w in words if w)
+
+
 def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.OrderedWriter, plan: R.RunPlan) -> str:
     """The one line for an error that stopped the run: the error, then what is written and where
     to go on."""
@@ -441,9 +447,9 @@ def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.Or
             message += f" (nothing was written; {holds})"
         return message
     if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
-        return f"{message} (the {writer.count} new outputs are written and complete; only --video is missing)"
+        return f"{message} (the {outputs(writer.count, 'new ')} written and complete; only --video is missing)"
     go_on = R.where_to_continue(plan, writer.count, writer.next_frame, e)
-    return f"{message} (the {writer.count} outputs before it are written and complete; {go_on})"
+    return f"{message} (the {outputs(writer.count, before='before it')} written and complete; {go_on})"
 
 
 def run(args) -> int:
@@ -509,12 +515,14 @@ def run(args) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
         if finished:  # in the last lines: nothing is missing
             video = f" and {args.video}" if args.video else ""
-            raise type(e)(f"interrupted as it finished; all {writer.count} outputs{video} are written and complete"
-                          ) from None
+            done = f"all {writer.count} outputs" if writer.count != 1 else "the 1 output"
+            are = "is" if writer.count == 1 and not args.video else "are"
+            raise type(e)(f"interrupted as it finished; {done}{video} {are} written and complete") from None
         if writer.count == 0:
             raise
         go_on = R.where_to_continue(plan, writer.count, writer.next_frame)
-        raise type(e)(f"interrupted; the {writer.count} outputs written so far are complete: {go_on}") from None
+        raise type(e)(f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
+                      ) from None
 
 
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on

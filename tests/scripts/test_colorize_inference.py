@@ -961,8 +961,8 @@ def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, mo
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out],
                      capsys)
     assert rc == 2 and err.splitlines()[-1] == (
-        f"colorize_inference.py: error: cannot write {out / 'f1.png'}: No space left on device (the 1 outputs "
-        "before it are written and complete; --frames 1: continues)")
+        f"colorize_inference.py: error: cannot write {out / 'f1.png'}: No space left on device (the 1 output "
+        "before it is written and complete; --frames 1: continues)")
     assert sorted(p.name for p in out.iterdir()) == ["f0.png"]
 
 
@@ -1532,7 +1532,7 @@ def test_a_stop_after_the_first_output_says_where_to_continue(env, tmp_path, cap
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out], capsys)
-    assert (rc, err) == (130, "colorize_inference.py: interrupted; the 1 outputs written so far are complete: "
+    assert (rc, err) == (130, "colorize_inference.py: interrupted; the 1 output written so far is complete: "
                               "--frames 1: continues\n")
     assert sorted(p.name for p in out.iterdir()) == ["f0.png"]
 
@@ -1637,3 +1637,9 @@ def test_a_stop_between_two_outputs_counts_the_frames_drained_after_it(env, tmp_
     present = sorted(p.name for p in out.iterdir())
     assert rc == 130 and err == (f"colorize_inference.py: interrupted; the {len(present)} outputs written so far are "
                                  f"complete: --frames {len(present)}: continues\n"), (err, present)
+
+
+@pytest.mark.parametrize("n, kind, before, says", [(1, "new ", "", "1 new output is"), (0, "", "", "0 outputs are"),
+                                                   (3, "", "before it", "3 outputs before it are")])
+def test_outputs_agree_in_number(n, kind, before, says):
+    assert cli.outputs(n, kind, before) == says
