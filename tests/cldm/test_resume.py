@@ -192,10 +192,12 @@ def test_only_ckpt_files_are_checkpoints_and_only_dot_tmp_files_partial(tmp_path
     training_file(tmp_path / "step=00000040.ckpt.bak", 40)  # a whole copy, put aside
     (tmp_path / ".step=00000050.ckpt.1a2b3c4d.tmp").write_bytes(b"partial")
     (tmp_path / "notes.tmp").write_text("mine")
+    (tmp_path / ".nfs000000000001").write_bytes(b"")  # a hidden file not ours (kills matching any dot file)
     assert find_resume_checkpoint(tmp_path).name == "step=00000010.ckpt"
     assert incomplete_checkpoints(tmp_path) == []
     assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".step=00000050.ckpt.1a2b3c4d.tmp"]
-    assert sorted(os.listdir(tmp_path)) == ["notes.tmp", "step=00000010.ckpt", "step=00000040.ckpt.bak"]
+    assert sorted(os.listdir(tmp_path)) == [".nfs000000000001", "notes.tmp", "step=00000010.ckpt",
+                                            "step=00000040.ckpt.bak"]
 
 
 def test_a_path_and_its_string_are_the_same_choice(tmp_path):
