@@ -50,6 +50,18 @@ def test_record_config_is_written_by_the_first_process_only(tmp_path, monkeypatc
     assert OmegaConf.load(tmp_path / "runs" / "b" / "config.yaml") == cfg
 
 
+def test_record_config_replaces_the_file_whole_never_rewriting_it_in_place(tmp_path):
+    """Written beside and renamed over (atomicio): a reader of the old config.yaml (here a hard
+    link to it) keeps it whole, and no temporary file is left (kills a plain write_bytes)."""
+    out = tmp_path / "run"
+    record_config(out, load_config(TINY_CONFIG))
+    os.link(out / "config.yaml", tmp_path / "old.yaml")
+    record_config(out, load_config(TINY_CONFIG, ["model.scale_factor=0.2"]))
+    assert OmegaConf.load(tmp_path / "old.yaml") == load_config(TINY_CONFIG)
+    assert OmegaConf.load(out / "config.yaml").model.scale_factor == 0.2
+    assert os.listdir(out) == ["config.yaml"]
+
+
 def test_another_model_config_names_the_first_key_and_only_what_set_a_differing_one(tmp_path):
     out = tmp_path / "run"
     record_config(out, load_config(TINY_CONFIG))
