@@ -353,6 +353,29 @@ def test_image_logger_samples_on_rank_zero_at_its_steps_under_the_precision_cont
     assert len(calls) == 2 and not (tmp_path / "rank1").exists() and not (tmp_path / "off").exists()
 
 
+def test_image_logger_leaves_no_partial_png_when_its_write_fails(tmp_path, monkeypatch):
+    """The grid is written beside its name and renamed (atomicio): a write cut short (a full disk,
+    Ctrl-C) leaves no step-N.png, nor a temporary file (kills a plain save_image to the final name)."""
+    import torchvision
+
+    def cut_short(grid, fp, format=None):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torchvision.utils, "save_image", cut_short)
+
+    class Module:
+        def image_grid(self, *args):
+            return torch.zeros(3, 4, 4)
+
+    t = FakeTrainer()
+    t.global_step = 2
+    with pytest.raises(OSError):
+        ImageLogger(tmp_path / "img", every_n_steps=2).on_train_batch_end(t, Module(), None, "batch", 0)
+    assert os.listdir(tmp_path / "img") == []
+
+
 def test_image_logger_defaults_and_tensorboard(tmp_path):
     """By default every 500 steps, 4 samples, 20 DDIM steps, seed 0; the grid also goes to each
     TensorBoard logger as "samples" at its step, and to no other logger."""
