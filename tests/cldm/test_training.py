@@ -384,10 +384,13 @@ def test_a_process_a_launcher_started_ends_with_its_launcher(local_rank):
              "print('set', flush=True); time.sleep(120)")
     launcher = ("import os, subprocess, sys; "
                 f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
-                "stderr=subprocess.DEVNULL); c.stdout.readline(); print(c.pid, flush=True); os._exit(0)")
+                "stderr=subprocess.DEVNULL); said = c.stdout.readline().decode().strip() or 'nothing'; "
+                "print(c.pid, said, flush=True); os._exit(0)")
     env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"} | ({"LOCAL_RANK": local_rank} if local_rank else {})
-    pid = int(subprocess.run([sys.executable, "-c", launcher], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=60, check=True).stdout)
+    pid, said = subprocess.run([sys.executable, "-c", launcher], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=60, check=True).stdout.split()
+    pid = int(pid)
+    assert said == "set"  # alive while its launcher is (kills a child that ends itself at once: `==` for `!=`)
     try:
         deadline = time.monotonic() + (10 if local_rank else 2)
         while running(pid) and time.monotonic() < deadline:
