@@ -140,6 +140,22 @@ def test_sigterm_notifier_is_replaced_only_where_lightning_has_the_one_it_replac
     assert vars(odd._signal_connector) == {"received_sigterm": False}
 
 
+def test_the_sigterm_notifier_passes_the_signal_on_once_and_only_to_a_launcher():
+    """As Lightning's own: the processes its launcher started get the first SIGTERM, not a second
+    (kills dropping `not connector.received_sigterm`); one process (no launcher) just sets the flag."""
+    kills = []
+    connector = SimpleNamespace(received_sigterm=False, _sigterm_notifier_fn=None)
+    trainer = SimpleNamespace(_signal_connector=connector,
+                              strategy=SimpleNamespace(launcher=SimpleNamespace(kill=kills.append)))
+    training.no_collective_in_sigterm_handler(trainer)
+    for _ in range(2):
+        connector._sigterm_notifier_fn(signal.SIGTERM, None)
+    assert kills == [signal.SIGTERM] and connector.received_sigterm
+    connector.received_sigterm, trainer.strategy.launcher = False, None
+    connector._sigterm_notifier_fn(signal.SIGTERM, None)
+    assert connector.received_sigterm and kills == [signal.SIGTERM]
+
+
 def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
     """The texts as Lightning 2.6 prints them on a resumed run; anything else still shows."""
     import logging
@@ -197,6 +213,34 @@ def test_a_stop_says_whether_a_rerun_resumes_or_starts_over(tmp_path, capsys, si
     assert training.fit(a, None, Stopped(), None, None, None) == status
     assert capsys.readouterr().err == (f"{PROG}: {stopped}; rerun the same command to resume from the newest "
                                        "checkpoint\n")
+
+
+@pytest.mark.parametrize("step, at", [(4, "at step 4"), (0, "while resuming from step=00000002.ckpt")])
+def test_a_resumed_run_stopped_says_the_step_unless_it_stopped_while_restoring(tmp_path, capsys, step, at):
+    """Step 0 of a resumed run: Lightning was still restoring the checkpoint; any later step is
+    named (kills dropping `or trainer.global_step` from the wording's condition)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(trainer):
+        raise SIGTERMException
+
+    out = tmp_path / "run"
+    resume = training_ckpt(out / "checkpoints" / "step=00000002.ckpt", 2)
+    a = SimpleNamespace(out=str(out), init="init.safetensors")
+    assert training.fit(a, None, Trainer(stopped, global_step=step), None, None, resume) == 143
+    assert capsys.readouterr().err == (f"resuming from {resume}\n{PROG}: stopped by SIGTERM {at}; rerun the same "
+                                       "command to resume from the newest checkpoint\n")
+
+
+def test_loader_says_follows_the_cause_chain_and_the_context_only_when_asked():
+    """torch's words in an error `e` was raised from count; in one it was raised while handling
+    only with context=True (kills following __context__ always, or never __cause__)."""
+    said = RuntimeError(training.TERMINATED_LOADER)
+    caused, handled = RuntimeError("exited unexpectedly"), RuntimeError("unexpected pos")
+    caused.__cause__, handled.__context__ = said, said
+    assert training.loader_says(caused, training.TERMINATED_LOADER)
+    assert not training.loader_says(handled, training.TERMINATED_LOADER)
+    assert training.loader_says(handled, training.TERMINATED_LOADER, context=True)
 
 
 class OutOfMemory:
@@ -330,8 +374,9 @@ def test_data_loader_processes_short_of_shared_memory_name_it_with_its_size(tmp_
         assert str(caught.value) == what + rest
     assert training.out_of_memory_line(full, cfg, 3, "cpu", tmp_path, shm=tmp_path / "no_shm").startswith(
         f"a data loader process ran out of shared memory ({tmp_path / 'no_shm'}) at step 3 ")
-    assert [training.size_of(n) for n in (2**16, 2**20 - 1, 64 * 2**20, 2**30 - 1, 24 * 2**30, 1536 * 2**20)] == [
-        "64 KiB", "1024 KiB", "64 MiB", "1024 MiB", "24.0 GiB", "1.5 GiB"]
+    assert [training.size_of(n) for n in (2**16, 2**20 - 1, 2**20, 64 * 2**20, 2**30 - 1, 2**30, 24 * 2**30,
+                                          1536 * 2**20)] == [
+        "64 KiB", "1024 KiB", "1 MiB", "64 MiB", "1024 MiB", "1.0 GiB", "24.0 GiB", "1.5 GiB"]  # each unit from 1
 
 
 
