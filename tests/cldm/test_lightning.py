@@ -502,6 +502,21 @@ def test_noise_differs_per_rank_and_after_a_resume(tmp_path):
     assert seeds[0] == (0, noise_seed(7, 0, 0)) and seeds[-1] == (2, noise_seed(7, 0, 2))
 
 
+def test_each_process_seeds_its_noise_from_its_own_global_rank(monkeypatch):
+    """on_train_start on global rank 1 at step 5 (a DDP process, with a stand-in trainer; the rest
+    of on_train_start is stubbed): its noise is rank 1's, not rank 0's (kills seeding every rank alike)."""
+    from types import SimpleNamespace
+
+    module = ColorControlModule(tiny_model("v2"), seed=7)
+    for name in ("snapshot_locked", "apply_optimizer_settings", "align_epoch", "note_other_data",
+                 "note_other_seed_and_batch"):
+        monkeypatch.setattr(module, name, lambda: None)
+    module.trainer = SimpleNamespace(global_rank=1, global_step=5)
+    with torch.random.fork_rng():
+        module.on_train_start()
+        assert torch.initial_seed() == noise_seed(7, 1, 5) != noise_seed(7, 0, 5)
+
+
 def test_learning_rate_is_logged_once_per_optimiser_step_under_accumulation(tmp_path):
     import csv
 
