@@ -769,6 +769,35 @@ def test_the_other_data_note_is_rank_zeros_and_needs_both_roots(capsys):
     assert capsys.readouterr().err == ""
 
 
+def resumed_in_an_epoch(ready, theirs, world_size=1, batch_size=2, accumulate=1, batches=16):
+    """A module as on_train_start finds it after a resume `ready` batches into an epoch of
+    `batches` (saved at a batch's end: completed is one below), from a checkpoint that records
+    the batch setup `theirs`; a stand-in trainer of `world_size` processes."""
+    from types import SimpleNamespace
+
+    module = ColorControlModule(tiny_model("v2"), config={"train": {"batch_size": batch_size}})
+    current = SimpleNamespace(ready=ready, started=ready, processed=ready, completed=ready - 1)
+    loop = SimpleNamespace(restarting=True, batch_progress=SimpleNamespace(current=current, is_last_batch=False))
+    module.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop), world_size=world_size,
+                                     accumulate_grad_batches=accumulate, num_training_batches=batches)
+    module._resumed_batch = theirs
+    return module, current
+
+
+@pytest.mark.parametrize("theirs, world_size, ready, now", [
+    ({"devices": 2, "batch_size": 2, "accumulate": 1}, 1, 3, 6),  # 12 samples: 6 batches of 2 on one process
+    ({"devices": 1, "batch_size": 2, "accumulate": 1}, 2, 5, 2),  # 10 samples: 2 whole batches of 2 x 2 processes
+    ({"devices": 1, "batch_size": 2, "accumulate": 1}, 1, 5, 5),  # the same setup: as Lightning counted
+])
+def test_align_epoch_converts_the_batches_done_by_the_samples_of_every_process(theirs, world_size, ready, now):
+    """With another number of processes the batches done in the epoch count by their samples over
+    all processes, rounded down (end to end only in a slow DDP test of tests/scripts/test_train.py;
+    kills leaving the devices out of the conversion); all four counters move alike."""
+    module, current = resumed_in_an_epoch(ready, theirs, world_size)
+    module.align_epoch()
+    assert (current.ready, current.started, current.processed, current.completed) == (now, now, now, now - 1)
+
+
 def test_the_seed_and_batch_notes_are_rank_zeros_and_need_both_records(capsys):
     """note_other_seed_and_batch on its own (a resume sets what the checkpoint records): another
     rank says nothing; a module without a config knows no batch size, and a checkpoint without a
