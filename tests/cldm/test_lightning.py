@@ -784,16 +784,19 @@ def resumed_in_an_epoch(ready, theirs, world_size=1, batch_size=2, accumulate=1,
     return module, current
 
 
-@pytest.mark.parametrize("theirs, world_size, ready, now", [
-    ({"devices": 2, "batch_size": 2, "accumulate": 1}, 1, 3, 6),  # 12 samples: 6 batches of 2 on one process
-    ({"devices": 1, "batch_size": 2, "accumulate": 1}, 2, 5, 2),  # 10 samples: 2 whole batches of 2 x 2 processes
-    ({"devices": 1, "batch_size": 2, "accumulate": 1}, 1, 5, 5),  # the same setup: as Lightning counted
+@pytest.mark.parametrize("theirs, world_size, batch_size, ready, now", [
+    ({"devices": 2, "batch_size": 2, "accumulate": 1}, 1, 2, 3, 6),  # 12 samples: 6 batches of 2 on one process
+    ({"devices": 1, "batch_size": 2, "accumulate": 1}, 2, 2, 5, 2),  # 10 samples: 2 whole batches of 2 x 2 processes
+    ({"devices": 1, "batch_size": 2, "accumulate": 1}, 1, 2, 5, 5),  # the same setup: as Lightning counted
+    ({"devices": 2, "batch_size": 2, "accumulate": 1}, 1, None, 3, 3),  # no batch of its own to convert to: as counted
 ])
-def test_align_epoch_converts_the_batches_done_by_the_samples_of_every_process(theirs, world_size, ready, now):
+def test_align_epoch_converts_the_batches_done_by_the_samples_of_every_process(theirs, world_size, batch_size, ready,
+                                                                              now):
     """With another number of processes the batches done in the epoch count by their samples over
     all processes, rounded down (end to end only in a slow DDP test of tests/scripts/test_train.py;
-    kills leaving the devices out of the conversion); all four counters move alike."""
-    module, current = resumed_in_an_epoch(ready, theirs, world_size)
+    kills leaving the devices out of the conversion); all four counters move alike. A module that
+    knows no batch size of its own (no config) keeps Lightning's count."""
+    module, current = resumed_in_an_epoch(ready, theirs, world_size, batch_size)
     module.align_epoch()
     assert (current.ready, current.started, current.processed, current.completed) == (now, now, now, now - 1)
 
