@@ -726,6 +726,30 @@ def test_a_resume_with_another_optimizer_starts_its_state_afresh_and_says_so(tmp
                                          "does not carry over") == 1
 
 
+def test_a_resume_with_another_optimizer_names_the_weight_decay_its_checkpoint_had(capsys):
+    """Another --optimizer restores no optimiser groups, so the checkpoint's weight decay comes
+    from its hyperparameters, not from this run's fresh groups (kills reading it from the groups:
+    a changed --weight-decay went unsaid). Global rank 0 says it, no other rank (kills dropping
+    that condition). apply_optimizer_settings on its own, stand-in trainers."""
+    from types import SimpleNamespace
+
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3, weight_decay=0.01)
+    module._resumed_hparams = {"optimizer": "adamw8bit", "weight_decay": 0.0, "warmup_steps": 0}
+    for rank_zero in (False, True):
+        made = module.configure_optimizers()
+        sched = SimpleNamespace(scheduler=made["lr_scheduler"]["scheduler"])
+        module.trainer = SimpleNamespace(optimizers=[made["optimizer"]], lr_scheduler_configs=[sched],
+                                         is_global_zero=rank_zero)
+        module.apply_optimizer_settings()
+        if not rank_zero:
+            assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.splitlines() == [
+        "note: resumed with learning rate 0.001, weight decay 0.01 and 0 warm-up steps (the checkpoint had 0.001, 0 "
+        "and 0)",
+        "note: resumed with optimizer adamw, the checkpoint's is adamw8bit: its state does not carry over, the moments "
+        "start again from zero (weights, step and learning-rate schedule continue)"]
+
+
 def test_a_resume_on_another_data_root_is_noted_once_by_rank_zero(tmp_path, capsys):
     """Allowed (more films, a moved folder) but said; the same root, or an unrecorded one, is quiet."""
     batch = tiny_batch(2, seed=2)
