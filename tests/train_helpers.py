@@ -95,3 +95,11 @@ def first_process(monkeypatch):
     """Run as the launch's first process (global rank 0): no rank variables from the environment."""
     for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
+
+
+def saving(module, world_size=1, accumulate=1):
+    """`module` as a Trainer leaves it when it saves a checkpoint, for what the checkpoint records of it."""
+    from types import SimpleNamespace
+
+    module.trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=accumulate)
+    return module

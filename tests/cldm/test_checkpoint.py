@@ -531,9 +531,9 @@ def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_p
     from cldm.callbacks import AtomicCheckpointIO
     from cldm.lightning import ColorControlModule
     from cldm.model import TINY_CONFIG, load_config
-    from tests.train_helpers import tiny_model
+    from tests.train_helpers import saving, tiny_model
     cfg = load_config(TINY_CONFIG)
-    module = ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(cfg, resolve=True))
+    module = saving(ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(cfg, resolve=True)))
     ckpt = {"state_dict": module.state_dict(), "global_step": 7, "epoch": 0, "pytorch-lightning_version": "2.x",
             "optimizer_states": [], "lr_schedulers": [], "loops": {}}
     module.on_save_checkpoint(ckpt)  # what the training's checkpoints hold
@@ -565,7 +565,8 @@ def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_p
     no_key = tmp_path / "no_train_unet_input.yaml"
     no_key.write_text(Path(TINY_CONFIG).read_text().replace("  train_unet_input: true\n", ""))
     assert "train_unet_input" not in no_key.read_text()
-    module = ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(load_config(no_key), resolve=True))
+    module = saving(ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(load_config(no_key),
+                                                                                    resolve=True)))
     ckpt = {**ckpt, "state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     AtomicCheckpointIO().save_checkpoint(ckpt, path)

@@ -23,7 +23,7 @@ from cldm.trainable import TRAINING_KEY, UNET_INPUT_CONV, export_keys
 from cldm.weights_config import config_hash
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.unet import ResBlock
-from tests.train_helpers import tiny_batch, tiny_data_root, tiny_model
+from tests.train_helpers import saving, tiny_batch, tiny_data_root, tiny_model
 from tutorial_dataset import PairDataset
 
 
@@ -240,14 +240,6 @@ def test_checkpointing_runs_in_training_but_not_when_sampling(monkeypatch):
     runs.update(res=0, attn=0)
     module.image_grid(batch, n=2, steps=2)  # DDIM sampling under torch.no_grad
     assert calls == [] and runs == {"res": 2, "attn": 2}  # one forward per DDIM step, no checkpoint
-
-
-def saving(module, world_size=1, accumulate=1):
-    """`module` as a Trainer leaves it when it saves a checkpoint, for what the checkpoint records of it."""
-    from types import SimpleNamespace
-
-    module.trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=accumulate)
-    return module
 
 
 def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
