@@ -410,9 +410,12 @@ def _stop_workers(running: list[_Worker], root: Path) -> None:
     for w in running:
         w.proc.join()
         w.conn.close()
-        with movie_lock(root, w.mid) as locked:  # not if another run has taken the movie over since
-            if locked:
-                shutil.rmtree(root / PARTIAL_DIR / w.mid, ignore_errors=True)
+        try:
+            with movie_lock(root, w.mid) as locked:  # not if another run has taken the movie over since
+                if locked:
+                    shutil.rmtree(root / PARTIAL_DIR / w.mid, ignore_errors=True)
+        except OSError:  # no lock can be made (.partial read-only, say): nor anything removed there; the
+            pass  # error that stops the run (or Ctrl-C) is the one to report, and the other workers still reaped
 
 
 _HELD = (signal.SIGINT, signal.SIGTERM)

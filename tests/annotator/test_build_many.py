@@ -432,6 +432,25 @@ def test_a_worker_that_finds_data_root_full_stops_the_others(tmp_path, monkeypat
     assert e.value.errno == errno.ENOSPC and procs["b"].killed and not (root / PARTIAL_DIR).exists()
 
 
+def test_a_stop_where_no_lock_can_be_made_keeps_its_own_line_and_stops_every_worker(tmp_path, monkeypatch):
+    """DATA_ROOT/.partial read-only: a worker's EROFS stops the run, and the parent's clean-up,
+    which locks each stopped movie before removing its partial output, cannot make the lock
+    either. That OSError replaced the run's line ("[Errno 30] Read-only file system:
+    '.../.partial/b.lock'", found with a read-only bind mount) and cut the clean-up of the other workers short."""
+    a, b, c = clips_named(tmp_path, "abc")
+    root = tmp_path / "data"
+
+    def movie_lock(root, mid):  # what atomicio.try_lock's os.open raises on a read-only .partial
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(root / PARTIAL_DIR / f"{mid}.lock"))
+    monkeypatch.setattr(build_many, "movie_lock", movie_lock)
+    procs = stand_in_workers(monkeypatch, {"a": ([("output-error", (errno.EROFS, str(root)))], 0, None),
+                                           "b": ([], None, None), "c": ([], None, None)})
+    with pytest.raises(build_many.OutputError) as e:
+        in_time(lambda: build_all([a, b, c], root, OPTS, workers=3, progress=False, log=lambda line: None))
+    assert str(e.value) == f"read-only file system ({root}); finished movies are kept, rerun to resume"
+    assert procs["b"].killed and procs["c"].killed
+
+
 def test_strict_stop_keeps_what_finished_meanwhile_and_another_runs_movie(tmp_path, monkeypatch):
     """The first bad movie stops the run: a movie whose worker finished it just then counts as
     built; the partial output of one that another run has taken over since is left alone."""
