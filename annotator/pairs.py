@@ -261,7 +261,13 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
     tmp, final = root / PARTIAL_DIR / movie_id, root / movie_id
     if final.exists():
         raise FileExistsError(f"{shown_path(final)} already exists")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run (a running one would hold the lock)
+    try:
+        shutil.rmtree(tmp)  # left by a killed run (a running one would hold the lock)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # not ignored: the mkdir below would fail with a bare "[Errno 17] File exists: .../frames"
+        raise FileExistsError(f"{shown_path(tmp)}: left by an interrupted run, and it cannot be removed "
+                              f"({e.strerror or e}); remove it, then rerun") from None
     t0 = time.perf_counter()
     ext = "." + options.image_format
     params = ([cv2.IMWRITE_JPEG_QUALITY, options.quality] if options.image_format == "jpg"

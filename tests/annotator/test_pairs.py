@@ -173,6 +173,30 @@ def test_failed_movie_leaves_nothing(tmp_path):
     assert not (tmp_path / "data" / "clip").exists() and not (tmp_path / "data" / ".partial" / "clip").exists()
 
 
+def test_a_leftover_partial_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
+    """A killed run's .partial/<id> that the next run cannot remove (read-only, another user's):
+    the skip line said only "[Errno 17] File exists: '.../.partial/clip/frames'" (found with a
+    read-only bind mount on it); it names the folder, why, and what to do."""
+    import errno
+    import shutil
+
+    src = write_folder(panning_clip(4, 16, 24), tmp_path / "clip")
+    left = tmp_path / "data" / ".partial" / "clip"
+    (left / "frames").mkdir(parents=True)
+    real = shutil.rmtree
+
+    def read_only_leftover(path, ignore_errors=False, onerror=None):
+        if Path(path) != left:
+            return real(path, ignore_errors, onerror)
+        if not ignore_errors:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), "000000.jpg")  # rmtree names it by its folder's fd
+    monkeypatch.setattr(shutil, "rmtree", read_only_leftover)
+    s = build_all([src], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    assert s.skipped == [f"{left}: left by an interrupted run, and it cannot be removed (Read-only file system); "
+                         "remove it, then rerun"]
+    assert list_movies(tmp_path / "data") == [] and (left / "frames").is_dir()
+
+
 def test_sample_clip(tmp_path):
     """The real clip: 132 frames at 25 fps; its duplicated frames score exactly 1 and the
     default band finds pairs.
