@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
@@ -201,6 +201,10 @@ def build_all(
         raise
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     todo, existing, skipped, notes, others = plan(sources, root, shard, options)
+    for mid in existing:  # a run killed between publishing a movie and unlocking it left the lock
+        if (root / PARTIAL_DIR / f"{mid}.lock").exists():
+            with suppress(OSError), movie_lock(root, mid):  # removed if not held (atomicio.try_lock)
+                pass
     summary = Summary(existing=existing, skipped=list(skipped), not_in_shard=others)
     for line in notes:
         say(f"note: {line}")

@@ -132,6 +132,29 @@ def test_a_run_leaves_partial_alone_while_another_run_builds_there(tmp_path):
     assert not (tmp_path / "data" / ".partial").exists()
 
 
+def test_the_lock_of_a_finished_movie_left_by_a_killed_run_is_removed(tmp_path):
+    """SIGKILL between publishing a movie (the rename, then an fsync of DATA_ROOT) and removing its
+    lock left DATA_ROOT/.partial/<id>.lock, which every later run skipped as a finished movie's: the
+    data root then never became what an uninterrupted run makes (found by a real-process stress
+    run). A lock another run holds stays."""
+    import fcntl
+
+    a, b = clips_named(tmp_path, "ab")
+    root = tmp_path / "data"
+    build_all([a, b], root, OPTS, progress=False, log=lambda line: None)
+    (root / PARTIAL_DIR).mkdir()
+    (root / PARTIAL_DIR / "a.lock").touch()  # what the kill leaves
+    held = os.open(root / PARTIAL_DIR / "b.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a run that holds it (finding the movie finished, say)
+    try:
+        s = build_all([a, b], root, OPTS, progress=False, log=lambda line: None)
+    finally:
+        os.close(held)
+    assert s.existing == ["a", "b"] and os.listdir(root / PARTIAL_DIR) == ["b.lock"]
+    build_all([a, b], root, OPTS, progress=False, log=lambda line: None)
+    assert sorted(os.listdir(root)) == ["a", "b"]
+
+
 def test_a_movie_another_run_is_building_is_skipped_untouched(tmp_path):
     """Two runs given the same movie: the second must not delete the first one's .partial
     folder (as if a killed run had left it), or the first would publish missing frames."""
