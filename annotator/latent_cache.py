@@ -352,7 +352,9 @@ def build_latent_cache(
                                f"({len(read_only)} such movie(s) to encode); make it writable, or leave it out with "
                                "--movies")
     for mid in (m for m in ids if m not in todo):  # what a killed run (SIGKILL, a power cut) left: maybe GBs
-        if (stale := [p for p in partial_files(root / mid) if p.exists()]) and os.access(root / mid, os.W_OK):
+        stale = [p for p in partial_files(root / mid) if p.exists()]
+        left_lock = (root / mid / LATENTS_LOCK).exists()  # killed after the cache was published: try_lock removes it
+        if (stale or left_lock) and os.access(root / mid, os.W_OK):
             with try_lock(root / mid / LATENTS_LOCK) as mine:
                 if mine:  # else another run is writing them
                     for p in stale:

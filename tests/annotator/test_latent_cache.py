@@ -673,6 +673,18 @@ def test_partial_files_left_by_a_killed_run_are_removed_and_named(cached_root):
     assert logged == [f"removed {f}: left by an interrupted run" for f in stale]
 
 
+def test_the_lock_a_killed_run_left_beside_a_finished_cache_is_removed(cached_root):
+    """SIGKILL between publishing latents.json (then an fsync of the folder) and removing the
+    lock left latents.lock, which every later run kept, the cache being finished: the data root
+    never became what an uninterrupted run makes (found by a real-process stress run). Nothing to
+    name: it holds no data."""
+    (cached_root / "pan" / LATENTS_LOCK).touch()  # what the kill leaves
+    logged = []
+    result = build_latent_cache(cached_root, tiny_vae(0), progress=False, log=logged.append)
+    assert result["existing"] == ["pan"] and logged == []
+    assert not (cached_root / "pan" / LATENTS_LOCK).exists()
+
+
 @contextlib.contextmanager
 def held_by_another_run(movie_dir: Path, seconds: float | None = None, finish=None):
     """The lock a build_latent_cache run encoding `movie_dir` holds (another open file, as
