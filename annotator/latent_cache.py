@@ -84,15 +84,21 @@ def read_frame(path: Path) -> np.ndarray:
     return bgr_to_rgb(img)
 
 
+REBUILD = "rebuild the movie with build_pairs.py (remove its folder first: finished movies are skipped)"
+
+
 def _stored_frame(movie_dir: Path, index: int, fmt: str, w: int, h: int) -> np.ndarray:
     """read_frame, refusing a frame of another size than meta.json gives (a frame replaced by
     hand): np.stack's "all input arrays must have the same shape" names no file, and a batch of
     such frames alone would be encoded into latents of another shape."""
     path = frame_path(movie_dir, index, fmt)
-    img = read_frame(path)
+    try:
+        img = read_frame(path)
+    except OSError as e:
+        raise OSError(f"{e}; {REBUILD}") from None
     if img.shape[:2] != (h, w):
         raise ValueError(f"{path}: a {img.shape[1]}x{img.shape[0]} frame, but {movie_dir / 'meta.json'} says the "
-                         f"movie's frames are {w}x{h}; rebuild the movie with build_pairs.py")
+                         f"movie's frames are {w}x{h}; {REBUILD}")
     return img
 
 

@@ -318,7 +318,8 @@ def test_a_frame_of_another_size_than_meta_json_is_named_and_the_old_cache_kept(
     with pytest.raises(ValueError) as e:
         build_latent_cache(cached_root, tiny_vae(1), batch_size=batch_size, overwrite=True, progress=False)
     assert str(e.value) == (f"{frame}: a 48x32 frame, but {movie / 'meta.json'} says the movie's frames are 160x64; "
-                            "rebuild the movie with build_pairs.py")
+                            "rebuild the movie with build_pairs.py (remove its folder first: finished movies are "
+                            "skipped)")
     assert {p: p.read_bytes() for p in kept} == kept and sorted(os.listdir(movie)) == sorted(
         ["frames", LATENTS, LATENTS_META, "meta.json", "similarity.npy"])
 
@@ -501,7 +502,9 @@ def test_cli_a_missing_frame_is_one_line_without_opencv_warnings(root, tmp_path)
     p = subprocess.run([sys.executable, str(REPO / "build_latent_cache.py"), str(root), "--ckpt", str(ckpt),
                         "--config", str(cfg), "--device", "cpu", "--no-progress"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 2 and p.stderr == f"build_latent_cache.py: error: {frame}: cannot read frame\n"
+    assert p.returncode == 2 and p.stderr == (f"build_latent_cache.py: error: {frame}: cannot read frame; rebuild the movie "
+                                            "with build_pairs.py (remove its folder first: finished movies are "
+                                            "skipped)\n")
 
 
 def test_cli_tells_how_to_train_on_the_cache(root, capsys):
