@@ -175,3 +175,14 @@ class CrossDeviceCopies(TorchDispatchMode):
             if isinstance(src, torch.Tensor) and src.device != out.device:
                 self.count += 1
         return out
+
+
+def stops_in_second_write(write, calls: list):
+    """`write` (path, data) that records each file name in `calls` and raises KeyboardInterrupt
+    once, in the second call (Ctrl-C landing in the write of f1): the writer must write it again."""
+    def stopped_once(path, data):
+        calls.append(path.name)
+        if calls == ["f0.png", "f1.png"]:
+            raise KeyboardInterrupt
+        return write(path, data)
+    return stopped_once

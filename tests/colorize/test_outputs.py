@@ -7,6 +7,7 @@ import pytest
 
 from colorize import outputs as O
 from colorize.frames_io import write_bytes_atomic
+from tests.helpers import stops_in_second_write
 
 
 def frame(k: int, h: int = 6, w: int = 8) -> np.ndarray:
@@ -130,13 +131,7 @@ def test_a_stop_inside_a_write_writes_that_frame_and_the_rest_again(tmp_path, mo
     then f2 and f3, in order; f4 is not made."""
     monkeypatch.setattr(O, "PNG_THREADS", 2)
     calls = []
-
-    def stopped_once(path, data):
-        calls.append(path.name)
-        if calls == ["f0.png", "f1.png"]:
-            raise KeyboardInterrupt
-        return write_bytes_atomic(path, data)
-    monkeypatch.setattr(O, "write_bytes_atomic", stopped_once)
+    monkeypatch.setattr(O, "write_bytes_atomic", stops_in_second_write(write_bytes_atomic, calls))
     writer = O.OrderedWriter(tmp_path, 0)
     with pytest.raises(KeyboardInterrupt):
         list(writer.written(lambda: made(5)))

@@ -24,7 +24,7 @@ from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
-from tests.helpers import named_pipe, read_only_folder, refused, video_with_sound
+from tests.helpers import named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
@@ -1410,16 +1410,9 @@ def test_a_stop_while_a_png_is_written_loses_none_of_the_frames_made(env, tmp_pa
                                                                      written, says):
     """Ctrl-C lands in the main thread, in the write of f1 (say): that write is done again, and
     the frames made after it, their PNGs already encoded, are written too, in order."""
-    write, calls = O.write_bytes_atomic, []
-
-    def stopped_once(path, data):
-        calls.append(path.name)
-        if calls == ["f0.png", "f1.png"]:
-            raise KeyboardInterrupt
-        return write(path, data)
-
+    calls = []
     monkeypatch.setattr(O, "PNG_THREADS", threads)
-    monkeypatch.setattr(O, "write_bytes_atomic", stopped_once)
+    monkeypatch.setattr(O, "write_bytes_atomic", stops_in_second_write(O.write_bytes_atomic, calls))
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out], capsys)
