@@ -24,6 +24,7 @@ import time
 from collections import deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from typing import Callable, Sequence
@@ -335,16 +336,18 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
     Under `strict` the first skipped movie stops the run: nothing new starts, and the movies
     still running are stopped and their partial output removed. A KeyboardInterrupt (Ctrl-C,
     or SIGTERM as build_pairs.py maps it) does the same, then propagates. Workers ignore
-    SIGINT and die with the parent, so they never outlive the run.
+    SIGINT and die with the parent, so they never outlive the run; each starts with SIGINT and
+    SIGTERM blocked (the mask of the thread that starts it), so a Ctrl-C that reaches it while
+    Python boots stays pending until `_worker_main` ignores it.
     """
-    ctx = mp.get_context("spawn")  # fork after threads (OpenCV, ffmpeg) is unsafe
+    ctx = _spawn_context()
     waiting = deque(todo)
     running: list[_Worker] = []
     try:
         while waiting or running:
             while waiting and len(running) < workers and not summary.stopped:
                 mid, path, _ = waiting.popleft()
-                with _signals_deferred(ignore_sigint=True):
+                with _signals_deferred():
                     running.append(_start_worker(ctx, mid, path, root, options))
             if not running:
                 break
@@ -376,6 +379,17 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
     for w in running:
         if isinstance(w.result, dict):
             finish(w.mid, w.result)
+
+
+def _spawn_context():
+    """Spawn (fork after threads - OpenCV, ffmpeg - is unsafe), its resource tracker already running.
+
+    The tracker starts with a process's first spawned child, and that start unblocks SIGINT and
+    SIGTERM in the thread that makes it (CPython's multiprocessing.resource_tracker), so the
+    first worker, started inside `_signals_deferred`, would boot with them unblocked."""
+    ctx = mp.get_context("spawn")
+    resource_tracker.ensure_running()
+    return ctx
 
 
 def _start_worker(ctx, mid: str, path, root: Path, options: BuildOptions) -> _Worker:
@@ -426,17 +440,19 @@ _HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _signals_deferred(ignore_sigint: bool = False):
+def _signals_deferred():
     """Hold SIGINT and SIGTERM for the duration (they are delivered afterwards, not lost).
 
-    Used while starting a worker - with `ignore_sigint`, so the worker starts with Ctrl-C
-    ignored and blocked until it has set itself up (no traceback from a half-started
-    worker; the parent alone stops the run; a Ctrl-C in those milliseconds may be lost) -
-    and while stopping the workers, so a second Ctrl-C cannot cut the clean-up short.
+    Used while starting a worker - which inherits the mask, so it starts with both blocked
+    until it has set itself up (no traceback from a half-started worker; the parent alone
+    stops the run) - and while stopping the workers, so a second Ctrl-C cannot cut the
+    clean-up short.
 
     Blocking them in this thread is not enough: the kernel hands a signal to any thread that
     does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the
-    main thread all the same. So the main thread's handlers only note them meanwhile.
+    main thread all the same. So the main thread's handlers only note them meanwhile. (Setting
+    SIGINT to SIG_IGN here instead, as this once did for the worker's sake, lost a Ctrl-C that
+    such a thread took: an ignored signal is dropped, not held.)
     """
     main = threading.current_thread() is threading.main_thread()
     if not hasattr(signal, "pthread_sigmask"):
@@ -447,17 +463,13 @@ def _signals_deferred(ignore_sigint: bool = False):
     old_handlers = {}
     if main:
         for signum in _HELD:
-            old = signal.getsignal(signum)
-            if signum == signal.SIGINT and ignore_sigint:
-                old_handlers[signum] = signal.signal(signum, signal.SIG_IGN)
-            elif callable(old):  # a Python handler (not SIG_IGN or SIG_DFL, nor one set outside Python)
+            if callable(signal.getsignal(signum)):  # a Python handler (not SIG_IGN or SIG_DFL, nor one set outside Python)
                 old_handlers[signum] = signal.signal(signum, lambda s, frame: noted.append(s))
     try:
         yield
     finally:
         for signum, old in old_handlers.items():
-            if old is not None:  # None: set outside Python, not to be restored from here
-                signal.signal(signum, old)
+            signal.signal(signum, old)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for signum in noted:
             signal.raise_signal(signum)  # to the handler restored above

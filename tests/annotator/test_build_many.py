@@ -556,16 +556,72 @@ def test_a_worker_reports_progress_in_batches_then_its_result(tmp_path, monkeypa
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
-def test_signals_deferred_blocks_them_and_ignores_sigint_while_a_worker_starts():
-    """The worker inherits both: it starts with SIGINT ignored and blocked."""
+def test_a_worker_started_inside_signals_deferred_boots_with_both_signals_blocked():
+    """The worker inherits the mask across spawn's exec: a Ctrl-C that reaches it while Python
+    boots stays pending (until _worker_main ignores SIGINT) instead of a traceback from a
+    half-started worker; SIGINT's handler itself is left as it was. In a fresh process: the
+    first spawned child starts multiprocessing's resource tracker, whose start unblocked both
+    in the parent before the worker was made (_spawn_context starts it first)."""
+    script = (
+        "import signal\n"
+        "from annotator import build_many\n"
+        "from tests.annotator.test_build_many import send_blocked_signals\n"
+        "ctx = build_many._spawn_context()\n"
+        "old_int = signal.getsignal(signal.SIGINT)\n"
+        "read, write = ctx.Pipe(duplex=False)\n"
+        "with build_many._signals_deferred():\n"
+        "    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN\n"
+        "    proc = ctx.Process(target=send_blocked_signals, args=(write,), daemon=True)\n"
+        "    proc.start()\n"
+        "write.close()\n"
+        "assert read.poll(60)\n"
+        "print(read.recv())\n"
+        "proc.join(10)\n"
+        "assert signal.getsignal(signal.SIGINT) is old_int\n"
+        "print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     import signal
+    child, parent = (eval(line) for line in out.stdout.splitlines())
+    assert {int(signal.SIGINT), int(signal.SIGTERM)} <= set(child)
+    assert not {int(signal.SIGINT), int(signal.SIGTERM)} & set(parent)
 
-    old_int = signal.getsignal(signal.SIGINT)
-    with build_many._signals_deferred(ignore_sigint=True):
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    assert signal.getsignal(signal.SIGINT) is old_int
-    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+def send_blocked_signals(conn):  # a spawned worker's first act: send the signals blocked while Python booted
+    import signal
+    conn.send(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_ctrl_c_while_a_worker_starts_stops_the_run_even_when_another_thread_takes_it(tmp_path, monkeypatch):
+    """A Ctrl-C in the milliseconds a worker takes to start was lost when a thread that does not
+    block signals took it (numpy's BLAS pool, tqdm's monitor): SIGINT was set to SIG_IGN there,
+    and the run went on to exit 0. Now it stops the run: no movie is published, nothing left in
+    .partial."""
+    import signal
+    import threading
+
+    clips = [write_folder(panning_clip(6, 16, 24, seed=i), tmp_path / f"m{i}") for i in range(2)]
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # started first: SIGINT unblocked there
+    other.start()
+    start = build_many._start_worker
+
+    def start_then_ctrl_c(*args):
+        w = start(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # the kernel hands it to `other`, the one thread not blocking it
+        time.sleep(0.1)  # Python has run the handler by now
+        return w
+    monkeypatch.setattr(build_many, "_start_worker", start_then_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_all(clips, tmp_path / "data", OPTS, workers=2, progress=False, log=lambda line: None)
+    finally:
+        stop.set()
+    root = tmp_path / "data"
+    assert [p.name for p in root.iterdir() if p.name != PARTIAL_DIR] == []
+    assert not (root / PARTIAL_DIR).exists() or list((root / PARTIAL_DIR).iterdir()) == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
