@@ -10,8 +10,11 @@ the same DATA_ROOT (one per GPU, say) share the movies: each locks the movie it 
 leaves those another run holds to the end and then waits for them, so each ends once every
 movie is cached.
 
-Exit status: 0 every movie cached, 1 a movie refused (cached with other weights), 2 bad
-input (one line), 130 / 143 stopped by Ctrl-C / SIGTERM (finished movies kept; rerun to
+A movie with a frame that cannot be encoded (unreadable, or of another size than its
+meta.json gives) is skipped with one line naming the frame; the others are still cached.
+
+Exit status: 0 every movie cached, 1 a movie refused (cached with other weights) or
+skipped (a bad frame), 2 bad input (one line), 130 / 143 stopped by Ctrl-C / SIGTERM (finished movies kept; rerun to
 resume).
 """
 from __future__ import annotations
@@ -36,8 +39,9 @@ KEPT = "finished movies are kept, rerun to resume"
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter,
                       epilog="Runs on one DATA_ROOT share its movies (one per GPU, say): each ends when all "
-                             "are cached. Exit status: 0 every movie cached, 1 a movie refused (other weights), "
-                             "2 bad input, 130/143 stopped by Ctrl-C/SIGTERM.")
+                             "are cached. A movie with a bad frame is skipped (one line). Exit status: 0 every "
+                             "movie cached, 1 a movie refused (other weights) or skipped (a bad frame), 2 bad "
+                             "input, 130/143 stopped by Ctrl-C/SIGTERM.")
     p.add_argument("data_root", type=path_arg, metavar="DATA_ROOT", help="folder written by build_pairs.py")
     p.add_argument("--ckpt", type=path_arg, required=True,
                    help="checkpoint with the VAE weights: a full SD/ControlLDM checkpoint (keys "
@@ -139,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"VAE fingerprint {result['fingerprint']} (tutorial_train_sd21_color_v2.py --use-latent-cache "
           "takes the cache when the VAE of its --init has these weights)")
     print(f"latents built: {len(result['built'])}, already cached: {len(result['existing'])}, "
-          f"refused (other weights): {len(result['refused'])}")
-    return 1 if result["refused"] else 0
+          f"refused (other weights): {len(result['refused'])}, skipped (a bad frame): {len(result['skipped'])}")
+    return 1 if result["refused"] or result["skipped"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

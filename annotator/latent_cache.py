@@ -60,6 +60,11 @@ class LatentCacheError(Exception):
     """Missing, unfinished or foreign latent cache; str(e) is one line naming the movie."""
 
 
+class BadFrameError(LatentCacheError):
+    """A stored frame that cannot be encoded (unreadable, or of another size than meta.json
+    gives): its movie is skipped, the others are still cached."""
+
+
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """SHA-256 (hex) of the VAE weights; equal iff the state_dicts hold equal values."""
     h = hashlib.sha256()
@@ -95,9 +100,9 @@ def _stored_frame(movie_dir: Path, index: int, fmt: str, w: int, h: int) -> np.n
     try:
         img = read_frame(path)
     except OSError as e:
-        raise OSError(f"{e}; {REBUILD}") from None
+        raise BadFrameError(f"{e}; {REBUILD}") from None
     if img.shape[:2] != (h, w):
-        raise ValueError(f"{path}: a {img.shape[1]}x{img.shape[0]} frame, but {movie_dir / 'meta.json'} says the "
+        raise BadFrameError(f"{path}: a {img.shape[1]}x{img.shape[0]} frame, but {movie_dir / 'meta.json'} says the "
                          f"movie's frames are {w}x{h}; {REBUILD}")
     return img
 
@@ -336,8 +341,10 @@ def build_latent_cache(
     (<movie>/latents.lock, atomicio.try_lock): one that another run is encoding is left to the
     end, then waited for and taken as that run left it (built, or built here if that run died),
     so runs given the same movies share the work, never write into each other's files, and
-    each ends once all its movies are cached. Returns {"built", "existing", "refused"}: lists
-    of movie ids, and "fingerprint": the VAE's.
+    each ends once all its movies are cached. A movie with a frame that cannot be encoded
+    (BadFrameError) is skipped with a line naming the frame, its old cache (if any) kept, and
+    the others still cached: one bad file should not cost a night's encoding. Returns {"built",
+    "existing", "refused", "skipped"}: lists of movie ids, and "fingerprint": the VAE's.
     """
     from tqdm import tqdm
 
@@ -345,7 +352,7 @@ def build_latent_cache(
     vae.eval()  # frozen: no dropout; gradients are off via no_grad in encode_movie
     fp = vae_fingerprint(vae)
     ids = list(movies) if movies is not None else list_movies(root)
-    result = {"built": [], "existing": [], "refused": [], "fingerprint": fp}
+    result = {"built": [], "existing": [], "refused": [], "skipped": [], "fingerprint": fp}
     check_movies(root, ids)
     todo = []
     for mid in ids:
@@ -370,7 +377,14 @@ def build_latent_cache(
     with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
         def settle(mid: str, state: str, why: str | None) -> None:
             if state == "build":  # its why, if any, was logged by the first look
-                encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
+                start = bar.n
+                try:
+                    encode_movie(root / mid, vae, fp, batch_size, autocast_dtype, bar.update, gray=gray)
+                except BadFrameError as e:
+                    log(f"skipped: {e}")
+                    result["skipped"].append(mid)
+                    bar.update(load_meta(root / mid)["frame_count"] - (bar.n - start))  # the bar ends full
+                    return
                 result["built"].append(mid)
             else:  # another run finished it since the first look
                 result[state].append(mid)

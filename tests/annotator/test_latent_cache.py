@@ -20,8 +20,8 @@ from annotator.build_many import build_all
 from annotator.color import rgb_to_gray
 import annotator.latent_cache
 from annotator.latent_cache import (
-    LATENTS, LATENTS_LOCK, LATENTS_META, LatentCacheError, build_latent_cache, encode_movie, load_latents, read_frame,
-    vae_fingerprint,
+    LATENTS, LATENTS_LOCK, LATENTS_META, LatentCacheError, build_latent_cache, cache_info, encode_movie, load_latents,
+    read_frame, vae_fingerprint,
 )
 from annotator.pairs import BuildOptions, frame_path
 from tests.annotator.clips import panning_clip, write_folder
@@ -307,21 +307,38 @@ def test_read_frame_takes_a_path_that_is_not_utf8_and_names_what_it_cannot_read(
             read_frame(bad)
 
 @pytest.mark.parametrize("batch_size", [8, 1])
-def test_a_frame_of_another_size_than_meta_json_is_named_and_the_old_cache_kept(cached_root, batch_size):
+def test_a_frame_of_another_size_than_meta_json_skips_its_movie_naming_it_and_keeps_the_old_cache(
+        cached_root, batch_size):
     """A stored frame replaced by one of another size: in a batch with others it was np.stack's "all input
     arrays must have the same shape", naming no file; alone in its batch, encoded into latents of another
-    shape. Now one line naming the frame, meta.json and both sizes, before the old cache is touched."""
+    shape. Now one line naming the frame, meta.json and both sizes; the old cache is not touched and the
+    other movies are still cached."""
     movie = cached_root / "pan"
+    shutil.copytree(movie, cached_root / "pan2")  # a second, good movie, after it in the order
+    (cached_root / "pan2" / LATENTS).unlink()
+    (cached_root / "pan2" / LATENTS_META).unlink()
     frame = frame_path(movie, 3)
     frame.write_bytes(cv2.imencode(".jpg", np.zeros((32, 48, 3), np.uint8))[1].tobytes())
     kept = {p: p.read_bytes() for p in (movie / LATENTS, movie / LATENTS_META)}
-    with pytest.raises(ValueError) as e:
-        build_latent_cache(cached_root, tiny_vae(1), batch_size=batch_size, overwrite=True, progress=False)
-    assert str(e.value) == (f"{frame}: a 48x32 frame, but {movie / 'meta.json'} says the movie's frames are 160x64; "
-                            "rebuild the movie with build_pairs.py (remove its folder first: finished movies are "
-                            "skipped)")
+    lines = []
+    result = build_latent_cache(cached_root, tiny_vae(1), batch_size=batch_size, overwrite=True, progress=False,
+                                log=lines.append)
+    assert lines == [f"skipped: {frame}: a 48x32 frame, but {movie / 'meta.json'} says the movie's frames are 160x64; "
+                     "rebuild the movie with build_pairs.py (remove its folder first: finished movies are skipped)"]
+    assert (result["skipped"], result["built"], result["existing"], result["refused"]) == (["pan"], ["pan2"], [], [])
     assert {p: p.read_bytes() for p in kept} == kept and sorted(os.listdir(movie)) == sorted(
         ["frames", LATENTS, LATENTS_META, "meta.json", "similarity.npy"])
+    assert cache_info(cached_root / "pan2")["vae_fingerprint"] == vae_fingerprint(tiny_vae(1))
+
+
+def test_the_bar_ends_full_when_a_movie_is_skipped_part_way(cached_root, capsys):
+    """The bad frame is the last one, after a batch was encoded: the bar gets the movie's other frames,
+    not twice the ones already counted."""
+    frame_path(cached_root / "pan", N - 1).write_bytes(b"not a jpeg")
+    result = build_latent_cache(cached_root, tiny_vae(1), batch_size=3, overwrite=True, log=lambda line: None)
+    assert result["skipped"] == ["pan"]
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert f"{N}/{N}" in bar and "100%" in bar, bar
 
 
 def test_a_cache_with_fewer_latents_than_frames_is_refused(cached_root):
@@ -494,7 +511,7 @@ def test_cli_refuses_movie_ids_with_a_path_or_none(root, tmp_path, capsys):
 
 def test_cli_a_missing_frame_is_one_line_without_opencv_warnings(root, tmp_path):
     """OpenCV's own "[ WARN:0@3.5] global loadsave.cpp:278 findDecoder ..." before our line is
-    silenced as build_pairs.py silences it (cliutil.quiet_opencv)."""
+    silenced as build_pairs.py silences it (cliutil.quiet_opencv). The movie is skipped: exit 1."""
     ckpt, cfg = vae_checkpoint(tiny_vae(0), tmp_path)
     frame = frame_path(root / "pan", 3)
     frame.unlink()
@@ -502,9 +519,11 @@ def test_cli_a_missing_frame_is_one_line_without_opencv_warnings(root, tmp_path)
     p = subprocess.run([sys.executable, str(REPO / "build_latent_cache.py"), str(root), "--ckpt", str(ckpt),
                         "--config", str(cfg), "--device", "cpu", "--no-progress"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 2 and p.stderr == (f"build_latent_cache.py: error: {frame}: cannot read frame; rebuild the movie "
+    assert p.returncode == 1 and p.stderr == (f"skipped: {frame}: cannot read frame; rebuild the movie "
                                             "with build_pairs.py (remove its folder first: finished movies are "
                                             "skipped)\n")
+    assert p.stdout.endswith("latents built: 0, already cached: 0, refused (other weights): 0, "
+                             "skipped (a bad frame): 1\n")
 
 
 def test_cli_tells_how_to_train_on_the_cache(root, capsys):
@@ -903,7 +922,7 @@ def test_write_errors_keep_their_cause_and_a_message_without_strerror(tmp_path):
 
 def test_an_empty_list_of_movies_is_none_of_them(root):
     assert build_latent_cache(root, tiny_vae(0), movies=[], progress=False) == {
-        "built": [], "existing": [], "refused": [], "fingerprint": vae_fingerprint(tiny_vae(0))}
+        "built": [], "existing": [], "refused": [], "skipped": [], "fingerprint": vae_fingerprint(tiny_vae(0))}
     assert not (root / "pan" / LATENTS).exists()
 
 

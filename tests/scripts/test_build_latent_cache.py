@@ -53,7 +53,8 @@ class Spy:
 
     def __init__(self, result=None, error=None):
         self.calls, self.error = [], error
-        self.result = result or {"fingerprint": "0123456789abcdef", "built": ["pan"], "existing": [], "refused": []}
+        self.result = result or {"fingerprint": "0123456789abcdef", "built": ["pan"], "existing": [], "refused": [],
+                                 "skipped": []}
 
     def __call__(self, data_root, vae, movies, batch_size, overwrite, autocast_dtype, *, progress, log, gray):
         self.calls.append(dict(data_root=data_root, vae=vae, movies=movies, batch_size=batch_size, overwrite=overwrite,
@@ -85,13 +86,21 @@ def test_the_options_reach_the_cache_builder(data_root, spy, capsys, extra, want
     assert err == "a line of the cache's\n"  # the builder's log goes to stderr
     assert out == ("VAE fingerprint 0123456789abcdef (tutorial_train_sd21_color_v2.py --use-latent-cache takes the "
                    "cache when the VAE of its --init has these weights)\n"
-                   "latents built: 1, already cached: 0, refused (other weights): 0\n")
+                   "latents built: 1, already cached: 0, refused (other weights): 0, skipped (a bad frame): 0\n")
 
 
 def test_a_refused_movie_is_exit_1_and_counted(data_root, spy, capsys):
-    spy.result = {"fingerprint": "f", "built": ["a", "b"], "existing": ["c"], "refused": ["d", "e", "f"]}
+    spy.result = {"fingerprint": "f", "built": ["a", "b"], "existing": ["c"], "refused": ["d", "e", "f"], "skipped": []}
     assert build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"]) == 1
-    assert capsys.readouterr().out.endswith("latents built: 2, already cached: 1, refused (other weights): 3\n")
+    assert capsys.readouterr().out.endswith("latents built: 2, already cached: 1, refused (other weights): 3, "
+                                            "skipped (a bad frame): 0\n")
+
+
+def test_a_skipped_movie_is_exit_1_and_counted(data_root, spy, capsys):
+    spy.result = {"fingerprint": "f", "built": ["a"], "existing": [], "refused": [], "skipped": ["b", "c"]}
+    assert build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"]) == 1
+    assert capsys.readouterr().out.endswith("latents built: 1, already cached: 0, refused (other weights): 0, "
+                                            "skipped (a bad frame): 2\n")
 
 
 def test_config_checkpoint_pickle_and_device_are_passed_on(data_root, spy, monkeypatch):
