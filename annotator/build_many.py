@@ -46,11 +46,13 @@ OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 class OutputError(OSError):
     """DATA_ROOT takes no more data (disk full, quota, read-only): the run stops, after the
-    usual clean-up, instead of skipping every remaining movie as bad input."""
+    usual clean-up, instead of skipping every remaining movie as bad input. `where`: the folder
+    named (DATA_ROOT, or the one in it that refused the write)."""
 
-    def __init__(self, code: int, data_root: str | os.PathLike):
+    def __init__(self, code: int, where: str | os.PathLike):
         reason = os.strerror(code)
-        super().__init__(code, f"{reason[:1].lower()}{reason[1:]} ({data_root}); finished movies are kept, "
+        self.where = str(where)
+        super().__init__(code, f"{reason[:1].lower()}{reason[1:]} ({where}); finished movies are kept, "
                                f"rerun to resume")
 
     def __str__(self) -> str:
@@ -58,8 +60,15 @@ class OutputError(OSError):
 
 
 def raise_if_output_error(e: OSError, data_root) -> None:
+    """A full disk is DATA_ROOT's; a refused write names where it was refused (the file, or the
+    folder it was to be made in): only DATA_ROOT/.partial read-only, say, and DATA_ROOT itself
+    writable, a line naming DATA_ROOT sent the user to look in the wrong place."""
     if e.errno in OUTPUT_ERRNOS:
-        raise OutputError(e.errno, data_root) from e
+        where = data_root
+        if e.errno in (errno.EROFS, errno.EACCES) and e.filename:
+            path = Path(os.fsdecode(e.filename))
+            where = path if path.exists() else path.parent
+        raise OutputError(e.errno, where) from e
 
 
 @dataclass
@@ -478,7 +487,7 @@ def _signals_deferred():
 def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:
     """A worker process: build one movie, sending ("progress", frames), ("warning", line) and
     finally ("result", meta or the one-line reason it was skipped), or ("output-error", (errno,
-    DATA_ROOT)) when DATA_ROOT is full or read-only, through `conn`."""
+    the folder it names)) when DATA_ROOT is full or read-only, through `conn`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     _exit_with_parent(parent_pid)
     if hasattr(signal, "pthread_sigmask"):
@@ -495,7 +504,7 @@ def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOption
     try:
         result = _build_one(mid, path, data_root, options, report, lambda line: conn.send(("warning", line)))
     except OutputError as e:
-        conn.send(("output-error", (e.errno, data_root)))
+        conn.send(("output-error", (e.errno, e.where)))
         conn.close()
         return
     except Exception as e:  # a bug, not bad input: still one line, and the run goes on

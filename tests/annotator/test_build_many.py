@@ -77,6 +77,29 @@ def test_a_data_root_without_write_permission_stops_the_run(tmp_path, monkeypatc
     assert lines == [] and os.listdir(tmp_path / "data") == []
 
 
+def test_an_output_error_names_where_the_write_was_refused(tmp_path):
+    """Only DATA_ROOT/.partial read-only (DATA_ROOT itself writable): the line named DATA_ROOT, where the
+    user then found nothing wrong. A refused write names the file, or the folder it was to be made in; a
+    full disk (or an error without a file name) names DATA_ROOT."""
+    root = tmp_path / "data"
+    (root / PARTIAL_DIR).mkdir(parents=True)
+    (root / "taken.json").write_text("{}")
+    cases = [(errno.EROFS, root / PARTIAL_DIR / "m1", root / PARTIAL_DIR),  # mkdir .partial/m1
+             (errno.EACCES, root / PARTIAL_DIR / "m1" / "frames", root / PARTIAL_DIR / "m1"),
+             (errno.EACCES, root / "taken.json", root / "taken.json"),  # an existing file that refuses
+             (errno.EACCES, root, root),
+             (errno.ENOSPC, root / PARTIAL_DIR / "m1" / "frames", root),
+             (errno.EROFS, None, root)]
+    for code, filename, named in cases:
+        e = OSError(code, os.strerror(code), *([str(filename)] if filename else []))
+        with pytest.raises(build_many.OutputError) as got:
+            build_many.raise_if_output_error(e, root)
+        reason = os.strerror(code)
+        assert str(got.value) == f"{reason[0].lower()}{reason[1:]} ({named}); finished movies are kept, rerun to resume"
+        assert got.value.where == str(named) and got.value.errno == code
+    build_many.raise_if_output_error(OSError(errno.EIO, "I/O error", str(root)), root)  # not DATA_ROOT's: no OutputError
+
+
 def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):
     """`films/* films/a` or `a a/`: was skipped as "movie id 'a' is also used by a; rename one of them" (exit 1),
     advice that cannot apply to one folder; two inputs with one id are still a clash."""
@@ -546,7 +569,7 @@ def test_a_worker_reports_progress_in_batches_then_its_result(tmp_path, monkeypa
 
     def full(*args):
         raise build_many.OutputError(errno.ENOSPC, "elsewhere")
-    assert run(full) == [("output-error", (errno.ENOSPC, str(tmp_path)))]
+    assert run(full) == [("output-error", (errno.ENOSPC, "elsewhere"))]  # the folder the error names
 
     def bug(*args):
         raise KeyError("oops")
