@@ -177,9 +177,9 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     if not_utf8(path.absolute()):  # OpenCV's binding would crash the process on it
         raise OSError(f"{shown_path(path)}: OpenCV cannot write a video whose path is not UTF-8: rename it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    writer, size, n = None, None, 0
+    tmp, writer, size, n = None, None, None, 0
     try:
+        tmp = _temp_beside(path)  # inside: a stop right after it still removes it
         for frame in frames:
             img = _as_uint8_rgb(frame)
             bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else np.ascontiguousarray(img[..., ::-1])
@@ -207,7 +207,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     except BaseException:
         if writer is not None:
             writer.release()
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return n
 
@@ -218,12 +219,14 @@ def _add_audio(video: Path, source: str | os.PathLike, path: Path) -> None:
 
     from colorize.audio import add_audio
 
-    muxed = _temp_beside(path)
+    muxed = None
     try:
+        muxed = _temp_beside(path)  # inside: a stop right after it still removes it
         add_audio(video, source, muxed)
         os.replace(muxed, video)
     except (av.FFmpegError, ValueError) as e:
         raise OSError(f"{path}: cannot add the sound of {source} ({one_line(e)}); leave it out with --no-audio") \
             from None
     finally:
-        muxed.unlink(missing_ok=True)
+        if muxed is not None:
+            muxed.unlink(missing_ok=True)

@@ -394,3 +394,43 @@ def test_encode_png_an_encoder_failure_is_an_oserror(monkeypatch):
     monkeypatch.setattr(cv2, "imencode", lambda *a: (False, None))
     with pytest.raises(OSError, match="^cannot encode PNG$"):
         encode_png(np.zeros((2, 2, 3), np.float32), 16)
+
+
+def stop_right_after_a_temp_file_is_made(code, folder):
+    """A trace function: Ctrl-C at the first line that the function of `code` runs once a new
+    temporary file is in `folder`, as a signal landing just after the statement that made it."""
+    def call(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        there = set(folder.glob(".*tmp*"))
+
+        def line(frame, event, arg):
+            if event == "line" and set(folder.glob(".*tmp*")) - there:
+                raise KeyboardInterrupt  # raised in the traced frame, at that line; tracing then stops
+            return line
+        return line
+    return call
+
+
+@pytest.mark.parametrize("where", ["video", "sound"])
+def test_a_stop_just_after_a_temporary_file_is_made_removes_it(tmp_path, where):
+    """write_video_atomic's temporary video and _add_audio's temporary muxed file were made one
+    statement before the try that removes them: a stop in between left a hidden file."""
+    import sys
+
+    from colorize import frames_io
+    from tests.helpers import video_with_sound
+
+    src = video_with_sound(tmp_path / "src.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (frames_io.write_video_atomic if where == "video" else frames_io._add_audio).__code__
+    sys.settrace(stop_right_after_a_temp_file_is_made(code, out))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_video_atomic(out / "clip.mp4", [rgb(24, 32, i) for i in range(10)], 10, audio_from=src)
+    finally:
+        sys.settrace(None)
+    assert os.listdir(out) == []
+    assert write_video_atomic(out / "clip.mp4", [rgb(24, 32, i) for i in range(10)], 10, audio_from=src) == 10
+    assert os.listdir(out) == ["clip.mp4"]  # untraced, the same call writes the video (the test's setup works)
