@@ -17,8 +17,12 @@ run; fixed mode stopped part-way through writing a batch is told its first frame
 --reference-frame before N is told to go on from that frame, with --overwrite), or rerun the
 whole range with --overwrite. With --video, a --frames range that is only part of the clip
 still gives the whole clip's video: the frames outside the range are taken from --out
-(refused up front if any is missing there). The video keeps the input film's sound
-(colorize/audio.py; --audio FILE, --no-audio).
+(refused up front if any is missing there). So --frames N: --video V, N the number of input
+frames, colourises nothing and writes V from the N outputs in --out: what a run whose PNGs
+are all written but whose video is not (a full disk, a stop during the encode) is told to do.
+Where the input says how many frames it has, this loads no model and reads no reference (the
+flags are still asked for, as for the run it finishes). The video keeps the input film's
+sound (colorize/audio.py; --audio FILE, --no-audio).
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143
 stopped by Ctrl-C / SIGTERM (the frames written so far are kept; continue as above).
@@ -79,14 +83,16 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--frames", metavar="A:B",
                     help="only frames A..B-1 (python slice, e.g. 0:16, 100:); frames outside are not read. "
                          "Indices keep counting from the clip start, so names and per-frame seeds are those of "
-                         "a full run (and resuming after an error is --frames N:)")
+                         "a full run (and resuming after an error is --frames N:). With --video, N: where N is "
+                         "the number of input frames writes only the video, from the outputs in --out")
     io.add_argument("--out", type=path_arg, required=True, metavar="DIR",
                     help="output folder (created), one PNG per input frame with the input's name stem")
     io.add_argument("--video", type=path_arg, metavar="OUT.mp4",
                     help="also write the result as an MPEG-4 video at the input fps (an odd width or height is "
                          "padded to even by repeating the last column/row; the PNGs keep the input size). Always "
                          "of the whole clip: with a --frames range that is only part of it, the other frames are "
-                         "read from --out (to finish an interrupted run), which must hold them all")
+                         "read from --out (to finish an interrupted run), which must hold them all; with "
+                         "--frames N:, N the number of input frames, only the video is made (no model loaded)")
     io.add_argument("--audio", type=path_arg, metavar="FILE",
                     help="take the sound of --video from FILE's first audio stream (default: the input video's, "
                          "if it has one); copied where MP4 can hold it, else re-encoded to AAC")
@@ -324,16 +330,20 @@ def check_inputs_kept(args) -> None:
                              "folder holds frames only")
 
 
-def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tuple[Path, list[str] | None]:
-    """The output folder and file names; refuses to start where outputs exist (unless --overwrite).
-    `info`: the input video's probe(), if already made."""
+def planned_outputs(args, frames: slice,
+                    info: SourceInfo | None = None) -> tuple[Path, list[str] | None, int | None]:
+    """The output folder, the range's file names and the number of frames of the whole input (None,
+    None where the input does not say); refuses to start where outputs exist (unless --overwrite).
+    A range that starts at the clip's end has no names: with --video it writes only the video,
+    from the outputs in --out (video_only). `info`: the input video's probe(), if already made."""
     out = Path(args.out)
     source = Path(args.input)
     check_inputs_kept(args)
     names = P.output_names(source, info)
+    clip = None if names is None else len(names)
     if names is not None:
-        if not names[frames]:
-            raise UsageError(f"--frames {args.frames} starts past the input's {len(names)} frames")
+        if not names[frames] and not (args.video and frames.start == clip > 0):
+            raise UsageError(f"--frames {args.frames} starts past the input's {clip} frames")
         names = names[frames]
     if not args.overwrite:
         taken = [out / n for n in names or [] if (out / n).exists()]
@@ -342,14 +352,21 @@ def planned_outputs(args, frames: slice, info: SourceInfo | None = None) -> tupl
         if taken:
             raise UsageError(f"{taken[0]} exists ({len(taken)} output(s) already there); "
                              "pass --overwrite to replace them")
-    return out, names
+    return out, names, clip
 
 
-def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path) -> tuple[list[str], list[str]]:
+def video_only(frames: slice, names: list[str] | None) -> bool:
+    """Whether the run colourises nothing and writes --video from the outputs in --out: a range
+    that starts at the clip's end (planned_outputs lets one through with --video only)."""
+    return names == [] and frames.start > 0
+
+
+def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path,
+                   only_video: bool = False) -> tuple[list[str], list[str]]:
     """The output names before and after a --frames range that is only part of the clip, which
     --video takes from --out (a stopped run is continued with --frames N: and still gives the
     whole clip's video); refused up front if any of them is not there. ([], []) without --video
-    or for a whole-clip range."""
+    or for a whole-clip range. `only_video`: the range starts at the clip's end (video_only)."""
     if not args.video or (frames.start == 0 and frames.stop is None):
         return [], []
     every = P.output_names(Path(args.input), info)
@@ -362,6 +379,11 @@ def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path) -> t
     stop = len(every) if frames.stop is None else min(frames.stop, len(every))
     before, after = every[:frames.start], every[stop:]
     missing = [(i, n) for i, n in [*enumerate(before), *enumerate(after, stop)] if not (out / n).is_file()]
+    if missing and only_video:
+        i, name = missing[0]
+        raise UsageError(f"--video with --frames {args.frames} writes the video from the {len(every)} outputs in "
+                         f"--out, but {out / name} (frame {i}) is missing ({len(missing)} of the {len(every)}): "
+                         "colourise the missing frames first")
     if missing:
         i, name = missing[0]
         raise UsageError(f"--video with --frames {args.frames} makes the whole clip's video, taking the other "
@@ -459,37 +481,50 @@ def run(args) -> int:
     # A folder is checked by listing it (reading any frame could hit one outside --frames);
     # a video by decoding its first frame.
     info = None if Path(args.input).is_dir() else probe(args.input)
-    out, names = planned_outputs(args, frames, info)
-    before, after = frames_outside(args, frames, info, out)
-    refs = load_references(args)
+    out, names, clip_length = planned_outputs(args, frames, info)
+    # --frames N: at the clip's end with --video: only the video, from the outputs in --out (the
+    # references and the model are not read: nothing is colourised)
+    only_video = video_only(frames, names)
+    before, after = frames_outside(args, frames, info, out, only_video)
+    refs = None if only_video else load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     sound, codec = sound_source(args, info)
-    model = load_model(args, source, device, info, frames.start) if args.method == "model" else None
+    size_from = frames.start - 1 if only_video else frames.start  # a frame of the input (a folder's: read)
+    model = load_model(args, source, device, info, frames.start) if args.method == "model" and not only_video \
+        else None
     notes = set()
     total = len(names) if names else None
-    bar = progress_bar(total, args.mode if args.method == "model" else args.method, disable=args.no_progress)
+    bar = progress_bar(total, args.mode if args.method == "model" else args.method,
+                       disable=args.no_progress or only_video)
     writer = O.OrderedWriter(out, frames.start, overwrite=args.overwrite, keep_rgb=bool(args.video))
-    plan = R.RunPlan(args.method, args.mode, args.batch, frames, tuple(args.reference_frame), bool(args.video), total)
+    plan = R.RunPlan(args.method, args.mode, args.batch, frames, tuple(args.reference_frame), bool(args.video), total,
+                     clip_length)
 
     def note(msg):
         if msg not in notes:
             notes.add(msg)
             bar.write(f"{PROG}: note: {msg}", file=sys.stderr)
 
-    def note_odd_size(rgb):
-        if args.video and (rgb.shape[1], rgb.shape[0]) != even_size(rgb.shape[1], rgb.shape[0]):
-            w, h = even_size(rgb.shape[1], rgb.shape[0])
-            note(f"--video: frames are {rgb.shape[1]}x{rgb.shape[0]} and MPEG-4 needs even sides, "
+    def note_odd_size(height: int, width: int):
+        if args.video and (width, height) != even_size(width, height):
+            w, h = even_size(width, height)
+            note(f"--video: frames are {width}x{height} and MPEG-4 needs even sides, "
                  f"so the video is {w}x{h} (last column/row repeated); the PNGs keep the input size")
 
+    def make():
+        if only_video:  # nothing to colourise
+            return iter(())
+        return M.colourised(args.input, refs, frames, total, note, bar.update, args.method, model, args.mode, options,
+                            show_progress=not args.no_progress)
+
     def make_all() -> int:
-        new = writer.written(lambda: M.colourised(args.input, refs, frames, total, note, bar.update, args.method, model,
-                                                  args.mode, options, show_progress=not args.no_progress),
-                             on_first=note_odd_size)
+        if only_video:  # no new frame to tell the size by
+            note_odd_size(*input_size(args.input, info, size_from))
+        new = writer.written(make, on_first=lambda rgb: note_odd_size(*rgb.shape[:2]))
         with closing(new):  # a stop between two outputs (outside the writer) drains it before its count is said
             if not args.video:
                 return sum(1 for _ in new)
-            clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, frames.start))
+            clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, size_from))
             with closing(clip):  # closed before its error is handled, so the PNGs made get written
                 return write_video_atomic(args.video, clip, fps, audio_from=sound)
 
@@ -507,12 +542,20 @@ def run(args) -> int:
             bar.close()
         earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
         count = f"{writer.count} frame" + ("" if writer.count == 1 else "s")
-        if sound is not None:
-            earlier += (f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}"
-                        "), ")
-        print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{fps:g} fps)" if args.video else ""))
+        sound_line = "" if sound is None else \
+            f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
+        if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
+            print(f"wrote {args.video} from the {n} outputs in {out} ({sound_line}{fps:g} fps)")
+        else:
+            print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{fps:g} fps)"
+                                               if args.video else ""))
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
+        if finished and only_video:
+            raise type(e)(f"interrupted as it finished; {args.video} is written and complete") from None
+        if only_video:
+            raise type(e)(f"interrupted; {args.video} is not written (the outputs in {out} are untouched): "
+                          f"--frames {frames.start}: writes it") from None
         if finished:  # in the last lines: nothing is missing
             video = f" and {args.video}" if args.video else ""
             done = f"all {writer.count} outputs" if writer.count != 1 else "the 1 output"

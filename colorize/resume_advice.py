@@ -23,6 +23,7 @@ class RunPlan:
     reference_frames: Sequence[int] = ()  # --reference-frame: flow walks from them
     video: bool = False  # --video given
     total: int | None = None  # outputs of the range; None where the input does not say how many
+    clip: int | None = None  # frames of the whole input (known where `total` is); None where it does not say
 
 
 def frames_it_holds(plan: RunPlan, decoded: int, written: int, next_frame: int, start: int,
@@ -43,7 +44,14 @@ def where_to_continue(plan: RunPlan, written: int, next_frame: int, error: BaseE
     being frame `next_frame`."""
     if plan.total is not None and written == plan.total:  # the video failed after the last frame, or a stop
         # came while the last PNGs were written
-        return "only --video is missing: rerun with --overwrite" if plan.video else "that is all of them"
+        if not plan.video:
+            return "that is all of them"
+        if plan.clip is None:  # a RunPlan made without the clip's length: the whole range again
+            return "only --video is missing: rerun with --overwrite"
+        # the range from the clip's end colourises nothing and writes the video from the outputs in --out
+        # (which a --video run with a range that is part of the clip checked were all there, up front)
+        return (f"only --video is missing: rerun with --frames {plan.clip}: (it writes the video from the "
+                f"{plan.clip} outputs in --out)")
     start, again, why = next_frame, "", ""
     if plan.method == "flow" and any(i < start for i in plan.reference_frames):
         # flow walks from its reference frames, which a range must hold (methods.flow_start_indices): it

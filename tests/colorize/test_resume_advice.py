@@ -7,8 +7,8 @@ from colorize.resume_advice import RunPlan, frames_it_holds, where_to_continue
 BATCH_START = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
 
 
-def plan(method="reinhard", mode="fixed", batch=4, frames=slice(2, 20), refs=(), video=False, total=18):
-    return RunPlan(method, mode, batch, frames, refs, video, total)
+def plan(method="reinhard", mode="fixed", batch=4, frames=slice(2, 20), refs=(), video=False, total=18, clip=None):
+    return RunPlan(method, mode, batch, frames, refs, video, total, clip)
 
 
 def cut_off(decoded: int) -> TruncatedVideoError:
@@ -39,7 +39,12 @@ def test_flow_goes_on_from_its_first_reference_frame_before_the_next_frame():
 
 
 def test_all_outputs_written_leaves_only_the_video():
+    """The range from the clip's end (its frame count, not the range's end nor its output count)
+    writes only the video; not --overwrite, which would colourise every frame again."""
     assert where_to_continue(plan(total=4), 4, 6) == "that is all of them"
+    assert where_to_continue(plan(frames=slice(2, 6), total=4, video=True, clip=30), 4, 6) == (
+        "only --video is missing: rerun with --frames 30: (it writes the video from the 30 outputs in --out)")
+    # a plan that does not know the clip's length: the whole range again
     assert where_to_continue(plan(total=4, video=True), 4, 6) == "only --video is missing: rerun with --overwrite"
     assert where_to_continue(plan(total=5), 4, 6) == "--frames 6:20 continues"
 

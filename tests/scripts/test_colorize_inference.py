@@ -21,7 +21,7 @@ from cldm import weights_config
 from cldm.model import TINY_CONFIG, load_config
 from colorize import loading as L, methods as M, outputs as O, pipeline as P
 from colorize.baselines import iter_baseline
-from colorize.frames_io import encode_png
+from colorize.frames_io import encode_png, write_video_atomic
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
@@ -1225,19 +1225,118 @@ def test_the_config_recorded_in_the_control_file_is_named_as_the_controls(env, t
     assert rc == 130 and out == f"config: the one {control} records\n"
 
 
-def test_a_failed_video_after_the_last_frame_says_only_the_video_is_missing(env, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("frames", [None, "2:", "0:2"])
+def test_a_failed_video_after_the_last_frame_says_only_the_video_is_missing(env, tmp_path, capsys, monkeypatch,
+                                                                            frames):
+    """The video write fails (a full disk) once every PNG is written: the advice is the range at the
+    clip's end, which writes only the video, not --overwrite (every frame colourised again); followed,
+    it gives the video of an uninterrupted run, the PNGs untouched. Also for a range that is part of
+    the clip (the other frames were in --out)."""
+    def full_disk(path, frames, fps, audio_from=None):
+        for _ in frames:
+            pass
+        raise OSError(f"cannot write {path}: No space left on device")
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    assert run([*args, "--out", tmp_path / "whole", "--video", tmp_path / "whole.mp4"], capsys)[0] == 0
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    if frames is not None:  # the frames outside the range, from an earlier run
+        shutil.copytree(tmp_path / "whole", out)
+        args += ["--frames", frames, "--overwrite"]
+    monkeypatch.setattr(cli, "write_video_atomic", full_disk)
+    rc, _, err = run([*args, "--out", out, "--video", video], capsys)
+    n = 4 if frames is None else 2
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: cannot write {video}: No space left on device (the {n} outputs before it are "
+        "written and complete; only --video is missing: rerun with --frames 4: (it writes the video from the 4 "
+        "outputs in --out))"), err
+    assert snapshot(out) == snapshot(tmp_path / "whole") and not video.exists()
+    monkeypatch.undo()
+    pngs = snapshot(out)
+    rc, stdout, err = run([*args[:6], "--no-progress", "--out", out, "--video", video, "--frames", "4:"], capsys)
+    assert (rc, stdout) == (0, f"wrote {video} from the 4 outputs in {out} (25 fps)\n"), err
+    got, want = video_frames(video), video_frames(tmp_path / "whole.mp4")
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert snapshot(out) == pngs
+
+
+def test_a_failed_video_of_a_clip_of_unknown_length_is_told_the_range_at_its_end(env, tmp_path, capsys, monkeypatch):
+    """A video that does not say how many frames it has: the advice is the range from the next
+    frame, which finds no frames left and writes the video from --out."""
+    clip = write_video(panning_clip(3, 64, 96), tmp_path / "v.avi")
+    monkeypatch.setattr(P, "output_names", lambda *a, **k: None)
+
     def full_disk(path, frames, fps, audio_from=None):
         for _ in frames:
             pass
         raise OSError(f"cannot write {path}: No space left on device")
     monkeypatch.setattr(cli, "write_video_atomic", full_disk)
-    out, video = tmp_path / "out", tmp_path / "v.mp4"
-    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
-                      "--out", out, "--video", video], capsys)
-    assert rc == 2 and err.splitlines()[-1] == (
-        f"colorize_inference.py: error: cannot write {video}: No space left on device (the 4 outputs before it are "
-        "written and complete; only --video is missing: rerun with --overwrite)"), err
-    assert len(snapshot(out)) == 4
+    out, video = tmp_path / "out", tmp_path / "o.mp4"
+    args = ["--input", clip, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress", "--out", out,
+            "--video", video]
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and err.splitlines()[-1].endswith(
+        "(the 3 outputs before it are written and complete; --frames 3: continues)"), err
+    monkeypatch.setattr(cli, "write_video_atomic", write_video_atomic)
+    pngs = snapshot(out)
+    rc, stdout, err = run([*args, "--frames", "3:"], capsys)
+    assert rc == 0 and stdout.startswith(f"wrote {video} from the 3 outputs in {out} ("), err
+    assert probe(video).frame_count == 3 and snapshot(out) == pngs
+
+
+def test_frames_from_the_clips_end_with_video_loads_no_model_and_reads_no_reference(env, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--frames N: (N the input's frame count) --video colourises nothing: the weights are not
+    loaded (--ckpt is no file), the reference not read (no file either), and --out is untouched."""
+    base = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    assert run([*base, "--out", tmp_path / "whole", "--video", tmp_path / "whole.mp4"], capsys)[0] == 0
+    out, video = tmp_path / "whole", tmp_path / "v.mp4"
+    pngs = snapshot(out)
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc, stdout, err = run(["--input", env["gray"], "--reference", tmp_path / "no-ref.png", "--ckpt",
+                           tmp_path / "no-weights.safetensors", *FAST, "--no-progress", "--out", out,
+                           "--frames", "4:", "--video", video], capsys)
+    assert rc == 0 and stdout == f"wrote {video} from the 4 outputs in {out} (25 fps)\n", err
+    assert err == ("colorize_inference.py: note: --video: frames are 143x80 and MPEG-4 needs even sides, so the "
+                   "video is 144x80 (last column/row repeated); the PNGs keep the input size\n")
+    got, want = video_frames(video), video_frames(tmp_path / "whole.mp4")
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert snapshot(out) == pngs and sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4", "whole", "whole.mp4"]
+    # the video is an output like any: there already, it is kept unless --overwrite
+    rc, _, err = run([*base, "--out", out, "--frames", "4:", "--video", video], capsys)
+    assert rc == 2 and err == (f"colorize_inference.py: error: {video} exists (1 output(s) already there); pass "
+                               "--overwrite to replace them\n")
+    assert run([*base, "--out", out, "--frames", "4:9", "--video", video, "--overwrite"], capsys)[0] == 0
+
+
+def test_frames_from_the_clips_end_keeps_the_input_films_sound(env, tmp_path, capsys):
+    film = video_with_sound(tmp_path / "film.mp4")
+    args = ["--input", film, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+            "--out", tmp_path / "out"]
+    assert run(args, capsys)[0] == 0
+    rc, stdout, err = run([*args, "--frames", "10:", "--video", tmp_path / "v.mp4"], capsys)
+    assert rc == 0 and stdout == (f"wrote {tmp_path / 'v.mp4'} from the 10 outputs in {tmp_path / 'out'} "
+                                  f"(sound of {film} (aac copied), 10 fps)\n"), err
+    assert streams(tmp_path / "v.mp4") == ["video:mpeg4", "audio:aac"] and probe(tmp_path / "v.mp4").frame_count == 10
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--video", "{tmp}/v.mp4"], "--video with --frames 4: writes the video from the 4 outputs in --out, but "
+                                 "{out}/f1.png (frame 1) is missing (2 of the 4): colourise the missing frames first"),
+    ([], "--frames 4: starts past the input's 4 frames"),  # without --video, nothing to do
+    (["--video", "{tmp}/v.mp4", "--frames", "5:"], "--frames 5: starts past the input's 4 frames"),
+])
+def test_frames_from_the_clips_end_is_refused_without_video_or_outputs(env, tmp_path, capsys, extra, says):
+    out = tmp_path / "out"
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+            "--out", out]
+    assert run(args, capsys)[0] == 0
+    (out / "f1.png").unlink()
+    (out / "f3.png").unlink()
+    before = snapshot(out)
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    rc, _, err = run([*args, "--frames", "4:", *extra], capsys)
+    assert rc == 2 and err == f"colorize_inference.py: error: {says.format(out=out)}\n", err
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_bad_frame_in_a_closed_range_keeps_its_end_in_the_advice(env, tmp_path, capsys):
@@ -1458,8 +1557,9 @@ def test_a_stop_inside_the_video_writer_still_writes_the_pngs_already_made(env, 
     out = tmp_path / "out"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out, "--video", tmp_path / "v.mp4"], capsys)
-    assert rc == 130 and err.splitlines()[-1] == ("colorize_inference.py: interrupted; the 4 outputs written so far "
-                                                  "are complete: only --video is missing: rerun with --overwrite"), err
+    assert rc == 130 and err.splitlines()[-1] == (
+        "colorize_inference.py: interrupted; the 4 outputs written so far are complete: only --video is missing: "
+        "rerun with --frames 4: (it writes the video from the 4 outputs in --out)"), err
     assert sorted(snapshot(out)) == ["f0.png", "f1.png", "f2.png", "f3.png"]
 
 
