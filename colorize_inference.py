@@ -529,6 +529,7 @@ def run(args) -> int:
                 return write_video_atomic(args.video, clip, fps, audio_from=sound)
 
     finished = False
+    video_was = file_identity(args.video)  # --overwrite's old video, if any: a new one there is this run's
     try:
         try:
             n = make_all()
@@ -551,6 +552,10 @@ def run(args) -> int:
                                                if args.video else ""))
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
+        if not finished and args.video and file_identity(args.video) not in (None, video_was):
+            # stopped once the video was renamed into place (in its os.replace, or on the way back): as the
+            # video takes each frame once its PNG is written, the run is complete
+            finished = True
         if finished and only_video:
             raise type(e)(f"interrupted as it finished; {args.video} is written and complete") from None
         if only_video:
@@ -566,6 +571,16 @@ def run(args) -> int:
         go_on = R.where_to_continue(plan, writer.count, writer.next_frame)
         raise type(e)(f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
                       ) from None
+
+
+def file_identity(path) -> tuple[int, int, int, int] | None:
+    """What tells a file from the one there before it (an os.replace puts a new inode there): None
+    where there is none (or no path)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on

@@ -1339,6 +1339,65 @@ def test_frames_from_the_clips_end_is_refused_without_video_or_outputs(env, tmp_
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+OS_REPLACE = os.replace
+
+
+def stop_in_the_videos_rename(monkeypatch, video: Path, after: bool) -> None:
+    """Ctrl-C in the os.replace that puts the finished video in place: once it is done (`after`),
+    as a signal handled when the call returns, or before it."""
+    real = OS_REPLACE
+
+    def replace(src, dst):
+        if Path(dst) == video:
+            if after:
+                real(src, dst)
+            raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_a_stop_as_the_video_is_renamed_into_place_says_whether_it_is_complete(env, tmp_path, capsys, monkeypatch,
+                                                                             old):
+    """A stop in the video's final rename: once the rename is done, the run is complete (it said
+    "only --video is missing", and the --frames N: it advised was refused: the video exists); an
+    older video there (--overwrite) does not count as this run's."""
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+            "--out", out, "--video", video]
+    if old:
+        video.write_bytes(b"an older video")
+        args.append("--overwrite")
+    stop_in_the_videos_rename(monkeypatch, video, after=True)
+    rc, _, err = run(args, capsys)
+    assert rc == 130 and err.splitlines()[-1] == (
+        f"colorize_inference.py: interrupted as it finished; all 4 outputs and {video} are written and complete"), err
+    assert probe(video).frame_count == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.mp4"]
+    if old:  # stopped before the rename: the old video is there, unchanged, and the new one is missing
+        video.write_bytes(b"an older video")
+        stop_in_the_videos_rename(monkeypatch, video, after=False)
+        rc, _, err = run(args, capsys)
+        assert rc == 130 and err.splitlines()[-1] == (
+            "colorize_inference.py: interrupted; the 4 outputs written so far are complete: only --video is missing: "
+            "rerun with --frames 4: (it writes the video from the 4 outputs in --out)"), err
+        assert video.read_bytes() == b"an older video"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.mp4"]
+    # the same for a run that writes only the video
+    args[args.index("--method"):args.index("--method")] = ["--frames", "4:"]
+    video.unlink()
+    stop_in_the_videos_rename(monkeypatch, video, after=False)
+    rc, _, err = run([*args, "--overwrite"], capsys)
+    assert rc == 130 and err.splitlines()[-1] == (
+        f"colorize_inference.py: interrupted; {video} is not written (the outputs in {out} are untouched): "
+        "--frames 4: writes it"), err
+    assert not video.exists()
+    stop_in_the_videos_rename(monkeypatch, video, after=True)
+    rc, _, err = run([*args, "--overwrite"], capsys)
+    assert rc == 130 and err.splitlines()[-1] == (
+        f"colorize_inference.py: interrupted as it finished; {video} is written and complete"), err
+    assert probe(video).frame_count == 4
+
+
 def test_a_bad_frame_in_a_closed_range_keeps_its_end_in_the_advice(env, tmp_path, capsys):
     src = tmp_path / "in"
     shutil.copytree(env["gray"], src)
