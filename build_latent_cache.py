@@ -95,7 +95,8 @@ def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
     naming a tensor (and both shapes where they differ), before anything is loaded into the VAE."""
     from omegaconf import DictConfig, OmegaConf
 
-    from cldm.checkpoint import compare_state_dict, guess_kind, load_state_dict, misfit
+    from cldm.checkpoint import load_state_dict
+    from cldm.checkpoint_fit import compare_state_dict, guess_kind, misfit
     from cldm.model import model_config
     from cldm.weights_config import load_resolved_config, resolve_config
     from ldm.modules.autoencoder import AutoencoderKL

@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 
-from cldm.checkpoint import CONTROL, CheckpointError, guess_kind, load_state_dict, save_state_dict  # noqa: E402
+from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict  # noqa: E402
+from cldm.checkpoint_fit import CONTROL, guess_kind  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config  # noqa: E402
 from ldm.schedule import schedule_buffers  # noqa: E402

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cldm.checkpoint import CONTROL, INPUT_CONV, UNET, CheckpointError, guess_kind
+from cldm.checkpoint import CheckpointError
+from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, guess_kind
 from cldm.cldm import ControlLDM
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 

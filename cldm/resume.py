@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from atomicio import temp_glob
-from cldm.checkpoint import CheckpointError, LoadReport, compare_state_dict, misfit
+from cldm.checkpoint import CheckpointError
+from cldm.checkpoint_fit import LoadReport, compare_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.trainable import MODULE_PREFIX, TRAINING_KEY, export_keys
 

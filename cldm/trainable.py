@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch import nn
 
-from cldm.checkpoint import (CONTROL, INPUT_CONV, UNET, CheckpointError, LoadReport, compare_state_dict,
-                             load_state_dict, misfit, save_state_dict)
+from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, LoadReport, compare_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
 from cldm.weights_config import config_hash, read_export_metadata

@@ -42,7 +42,8 @@ def build_model(cfg, init: Path):
     """ControlLDM with the init checkpoint loaded; every tensor must match (else CheckpointError)."""
     import torch
 
-    from cldm.checkpoint import CheckpointError, check_fit, load_into, load_state_dict
+    from cldm.checkpoint import CheckpointError, load_state_dict
+    from cldm.checkpoint_fit import check_fit, load_into
     from cldm.model import create_model
     from cldm.trainable import check_recorded, is_export
     from cldm.weights_config import read_export_metadata

@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from cldm.checkpoint import CheckpointError, compare_state_dict, guess_kind, load_into, load_state_dict, misfit
+from cldm.checkpoint import CheckpointError, load_state_dict
+from cldm.checkpoint_fit import compare_state_dict, guess_kind, load_into, misfit
 from cldm.cldm import ControlLDM
 from cldm.model import ConfigError, create_model, load_config, model_config
 from cldm.trainable import export_names, is_export, load_sd_plus_control, locked_digest

@@ -6,6 +6,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -186,3 +187,40 @@ def stops_in_second_write(write, calls: list):
             raise KeyboardInterrupt
         return write(path, data)
     return stopped_once
+
+
+def assert_same(a, b):
+    """Two state dicts with the same names, dtypes and values (bitwise)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+class Evil:
+    """Unpickling this creates a directory: stands in for arbitrary code in a .ckpt."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+class TinyLDM(nn.Module):
+    """The SD naming pattern in miniature; `ctx` plays the cross-attention context width."""
+
+    def __init__(self, ctx=16):
+        super().__init__()
+        self.model = nn.Module()
+        attn2 = nn.ModuleDict({"to_k": nn.Linear(ctx, 8)})
+        self.model.diffusion_model = nn.ModuleDict({"attn2": attn2, "out": nn.Linear(8, 4)})
+        self.cond_stage_model = nn.Linear(3, ctx)
+        self.control_model = nn.ModuleDict({"hint": nn.Linear(4, 8), "zero": nn.Linear(8, 8)})
+        self.register_buffer("betas", torch.linspace(0, 1, 10))
+
+
+def tiny_colour_model(*overrides):
+    """ControlLDM of the tiny config with `overrides`, seeded: the same weights every call."""
+    from cldm.model import TINY_CONFIG, create_model, load_config
+    torch.manual_seed(0)
+    return create_model(load_config(TINY_CONFIG, list(overrides)))

@@ -554,7 +554,7 @@ def test_help_shows_a_default_only_where_one_is_worth_showing():
 
 @pytest.mark.parametrize("module, argv, name", [
     ("colorize_inference", ["--set", "nope"], "--set"),
-    ("cldm.checkpoint", ["inspect", "x.safetensors", "--config", "c.yaml", "--set", "nope"], "--set"),
+    ("cldm.checkpoint_cli", ["inspect", "x.safetensors", "--config", "c.yaml", "--set", "nope"], "--set"),
     ("tool_add_control_sd21", ["sd.safetensors", "out.safetensors", "nope"], "key=value"),
     ("tutorial_train_sd21_color_v2", ["--init", "i", "--data", "d", "--out", "o", "nope"], "key=value"),
     ("benchmarks.bench_train", ["nope"], "key=value"),

@@ -177,7 +177,7 @@ def test_an_export_converted_to_ckpt_is_checked_by_its_metadata_too(tmp_path):
 
 def test_export_without_metadata_gets_the_colour_variant_diagnosis_and_extra_keys_are_refused(tmp_path):
     """A bare state dict (no metadata to compare variants by) of another variant is named as such,
-    by cldm.checkpoint.misfit, the rule every loader shares; keys the model lacks are refused."""
+    by cldm.checkpoint_fit.misfit, the rule every loader shares; keys the model lacks are refused."""
     sd = tiny_sd_state()
     save_state_dict(sd, tmp_path / "sd.safetensors")
     v1 = tiny_model("v1", sd=sd)

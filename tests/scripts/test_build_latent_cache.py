@@ -207,7 +207,7 @@ def test_load_vae_takes_a_full_checkpoint_or_a_bare_vae_and_refuses_misfits(tmp_
     """Prefixed (first_stage_model.*) or bare VAE weights load the same; one tensor missing, or
     one of another shape, is refused naming the config (or the checkpoint that records it) and
     what the file looks like."""
-    from cldm.checkpoint import guess_kind
+    from cldm.checkpoint_fit import guess_kind
     from safetensors.torch import load_file, save_file
 
     full = load_file(TOY)
