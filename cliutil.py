@@ -15,6 +15,7 @@ import select
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -324,6 +325,45 @@ def _say(line: str) -> None:
         if not _reader_gone(sys.stderr):
             raise
         _to_devnull(sys.stderr)
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM for the duration (they are delivered afterwards, not lost).
+
+    annotator/build_many.py holds them while starting a worker - which inherits the mask, so it
+    starts with both blocked until it has set itself up (no traceback from a half-started worker;
+    the parent alone stops the run) - and while stopping the workers, so a second Ctrl-C cannot
+    cut the clean-up short; colorize/outputs.py between an output's rename and its count.
+
+    Blocking them in this thread is not enough: the kernel hands a signal to any thread that
+    does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the
+    main thread all the same. So the main thread's handlers only note them meanwhile. (Setting
+    SIGINT to SIG_IGN here instead, as this once did for the worker's sake, lost a Ctrl-C that
+    such a thread took: an ignored signal is dropped, not held.)
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    noted: list[int] = []
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    old_handlers = {}
+    if main:
+        for signum in HELD_SIGNALS:
+            if callable(signal.getsignal(signum)):  # a Python handler (not SIG_IGN or SIG_DFL, nor one set outside Python)
+                old_handlers[signum] = signal.signal(signum, lambda s, frame: noted.append(s))
+    try:
+        yield
+    finally:
+        for signum, old in old_handlers.items():
+            signal.signal(signum, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for signum in noted:
+            signal.raise_signal(signum)  # to the handler restored above
 
 
 class Terminated(KeyboardInterrupt):

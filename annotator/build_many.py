@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from multiprocessing import resource_tracker
 from multiprocessing.connection import wait as wait_for_any
@@ -36,7 +36,7 @@ from annotator.pairs import (
     movie_id_for, movie_lock,
 )
 from annotator.video import FrameSourceError, probe, shown_path
-from cliutil import one_line
+from cliutil import HELD_SIGNALS, one_line, signals_deferred
 
 
 # Writes that fail with these say nothing about the movie being built, only about DATA_ROOT (EACCES: a
@@ -445,43 +445,8 @@ def _stop_workers(running: list[_Worker], root: Path) -> None:
             pass  # error that stops the run (or Ctrl-C) is the one to report, and the other workers still reaped
 
 
-_HELD = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def _signals_deferred():
-    """Hold SIGINT and SIGTERM for the duration (they are delivered afterwards, not lost).
-
-    Used while starting a worker - which inherits the mask, so it starts with both blocked
-    until it has set itself up (no traceback from a half-started worker; the parent alone
-    stops the run) - and while stopping the workers, so a second Ctrl-C cannot cut the
-    clean-up short.
-
-    Blocking them in this thread is not enough: the kernel hands a signal to any thread that
-    does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the
-    main thread all the same. So the main thread's handlers only note them meanwhile. (Setting
-    SIGINT to SIG_IGN here instead, as this once did for the worker's sake, lost a Ctrl-C that
-    such a thread took: an ignored signal is dropped, not held.)
-    """
-    main = threading.current_thread() is threading.main_thread()
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    noted: list[int] = []
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-    old_handlers = {}
-    if main:
-        for signum in _HELD:
-            if callable(signal.getsignal(signum)):  # a Python handler (not SIG_IGN or SIG_DFL, nor one set outside Python)
-                old_handlers[signum] = signal.signal(signum, lambda s, frame: noted.append(s))
-    try:
-        yield
-    finally:
-        for signum, old in old_handlers.items():
-            signal.signal(signum, old)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for signum in noted:
-            signal.raise_signal(signum)  # to the handler restored above
+_HELD = HELD_SIGNALS
+_signals_deferred = signals_deferred  # its tests' name
 
 
 def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from annotator.video import FrameSourceError, read_image
-from cliutil import one_line
+from cliutil import one_line, signals_deferred
 from colorize.frames_io import encode_png, write_bytes_atomic
 
 PNG_THREADS = min(4, os.cpu_count() or 1)  # PNGs encoded at once, while the next frames are made
@@ -49,13 +49,17 @@ class OrderedWriter:
         """Write the first of `pending` (target, its PNG being encoded, rgb); taken off once written,
         so a stop inside leaves it first."""
         target, png, rgb = pending[0]
-        try:
-            write_bytes_atomic(target, png.result())
-        except OSError as e:  # a full disk's error names no file
-            raise OSError(f"cannot write {target}: {e.strerror or one_line(e)}") from None
-        pending.popleft()
-        self.count += 1
-        self.next_frame += 1
+        data = png.result()
+        # a stop between the rename and the count (a second Ctrl-C, while a stop drains the pending
+        # outputs) left a complete output uncounted, so the --frames N: advised was refused: it exists
+        with signals_deferred():
+            try:
+                write_bytes_atomic(target, data)
+            except OSError as e:  # a full disk's error names no file
+                raise OSError(f"cannot write {target}: {e.strerror or one_line(e)}") from None
+            pending.popleft()
+            self.count += 1
+            self.next_frame += 1
         return rgb
 
     def written(self, make: Callable[[], Iterable[tuple[str, int, np.ndarray]]],

@@ -684,6 +684,45 @@ def test_an_interrupt_says_which_frame_to_continue_from(env, tmp_path, capsys, m
         assert rc == status and err.splitlines()[-1].endswith("--frames 3: continues"), err
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_a_second_ctrl_c_while_the_outputs_are_drained_leaves_none_uncounted(env, tmp_path, capsys, monkeypatch,
+                                                                             video):
+    """Ctrl-C as the first PNG is renamed into place, and again as the next is, in the drain of
+    those already made: the second landed between that rename and its count, so the line said one
+    output fewer than were on disk, and the --frames N: it advised was refused (N's PNG exists).
+    Real signals, as the handler runs them: after the rename returns."""
+    rename = os.replace
+    renames = []
+
+    def signal_after_rename(src, dst):
+        rename(src, dst)
+        if str(dst).endswith(".png"):
+            renames.append(dst)
+            if len(renames) <= 2:
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(os, "replace", signal_after_rename)
+    out = tmp_path / "out"
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out,
+            "--no-progress"]
+    if video:
+        args += ["--video", tmp_path / "v.mp4"]
+    rc, _, err = run(args, capsys)
+    line = err.splitlines()[-1]
+    written = sorted(p.name for p in out.iterdir())
+    assert rc == 130 and len([n for n in err.splitlines() if ": note: " not in n]) == 1 and re.fullmatch(
+        rf"colorize_inference.py: interrupted; the {len(written)} outputs? written so far (is|are) complete: "
+        rf"--frames {len(written)}: continues", line), (line, written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no video, no temporary files
+    monkeypatch.setattr(os, "replace", rename)
+    rc, _, err = run([*args, "--frames", f"{len(written)}:"], capsys)
+    assert rc == 0, err
+    if video:
+        assert probe(tmp_path / "v.mp4").frame_count == 4
+    whole = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "whole"]
+    assert run(whole, capsys)[0] == 0
+    assert snapshot(out) == snapshot(tmp_path / "whole")
+
+
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
     """Flow walks from its --reference-frame: "--frames 3:6 continues" was a range the tool itself
     refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
