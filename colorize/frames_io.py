@@ -23,7 +23,7 @@ from tqdm import tqdm
 from annotator.color import to_uint8
 from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image, shown_path
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
-from cliutil import not_utf8, one_line
+from cliutil import not_utf8, one_line, signals_deferred
 
 __all__ = [
     "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
@@ -205,10 +205,11 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
             _add_audio(tmp, audio_from, path)
         os.replace(tmp, path)
     except BaseException:
-        if writer is not None:
-            writer.release()
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        with signals_deferred():  # a second Ctrl-C as the writer is released (the encoder flushed) left tmp
+            if writer is not None:
+                writer.release()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         raise
     return n
 

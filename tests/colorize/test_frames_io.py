@@ -434,3 +434,41 @@ def test_a_stop_just_after_a_temporary_file_is_made_removes_it(tmp_path, where):
     assert os.listdir(out) == []
     assert write_video_atomic(out / "clip.mp4", [rgb(24, 32, i) for i in range(10)], 10, audio_from=src) == 10
     assert os.listdir(out) == ["clip.mp4"]  # untraced, the same call writes the video (the test's setup works)
+
+
+def test_a_second_stop_as_the_video_writer_is_released_still_removes_the_temporary_video(tmp_path, monkeypatch):
+    """Ctrl-C during the encode, and again while the clean-up releases OpenCV's writer (it flushes
+    the encoder: the longest step there): the second, run by the handler once release returns,
+    came before the temporary video was removed, and left a hidden .clip.*.tmp.mp4. Real signals."""
+    import signal
+
+    from colorize import frames_io
+
+    class SignallingWriter:
+        def __init__(self, *args):
+            self.writer, self.frames = cv2.VideoWriter(*args), 0
+
+        def isOpened(self):
+            return self.writer.isOpened()
+
+        def write(self, frame):
+            self.writer.write(frame)
+            self.frames += 1
+            if self.frames == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def release(self):
+            self.writer.release()
+            if self.frames >= 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    class Cv2:
+        VideoWriter = SignallingWriter
+
+        def __getattr__(self, name):
+            return getattr(cv2, name)
+
+    monkeypatch.setattr(frames_io, "cv2", Cv2())
+    with pytest.raises(KeyboardInterrupt):
+        write_video_atomic(tmp_path / "clip.mp4", [rgb(24, 32, i) for i in range(10)], 10)
+    assert os.listdir(tmp_path) == []
