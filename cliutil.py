@@ -331,13 +331,15 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def signals_deferred():
+def signals_deferred(deliver: bool = True):
     """Hold SIGINT and SIGTERM for the duration (they are delivered afterwards, not lost).
 
     annotator/build_many.py holds them while starting a worker - which inherits the mask, so it
     starts with both blocked until it has set itself up (no traceback from a half-started worker;
     the parent alone stops the run) - and while stopping the workers, so a second Ctrl-C cannot
     cut the clean-up short; colorize/outputs.py between an output's rename and its count.
+    `deliver=False` drops them instead: for a run that is already stopping and works out what to
+    say, where a second Ctrl-C has nothing left to stop but would cut that line short.
 
     Blocking them in this thread is not enough: the kernel hands a signal to any thread that
     does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the
@@ -362,7 +364,7 @@ def signals_deferred():
         for signum, old in old_handlers.items():
             signal.signal(signum, old)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for signum in noted:
+        for signum in noted if deliver else ():
             signal.raise_signal(signum)  # to the handler restored above
 
 

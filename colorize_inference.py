@@ -36,7 +36,8 @@ from contextlib import closing
 from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, one_line, out_file_problem,
-                     out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli)
+                     out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
+                     signals_deferred)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -552,25 +553,37 @@ def run(args) -> int:
                                                if args.video else ""))
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
-        if not finished and args.video and file_identity(args.video) not in (None, video_was):
-            # stopped once the video was renamed into place (in its os.replace, or on the way back): as the
-            # video takes each frame once its PNG is written, the run is complete
-            finished = True
-        if finished and only_video:
-            raise type(e)(f"interrupted as it finished; {args.video} is written and complete") from None
-        if only_video:
-            raise type(e)(f"interrupted; {args.video} is not written (the outputs in {out} are untouched): "
-                          f"--frames {frames.start}: writes it") from None
-        if finished:  # in the last lines: nothing is missing
-            video = f" and {args.video}" if args.video else ""
-            done = f"all {writer.count} outputs" if writer.count != 1 else "the 1 output"
-            are = "is" if writer.count == 1 and not args.video else "are"
-            raise type(e)(f"interrupted as it finished; {done}{video} {are} written and complete") from None
-        if writer.count == 0:
+        # a second Ctrl-C while that is worked out (a stat of --video) ended it with run_cli's "interrupted
+        # before any output was written", whose rerun is refused: the outputs exist. It stops nothing more
+        with signals_deferred(deliver=False):
+            said = where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
+        if said is None:
             raise
-        go_on = R.where_to_continue(plan, writer.count, writer.next_frame)
-        raise type(e)(f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
-                      ) from None
+        raise type(e)(said) from None
+
+
+def where_it_stopped(args, frames: slice, out: Path, writer: O.OrderedWriter, plan: R.RunPlan, only_video: bool,
+                     finished: bool, video_was) -> str | None:
+    """The line of a run stopped by Ctrl-C or SIGTERM: what is written and where to go on (None:
+    nothing is, run_cli's own line says so)."""
+    if not finished and args.video and file_identity(args.video) not in (None, video_was):
+        # stopped once the video was renamed into place (in its os.replace, or on the way back): as the
+        # video takes each frame once its PNG is written, the run is complete
+        finished = True
+    if finished and only_video:
+        return f"interrupted as it finished; {args.video} is written and complete"
+    if only_video:
+        return (f"interrupted; {args.video} is not written (the outputs in {out} are untouched): "
+                f"--frames {frames.start}: writes it")
+    if finished:  # in the last lines: nothing is missing
+        video = f" and {args.video}" if args.video else ""
+        done = f"all {writer.count} outputs" if writer.count != 1 else "the 1 output"
+        are = "is" if writer.count == 1 and not args.video else "are"
+        return f"interrupted as it finished; {done}{video} {are} written and complete"
+    if writer.count == 0:
+        return None
+    go_on = R.where_to_continue(plan, writer.count, writer.next_frame)
+    return f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
 
 
 def file_identity(path) -> tuple[int, int, int, int] | None:

@@ -723,6 +723,27 @@ def test_a_second_ctrl_c_while_the_outputs_are_drained_leaves_none_uncounted(env
     assert snapshot(out) == snapshot(tmp_path / "whole")
 
 
+def test_a_second_ctrl_c_while_the_stop_line_is_worked_out_still_says_where_to_go_on(env, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A second Ctrl-C in the stop's handler (as it looks at --video) ended it with "interrupted before
+    any output was written": 2 were, and the rerun of the same command that line advises is refused."""
+    stop_encoding_at(3, monkeypatch)
+    identity, calls = cli.file_identity, []
+
+    def signal_in_the_handler(path):
+        calls.append(path)
+        if len(calls) == 2:  # the first is before the run; the second, the handler's
+            os.kill(os.getpid(), signal.SIGINT)
+        return identity(path)
+    monkeypatch.setattr(cli, "file_identity", signal_in_the_handler)
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "out",
+            "--video", tmp_path / "v.mp4", "--no-progress"]
+    rc, _, err = run(args, capsys)
+    assert len(calls) == 2 and rc == 130 and err.splitlines()[-1] == (
+        "colorize_inference.py: interrupted; the 2 outputs written so far are complete: --frames 2: continues"), err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
+
+
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
     """Flow walks from its --reference-frame: "--frames 3:6 continues" was a range the tool itself
     refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
