@@ -331,15 +331,13 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def signals_deferred(deliver: bool = True):
+def signals_deferred():
     """Hold SIGINT and SIGTERM for the duration (they are delivered afterwards, not lost).
 
     annotator/build_many.py holds them while starting a worker - which inherits the mask, so it
     starts with both blocked until it has set itself up (no traceback from a half-started worker;
     the parent alone stops the run) - and while stopping the workers, so a second Ctrl-C cannot
     cut the clean-up short; colorize/outputs.py between an output's rename and its count.
-    `deliver=False` drops them instead: for a run that is already stopping and works out what to
-    say, where a second Ctrl-C has nothing left to stop but would cut that line short.
 
     Blocking them in this thread is not enough: the kernel hands a signal to any thread that
     does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the
@@ -364,8 +362,27 @@ def signals_deferred(deliver: bool = True):
         for signum, old in old_handlers.items():
             signal.signal(signum, old)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for signum in noted if deliver else ():
+        for signum in noted:
             signal.raise_signal(signum)  # to the handler restored above
+
+
+@contextmanager
+def signals_ignored():
+    """Ignore SIGINT and SIGTERM for the duration (dropped, not held): for a run that is already
+    stopping and works out what to say, where a second Ctrl-C has nothing left to stop but would
+    cut that line short. The kernel drops an ignored signal whichever thread it comes to, so none
+    is run late (as one held by signals_deferred can be, taken by another thread). Main thread only
+    (elsewhere a no-op: handlers are the main thread's)."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in HELD_SIGNALS:
+            if signal.getsignal(signum) is not None:  # None: set outside Python, which could not be put back
+                old[signum] = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 class Terminated(KeyboardInterrupt):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, one_line, out_file_problem,
                      out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
-                     signals_deferred)
+                     signals_ignored)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -555,7 +555,7 @@ def run(args) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
         # a second Ctrl-C while that is worked out (a stat of --video) ended it with run_cli's "interrupted
         # before any output was written", whose rerun is refused: the outputs exist. It stops nothing more
-        with signals_deferred(deliver=False):
+        with signals_ignored():
             said = where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
         if said is None:
             raise

@@ -455,12 +455,12 @@ def test_a_second_stop_as_the_video_writer_is_released_still_removes_the_tempora
             self.writer.write(frame)
             self.frames += 1
             if self.frames == 3:
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
         def release(self):
             self.writer.release()
             if self.frames >= 3:
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     class Cv2:
         VideoWriter = SignallingWriter
