@@ -455,12 +455,13 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             if received and not isinstance(e, Terminated):  # a run re-raised it with where it stopped
                 raise Terminated(*e.args) from None
             raise
-        message = one_line(e) if str(e).strip() else interrupted
-        terminated = received or isinstance(e, Terminated)
-        if terminated:
-            rest = message.removeprefix("interrupted")
-            message = "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
-        _say(f"{prog}: {message}")
+        with signals_ignored():  # a second Ctrl-C as the line is said ended the run with a traceback
+            message = one_line(e) if str(e).strip() else interrupted
+            terminated = received or isinstance(e, Terminated)
+            if terminated:
+                rest = message.removeprefix("interrupted")
+                message = "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
+            _say(f"{prog}: {message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
         if hook:

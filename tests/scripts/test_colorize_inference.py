@@ -744,6 +744,27 @@ def test_a_second_ctrl_c_while_the_stop_line_is_worked_out_still_says_where_to_g
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
 
 
+def test_a_second_ctrl_c_as_the_stop_line_is_said_is_no_traceback(env, tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C while run_cli wrote the stop's line escaped its handler: a traceback after it."""
+    import cliutil
+
+    stop_encoding_at(3, monkeypatch)
+    say = cliutil._say
+
+    def signal_then_say(line):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # to this thread: run at once
+        say(line)
+    monkeypatch.setattr(cliutil, "_say", signal_then_say)
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "out",
+            "--no-progress"]
+    try:
+        rc, _, err = run(args, capsys)
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped run_cli")
+    assert rc == 130 and err == (
+        "colorize_inference.py: interrupted; the 2 outputs written so far are complete: --frames 2: continues\n")
+
+
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
     """Flow walks from its --reference-frame: "--frames 3:6 continues" was a range the tool itself
     refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
