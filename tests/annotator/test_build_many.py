@@ -737,3 +737,79 @@ def test_at_most_workers_movies_run_at_once_and_their_progress_reaches_the_bars(
     assert sorted(m["movie_id"] for m in s.built) == ["a", "b", "c"]
     assert len(peak) == 3 and max(peak) == 2, peak  # the third: 1 or 2, as the first two end
     assert sorted(advanced) == [("a", 1), ("b", 2), ("c", 3)]
+
+
+# ------------------------------------------------ found by a mutation round (each test names its mutant)
+
+def test_an_output_error_decodes_a_bytes_filename(tmp_path):
+    """An OSError raised on a bytes path carries a bytes filename: raise_if_output_error decodes
+    it (os.fsdecode) to name the folder (Path(bytes) raises TypeError, which would replace the
+    stop line with a traceback)."""
+    (tmp_path / "data").mkdir()
+    e = OSError(errno.EACCES, os.strerror(errno.EACCES), os.fsencode(tmp_path / "data" / "new"))
+    with pytest.raises(build_many.OutputError) as got:
+        build_many.raise_if_output_error(e, tmp_path)
+    assert got.value.where == str(tmp_path / "data")
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_build_all_starts_every_worker_with_both_signals_blocked(tmp_path):
+    """_build_parallel itself starts each worker inside _signals_deferred (so it boots with SIGINT
+    and SIGTERM blocked) and takes its context from _spawn_context: with a bare spawn context the
+    first start launched the resource tracker, which unblocked both in the parent before the
+    first worker was made (seen here as the mask after its start). In a fresh process, where no
+    tracker runs yet; a stand-in for the worker start records the mask around the real one."""
+    script = (
+        "import signal, sys\n"
+        "from pathlib import Path\n"
+        "from annotator import build_many\n"
+        "from tests.annotator.test_build_many import OPTS, clips_named\n"
+        "tmp = Path(sys.argv[1])\n"
+        "clips = clips_named(tmp, 'ab')\n"
+        "start, masks = build_many._start_worker, []\n"
+        "def recording(*args):\n"
+        "    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "    w = start(*args)\n"
+        "    after = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "    masks.append([sorted(int(s) for s in m) for m in (before, after)])\n"
+        "    return w\n"
+        "build_many._start_worker = recording\n"
+        "s = build_many.build_all(clips, tmp / 'data', OPTS, workers=2, progress=False, log=print)\n"
+        "print(sorted(m['movie_id'] for m in s.built))\n"
+        "print(masks)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    import signal
+    built, masks = (eval(line) for line in out.stdout.splitlines())
+    assert built == ["a", "b"] and len(masks) == 2
+    held = {int(signal.SIGINT), int(signal.SIGTERM)}
+    assert all(held <= set(before) and held <= set(after) for before, after in masks), masks
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_a_ctrl_c_during_the_clean_up_of_the_workers_waits_for_it(tmp_path, monkeypatch):
+    """The stop of the workers still running (here: after another found DATA_ROOT full) runs
+    inside _signals_deferred: a Ctrl-C that comes meanwhile is held until every worker is
+    killed and its partial output removed, then stops the run; it used to cut the clean-up
+    short, leaving a worker running and its .partial folder."""
+    import signal
+
+    a, b = clips_named(tmp_path, "ab")
+    root = tmp_path / "data"
+
+    def building(root):
+        (root / PARTIAL_DIR / "b" / "frames").mkdir(parents=True)
+    procs = stand_in_workers(monkeypatch, {"a": ([("output-error", (errno.ENOSPC, str(root)))], 0, None),
+                                           "b": ([], None, building)})
+    stop = build_many._stop_workers
+
+    def ctrl_c_then_stop(running, root):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python has run the handler by now
+        stop(running, root)
+    monkeypatch.setattr(build_many, "_stop_workers", ctrl_c_then_stop)
+    with pytest.raises(KeyboardInterrupt):  # the main thread's: signal handlers run there
+        build_all([a, b], root, OPTS, workers=2, progress=False, log=lambda line: None)
+    assert procs["b"].killed and not (root / PARTIAL_DIR).exists()
