@@ -472,3 +472,22 @@ def test_a_second_stop_as_the_video_writer_is_released_still_removes_the_tempora
     with pytest.raises(KeyboardInterrupt):
         write_video_atomic(tmp_path / "clip.mp4", [rgb(24, 32, i) for i in range(10)], 10)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("source, error", [("notes.txt", "Invalid data"), ("missing.mp4", "No such file")])
+def test_a_sound_source_ffmpeg_cannot_read_is_one_line_and_leaves_no_file(tmp_path, source, error):
+    """_add_audio turns FFmpeg's own errors (a source that is no media file; one that is not
+    there: av's FileNotFoundError, an FFmpegError that is no ValueError) into the one OSError
+    line naming the video and the source, with the --no-audio way out, as it does the "no audio
+    stream" ValueError; nothing is left in the folder. (Found by a mutant that caught the
+    ValueError alone: av's FileNotFoundError went out as it was.)"""
+    (tmp_path / "notes.txt").write_text("not a film")
+    src, out = tmp_path / source, tmp_path / "out"
+    with pytest.raises(OSError) as e:
+        write_video_atomic(out / "clip.mp4", [rgb(24, 32, i) for i in range(3)], 10, audio_from=src)
+    assert type(e.value) is OSError
+    line = str(e.value)
+    assert line.startswith(f"{out / 'clip.mp4'}: cannot add the sound of {src} (") and \
+        line.endswith("); leave it out with --no-audio"), line
+    assert error in line and "\n" not in line, line
+    assert os.listdir(out) == []
