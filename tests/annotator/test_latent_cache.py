@@ -341,6 +341,37 @@ def test_the_bar_ends_full_when_a_movie_is_skipped_part_way(cached_root, capsys)
     assert f"{N}/{N}" in bar and "100%" in bar, bar
 
 
+@pytest.mark.parametrize("w,h", [(80, 64), (160, 32)])
+def test_a_frame_differing_in_one_side_only_is_refused_too(cached_root, w, h):
+    """The size check compares both sides (the movie's frames are 160x64): a frame of another width
+    but the same height, or the reverse, is refused naming both sizes, and encode_movie's error
+    is a LatentCacheError (BadFrameError) that build_latent_cache turns into a skip. (Found by a
+    mutant that compared the height only.)"""
+    movie = cached_root / "pan"
+    frame = frame_path(movie, 3)
+    frame.write_bytes(cv2.imencode(".jpg", np.zeros((h, w, 3), np.uint8))[1].tobytes())
+    line = (f"{frame}: a {w}x{h} frame, but {movie / 'meta.json'} says the movie's frames are 160x64; rebuild the "
+            "movie with build_pairs.py (remove its folder first: finished movies are skipped)")
+    with pytest.raises(LatentCacheError) as e:
+        encode_movie(movie, tiny_vae(1), batch_size=8)
+    assert str(e.value) == line
+    lines = []
+    result = build_latent_cache(cached_root, tiny_vae(1), batch_size=8, overwrite=True, progress=False,
+                                log=lines.append)
+    assert lines == [f"skipped: {line}"] and result["skipped"] == ["pan"]
+
+
+def test_the_bar_ends_full_when_a_later_movie_is_skipped_part_way(cached_root, capsys):
+    """The skipped movie is the second: the bar gets its frames not yet counted (the count since
+    its own start, not since the bar's), so it ends at both movies' frames, not short of them."""
+    shutil.copytree(cached_root / "pan", cached_root / "pan2")
+    frame_path(cached_root / "pan2", N - 1).write_bytes(b"not a jpeg")
+    result = build_latent_cache(cached_root, tiny_vae(1), batch_size=3, overwrite=True, log=lambda line: None)
+    assert (result["built"], result["skipped"]) == (["pan"], ["pan2"])
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert f"{2 * N}/{2 * N}" in bar and "100%" in bar, bar
+
+
 def test_a_cache_with_fewer_latents_than_frames_is_refused(cached_root):
     lat = np.load(cached_root / "pan" / LATENTS)
     np.save(cached_root / "pan" / LATENTS, lat[:-1])  # a movie rebuilt with one frame more, say
@@ -621,6 +652,19 @@ def test_frames_off_the_8_pixel_grid_are_refused(root, size):
     (root / "pan" / "meta.json").write_text(json.dumps({**meta, "size": size}))
     with pytest.raises(LatentCacheError, match=rf"pan: frames are {size[0]}x{size[1]}; the VAE needs multiples of 8"):
         encode_movie(root / "pan", tiny_vae(0))
+
+
+def test_build_latent_cache_ends_the_run_on_frames_off_the_8_pixel_grid(root):
+    """Only a bad frame (BadFrameError) skips its movie: frames off the VAE's 8-pixel grid (a
+    movie built with a --size the VAE cannot take) are a LatentCacheError that ends the run
+    (build_latent_cache.py: exit 2), not a skip. (Found by a mutant that skipped on any
+    LatentCacheError.)"""
+    meta = json.loads((root / "pan" / "meta.json").read_text())
+    (root / "pan" / "meta.json").write_text(json.dumps({**meta, "size": [160, 60]}))
+    lines = []
+    with pytest.raises(LatentCacheError, match=r"pan: frames are 160x60; the VAE needs multiples of 8") as e:
+        build_latent_cache(root, tiny_vae(0), progress=False, log=lines.append)
+    assert type(e.value) is LatentCacheError and lines == []
 
 
 def test_build_latent_cache_checks_the_movie_ids_and_freezes_the_vae(root, tmp_path):
