@@ -356,7 +356,7 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
         while waiting or running:
             while waiting and len(running) < workers and not summary.stopped:
                 mid, path, _ = waiting.popleft()
-                with _signals_deferred():
+                with signals_deferred():
                     running.append(_start_worker(ctx, mid, path, root, options))
             if not running:
                 break
@@ -380,7 +380,7 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
             if summary.stopped:
                 break
     finally:
-        with _signals_deferred():
+        with signals_deferred():
             _stop_workers(running, root)
             for w in running:  # one that finished just before it was stopped counts as built
                 if is_finished(root / w.mid) and w.result is None:
@@ -395,7 +395,7 @@ def _spawn_context():
 
     The tracker starts with a process's first spawned child, and that start unblocks SIGINT and
     SIGTERM in the thread that makes it (CPython's multiprocessing.resource_tracker), so the
-    first worker, started inside `_signals_deferred`, would boot with them unblocked."""
+    first worker, started inside `signals_deferred`, would boot with them unblocked."""
     ctx = mp.get_context("spawn")
     resource_tracker.ensure_running()
     return ctx
@@ -445,10 +445,6 @@ def _stop_workers(running: list[_Worker], root: Path) -> None:
             pass  # error that stops the run (or Ctrl-C) is the one to report, and the other workers still reaped
 
 
-_HELD = HELD_SIGNALS
-_signals_deferred = signals_deferred  # its tests' name
-
-
 def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:
     """A worker process: build one movie, sending ("progress", frames), ("warning", line) and
     finally ("result", meta or the one-line reason it was skipped), or ("output-error", (errno,
@@ -456,7 +452,7 @@ def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOption
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     _exit_with_parent(parent_pid)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # blocked by the parent around start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # blocked by the parent around start()
     cv2.setNumThreads(1)  # parallelism comes from the processes and the encoder threads
     pending = [0]
 

@@ -15,7 +15,7 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, non_negative_int,
                      one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
-                     quiet_startup_signals, run_cli, seed_arg)
+                     quiet_startup_signals, run_cli, seed_arg, signals_deferred)
 from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -767,3 +767,34 @@ def test_a_stop_as_the_last_line_is_flushed_ends_with_the_runs_status(capsys, mo
     monkeypatch.setattr(sys, "stdout", Stdout())
     assert run_cli("t", lambda args: 0, argparse.Namespace(), (), interrupted="interrupted before any output") == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_signals_deferred_holds_them_with_other_threads_running_and_delivers_them_after():
+    """The scripts have threads that do not block the signals (numpy's BLAS pool, tqdm's monitor):
+    the kernel hands a signal to one of them and Python runs its handler in the main thread,
+    inside the block - in build_pairs a second Ctrl-C cut the workers' clean-up short."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # started before the block: signals unblocked there
+    other.start()
+    got = []
+
+    def record(signum, frame):
+        got.append(signum)
+    old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with signals_deferred():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), s)
+            time.sleep(0.1)  # a handler Python would run has run by now
+            assert got == []
+        time.sleep(0.1)
+        assert sorted(got) == sorted([signal.SIGINT, signal.SIGTERM])  # delivered, not lost
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is record
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        stop.set()

@@ -592,7 +592,7 @@ def test_a_worker_started_inside_signals_deferred_boots_with_both_signals_blocke
         "ctx = build_many._spawn_context()\n"
         "old_int = signal.getsignal(signal.SIGINT)\n"
         "read, write = ctx.Pipe(duplex=False)\n"
-        "with build_many._signals_deferred():\n"
+        "with build_many.signals_deferred():\n"
         "    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN\n"
         "    proc = ctx.Process(target=send_blocked_signals, args=(write,), daemon=True)\n"
         "    proc.start()\n"
@@ -653,37 +653,6 @@ def test_worker_asks_the_kernel_for_sigkill_when_its_parent_dies():
              "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")  # GET
     out = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "9", out.stderr
-
-
-@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
-def test_signals_deferred_holds_them_with_other_threads_running_and_delivers_them_after():
-    """build_pairs has threads that do not block the signals (numpy's BLAS pool, tqdm's monitor):
-    the kernel hands a signal to one of them and Python runs its handler in the main thread,
-    inside the block - a second Ctrl-C cut the workers' clean-up short."""
-    import signal
-    import threading
-
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, daemon=True)  # started before the block: signals unblocked there
-    other.start()
-    got = []
-
-    def record(signum, frame):
-        got.append(signum)
-    old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with build_many._signals_deferred():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                os.kill(os.getpid(), s)
-            time.sleep(0.1)  # a handler Python would run has run by now
-            assert got == []
-        time.sleep(0.1)
-        assert sorted(got) == sorted([signal.SIGINT, signal.SIGTERM])  # delivered, not lost
-        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is record
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        stop.set()
 
 
 def test_plan_shows_names_that_are_not_utf8_with_escapes(tmp_path):
@@ -754,7 +723,7 @@ def test_an_output_error_decodes_a_bytes_filename(tmp_path):
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
 def test_build_all_starts_every_worker_with_both_signals_blocked(tmp_path):
-    """_build_parallel itself starts each worker inside _signals_deferred (so it boots with SIGINT
+    """_build_parallel itself starts each worker inside signals_deferred (so it boots with SIGINT
     and SIGTERM blocked) and takes its context from _spawn_context: with a bare spawn context the
     first start launched the resource tracker, which unblocked both in the parent before the
     first worker was made (seen here as the mask after its start). In a fresh process, where no
@@ -791,7 +760,7 @@ def test_build_all_starts_every_worker_with_both_signals_blocked(tmp_path):
 @pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
 def test_a_ctrl_c_during_the_clean_up_of_the_workers_waits_for_it(tmp_path, monkeypatch):
     """The stop of the workers still running (here: after another found DATA_ROOT full) runs
-    inside _signals_deferred: a Ctrl-C that comes meanwhile is held until every worker is
+    inside signals_deferred: a Ctrl-C that comes meanwhile is held until every worker is
     killed and its partial output removed, then stops the run; it used to cut the clean-up
     short, leaving a worker running and its .partial folder."""
     import signal
