@@ -464,13 +464,19 @@ def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.Or
     message = one_line(e)
     if out_of_memory(e):
         message = f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: lower them"
+    mend = None
+    if isinstance(e, O.EarlierOutputError) and (i := e.unreadable) is not None:  # that frame made again mends it
+        mend = f"colourise frame {i} again with --frames {i}:{i + 1} --overwrite without --video"
     if writer.count == 0:
         if isinstance(e, TruncatedVideoError) and (
                 holds := R.frames_it_holds(plan, e.decoded, writer.count, writer.next_frame, plan.frames.start)):
             message += f" (nothing was written; {holds})"
+        elif mend:
+            message += f" (nothing was written; {mend}, then rerun)"
         return message
     if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
-        return f"{message} (the {outputs(writer.count, 'new ')} written and complete; only --video is missing)"
+        then = f": {mend}, then --frames {plan.clip}: writes the video" if mend and plan.clip else ""
+        return f"{message} (the {outputs(writer.count, 'new ')} written and complete; only --video is missing{then})"
     go_on = R.where_to_continue(plan, writer.count, writer.next_frame, e)
     return f"{message} (the {outputs(writer.count, before='before it')} written and complete; {go_on})"
 

@@ -33,7 +33,13 @@ class OutputExistsError(OutputError):
 
 
 class EarlierOutputError(OutputError):
-    """A frame of --out outside --frames that --video cannot use (unreadable, another size)."""
+    """A frame of --out outside --frames that --video cannot use (unreadable, another size).
+    `unreadable`: the clip index of an output that cannot be read, which colourising that frame
+    again mends (None for one of another size: --out is then another clip's)."""
+
+    def __init__(self, message: str, unreadable: int | None = None):
+        super().__init__(message)
+        self.unreadable = unreadable
 
 
 class OrderedWriter:
@@ -109,17 +115,20 @@ def video_frames(new: Iterable[np.ndarray], out: Path, before: list[str], after:
     starts), so that the frame of `out` that differs is named, whichever comes first."""
     size = frame_size() if before or after else None
 
-    def earlier(names):
-        for name in names:
+    def earlier(names, first: int):  # first: the clip index of names[0]
+        for i, name in enumerate(names, first):
             try:
                 rgb = read_image(out / name)
             except FrameSourceError as e:
-                raise EarlierOutputError(f"--video: {e}") from None
+                raise EarlierOutputError(f"--video: {e}", unreadable=i) from None
             if rgb.shape[:2] != size:
                 raise EarlierOutputError(f"--video: {out / name} is {rgb.shape[1]}x{rgb.shape[0]}, the input's "
                                          f"frames {size[1]}x{size[0]}: --out holds frames of another clip or size")
             yield rgb
 
-    yield from earlier(before)
-    yield from new
-    yield from earlier(after)
+    yield from earlier(before, 0)
+    made = 0
+    for rgb in new:
+        made += 1
+        yield rgb
+    yield from earlier(after, len(before) + made)

@@ -881,7 +881,8 @@ def test_a_partial_range_with_video_and_a_bad_earlier_frame(env, tmp_path, capsy
     rc, _, err = run([*args, "--frames", "1:3", "--video", video, "--overwrite"], capsys)
     assert rc == 2 and err.splitlines()[-1] == (
         f"colorize_inference.py: error: --video: {out / 'f3.png'}: not a readable image (the 2 new outputs are "
-        "written and complete; only --video is missing)"), err
+        "written and complete; only --video is missing: colourise frame 3 again with --frames 3:4 --overwrite "
+        "without --video, then --frames 4: writes the video)"), err
     cv2.imwrite(str(out / "f0.png"), np.zeros((8, 8, 3), np.uint8))
     rc, _, err = run([*args, "--frames", "1:3", "--video", video, "--overwrite"], capsys)
     assert rc == 2 and err.splitlines()[-1] == (
@@ -893,6 +894,30 @@ def test_a_partial_range_with_video_and_a_bad_earlier_frame(env, tmp_path, capsy
     assert rc == 2 and err.splitlines()[-1] == (
         f"colorize_inference.py: error: --video: {out / 'f3.png'} is 8x8, the input's frames 143x80: --out holds "
         "frames of another clip or size (the 3 new outputs are written and complete; only --video is missing)"), err
+
+
+@pytest.mark.parametrize("broken", [0, 3])
+def test_an_unreadable_output_read_for_the_video_is_mended_by_following_the_advice(env, tmp_path, capsys, broken):
+    """A corrupt PNG in --out outside the range, read for --video before the new frames (frame 0)
+    or after them (frame 3): the line says to colourise that frame again, then how the video is
+    made; followed literally, the video is the uninterrupted run's (reinhard: the same PNGs)."""
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard"]
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    assert run([*args, "--out", out], capsys)[0] == 0
+    whole = snapshot(out)
+    (out / f"f{broken}.png").write_bytes(b"broken")
+    rc, _, err = run([*args, "--out", out, "--frames", "1:3", "--video", video, "--overwrite"], capsys)
+    then = "then rerun" if broken == 0 else "then --frames 4: writes the video"
+    said = "nothing was written" if broken == 0 else "the 2 new outputs are written and complete; only --video is missing:"
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: --video: {out / f'f{broken}.png'}: not a readable image ({said}"
+        f"{';' if broken == 0 else ''} colourise frame {broken} again with --frames {broken}:{broken + 1} --overwrite "
+        f"without --video, {then})"), err
+    assert run([*args, "--out", out, "--frames", f"{broken}:{broken + 1}", "--overwrite"], capsys)[0] == 0
+    last = ["--frames", "1:3", "--overwrite"] if broken == 0 else ["--frames", "4:"]
+    rc, _, err = run([*args, "--out", out, "--video", video, *last], capsys)
+    assert rc == 0, err
+    assert snapshot(out) == whole and video.is_file()
 
 
 @pytest.mark.parametrize("odd", [0, 1])
