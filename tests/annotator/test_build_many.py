@@ -464,7 +464,9 @@ def test_workers_results_warnings_and_a_worker_that_died(tmp_path, monkeypatch):
     assert sorted(lines) == [f"skipped: {s.skipped[0]}", "warning: a: odd"]  # both ended: either first
 
 
-def test_a_worker_that_finds_data_root_full_stops_the_others(tmp_path, monkeypatch):
+def a_full_and_b_building(tmp_path, monkeypatch):
+    """Two movies in stand-in workers: a's finds DATA_ROOT full, b's is building (its .partial
+    folder made) when the run stops it. Returns (a, b, DATA_ROOT, the workers by movie)."""
     a, b = clips_named(tmp_path, "ab")
     root = tmp_path / "data"
 
@@ -472,6 +474,11 @@ def test_a_worker_that_finds_data_root_full_stops_the_others(tmp_path, monkeypat
         (root / PARTIAL_DIR / "b" / "frames").mkdir(parents=True)
     procs = stand_in_workers(monkeypatch, {"a": ([("output-error", (errno.ENOSPC, str(root)))], 0, None),
                                            "b": ([], None, building)})
+    return a, b, root, procs
+
+
+def test_a_worker_that_finds_data_root_full_stops_the_others(tmp_path, monkeypatch):
+    a, b, root, procs = a_full_and_b_building(tmp_path, monkeypatch)
     with pytest.raises(build_many.OutputError) as e:
         in_time(lambda: build_all([a, b], root, OPTS, workers=2, progress=False, log=lambda line: None))
     assert str(e.value) == f"no space left on device ({root}); finished movies are kept, rerun to resume"
@@ -765,13 +772,7 @@ def test_a_ctrl_c_during_the_clean_up_of_the_workers_waits_for_it(tmp_path, monk
     short, leaving a worker running and its .partial folder."""
     import signal
 
-    a, b = clips_named(tmp_path, "ab")
-    root = tmp_path / "data"
-
-    def building(root):
-        (root / PARTIAL_DIR / "b" / "frames").mkdir(parents=True)
-    procs = stand_in_workers(monkeypatch, {"a": ([("output-error", (errno.ENOSPC, str(root)))], 0, None),
-                                           "b": ([], None, building)})
+    a, b, root, procs = a_full_and_b_building(tmp_path, monkeypatch)
     stop = build_many._stop_workers
 
     def ctrl_c_then_stop(running, root):
