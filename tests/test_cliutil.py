@@ -15,7 +15,7 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, non_negative_int,
                      one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
-                     quiet_startup_signals, run_cli, seed_arg, signals_deferred)
+                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_ignored)
 from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -798,3 +798,78 @@ def test_signals_deferred_holds_them_with_other_threads_running_and_delivers_the
         for s, handler in old.items():
             signal.signal(s, handler)
         stop.set()
+
+
+def _in_a_thread(body):
+    """Run `body()` in another thread; what it raised, if anything."""
+    raised = []
+
+    def target():
+        try:
+            body()
+        except BaseException as e:  # reported to the test
+            raised.append(e)
+    worker = threading.Thread(target=target)
+    worker.start()
+    worker.join()
+    return raised
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_signals_deferred_keeps_a_block_that_was_there_before_it_and_runs_off_the_main_thread():
+    """It puts the mask back as it found it (a signal blocked by the caller, or by an outer
+    signals_deferred, stays blocked), not unblocks SIGINT/SIGTERM; in another thread it only
+    blocks them there (setting a handler would raise ValueError: handlers are the main thread's)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        with signals_deferred():
+            pass
+        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    masks = []
+
+    def body():
+        with signals_deferred():
+            masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    assert _in_a_thread(body) == []
+    assert {signal.SIGINT, signal.SIGTERM} <= masks[0] and not {signal.SIGINT, signal.SIGTERM} & masks[1]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_signals_ignored_drops_both_signals_and_puts_the_handlers_back():
+    """Inside, SIGINT and SIGTERM are ignored - dropped, not run once it ends (a run already stopping
+    works out its line there) - and the handlers found are set again after it."""
+    got = []
+
+    def record(signum, frame):
+        got.append(signum)
+    old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with signals_ignored():
+            assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            for s in (signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), s)
+            time.sleep(0.1)
+        time.sleep(0.1)
+        assert got == []
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is record
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def test_signals_ignored_off_the_main_thread_changes_nothing():
+    """Only the main thread may set a handler: elsewhere (run_cli called from a thread) it is a
+    no-op, not a ValueError out of the stop's handling."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def body():
+        with signals_ignored():
+            seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+    assert _in_a_thread(body) == [] and seen == [handlers]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
