@@ -807,6 +807,19 @@ def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypat
     assert rc == 130 and err == "colorize_inference.py: interrupted before any output was written\n"
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_an_interrupt_while_the_first_frame_is_made_says_nothing_was_written(env, tmp_path, capsys, monkeypatch,
+                                                                             video):
+    """A stop inside the run before its first PNG is written (here as it is encoded) goes through
+    run()'s own handler, which leaves the line to run_cli: not "the 0 outputs written so far are
+    complete: --frames 0: continues"."""
+    stop_encoding_at(1, monkeypatch)
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", tmp_path / "out", *(["--video", tmp_path / "v.mp4"] if video else [])], capsys)
+    assert rc == 130 and err.splitlines()[-1] == "colorize_inference.py: interrupted before any output was written", err
+    assert not (tmp_path / "v.mp4").exists()
+
+
 def test_a_video_in_a_folder_not_made_yet(env, tmp_path, capsys):
     out, video = tmp_path / "new", tmp_path / "films" / "clip.mp4"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
@@ -1414,6 +1427,27 @@ def test_frames_from_the_clips_end_with_video_loads_no_model_and_reads_no_refere
     assert run([*base, "--out", out, "--frames", "4:9", "--video", video, "--overwrite"], capsys)[0] == 0
 
 
+def test_frames_from_the_clips_end_of_a_one_frame_clip(env, tmp_path, capsys):
+    """--frames 1: --video on a clip of one frame writes the video from its one output (the range
+    at the clip's end, as for any length; no model or reference read); with that output gone, the
+    refusal is the video-only one, naming it (1 of the 1)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(env["gray"] / "f0.png", src / "f0.png")
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    base = ["--input", src, "--method", "reinhard", "--no-progress", "--out", out]
+    assert run([*base, "--reference", env["refs"][0]], capsys)[0] == 0
+    rc, stdout, err = run([*base, "--reference", tmp_path / "no-ref.png", "--frames", "1:", "--video", video], capsys)
+    assert rc == 0 and stdout.startswith(f"wrote {video} from the 1 output"), err
+    assert probe(video).frame_count == 1
+    (out / "f0.png").unlink()
+    video.unlink()
+    rc, _, err = run([*base, "--reference", env["refs"][0], "--frames", "1:", "--video", video], capsys)
+    assert rc == 2 and err == (f"colorize_inference.py: error: --video with --frames 1: writes the video from the 1 "
+                               f"outputs in --out, but {out / 'f0.png'} (frame 0) is missing (1 of the 1): colourise "
+                               "the missing frames first\n"), err
+
+
 def test_frames_from_the_clips_end_keeps_the_input_films_sound(env, tmp_path, capsys):
     film = video_with_sound(tmp_path / "film.mp4")
     args = ["--input", film, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
@@ -1504,6 +1538,23 @@ def test_a_stop_as_the_video_is_renamed_into_place_says_whether_it_is_complete(e
     assert probe(video).frame_count == 4
 
 
+def test_a_stop_after_the_rename_of_a_video_identical_to_the_old_one_says_it_is_complete(env, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """--overwrite rerun of the same command, stopped once its video is renamed into place: the
+    new video has the old one's size (the same bytes), and is still told from it (a new file:
+    another inode), so the run is complete, not "only --video is missing"."""
+    out, video = tmp_path / "out", tmp_path / "v.mp4"
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+            "--out", out, "--video", video, "--overwrite"]
+    assert run(args, capsys)[0] == 0
+    old = video.read_bytes()
+    stop_in_the_videos_rename(monkeypatch, video, after=True)
+    rc, _, err = run(args, capsys)
+    assert video.read_bytes() == old  # the case: nothing but the file itself tells them apart
+    assert rc == 130 and err.splitlines()[-1] == (
+        f"colorize_inference.py: interrupted as it finished; all 4 outputs and {video} are written and complete"), err
+
+
 def test_a_bad_frame_in_a_closed_range_keeps_its_end_in_the_advice(env, tmp_path, capsys):
     src = tmp_path / "in"
     shutil.copytree(env["gray"], src)
@@ -1525,6 +1576,25 @@ def test_video_of_a_later_range_takes_the_size_from_a_frame_in_it(env, tmp_path,
     (src / "f0.png").write_bytes(b"broken")
     rc, _, err = run([*args, "--frames", "1:", "--overwrite", "--video", tmp_path / "v.mp4"], capsys)
     assert rc == 0 and probe(tmp_path / "v.mp4").frame_count == 4, err
+
+
+def test_frames_from_the_clips_end_reads_one_input_frame_for_the_size_its_last(env, tmp_path, capsys):
+    """--frames N: --video colourises nothing, so no new frame tells the size the outputs in --out
+    must have: the input's last frame is read for it, and no other (frames 0..N-2 broken here).
+    Nor does it show a progress bar (there are no frames to count): its only line on stderr is
+    the note on the odd width."""
+    src = tmp_path / "in"
+    shutil.copytree(env["gray"], src)
+    out = tmp_path / "out"
+    args = ["--input", src, "--reference", env["refs"][0], "--method", "reinhard", "--out", out]
+    assert run([*args, "--no-progress"], capsys)[0] == 0
+    for name in ("f0.png", "f1.png", "f2.png"):
+        (src / name).write_bytes(b"broken")
+    rc, stdout, err = run([*args, "--frames", "4:", "--video", tmp_path / "v.mp4"], capsys)
+    assert (rc, stdout) == (0, f"wrote {tmp_path / 'v.mp4'} from the 4 outputs in {out} (25 fps)\n"), err
+    assert err == ("colorize_inference.py: note: --video: frames are 143x80 and MPEG-4 needs even sides, so the "
+                   "video is 144x80 (last column/row repeated); the PNGs keep the input size\n")
+    assert probe(tmp_path / "v.mp4").frame_count == 4
 
 
 def test_a_baseline_refuses_the_model_only_flags_it_would_ignore(env, tmp_path, capsys):
@@ -1756,10 +1826,8 @@ def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_cou
     assert calls == ["f0.png", "f1.png", "f2.png"] and sorted(snapshot(out)) == ["f0.png", "f1.png"]
 
 
-@pytest.mark.parametrize("video", [False, True])
-def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, capsys, monkeypatch, video):
-    """A stop after the last output (here as the progress bar closes) used to end in "interrupted
-    before any output was written"."""
+def stop_as_the_bar_closes(monkeypatch) -> None:
+    """Ctrl-C as run() closes its progress bar: after the last output (and the video) is written."""
     bar = cli.progress_bar
 
     def stopping_bar(*a, **k):
@@ -1774,12 +1842,34 @@ def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, 
         return b
 
     monkeypatch.setattr(cli, "progress_bar", stopping_bar)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_a_stop_as_the_run_finishes_says_that_nothing_is_missing(env, tmp_path, capsys, monkeypatch, video):
+    """A stop after the last output (here as the progress bar closes) used to end in "interrupted
+    before any output was written"."""
+    stop_as_the_bar_closes(monkeypatch)
     out, clip = tmp_path / "out", tmp_path / "v.mp4"
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
                       "--out", out, *(["--video", clip] if video else [])], capsys)
     assert rc == 130 and err.splitlines()[-1] == ("colorize_inference.py: interrupted as it finished; all 4 outputs"
                                                   f"{f' and {clip}' if video else ''} are written and complete"), err
     assert len(snapshot(out)) == 4 and clip.exists() == video
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_a_one_frame_run_stopped_as_it_finishes_says_the_1_output(env, tmp_path, capsys, monkeypatch, video):
+    """The finished line in the singular: "the 1 output is", or "the 1 output and V are" with
+    --video (not "all 1 outputs", nor "is" for the two)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(env["gray"] / "f0.png", src / "f0.png")
+    stop_as_the_bar_closes(monkeypatch)
+    out, clip = tmp_path / "out", tmp_path / "v.mp4"
+    rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--method", "reinhard", "--no-progress",
+                      "--out", out, *(["--video", clip] if video else [])], capsys)
+    assert rc == 130 and err.splitlines()[-1] == ("colorize_inference.py: interrupted as it finished; the 1 output"
+                                                  + (f" and {clip} are" if video else " is") + " written and complete")
 
 
 def test_a_stop_after_the_first_output_says_where_to_continue(env, tmp_path, capsys, monkeypatch):
