@@ -382,7 +382,7 @@ def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path,
     missing = [(i, n) for i, n in [*enumerate(before), *enumerate(after, stop)] if not (out / n).is_file()]
     if missing and only_video:
         i, name = missing[0]
-        raise UsageError(f"--video with --frames {args.frames} writes the video from the {len(every)} outputs in "
+        raise UsageError(f"--video with --frames {args.frames} writes the video from the {counted(len(every))} in "
                          f"--out, but {out / name} (frame {i}) is missing ({len(missing)} of the {len(every)}): "
                          "colourise the missing frames first")
     if missing:
@@ -452,9 +452,14 @@ def load_model(args, source: Path | DictConfig, device: torch.device, info: Sour
     return model
 
 
+def counted(n: int, noun: str = "output") -> str:
+    """'1 output' / '3 outputs'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def outputs(n: int, kind: str = "", before: str = "") -> str:
     """'1 new output is' / '3 new outputs are' (`before`: words between the noun and its verb)."""
-    words = [f"{n} {kind}output" + ("" if n == 1 else "s"), before, "is" if n == 1 else "are"]
+    words = [counted(n, f"{kind}output"), before, "is" if n == 1 else "are"]
     return " ".join(w for w in words if w)
 
 
@@ -553,7 +558,7 @@ def run(args) -> int:
         sound_line = "" if sound is None else \
             f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
         if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
-            print(f"wrote {args.video} from the {n} outputs in {out} ({sound_line}{fps:g} fps)")
+            print(f"wrote {args.video} from the {counted(n)} in {out} ({sound_line}{fps:g} fps)")
         else:
             print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{fps:g} fps)"
                                                if args.video else ""))
@@ -576,8 +581,9 @@ def where_it_stopped(args, frames: slice, out: Path, writer: O.OrderedWriter, pl
         # stopped once the video was renamed into place (in its os.replace, or on the way back): as the
         # video takes each frame once its PNG is written, the run is complete
         finished = True
-    if finished and only_video:
-        return f"interrupted as it finished; {args.video} is written and complete"
+    if finished and writer.count == 0:  # only the video was made (video_only, or an input of unknown length
+        # with no frames left in the range)
+        return f"interrupted as it finished; {args.video} is written and complete" if args.video else None
     if only_video:
         return (f"interrupted; {args.video} is not written (the outputs in {out} are untouched): "
                 f"--frames {frames.start}: writes it")

@@ -51,7 +51,7 @@ def where_to_continue(plan: RunPlan, written: int, next_frame: int, error: BaseE
         # the range from the clip's end colourises nothing and writes the video from the outputs in --out
         # (which a --video run with a range that is part of the clip checked were all there, up front)
         return (f"only --video is missing: rerun with --frames {plan.clip}: (it writes the video from the "
-                f"{plan.clip} outputs in --out)")
+                f"{plan.clip} output{'' if plan.clip == 1 else 's'} in --out)")
     start, again, why = next_frame, "", ""
     if plan.method == "flow" and any(i < start for i in plan.reference_frames):
         # flow walks from its reference frames, which a range must hold (methods.flow_start_indices): it

@@ -44,6 +44,8 @@ def test_all_outputs_written_leaves_only_the_video():
     assert where_to_continue(plan(total=4), 4, 6) == "that is all of them"
     assert where_to_continue(plan(frames=slice(2, 6), total=4, video=True, clip=30), 4, 6) == (
         "only --video is missing: rerun with --frames 30: (it writes the video from the 30 outputs in --out)")
+    assert where_to_continue(plan(frames=slice(0, None), total=1, video=True, clip=1), 1, 1) == (
+        "only --video is missing: rerun with --frames 1: (it writes the video from the 1 output in --out)")
     # a plan that does not know the clip's length: the whole range again
     assert where_to_continue(plan(total=4, video=True), 4, 6) == "only --video is missing: rerun with --overwrite"
     assert where_to_continue(plan(total=5), 4, 6) == "--frames 6:20 continues"

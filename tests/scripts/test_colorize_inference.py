@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -22,6 +23,7 @@ from cldm.model import TINY_CONFIG, load_config
 from colorize import loading as L, methods as M, outputs as O, pipeline as P
 from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png, write_video_atomic
+from colorize.resume_advice import RunPlan
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
@@ -1438,13 +1440,13 @@ def test_frames_from_the_clips_end_of_a_one_frame_clip(env, tmp_path, capsys):
     base = ["--input", src, "--method", "reinhard", "--no-progress", "--out", out]
     assert run([*base, "--reference", env["refs"][0]], capsys)[0] == 0
     rc, stdout, err = run([*base, "--reference", tmp_path / "no-ref.png", "--frames", "1:", "--video", video], capsys)
-    assert rc == 0 and stdout.startswith(f"wrote {video} from the 1 output"), err
+    assert rc == 0 and stdout.startswith(f"wrote {video} from the 1 output in {out} ("), err
     assert probe(video).frame_count == 1
     (out / "f0.png").unlink()
     video.unlink()
     rc, _, err = run([*base, "--reference", env["refs"][0], "--frames", "1:", "--video", video], capsys)
     assert rc == 2 and err == (f"colorize_inference.py: error: --video with --frames 1: writes the video from the 1 "
-                               f"outputs in --out, but {out / 'f0.png'} (frame 0) is missing (1 of the 1): colourise "
+                               f"output in --out, but {out / 'f0.png'} (frame 0) is missing (1 of the 1): colourise "
                                "the missing frames first\n"), err
 
 
@@ -1991,3 +1993,16 @@ def test_a_stop_between_two_outputs_counts_the_frames_drained_after_it(env, tmp_
                                                    (3, "", "before it", "3 outputs before it are")])
 def test_outputs_agree_in_number(n, kind, before, says):
     assert cli.outputs(n, kind, before) == says
+
+
+def test_a_run_that_wrote_no_png_and_is_stopped_as_it_finishes_names_only_the_video(tmp_path):
+    """An input of unknown length with no frames left in the range writes only --video from --out;
+    stopped in its last lines it said "all 0 outputs and V are written and complete". Without
+    --video nothing was written, which run_cli's own line says (None here)."""
+    writer = O.OrderedWriter(tmp_path, 4)
+    plan = RunPlan("reinhard", "fixed", 1, slice(4, None), video=True)
+    args = SimpleNamespace(video=str(tmp_path / "v.mp4"))
+    said = cli.where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None)
+    assert said == f"interrupted as it finished; {tmp_path / 'v.mp4'} is written and complete"
+    args.video = None
+    assert cli.where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None) is None
