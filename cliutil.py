@@ -444,11 +444,17 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             for stream in gone:
                 _to_devnull(stream)
             raise SystemExit(128 + int(signal.SIGPIPE)) from None
-    except errors as e:
-        _say(f"{prog}: error: {one_line(e)}")
-        return 2
-    except named as e:
-        _say(f"{prog}: error: {one_line(e, with_type=True)}")
+    except errors + named as e:
+        if received:  # SIGTERM's Terminated, raised inside a library's C code (safetensors reading the
+            # checkpoint), came out as that library's error ("truncated or not a safetensors file"):
+            # the run was stopped, not given bad input
+            if interrupted is None:
+                raise Terminated from None
+            with signals_ignored():
+                rest = interrupted.removeprefix("interrupted")
+                _say(f"{prog}: terminated (SIGTERM)" + (rest if rest != interrupted else f"; {interrupted}"))
+            return 128 + int(signal.SIGTERM)
+        _say(f"{prog}: error: {one_line(e, with_type=not isinstance(e, errors))}")
         return 2
     except KeyboardInterrupt as e:
         if interrupted is None:
