@@ -390,6 +390,13 @@ class Terminated(KeyboardInterrupt):
     caller that sees a sub-tool's exit status 143 raises it to stop as terminated too."""
 
 
+def _as_terminated(message: str) -> str:
+    """A stop line for SIGTERM: "interrupted; ..." -> "terminated (SIGTERM); ...", anything else
+    after it."""
+    rest = message.removeprefix("interrupted")
+    return "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
+
+
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             errors: tuple[type[BaseException], ...], interrupted: str | None = "interrupted",
             named: tuple[type[BaseException], ...] = (), sigterm: bool = True) -> int:
@@ -451,8 +458,7 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             if interrupted is None:
                 raise Terminated from None
             with signals_ignored():
-                rest = interrupted.removeprefix("interrupted")
-                _say(f"{prog}: terminated (SIGTERM)" + (rest if rest != interrupted else f"; {interrupted}"))
+                _say(f"{prog}: {_as_terminated(interrupted)}")
             return 128 + int(signal.SIGTERM)
         _say(f"{prog}: error: {one_line(e, with_type=not isinstance(e, errors))}")
         return 2
@@ -464,10 +470,7 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         with signals_ignored():  # a second Ctrl-C as the line is said ended the run with a traceback
             message = one_line(e) if str(e).strip() else interrupted
             terminated = received or isinstance(e, Terminated)
-            if terminated:
-                rest = message.removeprefix("interrupted")
-                message = "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
-            _say(f"{prog}: {message}")
+            _say(f"{prog}: {_as_terminated(message) if terminated else message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
         if hook:
