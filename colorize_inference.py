@@ -554,7 +554,7 @@ def run(args) -> int:
         finally:
             bar.close()
         earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
-        count = f"{writer.count} frame" + ("" if writer.count == 1 else "s")
+        count = counted(writer.count, "frame")
         sound_line = "" if sound is None else \
             f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
         if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
