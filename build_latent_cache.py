@@ -14,8 +14,8 @@ A movie with a frame that cannot be encoded (unreadable, or of another size than
 meta.json gives) is skipped with one line naming the frame; the others are still cached.
 
 Exit status: 0 every movie cached, 1 a movie refused (cached with other weights) or
-skipped (a bad frame), 2 bad input (one line), 130 / 143 stopped by Ctrl-C / SIGTERM (finished movies kept; rerun to
-resume).
+skipped (a bad frame), 2 bad input (one line), 130 / 143 stopped by Ctrl-C / SIGTERM
+(finished movies kept; rerun to resume).
 """
 from __future__ import annotations
 

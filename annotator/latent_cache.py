@@ -103,7 +103,7 @@ def _stored_frame(movie_dir: Path, index: int, fmt: str, w: int, h: int) -> np.n
         raise BadFrameError(f"{e}; {REBUILD}") from None
     if img.shape[:2] != (h, w):
         raise BadFrameError(f"{path}: a {img.shape[1]}x{img.shape[0]} frame, but {movie_dir / 'meta.json'} says the "
-                         f"movie's frames are {w}x{h}; {REBUILD}")
+                            f"movie's frames are {w}x{h}; {REBUILD}")
     return img
 
 
