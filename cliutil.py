@@ -385,6 +385,33 @@ def signals_ignored():
             signal.signal(signum, handler)
 
 
+@contextmanager
+def signals_noted(signums: tuple[int, ...] = HELD_SIGNALS):
+    """Yield a list that gains each of `signums` (SIGINT, SIGTERM) that comes during the block, handled as
+    before (its handler raises as usual): for a caller that must tell a stop from an error, where
+    a library's C code turns the KeyboardInterrupt raised inside it into an error of its own
+    (safetensors reading a checkpoint: "truncated or not a safetensors file"). Only Python
+    handlers are followed (SIG_DFL and SIG_IGN are left alone); main thread only (elsewhere the
+    list stays empty)."""
+    noted: list[int] = []
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                def noting(s, frame, handler=handler):
+                    noted.append(s)
+                    handler(s, frame)
+
+                noting.follows = handler
+                old[signum] = signal.signal(signum, noting)
+    try:
+        yield noted
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be (run_cli's `sigterm`), so the same clean-up runs; a
     caller that sees a sub-tool's exit status 143 raises it to stop as terminated too."""
@@ -414,10 +441,7 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     does one of stderr met by the run (a progress bar), and the line of how it ended is dropped, not
     turned into a traceback, where stderr's reader has gone (`2>&1 >/dev/null | head -c1`).
     """
-    received = []
-
     def on_sigterm(signum, _frame):
-        received.append(signum)
         raise Terminated
 
     main = threading.current_thread() is threading.main_thread()  # signals are the main thread's
@@ -429,9 +453,11 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         if main and getattr(signal.getsignal(signum), "quiet_startup", False):
             signal.signal(signum, usual)
     previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
+    received: list[int] = []  # the stop signals that came (signals_noted)
     try:
         try:
-            status = run(args)
+            with signals_noted(HELD_SIGNALS if hook else (signal.SIGINT,)) as received:  # SIGTERM: the run's
+                status = run(args)
             if sys.stdout is not None:  # None: started with stdout closed
                 try:
                     sys.stdout.flush()  # where buffered output meets a reader that has gone
@@ -452,24 +478,25 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
                 _to_devnull(stream)
             raise SystemExit(128 + int(signal.SIGPIPE)) from None
     except errors + named as e:
-        if received:  # SIGTERM's Terminated, raised inside a library's C code (safetensors reading the
-            # checkpoint), came out as that library's error ("truncated or not a safetensors file"):
-            # the run was stopped, not given bad input
+        if received:  # Ctrl-C's KeyboardInterrupt or SIGTERM's Terminated, raised inside a library's C
+            # code (safetensors reading the checkpoint), came out as that library's error ("truncated or
+            # not a safetensors file"): the run was stopped, not given bad input
+            terminated = signal.SIGTERM in received
             if interrupted is None:
-                raise Terminated from None
+                raise (Terminated if terminated else KeyboardInterrupt) from None
             with signals_ignored():
-                _say(f"{prog}: {_as_terminated(interrupted)}")
-            return 128 + int(signal.SIGTERM)
+                _say(f"{prog}: {_as_terminated(interrupted) if terminated else interrupted}")
+            return 128 + int(signal.SIGTERM) if terminated else 130
         _say(f"{prog}: error: {one_line(e, with_type=not isinstance(e, errors))}")
         return 2
     except KeyboardInterrupt as e:
         if interrupted is None:
-            if received and not isinstance(e, Terminated):  # a run re-raised it with where it stopped
+            if signal.SIGTERM in received and not isinstance(e, Terminated):  # a run re-raised it with where it stopped
                 raise Terminated(*e.args) from None
             raise
         with signals_ignored():  # a second Ctrl-C as the line is said ended the run with a traceback
             message = one_line(e) if str(e).strip() else interrupted
-            terminated = received or isinstance(e, Terminated)
+            terminated = signal.SIGTERM in received or isinstance(e, Terminated)
             _say(f"{prog}: {_as_terminated(message) if terminated else message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:

@@ -15,7 +15,7 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, non_negative_int,
                      one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
-                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_ignored)
+                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_ignored, signals_noted)
 from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -252,8 +252,8 @@ def test_run_cli_takes_the_startup_handlers_down():
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         (ctrl_c, term), (_, own) = seen
-        assert ctrl_c is signal.default_int_handler and term is signal.SIG_DFL
-        assert callable(own) and not getattr(own, "quiet_startup", False)
+        assert ctrl_c.follows is signal.default_int_handler and term is signal.SIG_DFL  # noted on the way
+        assert callable(own.follows) and not getattr(own.follows, "quiet_startup", False)
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
@@ -873,3 +873,117 @@ def test_signals_ignored_off_the_main_thread_changes_nothing():
             seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
     assert _in_a_thread(body) == [] and seen == [handlers]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_signals_noted_notes_each_stop_signal_and_still_runs_the_handler():
+    """Each SIGINT and SIGTERM in the block is noted and handled as before (the handler raises as
+    usual); a signal not asked for, SIG_IGN and SIG_DFL are left alone; the handlers found come back."""
+    got = []
+
+    def record(signum, frame):
+        got.append(signum)
+    old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with signals_noted() as noted:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.raise_signal(s)
+        assert noted == got == [signal.SIGTERM, signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is record
+        got.clear()
+        with signals_noted((signal.SIGINT,)) as noted:
+            assert signal.getsignal(signal.SIGTERM) is record and signal.getsignal(signal.SIGINT).follows is record
+            signal.raise_signal(signal.SIGTERM)
+        assert (noted, got) == ([], [signal.SIGTERM])
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt), signals_noted() as noted:
+            signal.raise_signal(signal.SIGINT)
+        assert noted == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with signals_noted() as noted:
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN,
+                                                                                           signal.SIG_DFL)
+            signal.raise_signal(signal.SIGINT)  # ignored: not a stop
+        assert noted == []
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def test_signals_noted_off_the_main_thread_changes_nothing():
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def body():
+        with signals_noted() as noted:
+            seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), noted))
+    assert _in_a_thread(body) == [] and seen == [(*handlers, [])]
+
+
+def _turned_into(error: BaseException, signum: int):
+    """A run whose library (C code that checks for signals) turns the exception that the signal's
+    handler raised inside it into an error of its own."""
+    def run(_):
+        try:
+            signal.raise_signal(signum)
+        except KeyboardInterrupt:
+            raise error from None
+        pytest.fail("no handler raised")
+    return run
+
+
+def test_run_cli_ctrl_c_that_a_library_turns_into_its_own_error_still_ends_as_interrupted(capsys):
+    """Ctrl-C inside safetensors' reading came out as "truncated or not a safetensors file", said as
+    an error with exit 2: the run was stopped, not given a bad file. As with SIGTERM, 130 and the
+    stop line; a caller's (interrupted=None) gets the KeyboardInterrupt."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        run = _turned_into(OSError("x.safetensors: truncated or not a safetensors file"), signal.SIGINT)
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun") == 130
+        assert capsys.readouterr().err == "p.py: interrupted; rerun\n"
+        with pytest.raises(KeyboardInterrupt) as e:
+            run_cli("p.py", run, argparse.Namespace(), (OSError,), interrupted=None)
+        assert type(e.value) is KeyboardInterrupt and capsys.readouterr().err == ""
+        # without a stop signal the same error is an error; and an earlier run's Ctrl-C is not this one's
+        assert run_cli("p.py", lambda _: (_ for _ in ()).throw(OSError("x: bad")), argparse.Namespace(),
+                       (OSError,)) == 2
+        assert capsys.readouterr().err == "p.py: error: x: bad\n"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_run_cli_sigterm_turned_into_an_error_is_terminated_even_after_a_ctrl_c(capsys):
+    """Both came: SIGTERM's 143 wins (a scheduler's stop), as for a raised Terminated."""
+    before = signal.getsignal(signal.SIGINT)
+
+    def run(_):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # a run that went on after a first Ctrl-C (say, cleaning up)
+        return _turned_into(OSError("cut short"), signal.SIGTERM)(_)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun") == 143
+        assert capsys.readouterr().err == "p.py: terminated (SIGTERM); rerun\n"
+        with pytest.raises(Terminated):
+            run_cli("p.py", run, argparse.Namespace(), (OSError,), interrupted=None)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_run_cli_without_sigterm_leaves_a_sigterm_before_an_error_to_the_run(capsys):
+    """sigterm=False (training: Lightning's SIGTERM): a SIGTERM the run's own handler took does not
+    turn a later error into a stop; SIGTERM's handler is not even wrapped."""
+    def own(signum, frame):
+        raise KeyboardInterrupt
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, own)
+        run = _turned_into(OSError("disk full at step 3"), signal.SIGTERM)
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,), sigterm=False) == 2
+        assert capsys.readouterr().err == "p.py: error: disk full at step 3\n"
+    finally:
+        signal.signal(signal.SIGTERM, before)

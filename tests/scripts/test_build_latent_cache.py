@@ -131,27 +131,35 @@ def test_errors_and_ctrl_c_while_encoding_are_one_line(data_root, monkeypatch, c
                                              f"a line of the cache's\n{line}")
 
 
-def test_sigterm_that_a_library_turns_into_its_own_error_still_ends_as_terminated(data_root, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, status, line", [
+    ("SIGTERM", 143, "terminated (SIGTERM); finished movies are kept, rerun to resume"),
+    ("SIGINT", 130, "interrupted; finished movies are kept, rerun to resume"),
+])
+def test_a_stop_that_a_library_turns_into_its_own_error_still_ends_as_a_stop(data_root, monkeypatch, capsys, signum,
+                                                                              status, line):
     """A SIGTERM while safetensors read the checkpoint came out of it as a ValueError, and the run said
     "error: ...: truncated or not a safetensors file (could not determine the shape of object type
-    'torch.storage.UntypedStorage')", exit 2 (seen stopping real runs at random moments)."""
+    'torch.storage.UntypedStorage')", exit 2 (seen stopping real runs at random moments); Ctrl-C too."""
     import signal
 
     from cldm.checkpoint import CheckpointError
 
     def load_vae(config, ckpt, allow_pickle):
         try:
-            signal.raise_signal(signal.SIGTERM)  # run_cli's handler raises Terminated in here
+            signal.raise_signal(getattr(signal, signum))  # run_cli's handler raises in here
         except KeyboardInterrupt:  # what the C code does with the pending exception
             raise CheckpointError(f"{ckpt}: truncated or not a safetensors file (could not determine the shape of "
                                   "object type 'torch.storage.UntypedStorage')") from None
-        pytest.fail("no SIGTERM handler")
+        pytest.fail("no handler")
 
     monkeypatch.setattr(build_latent_cache, "load_vae", load_vae)
     monkeypatch.setattr(latent_cache, "build_latent_cache", lambda *a, **k: pytest.fail("went on"))
-    rc = build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"])
-    assert (rc, capsys.readouterr().err) == (
-        143, "build_latent_cache.py: terminated (SIGTERM); finished movies are kept, rerun to resume\n")
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
+    try:
+        rc = build_latent_cache.main([str(data_root), "--ckpt", str(TOY), "--device", "cpu"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (rc, capsys.readouterr().err) == (status, f"build_latent_cache.py: {line}\n")
 
 
 class OnDevice:
