@@ -172,11 +172,9 @@ def read_reference(path: str | os.PathLike) -> np.ndarray:
         raise InferenceError(f"{path}: reference {e.problem}") from None
     except ValueError as e:  # a pixel type to_float cannot scale (a 32-bit integer TIFF)
         raise InferenceError(f"{path}: reference {e}") from None
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[2] in (1, 2):
-        img = np.repeat(img[..., :1], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3], dtype=np.float32)
+    if img.ndim == 2:  # gray; decode_image gives gray HW or colour HW3 only (alpha is dropped at decode)
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img, dtype=np.float32)
 
 
 def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:

@@ -623,3 +623,24 @@ def test_read_reference_says_what_is_no_image_file(tmp_path):
             P.InferenceError, match=r"ref\.png: reference image not a regular file \(a named pipe, socket or "
                                     r"device\)$"):
         P.read_reference(pipe)  # was "not found"; the read would block
+
+
+def test_a_reference_with_alpha_or_gray_reads_as_rgb(tmp_path):
+    """Gray+alpha and RGBA files (as PIL and OpenCV write them) come out of read_reference as
+    RGB HW3, alpha ignored: decode_image drops alpha, so read_reference needs no branch of its
+    own for 2- or 4-channel arrays (such a branch was removed as unreachable)."""
+    from PIL import Image
+
+    gray = np.full((4, 5), 51, np.uint8)
+    Image.fromarray(np.dstack([gray, np.full_like(gray, 7)]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.dstack([np.full((4, 5, 3), (10, 20, 30), np.uint8), np.full_like(gray, 7)]),
+                    "RGBA").save(tmp_path / "rgba.png")
+    bgra16 = np.zeros((4, 5, 4), np.uint16)
+    bgra16[...] = (3000, 2000, 1000, 0)  # BGRA on disk
+    assert cv2.imwrite(str(tmp_path / "rgba16.png"), bgra16)
+    assert cv2.imwrite(str(tmp_path / "g.png"), gray)
+    for name, want in [("la.png", [51 / 255] * 3), ("rgba.png", [10 / 255, 20 / 255, 30 / 255]),
+                       ("rgba16.png", [1000 / 65535, 2000 / 65535, 3000 / 65535]), ("g.png", [51 / 255] * 3)]:
+        ref = P.read_reference(tmp_path / name)
+        assert ref.shape == (4, 5, 3) and ref.dtype == np.float32 and ref.flags.c_contiguous, name
+        np.testing.assert_allclose(ref, np.broadcast_to(want, ref.shape), atol=1e-7, err_msg=name)
