@@ -441,6 +441,33 @@ def test_unsupported_pixel_types_and_shapes_are_named(tmp_path):
         V._to_rgb8(np.zeros((2, 2, 5), np.uint8), "x")
 
 
+def test_files_with_alpha_decode_without_it(tmp_path):
+    """decode_image (IMREAD_ANYDEPTH | IMREAD_ANYCOLOR, not IMREAD_UNCHANGED) gives gray HW or
+    colour HW3 for files with alpha, which IMREAD_UNCHANGED reads as HW4: so read_image's path
+    through _to_rgb8 (want_bgr=False) never sees BGRA, and read_reference never a 2- or
+    4-channel array (their branches for those were removed as unreachable)."""
+    from PIL import Image
+
+    gray = np.full((4, 5), 51, np.uint8)
+    alpha = np.full_like(gray, 7)
+    colour = np.full((4, 5, 3), (10, 20, 30), np.uint8)  # RGB
+    Image.fromarray(np.dstack([gray, alpha]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(tmp_path / "rgba.webp", lossless=True)
+    Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(tmp_path / "rgba.tiff")
+    Image.fromarray(gray, "L").save(tmp_path / "gray_t.png", transparency=51)  # tRNS: alpha by a key colour
+    assert cv2.imwrite(str(tmp_path / "bgra16.png"), np.dstack([colour[..., ::-1], alpha]).astype(np.uint16) * 257)
+    for name in ("la.png", "rgba.png", "rgba.webp", "rgba.tiff", "gray_t.png", "bgra16.png"):
+        assert cv2.imread(str(tmp_path / name), cv2.IMREAD_UNCHANGED).shape in ((4, 5), (4, 5, 4)), name
+        img = V.decode_image(tmp_path / name)
+        assert img.shape in ((4, 5), (4, 5, 3)), name
+        if name.endswith(".tiff"):  # OpenCV's TIFF reader multiplies the colour by the alpha: shape only
+            continue
+        want = [51] * 3 if name.startswith(("la", "gray")) else [10, 20, 30]
+        assert read_image(tmp_path / name)[0, 0].tolist() == want, name
+        assert read_image(tmp_path / name, bgr=True)[0, 0].tolist() == want[::-1], name
+
+
 def test_gray_plus_alpha_gives_the_gray_channel():
     ga = np.dstack([np.full((2, 2), 50, np.uint8), np.full((2, 2), 200, np.uint8)])
     assert V._to_rgb8(ga, "x").tolist() == [[[50] * 3] * 2] * 2
