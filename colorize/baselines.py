@@ -296,9 +296,10 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
             while back:  # nearest the reference last; each dropped once yielded
                 yield back.pop()
             yield walk.colour(g)
+    # frames still waiting wait for their run's reference frame, which lies past the end: so
+    # this raises whenever any frame is left unyielded (a new run flushes the last one's)
     if n and max(idxs) >= n:
         raise ValueError(f"reference index {max(idxs)} outside the clip (0..{n - 1})")
-    yield from direct(waiting)
 
 
 def iter_baseline(

@@ -7,7 +7,7 @@ import pytest
 
 from annotator.color import rgb_to_gray, rgb_to_lab, to_uint8
 from colorize.baselines import (
-    _fit, _pack, flow_propagate, iter_baseline, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
+    _fit, _pack, flow_propagate, iter_baseline, iter_flow, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
 )
 from colorize.metrics import psnr
 
@@ -156,6 +156,21 @@ def test_flow_takes_the_most_similar_reference_and_never_walks_across_a_cut(refs
     assert min(score) > 30, np.round(score, 1)  # ~10-15 dB from the other shot's reference
     for t in idx:
         assert score[t] > 45, (t, score[t])  # a reference frame itself
+
+
+def test_flow_frames_waiting_for_a_reference_frame_past_the_end_raise_unyielded():
+    """A run whose reference frame lies past the clip's end: its frames wait to the end, and
+    iter_flow raises there (after the other runs' frames), so no frame is left waiting after the
+    check (iter_flow's trailing `yield from direct(waiting)` was unreachable and is gone)."""
+    clip = cut_clip()[:6]  # shot a (frames 0-2), shot b (frames 3-5)
+    gray = [rgb_to_gray(f) for f in clip]
+    got = []
+    with pytest.raises(ValueError, match=r"reference index 9 outside the clip \(0\.\.5\)"):
+        for out in iter_flow(gray, [clip[0], clip[3]], [0, 9]):
+            got.append(out)
+    assert len(got) == 3  # shot a only; shot b's frames were waiting for frame 9
+    with pytest.raises(ValueError, match=r"reference index 3 outside the clip \(0\.\.2\)"):
+        next(iter_flow(gray[:3], [clip[0]], [3]))  # every frame waiting: nothing yielded
 
 
 def test_reference_of_another_size_is_resized():
