@@ -59,9 +59,11 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 
 def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIE Lab -> sRGB in [0,1] via OpenCV's float path, which clamps out-of-gamut colours to the
+    cube itself (before its gamma table, whose ends are exactly 0 and 1): no clip needed here."""
     import cv2
 
-    return np.clip(cv2.cvtColor(np.ascontiguousarray(lab, dtype=np.float32), cv2.COLOR_Lab2RGB), 0, 1)
+    return cv2.cvtColor(np.ascontiguousarray(lab, dtype=np.float32), cv2.COLOR_Lab2RGB)
 
 
 def transfer_luma(color: np.ndarray, gray: np.ndarray) -> np.ndarray:

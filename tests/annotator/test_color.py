@@ -68,6 +68,23 @@ def test_lab_round_trip():
     np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(rgb)), rgb, rtol=0, atol=3e-3)
 
 
+def test_lab_to_rgb_stays_in_the_cube_without_a_clip_of_its_own():
+    """OpenCV's float Lab -> RGB clamps out-of-gamut colours (and the gamma table's ends are
+    exactly 0 and 1), so lab_to_rgb does not clip again. Lab far outside the gamut (anchor_colours
+    shifts a/b freely), every L of the neutral axis and the cube's corners stay in [0, 1]: fails
+    if an OpenCV version stops clamping (then restore np.clip in lab_to_rgb)."""
+    rng = np.random.default_rng(0)
+    wild = rng.uniform((-50, -500, -500), (200, 500, 500), (300, 300, 3)).astype(np.float32)
+    near = rng.uniform((0, -128, -128), (100, 127, 127), (300, 300, 3)).astype(np.float32)
+    axis = np.zeros((1, 100001, 3), np.float32)
+    axis[..., 0] = np.linspace(0, 100, 100001, dtype=np.float32)
+    corners = rgb_to_lab(np.array([[[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)]], np.float32))
+    for lab in (wild, near, axis, corners, corners + np.float32(1e-3), corners - np.float32(1e-3)):
+        rgb = lab_to_rgb(lab)
+        assert rgb.dtype == np.float32 and rgb.min() >= 0.0 and rgb.max() <= 1.0, (rgb.min(), rgb.max())
+    assert (lab_to_rgb(wild) == 0).any() and (lab_to_rgb(wild) == 1).any()  # clamped, not scaled
+
+
 def test_ycbcr_by_hand_and_round_trip():
     """BT.601 YCbCr with Cb, Cr in [-0.5, 0.5]: pure red is (0.299, -0.1687, 0.5), pure blue
     (0.114, 0.5, -0.0813); back to RGB within float32 rounding (used by tools/make_toy_model.py)."""
