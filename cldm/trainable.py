@@ -21,11 +21,10 @@ import functools
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from torch import nn
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
@@ -226,17 +225,16 @@ def is_export(sd: dict, meta: dict[str, str]) -> bool:
                                                    all(k.startswith((CONTROL, UNET)) for k in sd))
 
 
-def export_names(path: str | Path, *, allow_pickle: bool = False) -> list[str]:
-    """The tensor names an export holds: from a safetensors header alone (a .ckpt is loaded)."""
-    if Path(path).suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            return list(f.keys())
-    return list(load_state_dict(path, allow_pickle=allow_pickle))
+class LoadedExport(NamedTuple):
+    """What load_sd_plus_control read from an export besides its tensors."""
+    meta: dict[str, str]  # its metadata
+    names: list[str]  # the tensor names it holds (what locked_digest leaves out at inference)
 
 
 def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,
-                         allow_pickle: bool = False) -> dict[str, str]:
-    """Load an SD2.1 checkpoint plus a `control.safetensors` export into `model`; returns its metadata.
+                         allow_pickle: bool = False) -> LoadedExport:
+    """Load an SD2.1 checkpoint plus a `control.safetensors` export into `model`; returns the
+    export's metadata and tensor names (read once, with its tensors).
 
     The SD file gives the locked parts (as `tool_add_control_sd21.py` would: new input
     channels zero, ControlNet from the UNet); the export then overwrites everything it holds.
@@ -257,4 +255,4 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     for k, v in control.items():
         state[k] = v.to(state[k].dtype)
     model.load_state_dict(state, strict=True)
-    return meta
+    return LoadedExport(meta, list(control))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -21,7 +21,7 @@ from cldm.checkpoint import CheckpointError, load_state_dict
 from cldm.checkpoint_fit import compare_state_dict, guess_kind, load_into, misfit
 from cldm.cldm import ControlLDM
 from cldm.model import ConfigError, create_model, load_config, model_config
-from cldm.trainable import export_names, is_export, load_sd_plus_control, locked_digest
+from cldm.trainable import is_export, load_sd_plus_control, locked_digest
 from cldm.weights_config import (check_saved_config, load_resolved_config, read_export_metadata, resolve_config,
                                  saved_config_mismatch)
 
@@ -90,9 +90,9 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                                   "run's --init)")
         with torch.device(device):
             model = create_model(cfg)
-        meta = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
+        meta, names = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
         # a note, not a refusal: other weights (a fine-tuned SD2.1) may be meant
-        if note is not None and trained_on_other_weights(model, control, meta, allow_pickle):
+        if note is not None and trained_on_other_weights(model, names, meta):
             init = f" ({meta['init']})" if meta.get("init") else ""
             note(f"--control {control} was trained on other SD weights than --ckpt {ckpt} holds (its run's "
                  f"--init{init}; the digests of the locked weights differ): fine for a fine-tuned SD2.1 or the "
@@ -121,14 +121,14 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     return model.eval().requires_grad_(False)
 
 
-def trained_on_other_weights(model: ControlLDM, control: str | os.PathLike, meta: dict[str, str],
-                             allow_pickle: bool = False) -> bool:
-    """Whether export `control` (its metadata `meta`) records a digest of other locked SD
-    weights than `model` holds (False where it records none: exports made before 2026-11-28).
+def trained_on_other_weights(model: ControlLDM, names: Iterable[str], meta: dict[str, str]) -> bool:
+    """Whether an export (its tensor names `names` and metadata `meta`, as load_sd_plus_control
+    read them) records a digest of other locked SD weights than `model` holds (False where it
+    records none: exports made before 2026-11-28).
     SD2.1 768-v has 512-base's tensors to the last shape, so this digest is all that tells
     them apart."""
     recorded = meta.get("locked_digest")
-    return recorded is not None and recorded != locked_digest(model, export_names(control, allow_pickle=allow_pickle))
+    return recorded is not None and recorded != locked_digest(model, names)
 
 
 def schedule_length(ckpt: str | os.PathLike, control: str | os.PathLike | None = None,

@@ -168,8 +168,9 @@ def test_an_export_converted_to_ckpt_is_checked_by_its_metadata_too(tmp_path):
                                               r"config's predicts v \(set model\.parameterization=eps\)"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG, ["model.parameterization=v"])),
                              tmp_path / "sd.safetensors", tmp_path / "c.ckpt")
-    assert load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
-                                tmp_path / "c.ckpt") == meta
+    loaded = load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
+                                  tmp_path / "c.ckpt")
+    assert loaded.meta == meta and loaded.names == list(load_state_dict(tmp_path / "c.ckpt"))
     with pytest.raises(CheckpointError, match=r"missing\.ckpt: no such file"):
         load_sd_plus_control(create_model(load_config(TINY_CONFIG)), tmp_path / "sd.safetensors",
                              tmp_path / "missing.ckpt")

@@ -419,8 +419,8 @@ def test_a_full_checkpoint_is_checked_on_meta_and_built_on_the_device(tmp_path, 
 
 
 def test_a_pickled_export_given_allow_pickle_is_digested_too(tmp_path):
-    """A .ckpt export that only loads with --allow-pickle: its tensor names for the digest are read
-    with it as well (kills export_names(control) without allow_pickle: a CheckpointError)."""
+    """A .ckpt export that only loads with --allow-pickle: the digest of the weights under it is
+    checked as for any export (its tensor names come from that one load)."""
     from types import SimpleNamespace
 
     from cldm.trainable import locked_digest
@@ -440,3 +440,57 @@ def test_a_pickled_export_given_allow_pickle_is_digested_too(tmp_path):
     notes = []
     L.load_model(same, control=pickled, config=TINY_CONFIG, allow_pickle=True, note=notes.append)
     assert notes == []
+
+
+def test_an_export_is_read_once_for_its_tensors_and_their_names(tmp_path, monkeypatch):
+    """load_model(note=...) digests the locked weights outside the export's tensor names: those
+    come from the load that took its tensors, not from reading the file again (export_names did:
+    a second full torch.load of a .ckpt export, or the tensor names of its safetensors header;
+    reads of the metadata alone are not counted here)."""
+    import safetensors
+
+    from cldm import checkpoint, trainable
+
+    model = tiny_model(seed=1)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    save_file(sd, str(tmp_path / "sd.safetensors"))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors", extra={"locked_digest": "0" * 32})
+    as_ckpt = tmp_path / "control.ckpt"
+    save_state_dict(load_file(export), as_ckpt, metadata=read_export_metadata(export))
+    reads, real_load, real_open, real_load_file = [], torch.load, safetensors.safe_open, checkpoint.load_file
+
+    class Header:  # a safe_open handle that notes what is read from it
+        def __init__(self, f, *a, **kw):
+            self.name, self.handle = Path(f).name, real_open(f, *a, **kw)
+
+        def __enter__(self):
+            self.f = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def __getattr__(self, attr):
+            reads.append((self.name, attr))  # keys, get_tensor, metadata, ...
+            return getattr(self.f, attr)
+
+    def counting_load(f, *a, **kw):
+        reads.append((Path(f).name, "torch.load mmap" if kw.get("mmap") else "torch.load"))
+        return real_load(f, *a, **kw)
+
+    def counting_load_file(f, *a, **kw):
+        reads.append((Path(f).name, "load_file"))
+        return real_load_file(f, *a, **kw)
+    monkeypatch.setattr(torch, "load", counting_load)
+    for module in (safetensors, checkpoint, trainable, L):  # wherever a reader would take it from
+        monkeypatch.setattr(module, "safe_open", Header, raising=False)
+    monkeypatch.setattr(checkpoint, "load_file", counting_load_file)
+    for control, once in ((as_ckpt, "torch.load"), (export, "load_file")):
+        notes = []
+        reads.clear()
+        L.load_model(tmp_path / "sd.safetensors", control=control, config=TINY_CONFIG, note=notes.append)
+        assert len(notes) == 1 and "other SD weights" in notes[0]  # the digest was checked
+        tensors_or_names = [how for name, how in reads if name == control.name and how != "metadata"
+                            and how != "torch.load mmap"]  # (the metadata: no tensors, no names)
+        assert tensors_or_names == [once], reads
