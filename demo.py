@@ -293,10 +293,12 @@ def check_reference(clip: str, first: int) -> None:
 
 def check_model(ckpt: str, steps: int) -> None:
     """The step count against the model's noise schedule, and the checkpoint against its config,
-    as colorize_inference.py checks them (by loading the weights once: 0.2 s for the toy model)."""
+    as colorize_inference.py checks them (by loading the weights once: 0.2 s for the toy model;
+    the config found once for both, as there: without a YAML beside the weights that reads them)."""
     try:
-        colorize_inference.steps_option(steps, loading.schedule_length(ckpt))
-        loading.load_model(ckpt)
+        source = loading.resolve_config(ckpt)
+        colorize_inference.steps_option(steps, loading.schedule_length(ckpt, source=source))
+        loading.load_model(ckpt, source=source)
     except colorize_inference.UsageError as e:
         raise DemoError(str(e)) from None
     except (CheckpointError, ConfigError) as e:

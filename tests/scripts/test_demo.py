@@ -131,6 +131,25 @@ def test_an_empty_path_is_a_usage_error_naming_its_flag(tmp_path, capsys, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_the_model_check_reads_the_checkpoints_config_once(tmp_path, monkeypatch, suffix):
+    """check_model finds the model config once for the step check and the load (as
+    colorize_inference.py does): without a YAML beside the weights, finding it reads their
+    metadata, for a .ckpt a torch.load (it was found twice)."""
+    from cldm.checkpoint import load_state_dict, save_state_dict
+    from cldm.weights_config import read_export_metadata
+    from colorize import loading
+
+    ckpt = tmp_path / f"toy{suffix}"  # no toy.yaml beside it: the config it records
+    save_state_dict(load_state_dict(demo.TOY), ckpt, metadata=read_export_metadata(demo.TOY))
+    found, real = [], loading.resolve_config
+    monkeypatch.setattr(loading, "resolve_config", lambda *a, **kw: found.append(a) or real(*a, **kw))
+    demo.check_model(str(ckpt), 2)
+    assert len(found) == 1, found
+    with pytest.raises(demo.DemoError, match=r"--steps must be between 1 and 500 .*\(got 999\)"):
+        demo.check_model(str(ckpt), 999)  # the schedule of the config it records
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_named_pipe_as_ckpt_is_called_one_before_anything_is_written(tmp_path, capsys):
     with named_pipe(tmp_path / "model.safetensors") as pipe:  # was "no such file"
