@@ -35,7 +35,7 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, one_line, out_file_problem,
+from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, out_file_problem,
                      out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
                      signals_ignored)
 
@@ -47,8 +47,7 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from annotator.video import (FrameSourceError, SourceInfo, TruncatedVideoError, decode_image,  # noqa: E402
-                             list_frame_files, probe)
+from annotator.video import FrameSourceError, SourceInfo, decode_image, list_frame_files, probe  # noqa: E402
 from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
@@ -382,7 +381,7 @@ def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path,
     missing = [(i, n) for i, n in [*enumerate(before), *enumerate(after, stop)] if not (out / n).is_file()]
     if missing and only_video:
         i, name = missing[0]
-        raise UsageError(f"--video with --frames {args.frames} writes the video from the {counted(len(every))} in "
+        raise UsageError(f"--video with --frames {args.frames} writes the video from the {R.counted(len(every))} in "
                          f"--out, but {out / name} (frame {i}) is missing ({len(missing)} of the {len(every)}): "
                          "colourise the missing frames first")
     if missing:
@@ -452,40 +451,6 @@ def load_model(args, source: Path | DictConfig, device: torch.device, info: Sour
     return model
 
 
-def counted(n: int, noun: str = "output") -> str:
-    """'1 output' / '3 outputs'."""
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def outputs(n: int, kind: str = "", before: str = "") -> str:
-    """'1 new output is' / '3 new outputs are' (`before`: words between the noun and its verb)."""
-    words = [counted(n, f"{kind}output"), before, "is" if n == 1 else "are"]
-    return " ".join(w for w in words if w)
-
-
-def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.OrderedWriter, plan: R.RunPlan) -> str:
-    """The one line for an error that stopped the run: the error, then what is written and where
-    to go on."""
-    message = one_line(e)
-    if out_of_memory(e):
-        message = f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: lower them"
-    mend = None
-    if isinstance(e, O.EarlierOutputError) and (i := e.unreadable) is not None:  # that frame made again mends it
-        mend = f"colourise frame {i} again with --frames {i}:{i + 1} --overwrite without --video"
-    if writer.count == 0:
-        if isinstance(e, TruncatedVideoError) and (
-                holds := R.frames_it_holds(plan, e.decoded, writer.count, writer.next_frame, plan.frames.start)):
-            message += f" (nothing was written; {holds})"
-        elif mend:
-            message += f" (nothing was written; {mend}, then rerun)"
-        return message
-    if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
-        then = f": {mend}, then --frames {plan.clip}: writes the video" if mend and plan.clip else ""
-        return f"{message} (the {outputs(writer.count, 'new ')} written and complete; only --video is missing{then})"
-    go_on = R.where_to_continue(plan, writer.count, writer.next_frame, e)
-    return f"{message} (the {outputs(writer.count, before='before it')} written and complete; {go_on})"
-
-
 def run(args) -> int:
     options, source = check_args(args)
     frames = parse_range(args.frames)
@@ -541,7 +506,7 @@ def run(args) -> int:
                 return write_video_atomic(args.video, clip, fps, audio_from=sound)
 
     finished = False
-    video_was = file_identity(args.video)  # --overwrite's old video, if any: a new one there is this run's
+    video_was = R.file_identity(args.video)  # --overwrite's old video, if any: a new one there is this run's
     try:
         try:
             n = make_all()
@@ -550,15 +515,15 @@ def run(args) -> int:
                 cv2.error) as e:
             if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
                 raise
-            raise UsageError(stopped_by(e, args, device, writer, plan)) from None
+            raise UsageError(R.stopped_by(e, args, device, writer, plan)) from None
         finally:
             bar.close()
         earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
-        count = counted(writer.count, "frame")
+        count = R.counted(writer.count, "frame")
         sound_line = "" if sound is None else \
             f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
         if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
-            print(f"wrote {args.video} from the {counted(n)} in {out} ({sound_line}{fps:g} fps)")
+            print(f"wrote {args.video} from the {R.counted(n)} in {out} ({sound_line}{fps:g} fps)")
         else:
             print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{fps:g} fps)"
                                                if args.video else ""))
@@ -567,45 +532,10 @@ def run(args) -> int:
         # a second Ctrl-C while that is worked out (a stat of --video) ended it with run_cli's "interrupted
         # before any output was written", whose rerun is refused: the outputs exist. It stops nothing more
         with signals_ignored():
-            said = where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
+            said = R.where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
         if said is None:
             raise
         raise type(e)(said) from None
-
-
-def where_it_stopped(args, frames: slice, out: Path, writer: O.OrderedWriter, plan: R.RunPlan, only_video: bool,
-                     finished: bool, video_was) -> str | None:
-    """The line of a run stopped by Ctrl-C or SIGTERM: what is written and where to go on (None:
-    nothing is, run_cli's own line says so)."""
-    if not finished and args.video and file_identity(args.video) not in (None, video_was):
-        # stopped once the video was renamed into place (in its os.replace, or on the way back): as the
-        # video takes each frame once its PNG is written, the run is complete
-        finished = True
-    if finished and writer.count == 0:  # only the video was made (video_only, or an input of unknown length
-        # with no frames left in the range)
-        return f"interrupted as it finished; {args.video} is written and complete" if args.video else None
-    if only_video:
-        return (f"interrupted; {args.video} is not written (the outputs in {out} are untouched): "
-                f"--frames {frames.start}: writes it")
-    if finished:  # in the last lines: nothing is missing
-        video = f" and {args.video}" if args.video else ""
-        done = f"all {writer.count} outputs" if writer.count != 1 else "the 1 output"
-        are = "is" if writer.count == 1 and not args.video else "are"
-        return f"interrupted as it finished; {done}{video} {are} written and complete"
-    if writer.count == 0:
-        return None
-    go_on = R.where_to_continue(plan, writer.count, writer.next_frame)
-    return f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
-
-
-def file_identity(path) -> tuple[int, int, int, int] | None:
-    """What tells a file from the one there before it (an os.replace puts a new inode there): None
-    where there is none (or no path)."""
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 INTERRUPTED = "interrupted before any output was written"  # once frames are written, run() says where to go on

@@ -1,16 +1,35 @@
 """Where a stopped colorize_inference.py run goes on: the --frames range whose outputs, added to
-those already written, are the uninterrupted run's. The advice names the CLI's flags; the
-script appends it to its error and Ctrl-C lines.
+those already written, are the uninterrupted run's, and the one line the run stops with (an
+error's, stopped_by; Ctrl-C's or SIGTERM's, where_it_stopped): what is written, and that
+advice. The advice names the CLI's flags and takes its parsed arguments.
 
 The count of outputs written and the next frame come from colorize.outputs.OrderedWriter: the
 outputs are written in clip order, so those written are the range's first `written`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from annotator.video import TruncatedVideoError
+from cliutil import one_line, out_of_memory
+from colorize import outputs as O
+
+if TYPE_CHECKING:
+    import torch
+
+
+def counted(n: int, noun: str = "output") -> str:
+    """'1 output' / '3 outputs'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def outputs(n: int, kind: str = "", before: str = "") -> str:
+    """'1 new output is' / '3 new outputs are' (`before`: words between the noun and its verb)."""
+    words = [counted(n, f"{kind}output"), before, "is" if n == 1 else "are"]
+    return " ".join(w for w in words if w)
 
 
 @dataclass(frozen=True)
@@ -51,7 +70,7 @@ def where_to_continue(plan: RunPlan, written: int, next_frame: int, error: BaseE
         # the range from the clip's end colourises nothing and writes the video from the outputs in --out
         # (which a --video run with a range that is part of the clip checked were all there, up front)
         return (f"only --video is missing: rerun with --frames {plan.clip}: (it writes the video from the "
-                f"{plan.clip} output{'' if plan.clip == 1 else 's'} in --out)")
+                f"{counted(plan.clip)} in --out)")
     start, again, why = next_frame, "", ""
     if plan.method == "flow" and any(i < start for i in plan.reference_frames):
         # flow walks from its reference frames, which a range must hold (methods.flow_start_indices): it
@@ -80,3 +99,61 @@ def where_to_continue(plan: RunPlan, written: int, next_frame: int, error: BaseE
     if not isinstance(error, TruncatedVideoError):
         return go_on
     return f"{held or 'it holds no more frames'}; with a complete copy of the file, {go_on}"
+
+
+def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.OrderedWriter, plan: RunPlan) -> str:
+    """The one line for an error that stopped the run: the error, then what is written and where
+    to go on."""
+    message = one_line(e)
+    if out_of_memory(e):
+        message = f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: lower them"
+    mend = None
+    if isinstance(e, O.EarlierOutputError) and (i := e.unreadable) is not None:  # that frame made again mends it
+        mend = f"colourise frame {i} again with --frames {i}:{i + 1} --overwrite without --video"
+    if writer.count == 0:
+        if isinstance(e, TruncatedVideoError) and (
+                holds := frames_it_holds(plan, e.decoded, writer.count, writer.next_frame, plan.frames.start)):
+            message += f" (nothing was written; {holds})"
+        elif mend:
+            message += f" (nothing was written; {mend}, then rerun)"
+        return message
+    if isinstance(e, O.EarlierOutputError):  # a frame outside the range, read after the new ones
+        then = f": {mend}, then --frames {plan.clip}: writes the video" if mend and plan.clip else ""
+        return f"{message} (the {outputs(writer.count, 'new ')} written and complete; only --video is missing{then})"
+    go_on = where_to_continue(plan, writer.count, writer.next_frame, e)
+    return f"{message} (the {outputs(writer.count, before='before it')} written and complete; {go_on})"
+
+
+def where_it_stopped(args, frames: slice, out: Path, writer: O.OrderedWriter, plan: RunPlan, only_video: bool,
+                     finished: bool, video_was) -> str | None:
+    """The line of a run stopped by Ctrl-C or SIGTERM: what is written and where to go on (None:
+    nothing is, run_cli's own line says so)."""
+    if not finished and args.video and file_identity(args.video) not in (None, video_was):
+        # stopped once the video was renamed into place (in its os.replace, or on the way back): as the
+        # video takes each frame once its PNG is written, the run is complete
+        finished = True
+    if finished and writer.count == 0:  # only the video was made (video_only, or an input of unknown length
+        # with no frames left in the range)
+        return f"interrupted as it finished; {args.video} is written and complete" if args.video else None
+    if only_video:
+        return (f"interrupted; {args.video} is not written (the outputs in {out} are untouched): "
+                f"--frames {frames.start}: writes it")
+    if finished:  # in the last lines: nothing is missing
+        video = f" and {args.video}" if args.video else ""
+        done = f"all {writer.count} outputs" if writer.count != 1 else "the 1 output"
+        are = "is" if writer.count == 1 and not args.video else "are"
+        return f"interrupted as it finished; {done}{video} {are} written and complete"
+    if writer.count == 0:
+        return None
+    go_on = where_to_continue(plan, writer.count, writer.next_frame)
+    return f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
+
+
+def file_identity(path) -> tuple[int, int, int, int] | None:
+    """What tells a file from the one there before it (an os.replace puts a new inode there): None
+    where there is none (or no path)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)

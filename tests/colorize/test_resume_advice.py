@@ -1,8 +1,11 @@
-"""Where a stopped run goes on: the --frames range, and what a cut-off video still holds."""
+"""Where a stopped run goes on: the --frames range, what a cut-off video still holds, and the line it stops with."""
+from types import SimpleNamespace
+
 import pytest
 
 from annotator.video import FrameSourceError, TruncatedVideoError
-from colorize.resume_advice import RunPlan, frames_it_holds, where_to_continue
+from colorize import outputs as O
+from colorize.resume_advice import RunPlan, frames_it_holds, outputs, where_it_stopped, where_to_continue
 
 BATCH_START = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
 
@@ -72,3 +75,22 @@ def test_a_cut_off_video_that_ends_before_flows_reference_frame_says_so():
     assert frames_it_holds(plan(refs=(12,)), 10, 0, 2, 2) == "--frames 2:10 colourises the frames it holds"
     assert frames_it_holds(plan("flow", refs=(8,)), 10, 0, 2, 2) == "--frames 2:10 colourises the frames it holds"
     assert frames_it_holds(plan(), 10, 0, 10, 2) is None
+
+
+@pytest.mark.parametrize("n, kind, before, says", [(1, "new ", "", "1 new output is"), (0, "", "", "0 outputs are"),
+                                                   (3, "", "before it", "3 outputs before it are")])
+def test_outputs_agree_in_number(n, kind, before, says):
+    assert outputs(n, kind, before) == says
+
+
+def test_a_run_that_wrote_no_png_and_is_stopped_as_it_finishes_names_only_the_video(tmp_path):
+    """An input of unknown length with no frames left in the range writes only --video from --out;
+    stopped in its last lines it said "all 0 outputs and V are written and complete". Without
+    --video nothing was written, which run_cli's own line says (None here)."""
+    writer = O.OrderedWriter(tmp_path, 4)
+    plan = RunPlan("reinhard", "fixed", 1, slice(4, None), video=True)
+    args = SimpleNamespace(video=str(tmp_path / "v.mp4"))
+    said = where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None)
+    assert said == f"interrupted as it finished; {tmp_path / 'v.mp4'} is written and complete"
+    args.video = None
+    assert where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None) is None

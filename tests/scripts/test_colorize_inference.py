@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -20,10 +19,9 @@ from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm import weights_config
 from cldm.model import TINY_CONFIG, load_config
-from colorize import loading as L, methods as M, outputs as O, pipeline as P
+from colorize import loading as L, methods as M, outputs as O, pipeline as P, resume_advice as R
 from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png, write_video_atomic
-from colorize.resume_advice import RunPlan
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
 from tests.helpers import named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
@@ -730,14 +728,14 @@ def test_a_second_ctrl_c_while_the_stop_line_is_worked_out_still_says_where_to_g
     """A second Ctrl-C in the stop's handler (as it looks at --video) ended it with "interrupted before
     any output was written": 2 were, and the rerun of the same command that line advises is refused."""
     stop_encoding_at(3, monkeypatch)
-    identity, calls = cli.file_identity, []
+    identity, calls = R.file_identity, []
 
     def signal_in_the_handler(path):
         calls.append(path)
         if len(calls) == 2:  # the first is before the run; the second, the handler's
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # not run late by another thread
         return identity(path)
-    monkeypatch.setattr(cli, "file_identity", signal_in_the_handler)
+    monkeypatch.setattr(R, "file_identity", signal_in_the_handler)
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "out",
             "--video", tmp_path / "v.mp4", "--no-progress"]
     rc, _, err = run(args, capsys)
@@ -1987,22 +1985,3 @@ def test_a_stop_between_two_outputs_counts_the_frames_drained_after_it(env, tmp_
     present = sorted(p.name for p in out.iterdir())
     assert rc == 130 and err == (f"colorize_inference.py: interrupted; the {len(present)} outputs written so far are "
                                  f"complete: --frames {len(present)}: continues\n"), (err, present)
-
-
-@pytest.mark.parametrize("n, kind, before, says", [(1, "new ", "", "1 new output is"), (0, "", "", "0 outputs are"),
-                                                   (3, "", "before it", "3 outputs before it are")])
-def test_outputs_agree_in_number(n, kind, before, says):
-    assert cli.outputs(n, kind, before) == says
-
-
-def test_a_run_that_wrote_no_png_and_is_stopped_as_it_finishes_names_only_the_video(tmp_path):
-    """An input of unknown length with no frames left in the range writes only --video from --out;
-    stopped in its last lines it said "all 0 outputs and V are written and complete". Without
-    --video nothing was written, which run_cli's own line says (None here)."""
-    writer = O.OrderedWriter(tmp_path, 4)
-    plan = RunPlan("reinhard", "fixed", 1, slice(4, None), video=True)
-    args = SimpleNamespace(video=str(tmp_path / "v.mp4"))
-    said = cli.where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None)
-    assert said == f"interrupted as it finished; {tmp_path / 'v.mp4'} is written and complete"
-    args.video = None
-    assert cli.where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None) is None
