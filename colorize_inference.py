@@ -343,7 +343,10 @@ def planned_outputs(args, frames: slice,
     clip = None if names is None else len(names)
     if names is not None:
         if not names[frames] and not (args.video and frames.start == clip > 0):
-            raise UsageError(f"--frames {args.frames} starts past the input's {clip} frames")
+            # from the clip's end (without --video): say what the range is for
+            hint = f"; with --video V it writes only the video from the {R.counted(clip)} in --out" \
+                if frames.start == clip > 0 else ""
+            raise UsageError(f"--frames {args.frames} starts past the input's {clip} frames{hint}")
         names = names[frames]
     if not args.overwrite:
         taken = [out / n for n in names or [] if (out / n).exists()]

@@ -1462,8 +1462,11 @@ def test_frames_from_the_clips_end_keeps_the_input_films_sound(env, tmp_path, ca
 @pytest.mark.parametrize("extra, says", [
     (["--video", "{tmp}/v.mp4"], "--video with --frames 4: writes the video from the 4 outputs in --out, but "
                                  "{out}/f1.png (frame 1) is missing (2 of the 4): colourise the missing frames first"),
-    ([], "--frames 4: starts past the input's 4 frames"),  # without --video, nothing to do
+    # without --video, nothing to do: the line says what --video would make of it
+    ([], "--frames 4: starts past the input's 4 frames; with --video V it writes only the video from the 4 outputs "
+         "in --out"),
     (["--video", "{tmp}/v.mp4", "--frames", "5:"], "--frames 5: starts past the input's 4 frames"),
+    (["--frames", "5:"], "--frames 5: starts past the input's 4 frames"),  # past the end: no hint, with --video too
 ])
 def test_frames_from_the_clips_end_is_refused_without_video_or_outputs(env, tmp_path, capsys, extra, says):
     out = tmp_path / "out"
@@ -1477,6 +1480,14 @@ def test_frames_from_the_clips_end_is_refused_without_video_or_outputs(env, tmp_
     rc, _, err = run([*args, "--frames", "4:", *extra], capsys)
     assert rc == 2 and err == f"colorize_inference.py: error: {says.format(out=out)}\n", err
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_frames_from_the_end_of_a_one_frame_clip_names_its_one_output(env, tmp_path, capsys):
+    clip = write_folder(panning_clip(1, 32, 48), tmp_path / "clip")
+    rc, _, err = run(["--input", clip, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "1:",
+                      "--out", tmp_path / "out"], capsys)
+    assert rc == 2 and err == ("colorize_inference.py: error: --frames 1: starts past the input's 1 frames; with "
+                               "--video V it writes only the video from the 1 output in --out\n"), err
 
 
 OS_REPLACE = os.replace
