@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from contextlib import closing
 from pathlib import Path
 
-from cliutil import (OneLineParser, config_override, exit_quietly, file_problem, out_file_problem,
+from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, out_file_problem,
                      out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
-                     signals_ignored)
+                     signals_ignored, signals_noted)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -512,10 +513,14 @@ def run(args) -> int:
     video_was = R.file_identity(args.video)  # --overwrite's old video, if any: a new one there is this run's
     try:
         try:
-            n = make_all()
+            with signals_noted() as stops:
+                n = make_all()
             finished = True
         except (O.OutputError, M.MethodError, P.InferenceError, FrameSourceError, OSError, MemoryError, RuntimeError,
                 cv2.error) as e:
+            if stops:  # Ctrl-C or SIGTERM, turned into its own error by a library's C code it came in: a stop,
+                # whose line says where to go on (run_cli's own would say that nothing was written)
+                raise (Terminated if signal.SIGTERM in stops else KeyboardInterrupt)() from None
             if isinstance(e, (RuntimeError, cv2.error)) and not out_of_memory(e):
                 raise
             raise UsageError(R.stopped_by(e, args, device, writer, plan)) from None

@@ -744,6 +744,36 @@ def test_a_second_ctrl_c_while_the_stop_line_is_worked_out_still_says_where_to_g
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
 
 
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_stop_that_a_library_turns_into_its_own_error_says_where_to_go_on(env, tmp_path, capsys, monkeypatch, signum,
+                                                                            status, said):
+    """A Ctrl-C or SIGTERM whose exception a library's C code turned into an error of its own (an
+    OSError here, as the third frame is read) ended as that error with exit 2, or, once run_cli
+    knew it for a stop, with its "interrupted before any output was written": two were."""
+    colourised = M.colourised
+
+    def stop_in_c_code(*args, **kwargs):
+        for i, made in enumerate(colourised(*args, **kwargs)):
+            if i == 2:
+                try:
+                    signal.raise_signal(signum)  # handled at once, in this (the main) thread
+                except KeyboardInterrupt:  # what the C code does with the pending exception
+                    raise OSError(5, "Input/output error") from None
+                pytest.fail("no handler raised")
+            yield made
+    monkeypatch.setattr(M, "colourised", stop_in_c_code)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
+    try:
+        rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                          "--out", tmp_path / "out", "--no-progress"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (rc, err) == (status, f"colorize_inference.py: {said}; the 2 outputs written so far are complete: "
+                                 "--frames 2: continues\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
+
+
 def test_a_second_ctrl_c_as_the_stop_line_is_said_is_no_traceback(env, tmp_path, capsys, monkeypatch):
     """A second Ctrl-C while run_cli wrote the stop's line escaped its handler: a traceback after it."""
     import cliutil
