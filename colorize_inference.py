@@ -347,7 +347,7 @@ def planned_outputs(args, frames: slice,
             # from the clip's end (without --video): say what the range is for
             hint = f"; with --video V it writes only the video from the {R.counted(clip)} in --out" \
                 if frames.start == clip > 0 else ""
-            raise UsageError(f"--frames {args.frames} starts past the input's {clip} frames{hint}")
+            raise UsageError(f"--frames {args.frames} starts past the input's {R.counted(clip, 'frame')}{hint}")
         names = names[frames]
     if not args.overwrite:
         taken = [out / n for n in names or [] if (out / n).exists()]

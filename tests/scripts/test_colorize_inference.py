@@ -1516,7 +1516,7 @@ def test_frames_from_the_end_of_a_one_frame_clip_names_its_one_output(env, tmp_p
     clip = write_folder(panning_clip(1, 32, 48), tmp_path / "clip")
     rc, _, err = run(["--input", clip, "--reference", env["refs"][0], "--method", "reinhard", "--frames", "1:",
                       "--out", tmp_path / "out"], capsys)
-    assert rc == 2 and err == ("colorize_inference.py: error: --frames 1: starts past the input's 1 frames; with "
+    assert rc == 2 and err == ("colorize_inference.py: error: --frames 1: starts past the input's 1 frame; with "
                                "--video V it writes only the video from the 1 output in --out\n"), err
 
 
