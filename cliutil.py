@@ -454,6 +454,18 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             signal.signal(signum, usual)
     previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
     received: list[int] = []  # the stop signals that came (signals_noted)
+    ended: dict[int, object] = {}  # the handlers to put back as run_cli returns, once its last line is said
+
+    def ignore_from_here() -> None:
+        """Once the line of how the run ended is decided, ignore SIGINT and SIGTERM until run_cli
+        returns: a second one has nothing left to stop. Not for that line alone (signals_ignored):
+        the run's objects, held by its exception, are freed as the except clause ends - a large
+        model takes a while - and a signal meanwhile came out of run_cli as a traceback, exit 1.
+        Main thread only (the handlers are its)."""
+        if main:
+            for signum in HELD_SIGNALS:
+                if signum not in ended and signal.getsignal(signum) is not None:  # None: set outside Python
+                    ended[signum] = signal.signal(signum, signal.SIG_IGN)
     try:
         try:
             with signals_noted(HELD_SIGNALS if hook else (signal.SIGINT,)) as received:  # SIGTERM: the run's
@@ -484,9 +496,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             terminated = signal.SIGTERM in received
             if interrupted is None:
                 raise (Terminated if terminated else KeyboardInterrupt) from None
-            with signals_ignored():
-                _say(f"{prog}: {_as_terminated(interrupted) if terminated else interrupted}")
+            ignore_from_here()
+            _say(f"{prog}: {_as_terminated(interrupted) if terminated else interrupted}")
             return 128 + int(signal.SIGTERM) if terminated else 130
+        ignore_from_here()
         _say(f"{prog}: error: {one_line(e, with_type=not isinstance(e, errors))}")
         return 2
     except KeyboardInterrupt as e:
@@ -494,11 +507,16 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             if signal.SIGTERM in received and not isinstance(e, Terminated):  # a run re-raised it with where it stopped
                 raise Terminated(*e.args) from None
             raise
-        with signals_ignored():  # a second Ctrl-C as the line is said ended the run with a traceback
-            message = one_line(e) if str(e).strip() else interrupted
-            terminated = signal.SIGTERM in received or isinstance(e, Terminated)
-            _say(f"{prog}: {_as_terminated(message) if terminated else message}")
+        ignore_from_here()  # a second Ctrl-C as the line is said ended the run with a traceback
+        message = one_line(e) if str(e).strip() else interrupted
+        terminated = signal.SIGTERM in received or isinstance(e, Terminated)
+        _say(f"{prog}: {_as_terminated(message) if terminated else message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
         if hook:
-            signal.signal(signal.SIGTERM, previous)
+            if signal.SIGTERM in ended:  # still ignored: put back below
+                ended[signal.SIGTERM] = previous
+            else:
+                signal.signal(signal.SIGTERM, previous)
+        for signum, handler in ended.items():  # the run's exception (and all it held) is gone by now
+            signal.signal(signum, handler)

@@ -987,3 +987,45 @@ def test_run_cli_without_sigterm_leaves_a_sigterm_before_an_error_to_the_run(cap
         assert capsys.readouterr().err == "p.py: error: disk full at step 3\n"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+class _SignalsWhenFreed:
+    """Stands for what a stopped run held (a loaded model): as it is freed, once run_cli has said how
+    the run ended, a second Ctrl-C or SIGTERM comes (`signum`); records the handlers found then."""
+
+    def __init__(self, signum, seen: list):
+        self.signum, self.seen = signum, seen
+
+    def __del__(self):
+        self.seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("first, status, line", [
+    (KeyboardInterrupt, 130, "p.py: interrupted"),
+    (Terminated, 143, "p.py: terminated (SIGTERM)"),
+    (lambda: OSError("x.safetensors: bad"), 2, "p.py: error: x.safetensors: bad"),
+])
+def test_a_signal_while_the_ended_run_is_let_go_of_changes_nothing(capsys, monkeypatch, first, second, status, line):
+    """The run's objects, held by its exception, are freed as run_cli's except clause ends (a large
+    model: a while). A second Ctrl-C or SIGTERM then came out of run_cli as a traceback (exit 1,
+    "cliutil.Terminated" after "interrupted"), or as "Exception ignored in __del__": the line is said,
+    the run is over, the signal has nothing left to stop. The handlers are back afterwards."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def run(_):
+        held = _SignalsWhenFreed(second, seen)  # noqa: F841 (freed with this frame, as the exception goes)
+        raise first()  # a new one: its traceback holds this frame
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == status
+        assert seen == [(signal.SIG_IGN, signal.SIG_IGN)] and not unraisable
+        assert capsys.readouterr().err == line + "\n"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])
