@@ -1029,3 +1029,67 @@ def test_a_signal_while_the_ended_run_is_let_go_of_changes_nothing(capsys, monke
         assert signal.getsignal(signal.SIGTERM) == before[1]
     finally:
         signal.signal(signal.SIGINT, before[0])
+
+
+def test_run_cli_plain_ctrl_c_that_a_run_re_raises_with_where_it_stopped_stays_a_ctrl_c(capsys):
+    """Ctrl-C is noted now as SIGTERM was: only a noted SIGTERM makes a stop Terminated (exit 143,
+    "terminated (SIGTERM)"), not a noted Ctrl-C, whether the run re-raised it with its own line or
+    not, and for a caller's run_cli (interrupted=None) too."""
+    before = signal.getsignal(signal.SIGINT)
+
+    def run(_):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted; 2 written: --frames 2: continues") from None
+        pytest.fail("no handler raised")
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 130
+        assert capsys.readouterr().err == "p.py: interrupted; 2 written: --frames 2: continues\n"
+        assert run_cli("p.py", lambda _: signal.raise_signal(signal.SIGINT), argparse.Namespace(), (OSError,)) == 130
+        assert capsys.readouterr().err == "p.py: interrupted\n"
+        with pytest.raises(KeyboardInterrupt) as e:
+            run_cli("p.py", run, argparse.Namespace(), (OSError,), interrupted=None)
+        assert type(e.value) is KeyboardInterrupt and e.value.args == ("interrupted; 2 written: --frames 2: continues",)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_run_cli_stop_turned_into_an_error_is_raised_for_a_caller_without_that_error_as_context():
+    """interrupted=None: the caller's KeyboardInterrupt (or Terminated) does not carry the library's
+    error as its context (a traceback's "During handling of the above exception, OSError ...")."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, kind in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+            with pytest.raises(KeyboardInterrupt) as e:
+                run_cli("p.py", _turned_into(OSError("cut short"), signum), argparse.Namespace(), (OSError,),
+                        interrupted=None)
+            assert type(e.value) is kind and e.value.__suppress_context__ is True
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_run_cli_second_ctrl_c_as_a_stop_turned_into_an_error_is_said_is_no_traceback(capsys, monkeypatch):
+    """The stop line of a Ctrl-C that a library turned into its own error is said with Ctrl-C
+    ignored, as the line of a plain Ctrl-C is: a second one there escaped run_cli."""
+    import cliutil
+
+    say = cliutil._say
+
+    def signal_then_say(line):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # to this thread: run at once
+        say(line)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        run = _turned_into(OSError("x.safetensors: truncated or not a safetensors file"), signal.SIGINT)
+        monkeypatch.setattr(cliutil, "_say", signal_then_say)
+        try:
+            rc = run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun")
+        except KeyboardInterrupt:
+            pytest.fail("the second Ctrl-C escaped run_cli")
+        assert rc == 130 and capsys.readouterr().err == "p.py: interrupted; rerun\n"
+    finally:
+        signal.signal(signal.SIGINT, before)
