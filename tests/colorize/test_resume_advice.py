@@ -1,11 +1,13 @@
 """Where a stopped run goes on: the --frames range, what a cut-off video still holds, and the line it stops with."""
+import os
 from types import SimpleNamespace
 
 import pytest
 
 from annotator.video import FrameSourceError, TruncatedVideoError
 from colorize import outputs as O
-from colorize.resume_advice import RunPlan, frames_it_holds, outputs, where_it_stopped, where_to_continue
+from colorize.resume_advice import (RunPlan, file_identity, frames_it_holds, outputs, stopped_by, where_it_stopped,
+                                    where_to_continue)
 
 BATCH_START = " (from the start of the batch it stopped in: the frames of an uninterrupted run)"
 
@@ -94,3 +96,47 @@ def test_a_run_that_wrote_no_png_and_is_stopped_as_it_finishes_names_only_the_vi
     assert said == f"interrupted as it finished; {tmp_path / 'v.mp4'} is written and complete"
     args.video = None
     assert where_it_stopped(args, slice(4, None), tmp_path, writer, plan, False, True, None) is None
+
+
+@pytest.mark.parametrize("clip, then", [
+    (6, ": colourise frame 1 again with --frames 1:2 --overwrite without --video, then --frames 6: writes the video"),
+    (None, ""),  # an input that does not say its length: no "--frames None:"
+])
+def test_an_unreadable_earlier_output_after_new_ones_says_how_to_mend_it_where_the_clip_is_known(tmp_path, clip, then):
+    writer = O.OrderedWriter(tmp_path, 3)
+    writer.count, writer.next_frame = 2, 5
+    plan = RunPlan("reinhard", "fixed", 1, slice(3, None), video=True, clip=clip)
+    e = O.EarlierOutputError("out/000001.png: unreadable", unreadable=1)
+    assert stopped_by(e, SimpleNamespace(size=512, batch=4), None, writer, plan) == (
+        f"out/000001.png: unreadable (the 2 new outputs are written and complete; only --video is missing{then})")
+
+
+def test_a_video_gone_from_where_an_old_one_was_is_not_taken_for_the_runs_own(tmp_path):
+    """--overwrite's old --video removed during the run (nothing there at the stop): the stop came
+    before this run's video was renamed into place, so it goes on; not "as it finished"."""
+    old = tmp_path / "old.mp4"
+    old.write_bytes(b"old")
+    video_was = file_identity(old)
+    old.unlink()
+    writer = O.OrderedWriter(tmp_path, 0)
+    writer.count, writer.next_frame = 2, 2
+    plan = RunPlan("reinhard", "fixed", 1, slice(0, None), video=True, total=4, clip=4)
+    args = SimpleNamespace(video=str(old))
+    assert where_it_stopped(args, slice(0, None), tmp_path, writer, plan, False, False, video_was) == (
+        "interrupted; the 2 outputs written so far are complete: --frames 2: continues")
+
+
+def test_file_identity_tells_a_replaced_file_of_the_same_size_and_time_and_is_none_where_none_can_be(tmp_path):
+    """The inode tells the renamed-into-place video from the old one even where size and mtime agree
+    (a coarse clock); a path that cannot be a file (under a file) is none, as a missing one is."""
+    old, new = tmp_path / "v.mp4", tmp_path / "v.tmp"
+    old.write_bytes(b"12345")
+    new.write_bytes(b"54321")
+    st = os.stat(old)
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    was = file_identity(old)
+    os.replace(new, old)
+    assert os.stat(old).st_size == st.st_size and os.stat(old).st_mtime_ns == st.st_mtime_ns
+    assert file_identity(old) != was
+    assert file_identity(tmp_path / "v.mp4" / "x") is None and file_identity(tmp_path / "gone") is None
+    assert file_identity(None) is None and file_identity("") is None
