@@ -85,6 +85,15 @@ def test_lab_to_rgb_stays_in_the_cube_without_a_clip_of_its_own():
     assert (lab_to_rgb(wild) == 0).any() and (lab_to_rgb(wild) == 1).any()  # clamped, not scaled
 
 
+
+def test_lab_to_rgb_takes_float64_and_strided_lab():
+    """OpenCV's Lab -> RGB takes contiguous float32 only: a float64 Lab or a view of one is made so
+    first, giving float32 RGB equal to that of the float32 copy."""
+    lab = rgb_to_lab(np.random.default_rng(1).uniform(0, 1, (8, 10, 3)).astype(np.float32))
+    want = lab_to_rgb(np.ascontiguousarray(lab[:, ::-1]))
+    got = lab_to_rgb(lab.astype(np.float64)[:, ::-1])
+    assert got.dtype == np.float32 and got.shape == (8, 10, 3) and np.array_equal(got, want)
+
 def test_ycbcr_by_hand_and_round_trip():
     """BT.601 YCbCr with Cb, Cr in [-0.5, 0.5]: pure red is (0.299, -0.1687, 0.5), pure blue
     (0.114, 0.5, -0.0813); back to RGB within float32 rounding (used by tools/make_toy_model.py)."""
