@@ -173,6 +173,12 @@ def test_flow_frames_waiting_for_a_reference_frame_past_the_end_raise_unyielded(
         next(iter_flow(gray[:3], [clip[0]], [3]))  # every frame waiting: nothing yielded
 
 
+
+def test_flow_of_an_empty_clip_yields_nothing():
+    """No frames: nothing waits, so no reference index is checked against the clip (n = 0)."""
+    clip = cut_clip()[:1]
+    assert list(iter_flow([], [clip[0]], [0])) == []
+
 def test_reference_of_another_size_is_resized():
     gt = moving_clip(3, 1, 1)
     big_ref = cv2.resize(gt[0], (256, 192), interpolation=cv2.INTER_CUBIC)
