@@ -774,6 +774,60 @@ def test_a_stop_that_a_library_turns_into_its_own_error_says_where_to_go_on(env,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
 
 
+@pytest.mark.parametrize("signum, kind", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])
+def test_a_stop_turned_into_an_error_before_any_output_reaches_a_calling_tool_without_that_error(
+        env, tmp_path, monkeypatch, signum, kind):
+    """main(stop_line=False) (demo.py): the stop a library turned into its own error, as the first
+    frame is read, is re-raised as the stop itself, not with that error as its context (a traceback's
+    "During handling of the above exception, another exception occurred")."""
+    colourised = M.colourised
+
+    def stop_in_c_code(*args, **kwargs):
+        for _ in colourised(*args, **kwargs):
+            try:
+                signal.raise_signal(signum)
+            except KeyboardInterrupt:
+                raise OSError(5, "Input/output error") from None
+            pytest.fail("no handler raised")
+            yield
+    monkeypatch.setattr(M, "colourised", stop_in_c_code)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            cli.main([str(a) for a in ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                                       "--out", tmp_path / "out", "--no-progress"]], stop_line=False)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert type(e.value) is kind and e.value.args == () and e.value.__suppress_context__ is True
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_stop_that_a_library_turns_into_a_runtime_error_is_a_stop_not_a_traceback(env, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A RuntimeError (torch's, OpenCV's cv2.error) is re-raised as a bug unless it is out of memory:
+    one that a Ctrl-C was turned into is a stop first, with the line that says where to go on."""
+    colourised = M.colourised
+
+    def stop_in_c_code(*args, **kwargs):
+        for i, made in enumerate(colourised(*args, **kwargs)):
+            if i == 2:
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    raise RuntimeError("an operation was interrupted") from None
+                pytest.fail("no handler raised")
+            yield made
+    monkeypatch.setattr(M, "colourised", stop_in_c_code)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
+    try:
+        rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                          "--out", tmp_path / "out", "--no-progress"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (rc, err) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are complete: "
+                              "--frames 2: continues\n")
+
+
 def test_a_second_ctrl_c_as_the_stop_line_is_said_is_no_traceback(env, tmp_path, capsys, monkeypatch):
     """A second Ctrl-C while run_cli wrote the stop's line escaped its handler: a traceback after it."""
     import cliutil
