@@ -1,6 +1,7 @@
-"""Shared fixtures: one torch thread per test; the reference implementation's tiny golden
+"""Shared fixtures: one torch thread and a Ctrl-C handler per test; the reference implementation's tiny golden
 weights and outputs."""
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_handler():
+    """Every test runs with Python's Ctrl-C handler, as a foreground run has, then the one found is
+    put back. A test run started in the background (`cmd &`, nohup) inherits SIGINT ignored, and
+    Python then installs no handler: a test that sends itself SIGINT failed there, or, where the
+    first stop was raised by hand, passed without the second signal ever arriving."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

@@ -763,12 +763,8 @@ def test_a_stop_that_a_library_turns_into_its_own_error_says_where_to_go_on(env,
                 pytest.fail("no handler raised")
             yield made
     monkeypatch.setattr(M, "colourised", stop_in_c_code)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
-    try:
-        rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
-                          "--out", tmp_path / "out", "--no-progress"], capsys)
-    finally:
-        signal.signal(signal.SIGINT, before)
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                      "--out", tmp_path / "out", "--no-progress"], capsys)
     assert (rc, err) == (status, f"colorize_inference.py: {said}; the 2 outputs written so far are complete: "
                                  "--frames 2: continues\n")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
@@ -791,13 +787,9 @@ def test_a_stop_turned_into_an_error_before_any_output_reaches_a_calling_tool_wi
             pytest.fail("no handler raised")
             yield
     monkeypatch.setattr(M, "colourised", stop_in_c_code)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
-    try:
-        with pytest.raises(KeyboardInterrupt) as e:
-            cli.main([str(a) for a in ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
-                                       "--out", tmp_path / "out", "--no-progress"]], stop_line=False)
-    finally:
-        signal.signal(signal.SIGINT, before)
+    with pytest.raises(KeyboardInterrupt) as e:
+        cli.main([str(a) for a in ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                                   "--out", tmp_path / "out", "--no-progress"]], stop_line=False)
     assert type(e.value) is kind and e.value.args == () and e.value.__suppress_context__ is True
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -818,12 +810,8 @@ def test_a_stop_that_a_library_turns_into_a_runtime_error_is_a_stop_not_a_traceb
                 pytest.fail("no handler raised")
             yield made
     monkeypatch.setattr(M, "colourised", stop_in_c_code)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
-    try:
-        rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
-                          "--out", tmp_path / "out", "--no-progress"], capsys)
-    finally:
-        signal.signal(signal.SIGINT, before)
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
+                      "--out", tmp_path / "out", "--no-progress"], capsys)
     assert (rc, err) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are complete: "
                               "--frames 2: continues\n")
 
