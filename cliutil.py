@@ -394,7 +394,7 @@ def signals_noted(signums: tuple[int, ...] = HELD_SIGNALS):
     handlers are followed (SIG_DFL and SIG_IGN are left alone); main thread only (elsewhere the
     list stays empty)."""
     noted: list[int] = []
-    old = {}
+    old, mine = {}, {}
     if threading.current_thread() is threading.main_thread():
         for signum in signums:
             handler = signal.getsignal(signum)
@@ -405,11 +405,32 @@ def signals_noted(signums: tuple[int, ...] = HELD_SIGNALS):
 
                 noting.follows = handler
                 old[signum] = signal.signal(signum, noting)
+                mine[signum] = noting
     try:
         yield noted
     finally:
         for signum, handler in old.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) is mine[signum]:  # else set inside the block on purpose (SIG_IGN by
+                signal.signal(signum, handler)  # signals_ignored_to_the_end), for whoever set it to put back
+
+
+_ENDING: list[Callable[[], None]] = []  # the running run_clis' ignore_from_here (main thread), innermost last
+
+
+@contextmanager
+def signals_ignored_to_the_end():
+    """For a run inside run_cli that works out the line its stop ends with (the KeyboardInterrupt it
+    raises next carries it): SIGINT and SIGTERM are ignored from the block's start until run_cli
+    returns, which puts the handlers back. signals_ignored, ending with the block, left them live
+    again before run_cli took over: a second Ctrl-C or SIGTERM in between replaced that exception
+    with a bare one, so run_cli said its own line ("interrupted before any output was written")
+    where outputs were. Outside run_cli, or off the main thread: signals_ignored."""
+    if _ENDING and threading.current_thread() is threading.main_thread():
+        _ENDING[-1]()
+        yield
+    else:
+        with signals_ignored():
+            yield
 
 
 class Terminated(KeyboardInterrupt):
@@ -464,11 +485,19 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         Main thread only (the handlers are its)."""
         if main:
             for signum in HELD_SIGNALS:
-                if signum not in ended and signal.getsignal(signum) is not None:  # None: set outside Python
-                    ended[signum] = signal.signal(signum, signal.SIG_IGN)
+                if signum not in ended and (handler := signal.getsignal(signum)) is not None:  # None: set
+                    # outside Python. Called inside the run (signals_ignored_to_the_end), where the handler
+                    # is the one signals_noted put in, which leaves SIG_IGN in place: the one it follows
+                    ended[signum] = getattr(handler, "follows", handler) if handler is noting.get(signum) \
+                        else handler
+                    signal.signal(signum, signal.SIG_IGN)
+    noting: dict[int, object] = {}  # signals_noted's handlers, while the run runs
+    if main:
+        _ENDING.append(ignore_from_here)
     try:
         try:
             with signals_noted(HELD_SIGNALS if hook else (signal.SIGINT,)) as received:  # SIGTERM: the run's
+                noting.update((signum, signal.getsignal(signum)) for signum in HELD_SIGNALS)
                 status = run(args)
             if sys.stdout is not None:  # None: started with stdout closed
                 try:
@@ -513,6 +542,8 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         _say(f"{prog}: {_as_terminated(message) if terminated else message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
+        if main:
+            _ENDING.remove(ignore_from_here)
         if hook:
             if signal.SIGTERM in ended:  # still ignored: put back below
                 ended[signal.SIGTERM] = previous

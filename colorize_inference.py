@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, out_file_problem,
                      out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
-                     signals_ignored, signals_noted)
+                     signals_ignored_to_the_end, signals_noted)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -537,9 +537,10 @@ def run(args) -> int:
                                                if args.video else ""))
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
-        # a second Ctrl-C while that is worked out (a stat of --video) ended it with run_cli's "interrupted
-        # before any output was written", whose rerun is refused: the outputs exist. It stops nothing more
-        with signals_ignored():
+        # a second Ctrl-C while that is worked out (a stat of --video), or after it before run_cli says it,
+        # ended it with run_cli's "interrupted before any output was written", whose rerun is refused: the
+        # outputs exist. It stops nothing more: ignored until run_cli returns
+        with signals_ignored_to_the_end():
             said = R.where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
         if said is None:
             raise

@@ -15,7 +15,8 @@ import pytest
 
 from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, non_negative_int,
                      one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
-                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_ignored, signals_noted)
+                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_ignored,
+                     signals_ignored_to_the_end, signals_noted)
 from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -1091,5 +1092,46 @@ def test_run_cli_second_ctrl_c_as_a_stop_turned_into_an_error_is_said_is_no_trac
         except KeyboardInterrupt:
             pytest.fail("the second Ctrl-C escaped run_cli")
         assert rc == 130 and capsys.readouterr().err == "p.py: interrupted; rerun\n"
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_signals_ignored_to_the_end_keeps_them_ignored_until_run_cli_returns(capsys, second):
+    """A run that has worked out its stop line raises it next; a second Ctrl-C or SIGTERM after that
+    was worked out but before run_cli said it (signals_ignored had ended with the block) replaced it
+    with a bare KeyboardInterrupt: "interrupted before any output was written", where outputs were.
+    Inside run_cli they stay ignored past the block, until it returns and puts the handlers back."""
+    seen = []
+
+    def run(_):
+        try:
+            raise KeyboardInterrupt  # the first
+        except KeyboardInterrupt:
+            with signals_ignored_to_the_end():
+                line = "interrupted; the 2 outputs written so far are complete: --frames 2: continues"
+            seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+            signal.pthread_kill(threading.main_thread().ident, second)  # to this thread: run at once
+            raise KeyboardInterrupt(line) from None
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
+    try:
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 130
+        assert seen == [(signal.SIG_IGN, signal.SIG_IGN)]
+        assert capsys.readouterr().err == ("p.py: interrupted; the 2 outputs written so far are complete: "
+                                           "--frames 2: continues\n")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == before[1]
+        with signals_ignored_to_the_end():  # outside run_cli: signals_ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+
+
+def test_signals_noted_leaves_a_handler_set_inside_the_block():
+    """One set inside on purpose (run_cli's SIG_IGN, which run_cli puts back) is not overwritten."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with signals_noted():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)

@@ -837,6 +837,66 @@ def test_a_second_ctrl_c_as_the_stop_line_is_said_is_no_traceback(env, tmp_path,
         "colorize_inference.py: interrupted; the 2 outputs written so far are complete: --frames 2: continues\n")
 
 
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_after_the_stop_line_is_worked_out_still_says_where_to_go_on(env, tmp_path, capsys,
+                                                                                    monkeypatch, second):
+    """A second Ctrl-C or SIGTERM after run() had worked out its stop line (its signals_ignored block
+    over) but before run_cli said it - as the exception left run(), or run_cli's signals_noted block -
+    replaced that exception with a bare one: "interrupted before any output was written" (2 were, and
+    the rerun it advises is refused), or a traceback. The signal comes at each line run in that span
+    in turn (a trace function), as its handler runs it: at once, in the main thread."""
+    import cliutil
+
+    worked_out, say = R.where_it_stopped, cliutil._say
+    state = {}
+
+    def tracer(frame, event, arg):
+        if event == "line" and not state["said"]:
+            state["lines"] += 1
+            if state["lines"] == state["at"]:
+                state["sent"] = True
+                sys.settrace(None)
+                signal.pthread_kill(threading.main_thread().ident, second)
+        return tracer
+
+    def trace_from_its_return(*args, **kwargs):
+        said = worked_out(*args, **kwargs)
+        frame = sys._getframe(1)
+        while frame is not None:  # the frames it returns through
+            frame.f_trace = tracer
+            frame = frame.f_back
+        sys.settrace(tracer)
+        return said
+
+    def stop_tracing_then_say(line):
+        state["said"] = True
+        sys.settrace(None)
+        say(line)
+    monkeypatch.setattr(R, "where_it_stopped", trace_from_its_return)
+    monkeypatch.setattr(cliutil, "_say", stop_tracing_then_say)
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
+    try:
+        for at in range(1, 500):
+            state.update(at=at, lines=0, said=False, sent=False)
+            stop_encoding_at(3, monkeypatch)
+            try:
+                rc, _, err = run([*args, "--out", tmp_path / str(at)], capsys)
+            except KeyboardInterrupt:
+                pytest.fail(f"the second signal, at line {at}, escaped run_cli")
+            finally:
+                sys.settrace(None)
+            assert (rc, err) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are "
+                                      "complete: --frames 2: continues\n"), (at, err)
+            if not state["sent"]:  # each line up to the stop line's tried
+                break
+        assert at > 1
+    finally:
+        signal.signal(signal.SIGINT, before)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            assert not callable(getattr(signal.getsignal(signum), "follows", None))  # no noting handler left
+
+
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
     """Flow walks from its --reference-frame: "--frames 3:6 continues" was a range the tool itself
     refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
