@@ -499,6 +499,8 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             with signals_noted(HELD_SIGNALS if hook else (signal.SIGINT,)) as received:  # SIGTERM: the run's
                 noting.update((signum, signal.getsignal(signum)) for signum in HELD_SIGNALS)
                 status = run(args)
+                ignore_from_here()  # the run is over: a signal now (as this block ends) was "interrupted
+                # before any output was written", exit 130, after a complete run
             if sys.stdout is not None:  # None: started with stdout closed
                 try:
                     sys.stdout.flush()  # where buffered output meets a reader that has gone

@@ -1135,3 +1135,29 @@ def test_signals_noted_leaves_a_handler_set_inside_the_block():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_a_complete_run_is_let_go_of_changes_nothing(capsys, monkeypatch, signum):
+    """A run that is complete enters signals_ignored_to_the_end: a Ctrl-C or SIGTERM as its objects
+    are freed (its frame, as it returns: a model, a while) or before run_cli returns has nothing left
+    to stop; it came out as "interrupted before any output was written", exit 130, or as "Exception
+    ignored in __del__". The handlers are back afterwards."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    seen = []
+
+    def run(_):
+        held = _SignalsWhenFreed(signum, seen)  # noqa: F841 (freed as this returns)
+        with signals_ignored_to_the_end():
+            print("wrote it")
+        return 0
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
+    try:
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,)) == 0
+        assert seen == [(signal.SIG_IGN, signal.SIG_IGN)] and not unraisable
+        assert capsys.readouterr() == ("wrote it\n", "")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])

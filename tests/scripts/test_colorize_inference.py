@@ -897,6 +897,67 @@ def test_a_second_signal_after_the_stop_line_is_worked_out_still_says_where_to_g
             assert not callable(getattr(signal.getsignal(signum), "follows", None))  # no noting handler left
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_a_complete_run_returns_changes_nothing(env, tmp_path, capsys, monkeypatch, signum):
+    """A Ctrl-C or SIGTERM after a complete run had said "wrote ...", as run() returned (its objects
+    freed: the progress bar here, a model in earnest) or before run_cli did, ended it with
+    "interrupted before any output was written", exit 130 (the rerun it advises is refused: the
+    outputs exist), or with a traceback from tqdm's __del__. It comes at each line from run()'s
+    return until run_cli puts the handlers back (from then on it is the caller's), in turn (a trace
+    function), as its handler runs it: at once."""
+    import cliutil
+
+    state = {}
+
+    class Ending(list):
+        def remove(self, item):  # run_cli's finally, about to put the handlers back
+            state["on"] = False
+            sys.settrace(None)
+            super().remove(item)
+    monkeypatch.setattr(cliutil, "_ENDING", Ending())
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def tracer(frame, event, arg):
+        if event == "line" and state["on"]:
+            state["lines"] += 1
+            if state["lines"] == state["at"]:
+                state["sent"] = True
+                sys.settrace(None)
+                signal.pthread_kill(threading.main_thread().ident, signum)
+        return tracer
+
+    def watch(frame, event, arg):  # from run()'s return (its frame then freed)
+        if event == "return" and frame.f_code is cli.run.__code__:
+            sys.setprofile(None)
+            state["on"] = True
+            back = frame.f_back
+            while back is not None:
+                back.f_trace = tracer
+                back = back.f_back
+            sys.settrace(tracer)
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
+    try:
+        for at in range(1, 500):
+            state.update(at=at, lines=0, on=False, sent=False)
+            sys.setprofile(watch)
+            try:
+                rc, out, err = run([*args, "--out", tmp_path / str(at)], capsys)
+            except KeyboardInterrupt:
+                pytest.fail(f"the signal, at line {at}, escaped run_cli")
+            finally:
+                sys.setprofile(None)
+                sys.settrace(None)
+            assert (rc, err, unraisable) == (0, "", []), (at, err, unraisable)
+            assert out == f"wrote 4 frames to {tmp_path / str(at)}\n"
+            if not state["sent"]:  # each line up to run_cli's putting the handlers back tried
+                break
+        assert at > 1
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
     """Flow walks from its --reference-frame: "--frames 3:6 continues" was a range the tool itself
     refuses ("--reference-frame 1 lies outside the frames being colourised"). The advice starts at
