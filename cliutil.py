@@ -366,23 +366,20 @@ def signals_deferred():
             signal.raise_signal(signum)  # to the handler restored above
 
 
-@contextmanager
-def signals_ignored():
-    """Ignore SIGINT and SIGTERM for the duration (dropped, not held): for a run that is already
-    stopping and works out what to say, where a second Ctrl-C has nothing left to stop but would
-    cut that line short. The kernel drops an ignored signal whichever thread it comes to, so none
-    is run late (as one held by signals_deferred can be, taken by another thread). Main thread only
-    (elsewhere a no-op: handlers are the main thread's)."""
-    old = {}
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM from here until run_cli returns, which puts back the handlers it
+    found. For a run inside run_cli that is complete, or has worked out the line its stop ends with
+    (the KeyboardInterrupt it raises next carries it): a second Ctrl-C or SIGTERM has nothing left
+    to stop, but came out as a traceback, or replaced that exception with a bare one, so run_cli
+    said its own line ("interrupted before any output was written" where outputs were). Ignored,
+    not held: the kernel drops it whichever thread it comes to, so none is run late. Until run_cli
+    returns, not to the end of a block: the run's objects, held by its exception or its frame, are
+    freed as run_cli's except clause ends or the run returns (a large model: a while), and a
+    signal meanwhile was a traceback. Main thread only (elsewhere a no-op: handlers are its)."""
     if threading.current_thread() is threading.main_thread():
         for signum in HELD_SIGNALS:
             if signal.getsignal(signum) is not None:  # None: set outside Python, which could not be put back
-                old[signum] = signal.signal(signum, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
+                signal.signal(signum, signal.SIG_IGN)
 
 
 @contextmanager
@@ -411,26 +408,7 @@ def signals_noted(signums: tuple[int, ...] = HELD_SIGNALS):
     finally:
         for signum, handler in old.items():
             if signal.getsignal(signum) is mine[signum]:  # else set inside the block on purpose (SIG_IGN by
-                signal.signal(signum, handler)  # signals_ignored_to_the_end), for whoever set it to put back
-
-
-_ENDING: list[Callable[[], None]] = []  # the running run_clis' ignore_from_here (main thread), innermost last
-
-
-@contextmanager
-def signals_ignored_to_the_end():
-    """For a run inside run_cli that works out the line its stop ends with (the KeyboardInterrupt it
-    raises next carries it): SIGINT and SIGTERM are ignored from the block's start until run_cli
-    returns, which puts the handlers back. signals_ignored, ending with the block, left them live
-    again before run_cli took over: a second Ctrl-C or SIGTERM in between replaced that exception
-    with a bare one, so run_cli said its own line ("interrupted before any output was written")
-    where outputs were. Outside run_cli, or off the main thread: signals_ignored."""
-    if _ENDING and threading.current_thread() is threading.main_thread():
-        _ENDING[-1]()
-        yield
-    else:
-        with signals_ignored():
-            yield
+                signal.signal(signum, handler)  # ignore_stop_signals), for whoever set it to put back
 
 
 class Terminated(KeyboardInterrupt):
@@ -443,6 +421,12 @@ def _as_terminated(message: str) -> str:
     after it."""
     rest = message.removeprefix("interrupted")
     return "terminated (SIGTERM)" + (rest if rest != message else f"; {message}")
+
+
+def _put_back(handlers: dict[int, object]) -> None:
+    for signum, handler in handlers.items():
+        if handler is not None:  # None: set outside Python
+            signal.signal(signum, handler)
 
 
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
@@ -473,33 +457,15 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     for signum, usual in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         if main and getattr(signal.getsignal(signum), "quiet_startup", False):
             signal.signal(signum, usual)
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if hook else None
+    found = {signum: signal.getsignal(signum) for signum in HELD_SIGNALS} if main else {}  # put back at the end
+    if hook:
+        signal.signal(signal.SIGTERM, on_sigterm)
     received: list[int] = []  # the stop signals that came (signals_noted)
-    ended: dict[int, object] = {}  # the handlers to put back as run_cli returns, once its last line is said
-
-    def ignore_from_here() -> None:
-        """Once the line of how the run ended is decided, ignore SIGINT and SIGTERM until run_cli
-        returns: a second one has nothing left to stop. Not for that line alone (signals_ignored):
-        the run's objects, held by its exception, are freed as the except clause ends - a large
-        model takes a while - and a signal meanwhile came out of run_cli as a traceback, exit 1.
-        Main thread only (the handlers are its)."""
-        if main:
-            for signum in HELD_SIGNALS:
-                if signum not in ended and (handler := signal.getsignal(signum)) is not None:  # None: set
-                    # outside Python. Called inside the run (signals_ignored_to_the_end), where the handler
-                    # is the one signals_noted put in, which leaves SIG_IGN in place: the one it follows
-                    ended[signum] = getattr(handler, "follows", handler) if handler is noting.get(signum) \
-                        else handler
-                    signal.signal(signum, signal.SIG_IGN)
-    noting: dict[int, object] = {}  # signals_noted's handlers, while the run runs
-    if main:
-        _ENDING.append(ignore_from_here)
     try:
         try:
             with signals_noted(HELD_SIGNALS if hook else (signal.SIGINT,)) as received:  # SIGTERM: the run's
-                noting.update((signum, signal.getsignal(signum)) for signum in HELD_SIGNALS)
                 status = run(args)
-                ignore_from_here()  # the run is over: a signal now (as this block ends) was "interrupted
+                ignore_stop_signals()  # the run is over: a signal now (as this block ends) was "interrupted
                 # before any output was written", exit 130, after a complete run
             if sys.stdout is not None:  # None: started with stdout closed
                 try:
@@ -527,10 +493,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             terminated = signal.SIGTERM in received
             if interrupted is None:
                 raise (Terminated if terminated else KeyboardInterrupt) from None
-            ignore_from_here()
+            ignore_stop_signals()
             _say(f"{prog}: {_as_terminated(interrupted) if terminated else interrupted}")
             return 128 + int(signal.SIGTERM) if terminated else 130
-        ignore_from_here()
+        ignore_stop_signals()
         _say(f"{prog}: error: {one_line(e, with_type=not isinstance(e, errors))}")
         return 2
     except KeyboardInterrupt as e:
@@ -538,18 +504,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
             if signal.SIGTERM in received and not isinstance(e, Terminated):  # a run re-raised it with where it stopped
                 raise Terminated(*e.args) from None
             raise
-        ignore_from_here()  # a second Ctrl-C as the line is said ended the run with a traceback
+        ignore_stop_signals()  # a second Ctrl-C as the line is said ended the run with a traceback
         message = one_line(e) if str(e).strip() else interrupted
         terminated = signal.SIGTERM in received or isinstance(e, Terminated)
         _say(f"{prog}: {_as_terminated(message) if terminated else message}")
         return 128 + int(signal.SIGTERM) if terminated else 130
     finally:
-        if main:
-            _ENDING.remove(ignore_from_here)
-        if hook:
-            if signal.SIGTERM in ended:  # still ignored: put back below
-                ended[signal.SIGTERM] = previous
-            else:
-                signal.signal(signal.SIGTERM, previous)
-        for signum, handler in ended.items():  # the run's exception (and all it held) is gone by now
-            signal.signal(signum, handler)
+        _put_back(found)  # the run's exception, and all it held, is gone by now

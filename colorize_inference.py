@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, out_file_problem,
                      out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
-                     signals_ignored_to_the_end, signals_noted)
+                     ignore_stop_signals, signals_noted)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -529,25 +529,24 @@ def run(args) -> int:
         # the run is complete: a Ctrl-C or SIGTERM from here has nothing to stop. One as it returned (its
         # objects freed: a model, a while) or in run_cli before it did ended it with "interrupted before any
         # output was written", exit 130 (the rerun it advises is refused: the outputs exist), or a traceback
-        # from tqdm's __del__. Ignored until run_cli returns
-        with signals_ignored_to_the_end():
-            earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after \
-                else ""
-            count = R.counted(writer.count, "frame")
-            sound_line = "" if sound is None else \
-                f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
-            if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
-                print(f"wrote {args.video} from the {R.counted(n)} in {out} ({sound_line}{fps:g} fps)")
-            else:
-                print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{fps:g} fps)"
-                                                   if args.video else ""))
+        # from tqdm's __del__
+        ignore_stop_signals()
+        earlier = f"{n} frames, {len(before) + len(after)} of them already in {out}, " if before or after else ""
+        count = R.counted(writer.count, "frame")
+        sound_line = "" if sound is None else \
+            f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
+        if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
+            print(f"wrote {args.video} from the {R.counted(n)} in {out} ({sound_line}{fps:g} fps)")
+        else:
+            print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{fps:g} fps)"
+                                               if args.video else ""))
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue
         # a second Ctrl-C while that is worked out (a stat of --video), or after it before run_cli says it,
         # ended it with run_cli's "interrupted before any output was written", whose rerun is refused: the
-        # outputs exist. It stops nothing more: ignored until run_cli returns
-        with signals_ignored_to_the_end():
-            said = R.where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
+        # outputs exist. It stops nothing more
+        ignore_stop_signals()
+        said = R.where_it_stopped(args, frames, out, writer, plan, only_video, finished, video_was)
         if said is None:
             raise
         raise type(e)(said) from None

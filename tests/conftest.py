@@ -53,6 +53,7 @@ def ctrl_c_handler():
     put back. A test run started in the background (`cmd &`, nohup) inherits SIGINT ignored, and
     Python then installs no handler: a test that sends itself SIGINT failed there, or, where the
     first stop was raised by hand, passed without the second signal ever arriving."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
     yield
-    signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGINT, before[0])
+    signal.signal(signal.SIGTERM, before[1])  # as a test left it (cliutil.ignore_stop_signals outside run_cli)

@@ -13,10 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, non_negative_int,
-                     one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
-                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_ignored,
-                     signals_ignored_to_the_end, signals_noted)
+from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_hooks, exit_quietly, ignore_stop_signals,
+                     non_negative_int, one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
+                     quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_noted)
 from tests.annotator.clips import write_folder
 from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
 
@@ -841,20 +840,25 @@ def test_signals_deferred_keeps_a_block_that_was_there_before_it_and_runs_off_th
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
-def test_signals_ignored_drops_both_signals_and_puts_the_handlers_back():
-    """Inside, SIGINT and SIGTERM are ignored - dropped, not run once it ends (a run already stopping
-    works out its line there) - and the handlers found are set again after it."""
+def test_ignore_stop_signals_drops_both_until_run_cli_puts_the_handlers_back():
+    """Inside a run, from the call on, SIGINT and SIGTERM are ignored - dropped, not run late (a run
+    that is complete or has worked out its stop line) - until run_cli returns, which sets the
+    handlers it found again."""
     got = []
 
     def record(signum, frame):
         got.append(signum)
+
+    def run(_):
+        ignore_stop_signals()
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        for s in (signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), s)
+        time.sleep(0.1)
+        return 0
     old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with signals_ignored():
-            assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-            for s in (signal.SIGINT, signal.SIGTERM):
-                os.kill(os.getpid(), s)
-            time.sleep(0.1)
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,), sigterm=False) == 0
         time.sleep(0.1)
         assert got == []
         assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is record
@@ -863,15 +867,15 @@ def test_signals_ignored_drops_both_signals_and_puts_the_handlers_back():
             signal.signal(s, handler)
 
 
-def test_signals_ignored_off_the_main_thread_changes_nothing():
+def test_ignore_stop_signals_off_the_main_thread_changes_nothing():
     """Only the main thread may set a handler: elsewhere (run_cli called from a thread) it is a
     no-op, not a ValueError out of the stop's handling."""
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     seen = []
 
     def body():
-        with signals_ignored():
-            seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        ignore_stop_signals()
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
     assert _in_a_thread(body) == [] and seen == [handlers]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
@@ -1092,22 +1096,24 @@ def test_run_cli_second_ctrl_c_as_a_stop_turned_into_an_error_is_said_is_no_trac
         except KeyboardInterrupt:
             pytest.fail("the second Ctrl-C escaped run_cli")
         assert rc == 130 and capsys.readouterr().err == "p.py: interrupted; rerun\n"
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
-def test_signals_ignored_to_the_end_keeps_them_ignored_until_run_cli_returns(capsys, second):
+def test_ignore_stop_signals_keeps_them_ignored_until_run_cli_returns(capsys, second):
     """A run that has worked out its stop line raises it next; a second Ctrl-C or SIGTERM after that
-    was worked out but before run_cli said it (signals_ignored had ended with the block) replaced it
+    was worked out but before run_cli said it (ignored for a block that ended before) replaced it
     with a bare KeyboardInterrupt: "interrupted before any output was written", where outputs were.
-    Inside run_cli they stay ignored past the block, until it returns and puts the handlers back."""
+    They stay ignored until run_cli returns and puts the handlers back."""
     seen = []
 
     def run(_):
         try:
             raise KeyboardInterrupt  # the first
         except KeyboardInterrupt:
-            with signals_ignored_to_the_end():
-                line = "interrupted; the 2 outputs written so far are complete: --frames 2: continues"
+            ignore_stop_signals()
+            line = "interrupted; the 2 outputs written so far are complete: --frames 2: continues"
             seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
             signal.pthread_kill(threading.main_thread().ident, second)  # to this thread: run at once
             raise KeyboardInterrupt(line) from None
@@ -1119,15 +1125,12 @@ def test_signals_ignored_to_the_end_keeps_them_ignored_until_run_cli_returns(cap
                                            "--frames 2: continues\n")
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) == before[1]
-        with signals_ignored_to_the_end():  # outside run_cli: signals_ignored
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before[0])
 
 
 def test_signals_noted_leaves_a_handler_set_inside_the_block():
-    """One set inside on purpose (run_cli's SIG_IGN, which run_cli puts back) is not overwritten."""
+    """One set inside on purpose (ignore_stop_signals' SIG_IGN, which run_cli puts back) is not overwritten."""
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with signals_noted():
@@ -1139,7 +1142,7 @@ def test_signals_noted_leaves_a_handler_set_inside_the_block():
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_as_a_complete_run_is_let_go_of_changes_nothing(capsys, monkeypatch, signum):
-    """A run that is complete enters signals_ignored_to_the_end: a Ctrl-C or SIGTERM as its objects
+    """A run that is complete calls ignore_stop_signals: a Ctrl-C or SIGTERM as its objects
     are freed (its frame, as it returns: a model, a while) or before run_cli returns has nothing left
     to stop; it came out as "interrupted before any output was written", exit 130, or as "Exception
     ignored in __del__". The handlers are back afterwards."""
@@ -1149,8 +1152,8 @@ def test_a_signal_as_a_complete_run_is_let_go_of_changes_nothing(capsys, monkeyp
 
     def run(_):
         held = _SignalsWhenFreed(signum, seen)  # noqa: F841 (freed as this returns)
-        with signals_ignored_to_the_end():
-            print("wrote it")
+        ignore_stop_signals()
+        print("wrote it")
         return 0
     before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
     try:

@@ -840,8 +840,8 @@ def test_a_second_ctrl_c_as_the_stop_line_is_said_is_no_traceback(env, tmp_path,
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_after_the_stop_line_is_worked_out_still_says_where_to_go_on(env, tmp_path, capsys,
                                                                                     monkeypatch, second):
-    """A second Ctrl-C or SIGTERM after run() had worked out its stop line (its signals_ignored block
-    over) but before run_cli said it - as the exception left run(), or run_cli's signals_noted block -
+    """A second Ctrl-C or SIGTERM after run() had worked out its stop line (signals ignored for that
+    alone) but before run_cli said it - as the exception left run(), or run_cli's signals_noted block -
     replaced that exception with a bare one: "interrupted before any output was written" (2 were, and
     the rerun it advises is refused), or a traceback. The signal comes at each line run in that span
     in turn (a trace function), as its handler runs it: at once, in the main thread."""
@@ -909,12 +909,13 @@ def test_a_signal_as_a_complete_run_returns_changes_nothing(env, tmp_path, capsy
 
     state = {}
 
-    class Ending(list):
-        def remove(self, item):  # run_cli's finally, about to put the handlers back
-            state["on"] = False
-            sys.settrace(None)
-            super().remove(item)
-    monkeypatch.setattr(cliutil, "_ENDING", Ending())
+    put_back = cliutil._put_back
+
+    def stop_tracing_then_put_back(handlers):  # run_cli's finally, about to put the handlers back
+        state["on"] = False
+        sys.settrace(None)
+        put_back(handlers)
+    monkeypatch.setattr(cliutil, "_put_back", stop_tracing_then_put_back)
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
 
