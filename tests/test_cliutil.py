@@ -1164,3 +1164,62 @@ def test_a_signal_as_a_complete_run_is_let_go_of_changes_nothing(capsys, monkeyp
         assert signal.getsignal(signal.SIGTERM) == before[1]
     finally:
         signal.signal(signal.SIGINT, before[0])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_a_run_returns_is_not_a_stop(capsys, monkeypatch, signum):
+    """A run that returned (its work done, its line said) without ignoring the signals itself: run_cli
+    ignores them as it returns (a line before that is unavoidably live), and a Ctrl-C or SIGTERM from
+    then until run_cli puts the handlers back has nothing to stop; it ended the run with run_cli's
+    stop line, exit 130 or 143. It comes at each line of that span in turn (a trace function), as
+    its handler runs it: at once, in this thread."""
+    import cliutil
+
+    state = {}
+    put_back = cliutil._put_back
+
+    def stop_tracing_then_put_back(handlers):
+        state["on"] = False
+        sys.settrace(None)
+        put_back(handlers)
+    monkeypatch.setattr(cliutil, "_put_back", stop_tracing_then_put_back)
+
+    def tracer(frame, event, arg):
+        if event == "line" and state["on"]:
+            state["lines"] += 1
+            if state["lines"] == state["at"]:
+                state["sent"] = True
+                sys.settrace(None)
+                signal.pthread_kill(threading.main_thread().ident, signum)
+        return tracer
+
+    ignore = cliutil.ignore_stop_signals
+
+    def ignore_then_trace():
+        ignore()
+        state["on"] = True
+        frame = sys._getframe(1)
+        while frame is not None:  # the frames it returns to
+            frame.f_trace = tracer
+            frame = frame.f_back
+        sys.settrace(tracer)
+    monkeypatch.setattr(cliutil, "ignore_stop_signals", ignore_then_trace)
+
+    def run(_):
+        print("wrote it")
+        return 0
+    before = signal.getsignal(signal.SIGTERM)
+    for at in range(1, 200):
+        state.update(at=at, lines=0, on=False, sent=False)
+        try:
+            rc = run_cli("p.py", run, argparse.Namespace(), (OSError,))
+        except KeyboardInterrupt:
+            pytest.fail(f"the signal, at line {at}, escaped run_cli")
+        finally:
+            sys.settrace(None)
+        assert (rc, capsys.readouterr()) == (0, ("wrote it\n", "")), at
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == before
+        if not state["sent"]:  # each line up to run_cli's putting the handlers back tried
+            break
+    assert at > 1
