@@ -350,18 +350,22 @@ def signals_deferred():
         yield
         return
     noted: list[int] = []
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    old_handlers = {}
-    if main:
-        for signum in HELD_SIGNALS:
-            if callable(signal.getsignal(signum)):  # a Python handler (not SIG_IGN or SIG_DFL, nor one set outside Python)
-                old_handlers[signum] = signal.signal(signum, lambda s, frame: noted.append(s))
-    try:
+    old_handlers, old_mask = {}, None
+    try:  # handlers first, then the mask, inside the try: a signal another thread took meanwhile runs
+        # the main thread's handler at once, and one that raised out of here left the mask blocked
+        if main:
+            for signum in HELD_SIGNALS:
+                if callable(handler := signal.getsignal(signum)):  # a Python handler (not SIG_IGN or SIG_DFL,
+                    # nor one set outside Python)
+                    old_handlers[signum] = handler
+                    signal.signal(signum, lambda s, frame: noted.append(s))
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         yield
     finally:
         for signum, old in old_handlers.items():
             signal.signal(signum, old)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for signum in noted:
             signal.raise_signal(signum)  # to the handler restored above
 
