@@ -2,6 +2,7 @@
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -224,3 +225,37 @@ def tiny_colour_model(*overrides):
     from cldm.model import TINY_CONFIG, create_model, load_config
     torch.manual_seed(0)
     return create_model(load_config(TINY_CONFIG, list(overrides)))
+
+
+class SignalAtLine:
+    """A sweep over each line of a span of code, for windows a timer cannot hit: `signum` goes to the
+    main thread, whose handler runs it at once, at the `at`-th line run between start() and stop()
+    (a trace function, in the frame start() is given and those it returns to). Test in a loop:
+    reset(at) for at = 1, 2, ... until a run ends without `sent`."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.reset(0)
+
+    def reset(self, at: int) -> None:
+        self.at, self.lines, self.on, self.sent = at, 0, False, False
+
+    def _trace(self, frame, event, arg):
+        if event == "line" and self.on:
+            self.lines += 1
+            if self.lines == self.at:
+                self.sent = True
+                self.stop()
+                signal.pthread_kill(threading.main_thread().ident, self.signum)
+        return self._trace
+
+    def start(self, frame) -> None:
+        self.on = True
+        while frame is not None:
+            frame.f_trace = self._trace
+            frame = frame.f_back
+        sys.settrace(self._trace)
+
+    def stop(self) -> None:
+        self.on = False
+        sys.settrace(None)

@@ -17,7 +17,7 @@ from cliutil import (DefaultsFormatter, OneLineParser, Terminated, _after_exit_h
                      non_negative_int, one_line, out_of_memory, path_arg, positive_float, positive_int, quiet_opencv,
                      quiet_startup_signals, run_cli, seed_arg, signals_deferred, signals_noted)
 from tests.annotator.clips import write_folder
-from tests.helpers import default_sigint, named_pipe, read_only_folder, refused
+from tests.helpers import SignalAtLine, default_sigint, named_pipe, read_only_folder, refused
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1175,34 +1175,17 @@ def test_a_signal_after_a_run_returns_is_not_a_stop(capsys, monkeypatch, signum)
     its handler runs it: at once, in this thread."""
     import cliutil
 
-    state = {}
-    put_back = cliutil._put_back
+    sweep = SignalAtLine(signum)
+    put_back, ignore = cliutil._put_back, cliutil.ignore_stop_signals
 
     def stop_tracing_then_put_back(handlers):
-        state["on"] = False
-        sys.settrace(None)
+        sweep.stop()
         put_back(handlers)
-    monkeypatch.setattr(cliutil, "_put_back", stop_tracing_then_put_back)
-
-    def tracer(frame, event, arg):
-        if event == "line" and state["on"]:
-            state["lines"] += 1
-            if state["lines"] == state["at"]:
-                state["sent"] = True
-                sys.settrace(None)
-                signal.pthread_kill(threading.main_thread().ident, signum)
-        return tracer
-
-    ignore = cliutil.ignore_stop_signals
 
     def ignore_then_trace():
         ignore()
-        state["on"] = True
-        frame = sys._getframe(1)
-        while frame is not None:  # the frames it returns to
-            frame.f_trace = tracer
-            frame = frame.f_back
-        sys.settrace(tracer)
+        sweep.start(sys._getframe(1))  # the frames it returns to
+    monkeypatch.setattr(cliutil, "_put_back", stop_tracing_then_put_back)
     monkeypatch.setattr(cliutil, "ignore_stop_signals", ignore_then_trace)
 
     def run(_):
@@ -1210,17 +1193,17 @@ def test_a_signal_after_a_run_returns_is_not_a_stop(capsys, monkeypatch, signum)
         return 0
     before = signal.getsignal(signal.SIGTERM)
     for at in range(1, 200):
-        state.update(at=at, lines=0, on=False, sent=False)
+        sweep.reset(at)
         try:
             rc = run_cli("p.py", run, argparse.Namespace(), (OSError,))
         except KeyboardInterrupt:
             pytest.fail(f"the signal, at line {at}, escaped run_cli")
         finally:
-            sys.settrace(None)
+            sweep.stop()
         assert (rc, capsys.readouterr()) == (0, ("wrote it\n", "")), at
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) == before
-        if not state["sent"]:  # each line up to run_cli's putting the handlers back tried
+        if not sweep.sent:  # each line up to run_cli's putting the handlers back tried
             break
     assert at > 1
 

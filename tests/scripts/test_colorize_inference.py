@@ -24,7 +24,7 @@ from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png, write_video_atomic
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
-from tests.helpers import named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
+from tests.helpers import SignalAtLine, named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
@@ -848,53 +848,35 @@ def test_a_second_signal_after_the_stop_line_is_worked_out_still_says_where_to_g
     import cliutil
 
     worked_out, say = R.where_it_stopped, cliutil._say
-    state = {}
-
-    def tracer(frame, event, arg):
-        if event == "line" and not state["said"]:
-            state["lines"] += 1
-            if state["lines"] == state["at"]:
-                state["sent"] = True
-                sys.settrace(None)
-                signal.pthread_kill(threading.main_thread().ident, second)
-        return tracer
+    sweep = SignalAtLine(second)
 
     def trace_from_its_return(*args, **kwargs):
         said = worked_out(*args, **kwargs)
-        frame = sys._getframe(1)
-        while frame is not None:  # the frames it returns through
-            frame.f_trace = tracer
-            frame = frame.f_back
-        sys.settrace(tracer)
+        sweep.start(sys._getframe(1))  # the frames it returns through
         return said
 
     def stop_tracing_then_say(line):
-        state["said"] = True
-        sys.settrace(None)
+        sweep.stop()
         say(line)
     monkeypatch.setattr(R, "where_it_stopped", trace_from_its_return)
     monkeypatch.setattr(cliutil, "_say", stop_tracing_then_say)
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
-    try:
-        for at in range(1, 500):
-            state.update(at=at, lines=0, said=False, sent=False)
-            stop_encoding_at(3, monkeypatch)
-            try:
-                rc, _, err = run([*args, "--out", tmp_path / str(at)], capsys)
-            except KeyboardInterrupt:
-                pytest.fail(f"the second signal, at line {at}, escaped run_cli")
-            finally:
-                sys.settrace(None)
-            assert (rc, err) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are "
-                                      "complete: --frames 2: continues\n"), (at, err)
-            if not state["sent"]:  # each line up to the stop line's tried
-                break
-        assert at > 1
-    finally:
-        signal.signal(signal.SIGINT, before)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            assert not callable(getattr(signal.getsignal(signum), "follows", None))  # no noting handler left
+    for at in range(1, 500):
+        sweep.reset(at)
+        stop_encoding_at(3, monkeypatch)
+        try:
+            rc, _, err = run([*args, "--out", tmp_path / str(at)], capsys)
+        except KeyboardInterrupt:
+            pytest.fail(f"the second signal, at line {at}, escaped run_cli")
+        finally:
+            sweep.stop()
+        assert (rc, err) == (130, "colorize_inference.py: interrupted; the 2 outputs written so far are "
+                                  "complete: --frames 2: continues\n"), (at, err)
+        if not sweep.sent:  # each line up to the stop line's tried
+            break
+    assert at > 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        assert not callable(getattr(signal.getsignal(signum), "follows", None))  # no noting handler left
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -907,56 +889,36 @@ def test_a_signal_as_a_complete_run_returns_changes_nothing(env, tmp_path, capsy
     function), as its handler runs it: at once."""
     import cliutil
 
-    state = {}
-
+    sweep = SignalAtLine(signum)
     put_back = cliutil._put_back
 
     def stop_tracing_then_put_back(handlers):  # run_cli's finally, about to put the handlers back
-        state["on"] = False
-        sys.settrace(None)
+        sweep.stop()
         put_back(handlers)
     monkeypatch.setattr(cliutil, "_put_back", stop_tracing_then_put_back)
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
 
-    def tracer(frame, event, arg):
-        if event == "line" and state["on"]:
-            state["lines"] += 1
-            if state["lines"] == state["at"]:
-                state["sent"] = True
-                sys.settrace(None)
-                signal.pthread_kill(threading.main_thread().ident, signum)
-        return tracer
-
     def watch(frame, event, arg):  # from run()'s return (its frame then freed)
         if event == "return" and frame.f_code is cli.run.__code__:
             sys.setprofile(None)
-            state["on"] = True
-            back = frame.f_back
-            while back is not None:
-                back.f_trace = tracer
-                back = back.f_back
-            sys.settrace(tracer)
+            sweep.start(frame.f_back)
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run ignores SIGINT
-    try:
-        for at in range(1, 500):
-            state.update(at=at, lines=0, on=False, sent=False)
-            sys.setprofile(watch)
-            try:
-                rc, out, err = run([*args, "--out", tmp_path / str(at)], capsys)
-            except KeyboardInterrupt:
-                pytest.fail(f"the signal, at line {at}, escaped run_cli")
-            finally:
-                sys.setprofile(None)
-                sys.settrace(None)
-            assert (rc, err, unraisable) == (0, "", []), (at, err, unraisable)
-            assert out == f"wrote 4 frames to {tmp_path / str(at)}\n"
-            if not state["sent"]:  # each line up to run_cli's putting the handlers back tried
-                break
-        assert at > 1
-    finally:
-        signal.signal(signal.SIGINT, before)
+    for at in range(1, 500):
+        sweep.reset(at)
+        sys.setprofile(watch)
+        try:
+            rc, out, err = run([*args, "--out", tmp_path / str(at)], capsys)
+        except KeyboardInterrupt:
+            pytest.fail(f"the signal, at line {at}, escaped run_cli")
+        finally:
+            sys.setprofile(None)
+            sweep.stop()
+        assert (rc, err, unraisable) == (0, "", []), (at, err, unraisable)
+        assert out == f"wrote 4 frames to {tmp_path / str(at)}\n"
+        if not sweep.sent:  # each line up to run_cli's putting the handlers back tried
+            break
+    assert at > 1
 
 
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
