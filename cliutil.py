@@ -337,7 +337,9 @@ def signals_deferred():
     annotator/build_many.py holds them while starting a worker - which inherits the mask, so it
     starts with both blocked until it has set itself up (no traceback from a half-started worker;
     the parent alone stops the run) - and while stopping the workers, so a second Ctrl-C cannot
-    cut the clean-up short; colorize/outputs.py between an output's rename and its count.
+    cut the clean-up short; colorize/outputs.py between an output's rename and its count;
+    colorize/frames_io.py while write_video_atomic's clean-up releases the writer and removes
+    its temporary file.
 
     Blocking them in this thread is not enough: the kernel hands a signal to any thread that
     does not block it (numpy's BLAS pool, tqdm's monitor), and Python runs the handler in the

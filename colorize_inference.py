@@ -36,9 +36,9 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, out_file_problem,
-                     out_folder_problem, out_of_memory, path_arg, quiet_opencv, quiet_startup_signals, run_cli,
-                     ignore_stop_signals, signals_noted)
+from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, ignore_stop_signals,
+                     out_file_problem, out_folder_problem, out_of_memory, path_arg, quiet_opencv,
+                     quiet_startup_signals, run_cli, signals_noted)
 
 quiet_opencv()
 if __name__ == "__main__":
