@@ -33,7 +33,11 @@ the same (for validation and tests).
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -198,6 +202,43 @@ def pin_memory_default(accelerator: str = "auto") -> bool:
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def leave_stops_to_the_run() -> None:
+    """In a data loader process: ignore SIGINT and pass SIGTERM on to the parent (the run), in a
+    thread of its own, rather than stop wherever either comes. A scheduler's stop signals every
+    process of a job, as Ctrl-C does the terminal's: torch's handler let a loader process die of a
+    SIGTERM its parent did not send, inside the loader's shared lock too (the done event's, taken
+    for every batch), and the run, stopping on its own SIGTERM, then waited for that lock for
+    ever. The run hears both itself and ends its loader processes as on any stop. A SIGTERM from
+    the parent is the loader ending a process that would not stop: it ends it, as torch's handler
+    does. (Without sigwaitinfo, not Linux, torch's handling stays.)"""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # in this thread and every one it starts
+
+    def relay() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+            try:
+                os.kill(parent, signal.SIGTERM)
+            except OSError:  # the parent is gone: the loader's watchdog ends this process
+                pass
+
+    threading.Thread(target=relay, name="SIGTERM to the run", daemon=True).start()
+
+
+def start_loader_process(worker_id: int, rank: int | None) -> None:
+    """The loaders' worker_init_fn: leave_stops_to_the_run, then Lightning's per-worker seeding
+    (seed_everything(workers=True) sets PL_SEED_WORKERS), which Lightning adds only to a loader
+    that has no worker_init_fn of its own."""
+    leave_stops_to_the_run()
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+        pl_worker_init_function(worker_id, rank)
+
+
 # Which datasets a Lightning stage uses (None: all of them).
 _STAGE_PARTS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 
@@ -213,7 +254,8 @@ class PairDataModule(L.LightningDataModule):
     Loaders keep the accelerator fed: `num_workers` persistent worker processes, each with
     `prefetch_factor` batches in flight (default: 2, more with fewer than 2 workers, so at
     least 4 batches are queued), and pinned (page-locked) batches when `pin_memory` (default:
-    `pin_memory_default(accelerator)`, i.e. when training on a CUDA GPU).
+    `pin_memory_default(accelerator)`, i.e. when training on a CUDA GPU). A worker passes a
+    SIGTERM on to the run and ignores SIGINT (leave_stops_to_the_run).
     """
 
     def __init__(
@@ -295,10 +337,11 @@ class PairDataModule(L.LightningDataModule):
             self._built.add(part)
 
     def _loader(self, ds, shuffle: bool, sampler=None) -> DataLoader:
+        rank = None if self.trainer is None else self.trainer.global_rank
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle if sampler is None else None,
                           sampler=sampler, drop_last=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, prefetch_factor=self.prefetch_factor,
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, worker_init_fn=partial(start_loader_process, rank=rank))
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -1,7 +1,14 @@
 import contextlib
+import multiprocessing
+import os
+import random
 import re
 import shutil
+import signal
+import subprocess
+import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +20,7 @@ from annotator.color import rgb_to_gray
 from annotator.build_many import build_all
 from annotator.pairs import BuildOptions
 from tests.annotator.clips import index_color, panning_clip, table_from_pairs, write_fake_movie, write_folder
-from tutorial_dataset import PairDataModule, PairDataset
+from tutorial_dataset import PairDataModule, PairDataset, leave_stops_to_the_run, start_loader_process
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -534,3 +541,69 @@ def test_latent_mode_random_crops_move_in_steps_of_8_in_both_directions(tmp_path
         np.testing.assert_array_equal(item["jpg_latent_mean"], cache[j, 0][win].astype(np.float32))
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
         np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
+
+
+def _relaying(ready, go):
+    leave_stops_to_the_run()
+    ready.send("set")
+    go.recv()  # the test's signals come meanwhile
+    time.sleep(30)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="Linux: sigwaitinfo")
+def test_a_loader_process_passes_a_sigterm_on_to_the_run_ignores_ctrl_c_and_ends_on_its_parents():
+    """A scheduler's SIGTERM to every process of the job: a loader process that died of it inside the
+    loader's shared lock left the run waiting for that lock for ever (a CI run hung)."""
+    ctx = multiprocessing.get_context("fork")  # as DataLoader starts its workers on Linux
+    ready, ready_child = ctx.Pipe()
+    go_child, go = ctx.Pipe()
+    heard = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))  # conftest puts pytest's back
+    child = ctx.Process(target=_relaying, args=(ready_child, go_child), daemon=True)
+    child.start()
+    try:
+        assert ready.poll(30) and ready.recv() == "set"
+        subprocess.run(["kill", "-TERM", str(child.pid)], check=True)  # from another process, as a scheduler's
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == [signal.SIGTERM] and child.is_alive()
+        subprocess.run(["kill", "-INT", str(child.pid)], check=True)  # Ctrl-C: the terminal's whole group has it
+        time.sleep(0.2)
+        assert child.is_alive()
+        go.send("on")
+        os.kill(child.pid, signal.SIGTERM)  # the parent's: the loader ending a process that would not stop
+        child.join(10)
+        assert child.exitcode == 0 and heard == [signal.SIGTERM]
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+class _Draws(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, k):
+        return torch.tensor([torch.rand(()).item(), np.random.rand(), random.random()], dtype=torch.float64)
+
+
+def _draws(worker_init_fn) -> torch.Tensor:
+    torch.manual_seed(7)
+    return torch.cat(list(DataLoader(_Draws(), batch_size=2, num_workers=2, worker_init_fn=worker_init_fn)))
+
+
+def test_loader_processes_are_seeded_as_lightning_seeds_them_and_by_rank(monkeypatch):
+    """The loaders' own worker_init_fn (the SIGTERM relay) replaces the one Lightning adds after
+    seed_everything(workers=True): its seeding must stay, or the ranks of a DDP run draw the
+    same partners (torch seeds a worker from the base seed and its id alone)."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)  # set by in-process training runs before
+    plain = _draws(None)
+    assert torch.equal(_draws(partial(start_loader_process, rank=0)), plain)  # no seed_everything(workers=True)
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    ranks = [_draws(partial(start_loader_process, rank=r)) for r in (0, 1)]
+    for r, drawn in enumerate(ranks):
+        assert torch.equal(drawn, _draws(partial(pl_worker_init_function, rank=r)))
+    assert not torch.equal(ranks[0], plain) and not torch.isin(ranks[0], ranks[1]).any()

@@ -1349,10 +1349,10 @@ def test_a_stop_during_the_export_says_the_rerun_resumes(ws, tmp_path, capsys, m
 
 def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_terminated(ws, tmp_path):
     """A scheduler's stop often signals every process of the job (scancel, `kill -TERM -PGID`, a
-    cgroup), the data loader processes too: torch's handler in them dies of a SIGTERM that does not
+    cgroup), the data loader processes too: torch's handler in them died of a SIGTERM that did not
     come from their parent, and the run ended with torch's traceback ("DataLoader worker ... is
     killed by signal: Terminated"), exit 1, instead of the one line and 143 (found by killing real
-    runs; a SIGTERM to the main process alone was fine)."""
+    runs; a SIGTERM to the main process alone was fine). They pass it on to the run now."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", 10_000, "--ckpt-every", 1, "--num-workers", 2,
                                             "--no-progress")]
@@ -1375,6 +1375,56 @@ def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
                      r"from the newest checkpoint\n$", text), text[-3000:]
     assert not list(out.glob("checkpoints/.*.tmp"))
+
+
+def test_sigterm_to_the_whole_process_group_as_a_loader_process_holds_the_loaders_lock_stops_the_run(ws, tmp_path):
+    """The same stop where it hung: a loader process that died of it inside the loader's shared lock
+    (the done event's, which every process takes for every batch) left the run waiting for that lock
+    for ever, its own SIGTERM heard but never acted on (CI: no exit in 120 s). Made certain here: the
+    loader process sends the group's SIGTERM from inside that lock."""
+    hook, arm = tmp_path / "hook", tmp_path / "arm"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # every process of the run; one loader process does it, once
+        "import os, signal, time\n"
+        "from multiprocessing.synchronize import Event\n"
+        "is_set = Event.is_set\n"
+        "def held(self):\n"
+        "    from torch.utils.data import get_worker_info\n"
+        "    if get_worker_info() is not None:\n"
+        "        try:\n"
+        f"            os.rename({str(arm)!r}, {str(arm)!r} + '.taken')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "        else:\n"
+        "            with self._cond:\n"
+        "                os.killpg(0, signal.SIGTERM)\n"
+        "                time.sleep(1)\n"
+        "    return is_set(self)\n"
+        "Event.is_set = held\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", 10_000, "--ckpt-every", 1, "--num-workers", 2,
+                                            "--no-progress")]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("checkpoints/*.ckpt")):
+                time.sleep(0.01)
+            arm.touch()  # mid-run, as in CI
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc = "hung"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        text = err.read()
+    assert not arm.exists(), text[-3000:]  # a loader process did send it
+    assert rc == 143, text[-3000:]
+    assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
+                     r"from the newest checkpoint\n$", text), text[-3000:]
 
 
 def test_a_data_loader_process_killed_by_sigterm_during_a_checkpoint_write_stops_as_terminated(ws, tmp_path, capsys,
