@@ -352,7 +352,16 @@ def signals_deferred():
         yield
         return
     noted: list[int] = []
+    holding = True
     old_handlers, old_mask = {}, None
+
+    def note(signum, frame):
+        if holding:
+            noted.append(signum)
+        else:  # the block is over: act as the handler it replaced (left in place where another signal
+            # raised as they were put back)
+            old_handlers[signum](signum, frame)
+
     try:  # handlers first, then the mask, inside the try: a signal another thread took meanwhile runs
         # the main thread's handler at once, and one that raised out of here left the mask blocked
         if main:
@@ -360,14 +369,15 @@ def signals_deferred():
                 if callable(handler := signal.getsignal(signum)):  # a Python handler (not SIG_IGN or SIG_DFL,
                     # nor one set outside Python)
                     old_handlers[signum] = handler
-                    signal.signal(signum, lambda s, frame: noted.append(s))
+                    signal.signal(signum, note)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         yield
-    finally:
-        for signum, old in old_handlers.items():
-            signal.signal(signum, old)
+    finally:  # the mask first, while the signals are only noted: nothing can raise before it is back
         if old_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        holding = False
+        for signum, old in old_handlers.items():
+            signal.signal(signum, old)
         for signum in noted:
             signal.raise_signal(signum)  # to the handler restored above
 

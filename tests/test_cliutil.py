@@ -1253,3 +1253,52 @@ def test_signals_deferred_a_signal_as_it_sets_itself_up_leaves_nothing_behind(si
         for s, handler in old.items():
             signal.signal(s, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_deferred_a_signal_as_it_ends_leaves_nothing_blocked(signum):
+    """The same at each line of its end: a signal that another thread took once a handler was back,
+    before the mask was, raised out of the clean-up and left SIGINT and SIGTERM blocked in the main
+    thread for good (every process started afterwards inherits the mask: a SIGTERM would never
+    reach it). It stops at the block's end, never lost, and leaves the mask as it was and both
+    signals stopping the run."""
+    import _thread
+
+    def stop(s, frame):
+        raise KeyboardInterrupt
+    code = signals_deferred.__wrapped__.__code__
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        for at in range(1, 100):
+            state = {"lines": 0, "sent": False}
+
+            def tracer(frame, event, arg):
+                if event == "line" and frame.f_code is code:
+                    state["lines"] += 1
+                    if state["lines"] == at:
+                        state["sent"] = True
+                        _thread.interrupt_main(signum)
+                return tracer
+            stopped = False
+            try:
+                with signals_deferred():
+                    sys.settrace(tracer)  # from here: the lines of its end
+            except KeyboardInterrupt:
+                stopped = True
+            finally:
+                sys.settrace(None)
+            assert stopped == state["sent"], at  # never lost
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, at
+            for s in (signal.SIGINT, signal.SIGTERM):  # each still stops the run
+                with pytest.raises(KeyboardInterrupt):
+                    _thread.interrupt_main(s)
+                    time.sleep(0.01)
+            if not state["sent"]:
+                break
+        assert at > 3
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
