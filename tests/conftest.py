@@ -57,3 +57,17 @@ def ctrl_c_handler():
     yield
     signal.signal(signal.SIGINT, before[0])
     signal.signal(signal.SIGTERM, before[1])  # as a test left it (cliutil.ignore_stop_signals outside run_cli)
+
+
+@pytest.fixture(autouse=True)
+def no_signal_left_blocked():
+    """A test that leaves a signal blocked in the main thread fails itself, and the mask is put back:
+    every process a later test starts would inherit it, and one waiting for its SIGTERM would wait
+    for ever (as signals_deferred once left it, cut short by a signal)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    after = signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert after == before, f"the test left {sorted(signal.Signals(s).name for s in after - before)} blocked"
