@@ -1208,61 +1208,19 @@ def test_a_signal_after_a_run_returns_is_not_a_stop(capsys, monkeypatch, signum)
     assert at > 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signals_deferred_a_signal_as_it_sets_itself_up_leaves_nothing_behind(signum):
-    """A signal that another thread took (one not blocking it) as signals_deferred set itself up ran
-    the main thread's handler at once: between the block and the handlers' swap it raised out of
-    the set-up, leaving SIGINT and SIGTERM blocked in the main thread (and a clean-up undone: a
-    hidden .v.*.tmp.mp4 left by write_video_atomic). Sent at each line of the set-up in turn (as
-    interrupt_main does: the handler's flag, whatever the mask), it is held to the block's end or
-    stops before the block; the mask and the handlers are as before either way."""
-    import _thread
-
-    def stop(s, frame):
-        raise KeyboardInterrupt
-    setup = signals_deferred.__wrapped__.__code__
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    try:
-        for at in range(1, 100):
-            state = {"lines": 0, "sent": False}
-
-            def tracer(frame, event, arg):
-                if event == "line" and frame.f_code is setup:
-                    state["lines"] += 1
-                    if state["lines"] == at:
-                        state["sent"] = True
-                        _thread.interrupt_main(signum)
-                return tracer
-            stopped = False
-            sys.settrace(tracer)
-            try:
-                with signals_deferred():
-                    sys.settrace(None)
-            except KeyboardInterrupt:
-                stopped = True
-            finally:
-                sys.settrace(None)
-            assert stopped == state["sent"], at  # held or not, never lost
-            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, at
-            assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is stop, at
-            if not state["sent"]:
-                break
-        assert at > 3
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signals_deferred_a_signal_as_it_ends_leaves_nothing_blocked(signum):
-    """The same at each line of its end: a signal that another thread took once a handler was back,
-    before the mask was, raised out of the clean-up and left SIGINT and SIGTERM blocked in the main
-    thread for good (every process started afterwards inherits the mask: a SIGTERM would never
-    reach it). It stops at the block's end, never lost, and leaves the mask as it was and both
-    signals stopping the run."""
+@pytest.mark.parametrize("part", ["set-up", "end"])
+def test_signals_deferred_a_signal_as_it_sets_itself_up_or_ends_leaves_nothing_blocked(part, signum):
+    """A signal that another thread took (one not blocking it) runs the main thread's handler at
+    once, whatever the mask. As signals_deferred set itself up, one between the block and the
+    handlers' swap raised out of the set-up; as it ended, one once a handler was back, before the
+    mask was, raised out of the clean-up. Either left SIGINT and SIGTERM blocked in the main thread
+    for good (every process started afterwards inherits the mask: a SIGTERM would never reach it)
+    and a clean-up undone (a hidden .v.*.tmp.mp4 left by write_video_atomic). Sent at each line of
+    the part in turn (as interrupt_main does: the handler's flag), it stops before the block or at
+    its end, never lost, and leaves the mask as it was and both signals stopping the run (after
+    the set-up, the very handlers it found)."""
     import _thread
 
     def stop(s, frame):
@@ -1282,15 +1240,19 @@ def test_signals_deferred_a_signal_as_it_ends_leaves_nothing_blocked(signum):
                         _thread.interrupt_main(signum)
                 return tracer
             stopped = False
+            if part == "set-up":
+                sys.settrace(tracer)
             try:
                 with signals_deferred():
-                    sys.settrace(tracer)  # from here: the lines of its end
+                    sys.settrace(None if part == "set-up" else tracer)
             except KeyboardInterrupt:
                 stopped = True
             finally:
                 sys.settrace(None)
             assert stopped == state["sent"], at  # never lost
             assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, at
+            if part == "set-up":
+                assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is stop, at
             for s in (signal.SIGINT, signal.SIGTERM):  # each still stops the run
                 with pytest.raises(KeyboardInterrupt):
                     _thread.interrupt_main(s)

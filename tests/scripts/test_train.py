@@ -1347,6 +1347,30 @@ def test_a_stop_during_the_export_says_the_rerun_resumes(ws, tmp_path, capsys, m
     assert not (out / "control.safetensors").exists()
 
 
+def signalled_run(cmd, tmp_path, ready, send, env=None, wait=120) -> tuple[int | str, str]:
+    """The script in a session of its own (a process group: os.killpg reaches all it starts); once
+    ready() holds (or the run ended, or 240 s passed) send(proc). Returns its exit status ("hung"
+    where it had not ended `wait` s later; it is then killed) and its stderr."""
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env=env or clean_env())
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline and not ready():
+                time.sleep(0.01)
+            send(proc)
+            try:
+                rc = proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                rc = "hung"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        return rc, err.read()
+
+
 def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_terminated(ws, tmp_path):
     """A scheduler's stop often signals every process of the job (scancel, `kill -TERM -PGID`, a
     cgroup), the data loader processes too: torch's handler in them died of a SIGTERM that did not
@@ -1356,20 +1380,9 @@ def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", 10_000, "--ckpt-every", 1, "--num-workers", 2,
                                             "--no-progress")]
-    with open(tmp_path / "stderr", "w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=clean_env(),
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("checkpoints/*.ckpt")):
-                time.sleep(0.01)
-            os.killpg(proc.pid, signal.SIGTERM)  # the loader processes are alive: persistent, mid-epoch
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        err.seek(0)
-        text = err.read()
+    # after the first checkpoint the loader processes are alive: persistent, mid-epoch
+    rc, text = signalled_run(cmd, tmp_path, lambda: list(out.glob("checkpoints/*.ckpt")),
+                             lambda proc: os.killpg(proc.pid, signal.SIGTERM))
     assert rc == 143, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
@@ -1404,23 +1417,9 @@ def test_sigterm_to_the_whole_process_group_as_a_loader_process_holds_the_loader
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", 10_000, "--ckpt-every", 1, "--num-workers", 2,
                                             "--no-progress")]
-    with open(tmp_path / "stderr", "w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
-        try:
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("checkpoints/*.ckpt")):
-                time.sleep(0.01)
-            arm.touch()  # mid-run, as in CI
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            rc = "hung"
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        err.seek(0)
-        text = err.read()
+    rc, text = signalled_run(cmd, tmp_path, lambda: list(out.glob("checkpoints/*.ckpt")),
+                             lambda proc: arm.touch(),  # mid-run, as in CI
+                             env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
     assert not arm.exists(), text[-3000:]  # a loader process did send it
     assert rc == 143, text[-3000:]
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
@@ -1506,25 +1505,12 @@ def test_ddp_sigterm_while_rank_0_writes_a_checkpoint_stops_the_run(ws, tmp_path
     out = tmp_path / "ddp"
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--devices", 2, "--max-steps", 6, "--ckpt-every", 2,
                                             "--no-progress")]
-    with open(tmp_path / "stderr", "w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
-        try:
-            deadline = time.monotonic() + 240
-            while proc.poll() is None and time.monotonic() < deadline and not marker.exists():
-                time.sleep(0.01)
-            time.sleep(1)  # rank 1 is in the barrier by now
-            proc.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler does; Lightning passes it on
-            try:
-                rc = proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                rc = "hung"
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        err.seek(0)
-        text = err.read()
+
+    def sigterm(proc):
+        time.sleep(1)  # rank 1 is in the barrier by now
+        proc.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler does; Lightning passes it on
+    rc, text = signalled_run(cmd, tmp_path, marker.exists, sigterm, wait=90,
+                             env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
     assert rc == 143, text[-3000:]
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step 2; rerun the same command to resume from "
                      r"the newest checkpoint\n$", text), text[-3000:]
