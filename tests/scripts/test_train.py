@@ -1347,13 +1347,19 @@ def test_a_stop_during_the_export_says_the_rerun_resumes(ws, tmp_path, capsys, m
     assert not (out / "control.safetensors").exists()
 
 
-def signalled_run(cmd, tmp_path, ready, send, env=None, wait=120) -> tuple[int | str, str]:
+def signalled_run(cmd, tmp_path, ready, send, sitecustomize=None, wait=120) -> tuple[int | str, str]:
     """The script in a session of its own (a process group: os.killpg reaches all it starts); once
-    ready() holds (or the run ended, or 240 s passed) send(proc). Returns its exit status ("hung"
-    where it had not ended `wait` s later; it is then killed) and its stderr."""
+    ready() holds (or the run ended, or 240 s passed) send(proc). `sitecustomize`: code every
+    process of the run runs first. Returns its exit status ("hung" where it had not ended `wait` s
+    later; it is then killed) and its stderr."""
+    env = clean_env()
+    if sitecustomize is not None:
+        (tmp_path / "hook").mkdir()
+        (tmp_path / "hook" / "sitecustomize.py").write_text(sitecustomize)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "hook"), str(REPO)])
     with open(tmp_path / "stderr", "w+") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env=env or clean_env())
+                                env=env)
         try:
             deadline = time.monotonic() + 240
             while proc.poll() is None and time.monotonic() < deadline and not ready():
@@ -1395,9 +1401,8 @@ def test_sigterm_to_the_whole_process_group_as_a_loader_process_holds_the_loader
     (the done event's, which every process takes for every batch) left the run waiting for that lock
     for ever, its own SIGTERM heard but never acted on (CI: no exit in 120 s). Made certain here: the
     loader process sends the group's SIGTERM from inside that lock."""
-    hook, arm = tmp_path / "hook", tmp_path / "arm"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(  # every process of the run; one loader process does it, once
+    arm = tmp_path / "arm"
+    hook = (  # one loader process does it, once
         "import os, signal, time\n"
         "from multiprocessing.synchronize import Event\n"
         "is_set = Event.is_set\n"
@@ -1418,8 +1423,7 @@ def test_sigterm_to_the_whole_process_group_as_a_loader_process_holds_the_loader
     cmd = [sys.executable, str(SCRIPT), *args(ws, out, "--max-steps", 10_000, "--ckpt-every", 1, "--num-workers", 2,
                                             "--no-progress")]
     rc, text = signalled_run(cmd, tmp_path, lambda: list(out.glob("checkpoints/*.ckpt")),
-                             lambda proc: arm.touch(),  # mid-run, as in CI
-                             env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
+                             lambda proc: arm.touch(), sitecustomize=hook)  # mid-run, as in CI
     assert not arm.exists(), text[-3000:]  # a loader process did send it
     assert rc == 143, text[-3000:]
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step \d+; rerun the same command to resume "
@@ -1490,9 +1494,8 @@ def test_ddp_sigterm_while_rank_0_writes_a_checkpoint_stops_the_run(ws, tmp_path
     checkpoint (rank 1 waiting in the barrier after it; seconds at SD2.1 size) left rank 0 in that
     broadcast and rank 1 in the barrier until the process group's timeout (30 min), instead of
     143 (found by a real SIGTERM to a 2-process run at a checkpoint's temporary file)."""
-    hook, marker = tmp_path / "hook", tmp_path / "writing"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(  # every process of the run; rank 0 writes slowly once
+    marker = tmp_path / "writing"
+    hook = (  # rank 0 writes slowly once
         "import os, time\n"
         "from cldm.callbacks import AtomicCheckpointIO\n"
         "save = AtomicCheckpointIO.save_checkpoint\n"
@@ -1509,8 +1512,7 @@ def test_ddp_sigterm_while_rank_0_writes_a_checkpoint_stops_the_run(ws, tmp_path
     def sigterm(proc):
         time.sleep(1)  # rank 1 is in the barrier by now
         proc.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler does; Lightning passes it on
-    rc, text = signalled_run(cmd, tmp_path, marker.exists, sigterm, wait=90,
-                             env=clean_env(PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])))
+    rc, text = signalled_run(cmd, tmp_path, marker.exists, sigterm, sitecustomize=hook, wait=90)
     assert rc == 143, text[-3000:]
     assert re.search(rf"\n{re.escape(train.PROG)}: stopped by SIGTERM at step 2; rerun the same command to resume from "
                      r"the newest checkpoint\n$", text), text[-3000:]
