@@ -10,6 +10,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,8 +216,6 @@ def test_datamodule_splits_by_movie(fake_root):
 def test_distributed_order_shards_the_data_and_changes_with_the_resume_step(fake_root):
     """Under DDP each process gets its own share, and a run resumed at step k does not replay
     the order of the run that started at step 0 (Lightning's sampler would: seed and epoch only)."""
-    from types import SimpleNamespace
-
     dm = PairDataModule(fake_root, batch_size=1, num_workers=0, size=64, val_movies=[], seed=7)
     dm.setup("fit")
 
@@ -593,7 +592,7 @@ def _draws(worker_init_fn) -> torch.Tensor:
     return torch.cat(list(DataLoader(_Draws(), batch_size=2, num_workers=2, worker_init_fn=worker_init_fn)))
 
 
-def test_loader_processes_are_seeded_as_lightning_seeds_them_and_by_rank(monkeypatch):
+def test_loader_processes_are_seeded_as_lightning_seeds_them_and_by_rank(fake_root, monkeypatch):
     """The loaders' own worker_init_fn (the SIGTERM relay) replaces the one Lightning adds after
     seed_everything(workers=True): its seeding must stay, or the ranks of a DDP run draw the
     same partners (torch seeds a worker from the base seed and its id alone)."""
@@ -607,3 +606,9 @@ def test_loader_processes_are_seeded_as_lightning_seeds_them_and_by_rank(monkeyp
     for r, drawn in enumerate(ranks):
         assert torch.equal(drawn, _draws(partial(pl_worker_init_function, rank=r)))
     assert not torch.equal(ranks[0], plain) and not torch.isin(ranks[0], ranks[1]).any()
+    dm = PairDataModule(fake_root, batch_size=2, num_workers=1, size=64, pin_memory=False)
+    dm.setup("fit")
+    assert dm.train_dataloader().worker_init_fn.keywords == {"rank": None}  # Lightning's own rank_zero_only.rank
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=3, global_step=0)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert (loader.worker_init_fn.func, loader.worker_init_fn.keywords) == (start_loader_process, {"rank": 3})
