@@ -463,8 +463,6 @@ def test_validation_and_test_items_are_fixed_with_the_default_eval_seed_0(fake_r
 
 
 def test_loaders_drop_only_a_short_training_batch_and_one_process_keeps_torchs_order(fake_root, monkeypatch):
-    from types import SimpleNamespace
-
     dm = PairDataModule(fake_root, batch_size=2, num_workers=0, size=64, accelerator="cuda")
     dm.setup("fit")
     assert dm.train_dataloader().drop_last and not dm.val_dataloader().drop_last
