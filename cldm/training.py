@@ -266,7 +266,8 @@ KILLED_LOADER = "is killed by signal: Killed"
 SHM_FULL, BUS_ERROR = "unable to allocate shared memory(shm)", "is killed by signal: Bus error"
 LOADER_GONE, SIGNALLED = "exited unexpectedly", "is killed by signal"
 # one ended by a SIGTERM that its parent did not send (torch's handler in it exits quietly on the
-# parent's): the signal a scheduler sends every process of a job, or `kill -TERM -PGID`
+# parent's): the signal a scheduler sends every process of a job, or `kill -TERM -PGID`, come
+# before the process had set itself up (tutorial_dataset.leave_stops_to_the_run passes it on after)
 TERMINATED_LOADER = "is killed by signal: Terminated"
 
 
