@@ -169,10 +169,12 @@ def not_writable(folder: str | os.PathLike) -> str | None:
 
 def quiet_opencv() -> None:
     """Bad input is reported by us in one line: silence OpenCV's and FFmpeg's own console noise
-    (FFmpeg's "moov atom not found" before our message). Call before cv2 is imported; an
-    explicit setting in the environment wins."""
+    (FFmpeg's "moov atom not found", OpenCV's "[ERROR:0@0.01] ... TIFF_Error" for a truncated
+    TIFF, before our message); every OpenCV call here is checked by its result. Call before cv2
+    is imported; an explicit setting in the environment wins (OPENCV_LOG_LEVEL=ERROR shows
+    OpenCV's reasons again)."""
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
 
 
 def quiet_startup_signals(prog: str | None = None) -> None:

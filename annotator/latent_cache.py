@@ -49,7 +49,7 @@ import torch
 
 from annotator.color import rgb_to_gray
 from annotator.pairs import frame_path, is_finished, list_movies, load_meta, read_json
-from annotator.video import bgr_to_rgb
+from annotator.video import bgr_to_rgb, png_damaged
 from atomicio import sync_folder, try_lock
 
 LATENTS, LATENTS_META, LATENTS_LOCK = "latents.npy", "latents.json", "latents.lock"
@@ -83,7 +83,7 @@ def read_frame(path: Path) -> np.ndarray:
         data = np.fromfile(path, np.uint8)
     except OSError:
         data = np.empty(0, np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size and not png_damaged(data) else None
     if img is None:
         raise OSError(f"{path}: cannot read frame")
     return bgr_to_rgb(img)

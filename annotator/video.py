@@ -33,7 +33,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -149,10 +151,39 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise FrameSourceError(path, f"cannot read file ({e.strerror or e})") from None
-    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
+    readable = data.size and not png_damaged(data)
+    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if readable else None
     if img is None:
         raise FrameSourceError(path, "not a readable image")
     return img
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_damaged(data: np.ndarray) -> bool:
+    """Whether `data` (a file's bytes) is a PNG cut short (no IEND chunk) or with a critical chunk
+    that fails its CRC; False for any other file. libpng, inside OpenCV, prints such a file's error
+    straight to stderr ("libpng error: PNG input buffer is incomplete"), a second line before ours.
+    A PNG cut short, by a crash or a partial copy, is how frames are usually damaged; a deflate
+    stream damaged under a valid CRC is not caught (only decompressing would tell)."""
+    buf = memoryview(data).cast("B")
+    if bytes(buf[:8]) != PNG_SIGNATURE:
+        return False
+    pos, n = 8, len(buf)
+    while pos + 12 <= n:
+        length, kind = struct.unpack_from(">I4s", buf, pos)
+        end = pos + 8 + length
+        if end + 4 > n:
+            return True
+        # critical chunks (IHDR, PLTE, IDAT, IEND) have an upper-case first letter; libpng only warns
+        # about an ancillary chunk's CRC (decoding goes on), so those are left to it
+        if kind[0] < 0x60 and zlib.crc32(buf[pos + 4:end]) != struct.unpack_from(">I", buf, end)[0]:
+            return True
+        if kind == b"IEND":
+            return False
+        pos = end + 4
+    return True
 
 
 def bgr_to_rgb(img: np.ndarray) -> np.ndarray:

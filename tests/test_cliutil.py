@@ -539,7 +539,7 @@ def test_quiet_opencv_leaves_an_explicit_setting(monkeypatch):
     monkeypatch.setenv("OPENCV_FFMPEG_LOGLEVEL", "32")
     monkeypatch.delenv("OPENCV_LOG_LEVEL")
     quiet_opencv()
-    assert (os.environ["OPENCV_FFMPEG_LOGLEVEL"], os.environ["OPENCV_LOG_LEVEL"]) == ("32", "ERROR")
+    assert (os.environ["OPENCV_FFMPEG_LOGLEVEL"], os.environ["OPENCV_LOG_LEVEL"]) == ("32", "OFF")
 
 
 def test_help_shows_a_default_only_where_one_is_worth_showing():

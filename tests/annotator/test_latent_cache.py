@@ -286,7 +286,7 @@ def test_read_frame_gives_rgb(tmp_path):
 
 
 
-def test_read_frame_takes_a_path_that_is_not_utf8_and_names_what_it_cannot_read(tmp_path):
+def test_read_frame_takes_a_path_that_is_not_utf8_and_names_what_it_cannot_read(tmp_path, capfd):
     """cv2.imread crashed the process on such a path (a Latin-1 'café' folder): in a child."""
     import subprocess
     import sys
@@ -302,9 +302,12 @@ def test_read_frame_takes_a_path_that_is_not_utf8_and_names_what_it_cannot_read(
     assert child.returncode == 0, child.stderr
     assert bytes.fromhex(child.stdout.strip()) == noise[..., ::-1].tobytes()
     (tmp_path / "empty.jpg").write_bytes(b"")
-    for bad in (tmp_path / "missing.jpg", tmp_path / "empty.jpg", tmp_path):
+    png = cv2.imencode(".png", noise)[1].tobytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])  # libpng would print its own error line
+    for bad in (tmp_path / "missing.jpg", tmp_path / "empty.jpg", tmp_path, tmp_path / "cut.png"):
         with pytest.raises(OSError, match=f"^{re.escape(str(bad))}: cannot read frame$"):
             read_frame(bad)
+    assert capfd.readouterr().err == ""
 
 @pytest.mark.parametrize("batch_size", [8, 1])
 def test_a_frame_of_another_size_than_meta_json_skips_its_movie_naming_it_and_keeps_the_old_cache(

@@ -1,6 +1,8 @@
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -588,3 +590,65 @@ def test_frame_range_and_flag_checks(tmp_path):
         list(iter_frames(d, keep_depth=True, bgr=True))
     (_, _, bgr), = iter_frames(d, stop=1, bgr=True)
     np.testing.assert_array_equal(bgr, frames[0][..., ::-1])
+
+
+def _png_chunks(data: bytes) -> list[tuple[int, bytes, int]]:
+    """(offset, type, length) of each chunk of a PNG."""
+    pos, chunks = 8, []
+    while pos < len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks.append((pos, kind, length))
+        pos += 12 + length
+    return chunks
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_damaged_tells_a_png_cut_short_or_failing_a_critical_crc(dtype):
+    rng = np.random.default_rng(0)
+    img = (rng.random((120, 160, 3)) * np.iinfo(dtype).max).astype(dtype)
+    data = cv2.imencode(".png", img)[1].tobytes()
+    chunks = _png_chunks(data)
+    assert [k for _, k, _ in chunks].count(b"IDAT") > 3  # libpng's 8 KiB chunks: cuts inside and between them
+    check = lambda b: V.png_damaged(np.frombuffer(b, np.uint8))
+    assert not check(data)
+    cuts = sorted({pos for pos, _, _ in chunks} | {pos + 9 for pos, _, _ in chunks} | {len(data) - 1, 9, 20})
+    assert all(check(data[:cut]) for cut in cuts)
+    for pos, kind, length in chunks:  # one bit flipped in each critical chunk's data, then in its CRC
+        for at in ([pos + 8 + length // 2] if length else []) + [pos + 8 + length]:
+            bad = bytearray(data)
+            bad[at] ^= 1
+            assert check(bytes(bad)), (kind, at)
+    # an ancillary chunk failing its CRC: libpng warns and decodes, and so do we (no refusal of our own)
+    text = b"Comment\x00x"
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", (zlib.crc32(b"tEXt" + text) ^ 1))
+    ancillary = data[:33] + chunk + data[33:]
+    assert not check(ancillary)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(ancillary, np.uint8), cv2.IMREAD_UNCHANGED), img)
+    # not a PNG: left to its decoder
+    assert not check(cv2.imencode(".jpg", img[..., :3].astype(np.uint8))[1].tobytes()[:100])
+    assert not check(b"")
+
+
+def test_a_damaged_image_is_refused_in_our_one_line_without_any_of_the_decoders_own(tmp_path):
+    """libpng prints its errors to stderr itself, OpenCV its TIFF/BMP/JPEG 2000 errors through its log:
+    either would be a line before ours. In a process of its own: OpenCV reads its log level as it loads."""
+    rng = np.random.default_rng(1)
+    img = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    paths = []
+    for ext in (".png", ".tif", ".bmp", ".jp2", ".jpg", ".webp", ".ppm"):
+        data = cv2.imencode(ext, img)[1].tobytes()
+        paths.append(tmp_path / f"cut{ext}")
+        paths[-1].write_bytes(data[: len(data) // 2])
+    data = bytearray(cv2.imencode(".png", img)[1].tobytes())
+    pos, _, length = next(c for c in _png_chunks(bytes(data)) if c[1] == b"IDAT")
+    data[pos + 8 + length] ^= 1  # the IDAT's CRC
+    paths.append(tmp_path / "crc.png")
+    paths[-1].write_bytes(bytes(data))
+    code = ("import sys, cliutil; cliutil.quiet_opencv()\n"
+            "from annotator.video import FrameSourceError, read_image\n"
+            "for path in sys.argv[1:]:\n"
+            "    try: read_image(path)\n    except FrameSourceError as e: print(e)")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == [f"{p}: not a readable image" for p in paths]
