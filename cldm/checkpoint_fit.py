@@ -132,10 +132,9 @@ def misfit(report, strict_prefixes=STRICT_PREFIXES, min_matched=MIN_MATCHED):
         if not any(k.startswith(p) for k in present):
             continue
         bad = ([k for k in report.missing if k.startswith(p)], [k for k in report.unexpected if k.startswith(p)])
-        if any(bad):
-            counts = ", ".join(f"{len(b)} {w}" for b, w in zip(bad, ("missing", "unexpected")) if b)
-            first = next(b[0] for b in bad if b)
-            return f"the checkpoint's {p or '(all)'}* does not match the model ({counts}, e.g. {first})"
+        if any(bad):  # each count with its own example: "e.g. betas" after "171 unexpected" read as one of those
+            counts = "; ".join(f"{len(b)} {w}, e.g. {b[0]}" for b, w in zip(bad, ("missing", "unexpected")) if b)
+            return f"the checkpoint's {p or '(all)'}* does not match the model ({counts})"
     if report.expected and len(report.matched) < min_matched * report.expected:
         return f"only {len(report.matched)} of {report.expected} model tensors found in the checkpoint"
     return None

@@ -244,7 +244,8 @@ def test_loose_names_are_listed_up_to_max_names_six_by_default():
 
 def test_a_strict_part_is_checked_key_for_key_whatever_comes_before_it():
     """A strict part counts as present by any of its names, matched or unexpected; a strict part
-    the file lacks does not end the check of the next; the example is the first name found."""
+    the file lacks does not end the check of the next; each count's example is its first name found
+    (one example after both counts read as an unexpected tensor when it was a missing one)."""
     sd = TinyLDM().state_dict()  # no first_stage_model.*: the check goes on to cond_stage_model.*
     del sd["cond_stage_model.bias"]
     assert misfit(compare_state_dict(TinyLDM(), sd)) == ("the checkpoint's cond_stage_model.* does not match the "
@@ -252,8 +253,8 @@ def test_a_strict_part_is_checked_key_for_key_whatever_comes_before_it():
     renamed = {k: v for k, v in TinyLDM().state_dict().items() if not k.startswith("cond_stage_model.")}
     renamed["cond_stage_model.proj.weight"] = torch.ones(1)
     assert misfit(compare_state_dict(TinyLDM(), renamed)) == (
-        "the checkpoint's cond_stage_model.* does not match the model (2 missing, 1 unexpected, e.g. "
-        "cond_stage_model.weight)")
+        "the checkpoint's cond_stage_model.* does not match the model (2 missing, e.g. cond_stage_model.weight; "
+        "1 unexpected, e.g. cond_stage_model.proj.weight)")
     extra = {**TinyLDM().state_dict(), "cond_stage_model.x": torch.ones(1), "cond_stage_model.y": torch.ones(1)}
     assert misfit(compare_state_dict(TinyLDM(), extra)) == (
         "the checkpoint's cond_stage_model.* does not match the model (2 unexpected, e.g. cond_stage_model.x)")
