@@ -135,12 +135,19 @@ RUN_PATHS = {"checkpoints": "folder", "images": "folder", "tb": "folder", "csv":
 
 def check_paths(data: Path, init: Path, out: Path) -> None:
     """One line for a path that is missing or of the wrong kind, before the (slow) model load."""
+    from cldm.resume import read_training_checkpoint
+
     if not data.is_dir():
         what = not_a_folder(data) if data.exists() else "no such folder"
         raise UsageError(f"--data {data}: {what} (make it with build_pairs.py)")
     if problem := file_problem(init, folder="a folder, not a checkpoint file"):
         hint = "" if problem == NOT_REGULAR else " (make it with tool_add_control_sd21.py)"
         raise UsageError(f"--init {init}: {problem}{hint}")
+    if (training := read_training_checkpoint(init)) is not None:  # else "(all)* does not match", after the config
+        raise UsageError(f"--init {init}: a training checkpoint (step {training.get('global_step', '?')}), not a full "
+                         "checkpoint; --init is the file tool_add_control_sd21.py writes (a resume too: the run's own "
+                         f"--init): to continue from this one, pass it as --resume {init}; for its weights alone "
+                         "(colorize_inference.py --control), add --export to that")
     if problem := out_folder_problem("--out", out):
         raise UsageError(problem)
     for name, kind in RUN_PATHS.items():  # else found at the first checkpoint, image or the export: after training

@@ -216,6 +216,19 @@ def test_paths_of_the_wrong_kind_are_named_before_the_model_loads(ws, tmp_path, 
     assert capsys.readouterr().err == f"{train.PROG}: error: --out {ro / 'run'}: {ro} is not writable\n"
 
 
+def test_a_training_checkpoint_as_init_says_what_it_is_and_what_to_pass(ws, tmp_path, capsys, monkeypatch):
+    """Was "config: ...cldm_v21_color.yaml", then "checkpoint (unknown (...)) does not fit ControlLDM: the
+    checkpoint's (all)* does not match the model (...)": true, but no help."""
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded before the paths were checked"))
+    step = training_ckpt(tmp_path / "run" / "checkpoints" / "step=00000010.ckpt", 10)
+    assert train.main(without_config(args(ws, tmp_path / "out", "--init", step))) == 2
+    assert capsys.readouterr() == ("", f"{train.PROG}: error: --init {step}: a training checkpoint (step 10), not a "
+                                       "full checkpoint; --init is the file tool_add_control_sd21.py writes (a resume "
+                                       "too: the run's own --init): to continue from this one, pass it as --resume "
+                                       f"{step}; for its weights alone (colorize_inference.py --control), add --export "
+                                       "to that\n")
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_named_pipe_as_init_or_resume_is_called_one(ws, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded before the paths were checked"))
