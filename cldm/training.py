@@ -226,6 +226,9 @@ QUIET = (
     # a resume with another --ckpt-every: StepCheckpoint keeps no state worth restoring (it
     # prunes by the files in the folder)
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+    # a resume from a copied or moved OUT, or a fork: StepCheckpoint's best_* bookkeeping (by
+    # step, no metric) is used for nothing, and keeping goes by the files in the folder
+    r"The dirpath has changed from .* therefore `best_model_score`",
 )
 
 

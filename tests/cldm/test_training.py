@@ -169,7 +169,10 @@ def test_lightning_messages_that_do_not_apply_are_quieted(caplog):
              "treespec.is_leaf()` instead.",
              "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided "
              "during `Trainer` instantiation. Please add the following callbacks: [\"StepCheckpoint{'monitor': "
-             "'step', 'mode': 'max', 'every_n_train_steps': 1, 'every_n_epochs': 0, 'train_time_interval': None}\"]."]
+             "'step', 'mode': 'max', 'every_n_train_steps': 1, 'every_n_epochs': 0, 'train_time_interval': None}\"].",
+             "The dirpath has changed from '/x/a/checkpoints' to '/x/b/checkpoints', therefore `best_model_score`, "
+             "`kth_best_model_path`, `kth_value`, `last_model_path` and `best_k_models` won't be reloaded. Only "
+             "`best_model_path` will be reloaded."]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         training.quiet_lightning()

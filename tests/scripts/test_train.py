@@ -615,6 +615,20 @@ def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_p
     assert train.main(args(ws, out, "model.color_variant=v3")) == 2
 
 
+def test_a_resume_from_a_copied_out_says_nothing_of_lightnings_moved_dirpath(ws, tmp_path, capsys, recwarn):
+    """`cp -r runs/a runs/b`, then the command with --out runs/b: Lightning warned that the dirpath
+    changed and best_model_score would not be reloaded; there is no metric, and keeping goes by
+    the files in the folder."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(args(ws, a, "--max-steps", 1, "--num-workers", 0, "--no-progress")) == 0
+    shutil.copytree(a, b)
+    capsys.readouterr()
+    assert train.main(args(ws, b, "--max-steps", 2, "--num-workers", 0, "--no-progress")) == 0
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step=00000001.ckpt", "step=00000002.ckpt"]
+    assert not [str(w.message) for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert "dirpath" not in capsys.readouterr().err
+
+
 def test_a_resume_under_accumulate_leaves_the_checkpoint_it_resumed_from_as_it_was(ws, tmp_path):
     """The first batch of a resume (no optimiser step yet) rewrote step=2.ckpt, one batch into the window."""
     out = tmp_path / "run"
