@@ -173,6 +173,8 @@ def prepare(args):
     check_paths(data, init, out)  # first: the config may come from --init or OUT
     source = config_source(out, init, args.config, args.resume)
     cfg = run_config(args, source)
+    if args.config is None and is_launch_rank_zero():  # say which one it found: the run's first line, before notes
+        print(f"config: {source if isinstance(source, Path) else f'the one {init} records'}")
     world = check_launcher(args.devices, args.num_nodes, args.accelerator)
     ckpt_dir = out / "checkpoints"
     if is_launch_rank_zero():
@@ -193,8 +195,6 @@ def prepare(args):
     L.seed_everything(t.seed, workers=True, verbose=False)
     check_saved_config(init, cfg, source, args.overrides, remedy=saved_config_remedy(args, source),
                        free=("only_mid_control",))  # cheap; an init may be trained either way
-    if args.config is None and is_launch_rank_zero():  # say which one it found
-        print(f"config: {source if isinstance(source, Path) else f'the one {init} records'}")
     model = build_model(cfg, init)
     module = ColorControlModule(
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,

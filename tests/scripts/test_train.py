@@ -1,6 +1,7 @@
 """tutorial_train_sd21_color_v2.py end to end on the tiny config: runs, errors, SIGKILL + resume, DDP."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -1217,6 +1218,26 @@ def test_the_notes_before_a_resume_name_skipped_checkpoints_and_nothing_to_train
                          (["--max-steps", 6], skipped)):
         assert train.main(args(ws, out, "--max-steps", 5, *extra)) == 2
         assert capsys.readouterr().err == notes + stopped, extra
+
+
+def test_the_config_found_is_the_runs_first_line_before_any_note(ws, tmp_path, monkeypatch):
+    """docs/TRAINING.md says so; the note of a cut-short checkpoint came first."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    record_config(out, train_config.run_config(train.parser().parse_args(args(ws, out))))
+    ckpt = training_ckpt(out / "checkpoints" / "step=00000005.ckpt", 5)
+    cut = out / "checkpoints" / "step=00000006.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:100])
+    stop_before_the_model_loads(monkeypatch)
+    both = io.StringIO()  # stdout and stderr in the order they were written, as on a terminal
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    assert train.main(without_config(args(ws, out, "--max-steps", 7))) == 2
+    assert both.getvalue().splitlines() == [
+        f"config: {out / 'config.yaml'}",
+        f"{train.PROG}: note: skipped {cut}: not a whole checkpoint file (cut short?); not resumed from nor counted "
+        "toward --ckpt-keep; move it away",
+        f"{train.PROG}: error: stopped before the model load"]
 
 
 def test_no_nothing_to_train_note_before_the_trainer_refuses_its_setup(ws, tmp_path, capsys, monkeypatch):
