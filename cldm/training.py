@@ -172,6 +172,7 @@ def export(module, out: Path, cfg, step: int, init: Path) -> Path:
     from atomicio import write_bytes_atomic
     from cldm.trainable import export_control
 
+    out.mkdir(parents=True, exist_ok=True)  # new with --export into another OUT (a fork's)
     write_bytes_atomic(out / "control.yaml", OmegaConf.to_yaml(cfg).encode())
     # the locked weights' digest: inference can tell SD weights other than --init's (768-v has
     # 512-base's shapes, so nothing else can)

@@ -612,6 +612,13 @@ def test_sigkill_then_resume_auto_finishes_with_logs_images_and_export(ws, tmp_p
     assert train.main(args(ws, out, "--export")) == 0
     again = load_state_dict(out / "control.safetensors")
     assert again.keys() == export.keys() and all(torch.equal(again[k], export[k]) for k in export)
+    # and into a new OUT, from a checkpoint given (a fork's export: was "No such file or directory"
+    # naming the temporary file of control.yaml there)
+    fork = tmp_path / "fork" / "new"
+    assert train.main(args(ws, fork, "--resume", out / "checkpoints" / f"step={step:08d}.ckpt", "--export")) == 0
+    forked = load_state_dict(fork / "control.safetensors")
+    assert forked.keys() == export.keys() and all(torch.equal(forked[k], export[k]) for k in export)
+    assert (fork / "control.yaml").read_text() == (out / "control.yaml").read_text()
     # checkpoints of another model config in the same OUT are refused
     assert train.main(args(ws, out, "model.color_variant=v3")) == 2
 
