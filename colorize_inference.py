@@ -9,9 +9,10 @@ Writes one PNG per input frame (same name stem; 16-bit where the input frame is 
 at the input's size. Luminance-true by default: only the colour comes from the model, the
 lightness is the input's exactly. Modes and when to use which: docs/INFERENCE.md.
 
-If a run stops at a bad frame, every output written before it is complete (each is written
-under a temporary name and renamed). Rerun from that frame with --frames N: to continue
-(fixed mode and the reinhard baselines then give exactly the result of an uninterrupted
+If a run stops (at a bad frame, say), every output it wrote is complete (each is written
+under a temporary name and renamed), and its last line names the --frames N: that continues
+it: not always the bad frame (in fixed mode, the first frame of its batch). Rerun with that
+range (fixed mode and the reinhard baselines then give exactly the result of an uninterrupted
 run; fixed mode stopped part-way through writing a batch is told its first frame, with
 --overwrite; recursive/anchored restart their chain and flow its walk at frame N; flow from a
 --reference-frame before N is told to go on from that frame, with --overwrite), or rerun the

@@ -611,7 +611,9 @@ def test_help_explains_every_flag(capsys):
     flat = " ".join(text.split())
     assert "EXPERIMENTAL: reference guidance" in flat and "reference dropout" in flat
     assert "reinhard-bands" in flat and "Reinhard et al. 2001 global Lab mean/std transfer" in flat
-    assert "--frames N: to continue" in flat
+    # the line's range, not "from that frame": in fixed mode it starts at the bad frame's batch
+    assert "its last line names the --frames N: that continues it: not always the bad frame (in fixed mode, the " \
+           "first frame of its batch). Rerun with that range" in flat and "Rerun from that frame" not in flat
     # not "a frame's result does not depend on --batch or --frames": another batch can move it by a level
     assert "its result only by float rounding (an 8-bit level at most) where its batch holds other frames" in flat
     assert re.search(r"--input DIR\|VIDEO grayscale frames: .*8/16-bit gray, gray\+alpha, RGB or RGBA: alpha is ignored, "
