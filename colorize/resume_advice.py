@@ -121,7 +121,21 @@ def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.Or
         then = f": {mend}, then --frames {plan.clip}: writes the video" if mend and plan.clip else ""
         return f"{message} (the {outputs(writer.count, 'new ')} written and complete; only --video is missing{then})"
     go_on = where_to_continue(plan, writer.count, writer.next_frame, e)
-    return f"{message} (the {outputs(writer.count, before='before it')} written and complete; {go_on})"
+    batch = batch_not_written(plan, writer.count, writer.next_frame, e)
+    before = "before it" if batch is None else f"before its batch, frames {batch[0]}-{batch[1]},"
+    return f"{message} (the {outputs(writer.count, before=before)} written and complete; {go_on})"
+
+
+def batch_not_written(plan: RunPlan, written: int, next_frame: int, e: BaseException) -> tuple[int, int] | None:
+    """The first and last frame of the fixed-mode batch that `e` (not a write's error) stopped
+    before any of its outputs was written, where it has more than one: the frame `e` names can
+    be any of them, so not every frame before it has an output. None elsewhere."""
+    if plan.method != "model" or plan.mode != "fixed" or isinstance(e, (OSError, O.OutputError)) \
+            or (next_frame - plan.frames.start) % plan.batch or written == plan.total:
+        return None
+    stop = plan.frames.stop if plan.total is None else plan.frames.start + plan.total
+    last = next_frame + plan.batch - 1 if stop is None else min(next_frame + plan.batch, stop) - 1
+    return (next_frame, last) if last > next_frame else None
 
 
 def where_it_stopped(args, frames: slice, out: Path, writer: O.OrderedWriter, plan: RunPlan, only_video: bool,

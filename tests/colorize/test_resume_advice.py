@@ -111,6 +111,26 @@ def test_an_unreadable_earlier_output_after_new_ones_says_how_to_mend_it_where_t
         f"out/000001.png: unreadable (the 2 new outputs are written and complete; only --video is missing{then})")
 
 
+@pytest.mark.parametrize("run, error, before", [
+    (plan("model", frames=slice(0, 8), total=8), FrameSourceError("f6.png", "bad"), "before its batch, frames 4-7,"),
+    (plan("model", frames=slice(0, 6), total=6), FrameSourceError("f5.png", "bad"), "before its batch, frames 4-5,"),
+    (plan("model", frames=slice(0, None), total=None), FrameSourceError("f6.png", "bad"),
+     "before its batch, frames 4-7,"),
+    (plan("model", frames=slice(0, 5), total=5), FrameSourceError("f4.png", "bad"), "before it"),  # a batch of one
+    (plan("model", batch=1, frames=slice(0, 8), total=8), FrameSourceError("f4.png", "bad"), "before it"),
+    (plan("model", "recursive", frames=slice(0, 8), total=8), FrameSourceError("f4.png", "bad"), "before it"),
+    (plan("reinhard", frames=slice(0, 8), total=8), FrameSourceError("f4.png", "bad"), "before it"),
+    (plan("model", frames=slice(0, 8), total=8), OSError("cannot write f4.png"), "before it"),  # writing frame 4
+])
+def test_a_stop_before_a_batchs_outputs_names_the_batch_not_every_frame_before_it(tmp_path, run, error, before):
+    """A frame that stops fixed mode stops its whole batch: with frame 6 bad at --batch 4, frames
+    4 and 5 have no output either, so "the 4 outputs before it" named frames that were not written."""
+    writer = O.OrderedWriter(tmp_path, 0)
+    writer.count, writer.next_frame = 4, 4
+    said = stopped_by(error, SimpleNamespace(size=512, batch=4), None, writer, run)
+    assert said == f"{error} (the 4 outputs {before} are written and complete; --frames 4:" \
+                   f"{run.frames.stop or ''} continues)"
+
 def test_a_video_gone_from_where_an_old_one_was_is_not_taken_for_the_runs_own(tmp_path):
     """--overwrite's old --video removed during the run (nothing there at the stop): the stop came
     before this run's video was renamed into place, so it goes on; not "as it finished"."""

@@ -180,6 +180,22 @@ def test_a_bad_frame_mid_clip_keeps_what_was_written_and_says_how_to_resume(env,
     assert snapshot(out) == snapshot(tmp_path / "whole")
 
 
+def test_a_bad_frame_in_a_later_batch_names_the_batch_the_outputs_stop_before(env, tmp_path, capsys):
+    """Fixed mode at --batch 4 with frame 6 unreadable: frames 4 and 5 are not written either (their
+    batch never ran), so the line said "the 4 outputs before it", as if every frame before 6 were."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in range(8):
+        (src / f"f{n}.png").write_bytes((env["gray"] / f"f{n % 4}.png").read_bytes())
+    (src / "f6.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--batch", "4",
+                      "--no-progress", *FAST, "--out", out], capsys)
+    assert rc == 2 and err.splitlines()[-1].endswith(
+        "f6.png: not a readable image (the 4 outputs before its batch, frames 4-7, are written and complete; "
+        "--frames 4: continues)"), err
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+
 def _advice(line: str, pattern: str) -> list[str]:
     """The flags an error line advises, as argv (e.g. ["--frames", "4:6"])."""
     return re.search(pattern, line).group(1).split()
@@ -197,8 +213,8 @@ def test_a_truncated_video_gets_advice_that_works(env, tmp_path, capsys):
     rc, _, err = run([*args, "--out", out], capsys)
     line = err.splitlines()[-1]
     assert rc == 2 and line.endswith(  # frames 4-5, a batch being made when the file ran out, are not written
-        "cut.avi: truncated or corrupt: decoded 6 of 12 frames (the 4 outputs before it are written and complete; "
-        "--frames 4:6 colourises the rest of the frames it holds; with a complete copy of the file, --frames 4: "
+        "cut.avi: truncated or corrupt: decoded 6 of 12 frames (the 4 outputs before its batch, frames 4-7, are "
+        "written and complete; --frames 4:6 colourises the rest of the frames it holds; with a complete copy of the file, --frames 4: "
         "--overwrite continues)"), err
     shutil.copytree(out, tmp_path / "copy")
     rc, _, err = run([*args, "--out", tmp_path / "v", "--video", tmp_path / "v.mp4"], capsys)
