@@ -427,11 +427,22 @@ class Colorizer:
         broken = ~np.isfinite(rgb).all(axis=(1, 2, 3))
         if broken.any():  # clamp keeps NaN, and NaN would be written as black
             raise InferenceError(f"the model's output for frame {pending.indices[int(broken.argmax())]} is NaN or "
-                                 "infinite: the weights or settings overflow (a --ref-guidance far from 1, fp16 "
-                                 "with weights it cannot hold: try --precision fp32)")
+                                 f"infinite: {self._why_not_finite()}")
         if pool is None or len(rgb) == 1:
             return [self._finish(c, g) for c, g in zip(rgb, pending.grays)]
         return list(pool.map(self._finish, rgb, pending.grays))
+
+    def _why_not_finite(self) -> str:
+        """What can make the output NaN: damaged weights always (a plain fp32 run with default
+        settings has nothing else to blame), and only the settings this run has that can overflow."""
+        settings = []
+        if self.opt.ref_guidance != 1.0:
+            settings.append(f"--ref-guidance {self.opt.ref_guidance:g}: try one nearer 1")
+        if self.dtype != torch.float32:
+            name = next(k for k, v in PRECISIONS.items() if v == self.dtype)
+            settings.append(f"{name}, which may not hold the weights: try --precision fp32")
+        why = "the weights may be damaged or wrong (the --ckpt or --control file)"
+        return why + (f", or the settings overflow ({'; '.join(settings)})" if settings else "")
 
     def run(self, grays: Sequence[np.ndarray], indices: Sequence[int], refs: Sequence[Reference],
             pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:

@@ -578,6 +578,26 @@ def test_finish_refuses_nan_naming_the_frame(model):
         col.finish(P.Pending(rgb, None, grays, [4, 5, 6]))
 
 
+WEIGHTS = "the weights may be damaged or wrong (the --ckpt or --control file)"
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(), WEIGHTS),  # was "the weights or settings overflow (a --ref-guidance far from 1, fp16 ...)"
+    (dict(ref_guidance=30.0), f"{WEIGHTS}, or the settings overflow (--ref-guidance 30: try one nearer 1)"),
+    (dict(precision="fp16"), f"{WEIGHTS}, or the settings overflow (fp16, which may not hold the weights: try "
+                             "--precision fp32)"),
+    (dict(precision="bf16", ref_guidance=0.0), f"{WEIGHTS}, or the settings overflow (--ref-guidance 0: try one "
+                                               "nearer 1; bf16, which may not hold the weights: try --precision fp32)"),
+])
+def test_a_nan_output_blames_the_weights_and_only_the_settings_the_run_has(model, options, why):
+    """A damaged checkpoint gives NaN in a plain fp32 run too, where --precision fp32 and a
+    --ref-guidance near 1 are already so."""
+    col = P.Colorizer(model, (8, 8), P.Options(size=64, **options))
+    rgb = torch.full((1, 64, 64, 3), float("nan"))
+    with pytest.raises(P.InferenceError) as e:
+        col.finish(P.Pending(rgb, None, [np.full((8, 8), 0.5, np.float32)], [3]))
+    assert str(e.value) == f"the model's output for frame 3 is NaN or infinite: {why}"
+
 def test_video_outputs_are_numbered_from_zero(tmp_path):
     from tests.annotator.clips import panning_clip, write_video
 
