@@ -444,6 +444,8 @@ def load_model(args, source: Path | DictConfig, device: torch.device, info: Sour
         P.checked_model_size(input_size(args.input, info, start), args.size)
     except FrameSourceError:
         pass
+    if problem := file_problem(args.ckpt):  # here, not up front: a run that only writes --video reads no weights
+        raise UsageError(f"--ckpt {args.ckpt}: {problem}")  # before the config line, which it followed
     if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
         print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
     model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source,

@@ -416,7 +416,7 @@ def _bad_cases(env, tmp):
         "no reference": (["--input", g, "--ckpt", ck, *FAST], "no reference"),
         "no checkpoint": (["--input", g, "--reference", ref, *FAST], "needs --ckpt"),
         "missing checkpoint": (["--input", g, "--reference", ref, "--ckpt", tmp / "nope.safetensors", *FAST],
-                               "no such file"),
+                               f"--ckpt {tmp / 'nope.safetensors'}: no such file"),
         "corrupt checkpoint": (["--input", g, "--reference", ref, "--ckpt", junk, *FAST], "not a safetensors file"),
         "wrong checkpoint": (["--input", g, "--reference", ref, "--ckpt", other, *FAST],
                              "model tensors found in the checkpoint; the file holds: unknown (no "),
@@ -462,11 +462,23 @@ def _bad_cases(env, tmp):
     }
 
 
+@pytest.mark.parametrize("flag, name, says", [("--ckpt", "nope.safetensors", "no such file"),
+                                              ("--ckpt", "folder", "is a folder"),
+                                              ("--control", "nope.safetensors", "no such file")])
+def test_a_missing_checkpoint_is_the_error_alone(env, tmp_path, capsys, flag, name, says):
+    """Without --config the run prints the config it found ("config: .../cldm_v21_color.yaml" for a
+    missing --ckpt) before the load: that line came before the error."""
+    (tmp_path / "folder").mkdir()
+    files = {"--ckpt": env["ckpt"], "--control": None, flag: tmp_path / name}
+    rc, out, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--size", "64", "--out",
+                        tmp_path / "out", *[a for k, v in files.items() if v is not None for a in (k, v)]], capsys)
+    assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {flag} {tmp_path / name}: {says}\n")
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 @pytest.mark.parametrize("flag, says", [
     ("--reference", "{pipe}: reference image not a regular file"),
     ("--control", "--control {pipe}: not a regular file"),
-    ("--ckpt", "{pipe}: not a regular file"),
+    ("--ckpt", "--ckpt {pipe}: not a regular file"),
     ("--config", "config {pipe}: not a regular file"),
 ])
 def test_a_named_pipe_as_an_input_file_is_called_one_not_missing(env, tmp_path, capsys, flag, says):
