@@ -419,7 +419,10 @@ def load_references(args) -> M.References:
     for n in args.reference_frame:
         if n < 0:
             raise UsageError(f"--reference-frame {n}: frame numbers start at 0")
-        ref = P.reference_frame(source, n)
+        try:  # --gt's first read: its errors name the flag
+            ref = P.reference_frame(source, n)
+        except FrameSourceError as e:
+            raise UsageError(f"{'--gt' if args.gt else '--input'} {e}") from None
         if not P.to_gray(ref)[1]:
             what = "--gt" if args.gt else "--input, as no --gt is given"
             raise UsageError(f"--reference-frame {n}: frame {n} of {source} ({what}) is gray, not colour")
@@ -463,9 +466,12 @@ def run(args) -> int:
     frames = parse_range(args.frames)
     device = resolve_device(args.device) if args.method == "model" else None
     # A folder is checked by listing it (reading any frame could hit one outside --frames);
-    # a video by decoding its first frame.
-    info = None if Path(args.input).is_dir() else probe(args.input)
-    out, names, clip_length = planned_outputs(args, frames, info)
+    # a video by decoding its first frame. Their errors name the flag, as other flags' do.
+    try:
+        info = None if Path(args.input).is_dir() else probe(args.input)
+        out, names, clip_length = planned_outputs(args, frames, info)  # lists a folder
+    except FrameSourceError as e:
+        raise UsageError(f"--input {e}") from None
     # --frames N: at the clip's end with --video: only the video, from the outputs in --out (the
     # references and the model are not read: nothing is colourised)
     only_video = video_only(frames, names)

@@ -408,9 +408,11 @@ def _bad_cases(env, tmp):
                                   "frames of 143x80 at size 5000 mean model frames of 8960x4992; sides above 4096"),
         "model output not finite": (["--input", g, *base, "--ref-guidance", "1e30"],
                                     "the model's output for frame 0 is NaN or infinite"),
-        "empty folder": (["--input", empty, *base], "contains no image frames"),
+        "empty folder": (["--input", empty, *base], f"--input {empty}: folder contains no image frames"),
         "unreadable frame": (["--input", broken, *base], "f1.png: not a readable image"),
-        "missing input": (["--input", tmp / "nope", *base], "no such file or folder"),
+        "missing input": (["--input", tmp / "nope", *base], f"--input {tmp / 'nope'}: no such file or folder"),
+        "missing gt": (["--input", g, "--gt", tmp / "nope", "--reference-frame", "0", "--ckpt", ck, *FAST],
+                       f"--gt {tmp / 'nope'}: no such file or folder"),
         "missing reference": (["--input", g, "--reference", tmp / "nope.png", "--ckpt", ck, *FAST],
                               "nope.png: reference image not found"),
         "no reference": (["--input", g, "--ckpt", ck, *FAST], "no reference"),
@@ -473,6 +475,26 @@ def test_a_missing_checkpoint_is_the_error_alone(env, tmp_path, capsys, flag, na
     rc, out, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--size", "64", "--out",
                         tmp_path / "out", *[a for k, v in files.items() if v is not None for a in (k, v)]], capsys)
     assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {flag} {tmp_path / name}: {says}\n")
+
+@pytest.mark.parametrize("case, says", [
+    ("missing input", "--input {tmp}/nope: no such file or folder"),
+    ("missing gt", "--gt {tmp}/nope: no such file or folder"),
+    ("text as gt", "--gt {tmp}/text.mp4: cannot open video (unreadable, truncated or not a video)"),
+    ("broken gt frame", "--gt {tmp}/broken/f0.png: not a readable image"),
+    ("broken input frame as reference", "--input {tmp}/broken/f0.png: not a readable image"),
+])
+def test_a_missing_or_unreadable_source_names_its_flag(env, tmp_path, capsys, case, says):
+    """Was "{tmp}/nope: no such file or folder", naming no flag, as every other flag's error does."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "f0.png").write_bytes(b"not a png")
+    (tmp_path / "text.mp4").write_text("not a video")
+    gt = {"missing gt": "nope", "text as gt": "text.mp4", "broken gt frame": "broken"}.get(case)
+    source = {"missing input": tmp_path / "nope", "broken input frame as reference": tmp_path / "broken"}
+    argv = ["--input", source.get(case, env["gray"]), "--reference-frame", "0", "--method", "reinhard",
+            "--no-progress", "--out", tmp_path / "out", *(["--gt", tmp_path / gt] if gt else [])]
+    rc, out, err = run(argv, capsys)
+    assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {says.format(tmp=tmp_path)}\n")
+    assert not (tmp_path / "out").exists()
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 @pytest.mark.parametrize("flag, says", [
@@ -1247,7 +1269,7 @@ def test_a_broken_video_is_one_line_without_ffmpegs_own(env, tmp_path):
                           str(env["refs"][0]), "--method", "reinhard", "--out", str(tmp_path / "out")],
                          env=clean, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-    assert res.stderr.startswith(f"colorize_inference.py: error: {bad}: cannot open video"), res.stderr
+    assert res.stderr.startswith(f"colorize_inference.py: error: --input {bad}: cannot open video"), res.stderr
 
 
 def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, monkeypatch):
