@@ -417,17 +417,17 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
                     raise
                 raise UsageError(line) from None
         bar_line = "\n" if trainer.progress_bar_callback is not None else ""  # the bar's line is unfinished
-        # the line is global rank 0's (under DDP every process stops, with the same status)
+        # the line is global rank 0's (under DDP every process stops, with the same status); step 0
+        # of a resumed run: stopped while Lightning restored the checkpoint
+        at = f"at step {trainer.global_step}" if resume is None or trainer.global_step else \
+            f"while resuming from {Path(resume).name}"
         if received:
             if trainer.is_global_zero:
-                # step 0 of a resumed run: stopped while Lightning restored the checkpoint
-                at = f"at step {trainer.global_step}" if resume is None or trainer.global_step else \
-                    f"while resuming from {Path(resume).name}"
                 print(f"{bar_line}{PROG}: stopped by SIGTERM {at}; {rerun_hint(out)}", file=sys.stderr)
             return 143
         if trainer.interrupted:
             if trainer.is_global_zero:
-                print(f"{bar_line}{PROG}: interrupted; {rerun_hint(out)}", file=sys.stderr)
+                print(f"{bar_line}{PROG}: interrupted {at}; {rerun_hint(out)}", file=sys.stderr)
             return 130
         if trainer.is_global_zero:
             path = export(module, out, cfg, trainer.global_step, Path(args.init))

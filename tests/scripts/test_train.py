@@ -356,7 +356,7 @@ def run_and_kill(ws, out, max_steps, when, seed, sig=signal.SIGKILL):
 
 
 @pytest.mark.parametrize("sig, status, message", [
-    (signal.SIGINT, 130, "interrupted; rerun the same command to resume from the newest checkpoint"),
+    (signal.SIGINT, 130, r"interrupted at step \d+; rerun the same command to resume from the newest checkpoint"),
     (signal.SIGTERM, 143, r"stopped by SIGTERM at step \d+; rerun the same command to resume from the newest checkpoint"),
 ])
 def test_ctrl_c_and_sigterm_while_training_exit_as_interrupted(ws, tmp_path, sig, status, message):
@@ -1521,7 +1521,7 @@ def test_a_data_loader_process_killed_by_sigterm_during_a_checkpoint_write_stops
 @pytest.mark.parametrize("stop, status, line", [
     ("sigterm", 143, "stopped by SIGTERM at step 7; no checkpoint saved yet (see --ckpt-every); rerun the same command "
                      "to start over"),
-    ("ctrl_c", 130, "interrupted; no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"),
+    ("ctrl_c", 130, "interrupted at step 7; no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"),
 ])
 def test_a_stop_under_ddp_is_said_by_global_rank_zero_alone(tmp_path, capsys, rank_zero, stop, status, line):
     """Every process of a DDP run stops with the status, but the line is global rank 0's: each one
