@@ -21,12 +21,10 @@ nothing is left behind), 130 / 143 stopped by Ctrl-C / SIGTERM (nothing left beh
 from __future__ import annotations
 
 import argparse
-import errno
 import os
-import shutil
 from pathlib import Path
 
-from cliutil import (MAX_SEED, OneLineParser, config_override, exit_quietly, one_line, out_file_problem, out_of_memory,
+from cliutil import (MAX_SEED, OneLineParser, config_override, exit_quietly, out_file_problem, out_of_memory,
                      path_arg, quiet_startup_signals, run_cli, seed_arg)
 
 if __name__ == "__main__":
@@ -34,9 +32,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
-from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict  # noqa: E402
+from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint  # noqa: E402
 from cldm.checkpoint_fit import CONTROL, guess_kind  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config  # noqa: E402
@@ -92,28 +90,6 @@ def variant_overrides(variant: str | None, overrides: list[str]) -> list[str]:
     if variant and any(v != variant for v in given):
         raise ValueError(f"--variant {variant} contradicts the override {VARIANT_KEY}={given[-1]}; give one of them")
     return list(overrides) + ([f"{VARIANT_KEY}={variant}"] if variant else [])
-
-
-def save_checkpoint(state: dict, out_path: Path, metadata: dict) -> None:
-    """save_state_dict, with a full disk (or quota) as one line instead of the writers' own
-    errors (safetensors' SafetensorError, torch's "unexpected pos" RuntimeError, which says
-    nothing of the cause): checked up front, and again if the write fails. A failed write
-    leaves nothing behind (atomicio)."""
-    need = sum(t.numel() * t.element_size() for t in state.values())
-    free = shutil.disk_usage(out_path.parent).free
-    if free < need:
-        raise OSError(f"{out_path}: no space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
-                      f"{free / 2**20:.1f} MiB are free)")
-    try:
-        save_state_dict(state, out_path, metadata=metadata)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        text = str(e)
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
-                or "quota" in text.lower() or shutil.disk_usage(out_path.parent).free < need:
-            reason = "no space left on device (or disk quota exceeded)"
-        else:
-            reason = one_line(e, with_type=True)
-        raise OSError(f"{out_path}: cannot write the checkpoint: {reason}; nothing was written") from None
 
 
 def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = DEFAULT_CONFIG,

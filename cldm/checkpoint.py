@@ -9,16 +9,18 @@ Whether a state dict fits a model is cldm/checkpoint_fit.py. The command line li
 cldm/checkpoint_cli.py but runs under this module's name, the one docs and users know:
 `python -m cldm.checkpoint inspect|convert`.
 """
+import errno
 import itertools
 import logging
 import os
 import pickle
 import pickletools
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
 
-from cliutil import exit_quietly, file_problem, not_utf8, quiet_startup_signals
+from cliutil import exit_quietly, file_problem, not_utf8, one_line, quiet_startup_signals
 
 PROG = "python -m cldm.checkpoint"  # the CLI's name (cldm/checkpoint_cli.py): it runs as this module
 if __name__ == "__main__":  # Ctrl-C while torch loads: run_cli's one line, not an import traceback
@@ -297,6 +299,29 @@ def save_state_dict(sd, path, metadata=None):
             save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
         else:
             torch.save({"state_dict": tensors, **({"metadata": dict(metadata)} if metadata else {})}, tmp)
+
+
+def save_checkpoint(state: dict, out_path, metadata: dict | None = None) -> None:
+    """save_state_dict, with a full disk (or quota) as one line instead of the writers' own
+    errors (safetensors' SafetensorError, torch's "unexpected pos" RuntimeError, which says
+    nothing of the cause): checked up front, and again if the write fails. A failed write
+    leaves nothing behind (atomicio)."""
+    out_path = Path(out_path)
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    free = shutil.disk_usage(out_path.parent).free
+    if free < need:
+        raise OSError(f"{out_path}: no space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
+                      f"{free / 2**20:.1f} MiB are free)")
+    try:
+        save_state_dict(state, out_path, metadata=metadata)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        text = str(e)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
+                or "quota" in text.lower() or shutil.disk_usage(out_path.parent).free < need:
+            reason = "no space left on device (or disk quota exceeded)"
+        else:
+            reason = one_line(e, with_type=True)
+        raise OSError(f"{out_path}: cannot write the checkpoint: {reason}; nothing was written") from None
 
 
 if __name__ == "__main__":  # `python -m cldm.checkpoint`: the CLI, cldm/checkpoint_cli.py

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cldm import resume, trainable, weights_config
-from cldm.checkpoint import PROG, CheckpointError, check_extension, load_state_dict, read_metadata, save_state_dict
+from cldm.checkpoint import PROG, CheckpointError, check_extension, load_state_dict, read_metadata, save_checkpoint
 from cldm.checkpoint_fit import compare_state_dict, guess_kind, misfit
 from cldm.model import create_model, load_config
 from cliutil import OneLineParser, config_override, out_file_problem, path_arg, run_cli
@@ -120,6 +120,7 @@ def _convert(args):
         raise ValueError(f"{args.output}: the same file as the input; write to another name")
     sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
     meta = read_metadata(args.input, allow_pickle=args.allow_pickle)  # the config and provenance travel along
-    save_state_dict(sd, args.output, metadata={**meta, "converted_from": Path(args.input).name})
+    # a full disk is one line (the writers' own errors were tracebacks), as tool_add_control_sd21.py's
+    save_checkpoint(sd, args.output, metadata={**meta, "converted_from": Path(args.input).name})
     print(f"wrote {len(sd)} tensors to {args.output}")
     return 0

@@ -1,12 +1,14 @@
 """`python -m cldm.checkpoint inspect|convert`: what it prints, one-line errors, exit statuses, Ctrl-C."""
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
-from cldm import checkpoint_cli
+from cldm import checkpoint, checkpoint_cli
 from cldm.checkpoint import CheckpointError, load_state_dict, read_metadata, save_state_dict
 from cldm.checkpoint_cli import main
 from tests.helpers import Evil, TinyLDM, assert_same, ctrl_c_while_importing, tiny_colour_model
@@ -282,6 +284,36 @@ def test_convert_refuses_an_output_it_cannot_write_before_reading_the_input(tmp_
         assert main(["convert", str(src), str(out), "--overwrite"]) == 2
         assert capsys.readouterr().err == f"python -m cldm.checkpoint: error: {said}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "in.safetensors"]
+
+
+@pytest.mark.parametrize("fmt, error", [
+    ("safetensors", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    ("ckpt", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0"))])
+def test_convert_onto_a_disk_filling_during_the_write_is_one_line(tmp_path, capsys, monkeypatch, fmt, error):
+    """What safetensors and torch.save raise when the disk fills mid-write were tracebacks (exit 1):
+    one line, as tool_add_control_sd21.py's (the free space, checked again, says why)."""
+    src, out = tmp_path / "in.safetensors", tmp_path / f"o.{fmt}"
+    save_state_dict({"a": torch.ones(2)}, src)
+
+    def full(*a, **kw):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4, 4))
+        raise error
+    monkeypatch.setattr(checkpoint, "save_state_dict", full)
+    assert main(["convert", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == (f"python -m cldm.checkpoint: error: {out}: cannot write the checkpoint: no "
+                                       "space left on device (or disk quota exceeded); nothing was written\n")
+    assert not out.exists()
+
+
+def test_convert_refuses_too_little_free_space_before_writing(tmp_path, capsys, monkeypatch):
+    src, out = tmp_path / "in.safetensors", tmp_path / "o.safetensors"
+    save_state_dict({"a": torch.ones(2**18)}, src)  # 1 MiB of float32
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 2**19, 2**19))
+    monkeypatch.setattr(checkpoint, "save_state_dict", lambda *a, **kw: pytest.fail("started writing"))
+    assert main(["convert", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == (f"python -m cldm.checkpoint: error: {out}: no space left on device (the "
+                                       "checkpoint needs 1.0 MiB, 0.5 MiB are free)\n")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("argv, flag", [(["inspect", ""], "file"), (["inspect", "F", "--config", ""], "--config"),

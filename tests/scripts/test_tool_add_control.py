@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import tool_add_control_sd21 as tool
+from cldm import checkpoint
 from cldm.checkpoint import load_state_dict
 from cldm.model import TINY_CONFIG, create_model, load_config
 from cldm.weights_config import resolve_config
@@ -322,10 +323,10 @@ def test_a_disk_filling_during_the_write_is_one_line(sd_files, tmp_path, capsys,
 
     def full(*a, **kw):
         calls.append(1)
-        monkeypatch.setattr(tool.shutil, "disk_usage", _disk(1000))  # filled up by the write
+        monkeypatch.setattr(shutil, "disk_usage", _disk(1000))  # filled up by the write
         raise error
 
-    monkeypatch.setattr(tool, "save_state_dict", full)
+    monkeypatch.setattr(checkpoint, "save_state_dict", full)
     assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
     assert calls == [1] and capsys.readouterr().err == (
         f"tool_add_control_sd21.py: error: {out}: cannot write the checkpoint: no space left on device "
@@ -335,8 +336,8 @@ def test_a_disk_filling_during_the_write_is_one_line(sd_files, tmp_path, capsys,
 def test_too_little_free_space_is_refused_before_writing(sd_files, tmp_path, capsys, monkeypatch):
     _, d = sd_files
     out = tmp_path / "o.safetensors"
-    monkeypatch.setattr(tool.shutil, "disk_usage", _disk(2 * 2**20))
-    monkeypatch.setattr(tool, "save_state_dict", lambda *a, **kw: pytest.fail("started writing"))
+    monkeypatch.setattr(shutil, "disk_usage", _disk(2 * 2**20))
+    monkeypatch.setattr(checkpoint, "save_state_dict", lambda *a, **kw: pytest.fail("started writing"))
     assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(rf"tool_add_control_sd21.py: error: {re.escape(str(out))}: no space left on device \(the "
@@ -466,12 +467,12 @@ def test_the_free_space_needed_is_the_checkpoints_bytes(sd_files, tmp_path, caps
     capsys.readouterr()
     need = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "o.safetensors").values())
     assert need > 2**20
-    monkeypatch.setattr(tool.shutil, "disk_usage", _disk(need - 1))
+    monkeypatch.setattr(shutil, "disk_usage", _disk(need - 1))
     assert tool.main([*argv, "--overwrite"]) == 2
     assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {tmp_path / 'o.safetensors'}: no space left "
                                        f"on device (the checkpoint needs {need / 2**20:.1f} MiB, "
                                        f"{(need - 1) / 2**20:.1f} MiB are free)\n")
-    monkeypatch.setattr(tool.shutil, "disk_usage", _disk(need))
+    monkeypatch.setattr(shutil, "disk_usage", _disk(need))
     assert tool.main([*argv, "--overwrite"]) == 0
 
 
@@ -489,7 +490,7 @@ def test_a_failed_write_says_why(sd_files, tmp_path, capsys, monkeypatch, error,
 
     def fails(*a, **kw):
         raise error
-    monkeypatch.setattr(tool, "save_state_dict", fails)
+    monkeypatch.setattr(checkpoint, "save_state_dict", fails)
     assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
     assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {out}: cannot write the checkpoint: "
                                        f"{reason}; nothing was written\n")
