@@ -40,8 +40,10 @@ from cliutil import HELD_SIGNALS, one_line, signals_deferred
 
 
 # Writes that fail with these say nothing about the movie being built, only about DATA_ROOT (EACCES: a
-# folder without write permission; unreadable inputs are FrameSourceErrors, never an OSError here)
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# folder without write permission; EPERM: an immutable folder, some network file systems; unreadable
+# inputs, with these errnos too, are FrameSourceErrors, never an OSError here)
+REFUSED_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, *REFUSED_ERRNOS)
 
 
 class OutputError(OSError):
@@ -65,7 +67,7 @@ def raise_if_output_error(e: OSError, data_root) -> None:
     writable, a line naming DATA_ROOT sent the user to look in the wrong place."""
     if e.errno in OUTPUT_ERRNOS:
         where = data_root
-        if e.errno in (errno.EROFS, errno.EACCES) and e.filename:
+        if e.errno in REFUSED_ERRNOS and e.filename:
             path = Path(os.fsdecode(e.filename))
             where = path if path.exists() else path.parent
         raise OutputError(e.errno, where) from e

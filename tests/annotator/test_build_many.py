@@ -89,7 +89,8 @@ def test_an_output_error_names_where_the_write_was_refused(tmp_path):
              (errno.EACCES, root / "taken.json", root / "taken.json"),  # an existing file that refuses
              (errno.EACCES, root, root),
              (errno.ENOSPC, root / PARTIAL_DIR / "m1" / "frames", root),
-             (errno.EROFS, None, root)]
+             (errno.EROFS, None, root),
+             (errno.EPERM, root / PARTIAL_DIR / "m1", root / PARTIAL_DIR)]  # an immutable .partial (chattr +i)
     for code, filename, named in cases:
         e = OSError(code, os.strerror(code), *([str(filename)] if filename else []))
         with pytest.raises(build_many.OutputError) as got:
@@ -98,6 +99,24 @@ def test_an_output_error_names_where_the_write_was_refused(tmp_path):
         assert str(got.value) == f"{reason[0].lower()}{reason[1:]} ({named}); finished movies are kept, rerun to resume"
         assert got.value.where == str(named) and got.value.errno == code
     build_many.raise_if_output_error(OSError(errno.EIO, "I/O error", str(root)), root)  # not DATA_ROOT's: no OutputError
+
+
+def test_an_input_that_refuses_reading_with_eperm_is_still_a_bad_input(tmp_path, monkeypatch):
+    """EPERM stops the run when a write under DATA_ROOT is refused; a frame that cannot be read
+    with it is the movie's fault: skipped, the others built."""
+    bad = write_folder(panning_clip(4, 16, 24), tmp_path / "bad")
+    good = write_folder(panning_clip(4, 16, 24, seed=1), tmp_path / "good")
+    real = np.fromfile
+
+    def refused(path, *a, **kw):
+        if Path(path).parent == bad:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(np, "fromfile", refused)
+    lines = []
+    s = build_all([bad, good], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert [m["movie_id"] for m in s.built] == ["good"]
+    assert lines == [f"skipped: {bad / 'frame0.png'}: cannot read file (Operation not permitted)"]
 
 
 def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):

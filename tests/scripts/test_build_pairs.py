@@ -451,9 +451,9 @@ def test_known_cut_gives_exact_dataset_pairs(tmp_path):
     assert pairs(low=0.80, high=0.88, min_gap=1) == expected({4})  # d <= 3 is above 0.88
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM])
 def test_full_disk_stops_the_run_instead_of_skipping_every_movie(tmp_path, monkeypatch, capsys, code):
-    """A write failing with ENOSPC (or EDQUOT, EROFS) says nothing about the movie: one line,
+    """A write failing with ENOSPC (or EDQUOT, EROFS, EACCES, EPERM) says nothing about the movie: one line,
     exit 2, the movie being built removed, the finished one kept, the rest never started."""
     import annotator.pairs
 
@@ -471,7 +471,8 @@ def test_full_disk_stops_the_run_instead_of_skipping_every_movie(tmp_path, monke
     assert build_pairs.main([*map(str, clips), "--out", str(out), "--size", "16", "--window", "2",
                              "--no-progress", "--threads", "1"]) == 2
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-              errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}[code]
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted"}[code]
     captured = capsys.readouterr()
     assert captured.err == f"build_pairs.py: error: {reason} ({out}); finished movies are kept, rerun to resume\n"
     assert captured.out == ""
