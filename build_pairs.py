@@ -15,9 +15,10 @@ SIGTERM (the movies being built are dropped, finished ones kept; rerun to resume
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, out_folder_problem, path_arg, quiet_opencv,
-                     quiet_startup_signals, run_cli)
+from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, one_line, out_folder_problem, path_arg,
+                     quiet_opencv, quiet_startup_signals, run_cli)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1 (got {args.workers})")
     if problem := out_folder_problem("--out", args.out):  # else a raw "[Errno 20] Not a directory"
         raise ValueError(problem)
+    try:  # what the checks above cannot see (/proc/x, /sys/x): the OS's bare "[Errno 2] ...: '/proc/x'"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {args.out}: cannot make the folder ({e.strerror or one_line(e)})") from None
     # Ctrl-C or SIGTERM stops the workers and removes the partial output of unfinished movies
     summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
                         strict=args.strict, progress=not args.no_progress)

@@ -307,6 +307,22 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys, monkeypa
     assert list(ro.iterdir()) == []
 
 
+@pytest.mark.parametrize("code", [errno.ENOENT, errno.EPERM])
+def test_an_out_the_os_will_not_make_says_so(tmp_path, capsys, monkeypatch, code):
+    """--out /proc/x (ENOENT) or /sys/x (EPERM) passes the checks and fails at the mkdir: the line was
+    the OS's bare "[Errno 2] No such file or directory: '/proc/x'", not saying what failed."""
+    clip = write_folder(panning_clip(3, 16, 24), tmp_path / "clip")
+    out = tmp_path / "data"
+
+    def refused(self, *a, **kw):
+        raise OSError(code, os.strerror(code), str(self))
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert build_pairs.main([str(clip), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"build_pairs.py: error: --out {out}: cannot make the folder "
+                                       f"({os.strerror(code)})\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("workers", [2, 1])
 def test_ctrl_c_stops_the_run(long_clips, tmp_path, start, workers):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while movies are
