@@ -51,7 +51,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsFormatter,
     )
     p.add_argument("inputs", type=path_arg, nargs="+", metavar="INPUT",
-                   help="video files (mp4, mkv, avi, mov, ...) and/or folders of frame images; each is one movie")
+                   help="video files (mp4, mkv, avi, mov, ...) and/or folders of frame images; each is one movie. "
+                        "A frame folder holds only images (sorted naturally: f2 before f10); hidden files and "
+                        "sub-folders are ignored, any other file (a stray Thumbs.db) skips the whole folder")
     p.add_argument("--out", type=path_arg, required=True, metavar="DATA_ROOT", help="output folder (created if missing)")
     p.add_argument("--size", type=int, default=512,
                    help=f"short side of the stored frames in pixels: a multiple of 8 up to {MAX_SIZE} (an 8K "

@@ -512,6 +512,22 @@ def test_a_data_root_without_write_permission_stops_the_run(tmp_path):
     assert p.stdout == "" and os.listdir(out) == []
 
 
+def test_the_help_states_the_frame_folder_rule_and_it_holds(tmp_path):
+    """Only in annotator/video.py's docstring before: a folder with one stray Thumbs.db skipped whole."""
+    from annotator.video import FrameSourceError, list_frame_files
+    text = " ".join(next(a for a in build_pairs.parser()._actions if a.metavar == "INPUT").help.split())
+    assert text.endswith("A frame folder holds only images (sorted naturally: f2 before f10); hidden files and "
+                         "sub-folders are ignored, any other file (a stray Thumbs.db) skips the whole folder")
+    folder = write_folder(panning_clip(3, 16, 24), tmp_path / "clip", pattern="f{:d}")
+    (folder / "f10.png").write_bytes((folder / "f1.png").read_bytes())
+    (folder / ".DS_Store").write_bytes(b"x")
+    (folder / "sub").mkdir()
+    assert [p.name for p in list_frame_files(folder)] == ["f0.png", "f1.png", "f2.png", "f10.png"]
+    (folder / "Thumbs.db").write_bytes(b"x")
+    with pytest.raises(FrameSourceError, match="Thumbs.db: not an image file"):
+        list_frame_files(folder)
+
+
 def test_shard_is_two_whole_numbers_with_0_le_i_lt_n():
     assert build_pairs.parse_shard("0/1") == (0, 1) and build_pairs.parse_shard("3/4") == (3, 4)
     for text, says in [("-1/2", "need 0 <= I < N, got '-1/2'"), ("2/2", "need 0 <= I < N, got '2/2'"),
