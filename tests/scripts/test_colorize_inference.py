@@ -145,13 +145,16 @@ def test_a_clip_in_parts_equals_one_run(env, tmp_path, capsys, noise):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
+def gray_folder(env, folder: Path, n: int, broken=()) -> Path:
+    """`n` gray frames f0.png.. (the env's 4, repeated), those numbered in `broken` not images."""
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"f{i}.png").write_bytes(b"broken" if i in broken else (env["gray"] / f"f{i % 4}.png").read_bytes())
+    return folder
+
+
 def test_frames_outside_the_range_are_not_read(env, tmp_path, capsys):
-    src = tmp_path / "in"
-    src.mkdir()
-    for n in range(4):
-        (src / f"f{n}.png").write_bytes((env["gray"] / f"f{n}.png").read_bytes())
-    (src / "f0.png").write_bytes(b"broken")
-    (src / "f3.png").write_bytes(b"broken")
+    src = gray_folder(env, tmp_path / "in", 4, broken=(0, 3))
     for method in (["--ckpt", env["ckpt"], *FAST], ["--method", "reinhard"], ["--method", "flow"]):
         out = tmp_path / f"out{method[1]}"
         rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--frames", "1:3", "--out", out, *method],
@@ -161,11 +164,7 @@ def test_frames_outside_the_range_are_not_read(env, tmp_path, capsys):
 
 
 def test_a_bad_frame_mid_clip_keeps_what_was_written_and_says_how_to_resume(env, tmp_path, capsys):
-    src = tmp_path / "in"
-    src.mkdir()
-    for n in range(4):
-        (src / f"f{n}.png").write_bytes((env["gray"] / f"f{n}.png").read_bytes())
-    (src / "f2.png").write_bytes(b"broken")
+    src = gray_folder(env, tmp_path / "in", 4, broken=(2,))
     out = tmp_path / "out"
     args = ["--input", src, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--batch", "1", *FAST]
     rc, _, err = run([*args, "--out", out], capsys)
@@ -183,11 +182,7 @@ def test_a_bad_frame_mid_clip_keeps_what_was_written_and_says_how_to_resume(env,
 def test_a_bad_frame_in_a_later_batch_names_the_batch_the_outputs_stop_before(env, tmp_path, capsys):
     """Fixed mode at --batch 4 with frame 6 unreadable: frames 4 and 5 are not written either (their
     batch never ran), so the line said "the 4 outputs before it", as if every frame before 6 were."""
-    src = tmp_path / "in"
-    src.mkdir()
-    for n in range(8):
-        (src / f"f{n}.png").write_bytes((env["gray"] / f"f{n % 4}.png").read_bytes())
-    (src / "f6.png").write_bytes(b"broken")
+    src = gray_folder(env, tmp_path / "in", 8, broken=(6,))
     out = tmp_path / "out"
     rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--ckpt", env["ckpt"], "--batch", "4",
                       "--no-progress", *FAST, "--out", out], capsys)
@@ -195,6 +190,7 @@ def test_a_bad_frame_in_a_later_batch_names_the_batch_the_outputs_stop_before(en
         "f6.png: not a readable image (the 4 outputs before its batch, frames 4-7, are written and complete; "
         "--frames 4: continues)"), err
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+
 
 def _advice(line: str, pattern: str) -> list[str]:
     """The flags an error line advises, as argv (e.g. ["--frames", "4:6"])."""
