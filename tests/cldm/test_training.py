@@ -207,7 +207,7 @@ def test_a_stop_says_whether_a_rerun_resumes_or_starts_over(tmp_path, capsys, si
 
     out = tmp_path / "run"
     a = SimpleNamespace(out=str(out), init="init.safetensors")
-    stopped = "stopped by SIGTERM at step 0" if sigterm else "interrupted"
+    stopped = "stopped by SIGTERM at step 0" if sigterm else "interrupted at step 0"
     status = 143 if sigterm else 130
     assert training.fit(a, None, Stopped(), None, None, None) == status
     assert capsys.readouterr().err == (f"{PROG}: {stopped}; no checkpoint saved yet (see --ckpt-every); rerun "
