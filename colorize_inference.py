@@ -51,7 +51,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from annotator.video import FrameSourceError, SourceInfo, decode_image, list_frame_files, probe  # noqa: E402
 from cldm import weights_config  # noqa: E402
-from cldm.checkpoint import CheckpointError  # noqa: E402
+from cldm.checkpoint import CheckpointError, check_checkpoint_file  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize import audio as A, methods as M, outputs as O, resume_advice as R  # noqa: E402
@@ -260,9 +260,8 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     if args.method == "model" and not args.ckpt:
         raise UsageError("--method model needs --ckpt (or use a baseline that needs none: --method reinhard, "
                          "reinhard-bands or flow)")
-    if args.control and (problem := file_problem(args.control)):
-        raise UsageError(f"--control {args.control}: {problem}")
     if args.control:
+        check_weights_file("--control", args.control)
         from cldm.resume import read_training_checkpoint
         if read_training_checkpoint(args.control) is not None:  # "no control_model.* tensors" would follow
             raise UsageError(f"--control {args.control}: a training checkpoint, not an export; make one with "
@@ -432,6 +431,17 @@ def load_references(args) -> M.References:
     return M.References(refs, indices, labels)
 
 
+def check_weights_file(flag: str, path: str) -> None:
+    """A missing, unreadable, foreign or cut-short weights file as one line naming its flag, before
+    the "config:" line and the load (the file's header or zip directory is read, not its tensors)."""
+    if problem := file_problem(path):
+        raise UsageError(f"{flag} {path}: {problem}")
+    try:
+        check_checkpoint_file(path)
+    except CheckpointError as e:
+        raise UsageError(f"{flag} {e}") from None
+
+
 def resolve_device(name: str) -> torch.device:
     try:
         return L.resolve_device(name)
@@ -447,8 +457,7 @@ def load_model(args, source: Path | DictConfig, device: torch.device, info: Sour
         P.checked_model_size(input_size(args.input, info, start), args.size)
     except FrameSourceError:
         pass
-    if problem := file_problem(args.ckpt):  # here, not up front: a run that only writes --video reads no weights
-        raise UsageError(f"--ckpt {args.ckpt}: {problem}")  # before the config line, which it followed
+    check_weights_file("--ckpt", args.ckpt)  # here, not up front: a run that only writes --video reads no weights
     if args.config is None:  # say which config it found: beside or in the weights, or SD2.1's
         print(f"config: {source if isinstance(source, Path) else f'the one {args.control or args.ckpt} records'}")
     model = L.load_model(args.ckpt, args.control, args.config, args.set, device, args.allow_pickle, source,

@@ -135,6 +135,7 @@ RUN_PATHS = {"checkpoints": "folder", "images": "folder", "tb": "folder", "csv":
 
 def check_paths(data: Path, init: Path, out: Path) -> None:
     """One line for a path that is missing or of the wrong kind, before the (slow) model load."""
+    from cldm.checkpoint import CheckpointError, check_checkpoint_file
     from cldm.resume import read_training_checkpoint
 
     if not data.is_dir():
@@ -143,6 +144,10 @@ def check_paths(data: Path, init: Path, out: Path) -> None:
     if problem := file_problem(init, folder="a folder, not a checkpoint file"):
         hint = "" if problem == NOT_REGULAR else " (make it with tool_add_control_sd21.py)"
         raise UsageError(f"--init {init}: {problem}{hint}")
+    try:  # cut short or no checkpoint: said before the "config:" line
+        check_checkpoint_file(init)
+    except CheckpointError as e:
+        raise UsageError(f"--init {e}") from None
     if (training := read_training_checkpoint(init)) is not None:  # else "(all)* does not match", after the config
         raise UsageError(f"--init {init}: a training checkpoint (step {training.get('global_step', '?')}), not a full "
                          "checkpoint; --init is the file tool_add_control_sd21.py writes (a resume too: the run's own "

@@ -60,17 +60,12 @@ def load_state_dict(path, *, allow_pickle=False, map_location="cpu"):
     path = Path(path)
     if problem := file_problem(path, folder="is a folder, not a checkpoint file"):
         raise CheckpointError(f"{path}: {problem}")
+    check_checkpoint_file(path)
     if path.suffix == ".safetensors":
-        if not_utf8(path):  # else "truncated or not a safetensors file (Path ... is not valid UTF-8)"
-            raise CheckpointError(f"{path}: safetensors cannot open a file name that is not UTF-8; rename it")
         try:
             return load_file(path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
-            if _is_torch_file(path):  # else "header too large": the zip's first bytes read as its length
-                raise CheckpointError(f"{path}: looks like a torch checkpoint with a .safetensors extension; "
-                                      "rename it to .ckpt") from None
-            raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from None
-    check_checkpoint_file(path)
+            raise _safetensors_error(path, e) from None
     obj = _torch_load(path, map_location, allow_pickle)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -109,21 +104,37 @@ def read_metadata(path, *, allow_pickle=False) -> dict[str, str]:
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Refuse a file that is no checkpoint at all (a video, an image, ...) with a plain message,
-    before torch.load would call it "truncated or corrupt (UnpicklingError ...)".
+    """Refuse a file that is no checkpoint at all (a video, an image, ...) or is cut short, with
+    a plain message, in milliseconds: before a CLI says which config it uses or loads a model,
+    and before torch.load would call it "truncated or corrupt (UnpicklingError ...)".
 
-    .safetensors files are left to the loader (its message is already clear), as are missing
-    files. Torch checkpoints are zip archives (torch >= 1.6) or start with a pickle
-    protocol >= 2 opcode (the legacy format).
+    Read are a safetensors file's header (which must cover the whole file) and a torch zip's
+    directory at its end (torch >= 1.6; a legacy pickle's damage shows only when it loads).
+    Missing files are left to the loader.
     """
     path = Path(path)
-    if not path.is_file() or path.suffix == ".safetensors":
+    if not path.is_file():
         return
+    if path.suffix == ".safetensors":
+        if not_utf8(path):  # else "truncated or not a safetensors file (Path ... is not valid UTF-8)"
+            raise CheckpointError(f"{path}: safetensors cannot open a file name that is not UTF-8; rename it")
+        try:
+            with safe_open(str(path), "pt"):
+                return
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _safetensors_error(path, e) from None
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path):
+                return
+        except (zipfile.BadZipFile, OSError):
+            raise CheckpointError(f"{path}: truncated or corrupt (its zip directory, at the end of the file, is "
+                                  "missing or damaged)") from None
     if _torch_head(head):
         return
     if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
@@ -131,6 +142,12 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
                               "extension; rename it to .safetensors")
     raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or a torch "
                           ".ckpt/.pt/.pth zip or pickle)")
+
+
+def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
+    if _is_torch_file(path):  # else "header too large": the zip's first bytes read as its length
+        return CheckpointError(f"{path}: looks like a torch checkpoint with a .safetensors extension; rename it to .ckpt")
+    return CheckpointError(f"{path}: truncated or not a safetensors file ({e})")
 
 
 def _torch_head(head: bytes) -> bool:

@@ -255,6 +255,24 @@ def test_check_checkpoint_file_leaves_real_checkpoints_alone(tmp_path):
         assert checkpoint.check_checkpoint_file(tmp_path / name) is None
 
 
+@pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize("cut", [1, 100, 4000])
+def test_check_checkpoint_file_finds_a_file_cut_short(tmp_path, ext, cut):
+    """From the header (safetensors) or the zip directory at the end (torch): what a CLI checks
+    before it says which config it uses. Any cut is found, a single byte too."""
+    path = tmp_path / f"m{ext}"
+    save_state_dict({"a": torch.randn(4000), "b": torch.randn(10)}, path)
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.check_checkpoint_file(path)
+    said = {".safetensors": f"{path}: truncated or not a safetensors file (Error while deserializing header: ",
+            ".ckpt": f"{path}: truncated or corrupt (its zip directory, at the end of the file, is missing or damaged)"}
+    assert str(e.value).startswith(said[ext]) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError) as again:  # and the loader says the same
+        load_state_dict(path)
+    assert str(again.value) == str(e.value)
+
+
 def test_a_safetensors_file_whose_name_is_not_utf8_is_named_so(tmp_path):
     """safetensors cannot open such a name: the file itself is fine, so not "truncated or not a
     safetensors file"."""

@@ -18,6 +18,7 @@ import colorize_inference as cli
 from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm import weights_config
+from cldm.checkpoint import save_state_dict
 from cldm.model import TINY_CONFIG, load_config
 from colorize import loading as L, methods as M, outputs as O, pipeline as P, resume_advice as R
 from colorize.baselines import iter_baseline
@@ -460,13 +461,23 @@ def _bad_cases(env, tmp):
     }
 
 
+CUT_ZIP = "truncated or corrupt (its zip directory, at the end of the file, is missing or damaged)"
+
+
 @pytest.mark.parametrize("flag, name, says", [("--ckpt", "nope.safetensors", "no such file"),
                                               ("--ckpt", "folder", "is a folder"),
-                                              ("--control", "nope.safetensors", "no such file")])
+                                              ("--control", "nope.safetensors", "no such file"),
+                                              ("--ckpt", "cut.ckpt", CUT_ZIP), ("--control", "cut.ckpt", CUT_ZIP),
+                                              ("--ckpt", "text.ckpt", "not a checkpoint file (expected .safetensors, "
+                                               "or a torch .ckpt/.pt/.pth zip or pickle)")])
 def test_a_missing_checkpoint_is_the_error_alone(env, tmp_path, capsys, flag, name, says):
     """Without --config the run prints the config it found ("config: .../cldm_v21_color.yaml" for a
-    missing --ckpt) before the load: that line came before the error."""
+    missing --ckpt) before the load: that line came before the error. So did it for a file cut short
+    or one that is no checkpoint."""
     (tmp_path / "folder").mkdir()
+    save_state_dict({"a": torch.randn(1000)}, tmp_path / "cut.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "cut.ckpt").read_bytes()[:-10])
+    (tmp_path / "text.ckpt").write_text("hello\n")
     files = {"--ckpt": env["ckpt"], "--control": None, flag: tmp_path / name}
     rc, out, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--size", "64", "--out",
                         tmp_path / "out", *[a for k, v in files.items() if v is not None for a in (k, v)]], capsys)

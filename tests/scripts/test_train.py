@@ -230,6 +230,21 @@ def test_a_training_checkpoint_as_init_says_what_it_is_and_what_to_pass(ws, tmp_
                                        "to that\n")
 
 
+@pytest.mark.parametrize("name", ["init.safetensors", "init.ckpt"])
+def test_a_cut_short_init_is_one_line_before_the_config_line(ws, tmp_path, capsys, monkeypatch, name):
+    """Was "config: ...cldm_v21_color.yaml" on stdout first: the header (or zip directory) is read
+    up front, not the tensors."""
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded before the paths were checked"))
+    init = tmp_path / name
+    save_state_dict({"a": torch.randn(1000)}, init)
+    init.write_bytes(init.read_bytes()[:-100])
+    assert train.main(without_config(args(ws, tmp_path / "out", "--init", init))) == 2
+    out, err = capsys.readouterr()
+    what = ("truncated or not a safetensors file (" if name.endswith(".safetensors") else
+            "truncated or corrupt (its zip directory, at the end of the file, is missing or damaged)\n")
+    assert out == "" and err.startswith(f"{train.PROG}: error: --init {init}: {what}") and err.count("\n") == 1
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_named_pipe_as_init_or_resume_is_called_one(ws, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded before the paths were checked"))
