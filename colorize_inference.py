@@ -418,12 +418,15 @@ def load_references(args) -> M.References:
     for n in args.reference_frame:
         if n < 0:
             raise UsageError(f"--reference-frame {n}: frame numbers start at 0")
+        what = "--gt" if args.gt else "--input, as no --gt is given"
         try:  # --gt's first read: its errors name the flag
             ref = P.reference_frame(source, n)
         except FrameSourceError as e:
             raise UsageError(f"{'--gt' if args.gt else '--input'} {e}") from None
+        except P.NoSuchFrame as e:
+            raise UsageError(f"--reference-frame {n}: {source} ({what}) has no frame {n} (counting from 0; it has "
+                             f"{e.count})") from None
         if not P.to_gray(ref)[1]:
-            what = "--gt" if args.gt else "--input, as no --gt is given"
             raise UsageError(f"--reference-frame {n}: frame {n} of {source} ({what}) is gray, not colour")
         refs.append(ref)
         indices.append(n)

@@ -70,6 +70,14 @@ class InferenceError(ValueError):
     """Bad input or settings for inference; str(e) is one line saying what and where."""
 
 
+class NoSuchFrame(InferenceError):
+    """A frame index past a clip's end; `count`: the frames it has."""
+
+    def __init__(self, source, index: int, count: int):
+        super().__init__(f"{source}: has no frame {index} (counting from 0; it has {count})")
+        self.count = count
+
+
 class OptionError(InferenceError):
     """A bad `Options` value: str(e) is "<field> <problem>", e.g. "steps must be >= 1 (got 0)"."""
 
@@ -191,7 +199,7 @@ def reference_frame(source: str | os.PathLike, index: int) -> np.ndarray:
     finally:
         frames.close()
     if rgb is None:
-        raise InferenceError(f"{source}: has no frame {index} (counting from 0; it has {count})")
+        raise NoSuchFrame(source, index, count)
     return to_float(rgb)
 
 

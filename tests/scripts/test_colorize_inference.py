@@ -428,6 +428,12 @@ def _bad_cases(env, tmp):
                                  "not colour"),
         "gray gt frame": (["--input", g, "--gt", g, "--reference-frame", "1", "--ckpt", ck, *FAST],
                           f"--reference-frame 1: frame 1 of {g} (--gt) is gray, not colour"),
+        "reference frame past the end": (["--input", g, "--reference-frame", "9", "--ckpt", ck, *FAST],
+                                         f"--reference-frame 9: {g} (--input, as no --gt is given) has no frame 9 "
+                                         "(counting from 0; it has 4)"),  # each named no flag
+        "reference frame past the gt's end": (["--input", g, "--gt", SAMPLE, "--reference-frame", "200", "--ckpt", ck,
+                                               *FAST], f"--reference-frame 200: {SAMPLE} (--gt) has no frame 200 "
+                                                       "(counting from 0; it has 132)"),
         "negative reference frame": (["--input", g, "--reference-frame", "-1", "--ckpt", ck, *FAST],
                                      "--reference-frame -1: frame numbers start at 0"),
         "video inside out through a link": (["--input", g, *base, "--out", tmp / "link", "--video",
