@@ -7,6 +7,9 @@ DATA_ROOT/<movie id>/ (layout: annotator/pairs.py). Finished movies are skipped,
 same command resumes a killed run. Pairs are chosen at load time (tutorial_dataset.py)
 from the stored similarities, so the band can change without a rebuild.
 
+A movie another run is building (on the same DATA_ROOT) is left to the end and waited for,
+then counted as built by that run, or built here if that run died.
+
 Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
 summary), 2 bad arguments, a --strict stop or a DATA_ROOT that is full or read-only (one
 line; a full disk is not the movie's fault, so the run stops), 130 / 143 stopped by Ctrl-C /
@@ -45,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Layout: DATA_ROOT/<movie id>/{frames/000000.jpg..., similarity.npy, meta.json}; the movie id "
                "is the file stem or folder name with letters and digits of any script, '_', '-' and '.' kept, "
                "any other character -> '_', leading dots dropped ('my film-1.v2.mp4' -> 'my_film-1.v2', "
-               "'.hidden.mp4' -> 'hidden'). Finished movies are skipped, so rerunning resumes. Exit status: 0 all "
-               "built or already built, 1 some input skipped, 2 bad arguments, a --strict stop or a full/read-only "
+               "'.hidden.mp4' -> 'hidden'). Finished movies are skipped, so rerunning resumes; one that another run "
+               "is building is waited for at the end. Exit status: 0 all built or already built, 1 some input "
+               "skipped, 2 bad arguments, a --strict stop or a full/read-only "
                "DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )

@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 import cv2
 
 from annotator.pairs import (
-    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, PARTIAL_DIR, BuildOptions, build_movie, is_finished, load_meta,
-    movie_id_for, movie_lock,
+    DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, PARTIAL_DIR, BuildOptions, MovieBusy, build_movie, is_finished,
+    load_meta, movie_id_for, movie_lock,
 )
 from annotator.video import FrameSourceError, probe, shown_path
 from cliutil import HELD_SIGNALS, one_line, signals_deferred
@@ -77,6 +77,7 @@ def raise_if_output_error(e: OSError, data_root) -> None:
 class Summary:
     built: list[dict] = field(default_factory=list)  # meta of each movie built in this run
     existing: list[str] = field(default_factory=list)  # ids already finished before this run
+    by_others: list[str] = field(default_factory=list)  # ids another run was building, and finished
     skipped: list[str] = field(default_factory=list)  # one line per skipped input
     warnings: list[str] = field(default_factory=list)  # one line per movie kept despite a problem
     not_built: list[str] = field(default_factory=list)  # ids left unbuilt because --strict stopped the run
@@ -99,6 +100,7 @@ class Summary:
             f"({DEFAULT_LOW} < sim < {DEFAULT_HIGH}, gap >= {DEFAULT_MIN_GAP}), "
             f"{self.seconds:.1f} s, {fps:.1f} frames/s",
             f"already built (skipped): {len(self.existing)}",
+            *([f"built by another run meanwhile: {len(self.by_others)}"] if self.by_others else []),
             f"bad input (skipped): {len(self.skipped)}",
         ]
         lines += [f"  {line}" for line in self.skipped]
@@ -200,6 +202,8 @@ def build_all(
     each movie also gets cpu_count // workers encoder threads unless options.threads is set.
     A KeyboardInterrupt stops the movies being built (their partial output is removed) and
     propagates; finished movies are kept. So does an OutputError (DATA_ROOT full or read-only).
+    A movie another run is building (its lock held) is left to the end, then waited for and
+    taken as that run left it: finished (Summary.by_others), or built here if that run died.
     """
     from tqdm import tqdm
 
@@ -237,12 +241,18 @@ def build_all(
         summary.warnings.append(line)
         say(f"warning: {line}")
 
+    busy: list[str] = []
+
     def finish(mid: str, result: dict | str) -> bool:
         """Record a movie's outcome; False if it was skipped."""
         ended.add(mid)
         bars.finish(mid)
         if isinstance(result, dict):
             summary.built.append(result)
+            return True
+        if isinstance(result, Busy):  # not bad input: no skip, and no --strict stop
+            busy.append(mid)
+            say(f"later: {result}; this run waits for it at the end")
             return True
         summary.skipped.append(result)
         say(f"skipped: {result}")
@@ -257,6 +267,23 @@ def build_all(
                     break
         else:
             _build_parallel(todo, root, options, workers, strict, bars, warn, finish, summary)
+        paths = {mid: (path, n) for mid, path, n in todo}
+        while busy and not summary.stopped:  # finished by the other run, or left unfinished (it died): built here
+            mid = busy.pop(0)
+            with movie_lock(root, mid, wait=True):
+                pass
+            again, _, skip, notes, _ = plan([paths[mid][0]], root, options=options)  # as a rerun would see it
+            for line in notes:
+                say(f"note: {line}")
+            if skip:
+                finish(mid, skip[0])
+                summary.stopped = strict
+            elif not again:
+                summary.by_others.append(mid)
+            else:
+                bars.again(mid, paths[mid][1])
+                result = _build_one(mid, paths[mid][0], root, options, lambda n, m=mid: bars.advance(m, n), warn)
+                summary.stopped = not finish(mid, result) and strict
         summary.not_built = [mid for mid, _, _ in todo if mid not in ended]
         for mid in summary.not_built:
             bars.finish(mid)  # so the overall bar ends at 100 %
@@ -301,6 +328,13 @@ class _Bars:
         self.done[mid] = self.done.get(mid, 0) + n
         self.overall.update(n)
 
+    def again(self, mid: str, estimate: int) -> None:
+        """A movie finished as busy (another run had it) is now built here after all."""
+        self.estimate[mid] = estimate
+        self.done.pop(mid, None)
+        self.overall.total += estimate
+        self.overall.refresh()
+
     def finish(self, mid: str) -> None:
         bar = self.bars.pop(mid, None)
         if bar is not None:
@@ -314,10 +348,16 @@ class _Bars:
         self.overall.close()
 
 
+class Busy(str):
+    """_build_one's result for a movie another run is building: the line that says so."""
+
+
 def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str:
-    """Build one movie; return its meta, or the one-line reason it was skipped."""
+    """Build one movie; return its meta, the one-line reason it was skipped, or Busy."""
     try:
         return build_movie(path, data_root, mid, options, progress, warn)
+    except MovieBusy as e:
+        return Busy(e)
     except (FrameSourceError, FileExistsError) as e:  # their messages name the input or folder
         return str(e)
     except OSError as e:

@@ -242,19 +242,23 @@ def build_movie(
     root = Path(data_root)
     with movie_lock(root, movie_id) as locked:
         if not locked:
-            raise FileExistsError(f"{source}: another run is building this movie in {root / PARTIAL_DIR / movie_id}")
+            raise MovieBusy(f"{source}: another run is building this movie in {root / PARTIAL_DIR / movie_id}")
         return _build_movie(source, root, movie_id, options, progress, warn)
 
 
-def movie_lock(root: Path, movie_id: str):
+class MovieBusy(FileExistsError):
+    """Another process holds the movie's lock: it is building it now."""
+
+
+def movie_lock(root: Path, movie_id: str, wait: bool = False):
     """Try to lock DATA_ROOT/.partial/<id>.lock for the building of one movie; a context manager
-    that yields whether this process got it (never waits; see atomicio.try_lock).
+    that yields whether this process got it (never waits unless `wait`; see atomicio.try_lock).
 
     Two runs on one DATA_ROOT (or two machines on a shared one) must not build the same movie:
     the second would empty the first one's .partial folder as "left by a killed run", and the
     first would then publish a movie with frames missing.
     """
-    return try_lock(root / PARTIAL_DIR / f"{movie_id}.lock", make_parent=True)
+    return try_lock(root / PARTIAL_DIR / f"{movie_id}.lock", make_parent=True, wait=wait)
 
 
 def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions, progress, warn) -> dict:

@@ -5,8 +5,10 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -197,27 +199,53 @@ def test_the_lock_of_a_finished_movie_left_by_a_killed_run_is_removed(tmp_path):
     assert sorted(os.listdir(root)) == ["a", "b"]
 
 
-def test_a_movie_another_run_is_building_is_skipped_untouched(tmp_path):
-    """Two runs given the same movie: the second must not delete the first one's .partial
-    folder (as if a killed run had left it), or the first would publish missing frames."""
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("they", ["finish it", "die"])
+def test_a_movie_another_run_is_building_is_waited_for_at_the_end(tmp_path, workers, they):
+    """Two runs given the same movie: the second must not delete the first one's .partial folder
+    (as if a killed run had left it), or the first would publish missing frames. It was skipped
+    as bad input (exit 1, a --strict stop); it is now left to the end and waited for, then taken
+    as the other run left it: finished (counted, not rebuilt), or built here if that run died."""
     import fcntl
 
-    good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
-    theirs = tmp_path / "data" / ".partial" / "good" / "frames"
+    a, good = clips_named(tmp_path, "ag")
+    root = tmp_path / "data"
+    theirs = root / ".partial" / "g" / "frames"
     theirs.mkdir(parents=True)
     (theirs / "000000.jpg").write_bytes(b"the other run's frame")
-    held = os.open(theirs.parent.parent / "good.lock", os.O_CREAT | os.O_RDWR)
+    held = os.open(theirs.parent.parent / "g.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # what the other run's build_movie holds
+    lines, waiting, result = [], threading.Event(), {}
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("later: "):
+            waiting.set()
+
+    run = threading.Thread(target=lambda: result.update(s=build_all([a, good], root, OPTS, workers=workers, strict=True,
+                                                                    progress=False, log=log)))
+    run.start()
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)  # what the other run's build_movie holds
-        lines = []
-        s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lines.append)
-        assert s.built == [] and lines == [f"skipped: {good}: another run is building this movie in {theirs.parent}"]
-        assert (theirs / "000000.jpg").read_bytes() == b"the other run's frame"
+        assert waiting.wait(60), lines
+        assert lines == [f"later: {good}: another run is building this movie in {theirs.parent}; this run waits for it "
+                         "at the end"]
+        time.sleep(0.3)
+        assert run.is_alive() and (theirs / "000000.jpg").read_bytes() == b"the other run's frame"
+        if they == "finish it":  # as build_movie publishes: the finished folder renamed into place
+            build_all([good], tmp_path / "theirs", OPTS, progress=False, log=lambda line: None)
+            shutil.rmtree(theirs.parent)
+            os.rename(tmp_path / "theirs" / "g", root / "g")
+            published = (root / "g" / "meta.json").read_bytes()
     finally:
         os.close(held)
-    # its lock released (that run was killed): the next run rebuilds the movie
-    s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
-    assert [m["movie_id"] for m in s.built] == ["good"] and not (tmp_path / "data" / ".partial").exists()
+        run.join(60)
+    s = result["s"]
+    assert not run.is_alive() and s.skipped == [] and not s.stopped
+    assert [m["movie_id"] for m in s.built] == (["a"] if they == "finish it" else ["a", "g"])
+    assert s.by_others == (["g"] if they == "finish it" else [])
+    if they == "finish it":
+        assert (root / "g" / "meta.json").read_bytes() == published and "built by another run meanwhile: 1" in s.text()
+    assert sorted(os.listdir(root)) == ["a", "g"] and len(lines) == 1  # .partial removed: nothing left
 
 
 def test_overall_progress_ends_at_100_percent_when_a_movie_is_skipped(tmp_path, capsys):
