@@ -6,6 +6,7 @@ runs only ControlNet + UNet. Sampling and the training loss are thin layers on t
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -52,6 +53,11 @@ class ControlLDM(nn.Module):
         # Image sides must divide by this: the VAE (and hint block) downsample by `latent_factor`,
         # then every UNet Downsample halves the latent, and its Upsample must land on the skip size.
         self.latent_factor = 2 ** sum(isinstance(m, autoencoder.Downsample) for m in first_stage_model.modules())
+        hint_factor = math.prod(m.stride[0] for m in control_model.input_hint_block.modules()
+                                if isinstance(m, nn.Conv2d))
+        if self.latent_factor != hint_factor:  # else a bare size error at the first step
+            raise ValueError(f"the VAE downsamples by {self.latent_factor}, the ControlNet hint block by "
+                             f"{hint_factor}: they must agree")
         self.size_multiple = self.latent_factor * 2 ** sum(isinstance(m, unet_modules.Downsample)
                                                            for m in unet.modules())
         # Prompt embeddings of the frozen text encoder, valid only for the weights, device and dtype

@@ -180,9 +180,15 @@ TIED = {"model.latent_channels": ("model.first_stage.embed_dim",)}  # a key's pr
 
 
 def _latent_mismatch(m: dict) -> tuple[str, str] | None:
-    """The UNet's latent_channels must be the VAE latent's (first_stage.embed_dim): a mismatch
-    builds, then fails at the first step with a bare channel-count error from a convolution."""
+    """The UNet's latent_channels must be the VAE latent's (first_stage.embed_dim), and the VAE
+    must downsample by 8 as the ControlNet hint block does (HINT_WIDTHS): either mismatch builds,
+    then fails at the first step with a bare size error from a convolution or an add."""
     first = m.get("first_stage")
+    ch_mult = (first.get("ddconfig") or {}).get("ch_mult") if isinstance(first, dict) else None
+    if "unet" in m and isinstance(ch_mult, list) and len(ch_mult) != 4:
+        return "model.first_stage.ddconfig.ch_mult", (f"needs 4 levels: the VAE halves the image between levels, "
+                                                      "3 times, as the ControlNet hint block downsamples by 8; got "
+                                                      f"{len(ch_mult)}")
     if "latent_channels" in m and isinstance(first, dict) and "embed_dim" in first \
             and m["latent_channels"] != first["embed_dim"]:
         return "model.latent_channels", (f"must equal model.first_stage.embed_dim ({first['embed_dim']}), the "

@@ -89,22 +89,24 @@ class OptionError(InferenceError):
 # ---- sizes and frames ---------------------------------------------------------------------
 
 
-def model_size(height: int, width: int, size: int = 512) -> tuple[int, int]:
-    """(H, W) the model runs at: short side ~`size`, aspect kept, both sides multiples of 64.
+def model_size(height: int, width: int, size: int = 512, model_multiple: int = MULTIPLE) -> tuple[int, int]:
+    """(H, W) the model runs at: short side ~`size`, aspect kept, both sides multiples of 64
+    (and of `model_multiple`, ControlLDM.size_multiple, where a deeper UNet needs more).
 
     Each side is scaled by size / short side and rounded to the nearest multiple of 64
     (at least 64), so the short side is `size` rounded the same way and the aspect ratio
     changes by at most 32 px on either side (1280x720 at 512 -> 896x512, at 64 -> 128x64).
     """
+    m = math.lcm(MULTIPLE, model_multiple)
     scale = size / min(height, width)
-    side = lambda v: max(MULTIPLE, int(math.floor(v * scale / MULTIPLE + 0.5)) * MULTIPLE)
+    side = lambda v: max(m, int(math.floor(v * scale / m + 0.5)) * m)
     return side(height), side(width)
 
 
-def checked_model_size(frame_hw: tuple[int, int], size: int) -> tuple[int, int]:
+def checked_model_size(frame_hw: tuple[int, int], size: int, model_multiple: int = MULTIPLE) -> tuple[int, int]:
     """model_size, refused with InferenceError where a side exceeds MAX_MODEL_SIDE. A caller
     that knows the frame size before loading the model asks here first, to fail in a second."""
-    hw = model_size(*frame_hw, size)
+    hw = model_size(*frame_hw, size, model_multiple)
     if max(hw) > MAX_MODEL_SIDE:
         raise InferenceError(f"frames of {frame_hw[1]}x{frame_hw[0]} at size {size} mean model frames of "
                              f"{hw[1]}x{hw[0]}; sides above {MAX_MODEL_SIDE} are refused (lower the size, or "
@@ -342,7 +344,7 @@ class Colorizer:
     def __init__(self, model: ControlLDM, frame_hw: tuple[int, int], options: Options):
         self.model, self.opt = model, options
         self.frame_hw = tuple(frame_hw)
-        self.hw = checked_model_size(self.frame_hw, options.size)
+        self.hw = checked_model_size(self.frame_hw, options.size, model.size_multiple)
         self.device = model.betas.device
         self.dtype = compute_dtype(options.precision, self.device)
         check_steps(model.num_timesteps, options.steps)

@@ -692,3 +692,21 @@ def test_fewer_latent_channels_than_the_vaes_latent_are_refused_too():
                                           r"model\.first_stage\.embed_dim \(4\), the channels of the VAE's latents; "
                                           r"got 2$"):
         load_config(TINY_CONFIG, ["model.latent_channels=2"])
+
+
+@pytest.mark.parametrize("ch_mult", ["[1,1,2]", "[1,1,2,2,2]"])
+def test_a_vae_that_does_not_downsample_by_8_is_refused(ch_mult):
+    """The hint block downsamples by 8, whatever the VAE does: with a 3-level VAE (/4) the config
+    built, then the first step failed with "The size of tensor a (16) must match the size of
+    tensor b (8)". A VAE-only config (build_latent_cache.py) may have any depth."""
+    levels = ch_mult.count(",") + 1
+    with pytest.raises(ConfigError, match=rf"with model\.first_stage\.ddconfig\.ch_mult={re.escape(ch_mult)}: "
+                                          r"model\.first_stage\.ddconfig\.ch_mult: needs 4 levels: the VAE halves "
+                                          r"the image between levels, 3 times, as the ControlNet hint block "
+                                          rf"downsamples by 8; got {levels}$"):
+        load_config(TINY_CONFIG, [f"model.first_stage.ddconfig.ch_mult={ch_mult}"])
+    cfg = load_config(TINY_CONFIG)
+    assert create_model(cfg).latent_factor == 8
+    cfg.model.first_stage.ddconfig.ch_mult = [1, 1, 2]  # past the config check: the model refuses it itself
+    with pytest.raises(ValueError, match="^the VAE downsamples by 4, the ControlNet hint block by 8: they must agree$"):
+        create_model(cfg)

@@ -71,6 +71,24 @@ def test_model_size_rounds_to_64_keeping_aspect():
     for h, w in [(33, 1000), (999, 17), (64, 64)]:
         assert all(s % 64 == 0 and s >= 64 for s in P.model_size(h, w, 256))
     assert P.model_size(100, 100, 16) == (64, 64)  # a size that rounds to 0: still one multiple
+    assert P.model_size(720, 1280, 256) == (256, 448)
+    assert P.model_size(720, 1280, 256, model_multiple=32) == (256, 448)  # the tiny model's: 64 still
+    assert P.model_size(720, 1280, 256, model_multiple=128) == (256, 512)  # a 4th UNet downsampling's
+
+
+def test_a_unet_that_needs_sides_of_128_colours():
+    """Model frames were multiples of 64 whatever the model: a config with a 4th UNet downsampling (SD2.1 has 3)
+    (sides of 128) passed the config check, then failed with "hint height and width must be
+    multiples of 128 ... got 64x128"."""
+    torch.manual_seed(0)
+    model = create_model(load_config(TINY_CONFIG, ["model.unet.channel_mult=[1,2,2,2,2]"])).eval()
+    assert model.size_multiple == 128
+    gray = np.random.default_rng(0).random((48, 160), dtype=np.float32)
+    ref = np.random.default_rng(1).random((48, 160, 3), dtype=np.float32)
+    colorizer = P.Colorizer(model, gray.shape, P.Options(size=64, steps=1))
+    assert colorizer.hw == (128, 256)  # 64 x 192 with sides of 64
+    out = list(P.colorize(model, [gray], ref, size=64, steps=1))
+    assert out[0].shape == (48, 160, 3) and np.isfinite(out[0]).all()
 
 
 def test_a_model_frame_side_above_the_cap_is_refused_even_when_the_other_is_small(model):
