@@ -164,20 +164,21 @@ class ControlLDM(nn.Module):
                guidance_scale: float = 1.0, uncond: ColorCondition | None = None,
                generator: torch.Generator | None = None, progress: bool = False,
                callback: Callable | None = None) -> torch.Tensor:
-        """DDIM sampling of latents; classifier-free guidance only when `guidance_scale != 1`."""
+        """DDIM sampling of latents; classifier-free guidance (`uncond`, one batched forward per
+        step) only when `guidance_scale != 1`."""
         if x_T is None:  # float32 even under autocast: DDIM would round a half-precision x at every step
             h, w = cond.guided_hint.shape[-2:]
             x_T = torch.randn((len(cond), self.latent_channels, h, w), generator=generator,
                               device=cond.guided_hint.device)
-        uncond_fn = None
+        model_fn = lambda x, t: self.apply_model(x, t, cond)  # noqa: E731
         if guidance_scale != 1.0:
             if uncond is None:
                 raise ValueError("guidance_scale != 1 needs an unconditional ColorCondition")
-            uncond_fn = lambda x, t: self.apply_model(x, t, uncond)
-        return sampler.ddim_sample(lambda x, t: self.apply_model(x, t, cond), x_T, self.alphas_cumprod,
-                                   steps=steps, eta=eta, parameterization=self.parameterization,
-                                   guidance_scale=guidance_scale, uncond_fn=uncond_fn, generator=generator,
-                                   callback=callback, progress=progress)
+            both = ColorCondition.cat([cond, uncond])
+            model_fn = sampler.guided(lambda x, t: self.apply_model(x, t, both), guidance_scale)
+        return sampler.ddim_sample(model_fn, x_T, self.alphas_cumprod, steps=steps, eta=eta,
+                                   parameterization=self.parameterization, generator=generator, callback=callback,
+                                   progress=progress)
 
     def training_loss(self, z0: torch.Tensor, cond: ColorCondition, noise: torch.Tensor | None = None,
                       t: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:

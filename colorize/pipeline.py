@@ -269,10 +269,8 @@ def sample_latents(model: ControlLDM, cond: ColorCondition, generators: torch.Ge
     draw = lambda *_: next(noise)  # noqa: E731
 
     def step(x, t, cond_):  # cond_: cond, or cond and uncond as one batch when guided
-        if not guided:
-            return model.apply_model(x, t, cond_)
-        out, out_uncond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), cond_).chunk(2)
-        return out_uncond + ref_guidance * (out - out_uncond)
+        fn = lambda x_, t_: model.apply_model(x_, t_, cond_)  # noqa: E731
+        return sampler.guided(fn, ref_guidance)(x, t) if guided else fn(x, t)
 
     step_cond = ColorCondition.cat([cond, uncond]) if guided else cond
     x_T = draw()

@@ -71,19 +71,26 @@ def v_to_eps_x0(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> tuple[torc
     return a.sqrt() * v + (1 - a).sqrt() * xf, a.sqrt() * xf - (1 - a).sqrt() * v
 
 
+def guided(model_fn: ModelFn, scale: float) -> ModelFn:
+    """Classifier-free guidance as a model function: `model_fn` gets x and t twice over, as one
+    batch (2B) whose first half is conditional and second unconditional (the caller closes over
+    conditions stacked that way), and the raw outputs are mixed,
+    out = uncond + scale * (cond - uncond). One batched forward, not two."""
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        return out_uncond + scale * (out - out_uncond)
+    return fn
+
+
 @torch.no_grad()
 def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 20,
-                eta: float = 0.0, parameterization: str = "eps", guidance_scale: float = 1.0,
-                uncond_fn: ModelFn | None = None, generator: torch.Generator | None = None,
+                eta: float = 0.0, parameterization: str = "eps", generator: torch.Generator | None = None,
                 callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                 progress: bool = False, noise_fn: NoiseFn | None = None) -> torch.Tensor:
     """Run DDIM from x_T (pure noise at the last timestep) down to the final latent.
 
-    model_fn(x, t) and uncond_fn(x, t) take x (B, ...) and t (B,) int64 and return eps or v
-    (`parameterization`). Classifier-free guidance mixes the raw outputs,
-    out = uncond + guidance_scale * (cond - uncond); with guidance_scale == 1 uncond_fn is never
-    called. The two branches are separate calls; a caller wanting one batched forward can do the
-    batching and mixing inside model_fn and leave guidance_scale at 1.
+    model_fn(x, t) takes x (B, ...) and t (B,) int64 and returns eps or v (`parameterization`);
+    for classifier-free guidance pass `guided(...)`.
     `generator` draws the eta > 0 noise (on x_T's device), or `noise_fn(shape)` does, returning
     a tensor of that shape (moved to x_T's device), for callers that decide how each row's noise
     is drawn (e.g. per-frame CPU generators). `callback(i, t, x_prev, pred_x0)` runs after step i
@@ -91,8 +98,6 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
     """
     if parameterization not in ("eps", "v"):
         raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
-    if guidance_scale != 1.0 and uncond_fn is None:
-        raise ValueError("guidance_scale != 1 needs an uncond_fn")
     if generator is not None and noise_fn is not None:
         raise ValueError("give a generator or a noise_fn, not both")
     timesteps = ddim_timesteps(steps, num_train=alphas_cumprod.shape[0])
@@ -105,9 +110,6 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
     for i, index in enumerate(tqdm(order, desc="DDIM", disable=not progress)):
         t = torch.full((x.shape[0],), int(timesteps[index]), dtype=torch.long, device=x.device)
         out = model_fn(x, t)
-        if guidance_scale != 1.0:
-            out_uncond = uncond_fn(x, t)
-            out = out_uncond + guidance_scale * (out - out_uncond)
         a, a_prev, sigma = (c[index] for c in coefs)
         eps, pred_x0 = v_to_eps_x0(x, out, a) if parameterization == "v" else (out, None)
         noise = None

@@ -7,7 +7,7 @@ sqrt(a_0) x0 + sqrt(1 - a_0) eps (the reference's last step goes to alphas_cumpr
 import pytest
 import torch
 
-from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps, v_to_eps_x0
+from ldm.sampler import ddim_sample, ddim_schedule, ddim_step, ddim_timesteps, guided, v_to_eps_x0
 from ldm.schedule import schedule_buffers
 from tests.helpers import COMPONENT_TOL as TOL, CrossDeviceCopies
 
@@ -116,24 +116,20 @@ def test_oracle_sampling_recovers_x0(parameterization):
     torch.testing.assert_close(out, AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * eps, **TOL)
 
 
-def test_guidance_scale_one_never_calls_uncond():
-    x0, x_T = data()
-
-    def uncond_fn(x, t):
-        raise AssertionError("uncond_fn called with guidance_scale == 1")
-    ddim_sample(oracle(x0), x_T, AC, steps=5, guidance_scale=1.0, uncond_fn=uncond_fn)
-
-
-def test_guidance_mixes_outputs_and_calls_uncond_once_per_step():
+def test_guidance_mixes_outputs_in_one_batched_call_per_step():
     """Eps is affine in x0, so guiding two oracles equals the oracle of the mixed target."""
     (x0_c, x0_u), (_, x_T) = data(1), data(2)
     scale, calls = 7.5, []
-    guided = ddim_sample(oracle(x0_c), x_T, AC, steps=10, guidance_scale=scale, uncond_fn=oracle(x0_u, calls=calls))
-    assert len(calls) == 10
+    cond, uncond = oracle(x0_c), oracle(x0_u)
+
+    def both(x, t):  # the caller's batch: conditional rows, then unconditional ones
+        calls.append(x.shape[0])
+        half = x.shape[0] // 2
+        return torch.cat([cond(x[:half], t[:half]), uncond(x[half:], t[half:])])
+    got = ddim_sample(guided(both, scale), x_T, AC, steps=10)
+    assert calls == [2 * x_T.shape[0]] * 10
     mixed = ddim_sample(oracle(x0_u + scale * (x0_c - x0_u)), x_T, AC, steps=10)
-    torch.testing.assert_close(guided, mixed, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="uncond_fn"):
-        ddim_sample(oracle(x0_c), x_T, AC, steps=10, guidance_scale=scale)
+    torch.testing.assert_close(got, mixed, rtol=1e-4, atol=1e-4)
 
 
 def test_eta_noise_is_seeded():
