@@ -1,4 +1,4 @@
-"""Frame I/O for the colourisation CLIs: read ground-truth folders, write outputs safely.
+"""Frame I/O for the colourisation CLIs: write outputs safely, show progress, prefetch reads.
 
 Outputs are encoded to a temporary file in the destination folder and renamed over the
 final name (os.replace, atomic on one file system), so an interrupted run never leaves a
@@ -21,33 +21,17 @@ import numpy as np
 from tqdm import tqdm
 
 from annotator.color import to_uint8
-from annotator.video import FrameSourceError, iter_frames, list_frame_files, natural_key, read_image, shown_path
+from annotator.video import FrameSourceError, list_frame_files, natural_key, read_image, shown_path
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
 from cliutil import not_utf8, one_line, signals_deferred
 
 __all__ = [
-    "FrameSourceError", "natural_key", "list_frame_files", "read_image", "iter_frame_folder",
-    "read_frame_folder", "prefetch", "write_bytes_atomic", "write_image_atomic", "write_video_atomic",
+    "FrameSourceError", "natural_key", "list_frame_files", "read_image", "prefetch", "write_bytes_atomic", "write_image_atomic", "write_video_atomic",
     "even_size", "progress_bar",
 ]
 # frames/s always (tqdm's default {rate_fmt} flips to s/frame below 1 frame/s)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
 BAR_FORMAT_OPEN = "{desc}: {n_fmt} [{elapsed}, {rate_noinv_fmt}{postfix}]"  # total unknown
-
-
-def iter_frame_folder(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(file name, RGB uint8 HWC) for each image of a folder in natural order."""
-    for _, name, frame in iter_frames(folder):
-        yield name, frame
-
-
-def read_frame_folder(folder: str | os.PathLike) -> tuple[list[str], list[np.ndarray]]:
-    """All frames of a folder at once: (file names, RGB uint8 frames), natural order."""
-    names, frames = [], []
-    for name, frame in iter_frame_folder(folder):
-        names.append(name)
-        frames.append(frame)
-    return names, frames
 
 
 def prefetch(items: Iterable, depth: int = 2) -> Iterator:

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from annotator.color import to_uint8
 from colorize.frames_io import (
-    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, encode_png, even_size, prefetch, progress_bar, read_frame_folder,
+    BAR_FORMAT, BAR_FORMAT_OPEN, FrameSourceError, encode_png, even_size, prefetch, progress_bar,
     write_bytes_atomic, write_image_atomic, write_video_atomic,
 )
 
@@ -101,17 +101,6 @@ def test_a_video_cut_short_by_a_full_disk_is_an_error_and_leaves_no_file(tmp_pat
     monkeypatch.setattr(cv2, "VideoWriter", real)
     assert write_video_atomic(tmp_path / "clip.mp4", frames, 25) == 12  # the check passes a whole video
     assert (tmp_path / "clip.mp4").stat().st_size > 4096
-
-
-def test_read_frame_folder_natural_order(tmp_path):
-    for i in (10, 2, 1):
-        cv2.imwrite(str(tmp_path / f"frame{i}.png"), np.full((6, 8, 3), i, np.uint8))
-    names, frames = read_frame_folder(tmp_path)
-    assert names == ["frame1.png", "frame2.png", "frame10.png"]
-    assert [int(f[0, 0, 0]) for f in frames] == [1, 2, 10]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FrameSourceError, match="no image frames"):
-        read_frame_folder(tmp_path / "empty")
 
 
 def test_prefetch_keeps_order_raises_in_place_and_stops_early():
@@ -378,15 +367,6 @@ def test_encode_png_clips_and_rounds_to_the_depth():
     np.testing.assert_array_equal(sixteen, [[[0, 32768, 65535], [0, 1, 65535]]])  # 0.5 * 65535 = 32767.5 rounds up
     eight = cv2.imdecode(np.frombuffer(encode_png(rgb, 8), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
     np.testing.assert_array_equal(eight, to_uint8(rgb))
-
-
-def test_read_frame_folder_gives_rgb_not_opencvs_bgr(tmp_path):
-    """Ground truth read as BGR would swap red and blue in every metric, silently: a file whose
-    pixels are (R, G, B) = (200, 30, 5) comes back as exactly that."""
-    cv2.imwrite(str(tmp_path / "0.png"), np.full((4, 6, 3), (5, 30, 200), np.uint8))  # cv2 writes B, G, R
-    names, frames = read_frame_folder(tmp_path)
-    assert names == ["0.png"] and frames[0].dtype == np.uint8 and frames[0].shape == (4, 6, 3)
-    np.testing.assert_array_equal(frames[0], np.full((4, 6, 3), (200, 30, 5), np.uint8))
 
 
 def test_encode_png_an_encoder_failure_is_an_oserror(monkeypatch):
