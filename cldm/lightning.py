@@ -1,5 +1,7 @@
-"""Lightning wrapper for training the colour ControlNet (with cldm/callbacks.py, the only model
-files that import Lightning; cldm/training.py builds the Trainer around them).
+"""Lightning wrapper for training the colour ControlNet. With cldm/callbacks.py it is the
+Lightning side of the model code: the nn.Modules (cldm/cldm.py, cldm/controlnet.py, ldm/)
+never import Lightning. cldm/training.py builds the Trainer around them (and, like
+cldm/launch.py, imports Lightning inside its functions); tutorial_dataset.py has the DataModule.
 
 What trains is decided by `cldm.trainable`; this file adds the step (dataset batch -> loss),
 the optimiser and what a checkpoint holds. Checkpoint files and resuming: cldm/resume.py;
