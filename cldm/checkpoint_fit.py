@@ -157,9 +157,17 @@ def _mismatch_reason(report):
             f"likely {_likely_cause(key, model_shape, file_shape, report.kind)}")
 
 
+def not_sd2(kind: str) -> str | None:
+    """Why weights of another Stable Diffusion generation (guess_kind's `kind`) cannot serve, or None."""
+    if not kind.startswith(("SD1.x", "SDXL")):
+        return None
+    why = " (768-wide cross-attention and a CLIP ViT-L text encoder)" if kind.startswith("SD1.x") else ""
+    return f"{kind}{why}, not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned"
+
+
 def _likely_cause(key, model_shape, file_shape, kind):
-    if kind.startswith(("SD1.x", "SDXL")):  # tool_add_control_sd21.py refuses these too: no pointer to it
-        return f"{kind}, not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned"
+    if why := not_sd2(kind):  # tool_add_control_sd21.py refuses these too: no pointer to it
+        return why
     if key.endswith(INPUT_CONV) and len(model_shape) == len(file_shape) == 4 and model_shape[1] != file_shape[1]:
         f_in, m_in = file_shape[1], model_shape[1]
         if key.startswith(CONTROL):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cldm.checkpoint import CheckpointError
-from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, guess_kind
+from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, guess_kind, not_sd2
 from cldm.cldm import ControlLDM
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
@@ -106,9 +106,10 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor], fresh: dict[str
         bucket.append(key)
     report.ignored = sorted(k for k in sd if k not in target)
     if problems:
-        head = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         kind = guess_kind(sd)
-        hint = (" (an SD1.x file: 768-wide cross-attention and a CLIP ViT-L text encoder; this needs "
-                "Stable Diffusion 2.x weights such as v2-1_512-ema-pruned)") if kind.startswith("SD1.x") else ""
-        raise CheckpointError(f"checkpoint ({kind}) does not match the model config{hint}: {head}")
+        if why := not_sd2(kind):  # the list would be noise: every cross-attention and text tensor differs
+            example = next((p for p in problems if " vs model " in p), problems[0])
+            raise CheckpointError(f"{why} ({len(problems)} problems, e.g. {example})")
+        head = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise CheckpointError(f"checkpoint ({kind}) does not match the model config: {head}")
     return out, report

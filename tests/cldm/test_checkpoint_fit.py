@@ -41,15 +41,16 @@ def test_sd15_like_checkpoint_is_clearly_not_this_model():
     assert len(report.mismatched) == 32
     assert misfit(report) == (
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight is [320, 768] in the "
-        "checkpoint but [320, 1024] in the model (and 31 more tensors of another shape); likely SD1.x weights, "
-        "not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned")
+        "checkpoint but [320, 1024] in the model (and 31 more tensors of another shape); likely SD1.x weights "
+        "(768-wide cross-attention and a CLIP ViT-L text encoder), not Stable Diffusion 2.x: this model needs SD2.x "
+        "weights such as v2-1_512-ema-pruned")
     summary = report.summary()
     assert "model.diffusion_model.* (32 tensors), e.g." in summary and "[320, 1024] vs [320, 768]" in summary
     assert len(summary.splitlines()) < 10
     assert guess_kind(sd15) == "SD1.x weights"
     v2 = {**model, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}  # our v2 model
     assert misfit(compare_state_dict(v2, sd15)).endswith(  # not "make it with tool_add_control_sd21.py"
-        "likely SD1.x weights, not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned")
+        "likely SD1.x weights (768-wide cross-attention and a CLIP ViT-L text encoder), not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned")
 
 
 def test_guess_kind_tells_sd21_controlnet_and_our_variants_apart():
