@@ -336,23 +336,27 @@ class PairDataModule(L.LightningDataModule):
             setattr(self, part, ds)
             self._built.add(part)
 
-    def _loader(self, ds, shuffle: bool, sampler=None) -> DataLoader:
+    def _loader(self, ds, shuffle: bool, sampler=None, generator: torch.Generator | None = None) -> DataLoader:
         rank = None if self.trainer is None else self.trainer.global_rank
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle if sampler is None else None,
                           sampler=sampler, drop_last=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, prefetch_factor=self.prefetch_factor,
-                          pin_memory=self.pin_memory, worker_init_fn=partial(start_loader_process, rank=rank))
+                          pin_memory=self.pin_memory, worker_init_fn=partial(start_loader_process, rank=rank),
+                          generator=generator)
 
     def train_dataloader(self) -> DataLoader:
+        """The order of the samples and the loader processes' seeds (hence the partners drawn)
+        come from the run's seed and the step it starts at, so a resumed run does not replay the
+        batches it already trained on. Lightning's own DistributedSampler orders an epoch by
+        (seed, epoch) alone, and torch's global RNG is drawn from when Lightning first iterates
+        the loader, before ColorControlModule.on_train_start reseeds it for the step."""
         trainer = self.trainer
+        seed = self.seed + 1_000_003 * (0 if trainer is None else trainer.global_step)
         if trainer is None or trainer.world_size == 1:
-            return self._loader(self.train, shuffle=True)  # order from torch's RNG, reseeded per resume
-        # Lightning's own DistributedSampler orders an epoch by (seed, epoch) alone: a run resumed
-        # mid-epoch would replay the batches it had already trained on. The step it resumes at
-        # changes the order, as ColorControlModule.on_train_start's reseeding does on one device.
+            return self._loader(self.train, shuffle=True, generator=torch.Generator().manual_seed(seed))
         sampler = DistributedSampler(self.train, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                     shuffle=True, seed=self.seed + 1_000_003 * trainer.global_step)
-        return self._loader(self.train, shuffle=True, sampler=sampler)
+                                     shuffle=True, seed=seed)
+        return self._loader(self.train, shuffle=True, sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
     def val_dataloader(self):
         return self._loader(self.val, shuffle=False) if self.val is not None else []

@@ -235,6 +235,32 @@ def test_distributed_order_shards_the_data_and_changes_with_the_resume_step(fake
     assert not isinstance(dm.train_dataloader().sampler, torch.utils.data.DistributedSampler)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_resumed_loader_draws_other_batches_whatever_torchs_rng(tmp_path, world):
+    """Order and partners come from (seed, step): with loader processes, torch's RNG was drawn
+    from (by Lightning's first iter(), before on_train_start reseeded it) as seed_everything left
+    it, so each resume replayed the first run's first batches, partners included (found by an
+    audit: steps 3-5 after a resume were steps 0-2). Every frame here has 4 partners or more."""
+    write_fake_movie(tmp_path, "film", table_from_pairs(12, 6, {(i, j): 0.95 for i in range(12) for j in range(12)
+                                                                   if 3 <= abs(i - j) <= 6}), size=(64, 64))
+    dm = PairDataModule(tmp_path, batch_size=2, num_workers=2, size=64, val_movies=[], seed=7)
+    dm.setup("fit")
+
+    def batches(step, rng_seed):
+        torch.manual_seed(rng_seed)  # the global RNG as a run might have left it: no say in the order
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=0, global_step=step)
+        loader = dm.train_dataloader()
+        try:
+            return [(b["ref_index"].tolist(), b["target_index"].tolist()) for b in loader]
+        finally:
+            loader._iterator = None  # its persistent workers end with it
+
+    first = batches(0, 0)
+    assert len(first) == -(-len(dm.train) // world) // 2 and first == batches(0, 123)  # a share, whole batches
+    resumed = [batches(step, 0) for step in (3, 40)]
+    assert all(r != first for r in resumed) and resumed[0] != resumed[1]
+
+
 def test_datamodule_setup_builds_each_stages_datasets_once(fake_root, monkeypatch):
     """The training script calls setup("fit") to fail early, then Lightning calls it again (on
     every rank): the datasets are built once; other stages build only theirs."""

@@ -516,14 +516,14 @@ def test_a_frame_gone_from_the_data_root_while_training_is_one_line(ws, tmp_path
     """Read by the training step (in a data loader process or not), after the data was set up."""
     data = tmp_path / "data"
     shutil.copytree(ws / "data", data)
-    for frame in (data / "m1" / "frames").iterdir():
-        frame.write_bytes(b"")  # every frame of m1: whatever the first batch draws, it meets one
+    for frame in data.glob("m*/frames/*"):
+        frame.write_bytes(b"")  # every frame: whatever the first batch draws, it meets one (m1 alone was not)
     out = tmp_path / "run"
     argv = [a if a != str(ws / "data") else str(data) for a in args(ws, out, "--max-steps", 2, "--num-workers",
                                                                       workers, "--no-progress")]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"{re.escape(train.PROG)}: error: {re.escape(str(data / 'm1' / 'frames'))}/\d+\.jpg: cannot "
+    assert re.fullmatch(rf"{re.escape(train.PROG)}: error: {re.escape(str(data))}/m\d/frames/\d+\.jpg: cannot "
                         r"read frame \(at step \d+\); rebuild that movie with build_pairs\.py \(remove its folder "
                         r"first\) or move it out of --data; no checkpoint saved yet \(see --ckpt-every\); rerun the "
                         "same command to start over", err.splitlines()[-1]), err
