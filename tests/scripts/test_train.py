@@ -569,6 +569,37 @@ def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, t
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=00000001.ckpt"]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_trains_on_other_batches_than_its_first(ws, tmp_path, monkeypatch, workers):
+    """With loader processes each resume replayed the first batches of the run, partners
+    included: Lightning iterates the loader (drawing the order and the loader seeds from torch's
+    RNG) before on_train_start reseeds that RNG for the step. Found by an audit that logged the
+    pairs of each step: steps 3-5 after a resume at step 3 were steps 0-2."""
+    import lightning as L
+
+    seen = []
+
+    class Pairs(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, batch["ref_index"].tolist(), batch["target_index"].tolist()))
+
+    make_trainer = train.make_trainer
+
+    def recording(*a, **kw):
+        trainer = make_trainer(*a, **kw)
+        trainer.callbacks.append(Pairs())
+        return trainer
+
+    monkeypatch.setattr(train, "make_trainer", recording)
+    out = tmp_path / "run"
+    common = ("--num-workers", workers, "--batch-size", 1, "--no-progress")
+    assert train.main(args(ws, out, "--max-steps", 3, "--ckpt-every", 3, *common)) == 0
+    assert train.main(args(ws, out, "--max-steps", 6, *common)) == 0
+    assert [s for s, _, _ in seen] == list(range(6))
+    first, resumed = [p for _, *p in seen[:3]], [p for _, *p in seen[3:]]
+    assert resumed != first, seen
+
+
 def check_resumes(ws, out, more_steps=3, *extra):
     """Every checkpoint loads; `--resume auto` then trains to `more_steps` past the newest.
 
