@@ -6,7 +6,7 @@ On disk, one folder per movie under DATA_ROOT:
     DATA_ROOT/<movie_id>/frames/000000.jpg ...   frames resized for training, in order
     DATA_ROOT/<movie_id>/similarity.npy          float32 (N, 2*window+1): [i, window+d] = sim(i, i+d),
                                                  1 on d = 0, NaN outside the movie; window is
-                                                 capped at N - 1 (meta.json has the one stored)
+                                                 capped at max(1, N - 1) (meta.json has the one stored)
     DATA_ROOT/<movie_id>/meta.json               source, fps, frame count, sizes, metric, window, ...
     DATA_ROOT/.partial/<movie_id>/               a movie being built (never read as a movie)
     DATA_ROOT/.partial/<movie_id>.lock           locked by the run building it (see movie_lock)
@@ -350,8 +350,8 @@ def write_file(path: Path, data) -> None:
 
 
 def _metric_params(options: BuildOptions) -> dict:
-    p = {"input": "8-bit BT.601 gray of the stored frame, downscaled by exact 2x pixel-averaging halvings "
-                  "then one bilinear step", "sim_size": [options.sim_size] * 2}
+    p = {"input": "8-bit BT.601 gray of the frame as resized for storing (before it is encoded: JPEG's loss is "
+                  "not scored), downscaled by exact 2x pixel-averaging halvings then one bilinear step", "sim_size": [options.sim_size] * 2}
     if options.metric == "ssim":
         p.update(gaussian_sigma=SSIM_SIGMA, window=2 * SSIM_RADIUS + 1, c1=SSIM_C1, c2=SSIM_C2,
                  data_range=1.0, border="valid")

@@ -389,8 +389,8 @@ def test_meta_records_the_options_and_the_metric(tmp_path, monkeypatch):
     meta = build_movie("clip", tmp_path / "data", options=BuildOptions(size=0, window=1, sim_size=12, threads=1))
     assert (meta["format_version"], meta["short_side"], meta["size"]) == (1, 0, [24, 16])
     assert meta["source"] == str(tmp_path / "clip") and meta["default_band"]["min_gap"] == 3
-    input_ = ("8-bit BT.601 gray of the stored frame, downscaled by exact 2x pixel-averaging halvings "
-              "then one bilinear step")
+    input_ = ("8-bit BT.601 gray of the frame as resized for storing (before it is encoded: JPEG's loss is not "
+              "scored), downscaled by exact 2x pixel-averaging halvings then one bilinear step")
     assert meta["metric_params"] == {"input": input_, "sim_size": [12, 12], "gaussian_sigma": 1.5, "window": 11,
                                      "c1": 0.01**2, "c2": 0.03**2, "data_range": 1.0, "border": "valid"}
     ncc = build_movie("clip", tmp_path / "ncc", options=BuildOptions(size=16, window=1, metric="ncc", threads=1))
