@@ -129,12 +129,29 @@ class PairDataset(Dataset):
                 self.latents.append(load_latents(d, vae_fingerprint, gray=self.gray_latents))
         self._refs = np.concatenate(refs).astype(np.int64)
         self._movie_of = np.concatenate(movie_of)
+        metrics = {mid: meta.get("metric", "ssim") for mid, meta in zip(self.movies, self.meta)}
+        if len(set(metrics.values())) > 1:  # a band of one metric's scale picks copies (or nothing) in another's
+            by = "; ".join(f"{x}: {', '.join(mid for mid in metrics if metrics[mid] == x)}"
+                           for x in sorted(set(metrics.values())))
+            warnings.warn(f"{self.root}: movies scored with different similarity metrics ({by}) share one band "
+                          f"{low}-{high}; rebuild them with one build_pairs.py --metric")
         if len(self._refs) == 0:
+            window = max((m.shape[1] - 1) // 2 for m in self.masks)
+            why = (f": no gap above {window} frames is stored (the --window they were built with); rebuild them "
+                   "with a larger build_pairs.py --window, or lower the gap") if min_gap > window else ""
             raise NoPairsError(f"{self.root}: no pairs with {low} < sim < {high} and gap >= {min_gap} "
-                             f"in movies {', '.join(self.movies)}")
+                               f"in movies {', '.join(self.movies)}{why}")
 
     def __len__(self) -> int:
         return len(self._refs)
+
+    def summary(self) -> str:
+        """One line: how many frames have a partner in the band (only those are drawn, as
+        reference or target), out of how many, and the pairs that makes."""
+        frames = sum(len(m) for m in self.masks)
+        pairs = int(sum(m.sum() for m in self.masks))
+        return (f"{len(self)} of {frames} frames in {len(self.movies)} movie(s) have a partner with {self.low} < sim "
+                f"< {self.high} and gap >= {self.min_gap}: {pairs} (reference, target) pairs")
 
     def partners(self, index: int) -> tuple[str, int, np.ndarray]:
         """(movie id, reference frame, all frames that may be drawn as its target)."""

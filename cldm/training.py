@@ -80,11 +80,18 @@ def build_datamodule(cfg, args, model):
                         val_movies=None if t.val_every else [], vae_fingerprint=fingerprint,
                         gray_latents=model.color_variant == "v3",
                         accelerator=args.accelerator, seed=t.seed, **band)
-    with warnings.catch_warnings():  # the data module's warning of a held-out movie without pairs: the note says it
-        warnings.filterwarnings("ignore", message="no validation: ")
-        dm.setup("fit")  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses it)
-    if dm.no_val and is_launch_rank_zero():
-        print(f"{PROG}: note: no validation: {dm.no_val}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as said:  # the data's warnings: notes, not Python's two-line form
+        warnings.simplefilter("always")
+        try:  # fail here, with one line, on an empty band or a missing latent cache (Lightning reuses the setup)
+            dm.setup("fit")
+        finally:  # before that line too: a movie of another metric may be why the band is empty
+            for w in said if is_launch_rank_zero() else ():
+                if not str(w.message).startswith("no validation: "):  # of a held-out movie without pairs: below
+                    print(f"{PROG}: note: {w.message}", file=sys.stderr)
+    if is_launch_rank_zero():
+        print(f"data: {dm.train.summary()}")
+        if dm.no_val:
+            print(f"{PROG}: note: no validation: {dm.no_val}", file=sys.stderr)
     return dm
 
 

@@ -21,7 +21,7 @@ from annotator.color import rgb_to_gray
 from annotator.build_many import build_all
 from annotator.pairs import BuildOptions
 from tests.annotator.clips import index_color, panning_clip, table_from_pairs, write_fake_movie, write_folder
-from tutorial_dataset import PairDataModule, PairDataset, leave_stops_to_the_run, start_loader_process
+from tutorial_dataset import NoPairsError, PairDataModule, PairDataset, leave_stops_to_the_run, start_loader_process
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -51,16 +51,45 @@ def test_default_band_on_another_metric_is_warned(fake_root):
     meta.write_text(meta.read_text().replace('"metric": "ssim"', '"metric": "ncc"'))
     with pytest.warns(UserWarning, match="film_b: similarities are ncc, but the default band 0.94-0.97 was chosen "
                                          "for SSIM"):
-        PairDataset(fake_root, size=64)
+        PairDataset(fake_root, ["film_b"], size=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a band chosen for the metric: no warning
+        PairDataset(fake_root, ["film_b"], size=64, low=0.9, high=0.99)
+        PairDataset(fake_root, ["film_b"], size=64, high=0.99)  # either end chosen is a band chosen
+        PairDataset(fake_root, ["film_b"], size=64, low=0.9)
+    # movies of two metrics under one band: one of them gets the wrong pairs, whatever the band
+    with pytest.warns(UserWarning) as said:
         PairDataset(fake_root, size=64, low=0.9, high=0.99)
-        PairDataset(fake_root, size=64, high=0.99)  # either end chosen is a band chosen
-        PairDataset(fake_root, size=64, low=0.9)
+    assert [str(w.message) for w in said] == [f"{fake_root}: movies scored with different similarity metrics (ncc: "
+                                              "film_b; ssim: film_a) share one band 0.9-0.99; rebuild them with one "
+                                              "build_pairs.py --metric"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         # a meta.json without "metric" (built before there was a choice) holds SSIM
         meta.write_text(meta.read_text().replace('"metric": "ncc", ', "").replace(', "metric": "ncc"', ""))
         assert "metric" not in meta.read_text()
         PairDataset(fake_root, size=64)
+
+
+def test_the_summary_counts_frames_with_a_partner_and_pairs(fake_root):
+    """Only frames with a partner in the band are drawn: 5 of film_a's 10 and 2 of film_b's 6;
+    the pairs as test_pairs_exact lists them, each way."""
+    assert PairDataset(fake_root, size=64).summary() == ("7 of 16 frames in 2 movie(s) have a partner with 0.94 < sim "
+                                                         "< 0.97 and gap >= 3: 8 (reference, target) pairs")
+    assert PairDataset(fake_root, ["film_b"], size=64, low=0.9, high=0.99, min_gap=1).summary() == \
+        "2 of 6 frames in 1 movie(s) have a partner with 0.9 < sim < 0.99 and gap >= 1: 2 (reference, target) pairs"
+
+
+def test_a_gap_beyond_the_stored_window_says_so(fake_root):
+    """Was "no pairs with ... and gap >= 5 in movies ...": true, but no band could help (window 4 here)."""
+    with pytest.raises(NoPairsError) as e:
+        PairDataset(fake_root, size=64, low=0.0, high=1.0, min_gap=5)
+    assert str(e.value) == (f"{fake_root}: no pairs with 0.0 < sim < 1.0 and gap >= 5 in movies film_a, film_b: no gap "
+                            "above 4 frames is stored (the --window they were built with); rebuild them with a larger "
+                            "build_pairs.py --window, or lower the gap")
+    with pytest.raises(NoPairsError) as e:  # within the window: only the band is at fault
+        PairDataset(fake_root, size=64, low=0.98, high=0.99, min_gap=4)
+    assert str(e.value).endswith("in movies film_a, film_b")
 
 
 def test_a_broken_meta_json_is_named(fake_root):

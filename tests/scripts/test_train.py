@@ -529,6 +529,36 @@ def test_a_frame_gone_from_the_data_root_while_training_is_one_line(ws, tmp_path
                         "same command to start over", err.splitlines()[-1]), err
     assert "Traceback" not in err
 
+def test_the_data_is_summed_up_and_its_warnings_are_notes(ws, tmp_path, capsys):
+    """How many frames have a partner is said (stdout, after the config line); the data's
+    warnings were Python's two lines ("...tutorial_dataset.py:115: UserWarning: ..." and the
+    source line), and one printed before an error was lost with it."""
+    from tutorial_dataset import PairDataset
+
+    data = tmp_path / "data"
+    shutil.copytree(ws / "data", data)
+    meta = data / "m1" / "meta.json"
+    meta.write_text(meta.read_text().replace('"metric": "ssim"', '"metric": "ncc"'))
+    argv = [a if a != str(ws / "data") else str(data) for a in args(ws, tmp_path / "run", "--max-steps", 1,
+                                                                      "--no-progress")]
+    assert train.main(argv) == 0
+    out, err = capsys.readouterr()
+    with pytest.warns(UserWarning, match="different similarity metrics"):
+        summary = PairDataset(data, low=0.0, high=1.0, min_gap=1, size=64).summary()
+    assert out.splitlines()[0] == f"data: {summary}" and summary.startswith("16 of 16 frames in 2 movie(s)")
+    mixed = (f"{train.PROG}: note: {data}: movies scored with different similarity metrics (ncc: m1; ssim: m0) share "
+             "one band 0.0-1.0; rebuild them with one build_pairs.py --metric")
+    assert mixed in err.splitlines() and "UserWarning" not in err
+    default_band = ["--config", str(TINY_CONFIG), "--init", str(ws / "init.safetensors"), "--data", str(data),
+                    "--out", str(tmp_path / "run2"), "--min-gap", "9", "--accelerator", "cpu"]
+    assert train.main(default_band) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{train.PROG}: note: {data / 'm1'}: similarities are ncc, but the default band 0.94-0.97 was " \
+                     "chosen for SSIM; pass low/high that suit that metric"
+    assert err[-1].startswith(f"{train.PROG}: error: {data}: no pairs with 0.94 < sim < 0.97 and gap >= 9 in movies "
+                              "m0, m1: no gap above 3 frames is stored")
+
+
 def test_sigterm_while_lightning_restores_a_checkpoint_stops_as_terminated(ws, tmp_path, capsys, monkeypatch):
     """Before Lightning installs its own SIGTERM handler (its setup, the checkpoint restore) the
     signal would end the run unseen, by its default action: it stops as after Ctrl-C, said as a
