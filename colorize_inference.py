@@ -36,6 +36,7 @@ import signal
 import sys
 from contextlib import closing
 from pathlib import Path
+from typing import Sequence
 
 from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, ignore_stop_signals,
                      out_file_problem, out_folder_problem, out_of_memory, path_arg, quiet_opencv,
@@ -156,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
                    help="anchored: pull the propagated frame's colour mean/std back to the reference's, "
                         "0 (not at all) to 1 (fully) (default: 1)")
     s.add_argument("--steps", type=int, default=20,
-                   help="DDIM steps, at most half the model's noise schedule (500 for SD2.1's 1000) (default: 20)")
+                   help="DDIM steps, at most half the model's noise schedule (500 for SD2.1's 1000); spaced as in "
+                        "the reference DDIM (every T // N-th timestep), so a count that does not divide T runs a "
+                        "few more (30 -> 31), or many (400 -> 500) (default: 20)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     s.add_argument("--noise", choices=P.NOISES, default="shared",
@@ -191,12 +194,31 @@ class UsageError(Exception):
     """Bad arguments; str(e) is one line."""
 
 
-def check_used(args) -> None:
-    """Refuse a flag given (other than its default) that this run would not use."""
+def given_flags(argv: Sequence[str] | None) -> set[str]:
+    """The dests of MODEL_ONLY that `argv` names, whatever their values: a flag typed with its
+    default value (--anchor-every 8 in recursive mode) is as unused as any other. Found by
+    parsing again with a default no command line can give (an object: argparse converts string
+    defaults); --set appends to its default, so it is given when it holds anything."""
+    p, unset = parser(), object()
+    p.set_defaults(**{dest: unset for dest in MODEL_ONLY if dest != "set"})
+    args = p.parse_args(argv)
+    return {dest for dest in MODEL_ONLY if (bool(args.set) if dest == "set" else getattr(args, dest) is not unset)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with `given`: the flags of MODEL_ONLY it names (given_flags)."""
+    args = parser().parse_args(argv)
+    args.given = given_flags(argv)
+    return args
+
+
+def check_used(args, given: set[str] | None = None) -> None:
+    """Refuse a flag that this run would not use: one of `given` (given_flags), or without it,
+    any value other than its default (a Namespace made by a caller)."""
     defaults = parser()
     for dest in MODEL_ONLY if args.method != "model" else MODE_ONLY:
         value = getattr(args, dest)
-        if value == defaults.get_default(dest):
+        if dest not in given if given is not None else value == defaults.get_default(dest):
             continue
         flag = "--" + ("no-" if value is False else "") + dest.replace("_", "-")
         if args.method != "model":
@@ -229,7 +251,7 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     The sampling values are checked where the library checks them (pipeline.Options), each
     message naming its flag.
     """
-    check_used(args)
+    check_used(args, getattr(args, "given", None))
     try:
         options = P.Options(size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
                             ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,
@@ -579,7 +601,7 @@ INTERRUPTED = "interrupted before any output was written"  # once frames are wri
 def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
     """`stop_line=False`: Ctrl-C and SIGTERM propagate to the calling tool, which says how its
     own run continues (this script's `--frames N:` advice would not apply there)."""
-    return run_cli(PROG, run, parser().parse_args(argv),
+    return run_cli(PROG, run, parse_args(argv),
                    (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError),
                    interrupted=INTERRUPTED if stop_line else None)
 

@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="samples per device per step")
     g.add_argument("--accumulate", type=int, help="batches accumulated per optimiser step")
     g.add_argument("--lr", type=float, help="learning rate")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (the original's Adam had none)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (ControlNet's AdamW had torch's default, 0.01)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
@@ -204,7 +204,8 @@ def prepare(args):
     module = ColorControlModule(
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,
         sd_locked=cfg.model.sd_locked, train_unet_input=cfg.model.get("train_unet_input", True), seed=t.seed,
-        compile=t.compile, config=OmegaConf.to_container(cfg, resolve=True), data=str(data.resolve()))
+        compile=t.compile, config=OmegaConf.to_container(cfg, resolve=True), data=str(data.resolve()),
+        fused=not (t.precision == "16-mixed" and t.grad_clip > 0))
     if args.export:
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)

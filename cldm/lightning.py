@@ -65,16 +65,19 @@ class ColorControlModule(L.LightningModule):
     so no VAE runs in the step.
     Checkpoints hold only the trainable tensors (plus optimiser/loop state): the locked SD
     weights come from the init file, which every run loads first. `data`: the run's data root,
-    kept with the hyperparameters so a resume on another one is noted.
+    kept with the hyperparameters so a resume on another one is noted. `fused`: AdamW's fused
+    CUDA kernel, on a GPU; off where Lightning must unscale the gradients itself, i.e. to clip
+    them under 16-mixed's GradScaler (it refuses to clip for a fused optimiser, at the first step).
     """
 
     def __init__(self, model: ControlLDM, *, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), optimizer: str = "adamw", warmup_steps: int = 0,
                  sd_locked: bool = True, train_unet_input: bool = True, seed: int = 0,
-                 compile: bool = False, config: dict | None = None, data: str | None = None):
+                 compile: bool = False, config: dict | None = None, data: str | None = None, fused: bool = True):
         super().__init__()
         check_optimizer(optimizer)
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "fused"])  # fused: how the step runs, not what it trains
+        self.fused = fused
         self.model = model
         configure_trainable(model, sd_locked, train_unet_input)
         self.strict_loading = False  # checkpoints leave out the locked weights; on_load_checkpoint checks the rest
@@ -160,7 +163,8 @@ class ColorControlModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)
-        opt = make_optimizer(hp.optimizer, groups, hp.lr, tuple(hp.betas), fused=self.device.type == "cuda")
+        fused = self.fused and self.device.type == "cuda"
+        opt = make_optimizer(hp.optimizer, groups, hp.lr, tuple(hp.betas), fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warmup, warmup_steps=hp.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -327,6 +327,26 @@ def test_configured_optimiser_takes_the_weight_decay_betas_and_warmup_per_step()
     assert [lam(s) for lam in sched.lr_lambdas for s in (1, 3, 9)] == [0.5, 1.0, 1.0] * 2
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_16_mixed_clips_gradients_only_with_an_unfused_adamw(monkeypatch, fused):
+    """On a GPU AdamW runs fused, and Lightning then refuses to clip under 16-mixed's GradScaler,
+    at the first step ("does not allow for gradient clipping because it performs unscaling of
+    gradients internally"): an audit reproduced it on the CPU with the same plugin and optimiser.
+    The training script passes fused=False for that pair (test_train checks it)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = ColorControlModule(tiny_model("v2"), fused=fused)
+    monkeypatch.setattr(ColorControlModule, "device", property(lambda self: torch.device("cuda")))  # as on a GPU
+    opt = module.configure_optimizers()["optimizer"]
+    assert bool(opt.defaults["fused"]) is fused and "fused" not in module.hparams
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    if fused:
+        with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+            plugin.clip_gradients(opt, clip_val=1.0)
+    else:
+        plugin.clip_gradients(opt, clip_val=1.0)
+
+
 def test_validation_loss_is_averaged_over_the_epoch_and_the_ranks_by_batch_size():
     module = ColorControlModule(tiny_model("v2"))
     logged = []

@@ -1435,8 +1435,8 @@ def _checked(tmp_path, *extra):
     ref = tmp_path / "ref.png"
     if not ref.exists():
         cv2.imwrite(str(ref), np.full((8, 8, 3), (0, 64, 200), np.uint8))
-    args = cli.parser().parse_args([str(a) for a in ["--input", tmp_path, "--reference", ref, "--method",
-                                                     "reinhard", "--out", tmp_path / "out", *extra]])
+    args = cli.parse_args([str(a) for a in ["--input", tmp_path, "--reference", ref, "--method", "reinhard",
+                                            "--out", tmp_path / "out", *extra]])
     return cli.check_args(args)
 
 
@@ -1846,9 +1846,11 @@ def test_a_baseline_refuses_the_model_only_flags_it_would_ignore(env, tmp_path, 
         rc, out, err = run([*base, "--method", method, *given], capsys)
         assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {shown} is for --method model; --method "
                                          f"{method} uses no model: leave it out\n")
+    # typed with their default values too: whether a flag is refused must not depend on its value
+    rc, out, err = run([*base, "--method", "flow", "--mode", "fixed", "--steps", "20"], capsys)
+    assert (rc, out, err) == (2, "", "colorize_inference.py: error: --mode is for --method model; --method flow uses "
+                                     "no model: leave it out\n")
     assert not (tmp_path / "out").exists()
-    rc, _, err = run([*base, "--method", "flow", "--mode", "fixed", "--steps", "20"], capsys)  # the defaults
-    assert rc == 0, err
 
 
 def test_a_truncated_video_that_fails_before_any_output_names_the_frames_it_holds(env, tmp_path, capsys):
@@ -1912,8 +1914,16 @@ def test_a_mode_refuses_the_flags_of_another_mode(env, tmp_path, capsys):
                                                               "no batches (it goes frame by frame)")]:
         rc, out, err = run([*base, "--mode", mode, *given], capsys)
         assert (rc, out, err) == (2, "", f"colorize_inference.py: error: {says}: leave it out\n")
+    # typed with their default values, as unused: they were let through (an audit found "--mode recursive
+    # --anchor-every 8" running plain recursive)
+    for mode, given, says in [("recursive", ["--anchor-every", "8"], "--anchor-every is for --mode anchored"),
+                              ("fixed", ["--anchor-strength", "1.0"], "--anchor-strength is for --mode anchored"),
+                              ("anchored", ["--batch", "4"], "--batch is for --mode fixed")]:
+        assert given[1] == str(cli.parser().get_default(given[0][2:].replace("-", "_")))
+        rc, out, err = run([*base, "--mode", mode, *given], capsys)
+        assert rc == 2 and err.startswith(f"colorize_inference.py: error: {says}; "), err
     assert not (tmp_path / "out").exists()
-    assert run([*base, "--mode", "recursive", "--batch", "4", "--anchor-every", "8"], capsys)[0] == 0  # the defaults
+    assert run([*base, "--mode", "anchored", "--anchor-every", "8", "--anchor-strength", "1.0"], capsys)[0] == 0
 
 
 def test_a_control_on_other_sd_weights_than_its_runs_is_noted_and_still_colours(env, tmp_path, capsys):

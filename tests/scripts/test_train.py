@@ -1347,6 +1347,7 @@ def test_a_relative_data_root_is_recorded_resolved(ws, tmp_path, monkeypatch):
     assert module.hparams.data == str((ws / "data").resolve())
 
 
+@pytest.mark.filterwarnings("ignore:You passed `Trainer.accelerator='cpu', precision='16-mixed'.`")
 def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
     """And --seed seeds everything."""
     ns = train.parser().parse_args(args(ws, tmp_path / "run", "--lr", "3e-4", "--weight-decay", "0.01",
@@ -1357,7 +1358,11 @@ def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
                                            "seed", "compile", "optimizer")} == \
         dict(lr=3e-4, weight_decay=0.01, warmup_steps=4, sd_locked=False, train_unet_input=False, seed=7, compile=True,
              optimizer="adamw")
-    assert torch.initial_seed() == 7 and resume is None
+    assert torch.initial_seed() == 7 and resume is None and module.fused
+    for extra, fused in ((["--precision", "16-mixed", "--grad-clip", "1"], False),  # see test_lightning
+                         (["--precision", "16-mixed"], True), (["--precision", "bf16-mixed", "--grad-clip", "1"], True)):
+        ns = train.parser().parse_args(args(ws, tmp_path / "run", "--num-workers", 0, *extra))
+        assert train.prepare(ns)[2].fused is fused, extra
 
 
 
