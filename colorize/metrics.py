@@ -4,10 +4,12 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
 - Images are RGB, HWC. uint8 is taken as is, uint16 is scaled to 0..255, float as [0, 1]
   and scaled to 0..255; every metric below works on those 0..255 values (float32 pixels
   where that is exact or harmless, with double-precision sums).
-- PSNR: over all pixels and the three RGB channels, data range 255. Identical images
-  would be +inf; PSNR is capped at `PSNR_CAP_DB` so a clip mean stays finite when one
-  frame is reproduced exactly (typically the reference frame itself). Such a frame still
-  inflates the mean: evaluate.py notes it, and `--exclude` leaves it out.
+- PSNR: over all pixels and the three RGB channels, data range 255, per frame; a clip's
+  is the mean of its frames' dB (not the PSNR of the clip's mean squared error, which
+  weighs the worst frames more and comes out lower). Identical images would be +inf; PSNR
+  is capped at `PSNR_CAP_DB` so a clip mean stays finite when one frame is reproduced
+  exactly (typically the reference frame itself). Such a frame still inflates the mean:
+  evaluate.py notes it, and `--exclude` leaves it out.
 - SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03,
   L = 255, population (not sample) statistics, computed on each RGB channel and averaged.
   Not on luma: luminance-true outputs copy the input's luma, so luma SSIM would be ~1 for
@@ -16,7 +18,7 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
   use the whole reflect-padded map. No automatic downsampling (unlike Wang's MATLAB script).
 - Colourfulness: Hasler & Suesstrunk 2003, M = sqrt(std_rg^2 + std_yb^2)
   + 0.3 sqrt(mean_rg^2 + mean_yb^2) with rg = R - G, yb = (R + G) / 2 - B, population std.
-- CDC (Lei & Chen 2019, strides as in later video-colourisation work): Jensen-Shannon
+- CDC (colour distribution consistency, Liu et al. 2021, TCVC; strides 1, 2, 4): Jensen-Shannon
   divergence, natural log (so in [0, ln 2]), between per-channel RGB histograms with
   `HIST_BINS` = 256 bins (one per 8-bit level, range 0..255, normalised to sum 1) of
   frames t and t+s; mean over channels and frames, then mean over s in `CDC_STRIDES`

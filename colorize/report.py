@@ -40,7 +40,7 @@ from colorize import metrics as M  # noqa: E402
 
 SUMMARY_KEYS = ("psnr", "ssim", "colourfulness", "warp_error", "cdc")
 DEFINITIONS = {
-    "psnr": f"dB over RGB, data range 255, capped at {M.PSNR_CAP_DB:g}",
+    "psnr": f"dB over RGB, data range 255, capped at {M.PSNR_CAP_DB:g}; a clip's: the mean of its frames' dB",
     "ssim": f"Wang et al. 2004, Gaussian {M.SSIM_WINDOW}x{M.SSIM_WINDOW} sigma {M.SSIM_SIGMA}, "
     f"K1={M.SSIM_K1}, K2={M.SSIM_K2}, per RGB channel then averaged",
     "colourfulness": "Hasler & Suesstrunk 2003 on 0..255 RGB",
