@@ -205,8 +205,10 @@ def run(args: argparse.Namespace, runs: list[str]) -> int:
         check_sides(config, height=args.height, width=args.width)
         P.check_steps(load_config(config).model.schedule.timesteps, args.steps)
         print(f"# FLOPs per frame, {Path(config).name}, {args.width}x{args.height}, {args.steps} DDIM steps")
-        for k, v in pipeline_flops(config, args.height, args.width, args.steps).items():
-            print(f"{k:40s} {v / 1e12:8.3f} TFLOP")
+        counts = pipeline_flops(config, args.height, args.width, args.steps)
+        scale, unit = (1e12, "TFLOP") if max(counts.values()) >= 1e12 else (1e9, "GFLOP")  # tiny: all 0.000 TFLOP
+        for k, v in counts.items():
+            print(f"{k:40s} {v / scale:8.3f} {unit}")
         return 0
     device = L.resolve_device(args.device)
     cfg = load_config(config)

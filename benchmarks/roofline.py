@@ -19,7 +19,8 @@ the two is memory traffic of element-wise work (norms, activations, casts, adds)
 Ceilings default to what was measured on this workplace's lent GPUs (the lending service's
 notes, KINDS.md, not in this repo: an 8192^3 bf16 matmul on random data, and a
 device-to-device copy counting read + write):
-H100 798 TFLOP/s and 3.0 TB/s, H200 788 TFLOP/s and 4.3 TB/s. MFU uses the datasheet peak
+H200 788 TFLOP/s and 4.3 TB/s; H100 798 TFLOP/s and 3.0 TB/s, not in those notes as they
+stand now (no H100 was lent to this project): an assumption. MFU uses the datasheet peak
 (989.4 TFLOP/s dense bf16 on both), as bench_train.py does. The optimiser is added by
 formula as one fused AdamW pass (float32 weight, grad and two moments read, three written).
 Casts run on the fake CPU's autocast, whose op list covers convolutions, matmuls and
@@ -50,7 +51,8 @@ from cliutil import OneLineParser, config_override, positive_float, positive_int
 
 PROG = "roofline.py"
 
-# Measured ceilings (TFLOP/s bf16 matmul, TB/s copy) from the lending service's KINDS.md, dated there.
+# Ceilings (TFLOP/s bf16 matmul, TB/s copy): H200 as the lending service's KINDS.md records it
+# (2026-10-28 and 2026-11-04); H100 assumed (see the module doc).
 CEILINGS = {"h100": (798.0, 3.0), "h200": (788.0, 4.3)}
 ADAMW_BYTES_PER_PARAM = 7 * 4  # fused AdamW: read weight, grad, exp_avg, exp_avg_sq; write three
 

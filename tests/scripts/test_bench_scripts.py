@@ -108,6 +108,15 @@ def test_sdpa_backend_forces_one_kernel_in_the_denoisers_attention_only():
         torch.testing.assert_close(attn(x), want)  # restored on exit
 
 
+def test_bench_inference_flops_of_the_tiny_config_are_in_gflop(capsys):
+    """Every row read "0.000 TFLOP" for the tiny config; the unit now follows the largest count."""
+    from cldm.model import TINY_CONFIG
+
+    assert bench_inference.main(["--flops", "--config", str(TINY_CONFIG), "--height", "64", "--width", "64"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert rows and all(r.endswith(" GFLOP") and float(r.split()[-2]) > 0 for r in rows), rows
+
+
 def test_bench_inference_forces_the_attention_backend_in_the_denoiser_only(capsys):
     """--sdpa flash ran every SDPA call on flash, where on a GPU the VAE's 512-wide head and the
     text encoder's fp32 masked attention have no flash kernel."""
