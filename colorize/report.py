@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
 from atomicio import temp_beside  # noqa: E402
+from cliutil import signals_deferred  # noqa: E402
 from colorize import metrics as M  # noqa: E402
 
 SUMMARY_KEYS = ("psnr", "ssim", "colourfulness", "warp_error", "cdc")
@@ -243,10 +244,12 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _publish(out: Path, files: Mapping[Path, bytes]) -> None:
+def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = ()) -> None:
     """Write `files` (all in `out`) whole or not at all: each to a temporary name, renamed only
     once every one is written, and only where nothing at their names is in the way (a folder,
-    which no rename replaces). A failed write (a full disk) removes the temporary files and any
+    which no rename replaces). The renames, and the removal of `stale` (an earlier report's
+    files this one does not replace), run with Ctrl-C and SIGTERM held: a stop in between left
+    an earlier report partly replaced, or partly removed. A failed write (a full disk) removes the temporary files and any
     folder made here, so an earlier report stays as it was and no half report is left for the
     next run to refuse as "a report already"; a rename failing after others (which no check can
     foresee) removes the files renamed before it. Its OSError names the file (or folder) that
@@ -256,7 +259,7 @@ def _publish(out: Path, files: Mapping[Path, bytes]) -> None:
     temps: list[Path] = []
     renamed: list[Path] = []
     replaced = [t for t in files if os.path.lexists(t)]  # an earlier report's files
-    target = out
+    target, published = out, False
     try:
         for target in files:
             if target.is_dir() and not target.is_symlink():  # a link is replaced, not its folder
@@ -265,10 +268,16 @@ def _publish(out: Path, files: Mapping[Path, bytes]) -> None:
         for target, data in files.items():
             temps.append(temp_beside(target))
             _write_file(temps[-1], data)
-        for tmp, target in zip(temps, files):
-            os.replace(tmp, target)
-            renamed.append(target)
+        with signals_deferred():
+            for tmp, target in zip(temps, files):
+                os.replace(tmp, target)
+                renamed.append(target)
+            for path in stale:
+                path.unlink(missing_ok=True)
+            published = True
     except BaseException as e:
+        if published:  # a Ctrl-C or SIGTERM held during the renames, raised now: the report is whole
+            raise
         for path in temps + renamed:
             path.unlink(missing_ok=True)
         for folder in made:
@@ -343,7 +352,6 @@ def write_report(
     if strip is not None:
         paths["strip"] = strip_path
         files[strip_path] = _png(strip_figure(strip, results, frames))
-    _publish(out, files)
-    if strip is None and strip_path.is_file():  # an earlier run's, of other frames or methods: not this report's
-        strip_path.unlink()
+    # without a strip, an earlier run's (of other frames or methods) is not this report's
+    _publish(out, files, stale=[strip_path] if strip is None and strip_path.is_file() else [])
     return paths

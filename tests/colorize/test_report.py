@@ -243,6 +243,33 @@ def test_a_rename_failing_after_others_removes_them_and_says_so(tmp_path, monkey
     assert not (tmp_path / "new").exists()
 
 
+def test_ctrl_c_during_the_renames_comes_after_the_whole_report(tmp_path, monkeypatch):
+    """A Ctrl-C between two renames left the earlier report partly replaced (or, by the clean-up,
+    partly removed), and a stale strip beside a new report: the renames and the stale strip's
+    removal now hold it, and it is raised once the new report is whole."""
+    import signal
+
+    out = tmp_path / "rep"
+    gt = [np.full((9, 16, 3), 80, np.uint8)] * 2
+    strip = Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt, "b": gt})
+    write_report(results(), out, frames=["f0", "f1", "f2"], strip=strip)
+    assert (out / "strip.png").is_file()
+    real, calls = os.replace, []
+
+    def ctrl_c_at_the_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", ctrl_c_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(results(), out, frames=["g0", "g1", "g2"])
+    assert len(calls) == 5 and sorted(p.name for p in out.iterdir()) == \
+        ["metrics.json", "per_frame.csv", "psnr.png", "summary.csv", "warp_error.png"]  # no strip, no temporary file
+    assert json.loads((out / "metrics.json").read_text())["frames"] == ["g0", "g1", "g2"]
+
+
 # Mutation round 10: the plots' capped PSNR handling, the strip's tiles and labels, JSON/CSV values,
 # input checks, and a stale strip.
 import matplotlib.pyplot as plt  # noqa: E402
