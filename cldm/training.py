@@ -180,11 +180,15 @@ def export(module, out: Path, cfg, step: int, init: Path) -> Path:
     from cldm.trainable import export_control
 
     out.mkdir(parents=True, exist_ok=True)  # new with --export into another OUT (a fork's)
-    write_bytes_atomic(out / "control.yaml", OmegaConf.to_yaml(cfg).encode())
+    # The YAML beside the weights wins over the config they record: written last, after an
+    # earlier export's is removed, a stop in between never pairs new YAML with old weights.
+    (out / "control.yaml").unlink(missing_ok=True)
     # the locked weights' digest: inference can tell SD weights other than --init's (768-v has
     # 512-base's shapes, so nothing else can)
-    return export_control(module.model, out / "control.safetensors", step=step, cfg=cfg,
+    path = export_control(module.model, out / "control.safetensors", step=step, cfg=cfg,
                           extra={"init": init.name, "locked_digest": module.locked_digest()})
+    write_bytes_atomic(out / "control.yaml", OmegaConf.to_yaml(cfg).encode())
+    return path
 
 
 def export_from_checkpoint(module, ckpt: Path, out: Path, cfg, init: Path) -> Path:

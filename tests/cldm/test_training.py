@@ -571,6 +571,34 @@ def test_the_export_records_the_step_the_inits_name_and_the_locked_weights_diges
     assert OmegaConf.load(tmp_path / "control.yaml") == cfg
 
 
+def test_a_stop_during_the_export_never_pairs_a_new_yaml_with_old_weights(tmp_path, model, monkeypatch):
+    """control.yaml (which inference prefers to the config the weights record) was written first:
+    a stop during the long weights write left the new config beside the old weights (an audit
+    found v3's YAML beside v2 weights). It now goes last, the old one removed first."""
+    import cldm.trainable
+    from omegaconf import OmegaConf
+
+    from cldm.trainable import locked_digest
+    from cldm.weights_config import resolve_config
+
+    module = SimpleNamespace(model=model, locked_digest=lambda: locked_digest(model))
+    old = load_config(TINY_CONFIG)
+    training.export(module, tmp_path, old, 5, tmp_path / "init.safetensors")
+    weights = (tmp_path / "control.safetensors").read_bytes()
+    new = load_config(TINY_CONFIG, ["model.only_mid_control=true"])
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cldm.trainable, "save_state_dict", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        training.export(module, tmp_path, new, 9, tmp_path / "init.safetensors")
+    assert (tmp_path / "control.safetensors").read_bytes() == weights and not (tmp_path / "control.yaml").exists()
+    assert resolve_config(tmp_path / "control.safetensors").model == old.model  # the config the old weights record
+    monkeypatch.undo()
+    training.export(module, tmp_path, new, 9, tmp_path / "init.safetensors")
+    assert OmegaConf.load(tmp_path / "control.yaml") == new
+
+
 class Module:
     """What export_from_checkpoint uses of ColorControlModule; `refuse`: on_load_checkpoint raises it."""
 
