@@ -30,6 +30,7 @@ if __name__ == "__main__":  # Ctrl-C while OpenCV and torch load: one line, not 
 import cv2  # noqa: E402
 
 import evaluate  # noqa: E402
+from annotator.video import list_frame_files  # noqa: E402
 from atomicio import write_bytes_atomic  # noqa: E402
 from demo import GRAY_LABEL  # noqa: E402
 
@@ -51,7 +52,8 @@ def _evaluate(demo_out: Path, preds: list[str], out: str, strip_frames: int) -> 
     """evaluate.py on the demo's data, its table kept off stdout (it names a temporary report);
     False if it refused (it said why, in one line on stderr)."""
     data = demo_out / "data"
-    first = min(p.stem for p in (data / "colour").iterdir())  # the reference frame: not scored
+    first = list_frame_files(data / "colour")[0].stem  # the reference frame: not scored (a killed run's
+    # temporary .frame_NNNN.*.tmp.png sorted first among the folder's names)
     argv = [a for p in preds for a in ("--pred", p)] + [
         "--gt", str(data / "colour"), "--exclude", first, "--reference", str(data / "reference.png"),
         "--strip-frames", str(strip_frames), "--out", out, "--no-progress"]

@@ -207,6 +207,7 @@ def make_toy_model(out: Path, seed: int = 0, vae_steps: int = 1500, diff_steps: 
         "train_seconds": round(time.time() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.yaml").unlink(missing_ok=True)  # written last: a stop never pairs it with other weights
     sd = {k: v.half() if v.is_floating_point() and not k.startswith(tuple(model._buffers)) else v
           for k, v in model.state_dict().items()}
     save_state_dict(sd, out / f"{NAME}.safetensors",

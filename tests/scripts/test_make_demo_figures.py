@@ -45,6 +45,16 @@ def test_writes_the_strip_scaled_to_the_width_and_the_psnr_plot(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["demo_psnr.png", "demo_strip.jpg"]
 
 
+def test_a_temporary_frame_left_by_a_killed_demo_is_not_taken_for_the_reference(tmp_path, capsys):
+    """The reference frame (left out of the scores) was the smallest name in data/colour: a killed
+    demo's .frame_0100.<token>.tmp.png sorted first, and evaluate.py refused to exclude it (an
+    audit found it; demo.py --overwrite leaves such files alone)."""
+    out = fake_demo_out(tmp_path / "demo_out")
+    (out / "data" / "colour" / ".frame_0100.1a2b3c4d.tmp.png").write_bytes(b"half a PNG")
+    assert F.main([str(out), "--figures", str(tmp_path / "fig")]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == sorted(F.FIGURES)
+
+
 def test_a_width_that_rounds_the_height_to_zero_keeps_one_row(tmp_path):
     """--width 1 of a strip wider than high: OpenCV's resize to a height of 0 was a traceback."""
     out = fake_demo_out(tmp_path / "demo_out")
