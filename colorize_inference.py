@@ -170,7 +170,8 @@ def parser() -> argparse.ArgumentParser:
                         "at most) where its batch holds other frames (default: shared)")
     s.add_argument("--size", type=int, default=512,
                    help="short side of the frames the model sees; both sides are rounded to multiples of 64 "
-                        "and the output is resized back to the input size (default: 512)")
+                        "(of 128 or more for a config whose UNet downsamples more than SD2.1's) and the output "
+                        "is resized back to the input size (default: 512)")
     s.add_argument("--batch", type=int, default=4, help="frames per model call in fixed mode (default: 4)")
     s.add_argument("--ref-guidance", type=float, default=1.0, metavar="S",
                    help="EXPERIMENTAL: reference guidance scale, >1 pushes away from the prediction with a black "

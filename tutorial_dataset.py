@@ -129,7 +129,7 @@ class PairDataset(Dataset):
                 self.latents.append(load_latents(d, vae_fingerprint, gray=self.gray_latents))
         self._refs = np.concatenate(refs).astype(np.int64)
         self._movie_of = np.concatenate(movie_of)
-        metrics = {mid: meta.get("metric", "ssim") for mid, meta in zip(self.movies, self.meta)}
+        metrics = {mid: str(meta.get("metric", "ssim")) for mid, meta in zip(self.movies, self.meta)}
         if len(set(metrics.values())) > 1:  # a band of one metric's scale picks copies (or nothing) in another's
             by = "; ".join(f"{x}: {', '.join(mid for mid in metrics if metrics[mid] == x)}"
                            for x in sorted(set(metrics.values())))

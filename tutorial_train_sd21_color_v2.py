@@ -205,7 +205,7 @@ def prepare(args):
         model, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, warmup_steps=t.warmup_steps,
         sd_locked=cfg.model.sd_locked, train_unet_input=cfg.model.get("train_unet_input", True), seed=t.seed,
         compile=t.compile, config=OmegaConf.to_container(cfg, resolve=True), data=str(data.resolve()),
-        fused=not (t.precision == "16-mixed" and t.grad_clip > 0))
+        fused=not (t.grad_clip > 0 and str(t.precision).endswith("-mixed")))
     if args.export:
         return cfg, None, module, None, resume
     dm = build_datamodule(cfg, args, model)

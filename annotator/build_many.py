@@ -251,6 +251,7 @@ def build_all(
             summary.built.append(result)
             return True
         if isinstance(result, Busy):  # not bad input: no skip, and no --strict stop
+            ended.discard(mid)  # not yet: a --strict stop before the wait lists it as not built
             busy.append(mid)
             say(f"later: {result}; this run waits for it at the end")
             return True
@@ -279,6 +280,7 @@ def build_all(
                 finish(mid, skip[0])
                 summary.stopped = strict
             elif not again:
+                ended.add(mid)
                 summary.by_others.append(mid)
             else:
                 bars.again(mid, paths[mid][1])

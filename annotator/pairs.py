@@ -351,7 +351,8 @@ def write_file(path: Path, data) -> None:
 
 def _metric_params(options: BuildOptions) -> dict:
     p = {"input": "8-bit BT.601 gray of the frame as resized for storing (before it is encoded: JPEG's loss is "
-                  "not scored), downscaled by exact 2x pixel-averaging halvings then one bilinear step", "sim_size": [options.sim_size] * 2}
+                  "not scored), downscaled by exact 2x pixel-averaging halvings then one bilinear step",
+         "sim_size": [options.sim_size] * 2}
     if options.metric == "ssim":
         p.update(gaussian_sigma=SSIM_SIGMA, window=2 * SSIM_RADIUS + 1, c1=SSIM_C1, c2=SSIM_C2,
                  data_range=1.0, border="valid")

@@ -121,7 +121,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         try:
             with safe_open(str(path), "pt"):
                 return
-        except (SafetensorError, OSError, ValueError) as e:
+        except Exception as e:  # SafetensorError for a bad header; whatever else a damaged one raises
             raise _safetensors_error(path, e) from None
     try:
         with open(path, "rb") as f:
@@ -132,7 +132,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         try:
             with zipfile.ZipFile(path):
                 return
-        except (zipfile.BadZipFile, OSError):
+        except Exception:  # BadZipFile, and from a damaged directory UnicodeDecodeError, NotImplementedError, ...
             raise CheckpointError(f"{path}: truncated or corrupt (its zip directory, at the end of the file, is "
                                   "missing or damaged)") from None
     if _torch_head(head):
@@ -146,7 +146,8 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
 
 def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
     if _is_torch_file(path):  # else "header too large": the zip's first bytes read as its length
-        return CheckpointError(f"{path}: looks like a torch checkpoint with a .safetensors extension; rename it to .ckpt")
+        return CheckpointError(f"{path}: looks like a torch checkpoint with a .safetensors extension; rename it "
+                               "to .ckpt")
     return CheckpointError(f"{path}: truncated or not a safetensors file ({e})")
 
 

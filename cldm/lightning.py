@@ -66,8 +66,9 @@ class ColorControlModule(L.LightningModule):
     Checkpoints hold only the trainable tensors (plus optimiser/loop state): the locked SD
     weights come from the init file, which every run loads first. `data`: the run's data root,
     kept with the hyperparameters so a resume on another one is noted. `fused`: AdamW's fused
-    CUDA kernel, on a GPU; off where Lightning must unscale the gradients itself, i.e. to clip
-    them under 16-mixed's GradScaler (it refuses to clip for a fused optimiser, at the first step).
+    CUDA kernel, on a GPU; off to clip gradients under mixed precision (16 or bf16): Lightning's
+    MixedPrecision plugin refuses to clip for a fused optimiser, at the first step, as one that
+    may unscale gradients itself.
     """
 
     def __init__(self, model: ControlLDM, *, lr: float = 1e-5, weight_decay: float = 0.0,

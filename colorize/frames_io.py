@@ -26,8 +26,8 @@ from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F4
 from cliutil import not_utf8, one_line, signals_deferred
 
 __all__ = [
-    "FrameSourceError", "natural_key", "list_frame_files", "read_image", "prefetch", "write_bytes_atomic", "write_image_atomic", "write_video_atomic",
-    "even_size", "progress_bar",
+    "FrameSourceError", "natural_key", "list_frame_files", "read_image", "prefetch", "write_bytes_atomic",
+    "write_image_atomic", "write_video_atomic", "even_size", "progress_bar",
 ]
 # frames/s always (tqdm's default {rate_fmt} flips to s/frame below 1 frame/s)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"

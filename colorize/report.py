@@ -14,6 +14,7 @@ Undefined values (warp error of the first frame, NaN) are null in JSON and empty
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -246,15 +247,16 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = ()) -> None:
     """Write `files` (all in `out`) whole or not at all: each to a temporary name, renamed only
-    once every one is written, and only where nothing at their names is in the way (a folder,
-    which no rename replaces). The renames, and the removal of `stale` (an earlier report's
-    files this one does not replace), run with Ctrl-C and SIGTERM held: a stop in between left
-    an earlier report partly replaced, or partly removed. A failed write (a full disk) removes the temporary files and any
-    folder made here, so an earlier report stays as it was and no half report is left for the
-    next run to refuse as "a report already"; a rename failing after others (which no check can
-    foresee) removes the files renamed before it. Its OSError names the file (or folder) that
-    could not be written, which the bare "[Errno 28] No space left on device" does not, and says
-    what became of the report."""
+    once every one is written, and only where nothing at their names is in the way (a
+    folder, which no rename replaces). The renames, and the removal of `stale` (an earlier
+    report's files this one does not replace), run with Ctrl-C and SIGTERM held: a stop in
+    between left an earlier report partly replaced, or partly removed (a strip that cannot
+    be removed stays). A failed write (a full disk) removes the temporary files and any
+    folder made here, so an earlier report stays as it was and no half report is left for
+    the next run to refuse as "a report already"; a rename failing after others (which no
+    check can foresee) removes the files renamed before it. Its OSError names the file (or
+    folder) that could not be written, which the bare "[Errno 28] No space left on device"
+    does not, and says what became of the report."""
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     temps: list[Path] = []
     renamed: list[Path] = []
@@ -272,9 +274,10 @@ def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = ())
             for tmp, target in zip(temps, files):
                 os.replace(tmp, target)
                 renamed.append(target)
-            for path in stale:
-                path.unlink(missing_ok=True)
             published = True
+            for path in stale:  # the new report is whole: one that cannot go stays, and is no reason to undo it
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
     except BaseException as e:
         if published:  # a Ctrl-C or SIGTERM held during the renames, raised now: the report is whole
             raise

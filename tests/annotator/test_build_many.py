@@ -248,6 +248,25 @@ def test_a_movie_another_run_is_building_is_waited_for_at_the_end(tmp_path, work
     assert sorted(os.listdir(root)) == ["a", "g"] and len(lines) == 1  # .partial removed: nothing left
 
 
+def test_a_strict_stop_lists_a_movie_another_run_had_as_not_built(tmp_path):
+    """The busy movie was counted as ended: a --strict stop before the wait left it out of "not
+    built" (a review found it)."""
+    import fcntl
+
+    a, b = clips_named(tmp_path, "ab")
+    cv2.imwrite(str(b / "frame3.png"), np.zeros((16, 20, 3), np.uint8))  # another size: bad input
+    root = tmp_path / "data"
+    (root / ".partial").mkdir(parents=True)
+    held = os.open(root / ".partial" / "a.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another run is building a
+    try:
+        s = build_all([a, b], root, OPTS, strict=True, progress=False, log=lambda line: None)
+    finally:
+        os.close(held)
+    assert s.stopped and s.not_built == ["a"] and s.by_others == [] and len(s.skipped) == 1
+    assert s.text().splitlines()[-1] == "stopped early because of --strict; not built: a"
+
+
 def test_overall_progress_ends_at_100_percent_when_a_movie_is_skipped(tmp_path, capsys):
     """The overall bar starts from the claimed frame counts (6 + 8); the movie that fails at
     its fifth frame gives back what it did not build, so the bar ends full."""

@@ -50,7 +50,8 @@ def test_sd15_like_checkpoint_is_clearly_not_this_model():
     assert guess_kind(sd15) == "SD1.x weights"
     v2 = {**model, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}  # our v2 model
     assert misfit(compare_state_dict(v2, sd15)).endswith(  # not "make it with tool_add_control_sd21.py"
-        "likely SD1.x weights (768-wide cross-attention and a CLIP ViT-L text encoder), not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned")
+        "likely SD1.x weights (768-wide cross-attention and a CLIP ViT-L text encoder), not Stable Diffusion 2.x: "
+        "this model needs SD2.x weights such as v2-1_512-ema-pruned")
 
 
 def test_guess_kind_tells_sd21_controlnet_and_our_variants_apart():

@@ -328,18 +328,21 @@ def test_configured_optimiser_takes_the_weight_decay_betas_and_warmup_per_step()
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_16_mixed_clips_gradients_only_with_an_unfused_adamw(monkeypatch, fused):
-    """On a GPU AdamW runs fused, and Lightning then refuses to clip under 16-mixed's GradScaler,
-    at the first step ("does not allow for gradient clipping because it performs unscaling of
-    gradients internally"): an audit reproduced it on the CPU with the same plugin and optimiser.
-    The training script passes fused=False for that pair (test_train checks it)."""
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_clips_gradients_only_with_an_unfused_adamw(monkeypatch, fused, precision):
+    """On a GPU AdamW runs fused, and Lightning's MixedPrecision plugin then refuses to clip, at
+    the first step ("does not allow for gradient clipping because it performs unscaling of
+    gradients internally"), under bf16 (no scaler) as under 16: audits reproduced it on the CPU
+    with the same plugin and optimiser. The training script passes fused=False for clipping under
+    either (test_train checks it)."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     module = ColorControlModule(tiny_model("v2"), fused=fused)
     monkeypatch.setattr(ColorControlModule, "device", property(lambda self: torch.device("cuda")))  # as on a GPU
     opt = module.configure_optimizers()["optimizer"]
     assert bool(opt.defaults["fused"]) is fused and "fused" not in module.hparams
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
+    plugin = MixedPrecision(precision, "cpu", scaler=scaler)
     if fused:
         with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
             plugin.clip_gradients(opt, clip_val=1.0)

@@ -270,6 +270,27 @@ def test_ctrl_c_during_the_renames_comes_after_the_whole_report(tmp_path, monkey
     assert json.loads((out / "metrics.json").read_text())["frames"] == ["g0", "g1", "g2"]
 
 
+def test_an_earlier_strip_that_cannot_be_removed_leaves_the_new_report_whole(tmp_path, monkeypatch):
+    """Its removal failing (a read-only file in a sticky folder, say) rolled the new report back,
+    which had already replaced the earlier one: both were lost (a review found it)."""
+    out = tmp_path / "rep"
+    gt = [np.full((9, 16, 3), 80, np.uint8)] * 2
+    write_report(results(), out, frames=["f0", "f1", "f2"], strip=Strip([0, 2], [g[..., 0] for g in gt], gt,
+                                                                         {"a": gt, "b": gt}))
+    real = Path.unlink
+
+    def strip_refuses(self, missing_ok=False):
+        if self.name == "strip.png":
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(self))
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", strip_refuses)
+    write_report(results(), out, frames=["g0", "g1", "g2"])
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_frame.csv", "psnr.png", "strip.png",
+                                                     "summary.csv", "warp_error.png"]
+    assert json.loads((out / "metrics.json").read_text())["frames"] == ["g0", "g1", "g2"]
+
+
 # Mutation round 10: the plots' capped PSNR handling, the strip's tiles and labels, JSON/CSV values,
 # input checks, and a stale strip.
 import matplotlib.pyplot as plt  # noqa: E402

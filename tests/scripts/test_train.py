@@ -1360,7 +1360,8 @@ def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
              optimizer="adamw")
     assert torch.initial_seed() == 7 and resume is None and module.fused
     for extra, fused in ((["--precision", "16-mixed", "--grad-clip", "1"], False),  # see test_lightning
-                         (["--precision", "16-mixed"], True), (["--precision", "bf16-mixed", "--grad-clip", "1"], True)):
+                         (["--precision", "bf16-mixed", "--grad-clip", "1"], False),
+                         (["--precision", "16-mixed"], True), (["--precision", "32", "--grad-clip", "1"], True)):
         ns = train.parser().parse_args(args(ws, tmp_path / "run", "--num-workers", 0, *extra))
         assert train.prepare(ns)[2].fused is fused, extra
 
