@@ -170,7 +170,7 @@ def run(a: argparse.Namespace) -> int:
                   a.compile, device, a.overrides, a.peak_tflops, a.channels_last)
     r["sdpa"] = a.sdpa
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no known peak)"
-    print(f"{r['device']}, {r['date']}: {r['config']} {r['size']}px, batch {r['batch_size']}, {r['precision']}, "
+    print(f"{r['device']}, {r['date']}: {r['config']} {r['size']}px, batch {r['batch_size']}, precision {r['precision']}, "
           f"latent cache {r['latent_cache']}, checkpointing {r['checkpointing']}, compile {r['compile']}, "
           f"channels_last {r['channels_last']}, cudnn.benchmark {r['cudnn_benchmark']}, SDPA {r['sdpa']}\n"
           f"  {r['samples_per_s']:.2f} samples/s ({1000 * r['step_s']:.0f} ms/step), "

@@ -68,7 +68,8 @@ checks() {
     step train_resume "${train[@]}" --max-steps 30 --resume auto
     step train_export "${train[@]}" --export
     step demo $py demo.py --out "$tmp/demo" --device cuda --methods fixed,recursive,anchored
-    cp "$tmp/demo/report/metrics.json" "$out/demo_metrics.json" 2>/dev/null
+    cp "$tmp/demo/report/metrics.json" "$out/.demo_metrics.json.tmp" 2>/dev/null \
+        && mv "$out/.demo_metrics.json.tmp" "$out/demo_metrics.json"  # never half a file under its name
 }
 train() {
     step bench_train_b16 "${train_b16[@]}" --json "$out/train_b16.json"

@@ -51,6 +51,13 @@ from cliutil import OneLineParser, config_override, positive_float, positive_int
 
 PROG = "roofline.py"
 
+
+def _ms(seconds: float) -> str:
+    """Milliseconds to 0.1 ms, or to 3 significant digits below 1 ms (the tiny config's floors
+    all read 0.0 at one decimal)."""
+    ms = 1e3 * seconds
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
+
 # Ceilings (TFLOP/s bf16 matmul, TB/s copy): H200 as the lending service's KINDS.md records it
 # (2026-10-28 and 2026-11-04); H100 assumed (see the module doc).
 CEILINGS = {"h100": (798.0, 3.0), "h200": (788.0, 4.3)}
@@ -253,7 +260,7 @@ def run(a: argparse.Namespace) -> int:
         print_rows("training step: loss, backward, AdamW", f)
         for name in ("eager", "matrix"):
             t = f[name + "_floor_s"]
-            print(f"{name} floor: {1e3 * t:.1f} ms/step, {a.batch_size / t:.1f} samples/s, MFU at most "
+            print(f"{name} floor: {_ms(t)} ms/step, {a.batch_size / t:.1f} samples/s, MFU at most "
                   f"{100 * f['model_flops'] / t / (peak * 1e12):.0f} % of {peak:g} TFLOP/s")
         return 0
     step = floors(*trace("step", a.config, a.size, a.batch_size, a.overrides), tflops, tbps)
@@ -264,7 +271,7 @@ def run(a: argparse.Namespace) -> int:
         key = name + "_floor_s"
         t = a.steps * step[key] + decode[key]
         flops = a.steps * step["model_flops"] + decode["model_flops"]
-        print(f"{name} floor: {1e3 * step[key]:.1f} ms/step, {1e3 * decode[key]:.1f} ms decode: "
+        print(f"{name} floor: {_ms(step[key])} ms/step, {_ms(decode[key])} ms decode: "
               f"{a.batch_size / t:.1f} frames/s at {a.steps} steps (GPU work alone), MFU at most "
               f"{100 * flops / t / (peak * 1e12):.0f} % of {peak:g} TFLOP/s")
     return 0

@@ -134,7 +134,8 @@ def test_bench_train_records_the_attention_backend(tmp_path, capsys):
                              "--warmup", "0", "--precision", "32", "--device", "cpu", "--sdpa", "math",
                              "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["sdpa"] == "math"
-    assert "SDPA math" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "SDPA math" in out and "batch 1, precision 32, " in out  # was "batch 1, 32, "
 
 
 def test_gpu_suite_runs_the_sections_asked_for_in_order(tmp_path):

@@ -66,3 +66,9 @@ def test_cli_prints_both_floors(capsys):
     out = capsys.readouterr().out
     assert "one DDIM step" in out and "VAE decode" in out
     assert "eager floor:" in out and "matrix floor:" in out and "frames/s at 2 steps" in out
+    assert "0.0 ms" not in out  # the tiny config's floors, under 1 ms, read 0.0 at one decimal
+
+
+def test_milliseconds_keep_three_digits_below_one():
+    assert [roofline._ms(s) for s in (0.2453, 1.5, 0.001, 4.2e-6, 2.46e-6)] == ["245.3", "1500.0", "1.0", "0.0042",
+                                                                               "0.00246"]
