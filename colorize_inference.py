@@ -213,13 +213,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_used(args, given: set[str] | None = None) -> None:
-    """Refuse a flag that this run would not use: one of `given` (given_flags), or without it,
-    any value other than its default (a Namespace made by a caller)."""
-    defaults = parser()
+def check_used(args) -> None:
+    """Refuse a flag that this run would not use: one of `args.given` (parse_args)."""
     for dest in MODEL_ONLY if args.method != "model" else MODE_ONLY:
         value = getattr(args, dest)
-        if dest not in given if given is not None else value == defaults.get_default(dest):
+        if dest not in args.given:
             continue
         flag = "--" + ("no-" if value is False else "") + dest.replace("_", "-")
         if args.method != "model":
@@ -252,7 +250,7 @@ def check_args(args) -> tuple[P.Options, Path | DictConfig | None]:
     The sampling values are checked where the library checks them (pipeline.Options), each
     message naming its flag.
     """
-    check_used(args, getattr(args, "given", None))
+    check_used(args)
     try:
         options = P.Options(size=args.size, steps=args.steps, eta=args.eta, seed=args.seed, noise=args.noise,
                             ref_guidance=args.ref_guidance, raw=args.raw, precision=args.precision,

@@ -369,10 +369,9 @@ class PairDataModule(L.LightningDataModule):
         the loader, before ColorControlModule.on_train_start reseeds it for the step."""
         trainer = self.trainer
         seed = self.seed + 1_000_003 * (0 if trainer is None else trainer.global_step)
-        if trainer is None or trainer.world_size == 1:
-            return self._loader(self.train, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        sampler = DistributedSampler(self.train, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                     shuffle=True, seed=seed)
+        sampler = None if trainer is None or trainer.world_size == 1 else \
+            DistributedSampler(self.train, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True,
+                               seed=seed)
         return self._loader(self.train, shuffle=True, sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
     def val_dataloader(self):

@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="samples per device per step")
     g.add_argument("--accumulate", type=int, help="batches accumulated per optimiser step")
     g.add_argument("--lr", type=float, help="learning rate")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (ControlNet's AdamW had torch's default, 0.01)")
+    g.add_argument("--weight-decay", type=float,
+                   help="AdamW weight decay (ControlNet's AdamW had torch's default, 0.01)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
