@@ -91,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--out", type=path_arg, required=True, metavar="DIR",
                     help="output folder (created), one PNG per input frame with the input's name stem")
     io.add_argument("--video", type=path_arg, metavar="OUT.mp4",
-                    help="also write the result as an MPEG-4 video at the input fps (an odd width or height is "
+                    help="also write the result as an MPEG-4 video, its frames at a video input's own times (a "
+                         "variable frame rate too: in step with its sound) or at --fps (an odd width or height is "
                          "padded to even by repeating the last column/row; the PNGs keep the input size). Always "
                          "of the whole clip: with a --frames range that is only part of it, the other frames are "
                          "read from --out (to finish an interrupted run), which must hold them all; with "
@@ -380,6 +381,17 @@ def planned_outputs(args, frames: slice,
     return out, names, clip
 
 
+def video_rate(fps: float, times: A.FrameTimes | None, frames: int, stated: float | None) -> str:
+    """How the frame rate of a --video of `frames` frames written at `fps` is said: where the
+    input video's own frame `times` were kept (write_video_atomic), a rate it does not state
+    is their average, and a variable one is called so."""
+    if times is None or len(times.pts) != frames:
+        return f"{fps:g} fps"
+    if not times.uniform():
+        return f"the input's variable frame rate, {times.fps():.4g} fps on average"
+    return f"{stated:g} fps" if stated else f"{times.fps():.4g} fps"
+
+
 def video_only(frames: slice, names: list[str] | None) -> bool:
     """Whether the run colourises nothing and writes --video from the outputs in --out: a range
     that starts at the clip's end (planned_outputs lets one through with --video only)."""
@@ -511,6 +523,7 @@ def run(args) -> int:
     before, after = frames_outside(args, frames, info, out, only_video)
     refs = None if only_video else load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
+    times = A.frame_times(args.input) if args.video and info is not None else None  # a video's own
     sound, codec = sound_source(args, info)
     size_from = frames.start - 1 if only_video else frames.start  # a frame of the input (a folder's: read)
     model = load_model(args, source, device, info, frames.start) if args.method == "model" and not only_video \
@@ -549,7 +562,7 @@ def run(args) -> int:
                 return sum(1 for _ in new)
             clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, size_from))
             with closing(clip):  # closed before its error is handled, so the PNGs made get written
-                return write_video_atomic(args.video, clip, fps, audio_from=sound)
+                return write_video_atomic(args.video, clip, fps, audio_from=sound, times=times)
 
     finished = False
     video_was = R.file_identity(args.video)  # --overwrite's old video, if any: a new one there is this run's
@@ -577,10 +590,11 @@ def run(args) -> int:
         count = R.counted(writer.count, "frame")
         sound_line = "" if sound is None else \
             f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
+        rate = video_rate(fps, times, n, info and info.fps)
         if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
-            print(f"wrote {args.video} from the {R.counted(n)} in {out} ({sound_line}{fps:g} fps)")
+            print(f"wrote {args.video} from the {R.counted(n)} in {out} ({sound_line}{rate})")
         else:
-            print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{fps:g} fps)"
+            print(f"wrote {count} to {out}" + (f" and {args.video} ({earlier}{sound_line}{rate})"
                                                if args.video else ""))
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli's Terminated): say where to continue

@@ -145,10 +145,11 @@ def _call(main, argv: list[str], what: str) -> None:
         raise DemoError(f"{what} failed (exit status {rc}; its message is above)")
 
 
-def colourise(method: str, data: Path, reference: Path, out: Path, args) -> None:
-    """One method through colorize_inference.py's own entry point: frames and an mp4."""
+def colourise(method: str, data: Path, reference: Path, out: Path, args, fps: float | None = None) -> None:
+    """One method through colorize_inference.py's own entry point: frames and an mp4 at the
+    clip's `fps` (its frames are a folder by now; None: a folder's default, 25)."""
     argv = ["--input", str(data / "gray"), "--reference", str(reference), "--out", str(out / method),
-            "--video", str(out / f"{method}.mp4"), "--fps", "25"]
+            "--video", str(out / f"{method}.mp4"), *(["--fps", repr(fps)] if fps else [])]
     if method in MODEL_MODES:
         argv += ["--method", "model", "--mode", method, "--ckpt", args.ckpt, "--size", str(args.size),
                  "--steps", str(args.steps), "--device", args.device]
@@ -223,10 +224,11 @@ def remove_earlier_outputs(out: Path, methods: Sequence[str], files: list[Path])
             pass
 
 
-def check_args(args, first: int, stop: int, methods: list[str]) -> None:
+def check_args(args, first: int, stop: int, methods: list[str]) -> float | None:
     """Refuse, before anything is written, what a sub-tool would only refuse after the frames are
     extracted (its message then follows a half-made --out): sampling settings, device, clip
-    and its length, the checkpoint and outputs of an earlier run."""
+    and its length, the checkpoint and outputs of an earlier run. Returns the clip's frame rate
+    (None for a frame folder)."""
     model = any(m in MODEL_MODES for m in methods)
     if model and (problem := file_problem(args.ckpt)):
         raise DemoError(f"--ckpt {args.ckpt}: {problem}")
@@ -262,6 +264,7 @@ def check_args(args, first: int, stop: int, methods: list[str]) -> None:
     if taken and not args.overwrite:
         raise DemoError(f"{taken[0]} exists from an earlier run ({len(taken)} output(s) already there); "
                         "pass --overwrite or another --out")
+    return info.fps
 
 
 def check_clip_kept(clip: Path, out: Path, methods: list[str]) -> None:
@@ -313,7 +316,7 @@ def run_demo(args) -> dict:
     if unknown or not methods:
         raise DemoError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'}; "
                         f"choose from {','.join(METHODS)}")
-    check_args(args, first, stop, methods)
+    fps = check_args(args, first, stop, methods)
     out = Path(args.out)
     report = out / "report"
     if args.overwrite:  # an earlier run's frames outside this --frames range would be scored too, and the
@@ -324,7 +327,7 @@ def run_demo(args) -> dict:
     reference = prepare_frames(args.clip, first, stop, out / "data")
     for k, method in enumerate(methods, 1):
         print(f"[2/3] colourising with {method} ({k}/{len(methods)})", flush=True)
-        colourise(method, out / "data", reference, out, args)
+        colourise(method, out / "data", reference, out, args, fps)
     print(f"[3/3] scoring frames {first + 1}-{stop - 1} against the ground truth", flush=True)
     preds = [f"{m}={out / m}" for m in methods] + [f"{GRAY_LABEL}={out / 'data' / 'gray'}"]
     _call(evaluate.main, [a for p in preds for a in ("--pred", p)] + [

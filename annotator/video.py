@@ -9,9 +9,13 @@ with a one-line message that names the file, so a CLI can print it and move on.
 Videos that decode fewer frames than their container claims: container counts are often
 off by one or two, so up to COUNT_SLACK missing frames pass silently; more, up to one second
 of frames (or a tenth of the claimed count for clips shorter than ten seconds), give one
-warning line naming the file and the frames are kept; more than that is a truncated file.
-Where the frames are missing is not known (OpenCV's position counts delivered frames), so
-the warning does not claim they are at the end.
+warning line naming the file and the frames are kept; more than that is a truncated file,
+unless the decoded frames' own times reach the container's end. That is a variable frame
+rate: MKV and WebM store no frame count, and FFmpeg's estimate (duration x nominal rate)
+is too high when frames last longer than the nominal 1/rate; or frames missing inside the
+file. Either way it was read to its end, so the frames are kept, with one warning line.
+Where frames are missing is not known (OpenCV's position counts delivered frames, and
+AVI frames carry no time of their own), so the warnings do not claim they are at the end.
 
 Frame folders: the images directly inside the folder, sorted naturally ("f2" < "f10");
 hidden files (".*") and sub-folders are ignored, any other non-image file is an error, and so is
@@ -285,9 +289,13 @@ def probe(path: str | os.PathLike) -> SourceInfo:
     )
 
 
-def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: float | None) -> str | None:
+def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: float | None,
+                      last_time: float | None = None) -> str | None:
     """Judge a video that decoded `decoded` of the `claimed` frames (see the module doc).
 
+    `last_time`: the last decoded frame's time in seconds from the first's, if known. At the
+    nominal `fps` it is frame last_time * fps, so the frames reach the container's end when
+    that is within the tolerance of `claimed`.
     Returns None (fine), or a warning line naming the file; raises TruncatedVideoError for a
     truncated file.
     """
@@ -296,6 +304,13 @@ def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: 
         return None
     per_second = int(round(fps)) if fps and fps > 0 else int(FALLBACK_FPS)
     limit = max(COUNT_SLACK, min(per_second, claimed // 10))
+    if last_time is not None and fps and fps > 0:
+        spanned = last_time * fps + 1  # frames the decoded ones' times span at the nominal rate
+        if spanned - decoded > COUNT_SLACK and claimed - spanned <= limit:
+            return (f"{path}: decoded {decoded} frames, not the {claimed} its container claims or implies "
+                    f"(at {fps:g} fps nominal), but their times reach its end: its frame rate varies "
+                    f"({decoded / (last_time + 1 / fps):.4g} fps on average), or frames are missing inside it; "
+                    f"the decoded frames are kept")
     if missing > limit:
         raise TruncatedVideoError(path, decoded, claimed)
     # Not "at the end": frames the demuxer drops mid-video (a corrupt chunk) leave no trace in
@@ -356,11 +371,12 @@ def iter_frames(
         for i in range(start):
             if not cap.grab():
                 raise FrameRangeError(path, i, start)
-        size, i = None, start
+        size, i, last_ms = None, start, None
         while stop is None or i < stop:
             ok, frame = cap.read()
             if not ok or frame is None:
                 break
+            last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)  # from the first frame's time (AVI: frames / nominal fps)
             if frame.ndim != 3 or frame.shape[2] != 3:
                 frame = _to_rgb8(frame, path, want_bgr=True)
             size = size or frame.shape[:2]
@@ -375,7 +391,7 @@ def iter_frames(
     if i == 0 and stop != 0:
         raise FrameSourceError(path, "video has no decodable frame")
     if check_count and (stop is None or i < stop):  # it ran out, so it has i frames in all
-        line = shortfall_verdict(path, i, claimed, fps)
+        line = shortfall_verdict(path, i, claimed, fps, None if last_ms is None else last_ms / 1000)
         if line is not None:
             if warn is None:
                 warnings.warn(line, stacklevel=2)

@@ -24,6 +24,7 @@ from annotator.color import to_uint8
 from annotator.video import FrameSourceError, list_frame_files, natural_key, read_image, shown_path
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
 from cliutil import not_utf8, one_line, signals_deferred
+from colorize.audio import FrameTimes, remux
 
 __all__ = [
     "FrameSourceError", "natural_key", "list_frame_files", "read_image", "prefetch", "write_bytes_atomic",
@@ -145,12 +146,15 @@ def check_video(tmp: Path, frames: int, path: Path) -> None:
 
 
 def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,
-                       audio_from: str | os.PathLike | None = None) -> int:
+                       audio_from: str | os.PathLike | None = None, times: FrameTimes | None = None) -> int:
     """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
 
     Streams: frames may be a generator. Returns the number of frames written. The video
     appears under `path` only once it is complete, with the sound of `audio_from` (a file
-    with an audio stream; colorize/audio.py) if given. MPEG-4 (4:2:0 chroma) needs even sides
+    with an audio stream) if given, and its frames at `times` (the source video's, from
+    colorize/audio.py's frame_times) instead of at `fps` if those are one time per frame
+    written (a source whose times cannot be matched to its frames gets `fps`, as a frame
+    folder does). MPEG-4 (4:2:0 chroma) needs even sides
     and the encoder would silently crop an odd one, so an odd-sized frame gets one more
     column and/or row, a copy of its last (edge replication, see `even_size`): nothing of
     the image is lost.
@@ -185,8 +189,10 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
         writer.release()
         writer = None
         check_video(tmp, n, path)
-        if audio_from is not None:
-            _add_audio(tmp, audio_from, path)
+        if times is not None and len(times.pts) != n:
+            times = None
+        if audio_from is not None or times is not None:
+            _remux(tmp, path, audio_from, times)
         os.replace(tmp, path)
     except BaseException:
         with signals_deferred():  # a second Ctrl-C as the writer is released (the encoder flushed) left tmp
@@ -198,19 +204,20 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     return n
 
 
-def _add_audio(video: Path, source: str | os.PathLike, path: Path) -> None:
-    """`video` (a temporary file) replaced by itself plus the sound of `source`."""
+def _remux(video: Path, path: Path, audio_from: str | os.PathLike | None, times: FrameTimes | None) -> None:
+    """`video` (a temporary file) replaced by itself with the sound of `audio_from` and/or its
+    frames at `times` (colorize/audio.py's remux)."""
     import av
-
-    from colorize.audio import add_audio
 
     muxed = None
     try:
         muxed = _temp_beside(path)  # inside: a stop right after it still removes it
-        add_audio(video, source, muxed)
+        remux(video, muxed, audio_from, times)
         os.replace(muxed, video)
     except (av.FFmpegError, ValueError) as e:
-        raise OSError(f"{path}: cannot add the sound of {source} ({one_line(e)}); leave it out with --no-audio") \
+        if audio_from is None:
+            raise OSError(f"{path}: cannot give the video the input's frame times ({one_line(e)})") from None
+        raise OSError(f"{path}: cannot add the sound of {audio_from} ({one_line(e)}); leave it out with --no-audio") \
             from None
     finally:
         if muxed is not None:

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import threading
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,36 @@ def video_with_sound(path, frames: int = 10, fps: int = 10, audio: str = "aac", 
             c.mux(a.encode(f))
         c.mux(a.encode())
     return path
+
+
+def vfr_video(path, steps_ms: list[int], nominal: int = 30, audio: bool = False):
+    """A 32x24 MPEG-4 video whose frame i (gray level 5 i) lasts steps_ms[i] milliseconds (time
+    base 1/1000, `nominal` fps stated), with a mono AAC tone as long as the picture if `audio`
+    (.mkv: no frame count stored, so FFmpeg estimates one from duration x nominal). Returns the
+    path and the frames' times in ms."""
+    import av
+    import numpy as np
+
+    times = [sum(steps_ms[:i]) for i in range(len(steps_ms))]
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("mpeg4", rate=nominal)
+        v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
+        v.codec_context.time_base = Fraction(1, 1000)
+        a = c.add_stream("aac", rate=16000, layout="mono") if audio else None
+        for i, t in enumerate(times):
+            f = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 5 * i % 256, np.uint8), format="rgb24")
+            f.pts, f.time_base = t, Fraction(1, 1000)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+        if a is not None:
+            n = 16 * sum(steps_ms)
+            pcm = (np.sin(2 * np.pi * 440 * np.arange(n) / 16000) * 10000).astype(np.int16)
+            for s in range(0, n, 1024):
+                f = av.AudioFrame.from_ndarray(pcm[None, s:s + 1024], format="s16", layout="mono")
+                f.sample_rate, f.pts = 16000, s
+                c.mux(a.encode(f))
+            c.mux(a.encode())
+    return path, times
 
 
 class CrossDeviceCopies(TorchDispatchMode):

@@ -652,3 +652,47 @@ def test_a_damaged_image_is_refused_in_our_one_line_without_any_of_the_decoders_
                           timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.splitlines() == [f"{p}: not a readable image" for p in paths]
+
+
+def test_shortfall_rule_with_the_frames_times():
+    """Frames whose times reach the container's end (within the count's tolerance) are a
+    variable frame rate or frames missing inside, not a truncated file: one line, kept. Times
+    that stop early still mean a truncated file, and AVI's times (frames / nominal rate) judge
+    exactly as the count does."""
+    line = shortfall_verdict("f.mkv", 60, 122, 30.0, last_time=3.89)  # 3.89 x 30 + 1 = 117.7: 4.3 short <= 12
+    # (12: a tenth of 122); 60 / (3.89 + 1 / 30) = 15.29
+    assert line == ("f.mkv: decoded 60 frames, not the 122 its container claims or implies (at 30 fps nominal), "
+                    "but their times reach its end: its frame rate varies (15.29 fps on average), or frames are "
+                    "missing inside it; the decoded frames are kept")
+    with pytest.raises(TruncatedVideoError):  # 3.6 x 30 + 1 = 109 frames spanned: 13 short > 12
+        shortfall_verdict("f.mkv", 60, 122, 30.0, last_time=3.6)
+    with pytest.raises(TruncatedVideoError):
+        shortfall_verdict("f.mkv", 60, 122, 30.0, last_time=1.97)  # stopped at 60 frames' time: truncated
+    assert shortfall_verdict("f.mkv", 120, 122, 30.0, last_time=1.0) is None  # within the slack: no word
+    for decoded in (36, 35):  # AVI: last_time = (decoded - 1) / fps, the same verdict as without it
+        for last in (None, (decoded - 1) / 25):
+            try:
+                got = shortfall_verdict("c.avi", decoded, 40, 25.0, last_time=last)
+            except TruncatedVideoError as e:
+                got = type(e)
+            assert got == (TruncatedVideoError if decoded == 35 else shortfall_verdict("c.avi", 36, 40, 25.0))
+
+
+def test_a_variable_frame_rate_mkv_is_read_whole_and_a_cut_one_is_still_truncated(tmp_path):
+    """An MKV stores no frame count: FFmpeg estimates duration x nominal rate, 118 for 60 frames
+    of 33 then 100 ms at a nominal 30 fps (the last taken as 33). All 60 decode, with one line (this was called
+    truncated: the helper's 1200-frame screen-recording-like clip could not be colourised). The
+    same file cut in half (its header still states the whole duration) stays truncated."""
+    from tests.helpers import vfr_video
+
+    path, _ = vfr_video(tmp_path / "vfr.mkv", [33] * 30 + [100] * 30)
+    assert probe(path).frame_count == 118  # 3.923 s (the last frame: 33 ms, its packet's duration) x 30
+    lines = []
+    got = list(iter_frames(path, warn=lines.append))
+    assert [i for i, _, _ in got] == list(range(60)) and len(lines) == 1
+    assert lines[0].startswith(f"{path}: decoded 60 frames, not the 118 its container claims or implies "
+                               "(at 30 fps nominal), but their times reach its end"), lines
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TruncatedVideoError, match=r"cut.mkv: truncated or corrupt: decoded \d+ of 118 frames"):
+        list(iter_frames(cut, warn=lines.append))

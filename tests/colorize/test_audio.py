@@ -4,10 +4,11 @@ from fractions import Fraction
 from types import SimpleNamespace
 
 import av
+import cv2
 import numpy as np
 import pytest
 
-from colorize.audio import _timed, add_audio, audio_codec, copied
+from colorize.audio import FrameTimes, _timed, audio_codec, copied, frame_times, remux
 from colorize.frames_io import write_video_atomic
 from tests.helpers import video_with_sound
 
@@ -37,7 +38,7 @@ def picture(tmp_path, frames: int = 10):
 
 def test_aac_is_copied_packet_for_packet_and_the_picture_too(tmp_path):
     src, video = video_with_sound(tmp_path / "film.mp4"), picture(tmp_path)
-    assert add_audio(video, src, tmp_path / "out.mp4") == "aac copied"
+    assert remux(video, tmp_path / "out.mp4", src) == "aac copied"
     assert packets(tmp_path / "out.mp4", "video") == packets(video, "video")
     assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
 
@@ -47,7 +48,7 @@ def test_pcm_is_re_encoded_to_aac_and_still_sounds_the_same(tmp_path, video_star
     """With the picture 0.5 s after the sound (video_start 5) the first 0.5 s are skipped, as
     when the packets are copied (below): the sound is as long as the picture either way."""
     src = video_with_sound(tmp_path / "film.mov", audio="pcm_s16le", hz=440, video_start=video_start)
-    assert add_audio(picture(tmp_path), src, tmp_path / "out.mp4") == "pcm_s16le re-encoded to AAC"
+    assert remux(picture(tmp_path), tmp_path / "out.mp4", src) == "pcm_s16le re-encoded to AAC"
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert [s.codec_context.name for s in c.streams] == ["mpeg4", "aac"]
     pcm, rate = sound(tmp_path / "out.mp4")
@@ -63,7 +64,7 @@ def test_sound_keeps_its_offset_to_the_picture(tmp_path):
     sound and picture start together, as they played in the source."""
     src = video_with_sound(tmp_path / "film.mp4", video_start=5)
     out = tmp_path / "out.mp4"
-    add_audio(picture(tmp_path), src, out)
+    remux(picture(tmp_path), out, src)
     ours, theirs = packets(out, "audio"), packets(src, "audio")
     assert [b for b, _ in ours] == [b for b, _ in theirs]
     assert [t for _, t in ours] == pytest.approx([t - 0.5 for _, t in theirs], abs=1e-9)
@@ -74,7 +75,7 @@ def test_sound_keeps_its_offset_to_the_picture(tmp_path):
 def test_a_source_without_sound_is_refused(tmp_path):
     video = picture(tmp_path)
     with pytest.raises(ValueError, match="no audio stream"):
-        add_audio(video, video, tmp_path / "out.mp4")
+        remux(video, tmp_path / "out.mp4", video)
 
 
 def test_audio_codec_names_the_first_audio_stream_or_none(tmp_path):
@@ -109,7 +110,7 @@ def test_mp3_is_named_by_its_codec_and_copied(tmp_path):
     (and named so in the message), though MP4 holds it as it is."""
     src = video_with_sound(tmp_path / "film.mp4", audio="mp3")
     assert audio_codec(src) == "mp3"
-    assert add_audio(picture(tmp_path), src, tmp_path / "out.mp4") == "mp3 copied"
+    assert remux(picture(tmp_path), tmp_path / "out.mp4", src) == "mp3 copied"
     assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
 
 
@@ -117,8 +118,8 @@ def test_mp3_is_named_by_its_codec_and_copied(tmp_path):
 def test_opus_and_flac_are_copied_into_mp4_but_re_encoded_into_a_mov(tmp_path, codec, film):
     """QuickTime's muxer refuses Opus and FLAC (an FFmpeg 'Invalid argument' that wrote no .mov)."""
     src, video = video_with_sound(tmp_path / film, audio=codec), picture(tmp_path)
-    assert add_audio(video, src, tmp_path / "out.mp4") == f"{codec} copied"
-    assert add_audio(video, src, tmp_path / "out.mov") == f"{codec} re-encoded to AAC"
+    assert remux(video, tmp_path / "out.mp4", src) == f"{codec} copied"
+    assert remux(video, tmp_path / "out.mov", src) == f"{codec} re-encoded to AAC"
     assert packets(tmp_path / "out.mov", "video") == packets(video, "video")
     pcm, rate = sound(tmp_path / "out.mov")
     assert rate == {"opus": 48000, "flac": 16000}[codec]  # Opus decodes at 48 kHz whatever went in
@@ -134,7 +135,7 @@ def test_a_plain_wav_of_unnamed_channels_is_re_encoded_channel_for_channel(tmp_p
     with wave.open(str(tmp_path / "track.wav"), "wb") as w:
         w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes(np.stack([tone, np.zeros_like(tone)], 1).tobytes())  # the tone on the left only
-    assert add_audio(picture(tmp_path), tmp_path / "track.wav", tmp_path / "out.mp4") == "pcm_s16le re-encoded to AAC"
+    assert remux(picture(tmp_path), tmp_path / "out.mp4", tmp_path / "track.wav") == "pcm_s16le re-encoded to AAC"
     with av.open(str(tmp_path / "out.mp4")) as c:
         a = c.streams.audio[0]
         assert a.codec_context.layout.name == "stereo"
@@ -148,7 +149,7 @@ def test_a_plain_wav_is_decoded_as_the_usual_layout_for_its_channel_count(tmp_pa
     with wave.open(str(tmp_path / "track.wav"), "wb") as w:
         w.setnchannels(channels), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes(np.repeat(TONE[:, None], channels, 1).tobytes())
-    add_audio(picture(tmp_path), tmp_path / "track.wav", tmp_path / "out.mp4")
+    remux(picture(tmp_path), tmp_path / "out.mp4", tmp_path / "track.wav")
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert c.streams.audio[0].codec_context.layout.name == layout
 
@@ -167,9 +168,9 @@ def test_copied_names_what_each_container_holds_as_it_is():
 def test_a_mov_name_is_written_by_quicktimes_muxer(tmp_path, name):
     """Its brand is QuickTime's ('qt  '), an MP4's is not; Opus goes in re-encoded."""
     src, video = video_with_sound(tmp_path / "film.mp4", audio="opus"), picture(tmp_path)
-    assert add_audio(video, src, tmp_path / name) == "opus re-encoded to AAC"
+    assert remux(video, tmp_path / name, src) == "opus re-encoded to AAC"
     assert (tmp_path / name).read_bytes()[4:12] == b"ftypqt  "
-    add_audio(video, src, tmp_path / "out.mp4")
+    remux(video, tmp_path / "out.mp4", src)
     assert (tmp_path / "out.mp4").read_bytes()[4:8] == b"ftyp" and (tmp_path / "out.mp4").read_bytes()[8:12] != b"qt  "
 
 
@@ -184,7 +185,7 @@ def test_the_first_of_two_audio_streams_is_taken(tmp_path):
                 c.mux(s.encode(f))
             c.mux(s.encode())
     assert audio_codec(tmp_path / "two.mov") == "pcm_s16le"
-    assert add_audio(picture(tmp_path), tmp_path / "two.mov", tmp_path / "out.mp4") == "pcm_s16le re-encoded to AAC"
+    assert remux(picture(tmp_path), tmp_path / "out.mp4", tmp_path / "two.mov") == "pcm_s16le re-encoded to AAC"
 
 
 def test_the_shift_is_rounded_to_the_nearest_audio_sample(tmp_path):
@@ -195,7 +196,7 @@ def test_the_shift_is_rounded_to_the_nearest_audio_sample(tmp_path):
         v = c.streams.video[0]
         samples = v.start_time * v.time_base * 48000
     assert 0.5 < samples % 1 < 1  # rounding and truncating differ
-    add_audio(picture(tmp_path, 3), src, tmp_path / "out.mp4")
+    remux(picture(tmp_path, 3), tmp_path / "out.mp4", src)
 
     def ticks(path):
         with av.open(str(path)) as c:
@@ -241,7 +242,7 @@ def test_packets_reach_the_muxer_in_time_order_across_the_streams(tmp_path, monk
         Recording(opening(path, mode, **kw)) if mode == "w" else opening(path, mode, **kw)))
     for src in sources:  # AAC copied, PCM re-encoded
         muxed.clear()
-        add_audio(video, src, tmp_path / "out.mp4")
+        remux(video, tmp_path / "out.mp4", src)
         assert {kind for kind, _ in muxed} == {"video", "audio"} and len(muxed) > 20
         assert [t for _, t in muxed] == sorted(t for _, t in muxed)
 
@@ -270,5 +271,48 @@ def test_a_cover_picture_keeps_no_offset_to_the_sound(tmp_path):
         src = mp3(tmp_path / f"song{cover}.mp3", cover)
         with av.open(str(src)) as c:
             assert [s.type for s in c.streams] == ["audio", "video"] * cover or ["audio"]
-        assert add_audio(video, src, tmp_path / "out.mp4") == "mp3 copied"
+        assert remux(video, tmp_path / "out.mp4", src) == "mp3 copied"
         assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
+
+
+def test_frame_times_are_the_packets_times_from_the_first_frame(tmp_path):
+    """A variable rate: the times as written (ms), not evenly spaced, 60 frames in 3.923 s; a
+    constant one (10 fps in 1/10 s units): evenly spaced, 10 fps; no video or no file: None."""
+    from tests.helpers import vfr_video
+
+    path, times = vfr_video(tmp_path / "vfr.mkv", [33] * 30 + [100] * 30)
+    ft = frame_times(path)
+    assert (ft.pts, ft.time_base, ft.last) == (times, Fraction(1, 1000), 33) and not ft.uniform()
+    assert ft.fps() == pytest.approx(60 / 3.923, abs=1e-9)
+    cfr = frame_times(video_with_sound(tmp_path / "film.mp4", frames=12, video_start=3))  # starts at 0.3 s
+    assert cfr.uniform() and cfr.fps() == pytest.approx(10, abs=1e-9) and len(cfr.pts) == 12 and cfr.pts[0] == 0
+    wav = tmp_path / "track.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(TONE.tobytes())
+    assert frame_times(wav) is None and frame_times(tmp_path / "nope.mp4") is None
+    assert FrameTimes([0, 33, 67, 100], Fraction(1, 1000), 33).uniform()  # 29.97 fps in ms: 33 and 34
+    assert not FrameTimes([0, 33, 70], Fraction(1, 1000), 33).uniform()
+
+
+def test_remux_puts_each_frame_at_its_given_time(tmp_path):
+    """The frames of an evenly timed video (OpenCV's writer) at the given variable times: the
+    packets are the same bytes, at those times, as PyAV and OpenCV both read them; the sound
+    stays in step. A count that does not match is refused."""
+    video = picture(tmp_path, 6)
+    times = FrameTimes([0, 40, 80, 300, 340, 900], Fraction(1, 1000), 40)
+    out = tmp_path / "out.mp4"
+    assert remux(video, out, times=times) is None
+    assert [b for b, _ in packets(out, "video")] == [b for b, _ in packets(video, "video")]
+    assert [round(t * 1000, 6) for _, t in packets(out, "video")] == times.pts
+    cap = cv2.VideoCapture(str(out))
+    msec = []
+    while cap.read()[0]:
+        msec.append(round(cap.get(cv2.CAP_PROP_POS_MSEC), 6))
+    assert msec == times.pts
+    src = video_with_sound(tmp_path / "film.mp4", frames=10)
+    assert remux(video, tmp_path / "both.mp4", src, times) == "aac copied"
+    assert [round(t * 1000, 6) for _, t in packets(tmp_path / "both.mp4", "video")] == times.pts
+    assert packets(tmp_path / "both.mp4", "audio") == packets(src, "audio")
+    for pts in ([0, 40, 80], list(range(0, 280, 40))):
+        with pytest.raises(ValueError, match=f"{len(pts)} frame times for"):
+            remux(video, tmp_path / "bad.mp4", times=FrameTimes(pts, Fraction(1, 1000), 40))

@@ -394,7 +394,7 @@ def stop_right_after_a_temp_file_is_made(code, folder):
 
 @pytest.mark.parametrize("where", ["video", "sound"])
 def test_a_stop_just_after_a_temporary_file_is_made_removes_it(tmp_path, where):
-    """write_video_atomic's temporary video and _add_audio's temporary muxed file were made one
+    """write_video_atomic's temporary video and _remux's temporary muxed file were made one
     statement before the try that removes them: a stop in between left a hidden file."""
     import sys
 
@@ -404,7 +404,7 @@ def test_a_stop_just_after_a_temporary_file_is_made_removes_it(tmp_path, where):
     src = video_with_sound(tmp_path / "src.mp4")
     out = tmp_path / "out"
     out.mkdir()
-    code = (frames_io.write_video_atomic if where == "video" else frames_io._add_audio).__code__
+    code = (frames_io.write_video_atomic if where == "video" else frames_io._remux).__code__
     sys.settrace(stop_right_after_a_temp_file_is_made(code, out))
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -456,7 +456,7 @@ def test_a_second_stop_as_the_video_writer_is_released_still_removes_the_tempora
 
 @pytest.mark.parametrize("source, error", [("notes.txt", "Invalid data"), ("missing.mp4", "No such file")])
 def test_a_sound_source_ffmpeg_cannot_read_is_one_line_and_leaves_no_file(tmp_path, source, error):
-    """_add_audio turns FFmpeg's own errors (a source that is no media file; one that is not
+    """_remux turns FFmpeg's own errors (a source that is no media file; one that is not
     there: av's FileNotFoundError, an FFmpegError that is no ValueError) into the one OSError
     line naming the video and the source, with the --no-audio way out, as it does the "no audio
     stream" ValueError; nothing is left in the folder. (Found by a mutant that caught the

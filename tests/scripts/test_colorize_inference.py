@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -1388,6 +1389,39 @@ def test_the_sound_message_says_what_a_mov_does_with_opus(env, tmp_path, capsys)
     assert streams(tmp_path / "b.mov") == ["video:mpeg4", "audio:aac"]
 
 
+def test_a_variable_frame_rate_film_keeps_its_frame_times_and_so_its_sound_in_step(env, tmp_path, capsys):
+    """60 frames of 33 then 100 ms (an MKV: its frame count an estimate, 122) with sound: all
+    are colourised (they were refused as a truncated file once all were made), and the video
+    shows each at the film's time (it was 30 fps throughout: frame 59 at 1.97 s, not 3.89, with
+    the sound 1.9 s out of step), its sound copied, and the last line says so. An exact
+    24000/1001 film's video is 24000/1001 (it was 2997/125: OpenCV's decimal rate)."""
+    import av
+
+    from tests.colorize.test_audio import packets
+    from tests.helpers import vfr_video
+
+    film, times = vfr_video(tmp_path / "film.mkv", [33] * 30 + [100] * 30, audio=True)
+    base = ["--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
+    rc, out, err = run(["--input", film, *base, "--out", tmp_path / "a", "--video", tmp_path / "a.mp4"], capsys)
+    assert rc == 0 and out == (f"wrote 60 frames to {tmp_path / 'a'} and {tmp_path / 'a.mp4'} (sound of {film} "
+                               "(aac copied), the input's variable frame rate, 15.29 fps on average)\n"), out
+    assert "decoded 60 frames, not the 122 its container claims or implies" in err
+    assert [round(t * 1000, 6) for _, t in packets(tmp_path / "a.mp4", "video")] == times
+    assert [t for _, t in packets(tmp_path / "a.mp4", "audio")] == [t for _, t in packets(film, "audio")]
+
+    ntsc = tmp_path / "ntsc.mp4"
+    with av.open(str(ntsc), "w") as c:
+        v = c.add_stream("mpeg4", rate=Fraction(24000, 1001))
+        v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
+        for i in range(5):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.full((24, 32, 3), 9 * i, np.uint8), format="rgb24")))
+        c.mux(v.encode())
+    rc, out, _ = run(["--input", ntsc, *base, "--out", tmp_path / "b", "--video", tmp_path / "b.mp4"], capsys)
+    assert rc == 0 and out.endswith("(23.976 fps)\n"), out
+    with av.open(str(tmp_path / "b.mp4")) as c:
+        assert c.streams.video[0].average_rate == Fraction(24000, 1001)
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--audio", "{film}"], "--audio is the sound of --video: give --video too"),
     (["--video", "{tmp}/v.mp4", "--audio", "{film}", "--no-audio"],
@@ -1572,7 +1606,7 @@ def test_a_failed_video_after_the_last_frame_says_only_the_video_is_missing(env,
     clip's end, which writes only the video, not --overwrite (every frame colourised again); followed,
     it gives the video of an uninterrupted run, the PNGs untouched. Also for a range that is part of
     the clip (the other frames were in --out)."""
-    def full_disk(path, frames, fps, audio_from=None):
+    def full_disk(path, frames, fps, audio_from=None, times=None):
         for _ in frames:
             pass
         raise OSError(f"cannot write {path}: No space left on device")
@@ -1605,7 +1639,7 @@ def test_a_failed_video_of_a_clip_of_unknown_length_is_told_the_range_at_its_end
     clip = write_video(panning_clip(3, 64, 96), tmp_path / "v.avi")
     monkeypatch.setattr(P, "output_names", lambda *a, **k: None)
 
-    def full_disk(path, frames, fps, audio_from=None):
+    def full_disk(path, frames, fps, audio_from=None, times=None):
         for _ in frames:
             pass
         raise OSError(f"cannot write {path}: No space left on device")
@@ -2024,7 +2058,7 @@ def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp
 def test_a_stop_inside_the_video_writer_still_writes_the_pngs_already_made(env, tmp_path, capsys, monkeypatch):
     """With --video the writer pulls frames; a stop inside it (here after it took f1) used to
     drop the frames made and encoded but not yet written (f2, f3 with 2 PNG threads)."""
-    def stopped_after_two(path, frames, fps, audio_from=None):
+    def stopped_after_two(path, frames, fps, audio_from=None, times=None):
         for k, _ in enumerate(frames):
             if k == 1:
                 raise KeyboardInterrupt
@@ -2051,7 +2085,7 @@ def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_cou
             raise OSError(28, "No space left on device")
         return write(path, data)
 
-    def stopped_after_two(path, frames, fps, audio_from=None):
+    def stopped_after_two(path, frames, fps, audio_from=None, times=None):
         for k, _ in enumerate(frames):
             if k == 1:
                 raise OSError(f"{path}: the video was not written completely (is the disk full?)")

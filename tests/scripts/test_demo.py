@@ -60,7 +60,7 @@ def test_quick_demo_writes_frames_videos_report_and_strip(tmp_path, capsys):
     assert (out / "report" / "strip.png").stat().st_size > 0
     assert f"[1/3] held-out frames 100-103 of {demo.SAMPLE}: reference = frame 100 in colour\n" in stdout
     assert "[3/3] scoring frames 101-103 against the ground truth\n" in stdout
-    assert probe(out / "fixed.mp4").fps == 25.0  # --fps 25 for the frame folder data/gray
+    assert probe(out / "fixed.mp4").fps == 25.0  # the sample's rate, for the frame folder data/gray
     tail = stdout.strip().splitlines()[-6:]
     assert tail[0].startswith("demo done in") and str(out) in tail[0]
     # where the inputs it scored against are (README: data/ with gray, ground truth, reference.png)
@@ -211,6 +211,19 @@ def test_a_method_named_twice_runs_once(tmp_path, capsys):
     assert rc == 0, err
     assert stdout.count("[2/3] colourising with reinhard (1/1)") == 1
     assert list(summary(out / "report")) == ["reinhard", "gray input", "ground_truth"]
+
+
+def test_the_videos_have_the_clips_frame_rate(tmp_path, capsys):
+    """A 30 fps clip gives 30 fps videos (the demo passed --fps 25 whatever the clip); a frame
+    folder has no rate, and gets colorize_inference.py's default, 25."""
+    clip = write_video(panning_clip(3, 48, 64), tmp_path / "clip.avi", fps=30)
+    rc, _, err = run(["--clip", clip, "--frames", "0:3", "--methods", "reinhard", "--out", tmp_path / "a"], capsys)
+    assert rc == 0, err
+    assert probe(tmp_path / "a" / "reinhard.mp4").fps == 30.0
+    rc, _, err = run(["--clip", tmp_path / "a" / "data" / "colour", "--frames", "0:3", "--methods", "reinhard",
+                      "--out", tmp_path / "b"], capsys)
+    assert rc == 0, err
+    assert probe(tmp_path / "b" / "reinhard.mp4").fps == 25.0
 
 
 @pytest.mark.parametrize("where", ["earlier data", "earlier frames", "out"])
@@ -389,14 +402,17 @@ def test_colourise_passes_the_demos_settings_to_colorize_inference(tmp_path, mon
     monkeypatch.setattr(demo.colorize_inference, "main", lambda argv, stop_line: calls.append(argv) or 0)
     args = demo.parser().parse_args(["--size", "128", "--steps", "3", "--device", "cpu", "--overwrite"])
     data, ref, out = tmp_path / "data", tmp_path / "data" / "reference.png", tmp_path / "demo"
-    demo.colourise("recursive", data, ref, out, args)
-    demo.colourise("flow", data, ref, out, demo.parser().parse_args([]))
+    demo.colourise("recursive", data, ref, out, args, 25.0)
+    demo.colourise("flow", data, ref, out, demo.parser().parse_args([]), 30000 / 1001)
+    demo.colourise("reinhard", data, ref, out, demo.parser().parse_args([]))  # a folder clip: no rate of its own
     common = ["--input", str(data / "gray"), "--reference", str(ref)]
     assert calls == [
-        [*common, "--out", str(out / "recursive"), "--video", str(out / "recursive.mp4"), "--fps", "25",
+        [*common, "--out", str(out / "recursive"), "--video", str(out / "recursive.mp4"), "--fps", "25.0",
          "--method", "model", "--mode", "recursive", "--ckpt", str(demo.TOY), "--size", "128", "--steps", "3",
          "--device", "cpu", "--overwrite"],
-        [*common, "--out", str(out / "flow"), "--video", str(out / "flow.mp4"), "--fps", "25", "--method", "flow"],
+        [*common, "--out", str(out / "flow"), "--video", str(out / "flow.mp4"), "--fps", "29.97002997002997",
+         "--method", "flow"],  # the clip's rate to the last digit (it was 25 whatever the clip)
+        [*common, "--out", str(out / "reinhard"), "--video", str(out / "reinhard.mp4"), "--method", "reinhard"],
     ]
 
 
