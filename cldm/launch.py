@@ -17,11 +17,17 @@ class LaunchError(ValueError):
 
 
 def is_launch_rank_zero() -> bool:
-    """True in the one process that should write to OUT before the process group exists."""
+    """True in the one process that should write to OUT before the process group exists:
+    torchrun's RANK (inside a SLURM job too), else SLURM's SLURM_PROCID where SLURM started the
+    processes (an interactive job's processes are Lightning's, which inherit PROCID 0), else
+    Lightning's own NODE_RANK and LOCAL_RANK."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     env = os.environ
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in env:
-            return int(env[key]) == 0
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if "SLURM_PROCID" in env and SLURMEnvironment.detect():
+        return int(env["SLURM_PROCID"]) == 0
     return int(env.get("NODE_RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
 
 
@@ -40,16 +46,24 @@ def count_devices(accelerator: str, devices: int | str) -> int:
     return len([d for d in devices.split(",") if d.strip()])
 
 
-def launched_processes() -> tuple[int, str] | None:
-    """(processes, what says so) when SLURM or torchrun started this run's processes, else None.
-    SLURM first, as Lightning looks once the trainer hands it SLURM's environment (which it does
-    whenever SLURM is detected, torchrun or not): under srun, SLURM's variables give the ranks."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (inside a SLURM job too: `srun torchrun ...`, one
+    task per node, or torchrun in an sbatch script), whose variables then give the ranks."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
+    return TorchElasticEnvironment.detect()
+
+
+def launched_processes() -> tuple[int, str] | None:
+    """(processes, what says so) when torchrun or SLURM started this run's processes, else None.
+    torchrun first, as Lightning looks (training hands it SLURM's environment only without
+    torchrun): inside a SLURM job that runs torchrun, SLURM_NTASKS counts torchrun launchers."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if launched_by_torchrun():
+        return _count("WORLD_SIZE"), "torchrun's WORLD_SIZE"
     if SLURMEnvironment.detect():
         return _count("SLURM_NTASKS"), "SLURM_NTASKS"
-    if TorchElasticEnvironment.detect():
-        return _count("WORLD_SIZE"), "torchrun's WORLD_SIZE"
     return None
 
 
@@ -62,8 +76,9 @@ def _count(name: str) -> int:
 
 def check_launcher(devices: str, num_nodes: int, accelerator: str = "auto") -> int:
     """The run's world size, --devices x --num-nodes; refused (LaunchError) when it is below one or a
-    launcher started another number of processes: with one process per run each would train alone
-    (no DDP), all into the same OUT."""
+    launcher started another number of processes (with one process per run each would train alone,
+    no DDP, all into the same OUT), or torchrun another number per node than --devices (the same
+    product: Lightning's check passes, and a process whose local rank is past --devices crashes)."""
     world = count_devices(accelerator, devices_arg(devices)) * num_nodes
     if world < 1:
         raise LaunchError(f"--devices {devices} --num-nodes {num_nodes}: training needs at least one device")
@@ -72,6 +87,10 @@ def check_launcher(devices: str, num_nodes: int, accelerator: str = "auto") -> i
         count, source = launched
         raise LaunchError(f"{source} is {count}, but --devices {devices} x --num-nodes {num_nodes} is {world}; "
                           "make them equal (docs/TRAINING.md)")
+    per_node = world // num_nodes
+    if launched_by_torchrun() and "LOCAL_WORLD_SIZE" in os.environ and _count("LOCAL_WORLD_SIZE") != per_node:
+        raise LaunchError(f"torchrun's LOCAL_WORLD_SIZE (--nproc-per-node) is {os.environ['LOCAL_WORLD_SIZE']}, "
+                          f"but --devices {devices} is {per_node} per node; make them equal (docs/TRAINING.md)")
     return world
 
 

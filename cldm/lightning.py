@@ -87,6 +87,7 @@ class ColorControlModule(L.LightningModule):
         self._locked_digest: str | None = None
         self._resumed_hparams: dict = {}  # the hyperparameters a resumed checkpoint records (data root, ...)
         self._resumed_batch: dict | None = None  # its batch_setup(), where it records one
+        self._step_losses: list[torch.Tensor] = []  # this optimiser step's micro-batch losses so far
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -144,12 +145,18 @@ class ColorControlModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=batch["hint"].shape[0])
+        self._step_losses.append(loss.detach())
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Learning rate per parameter group, once per optimiser step (Lightning's
-        LearningRateMonitor logs it once per micro-batch under --accumulate)."""
+        """The step's loss and learning rate per parameter group, once per optimiser step. The
+        loss is the mean over the step's micro-batches (--accumulate) and devices: logged from
+        training_step, it was one micro-batch of one device's, a noisier curve the more GPUs.
+        (Lightning's LearningRateMonitor would log the rate once per micro-batch.)"""
+        if self._step_losses:
+            loss = torch.stack(self._step_losses).mean()
+            self._step_losses.clear()
+            self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
         opt = getattr(optimizer, "optimizer", optimizer)
         for g in opt.param_groups:
             self.log(f"lr-{type(opt).__name__}/{g.get('name', 'group')}", g["lr"], on_step=True, on_epoch=False)

@@ -106,7 +106,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     from lightning.pytorch.strategies import DDPStrategy
 
     from cldm.callbacks import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
-    from cldm.launch import count_devices, ddp_kwargs, devices_arg
+    from cldm.launch import count_devices, ddp_kwargs, devices_arg, launched_by_torchrun
 
     t = cfg.train
     devices = devices_arg(args.devices)
@@ -119,7 +119,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 runs, as on the original A6000s
     plugins = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
+    if SLURMEnvironment.detect() and not launched_by_torchrun():  # torchrun's variables give the ranks then
         plugins.append(SLURMEnvironment(auto_requeue=False))  # one resume mechanism: --resume auto
     callbacks = [
         ResumeAgreement(resume),  # every process must resume from global rank 0's choice

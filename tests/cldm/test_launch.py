@@ -5,8 +5,9 @@ import pytest
 
 from cldm.launch import LaunchError, check_launcher, count_devices, ddp_kwargs, is_launch_rank_zero
 
-RANK_KEYS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
-LAUNCHER_KEYS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_JOB_NAME", "SLURM_NTASKS")
+RANK_KEYS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_JOB_NAME", "SLURM_NTASKS")
+LAUNCHER_KEYS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_JOB_NAME", "SLURM_NTASKS")
+SRUN = dict(SLURM_JOB_NAME="job", SLURM_NTASKS="2")  # processes srun started
 
 
 def set_env(monkeypatch, keys, env):
@@ -17,7 +18,11 @@ def set_env(monkeypatch, keys, env):
 
 
 @pytest.mark.parametrize("env, first", [
-    ({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False), ({"SLURM_PROCID": "1"}, False),
+    ({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False), ({"SLURM_PROCID": "1", **SRUN}, False),
+    ({"SLURM_PROCID": "0", **SRUN}, True),
+    # an interactive job (Lightning ignores SLURM there): the process Lightning starts inherits PROCID 0
+    ({"SLURM_PROCID": "0", "SLURM_JOB_NAME": "interactive", "SLURM_NTASKS": "1", "LOCAL_RANK": "1"}, False),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash", "LOCAL_RANK": "0"}, True),
     ({"RANK": "0", "LOCAL_RANK": "1"}, True),  # the global rank decides where there is one
     ({"RANK": "1", "SLURM_PROCID": "0"}, False),  # torchrun in an `srun --pty bash` shell: RANK is the process's
     ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False)])
@@ -45,11 +50,19 @@ def test_only_the_first_process_of_the_first_node_prepares_out(monkeypatch, env,
                                                           "is 2;"),
     (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="4"), "2", 2, 4),
     (dict(SLURM_JOB_NAME="interactive", SLURM_NTASKS="4"), "1", 1, 1),  # Lightning ignores SLURM here too
-    # torchrun under srun: the trainer hands Lightning SLURM's environment, whose ranks come from
-    # SLURM_PROCID, so more processes than srun's tasks would share ranks
-    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="2", TORCHELASTIC_RUN_ID="x", WORLD_SIZE="8"), "4", 2,
-     "SLURM_NTASKS is 2, but --devices 4 x --num-nodes 2 is 8;"),
-    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="2", TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 2, 2),
+    # torchrun inside a SLURM job (`srun torchrun`, one task per node): torchrun's variables give the
+    # ranks, as Lightning reads them (SLURM_NTASKS counts launchers; it was checked, and its advice,
+    # --devices 1, made lone trainings into one OUT)
+    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="2", TORCHELASTIC_RUN_ID="x", WORLD_SIZE="8"), "4", 2, 8),
+    (dict(SLURM_JOB_NAME="job", SLURM_NTASKS="1", TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2"), "1", 1,
+     "torchrun's WORLD_SIZE is 2, but --devices 1 x --num-nodes 1 is 1;"),
+    # the same product per node another way: a process past --devices crashed inside Lightning
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2"), "1", 2,
+     "torchrun's LOCAL_WORLD_SIZE (--nproc-per-node) is 2, but --devices 1 is 1 per node; make them equal"),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="16", LOCAL_WORLD_SIZE="8"), "4", 4,
+     "torchrun's LOCAL_WORLD_SIZE (--nproc-per-node) is 8, but --devices 4 is 4 per node;"),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="16", LOCAL_WORLD_SIZE="8"), "8", 2, 16),
+    (dict(TORCHELASTIC_RUN_ID="x", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2"), "0,1", 2, 4),
 ])
 def test_a_launcher_that_started_another_number_of_processes_is_refused(monkeypatch, env, devices, nodes, expected):
     """The world size, or the refusal: torchrun --nproc-per-node 2 with --devices 1 would run two

@@ -1,5 +1,6 @@
 """Lightning wrapper: overfitting a fixed batch, the latent cache, modes, checkpointing, precision,
 logs and what a checkpoint holds (checkpoint files: test_resume.py, test_callbacks.py)."""
+import csv
 import math
 import re
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, default_collate
 
 import ldm.modules.attention
@@ -533,10 +534,6 @@ def test_each_process_seeds_its_noise_from_its_own_global_rank(monkeypatch):
 
 
 def test_learning_rate_is_logged_once_per_optimiser_step_under_accumulation(tmp_path):
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
     batch = tiny_batch(2, seed=2)
     module = ColorControlModule(tiny_model("v2"), lr=1e-3, warmup_steps=4)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
@@ -555,6 +552,28 @@ def test_learning_rate_is_logged_once_per_optimiser_step_under_accumulation(tmp_
         conv.weight[0, 3] += 1e-3
     with pytest.raises(RuntimeError, match="locked SD channels changed"):
         module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+def test_the_logged_loss_is_the_mean_of_the_steps_micro_batches_synced_over_devices(tmp_path):
+    """--accumulate 3: each step's train/loss is the mean of its 3 micro-batch losses (it was
+    the last micro-batch's alone), logged once per step and averaged over the devices."""
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3)
+    rec = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=3, log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[rec])
+    trainer.fit(module, DataLoader([tiny_batch(2, seed=k) for k in range(6)], batch_size=None))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = [(r["step"], float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    assert len(rec.losses) == 6 and len(set(rec.losses)) == 6
+    # Lightning hands on_train_batch_end each micro-batch's loss divided by 3 (the accumulation):
+    # their sum is the mean of the raw losses
+    assert logged == [(str(k), pytest.approx(sum(rec.losses[3 * k:3 * k + 3]), rel=1e-6)) for k in range(2)]
+    calls = []
+    module.log = lambda name, value, **kw: calls.append((name, kw))
+    module._step_losses = [torch.tensor(1.0)]
+    module.on_before_optimizer_step(module.trainer.optimizers[0])
+    assert calls[0] == ("train/loss", {"on_step": True, "on_epoch": False, "sync_dist": True})
 
 
 def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):

@@ -535,6 +535,19 @@ def test_under_slurm_lightnings_own_requeue_is_off(tmp_path, monkeypatch):
     assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
 
 
+def test_torchrun_inside_a_slurm_job_gives_the_ranks(tmp_path, monkeypatch):
+    """`srun torchrun ...` (one task per node) or torchrun in an sbatch script: torchrun's
+    environment, as Lightning itself would choose; SLURM's would give every process SLURM_PROCID's rank."""
+    for key, value in dict(SLURM_JOB_NAME="color-controlnet", SLURM_JOB_ID="4242", SLURM_NTASKS="1",
+                           SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                           TORCHELASTIC_RUN_ID="x", RANK="1", LOCAL_RANK="1", GROUP_RANK="0", WORLD_SIZE="2",
+                           LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(key, value)
+    env = training.make_trainer(load_config(TINY_CONFIG), trainer_args(devices="2"), tmp_path)._accelerator_connector \
+        .cluster_environment
+    assert type(env).__name__ == "TorchElasticEnvironment" and env.global_rank() == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_asked_for_where_there_is_none_is_one_line(tmp_path):
     """Lightning's MisconfigurationException is no ValueError: it escaped as its bare words."""
