@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
     g.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"],
-                   help="32 = fp32 (TF32 matmuls on GPU); bf16-mixed = bf16 autocast (fast path on A100/H100)")
+                   help="32 = fp32 (TF32 matmuls on GPU); bf16-mixed = bf16 autocast (fast path on A100/H100); "
+                        "16-mixed = fp16 autocast with loss scaling (GPU only)")
     g.add_argument("--max-steps", type=int, help="stop at this optimiser step (-1: no limit)")
     g.add_argument("--max-epochs", type=int, help="stop after this many epochs (-1: no limit)")
     g.add_argument("--seed", type=int, help="seed for initialisation, data order and noise")

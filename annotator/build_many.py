@@ -97,8 +97,8 @@ class Summary:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"built {len(self.built)} movie(s): {self.frames} frames, {self.pairs} pairs in the default band "
-            f"({DEFAULT_LOW} < sim < {DEFAULT_HIGH}, gap >= {DEFAULT_MIN_GAP}), "
-            f"{self.seconds:.1f} s, {fps:.1f} frames/s",
+            f"({DEFAULT_LOW} < sim < {DEFAULT_HIGH}, gap >= {DEFAULT_MIN_GAP}; {2 * self.pairs} (reference, target) "
+            f"pairs, as training counts them), {self.seconds:.1f} s, {fps:.1f} frames/s",
             f"already built (skipped): {len(self.existing)}",
             *([f"built by another run meanwhile: {len(self.by_others)}"] if self.by_others else []),
             f"bad input (skipped): {len(self.skipped)}",

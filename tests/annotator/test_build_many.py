@@ -347,7 +347,8 @@ def test_summary_text_in_full():
     s = Summary(built=[meta, {**meta, "frame_count": 5}], existing=["x"], skipped=["a: bad", "b: worse"],
                 warnings=["c: odd"], not_in_shard=3, seconds=2.0, stopped=True, not_built=["d", "e"])
     assert s.text() == "\n".join([
-        "built 2 movie(s): 15 frames, 8 pairs in the default band (0.94 < sim < 0.97, gap >= 3), 2.0 s, 7.5 frames/s",
+        "built 2 movie(s): 15 frames, 8 pairs in the default band (0.94 < sim < 0.97, gap >= 3; 16 (reference, "
+        "target) pairs, as training counts them), 2.0 s, 7.5 frames/s",
         "already built (skipped): 1", "bad input (skipped): 2", "  a: bad", "  b: worse",
         "built with a warning: 1", "  c: odd", "left to other shards: 3",
         "stopped early because of --strict; not built: d, e"])

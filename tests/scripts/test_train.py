@@ -1347,9 +1347,8 @@ def test_a_relative_data_root_is_recorded_resolved(ws, tmp_path, monkeypatch):
     assert module.hparams.data == str((ws / "data").resolve())
 
 
-@pytest.mark.filterwarnings("ignore:You passed `Trainer.accelerator='cpu', precision='16-mixed'.`")
-def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
-    """And --seed seeds everything."""
+def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path, monkeypatch):
+    """And --seed seeds everything. (16-mixed: with the trainer left out, which refuses it on the CPU.)"""
     ns = train.parser().parse_args(args(ws, tmp_path / "run", "--lr", "3e-4", "--weight-decay", "0.01",
                                         "--warmup-steps", 4, "--no-sd-locked", "--no-train-unet-input", "--seed", 7,
                                         "--compile", "--num-workers", 0))
@@ -1363,7 +1362,26 @@ def test_the_module_takes_the_train_section_and_the_model_flags(ws, tmp_path):
                          (["--precision", "bf16-mixed", "--grad-clip", "1"], False),
                          (["--precision", "16-mixed"], True), (["--precision", "32", "--grad-clip", "1"], True)):
         ns = train.parser().parse_args(args(ws, tmp_path / "run", "--num-workers", 0, *extra))
-        assert train.prepare(ns)[2].fused is fused, extra
+        with monkeypatch.context() as m:
+            if "16-mixed" in extra:
+                m.setattr(train, "make_trainer", lambda *a, **k: None)
+            assert train.prepare(ns)[2].fused is fused, extra
+
+
+@pytest.mark.filterwarnings("ignore:You passed `Trainer.accelerator='cpu', precision='16-mixed'.`")
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_16_mixed_on_the_cpu_is_refused_not_swapped_for_bf16(ws, tmp_path, capsys, accelerator):
+    """Lightning runs bf16-mixed instead, with a note among its start-up lines; the run recorded
+    16-mixed. Now one line before anything is written."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    rc = train.main([str(a) for a in args(ws, tmp_path / "run", "--precision", "16-mixed", "--accelerator",
+                                          accelerator, "--max-steps", 1)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"tutorial_train_sd21_color_v2.py: error: --precision 16-mixed is not available with --accelerator "
+        f"{accelerator} (Lightning would run bf16-mixed); choose bf16-mixed or 32"), err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 
