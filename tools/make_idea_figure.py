@@ -79,7 +79,7 @@ def draw(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(write_bytes_atomic(out, buf.getvalue()))
+    print(f"wrote {write_bytes_atomic(out, buf.getvalue())}")
 
 
 def run(args) -> int:

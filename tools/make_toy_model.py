@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model files already in --out (refused otherwise, before training)")
     p.add_argument("--check", type=lambda t: Path(path_arg(t)), default=None,
-                   help=f"compare the final losses with this shipped model's (fails beyond "
-                        f"{100 * LOSS_TOLERANCE:.0f} %%); checked before training")
+                   help=f"compare the final losses with this shipped model's (beyond "
+                        f"{100 * LOSS_TOLERANCE:.0f} %%: exit 1, the model made kept in --out); the file is "
+                        "checked before training")
     args = p.parse_args(argv)
     problem = folder_problem(args.out)
     if problem:
@@ -285,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
     if ref is not None:
         bad = check_against(prov, ref)
         if bad:
-            print("error: reproduction differs from the shipped model: " + "; ".join(bad), file=sys.stderr)
+            print(f"{PROG}: error: reproduction differs from the shipped model ({'; '.join(bad)}); the model made "
+                  f"is kept in {args.out}", file=sys.stderr)
             return 1
         print(f"reproduction within {LOSS_TOLERANCE:.0%} of {args.check}")
     return 0

@@ -25,7 +25,7 @@ def test_the_picture_replaces_the_old_one_by_a_rename(tmp_path, capsys):
     img = cv2.imread(str(out))
     assert img is not None and img.shape[1] > 1000 and img.std() > 10  # a whole picture, not a blank
     assert os.listdir(out.parent) == ["idea.png"]  # no temporary file left
-    assert capsys.readouterr().out == f"{out}\n"
+    assert capsys.readouterr().out == f"wrote {out}\n"
 
 
 def test_the_command_line_takes_help_and_out_and_refuses_the_rest(tmp_path, capsys, monkeypatch):

@@ -95,7 +95,7 @@ def test_help_prints(capsys):
         recipe.main(["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "(fails beyond 10 %)" in out and "by default (or 0) one per core" in out
+    assert "(beyond 10 %: exit 1, the model made kept in --out)" in out and "by default (or 0) one per core" in out
     assert "the shipped model was trained with 1" in out and "--overwrite" in out
 
 
@@ -190,8 +190,9 @@ def test_check_compares_with_the_model_as_it_was_before_an_overwrite(monkeypatch
     assert recipe.main(["--out", str(tmp_path), "--overwrite", "--check", str(target)]) == 1
     shipped = provenance(SHIPPED)
     assert capsys.readouterr().err.strip() == (
-        f"error: reproduction differs from the shipped model: vae_loss: 0.50000 vs shipped {shipped['vae_loss']:.5f}; "
-        f"diffusion_loss: 0.90000 vs shipped {shipped['diffusion_loss']:.5f}")
+        f"make_toy_model.py: error: reproduction differs from the shipped model (vae_loss: 0.50000 vs shipped "
+        f"{shipped['vae_loss']:.5f}; diffusion_loss: 0.90000 vs shipped {shipped['diffusion_loss']:.5f}); the model "
+        f"made is kept in {tmp_path}")
 
 
 def test_ctrl_c_while_the_libraries_load_is_one_line():
