@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -56,7 +57,7 @@ def make_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float,
     check_optimizer(name)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     class AdamW8bit(bnb.optim.AdamW8bit):
         """Honours a per-group 'optim_bits' (bitsandbytes reads it per optimiser only)."""
@@ -68,6 +69,21 @@ def make_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float,
 
     groups = [{**g, "optim_bits": 32} if g.get("name") == "unet_input" else g for g in groups]
     return AdamW8bit(groups, lr=lr, betas=betas)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, without the warning its import logs on a CPU with AVX512-BF16 that lacks the
+    `kernels` package (which would fetch a 4-bit matmul from the Hugging Face hub: neither
+    wanted nor used by the 8-bit optimiser), "Failed to load CPU gemm_4bit_forward ...", which
+    reads like a failure of a run that works."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
 
 
 def unet_input_conv(model: ControlLDM) -> nn.Conv2d:
