@@ -633,7 +633,8 @@ def test_sample_draws_x_T_from_the_generator():
 @torch.no_grad()
 def test_sample_passes_guidance_eta_parameterization_and_generator_to_ddim():
     """Against DDIM run on a model_fn that does the guidance itself, uncond + s (cond - uncond),
-    here with s = 0.5 (below 1 counts too), eta = 1 with the generator's noise, v-prediction."""
+    here with s = 2.5 and 0.5 (below 1 counts too; alone it hid cond and uncond swapped, which
+    give the same mean at s = 0.5), eta = 1 with the generator's noise, v-prediction."""
     from ldm import sampler
 
     torch.manual_seed(0)
@@ -643,16 +644,18 @@ def test_sample_passes_guidance_eta_parameterization_and_generator_to_ddim():
     cond, uncond = _cond_and_uncond(model, torch.Generator().manual_seed(1))
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
 
-    def guided(x, t):
-        u = model.apply_model(x, t, uncond)
-        return u + 0.5 * (model.apply_model(x, t, cond) - u)
+    for scale in (2.5, 0.5):
+        def guided(x, t):
+            u = model.apply_model(x, t, uncond)
+            return u + scale * (model.apply_model(x, t, cond) - u)
 
-    want = sampler.ddim_sample(guided, x_T, model.alphas_cumprod, steps=3, eta=1.0, parameterization="v",
-                               generator=torch.Generator().manual_seed(3))
-    got = model.sample(cond, x_T=x_T, steps=3, eta=1.0, guidance_scale=0.5, uncond=uncond,
-                       generator=torch.Generator().manual_seed(3))
-    # cond and uncond run as one batch there, two calls here: 1.6e-6 apart (CPU, 2026-11-29)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        want = sampler.ddim_sample(guided, x_T, model.alphas_cumprod, steps=3, eta=1.0, parameterization="v",
+                                   generator=torch.Generator().manual_seed(3))
+        got = model.sample(cond, x_T=x_T, steps=3, eta=1.0, guidance_scale=scale, uncond=uncond,
+                           generator=torch.Generator().manual_seed(3))
+        # cond and uncond run as one batch there, two calls here: 1.6e-6 apart at 0.5, 5.2e-5 at 2.5 (CPU,
+        # 2026-11-29); cond and uncond swapped: 0.67
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4)
     unguided = model.sample(cond, x_T=x_T, steps=3, eta=1.0, generator=torch.Generator().manual_seed(3))
     assert (unguided - want).abs().max() > 1e-3  # the guidance counts
     with pytest.raises(ValueError, match="guidance_scale != 1 needs an unconditional ColorCondition"):

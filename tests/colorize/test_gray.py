@@ -56,6 +56,19 @@ def test_the_thresholds_on_a_720p_frame():
     assert to_gray(np.dstack([base, base, base]))[1] is False
 
 
+def test_a_gray_frame_with_a_small_coloured_logo_stays_gray():
+    """0.5 % of the pixels pure red (a channel logo) on a gray frame: the mean spread is 0.005,
+    below COLOUR_TOL, so gray, however much the spread deviates from its mean there (0.0099);
+    ten times the logo, 5 % (mean 0.05), is colour."""
+    frame = np.full((200, 200, 3), 0.5, np.float32)
+    frame[:10, :20] = (1.0, 0.0, 0.0)  # 200 of 40000 pixels
+    spread = pixel_spread(frame)
+    assert spread.mean() == np.float32(0.005) and np.abs(spread - spread.mean()).mean() > COLOUR_TOL
+    assert to_gray(frame)[1] is False
+    frame[:100, :20] = (1.0, 0.0, 0.0)
+    assert to_gray(frame)[1] is True
+
+
 def test_a_gray_clip_through_the_mpeg4_writer_stays_gray(tmp_path):
     """OpenCV's MPEG-4 round trip casts gray frames (G 3 levels above B, the same everywhere)."""
     frames = [to_float(rgb) for _, _, rgb in iter_frames(SAMPLE, stop=3, check_count=False)]

@@ -163,8 +163,8 @@ def test_seeds_are_distinct_and_reproducible():
     """torch's CPU generator keeps the low 32 bits of a seed: (seed % 2**31) * 2**32 + index made
     every seed give the noise of seed 0. Every (seed, index) must now give its own noise."""
     draw = lambda g: torch.randn(16, generator=g)  # noqa: E731
-    frame = {(s, i): draw(P.frame_generator(s, i)) for s in (0, 1, 2**31, -1) for i in (0, 1, 5)}
-    clip = {s: draw(P.clip_generator(s)) for s in (0, 1, 2**31, -1)}
+    frame = {(s, i): draw(P.frame_generator(s, i)) for s in (0, 1, 2**31, 2**32, -1) for i in (0, 1, 5)}
+    clip = {s: draw(P.clip_generator(s)) for s in (0, 1, 2**31, 2**32, -1)}  # 2**32: seed 0's, fed to torch as is
     values = list(frame.values()) + list(clip.values())
     for a in range(len(values)):
         for b in range(a):
@@ -172,6 +172,7 @@ def test_seeds_are_distinct_and_reproducible():
     assert torch.equal(draw(P.frame_generator(1, 5)), frame[1, 5])  # the same seed reproduces
     assert torch.equal(draw(P.clip_generator(1)), clip[1])
     assert torch.equal(draw(P.frame_generator(2**64 + 1, 5)), frame[1, 5])  # seeds are taken mod 2**64
+    assert torch.equal(draw(P.clip_generator(2**64 + 1)), clip[1])
 
 
 @pytest.mark.parametrize("noise", P.NOISES)
@@ -258,7 +259,8 @@ def test_shared_noise_is_the_same_for_every_frame_at_every_step(model, eta):
 
 @pytest.mark.parametrize("field, value, problem", [
     ("size", 0, "must be >= 1 (got 0)"), ("steps", 0, "must be >= 1 (got 0)"), ("batch", 0, "must be >= 1 (got 0)"),
-    ("eta", -0.1, "must be >= 0 (got -0.1)"), ("anchor_every", -1, "must be >= 0 (got -1)"),
+    ("eta", -0.1, "must be >= 0 (got -0.1)"), ("eta", 1.5, "must be <= 1 (got 1.5)"),
+    ("anchor_every", -1, "must be >= 0 (got -1)"),
     ("anchor_strength", 1.5, "must be in [0, 1] (got 1.5)"), ("noise", "none", "must be one of shared, per-frame"),
     ("precision", "fp8", "must be auto or one of fp32, fp16, bf16"),
 ])
@@ -267,6 +269,13 @@ def test_options_name_the_bad_field(field, value, problem):
         P.Options(**{field: value})
     assert (e.value.field, str(e.value).startswith(f"{field} {problem}")) == (field, True)
     assert isinstance(e.value, P.InferenceError)
+
+
+def test_options_take_their_bounds():
+    """The ends of each range are allowed: eta 0 (DDIM) and 1 (DDPM-like noise), anchoring 0 and 1."""
+    for kw in (dict(eta=0.0), dict(eta=1.0), dict(anchor_strength=0.0), dict(anchor_strength=1.0),
+               dict(anchor_every=0), dict(size=1, steps=1, batch=1)):
+        P.Options(**kw)
 
 
 def test_step_counts_the_schedule_cannot_hold_are_refused(model, clip):
