@@ -70,6 +70,16 @@ class FrameTimes(NamedTuple):
         return len(self.pts) / float((self.pts[-1] + self.last) * self.time_base)
 
 
+def _picture(container):
+    """The film's video stream: the first that is not a cover (an attached picture: an MP3's,
+    M4A's or MKV's), which has no time of its own (FFmpeg gives it the sound's start: an MP3's
+    encoder delay); None if there is none."""
+    import av
+
+    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic),
+                None)
+
+
 def frame_times(source: str | os.PathLike) -> FrameTimes | None:
     """The frame times of `source`'s first video stream, from its packets' timestamps (one per
     frame: OpenCV decodes the same frames, at the same times), or None where they are not
@@ -80,9 +90,9 @@ def frame_times(source: str | os.PathLike) -> FrameTimes | None:
         return None
     try:
         with av.open(str(source)) as c:
-            if not c.streams.video:
+            stream = _picture(c)
+            if stream is None:
                 return None
-            stream = c.streams.video[0]
             packets = [(p.pts, p.duration) for p in c.demux(stream) if p.size]
             time_base = stream.time_base
     except (av.FFmpegError, OSError, ValueError):
@@ -154,9 +164,7 @@ def _audio(src, dest, out, streams: list) -> tuple[str, Iterator]:
     audio = next((s for s in src.streams if s.type == "audio"), None)
     if audio is None:
         raise ValueError(f"{src.name}: no audio stream")
-    # the film's first picture; not a cover (an attached picture: an MP3's or M4A's), which has
-    # no time of its own (FFmpeg gives it the sound's start: an MP3's encoder delay)
-    first = next((s for s in src.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
+    first = _picture(src)
     start = float(first.start_time * first.time_base) if first is not None and first.start_time else 0.0
     shift = round(start / audio.time_base)  # the picture starts at 0 in `video`
     name = audio.codec_context.codec.canonical_name

@@ -273,6 +273,7 @@ def test_a_cover_picture_keeps_no_offset_to_the_sound(tmp_path):
             assert [s.type for s in c.streams] == ["audio", "video"] * cover or ["audio"]
         assert remux(video, tmp_path / "out.mp4", src) == "mp3 copied"
         assert packets(tmp_path / "out.mp4", "audio") == packets(src, "audio")
+        assert frame_times(src) is None  # a cover has no frame times to give a film
 
 
 def test_frame_times_are_the_packets_times_from_the_first_frame(tmp_path):
