@@ -219,7 +219,9 @@ def flow_propagate(
 
 def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray], reference_indices: Sequence[int],
               progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
-    """`flow_propagate`, streamed in frame order with bounded memory.
+    """`flow_propagate`, streamed in frame order. Memory holds only the frames that wait for
+    their run's reference frame (below), but all of them: a reference far into a long film
+    holds thousands (about 13 bytes a pixel each for 8-bit frames; colorize/methods.py notes it).
 
     Each frame takes its colours from the most similar reference (ReferenceChooser, as the
     model modes), so a run of consecutive frames choosing the same reference is one shot, and

@@ -72,6 +72,16 @@ def flow_start_indices(source: str | Path, refs: References, frames: slice, tota
     return indices
 
 
+FLOW_NOTE = 2**30  # bytes flow would hold for frames waiting for their reference's: said above this
+
+
+def flow_held_bytes(waiting: int, shape: tuple[int, ...], depth: int) -> int:
+    """Memory flow holds for `waiting` frames before their reference's frame (baselines.iter_flow):
+    each one's gray, packed (1 byte a pixel for 8-bit frames, 2 for 16-bit), then its output
+    (float32 RGB, 12 bytes a pixel), all of them at once before the first is given out."""
+    return waiting * math.prod(shape[:2]) * ({8: 1, 16: 2}.get(depth, 4) + 12)
+
+
 def colourised(source: str | Path, refs: References, frames: slice, total: int | None, note: Callable[[str], None],
                progress: Callable[[int], object], method: str = "model", model=None, mode: str = "fixed",
                options: P.Options | None = None, show_progress: bool = True) -> Iterator[tuple[str, int, np.ndarray]]:
@@ -80,11 +90,16 @@ def colourised(source: str | Path, refs: References, frames: slice, total: int |
     many frames the range has, if known. `note(msg)` is told what the user should know (colour
     frames, a stretched reference); `progress(1)` is called as each frame is colourised."""
     seen = deque()  # (name, depth) of frames read but not yet output
+    indices = flow_start_indices(source, refs, frames, total, note, show_progress) if method == "flow" else None
 
     def selected():
         for k, f in enumerate(P.iter_gray_frames(source, frames.start, frames.stop, note)):
             if f.colour:
                 note(f"{source}: frames are colour; colourising their BT.601 luma")
+            if k == 0 and indices and (held := flow_held_bytes(max(indices), f.gray.shape, f.depth)) >= FLOW_NOTE:
+                note(f"--method flow: up to {max(indices)} frames before a reference's frame wait in memory until "
+                     f"it comes (their gray, then their outputs: about {held / 2**30:.1f} GiB at this frame size); "
+                     "a reference from nearer the start of the frames needs less")
             if k == 0 and method in ("model", "flow"):  # a clip's frames share one size
                 for ref in refs.images:  # resized to the frames' shape, whatever its own
                     (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
@@ -102,7 +117,6 @@ def colourised(source: str | Path, refs: References, frames: slice, total: int |
             progress(1)
             yield (*seen.popleft(), out)
         return
-    indices = flow_start_indices(source, refs, frames, total, note, show_progress) if method == "flow" else None
     try:
         for out in iter_baseline(method, (f.gray for f in selected()), refs.images, indices, progress):
             yield (*seen.popleft(), out)

@@ -196,26 +196,59 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * rel_entr(p, m).sum(-1) + 0.5 * rel_entr(q, m).sum(-1)
 
 
+class CDC:
+    """Colour distribution consistency, streamed: `add` each frame's histograms in clip order,
+    then `value()`. Only the last max(strides) frames' histograms are kept, so memory does not
+    grow with the clip (keeping every frame's took 6 KB a frame per method: gigabytes for a
+    whole film). Per stride s, the mean JS divergence over the frame pairs s apart in the clip
+    (each pair's the mean of its 3 channels'); the CDC is the mean over the strides with a pair
+    (NaN without any)."""
+
+    def __init__(self, strides: Iterable[int] = CDC_STRIDES):
+        self.strides = tuple(int(s) for s in strides)
+        self.recent: dict[int, np.ndarray] = {}
+        self.sums = dict.fromkeys(self.strides, 0.0)
+        self.counts = dict.fromkeys(self.strides, 0)
+        self.last: int | None = None
+
+    def add(self, hists: np.ndarray, position: int) -> None:
+        """A frame's (3, bins) histograms at `position` in the clip (a gap pairs nothing across it)."""
+        if self.last is not None and position <= self.last:
+            raise ValueError("positions must increase")
+        for s in self.strides:
+            earlier = self.recent.get(position - s)
+            if earlier is not None:
+                self.sums[s] += float(js_divergence(earlier, hists).mean())
+                self.counts[s] += 1
+        self.recent[position] = hists
+        keep = max(self.strides, default=0)
+        self.recent = {p: h for p, h in self.recent.items() if p >= position - keep}
+        self.last = position
+
+    def value(self) -> float:
+        per_stride = [self.sums[s] / self.counts[s] for s in self.strides if self.counts[s]]
+        return float(np.mean(per_stride)) if per_stride else float("nan")
+
+
 def cdc_from_histograms(hists: np.ndarray, strides: Iterable[int] = CDC_STRIDES,
                         positions: Iterable[int] | None = None) -> float:
     """CDC of a clip given its (T, 3, bins) histograms; NaN without any frame pair.
 
-    `positions`: each row's frame number in the clip (default 0..T-1); only rows s apart
-    in the clip are paired, so a gap (a frame left out) pairs nothing across it.
+    `positions`: each row's frame number in the clip (default 0..T-1), increasing; only rows s
+    apart in the clip are paired, so a gap (a frame left out) pairs nothing across it.
     """
-    row = {int(p): r for r, p in enumerate(range(len(hists)) if positions is None else positions)}
-    per_stride = []
-    for s in strides:
-        pairs = [(r, row[p + s]) for p, r in row.items() if p + s in row]
-        if pairs:
-            a, b = np.array(pairs).T
-            per_stride.append(js_divergence(hists[a], hists[b]).mean())
-    return float(np.mean(per_stride)) if per_stride else float("nan")
+    acc = CDC(strides)
+    for p, h in zip(range(len(hists)) if positions is None else positions, hists):
+        acc.add(h, int(p))
+    return acc.value()
 
 
 def cdc(frames: Iterable[np.ndarray], strides: Iterable[int] = CDC_STRIDES) -> float:
     """Colour distribution consistency of a clip (lower = steadier colours)."""
-    return cdc_from_histograms(np.stack([channel_histograms(f) for f in frames]), strides)
+    acc = CDC(strides)
+    for t, f in enumerate(frames):
+        acc.add(channel_histograms(f), t)
+    return acc.value()
 
 
 class FlowField(NamedTuple):
@@ -374,8 +407,8 @@ def evaluate_stream(
     names = list(methods)
     dis = make_dis()
     rows = {m: {k: [] for k in PER_FRAME_KEYS} for m in names}
-    hists: dict[str, list[np.ndarray]] = {m: [] for m in names}
-    gt_hists, gt_warp, gt_colour = [], [], []
+    cdcs = {m: CDC() for m in names}
+    gt_cdc, gt_warp, gt_colour = CDC(), [], []
     prev_gt, prev = None, {}
     # The flow (the costliest step, and the only one that needs the previous frame) runs in a
     # worker thread while this one scores the frame; OpenCV releases the GIL.
@@ -387,14 +420,15 @@ def evaluate_stream(
             follows = prev_gt is not None and (positions is None or positions[t] == positions[t - 1] + 1)
             job = pool.submit(gt_flow, prev_gt, gt, dis) if follows else None
             gt_colour.append(colourfulness(gt))
-            gt_hists.append(channel_histograms(gt))
+            at = t if positions is None else positions[t]
+            gt_cdc.add(channel_histograms(gt), at)
             stats = _gt_stats(gt)
             for m in names:
                 r, p = rows[m], cur[m]
                 r["psnr"].append(psnr(p, gt))
                 r["ssim"].append(_ssim_mean(_ssim_map(p, stats)))
                 r["colourfulness"].append(colourfulness(p))
-                hists[m].append(channel_histograms(p))
+                cdcs[m].add(channel_histograms(p), at)
             flow = job.result() if job is not None else None
             if flow is not None:
                 gt_warp.append(warp_error_pair(prev_gt, gt, flow))
@@ -406,15 +440,14 @@ def evaluate_stream(
         raise ValueError("the ground truth has no frames")
     n = len(gt_colour)
     results = {
-        m: MethodMetrics({k: np.array(v, dtype=np.float64) for k, v in rows[m].items()},
-                         cdc_from_histograms(np.stack(hists[m]), positions=positions))
+        m: MethodMetrics({k: np.array(v, dtype=np.float64) for k, v in rows[m].items()}, cdcs[m].value())
         for m in names
     }
     finite_warp = [w for w in gt_warp if np.isfinite(w)]
     ground_truth = {
         "colourfulness": float(np.mean(gt_colour)),
         "warp_error": float(np.mean(finite_warp)) if finite_warp else float("nan"),
-        "cdc": cdc_from_histograms(np.stack(gt_hists), positions=positions),
+        "cdc": gt_cdc.value(),
     }
     labels = list(frame_names)[:n] if frame_names else [f"{i:05d}" for i in range(n)]
     return ClipEvaluation(labels, results, ground_truth)

@@ -52,6 +52,21 @@ def test_flow_walks_from_its_reference_frames_counted_from_the_range(clip):
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_flow_says_how_much_memory_frames_before_a_late_reference_hold(clip, monkeypatch):
+    """Frames before a reference's frame wait whole in memory (a reference at frame 1000 of a
+    720p film: 12 GB): said once at the start from 1 GiB (lowered here to what 3 frames of 32x48
+    hold), not for a reference at the range's start."""
+    assert M.flow_held_bytes(1000, (720, 1280), 8) == 1000 * 720 * 1280 * 13 > 11.9e9
+    assert M.flow_held_bytes(10, (720, 1280, 3), 16) == 10 * 720 * 1280 * 14
+    monkeypatch.setattr(M, "FLOW_NOTE", 3 * 32 * 48 * 13)
+    _, notes, _ = run(clip, references([clip["colour"][3]], [3]), method="flow")
+    assert notes == [f"--method flow: up to 3 frames before a reference's frame wait in memory until it comes (their "
+                     f"gray, then their outputs: about {3 * 32 * 48 * 13 / 2**30:.1f} GiB at this frame size); a "
+                     "reference from nearer the start of the frames needs less"]
+    assert run(clip, references([clip["colour"][2]], [2]), method="flow")[1] == []  # 2 frames: below
+    assert run(clip, references([clip["colour"][3]], [3]), slice(3, None), method="flow")[1] == []
+
+
 @pytest.mark.parametrize("frame, frames, total", [(0, slice(1, 6), 5), (6, slice(1, 6), 5), (3, slice(1, 3), 2)])
 def test_a_reference_frame_outside_the_range_is_refused_for_flow(clip, frame, frames, total):
     refs = references([clip["colour"][frame % 6]], [frame])

@@ -200,6 +200,25 @@ def test_evaluate_clips_shares_flow_and_reports_everything():
         M.evaluate_clips(gt, {"short": gt[:2]})
 
 
+def test_streamed_cdc_keeps_only_the_last_frames_and_equals_the_pairwise_definition():
+    """A whole film's histograms were kept per method (6 KB a frame; evaluate.py grew 45 KB a
+    frame): the stream keeps max(strides) + 1 frames' at most, and gives the definition, per
+    stride the mean over pairs s apart of the channel-mean JS divergence, then the mean."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(40)]
+    hists = [M.channel_histograms(f) for f in frames]
+    acc = M.CDC()
+    for t, h in enumerate(hists):
+        acc.add(h, t)
+        assert len(acc.recent) == min(t + 1, max(M.CDC_STRIDES) + 1)
+    want = np.mean([np.mean([M.js_divergence(hists[t], hists[t + s]).mean() for t in range(40 - s)])
+                    for s in M.CDC_STRIDES])
+    assert acc.value() == pytest.approx(want, rel=1e-12) and want > 0.1
+    assert M.cdc(frames) == acc.value()
+    with pytest.raises(ValueError, match="positions must increase"):
+        acc.add(hists[0], 39)
+
+
 def test_cdc_pairs_no_frames_across_a_gap():
     a = np.zeros((4, 4, 3), np.uint8)
     b = np.full((4, 4, 3), 255, np.uint8)
