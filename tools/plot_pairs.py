@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,10 +55,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_ROWS = 400  # about the left panel's height in pixels: beyond, rows are binned, not dropped by the drawing
+
+
+def binned(rows: np.ndarray, size: int, how: str) -> np.ndarray:
+    """`rows` in consecutive groups of `size`, each one row: its "any" (pairs) or NaN-mean
+    (similarity; NaN where all are); the last group may be short."""
+    pad = -len(rows) % size
+    if how == "any":
+        return np.pad(rows, ((0, pad), (0, 0))).reshape(-1, size, rows.shape[1]).any(1)
+    full = np.pad(rows.astype(np.float64), ((0, pad), (0, 0)), constant_values=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN group: NaN, as meant
+        return np.nanmean(full.reshape(-1, size, rows.shape[1]), axis=1)
+
+
 def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: str):
-    """The two panels for a similarity table (N, 2W+1), as a matplotlib Figure."""
+    """The two panels for a similarity table (N, 2W+1), as a matplotlib Figure. A long movie's
+    rows are binned to MAX_ROWS on the left (a bin is red if any of its frames has that pair,
+    its gray the mean similarity): drawn one row per frame, all but one row in N / 400 fell
+    between the pixels, and with them most pairs."""
     mask = pair_mask(sim, low, high, min_gap)
     n, w = sim.shape[0], (sim.shape[1] - 1) // 2
+    size = -(-n // MAX_ROWS)
+    shown_sim, shown_mask = (binned(sim, size, "mean"), binned(mask, size, "any")) if size > 1 else (sim, mask)
     far = sim[:, np.abs(np.arange(-w, w + 1)) >= min_gap]
     far = far[np.isfinite(far)]
     ends = [float(far.min())] if far.size else []
@@ -66,9 +87,9 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     cmap = plt.get_cmap("gray").with_extremes(bad="#9ec5e8")  # NaN: the neighbour would lie outside the movie
     extent = (-w - 0.5, w + 0.5, n - 0.5, -0.5)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.2]})
-    shown = left.imshow(np.ma.masked_invalid(sim), aspect="auto", cmap=cmap, vmin=floor, vmax=1,
+    shown = left.imshow(np.ma.masked_invalid(shown_sim), aspect="auto", cmap=cmap, vmin=floor, vmax=1,
                         interpolation="nearest", extent=extent)
-    left.imshow(np.ma.masked_where(~mask, mask), aspect="auto", cmap=ListedColormap(["red"]), alpha=0.8,
+    left.imshow(np.ma.masked_where(~shown_mask, shown_mask), aspect="auto", cmap=ListedColormap(["red"]), alpha=0.8,
                 interpolation="nearest", extent=extent)
     fig.colorbar(shown, ax=left, label="similarity")
     left.set(xlabel="neighbour offset (frames)", ylabel="frame", title="pairs in the band: red; outside the movie: blue")

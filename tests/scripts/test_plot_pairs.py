@@ -47,6 +47,32 @@ def test_the_panels_show_the_band_of_pair_mask_and_count_pairs_and_frames():
         plt.close(fig)
 
 
+def test_a_long_movies_rows_are_binned_so_no_pair_falls_between_the_pixels():
+    """20000 frames with pairs at 50 scattered frames: one row per frame drew about 1 in 43 of
+    them in a 460-pixel panel. Bins of 50 frames (400 rows): a bin is red where any of its
+    frames has the pair, its similarity the NaN-mean of its frames' (NaN only where all are)."""
+    rng = np.random.default_rng(0)
+    sim = rng.uniform(0.5, 0.9, (20000, 5))
+    sim[:, 2] = 1.0
+    rows = np.sort(rng.choice(20000, 50, replace=False))
+    sim[rows, 4] = 0.95  # a pair 2 ahead (its partner's entry at offset -2 left out: only offset +2 is red)
+    sim[:50, 0] = np.nan  # a whole bin outside the movie at offset -2
+    sim[50, 0] = np.nan  # one NaN of the next bin: its mean is the other 49's
+    fig = P.band_figure(sim, 0.94, 0.97, 2, "t")
+    try:
+        image, overlay = fig.axes[0].images
+        shown = ~overlay.get_array().mask
+        assert shown.shape == (400, 5) and list(image.get_extent()) == [-2.5, 2.5, 19999.5, -0.5]
+        assert set(np.flatnonzero(shown[:, 4])) == set(rows // 50) and not shown[:, :4].any()
+        mean = image.get_array()
+        assert mean.mask[0, 0] and not mean.mask[1, 0]
+        assert mean[1, 0] == pytest.approx(np.mean(sim[51:100, 0]), rel=1e-12)
+        assert mean[7, 3] == pytest.approx(np.mean(sim[350:400, 3]), rel=1e-12)
+    finally:
+        plt.close(fig)
+    assert P.binned(np.arange(10.0)[:, None], 4, "mean").ravel().tolist() == [1.5, 5.5, 8.5]  # a short last bin
+
+
 def test_cli_writes_the_png_of_a_built_movie(tmp_path, capsys):
     src = write_folder(panning_clip(8, 32, 48), tmp_path / "src" / "pan")
     build_all([src], tmp_path / "data", BuildOptions(size=32, window=3), progress=False)
