@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -147,10 +148,25 @@ def drawable(text: str) -> str:
     return "".join(c if any(ord(c) in m for m in charmaps) else ascii(c)[1:-1] for c in text)
 
 
+MAX_POINTS = 1000  # about the plot's width in pixels: a longer clip is drawn as bins of frames
+
+
+def binned_series(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """(x, mean, min, max) of consecutive groups of `size` points, NaN ignored (NaN where all
+    are: a break in the line); the last group may be short."""
+    pad = -len(x) % size
+    xs, ys = (np.pad(np.asarray(a, float), (0, pad), constant_values=np.nan).reshape(-1, size) for a in (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN group: NaN, as meant
+        return np.nanmean(xs, 1), np.nanmean(ys, 1), np.nanmin(ys, 1), np.nanmax(ys, 1)
+
+
 def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: Sequence[str], ylabel: str,
                      title: str, positions: Sequence[int] | None = None):
     """One line per method of a per-frame metric against the frame number (`frame_numbers`), on
-    whole-number ticks, broken where frames were left out."""
+    whole-number ticks, broken where frames were left out. Beyond MAX_POINTS frames each point
+    is the mean of a bin of frames, shaded from their lowest to their highest value (one line
+    point per frame packed a film's 150k frames 125 to a pixel column: one blob per method)."""
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120, layout="constrained")
     # A frame reproduced exactly (the reference frame, say) sits at the PSNR cap and would
     # squash every other line; draw such points as triangles on the top edge instead.
@@ -161,18 +177,26 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
         rest = np.concatenate([y[np.isfinite(y) & (y < M.PSNR_CAP_DB)] for y in ys.values()])
         top = (rest.max() if rest.size else 50.0) + 3.0
         bottom = (rest.min() if rest.size else 0.0) - 3.0
+    size = -(-len(pos) // MAX_POINTS)
     for name, y in ys.items():
         mean = float(np.mean(y[np.isfinite(y)])) if np.isfinite(y).any() else float("nan")
         at_cap = capped & (y >= M.PSNR_CAP_DB)
-        line, = ax.plot(*line_with_gaps(pos, np.where(at_cap, np.nan, y)),
-                        marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6,
+        x, shown = line_with_gaps(pos, np.where(at_cap, np.nan, y))
+        if size > 1:
+            x, shown, low, high = binned_series(x, shown, size)
+        line, = ax.plot(x, shown, marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6,
                         label=f"{drawable(name)} (mean {mean:.3g})")
+        if size > 1:
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, lw=0)
         if at_cap.any():
             at = pos[at_cap]
             ax.plot(at, np.full(at.shape, top), "^", color=line.get_color(), ms=8, clip_on=False)
     if capped:
         ax.set_ylim(bottom, top)
         ax.plot([], [], "^", color="#666666", ms=8, label=f"identical to the ground truth ({M.PSNR_CAP_DB:g} dB)")
+    if size > 1:
+        ax.fill_between([], [], [], color="#666666", alpha=0.15, lw=0,
+                        label=f"each point the mean of {size} frames, shaded from their lowest to highest")
     what = "frame number" if numbered else "frame index"
     ax.set_xlabel(f"{what} ({frames[0]} \u2026 {frames[-1]})" if frames else what, fontsize=FONT)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -60,6 +60,35 @@ def test_plots_put_frames_at_their_numbers_on_whole_number_ticks():
     plt.close(fig)
 
 
+def test_a_long_clips_plot_draws_bins_of_frames_with_their_range():
+    """20000 frames (a whole film is 150k): one point per frame packed 17 to a pixel column.
+    Bins of 20 frames: the line is each bin's mean, the shade its min to max; a bin of capped
+    frames only is a break; the legend says what a point is. The means in the legend are the
+    frames' own."""
+    import matplotlib.pyplot as plt
+
+    n = 20000
+    rng = np.random.default_rng(0)
+    psnr = rng.uniform(20, 30, n)
+    psnr[40:60] = PSNR_CAP_DB  # bin 2 whole at the cap
+    res = {"m": MethodMetrics({"psnr": psnr, "ssim": np.ones(n), "colourfulness": np.ones(n),
+                               "warp_error": np.ones(n)}, cdc=0.0)}
+    fig = over_time_figure(res, "psnr", [f"x{i}" for i in range(n)], "PSNR (dB)", "t")
+    try:
+        ax = fig.axes[0]
+        line = ax.lines[0]
+        y = line.get_ydata()
+        assert len(y) == 1000 and np.isnan(y[2])
+        assert line.get_xdata()[1] == pytest.approx(29.5) and y[1] == pytest.approx(psnr[20:40].mean(), rel=1e-12)
+        shade = np.concatenate([path.vertices for path in ax.collections[0].get_paths()])  # broken at bin 2
+        assert shade[:, 1].min() == pytest.approx(psnr[psnr < PSNR_CAP_DB].min())
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            f"m (mean {psnr.mean():.3g})", "identical to the ground truth (100 dB)",
+            "each point the mean of 20 frames, shaded from their lowest to highest"]
+    finally:
+        plt.close(fig)
+
+
 def test_frame_numbers_come_from_names_that_count_like_the_positions():
     def numbers(*args):
         x, numbered = frame_numbers(*args)
