@@ -31,6 +31,7 @@ stopped by Ctrl-C / SIGTERM (the frames written so far are kept; continue as abo
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -384,9 +385,14 @@ def planned_outputs(args, frames: slice,
 def video_rate(fps: float, times: A.FrameTimes | None, frames: int, stated: float | None) -> str:
     """How the frame rate of a --video of `frames` frames written at `fps` is said: where the
     input video's own frame `times` were kept (write_video_atomic), a rate it does not state
-    is their average, and a variable one is called so."""
-    if times is None or len(times.pts) != frames:
+    is their average, and a variable one is called so; variable times that could not be kept
+    are said too (the sound may drift)."""
+    if times is None:
         return f"{fps:g} fps"
+    if len(times.pts) != frames:
+        return f"{fps:g} fps" + ("" if times.uniform() else
+                                 f"; the input's frame rate varies, but its {len(times.pts)} frame times do not "
+                                 f"match the {frames} frames: the sound may drift")
     if not times.uniform():
         return f"the input's variable frame rate, {times.fps():.4g} fps on average"
     return f"{stated:g} fps" if stated else f"{times.fps():.4g} fps"
@@ -523,7 +529,8 @@ def run(args) -> int:
     before, after = frames_outside(args, frames, info, out, only_video)
     refs = None if only_video else load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
-    times = A.frame_times(args.input) if args.video and info is not None else None  # a video's own
+    # a video's own frame times, read (a pass over its file) once its frames are written
+    times = functools.cache(lambda: A.frame_times(args.input)) if args.video and info is not None else None
     sound, codec = sound_source(args, info)
     size_from = frames.start - 1 if only_video else frames.start  # a frame of the input (a folder's: read)
     model = load_model(args, source, device, info, frames.start) if args.method == "model" and not only_video \
@@ -590,7 +597,7 @@ def run(args) -> int:
         count = R.counted(writer.count, "frame")
         sound_line = "" if sound is None else \
             f"sound of {sound} ({codec}{' copied' if A.copied(codec, args.video) else ' re-encoded to AAC'}), "
-        rate = video_rate(fps, times, n, info and info.fps)
+        rate = video_rate(fps, times and times(), n, info and info.fps)
         if args.video and writer.count == 0:  # only the video (or an unknown-length input with no frames left)
             print(f"wrote {args.video} from the {R.counted(n)} in {out} ({sound_line}{rate})")
         else:

@@ -290,12 +290,14 @@ def probe(path: str | os.PathLike) -> SourceInfo:
 
 
 def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: float | None,
-                      last_time: float | None = None) -> str | None:
+                      last_time: float | None = None, start: float = 0.0) -> str | None:
     """Judge a video that decoded `decoded` of the `claimed` frames (see the module doc).
 
-    `last_time`: the last decoded frame's time in seconds from the first's, if known. At the
-    nominal `fps` it is frame last_time * fps, so the frames reach the container's end when
-    that is within the tolerance of `claimed`.
+    `last_time`: the last decoded frame's time in seconds from the first's, if known; `start`:
+    the first frame's time in the file. At the nominal `fps` the last frame is frame
+    last_time * fps, counted from the first frame, or from the file's 0 (a container's
+    duration may count from either: MKV's from 0), so the frames reach the container's end
+    when either count is within the tolerance of `claimed`.
     Returns None (fine), or a warning line naming the file; raises TruncatedVideoError for a
     truncated file.
     """
@@ -306,19 +308,41 @@ def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: 
     limit = max(COUNT_SLACK, min(per_second, claimed // 10))
     if last_time is not None and fps and fps > 0:
         spanned = last_time * fps + 1  # frames the decoded ones' times span at the nominal rate
-        if spanned - decoded > COUNT_SLACK and claimed - spanned <= limit:
-            return (f"{path}: decoded {decoded} frames, not the {claimed} its container claims or implies "
-                    f"(at {fps:g} fps nominal), but their times reach its end: its frame rate varies "
-                    f"({decoded / (last_time + 1 / fps):.4g} fps on average), or frames are missing inside it; "
-                    f"the decoded frames are kept")
+        for t0 in (0.0, start) if 0 < start * fps < claimed else (0.0,):
+            expected = claimed - t0 * fps  # the container's count from the first frame, if it counts from t0
+            if abs(expected - spanned) > limit:  # the times end elsewhere (or jump past the end: an
+                continue  # MPEG-TS discontinuity): not this reading
+            if decoded >= expected - COUNT_SLACK:  # a count from the file's 0, and the frames all there
+                return None
+            if spanned - decoded > COUNT_SLACK:
+                return (f"{path}: decoded {decoded} frames, not the {claimed} its container claims or implies "
+                        f"(at {fps:g} fps nominal), but their times reach its end: its frame rate varies "
+                        f"({decoded / (last_time + 1 / fps):.4g} fps on average), or frames are missing inside "
+                        f"it; the decoded frames are kept")
     if missing > limit:
         raise TruncatedVideoError(path, decoded, claimed)
     # Not "at the end": frames the demuxer drops mid-video (a corrupt chunk) leave no trace in
-    # OpenCV's CAP_PROP_POS_FRAMES or POS_MSEC, which count the frames delivered, so where they
-    # are missing cannot be told, and the frames after such a gap come out numbered early.
+    # OpenCV's CAP_PROP_POS_FRAMES, which counts the frames delivered, nor in an AVI's POS_MSEC
+    # (frames delivered / nominal rate), so where they are missing cannot be told, and the
+    # frames after such a gap come out numbered early.
     return (f"{path}: decoded {decoded} of the {claimed} frames its container claims ({missing} missing, up to "
             f"{limit} tolerated; where is unknown, so frames after a gap may be numbered early); the decoded "
             f"frames are kept")
+
+
+def _video_start(path: Path) -> float:
+    """The time in seconds of the first frame of `path`'s video stream, from its header (PyAV:
+    OpenCV's frame times count from that frame); 0.0 where it is not known."""
+    try:
+        import av
+    except ImportError:  # an older install: the count rule decides as it did
+        return 0.0
+    try:
+        with av.open(str(path)) as c:
+            s = next((s for s in c.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
+            return float(s.start_time * s.time_base) if s is not None and s.start_time else 0.0
+    except (av.FFmpegError, OSError, ValueError):
+        return 0.0
 
 
 def iter_frames(
@@ -391,7 +415,9 @@ def iter_frames(
     if i == 0 and stop != 0:
         raise FrameSourceError(path, "video has no decodable frame")
     if check_count and (stop is None or i < stop):  # it ran out, so it has i frames in all
-        line = shortfall_verdict(path, i, claimed, fps, None if last_ms is None else last_ms / 1000)
+        late = last_ms is not None and claimed - i > COUNT_SLACK  # then the first frame's time may count
+        line = shortfall_verdict(path, i, claimed, fps, None if last_ms is None else last_ms / 1000,
+                                 _video_start(path) if late else 0.0)
         if line is not None:
             if warn is None:
                 warnings.warn(line, stacklevel=2)

@@ -21,12 +21,10 @@ def is_launch_rank_zero() -> bool:
     torchrun's RANK (inside a SLURM job too), else SLURM's SLURM_PROCID where SLURM started the
     processes (an interactive job's processes are Lightning's, which inherit PROCID 0), else
     Lightning's own NODE_RANK and LOCAL_RANK."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     env = os.environ
     if "RANK" in env:
         return int(env["RANK"]) == 0
-    if "SLURM_PROCID" in env and SLURMEnvironment.detect():
+    if "SLURM_PROCID" in env and slurm_started():
         return int(env["SLURM_PROCID"]) == 0
     return int(env.get("NODE_RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
 
@@ -46,6 +44,13 @@ def count_devices(accelerator: str, devices: int | str) -> int:
     return len([d for d in devices.split(",") if d.strip()])
 
 
+def slurm_started() -> bool:
+    """Whether srun started this process, as Lightning tells (SLURM_NTASKS set, and a job name other
+    than "bash" or "interactive", which it leaves to another launcher); without its check's
+    side effect, a warning when `srun` is on PATH but not used, which a rank test would print."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def launched_by_torchrun() -> bool:
     """Whether torchrun started this process (inside a SLURM job too: `srun torchrun ...`, one
     task per node, or torchrun in an sbatch script), whose variables then give the ranks."""
@@ -58,11 +63,9 @@ def launched_processes() -> tuple[int, str] | None:
     """(processes, what says so) when torchrun or SLURM started this run's processes, else None.
     torchrun first, as Lightning looks (training hands it SLURM's environment only without
     torchrun): inside a SLURM job that runs torchrun, SLURM_NTASKS counts torchrun launchers."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     if launched_by_torchrun():
         return _count("WORLD_SIZE"), "torchrun's WORLD_SIZE"
-    if SLURMEnvironment.detect():
+    if slurm_started():
         return _count("SLURM_NTASKS"), "SLURM_NTASKS"
     return None
 

@@ -144,8 +144,8 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
         raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "
                          f"--strategy {args.strategy} --precision {t.precision}: {str(e).strip().splitlines()[0]}") \
             from None
-    if trainer.precision != {"32": "32-true"}.get(str(t.precision), str(t.precision)):  # Lightning swaps 16-mixed
-        # for bf16-mixed on the CPU, with a note among its start-up lines
+    if str(t.precision) in ("16", "16-mixed") and trainer.precision != "16-mixed":  # Lightning swaps in
+        # bf16-mixed on the CPU, with a note among its start-up lines
         raise UsageError(f"--precision {t.precision} is not available with --accelerator {args.accelerator} "
                          f"(Lightning would run {trainer.precision}); choose {trainer.precision} or 32")
     no_collective_in_sigterm_handler(trainer)

@@ -81,9 +81,10 @@ def _picture(container):
 
 
 def frame_times(source: str | os.PathLike) -> FrameTimes | None:
-    """The frame times of `source`'s first video stream, from its packets' timestamps (one per
-    frame: OpenCV decodes the same frames, at the same times), or None where they are not
-    plain: no PyAV, no video stream, a packet without a time, two frames at one time."""
+    """The frame times of `source`'s video stream, from its packets' timestamps (one per frame:
+    OpenCV decodes the same frames, at the same times), or None where they are not plain: no
+    PyAV, no video stream, a packet without a time, two frames at one time. Reads through the
+    file (no decoding): a pass over a film's bytes."""
     try:
         import av
     except ImportError:
@@ -93,7 +94,9 @@ def frame_times(source: str | os.PathLike) -> FrameTimes | None:
             stream = _picture(c)
             if stream is None:
                 return None
-            packets = [(p.pts, p.duration) for p in c.demux(stream) if p.size]
+            # not the demuxer's last, empty one, nor those an MP4's edit list cuts (a clip trimmed
+            # with `ffmpeg -ss ... -c copy`): decoded, they are dropped, and OpenCV never gives them
+            packets = [(p.pts, p.duration) for p in c.demux(stream) if p.size and not p.is_discard]
             time_base = stream.time_base
     except (av.FFmpegError, OSError, ValueError):
         return None

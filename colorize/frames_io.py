@@ -14,7 +14,7 @@ import queue
 import sys
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -146,15 +146,17 @@ def check_video(tmp: Path, frames: int, path: Path) -> None:
 
 
 def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,
-                       audio_from: str | os.PathLike | None = None, times: FrameTimes | None = None) -> int:
+                       audio_from: str | os.PathLike | None = None,
+                       times: FrameTimes | Callable[[], FrameTimes | None] | None = None) -> int:
     """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
 
     Streams: frames may be a generator. Returns the number of frames written. The video
     appears under `path` only once it is complete, with the sound of `audio_from` (a file
     with an audio stream) if given, and its frames at `times` (the source video's, from
-    colorize/audio.py's frame_times) instead of at `fps` if those are one time per frame
-    written (a source whose times cannot be matched to its frames gets `fps`, as a frame
-    folder does). MPEG-4 (4:2:0 chroma) needs even sides
+    colorize/audio.py's frame_times; or a function giving them, called once the frames are
+    written, as reading a film's times is a pass over its file) instead of at `fps` if those
+    are one time per frame written (a source whose times cannot be matched to its frames gets
+    `fps`, as a frame folder does). MPEG-4 (4:2:0 chroma) needs even sides
     and the encoder would silently crop an odd one, so an odd-sized frame gets one more
     column and/or row, a copy of its last (edge replication, see `even_size`): nothing of
     the image is lost.
@@ -189,6 +191,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
         writer.release()
         writer = None
         check_video(tmp, n, path)
+        if callable(times):
+            times = times()
         if times is not None and len(times.pts) != n:
             times = None
         if audio_from is not None or times is not None:

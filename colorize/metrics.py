@@ -198,7 +198,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 class CDC:
     """Colour distribution consistency, streamed: `add` each frame's histograms in clip order,
-    then `value()`. Only the last max(strides) frames' histograms are kept, so memory does not
+    then `value()`. Only the last max(strides) + 1 frames' histograms are kept, so memory does not
     grow with the clip (keeping every frame's took 6 KB a frame per method: gigabytes for a
     whole film). Per stride s, the mean JS divergence over the frame pairs s apart in the clip
     (each pair's the mean of its 3 channels'); the CDC is the mean over the strides with a pair

@@ -151,14 +151,21 @@ def drawable(text: str) -> str:
 MAX_POINTS = 1000  # about the plot's width in pixels: a longer clip is drawn as bins of frames
 
 
-def binned_series(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
-    """(x, mean, min, max) of consecutive groups of `size` points, NaN ignored (NaN where all
-    are: a break in the line); the last group may be short."""
-    pad = -len(x) % size
-    xs, ys = (np.pad(np.asarray(a, float), (0, pad), constant_values=np.nan).reshape(-1, size) for a in (x, y))
+def binned_series(positions: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """(x, mean, min, max) per bin of `size` frame positions (bins from the first position, so a
+    gap leaves its bins out), NaN ignored (NaN where all are), with a NaN row wherever bins are
+    missing between two: a break in the line, as line_with_gaps makes one for frames."""
+    x, y = np.asarray(positions, float), np.asarray(y, float)
+    key = ((x - x[0]) // size).astype(np.int64)
+    keys, starts = np.unique(key, return_index=True)  # positions increase: each bin one run
+    ends = np.append(starts[1:], len(x))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN group: NaN, as meant
-        return np.nanmean(xs, 1), np.nanmean(ys, 1), np.nanmin(ys, 1), np.nanmax(ys, 1)
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bin: NaN, as meant
+        rows = np.array([(x[a:b].mean(), np.nanmean(y[a:b]), np.nanmin(y[a:b]), np.nanmax(y[a:b]))
+                         for a, b in zip(starts, ends)])
+    gaps = np.flatnonzero(np.diff(keys) > 1) + 1
+    rows = np.insert(rows, gaps, np.nan, axis=0)
+    return tuple(rows.T)
 
 
 def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: Sequence[str], ylabel: str,
@@ -181,9 +188,10 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
     for name, y in ys.items():
         mean = float(np.mean(y[np.isfinite(y)])) if np.isfinite(y).any() else float("nan")
         at_cap = capped & (y >= M.PSNR_CAP_DB)
-        x, shown = line_with_gaps(pos, np.where(at_cap, np.nan, y))
         if size > 1:
-            x, shown, low, high = binned_series(x, shown, size)
+            x, shown, low, high = binned_series(pos, np.where(at_cap, np.nan, y), size)
+        else:
+            x, shown = line_with_gaps(pos, np.where(at_cap, np.nan, y))
         line, = ax.plot(x, shown, marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6,
                         label=f"{drawable(name)} (mean {mean:.3g})")
         if size > 1:

@@ -164,11 +164,11 @@ def video_with_sound(path, frames: int = 10, fps: int = 10, audio: str = "aac", 
     return path
 
 
-def vfr_video(path, steps_ms: list[int], nominal: int = 30, audio: bool = False):
+def vfr_video(path, steps_ms: list[int], nominal: int = 30, audio: bool = False, start_ms: int = 0):
     """A 32x24 MPEG-4 video whose frame i (gray level 5 i) lasts steps_ms[i] milliseconds (time
     base 1/1000, `nominal` fps stated), with a mono AAC tone as long as the picture if `audio`
-    (.mkv: no frame count stored, so FFmpeg estimates one from duration x nominal). Returns the
-    path and the frames' times in ms."""
+    (.mkv: no frame count stored, so FFmpeg estimates one from duration x nominal); the first
+    frame at `start_ms`. Returns the path and the frames' times in ms, from the first frame's."""
     import av
     import numpy as np
 
@@ -180,7 +180,7 @@ def vfr_video(path, steps_ms: list[int], nominal: int = 30, audio: bool = False)
         a = c.add_stream("aac", rate=16000, layout="mono") if audio else None
         for i, t in enumerate(times):
             f = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 5 * i % 256, np.uint8), format="rgb24")
-            f.pts, f.time_base = t, Fraction(1, 1000)
+            f.pts, f.time_base = start_ms + t, Fraction(1, 1000)
             c.mux(v.encode(f))
         c.mux(v.encode())
         if a is not None:

@@ -85,12 +85,14 @@ def band_figure(sim: np.ndarray, low: float, high: float, min_gap: int, title: s
     ends += [low] if np.isfinite(low) else []  # an open band (-inf) is drawn from the lowest similarity
     floor = min(ends, default=0.0)  # every similarity on both panels
     cmap = plt.get_cmap("gray").with_extremes(bad="#9ec5e8")  # NaN: the neighbour would lie outside the movie
-    extent = (-w - 0.5, w + 0.5, n - 0.5, -0.5)
+    # each row `size` frames tall, the last bin's too: the frames past the movie's end are cut off below
+    extent = (-w - 0.5, w + 0.5, len(shown_mask) * size - 0.5, -0.5)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.2]})
     shown = left.imshow(np.ma.masked_invalid(shown_sim), aspect="auto", cmap=cmap, vmin=floor, vmax=1,
                         interpolation="nearest", extent=extent)
     left.imshow(np.ma.masked_where(~shown_mask, shown_mask), aspect="auto", cmap=ListedColormap(["red"]), alpha=0.8,
                 interpolation="nearest", extent=extent)
+    left.set_ylim(n - 0.5, -0.5)
     fig.colorbar(shown, ax=left, label="similarity")
     left.set(xlabel="neighbour offset (frames)", ylabel="frame", title="pairs in the band: red; outside the movie: blue")
     right.hist(far, bins=np.linspace(floor, 1, 81), color="0.45")

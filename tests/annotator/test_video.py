@@ -669,6 +669,18 @@ def test_shortfall_rule_with_the_frames_times():
     with pytest.raises(TruncatedVideoError):
         shortfall_verdict("f.mkv", 60, 122, 30.0, last_time=1.97)  # stopped at 60 frames' time: truncated
     assert shortfall_verdict("f.mkv", 120, 122, 30.0, last_time=1.0) is None  # within the slack: no word
+    # an MKV whose first frame is at 1 s: its count, from the file's 0, is 30 frames more
+    assert "their times reach its end" in shortfall_verdict("f.mkv", 60, 152, 30.0, last_time=3.89, start=1.0)
+    with pytest.raises(TruncatedVideoError):
+        shortfall_verdict("f.mkv", 60, 152, 30.0, last_time=3.89)
+    # constant 25 fps from 0.5 s: 30 frames, all there, counted from 0 as 42: nothing to say
+    assert shortfall_verdict("b.mkv", 30, 42, 25.0, last_time=1.16, start=0.5) is None
+    with pytest.raises(TruncatedVideoError):
+        shortfall_verdict("b.mkv", 30, 42, 25.0, last_time=1.16)
+    with pytest.raises(TruncatedVideoError):  # times that jump past the end (a TS discontinuity) reach no end
+        shortfall_verdict("f.ts", 60, 122, 30.0, last_time=10.0)
+    with pytest.raises(TruncatedVideoError):  # a start past the claimed end (a broadcast's clock) is no count
+        shortfall_verdict("f.ts", 60, 122, 30.0, last_time=1.97, start=36000.0)
     for decoded in (36, 35):  # AVI: last_time = (decoded - 1) / fps, the same verdict as without it
         for last in (None, (decoded - 1) / 25):
             try:
@@ -696,3 +708,7 @@ def test_a_variable_frame_rate_mkv_is_read_whole_and_a_cut_one_is_still_truncate
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(TruncatedVideoError, match=r"cut.mkv: truncated or corrupt: decoded \d+ of 118 frames"):
         list(iter_frames(cut, warn=lines.append))
+    late, _ = vfr_video(tmp_path / "late.mkv", [33] * 30 + [100] * 30, start_ms=1000)  # its first frame at 1 s
+    assert probe(late).frame_count == 148  # counted from the file's 0
+    lines = []
+    assert len(list(iter_frames(late, warn=lines.append))) == 60 and "their times reach its end" in lines[0]

@@ -1,4 +1,5 @@
 """Which process prepares OUT, how many processes a run has, and launchers that disagree with the flags."""
+import os
 import re
 
 import pytest
@@ -118,3 +119,20 @@ def test_a_launcher_count_that_is_no_number_is_named(monkeypatch, env, name):
     set_env(monkeypatch, LAUNCHER_KEYS, env)
     with pytest.raises(LaunchError, match=f"^the environment variable {name} is '{env[name]}', not a process count$"):
         check_launcher("1", 1, "cpu")
+
+
+def test_the_rank_test_warns_nothing_in_an_interactive_job_with_srun_on_path(monkeypatch, tmp_path):
+    """Lightning's SLURM check warns when `srun` is on PATH but not used; called for the rank of
+    an interactive job's process, that warning came out as a "note:" line of the data summary."""
+    import warnings
+
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    set_env(monkeypatch, RANK_KEYS, {"SLURM_PROCID": "0", "SLURM_JOB_NAME": "bash", "SLURM_NTASKS": "1"})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert is_launch_rank_zero() is True
+        assert check_launcher("1", 1, "cpu") == 1
+    assert [str(w.message) for w in said] == []

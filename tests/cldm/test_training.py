@@ -535,6 +535,19 @@ def test_under_slurm_lightnings_own_requeue_is_off(tmp_path, monkeypatch):
     assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_only_16_mixed_is_refused_on_the_cpu_not_the_other_precision_names(tmp_path):
+    """Lightning runs 16-mixed as bf16-mixed on the CPU: refused. Its other names for a
+    precision (bf16, 64, 32-true) are no swap, and pass as they did."""
+    for precision in ("bf16", "bf16-mixed", "32", "32-true", "64"):
+        cfg = load_config(TINY_CONFIG, [f"train.precision={precision}"])
+        training.make_trainer(cfg, trainer_args(), tmp_path)
+    for precision in ("16", "16-mixed"):
+        with pytest.raises(training.UsageError, match=rf"^--precision {precision} is not available with --accelerator cpu "
+                                             r"\(Lightning would run bf16-mixed\); choose bf16-mixed or 32$"):
+            training.make_trainer(load_config(TINY_CONFIG, [f"train.precision={precision}"]), trainer_args(), tmp_path)
+
+
 def test_torchrun_inside_a_slurm_job_gives_the_ranks(tmp_path, monkeypatch):
     """`srun torchrun ...` (one task per node) or torchrun in an sbatch script: torchrun's
     environment, as Lightning itself would choose; SLURM's would give every process SLURM_PROCID's rank."""

@@ -317,3 +317,36 @@ def test_remux_puts_each_frame_at_its_given_time(tmp_path):
     for pts in ([0, 40, 80], list(range(0, 280, 40))):
         with pytest.raises(ValueError, match=f"{len(pts)} frame times for"):
             remux(video, tmp_path / "bad.mp4", times=FrameTimes(pts, Fraction(1, 1000), 40))
+
+
+def test_frame_times_leave_out_the_frames_an_edit_list_cuts(tmp_path):
+    """An H.264 MP4 with B-frames whose edit list starts 2 frames in (a clip trimmed with
+    `ffmpeg -ss ... -c copy`): its 2 cut packets are demuxed (marked discard) but never decoded;
+    counted, the times did not match OpenCV's 28 frames and the video fell back to the nominal rate."""
+    import struct
+
+    path = tmp_path / "b.mp4"
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=24)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.options = {"bf": "2", "g": "12"}
+        for i in range(30):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 7 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, 24)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"elst") + 16  # version 0, 1 entry: duration (4 bytes), then media time (4)
+    (media_time,) = struct.unpack(">i", data[at:at + 4])
+    with av.open(str(path)) as c:
+        frame = int(1 / (24 * c.streams.video[0].time_base))  # a frame in the track's time units
+    data[at:at + 4] = struct.pack(">i", media_time + 2 * frame)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(bytes(data))
+    cap = cv2.VideoCapture(str(cut))
+    msec = []
+    while cap.read()[0]:
+        msec.append(cap.get(cv2.CAP_PROP_POS_MSEC))
+    ft = frame_times(cut)
+    assert len(msec) == len(ft.pts) == 28 and ft.pts[0] == 0
+    np.testing.assert_allclose([float(t * ft.time_base) * 1000 for t in ft.pts], msec, atol=1e-6)

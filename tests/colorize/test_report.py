@@ -13,7 +13,8 @@ import pytest
 
 from colorize.metrics import PSNR_CAP_DB, MethodMetrics
 from colorize.report import (
-    REPORT_FILES, TILE_HEIGHT, Strip, frame_numbers, line_with_gaps, over_time_figure, strip_indices, write_report,
+    REPORT_FILES, TILE_HEIGHT, Strip, binned_series, frame_numbers, line_with_gaps, over_time_figure, strip_indices,
+    write_report,
 )
 
 
@@ -87,6 +88,20 @@ def test_a_long_clips_plot_draws_bins_of_frames_with_their_range():
             "each point the mean of 20 frames, shaded from their lowest to highest"]
     finally:
         plt.close(fig)
+
+
+def test_bins_follow_the_frame_positions_and_break_at_gaps():
+    """Frames 0-1499 and 3000-4499 in bins of 3: no bin mixes the two sides or lands in the gap,
+    and the line breaks there (bins cut by list index bridged it with a point at x = 2500)."""
+    pos = np.r_[0:1500, 3000:4500]
+    y = np.arange(3000.0)
+    x, mean, low, high = binned_series(pos, y, 3)
+    assert len(x) == 1001 and np.isnan(x[500]) and np.isnan(mean[500])
+    assert x[499] == 1498 and mean[499] == 1498 and (low[499], high[499]) == (1497, 1499)
+    assert x[501] == 3001 and mean[501] == 1501
+    assert not ((x > 1499) & (x < 3000)).any()
+    _, mean, low, _ = binned_series(np.arange(7), np.array([np.nan] * 3 + [1, 2, np.nan, 5.0]), 3)
+    assert np.isnan(mean[0]) and mean[1:].tolist() == [1.5, 5.0] and low[1] == 1  # a short last bin
 
 
 def test_frame_numbers_come_from_names_that_count_like_the_positions():

@@ -1389,6 +1389,17 @@ def test_the_sound_message_says_what_a_mov_does_with_opus(env, tmp_path, capsys)
     assert streams(tmp_path / "b.mov") == ["video:mpeg4", "audio:aac"]
 
 
+def test_the_video_rate_says_variable_times_it_could_not_keep():
+    from colorize.audio import FrameTimes
+
+    vfr, cfr = FrameTimes([0, 33, 70, 400], Fraction(1, 1000), 33), FrameTimes([0, 40, 80], Fraction(1, 1000), 40)
+    assert cli.video_rate(30.0, vfr, 4, 30.0) == "the input's variable frame rate, 9.238 fps on average"  # 4 / 0.433 s
+    assert cli.video_rate(30.0, vfr, 5, 30.0) == ("30 fps; the input's frame rate varies, but its 4 frame times do "
+                                                  "not match the 5 frames: the sound may drift")
+    assert cli.video_rate(25.0, cfr, 3, 25.0) == cli.video_rate(25.0, cfr, 4, 25.0) == "25 fps"
+    assert cli.video_rate(25.0, cfr, 3, None) == "25 fps" and cli.video_rate(25.0, None, 3, 25.0) == "25 fps"
+
+
 def test_a_variable_frame_rate_film_keeps_its_frame_times_and_so_its_sound_in_step(env, tmp_path, capsys):
     """60 frames of 33 then 100 ms (an MKV: its frame count an estimate, 122) with sound: all
     are colourised (they were refused as a truncated file once all were made), and the video

@@ -71,6 +71,12 @@ def test_a_long_movies_rows_are_binned_so_no_pair_falls_between_the_pixels():
     finally:
         plt.close(fig)
     assert P.binned(np.arange(10.0)[:, None], 4, "mean").ravel().tolist() == [1.5, 5.5, 8.5]  # a short last bin
+    fig = P.band_figure(sim[:19990], 0.94, 0.97, 2, "t")  # the last bin 40 frames: drawn 50 tall, cut at the end
+    try:
+        image = fig.axes[0].images[0]
+        assert list(image.get_extent()) == [-2.5, 2.5, 19999.5, -0.5] and fig.axes[0].get_ylim() == (19989.5, -0.5)
+    finally:
+        plt.close(fig)
 
 
 def test_cli_writes_the_png_of_a_built_movie(tmp_path, capsys):
