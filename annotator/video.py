@@ -330,6 +330,16 @@ def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: 
             f"frames are kept")
 
 
+def film_stream(container):
+    """The film's video stream of an opened PyAV container: the first that is not a cover (an
+    attached picture: an MP3's, M4A's or MKV's), which has no time of its own (FFmpeg gives it
+    the sound's start: an MP3's encoder delay); None if there is none."""
+    import av
+
+    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic),
+                None)
+
+
 def _video_start(path: Path) -> float:
     """The time in seconds of the first frame of `path`'s video stream, from its header (PyAV:
     OpenCV's frame times count from that frame); 0.0 where it is not known."""
@@ -339,7 +349,7 @@ def _video_start(path: Path) -> float:
         return 0.0
     try:
         with av.open(str(path)) as c:
-            s = next((s for s in c.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
+            s = film_stream(c)
             return float(s.start_time * s.time_base) if s is not None and s.start_time else 0.0
     except (av.FFmpegError, OSError, ValueError):
         return 0.0

@@ -22,6 +22,8 @@ import os
 from fractions import Fraction
 from typing import Iterator, NamedTuple
 
+from annotator.video import film_stream
+
 MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac", "opus", "flac")  # what the MP4 muxer takes as it is
 MOV_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac")  # QuickTime's muxer refuses Opus and FLAC
 
@@ -70,16 +72,6 @@ class FrameTimes(NamedTuple):
         return len(self.pts) / float((self.pts[-1] + self.last) * self.time_base)
 
 
-def _picture(container):
-    """The film's video stream: the first that is not a cover (an attached picture: an MP3's,
-    M4A's or MKV's), which has no time of its own (FFmpeg gives it the sound's start: an MP3's
-    encoder delay); None if there is none."""
-    import av
-
-    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic),
-                None)
-
-
 def frame_times(source: str | os.PathLike) -> FrameTimes | None:
     """The frame times of `source`'s video stream, from its packets' timestamps (one per frame:
     OpenCV decodes the same frames, at the same times), or None where they are not plain: no
@@ -91,7 +83,7 @@ def frame_times(source: str | os.PathLike) -> FrameTimes | None:
         return None
     try:
         with av.open(str(source)) as c:
-            stream = _picture(c)
+            stream = film_stream(c)
             if stream is None:
                 return None
             # not the demuxer's last, empty one, nor those an MP4's edit list cuts (a clip trimmed
@@ -167,7 +159,7 @@ def _audio(src, dest, out, streams: list) -> tuple[str, Iterator]:
     audio = next((s for s in src.streams if s.type == "audio"), None)
     if audio is None:
         raise ValueError(f"{src.name}: no audio stream")
-    first = _picture(src)
+    first = film_stream(src)
     start = float(first.start_time * first.time_base) if first is not None and first.start_time else 0.0
     shift = round(start / audio.time_base)  # the picture starts at 0 in `video`
     name = audio.codec_context.codec.canonical_name
