@@ -536,6 +536,8 @@ def test_under_slurm_lightnings_own_requeue_is_off(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.filterwarnings("ignore:`precision=.*` is supported for historical reasons")  # Lightning on the old names
+@pytest.mark.filterwarnings("ignore:You passed `Trainer\\(accelerator='cpu', precision='16-mixed'\\)`")
 def test_only_16_mixed_is_refused_on_the_cpu_not_the_other_precision_names(tmp_path):
     """Lightning runs 16-mixed as bf16-mixed on the CPU: refused. Its other names for a
     precision (bf16, 64, 32-true) are no swap, and pass as they did."""
