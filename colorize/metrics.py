@@ -230,19 +230,6 @@ class CDC:
         return float(np.mean(per_stride)) if per_stride else float("nan")
 
 
-def cdc_from_histograms(hists: np.ndarray, strides: Iterable[int] = CDC_STRIDES,
-                        positions: Iterable[int] | None = None) -> float:
-    """CDC of a clip given its (T, 3, bins) histograms; NaN without any frame pair.
-
-    `positions`: each row's frame number in the clip (default 0..T-1), increasing; only rows s
-    apart in the clip are paired, so a gap (a frame left out) pairs nothing across it.
-    """
-    acc = CDC(strides)
-    for p, h in zip(range(len(hists)) if positions is None else positions, hists):
-        acc.add(h, int(p))
-    return acc.value()
-
-
 def cdc(frames: Iterable[np.ndarray], strides: Iterable[int] = CDC_STRIDES) -> float:
     """Colour distribution consistency of a clip (lower = steadier colours)."""
     acc = CDC(strides)

@@ -219,17 +219,25 @@ def test_streamed_cdc_keeps_only_the_last_frames_and_equals_the_pairwise_definit
         acc.add(hists[0], 39)
 
 
+def cdc_from_histograms(hists, positions=None) -> float:
+    """The CDC of frames with these histograms at these clip positions (default 0..T-1)."""
+    acc = M.CDC()
+    for p, h in zip(range(len(hists)) if positions is None else positions, hists):
+        acc.add(h, p)
+    return acc.value()
+
+
 def test_cdc_pairs_no_frames_across_a_gap():
     a = np.zeros((4, 4, 3), np.uint8)
     b = np.full((4, 4, 3), 255, np.uint8)
     hists = np.stack([M.channel_histograms(f) for f in (a, b, a, b)])
-    assert M.cdc_from_histograms(hists, positions=[0, 1, 2, 3]) == M.cdc_from_histograms(hists)
+    assert cdc_from_histograms(hists, positions=[0, 1, 2, 3]) == cdc_from_histograms(hists)
     # frames 0, 1, 3, 4 of a clip (frame 2 left out): stride 1 pairs (0,1) and (3,4), both
     # a->b: ln 2; stride 2 pairs (1,3) b->a: ln 2; stride 4 pairs (0,4) a->b: ln 2. Read as
     # consecutive frames a b a b, stride 2 would be 0 and the mean ln 2 / 2.
-    assert M.cdc_from_histograms(hists, positions=[0, 1, 3, 4]) == pytest.approx(math.log(2))
-    assert M.cdc_from_histograms(hists) == pytest.approx(math.log(2) / 2)
-    assert math.isnan(M.cdc_from_histograms(hists[:2], positions=[0, 9]))  # no pair at 1, 2 or 4 apart
+    assert cdc_from_histograms(hists, positions=[0, 1, 3, 4]) == pytest.approx(math.log(2))
+    assert cdc_from_histograms(hists) == pytest.approx(math.log(2) / 2)
+    assert math.isnan(cdc_from_histograms(hists[:2], positions=[0, 9]))  # no pair at 1, 2 or 4 apart
 
 
 def test_evaluate_stream_leaves_gaps_out_of_the_warp_error():
