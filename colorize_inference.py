@@ -557,8 +557,10 @@ def run(args) -> int:
     def make():
         if only_video:  # nothing to colourise
             return iter(())
+        # flow's frames waiting for a late reference frame, past 1 GiB: beside the outputs, on their disk
+        spill_to = next(p for p in (out, *out.absolute().parents) if p.is_dir())
         return M.colourised(args.input, refs, frames, total, note, bar.update, args.method, model, args.mode, options,
-                            show_progress=not args.no_progress)
+                            show_progress=not args.no_progress, spill_to=spill_to)
 
     def make_all() -> int:
         if only_video:  # no new frame to tell the size by

@@ -12,6 +12,8 @@ choose it (colorize.pipeline.ReferenceChooser: SSIM of 64x64 gray thumbnails).
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
@@ -157,6 +159,70 @@ def _pack(g: np.ndarray) -> np.ndarray:
     return g
 
 
+class _Held:
+    """Arrays held in order while flow waits for a reference frame or walks back from it: in RAM
+    up to `ram` bytes (None: no limit), past that all in an anonymous temporary file in `folder`
+    (the system's if None; unlinked when made, so it is gone once closed, even after a kill),
+    read back one at a time. Each comes back bit for bit as it went in."""
+
+    def __init__(self, ram: int | None = None, folder: str | Path | None = None):
+        self.ram, self.folder = ram, folder
+        self.items = []  # the arrays; once spilled, (offset, shape, dtype) of each in the file
+        self.file, self.end, self.in_ram = None, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def append(self, a: np.ndarray) -> None:
+        if self.file is None and self.ram is not None and self.in_ram + a.nbytes > self.ram:
+            try:
+                self.file = tempfile.TemporaryFile(dir=self.folder)
+            except OSError as e:
+                raise OSError(f"cannot make a temporary file in {self.folder or tempfile.gettempdir()} for "
+                              f"flow's waiting frames: {e.strerror or e}") from None
+            self.items, self.in_ram = [self._write(x) for x in self.items], 0
+        if self.file is None:
+            self.items.append(a)
+            self.in_ram += a.nbytes
+        else:
+            self.items.append(self._write(a))
+
+    def _write(self, a: np.ndarray) -> tuple[int, tuple[int, ...], np.dtype]:
+        a = np.ascontiguousarray(a)
+        try:
+            self.file.seek(self.end)
+            self.file.write(a.data.cast("B"))
+        except OSError as e:  # a full disk's error names no file (and this one has none)
+            raise OSError(f"cannot hold flow's waiting frames in a temporary file in "
+                          f"{self.folder or tempfile.gettempdir()}: {e.strerror or e}") from None
+        self.end += a.nbytes
+        return self.end - a.nbytes, a.shape, a.dtype
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.file is None:
+            return self.items[i]
+        offset, shape, dtype = self.items[i]
+        a = np.empty(shape, dtype)
+        self.file.seek(offset)
+        if self.file.readinto(a.data.cast("B")) != a.nbytes:
+            raise OSError(f"flow's temporary file in {self.folder or tempfile.gettempdir()} came back short")
+        return a
+
+    def pop(self) -> np.ndarray:
+        a = self[-1]
+        self.items.pop()
+        return a
+
+    def close(self) -> None:
+        """Drop everything held (the file with it)."""
+        if self.file is not None:
+            self.file.close()
+        self.items, self.file, self.end, self.in_ram = [], None, 0, 0
+
+
 class _Walk:
     """Propagation away from one frame: the reference frame (its displacement taken as zero),
     or with `direct` any frame, its map into the reference then DIS flow straight to it.
@@ -218,10 +284,12 @@ def flow_propagate(
 
 
 def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray], reference_indices: Sequence[int],
-              progress: Callable[[int], object] | None = None) -> Iterator[np.ndarray]:
-    """`flow_propagate`, streamed in frame order. Memory holds only the frames that wait for
-    their run's reference frame (below), but all of them: a reference far into a long film
-    holds thousands (about 13 bytes a pixel each for 8-bit frames; colorize/methods.py notes it).
+              progress: Callable[[int], object] | None = None, ram: int | None = None,
+              spill_to: str | Path | None = None) -> Iterator[np.ndarray]:
+    """`flow_propagate`, streamed in frame order. Only the frames that wait for their run's
+    reference frame (below) are held, but all of them: a reference far into a long film holds
+    thousands (about 13 bytes a pixel each for 8-bit frames). Past `ram` bytes (None: no limit)
+    they are held in a temporary file in `spill_to` instead (_Held), with the same outputs.
 
     Each frame takes its colours from the most similar reference (ReferenceChooser, as the
     model modes), so a run of consecutive frames choosing the same reference is one shot, and
@@ -244,7 +312,8 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
         raise ValueError(f"two references for frame {dup}; give one reference per frame")
     choose = ReferenceChooser(refs)
     dis, shape, fitted, n = _make_dis(), None, {}, 0
-    run, walk, waiting = None, None, []  # the run's reference, its walk (None: not started), frames waiting
+    run, walk, waiting = None, None, _Held(ram, spill_to)  # the run's reference, its walk (None: not started),
+    # the frames waiting
     done = progress or (lambda k: None)
 
     def reference(k):  # (RGB at the frame size, its 8-bit gray), once per reference
@@ -276,7 +345,8 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
         k = choose(g)
         if k != run:  # a new run (a cut): what waited for the last run's reference frame goes now
             yield from direct(waiting)
-            run, walk, waiting = k, None, []
+            waiting.close()
+            run, walk = k, None
         if walk is not None:
             out = walk.step(g)
             done(1)
@@ -288,15 +358,17 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
             done(1)
             yield walk.colour(g)
         else:
-            walk, back = _Walk(*reference(k), g, dis), []
-            for w in reversed(waiting):
-                back.append(walk.step(_gray(w)))
+            back_walk = _Walk(*reference(k), g, dis)
+            back = _Held(None if ram is None else max(ram - waiting.in_ram, 0), spill_to)
+            for i in reversed(range(len(waiting))):
+                back.append(back_walk.step(_gray(waiting[i])))
                 done(1)
-            waiting.clear()
-            walk = _Walk(*reference(k), g, dis)
+            waiting.close()
+            walk = _Walk(*reference(k), g, dis)  # and forward from it
             done(1)
             while back:  # nearest the reference last; each dropped once yielded
                 yield back.pop()
+            back.close()
             yield walk.colour(g)
     # frames still waiting wait for their run's reference frame, which lies past the end: so
     # this raises whenever any frame is left unyielded (a new run flushes the last one's)
@@ -310,6 +382,8 @@ def iter_baseline(
     references: np.ndarray | Sequence[np.ndarray],
     reference_indices: int | Sequence[int] | None = None,
     progress: Callable[[int], object] | None = None,
+    ram: int | None = None,
+    spill_to: str | Path | None = None,
 ) -> Iterator[np.ndarray]:
     """Dispatch for `colorize_inference.py --method reinhard|reinhard-bands|flow`, streamed.
 
@@ -318,7 +392,8 @@ def iter_baseline(
     references (default frame 0 for a single one), where a walk along the clip starts;
     `reinhard`/`reinhard-bands` do not use them. With several references every method gives
     each frame the most similar one (ReferenceChooser, as the model modes), never the nearest
-    in time, which may be across a cut. `progress(1)` is called per frame done.
+    in time, which may be across a cut. `progress(1)` is called per frame done. `ram`,
+    `spill_to`: where `flow` holds frames that wait for a reference frame (iter_flow).
     """
     refs = [references] if isinstance(references, np.ndarray) else list(references)
     if not refs:
@@ -330,7 +405,7 @@ def iter_baseline(
             if len(refs) > 1:
                 raise ValueError("flow with several references needs their frame indices")
             reference_indices = [0]
-        return iter_flow(gray_frames, refs, reference_indices, progress)
+        return iter_flow(gray_frames, refs, reference_indices, progress, ram, spill_to)
     if method in ("reinhard", "reinhard-bands"):
         bands = 1 if method == "reinhard" else LUMA_BANDS
         return iter_reinhard(gray_frames, refs, reference_indices, bands, progress)

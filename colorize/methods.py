@@ -4,13 +4,14 @@ The model's modes (colorize/pipeline.py) and the baselines (colorize/baselines.p
 frames and references in their own ways; `colourised` gives every method's outputs as (output
 name, bit depth, RGB) in clip order, which is what colorize/outputs.py writes. Streams: the
 frames are read once (plus a scan for reference images with flow) and, but for frames waiting
-for a flow reference, only the current one is held.
+for a flow reference (in a temporary file past FLOW_RAM bytes), only the current one is held.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
+import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
@@ -72,23 +73,27 @@ def flow_start_indices(source: str | Path, refs: References, frames: slice, tota
     return indices
 
 
-FLOW_NOTE = 2**30  # bytes flow would hold for frames waiting for their reference's: said above this
+FLOW_RAM = 2**30  # bytes of frames waiting for their reference's that flow holds in RAM; the rest in a file
 
 
-def flow_held_bytes(waiting: int, shape: tuple[int, ...], depth: int) -> int:
+def flow_held_bytes(waiting: int, shape: tuple[int, ...], depth: int, colour: bool = False) -> int:
     """Memory flow holds for `waiting` frames before their reference's frame (baselines.iter_flow):
-    each one's gray, packed (1 byte a pixel for 8-bit frames, 2 for 16-bit), then its output
-    (float32 RGB, 12 bytes a pixel), all of them at once before the first is given out."""
-    return waiting * math.prod(shape[:2]) * ({8: 1, 16: 2}.get(depth, 4) + 12)
+    each one's gray, packed (1 byte a pixel for 8-bit gray frames, 2 for 16-bit; the float32 luma
+    of colour frames, 4), then its output (float32 RGB, 12 bytes a pixel), all of them at once
+    before the first is given out."""
+    return waiting * math.prod(shape[:2]) * ((4 if colour else {8: 1, 16: 2}.get(depth, 4)) + 12)
 
 
 def colourised(source: str | Path, refs: References, frames: slice, total: int | None, note: Callable[[str], None],
                progress: Callable[[int], object], method: str = "model", model=None, mode: str = "fixed",
-               options: P.Options | None = None, show_progress: bool = True) -> Iterator[tuple[str, int, np.ndarray]]:
+               options: P.Options | None = None, show_progress: bool = True,
+               spill_to: str | Path | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
     """(output name, bit depth, RGB float output) in clip order of the frames `frames` of
     `source`, by `method`: "model" (`model` in `mode` with `options`) or a baseline. `total`: how
     many frames the range has, if known. `note(msg)` is told what the user should know (colour
-    frames, a stretched reference); `progress(1)` is called as each frame is colourised."""
+    frames, a stretched reference); `progress(1)` is called as each frame is colourised. Flow's
+    frames that wait for a reference frame go to a temporary file in `spill_to` (None: the
+    system's temporary folder) past FLOW_RAM bytes."""
     seen = deque()  # (name, depth) of frames read but not yet output
     indices = flow_start_indices(source, refs, frames, total, note, show_progress) if method == "flow" else None
 
@@ -96,10 +101,13 @@ def colourised(source: str | Path, refs: References, frames: slice, total: int |
         for k, f in enumerate(P.iter_gray_frames(source, frames.start, frames.stop, note)):
             if f.colour:
                 note(f"{source}: frames are colour; colourising their BT.601 luma")
-            if k == 0 and indices and (held := flow_held_bytes(max(indices), f.gray.shape, f.depth)) >= FLOW_NOTE:
-                note(f"--method flow: up to {max(indices)} frames before a reference's frame wait in memory until "
-                     f"it comes (their gray, then their outputs: about {held / 2**30:.1f} GiB at this frame size); "
-                     "a reference from nearer the start of the frames needs less")
+            if k == 0 and indices and (held := flow_held_bytes(max(indices), f.gray.shape, f.depth,
+                                                               f.colour)) > FLOW_RAM:
+                where = spill_to or tempfile.gettempdir()
+                note(f"--method flow: up to {max(indices)} frames before a reference's frame wait until it comes "
+                     f"(their gray, then their outputs: about {held / 2**30:.1f} GiB at this frame size); past "
+                     f"{FLOW_RAM / 2**30:.1f} GiB they are held in a temporary file in {where}, deleted as the run "
+                     "ends; a reference from nearer the start of the frames needs less")
             if k == 0 and method in ("model", "flow"):  # a clip's frames share one size
                 for ref in refs.images:  # resized to the frames' shape, whatever its own
                     (h, w), (rh, rw) = f.gray.shape[:2], ref.shape[:2]
@@ -118,7 +126,8 @@ def colourised(source: str | Path, refs: References, frames: slice, total: int |
             yield (*seen.popleft(), out)
         return
     try:
-        for out in iter_baseline(method, (f.gray for f in selected()), refs.images, indices, progress):
+        for out in iter_baseline(method, (f.gray for f in selected()), refs.images, indices, progress, FLOW_RAM,
+                                 spill_to):
             yield (*seen.popleft(), out)
     except ValueError as e:
         raise MethodError(f"--method {method}: {e}") from None

@@ -1,4 +1,7 @@
 """Baselines by construction: exact luma, reference chroma statistics, known motion."""
+import errno
+import io
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -7,7 +10,7 @@ import pytest
 
 from annotator.color import rgb_to_gray, rgb_to_lab, to_uint8
 from colorize.baselines import (
-    _fit, _pack, flow_propagate, iter_baseline, iter_flow, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
+    _Held, _fit, _pack, flow_propagate, iter_baseline, iter_flow, luma_band_chroma, reinhard, reinhard_bands, run_baseline,
 )
 from colorize.metrics import psnr
 
@@ -318,6 +321,75 @@ def test_flow_frames_before_the_reference_wait_packed():
     luma = rgb_to_gray(moving_clip(1, 0, 0, h=8, w=8)[0] / 255)  # the luma of a colour frame: kept as is
     assert _pack(luma) is luma
 
+
+
+def test_held_frames_come_back_bit_for_bit_from_ram_and_from_a_temporary_file(tmp_path):
+    """_Held keeps arrays in RAM up to its budget, then moves all of them into an anonymous file in
+    its folder (nothing named there, nothing left once closed); each dtype and shape comes back
+    exactly, in either mode, by index, iteration and pop."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (5, 7), dtype=np.uint8), rng.integers(0, 65535, (5, 7), dtype=np.uint16),
+              rng.random((5, 7), dtype=np.float32), rng.random((3, 4, 3), dtype=np.float32)]
+    budget = arrays[0].nbytes + arrays[1].nbytes  # the first two fit; the third spills them all
+    held = _Held(budget, tmp_path)
+    for k, a in enumerate(arrays):
+        held.append(a)
+        assert (held.file is None) == (k < 2) and len(held) == k + 1
+        assert held.in_ram == (sum(x.nbytes for x in arrays[:k + 1]) if k < 2 else 0)
+    assert all(isinstance(x, tuple) for x in held.items)  # in the file: only where each lies
+    assert list(tmp_path.iterdir()) == []  # unlinked as made
+    for got, want in [*zip(held, arrays), (held[2], arrays[2])]:
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    last = held.pop()
+    assert np.array_equal(last, arrays[3]) and len(held) == 3 and last.flags.writeable
+    held.close()
+    assert len(held) == 0 and held.file is None
+    unlimited = _Held()
+    for a in arrays:
+        unlimited.append(a)
+    assert unlimited.file is None and all(x is a for x, a in zip(unlimited, arrays))
+
+
+def test_a_full_disk_under_held_frames_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    """The temporary file has no name, so the OSError of a full disk would name none."""
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda dir: Full())
+    held = _Held(0, tmp_path)
+    with pytest.raises(OSError) as e:
+        held.append(np.zeros(3, np.uint8))
+    assert str(e.value) == f"cannot hold flow's waiting frames in a temporary file in {tmp_path}: No space left on device"
+
+
+def test_flow_holds_frames_before_a_late_reference_in_a_temporary_file_past_its_ram(tmp_path):
+    """Frames waiting for a reference frame 30 frames in (their gray, then their outputs) go to a
+    temporary file past `ram` (0 here): the outputs are bit for bit those held in RAM, while the
+    memory traced at the peak (numpy's arrays) drops from 13 bytes a pixel for each waiting frame
+    to what the walk itself holds. Nothing is left in the folder."""
+    import tracemalloc
+    clip = moving_clip(34, 1, 0, h=48, w=64)
+    gray = [to_uint8(rgb_to_gray(f)) for f in clip]
+
+    want = list(iter_flow(gray, [clip[30]], [30]))
+
+    def peak(**kw):  # the outputs checked as they come, none kept
+        tracemalloc.start()
+        try:
+            n = 0
+            for n, out in enumerate(iter_flow(gray, [clip[30]], [30], **kw), 1):
+                assert np.array_equal(out, want[n - 1])
+            assert n == 34
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak_ram, peak_file = peak(), peak(ram=0, spill_to=tmp_path)
+    frame = 48 * 64 * 13
+    # measured: 38 frames' worth and 9.4 (the walk's own arrays: reference, maps, grids)
+    assert peak_ram > 30 * frame and peak_file < 15 * frame, (peak_ram / frame, peak_file / frame)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("method", ["reinhard", "flow"])

@@ -1,5 +1,6 @@
 """colourised: every method's outputs as (name, depth, RGB) in clip order; flow's start frames."""
 import dataclasses
+import tempfile
 
 import numpy as np
 import pytest
@@ -52,19 +53,31 @@ def test_flow_walks_from_its_reference_frames_counted_from_the_range(clip):
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_flow_says_how_much_memory_frames_before_a_late_reference_hold(clip, monkeypatch):
-    """Frames before a reference's frame wait whole in memory (a reference at frame 1000 of a
-    720p film: 12 GB): said once at the start from 1 GiB (lowered here to what 3 frames of 32x48
-    hold), not for a reference at the range's start."""
+def test_flow_says_how_much_frames_before_a_late_reference_hold_and_where(clip, monkeypatch, tmp_path):
+    """Frames before a reference's frame wait (a reference at frame 1000 of a 720p film: 12 GB):
+    said once at the start beyond FLOW_RAM (1 GiB; lowered here to what 2 frames of 32x48 hold),
+    with the folder of the temporary file they go to past it; not for a reference at the range's
+    start. The outputs are those held in RAM, and nothing is left in the folder."""
     assert M.flow_held_bytes(1000, (720, 1280), 8) == 1000 * 720 * 1280 * 13 > 11.9e9
     assert M.flow_held_bytes(10, (720, 1280, 3), 16) == 10 * 720 * 1280 * 14
-    monkeypatch.setattr(M, "FLOW_NOTE", 3 * 32 * 48 * 13)
-    _, notes, _ = run(clip, references([clip["colour"][3]], [3]), method="flow")
-    assert notes == [f"--method flow: up to 3 frames before a reference's frame wait in memory until it comes (their "
-                     f"gray, then their outputs: about {3 * 32 * 48 * 13 / 2**30:.1f} GiB at this frame size); a "
-                     "reference from nearer the start of the frames needs less"]
-    assert run(clip, references([clip["colour"][2]], [2]), method="flow")[1] == []  # 2 frames: below
-    assert run(clip, references([clip["colour"][3]], [3]), slice(3, None), method="flow")[1] == []
+    assert M.flow_held_bytes(10, (720, 1280), 8, colour=True) == 10 * 720 * 1280 * 16  # their float luma
+    refs = references([clip["colour"][3]], [3])
+    in_ram, notes, _ = run(clip, refs, method="flow")
+    assert notes == []
+    monkeypatch.setattr(M, "FLOW_RAM", 2 * 32 * 48 * 13)
+    made, make = [], tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda dir: made.append(dir) or make(dir=dir))
+    spilled, notes, _ = run(clip, refs, method="flow", spill_to=tmp_path)
+    assert made == [tmp_path]  # the 3 grays fit, then their outputs go past it
+    assert notes == [f"--method flow: up to 3 frames before a reference's frame wait until it comes (their gray, then "
+                     f"their outputs: about {3 * 32 * 48 * 13 / 2**30:.1f} GiB at this frame size); past "
+                     f"{2 * 32 * 48 * 13 / 2**30:.1f} GiB they are held in a temporary file in {tmp_path}, deleted as "
+                     "the run ends; a reference from nearer the start of the frames needs less"]
+    assert [(a, b) for a, b, _ in spilled] == [(a, b) for a, b, _ in in_ram]
+    assert all(np.array_equal(x, y) for (_, _, x), (_, _, y) in zip(spilled, in_ram))
+    assert list(tmp_path.iterdir()) == []
+    assert run(clip, references([clip["colour"][2]], [2]), method="flow")[1] == []  # 2 frames: fit
+    assert run(clip, refs, slice(3, None), method="flow")[1] == []
 
 
 @pytest.mark.parametrize("frame, frames, total", [(0, slice(1, 6), 5), (6, slice(1, 6), 5), (3, slice(1, 3), 2)])

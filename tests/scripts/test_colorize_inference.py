@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -985,6 +986,23 @@ def test_a_signal_as_a_complete_run_returns_changes_nothing(env, tmp_path, capsy
         if not sweep.sent:  # each line up to run_cli's putting the handlers back tried
             break
     assert at > 1
+
+
+def test_flow_holds_frames_waiting_for_a_late_reference_beside_the_outputs(tmp_path, capsys, monkeypatch):
+    """Past FLOW_RAM (lowered here to a frame's worth), the frames waiting for --reference-frame 4
+    go to a temporary file in the nearest existing folder of --out (not yet made: its parent), on
+    the outputs' disk rather than in the system's temporary folder; the note says where, and the
+    outputs are those of a run that held them in RAM."""
+    colour = write_folder(panning_clip(6, 48, 64), tmp_path / "colour", pattern="f{:d}")
+    args = ["--input", colour, "--reference-frame", "4", "--method", "flow", "--no-progress"]
+    assert run([*args, "--out", tmp_path / "ram"], capsys)[0] == 0
+    monkeypatch.setattr(M, "FLOW_RAM", 48 * 64 * 13)
+    made, make = [], tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda dir: made.append(dir) or make(dir=dir))
+    rc, _, err = run([*args, "--out", tmp_path / "new" / "out"], capsys)
+    assert rc == 0 and made == [tmp_path, tmp_path], err
+    assert f"they are held in a temporary file in {tmp_path}, deleted as the run ends" in err
+    assert snapshot(tmp_path / "new" / "out") == snapshot(tmp_path / "ram")
 
 
 def test_flow_stopped_past_its_reference_frame_is_told_a_range_that_holds_it(tmp_path, capsys, monkeypatch):
