@@ -207,13 +207,17 @@ def load_steps(gt_files: list[Path], pred_files: dict[str, list[Path]]):
         yield gt, cur
 
 
+# the printed table's (header, format) of each of report.SUMMARY_KEYS, in its order
+COLUMNS = {"psnr": ("PSNR dB", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"), "colourfulness": ("colourful.", "{:.1f}"),
+           "warp_error": ("warp err", "{:.3f}"), "cdc": ("CDC", "{:.5f}")}
+
+
 def format_table(ev: ClipEvaluation) -> str:
-    head = ["method", "PSNR dB", "SSIM", "colourful.", "warp err", "CDC"]
-    keys = ["psnr", "ssim", "colourfulness", "warp_error", "cdc"]
-    fmt = ["{:.2f}", "{:.4f}", "{:.1f}", "{:.3f}", "{:.5f}"]
+    head = ["method", *(h for h, _ in COLUMNS.values())]
 
     def cells(values: dict) -> list[str]:
-        return [f.format(values[k]) if k in values and math.isfinite(values[k]) else "-" for k, f in zip(keys, fmt)]
+        return [f.format(values[k]) if k in values and math.isfinite(values[k]) else "-"
+                for k, (_, f) in COLUMNS.items()]
 
     rows = [[name, *cells(res.means())] for name, res in ev.methods.items()]
     rows.append(["(ground truth)", *cells(ev.ground_truth)])

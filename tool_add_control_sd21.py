@@ -36,6 +36,7 @@ from safetensors import safe_open  # noqa: E402
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint  # noqa: E402
 from cldm.checkpoint_fit import CONTROL, guess_kind  # noqa: E402
+from cldm.color import VARIANTS  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config  # noqa: E402
 from ldm.schedule import schedule_buffers  # noqa: E402
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "768-v has the same keys and needs a v/768 config (see above)")
     p.add_argument("out_ckpt", type=path_arg, help="output checkpoint: .safetensors (recommended) or .ckpt, by suffix")
     p.add_argument("--config", type=path_arg, default=str(DEFAULT_CONFIG), help="model YAML (default: %(default)s)")
-    p.add_argument("--variant", choices=["v1", "v2", "v3"],
+    p.add_argument("--variant", choices=sorted(VARIANTS),
                    help="colour variant (default: the config's); refused if an override sets another")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the written weights (schedule buffers stay float32; default: %(default)s)")

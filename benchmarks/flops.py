@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
+from cldm.color import needs_gray_latent, needs_ref_latent  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
 from cliutil import OneLineParser, config_override, positive_int, run_cli  # noqa: E402
 from colorize.pipeline import check_steps  # noqa: E402
@@ -89,8 +90,8 @@ def sampling_flops(config=DEFAULT_CONFIG, size: int = 512, steps: int = 20, devi
     tokens = model.cond_stage_model.tokenize([""])
     parts["text_encoder"], _ = _flops(lambda: model.cond_stage_model.encode_tokens(tokens))
     parts["vae_encode_reference"] = _flops(lambda: model.encode_first_stage(hint[:, :3] * 2 - 1))[0] \
-        if model.color_variant != "v1" else 0
-    if model.color_variant == "v3":
+        if needs_ref_latent(model.color_variant) else 0
+    if needs_gray_latent(model.color_variant):
         parts["vae_encode_gray"] = _flops(lambda: model.encode_first_stage(hint[:, 3:].repeat(1, 3, 1, 1) * 2 - 1))[0]
     parts["hint_block"], _ = _flops(lambda: model.control_model.encode_hint(hint))
     cond = model.prepare_condition(hint, context=context)

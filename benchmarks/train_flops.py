@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cldm.color import needs_gray_latent  # noqa: E402
 from cldm.lightning import ColorControlModule  # noqa: E402
 from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
 from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
@@ -46,7 +47,7 @@ def synthetic_batch(model, b: int, size: int, latent_cache: bool, device="meta")
             lat = (b, model.latent_channels, size // model.latent_factor, size // model.latent_factor)
             batch.update(jpg_latent_mean=torch.randn(lat), jpg_latent_std=torch.rand(lat),
                          ref_latent_mean=torch.randn(lat))
-            if model.color_variant == "v3":
+            if needs_gray_latent(model.color_variant):
                 batch["gray_latent_mean"] = torch.randn(lat)
         else:
             batch["jpg"] = torch.rand(b, size, size, 3) * 2 - 1

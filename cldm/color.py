@@ -24,6 +24,18 @@ def extra_channels(variant: str) -> int:
     return VARIANTS[variant]
 
 
+def needs_ref_latent(variant: str) -> bool:
+    """Whether a variant concatenates the reference's VAE latent (the encode that callers skip otherwise)."""
+    return extra_channels(variant) > 0
+
+
+def needs_gray_latent(variant: str) -> bool:
+    """Whether a variant concatenates the VAE latent of the gray (a second encode; the latent cache's
+    `gray_latent_mean`)."""
+    extra_channels(variant)
+    return variant == "v3"
+
+
 def split_hint(hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if hint.ndim != 4 or hint.shape[1] != 4:
         raise ValueError(f"hint must be (B, 4, H, W) = reference RGB + target gray, got {tuple(hint.shape)}")
@@ -65,12 +77,14 @@ def build_concat(variant: str, ref: torch.Tensor, gray: torch.Tensor,
     `encode` maps an image in [-1, 1] to its scaled latent (posterior mean x scale factor);
     pass `ref_latent` / `gray_latent` (e.g. from the latent cache) to skip the encodes.
     """
-    if extra_channels(variant) == 0:
+    if not needs_ref_latent(variant):
         return None
     if ref_latent is None:
         ref_latent = encode(ref * 2 - 1)
     if variant == "v2":
         return torch.cat([ref_latent, gray_to_latent_size(gray, latent_hw).to(ref_latent.dtype)], dim=1)
-    if gray_latent is None:
-        gray_latent = encode(gray.repeat(1, 3, 1, 1) * 2 - 1)
-    return torch.cat([ref_latent, gray_latent], dim=1)
+    if variant == "v3":
+        if gray_latent is None:
+            gray_latent = encode(gray.repeat(1, 3, 1, 1) * 2 - 1)
+        return torch.cat([ref_latent, gray_latent], dim=1)
+    raise ValueError(f"build_concat has no rule for colour variant {variant!r}")  # one added to VARIANTS only

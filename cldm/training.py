@@ -67,6 +67,7 @@ def build_model(cfg, init: Path):
 
 
 def build_datamodule(cfg, args, model):
+    from cldm.color import needs_gray_latent
     from cldm.launch import is_launch_rank_zero
     from tutorial_dataset import PairDataModule
 
@@ -78,7 +79,7 @@ def build_datamodule(cfg, args, model):
         fingerprint = vae_fingerprint(model.first_stage_model)
     dm = PairDataModule(args.data, batch_size=t.batch_size, num_workers=t.num_workers, size=t.size,
                         val_movies=None if t.val_every else [], vae_fingerprint=fingerprint,
-                        gray_latents=model.color_variant == "v3",
+                        gray_latents=needs_gray_latent(model.color_variant),
                         accelerator=args.accelerator, seed=t.seed, **band)
     with warnings.catch_warnings(record=True) as said:  # the data's warnings: notes, not Python's two-line form
         warnings.simplefilter("always")

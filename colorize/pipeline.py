@@ -1,6 +1,6 @@
 """Colourise a grayscale clip with the colour ControlNet from one or more colour references.
 
-Three modes, one sampler:
+Three modes, one sampler (DDIM, ldm/sampler.py):
 - fixed: every frame is conditioned on the (most similar) original reference. Frames are
   independent, so they run in batches.
 - recursive: each frame is conditioned on the previous *output*, so colours follow motion,
@@ -53,7 +53,7 @@ from annotator.video import (
     FrameRangeError, FrameSourceError, SourceInfo, iter_frames, list_frame_files, probe, read_image_native,
 )
 from cldm.cldm import ControlLDM
-from cldm.color import ColorCondition
+from cldm.color import ColorCondition, needs_ref_latent
 from cliutil import file_problem
 from colorize.cuda_graph import GraphCache
 from colorize.gray import to_gray
@@ -62,7 +62,7 @@ from ldm import sampler
 
 MODES = ("fixed", "recursive", "anchored")
 NOISES = ("shared", "per-frame")
-MULTIPLE = 64  # model frame sides: SD2.1 needs 64 (VAE /8, then /2 at each of 3 UNet downsamplings); tiny 32
+MULTIPLE = 64  # model frame sides, whatever the model: SD2.1 needs 64 (VAE /8, then /2 at each of 3 UNet downsamplings)
 MAX_MODEL_SIDE = 4096  # 8x SD2.1's training size; beyond it memory runs out long before any use
 
 
@@ -337,7 +337,8 @@ class Reference:
 
 
 class Colorizer:
-    """One clip's sampler: the model, the frame sizes and what is computed once per clip."""
+    """One clip's colouriser: the model, the frame sizes and what is computed once per clip (the
+    sampling itself is sample_latents, over ldm/sampler.py's DDIM)."""
 
     def __init__(self, model: ControlLDM, frame_hw: tuple[int, int], options: Options):
         self.model, self.opt = model, options
@@ -362,7 +363,7 @@ class Colorizer:
         img = resize(to_float(rgb)[..., :3], self.hw)
         image = torch.from_numpy(img).permute(2, 0, 1)[None].to(self.device)
         latent = None
-        if self.model.color_variant != "v1":
+        if needs_ref_latent(self.model.color_variant):
             with self._autocast():
                 latent = self.model.encode_first_stage(image * 2 - 1)
         return Reference(image, latent)

@@ -41,7 +41,7 @@ from atomicio import temp_beside  # noqa: E402
 from cliutil import signals_deferred  # noqa: E402
 from colorize import metrics as M  # noqa: E402
 
-SUMMARY_KEYS = ("psnr", "ssim", "colourfulness", "warp_error", "cdc")
+SUMMARY_KEYS = (*M.PER_FRAME_KEYS, "cdc")  # a metric added: also DEFINITIONS and evaluate.py's COLUMNS
 DEFINITIONS = {
     "psnr": f"dB over RGB, data range 255, capped at {M.PSNR_CAP_DB:g}; a clip's: the mean of its frames' dB",
     "ssim": f"Wang et al. 2004, Gaussian {M.SSIM_WINDOW}x{M.SSIM_WINDOW} sigma {M.SSIM_SIGMA}, "

@@ -2,11 +2,21 @@
 import pytest
 import torch
 
-from cldm.color import ColorCondition, build_concat, extra_channels, gray_to_latent_size, split_hint
+from cldm import color
+from cldm.color import (
+    ColorCondition, build_concat, extra_channels, gray_to_latent_size, needs_gray_latent, needs_ref_latent, split_hint,
+)
 
 
-def test_extra_channels_per_variant():
+def test_extra_channels_and_encodes_per_variant():
+    """What callers ask instead of comparing names (the pipeline's reference encode, training's
+    gray latents from the cache, the FLOP counts)."""
     assert [extra_channels(v) for v in ("v1", "v2", "v3")] == [0, 5, 8]
+    assert [needs_ref_latent(v) for v in ("v1", "v2", "v3")] == [False, True, True]
+    assert [needs_gray_latent(v) for v in ("v1", "v2", "v3")] == [False, False, True]
+    for ask in (needs_ref_latent, needs_gray_latent):
+        with pytest.raises(ValueError, match="color_variant must be one of"):
+            ask("v4")
 
 
 def test_gray_is_area_averaged_and_scaled_to_minus_one_one():
@@ -101,3 +111,12 @@ def test_build_concat_refuses_an_unknown_variant_before_encoding():
             build_concat(variant, torch.rand(1, 3, 16, 16), torch.rand(1, 1, 16, 16),
                          lambda img: seen.append(img) or torch.zeros(1, 4, 2, 2), (2, 2))
     assert seen == []
+
+
+def test_a_variant_added_to_variants_alone_is_refused_by_build_concat(monkeypatch):
+    """A new variant given only its channel count in VARIANTS has no concat yet: an error, not
+    v3's (the branch every variant past v2 once fell to)."""
+    monkeypatch.setitem(color.VARIANTS, "v4", 4)
+    with pytest.raises(ValueError, match=r"^build_concat has no rule for colour variant 'v4'$"):
+        build_concat("v4", torch.rand(1, 3, 16, 16), torch.rand(1, 1, 16, 16), lambda img: torch.zeros(1, 4, 2, 2),
+                     (2, 2))

@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 
+from cldm.color import VARIANTS
 from cldm.model import DEFAULT_CONFIG, REPO, TINY_CONFIG, ConfigError, create_model, load_config
 from ldm import schedule
 from tests.conftest import FIXTURES
 from tests.helpers import DDIM_TOL, named_pipe
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_real_config_has_exactly_the_sd21_controlnet_keys(variant):
     manifest = json.loads((FIXTURES / "sd21_controlnet_keys.json").read_text())
     expected = {**manifest["keys"], **manifest["variant_overrides"][variant]}

@@ -486,6 +486,8 @@ def test_the_data_module_takes_the_train_section(two_movies, capsys):
         dict(size=64, low=0, high=1, min_gap=1, gray_latents=False)
     dm = training.build_datamodule(load_config(cfg, ["train.val_every=0"]), a, SimpleNamespace(color_variant="v2"))
     assert dm.val is None and capsys.readouterr().err == ""  # not asked for: no held-out movie
+    for variant, gray in (("v1", False), ("v3", True)):  # the gray's latents: v3's alone
+        assert training.build_datamodule(cfg, a, SimpleNamespace(color_variant=variant)).kw["gray_latents"] is gray
 
 
 def trainer_args(**given):

@@ -11,8 +11,9 @@ from annotator.color import rgb_to_gray, rgb_to_lab
 from annotator.similarity import fast_resize
 from annotator.video import FrameSourceError, iter_frames
 from benchmarks.bench_inference import fixed_serial
-from colorize import loading as L, pipeline as P
+from cldm.color import VARIANTS
 from cldm.model import TINY_CONFIG, create_model, load_config
+from colorize import loading as L, pipeline as P
 from ldm import sampler
 from ldm.schedule import schedule_buffers
 from tests.colorize.tiny_model import tiny_model
@@ -340,7 +341,7 @@ def test_recursive_per_frame_noise_is_seeded_by_each_frames_index(model, clip):
     assert np.abs(other - rec[2]).max() > 1e-3  # and the index matters (per-frame noise)
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_inference_conditions_the_model_as_training_does(tmp_path, variant):
     """The pipeline feeds the model what it was trained on: for a pair of stored frames, the
     ColorCondition built from the reference frame and the target's gray (Colorizer.reference,

@@ -15,6 +15,7 @@ import pytest
 
 import evaluate
 from annotator.color import rgb_to_gray, to_uint8
+from colorize import metrics as M, report as R
 from colorize.report import REPORT_FILES
 from tests.helpers import named_pipe, read_only_folder, refused
 
@@ -397,6 +398,13 @@ def test_out_that_is_a_frame_folder_is_refused(clip, capsys, which):
     assert line == (f"evaluate.py: error: --out {folder} is the {what} folder; write the report elsewhere, as a "
                     "frame folder holds frames only")
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_every_metric_has_a_definition_and_a_column_in_one_order():
+    """A metric is named in three places besides its code (metrics.PER_FRAME_KEYS, report.DEFINITIONS,
+    evaluate.COLUMNS): one forgotten would leave a column or a definition out without an error."""
+    assert R.SUMMARY_KEYS == (*M.PER_FRAME_KEYS, "cdc")
+    assert tuple(R.DEFINITIONS) == tuple(evaluate.COLUMNS) == R.SUMMARY_KEYS
 
 
 def test_the_table_and_the_report_line_in_full(clip, capsys):
