@@ -509,21 +509,22 @@ def test_reduced_precision_runs_close_to_fp32(model, clip):
     assert max_diff(bf16, fp16) > 1e-4  # each ran in its own dtype: not fp32, nor one for both
 
 
-def test_weights_held_in_half_precision_give_the_autocast_result(clip):
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_weights_held_in_half_precision_give_the_autocast_result(clip, precision, dtype):
     """cast_weights (the CLI's, for fp16/bf16) leaves out exactly the casts autocast made: the
     frames equal those of float32 weights under the same autocast, bit for bit. Norms, schedule
     buffers and text encoder stay float32."""
     grays = grays_of(clip, range(3))
-    kw = dict(batch=3, precision="bf16", **FAST)
+    kw = dict(batch=3, precision=precision, **FAST)
     model = tiny_model()
     want = list(P.colorize_fixed(model, grays, clip[3], **kw))
-    L.cast_weights(model, torch.bfloat16)
+    L.cast_weights(model, dtype)
     norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     for part in (model.control_model, model.model, model.first_stage_model):
         for module in part.modules():
             for p in module.parameters(recurse=False):
-                assert p.dtype == (torch.float32 if isinstance(module, norms) else torch.bfloat16)
-    assert sum(p.dtype == torch.bfloat16 for p in model.parameters()) > 100
+                assert p.dtype == (torch.float32 if isinstance(module, norms) else dtype)
+    assert sum(p.dtype == dtype for p in model.parameters()) > 100
     assert model.alphas_cumprod.dtype == torch.float32
     assert {p.dtype for p in model.cond_stage_model.parameters()} == {torch.float32}
     got = list(P.colorize_fixed(model, grays, clip[3], **kw))

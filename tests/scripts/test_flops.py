@@ -1,9 +1,11 @@
 """benchmarks/flops.py: the FLOP count of one sampled frame adds up, attention included."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import flops, train_flops
+from benchmarks import bench_inference, flops, train_flops
 from cldm.model import TINY_CONFIG
 from ldm.modules.attention import CrossAttention
 from tests.helpers import refused
@@ -98,3 +100,35 @@ def test_flops_cli_counts_the_tiny_config(capsys):
     rows = dict(line.split(None, 1) for line in lines[1:] if not line.startswith("original /"))
     assert rows["ours_total"] == rows["ours_measured"] == "1.273 GFLOP"
     assert rows["controlnet_step"] == "0.017 GFLOP" and rows["unet_step"] == "0.055 GFLOP"
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
+
+
+def benchmarks_text() -> str:
+    return " ".join(BENCHMARKS.read_text().split())  # a figure may sit across a line break
+
+
+def test_the_real_config_training_flops_are_those_benchmarks_md_records():
+    """The MFU basis (2.577 TFLOP a sample of SD2.1 at 512 with the latent cache), counted again on
+    the meta device (seconds): BENCHMARKS.md's row is what the code counts now, and no VAE
+    encode is in the step."""
+    f = train_flops.training_flops()
+    assert f["fwd VAE encode"] == 0 and f["forward"] + f["backward"] == f["total"]
+    row = (f"| **latent cache** (the MFU basis) | {f['forward'] / 1e12:.3f} | {f['backward'] / 1e12:.3f} | "
+           f"**{f['total'] / 1e12:.3f}** |")
+    assert row in benchmarks_text(), row
+
+
+@pytest.mark.slow
+def test_the_real_config_inference_flops_are_those_benchmarks_md_records():
+    """24.0 TFLOP a 512x512 frame (20 DDIM steps), and its parts, counted again on the meta device
+    (about a minute): the figures BENCHMARKS.md gives are what the code counts now."""
+    f = {k: v / 1e12 for k, v in bench_inference.pipeline_flops().items()}
+    text = benchmarks_text()
+    for said in (f"(fixed {f['fixed, per frame']:.3f}, recursive {f['recursive / anchored, per frame']:.3f}, "
+                 f"ref-guidance {f['fixed with --ref-guidance, per frame']:.3f} TFLOP)",
+                 f"one step (ControlNet + UNet) {f['one DDIM step (ControlNet + UNet)']:.3f} TFLOP",
+                 f"VAE decode {f['VAE decode']:.3f}, VAE encode {f['VAE encode of a reference']:.3f}",
+                 f"hint block {f['hint block']:.3f}, text encoder {f['text encoder (once per clip)']:.3f}"):
+        assert said in text, said
