@@ -10,6 +10,7 @@ gets the usual permissions, e.g. 0644; tempfile.mkstemp would make it 0600.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -20,7 +21,8 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["temp_beside", "temp_glob", "atomic_path", "write_bytes_atomic", "sync_tree", "sync_folder", "try_lock"]
+__all__ = ["temp_beside", "temp_glob", "atomic_path", "write_bytes_atomic", "publish", "sync_tree", "sync_folder",
+           "try_lock", "folder_lock"]
 
 
 def _temp_name(path: Path, keep_suffix: bool, token: str) -> str:
@@ -65,9 +67,32 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+def publish(tmp: Path, path: Path, replace: bool = True) -> None:
+    """Rename the finished `tmp` to `path`. Without `replace`, a file there (made by another run
+    since its absence was checked) is kept and FileExistsError raised: a hard link, which never
+    replaces, then the temporary name removed. Where links are not to be had (some network and
+    FUSE file systems), a check just before an ordinary rename does it, which leaves a moment in
+    which a file made by another run would be replaced."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write; on success rename it over `path`.
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bool = True,
+                replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success rename it over `path` (without
+    `replace`: FileExistsError if a file is there by then, which is kept; see publish).
 
     For writers that take a file name (torch.save, safetensors' save_file, an encoder). A
     writer that replaces the file instead of writing into it (safetensors does, with mode
@@ -86,7 +111,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bo
             os.chmod(tmp, mode)
         if fsync:
             _fsync(tmp, os.O_RDWR)
-        os.replace(tmp, path)
+        publish(tmp, path, replace)
     except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -98,10 +123,11 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False, keep_suffix: bo
             pass
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = False, replace: bool = True) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path` (without
+    `replace`: FileExistsError if a file is there by then; see publish)."""
     path = Path(path)
-    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, fsync=fsync, replace=replace) as tmp, open(tmp, "wb") as f:
         f.write(data)
     return path
 
@@ -184,3 +210,19 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = Fa
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str) -> Iterator[bool]:
+    """try_lock on `folder`/`name` for a whole run that writes into `folder` (made if need be):
+    yields whether this process got it. A folder made for the lock alone is removed again if the
+    run leaves it empty (refused on its input, say)."""
+    folder = Path(folder)
+    made = not folder.exists()
+    try:
+        with try_lock(folder / name, make_parent=True) as mine:
+            yield mine
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty

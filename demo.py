@@ -40,6 +40,7 @@ import colorize_inference  # noqa: E402
 import evaluate  # noqa: E402
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import FrameRangeError, FrameSourceError, iter_frames, probe  # noqa: E402
+from atomicio import folder_lock  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
 from cldm.model import ConfigError  # noqa: E402
 from colorize import loading  # noqa: E402
@@ -340,10 +341,20 @@ def run_demo(args) -> dict:
             "strip": report / REPORT_FILES["strip"], "plot": report / REPORT_FILES["psnr_plot"]}
 
 
+DEMO_LOCK = ".demo.lock"  # in --out, held while a demo writes there
+
+
 def run(args) -> int:
-    """The demo, then where its results are."""
-    paths = run_demo(args)
+    """The demo, then where its results are. A second demo into the same --out is refused while
+    the first runs: both would pass the check for earlier outputs, then mix their frames."""
     out = Path(args.out)
+    if problem := out_folder_problem("--out", out):  # before the lock makes the folder
+        raise DemoError(problem)
+    with folder_lock(out, DEMO_LOCK) as mine:
+        if not mine:
+            raise DemoError(f"--out {out} is in use by another demo run (it holds {out / DEMO_LOCK}); wait for it "
+                            "to end, or give another --out")
+        paths = run_demo(args)
     rel = lambda p: os.path.relpath(p) if Path(p).resolve().is_relative_to(Path.cwd()) else str(p)  # noqa: E731
     print(f"\ndemo done in {paths['seconds']:.0f} s; everything is under {rel(out)}/")
     data = paths["data"]

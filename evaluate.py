@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # before the table: a reader of stdout that goes after it (`| head -1`) must not cost the report
         strip = build_strip(ev, gt_files, pred_files, reference, args.strip_frames)
         paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip,
-                             excluded=matched.excluded, positions=matched.positions)
+                             excluded=matched.excluded, positions=matched.positions, replace=args.overwrite)
     print(format_table(ev))
     for note in capped_notes(ev) + gray_gt_note(ev, Path(args.gt)):
         print(f"{PROG}: note: {note}", file=sys.stderr)

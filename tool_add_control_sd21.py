@@ -123,10 +123,14 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         raise CheckpointError(f"{sd_path}: {e}") from None
     del sd, fresh
     # The config recorded in the file: later tools (latent cache, training) find it without --config.
-    save_checkpoint(state, out_path, metadata={"color_variant": cfg.model.color_variant,
-                                               "parameterization": cfg.model.parameterization,
-                                               "config": OmegaConf.to_yaml(cfg, resolve=True),
-                                               "source": Path(sd_path).name, "made_by": "tool_add_control_sd21.py"})
+    meta = {"color_variant": cfg.model.color_variant, "parameterization": cfg.model.parameterization,
+            "config": OmegaConf.to_yaml(cfg, resolve=True), "source": Path(sd_path).name,
+            "made_by": "tool_add_control_sd21.py"}
+    try:  # without --overwrite, not over a file another run wrote since check_output
+        save_checkpoint(state, out_path, metadata=meta, replace=overwrite)
+    except FileExistsError:
+        raise CheckpointError(f"{out_path} exists: written by another run meanwhile (use --overwrite to replace "
+                              "it); this one was not written") from None
     return f"colour variant {cfg.model.color_variant}, {len(state)} tensors -> {out_path}\n" + report.summary()
 
 

@@ -19,6 +19,7 @@ Exit status: 0 done, 2 bad input (config, data root, checkpoint), 130 interrupte
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from cldm.train_config import (FLAG_KEYS, UsageError, model_settings, run_config,
@@ -164,20 +165,25 @@ def check_paths(data: Path, init: Path, out: Path) -> None:
                              f"run writes a {kind} there: move it away")
 
 
-def prepare(args):
-    """Everything that can fail on bad input, before any training: (cfg, trainer, module, data, resume)."""
+def prepare(args, hold: contextlib.ExitStack | None = None):
+    """Everything that can fail on bad input, before any training: (cfg, trainer, module, data, resume).
+    OUT's run lock (run_dir.run_lock) is entered on `hold`, to be held until the run ends (main's;
+    None: not taken, for callers that only build a run)."""
     import lightning as L
     from omegaconf import OmegaConf
 
     from cldm.launch import check_launcher, is_launch_rank_zero
     from cldm.lightning import ColorControlModule
     from cldm.resume import remove_partial_checkpoints, remove_partial_run_files
-    from cldm.run_dir import check_resume_config, check_run_dir, config_source, record_config, resolve_resume
+    from cldm.run_dir import (check_resume_config, check_run_dir, config_source, record_config, resolve_resume,
+                              run_lock)
     from cldm.trainable import check_optimizer
     from cldm.weights_config import check_saved_config
 
     data, init, out = Path(args.data), Path(args.init), Path(args.out)
     check_paths(data, init, out)  # first: the config may come from --init or OUT
+    if hold is not None and is_launch_rank_zero():  # before anything in OUT is read or removed
+        hold.enter_context(run_lock(out))
     source = config_source(out, init, args.config, args.resume)
     cfg = run_config(args, source)
     if args.config is None and is_launch_rank_zero():  # say which one it found: the run's first line, before notes
@@ -234,10 +240,15 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    with contextlib.ExitStack() as hold:  # OUT's run lock, from prepare() to the end of the run
+        return train(args, hold)
+
+
+def train(args, hold: contextlib.ExitStack) -> int:
     run = []
 
     def start(args) -> int:  # everything bad input can break: exit 2 with one line
-        run.extend(prepare(args))
+        run.extend(prepare(args, hold))
         if args.export:
             cfg, _, module, _, resume = run
             path = export_from_checkpoint(module, resume, Path(args.out), cfg, Path(args.init))

@@ -297,12 +297,13 @@ def check_extension(path) -> None:
         raise ValueError(f"{path}: unknown checkpoint extension (use .safetensors or {'/'.join(TORCH_EXTS)})")
 
 
-def save_state_dict(sd, path, metadata=None):
+def save_state_dict(sd, path, metadata=None, replace: bool = True):
     """Write `sd` atomically: safetensors for `.safetensors`, {"state_dict": sd} for `.ckpt/.pt/.pth`.
 
     Tensors are moved to CPU, made contiguous and un-aliased (safetensors refuses tensors that
     share storage), so the file loads the same on any device. The file gets the permissions of
-    an ordinary new file (0666 less the umask; see atomicio).
+    an ordinary new file (0666 less the umask; see atomicio). Without `replace`, a file that
+    appeared at `path` meanwhile is kept: FileExistsError (atomicio.publish).
     """
     path = Path(path)
     check_extension(path)
@@ -312,14 +313,14 @@ def save_state_dict(sd, path, metadata=None):
         ptr = t.untyped_storage().data_ptr()
         tensors[k] = t.clone() if ptr in seen and t.numel() else t
         seen.add(ptr)
-    with atomic_path(path, keep_suffix=False) as tmp:
+    with atomic_path(path, keep_suffix=False, replace=replace) as tmp:
         if path.suffix == ".safetensors":
             save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
         else:
             torch.save({"state_dict": tensors, **({"metadata": dict(metadata)} if metadata else {})}, tmp)
 
 
-def save_checkpoint(state: dict, out_path, metadata: dict | None = None) -> None:
+def save_checkpoint(state: dict, out_path, metadata: dict | None = None, replace: bool = True) -> None:
     """save_state_dict, with a full disk (or quota) as one line instead of the writers' own
     errors (safetensors' SafetensorError, torch's "unexpected pos" RuntimeError, which says
     nothing of the cause): checked up front, and again if the write fails. A failed write
@@ -331,7 +332,9 @@ def save_checkpoint(state: dict, out_path, metadata: dict | None = None) -> None
         raise OSError(f"{out_path}: no space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB are free)")
     try:
-        save_state_dict(state, out_path, metadata=metadata)
+        save_state_dict(state, out_path, metadata=metadata, replace=replace)
+    except FileExistsError:
+        raise
     except (SafetensorError, RuntimeError, OSError) as e:
         text = str(e)
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \

@@ -7,13 +7,14 @@ runs' histories in one OUT is refused before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from atomicio import write_bytes_atomic
+from atomicio import folder_lock, write_bytes_atomic
 from cldm.launch import is_launch_rank_zero
 from cldm.resume import checkpoint_step, find_resume_checkpoint, read_training_checkpoint, resume_problem
 from cldm.trainable import TRAINING_KEY
@@ -21,12 +22,28 @@ from cldm.weights_config import (config_difference, config_hash, config_hashes, 
                                  resolve_config)
 from cliutil import file_problem
 
+RUN_LOCK = ".run.lock"  # in OUT, held by the launching process while a run uses OUT
 RESUME = "rerun the same command to resume from the newest checkpoint"
 NO_CHECKPOINT = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
 
 
 class RunDirError(ValueError):
     """OUT, or the checkpoint asked for, cannot continue this command's run (one line, bad input)."""
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Held for a whole run by the process that writes to OUT first (is_launch_rank_zero), so that
+    a second run on the same OUT (the command started twice, a requeued job whose first one still
+    runs) is refused, rather than deleting the first's checkpoint being written and resuming
+    from its history. A killed run's lock dies with it. An OUT made for the lock alone is
+    removed again if the run leaves it empty (refused on its input, say)."""
+    out = Path(out)
+    with folder_lock(out, RUN_LOCK) as mine:
+        if not mine:
+            raise RunDirError(f"--out {out} is in use by another training run (it holds {out / RUN_LOCK}); "
+                              "wait for it to end, or give another --out")
+        yield
 
 
 def rerun_hint(out: str | os.PathLike) -> str:

@@ -59,8 +59,10 @@ class OrderedWriter:
         # a stop between the rename and the count (a second Ctrl-C, while a stop drains the pending
         # outputs) left a complete output uncounted, so the --frames N: advised was refused: it exists
         with signals_deferred():
-            try:
-                write_bytes_atomic(target, data)
+            try:  # never over a file another run made since the check at its start (not this run's to replace)
+                write_bytes_atomic(target, data, replace=self.overwrite)
+            except FileExistsError:
+                raise OutputExistsError(f"{target} exists; pass --overwrite to replace it") from None
             except OSError as e:  # a full disk's error names no file
                 raise OSError(f"cannot write {target}: {e.strerror or one_line(e)}") from None
             pending.popleft()

@@ -37,7 +37,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from atomicio import temp_beside  # noqa: E402
+from atomicio import publish, temp_beside  # noqa: E402
 from cliutil import signals_deferred  # noqa: E402
 from colorize import metrics as M  # noqa: E402
 
@@ -277,7 +277,7 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = ()) -> None:
+def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = (), replace: bool = True) -> None:
     """Write `files` (all in `out`) whole or not at all: each to a temporary name, renamed only
     once every one is written, and only where nothing at their names is in the way (a
     folder, which no rename replaces). The renames, and the removal of `stale` (an earlier
@@ -304,7 +304,7 @@ def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = ())
             _write_file(temps[-1], data)
         with signals_deferred():
             for tmp, target in zip(temps, files):
-                os.replace(tmp, target)
+                publish(tmp, target, replace)  # without `replace`, not over another run's file made meanwhile
                 renamed.append(target)
             published = True
             for path in stale:  # the new report is whole: one that cannot go stays, and is no reason to undo it
@@ -323,6 +323,8 @@ def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = ())
         if not isinstance(e, OSError):
             raise
         reason = e.strerror or str(e) or type(e).__name__
+        if e.errno == errno.EEXIST and not replace:
+            reason = "another run wrote it meanwhile; pass --overwrite to replace it"
         lost = ", ".join(t.name for t in renamed if t in replaced)
         error = OSError(f"{target}: cannot write the report ({reason}); "
                         + ("nothing of it is left" if renamed else "nothing of it was written")
@@ -340,10 +342,13 @@ def write_report(
     strip: Strip | None = None,
     excluded: Sequence[str] = (),
     positions: Sequence[int] | None = None,
+    replace: bool = True,
 ) -> dict[str, Path]:
     """Write the files listed in the module docstring; returns {kind: path}. `positions`:
     each frame's index in the whole clip, increasing, when some were left out (the plots
-    leave a gap there)."""
+    leave a gap there). Without `replace`, a file of the report that another run wrote since
+    it was checked is kept: an OSError, and nothing of this report is left.
+    """
     out = Path(out_dir)
     if not results:
         raise ValueError("no results to report")
@@ -388,5 +393,5 @@ def write_report(
         paths["strip"] = strip_path
         files[strip_path] = _png(strip_figure(strip, results, frames))
     # without a strip, an earlier run's (of other frames or methods) is not this report's
-    _publish(out, files, stale=[strip_path] if strip is None and strip_path.is_file() else [])
+    _publish(out, files, stale=[strip_path] if strip is None and strip_path.is_file() else [], replace=replace)
     return paths

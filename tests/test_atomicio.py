@@ -419,3 +419,20 @@ def test_try_lock_without_fcntl_locks_nothing_and_says_got(tmp_path, monkeypatch
     monkeypatch.setattr(atomicio, "fcntl", None)
     with try_lock(tmp_path / "m.lock") as got:
         assert got is True and not (tmp_path / "m.lock").exists()
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_publish_without_replace_keeps_a_file_that_appeared_and_replaces_nothing(tmp_path, monkeypatch, links):
+    """replace=False: a file at the target (another run's, made since it was checked) stays, with
+    FileExistsError and no temporary file left; an absent one is published whole. Without hard
+    links (some network file systems) a check before the rename does the same."""
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOTSUP, "no links")))
+    target = tmp_path / "a.png"
+    target.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        write_bytes_atomic(target, b"ours", replace=False)
+    assert target.read_bytes() == b"theirs" and sorted(tmp_path.iterdir()) == [target]
+    new = write_bytes_atomic(tmp_path / "b.png", b"ours", replace=False)
+    assert new.read_bytes() == b"ours" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert write_bytes_atomic(target, b"ours").read_bytes() == b"ours"  # replace=True, the default: replaced

@@ -1,4 +1,5 @@
 """colorize_inference.py end to end with a random tiny checkpoint on frames of the sample clip."""
+import errno
 import os
 import re
 import shutil
@@ -1038,6 +1039,33 @@ def test_a_video_of_unknown_length_keeps_existing_outputs(env, tmp_path, capsys,
     rc, _, err = run(["--input", video, "--reference", env["refs"][0], "--method", "reinhard", "--out", out], capsys)
     assert rc == 2 and f"{out / '000001.png'} exists; pass --overwrite" in err, err
     assert (out / "000001.png").read_bytes() == b"earlier work"
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_an_output_another_run_writes_meanwhile_is_kept(env, tmp_path, capsys, monkeypatch, link):
+    """Two runs started together into one --out both passed the check at their start; the one
+    that finished said "wrote 4 frames" over the other's frames. An output that appears after
+    the check is now kept and stops the run as an existing one does, naming it, with the outputs
+    before it complete; so too where the file system has no hard links (a check just before the
+    rename then)."""
+    if not link:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    out = tmp_path / "out"
+    calls = []
+
+    def other_run_meanwhile(rgb, depth):  # the second frame's output made by another run as this one encodes it
+        calls.append(1)
+        if len(calls) == 2:
+            (out / "f1.png").write_bytes(b"the other run's")
+        return encode_png(rgb, depth)
+
+    monkeypatch.setattr(O, "encode_png", other_run_meanwhile)
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out,
+                      "--no-progress"], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith(f"colorize_inference.py: error: {out / 'f1.png'} exists; "
+                                                       "pass --overwrite to replace it"), err
+    assert (out / "f1.png").read_bytes() == b"the other run's"
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]  # no temporary file left
 
 
 def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 
 import demo
 from annotator.video import probe
+from atomicio import try_lock
 from colorize import methods
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.helpers import named_pipe, read_only_folder, refused
@@ -118,6 +119,20 @@ def test_bad_arguments_give_one_line_before_anything_is_written(tmp_path, capsys
     rc, _, err = run(args + ["--out", tmp_path / "demo"], capsys)
     assert rc == 2 and re.fullmatch(f"demo\\.py: error: {message}\n", err), err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_second_demo_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two demos into one --out (its default is shared by everyone using a checkout) both passed
+    the check for earlier outputs and then mixed their frames, one exiting 0 with a report made
+    from the other's reference. The first holds --out's lock (held here as it would): the second
+    is one line, and writes nothing."""
+    out = tmp_path / "demo"
+    with try_lock(out / demo.DEMO_LOCK, make_parent=True) as mine:
+        assert mine
+        rc, _, err = run([*QUICK, "--methods", "reinhard", "--out", out], capsys)
+    assert (rc, err) == (2, f"demo.py: error: --out {out} is in use by another demo run (it holds "
+                            f"{out / demo.DEMO_LOCK}); wait for it to end, or give another --out\n")
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("flag", ["--out", "--clip", "--ckpt"])

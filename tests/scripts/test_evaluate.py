@@ -47,6 +47,27 @@ def clip(tmp_path):
     return tmp_path, gt
 
 
+def test_a_report_another_run_writes_meanwhile_is_kept_without_overwrite(clip, capsys, monkeypatch):
+    """Two evaluations into one --out both passed the check before scoring; the second replaced
+    the first's report, both exiting 0. A report file that appears while this run scores is
+    kept now: one line naming it, and nothing of this run's report left."""
+    root, _ = clip
+    out = root / "rep"
+    score = evaluate.evaluate_stream
+
+    def meanwhile(*a, **k):
+        out.mkdir()
+        (out / "summary.csv").write_text("the other run's")
+        return score(*a, **k)
+
+    monkeypatch.setattr(evaluate, "evaluate_stream", meanwhile)
+    rc = evaluate.main(["--pred", str(root / "copy"), "--gt", str(root / "gt"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.endswith(f"{out / 'summary.csv'}: cannot write the report (another run wrote it "
+                                    "meanwhile; pass --overwrite to replace it); nothing of it is left\n"), err
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("summary.csv", "the other run's")]
+
+
 def test_evaluate_writes_report_with_known_numbers(clip, capsys):
     root, gt = clip
     write(root / "ref", gt[:1], names=["reference"])

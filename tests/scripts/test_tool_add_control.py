@@ -99,6 +99,27 @@ def test_existing_output_is_kept_without_overwrite(sd_files, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
 
 
+def test_an_output_another_run_writes_meanwhile_is_kept_without_overwrite(sd_files, tmp_path, capsys, monkeypatch):
+    """Two runs started together both passed the check before the load; the second used to
+    replace the first's file, both exiting 0. A file that appears before the write is kept now,
+    in one line naming it, and no temporary file is left; --overwrite replaces it."""
+    _, d = sd_files
+    out = tmp_path / "o.safetensors"
+    load = tool.load_state_dict
+
+    def meanwhile(*a, **k):  # as this run loads the SD file, the other writes the output
+        out.write_bytes(b"the other run's")
+        return load(*a, **k)
+
+    monkeypatch.setattr(tool, "load_state_dict", meanwhile)
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG)]) == 2
+    assert capsys.readouterr().err == (f"tool_add_control_sd21.py: error: {out} exists: written by another run "
+                                       "meanwhile (use --overwrite to replace it); this one was not written\n")
+    assert out.read_bytes() == b"the other run's" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert tool.main([str(d / "sd.safetensors"), str(out), "--config", str(TINY_CONFIG), "--overwrite"]) == 0
+    assert len(load_state_dict(out)) > 100
+
+
 def test_wrong_architecture_is_refused(tmp_path, capsys):
     from safetensors.torch import save_file
     other = tiny_sd_state(overrides=["model.unet.context_dim=16"])  # like SD1.x vs SD2.x: other context width

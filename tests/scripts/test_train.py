@@ -23,9 +23,10 @@ import torch
 import tutorial_train_sd21_color_v2 as train
 from cldm import train_config, training
 from annotator.latent_cache import build_latent_cache
+from atomicio import try_lock
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
-from cldm.run_dir import config_source, record_config
+from cldm.run_dir import RUN_LOCK, config_source, record_config
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
 from colorize.loading import load_model
@@ -120,7 +121,29 @@ def test_bad_input_is_one_line_and_exit_2(ws, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(pattern, err), (pattern, err)
-        assert not (tmp_path / f"out{i}" / "config.yaml").exists()  # a failed start records nothing
+        assert not (tmp_path / f"out{i}").exists()  # a failed start leaves no OUT (nor its run lock)
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(ws, tmp_path, capsys, monkeypatch):
+    """The command started twice, or a requeued job whose first one still runs: the second used to
+    delete the first's checkpoint being written (crashing it) and resume from its history. Now
+    OUT's run lock (held here as the first run would) refuses it in one line, with OUT as it was;
+    once the first has ended, the same command runs, removes what a killed writer left, and lets
+    the lock go."""
+    first_process(monkeypatch)
+    out = tmp_path / "run"
+    partial = out / "checkpoints" / ".step=00000002.ckpt.ab12cd34.tmp"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"being written")
+    with try_lock(out / RUN_LOCK) as mine:
+        assert mine
+        assert train.main(args(ws, out, "--max-steps", 1)) == 2
+    assert capsys.readouterr().err == (f"tutorial_train_sd21_color_v2.py: error: --out {out} is in use by another "
+                                       f"training run (it holds {out / RUN_LOCK}); wait for it to end, or give "
+                                       "another --out\n")
+    assert partial.read_bytes() == b"being written" and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    assert train.main(args(ws, out, "--max-steps", 1)) == 0
+    assert not partial.exists() and not (out / RUN_LOCK).exists() and (out / "config.yaml").exists()
 
 
 def test_a_run_records_its_config_and_its_folder_guards_resumes_and_exports(ws, tmp_path, capsys):
@@ -327,7 +350,7 @@ def test_validation_asked_for_without_a_held_out_movie_is_off_in_lightning_too(t
 
 
 def test_ctrl_c_before_training_is_one_line_and_exit_130(ws, tmp_path, capsys, monkeypatch):
-    def interrupted(args):
+    def interrupted(args, hold):
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "prepare", interrupted)
     assert train.main(args(ws, tmp_path / "out")) == 130
@@ -1466,7 +1489,7 @@ def test_ctrl_c_after_training_says_what_a_rerun_does(ws, tmp_path, capsys, monk
     """A Ctrl-C outside Lightning's fit (the export, say), which fit does not word."""
     def interrupted(*a):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "prepare", lambda args: (None,) * 5)
+    monkeypatch.setattr(train, "prepare", lambda args, hold: (None,) * 5)
     monkeypatch.setattr(train, "fit", interrupted)
     assert train.main(args(ws, tmp_path / "run")) == 130
     assert capsys.readouterr().err == (f"{train.PROG}: interrupted; no checkpoint saved yet (see --ckpt-every); "
