@@ -56,6 +56,14 @@ class ResumeRefusedError(CheckpointError):
         self.reason, self.detail, self.locked = reason, detail, locked
 
 
+class NonFiniteLossError(RuntimeError):
+    """An optimiser step's loss is NaN or infinite (on any device): the step is not taken."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the loss at step {step} is {loss}")
+        self.step, self.loss = step, loss
+
+
 class ColorControlModule(L.LightningModule):
     """Trains `model` (a ControlLDM with its init weights loaded) on PairDataset batches.
 
@@ -157,6 +165,12 @@ class ColorControlModule(L.LightningModule):
             loss = torch.stack(self._step_losses).mean()
             self._step_losses.clear()
             self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
+            # Before the update: a diverged step (too high a --lr, a half-precision overflow) would
+            # make every weight NaN, and the run go on to export them with exit 0. Averaged over
+            # the devices first, so that every process stops at the same step (one host sync).
+            total = self.trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(self.trainer.global_step, float(total))
         opt = getattr(optimizer, "optimizer", optimizer)
         for g in opt.param_groups:
             self.log(f"lr-{type(opt).__name__}/{g.get('name', 'group')}", g["lr"], on_step=True, on_epoch=False)

@@ -382,12 +382,27 @@ def os_error_line(e: OSError, args, step: int) -> str | None:
     return None
 
 
+def non_finite_line(e, cfg, out: Path) -> str:
+    """The line for a diverged run (cldm.lightning.NonFiniteLossError): stopped before the step's
+    update, no export; what to change before going on from the newest checkpoint."""
+    from cldm.resume import find_resume_checkpoint
+
+    t = cfg.train
+    half = "" if str(t.precision).startswith("32") or str(t.precision) == "64" else \
+        f", or --precision 32 if {t.precision} overflowed"
+    newest = find_resume_checkpoint(out / "checkpoints")
+    kept = f"{newest.name} holds the weights from before; " if newest is not None else ""
+    return (f"{e} (averaged over the step's batches and devices): stopped before that step's update, with no "
+            f"export; {kept}lower --lr ({t.lr:g}){half}, or look for bad frames in the data, and rerun (or start over in "
+            "another --out)")
+
+
 def fit(args, cfg, trainer, module, dm, resume) -> int:
     """trainer.fit, then the export; the exit status: 0 done, 130 interrupted, 143 stopped by
     SIGTERM (each said with what a rerun does)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from cldm.lightning import ResumeRefusedError
+    from cldm.lightning import NonFiniteLossError, ResumeRefusedError
     from cldm.run_dir import rerun_hint
 
     out = Path(args.out)
@@ -424,6 +439,8 @@ def fit(args, cfg, trainer, module, dm, resume) -> int:
                 raise
         except ResumeRefusedError as e:
             raise refused_resume(e, resume, Path(args.init)) from None
+        except NonFiniteLossError as e:
+            raise UsageError(non_finite_line(e, cfg, out)) from None
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's OutOfMemoryError and its CPU allocator's
             if loader_says(e, TERMINATED_LOADER, context=True):  # a SIGTERM to every process of the run (a
                 received.append(signal.SIGTERM)  # scheduler's stop): a data loader process died of it first
