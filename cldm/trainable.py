@@ -231,6 +231,11 @@ def export_misfit(model: ControlLDM, control: dict) -> tuple[LoadReport, str | N
         reason = f"no {CONTROL}* tensors (is it a control.safetensors export?)"
     if reason is None and report.unexpected:
         reason = f"{len(report.unexpected)} tensors the model does not have (e.g. {report.unexpected[0]})"
+    # a full checkpoint (the init, a converted training run) fits too, and would replace the SD
+    # file's weights with its own, VAE and text encoder included, without a word
+    if reason is None and (other := next((k for k in control if not k.startswith((CONTROL, UNET))), None)):
+        reason = (f"it holds the whole model ({other} too), not the trained weights alone that go on top of "
+                  "SD weights: give it as the checkpoint itself (--ckpt), without --control")
     return report, reason
 
 

@@ -152,6 +152,22 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
         load_into_tiny_v2(tmp_path, "none.safetensors")
 
 
+def test_a_full_checkpoint_as_control_is_refused_not_loaded_over_the_sd_weights(tmp_path):
+    """--ckpt toy.safetensors --control init.safetensors coloured with the init's every weight,
+    VAE and text encoder included, and never used --ckpt: every tensor fits the model. A file with
+    anything but ControlNet and UNet tensors is named as a whole model now."""
+    save_state_dict(tiny_sd_state(), tmp_path / "sd.safetensors")
+    full = tiny_model("v2").state_dict()
+    save_state_dict(full, tmp_path / "full.safetensors")
+    other = next(k for k in load_state_dict(tmp_path / "full.safetensors")  # the first the file holds
+                 if not k.startswith(("control_model.", "model.diffusion_model.")))
+    with pytest.raises(CheckpointError) as e:
+        load_into_tiny_v2(tmp_path, "full.safetensors")
+    assert str(e.value) == (f"{tmp_path / 'full.safetensors'}: does not fit the model: it holds the whole model "
+                            f"({other} too), not the trained weights alone that go on top of SD weights: give it as "
+                            "the checkpoint itself (--ckpt), without --control")
+
+
 def test_an_export_converted_to_ckpt_is_checked_by_its_metadata_too(tmp_path):
     """`python -m cldm.checkpoint convert` keeps the metadata; --control must read it from a .ckpt
     as from a .safetensors (it read none, so a parameterisation mismatch, which no shape shows,
