@@ -41,7 +41,7 @@ from typing import Sequence
 
 from cliutil import (OneLineParser, Terminated, config_override, exit_quietly, file_problem, ignore_stop_signals,
                      out_file_problem, out_folder_problem, out_of_memory, path_arg, quiet_opencv,
-                     quiet_startup_signals, run_cli, signals_noted)
+                     quiet_startup_signals, run_cli, seed_arg, signals_noted)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -163,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
                         "the reference DDIM (every T // N-th timestep), so a count that does not divide T runs a "
                         "few more (30 -> 31), or many (400 -> 500) (default: 20)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
-    s.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    s.add_argument("--seed", type=seed_arg, default=0, help="noise seed, 0..2**64-1 (default: 0)")
     s.add_argument("--noise", choices=P.NOISES, default="shared",
                    help="shared: every frame starts from the same noise (and, with --eta > 0, gets the same "
                         "noise at every step), drawn from --seed alone, so colours do not flicker from noise; "

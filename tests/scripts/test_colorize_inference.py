@@ -548,6 +548,15 @@ def test_bad_input_gives_one_line_and_loses_nothing(env, tmp_path, capsys):
         assert (snapshot(out), snapshot(env["gray"])) == before, name  # nothing lost, no temp files left
 
 
+@pytest.mark.parametrize("seed", [str(2**64), "-1"])
+def test_a_seed_outside_torchs_range_is_refused(env, tmp_path, capsys, seed):
+    """It was taken modulo 2**64: 2**64 gave seed 0's frames, -1 those of 2**64 - 1."""
+    err = refused(cli.main, [str(a) for a in ("--input", env["gray"], "--reference", env["refs"][0], "--method",
+                                              "reinhard", "--seed", seed, "--out", tmp_path / "out")], capsys)
+    assert err == (f"colorize_inference.py: error: argument --seed: must be in 0..{2**64 - 1} (got {seed}) "
+                   "(see --help)\n") and not (tmp_path / "out").exists()
+
+
 def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
