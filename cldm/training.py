@@ -132,23 +132,26 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every and validate else \
         dict(limit_val_batches=0)
     try:
-        trainer = L.Trainer(
-            accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
-            precision=str(t.precision), max_steps=t.max_steps, max_epochs=t.max_epochs,
-            accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
-            log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
-            logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
-            num_sanity_val_steps=0, benchmark=True, enable_model_summary=False,
-            enable_progress_bar=not args.no_progress, **val)
+        with warnings.catch_warnings(record=True) as warned:  # held until the precision is known to be the asked one
+            trainer = L.Trainer(
+                accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
+                precision=str(t.precision), max_steps=t.max_steps, max_epochs=t.max_epochs,
+                accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip or None,
+                log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
+                logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
+                num_sanity_val_steps=0, benchmark=True, enable_model_summary=False,
+                enable_progress_bar=not args.no_progress, **val)
     except (TypeError, ValueError, RuntimeError, MisconfigurationException) as e:  # Lightning's checks of devices,
         # strategy, precision (and of a GPU asked for where none is: Misconfiguration)
         raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "
                          f"--strategy {args.strategy} --precision {t.precision}: {str(e).strip().splitlines()[0]}") \
             from None
     if str(t.precision) in ("16", "16-mixed") and trainer.precision != "16-mixed":  # Lightning swaps in
-        # bf16-mixed on the CPU, with a note among its start-up lines
+        # bf16-mixed on the CPU, with a warning of its own (not said: this line says it)
         raise UsageError(f"--precision {t.precision} is not available with --accelerator {args.accelerator} "
                          f"(Lightning would run {trainer.precision}); choose {trainer.precision} or 32")
+    for w in warned:  # the run goes on: Lightning's warnings are said after all
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     no_collective_in_sigterm_handler(trainer)
     return trainer
 
