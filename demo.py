@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parent
 SAMPLE = REPO / "data" / "sample" / "bigbuckbunny.mp4"
 TOY = REPO / "models" / "toy" / "toy_color_v2.safetensors"
 MODEL_MODES = ("fixed", "recursive", "anchored")
+MODEL_DEFAULTS = {"ckpt": str(TOY), "size": 64, "steps": 20, "device": "auto"}  # flags of the model's methods
 BASELINES = ("reinhard", "reinhard-bands", "flow")
 METHODS = MODEL_MODES + BASELINES
 GRAY_LABEL = "gray input"
@@ -75,14 +76,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", default="100:132", metavar="A:B",
                    help="frames A..B-1 of --clip to colourise; frame A is the reference, A+1..B-1 are scored "
                         "(default: %(default)s, the frames the toy model never saw)")
-    p.add_argument("--ckpt", type=path_arg, default=str(TOY), metavar="FILE",
-                   help="model checkpoint, its config a .yaml of the same stem beside it (default: the toy model)")
-    p.add_argument("--size", type=int, default=64,
-                   help="short side the model works at; the toy model was trained at 64 (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--ckpt", type=path_arg, metavar="FILE",
+                   help="model checkpoint, its config a .yaml of the same stem beside it (default: the toy model); "
+                        "this flag, --size, --steps and --device are for the model's methods (fixed, recursive, "
+                        "anchored) and refused without one")
+    p.add_argument("--size", type=int,
+                   help=f"short side the model works at; the toy model was trained at 64 (default: "
+                        f"{MODEL_DEFAULTS['size']})")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default: {MODEL_DEFAULTS['steps']})")
     p.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
                    help="comma-separated methods to run, from %(default)s (default: all six)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    p.add_argument("--device", help=f"auto, cpu, cuda, ... (default: {MODEL_DEFAULTS['device']})")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the files an earlier demo run wrote in --out (the frames in data/ and in each "
                         "method's folder, data/reference.png, each method's mp4, the report's files; of every "
@@ -225,12 +229,26 @@ def remove_earlier_outputs(out: Path, methods: Sequence[str], files: list[Path])
             pass
 
 
+def model_flags(args, methods: Sequence[str]) -> bool:
+    """Whether `methods` run the model; its flags (MODEL_DEFAULTS) set to their defaults where not
+    given, and refused where given without a model method (a mistake, not a no-op: a missing
+    --ckpt ran the demo's baselines and exited 0)."""
+    model = any(m in MODEL_MODES for m in methods)
+    for key, default in MODEL_DEFAULTS.items():
+        if getattr(args, key) is not None and not model:
+            raise DemoError(f"--{key} is for the model's methods ({', '.join(MODEL_MODES)}), which --methods "
+                            f"{','.join(methods)} leaves out; leave it out")
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    return model
+
+
 def check_args(args, first: int, stop: int, methods: list[str]) -> float | None:
     """Refuse, before anything is written, what a sub-tool would only refuse after the frames are
     extracted (its message then follows a half-made --out): sampling settings, device, clip
     and its length, the checkpoint and outputs of an earlier run. Returns the clip's frame rate
     (None for a frame folder)."""
-    model = any(m in MODEL_MODES for m in methods)
+    model = model_flags(args, methods)
     if model and (problem := file_problem(args.ckpt)):
         raise DemoError(f"--ckpt {args.ckpt}: {problem}")
     try:  # checked as colorize_inference.py checks them

@@ -412,10 +412,23 @@ def test_prepare_frames_refuses_a_clip_shorter_than_the_range(tmp_path, first, s
         demo.prepare_frames(clip, first, stop, tmp_path / "data")
 
 
+@pytest.mark.parametrize("flag, value", [("--ckpt", "nope.safetensors"), ("--steps", "1000"), ("--size", "64"),
+                                         ("--device", "cpu")])
+def test_a_model_flag_without_a_model_method_is_refused(tmp_path, capsys, flag, value):
+    """A missing --ckpt (or --steps 1000, which a model method refuses) ran the baselines and
+    exited 0: the flags of the model's methods are refused without one, as colorize_inference.py
+    refuses them with a baseline."""
+    rc, _, err = run(["--methods", "reinhard,flow", flag, value, "--out", tmp_path / "demo"], capsys)
+    assert (rc, err) == (2, f"demo.py: error: {flag} is for the model's methods (fixed, recursive, anchored), which "
+                            "--methods reinhard,flow leaves out; leave it out\n")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_colourise_passes_the_demos_settings_to_colorize_inference(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(demo.colorize_inference, "main", lambda argv, stop_line: calls.append(argv) or 0)
     args = demo.parser().parse_args(["--size", "128", "--steps", "3", "--device", "cpu", "--overwrite"])
+    assert demo.model_flags(args, ["recursive"]) and args.ckpt == str(demo.TOY)  # the default, where not given
     data, ref, out = tmp_path / "data", tmp_path / "data" / "reference.png", tmp_path / "demo"
     demo.colourise("recursive", data, ref, out, args, 25.0)
     demo.colourise("flow", data, ref, out, demo.parser().parse_args([]), 30000 / 1001)
@@ -443,8 +456,9 @@ def test_a_failed_step_stops_the_demo_in_one_line_after_its_own(tmp_path, capsys
     assert not (tmp_path / "demo" / "report").exists()
 
 
-def test_checkpoint_is_not_needed_for_the_baselines_and_a_truncated_clip_is_one_line(tmp_path, capsys):
-    args = demo.parser().parse_args(["--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "demo")])
+def test_checkpoint_is_not_needed_for_the_baselines_and_a_truncated_clip_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(demo.MODEL_DEFAULTS, "ckpt", str(tmp_path / "nope.safetensors"))  # the toy model missing
+    args = demo.parser().parse_args(["--out", str(tmp_path / "demo")])
     demo.check_args(args, 100, 102, ["reinhard", "flow"])  # no model: no checkpoint to check
     full = write_video(panning_clip(12, 32, 48), tmp_path / "full.avi")
     cut = truncate_avi(full, tmp_path / "cut.avi", 6)  # its header still claims 12 frames
