@@ -68,11 +68,14 @@ def _fsync(path: Path, flags: int) -> None:
 
 
 def publish(tmp: Path, path: Path, replace: bool = True) -> None:
-    """Rename the finished `tmp` to `path`. Without `replace`, a file there (made by another run
+    """Rename the finished `tmp` to `path`, never over a named pipe, socket or device (OSError:
+    as root, /dev/null as the output became a regular file). Without `replace`, a file there (made by another run
     since its absence was checked) is kept and FileExistsError raised: a hard link, which never
     replaces, then the temporary name removed. Where links are not to be had (some network and
     FUSE file systems), a check just before an ordinary rename does it, which leaves a moment in
     which a file made by another run would be replaced."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):  # as root, /dev/null
+        raise OSError(errno.EINVAL, "a named pipe, socket or device is there; not replaced", str(path))
     if replace:
         os.replace(tmp, path)
         return
@@ -215,14 +218,16 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = Fa
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, name: str) -> Iterator[bool]:
     """try_lock on `folder`/`name` for a whole run that writes into `folder` (made if need be):
-    yields whether this process got it. A folder made for the lock alone is removed again if the
-    run leaves it empty (refused on its input, say)."""
+    yields whether this process got it. The folders made for the lock alone (the parents too) are
+    removed again if the run leaves them empty (refused on its input, say)."""
     folder = Path(folder)
-    made = not folder.exists()
+    made = [p for p in (folder, *folder.absolute().parents) if not p.exists()]  # deepest first
     try:
         with try_lock(folder / name, make_parent=True) as mine:
             yield mine
     finally:
-        if made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
+        for p in made:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                break

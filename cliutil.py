@@ -124,12 +124,15 @@ def out_folder_problem(flag: str, path: str | os.PathLike) -> str | None:
 
 def out_file_problem(flag: str | None, path: str | os.PathLike, *, new_folders: bool = True) -> str | None:
     """Why the output file given as `flag` (None: a positional argument, named by its path alone)
-    cannot be written at `path`, in one line: a folder there, a file or broken link in the way of
-    its folder (folder_problem), a folder that does not exist (with `new_folders=False`: the
+    cannot be written at `path`, in one line: a folder there, a named pipe, socket or device there
+    (as root, /dev/null was replaced by the output), a file or broken link in the way of its folder
+    (folder_problem), a folder that does not exist (with `new_folders=False`: the
     caller makes none), or one that refuses writes (not_writable); None if it can be written."""
     said = str(path) if flag is None else f"{flag} {path}"
     if os.path.isdir(path):
         return f"{said} is a folder"
+    if os.path.exists(path) and not os.path.isfile(path):  # the rename of a finished output would replace it
+        return f"{said}: {NOT_REGULAR}, which the output would replace; give the name of a file"
     return _unusable_folder(said, os.path.dirname(os.path.abspath(path)), must_exist=not new_folders)
 
 

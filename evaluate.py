@@ -272,7 +272,8 @@ def check_out(out: Path, keep_report: bool) -> None:
     already, before the scoring rather than after it."""
     if problem := out_folder_problem("--out", out):
         raise UsageError(problem)
-    report = [out / f for f in REPORT_FILES.values() if (out / f).exists()] if out.is_dir() else []
+    # lexists: a broken link there too (the report is published without replacing what is there)
+    report = [out / f for f in REPORT_FILES.values() if os.path.lexists(out / f)] if out.is_dir() else []
     for path in report:  # no rename replaces a folder: found now, not after the scoring (nor --overwrite advised)
         if path.is_dir() and not path.is_symlink():
             raise UsageError(f"--out {out}: {path} is a folder, where the report writes a file; move it away")

@@ -78,7 +78,7 @@ def check_output(sd_path: str | Path, out_path: Path, overwrite: bool) -> None:
         raise ValueError(f"{out_path}: is a folder; give a file name for the output")
     if out_path.exists() and Path(sd_path).exists() and os.path.samefile(sd_path, out_path):
         raise ValueError(f"{out_path}: is the input checkpoint {sd_path} itself; write to another file")
-    if out_path.exists() and not overwrite:
+    if os.path.lexists(out_path) and not overwrite:  # a broken link too: the output never replaces one
         raise CheckpointError(f"{out_path} exists (use --overwrite to replace it)")
     if problem := out_file_problem(None, out_path, new_folders=False):
         raise ValueError(problem)

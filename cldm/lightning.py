@@ -56,6 +56,9 @@ class ResumeRefusedError(CheckpointError):
         self.reason, self.detail, self.locked = reason, detail, locked
 
 
+NON_FINITE_FP16_STEPS = 10  # non-finite losses in a row that stop a 16-mixed run (its scaler skips single ones)
+
+
 class NonFiniteLossError(RuntimeError):
     """An optimiser step's loss is NaN or infinite (on any device): the step is not taken."""
 
@@ -96,6 +99,7 @@ class ColorControlModule(L.LightningModule):
         self._resumed_hparams: dict = {}  # the hyperparameters a resumed checkpoint records (data root, ...)
         self._resumed_batch: dict | None = None  # its batch_setup(), where it records one
         self._step_losses: list[torch.Tensor] = []  # this optimiser step's micro-batch losses so far
+        self._non_finite = 0  # optimiser steps in a row whose loss was not finite
         if compile:
             model.compile_denoiser()
         self.train()  # Lightning 2.x starts fit in the modules' current modes: set them now
@@ -165,11 +169,13 @@ class ColorControlModule(L.LightningModule):
             loss = torch.stack(self._step_losses).mean()
             self._step_losses.clear()
             self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
-            # Before the update: a diverged step (too high a --lr, a half-precision overflow) would
-            # make every weight NaN, and the run go on to export them with exit 0. Averaged over
-            # the devices first, so that every process stops at the same step (one host sync).
+            # Before the update: a diverged step (too high a --lr) would make every weight NaN, and
+            # the run go on to export them with exit 0. Averaged over the devices first, so that
+            # every process stops at the same step (one host sync). Under 16-mixed the loss scaler
+            # skips a step whose gradients overflow, so only a run of them stops the run there.
             total = self.trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
-            if not torch.isfinite(total):
+            self._non_finite = 0 if torch.isfinite(total) else self._non_finite + 1
+            if self._non_finite >= (NON_FINITE_FP16_STEPS if self.trainer.precision == "16-mixed" else 1):
                 raise NonFiniteLossError(self.trainer.global_step, float(total))
         opt = getattr(optimizer, "optimizer", optimizer)
         for g in opt.param_groups:

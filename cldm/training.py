@@ -387,17 +387,27 @@ def os_error_line(e: OSError, args, step: int) -> str | None:
 
 def non_finite_line(e, cfg, out: Path) -> str:
     """The line for a diverged run (cldm.lightning.NonFiniteLossError): stopped before the step's
-    update, no export; what to change before going on from the newest checkpoint."""
-    from cldm.resume import find_resume_checkpoint
+    update, no export; and where to go on from. A checkpoint of that step (or later) holds the
+    weights that gave the loss, so resuming from it meets the same loss whatever --lr is."""
+    from cldm.resume import list_checkpoints
 
     t = cfg.train
-    half = "" if str(t.precision).startswith("32") or str(t.precision) == "64" else \
-        f", or --precision 32 if {t.precision} overflowed"
-    newest = find_resume_checkpoint(out / "checkpoints")
-    kept = f"{newest.name} holds the weights from before; " if newest is not None else ""
-    return (f"{e} (averaged over the step's batches and devices): stopped before that step's update, with no "
-            f"export; {kept}lower --lr ({t.lr:g}){half}, or look for bad frames in the data, and rerun (or start over in "
-            "another --out)")
+    half = ", or --precision bf16-mixed or 32 (fp16 overflows)" if str(t.precision) in ("16", "16-mixed") else ""
+    found = list_checkpoints(out / "checkpoints")
+    gave = [p for step, _, p in found if step >= e.step]
+    earlier = [p for step, _, p in found if step < e.step]
+    lower = f"a lower --lr (now {t.lr:g}){half}"
+    if not gave:
+        where = f"rerun with {lower}" + (f" (it resumes from {earlier[-1].name})" if earlier else "")
+    elif earlier:
+        where = (f"{gave[0].name} holds the weights that gave it: move the checkpoints from it on out of "
+                 f"{out / 'checkpoints'} and rerun with {lower} (it resumes from {earlier[-1].name}), or start over "
+                 "in another --out")
+    else:
+        where = (f"{gave[0].name} holds the weights that gave it, so a rerun would meet it again: start over in "
+                 f"another --out with {lower}")
+    return f"{e} (averaged over the step's batches and devices): stopped before that step's update, with no " \
+           f"export; {where}; or look for bad frames in the data"
 
 
 def fit(args, cfg, trainer, module, dm, resume) -> int:

@@ -213,11 +213,11 @@ class CrossDeviceCopies(TorchDispatchMode):
 def stops_in_second_write(write, calls: list):
     """`write` (path, data) that records each file name in `calls` and raises KeyboardInterrupt
     once, in the second call (Ctrl-C landing in the write of f1): the writer must write it again."""
-    def stopped_once(path, data):
+    def stopped_once(path, data, **kw):
         calls.append(path.name)
         if calls == ["f0.png", "f1.png"]:
             raise KeyboardInterrupt
-        return write(path, data)
+        return write(path, data, **kw)
     return stopped_once
 
 

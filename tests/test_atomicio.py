@@ -436,3 +436,45 @@ def test_publish_without_replace_keeps_a_file_that_appeared_and_replaces_nothing
     new = write_bytes_atomic(tmp_path / "b.png", b"ours", replace=False)
     assert new.read_bytes() == b"ours" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
     assert write_bytes_atomic(target, b"ours").read_bytes() == b"ours"  # replace=True, the default: replaced
+
+
+def test_publish_never_replaces_a_named_pipe_socket_or_device(tmp_path):
+    """Run as root, `--out /dev/null` had its output renamed over /dev/null, which became a regular
+    file. A target that is a named pipe (as a device, which needs root to make) is refused, left
+    as it was, and no temporary file stays."""
+    import stat
+
+    pipe = tmp_path / "out.png"
+    os.mkfifo(pipe)
+    for replace in (True, False):
+        with pytest.raises(OSError) as e:
+            write_bytes_atomic(pipe, b"png", replace=replace)
+        assert e.value.errno == errno.EINVAL and e.value.filename == str(pipe)
+        assert "a named pipe, socket or device is there; not replaced" in str(e.value)
+        assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and sorted(tmp_path.iterdir()) == [pipe]
+
+
+def test_without_replace_a_broken_link_counts_as_there(tmp_path):
+    """os.link never replaces a link, broken or not; the tools' checks at their start take a broken
+    link as an output there (lexists), so that publishing it is not refused only after the work."""
+    link = tmp_path / "a.png"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        write_bytes_atomic(link, b"ours", replace=False)
+    assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
+    assert write_bytes_atomic(link, b"ours").read_bytes() == b"ours" and not link.is_symlink()  # --overwrite's
+
+
+def test_folder_lock_removes_the_folders_it_made_if_left_empty(tmp_path):
+    """A run refused after taking the lock (by another run's lock, or its input) leaves none of the
+    folders the lock made, parents included; a folder with anything in it stays."""
+    from atomicio import folder_lock
+
+    with folder_lock(tmp_path / "a" / "b" / "out", ".run.lock") as mine:
+        assert mine and (tmp_path / "a" / "b" / "out" / ".run.lock").exists()
+        with folder_lock(tmp_path / "a" / "b" / "out", ".run.lock") as second:
+            assert not second
+    assert list(tmp_path.iterdir()) == []
+    with folder_lock(tmp_path / "a" / "out", ".run.lock"):
+        (tmp_path / "a" / "out" / "config.yaml").write_text("run")
+    assert sorted(p.name for p in (tmp_path / "a" / "out").iterdir()) == ["config.yaml"]

@@ -445,6 +445,10 @@ def test_out_file_problem_says_why_a_file_cannot_be_written_there(tmp_path, monk
         assert out_file_problem("--video", ro / "v.mp4", new_folders=new_folders) \
             == f"--video {ro / 'v.mp4'}: {ro} is not writable"
     assert out_file_problem("--video", ro / "sub" / "v.mp4") == f"--video {ro / 'sub' / 'v.mp4'}: {ro} is not writable"
+    os.mkfifo(tmp_path / "pipe.png")  # as a device (/dev/null, which root's rename replaced with the output)
+    for where in (tmp_path / "pipe.png", os.devnull):
+        assert out_file_problem("--out", where) == (f"--out {where}: not a regular file (a named pipe, socket or "
+                                                    "device), which the output would replace; give the name of a file")
 
 
 def test_out_folder_problem_names_the_folder_that_refuses_writes(tmp_path, monkeypatch):

@@ -576,6 +576,39 @@ def test_the_logged_loss_is_the_mean_of_the_steps_micro_batches_synced_over_devi
     assert calls[0] == ("train/loss", {"on_step": True, "on_epoch": False, "sync_dist": True})
 
 
+def test_a_non_finite_loss_stops_before_the_update_at_once_or_after_a_run_of_them_under_16_mixed():
+    """The loss is checked before each optimiser step: one that is not finite stops the run
+    (NonFiniteLossError, naming the step); under 16-mixed the loss scaler skips a step whose
+    gradients overflow, so only NON_FINITE_FP16_STEPS in a row stop it, and a finite one between
+    starts the count again."""
+    from types import SimpleNamespace
+
+    from cldm.lightning import NON_FINITE_FP16_STEPS, NonFiniteLossError
+
+    module = ColorControlModule(tiny_model("v2"), lr=1e-3)
+    module.log = lambda *a, **k: None
+    opt = SimpleNamespace(param_groups=[])
+
+    def step(loss, precision="bf16-mixed", at=7):
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t), global_step=at,
+                                          precision=precision)
+        module._step_losses = [torch.tensor(loss)]
+        module.on_before_optimizer_step(opt)
+
+    step(1.0)
+    with pytest.raises(NonFiniteLossError, match=r"^the loss at step 7 is nan$") as e:
+        step(float("nan"))
+    assert (e.value.step, math.isnan(e.value.loss)) == (7, True)
+    module._non_finite = 0
+    for k in range(NON_FINITE_FP16_STEPS - 1):
+        step(float("inf"), "16-mixed")
+    step(2.0, "16-mixed")  # a finite one: the count starts again
+    for k in range(NON_FINITE_FP16_STEPS - 1):
+        step(float("inf"), "16-mixed")
+    with pytest.raises(NonFiniteLossError, match=r"^the loss at step 3 is inf$"):
+        step(float("inf"), "16-mixed", at=3)
+
+
 def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

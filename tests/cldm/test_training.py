@@ -767,3 +767,32 @@ def test_what_lightning_raises_from_fit(tmp_path):
     with pytest.raises(KeyboardInterrupt) as e:
         training.fit(a, None, raises(KeyboardInterrupt()), None, None, None)
     assert str(e.value) == "interrupted; no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
+
+
+def test_the_line_after_a_non_finite_loss_says_where_a_rerun_goes_on_from(tmp_path):
+    """A checkpoint of the step whose loss was not finite (or later) holds the weights that gave
+    it: a rerun from there meets it again, so the line says to move those away (naming the one a
+    rerun then resumes from) or to start over; without one, a rerun with a lower --lr goes on."""
+    from cldm.lightning import NonFiniteLossError
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    cfg = load_config(TINY_CONFIG, ["train.lr=0.001", "train.precision=16-mixed"])
+    e = NonFiniteLossError(5, float("nan"))
+    head = ("the loss at step 5 is nan (averaged over the step's batches and devices): stopped before that step's "
+            "update, with no export; ")
+    lower = "a lower --lr (now 0.001), or --precision bf16-mixed or 32 (fp16 overflows)"
+    tail = "; or look for bad frames in the data"
+    assert training.non_finite_line(e, cfg, tmp_path) == f"{head}rerun with {lower}{tail}"
+    training_ckpt(ckpts / "step=00000003.ckpt", 3)
+    assert training.non_finite_line(e, cfg, tmp_path) == \
+        f"{head}rerun with {lower} (it resumes from step=00000003.ckpt){tail}"
+    training_ckpt(ckpts / "step=00000005.ckpt", 5)
+    assert training.non_finite_line(e, cfg, tmp_path) == (
+        f"{head}step=00000005.ckpt holds the weights that gave it: move the checkpoints from it on out of {ckpts} "
+        f"and rerun with {lower} (it resumes from step=00000003.ckpt), or start over in another --out{tail}")
+    (ckpts / "step=00000003.ckpt").unlink()
+    bf16 = load_config(TINY_CONFIG, ["train.lr=0.001", "train.precision=bf16-mixed"])
+    assert training.non_finite_line(e, bf16, tmp_path) == (
+        f"{head}step=00000005.ckpt holds the weights that gave it, so a rerun would meet it again: start over in "
+        f"another --out with a lower --lr (now 0.001){tail}")

@@ -37,9 +37,9 @@ def levels(folder) -> dict:
 def logged_writes(monkeypatch):
     log = []
 
-    def write(path, data):
+    def write(path, data, **kw):
         log.append(f"wrote {path.name}")
-        return write_bytes_atomic(path, data)
+        return write_bytes_atomic(path, data, **kw)
     monkeypatch.setattr(O, "write_bytes_atomic", write)
     return log
 
@@ -90,10 +90,10 @@ def test_an_existing_output_is_refused_and_the_source_closed_before_the_frames_m
 
 
 def test_a_failed_write_names_its_file_and_stops_the_count_there(tmp_path, monkeypatch):
-    def full(path, data):
+    def full(path, data, **kw):
         if path.name == "f1.png":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write_bytes_atomic(path, data)
+        return write_bytes_atomic(path, data, **kw)
     monkeypatch.setattr(O, "write_bytes_atomic", full)
     monkeypatch.setattr(O, "PNG_THREADS", 1)
     writer = O.OrderedWriter(tmp_path, 10)
@@ -114,10 +114,10 @@ def test_closing_the_stream_writes_the_frames_made_unless_the_disk_refuses(tmp_p
     assert logged_writes == ["made 0", "made 1", "made 2", "wrote f0.png", "closed", "wrote f1.png", "wrote f2.png"]
     assert writer.count == 3
 
-    def fails_at_f2(path, data):
+    def fails_at_f2(path, data, **kw):
         if path.name == "f2.png":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write_bytes_atomic(path, data)
+        return write_bytes_atomic(path, data, **kw)
     monkeypatch.setattr(O, "write_bytes_atomic", fails_at_f2)
     writer = O.OrderedWriter(tmp_path / "b", 0)
     stream = writer.written(lambda: made(4))

@@ -767,17 +767,21 @@ def test_a_second_ctrl_c_while_the_outputs_are_drained_leaves_none_uncounted(env
     """Ctrl-C as the first PNG is renamed into place, and again as the next is, in the drain of
     those already made: the second landed between that rename and its count, so the line said one
     output fewer than were on disk, and the --frames N: it advised was refused (N's PNG exists).
-    Real signals, as the handler runs them: after the rename returns."""
-    rename = os.replace
+    Real signals, as the handler runs them: after the rename (the hard link that publishes a PNG
+    without replacing anything) returns."""
+    rename, link = os.replace, os.link
     renames = []
 
-    def signal_after_rename(src, dst):
-        rename(src, dst)
-        if str(dst).endswith(".png"):
-            renames.append(dst)
-            if len(renames) <= 2:  # to this thread: not run late by another (one held is delivered as it ends)
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-    monkeypatch.setattr(os, "replace", signal_after_rename)
+    def after(publish):
+        def signal_after_rename(src, dst):
+            publish(src, dst)
+            if str(dst).endswith(".png"):
+                renames.append(dst)
+                if len(renames) <= 2:  # to this thread: not run late by another (one held is delivered as it ends)
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return signal_after_rename
+    monkeypatch.setattr(os, "replace", after(rename))
+    monkeypatch.setattr(os, "link", after(link))
     out = tmp_path / "out"
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out,
             "--no-progress"]
@@ -791,6 +795,7 @@ def test_a_second_ctrl_c_while_the_outputs_are_drained_leaves_none_uncounted(env
         rf"--frames {len(written)}: continues", line), (line, written)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no video, no temporary files
     monkeypatch.setattr(os, "replace", rename)
+    monkeypatch.setattr(os, "link", link)
     rc, _, err = run([*args, "--frames", f"{len(written)}:"], capsys)
     assert rc == 0, err
     if video:
@@ -1077,6 +1082,20 @@ def test_an_output_another_run_writes_meanwhile_is_kept(env, tmp_path, capsys, m
     assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png"]  # no temporary file left
 
 
+def test_a_broken_link_at_an_output_is_an_output_there(env, tmp_path, capsys):
+    """Outputs are published without replacing what is there, and a link (broken too) is there:
+    refused as an existing output, not after the frames before it were made with a claim that
+    another run wrote it; --overwrite replaces the link."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f1.png").symlink_to(tmp_path / "nowhere.png")
+    args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out, "--no-progress"]
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and f"{out / 'f1.png'} exists; pass --overwrite to replace it" in err.splitlines()[-1], err
+    assert (out / "f1.png").is_symlink()
+    assert run([*args, "--overwrite"], capsys)[0] == 0 and not (out / "f1.png").is_symlink()
+
+
 def test_an_interrupt_before_any_output_says_so(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(L, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--ckpt", env["ckpt"], *FAST,
@@ -1346,11 +1365,11 @@ def test_a_full_disk_names_the_file_it_could_not_write(env, tmp_path, capsys, mo
 
     real, written = O.write_bytes_atomic, []
 
-    def filling(path, data):
+    def filling(path, data, **kw):
         if written:
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(path)
-        real(path, data)
+        real(path, data, **kw)
 
     monkeypatch.setattr(O, "write_bytes_atomic", filling)
     out = tmp_path / "out"
@@ -2067,8 +2086,8 @@ def test_pngs_are_encoded_in_threads_while_the_next_frames_are_made_and_written_
     monkeypatch.setattr(O, "PNG_THREADS", 2)
     monkeypatch.setattr(M, "iter_baseline", made)
     monkeypatch.setattr(O, "encode_png", encoded)
-    monkeypatch.setattr(O, "write_bytes_atomic", lambda path, data: log.append(f"wrote {path.name}") or
-                        write(path, data))
+    monkeypatch.setattr(O, "write_bytes_atomic", lambda path, data, **kw: log.append(f"wrote {path.name}") or
+                        write(path, data, **kw))
     args = ["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--no-progress"]
     assert run([*args, "--out", tmp_path / "out"], capsys)[0] == 0
     assert log == ["made 0", "made 1", "made 2", "wrote f0.png", "made 3", "wrote f1.png", "wrote f2.png",
@@ -2103,9 +2122,9 @@ def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp
     are drained as those inside the loop are."""
     write, calls = O.write_bytes_atomic, []
 
-    def stopped_after_the_rename(path, data):
+    def stopped_after_the_rename(path, data, **kw):
         calls.append(path.name)
-        done = write(path, data)
+        done = write(path, data, **kw)
         if calls == ["f0.png", "f1.png", "f2.png"]:  # the first write after the loop (4 frames, 2 pending)
             raise KeyboardInterrupt
         return done
@@ -2145,11 +2164,11 @@ def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_cou
     writer's error is the one reported, with the count of what was written."""
     write, calls = O.write_bytes_atomic, []
 
-    def disk_fills_at_f2(path, data):
+    def disk_fills_at_f2(path, data, **kw):
         calls.append(path.name)
         if path.name == "f2.png":
             raise OSError(28, "No space left on device")
-        return write(path, data)
+        return write(path, data, **kw)
 
     def stopped_after_two(path, frames, fps, audio_from=None, times=None):
         for k, _ in enumerate(frames):
