@@ -68,12 +68,12 @@ def _fsync(path: Path, flags: int) -> None:
 
 
 def publish(tmp: Path, path: Path, replace: bool = True) -> None:
-    """Rename the finished `tmp` to `path`, never over a named pipe, socket or device (OSError:
-    as root, /dev/null as the output became a regular file). Without `replace`, a file there (made by another run
-    since its absence was checked) is kept and FileExistsError raised: a hard link, which never
-    replaces, then the temporary name removed. Where links are not to be had (some network and
-    FUSE file systems), a check just before an ordinary rename does it, which leaves a moment in
-    which a file made by another run would be replaced."""
+    """Rename the finished `tmp` to `path`, never over a named pipe, socket or device (OSError;
+    as root, an output named /dev/null replaced the device). Without `replace`, a file there (made
+    by another run since its absence was checked) is kept and FileExistsError raised: a hard link,
+    which never replaces, then the temporary name removed. Where links are not to be had (some
+    network and FUSE file systems), a check just before an ordinary rename does it, which leaves
+    a moment in which a file made by another run would be replaced."""
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):  # as root, /dev/null
         raise OSError(errno.EINVAL, "a named pipe, socket or device is there; not replaced", str(path))
     if replace:

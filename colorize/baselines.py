@@ -167,6 +167,7 @@ class _Held:
 
     def __init__(self, ram: int | None = None, folder: str | Path | None = None):
         self.ram, self.folder = ram, folder
+        self.where = folder or tempfile.gettempdir()  # as errors name it
         self.items = []  # the arrays; once spilled, (offset, shape, dtype) of each in the file
         self.file, self.end, self.in_ram = None, 0, 0
 
@@ -178,7 +179,7 @@ class _Held:
             try:
                 self.file = tempfile.TemporaryFile(dir=self.folder)
             except OSError as e:
-                raise OSError(f"cannot make a temporary file in {self.folder or tempfile.gettempdir()} for "
+                raise OSError(f"cannot make a temporary file in {self.where} for "
                               f"flow's waiting frames: {e.strerror or e}") from None
             self.items, self.in_ram = [self._write(x) for x in self.items], 0
         if self.file is None:
@@ -194,7 +195,7 @@ class _Held:
             self.file.write(a.data.cast("B"))
         except OSError as e:  # a full disk's error names no file (and this one has none)
             raise OSError(f"cannot hold flow's waiting frames in a temporary file in "
-                          f"{self.folder or tempfile.gettempdir()}: {e.strerror or e}") from None
+                          f"{self.where}: {e.strerror or e}") from None
         self.end += a.nbytes
         return self.end - a.nbytes, a.shape, a.dtype
 
@@ -208,7 +209,7 @@ class _Held:
         a = np.empty(shape, dtype)
         self.file.seek(offset)
         if self.file.readinto(a.data.cast("B")) != a.nbytes:
-            raise OSError(f"flow's temporary file in {self.folder or tempfile.gettempdir()} came back short")
+            raise OSError(f"flow's temporary file in {self.where} came back short")
         return a
 
     def pop(self) -> np.ndarray:

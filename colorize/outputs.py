@@ -50,7 +50,7 @@ class OrderedWriter:
         self.out, self.overwrite, self.keep_rgb = Path(out), overwrite, keep_rgb
         self.count = 0
         self.next_frame = start
-        self._tried: set[Path] = set()  # outputs whose write began: one done again after a stop may replace its own
+        self._trying: Path | None = None  # the output being written: done again after a stop, it may replace its own
 
     def _write_first(self, pending: deque) -> np.ndarray | None:
         """Write the first of `pending` (target, its PNG being encoded, rgb); taken off once written,
@@ -61,11 +61,10 @@ class OrderedWriter:
         # outputs) left a complete output uncounted, so the --frames N: advised was refused: it exists
         with signals_deferred():
             try:  # never over a file another run made since the check at its start (not this run's to replace)
-                replace = self.overwrite or target in self._tried
-                self._tried.add(target)
+                replace, self._trying = self.overwrite or target == self._trying, target
                 write_bytes_atomic(target, data, replace=replace)
             except FileExistsError:  # another run's: this one stops before it, as at an output there already
-                self._tried.discard(target)
+                self._trying = None
                 pending.clear()  # the frames after it are not written either (the outputs stay the first so many)
                 raise OutputExistsError(f"{target} exists; pass --overwrite to replace it") from None
             except OSError as e:  # a full disk's error names no file
