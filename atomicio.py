@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 __all__ = ["temp_beside", "temp_glob", "atomic_path", "write_bytes_atomic", "publish", "sync_tree", "sync_folder",
-           "try_lock", "folder_lock"]
+           "try_lock", "folder_lock", "removed_if_left_empty"]
 
 
 def _temp_name(path: Path, keep_suffix: bool, token: str) -> str:
@@ -216,18 +216,26 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = Fa
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, name: str) -> Iterator[bool]:
-    """try_lock on `folder`/`name` for a whole run that writes into `folder` (made if need be):
-    yields whether this process got it. The folders made for the lock alone (the parents too) are
-    removed again if the run leaves them empty (refused on its input, say)."""
+def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[None]:
+    """On the way out, remove again the folders on the way to `folder` (itself included) that did
+    not exist on the way in, deepest first, as far as they are left empty: what a run that wrote
+    nothing there (refused, failed) made for its output."""
     folder = Path(folder)
     made = [p for p in (folder, *folder.absolute().parents) if not p.exists()]  # deepest first
     try:
-        with try_lock(folder / name, make_parent=True) as mine:
-            yield mine
+        yield
     finally:
         for p in made:
             try:
                 p.rmdir()  # only if empty
             except OSError:
                 break
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str) -> Iterator[bool]:
+    """try_lock on `folder`/`name` for a whole run that writes into `folder` (made if need be):
+    yields whether this process got it. The folders made for the lock alone (the parents too) are
+    removed again if the run leaves them empty (refused on its input, say)."""
+    with removed_if_left_empty(folder), try_lock(Path(folder) / name, make_parent=True) as mine:
+        yield mine

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from atomicio import removed_if_left_empty
 from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, one_line, out_folder_problem, path_arg,
                      quiet_opencv, quiet_startup_signals, run_cli)
 
@@ -102,20 +103,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1 (got {args.workers})")
     if problem := out_folder_problem("--out", args.out):  # else a raw "[Errno 20] Not a directory"
         raise ValueError(problem)
-    made = [p for p in (Path(args.out), *Path(args.out).absolute().parents) if not p.exists()]  # deepest first
-    try:  # what the checks above cannot see (/proc/x, /sys/x): the OS's bare "[Errno 2] ...: '/proc/x'"
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"--out {args.out}: cannot make the folder ({e.strerror or one_line(e)})") from None
-    try:  # Ctrl-C or SIGTERM stops the workers and removes the partial output of unfinished movies
+    with removed_if_left_empty(args.out):  # a run that built nothing (every input bad) leaves no DATA_ROOT it made
+        try:  # what the checks above cannot see (/proc/x, /sys/x): the OS's bare "[Errno 2] ...: '/proc/x'"
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"--out {args.out}: cannot make the folder ({e.strerror or one_line(e)})") from None
+        # Ctrl-C or SIGTERM stops the workers and removes the partial output of unfinished movies
         summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
                             strict=args.strict, progress=not args.no_progress)
-    finally:  # a run that built nothing (every input bad) leaves no DATA_ROOT it made
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty
-                break
     print(summary.text())
     if summary.stopped:
         return 2

@@ -37,7 +37,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from annotator.color import to_uint8  # noqa: E402
-from atomicio import publish, temp_beside  # noqa: E402
+from atomicio import publish, removed_if_left_empty, temp_beside  # noqa: E402
 from cliutil import signals_deferred  # noqa: E402
 from colorize import metrics as M  # noqa: E402
 
@@ -289,48 +289,43 @@ def _publish(out: Path, files: Mapping[Path, bytes], stale: Sequence[Path] = (),
     check can foresee) removes the files renamed before it. Its OSError names the file (or
     folder) that could not be written, which the bare "[Errno 28] No space left on device"
     does not, and says what became of the report."""
-    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
-    temps: list[Path] = []
-    renamed: list[Path] = []
-    replaced = [t for t in files if os.path.lexists(t)]  # an earlier report's files
-    target, published = out, False
-    try:
-        for target in files:
-            if target.is_dir() and not target.is_symlink():  # a link is replaced, not its folder
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
-        out.mkdir(parents=True, exist_ok=True)
-        for target, data in files.items():
-            temps.append(temp_beside(target))
-            _write_file(temps[-1], data)
-        with signals_deferred():
-            for tmp, target in zip(temps, files):
-                publish(tmp, target, replace)  # without `replace`, not over another run's file made meanwhile
-                renamed.append(target)
-            published = True
-            for path in stale:  # the new report is whole: one that cannot go stays, and is no reason to undo it
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
-    except BaseException as e:
-        if published:  # a Ctrl-C or SIGTERM held during the renames, raised now: the report is whole
-            raise
-        for path in temps + renamed:
-            path.unlink(missing_ok=True)
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not made after all, or not empty
-                break
-        if not isinstance(e, OSError):
-            raise
-        reason = e.strerror or str(e) or type(e).__name__
-        if e.errno == errno.EEXIST and not replace:
-            reason = "another run wrote it meanwhile; pass --overwrite to replace it"
-        lost = ", ".join(t.name for t in renamed if t in replaced)
-        error = OSError(f"{target}: cannot write the report ({reason}); "
-                        + ("nothing of it is left" if renamed else "nothing of it was written")
-                        + (f"; the earlier report's {lost}, which it had replaced, are gone" if lost else ""))
-        error.errno = e.errno
-        raise error from e
+    with removed_if_left_empty(out):  # a failed write leaves none of the folders made for it
+        temps: list[Path] = []
+        renamed: list[Path] = []
+        replaced = [t for t in files if os.path.lexists(t)]  # an earlier report's files
+        target, published = out, False
+        try:
+            for target in files:
+                if target.is_dir() and not target.is_symlink():  # a link is replaced, not its folder
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+            out.mkdir(parents=True, exist_ok=True)
+            for target, data in files.items():
+                temps.append(temp_beside(target))
+                _write_file(temps[-1], data)
+            with signals_deferred():
+                for tmp, target in zip(temps, files):
+                    publish(tmp, target, replace)  # without `replace`, not over another run's file made meanwhile
+                    renamed.append(target)
+                published = True
+                for path in stale:  # the new report is whole: one that cannot go stays, and is no reason to undo it
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+        except BaseException as e:
+            if published:  # a Ctrl-C or SIGTERM held during the renames, raised now: the report is whole
+                raise
+            for path in temps + renamed:
+                path.unlink(missing_ok=True)
+            if not isinstance(e, OSError):
+                raise
+            reason = e.strerror or str(e) or type(e).__name__
+            if e.errno == errno.EEXIST and not replace:
+                reason = "another run wrote it meanwhile; pass --overwrite to replace it"
+            lost = ", ".join(t.name for t in renamed if t in replaced)
+            error = OSError(f"{target}: cannot write the report ({reason}); "
+                            + ("nothing of it is left" if renamed else "nothing of it was written")
+                            + (f"; the earlier report's {lost}, which it had replaced, are gone" if lost else ""))
+            error.errno = e.errno
+            raise error from e
 
 
 def write_report(
