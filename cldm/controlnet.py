@@ -12,9 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ldm.modules.unet import UNetConfigMixin, UNetModel, zero_module
+from ldm.modules.unet import UNetEncoderMixin, UNetModel, zero_module
 
-HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)  # fixed by the ControlNet release; downsamples by 8
+# (out channels, stride) of the hint block's 3x3 convs, each followed by SiLU: fixed by the
+# ControlNet release; the three stride-2 convs bring the hint image to latent size (/8)
+HINT_LAYERS = ((16, 1), (16, 1), (32, 2), (32, 1), (96, 2), (96, 1), (256, 2))
 
 
 class ControlledUnetModel(UNetModel):
@@ -35,7 +37,7 @@ class ControlledUnetModel(UNetModel):
         return self.decode(h, skips, emb, context, x.dtype)
 
 
-class ControlNet(UNetConfigMixin, nn.Module):
+class ControlNet(UNetEncoderMixin, nn.Module):
     """The UNet's keyword arguments (minus out_channels) plus `hint_channels`; nothing else."""
 
     def __init__(self, in_channels: int, hint_channels: int, model_channels: int, num_res_blocks: int,
@@ -43,16 +45,16 @@ class ControlNet(UNetConfigMixin, nn.Module):
                  context_dim: int, transformer_depth: int = 1, dropout: float = 0.0,
                  use_checkpoint: bool = False, use_linear_in_transformer: bool = True):
         super().__init__()
-        chans, ch, *_ = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
-                                         channel_mult, num_head_channels, context_dim, transformer_depth,
-                                         dropout, use_checkpoint, use_linear_in_transformer)
+        chans, ch, *_ = self._build_encoder(in_channels, model_channels, num_res_blocks, attention_resolutions,
+                                            channel_mult, num_head_channels, context_dim, transformer_depth,
+                                            dropout, use_checkpoint, use_linear_in_transformer)
         self.zero_convs = nn.ModuleList(nn.Sequential(zero_module(nn.Conv2d(c, c, 1))) for c in chans)
         layers: list[nn.Module] = []
-        widths = (hint_channels,) + HINT_WIDTHS
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
-            stride = 2 if i in (2, 4, 6) else 1
+        c_in = hint_channels
+        for c_out, stride in HINT_LAYERS:
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
-        layers.append(zero_module(nn.Conv2d(HINT_WIDTHS[-1], model_channels, 3, padding=1)))
+            c_in = c_out
+        layers.append(zero_module(nn.Conv2d(c_in, model_channels, 3, padding=1)))
         self.input_hint_block = nn.Sequential(*layers)
         self.middle_block_out = nn.Sequential(zero_module(nn.Conv2d(ch, ch, 1)))
 
@@ -62,13 +64,6 @@ class ControlNet(UNetConfigMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, guided_hint: torch.Tensor, timesteps: torch.Tensor,
                 context: torch.Tensor) -> list[torch.Tensor]:
-        emb = self.embed_time(timesteps)
-        outs, h = [], x
-        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
-            if i == 0:
-                h = h + guided_hint
-            outs.append(zero_conv(h))
-        h = self.middle_block(h, emb, context)
-        outs.append(self.middle_block_out(h))
-        return outs
+        """The residuals for the UNet's skips, then for its middle block."""
+        h, skips = self.encode(x, self.embed_time(timesteps), context, hint=guided_hint)
+        return [zero_conv(s) for zero_conv, s in zip(self.zero_convs, skips)] + [self.middle_block_out(h)]

@@ -181,7 +181,7 @@ TIED = {"model.latent_channels": ("model.first_stage.embed_dim",)}  # a key's pr
 
 def _latent_mismatch(m: dict) -> tuple[str, str] | None:
     """The UNet's latent_channels must be the VAE latent's (first_stage.embed_dim), and the VAE
-    must downsample by 8 as the ControlNet hint block does (HINT_WIDTHS): either mismatch builds,
+    must downsample by 8 as the ControlNet hint block does (HINT_LAYERS): either mismatch builds,
     then fails at the first step with a bare size error from a convolution or an add."""
     first = m.get("first_stage")
     ch_mult = (first.get("ddconfig") or {}).get("ch_mult") if isinstance(first, dict) else None

@@ -92,13 +92,14 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetConfigMixin:
-    """Shared constructor pieces of the UNet and the ControlNet (its trainable encoder copy).
+class UNetEncoderMixin:
+    """The half that the UNet and the ControlNet (its trainable copy) share: time embedding,
+    encoder blocks and middle block, built and run the same way.
 
-    `_init_common` builds time embedding, encoder and middle block, and returns the encoder's
-    skip widths plus the block builders, so the UNet can build a decoder that mirrors it."""
+    `_build_encoder` returns the encoder's skip widths plus the block builders, so the UNet can
+    build a decoder that mirrors it."""
 
-    def _init_common(self, in_channels: int, model_channels: int, num_res_blocks: int,
+    def _build_encoder(self, in_channels: int, model_channels: int, num_res_blocks: int,
                      attention_resolutions: Sequence[int], channel_mult: Sequence[int],
                      num_head_channels: int, context_dim: int, transformer_depth: int,
                      dropout: float, use_checkpoint: bool, use_linear_in_transformer: bool = True):
@@ -139,8 +140,20 @@ class UNetConfigMixin:
         t_emb = timestep_embedding(timesteps, self.model_channels)
         return self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
 
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+               hint: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(middle block output, every encoder block's output: the skips). `hint`, the ControlNet's
+        hint features, is added to the first block's output."""
+        skips, h = [], x
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, context)
+            if i == 0 and hint is not None:
+                h = h + hint
+            skips.append(h)
+        return self.middle_block(h, emb, context), skips
 
-class UNetModel(UNetConfigMixin, nn.Module):
+
+class UNetModel(UNetEncoderMixin, nn.Module):
     """Takes exactly these keyword arguments, so a misspelt config key is an error, not a no-op."""
 
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
@@ -148,9 +161,10 @@ class UNetModel(UNetConfigMixin, nn.Module):
                  context_dim: int, transformer_depth: int = 1, dropout: float = 0.0,
                  use_checkpoint: bool = False, use_linear_in_transformer: bool = True):
         super().__init__()
-        chans, ch, ds, res, attn = self._init_common(in_channels, model_channels, num_res_blocks, attention_resolutions,
-                                          channel_mult, num_head_channels, context_dim, transformer_depth,
-                                          dropout, use_checkpoint, use_linear_in_transformer)
+        chans, ch, ds, res, attn = self._build_encoder(in_channels, model_channels, num_res_blocks,
+                                                       attention_resolutions, channel_mult, num_head_channels,
+                                                       context_dim, transformer_depth, dropout, use_checkpoint,
+                                                       use_linear_in_transformer)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -165,13 +179,6 @@ class UNetModel(UNetConfigMixin, nn.Module):
         # ch = model_channels * channel_mult[0]; the reference writes model_channels for the conv's
         # input, which is the same for SD (mult 1) and a shape error at the first forward otherwise.
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
-
-    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor):
-        skips, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        return self.middle_block(h, emb, context), skips
 
     def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
