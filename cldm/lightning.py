@@ -24,6 +24,7 @@ import torch
 
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
+from cldm.color import split_hint
 from cldm.resume import resume_misfit
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer,
                             configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
@@ -386,7 +387,8 @@ class ColorControlModule(L.LightningModule):
                 truth = self.model.decode_first_stage(b["jpg_latent_mean"].float() * self.model.scale_factor)
         finally:
             self.train(was_training)
-        ref, gray = hint[:, :3], hint[:, 3:].expand(-1, 3, -1, -1)
+        ref, gray = split_hint(hint)
+        gray = gray.expand(-1, 3, -1, -1)
         cols = [ref, gray, (sample.float() + 1) / 2, (truth.float() + 1) / 2]
         import torchvision
         tiles = torch.stack([c.clamp(0, 1).float().cpu() for c in cols], dim=1).flatten(0, 1)

@@ -219,9 +219,6 @@ class DiagonalGaussian:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=dtype)
         return self.mean + self.std * noise
 
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
 
 def keyword_names(cls: type) -> set[str]:
     """The keyword arguments `cls(...)` takes, by its signature: for refusing unknown config keys by name."""
@@ -230,7 +227,8 @@ def keyword_names(cls: type) -> set[str]:
 
 
 class AutoencoderKL(nn.Module):
-    """KL-regularised autoencoder; the latent diffusion model works on `sample()`/`mode()` of `encode`.
+    """KL-regularised autoencoder; the latent diffusion model works on the posterior `encode` returns:
+    its `mean` (inference, the latent cache) or a `sample()` (a training target).
 
     Latents are *unscaled* here; the diffusion model's `scale_factor` (0.18215 for SD) is applied
     by the caller.
@@ -252,7 +250,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(**{k: v for k, v in ddconfig.items() if k in dec_keys})
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.embed_dim = embed_dim
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
