@@ -97,7 +97,7 @@ def load_vae(config_path, ckpt_path, allow_pickle: bool = False):
 
     from cldm.checkpoint import load_state_dict
     from cldm.checkpoint_fit import compare_state_dict, guess_kind, misfit
-    from cldm.model import model_config
+    from cldm.config import model_config
     from cldm.weights_config import load_resolved_config, resolve_config
     from ldm.modules.autoencoder import AutoencoderKL
 

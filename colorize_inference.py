@@ -54,7 +54,7 @@ from omegaconf import DictConfig  # noqa: E402
 from annotator.video import FrameSourceError, SourceInfo, decode_image, list_frame_files, probe  # noqa: E402
 from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError, check_checkpoint_file  # noqa: E402
-from cldm.model import ConfigError  # noqa: E402
+from cldm.config import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from colorize import audio as A, methods as M, outputs as O, resume_advice as R  # noqa: E402
 from colorize.frames_io import even_size, progress_bar, write_video_atomic  # noqa: E402

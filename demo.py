@@ -42,7 +42,7 @@ from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import FrameRangeError, FrameSourceError, iter_frames, probe  # noqa: E402
 from atomicio import folder_lock  # noqa: E402
 from cldm.checkpoint import CheckpointError  # noqa: E402
-from cldm.model import ConfigError  # noqa: E402
+from cldm.config import ConfigError  # noqa: E402
 from colorize import loading  # noqa: E402
 from colorize.gray import to_gray  # noqa: E402
 from colorize.metrics import check_flow_size  # noqa: E402

@@ -38,7 +38,8 @@ from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint  #
 from cldm.checkpoint_fit import CONTROL, guess_kind  # noqa: E402
 from cldm.color import VARIANTS  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_control_net, create_model, load_config  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from cldm.model import create_control_net, create_model  # noqa: E402
 from ldm.schedule import schedule_buffers  # noqa: E402
 
 PROG = "tool_add_control_sd21.py"

@@ -35,7 +35,7 @@ if __name__ == "__main__":  # also in every DDP process Lightning starts
 
 
 def parser() -> argparse.ArgumentParser:
-    from cldm.model import DEFAULT_CONFIG
+    from cldm.config import DEFAULT_CONFIG
     from cldm.trainable import OPTIMIZERS
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],

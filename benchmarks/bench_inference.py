@@ -44,7 +44,8 @@ from annotator.color import rgb_to_gray, transfer_luma  # noqa: E402
 from annotator.video import iter_frames  # noqa: E402
 from benchmarks.cliargs import check_sides  # noqa: E402
 from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, load_config  # noqa: E402
+from cldm.model import create_model  # noqa: E402
 from cliutil import OneLineParser, positive_float, positive_int, run_cli  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
 from ldm import schedule  # noqa: E402

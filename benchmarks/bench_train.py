@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.cliargs import HelpFormatter, check_sides, json_problem, write_json  # noqa: E402
 from benchmarks.experiments import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from benchmarks.train_flops import build_module, synthetic_batch, training_flops  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
 from cliutil import (OneLineParser, config_override, non_negative_int, positive_float, positive_int,  # noqa: E402
                      run_cli)
 from colorize.loading import resolve_device  # noqa: E402

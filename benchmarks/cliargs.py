@@ -24,7 +24,9 @@ def check_sides(config, overrides=(), **sides: int) -> None:
     config), read from a model built on the meta device (well under a second for SD2.1)."""
     import torch
 
-    from cldm.model import create_model, load_config
+    from cldm.config import load_config
+
+    from cldm.model import create_model
 
     with torch.device("meta"):
         multiple = create_model(load_config(config, overrides)).size_multiple

@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
 from cldm.color import needs_gray_latent, needs_ref_latent  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from cldm.model import create_model  # noqa: E402
 from cliutil import OneLineParser, config_override, positive_int, run_cli  # noqa: E402
 from colorize.pipeline import check_steps  # noqa: E402
 from ldm import schedule  # noqa: E402

@@ -27,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import train_step_fn  # noqa: E402
 from benchmarks.cliargs import check_sides  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from cldm.model import create_model  # noqa: E402
 from cliutil import OneLineParser, config_override, non_negative_int, positive_int, run_cli  # noqa: E402
 from colorize.loading import resolve_device  # noqa: E402
 

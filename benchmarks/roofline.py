@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_train import PEAK_BF16_TFLOPS  # noqa: E402
 from benchmarks.cliargs import check_sides  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, ConfigError  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, ConfigError  # noqa: E402
 from cliutil import OneLineParser, config_override, positive_float, positive_int, run_cli  # noqa: E402
 
 PROG = "roofline.py"
@@ -165,7 +165,8 @@ def trace(what: str, config=DEFAULT_CONFIG, size: int = 512, batch_size: int = 1
     holds them. The DDIM update itself is a few latent-size element-wise operations, left out.
     """
     from benchmarks.train_flops import build_module, synthetic_batch
-    from cldm.model import create_model, load_config
+    from cldm.config import load_config
+    from cldm.model import create_model
     from colorize.loading import cast_weights
 
     cpu = torch.device("cpu")

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cldm.color import needs_gray_latent  # noqa: E402
 from cldm.lightning import ColorControlModule  # noqa: E402
 from benchmarks.cliargs import HelpFormatter, check_sides  # noqa: E402
-from cldm.model import DEFAULT_CONFIG, ConfigError, create_model, load_config  # noqa: E402
+from cldm.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from cldm.model import create_model  # noqa: E402
 from cliutil import OneLineParser, config_override, positive_int, run_cli  # noqa: E402
 
 PROG = "train_flops.py"

@@ -14,7 +14,8 @@ import torch
 from cldm import resume, trainable, weights_config
 from cldm.checkpoint import PROG, CheckpointError, check_extension, load_state_dict, read_metadata, save_checkpoint
 from cldm.checkpoint_fit import compare_state_dict, guess_kind, misfit
-from cldm.model import create_model, load_config
+from cldm.config import load_config
+from cldm.model import create_model
 from cliutil import OneLineParser, config_override, out_file_problem, path_arg, run_cli
 
 

@@ -92,7 +92,7 @@ def check_band(t) -> None:
 def run_config(args, source=None):
     """The run's config from `source` (default: cldm.run_dir.config_source), the overrides and the
     flags, checked."""
-    from cldm.model import ConfigError, load_config
+    from cldm.config import ConfigError, load_config
     from cldm.run_dir import config_source
     from cldm.weights_config import config_origin, found_note, load_resolved_config
 

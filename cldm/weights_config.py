@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from cldm.checkpoint import CheckpointError, read_metadata
-from cldm.model import DEFAULT_CONFIG, ConfigError, load_config, model_config
+from cldm.config import DEFAULT_CONFIG, ConfigError, load_config, model_config
 
 
-# Optional model keys and what leaving one out means (cldm.model.OPTIONAL): a config without
+# Optional model keys and what leaving one out means (cldm.config.OPTIONAL): a config without
 # one is the same model as one that writes the default, so both hash and compare alike.
 OPTIONAL_DEFAULTS = {"train_unet_input": True, "cond_stage": None}
 

@@ -20,7 +20,8 @@ from torch import nn
 from cldm.checkpoint import CheckpointError, load_state_dict
 from cldm.checkpoint_fit import compare_state_dict, guess_kind, load_into, misfit
 from cldm.cldm import ControlLDM
-from cldm.model import ConfigError, create_model, load_config, model_config
+from cldm.config import ConfigError, load_config, model_config
+from cldm.model import create_model
 from cldm.trainable import is_export, load_sd_plus_control, locked_digest
 from cldm.weights_config import (check_saved_config, load_resolved_config, read_export_metadata, resolve_config,
                                  saved_config_mismatch)

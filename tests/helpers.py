@@ -253,7 +253,8 @@ class TinyLDM(nn.Module):
 
 def tiny_colour_model(*overrides):
     """ControlLDM of the tiny config with `overrides`, seeded: the same weights every call."""
-    from cldm.model import TINY_CONFIG, create_model, load_config
+    from cldm.config import TINY_CONFIG, load_config
+    from cldm.model import create_model
     torch.manual_seed(0)
     return create_model(load_config(TINY_CONFIG, list(overrides)))
 

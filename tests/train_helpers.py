@@ -9,7 +9,8 @@ import torch
 
 from annotator.pairs import BuildOptions, build_movie
 from cldm.convert import init_from_sd
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.config import TINY_CONFIG, load_config
+from cldm.model import create_model
 from tests.annotator.clips import panning_clip, write_folder
 
 

@@ -50,7 +50,8 @@ from annotator.video import iter_frames  # noqa: E402
 from atomicio import write_bytes_atomic  # noqa: E402
 from cldm.checkpoint import save_state_dict  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
-from cldm.model import TINY_CONFIG, create_model, load_config  # noqa: E402
+from cldm.config import TINY_CONFIG, load_config  # noqa: E402
+from cldm.model import create_model  # noqa: E402
 
 PROG = "make_toy_model.py"
 

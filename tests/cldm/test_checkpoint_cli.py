@@ -97,7 +97,7 @@ def test_cli_usage_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch)
 def test_cli_inspect_compares_with_a_config(tmp_path, capsys):
     path = tmp_path / "v1.safetensors"
     save_state_dict(tiny_colour_model("model.color_variant=v1").state_dict(), path)
-    from cldm.model import TINY_CONFIG
+    from cldm.config import TINY_CONFIG
     assert main(["inspect", str(path), "--config", str(TINY_CONFIG), "--set", "model.color_variant=v2"]) == 1
     out = capsys.readouterr().out
     assert (f"against {TINY_CONFIG}:\n715 of 717 model tensors found in the checkpoint\n"
@@ -132,7 +132,7 @@ def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_p
 
     from cldm.callbacks import AtomicCheckpointIO
     from cldm.lightning import ColorControlModule
-    from cldm.model import TINY_CONFIG, load_config
+    from cldm.config import TINY_CONFIG, load_config
     from tests.train_helpers import saving, tiny_model
     cfg = load_config(TINY_CONFIG)
     module = saving(ColorControlModule(tiny_model("v2"), config=OmegaConf.to_container(cfg, resolve=True)))
@@ -187,7 +187,7 @@ def test_cli_inspect_tells_a_training_checkpoint_and_checks_it_as_a_resume(tmp_p
 def test_cli_inspect_tells_an_export_and_checks_it_as_control(tmp_path, capsys):
     """OUT/control.safetensors holds only trainable weights: checked as --control loads it on top
     of SD weights (load_sd_plus_control), by its tensors and by what its metadata says."""
-    from cldm.model import TINY_CONFIG, load_config
+    from cldm.config import TINY_CONFIG, load_config
     from cldm.trainable import configure_trainable, export_control, load_sd_plus_control
     from tests.train_helpers import tiny_model
     model = tiny_model("v2")
@@ -235,7 +235,8 @@ def test_cli_inspect_tells_an_export_and_checks_it_as_control(tmp_path, capsys):
 def test_cli_inspect_compares_the_config_a_file_records_as_the_tools_do(capsys, tmp_path):
     """The toy records its config (scale factor 0.57326), an export its run's: the tiny YAML fits
     their shapes but not that, which inference and training refuse: inspect must not say "would load"."""
-    from cldm.model import REPO, TINY_CONFIG, create_model, load_config
+    from cldm.config import REPO, TINY_CONFIG, load_config
+    from cldm.model import create_model
     from cldm.trainable import configure_trainable, export_control
     toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
     rc, out = inspect_run(capsys, toy, "--config", TINY_CONFIG)
@@ -342,7 +343,7 @@ def test_cli_inspect_names_eight_top_level_parts_and_dtypes_by_count(tmp_path, c
 
 
 def test_cli_inspect_says_a_file_without_the_controlnet_would_load_partially(tmp_path, capsys):
-    from cldm.model import TINY_CONFIG
+    from cldm.config import TINY_CONFIG
     sd = {k: v for k, v in tiny_colour_model().state_dict().items() if not k.startswith("control_model.")}
     save_state_dict(sd, tmp_path / "sd.safetensors")
     rc, out = inspect_run(capsys, tmp_path / "sd.safetensors", "--config", TINY_CONFIG)

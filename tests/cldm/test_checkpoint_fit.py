@@ -111,7 +111,7 @@ def test_checkpoint_of_another_colour_variant_names_the_key_shapes_and_cause(tmp
     assert torch.equal(model.control_model.input_blocks[0][0].weight, conv_before)
 
     # Every loader that checks with misfit gets the same one line, e.g. the inference pipeline.
-    from cldm.model import TINY_CONFIG
+    from cldm.config import TINY_CONFIG
     from colorize.loading import load_model
     with pytest.raises(CheckpointError, match=r"does not fit the config: control_model\.input_blocks\.0\.0\.weight "
                                               r"is \[32, 4, 3, 3\] in the checkpoint but \[32, 9, 3, 3\].*"

@@ -6,7 +6,8 @@ import torch
 
 from cldm.checkpoint import CheckpointError
 from cldm.convert import init_from_sd
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.config import TINY_CONFIG, load_config
+from cldm.model import create_model
 from tests.train_helpers import tiny_sd_state
 
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"

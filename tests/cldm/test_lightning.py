@@ -19,7 +19,7 @@ from annotator.latent_cache import LatentCacheError, build_latent_cache
 from cldm.callbacks import ImageLogger
 from cldm.checkpoint import CheckpointError
 from cldm.lightning import ColorControlModule, ResumeRefusedError, _warmup, noise_seed
-from cldm.model import TINY_CONFIG, load_config
+from cldm.config import TINY_CONFIG, load_config
 from cldm.trainable import TRAINING_KEY, UNET_INPUT_CONV, export_keys
 from cldm.weights_config import config_hash
 from ldm.modules.attention import BasicTransformerBlock

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, load_config
+from cldm.config import DEFAULT_CONFIG, TINY_CONFIG, load_config
 from cldm.run_dir import (NO_CHECKPOINT, RESUME, RunDirError, check_run_dir, config_source, record_config,
                           rerun_hint, resolve_resume)
 from tests.helpers import named_pipe

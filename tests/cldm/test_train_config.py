@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cldm import train_config
-from cldm.model import TINY_CONFIG, load_config
+from cldm.config import TINY_CONFIG, load_config
 
 
 def test_null_means_off_where_the_config_allows_it():

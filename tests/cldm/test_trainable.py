@@ -4,7 +4,8 @@ import torch
 from omegaconf import OmegaConf
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
+from cldm.config import DEFAULT_CONFIG, TINY_CONFIG, load_config
+from cldm.model import create_model
 from cldm.trainable import (UNET_INPUT_CONV, check_optimizer, configure_trainable, export_control,
                             export_keys, load_sd_plus_control, locked_digest, param_groups, read_export_metadata,
                             tensor_checksum, trainable_state_dict)

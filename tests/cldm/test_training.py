@@ -20,7 +20,7 @@ import torch
 from cldm import training
 from cldm.checkpoint import CheckpointError, save_state_dict
 from cldm.lightning import ResumeRefusedError
-from cldm.model import TINY_CONFIG, load_config
+from cldm.config import TINY_CONFIG, load_config
 from cldm.run_dir import resolve_resume
 from cldm.training import PROG
 from cldm.weights_config import read_export_metadata

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from cldm.checkpoint import CheckpointError
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, create_model, load_config
+from cldm.config import DEFAULT_CONFIG, TINY_CONFIG, ConfigError, load_config
+from cldm.model import create_model
 from cldm.trainable import export_control
 from cldm.weights_config import (check_saved_config, config_difference, config_hash, config_hashes, config_origin,
                                  differing_keys, inference_leaves, load_resolved_config, model_leaves, read_export_metadata,

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cldm.checkpoint import CheckpointError, check_checkpoint_file, save_state_dict
-from cldm.model import TINY_CONFIG, ConfigError, load_config
+from cldm.config import TINY_CONFIG, ConfigError, load_config
 from cldm.trainable import configure_trainable, export_control
 from cldm.weights_config import read_export_metadata, resolve_config
 from colorize import loading as L, pipeline as P

@@ -12,7 +12,8 @@ from annotator.similarity import fast_resize
 from annotator.video import FrameSourceError, iter_frames
 from benchmarks.bench_inference import fixed_serial
 from cldm.color import VARIANTS
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.config import TINY_CONFIG, load_config
+from cldm.model import create_model
 from colorize import loading as L, pipeline as P
 from ldm import sampler
 from ldm.schedule import schedule_buffers

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.config import TINY_CONFIG, load_config
+
+from cldm.model import create_model
 
 
 def tiny_model(seed: int = 0, variant: str | None = None):

@@ -12,7 +12,8 @@ import torch
 
 from benchmarks import bench_inference, bench_loader, bench_pairs, bench_train, profile_step, roofline
 from benchmarks.experiments import sdpa_backend
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.config import TINY_CONFIG, load_config
+from cldm.model import create_model
 from ldm.modules.attention import CrossAttention
 from tests.helpers import missing_under, refused
 
@@ -110,7 +111,7 @@ def test_sdpa_backend_forces_one_kernel_in_the_denoisers_attention_only():
 
 def test_bench_inference_flops_of_the_tiny_config_are_in_gflop(capsys):
     """Every row read "0.000 TFLOP" for the tiny config; the unit now follows the largest count."""
-    from cldm.model import TINY_CONFIG
+    from cldm.config import TINY_CONFIG
 
     assert bench_inference.main(["--flops", "--config", str(TINY_CONFIG), "--height", "64", "--width", "64",
                                  "--steps", "1"]) == 0

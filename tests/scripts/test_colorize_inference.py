@@ -22,7 +22,7 @@ from annotator.color import rgb_to_gray, to_uint8
 from annotator.video import iter_frames, probe
 from cldm import weights_config
 from cldm.checkpoint import save_state_dict
-from cldm.model import TINY_CONFIG, load_config
+from cldm.config import TINY_CONFIG, load_config
 from colorize import loading as L, methods as M, outputs as O, pipeline as P, resume_advice as R
 from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png, write_video_atomic

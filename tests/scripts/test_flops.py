@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import bench_inference, flops, train_flops
-from cldm.model import TINY_CONFIG
+from cldm.config import TINY_CONFIG
 from ldm.modules.attention import CrossAttention
 from tests.helpers import refused
 

@@ -2,7 +2,7 @@
 import pytest
 
 from benchmarks import profile_step as ps
-from cldm.model import TINY_CONFIG
+from cldm.config import TINY_CONFIG
 
 
 @pytest.mark.parametrize("name, kind", [

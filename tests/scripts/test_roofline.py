@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from benchmarks import flops, roofline, train_flops
-from cldm.model import TINY_CONFIG
+from cldm.config import TINY_CONFIG
 
 
 def traced(fn, *args):

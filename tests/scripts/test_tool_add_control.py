@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import tool_add_control_sd21 as tool
 from cldm import checkpoint
 from cldm.checkpoint import load_state_dict
-from cldm.model import TINY_CONFIG, create_model, load_config
+from cldm.config import TINY_CONFIG, load_config
+from cldm.model import create_model
 from cldm.weights_config import resolve_config
 from ldm.schedule import BUFFER_NAMES
 from ldm.modules.unet import UNetModel
@@ -294,7 +295,7 @@ def test_help_explains_768_v(capsys):
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 def test_a_controlnet_checkpoint_is_refused_not_reinitialised(tmp_path, capsys, monkeypatch, fmt):
     """The toy model's trained control_model.* would be replaced by a copy of its UNet encoder."""
-    from cldm.model import REPO
+    from cldm.config import REPO
 
     toy = REPO / "models" / "toy" / "toy_color_v2.safetensors"
     src = toy

@@ -25,7 +25,8 @@ from cldm import train_config, training
 from annotator.latent_cache import build_latent_cache
 from atomicio import try_lock
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
-from cldm.model import DEFAULT_CONFIG, TINY_CONFIG, create_model, load_config
+from cldm.config import DEFAULT_CONFIG, TINY_CONFIG, load_config
+from cldm.model import create_model
 from cldm.run_dir import RUN_LOCK, config_source, record_config
 from cldm.trainable import UNET_INPUT_CONV, export_control, load_sd_plus_control
 from cldm.weights_config import read_export_metadata
@@ -307,10 +308,10 @@ def test_a_named_pipe_as_init_or_resume_is_called_one(ws, tmp_path, capsys, monk
 def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
     """Read from the YAML (here a stand-in with its own values), not written into the help; a null
     pair band shows the dataset's own default."""
-    import cldm.model
+    import cldm.config
     from annotator.pairs import DEFAULT_HIGH
 
-    text = cldm.model.DEFAULT_CONFIG.read_text()
+    text = cldm.config.DEFAULT_CONFIG.read_text()
     config = tmp_path / "default.yaml"
     config.write_text(text.replace("lr: 1.0e-5", "lr: 3.0e-4").replace("min_gap: null", "min_gap: 7")
                       .replace("sd_locked: true", "sd_locked: false").replace("optimizer: adamw", "optimizer: 100%"))
