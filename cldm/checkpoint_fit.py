@@ -193,7 +193,21 @@ def check_fit(model, sd, strict_prefixes=STRICT_PREFIXES):
     return report
 
 
-def load_into(model, sd, *, strict_prefixes=STRICT_PREFIXES, ignore_prefixes=("model_ema.",)):
+EMA_PREFIX = "model_ema."  # a full LDM training checkpoint's EMA copy: model_ema.<UNet name without dots>
+
+
+def ema_note(sd, path) -> str | None:
+    """The line saying that `path` (its tensors `sd`) holds EMA weights that are not used, or None.
+    SD's own inference loads model.* and leaves model_ema.* too; the released *-ema-pruned files
+    hold the EMA weights as model.*, so only a full training checkpoint has both."""
+    n = sum(k.startswith(EMA_PREFIX) for k in sd)
+    if not n:
+        return None
+    return (f"{path} also holds EMA weights ({EMA_PREFIX}*, {n} tensors), which are not used: its model.* "
+            "weights are, as in SD's own inference (SD's *-ema-pruned files hold the EMA weights as model.*)")
+
+
+def load_into(model, sd, *, strict_prefixes=STRICT_PREFIXES, ignore_prefixes=(EMA_PREFIX,)):
     """Copy the matching tensors of `sd` into `model` (casting dtype), refusing a misfit first.
 
     Raises CheckpointError (one line; the comparison in `.report`) under the rule in `misfit`,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cldm.checkpoint import CheckpointError
-from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, guess_kind, not_sd2
+from cldm.checkpoint_fit import CONTROL, EMA_PREFIX, INPUT_CONV, UNET, guess_kind, not_sd2
 from cldm.cldm import ControlLDM
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
@@ -28,10 +28,11 @@ class InitReport:
     def summary(self) -> str:
         def groups(keys):
             counts: dict[str, int] = {}
-            for k in keys:
-                head = ".".join(k.split(".")[:2])
+            for k in keys:  # EMA names have no inner dots (model_ema.diffusion_modelinput_blocks00...)
+                head = EMA_PREFIX[:-1] if k.startswith(EMA_PREFIX) else ".".join(k.split(".")[:2])
                 counts[head] = counts.get(head, 0) + 1
             return ", ".join(f"{h}.* ({n})" for h, n in sorted(counts.items())) or "-"
+        ema = any(k.startswith(EMA_PREFIX) for k in self.ignored)
         return "\n".join([
             f"copied from SD:            {len(self.copied)} tensors: {groups(self.copied)}",
             f"ControlNet from SD UNet:   {len(self.control_from_unet)} tensors",
@@ -39,6 +40,8 @@ class InitReport:
             f"new (fresh init):          {len(self.new)} tensors: {groups(self.new)}",
             f"noise schedule (config):   {len(self.schedule)} buffers",
             f"ignored from the file:     {len(self.ignored)} tensors: {groups(self.ignored)}",
+            *(["  (model_ema.*: the file's EMA weights; its model.* weights were copied, as SD's own inference "
+               "uses them; SD's *-ema-pruned files hold the EMA weights as model.*)"] if ema else []),
         ])
 
 

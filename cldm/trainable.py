@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
-from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, LoadReport, compare_state_dict, misfit
+from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, LoadReport, compare_state_dict, ema_note, misfit
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
 from cldm.weights_config import config_hash, read_export_metadata
@@ -250,6 +250,7 @@ class LoadedExport(NamedTuple):
     """What load_sd_plus_control read from an export besides its tensors."""
     meta: dict[str, str]  # its metadata
     names: list[str]  # the tensor names it holds (what locked_digest leaves out at inference)
+    ema_note: str | None = None  # checkpoint_fit.ema_note of the SD file
 
 
 def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: str | Path, *,
@@ -276,4 +277,4 @@ def load_sd_plus_control(model: ControlLDM, sd_path: str | Path, control_path: s
     for k, v in control.items():
         state[k] = v.to(state[k].dtype)
     model.load_state_dict(state, strict=True)
-    return LoadedExport(meta, list(control))
+    return LoadedExport(meta, list(control), ema_note(sd, sd_path))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cldm.checkpoint import CheckpointError, load_state_dict
-from cldm.checkpoint_fit import compare_state_dict, guess_kind, load_into, misfit
+from cldm.checkpoint_fit import compare_state_dict, ema_note, guess_kind, load_into, misfit
 from cldm.cldm import ControlLDM
 from cldm.config import ConfigError, load_config, model_config
 from cldm.model import create_model
@@ -74,8 +74,9 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     file fails in a second with one CheckpointError instead of after building the model.
     `source`: resolve_config(ckpt, config, control), where the caller has it already (to say
     which config it uses): the weights' metadata is then not read for it again. `note`: told
-    when `control` was trained on other SD weights than `ckpt` holds; None: not checked, which
-    saves digesting them (~1 s on a GPU, ~20 s on 2 CPU cores for SD2.1).
+    when `control` was trained on other SD weights than `ckpt` holds (None: not checked, which
+    saves digesting them: ~1 s on a GPU, ~20 s on 2 CPU cores for SD2.1), and when `ckpt` holds
+    EMA weights besides those used.
     """
     source = resolve_config(ckpt, config, control) if source is None else source
     cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
@@ -91,7 +92,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                                   "run's --init)")
         with torch.device(device):
             model = create_model(cfg)
-        meta, names = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
+        meta, names, ema = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
         # a note, not a refusal: other weights (a fine-tuned SD2.1) may be meant
         if note is not None and trained_on_other_weights(model, names, meta):
             init = f" ({meta['init']})" if meta.get("init") else ""
@@ -119,6 +120,9 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
         with torch.device(device):
             model = create_model(cfg)
         load_into(model, sd)
+        ema = ema_note(sd, ckpt)
+    if note is not None and ema is not None:
+        note(ema)
     return model.eval().requires_grad_(False)
 
 

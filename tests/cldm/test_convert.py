@@ -168,3 +168,19 @@ def test_the_summary_counts_each_bucket_grouped_by_its_first_two_name_parts():
         "ignored from the file:     0 tensors: -",
     ]
     assert InitReport().summary().splitlines()[2] == "widened (zero new inputs): -"
+
+
+def test_ema_weights_are_one_group_and_the_summary_says_which_weights_were_copied():
+    """A full LDM checkpoint's EMA copy (model_ema.<name without inner dots>) was listed tensor by
+    tensor (a 22 KB line for SD2.1) and nothing said that its model.* weights, not the EMA ones,
+    were copied."""
+    sd = tiny_sd_state()
+    ema = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+    ema.update({"model_ema." + k[len(UNET):].replace(".", ""): v for k, v in sd.items() if k.startswith(UNET)})
+    _, report, _ = _init({**sd, **ema})
+    lines = report.summary().splitlines()
+    assert lines[5] == f"ignored from the file:     {len(ema)} tensors: model_ema.* ({len(ema)})"
+    assert lines[6] == ("  (model_ema.*: the file's EMA weights; its model.* weights were copied, as SD's own "
+                        "inference uses them; SD's *-ema-pruned files hold the EMA weights as model.*)")
+    _, plain, _ = _init(sd)
+    assert len(plain.summary().splitlines()) == 6

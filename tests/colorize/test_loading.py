@@ -210,6 +210,32 @@ def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_pat
     assert L.load_model(bare, control=export).scale_factor == 0.57326
 
 
+def test_ema_weights_in_the_weights_file_are_noted_as_unused(tmp_path):
+    """A full LDM checkpoint holds model_ema.* besides model.*; they were dropped without a word.
+    Both ways in (a full checkpoint, an SD file under --control) say so, once; other files do not."""
+    model = tiny_model(seed=1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    ema = {"model_ema.decay": torch.tensor(0.9999), "model_ema.diffusion_modelout2bias": torch.zeros(4)}
+    full, plain = tmp_path / "full.safetensors", tmp_path / "plain.safetensors"
+    save_file({**state, **ema}, str(full))
+    save_file(state, str(plain))
+    sd = {k: v for k, v in state.items() if not k.startswith("control_model.")}
+    sd_ema, sd_plain = tmp_path / "sd_ema.safetensors", tmp_path / "sd.safetensors"
+    save_file({**sd, **ema}, str(sd_ema))
+    save_file(sd, str(sd_plain))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors")
+    model.requires_grad_(False)
+    line = ("{} also holds EMA weights (model_ema.*, 2 tensors), which are not used: its model.* weights are, as in "
+            "SD's own inference (SD's *-ema-pruned files hold the EMA weights as model.*)")
+    for ckpt, control, expected in [(full, None, [line.format(full)]), (plain, None, []),
+                                    (sd_ema, export, [line.format(sd_ema)]), (sd_plain, export, [])]:
+        notes = []
+        loaded = L.load_model(ckpt, control=control, config=TINY_CONFIG, note=notes.append).state_dict()
+        assert notes == expected
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())  # the model.* weights, as before
+
+
 def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path):
     """SD2.1 768-v has 512-base's tensors, so only the export's recorded digest of the locked
     weights tells them apart: a note (fine-tuned bases are legitimate), once, naming both files."""
