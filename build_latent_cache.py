@@ -53,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--movies", nargs="+", default=None,
                    help="only these movie ids: folder names in DATA_ROOT (default: all finished movies)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="frames per VAE call; another batch size changes a few of the stored latents by float "
+                        "rounding (default: 8)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                    help="autocast precision of the encoder (16/bf16 on GPUs); the cache is float16 either way")
     p.add_argument("--gray", action="store_true",

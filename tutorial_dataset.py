@@ -26,8 +26,9 @@ fp16) only when the frame is exactly the crop; in a larger frame it also carries
 from outside the crop (convolutions, the VAE's mid-block attention), an approximation
 measured in docs/TRAINING.md.
 
-Randomness: with seed=None every access draws from torch's RNG (so torch.manual_seed /
-DataLoader worker seeding make a run reproducible); with an integer seed item k is always
+Randomness: with seed=None every access draws from torch's RNG, that of the loader process it
+runs in (so torch.manual_seed and DataLoader worker seeding make a run reproducible for a given
+number of workers: another number draws other partners); with an integer seed item k is always
 the same (for validation and tests).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ from annotator.pairs import (
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, list_movies, load_meta, load_similarity,
     pair_mask,
 )
+from cldm.launch import DATA, run_seed
 
 
 def _crop_size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -368,14 +370,20 @@ class PairDataModule(L.LightningDataModule):
         (seed, epoch) alone, and torch's global RNG is drawn from when Lightning first iterates
         the loader, before ColorControlModule.on_train_start reseeds it for the step."""
         trainer = self.trainer
-        seed = self.seed + 1_000_003 * (0 if trainer is None else trainer.global_step)
+        seed = run_seed(self.seed, DATA, 0 if trainer is None else trainer.global_step)
         sampler = None if trainer is None or trainer.world_size == 1 else \
             DistributedSampler(self.train, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True,
                                seed=seed)
         return self._loader(self.train, shuffle=True, sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
     def val_dataloader(self):
-        return self._loader(self.val, shuffle=False) if self.val is not None else []
+        return self._eval_loader(self.val)
 
     def test_dataloader(self):
-        return self._loader(self.test, shuffle=False) if self.test is not None else []
+        return self._eval_loader(self.test)
+
+    def _eval_loader(self, ds) -> DataLoader | list:
+        """Its own generator: without one, each pass over the loader took its workers' base seed
+        from torch's global RNG, the one the training noise comes from, so turning validation on
+        changed the trained weights."""
+        return [] if ds is None else self._loader(ds, shuffle=False, generator=torch.Generator().manual_seed(0))

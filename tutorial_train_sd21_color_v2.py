@@ -101,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-keep", type=int, help="how many of the newest checkpoints to keep")
     g.add_argument("--image-every", type=int, help="steps between sample grids (0 = off)")
     g.add_argument("--log-every", type=int, help="steps between logged losses")
-    g.add_argument("--val-every", type=int, help="validation loss every N training batches (0 = off)")
+    g.add_argument("--val-every", type=int,
+                   help="validation loss every N training batches (0 = off); the last movie of --data (by id) "
+                        "is then held out of training to validate on, and named at the start")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs: the losses go to OUT/csv "
                                                                "and OUT/tb either way)")
     g.add_argument("--export", action="store_true",

@@ -11,6 +11,7 @@ cldm/checkpoint_cli.py but runs under this module's name, the one docs and users
 """
 import errno
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -316,8 +317,23 @@ def save_state_dict(sd, path, metadata=None, replace: bool = True):
     with atomic_path(path, keep_suffix=False, replace=replace) as tmp:
         if path.suffix == ".safetensors":
             save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+            _sort_header(tmp)
         else:
             torch.save({"state_dict": tensors, **({"metadata": dict(metadata)} if metadata else {})}, tmp)
+
+
+def _sort_header(path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place. safetensors writes
+    the metadata in a hash map's order, which changes from run to run: the same weights and
+    metadata gave files of other bytes, so a checksum could not tell that two runs agree. The
+    sorted header is the same text reordered, so never longer; it is padded with spaces, as the
+    format allows, to the length written."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        text = json.dumps(json.loads(f.read(n)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
 
 
 def save_checkpoint(state: dict, out_path, metadata: dict | None = None, replace: bool = True) -> None:

@@ -25,6 +25,7 @@ import torch
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
 from cldm.color import split_hint
+from cldm.launch import NOISE, run_seed
 from cldm.resume import resume_misfit
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer,
                             configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
@@ -40,7 +41,7 @@ def noise_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed a process trains from. The same seed everywhere builds identical replicas;
     the noise must differ per rank, and a resumed run must not replay the noise of the steps it
     already did."""
-    return seed + 1_000_003 * rank + step
+    return run_seed(seed, NOISE, rank, step)
 
 
 def _warmup(step: int, warmup_steps: int) -> float:

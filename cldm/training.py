@@ -91,6 +91,8 @@ def build_datamodule(cfg, args, model):
                     print(f"{PROG}: note: {w.message}", file=sys.stderr)
     if is_launch_rank_zero():
         print(f"data: {dm.train.summary()}")
+        if dm.val is not None:
+            print(f"validation: {', '.join(dm.val.movies)}, held out of training ({dm.val.summary()})")
         if dm.no_val:
             print(f"{PROG}: note: no validation: {dm.no_val}", file=sys.stderr)
     return dm

@@ -90,8 +90,7 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
             raise CheckpointError(f"--ckpt {ckpt} was saved with another model config than the one --control "
                                   f"{control} is used with: {reason}; pass the SD weights it was trained on (its "
                                   "run's --init)")
-        with torch.device(device):
-            model = create_model(cfg)
+        model = _built(cfg, device)
         meta, names, ema = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
         # a note, not a refusal: other weights (a fine-tuned SD2.1) may be meant
         if note is not None and trained_on_other_weights(model, names, meta):
@@ -117,13 +116,21 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                       "plus a trained ControlNet pass the ControlNet with --control")
         if reason is not None:
             raise CheckpointError(f"{ckpt} does not fit the config: {reason}; the file holds: {guess_kind(sd)}")
-        with torch.device(device):
-            model = create_model(cfg)
+        model = _built(cfg, device)
         load_into(model, sd)
         ema = ema_note(sd, ckpt)
     if note is not None and ema is not None:
         note(ema)
     return model.eval().requires_grad_(False)
+
+
+def _built(cfg, device: str | torch.device) -> ControlLDM:
+    """create_model(cfg) on `device`, without drawing from the caller's random numbers: its random
+    initialisation is overwritten by the load, and a seeded caller's next draw must not depend
+    on whether a model was loaded in between."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"), device:
+        return create_model(cfg)
 
 
 def trained_on_other_weights(model: ControlLDM, names: Iterable[str], meta: dict[str, str]) -> bool:

@@ -215,6 +215,22 @@ def test_sample_clip_batches(tmp_path):
     assert ((batch["target_index"] - batch["ref_index"]).abs() >= 3).all()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_validation_and_test_passes_leave_the_training_noise_alone(fake_root, workers):
+    """Each pass over a loader without a generator of its own took its base seed from torch's
+    global RNG, which the training noise is drawn from: a run with validation trained on other
+    noise after its first validation (every weight differed from the same run without)."""
+    torch.manual_seed(0)
+    expected = torch.randn(4)
+    for part in ("val", "test"):
+        movies = {"val_movies": [], "test_movies": [], f"{part}_movies": ["film_b"]}
+        dm = PairDataModule(fake_root, batch_size=1, num_workers=workers, size=64, **movies)
+        dm.setup()
+        torch.manual_seed(0)
+        batches = list(getattr(dm, f"{part}_dataloader")())
+        assert batches and torch.equal(torch.randn(4), expected)
+
+
 def test_datamodule_splits_by_movie(fake_root):
     dm = PairDataModule(fake_root, batch_size=2, num_workers=0, size=64)
     dm.setup("fit")

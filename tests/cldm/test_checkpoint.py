@@ -481,3 +481,23 @@ def test_a_save_in_progress_never_has_a_checkpoint_extension(tmp_path, monkeypat
     assert re.fullmatch(r"\.m\.safetensors\.[0-9a-f]{8}\.tmp", name), name
     save_state_dict({"a": torch.ones(2)}, tmp_path / "m.ckpt")  # no metadata given: no empty entry for it
     assert set(torch.load(tmp_path / "m.ckpt", weights_only=True)) == {"state_dict"}
+
+
+def test_the_same_weights_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes the metadata in a hash map's order, which changed from run to run (two
+    runs of one command gave files of other checksums); the header is rewritten sorted."""
+    import json
+
+    sd = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(2, dtype=torch.float16)}
+    meta = {f"key{i}": f"value {i}\nwith \"quotes\" and é" for i in range(12)}
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    save_state_dict(sd, paths[0], metadata=meta)
+    save_state_dict(sd, paths[1], metadata=dict(reversed(meta.items())))
+    raw = [p.read_bytes() for p in paths]
+    assert raw[0] == raw[1]
+    n = int.from_bytes(raw[0][:8], "little")
+    header = json.loads(raw[0][8:8 + n])
+    assert list(header["__metadata__"]) == sorted(meta) and header["__metadata__"] == meta
+    assert read_metadata(paths[0]) == meta
+    loaded = load_state_dict(paths[0])
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in sd.items())

@@ -210,6 +210,24 @@ def test_an_sd_file_under_control_that_records_another_config_is_refused(tmp_pat
     assert L.load_model(bare, control=export).scale_factor == 0.57326
 
 
+def test_loading_a_model_draws_none_of_the_callers_random_numbers(tmp_path):
+    """create_model's random initialisation (overwritten by the load) drew from torch's global RNG:
+    a seeded caller's next numbers depended on whether a model was loaded in between."""
+    model = tiny_model(seed=1)
+    full = save_tiny(model, tmp_path / "full.safetensors")
+    sd = tmp_path / "sd.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")},
+              str(sd))
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    for ckpt, control in [(full, None), (sd, export)]:
+        torch.manual_seed(123)
+        L.load_model(ckpt, control=control, config=TINY_CONFIG)
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_ema_weights_in_the_weights_file_are_noted_as_unused(tmp_path):
     """A full LDM checkpoint holds model_ema.* besides model.*; they were dropped without a word.
     Both ways in (a full checkpoint, an SD file under --control) say so, once; other files do not."""

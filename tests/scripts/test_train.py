@@ -350,6 +350,24 @@ def test_ddp_syncs_buffers_once_without_the_deprecated_flag(ws, tmp_path):
     assert ddp.forward_sync_buffers is False and ddp.find_unused_parameters is False
 
 
+def test_one_command_twice_gives_the_same_export_bytes_and_validation_leaves_training_alone(ws, tmp_path, capsys):
+    """The same command gives the same control.safetensors, byte for byte (safetensors wrote its
+    metadata in a hash map's order). A run validating at every step trains as one that never
+    reaches its validation: the validation loader drew its workers' seed from torch's RNG, which
+    the training noise comes from, and every weight differed. The movie held out is named."""
+    def export(name, val_every):
+        out = tmp_path / name
+        assert train.main(args(ws, out, "--max-steps", 3, "--num-workers", 0, "--no-progress", "--use-latent-cache",
+                               "--val-every", val_every)) == 0
+        return out / "control.safetensors"
+
+    first = export("a", 1)
+    assert "validation: m1, held out of training (" in capsys.readouterr().out
+    assert export("b", 1).read_bytes() == first.read_bytes()
+    weights, never = load_state_dict(first), load_state_dict(export("never", 1000))  # its recorded config differs
+    assert weights.keys() == never.keys() and all(torch.equal(v, never[k]) for k, v in weights.items())
+
+
 def test_validation_asked_for_without_a_held_out_movie_is_off_in_lightning_too(tmp_path, capsys, recwarn):
     """The note says there is no validation; Lightning is not asked for it either (it warned
     "Total length of `list` across ranks is zero" on the empty loader)."""
