@@ -156,7 +156,14 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     except OSError as e:
         raise FrameSourceError(path, f"cannot read file ({e.strerror or e})") from None
     readable = data.size and not png_damaged(data)
-    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if readable else None
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if readable else None
+    except cv2.error as e:  # raised, not None, for an image over OpenCV's size limits
+        if "CV_IO_MAX_IMAGE" not in str(e):
+            raise FrameSourceError(path, f"not a readable image ({str(e).strip().splitlines()[-1]})") from None
+        raise FrameSourceError(path, "image too large for OpenCV to decode: its limits are 2**30 pixels and "
+                                     "2**20 a side, and the environment variable CV_IO_MAX_IMAGE_PIXELS raises "
+                                     "the first") from None
     if img is None:
         raise FrameSourceError(path, "not a readable image")
     return img

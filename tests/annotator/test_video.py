@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from annotator.video import (
-    FrameRangeError, FrameSourceError, bgr_to_rgb, iter_frames, natural_key, probe, read_image, read_image_native,
+    FrameRangeError, FrameSourceError, bgr_to_rgb, decode_image, iter_frames, natural_key, probe, read_image, read_image_native,
     TruncatedVideoError, shortfall_verdict,
 )
 from tests.annotator.clips import panning_clip, rotate_mp4, truncate_avi, write_folder, write_video
@@ -417,6 +417,27 @@ def test_an_empty_image_file_is_not_a_readable_image(tmp_path):
     (tmp_path / "e.png").write_bytes(b"")
     with pytest.raises(FrameSourceError, match=r"e.png: not a readable image$"):
         read_image(tmp_path / "e.png")
+
+
+def _png_header_only(path, width, height):
+    """A valid PNG that declares `width` x `height` (8-bit gray) and holds no pixels: OpenCV checks
+    its size limits on the header, before reading any pixel."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_opencvs_size_limits_is_one_line_not_its_exception(tmp_path):
+    """cv2.imdecode raises cv2.error (not None) over 2**30 pixels: a traceback, exit 1, in every
+    tool (a 1 MB PNG of 40000x30000 zeros is enough)."""
+    path = _png_header_only(tmp_path / "big.png", 40000, 30000)
+    with pytest.raises(FrameSourceError, match=r"big\.png: image too large for OpenCV to decode: its limits are "
+                                               r"2\*\*30 pixels and 2\*\*20 a side, and the environment variable "
+                                               r"CV_IO_MAX_IMAGE_PIXELS raises the first$"):
+        decode_image(path)
 
 
 def test_read_image_keep_16bit(tmp_path):

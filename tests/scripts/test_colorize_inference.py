@@ -183,6 +183,24 @@ def test_a_bad_frame_mid_clip_keeps_what_was_written_and_says_how_to_resume(env,
     assert snapshot(out) == snapshot(tmp_path / "whole")
 
 
+def test_a_frame_too_large_to_decode_is_a_bad_frame_like_any_other(env, tmp_path, capsys):
+    """OpenCV raises for an image over its size limits: a traceback and exit 1, no advice."""
+    from tests.annotator.test_video import _png_header_only
+
+    src = gray_folder(env, tmp_path / "in", 4)
+    _png_header_only(src / "f2.png", 40000, 30000)
+    rc, _, err = run(["--input", src, "--reference", env["refs"][0], "--method", "reinhard", "--out", tmp_path / "out"],
+                     capsys)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if "error" in ln]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "f2.png: image too large for OpenCV to decode" in lines[0] and lines[0].endswith("--frames 2: continues)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png"]
+    rc, _, err = run(["--input", env["gray"], "--reference", src / "f2.png", "--method", "reinhard", "--out",
+                      tmp_path / "out2"], capsys)
+    assert rc == 2 and "f2.png: reference image too large for OpenCV to decode" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_bad_frame_in_a_later_batch_names_the_batch_the_outputs_stop_before(env, tmp_path, capsys):
     """Fixed mode at --batch 4 with frame 6 unreadable: frames 4 and 5 are not written either (their
     batch never ran), so the line said "the 4 outputs before it", as if every frame before 6 were."""

@@ -315,7 +315,7 @@ def test_help_shows_the_default_configs_values(tmp_path, monkeypatch):
     config = tmp_path / "default.yaml"
     config.write_text(text.replace("lr: 1.0e-5", "lr: 3.0e-4").replace("min_gap: null", "min_gap: 7")
                       .replace("sd_locked: true", "sd_locked: false").replace("optimizer: adamw", "optimizer: 100%"))
-    monkeypatch.setattr(cldm.model, "DEFAULT_CONFIG", config)
+    monkeypatch.setattr(cldm.config, "DEFAULT_CONFIG", config)
     p = train.parser()
     helps = {a.dest: a.help for a in p._actions}
     assert helps["lr"] == "learning rate (default: 0.0003)"
