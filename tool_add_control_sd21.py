@@ -11,7 +11,8 @@ that already holds a ControlNet (control_model.*: made by this tool, or trained)
   python tool_add_control_sd21.py v2-1_512-ema-pruned.safetensors models/control_sd21_color_v2.safetensors
 
 SD2.1-768-v (v2-1_768-ema-pruned) has exactly the same tensor names and shapes as 512-base,
-so nothing in the file tells them apart and this tool accepts both. The 768 model predicts v,
+so nothing in the file tells them apart and this tool accepts both (a file whose name holds
+768 gets a note under a config that predicts eps). The 768 model predicts v,
 not eps: use it only with a config that sets `parameterization: v` and trains/samples at 768
 (a copy of models/cldm_v21_color.yaml with those changes); the default config is 512-base.
 
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 from cliutil import (MAX_SEED, OneLineParser, config_override, exit_quietly, out_file_problem, out_of_memory,
                      path_arg, quiet_startup_signals, run_cli, seed_arg)
@@ -96,8 +99,10 @@ def variant_overrides(variant: str | None, overrides: list[str]) -> list[str]:
 
 def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = DEFAULT_CONFIG,
                 variant: str | None = None, overrides: list[str] = (), allow_pickle: bool = False,
-                dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> str:
-    """Write the initial checkpoint; returns the human-readable report."""
+                dtype: str = "float32", seed: int = 0, overwrite: bool = False,
+                note: Callable[[str], None] | None = None) -> str:
+    """Write the initial checkpoint; returns the human-readable report. `note`: told when the SD
+    file's name says 768-v and the config predicts eps (nothing in the file tells them apart)."""
     if str(out_path).endswith(("/", os.sep)):  # Path() drops it: out/x.safetensors/ was written as a file
         raise ValueError(f"{out_path}: ends in '/', as a folder's name does; give a file name for the output")
     out_path = Path(out_path)
@@ -105,6 +110,10 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED} (got {seed})")
     cfg = load_config(config, variant_overrides(variant, list(overrides)))
+    if note is not None and "768" in Path(sd_path).name and cfg.model.parameterization == "eps":
+        note(f"{Path(sd_path).name}: the name of SD2.1 768-v, which predicts v, but the config predicts eps "
+             "(512-base); the file cannot tell which it is: for 768-v use a config with model.parameterization=v "
+             "(and train and sample at 768)")
     check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
     check_plain_sd(sd_path, sd)  # .ckpt: its names are only known once loaded
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(args) -> int:
         try:
             report = add_control(args.sd_ckpt, args.out_ckpt, args.config, args.variant, args.overrides,
-                                 args.allow_pickle, args.dtype, args.seed, args.overwrite)
+                                 args.allow_pickle, args.dtype, args.seed, args.overwrite,
+                                 note=lambda msg: print(f"{PROG}: note: {msg}", file=sys.stderr))
         except (RuntimeError, MemoryError) as e:  # RuntimeError: torch's CPU allocator says it so
             if not out_of_memory(e):
                 raise

@@ -43,7 +43,7 @@ import numpy as np
 from annotator.similarity import (
     METRICS, SIM_SIZE, SSIM_C1, SSIM_C2, SSIM_RADIUS, SSIM_SIGMA, NeighbourTable, fast_resize, small_gray,
 )
-from annotator.video import iter_frames, probe, shown_path
+from annotator.video import FrameSourceError, iter_frames, probe, shown_path
 from atomicio import sync_folder, sync_tree, try_lock
 
 FORMAT_VERSION = 1
@@ -55,6 +55,7 @@ IMAGE_FORMATS = ("jpg", "png")
 # stored frames are for training at 512-768 (an 8K film's short side is 4320), and the
 # similarity's ring of `window` frames grows with sim_size squared (SSIM at 512: 4 MB a frame).
 MAX_SIZE, MAX_SIM_SIZE = 4320, 512
+MAX_STORED_SIDE = 65500  # JPEG holds at most 65535 a side; PNG frames keep the same bound
 MIN_SIM_SIZE = 2 * SSIM_RADIUS + 2  # SSIM's 11x11 "valid" window leaves a 2x2 area
 
 
@@ -299,6 +300,11 @@ def _build_movie(source: Path, root: Path, movie_id: str, options: BuildOptions,
                     if not dims:
                         dims["src"] = (frame.shape[1], frame.shape[0])
                         dims["out"] = stored_size(*dims["src"], options.size)
+                        if max(dims["out"]) > MAX_STORED_SIDE:  # else "cannot encode frame 0", as if the disk were at fault
+                            (w, h), (ow, oh) = dims["src"], dims["out"]
+                            raise FrameSourceError(source, f"frames of {w}x{h} would be stored at {ow}x{oh} (short "
+                                                           f"side {min(ow, oh)}), over {MAX_STORED_SIDE} pixels a "
+                                                           "side: too narrow a picture for training crops")
                     pending.append(pool.submit(store, i, frame))
                     while len(pending) > 2 * max(1, options.threads):
                         table.push(pending.popleft().result())

@@ -397,6 +397,19 @@ def test_meta_records_the_options_and_the_metric(tmp_path, monkeypatch):
     assert ncc["metric_params"] == {"input": input_, "sim_size": [64, 64]} and ncc["short_side"] == 16
 
 
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_frames_too_narrow_to_store_are_refused_naming_their_sizes(tmp_path, fmt):
+    """2x600 frames at short side 512 would be 512x153600: JPEG cannot hold it, and the movie was
+    skipped as "cannot encode frame 0 as jpg", as if the disk or encoder were at fault."""
+    src = write_folder([np.full((600, 2, 3), 128, np.uint8)] * 3, tmp_path / "thin")
+    with pytest.raises(FrameSourceError, match=r"thin: frames of 2x600 would be stored at 512x153600 \(short side "
+                                               r"512\), over 65500 pixels a side: too narrow a picture for training "
+                                               r"crops$"):
+        build_movie(src, tmp_path / "data", options=BuildOptions(size=512, image_format=fmt, threads=1))
+    assert not (tmp_path / "data" / "thin").exists() and not list((tmp_path / "data" / ".partial").glob("thin*"))
+    assert build_movie(src, tmp_path / "data", options=BuildOptions(size=8, threads=1))["size"] == [8, 2400]
+
+
 def test_an_existing_movie_is_refused_and_left_alone(tmp_path):
     src = write_folder(panning_clip(4, 16, 24), tmp_path / "clip")
     build_movie(src, tmp_path / "data", options=OPTS)

@@ -284,6 +284,24 @@ def test_piped_into_a_reader_that_has_gone_it_ends_quietly_and_the_file_stays(sd
     assert any(k.startswith("control_model.") for k in load_file(out)) and sorted(os.listdir(tmp_path)) == [out.name]
 
 
+def test_an_sd_file_named_768_under_an_eps_config_gets_a_note(sd_files, tmp_path, capsys):
+    """768-v has 512-base's tensors to the last shape, so only the file's name can hint at it."""
+    import shutil
+
+    named = tmp_path / "v2-1_768-ema-pruned.safetensors"
+    shutil.copy(sd_files[1] / "sd.safetensors", named)
+    base = [str(named), "--config", str(TINY_CONFIG)]
+    assert tool.main([*base, str(tmp_path / "a.safetensors")]) == 0
+    assert capsys.readouterr().err == (
+        "tool_add_control_sd21.py: note: v2-1_768-ema-pruned.safetensors: the name of SD2.1 768-v, which predicts v, "
+        "but the config predicts eps (512-base); the file cannot tell which it is: for 768-v use a config with "
+        "model.parameterization=v (and train and sample at 768)\n")
+    assert tool.main([*base, str(tmp_path / "b.safetensors"), "model.parameterization=v"]) == 0
+    assert tool.main([str(sd_files[1] / "sd.safetensors"), str(tmp_path / "c.safetensors"), "--config",
+                      str(TINY_CONFIG)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_help_explains_768_v(capsys):
     with pytest.raises(SystemExit):
         tool.main(["--help"])
