@@ -530,7 +530,8 @@ def run(args) -> int:
     refs = None if only_video else load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     # a video's own frame times, read (a pass over its file) once its frames are written
-    times = functools.cache(lambda: A.frame_times(args.input)) if args.video and info is not None else None
+    times = functools.cache(lambda: A.frame_times(args.input, info.lead)) if args.video and info is not None \
+        else None
     sound, codec = sound_source(args, info)
     size_from = frames.start - 1 if only_video else frames.start  # a frame of the input (a folder's: read)
     model = load_model(args, source, device, info, frames.start) if args.method == "model" and not only_video \
@@ -571,7 +572,8 @@ def run(args) -> int:
                 return sum(1 for _ in new)
             clip = O.video_frames(new, out, before, after, lambda: input_size(args.input, info, size_from))
             with closing(clip):  # closed before its error is handled, so the PNGs made get written
-                return write_video_atomic(args.video, clip, fps, audio_from=sound, times=times)
+                return write_video_atomic(args.video, clip, fps, audio_from=sound, times=times,
+                                          lead=info.lead if info is not None else 0.0)
 
     finished = False
     video_was = R.file_identity(args.video)  # --overwrite's old video, if any: a new one there is this run's

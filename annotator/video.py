@@ -101,6 +101,7 @@ class SourceInfo:
     frame_count: int | None  # exact for folders; the container's claim for videos (None if unknown)
     width: int
     height: int
+    lead: float = 0.0  # seconds of a video before its first decodable frame (lead_line): frame 0 is that one
 
 
 def natural_key(name: str) -> list:
@@ -286,14 +287,33 @@ def probe(path: str | os.PathLike) -> SourceInfo:
         fps = cap.get(cv2.CAP_PROP_FPS)
         count = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
         ok, frame = cap.read()
+        lead = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the first frame's time from the stream's start
     finally:
         cap.release()
     if not ok or frame is None:
         raise FrameSourceError(path, "video has no decodable frame")
     return SourceInfo(
         str(path), "video", fps if fps and fps > 0 else None, count if count > 0 else None,
-        frame.shape[1], frame.shape[0],
+        frame.shape[1], frame.shape[0], max(0.0, lead),
     )
+
+
+def lead_frames(lead_s: float, fps: float | None) -> int:
+    """How many frames at the nominal `fps` fit before a first decodable frame `lead_s` seconds
+    into the stream: 0 for a stream that starts with one."""
+    return int(round(lead_s * fps)) if fps and fps > 0 and lead_s > 0 else 0
+
+
+def lead_line(path, lead_s: float, fps: float | None) -> str | None:
+    """The warning for a video whose first frames cannot be decoded (a stream that starts without
+    a key frame: cut without re-encoding, a recording joined mid-stream), or None. FFmpeg skips
+    them without a word and the rest are counted from 0, so the frame numbers, and where the
+    sound starts, must come from that first decodable frame."""
+    k = lead_frames(lead_s, fps)
+    if k < 1:
+        return None
+    return (f"{path}: its first {k} frame(s) ({lead_s:.2f} s) cannot be decoded (the stream starts without a key "
+            "frame, as a cut made without re-encoding does); frames are counted from the first decodable one")
 
 
 def shortfall_verdict(path: str | os.PathLike, decoded: int, claimed: int, fps: float | None,
@@ -382,7 +402,8 @@ def iter_frames(
     first, and - with `check_count`, for a video read to its end - when it ends clearly before
     the frame count its container claims (a truncated file), after the frames it did decode
     were yielded. A smaller shortfall (see shortfall_verdict) is reported as one line through
-    `warn` (default: warnings.warn).
+    `warn` (default: warnings.warn), with `check_count` so is a video whose first frames cannot
+    be decoded (lead_line), at its first frame.
     """
     if start < 0 or (stop is not None and stop < start):
         raise ValueError(f"bad frame range {start}:{stop}")
@@ -405,19 +426,32 @@ def iter_frames(
             yield i, f.name, img
         return
 
+    def say(line: str | None) -> None:
+        if line is not None and warn is None:
+            warnings.warn(line, stacklevel=3)
+        elif line is not None:
+            warn(line)
+
     cap = _open_video(path, decode_threads)
     try:
         claimed = int(round(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
         fps = cap.get(cv2.CAP_PROP_FPS)
+        lead_ms = None  # the first frame's time, from the stream's start (AVI: frames / nominal fps)
         for i in range(start):
             if not cap.grab():
                 raise FrameRangeError(path, i, start)
+            if i == 0:  # said wherever the range starts, as a whole run says it
+                lead_ms = max(0.0, cap.get(cv2.CAP_PROP_POS_MSEC))
+                say(lead_line(path, lead_ms / 1000, fps) if check_count else None)
         size, i, last_ms = None, start, None
         while stop is None or i < stop:
             ok, frame = cap.read()
             if not ok or frame is None:
                 break
-            last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)  # from the first frame's time (AVI: frames / nominal fps)
+            last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+            if i == 0:
+                lead_ms = max(0.0, last_ms)
+                say(lead_line(path, lead_ms / 1000, fps) if check_count else None)
             if frame.ndim != 3 or frame.shape[2] != 3:
                 frame = _to_rgb8(frame, path, want_bgr=True)
             size = size or frame.shape[:2]
@@ -432,11 +466,8 @@ def iter_frames(
     if i == 0 and stop != 0:
         raise FrameSourceError(path, "video has no decodable frame")
     if check_count and (stop is None or i < stop):  # it ran out, so it has i frames in all
+        lead_ms = lead_ms or 0.0
+        claimed -= lead_frames(lead_ms / 1000, fps)  # those before the first decodable frame: said above
         late = last_ms is not None and claimed - i > COUNT_SLACK  # then the first frame's time may count
-        line = shortfall_verdict(path, i, claimed, fps, None if last_ms is None else last_ms / 1000,
-                                 _video_start(path) if late else 0.0)
-        if line is not None:
-            if warn is None:
-                warnings.warn(line, stacklevel=2)
-            else:
-                warn(line)
+        say(shortfall_verdict(path, i, claimed, fps, None if last_ms is None else (last_ms - lead_ms) / 1000,
+                              _video_start(path) if late else 0.0))

@@ -72,11 +72,12 @@ class FrameTimes(NamedTuple):
         return len(self.pts) / float((self.pts[-1] + self.last) * self.time_base)
 
 
-def frame_times(source: str | os.PathLike) -> FrameTimes | None:
+def frame_times(source: str | os.PathLike, lead: float = 0.0) -> FrameTimes | None:
     """The frame times of `source`'s video stream, from its packets' timestamps (one per frame:
     OpenCV decodes the same frames, at the same times), or None where they are not plain: no
     PyAV, no video stream, a packet without a time, two frames at one time. Reads through the
-    file (no decoding): a pass over a film's bytes."""
+    file (no decoding): a pass over a film's bytes. `lead`: seconds before the first decodable
+    frame (SourceInfo.lead), whose packets OpenCV never gives as frames: left out."""
     try:
         import av
     except ImportError:
@@ -95,6 +96,10 @@ def frame_times(source: str | os.PathLike) -> FrameTimes | None:
     if not packets or any(t is None for t, _ in packets):
         return None
     packets.sort()
+    if lead > 0 and len(packets) > 1:  # cut half a frame early: a time rounded to the millisecond stays in
+        step = min(b - a for (a, _), (b, _) in zip(packets, packets[1:]))
+        cut = packets[0][0] + round(lead / time_base) - step / 2
+        packets = [p for p in packets if p[0] >= cut]
     pts = [t - packets[0][0] for t, _ in packets]
     if any(b <= a for a, b in zip(pts, pts[1:])):
         return None
@@ -105,12 +110,14 @@ def frame_times(source: str | os.PathLike) -> FrameTimes | None:
 
 
 def remux(video: str | os.PathLike, dest: str | os.PathLike, audio_from: str | os.PathLike | None = None,
-          times: FrameTimes | None = None) -> str | None:
+          times: FrameTimes | None = None, lead: float = 0.0) -> str | None:
     """Write `dest` (MP4): the video stream of `video` with its frames at `times` if given (one
     time per frame; else as they are), and the first audio stream of `audio_from` if given,
-    interleaved by time. Returns what happened to the audio ('aac copied', 'pcm_s16le
-    re-encoded to AAC'; None without audio). ValueError if `audio_from` has no audio stream or
-    `times` does not hold one time per frame."""
+    interleaved by time; `lead` seconds of that sound after the source's picture starts are
+    skipped too (SourceInfo.lead: those before its first decodable frame, `video`'s first).
+    Returns what happened to the audio ('aac copied', 'pcm_s16le re-encoded to AAC'; None
+    without audio). ValueError if `audio_from` has no audio stream or `times` does not hold
+    one time per frame."""
     import av
 
     fmt = "mov" if str(dest).lower().endswith(".mov") else "mp4"
@@ -126,7 +133,7 @@ def remux(video: str | os.PathLike, dest: str | os.PathLike, audio_from: str | o
             pictures = _retimed(pictures, times)
         timed, how = [_timed(pictures, 0)], None
         if src is not None:
-            how, sound = _audio(src, dest, out, streams)
+            how, sound = _audio(src, dest, out, streams, lead)
             timed.append(_timed(sound, 1))
         for _, kind, _, packet in heapq.merge(*timed):
             packet.stream = streams[kind]
@@ -151,9 +158,10 @@ def _retimed(packets, times: FrameTimes):
         raise ValueError(f"{len(times.pts)} frame times for {n} frames")
 
 
-def _audio(src, dest, out, streams: list) -> tuple[str, Iterator]:
+def _audio(src, dest, out, streams: list, lead: float = 0.0) -> tuple[str, Iterator]:
     """(what happens to it, its packets for `out`): the first audio stream of the opened `src`,
-    added to `out` and `streams`; its times shifted so that the first picture of `src` is at 0."""
+    added to `out` and `streams`; its times shifted so that the first picture of `src`, `lead`
+    seconds on, is at 0."""
     import av
 
     audio = next((s for s in src.streams if s.type == "audio"), None)
@@ -161,7 +169,7 @@ def _audio(src, dest, out, streams: list) -> tuple[str, Iterator]:
         raise ValueError(f"{src.name}: no audio stream")
     first = film_stream(src)
     start = float(first.start_time * first.time_base) if first is not None and first.start_time else 0.0
-    shift = round(start / audio.time_base)  # the picture starts at 0 in `video`
+    shift = round((start + lead) / audio.time_base)  # the picture starts at 0 in `video`
     name = audio.codec_context.codec.canonical_name
     if copied(name, dest):
         streams.append(out.add_stream_from_template(audio))

@@ -147,7 +147,7 @@ def check_video(tmp: Path, frames: int, path: Path) -> None:
 
 def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,
                        audio_from: str | os.PathLike | None = None,
-                       times: FrameTimes | Callable[[], FrameTimes | None] | None = None) -> int:
+                       times: FrameTimes | Callable[[], FrameTimes | None] | None = None, lead: float = 0.0) -> int:
     """Encode RGB frames (uint8 or float [0, 1], all one size) as MPEG-4 Part 2 ('mp4v').
 
     Streams: frames may be a generator. Returns the number of frames written. The video
@@ -156,8 +156,9 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     colorize/audio.py's frame_times; or a function giving them, called once the frames are
     written, as reading a film's times is a pass over its file) instead of at `fps` if those
     are one time per frame written (a source whose times cannot be matched to its frames gets
-    `fps`, as a frame folder does). MPEG-4 (4:2:0 chroma) needs even sides
-    and the encoder would silently crop an odd one, so an odd-sized frame gets one more
+    `fps`, as a frame folder does); `lead`: the seconds of the source before its first
+    decodable frame, the first written, which the sound skips too (remux). MPEG-4 (4:2:0
+    chroma) needs even sides and the encoder would silently crop an odd one, so an odd-sized frame gets one more
     column and/or row, a copy of its last (edge replication, see `even_size`): nothing of
     the image is lost.
     """
@@ -196,7 +197,7 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
         if times is not None and len(times.pts) != n:
             times = None
         if audio_from is not None or times is not None:
-            _remux(tmp, path, audio_from, times)
+            _remux(tmp, path, audio_from, times, lead)
         os.replace(tmp, path)
     except BaseException:
         with signals_deferred():  # a second Ctrl-C as the writer is released (the encoder flushed) left tmp
@@ -208,7 +209,8 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     return n
 
 
-def _remux(video: Path, path: Path, audio_from: str | os.PathLike | None, times: FrameTimes | None) -> None:
+def _remux(video: Path, path: Path, audio_from: str | os.PathLike | None, times: FrameTimes | None,
+           lead: float = 0.0) -> None:
     """`video` (a temporary file) replaced by itself with the sound of `audio_from` and/or its
     frames at `times` (colorize/audio.py's remux)."""
     import av
@@ -216,7 +218,7 @@ def _remux(video: Path, path: Path, audio_from: str | os.PathLike | None, times:
     muxed = None
     try:
         muxed = _temp_beside(path)  # inside: a stop right after it still removes it
-        remux(video, muxed, audio_from, times)
+        remux(video, muxed, audio_from, times, lead)
         os.replace(muxed, video)
     except (av.FFmpegError, ValueError) as e:
         if audio_from is None:

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from fractions import Fraction
 
 import torch
@@ -161,6 +162,48 @@ def video_with_sound(path, frames: int = 10, fps: int = 10, audio: str = "aac", 
             f.sample_rate, f.pts = rate, s
             c.mux(a.encode(f))
         c.mux(a.encode())
+    return path
+
+
+def headless_video(path, frames: int = 50, fps: int = 25, drop: int = 4, rate: int = 8000):
+    """A 64x48 H.264 video (key frame every 12, B-frames) of `frames` gray levels (frame i: level
+    5 i) with a mono AAC tone, whose first `drop` video packets are then cut away, as a cut made
+    without re-encoding leaves a stream: FFmpeg decodes nothing before the next key frame (the
+    first 8 frames' times, 0.32 s, are lost here). Returns the path."""
+    import av
+    import numpy as np
+
+    full = Path(path).with_name("full_" + Path(path).name)
+    with av.open(str(full), "w") as c:
+        v = c.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.codec_context.gop_size = 12
+        a = c.add_stream("aac", rate=rate, layout="mono")
+        for i in range(frames):
+            img = np.full((48, 64, 3), 5 * i, np.uint8)
+            img[40:, i:i + 8] = 255  # some motion, as a film has
+            c.mux(v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(v.encode())
+        n = rate * frames // fps
+        pcm = (np.sin(2 * np.pi * 440 * np.arange(n) / rate) * 10000).astype(np.int16)
+        for s in range(0, n, 1024):
+            f = av.AudioFrame.from_ndarray(pcm[None, s:s + 1024], format="s16", layout="mono")
+            f.sample_rate, f.pts = rate, s
+            c.mux(a.encode(f))
+        c.mux(a.encode())
+    with av.open(str(full)) as src, av.open(str(path), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
+        video = 0
+        for p in src.demux():
+            if not p.size:
+                continue
+            if p.stream.type == "video":
+                video += 1
+                if video <= drop:
+                    continue
+            p.stream = streams[p.stream.index]
+            out.mux(p)
+    full.unlink()
     return path
 
 

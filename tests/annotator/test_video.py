@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from av import open as av_open
 
 from annotator.video import (
     FrameRangeError, FrameSourceError, bgr_to_rgb, decode_image, iter_frames, natural_key, probe, read_image, read_image_native,
@@ -417,6 +418,30 @@ def test_an_empty_image_file_is_not_a_readable_image(tmp_path):
     (tmp_path / "e.png").write_bytes(b"")
     with pytest.raises(FrameSourceError, match=r"e.png: not a readable image$"):
         read_image(tmp_path / "e.png")
+
+
+def test_a_video_whose_first_frames_cannot_be_decoded_says_so_and_counts_from_the_first_decodable(tmp_path):
+    """A stream cut before a key frame: FFmpeg skips what it cannot decode without a word, and the
+    shortfall was put down to a varying frame rate or frames "missing inside it"."""
+    from tests.helpers import headless_video
+
+    path = headless_video(tmp_path / "cut.mp4")
+    info = probe(path)
+    with av_open(path) as c:
+        v = c.streams.video[0]
+        start = float(v.start_time * v.time_base)
+    said = []
+    frames = list(iter_frames(path, warn=said.append))
+    assert info.lead == pytest.approx(0.32) and said == [
+        f"{path}: its first 8 frame(s) (0.32 s) cannot be decoded (the stream starts without a key frame, as a cut "
+        "made without re-encoding does); frames are counted from the first decodable one"]
+    first = round((start + info.lead) * 25)  # the source frame shown at that time: gray level 5 x its index
+    assert abs(int(frames[0][2][0, 0, 0]) - 5 * first) <= 2 and len(frames) == 50 - first
+    said.clear()  # a range that starts later says it too (a run continued with --frames N: is told as a whole run)
+    assert [i for i, _, _ in iter_frames(path, start=3, stop=5, warn=said.append)] == [3, 4] and len(said) == 1
+    assert list(iter_frames(path, stop=1, check_count=False, warn=said.append)) and len(said) == 1
+    ok = write_video(panning_clip(4, 16, 16), tmp_path / "ok.mp4")
+    assert probe(ok).lead == 0.0 and list(iter_frames(ok, warn=said.append)) and len(said) == 1
 
 
 def _png_header_only(path, width, height):

@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
+from annotator.video import iter_frames, probe
 from colorize.audio import FrameTimes, _timed, audio_codec, copied, frame_times, remux
 from colorize.frames_io import write_video_atomic
-from tests.helpers import video_with_sound
+from tests.helpers import headless_video, video_with_sound
 
 TONE = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 10000).astype(np.int16)  # 1 s at 16 kHz
 
@@ -32,7 +33,7 @@ def sound(path) -> tuple[np.ndarray, int]:
 def picture(tmp_path, frames: int = 10):
     """A silent MPEG-4 video as write_video_atomic makes it."""
     path = tmp_path / "picture.mp4"
-    write_video_atomic(path, [np.full((24, 32, 3), 7 * i, np.uint8) for i in range(frames)], 10)
+    write_video_atomic(path, [np.full((24, 32, 3), 7 * i % 256, np.uint8) for i in range(frames)], 10)
     return path
 
 
@@ -350,3 +351,24 @@ def test_frame_times_leave_out_the_frames_an_edit_list_cuts(tmp_path):
     ft = frame_times(cut)
     assert len(msec) == len(ft.pts) == 28 and ft.pts[0] == 0
     np.testing.assert_allclose([float(t * ft.time_base) * 1000 for t in ft.pts], msec, atol=1e-6)
+
+
+def test_a_lead_moves_the_sound_and_drops_the_frame_times_before_the_first_decodable_frame(tmp_path):
+    """A stream cut before a key frame (headless_video): FFmpeg decodes nothing before it, so the
+    first frame written is `lead` seconds after the picture's start, and its sound must start
+    there too (it started at the picture's start: 0.32 s early, the picture ahead of the sound)."""
+    src = headless_video(tmp_path / "cut.mp4")
+    lead = probe(src).lead
+    assert lead == pytest.approx(0.32)
+    decoded = sum(1 for _ in iter_frames(src, warn=lambda line: None))
+    every, kept = frame_times(src), frame_times(src, lead)
+    assert len(kept.pts) == decoded < len(every.pts) and kept.pts[0] == 0 and kept.uniform()
+    assert kept.pts == [t - every.pts[len(every.pts) - decoded] for t in every.pts[-decoded:]]
+    out = tmp_path / "out.mp4"
+    remux(picture(tmp_path, decoded), out, src, kept, lead)
+    with av.open(str(src)) as c:
+        v = c.streams.video[0]
+        start = v.start_time * v.time_base
+    ours, theirs = packets(out, "audio"), packets(src, "audio")
+    assert [b for b, _ in ours] == [b for b, _ in theirs]
+    assert [t for _, t in ours] == pytest.approx([t - float(start) - lead for _, t in theirs], abs=1 / 8000)

@@ -28,7 +28,8 @@ from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png, write_video_atomic
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
-from tests.helpers import SignalAtLine, named_pipe, read_only_folder, refused, stops_in_second_write, video_with_sound
+from tests.helpers import (SignalAtLine, headless_video, named_pipe, read_only_folder, refused, stops_in_second_write,
+                           video_with_sound)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
@@ -199,6 +200,32 @@ def test_a_frame_too_large_to_decode_is_a_bad_frame_like_any_other(env, tmp_path
                       tmp_path / "out2"], capsys)
     assert rc == 2 and "f2.png: reference image too large for OpenCV to decode" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_video_cut_before_a_key_frame_keeps_its_sound_in_step(tmp_path, capsys):
+    """FFmpeg decodes nothing before the first key frame: the sound started at the picture's start,
+    0.32 s ahead of the first frame written, and the note blamed a varying frame rate."""
+    import av
+
+    src = headless_video(tmp_path / "cut.mp4")
+    info = probe(src)
+    ref = write_folder(panning_clip(1, 48, 64), tmp_path / "ref") / "frame0.png"
+    rc, out, err = run(["--input", src, "--reference", ref, "--method", "reinhard", "--out", tmp_path / "out",
+                        "--video", tmp_path / "out.mp4", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert err.count("note: ") == 1 and "its first 8 frame(s) (0.32 s) cannot be decoded" in err
+    decoded = len(list((tmp_path / "out").iterdir()))
+    assert f"wrote {decoded} frames" in out and "(aac copied), 25 fps)" in out
+
+    def times(path, kind):
+        with av.open(str(path)) as c:
+            s = next(s for s in c.streams if s.type == kind)
+            start = float(s.start_time * s.time_base) if s.start_time else 0.0
+            return start, [float(p.pts * p.time_base) for p in c.demux(s) if p.pts is not None and p.size]
+    (v_start, _), (_, theirs) = times(src, "video"), times(src, "audio")
+    (_, frames), (_, ours) = times(tmp_path / "out.mp4", "video"), times(tmp_path / "out.mp4", "audio")
+    assert len(frames) == decoded and frames[:2] == pytest.approx([0, 0.04])
+    assert ours == pytest.approx([t - v_start - info.lead for t in theirs], abs=1 / 8000)
 
 
 def test_a_bad_frame_in_a_later_batch_names_the_batch_the_outputs_stop_before(env, tmp_path, capsys):
