@@ -32,6 +32,22 @@ def test_bench_inference_runs_every_mode_and_the_serial_baseline(capsys):
     assert set(rows) == {"fixed, batch 1", "fixed, batch 4", "fixed, batch 8, serial (no overlap)", "recursive",
                          "anchored"}
     assert all(float(v) > 0 for v in rows.values())
+    table = re.findall(r"^\| [a-z][^|]*? \| ([0-9.]+) \| ([0-9.]+) \| [0-9.]+ \|$", out, re.M)
+    assert len(table) == 5 and all(float(spf) == pytest.approx(1 / float(f), rel=0.02, abs=1e-3) for f, spf in table)
+
+
+def test_bench_inference_fps_counts_the_frames_of_the_mode_asked_for(monkeypatch):
+    """The frames/s column is frames made / wall seconds, of the mode and batch of its row (a
+    count doubled, or every row timed as fixed, passed the test above)."""
+    calls, clock = [], iter([10.0, 14.0])
+    monkeypatch.setattr(bench_inference.time, "perf_counter", lambda: next(clock))
+
+    def colorize(model, grays, ref, mode, batch, **options):
+        calls.append((mode, batch))
+        yield from grays
+    monkeypatch.setattr(bench_inference.P, "colorize", colorize)
+    frames_per_s, _ = bench_inference.fps(None, [0] * 6, None, *bench_inference.RUNS["recursive"])
+    assert frames_per_s == 6 / 4 and calls == [("recursive", 1)]
 
 
 def test_bench_png_threads_times_the_three_ways_and_finds_the_same_outputs(capsys):
@@ -65,6 +81,8 @@ def test_bench_png_threads_encodes_serial_on_the_main_thread_and_fails_on_output
 def test_bench_train_reports_speed_and_memory():
     r = bench_train.bench(TINY_CONFIG, size=64, batch_size=2, steps=1, warmup=1, precision="32", device="cpu")
     assert r["samples_per_s"] > 0 and r["memory_gib"] > 0
+    assert r["samples_per_s"] == pytest.approx(2 / r["step_s"])  # batch / step time, not steps / s
+    assert r["achieved_tflops"] == pytest.approx(r["model_tflop_per_sample"] * r["samples_per_s"])
     assert r["model_tflop_per_sample"] == pytest.approx(0.591e-3, rel=0.01)  # BENCHMARKS.md: 0.591 GFLOP
     assert r["mfu"] is None  # no known peak for a CPU
 

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +25,8 @@ SCRIPT = REPO / "build_pairs.py"
 LINUX = sys.platform.startswith("linux")
 
 
-def run(*args, check_rc=None, env=None):
-    p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], cwd=REPO,
+def run(*args, check_rc=None, env=None, prefix=()):
+    p = subprocess.run([*prefix, sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=env)
     if check_rc is not None:
         assert p.returncode == check_rc, p.stderr
@@ -502,18 +503,23 @@ def test_full_disk_stops_the_run_instead_of_skipping_every_movie(tmp_path, monke
 
 def test_a_data_root_without_write_permission_stops_the_run(tmp_path):
     """chmod a-w DATA_ROOT: every movie was skipped as bad input ("a: PermissionError: ...
-    '.partial'"), exit 1, as if the movies were at fault."""
+    '.partial'"), exit 1, as if the movies were at fault; now refused up front. Root writes
+    anyway (CAP_DAC_OVERRIDE): the run is then started without that capability (setpriv)."""
     clips = [write_folder(panning_clip(4, 16, 24, seed=k), tmp_path / name) for k, name in enumerate("ab")]
     out = tmp_path / "d"
     out.mkdir()
     out.chmod(0o555)
     try:
-        if os.access(out, os.W_OK):  # root (CAP_DAC_OVERRIDE) writes anyway
-            pytest.skip("folder permissions are not enforced for this user")
-        p = run(*clips, "--out", out, "--size", "16", check_rc=2)
+        prefix = ()
+        if os.access(out, os.W_OK):
+            if shutil.which("setpriv") is None:
+                pytest.skip("folder permissions are not enforced for this user, and there is no setpriv")
+            caps = "-dac_override,-dac_read_search"
+            prefix = ("setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--")
+        p = run(*clips, "--out", out, "--size", "16", check_rc=2, prefix=prefix)
     finally:
         out.chmod(0o755)
-    assert p.stderr == f"build_pairs.py: error: permission denied ({out}); finished movies are kept, rerun to resume\n"
+    assert p.stderr == f"build_pairs.py: error: --out {out}: {out} is not writable\n"
     assert p.stdout == "" and os.listdir(out) == []
 
 

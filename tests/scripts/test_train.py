@@ -56,11 +56,24 @@ def args(ws, out, *extra):
             *map(str, extra)]
 
 
+CHILD_TMP: list[Path] = []  # children_tmp's folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def children_tmp(tmp_path_factory):
+    """A TMPDIR for the child processes, under pytest's own temporary folders (which it prunes):
+    torchrun leaves a torchelastic_* folder per run in TMPDIR, and /tmp filled with them."""
+    CHILD_TMP.append(tmp_path_factory.mktemp("children_tmp"))
+    yield
+    CHILD_TMP.pop()
+
+
 def clean_env(**extra):
     """A child run's environment: one thread (see tests/conftest.py one_thread), without the rendezvous
-    variables that in-process runs may have set."""
+    variables that in-process runs may have set, its temporary files in children_tmp's folder."""
     drop = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1", **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(CHILD_TMP[-1]), **extra}
 
 
 def load_ckpt(path):
