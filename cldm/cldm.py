@@ -60,12 +60,6 @@ class ControlLDM(nn.Module):
                              f"{hint_factor}: they must agree")
         self.size_multiple = self.latent_factor * 2 ** sum(isinstance(m, unet_modules.Downsample)
                                                            for m in unet.modules())
-        # Prompt embeddings of the frozen text encoder, valid only for the weights, device and dtype
-        # they were computed with: cleared when the encoder's weights are loaded or moved/cast.
-        self._prompt_cache: dict[tuple[str, torch.dtype | None], torch.Tensor] = {}
-        self._prompt_cache_for: tuple[torch.device, torch.dtype] | None = None
-        if cond_stage_model is not None:
-            cond_stage_model.register_load_state_dict_post_hook(self._clear_prompt_cache)
 
     @property
     def num_timesteps(self) -> int:
@@ -84,33 +78,13 @@ class ControlLDM(nn.Module):
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.scale_factor)
 
-    @torch.no_grad()
     def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompt embeddings; each distinct prompt is encoded once and then reused.
-
-        The text tower is frozen, so the cache is exact; with the default blank prompt a whole
-        training run encodes one string.
-        """
+        """Prompt embeddings (B, 77, D), each distinct prompt encoded once and then reused
+        (FrozenOpenCLIPEmbedder.encode_cached): with the default blank prompt a whole training
+        run encodes one string."""
         if self.cond_stage_model is None:
             raise RuntimeError("this model has no text encoder; pass `context` explicitly")
-        weight = next(self.cond_stage_model.parameters())
-        if self._prompt_cache_for != (weight.device, weight.dtype):  # moved or cast since: recompute
-            self._prompt_cache.clear()
-            self._prompt_cache_for = (weight.device, weight.dtype)
-        amp = _autocast_dtype(weight.device)  # the same weights give other values under autocast
-        rows = []
-        for p in prompts:
-            cached = self._prompt_cache.get((p, amp))
-            if cached is None:
-                cached = self.cond_stage_model.encode([p])[0]
-                if len(self._prompt_cache) < 64:
-                    self._prompt_cache[(p, amp)] = cached
-            rows.append(cached)
-        return torch.stack(rows)
-
-    def _clear_prompt_cache(self, module: nn.Module, incompatible_keys) -> None:
-        """load_state_dict post-hook of the text encoder: new weights, new embeddings."""
-        self._prompt_cache.clear()
+        return self.cond_stage_model.encode_cached(prompts)
 
     # ---- conditioning and one denoising step ----------------------------------------------
     def prepare_condition(self, hint: torch.Tensor, prompts: Sequence[str] | None = None, *,
@@ -194,13 +168,3 @@ class ControlLDM(nn.Module):
         target = noise if self.parameterization == "eps" else schedule.get_v(
             z0, noise, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
         return F.mse_loss(self.apply_model(x_t, t, cond).float(), target.float())
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype active for `device`'s type, or None."""
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-    except RuntimeError:  # device types without autocast support (meta)
-        pass
-    return None

@@ -101,6 +101,15 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         if freeze:
             self.requires_grad_(False)
         self.train(False)
+        # encode_cached's embeddings, valid only for the weights, device and dtype they were
+        # computed with: cleared when weights are loaded, and when the tower is moved or cast
+        self._cache: dict[tuple[str, torch.dtype | None], torch.Tensor] = {}
+        self._cache_for: tuple[torch.device, torch.dtype] | None = None
+        self.register_load_state_dict_post_hook(FrozenOpenCLIPEmbedder._clear_cache)  # a function: picklable
+
+    def _clear_cache(self, incompatible_keys) -> None:
+        """load_state_dict post-hook: new weights, new embeddings."""
+        self._cache.clear()
 
     def train(self, mode=True):
         """A frozen encoder stays in eval mode even when the parent model is put in training."""
@@ -136,4 +145,34 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         return self.encode_tokens(self.tokenize(texts))
 
     forward = encode
+
+    @torch.no_grad()
+    def encode_cached(self, texts, max_cached: int = 64):
+        """encode, each distinct prompt computed once and then reused (the first `max_cached`
+        kept): the tower is frozen, so the cache is exact while weights, device, dtype and the
+        autocast dtype, which changes the values, stay the same."""
+        weight = self.model.token_embedding.weight
+        if self._cache_for != (weight.device, weight.dtype):  # moved or cast since: recompute
+            self._cache.clear()
+            self._cache_for = (weight.device, weight.dtype)
+        amp = _autocast_dtype(weight.device)
+        rows = []
+        for text in [texts] if isinstance(texts, str) else texts:
+            row = self._cache.get((text, amp))
+            if row is None:
+                row = self.encode([text])[0]
+                if len(self._cache) < max_cached:
+                    self._cache[(text, amp)] = row
+            rows.append(row)
+        return torch.stack(rows)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for `device`'s type, or None."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # device types without autocast support (meta)
+        pass
+    return None
 
