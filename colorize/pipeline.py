@@ -479,11 +479,13 @@ class Pending:
 
 
 def _thumb(gray: np.ndarray) -> np.ndarray:
+    """A float gray frame as pair mining's 64x64 thumbnail, without its rounding to 8 bits (a
+    16-bit input keeps its precision)."""
     return fast_resize(np.ascontiguousarray(gray, dtype=np.float32), SIM_SIZE, SIM_SIZE)
 
 
 class ReferenceChooser:
-    """Most similar reference for a gray frame: SSIM of 64x64 gray thumbnails (as pair mining)."""
+    """Most similar reference for a gray frame: SSIM of 64x64 gray thumbnails (_thumb)."""
 
     def __init__(self, references: Sequence[np.ndarray]):
         self.thumbs = [_thumb(rgb_to_gray(to_float(r)[..., :3])) for r in references]
