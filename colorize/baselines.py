@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
-from colorize.gray import to_gray
+from colorize.gray import array_problem, to_gray
 from colorize.metrics import check_flow_size
 from colorize.pipeline import ReferenceChooser
 
@@ -35,8 +35,12 @@ def _gray(frame: np.ndarray) -> np.ndarray:
 
 def _rgb(reference: np.ndarray) -> np.ndarray:
     """A reference as contiguous float RGB: an RGBA's alpha dropped, and its gray then that of its
-    RGB bit for bit (the gray of a strided view differs in the last bit)."""
-    return np.ascontiguousarray(to_float(np.asarray(reference))[..., :3])
+    RGB bit for bit (the gray of a strided view differs in the last bit). ValueError for an array
+    that is no RGB(A) image in [0, 1] (gray.array_problem)."""
+    reference = np.asarray(reference)
+    if problem := array_problem(reference, reference=True):
+        raise ValueError(f"reference: {problem}")
+    return np.ascontiguousarray(to_float(reference)[..., :3])
 
 
 def _fit(reference: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -49,3 +49,27 @@ def pixel_spread(rgb: np.ndarray) -> np.ndarray:
     r, g, b = (rgb[::k, ::k, c] for c in range(3))
     return np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
 
+
+def array_problem(img, reference: bool = False) -> str | None:
+    """What is wrong with a frame (or, `reference`, a colour reference) handed to the library as an
+    array, in one phrase, or None. The layout: HW gray or HWC with 1-4 channels, a reference HW3
+    or HW4 (a CHW array came out as stripes). The scale of float pixels, taken as [0, 1]: 0-255
+    or [-1, 1] floats, NaN or inf came out wrong without a word (a little outside [0, 1], as HDR
+    images or a resampler's overshoot, is clipped as before)."""
+    if not isinstance(img, np.ndarray):
+        return f"expected a numpy array, got {type(img).__name__}"
+    if reference and img.ndim == 2:
+        return f"gray ({img.shape[0]}x{img.shape[1]}): a reference needs colours"
+    if reference and (img.ndim != 3 or img.shape[2] not in (3, 4)):
+        return f"expected an HxWx3 (or x4) RGB image, got shape {img.shape}"
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] > 4):
+        return f"expected an HxW gray or HxWxC image (C = 1 to 4), got shape {img.shape}"
+    if np.issubdtype(img.dtype, np.floating) and img.size:
+        lo, hi = float(img.min()), float(img.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return "has NaN or infinite pixels"
+        if hi > 2 or lo < -0.5:
+            return (f"float pixels are taken as [0, 1], these range over [{lo:.3g}, {hi:.3g}]"
+                    + (" (0-255 values? pass them as uint8)" if hi > 2 else " ([-1, 1]? map them to [0, 1])"))
+    return None
+

@@ -56,7 +56,7 @@ from cldm.cldm import ControlLDM
 from cldm.color import ColorCondition, needs_ref_latent
 from cliutil import file_problem
 from colorize.cuda_graph import GraphCache
-from colorize.gray import to_gray
+from colorize.gray import array_problem, to_gray
 from colorize.loading import PRECISIONS, compute_dtype
 from ldm import sampler
 
@@ -182,6 +182,8 @@ def read_reference(path: str | os.PathLike) -> np.ndarray:
         raise InferenceError(f"{path}: reference {e.problem}") from None
     except ValueError as e:  # a pixel type to_float cannot scale (a 32-bit integer TIFF)
         raise InferenceError(f"{path}: reference {e}") from None
+    if problem := array_problem(img):  # a float TIFF's: NaN, or 0-255 values
+        raise InferenceError(f"{path}: reference image: {problem}")
     if img.ndim == 2:  # gray; decode_image gives gray HW or colour HW3 only (alpha is dropped at decode)
         img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img, dtype=np.float32)
@@ -359,7 +361,9 @@ class Colorizer:
 
     @torch.no_grad()
     def reference(self, rgb: np.ndarray) -> Reference:
-        """Resize a reference (any size: stretched to the frame) and encode it, once."""
+        """Resize a reference (HW3/HW4 RGB(A), any size: stretched to the frame) and encode it, once."""
+        if problem := array_problem(rgb, reference=True):
+            raise InferenceError(f"reference: {problem}")
         img = resize(to_float(rgb)[..., :3], self.hw)
         image = torch.from_numpy(img).permute(2, 0, 1)[None].to(self.device)
         latent = None
@@ -541,6 +545,8 @@ def anchor_colours(image: np.ndarray, stats: np.ndarray, strength: float = 1.0) 
 def _gray_of(frame) -> np.ndarray:
     if isinstance(frame, Frame):
         return frame.gray
+    if problem := array_problem(frame):
+        raise InferenceError(f"frame: {problem}")
     return to_gray(frame)[0]
 
 

@@ -17,7 +17,7 @@ from annotator.color import rgb_to_gray
 from cldm.lightning import ColorControlModule
 from cldm.trainable import configure_trainable, export_keys, locked_digest, tensor_checksum
 from colorize import loading, pipeline as P
-from tests.cldm.test_lightning import fixed_loss
+from tests.cldm.test_lightning import mean_fixed_loss
 from tests.cldm.test_model import tiny_v1
 from tests.colorize.tiny_model import tiny_model as tiny_pipeline_model
 from tests.helpers import COMPONENT_TOL, DDIM_TOL
@@ -78,16 +78,18 @@ def test_autocast_sampling_stays_close_to_float32(tiny_weights, tiny_io, dtype):
 
 
 def test_training_steps_on_cuda_bf16_move_only_trainable_weights():
-    """20 Lightning steps in bf16-mixed on one GPU (lr 1e-2, one batch of 2), as the CPU overfit test.
+    """20 Lightning steps in bf16-mixed on one GPU (lr 3e-3, one batch of 2), as the CPU overfit test.
 
-    Threshold: the fp32 loss at fixed noise/timesteps (measured on the CPU before and after)
-    falls by at least 20 %; locked tensors stay bitwise equal, all trainable ones move.
+    Threshold: the fp32 loss at 8 fixed (timestep, noise) draws (measured on the CPU before and
+    after) falls by at least 15 %, as the CPU test's; locked tensors stay bitwise equal, all
+    trainable ones move. (lr 1e-2 and one draw until 2026-11-29: seed-dependent, see that test;
+    not run on a GPU since.)
     """
     torch.manual_seed(0)
-    module = ColorControlModule(tiny_model("v2"), lr=1e-2)
+    module = ColorControlModule(tiny_model("v2"), lr=3e-3)
     batch = tiny_batch(2)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    loss0 = fixed_loss(module, batch)
+    loss0 = mean_fixed_loss(module, batch)
     devices = set()
 
     class Where(L.Callback):
@@ -99,9 +101,9 @@ def test_training_steps_on_cuda_bf16_move_only_trainable_weights():
                         callbacks=[Where()])
     trainer.fit(module, DataLoader([batch] * 20, batch_size=None))
     module.cpu()
-    loss1 = fixed_loss(module, batch)
+    loss1 = mean_fixed_loss(module, batch)
     print(f"bf16-mixed on CUDA: fixed-noise loss {loss0:.4f} -> {loss1:.4f}")
-    assert devices == {"cuda"} and loss1 < 0.8 * loss0, (devices, loss0, loss1)
+    assert devices == {"cuda"} and loss1 < 0.85 * loss0, (devices, loss0, loss1)
 
     after = module.model.state_dict()
     trainable = set(export_keys(module.model))

@@ -50,33 +50,39 @@ def live_concat(model):
     return model
 
 
-def fixed_loss(module, batch):
+def mean_fixed_loss(module, batch, timesteps: int = 8) -> float:
+    """The loss averaged over `timesteps` fixed (t, noise) draws spread over the schedule: one
+    draw (fixed_loss) moved with the timesteps training happened to draw more than with training."""
     g = torch.Generator().manual_seed(123)
-    t = torch.tensor([100, 700])
-    noise = torch.randn(2, 4, 8, 8, generator=g)
+    losses = []
     with torch.no_grad():
-        return module.compute_loss(batch, noise=noise, t=t, generator=g).item()
+        for t0 in torch.linspace(0, 999, timesteps).long():
+            noise = torch.randn(2, 4, 8, 8, generator=g)
+            losses.append(module.compute_loss(batch, noise=noise, t=torch.stack([t0, 999 - t0]), generator=g).item())
+    return sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_overfit_fixed_batch_moves_only_trainable_weights(optimizer):
-    """20 Lightning steps (random noise and timesteps, lr 1e-2) on one batch of 2, with AdamW and
+    """20 Lightning steps (random noise and timesteps, lr 3e-3) on one batch of 2, with AdamW and
     with bitsandbytes' 8-bit AdamW (--optimizer adamw8bit).
 
-    Threshold: the loss at fixed noise/timesteps falls by at least 20 % (measured 1.054 -> 0.76,
-    -28 %, on the 2-core CPU); locked tensors stay bitwise equal, all trainable ones move.
+    Threshold: the loss at 8 fixed (timestep, noise) draws falls by at least 15 % (measured 1.054
+    -> 0.80-0.83, -21 to -24 %, for each of the run seeds 0-7 with either optimiser, on the 2-core
+    CPU; lr 1e-2, as before, fell by 4 to 35 % depending on the seed, and this test passed at
+    seed 0 by luck); locked tensors stay bitwise equal, all trainable ones move.
     """
     torch.manual_seed(0)
-    module = ColorControlModule(tiny_model("v2"), lr=1e-2, optimizer=optimizer)
+    module = ColorControlModule(tiny_model("v2"), lr=3e-3, optimizer=optimizer)
     batch = with_latents(module, tiny_batch(2))
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    loss0 = fixed_loss(module, batch)
+    loss0 = mean_fixed_loss(module, batch)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=20, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader([batch] * 20, batch_size=None))
     assert type(trainer.optimizers[0]).__name__ == {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}[optimizer]
-    loss1 = fixed_loss(module, batch)
-    assert loss1 < 0.8 * loss0, (loss0, loss1)
+    loss1 = mean_fixed_loss(module, batch)
+    assert loss1 < 0.85 * loss0, (loss0, loss1)
 
     after = module.model.state_dict()
     trainable = set(export_keys(module.model))

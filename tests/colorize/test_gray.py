@@ -2,11 +2,12 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from annotator.color import rgb_to_gray, to_float
 from annotator.video import iter_frames
 from colorize.frames_io import write_video_atomic
-from colorize.gray import COLOUR_TOL, TINT_TOL, pixel_spread, to_gray
+from colorize.gray import COLOUR_TOL, TINT_TOL, array_problem, pixel_spread, to_gray
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 
@@ -97,3 +98,24 @@ def test_an_rgba_frame_has_the_gray_of_its_rgb_bit_for_bit():
     want, want_colour = to_gray(rgba[..., :3].copy())
     np.testing.assert_array_equal(gray, want)
     assert colour == want_colour
+
+
+RGB = np.full((6, 8, 3), 0.5, np.float32)
+
+
+@pytest.mark.parametrize("img, reference, problem", [
+    (RGB, True, None), (RGB[..., 0], False, None), (np.zeros((6, 8, 4), np.uint16), True, None),
+    (RGB * 1.02 - 0.01, True, None),  # a resampler's overshoot: clipped later, as before
+    (RGB[..., 0], True, "gray (6x8): a reference needs colours"),
+    (RGB.transpose(2, 0, 1), True, "expected an HxWx3 (or x4) RGB image, got shape (3, 6, 8)"),
+    (np.zeros((2, 6, 8, 3)), False, "expected an HxW gray or HxWxC image (C = 1 to 4), got shape (2, 6, 8, 3)"),
+    (RGB * 255, False, "float pixels are taken as [0, 1], these range over [128, 128] (0-255 values? pass them "
+                       "as uint8)"),
+    (RGB * 2 - 1.6, True, "float pixels are taken as [0, 1], these range over [-0.6, -0.6] ([-1, 1]? map them "
+                          "to [0, 1])"),
+    (np.where(np.arange(8) == 3, np.nan, 0.5)[None], False, "has NaN or infinite pixels"),
+    ([[0.5]], False, "expected a numpy array, got list"),
+])
+def test_arrays_given_to_the_library_are_checked_for_layout_and_scale(img, reference, problem):
+    """A CHW reference came out as stripes and 0-255 floats as white, without a word."""
+    assert array_problem(img, reference) == problem
