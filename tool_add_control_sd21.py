@@ -121,8 +121,9 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     # the SD file cannot give: the ControlNet's new layers and the schedule (from the config).
     with torch.device("meta"):
         model = create_model(cfg)
-    torch.manual_seed(seed)  # the hint block's random init is reproducible
-    fresh = {CONTROL + k: v for k, v in create_control_net(cfg).state_dict().items()}
+    with torch.random.fork_rng(devices=[]):  # the hint block's random init is reproducible; the caller's RNG kept
+        torch.manual_seed(seed)
+        fresh = {CONTROL + k: v for k, v in create_control_net(cfg).state_dict().items()}
     s = cfg.model.schedule
     fresh.update(schedule_buffers("linear", s.timesteps, s.linear_start, s.linear_end))
     try:

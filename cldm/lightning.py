@@ -84,7 +84,7 @@ class ColorControlModule(L.LightningModule):
     may unscale gradients itself.
     """
 
-    def __init__(self, model: ControlLDM, *, lr: float = 1e-5, weight_decay: float = 0.0,
+    def __init__(self, model: ControlLDM, *, lr: float = 1e-5, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), optimizer: str = "adamw", warmup_steps: int = 0,
                  sd_locked: bool = True, train_unet_input: bool = True, seed: int = 0,
                  compile: bool = False, config: dict | None = None, data: str | None = None, fused: bool = True):

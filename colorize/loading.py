@@ -73,11 +73,14 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
     The checkpoint is checked against the config's shapes on the meta device first, so a wrong
     file fails in a second with one CheckpointError instead of after building the model.
     `source`: resolve_config(ckpt, config, control), where the caller has it already (to say
-    which config it uses): the weights' metadata is then not read for it again. `note`: told
+    which config it uses): the weights' metadata is then not read for it again. `device`: a
+    torch.device or its name, or "auto" (resolve_device). `note`: told
     when `control` was trained on other SD weights than `ckpt` holds (None: not checked, which
     saves digesting them: ~1 s on a GPU, ~20 s on 2 CPU cores for SD2.1), and when `ckpt` holds
     EMA weights besides those used.
     """
+    if device == "auto":
+        device = resolve_device(device)
     source = resolve_config(ckpt, config, control) if source is None else source
     cfg = load_resolved_config(source, overrides, (("--control", control), ("--ckpt", ckpt)), config)
     weights = control if control is not None else ckpt

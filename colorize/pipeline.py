@@ -338,6 +338,19 @@ class Reference:
     latent: torch.Tensor | None
 
 
+def _run_dtype(model: ControlLDM, precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype (compute_dtype), or, for weights held in half precision
+    (loading.cast_weights), theirs: "auto" follows them, another precision is refused (float32
+    inputs met bfloat16 weights deep inside a convolution)."""
+    held = model.model.diffusion_model.input_blocks[0][0].weight.dtype
+    if held == torch.float32:
+        return compute_dtype(precision, device)
+    if precision not in ("auto", *(p for p, d in PRECISIONS.items() if d == held)):
+        raise InferenceError(f"the model's weights are held in {held} (cast_weights): precision must be auto or "
+                             f"the same, got {precision!r}")
+    return held
+
+
 class Colorizer:
     """One clip's colouriser: the model, the frame sizes and what is computed once per clip (the
     sampling itself is sample_latents, over ldm/sampler.py's DDIM)."""
@@ -347,7 +360,7 @@ class Colorizer:
         self.frame_hw = tuple(frame_hw)
         self.hw = checked_model_size(self.frame_hw, options.size, model.size_multiple)
         self.device = model.betas.device
-        self.dtype = compute_dtype(options.precision, self.device)
+        self.dtype = _run_dtype(model, options.precision, self.device)
         check_steps(model.num_timesteps, options.steps)
         self.context = model.get_learned_conditioning([""])  # fp32: the model caches it across runs
         self._no_reference: Reference | None = None
@@ -556,9 +569,11 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
 
     `frames`: gray frames (anything `to_gray` takes, or `Frame`s), all of one size.
     `references`: one RGB image or several (each frame then uses the most similar).
-    `start`: index of the first frame, which seeds its per-frame noise (for running a clip in parts).
+    `start`: index of the first frame, which seeds its per-frame noise (for running a clip in
+    parts); `Frame`s carry their own.
     `batch`: frames per model call in fixed mode; the sequential modes run one at a time.
     `options`: the other fields of `Options`.
+    The settings and references are checked here, at the call; the frames as they are read.
     """
     opt = Options(batch=batch, **options)
     if mode not in MODES:
@@ -566,7 +581,14 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
     refs = [references] if isinstance(references, np.ndarray) else list(references)
     if not refs:
         raise ValueError("no reference image given")
-    frames = iter(frames)
+    for r in refs:
+        if problem := array_problem(r, reference=True):
+            raise InferenceError(f"reference: {problem}")
+    return _colorize(model, iter(frames), refs, mode, opt, start)
+
+
+def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode: str, opt: Options,
+              start: int) -> Iterator[np.ndarray]:
     first = next(frames, None)
     if first is None:
         return
@@ -575,7 +597,7 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
     col = Colorizer(model, first_gray.shape, opt)
     entries = [col.reference(r) for r in refs]
     choose = ReferenceChooser(refs)
-    index = start
+    index = first.index if isinstance(first, Frame) else start
     if mode == "fixed":
         # One batch in flight: batch k+1 is queued on the GPU before batch k is finished on the
         # CPU, so the two overlap (on the CPU, the same work in the same order).

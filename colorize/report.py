@@ -28,18 +28,17 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import cv2
-import matplotlib
+import numpy as np
+# Figures are made as Figure objects, not through pyplot: no backend is chosen or changed (a
+# notebook importing this keeps its own), and savefig renders PNGs with Agg either way.
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties, findfont, get_font
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.font_manager import FontProperties, findfont, get_font  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-
-from annotator.color import to_uint8  # noqa: E402
-from atomicio import publish, removed_if_left_empty, temp_beside  # noqa: E402
-from cliutil import signals_deferred  # noqa: E402
-from colorize import metrics as M  # noqa: E402
+from annotator.color import to_uint8
+from atomicio import publish, removed_if_left_empty, temp_beside
+from cliutil import signals_deferred
+from colorize import metrics as M
 
 SUMMARY_KEYS = (*M.PER_FRAME_KEYS, "cdc")  # a metric added: also DEFINITIONS and evaluate.py's COLUMNS
 DEFINITIONS = {
@@ -110,7 +109,6 @@ def _csv(rows: list[list]) -> str:
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, facecolor="white")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -174,7 +172,8 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
     whole-number ticks, broken where frames were left out. Beyond MAX_POINTS frames each point
     is the mean of a bin of frames, shaded from their lowest to their highest value (one line
     point per frame packed a film's 150k frames 125 to a pixel column: one blob per method)."""
-    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120, layout="constrained")
+    fig = Figure(figsize=(10, 4.2), dpi=120, layout="constrained")
+    ax = fig.subplots()
     # A frame reproduced exactly (the reference frame, say) sits at the PSNR cap and would
     # squash every other line; draw such points as triangles on the top edge instead.
     ys = {name: np.asarray(res.per_frame[key], dtype=float) for name, res in results.items()}
@@ -248,7 +247,7 @@ def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = N
     width = pad + len(columns) * (tw + pad)
     height = head + rows * (th + cap + pad)
     dpi = 100
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     labels = strip.labels or [frames[i] if frames else f"frame {i}" for i in strip.indices]
     for c, (title, imgs) in enumerate(columns):
         x = pad + c * (tw + pad)

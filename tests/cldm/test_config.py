@@ -261,3 +261,11 @@ def test_a_vae_that_does_not_downsample_by_8_is_refused(ch_mult):
     cfg.model.first_stage.ddconfig.ch_mult = [1, 1, 2]  # past the config check: the model refuses it itself
     with pytest.raises(ValueError, match="^the VAE downsamples by 4, the ControlNet hint block by 8: they must agree$"):
         create_model(cfg)
+
+
+def test_overrides_given_as_one_string_or_a_mapping():
+    """A string was read a character at a time ("override must look like key=value, got 'm'")."""
+    assert load_config(TINY_CONFIG, "model.color_variant=v3").model.color_variant == "v3"
+    with pytest.raises(ConfigError, match=r"^overrides must be key=value strings, e\.g\. \['model\.color_variant=v3'\], "
+                                          r"got \{'model\.color_variant': 'v3'\}$"):
+        load_config(TINY_CONFIG, {"model.color_variant": "v3"})

@@ -19,7 +19,7 @@ from annotator.latent_cache import LatentCacheError, build_latent_cache
 from cldm.callbacks import ImageLogger
 from cldm.checkpoint import CheckpointError
 from cldm.lightning import ColorControlModule, ResumeRefusedError, _warmup, noise_seed
-from cldm.config import TINY_CONFIG, load_config
+from cldm.config import DEFAULT_CONFIG, TINY_CONFIG, load_config
 from cldm.trainable import TRAINING_KEY, UNET_INPUT_CONV, export_keys
 from cldm.weights_config import config_hash
 from ldm.modules.attention import BasicTransformerBlock
@@ -312,8 +312,10 @@ def test_a_config_leaving_out_train_unet_input_resumes_either_way():
 def test_defaults_train_the_controlnet_and_the_unet_input_conv_with_adamw():
     module = ColorControlModule(tiny_model("v2"))
     hp = module.hparams
-    assert (hp.lr, hp.weight_decay, tuple(hp.betas), hp.optimizer, hp.warmup_steps) == (1e-5, 0.0, (0.9, 0.999),
+    assert (hp.lr, hp.weight_decay, tuple(hp.betas), hp.optimizer, hp.warmup_steps) == (1e-5, 0.01, (0.9, 0.999),
                                                                                         "adamw", 0)
+    train = load_config(DEFAULT_CONFIG).train  # the library trains as the training script does by default
+    assert (hp.lr, hp.weight_decay, hp.optimizer) == (train.lr, train.weight_decay, train.optimizer)
     assert (hp.sd_locked, hp.train_unet_input, hp.seed, hp.compile, hp.config) == (True, True, 0, False, None)
     assert module.model.model.diffusion_model.input_blocks[0][0].weight.requires_grad
     off = ColorControlModule(tiny_model("v2"), train_unet_input=False)
@@ -469,7 +471,7 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
         trainer.fit(module, DataLoader([batch] * steps, batch_size=None), ckpt_path=ckpt)
         return trainer, rec.lrs
 
-    first, lrs = fit(2, lr=1e-5, warmup_steps=4)
+    first, lrs = fit(2, lr=1e-5, weight_decay=0.0, warmup_steps=4)
     assert [r["trainable"] for r in lrs] == [(pytest.approx(1e-5 / 4), 0.0), (pytest.approx(1e-5 / 2), 0.0)]
     first.save_checkpoint(tmp_path / "a.ckpt")
     assert "resumed with" not in capsys.readouterr().err  # a fresh run has nothing to note
@@ -479,7 +481,7 @@ def test_resume_with_another_lr_weight_decay_and_warmup_uses_them(tmp_path, caps
     assert [r["unet_input"] for r in lrs] == [(pytest.approx(1e-3 * 3 / 8), 0.0), (pytest.approx(1e-3 * 4 / 8), 0.0)]
     assert ("resumed with learning rate 0.001, weight decay 0.5 and 8 warm-up steps (the checkpoint had 1e-05, 0 and 4)"
             in capsys.readouterr().err)
-    fit(3, tmp_path / "a.ckpt", lr=1e-5, warmup_steps=2)  # the warm-up alone differs: noted too
+    fit(3, tmp_path / "a.ckpt", lr=1e-5, weight_decay=0.0, warmup_steps=2)  # the warm-up alone differs: noted too
     assert ("note: resumed with learning rate 1e-05, weight decay 0 and 2 warm-up steps (the checkpoint had 1e-05, 0 "
             "and 4)\n") in capsys.readouterr().err
 

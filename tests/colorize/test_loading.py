@@ -140,6 +140,12 @@ def test_schedule_length_is_the_configs_that_load_model_would_use(tmp_path):
         P.check_steps(40, 21)
 
 
+def test_load_model_takes_auto_as_the_cli_does(tmp_path):
+    """device="auto" was torch's "Expected one of cpu, cuda, ipu, ... device type"."""
+    full = save_tiny(tiny_model(seed=1), tmp_path / "full.safetensors")
+    assert L.load_model(full, config=TINY_CONFIG, device="auto").betas.device == L.resolve_device("auto")
+
+
 def test_cast_weights_keeps_every_norm_in_float32():
     """GroupNorm and LayerNorm (the transformer blocks') keep float32 parameters; the other layers
     of ControlNet, UNet and VAE take the dtype."""

@@ -694,3 +694,41 @@ def test_a_reference_with_alpha_or_gray_reads_as_rgb(tmp_path):
         ref = P.read_reference(tmp_path / name)
         assert ref.shape == (4, 5, 3) and ref.dtype == np.float32 and ref.flags.c_contiguous, name
         np.testing.assert_allclose(ref, np.broadcast_to(want, ref.shape), atol=1e-7, err_msg=name)
+
+
+def test_library_calls_are_checked_at_the_call_and_follow_cast_weights():
+    """A notebook's mistakes: settings and references were checked only at the first next() (a
+    typo of a mode returned a generator), a CHW reference came out as stripes, and weights held
+    in bfloat16 met float32 inputs deep in a convolution unless precision was set by hand."""
+    model = tiny_model()
+    gray, ref = np.full((32, 48), 0.5, np.float32), np.full((32, 48, 3), 0.4, np.float32)
+    with pytest.raises(ValueError, match="^unknown mode 'fixd'"):
+        P.colorize(model, [gray], ref, "fixd")
+    with pytest.raises(P.OptionError, match="^steps must be >= 1"):
+        P.colorize(model, [gray], ref, steps=0)
+    with pytest.raises(P.InferenceError, match=r"^reference: expected an HxWx3 \(or x4\) RGB image, got shape "
+                                               r"\(3, 32, 48\)$"):
+        P.colorize(model, [gray], np.ascontiguousarray(ref.transpose(2, 0, 1)))
+    with pytest.raises(P.InferenceError, match=r"^frame: float pixels are taken as \[0, 1\]"):
+        next(P.colorize(model, [gray * 255], ref, size=32, steps=1))
+    fp32 = next(P.colorize(model, [gray], ref, size=32, steps=2))
+    L.cast_weights(model, torch.bfloat16)
+    bf16 = next(P.colorize(model, [gray], ref, size=32, steps=2))  # "auto" follows the weights
+    assert bf16.shape == fp32.shape and np.abs(bf16 - fp32).max() < 0.05
+    with pytest.raises(P.InferenceError, match=r"^the model's weights are held in torch\.bfloat16 \(cast_weights\): "
+                                               r"precision must be auto or the same, got 'fp32'$"):
+        next(P.colorize(model, [gray], ref, size=32, steps=2, precision="fp32"))
+
+
+def test_frames_carry_their_own_index_for_per_frame_noise(tmp_path):
+    """Frames 3.. read as `Frame`s (iter_gray_frames(start=3)) seeded frame 0's noise unless
+    start=3 was given as well: their result differed from the same frames in a whole run."""
+    model = tiny_model()
+    clip = [np.full((32, 48), v, np.float32) for v in (0.2, 0.3, 0.4, 0.5, 0.6)]
+    ref = np.full((32, 48, 3), 0.4, np.float32)
+    kw = dict(size=32, steps=2, noise="per-frame", eta=1.0, batch=1)
+    whole = list(P.colorize(model, clip, ref, **kw))
+    frames = [P.Frame(i, f"{i}.png", g, 8, False) for i, g in enumerate(clip)][3:]
+    part = list(P.colorize(model, frames, ref, **kw))
+    assert all(np.array_equal(a, b) for a, b in zip(part, whole[3:]))
+    assert not np.array_equal(list(P.colorize(model, clip[3:], ref, **kw))[0], whole[3])  # arrays: start=0

@@ -470,3 +470,14 @@ def test_names_the_font_cannot_draw_are_escaped_in_the_plots_without_a_warning(t
             texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
             assert any("\\u65e5\\u672c" in t for t in texts) and not any("日" in t or "東" in t for t in texts)
             plt.close(fig)
+
+
+def test_importing_the_report_leaves_matplotlibs_backend_alone():
+    """It called matplotlib.use("Agg") on import: a notebook importing it lost its inline plots."""
+    import subprocess
+    import sys
+
+    code = "import matplotlib, colorize.report; print(matplotlib.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2], env={**os.environ, "MPLBACKEND": "svg"}).stdout
+    assert out.strip() == "svg"

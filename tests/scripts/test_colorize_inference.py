@@ -1736,7 +1736,7 @@ def test_a_failed_video_after_the_last_frame_says_only_the_video_is_missing(env,
     clip's end, which writes only the video, not --overwrite (every frame colourised again); followed,
     it gives the video of an uninterrupted run, the PNGs untouched. Also for a range that is part of
     the clip (the other frames were in --out)."""
-    def full_disk(path, frames, fps, audio_from=None, times=None):
+    def full_disk(path, frames, fps, audio_from=None, times=None, lead=0.0):
         for _ in frames:
             pass
         raise OSError(f"cannot write {path}: No space left on device")
@@ -1769,7 +1769,7 @@ def test_a_failed_video_of_a_clip_of_unknown_length_is_told_the_range_at_its_end
     clip = write_video(panning_clip(3, 64, 96), tmp_path / "v.avi")
     monkeypatch.setattr(P, "output_names", lambda *a, **k: None)
 
-    def full_disk(path, frames, fps, audio_from=None, times=None):
+    def full_disk(path, frames, fps, audio_from=None, times=None, lead=0.0):
         for _ in frames:
             pass
         raise OSError(f"cannot write {path}: No space left on device")
@@ -2188,7 +2188,7 @@ def test_a_stop_as_the_last_pngs_are_written_leaves_no_output_uncounted(env, tmp
 def test_a_stop_inside_the_video_writer_still_writes_the_pngs_already_made(env, tmp_path, capsys, monkeypatch):
     """With --video the writer pulls frames; a stop inside it (here after it took f1) used to
     drop the frames made and encoded but not yet written (f2, f3 with 2 PNG threads)."""
-    def stopped_after_two(path, frames, fps, audio_from=None, times=None):
+    def stopped_after_two(path, frames, fps, audio_from=None, times=None, lead=0.0):
         for k, _ in enumerate(frames):
             if k == 1:
                 raise KeyboardInterrupt
@@ -2215,7 +2215,7 @@ def test_a_full_disk_while_draining_for_the_video_writer_keeps_its_error_and_cou
             raise OSError(28, "No space left on device")
         return write(path, data, **kw)
 
-    def stopped_after_two(path, frames, fps, audio_from=None, times=None):
+    def stopped_after_two(path, frames, fps, audio_from=None, times=None, lead=0.0):
         for k, _ in enumerate(frames):
             if k == 1:
                 raise OSError(f"{path}: the video was not written completely (is the disk full?)")

@@ -345,6 +345,12 @@ def test_seed_draws_the_hint_blocks_init(sd_files, tmp_path):
     assert all(torch.equal(out["a"][k], out["b"][k]) for k in out["a"])
     assert not any(torch.equal(out["a"][k], out["c"][k]) for k in drawn)
     assert all(torch.equal(out["a"][k], out["c"][k]) for k in out["a"] if k.startswith("model."))
+    # and the caller's random numbers are its own (add_control seeded torch's global RNG)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tool.add_control(d / "sd.safetensors", tmp_path / "d.safetensors", TINY_CONFIG, seed=5)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def _disk(free: int):
