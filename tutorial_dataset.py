@@ -212,7 +212,10 @@ class PairDataset(Dataset):
             if self.gray_latents:
                 item["gray_latent_mean"] = t[2]
         else:
-            item["jpg"] = tgt.astype(np.float32) / 127.5 - 1.0
+            jpg = tgt.astype(np.float32)  # to [-1, 1] in place: one full-size array, not three
+            jpg /= 127.5
+            jpg -= 1.0
+            item["jpg"] = jpg
         return item
 
 
