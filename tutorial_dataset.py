@@ -122,8 +122,11 @@ class PairDataset(Dataset):
             r = np.flatnonzero(mask.any(axis=1))
             refs.append(r)
             movie_of.append(np.full(len(r), k, dtype=np.int32))
+            w, h = meta["size"]
+            if not self.latent_mode and max(self.crop[0] / h, self.crop[1] / w) > 1.0:
+                warnings.warn(f"{d}: frames are {w}x{h}, smaller than the training size {self.crop[1]}x{self.crop[0]}: "
+                              "they are upscaled to it (rebuild with build_pairs.py --size of the training size)")
             if self.latent_mode:
-                w, h = meta["size"]
                 if max(self.crop[0] / h, self.crop[1] / w) != 1.0:
                     raise ValueError(f"{d}: frames are {w}x{h}; latent mode needs them to cover the training "
                                      f"size {self.crop[1]}x{self.crop[0]} exactly in one side "

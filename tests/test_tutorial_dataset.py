@@ -190,8 +190,10 @@ def test_crop_sizes_and_no_augment(clip_root):
     band = dict(low=0.0, high=0.999, min_gap=1)
     ds = PairDataset(clip_root, size=(64, 128), seed=1, **band)
     assert ds[0]["jpg"].shape == (64, 128, 3) and ds[0]["hint"].shape == (64, 128, 4)
-    up = PairDataset(clip_root, size=128, seed=1, **band)  # frames upscaled to cover 128x128
-    assert up[0]["jpg"].shape == (128, 128, 3)
+    with pytest.warns(UserWarning, match=r"frames are 160x64, smaller than the training size 128x128: they are "
+                                         r"upscaled to it \(rebuild with build_pairs\.py --size of the training size\)"):
+        up = PairDataset(clip_root, size=128, seed=1, **band)  # frames upscaled to cover 128x128 (said: a library
+    assert up[0]["jpg"].shape == (128, 128, 3)  # user's PairDataset defaults to 512 on frames built at any size)
     centre = PairDataset(clip_root, size=64, augment=False, seed=1, **band)
     a, b = centre[3], centre[3]
     np.testing.assert_array_equal(a["jpg"], b["jpg"])
@@ -464,7 +466,9 @@ def test_frames_are_resized_to_the_crop_then_centre_cropped(tmp_path, height, wi
 
     src = write_folder(panning_clip(8, height, width, blur=0.7), tmp_path / "src")
     build_all([src], tmp_path / "d", BuildOptions(size=0, window=3, threads=1, image_format="png"), progress=False)
-    ds = PairDataset(tmp_path / "d", size=size, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the upscaled case's note
+        ds = PairDataset(tmp_path / "d", size=size, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
     item = ds[2]
     frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
     want = cv2.resize(frame, resized, interpolation=getattr(cv2, interpolation))[:, x0 : x0 + size]
