@@ -109,4 +109,5 @@ def transfer_luma(color: np.ndarray, gray: np.ndarray) -> np.ndarray:
         p *= scale
         p += y
         np.clip(p, 0.0, 1.0, out=p)
-    return cv2.merge([p.astype(np.float32, copy=False) for p in planes])
+    planes = [p.astype(np.float32, copy=False) for p in planes]
+    return cv2.merge(planes) if color.ndim == 3 and color.size else np.stack(planes, axis=-1)  # batches too

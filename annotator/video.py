@@ -162,9 +162,9 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     except cv2.error as e:  # raised, not None, for an image over OpenCV's size limits
         if "CV_IO_MAX_IMAGE" not in str(e):
             raise FrameSourceError(path, f"not a readable image ({str(e).strip().splitlines()[-1]})") from None
-        raise FrameSourceError(path, "image too large for OpenCV to decode: its limits are 2**30 pixels and "
-                                     "2**20 a side, and the environment variable CV_IO_MAX_IMAGE_PIXELS raises "
-                                     "the first") from None
+        raise FrameSourceError(path, "image too large for OpenCV to decode: its limits are by default 2**30 "
+                                     "pixels and 2**20 a side, and the environment variable "
+                                     "OPENCV_IO_MAX_IMAGE_PIXELS raises the first") from None
     if img is None:
         raise FrameSourceError(path, "not a readable image")
     return img

@@ -58,9 +58,10 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{where}: a config must be a YAML mapping (model:, train:), not a list")
     OmegaConf.set_struct(cfg, True)
-    if isinstance(overrides, str):  # else taken a character at a time: "got 'm'"
-        overrides = [overrides]
-    if isinstance(overrides, Mapping) or not all(isinstance(o, str) for o in overrides):
+    if isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides must be key=value strings, e.g. ['model.color_variant=v3'], got {overrides!r}")
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # a string was read by character
+    if not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"overrides must be key=value strings, e.g. ['model.color_variant=v3'], got {overrides!r}")
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -12,15 +12,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-NOISE, DATA = 0, 1  # what a seed of a training run is for: run_seed keeps their streams apart
+NOISE, DATA, VALIDATION = 0, 1, 2  # what a seed of a training run is for: run_seed keeps their streams apart
 
 
 def run_seed(seed: int, purpose: int, *parts: int) -> int:
     """A torch seed for one `purpose` of a training run (NOISE: a rank's at a step; DATA: the
-    order from a step), every input mixed by a SeedSequence. Seeds made by adding the parts
-    shared streams: a seed-0 run resumed at step k drew the noise of a fresh run of seed k.
-    63 bits, so that a sampler's seed + epoch stays a valid torch seed."""
-    return int(np.random.SeedSequence([seed, purpose, *parts]).generate_state(1, np.uint64)[0]) >> 1
+    order from a step; VALIDATION: a batch's), every input mixed by a SeedSequence. Seeds made
+    by adding the parts shared streams: a seed-0 run resumed at step k drew the noise of a
+    fresh run of seed k. 63 bits, so that a sampler's seed + epoch stays a valid torch seed;
+    a negative seed is taken modulo 2**64, as torch takes it."""
+    return int(np.random.SeedSequence([seed % 2**64, purpose, *parts]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class LaunchError(ValueError):

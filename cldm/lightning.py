@@ -25,7 +25,7 @@ import torch
 from cldm.checkpoint import CheckpointError
 from cldm.cldm import ControlLDM
 from cldm.color import split_hint
-from cldm.launch import NOISE, run_seed
+from cldm.launch import NOISE, VALIDATION, run_seed
 from cldm.resume import resume_misfit
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer,
                             configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
@@ -185,7 +185,7 @@ class ColorControlModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss with noise and timesteps fixed per batch, so values are comparable across evaluations."""
-        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 100_003 + batch_idx)
+        g = torch.Generator(device=self.device).manual_seed(run_seed(self.hparams.seed, VALIDATION, batch_idx))
         loss = self.compute_loss(batch, generator=g)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["hint"].shape[0])
 

@@ -30,6 +30,8 @@ METHODS = ("reinhard", "reinhard-bands", "flow")
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
+    if problem := array_problem(frame):
+        raise ValueError(f"frame: {problem}")
     return to_gray(frame)[0]
 
 

@@ -64,6 +64,8 @@ def array_problem(img, reference: bool = False) -> str | None:
         return f"expected an HxWx3 (or x4) RGB image, got shape {img.shape}"
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] > 4):
         return f"expected an HxW gray or HxWxC image (C = 1 to 4), got shape {img.shape}"
+    if img.dtype not in (np.uint8, np.uint16) and not np.issubdtype(img.dtype, np.floating):
+        return f"pixel type {img.dtype}: pass uint8, uint16 or float in [0, 1]"
     if np.issubdtype(img.dtype, np.floating) and img.size:
         lo, hi = float(img.min()), float(img.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):

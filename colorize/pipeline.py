@@ -584,6 +584,8 @@ def colorize(model: ControlLDM, frames: Iterable, references: np.ndarray | Seque
     for r in refs:
         if problem := array_problem(r, reference=True):
             raise InferenceError(f"reference: {problem}")
+    check_steps(model.num_timesteps, opt.steps)
+    _run_dtype(model, opt.precision, model.betas.device)
     return _colorize(model, iter(frames), refs, mode, opt, start)
 
 
@@ -593,11 +595,13 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
     if first is None:
         return
     first_gray = _gray_of(first)
-    grays = chain([first_gray], map(_gray_of, frames))
+    def index(frame, k: int) -> int:  # a Frame's own (its per-frame noise), else counted from `start`
+        return frame.index if isinstance(frame, Frame) else start + k
+
+    numbered = chain([(index(first, 0), first_gray)], ((index(f, k), _gray_of(f)) for k, f in enumerate(frames, 1)))
     col = Colorizer(model, first_gray.shape, opt)
     entries = [col.reference(r) for r in refs]
     choose = ReferenceChooser(refs)
-    index = first.index if isinstance(first, Frame) else start
     if mode == "fixed":
         # One batch in flight: batch k+1 is queued on the GPU before batch k is finished on the
         # CPU, so the two overlap (on the CPU, the same work in the same order).
@@ -605,9 +609,9 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
             pending = None
             while True:
                 try:
-                    chunk = list(islice(grays, opt.batch))
-                    launched = col.launch(chunk, range(index, index + len(chunk)),
-                                          [entries[choose(g)] for g in chunk],
+                    chunk = list(islice(numbered, opt.batch))
+                    grays = [g for _, g in chunk]
+                    launched = col.launch(grays, [i for i, _ in chunk], [entries[choose(g)] for g in grays],
                                           pad_to=opt.batch if opt.pad_batches else 0) if chunk else None
                 except Exception:  # a bad next frame: deliver the frames already sampled first
                     if pending is not None:
@@ -618,10 +622,9 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
                 if not chunk:
                     return
                 pending = launched
-                index += len(chunk)
     stats = [chroma_stats(r) for r in refs] if mode == "anchored" else None
     prev, prev_k, since = None, None, 0
-    for g in grays:
+    for i, g in numbered:
         k = choose(g)
         anchor_due = mode == "anchored" and opt.anchor_every > 0 and since >= opt.anchor_every
         if prev is None or k != prev_k or anchor_due:
@@ -629,9 +632,8 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
         else:  # the previous output, at the model frame size
             small = resize(prev, col.hw)
             ref = col.reference(anchor_colours(small, stats[k], opt.anchor_strength) if mode == "anchored" else small)
-        prev, prev_k = col.run([g], [index], [ref])[0], k
+        prev, prev_k = col.run([g], [i], [ref])[0], k
         since += 1
-        index += 1
         yield prev
 
 

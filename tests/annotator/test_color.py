@@ -151,3 +151,14 @@ def test_to_float_refuses_pixels_of_unknown_scale(dtype):
         to_float(np.zeros((2, 2), dtype))
     for ok in (np.uint8, np.uint16, np.float16, np.float32, np.float64):  # inputs are 8/16-bit or float
         assert to_float(np.ones((2, 2), ok)).dtype == np.float32
+
+
+def test_transfer_luma_of_a_batch_is_that_of_each_frame():
+    """The plane-by-plane version merged with cv2.merge, which made a batch (N, H, 3W)."""
+    rng = np.random.default_rng(3)
+    colour, gray = rng.random((2, 5, 7, 3), dtype=np.float32), rng.random((2, 5, 7), dtype=np.float32)
+    batch = transfer_luma(colour, gray)
+    assert batch.shape == (2, 5, 7, 3) and all(np.array_equal(batch[i], transfer_luma(colour[i], gray[i]))
+                                              for i in range(2))
+    assert transfer_luma(np.zeros((0, 4, 3), np.float32), np.zeros((0, 4), np.float32)).shape == (0, 4, 3)
+

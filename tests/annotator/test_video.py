@@ -459,10 +459,15 @@ def test_an_image_over_opencvs_size_limits_is_one_line_not_its_exception(tmp_pat
     """cv2.imdecode raises cv2.error (not None) over 2**30 pixels: a traceback, exit 1, in every
     tool (a 1 MB PNG of 40000x30000 zeros is enough)."""
     path = _png_header_only(tmp_path / "big.png", 40000, 30000)
-    with pytest.raises(FrameSourceError, match=r"big\.png: image too large for OpenCV to decode: its limits are "
-                                               r"2\*\*30 pixels and 2\*\*20 a side, and the environment variable "
-                                               r"CV_IO_MAX_IMAGE_PIXELS raises the first$"):
+    with pytest.raises(FrameSourceError, match=r"big\.png: image too large for OpenCV to decode: its limits are by "
+                                               r"default 2\*\*30 pixels and 2\*\*20 a side, and the environment "
+                                               r"variable OPENCV_IO_MAX_IMAGE_PIXELS raises the first$"):
         decode_image(path)
+    small = _png_header_only(tmp_path / "small.png", 2000, 2000)  # the variable named is the one OpenCV reads
+    code = "import sys, numpy, cv2; cv2.imdecode(numpy.fromfile(sys.argv[1], numpy.uint8), cv2.IMREAD_UNCHANGED)"
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000000"}
+    assert "CV_IO_MAX_IMAGE_PIXELS" in subprocess.run([sys.executable, "-c", code, str(small)], env=env,
+                                                      capture_output=True, text=True).stderr
 
 
 def test_read_image_keep_16bit(tmp_path):

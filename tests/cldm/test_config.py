@@ -266,6 +266,7 @@ def test_a_vae_that_does_not_downsample_by_8_is_refused(ch_mult):
 def test_overrides_given_as_one_string_or_a_mapping():
     """A string was read a character at a time ("override must look like key=value, got 'm'")."""
     assert load_config(TINY_CONFIG, "model.color_variant=v3").model.color_variant == "v3"
+    assert load_config(TINY_CONFIG, (o for o in ["model.color_variant=v3"])).model.color_variant == "v3"  # not used up
     with pytest.raises(ConfigError, match=r"^overrides must be key=value strings, e\.g\. \['model\.color_variant=v3'\], "
                                           r"got \{'model\.color_variant': 'v3'\}$"):
         load_config(TINY_CONFIG, {"model.color_variant": "v3"})

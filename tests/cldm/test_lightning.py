@@ -508,6 +508,7 @@ def test_noise_differs_per_rank_and_after_a_resume(tmp_path):
     assert len({noise_seed(7, r, s) for r in range(8) for s in steps}) == 8 * len(steps)
     # nor a fresh run of another seed's: seeds added up, so seed 0 resumed at step k drew seed k's
     assert noise_seed(0, 0, 5) != noise_seed(5, 0, 0) and noise_seed(0, 1, 0) != noise_seed(1_000_003, 0, 0)
+    assert noise_seed(-1, 0, 0) == noise_seed(2**64 - 1, 0, 0) < 2**63  # a negative seed as torch takes it
     batch, seeds = tiny_batch(2, seed=2), []
 
     class Seed(Callback):

@@ -416,3 +416,16 @@ def test_a_reference_of_another_size_is_area_averaged_down_and_bilinear_up():
     np.testing.assert_array_equal(_fit(ref, (80, 120)), cv2.resize(f, (120, 80), interpolation=cv2.INTER_LINEAR))
     np.testing.assert_array_equal(_fit(ref, (40, 60)), f)
 
+
+
+@pytest.mark.parametrize("method", ["reinhard", "reinhard-bands", "flow"])
+def test_frames_and_references_given_as_arrays_are_checked(method):
+    """0-255 float frames came out white and NaN frames as NaN, without a word (the references
+    were checked; the frames were not)."""
+    ref = np.full((16, 24, 3), 0.5, np.float32)
+    for frame, says in [(np.full((16, 24), 200.0), r"^frame: float pixels are taken as \[0, 1\]"),
+                        (np.full((16, 24), np.nan), "^frame: has NaN or infinite pixels$")]:
+        with pytest.raises(ValueError, match=says):
+            list(iter_baseline(method, [frame] * 2, ref, 0))
+    with pytest.raises(ValueError, match=r"^reference: expected an HxWx3 \(or x4\) RGB image, got shape \(3, 16, 24\)$"):
+        list(iter_baseline(method, [np.full((16, 24), 0.5, np.float32)] * 2, ref.transpose(2, 0, 1), 0))

@@ -706,6 +706,10 @@ def test_library_calls_are_checked_at_the_call_and_follow_cast_weights():
         P.colorize(model, [gray], ref, "fixd")
     with pytest.raises(P.OptionError, match="^steps must be >= 1"):
         P.colorize(model, [gray], ref, steps=0)
+    with pytest.raises(P.OptionError, match=r"^steps must be between 1 and \d+ for the model"):  # its schedule
+        P.colorize(model, [gray], ref, steps=5000)
+    with pytest.raises(P.InferenceError, match=r"^reference: pixel type int64: pass uint8, uint16 or float"):
+        P.colorize(model, [gray], np.full((32, 48, 3), 100))
     with pytest.raises(P.InferenceError, match=r"^reference: expected an HxWx3 \(or x4\) RGB image, got shape "
                                                r"\(3, 32, 48\)$"):
         P.colorize(model, [gray], np.ascontiguousarray(ref.transpose(2, 0, 1)))
@@ -717,7 +721,7 @@ def test_library_calls_are_checked_at_the_call_and_follow_cast_weights():
     assert bf16.shape == fp32.shape and np.abs(bf16 - fp32).max() < 0.05
     with pytest.raises(P.InferenceError, match=r"^the model's weights are held in torch\.bfloat16 \(cast_weights\): "
                                                r"precision must be auto or the same, got 'fp32'$"):
-        next(P.colorize(model, [gray], ref, size=32, steps=2, precision="fp32"))
+        P.colorize(model, [gray], ref, size=32, steps=2, precision="fp32")  # at the call
 
 
 def test_frames_carry_their_own_index_for_per_frame_noise(tmp_path):
@@ -728,7 +732,11 @@ def test_frames_carry_their_own_index_for_per_frame_noise(tmp_path):
     ref = np.full((32, 48, 3), 0.4, np.float32)
     kw = dict(size=32, steps=2, noise="per-frame", eta=1.0, batch=1)
     whole = list(P.colorize(model, clip, ref, **kw))
-    frames = [P.Frame(i, f"{i}.png", g, 8, False) for i, g in enumerate(clip)][3:]
-    part = list(P.colorize(model, frames, ref, **kw))
+    frames = [P.Frame(i, f"{i}.png", g, 8, False) for i, g in enumerate(clip)]
+    part = list(P.colorize(model, frames[3:], ref, **kw))
     assert all(np.array_equal(a, b) for a, b in zip(part, whole[3:]))
+    first = next(P.colorize(model, frames[3:], ref, "recursive", **kw))  # a chain's start: as fixed mode's frame 3
+    assert np.array_equal(first, whole[3])
+    gapped = list(P.colorize(model, frames[::2], ref, **kw))  # each Frame its own index, not the first's + k
+    assert all(np.array_equal(a, b) for a, b in zip(gapped, whole[::2]))
     assert not np.array_equal(list(P.colorize(model, clip[3:], ref, **kw))[0], whole[3])  # arrays: start=0
