@@ -58,16 +58,15 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{where}: a config must be a YAML mapping (model:, train:), not a list")
     OmegaConf.set_struct(cfg, True)
-    if isinstance(overrides, Mapping):
-        raise ConfigError(f"overrides must be key=value strings, e.g. ['model.color_variant=v3'], got {overrides!r}")
-    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # a string was read by character
-    if not all(isinstance(o, str) for o in overrides):
+    if not isinstance(overrides, Mapping):  # a string was read by character, a generator used up by the check
+        overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    if isinstance(overrides, Mapping) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"overrides must be key=value strings, e.g. ['model.color_variant=v3'], got {overrides!r}")
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override must look like key=value, got {bad[0]!r}")
     try:
-        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except Exception as e:  # omegaconf raises several types; all mean "bad override"
         check_config(cfg, where)  # a key the file lacks: say so, not "not in struct"
         raise ConfigError(_bad_override(cfg, overrides, e, short)) from None

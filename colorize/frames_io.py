@@ -158,9 +158,9 @@ def write_video_atomic(path: str | os.PathLike, frames: Iterable[np.ndarray], fp
     are one time per frame written (a source whose times cannot be matched to its frames gets
     `fps`, as a frame folder does); `lead`: the seconds of the source before its first
     decodable frame, the first written, which the sound skips too (remux). MPEG-4 (4:2:0
-    chroma) needs even sides and the encoder would silently crop an odd one, so an odd-sized frame gets one more
-    column and/or row, a copy of its last (edge replication, see `even_size`): nothing of
-    the image is lost.
+    chroma) needs even sides and the encoder would silently crop an odd one, so an odd-sized
+    frame gets one more column and/or row, a copy of its last (edge replication, see
+    `even_size`): nothing of the image is lost.
     """
     path = Path(path)
     if not (fps and 0 < fps < math.inf):  # NaN fails the test too; OpenCV hangs on inf

@@ -372,11 +372,16 @@ class Colorizer:
         # no cast cache: a CUDA graph must not capture casts that autocast would reuse outside it
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
-    @torch.no_grad()
     def reference(self, rgb: np.ndarray) -> Reference:
         """Resize a reference (HW3/HW4 RGB(A), any size: stretched to the frame) and encode it, once."""
         if problem := array_problem(rgb, reference=True):
             raise InferenceError(f"reference: {problem}")
+        return self._encode(rgb)
+
+    @torch.no_grad()
+    def _encode(self, rgb: np.ndarray) -> Reference:
+        """reference without its check: for images checked already or made here (a previous
+        output, each frame of the sequential modes; the black reference)."""
         img = resize(to_float(rgb)[..., :3], self.hw)
         image = torch.from_numpy(img).permute(2, 0, 1)[None].to(self.device)
         latent = None
@@ -389,7 +394,7 @@ class Colorizer:
         """The unconditional branch of reference guidance: a black reference, in the hint and in
         the latent (the VAE latent of a black image, not zeros), as if the reference was dropped."""
         if self._no_reference is None:
-            self._no_reference = self.reference(np.zeros((*self.hw, 3), np.float32))
+            self._no_reference = self._encode(np.zeros((*self.hw, 3), np.float32))
         return self._no_reference
 
     def model_grays(self, grays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -595,12 +600,13 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
     if first is None:
         return
     first_gray = _gray_of(first)
+
     def index(frame, k: int) -> int:  # a Frame's own (its per-frame noise), else counted from `start`
         return frame.index if isinstance(frame, Frame) else start + k
 
     numbered = chain([(index(first, 0), first_gray)], ((index(f, k), _gray_of(f)) for k, f in enumerate(frames, 1)))
     col = Colorizer(model, first_gray.shape, opt)
-    entries = [col.reference(r) for r in refs]
+    entries = [col._encode(r) for r in refs]  # checked by colorize
     choose = ReferenceChooser(refs)
     if mode == "fixed":
         # One batch in flight: batch k+1 is queued on the GPU before batch k is finished on the
@@ -631,7 +637,7 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
             ref, since = entries[k], 0
         else:  # the previous output, at the model frame size
             small = resize(prev, col.hw)
-            ref = col.reference(anchor_colours(small, stats[k], opt.anchor_strength) if mode == "anchored" else small)
+            ref = col._encode(anchor_colours(small, stats[k], opt.anchor_strength) if mode == "anchored" else small)
         prev, prev_k = col.run([g], [i], [ref])[0], k
         since += 1
         yield prev
