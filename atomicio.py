@@ -135,6 +135,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     return path
 
 
+# Windows flushes a file only through a handle that may write (FlushFileBuffers); POSIX syncs any.
+_FILE_SYNC = os.O_RDWR if os.name == "nt" else os.O_RDONLY
+
+
 def sync_folder(path: str | os.PathLike) -> None:
     """Make a folder's entries (a rename into it, say) durable; a no-op where folders cannot
     be synced (some file systems, Windows)."""
@@ -158,10 +162,10 @@ def sync_tree(folder: str | os.PathLike, threads: int = 1) -> None:
         import concurrent.futures as cf
 
         with cf.ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda f: _fsync(f, os.O_RDONLY), files))
+            list(pool.map(lambda f: _fsync(f, _FILE_SYNC), files))
     else:
         for f in files:
-            _fsync(f, os.O_RDONLY)
+            _fsync(f, _FILE_SYNC)
     for d in reversed(folders):
         sync_folder(d)
 
@@ -185,7 +189,7 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = Fa
         try:
             if make_parent:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o666)  # a link: ELOOP
         except FileNotFoundError:
             if make_parent:  # the folder removed by a run ending in between: again
                 continue

@@ -150,6 +150,18 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self._refs)
 
+    def __getstate__(self) -> dict:
+        # A pickled memmap carries its whole contents: each loader process started by spawn or
+        # forkserver (macOS's default, Linux's from Python 3.14) would hold a RAM copy of the
+        # cache. Send the file names; the process maps the files again.
+        state = self.__dict__.copy()
+        state["latents"] = [a.filename for a in self.latents]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.latents = [np.load(f, mmap_mode="r") for f in self.latents]
+
     def summary(self) -> str:
         """One line: how many frames have a partner in the band (only those are drawn, as
         reference or target), out of how many, and the pairs that makes."""

@@ -33,7 +33,7 @@ import cv2
 
 from annotator.pairs import (
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, PARTIAL_DIR, BuildOptions, MovieBusy, build_movie, is_finished,
-    load_meta, movie_id_for, movie_lock,
+    load_meta, movie_id_for, movie_lock, refuse_linked_partial,
 )
 from annotator.video import FrameSourceError, probe, shown_path
 from cliutil import HELD_SIGNALS, one_line, signals_deferred
@@ -127,6 +127,7 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
     is kept (and noted): delete its folder to rebuild it."""
     root = Path(data_root)
     by_id: dict[str, Path] = {}
+    folded: dict[str, str] = {}  # ids by casefold: macOS's and Windows' file systems hold one folder for "A" and "a"
     skipped: list[str] = []
     for s in sources:
         p = Path(s)
@@ -138,7 +139,12 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
             skipped.append(f"{shown_path(p)}: movie id '{mid}' is also used by {shown_path(by_id[mid])}; "
                            f"rename one of them")
             continue
+        if (other := folded.get(mid.casefold())) is not None:
+            skipped.append(f"{shown_path(p)}: movie id '{mid}' differs from '{other}' of {shown_path(by_id[other])} "
+                           "only in case, which one folder holds on macOS and Windows; rename one of them")
+            continue
         by_id[mid] = p
+        folded[mid.casefold()] = mid
     ids = sorted(by_id)
     index, count = shard
     mine = ids[index::count]
@@ -215,6 +221,7 @@ def build_all(
     except OSError as e:
         raise_if_output_error(e, root)
         raise
+    refuse_linked_partial(root)
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     todo, existing, skipped, notes, others = plan(sources, root, shard, options)
     for mid in existing:  # a run killed between publishing a movie and unlocking it left the lock
@@ -441,7 +448,8 @@ def _spawn_context():
     SIGTERM in the thread that makes it (CPython's multiprocessing.resource_tracker), so the
     first worker, started inside `signals_deferred`, would boot with them unblocked."""
     ctx = mp.get_context("spawn")
-    resource_tracker.ensure_running()
+    if os.name == "posix":  # Windows has no tracker process to start (its start imports _posixsubprocess)
+        resource_tracker.ensure_running()
     return ctx
 
 

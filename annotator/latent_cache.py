@@ -251,7 +251,8 @@ def encode_movie(
                 if f is None:
                     shape, size = [n, *moments.shape[1:]], 128 + n * moments[0].nbytes  # header: ~128 bytes
                     with _writing(dest, size):
-                        f = open(tmp, "wb")
+                        tmp.unlink(missing_ok=True)  # a new file: never through a link left at the name
+                        f = open(tmp, "xb")
                         _write_npy_header(f, shape)
                 with _writing(dest, size):
                     f.write(moments.tobytes())
@@ -276,7 +277,8 @@ def encode_movie(
         # the old metadata goes first: an interruption from here leaves a cache that reads as unbuilt
         (movie_dir / LATENTS_META).unlink(missing_ok=True)
         os.replace(tmp, dest)
-        with _writing(movie_dir / LATENTS_META, size), open(tmp_json, "w") as fj:
+        tmp_json.unlink(missing_ok=True)
+        with _writing(movie_dir / LATENTS_META, size), open(tmp_json, "x") as fj:
             fj.write(json.dumps(info, indent=1))
             fj.flush()
             os.fsync(fj.fileno())

@@ -106,7 +106,10 @@ def load_meta(movie_dir: str | os.PathLike) -> dict:
     whole = lambda v: type(v) is int and v >= 1  # noqa: E731 (bool is an int too)
     for key, fits, want in [("frame_count", whole(n), "a whole number >= 1"),
                             ("size", isinstance(size, list) and len(size) == 2 and all(map(whole, size)),
-                             "[width, height] in whole pixels")]:
+                             "[width, height] in whole pixels"),
+                            # frames are read at frames/NNNNNN.<image_format>: a path there would reach anywhere
+                            ("image_format", meta["image_format"] in IMAGE_FORMATS,
+                             " or ".join(map(repr, IMAGE_FORMATS)))]:
         if not fits:
             shown = json.dumps(meta[key])
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
@@ -241,10 +244,19 @@ def build_movie(
     source = Path(source)
     movie_id = movie_id or movie_id_for(source)
     root = Path(data_root)
+    refuse_linked_partial(root)
     with movie_lock(root, movie_id) as locked:
         if not locked:
             raise MovieBusy(f"{source}: another run is building this movie in {root / PARTIAL_DIR / movie_id}")
         return _build_movie(source, root, movie_id, options, progress, warn)
+
+
+def refuse_linked_partial(root: Path) -> None:
+    """A link at DATA_ROOT/.partial (a shared data root can hold one) would have the removal of
+    a killed run's leftovers, .partial/<id>, delete a folder wherever it points."""
+    if (root / PARTIAL_DIR).is_symlink():
+        raise ValueError(f"{shown_path(root / PARTIAL_DIR)}: a link, not a folder; unfinished movies are built and "
+                         "removed there, so it must be DATA_ROOT's own folder: remove the link, then rerun")
 
 
 class MovieBusy(FileExistsError):

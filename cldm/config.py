@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cldm.color import VARIANTS
 from cliutil import file_problem
 from ldm.modules.autoencoder import Decoder, Encoder, keyword_names
-from ldm.modules.text_encoder import LAYERS
+from ldm.modules.text_encoder import LAYERS, FrozenOpenCLIPEmbedder
 from ldm.modules.unet import UNetModel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,11 +110,16 @@ def _reference() -> dict:
 def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> None:
     """ConfigError for the first problem `config_problem` finds, saying where it came from: the
     last override that set the key (or a section above it), else the file."""
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        found = unknown_key(plain) or config_problem(plain)  # a misspelt key first: it is also "missing"
-    except Exception as e:  # an interpolation that does not resolve
-        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    if found := _resolver_call(OmegaConf.to_container(cfg, resolve=False)):
+        found = found[0], (f"{found[1]!r} calls a resolver, which a config (often a shared one) may not: the value "
+                           "would be recorded in checkpoints and logs (${oc.env:...} would copy an environment "
+                           "variable there)")
+    else:
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+            found = unknown_key(plain) or config_problem(plain)  # a misspelt key first: it is also "missing"
+        except Exception as e:  # an interpolation that does not resolve
+            raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
     if found:
         key, problem = found
         keys = (key, *TIED.get(key, ()))
@@ -121,14 +127,53 @@ def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
 
 
+_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")  # ${name:...}; a plain ${key.path} only copies another key
+
+
+def _resolver_call(node, key: str = "") -> tuple[str, str] | None:
+    """(key, value) of the first string that calls an OmegaConf resolver."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return (key, node) if isinstance(node, str) and _RESOLVER.search(node) else None
+    for k, v in items:
+        if found := _resolver_call(v, f"{key}.{k}" if key else str(k)):
+            return found
+    return None
+
+
 def unknown_key(cfg: dict) -> tuple[str, str] | None:
-    """(key, problem) for a `model.unet` or `model.first_stage.ddconfig` key that the modules do
-    not take, as create_model would refuse it, but found while the file is known, so the line
-    can name it."""
-    m = cfg.get("model") if isinstance(cfg, dict) else None
+    """(key, problem) for a key nothing reads: a misspelt `sd_lockd: false`, or a key of another
+    project's config (`guess_mode`), would otherwise be ignored without a word. The
+    `model.unet`, `model.first_stage.ddconfig` and `model.cond_stage` keys are the arguments their
+    modules take (create_model would refuse others, naming no file); elsewhere the reference
+    config's keys."""
+    if not isinstance(cfg, dict):
+        return None
+    ref = _reference()
+    if found := _not_taken("", cfg, {"model", "train"}):
+        return found
+    if isinstance(cfg.get("train"), dict) and (found := _not_taken("train", cfg["train"], set(ref["train"]))):
+        return found
+    m = cfg.get("model")
     if not isinstance(m, dict):
         return None
+    if "target" in m and "params" in m:
+        return "model.target", (f"a config in the layout of SD's and ControlNet's own YAML files (target:, params:), "
+                                f"which this project does not read; use models/{REFERENCE.name} or one made from it")
+    if found := _not_taken("model", m, set(ref["model"])):
+        return found
+    for section in ("schedule", "control", "first_stage"):
+        if isinstance(m.get(section), dict) and (found := _not_taken(f"model.{section}", m[section],
+                                                                     set(ref["model"][section]))):
+            return found
     if isinstance(m.get("unet"), dict) and (found := unet_key_problem(m["unet"])):
+        return found
+    if isinstance(m.get("cond_stage"), dict) and (
+            found := _not_taken("model.cond_stage", m["cond_stage"],
+                                keyword_names(FrozenOpenCLIPEmbedder) - {"device", "freeze"})):
         return found
     ddconfig = m["first_stage"].get("ddconfig") if isinstance(m.get("first_stage"), dict) else None
     if isinstance(ddconfig, dict):
@@ -142,7 +187,7 @@ def _not_taken(section: str, keys, known: set[str]) -> tuple[str, str] | None:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
-            return f"{section}.{key}", f"unknown key{hint}"
+            return f"{section}.{key}" if section else str(key), f"unknown key{hint}"
     return None
 
 

@@ -478,3 +478,13 @@ def test_folder_lock_removes_the_folders_it_made_if_left_empty(tmp_path):
     with folder_lock(tmp_path / "a" / "out", ".run.lock"):
         (tmp_path / "a" / "out" / "config.yaml").write_text("run")
     assert sorted(p.name for p in (tmp_path / "a" / "out").iterdir()) == ["config.yaml"]
+
+
+def test_try_lock_refuses_a_link_at_its_name_and_leaves_its_target_alone(tmp_path):
+    """A link planted in a shared folder made the lock create (and then remove) a file anywhere."""
+    target = tmp_path / "elsewhere" / "made.txt"
+    target.parent.mkdir()
+    (tmp_path / "m.lock").symlink_to(target)
+    with pytest.raises(OSError) as e, try_lock(tmp_path / "m.lock"):
+        pass
+    assert e.value.errno == errno.ELOOP and not target.exists() and (tmp_path / "m.lock").is_symlink()

@@ -1,6 +1,7 @@
 import contextlib
 import multiprocessing
 import os
+import pickle
 import random
 import re
 import shutil
@@ -394,6 +395,17 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
         np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
     assert len(offsets) > 3  # the crops do move
+    # what a spawn/forkserver loader process receives: the cache's file names, mapped again there,
+    # not its contents (the pickle of memmaps held a copy of the whole cache)
+    blob = pickle.dumps(ds)
+    assert len(blob) < cache.nbytes / 4, (len(blob), cache.nbytes)
+    copy = pickle.loads(blob)
+    assert isinstance(copy.latents[0], np.memmap) and copy.latents[0]._mmap is not None
+    for seed in range(3):
+        a, b = ds.sample(seed, np.random.default_rng(seed)), copy.sample(seed, np.random.default_rng(seed))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
     from annotator.latent_cache import LatentCacheError
     with pytest.raises(LatentCacheError, match="latent cache has no gray latents"):  # v3 on a cache without them
         PairDataset(root, size=64, low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp, gray_latents=True)

@@ -30,7 +30,7 @@ if __name__ == "__main__":  # Ctrl-C while OpenCV and torch load: one line, not 
 import cv2  # noqa: E402
 
 import evaluate  # noqa: E402
-from annotator.video import list_frame_files  # noqa: E402
+from annotator.video import list_frame_files, read_image  # noqa: E402
 from atomicio import write_bytes_atomic  # noqa: E402
 from demo import GRAY_LABEL  # noqa: E402
 
@@ -73,7 +73,7 @@ def make(demo_out: Path, figures: Path, width: int = 1600) -> list[Path]:
         if not (_evaluate(demo_out, preds, strip_dir, 2)
                 and _evaluate(demo_out, preds + [f"{GRAY_LABEL}={data / 'gray'}"], plot_dir, 0)):
             return []
-        strip = cv2.imread(str(Path(strip_dir) / "strip.png"), cv2.IMREAD_COLOR)
+        strip = read_image(Path(strip_dir) / "strip.png", bgr=True)  # not cv2.imread: Windows paths of any name
         scale = min(1.0, width / strip.shape[1])
         # at least 1 px high: a narrow --width of a wide strip rounded its height to 0 (cv2.error)
         size = (round(strip.shape[1] * scale), max(1, round(strip.shape[0] * scale)))

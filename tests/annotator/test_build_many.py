@@ -131,6 +131,11 @@ def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):
     assert [m["movie_id"] for m in s.built] == ["a"] and s.skipped == [] and lines == []
     s = build_all([a, other], tmp_path / "data2", OPTS, progress=False, log=lines.append)
     assert s.skipped == [f"{other}: movie id 'a' is also used by {a}; rename one of them"]
+    upper = write_folder(panning_clip(4, 16, 24, seed=2), tmp_path / "A")  # one folder on macOS and Windows
+    s = build_all([a, upper], tmp_path / "data4", OPTS, progress=False, log=lines.append)
+    assert [m["movie_id"] for m in s.built] == ["a"]
+    assert s.skipped == [f"{upper}: movie id 'A' differs from 'a' of {a} only in case, which one folder holds "
+                         "on macOS and Windows; rename one of them"]
     loop = tmp_path / "loop.mp4"  # a symlink loop named twice: Path.resolve() raised RuntimeError
     loop.symlink_to(loop)
     s = build_all([loop, tmp_path / "." / "loop.mp4"], tmp_path / "data3", OPTS, progress=False, log=lines.append)

@@ -21,7 +21,7 @@ from annotator.color import rgb_to_gray
 import annotator.latent_cache
 from annotator.latent_cache import (
     LATENTS, LATENTS_LOCK, LATENTS_META, LatentCacheError, build_latent_cache, cache_info, encode_movie, load_latents,
-    read_frame, vae_fingerprint,
+    partial_files, read_frame, vae_fingerprint,
 )
 from annotator.pairs import BuildOptions, frame_path
 from tests.annotator.clips import panning_clip, write_folder
@@ -583,8 +583,10 @@ def test_cli_a_bad_yaml_found_beside_the_checkpoint_says_it_was_found_there(root
     for extra, note in (([], " (found beside --ckpt: fix or remove it, or pass --config)"),
                         (["--config", str(beside)], "")):
         assert build_latent_cache.main([str(root), "--ckpt", str(ckpt), "--no-progress", *extra]) == 2
-        assert capsys.readouterr().err == (f"build_latent_cache.py: error: {beside}: model.color_variant: missing; "
-                                           f"expected one of v1, v2, v3{note}\n")
+        assert capsys.readouterr().err == (f"build_latent_cache.py: error: {beside}: model.target: a config in the "
+                                           "layout of SD's and ControlNet's own YAML files (target:, params:), which "
+                                           "this project does not read; use models/cldm_v21_color.yaml or one made "
+                                           f"from it{note}\n")
 
 
 def test_fingerprint_covers_names_shapes_and_every_tensor():
@@ -1091,3 +1093,18 @@ def test_a_read_only_movie_to_encode_is_named_before_any_encoding_and_one_alread
     finally:
         for folder in (root / "pan", cached_root / "pan"):
             folder.chmod(0o755)
+
+
+def test_links_left_at_the_partial_names_are_replaced_not_written_through(root, tmp_path):
+    """A shared data root can hold links named like the cache's temporary files: opening them for
+    writing truncated and filled the files they point at (the user's, anywhere)."""
+    victims = []
+    for partial in partial_files(root / "pan"):
+        victim = tmp_path / f"victim_{partial.name}"
+        victim.write_text("keep me")
+        partial.symlink_to(victim)
+        victims.append(victim)
+    encode_movie(root / "pan", tiny_vae(0))
+    assert [v.read_text() for v in victims] == ["keep me", "keep me"]
+    assert not any(p.is_symlink() for p in (root / "pan").iterdir())
+    assert load_latents(root / "pan", cache_info(root / "pan")["vae_fingerprint"]).shape[0] == N

@@ -266,6 +266,11 @@ def test_sample_clip_with_cuts(tmp_path):
     (b'{"frame_count": 3, "size": [' + b"1000, " * 20 + b'8], "image_format": "png"}',
      "its 'size' holds [1000, 1000, 1000, 1000, 1000, 1000, ..., not [width, height] in whole pixels (not a "
      "meta.json written by build_pairs.py)"),
+    (b'{"frame_count": 3, "size": [8, 8], "image_format": "jpg/../../../../etc/hostname"}',
+     "its 'image_format' holds \"jpg/../../../../etc/hostname\", not 'jpg' or 'png' (not a meta.json written by "
+     "build_pairs.py)"),
+    (b'{"frame_count": 3, "size": [8, 8], "image_format": ["png"]}',
+     "its 'image_format' holds [\"png\"], not 'jpg' or 'png' (not a meta.json written by build_pairs.py)"),
 ])
 def test_a_meta_json_that_is_not_a_json_object_is_named(tmp_path, content, why):
     from annotator.pairs import load_meta

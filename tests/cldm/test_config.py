@@ -105,7 +105,9 @@ def test_legitimate_values_and_nulls_pass():
 @pytest.mark.parametrize("text, expected", [
     ("", "model: missing; expected a mapping (as in cldm_v21_color.yaml)"),
     ("model: 3\n", "model: expected a mapping, got 3"),
-    (TINY_TEXT.replace("  unet:\n", "  unet: 5\n  old_unet:\n"), "model.unet: expected a mapping, got 5"),
+    (re.sub(r"  unet:\n(    .*\n)+", "  unet: 5\n", TINY_TEXT), "model.unet: expected a mapping, got 5"),
+    # a key nothing reads is named before the type errors (a misspelt key's right spelling is also "missing")
+    (TINY_TEXT.replace("  unet:\n", "  unet: 5\n  old_unet:\n"), "model.old_unet: unknown key; did you mean unet?"),
     (_without(TINY_TEXT, "color_variant"), "model.color_variant: missing; expected one of v1, v2, v3"),
     (_without(TINY_TEXT, "scale_factor"), "model.scale_factor: missing; expected a positive number"),
     (_without(TINY_TEXT, "num_head_channels"), "model.unet.num_head_channels: missing; expected a positive integer"),
@@ -202,6 +204,56 @@ def test_a_misspelt_yaml_key_is_named_with_the_file_not_as_the_key_it_lacks(tmp_
         load_config(path)
     assert str(e.value) == f"{path}: {key}: unknown key; did you mean {right}?"
 
+
+
+@pytest.mark.parametrize("extra, line", [
+    ("notes: mine\n", "notes: unknown key; known keys: model, train"),
+    ("model:\n  guess_mode: true\n", "model.guess_mode: unknown key; known keys: color_variant, "
+     "concat_to_unet, cond_stage, control, first_stage, latent_channels, only_mid_control, parameterization, "
+     "scale_factor, schedule, sd_locked, train_unet_input, unet"),
+    ("model:\n  sd_lockd: false\n", "model.sd_lockd: unknown key; did you mean sd_locked?"),
+    ("model:\n  schedule:\n    linear_ned: 0.01\n", "model.schedule.linear_ned: unknown key; did you mean linear_end?"),
+    ("model:\n  control:\n    hint_channel: 4\n", "model.control.hint_channel: unknown key; did you mean hint_channels?"),
+    ("model:\n  first_stage:\n    embed: 4\n", "model.first_stage.embed: unknown key; did you mean embed_dim?"),
+    ("model:\n  cond_stage:\n    comment: x\n", "model.cond_stage.comment: unknown key; known keys: arch, heads, "
+     "layer, layers, max_length, width"),
+    ("train:\n  lrr: 1\n", "train.lrr: unknown key; did you mean lr?"),
+])
+def test_a_key_nothing_reads_is_named_in_every_section(tmp_path, extra, line):
+    """Added keys were ignored without a word (a misspelt `sd_lockd: false` trained the locked
+    recipe; `cond_stage: {comment: x}` was a TypeError traceback from the text encoder)."""
+    import omegaconf
+
+    merged = omegaconf.OmegaConf.merge(omegaconf.OmegaConf.load(TINY_CONFIG), omegaconf.OmegaConf.create(extra))
+    path = _write_text(tmp_path, omegaconf.OmegaConf.to_yaml(merged))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {line}"
+
+
+def test_a_resolver_call_is_refused_in_a_file_an_override_and_a_checkpoints_config(tmp_path, monkeypatch):
+    """`${oc.env:X}` in a shared YAML (or in the config a shared checkpoint records) copied the
+    user's environment variable into the metadata of every checkpoint and export, hparams.yaml
+    and TensorBoard's events. A plain ${key} interpolation reads only the config."""
+    import omegaconf
+
+    monkeypatch.setenv("MY_SECRET_TOKEN", "hunter2")
+    why = ("calls a resolver, which a config (often a shared one) may not: the value would be recorded in checkpoints "
+           "and logs (${oc.env:...} would copy an environment variable there)")
+    path = _write_text(tmp_path, TINY_TEXT.replace("arch: ViT-H-14", "arch: ${oc.env:MY_SECRET_TOKEN}"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: model.cond_stage.arch: '${{oc.env:MY_SECRET_TOKEN}}' {why}"
+    override = "train.optimizer=x${oc.env:MY_SECRET_TOKEN}"
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_CONFIG, [override])
+    assert str(e.value) == f"{TINY_CONFIG} with {override}: train.optimizer: 'x${{oc.env:MY_SECRET_TOKEN}}' {why}"
+    recorded = omegaconf.OmegaConf.create(TINY_TEXT.replace("layer: penultimate", "layer: '${oc.env:HOME}'"))
+    with pytest.raises(ConfigError, match=r"^X\.safetensors: model\.cond_stage\.layer: '\$\{oc\.env:HOME\}' calls"):
+        load_config(recorded, name="X.safetensors")
+    cfg = load_config(TINY_CONFIG, ["train.seed=${train.accumulate}"])
+    assert cfg.train.seed == cfg.train.accumulate
+    assert "hunter2" not in str(e.value)
 
 
 def test_use_linear_in_transformer_true_is_accepted(tmp_path):

@@ -170,7 +170,9 @@ def test_a_bad_yaml_found_beside_the_weights_says_the_user_never_named_it(tmp_pa
     sd, control = tmp_path / "sd.safetensors", tmp_path / "control.safetensors"
     shutil.copy(TOY, sd)  # records a config, but the YAML beside it comes first
     (tmp_path / "sd.yaml").write_text(A1111_YAML)
-    found = re.escape(f"{tmp_path / 'sd.yaml'}: model.color_variant: missing; expected one of v1, v2, v3")
+    found = re.escape(f"{tmp_path / 'sd.yaml'}: model.target: a config in the layout of SD's and ControlNet's own "
+                      "YAML files (target:, params:), which this project does not read; use "
+                      "models/cldm_v21_color.yaml or one made from it")
     for load in (L.schedule_length, L.load_model):
         with pytest.raises(ConfigError, match=rf"^{found} \(found beside --ckpt: fix or remove it, or pass --config\)$"):
             load(sd)

@@ -313,6 +313,26 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys, monkeypa
     assert list(ro.iterdir()) == []
 
 
+def test_a_link_at_the_partial_folder_is_refused_and_what_it_points_at_kept(tmp_path, capsys):
+    """A shared data root with `.partial` linked elsewhere: the removal of a killed run's leftovers
+    (.partial/<id>) deleted a folder of that name wherever the link pointed."""
+    clip = write_folder(panning_clip(3, 16, 24), tmp_path / "clip")
+    victim = tmp_path / "mine" / "clip"
+    victim.mkdir(parents=True)
+    (victim / "thesis.tex").write_text("keep me")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".partial").symlink_to(tmp_path / "mine")
+    assert build_pairs.main([str(clip), "--out", str(tmp_path / "data"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"build_pairs.py: error: {tmp_path / 'data' / '.partial'}: a link, not a folder; "
+                                       "unfinished movies are built and removed there, so it must be DATA_ROOT's own "
+                                       "folder: remove the link, then rerun\n")
+    assert (victim / "thesis.tex").read_text() == "keep me" and sorted(os.listdir(tmp_path / "mine")) == ["clip"]
+    from annotator.pairs import BuildOptions, build_movie
+    with pytest.raises(ValueError, match="a link, not a folder"):  # the library's one-movie entry too
+        build_movie(clip, tmp_path / "data", BuildOptions(size=16, window=2))
+    assert (victim / "thesis.tex").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("code", [errno.ENOENT, errno.EPERM])
 def test_an_out_the_os_will_not_make_says_so(tmp_path, capsys, monkeypatch, code):
     """--out /proc/x (ENOENT) or /sys/x (EPERM) passes the checks and fails at the mkdir: the line was
