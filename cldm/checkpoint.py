@@ -177,6 +177,7 @@ def _torch_load(path, map_location, allow_pickle):
     if needs is None:
         raise CheckpointError(f"{path}: truncated or corrupt ({_first_line(err)})") from None
     if not allow_pickle:
+        needs = sorted(needs, key=lambda n: n.split(".")[0] not in _RUNS_CODE)  # shown first, never behind the "..."
         what = ", ".join(needs[:3]) + (", ..." if len(needs) > 3 else "")
         raise CheckpointError(
             f"{path}: holds pickled Python objects ({what}), not just tensors, and unpickling could "
@@ -199,6 +200,11 @@ _LEGACY_PICKLES = 4
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
                "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+# Modules whose callables a pickle uses to run commands or code (a checkpoint needs none of them).
+_RUNS_CODE = {"os", "posix", "nt", "subprocess", "builtins", "__builtin__", "runpy", "importlib", "shutil", "socket",
+              "sys", "pty", "ctypes", "pickle", "marshal", "code", "codeop", "operator", "webbrowser"}
 
 
 def _pickled_globals(path):

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -157,7 +158,7 @@ def test_every_pickle_flavour_names_its_globals_without_running_them(tmp_path, w
     assert not marker.exists()
     # os.system lives in posix (or nt); pickle.dump of tensors also needs torch.storage._load_from_bytes
     system = f"{os.system.__module__}.system"
-    from_bytes = f"torch.storage._load_from_bytes, {system}"
+    from_bytes = f"{system}, torch.storage._load_from_bytes"  # what runs commands first
     expected = {"pickle-5": from_bytes, "pickle-4": from_bytes, "pickle-2": from_bytes,
                 "torch-legacy": system, "torch-zip": system}[writer]
     assert str(err.value) == (
@@ -239,6 +240,18 @@ def test_more_than_three_pickled_globals_are_named_three_and_an_ellipsis(tmp_pat
     with pytest.raises(CheckpointError, match=r"evil\.ckpt: holds pickled Python objects \([\w.]+, [\w.]+, [\w.]+, "
                                               r"\.\.\.\), not just tensors"):
         load_state_dict(path)
+
+
+def test_a_callable_that_runs_commands_is_named_before_the_ellipsis(tmp_path):
+    """Three harmless-looking globals sorted before posix.system hid it behind the "..."."""
+    import argparse
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "x": [argparse.Namespace(), np.float64(1.0), np.dtype("f4"),
+                                                          Calls(os.system)]}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(path)
+    assert str(err.value).startswith(f"{path}: holds pickled Python objects ({os.system.__module__}.system, ")
 
 
 def test_first_line_of_an_error_is_its_first_sentence():
@@ -443,7 +456,7 @@ def test_globals_made_safe_are_not_named(tmp_path):
                     protocol=4)
     with torch.serialization.safe_globals([argparse.Namespace]), pytest.raises(CheckpointError) as err:
         load_state_dict(path)
-    assert f"(torch.storage._load_from_bytes, {os.system.__module__}.system), not just" in str(err.value)
+    assert f"({os.system.__module__}.system, torch.storage._load_from_bytes), not just" in str(err.value)
     assert not marker.exists()
 
 
