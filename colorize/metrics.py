@@ -23,8 +23,8 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
   `HIST_BINS` = 256 bins (one per 8-bit level, range 0..255, normalised to sum 1) of
   frames t and t+s; mean over channels and frames, then mean over s in `CDC_STRIDES`
   (strides with no frame pair in a short clip are left out). Units: nats. Implementations
-  with log2 (bits; TCVC's published evaluation script may be one) give values 1/ln 2 =
-  1.4427 times larger: multiply ours by 1.4427 to compare with them. Ones that report the
+  with log2 (bits) give values 1/ln 2 = 1.4427 times larger: multiply ours by 1.4427 to
+  compare with them. Ones that report the
   Jensen-Shannon *distance* (the square root, e.g. scipy's `jensenshannon`) are not
   comparable directly.
 - Warp error: flow from ground-truth frame t+1 to t (OpenCV DIS, medium preset, on the
@@ -87,6 +87,8 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
         mse = cv2.norm(np.ascontiguousarray(pred), np.ascontiguousarray(gt), cv2.NORM_L2SQR) / pred.size
     else:
         mse = float(np.mean((to_255(pred) - to_255(gt)) ** 2))
+    if not np.isfinite(mse):  # min(cap, nan) is the cap: a NaN frame scored as a perfect one
+        raise ValueError("an image holds NaN or infinite values")
     if mse == 0.0:
         return PSNR_CAP_DB
     return min(PSNR_CAP_DB, 10.0 * np.log10(255.0**2 / mse))
@@ -401,6 +403,9 @@ def evaluate_stream(
     # worker thread while this one scores the frame; OpenCV releases the GIL.
     with ThreadPoolExecutor(max_workers=1) as pool:
         for t, (gt, cur) in enumerate(steps):
+            for m, img in (("ground truth", gt), *cur.items()):
+                if img.dtype.kind == "f" and not np.isfinite(img).all():  # PSNR would be the cap, SSIM left out
+                    raise ValueError(f"{m}: {_label(frame_names, t)} holds NaN or infinite values")
             for m in names:
                 if cur[m].shape != gt.shape:
                     raise ValueError(f"{m}: {_label(frame_names, t)} has shape {cur[m].shape}, ground truth {gt.shape}")

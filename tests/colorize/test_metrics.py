@@ -40,6 +40,23 @@ def test_psnr_identical_is_capped_and_shape_checked():
         M.psnr(gt, gt[:, :7])
 
 
+def test_a_nan_pixel_is_refused_not_scored_as_the_cap():
+    """min(cap, nan) is the cap: one NaN pixel scored a frame 100 dB (26 -> 44.5 dB for a
+    4-frame clip), and its NaN SSIM was left out of the mean without a word."""
+    gt = smooth_rgb(16, 16) / 255.0
+    bad = gt.copy()
+    bad[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="^an image holds NaN or infinite values$"):
+        M.psnr(bad, gt)
+    with pytest.raises(ValueError, match="^an image holds NaN or infinite values$"):
+        M.psnr(gt, np.where(bad == bad, bad, np.inf))
+    clip = [gt, gt, gt]
+    with pytest.raises(ValueError, match=r"^model: b holds NaN or infinite values$"):
+        M.evaluate_clips(clip, {"model": [gt, bad, gt]}, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"^ground truth: c holds NaN or infinite values$"):
+        M.evaluate_clips([gt, gt, bad], {"model": clip}, ["a", "b", "c"])
+
+
 # ---- SSIM ----------------------------------------------------------------------------
 
 def test_ssim_identical_is_one():
