@@ -187,21 +187,25 @@ def vae_checkpoint(vae, folder: Path) -> tuple[Path, Path]:
     return ckpt, cfg
 
 
-def test_cli(root, tmp_path):
+def test_cli(root, tmp_path, capsys):
+    """The script as a user runs it (its own process, once), then in this one."""
+    import build_latent_cache
+
     vae = tiny_vae(0)
     ckpt, cfg = vae_checkpoint(vae, tmp_path)
-    cmd = [sys.executable, str(REPO / "build_latent_cache.py"), str(root), "--ckpt", str(ckpt), "--config", str(cfg),
-           "--device", "cpu", "--no-progress"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    args = [str(root), "--ckpt", str(ckpt), "--config", str(cfg), "--device", "cpu", "--no-progress"]
+    p = subprocess.run([sys.executable, str(REPO / "build_latent_cache.py"), *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert f"VAE fingerprint {vae_fingerprint(vae)}" in p.stdout and "latents built: 1" in p.stdout
     assert (root / "pan" / LATENTS).is_file()
-    p = subprocess.run(cmd + ["--gray"], cwd=REPO, capture_output=True, text=True, timeout=120)  # v3's gray too
-    assert p.returncode == 0 and "latents built: 1" in p.stdout, p.stderr
+    assert build_latent_cache.main(args + ["--gray"]) == 0  # v3's gray too
+    assert "latents built: 1" in capsys.readouterr().out
     assert np.load(root / "pan" / LATENTS, mmap_mode="r").shape[1] == 3
-    p = subprocess.run(cmd[:4] + [str(tmp_path / "missing.safetensors")] + cmd[5:], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "missing.safetensors" in p.stderr
+    args[2] = str(tmp_path / "missing.safetensors")
+    assert build_latent_cache.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "missing.safetensors" in err
 
 
 def test_cli_refuses_a_missing_or_empty_data_root(tmp_path, capsys):

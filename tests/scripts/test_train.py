@@ -1283,7 +1283,8 @@ def test_a_bad_yaml_found_beside_the_init_says_the_user_never_named_it(ws, tmp_p
     stop_before_the_model_loads(monkeypatch)
     for text, problem in (
             ("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params: {}\n",
-             "model.color_variant: missing; expected one of v1, v2, v3"),
+             "model.target: a config in the layout of SD's and ControlNet's own YAML files (target:, params:), "
+             "which this project does not read; use models/cldm_v21_color.yaml or one made from it"),
             (TINY_CONFIG.read_text().split("\ntrain:")[0], "no train: section (see models/cldm_v21_color.yaml)")):
         beside.write_text(text)
         assert train.main(argv) == 2
