@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 SLEEPERS = '''
@@ -35,6 +37,7 @@ def test_pytest_ini_sets_a_time_limit_per_test(pytestconfig):
     assert float(pytestconfig.getini("timeout")) == 300
 
 
+@pytest.mark.slow  # ~12 s: runs pytest twice (the default run checks only pytest.ini's limit, above)
 def test_a_test_over_the_limit_fails_and_a_slow_one_gets_the_longer_limit(tmp_path):
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")  # the hook under test
     (tmp_path / "test_sleepers.py").write_text(SLEEPERS)

@@ -378,6 +378,7 @@ def test_make_optimizer_passes_fused_through_to_adamw():
     assert not make_optimizer("adamw", groups, lr=1e-3, betas=(0.9, 0.999)).defaults["fused"]
 
 
+@pytest.mark.slow  # ~13 s: two processes importing torch and bitsandbytes
 def test_adamw8bit_does_not_log_bitsandbytes_hub_kernel_warning():
     """On a CPU with AVX512-BF16 and no `kernels` package, `import bitsandbytes` logs "Failed to
     load CPU gemm_4bit_forward from kernels-community" (a 4-bit kernel from the hub, unused by

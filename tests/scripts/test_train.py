@@ -912,7 +912,7 @@ def test_ddp_two_cpu_processes_keep_identical_replicas(ws, tmp_path):
                            init["control_model.middle_block_out.0.weight"])  # it did train
 
 
-@pytest.mark.parametrize("fails", [0, 1])
+@pytest.mark.parametrize("fails", [0, pytest.param(1, marks=pytest.mark.slow)])  # ~20 s each
 def test_a_rank_out_of_memory_ends_the_ranks_left_waiting(ws, tmp_path, fails):
     """One rank runs out of memory at step 1 and stops with its one line, while the other is
     blocked as in an NCCL collective whose peer has gone (which waits for the process group's
@@ -999,6 +999,7 @@ def test_torchrun_recipe_two_nodes_on_one_machine(ws, tmp_path):
     check_two_node_run(ws, out)
 
 
+@pytest.mark.slow  # ~11 s; the torchrun recipe shows the same two-node run by default
 def test_slurm_recipe_two_nodes_on_one_machine(ws, tmp_path):
     """docs/TRAINING.md's SLURM recipe, with srun's variables for 2 nodes x 1 task set by hand on
     localhost: ranks come from SLURM, and Lightning's own requeue stays off."""
@@ -1631,6 +1632,7 @@ def test_sigterm_to_the_whole_process_group_with_data_loader_processes_stops_as_
     assert not list(out.glob("checkpoints/.*.tmp"))
 
 
+@pytest.mark.slow  # ~10 s; a second case of the process-group SIGTERM test before it
 def test_sigterm_to_the_whole_process_group_as_a_loader_process_holds_the_loaders_lock_stops_the_run(ws, tmp_path):
     """The same stop where it hung: a loader process that died of it inside the loader's shared lock
     (the done event's, which every process takes for every batch) left the run waiting for that lock
@@ -1724,6 +1726,7 @@ def test_a_stop_under_ddp_is_said_by_global_rank_zero_alone(tmp_path, capsys, ra
     assert capsys.readouterr().err == (f"{train.PROG}: {line}\n" if rank_zero else "")
 
 
+@pytest.mark.slow  # ~24 s
 def test_ddp_sigterm_while_rank_0_writes_a_checkpoint_stops_the_run(ws, tmp_path):
     """Lightning's SIGTERM handler broadcast from inside the handler: SIGTERM while rank 0 wrote a
     checkpoint (rank 1 waiting in the barrier after it; seconds at SD2.1 size) left rank 0 in that
