@@ -106,7 +106,10 @@ def stopped_by(e: BaseException, args, device: torch.device | None, writer: O.Or
     to go on."""
     message = one_line(e)
     if out_of_memory(e):
-        message = f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: lower them"
+        message = (f"out of memory on {device or 'the CPU'} at --size {args.size}, --batch {args.batch}: lower them"
+                   if plan.method == "model" else  # the baselines work at the frames' own size, one at a time
+                   f"out of memory on the CPU: --method {plan.method} works on the frames at their own size; "
+                   "downscale them first")
     mend = None
     if isinstance(e, O.EarlierOutputError) and (i := e.unreadable) is not None:  # that frame made again mends it
         mend = f"colourise frame {i} again with --frames {i}:{i + 1} --overwrite without --video"
