@@ -170,12 +170,13 @@ class ColorControlModule(L.LightningModule):
         if self._step_losses:
             loss = torch.stack(self._step_losses).mean()
             self._step_losses.clear()
-            self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
+            # One all-reduce serves the log (sync_dist would be a second) and the check below.
+            total = self.trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
+            self.log("train/loss", total, on_step=True, on_epoch=False)
             # Before the update: a diverged step (too high a --lr) would make every weight NaN, and
             # the run go on to export them with exit 0. Averaged over the devices first, so that
             # every process stops at the same step (one host sync). Under 16-mixed the loss scaler
             # skips a step whose gradients overflow, so only a run of them stops the run there.
-            total = self.trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
             self._non_finite = 0 if torch.isfinite(total) else self._non_finite + 1
             if self._non_finite >= (NON_FINITE_FP16_STEPS if self.trainer.precision == "16-mixed" else 1):
                 raise NonFiniteLossError(self.trainer.global_step, float(total))

@@ -581,11 +581,18 @@ def test_the_logged_loss_is_the_mean_of_the_steps_micro_batches_synced_over_devi
     # Lightning hands on_train_batch_end each micro-batch's loss divided by 3 (the accumulation):
     # their sum is the mean of the raw losses
     assert logged == [(str(k), pytest.approx(sum(rec.losses[3 * k:3 * k + 3]), rel=1e-6)) for k in range(2)]
-    calls = []
-    module.log = lambda name, value, **kw: calls.append((name, kw))
-    module._step_losses = [torch.tensor(1.0)]
+    # over devices: the strategy's mean (one all-reduce, which the non-finite check shares) is what is logged
+    calls, reduced = [], []
+    module.log = lambda name, value, **kw: calls.append((name, value, kw))
+
+    def reduce(value, reduce_op):
+        reduced.append((float(value), reduce_op))
+        return torch.tensor(7.0)  # as if the other devices' losses were higher
+    module.trainer.strategy.reduce = reduce
+    module._step_losses = [torch.tensor(1.0), torch.tensor(2.0)]
     module.on_before_optimizer_step(module.trainer.optimizers[0])
-    assert calls[0] == ("train/loss", {"on_step": True, "on_epoch": False, "sync_dist": True})
+    assert reduced == [(1.5, "mean")]
+    assert calls[0][0] == "train/loss" and float(calls[0][1]) == 7.0 and not calls[0][2].get("sync_dist")
 
 
 def test_a_non_finite_loss_stops_before_the_update_at_once_or_after_a_run_of_them_under_16_mixed():
