@@ -478,9 +478,15 @@ def test_frames_are_resized_to_the_crop_then_centre_cropped(tmp_path, height, wi
 
     src = write_folder(panning_clip(8, height, width, blur=0.7), tmp_path / "src")
     build_all([src], tmp_path / "d", BuildOptions(size=0, window=3, threads=1, image_format="png"), progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the upscaled case's note
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         ds = PairDataset(tmp_path / "d", size=size, augment=False, seed=0, low=0.0, high=0.999, min_gap=1)
+    said = {"INTER_AREA": f"frames are {width}x{height}, larger than the training size {size}x{size} needs: every "
+                          "item downscales two of them, which slows loading (rebuild with build_pairs.py --size of "
+                          "the training size)",
+            "INTER_CUBIC": f"frames are {width}x{height}, smaller than the training size {size}x{size}: they are "
+                           "upscaled to it (rebuild with build_pairs.py --size of the training size)"}[interpolation]
+    assert [str(w.message) for w in caught] == [f"{tmp_path / 'd' / 'src'}: {said}"]
     item = ds[2]
     frame = read_frame(frame_path(tmp_path / "d" / "src", item["target_index"], "png"))
     want = cv2.resize(frame, resized, interpolation=getattr(cv2, interpolation))[:, x0 : x0 + size]
@@ -499,7 +505,8 @@ def test_a_side_that_is_whole_but_for_float_rounding_is_not_rounded_up(tmp_path)
     frames = {i: rng.integers(0, 256, (91, 273, 3), dtype=np.uint8) for i in (1, 5)}  # texture shows the resize
     for i, rgb in frames.items():
         cv2.imwrite(str(frame_path(d, i, "png")), rgb[..., ::-1])
-    item = PairDataset(tmp_path, size=64, augment=False, seed=0)[0]
+    with pytest.warns(UserWarning, match="larger than the training size 64x64 needs"):
+        item = PairDataset(tmp_path, size=64, augment=False, seed=0)[0]
     want = cv2.resize(frames[item["target_index"]], (192, 64), interpolation=cv2.INTER_AREA)[:, 64:128]
     np.testing.assert_allclose(item["jpg"], want / 127.5 - 1, atol=1e-6)
 
