@@ -189,10 +189,14 @@ def try_lock(path: str | os.PathLike, make_parent: bool = False, wait: bool = Fa
         try:
             if make_parent:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o666)  # a link: ELOOP
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except FileNotFoundError:
             if make_parent:  # the folder removed by a run ending in between: again
                 continue
+            raise
+        except OSError as e:  # not through a link planted at the name: it would make (and remove) a file anywhere
+            if e.errno == errno.ELOOP and path.is_symlink():
+                raise OSError(errno.ELOOP, f"{path}: a link where a lock file goes; remove it, then rerun") from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from annotator.color import rgb_to_gray
-from annotator.latent_cache import load_latents, read_frame
+from annotator.latent_cache import LatentCacheError, load_latents, read_frame
 from annotator.pairs import (
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, list_movies, load_meta, load_similarity,
     pair_mask,
@@ -81,6 +81,15 @@ def no_movies(root: Path) -> ValueError:
     return ValueError(f"{root}: no finished movies (run build_pairs.py)")
 
 
+def _file_id(path: str) -> tuple[int, int, int] | None:
+    """(device, inode, size) of a file, None where there is none: another file at the name is another id."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
 class PairDataset(Dataset):
     def __init__(
         self,
@@ -106,7 +115,7 @@ class PairDataset(Dataset):
         self.augment, self.prompt, self.seed = augment, prompt, seed
         self.latent_mode = vae_fingerprint is not None
         self.gray_latents = gray_latents and self.latent_mode
-        self.meta, self.masks, self.latents = [], [], []
+        self.meta, self.masks, self.latents, self._latent_ids = [], [], [], []
         refs, movie_of = [], []
         for k, mid in enumerate(self.movies):
             d = self.root / mid
@@ -137,6 +146,7 @@ class PairDataset(Dataset):
                                      f"size {self.crop[1]}x{self.crop[0]} exactly in one side "
                                      f"(rebuild with build_pairs.py --size)")
                 self.latents.append(load_latents(d, vae_fingerprint, gray=self.gray_latents))
+                self._latent_ids.append(_file_id(self.latents[-1].filename))  # the file checked, for __setstate__
         self._refs = np.concatenate(refs).astype(np.int64)
         self._movie_of = np.concatenate(movie_of)
         metrics = {mid: str(meta.get("metric", "ssim")) for mid, meta in zip(self.movies, self.meta)}
@@ -158,14 +168,19 @@ class PairDataset(Dataset):
     def __getstate__(self) -> dict:
         # A pickled memmap carries its whole contents: each loader process started by spawn or
         # forkserver (macOS's default, Linux's from Python 3.14) would hold a RAM copy of the
-        # cache. Send the file names; the process maps the files again.
+        # cache. Send the file names; the process maps the files again, those that were checked.
         state = self.__dict__.copy()
-        state["latents"] = [a.filename for a in self.latents]
+        state["latents"] = [(a.filename, checked) for a, checked in zip(self.latents, self._latent_ids)]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.latents = [np.load(f, mmap_mode="r") for f in self.latents]
+        latents = []
+        for name, checked in self.latents:
+            if _file_id(name) != checked:  # rebuilt (build_latent_cache.py --overwrite) or moved since
+                raise LatentCacheError(f"{name}: the latent cache changed after the run checked it; start the run again")
+            latents.append(np.load(name, mmap_mode="r"))
+        self.latents = latents
 
     def summary(self) -> str:
         """One line: how many frames have a partner in the band (only those are drawn, as

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -119,6 +120,24 @@ class Summary:
         return "\n".join(lines)
 
 
+def folds_case(folder: Path) -> bool:
+    """Whether the file system at `folder` takes "A" and "a" for one name (macOS's and Windows'
+    defaults do; Linux's do not): found by a file made there, False where none can be."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".case-probe-") as f:
+            name = Path(f.name)
+            return (name.parent / name.name.upper()).exists()
+    except OSError:
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int] = (0, 1),
          options: BuildOptions | None = None):
     """Split the inputs into (to_build [(id, path, frame estimate)], existing ids, skipped lines,
@@ -127,7 +146,7 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
     is kept (and noted): delete its folder to rebuild it."""
     root = Path(data_root)
     by_id: dict[str, Path] = {}
-    folded: dict[str, str] = {}  # ids by casefold: macOS's and Windows' file systems hold one folder for "A" and "a"
+    folded: dict[str, str] | None = {} if folds_case(root) else None  # ids by lower case, where "A" and "a" are one
     skipped: list[str] = []
     for s in sources:
         p = Path(s)
@@ -139,12 +158,15 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
             skipped.append(f"{shown_path(p)}: movie id '{mid}' is also used by {shown_path(by_id[mid])}; "
                            f"rename one of them")
             continue
-        if (other := folded.get(mid.casefold())) is not None:
+        if folded is not None and (other := folded.get(mid.lower())) is not None:
+            if _same_file(p, by_id[other]):  # one input named twice in two cases ("Film.mp4", "film.mp4")
+                continue
             skipped.append(f"{shown_path(p)}: movie id '{mid}' differs from '{other}' of {shown_path(by_id[other])} "
-                           "only in case, which one folder holds on macOS and Windows; rename one of them")
+                           f"only in case, and {shown_path(root)} holds one folder for both; rename one of them")
             continue
         by_id[mid] = p
-        folded[mid.casefold()] = mid
+        if folded is not None:
+            folded[mid.lower()] = mid
     ids = sorted(by_id)
     index, count = shard
     mine = ids[index::count]

@@ -277,7 +277,8 @@ def encode_movie(
         # the old metadata goes first: an interruption from here leaves a cache that reads as unbuilt
         (movie_dir / LATENTS_META).unlink(missing_ok=True)
         os.replace(tmp, dest)
-        tmp_json.unlink(missing_ok=True)
+        with _writing(movie_dir / LATENTS_META, size):
+            tmp_json.unlink(missing_ok=True)
         with _writing(movie_dir / LATENTS_META, size), open(tmp_json, "x") as fj:
             fj.write(json.dumps(info, indent=1))
             fj.flush()

@@ -204,7 +204,8 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
 
 # Modules whose callables a pickle uses to run commands or code (a checkpoint needs none of them).
 _RUNS_CODE = {"os", "posix", "nt", "subprocess", "builtins", "__builtin__", "runpy", "importlib", "shutil", "socket",
-              "sys", "pty", "ctypes", "pickle", "marshal", "code", "codeop", "operator", "webbrowser"}
+              "sys", "pty", "ctypes", "pickle", "marshal", "code", "codeop", "operator", "webbrowser",
+              "_posixsubprocess", "multiprocessing", "timeit", "pdb", "platform"}
 
 
 def _pickled_globals(path):

@@ -127,7 +127,8 @@ def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
 
 
-_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")  # ${name:...}; a plain ${key.path} only copies another key
+# ${name:...}; a plain ${key.path} only copies another key, and \${...} is a literal string
+_RESOLVER = re.compile(r"(?<!\\)\$\{\s*[\w.\-]+\s*:")
 
 
 def _resolver_call(node, key: str = "") -> tuple[str, str] | None:
@@ -153,16 +154,16 @@ def unknown_key(cfg: dict) -> tuple[str, str] | None:
     if not isinstance(cfg, dict):
         return None
     ref = _reference()
+    m = cfg.get("model")
+    if isinstance(m, dict) and "target" in m and "params" in m:  # before its data:, lightning: sections are named
+        return "model.target", (f"a config in the layout of SD's and ControlNet's own YAML files (target:, params:), "
+                                f"which this project does not read; use models/{REFERENCE.name} or one made from it")
     if found := _not_taken("", cfg, {"model", "train"}):
         return found
     if isinstance(cfg.get("train"), dict) and (found := _not_taken("train", cfg["train"], set(ref["train"]))):
         return found
-    m = cfg.get("model")
     if not isinstance(m, dict):
         return None
-    if "target" in m and "params" in m:
-        return "model.target", (f"a config in the layout of SD's and ControlNet's own YAML files (target:, params:), "
-                                f"which this project does not read; use models/{REFERENCE.name} or one made from it")
     if found := _not_taken("model", m, set(ref["model"])):
         return found
     for section in ("schedule", "control", "first_stage"):

@@ -488,3 +488,4 @@ def test_try_lock_refuses_a_link_at_its_name_and_leaves_its_target_alone(tmp_pat
     with pytest.raises(OSError) as e, try_lock(tmp_path / "m.lock"):
         pass
     assert e.value.errno == errno.ELOOP and not target.exists() and (tmp_path / "m.lock").is_symlink()
+    assert str(e.value) == f"[Errno {errno.ELOOP}] {tmp_path / 'm.lock'}: a link where a lock file goes; remove it, then rerun"

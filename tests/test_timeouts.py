@@ -37,6 +37,21 @@ def test_pytest_ini_sets_a_time_limit_per_test(pytestconfig):
     assert float(pytestconfig.getini("timeout")) == 300
 
 
+def test_slow_tests_get_the_long_limit_unless_they_carry_their_own():
+    """The hook itself, on stand-in items (the slow test below shows it in a pytest run)."""
+    from types import SimpleNamespace
+
+    from tests.conftest import SLOW_TIMEOUT, pytest_collection_modifyitems
+
+    def item(*marks):
+        added = []
+        return SimpleNamespace(added=added, add_marker=added.append,
+                               get_closest_marker=lambda name: name if name in marks else None)
+    slow, own, plain = item("slow"), item("slow", "timeout"), item()
+    pytest_collection_modifyitems([slow, own, plain])
+    assert [m.args for m in slow.added] == [(SLOW_TIMEOUT,)] and own.added == [] and plain.added == []
+
+
 @pytest.mark.slow  # ~12 s: runs pytest twice (the default run checks only pytest.ini's limit, above)
 def test_a_test_over_the_limit_fails_and_a_slow_one_gets_the_longer_limit(tmp_path):
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")  # the hook under test

@@ -395,6 +395,7 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         np.testing.assert_array_equal(item["jpg_latent_std"], cache[j, 1][win].astype(np.float32))
         np.testing.assert_array_equal(item["ref_latent_mean"], cache[i, 0][win].astype(np.float32))
     assert len(offsets) > 3  # the crops do move
+    from annotator.latent_cache import LatentCacheError
     # what a spawn/forkserver loader process receives: the cache's file names, mapped again there,
     # not its contents (the pickle of memmaps held a copy of the whole cache)
     blob = pickle.dumps(ds)
@@ -406,9 +407,13 @@ def test_latent_mode_cuts_the_cached_window_on_the_8_pixel_grid_and_never_flips(
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    from annotator.latent_cache import LatentCacheError
     with pytest.raises(LatentCacheError, match="latent cache has no gray latents"):  # v3 on a cache without them
         PairDataset(root, size=64, low=0.0, high=0.999, min_gap=1, vae_fingerprint=fp, gray_latents=True)
+    # a cache rebuilt after the run checked it (another VAE, --gray added) is not read unchecked
+    build_latent_cache(root, tiny_model("v2").first_stage_model, progress=False, gray=True, overwrite=True)
+    with pytest.raises(LatentCacheError, match=r"latents\.npy: the latent cache changed after the run checked it; "
+                                               r"start the run again$"):
+        pickle.loads(blob)
 
 
 def test_training_sizes_and_movies_that_cannot_be_used_are_refused(fake_root, tmp_path):

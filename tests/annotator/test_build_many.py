@@ -121,7 +121,7 @@ def test_an_input_that_refuses_reading_with_eperm_is_still_a_bad_input(tmp_path,
     assert lines == [f"skipped: {bad / 'frame0.png'}: cannot read file (Operation not permitted)"]
 
 
-def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):
+def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path, monkeypatch):
     """`films/* films/a` or `a a/`: was skipped as "movie id 'a' is also used by a; rename one of them" (exit 1),
     advice that cannot apply to one folder; two inputs with one id are still a clash."""
     a = write_folder(panning_clip(4, 16, 24), tmp_path / "a")
@@ -131,11 +131,20 @@ def test_an_input_named_twice_is_one_movie_not_a_clash(tmp_path):
     assert [m["movie_id"] for m in s.built] == ["a"] and s.skipped == [] and lines == []
     s = build_all([a, other], tmp_path / "data2", OPTS, progress=False, log=lines.append)
     assert s.skipped == [f"{other}: movie id 'a' is also used by {a}; rename one of them"]
-    upper = write_folder(panning_clip(4, 16, 24, seed=2), tmp_path / "A")  # one folder on macOS and Windows
+    upper = write_folder(panning_clip(4, 16, 24, seed=2), tmp_path / "A")
+    assert not build_many.folds_case(tmp_path)  # Linux's file systems: two movies
     s = build_all([a, upper], tmp_path / "data4", OPTS, progress=False, log=lines.append)
+    assert sorted(m["movie_id"] for m in s.built) == ["A", "a"] and s.skipped == []
+    # where one folder holds both (macOS's and Windows' defaults): the second is refused, before any work; the
+    # same input named in two cases is one movie
+    monkeypatch.setattr(build_many, "folds_case", lambda folder: True)
+    s = build_all([a, upper], tmp_path / "data5", OPTS, progress=False, log=lines.append)
     assert [m["movie_id"] for m in s.built] == ["a"]
-    assert s.skipped == [f"{upper}: movie id 'A' differs from 'a' of {a} only in case, which one folder holds "
-                         "on macOS and Windows; rename one of them"]
+    assert s.skipped == [f"{upper}: movie id 'A' differs from 'a' of {a} only in case, and {tmp_path / 'data5'} "
+                         "holds one folder for both; rename one of them"]
+    monkeypatch.setattr(build_many, "_same_file", lambda x, y: True)
+    s = build_all([a, upper], tmp_path / "data6", OPTS, progress=False, log=lines.append)
+    assert [m["movie_id"] for m in s.built] == ["a"] and s.skipped == []
     loop = tmp_path / "loop.mp4"  # a symlink loop named twice: Path.resolve() raised RuntimeError
     loop.symlink_to(loop)
     s = build_all([loop, tmp_path / "." / "loop.mp4"], tmp_path / "data3", OPTS, progress=False, log=lines.append)

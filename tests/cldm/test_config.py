@@ -231,6 +231,13 @@ def test_a_key_nothing_reads_is_named_in_every_section(tmp_path, extra, line):
     assert str(e.value) == f"{path}: {line}"
 
 
+def test_an_sd_training_yaml_is_named_as_one_before_its_other_sections(tmp_path):
+    path = _write_text(tmp_path, "model:\n  target: cldm.cldm.ControlLDM\n  params: {}\ndata:\n  target: x\n"
+                                 "lightning: {}\n")
+    with pytest.raises(ConfigError, match=r"edited\.yaml: model\.target: a config in the layout of SD's"):
+        load_config(path)
+
+
 def test_a_resolver_call_is_refused_in_a_file_an_override_and_a_checkpoints_config(tmp_path, monkeypatch):
     """`${oc.env:X}` in a shared YAML (or in the config a shared checkpoint records) copied the
     user's environment variable into the metadata of every checkpoint and export, hparams.yaml
@@ -253,6 +260,8 @@ def test_a_resolver_call_is_refused_in_a_file_an_override_and_a_checkpoints_conf
         load_config(recorded, name="X.safetensors")
     cfg = load_config(TINY_CONFIG, ["train.seed=${train.accumulate}"])
     assert cfg.train.seed == cfg.train.accumulate
+    escaped = _write_text(tmp_path, TINY_TEXT.replace("optimizer: adamw", "optimizer: \\${oc.env:HOME}"))
+    assert load_config(escaped).train.optimizer == "${oc.env:HOME}"  # a literal string, no call
     assert "hunter2" not in str(e.value)
 
 

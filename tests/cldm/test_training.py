@@ -512,6 +512,8 @@ def test_the_trainer_takes_the_train_section(tmp_path):
     assert (ckpt.dirpath, ckpt._every_n_train_steps, ckpt.keep) == (str(tmp_path / "checkpoints"), 5, 2)
     assert (images.out_dir, images.every, images.n, images.ddim_steps, images.seed) == (tmp_path / "images", 6, 3, 9, 8)
     assert callbacks[ResumeAgreement].ckpt_path == resume
+    # SIGTERM without Lightning's collective in the handler (the hang itself: a slow DDP test)
+    assert trainer._signal_connector._sigterm_notifier_fn.__qualname__.startswith("no_collective_in_sigterm_handler.")
     assert training.make_trainer(cfg, trainer_args(), tmp_path, validate=False).limit_val_batches == 0
     off = training.make_trainer(load_config(cfg, ["train.grad_clip=0.0", "train.val_every=0"]), trainer_args(), tmp_path)
     assert off.gradient_clip_val is None and off.limit_val_batches == 0  # 0: no clipping, no validation
