@@ -24,9 +24,8 @@ Conventions (one meaning everywhere, so numbers are comparable between runs):
   frames t and t+s; mean over channels and frames, then mean over s in `CDC_STRIDES`
   (strides with no frame pair in a short clip are left out). Units: nats. Implementations
   with log2 (bits) give values 1/ln 2 = 1.4427 times larger: multiply ours by 1.4427 to
-  compare with them. Ones that report the
-  Jensen-Shannon *distance* (the square root, e.g. scipy's `jensenshannon`) are not
-  comparable directly.
+  compare with them. Ones that report the Jensen-Shannon *distance* (the square root, e.g.
+  scipy's `jensenshannon`) are not comparable directly.
 - Warp error: flow from ground-truth frame t+1 to t (OpenCV DIS, medium preset, on the
   8-bit BT.601 gray), used to warp the *prediction* of frame t onto frame t+1 (bilinear);
   mean absolute difference with the prediction of t+1, in 0..255 levels, averaged over
