@@ -135,6 +135,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     return path
 
 
+def file_identity(path) -> tuple[int, int, int, int] | None:
+    """What tells a file from the one there before it (an os.replace puts a new inode there): None
+    where there is none (or no path)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 # Windows flushes a file only through a handle that may write (FlushFileBuffers); POSIX syncs any.
 _FILE_SYNC = os.O_RDWR if os.name == "nt" else os.O_RDONLY
 

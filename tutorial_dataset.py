@@ -54,6 +54,7 @@ from annotator.pairs import (
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, frame_path, is_finished, list_movies, load_meta, load_similarity,
     pair_mask,
 )
+from atomicio import file_identity
 from cldm.launch import DATA, run_seed
 
 
@@ -79,15 +80,6 @@ def no_movies(root: Path) -> ValueError:
         return ValueError(f"{root}: the folder of one movie; a data root is the folder that holds the movie "
                           f"folders ({root.parent})")
     return ValueError(f"{root}: no finished movies (run build_pairs.py)")
-
-
-def _file_id(path: str) -> tuple[int, int, int] | None:
-    """(device, inode, size) of a file, None where there is none: another file at the name is another id."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size
 
 
 class PairDataset(Dataset):
@@ -146,7 +138,7 @@ class PairDataset(Dataset):
                                      f"size {self.crop[1]}x{self.crop[0]} exactly in one side "
                                      f"(rebuild with build_pairs.py --size)")
                 self.latents.append(load_latents(d, vae_fingerprint, gray=self.gray_latents))
-                self._latent_ids.append(_file_id(self.latents[-1].filename))  # the file checked, for __setstate__
+                self._latent_ids.append(file_identity(self.latents[-1].filename))  # the file checked, for __setstate__
         self._refs = np.concatenate(refs).astype(np.int64)
         self._movie_of = np.concatenate(movie_of)
         metrics = {mid: str(meta.get("metric", "ssim")) for mid, meta in zip(self.movies, self.meta)}
@@ -177,7 +169,7 @@ class PairDataset(Dataset):
         self.__dict__.update(state)
         latents = []
         for name, checked in self.latents:
-            if _file_id(name) != checked:  # rebuilt (build_latent_cache.py --overwrite) or moved since
+            if file_identity(name) != checked:  # rebuilt (build_latent_cache.py --overwrite) or moved since
                 raise LatentCacheError(f"{name}: the latent cache changed after the run checked it; start the run again")
             latents.append(np.load(name, mmap_mode="r"))
         self.latents = latents

@@ -8,12 +8,12 @@ outputs are written in clip order, so those written are the range's first `writt
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from annotator.video import TruncatedVideoError
+from atomicio import file_identity
 from cliutil import one_line, out_of_memory
 from colorize import outputs as O
 
@@ -164,13 +164,3 @@ def where_it_stopped(args, frames: slice, out: Path, writer: O.OrderedWriter, pl
         return None
     go_on = where_to_continue(plan, writer.count, writer.next_frame)
     return f"interrupted; the {outputs(writer.count, before='written so far')} complete: {go_on}"
-
-
-def file_identity(path) -> tuple[int, int, int, int] | None:
-    """What tells a file from the one there before it (an os.replace puts a new inode there): None
-    where there is none (or no path)."""
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
