@@ -125,15 +125,17 @@ class PairDataset(Dataset):
             movie_of.append(np.full(len(r), k, dtype=np.int32))
             w, h = meta["size"]
             scale = max(self.crop[0] / h, self.crop[1] / w)
-            if not self.latent_mode and scale > 1.0:
-                warnings.warn(f"{d}: frames are {w}x{h}, smaller than the training size {self.crop[1]}x{self.crop[0]}: "
-                              "they are upscaled to it (rebuild with build_pairs.py --size of the training size)")
-            elif not self.latent_mode and scale < 1.0:  # two resizes per item: at 720p more than all its other work
-                warnings.warn(f"{d}: frames are {w}x{h}, larger than the training size {self.crop[1]}x{self.crop[0]} "
-                              "needs: every item downscales two of them, which slows loading (rebuild with "
-                              "build_pairs.py --size of the training size)")
-            if self.latent_mode:
-                if max(self.crop[0] / h, self.crop[1] / w) != 1.0:
+            if not self.latent_mode:
+                if scale > 1.0:
+                    warnings.warn(f"{d}: frames are {w}x{h}, smaller than the training size {self.crop[1]}x"
+                                  f"{self.crop[0]}: they are upscaled to it (rebuild with build_pairs.py --size of "
+                                  "the training size)")
+                elif scale < 1.0:  # two resizes per item: at 720p more than all its other work
+                    warnings.warn(f"{d}: frames are {w}x{h}, larger than the training size {self.crop[1]}x"
+                                  f"{self.crop[0]} needs: every item downscales two of them, which slows loading "
+                                  "(rebuild with build_pairs.py --size of the training size)")
+            else:
+                if scale != 1.0:
                     raise ValueError(f"{d}: frames are {w}x{h}; latent mode needs them to cover the training "
                                      f"size {self.crop[1]}x{self.crop[0]} exactly in one side "
                                      f"(rebuild with build_pairs.py --size)")
