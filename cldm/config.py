@@ -44,10 +44,10 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     """
     if isinstance(path, DictConfig):
         cfg, where = path.copy(), name or "the checkpoint's config"
-        short = where
+        short, editable = where, False
     else:
         path = Path(path)
-        where, short = str(path), path.name
+        where, short, editable = str(path), path.name, True
         if not path.exists():
             raise ConfigError(f"config not found: {path}")
         if problem := file_problem(path):  # a folder; a named pipe would block the read
@@ -69,9 +69,9 @@ def load_config(path: str | Path | DictConfig = DEFAULT_CONFIG, overrides: Seque
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except Exception as e:  # omegaconf raises several types; all mean "bad override"
-        check_config(cfg, where)  # a key the file lacks: say so, not "not in struct"
+        check_config(cfg, where, editable=editable)  # a key the file lacks: say so, not "not in struct"
         raise ConfigError(_bad_override(cfg, overrides, e, short)) from None
-    check_config(merged, where, overrides)  # the merged result: an override may fix the file
+    check_config(merged, where, overrides, editable)  # the merged result: an override may fix the file
     return merged
 
 
@@ -107,13 +107,17 @@ def _reference() -> dict:
     return OmegaConf.to_container(OmegaConf.load(REFERENCE))
 
 
-def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> None:
+def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = (), editable: bool = False) -> None:
     """ConfigError for the first problem `config_problem` finds, saying where it came from: the
-    last override that set the key (or a section above it), else the file."""
-    if found := _resolver_call(OmegaConf.to_container(cfg, resolve=False)):
-        found = found[0], (f"{found[1]!r} calls a resolver, which a config (often a shared one) may not: the value "
-                           "would be recorded in checkpoints and logs (${oc.env:...} would copy an environment "
-                           "variable there)")
+    last override that set the key (or a section above it), else the file. `editable`: `where` is
+    a YAML file the user can mend (a run's config.yaml written by an earlier version may hold a
+    resolver call, which stopped its resume without saying what to do; a checkpoint's recorded
+    config is not)."""
+    resolver = _resolver_call(OmegaConf.to_container(cfg, resolve=False))
+    if resolver:
+        found = resolver[0], (f"{resolver[1]!r} calls a resolver, which a config (often a shared one) may not: the "
+                              "value would be recorded in checkpoints and logs (${oc.env:...} would copy an "
+                              "environment variable there)")
     else:
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
@@ -124,6 +128,8 @@ def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = ()) -> 
         key, problem = found
         keys = (key, *TIED.get(key, ()))
         setters = [o for o in overrides if any(f"{k}.".startswith(o.split("=", 1)[0].strip() + ".") for k in keys)]
+        if resolver and (setters or editable):
+            problem += f"; write the value itself in {'the override' if setters else 'its place'}"
         raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
 
 
