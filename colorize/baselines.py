@@ -20,19 +20,13 @@ import cv2
 import numpy as np
 
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
-from colorize.gray import array_problem, to_gray
+from colorize.gray import array_problem
 from colorize.metrics import check_flow_size
-from colorize.pipeline import ReferenceChooser
+from colorize.pipeline import ReferenceChooser, gray_of
 
 LUMA_BANDS = 32
 LUT_NODES = 1024  # gray levels tabulated by reinhard (4x the 8-bit levels)
 METHODS = ("reinhard", "reinhard-bands", "flow")
-
-
-def _gray(frame: np.ndarray) -> np.ndarray:
-    if problem := array_problem(frame):
-        raise ValueError(f"frame: {problem}")
-    return to_gray(frame)[0]
 
 
 def _rgb(reference: np.ndarray) -> np.ndarray:
@@ -117,7 +111,7 @@ def iter_reinhard(gray_frames: Iterable[np.ndarray], references: Sequence[np.nda
     luts = [_reinhard_lut(luma_band_chroma(r, bands)) for r in refs]
     choose = ReferenceChooser(refs)
     for frame in gray_frames:
-        g = _gray(frame)
+        g = gray_of(frame)
         out = _apply_lut(g, luts[choose(g)])
         if progress is not None:
             progress(1)
@@ -332,7 +326,7 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
     def direct(packed):  # a run whose reference frame never came: forward from its first frame
         w = None
         for p in packed:
-            g = _gray(p)
+            g = gray_of(p)
             if w is None:
                 w = _Walk(*reference(run), g, dis, direct=True)
                 out = w.colour(g)
@@ -342,7 +336,7 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
             yield out
 
     for t, frame in enumerate(gray_frames):
-        g = _gray(frame)
+        g = gray_of(frame)
         n = t + 1
         if shape is None:
             check_flow_size(g.shape)
@@ -368,7 +362,7 @@ def iter_flow(gray_frames: Iterable[np.ndarray], references: Sequence[np.ndarray
             back_walk = _Walk(*reference(k), g, dis)
             back = _Held(None if ram is None else max(ram - waiting.in_ram, 0), spill_to)
             for i in reversed(range(len(waiting))):
-                back.append(back_walk.step(_gray(waiting[i])))
+                back.append(back_walk.step(gray_of(waiting[i])))
                 done(1)
             waiting.close()
             walk = _Walk(*reference(k), g, dis)  # and forward from it

@@ -560,7 +560,9 @@ def anchor_colours(image: np.ndarray, stats: np.ndarray, strength: float = 1.0) 
 # ---- modes --------------------------------------------------------------------------------
 
 
-def _gray_of(frame) -> np.ndarray:
+def gray_of(frame) -> np.ndarray:
+    """A frame's gray (float32 HW in [0, 1]): a `Frame`'s own, else that of an array `to_gray`
+    takes; InferenceError (a ValueError) naming what is wrong with any other."""
     if isinstance(frame, Frame):
         return frame.gray
     if problem := array_problem(frame):
@@ -599,12 +601,12 @@ def _colorize(model: ControlLDM, frames: Iterator, refs: list[np.ndarray], mode:
     first = next(frames, None)
     if first is None:
         return
-    first_gray = _gray_of(first)
+    first_gray = gray_of(first)
 
     def index(frame, k: int) -> int:  # a Frame's own (its per-frame noise), else counted from `start`
         return frame.index if isinstance(frame, Frame) else start + k
 
-    numbered = chain([(index(first, 0), first_gray)], ((index(f, k), _gray_of(f)) for k, f in enumerate(frames, 1)))
+    numbered = chain([(index(first, 0), first_gray)], ((index(f, k), gray_of(f)) for k, f in enumerate(frames, 1)))
     col = Colorizer(model, first_gray.shape, opt)
     entries = [col._encode(r) for r in refs]  # checked by colorize
     choose = ReferenceChooser(refs)
