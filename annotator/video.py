@@ -151,7 +151,8 @@ def list_frame_files(folder: str | os.PathLike) -> list[Path]:
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as OpenCV decodes it: its own depth, gray HW or colour BGR HW3, turned
     upright by its EXIF orientation. Alpha is dropped here: nothing uses it, and OpenCV
-    ignores the orientation of any decode that keeps it (IMREAD_UNCHANGED)."""
+    ignores the orientation of any decode that keeps it (IMREAD_UNCHANGED). A float image with
+    NaN or infinite pixels is refused, naming the file."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -167,6 +168,8 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
                                      "OPENCV_IO_MAX_IMAGE_PIXELS raises the first") from None
     if img is None:
         raise FrameSourceError(path, "not a readable image")
+    if img.dtype.kind == "f" and not np.isfinite(img).all():  # taken as black, NaN was colourised and scored
+        raise FrameSourceError(path, "has NaN or infinite pixels")
     return img
 
 
@@ -226,7 +229,7 @@ def _to_rgb8(img: np.ndarray, path, want_bgr: bool = False, keep_16bit: bool = F
     if img.dtype == np.uint16 and not keep_16bit:
         img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
-        img = (np.clip(np.nan_to_num(img), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif img.dtype not in (np.uint8, np.uint16):
         raise FrameSourceError(path, f"unsupported pixel type {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 1:

@@ -478,12 +478,16 @@ def test_read_image_keep_16bit(tmp_path):
     assert img.dtype == np.uint16 and img[0, 0].tolist() == [1000, 2000, 3000]
 
 
-def test_float_images_are_taken_as_0_to_1_rounded_and_nan_is_black(tmp_path):
-    cv2.imwrite(str(tmp_path / "f.tiff"), np.array([[-0.5, 0.5, 1.5, np.nan, 0.002, 0.998]], np.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no cast of NaN to uint8 (undefined; numpy warns)
-        img = read_image(tmp_path / "f.tiff")
+def test_float_images_are_taken_as_0_to_1_rounded_and_nan_is_refused(tmp_path):
+    """A NaN pixel was black (nan_to_num): colourised, and scored by evaluate.py, without a word."""
+    cv2.imwrite(str(tmp_path / "f.tiff"), np.array([[-0.5, 0.5, 1.5, 0.0, 0.002, 0.998]], np.float32))
+    img = read_image(tmp_path / "f.tiff")
     assert img[0, :, 0].tolist() == [0, 128, 255, 0, 1, 254] and (img[..., 0] == img[..., 2]).all()
+    for bad in (np.nan, np.inf):
+        cv2.imwrite(str(tmp_path / "n.tiff"), np.array([[0.5, bad]], np.float32))
+        for read in (read_image, read_image_native):  # the colourised frames are read at their own depth
+            with pytest.raises(FrameSourceError, match=r"n\.tiff: has NaN or infinite pixels$"):
+                read(tmp_path / "n.tiff")
 
 
 def test_unsupported_pixel_types_and_shapes_are_named(tmp_path):
