@@ -8,7 +8,7 @@ luminance-true: `rgb_to_gray(out) == gray` up to float rounding (annotator.color
 so only colour comes from the reference.
 Any aspect ratio; a reference of another size is resized to the frame size.
 With several references each frame uses the most similar one, chosen as the model modes
-choose it (colorize.pipeline.ReferenceChooser: SSIM of 64x64 gray thumbnails).
+choose it (colorize.references.ReferenceChooser: SSIM of 64x64 gray thumbnails).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import numpy as np
 from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
 from colorize.gray import array_problem
 from colorize.metrics import check_flow_size
-from colorize.pipeline import ReferenceChooser, gray_of
+from colorize.pipeline import gray_of
+from colorize.references import ReferenceChooser
 
 LUMA_BANDS = 32
 LUT_NODES = 1024  # gray levels tabulated by reinhard (4x the 8-bit levels)

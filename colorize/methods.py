@@ -21,6 +21,7 @@ import numpy as np
 from colorize import pipeline as P
 from colorize.baselines import iter_baseline
 from colorize.frames_io import progress_bar
+from colorize.references import most_similar_frames
 
 
 class MethodError(Exception):
@@ -52,7 +53,7 @@ def flow_start_indices(source: str | Path, refs: References, frames: slice, tota
                             disable=not show_progress or not sys.stderr.isatty(),
                             iterable=P.iter_gray_frames(source, frames.start, frames.stop, note))
         try:
-            found = dict(zip(images, P.most_similar_frames((f.gray for f in scan), [refs.images[k] for k in images])))
+            found = dict(zip(images, most_similar_frames((f.gray for f in scan), [refs.images[k] for k in images])))
         finally:
             scan.close()
     indices = []

@@ -9,8 +9,8 @@ Three modes, one sampler (DDIM, ldm/sampler.py):
   back to the original reference's (`anchor_strength`), and every `anchor_every` frames the
   original reference is used again, so drift is bounded. anchor_every=1 is fixed mode;
   anchor_every=0 with anchor_strength=0 is recursive mode.
-With several references each frame takes the most similar one (SSIM of 64x64 gray
-thumbnails, annotator/similarity.py); in the sequential modes a change of reference (a
+With several references each frame takes the most similar one (colorize/references.py); in the
+sequential modes a change of reference (a
 scene cut) restarts the chain from that reference.
 
 Per clip, once: the blank-prompt embedding, and each reference resized to the model frame
@@ -47,8 +47,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from annotator.color import lab_to_rgb, rgb_to_gray, rgb_to_lab, to_float, transfer_luma
-from annotator.similarity import SIM_SIZE, fast_resize, ssim
+from annotator.color import to_float, transfer_luma
+from annotator.similarity import fast_resize
 from annotator.video import (
     FrameRangeError, FrameSourceError, SourceInfo, iter_frames, list_frame_files, probe, read_image_native,
 )
@@ -58,6 +58,7 @@ from cliutil import file_problem
 from colorize.cuda_graph import GraphCache
 from colorize.gray import array_problem, to_gray
 from colorize.loading import PRECISIONS, compute_dtype
+from colorize.references import ReferenceChooser, anchor_colours, chroma_stats
 from ldm import sampler
 
 MODES = ("fixed", "recursive", "anchored")
@@ -495,66 +496,6 @@ class Pending:
     done: torch.cuda.Event | None
     grays: list[np.ndarray]
     indices: list[int]
-
-
-# ---- references ---------------------------------------------------------------------------
-
-
-def _thumb(gray: np.ndarray) -> np.ndarray:
-    """A float gray frame as pair mining's 64x64 thumbnail, without its rounding to 8 bits (a
-    16-bit input keeps its precision)."""
-    return fast_resize(np.ascontiguousarray(gray, dtype=np.float32), SIM_SIZE, SIM_SIZE)
-
-
-class ReferenceChooser:
-    """Most similar reference for a gray frame: SSIM of 64x64 gray thumbnails (_thumb)."""
-
-    def __init__(self, references: Sequence[np.ndarray]):
-        self.thumbs = [_thumb(rgb_to_gray(to_float(r)[..., :3])) for r in references]
-
-    def scores(self, gray: np.ndarray) -> list[float]:
-        t = _thumb(gray)
-        return [ssim(t, r) for r in self.thumbs]
-
-    def __call__(self, gray: np.ndarray) -> int:
-        return 0 if len(self.thumbs) == 1 else int(np.argmax(self.scores(gray)))
-
-
-def most_similar_frames(grays: Iterable[np.ndarray], references: Sequence[np.ndarray]) -> list[int]:
-    """For each reference, the position in `grays` of the frame most like it (the first on a tie).
-
-    Streams: one pass, thumbnails only. Used to anchor a reference image in the clip.
-    """
-    choose = ReferenceChooser(references)
-    best = [(-math.inf, 0)] * len(references)
-    for t, gray in enumerate(grays):
-        for k, score in enumerate(choose.scores(gray)):
-            if score > best[k][0]:
-                best[k] = (score, t)
-    return [t for _, t in best]
-
-
-def chroma_stats(rgb: np.ndarray) -> np.ndarray:
-    """(2, 2): mean and std of Lab a and b."""
-    ab = rgb_to_lab(rgb)[..., 1:].reshape(-1, 2)
-    return np.stack([ab.mean(0), ab.std(0)])
-
-
-def anchor_colours(image: np.ndarray, stats: np.ndarray, strength: float = 1.0) -> np.ndarray:
-    """Pull `image`'s Lab a/b mean and std towards `stats` (a reference's), luma unchanged.
-
-    Recursive drift shows up first as a shift of these statistics (a tint spreading, colour
-    fading or saturating); matching them before an output becomes the next reference keeps
-    the chain's palette on the original reference's. strength 0 = unchanged, 1 = matched.
-    """
-    if strength == 0:
-        return image
-    lab = rgb_to_lab(image)
-    ab = lab[..., 1:]
-    mean, std = ab.reshape(-1, 2).mean(0), ab.reshape(-1, 2).std(0)
-    matched = (ab - mean) * (stats[1] / np.maximum(std, 1.0)) + stats[0]
-    lab[..., 1:] = ab + strength * (matched - ab)
-    return transfer_luma(lab_to_rgb(lab), rgb_to_gray(image))
 
 
 # ---- modes --------------------------------------------------------------------------------
