@@ -33,6 +33,7 @@ import numpy as np
 # notebook importing this keeps its own), and savefig renders PNGs with Agg either way.
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties, findfont, get_font
+from matplotlib.textpath import TextToPath
 from matplotlib.ticker import MaxNLocator
 
 from annotator.color import to_uint8
@@ -56,8 +57,12 @@ DEFINITIONS = {
 # {kind: file name} of what write_report writes (the strip only when asked for)
 REPORT_FILES = {"json": "metrics.json", "per_frame_csv": "per_frame.csv", "summary_csv": "summary.csv",
                 "psnr_plot": "psnr.png", "warp_plot": "warp_error.png", "strip": "strip.png"}
-TILE_HEIGHT = 216  # px of one image in the strip
+TILE_HEIGHT = 216  # px of one image in the strip (less for frames wider than MAX_TILE_WIDTH allows)
+MIN_TILE_WIDTH = 224  # px: a tile's caption fits (a portrait frame is centred on white)
+MAX_TILE_WIDTH = 640  # px: a 1920x180 frame's tiles were 2300 px wide, the strip 11568
 FONT = 12
+MIN_SPAN = {"psnr": 1.0, "warp_error": 0.5}  # a plot's least y range: 0.01 dB drawn full height looked a collapse
+LINE_STYLES = ("-", "--", ":", "-.")  # a new one for every 10 methods, when matplotlib's 10 colours come round
 
 
 @dataclass
@@ -146,6 +151,25 @@ def drawable(text: str) -> str:
     return "".join(c if any(ord(c) in m for m in charmaps) else ascii(c)[1:-1] for c in text)
 
 
+def text_width(text: str, fontsize: float, dpi: float, weight: str = "normal") -> float:
+    """Pixels `text` takes drawn at `fontsize` points and `dpi` (matplotlib's default font)."""
+    w, _, _ = TextToPath().get_text_width_height_descent(text, FontProperties(size=fontsize, weight=weight),
+                                                          ismath=False)
+    return w * dpi / 72
+
+
+def shortened(text: str, max_px: float, fontsize: float, dpi: float, weight: str = "normal") -> str:
+    """`text`, or as much of its start and end as fits in `max_px` with a '\u2026' between: a
+    long method name ran into its neighbours' headers; its two ends are what tell names apart."""
+    if text_width(text, fontsize, dpi, weight) <= max_px:
+        return text
+    for keep in range(len(text) - 1, 0, -1):
+        short = f"{text[:(keep + 1) // 2]}\u2026{text[len(text) - keep // 2:]}"
+        if text_width(short, fontsize, dpi, weight) <= max_px:
+            return short
+    return "\u2026"
+
+
 MAX_POINTS = 1000  # about the plot's width in pixels: a longer clip is drawn as bins of frames
 
 
@@ -184,34 +208,46 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
         top = (rest.max() if rest.size else 50.0) + 3.0
         bottom = (rest.min() if rest.size else 0.0) - 3.0
     size = -(-len(pos) // MAX_POINTS)
-    for name, y in ys.items():
-        mean = float(np.mean(y[np.isfinite(y)])) if np.isfinite(y).any() else float("nan")
+    for i, (name, y) in enumerate(ys.items()):
+        mean = f"{np.mean(y[np.isfinite(y)]):.3g}" if np.isfinite(y).any() else "n/a"
         at_cap = capped & (y >= M.PSNR_CAP_DB)
         if size > 1:
             x, shown, low, high = binned_series(pos, np.where(at_cap, np.nan, y), size)
         else:
             x, shown = line_with_gaps(pos, np.where(at_cap, np.nan, y))
         line, = ax.plot(x, shown, marker="o" if len(y) <= 30 else None, ms=3.5, lw=1.6,
-                        label=f"{drawable(name)} (mean {mean:.3g})")
+                        ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
+                        label=f"{shortened(drawable(name), 320, FONT - 1, fig.dpi)} (mean {mean})")
         if size > 1:
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, lw=0)
         if at_cap.any():
             at = pos[at_cap]
             ax.plot(at, np.full(at.shape, top), "^", color=line.get_color(), ms=8, clip_on=False)
+        if at_cap.all():  # drawn as triangles only: its legend entry one too
+            line.set(ls="none", marker="^", ms=8)
+    finite = np.concatenate([y[np.isfinite(y) & ~(capped & (y >= M.PSNR_CAP_DB))] for y in ys.values()])
     if capped:
         ax.set_ylim(bottom, top)
         ax.plot([], [], "^", color="#666666", ms=8, label=f"identical to the ground truth ({M.PSNR_CAP_DB:g} dB)")
+    elif finite.size and finite.max() - finite.min() < MIN_SPAN.get(key, 0.0):
+        middle = (finite.max() + finite.min()) / 2
+        ax.set_ylim(middle - MIN_SPAN[key] / 2, middle + MIN_SPAN[key] / 2)
     if size > 1:
         ax.fill_between([], [], [], color="#666666", alpha=0.15, lw=0,
-                        label=f"each point the mean of {size} frames, shaded from their lowest to highest")
+                        label=f"each point the mean of {size} frames,\nshaded from their lowest to highest")
+    if not finite.size and not capped:
+        ax.text(0.5, 0.5, "no values" + (" (a warp error needs two consecutive frames)" if key == "warp_error" else ""),
+                transform=ax.transAxes, ha="center", va="center", fontsize=FONT, color="#666666")
+    if len(pos):  # whole frames at the ends: one frame's axis read -0.045 ... 0.045
+        ax.set_xlim(pos[0] - 0.5, pos[-1] + 0.5)
     what = "frame number" if numbered else "frame index"
     ax.set_xlabel(f"{what} ({frames[0]} \u2026 {frames[-1]})" if frames else what, fontsize=FONT)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # 1 frame: one tick, not 0.1 steps
     ax.set_ylabel(ylabel, fontsize=FONT)
-    ax.set_title(title, fontsize=FONT + 1)
+    ax.set_title(title, fontsize=FONT + 1, pad=12)  # above the capped frames' triangles
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=FONT - 1)
-    ax.legend(fontsize=FONT - 1, loc="best", frameon=False)
+    ax.legend(fontsize=FONT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside: off the data
     return fig
 
 
@@ -235,8 +271,8 @@ def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = N
     """The strip: a header row of column names, then per frame a row of tiles with a caption
     under each (frame name; per-method PSNR/SSIM when `results` are given)."""
     h0, w0 = strip.gt[0].shape[:2]
-    th = TILE_HEIGHT
-    tw = max(64, round(th * w0 / h0))
+    th = min(TILE_HEIGHT, max(48, round(MAX_TILE_WIDTH * h0 / w0)))
+    tw = min(MAX_TILE_WIDTH, max(MIN_TILE_WIDTH, round(th * w0 / h0)))
     columns = [("input (gray)", strip.gray)]
     if strip.reference is not None:
         columns.append(("reference", [strip.reference] * len(strip.indices)))
@@ -251,7 +287,8 @@ def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = N
     labels = strip.labels or [frames[i] if frames else f"frame {i}" for i in strip.indices]
     for c, (title, imgs) in enumerate(columns):
         x = pad + c * (tw + pad)
-        fig.text((x + tw / 2) / width, 1 - (head / 2) / height, drawable(title), ha="center", va="center",
+        fig.text((x + tw / 2) / width, 1 - (head / 2) / height,
+                 shortened(drawable(title), tw, FONT + 1, dpi, "bold"), ha="center", va="center",
                  fontsize=FONT + 1, fontweight="bold")
         for r, idx in enumerate(strip.indices):
             y = head + r * (th + cap + pad)  # from the top
@@ -263,10 +300,11 @@ def strip_figure(strip: Strip, results: Mapping[str, M.MethodMetrics] | None = N
                 caption = drawable(labels[r])
             elif results is not None and title in results:
                 pf = results[title].per_frame
-                caption = (f"PSNR {pf['psnr'][idx]:.2f} dB   SSIM {pf['ssim'][idx]:.3f}"
-                           if pf["psnr"][idx] < M.PSNR_CAP_DB else "(nearly) identical to the ground truth")
+                caption = (f"PSNR {pf['psnr'][idx]:.2f} dB  SSIM {pf['ssim'][idx]:.3f}"
+                           if pf["psnr"][idx] < M.PSNR_CAP_DB else f"PSNR \u2265 {M.PSNR_CAP_DB:g} dB (identical)")
             if caption:
-                fig.text((x + tw / 2) / width, 1 - (y + th + cap / 2 + 1) / height, caption,
+                fig.text((x + tw / 2) / width, 1 - (y + th + cap / 2 + 1) / height,
+                         shortened(caption, tw, FONT - 1, dpi),
                          ha="center", va="center", fontsize=FONT - 1, color="#222222")
     return fig
 

@@ -85,7 +85,7 @@ def test_a_long_clips_plot_draws_bins_of_frames_with_their_range():
         assert shade[:, 1].min() == pytest.approx(psnr[psnr < PSNR_CAP_DB].min())
         assert [t.get_text() for t in ax.get_legend().get_texts()] == [
             f"m (mean {psnr.mean():.3g})", "identical to the ground truth (100 dB)",
-            "each point the mean of 20 frames, shaded from their lowest to highest"]
+            "each point the mean of 20 frames,\nshaded from their lowest to highest"]
     finally:
         plt.close(fig)
 
@@ -171,9 +171,9 @@ def test_strip_captions_give_each_rows_frame_scores(tmp_path, figure_texts):
     strip = Strip([0, 2], [g[..., 0] for g in gt], gt, {"a": gt, "b": gt})
     write_report(results(), tmp_path, frames=["f0", "f1", "f2"], strip=strip)
     assert ["f0", "f2"] == [t for t in texts if t in ("f0", "f1", "f2")]
-    assert "(nearly) identical to the ground truth" in texts  # a's frame 0 is at the PSNR cap
-    assert [t for t in texts if t.startswith("PSNR")] == [  # a: frame 2; b: frames 0 and 2
-        "PSNR 28.00 dB   SSIM 0.800", "PSNR 20.00 dB   SSIM 0.500", "PSNR 22.00 dB   SSIM 0.700"]
+    assert "PSNR \u2265 100 dB (identical)" in texts  # a's frame 0 is at the PSNR cap
+    assert [t for t in texts if "SSIM" in t] == [  # a: frame 2; b: frames 0 and 2
+        "PSNR 28.00 dB  SSIM 0.800", "PSNR 20.00 dB  SSIM 0.500", "PSNR 22.00 dB  SSIM 0.700"]
 
 
 def test_write_report_strip(tmp_path):
@@ -481,3 +481,104 @@ def test_importing_the_report_leaves_matplotlibs_backend_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "MPLBACKEND": "svg"}).stdout
     assert out.strip() == "svg"
+
+
+def _text_boxes(fig):
+    """(text, its drawn box in pixels) of every non-empty text of `fig`, rendered by Agg."""
+    import matplotlib.text
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in fig.findobj(matplotlib.text.Text)
+            if t.get_text() and t.get_visible()]
+
+
+@pytest.mark.parametrize("h, w, tile_w, tile_h", [(150, 60, 224, TILE_HEIGHT), (180, 1920, 640, 60)])
+def test_strip_headers_and_captions_stay_in_their_columns(h, w, tile_w, tile_h):
+    """A portrait frame's tiles were 86 px wide, under headers and captions twice that: they ran
+    into each other ("desatground trut"); an 84-character method name covered its neighbours'
+    headers; a 1920x180 frame's tiles were 2300 px wide (an 11568 px strip). Tiles are now 224 to
+    640 px wide (a wide frame's shorter), and each text is shortened to its tile's width."""
+    from colorize.report import strip_figure
+
+    long = "a method with a very long name, " * 2 + "version 17"
+    gt = [np.full((h, w, 3), v, np.uint8) for v in (60, 120)]
+    res = {long: MethodMetrics({"psnr": np.array([24.26, PSNR_CAP_DB]), "ssim": np.array([0.981, 1.0]),
+                                "colourfulness": np.ones(2), "warp_error": np.array([np.nan, 1.0])}, cdc=0.0),
+           "desat": MethodMetrics({"psnr": np.array([21.5, 22.25]), "ssim": np.array([0.9, 0.8]),
+                                   "colourfulness": np.ones(2), "warp_error": np.array([np.nan, 1.0])}, cdc=0.0)}
+    strip = Strip([0, 1], gt, gt, {long: gt, "desat": gt}, reference=gt[0])
+    fig = strip_figure(strip, res, ["frame_with_a_long_file_name_0001.png", "b.png"])
+    columns = 5
+    assert (fig.bbox.width, fig.bbox.height) == pytest.approx((8 + columns * (tile_w + 8), 34 + 2 * (tile_h + 26 + 8)))
+    boxes = _text_boxes(fig)
+    for text, box in boxes:
+        column = (box.x0 - 8) // (tile_w + 8)
+        left = 8 + column * (tile_w + 8)
+        assert left - 0.5 <= box.x0 and box.x1 <= left + tile_w + 0.5, (text, box.x0, box.x1, left)
+    texts = [t for t, _ in boxes]
+    header = next(t for t in texts if t.startswith("a method"))
+    start, end = header.split("\u2026")  # its two ends, which tell names apart
+    assert len(start) >= 5 and len(end) >= 5 and long.startswith(start) and long.endswith(end)
+    assert {"desat", "input (gray)", "ground truth", "PSNR 24.26 dB  SSIM 0.981", "PSNR \u2265 100 dB (identical)"} \
+        <= set(texts)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_plots_keep_the_legend_off_the_data_and_tell_many_methods_apart():
+    """The legend was drawn inside the axes (loc="best"), over the demo's own flow curve; beyond
+    matplotlib's 10 colours, method 11 looked like method 1."""
+    n = 3
+    res = {f"m{i}": MethodMetrics({"psnr": np.full(n, 20.0 + i), "ssim": np.ones(n), "colourfulness": np.ones(n),
+                                   "warp_error": np.ones(n)}, cdc=0.0) for i in range(12)}
+    fig = over_time_figure(res, "psnr", ["a", "b", "c"], "PSNR (dB)", "t")
+    ax = fig.axes[0]
+    boxes = dict(_text_boxes(fig))
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1 and legend.x1 <= fig.bbox.width
+    assert boxes["m11 (mean 31)"].x1 <= fig.bbox.width
+    styles = [(line.get_color(), line.get_linestyle()) for line in ax.lines]
+    assert styles[10] == (styles[0][0], "--") and styles[0][1] == "-" and len(set(styles)) == 12
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_plots_of_one_or_two_frames_and_of_tiny_differences_read_right():
+    """One frame: its axis read -0.045 .. 0.045 and the warp plot was empty with 'mean nan'; two
+    frames 0.009 dB apart were drawn full height, a collapse to the eye."""
+    import matplotlib.pyplot as plt
+
+    one = {"m": MethodMetrics({"psnr": np.array([25.0]), "ssim": np.ones(1), "colourfulness": np.ones(1),
+                               "warp_error": np.array([np.nan])}, cdc=np.nan)}
+    fig = over_time_figure(one, "warp_error", ["a"], "w", "t")
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (-0.5, 0.5) and [t for t in ax.get_xticks() if -0.5 <= t <= 0.5] == [0]
+    texts = [t for t, _ in _text_boxes(fig)]
+    assert "m (mean n/a)" in texts and "no values (a warp error needs two consecutive frames)" in texts
+    plt.close(fig)
+    two = {"m": MethodMetrics({"psnr": np.array([22.188, 22.179]), "ssim": np.ones(2), "colourfulness": np.ones(2),
+                               "warp_error": np.array([np.nan, 0.2])}, cdc=0.0)}
+    fig = over_time_figure(two, "psnr", ["a", "b"], "PSNR (dB)", "t")
+    assert fig.axes[0].get_ylim() == pytest.approx((22.1835 - 0.5, 22.1835 + 0.5), abs=1e-9)  # MIN_SPAN 1 dB
+    assert fig.axes[0].get_xlim() == (-0.5, 1.5)
+    plt.close(fig)
+    spread = {"m": MethodMetrics({"psnr": np.array([20.0, 25.0]), "ssim": np.ones(2), "colourfulness": np.ones(2),
+                                  "warp_error": np.array([np.nan, 0.2])}, cdc=0.0)}
+    fig = over_time_figure(spread, "psnr", ["f1", "f2"], "PSNR (dB)", "t")
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo < 20.0 and 25.0 < hi < 26.0  # matplotlib's own margins where the data span more
+    plt.close(fig)
+
+
+def test_a_method_identical_in_every_frame_has_a_triangle_in_the_legend():
+    import matplotlib.pyplot as plt
+
+    res = {"copy": MethodMetrics({"psnr": np.full(3, PSNR_CAP_DB), "ssim": np.ones(3), "colourfulness": np.ones(3),
+                                  "warp_error": np.ones(3)}, cdc=0.0), **results()}
+    fig = over_time_figure(res, "psnr", ["a", "b", "c"], "PSNR (dB)", "t")
+    copy = fig.axes[0].get_legend().legend_handles[0]
+    assert copy.get_marker() == "^" and copy.get_linestyle() == "None"
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "copy (mean 100)"
+    plt.close(fig)
