@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import cv2
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -120,11 +123,37 @@ class ResumeAgreement(Callback):
         check_same_resume(self.ckpt_path)
 
 
+GRID_COLUMNS = ("reference", "gray (input)", "DDIM sample", "ground truth")
+LATENT_TRUTH = "truth (VAE decode)"  # latent-cache batches hold no image: the cached latent, decoded
+MIN_GRID_TILE = 128  # px: smaller tiles (a 64 px tiny run's) are enlarged, by a whole factor
+
+
+def labelled_grid(grid: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
+    """`grid` (3, H, W) in [0, 1], `len(labels)` tiles a row with make_grid's 2 px padding, under a
+    header naming each column, tiles enlarged (nearest) to at least MIN_GRID_TILE px wide. A bare
+    grid of four look-alike columns (the reference and the truth are near frames by design) was
+    read by the documentation's order alone."""
+    img = (grid.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    tile = max(1, (img.shape[1] - 2) // len(labels) - 2)
+    k = math.ceil(MIN_GRID_TILE / tile)
+    img = np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img
+    head = np.full((30, img.shape[1], 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for c, label in enumerate(labels):
+        scale = 0.55
+        while scale > 0.3 and cv2.getTextSize(label, font, scale, 1)[0][0] > tile * k - 4:
+            scale -= 0.05
+        (w, h), _ = cv2.getTextSize(label, font, scale, 1)
+        x = round((2 + c * (tile + 2) + tile / 2) * k - w / 2)
+        cv2.putText(head, label, (max(0, x), 15 + h // 2), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return torch.from_numpy(np.concatenate([head, img])).permute(2, 0, 1).float() / 255
+
+
 class ImageLogger(Callback):
     """Every `every_n_steps` optimiser steps, rank 0 writes a reference | gray | sample | truth grid.
 
-    PNG to `out_dir/step-XXXXXXXX.png` and the image to TensorBoard. Sampling is DDIM with a
-    fixed seed, under the run's precision.
+    PNG to `out_dir/step-XXXXXXXX.png` and the image to TensorBoard, with a header naming the
+    columns (labelled_grid). Sampling is DDIM with a fixed seed, under the run's precision.
     """
 
     def __init__(self, out_dir, every_n_steps: int = 500, n: int = 4, ddim_steps: int = 20, seed: int = 0):
@@ -138,6 +167,8 @@ class ImageLogger(Callback):
         self._last = step  # with gradient accumulation several batches end at one step
         with trainer.precision_plugin.forward_context():
             grid = pl_module.image_grid(batch, self.n, self.ddim_steps, self.seed)
+        latent = isinstance(batch, dict) and "jpg" not in batch and "jpg_latent_mean" in batch
+        grid = labelled_grid(grid, (*GRID_COLUMNS[:3], LATENT_TRUTH if latent else GRID_COLUMNS[3]))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         import torchvision
         with atomic_path(self.out_dir / f"step-{step:08d}.png") as tmp:

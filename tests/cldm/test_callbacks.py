@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torchvision
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -17,8 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import atomicio
-from cldm.callbacks import (AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint,
-                            _interruption, weights_digest)
+from cldm.callbacks import (GRID_COLUMNS, LATENT_TRUTH, AtomicCheckpointIO, ImageLogger, ReplicaCheck,
+                            ResumeAgreement, StepCheckpoint, _interruption, labelled_grid, weights_digest)
 from cldm.lightning import ColorControlModule
 from cldm.resume import ResumeMismatchError, is_complete_checkpoint
 from cldm.trainable import export_keys
@@ -327,7 +328,7 @@ def test_image_logger_samples_on_rank_zero_at_its_steps_under_the_precision_cont
                 yield
                 inside.pop()
 
-    grid = torch.rand(3, 6, 10, generator=torch.Generator().manual_seed(0))
+    grid = torchvision.utils.make_grid(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), nrow=4)
 
     class Module:
         def image_grid(self, *args):
@@ -347,7 +348,13 @@ def test_image_logger_samples_on_rank_zero_at_its_steps_under_the_precision_cont
     assert calls == [(batch, 3, 5, 7, True)] * 2
     assert sorted(os.listdir(tmp_path / "a")) == ["step-00000002.png", "step-00000004.png"]
     png = np.asarray(Image.open(tmp_path / "a" / "step-00000004.png"))
-    assert np.array_equal(png, grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert png.shape == (30 + 4 * pixels.shape[0], 4 * pixels.shape[1], 3)  # 32 px tiles enlarged to 128
+    assert np.array_equal(png[30::4, ::4], pixels) and np.array_equal(png[33::4, 3::4], pixels)  # nearest
+    head = png[:30]
+    for c in range(4):  # a label over each column: dark text on white, inside the column
+        column = head[:, 8 + c * 136: (c + 1) * 136]
+        assert column.min() < 80 and (head[:, c * 136: c * 136 + 8] == 255).all()
     run(ImageLogger(tmp_path / "rank1", every_n_steps=2), 2, type("Rank1", (Trainer,), {"is_global_zero": False}))
     run(ImageLogger(tmp_path / "off", every_n_steps=0), 2)
     assert len(calls) == 2 and not (tmp_path / "rank1").exists() and not (tmp_path / "off").exists()
@@ -379,7 +386,7 @@ def test_image_logger_leaves_no_partial_png_when_its_write_fails(tmp_path, monke
 def test_image_logger_defaults_and_tensorboard(tmp_path):
     """By default every 500 steps, 4 samples, 20 DDIM steps, seed 0; the grid also goes to each
     TensorBoard logger as "samples" at its step, and to no other logger."""
-    calls, grid = [], torch.rand(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    calls, grid = [], torchvision.utils.make_grid(torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
 
     class Module:
         def image_grid(self, *args):
@@ -410,5 +417,29 @@ def test_image_logger_defaults_and_tensorboard(tmp_path):
         t.global_step = step
         log.on_train_batch_end(t, Module(), None, "batch", 0)
     assert calls == [("batch", 4, 20, 0)]
-    assert tb.recorded.images == [("samples", grid, 500)] and other.experiment.images == []
+    assert [(tag, step) for tag, _, step in tb.recorded.images] == [("samples", 500)] and other.experiment.images == []
+    assert torch.equal(tb.recorded.images[0][1], labelled_grid(grid, GRID_COLUMNS))  # 128 px tiles: not enlarged
+    assert torch.equal(tb.recorded.images[0][1][:, 30:], grid.mul(255).add(0.5).floor().div(255))
     assert os.listdir(tmp_path / "img") == ["step-00000500.png"]
+
+
+def test_the_grid_names_a_latent_batchs_truth_column_as_a_decode(tmp_path):
+    """With the latent cache the batch holds no image: the last column is the cached latent
+    decoded by the VAE, and its header says so; the other three are the same either way."""
+    grid = torchvision.utils.make_grid(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)), nrow=4)
+
+    class Module:
+        def image_grid(self, *args):
+            return grid
+
+    heads = {}
+    for kind, batch in (("image", {"jpg": 0, "hint": 0}), ("latent", {"jpg_latent_mean": 0, "hint": 0})):
+        t = FakeTrainer()
+        t.global_step = 2
+        ImageLogger(tmp_path / kind, every_n_steps=2).on_train_batch_end(t, Module(), None, batch, 0)
+        heads[kind] = np.asarray(Image.open(tmp_path / kind / "step-00000002.png"))[:30]
+    want = labelled_grid(grid, (*GRID_COLUMNS[:3], LATENT_TRUTH)).mul(255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(heads["latent"], want[:30])
+    split = 3 * 132 + 2  # the last column's header (64 px tiles enlarged 2x)
+    assert np.array_equal(heads["image"][:, :split], heads["latent"][:, :split])
+    assert not np.array_equal(heads["image"][:, split:], heads["latent"][:, split:])
