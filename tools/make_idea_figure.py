@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Draw docs/figures/idea.png: reference + gray target -> colour, and what v1/v2/v3 feed the nets.
+"""Draw the documentation's diagrams: docs/figures/idea.png (reference + gray target -> colour, and
+what v1/v2/v3 feed the nets) or docs/figures/modes.png (which reference each frame uses in fixed,
+recursive and anchored mode).
 
-Uses two real frames of the bundled sample clip, so the picture shows the actual task.
+The idea figure uses two real frames of the bundled sample clip, so it shows the actual task.
 """
 from __future__ import annotations
 
@@ -82,10 +84,52 @@ def draw(out: Path = REPO / "docs" / "figures" / "idea.png") -> None:
     print(f"wrote {write_bytes_atomic(out, buf.getvalue())}")
 
 
+def draw_modes(out: Path = REPO / "docs" / "figures" / "modes.png", frames: int = 9, every: int = 4) -> None:
+    """Frames 0..frames-1 of a clip in each mode, each with an arrow from what conditions it: the
+    reference R, or the previous output (anchored: pulled to R's colour statistics on the way;
+    R itself every `every` frames). The rules drawn are colorize/pipeline.py's (INFERENCE.md)."""
+    fig, ax = plt.subplots(figsize=(11, 4.4), dpi=110)
+    ax.set_xlim(-2.1, frames + 0.2)
+    ax.set_ylim(-0.5, 3.35)
+    ax.axis("off")
+    rows = [("fixed", "every frame from R: independent, batched (--batch)"),
+            ("recursive", "each frame from the previous output: colours follow motion, mistakes are copied on"),
+            (f"anchored\n--anchor-every {every}", f"from the previous output pulled to R's colour statistics "
+                                                     f"(--anchor-strength); from R again every {every} frames")]
+    for r, (name, note) in enumerate(rows):
+        y = 2.45 - r * 1.1
+        ax.text(-2.05, y + 0.21, name, ha="left", va="center", fontsize=10.5, weight="bold")
+        ax.text(-0.05, y + 0.72, note, ha="left", va="center", fontsize=9, color="#333")
+        for t in range(frames):
+            from_r = r == 0 or t == 0 or (r == 2 and t % every == 0)
+            ax.add_patch(FancyBboxPatch((t + 0.05, y), 0.62, 0.42, boxstyle="round,pad=0.02", fc="#e3f1e0", ec="#333",
+                                        lw=0.8))
+            ax.text(t + 0.36, y + 0.21, f"frame {t}", ha="center", va="center", fontsize=8)
+            if from_r:  # a chip R above-left of the frame, arrow into it
+                ax.text(t - 0.12, y + 0.52, "R", ha="center", va="center", fontsize=8.5, weight="bold",
+                        bbox=dict(boxstyle="round,pad=0.15", fc="#f5e3c8", ec="#a86"))
+                ax.add_patch(FancyArrowPatch((t - 0.05, y + 0.47), (t + 0.12, y + 0.36), arrowstyle="-|>",
+                                             mutation_scale=9, lw=1.0, color="#a86"))
+            else:  # the previous output, pulled towards R's colours in anchored mode
+                anchored = r == 2
+                ax.add_patch(FancyArrowPatch((t - 0.3, y + 0.21), (t + 0.03, y + 0.21), arrowstyle="-|>",
+                                             mutation_scale=10, lw=1.6 if anchored else 1.2,
+                                             color="#b5651d" if anchored else "#333"))
+    ax.text(-2.05, -0.45, "R = the colour reference (with several: each frame's most similar one; in recursive and "
+            "anchored mode a switch of\nreference restarts the chain there). Arrow = what conditions the frame; brown: "
+            "pulled to R's colour statistics on the way.", fontsize=8.5, color="#333", va="bottom")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_bytes_atomic(out, buf.getvalue())}")
+
+
 def run(args) -> int:
-    if problem := out_file_problem("--out", args.out):
+    out = args.out or REPO / "docs" / "figures" / f"{args.figure}.png"
+    if problem := out_file_problem("--out", out):
         raise ValueError(problem)
-    draw(args.out)
+    (draw if args.figure == "idea" else draw_modes)(out)
     return 0
 
 
@@ -93,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: every argument was ignored, so `--help` (or a mistyped --out) redrew the
     tracked docs/figures/idea.png."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("--out", type=lambda t: Path(path_arg(t)), default=REPO / "docs" / "figures" / "idea.png",
-                   help="the PNG to write (its folder is made if need be)")
+    p.add_argument("--figure", choices=("idea", "modes"), default="idea",
+                   help="idea: reference + gray -> colour and the v1/v2/v3 inputs; modes: which reference each "
+                        "frame uses in fixed, recursive and anchored mode")
+    p.add_argument("--out", type=lambda t: Path(path_arg(t)), default=None,
+                   help="the PNG to write (its folder is made if need be; default docs/figures/FIGURE.png)")
     return run_cli(PROG, run, p.parse_args(argv), (ValueError, OSError))
 
 

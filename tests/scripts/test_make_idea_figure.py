@@ -41,6 +41,17 @@ def test_the_command_line_takes_help_and_out_and_refuses_the_rest(tmp_path, caps
     assert F.main(["--out", str(tmp_path)]) == 2 and drawn == []
     assert capsys.readouterr().err == f"{F.PROG}: error: --out {tmp_path} is a folder\n"
     assert F.main(["--out", str(tmp_path / "idea.png")]) == 0 and drawn == [tmp_path / "idea.png"]
+    monkeypatch.setattr(F, "draw_modes", lambda out: drawn.append(("modes", out)))
+    assert F.main(["--figure", "modes"]) == 0 and drawn[-1] == ("modes", REPO / "docs" / "figures" / "modes.png")
+    assert F.main(["--figure", "idea"]) == 0 and drawn[-1] == REPO / "docs" / "figures" / "idea.png"
+
+
+def test_the_modes_diagram_is_written_whole(tmp_path, capsys):
+    out = tmp_path / "modes.png"
+    F.draw_modes(out)
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[1] > 900 and img.std() > 10 and os.listdir(tmp_path) == ["modes.png"]
+    assert capsys.readouterr().out == f"wrote {out}\n"
 
 
 def test_ctrl_c_while_matplotlib_loads_is_one_line():
