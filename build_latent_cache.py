@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # Anything else (omegaconf errors, ...) is reported with its type name.
     return run_cli(PROG, run, parser().parse_args(argv),
                    (LatentCacheError, CheckpointError, ValueError, OSError, RuntimeError),
-                   interrupted=f"interrupted; {KEPT}", named=(Exception,))
+                   interrupted=f"interrupted; {KEPT}", named=(Exception,), needs=("opencv",))
 
 
 if __name__ == "__main__":

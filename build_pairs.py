@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli("build_pairs.py", run, parser().parse_args(argv), (ValueError, OSError),
-                   interrupted="interrupted; finished movies are kept, rerun to resume")
+                   interrupted="interrupted; finished movies are kept, rerun to resume", needs=("opencv", "av"))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib.metadata
 import math
 import os
 import re
@@ -17,7 +18,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 
 # argparse types for counts and rates: a bad value is argparse's one line, not a traceback later
@@ -450,10 +451,52 @@ def _put_back(handlers: dict[int, object]) -> None:
             signal.signal(signum, handler)
 
 
+# Releases known to break this project, found by running it on older ones (README, "Versions"):
+# {name: (the distributions that install it, the least release that works, what the older lack)}.
+MINIMUM_VERSIONS = {
+    "opencv": (("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                "opencv-contrib-python"), (4, 11), "4.10 decodes a truncated JPEG as a frame without a word"),
+    "av": (("av",), (15,), "12 to 14 lack the stream details reading a video and --video's sound use"),
+    "open_clip": (("open_clip_torch",), (2, 23), "older ones build no SD2.1 text encoder (no mlp_ratio)"),
+    "lightning": (("lightning",), (2, 1), "2.0's ModelCheckpoint takes no enable_version_counter"),
+}
+
+
+def _release(text: str, parts: int) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:parts])
+
+
+def dependency_problem(needs: Sequence[str]) -> str | None:
+    """One line for the first package of `needs` (MINIMUM_VERSIONS' names) installed at a release
+    known to break this project; they failed with a traceback after the run had started (PyAV
+    13 at the end of a whole clip), or not at all (OpenCV 4.10). A package not installed is left
+    to the code that imports it, except Lightning: pytorch_lightning alone looks like it."""
+    for name in needs:
+        dists, least, why = MINIMUM_VERSIONS[name]
+        cv2 = sys.modules.get("cv2") if name == "opencv" else None  # the one imported, of several installed
+        found = [("opencv", cv2.__version__)] if cv2 is not None else []
+        for dist in () if found else dists:
+            try:
+                found.append((dist, importlib.metadata.version(dist)))
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        if not found and name == "lightning":
+            return ("the lightning package is not installed (pytorch_lightning alone is not what this imports): "
+                    "pip install -r requirements.txt")
+        for dist, version in found[:1]:
+            if _release(version, len(least)) < least:
+                return (f"{dist} {version} is older than {'.'.join(map(str, least))}, the least this needs ({why}): "
+                        "pip install -r requirements.txt")
+    return None
+
+
 def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             errors: tuple[type[BaseException], ...], interrupted: str | None = "interrupted",
-            named: tuple[type[BaseException], ...] = (), sigterm: bool = True) -> int:
+            named: tuple[type[BaseException], ...] = (), sigterm: bool = True, needs: Sequence[str] = ()) -> int:
     """`run(args)`, with `errors` printed as "PROG: error: <first line>" (exit 2) and Ctrl-C as exit 130.
+
+    `needs`: MINIMUM_VERSIONS' names of the packages the run uses; one installed at a release
+    known to break it is refused first, in one line (dependency_problem).
 
     `named`: further errors reported the same way but after their type name ("PROG: error:
     ConfigKeyError: ..."), for libraries whose messages do not say what kind of problem they are.
@@ -467,6 +510,10 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
     does one of stderr met by the run (a progress bar), and the line of how it ended is dropped, not
     turned into a traceback, where stderr's reader has gone (`2>&1 >/dev/null | head -c1`).
     """
+    if problem := dependency_problem(needs):
+        _say(f"{prog}: error: {problem}")
+        return 2
+
     def on_sigterm(signum, _frame):
         raise Terminated
 

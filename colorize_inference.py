@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
     own run continues (this script's `--frames N:` advice would not apply there)."""
     return run_cli(PROG, run, parse_args(argv),
                    (UsageError, P.InferenceError, FrameSourceError, CheckpointError, ConfigError, OSError),
-                   interrupted=INTERRUPTED if stop_line else None)
+                   interrupted=INTERRUPTED if stop_line else None, needs=("opencv", "av", "open_clip"))
 
 
 if __name__ == "__main__":

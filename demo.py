@@ -387,7 +387,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, run, parser().parse_args(argv), (DemoError, FrameSourceError, OSError),
-                   interrupted=INTERRUPTED)
+                   interrupted=INTERRUPTED, needs=("opencv", "av", "open_clip"))
 
 
 if __name__ == "__main__":

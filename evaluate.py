@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None, stop_line: bool = True) -> int:
     """`stop_line=False`: Ctrl-C and SIGTERM propagate to the calling tool (demo.py), which says them."""
     return run_cli(PROG, run, parser().parse_args(argv), (UsageError, OSError),
-                   interrupted="interrupted" if stop_line else None)
+                   interrupted="interrupted" if stop_line else None, needs=("opencv",))
 
 
 if __name__ == "__main__":

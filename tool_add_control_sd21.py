@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
         return 0
 
-    return run_cli(PROG, run, args, (CheckpointError, ConfigError, ValueError, OSError, MemoryError))
+    return run_cli(PROG, run, args, (CheckpointError, ConfigError, ValueError, OSError, MemoryError),
+                   needs=("open_clip",))
 
 
 if __name__ == "__main__":

@@ -232,11 +232,13 @@ def prepare(args, hold: contextlib.ExitStack | None = None):
 
 def input_errors() -> tuple[type[BaseException], ...]:
     """What bad input (config, data root, checkpoint) raises while the run is prepared."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     from annotator.latent_cache import LatentCacheError
     from cldm.checkpoint import CheckpointError
 
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+    except ImportError:  # no lightning: run_cli says so in one line, before anything runs
+        return UsageError, CheckpointError, LatentCacheError, ValueError, OSError
     return UsageError, CheckpointError, LatentCacheError, MisconfigurationException, ValueError, OSError
 
 
@@ -257,7 +259,7 @@ def train(args, hold: contextlib.ExitStack) -> int:
             print(f"exported {resume.name} -> {path}")
         return 0
 
-    status = run_cli(PROG, start, args, input_errors())
+    status = run_cli(PROG, start, args, input_errors(), needs=("opencv", "av", "open_clip", "lightning"))
     if status or args.export:
         return status
     # While training, a resume checkpoint of another setup (on_load_checkpoint) and what fit()

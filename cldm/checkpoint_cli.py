@@ -47,7 +47,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (else refused)")
     args = ap.parse_args(argv)
     return run_cli(PROG, _inspect if args.cmd == "inspect" else _convert, args,
-                   (CheckpointError, ValueError, OSError))
+                   (CheckpointError, ValueError, OSError), needs=("open_clip",))
 
 
 def _inspect(args):

@@ -1268,3 +1268,68 @@ def test_signals_deferred_a_signal_as_it_sets_itself_up_or_ends_leaves_nothing_b
         for s, handler in old.items():
             signal.signal(s, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def installed(monkeypatch, versions: dict[str, str], cv2_version: str | None = None):
+    """importlib.metadata as if `versions` were installed (and nothing else); cv2 imported at
+    `cv2_version` (None: not imported)."""
+    import importlib.metadata as metadata
+
+    def version(dist):
+        if dist not in versions:
+            raise metadata.PackageNotFoundError(dist)
+        return versions[dist]
+    monkeypatch.setattr(metadata, "version", version)
+    if cv2_version is None:
+        monkeypatch.delitem(sys.modules, "cv2", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "cv2", type("cv2", (), {"__version__": cv2_version}))
+
+
+def test_releases_known_to_break_the_project_are_named_in_one_line(monkeypatch):
+    """PyAV 13 failed with an AttributeError after a whole clip was colourised, open_clip 2.20
+    at building the model, a pytorch_lightning-only install at the training script's start, and
+    OpenCV 4.10 read a truncated JPEG as a frame without a word (dependency audit)."""
+    from cliutil import dependency_problem
+
+    fix = "pip install -r requirements.txt"
+    installed(monkeypatch, {"av": "13.1.0", "open_clip_torch": "2.20.0", "lightning": "2.6.6",
+                            "opencv-python-headless": "4.10.0.84"})
+    assert dependency_problem(["av"]) == ("av 13.1.0 is older than 15, the least this needs (12 to 14 lack the "
+                                          f"stream details reading a video and --video's sound use): {fix}")
+    assert dependency_problem(["lightning", "open_clip"]).startswith("open_clip_torch 2.20.0 is older than 2.23,")
+    assert dependency_problem(["opencv"]).startswith("opencv-python-headless 4.10.0.84 is older than 4.11,")
+    installed(monkeypatch, {"opencv-python-headless": "4.10.0.84"}, cv2_version="5.0.0")  # the one imported decides
+    assert dependency_problem(["opencv", "av", "open_clip"]) is None  # absent: left to the code that imports it
+    assert dependency_problem(["lightning"]) == ("the lightning package is not installed (pytorch_lightning alone is "
+                                                 f"not what this imports): {fix}")
+    installed(monkeypatch, {"av": "15.0.0", "open_clip_torch": "2.23.0", "lightning": "2.1.0rc1"}, cv2_version="4.11.0")
+    assert dependency_problem(["opencv", "av", "open_clip", "lightning"]) is None  # the least that work
+    installed(monkeypatch, {"lightning": "2.0.9"})
+    assert dependency_problem(["lightning"]).startswith("lightning 2.0.9 is older than 2.1,")
+
+
+def test_run_cli_refuses_a_breaking_release_before_the_run(monkeypatch, capsys):
+    ran = []
+    installed(monkeypatch, {"av": "12.3.0"}, cv2_version="5.0.0")
+    assert run_cli("prog", ran.append, argparse.Namespace(), (ValueError,), needs=("opencv", "av")) == 2
+    assert ran == [] and capsys.readouterr().err.startswith("prog: error: av 12.3.0 is older than 15, ")
+    assert run_cli("prog", lambda a: ran.append(a) or 0, argparse.Namespace(), (ValueError,), needs=("opencv",)) == 0
+    assert len(ran) == 1
+
+
+@pytest.mark.parametrize("script, needs", [
+    ("build_pairs.py", {"opencv", "av"}), ("build_latent_cache.py", {"opencv"}),
+    ("colorize_inference.py", {"opencv", "av", "open_clip"}), ("evaluate.py", {"opencv"}),
+    ("demo.py", {"opencv", "av", "open_clip"}), ("tool_add_control_sd21.py", {"open_clip"}),
+    ("cldm/checkpoint_cli.py", {"open_clip"}), ("tutorial_train_sd21_color_v2.py", {"opencv", "av", "open_clip", "lightning"}),
+])
+def test_each_script_names_what_it_needs(script, needs):
+    """Read from the source: each run_cli call's needs= (the training script's first, which runs
+    before anything is prepared)."""
+    import ast
+
+    calls = [node for node in ast.walk(ast.parse((REPO / script).read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli"]
+    given = [{e.value for e in kw.value.elts} for node in calls for kw in node.keywords if kw.arg == "needs"]
+    assert given == [needs]
