@@ -352,20 +352,28 @@ def save_checkpoint(state: dict, out_path, metadata: dict | None = None, replace
     need = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(out_path.parent).free
     if free < need:
-        raise OSError(f"{out_path}: no space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
-                      f"{free / 2**20:.1f} MiB are free)")
+        raise _disk_full(f"{out_path}: no space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
+                         f"{free / 2**20:.1f} MiB are free)")
     try:
         save_state_dict(state, out_path, metadata=metadata, replace=replace)
     except FileExistsError:
         raise
     except (SafetensorError, RuntimeError, OSError) as e:
         text = str(e)
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
-                or "quota" in text.lower() or shutil.disk_usage(out_path.parent).free < need:
-            reason = "no space left on device (or disk quota exceeded)"
-        else:
-            reason = one_line(e, with_type=True)
-        raise OSError(f"{out_path}: cannot write the checkpoint: {reason}; nothing was written") from None
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
+            or "quota" in text.lower() or shutil.disk_usage(out_path.parent).free < need
+        reason = "no space left on device (or disk quota exceeded)" if full else one_line(e, with_type=True)
+        line = f"{out_path}: cannot write the checkpoint: {reason}; nothing was written"
+        raise (_disk_full(line) if full else OSError(line)) from None
+
+
+def _disk_full(line: str) -> OSError:
+    """OSError(line) with errno ENOSPC, what a caller's handler of a full disk looks at (the
+    training's, for the export: it was safetensors' own error there, a traceback). No filename:
+    str() would then be "[Errno 28] None: 'path'", not the line."""
+    e = OSError(line)
+    e.errno = errno.ENOSPC
+    return e
 
 
 if __name__ == "__main__":  # `python -m cldm.checkpoint`: the CLI, cldm/checkpoint_cli.py

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint
 from cldm.checkpoint_fit import CONTROL, INPUT_CONV, UNET, LoadReport, compare_state_dict, ema_note, misfit
 from cldm.cldm import ControlLDM
 from cldm.convert import init_from_sd
@@ -191,7 +191,7 @@ def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: D
         meta["config_hash"] = config_hash(cfg)
         meta["config"] = OmegaConf.to_yaml(cfg, resolve=True)
     meta.update(extra or {})
-    save_state_dict(trainable_state_dict(model), path, metadata=meta)
+    save_checkpoint(trainable_state_dict(model), path, metadata=meta)  # a full disk: one line, not safetensors' error
     return Path(path)
 
 

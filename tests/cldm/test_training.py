@@ -4,6 +4,7 @@ exit status after a stop, the export, the signal handlers). The whole run: tests
 from __future__ import annotations
 
 import logging
+import errno
 import os
 import signal
 import subprocess
@@ -624,7 +625,7 @@ def test_a_stop_during_the_export_never_pairs_a_new_yaml_with_old_weights(tmp_pa
 
     def stopped(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cldm.trainable, "save_state_dict", stopped)
+    monkeypatch.setattr(cldm.trainable, "save_checkpoint", stopped)
     with pytest.raises(KeyboardInterrupt):
         training.export(module, tmp_path, new, 9, tmp_path / "init.safetensors")
     assert (tmp_path / "control.safetensors").read_bytes() == weights and not (tmp_path / "control.yaml").exists()
@@ -632,6 +633,29 @@ def test_a_stop_during_the_export_never_pairs_a_new_yaml_with_old_weights(tmp_pa
     monkeypatch.undo()
     training.export(module, tmp_path, new, 9, tmp_path / "init.safetensors")
     assert OmegaConf.load(tmp_path / "control.yaml") == new
+
+
+def test_a_full_disk_at_the_export_is_the_runs_one_line(tmp_path, model, monkeypatch):
+    """It was safetensors' SafetensorError ("No space left on device (os error 28)"), which the
+    training's handler of a full disk did not know: a traceback after the whole run, exit 1."""
+    import safetensors.torch
+
+    import cldm.checkpoint
+    from cldm.trainable import locked_digest
+
+    def disk_fills(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          'message: "No space left on device" })')
+    monkeypatch.setattr(cldm.checkpoint, "save_file", disk_fills)
+    module = SimpleNamespace(model=model, locked_digest=lambda: locked_digest(model))
+    with pytest.raises(OSError) as e:
+        training.export(module, tmp_path, load_config(TINY_CONFIG), 4, tmp_path / "init.safetensors")
+    assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []  # no half file, no temporary one
+    assert str(e.value) == (f"{tmp_path / 'control.safetensors'}: cannot write the checkpoint: no space left on "
+                            "device (or disk quota exceeded); nothing was written")
+    line = training.os_error_line(e.value, SimpleNamespace(out=str(tmp_path), data=str(tmp_path / "d")), 4)
+    assert line.startswith(f"{tmp_path}: no space left on its disk (") and " at step 4: free some; " in line
 
 
 class Module:
