@@ -146,6 +146,10 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
 
 
 def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
+    try:  # safetensors says FileNotFoundError for any file it cannot open: an unreadable one was "truncated"
+        open(path, "rb").close()
+    except OSError as why:
+        return CheckpointError(f"{path}: cannot read file ({why.strerror or why})")
     if _is_torch_file(path):  # else "header too large": the zip's first bytes read as its length
         return CheckpointError(f"{path}: looks like a torch checkpoint with a .safetensors extension; rename it "
                                "to .ckpt")

@@ -362,6 +362,13 @@ def test_files_that_are_no_torch_checkpoint_are_named_so_on_load(tmp_path, monke
     monkeypatch.setattr(checkpoint, "open", refused, raising=False)
     with pytest.raises(CheckpointError, match=r"m\.ckpt: cannot read file \(Permission denied\)$"):
         load_state_dict(tmp_path / "m.ckpt")
+    (tmp_path / "m.safetensors").write_bytes(st)
+
+    def as_safetensors_says(path, *a, **kw):  # for any file it cannot open: was "truncated or not a
+        raise FileNotFoundError(f"No such file or directory: {path}")  # safetensors file (No such file ...)"
+    monkeypatch.setattr(checkpoint, "safe_open", as_safetensors_says)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: cannot read file \(Permission denied\)$"):
+        load_state_dict(tmp_path / "m.safetensors")
 
 
 def test_state_dict_entry_wins_and_dropped_entries_are_logged(tmp_path, caplog):
