@@ -294,6 +294,7 @@ LOADER_GONE, SIGNALLED = "exited unexpectedly", "is killed by signal"
 # parent's): the signal a scheduler sends every process of a job, or `kill -TERM -PGID`, come
 # before the process had set itself up (tutorial_dataset.leave_stops_to_the_run passes it on after)
 TERMINATED_LOADER = "is killed by signal: Terminated"
+TOO_MANY_FILES = "Too many open files"  # EMFILE's text: torch's loader handing batches over, or any open()
 
 
 def loader_says(e: BaseException | None, words: str, context: bool = False) -> bool:
@@ -317,12 +318,23 @@ def size_of(nbytes: int) -> str:
     return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
 
 
+def too_many_files(where: str) -> str:
+    """What to do when the process has run out of file descriptors (EMFILE), with its limit."""
+    try:
+        import resource
+        limit = f" (this process may hold {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}: `ulimit -n`)"
+    except (ImportError, OSError, ValueError):  # not POSIX
+        limit = ""
+    return f"too many open files{limit} {where}: raise the limit (ulimit -n 4096) or lower --num-workers"
+
+
 def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
                        shm: Path = Path("/dev/shm")) -> str | None:
     """The one line for a run out of memory: where, at which settings, what to lower, and what a
     rerun does (the flags are train: values, free to change on a resume); None if `e` says no
-    such thing (it keeps its traceback). The data loader processes' cases count: one killed by
-    SIGKILL (Linux's OOM killer), a full `shm` (where torch hands their batches over; Docker
+    such thing (it keeps its traceback). Out of file descriptors too (torch's loaders pass
+    batches as files: `ulimit -n 32` ran out at 4 of them). The data loader processes' cases
+    count: one killed by SIGKILL (Linux's OOM killer), a full `shm` (where torch hands their batches over; Docker
     gives a container 64 MB), and one gone without a word, for which those two are the likely
     causes (a known other signal, a segfault say, is not)."""
     import shutil
@@ -353,6 +365,8 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
         what = f"a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM) {loaders}"
     elif out_of_memory(e):  # the host's: the training process on a CPU, or a data loader process
         what = f"out of memory (RAM) {loaders}"
+    elif loader_says(e, TOO_MANY_FILES, context=True):
+        what = too_many_files(f"at step {step} (--num-workers {t.num_workers} data loader processes per device)")
     elif LOADER_GONE in str(e) and not loader_says(e, SIGNALLED):
         what = (f"a data loader process ended without saying why (torch: {str(e).splitlines()[0]}); most likely it "
                 f"ran out of RAM (the OOM killer) or of shared memory ({room()}) {loaders}, or {more_shm}; its own "
@@ -377,6 +391,8 @@ def os_error_line(e: OSError, args, step: int) -> str | None:
         disk = next(p for p in (where, *where.parents) if p.exists())
         return (f"{where}: no space left on its disk ({size_of(shutil.disk_usage(disk).free)} free) at step {step}: "
                 f"free some; {rerun_hint(out)}")
+    if e.errno == errno.EMFILE or TOO_MANY_FILES in str(e):
+        return f"{too_many_files(f'at step {step}')}; {rerun_hint(out)}"
     if e.filename and out.resolve() in Path(e.filename).resolve().parents:
         return f"cannot write {e.filename} at step {step}: {e.strerror}; {rerun_hint(out)}"
     # a data loader process's error comes as its traceback's text, whose last line is the error

@@ -384,6 +384,31 @@ def test_data_loader_processes_short_of_shared_memory_name_it_with_its_size(tmp_
 
 
 
+def test_running_out_of_open_files_says_the_limit_and_what_to_lower(tmp_path):
+    """`ulimit -n 32` with 4 data loader processes: torch's RuntimeError over an EMFILE OSError,
+    a 40-frame traceback (resource audit); an EMFILE met by the run's own writes is the same."""
+    import errno
+    import resource
+
+    cfg = load_config(TINY_CONFIG, ["train.num_workers=4"])
+    a = SimpleNamespace(out=str(tmp_path / "run"), data=str(tmp_path / "data"), init="init.safetensors")
+    torch_says = RuntimeError("Too many open files. Communication with the workers is no longer possible. Please "
+                              "increase the limit using `ulimit -n` in the shell or change the sharing strategy by "
+                              "calling `torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning "
+                              "of your code")
+    torch_says.__context__ = OSError(errno.EMFILE, "Too many open files", "/tmp/pymp-x")
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    start_over = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
+    with pytest.raises(training.UsageError) as caught:
+        training.fit(a, cfg, OutOfMemory(torch_says), None, None, None)
+    assert str(caught.value) == (
+        f"too many open files (this process may hold {limit}: `ulimit -n`) at step 3 (--num-workers 4 data loader "
+        f"processes per device): raise the limit (ulimit -n 4096) or lower --num-workers; {start_over}")
+    assert training.os_error_line(OSError(errno.EMFILE, "Too many open files", "/tmp/pymp-x"), a, 7) == (
+        f"too many open files (this process may hold {limit}: `ulimit -n`) at step 7: raise the limit "
+        f"(ulimit -n 4096) or lower --num-workers; {start_over}")
+
+
 def test_what_the_run_cannot_write_or_read_while_training_is_one_line(tmp_path):
     """A full disk (the checkpoint's own name, from AtomicCheckpointIO), a path in OUT that
     refuses the write, a frame of the data root gone or damaged (also as a data loader process's
