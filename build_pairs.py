@@ -18,11 +18,12 @@ SIGTERM (the movies being built are dropped, finished ones kept; rerun to resume
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 
 from atomicio import removed_if_left_empty
 from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, one_line, out_folder_problem, path_arg,
-                     quiet_opencv, quiet_startup_signals, run_cli)
+                     quiet_opencv, quiet_startup_signals, run_cli, too_many_files)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -109,8 +110,14 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise OSError(f"--out {args.out}: cannot make the folder ({e.strerror or one_line(e)})") from None
         # Ctrl-C or SIGTERM stops the workers and removes the partial output of unfinished movies
-        summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
-                            strict=args.strict, progress=not args.no_progress)
+        try:
+            summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
+                                strict=args.strict, progress=not args.no_progress)
+        except OSError as e:  # else the bare "[Errno 24] Too many open files"
+            if e.errno != errno.EMFILE:
+                raise
+            raise OSError(f"{too_many_files(f'with --workers {args.workers}', '--workers')}; finished movies are "
+                          "kept, rerun to resume") from None
     print(summary.text())
     if summary.stopped:
         return 2

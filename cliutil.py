@@ -303,6 +303,17 @@ def out_of_memory(e: BaseException) -> bool:
         (cv2 is not None and isinstance(e, cv2.error) and "Insufficient memory" in str(e))
 
 
+def too_many_files(where: str, lower: str) -> str:
+    """The line for a process out of file descriptors (EMFILE), with its limit and the flag of
+    the processes (or files) to have fewer of."""
+    try:
+        import resource
+        limit = f" (this process may hold {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}: `ulimit -n`)"
+    except (ImportError, OSError, ValueError):  # not POSIX
+        limit = ""
+    return f"too many open files{limit} {where}: raise the limit (ulimit -n 4096) or lower {lower}"
+
+
 def _reader_gone(stream) -> bool:
     """Whether `stream` (stdout, stderr) is a pipe whose reader has gone (`| head` that read
     enough): poll() reports an error on it. Any other broken pipe is a real error."""

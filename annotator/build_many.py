@@ -479,8 +479,13 @@ def _start_worker(ctx, mid: str, path, root: Path, options: BuildOptions) -> _Wo
     read, write = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_worker_main, args=(write, mid, str(path), str(root), options, os.getpid()),
                        name=f"build_pairs[{mid}]", daemon=True)
-    proc.start()
-    write.close()  # the worker holds the only write end, so its exit shows as EOF here
+    try:
+        proc.start()
+    except BaseException:  # out of file descriptors, say: not two more held while the others are cleaned up
+        read.close()
+        raise
+    finally:
+        write.close()  # the worker holds the only write end, so its exit shows as EOF here
     return _Worker(mid, Path(path), proc, read)
 
 
@@ -511,6 +516,7 @@ def _stop_workers(running: list[_Worker], root: Path) -> None:
     for w in running:
         w.proc.join()
         w.conn.close()
+    for w in running:  # after every pipe is closed: a run out of file descriptors can lock then
         try:
             with movie_lock(root, w.mid) as locked:  # not if another run has taken the movie over since
                 if locked:

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from cldm.train_config import UsageError
-from cliutil import Terminated, out_of_memory
+from cliutil import Terminated, out_of_memory, too_many_files
 
 PROG = "tutorial_train_sd21_color_v2.py"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -318,16 +318,6 @@ def size_of(nbytes: int) -> str:
     return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
 
 
-def too_many_files(where: str) -> str:
-    """What to do when the process has run out of file descriptors (EMFILE), with its limit."""
-    try:
-        import resource
-        limit = f" (this process may hold {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}: `ulimit -n`)"
-    except (ImportError, OSError, ValueError):  # not POSIX
-        limit = ""
-    return f"too many open files{limit} {where}: raise the limit (ulimit -n 4096) or lower --num-workers"
-
-
 def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
                        shm: Path = Path("/dev/shm")) -> str | None:
     """The one line for a run out of memory: where, at which settings, what to lower, and what a
@@ -366,7 +356,8 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
     elif out_of_memory(e):  # the host's: the training process on a CPU, or a data loader process
         what = f"out of memory (RAM) {loaders}"
     elif loader_says(e, TOO_MANY_FILES, context=True):
-        what = too_many_files(f"at step {step} (--num-workers {t.num_workers} data loader processes per device)")
+        what = too_many_files(f"at step {step} (--num-workers {t.num_workers} data loader processes per device)",
+                              "--num-workers")
     elif LOADER_GONE in str(e) and not loader_says(e, SIGNALLED):
         what = (f"a data loader process ended without saying why (torch: {str(e).splitlines()[0]}); most likely it "
                 f"ran out of RAM (the OOM killer) or of shared memory ({room()}) {loaders}, or {more_shm}; its own "
@@ -392,7 +383,7 @@ def os_error_line(e: OSError, args, step: int) -> str | None:
         return (f"{where}: no space left on its disk ({size_of(shutil.disk_usage(disk).free)} free) at step {step}: "
                 f"free some; {rerun_hint(out)}")
     if e.errno == errno.EMFILE or TOO_MANY_FILES in str(e):
-        return f"{too_many_files(f'at step {step}')}; {rerun_hint(out)}"
+        return f"{too_many_files(f'at step {step}', '--num-workers')}; {rerun_hint(out)}"
     if e.filename and out.resolve() in Path(e.filename).resolve().parents:
         return f"cannot write {e.filename} at step {step}: {e.strerror}; {rerun_hint(out)}"
     # a data loader process's error comes as its traceback's text, whose last line is the error

@@ -864,3 +864,29 @@ def test_a_ctrl_c_during_the_clean_up_of_the_workers_waits_for_it(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):  # the main thread's: signal handlers run there
         build_all([a, b], root, OPTS, workers=2, progress=False, log=lambda line: None)
     assert procs["b"].killed and not (root / PARTIAL_DIR).exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_a_worker_that_cannot_start_holds_no_pipe(tmp_path):
+    """Out of file descriptors at a worker's start, its pipe's two ends stayed open while the
+    run cleaned up: the lock that removes the other workers' partial output could not be made."""
+    import multiprocessing as mp
+
+    from annotator import build_many
+    from annotator.pairs import BuildOptions
+
+    class Context:  # spawn's, whose Process cannot start
+        Pipe = staticmethod(mp.get_context("spawn").Pipe)
+
+        class Process:
+            def __init__(self, *a, **kw):
+                pass
+
+            def start(self):
+                raise OSError(errno.EMFILE, "Too many open files")
+
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Too many open files") as e:
+        build_many._start_worker(Context, "m", tmp_path / "m.mp4", tmp_path, BuildOptions(size=64))
+    assert len(os.listdir("/proc/self/fd")) == before, e.value  # with the error (and its frames) still held, as
+    # build_all holds it while it cleans up

@@ -604,3 +604,17 @@ def test_the_flags_reach_the_build_and_default_to_the_librarys_options(tmp_path,
         assert build_pairs.main(["a.mp4", "--out", str(tmp_path / "d"), *flag]) == 2
         assert capsys.readouterr().err == f"build_pairs.py: error: {says}\n"
     assert calls == []
+
+
+@pytest.mark.skipif(not LINUX, reason="prlimit")
+def test_out_of_file_descriptors_is_one_line_and_leaves_no_partial_output(tmp_path):
+    """`ulimit -n 16` with --workers 2: the bare "[Errno 24] Too many open files", and the
+    partial movie left behind (the clean-up's lock needed a descriptor the failed start held)."""
+    clips = [write_folder(panning_clip(n, 48, 64, seed=k), tmp_path / f"c{k}") for k, n in enumerate((200, 6, 6))]
+    out = tmp_path / "d"
+    p = run(*clips, "--out", out, "--workers", "2", "--size", "64", prefix=("prlimit", "--nofile=16"))
+    assert (p.returncode, p.stderr) == (2, "build_pairs.py: error: too many open files (this process may hold 16: "
+                                           "`ulimit -n`) with --workers 2: raise the limit (ulimit -n 4096) or "
+                                           "lower --workers; finished movies are kept, rerun to resume\n")
+    assert not (out / ".partial").exists() or files_under(out / ".partial") == []
+    assert run(*clips, "--out", out, "--workers", "2", "--size", "64", check_rc=0)  # with the usual limit
