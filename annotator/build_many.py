@@ -37,7 +37,7 @@ from annotator.pairs import (
     load_meta, movie_id_for, movie_lock, refuse_linked_partial,
 )
 from annotator.video import FrameSourceError, probe, shown_path
-from cliutil import HELD_SIGNALS, one_line, signals_deferred
+from cliutil import HELD_SIGNALS, one_line, out_of_memory, signals_deferred
 
 
 # Writes that fail with these say nothing about the movie being built, only about DATA_ROOT (EACCES: a
@@ -60,6 +60,20 @@ class OutputError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class RunOutOfMemory(OSError):
+    """The run ran out of RAM building a movie: it stops (the next would too, and a skip called
+    it bad input, which --strict stopped on as such; with one process it was a traceback)."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.errno = errno.ENOMEM
+
+
+def memory_line(path, e: BaseException) -> str:
+    return (f"out of memory (RAM) building {shown_path(path)} ({one_line(e)}): lower --workers, --size or "
+            "--sim-size; finished movies are kept, rerun to resume")
 
 
 def raise_if_output_error(e: OSError, data_root) -> None:
@@ -394,7 +408,9 @@ def _build_one(mid, path, data_root, options, progress, warn=None) -> dict | str
     except OSError as e:
         raise_if_output_error(e, data_root)
         return f"{shown_path(path)}: {one_line(e, with_type=True)}"
-    except (ValueError, cv2.error) as e:
+    except (ValueError, cv2.error, MemoryError) as e:
+        if out_of_memory(e):  # numpy's, or OpenCV's "Insufficient memory"
+            raise RunOutOfMemory(memory_line(path, e)) from None
         return f"{shown_path(path)}: {one_line(e, with_type=True)}"
 
 
@@ -407,7 +423,7 @@ class _Worker:
     path: Path
     proc: mp.process.BaseProcess
     conn: object  # read end of the pipe the worker reports on
-    result: dict | str | OutputError | None = None
+    result: dict | str | OutputError | RunOutOfMemory | None = None
     ended: bool = False  # sent its result, or closed the pipe (exited or died)
 
 
@@ -444,7 +460,7 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
                     w.proc.kill()
                     w.proc.join()
                 w.conn.close()
-                if isinstance(w.result, OutputError):
+                if isinstance(w.result, (OutputError, RunOutOfMemory)):
                     raise w.result  # the finally below stops the other workers and removes their output
                 result = w.result if w.result is not None else (
                     f"{shown_path(w.path)}: the worker process died (exit code {w.proc.exitcode}) while building it")
@@ -504,6 +520,8 @@ def _read_messages(w: _Worker, bars, warn) -> None:
             warn(value)
         elif kind == "output-error":
             w.result, w.ended = OutputError(*value), True
+        elif kind == "out-of-memory":
+            w.result, w.ended = RunOutOfMemory(value), True
         else:
             w.result, w.ended = value, True
 
@@ -528,7 +546,8 @@ def _stop_workers(running: list[_Worker], root: Path) -> None:
 def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOptions, parent_pid: int) -> None:
     """A worker process: build one movie, sending ("progress", frames), ("warning", line) and
     finally ("result", meta or the one-line reason it was skipped), or ("output-error", (errno,
-    the folder it names)) when DATA_ROOT is full or read-only, through `conn`."""
+    the folder it names)) when DATA_ROOT is full or read-only, or ("out-of-memory", line), through
+    `conn`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     _exit_with_parent(parent_pid)
     if hasattr(signal, "pthread_sigmask"):
@@ -549,6 +568,10 @@ def _worker_main(conn, mid: str, path: str, data_root: str, options: BuildOption
         conn.close()
         return
     except Exception as e:  # a bug, not bad input: still one line, and the run goes on
+        if out_of_memory(e) or isinstance(e, RunOutOfMemory):
+            conn.send(("out-of-memory", str(e) if isinstance(e, RunOutOfMemory) else memory_line(path, e)))
+            conn.close()
+            return
         result = f"{shown_path(path)}: {one_line(e, with_type=True)}"
     if pending[0]:
         conn.send(("progress", pending[0]))

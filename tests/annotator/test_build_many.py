@@ -890,3 +890,40 @@ def test_a_worker_that_cannot_start_holds_no_pipe(tmp_path):
         build_many._start_worker(Context, "m", tmp_path / "m.mp4", tmp_path, BuildOptions(size=64))
     assert len(os.listdir("/proc/self/fd")) == before, e.value  # with the error (and its frames) still held, as
     # build_all holds it while it cleans up
+
+
+def test_running_out_of_memory_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """numpy's MemoryError was a traceback with one process; OpenCV's "Insufficient memory" in a
+    worker was a skip counted as bad input (which --strict stopped on as such). Both stop the
+    run now, as a full disk does, in one line; a bad frame is still a skip."""
+    import cv2
+
+    from annotator import build_many
+
+    def fails(error):
+        def build_movie(*a, **kw):
+            raise error
+        monkeypatch.setattr(build_many, "build_movie", build_movie)
+
+    path = tmp_path / "film.mp4"
+    for error, said in ((MemoryError("Unable to allocate 21.1 MiB"), "Unable to allocate 21.1 MiB"),
+                        (cv2.error("(-4:Insufficient memory) Failed to allocate 2764800 bytes"),
+                         "(-4:Insufficient memory) Failed to allocate 2764800 bytes")):
+        fails(error)
+        with pytest.raises(build_many.RunOutOfMemory) as e:
+            build_many._build_one("film", path, tmp_path, None, None)
+        assert str(e.value) == (f"out of memory (RAM) building {path} ({said}): lower --workers, --size or "
+                                "--sim-size; finished movies are kept, rerun to resume")
+        assert e.value.errno == errno.ENOMEM
+    fails(ValueError("frame 3 is 10x10"))
+    assert build_many._build_one("film", path, tmp_path, None, None) == f"{path}: ValueError: frame 3 is 10x10"
+
+    class Conn:  # a worker's pipe, holding its one message
+        def poll(self):
+            return True
+
+        def recv(self):
+            return "out-of-memory", "out of memory (RAM) building x"
+    w = build_many._Worker("film", path, None, Conn())
+    build_many._read_messages(w, None, None)
+    assert w.ended and isinstance(w.result, build_many.RunOutOfMemory) and str(w.result).startswith("out of memory")
