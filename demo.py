@@ -146,8 +146,9 @@ def _call(main, argv: list[str], what: str) -> None:
         stop = Terminated if isinstance(e, Terminated) else KeyboardInterrupt
         raise stop(f"interrupted during {what}; what was written so far is kept: rerun with "
                    "--overwrite to start again") from None
-    if rc != 0:
-        raise DemoError(f"{what} failed (exit status {rc}; its message is above)")
+    if rc != 0:  # its message may say how to go on with that tool alone (--frames N:), not with the demo
+        raise DemoError(f"{what} failed (exit status {rc}; its message is above); once that is mended, rerun the "
+                        "demo with --overwrite")
 
 
 def colourise(method: str, data: Path, reference: Path, out: Path, args, fps: float | None = None) -> None:

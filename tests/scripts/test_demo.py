@@ -452,7 +452,8 @@ def test_a_failed_step_stops_the_demo_in_one_line_after_its_own(tmp_path, capsys
     rc, _, err = run(["--frames", "100:102", "--methods", "reinhard", "--out", tmp_path / "demo"], capsys)
     assert rc == 2 and err.splitlines()[-2:] == [
         "colorize_inference.py: error: --method reinhard: no reference image given",
-        "demo.py: error: colorize_inference.py --method reinhard failed (exit status 2; its message is above)"], err
+        "demo.py: error: colorize_inference.py --method reinhard failed (exit status 2; its message is above); once "
+        "that is mended, rerun the demo with --overwrite"], err  # not the tool's own --frames advice
     assert not (tmp_path / "demo" / "report").exists()
 
 
