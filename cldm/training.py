@@ -324,9 +324,9 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
     rerun does (the flags are train: values, free to change on a resume); None if `e` says no
     such thing (it keeps its traceback). Out of file descriptors too (torch's loaders pass
     batches as files: `ulimit -n 32` ran out at 4 of them). The data loader processes' cases
-    count: one killed by SIGKILL (Linux's OOM killer), a full `shm` (where torch hands their batches over; Docker
-    gives a container 64 MB), and one gone without a word, for which those two are the likely
-    causes (a known other signal, a segfault say, is not)."""
+    count: one killed by SIGKILL (Linux's OOM killer), a full `shm` (where torch hands their
+    batches over; Docker gives a container 64 MB), and one gone without a word, for which those
+    two are the likely causes (a known other signal, a segfault say, is not)."""
     import shutil
 
     import torch

@@ -1322,7 +1322,8 @@ def test_run_cli_refuses_a_breaking_release_before_the_run(monkeypatch, capsys):
     ("build_pairs.py", {"opencv", "av"}), ("build_latent_cache.py", {"opencv"}),
     ("colorize_inference.py", {"opencv", "av", "open_clip"}), ("evaluate.py", {"opencv"}),
     ("demo.py", {"opencv", "av", "open_clip"}), ("tool_add_control_sd21.py", {"open_clip"}),
-    ("cldm/checkpoint_cli.py", {"open_clip"}), ("tutorial_train_sd21_color_v2.py", {"opencv", "av", "open_clip", "lightning"}),
+    ("cldm/checkpoint_cli.py", {"open_clip"}),
+    ("tutorial_train_sd21_color_v2.py", {"opencv", "av", "open_clip", "lightning"}),
 ])
 def test_each_script_names_what_it_needs(script, needs):
     """Read from the source: each run_cli call's needs= (the training script's first, which runs

@@ -386,7 +386,8 @@ def test_image_logger_leaves_no_partial_png_when_its_write_fails(tmp_path, monke
 def test_image_logger_defaults_and_tensorboard(tmp_path):
     """By default every 500 steps, 4 samples, 20 DDIM steps, seed 0; the grid also goes to each
     TensorBoard logger as "samples" at its step, and to no other logger."""
-    calls, grid = [], torchvision.utils.make_grid(torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    calls = []
+    grid = torchvision.utils.make_grid(torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
 
     class Module:
         def image_grid(self, *args):
