@@ -18,12 +18,11 @@ SIGTERM (the movies being built are dropped, finished ones kept; rerun to resume
 from __future__ import annotations
 
 import argparse
-import errno
 from pathlib import Path
 
 from atomicio import removed_if_left_empty
 from cliutil import (DefaultsFormatter, OneLineParser, exit_quietly, one_line, out_folder_problem, path_arg,
-                     quiet_opencv, quiet_startup_signals, run_cli, too_many_files)
+                     quiet_opencv, quiet_startup_signals, run_cli, too_many_files, too_many_files_error)
 
 quiet_opencv()
 if __name__ == "__main__":
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             summary = build_all(args.inputs, args.out, options, workers=args.workers, shard=args.shard or (0, 1),
                                 strict=args.strict, progress=not args.no_progress)
         except OSError as e:  # else the bare "[Errno 24] Too many open files"
-            if e.errno != errno.EMFILE:
+            if not too_many_files_error(e):
                 raise
             raise OSError(f"{too_many_files(f'with --workers {args.workers}', '--workers')}; finished movies are "
                           "kept, rerun to resume") from None

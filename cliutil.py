@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import importlib.metadata
 import math
 import os
@@ -308,10 +309,19 @@ def too_many_files(where: str, lower: str) -> str:
     the processes (or files) to have fewer of."""
     try:
         import resource
-        limit = f" (this process may hold {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}: `ulimit -n`)"
+        held = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, OSError, ValueError):  # not POSIX
-        limit = ""
-    return f"too many open files{limit} {where}: raise the limit (ulimit -n 4096) or lower {lower}"
+        return f"too many open files {where}: raise the limit (ulimit -n) or lower {lower}"
+    more = 4096 if 0 <= held < 2048 else 2 * held  # RLIM_INFINITY is -1
+    return (f"too many open files (this process may hold {held}: `ulimit -n`) {where}: raise the limit "
+            f"(ulimit -n {more}) or lower {lower}")
+
+
+def too_many_files_error(e: BaseException) -> bool:
+    """Whether `e` says the process ran out of file descriptors (EMFILE, or its text in a data
+    loader's error); not the system-wide limit (ENFILE, "... in system"), which no ulimit raises."""
+    text = str(e)
+    return getattr(e, "errno", None) == errno.EMFILE or ("Too many open files" in text and "in system" not in text)
 
 
 def _reader_gone(stream) -> bool:
@@ -484,13 +494,20 @@ def dependency_problem(needs: Sequence[str]) -> str | None:
     to the code that imports it, except Lightning: pytorch_lightning alone looks like it."""
     for name in needs:
         dists, least, why = MINIMUM_VERSIONS[name]
-        cv2 = sys.modules.get("cv2") if name == "opencv" else None  # the one imported, of several installed
-        found = [("opencv", cv2.__version__)] if cv2 is not None else []
+        found = []
+        if name == "opencv":  # the one imported, of the distributions installed (often several)
+            try:
+                import cv2
+                found.append(("opencv", cv2.__version__))
+            except ImportError:
+                pass
         for dist in () if found else dists:
             try:
-                found.append((dist, importlib.metadata.version(dist)))
+                version = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:
                 continue
+            if isinstance(version, str):  # None for a leftover .dist-info without METADATA: not known
+                found.append((dist, version))
         if not found and name == "lightning":
             return ("the lightning package is not installed (pytorch_lightning alone is not what this imports): "
                     "pip install -r requirements.txt")

@@ -71,6 +71,9 @@ class RunOutOfMemory(OSError):
         self.errno = errno.ENOMEM
 
 
+STOPS_THE_RUN = (OutputError, RunOutOfMemory)  # a worker's result that stops the run, not a skip
+
+
 def memory_line(path, e: BaseException) -> str:
     return (f"out of memory (RAM) building {shown_path(path)} ({one_line(e)}): lower --workers, --size or "
             "--sim-size; finished movies are kept, rerun to resume")
@@ -460,7 +463,7 @@ def _build_parallel(todo, root: Path, options, workers, strict, bars, warn, fini
                     w.proc.kill()
                     w.proc.join()
                 w.conn.close()
-                if isinstance(w.result, (OutputError, RunOutOfMemory)):
+                if isinstance(w.result, STOPS_THE_RUN):
                     raise w.result  # the finally below stops the other workers and removes their output
                 result = w.result if w.result is not None else (
                     f"{shown_path(w.path)}: the worker process died (exit code {w.proc.exitcode}) while building it")

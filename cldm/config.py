@@ -128,8 +128,10 @@ def check_config(cfg: DictConfig, where: str, overrides: Sequence[str] = (), edi
         key, problem = found
         keys = (key, *TIED.get(key, ()))
         setters = [o for o in overrides if any(f"{k}.".startswith(o.split("=", 1)[0].strip() + ".") for k in keys)]
-        if resolver and (setters or editable):
-            problem += f"; write the value itself in {'the override' if setters else 'its place'}"
+        if resolver:  # the call is in the value of `key` itself: an override of a key tied to it holds none
+            setters = [o for o in setters if f"{key}.".startswith(o.split("=", 1)[0].strip() + ".")]
+            if setters or editable:
+                problem += f"; write the value itself in {'the override' if setters else 'its place'}"
         raise ConfigError(f"{where}{f' with {setters[-1]}' if setters else ''}: {key}: {problem}")
 
 

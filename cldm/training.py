@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from cldm.train_config import UsageError
-from cliutil import Terminated, out_of_memory, too_many_files
+from cliutil import Terminated, out_of_memory, too_many_files, too_many_files_error
 
 PROG = "tutorial_train_sd21_color_v2.py"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -294,7 +294,7 @@ LOADER_GONE, SIGNALLED = "exited unexpectedly", "is killed by signal"
 # parent's): the signal a scheduler sends every process of a job, or `kill -TERM -PGID`, come
 # before the process had set itself up (tutorial_dataset.leave_stops_to_the_run passes it on after)
 TERMINATED_LOADER = "is killed by signal: Terminated"
-TOO_MANY_FILES = "Too many open files"  # EMFILE's text: torch's loader handing batches over, or any open()
+TOO_MANY_FILES, SYSTEM_WIDE = "Too many open files", "in system"  # EMFILE's text (ENFILE's has "in system")
 
 
 def loader_says(e: BaseException | None, words: str, context: bool = False) -> bool:
@@ -355,7 +355,7 @@ def out_of_memory_line(e: BaseException, cfg, step: int, device, out: Path,
         what = f"a data loader process was killed (SIGKILL: most likely the OOM killer, out of RAM) {loaders}"
     elif out_of_memory(e):  # the host's: the training process on a CPU, or a data loader process
         what = f"out of memory (RAM) {loaders}"
-    elif loader_says(e, TOO_MANY_FILES, context=True):
+    elif loader_says(e, TOO_MANY_FILES, context=True) and not loader_says(e, SYSTEM_WIDE, context=True):
         what = too_many_files(f"at step {step} (--num-workers {t.num_workers} data loader processes per device)",
                               "--num-workers")
     elif LOADER_GONE in str(e) and not loader_says(e, SIGNALLED):
@@ -382,7 +382,7 @@ def os_error_line(e: OSError, args, step: int) -> str | None:
         disk = next(p for p in (where, *where.parents) if p.exists())
         return (f"{where}: no space left on its disk ({size_of(shutil.disk_usage(disk).free)} free) at step {step}: "
                 f"free some; {rerun_hint(out)}")
-    if e.errno == errno.EMFILE or TOO_MANY_FILES in str(e):
+    if too_many_files_error(e):
         return f"{too_many_files(f'at step {step}', '--num-workers')}; {rerun_hint(out)}"
     if e.filename and out.resolve() in Path(e.filename).resolve().parents:
         return f"cannot write {e.filename} at step {step}: {e.strerror}; {rerun_hint(out)}"

@@ -225,13 +225,13 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
             ax.plot(at, np.full(at.shape, top), "^", color=line.get_color(), ms=8, clip_on=False)
         if at_cap.all():  # drawn as triangles only: its legend entry one too
             line.set(ls="none", marker="^", ms=8)
-    finite = np.concatenate([y[np.isfinite(y) & ~(capped & (y >= M.PSNR_CAP_DB))] for y in ys.values()])
+    finite = np.concatenate([np.empty(0), *(y[np.isfinite(y) & ~(capped & (y >= M.PSNR_CAP_DB))] for y in ys.values())])
     if capped:
         ax.set_ylim(bottom, top)
         ax.plot([], [], "^", color="#666666", ms=8, label=f"identical to the ground truth ({M.PSNR_CAP_DB:g} dB)")
     elif finite.size and finite.max() - finite.min() < MIN_SPAN.get(key, 0.0):
-        middle = (finite.max() + finite.min()) / 2
-        ax.set_ylim(middle - MIN_SPAN[key] / 2, middle + MIN_SPAN[key] / 2)
+        low = max(0.0, (finite.max() + finite.min() - MIN_SPAN[key]) / 2)  # both metrics are >= 0
+        ax.set_ylim(low, low + MIN_SPAN[key])
     if size > 1:
         ax.fill_between([], [], [], color="#666666", alpha=0.15, lw=0,
                         label=f"each point the mean of {size} frames,\nshaded from their lowest to highest")
@@ -247,7 +247,8 @@ def over_time_figure(results: Mapping[str, M.MethodMetrics], key: str, frames: S
     ax.set_title(title, fontsize=FONT + 1, pad=12)  # above the capped frames' triangles
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=FONT - 1)
-    ax.legend(fontsize=FONT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside: off the data
+    if ys or capped:
+        ax.legend(fontsize=FONT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # off the data
     return fig
 
 

@@ -1270,9 +1270,9 @@ def test_signals_deferred_a_signal_as_it_sets_itself_up_or_ends_leaves_nothing_b
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def installed(monkeypatch, versions: dict[str, str], cv2_version: str | None = None):
-    """importlib.metadata as if `versions` were installed (and nothing else); cv2 imported at
-    `cv2_version` (None: not imported)."""
+def installed(monkeypatch, versions: dict[str, str | None], cv2_version: str | None = None):
+    """importlib.metadata as if `versions` were installed (and nothing else); cv2 importable at
+    `cv2_version` (None: `import cv2` fails, so the distributions' versions decide)."""
     import importlib.metadata as metadata
 
     def version(dist):
@@ -1281,7 +1281,7 @@ def installed(monkeypatch, versions: dict[str, str], cv2_version: str | None = N
         return versions[dist]
     monkeypatch.setattr(metadata, "version", version)
     if cv2_version is None:
-        monkeypatch.delitem(sys.modules, "cv2", raising=False)
+        monkeypatch.setitem(sys.modules, "cv2", None)
     else:
         monkeypatch.setitem(sys.modules, "cv2", type("cv2", (), {"__version__": cv2_version}))
 
@@ -1301,6 +1301,10 @@ def test_releases_known_to_break_the_project_are_named_in_one_line(monkeypatch):
     assert dependency_problem(["opencv"]).startswith("opencv-python-headless 4.10.0.84 is older than 4.11,")
     installed(monkeypatch, {"opencv-python-headless": "4.10.0.84"}, cv2_version="5.0.0")  # the one imported decides
     assert dependency_problem(["opencv", "av", "open_clip"]) is None  # absent: left to the code that imports it
+    installed(monkeypatch, {"opencv-python": "5.0.0.93"}, cv2_version="4.10.0")  # of two installed, the old loads
+    assert dependency_problem(["opencv"]).startswith("opencv 4.10.0 is older than 4.11,")
+    installed(monkeypatch, {"av": None, "lightning": None})  # a .dist-info left without METADATA: not known
+    assert dependency_problem(["av"]) is None
     assert dependency_problem(["lightning"]) == ("the lightning package is not installed (pytorch_lightning alone is "
                                                  f"not what this imports): {fix}")
     installed(monkeypatch, {"av": "15.0.0", "open_clip_torch": "2.23.0", "lightning": "2.1.0rc1"}, cv2_version="4.11.0")

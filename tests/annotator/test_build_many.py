@@ -927,3 +927,40 @@ def test_running_out_of_memory_stops_the_run_in_one_line(tmp_path, monkeypatch):
     w = build_many._Worker("film", path, None, Conn())
     build_many._read_messages(w, None, None)
     assert w.ended and isinstance(w.result, build_many.RunOutOfMemory) and str(w.result).startswith("out of memory")
+    assert isinstance(w.result, build_many.STOPS_THE_RUN)  # raised by the parent's loop, not counted as a skip
+
+
+def test_stopped_workers_partial_output_is_removed_after_every_pipe_is_closed(tmp_path, monkeypatch):
+    """Out of file descriptors, the lock that guards the removal could not be made while the
+    stopped workers' pipes were still open: a .partial folder was left behind."""
+    from annotator import build_many
+
+    closed = []
+
+    class Conn:
+        def __init__(self, mid):
+            self.mid = mid
+
+        def close(self):
+            closed.append(self.mid)
+
+    class Proc:
+        def is_alive(self):
+            return False
+
+        def join(self, *a):
+            pass
+
+    running = [build_many._Worker(m, tmp_path / m, Proc(), Conn(m)) for m in ("a", "b", "c")]
+    locked_with = []
+
+    @contextlib.contextmanager
+    def movie_lock(root, mid):
+        locked_with.append((mid, sorted(closed)))
+        yield True
+    monkeypatch.setattr(build_many, "movie_lock", movie_lock)
+    for m in ("a", "b", "c"):
+        (tmp_path / build_many.PARTIAL_DIR / m).mkdir(parents=True)
+    build_many._stop_workers(running, tmp_path)
+    assert locked_with == [(m, ["a", "b", "c"]) for m in ("a", "b", "c")]
+    assert list((tmp_path / build_many.PARTIAL_DIR).iterdir()) == []

@@ -261,6 +261,11 @@ def test_a_resolver_call_is_refused_in_a_file_an_override_and_a_checkpoints_conf
     with pytest.raises(ConfigError) as e:
         load_config(recorded, ["train.seed=1"], name="X.safetensors")
     assert str(e.value) == f"X.safetensors: model.cond_stage.layer: '${{oc.env:HOME}}' {why}"  # no file to edit
+    tied = _write_text(tmp_path, TINY_TEXT.replace("latent_channels: 4", "latent_channels: ${oc.env:LC,4}"))
+    with pytest.raises(ConfigError) as e:  # the override of a key tied to it holds no resolver call
+        load_config(tied, ["model.first_stage.embed_dim=4"])
+    assert str(e.value).startswith(f"{tied}: model.latent_channels: '${{oc.env:LC,4}}' calls a resolver")
+    assert str(e.value).endswith("; write the value itself in its place")
     cfg = load_config(TINY_CONFIG, ["train.seed=${train.accumulate}"])
     assert cfg.train.seed == cfg.train.accumulate
     escaped = _write_text(tmp_path, TINY_TEXT.replace("optimizer: adamw", "optimizer: \\${oc.env:HOME}"))

@@ -646,7 +646,7 @@ def test_tensorboard_events_hold_the_losses_and_the_sample_grids(tmp_path):
     images = ea.Images("samples")
     assert [e.step for e in images] == [2, 4]
     for e in images:
-        assert (e.height, e.width) == (2 * 64 + 3 * 2, 4 * 64 + 5 * 2)
+        assert (e.height, e.width) == (30 + 2 * (2 * 64 + 3 * 2), 2 * (4 * 64 + 5 * 2))  # header; 64 px tiles x2
         png = cv2.imread(str(tmp_path / "images" / f"step-{e.step:08d}.png"), cv2.IMREAD_COLOR)
         logged = cv2.imdecode(np.frombuffer(e.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
         assert logged.shape == png.shape and np.abs(logged.astype(int) - png).max() <= 1  # same grid

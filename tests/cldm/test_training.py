@@ -384,7 +384,7 @@ def test_data_loader_processes_short_of_shared_memory_name_it_with_its_size(tmp_
 
 
 
-def test_running_out_of_open_files_says_the_limit_and_what_to_lower(tmp_path):
+def test_running_out_of_open_files_says_the_limit_and_what_to_lower(tmp_path, monkeypatch):
     """`ulimit -n 32` with 4 data loader processes: torch's RuntimeError over an EMFILE OSError,
     a 40-frame traceback (resource audit); an EMFILE met by the run's own writes is the same."""
     import errno
@@ -397,7 +397,8 @@ def test_running_out_of_open_files_says_the_limit_and_what_to_lower(tmp_path):
                               "calling `torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning "
                               "of your code")
     torch_says.__context__ = OSError(errno.EMFILE, "Too many open files", "/tmp/pymp-x")
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1024, 1048576))
+    limit = 1024
     start_over = "no checkpoint saved yet (see --ckpt-every); rerun the same command to start over"
     with pytest.raises(training.UsageError) as caught:
         training.fit(a, cfg, OutOfMemory(torch_says), None, None, None)
@@ -407,6 +408,13 @@ def test_running_out_of_open_files_says_the_limit_and_what_to_lower(tmp_path):
     assert training.os_error_line(OSError(errno.EMFILE, "Too many open files", "/tmp/pymp-x"), a, 7) == (
         f"too many open files (this process may hold {limit}: `ulimit -n`) at step 7: raise the limit "
         f"(ulimit -n 4096) or lower --num-workers; {start_over}")
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (20000, 1048576))  # never advice to lower it
+    assert "(this process may hold 20000: `ulimit -n`) at step 7: raise the limit (ulimit -n 40000) " in \
+        training.os_error_line(OSError(errno.EMFILE, "Too many open files", "/tmp/pymp-x"), a, 7)
+    system_wide = OSError(errno.ENFILE, "Too many open files in system", "/tmp/x")  # no ulimit raises that one
+    assert training.os_error_line(system_wide, a, 7) is None
+    torch_says.__context__ = system_wide
+    assert training.out_of_memory_line(torch_says, cfg, 3, "cpu", tmp_path) is None
 
 
 def test_what_the_run_cannot_write_or_read_while_training_is_one_line(tmp_path):

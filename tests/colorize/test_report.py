@@ -570,6 +570,15 @@ def test_plots_of_one_or_two_frames_and_of_tiny_differences_read_right():
     lo, hi = fig.axes[0].get_ylim()
     assert lo < 20.0 and 25.0 < hi < 26.0  # matplotlib's own margins where the data span more
     plt.close(fig)
+    still = {"m": MethodMetrics({"psnr": np.ones(3), "ssim": np.ones(3), "colourfulness": np.ones(3),
+                                 "warp_error": np.array([np.nan, 0.1, 0.12])}, cdc=0.0)}
+    fig = over_time_figure(still, "warp_error", ["a", "b", "c"], "w", "t")
+    assert fig.axes[0].get_ylim() == (0.0, 0.5)  # a still clip: no negative warp error on the axis
+    plt.close(fig)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        assert over_time_figure({}, "psnr", [], "PSNR", "t").axes[0].get_legend() is None  # no methods: empty
 
 
 def test_a_method_identical_in_every_frame_has_a_triangle_in_the_legend():
