@@ -336,7 +336,6 @@ def test_natural_order_ignores_case():
 # Mutation round 10: folder listing rules, pixel conversions, video metadata edge cases (through a
 # capture whose answers a test sets), ranges and flags.
 import os  # noqa: E402
-import warnings  # noqa: E402
 
 from annotator import video as V  # noqa: E402
 from annotator.video import list_frame_files  # noqa: E402
