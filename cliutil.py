@@ -206,6 +206,22 @@ def quiet_startup_signals(prog: str | None = None) -> None:
         signal.signal(signal.SIGINT, startup("interrupted", 130))
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # else ignored, or a handler of the caller's
         signal.signal(signal.SIGTERM, startup("terminated (SIGTERM)", 128 + int(signal.SIGTERM)))
+        hangup_as_sigterm()
+
+
+def hangup_as_sigterm() -> None:
+    """A hangup (the terminal closed, an ssh session dropped without nohup) is taken as SIGTERM,
+    so the same clean-up runs and says so: SIGHUP's default ended a run at once, leaving temporary
+    files and locks. Passed on as a SIGTERM to this process, which a run holding SIGTERM (while
+    it renames files into place) gets when it lets go. Not where SIGHUP is ignored (nohup) or
+    handled already, nor where there is none (Windows)."""
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is not None and signal.getsignal(hup) is signal.SIG_DFL:
+        signal.signal(hup, _pass_on_hangup)
+
+
+def _pass_on_hangup(signum, frame) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def exit_quietly(status: int) -> None:
@@ -554,6 +570,9 @@ def run_cli(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.
         if main and getattr(signal.getsignal(signum), "quiet_startup", False):
             signal.signal(signum, usual)
     found = {signum: signal.getsignal(signum) for signum in HELD_SIGNALS} if main else {}  # put back at the end
+    if main and hasattr(signal, "SIGHUP"):
+        found[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+        hangup_as_sigterm()  # SIGTERM's, whoever handles it (Lightning's while training)
     if hook:
         signal.signal(signal.SIGTERM, on_sigterm)
     received: list[int] = []  # the stop signals that came (signals_noted)

@@ -1338,3 +1338,37 @@ def test_each_script_names_what_it_needs(script, needs):
              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli"]
     given = [{e.value for e in kw.value.elts} for node in calls for kw in node.keywords if kw.arg == "needs"]
     assert given == [needs]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
+def test_a_hangup_stops_the_run_as_sigterm_does(capsys, tmp_path):
+    """The terminal closed (an ssh session dropped without nohup): SIGHUP's default ended a run
+    at once, leaving temporary files and locks (unattended-run audit). Taken as SIGTERM, its
+    clean-up runs; under nohup (SIGHUP ignored) nothing changes; the handler is put back."""
+    tmp = tmp_path / "out.tmp"
+
+    def run(_):
+        tmp.write_bytes(b"half")
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the passed-on SIGTERM interrupts this
+        finally:
+            tmp.unlink()
+        return 0
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        assert run_cli("p.py", run, argparse.Namespace(), (OSError,), "interrupted; rerun") == 143
+        assert capsys.readouterr().err == "p.py: terminated (SIGTERM); rerun\n"
+        assert not tmp.exists() and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        seen = []
+        assert run_cli("p.py", lambda _: seen.append(signal.getsignal(signal.SIGHUP)) or 0, argparse.Namespace(),
+                       (OSError,)) == 0
+        assert seen == [signal.SIG_IGN]
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    code = ("import os, signal, time\nfrom cliutil import quiet_startup_signals\nquiet_startup_signals('p.py')\n"
+            "os.kill(os.getpid(), signal.SIGHUP)\ntime.sleep(5)\n")  # while the imports load
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (143, "p.py: terminated (SIGTERM)\n")
