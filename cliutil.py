@@ -320,6 +320,22 @@ def out_of_memory(e: BaseException) -> bool:
         (cv2 is not None and isinstance(e, cv2.error) and "Insufficient memory" in str(e))
 
 
+LOG_BAR_INTERVAL = 30.0  # s between a progress bar's updates written to a file or pipe, not a terminal
+
+
+def bar_options(file=None, disable: bool = False) -> dict:
+    """tqdm's `disable` and `mininterval` for a progress bar on `file` (default stderr): off where
+    it is closed (tqdm wrote to None: a run ended with exit 1 and not a word), and where it is no
+    terminal (a log file under a scheduler, `> log 2>&1`) an update every LOG_BAR_INTERVAL s, not
+    10 a second (an hour's run wrote megabytes of carriage returns)."""
+    file = sys.stderr if file is None else file
+    try:
+        terminal = file.isatty()
+    except (AttributeError, ValueError):  # None (closed at the start), or closed since
+        terminal = False
+    return {"disable": disable or file is None, "mininterval": 0.1 if terminal else LOG_BAR_INTERVAL}
+
+
 def too_many_files(where: str, lower: str) -> str:
     """The line for a process out of file descriptors (EMFILE), with its limit and the flag of
     the processes (or files) to have fewer of."""

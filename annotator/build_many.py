@@ -37,7 +37,7 @@ from annotator.pairs import (
     load_meta, movie_id_for, movie_lock, refuse_linked_partial,
 )
 from annotator.video import FrameSourceError, probe, shown_path
-from cliutil import HELD_SIGNALS, one_line, out_of_memory, signals_deferred
+from cliutil import HELD_SIGNALS, bar_options, one_line, out_of_memory, signals_deferred
 
 
 # Writes that fail with these say nothing about the movie being built, only about DATA_ROOT (EACCES: a
@@ -363,8 +363,8 @@ class _Bars:
         self.estimate = {mid: n for mid, _, n in todo}
         self.done: dict[str, int] = {}
         self.bars: dict[str, object] = {}
-        self.overall = tqdm(total=sum(self.estimate.values()), unit="frame", desc="all movies",
-                            disable=not enabled, position=0, dynamic_ncols=True)
+        self.overall = tqdm(total=sum(self.estimate.values()), unit="frame", desc="all movies", position=0,
+                            dynamic_ncols=True, **bar_options(disable=not enabled))
 
     def advance(self, mid: str, n: int) -> None:
         if mid not in self.bars:

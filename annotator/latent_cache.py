@@ -351,6 +351,8 @@ def build_latent_cache(
     """
     from tqdm import tqdm
 
+    from cliutil import bar_options
+
     root = Path(data_root)
     vae.eval()  # frozen: no dropout; gradients are off via no_grad in encode_movie
     fp = vae_fingerprint(vae)
@@ -377,7 +379,7 @@ def build_latent_cache(
                         p.unlink(missing_ok=True)
                         log(f"removed {p}: left by an interrupted run")
     total = sum(load_meta(root / m)["frame_count"] for m in todo)
-    with tqdm(total=total, unit="frame", desc="latents", disable=not progress) as bar:
+    with tqdm(total=total, unit="frame", desc="latents", **bar_options(disable=not progress)) as bar:
         def settle(mid: str, state: str, why: str | None) -> None:
             if state == "build":  # its why, if any, was logged by the first look
                 start = bar.n

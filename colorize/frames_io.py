@@ -23,7 +23,7 @@ from tqdm import tqdm
 from annotator.color import to_uint8
 from annotator.video import FrameSourceError, list_frame_files, natural_key, read_image, shown_path
 from atomicio import temp_beside as _temp_beside, write_bytes_atomic  # noqa: F401 (write_bytes_atomic: public API)
-from cliutil import not_utf8, one_line, signals_deferred
+from cliutil import bar_options, not_utf8, one_line, signals_deferred
 from colorize.audio import FrameTimes, remux
 
 __all__ = [
@@ -86,6 +86,7 @@ def progress_bar(total: int | None, desc: str, **kw) -> tqdm:
     kw.setdefault("file", sys.stderr)
     kw.setdefault("smoothing", 0)
     kw.setdefault("dynamic_ncols", True)
+    kw.update(bar_options(kw["file"], kw.get("disable", False)))  # a log file: an update every 30 s
     return tqdm(total=total, desc=desc, unit=" frame", unit_scale=False,
                 bar_format=BAR_FORMAT if total else BAR_FORMAT_OPEN, **kw)
 

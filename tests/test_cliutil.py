@@ -1372,3 +1372,20 @@ def test_a_hangup_stops_the_run_as_sigterm_does(capsys, tmp_path):
             "os.kill(os.getpid(), signal.SIGHUP)\ntime.sleep(5)\n")  # while the imports load
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (143, "p.py: terminated (SIGTERM)\n")
+
+
+def test_progress_bars_update_every_30_s_in_a_log_and_not_at_all_without_stderr(monkeypatch):
+    import io
+    import pty
+
+    from cliutil import LOG_BAR_INTERVAL, bar_options
+
+    assert LOG_BAR_INTERVAL == 30.0
+    assert bar_options(io.StringIO()) == {"disable": False, "mininterval": 30.0}  # a log file, a pipe
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        assert bar_options(terminal) == {"disable": False, "mininterval": 0.1}  # tqdm's own
+    os.close(leader)
+    assert bar_options(io.StringIO(), disable=True)["disable"] is True
+    monkeypatch.setattr(sys, "stderr", None)  # started with stderr closed (2>&-)
+    assert bar_options() == {"disable": True, "mininterval": 30.0}

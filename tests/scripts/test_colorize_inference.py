@@ -2394,3 +2394,20 @@ def test_a_stop_between_two_outputs_counts_the_frames_drained_after_it(env, tmp_
     present = sorted(p.name for p in out.iterdir())
     assert rc == 130 and err == (f"colorize_inference.py: interrupted; the {len(present)} outputs written so far are "
                                  f"complete: --frames {len(present)}: continues\n"), (err, present)
+
+
+def test_unattended_runs_write_a_quiet_log_and_survive_a_closed_stderr(env, tmp_path):
+    """Under a scheduler the bar went to the log 10 times a second (megabytes of carriage returns
+    an hour); with stderr closed (`2>&-`) tqdm wrote to None: exit 1 and not a word, nothing
+    written (unattended-run audit). Now: an update every 30 s in a log (here: the first and the
+    last), and no bar where stderr is closed."""
+    script = Path(cli.__file__)
+    args = [str(script), "--input", str(env["gray"]), "--reference", str(env["refs"][0]), "--method", "reinhard"]
+    with open(tmp_path / "log", "w") as log:
+        done = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "a")], stderr=log, timeout=120)
+    text = (tmp_path / "log").read_text()
+    assert done.returncode == 0 and len(sorted((tmp_path / "a").iterdir())) == 4
+    assert text.count("\r") <= 2 and "4/4" in text, text  # tqdm's first draw and its close
+    done = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, *args, "--out", str(tmp_path / "b")],
+                          timeout=120)
+    assert done.returncode == 0 and len(sorted((tmp_path / "b").iterdir())) == 4
