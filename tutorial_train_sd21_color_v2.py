@@ -104,8 +104,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=int,
                    help="validation loss every N training batches (0 = off); the last movie of --data (by id) "
                         "is then held out of training to validate on, and named at the start")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs: the losses go to OUT/csv "
-                                                               "and OUT/tb either way)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line (step, loss, learning rate, s/step) every --log-every steps "
+                        "instead, as where stderr is no terminal (a log); the losses go to OUT/csv and OUT/tb "
+                        "either way")
     g.add_argument("--export", action="store_true",
                    help="only write OUT/control.safetensors from the resume checkpoint, then exit")
     p.add_argument("overrides", nargs="*", type=config_override, metavar="key=value",

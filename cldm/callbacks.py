@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -121,6 +123,35 @@ class ResumeAgreement(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Trainer._run: setup_environment (process group) -> setup hooks -> restore
         check_same_resume(self.ckpt_path)
+
+
+class StepLines(Callback):
+    """Where no progress bar is drawn (--no-progress, or stderr no terminal: a scheduler's log),
+    global rank 0 prints a plain line every `every` optimiser steps: the step, the loss and
+    learning rate logged for it, and the seconds per step so far. Such a log said nothing
+    between the start and the end of a run (and a bar in it is carriage returns)."""
+
+    def __init__(self, every: int, file=None):
+        self.every, self.file = max(1, every), file
+        self._last, self._start = -1, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last or step % self.every or not trainer.is_global_zero or self._start is None:
+            return
+        self._last = step  # with gradient accumulation several batches end at one step
+        seconds = (time.perf_counter() - self._start[0]) / max(1, step - self._start[1])
+        metrics = trainer.callback_metrics
+        said = [f"step {step}" + (f"/{trainer.max_steps}" if trainer.max_steps > 0 else "")]
+        if "train/loss" in metrics:
+            said.append(f"loss {float(metrics['train/loss']):.4g}")
+        lr = next((float(v) for k, v in metrics.items() if k.startswith("lr-")), None)
+        if lr is not None:
+            said.append(f"lr {lr:.3g}")
+        print(f"{', '.join(said)}, {seconds:.3g} s/step", file=self.file or sys.stdout, flush=True)
 
 
 GRID_COLUMNS = ("reference", "gray (input)", "DDIM sample", "ground truth")

@@ -98,6 +98,13 @@ def build_datamodule(cfg, args, model):
     return dm
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except ValueError:  # closed
+        return False
+
+
 def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: bool = True):
     """`validate=False`: no validation even with train.val_every (the data has no held-out movie)."""
     import lightning as L
@@ -108,7 +115,8 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.strategies import DDPStrategy
 
-    from cldm.callbacks import AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint
+    from cldm.callbacks import (AtomicCheckpointIO, ImageLogger, ReplicaCheck, ResumeAgreement, StepCheckpoint,
+                                StepLines)
     from cldm.launch import count_devices, ddp_kwargs, devices_arg, launched_by_torchrun
 
     t = cfg.train
@@ -122,6 +130,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 runs, as on the original A6000s
     plugins = [AtomicCheckpointIO()]
+    bar = not args.no_progress and _is_terminal(sys.stderr)  # a log gets StepLines' plain lines instead
     if SLURMEnvironment.detect() and not launched_by_torchrun():  # torchrun's variables give the ranks then
         plugins.append(SLURMEnvironment(auto_requeue=False))  # one resume mechanism: --resume auto
     callbacks = [
@@ -129,7 +138,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
         StepCheckpoint(out / "checkpoints", every_n_steps=t.ckpt_every, keep=t.ckpt_keep),
         ImageLogger(out / "images", t.image_every, t.image_count, t.image_ddim_steps, seed=t.seed),
         ReplicaCheck(out / "replicas.json"),
-        *([] if args.no_progress else [TQDMProgressBar(refresh_rate=max(1, t.log_every))]),
+        TQDMProgressBar(refresh_rate=max(1, t.log_every)) if bar else StepLines(t.log_every),
     ]
     val = dict(val_check_interval=t.val_every, check_val_every_n_epoch=None) if t.val_every and validate else \
         dict(limit_val_batches=0)
@@ -142,7 +151,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
                 log_every_n_steps=t.log_every, callbacks=callbacks, plugins=plugins, default_root_dir=out,
                 logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
                 num_sanity_val_steps=0, benchmark=True, enable_model_summary=False,
-                enable_progress_bar=not args.no_progress, **val)
+                enable_progress_bar=bar, **val)
     except (TypeError, ValueError, RuntimeError, MisconfigurationException) as e:  # Lightning's checks of devices,
         # strategy, precision (and of a GPU asked for where none is: Misconfiguration)
         raise UsageError(f"cannot set up training with --accelerator {args.accelerator} --devices {args.devices} "

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 import atomicio
 from cldm.callbacks import (GRID_COLUMNS, LATENT_TRUTH, AtomicCheckpointIO, ImageLogger, ReplicaCheck,
-                            ResumeAgreement, StepCheckpoint, _interruption, labelled_grid, weights_digest)
+                            ResumeAgreement, StepCheckpoint, StepLines, _interruption, labelled_grid,
+                            weights_digest)
 from cldm.lightning import ColorControlModule
 from cldm.resume import ResumeMismatchError, is_complete_checkpoint
 from cldm.trainable import export_keys
@@ -444,3 +445,29 @@ def test_the_grid_names_a_latent_batchs_truth_column_as_a_decode(tmp_path):
     split = 3 * 132 + 2  # the last column's header (64 px tiles enlarged 2x)
     assert np.array_equal(heads["image"][:, :split], heads["latent"][:, :split])
     assert not np.array_equal(heads["image"][:, split:], heads["latent"][:, split:])
+
+
+def test_step_lines_say_the_step_loss_rate_and_time_every_n_steps(capsys, monkeypatch):
+    """Rank 0, once per optimiser step (several batches end at one with --accumulate), every
+    `every` steps; the loss and learning rate as logged for the step."""
+    import cldm.callbacks
+
+    clock = iter([100.0, 103.0, 106.0])
+    monkeypatch.setattr(cldm.callbacks.time, "perf_counter", lambda: next(clock))
+    t = FakeTrainer()
+    t.global_step, t.max_steps = 10, 20
+    t.callback_metrics = {"train/loss": torch.tensor(0.123456), "lr-AdamW/control": torch.tensor(1e-5)}
+    lines = StepLines(2)
+    lines.on_train_start(t, None)  # at step 10: a resumed run's time counts from here
+    for step in (11, 12, 12, 13, 14):
+        t.global_step = step
+        lines.on_train_batch_end(t, None, None, None, 0)
+    assert capsys.readouterr().out == ("step 12/20, loss 0.1235, lr 1e-05, 1.5 s/step\n"
+                                       "step 14/20, loss 0.1235, lr 1e-05, 1.5 s/step\n")
+    t.is_global_zero, t.global_step = False, 16
+    lines.on_train_batch_end(t, None, None, None, 0)
+    t.is_global_zero, t.max_steps, t.callback_metrics = True, -1, {}
+    t.global_step = 18
+    monkeypatch.setattr(cldm.callbacks.time, "perf_counter", lambda: 124.0)
+    lines.on_train_batch_end(t, None, None, None, 0)  # by epochs, before anything is logged
+    assert capsys.readouterr().out == "step 18, 3 s/step\n"

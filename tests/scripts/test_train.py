@@ -1295,11 +1295,17 @@ def test_a_bad_yaml_found_beside_the_init_says_the_user_never_named_it(ws, tmp_p
                                       "models/cldm_v21_color.yaml)\n"
 
 
-def test_no_progress_makes_a_trainer_without_a_bar(ws):
-    for extra, bar in (([], True), (["--no-progress"], False)):
+def test_a_bar_on_a_terminal_plain_lines_in_a_log_or_with_no_progress(ws, monkeypatch):
+    """A log (stderr no terminal: a scheduler's) got the bar's carriage returns, and with
+    --no-progress nothing at all between start and end: StepLines' plain lines there."""
+    from cldm.callbacks import StepLines
+
+    for extra, terminal, bar in (([], True, True), (["--no-progress"], True, False), ([], False, False)):
+        monkeypatch.setattr(training, "_is_terminal", lambda stream: terminal)
         ns = train.parser().parse_args(args(ws, ws / "unused", *extra))
         trainer = training.make_trainer(train_config.run_config(ns), ns, ws / "unused")
         assert (trainer.progress_bar_callback is not None) is bar, extra
+        assert any(isinstance(c, StepLines) for c in trainer.callbacks) is not bar, (extra, terminal)
 
 
 def test_a_bad_flag_value_is_the_flags_not_the_configs(ws, tmp_path, capsys, monkeypatch):
