@@ -323,17 +323,23 @@ def out_of_memory(e: BaseException) -> bool:
 LOG_BAR_INTERVAL = 30.0  # s between a progress bar's updates written to a file or pipe, not a terminal
 
 
+def is_terminal(stream=None) -> bool:
+    """Whether `stream` (default stderr) is a terminal: False where it is None (started closed,
+    `2>&-`, where `sys.stderr.isatty()` raised AttributeError) or closed since."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
 def bar_options(file=None, disable: bool = False) -> dict:
     """tqdm's `disable` and `mininterval` for a progress bar on `file` (default stderr): off where
     it is closed (tqdm wrote to None: a run ended with exit 1 and not a word), and where it is no
     terminal (a log file under a scheduler, `> log 2>&1`) an update every LOG_BAR_INTERVAL s, not
     10 a second (an hour's run wrote megabytes of carriage returns)."""
     file = sys.stderr if file is None else file
-    try:
-        terminal = file.isatty()
-    except (AttributeError, ValueError):  # None (closed at the start), or closed since
-        terminal = False
-    return {"disable": disable or file is None, "mininterval": 0.1 if terminal else LOG_BAR_INTERVAL}
+    return {"disable": disable or file is None, "mininterval": 0.1 if is_terminal(file) else LOG_BAR_INTERVAL}
 
 
 def too_many_files(where: str, lower: str) -> str:
@@ -543,10 +549,10 @@ def dependency_problem(needs: Sequence[str]) -> str | None:
         if not found and name == "lightning":
             return ("the lightning package is not installed (pytorch_lightning alone is not what this imports): "
                     "pip install -r requirements.txt")
-        for dist, version in found[:1]:
-            if _release(version, len(least)) < least:
-                return (f"{dist} {version} is older than {'.'.join(map(str, least))}, the least this needs ({why}): "
-                        "pip install -r requirements.txt")
+        if found and _release(found[0][1], len(least)) < least:  # the imported cv2, else the first installed
+            dist, version = found[0]
+            return (f"{dist} {version} is older than {'.'.join(map(str, least))}, the least this needs ({why}): "
+                    "pip install -r requirements.txt")
     return None
 
 

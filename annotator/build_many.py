@@ -37,7 +37,7 @@ from annotator.pairs import (
     load_meta, movie_id_for, movie_lock, refuse_linked_partial,
 )
 from annotator.video import FrameSourceError, probe, shown_path
-from cliutil import HELD_SIGNALS, bar_options, one_line, out_of_memory, signals_deferred
+from cliutil import HELD_SIGNALS, bar_options, is_terminal, one_line, out_of_memory, signals_deferred
 
 
 # Writes that fail with these say nothing about the movie being built, only about DATA_ROOT (EACCES: a
@@ -359,7 +359,7 @@ class _Bars:
 
         enabled = enabled and bool(todo)
         self._tqdm, self.enabled = tqdm, enabled
-        self.per_movie = enabled and sys.stderr.isatty()
+        self.per_movie = enabled and is_terminal(sys.stderr)  # stderr closed (2>&-): no bars, not AttributeError
         self.estimate = {mid: n for mid, _, n in todo}
         self.done: dict[str, int] = {}
         self.bars: dict[str, object] = {}

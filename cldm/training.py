@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from cldm.train_config import UsageError
-from cliutil import Terminated, out_of_memory, too_many_files, too_many_files_error
+from cliutil import Terminated, is_terminal, out_of_memory, too_many_files, too_many_files_error
 
 PROG = "tutorial_train_sd21_color_v2.py"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -98,13 +98,6 @@ def build_datamodule(cfg, args, model):
     return dm
 
 
-def _is_terminal(stream) -> bool:
-    try:
-        return stream is not None and stream.isatty()
-    except ValueError:  # closed
-        return False
-
-
 def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: bool = True):
     """`validate=False`: no validation even with train.val_every (the data has no held-out movie)."""
     import lightning as L
@@ -130,7 +123,7 @@ def make_trainer(cfg, args, out: Path, resume: Path | None = None, validate: boo
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 runs, as on the original A6000s
     plugins = [AtomicCheckpointIO()]
-    bar = not args.no_progress and _is_terminal(sys.stderr)  # a log gets StepLines' plain lines instead
+    bar = not args.no_progress and is_terminal(sys.stderr)  # a log gets StepLines' plain lines instead
     if SLURMEnvironment.detect() and not launched_by_torchrun():  # torchrun's variables give the ranks then
         plugins.append(SLURMEnvironment(auto_requeue=False))  # one resume mechanism: --resume auto
     callbacks = [

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from cliutil import is_terminal
 from colorize import pipeline as P
 from colorize.baselines import iter_baseline
 from colorize.frames_io import progress_bar
@@ -50,7 +51,7 @@ def flow_start_indices(source: str | Path, refs: References, frames: slice, tota
         # a second bar below the main one: on a terminal only (in a log, its cursor moves are
         # stray escape codes)
         scan = progress_bar(total, "finding the reference images' frames", leave=False,
-                            disable=not show_progress or not sys.stderr.isatty(),
+                            disable=not show_progress or not is_terminal(sys.stderr),
                             iterable=P.iter_gray_frames(source, frames.start, frames.stop, note))
         try:
             found = dict(zip(images, most_similar_frames((f.gray for f in scan), [refs.images[k] for k in images])))

@@ -1389,3 +1389,5 @@ def test_progress_bars_update_every_30_s_in_a_log_and_not_at_all_without_stderr(
     assert bar_options(io.StringIO(), disable=True)["disable"] is True
     monkeypatch.setattr(sys, "stderr", None)  # started with stderr closed (2>&-)
     assert bar_options() == {"disable": True, "mininterval": 30.0}
+    from cliutil import is_terminal
+    assert not is_terminal() and not is_terminal(io.StringIO())

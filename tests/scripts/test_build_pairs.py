@@ -606,6 +606,14 @@ def test_the_flags_reach_the_build_and_default_to_the_librarys_options(tmp_path,
     assert calls == []
 
 
+def test_a_closed_stderr_builds_without_bars(tmp_path):
+    """`2>&-`: its per-movie bars asked sys.stderr.isatty() of None, exit 1 and not a word."""
+    clip = write_folder(panning_clip(6, 48, 64), tmp_path / "c0")
+    p = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, str(SCRIPT), str(clip), "--out",
+                        str(tmp_path / "d"), "--size", "64"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "built 1 movie(s)" in p.stdout and list_movies(tmp_path / "d") == ["c0"]
+
+
 @pytest.mark.skipif(os.name != "posix", reason="resource limits")
 def test_out_of_file_descriptors_is_one_line_and_leaves_no_partial_output(tmp_path):
     """`ulimit -n 16` with --workers 2: the bare "[Errno 24] Too many open files". (The partial

@@ -2408,6 +2408,7 @@ def test_unattended_runs_write_a_quiet_log_and_survive_a_closed_stderr(env, tmp_
     text = (tmp_path / "log").read_text()
     assert done.returncode == 0 and len(sorted((tmp_path / "a").iterdir())) == 4
     assert text.count("\r") <= 2 and "4/4" in text, text  # tqdm's first draw and its close
-    done = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, *args, "--out", str(tmp_path / "b")],
-                          timeout=120)
-    assert done.returncode == 0 and len(sorted((tmp_path / "b").iterdir())) == 4
+    for method, out in (("reinhard", "b"), ("flow", "c")):  # flow: its second bar, which scans for the reference
+        done = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, *args[:-1], method,
+                               "--out", str(tmp_path / out)], timeout=120)
+        assert done.returncode == 0 and len(sorted((tmp_path / out).iterdir())) == 4, method

@@ -1301,7 +1301,7 @@ def test_a_bar_on_a_terminal_plain_lines_in_a_log_or_with_no_progress(ws, monkey
     from cldm.callbacks import StepLines
 
     for extra, terminal, bar in (([], True, True), (["--no-progress"], True, False), ([], False, False)):
-        monkeypatch.setattr(training, "_is_terminal", lambda stream: terminal)
+        monkeypatch.setattr(training, "is_terminal", lambda stream: terminal)
         ns = train.parser().parse_args(args(ws, ws / "unused", *extra))
         trainer = training.make_trainer(train_config.run_config(ns), ns, ws / "unused")
         assert (trainer.progress_bar_callback is not None) is bar, extra
