@@ -10,8 +10,7 @@ Three modes, one sampler (DDIM, ldm/sampler.py):
   original reference is used again, so drift is bounded. anchor_every=1 is fixed mode;
   anchor_every=0 with anchor_strength=0 is recursive mode.
 With several references each frame takes the most similar one (colorize/references.py); in the
-sequential modes a change of reference (a
-scene cut) restarts the chain from that reference.
+sequential modes a change of reference (a scene cut) restarts the chain from that reference.
 
 Per clip, once: the blank-prompt embedding, and each reference resized to the model frame
 size with its VAE latent (v2/v3). Per frame: the hint-block features (the hint is reference
