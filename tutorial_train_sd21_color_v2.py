@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog=f"Flags left out take the config's values (see --config); the defaults shown are "
-                             f"{DEFAULT_CONFIG.name}'s.")
+                             f"{DEFAULT_CONFIG.name}'s. Exit status: 0 done, 2 bad input (one line), 130 / 143 "
+                             "stopped by Ctrl-C / SIGTERM (one line; a rerun resumes from the newest checkpoint). "
+                             "See docs/TRAINING.md.")
     p.add_argument("--config", type=path_arg, metavar="YAML",
                    help="model + training YAML (default: when resuming, the run's own OUT/config.yaml; else a .yaml "
                         "beside --init with the same stem, else the config --init records, else "
