@@ -92,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
                         "method's folder, data/reference.png, each method's mp4, the report's files; of every "
                         "method, also those --methods leaves out) before this one writes its own; nothing else "
                         "there is touched")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (for logs; where stderr is no terminal they update every 30 s anyway)")
     return p
 
 
@@ -161,8 +163,7 @@ def colourise(method: str, data: Path, reference: Path, out: Path, args, fps: fl
                  "--steps", str(args.steps), "--device", args.device]
     else:
         argv += ["--method", method]
-    if args.overwrite:
-        argv.append("--overwrite")
+    argv += [flag for flag in ("--overwrite", "--no-progress") if getattr(args, flag[2:].replace("-", "_"))]
     _call(colorize_inference.main, argv, f"colorize_inference.py --method {method}")
 
 

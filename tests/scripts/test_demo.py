@@ -228,6 +228,19 @@ def test_a_method_named_twice_runs_once(tmp_path, capsys):
     assert list(summary(out / "report")) == ["reinhard", "gray input", "ground_truth"]
 
 
+def test_no_progress_draws_no_bar(tmp_path, capsys):
+    """In a log a bar's lines are noise: with --no-progress the demo's steps write nothing to stderr."""
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i, f in enumerate(panning_clip(3, 48, 64)):
+        cv2.imwrite(str(clip / f"frame_{i:04d}.png"), f[..., ::-1])
+    args = ["--clip", clip, "--frames", "0:3", "--methods", "reinhard", "--out", tmp_path / "demo"]
+    rc, _, err = run(args, capsys)
+    assert rc == 0 and "frame/s" in err, err  # the bar, there without the flag
+    rc, _, err = run([*args, "--no-progress", "--overwrite"], capsys)
+    assert (rc, err) == (0, "")
+
+
 def test_the_videos_have_the_clips_frame_rate(tmp_path, capsys):
     """A 30 fps clip gives 30 fps videos (the demo passed --fps 25 whatever the clip); a frame
     folder has no rate, and gets colorize_inference.py's default, 25."""
@@ -432,7 +445,7 @@ def test_colourise_passes_the_demos_settings_to_colorize_inference(tmp_path, mon
     data, ref, out = tmp_path / "data", tmp_path / "data" / "reference.png", tmp_path / "demo"
     demo.colourise("recursive", data, ref, out, args, 25.0)
     demo.colourise("flow", data, ref, out, demo.parser().parse_args([]), 30000 / 1001)
-    demo.colourise("reinhard", data, ref, out, demo.parser().parse_args([]))  # a folder clip: no rate of its own
+    demo.colourise("reinhard", data, ref, out, demo.parser().parse_args(["--no-progress"]))  # a folder: no rate
     common = ["--input", str(data / "gray"), "--reference", str(ref)]
     assert calls == [
         [*common, "--out", str(out / "recursive"), "--video", str(out / "recursive.mp4"), "--fps", "25.0",
@@ -440,7 +453,8 @@ def test_colourise_passes_the_demos_settings_to_colorize_inference(tmp_path, mon
          "--device", "cpu", "--overwrite"],
         [*common, "--out", str(out / "flow"), "--video", str(out / "flow.mp4"), "--fps", "29.97002997002997",
          "--method", "flow"],  # the clip's rate to the last digit (it was 25 whatever the clip)
-        [*common, "--out", str(out / "reinhard"), "--video", str(out / "reinhard.mp4"), "--method", "reinhard"],
+        [*common, "--out", str(out / "reinhard"), "--video", str(out / "reinhard.mp4"), "--method", "reinhard",
+         "--no-progress"],
     ]
 
 
