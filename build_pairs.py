@@ -11,9 +11,10 @@ A movie another run is building (on the same DATA_ROOT) is left to the end and w
 then counted as built by that run, or built here if that run died.
 
 Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
-summary), 2 bad arguments, a --strict stop or a DATA_ROOT that is full or read-only (one
-line; a full disk is not the movie's fault, so the run stops), 130 / 143 stopped by Ctrl-C /
-SIGTERM (the movies being built are dropped, finished ones kept; rerun to resume).
+summary), 2 bad arguments, every input skipped (nothing to train on), a --strict stop or a
+DATA_ROOT that is full or read-only (one line; a full disk is not the movie's fault, so the
+run stops), 130 / 143 stopped by Ctrl-C / SIGTERM (the movies being built are dropped,
+finished ones kept; rerun to resume).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                "any other character -> '_', leading dots dropped ('my film-1.v2.mp4' -> 'my_film-1.v2', "
                "'.hidden.mp4' -> 'hidden'). Finished movies are skipped, so rerunning resumes; one that another run "
                "is building is waited for at the end. Exit status: 0 all built or already built, 1 some input "
-               "skipped, 2 bad arguments, a --strict stop or a full/read-only "
+               "skipped, 2 bad arguments, every input skipped, a --strict stop or a full/read-only "
                "DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
             raise OSError(f"{too_many_files(f'with --workers {args.workers}', '--workers')}; finished movies are "
                           "kept, rerun to resume") from None
     print(summary.text())
-    if summary.stopped:
-        return 2
+    if summary.stopped or (summary.skipped and not (summary.built or summary.existing or summary.by_others)):
+        return 2  # nothing usable in DATA_ROOT: a script's `$? = 1` must not read as "some movies built"
     return 1 if summary.skipped else 0
 
 

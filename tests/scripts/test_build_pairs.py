@@ -214,9 +214,12 @@ def test_every_bad_input_is_reported_and_nothing_is_lost(tmp_path):
     assert "built 2 movie(s): 22 frames" in p.stdout and "bad input (skipped): 6" in p.stdout
     assert "frames/s" in p.stdout and "pairs in the default band" in p.stdout
     assert not (tmp_path / "d" / ".partial").exists()  # a finished run leaves no empty .partial
-    # only bad inputs: nothing built, and no DATA_ROOT left behind (nor the folders made for it)
-    assert build_pairs.main([str(junk), str(notes), "--out", str(tmp_path / "new" / "d"), "--no-progress"]) == 1
+    # only bad inputs: nothing built (exit 2, not "some skipped"), and no DATA_ROOT left behind (nor its folders)
+    assert build_pairs.main([str(junk), str(notes), "--out", str(tmp_path / "new" / "d"), "--no-progress"]) == 2
     assert not (tmp_path / "new").exists()
+    # a bad input beside one built earlier: DATA_ROOT holds something to train on, so "some skipped"
+    assert build_pairs.main([str(junk), str(good_folder), "--out", str(tmp_path / "d"), "--size", "32",
+                             "--window", "4", "--no-progress"]) == 1
     assert build_pairs.main([str(junk), "--strict", "--out", str(tmp_path / "new" / "d"), "--no-progress"]) == 2
     assert not (tmp_path / "new").exists()
 
