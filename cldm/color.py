@@ -36,6 +36,15 @@ def needs_gray_latent(variant: str) -> bool:
     return variant == "v3"
 
 
+def join_hint(reference: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) reference RGB + (B, 1, H, W) target gray, both in [0, 1] -> the hint; split_hint's
+    inverse, so that inference builds exactly what training's data (tutorial_dataset.make_hint) gives."""
+    if reference.ndim != 4 or reference.shape[1] != 3 or gray.ndim != 4 or gray.shape[1] != 1:
+        raise ValueError(f"hint parts must be (B, 3, H, W) and (B, 1, H, W), got {tuple(reference.shape)} and "
+                         f"{tuple(gray.shape)}")
+    return torch.cat([reference, gray], dim=1)
+
+
 def split_hint(hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if hint.ndim != 4 or hint.shape[1] != 4:
         raise ValueError(f"hint must be (B, 4, H, W) = reference RGB + target gray, got {tuple(hint.shape)}")

@@ -52,7 +52,7 @@ from annotator.video import (
     FrameRangeError, FrameSourceError, SourceInfo, iter_frames, list_frame_files, probe, read_image_native,
 )
 from cldm.cldm import ControlLDM
-from cldm.color import ColorCondition, needs_ref_latent
+from cldm.color import ColorCondition, join_hint, needs_ref_latent
 from cliutil import file_problem
 from colorize.cuda_graph import GraphCache
 from colorize.gray import array_problem, to_gray
@@ -406,7 +406,7 @@ class Colorizer:
         references: the hint as training builds it (reference RGB + gray in [0, 1]), the
         reference latents encoded once per clip, the blank prompt's embedding."""
         b = gray.shape[0]
-        hint = torch.cat([torch.cat([r.image for r in refs]), gray], dim=1)
+        hint = join_hint(torch.cat([r.image for r in refs]), gray)
         latent = None if refs[0].latent is None else torch.cat([r.latent for r in refs])
         return self.model.prepare_condition(hint, context=self.context.expand(b, -1, -1), ref_latent=latent)
 

@@ -4,7 +4,8 @@ import torch
 
 from cldm import color
 from cldm.color import (
-    ColorCondition, build_concat, extra_channels, gray_to_latent_size, needs_gray_latent, needs_ref_latent, split_hint,
+    ColorCondition, build_concat, extra_channels, gray_to_latent_size, join_hint, needs_gray_latent, needs_ref_latent,
+    split_hint,
 )
 
 
@@ -84,6 +85,22 @@ def test_split_hint_refuses_a_hint_of_another_rank():
     for shape in [(4, 4, 8), (1, 4, 8, 8, 1)]:
         with pytest.raises(ValueError, match=r"hint must be \(B, 4, H, W\)"):
             split_hint(torch.rand(shape))
+
+
+def test_join_hint_is_the_datasets_hint_and_split_hints_inverse():
+    """Inference's hint (join_hint) equals training's (make_hint, HWC numpy) channel for channel."""
+    import numpy as np
+
+    from tutorial_dataset import make_hint
+
+    rng = np.random.default_rng(0)
+    ref, tgt = (rng.integers(0, 256, (6, 10, 3), dtype=np.uint8) for _ in range(2))
+    trained = torch.from_numpy(make_hint(ref, tgt)).permute(2, 0, 1)[None]
+    joined = join_hint(torch.from_numpy(ref).permute(2, 0, 1)[None].float() / 255, trained[:, 3:])
+    assert torch.equal(joined, trained)
+    assert all(torch.equal(a, b) for a, b in zip(split_hint(joined), (joined[:, :3], joined[:, 3:])))
+    with pytest.raises(ValueError, match=r"hint parts must be \(B, 3, H, W\) and \(B, 1, H, W\)"):
+        join_hint(trained[:, 3:], trained[:, :3])  # the parts swapped
 
 
 def test_gray_is_the_mean_over_each_latent_cell_not_a_sample():
