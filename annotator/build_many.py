@@ -34,7 +34,7 @@ import cv2
 
 from annotator.pairs import (
     DEFAULT_HIGH, DEFAULT_LOW, DEFAULT_MIN_GAP, PARTIAL_DIR, BuildOptions, MovieBusy, build_movie, is_finished,
-    load_meta, movie_id_for, movie_lock, refuse_linked_partial,
+    list_movies, load_meta, movie_id_for, movie_lock, refuse_linked_partial,
 )
 from annotator.video import FrameSourceError, probe, shown_path
 from cliutil import HELD_SIGNALS, bar_options, is_terminal, one_line, out_of_memory, signals_deferred
@@ -188,8 +188,18 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
     index, count = shard
     mine = ids[index::count]
     todo, existing, notes = [], [], []
+    built_from: dict[str, str] | None = None  # source -> id of every finished movie, read when first needed
     for mid in mine:
         p = by_id[mid]
+        if not is_finished(root / mid):
+            if built_from is None:
+                built_from = _built_from(root)
+            if (old_id := built_from.get(os.path.realpath(p), mid)) != mid:
+                # built under another id (an earlier version's id rule): built again, a film trains twice
+                existing.append(old_id)
+                notes.append(f"{shown_path(p)}: already built as '{old_id}' ({shown_path(root / old_id)}, an "
+                             f"earlier version's name for it); kept")
+                continue
         if is_finished(root / mid):
             try:
                 meta = load_meta(root / mid)
@@ -217,6 +227,17 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
             continue
         todo.append((mid, p, info.frame_count or 0))
     return todo, existing, skipped, notes, len(ids) - len(mine)
+
+
+def _built_from(root: Path) -> dict[str, str]:
+    """The source (real path) of each finished movie under root, to its id; a movie whose
+    meta.json cannot be read is left out (plan names it when its own input comes)."""
+    sources = {}
+    for mid in list_movies(root):
+        with suppress(OSError, ValueError):
+            if isinstance(source := load_meta(root / mid).get("source"), str):
+                sources[source] = mid
+    return sources
 
 
 def option_changes(meta: dict, options: BuildOptions) -> list[str]:

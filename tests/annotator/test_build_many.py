@@ -759,6 +759,25 @@ def test_plan_shows_names_that_are_not_utf8_with_escapes(tmp_path):
     assert skipped[0].encode("utf-8")
 
 
+def test_a_source_built_under_another_id_is_kept_not_built_again(tmp_path):
+    """The id rule changed between versions ('Amélie' was 'Am_lie'): an upgrade's rerun built the
+    film a second time under its new id, and training then drew its frames twice as often."""
+    film = write_folder(panning_clip(4, 16, 24), tmp_path / "Amélie")
+    other = write_folder(panning_clip(4, 16, 24, seed=1), tmp_path / "Brazil")
+    build_all([film, other], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    (tmp_path / "data" / "Amélie").rename(tmp_path / "data" / "Am_lie")  # as the earlier rule stored it
+    lines = []
+    s = build_all([film, other], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s.built == [] and sorted(s.existing) == ["Am_lie", "Brazil"] and s.skipped == []
+    assert lines == [f"note: {film}: already built as 'Am_lie' ({tmp_path / 'data' / 'Am_lie'}, an earlier "
+                     "version's name for it); kept"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == ["Am_lie", "Brazil"]
+    # another film at a path of its own is no such case: built, whatever the folders' names
+    third = write_folder(panning_clip(4, 16, 24, seed=2), tmp_path / "x" / "Am_lie2")
+    assert [m["movie_id"] for m in build_all([third], tmp_path / "data", OPTS, progress=False,
+                                             log=lambda line: None).built] == ["Am_lie2"]
+
+
 def test_shards_split_the_sorted_ids_whatever_order_each_machine_lists_the_inputs_in(tmp_path):
     """Two machines whose globs list the same movies in other orders must still split them: taken
     in input order, shard 0 of one and shard 1 of the other could both take a movie and both skip
