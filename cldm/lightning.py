@@ -28,8 +28,8 @@ from cldm.color import split_hint
 from cldm.launch import NOISE, VALIDATION, run_seed
 from cldm.resume import resume_misfit
 from cldm.trainable import (MODULE_PREFIX, TRAINING_KEY, UNET_INPUT_CONV, check_optimizer,
-                            configure_trainable, export_keys, locked_digest, make_optimizer, param_groups,
-                            unet_input_conv)
+                            configure_trainable, export_keys, locked_digest, locked_fingerprint, make_optimizer,
+                            param_groups, unet_input_conv)
 from cldm.weights_config import config_hashes
 
 
@@ -361,10 +361,16 @@ class ColorControlModule(L.LightningModule):
         _, reason = resume_misfit(self.model, ours, trained, info, also=older)
         if reason is not None:
             raise ResumeRefusedError(reason)
-        digest = info.get("locked_digest")  # checkpoints before 2026-11-28 have none: not checked
+        digest = info.get("locked_digest")
         if digest is not None and digest != self.locked_digest():
             raise ResumeRefusedError("was trained on other locked SD weights than this run's --init",
                                      f"digest {digest[:12]}... vs {self.locked_digest()[:12]}...", locked=True)
+        if digest is None and isinstance(fp := info.get("locked_fingerprint"), float):  # written before 2026-11-27
+            with torch.no_grad():  # 20:49: that version's own check, which a resume of it skipped since
+                ours = locked_fingerprint(self.model)
+            if abs(fp - ours) > 1e-7 * abs(fp):
+                raise ResumeRefusedError("was trained on other locked SD weights than this run's --init",
+                                         f"fingerprint {fp:.9g} vs {ours:.9g}", locked=True)
         # Another --optimizer (adamw8bit after an out-of-memory, say): AdamW's and bitsandbytes'
         # states have different keys, and either one loaded into the other failed at the first
         # step (KeyError). Restore none: the optimiser configure_optimizers made starts afresh.

@@ -181,6 +181,14 @@ def locked_digest(model: ControlLDM, trained: Iterable[str] | None = None) -> st
     return h.hexdigest()[:32]
 
 
+def locked_fingerprint(model: ControlLDM) -> float:
+    """What checkpoints written before 2026-11-27 20:49 record instead of locked_digest: the sum of
+    squares (float64) of the same weights. Coarse (a relative 1e-7 hides a small edit), but it
+    still tells other SD weights from the run's own when such a checkpoint is resumed."""
+    keep = set(export_keys(model))
+    return float(sum(p.detach().double().square().sum() for n, p in model.named_parameters() if n not in keep))
+
+
 def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: DictConfig | None = None,
                    extra: dict | None = None) -> Path:
     """Write the trainable weights to a safetensors file (atomically), with what they fit."""

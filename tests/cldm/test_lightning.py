@@ -261,6 +261,15 @@ def test_checkpoint_holds_trainable_tensors_and_refuses_foreign_ones():
                                   "batch": {"devices": 2, "batch_size": cfg["train"]["batch_size"], "accumulate": 3}}
     module.on_load_checkpoint(ckpt)  # its own checkpoint is fine
     before_digests = {**ckpt, TRAINING_KEY: {k: v for k, v in ckpt[TRAINING_KEY].items() if k != "locked_digest"}}
+    # before 2026-11-27 20:49 checkpoints held the float sum of squares of those weights: that version's check
+    fingerprint = float(sum(p.double().square().sum() for n, p in module.model.named_parameters()
+                            if n not in set(export_keys(module.model))))
+    before_digests[TRAINING_KEY]["locked_fingerprint"] = fingerprint
+    ColorControlModule(tiny_model("v2"), config=cfg).on_load_checkpoint(before_digests)
+    with pytest.raises(ResumeRefusedError, match="other locked SD weights") as e:  # was resumed without a word
+        ColorControlModule(tiny_model("v2", seed=1), config=cfg).on_load_checkpoint(before_digests)
+    assert e.value.locked and re.fullmatch(rf"fingerprint {fingerprint:.9g} vs \S+", e.value.detail), e.value.detail
+    del before_digests[TRAINING_KEY]["locked_fingerprint"]
     ColorControlModule(tiny_model("v2", seed=1), config=cfg).on_load_checkpoint(before_digests)  # not checked
     other = ColorControlModule(tiny_model("v2"), config={**cfg, "model": {**cfg["model"], "color_variant": "v3"}})
     with pytest.raises(ResumeRefusedError, match="another model config") as e:
