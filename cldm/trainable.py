@@ -191,7 +191,9 @@ def locked_fingerprint(model: ControlLDM) -> float:
 
 def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: DictConfig | None = None,
                    extra: dict | None = None) -> Path:
-    """Write the trainable weights to a safetensors file (atomically), with what they fit."""
+    """Write the trainable weights to a safetensors file (atomically), with what they fit: among
+    it the digest of the locked weights under them (inference notes other SD weights by it; 768-v
+    has 512-base's shapes, so nothing else can), unless `extra` gives it (None: left out)."""
     meta = {"format": EXPORT_FORMAT, "color_variant": model.color_variant, "step": step,
             "concat_to_unet": model.concat_to_unet, "only_mid_control": model.only_mid_control,
             "parameterization": model.parameterization}
@@ -199,6 +201,10 @@ def export_control(model: ControlLDM, path: str | Path, *, step: int = 0, cfg: D
         meta["config_hash"] = config_hash(cfg)
         meta["config"] = OmegaConf.to_yaml(cfg, resolve=True)
     meta.update(extra or {})
+    if "locked_digest" not in meta:
+        with torch.no_grad():
+            meta["locked_digest"] = locked_digest(model)
+    meta = {k: v for k, v in meta.items() if v is not None}
     save_checkpoint(trainable_state_dict(model), path, metadata=meta)  # a full disk: one line, not safetensors' error
     return Path(path)
 

@@ -102,6 +102,10 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                  f"--init{init}; the digests of the locked weights differ): fine for a fine-tuned SD2.1 or the "
                  "same weights at another precision, but SD2.1 768-v under a 512-base export colours wrongly; to "
                  "be sure, pass that --init, or the SD file it was made from, as --ckpt")
+        elif note is not None and "locked_digest" not in meta:  # other SD weights would colour worse, unnoticed
+            note(f"--control {control} records no digest of the SD weights it was trained on (an export made "
+                 "before 2026-11-28, or not by this project's training): whether --ckpt holds them is not checked; "
+                 "pass its run's --init, or the SD file that was made from")
     else:
         sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
         if is_export(sd, read_export_metadata(ckpt, allow_pickle=allow_pickle)):  # else "lacks N tensors": no help
@@ -139,7 +143,7 @@ def _built(cfg, device: str | torch.device) -> ControlLDM:
 def trained_on_other_weights(model: ControlLDM, names: Iterable[str], meta: dict[str, str]) -> bool:
     """Whether an export (its tensor names `names` and metadata `meta`, as load_sd_plus_control
     read them) records a digest of other locked SD weights than `model` holds (False where it
-    records none: exports made before 2026-11-28).
+    records none: exports made before 2026-11-28, which load_model notes).
     SD2.1 768-v has 512-base's tensors to the last shape, so this digest is all that tells
     them apart."""
     recorded = meta.get("locked_digest")

@@ -349,7 +349,12 @@ def test_export_metadata_records_what_the_weights_fit(tmp_path):
     path = export_control(model, tmp_path / "c.safetensors", step=5, extra={"note": "x", "step": "9"})
     assert read_export_metadata(path) == {
         "format": EXPORT_FORMAT, "color_variant": "v2", "step": "9", "concat_to_unet": "True",
-        "only_mid_control": "False", "parameterization": "eps", "note": "x"}  # extra wins
+        "only_mid_control": "False", "parameterization": "eps", "note": "x",  # extra wins
+        "locked_digest": locked_digest(model)}  # inference's check that --ckpt holds the weights it was trained on
+    path = export_control(model, tmp_path / "c.safetensors", extra={"locked_digest": "given"})
+    assert read_export_metadata(path)["locked_digest"] == "given"
+    assert "locked_digest" not in read_export_metadata(export_control(model, tmp_path / "c.safetensors",
+                                                                      extra={"locked_digest": None}))
 
 
 def test_is_export_by_metadata_or_by_controlnet_plus_unet_tensors_only():

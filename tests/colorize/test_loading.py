@@ -276,12 +276,19 @@ def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path)
     configure_trainable(model)
     export = export_control(model, tmp_path / "control.safetensors",
                             extra={"init": "init.safetensors", "locked_digest": locked_digest(model)})
-    unrecorded = export_control(model, tmp_path / "old.safetensors")  # exports before 2026-11-28 record none
+    unrecorded = export_control(model, tmp_path / "old.safetensors", extra={"locked_digest": None})  # as before 11-28
+    own = export_control(model, tmp_path / "own.safetensors")  # the digest recorded without being given
+    assert "locked_digest" not in read_export_metadata(unrecorded)
+    assert read_export_metadata(own)["locked_digest"] == locked_digest(model)
     model.requires_grad_(False)
     notes = []
     L.load_model(same, control=export, config=TINY_CONFIG, note=notes.append)
-    L.load_model(other, control=unrecorded, config=TINY_CONFIG, note=notes.append)
     assert notes == []
+    L.load_model(other, control=unrecorded, config=TINY_CONFIG, note=notes.append)
+    assert notes == [f"--control {unrecorded} records no digest of the SD weights it was trained on (an export made "
+                     "before 2026-11-28, or not by this project's training): whether --ckpt holds them is not "
+                     "checked; pass its run's --init, or the SD file that was made from"]
+    notes.clear()
     loaded = L.load_model(other, control=export, config=TINY_CONFIG, note=notes.append)
     assert notes == [f"--control {export} was trained on other SD weights than --ckpt {other} holds (its run's --init "
                      "(init.safetensors); the digests of the locked weights differ): fine for a fine-tuned SD2.1 or "
