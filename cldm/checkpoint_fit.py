@@ -165,6 +165,22 @@ def not_sd2(kind: str) -> str | None:
     return f"{kind}{why}, not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned"
 
 
+# SD2 models of other tasks, by their UNet's input channels or extra inputs; their weights have
+# text-to-image SD2's names, and an inpainting UNet's 9 inputs are even v2's count
+SD_TASKS = {9: "inpainting weights (9 input channels: latent, mask, masked image)",
+            5: "depth weights (5 input channels: latent, depth map)"}
+UNCLIP = "unCLIP weights (an image-embedding input, label_emb)"
+
+
+def not_text_to_image(kind: str) -> str | None:
+    """Why SD2 weights of another task (guess_kind's `kind`) cannot start this model, or None:
+    their extra input kernels would read the colour inputs as a mask or a depth map."""
+    if not any(task in kind for task in (*SD_TASKS.values(), UNCLIP)):
+        return None
+    return (f"{kind}, not the text-to-image Stable Diffusion 2.1 this model starts from (its extra inputs would "
+            "read the colour inputs as theirs): use v2-1_512-ema-pruned")
+
+
 def _likely_cause(key, model_shape, file_shape, kind):
     if why := not_sd2(kind):  # tool_add_control_sd21.py refuses these too: no pointer to it
         return why
@@ -248,5 +264,15 @@ def guess_kind(shapes):
         return f"{kind} on {base}" + ("" if has_unet else ", ControlNet weights only")
     if has_unet:
         has_text = any(k.startswith("cond_stage_model.") for k in shapes)
-        return f"{base} weights" + ("" if has_text else ", no text encoder")
+        in_ch = shapes.get(UNET + INPUT_CONV, (0, 0))
+        task = SD_TASKS.get(in_ch[1] if len(in_ch) == 4 else 0)
+        if any(k.startswith(UNET + "label_emb.") for k in shapes):
+            task = UNCLIP
+        return f"{base} {task or 'weights'}" + ("" if has_text else ", no text encoder")
+    if any(k.startswith(("down_blocks.", "controlnet_cond_embedding.", "encoder.down_blocks.", "text_model."))
+           for k in shapes):
+        return ("diffusers format (down_blocks.*, ...), not the single-file original format (model.diffusion_model.*) "
+                "that SD2.1's v2-1_512-ema-pruned.safetensors has")
+    if any(k.startswith(("input_blocks.", "input_hint_block.")) for k in shapes):
+        return "UNet or ControlNet tensors without their model.diffusion_model. or control_model. prefix"
     return "unknown (no model.diffusion_model.* or control_model.* tensors)"
