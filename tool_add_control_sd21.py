@@ -11,10 +11,14 @@ that already holds a ControlNet (control_model.*: made by this tool, or trained)
   python tool_add_control_sd21.py v2-1_512-ema-pruned.safetensors models/control_sd21_color_v2.safetensors
 
 SD2.1-768-v (v2-1_768-ema-pruned) has exactly the same tensor names and shapes as 512-base,
-so nothing in the file tells them apart and this tool accepts both (a file whose name holds
-768 gets a note under a config that predicts eps). The 768 model predicts v,
-not eps: use it only with a config that sets `parameterization: v` and trains/samples at 768
-(a copy of models/cldm_v21_color.yaml with those changes); the default config is 512-base.
+so only what the file says of itself tells them apart: one that declares what it predicts
+(metadata modelspec.prediction_type or ss_v_parameterization, or an SD-layout YAML beside it
+with parameterization) is refused under a config that predicts the other; one that does not
+is accepted (a file whose name holds 768 gets a note under a config that predicts eps). The
+768 model predicts v, not eps: use it only with a config that sets `parameterization: v` and
+trains/samples at 768 (a copy of models/cldm_v21_color.yaml with those changes); the default
+config is 512-base. SD2 inpainting, depth and unCLIP files are refused: their extra inputs
+would read the colour inputs.
 
 Exit status: 0 done, 2 bad input (arguments, config, checkpoint) or a full disk (one line on stderr;
 nothing is left behind), 130 / 143 stopped by Ctrl-C / SIGTERM (nothing left behind either).
@@ -38,11 +42,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint  # noqa: E402
-from cldm.checkpoint_fit import CONTROL, guess_kind  # noqa: E402
+from cldm.checkpoint_fit import CONTROL, guess_kind, not_text_to_image  # noqa: E402
 from cldm.color import VARIANTS  # noqa: E402
 from cldm.convert import init_from_sd  # noqa: E402
 from cldm.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
 from cldm.model import create_control_net, create_model  # noqa: E402
+from cldm.weights_config import declared_parameterization, parameterization_conflict  # noqa: E402
 from ldm.schedule import schedule_buffers  # noqa: E402
 
 PROG = "tool_add_control_sd21.py"
@@ -102,7 +107,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
                 dtype: str = "float32", seed: int = 0, overwrite: bool = False,
                 note: Callable[[str], None] | None = None) -> str:
     """Write the initial checkpoint; returns the human-readable report. `note`: told when the SD
-    file's name says 768-v and the config predicts eps (nothing in the file tells them apart)."""
+    file's name says 768-v, the config predicts eps and the file does not say what it predicts."""
     if str(out_path).endswith(("/", os.sep)):  # Path() drops it: out/x.safetensors/ was written as a file
         raise ValueError(f"{out_path}: ends in '/', as a folder's name does; give a file name for the output")
     out_path = Path(out_path)
@@ -110,13 +115,18 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED} (got {seed})")
     cfg = load_config(config, variant_overrides(variant, list(overrides)))
-    if note is not None and "768" in Path(sd_path).name and cfg.model.parameterization == "eps":
+    if conflict := parameterization_conflict(sd_path, cfg.model.parameterization):
+        raise CheckpointError(conflict)
+    if note is not None and "768" in Path(sd_path).name and cfg.model.parameterization == "eps" and \
+            declared_parameterization(sd_path) is None:
         note(f"{Path(sd_path).name}: the name of SD2.1 768-v, which predicts v, but the config predicts eps "
              "(512-base); the file cannot tell which it is: for 768-v use a config with model.parameterization=v "
              "(and train and sample at 768)")
     check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
     check_plain_sd(sd_path, sd)  # .ckpt: its names are only known once loaded
+    if why := not_text_to_image(guess_kind(sd)):  # inpainting's 9 inputs are v2's: its kernels would be copied
+        raise CheckpointError(f"{sd_path}: {why}")
     # Only the shapes of the whole model are needed (meta: no memory); real values only for what
     # the SD file cannot give: the ControlNet's new layers and the schedule (from the config).
     with torch.device("meta"):

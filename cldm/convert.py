@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cldm.checkpoint import CheckpointError
-from cldm.checkpoint_fit import CONTROL, EMA_PREFIX, INPUT_CONV, UNET, guess_kind, not_sd2, not_text_to_image
+from cldm.checkpoint_fit import CONTROL, EMA_PREFIX, INPUT_CONV, UNET, guess_kind, not_sd2
 from cldm.cldm import ControlLDM
 from ldm.schedule import BUFFER_NAMES, schedule_mismatch
 
@@ -74,8 +74,6 @@ def init_from_sd(model: ControlLDM, sd: dict[str, torch.Tensor], fresh: dict[str
     SD1.x) and listing what differs. The one shape change allowed is widening the 4-channel
     input conv (`_widen`): that is the point of this function, not a mismatch.
     """
-    if why := not_text_to_image(guess_kind(sd)):  # inpainting's 9 inputs fit v2's shapes: no problem below
-        raise CheckpointError(why)
     report, out, problems = InitReport(), {}, []
     target = model.state_dict()
     own = target if fresh is None else fresh

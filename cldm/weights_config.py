@@ -84,6 +84,47 @@ def saved_config(weights: str | Path) -> DictConfig | None:
         return None
 
 
+def declared_parameterization(weights: str | Path) -> tuple[str, str] | None:
+    """("eps" or "v", where the file says so) for a weights file that says what it predicts, else
+    None: SD2.1 768-v and v fine-tunes have 512-base's tensors to the last shape, so this and the
+    file's name are all there is to go by. Read: the metadata this project writes
+    (parameterization), Stability's model spec (modelspec.prediction_type), kohya's
+    (ss_v_parameterization), and a YAML of SD's own layout beside the file
+    (model.params.parameterization, as in SD's v2-inference-v.yaml)."""
+    weights = Path(weights)
+    try:
+        meta = read_metadata(weights) if weights.is_file() else {}
+    except Exception:  # unreadable: the loader says what is wrong
+        meta = {}
+    found = {"parameterization": {"eps": "eps", "v": "v"},
+             "modelspec.prediction_type": {"epsilon": "eps", "v": "v", "v_prediction": "v"},
+             "ss_v_parameterization": {"true": "v", "false": "eps"}}
+    for key, values in found.items():
+        if (value := values.get(str(meta.get(key, "")).strip().lower())) is not None:
+            return value, f"its metadata ({key}: {meta[key]})"
+    yaml = weights.with_suffix(".yaml")
+    try:
+        params = OmegaConf.load(yaml).model.params if yaml.is_file() else None
+        value = params.get("parameterization") if isinstance(params, DictConfig) else None
+    except Exception:  # not YAML, or not SD's layout: not a declaration
+        value = None
+    if value in ("eps", "v"):
+        return value, f"{yaml.name} beside it (model.params.parameterization: {value})"
+    return None
+
+
+def parameterization_conflict(weights: str | Path, parameterization: str) -> str | None:
+    """Why `weights` does not fit a model predicting `parameterization`, by what the file
+    declares (declared_parameterization), or None: loaded as the other, a model's every output
+    is misread, and only its colours show it."""
+    if (declared := declared_parameterization(weights)) is None or declared[0] == parameterization:
+        return None
+    value, where = declared
+    fix = "SD2.1 768-v or a v-prediction fine-tune: " if value == "v" else ""
+    return (f"{weights} predicts {value}, says {where}, but the config predicts {parameterization} ({fix}set "
+            f"model.parameterization={value}{' and train and sample at 768' if value == 'v' else ''})")
+
+
 # Keys that only say how a model is trained: they may differ between a checkpoint and the config
 # (so may dropout rates: inference runs in eval mode).
 TRAINING_ONLY = ("sd_locked", "train_unet_input", "unet.use_checkpoint")

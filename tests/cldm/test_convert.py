@@ -34,24 +34,6 @@ def test_an_input_conv_that_cannot_be_widened_is_named_with_the_other_mismatches
         assert f"{key}: file {shape} vs model (32, 9, 3, 3)" in line
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("task, change", [
-    ("inpainting weights (9 input channels: latent, mask, masked image)", {INPUT_CONV: (32, 9, 3, 3)}),
-    ("depth weights (5 input channels: latent, depth map)", {INPUT_CONV: (32, 5, 3, 3)}),
-    ("unCLIP weights (an image-embedding input, label_emb)", {"model.diffusion_model.label_emb.0.0.weight": (8, 8)}),
-])
-def test_sd2_weights_of_another_task_are_refused_by_name(variant, task, change):
-    """An SD2 inpainting UNet's 9 inputs are v2's count: its mask and masked-image kernels were
-    copied as they are and read the reference latent and the gray (v3 and depth: widened, the
-    depth kernel on the first reference channel), without a word. unCLIP's label_emb was ignored."""
-    sd = {**tiny_sd_state(), **{k: torch.ones(shape) for k, shape in change.items()}}
-    with pytest.raises(CheckpointError) as e:
-        init_from_sd(create_model(load_config(TINY_CONFIG, [f"model.color_variant={variant}"])), sd)
-    assert str(e.value) == (f"unknown SD variant (context dim 32) {task}, not the text-to-image Stable Diffusion 2.1 "
-                            "this model starts from (its extra inputs would read the colour inputs as theirs): use "
-                            "v2-1_512-ema-pruned")
-
-
 def test_guess_kind_names_the_diffusers_format_and_prefixless_tensors():
     from cldm.checkpoint_fit import guess_kind
 

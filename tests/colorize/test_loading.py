@@ -302,6 +302,22 @@ def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path)
     assert len(notes) == 2 and notes[1] == notes[0].replace(str(export), str(as_ckpt))
 
 
+def test_a_v_prediction_sd_file_under_an_eps_export_is_refused(tmp_path):
+    """SD2.1 768-v (or a v fine-tune) under a 512-base export: refused where the SD file says
+    what it predicts, before anything is built; else only the digest note can tell."""
+    model = tiny_model(seed=1)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    v_file = tmp_path / "sd_v.safetensors"
+    save_file(sd, str(v_file), metadata={"modelspec.prediction_type": "v"})
+    configure_trainable(model)
+    export = export_control(model, tmp_path / "control.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        L.load_model(v_file, control=export, config=TINY_CONFIG)
+    assert str(e.value) == (f"--ckpt {v_file} predicts v, says its metadata (modelspec.prediction_type: v), but the "
+                            "config predicts eps (SD2.1 768-v or a v-prediction fine-tune: set "
+                            "model.parameterization=v and train and sample at 768)")
+
+
 def test_cuda_devices_are_checked_against_what_the_machine_has(monkeypatch):
     """As on a machine with one GPU: auto picks it, cuda and cuda:0 are fine, cuda:1 is not."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -302,6 +302,77 @@ def test_an_sd_file_named_768_under_an_eps_config_gets_a_note(sd_files, tmp_path
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("declares, says", [
+    ({"modelspec.prediction_type": "v"}, "its metadata (modelspec.prediction_type: v)"),
+    ({"ss_v_parameterization": "True"}, "its metadata (ss_v_parameterization: True)"),
+    ("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n",
+     "ft.yaml beside it (model.params.parameterization: v)"),
+])
+def test_an_sd_file_that_declares_v_prediction_is_refused_under_an_eps_config(sd_files, tmp_path, capsys, declares,
+                                                                                says):
+    """A v-prediction fine-tune not named 768 passed without a word, and then trained as eps (its
+    every prediction misread). What it says of itself: Stability's model spec, kohya's key, or the
+    SD-layout YAML such files come with."""
+    from safetensors.torch import save_file
+
+    ft = tmp_path / "ft.safetensors"
+    if isinstance(declares, dict):
+        save_file(sd_files[0], ft, metadata=declares)
+    else:
+        save_file(sd_files[0], ft)
+        ft.with_suffix(".yaml").write_text(declares)
+    out = tmp_path / "init.safetensors"
+    assert tool.main([str(ft), str(out), "--config", str(TINY_CONFIG)]) == 2
+    assert capsys.readouterr().err == (
+        f"tool_add_control_sd21.py: error: {ft} predicts v, says {says}, but the config predicts eps (SD2.1 768-v or "
+        "a v-prediction fine-tune: set model.parameterization=v and train and sample at 768)\n")
+    assert not out.exists()
+    assert tool.main([str(ft), str(out), "--config", str(TINY_CONFIG), "model.parameterization=v"]) == 0
+    assert load_file_metadata(out)["parameterization"] == "v"
+    eps = tmp_path / "eps_768.safetensors"  # a name with 768 in it, declared eps: no note either
+    save_file(sd_files[0], eps, metadata={"modelspec.prediction_type": "epsilon"})
+    capsys.readouterr()
+    assert tool.main([str(eps), str(tmp_path / "e.safetensors"), "--config", str(TINY_CONFIG)]) == 0
+    assert capsys.readouterr().err == ""
+    assert tool.main([str(eps), str(tmp_path / "f.safetensors"), "--config", str(TINY_CONFIG),
+                      "model.parameterization=v"]) == 2
+    assert "predicts eps, says its metadata (modelspec.prediction_type: epsilon), but the config predicts v (set " \
+           "model.parameterization=eps)" in capsys.readouterr().err
+
+
+UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("task, change", [
+    ("inpainting weights (9 input channels: latent, mask, masked image)", {UNET_INPUT: (32, 9, 3, 3)}),
+    ("depth weights (5 input channels: latent, depth map)", {UNET_INPUT: (32, 5, 3, 3)}),
+    ("unCLIP weights (an image-embedding input, label_emb)", {"model.diffusion_model.label_emb.0.0.weight": (8, 8)}),
+])
+def test_sd2_weights_of_another_task_are_refused_by_name(sd_files, tmp_path, capsys, variant, task, change):
+    """An SD2 inpainting UNet's 9 inputs are v2's count: its mask and masked-image kernels were
+    copied as they are and read the reference latent and the gray (v3 and depth: widened, the
+    depth kernel on the first reference channel), without a word; unCLIP's label_emb was ignored."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other_task.safetensors"
+    save_file({**sd_files[0], **{k: torch.ones(shape) for k, shape in change.items()}}, path)
+    out = tmp_path / "init.safetensors"
+    assert tool.main([str(path), str(out), "--config", str(TINY_CONFIG), "--variant", variant]) == 2
+    assert capsys.readouterr().err == (
+        f"tool_add_control_sd21.py: error: {path}: unknown SD variant (context dim 32) {task}, not the text-to-image "
+        "Stable Diffusion 2.1 this model starts from (its extra inputs would read the colour inputs as theirs): use "
+        "v2-1_512-ema-pruned\n")
+    assert not out.exists()
+
+
+def load_file_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
 def test_help_explains_768_v(capsys):
     with pytest.raises(SystemExit):
         tool.main(["--help"])
