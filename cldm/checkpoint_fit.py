@@ -184,6 +184,10 @@ def not_text_to_image(kind: str) -> str | None:
 def _likely_cause(key, model_shape, file_shape, kind):
     if why := not_sd2(kind):  # tool_add_control_sd21.py refuses these too: no pointer to it
         return why
+    if kind.startswith("ControlNet ("):  # its input conv would suggest v1, whose advice then fails on the hint
+        return (f"a ControlNet of another task ({kind}: canny, depth, pose, ...), which cannot colourise (a colour "
+                "ControlNet's hint is reference RGB + gray, 4 channels): use a ControlNet trained by "
+                "tutorial_train_sd21_color_v2.py")
     if key.endswith(INPUT_CONV) and len(model_shape) == len(file_shape) == 4 and model_shape[1] != file_shape[1]:
         f_in, m_in = file_shape[1], model_shape[1]
         if key.startswith(CONTROL):

@@ -222,6 +222,20 @@ def test_a_unet_input_conv_of_another_concat_setting_is_not_called_plain_sd():
         load_into(tiny_colour_model("model.color_variant=v2"), sd)
 
 
+def test_a_controlnet_of_another_task_is_named_not_taken_for_colour_variant_v1():
+    """A canny/depth SD2.1 ControlNet has v1's 4-channel input conv: the advice was to set
+    color_variant=v1, which then failed on its 3-channel hint block."""
+    sd = tiny_colour_model("model.color_variant=v1").state_dict()
+    sd["control_model.input_hint_block.0.weight"] = sd["control_model.input_hint_block.0.weight"][:, :3]
+    with pytest.raises(CheckpointError) as e:
+        load_into(tiny_colour_model("model.color_variant=v2"), sd)
+    assert str(e.value).endswith(
+        "likely a ControlNet of another task (ControlNet (3-channel hint) on unknown SD variant (context dim 32): canny, "
+        "depth, pose, ...), which cannot colourise (a colour ControlNet's hint is reference RGB + gray, 4 channels): "
+        "use a ControlNet trained by tutorial_train_sd21_color_v2.py"), str(e.value)
+    assert "color_variant" not in str(e.value)
+
+
 def test_guess_kind_of_unusual_files():
     unet = "model.diffusion_model.x."
     assert guess_kind({unet + "attn2.to_k.weight": (4, 1024)}) == "SD2.x weights, no text encoder"
@@ -273,7 +287,7 @@ def test_a_differing_input_conv_is_named_before_any_other_tensor():
 
 def test_likely_causes_of_other_files():
     """SDXL is named like SD1.x; a file's ControlNet of an unknown channel count gets no
-    `set model.color_variant=` hint; another ControlNet's (4-channel) UNet is no plain SD."""
+    `set model.color_variant=` hint; another task's ControlNet (3-channel hint) is named as such."""
     key = "model.diffusion_model.input_blocks.1.1.attn2.to_k.weight"
     assert misfit(compare_state_dict({key: (320, 1024)}, {key: (320, 2048)})).endswith(
         "likely SDXL weights, no text encoder, not Stable Diffusion 2.x: this model needs SD2.x weights such as "
@@ -285,5 +299,6 @@ def test_likely_causes_of_other_files():
     model = sd21_shapes()
     unet_conv = "model.diffusion_model.input_blocks.0.0.weight"
     assert misfit(compare_state_dict({**model, unet_conv: (320, 9, 3, 3)}, model)).endswith(
-        "likely another colour variant or concat_to_unet setting: the file's UNet takes 4 input channels, this "
-        "config's 9 (model.color_variant, model.concat_to_unet)")
+        "likely a ControlNet of another task (ControlNet (3-channel hint) on SD2.x: canny, depth, pose, ...), which "
+        "cannot colourise (a colour ControlNet's hint is reference RGB + gray, 4 channels): use a ControlNet trained "
+        "by tutorial_train_sd21_color_v2.py")  # not "another colour variant or concat_to_unet setting"
