@@ -158,15 +158,19 @@ def _mismatch_reason(report):
 
 
 def not_sd2(kind: str) -> str | None:
-    """Why weights of another Stable Diffusion generation (guess_kind's `kind`) cannot serve, or None."""
+    """Why weights of another Stable Diffusion generation or file layout (guess_kind's `kind`) cannot
+    serve, or None."""
+    if kind.startswith(("diffusers format", "UNet or ControlNet tensors without")):  # self-explanatory
+        return kind
     if not kind.startswith(("SD1.x", "SDXL")):
         return None
     why = " (768-wide cross-attention and a CLIP ViT-L text encoder)" if kind.startswith("SD1.x") else ""
     return f"{kind}{why}, not Stable Diffusion 2.x: this model needs SD2.x weights such as v2-1_512-ema-pruned"
 
 
-# SD2 models of other tasks, by their UNet's input channels or extra inputs; their weights have
-# text-to-image SD2's names, and an inpainting UNet's 9 inputs are even v2's count
+# SD2 models of other tasks, by their UNet's input channels (in a whole SD file: an export's input
+# conv is ours) or extra inputs; their weights have text-to-image SD2's names, and an inpainting
+# UNet's 9 inputs are even v2's count
 SD_TASKS = {9: "inpainting weights (9 input channels: latent, mask, masked image)",
             5: "depth weights (5 input channels: latent, depth map)"}
 UNCLIP = "unCLIP weights (an image-embedding input, label_emb)"
@@ -269,14 +273,14 @@ def guess_kind(shapes):
     if has_unet:
         has_text = any(k.startswith("cond_stage_model.") for k in shapes)
         in_ch = shapes.get(UNET + INPUT_CONV, (0, 0))
-        task = SD_TASKS.get(in_ch[1] if len(in_ch) == 4 else 0)
+        task = SD_TASKS.get(in_ch[1] if len(in_ch) == 4 else 0) if has_text else None  # not a part of ours
         if any(k.startswith(UNET + "label_emb.") for k in shapes):
             task = UNCLIP
         return f"{base} {task or 'weights'}" + ("" if has_text else ", no text encoder")
     if any(k.startswith(("down_blocks.", "controlnet_cond_embedding.", "encoder.down_blocks.", "text_model."))
            for k in shapes):
-        return ("diffusers format (down_blocks.*, ...), not the single-file original format (model.diffusion_model.*) "
-                "that SD2.1's v2-1_512-ema-pruned.safetensors has")
+        return ("diffusers format (down_blocks.*, ...), not the single-file original format these tools read "
+                "(model.diffusion_model.*, as in SD2.1's v2-1_512-ema-pruned.safetensors)")
     if any(k.startswith(("input_blocks.", "input_hint_block.")) for k in shapes):
         return "UNet or ControlNet tensors without their model.diffusion_model. or control_model. prefix"
     return "unknown (no model.diffusion_model.* or control_model.* tensors)"

@@ -242,7 +242,8 @@ def export_misfit(model: ControlLDM, control: dict) -> tuple[LoadReport, str | N
     report = compare_state_dict(model, control)
     reason = misfit(report, strict_prefixes=(CONTROL,), min_matched=0)
     if reason is None and not any(k.startswith(CONTROL) for k in control):
-        reason = f"no {CONTROL}* tensors (is it a control.safetensors export?)"
+        reason = (f"no {CONTROL}* tensors (the file holds: {report.kind}); --control takes the control.safetensors "
+                  "export of tutorial_train_sd21_color_v2.py")
     if reason is None and report.unexpected:
         reason = f"{len(report.unexpected)} tensors the model does not have (e.g. {report.unexpected[0]})"
     # a full checkpoint (the init, a converted training run) fits too, and would replace the SD

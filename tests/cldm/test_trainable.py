@@ -149,7 +149,9 @@ def test_export_refuses_another_variant_and_an_incomplete_controlnet(tmp_path):
     none = {k: v for k, v in trainable_state_dict(model).items() if not k.startswith("control_model.")}
     save_state_dict(none, tmp_path / "none.safetensors")
     with pytest.raises(CheckpointError, match=r"none\.safetensors: does not fit the model: no control_model\.\* "
-                                              r"tensors \(is it a control\.safetensors export\?\)$"):
+                                              r"tensors \(the file holds: unknown SD variant weights, no text "
+                                              r"encoder\); --control takes the "
+                                              r"control\.safetensors export of tutorial_train_sd21_color_v2\.py$"):
         load_into_tiny_v2(tmp_path, "none.safetensors")
 
 
