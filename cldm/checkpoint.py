@@ -177,7 +177,7 @@ def _torch_load(path, map_location, allow_pickle):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError/... on damaged files
         err = e
-    needs = _pickled_globals(path)
+    needs = pickled_globals(path)
     if needs is None:
         raise CheckpointError(f"{path}: truncated or corrupt ({_first_line(err)})") from None
     if not allow_pickle:
@@ -212,7 +212,7 @@ _RUNS_CODE = {"os", "posix", "nt", "subprocess", "builtins", "__builtin__", "run
               "_posixsubprocess", "multiprocessing", "timeit", "pdb", "platform"}
 
 
-def _pickled_globals(path):
+def pickled_globals(path):
     """Names of the callables the file's pickle would import but `weights_only` refuses.
 
     Read with `pickletools.genops` (and torch's zip-file scanner), which parse opcodes and never

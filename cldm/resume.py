@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from atomicio import temp_glob
-from cldm.checkpoint import CheckpointError
+from cldm.checkpoint import CheckpointError, pickled_globals
 from cldm.checkpoint_fit import LoadReport, compare_state_dict, misfit
 from cldm.cldm import ControlLDM
 from cldm.trainable import MODULE_PREFIX, TRAINING_KEY, export_keys
@@ -66,10 +66,17 @@ def _read_training(path: str | Path) -> tuple[dict | None, str | None]:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no code runs
     except Exception as e:
+        if needs := pickled_globals(path):  # e.g. Lightning 1.x's AttributeDict hyper-parameters: not damaged
+            return None, (f"holds pickled Python objects ({', '.join(needs[:2])}{', ...' * (len(needs) > 2)}), "
+                          "which this training's checkpoints never do: another project's or Lightning 1.x's "
+                          "checkpoint, which cannot be resumed")
         return None, f"truncated, or not a checkpoint written by this training ({type(e).__name__})"
     if not isinstance(ckpt, dict):
         return None, f"holds a {type(ckpt).__name__}, not a training checkpoint"
     missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+    if missing and "pytorch-lightning_version" in ckpt:  # Lightning < 1.6 wrote no loops
+        return None, (f"a Lightning {ckpt['pytorch-lightning_version']} checkpoint without {missing[0]!r} (weights "
+                      "only, Lightning before 1.6, or another project's), which cannot be resumed")
     if missing:
         return None, (f"not a Lightning training checkpoint (no {missing[0]!r}; an --init or exported file holds "
                       "weights only); resume from a file in OUT/checkpoints")

@@ -146,11 +146,16 @@ def test_only_this_trainings_checkpoints_are_read_and_none_runs_code(tmp_path):
     ckpt = torch.load(no_loops, weights_only=True)
     del ckpt["loops"]
     torch.save(ckpt, no_loops)
-    assert resume_problem(no_loops).startswith("not a Lightning training checkpoint (no 'loops'; ")
+    assert resume_problem(no_loops).startswith("a Lightning ") and "without 'loops'" in resume_problem(no_loops)
     marker = tmp_path / "pwned"
     evil = training_file(tmp_path / "evil.ckpt", payload=Evil(marker))
-    assert resume_problem(evil) == "truncated, or not a checkpoint written by this training (UnpicklingError)"
+    assert resume_problem(evil).startswith("holds pickled Python objects (") and resume_problem(evil).endswith(
+        "), which this training's checkpoints never do: another project's or Lightning 1.x's checkpoint, which cannot "
+        "be resumed"), resume_problem(evil)  # not "truncated": it is whole
     assert read_training_checkpoint(evil) is None and not marker.exists()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(training_file(tmp_path / "whole.ckpt").read_bytes()[:-100])
+    assert resume_problem(cut) == "truncated, or not a checkpoint written by this training (RuntimeError)"
 
 
 def test_resume_misfit_names_one_tensor_and_tolerates_an_unrecorded_config():
@@ -223,8 +228,13 @@ def test_each_entry_lightning_resumes_from_is_required(tmp_path, key):
     ckpt = torch.load(path, weights_only=True)
     del ckpt[key]
     torch.save(ckpt, path)
-    assert resume_problem(path) == (f"not a Lightning training checkpoint (no {key!r}; an --init or exported file "
-                                    "holds weights only); resume from a file in OUT/checkpoints")
+    if key == "pytorch-lightning_version":
+        assert resume_problem(path) == (f"not a Lightning training checkpoint (no {key!r}; an --init or exported file "
+                                        "holds weights only); resume from a file in OUT/checkpoints")
+    else:  # Lightning 1.x's, say: its version says whose it is
+        assert resume_problem(path) == (f"a Lightning {ckpt['pytorch-lightning_version']} checkpoint without {key!r} "
+                                        "(weights only, Lightning before 1.6, or another project's), which cannot be "
+                                        "resumed")
     assert read_training_checkpoint(path) is None
 
 

@@ -237,8 +237,9 @@ def test_resume_auto_refuses_a_bad_newest_checkpoint_in_one_line(ws, tmp_path, c
     assert train.main(args(ws, out, "--max-steps", 100)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert re.fullmatch(r"tutorial_train_sd21_color_v2\.py: error: \S*run/checkpoints/step=00000099\.ckpt: truncated, "
-                        r"or not a checkpoint written by this training \(UnpicklingError\); move it out of "
+    assert re.fullmatch(r"tutorial_train_sd21_color_v2\.py: error: \S*run/checkpoints/step=00000099\.ckpt: holds "
+                        r"pickled Python objects \(posix\.system\), which this training's checkpoints never do: "
+                        r"another project's or Lightning 1\.x's checkpoint, which cannot be resumed; move it out of "
                         r"\S*run/checkpoints, or pass --resume PATH", err), err
 
 
