@@ -56,7 +56,7 @@ from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError, check_checkpoint_file  # noqa: E402
 from cldm.config import ConfigError  # noqa: E402
 from colorize import loading as L, pipeline as P  # noqa: E402
-from colorize import audio as A, methods as M, outputs as O, resume_advice as R  # noqa: E402
+from colorize import audio as A, methods as M, outputs as O, provenance, resume_advice as R  # noqa: E402
 from colorize.frames_io import even_size, progress_bar, write_video_atomic  # noqa: E402
 
 PROG = "colorize_inference.py"
@@ -436,6 +436,24 @@ def frames_outside(args, frames: slice, info: SourceInfo | None, out: Path,
     return before, after
 
 
+def other_settings_kept(out: Path, names: list[str] | None, record: dict) -> str | None:
+    """The note for a run that leaves frames of --out in place (outside its --frames, or of
+    another clip) of which one was made with other settings than its own `record`
+    (colorize.provenance; an earlier version's frames have none), or None. Each such frame's
+    first bytes are read (about a second for 100k frames). `names`: this run's outputs (None: a
+    video of unknown length, not checked)."""
+    if names is None or not out.is_dir():
+        return None
+    mine = set(names)
+    for path in sorted(out.glob("*.png")):
+        if path.name in mine or path.name.startswith(".") or (earlier := provenance.read_record(path)) is None:
+            continue
+        if diff := provenance.differences(earlier, record):
+            return (f"{out} keeps frames this run does not replace (e.g. {path.name}) made with other settings: "
+                    f"{'; '.join(diff)}; the clip mixes them (rerun it whole with --overwrite for one look)")
+    return None
+
+
 def input_size(source, info: SourceInfo | None, start: int) -> tuple[int, int]:
     """(height, width) of the input's frames from `start` on, which the outputs have: a video's
     (`info`, its probe()), or a folder's frame `start` (the range's frames share its size)."""
@@ -540,7 +558,8 @@ def run(args) -> int:
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method,
                        disable=args.no_progress or only_video)
-    writer = O.OrderedWriter(out, frames.start, overwrite=args.overwrite, keep_rgb=bool(args.video))
+    record = provenance.settings(args)
+    writer = O.OrderedWriter(out, frames.start, overwrite=args.overwrite, keep_rgb=bool(args.video), record=record)
     plan = R.RunPlan(args.method, args.mode, args.batch, frames, tuple(args.reference_frame), bool(args.video), total,
                      clip_length)
 
@@ -554,6 +573,9 @@ def run(args) -> int:
             w, h = even_size(width, height)
             note(f"--video: frames are {width}x{height} and MPEG-4 needs even sides, "
                  f"so the video is {w}x{h} (last column/row repeated); the PNGs keep the input size")
+
+    if not only_video and (mixed := other_settings_kept(out, names, record)):
+        note(mixed)
 
     def make():
         if only_video:  # nothing to colourise

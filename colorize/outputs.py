@@ -19,6 +19,7 @@ import numpy as np
 from annotator.video import FrameSourceError, read_image
 from cliutil import one_line, signals_deferred
 from colorize.frames_io import encode_png, write_bytes_atomic
+from colorize.provenance import with_record
 
 PNG_THREADS = min(4, os.cpu_count() or 1)  # PNGs encoded at once, while the next frames are made
 
@@ -46,11 +47,17 @@ class OrderedWriter:
     """Writes a run's outputs into `out` in clip order. `count` outputs are written and complete,
     and `next_frame` is the clip index of the first that is not; `start`: the range's first."""
 
-    def __init__(self, out: Path, start: int, overwrite: bool = False, keep_rgb: bool = False):
-        self.out, self.overwrite, self.keep_rgb = Path(out), overwrite, keep_rgb
+    def __init__(self, out: Path, start: int, overwrite: bool = False, keep_rgb: bool = False,
+                 record: dict | None = None):
+        self.out, self.overwrite, self.keep_rgb, self.record = Path(out), overwrite, keep_rgb, record
         self.count = 0
         self.next_frame = start
         self._trying: Path | None = None  # the output being written: done again after a stop, it may replace its own
+
+    def _encode(self, rgb: np.ndarray, depth: int) -> bytes:
+        """The PNG of an output, carrying `record` (colorize.provenance: what made it)."""
+        png = encode_png(rgb, depth)
+        return png if self.record is None else with_record(png, self.record)
 
     def _write_first(self, pending: deque) -> np.ndarray | None:
         """Write the first of `pending` (target, its PNG being encoded, rgb); taken off once written,
@@ -95,7 +102,7 @@ class OrderedWriter:
                     target = self.out / name
                     if os.path.lexists(target) and not self.overwrite:  # a broken link too: not replaced
                         raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
-                    pending.append((target, pool.submit(encode_png, rgb, depth), rgb if self.keep_rgb else None))
+                    pending.append((target, pool.submit(self._encode, rgb, depth), rgb if self.keep_rgb else None))
                     if len(pending) > PNG_THREADS:
                         yield self._write_first(pending)
                 while pending:  # inside: a stop here (one just after a rename, say) is drained too

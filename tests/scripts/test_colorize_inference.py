@@ -109,6 +109,28 @@ def test_folder_gives_same_names_sizes_and_lightness(env, tmp_path, capsys, mode
         np.testing.assert_array_equal(read_rgb(out / f"f{n}.png"), to_uint8(expected))
 
 
+def test_a_continuation_with_other_settings_is_noted_and_every_frame_says_what_made_it(env, tmp_path, capsys):
+    """A stopped run is continued with --frames N: into the same --out (and --video stitches the
+    earlier frames in): with another seed or reference the clip mixed two looks without a word."""
+    from colorize.provenance import read_record
+
+    out = tmp_path / "out"
+    base = ["--input", env["gray"], "--ckpt", env["ckpt"], "--out", out, "--no-progress", *FAST]
+    assert run([*base, "--reference", env["refs"][0], "--frames", ":2", "--seed", "3"], capsys)[0] == 0
+    assert read_record(out / "f0.png")["seed"] == "3"
+    rc, _, err = run([*base, "--reference", env["refs"][0], "--frames", "2:3", "--seed", "3", "--batch", "1"], capsys)
+    assert (rc, err) == (0, "")  # the same settings (--batch changes no colour)
+    rc, _, err = run([*base, "--reference", env["refs"][1], "--frames", "3:", "--seed", "4"], capsys)
+    before, now = read_record(out / "f0.png")["reference"], read_record(out / "f3.png")["reference"]
+    assert rc == 0 and err == (
+        f"colorize_inference.py: note: {out} keeps frames this run does not replace (e.g. f0.png) made with other "
+        f"settings: --reference {before} (now: {now}); --seed 3 (now: 4); the clip mixes them (rerun it whole with "
+        "--overwrite for one look)\n")
+    assert "ref125.png (sha256 " in read_record(out / "f3.png")["reference"]
+    rc, _, err = run([*base, "--reference", env["refs"][1], "--seed", "4", "--overwrite"], capsys)
+    assert (rc, err) == (0, "")  # the whole clip again: nothing of the earlier look is left
+
+
 @pytest.mark.parametrize("noise", P.NOISES)
 def test_cli_output_is_the_library_output(env, tmp_path, capsys, noise):
     """Same seeds and references as the library, including --frames and two references (a cut)."""
