@@ -5,7 +5,6 @@ import zlib
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
 
 from colorize import provenance as V
