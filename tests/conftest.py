@@ -1,6 +1,7 @@
 """Shared fixtures: one torch thread and a Ctrl-C handler per test; the reference implementation's tiny golden
 weights and outputs."""
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -54,10 +55,14 @@ def ctrl_c_handler():
     put back. A test run started in the background (`cmd &`, nohup) inherits SIGINT ignored, and
     Python then installs no handler: a test that sends itself SIGINT failed there, or, where the
     first stop was raised by hand, passed without the second signal ever arriving."""
+    hup = getattr(signal, "SIGHUP", None)  # cliutil.hangup_as_sigterm installs its own
     before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
+    hup_before = signal.getsignal(hup) if hup is not None else None
     yield
     signal.signal(signal.SIGINT, before[0])
     signal.signal(signal.SIGTERM, before[1])  # as a test left it (cliutil.ignore_stop_signals outside run_cli)
+    if hup is not None:
+        signal.signal(hup, hup_before)
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +89,34 @@ def tracers_put_back():
     yield
     sys.settrace(trace)
     sys.setprofile(profile)
+
+
+RANK_ZERO = "lightning_utilities.core.rank_zero"  # Lightning's one rank_zero_only, shared by pytorch and fabric
+
+
+@pytest.fixture(autouse=True)
+def process_state_put_back():
+    """What the code a test calls changes for the whole process is put back after it.
+
+    A DDP Trainer built under RANK=1 (a monkeypatched SLURM job) set Lightning's rank_zero_only.rank
+    to 1 for every later test: their TensorBoard and CSV loggers wrote nothing and Lightning's
+    warnings were silent, for some 700 tests, until another Trainer happened to set it back.
+    In-process training runs leave PL_GLOBAL_SEED and PL_SEED_WORKERS in os.environ (which
+    monkeypatch cannot undo for a variable it did not set), the Trainer cudnn.benchmark, the
+    loader benchmark OpenCV's thread count."""
+    env = dict(os.environ)
+    rank_zero = sys.modules.get(RANK_ZERO)
+    rank = getattr(getattr(rank_zero, "rank_zero_only", None), "rank", None)
+    cudnn, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    cv2 = sys.modules.get("cv2")
+    cv2_threads = cv2.getNumThreads() if cv2 is not None else None
+    yield
+    if os.environ != env:
+        os.environ.clear()
+        os.environ.update(env)
+    if (rank_zero := sys.modules.get(RANK_ZERO)) is not None:  # imported by the test: the rank of a plain run
+        rank_zero.rank_zero_only.rank = 0 if rank is None else rank
+    torch.backends.cudnn.benchmark = cudnn
+    torch.set_float32_matmul_precision(matmul)
+    if cv2_threads is not None:
+        cv2.setNumThreads(cv2_threads)

@@ -695,7 +695,7 @@ def test_loader_processes_are_seeded_as_lightning_seeds_them_and_by_rank(fake_ro
     same partners (torch seeds a worker from the base seed and its id alone)."""
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
-    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)  # set by in-process training runs before
+    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)  # as the shell that runs the tests may set it
     plain = _draws(None)
     assert torch.equal(_draws(partial(start_loader_process, rank=0)), plain)  # no seed_everything(workers=True)
     monkeypatch.setenv("PL_SEED_WORKERS", "1")

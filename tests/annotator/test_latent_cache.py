@@ -24,9 +24,9 @@ from annotator.latent_cache import (
     partial_files, read_frame, vae_fingerprint,
 )
 from annotator.pairs import BuildOptions, frame_path
+from ldm.modules import autoencoder
 from tests.annotator.clips import panning_clip, write_folder
 
-autoencoder = pytest.importorskip("ldm.modules.autoencoder", reason="ldm/modules/autoencoder.py not available")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,

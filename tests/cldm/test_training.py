@@ -605,6 +605,15 @@ def test_torchrun_inside_a_slurm_job_gives_the_ranks(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_trainer_built_under_rank_1_left_later_tests_at_rank_0():
+    """Runs right after the test above (file order): its DDP Trainer set Lightning's process-wide
+    rank_zero_only.rank to 1, which silenced the loggers of every later test until
+    tests/conftest.py's process_state_put_back put it back."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    assert rank_zero_only.rank == 0
+
+
 def test_a_gpu_asked_for_where_there_is_none_is_one_line(tmp_path):
     """Lightning's MisconfigurationException is no ValueError: it escaped as its bare words."""
     with pytest.raises(training.UsageError) as e:
