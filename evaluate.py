@@ -12,7 +12,9 @@ out. Prints a table of means, and a note where a frame is identical to the groun
 or where the ground truth is gray (the gray input given as --gt, say); with --out also
 writes metrics.json, per_frame.csv, summary.csv, psnr.png, warp_error.png and strip.png,
 all or none (a write failing on a full disk leaves no half report, and an earlier one as
-it was); a report already there is kept unless --overwrite.
+it was); a report already there is kept unless --overwrite. The settings that
+colorize_inference.py records in each frame go into metrics.json per method, and a method
+whose frames record different ones (a run continued with another seed, say) gets a note.
 
 Exit status: 0 done, 2 bad arguments or unusable input (one line on stderr), 130 / 143 stopped by
 Ctrl-C / SIGTERM.
@@ -39,6 +41,7 @@ from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import VIDEO_EXTS  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
 from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, check_flow_size, evaluate_stream  # noqa: E402
+from colorize import provenance  # noqa: E402
 from colorize.report import REPORT_FILES, Strip, strip_indices, write_report  # noqa: E402
 
 PROG = "evaluate.py"
@@ -318,6 +321,11 @@ def run(args: argparse.Namespace) -> int:
             check_flow_size(first.shape)
         except ValueError as e:
             raise UsageError(f"{gt_files[0]}: {e}") from None
+    made_with = {}  # what made each method's frames (colorize_inference.py records it in each)
+    for m, files in pred_files.items():
+        made_with[m], mixed = provenance.common_record(files)
+        if mixed:
+            print(f"{PROG}: note: --pred {m}: {mixed}: its scores mix them", file=sys.stderr)
     names = [p.stem for p in gt_files]
     # tqdm advances as each frame has been dealt with (when the next one is asked for)
     bar = progress_bar(len(gt_files), "evaluating", disable=args.no_progress,
@@ -330,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # before the table: a reader of stdout that goes after it (`| head -1`) must not cost the report
         strip = build_strip(ev, gt_files, pred_files, reference, args.strip_frames)
         paths = write_report(ev.methods, args.out, frames=ev.frames, ground_truth=ev.ground_truth, strip=strip,
-                             excluded=matched.excluded, positions=matched.positions, replace=args.overwrite)
+                             excluded=matched.excluded, positions=matched.positions, replace=args.overwrite,
+                             made_with=made_with)
     print(format_table(ev))
     for note in capped_notes(ev) + gray_gt_note(ev, Path(args.gt)):
         print(f"{PROG}: note: {note}", file=sys.stderr)

@@ -93,8 +93,22 @@ def read_record(path: str | Path) -> dict | None:
     return None
 
 
-def differences(earlier: dict, now: dict) -> list[str]:
-    """Each setting that differs, as "--flag earlier value (now: value)"."""
+def differences(earlier: dict, now: dict, label: str = "now") -> list[str]:
+    """Each setting that differs, as "--flag earlier value (`label`: value)"."""
     shown = lambda v: "(none)" if v in (None, "[]") else v  # noqa: E731
-    return [f"--{k.replace('_', '-')} {shown(earlier.get(k))} (now: {shown(now.get(k))})"
+    return [f"--{k.replace('_', '-')} {shown(earlier.get(k))} ({label}: {shown(now.get(k))})"
             for k in sorted(set(earlier) | set(now)) if earlier.get(k) != now.get(k)]
+
+
+def common_record(paths) -> tuple[dict | None, str | None]:
+    """(the record the PNGs at `paths` share, or the first one found; a note naming two that
+    differ and how, or None). Frames without a record are passed over."""
+    first = first_path = None
+    for path in paths:
+        if (record := read_record(path)) is None:
+            continue
+        if first is None:
+            first, first_path = record, path
+        elif diff := differences(first, record, path.name):
+            return first, f"{first_path.name} and {path.name} were made with other settings: {'; '.join(diff)}"
+    return first, None

@@ -4,7 +4,8 @@ Files written to `out_dir` (all to temporary names first, renamed once every one
 so a failed write leaves no half report and an earlier one as it was):
   metrics.json    definitions, frame names, per-frame values and means per method, the
                   ground truth's own temporal metrics (the level a method is compared with)
-                  and the frames left out of scoring (evaluate.py --exclude)
+                  and the frames left out of scoring (evaluate.py --exclude); per method
+                  also the settings its frames record (made_with), where they record any
   per_frame.csv   method,frame,psnr,ssim,colourfulness,warp_error
   summary.csv     method,psnr,ssim,colourfulness,warp_error,cdc (means; a ground_truth row)
   psnr.png        PSNR over time (x: frame number), one line per method
@@ -376,11 +377,13 @@ def write_report(
     excluded: Sequence[str] = (),
     positions: Sequence[int] | None = None,
     replace: bool = True,
+    made_with: Mapping[str, dict | None] | None = None,
 ) -> dict[str, Path]:
     """Write the files listed in the module docstring; returns {kind: path}. `positions`:
     each frame's index in the whole clip, increasing, when some were left out (the plots
     leave a gap there). Without `replace`, a file of the report that another run wrote since
-    it was checked is kept: an OSError, and nothing of this report is left.
+    it was checked is kept: an OSError, and nothing of this report is left. `made_with`: the
+    settings recorded in a method's frames (colorize.provenance), kept in metrics.json.
     """
     out = Path(out_dir)
     if not results:
@@ -399,7 +402,8 @@ def write_report(
         "definitions": DEFINITIONS,
         "frames": frames,
         "methods": {
-            name: {"mean": means[name], "per_frame": {k: res.per_frame[k] for k in keys}}
+            name: {"mean": means[name], "per_frame": {k: res.per_frame[k] for k in keys},
+                   **({"made_with": made_with[name]} if (made_with or {}).get(name) else {})}
             for name, res in results.items()
         },
         "ground_truth": dict(ground_truth or {}),

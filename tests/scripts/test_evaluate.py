@@ -656,3 +656,28 @@ def test_an_empty_path_is_a_usage_error_naming_its_flag(clip, capsys, monkeypatc
         assert err == (f"evaluate.py: error: --pred ={root / 'offset'}: empty NAME before '=' (give NAME=DIR, or "
                        "DIR alone)\n")
     assert not (root / "report").exists()
+
+
+def test_the_settings_the_frames_record_reach_the_report_and_a_mix_is_noted(clip, capsys):
+    """colorize_inference.py records what made each frame (colorize.provenance): metrics.json
+    keeps it per method, and a method whose frames were made with different settings (a
+    continuation with another seed) is noted, as its scores mix two looks."""
+    from colorize.frames_io import encode_png
+    from colorize.provenance import with_record
+
+    root, gt = clip
+    for name, seeds in (("steady", [0] * 5), ("mixed", [0, 0, 0, 7, 7])):
+        folder = root / name
+        folder.mkdir()
+        for i, (img, seed) in enumerate(zip(gt, seeds)):
+            png = encode_png((img + np.uint8(10)).astype(np.float32) / 255, 8)
+            (folder / f"frame_{i}.png").write_bytes(with_record(png, {"method": "model", "seed": str(seed)}))
+    out = root / "report"
+    rc = evaluate.main(["--pred", f"steady={root / 'steady'}", "--pred", f"mixed={root / 'mixed'}", "--pred",
+                        f"plain={root / 'offset'}", "--gt", str(root / "gt"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0 and err == ("evaluate.py: note: --pred mixed: frame_0.png and frame_3.png were made with other "
+                               "settings: --seed 0 (frame_3.png: 7): its scores mix them\n"), err
+    methods = json.loads((out / REPORT_FILES["json"]).read_text())["methods"]
+    assert methods["steady"]["made_with"] == {"method": "model", "seed": "0"}
+    assert methods["mixed"]["made_with"] == {"method": "model", "seed": "0"} and "made_with" not in methods["plain"]
