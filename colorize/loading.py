@@ -110,7 +110,12 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                  "pass its run's --init, or the SD file that was made from")
     else:
         sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
-        if is_export(sd, read_export_metadata(ckpt, allow_pickle=allow_pickle)):  # else "lacks N tensors": no help
+        meta = read_export_metadata(ckpt, allow_pickle=allow_pickle)
+        if note is not None and meta.get("made_by") == "tool_add_control_sd21.py":  # loads fine, colours at random
+            note(f"--ckpt {ckpt} is an initial checkpoint of tool_add_control_sd21.py: its ControlNet is untrained "
+                 "(zero convolutions), so the colours come from SD alone, not from the reference; for a trained "
+                 "model pass the run's control.safetensors with --control (and this file, or the SD file, as --ckpt)")
+        if is_export(sd, meta):  # else "lacks N tensors": no help
             raise CheckpointError(f"{ckpt}: an export of trained weights (control.safetensors), not a full "
                                   "checkpoint; pass it as --control, with the SD2.1 file its run started from "
                                   "as --ckpt")

@@ -302,6 +302,27 @@ def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path)
     assert len(notes) == 2 and notes[1] == notes[0].replace(str(export), str(as_ckpt))
 
 
+def test_an_initial_checkpoint_as_the_model_is_noted_as_untrained(tmp_path):
+    """tool_add_control_sd21.py's output loads as a full model, and its zero-initialised
+    ControlNet colours from SD alone: at random, not from the reference, and without a word."""
+    import tool_add_control_sd21 as tool
+    from tests.train_helpers import tiny_sd_state
+
+    save_file(tiny_sd_state(), str(tmp_path / "sd.safetensors"))
+    init = tmp_path / "init.safetensors"
+    tool.add_control(tmp_path / "sd.safetensors", init, config=TINY_CONFIG)
+    notes = []
+    L.load_model(init, config=TINY_CONFIG, note=notes.append)
+    assert notes == [f"--ckpt {init} is an initial checkpoint of tool_add_control_sd21.py: its ControlNet is "
+                     "untrained (zero convolutions), so the colours come from SD alone, not from the reference; for a "
+                     "trained model pass the run's control.safetensors with --control (and this file, or the SD file, "
+                     "as --ckpt)"]
+    notes.clear()
+    L.load_model(save_tiny(tiny_model(seed=1), tmp_path / "trained.safetensors"), config=TINY_CONFIG,
+                 note=notes.append)
+    assert notes == []  # a full checkpoint of another making
+
+
 def test_a_v_prediction_sd_file_under_an_eps_export_is_refused(tmp_path):
     """SD2.1 768-v (or a v fine-tune) under a 512-base export: refused where the SD file says
     what it predicts, before anything is built; else only the digest note can tell."""
