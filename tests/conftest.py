@@ -1,5 +1,6 @@
 """Shared fixtures: one torch thread and a Ctrl-C handler per test; the reference implementation's tiny golden
 weights and outputs."""
+import contextlib
 import json
 import os
 import signal
@@ -94,9 +95,9 @@ def tracers_put_back():
 RANK_ZERO = "lightning_utilities.core.rank_zero"  # Lightning's one rank_zero_only, shared by pytorch and fabric
 
 
-@pytest.fixture(autouse=True)
-def process_state_put_back():
-    """What the code a test calls changes for the whole process is put back after it.
+@contextlib.contextmanager
+def process_state_kept():
+    """What the code run inside changes for the whole process is put back at the end.
 
     A DDP Trainer built under RANK=1 (a monkeypatched SLURM job) set Lightning's rank_zero_only.rank
     to 1 for every later test: their TensorBoard and CSV loggers wrote nothing and Lightning's
@@ -110,13 +111,22 @@ def process_state_put_back():
     cudnn, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
     cv2 = sys.modules.get("cv2")
     cv2_threads = cv2.getNumThreads() if cv2 is not None else None
-    yield
-    if os.environ != env:
-        os.environ.clear()
-        os.environ.update(env)
-    if (rank_zero := sys.modules.get(RANK_ZERO)) is not None:  # imported by the test: the rank of a plain run
-        rank_zero.rank_zero_only.rank = 0 if rank is None else rank
-    torch.backends.cudnn.benchmark = cudnn
-    torch.set_float32_matmul_precision(matmul)
-    if cv2_threads is not None:
-        cv2.setNumThreads(cv2_threads)
+    try:
+        yield
+    finally:
+        if os.environ != env:
+            os.environ.clear()
+            os.environ.update(env)
+        if (rank_zero := sys.modules.get(RANK_ZERO)) is not None:  # imported inside: the rank of a plain run
+            rank_zero.rank_zero_only.rank = 0 if rank is None else rank
+        torch.backends.cudnn.benchmark = cudnn
+        torch.set_float32_matmul_precision(matmul)
+        if cv2_threads is not None:
+            cv2.setNumThreads(cv2_threads)
+
+
+@pytest.fixture(autouse=True)
+def process_state_put_back():
+    """Every test runs inside process_state_kept."""
+    with process_state_kept():
+        yield

@@ -604,16 +604,25 @@ def test_torchrun_inside_a_slurm_job_gives_the_ranks(tmp_path, monkeypatch):
     assert type(env).__name__ == "TorchElasticEnvironment" and env.global_rank() == 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_the_trainer_built_under_rank_1_left_later_tests_at_rank_0():
-    """Runs right after the test above (file order): its DDP Trainer set Lightning's process-wide
-    rank_zero_only.rank to 1, which silenced the loggers of every later test until
-    tests/conftest.py's process_state_put_back put it back."""
+def test_a_trainer_built_under_rank_1_leaves_later_tests_at_rank_0(tmp_path, monkeypatch):
+    """Its DDP strategy sets Lightning's process-wide rank_zero_only.rank from RANK, which
+    silenced the loggers of every later test: tests/conftest.py's process_state_kept (around
+    every test) puts it back."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+    from tests.conftest import process_state_kept
+
+    with process_state_kept():
+        with monkeypatch.context() as m:
+            for key, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x",
+                                   MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+                m.setenv(key, value)
+            training.make_trainer(load_config(TINY_CONFIG), trainer_args(devices="2"), tmp_path)
+            assert rank_zero_only.rank == 1  # what it did
     assert rank_zero_only.rank == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_asked_for_where_there_is_none_is_one_line(tmp_path):
     """Lightning's MisconfigurationException is no ValueError: it escaped as its bare words."""
     with pytest.raises(training.UsageError) as e:
