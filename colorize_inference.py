@@ -558,7 +558,7 @@ def run(args) -> int:
     total = len(names) if names else None
     bar = progress_bar(total, args.mode if args.method == "model" else args.method,
                        disable=args.no_progress or only_video)
-    record = provenance.settings(args)
+    record = provenance.settings(args, source)
     writer = O.OrderedWriter(out, frames.start, overwrite=args.overwrite, keep_rgb=bool(args.video), record=record)
     plan = R.RunPlan(args.method, args.mode, args.batch, frames, tuple(args.reference_frame), bool(args.video), total,
                      clip_length)

@@ -18,19 +18,27 @@ from pathlib import Path
 
 KEYWORD = b"colorize_inference"  # the iTXt chunk's keyword
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_READ_LIMIT = 1 << 13  # the chunk sits right after IHDR: a file's first bytes hold it
 MODEL_KEYS = ("mode", "steps", "eta", "seed", "noise", "size", "ref_guidance", "raw", "set")
 ANCHORED_KEYS = ("anchor_every", "anchor_strength")
 
 
+_SAMPLE = 1 << 16  # bytes hashed at each of a weights file's start, middle and end
+
+
 def _file_id(path: str | None) -> str | None:
-    """A weights file by name and size: a 5 GB checkpoint is not hashed at every run, and a copy
-    moved elsewhere is the same file."""
+    """A weights file by name, size and a hash of three samples of it: a 5 GB checkpoint is not
+    read whole at every run, yet an export rewritten after more training (same name, same size)
+    differs in every sample; a copy moved elsewhere is the same file."""
     if path is None:
         return None
     p = Path(path)
     try:
-        return f"{p.name} ({p.stat().st_size} bytes)"
+        size, h = p.stat().st_size, hashlib.sha256()
+        with open(p, "rb") as f:
+            for at in (0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)):
+                f.seek(at)
+                h.update(f.read(_SAMPLE))
+        return f"{p.name} ({size} bytes, sampled sha256 {h.hexdigest()[:12]})"
     except OSError:
         return p.name
 
@@ -42,17 +50,28 @@ def _content_id(path: str) -> str:
         return Path(path).name
 
 
-def settings(args) -> dict:
-    """The flags of colorize_inference.py's `args` that decide the colours of its frames, as
-    strings (what the record holds and differences compares)."""
+def _config_id(config) -> str | None:
+    """The model config a run used (a YAML file, or one a weights file records), by content: left
+    out, or given as the file it would have found, it is the same config."""
+    if config is None:
+        return None
+    if isinstance(config, (str, Path)):
+        return _content_id(config)
+    from omegaconf import OmegaConf
+    return f"recorded in the weights (sha256 {hashlib.sha256(OmegaConf.to_yaml(config).encode()).hexdigest()[:12]})"
+
+
+def settings(args, config=None) -> dict:
+    """The flags of colorize_inference.py's `args` that decide the colours of its frames, and the
+    model `config` it resolved (a path or a DictConfig), as strings: what the record holds and
+    differences compares."""
     out = {"method": args.method, "input": Path(args.input).name,
            "reference": [_content_id(r) for r in args.reference],
            "reference_frame": list(args.reference_frame)}
     if args.reference_frame:
         out["gt"] = Path(args.gt or args.input).name
     if args.method == "model":
-        out.update(ckpt=_file_id(args.ckpt), control=_file_id(args.control),
-                   config=None if args.config is None else Path(args.config).name)
+        out.update(ckpt=_file_id(args.ckpt), control=_file_id(args.control), config=_config_id(config))
         out.update({k: getattr(args, k) for k in MODEL_KEYS})
         if args.mode == "anchored":
             out.update({k: getattr(args, k) for k in ANCHORED_KEYS})
@@ -69,27 +88,26 @@ def with_record(png: bytes, record: dict) -> bytes:
 
 def read_record(path: str | Path) -> dict | None:
     """The record with_record put into the PNG at `path`; None for a file without one (written
-    by an earlier version, or not by colorize_inference.py) or one that cannot be read."""
+    by an earlier version, or not by colorize_inference.py) or one that cannot be read. Only the
+    chunks before the image data are read: the record is the second."""
     try:
         with open(path, "rb") as f:
-            head = f.read(_READ_LIMIT)
-    except OSError:
-        return None
-    if not head.startswith(_SIGNATURE):
-        return None
-    pos = len(_SIGNATURE)
-    while pos + 8 <= len(head):
-        length, kind = struct.unpack(">I4s", head[pos:pos + 8])
-        data = head[pos + 8:pos + 8 + length]
-        if kind in (b"IDAT", b"IEND") or len(data) < length:
-            return None
-        if kind == b"iTXt" and data.startswith(KEYWORD + b"\0\0\0\0\0"):
-            try:
-                record = json.loads(data[len(KEYWORD) + 5:])
-            except ValueError:
+            if f.read(len(_SIGNATURE)) != _SIGNATURE:
                 return None
-            return record if isinstance(record, dict) else None
-        pos += 12 + length
+            while len(head := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                if kind != b"iTXt":
+                    f.seek(length + 4, 1)  # data and CRC
+                    continue
+                data = f.read(length)
+                f.seek(4, 1)
+                if len(data) == length and data.startswith(KEYWORD + b"\0\0\0\0\0"):
+                    record = json.loads(data[len(KEYWORD) + 5:])
+                    return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
     return None
 
 

@@ -51,7 +51,7 @@ def test_settings_hold_what_decides_the_colours_not_how_they_are_computed(tmp_pa
     ref.write_bytes(b"one")
     base = V.settings(args(reference=[str(ref)], reference_frame=[]))
     for same in (dict(batch=1), dict(device="cuda"), dict(precision="fp16"), dict(cuda_graph=False),
-                 dict(compile=True), dict(input="/elsewhere/a"), dict(ckpt="/moved/sd.ckpt"),
+                 dict(compile=True), dict(input="/elsewhere/a"), dict(ckpt="/moved/sd.ckpt"), dict(config="x.yaml"),
                  dict(anchor_every=3)):  # anchoring: anchored mode only
         assert V.settings(args(reference=[str(ref)], reference_frame=[], **same)) == base, same
     for key, value in dict(seed=1, steps=10, eta=0.5, size=256, mode="recursive", noise="per-frame", raw=True,
@@ -63,6 +63,39 @@ def test_settings_hold_what_decides_the_colours_not_how_they_are_computed(tmp_pa
                                                    "reference_frame": "[0]", "gt": "a"}
     anchored = V.settings(args(mode="anchored"))
     assert anchored["anchor_every"] == "8" and V.settings(args(mode="anchored", anchor_every=3)) != anchored
+
+
+def test_weights_and_config_are_known_by_content_not_by_name_alone(tmp_path):
+    """An export rewritten after more training has the same name and size: told apart. A copy
+    elsewhere is the same; so is a config left out and the same file given."""
+    import numpy as np
+
+    w = tmp_path / "a" / "control.safetensors"
+    w.parent.mkdir()
+    rng = np.random.default_rng(0)
+    w.write_bytes(rng.bytes(300_000))
+    first = V.settings(args(control=str(w)))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "control.safetensors").write_bytes(w.read_bytes())
+    assert V.settings(args(control=str(tmp_path / "b" / "control.safetensors"))) == first
+    data = bytearray(w.read_bytes())
+    data[150_000] ^= 1  # one byte in the middle: more training changes every sample, one is enough here
+    w.write_bytes(bytes(data))
+    assert V.settings(args(control=str(w)))["control"] != first["control"]
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("model: {}\n")
+    from omegaconf import OmegaConf
+    assert V.settings(args(), yaml) == V.settings(args(config=str(yaml)), yaml)
+    assert V.settings(args(), OmegaConf.create({"model": {"a": 1}}))["config"].startswith("recorded in the weights")
+    assert V.settings(args(), OmegaConf.create({"model": {"a": 2}})) != V.settings(
+        args(), OmegaConf.create({"model": {"a": 1}}))
+
+
+def test_a_long_record_is_read_whole(tmp_path):
+    record = {"set": "[" + ", ".join(f'"model.k{i}=v{i}"' for i in range(2000)) + "]"}  # ~30 KB
+    path = tmp_path / "f.png"
+    path.write_bytes(V.with_record(encode_png(np.zeros((4, 4, 3), np.float32), 8), record))
+    assert V.read_record(path) == record
 
 
 def test_differences_name_each_flag_with_both_values():
