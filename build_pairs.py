@@ -11,8 +11,8 @@ A movie another run is building (on the same DATA_ROOT) is left to the end and w
 then counted as built by that run, or built here if that run died.
 
 Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
-summary), 2 bad arguments, every input skipped (nothing to train on), a --strict stop or a
-DATA_ROOT that is full or read-only (one line; a full disk is not the movie's fault, so the
+summary), 2 bad arguments, inputs skipped and DATA_ROOT left without any movie (nothing to
+train on), a --strict stop or a DATA_ROOT that is full or read-only (one line; a full disk is not the movie's fault, so the
 run stops), 130 / 143 stopped by Ctrl-C / SIGTERM (the movies being built are dropped,
 finished ones kept; rerun to resume).
 """
@@ -30,7 +30,8 @@ if __name__ == "__main__":
     quiet_startup_signals()
 
 from annotator.build_many import build_all
-from annotator.pairs import DEFAULT_WINDOW, IMAGE_FORMATS, MAX_SIM_SIZE, MAX_SIZE, MIN_SIM_SIZE, BuildOptions
+from annotator.pairs import (DEFAULT_WINDOW, IMAGE_FORMATS, MAX_SIM_SIZE, MAX_SIZE, MIN_SIM_SIZE, BuildOptions,
+                             list_movies)
 from annotator.similarity import METRICS, SIM_SIZE
 
 
@@ -52,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
                "any other character -> '_', leading dots dropped ('my film-1.v2.mp4' -> 'my_film-1.v2', "
                "'.hidden.mp4' -> 'hidden'). Finished movies are skipped, so rerunning resumes; one that another run "
                "is building is waited for at the end. Exit status: 0 all built or already built, 1 some input "
-               "skipped, 2 bad arguments, every input skipped, a --strict stop or a full/read-only "
+               "skipped, 2 bad arguments, inputs skipped and no movie in DATA_ROOT, a --strict stop or a full/read-only "
                "DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
@@ -119,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
             raise OSError(f"{too_many_files(f'with --workers {args.workers}', '--workers')}; finished movies are "
                           "kept, rerun to resume") from None
     print(summary.text())
-    if summary.stopped or (summary.skipped and not (summary.built or summary.existing or summary.by_others)):
-        return 2  # nothing usable in DATA_ROOT: a script's `$? = 1` must not read as "some movies built"
+    if summary.stopped or (summary.skipped and not list_movies(args.out)):
+        return 2  # DATA_ROOT holds no movie: a script's `$? = 1` must not read as "something to train on"
     return 1 if summary.skipped else 0
 
 

@@ -217,9 +217,11 @@ def test_every_bad_input_is_reported_and_nothing_is_lost(tmp_path):
     # only bad inputs: nothing built (exit 2, not "some skipped"), and no DATA_ROOT left behind (nor its folders)
     assert build_pairs.main([str(junk), str(notes), "--out", str(tmp_path / "new" / "d"), "--no-progress"]) == 2
     assert not (tmp_path / "new").exists()
-    # a bad input beside one built earlier: DATA_ROOT holds something to train on, so "some skipped"
+    # a bad input beside one built earlier, or alone into a DATA_ROOT that holds movies: something to train
+    # on, so "some skipped"
     assert build_pairs.main([str(junk), str(good_folder), "--out", str(tmp_path / "d"), "--size", "32",
                              "--window", "4", "--no-progress"]) == 1
+    assert build_pairs.main([str(junk), "--out", str(tmp_path / "d"), "--no-progress"]) == 1
     assert build_pairs.main([str(junk), "--strict", "--out", str(tmp_path / "new" / "d"), "--no-progress"]) == 2
     assert not (tmp_path / "new").exists()
 
