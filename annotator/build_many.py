@@ -191,33 +191,31 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
     built_from: dict[str, str] | None = None  # source -> id of every finished movie, read when first needed
     for mid in mine:
         p = by_id[mid]
+        kept = mid  # the folder that holds this input: its id's, or one an earlier version's id rule named
         if not is_finished(root / mid):
             if built_from is None:
                 built_from = _built_from(root)
-            if (old_id := built_from.get(os.path.realpath(p), mid)) != mid:
-                # built under another id (an earlier version's id rule): built again, a film trains twice
-                existing.append(old_id)
-                notes.append(f"{shown_path(p)}: already built as '{old_id}' ({shown_path(root / old_id)}, an "
+            if (kept := built_from.get(os.path.realpath(p), mid)) != mid:  # else built again: it trains twice
+                notes.append(f"{shown_path(p)}: already built as '{kept}' ({shown_path(root / kept)}, an "
                              f"earlier version's name for it); kept")
-                continue
-        if is_finished(root / mid):
+        if is_finished(root / kept):
             try:
-                meta = load_meta(root / mid)
+                meta = load_meta(root / kept)
             except (OSError, ValueError) as e:  # the ValueError names the file, as "F: not valid JSON (...)"
                 what = str(e) if isinstance(e, ValueError) else \
-                    f"{shown_path(root / mid / 'meta.json')}: unreadable ({one_line(e, with_type=True)})"
-                skipped.append(f"{what}; delete {shown_path(root / mid)} to rebuild it")
+                    f"{shown_path(root / kept / 'meta.json')}: unreadable ({one_line(e, with_type=True)})"
+                skipped.append(f"{what}; delete {shown_path(root / kept)} to rebuild it")
                 continue
             old = meta.get("source")
             if old and Path(old) != Path(os.path.realpath(p)):
                 skipped.append(f"{shown_path(p)}: movie id '{mid}' was already built from {shown_path(old)}; "
                                f"rename this input or delete {shown_path(root / mid)}")
                 continue
-            existing.append(mid)
+            existing.append(kept)
             if options is not None:
                 diff = option_changes(meta, options)
                 if diff:
-                    notes.append(f"{shown_path(root / mid)}: kept, but it was built with {', '.join(diff)}; "
+                    notes.append(f"{shown_path(root / kept)}: kept, but it was built with {', '.join(diff)}; "
                                  f"delete it to rebuild")
             continue
         try:

@@ -772,6 +772,10 @@ def test_a_source_built_under_another_id_is_kept_not_built_again(tmp_path):
     assert lines == [f"note: {film}: already built as 'Am_lie' ({tmp_path / 'data' / 'Am_lie'}, an earlier "
                      "version's name for it); kept"]
     assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == ["Am_lie", "Brazil"]
+    lines.clear()  # and its options are compared as any kept movie's are
+    build_all([film], tmp_path / "data", replace(OPTS, window=2), progress=False, log=lines.append)
+    assert lines[1:] == [f"note: {tmp_path / 'data' / 'Am_lie'}: kept, but it was built with window 3 (now 2); "
+                         "delete it to rebuild"], lines  # 3: the 4 frames' cap of window 5
     # another film at a path of its own is no such case: built, whatever the folders' names
     third = write_folder(panning_clip(4, 16, 24, seed=2), tmp_path / "x" / "Am_lie2")
     assert [m["movie_id"] for m in build_all([third], tmp_path / "data", OPTS, progress=False,
