@@ -69,12 +69,15 @@ def header_shapes(path: str | Path) -> dict[str, list[int]]:
 
 
 def check_plain_sd(path: str | Path, shapes) -> None:
-    """Refuse a file that already holds a ControlNet: converting it would replace its (trained)
-    control_model.* tensors with a fresh copy of the UNet encoder."""
+    """Refuse a file that already holds a ControlNet (converting it would replace its trained
+    control_model.* tensors with a fresh copy of the UNet encoder), and SD2 weights of another
+    task (inpainting's 9 inputs are v2's: its mask kernels would be copied as they are)."""
     if any(k.startswith(CONTROL) for k in shapes):
         raise CheckpointError(f"{path}: already a ControlNet/colour checkpoint ({guess_kind(shapes)}), "
                               "whose control_model.* weights this tool would replace; it takes a plain "
                               "Stable Diffusion 2.1 file such as v2-1_512-ema-pruned.safetensors")
+    if shapes and (why := not_text_to_image(guess_kind(shapes))):
+        raise CheckpointError(f"{path}: {why}")
 
 
 def check_output(sd_path: str | Path, out_path: Path, overwrite: bool) -> None:
@@ -115,6 +118,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED} (got {seed})")
     cfg = load_config(config, variant_overrides(variant, list(overrides)))
+    check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
     if conflict := parameterization_conflict(sd_path, cfg.model.parameterization):
         raise CheckpointError(conflict)
     if note is not None and "768" in Path(sd_path).name and cfg.model.parameterization == "eps" and \
@@ -122,11 +126,8 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         note(f"{Path(sd_path).name}: the name of SD2.1 768-v, which predicts v, but the config predicts eps "
              "(512-base); the file cannot tell which it is: for 768-v use a config with model.parameterization=v "
              "(and train and sample at 768)")
-    check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
     sd = load_state_dict(sd_path, allow_pickle=allow_pickle)
     check_plain_sd(sd_path, sd)  # .ckpt: its names are only known once loaded
-    if why := not_text_to_image(guess_kind(sd)):  # inpainting's 9 inputs are v2's: its kernels would be copied
-        raise CheckpointError(f"{sd_path}: {why}")
     # Only the shapes of the whole model are needed (meta: no memory); real values only for what
     # the SD file cannot give: the ControlNet's new layers and the schedule (from the config).
     with torch.device("meta"):

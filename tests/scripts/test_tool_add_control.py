@@ -366,6 +366,28 @@ def test_sd2_weights_of_another_task_are_refused_by_name(sd_files, tmp_path, cap
     assert not out.exists()
 
 
+def test_its_own_v_init_is_refused_as_a_controlnet_not_told_to_set_v(sd_files, tmp_path, capsys):
+    """An init of this tool records its parameterization: under an eps config the advice was to set
+    model.parameterization=v, which then only led to the real refusal."""
+    init = tmp_path / "init_v.safetensors"
+    assert tool.main([str(sd_files[1] / "sd.safetensors"), str(init), "--config", str(TINY_CONFIG),
+                      "model.parameterization=v"]) == 0
+    capsys.readouterr()
+    assert tool.main([str(init), str(tmp_path / "again.safetensors"), "--config", str(TINY_CONFIG)]) == 2
+    assert "already a ControlNet/colour checkpoint" in capsys.readouterr().err
+
+
+def test_another_tasks_safetensors_is_refused_before_its_load(sd_files, tmp_path, capsys, monkeypatch):
+    """The header holds the input conv's shape: a multi-GB inpainting file is not loaded first."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "inpaint.safetensors"
+    save_file({**sd_files[0], UNET_INPUT: torch.ones(32, 9, 3, 3)}, path)
+    monkeypatch.setattr(tool, "load_state_dict", lambda *a, **k: pytest.fail("loaded"))
+    assert tool.main([str(path), str(tmp_path / "init.safetensors"), "--config", str(TINY_CONFIG)]) == 2
+    assert "inpainting weights (9 input channels" in capsys.readouterr().err
+
+
 def load_file_metadata(path):
     from safetensors import safe_open
 
