@@ -236,6 +236,15 @@ def test_a_controlnet_of_another_task_is_named_not_taken_for_colour_variant_v1()
     assert "color_variant" not in str(e.value)
 
 
+def test_guess_kind_names_the_diffusers_format_and_prefixless_tensors():
+    for key in ("down_blocks.0.resnets.0.conv1.weight", "controlnet_cond_embedding.conv_in.weight",
+                "encoder.down_blocks.0.resnets.0.conv1.weight"):
+        assert guess_kind({key: (4, 4, 3, 3), "conv_in.weight": (4, 4, 3, 3)}).startswith("diffusers format")
+    assert guess_kind({"input_blocks.0.0.weight": (4, 4, 3, 3)}) == (
+        "UNet or ControlNet tensors without their model.diffusion_model. or control_model. prefix")
+    assert guess_kind({"x": (1,)}) == "unknown (no model.diffusion_model.* or control_model.* tensors)"
+
+
 def test_guess_kind_of_unusual_files():
     unet = "model.diffusion_model.x."
     assert guess_kind({unet + "attn2.to_k.weight": (4, 1024)}) == "SD2.x weights, no text encoder"

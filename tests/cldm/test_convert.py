@@ -34,17 +34,6 @@ def test_an_input_conv_that_cannot_be_widened_is_named_with_the_other_mismatches
         assert f"{key}: file {shape} vs model (32, 9, 3, 3)" in line
 
 
-def test_guess_kind_names_the_diffusers_format_and_prefixless_tensors():
-    from cldm.checkpoint_fit import guess_kind
-
-    for key in ("down_blocks.0.resnets.0.conv1.weight", "controlnet_cond_embedding.conv_in.weight",
-                "encoder.down_blocks.0.resnets.0.conv1.weight"):
-        assert guess_kind({key: (4, 4, 3, 3), "conv_in.weight": (4, 4, 3, 3)}).startswith("diffusers format")
-    assert guess_kind({"input_blocks.0.0.weight": (4, 4, 3, 3)}) == (
-        "UNet or ControlNet tensors without their model.diffusion_model. or control_model. prefix")
-    assert guess_kind({"x": (1,)}) == "unknown (no model.diffusion_model.* or control_model.* tensors)"
-
-
 # Mutation round 10: which tensor ends up where, from which source, in which dtype and bucket.
 from cldm.convert import InitReport  # noqa: E402
 from ldm.schedule import BUFFER_NAMES  # noqa: E402

@@ -388,6 +388,18 @@ def test_another_tasks_safetensors_is_refused_before_its_load(sd_files, tmp_path
     assert "inpainting weights (9 input channels" in capsys.readouterr().err
 
 
+def test_a_diffusers_file_is_named_as_such_not_listed_as_534_problems(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(4)}, path)
+    assert tool.main([str(path), str(tmp_path / "init.safetensors"), "--config", str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tool_add_control_sd21.py: error: {path}: diffusers format (down_blocks.*, ...), not the "
+                          "single-file original format these tools read (model.diffusion_model.*, as in SD2.1's "
+                          "v2-1_512-ema-pruned.safetensors) ("), err
+
+
 def load_file_metadata(path):
     from safetensors import safe_open
 
