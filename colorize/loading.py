@@ -106,8 +106,8 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
                  "be sure, pass that --init, or the SD file it was made from, as --ckpt")
         elif note is not None and "locked_digest" not in meta:  # other SD weights would colour worse, unnoticed
             note(f"--control {control} records no digest of the SD weights it was trained on (an export made "
-                 "before 2026-11-28, or not by this project's training): whether --ckpt holds them is not checked; "
-                 "pass its run's --init, or the SD file that was made from")
+                 "before 2026-11-28 18:47, or not by this project's training): whether --ckpt holds them is not "
+                 "checked; pass its run's --init, or the SD file that was made from")
     else:
         sd = load_state_dict(ckpt, allow_pickle=allow_pickle)
         meta = read_export_metadata(ckpt, allow_pickle=allow_pickle)
@@ -150,7 +150,7 @@ def _built(cfg, device: str | torch.device) -> ControlLDM:
 def trained_on_other_weights(model: ControlLDM, names: Iterable[str], meta: dict[str, str]) -> bool:
     """Whether an export (its tensor names `names` and metadata `meta`, as load_sd_plus_control
     read them) records a digest of other locked SD weights than `model` holds (False where it
-    records none: exports made before 2026-11-28, which load_model notes).
+    records none: exports made before 2026-11-28 18:47, which load_model notes).
     SD2.1 768-v has 512-base's tensors to the last shape, so this digest is all that tells
     them apart."""
     recorded = meta.get("locked_digest")

@@ -286,7 +286,7 @@ def test_an_export_on_other_sd_weights_than_it_was_trained_on_is_noted(tmp_path)
     assert notes == []
     L.load_model(other, control=unrecorded, config=TINY_CONFIG, note=notes.append)
     assert notes == [f"--control {unrecorded} records no digest of the SD weights it was trained on (an export made "
-                     "before 2026-11-28, or not by this project's training): whether --ckpt holds them is not "
+                     "before 2026-11-28 18:47, or not by this project's training): whether --ckpt holds them is not "
                      "checked; pass its run's --init, or the SD file that was made from"]
     notes.clear()
     loaded = L.load_model(other, control=export, config=TINY_CONFIG, note=notes.append)
