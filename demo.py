@@ -163,7 +163,10 @@ def colourise(method: str, data: Path, reference: Path, out: Path, args, fps: fl
                  "--steps", str(args.steps), "--device", args.device]
     else:
         argv += ["--method", method]
-    argv += [flag for flag in ("--overwrite", "--no-progress") if getattr(args, flag[2:].replace("-", "_"))]
+    if args.overwrite:
+        argv.append("--overwrite")
+    if args.no_progress:
+        argv.append("--no-progress")
     _call(colorize_inference.main, argv, f"colorize_inference.py --method {method}")
 
 

@@ -367,10 +367,10 @@ class ColorControlModule(L.LightningModule):
                                      f"digest {digest[:12]}... vs {self.locked_digest()[:12]}...", locked=True)
         if digest is None and isinstance(fp := info.get("locked_fingerprint"), float):  # written before 2026-11-27
             with torch.no_grad():  # 20:49: that version's own check, which a resume of it skipped since
-                ours = locked_fingerprint(self.model)
-            if abs(fp - ours) > 1e-7 * abs(fp):
+                now = locked_fingerprint(self.model)
+            if abs(fp - now) > 1e-7 * abs(fp):
                 raise ResumeRefusedError("was trained on other locked SD weights than this run's --init",
-                                         f"fingerprint {fp:.9g} vs {ours:.9g}", locked=True)
+                                         f"fingerprint {fp:.9g} vs {now:.9g}", locked=True)
         # Another --optimizer (adamw8bit after an out-of-memory, say): AdamW's and bitsandbytes'
         # states have different keys, and either one loaded into the other failed at the first
         # step (KeyError). Restore none: the optimiser configure_optimizers made starts afresh.

@@ -121,8 +121,8 @@ def process_state_kept():
             rank_zero.rank_zero_only.rank = 0 if rank is None else rank
         torch.backends.cudnn.benchmark = cudnn
         torch.set_float32_matmul_precision(matmul)
-        if cv2_threads is not None:
-            cv2.setNumThreads(cv2_threads)
+        if (cv2 := sys.modules.get("cv2")) is not None:
+            cv2.setNumThreads(-1 if cv2_threads is None else cv2_threads)  # -1: OpenCV's default, if imported inside
 
 
 @pytest.fixture(autouse=True)

@@ -1395,11 +1395,12 @@ def test_progress_bars_update_every_30_s_in_a_log_and_not_at_all_without_stderr(
 
 @pytest.mark.parametrize("script", ["build_pairs.py", "build_latent_cache.py", "tool_add_control_sd21.py",
                                     "tutorial_train_sd21_color_v2.py", "colorize_inference.py", "evaluate.py",
-                                    "demo.py"])
+                                    "demo.py", "-m cldm.checkpoint"])
 def test_every_scripts_help_gives_its_exit_statuses(script):
     """Schedulers and shell scripts branch on the exit status: each script's --help says what
     0, 2, 130 and 143 mean, not only the docs."""
-    res = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=REPO, capture_output=True, text=True,
+    command = script.split() if script.startswith("-m") else [str(REPO / script)]
+    res = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     text = " ".join(res.stdout.split())
     assert res.returncode == 0 and "Exit status: 0 " in text, text[-400:]
