@@ -12,9 +12,9 @@ then counted as built by that run, or built here if that run died.
 
 Exit status: 0 all inputs built or already built, 1 some input skipped (listed in the
 summary), 2 bad arguments, inputs skipped and DATA_ROOT left without any movie (nothing to
-train on), a --strict stop or a DATA_ROOT that is full or read-only (one line; a full disk is not the movie's fault, so the
-run stops), 130 / 143 stopped by Ctrl-C / SIGTERM (the movies being built are dropped,
-finished ones kept; rerun to resume).
+train on), a --strict stop or a DATA_ROOT that is full or read-only (one line; a full disk
+is not the movie's fault, so the run stops), 130 / 143 stopped by Ctrl-C / SIGTERM (the
+movies being built are dropped, finished ones kept; rerun to resume).
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
                "any other character -> '_', leading dots dropped ('my film-1.v2.mp4' -> 'my_film-1.v2', "
                "'.hidden.mp4' -> 'hidden'). Finished movies are skipped, so rerunning resumes; one that another run "
                "is building is waited for at the end. Exit status: 0 all built or already built, 1 some input "
-               "skipped, 2 bad arguments, inputs skipped and no movie in DATA_ROOT, a --strict stop or a full/read-only "
-               "DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
+               "skipped, 2 bad arguments, inputs skipped and no movie in DATA_ROOT, a --strict stop or a "
+               "full/read-only DATA_ROOT, 130/143 stopped by Ctrl-C/SIGTERM.",
         formatter_class=DefaultsFormatter,
     )
     p.add_argument("inputs", type=path_arg, nargs="+", metavar="INPUT",

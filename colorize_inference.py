@@ -445,9 +445,8 @@ def other_settings_kept(out: Path, names: list[str] | None, record: dict) -> str
     if names is None or not out.is_dir():
         return None
     mine = set(names)
-    for path in sorted(out.glob("*.png")):
-        if path.name in mine or path.name.startswith(".") or (earlier := provenance.read_record(path)) is None:
-            continue
+    kept = (p for p in sorted(out.glob("*.png")) if p.name not in mine and not p.name.startswith("."))
+    for path, earlier in provenance.recorded(kept):
         if diff := provenance.differences(earlier, record):
             return (f"{out} keeps frames this run does not replace (e.g. {path.name}) made with other settings: "
                     f"{'; '.join(diff)}; the clip mixes them (rerun it whole with --overwrite for one look)")

@@ -15,13 +15,12 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 KEYWORD = b"colorize_inference"  # the iTXt chunk's keyword
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODEL_KEYS = ("mode", "steps", "eta", "seed", "noise", "size", "ref_guidance", "raw", "set")
 ANCHORED_KEYS = ("anchor_every", "anchor_strength")
-
-
 _SAMPLE = 1 << 16  # bytes hashed at each of a weights file's start, middle and end
 
 
@@ -118,13 +117,18 @@ def differences(earlier: dict, now: dict, label: str = "now") -> list[str]:
             for k in sorted(set(earlier) | set(now)) if earlier.get(k) != now.get(k)]
 
 
+def recorded(paths) -> Iterator[tuple[Path, dict]]:
+    """(path, record) of each PNG at `paths` that carries one, in their order."""
+    for path in paths:
+        if (record := read_record(path)) is not None:
+            yield Path(path), record
+
+
 def common_record(paths) -> tuple[dict | None, str | None]:
     """(the record the PNGs at `paths` share, or the first one found; a note naming two that
     differ and how, or None). Frames without a record are passed over."""
     first = first_path = None
-    for path in paths:
-        if (record := read_record(path)) is None:
-            continue
+    for path, record in recorded(paths):
         if first is None:
             first, first_path = record, path
         elif diff := differences(first, record, path.name):
