@@ -184,10 +184,20 @@ def plan(sources: Sequence[str | os.PathLike], data_root, shard: tuple[int, int]
         by_id[mid] = p
         if folded is not None:
             folded[mid.lower()] = mid
+    notes = []
+    by_file: dict[tuple[int, int], list[str]] = {}  # one file under several names (links): built once
+    for mid in sorted(by_id):
+        with suppress(OSError):
+            st = os.stat(by_id[mid])
+            by_file.setdefault((st.st_dev, st.st_ino), []).append(mid)
+    for first, *others in (ids for ids in by_file.values() if len(ids) > 1):  # the least id, whatever the order
+        for mid in others:
+            notes.append(f"{shown_path(by_id.pop(mid))}: the same file as {shown_path(by_id[first])}, built once "
+                         f"as '{first}'")
     ids = sorted(by_id)
     index, count = shard
     mine = ids[index::count]
-    todo, existing, notes = [], [], []
+    todo, existing = [], []
     built_from: dict[str, str] | None = None  # source -> id of every finished movie, read when first needed
     for mid in mine:
         p = by_id[mid]

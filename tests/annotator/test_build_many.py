@@ -782,6 +782,28 @@ def test_a_source_built_under_another_id_is_kept_not_built_again(tmp_path):
                                              log=lambda line: None).built] == ["Am_lie2"]
 
 
+def test_one_film_under_several_names_is_built_once(tmp_path):
+    """A symlink or a hard link to a film was built a second time (the film then trained twice),
+    and a rerun after a kill took the second name for an earlier version's id of the first: the
+    result depended on whether a run had been killed. Built once, under the least id."""
+    film = write_folder(panning_clip(4, 16, 24), tmp_path / "film")
+    (tmp_path / "alias").symlink_to(film)
+    video = tmp_path / "v.avi"  # and a hard link: the same inode under another name
+    video.write_bytes(b"")
+    os.link(video, tmp_path / "w.avi")
+    plan = build_many.plan([tmp_path / "film", tmp_path / "alias"], tmp_path / "data")
+    assert [mid for mid, _, _ in plan[0]] == ["alias"]
+    assert plan[3] == [f"{tmp_path / 'film'}: the same file as {tmp_path / 'alias'}, built once as 'alias'"]
+    hard = build_many.plan([tmp_path / "w.avi", tmp_path / "v.avi"], tmp_path / "data")
+    assert hard[3] == [f"{tmp_path / 'w.avi'}: the same file as {tmp_path / 'v.avi'}, built once as 'v'"]
+    lines = []
+    for _ in range(2):  # and a rerun sees the same
+        s = build_all([film, tmp_path / "alias"], tmp_path / "data", OPTS, progress=False, log=lines.append)
+    assert s.existing == ["alias"] and s.built == [] and s.skipped == []
+    assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == ["alias"]
+    assert all("earlier version" not in line for line in lines), lines
+
+
 def test_shards_split_the_sorted_ids_whatever_order_each_machine_lists_the_inputs_in(tmp_path):
     """Two machines whose globs list the same movies in other orders must still split them: taken
     in input order, shard 0 of one and shard 1 of the other could both take a movie and both skip
