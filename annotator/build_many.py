@@ -37,6 +37,7 @@ from annotator.pairs import (
     list_movies, load_meta, movie_id_for, movie_lock, refuse_linked_partial,
 )
 from annotator.video import FrameSourceError, probe, shown_path
+from atomicio import locks_work
 from cliutil import HELD_SIGNALS, bar_options, is_terminal, one_line, out_of_memory, signals_deferred
 
 
@@ -366,12 +367,30 @@ def build_all(
             bars.finish(mid)  # so the overall bar ends at 100 %
     finally:
         bars.close()
+        _drop_orphans(root)
         try:  # os.rmdir: only if empty, so a movie another run is building there is never touched
             (root / PARTIAL_DIR).rmdir()
         except OSError:
             pass
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _drop_orphans(root: Path) -> None:
+    """Remove the partial movies of DATA_ROOT/.partial that no run holds the lock of: left by a
+    killed run for a movie no later run builds (its input gone, or now built under another
+    id), they stayed for ever, gigabytes of frames at 512 px. One another run is building is
+    locked, and kept; where nothing can be locked (not POSIX), none is removed."""
+    if not locks_work():
+        return
+    try:
+        partial = [d for d in (root / PARTIAL_DIR).iterdir() if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        return
+    for d in partial:
+        with suppress(OSError), movie_lock(root, d.name) as mine:
+            if mine:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class _Bars:

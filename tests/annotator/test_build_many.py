@@ -175,12 +175,17 @@ def test_summary_notes_that_the_default_band_is_for_ssim():
 
 def test_a_run_leaves_partial_alone_while_another_run_builds_there(tmp_path):
     """A run that ends removes DATA_ROOT/.partial only when it is empty (os.rmdir): a movie
-    another run is building there is never touched; the last run to end removes it."""
+    another run is building there (holding its lock) is never touched; the last run to end
+    removes it."""
+    from annotator.pairs import movie_lock
+
     good = write_folder(panning_clip(6, 16, 24), tmp_path / "good")
     busy = tmp_path / "data" / ".partial" / "other_run" / "frames"
     busy.mkdir(parents=True)
     (busy / "000000.jpg").write_bytes(b"another run's frame")
-    s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
+    with movie_lock(tmp_path / "data", "other_run") as mine:
+        assert mine
+        s = build_all([good], tmp_path / "data", OPTS, progress=False, log=lambda line: None)
     assert [m["movie_id"] for m in s.built] == ["good"]
     assert (busy / "000000.jpg").read_bytes() == b"another run's frame"
     (busy / "000000.jpg").unlink()
@@ -802,6 +807,29 @@ def test_one_film_under_several_names_is_built_once(tmp_path):
     assert s.existing == ["alias"] and s.built == [] and s.skipped == []
     assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == ["alias"]
     assert all("earlier version" not in line for line in lines), lines
+
+
+def test_a_partial_movie_no_run_holds_is_removed_and_a_held_one_kept(tmp_path):
+    """A killed run's .partial/<id> for a movie no later run builds (its input gone, or built
+    under another id) stayed for ever; one another run is building holds its lock."""
+    from annotator.pairs import movie_lock
+
+    film = write_folder(panning_clip(4, 16, 24), tmp_path / "film")
+    root = tmp_path / "data"
+    for orphan in ("gone", "busy"):
+        (root / PARTIAL_DIR / orphan / "frames").mkdir(parents=True)
+        (root / PARTIAL_DIR / orphan / "frames" / "000000.jpg").write_bytes(b"x" * 100)
+    with movie_lock(root, "busy") as mine:
+        assert mine
+        build_all([film], root, OPTS, progress=False, log=lambda line: None)
+        assert sorted(p.name for p in (root / PARTIAL_DIR).iterdir()) == ["busy", "busy.lock"]
+    build_all([film], root, OPTS, progress=False, log=lambda line: None)
+    assert not (root / PARTIAL_DIR).exists()
+    with pytest.MonkeyPatch.context() as m:  # where nothing can be locked, nothing is taken for an orphan
+        (root / PARTIAL_DIR / "kept").mkdir(parents=True)
+        m.setattr(build_many, "locks_work", lambda: False)
+        build_all([film], root, OPTS, progress=False, log=lambda line: None)
+        assert (root / PARTIAL_DIR / "kept").is_dir()
 
 
 def test_shards_split_the_sorted_ids_whatever_order_each_machine_lists_the_inputs_in(tmp_path):
