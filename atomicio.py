@@ -5,14 +5,19 @@ os.replace within one folder is atomic, so a reader (or a run killed half-way th
 write) only ever sees the previous file or the complete new one under the final name.
 Temporary names start with '.' and contain '.tmp'. They are created like any file that
 `open(path, "w")` makes (mode 0o666, less the umask and any default ACL), so the renamed file
-gets the usual permissions, e.g. 0644; tempfile.mkstemp would make it 0600.
+gets the usual permissions, e.g. 0644; tempfile.mkstemp would make it 0600. Each name holds
+its writer's machine (a hash of the host name) and process id, so that what a writer killed
+mid-write left behind can be told from what a live one is writing (remove_stale_temps).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -21,8 +26,12 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["temp_beside", "temp_glob", "atomic_path", "write_bytes_atomic", "publish", "sync_tree", "sync_folder",
+__all__ = ["temp_beside", "temp_glob", "remove_stale_temps", "atomic_path", "write_bytes_atomic", "publish", "sync_tree", "sync_folder",
            "locks_work", "try_lock", "folder_lock", "removed_if_left_empty"]
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # in temporary names: whose they are
+_STALE_CANDIDATE = re.compile(r"^\..*\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^.]+)?$")
 
 
 def _temp_name(path: Path, keep_suffix: bool, token: str) -> str:
@@ -39,13 +48,13 @@ def temp_glob(path: str | os.PathLike, keep_suffix: bool = True) -> str:
 def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
     """A new, unique, empty file next to `path`.
 
-    With `keep_suffix` it ends in path's extension (`.NAME.1a2b3c4d.tmp.png`), for writers that
-    pick the format by extension; else in '.tmp' (`.NAME.png.1a2b3c4d.tmp`), for folders where
-    anything ending in the real extension would count as finished (checkpoints).
+    With `keep_suffix` it ends in path's extension (`.NAME.HOST-PID-1a2b3c4d.tmp.png`), for
+    writers that pick the format by extension; else in '.tmp' (`.NAME.png.HOST-PID-1a2b3c4d.tmp`),
+    for folders where anything ending in the real extension would count as finished (checkpoints).
     """
     path = Path(path)
     for _ in range(100):
-        tmp = path.parent / _temp_name(path, keep_suffix, secrets.token_hex(4))
+        tmp = path.parent / _temp_name(path, keep_suffix, f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
         except FileExistsError:
@@ -57,6 +66,39 @@ def temp_beside(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
             raise
         return tmp
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's, or not ours to ask: taken as running
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Remove the temporary files (temp_beside's) in `folder` whose writer, a process of this
+    machine, no longer runs: SIGKILL or a power cut left them, hidden, for ever (a whole
+    checkpoint's size, or a video's). Another machine's (a shared folder) and those of names
+    without a writer (earlier versions') are kept. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _STALE_CANDIDATE.match(entry.name)
+        if m is None or m["host"] != _HOST or _running(int(m["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _fsync(path: Path, flags: int) -> None:

@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from annotator.video import FrameSourceError, SourceInfo, decode_image, list_frame_files, probe  # noqa: E402
+from atomicio import remove_stale_temps  # noqa: E402
 from cldm import weights_config  # noqa: E402
 from cldm.checkpoint import CheckpointError, check_checkpoint_file  # noqa: E402
 from cldm.config import ConfigError  # noqa: E402
@@ -544,6 +545,8 @@ def run(args) -> int:
     # references and the model are not read: nothing is colourised)
     only_video = video_only(frames, names)
     before, after = frames_outside(args, frames, info, out, only_video)
+    for folder in {out, *([Path(args.video).parent] if args.video else [])}:
+        remove_stale_temps(folder)  # a killed run's hidden temporary PNGs and videos
     refs = None if only_video else load_references(args)
     fps = args.fps or (info and info.fps) or DEFAULT_FOLDER_FPS
     # a video's own frame times, read (a pass over its file) once its frames are written

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from annotator.color import rgb_to_gray, to_uint8  # noqa: E402
 from annotator.video import VIDEO_EXTS  # noqa: E402
+from atomicio import remove_stale_temps  # noqa: E402
 from colorize.frames_io import FrameSourceError, list_frame_files, prefetch, progress_bar, read_image  # noqa: E402
 from colorize.metrics import PSNR_CAP_DB, ClipEvaluation, check_flow_size, evaluate_stream  # noqa: E402
 from colorize import provenance  # noqa: E402
@@ -302,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_out(Path(args.out), not args.overwrite)
         check_not_a_frame_folder(Path(args.out), Path(args.gt), preds)
+        remove_stale_temps(args.out)  # a killed run's hidden report files
     reference = None
     if args.reference:
         if problem := file_problem(args.reference, folder="a folder, not an image"):

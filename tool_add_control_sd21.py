@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from atomicio import remove_stale_temps  # noqa: E402
 from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint  # noqa: E402
 from cldm.checkpoint_fit import CONTROL, guess_kind, not_text_to_image  # noqa: E402
 from cldm.color import VARIANTS  # noqa: E402
@@ -115,6 +116,7 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         raise ValueError(f"{out_path}: ends in '/', as a folder's name does; give a file name for the output")
     out_path = Path(out_path)
     check_output(sd_path, out_path, overwrite)
+    remove_stale_temps(out_path.parent)  # a killed run's hidden, whole-size output
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED} (got {seed})")
     cfg = load_config(config, variant_overrides(variant, list(overrides)))

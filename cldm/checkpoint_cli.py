@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from atomicio import remove_stale_temps
 from cldm import resume, trainable, weights_config
 from cldm.checkpoint import PROG, CheckpointError, check_extension, load_state_dict, read_metadata, save_checkpoint
 from cldm.checkpoint_fit import compare_state_dict, guess_kind, misfit
@@ -119,6 +120,7 @@ def _convert(args):
         raise ValueError(f"{args.output}: exists; pass --overwrite to replace it")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError(f"{args.output}: the same file as the input; write to another name")
+    remove_stale_temps(Path(args.output).parent)  # a killed run's hidden, whole-size output
     sd = load_state_dict(args.input, allow_pickle=args.allow_pickle)
     meta = read_metadata(args.input, allow_pickle=args.allow_pickle)  # the config and provenance travel along
     # a full disk is one line (the writers' own errors were tracebacks), as tool_add_control_sd21.py's

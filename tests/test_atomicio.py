@@ -3,6 +3,8 @@ import errno
 import fcntl
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -22,9 +24,9 @@ def umask():
 def test_temp_names_keep_the_extension_or_end_in_tmp(tmp_path):
     a, b = temp_beside(tmp_path / "clip.mp4"), temp_beside(tmp_path / "clip.mp4")
     assert a != b and a.parent == tmp_path and a.stat().st_size == 0
-    assert re.fullmatch(r"\.clip\.[0-9a-f]{8}\.tmp\.mp4", a.name)  # encoders pick the format by extension
+    assert re.fullmatch(r"\.clip\.[0-9a-f]{6}-\d+-[0-9a-f]{8}\.tmp\.mp4", a.name)  # encoders pick the format by extension
     c = temp_beside(tmp_path / "step=00000005.ckpt", keep_suffix=False)
-    assert re.fullmatch(r"\.step=00000005\.ckpt\.[0-9a-f]{8}\.tmp", c.name)  # never looks like a .ckpt
+    assert re.fullmatch(r"\.step=00000005\.ckpt\.[0-9a-f]{6}-\d+-[0-9a-f]{8}\.tmp", c.name)  # never looks like a .ckpt
 
 
 def test_temp_glob_matches_the_temp_names_and_not_the_targets(tmp_path):
@@ -71,7 +73,7 @@ def test_fsync_syncs_the_file_then_the_folder_only_when_asked(tmp_path, monkeypa
     assert write_bytes_atomic(tmp_path / "b", data, fsync=True) == tmp_path / "b"
     assert len(synced) == 2 and synced[1] == str(tmp_path)
     assert os.path.dirname(synced[0]) == str(tmp_path)
-    assert re.fullmatch(r"\.b\.[0-9a-f]{8}\.tmp", os.path.basename(synced[0])), synced
+    assert re.fullmatch(r"\.b\.[0-9a-f]{6}-\d+-[0-9a-f]{8}\.tmp", os.path.basename(synced[0])), synced
     assert (tmp_path / "a").read_bytes() == data and (tmp_path / "b").read_bytes() == data
 
 
@@ -80,10 +82,10 @@ def test_atomic_path_by_default_keeps_the_extension_and_syncs_nothing(tmp_path, 
     would slow writers down, so only fsync=True syncs."""
     synced = synced_paths(monkeypatch)
     with atomic_path(tmp_path / "f.png") as tmp:
-        assert re.fullmatch(r"\.f\.[0-9a-f]{8}\.tmp\.png", tmp.name)
+        assert re.fullmatch(r"\.f\.[0-9a-f]{6}-\d+-[0-9a-f]{8}\.tmp\.png", tmp.name)
         tmp.write_bytes(b"png")
     with atomic_path(tmp_path / "g.ckpt", keep_suffix=False) as tmp:
-        assert re.fullmatch(r"\.g\.ckpt\.[0-9a-f]{8}\.tmp", tmp.name)
+        assert re.fullmatch(r"\.g\.ckpt\.[0-9a-f]{6}-\d+-[0-9a-f]{8}\.tmp", tmp.name)
         tmp.write_bytes(b"ckpt")
     assert synced == [] and sorted(os.listdir(tmp_path)) == ["f.png", "g.ckpt"]
 
@@ -156,11 +158,12 @@ def test_files_get_0666_less_the_umask(tmp_path, umask, mask, mode):
 
 
 def test_temp_beside_skips_a_taken_name_and_never_reuses_it(tmp_path, monkeypatch):
-    taken = tmp_path / ".clip.aaaaaaaa.tmp.mp4"
+    mine = f"{atomicio._HOST}-{os.getpid()}"
+    taken = tmp_path / f".clip.{mine}-aaaaaaaa.tmp.mp4"
     taken.write_bytes(b"another writer's")
     tokens = iter(["aaaaaaaa", "aaaaaaaa", "bbbbbbbb"])
     monkeypatch.setattr(atomicio.secrets, "token_hex", lambda n: next(tokens))
-    assert temp_beside(tmp_path / "clip.mp4").name == ".clip.bbbbbbbb.tmp.mp4"
+    assert temp_beside(tmp_path / "clip.mp4").name == f".clip.{mine}-bbbbbbbb.tmp.mp4"
     assert taken.read_bytes() == b"another writer's"  # O_EXCL: an existing file is not opened
     monkeypatch.setattr(atomicio.secrets, "token_hex", lambda n: "aaaaaaaa")
     with pytest.raises(FileExistsError, match="no free temporary name for clip.mp4"):
@@ -489,3 +492,26 @@ def test_try_lock_refuses_a_link_at_its_name_and_leaves_its_target_alone(tmp_pat
         pass
     assert e.value.errno == errno.ELOOP and not target.exists() and (tmp_path / "m.lock").is_symlink()
     assert str(e.value) == f"[Errno {errno.ELOOP}] {tmp_path / 'm.lock'}: a link where a lock file goes; remove it, then rerun"
+
+
+def test_stale_temps_of_dead_writers_of_this_machine_are_removed_and_nothing_else(tmp_path):
+    """SIGKILL mid-write left hidden temporary files (a whole checkpoint's size) that no tool ever
+    removed. Only those whose writer, a process of this machine, is gone are."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that ran and ended
+    host = atomicio._HOST
+    other_host = "000000" if host != "000000" else "111111"
+    names = {f".init.safetensors.{host}-{dead}-0123abcd.tmp": False,  # gone: removed
+             f".clip.{host}-{dead}-0123abcd.tmp.mp4": False,
+             f".f0.{host}-{os.getpid()}-0123abcd.tmp.png": True,  # this process: writing
+             f".f1.{other_host}-{dead}-0123abcd.tmp.png": True,  # another machine's (a shared folder)
+             ".f2.0123abcd.tmp.png": True,  # an earlier version's: no writer to ask
+             f"f3.{host}-{dead}-0123abcd.tmp.png": True,  # not hidden: not ours
+             "f4.png": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f".d.{host}-{dead}-0123abcd.tmp").mkdir()  # a folder: never
+    assert atomicio.remove_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [n for n, kept in names.items() if kept] + [f".d.{host}-{dead}-0123abcd.tmp"])
+    assert atomicio.remove_stale_temps(tmp_path / "missing") == 0

@@ -498,7 +498,7 @@ def test_a_save_in_progress_never_has_a_checkpoint_extension(tmp_path, monkeypat
                         or real(t, f, metadata=metadata))
     save_state_dict({"a": torch.ones(2)}, tmp_path / "m.safetensors")
     [name] = names
-    assert re.fullmatch(r"\.m\.safetensors\.[0-9a-f]{8}\.tmp", name), name
+    assert re.fullmatch(r"\.m\.safetensors\.[0-9a-f]{6}-\d+-[0-9a-f]{8}\.tmp", name), name
     save_state_dict({"a": torch.ones(2)}, tmp_path / "m.ckpt")  # no metadata given: no empty entry for it
     assert set(torch.load(tmp_path / "m.ckpt", weights_only=True)) == {"state_dict"}
 

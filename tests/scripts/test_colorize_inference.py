@@ -131,6 +131,27 @@ def test_a_continuation_with_other_settings_is_noted_and_every_frame_says_what_m
     assert (rc, err) == (0, "")  # the whole clip again: nothing of the earlier look is left
 
 
+def test_a_killed_runs_hidden_temporary_files_are_removed_by_the_next(env, tmp_path, capsys):
+    """SIGKILL mid-write left `.f0.<host>-<pid>-<hex>.tmp.png` in --out and a growing hidden video
+    beside --video, which no rerun removed."""
+    import atomicio
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out, videos = tmp_path / "out", tmp_path / "videos"
+    out.mkdir()
+    videos.mkdir()
+    stale = [out / f".f0.{atomicio._HOST}-{dead}-0123abcd.tmp.png",
+             videos / f".clip.{atomicio._HOST}-{dead}-0123abcd.tmp.mp4"]
+    for path in stale:
+        path.write_bytes(b"half")
+    rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard", "--out", out,
+                      "--video", videos / "clip.mp4", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in out.iterdir()) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+
+
 @pytest.mark.parametrize("noise", P.NOISES)
 def test_cli_output_is_the_library_output(env, tmp_path, capsys, noise):
     """Same seeds and references as the library, including --frames and two references (a cut)."""
