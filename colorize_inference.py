@@ -375,11 +375,15 @@ def planned_outputs(args, frames: slice,
         names = names[frames]
     if not args.overwrite:
         taken = [out / n for n in names or [] if (out / n).exists()]
+        # a run stopped without a word (SIGKILL, a power cut) leaves the range's first k outputs
+        first_k = len(taken) if taken == [out / n for n in (names or [])[:len(taken)]] else 0
         if args.video and Path(args.video).exists():
             taken.append(Path(args.video))
         if taken:
+            go_on = f"--frames {frames.start + first_k}:{'' if frames.stop is None else frames.stop} continues a " \
+                "run stopped there, or " if 0 < first_k == len(taken) < len(names) else ""
             raise UsageError(f"{taken[0]} exists ({len(taken)} output(s) already there); "
-                             "pass --overwrite to replace them")
+                             f"{go_on}pass --overwrite to replace them")
     return out, names, clip
 
 

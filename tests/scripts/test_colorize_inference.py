@@ -658,6 +658,15 @@ def test_existing_outputs_are_kept_unless_overwrite(env, tmp_path, capsys):
     assert rc == 0, err
     assert sorted(snapshot(out)) == ["f0.png", "f1.png", "f2.png", "f3.png"]
     assert read_rgb(out / "f2.png").shape == (80, 143, 3)
+    # the range's first outputs, as a run killed without a word (SIGKILL) leaves them: say how to go on
+    for name in ("f2.png", "f3.png"):
+        (out / name).unlink()
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"colorize_inference.py: error: {out / 'f0.png'} exists (2 output(s) already there); --frames 2: continues a "
+        "run stopped there, or pass --overwrite to replace them")
+    rc, _, err = run([*args, "--frames", "0:3"], capsys)
+    assert rc == 2 and "; --frames 2:3 continues a run stopped there, or pass" in err.splitlines()[-1]
     video = tmp_path / "clip.mp4"  # an existing --video is an output too
     video.write_bytes(b"earlier film")
     rc, _, err = run(["--input", env["gray"], "--reference", env["refs"][0], "--method", "reinhard",
