@@ -64,7 +64,12 @@ def flow_start_indices(source: str | Path, refs: References, frames: slice, tota
             continue
         end = None if total is None else frames.start + total
         if i < frames.start or (end is not None and i >= end):
-            raise MethodError(f"--reference-frame {i} lies outside the frames being colourised (flow starts from it)")
+            # before the range: what continuing a stopped flow run with --frames N: meets
+            stop = "" if frames.stop is None else frames.stop
+            go_on = f"; to continue a stopped run, start at it: --frames {i}:{stop} --overwrite" \
+                if i < frames.start else ""
+            raise MethodError(f"--reference-frame {i} lies outside the frames being colourised (flow starts from "
+                              f"it){go_on}")
         indices.append(i - frames.start)
     for k, i in enumerate(indices):  # named here by clip frame and flag (baselines.py counts from the range)
         if (first := indices.index(i)) < k:

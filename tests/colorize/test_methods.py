@@ -85,7 +85,10 @@ def test_a_reference_frame_outside_the_range_is_refused_for_flow(clip, frame, fr
     refs = references([clip["colour"][frame % 6]], [frame])
     with pytest.raises(M.MethodError) as e:
         run(clip, refs, frames, total, "flow")
-    assert str(e.value) == f"--reference-frame {frame} lies outside the frames being colourised (flow starts from it)"
+    go_on = f"; to continue a stopped run, start at it: --frames {frame}:{frames.stop} --overwrite" \
+        if frame < frames.start else ""  # a flow run continued with --frames N: meets it
+    assert str(e.value) == (f"--reference-frame {frame} lies outside the frames being colourised (flow starts from "
+                            f"it){go_on}")
     assert M.flow_start_indices(clip["gray"], refs, slice(frame, None), None, print) == [0]  # unknown length: no end
 
 

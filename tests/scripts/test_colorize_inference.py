@@ -1759,8 +1759,9 @@ def test_flow_starts_from_a_reference_frame_inside_the_range(env, tmp_path, caps
     assert run([*base, "--reference-frame", "1", "--out", tmp_path / "first"], capsys)[0] == 0
     for n in (0, 3):
         rc, _, err = run([*base, "--reference-frame", str(n), "--out", tmp_path / f"o{n}"], capsys)
+        go_on = "; to continue a stopped run, start at it: --frames 0:3 --overwrite" if n == 0 else ""
         assert (rc, err) == (2, f"colorize_inference.py: error: --reference-frame {n} lies outside the frames being "
-                                "colourised (flow starts from it)\n")
+                                f"colourised (flow starts from it){go_on}\n")
     rc, _, err = run([*base, "--reference-frame", "2", "--reference-frame", "2", "--out", tmp_path / "two"], capsys)
     assert (rc, err) == (2, "colorize_inference.py: error: --method flow: --reference-frame 2 and --reference-frame 2 "
                             "are both frame 2; flow takes one reference per frame\n")  # was "frame 1": the range's
