@@ -6,8 +6,9 @@ write) only ever sees the previous file or the complete new one under the final 
 Temporary names start with '.' and contain '.tmp'. They are created like any file that
 `open(path, "w")` makes (mode 0o666, less the umask and any default ACL), so the renamed file
 gets the usual permissions, e.g. 0644; tempfile.mkstemp would make it 0600. Each name holds
-its writer's machine (a hash of the host name) and process id, so that what a writer killed
-mid-write left behind can be told from what a live one is writing (remove_stale_temps).
+its writer's machine (a hash of the host name and PID namespace) and process id, so that what
+a writer killed mid-write left behind can be told from what a live one is writing
+(remove_stale_temps).
 """
 from __future__ import annotations
 
@@ -26,11 +27,21 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["temp_beside", "temp_glob", "remove_stale_temps", "atomic_path", "write_bytes_atomic", "publish", "sync_tree", "sync_folder",
-           "locks_work", "try_lock", "folder_lock", "removed_if_left_empty"]
+__all__ = ["temp_beside", "temp_glob", "remove_stale_temps", "atomic_path", "write_bytes_atomic", "publish",
+           "sync_tree", "sync_folder", "locks_work", "try_lock", "folder_lock", "removed_if_left_empty"]
 
 
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # in temporary names: whose they are
+def _host_id() -> str:
+    """Who can ask after a process id: the host name and, on Linux, the PID namespace (two
+    containers of one host can share a host name, but not their process ids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:6]
+
+
+_HOST = _host_id()  # in temporary names: whose they are
 _STALE_CANDIDATE = re.compile(r"^\..*\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^.]+)?$")
 
 
