@@ -121,10 +121,10 @@ def add_control(sd_path: str | Path, out_path: str | Path, config: str | Path = 
         raise ValueError(f"--seed must be in 0..{MAX_SEED} (got {seed})")
     cfg = load_config(config, variant_overrides(variant, list(overrides)))
     check_plain_sd(sd_path, header_shapes(sd_path))  # safetensors: before the (slow) load
-    if conflict := parameterization_conflict(sd_path, cfg.model.parameterization):
+    declared = declared_parameterization(sd_path)
+    if conflict := parameterization_conflict(sd_path, cfg.model.parameterization, declared):
         raise CheckpointError(conflict)
-    if note is not None and "768" in Path(sd_path).name and cfg.model.parameterization == "eps" and \
-            declared_parameterization(sd_path) is None:
+    if note is not None and "768" in Path(sd_path).name and cfg.model.parameterization == "eps" and declared is None:
         note(f"{Path(sd_path).name}: the name of SD2.1 768-v, which predicts v, but the config predicts eps "
              "(512-base); the file cannot tell which it is: for 768-v use a config with model.parameterization=v "
              "(and train and sample at 768)")

@@ -113,11 +113,12 @@ def declared_parameterization(weights: str | Path) -> tuple[str, str] | None:
     return None
 
 
-def parameterization_conflict(weights: str | Path, parameterization: str) -> str | None:
+def parameterization_conflict(weights: str | Path, parameterization: str,
+                              declared: tuple[str, str] | None) -> str | None:
     """Why `weights` does not fit a model predicting `parameterization`, by what the file
-    declares (declared_parameterization), or None: loaded as the other, a model's every output
-    is misread, and only its colours show it."""
-    if (declared := declared_parameterization(weights)) is None or declared[0] == parameterization:
+    `declared` (declared_parameterization(weights), read once by the caller), or None: loaded as
+    the other, a model's every output is misread, and only its colours show it."""
+    if declared is None or declared[0] == parameterization:
         return None
     value, where = declared
     fix = "SD2.1 768-v or a v-prediction fine-tune: " if value == "v" else ""

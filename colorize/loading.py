@@ -23,8 +23,9 @@ from cldm.cldm import ControlLDM
 from cldm.config import ConfigError, load_config, model_config
 from cldm.model import create_model
 from cldm.trainable import is_export, load_sd_plus_control, locked_digest
-from cldm.weights_config import (check_saved_config, load_resolved_config, read_export_metadata, resolve_config,
-                                 parameterization_conflict, saved_config_mismatch)
+from cldm.weights_config import (check_saved_config, declared_parameterization, load_resolved_config,
+                                 parameterization_conflict, read_export_metadata, resolve_config,
+                                 saved_config_mismatch)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -93,7 +94,8 @@ def load_model(ckpt: str | os.PathLike, control: str | os.PathLike | None = None
             raise CheckpointError(f"--ckpt {ckpt} was saved with another model config than the one --control "
                                   f"{control} is used with: {reason}; pass the SD weights it was trained on (its "
                                   "run's --init)")
-        if conflict := parameterization_conflict(ckpt, cfg.model.parameterization):  # 768-v under a 512 export
+        declared = declared_parameterization(ckpt)  # 768-v under a 512 export
+        if conflict := parameterization_conflict(ckpt, cfg.model.parameterization, declared):
             raise CheckpointError(f"--ckpt {conflict}")
         model = _built(cfg, device)
         meta, names, ema = load_sd_plus_control(model, ckpt, control, allow_pickle=allow_pickle)
