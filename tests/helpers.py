@@ -130,6 +130,13 @@ class SDPACalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def ended_pid() -> int:
+    """The process id of a process that has run and ended (reaped): a killed writer's, say."""
+    import subprocess
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
 def running(pid: int) -> bool:
     """Whether process `pid` has not ended (a zombie has: an orphan's reaper may be slow to collect it)."""
     try:

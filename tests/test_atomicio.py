@@ -3,14 +3,13 @@ import errno
 import fcntl
 import os
 import re
-import subprocess
-import sys
 import threading
 
 import pytest
 
 import atomicio
 from atomicio import atomic_path, sync_tree, temp_beside, temp_glob, try_lock, write_bytes_atomic
+from tests.helpers import ended_pid
 
 
 @pytest.fixture
@@ -497,8 +496,7 @@ def test_try_lock_refuses_a_link_at_its_name_and_leaves_its_target_alone(tmp_pat
 def test_stale_temps_of_dead_writers_of_this_machine_are_removed_and_nothing_else(tmp_path):
     """SIGKILL mid-write left hidden temporary files (a whole checkpoint's size) that no tool ever
     removed. Only those whose writer, a process of this machine, is gone are."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid that ran and ended
+    dead = ended_pid()
     host = atomicio._HOST
     other_host = "000000" if host != "000000" else "111111"
     names = {f".init.safetensors.{host}-{dead}-0123abcd.tmp": False,  # gone: removed

@@ -28,8 +28,8 @@ from colorize.baselines import iter_baseline
 from colorize.frames_io import encode_png, write_video_atomic
 from tests.annotator.clips import panning_clip, truncate_avi, write_folder, write_video
 from tests.colorize.tiny_model import save_tiny, tiny_model
-from tests.helpers import (SignalAtLine, headless_video, named_pipe, read_only_folder, refused, stops_in_second_write,
-                           video_with_sound)
+from tests.helpers import (SignalAtLine, ended_pid, headless_video, named_pipe, read_only_folder, refused,
+                           stops_in_second_write, video_with_sound)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "bigbuckbunny.mp4"
 EXPECTED = Path(__file__).resolve().parents[1] / "colorize" / "baselines_expected.npz"  # see test_baselines.py
@@ -136,8 +136,7 @@ def test_a_killed_runs_hidden_temporary_files_are_removed_by_the_next(env, tmp_p
     beside --video, which no rerun removed."""
     import atomicio
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = ended_pid()
     out, videos = tmp_path / "out", tmp_path / "videos"
     out.mkdir()
     videos.mkdir()
